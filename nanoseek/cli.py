@@ -1,0 +1,79 @@
+"""The ``nanoseek`` command line: one subcommand per stage of the DeepSeek recipe.
+
+Each subcommand lives next to the code it drives, in a module that exposes
+``add_arguments(parser)`` and ``run(args) -> int | None``. Those modules import only the
+standard library at top level, so ``nanoseek --help`` stays fast; heavy imports (torch) happen
+inside ``run``. Flags are kebab-case. Errors a user can fix (a bad config, a missing file) are
+raised as :class:`UserError` and printed as one clear line with exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of the recipe.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("nanoseek.data.tokenizer_cli", "train a byte-level BPE tokenizer"),
+    "data": ("nanoseek.data.prepare_cli", "prepare token shards from text, jsonl or parquet"),
+    "pretrain": ("nanoseek.train.pretrain_cli", "pre-train a DeepSeek-V3 model from a TOML config"),
+    "sft": ("nanoseek.post.sft_cli", "supervised fine-tuning on chat data"),
+    "dpo": ("nanoseek.post.dpo_cli", "direct preference optimisation"),
+    "grpo": ("nanoseek.post.grpo_cli", "GRPO with verifiable rewards (R1-Zero / R1)"),
+    "distill": ("nanoseek.post.distill_cli", "distil verified reasoning traces into a student"),
+    "generate": ("nanoseek.infer.generate_cli", "generate completions (JSONL out)"),
+    "chat": ("nanoseek.infer.chat_cli", "interactive terminal chat"),
+    "serve": ("nanoseek.serve.cli", "OpenAI-compatible HTTP server and web chat"),
+    "eval": ("nanoseek.eval.cli", "evaluate a checkpoint on held-out tasks"),
+    "compare": ("nanoseek.eval.compare_cli", "compare eval results of runs side by side"),
+    "estimate": ("nanoseek.estimate.cli", "parameters, FLOPs, memory, GPU-hours and cost"),
+    "ablate": ("nanoseek.ablate.cli", "small-scale ablations of DeepSeek's claims"),
+    "speedrun": ("nanoseek.speedrun", "the whole recipe end to end with a report card"),
+    "watch": ("nanoseek.eval.watch_cli", "live dashboard of a running run"),
+    "demo": ("nanoseek.demo", "build a tiny model, save, load and generate"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="DeepSeek-V3 / R1: pre-train, post-train, serve and estimate, small enough to read.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # not built yet in this checkout
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

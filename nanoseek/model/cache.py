@@ -1,0 +1,68 @@
+"""Preallocated KV cache for generation, addressed by (row, absolute position).
+
+For MLA the cache holds, per layer, only the normalised KV latent ``[B, S, kv_lora_rank]`` and
+the rotated shared rope key ``[B, S, qk_rope_head_dim]``: ``kv_lora_rank + qk_rope_head_dim``
+values per token per layer (576 for DeepSeek-V3, 1,152 bytes in bf16). For the ``mha`` ablation
+baseline it holds per-head keys and values.
+
+Every forward step writes its new entries at ``positions`` (per row, so prompts of different
+lengths share a batch) and reads slots ``[0, max(positions)]``; attention masks slot ``j`` for a
+query at position ``p`` unless ``j <= p``, so stale slots left by an earlier request in a reused
+row are never seen. ``rows`` maps the step's batch rows to cache rows (continuous batching).
+Nothing is reallocated after construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 num_layers: int | None = None):
+        self.config = config
+        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
+        n = config.num_hidden_layers if num_layers is None else num_layers
+        if config.attention_type == "mla":
+            shape_a = (batch_size, max_len, config.kv_lora_rank)             # latent c_KV
+            shape_b = (batch_size, max_len, config.qk_rope_head_dim)         # k_rope (one head)
+        else:
+            shape_a = (batch_size, max_len, config.num_key_value_heads, config.qk_head_dim)  # k
+            shape_b = (batch_size, max_len, config.num_key_value_heads, config.v_head_dim)   # v
+        self.a = [torch.zeros(shape_a, dtype=dtype, device=device) for _ in range(n)]
+        self.b = [torch.zeros(shape_b, dtype=dtype, device=device) for _ in range(n)]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers (the figure the estimate command predicts)."""
+        per_row_slot = sum(t[0, 0].numel() * t.element_size() for t in self.a + self.b)
+        return per_row_slot
+
+    def write(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:
+        """Store a, b [B, T, ...] at cache[rows[i], positions[i, t]]."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the cache length {self.max_len}")
+        B = positions.shape[0]
+        r = torch.arange(B, device=positions.device) if rows is None else rows
+        r = r[:, None].expand_as(positions)
+        self.a[layer][r, positions] = a.to(self.dtype)
+        self.b[layer][r, positions] = b.to(self.dtype)
+
+    def read(self, layer: int, length: int, rows: torch.Tensor | None = None,
+             batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [0, length) of the given rows (a view when rows is None)."""
+        if rows is None:
+            B = self.batch_size if batch is None else batch
+            return self.a[layer][:B, :length], self.b[layer][:B, :length]
+        return self.a[layer][rows, :length], self.b[layer][rows, :length]
+
+    def copy_rows(self, src: torch.Tensor | list[int], dst: torch.Tensor | list[int], length: int) -> None:
+        """Copy slots [0, length) of rows src to rows dst (n samples sharing one prefill)."""
+        src = torch.as_tensor(src, device=self.a[0].device)
+        dst = torch.as_tensor(dst, device=self.a[0].device)
+        for t in self.a + self.b:
+            t[dst, :length] = t[src, :length]

@@ -1,0 +1,248 @@
+"""HF-format checkpoints: ``config.json`` + ``model.safetensors`` (sharded with an index).
+
+Tensor names are HuggingFace DeepSeek-V3's, so transformers, vLLM and SGLang load what nanoseek
+saves and nanoseek loads theirs. In memory nanoseek differs in two places, converted here:
+
+* routed experts are stacked (``mlp.experts.gate_up_proj [E, 2I, d]``, ``down_proj [E, d, I]``);
+  on disk they are ``mlp.experts.{j}.{gate_proj,up_proj,down_proj}.weight``;
+* MTP module k is ``model.mtp.{k}``; on disk it is ``model.layers.{num_hidden_layers + k}``,
+  with copies of the shared ``embed_tokens`` and ``shared_head.head`` as DeepSeek ships them.
+
+Loading also accepts DeepSeek's FP8 block-quantised checkpoints (``weight_scale_inv`` per
+128x128 block, ``quantization_config`` in config.json), dequantised on load. Only safetensors
+are ever read: a checkpoint is never unpickled. Saving is atomic: files go to a temporary
+directory next to the target, which then replaces it in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ModelConfig
+from .transformer import DeepseekV3ForCausalLM
+
+SAFE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+_EXPERT_RE = re.compile(r"^(model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or tensors, or holds tensors of the wrong shape."""
+
+
+# ---------------------------------------------------------------------------- name mapping
+def to_hf_state_dict(model: DeepseekV3ForCausalLM) -> dict[str, torch.Tensor]:
+    """Our state dict with HF DeepSeek-V3 names and per-expert tensors."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        m = re.match(r"^model\.mtp\.(\d+)\.(.*)$", name)
+        if m:
+            name = f"model.layers.{L + int(m.group(1))}.{m.group(2)}"
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            inter = t.shape[1] // 2
+            for j in range(t.shape[0]):
+                out[f"{prefix}{j}.gate_proj.weight"] = t[j, :inter].clone()
+                out[f"{prefix}{j}.up_proj.weight"] = t[j, inter:].clone()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for j in range(t.shape[0]):
+                out[f"{prefix}{j}.down_proj.weight"] = t[j].clone()
+        else:
+            out[name] = t
+    for k in range(cfg.num_nextn_predict_layers):
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state_dict`: stack experts, move MTP layers to ``model.mtp``."""
+    L = config.num_hidden_layers
+    ours: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in hf.items():
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) >= L:
+            k, rest = int(m.group(1)) - L, m.group(2)
+            if k >= config.num_nextn_predict_layers:
+                raise CheckpointError(f"tensor '{name}': layer index beyond num_hidden_layers + "
+                                      f"num_nextn_predict_layers ({L + config.num_nextn_predict_layers})")
+            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue  # shared with the main model
+            name = f"model.mtp.{k}.{rest}"
+        e = _EXPERT_RE.match(name)
+        if e:
+            experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = t
+            continue
+        ours[name] = t
+    for prefix, by_idx in experts.items():
+        n = config.n_routed_experts
+        missing = [j for j in range(n) if j not in by_idx or len(by_idx[j]) != 3]
+        if missing:
+            raise CheckpointError(f"'{prefix}': experts {missing[:8]} are missing one of gate_proj/up_proj/down_proj")
+        ours[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([by_idx[j]["gate_proj"], by_idx[j]["up_proj"]], dim=0) for j in range(n)])
+        ours[f"{prefix}.down_proj"] = torch.stack([by_idx[j]["down_proj"] for j in range(n)])
+    return ours
+
+
+# ---------------------------------------------------------------------------- FP8
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                         dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """DeepSeek FP8 weights: each (block x block) tile times its scale_inv [ceil(out/b0), ceil(in/b1)]."""
+    out_f, in_f = weight.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:out_f].repeat_interleave(block[1], 1)[:, :in_f]
+    return (weight.float() * s).to(dtype)
+
+
+# ---------------------------------------------------------------------------- save
+def save_pretrained(model: DeepseekV3ForCausalLM, directory: str | Path,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above max_shard_bytes), atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        state = to_hf_state_dict(model)
+        cfg = model.config.to_dict()
+        cfg["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SAFE_NAME, metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        _atomic_replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _atomic_replace_dir(src: Path, dst: Path) -> None:
+    """Make src appear at dst in one rename; an existing dst is moved aside first, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- load
+def _shard_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing")
+        return files
+    single = directory / SAFE_NAME
+    if single.exists():
+        return [single]
+    if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; nanoseek reads safetensors only")
+    raise CheckpointError(f"{directory}: no {SAFE_NAME} or {INDEX_NAME}")
+
+
+def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint by HF name, FP8 blocks dequantised."""
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _shard_files(directory):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    qc = config.quantization_config or {}
+    block = tuple(qc.get("weight_block_size", (128, 128)))
+    for name in [k for k in tensors if k.endswith(".weight_scale_inv")]:
+        wname = name[: -len("_scale_inv")]
+        if wname not in tensors:
+            raise CheckpointError(f"{directory}: '{name}' has no matching '{wname}'")
+        tensors[wname] = dequantize_fp8_block(tensors[wname], tensors.pop(name), block,
+                                              dtype or torch.bfloat16)
+    return tensors
+
+
+def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
+    """Load an HF-format DeepSeek-V3 checkpoint (nanoseek's own or anyone's)."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
+    config = ModelConfig.from_json(directory / "config.json")
+    tensors = load_hf_tensors(directory, config, dtype)
+    L = config.num_hidden_layers
+    if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
+        warnings.warn(f"{directory}: config has num_nextn_predict_layers={config.num_nextn_predict_layers} but the "
+                      "checkpoint holds no MTP weights (transformers drops them); MTP is disabled for this model")
+        config = config.replace(num_nextn_predict_layers=0)
+    config.quantization_config = None
+    state = from_hf_state_dict(tensors, config)
+    model = DeepseekV3ForCausalLM(config, init_weights=False)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: missing tensors {missing[:10]}{'...' if len(missing) > 10 else ''}; "
+                              f"unexpected tensors {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
+    for k, t in state.items():
+        if t.shape != expected[k].shape:
+            raise CheckpointError(f"{directory}: tensor '{k}' has shape {tuple(t.shape)}, config implies "
+                                  f"{tuple(expected[k].shape)}")
+    target = dtype or _checkpoint_dtype(state)
+    model.to(target)
+    model.load_state_dict(state, strict=True)
+    return model.to(device)
+
+
+def _checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    t = state.get("model.embed_tokens.weight")
+    return t.dtype if t is not None and t.is_floating_point() else torch.float32
+
+
+__all__ = ["save_pretrained", "from_pretrained", "to_hf_state_dict", "from_hf_state_dict",
+           "dequantize_fp8_block", "CheckpointError", "ConfigError"]

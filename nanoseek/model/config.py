@@ -1,0 +1,333 @@
+"""Model configuration: HuggingFace DeepSeek-V3 ``config.json`` as a typed dataclass.
+
+Every field keeps the exact name and meaning it has in HF's ``DeepseekV3Config`` (and in the
+``config.json`` DeepSeek released), so a nanoseek checkpoint is a DeepSeek-V3 checkpoint and a
+DeepSeek-V3 ``config.json`` loads here unchanged. Defaults are those of the published 671B model.
+
+Two nanoseek extensions exist for ablations, both off by default and written to ``config.json``
+only when they differ from the default:
+
+* ``attention_type``: ``"mla"`` (DeepSeek's multi-head latent attention) or ``"mha"``, standard
+  attention with ``num_key_value_heads`` key/value heads (equal to the heads: multi-head attention;
+  fewer: grouped-query attention). The q/k head dim is ``qk_nope_head_dim + qk_rope_head_dim``
+  with RoPE on the last ``qk_rope_head_dim`` dims, the value head dim ``v_head_dim``.
+* A dense model is ``n_routed_experts: 0`` or ``first_k_dense_replace == num_hidden_layers``.
+
+Unknown keys and inconsistent values raise :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or inconsistent with another."""
+
+
+# Keys that appear in released DeepSeek / HF config.json files but carry no architecture
+# information nanoseek needs. They are accepted (and dropped) so every real config loads.
+IGNORED_KEYS = {
+    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "ep_size", "pretraining_tp", "use_cache", "seq_aux", "aux_loss_alpha", "attention_dropout",
+    "output_router_logits", "router_aux_loss_coef", "_name_or_path", "return_dict",
+    "output_hidden_states", "output_attentions", "use_return_dict", "rope_parameters",
+    "mlp_layer_types", "sliding_window", "is_encoder_decoder", "tie_encoder_decoder",
+}
+
+# Keys transformers derives and writes back; accepted when consistent with the fields they derive from.
+DERIVED_KEYS = {
+    "qk_head_dim": lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim,
+    "head_dim": lambda c: c.qk_rope_head_dim,  # HF's DeepseekV3Config sets head_dim = qk_rope_head_dim
+}
+
+ROPE_SCALING_KEYS = {
+    "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+    "mscale", "mscale_all_dim", "rope_theta",
+}
+
+
+@dataclass
+class ModelConfig:
+    # --- sizes
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432          # dense SwiGLU layers
+    moe_intermediate_size: int = 2048       # each routed / shared expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128          # only used by attention_type="mha" (GQA when smaller)
+    # --- MLA
+    q_lora_rank: int | None = 1536          # None: one full-rank query projection (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    # --- DeepSeekMoE
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8
+    n_group: int | None = 8
+    topk_group: int | None = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"           # "sigmoid" (V3) or "softmax" (V2)
+    topk_method: str = "noaux_tc"           # "noaux_tc" (V3), "group_limited_greedy" or "greedy" (V2)
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    # --- MTP
+    num_nextn_predict_layers: int = 1
+    # --- positions
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None        # YaRN: {"type": "yarn", "factor", ...}
+    rope_interleave: bool = True
+    # --- misc
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.006        # the V3 report's init std (HF's default is 0.02)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list | None = 1
+    pad_token_id: int | None = None
+    quantization_config: dict | None = None
+    # --- nanoseek extension (ablations)
+    attention_type: str = "mla"
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule: MoE from layer ``first_k_dense_replace`` on, every ``moe_layer_freq``."""
+        return (
+            bool(self.n_routed_experts)
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale^2 when YaRN extends the context (V3 reference code)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs and _rope_type(rs) == "yarn":
+            mscale_all_dim = rs.get("mscale_all_dim", 0) or 0
+            factor = rs["factor"]
+            if mscale_all_dim:
+                m = yarn_get_mscale(factor, mscale_all_dim)
+                scale = scale * m * m
+        return scale
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "ModelConfig":
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be positive")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if self.qk_nope_head_dim < 0:
+            raise bad("qk_nope_head_dim", "must be >= 0")
+        if self.attention_type not in ("mla", "mha"):
+            raise bad("attention_type", "must be 'mla' or 'mha'")
+        if self.attention_type == "mla":
+            if self.kv_lora_rank <= 0:
+                raise bad("kv_lora_rank", "must be positive for MLA")
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                raise bad("q_lora_rank", "must be positive or null")
+        else:
+            if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+                raise bad("num_key_value_heads", "must divide num_attention_heads")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise bad("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.moe_layer_freq < 1:
+            raise bad("moe_layer_freq", "must be >= 1")
+        if self.num_moe_layers < self.num_hidden_layers and self.intermediate_size <= 0:
+            raise bad("intermediate_size", "must be positive when there are dense layers")
+        if self.n_routed_experts:
+            e = self.n_routed_experts
+            if self.moe_intermediate_size <= 0:
+                raise bad("moe_intermediate_size", "must be positive")
+            k = self.num_experts_per_tok or 0
+            if not 1 <= k <= e:
+                raise bad("num_experts_per_tok", f"must be in [1, n_routed_experts={e}]")
+            g = self.n_group or 1
+            if e % g:
+                raise bad("n_group", f"must divide n_routed_experts={e}")
+            tg = self.topk_group or g
+            if not 1 <= tg <= g:
+                raise bad("topk_group", f"must be in [1, n_group={g}]")
+            if self.topk_method == "noaux_tc" and g > 1 and e // g < 2:
+                raise bad("n_group", "noaux_tc scores each group by its top-2 experts: needs >= 2 experts per group")
+            if k > tg * (e // g):
+                raise bad("num_experts_per_tok", f"exceeds the experts in topk_group={tg} groups ({tg * (e // g)})")
+            if self.scoring_func not in ("sigmoid", "softmax"):
+                raise bad("scoring_func", "must be 'sigmoid' (V3) or 'softmax' (V2)")
+            if self.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
+                raise bad("topk_method", "must be 'noaux_tc', 'group_limited_greedy' or 'greedy'")
+            if (self.n_shared_experts or 0) < 0:
+                raise bad("n_shared_experts", "must be >= 0")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "only 'silu' (SwiGLU) is implemented")
+        if self.num_nextn_predict_layers < 0:
+            raise bad("num_nextn_predict_layers", "must be >= 0")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if not isinstance(rs, dict):
+                raise bad("rope_scaling", "must be a table/object or null")
+            unknown = set(rs) - ROPE_SCALING_KEYS
+            if unknown:
+                raise ConfigError(f"config field 'rope_scaling' has unknown key(s) {sorted(unknown)}; "
+                                  f"valid: {sorted(ROPE_SCALING_KEYS)}")
+            kind = _rope_type(rs)
+            if kind not in ("yarn", "default", None):
+                raise bad("rope_scaling", f"type '{kind}' is not supported (only 'yarn')")
+            if kind == "yarn":
+                for key in ("factor", "original_max_position_embeddings"):
+                    if key not in rs:
+                        raise ConfigError(f"config field 'rope_scaling' needs '{key}' for YaRN")
+                if rs["factor"] < 1:
+                    raise ConfigError("config field 'rope_scaling.factor' must be >= 1")
+        if self.tie_word_embeddings and self.num_nextn_predict_layers:
+            pass  # allowed: MTP shares the (tied) embedding and head
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """Build from a config.json-style dict; unknown keys and wrong types name the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object / TOML table, got {type(d).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in names:
+                kwargs[key] = _check_type(key, value, names[key], source)
+            elif key in IGNORED_KEYS or key in DERIVED_KEYS:
+                continue
+            else:
+                raise ConfigError(
+                    f"{source}: unknown field '{key}'. Valid fields: {', '.join(sorted(names))}")
+        # transformers >= 5 may write rope settings as rope_parameters {rope_type, rope_theta, ...}
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            if "rope_theta" in rp and "rope_theta" not in d:
+                kwargs["rope_theta"] = float(rp["rope_theta"])
+            if rp.get("rope_type", "default") != "default" and "rope_scaling" not in d:
+                kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        try:
+            cfg = cls(**kwargs)
+        except TypeError as e:  # pragma: no cover - dataclass arity errors
+            raise ConfigError(f"{source}: {e}") from None
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        for key, derive in DERIVED_KEYS.items():
+            if key in d and d[key] is not None and d[key] != derive(cfg):
+                raise ConfigError(f"{source}: field '{key}' = {d[key]!r} is inconsistent with the fields it "
+                                  f"derives from (expected {derive(cfg)})")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF config.json content (with model_type/architectures so transformers loads it)."""
+        d = dataclasses.asdict(self)
+        if d["quantization_config"] is None:
+            d.pop("quantization_config")
+        if d["attention_type"] == "mla":
+            d.pop("attention_type")
+        d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
+        return d
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def _rope_type(rs: dict) -> str | None:
+    return rs.get("type", rs.get("rope_type"))
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(scale) + 1 (1 when not extended)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _check_type(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
+    """Coerce int->float where the field is a float; reject anything else of the wrong type."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    allow_none = "None" in t
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(f"{source}: field '{key}' must not be null")
+    base = t.replace(" | None", "").strip()
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "dict": lambda v: isinstance(v, dict),
+        "int | list": lambda v: isinstance(v, (int, list)) and not isinstance(v, bool),
+    }.get(base)
+    if ok is not None and not ok(value):
+        raise ConfigError(f"{source}: field '{key}' must be {base}, got {type(value).__name__} {value!r}")
+    if base == "float":
+        return float(value)
+    return value
+
+
+# ---------------------------------------------------------------------- presets
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name (``nanoseek/configs/models/NAME.json``), a config.json, or a checkpoint dir."""
+    p = Path(name_or_path)
+    if p.exists():
+        return ModelConfig.from_json(p)
+    preset = PRESET_DIR / f"{name_or_path}.json"
+    if preset.exists():
+        return ModelConfig.from_json(preset)
+    raise ConfigError(f"unknown model config '{name_or_path}': not a file or directory, and not a "
+                      f"preset (presets: {', '.join(list_presets())})")

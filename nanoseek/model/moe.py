@@ -1,0 +1,209 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts with aux-loss-free balancing.
+
+Gate (DeepSeek-V3, ``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``), in fp32:
+  1. s = sigmoid(x W_g^T)                                 affinity scores [N, E]
+  2. s_b = s + e_score_correction_bias                    for SELECTION only
+  3. groups of E/n_group experts scored by the sum of their top-2 s_b; keep topk_group groups
+  4. top-k experts by s_b within kept groups
+  5. weights = the UNBIASED s of the chosen experts, normalised to sum 1 (norm_topk_prob),
+     times routed_scaling_factor
+DeepSeek-V2 routing (softmax scores, ``greedy`` / ``group_limited_greedy`` with the group max)
+is also supported so V2 checkpoints run.
+
+Experts run as batched work: the N*k (token, expert) pairs are sorted by expert and each
+projection is ONE grouped matmul over contiguous per-expert segments (``torch._grouped_mm``
+when the installed torch supports it on this device, else a loop over experts, never over
+tokens). No token is dropped. Expert weights are stacked ``[E, out, in]`` in memory and split
+into HF's per-expert tensors (``mlp.experts.{j}.gate_proj.weight``...) on save.
+
+Auxiliary-loss-free balancing: each MoE layer counts the tokens routed to every expert during
+training forwards; after the optimizer step, ``update_bias(gamma)`` moves each bias by gamma
+towards balance (down if the expert got more than the mean load, up if less) from the load of
+the whole batch (all micro-batches; all ranks when a ``load_reduce`` function is given).
+An optional complementary sequence-wise balance loss with weight ``seq_aux_alpha``:
+L = alpha * mean_seq sum_i f_i P_i with f_i = E / (K T) * (tokens of the sequence routed to i),
+P_i = mean over the sequence of s_i / sum_j s_j.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router (HF name ``mlp.gate``): weight [E, d] and e_score_correction_bias [E], fp32."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group or 1, c.topk_group or (c.n_group or 1)
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, dtype=torch.float32))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # The router stays fp32 whatever dtype the model is cast to (HF keeps it fp32 too).
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E] fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)   # [N, n_group]
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, idx, scores
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here (it depends on torch/device)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(6, 8, dtype=dtype, device=device_type, requires_grad=True)
+        w = torch.randn(3, 4, 8, dtype=dtype, device=device_type, requires_grad=True)
+        offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device_type)
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        ref = torch.cat([x[:2] @ w[0].T, x[2:6] @ w[2].T])
+        y.backward(torch.ones_like(y))
+        return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2)) and w.grad is not None
+    except Exception:
+        return False
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group; group e (counts[e] rows) times w[e]^T. x [M, in], w [E, out, in]."""
+    if grouped_mm_supported(x.device.type, x.dtype) and x.shape[0] > 0:
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            outs.append(x[start:start + n] @ w[e].T)
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stacked: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, d, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts, self.intermediate = E, inter
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)                                     # (token, slot) pairs by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // k
+        h = grouped_linear(x[token], self.gate_up_proj, counts)              # [N*k, 2I]
+        gate, up = h.split(self.intermediate, dim=-1)
+        y = grouped_linear(F.silu(gate) * up, self.down_proj, counts)         # [N*k, d]
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        return out, counts
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.gate = Gate(c)
+        self.experts = Experts(c)
+        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
+                               if c.n_shared_experts else None)
+        self.seq_aux_alpha = 0.0
+        self.register_buffer("load", torch.zeros(c.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.load.data = self.load.data.float()  # token counts stay exact in any model dtype
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx, scores = self.gate(flat)
+        out, counts = self.experts(flat, weights, idx)
+        if self.training:
+            self.load += counts.to(self.load.dtype)
+            self.aux_loss = self._seq_aux_loss(scores, idx, B, T) if self.seq_aux_alpha > 0 else None
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, d)
+
+    def _seq_aux_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        E, K = self.n_experts, self.top_k
+        p = scores / scores.sum(dim=-1, keepdim=True)                          # normalised affinities
+        P = p.view(B, T, E).mean(dim=1)                                       # [B, E]
+        with torch.no_grad():
+            f = torch.zeros(B, E, device=scores.device)
+            f.scatter_add_(1, idx.view(B, T * K), torch.ones(B, T * K, device=scores.device))
+            f = f * E / (K * T)
+        return self.seq_aux_alpha * (f * P).sum(dim=1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float, load_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """One aux-loss-free step from the load since the last call; returns that load."""
+        load = self.load.clone()
+        if load_reduce is not None:
+            load = load_reduce(load)
+        bias = self.gate.e_score_correction_bias
+        if gamma and bias is not None and load.sum() > 0:
+            bias += gamma * torch.sign(load.mean() - load)
+        self.load.zero_()
+        return load
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max load / mean load - 1 (along the last dim)."""
+    mean = load.float().mean(dim=-1)
+    return load.float().amax(dim=-1) / mean.clamp_min(1e-9) - 1

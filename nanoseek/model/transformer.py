@@ -1,0 +1,236 @@
+"""The DeepSeek-V3 transformer: decoder layers, MTP modules and the causal-LM head.
+
+Module names match HF's ``DeepseekV3ForCausalLM`` (``model.embed_tokens``, ``model.layers.{i}.
+self_attn.kv_a_proj_with_mqa``, ``model.layers.{i}.mlp.gate.e_score_correction_bias``,
+``lm_head``...), so checkpoints map one to one (see ``checkpoint.py``); the only differences are
+the stacked routed experts and ``model.mtp.{k}`` standing for ``model.layers.{L+k}`` on disk.
+
+Layer i: h = h + Attn(RMSNorm(h)); h = h + FFN(RMSNorm(h)), FFN dense SwiGLU for the first
+``first_k_dense_replace`` layers, DeepSeekMoE after.
+
+Multi-token prediction, depth k = 1..D (``num_nextn_predict_layers``), at position i:
+  h^k_i = Block_k(W_proj [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)])   (embedding first)
+  logits = Head(RMSNorm_k(h^k_i)) predict t_{i+k+1}
+with h^0 the main model's final (normed) hidden state as in HF's MTP, the embedding and output
+head shared with the main model. ``mtp_loss`` is (1/D) sum_k CE_k; the trainer multiplies it by
+lambda. At inference the modules can be dropped or used to draft tokens (speculative decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MHA, MLA
+from .cache import KVCache
+from .config import ModelConfig
+from .moe import MLP, MoE, max_violation
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None                  # [B, T, V] (or the kept positions)
+    loss: torch.Tensor | None = None             # main next-token CE (mean over labels != -100)
+    mtp_loss: torch.Tensor | None = None         # (1/D) sum_k CE_k, unweighted
+    aux_loss: torch.Tensor | None = None         # sum of the MoE layers' sequence-wise balance losses
+    hidden: torch.Tensor | None = None           # final normed hidden states [B, T, d]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        attn_cls = MLA if config.attention_type == "mla" else MHA
+        self.self_attn = attn_cls(config, layer_idx)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h, cos, sin, positions, cache=None, rows=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, rows)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """HF's ``shared_head``: the MTP module's output norm (its ``head`` is the main lm_head)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """One MTP module: enorm, hnorm, eh_proj, a full decoder block, shared_head.norm."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, emb, h_prev, cos, sin, positions, cache=None, rows=None):
+        """emb: Emb(t_{i+k}), h_prev: h^{k-1}_i -> normed h^k_i (feed to the shared head)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.shared_head.norm(super().forward(h, cos, sin, positions, cache, rows))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
+                                 for k in range(config.num_nextn_predict_layers))
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, init_weights: bool = True):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.use_mtp = config.num_nextn_predict_layers > 0   # compute the MTP loss when labels are given
+        if init_weights:
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix (the report uses 0.006), ones for norms."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        for m in self.moe_layers():
+            if m.gate.e_score_correction_bias is not None:
+                m.gate.e_score_correction_bias.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                rows: torch.Tensor | None = None, logits_to_keep: int | None = None,
+                return_hidden: bool = False) -> CausalLMOutput:
+        """input_ids [B, T]; labels [B, T] next-token targets (-100 = ignore).
+
+        Without a cache positions default to 0..T-1 and attention is causal over the sequence
+        (documents packed without cross-document masks, as DeepSeek trains). With a cache the
+        caller passes absolute ``positions`` [B, T] and optionally the cache ``rows`` [B].
+        ``logits_to_keep=n`` computes logits for the last n positions only.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when decoding with a cache")
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        m = self.model
+        cos, sin = m.rotary_emb(positions)
+        h = m.embed_tokens(input_ids)
+        for layer in m.layers:
+            h = layer(h, cos, sin, positions, cache, rows)
+        h = m.norm(h)
+
+        out = CausalLMOutput(logits=None, hidden=h if return_hidden else None)
+        if labels is not None:
+            logits = self.lm_head(h)
+            out.logits = logits
+            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=-100)
+            if self.use_mtp and len(m.mtp) and T > len(m.mtp):
+                out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, positions)
+            aux = [x.mlp.aux_loss for x in m.layers if isinstance(x.mlp, MoE) and x.mlp.aux_loss is not None]
+            if aux:
+                out.aux_loss = torch.stack(aux).sum()
+        else:
+            hk = h if logits_to_keep is None else h[:, -logits_to_keep:]
+            out.logits = self.lm_head(hk)
+        return out
+
+    def _mtp_loss(self, input_ids, labels, h, cos, sin, positions):
+        losses = []
+        T = input_ids.shape[1]
+        emb = self.model.embed_tokens
+        for k, layer in enumerate(self.model.mtp, start=1):
+            n = T - k                                                 # positions i = 0..T-k-1
+            h = layer(emb(input_ids[:, k:]), h[:, :n], cos[:, :n], sin[:, :n], positions[:, :n])
+            logits = self.lm_head(h).float()
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, k:].reshape(-1),
+                                          ignore_index=-100))
+        return torch.stack(losses).mean()
+
+    def mtp_forward(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                    cache: KVCache | None = None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP depth k (0-based) at positions i: h^{k}_i from h^{k-1}_i and t_{i+k+1}; returns (h, logits).
+
+        With a cache, the cache must have num_hidden_layers + num_nextn_predict_layers layers.
+        """
+        cos, sin = self.model.rotary_emb(positions)
+        h = self.model.mtp[k](self.model.embed_tokens(next_ids), h_prev, cos, sin, positions, cache, rows)
+        return h, self.lm_head(h)
+
+    # ------------------------------------------------------------------ MoE helpers
+    def moe_layers(self) -> list[MoE]:
+        """The routed MoE blocks of the main model (MTP blocks excluded)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def set_seq_aux_alpha(self, alpha: float) -> None:
+        for moe in self.moe_layers() + [x.mlp for x in self.model.mtp if isinstance(x.mlp, MoE)]:
+            moe.seq_aux_alpha = alpha
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma: float, load_reduce=None) -> torch.Tensor | None:
+        """Aux-loss-free step for every MoE layer (MTP included); returns main-model load [L_moe, E]."""
+        loads = [moe.update_bias(gamma, load_reduce) for moe in self.moe_layers()]
+        for x in self.model.mtp:
+            if isinstance(x.mlp, MoE):
+                x.mlp.update_bias(gamma, load_reduce)
+        return torch.stack(loads) if loads else None
+
+    def expert_bias(self) -> torch.Tensor | None:
+        biases = [m.gate.e_score_correction_bias for m in self.moe_layers() if m.gate.e_score_correction_bias is not None]
+        return torch.stack(biases) if biases else None
+
+    def set_absorb(self, absorb: bool) -> None:
+        """Switch every attention module between the naive and the absorbed MLA path."""
+        for mod in self.modules():
+            if isinstance(mod, (MLA, MHA)):
+                mod.absorb = absorb
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  with_mtp: bool = False) -> KVCache:
+        p = next(self.parameters())
+        n = self.config.num_hidden_layers + (self.config.num_nextn_predict_layers if with_mtp else 0)
+        return KVCache(self.config, batch_size, max_len, dtype or p.dtype, p.device, num_layers=n)
+
+    def num_parameters(self, exclude_mtp: bool = True) -> int:
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if exclude_mtp and name.startswith("model.mtp."):
+                continue
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        n += sum(m.gate.e_score_correction_bias.numel() for m in self.moe_layers()
+                 if m.gate.e_score_correction_bias is not None)
+        return n
+
+
+__all__ = ["DeepseekV3ForCausalLM", "CausalLMOutput", "max_violation"]
