@@ -1,0 +1,13 @@
+"""``nanoseek estimate``: the arithmetic of a DeepSeek-scale run, for any config.
+
+* :mod:`.estimate`: parameters, ``flops_per_token`` (used by the training loop for MFU),
+  GPU-hours, cost and the implied MFU; :func:`.estimate.estimate` runs every section.
+* :mod:`.memory`: training memory per GPU for a dp / ep / pp / ZeRO-FSDP layout
+  (:func:`.memory.estimate_for_layout`).
+* :mod:`.inference`: KV cache (MLA vs MHA / GQA / MQA) and a decode-speed upper bound.
+* :mod:`.comm`: expert-parallel all-to-all bytes and time against compute.
+* :mod:`.gpus`: the accelerator table (A100, H100, H800, H20, H200, B200) and ``--gpu-spec``.
+* :mod:`.cli` / :mod:`.report`: the subcommand and its rich tables.
+
+Nothing is imported here, so ``nanoseek --help`` stays fast.
+"""

@@ -234,6 +234,9 @@ class ModelConfig:
                 kwargs["rope_theta"] = float(rp["rope_theta"])
             if rp.get("rope_type", "default") != "default" and "rope_scaling" not in d:
                 kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        # DeepSeek-V2 configs predate MTP: no num_nextn_predict_layers means none, not V3's one.
+        if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
+            kwargs["num_nextn_predict_layers"] = 0
         try:
             cfg = cls(**kwargs)
         except TypeError as e:  # pragma: no cover - dataclass arity errors

@@ -1,0 +1,179 @@
+"""``nanoseek estimate``: parameters, FLOPs, GPU-hours, cost, memory, KV cache and all-to-all.
+
+Does the arithmetic behind the public numbers about DeepSeek-V3 (671B parameters, 37B activated,
+2.788M H800 GPU-hours, $5.576M, a KV cache tens of times smaller than MHA, H800 vs H100) for any
+config: a preset (deepseek-v3, deepseek-v2, deepseek-v2-lite, tiny, ...) or an HF config.json.
+
+examples:
+  nanoseek estimate --config deepseek-v3 --tokens 14.8T --gpu h800 --gpus 2048 \\
+      --gpu-hours-per-trillion 180K --price 2 --pp 16 --ep 64 --precision fp8
+  nanoseek estimate --config path/to/config.json --gpu h100 --gpus 64 --mfu 0.35 --json
+  nanoseek estimate --config deepseek-v2-lite --gpu-spec my_gpu.toml --context 32768 --batch 16
+
+With --gpu-hours (or --gpu-hours-per-trillion) the MFU they imply is solved for; otherwise
+GPU-hours follow from --mfu (default 0.4). MFU is always against the dense BF16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+GPU_NAMES = "a100, h100, h800, h20, h200, b200"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--config", default="deepseek-v3", metavar="NAME_OR_PATH",
+                   help="preset name (nanoseek/configs/models/NAME.json) or an HF config.json "
+                        "file or checkpoint directory (default: deepseek-v3)")
+    t = p.add_argument_group("training")
+    t.add_argument("--tokens", metavar="N",
+                   help="training tokens, with K/M/B/T suffixes, e.g. 14.8T "
+                        "(default: 20 per activated parameter)")
+    t.add_argument("--seq-len", type=int,
+                   help="training sequence length for the attention FLOPs and activations "
+                        "(default: 4096, V3's, or max_position_embeddings if smaller)")
+    t.add_argument("--gpu", default="h800", metavar="NAME", help=f"built-in GPU: {GPU_NAMES} (default h800)")
+    t.add_argument("--gpu-spec", metavar="FILE",
+                   help="another accelerator, JSON or TOML with fields name, bf16_tflops, hbm_gb, "
+                        "hbm_tb_s, nvlink_gb_s (both directions), network_gb_s (one direction), and "
+                        "optionally fp8_tflops, gpus_per_node (8), source")
+    t.add_argument("--gpus", type=int, help="training GPUs (default: dp x pp, with dp 8 when --dp is not given)")
+    t.add_argument("--mfu", type=float, help="model FLOPs utilisation against the dense BF16 peak (default 0.4)")
+    t.add_argument("--gpu-hours", metavar="N",
+                   help="total GPU-hours of the run (e.g. 2.664M): solve for the MFU they imply")
+    t.add_argument("--gpu-hours-per-trillion", metavar="N",
+                   help="GPU-hours per trillion tokens (e.g. 180K, DeepSeek-V3's figure): solve for the MFU")
+    t.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (default 2.0, the V3 report's)")
+    t.add_argument("--no-mtp", action="store_true",
+                   help="leave the multi-token-prediction modules out of the training FLOPs and memory")
+    lay = p.add_argument_group("parallel layout and memory")
+    lay.add_argument("--dp", type=int, help="data-parallel size (default: GPUs / pp)")
+    lay.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    lay.add_argument("--ep", type=int,
+                     help="expert-parallel size, carved out of dp (default: the largest divisor of dp "
+                          "and the expert count that fits in one node)")
+    lay.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1,
+                     help="ZeRO stage over the data-parallel group: 1 shards optimizer state (default, "
+                          "as DeepSeek-V3), 2 also gradients, 3 also weights (FSDP)")
+    lay.add_argument("--fsdp", action="store_true", help="same as --zero 3")
+    lay.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                     help="training memory recipe: bf16 = 2+4+4+8 bytes/param; fp8 = the V3 report's "
+                          "1+4+4+4 (fp8 weights, fp32 grads and master, bf16 AdamW moments)")
+    lay.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    lay.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    inf = p.add_argument_group("inference")
+    inf.add_argument("--context", type=int,
+                     help="tokens of context per request (default: min(max_position_embeddings, 131072))")
+    inf.add_argument("--batch", type=int, default=64, help="concurrent requests decoding (default 64)")
+    inf.add_argument("--serve-gpus", type=int,
+                     help="GPUs serving one model replica (default: smallest power of two that fits)")
+    inf.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="KV cache dtype (default bf16)")
+    inf.add_argument("--infer-dtype", choices=("auto", "bf16", "fp8"), default="auto",
+                     help="weight dtype when serving (default: fp8 if the config ships FP8, else bf16)")
+    inf.add_argument("--gqa-groups", type=int,
+                     help="KV heads of the GQA comparison row (default 8 when it divides the heads)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of tables")
+
+
+# Fields whose DeepSeek-V3 defaults would silently turn a partial config into a different model.
+_ALWAYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+_MLA = ("kv_lora_rank", "q_lora_rank")
+_MHA = ("num_key_value_heads",)
+_MOE = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace")
+
+
+def load_config(name_or_path: str):
+    """Load a preset or config.json. A typo (unknown field), a bad value or a missing size field
+    is a UserError naming the file and the field."""
+    from nanoseek.cli import UserError
+    from nanoseek.model.config import IGNORED_KEYS, PRESET_DIR, ConfigError, ModelConfig, load_model_config
+
+    p = Path(name_or_path)
+    path = (p / "config.json" if p.is_dir() else p) if p.exists() else PRESET_DIR / f"{name_or_path}.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        d = None                        # load_model_config words the error
+    if isinstance(d, dict) and not set(d) - set(ModelConfig.field_names()) - IGNORED_KEYS:
+        need = list(_ALWAYS) + list(_MHA if d.get("attention_type", "mla") == "mha" else _MLA)
+        if d.get("n_routed_experts"):
+            need += _MOE
+        first_dense = d.get("first_k_dense_replace", 0)
+        if not d.get("n_routed_experts") or not isinstance(first_dense, int) or first_dense > 0:
+            need.append("intermediate_size")
+        missing = [k for k in need if k not in d]
+        if missing:
+            raise UserError(f"{path}: missing field(s) {', '.join(repr(k) for k in missing)}; the "
+                            f"estimate would otherwise use DeepSeek-V3's defaults (e.g. hidden_size "
+                            f"7168). Write them in the config.")
+    try:
+        return load_model_config(name_or_path)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def _resolve(args, cfg, gpu):
+    from nanoseek.cli import UserError
+    from .memory import Layout
+
+    pp = args.pp
+    if pp < 1:
+        raise UserError(f"--pp must be >= 1, got {pp}")
+    if args.dp is not None:
+        dp = args.dp
+        if args.gpus is not None and dp * pp != args.gpus:
+            raise UserError(f"--dp {dp} x --pp {pp} = {dp * pp} GPUs, but --gpus is {args.gpus}")
+    else:
+        gpus = args.gpus if args.gpus is not None else 8 * pp
+        if gpus < 1 or gpus % pp:
+            raise UserError(f"--gpus {gpus} is not a multiple of --pp {pp}")
+        dp = gpus // pp
+    ep = args.ep
+    if ep is None:
+        ep = 1
+        if cfg.n_routed_experts and cfg.num_moe_layers:
+            ep = max(e for e in range(1, gpu.gpus_per_node + 1)
+                     if dp % e == 0 and cfg.n_routed_experts % e == 0)
+    return Layout(dp=dp, pp=pp, ep=ep, zero=3 if args.fsdp else args.zero,
+                  micro_batch=args.micro_batch, recompute=args.recompute)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.cli import UserError
+    from .estimate import EstimateError, estimate, parse_count
+    from .gpus import GPUSpecError, get_gpu, load_gpu_spec
+
+    cfg = load_config(args.config)
+    try:
+        gpu = load_gpu_spec(args.gpu_spec) if args.gpu_spec else get_gpu(args.gpu)
+        tokens = parse_count(args.tokens, "--tokens") if args.tokens is not None else None
+        gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
+        if args.gpu_hours_per_trillion is not None:
+            if gpu_hours is not None:
+                raise UserError("give --gpu-hours or --gpu-hours-per-trillion, not both")
+            if tokens is None:
+                raise UserError("--gpu-hours-per-trillion needs --tokens")
+            gpu_hours = parse_count(args.gpu_hours_per_trillion, "--gpu-hours-per-trillion") * tokens / 1e12
+        layout = _resolve(args, cfg, gpu)
+        seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
+        est = estimate(
+            cfg, gpu, model_name=str(args.config), tokens=tokens, seq_len=seq_len, mfu=args.mfu,
+            gpu_hours=gpu_hours, price=args.price, include_mtp=not args.no_mtp, layout=layout,
+            precision=args.precision, context=args.context, batch=args.batch,
+            serve_gpus=args.serve_gpus, kv_bytes=1 if args.kv_dtype == "fp8" else 2,
+            infer_weight_bytes={"auto": None, "bf16": 2.0, "fp8": 1.0}[args.infer_dtype],
+            gqa_groups=args.gqa_groups)
+    except (EstimateError, GPUSpecError) as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        json.dump(est.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        from .report import print_report
+        print_report(est)
+    return 0

@@ -1,0 +1,262 @@
+"""The arithmetic behind ``nanoseek estimate``: parameters, training FLOPs, GPU-hours and cost.
+
+Pure functions on a :class:`ModelConfig` and a :class:`GPUSpec` returning dataclasses; the CLI
+only formats them, and ``--json`` prints exactly ``Estimate.to_dict()``. Memory per GPU for a
+parallel layout lives in :mod:`.memory`, inference (KV cache, decode) in :mod:`.inference`,
+expert-parallel all-to-all in :mod:`.comm`; :func:`estimate` runs them all.
+
+What :func:`flops_per_token` counts (training, forward + backward, per token of the sequence):
+
+* ``matmul``: 6 x every activated parameter except the input embedding table (a lookup, no
+  FLOPs). The output head is counted; so are the router and the norm weights, although norms are
+  elementwise (they are < 0.001% of the total). 2 FLOPs per multiply-add in the forward pass,
+  twice that in the backward (gradients of inputs and of weights).
+* ``attention``: the score and value products that have no parameters: per layer and head,
+  2 (q.k over ``qk_head_dim``) + 2 (p.v over ``v_head_dim``) FLOPs per attended position, over
+  a causal window whose mean length is (seq_len + 1) / 2, times 3 for the backward. MLA trains in
+  its naive (non-absorbed) form, so ``qk_head_dim`` = 192 and ``v_head_dim`` = 128 for V3.
+* ``mtp``: the same for each multi-token-prediction module (eh_proj, one block, and the shared
+  output head computed again), when ``include_mtp`` and the config has MTP modules.
+
+Softmax, RoPE, activation functions, the optimizer step and recomputation are not counted: this
+is *model* FLOPs, so MFU = achieved model FLOP/s over the dense BF16 peak (the PaLM convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..model.config import ModelConfig
+from ..model.params import count_params, layer_params
+from .gpus import GPUSpec
+
+DEFAULT_MFU = 0.4
+DEFAULT_SEQ_LEN = 4096          # DeepSeek-V3 pre-training sequence length
+DEFAULT_PRICE = 2.0             # $/GPU-hour, the rental price the V3 report assumes
+
+
+class EstimateError(ValueError):
+    """An input the estimate cannot use (inconsistent layout, both --mfu and --gpu-hours, ...)."""
+
+
+# ---------------------------------------------------------------------- units
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str | float | int, what: str = "value") -> float:
+    """'14.8T' -> 1.48e13, '180K' -> 1.8e5, '2.664M', '1e12', '1,000' (K, M, B/G, T suffixes)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    s = str(text).strip().replace(",", "").replace("_", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)", s)
+    if not m:
+        raise EstimateError(f"cannot read {what} '{text}': expected a number with an optional "
+                            f"K, M, B or T suffix, e.g. 14.8T or 180K")
+    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+# ---------------------------------------------------------------------- parameters
+@dataclass
+class ParamReport:
+    total: int                          # without MTP (the published 671B)
+    active: int                         # per token, counting the input embedding (37.55B)
+    active_without_embedding: int       # 36.63B
+    mtp: int                            # unique MTP parameters (embedding and head are shared)
+    total_with_mtp: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+    active_breakdown: dict[str, int] = field(default_factory=dict)
+
+
+def param_report(cfg: ModelConfig) -> ParamReport:
+    pc = count_params(cfg)
+    bd, ab = dict(pc.breakdown), dict(pc.active_breakdown)
+    bd["mtp"] = ab["mtp"] = 0
+    if cfg.num_nextn_predict_layers:
+        bd["mtp"] = pc.mtp
+        ab["mtp"] = mtp_active_params(cfg)
+    return ParamReport(total=pc.total, active=pc.active,
+                       active_without_embedding=pc.active_without_embedding, mtp=pc.mtp,
+                       total_with_mtp=pc.total + pc.mtp, breakdown=bd, active_breakdown=ab)
+
+
+def mtp_active_params(cfg: ModelConfig) -> int:
+    """Unique MTP parameters a token activates: enorm, hnorm, eh_proj, the block's activated
+    parameters and shared_head.norm, over all MTP modules (the shared embedding and head excluded)."""
+    d = cfg.hidden_size
+    n = 0
+    for k in range(cfg.num_nextn_predict_layers):
+        _, act = layer_params(cfg, cfg.num_hidden_layers + k)
+        n += 3 * d + 2 * d * d + sum(act.values())
+    return n
+
+
+# ---------------------------------------------------------------------- FLOPs
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layers: int | None = None) -> float:
+    """Forward FLOPs of the parameter-free attention products (q.k and p.v) per token, causal."""
+    if seq_len < 1:
+        raise EstimateError(f"seq_len must be >= 1, got {seq_len}")
+    layers = cfg.num_hidden_layers if layers is None else layers
+    mean_window = (seq_len + 1) / 2
+    per_layer = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * mean_window
+    return per_layer * layers
+
+
+def training_flops_breakdown(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN,
+                             include_mtp: bool = True) -> dict[str, float]:
+    """Training (forward + backward) model FLOPs per token by term; see the module docstring."""
+    pc = count_params(cfg)
+    out = {"matmul": 6.0 * pc.active_without_embedding,
+           "attention": 3.0 * attention_flops_per_token(cfg, seq_len),
+           "mtp": 0.0}
+    if include_mtp and cfg.num_nextn_predict_layers:
+        head = cfg.vocab_size * cfg.hidden_size       # the shared output head, run again per module
+        out["mtp"] = (6.0 * (mtp_active_params(cfg) + head * cfg.num_nextn_predict_layers)
+                      + 3.0 * attention_flops_per_token(cfg, seq_len, cfg.num_nextn_predict_layers))
+    return out
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN, include_mtp: bool = True) -> float:
+    """Training model FLOPs per token: 6 x activated non-embedding parameters + causal attention
+    (+ MTP modules). Independent of the hardware; the training loop divides achieved FLOP/s by
+    the peak to report MFU. DeepSeek-V3 at seq_len 4096: about 2.6e11 (with its MTP module)."""
+    return sum(training_flops_breakdown(cfg, seq_len, include_mtp).values())
+
+
+def layer_forward_flops_per_token(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
+    """Forward FLOPs one token spends in decoder layer ``layer_idx`` (matmuls + attention)."""
+    _, act = layer_params(cfg, layer_idx)
+    return 2.0 * sum(act.values()) + attention_flops_per_token(cfg, seq_len, layers=1)
+
+
+# ---------------------------------------------------------------------- training cost
+@dataclass
+class TrainingCost:
+    tokens: float
+    seq_len: int
+    include_mtp: bool
+    flops_per_token: float
+    flops_breakdown: dict[str, float]
+    total_flops: float
+    gpu: str
+    gpus: int
+    peak_bf16_tflops: float
+    peak_fp8_tflops: float | None
+    mfu: float                          # against the dense BF16 peak
+    mfu_source: str                     # "given", "implied by gpu_hours" or "default"
+    mfu_vs_fp8_peak: float | None       # the same achieved FLOP/s against the FP8 peak
+    achieved_tflops_per_gpu: float
+    gpu_hours: float
+    gpu_hours_per_trillion_tokens: float
+    days: float
+    price_per_gpu_hour: float
+    cost_usd: float
+
+
+def training_cost(cfg: ModelConfig, tokens: float, gpu: GPUSpec, gpus: int, *,
+                  seq_len: int = DEFAULT_SEQ_LEN, mfu: float | None = None,
+                  gpu_hours: float | None = None, price: float = DEFAULT_PRICE,
+                  include_mtp: bool = True) -> TrainingCost:
+    """GPU-hours, days and dollars for ``tokens`` at an MFU, or the MFU a GPU-hour figure implies."""
+    if tokens <= 0:
+        raise EstimateError(f"tokens must be positive, got {tokens}")
+    if gpus < 1:
+        raise EstimateError(f"the GPU count must be >= 1, got {gpus}")
+    if mfu is not None and gpu_hours is not None:
+        raise EstimateError("give either an MFU (to compute GPU-hours) or GPU-hours (to solve for "
+                            "the MFU they imply), not both")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise EstimateError(f"MFU must be in (0, 1], got {mfu}")
+    if gpu_hours is not None and gpu_hours <= 0:
+        raise EstimateError(f"GPU-hours must be positive, got {gpu_hours}")
+    if price < 0:
+        raise EstimateError(f"price must be >= 0, got {price}")
+    breakdown = training_flops_breakdown(cfg, seq_len, include_mtp)
+    fpt = sum(breakdown.values())
+    total = fpt * tokens
+    peak = gpu.bf16_flops
+    if gpu_hours is not None:
+        source = "implied by gpu_hours"
+        mfu = total / (gpu_hours * 3600.0 * peak)
+    else:
+        source = "given" if mfu is not None else "default"
+        mfu = DEFAULT_MFU if mfu is None else mfu
+        gpu_hours = total / (mfu * peak) / 3600.0
+    achieved = mfu * peak
+    return TrainingCost(
+        tokens=tokens, seq_len=seq_len, include_mtp=include_mtp, flops_per_token=fpt,
+        flops_breakdown=breakdown, total_flops=total, gpu=gpu.name, gpus=gpus,
+        peak_bf16_tflops=gpu.bf16_tflops, peak_fp8_tflops=gpu.fp8_tflops, mfu=mfu,
+        mfu_source=source,
+        mfu_vs_fp8_peak=None if gpu.fp8_flops is None else achieved / gpu.fp8_flops,
+        achieved_tflops_per_gpu=achieved / 1e12, gpu_hours=gpu_hours,
+        gpu_hours_per_trillion_tokens=gpu_hours / (tokens / 1e12), days=gpu_hours / gpus / 24.0,
+        price_per_gpu_hour=price, cost_usd=gpu_hours * price)
+
+
+# ---------------------------------------------------------------------- everything
+@dataclass
+class Estimate:
+    model: str
+    config: dict[str, Any]
+    gpu: dict[str, Any]
+    params: ParamReport
+    training: TrainingCost
+    memory: Any                 # memory.LayoutMemory
+    inference: Any              # inference.InferenceEstimate
+    communication: Any          # comm.CommEstimate, or None for a dense model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_tokens(cfg: ModelConfig) -> float:
+    """20 tokens per activated parameter (Chinchilla-style), rounded to 2 significant digits."""
+    n = 20.0 * count_params(cfg).active
+    return float(f"{n:.2g}")
+
+
+def estimate(cfg: ModelConfig, gpu: GPUSpec, *, model_name: str = "model",
+             tokens: float | None = None, seq_len: int = DEFAULT_SEQ_LEN,
+             mfu: float | None = None, gpu_hours: float | None = None,
+             price: float = DEFAULT_PRICE, include_mtp: bool = True,
+             layout: Any = None, precision: str = "bf16",
+             context: int | None = None, batch: int = 64, serve_gpus: int | None = None,
+             kv_bytes: int = 2, infer_weight_bytes: float | None = None,
+             gqa_groups: int | None = None) -> Estimate:
+    """All sections of ``nanoseek estimate`` for one config, GPU and layout."""
+    from .comm import comm_estimate
+    from .inference import decode_estimate
+    from .memory import Layout, estimate_for_layout
+
+    layout = layout or Layout()
+    layout.validate(cfg)
+    tokens = default_tokens(cfg) if tokens is None else tokens
+    train = training_cost(cfg, tokens, gpu, layout.gpus, seq_len=seq_len, mfu=mfu,
+                          gpu_hours=gpu_hours, price=price, include_mtp=include_mtp)
+    mem = estimate_for_layout(cfg, layout, precision, seq_len=seq_len, gpu=gpu,
+                              include_mtp=include_mtp)
+    if context is None:
+        context = min(cfg.max_position_embeddings, 131072)
+    inf = decode_estimate(cfg, gpu, context=context, batch=batch, price=price,
+                          serve_gpus=serve_gpus, kv_bytes=kv_bytes, weight_bytes=infer_weight_bytes,
+                          gqa_groups=gqa_groups)
+    comm = comm_estimate(cfg, gpu, layout.ep, seq_len=seq_len, mfu=train.mfu)
+    return Estimate(model=model_name, config=cfg.to_dict(), gpu=dataclasses.asdict(gpu),
+                    params=param_report(cfg), training=train, memory=mem, inference=inf,
+                    communication=comm)
+
+
+def fmt_si(x: float | None, unit: str = "", digits: int = 3) -> str:
+    """1.48e13 -> '14.8T'; used by the CLI and the docs."""
+    if x is None:
+        return "n/a"
+    if x == 0:
+        return f"0{unit}"
+    for div, suf in ((1e15, "P"), (1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}g}{suf}{unit}"
+    return f"{x:.{digits}g}{unit}" if not math.isclose(x, round(x)) else f"{int(round(x))}{unit}"

@@ -1,0 +1,142 @@
+"""Human-readable tables for ``nanoseek estimate`` (rich). Formatting only: every number printed
+here is a field of :class:`~nanoseek.estimate.estimate.Estimate`, which ``--json`` prints whole."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from .estimate import Estimate, fmt_si
+
+_PARAM_ROWS = (("embedding", "embedding (input)"), ("attention", "attention"),
+               ("dense_mlp", "dense MLP"), ("router", "router (gate + bias)"),
+               ("shared_experts", "shared experts"), ("routed_experts", "routed experts"),
+               ("norms", "norms"), ("lm_head", "output head"))
+
+
+def _int(n: float) -> str:
+    return f"{int(round(n)):,}"
+
+
+def _gb(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 1e9:,.2f} GB" if n >= 1e7 else fmt_si(n, "B")
+
+
+def _num(x: float) -> str:
+    """Commas for large numbers, 3 significant digits for small ones."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _bytes(n: float) -> str:
+    return f"{int(round(n)):,} B" if n < 1e6 else fmt_si(n, "B")
+
+
+def _table(title: str, *cols: str) -> Table:
+    t = Table(title=title, title_justify="left", title_style="bold")
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    return t
+
+
+def print_report(est: Estimate, console: Console | None = None) -> None:
+    if console is None:
+        width = None if sys.stdout.isatty() else 150       # fixed when piped: docs/estimate.md regenerates
+        console = Console(file=sys.stdout, width=width, highlight=False)
+    p, tr, mem, inf, comm = est.params, est.training, est.memory, est.inference, est.communication
+    g = est.gpu
+    console.print(f"[bold]nanoseek estimate[/bold]: {est.model} on {g['name']} "
+                  f"(BF16 {g['bf16_tflops']:g} / FP8 {g['fp8_tflops'] or 'n/a'} TFLOP/s dense, "
+                  f"{g['hbm_gb']:g} GB at {g['hbm_tb_s']:g} TB/s, NVLink {g['nvlink_gb_s']:g} GB/s, "
+                  f"network {g['network_gb_s']:g} GB/s)")
+
+    t = _table("Parameters", "component", "total", "activated per token")
+    for key, label in _PARAM_ROWS:
+        if p.breakdown.get(key):
+            t.add_row(label, _int(p.breakdown[key]), _int(p.active_breakdown[key]))
+    t.add_row("[bold]total (without MTP)[/bold]", f"[bold]{_int(p.total)}[/bold]", f"[bold]{_int(p.active)}[/bold]")
+    t.add_row("  without the input embedding", _int(p.total - p.breakdown["embedding"]),
+              _int(p.active_without_embedding))
+    if p.mtp:
+        t.add_row("MTP modules (shared embedding/head)", _int(p.mtp), _int(p.active_breakdown["mtp"]))
+        t.add_row("total with MTP", _int(p.total_with_mtp), "")
+    console.print(t)
+
+    t = _table("Training", "quantity", "value")
+    fb = tr.flops_breakdown
+    t.add_row("tokens", f"{fmt_si(tr.tokens)} ({tr.tokens:.4g})")
+    t.add_row("FLOPs per token", f"{tr.flops_per_token:.4g} = 6N {fb['matmul']:.4g} + attention "
+              f"{fb['attention']:.4g} (seq {tr.seq_len}) + MTP {fb['mtp']:.4g}")
+    t.add_row("total FLOPs", f"{tr.total_flops:.4g}")
+    t.add_row("GPUs", f"{tr.gpus:,} x {tr.gpu}")
+    t.add_row(f"MFU vs dense BF16 peak ({tr.mfu_source})",
+              f"{tr.mfu:.1%} ({tr.achieved_tflops_per_gpu:,.0f} TFLOP/s per GPU)")
+    if tr.mfu_vs_fp8_peak is not None:
+        t.add_row("  same, vs dense FP8 peak", f"{tr.mfu_vs_fp8_peak:.1%}")
+    t.add_row("GPU-hours", f"{_num(tr.gpu_hours)} ({fmt_si(tr.gpu_hours)}; "
+              f"{fmt_si(tr.gpu_hours_per_trillion_tokens)} per trillion tokens)")
+    t.add_row("wall-clock", f"{_num(tr.days)} days on {tr.gpus:,} GPUs")
+    t.add_row("cost", f"${_num(tr.cost_usd)} at ${tr.price_per_gpu_hour:g}/GPU-hour")
+    console.print(t)
+
+    lay = mem.layout
+    zero = "FSDP" if lay["zero"] == 3 else f"ZeRO-{lay['zero']}"
+    t = _table(f"Training memory per GPU: dp={lay['dp']} pp={lay['pp']} ep={lay['ep']} {zero}, "
+               f"{mem.precision['name']} recipe ({mem.precision['bytes_per_param']:g} B/param), "
+               f"micro-batch {lay['micro_batch']} x {tr.seq_len}"
+               f"{', full recompute' if lay['recompute'] else ''}; heaviest stage {mem.stage} "
+               f"(layers {mem.stage_layers[0]}-{mem.stage_layers[1]})", "item", "per GPU")
+    pr = mem.precision
+    t.add_row("parameters held", f"{fmt_si(mem.params_per_gpu)}")
+    t.add_row(f"weights ({pr['weight_bytes']:g} B)", _gb(mem.weights_bytes))
+    t.add_row(f"gradients ({pr['grad_bytes']:g} B)", _gb(mem.grads_bytes))
+    t.add_row(f"master weights ({pr['master_bytes']:g} B)", _gb(mem.master_bytes))
+    t.add_row(f"AdamW moments ({pr['moment_bytes']:g} B)", _gb(mem.moments_bytes))
+    t.add_row(f"activations ({_int(mem.tokens_in_flight)} tokens in flight)", _gb(mem.activations_bytes))
+    verdict = "" if mem.fits is None else (" fits" if mem.fits else f" does NOT fit in {_gb(mem.hbm_bytes)}")
+    t.add_row("[bold]total[/bold]", f"[bold]{_gb(mem.total_bytes)}[/bold]{verdict}")
+    t.add_row("activations per token, all layers", _bytes(mem.activation_bytes_per_token))
+    console.print(t)
+
+    naive = any(v.is_model and v.kv_heads is None for v in inf.variants)
+    t = _table(f"Inference: KV cache ({inf.kv_dtype_bytes} B/value) at {inf.context:,} tokens of context"
+               f"{' (MHA row = the naive, non-absorbed MLA cache)' if naive else ''}; decode upper bound at "
+               f"batch {inf.batch} on "
+               f"{inf.serve_gpus} GPU(s) ({inf.serve_gpus_source}), weights {_gb(inf.weights_bytes)} at "
+               f"{inf.weight_bytes_per_param:g} B/param",
+               "attention", "KV B/token/layer", "KV B/token", "per request", "vs model",
+               "max requests", "tokens/s", "bound", "$/M tokens")
+    for v in inf.variants:
+        name = f"[bold]{v.name} (this model)[/bold]" if v.is_model else v.name
+        tps = "does not fit" if v.tokens_per_s is None else (
+            f"{v.tokens_per_s:,.0f}" + (f" (batch {v.batch})" if v.batch < inf.batch else ""))
+        t.add_row(name, _int(v.bytes_per_token_per_layer), _int(v.bytes_per_token),
+                  fmt_si(v.bytes_per_request, "B"), f"{v.times_model:.2f}x", _int(v.max_requests),
+                  tps, v.bound or "", "" if v.usd_per_million_tokens is None else _num(v.usd_per_million_tokens))
+    console.print(t)
+
+    if comm is None:
+        console.print("[bold]Expert-parallel all-to-all[/bold]: none (dense model or --ep 1)")
+        return
+    c = comm.chosen
+    console.print(
+        f"[bold]Expert-parallel all-to-all[/bold] (ep={c.ep}: {c.nodes} node(s) x {c.gpus_per_node} GPUs), "
+        f"per token per MoE layer, forward: dispatch {c.top_k} x FP8 = {_int(c.dispatch_bytes)} B, "
+        f"combine {c.top_k} x BF16 = {_int(c.combine_bytes)} B before de-duplication; "
+        f"{c.nodes_per_token:.2f} destination node(s){' (node-limited routing)' if c.node_limited else ''}.")
+    t = _table("All-to-all time vs the MoE layer's compute at the training MFU (same layout on each GPU)",
+               "GPU", "network B", "NVLink B", "network us", "NVLink us", "compute us",
+               "comm / compute", "training (fwd+bwd)")
+    for e in comm.by_gpu:
+        name = f"[bold]{e.gpu}[/bold]" if e.gpu == c.gpu else e.gpu
+        t.add_row(name, _int(e.network_bytes_per_token), _int(e.nvlink_bytes_per_token),
+                  f"{e.network_time_us:.3f}", f"{e.nvlink_time_us:.3f}", f"{e.compute_time_us:.3f}",
+                  f"{e.comm_to_compute:.2f}", f"{e.train_comm_to_compute:.2f}")
+    if not any(e.gpu == c.gpu for e in comm.by_gpu):
+        t.add_row(f"[bold]{c.gpu}[/bold]", _int(c.network_bytes_per_token), _int(c.nvlink_bytes_per_token),
+                  f"{c.network_time_us:.3f}", f"{c.nvlink_time_us:.3f}", f"{c.compute_time_us:.3f}",
+                  f"{c.comm_to_compute:.2f}", f"{c.train_comm_to_compute:.2f}")
+    console.print(t)

@@ -1,0 +1,69 @@
+"""Confidence intervals for accuracy figures, as evaluation reports need them.
+
+Accuracy on a held-out set is a mean over N problems of a per-problem score (1/0 for one
+sample, the fraction correct for pass@1 averaged over k samples). Its 95% interval is the
+normal interval of that mean, with the Wilson interval for the 0/1 case (it behaves at 0% and
+100%, where the normal one collapses). Two stages evaluated on the SAME problems are compared
+with the paired interval of the per-problem differences, which is much tighter than comparing
+two independent intervals: "B beats A by more than the 95% interval" means the paired
+interval's lower bound is above zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+Z95 = 1.959963984540054
+
+
+@dataclass
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.1f}% [{100 * self.low:.1f}, {100 * self.high:.1f}] (N={self.n})"
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> Interval:
+    """Wilson score interval for a binomial proportion."""
+    if n <= 0:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+def mean_interval(scores: list[float], z: float = Z95) -> Interval:
+    """Normal interval of a mean of per-problem scores in [0, 1]; Wilson when all are 0/1."""
+    n = len(scores)
+    if n == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    if all(s in (0, 1, 0.0, 1.0) for s in scores):
+        return wilson(sum(scores), n, z)
+    m = sum(scores) / n
+    var = sum((s - m) ** 2 for s in scores) / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return Interval(m, max(0.0, m - half), min(1.0, m + half), n)
+
+
+def paired_difference(a: list[float], b: list[float], z: float = Z95) -> Interval:
+    """Interval of mean(b - a) over the same problems (b's gain over a)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same problems: {len(a)} vs {len(b)} scores")
+    n = len(a)
+    if n == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    d = [y - x for x, y in zip(a, b)]
+    m = sum(d) / n
+    var = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return Interval(m, m - half, m + half, n)
