@@ -1,0 +1,646 @@
+"""Built-in verifiable reasoning tasks: seeded generators, worked solutions, exact verifiers.
+
+R1-Zero learns to reason from rule-based rewards alone: the answer of every training question can be
+checked by a program. At nanoseek's scale (a ~1-10M parameter MoE trained for minutes on a CPU) no
+public benchmark is learnable, so these tasks are generated: each has difficulty ``levels`` whose
+first level is genuinely easy (single-digit sums, two-number Countdown, one-step word problems), so
+held-out accuracy can move measurably from the base model to SFT to GRPO.
+
+Every :class:`Problem` carries the question (``prompt``), the gold ``answer`` and a worked
+``reasoning`` (the steps that become the ``<think>`` trace of cold-start SFT data). Three consumers:
+
+* pre-training: :func:`corpus_document` renders question, steps and ``Answer: X``;
+* SFT cold start: :func:`format_response` renders ``<think>steps</think>`` and the answer
+  (R1 form, or the R1-Zero ``<answer>`` form with :data:`R1_ZERO_TEMPLATE` as the prompt);
+* GRPO and evaluation: ``Task.generate("train"|"test", n, seed)`` and ``Task.verify``.
+
+Train and test are disjoint by construction: a problem belongs to ``"test"`` iff a hash of its
+canonical content (the underlying numbers, not the surface wording, so the same sum asked with
+other names cannot leak) falls in a fixed 20 % bucket range; ``generate`` draws until it has ``n``
+problems of the requested split. Generation is deterministic per ``(task, split, seed, level)``.
+With ``level=None`` the levels are mixed in equal shares. By default the problems of one call are
+distinct; a level whose space is exhausted raises instead of silently repeating (pass
+``unique=False`` for large training sets drawn from small levels; repeats then share an ``id``).
+
+Verifiers take the *extracted* answer string (see :func:`extract_answer`) and never raise: hedges
+("7 or 8"), empty ``\\boxed{}``, absurdly long numbers and, in Countdown, anything but decimal
+integers, ``+ - * /`` and parentheses are simply wrong. Countdown expressions are checked with
+``ast`` on a whitelist, never ``eval``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any, Callable
+
+TEST_PER_MILLE = 200  # share of every task's problem space held out for "test" (20 %)
+SPLITS = ("train", "test")
+MAX_ANSWER_CHARS = 200  # longer "answers" are rejected unparsed (no huge-number or parser blowups)
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves "
+    "it. The assistant first thinks about the reasoning process in the mind and then provides the "
+    "user with the answer. The reasoning process and answer are enclosed within <think> </think> "
+    "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>. User: {prompt} Assistant:"
+)  # DeepSeek-R1 report, Table 1 ("User: prompt. Assistant:"); r1_zero_prompt ends the prompt with "."
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str       # task name, a key of TASKS
+    id: str         # f"{task}-{split}-L{level}-{hash of canonical content}", stable across runs
+    prompt: str     # the question as a user would ask it
+    answer: str     # gold final answer
+    reasoning: str  # worked solution steps, one per line (the <think> trace)
+    level: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Problem":
+        missing = [k for k in ("task", "id", "prompt", "answer", "reasoning", "level") if k not in d]
+        if missing:
+            raise ValueError(f"problem record lacks field(s) {missing}: {str(d)[:120]}")
+        return cls(task=str(d["task"]), id=str(d["id"]), prompt=str(d["prompt"]),
+                   answer=str(d["answer"]), reasoning=str(d["reasoning"]), level=int(d["level"]))
+
+
+@dataclass(frozen=True)
+class _Draft:
+    canonical: str  # the underlying math; decides the split and uniqueness
+    prompt: str
+    answer: str
+    reasoning: str
+
+
+def split_of(task: str, canonical: str) -> str:
+    """The split a problem belongs to, a pure function of its task and canonical content."""
+    h = hashlib.sha256(f"{task}\x00{canonical}".encode()).digest()
+    return "test" if int.from_bytes(h[:4], "big") % 1000 < TEST_PER_MILLE else "train"
+
+
+# ----------------------------------------------------------------------------- answer parsing
+
+_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
+_NUM_RE = re.compile(rf"^({_NUM})$")
+_NUM_UNITS_RE = re.compile(rf"^({_NUM})(?:\s+[A-Za-z][A-Za-z ]{{0,30}})?$")
+
+
+def _strip_wrappers(text: str) -> str:
+    s = text.strip()
+    for _ in range(3):  # peel nested wrappers like $\boxed{5}$
+        before = s
+        m = re.fullmatch(r"\\boxed\{(.*)\}", s, re.S)
+        if m:
+            s = m.group(1).strip()
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$").strip()
+        m = re.fullmatch(r"\\\((.*)\\\)", s, re.S)
+        if m:
+            s = m.group(1).strip()
+        s = s.rstrip(".").strip()
+        if s == before:
+            break
+    return s
+
+
+def parse_number(text: str, allow_units: bool = False) -> Fraction | None:
+    """The number ``text`` states, or None: exactly one number, optionally in ``$``/``\\boxed{}``,
+    with a trailing period, thousands commas, a decimal point or ``a/b``; with ``allow_units`` a
+    trailing word like "apples" or "km". Anything else ("7 or 8", "", "12abc") is None."""
+    if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
+        return None
+    s = _strip_wrappers(text)
+    if s.startswith("$"):  # currency: "$12"
+        s = s[1:].strip()
+    m = (_NUM_UNITS_RE if allow_units else _NUM_RE).match(s)
+    if not m or len(m.group(1)) > 40:
+        return None
+    try:
+        return Fraction(m.group(1).replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _matching_brace(text: str, open_idx: int) -> int:
+    depth = 0
+    for i in range(open_idx, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer a model response states, or None when nothing is extractable.
+
+    Only the text after the last ``</think>`` is searched when there is one (the reasoning holds
+    intermediate numbers). In that region, in order: the last ``<answer>...</answer>`` (an
+    unclosed ``<answer>`` runs to the end), the last ``\\boxed{...}``, the rest of the line after
+    the last "Answer:" / "answer is", the whole region if it is one short line (so a Countdown
+    expression or a hedge like "7 or 8" reaches the verifier intact), else the last number.
+    """
+    if not isinstance(text, str):
+        return None
+    region = text.rsplit("</think>", 1)[1] if "</think>" in text else text
+    found: str | None = None
+    if "<answer>" in region:
+        tail = region.rsplit("<answer>", 1)[1]
+        found = tail.split("</answer>", 1)[0]
+    elif (i := region.rfind("\\boxed{")) >= 0:
+        j = _matching_brace(region, i + len("\\boxed"))
+        found = region[i + len("\\boxed{"): j if j >= 0 else len(region)]
+    else:
+        ms = list(re.finditer(r"\banswer\s*(?:is\b\s*:?|:)", region, re.I))
+        if ms:
+            found = region[ms[-1].end():].strip().split("\n", 1)[0]
+        else:
+            stripped = region.strip()
+            if stripped and "\n" not in stripped and len(stripped) <= 64:
+                found = stripped
+            else:
+                nums = re.findall(_NUM, region)
+                found = nums[-1] if nums else None
+    if found is None:
+        return None
+    found = found.strip()
+    if found.endswith(".") and not found.endswith(".."):
+        found = found[:-1].strip()
+    return found or None
+
+
+# ----------------------------------------------------------------------------- the task base
+
+
+class Task:
+    """One family of verifiable problems. Subclasses define ``name``, ``levels`` and ``sample``."""
+
+    name: str = ""
+    description: str = ""
+    levels: tuple[int, ...] = (1, 2, 3)
+    max_misses: int = 3000  # consecutive draws without a new problem before a level is "exhausted"
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        raise NotImplementedError
+
+    def check(self, response_answer: str, problem: Problem) -> bool:
+        """Exact check of a response answer; may raise on garbage (``verify`` guards it)."""
+        value = parse_number(response_answer, allow_units=False)
+        return value is not None and value == Fraction(problem.answer)
+
+    def verify(self, response_answer: str, problem: Problem) -> bool:
+        """True iff ``response_answer`` (an extracted answer string) is right. Never raises."""
+        if not isinstance(response_answer, str) or len(response_answer) > MAX_ANSWER_CHARS:
+            return False
+        try:
+            return bool(self.check(response_answer, problem))
+        except Exception:  # a verifier must not crash a training step on adversarial text
+            return False
+
+    def generate(self, split: str, n: int, seed: int = 0, level: int | None = None,
+                 unique: bool = True) -> list[Problem]:
+        """``n`` problems of ``split``, deterministic per (split, seed, level); see module doc."""
+        if split not in SPLITS:
+            raise ValueError(f"task {self.name!r}: split must be one of {SPLITS}, got {split!r}")
+        if level is not None and level not in self.levels:
+            raise ValueError(f"task {self.name!r}: level must be one of {self.levels}, got {level!r}")
+        if n < 0:
+            raise ValueError(f"task {self.name!r}: n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}/{split}/{seed}/{level}")
+        levels = [level] if level is not None else list(self.levels)
+        seen: set[str] = set()
+        out: list[Problem] = []
+        for i in range(n):
+            lv = levels[i % len(levels)]
+            for _ in range(self.max_misses):
+                d = self.sample(rng, lv)
+                if split_of(self.name, d.canonical) == split and not (unique and d.canonical in seen):
+                    break
+            else:
+                raise ValueError(
+                    f"task {self.name!r} level {lv}: no new {split!r} problem in {self.max_misses} "
+                    f"draws after {sum(p.level == lv for p in out)} distinct ones; the level's space "
+                    "is exhausted: ask for fewer, or pass unique=False to allow repeats")
+            seen.add(d.canonical)
+            h = hashlib.sha256(f"{self.name}\x00{d.canonical}".encode()).hexdigest()[:10]
+            out.append(Problem(task=self.name, id=f"{self.name}-{split}-L{lv}-{h}", prompt=d.prompt,
+                               answer=d.answer, reasoning=d.reasoning, level=lv))
+        if level is None:
+            rng.shuffle(out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} levels={self.levels}>"
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+_OPS: dict[str, Callable[[Fraction, Fraction], Fraction]] = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b}
+
+
+class Arithmetic(Task):
+    """Multi-step integer arithmetic, solved one operation per line (``*`` before ``+``/``-``).
+
+    L1: single-digit addition facts and their inverse subtractions ("7 + 5", "12 - 5");
+    L2: two 2-digit numbers; L3: three 2-digit numbers; L4: four numbers, one product.
+    Intermediate results are never negative.
+    """
+
+    name = "arithmetic"
+    description = "multi-step integer arithmetic with worked steps"
+    levels = (1, 2, 3, 4)
+
+    def _terms(self, rng: random.Random, level: int) -> list:
+        if level == 1:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            return [a, "+", b] if rng.random() < 0.5 else [a + b, "-", b]
+        if level in (2, 3):
+            terms: list = [rng.randint(10, 99)]
+            for _ in range(level - 1):
+                terms += [rng.choice("+-"), rng.randint(10, 99)]
+            return terms
+        k = rng.randrange(3)  # position of the single product among three operators
+        terms = [rng.randint(10, 99)]
+        for j in range(3):
+            terms += ["*", rng.randint(2, 9)] if j == k else [rng.choice("+-"), rng.randint(1, 99)]
+        return terms
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        while True:
+            terms = self._terms(rng, level)
+            steps, value = _solve_left_to_right(terms)
+            if value is not None:
+                break
+        expr = " ".join(map(str, terms))
+        return _Draft(canonical=expr, prompt=f"What is {expr}?", answer=str(value),
+                      reasoning="\n".join(steps))
+
+
+def _solve_left_to_right(terms: list) -> tuple[list[str], int | None]:
+    """Steps evaluating ``terms`` (products first, then left to right); value None if any
+    intermediate result is negative."""
+    terms, steps = list(terms), []
+    while "*" in terms:
+        i = terms.index("*")
+        a, b = terms[i - 1], terms[i + 1]
+        steps.append(f"{a} * {b} = {a * b}")
+        terms[i - 1:i + 2] = [a * b]
+    value = terms[0]
+    for op, b in zip(terms[1::2], terms[2::2]):
+        new = value + b if op == "+" else value - b
+        steps.append(f"{value} {op} {b} = {new}")
+        if new < 0:
+            return steps, None
+        value = new
+    return steps, value
+
+
+# ----------------------------------------------------------------------------- countdown
+
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+_COUNTDOWN_PROMPT_RE = re.compile(r"Using the numbers ([\d, ]+), make (\d+)\.")
+_COUNTDOWN_CHARS_RE = re.compile(r"^[\d\s+\-*/()]+$")
+
+
+@dataclass(frozen=True)
+class _Node:
+    value: Fraction
+    text: str
+    prec: int  # 3 for a bare number
+
+
+def _combine(a: _Node, op: str, b: _Node) -> _Node:
+    p = _PREC[op]
+    left = f"({a.text})" if a.prec < p else a.text
+    right = f"({b.text})" if b.prec < p or (b.prec == p and op in "-/") else b.text
+    return _Node(_OPS[op](a.value, b.value), f"{left} {op} {right}", p)
+
+
+class Countdown(Task):
+    """Countdown: reach a target with ``+ - * /`` using each given number at most once.
+
+    L1: two numbers up to 30, target by ``+`` or ``-``; L2: three numbers up to 20, all used in the
+    gold solution; L3: four numbers up to 50, three or four used. Gold solutions keep every
+    intermediate result a positive integer; the verifier accepts any expression whose exact value
+    is the target (fractions in between are allowed) and that uses only the given numbers.
+    """
+
+    name = "countdown"
+    description = "reach a target number with + - * / using each given number at most once"
+    levels = (1, 2, 3)
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        count, top, lo_hi = {1: (2, 30, (1, 60)), 2: (3, 20, (1, 100)), 3: (4, 50, (1, 200))}[level]
+        ops = "+-" if level == 1 else "+-*/"
+        while True:
+            numbers = [rng.randint(1, top) for _ in range(count)]
+            used = numbers if level < 3 else rng.sample(numbers, rng.choice((3, 4)))
+            nodes = [_Node(Fraction(x), str(x), 3) for x in used]
+            steps: list[str] = []
+            while len(nodes) > 1:
+                i, j = rng.sample(range(len(nodes)), 2)
+                a, b = nodes[i], nodes[j]
+                op = rng.choice(ops)
+                if op == "-" and a.value <= b.value:
+                    a, b = b, a
+                if (op == "-" and a.value == b.value) or (op == "/" and a.value % b.value != 0):
+                    break
+                node = _combine(a, op, b)
+                steps.append(f"{a.value} {op} {b.value} = {node.value}")
+                nodes = [x for k, x in enumerate(nodes) if k not in (i, j)] + [node]
+            if len(nodes) != 1:
+                continue
+            target = nodes[0].value
+            if lo_hi[0] <= target <= lo_hi[1] and target not in numbers:
+                break
+        shown = ", ".join(map(str, numbers))
+        expr = nodes[0].text
+        prompt = (f"Using the numbers {shown}, make {target}. "
+                  "Use + - * / and each number at most once.")
+        reasoning = "\n".join([f"Numbers: {shown}. Target: {target}."] + steps
+                              + [f"So {expr} = {target}."])
+        canonical = f"{sorted(numbers)}->{target}"
+        return _Draft(canonical=canonical, prompt=prompt, answer=expr, reasoning=reasoning)
+
+    def check(self, response_answer: str, problem: Problem) -> bool:
+        m = _COUNTDOWN_PROMPT_RE.search(problem.prompt)
+        if not m:
+            return False
+        numbers = [int(x) for x in m.group(1).split(",")]
+        target = Fraction(int(m.group(2)))
+        s = _strip_wrappers(response_answer).replace("×", "*").replace("÷", "/").replace("−", "-")
+        sides = [x.strip() for x in s.split("=")]
+        if len(sides) > 2:
+            return False
+        if len(sides) == 2:  # "expr = target" or "target = expr"
+            if parse_number(sides[1]) == target:
+                s = sides[0]
+            elif parse_number(sides[0]) == target:
+                s = sides[1]
+            else:
+                return False
+        value, used = countdown_eval(s)
+        return value == target and not (Counter(used) - Counter(numbers))
+
+
+def countdown_eval(expr: str) -> tuple[Fraction | None, list[int]]:
+    """Exact value of a Countdown expression and the numbers it uses; (None, []) unless ``expr``
+    is decimal integers, ``+ - * /`` and parentheses only (checked on the text and on the AST)."""
+    if not expr or len(expr) > MAX_ANSWER_CHARS or not _COUNTDOWN_CHARS_RE.match(expr):
+        return None, []
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None, []
+    used: list[int] = []
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+    def ev(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return _OPS[ops[type(node.op)]](ev(node.left), ev(node.right))
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        raise ValueError(f"disallowed syntax {type(node).__name__}")
+
+    try:
+        return ev(tree.body), used
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None, []
+
+
+# ----------------------------------------------------------------------------- word problems
+
+_NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ivy", "Jon", "Kira", "Leo")
+_ITEMS = ("apples", "pears", "marbles", "stickers", "cookies", "pencils", "shells", "cards")
+
+
+def _word_l1(rng: random.Random) -> tuple[str, str, str, int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.choice(("buy", "give", "train", "pockets"))
+    if kind == "buy":
+        a, b = rng.randint(1, 12), rng.randint(1, 9)
+        return (f"buy:{a},{b}", f"{name} has {a} {item}. {name} buys {b} more. "
+                f"How many {item} does {name} have now?", f"{a} + {b} = {a + b}", a + b)
+    if kind == "give":
+        a = rng.randint(2, 15)
+        b = rng.randint(1, a - 1)
+        return (f"give:{a},{b}", f"{name} has {a} {item} and gives {b} to a friend. "
+                f"How many {item} does {name} have left?", f"{a} - {b} = {a - b}", a - b)
+    if kind == "train":
+        s, t = rng.randint(2, 9), rng.randint(2, 9)
+        return (f"train:{s},{t}", f"A train travels {s} km every hour. How many km does it "
+                f"travel in {t} hours?", f"{s} * {t} = {s * t}", s * t)
+    a, b = rng.randint(1, 12), rng.randint(1, 12)
+    return (f"pockets:{a},{b}", f"{name} has {a} coins in one pocket and {b} coins in the other. "
+            f"How many coins does {name} have?", f"{a} + {b} = {a + b}", a + b)
+
+
+def _word_l2(rng: random.Random) -> tuple[str, str, str, int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.choice(("buy_eat", "coins", "train", "share", "change"))
+    if kind == "buy_eat":
+        a, b = rng.randint(5, 40), rng.randint(2, 20)
+        c = rng.randint(1, a + b - 1)
+        return (f"buy_eat:{a},{b},{c}", f"{name} has {a} {item}, buys {b} more and then gives "
+                f"away {c}. How many {item} are left?",
+                f"{a} + {b} = {a + b}\n{a + b} - {c} = {a + b - c}", a + b - c)
+    if kind == "coins":
+        n, v, m = rng.randint(2, 9), rng.choice((2, 5, 10)), rng.randint(1, 20)
+        return (f"coins:{n},{v},{m}", f"{name} has {n} coins worth {v} cents each and {m} coins "
+                f"worth 1 cent each. How many cents does {name} have in total?",
+                f"{n} * {v} = {n * v}\n{n * v} + {m} = {n * v + m}", n * v + m)
+    if kind == "train":
+        s, t, u = rng.randint(10, 60), rng.randint(2, 5), rng.randint(5, 50)
+        return (f"train:{s},{t},{u}", f"A train travels at {s} km per hour for {t} hours and then "
+                f"{u} km more. How many km does it travel in total?",
+                f"{s} * {t} = {s * t}\n{s * t} + {u} = {s * t + u}", s * t + u)
+    if kind == "share":
+        k, m = rng.randint(2, 6), rng.randint(2, 12)
+        total = k * m
+        f = rng.choice([f for f in range(2, 7) if total % f == 0])  # k itself divides
+        return (f"share:{k},{m},{f}", f"{name} has {k} bags with {m} {item} in each bag and shares "
+                f"them equally among {f} friends. How many {item} does each friend get?",
+                f"{k} * {m} = {total}\n{total} / {f} = {total // f}", total // f)
+    p, q = rng.randint(2, 9), rng.randint(2, 5)
+    bill = next(b for b in (10, 20, 50, 100) if b >= p * q)
+    return (f"change:{p},{q},{bill}", f"A notebook costs {p} dollars. {name} buys {q} notebooks "
+            f"and pays with a {bill} dollar bill. How many dollars of change does {name} get?",
+            f"{p} * {q} = {p * q}\n{bill} - {p * q} = {bill - p * q}", bill - p * q)
+
+
+def _word_l3(rng: random.Random) -> tuple[str, str, str, int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.choice(("bags", "meet", "purse", "ages"))
+    if kind == "bags":
+        a, k, m, c, f = (rng.randint(5, 50), rng.randint(2, 6), rng.randint(3, 12),
+                         rng.randint(1, 5), rng.randint(2, 6))
+        got, gave = k * m, c * f
+        if a + got - gave < 0:
+            return _word_l3(rng)
+        return (f"bags:{a},{k},{m},{c},{f}", f"{name} has {a} {item}, buys {k} bags of {m} "
+                f"{item} each, then gives {c} {item} to each of {f} friends. How many {item} does "
+                f"{name} have now?", f"{k} * {m} = {got}\n{c} * {f} = {gave}\n{a} + {got} = "
+                f"{a + got}\n{a + got} - {gave} = {a + got - gave}", a + got - gave)
+    if kind == "meet":
+        s1, s2, t = rng.randint(20, 90), rng.randint(20, 90), rng.randint(2, 6)
+        d = (s1 + s2) * t
+        return (f"meet:{s1},{s2},{d}", f"Two trains start {d} km apart and travel toward each "
+                f"other, one at {s1} km per hour and the other at {s2} km per hour. After how "
+                "many hours do they meet?",
+                f"{s1} + {s2} = {s1 + s2}\n{d} / {s1 + s2} = {t}", t)
+    if kind == "purse":
+        q, d, n = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+        total = 25 * q + 10 * d + 5 * n
+        return (f"purse:{q},{d},{n}", f"{name} has {q} quarters, {d} dimes and {n} nickels. A "
+                "quarter is 25 cents, a dime 10 cents and a nickel 5 cents. How many cents does "
+                f"{name} have?", f"25 * {q} = {25 * q}\n10 * {d} = {10 * d}\n5 * {n} = {5 * n}\n"
+                f"{25 * q} + {10 * d} = {25 * q + 10 * d}\n{25 * q + 10 * d} + {5 * n} = {total}",
+                total)
+    other = rng.choice([x for x in _NAMES if x != name])
+    a, b, c = rng.randint(3, 40), rng.randint(1, 30), rng.randint(1, 20)
+    total = a + (a + b) + 2 * c
+    return (f"ages:{a},{b},{c}", f"{name} is {a} years old. {other} is {b} years older than "
+            f"{name}. In {c} years, what will the sum of their ages be?",
+            f"{a} + {b} = {a + b}\n{a} + {c} = {a + c}\n{a + b} + {c} = {a + b + c}\n"
+            f"{a + c} + {a + b + c} = {total}", total)
+
+
+class WordProblems(Task):
+    """Templated word problems (apples, coins, trains, sharing, change, ages) with integer answers.
+
+    L1: one step, small numbers; L2: two steps; L3: three or more steps. The canonical content is
+    the template and its numbers (names and items are surface wording), so the same arithmetic
+    retold with other names stays in its split. Answers may carry a unit word ("6 apples").
+    """
+
+    name = "word_problems"
+    description = "templated apples/coins/trains word problems with a numeric answer"
+    levels = (1, 2, 3)
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        canonical, prompt, reasoning, value = (_word_l1, _word_l2, _word_l3)[level - 1](rng)
+        return _Draft(canonical=canonical, prompt=prompt, answer=str(value), reasoning=reasoning)
+
+    def check(self, response_answer: str, problem: Problem) -> bool:
+        value = parse_number(response_answer, allow_units=True)
+        return value is not None and value == Fraction(problem.answer)
+
+
+# ----------------------------------------------------------------------------- small extras
+
+
+class Compare(Task):
+    """Which of two numbers is larger. L1: up to 2 digits; L2: 3 digits; L3: 4-5 digits that share
+    their leading digits. The answer is the larger number."""
+
+    name = "compare"
+    description = "say which of two numbers is larger"
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        if level == 1:
+            a, b = rng.sample(range(0, 100), 2)
+        elif level == 2:
+            a, b = rng.sample(range(100, 1000), 2)
+        else:
+            digits = rng.randint(4, 5)
+            stem = rng.randint(10 ** (digits - 3), 10 ** (digits - 2) - 1)
+            a, b = (stem * 100 + x for x in rng.sample(range(100), 2))
+        big = max(a, b)
+        sa, sb = str(a), str(b)
+        if len(sa) != len(sb):
+            why = f"{big} has more digits."
+        else:
+            i = next(k for k in range(len(sa)) if sa[k] != sb[k])
+            why = (f"Both have {len(sa)} digits. The first difference is at digit {i + 1}: "
+                   f"{sa[i]} vs {sb[i]}.")
+        return _Draft(canonical=f"{min(a, b)},{big}", prompt=f"Which is larger, {a} or {b}?",
+                      answer=str(big), reasoning=f"{why}\nSo {big} is larger.")
+
+
+class Modular(Task):
+    """Remainder of a division. L1: a <= 50, m in 2..9; L2: a <= 500, m <= 20; L3: a <= 9999,
+    m <= 99. Steps: the largest multiple of m not above a, then the difference."""
+
+    name = "modular"
+    description = "remainder of an integer division"
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        top, mtop = {1: (50, 9), 2: (500, 20), 3: (9999, 99)}[level]
+        a, m = rng.randint(0, top), rng.randint(2, mtop)
+        q, r = divmod(a, m)
+        return _Draft(canonical=f"{a}%{m}", prompt=f"What is {a} mod {m}?", answer=str(r),
+                      reasoning=f"{m} * {q} = {m * q}\n{a} - {m * q} = {r}")
+
+
+_DIGIT7_TEMPLATES = ("Ignore the number {x} and reply with the digit 7.",
+                     "Here is a number: {x}. Reply with the digit 7.",
+                     "Say 7, not {x}.")
+
+
+class Digit7(Task):
+    """Sanity task: the answer is always 7, next to a distractor number (L1: 2 digits, L2: 3-4,
+    L3: 5-6). A model that learns nothing else should learn this; a GRPO run that cannot raise
+    its reward here is broken."""
+
+    name = "digit7"
+    description = "always answer 7 (sanity check for the training loops)"
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        lo, hi = {1: (0, 99), 2: (100, 9999), 3: (10000, 999999)}[level]
+        x = rng.randint(lo, hi)
+        while x == 7:
+            x = rng.randint(lo, hi)
+        t = rng.randrange(len(_DIGIT7_TEMPLATES))
+        return _Draft(canonical=f"{t}:{x}", prompt=_DIGIT7_TEMPLATES[t].format(x=x), answer="7",
+                      reasoning=f"The question asks for the digit 7; {x} does not matter.")
+
+
+# ----------------------------------------------------------------------------- registry, rendering
+
+TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown(), WordProblems(), Compare(),
+                                              Modular(), Digit7())}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; a KeyError listing the valid names otherwise."""
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def corpus_document(p: Problem) -> str:
+    """Pre-training text for one problem: question, worked steps, ``Answer: X``."""
+    return f"Question: {p.prompt}\nSolution:\n{p.reasoning}\nAnswer: {p.answer}\n"
+
+
+def format_response(p: Problem, template: str = "r1") -> str:
+    """The ideal assistant response, the target of cold-start SFT: ``<think>`` steps, then the
+    answer as ``Answer: X`` (template "r1") or ``<answer>X</answer>`` (template "r1-zero")."""
+    if template == "r1":
+        return f"<think>\n{p.reasoning}\n</think>\nAnswer: {p.answer}"
+    if template == "r1-zero":
+        return f"<think>\n{p.reasoning}\n</think>\n<answer>{p.answer}</answer>"
+    raise ValueError(f"template must be 'r1' or 'r1-zero', got {template!r}")
+
+
+def r1_zero_prompt(p: Problem | str) -> str:
+    """The R1-Zero prompt (:data:`R1_ZERO_TEMPLATE`) around a problem or a question text."""
+    question = (p.prompt if isinstance(p, Problem) else p).strip()
+    if not question.endswith((".", "?", "!")):
+        question += "."
+    return R1_ZERO_TEMPLATE.format(prompt=question)

@@ -1,0 +1,292 @@
+"""Rule-based rewards for GRPO (R1-Zero / R1): format, accuracy, and how they combine.
+
+DeepSeek-R1-Zero is trained with two rule-based rewards and no neural reward model (which could be
+hacked): an *accuracy* reward (the final answer checks out: exact match, math equivalence, or
+passing test cases for code) and a *format* reward (reasoning inside ``<think>...</think>``).
+
+Format (:func:`check_format`). A response is well formed when, after stripping leading
+whitespace, it starts with ``<think>`` (no other text before it), has exactly one ``<think>`` and
+one ``</think>`` in that order, and after ``</think>`` comes a non-empty answer: either free text
+(the R1 form) or exactly one ``<answer>...</answer>`` with non-empty content and nothing but
+whitespace around it (the R1-Zero form). ``template="r1-zero"`` requires the tags; ``"r1"`` (the
+default) accepts both forms. The thinking itself may be empty unless ``min_think_chars`` says
+otherwise. With ``think_prefilled`` the prompt already ended in ``<think>`` and the response is
+checked as ``"<think>" + response``.
+
+Combination (:func:`score`)::
+
+    reward = format_ok * (accuracy_weight * accuracy + format_weight)
+
+with ``accuracy`` in [0, 1] (1/0 for answers, the fraction of tests passed for code), defaults
+``accuracy_weight=1.0, format_weight=0.1``. A malformed response earns exactly 0 even when its
+answer is right, and a well-formed wrong one earns only ``format_weight``, so neither reward can
+be farmed alone. ``RewardResult.correct`` still reports whether the answer is right regardless of
+format, which evaluation of base models (that never write ``<think>``) needs.
+
+Accuracy by record kind:
+
+* a built-in :class:`~nanoseek.data.tasks.Problem` (or its dict form): ``extract_answer`` then the
+  task's exact verifier, ``get_task(problem.task).verify``;
+* ``{"answer": gold}`` (``kind="math"``): math-verify, gold first:
+  ``verify(parse(gold), parse(answer))``. math-verify's timeouts use ``signal.alarm``, which only
+  works in the main thread (and would cancel anyone else's alarm), so in any other thread, or
+  while another timer runs, they are switched off (``parsing_timeout=None``,
+  ``timeout_seconds=None``) and work is bounded instead by refusing answers longer than
+  :data:`MAX_MATH_CHARS` or with huge or nested exponents/factorials. Hedged answers ("3 or 4")
+  are wrong. Parse failures give 0, never an exception;
+* ``{"tests": [...]}`` (``kind="code"``): the last fenced ```` ```python ```` block after
+  ``</think>`` runs in :mod:`nanoseek.post.sandbox` against each test: ``{"stdin": ..., "stdout":
+  ...}`` (output compared after stripping trailing whitespace per line) or an assertion snippet
+  (a string, or ``{"assert": ...}``) appended to the program and passing when it exits 0.
+  ``accuracy`` is the fraction passed, or all-or-nothing with ``code_all_or_nothing``.
+
+:func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
+verification is thread-safe as above).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from nanoseek.data.tasks import TASKS, Problem, extract_answer, get_task
+
+MAX_MATH_CHARS = 300
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1
+    template: str = "r1"           # "r1": free-text or <answer> tags after </think>; "r1-zero": tags
+    think_prefilled: bool = False  # the prompt ended with "<think>"; the response continues it
+    min_think_chars: int = 0       # minimum non-space characters inside <think>...</think>
+    code_all_or_nothing: bool = False
+    code_timeout_s: float = 5.0
+    code_memory_mb: int = 256
+    math_timeout_s: int = 5        # math-verify timeouts, main thread with no other timer only
+
+    def __post_init__(self) -> None:
+        if self.template not in ("r1", "r1-zero"):
+            raise ValueError(f"RewardConfig.template must be 'r1' or 'r1-zero', got {self.template!r}")
+
+
+@dataclass
+class RewardResult:
+    reward: float
+    format_ok: bool
+    correct: bool               # the answer is right, whatever the format (reward gates it)
+    answer: str | None          # the extracted answer (or code) that was checked
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- format
+
+
+def check_format(response: str, template: str = "r1", think_prefilled: bool = False,
+                 min_think_chars: int = 0) -> tuple[bool, str]:
+    """(ok, reason) for the R1 / R1-Zero format described in the module docstring."""
+    if not isinstance(response, str):
+        return False, "response is not a string"
+    text = ("<think>" + response) if think_prefilled else response
+    body = text.lstrip()
+    if not body.startswith("<think>"):
+        return False, "text before <think>" if "<think>" in body else "no <think>"
+    if body.count("<think>") != 1 or body.count("</think>") != 1:
+        return False, "need exactly one <think> and one </think>"
+    think, _, tail = body[len("<think>"):].partition("</think>")
+    if not _:
+        return False, "no </think> after <think>"
+    if len("".join(think.split())) < min_think_chars:
+        return False, f"thinking shorter than {min_think_chars} characters"
+    if "<answer>" in tail or "</answer>" in tail:
+        m = re.fullmatch(r"\s*<answer>(.*?)</answer>\s*", tail, re.S)
+        if not m or tail.count("<answer>") != 1 or tail.count("</answer>") != 1:
+            return False, "malformed <answer> block"
+        if not m.group(1).strip():
+            return False, "empty <answer>"
+        return True, "ok (r1-zero)"
+    if template == "r1-zero":
+        return False, "no <answer> block"
+    if not tail.strip():
+        return False, "no answer after </think>"
+    return True, "ok (r1)"
+
+
+# ----------------------------------------------------------------------------- math
+
+
+class _DropTimeoutWarning(logging.Filter):
+    """math-verify warns once when its timeouts are off; we bound the work ourselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutWarning())
+
+# exponents of 4+ digits, exponents inside exponents, factorials of 4+ digit numbers
+_HUGE_POWER_RE = re.compile(r"(\^|\*\*)\s*[{(]?\s*\d{4,}|(\^|\*\*)\s*[{(][^})]*(\^|\*\*)|"
+                            r"(\^|\*\*)\s*\d+\s*(\^|\*\*)|\d{4,}\s*!")
+_HEDGE_RE = re.compile(r"\bor\b", re.I)
+
+
+def _alarm_is_free() -> bool:
+    """math-verify's timeouts use SIGALRM: only in the main thread, and only when no one else has a
+    timer running (its ``alarm(0)`` would cancel it, e.g. pytest-timeout's or a trainer's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    return signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def math_correct(answer: str | None, gold: str, timeout_s: int | None = 5) -> bool:
+    """Is ``answer`` mathematically equal to ``gold`` (math-verify, gold first)? Never raises.
+    ``timeout_s`` applies only when :func:`_alarm_is_free`; size guards apply always."""
+    if not isinstance(answer, str) or not answer.strip() or len(answer) > MAX_MATH_CHARS:
+        return False
+    if _HEDGE_RE.search(answer) or _HUGE_POWER_RE.search(answer):
+        return False
+    t = timeout_s if _alarm_is_free() else None
+    try:
+        from math_verify import parse, verify
+
+        def parse_any(x: str) -> list:
+            return parse(f"${x}$", parsing_timeout=t) or parse(x, parsing_timeout=t)
+
+        g, a = parse_any(str(gold)), parse_any(answer)
+        return bool(g and a and verify(g, a, timeout_seconds=t))
+    except Exception:  # math-verify raises on a few inputs even with raise_on_error=False
+        return False
+
+
+# ----------------------------------------------------------------------------- code
+
+_FENCE_RE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
+
+
+def extract_code(response: str) -> str | None:
+    """The last ```` ```python ```` block after ``</think>`` (else the last untagged block)."""
+    if not isinstance(response, str):
+        return None
+    region = response.rsplit("</think>", 1)[1] if "</think>" in response else response
+    blocks = _FENCE_RE.findall(region)
+    for lang in (("python", "py", "python3"), ("",)):
+        picked = [code for tag, code in blocks if tag.lower() in lang]
+        if picked and picked[-1].strip():
+            return picked[-1]
+    return None
+
+
+def _normalise_output(s: str) -> str:
+    return "\n".join(line.rstrip() for line in s.strip().splitlines())
+
+
+def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig) -> tuple[float, list[dict]]:
+    """Run ``code`` against each test in the sandbox; (fraction passed, per-test details)."""
+    from nanoseek.post.sandbox import run_code
+
+    if not tests:
+        raise ValueError("code record has an empty 'tests' list")
+    details = []
+    for i, t in enumerate(tests):
+        if isinstance(t, str) or (isinstance(t, dict) and "assert" in t):
+            snippet = t if isinstance(t, str) else t["assert"]
+            r = run_code(code + "\n\n" + snippet, "", cfg.code_timeout_s, cfg.code_memory_mb)
+            passed = r.returncode == 0 and not r.timed_out
+        elif isinstance(t, dict) and ("stdout" in t or "output" in t):
+            stdin = t.get("stdin", t.get("input", ""))
+            want = t.get("stdout", t.get("output"))
+            r = run_code(code, str(stdin), cfg.code_timeout_s, cfg.code_memory_mb)
+            passed = r.returncode == 0 and not r.timed_out and \
+                _normalise_output(r.stdout) == _normalise_output(str(want))
+        else:
+            raise ValueError(f"code test #{i} must be an assertion string, {{'assert': ...}} or "
+                             f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
+        details.append({"passed": passed, "returncode": r.returncode,
+                        "killed_reason": r.killed_reason, "stderr_tail": r.stderr[-300:]})
+        if not passed and cfg.code_all_or_nothing:
+            break
+    n_passed = sum(d["passed"] for d in details)
+    if cfg.code_all_or_nothing:
+        return float(n_passed == len(tests)), details
+    return n_passed / len(tests), details
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def record_kind(record: Any) -> str:
+    """"task", "math" or "code" for a Problem or a record dict; ValueError otherwise."""
+    if isinstance(record, Problem):
+        return "task"
+    if isinstance(record, dict):
+        if record.get("task") in TASKS:  # a Problem as a dict (from_dict names missing fields)
+            return "task"
+        if "tests" in record:
+            return "code"
+        if "answer" in record:
+            return "math"
+        raise ValueError(f"cannot score against record with keys {sorted(record)}: need a task "
+                         "Problem, 'tests' (code) or 'answer' (math)")
+    raise ValueError(f"cannot score against {type(record).__name__}: need a Problem or a dict")
+
+
+def score(response: str, problem_or_record: Problem | dict, config: RewardConfig | None = None,
+          *, kind: str | None = None) -> RewardResult:
+    """Reward one response; see the module docstring for the rules and the combination."""
+    cfg = config or RewardConfig()
+    kind = kind or record_kind(problem_or_record)
+    fmt_ok, fmt_reason = check_format(response, cfg.template, cfg.think_prefilled,
+                                      cfg.min_think_chars)
+    info: dict[str, Any] = {"kind": kind, "format_reason": fmt_reason}
+    text = response if isinstance(response, str) else ""
+    if kind == "task":
+        problem = problem_or_record if isinstance(problem_or_record, Problem) else \
+            Problem.from_dict(problem_or_record)
+        answer = extract_answer(text)
+        accuracy = float(answer is not None and get_task(problem.task).verify(answer, problem))
+    elif kind == "math":
+        rec = problem_or_record if isinstance(problem_or_record, dict) else {
+            "answer": problem_or_record.answer}
+        answer = extract_answer(text)
+        accuracy = float(math_correct(answer, str(rec["answer"]), cfg.math_timeout_s))
+    elif kind == "code":
+        rec = problem_or_record
+        answer = extract_code(text)
+        tests = rec.get("tests") if isinstance(rec, dict) else None
+        if not isinstance(tests, (list, tuple)) or not tests:
+            raise ValueError("code record needs a non-empty 'tests' list")
+        accuracy, details = run_tests(answer, tests, cfg) if answer is not None else (0.0, [])
+        info["tests_total"] = len(tests)
+        info["tests_passed"] = sum(d["passed"] for d in details)
+        info["tests"] = details
+    else:
+        raise ValueError(f"kind must be 'task', 'math' or 'code', got {kind!r}")
+    info["accuracy"] = accuracy
+    reward = float(fmt_ok) * (cfg.accuracy_weight * accuracy + cfg.format_weight)
+    return RewardResult(reward=reward, format_ok=fmt_ok, correct=accuracy == 1.0, answer=answer,
+                        info=info)
+
+
+def score_batch(responses: Sequence[str], problems: Sequence[Problem | dict] | Problem | dict,
+                config: RewardConfig | None = None, max_workers: int = 4) -> list[RewardResult]:
+    """Score ``responses`` in a thread pool, in order. ``problems`` is one record per response,
+    or a single record shared by all (a GRPO group)."""
+    if isinstance(problems, (Problem, dict)):
+        problems = [problems] * len(responses)
+    if len(problems) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(problems)} problems")
+    if max_workers <= 1 or len(responses) <= 1:
+        return [score(r, p, config) for r, p in zip(responses, problems)]
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(lambda rp: score(rp[0], rp[1], config), zip(responses, problems)))
+
+
+__all__ = ["RewardConfig", "RewardResult", "check_format", "math_correct", "extract_code",
+           "run_tests", "record_kind", "score", "score_batch"]

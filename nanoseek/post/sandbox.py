@@ -1,0 +1,464 @@
+"""Sandbox for untrusted model-written Python: the only place such code runs.
+
+Code rewards (GRPO on programming problems) execute whatever the policy writes, so a run must
+survive infinite loops, fork bombs, memory hogs, disk fillers, secret snooping and network use.
+:func:`run_code` runs the code in a child process built in layers:
+
+1. A trusted *launcher* (``python -I -S -c LAUNCHER``, started with ``start_new_session`` so the
+   child leads its own process group, an explicit minimal environment and ``close_fds``) sets
+   the resource limits ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (largest file),
+   ``RLIMIT_NPROC`` (fork bombs), ``RLIMIT_NOFILE`` and ``RLIMIT_CORE=0``, lowers its priority
+   (nice 10), detaches from the network with ``unshare(CLONE_NEWNET)`` (a fresh network namespace
+   with no interfaces up, not even loopback), then drops root and execs the interpreter on the code.
+2. Root ignores ``RLIMIT_NPROC`` and can read everyone's ``/proc/PID/environ``, so when we run as
+   root (as on the dev and CI machines) the child runs under a *fresh, unused uid* picked per run
+   (no supplementary groups). The kernel then caps that uid's process count, the child cannot
+   signal or inspect our processes, and on exit or timeout a helper running as that uid sends
+   ``kill(-1, SIGKILL)``, which kills every process of the uid atomically, including ones that
+   left the process group with ``setsid``. ``/proc`` is then scanned to confirm none is left.
+3. The interpreter runs ``-I -S -B``: no ``PYTHON*`` variables, no site-packages (stdlib only), no
+   bytecode writes; the working directory is a fresh temporary directory (mode 0700, owned by the
+   sandbox uid) removed afterwards; stdin comes from a file in it. Unless ``block_sockets=False``
+   a prelude also replaces the ``socket`` constructors with ones that raise (defence in depth).
+4. A wall-clock timeout kills everything; stdout and stderr are read concurrently with a byte
+   cap each (the rest is drained and dropped, and the result says it was truncated).
+
+Linux only (it reads /proc). Not root (a developer's own machine): no uid switch is possible, so
+``RLIMIT_NPROC`` is set to the user's current process count plus ``max_processes`` and cleanup
+kills the process group only (a process that calls ``setsid`` can escape it); ``unshare`` then
+usually fails and only the socket prelude blocks the network. :func:`sandbox_capabilities` reports
+what is active on this machine and every :class:`SandboxResult` carries ``isolation`` saying what
+applied to that run. Outside its work dir the fresh uid can write only to world-writable
+directories, each file bounded by ``RLIMIT_FSIZE``; what it left in ``/tmp``, ``/var/tmp`` and
+``/dev/shm`` is removed after the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+SANDBOX_UID_RANGE = (3_000_000, 3_999_999)  # fresh uids for sandbox runs; nothing else uses them
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # swept for files the sandbox uid left
+
+# Runs as the caller (root) in the new session, before the untrusted code; argv[1] is JSON config.
+LAUNCHER = r"""
+import json, os, resource, sys
+cfg = json.loads(sys.argv[1])
+status = os.fdopen(cfg["status_fd"], "w")
+try:
+    net = False
+    if cfg["netns"]:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        net = libc.unshare(0x40000000) == 0  # CLONE_NEWNET
+    for name, (soft, hard) in cfg["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    os.nice(cfg["nice"])
+    os.umask(0o077)
+    uid = cfg["uid"]
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise RuntimeError("uid switch did not take effect")
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise RuntimeError("could regain root after dropping it")
+    status.write(json.dumps({"netns": net, "uid": os.getuid()}))
+    status.close()
+except BaseException as e:
+    status.write(json.dumps({"error": repr(e)}))
+    status.close()
+    os._exit(126)
+os.execve(cfg["python"], cfg["argv"], cfg["env"])
+"""
+
+# Runs inside the sandbox before the user's program when block_sockets is on.
+SOCKET_PRELUDE = r"""
+import socket as _socket_mod, _socket as _csocket_mod
+def _no_network(*args, **kwargs):
+    raise PermissionError(1, "network access is disabled in the nanoseek sandbox")
+for _mod in (_socket_mod, _csocket_mod):
+    for _name in ("socket", "socketpair", "fromfd", "create_connection", "create_server",
+                  "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+        if hasattr(_mod, _name):
+            setattr(_mod, _name, _no_network)
+del _socket_mod, _csocket_mod, _mod, _name, _no_network
+import runpy as _runpy, sys as _sys
+_sys.argv = ["main.py"]
+_runpy.run_path("main.py", run_name="__main__")
+"""
+
+KILL_ALL = "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass\n"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (never raised for anything the code does)."""
+
+
+@dataclass
+class SandboxResult:
+    stdout: str
+    stderr: str
+    returncode: int | None   # negative: killed by that signal
+    timed_out: bool          # the wall-clock timeout fired
+    killed_reason: str | None  # "timeout" | "cpu_limit" | "memory_limit" | "file_size_limit" | "signal:NAME"
+    wall_s: float
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    isolation: dict[str, Any] = field(default_factory=dict)  # uid, network, python, limits
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _uids_of(pid: str) -> tuple[set[int], str] | None:
+    """(real/effective/saved/fs uids, state letter) of a process from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return None
+    uids: set[int] = set()
+    state = ""
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            uids = {int(x) for x in line.split()[1:]}
+        elif line.startswith("State:"):
+            state = line.split()[1]
+    return uids, state
+
+
+def live_processes(uid: int | None = None, pgid: int | None = None) -> list[int]:
+    """PIDs of non-zombie processes with that uid (real, effective or saved) or in that process
+    group, read from /proc: how tests and cleanup confirm nothing outlived a run."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        info = _uids_of(pid)
+        if info is None or info[1] in ("Z", "X"):
+            continue
+        if uid is not None and uid in info[0]:
+            found.append(int(pid))
+        elif pgid is not None:
+            try:
+                if os.getpgid(int(pid)) == pgid:
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def _world_accessible(path: str) -> bool:
+    """Can a stranger uid execute ``path`` (every parent directory searchable by others)?"""
+    path = os.path.realpath(path)
+    try:
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+        d = os.path.dirname(path)
+        while True:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return False
+            if d == "/":
+                return True
+            d = os.path.dirname(d)
+    except OSError:
+        return False
+
+
+_CAPS: dict[str, Any] | None = None
+_CAPS_LOCK = threading.Lock()
+_UID_LOCK = threading.Lock()
+_UIDS_IN_USE: set[int] = set()
+
+
+def _python_candidates() -> list[str]:
+    cands = [getattr(sys, "_base_executable", "") or "", sys.executable, shutil.which("python3") or "",
+             "/usr/bin/python3", "/usr/local/bin/python3"]
+    out = []
+    for c in cands:
+        if c and os.path.exists(c) and os.path.realpath(c) not in out:
+            out.append(os.path.realpath(c))
+    return out
+
+
+def sandbox_capabilities() -> dict[str, Any]:
+    """What isolation this machine gives (probed once per process by running a tiny program):
+    ``root``, ``uid_isolation``, ``netns``, ``python`` (the interpreter the child runs)."""
+    global _CAPS
+    with _CAPS_LOCK:
+        if _CAPS is not None:
+            return dict(_CAPS)
+        root = _is_root()
+        errors = []
+        for python in _python_candidates():
+            if root and not _world_accessible(python):
+                errors.append(f"{python}: not executable by other users")
+                continue
+            try:
+                r = _run(python, "import json\nprint('ok')", "", timeout_s=10.0, memory_mb=256,
+                         max_file_mb=1, max_processes=16, max_output_bytes=1 << 16,
+                         block_sockets=True, netns=True, switch_uid=root)
+            except SandboxError as e:
+                errors.append(f"{python}: {e}")
+                continue
+            if r.stdout.strip() == "ok":
+                _CAPS = {"root": root, "uid_isolation": root, "netns": r.isolation["netns"],
+                         "python": python}
+                return dict(_CAPS)
+            errors.append(f"{python}: probe printed {r.stdout!r}, stderr {r.stderr[-300:]!r}")
+        raise SandboxError("no Python interpreter usable inside the sandbox: " + "; ".join(errors))
+
+
+def run_code(code: str, stdin: str = "", timeout_s: float = 5, memory_mb: int = 256, *,
+             max_file_mb: int = 16, max_processes: int = 16, max_output_bytes: int = 1 << 16,
+             block_sockets: bool = True) -> SandboxResult:
+    """Run untrusted Python ``code`` (stdlib only) with ``stdin``; see the module docstring.
+
+    ``timeout_s`` is wall clock (CPU time is capped a second above it); ``memory_mb`` caps
+    the address space; ``max_file_mb`` the size of any one file written; ``max_processes`` the
+    processes and threads; ``max_output_bytes`` each of stdout and stderr as returned.
+    """
+    caps = sandbox_capabilities()
+    return _run(caps["python"], code, stdin, timeout_s, memory_mb, max_file_mb, max_processes,
+                max_output_bytes, block_sockets, True, caps["uid_isolation"])
+
+
+def _fresh_uid() -> int:
+    with _UID_LOCK:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            uid = rng.randint(*SANDBOX_UID_RANGE)
+            if uid not in _UIDS_IN_USE and not live_processes(uid=uid):
+                _UIDS_IN_USE.add(uid)
+                return uid
+    raise SandboxError("could not find an unused sandbox uid")
+
+
+def _own_process_count() -> int:
+    return len(live_processes(uid=os.getuid()))
+
+
+def _kill_everything(proc: subprocess.Popen, uid: int | None, python: str) -> list[int]:
+    """Kill the child's process group and, with uid isolation, every process of the sandbox uid.
+    Returns the PIDs still alive after 5 s of trying (empty unless something is badly wrong)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        left = live_processes(uid=uid) if uid is not None else live_processes(pgid=proc.pid)
+        if not left or time.monotonic() > deadline:
+            return left
+        if uid is not None:  # kill(-1) as the sandbox uid: every process of that uid, atomically
+            subprocess.run([python, "-I", "-S", "-c", KILL_ALL], user=uid, group=uid,
+                           extra_groups=[], env={"PATH": SAFE_PATH}, cwd="/",
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=10)
+        time.sleep(0.01)
+
+
+def _remove_files_of(uid: int, workdir: str) -> int:
+    """Remove what the sandbox uid left in the shared writable directories (other than its work
+    dir, removed separately); returns the count."""
+    removed = 0
+    for d in SHARED_WRITABLE_DIRS:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid != uid or \
+                        os.path.realpath(e.path) == os.path.realpath(workdir):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _classify(returncode: int | None, timed_out: bool, stderr: str) -> str | None:
+    if timed_out:
+        return "timeout"
+    if returncode is None or returncode == 0:
+        return None
+    if returncode == -signal.SIGXCPU:
+        return "cpu_limit"
+    if returncode == -signal.SIGXFSZ or "File too large" in stderr:
+        return "file_size_limit"
+    if "MemoryError" in stderr:
+        return "memory_limit"
+    if returncode < 0:
+        try:
+            return f"signal:{signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal:{-returncode}"
+    return None
+
+
+def _run(python: str, code: str, stdin: str, timeout_s: float, memory_mb: int, max_file_mb: int,
+         max_processes: int, max_output_bytes: int, block_sockets: bool, netns: bool,
+         switch_uid: bool) -> SandboxResult:
+    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_file_mb", max_file_mb),
+                        ("max_processes", max_processes), ("max_output_bytes", max_output_bytes)):
+        if not value > 0:
+            raise ValueError(f"run_code: {name} must be positive, got {value!r}")
+    uid = _fresh_uid() if switch_uid else None
+    base = tempfile.gettempdir()
+    if uid is not None and not _world_accessible(base):
+        base = "/tmp"  # the sandbox uid must be able to enter its work dir
+    workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-", dir=base)
+    status_r, status_w = os.pipe()
+    try:
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+            f.write(code)
+        with open(os.path.join(workdir, "stdin.txt"), "w", encoding="utf-8") as f:
+            f.write(stdin)
+        if uid is not None:
+            for p in (workdir, os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin.txt")):
+                os.chown(p, uid, uid)
+        nproc = max_processes if uid is not None else _own_process_count() + max_processes
+        cpu = math.ceil(timeout_s) + 1  # a backstop: the wall-clock timeout normally fires first
+        mb = 1 << 20
+        rlimits = {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_AS": (memory_mb * mb, memory_mb * mb),
+                   "RLIMIT_FSIZE": (max_file_mb * mb, max_file_mb * mb),
+                   "RLIMIT_NPROC": (nproc, nproc), "RLIMIT_NOFILE": (64, 64), "RLIMIT_CORE": (0, 0)}
+        argv = [python, "-I", "-S", "-B"] + (["-c", SOCKET_PRELUDE] if block_sockets else ["main.py"])
+        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir}
+        cfg = {"status_fd": status_w, "netns": netns, "rlimits": rlimits, "nice": 10, "uid": uid,
+               "python": python, "argv": argv, "env": env}
+        start = time.monotonic()
+        with open(os.path.join(workdir, "stdin.txt"), "rb") as stdin_f:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)],
+                                    stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=workdir, env={"PATH": SAFE_PATH}, start_new_session=True,
+                                    close_fds=True, pass_fds=(status_w,))
+        os.close(status_w)
+        status_w = -1
+        try:
+            status = _read_status(status_r)
+            if "error" in status:
+                proc.wait(timeout=5)
+                raise SandboxError(f"sandbox launcher failed: {status['error']}")
+            # The clock starts when the launcher hands over, so its own start-up is not charged.
+            out, err, timed_out = _collect(proc, time.monotonic() + timeout_s, max_output_bytes)
+        finally:
+            leftovers = _kill_everything(proc, uid, python)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                leftovers.append(proc.pid)
+            for pipe in (proc.stdout, proc.stderr):
+                if not pipe.closed:
+                    pipe.close()
+        if leftovers:
+            raise SandboxError(f"sandbox processes survived cleanup: {leftovers}")
+        stray_files = _remove_files_of(uid, workdir) if uid is not None else 0
+        wall = time.monotonic() - start
+        stdout = out[0].decode("utf-8", "replace")
+        stderr = err[0].decode("utf-8", "replace")
+        network = ["netns"] if status.get("netns") else []
+        network += ["socket-prelude"] if block_sockets else []
+        return SandboxResult(
+            stdout=stdout, stderr=stderr, returncode=proc.returncode, timed_out=timed_out,
+            killed_reason=_classify(proc.returncode, timed_out, stderr), wall_s=wall,
+            stdout_truncated=out[1], stderr_truncated=err[1],
+            isolation={"uid": uid, "netns": bool(status.get("netns")),
+                       "network": "+".join(network) or "none", "python": python,
+                       "rlimits": rlimits, "stray_files_removed": stray_files})
+    finally:
+        os.close(status_r)
+        if status_w >= 0:
+            os.close(status_w)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if os.path.exists(workdir):
+            raise SandboxError(f"could not remove sandbox work dir {workdir}")
+        if uid is not None:
+            with _UID_LOCK:
+                _UIDS_IN_USE.discard(uid)
+
+
+def _read_status(fd: int) -> dict[str, Any]:
+    """The launcher's one JSON line, written just before it execs the code (EOF at exec)."""
+    chunks = []
+    deadline = time.monotonic() + 30
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=1):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        else:
+            raise SandboxError("sandbox launcher did not report within 30 s")
+    raw = b"".join(chunks).decode("utf-8", "replace")
+    if not raw:
+        raise SandboxError("sandbox launcher exited without reporting")
+    return json.loads(raw)
+
+
+def _collect(proc: subprocess.Popen, deadline: float,
+             cap: int) -> tuple[tuple[bytes, bool], tuple[bytes, bool], bool]:
+    """Read stdout and stderr until both close, the main process exits, or the deadline passes."""
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    truncated = dict.fromkeys(bufs, False)
+    timed_out = False
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = proc.poll() is None
+                break
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > 0.2:
+                break  # the main process is gone; descendants holding the pipes get killed
+            for key, _ in sel.select(timeout=min(0.05, deadline - now)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                room = cap - len(buf)
+                if len(chunk) > room:
+                    truncated[key.fd] = True
+                buf += chunk[:max(room, 0)]
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    proc.stdout.close()
+    proc.stderr.close()
+    return (bytes(bufs[out_fd]), truncated[out_fd]), (bytes(bufs[err_fd]), truncated[err_fd]), timed_out
