@@ -1,0 +1,474 @@
+"""The OpenAI-compatible HTTP API over the inference engine, and the web chat page.
+
+``create_app(engine, tokenizer, model_name, limits)`` returns a FastAPI app with
+
+* ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served;
+* ``POST /v1/chat/completions``: chat through the tokenizer's DeepSeek chat template; the answer
+  in ``content`` and the chain of thought in ``reasoning_content``, as DeepSeek's API returns them;
+* ``POST /v1/completions``: raw text continuation of one or several prompts (strings or token ids);
+* ``GET /``: the web chat (``static/index.html``), ``GET /health``.
+
+Both completion endpoints stream as server-sent events (``stream: true``; a final usage chunk
+with ``stream_options.include_usage``) or answer in one JSON object, with ``n`` choices, usage
+counts and ``finish_reason`` "stop" or "length". Every request is handed to the engine with
+``engine.submit`` as soon as it is validated; the engine's scheduler batches the rows of all live
+requests into each decode step (continuous batching), so concurrent requests share the model
+rather than queueing behind one another. When a client goes away its request is cancelled
+(streams: the response generator is closed; non-streaming: the connection is polled), which
+frees its rows at the engine's next step.
+
+Bad input never reaches the engine: malformed JSON, wrong types, unknown fields or models, a
+prompt longer than the context, ``max_tokens``/``n`` over the configured :class:`ServeLimits`
+each get an OpenAI error object with a 4xx status. The body-size limit is enforced by an ASGI
+middleware before anything is parsed (by ``Content-Length`` and by counting a streamed body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.infer.sampling import SamplingParams
+
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest, error_body,
+                       validation_error)
+
+STATIC_DIR = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+@dataclass
+class ServeLimits:
+    """Per-request limits; a request over any of them gets a 4xx error naming it."""
+
+    max_body_bytes: int = 1 << 20          # request body, checked before parsing
+    max_prompt_tokens: int | None = None   # None: the context length minus one
+    max_tokens: int = 2048                 # completion tokens per choice (``max_tokens``)
+    default_max_tokens: int = 512          # chat default when ``max_tokens`` is omitted (capped by the context)
+    max_n: int = 8                         # choices per prompt
+    max_prompts: int = 16                  # prompts in one /v1/completions request
+    context_length: int | None = None      # prompt + completion; None: the engine's ``max_seq_len``
+
+    def validate(self) -> ServeLimits:
+        for name in ("max_body_bytes", "max_tokens", "default_max_tokens", "max_n", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeLimits.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "context_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"ServeLimits.{name} must be >= 1 or None, got {getattr(self, name)}")
+        return self
+
+
+# ---------------------------------------------------------------------------- body size
+class RequestTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+class BodySizeLimitMiddleware:
+    """Reject bodies over ``max_bytes`` with 413: by ``Content-Length`` up front, else while receiving."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:  # (the server rejects malformed lengths itself)
+            return await _send_json(send, 413, _http_error_body(RequestTooLarge(self.max_bytes)))
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise RequestTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except RequestTooLarge as e:  # raised outside a route (the app normally renders it itself)
+            if started:
+                raise
+            await _send_json(send, 413, _http_error_body(e))
+
+
+def _http_error_body(e: StarletteHTTPException) -> dict:
+    message = str(e.detail)
+    if e.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's words
+        message = "request body is not valid JSON: it must be a UTF-8 encoded JSON object"
+    return error_body(message, "invalid_request_error", None, _HTTP_CODES.get(e.status_code))
+
+
+_HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ---------------------------------------------------------------------------- engine events
+@dataclass
+class _Choice:
+    """What one choice has produced so far."""
+
+    text: str = ""
+    reasoning: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, ev) -> None:
+        self.text += ev.text_delta
+        self.reasoning += ev.reasoning_delta
+        self.tokens += ev.token_id is not None  # a cancellation event carries no token
+        if ev.finished:
+            self.finish_reason = ev.finish_reason
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer was ready."""
+
+
+async def _merged(handles: list) -> AsyncIterator[tuple[int, Any]]:
+    """Events of several engine handles as ``(handle index, event)``; cancels them all on exit."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, handle) -> None:
+        try:
+            async for ev in handle.aiter():
+                queue.put_nowait((i, ev))
+        except Exception as e:  # surface engine failures to the consumer
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        live = len(handles)
+        while live:
+            i, ev = await queue.get()
+            if ev is None:
+                live -= 1
+            elif isinstance(ev, Exception):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for h in handles:  # a no-op for finished requests; frees the rows of a disconnected client
+            h.cancel()
+        for t in tasks:
+            t.cancel()
+
+
+async def _collect(request: Request, handles: list, n: int) -> list[_Choice]:
+    """Run the requests to the end (choice ``i * n + k`` is sample k of prompt i); on disconnect, cancel them."""
+    choices = [_Choice() for _ in range(len(handles) * n)]
+
+    async def consume() -> None:
+        async for i, ev in _merged(handles):
+            choices[i * n + ev.index].add(ev)
+
+    task = asyncio.create_task(consume())
+    try:
+        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                raise ClientGone
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # closes _merged, which cancels the engine requests
+    _check_finished(choices)
+    return choices
+
+
+def _check_finished(choices: list[_Choice]) -> None:
+    unfinished = [i for i, c in enumerate(choices) if c.finish_reason is None]
+    if unfinished:
+        raise APIError(503, f"the engine stopped before finishing choices {unfinished} (shutting down?)",
+                       None, "engine_stopped", "server_error")
+
+
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _event_stream(handles: list, n: int, prompt_tokens: int, head: dict, include_usage: bool,
+                        opening: list[dict], render) -> AsyncIterator[str]:
+    """The SSE body: ``opening`` choice chunks, then ``render(choice index, event)`` chunks, usage, [DONE].
+
+    Closing this generator (the client went away) closes ``_merged``, which cancels the requests.
+    """
+    extra = {"usage": None} if include_usage else {}
+    choices = [_Choice() for _ in range(len(handles) * n)]
+    try:
+        for c in opening:
+            yield _sse({**head, "choices": [c], **extra})
+        async for h, ev in _merged(handles):
+            i = h * n + ev.index
+            choices[i].add(ev)
+            for c in render(i, ev):
+                yield _sse({**head, "choices": [c], **extra})
+        _check_finished(choices)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, choices)})
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the headers are sent: report in-band, as OpenAI does
+        yield _sse(error_body(f"generation failed ({type(e).__name__}): {e}", "server_error", None, "internal_error"))
+
+
+def _chat_chunks(i: int, ev) -> list[dict]:
+    out = []
+    if ev.reasoning_delta or ev.text_delta:  # DeepSeek's delta: one of the two fields set, the other null
+        delta = {"content": ev.text_delta or None, "reasoning_content": ev.reasoning_delta or None}
+        out.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
+    if ev.finished:
+        out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason})
+    return out
+
+
+def _completion_chunks(i: int, ev) -> list[dict]:
+    if not (ev.text_delta or ev.finished):
+        return []
+    finish = ev.finish_reason if ev.finished else None
+    return [{"index": i, "text": ev.text_delta, "logprobs": None, "finish_reason": finish}]
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---------------------------------------------------------------------------- requests -> engine
+class OpenAIServer:
+    """Turns validated requests into engine requests and their events into OpenAI responses."""
+
+    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = False):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.limits, self.think = limits, think
+        self.context = limits.context_length or getattr(engine, "max_seq_len", None)
+        if not self.context:
+            raise ValueError("no context length: set ServeLimits.context_length or engine.max_seq_len")
+        self.max_prompt = min(limits.max_prompt_tokens or self.context - 1, self.context - 1)
+        self.max_n = min(limits.max_n, getattr(engine, "max_batch_size", limits.max_n))
+        self.created = int(time.time())
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "nanoseek",
+                "max_model_len": self.context}
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist: this server serves '{self.model_name}'",
+                           "model", "model_not_found")
+
+    # ------------------------------------------------------------------ validation
+    def check(self, req: SamplingRequest) -> None:
+        req.check_supported()
+        self.check_model(req.model)
+        if req.n > self.max_n:
+            raise APIError(400, f"n={req.n} exceeds this server's limit of {self.max_n}", "n", "invalid_value")
+        if req.seed is not None and not 0 <= req.seed < 2**63:
+            raise APIError(400, f"seed must be in [0, 2**63), got {req.seed}", "seed", "invalid_value")
+
+    def budget(self, prompt_len: int, requested: int | None, param: str, default: int) -> int:
+        """max_new_tokens for a prompt of ``prompt_len`` tokens, or a 400 naming what is over."""
+        if prompt_len > self.max_prompt:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this server accepts at most {self.max_prompt} "
+                                f"(context length {self.context})", param, "context_length_exceeded")
+        if requested is None:
+            return max(1, min(default, self.limits.max_tokens, self.context - prompt_len))
+        if requested > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens={requested} exceeds this server's limit of {self.limits.max_tokens}",
+                           "max_tokens", "invalid_value")
+        if prompt_len + requested > self.context:
+            raise APIError(400, f"this model's maximum context length is {self.context} tokens, but {prompt_len} "
+                                f"prompt tokens + {requested} max_tokens were requested; reduce the prompt or "
+                                "max_tokens",
+                           "max_tokens", "context_length_exceeded")
+        return requested
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        tk = self.tokenizer
+        try:
+            return tk.encode(tk.apply_chat_template(req.chat(), add_generation_prompt=True, think=self.think))
+        except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
+            raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        prompts = req.prompts()
+        if len(prompts) > self.limits.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts exceed this server's limit of {self.limits.max_prompts} "
+                                "per request", "prompt", "invalid_value")
+        out = []
+        vocab = self.tokenizer.vocab_size
+        for j, p in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{j}]"
+            if isinstance(p, str):
+                try:
+                    ids = self.tokenizer.encode(p, add_bos=True)
+                except ValueError as e:
+                    raise APIError(400, f"{param}: {e}", param, "invalid_value") from e
+            else:
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise APIError(400, f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                                   param, "invalid_value")
+                ids = list(p)
+            self.budget(len(ids), req.max_tokens, param, COMPLETIONS_DEFAULT_MAX_TOKENS)
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------------ the engine
+    def submit(self, prompts: list[list[int]], req: SamplingRequest, max_new_tokens: int,
+               split_reasoning: bool) -> list:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
+                                top_p=float(req.top_p), top_k=req.top_k, n=req.n, seed=req.seed, stop=list(req.stop),
+                                ignore_eos=req.ignore_eos, split_reasoning=split_reasoning)
+        handles = []
+        try:
+            for ids in prompts:
+                handles.append(self.engine.submit(ids, params))
+        except ValueError as e:  # the engine's own checks; ours should have caught it first
+            for h in handles:
+                h.cancel()
+            raise APIError(400, f"the engine rejected the request: {e}", None, "invalid_value") from e
+        return handles
+
+    # ------------------------------------------------------------------ endpoints
+    async def chat(self, req: ChatCompletionRequest, request: Request):
+        self.check(req)
+        ids = self.chat_prompt(req)
+        max_new = self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
+        handles = self.submit([ids], req, max_new, split_reasoning=True)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name}
+        if req.stream:
+            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for i in range(req.n)]
+            body = _event_stream(handles, req.n, len(ids), {**head, "object": "chat.completion.chunk"},
+                                 req.include_usage(), opening, _chat_chunks)
+            return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            choices = await _collect(request, handles, req.n)
+        except ClientGone:
+            return Response(status_code=499)  # nobody is listening; the requests are cancelled
+        return {**head, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning or None},
+             "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "usage": _usage(len(ids), choices)}
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        self.check(req)
+        prompts = self.completion_prompts(req)
+        max_new = self.budget(max(len(p) for p in prompts), req.max_tokens, "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        # A raw continuation: the text keeps its <think> tags (no reasoning split).
+        handles = self.submit(prompts, req, max_new, split_reasoning=False)
+        echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else "" for p in req.prompts()]
+        prompt_tokens = sum(len(p) for p in prompts)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        n = req.n
+        if req.stream:
+            opening = [{"index": i, "text": echoes[i // n], "logprobs": None, "finish_reason": None}
+                       for i in range(len(prompts) * n) if echoes[i // n]]
+            body = _event_stream(handles, n, prompt_tokens, head, req.include_usage(), opening, _completion_chunks)
+            return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            choices = await _collect(request, handles, n)
+        except ClientGone:
+            return Response(status_code=499)
+        return {**head, "choices": [
+            {"index": i, "text": echoes[i // n] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, c in enumerate(choices)], "usage": _usage(prompt_tokens, choices)}
+
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None, think: bool = False) -> FastAPI:
+    """The API and web chat over ``engine`` (started by the caller; see ``nanoseek.serve.cli``).
+
+    ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
+    ``max_seq_len``). ``tokenizer``: ``nanoseek.data.tokenizer.Tokenizer`` (or anything with its
+    ``encode``, ``decode``, ``apply_chat_template`` and ``vocab_size``). ``think``: end chat
+    prompts with ``<think>\\n`` as DeepSeek-R1's template does (the engine then reads the
+    completion as reasoning until ``</think>``).
+    """
+    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think)
+    app = FastAPI(title="nanoseek", description="OpenAI-compatible API for a nanoseek DeepSeek-V3 model",
+                  version="0.1.0")
+    app.state.server = server
+    app.state.model_name = model_name
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.limits.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        err = validation_error(list(e.errors()))
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(_http_error_body(e), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception):  # a bug: never the answer to a client's mistake
+        return JSONResponse(error_body(f"internal server error ({type(e).__name__}): {e}", "server_error", None,
+                                       "internal_error"), status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        server.check_model(model_id)
+        return server.model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await server.chat(req, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await server.completions(req, request)
+
+    return app

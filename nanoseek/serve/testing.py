@@ -1,0 +1,312 @@
+"""Test support for the server: a deterministic fake engine and a background uvicorn server.
+
+:func:`make_test_tokenizer` trains a tiny tokenizer in milliseconds; :func:`make_tiny_run` saves
+a random ``tiny`` model with it as a run folder, for tests of the real engine behind the server.
+:func:`background_server`
+runs an ASGI app with uvicorn on 127.0.0.1 and a free port in a daemon thread, for tests that
+talk real HTTP (the ``openai`` client, disconnects, a browser).
+
+:class:`FakeEngine` is a deterministic stand-in for :class:`nanoseek.infer.engine.Engine`. It
+has the engine's public interface (``submit`` returning a handle that iterates events, blocking
+or via ``aiter()``, and ``cancel()``; ``generate``; ``stream``; ``start``/``shutdown``)
+and the same scheduling shape: a background thread runs decode *steps*, each advancing every
+live row of every admitted request by one token (continuous batching, up to
+``max_batch_size`` rows), and records ``max_active_rows`` so tests can check that concurrent
+requests shared steps. Instead of a model it "answers" with text whose content the tests can
+predict:
+
+    <think>\\nThe prompt has N tokens; I will write the message backwards.\\n</think>\\n\\n
+    {reversed message}[ word]<EOS>
+
+where the message is the last user turn of a chat prompt (or the whole prompt for a raw
+completion) and ``word`` is drawn from a seeded RNG when ``temperature > 0`` (so ``seed`` and
+``n`` have observable effects). ``step_delay`` seconds pass between steps, so streams can be
+watched and cancelled mid-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import uvicorn
+
+from nanoseek.data.tokenizer import ASSISTANT, USER, Tokenizer
+from nanoseek.infer.engine import Completion, TokenEvent
+from nanoseek.infer.sampling import SamplingParams
+
+WORDS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper",
+         "kelp", "lagoon", "meadow", "nectar", "onyx", "pebble", "quartz", "river", "saffron", "tundra")
+_END = object()
+
+
+def make_tiny_run(run_dir: str | Path, tokenizer: Tokenizer, seed: int = 0, max_position_embeddings: int = 256) -> Path:
+    """A run folder ``run_dir/final`` holding a random ``tiny`` DeepSeek-V3 (MLA, MoE, MTP) and ``tokenizer``."""
+    import torch
+
+    from nanoseek.model.checkpoint import save_pretrained
+    from nanoseek.model.config import load_model_config
+    from nanoseek.model.transformer import DeepseekV3ForCausalLM
+
+    config = load_model_config("tiny").replace(vocab_size=tokenizer.vocab_size,
+                                               max_position_embeddings=max_position_embeddings)
+    torch.manual_seed(seed)
+    final = save_pretrained(DeepseekV3ForCausalLM(config).eval(), Path(run_dir) / "final")
+    tokenizer.save(final)
+    return Path(run_dir)
+
+
+def make_test_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """A small byte-level BPE tokenizer with DeepSeek's special tokens (trains in milliseconds)."""
+    corpus = ["Hello world! How are you today? I am fine, thank you. The quick brown fox jumps over the lazy dog.",
+              "Reasoning: the prompt has tokens; write the message backwards. 0123456789 + - * / = ?"] * 20
+    return Tokenizer.train(corpus, vocab_size=vocab_size)
+
+
+class FakeHandle:
+    """One submitted request: iterate its :class:`TokenEvent` s (blocking) or ``async for`` over ``aiter()``."""
+
+    def __init__(self, engine: FakeEngine, prompt: list[int], params: SamplingParams):
+        self.engine, self.prompt, self.params = engine, prompt, params
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop generating; the rows are freed at the next step."""
+        self.cancelled = True
+
+    def _push(self, item: object) -> None:
+        self._q.put(item)
+        with self._lock:
+            waiter = self._waiter
+        if waiter is not None:
+            loop, event = waiter
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the consumer's loop has closed
+                pass
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while (item := self._q.get()) is not _END:
+            yield item
+
+    async def aiter(self) -> AsyncIterator[TokenEvent]:
+        event = asyncio.Event()
+        with self._lock:
+            self._waiter = (asyncio.get_running_loop(), event)
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                await event.wait()
+                event.clear()
+                continue
+            if item is _END:
+                return
+            yield item
+
+
+class _Row:
+    """One sample (index among n): its planned tokens with their text/reasoning deltas."""
+
+    def __init__(self, index: int, plan: list[tuple[int, str, str]]):
+        self.index, self.plan, self.pos = index, plan, 0
+        self.answer = ""
+        self.finished = False
+
+
+class FakeEngine:
+    """Continuous-batching scheduler over scripted rows; see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer, max_batch_size: int = 16, max_seq_len: int = 1024,
+                 step_delay: float = 0.002):
+        self.tokenizer, self.max_batch_size, self.max_seq_len = tokenizer, max_batch_size, max_seq_len
+        self.step_delay = step_delay
+        self.max_active_rows = 0   # instrumentation: the most rows decoded in one step
+        self.steps = 0
+        self._pending: list[tuple[FakeHandle, list[_Row]]] = []
+        self._active: list[tuple[FakeHandle, list[_Row]]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> FakeEngine:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="fake-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def num_active_requests(self) -> int:
+        """Requests submitted and not yet finished or cancelled (waiting or decoding)."""
+        with self._lock:
+            return len(self._pending) + len(self._active)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: list[int], params: SamplingParams) -> FakeHandle:
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if params.n > self.max_batch_size:
+            raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
+        handle = FakeHandle(self, list(prompt), params)
+        rows = [_Row(i, self._plan(prompt, params, i)) for i in range(params.n)]
+        with self._lock:
+            self._pending.append((handle, rows))
+        self._wake.set()
+        return handle
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        yield from self.submit(prompt, params)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        handles = [self.submit(p, params) for p in prompts]
+        out = []
+        for prompt, handle in zip(prompts, handles):
+            events: dict[int, list[TokenEvent]] = {i: [] for i in range(params.n)}
+            for ev in handle:
+                events[ev.index].append(ev)
+            out.append([self._completion(prompt, evs) for evs in events.values()])
+        return out
+
+    def _completion(self, prompt: list[int], evs: list[TokenEvent]) -> Completion:
+        ids = [e.token_id for e in evs]
+        reasoning = "".join(e.reasoning_delta for e in evs)
+        answer = "".join(e.text_delta for e in evs)
+        return Completion(token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True), reasoning=reasoning,
+                          answer=answer, finish_reason=evs[-1].finish_reason if evs else "length",
+                          prompt_tokens=len(prompt), completion_tokens=len(ids))
+
+    # ------------------------------------------------------------------ the script
+    def _deltas(self, text: str) -> list[tuple[int, str]]:
+        """Tokens of ``text`` with the text each adds (incremental decode, holding back partial UTF-8)."""
+        ids = self.tokenizer.encode(text)
+        out, shown = [], ""
+        for i in range(len(ids)):
+            now = self.tokenizer.decode(ids[: i + 1])
+            if now.endswith("\ufffd") and i + 1 < len(ids):
+                out.append((ids[i], ""))
+                continue
+            out.append((ids[i], now[len(shown):]))
+            shown = now
+        return out
+
+    def _plan(self, prompt: list[int], params: SamplingParams, index: int) -> list[tuple[int, str, str]]:
+        tk = self.tokenizer
+        full = tk.decode(prompt)
+        if USER in full:
+            message = full.rsplit(USER, 1)[1].split(ASSISTANT, 1)[0]
+        else:
+            message = tk.decode(prompt, skip_special_tokens=True)
+        answer = message[::-1]
+        if params.temperature > 0:
+            rng = random.Random(f"{params.seed}-{index}") if params.seed is not None else random.Random()
+            answer += " " + rng.choice(WORDS)
+        reasoning = f"The prompt has {len(prompt)} tokens; I will write the message backwards."
+        if not params.split_reasoning:  # raw text: every token's text is answer text, tags included
+            raw = f"\n{reasoning}\n{tk.decode([tk.end_think_id])}\n\n{answer}"
+            return [(tk.think_id, "", tk.decode([tk.think_id]))] + [(t, "", d) for t, d in self._deltas(raw)] \
+                + [(tk.eos_id, "", "")]
+        plan = [(tk.think_id, "", "")] + [(t, "", "") for t, _ in self._deltas("\n")]
+        plan += [(t, d, "") for t, d in self._deltas(reasoning)]
+        plan += [(t, "", "") for t, _ in self._deltas("\n")] + [(tk.end_think_id, "", "")]
+        plan += [(t, "", "") for t, _ in self._deltas("\n\n")]
+        plan += [(t, "", d) for t, d in self._deltas(answer)] + [(tk.eos_id, "", "")]
+        return plan
+
+    # ------------------------------------------------------------------ the scheduler
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                rows = sum(sum(not r.finished for r in rs) for _, rs in self._active)
+                while self._pending and (not self._active or rows + len(self._pending[0][1]) <= self.max_batch_size):
+                    handle, rs = self._pending.pop(0)
+                    self._active.append((handle, rs))
+                    rows += len(rs)
+                active = list(self._active)
+            if not active:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self.max_active_rows = max(self.max_active_rows, rows)
+            self.steps += 1
+            done = []
+            for handle, rs in active:
+                if handle.cancelled:  # like the engine: unfinished samples end "cancelled", without a token
+                    for r in rs:
+                        if not r.finished:
+                            r.finished = True
+                            handle._push(TokenEvent(r.index, None, "", "", True, "cancelled"))
+                if all(r.finished for r in rs):
+                    done.append(handle)
+                    continue
+                for r in rs:
+                    if not r.finished:
+                        handle._push(self._step(handle, r))
+                if all(r.finished for r in rs):
+                    done.append(handle)
+            with self._lock:
+                self._active = [(h, rs) for h, rs in self._active if h not in done]
+            for h in done:
+                h._push(_END)
+            time.sleep(self.step_delay)
+        with self._lock:  # shutting down: end every open stream
+            leftover = self._active + self._pending
+            self._active, self._pending = [], []
+        for h, _ in leftover:
+            h._push(_END)
+
+    def _step(self, handle: FakeHandle, row: _Row) -> TokenEvent:
+        p = handle.params
+        token, reasoning, text = row.plan[min(row.pos, len(row.plan) - 1)]  # ignore_eos: EOS again and again
+        row.pos += 1
+        finish = None
+        if (token == self.tokenizer.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = "stop"
+        row.answer += text
+        hits = [row.answer.find(s) for s in p.stop if s in row.answer]
+        if hits and finish is None:
+            cut = min(hits)
+            text = text[: max(0, len(text) - (len(row.answer) - cut))]
+            finish = "stop"
+        if finish is None and (row.pos >= p.max_new_tokens or len(handle.prompt) + row.pos >= self.max_seq_len):
+            finish = "length"
+        row.finished = finish is not None
+        return TokenEvent(index=row.index, token_id=token, text_delta=text, reasoning_delta=reasoning,
+                          finished=row.finished, finish_reason=finish)
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a daemon thread; yields its base URL (``http://host:port``)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
