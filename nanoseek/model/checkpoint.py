@@ -108,6 +108,10 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """DeepSeek FP8 weights: each (block x block) tile times its scale_inv [ceil(out/b0), ceil(in/b1)]."""
     out_f, in_f = weight.shape
+    expected = (-(-out_f // block[0]), -(-in_f // block[1]))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} for a {out_f}x{in_f} weight: "
+                              f"expected {expected} ({block[0]}x{block[1]} blocks)")
     s = scale_inv.float().repeat_interleave(block[0], 0)[:out_f].repeat_interleave(block[1], 1)[:, :in_f]
     return (weight.float() * s).to(dtype)
 
@@ -180,13 +184,18 @@ def _shard_files(directory: Path) -> list[Path]:
     single = directory / SAFE_NAME
     if single.exists():
         return [single]
-    if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
-        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; nanoseek reads safetensors only")
+    if any(next(directory.glob(pattern), None) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
+        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt/.pth/.ckpt) found; nanoseek reads "
+                              "safetensors only (never unpickles); convert them with transformers' save_pretrained")
     raise CheckpointError(f"{directory}: no {SAFE_NAME} or {INDEX_NAME}")
 
 
 def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint by HF name, FP8 blocks dequantised."""
+    """All tensors of a checkpoint by HF name, FP8 blocks dequantised.
+
+    FP8 weights are dequantised to ``dtype``; by default to the dtype of the unquantised
+    embedding (bf16 in DeepSeek's release), so a checkpoint loads in one dtype.
+    """
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     for f in _shard_files(directory):
@@ -195,12 +204,18 @@ def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dty
                 tensors[k] = fh.get_tensor(k)
     qc = config.quantization_config or {}
     block = tuple(qc.get("weight_block_size", (128, 128)))
+    target = dtype or _checkpoint_dtype(tensors, default=torch.bfloat16)
     for name in [k for k in tensors if k.endswith(".weight_scale_inv")]:
         wname = name[: -len("_scale_inv")]
         if wname not in tensors:
             raise CheckpointError(f"{directory}: '{name}' has no matching '{wname}'")
-        tensors[wname] = dequantize_fp8_block(tensors[wname], tensors.pop(name), block,
-                                              dtype or torch.bfloat16)
+        try:
+            tensors[wname] = dequantize_fp8_block(tensors[wname], tensors.pop(name), block, target)
+        except CheckpointError as e:
+            raise CheckpointError(f"{directory}: '{wname}': {e}") from None
+    fp8 = [k for k, t in tensors.items() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    if fp8:
+        raise CheckpointError(f"{directory}: FP8 tensors without a weight_scale_inv cannot be dequantised: {fp8[:5]}")
     return tensors
 
 
@@ -233,15 +248,18 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
         if t.shape != expected[k].shape:
             raise CheckpointError(f"{directory}: tensor '{k}' has shape {tuple(t.shape)}, config implies "
                                   f"{tuple(expected[k].shape)}")
-    target = dtype or _checkpoint_dtype(state)
+    target = dtype or _checkpoint_dtype(state, default=torch.float32)
     model.to(target)
     model.load_state_dict(state, strict=True)
     return model.to(device)
 
 
-def _checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+def _checkpoint_dtype(state: dict[str, torch.Tensor], default: torch.dtype) -> torch.dtype:
+    """The model dtype a checkpoint was saved in: that of its (never quantised) embedding."""
     t = state.get("model.embed_tokens.weight")
-    return t.dtype if t is not None and t.is_floating_point() else torch.float32
+    if t is None or not t.is_floating_point() or t.element_size() < 2:
+        return default
+    return t.dtype
 
 
 __all__ = ["save_pretrained", "from_pretrained", "to_hf_state_dict", "from_hf_state_dict",

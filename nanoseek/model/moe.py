@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fp32 import keep_fp32
 
 
 class MLP(nn.Module):
@@ -67,12 +68,8 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def _apply(self, fn, recurse=True):
-        # The router stays fp32 whatever dtype the model is cast to (HF keeps it fp32 too).
-        super()._apply(fn, recurse)
-        self.weight.data = self.weight.data.float()
-        if self.e_score_correction_bias is not None:
-            self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
-        return self
+        # The router stays exactly fp32 whatever dtype the model is cast to (HF keeps it fp32 too).
+        return super()._apply(keep_fp32(fn), recurse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E] fp32)."""
@@ -90,24 +87,32 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(-1, self.n_experts)
         idx = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # also for top_k == 1 (weight 1), as HF and DeepSeek's reference code
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, idx, scores
 
 
 @functools.cache
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs forward and backward here (it depends on torch/device)."""
+    """Whether torch._grouped_mm runs forward and backward here (it depends on torch/device).
+
+    Probed once per (device, dtype); with grad forced on, so a first call under ``no_grad`` or
+    ``inference_mode`` (generation) does not cache a spurious False for later training.
+    """
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(6, 8, dtype=dtype, device=device_type, requires_grad=True)
-        w = torch.randn(3, 4, 8, dtype=dtype, device=device_type, requires_grad=True)
-        offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device_type)
-        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        ref = torch.cat([x[:2] @ w[0].T, x[2:6] @ w[2].T])
-        y.backward(torch.ones_like(y))
-        return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2)) and w.grad is not None
+        with torch.inference_mode(False), torch.enable_grad():
+            # fixed values, not torch.randn: probing must not advance the global RNG
+            x = (torch.arange(48, dtype=torch.float32, device=device_type).view(6, 8) / 48).to(dtype)
+            w = (torch.arange(96, dtype=torch.float32, device=device_type).view(3, 4, 8).cos()).to(dtype)
+            x.requires_grad_(True)
+            w.requires_grad_(True)
+            offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device_type)
+            y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            ref = torch.cat([x[:2] @ w[0].T, x[2:6] @ w[2].T])
+            y.backward(torch.ones_like(y))
+            return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2)) and w.grad is not None
     except Exception:
         return False
 
@@ -164,18 +169,22 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.load.data = self.load.data.float()  # token counts stay exact in any model dtype
-        return self
+        # Children follow fn; the load counter (this module's only own tensor) stays exact fp32.
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        return super()._apply(keep_fp32(fn), recurse=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
         out, counts = self.experts(flat, weights, idx)
+        self.aux_loss = None  # never left over from an earlier (training) forward
         if self.training:
             self.load += counts.to(self.load.dtype)
-            self.aux_loss = self._seq_aux_loss(scores, idx, B, T) if self.seq_aux_alpha > 0 else None
+            if self.seq_aux_alpha > 0:
+                self.aux_loss = self._seq_aux_loss(scores, idx, B, T)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(B, T, d)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, yarn_get_mscale
+from .fp32 import keep_fp32
 
 
 def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float,
@@ -57,7 +58,10 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables [max_pos, rope_dim/2], grown on demand; indexed by absolute positions."""
+    """cos/sin tables [max_pos, rope_dim/2] in fp32, grown on demand; indexed by absolute positions.
+
+    ``inv_freq`` stays fp32 when the model is cast to bf16 (see ``fp32.py``).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -65,6 +69,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = config.rope_interleave
         self._cos = self._sin = None
+
+    def _apply(self, fn, recurse=True):
+        self._cos = self._sin = None  # rebuilt from inv_freq on the next call
+        return super()._apply(keep_fp32(fn), recurse)
 
     def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:

@@ -37,7 +37,7 @@ class CausalLMOutput:
     logits: torch.Tensor | None                  # [B, T, V] (or the kept positions)
     loss: torch.Tensor | None = None             # main next-token CE (mean over labels != -100)
     mtp_loss: torch.Tensor | None = None         # (1/D) sum_k CE_k, unweighted
-    aux_loss: torch.Tensor | None = None         # sum of the MoE layers' sequence-wise balance losses
+    aux_loss: torch.Tensor | None = None         # sum of the MoE layers' (MTP's too) sequence-wise balance losses
     hidden: torch.Tensor | None = None           # final normed hidden states [B, T, d]
 
 
@@ -156,7 +156,10 @@ class DeepseekV3ForCausalLM(nn.Module):
                                        ignore_index=-100)
             if self.use_mtp and len(m.mtp) and T > len(m.mtp):
                 out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, positions)
-            aux = [x.mlp.aux_loss for x in m.layers if isinstance(x.mlp, MoE) and x.mlp.aux_loss is not None]
+            moes = [x.mlp for x in m.layers if isinstance(x.mlp, MoE)]
+            if out.mtp_loss is not None:  # the MTP blocks' MoE ran in this forward too
+                moes += [x.mlp for x in m.mtp if isinstance(x.mlp, MoE)]
+            aux = [moe.aux_loss for moe in moes if moe.aux_loss is not None]
             if aux:
                 out.aux_loss = torch.stack(aux).sum()
         else:

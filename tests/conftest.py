@@ -1,0 +1,52 @@
+"""Shared pytest fixtures: tiny model configs and models that run in milliseconds on a CPU.
+
+``tiny_config(**overrides)`` builds a DeepSeek-V3-shaped :class:`ModelConfig` (MLA with a query
+LoRA, a dense first layer then MoE layers with shared + routed experts, group-limited routing,
+one MTP module) at hidden size 32 and vocab 128; ``tiny_model(**overrides)`` instantiates it
+with a fixed seed and an init large enough (std 0.1) that attention and routing are far from
+uniform, so equivalence tests can fail. Keep this file small: add fixtures others can share.
+
+Torch runs single-threaded in tests (override with NANOSEEK_TEST_THREADS): the suite's tensors
+are tiny, and two intra-op threads on a busy 2-core machine made each small matmul ~20x slower.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nanoseek.model import DeepseekV3ForCausalLM, ModelConfig
+
+torch.set_num_threads(int(os.environ.get("NANOSEEK_TEST_THREADS", "1")))
+
+TINY = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+    first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256,
+    rope_scaling=None, initializer_range=0.1,
+)
+
+
+def make_tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**TINY, **overrides}).validate()
+
+
+def make_tiny_model(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
+    torch.manual_seed(seed)
+    return DeepseekV3ForCausalLM(make_tiny_config(**overrides))
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: ``tiny_config(hidden_size=64, ...)`` -> validated ModelConfig."""
+    return make_tiny_config
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(seed=0, **config_overrides)`` -> initialised fp32 model (train mode)."""
+    return make_tiny_model
