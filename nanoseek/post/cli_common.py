@@ -1,0 +1,110 @@
+"""Command-line plumbing shared by ``nanoseek sft|dpo|grpo|distill`` (standard library only at import).
+
+Every post-training command takes a TOML config (a path or a shipped recipe name), ``--set
+table.key=value`` overrides, and a few shortcuts for the common keys (``--model`` is
+``model.init_from``, ``--out`` is ``train.out_dir``, ``--steps`` is ``train.max_steps``, ``--data``
+the stage's data key). ``--print-config`` shows the resolved config and exits. A config with
+``[stages.*]`` tables is a multi-stage recipe (``r1``) and runs stage after stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_config: str, data_key: str | None,
+                        data_help: str) -> None:
+    parser.add_argument("--config", default=default_config,
+                        help=f"TOML config: a path or a shipped recipe name (default: {default_config}); "
+                             "one with [stages.*] tables runs a multi-stage recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                        help=f"override a config key, e.g. --set {kind}.seed=1 or --set optim.lr=1e-5 (repeatable)")
+    parser.add_argument("--model", metavar="PATH", help="checkpoint or run folder to start from (model.init_from)")
+    if data_key:
+        parser.add_argument("--data", metavar="SOURCE", help=f"{data_help} ({data_key})")
+    parser.add_argument("--out", metavar="DIR", help="run folder (train.out_dir)")
+    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint (recipes: skip finished stages)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _overrides(args, kind: str, data_key: str | None, recipe: bool) -> list[str]:
+    out = list(args.overrides)
+    if recipe:
+        for flag, key in (("model", "recipe.init_from"), ("out", "recipe.out_dir")):
+            if getattr(args, flag, None):
+                out.append(f"{key}={_quote(getattr(args, flag))}")
+        if args.steps or getattr(args, "data", None):
+            from nanoseek.cli import UserError
+
+            raise UserError("--steps/--data do not apply to a multi-stage recipe; use --set stages.NAME.train.max_steps=N")
+        return out
+    if args.model:
+        out.append(f"model.init_from={_quote(args.model)}")
+    if data_key and getattr(args, "data", None):
+        out.append(f"{data_key}={_quote(args.data)}")
+    if args.out:
+        out.append(f"train.out_dir={_quote(args.out)}")
+    if args.steps:
+        out.append(f"train.max_steps={args.steps}")
+    return out
+
+
+def _quote(text: str) -> str:
+    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_stage_command(args, kind: str, data_key: str | None) -> int:
+    """Load the config, then run one stage or a recipe; config and data errors become UserError."""
+    from nanoseek.cli import UserError
+    from nanoseek.train.config import ConfigError, read_toml, resolve_config_path
+
+    try:
+        path = resolve_config_path(args.config)
+        recipe = "stages" in read_toml(path)
+        overrides = _overrides(args, kind, data_key, recipe)
+        if recipe:
+            from .recipe import load_recipe, run_recipe
+
+            rec = load_recipe(path, overrides)
+            if args.print_config:
+                print(path.read_text())
+                return 0
+            results = run_recipe(rec, resume=args.resume, quiet=args.quiet)
+            for r in results:
+                print(f"{r.kind:8s} {r.status:10s} steps {r.steps:5d}  -> {r.final_dir}")
+            return 0 if results and results[-1].status == "done" and len(results) == len(rec.stages) else 1
+        from .stage import load_stage_config
+
+        cfg = load_stage_config(path, kind, overrides)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if args.print_config:
+        print(cfg.to_toml(), end="")
+        return 0
+    runner = _runner(kind)
+    try:
+        result = runner(cfg, resume=args.resume, quiet=args.quiet)
+    except (ConfigError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    print(f"{kind}: {result.status} after {result.steps} steps; final checkpoint: {result.final_dir}")
+    return 0 if result.status in ("done", "data_exhausted") else 1
+
+
+def _runner(kind: str):
+    if kind == "sft":
+        from .sft import train_sft
+        return train_sft
+    if kind == "dpo":
+        from .dpo import train_dpo
+        return train_dpo
+    if kind == "grpo":
+        from .grpo import train_grpo
+        return train_grpo
+    from .distill import run_distill
+    return run_distill
+
+
+__all__ = ["add_stage_arguments", "run_stage_command"]

@@ -1,0 +1,117 @@
+"""Pieces shared by the post-training trainers: tokenised chat rows, padding, log-probs, batching.
+
+* :func:`chat_row` turns a conversation into ``(input_ids, labels)`` with next-token labels on
+  the assistant tokens only (``-100`` elsewhere), from the tokenizer's ``encode_chat`` mask.
+* :func:`response_row` does the same with targets on the final response only (DPO).
+* :func:`pad_rows` right-pads rows into a batch. Right padding needs no attention mask: the model
+  is causal, so padding after a sequence never changes the logits of the sequence's own tokens.
+* :func:`sequence_logprobs` runs the model and gathers log pi(target) per position (SFT, DPO
+  and GRPO all score sequences this way).
+* :class:`IndexStream` is a resumable, seeded, epoch-shuffled stream of example indices with
+  ``state_dict``/``load_state_dict``, what the shared trainer checkpoints to resume exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .grpo_loss import token_logprobs
+
+IGNORE = -100
+
+
+def chat_row(tokenizer, messages: Sequence[dict[str, Any]], max_len: int | None = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) of one chat; labels[t] is the target of position t.
+
+    labels[t] = ids[t + 1] when token t + 1 was written by the assistant (``encode_chat``'s
+    mask), else -100; the last position has no target. ``max_len`` truncates on the right.
+    """
+    ids, mask = tokenizer.encode_chat(messages)
+    truncated = max_len is not None and len(ids) > max_len
+    if truncated:
+        ids, mask = ids[:max_len], mask[:max_len]
+    labels = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    return ids, labels, truncated
+
+
+def response_row(tokenizer, prompt: Sequence[dict[str, Any]], response: dict[str, Any],
+                 max_len: int | None = None) -> tuple[list[int], list[int], bool]:
+    """:func:`chat_row` of ``prompt + [response]`` with targets on the final response only (earlier
+    assistant turns of a multi-turn prompt are context here, as DPO scores one response)."""
+    ids, labels, truncated = chat_row(tokenizer, list(prompt) + [response], max_len)
+    start = len(tokenizer.encode_chat(list(prompt), add_generation_prompt=True)[0])  # the response's first token
+    labels = [IGNORE if t < start - 1 else lab for t, lab in enumerate(labels)]
+    return ids, labels, truncated
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, length: int | None = None) -> torch.Tensor:
+    """Right-pad integer rows to ``length`` (default: the longest) -> [B, length] long tensor."""
+    n = length or max(len(r) for r in rows)
+    out = torch.full((len(rows), n), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    return out
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(targets[t] | input_ids[:t+1]) per position [B, T] (targets -100 give 0), and
+    optionally the per-position entropy (detached)."""
+    logits = model(input_ids).logits                                          # [B, T, V]
+    safe = targets.clamp(min=0)
+    logp = token_logprobs(logits, safe) * (targets != IGNORE)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(lp.exp() * lp).sum(-1)
+    return logp, entropy
+
+
+class IndexStream:
+    """Endless stream of batches of example indices, reshuffled every epoch; resumable.
+
+    The order of epoch e is a fixed permutation seeded by (seed, e), so the state is just
+    (epoch, position) and resuming reproduces the exact same batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError("IndexStream needs at least one example")
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def next_indices(self) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._perm(self.epoch)
+            take = min(self.batch_size - len(out), self.n - self.pos)
+            out += self._order[self.pos:self.pos + take]
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("n") != self.n or state.get("seed") != self.seed:
+            raise ValueError(f"data stream state is for {state.get('n')} examples / seed {state.get('seed')}, "
+                             f"this run has {self.n} / seed {self.seed}: the data changed since the checkpoint")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._perm(self.epoch)
+
+
+__all__ = ["IGNORE", "chat_row", "response_row", "pad_rows", "sequence_logprobs", "IndexStream"]

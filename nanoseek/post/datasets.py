@@ -1,0 +1,303 @@
+"""Post-training data: validated readers for SFT chats, preference pairs and RL prompts.
+
+Three JSONL formats, one JSON object per line (blank lines are skipped):
+
+* **SFT**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str,
+  "reasoning": str (assistant only, optional)}, ...]}``. At least one assistant turn; the loss
+  covers the assistant tokens only (the tokenizer's ``encode_chat`` mask).
+* **Preferences** (DPO): ``{"prompt": str}`` or ``{"messages": [...]}`` (the conversation before
+  the response, ending with a user turn), plus ``"chosen"`` and ``"rejected"``, each a string
+  (the assistant's content) or an assistant message ``{"role": "assistant", "content", "reasoning"}``.
+* **RL prompts** (GRPO): ``{"prompt": str, "answer": str, "task": str}``; ``task`` names the
+  verifier: a built-in task (``arithmetic``, ``countdown``... : its exact checker), ``math``
+  (math-verify equivalence) or ``code`` (needs ``"tests"``: run in the sandbox); other keys
+  (``id``, ``tests``...) are kept in ``extra`` for the verifier.
+
+Any other key, a wrong type, a missing field or invalid JSON raises :class:`DataError` naming
+``file:line`` and the field, so a bad record is never silently dropped or half-used.
+
+RL prompts can also come from a generator instead of a file (:func:`load_rl_prompts`): a built-in
+task of ``nanoseek.data.tasks`` by name (the same generators that feed the pre-training corpus),
+or ``rg:NAME`` for a dataset of the optional ``reasoning-gym`` package when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nanoseek.cli import UserError
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = {"role", "content", "reasoning"}
+SFT_KEYS = {"messages", "id", "source", "task"}          # id/source/task: provenance, kept as metadata
+PREF_KEYS = {"prompt", "messages", "chosen", "rejected", "id", "source", "task"}
+RL_KEYS = {"prompt", "answer", "task"}                   # required; anything else goes to ``extra``
+EXTERNAL_VERIFIERS = ("math", "code")                    # checkers of nanoseek.post.rewards besides the tasks
+
+
+class DataError(UserError, ValueError):
+    """A post-training data file is malformed; the message starts with ``file:line:``."""
+
+
+@dataclass
+class SFTExample:
+    messages: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    where: str = ""                  # "file:line" for later error messages
+
+
+@dataclass
+class PreferenceExample:
+    prompt: list[dict[str, Any]]     # the conversation before the response (ends with a user turn)
+    chosen: dict[str, Any]           # an assistant message
+    rejected: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+
+@dataclass
+class RLPrompt:
+    """One question for RL with what its verifier needs."""
+
+    prompt: str                      # the question text (the template is applied by the trainer)
+    answer: str                      # gold answer
+    task: str                        # verifier name
+    id: str = ""
+    problem: Any = None              # the nanoseek.data.tasks.Problem when built-in
+    extra: dict[str, Any] = field(default_factory=dict)
+    score_answer: Callable[[str | None], float] | None = None  # external verifier (reasoning-gym)
+
+    def record(self) -> Any:
+        """What ``nanoseek.post.rewards.score`` takes: the Problem, or a plain record dict."""
+        if self.problem is not None:
+            return self.problem
+        return {"prompt": self.prompt, "answer": self.answer, "task": self.task, "id": self.id, **self.extra}
+
+
+# ----------------------------------------------------------------------------- JSONL reading
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("file:line", object) for every non-blank line; invalid JSON or a non-object raises."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def _unknown(where: str, obj: dict, allowed: set[str], what: str) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise DataError(f"{where}: unknown key(s) {extra} in {what}; allowed: {sorted(allowed)}")
+
+
+def check_message(where: str, m: Any, i: int | str) -> dict[str, Any]:
+    """Validate one chat message; returns it with only the known keys."""
+    ctx = f"{where}: messages[{i}]"
+    if not isinstance(m, dict):
+        raise DataError(f"{ctx}: expected an object with 'role' and 'content', got {type(m).__name__}")
+    _unknown(ctx, m, MESSAGE_KEYS, "a message")
+    for key in ("role", "content"):
+        if key not in m:
+            raise DataError(f"{ctx}: missing field '{key}'")
+    if m["role"] not in ROLES:
+        raise DataError(f"{ctx}.role: unknown role {m['role']!r}; expected one of {list(ROLES)}")
+    if not isinstance(m["content"], str):
+        raise DataError(f"{ctx}.content: must be a string, got {type(m['content']).__name__}")
+    if m.get("reasoning") is not None:
+        if m["role"] != "assistant":
+            raise DataError(f"{ctx}.reasoning: only assistant messages may carry reasoning")
+        if not isinstance(m["reasoning"], str):
+            raise DataError(f"{ctx}.reasoning: must be a string, got {type(m['reasoning']).__name__}")
+    return {k: m[k] for k in ("role", "content", "reasoning") if m.get(k) is not None}
+
+
+def _messages(where: str, obj: dict) -> list[dict[str, Any]]:
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of messages")
+    return [check_message(where, m, i) for i, m in enumerate(msgs)]
+
+
+def _meta(obj: dict) -> dict[str, Any]:
+    return {k: obj[k] for k in ("id", "source", "task") if k in obj}
+
+
+def parse_sft(where: str, obj: dict) -> SFTExample:
+    _unknown(where, obj, SFT_KEYS, "an SFT record")
+    if "messages" not in obj:
+        raise DataError(f"{where}: missing field 'messages' (SFT records are {{\"messages\": [...]}})")
+    msgs = _messages(where, obj)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: no assistant message: nothing to train on")
+    return SFTExample(messages=msgs, meta=_meta(obj), where=where)
+
+
+def _response(where: str, obj: dict, key: str) -> dict[str, Any]:
+    if key not in obj:
+        raise DataError(f"{where}: missing field '{key}'")
+    v = obj[key]
+    if isinstance(v, str):
+        return {"role": "assistant", "content": v}
+    if isinstance(v, dict):
+        m = check_message(where, v, key)
+        if m["role"] != "assistant":
+            raise DataError(f"{where}: '{key}' must be an assistant message, got role {m['role']!r}")
+        return m
+    raise DataError(f"{where}: '{key}' must be a string or an assistant message, got {type(v).__name__}")
+
+
+def parse_preference(where: str, obj: dict) -> PreferenceExample:
+    _unknown(where, obj, PREF_KEYS, "a preference record")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise DataError(f"{where}: give exactly one of 'prompt' (a string) or 'messages' (a list)")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise DataError(f"{where}: 'prompt' must be a non-empty string")
+        prompt = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        prompt = _messages(where, obj)
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: 'messages' must end with a user message (the response follows it)")
+    chosen, rejected = _response(where, obj, "chosen"), _response(where, obj, "rejected")
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, meta=_meta(obj), where=where)
+
+
+def parse_rl_prompt(where: str, obj: dict) -> RLPrompt:
+    for key in ("prompt", "answer", "task"):
+        if key not in obj:
+            raise DataError(f"{where}: missing field '{key}' (RL prompts are {{\"prompt\", \"answer\", \"task\"}})")
+    if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+        raise DataError(f"{where}: 'prompt' must be a non-empty string")
+    if isinstance(obj["answer"], bool) or not isinstance(obj["answer"], (str, int, float)):
+        raise DataError(f"{where}: 'answer' must be a string or a number, got {type(obj['answer']).__name__}")
+    from nanoseek.data.tasks import TASKS, Problem
+
+    task = obj["task"]
+    valid = sorted(TASKS) + list(EXTERNAL_VERIFIERS)
+    if task not in valid:
+        raise DataError(f"{where}: unknown task {task!r} (the verifier); valid: {', '.join(valid)}")
+    if task == "code" and not (isinstance(obj.get("tests"), list) and obj["tests"]):
+        raise DataError(f"{where}: a 'code' prompt needs a non-empty 'tests' list")
+    extra = {k: v for k, v in obj.items() if k not in RL_KEYS and k != "id"}
+    item = RLPrompt(prompt=obj["prompt"], answer=str(obj["answer"]), task=task, id=str(obj.get("id", where)),
+                    extra=extra)
+    if task in TASKS:  # a built-in task's exact verifier checks a Problem
+        item.problem = Problem(task=task, id=item.id, prompt=item.prompt, answer=item.answer, reasoning="", level=0)
+    return item
+
+
+def read_sft(path: str | Path) -> list[SFTExample]:
+    return _read(path, parse_sft, "SFT")
+
+
+def read_preferences(path: str | Path) -> list[PreferenceExample]:
+    return _read(path, parse_preference, "preference")
+
+
+def read_rl_prompts(path: str | Path) -> list[RLPrompt]:
+    return _read(path, parse_rl_prompt, "RL prompt")
+
+
+def _read(path, parse, what: str) -> list:
+    out = [parse(where, obj) for where, obj in iter_jsonl(path)]
+    if not out:
+        raise DataError(f"{path}: no {what} records (the file is empty)")
+    return out
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Write records one per line (UTF-8), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- RL prompt sources
+
+
+def task_prompts(name: str, n: int, split: str = "train", seed: int = 0, level: int | None = None) -> list[RLPrompt]:
+    """``n`` prompts of the built-in task ``name`` (repeats allowed when a level is small)."""
+    from nanoseek.data.tasks import get_task
+
+    try:
+        task = get_task(name)
+    except KeyError as e:
+        raise DataError(str(e.args[0])) from None
+    try:
+        problems = task.generate(split, n, seed=seed, level=level)
+    except ValueError:  # the level's space is smaller than n: draw with repeats
+        problems = task.generate(split, n, seed=seed, level=level, unique=False)
+    return [RLPrompt(prompt=p.prompt, answer=p.answer, task=p.task, id=p.id, problem=p) for p in problems]
+
+
+def reasoning_gym_prompts(name: str, n: int, seed: int = 0) -> list[RLPrompt]:
+    """``n`` prompts of reasoning-gym's dataset ``name``, verified by its own ``score_answer``."""
+    try:
+        import reasoning_gym  # optional dependency
+    except ImportError:
+        raise DataError(f"task source 'rg:{name}' needs the optional package reasoning-gym "
+                        "(pip install reasoning-gym)") from None
+    ds = reasoning_gym.create_dataset(name, size=n, seed=seed)
+    out = []
+    for i in range(n):
+        entry = ds[i]
+
+        def score(answer: str | None, entry=entry) -> float:
+            return float(ds.score_answer(answer=answer, entry=entry) or 0.0)
+
+        out.append(RLPrompt(prompt=entry["question"], answer=str(entry["answer"]), task=f"rg:{name}",
+                            id=f"rg:{name}-{seed}-{i}", extra={"metadata": entry.get("metadata", {})},
+                            score_answer=score))
+    return out
+
+
+def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
+                    level: int | None = None) -> list[RLPrompt]:
+    """RL prompts from ``source``: a ``.jsonl`` file, ``rg:NAME`` (reasoning-gym), or built-in
+    task names separated by commas (``"arithmetic,countdown"``: mixed in equal shares, shuffled).
+
+    For a file, ``n`` = 0 keeps all records, otherwise the first ``n``.
+    """
+    if source.endswith(".jsonl") or Path(source).is_file():
+        items = read_rl_prompts(source)
+        return items[:n] if n else items
+    if source.startswith("rg:"):
+        return reasoning_gym_prompts(source[3:], n, seed)
+    names = [s.strip() for s in source.split(",") if s.strip()]
+    if not names:
+        raise DataError("empty RL prompt source: give a .jsonl file, rg:NAME or built-in task names")
+    out: list[RLPrompt] = []
+    for k, name in enumerate(names):
+        share = n // len(names) + (1 if k < n % len(names) else 0)
+        out += task_prompts(name, share, split, seed, level)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+__all__ = ["DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
+           "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
+           "read_rl_prompts", "write_jsonl", "task_prompts", "reasoning_gym_prompts", "load_rl_prompts"]

@@ -1,0 +1,231 @@
+"""Verified reasoning traces: rejection sampling and distillation into a student.
+
+DeepSeek-R1's last stages and its R1-Distill models rest on the same operation: sample reasoning
+traces from a strong model on verifiable prompts, keep only the ones a verifier accepts, and SFT
+a model on them.
+
+* **Rejection sampling** (R1, stage 3): the teacher is the RL checkpoint itself; the verified
+  samples become SFT data (R1 retrained DeepSeek-V3-Base on ~800K of them before the final RL).
+* **Distillation** (R1-Distill): the teacher is a bigger model (a nanoseek run or an HF
+  DeepSeek-V3/R1 checkpoint) and the student a smaller dense or MoE model, from a checkpoint or
+  from scratch; R1 found this beats running RL on the small model directly.
+
+Teacher and student talk through text, so their vocabularies may differ: the teacher's completions
+are decoded, split into reasoning (inside ``<think>...</think>``) and answer, and rendered with the
+student's chat template (``{"role": "assistant", "reasoning", "content"}``).
+
+:func:`sample_and_score` (also used by DPO's automatic pairs) samples ``n`` completions per prompt
+with the inference engine and scores them with the rule-based rewards; :func:`verified_examples`
+keeps up to ``keep_per_prompt`` distinct correct, well-formed traces per prompt;
+:func:`run_distill` is the whole stage from a config: sample, write the traces to
+``RUN/distill.jsonl`` (the SFT format, reusable), free the teacher, SFT the student.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .datasets import DataError, RLPrompt, SFTExample, load_rl_prompts, write_jsonl
+
+
+@dataclass
+class DistillSection:
+    """The ``[distill]`` table (the SFT of the student uses ``[optim]`` / ``[train]`` as usual)."""
+
+    teacher: str = ""                 # teacher checkpoint / run folder ("": the [model] init itself: rejection sampling)
+    teacher_tokenizer: str = ""       # default: found next to the teacher checkpoint
+    prompts: str = "arithmetic"       # RL prompt source: .jsonl, rg:NAME or built-in task names
+    num_prompts: int = 256
+    split: str = "train"
+    level: int | None = None
+    samples_per_prompt: int = 4       # completions sampled per prompt
+    keep_per_prompt: int = 1          # distinct verified traces kept per prompt
+    max_new_tokens: int = 256
+    temperature: float = 0.6          # R1's recommended sampling
+    top_p: float = 0.95
+    template: str = "chat"            # how the teacher is prompted: chat | chat-think | r1-zero
+    engine_batch_size: int = 64       # engine cache rows
+    data_out: str = ""                # where the traces go (default RUN/distill.jsonl)
+    mode: str = "pack"                # student SFT batching: pack | pad
+    tokenizer: str = ""               # the student's tokenizer (default: its checkpoint's, else the teacher's)
+    seed: int = 0
+
+    def validate(self) -> "DistillSection":
+        from .grpo import TEMPLATES
+        from .sft import SFT_MODES
+
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template = {self.template!r}: must be one of {TEMPLATES}")
+        if self.mode not in SFT_MODES:
+            raise ValueError(f"mode = {self.mode!r}: must be one of {SFT_MODES}")
+        for name in ("num_prompts", "samples_per_prompt", "keep_per_prompt", "max_new_tokens", "engine_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.keep_per_prompt > self.samples_per_prompt:
+            raise ValueError("keep_per_prompt must be <= samples_per_prompt")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        return self
+
+
+@dataclass
+class Scored:
+    """One sampled completion with its verdict."""
+
+    text: str                          # what the verifier saw (think prefix included for chat-think)
+    result: Any                        # RewardResult
+    finish_reason: str
+    tokens: int
+
+
+@dataclass
+class SampleReport:
+    prompts: int = 0
+    samples: int = 0
+    correct: int = 0
+    well_formed: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    by_prompt_solved: int = 0          # prompts with at least one verified sample
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "samples": self.samples, "accuracy": self.correct / max(self.samples, 1),
+                "format_rate": self.well_formed / max(self.samples, 1), "kept": self.kept,
+                "solved_prompts": self.by_prompt_solved, "sample_seconds": self.seconds,
+                "sample_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+
+
+def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, template: str = "chat",
+                     max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
+                     engine_batch_size: int = 64, reward_fn=None) -> tuple[list[list[Scored]], SampleReport]:
+    """``n`` completions per prompt from ``model`` (inference engine), scored by the verifiers."""
+    from nanoseek.infer.engine import Engine, SamplingParams
+
+    from .grpo import GRPOConfig, completion_text, default_reward_fn, render_prompt
+
+    reward_fn = reward_fn or default_reward_fn(GRPOConfig(template=template, group_size=max(n, 2)))
+    ids = [render_prompt(tokenizer, p, template) for p in prompts]
+    stop = ["</answer>"] if template == "r1-zero" else []
+    engine = Engine(model, tokenizer, max_batch_size=max(engine_batch_size, n),
+                    max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
+                            stop=stop)
+    t0 = time.perf_counter()
+    groups = engine.generate(ids, params)
+    report = SampleReport(prompts=len(prompts), seconds=time.perf_counter() - t0)
+    prefix = "<think>\n" if template == "chat-think" else ""
+    texts = [completion_text(c, stop) for g in groups for c in g]
+    items = [p for p, g in zip(prompts, groups) for _ in g]
+    results = reward_fn(texts, items)
+    out: list[list[Scored]] = []
+    k = 0
+    for g in groups:
+        scored = []
+        for c in g:
+            r = results[k]
+            scored.append(Scored(text=prefix + texts[k], result=r, finish_reason=c.finish_reason,
+                                 tokens=len(c.token_ids)))
+            k += 1
+            report.samples += 1
+            report.tokens += len(c.token_ids)
+            report.correct += bool(r.correct)
+            report.well_formed += bool(r.format_ok)
+        report.by_prompt_solved += any(s.result.correct and s.result.format_ok for s in scored)
+        out.append(scored)
+    return out, report
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of an R1-style response ``<think>\\nR\\n</think>\\n\\nA``; (None, text)
+    when there is no complete think block."""
+    body = text.strip()
+    if body.startswith("<think>") and "</think>" in body:
+        inner, _, rest = body[len("<think>"):].partition("</think>")
+        return inner.strip("\n"), rest.strip()
+    return None, body
+
+
+def verified_examples(prompts: list[RLPrompt], scored: list[list[Scored]], keep_per_prompt: int = 1,
+                      source: str = "") -> list[SFTExample]:
+    """SFT examples from the correct, well-formed samples: up to ``keep_per_prompt`` distinct
+    traces per prompt (shortest first, as R1 preferred concise, readable traces)."""
+    out = []
+    for item, samples in zip(prompts, scored):
+        good = sorted({s.text for s in samples if s.result.correct and s.result.format_ok}, key=len)
+        for text in good[:keep_per_prompt]:
+            reasoning, answer = split_reasoning(text)
+            if not answer:
+                continue
+            assistant = {"role": "assistant", "content": answer}
+            if reasoning is not None:
+                assistant["reasoning"] = reasoning
+            out.append(SFTExample(messages=[{"role": "user", "content": item.prompt}, assistant],
+                                  meta={"id": item.id, "task": item.task, "source": source}, where=f"sample {item.id}"))
+    return out
+
+
+def run_distill(cfg, *, teacher=None, teacher_tokenizer=None, student=None, tokenizer=None, resume: bool = False,
+                quiet: bool = False, progress: bool | None = None):
+    """Sample verified traces from the teacher and SFT the student (a StageConfig of kind "distill").
+
+    With ``[distill] teacher = ""`` the teacher is the ``[model] init_from`` checkpoint: rejection
+    sampling from the model itself. Returns the SFT StageResult; ``extra`` holds the sampling
+    report and the path of the traces file.
+    """
+    import torch
+
+    from .sft import train_sft
+    from .stage import check_vocab, load_model, load_tokenizer_for
+
+    a = cfg.algo
+    run_dir = Path(cfg.train.out_dir or "runs/distill")
+    if teacher is None:
+        from nanoseek.model.checkpoint import from_pretrained
+        from nanoseek.infer.loading import resolve_checkpoint
+
+        path = a.teacher or cfg.model.init_from
+        if not path:
+            raise DataError(f"{cfg.source}: [distill] teacher is empty and [model] has no init_from: no teacher")
+        tpath = resolve_checkpoint(path)
+        from nanoseek.train.loop import resolve_device
+
+        teacher = from_pretrained(tpath, dtype=torch.float32, device=resolve_device(cfg.train.device)).eval()
+        if teacher_tokenizer is None:
+            teacher_tokenizer = load_tokenizer_for(tpath, a.teacher_tokenizer)
+    if teacher_tokenizer is None:
+        raise ValueError("run_distill: pass teacher_tokenizer with a teacher model")
+    check_vocab(teacher, teacher_tokenizer, "teacher")
+    prompts = load_rl_prompts(a.prompts, a.num_prompts, a.split, a.seed, a.level)
+    scored, report = sample_and_score(teacher, teacher_tokenizer, prompts, a.samples_per_prompt, template=a.template,
+                                      max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                      seed=a.seed, engine_batch_size=a.engine_batch_size)
+    examples = verified_examples(prompts, scored, a.keep_per_prompt, source=a.teacher or "self")
+    report.kept = len(examples)
+    data_out = Path(a.data_out) if a.data_out else run_dir / "distill.jsonl"
+    write_jsonl(data_out, [{"messages": e.messages, **e.meta} for e in examples])
+    if not quiet:
+        r = report.as_dict()
+        print(f"distill: {r['samples']} samples from {r['prompts']} prompts, accuracy {r['accuracy']:.3f}, "
+              f"format {r['format_rate']:.3f}, kept {len(examples)} verified traces -> {data_out}")
+    if not examples:
+        raise DataError(f"distill: no verified sample among {report.samples} (teacher accuracy 0); nothing to train "
+                        "on: use a stronger teacher, easier prompts (level = 1) or more samples_per_prompt")
+    del teacher
+    ckpt = None
+    if student is None:
+        student, ckpt = load_model(cfg.model, cfg.train.device)
+    if tokenizer is None:
+        tokenizer = (load_tokenizer_for(ckpt, a.tokenizer) if (ckpt is not None or a.tokenizer) else teacher_tokenizer)
+    result = train_sft(cfg, model=student, tokenizer=tokenizer, examples=examples, resume=resume, quiet=quiet,
+                       progress=progress)
+    result.extra.update({"sampling": report.as_dict(), "data": str(data_out)})
+    return result
+
+
+__all__ = ["DistillSection", "Scored", "SampleReport", "sample_and_score", "split_reasoning", "verified_examples",
+           "run_distill"]

@@ -1,0 +1,483 @@
+"""GRPO with verifiable rewards, as in DeepSeekMath and DeepSeek-R1(-Zero).
+
+One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it):
+
+1. **Rollout.** ``prompts_per_step`` questions are rendered with the template and the inference
+   engine samples a group of ``group_size`` (G) completions for each from the policy being
+   trained. The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
+   on the naive one), then restores the training mode and the naive path for the update.
+2. **Rewards** from the rule-based verifiers of :mod:`nanoseek.post.rewards` (format + accuracy,
+   scored in a thread pool), plus DAPO's soft overlong penalty when ``overlong_buffer > 0``.
+3. **Advantages** ``(r - mean) / std`` within each group (``scale_rewards=False``: Dr. GRPO's
+   ``r - mean``), the same for every token of a completion. With ``filter_zero_std`` the groups
+   whose rewards all agree (no signal) are dropped and more prompts are sampled, up to
+   ``max_rollout_attempts`` rollouts, to fill the batch (DAPO's dynamic sampling).
+4. **Old and reference log-probs**, computed once before the first pass: pi_old only when
+   ``num_iterations > 1`` (with one pass rho = 1 and pi_old is the detached current policy), the
+   frozen reference only when ``beta > 0`` (with ``beta = 0`` no reference model is kept at all).
+5. **Optimisation**: ``num_iterations`` passes, each one optimizer step of the shared trainer over
+   the batch split into micro-batches of at most ``micro_batch_size`` rows; loss :func:`~nanoseek.post.grpo_loss.grpo_loss` with the
+   chosen aggregation, normalised by the whole batch so micro-batches add up exactly.
+
+Templates (``template``): ``r1-zero`` is DeepSeek-R1-Zero's plain-text prompt (no chat markup,
+straight from the base model; the answer goes in ``<answer>`` tags and generation stops at
+``</answer>`` or EOS); ``chat`` renders the question as a user turn of the chat template and the
+model writes ``<think>...</think>`` itself; ``chat-think`` also pre-fills ``<think>\\n``.
+
+Logged with every step (constant within a rollout): reward mean/std (the overlong penalty
+included), accuracy, format rate, mean/max response length, truncated fraction, zero-std group
+fraction, rollout tokens/s; from the loss: clip fractions, KL to the reference, entropy, mean ratio,
+train tokens (the trainer turns them into train tokens/s). A few sample completions per rollout go
+to ``samples.jsonl`` in the run directory. The logged loss of an on-policy step (rho = 1) is
+-mean(A) over the aggregation: about 0 by construction, while its gradient is not.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import IGNORE, pad_rows, sequence_logprobs
+from .datasets import RLPrompt
+from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
+
+TEMPLATES = ("r1-zero", "chat", "chat-think")
+
+# texts, prompts -> one RewardResult-like object (reward, format_ok, correct) per text
+RewardFn = Callable[[list[str], list[RLPrompt]], list[Any]]
+
+
+@dataclass
+class GRPOConfig:
+    """What a GRPO stage does; the optimizer, schedule and checkpointing are the trainer's."""
+
+    prompts: str = "arithmetic"       # RL prompt source: a .jsonl, rg:NAME, or built-in task names "a,b"
+    num_prompts: int = 2048           # prompt pool drawn from the source (0: the whole file)
+    level: int | None = None          # built-in task difficulty (None: mixed)
+    template: str = "r1-zero"         # r1-zero | chat | chat-think
+    prompts_per_step: int = 8         # questions per rollout
+    group_size: int = 8               # G samples per question
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # loss
+    eps_low: float = 0.2
+    eps_high: float = 0.2             # DAPO's clip-higher: 0.28
+    beta: float = 0.0                 # KL coefficient; 0 keeps no reference model
+    loss_agg: str = "grpo"            # grpo | dapo | dr_grpo
+    scale_rewards: bool = True        # divide by the group std (False: Dr. GRPO)
+    num_iterations: int = 1           # mu: optimisation passes (optimizer steps) per rollout
+    micro_batch_size: int = 16        # sequences per forward/backward
+    filter_zero_std: bool = False     # drop groups whose rewards all agree (DAPO dynamic sampling)
+    max_rollout_attempts: int = 3     # rollouts to fill a filtered batch before giving up
+    overlong_buffer: int = 0          # DAPO soft overlong penalty over the last N tokens (0: off)
+    overlong_penalty: float = 1.0
+    # rewards
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1
+    reward_workers: int = 4
+    tokenizer: str = ""               # tokenizer directory (default: found next to the checkpoint)
+    log_samples: int = 2              # completions written to samples.jsonl per rollout
+    seed: int = 0
+
+    def validate(self) -> "GRPOConfig":
+        def bad(name, why):
+            return ValueError(f"{name} = {getattr(self, name)!r}: {why}")
+
+        if self.template not in TEMPLATES:
+            raise bad("template", f"must be one of {TEMPLATES}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise bad("loss_agg", f"must be one of {LOSS_AGGREGATIONS}")
+        for name in ("prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
+                     "micro_batch_size", "max_rollout_attempts"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.group_size < 2:
+            raise bad("group_size", "must be >= 2 (advantages are relative to the group)")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise bad("eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
+        if self.beta < 0:
+            raise bad("beta", "must be >= 0")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise bad("overlong_buffer", f"must be in [0, max_new_tokens={self.max_new_tokens}]")
+        if self.temperature <= 0:
+            raise bad("temperature", "must be > 0 (GRPO needs diverse samples)")
+        return self
+
+    @property
+    def rollout_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+
+def render_prompt(tokenizer, item: RLPrompt, template: str) -> list[int]:
+    """Token ids of the prompt a completion follows (see the module doc for the templates)."""
+    if template == "r1-zero":
+        from nanoseek.data.tasks import r1_zero_prompt
+
+        return [tokenizer.bos_id] + tokenizer.encode(r1_zero_prompt(item.prompt))
+    if template in ("chat", "chat-think"):
+        ids, _ = tokenizer.encode_chat([{"role": "user", "content": item.prompt}], add_generation_prompt=True,
+                                       think=template == "chat-think")
+        return ids
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def default_reward_fn(cfg: GRPOConfig) -> RewardFn:
+    """Rule-based rewards (:func:`nanoseek.post.rewards.score`) with the template's format rules;
+    reasoning-gym prompts get the same format rule and their own ``score_answer`` for accuracy."""
+    from nanoseek.data.tasks import extract_answer
+    from nanoseek.post.rewards import RewardConfig, RewardResult, check_format, score_batch
+
+    rc = RewardConfig(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight,
+                      template="r1-zero" if cfg.template == "r1-zero" else "r1",
+                      think_prefilled=cfg.template == "chat-think")
+
+    def external(text: str, item: RLPrompt) -> RewardResult:
+        ok, reason = check_format(text, rc.template, rc.think_prefilled, rc.min_think_chars)
+        answer = extract_answer(text)
+        accuracy = item.score_answer(answer)
+        return RewardResult(reward=float(ok) * (rc.accuracy_weight * accuracy + rc.format_weight), format_ok=ok,
+                            correct=accuracy == 1.0, answer=answer, info={"format_reason": reason})
+
+    def fn(texts: list[str], items: list[RLPrompt]) -> list[Any]:
+        out: list[Any] = [None] * len(texts)
+        plain = [i for i, it in enumerate(items) if it.score_answer is None]
+        if plain:
+            scored = score_batch([texts[i] for i in plain], [items[i].record() for i in plain], rc,
+                                 max_workers=cfg.reward_workers)
+            for i, r in zip(plain, scored):
+                out[i] = r
+        for i, it in enumerate(items):
+            if it.score_answer is not None:
+                out[i] = external(texts[i], it)
+        return out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout, ready for the optimisation passes (rows group-contiguous)."""
+
+    input_ids: torch.Tensor           # [N, T] prompt + completion, right-padded
+    targets: torch.Tensor             # [N, T] next token where it is a completion token, else -100
+    advantages: torch.Tensor          # [N]
+    old_logp: torch.Tensor | None     # [N, T] pi_old (None when num_iterations == 1)
+    ref_logp: torch.Tensor | None     # [N, T] pi_ref (None when beta == 0)
+    lengths: torch.Tensor | None = None  # [N] prompt + completion tokens per row
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def completion_text(completion, stop: list[str]) -> str:
+    """The text the verifiers score: the engine's text (no EOS) plus the stop string that ended
+    it (the engine cuts stop strings, but ``</answer>`` is part of the R1-Zero format)."""
+    text = completion.text
+    if getattr(completion, "stop_reason", None) == "stop_string" and stop:
+        text += stop[0]
+    return text
+
+
+class GRPOTask:
+    """GRPO as a task of the shared trainer (``batches()`` / ``loss(model, batch)``).
+
+    ``model`` is the policy the trainer optimises (the rollouts sample from it); ``reward_fn``
+    defaults to :func:`default_reward_fn`; ``engine`` defaults to the inference engine over
+    ``model``; ``out_dir`` receives ``samples.jsonl``.
+    """
+
+    def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOConfig,
+                 reward_fn: RewardFn | None = None, engine=None, out_dir: str | Path | None = None):
+        self.cfg = cfg.validate()
+        if not prompts:
+            raise ValueError("GRPO needs at least one prompt")
+        self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
+        self.reward_fn = reward_fn or default_reward_fn(cfg)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.prompt_ids = [render_prompt(tokenizer, p, cfg.template) for p in prompts]
+        self.max_prompt_len = max(len(p) for p in self.prompt_ids)
+        self.engine = engine
+        self.ref_model = None
+        if cfg.beta > 0:  # frozen copy of the initial policy; none at all when beta == 0
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.rollouts = 0         # rollouts done (the resumable position in the prompt stream)
+        self.cursor = 0           # next prompt index
+
+    # ------------------------------------------------------------------ sampling
+    def _engine(self):
+        if self.engine is None:
+            from nanoseek.infer.engine import Engine
+
+            self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.cfg.rollout_size,
+                                 max_seq_len=self.max_prompt_len + self.cfg.max_new_tokens + 1)
+        return self.engine
+
+    def _sampling_params(self, seed: int):
+        from nanoseek.infer.engine import SamplingParams
+
+        c = self.cfg
+        stop = ["</answer>"] if c.template == "r1-zero" else []
+        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                              top_k=c.top_k, n=c.group_size, seed=seed, stop=stop)
+
+    def _next_prompts(self) -> list[int]:
+        idx = [(self.cursor + k) % len(self.prompts) for k in range(self.cfg.prompts_per_step)]
+        self.cursor = (self.cursor + self.cfg.prompts_per_step) % len(self.prompts)
+        return idx
+
+    @torch.no_grad()
+    def sample(self, prompt_idx: list[int]) -> tuple[list[list[int]], list[str], list[bool], float]:
+        """G completions per prompt: (token ids, texts, truncated flags) group-contiguous, seconds.
+
+        The engine runs the model in eval mode (prefill on the naive MLA path, decoding on the
+        absorbed one) and restores its training mode and attention path afterwards. The token ids
+        include the EOS that ended a completion: the policy learns to stop.
+        """
+        c = self.cfg
+        params = self._sampling_params(c.seed * 1_000_003 + self.rollouts)
+        t0 = time.perf_counter()
+        groups = self._engine().generate([self.prompt_ids[i] for i in prompt_idx], params)
+        seconds = time.perf_counter() - t0
+        ids, texts, truncated = [], [], []
+        for group in groups:
+            if len(group) != c.group_size:
+                raise RuntimeError(f"engine returned {len(group)} completions for a prompt, expected {c.group_size}")
+            for comp in group:
+                ids.append(list(comp.token_ids))
+                texts.append(completion_text(comp, params.stop))
+                truncated.append(comp.finish_reason == "length")
+        return ids, texts, truncated, seconds
+
+    # ------------------------------------------------------------------ one rollout
+    def rollout(self) -> RolloutBatch:
+        """Sample, score and batch one GRPO step (with dynamic sampling when filtering)."""
+        c, G = self.cfg, self.cfg.group_size
+        if self.ref_model is not None:  # follow the policy to the trainer's device
+            self.ref_model.to(next(self.model.parameters()).device)
+        kept: list[tuple[list[int], list[int], float]] = []   # (prompt, completion, advantage) per row
+        stats_acc: dict[str, list[float]] = {}
+        all_rows: list[tuple[list[int], list[int], float]] = []
+        gen_tokens, gen_seconds, attempts = 0, 0.0, 0
+        while attempts < (c.max_rollout_attempts if c.filter_zero_std else 1):
+            attempts += 1
+            pidx = self._next_prompts()
+            comp_ids, texts, truncated, seconds = self.sample(pidx)
+            items = [self.prompts[i] for i in pidx for _ in range(G)]
+            results = self.reward_fn(texts, items)
+            lengths = torch.tensor([len(x) for x in comp_ids], dtype=torch.float)
+            rewards = torch.tensor([float(r.reward) for r in results])
+            rewards = rewards + overlong_penalty(lengths, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+            adv = group_advantages(rewards, G, c.scale_rewards)
+            zero = zero_std_groups(rewards, G)
+            gen_tokens += int(lengths.sum())
+            gen_seconds += seconds
+            for key, val in (("reward", rewards), ("accuracy", [float(r.correct) for r in results]),
+                             ("format", [float(r.format_ok) for r in results]), ("length", lengths),
+                             ("truncated", [float(t) for t in truncated]), ("zero_std", zero.float())):
+                stats_acc.setdefault(key, []).extend(torch.as_tensor(val, dtype=torch.float).tolist())
+            for g in range(len(pidx)):
+                rows = range(g * G, (g + 1) * G)
+                group = [(self.prompt_ids[pidx[g]], comp_ids[i], float(adv[i])) for i in rows]
+                all_rows += group
+                if not (c.filter_zero_std and zero[g]):
+                    kept += group
+            self._log_samples(pidx, texts, results)
+            self.rollouts += 1
+            if len(kept) >= c.rollout_size:
+                break
+        if not kept:  # every group agreed in every attempt: only the KL term can act
+            kept = all_rows[-c.rollout_size:]
+        kept = kept[:c.rollout_size]
+        batch = self._tensors(kept)
+        s = stats_acc
+        reward = torch.tensor(s["reward"])
+        batch.stats = {
+            "reward_mean": float(reward.mean()), "reward_std": float(reward.std()) if len(reward) > 1 else 0.0,
+            "accuracy": _mean(s["accuracy"]), "format_rate": _mean(s["format"]),
+            "response_len_mean": _mean(s["length"]), "response_len_max": max(s["length"]),
+            "truncated_frac": _mean(s["truncated"]), "zero_std_frac": _mean(s["zero_std"]),
+            "rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "rollout_s": gen_seconds,
+            "rollout_attempts": attempts, "kept_sequences": len(kept),
+        }
+        return batch
+
+    def _tensors(self, rows: list[tuple[list[int], list[int], float]]) -> RolloutBatch:
+        seqs, targets = [], []
+        for prompt, comp, _ in rows:
+            seq = prompt + comp
+            tgt = [IGNORE] * (len(prompt) - 1) + comp + [IGNORE]   # position t predicts seq[t + 1]
+            seqs.append(seq)
+            targets.append(tgt)
+        T = max(len(s) for s in seqs)
+        input_ids = pad_rows(seqs, self.tokenizer.pad_id, T)
+        tgt = pad_rows(targets, IGNORE, T)
+        adv = torch.tensor([a for _, _, a in rows], dtype=torch.float)
+        old = self._logprobs(self.model, input_ids, tgt) if self.cfg.num_iterations > 1 else None
+        ref = self._logprobs(self.ref_model, input_ids, tgt) if self.ref_model is not None else None
+        lengths = torch.tensor([len(s) for s in seqs])
+        return RolloutBatch(input_ids, tgt, adv, old, ref, lengths)
+
+    @torch.no_grad()
+    def _logprobs(self, model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()  # no MoE load counting, same function as in training (no dropout anywhere)
+        device = next(model.parameters()).device
+        out = []
+        for i in range(0, input_ids.shape[0], self.cfg.micro_batch_size):
+            lp, _ = sequence_logprobs(model, input_ids[i:i + self.cfg.micro_batch_size].to(device),
+                                      targets[i:i + self.cfg.micro_batch_size].to(device))
+            out.append(lp.float().cpu())
+        model.train(was_training)
+        return torch.cat(out)
+
+    def _log_samples(self, pidx: list[int], texts: list[str], results: list[Any]) -> None:
+        if not self.out_dir or self.cfg.log_samples <= 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / "samples.jsonl").open("a", encoding="utf-8") as fh:
+            for k in range(min(self.cfg.log_samples, len(texts))):
+                item = self.prompts[pidx[k // self.cfg.group_size]]
+                fh.write(json.dumps({"rollout": self.rollouts, "prompt": item.prompt, "answer": item.answer,
+                                     "completion": texts[k], "reward": float(results[k].reward),
+                                     "correct": bool(results[k].correct)}, ensure_ascii=False) + "\n")
+
+    # ------------------------------------------------------------------ the trainer's interface
+    def passes(self, batch: RolloutBatch) -> Iterator[list[dict[str, Any]]]:
+        """The ``num_iterations`` passes over ``batch``: each is one optimizer step, a list of
+        micro-batches of at most ``micro_batch_size`` rows (the trainer takes a list as a whole step)."""
+        n = batch.input_ids.shape[0]
+        k = math.ceil(n / self.cfg.micro_batch_size)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        norm = {"total_sequences": n, "total_tokens": batch.num_tokens}
+        for it in range(self.cfg.num_iterations):
+            step = []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                T = int(batch.lengths[a:b].max())                        # crop the common padding
+                step.append({"input_ids": batch.input_ids[a:b, :T], "targets": batch.targets[a:b, :T],
+                             "advantages": batch.advantages[a:b],
+                             "old_logp": None if batch.old_logp is None else batch.old_logp[a:b, :T],
+                             "ref_logp": None if batch.ref_logp is None else batch.ref_logp[a:b, :T],
+                             "iteration": it, "stats": batch.stats, **norm})
+            yield step
+
+    def batches(self):
+        return _Batches(self)
+
+    # every micro-batch loss is already normalised by the whole step (see grpo_loss.aggregate)
+    micro_batch_reduction = "sum"
+
+    def loss(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.cfg
+        device = next(model.parameters()).device
+        targets = batch["targets"].to(device)
+        logp, entropy = sequence_logprobs(model, batch["input_ids"].to(device), targets, with_entropy=True)
+        mask = targets != IGNORE
+        old = batch["old_logp"].to(device) if batch["old_logp"] is not None else logp.detach()
+        ref = batch["ref_logp"].to(device) if batch["ref_logp"] is not None else None
+        out = grpo_loss(logp, old, batch["advantages"].to(device), mask, ref_logp=ref, beta=c.beta,
+                        eps_low=c.eps_low, eps_high=c.eps_high, loss_agg=c.loss_agg, max_len=c.max_new_tokens,
+                        total_sequences=batch["total_sequences"], total_tokens=batch["total_tokens"])
+        n = mask.sum().clamp(min=1)
+        metrics = {**batch["stats"], "clip_frac": float(out.clip_frac), "clip_low_frac": float(out.clip_low_frac),
+                   "clip_high_frac": float(out.clip_high_frac), "kl": float(out.kl),
+                   "ratio_mean": float(out.ratio_mean), "entropy": float((entropy * mask).sum() / n),
+                   "tokens": int(mask.sum())}
+        return out.loss, metrics
+
+    # ------------------------------------------------------------------ resumable state
+    def state_dict(self) -> dict[str, int]:
+        return {"rollouts": self.rollouts, "cursor": self.cursor, "num_prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_prompts") != len(self.prompts):
+            raise ValueError(f"GRPO state is for {state.get('num_prompts')} prompts, this run has {len(self.prompts)}")
+        self.rollouts, self.cursor = int(state["rollouts"]), int(state["cursor"])
+
+
+class _Batches:
+    """Endless optimizer steps (lists of micro-batches): a new rollout whenever the
+    ``num_iterations`` passes over the previous one are done.
+
+    The checkpointed state is the rollout position; resuming mid-rollout starts a fresh rollout
+    (the old one's samples are not stored), so a resumed run sees new samples, not the same ones.
+    """
+
+    def __init__(self, task: GRPOTask):
+        self.task = task
+        self._current: Iterator[list[dict[str, Any]]] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        while True:
+            if self._current is None:
+                self._current = self.task.passes(self.task.rollout())
+            try:
+                return next(self._current)
+            except StopIteration:
+                self._current = None
+
+    def state_dict(self) -> dict:
+        return self.task.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task.load_state_dict(state)
+        self._current = None
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | None = None,
+               reward_fn: RewardFn | None = None, engine=None, resume: bool | str = False, quiet: bool = False,
+               progress: bool | None = None):
+    """Run a GRPO stage (a StageConfig of kind "grpo"; ``[grpo]`` is a :class:`GRPOConfig`).
+
+    ``[train] max_steps`` counts optimizer steps: ``num_iterations`` per rollout. ``model`` /
+    ``tokenizer`` / ``prompts`` / ``reward_fn`` / ``engine`` override what the config names.
+    Returns the StageResult (its history holds the per-step rollout and loss metrics).
+    """
+    from .datasets import load_rl_prompts
+    from .stage import check_vocab, load_model, load_tokenizer_for, run_trainer
+
+    g = cfg.algo
+    ckpt = None
+    if model is None:
+        model, ckpt = load_model(cfg.model, cfg.train.device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_for(ckpt, getattr(g, "tokenizer", ""))
+    check_vocab(model, tokenizer)
+    if prompts is None:
+        prompts = load_rl_prompts(g.prompts, g.num_prompts, "train", g.seed, g.level)
+    model.use_mtp = False  # the policy-gradient loss only
+    run_dir = Path(cfg.train.out_dir or "runs/grpo")
+    task = GRPOTask(model, tokenizer, prompts, g, reward_fn=reward_fn, engine=engine, out_dir=run_dir)
+    return run_trainer(model, task, cfg, tokenizer, resume=resume, quiet=quiet, progress=progress,
+                       extra={"prompts": len(prompts)})
+
+
+__all__ = ["GRPOConfig", "train_grpo", "TEMPLATES", "GRPOTask", "RolloutBatch", "render_prompt", "default_reward_fn",
+           "completion_text"]

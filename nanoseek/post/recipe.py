@@ -1,0 +1,168 @@
+"""Multi-stage post-training recipes (DeepSeek-R1's pipeline) as one TOML file.
+
+A recipe chains stages of the kinds ``sft``, ``dpo``, ``grpo`` and ``distill``; each stage is a
+complete stage config (see :mod:`nanoseek.post.stage`) nested under ``[stages.NAME]``, run in
+file order, each starting from the previous stage's final checkpoint::
+
+    [recipe]
+    init_from = "runs/pretrain"          # the base model
+    out_dir = "runs/r1"                  # stage NAME runs in out_dir/NAME
+
+    [defaults.train]                     # merged under every stage's tables (stage keys win)
+    device = "auto"
+
+    [stages.cold_start]
+    kind = "sft"
+    [stages.cold_start.sft]
+    data = "tasks:arithmetic"
+    ...
+
+Two keys of a stage table steer the chain: ``init`` ("previous", the default: the last stage's
+output; "base": the recipe's ``init_from``; or a path) and, for ``distill`` stages, ``teacher``
+with the same values ("previous" samples from the last stage's output, i.e. rejection sampling).
+DeepSeek-R1's rejection-sampling SFT retrained the *base* model on the RL model's verified
+samples: ``init = "base"``, ``teacher = "previous"``.
+
+``--set`` reaches any key: ``stages.final_rl.grpo.beta=0.01``, ``recipe.init_from=runs/x``.
+With ``resume``, stages whose ``stage.json`` says done are skipped and the first unfinished one
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.train.config import ConfigError, apply_overrides, read_toml, resolve_config_path
+
+from .stage import StageResult, _merge, stage_config_from_dict
+
+RECIPE_KEYS = {"init_from", "out_dir", "name"}
+STAGE_CHAIN_KEYS = {"kind", "init", "teacher"}
+
+
+@dataclass
+class RecipeStage:
+    name: str
+    kind: str
+    init: str                          # "previous" | "base" | a path
+    teacher: str | None                # distill only
+    raw: dict[str, Any]                # the stage's tables, defaults merged
+
+
+@dataclass
+class Recipe:
+    init_from: str
+    out_dir: Path
+    stages: list[RecipeStage] = field(default_factory=list)
+    source: str = "<dict>"
+
+
+def is_recipe(raw: dict[str, Any]) -> bool:
+    return "stages" in raw
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Check the recipe's structure (each stage is fully validated when it starts)."""
+    unknown = set(raw) - {"recipe", "defaults", "stages"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)} in a recipe; valid: [recipe], "
+                          "[defaults.*], [stages.NAME]")
+    head = raw.get("recipe", {})
+    bad = set(head) - RECIPE_KEYS
+    if bad:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(bad)} in [recipe]; valid: {sorted(RECIPE_KEYS)}")
+    if not head.get("init_from"):
+        raise ConfigError(f"{source}: [recipe] init_from is required (the base model the recipe starts from)")
+    out_dir = Path(head.get("out_dir") or f"runs/{Path(source).stem}")
+    defaults = raw.get("defaults", {})
+    stages_raw = raw.get("stages", {})
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise ConfigError(f"{source}: a recipe needs at least one [stages.NAME] table")
+    recipe = Recipe(init_from=str(head["init_from"]), out_dir=out_dir, source=source)
+    for name, table in stages_raw.items():
+        where = f"{source}: [stages.{name}]"
+        if not isinstance(table, dict) or "kind" not in table:
+            raise ConfigError(f"{where}: needs kind = \"sft\" | \"dpo\" | \"grpo\" | \"distill\"")
+        kind = table["kind"]
+        if kind not in ("sft", "dpo", "grpo", "distill"):
+            raise ConfigError(f"{where}: kind = {kind!r}: must be 'sft', 'dpo', 'grpo' or 'distill'")
+        if "teacher" in table and kind != "distill":
+            raise ConfigError(f"{where}: 'teacher' is only for distill stages")
+        rest = {k: v for k, v in table.items() if k not in STAGE_CHAIN_KEYS}
+        recipe.stages.append(RecipeStage(name=name, kind=kind, init=str(table.get("init", "previous")),
+                                         teacher=table.get("teacher") if kind == "distill" else None,
+                                         raw=_merge(defaults, rest)))
+    if recipe.stages[0].init == "previous":
+        recipe.stages[0].init = "base"
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_config_path(path)
+    raw = apply_overrides(read_toml(path), list(overrides), {"recipe": dict, "defaults": dict, "stages": dict})
+    return recipe_from_dict(raw, source=str(path))
+
+
+def _resolve(ref: str, base: str, previous: str | None) -> str:
+    if ref == "base":
+        return base
+    if ref == "previous":
+        if previous is None:
+            raise ConfigError("a stage refers to the 'previous' stage but it is the first one")
+        return previous
+    return ref
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
+               progress: bool | None = None) -> list[StageResult]:
+    """Run the stages in order; returns their results (skipped finished stages included)."""
+    from .distill import run_distill
+    from .dpo import train_dpo
+    from .grpo import train_grpo
+    from .sft import train_sft
+
+    runners = {"sft": train_sft, "dpo": train_dpo, "grpo": train_grpo, "distill": run_distill}
+    results: list[StageResult] = []
+    previous: str | None = None
+    for st in recipe.stages:
+        run_dir = recipe.out_dir / st.name
+        done = _finished(run_dir)
+        if resume and done is not None:
+            if not quiet:
+                print(f"recipe: stage {st.name} already done -> {done['final_dir']}")
+            previous = done["final_dir"]
+            results.append(StageResult(kind=st.kind, run_dir=run_dir, final_dir=Path(done["final_dir"]),
+                                       status="done", steps=done.get("steps", 0), extra={"skipped": True}))
+            continue
+        raw = _merge(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
+                              "train": {"out_dir": str(run_dir)}})
+        if st.kind == "distill":
+            raw = _merge(raw, {"distill": {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
+        cfg = stage_config_from_dict(st.kind, raw, source=f"{recipe.source} [stages.{st.name}]")
+        if not quiet:
+            print(f"recipe: stage {st.name} ({st.kind}) from {cfg.model.init_from} -> {run_dir}")
+        res = runners[st.kind](cfg, resume=bool(resume and (run_dir / "checkpoints").exists()), quiet=quiet,
+                               progress=progress)
+        results.append(res)
+        if res.status not in ("done", "data_exhausted") or res.final_dir is None:
+            if not quiet:
+                print(f"recipe: stage {st.name} ended with status {res.status}; stopping")
+            break
+        previous = str(res.final_dir)
+    return results
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    f = run_dir / "stage.json"
+    if not f.exists():
+        return None
+    info = json.loads(f.read_text())
+    if info.get("status") in ("done", "data_exhausted") and info.get("final_dir") and Path(info["final_dir"]).exists():
+        return info
+    return None
+
+
+__all__ = ["Recipe", "RecipeStage", "is_recipe", "recipe_from_dict", "load_recipe", "run_recipe"]

@@ -1,0 +1,236 @@
+"""Supervised fine-tuning on chat data: the loss covers the assistant's tokens only.
+
+Each conversation is rendered with the tokenizer's chat template (DeepSeek-R1 style, an assistant
+``reasoning`` field becoming ``<think>\\n...\\n</think>\\n\\n``) and turned into next-token labels
+that are ``-100`` everywhere except on what the assistant wrote (its reasoning, its answer and its
+closing EOS): system and user text and the role headers are context, not targets.
+
+Two batching modes:
+
+* ``pack`` (default): whole conversations are packed first-fit into rows of ``max_seq_len``
+  tokens (no conversation is split across rows; the rest of a row is padding), like DeepSeek's
+  document packing without cross-document attention masks. Few padding tokens, many examples
+  per row.
+* ``pad``: one conversation per row, right-padded to the longest row of the micro-batch.
+
+A conversation longer than ``max_seq_len`` is truncated on the right (counted and reported).
+The cold-start data of the R1 recipe can come straight from the built-in task generators
+(``data = "tasks:arithmetic,countdown"``): question -> ``<think>`` worked steps -> answer.
+
+:class:`SFTTask` plugs into the shared trainer; :func:`train_sft` runs the whole stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .common import IGNORE, IndexStream, chat_row, pad_rows
+from .datasets import DataError, SFTExample, read_sft, task_prompts
+
+SFT_MODES = ("pack", "pad")
+
+
+@dataclass
+class SFTSection:
+    """The ``[sft]`` table. Rows are at most ``[optim] seq_len`` tokens, ``[optim] micro_batch_size``
+    rows per micro-batch."""
+
+    data: str = ""                   # SFT JSONL, or "tasks:NAME[,NAME]" for generated cold-start traces
+    num_examples: int = 0            # examples used (0: the whole file; required with tasks:)
+    template: str = "r1"             # tasks: data only: "r1" (chat, "Answer: X") or "r1-zero" (<answer> tags)
+    mode: str = "pack"               # pack | pad
+    tokenizer: str = ""              # tokenizer directory (default: found next to the checkpoint)
+    seed: int = 0                    # data order / packing
+
+    def validate(self) -> "SFTSection":
+        if self.mode not in SFT_MODES:
+            raise ValueError(f"mode = {self.mode!r}: must be one of {SFT_MODES}")
+        if self.template not in ("r1", "r1-zero"):
+            raise ValueError(f"template = {self.template!r}: must be 'r1' or 'r1-zero'")
+        if self.num_examples < 0:
+            raise ValueError(f"num_examples = {self.num_examples}: must be >= 0")
+        return self
+
+
+def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
+                      template: str = "r1") -> list[SFTExample]:
+    """Cold-start SFT examples from built-in tasks ``"a,b"``: user question -> reasoning + answer.
+
+    ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
+    ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
+    """
+    from nanoseek.data.tasks import r1_zero_prompt
+
+    names = [s.strip() for s in source.split(",") if s.strip()]
+    out: list[SFTExample] = []
+    for k, name in enumerate(names):
+        share = n // len(names) + (1 if k < n % len(names) else 0)
+        for item in task_prompts(name, share, split, seed):
+            p = item.problem
+            if template == "r1":
+                user, content = p.prompt, f"Answer: {p.answer}"
+            elif template == "r1-zero":
+                user, content = r1_zero_prompt(p), f"<answer>{p.answer}</answer>"
+            else:
+                raise DataError(f"unknown SFT template {template!r}; expected 'r1' or 'r1-zero'")
+            out.append(SFTExample(messages=[{"role": "user", "content": user},
+                                            {"role": "assistant", "reasoning": p.reasoning, "content": content}],
+                                  meta={"id": p.id, "task": p.task}, where=f"task {p.id}"))
+    return out
+
+
+def load_sft_examples(data: str, n: int = 0, seed: int = 0, template: str = "r1") -> list[SFTExample]:
+    """A JSONL file, or ``tasks:NAME[,NAME]`` for generated cold-start traces (``n`` of them)."""
+    if data.startswith("tasks:"):
+        if n <= 0:
+            raise DataError("SFT data 'tasks:...' needs a number of examples (num_examples > 0)")
+        return task_sft_examples(data[len("tasks:"):], n, seed=seed, template=template)
+    examples = read_sft(data)
+    return examples[:n] if n else examples
+
+
+@dataclass
+class SFTRows:
+    """Tokenised examples (each a row of ids and labels) and what tokenising them cost."""
+
+    ids: list[list[int]]
+    labels: list[list[int]]
+    truncated: int = 0
+    trained_tokens: int = 0
+
+
+def tokenize_examples(tokenizer, examples: list[SFTExample], max_seq_len: int) -> SFTRows:
+    rows = SFTRows([], [])
+    for ex in examples:
+        ids, labels, cut = chat_row(tokenizer, ex.messages, max_seq_len)
+        n = sum(x != IGNORE for x in labels)
+        if n == 0:
+            raise DataError(f"{ex.where or 'example'}: no assistant token within max_seq_len={max_seq_len} "
+                            "(raise max_seq_len or shorten the prompt)")
+        rows.ids.append(ids)
+        rows.labels.append(labels)
+        rows.truncated += cut
+        rows.trained_tokens += n
+    return rows
+
+
+def pack_rows(rows: SFTRows, max_seq_len: int, seed: int = 0) -> list[list[int]]:
+    """First-fit packing of whole examples (in a seeded order) into rows of <= max_seq_len tokens;
+    returns the example indices of every packed row."""
+    import random
+
+    order = list(range(len(rows.ids)))
+    random.Random(seed).shuffle(order)
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = len(rows.ids[i])
+        for b in range(len(bins)):
+            if space[b] >= n:
+                bins[b].append(i)
+                space[b] -= n
+                break
+        else:
+            bins.append([i])
+            space.append(max_seq_len - n)
+    return bins
+
+
+class SFTTask:
+    """SFT as a task of the shared trainer."""
+
+    def __init__(self, rows: SFTRows, pad_id: int, micro_batch_size: int, max_seq_len: int,
+                 mode: str = "pack", seed: int = 0, mtp_lambda: float = 0.0):
+        if mode not in SFT_MODES:
+            raise ValueError(f"SFT mode must be one of {SFT_MODES}, got {mode!r}")
+        self.rows, self.pad_id, self.mode, self.max_seq_len = rows, pad_id, mode, max_seq_len
+        self.mtp_lambda = mtp_lambda
+        self.units = pack_rows(rows, max_seq_len, seed) if mode == "pack" else [[i] for i in range(len(rows.ids))]
+        self.stream = IndexStream(len(self.units), micro_batch_size, seed)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of padding tokens in the packed rows (pack mode) at length max_seq_len."""
+        used = sum(len(self.rows.ids[i]) for u in self.units for i in u)
+        return 1 - used / (len(self.units) * self.max_seq_len)
+
+    def make_batch(self, unit_indices: list[int]) -> dict[str, torch.Tensor]:
+        ids, labels = [], []
+        for u in unit_indices:
+            ids.append([t for i in self.units[u] for t in self.rows.ids[i]])
+            labels.append([t for i in self.units[u] for t in self.rows.labels[i]])
+        n = max(len(r) for r in ids)
+        return {"input_ids": pad_rows(ids, self.pad_id, n), "labels": pad_rows(labels, IGNORE, n)}
+
+    def batches(self):
+        return _Batches(self)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        loss = out.loss
+        metrics = {"ce": float(out.loss.detach()), "tokens": int((batch["labels"] != IGNORE).sum())}
+        if out.mtp_loss is not None and self.mtp_lambda > 0:
+            loss = loss + self.mtp_lambda * out.mtp_loss
+            metrics["mtp_loss"] = float(out.mtp_loss.detach())
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            metrics["aux_loss"] = float(out.aux_loss.detach())
+        return loss, metrics
+
+
+class _Batches:
+    def __init__(self, task: SFTTask):
+        self.task = task
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.task.make_batch(self.task.stream.next_indices())
+
+    def state_dict(self) -> dict:
+        return self.task.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.task.stream.load_state_dict(state)
+
+
+def train_sft(cfg, *, model=None, tokenizer=None, examples: list[SFTExample] | None = None,
+              resume: bool | str = False, quiet: bool = False, progress: bool | None = None):
+    """Run an SFT stage (:class:`~nanoseek.post.stage.StageConfig` of kind "sft" or "distill").
+
+    ``model`` / ``tokenizer`` / ``examples`` override what the config names (the recipe and the
+    tests pass them in); returns a :class:`~nanoseek.post.stage.StageResult` whose ``extra`` holds
+    the example, row and truncation counts.
+    """
+    from .stage import check_vocab, load_model, load_tokenizer_for, run_trainer
+
+    a, o = cfg.algo, cfg.optim
+    ckpt = None
+    if model is None:
+        model, ckpt = load_model(cfg.model, cfg.train.device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_for(ckpt, a.tokenizer)
+    check_vocab(model, tokenizer)
+    if examples is None:
+        if not a.data:
+            raise DataError(f"{cfg.source}: [{cfg.kind}] data is empty: give an SFT JSONL or tasks:NAME")
+        examples = load_sft_examples(a.data, a.num_examples, a.seed, a.template)
+    rows = tokenize_examples(tokenizer, examples, o.seq_len)
+    model.use_mtp = cfg.train.mtp_lambda > 0 and model.config.num_nextn_predict_layers > 0
+    task = SFTTask(rows, tokenizer.pad_id, o.micro_batch_size, o.seq_len, a.mode, a.seed, cfg.train.mtp_lambda)
+    extra: dict[str, Any] = {"examples": len(examples), "rows": len(task.units), "truncated": rows.truncated,
+                             "padding_fraction": round(task.padding_fraction, 4),
+                             "trained_tokens_per_epoch": rows.trained_tokens}
+    if rows.truncated and not quiet:
+        print(f"sft: {rows.truncated} of {len(examples)} conversations were longer than seq_len={o.seq_len} "
+              "and were truncated on the right")
+    return run_trainer(model, task, cfg, tokenizer, resume=resume, quiet=quiet, progress=progress, extra=extra)
+
+
+__all__ = ["SFT_MODES", "SFTSection", "train_sft", "task_sft_examples", "load_sft_examples", "SFTRows", "tokenize_examples",
+           "pack_rows", "SFTTask"]

@@ -1,0 +1,241 @@
+"""One post-training stage as a config: TOML tables -> typed sections, model + tokenizer, the trainer.
+
+Every post-training stage (``sft``, ``dpo``, ``grpo``, ``distill``) is one TOML file with the
+tables of the shared trainer plus one table named after the stage::
+
+    [model]   init_from = "runs/pretrain/final"   # the checkpoint to start from (a run folder works)
+              # or, for a student trained from scratch (distill): preset = "tiny" + HF config fields
+    [sft]     the stage's own knobs (SFTSection, DPOSection, GRPOConfig or DistillSection)
+    [optim]   lr, schedule, micro_batch_size, grad_accum, seq_len (the max tokens per row) ...
+    [train]   max_steps, out_dir, save_every, mtp_lambda, bias_update_gamma ...
+    [spike]   the loss-spike guard
+
+Parsing and ``--set table.key=value`` overrides are the trainer's (``nanoseek.train.config``):
+every key is checked and errors name the file, table and key. Each kind has defaults suited to
+post-training (:data:`STAGE_DEFAULTS`: small learning rates, no weight decay, and for GRPO the
+statistical spike tests off, since a policy-gradient loss is not a curve that should go down;
+DPO and GRPO optimise their own objective only: no MTP loss and no sequence-wise balance loss, the
+experts staying balanced by the aux-loss-free bias update after every step).
+
+:func:`run_trainer` wires a task into :class:`nanoseek.train.loop.Trainer` with the expert-bias
+hook, saves the tokenizer into the run folder (so every checkpoint finds it) and into ``final/``,
+and returns a :class:`StageResult` with the final checkpoint and the logged step records.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.cli import UserError
+from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
+                                   apply_overrides, dumps_toml, parse_sections, read_toml, resolve_config_path)
+
+# Post-training defaults under each kind (the TOML file and --set override them).
+STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "sft": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"},
+            "train": {"mtp_lambda": 0.1, "save_every": 0, "eval_every": 0}},
+    "distill": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"},
+                "train": {"mtp_lambda": 0.1, "save_every": 0, "eval_every": 0}},
+    "dpo": {"optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 5, "weight_decay": 0.0, "schedule": "cosine"},
+            "train": {"mtp_lambda": 0.0, "seq_aux_alpha": 0.0, "save_every": 0, "eval_every": 0}},
+    "grpo": {"optim": {"lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"},
+             "train": {"mtp_lambda": 0.0, "seq_aux_alpha": 0.0, "save_every": 0, "eval_every": 0},
+             "spike": {"enabled": False}},
+}
+
+
+@dataclass
+class StageConfig:
+    kind: str                                   # sft | dpo | grpo | distill
+    model: ModelSection
+    algo: Any                                   # the [kind] table's dataclass
+    optim: OptimSection
+    train: TrainSection
+    spike: SpikeSection
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        model = dataclasses.asdict(self.model)
+        model.update(model.pop("fields"))
+        return {"model": model, self.kind: dataclasses.asdict(self.algo), "optim": dataclasses.asdict(self.optim),
+                "train": dataclasses.asdict(self.train), "spike": dataclasses.asdict(self.spike)}
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict(), header=f"Resolved nanoseek {self.kind} config (from {self.source})")
+
+
+@dataclass
+class StageResult:
+    kind: str
+    run_dir: Path
+    final_dir: Path | None                      # RUN/final: the HF checkpoint the next stage starts from
+    status: str
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)   # logged step records
+    extra: dict[str, Any] = field(default_factory=dict)           # stage-specific results
+
+    def last(self, key: str, default: Any = None) -> Any:
+        """The last logged value of a metric."""
+        for rec in reversed(self.history):
+            if key in rec:
+                return rec[key]
+        return default
+
+
+def _algo_classes() -> dict[str, type]:
+    from .distill import DistillSection
+    from .dpo import DPOSection
+    from .grpo import GRPOConfig
+    from .sft import SFTSection
+
+    return {"sft": SFTSection, "dpo": DPOSection, "grpo": GRPOConfig, "distill": DistillSection}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
+    """A raw TOML dict -> validated :class:`StageConfig` of ``kind``."""
+    from nanoseek.model.config import ModelConfig
+    from nanoseek.train.config import _check_train_config
+
+    classes = _algo_classes()
+    if kind not in classes:
+        raise ConfigError(f"{source}: unknown stage kind {kind!r}; expected one of {sorted(classes)}")
+    schema = {"model": ModelSection, kind: classes[kind], "optim": OptimSection, "train": TrainSection,
+              "spike": SpikeSection}
+    raw = _merge(STAGE_DEFAULTS.get(kind, {}), raw)
+    parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())})
+    cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
+                      spike=parts["spike"], source=source)
+    if cfg.model.init_from:
+        from nanoseek.infer.loading import LoadError, resolve_checkpoint
+
+        try:  # a run folder means its final (or latest) checkpoint
+            cfg.model.init_from = str(resolve_checkpoint(cfg.model.init_from))
+        except LoadError as e:
+            raise ConfigError(f"{source}: [model] init_from: {e}") from None
+    if cfg.model.init_from and cfg.model.fields:
+        raise ConfigError(f"{source}: [model] sets both init_from and config fields {sorted(cfg.model.fields)}; a "
+                          "trained checkpoint's architecture cannot change (drop the fields)")
+    if kind != "distill" and not cfg.model.init_from:
+        raise ConfigError(f"{source}: [model] init_from is required: the checkpoint {kind} starts from")
+    # optim/train/spike checks are the trainer's own (the [data] table is not used here)
+    _check_train_config(TrainConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, spike=cfg.spike,
+                                    source=source), source)
+    validate = getattr(cfg.algo, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{source}: [{kind}] {e}") from None
+    return cfg
+
+
+def load_stage_config(path: str | Path, kind: str, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
+    """Read a stage TOML (a path or a shipped recipe name like ``sft``), apply ``--set``, validate."""
+    path = resolve_config_path(path)
+    raw = read_toml(path)
+    if "stages" in raw:
+        raise ConfigError(f"{path}: is a multi-stage recipe ([stages]); run it with `nanoseek grpo --config {path}`")
+    schema = {"model": ModelSection, kind: object, "optim": OptimSection, "train": TrainSection,
+              "spike": SpikeSection}
+    raw = apply_overrides(raw, list(overrides), schema)
+    cfg = stage_config_from_dict(kind, raw, source=str(path))
+    if not cfg.train.out_dir:
+        cfg.train.out_dir = str(Path("runs") / path.stem)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- model and tokenizer
+
+
+def load_model(model_section: ModelSection, device: str = "cpu"):
+    """(model, checkpoint dir or None): the ``init_from`` checkpoint (a run folder or HF directory),
+    or a fresh random init of ``preset`` + fields (a distillation student from scratch); fp32, in
+    train mode, on ``device`` ("auto": cuda when available)."""
+    from nanoseek.train.loop import resolve_device
+
+    device = resolve_device(device)
+    import torch
+
+    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+    from nanoseek.model import DeepseekV3ForCausalLM
+    from nanoseek.model.checkpoint import from_pretrained
+
+    if model_section.init_from:
+        try:
+            ckpt = resolve_checkpoint(model_section.init_from)
+        except LoadError as e:
+            raise UserError(f"[model] init_from: {e}") from None
+        return from_pretrained(ckpt, dtype=torch.float32, device=device).train(), ckpt
+    return DeepseekV3ForCausalLM(model_section.build_config()).to(device).train(), None
+
+
+def load_tokenizer_for(checkpoint: Path | None, explicit: str = ""):
+    """The tokenizer at ``explicit``, else the one found next to ``checkpoint``."""
+    from nanoseek.infer.loading import find_tokenizer, load_tokenizer
+
+    if explicit:
+        return load_tokenizer(explicit)
+    found = find_tokenizer(checkpoint) if checkpoint is not None else None
+    if found is None:
+        raise UserError(f"no tokenizer.json found for {checkpoint} (nor in its parent folders); set the stage's "
+                        "'tokenizer' key to a tokenizer directory")
+    return load_tokenizer(found)
+
+
+def check_vocab(model, tokenizer, what: str = "model") -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the {what} only "
+                        f"{model.config.vocab_size}: they do not belong together")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str = False, quiet: bool = False,
+                progress: bool | None = None, extra_hooks=(), extra: dict[str, Any] | None = None) -> StageResult:
+    """Train ``task`` with the shared trainer under ``cfg``; returns the stage's result."""
+    import json
+    import tempfile
+
+    from nanoseek.train.loop import ExpertBalanceHook, Trainer
+    from nanoseek.train.metrics import read_metrics
+
+    run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir)                     # checkpoints under RUN/checkpoints find it here
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        final_files = {name: (Path(tmp) / name).read_text(encoding="utf-8")
+                       for name in ("tokenizer.json", "tokenizer_config.json")}
+    if hasattr(model, "set_seq_aux_alpha"):
+        model.set_seq_aux_alpha(cfg.train.seq_aux_alpha)
+    hooks = [ExpertBalanceHook(cfg.train.bias_update_gamma), *extra_hooks]
+    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir=run_dir, hooks=hooks,
+                      config={"kind": cfg.kind, **cfg.to_dict()}, final_files=final_files, progress=progress,
+                      quiet=quiet)
+    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    result = trainer.fit(resume=resume)
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    history = [r for r in records if "step" in r and "event" not in r]
+    out = StageResult(kind=cfg.kind, run_dir=run_dir, final_dir=result.final_dir, status=result.status,
+                      steps=result.step, history=history, extra=dict(extra or {}))
+    (run_dir / "stage.json").write_text(json.dumps({"kind": out.kind, "status": out.status, "steps": out.steps,
+                                                    "final_dir": str(out.final_dir) if out.final_dir else None,
+                                                    **{k: v for k, v in out.extra.items()
+                                                       if isinstance(v, (int, float, str, bool))}}, indent=1))
+    return out
+
+
+__all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config",
+           "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]

@@ -1,0 +1,193 @@
+"""Post-training stages as configs: shipped recipes parse, errors name the key, the CLI runs them,
+and DPO / distillation run end to end through the shared trainer on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.model.checkpoint import save_pretrained
+from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
+from nanoseek.post.distill import run_distill, split_reasoning, verified_examples, Scored
+from nanoseek.post.dpo import train_dpo
+from nanoseek.post.recipe import load_recipe, recipe_from_dict
+from nanoseek.post.rewards import RewardResult
+from nanoseek.post.sft import train_sft
+from nanoseek.post.stage import load_stage_config, stage_config_from_dict
+from nanoseek.train.config import ConfigError
+from post_helpers import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A saved tiny checkpoint with its tokenizer."""
+    tk = tiny_tokenizer()
+    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name,kind", [("sft", "sft"), ("dpo", "dpo"), ("r1-zero", "grpo"), ("distill", "distill")])
+def test_shipped_stage_configs_parse(base, name, kind):
+    over = [f"model.init_from={base}"] if kind != "distill" else []
+    cfg = load_stage_config(name, kind, over)
+    assert cfg.kind == kind and cfg.train.max_steps > 0
+    if kind == "grpo":
+        assert cfg.algo.template == "r1-zero" and not cfg.spike.enabled
+    assert cfg.to_toml().count(f"[{kind}]") == 1
+
+
+def test_shipped_r1_recipe_parses_every_stage(base):
+    rec = load_recipe("r1", [f"recipe.init_from={base}"])
+    assert [(s.name, s.kind) for s in rec.stages] == [("cold_start", "sft"), ("reasoning_rl", "grpo"),
+                                                       ("rejection_sft", "distill"), ("final_rl", "grpo")]
+    assert rec.stages[2].init == "base" and rec.stages[2].teacher == "previous"
+    for st in rec.stages:  # each stage validates as a stage config
+        raw = {**st.raw, "model": {"init_from": str(base)}}
+        stage_config_from_dict(st.kind, raw, source=f"r1 [stages.{st.name}]")
+
+
+def test_stage_config_errors_name_the_key(base, tmp_path):
+    ok = {"model": {"init_from": str(base)}, "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match=r"unknown key 'bta' in \[grpo\]"):
+        stage_config_from_dict("grpo", {**ok, "grpo": {"bta": 0.1}}, "x.toml")
+    with pytest.raises(ConfigError, match=r"x.toml: \[grpo\] loss_agg"):
+        stage_config_from_dict("grpo", {**ok, "grpo": {"loss_agg": "sum"}}, "x.toml")
+    with pytest.raises(ConfigError, match="init_from is required"):
+        stage_config_from_dict("sft", {"train": {"max_steps": 1}}, "x.toml")
+    with pytest.raises(ConfigError, match="no such file"):
+        stage_config_from_dict("sft", {"model": {"init_from": str(tmp_path / "nope")}, "train": {"max_steps": 1}})
+    with pytest.raises(ConfigError, match="architecture cannot change"):
+        stage_config_from_dict("sft", {**ok, "model": {"init_from": str(base), "hidden_size": 64}})
+    with pytest.raises(ConfigError, match=r"\[sft\] .*mode.* must be str"):
+        stage_config_from_dict("sft", {**ok, "sft": {"mode": 3}})
+    with pytest.raises(ConfigError, match="needs max_steps"):
+        stage_config_from_dict("sft", {"model": {"init_from": str(base)}, "train": {"max_steps": None}})
+    with pytest.raises(ConfigError, match="needs kind"):
+        recipe_from_dict({"recipe": {"init_from": "x"}, "stages": {"a": {"sft": {}}}})
+
+
+def test_cli_print_config_and_errors(base, tmp_path, capsys):
+    assert main(["grpo", "--config", "r1-zero", "--model", str(base), "--steps", "7", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "[grpo]" in out and "max_steps = 7" in out and str(base) in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[model]\ninit_from = "{base}"\n[sft]\ndta = "x"\n[train]\nmax_steps = 1\n')
+    assert main(["sft", "--config", str(bad)]) == 2
+    assert "unknown key 'dta' in [sft]" in capsys.readouterr().err
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert main(["sft", "--config", "sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "r")]) == 2
+    assert f"{data}:1: no assistant message" in capsys.readouterr().err
+
+
+def test_cli_sft_runs(base, tmp_path, one_thread):
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                                {"role": "assistant", "content": "7"}]}
+                                                  for i in range(6)])
+    code = main(["sft", "--config", "sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "2", "--set", "optim.seq_len=64", "--set", "train.device=\"cpu\"", "--quiet"])
+    assert code == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "run" / "stage.json").read_text())["examples"] == 6
+
+
+def test_dpo_stage_learns_the_preference(base, tmp_path, one_thread):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"say 7 ({i})", "chosen": "7", "rejected": "12"}
+                                                   for i in range(4)])
+    cfg = stage_config_from_dict("dpo", {
+        "model": {"init_from": str(base)}, "dpo": {"data": str(prefs), "beta": 0.5},
+        "optim": {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 4,
+                  "seq_len": 64},
+        "train": {"max_steps": 8, "out_dir": str(tmp_path / "dpo"), "device": "cpu"}})
+    res = train_dpo(cfg, quiet=True)
+    first, last = res.history[0], res.history[-1]
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)             # starts at log 2: policy == reference
+    assert last["reward_margin"] > 1.0 and last["reward_accuracy"] == 1.0
+    assert res.extra["pairs"] == 4
+
+
+def test_split_reasoning_and_verified_examples():
+    assert split_reasoning("<think>\nsteps\n</think>\n\nAnswer: 7") == ("steps", "Answer: 7")
+    assert split_reasoning(" <think> a </think> <answer>7</answer>") == (" a ", "<answer>7</answer>")
+    assert split_reasoning("7") == (None, "7")
+    items = load_rl_prompts("digit7", 2)
+
+    def s(text, ok):
+        return Scored(text, RewardResult(reward=float(ok), format_ok=ok, correct=ok, answer=None), "stop", 3)
+
+    ex = verified_examples(items, [[s("<think>\nlong one\n</think>\n\n7", True), s("<think>\nx\n</think>\n\n7", True),
+                                    s("8", False)], [s("9", False)]], keep_per_prompt=1)
+    assert len(ex) == 1                                                  # the second prompt has no verified sample
+    assert ex[0].messages == [{"role": "user", "content": items[0].prompt},
+                              {"role": "assistant", "content": "7", "reasoning": "x"}]   # shortest first
+
+
+def test_distill_from_teacher_into_fresh_dense_student(base, tmp_path, one_thread):
+    tk = tiny_tokenizer()
+    prompts = load_rl_prompts("digit7", 8, seed=0)
+    teach = [SFTExample(messages=[{"role": "user", "content": p.prompt},
+                                  {"role": "assistant", "reasoning": "x", "content": "7"}]) for p in prompts]
+    cfg = stage_config_from_dict("sft", {
+        "model": {"init_from": str(base)}, "sft": {"mode": "pad"},
+        "optim": {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 8,
+                  "seq_len": 64},
+        "train": {"max_steps": 50, "out_dir": str(tmp_path / "teacher"), "device": "cpu"}})
+    teacher = train_sft(cfg, examples=teach, quiet=True)
+    dcfg = stage_config_from_dict("distill", {
+        "model": {"preset": str(base / "config.json"), "n_routed_experts": 0, "num_nextn_predict_layers": 0},
+        "distill": {"teacher": str(teacher.final_dir), "prompts": "digit7", "num_prompts": 4, "samples_per_prompt": 2,
+                    "max_new_tokens": 16, "temperature": 0.0, "template": "chat", "mode": "pad"},
+        "optim": {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 4,
+                  "seq_len": 64},
+        "train": {"max_steps": 6, "out_dir": str(tmp_path / "student"), "device": "cpu"}})
+    res = run_distill(dcfg, quiet=True)
+    sampling = res.extra["sampling"]
+    assert sampling["accuracy"] == 1.0 and sampling["kept"] == 4          # greedy teacher: all verified, 1 per prompt
+    traces = [json.loads(x) for x in (tmp_path / "student" / "distill.jsonl").read_text().splitlines()]
+    assert traces[0]["messages"][1] == {"role": "assistant", "content": "7", "reasoning": "x"}
+    assert res.history[-1]["ce"] < res.history[0]["ce"]
+    student_cfg = json.loads((res.final_dir / "config.json").read_text())
+    assert student_cfg["n_routed_experts"] == 0                            # a dense student
+
+
+@pytest.mark.slow
+def test_r1_recipe_end_to_end(base, tmp_path, one_thread):
+    """The shipped r1 recipe, shrunk: cold start -> GRPO -> rejection-sampling SFT of the base -> GRPO."""
+    from nanoseek.post.recipe import run_recipe
+
+    cold = write_jsonl(tmp_path / "cold.jsonl", [
+        {"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "reasoning": "x", "content": "Answer: 7"}]}
+        for p in load_rl_prompts("digit7", 8, seed=0)])
+    ov = [f"recipe.init_from={base}", f"recipe.out_dir={tmp_path / 'r1'}", f"stages.cold_start.sft.data={cold}",
+          "stages.cold_start.optim.lr=1e-2", "stages.cold_start.optim.min_lr=1e-2", "stages.cold_start.train.max_steps=50",
+          "stages.rejection_sft.optim.lr=1e-2", "stages.rejection_sft.optim.min_lr=1e-2",
+          "stages.rejection_sft.train.max_steps=30", "stages.rejection_sft.distill.samples_per_prompt=2"]
+    for st in ("cold_start", "reasoning_rl", "rejection_sft", "final_rl"):
+        ov += [f"stages.{st}.train.device=cpu", f"stages.{st}.optim.seq_len=64", f"stages.{st}.optim.warmup_steps=0",
+               f"stages.{st}.optim.micro_batch_size=8"]
+    for st in ("reasoning_rl", "final_rl"):
+        ov += [f"stages.{st}.grpo.prompts=digit7", f"stages.{st}.grpo.num_prompts=8", f"stages.{st}.grpo.group_size=4",
+               f"stages.{st}.grpo.prompts_per_step=2", f"stages.{st}.grpo.max_new_tokens=16",
+               f"stages.{st}.train.max_steps=2"]
+    ov += ["stages.rejection_sft.distill.prompts=digit7", "stages.rejection_sft.distill.num_prompts=4",
+           "stages.rejection_sft.distill.max_new_tokens=16", "stages.rejection_sft.distill.mode=pad"]
+    results = run_recipe(load_recipe("r1", ov), quiet=True, progress=False)
+    assert [r.status for r in results] == ["done"] * 4
+    assert results[0].history[-1]["ce"] < 0.2 * results[0].history[0]["ce"]
+    assert results[1].last("format_rate") > 0                             # the cold start taught the R1 format
+    assert results[2].extra["sampling"]["kept"] >= 1
+    assert str(base) in (results[2].run_dir / "config.toml").read_text()  # rejection SFT retrains the base
+    again = run_recipe(load_recipe("r1", ov), resume=True, quiet=True)     # finished stages are skipped
+    assert all(r.extra.get("skipped") for r in again)
+    assert again[-1].final_dir == results[-1].final_dir
