@@ -1,0 +1,199 @@
+"""``nanoseek eval``: held-out task accuracy (pass@1 with 95% intervals, pass@k, maj@k) of a checkpoint.
+
+``--model`` is an HF checkpoint directory, a training run folder, or a speedrun folder with
+stages (``RUN/pretrain``, ``RUN/sft``, ``RUN/grpo``): then every stage with a checkpoint is
+evaluated on the SAME problems, each in its own prompt mode, and consecutive stages are
+compared with the paired 95% interval of their per-problem differences.
+
+Prompt modes: ``fewshot`` (base models: worked train examples, then the question), ``chat``
+(the chat template; R1 format scored separately from accuracy), ``chat-think`` (``<think>``
+pre-filled), ``r1-zero`` (R1-Zero's plain template), ``auto``: what the stage was trained for:
+run.json's ``eval_mode``, else the stage's ``stage.json`` / ``config.toml`` (sft, dpo, distill ->
+chat; grpo -> its template; pre-training -> fewshot), else the folder name.
+
+Each evaluation is written to ``eval.json`` (default: in the stage folder, or ``--out``) with
+the config, the metrics, every problem's scores and a few full responses. ``--data DIR`` adds
+bits per byte on the validation split of a prepared data directory.
+
+Examples::
+
+    nanoseek eval --model runs/speedrun --tasks arithmetic,countdown --n 200 --k 4
+    nanoseek eval --model runs/speedrun/sft/final --mode chat --temperature 0 --out sft-greedy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="RUN_OR_DIR",
+                   help="HF checkpoint directory, run folder, or speedrun folder with stage sub-folders")
+    p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
+                                    "with a checkpoint)")
+    p.add_argument("--tasks", default="arithmetic,countdown",
+                   help="comma-separated built-in tasks (nanoseek.data.tasks; default arithmetic,countdown)")
+    p.add_argument("--n", type=int, default=200, help="held-out (test split) problems per task (default 200)")
+    p.add_argument("--k", type=int, default=4, help="samples per problem: pass@1 is averaged over them, and "
+                                                     "pass@k / maj@k are reported up to k (default 4)")
+    p.add_argument("--mode", default="auto", choices=["auto", "fewshot", "chat", "chat-think", "r1-zero"],
+                   help="prompt mode (default auto: fewshot for pre-training stages, chat after SFT)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy, which "
+                                                                   "sets k to 1 (default 0.6, R1's)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95, R1's)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 disables it (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per sample (default 256)")
+    p.add_argument("--levels", help="comma-separated difficulty levels, problems split evenly over them "
+                                    "(default: all levels of each task mixed)")
+    p.add_argument("--few-shot", type=int, default=3, help="worked train examples in fewshot mode (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="problem set and sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="engine cache rows: samples decoded at once "
+                                                              "(default 16)")
+    p.add_argument("--max-seq-len", type=int, help="engine context per row (default: the model's, at most 4096)")
+    p.add_argument("--samples", type=int, default=3, help="full responses saved per task (default 3)")
+    p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
+    p.add_argument("--data", metavar="DIR", help="prepared data directory: also measure bits per byte on its "
+                                                 "val split")
+    p.add_argument("--bpb-tokens", type=int, default=32768, help="target tokens for bits per byte (default 32768)")
+    p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: found next to the checkpoint)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding in the engine")
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    from nanoseek.cli import UserError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[str, Path, Path, str]]:
+    """(label, checkpoint dir, default eval.json path, mode) for every model to evaluate."""
+    from nanoseek.cli import UserError
+    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+
+    from .runs import EVAL_JSON, RunError, find_stages, stage_of_checkpoint
+
+    path = Path(model_arg)
+    if not path.exists():
+        raise UserError(f"--model {path}: no such file or directory")
+    try:
+        ckpt = resolve_checkpoint(path)
+    except LoadError:
+        ckpt = None
+    if ckpt is not None:
+        if stages_arg:
+            raise UserError(f"--stages applies to a speedrun folder; {path} is one checkpoint")
+        stage, mode = stage_of_checkpoint(ckpt)
+        if mode_arg != "auto":
+            mode = mode_arg
+        elif mode is None:
+            raise UserError(f"--mode auto cannot tell whether {ckpt} is a base or a chat model (no stage.json, "
+                            "config.toml or stage name like pretrain/sft/grpo above it): pass --mode fewshot or "
+                            "--mode chat")
+        home = path if path.resolve() != ckpt.resolve() else (ckpt.parent if ckpt.name in ("final", "model", "hf")
+                                                               else ckpt)
+        return [(stage or ckpt.name, ckpt, home / EVAL_JSON, mode)]
+    try:
+        stages = find_stages(path)
+    except RunError as e:
+        raise UserError(str(e)) from None
+    wanted = [s.strip() for s in stages_arg.split(",")] if stages_arg else None
+    if wanted:
+        unknown = [w for w in wanted if w not in {s.name for s in stages}]
+        if unknown:
+            raise UserError(f"--stages {','.join(unknown)}: not in {path} (stages: "
+                            f"{', '.join(s.name for s in stages) or 'none'})")
+        stages = [s for s in stages if s.name in wanted]
+    out = []
+    for s in stages:
+        c = s.checkpoint()
+        if c is None:
+            if wanted:
+                raise UserError(f"stage {s.name} ({s.dir}) has no checkpoint yet")
+            continue
+        mode = mode_arg if mode_arg != "auto" else s.eval_mode
+        if mode is None:
+            raise UserError(f"--mode auto: cannot tell the prompt mode of stage {s.name!r}; set its \"eval_mode\" "
+                            "in run.json or pass --mode")
+        out.append((s.name, c, s.eval_path, mode))
+    if not out:
+        raise UserError(f"--model {path}: not a checkpoint, and no stage in it has one (looked for final/, "
+                        "latest, checkpoints/)")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.cli import UserError
+
+    from .harness import EvalConfig, evaluate
+
+    levels = _ints(args.levels, "--levels")
+    try:                                  # bad flags fail before any model is loaded
+        EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], n_problems=args.n, k=args.k,
+                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                   levels=levels, few_shot=args.few_shot, batch_size=args.batch_size,
+                   keep_samples=args.samples).validate()
+    except (KeyError, ValueError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+    jobs = plan(args.model, args.stages, args.mode)
+    if args.out and len(jobs) > 1:
+        raise UserError(f"--out names one file but {len(jobs)} stages are evaluated "
+                        f"({', '.join(j[0] for j in jobs)}); pick one with --stages")
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from nanoseek.data.tokenizer import TokenizerError
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.loading import LoadError, load_for_inference
+
+    from .bpb import bits_per_byte
+    from .results import paired_comparison
+    from .tables import comparison_table, result_table
+
+    console = Console()
+    results = []
+    for label, ckpt, default_out, mode in jobs:
+        try:
+            model, tokenizer = load_for_inference(ckpt, tokenizer_path=args.tokenizer, device=args.device,
+                                                  require_tokenizer=True)
+        except (LoadError, TokenizerError) as e:
+            raise UserError(str(e)) from None
+        engine = Engine(model, tokenizer, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                        use_mtp=args.mtp)
+        with Progress(TextColumn(f"[bold]{label}[/] ({mode})"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("eval", total=None)
+            try:
+                result = evaluate(model, tokenizer, args.tasks, n_problems=args.n, k=args.k, mode=mode,
+                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed, levels=levels,
+                                  few_shot=args.few_shot, batch_size=args.batch_size, keep_samples=args.samples,
+                                  engine=engine, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            except ValueError as e:       # a level a task lacks, a prompt longer than the context, ...
+                raise UserError(f"{label}: {e}") from None
+        result.model["path"] = str(ckpt)
+        result.model["stage"] = label
+        if args.data:
+            try:
+                result.bpb = bits_per_byte(model, args.data, tokenizer, max_tokens=args.bpb_tokens).to_dict()
+            except ValueError as e:           # ShardError included: a missing or mismatched data directory
+                raise UserError(f"--data {args.data}: {e}") from None
+        console.print(result_table(result, f"{label}: {ckpt}"))
+        for note in result.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        if not args.no_save:
+            out = Path(args.out) if args.out else default_out
+            result.save(out)
+            console.print(f"wrote {out}")
+        results.append((label, result))
+    for (la, a), (lb, b) in zip(results, results[1:]):
+        console.print(comparison_table(paired_comparison(a, b), la, lb))
+    return 0

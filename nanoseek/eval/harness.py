@@ -1,0 +1,369 @@
+"""The evaluation harness: held-out task accuracy of a checkpoint, with k samples per problem.
+
+:func:`evaluate` draws ``n_problems`` problems of the ``"test"`` split of each built-in task
+(:mod:`nanoseek.data.tasks`; disjoint from ``"train"`` by construction), renders each in one of
+four prompt modes, samples ``k`` completions per problem with the inference engine, scores them
+and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, pass@1 with its
+95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``).
+
+Prompt modes (``mode``):
+
+* ``fewshot``, for base models: ``few_shot`` TRAIN problems of the same task and level rendered
+  as pre-training documents (``corpus_document``: "Question: ...\\nSolution:\\n...\\nAnswer: X"),
+  each after a BOS token exactly as packed pre-training data shows them, then
+  ``BOS Question: {prompt}\\nSolution:\\n``. Generation stops at ``"\\nQuestion:"``, BOS or EOS;
+  the answer is :func:`extract_answer` of the completion (its "Answer:" line). "Format" here
+  means the completion states an ``Answer:`` line. Examples are dropped, oldest first, when the
+  prompt would not leave ``min(max_new_tokens, context / 2)`` tokens in the engine's context
+  (noted in the result).
+* ``chat``, for SFT / GRPO models: the question as one user turn of the chat template with the
+  generation prompt (``encode_chat``); the model writes ``<think>...</think>`` itself.
+  Scored with :func:`nanoseek.post.rewards.score`: accuracy is the answer being right whatever
+  the format, format rate is R1's ``<think>`` format, reported separately (``strict@1`` needs
+  both).
+* ``chat-think``: the same with ``<think>\\n`` pre-filled (the R1 template); scored with
+  ``think_prefilled``.
+* ``r1-zero``: DeepSeek-R1-Zero's plain-text template after BOS (as ``nanoseek grpo`` with
+  ``template = "r1-zero"`` trains); stops at ``</answer>``, which is put back before scoring.
+
+Sampling: R1's evaluation settings by default (temperature 0.6, top-p 0.95). Temperature 0 is
+greedy decoding; its k samples would be identical, so k is set to 1 (noted). Every request has
+its own seed derived from ``(seed, problem id, chunk)``, so a problem's samples do not depend on
+which other problems are evaluated with it or on the batch size (the engine's per-row random
+streams), and the same seed reproduces the result (up to float rounding in batched matmuls).
+k above the engine's ``max_batch_size`` is split into chunks of at most that many samples.
+Requests go through ``Engine.submit`` (continuous batching over all problems); an object with
+only ``generate(prompts, params)`` works too (tests pass a fake one).
+
+Bits per byte on held-out text is :func:`nanoseek.eval.bpb.bits_per_byte` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+from .bpb import BpbResult, bits_per_byte  # noqa: F401  (re-exported)
+from .results import EvalResult, ProblemResult, k_values
+
+MODES = ("fewshot", "chat", "chat-think", "r1-zero")
+FEWSHOT_STOP = "\nQuestion:"
+R1_ZERO_STOP = "</answer>"
+
+
+@dataclass
+class EvalConfig:
+    """The settings of one evaluation (saved in ``eval.json`` as ``config``)."""
+
+    tasks: list[str]
+    n_problems: int = 100
+    k: int = 1
+    mode: str = "chat"
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+    levels: list[int] | None = None
+    few_shot: int = 3
+    batch_size: int = 16
+    keep_samples: int = 3                 # full responses saved per task
+    ks: list[int] = field(default_factory=list)   # filled in: the k values of pass@k / maj@k
+
+    def validate(self) -> "EvalConfig":
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"eval {name} = {getattr(self, name)!r}: {why}")
+
+        if not self.tasks:
+            raise bad("tasks", "name at least one task")
+        from nanoseek.data.tasks import get_task
+
+        for t in self.tasks:
+            get_task(t)                   # KeyError listing the valid names
+        if self.mode not in MODES:
+            raise bad("mode", f"must be one of {', '.join(MODES)}")
+        for name in ("n_problems", "k", "max_new_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "must be an integer >= 1")
+        if self.few_shot < 0 or self.keep_samples < 0:
+            raise bad("few_shot", "few_shot and keep_samples must be >= 0")
+        if not self.temperature >= 0:
+            raise bad("temperature", "must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.levels is not None and not self.levels:
+            raise bad("levels", "give at least one level, or None for all levels mixed")
+        return self
+
+
+# ---------------------------------------------------------------------- prompts and scoring
+
+def _bos(tokenizer) -> int:
+    return int(tokenizer.bos_id)
+
+
+def chat_ids(tokenizer, prompt: str, think: bool = False) -> list[int]:
+    """The question as one user turn with the assistant's generation prompt."""
+    messages = [{"role": "user", "content": prompt}]
+    if hasattr(tokenizer, "encode_chat"):
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, think=think)[0]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=think))
+
+
+def fewshot_ids(tokenizer, problem, examples: Sequence) -> list[int]:
+    """BOS + document per example, then BOS + the question opening a document (module docstring)."""
+    from nanoseek.data.tasks import corpus_document
+
+    ids: list[int] = []
+    for e in examples:
+        ids += [_bos(tokenizer)] + tokenizer.encode(corpus_document(e))
+    return ids + [_bos(tokenizer)] + tokenizer.encode(f"Question: {problem.prompt}\nSolution:\n")
+
+
+def prompt_ids(tokenizer, problem, mode: str, examples: Sequence = ()) -> list[int]:
+    """Token ids of ``problem`` rendered in ``mode`` (see :data:`MODES`)."""
+    if mode == "fewshot":
+        return fewshot_ids(tokenizer, problem, examples)
+    if mode in ("chat", "chat-think"):
+        return chat_ids(tokenizer, problem.prompt, think=mode == "chat-think")
+    if mode == "r1-zero":
+        from nanoseek.data.tasks import r1_zero_prompt
+
+        return [_bos(tokenizer)] + tokenizer.encode(r1_zero_prompt(problem))
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def stop_settings(tokenizer, mode: str) -> tuple[list[str], list[int]]:
+    """(stop strings, stop token ids) of a mode; EOS always stops."""
+    if mode == "fewshot":
+        return [FEWSHOT_STOP], [_bos(tokenizer)]
+    if mode == "r1-zero":
+        return [R1_ZERO_STOP], []
+    return [], []
+
+
+def response_text(completion, mode: str) -> str:
+    """The text that is scored: the completion, with r1-zero's ``</answer>`` stop put back."""
+    text = completion.text
+    if mode == "r1-zero" and getattr(completion, "stop_reason", None) == "stop_string":
+        text += R1_ZERO_STOP
+    return text
+
+
+def score_response(text: str, problem, mode: str) -> tuple[bool, bool, str | None]:
+    """(answer correct, well formed, extracted answer) of one response."""
+    import re
+
+    if mode == "fewshot":
+        from nanoseek.data.tasks import extract_answer, get_task
+
+        answer = extract_answer(text)
+        correct = answer is not None and get_task(problem.task).verify(answer, problem)
+        return bool(correct), re.search(r"(?m)^\s*Answer:\s*\S", text) is not None, answer
+    from nanoseek.post.rewards import RewardConfig, score
+
+    cfg = RewardConfig(template="r1-zero" if mode == "r1-zero" else "r1", think_prefilled=mode == "chat-think")
+    r = score(text, problem, cfg)
+    return bool(r.correct), bool(r.format_ok), r.answer
+
+
+def request_seed(seed: int, problem_id: str, chunk: int) -> int:
+    """A request's sampling seed: a hash of the run seed, the problem and the sample chunk."""
+    return int(hashlib.sha256(f"{seed}/{problem_id}/{chunk}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------- problems
+
+def draw_problems(task_name: str, n: int, seed: int, levels: Sequence[int] | None) -> list:
+    """``n`` test problems of a task: levels mixed, or split evenly over ``levels``."""
+    from nanoseek.data.tasks import get_task
+
+    task = get_task(task_name)
+    if levels is None:
+        return task.generate("test", n, seed=seed)
+    out = []
+    for i, lv in enumerate(levels):
+        m = n // len(levels) + (i < n % len(levels))
+        if m:
+            out += task.generate("test", m, seed=seed, level=lv)
+    return out
+
+
+# ---------------------------------------------------------------------- sampling
+
+def _run_requests(engine, requests: list[tuple[list[int], Any]],
+                  progress: Callable[[int, int], None] | None) -> list[list]:
+    """Completions of every (prompt ids, SamplingParams) request, in order."""
+    total = len(requests)
+    out: list[list] = []
+    if hasattr(engine, "submit") and hasattr(engine, "shutdown"):
+        was_running = bool(getattr(engine, "running", False))
+        try:
+            handles = [engine.submit(p, sp) for p, sp in requests]
+            for i, h in enumerate(handles, start=1):
+                out.append(h.result())
+                if progress:
+                    progress(i, total)
+        finally:
+            if not was_running:
+                engine.shutdown()
+        return out
+    for i, (p, sp) in enumerate(requests, start=1):
+        out.append(list(engine.generate([p], sp)[0]))
+        if progress:
+            progress(i, total)
+    return out
+
+
+def model_info(model) -> dict[str, Any]:
+    """Architecture and parameter counts (total / activated per token) of a model, for the record."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    info: dict[str, Any] = {k: getattr(cfg, k, None) for k in (
+        "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+        "vocab_size", "num_nextn_predict_layers")}
+    try:
+        from nanoseek.model.params import count_params
+
+        pc = count_params(cfg)
+        info.update({"params_total": pc.total, "params_active": pc.active, "params_mtp": pc.mtp})
+    except Exception as e:  # an exotic config must not stop an evaluation; say why it is missing
+        info["params_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list[list[int]], list[str]]:
+    """(problems, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
+    from nanoseek.data.tasks import get_task
+
+    problems, prompts, notes = [], [], []
+    shortened = cut_budget = 0
+    examples_cache: dict[tuple[str, int], list] = {}
+    reserve = min(cfg.max_new_tokens, context // 2) if context else cfg.max_new_tokens   # room kept for the answer
+    for name in cfg.tasks:
+        for p in draw_problems(name, cfg.n_problems, cfg.seed, cfg.levels):
+            examples = []
+            if cfg.mode == "fewshot" and cfg.few_shot:
+                key = (name, p.level)
+                if key not in examples_cache:
+                    examples_cache[key] = get_task(name).generate("train", cfg.few_shot, seed=cfg.seed, level=p.level)
+                examples = list(examples_cache[key])
+            ids = prompt_ids(tokenizer, p, cfg.mode, examples)
+            if context is not None:
+                if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:
+                    shortened += 1
+                    while examples and len(ids) + reserve > context:
+                        examples.pop(0)
+                        ids = prompt_ids(tokenizer, p, cfg.mode, examples)
+                if len(ids) >= context:
+                    raise ValueError(f"{p.id}: the {cfg.mode} prompt has {len(ids)} tokens, the engine's context is "
+                                     f"{context}: use a larger max_seq_len or fewer few-shot examples")
+                cut_budget += len(ids) + cfg.max_new_tokens > context
+            problems.append(p)
+            prompts.append(ids)
+    if shortened:
+        notes.append(f"fewshot: {shortened} prompts dropped examples to leave min(max_new_tokens, context / 2) = "
+                     f"{reserve} tokens for the answer in the engine's context of {context} tokens")
+    if cut_budget:
+        notes.append(f"{cut_budget} prompts leave fewer than max_new_tokens={cfg.max_new_tokens} tokens of context "
+                     f"({context}); their samples stop earlier (counted as truncated)")
+    return problems, prompts, notes
+
+
+def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int]],
+              per_request: int) -> tuple[list[tuple[list[int], Any]], list[int]]:
+    """(requests, the problem index of each): k samples per problem in chunks of ``per_request``."""
+    from nanoseek.infer.sampling import SamplingParams
+
+    stop, stop_ids = stop_settings(tokenizer, cfg.mode)
+    requests, owner = [], []
+    for i, (p, ids) in enumerate(zip(problems, prompts)):
+        for chunk, start in enumerate(range(0, cfg.k, per_request)):
+            sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k, n=min(per_request, cfg.k - start),
+                                seed=request_seed(cfg.seed, p.id, chunk), stop=list(stop),
+                                stop_token_ids=list(stop_ids))
+            requests.append((ids, sp))
+            owner.append(i)
+    return requests, owner
+
+
+def _score(cfg: EvalConfig, problems: list, completions: list[list]) -> tuple[list[ProblemResult], list[dict]]:
+    """Per-problem records (with pass@k / maj@k) and the first ``keep_samples`` responses per task."""
+    records, samples, kept = [], [], {}
+    for p, comps in zip(problems, completions):
+        if len(comps) != cfg.k:
+            raise RuntimeError(f"{p.id}: the engine returned {len(comps)} completions, expected {cfg.k}")
+        correct, fmt, answers, tokens, truncated = [], [], [], [], []
+        for j, c in enumerate(comps):
+            text = response_text(c, cfg.mode)
+            ok, well_formed, answer = score_response(text, p, cfg.mode)
+            correct.append(ok)
+            fmt.append(well_formed)
+            answers.append(answer)
+            tokens.append(int(c.completion_tokens))
+            truncated.append(c.finish_reason == "length")
+            if j == 0 and kept.get(p.task, 0) < cfg.keep_samples:
+                kept[p.task] = kept.get(p.task, 0) + 1
+                samples.append({"task": p.task, "id": p.id, "level": p.level, "mode": cfg.mode, "prompt": p.prompt,
+                                "response": text, "reasoning": getattr(c, "reasoning", None), "answer": answer,
+                                "gold": p.answer, "correct": ok, "format_ok": well_formed,
+                                "finish_reason": c.finish_reason, "tokens": int(c.completion_tokens)})
+        records.append(ProblemResult(task=p.task, id=p.id, level=p.level, gold=p.answer, correct=correct,
+                                     format_ok=fmt, answers=answers, tokens=tokens, truncated=truncated
+                                     ).compute_curves(seed=cfg.seed))
+    return records, samples
+
+
+def evaluate(model, tokenizer, tasks: str | Sequence[str], n_problems: int = 100, k: int = 1, mode: str = "chat",
+             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, seed: int = 0,
+             levels: Sequence[int] | None = None, few_shot: int = 3, batch_size: int = 16, *, top_k: int = 0,
+             keep_samples: int = 3, engine=None, max_seq_len: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Evaluate ``model`` on held-out problems of ``tasks`` (a list or "a,b"); see the module docstring.
+
+    ``engine``: an engine to sample with (default: ``Engine(model, tokenizer, max_batch_size=
+    batch_size, max_seq_len=max_seq_len)``). ``progress(done, total)`` is called per request.
+    """
+    t0 = time.perf_counter()
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    cfg = EvalConfig(tasks=names, n_problems=n_problems, k=k, mode=mode, temperature=temperature, top_p=top_p,
+                     top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
+                     levels=list(levels) if levels is not None else None, few_shot=few_shot,
+                     batch_size=batch_size, keep_samples=keep_samples).validate()
+    notes: list[str] = []
+    if cfg.temperature == 0 and cfg.k > 1:
+        notes.append(f"greedy decoding (temperature 0): k reduced from {cfg.k} to 1, its samples would be identical")
+        cfg.k = 1
+    cfg.ks = k_values(cfg.k)
+    if engine is None:
+        from nanoseek.infer.engine import Engine
+
+        engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, max_seq_len=max_seq_len)
+    context = getattr(engine, "max_seq_len", None)
+
+    problems, prompts, render_notes = _render(cfg, tokenizer, context)
+    notes += render_notes
+    requests, owner = _requests(cfg, tokenizer, problems, prompts,
+                                per_request=min(cfg.k, int(getattr(engine, "max_batch_size", cfg.k))))
+    completions: list[list] = [[] for _ in problems]
+    for i, comps in zip(owner, _run_requests(engine, requests, progress)):
+        completions[i].extend(comps)
+    records, samples = _score(cfg, problems, completions)
+
+    wall = time.perf_counter() - t0
+    generated = sum(sum(r.tokens) for r in records)
+    stats = {"generated_tokens": generated, "generated_tokens_per_s": generated / wall if wall > 0 else math.nan,
+             "requests": len(requests), "engine_max_seq_len": context}
+    return EvalResult.build(asdict(cfg), records, samples=samples, model=model_info(model), notes=notes, wall_s=wall,
+                            stats=stats, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+__all__ = ["evaluate", "EvalConfig", "MODES", "prompt_ids", "chat_ids", "fewshot_ids", "stop_settings",
+           "score_response", "response_text", "request_seed", "draw_problems", "model_info", "bits_per_byte",
+           "BpbResult"]
