@@ -1,0 +1,15 @@
+"""Training: the one loop every stage plugs into, and pre-training on top of it.
+
+* ``config.py``   typed TOML recipes ([model] [data] [optim] [train] [spike]) and ``--set`` overrides
+* ``optim.py``    AdamW parameter groups and the WSD / cosine / constant learning-rate schedules
+* ``spike.py``    the loss-spike guard: skip a fast spike, roll back a slow blow-up
+* ``checkpoint.py`` atomic, pickle-free training checkpoints with keep-last-K and ``latest``
+* ``metrics.py``  metrics.jsonl (+ TensorBoard / W&B), MFU against a measured matmul peak, progress bar
+* ``loop.py``     :class:`Trainer`: tasks provide ``batches()`` and ``loss(model, batch)``; SFT, DPO and
+                  GRPO reuse it unchanged
+* ``synthetic.py`` a generated token stream with the real loader's interface (benchmarks, smoke tests)
+* ``pretrain.py`` the pre-training task (CE + lambda MTP + sequence-wise balance loss) and its wiring
+* ``pretrain_cli.py`` ``nanoseek pretrain``
+
+Nothing heavy is imported here, so ``nanoseek --help`` stays fast: import the submodules.
+"""

@@ -1,0 +1,322 @@
+"""``nanoseek speedrun``: the DeepSeek story in one command, sized to a time budget.
+
+raw text -> tokenizer -> DeepSeek-V3-architecture base model (MLA, shared + routed experts with
+aux-loss-free balancing, MTP) -> few-shot evaluation -> cold-start SFT on reasoning traces ->
+evaluation -> GRPO with verifiable rewards -> evaluation -> report card. Nothing is downloaded:
+the corpus is the embedded default one (generated verifiable problems + shipped CC0 prose).
+
+Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
+
+    RUN/data/      prepared shards + tokenizer          RUN/pretrain/  base model (metrics, final/)
+    RUN/sft/       chat model                            RUN/grpo/      reasoning model
+    RUN/*/eval.json  held-out evaluation of each stage  RUN/run.json   stage status and wall times
+    RUN/report.md, RUN/report.html                      the report card (refreshes while running)
+
+Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe
+(``nanoseek/configs/train/speedrun.toml``): pre-training, SFT and GRPO each stop on their share
+of wall-clock time (the trainer's ``max_minutes``), evaluation sizes scale with the budget.
+Every stage is evaluated on the SAME held-out problems (the test split, disjoint from training by
+construction), so consecutive stages are compared with paired 95% intervals.
+
+Resume: re-running into an existing folder skips finished stages (run.json says which) and
+resumes an interrupted training stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPE = "speedrun"
+STAGES = ("data", "pretrain", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "report")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--minutes", type=float, default=None,
+                   help="total time budget in minutes (default: the recipe's, 30)")
+    p.add_argument("--out", default="runs/speedrun", help="run folder (default runs/speedrun); "
+                   "re-running into it resumes")
+    p.add_argument("--config", default=RECIPE, help="speedrun recipe TOML (default: the shipped 'speedrun')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                   help="override a recipe value, e.g. --set budget.pretrain=0.6 (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="seed for data, init and sampling (default: recipe's)")
+
+
+# ----------------------------------------------------------------------------- recipe
+def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
+    from nanoseek.cli import UserError
+    from nanoseek.train.config import ConfigError, parse_literal, read_toml, resolve_config_path
+
+    try:
+        path = resolve_config_path(name_or_path)
+        raw = read_toml(path)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    valid = {"speedrun", "budget", "data", "model", "pretrain", "sft", "grpo", "eval"}
+    unknown = set(raw) - valid
+    if unknown:
+        raise UserError(f"{path}: unknown table(s) {sorted(unknown)}; valid tables: {sorted(valid)}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or parts[0] not in raw:
+            raise UserError(f"--set {item!r}: expected TABLE.KEY=VALUE with TABLE one of {sorted(raw)}")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if parts[-1] not in node and parts[0] in ("speedrun", "budget", "data", "eval"):
+            raise UserError(f"--set {item!r}: unknown key '{parts[-1]}' in [{'.'.join(parts[:-1])}]; valid keys: "
+                            f"{sorted(node)}")
+        node[parts[-1]] = parse_literal(value.strip())
+    raw["_source"] = str(path)
+    return raw
+
+
+# ----------------------------------------------------------------------------- run.json
+class RunState:
+    """run.json: stage status and wall times; written atomically after every change."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        self.path = run_dir / "run.json"
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+        else:
+            self.data = {"name": run_dir.name, "status": "running", "started": _now(), "device": "cpu",
+                         "stages": []}
+        self.data["config"] = {k: v for k, v in config.items() if not k.startswith("_")}
+        self.data["status"] = "running"
+        self.save()
+
+    def stage(self, name: str) -> dict:
+        for s in self.data["stages"]:
+            if s["name"] == name:
+                return s
+        s = {"name": name, "dir": name, "status": "pending"}
+        self.data["stages"].append(s)
+        return s
+
+    def done(self, name: str) -> bool:
+        return self.stage(name).get("status") == "done"
+
+    def update(self, name: str, **fields: Any) -> None:
+        self.stage(name).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ----------------------------------------------------------------------------- stages
+def _stage_data(run_dir: Path, rc: dict, seed: int, scale: float, log) -> dict:
+    from nanoseek.data.corpus import default_corpus_records
+    from nanoseek.data.prepare import PrepareConfig, prepare
+
+    d = rc["data"]
+    out = run_dir / "data"
+    if (out / "manifest.json").exists():
+        return json.loads((out / "manifest.json").read_text())
+    n_docs = max(2000, int(int(d["task_docs"]) * scale))
+    docs = default_corpus_records(n_docs, seed=seed, tasks=tuple(d["tasks"]), task_levels=d.get("task_levels"))
+    log(f"data: generating {n_docs:,} task documents + shipped prose, training a {d['vocab_size']}-token BPE")
+    cfg = PrepareConfig(vocab_size=int(d["vocab_size"]), val_fraction=float(d["val_fraction"]), overwrite=True)
+    return prepare(docs, out, cfg=cfg)
+
+
+def _pretrain_config(run_dir: Path, rc: dict, minutes: float, seed: int):
+    from nanoseek.train.config import config_from_dict
+
+    p = rc["pretrain"]
+    raw = {
+        "model": {"preset": rc["model"].get("preset", "tiny"),
+                  **{k: v for k, v in rc["model"].items() if k != "preset"}},
+        "data": {"source": "packed", "dir": str(run_dir / "data"), **p.get("data", {})},
+        "optim": dict(p.get("optim", {})),
+        "train": {**p.get("train", {}), "out_dir": str(run_dir / "pretrain"), "seed": seed,
+                  "max_minutes": minutes},
+        "spike": dict(p.get("spike", {})),
+    }
+    return config_from_dict(raw, source=f"{rc['_source']} [pretrain]")
+
+
+def _stage_config(kind: str, run_dir: Path, rc: dict, init_from: Path, minutes: float, seed: int):
+    from nanoseek.post.stage import stage_config_from_dict
+
+    s = rc[kind]
+    algo = {k: v for k, v in s.items() if k not in ("optim", "train", "spike")}
+    algo.setdefault("seed", seed)
+    raw = {"model": {"init_from": str(init_from)}, kind: algo, "optim": dict(s.get("optim", {})),
+           "train": {**s.get("train", {}), "out_dir": str(run_dir / kind), "seed": seed, "max_minutes": minutes},
+           "spike": dict(s.get("spike", {}))}
+    return stage_config_from_dict(kind, raw, source=f"{rc['_source']} [{kind}]")
+
+
+def _evaluate(stage_dir: Path, mode: str, rc: dict, scale: float, seed: int, log) -> dict:
+    import torch
+
+    from nanoseek.eval.harness import evaluate
+    from nanoseek.infer.loading import load_tokenizer, find_tokenizer
+    from nanoseek.model.checkpoint import from_pretrained
+
+    e = rc["eval"]
+    final = stage_dir / "final"
+    model = from_pretrained(final, dtype=torch.float32).eval()
+    tok = load_tokenizer(find_tokenizer(final))
+    n = max(int(e["min_problems"]), int(round(int(e["problems"]) * scale)))
+    log(f"eval {stage_dir.name}: {n} held-out problems x {e['k']} samples ({mode}, T={e['temperature']})")
+    res = evaluate(model, tok, e["tasks"], n_problems=n, k=int(e["k"]), mode=mode,
+                   temperature=float(e["temperature"]), top_p=float(e["top_p"]),
+                   max_new_tokens=int(e["max_new_tokens"]), seed=seed, levels=e.get("levels"),
+                   few_shot=int(e.get("few_shot", 3)), batch_size=int(e["batch_size"]))
+    res.save(stage_dir / "eval.json")
+    log(f"eval {stage_dir.name}: pass@1 {_fmt(res.summary())}")
+    return {"eval": str(stage_dir / "eval.json")}
+
+
+# ----------------------------------------------------------------------------- main
+def run(args) -> int:
+    from nanoseek.cli import UserError
+    from nanoseek.train.config import ConfigError
+
+    rc = load_recipe(args.config, args.overrides)
+    sr = rc["speedrun"]
+    minutes = float(args.minutes if args.minutes is not None else sr["minutes"])
+    if minutes <= 0:
+        raise UserError(f"--minutes must be positive, got {minutes}")
+    seed = int(args.seed if args.seed is not None else sr.get("seed", 0))
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = RunState(run_dir, {**rc, "minutes": minutes, "seed": seed})
+    budget = rc["budget"]
+    scale = min(1.0, minutes / float(sr["minutes"]))
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        elapsed = (time.time() - t_start) / 60
+        print(f"[speedrun {elapsed:5.1f}/{minutes:.0f} min] {msg}", flush=True)
+
+    def timed(name: str, fn, **extra):
+        if state.done(name):
+            log(f"{name}: already done, skipping")
+            return None
+        state.update(name, status="running", started=_now(), **extra)
+        t0 = time.time()
+        try:
+            out = fn() or {}
+        except BaseException as e:
+            state.update(name, status="failed" if not isinstance(e, KeyboardInterrupt) else "interrupted",
+                         error=f"{type(e).__name__}: {e}", wall_s=round(time.time() - t0, 1))
+            state.data["status"] = "failed"
+            state.save()
+            raise
+        state.update(name, status="done", wall_s=round(time.time() - t0, 1), finished=_now(), **out)
+        _report(run_dir, log)
+        return out
+
+    try:
+        timed("data", lambda: _data_summary(_stage_data(run_dir, rc, seed, scale, log)))
+
+        def pretrain_stage():
+            from nanoseek.train.checkpoint import latest_checkpoint
+            from nanoseek.train.pretrain import pretrain
+
+            cfg = _pretrain_config(run_dir, rc, budget["pretrain"] * minutes, seed)
+            log(f"pretrain: {budget['pretrain'] * minutes:.1f} min budget")
+            res = pretrain(cfg, resume=latest_checkpoint(run_dir / "pretrain") is not None)
+            return _fit_summary(res)
+        timed("pretrain", pretrain_stage, eval_mode="fewshot")
+        timed("eval_base", lambda: _evaluate(run_dir / "pretrain", "fewshot", rc, scale, seed, log))
+
+        def post_stage(kind: str, init_from: Path):
+            def go():
+                from nanoseek.train.checkpoint import latest_checkpoint
+
+                cfg = _stage_config(kind, run_dir, rc, init_from, budget[kind] * minutes, seed)
+                log(f"{kind}: {budget[kind] * minutes:.1f} min budget")
+                resume = latest_checkpoint(run_dir / kind) is not None
+                if kind == "sft":
+                    from nanoseek.post.sft import train_sft
+                    res = train_sft(cfg, resume=resume)
+                else:
+                    from nanoseek.post.grpo import train_grpo
+                    res = train_grpo(cfg, resume=resume)
+                return {"steps": res.steps, "status_detail": res.status}
+            return go
+        timed("sft", post_stage("sft", run_dir / "pretrain" / "final"), eval_mode="chat")
+        timed("eval_sft", lambda: _evaluate(run_dir / "sft", "chat", rc, scale, seed, log))
+        timed("grpo", post_stage("grpo", run_dir / "sft" / "final"), eval_mode="chat")
+        timed("eval_grpo", lambda: _evaluate(run_dir / "grpo", "chat", rc, scale, seed, log))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    state.data.update(status="done", finished=_now(), wall_s=round(sum(
+        s.get("wall_s", 0) for s in state.data["stages"]), 1))
+    state.save()
+    md, html = _report(run_dir, log)
+    _print_summary(run_dir, log)
+    print("\nChat with it or serve it:")
+    print(f"  nanoseek chat --model {run_dir / 'grpo'}")
+    print(f"  nanoseek serve --model {run_dir / 'grpo'}   # then open http://127.0.0.1:8000/")
+    print(f"Report: {html}")
+    return 0
+
+
+def _fmt(summary: dict) -> str:
+    p = summary.get("pass@1")
+    if isinstance(p, dict) and "mean" in p:
+        return f"{100 * p['mean']:.1f}% [{100 * p['low']:.1f}, {100 * p['high']:.1f}] (N={p.get('n')})"
+    return str(p)
+
+
+def _data_summary(manifest: dict) -> dict:
+    out = {}
+    for key in ("tokens", "documents"):
+        v = manifest.get("train", {}).get(key) if isinstance(manifest.get("train"), dict) else None
+        if v is not None:
+            out[f"train_{key}"] = v
+    return out
+
+
+def _fit_summary(res) -> dict:
+    out = {}
+    for key in ("steps", "tokens", "status"):
+        v = getattr(res, key, None)
+        if v is not None:
+            out[key if key != "status" else "status_detail"] = v
+    return out
+
+
+def _report(run_dir: Path, log):
+    from nanoseek.eval.report import write_report
+
+    try:
+        return write_report(run_dir)
+    except Exception as e:  # a report failure must not lose a finished stage
+        log(f"report: could not be written ({type(e).__name__}: {e})")
+        return None, None
+
+
+def _print_summary(run_dir: Path, log) -> None:
+    from nanoseek.eval.results import EvalResult, paired_comparison
+
+    prev = None
+    for stage in ("pretrain", "sft", "grpo"):
+        path = run_dir / stage / "eval.json"
+        if not path.exists():
+            continue
+        r = EvalResult.load(path)
+        line = f"{stage:9s} pass@1 {_fmt(r.summary())}"
+        if prev is not None:
+            for c in paired_comparison(prev, r):
+                if c.task == "overall" or len(paired_comparison(prev, r)) == 1:
+                    line += f" | vs previous: {c.diff} ({c.verdict})"
+        log(line)
+        prev = r

@@ -1,0 +1,242 @@
+"""Training checkpoints: atomic, keep-last-K, and free of pickle.
+
+Layout of one checkpoint (``RUN/checkpoints/step-000100/``)::
+
+    config.json, model.safetensors    the model, HF format (``save_pretrained``): loads in
+                                      ``from_pretrained`` and in transformers as it is
+    trainer_state.json                step, tokens, elapsed time, RNG states, data-loader state,
+                                      spike-guard state, hook state, optimizer hyper-parameters
+    trainer_state.safetensors         every tensor of that state (AdamW moments, torch RNG states)
+
+``RUN/latest`` holds the relative path of the newest good checkpoint and is replaced atomically.
+
+The trainer's state is an arbitrary nest of dicts, lists, tuples, scalars, strings, tensors and
+numpy arrays. :func:`flatten_state` splits it into JSON (tensors replaced by ``{"__tensor__":
+key}``; tuples and dicts with non-string keys tagged so they round-trip exactly) and a flat dict of
+tensors for safetensors; nothing is ever unpickled, so loading a checkpoint from someone else
+cannot run code.
+
+Atomicity: everything is written into ``checkpoints/.step-000100.partial-PID``, fsynced, then
+renamed to ``step-000100`` in one ``os.replace``; only then does ``latest`` move. A crash at any
+point leaves either the previous checkpoint or the new one complete, never a half-written one
+that loads: partial directories are ignored by :func:`list_checkpoints` and removed by
+:func:`remove_partials` at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.checkpoint import from_hf_state_dict, load_hf_tensors, save_pretrained
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable."""
+
+
+# ---------------------------------------------------------------------------- state <-> JSON + tensors
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Nested state -> (JSON-able object, {key: tensor}); see the module docstring."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: walk(v, f"{path}.{k}") for k, v in x.items()}
+            return {"__dict__": [[walk(k, path), walk(v, f"{path}[{k!r}]")] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}[{i}]") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot checkpoint {path}: {type(x).__name__} is not a tensor, array, scalar, "
+                        "string, list, tuple or dict")
+
+    return walk(obj, "state"), tensors
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------- files
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_of(path: Path) -> int:
+    m = _STEP_RE.match(Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected step-NNNNNN)")
+    return int(m.group(1))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    d = checkpoints_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / STATE_JSON).exists()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``RUN/latest`` points to (else the newest complete one), or None."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.exists():
+        target = run_dir / pointer.read_text().strip()
+        if (target / STATE_JSON).exists():
+            return target
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def set_latest(run_dir: str | Path, ckpt: Path) -> None:
+    run_dir = Path(run_dir)
+    _write_text_atomic(run_dir / LATEST, str(Path(ckpt).resolve().relative_to(run_dir.resolve())) + "\n")
+
+
+def remove_partials(run_dir: str | Path) -> list[Path]:
+    """Delete leftovers of interrupted saves (``.step-*.partial-*``); returns what was removed."""
+    d = checkpoints_dir(run_dir)
+    gone = [p for p in d.glob(".step-*") if p.is_dir()] if d.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write ``checkpoints/step-{step:06d}`` atomically, point ``latest`` at it, keep the last K."""
+    d = checkpoints_dir(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"step-{step:06d}"
+    tmp = d / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp)
+        meta, tensors = flatten_state(state)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        if final.exists():      # re-saving a step (after a rollback): move the old one aside first
+            old = d / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    set_latest(run_dir, final)
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+    found = list_checkpoints(run_dir)
+    latest = latest_checkpoint(run_dir)
+    doomed = [p for p in found[:-keep_last] if latest is None or p.resolve() != latest.resolve()]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def discard_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Delete checkpoints newer than ``step`` (a rolled-back timeline) and point ``latest`` back."""
+    found = list_checkpoints(run_dir)
+    doomed = [p for p in found if step_of(p) > step]
+    keep = [p for p in found if step_of(p) <= step]
+    if keep:
+        set_latest(run_dir, keep[-1])
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------------------- load
+def load_state(ckpt: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint (JSON + safetensors; no pickle)."""
+    ckpt = Path(ckpt)
+    try:
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: no {STATE_JSON} (not a training checkpoint?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / STATE_JSON}: invalid JSON ({e})") from None
+    tensor_file = ckpt / STATE_TENSORS
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    return unflatten_state(meta, tensors)
+
+
+@torch.no_grad()
+def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
+    """Copy a checkpoint's weights (and expert biases) into ``model`` in place, strictly."""
+    hf = load_hf_tensors(ckpt, model.config)
+    state = from_hf_state_dict(hf, model.config)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}: the weights do not fit this model: {e}") from None
+
+
+__all__ = ["flatten_state", "unflatten_state", "save_checkpoint", "load_state", "load_model_weights",
+           "list_checkpoints", "latest_checkpoint", "set_latest", "remove_partials", "prune_checkpoints",
+           "discard_after", "step_of", "checkpoints_dir", "CheckpointError", "STATE_JSON", "STATE_TENSORS"]

@@ -1,0 +1,426 @@
+"""Typed training configs: TOML files -> dataclasses, with ``--set section.key=value`` overrides.
+
+A training recipe is one TOML file with up to five tables::
+
+    [model]   preset = "tiny"          # a preset name, a config.json or a checkpoint dir
+              hidden_size = 128        # ...plus any HF DeepSeek-V3 config field, overriding the preset
+    [data]    source = "packed", dir = "data/tiny"      (or source = "synthetic")
+    [optim]   lr, min_lr, betas, weight_decay, warmup_steps, schedule, decay_fraction, grad_clip,
+              micro_batch_size, grad_accum, seq_len
+    [train]   max_steps | max_tokens | max_minutes, seed, dtype, eval_every, save_every, ...
+    [spike]   the loss-spike guard's thresholds (see ``spike.py``)
+
+Every key is checked: an unknown table or key is an error naming it, its table and the valid
+keys; a value of the wrong type is an error naming the key, the expected and the given type.
+Integers are accepted where a float is expected, nothing else is coerced. ``--set`` values are
+read as TOML literals (``1e-3``, ``true``, ``[0.9, 0.95]``, ``"x"``) and fall back to a bare
+string (``--set data.dir=/tmp/d``); ``null``/``none`` sets an optional key to None. Overrides go
+through the same validation as the file.
+
+The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`dumps_toml`) takes any
+mapping of table name -> dataclass, so post-training stages reuse it with their own sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..model.config import ConfigError, ModelConfig, load_model_config
+
+
+# ---------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """``[model]``: a preset (or config.json / checkpoint dir) plus inline HF field overrides."""
+    preset: str = "tiny"              # nanoseek/configs/models/NAME.json, a config.json or a checkpoint dir
+    init_from: str | None = None      # HF-format checkpoint dir whose weights start the run (else random init)
+    fields: dict = field(default_factory=dict)   # any ModelConfig field, written as a key of [model]
+
+    def build_config(self) -> ModelConfig:
+        """The resolved :class:`ModelConfig` (preset + inline fields), validated."""
+        src = self.init_from or self.preset
+        base = load_model_config(src).to_dict()
+        try:
+            return ModelConfig.from_dict({**base, **self.fields}, source=f"[model] ({src})")
+        except ConfigError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class DataSection:
+    """``[data]``: where the token stream comes from."""
+    source: str = "packed"            # "packed": shards from `nanoseek data prepare`; "synthetic": generated
+    dir: str = "data"                 # the prepared data directory (packed)
+    train_split: str = "train"
+    val_split: str = "val"
+    val_batches: int = 8              # micro-batches per validation (0: no validation)
+
+
+@dataclass
+class OptimSection:
+    """``[optim]``: AdamW, the learning-rate schedule and the batch shape."""
+    lr: float = 3e-4                  # peak learning rate (DeepSeek-V3: 2.2e-4)
+    min_lr: float = 3e-5              # end of the decay (DeepSeek-V3: 2.2e-5, a tenth of the peak)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1         # on matrices only; norms and biases are not decayed
+    warmup_steps: int = 100           # linear warm-up from 0
+    schedule: str = "wsd"             # "wsd" (warmup, constant, decay), "cosine" or "constant"
+    decay_shape: str = "cosine"       # shape of the WSD decay: "cosine" or "linear"
+    decay_fraction: float = 0.2       # WSD: the last fraction of the run decays to min_lr
+    decay_steps: int | None = None    # WSD: decay over this many final steps instead (needs max_steps)
+    grad_clip: float = 1.0            # global gradient-norm clip (0: none)
+    micro_batch_size: int = 8         # sequences per forward/backward
+    grad_accum: int = 1               # micro-batches per optimizer step
+    seq_len: int = 256                # tokens per sequence
+
+
+@dataclass
+class TrainSection:
+    """``[train]``: how long, how precise, how often to evaluate/save/log, and DeepSeek's knobs."""
+    out_dir: str = ""                 # the run folder ("": runs/<config file name>)
+    max_steps: int | None = None      # stop after this many optimizer steps...
+    max_tokens: int | None = None     # ...or this many training tokens...
+    max_minutes: float | None = None  # ...or this much wall-clock time (the speedrun's budget)
+    seed: int = 1337
+    device: str = "auto"              # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"            # "float32", or "bfloat16" autocast around the forward/backward
+    eval_every: int = 100             # steps between validations (0: only at the end)
+    save_every: int = 500             # steps between checkpoints (0: only at the end / on interrupt)
+    keep_last: int = 3                # checkpoints kept in RUN/checkpoints
+    log_every: int = 1                # steps between metrics.jsonl lines (and terminal lines without a bar)
+    mtp_lambda: float = 0.3           # weight of the MTP loss (V3: 0.3 for the first 10T tokens, then 0.1)
+    bias_update_gamma: float = 0.001  # aux-loss-free bias update speed (V3: 0.001)
+    seq_aux_alpha: float = 0.0001     # complementary sequence-wise balance loss weight (V3: 0.0001)
+    tensorboard: bool = False         # also log to RUN/tensorboard (needs the tensorboard package)
+    wandb_project: str = ""           # also log to this W&B project (needs the wandb package)
+
+
+@dataclass
+class SpikeSection:
+    """``[spike]``: the loss-spike guard (see ``nanoseek/train/spike.py``)."""
+    enabled: bool = True
+    window: int = 100                 # running window of accepted step losses
+    min_history: int = 20             # accepted steps before the statistical tests start
+    sigma: float = 6.0                # fast spike: loss > mean + sigma * std of the window (0: off)
+    ratio: float = 2.0                # fast spike: loss > ratio * median of the window (0: off)
+    max_skips: int = 3                # slow blow-up: this many skipped steps...
+    skip_window: int = 50             # ...within this many steps -> roll back (0: off)
+    trend_window: int = 20            # slow blow-up: mean loss of the last trend_window steps...
+    trend_factor: float = 1.5         # ...above trend_factor x the best such mean -> roll back (0: off)
+    max_rollbacks: int = 3            # more rollbacks than this stop the run with an error
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
+    "spike": SpikeSection,
+}
+
+
+@dataclass
+class TrainConfig:
+    """A whole pre-training recipe."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    spike: SpikeSection = field(default_factory=SpikeSection)
+    source: str = "<defaults>"        # the file it came from (not written back)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in SECTIONS:
+            d = dataclasses.asdict(getattr(self, name))
+            if name == "model":
+                d.update(d.pop("fields"))
+            out[name] = d
+        return out
+
+    def tokens_per_step(self) -> int:
+        o = self.optim
+        return o.micro_batch_size * o.grad_accum * o.seq_len
+
+
+# ---------------------------------------------------------------------------- generic parsing
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def check_value(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` checked against a dataclass field's type annotation; int -> float allowed."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            raise ConfigError(f"{where} must not be null")
+        return check_value(value, inner[0], where)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    else:  # pragma: no cover - a field type this parser does not know
+        raise ConfigError(f"{where}: unsupported field type {annotation!r}")
+    expected = _type_name(origin or annotation)
+    if origin is list and args:
+        expected = f"a list of {_type_name(args[0])}"
+    if value is None:
+        raise ConfigError(f"{where} must not be null (expected {expected})")
+    raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: set[str] | None = None) -> Any:
+    """One TOML table -> dataclass ``cls``. ``extra_keys`` (e.g. HF model fields) go to ``fields``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{section}] must be a table, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "fields" or extra_keys is None]
+    kwargs: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in names:
+            kwargs[key] = check_value(value, hints[key], f"{source}: [{section}] {key}")
+        elif extra_keys is not None and key in extra_keys:
+            extras[key] = value
+        else:
+            valid = ", ".join(names)
+            if extra_keys is not None:
+                valid += ", or any model config field: " + ", ".join(sorted(extra_keys))
+            raise ConfigError(f"{source}: unknown key '{key}' in [{section}]. Valid keys: {valid}")
+    if extra_keys is not None:
+        kwargs["fields"] = extras
+    return cls(**kwargs)
+
+
+def parse_sections(raw: dict[str, Any], schema: dict[str, type], source: str,
+                   extra_keys: dict[str, set[str]] | None = None) -> dict[str, Any]:
+    """Every table of a TOML document -> its dataclass; unknown tables are errors."""
+    unknown = [k for k in raw if k not in schema]
+    if unknown:
+        raise ConfigError(f"{source}: unknown table [{unknown[0]}]. Valid tables: "
+                          f"{', '.join('[' + s + ']' for s in schema)}")
+    extra_keys = extra_keys or {}
+    return {name: parse_section(cls, raw.get(name, {}), name, source, extra_keys.get(name))
+            for name, cls in schema.items()}
+
+
+def parse_literal(text: str) -> Any:
+    """A ``--set`` value: a TOML literal if it parses as one, else the bare string."""
+    if text.strip().lower() in ("null", "none"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: dict[str, type]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected section.key=value, e.g. optim.lr=1e-3")
+        path, _, text = item.partition("=")
+        parts = [p.strip() for p in path.strip().split(".")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set '{item}': expected section.key=value, e.g. optim.lr=1e-3")
+        if parts[0] not in schema:
+            raise ConfigError(f"--set '{item}': unknown table '{parts[0]}'. Valid tables: {', '.join(schema)}")
+        node = raw.setdefault(parts[0], {})
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is not a table")
+        node[parts[-1]] = parse_literal(text.strip())
+    return raw
+
+
+# ---------------------------------------------------------------------------- the pre-training config
+def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
+    """Cross-field checks of the [data] [optim] [train] [spike] values (and the model config); returns cfg."""
+    def bad(section: str, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{source}: [{section}] {key} = {getattr(getattr(cfg, section), key)!r}: {why}")
+
+    d, o, t, s = cfg.data, cfg.optim, cfg.train, cfg.spike
+    if d.source not in ("packed", "synthetic"):
+        raise bad("data", "source", "must be 'packed' or 'synthetic'")
+    if d.val_batches < 0:
+        raise bad("data", "val_batches", "must be >= 0")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise bad("optim", "lr", "must be a positive number")
+    if not 0 <= o.min_lr <= o.lr:
+        raise bad("optim", "min_lr", f"must be in [0, lr={o.lr}]")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise bad("optim", "betas", "must be two numbers in [0, 1)")
+    if o.eps <= 0:
+        raise bad("optim", "eps", "must be positive")
+    if o.weight_decay < 0:
+        raise bad("optim", "weight_decay", "must be >= 0")
+    if o.warmup_steps < 0:
+        raise bad("optim", "warmup_steps", "must be >= 0")
+    if o.schedule not in ("wsd", "cosine", "constant"):
+        raise bad("optim", "schedule", "must be 'wsd', 'cosine' or 'constant'")
+    if o.decay_shape not in ("cosine", "linear"):
+        raise bad("optim", "decay_shape", "must be 'cosine' or 'linear'")
+    if not 0 <= o.decay_fraction <= 1:
+        raise bad("optim", "decay_fraction", "must be in [0, 1]")
+    if o.decay_steps is not None and (o.decay_steps < 0 or t.max_steps is None):
+        raise bad("optim", "decay_steps", "must be >= 0 and needs [train] max_steps")
+    if o.grad_clip < 0:
+        raise bad("optim", "grad_clip", "must be >= 0 (0: no clipping)")
+    for key in ("micro_batch_size", "grad_accum"):
+        if getattr(o, key) < 1:
+            raise bad("optim", key, "must be >= 1")
+    if o.seq_len < 2:
+        raise bad("optim", "seq_len", "must be >= 2")
+    if t.max_steps is None and t.max_tokens is None and t.max_minutes is None:
+        raise ConfigError(f"{source}: [train] needs max_steps, max_tokens or max_minutes (how long to train)")
+    for key in ("max_steps", "max_tokens", "max_minutes"):
+        v = getattr(t, key)
+        if v is not None and v <= 0:
+            raise bad("train", key, "must be positive")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise bad("train", "dtype", "must be 'float32' or 'bfloat16'")
+    if not (t.device in ("auto", "cpu", "mps") or t.device.startswith("cuda")):
+        raise bad("train", "device", "must be 'auto', 'cpu', 'mps' or 'cuda[:N]'")
+    for key in ("eval_every", "save_every"):
+        if getattr(t, key) < 0:
+            raise bad("train", key, "must be >= 0 (0: only at the end)")
+    for key in ("keep_last", "log_every"):
+        if getattr(t, key) < 1:
+            raise bad("train", key, "must be >= 1")
+    for key in ("mtp_lambda", "bias_update_gamma", "seq_aux_alpha"):
+        if getattr(t, key) < 0:
+            raise bad("train", key, "must be >= 0")
+    for key in ("window", "min_history", "trend_window"):
+        if getattr(s, key) < 1:
+            raise bad("spike", key, "must be >= 1")
+    for key in ("sigma", "ratio", "trend_factor", "max_skips", "skip_window", "max_rollbacks"):
+        if getattr(s, key) < 0:
+            raise bad("spike", key, "must be >= 0")
+    if s.trend_window > s.window:
+        raise bad("spike", "trend_window", f"must be <= window={s.window}")
+    if 0 < s.ratio <= 1:
+        raise bad("spike", "ratio", "must be > 1 (or 0 to disable)")
+    if 0 < s.trend_factor <= 1:
+        raise bad("spike", "trend_factor", "must be > 1 (or 0 to disable)")
+    model_cfg = cfg.model.build_config()
+    if o.seq_len > model_cfg.max_position_embeddings:
+        raise bad("optim", "seq_len", f"exceeds the model's max_position_embeddings={model_cfg.max_position_embeddings}")
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+    """A raw dict (as read from TOML) -> validated :class:`TrainConfig`."""
+    parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(ModelConfig.field_names())})
+    return check_train_config(TrainConfig(**parts, source=source), source)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+TRAIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
+
+
+def list_train_configs() -> list[str]:
+    return sorted(p.stem for p in TRAIN_CONFIG_DIR.glob("*.toml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A TOML path, or the name of a recipe shipped in ``nanoseek/configs/train/``."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = TRAIN_CONFIG_DIR / f"{p.stem}.toml"
+    if len(p.parts) == 1 and p.suffix in ("", ".toml") and shipped.exists():
+        return shipped
+    raise ConfigError(f"config '{name_or_path}' not found: not a file, and not a shipped recipe "
+                      f"(shipped: {', '.join(list_train_configs())})")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a TOML recipe (a path or a shipped name like ``tiny``), apply ``--set`` overrides, validate."""
+    path = resolve_config_path(path)
+    raw = apply_overrides(read_toml(path), list(overrides), SECTIONS)
+    cfg = config_from_dict(raw, source=str(path))
+    if not cfg.train.out_dir:
+        cfg.train.out_dir = str(Path("runs") / path.stem)
+    return cfg
+
+
+_check_train_config = check_train_config      # the earlier private name, still imported by nanoseek.post.stage
+
+
+# ---------------------------------------------------------------------------- TOML writing
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and not math.isfinite(v):
+            return ("inf" if v > 0 else "-inf") if not math.isnan(v) else "nan"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def dumps_toml(doc: dict[str, dict[str, Any]], header: str = "") -> str:
+    """Tables of scalars, lists and inline tables -> TOML text; None values are commented out."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for table, values in doc.items():
+        lines.append(f"\n[{table}]")
+        for k, v in values.items():
+            if v is None:
+                lines.append(f"# {k} = (unset)")
+            else:
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML; reading it back gives the same :class:`TrainConfig`."""
+    return dumps_toml(cfg.to_dict(), header=f"Resolved nanoseek training config (from {cfg.source})")
+
+
+__all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection",
+           "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
+           "apply_overrides", "check_train_config", "config_from_dict", "read_toml", "load_config", "resolve_config_path",
+           "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]

@@ -1,0 +1,576 @@
+"""The one training loop. Pre-training, SFT, DPO and GRPO are tasks plugged into :class:`Trainer`.
+
+A **task** provides the data and the loss; the trainer owns everything else (optimizer, schedule,
+precision, gradient accumulation and clipping, the spike guard, checkpoints, resume, rollback,
+metrics, validation cadence, signals)::
+
+    class Task(Protocol):
+        def batches(self) -> Batches:            # called once per fit
+            ...                                  # an iterator with state_dict() / load_state_dict()
+        def loss(self, model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+            ...                                  # scalar objective of ONE micro-batch, and metrics
+
+        # optional
+        micro_batch_reduction: str = "mean"      # "mean": the trainer averages the micro-batch losses
+                                                 #   of a step; "sum": the task already normalised each
+                                                 #   one by the whole step (GRPO's token-mean), so they add
+        def evaluate(self, model) -> dict[str, float]:   # validation (model in eval mode, no grad)
+
+* ``next(batches)`` returns **one micro-batch**; the trainer draws ``optim.grad_accum`` of them
+  per optimizer step. An item that is a ``list`` is instead the whole step's micro-batches (a
+  task that generates its data, like GRPO's rollouts, can decide the split itself).
+  ``batches.state_dict()`` is checkpointed and restored (it must capture the position exactly
+  for a resumed run to see the same data). A micro-batch is any object; the task moves it to
+  the model's device. If it is a dict with ``"doc_ids"`` (or has a ``doc_ids`` attribute), the
+  ids are logged when the step is skipped as a spike.
+* ``loss`` runs under the trainer's autocast with the model in train mode. Metric values are
+  averaged over the step's micro-batches, except ``"tokens"`` (the micro-batch's trained tokens),
+  which is summed and gives tokens/s and MFU.
+* **hooks** (:class:`Hook`): ``after_step(trainer, applied) -> dict`` runs after every step,
+  applied or skipped (:class:`ExpertBalanceHook` does the aux-loss-free bias update there),
+  ``on_event(trainer, record)`` sees every event logged, and a hook with ``state_dict`` /
+  ``load_state_dict`` is checkpointed (extra state a stage wants saved).
+
+One optimizer step (``trainer.step`` counts them, 1-based in the logs):
+
+1. lr from the schedule (a function of the step and the run's progress), set on every group;
+2. for each micro-batch: loss under autocast, ``backward(loss / n)`` (or ``loss`` for "sum");
+3. clip the global gradient norm; ask the spike guard about the step loss and gradient norm;
+4. OK: ``optimizer.step()``. SKIP (fast spike): no update, the gradient is dropped; the step
+   still counts (its data is consumed and the schedule moves on) and ``spike_skipped`` is logged
+   with the document ids. ROLLBACK (slow blow-up): no update; the weights, optimizer, RNG, guard
+   and data position come back from the last good checkpoint, then the data iterator is
+   advanced past every batch drawn since that checkpoint (the data that led to the blow-up)
+   and ``rollback`` is logged; checkpoints newer than the target are deleted (an abandoned
+   timeline). Consecutive rollbacks with no new checkpoint go one checkpoint further back;
+   more than ``spike.max_rollbacks`` raise :class:`TrainingDiverged`;
+5. hooks ``after_step`` (a skipped step resets the MoE token counts without moving the biases);
+6. log, evaluate every ``eval_every``, checkpoint every ``save_every``, stop on the budget.
+
+Exact resume: a checkpoint holds the weights, AdamW moments, the step/token counters, the RNG
+states (torch, CUDA, python, numpy), the data position, the guard and hook states, so a
+killed run resumed from step N gives the same per-step losses as an uninterrupted one (bitwise
+on the same machine; with ``max_minutes`` the schedule depends on wall time, so not then).
+SIGINT (Ctrl-C) and SIGTERM finish the current step, save a checkpoint and return
+``status="interrupted"``; a second Ctrl-C aborts at once without saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import (CheckpointError, discard_after, latest_checkpoint, list_checkpoints, load_model_weights,
+                         load_state, remove_partials, save_checkpoint, step_of)
+from .config import OptimSection, SpikeSection, TrainSection
+from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
+from .optim import LRSchedule, build_optimizer, set_lr
+from .spike import SpikeGuard, Verdict
+
+
+MAX_ORIGINS = 32          # document origins named in a spike / rollback event
+
+
+class TrainingDiverged(RuntimeError):
+    """The spike guard asked for a rollback it cannot do (no checkpoint, or too many rollbacks)."""
+
+
+class Batches(Protocol):
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Task(Protocol):
+    def batches(self) -> Batches: ...
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+class Hook:
+    """Base class for trainer hooks; override what you need."""
+
+    def after_step(self, trainer: "Trainer", applied: bool) -> dict[str, Any] | None:
+        return None
+
+    def on_event(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+        return None
+
+
+class ExpertBalanceHook(Hook):
+    """Aux-loss-free balancing after every optimizer step: ``model.update_expert_bias(gamma)``.
+
+    The load is the token count of every training forward since the last call (all micro-batches
+    of the step). A skipped step calls it with gamma 0: the spiked batch's counts are dropped and
+    the biases do not move. Logs the per-MoE-layer MaxVio of the step's load and the bias range.
+    """
+
+    def __init__(self, gamma: float, load_reduce=None):
+        self.gamma, self.load_reduce = gamma, load_reduce
+
+    def after_step(self, trainer: "Trainer", applied: bool) -> dict[str, Any] | None:
+        model = trainer.model
+        if not hasattr(model, "update_expert_bias"):
+            return None
+        load = model.update_expert_bias(self.gamma if applied else 0.0, self.load_reduce)
+        if load is None:
+            return None
+        from ..model.moe import max_violation
+        out: dict[str, Any] = {"maxvio": [round(float(x), 4) for x in max_violation(load)]}
+        bias = model.expert_bias()
+        if bias is not None:
+            out["bias_range"] = [round(float(x), 5) for x in (bias.amax(-1) - bias.amin(-1))]
+        return out
+
+
+@dataclass
+class FitResult:
+    status: str                       # "done", "interrupted" or "data_exhausted"
+    step: int
+    tokens: int
+    run_dir: Path
+    checkpoint: Path | None = None    # the last checkpoint written
+    final_dir: Path | None = None     # RUN/final (status "done" and "data_exhausted")
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _doc_ids(micro: Any) -> list[int] | None:
+    ids = micro.get("doc_ids") if isinstance(micro, dict) else getattr(micro, "doc_ids", None)
+    if ids is None:
+        return None
+    if isinstance(ids, torch.Tensor):
+        return sorted(set(ids.flatten().tolist()))
+    flat: list = []
+    stack = [ids]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, torch.Tensor):
+            flat.extend(x.flatten().tolist())
+        else:
+            flat.append(x)
+    try:
+        return sorted(set(flat))
+    except TypeError:
+        return flat
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class Trainer:
+    """See the module docstring. ``run_dir`` defaults to ``train.out_dir``."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, optim: OptimSection, train: TrainSection,
+                 spike: SpikeSection | None = None, run_dir: str | Path | None = None,
+                 hooks: list[Hook] | tuple[Hook, ...] = (), config: dict | None = None,
+                 final_files: dict[str, str] | None = None, flops_per_token: float | None = None,
+                 progress: bool | None = None, quiet: bool = False):
+        self.optim_cfg, self.train_cfg = optim, train
+        self.spike_cfg = spike or SpikeSection()
+        self.run_dir = Path(run_dir or train.out_dir or "runs/run")
+        self.device = resolve_device(train.device)
+        self.model = model.to(self.device)
+        self.task = task
+        self.hooks = list(hooks)
+        self.config = config or {}
+        self.final_files = final_files or {}
+        self.progress_flag, self.quiet = progress, quiet
+        self.optimizer = build_optimizer(self.model, optim)
+        self.schedule = LRSchedule(optim, train.max_steps)
+        self.guard = SpikeGuard(self.spike_cfg)
+        self.batches: Batches = task.batches()
+        self.reduction = getattr(task, "micro_batch_reduction", "mean")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"task.micro_batch_reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if flops_per_token is None and hasattr(self.model, "config"):
+            flops_per_token = model_flops_per_token(self.model.config, optim.seq_len,
+                                                    include_mtp=bool(getattr(self.model, "use_mtp", False)))
+        self.flops_per_token = flops_per_token
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # counters (checkpointed)
+        self.step = 0                 # optimizer steps taken (applied or skipped)
+        self.updates = 0              # of which applied
+        self.tokens = 0               # training tokens of those steps
+        self.batches_consumed = 0     # items drawn from the batch iterator (rollback skips past them)
+        self.elapsed = 0.0            # seconds of training in this and previous processes
+        self.rollbacks = 0
+        self.last_saved_step: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict[str, float] = {}
+        self._last_rollback_target: Path | None = None
+        self._stop_reason: str | None = None
+        self.logger: MetricsLogger | None = None
+        self.peak_flops: float | None = None
+        self._bar: ProgressDisplay | None = None
+        self._clock = time.perf_counter()
+
+    # ------------------------------------------------------------------ public controls
+    def request_stop(self, reason: str = "requested") -> None:
+        """Finish the current step, save a checkpoint and return (what Ctrl-C and SIGTERM do)."""
+        self._stop_reason = reason
+
+    def autocast(self):
+        if self.train_cfg.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def progress(self) -> float:
+        """Fraction of the run done in [0, 1]: the furthest of steps, tokens and minutes."""
+        t = self.train_cfg
+        p = 0.0
+        if t.max_steps:
+            p = max(p, self.step / t.max_steps)
+        if t.max_tokens:
+            p = max(p, self.tokens / t.max_tokens)
+        if t.max_minutes:
+            p = max(p, self.elapsed / (60 * t.max_minutes))
+        return min(p, 1.0)
+
+    def _lr_progress(self) -> float:
+        """Progress at the end of the step about to run (the schedule's argument)."""
+        t = self.train_cfg
+        p = 0.0
+        if t.max_steps:
+            p = max(p, (self.step + 1) / t.max_steps)
+        if t.max_tokens:
+            p = max(p, self.tokens / t.max_tokens)
+        if t.max_minutes:
+            p = max(p, self.elapsed / (60 * t.max_minutes))
+        return min(p, 1.0)
+
+    def finished(self) -> bool:
+        t = self.train_cfg
+        return bool((t.max_steps and self.step >= t.max_steps) or (t.max_tokens and self.tokens >= t.max_tokens)
+                    or (t.max_minutes and self.elapsed >= 60 * t.max_minutes))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        hooks = {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks) if hasattr(h, "state_dict")}
+        return {"version": 1, "step": self.step, "updates": self.updates, "tokens": self.tokens,
+                "batches_consumed": self.batches_consumed, "elapsed": self.elapsed, "rollbacks": self.rollbacks,
+                "optimizer": self.optimizer.state_dict(), "rng": _rng_state(), "batches": self.batches.state_dict(),
+                "guard": self.guard.state_dict(), "hooks": hooks, "config": self.config}
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), self.train_cfg.keep_last)
+        self.last_saved_step, self.last_checkpoint = self.step, path
+        self._event("checkpoint", step=self.step, path=str(path))
+        return path
+
+    def restore(self, ckpt: str | Path, *, rollback: bool = False) -> None:
+        """Load a checkpoint into the live trainer (weights, optimizer, counters, RNG, data, guard, hooks)."""
+        ckpt = Path(ckpt)
+        state = load_state(ckpt)
+        load_model_weights(self.model, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:     # the config in force wins over the saved hyper-parameters
+            group["betas"], group["eps"] = tuple(self.optim_cfg.betas), self.optim_cfg.eps
+            group["weight_decay"] = self.optim_cfg.weight_decay if group.get("name") == "decay" else 0.0
+        self.step, self.updates, self.tokens = int(state["step"]), int(state["updates"]), int(state["tokens"])
+        self.batches_consumed = int(state["batches_consumed"])
+        if not rollback:                      # wall time spent on an abandoned timeline still counts
+            self.elapsed = float(state["elapsed"])
+            self.rollbacks = int(state.get("rollbacks", 0))
+        self.guard.load_state_dict(state["guard"])
+        self.batches.load_state_dict(state["batches"])
+        saved_hooks = state.get("hooks", {})
+        for i, h in enumerate(self.hooks):
+            key = f"{i}:{type(h).__name__}"
+            if hasattr(h, "load_state_dict"):
+                if key not in saved_hooks:
+                    raise CheckpointError(f"{ckpt}: no state for hook {key} (saved: {sorted(saved_hooks)})")
+                h.load_state_dict(saved_hooks[key])
+        _set_rng_state(state["rng"])
+        self.last_saved_step, self.last_checkpoint = self.step, ckpt
+
+    # ------------------------------------------------------------------ logging
+    def _message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.message(text)
+        elif not self.quiet:
+            print(text, flush=True)
+
+    def _event(self, name: str, **fields: Any) -> dict[str, Any]:
+        rec = {"event": name, **fields}
+        if self.logger is not None:
+            self.logger.log(rec)
+        for h in self.hooks:
+            if hasattr(h, "on_event"):
+                h.on_event(self, rec)
+        return rec
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool | str | Path = False) -> FitResult:
+        """Train until the budget is spent, the data ends, or a stop is requested."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partials(self.run_dir)
+        metrics_file = self.run_dir / METRICS_FILE
+        if not resume and metrics_file.exists():      # a fresh run: keep an earlier attempt's log aside
+            os.replace(metrics_file, self.run_dir / f"metrics.{int(time.time())}.jsonl")
+        t = self.train_cfg
+        self.logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb_project, config=self.config)
+        old_handlers = self._install_signals()
+        status = "done"
+        try:
+            if resume:
+                ckpt = latest_checkpoint(self.run_dir) if resume is True else Path(resume)
+                if ckpt is None:
+                    raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
+                self.restore(ckpt)
+                self._event("resume", step=self.step, checkpoint=str(ckpt))
+            else:
+                torch.manual_seed(t.seed)
+                random.seed(t.seed)
+                np.random.seed(t.seed % 2**32)
+                self._event("start", step=0, device=str(self.device), dtype=t.dtype,
+                            params=sum(p.numel() for p in self.params))
+            self.peak_flops = measure_matmul_peak(str(self.device), t.dtype)
+            desc = self.run_dir.name
+            with ProgressDisplay(desc, t.log_every, enabled=self.progress_flag, quiet=self.quiet) as bar:
+                self._bar = bar
+                status = self._loop(bar)
+            if status in ("done", "data_exhausted"):
+                final = self._finish(status)
+            else:
+                final = None
+            return FitResult(status, self.step, self.tokens, self.run_dir, self.last_checkpoint, final, self.last_eval)
+        finally:
+            self._bar = None
+            self._restore_signals(old_handlers)
+            self.logger.close()
+            self.logger = None
+
+    def _loop(self, bar: ProgressDisplay) -> str:
+        t = self.train_cfg
+        self._clock = time.perf_counter()
+        while True:
+            self._tick()
+            if self.finished():
+                return "done"
+            if self._stop_reason is not None:
+                if self.last_saved_step != self.step:
+                    self.save()
+                self._event("interrupted", step=self.step, reason=self._stop_reason)
+                bar.message(f"{self._stop_reason}: saved {self.last_checkpoint} at step {self.step}")
+                return "interrupted"
+            try:
+                micro = self._draw()
+            except StopIteration:
+                self._event("data_exhausted", step=self.step)
+                return "data_exhausted"
+            rec = self._train_step(micro)
+            if rec is None:                    # rolled back: counters and data already moved
+                continue
+            if t.eval_every and self.step % t.eval_every == 0:
+                self._evaluate()
+            if t.save_every and self.step % t.save_every == 0:
+                self.save()
+            bar.update(self.step, self.progress(), rec["loss"], rec.get("tokens_per_s"),
+                       extra=f"ce {rec['ce']:.4f}" if "ce" in rec else "")
+
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to ``elapsed`` (the time budget's clock)."""
+        now = time.perf_counter()
+        self.elapsed += now - self._clock
+        self._clock = now
+
+    def _draw(self) -> list[Any]:
+        first = next(self.batches)
+        self.batches_consumed += 1
+        if isinstance(first, list):
+            return first
+        micro = [first]
+        for _ in range(self.optim_cfg.grad_accum - 1):
+            micro.append(next(self.batches))
+            self.batches_consumed += 1
+        return micro
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _train_step(self, micro: list[Any]) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        model, opt = self.model, self.optimizer
+        model.train()
+        lr = self.schedule.lr(self.step, self._lr_progress())
+        set_lr(opt, lr)
+        scale = 1.0 / len(micro) if self.reduction == "mean" else 1.0
+        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for mb in micro:
+            with self.autocast():
+                loss, metrics = self.task.loss(model, mb)
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
+            for k, v in (metrics or {}).items():
+                v = float(v) if isinstance(v, torch.Tensor) else v
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        step_loss = float(loss_sum) * scale
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        decision = self.guard.observe(self.step, step_loss, grad_norm)
+        applied = decision.verdict is Verdict.OK
+        if applied:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        hook_metrics: dict[str, Any] = {}
+        for h in self.hooks:
+            if hasattr(h, "after_step"):
+                hook_metrics.update(h.after_step(self, applied) or {})
+        self._sync()
+        dt = time.perf_counter() - t0
+        ntok = int(sums.get("tokens", 0))
+        if self.train_cfg.max_tokens and "tokens" not in sums:
+            raise ValueError("[train] max_tokens needs a task whose loss metrics report 'tokens'; "
+                             "use max_steps or max_minutes with this task")
+        self.step += 1
+        self.updates += int(applied)
+        self.tokens += ntok
+        if decision.verdict is Verdict.ROLLBACK:
+            self._rollback(decision.reason, step_loss, micro)
+            return None
+        rec: dict[str, Any] = {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm}
+        for k, v in sums.items():                    # a task metric never overwrites the trainer's own
+            rec[k if k not in rec else f"task_{k}"] = ntok if k == "tokens" else v / counts[k]
+        if ntok:
+            rec["tokens_per_s"] = ntok / dt
+            if self.flops_per_token and self.peak_flops:
+                rec["mfu"] = ntok * self.flops_per_token / dt / self.peak_flops
+        rec.update(hook_metrics)
+        self._tick()
+        rec.update({"step_time": dt, "tokens_seen": self.tokens, "elapsed": self.elapsed})
+        if not applied:
+            rec["skipped"] = True
+            self._event("spike_skipped", step=self.step, loss=step_loss, grad_norm=grad_norm, reason=decision.reason,
+                        **self._doc_fields(micro))
+            self._message(f"step {self.step}: spike skipped ({decision.reason})")
+        if self.logger is not None and (not applied or self.step % self.train_cfg.log_every == 0):
+            self.logger.log(rec)
+        return rec
+
+    def _rollback(self, reason: str, loss: float, micro: list[Any]) -> None:
+        bad_step = self.step
+        if self.rollbacks >= self.spike_cfg.max_rollbacks:
+            self._event("diverged", step=bad_step, loss=loss, reason=reason)
+            raise TrainingDiverged(f"step {bad_step}: {reason}; already rolled back {self.rollbacks} times "
+                                   f"([spike] max_rollbacks = {self.spike_cfg.max_rollbacks})")
+        target = latest_checkpoint(self.run_dir)
+        if target is not None and self._last_rollback_target is not None and \
+                target.resolve() == self._last_rollback_target.resolve():
+            older = [p for p in list_checkpoints(self.run_dir) if step_of(p) < step_of(target)]
+            if older:                         # the blow-up began before that checkpoint: go further back
+                target = older[-1]
+        if target is None:
+            self._event("diverged", step=bad_step, loss=loss, reason=reason)
+            raise TrainingDiverged(f"step {bad_step}: {reason}; no checkpoint to roll back to yet "
+                                   f"(lower [train] save_every)")
+        consumed = self.batches_consumed
+        self.restore(target, rollback=True)
+        skip = consumed - self.batches_consumed
+        with contextlib.suppress(StopIteration):
+            for _ in range(skip):             # move past the data that led to the blow-up
+                next(self.batches)
+        self.batches_consumed = consumed
+        discard_after(self.run_dir, self.step)
+        self.rollbacks += 1
+        self._last_rollback_target = target
+        self._event("rollback", step=bad_step, to_step=self.step, loss=loss, reason=reason, checkpoint=str(target),
+                    skipped_batches=skip, **self._doc_fields(micro))
+        self._message(f"step {bad_step}: rolled back to step {self.step} ({reason}); skipped {skip} batches")
+
+    def _doc_fields(self, micro: list[Any]) -> dict[str, Any]:
+        """``doc_ids`` of a step's micro-batches, and their origins if the task can name them."""
+        ids = [d for mb in micro for d in (_doc_ids(mb) or [])]
+        out: dict[str, Any] = {"doc_ids": ids}
+        describe = getattr(self.task, "doc_origins", None)
+        if describe is not None and ids:
+            with contextlib.suppress(Exception):      # a name lookup must never stop training
+                out["doc_origins"] = describe(ids[:MAX_ORIGINS])
+        return out
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        evaluate = getattr(self.task, "evaluate", None)
+        if evaluate is None:
+            return {}
+        self.model.eval()
+        try:
+            with self.autocast():
+                res = {k: float(v) for k, v in (evaluate(self.model) or {}).items()}
+        finally:
+            self.model.train()
+        self.last_eval = {"step": self.step, **res}
+        self._event("eval", step=self.step, **res)
+        if res:
+            self._message(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        return res
+
+    def _finish(self, status: str) -> Path:
+        if self.last_eval.get("step") != self.step:
+            self._evaluate()
+        if self.last_saved_step != self.step:
+            self.save()
+        from ..model.checkpoint import save_pretrained
+        final = save_pretrained(self.model, self.run_dir / "final", extra_files=self.final_files)
+        self._event("done", step=self.step, tokens=self.tokens, status=status, final=str(final),
+                    elapsed=self.elapsed, rollbacks=self.rollbacks)
+        return final
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> dict | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop_reason is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt           # second Ctrl-C: leave now, without saving
+            self._stop_reason = name
+            self._message(f"{name}: saving a checkpoint after this step (Ctrl-C again to quit without saving)")
+
+        for s in old:
+            signal.signal(s, handler)
+        return old
+
+    @staticmethod
+    def _restore_signals(old: dict | None) -> None:
+        for s, h in (old or {}).items():
+            signal.signal(s, h)
+
+
+__all__ = ["Trainer", "Task", "Batches", "Hook", "ExpertBalanceHook", "FitResult", "TrainingDiverged",
+           "resolve_device"]

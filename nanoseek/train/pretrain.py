@@ -1,0 +1,242 @@
+"""Pre-training: next-token CE + lambda x MTP + the sequence-wise balance loss, on packed documents.
+
+:class:`PretrainTask` is the task the shared :class:`~nanoseek.train.loop.Trainer` runs:
+
+* ``batches()``: micro-batches ``LMBatch(input_ids [B,T], labels [B,T], doc_ids)`` from
+  :class:`~nanoseek.data.loader.PackedLoader` (``[data] source = "packed"``) or the
+  :class:`~nanoseek.train.synthetic.SyntheticLoader`; the loader's position is the state.
+* ``loss``: ``CE + mtp_lambda * L_MTP + L_aux``, where L_MTP is the model's (1/D) sum_k CE_k and
+  L_aux the MoE layers' sequence-wise balance loss (weight ``seq_aux_alpha``, set on the model).
+  The MTP forward is skipped entirely when ``mtp_lambda`` is 0.
+* ``evaluate``: validation loss (main CE only, no MTP) over the first ``val_batches`` batches of
+  the val split, always the same ones, and bits per byte = total nats / ln 2 / total UTF-8 bytes
+  of the target tokens. A token's byte count comes from the tokenizer's byte-level vocabulary
+  (the length of its byte string; 0 for special tokens such as BOS), so bpb compares models
+  with different tokenizers.
+
+:func:`pretrain` wires a :class:`~nanoseek.train.config.TrainConfig` into all of it: the model
+(random init or ``[model] init_from``), the data (the model's vocab defaults to the tokenizer's
+when the recipe does not set ``vocab_size``), the run folder (``config.toml``, metrics,
+checkpoints, ``final/`` with the tokenizer files copied in), the expert-bias hook, and fit.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.config import ConfigError
+from .config import TrainConfig, config_to_toml
+from .loop import ExpertBalanceHook, FitResult, Trainer
+
+
+@dataclass
+class LMBatch:
+    input_ids: torch.Tensor           # [B, T]
+    labels: torch.Tensor              # [B, T] next tokens (-100: ignored)
+    doc_ids: list                     # per row, the documents its tokens come from
+
+
+class LMBatches:
+    """Wraps a ``(input_ids, labels, doc_ids)`` loader; its state is the loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self) -> "LMBatches":
+        return self
+
+    def __next__(self) -> LMBatch:
+        x, y, ids = next(self.loader)
+        return LMBatch(x, y, ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of every token id [V]: the length of its byte-level string, 0 for special tokens."""
+    n = tokenizer.vocab_size
+    out = torch.zeros(n, dtype=torch.long)
+    special = set(getattr(tokenizer, "special_ids", ()))
+    for i in range(n):
+        if i not in special:
+            out[i] = len(tokenizer.id_to_token(i) or "")
+    return out
+
+
+class PretrainTask:
+    """Next-token prediction with MTP; see the module docstring."""
+
+    def __init__(self, train_loader, val_loader=None, mtp_lambda: float = 0.3, val_batches: int = 8,
+                 token_bytes: torch.Tensor | None = None, origins=None):
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.mtp_lambda, self.val_batches = mtp_lambda, val_batches
+        self.token_bytes = token_bytes        # [V] bytes per token; None: one byte per token
+        self.origins = origins                # doc id -> "file:line" (the spike log), optional
+        self._val_start = val_loader.state_dict() if val_loader is not None else None
+
+    def batches(self) -> LMBatches:
+        return LMBatches(self.train_loader)
+
+    def loss(self, model, batch: LMBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        device = next(model.parameters()).device
+        x = batch.input_ids.to(device, non_blocking=True)
+        y = batch.labels.to(device, non_blocking=True)
+        out = model(x, labels=y)
+        loss = out.loss
+        metrics: dict[str, Any] = {"ce": out.loss.detach(), "tokens": int(batch.labels.numel())}
+        if out.mtp_loss is not None and self.mtp_lambda > 0:
+            loss = loss + self.mtp_lambda * out.mtp_loss
+            metrics["mtp_loss"] = out.mtp_loss.detach()
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            metrics["aux_loss"] = out.aux_loss.detach()
+        return loss, metrics
+
+    def doc_origins(self, doc_ids: list[int]) -> list[str]:
+        return [self.origins(i) for i in doc_ids] if self.origins else []
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        if self.val_loader is None or self.val_batches <= 0:
+            return {}
+        self.val_loader.load_state_dict(self._val_start)          # the same batches every time
+        device = next(model.parameters()).device
+        use_mtp = getattr(model, "use_mtp", False)
+        model.use_mtp = False
+        nats, n_tokens, n_bytes = 0.0, 0, 0
+        try:
+            for _ in range(self.val_batches):
+                try:
+                    x, y, _ = next(self.val_loader)
+                except StopIteration:
+                    break
+                out = model(x.to(device), labels=y.to(device))
+                n = int((y != -100).sum())
+                nats += float(out.loss) * n
+                n_tokens += n
+                yv = y[y != -100]
+                n_bytes += int(self.token_bytes[yv].sum()) if self.token_bytes is not None else n
+        finally:
+            model.use_mtp = use_mtp
+        if n_tokens == 0:
+            return {}
+        res = {"val_loss": nats / n_tokens, "val_tokens": float(n_tokens)}
+        if n_bytes:
+            res["val_bpb"] = nats / math.log(2) / n_bytes
+        return res
+
+
+# ---------------------------------------------------------------------------- wiring
+def _packed_data(cfg: TrainConfig):
+    """(train loader, val loader, tokenizer, tokenizer dir) of a prepared data directory."""
+    from ..data.loader import PackedLoader
+    from ..data.shards import ShardError, read_manifest
+    from ..data.tokenizer import Tokenizer
+
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    try:
+        data_dir, manifest = read_manifest(d.dir)
+        tok_dir = data_dir / manifest["tokenizer"].get("dir", "tokenizer")
+        tokenizer = Tokenizer.load(tok_dir)
+        train = PackedLoader(data_dir, d.train_split, o.micro_batch_size, o.seq_len, seed=t.seed, tokenizer=tokenizer)
+        val = None
+        if d.val_batches > 0:
+            val_tokens = int(manifest["splits"][d.val_split]["tokens"]) if d.val_split in manifest["splits"] else 0
+            rows = min(o.micro_batch_size, (val_tokens - 1) // o.seq_len)
+            if rows < 1:
+                raise ConfigError(f"[data] val split '{d.val_split}' of {data_dir} has {val_tokens} tokens, fewer than "
+                                  f"seq_len + 1 = {o.seq_len + 1}: prepare with a larger --val-fraction, or set "
+                                  "[data] val_batches = 0")
+            val = PackedLoader(data_dir, d.val_split, rows, o.seq_len, seed=t.seed, tokenizer=tokenizer,
+                               shuffle=False, infinite=False)
+    except ShardError as e:
+        raise ConfigError(f"[data] dir = {d.dir!r}: {e}") from None
+    return train, val, tokenizer, tok_dir
+
+
+def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, dict[str, str]]:
+    """(model, task, files for RUN/final) from a config; the model is on the CPU, seeded by train.seed."""
+    from ..model.transformer import DeepseekV3ForCausalLM
+    from .checkpoint import load_model_weights
+    from .synthetic import SyntheticLoader
+
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    final_files: dict[str, str] = {}
+    token_bytes = origins = None
+    if d.source == "packed":
+        train, val, tokenizer, tok_dir = _packed_data(cfg)
+        if "vocab_size" not in cfg.model.fields:
+            cfg.model.fields["vocab_size"] = tokenizer.vocab_size       # recorded in RUN/config.toml
+        token_bytes = token_byte_lengths(tokenizer)
+        origins = train.shards.origin
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tok_dir / name).is_file():
+                final_files[name] = (tok_dir / name).read_text(encoding="utf-8")
+    model_cfg = cfg.model.build_config()
+    if d.source == "packed":
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
+                              f"{tokenizer.vocab_size} ({tok_dir}); remove vocab_size from [model] to use the tokenizer's")
+    else:
+        train = SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="train")
+        val = (SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="val",
+                               num_batches=d.val_batches) if d.val_batches > 0 else None)
+    torch.manual_seed(t.seed)
+    model = DeepseekV3ForCausalLM(model_cfg)
+    if cfg.model.init_from:
+        load_model_weights(model, cfg.model.init_from)
+    model.set_seq_aux_alpha(t.seq_aux_alpha)
+    model.use_mtp = model.use_mtp and t.mtp_lambda > 0
+    task = PretrainTask(train, val, t.mtp_lambda, d.val_batches, token_bytes, origins)
+    return model, task, final_files
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
+
+
+def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = None, quiet: bool = False,
+             hooks: list | None = None) -> FitResult:
+    """Run (or with ``resume`` continue) the pre-training described by ``cfg`` in ``cfg.train.out_dir``."""
+    from .checkpoint import latest_checkpoint
+    from .config import config_from_dict, read_toml
+
+    run_dir = Path(cfg.train.out_dir)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
+                          "[train] out_dir")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+    model, task, final_files = build_pretraining(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.toml"
+    changed: list[str] = []
+    if resume and config_path.exists():
+        changed = _changed_keys(config_from_dict(read_toml(config_path), str(config_path)).to_dict(), cfg.to_dict())
+        if changed and not quiet:
+            print(f"resuming {run_dir} with changed settings: {', '.join(changed)}")
+    if changed or not config_path.exists() or not resume:
+        if changed:
+            shutil.copyfile(config_path, run_dir / "config.previous.toml")
+        config_path.write_text(config_to_toml(cfg))
+    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir,
+                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *(hooks or [])],
+                      config=cfg.to_dict(), final_files=final_files, progress=progress, quiet=quiet)
+    return trainer.fit(resume=resume)
+
+
+__all__ = ["PretrainTask", "LMBatch", "LMBatches", "token_byte_lengths", "build_pretraining", "pretrain"]

@@ -1,0 +1,138 @@
+"""Training configs: TOML -> typed sections, errors naming the key, --set overrides, round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoseek.model.config import ConfigError
+from nanoseek.train.config import (TRAIN_CONFIG_DIR, apply_overrides, config_from_dict, config_to_toml, load_config,
+                                   parse_literal, read_toml, SECTIONS)
+
+BASE = {"model": {"preset": "tiny"}, "data": {"source": "synthetic"}, "train": {"max_steps": 10}}
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_load_defaults_sections_and_inline_model_fields(tmp_path):
+    p = write(tmp_path, """
+[model]
+preset = "tiny"
+hidden_size = 32
+num_attention_heads = 2
+
+[optim]
+lr = 1            # an int where a float is expected is fine
+betas = [0.9, 0.99]
+
+[train]
+max_steps = 5
+dtype = "bfloat16"
+""")
+    cfg = load_config(p)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.9, 0.99]
+    assert cfg.optim.weight_decay == 0.1 and cfg.optim.grad_clip == 1.0     # V3 defaults
+    assert cfg.train.mtp_lambda == 0.3 and cfg.train.bias_update_gamma == 0.001 and cfg.train.seq_aux_alpha == 1e-4
+    mc = cfg.model.build_config()
+    assert mc.hidden_size == 32 and mc.num_attention_heads == 2 and mc.vocab_size == 512   # rest from the preset
+    assert cfg.train.out_dir == "runs/r"                                                    # from the file name
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("[optim]\nlearning_rate = 1e-3\n", ["unknown key 'learning_rate'", "[optim]", "lr", "min_lr", "grad_accum"]),
+    ("[trian]\nmax_steps = 3\n", ["unknown table [trian]", "[train]"]),
+    ("[optim]\nlr = \"fast\"\n", ["[optim] lr must be float", "str 'fast'"]),
+    ("[train]\nmax_steps = 2.5\n", ["[train] max_steps must be int"]),
+    ("[spike]\nenabled = 1\n", ["[spike] enabled must be bool"]),
+    ("[optim]\nbetas = [0.9, \"x\"]\n", ["betas[1]", "must be float"]),
+    ("[model]\nhiden_size = 3\n", ["unknown key 'hiden_size'", "[model]", "preset", "hidden_size"]),
+])
+def test_errors_name_the_key_its_table_and_the_valid_keys(tmp_path, text, needles):
+    p = write(tmp_path, text + "\n[train]\nmax_steps = 1\n" if "[train]" not in text else text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"train": {}}, "needs max_steps, max_tokens or max_minutes"),
+    ({"optim": {"min_lr": 1.0}}, "min_lr"),
+    ({"optim": {"schedule": "linear"}}, "'wsd', 'cosine' or 'constant'"),
+    ({"train": {"max_steps": 3, "dtype": "fp16"}}, "dtype"),
+    ({"spike": {"ratio": 0.5}}, "ratio"),
+    ({"optim": {"seq_len": 5000}}, "max_position_embeddings"),
+    ({"optim": {"decay_steps": 3}, "train": {"max_steps": None, "max_minutes": 1.0}}, "decay_steps"),
+    ({"model": {"preset": "tiny", "n_group": 3}}, "n_group"),
+    ({"model": {"preset": "no-such-preset"}}, "presets:"),
+])
+def test_inconsistent_values_are_errors(raw, needle):
+    merged = {k: dict(v) for k, v in BASE.items()}
+    for k, v in raw.items():
+        merged.setdefault(k, {}).update(v)
+    if raw.get("train") == {}:
+        merged["train"] = {}
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        config_from_dict(merged, "x.toml")
+
+
+def test_set_overrides_are_typed_and_validated_like_the_file(tmp_path):
+    p = write(tmp_path, "[model]\npreset = \"tiny\"\n[train]\nmax_steps = 3\n")
+    cfg = load_config(p, ["optim.lr=1e-3", "train.dtype=bfloat16", "data.dir=/tmp/some dir", "spike.enabled=false",
+                          "optim.betas=[0.8, 0.9]", "model.num_hidden_layers=2", "train.max_tokens=null",
+                          "model.rope_scaling.factor=2.0", "model.rope_scaling.type=yarn",
+                          "model.rope_scaling.original_max_position_embeddings=512"])
+    assert cfg.optim.lr == 1e-3 and cfg.train.dtype == "bfloat16" and cfg.data.dir == "/tmp/some dir"
+    assert cfg.spike.enabled is False and cfg.optim.betas == [0.8, 0.9] and cfg.train.max_tokens is None
+    mc = cfg.model.build_config()
+    assert mc.num_hidden_layers == 2 and mc.rope_scaling["factor"] == 2.0
+    with pytest.raises(ConfigError, match="unknown key 'lrr' in \\[optim\\]"):
+        load_config(p, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="must be float"):
+        load_config(p, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown table 'optimizer'"):
+        load_config(p, ["optimizer.lr=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(p, ["lr=1"])
+
+
+def test_parse_literal():
+    assert parse_literal("3") == 3 and parse_literal("3.0") == 3.0 and parse_literal("true") is True
+    assert parse_literal("[1, 2]") == [1, 2] and parse_literal('"a b"') == "a b" and parse_literal("word") == "word"
+    assert parse_literal("null") is None and parse_literal("None") is None
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, "[model]\npreset = \"tiny\"\nhidden_size = 32\nnum_attention_heads = 2\n"
+                                      "[data]\nsource = \"synthetic\"\n[train]\nmax_minutes = 1.5\nwandb_project = 'a\"b'\n"))
+    text = config_to_toml(cfg)
+    again = config_from_dict(__import__("tomllib").loads(text), "again")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_shipped_recipes_load_and_root_configs_point_at_them():
+    from pathlib import Path
+    names = ["tiny", "bench-moe"]           # the pre-training recipes (other stages ship their own there)
+    assert set(names) <= {p.stem for p in TRAIN_CONFIG_DIR.glob("*.toml")}
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.train.out_dir
+        cfg.model.build_config()
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in names:
+        assert read_toml(root / f"{name}.toml") == read_toml(TRAIN_CONFIG_DIR / f"{name}.toml")
+    bench = load_config("bench-moe").model.build_config()
+    assert (bench.vocab_size, bench.hidden_size, bench.num_hidden_layers, bench.n_routed_experts,
+            bench.num_experts_per_tok) == (4096, 256, 4, 16, 4)
+    with pytest.raises(ConfigError, match="shipped: .*tiny"):
+        load_config("no-such-recipe")
+
+
+def test_apply_overrides_only_touches_known_tables():
+    raw = apply_overrides({}, ["optim.lr=2"], SECTIONS)
+    assert raw == {"optim": {"lr": 2}}
