@@ -1,0 +1,462 @@
+"""Ablation results: read the runs' ``metrics.jsonl``, compare arms, write tables, plots and markdown.
+
+The runner leaves one run folder per arm and seed (``SUITE/runs/ARM/seedN``, written by the
+shared training loop, plus ``ablate_arm.json`` naming the arm). This module reads them back:
+
+* :func:`load_seed_run`: the validation-loss curve (eval events) against tokens, training FLOPs
+  (tokens x FLOPs/token of the arm) and wall-clock seconds, the final validation loss, the
+  median tokens/s, and MaxVio per step (the loop's per-MoE-layer list, averaged over layers);
+* :func:`compare`: arm A against arm B on one metric: the difference of the means over seeds,
+  the paired per-seed differences, and whether it is *clear*: every seed agrees on the sign and
+  the difference exceeds the larger of the two arms' seed standard deviations. With one seed
+  there is no spread to judge against and ``clear`` is None;
+* :func:`write_suite_report`: ``results.json`` (every number), ``report.md`` (claim, verdict,
+  table, per-seed losses, setup, plots) and the PNG plots;
+* :func:`write_combined_markdown`: ``docs/ablations.md`` from several suites' ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .suites import Suite
+
+ARM_FILE = "ablate_arm.json"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+METRICS = ("final_val_loss", "maxvio_mean", "maxvio_final", "tokens_per_s", "wall_s")
+
+
+class ReportError(ValueError):
+    """A run folder is missing, unfinished or inconsistent with the suite."""
+
+
+# ---------------------------------------------------------------------------- one run
+@dataclass
+class SeedRun:
+    seed: int
+    run_dir: str
+    final_val_loss: float
+    curve: list[dict[str, float]]          # {"step", "tokens", "flops", "wall_s", "val_loss"} per evaluation
+    maxvio: list[list[float]]              # [step, MaxVio averaged over MoE layers] per step (empty: dense)
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    config_seed: int                       # [train] seed recorded in the run's config.toml
+    maxvio_mean: float | None = None       # over all steps
+    maxvio_final: float | None = None      # over the last 10% of steps
+
+    def value(self, metric: str) -> float | None:
+        return getattr(self, metric)
+
+
+def load_seed_run(run_dir: str | Path, flops_per_token: float) -> SeedRun:
+    """Read one finished run folder (``metrics.jsonl``, ``config.toml``, ``ablate_arm.json``)."""
+    from ..train.metrics import events, read_metrics, step_records
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl (the run did not start)")
+    records = read_metrics(run_dir)
+    steps = step_records(records)
+    evals = [e for e in events(records, "eval") if "val_loss" in e]
+    if not events(records, "done"):
+        raise ReportError(f"{run_dir}/metrics.jsonl: no 'done' event (the run did not finish)")
+    if not evals:
+        raise ReportError(f"{run_dir}/metrics.jsonl: no eval event with val_loss")
+    try:
+        cfg = tomllib.loads((run_dir / "config.toml").read_text())
+        arm = json.loads((run_dir / ARM_FILE).read_text())
+    except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{run_dir}: cannot read config.toml / {ARM_FILE}: {e}") from None
+    evals = list({e["step"]: e for e in evals}.values())            # last eval of each step
+    curve = []
+    for e in evals:
+        rec = steps.get(e["step"], {})
+        tokens = rec.get("tokens_seen", e["step"] * arm["tokens_per_step"])
+        curve.append({"step": e["step"], "tokens": tokens, "flops": tokens * flops_per_token,
+                      "wall_s": rec.get("elapsed", float("nan")), "val_loss": float(e["val_loss"])})
+    maxvio = [[s, statistics.fmean(r["maxvio"])] for s, r in steps.items() if r.get("maxvio")]
+    tps = [r["tokens_per_s"] for r in steps.values() if r.get("tokens_per_s")]
+    last = steps[max(steps)] if steps else {}
+    run = SeedRun(seed=int(arm["seed"]), run_dir=str(run_dir), final_val_loss=curve[-1]["val_loss"], curve=curve,
+                  maxvio=maxvio, tokens=int(last.get("tokens_seen", 0)), wall_s=float(last.get("elapsed", 0.0)),
+                  tokens_per_s=statistics.median(tps) if tps else float("nan"),
+                  config_seed=int(cfg.get("train", {}).get("seed", -1)))
+    if maxvio:
+        vals = [v for _, v in maxvio]
+        run.maxvio_mean = statistics.fmean(vals)
+        run.maxvio_final = statistics.fmean(vals[-max(1, len(vals) // 10):])
+    return run
+
+
+# ---------------------------------------------------------------------------- one arm
+@dataclass
+class ArmResult:
+    name: str
+    label: str
+    info: dict[str, Any]                   # Arm.info(): params, KV bytes, FLOPs/token
+    note: str = ""
+    runs: list[SeedRun] = field(default_factory=list)
+
+    def values(self, metric: str) -> dict[int, float]:
+        return {r.seed: r.value(metric) for r in self.runs if r.value(metric) is not None}
+
+    def mean(self, metric: str) -> float:
+        v = list(self.values(metric).values())
+        return statistics.fmean(v) if v else float("nan")
+
+    def std(self, metric: str) -> float:
+        """Sample standard deviation over seeds (0 with one seed)."""
+        v = list(self.values(metric).values())
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+@dataclass
+class Comparison:
+    metric: str
+    diff: float                            # mean(a) - mean(b)
+    rel: float                             # diff / mean(b)
+    per_seed: dict[int, float]             # a - b for each seed both ran
+    per_seed_rel: dict[int, float]
+    spread: float                          # larger of the two arms' seed standard deviations
+    clear: bool | None                     # None: one seed, nothing to judge the difference against
+
+    def text(self, what: str = "loss") -> str:
+        word = "lower" if self.diff < 0 else "higher"
+        s = f"{what} {word} by {abs(self.diff):.4f} ({100 * abs(self.rel):.2f}%)"
+        n = len(self.per_seed)
+        if self.clear is None:                  # one seed: the suite's text says so once
+            return s
+        paired = ", ".join(f"{d:+.4f}" for d in self.per_seed.values())
+        if self.clear:
+            return s + f", clear over {n} seeds (per seed {paired}; seed spread {self.spread:.4f})"
+        signs = sum(1 for d in self.per_seed.values() if (d < 0) == (self.diff < 0))
+        return s + (f", not significant: per seed {paired}, {signs} of {n} seeds agree, seed spread "
+                    f"{self.spread:.4f}")
+
+
+def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Comparison:
+    """A against B on ``metric`` (see the module docstring for when a difference is clear)."""
+    va, vb = a.values(metric), b.values(metric)
+    if not va or not vb:
+        raise ReportError(f"no {metric} for {a.name if not va else b.name}")
+    ma, mb = statistics.fmean(va.values()), statistics.fmean(vb.values())
+    diff = ma - mb
+    common = sorted(set(va) & set(vb))
+    per_seed = {s: va[s] - vb[s] for s in common}
+    per_seed_rel = {s: (va[s] - vb[s]) / vb[s] if vb[s] else float("nan") for s in common}
+    spread = max(a.std(metric), b.std(metric))
+    if len(common) < 2:
+        clear = None
+    else:
+        clear = all(d != 0 and (d < 0) == (diff < 0) for d in per_seed.values()) and abs(diff) > spread
+    return Comparison(metric, diff, diff / mb if mb else float("nan"), per_seed, per_seed_rel, spread, clear)
+
+
+def collect(suite: "Suite", suite_dir: str | Path, seeds: list[int], seq_len: int) -> dict[str, ArmResult]:
+    """Every arm's runs under ``suite_dir/runs``; a missing or unfinished run is an error."""
+    suite_dir = Path(suite_dir)
+    out = {}
+    for arm in suite.arms:
+        info = arm.info(seq_len)
+        res = ArmResult(arm.name, arm.label, info, arm.note)
+        for seed in seeds:
+            res.runs.append(load_seed_run(suite_dir / "runs" / arm.name / f"seed{seed}", info["flops_per_token"]))
+        out[arm.name] = res
+    return out
+
+
+# ---------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _mean_curve(arm: ArmResult, key: str) -> tuple[list[float], list[float]]:
+    """x = mean over seeds of ``key`` at each evaluated step, y = mean validation loss."""
+    by_step: dict[int, list[dict]] = {}
+    for r in arm.runs:
+        for p in r.curve:
+            by_step.setdefault(p["step"], []).append(p)
+    steps = sorted(s for s, ps in by_step.items() if len(ps) == len(arm.runs))
+    xs = [statistics.fmean(p[key] for p in by_step[s]) for s in steps]
+    ys = [statistics.fmean(p["val_loss"] for p in by_step[s]) for s in steps]
+    return xs, ys
+
+
+def plot_curves(title: str, results: dict[str, ArmResult], path: str | Path) -> Path:
+    """Validation loss against tokens, training FLOPs and wall-clock: thin lines per seed, bold mean."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("tokens", "training tokens"), ("flops", "training FLOPs (model, fwd+bwd)"), ("wall_s", "wall-clock (s)"))
+    late = []
+    for i, arm in enumerate(results.values()):
+        color = f"C{i}"
+        for ax, (key, _) in zip(axes, panels):
+            for r in arm.runs:
+                ax.plot([p[key] for p in r.curve], [p["val_loss"] for p in r.curve], color=color, alpha=0.3, lw=0.8)
+            xs, ys = _mean_curve(arm, key)
+            ax.plot(xs, ys, color=color, lw=2, marker="o", ms=3,
+                    label=f"{arm.label} ({len(arm.runs)} seed{'s' if len(arm.runs) > 1 else ''})")
+        for r in arm.runs:
+            late += [p["val_loss"] for p in r.curve[len(r.curve) // 3:]]
+    for ax, (_, xlabel) in zip(axes, panels):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if late:
+            lo, hi = min(late), max(late)
+            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.3 * (hi - lo + 1e-9))
+    axes[0].set_ylabel("validation loss (nats/token)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_maxvio(title: str, results: dict[str, ArmResult], path: str | Path) -> Path:
+    """MaxVio of each training batch (mean over MoE layers and seeds) against the step."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, arm in enumerate(results.values()):
+        series = [dict(r.maxvio) for r in arm.runs if r.maxvio]
+        if not series:
+            continue
+        steps = sorted(set.intersection(*(set(s) for s in series)))
+        ys = [statistics.fmean(s[k] for s in series) for k in steps]
+        w = max(1, len(ys) // 25)                                        # light smoothing for readability
+        sm = [statistics.fmean(ys[max(0, j - w + 1): j + 1]) for j in range(len(ys))]
+        ax.plot(steps, sm, color=f"C{i}", lw=1.5, label=arm.label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MaxVio (max load / mean load - 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- markdown
+def _fmt_int(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def _fmt_si(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def table_rows(data: dict[str, Any]) -> list[list[str]]:
+    """The result table of a suite's results dict: header row, then one row per arm."""
+    show_kv = data["suite"] == "attention"
+    show_vio = data.get("show_maxvio", False)
+    head = ["arm", "params total / activated (non-emb.)", "train FLOPs/token"]
+    if show_kv:
+        head.append("KV cache bytes/token")
+    multi = any(len(a["runs"]) > 1 for a in data["arms"].values())
+    head += ["final val loss (mean ± sd)" if multi else "final val loss (1 seed)", f"vs {data['baseline_label']}",
+             "tokens/s"]
+    if show_vio:
+        head += ["MaxVio mean / final"]
+    rows = [head]
+    base = data["arms"][data["baseline"]]["stats"]["final_val_loss"]["mean"]
+    for name, a in data["arms"].items():
+        st = a["stats"]
+        loss = st["final_val_loss"]
+        row = [a["label"], f"{_fmt_int(a['info']['params_total'])} / {_fmt_int(a['info']['params_active'])}",
+               _fmt_si(a["info"]["flops_per_token"])]
+        if show_kv:
+            row.append(_fmt_int(a["info"]["kv_bytes_per_token"]))
+        row.append(f"{loss['mean']:.4f} ± {loss['std']:.4f}" if len(a["runs"]) > 1 else f"{loss['mean']:.4f}")
+        row.append("baseline" if name == data["baseline"] else
+                   f"{loss['mean'] - base:+.4f} ({100 * (loss['mean'] - base) / base:+.2f}%)")
+        row.append(f"{st['tokens_per_s']['mean']:,.0f}")
+        if show_vio:
+            mv, mf = st["maxvio_mean"]["mean"], st["maxvio_final"]["mean"]
+            row.append("n/a" if math.isnan(mv) else f"{mv:.3f} / {mf:.3f}")
+        rows.append(row)
+    return rows
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def suite_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#") -> str:
+    """The markdown section of one suite's results dict (images linked under ``image_dir``)."""
+    p = data["plan"]
+    seeds = p["seeds"]
+    lines = [f'{heading} <a id="{data["suite"]}"></a>`{data["suite"]}`: {data["title"]}', "",
+             f"**Claim.** {data['claim']}", "",
+             f"**Result: {data['verdict']['status']}.** {data['verdict']['summary']}", "",
+             _md_table(table_rows(data)), "",
+             f"Final validation loss = mean cross-entropy (nats/token) of the main next-token head on the same "
+             f"{p['val_batches']} held-out batches for every arm; ± is the sample standard deviation over the "
+             f"{len(seeds)} seed(s). A difference is called clear when every seed agrees on its sign and it "
+             "exceeds that spread." + (" With one seed there is no spread estimate: every difference here is "
+                                       "one run against another, and the verdict carries '(one seed)'."
+                                       if len(seeds) == 1 else ""), "", "Arms:", ""]
+    for a in data["arms"].values():
+        lines.append(f"- **{a['label']}** (`{a['name']}`): {a['note']}")
+    lines += ["", "Per-seed final validation loss:", ""]
+    rows = [["arm"] + [f"seed {s}" for s in seeds]]
+    for a in data["arms"].values():
+        per = {r["seed"]: r["final_val_loss"] for r in a["runs"]}
+        rows.append([a["label"]] + [f"{per[s]:.4f}" if s in per else "-" for s in seeds])
+    lines += [_md_table(rows), ""]
+    lines += [f"Setup: every arm trains {p['steps']} steps of {p['micro_batch_size']} x {p['seq_len']} tokens "
+              f"({_fmt_int(p['steps'] * p['micro_batch_size'] * p['seq_len'])} tokens per run, the same for every arm) "
+              f"on `{p['data_dir']}`, seeds {seeds} (seed s fixes the data order and the initialisation, the same "
+              f"for every arm), AdamW lr {p['lr']:g} (warm-up {p['warmup_steps']} steps, WSD decay over the last "
+              f"20% to {p['min_lr']:g}), validation every {p['eval_every']} steps. "
+              + (f"Budget {p['budget_minutes']:.1f} min" if p.get("budget_minutes") else "Steps given, no budget")
+              + f"; the runs took {data['train_minutes']:.1f} min of wall-clock in all."
+              + (f" The plan had {len(p['planned_seeds'])} seeds; the machine ran slower than its probe and the "
+                 f"budget stopped the suite after {len(seeds)}." if len(p.get("planned_seeds") or seeds) > len(seeds)
+                 else ""), ""]
+    for img in data.get("plots", []):
+        lines.append(f"![{data['suite']}: {img}]({image_dir.rstrip('/')}/{img})")
+    lines += ["", f"Regenerate: `{p['command']}`", ""]
+    return "\n".join(lines)
+
+
+def results_dict(suite: "Suite", results: dict[str, ArmResult], plan: dict[str, Any]) -> dict[str, Any]:
+    """Everything the report shows, JSON-serialisable (``results.json``)."""
+    verdict = suite.judge(results)
+    arms = {}
+    for name, a in results.items():
+        stats = {m: {"mean": a.mean(m), "std": a.std(m)} for m in METRICS}
+        arms[name] = {"name": name, "label": a.label, "note": a.note, "info": a.info, "stats": stats,
+                      "runs": [asdict(r) for r in a.runs]}
+    return {"suite": suite.name, "title": suite.title, "claim": suite.claim, "baseline": suite.baseline,
+            "baseline_label": results[suite.baseline].label, "show_maxvio": suite.show_maxvio,
+            "verdict": {"status": verdict.status, "summary": verdict.summary}, "plan": plan,
+            "train_minutes": sum(r.wall_s for a in results.values() for r in a.runs) / 60, "arms": arms, "plots": []}
+
+
+def _json_default(x: Any) -> Any:
+    raise TypeError(f"cannot write {type(x).__name__} to results.json")
+
+
+def _clean(x: Any) -> Any:
+    """NaN/inf -> None so results.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _restore_nan(x: Any, key: str = "") -> Any:
+    if x is None and key in ("mean", "std"):
+        return float("nan")
+    if isinstance(x, dict):
+        return {k: _restore_nan(v, k) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_restore_nan(v) for v in x]
+    return x
+
+
+def write_suite_report(suite: "Suite", suite_dir: str | Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Collect the runs of ``suite_dir`` and write results.json, report.md and the plots there."""
+    suite_dir = Path(suite_dir)
+    results = collect(suite, suite_dir, plan["seeds"], plan["seq_len"])
+    data = results_dict(suite, results, plan)
+    plots = [plot_curves(f"{suite.name}: {suite.title}", results, suite_dir / f"{suite.name}.png").name]
+    if suite.show_maxvio:
+        plots.append(plot_maxvio(f"{suite.name}: MaxVio over training", results,
+                                 suite_dir / f"{suite.name}-maxvio.png").name)
+    data["plots"] = plots
+    (suite_dir / RESULTS_FILE).write_text(json.dumps(_clean(data), indent=1, default=_json_default) + "\n")
+    (suite_dir / REPORT_FILE).write_text(suite_markdown(data))
+    return data
+
+
+def read_results(suite_dir: str | Path) -> dict[str, Any]:
+    path = Path(suite_dir) / RESULTS_FILE
+    try:
+        return _restore_nan(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no results (run the suite first)") from None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+INTRO = """# Ablations: DeepSeek's architectural claims at small scale
+
+Each section below is a matched pre-training experiment run by `nanoseek ablate` on this repository's
+built-in corpus (generated reasoning problems and shipped prose, `nanoseek data prepare --default-corpus`):
+the arms differ only in what the claim is about, train on the same data in the same order from the same
+seeds for the same number of tokens, and are compared on the validation loss of the main next-token head.
+The claims come from papers about models 100,000 times larger trained on 100,000,000 times more tokens;
+a claim that does not hold here has not been refuted, and one that holds has not been confirmed at scale.
+What these runs show is whether the mechanism already pays off, or already costs, at the budget of a few
+CPU-minutes per suite, measured as it came out, including when a difference is within the seeds' spread.
+Tokens/s and the wall-clock plots come from a shared 2-core CPU on which other jobs ran at the same time:
+they are indicative only.
+
+Base model (every suite derives its arms from it): {base}.
+"""
+
+
+def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, plots_dir: str | Path,
+                            base_description: str, preamble: str = "", report_command: str = "") -> Path:
+    """``docs/ablations.md``: a summary table, the regenerating commands, every suite's section;
+    plots copied into ``plots_dir``."""
+    out_md, plots_dir = Path(out_md), Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(plots_dir.resolve(), out_md.parent.resolve())
+    sections, summary = [], [["suite", "claim held?", "tokens per run", "seeds", "training time (all runs)"]]
+    commands, data_dirs = [], []
+    for d in suite_dirs:
+        data = read_results(d)
+        for img in data.get("plots", []):
+            shutil.copyfile(Path(d) / img, plots_dir / img)
+        sections.append(suite_markdown(data, image_dir=rel, heading="##"))
+        p = data["plan"]
+        summary.append([f"[`{data['suite']}`](#{data['suite']})", data["verdict"]["status"],
+                        _fmt_int(p["steps"] * p["micro_batch_size"] * p["seq_len"]), str(len(p["seeds"])),
+                        f"{data['train_minutes']:.1f} min"])
+        commands.append(p["command"])
+        if p["data_dir"] not in data_dirs:
+            data_dirs.append(p["data_dir"])
+    text = INTRO.format(base=base_description)
+    if preamble:
+        text += "\n" + preamble.strip() + "\n"
+    out_dir = Path(suite_dirs[0]).parent if suite_dirs else Path("runs/ablate")
+    regen = ([f"nanoseek data prepare --default-corpus --out {d}" for d in data_dirs] + commands +
+             [report_command or f"nanoseek ablate --report-only --out {out_dir} --markdown {out_md}"])
+    text += ("\n" + _md_table(summary) + "\n\nTo regenerate everything (each suite sizes its runs to its budget "
+             "from a throughput probe, so the number of steps and seeds depends on the machine):\n\n```\n"
+             + "\n".join(regen) + "\n```\n\n" + "\n".join(sections))
+    out_md.write_text(text)
+    return out_md
+
+
+__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "collect", "plot_curves",
+           "plot_maxvio", "table_rows", "suite_markdown", "results_dict", "write_suite_report", "read_results",
+           "write_combined_markdown", "ARM_FILE", "RESULTS_FILE", "REPORT_FILE"]

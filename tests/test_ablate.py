@@ -1,0 +1,328 @@
+"""nanoseek ablate: derived arms match as claimed (parameters, KV bytes), every arm gets the same
+data order and seeds, the budget sizing, the comparison rule, the report from stubbed runs, and
+one real two-step suite through the shared training loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek.ablate import runner
+from nanoseek.ablate.report import (ArmResult, SeedRun, compare, read_results, table_rows,
+                                    write_combined_markdown)
+from nanoseek.ablate.runner import Plan, make_plan, run_and_report, run_suite, solve_steps, train_config
+from nanoseek.ablate.suites import (ATTENTION_TOLERANCE, PARAM_TOLERANCE, base_model, build_suite,
+                                    dense_with_matched_params, mha_with_matched_params, non_embedding_params)
+from nanoseek.model import DeepseekV3ForCausalLM
+from nanoseek.model.params import attention_params, kv_cache_bytes_per_token
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small prepared corpus (the built-in generator, a 300-token BPE)."""
+    from nanoseek.data.corpus import default_corpus_records
+    from nanoseek.data.prepare import PrepareConfig, prepare
+    from nanoseek.data.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("ablate_data")
+    docs = list(default_corpus_records(80, seed=0))
+    tok = Tokenizer.train([d.text for d in docs], vocab_size=300)
+    prepare(docs, out, tok, PrepareConfig(val_fraction=0.1, near_dedup_threshold=None))
+    return out
+
+
+def vocab_of(data_dir) -> int:
+    return json.loads((data_dir / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+
+
+def non_embedding_of_module(model) -> int:
+    """Counted on the instantiated model: every tensor except embedding, head and MTP (+ the bias buffers)."""
+    n = model.num_parameters()
+    return n - model.model.embed_tokens.weight.numel() - model.lm_head.weight.numel()
+
+
+# ---------------------------------------------------------------------------- derived configs
+@pytest.mark.parametrize("overrides", [{}, dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1),
+                                       dict(num_hidden_layers=3, first_k_dense_replace=0, n_shared_experts=2)])
+def test_dense_arms_match_the_moe_activated_and_total_params(overrides):
+    moe = base_model(1000, **overrides)
+    total, active = non_embedding_params(moe)
+    dense_a = dense_with_matched_params(moe, "active")
+    dense_t = dense_with_matched_params(moe, "total")
+    for dense, target in ((dense_a, active), (dense_t, total)):
+        assert dense.num_moe_layers == 0
+        t, a = non_embedding_params(dense)
+        assert t == a                                             # dense: everything is activated
+        assert abs(t - target) / target <= PARAM_TOLERANCE
+        # the analytic count is what the instantiated model holds
+        assert non_embedding_of_module(DeepseekV3ForCausalLM(dense, init_weights=False)) == t
+        # nothing but the MLP width changed
+        assert dense.replace(intermediate_size=moe.intermediate_size, n_routed_experts=moe.n_routed_experts) == moe
+    assert non_embedding_of_module(DeepseekV3ForCausalLM(moe, init_weights=False)) == total
+    suite = build_suite("moe-vs-dense", 1000, **overrides)
+    assert suite.arm("dense-active").model == dense_a and suite.arm("dense-total").model == dense_t
+
+
+def test_attention_arms_match_mla_params_and_report_kv_bytes():
+    mla = base_model(1000)
+    suite = build_suite("attention", 1000)
+    mha, gqa = suite.arm("mha").model, suite.arm("gqa-2").model
+    assert mha.attention_type == gqa.attention_type == "mha"
+    assert mha.num_key_value_heads == mla.num_attention_heads == mha.num_attention_heads
+    assert gqa.num_key_value_heads == mla.num_attention_heads // 2
+    target = attention_params(mla)
+    for cfg in (mha, gqa):
+        err = abs(attention_params(cfg) - target)
+        assert err / target <= ATTENTION_TOLERANCE
+        # the search found the best achievable: one step of v_head_dim moves hidden x (heads + kv_heads)
+        assert err <= mla.hidden_size * (cfg.num_attention_heads + cfg.num_key_value_heads) / 2
+        assert cfg.qk_rope_head_dim == mla.qk_rope_head_dim
+        t, _ = non_embedding_params(cfg)
+        assert abs(t - non_embedding_params(mla)[0]) / non_embedding_params(mla)[0] <= PARAM_TOLERANCE
+        assert non_embedding_of_module(DeepseekV3ForCausalLM(cfg, init_weights=False)) == t
+        # only attention fields differ
+        assert cfg.replace(attention_type="mla", num_key_value_heads=mla.num_key_value_heads,
+                           qk_nope_head_dim=mla.qk_nope_head_dim, v_head_dim=mla.v_head_dim) == mla
+    kv = {a.name: a.info(128)["kv_bytes_per_token"] for a in suite.arms}
+    assert kv["mla"] == kv_cache_bytes_per_token(mla)
+    assert kv["mla"] == 2 * (mla.kv_lora_rank + mla.qk_rope_head_dim) * mla.num_hidden_layers
+    assert kv["mla"] < kv["gqa-2"] < kv["mha"]
+    with pytest.raises(ValueError, match="must divide"):
+        mha_with_matched_params(mla, 3)
+
+
+def test_recipe_suites_share_the_model_and_change_only_the_claimed_knob():
+    base = base_model(1000)
+    bal = build_suite("balance", 1000)
+    assert all(a.model == base for a in bal.arms)
+    free, fast, none = bal.arm("aux-free"), bal.arm("aux-free-0.01"), bal.arm("none")
+    assert free.train["bias_update_gamma"] == 0.001 and free.train["seq_aux_alpha"] == 0
+    assert fast.train["bias_update_gamma"] == 0.01 and fast.train["seq_aux_alpha"] == 0
+    assert none.train["bias_update_gamma"] == 0 == none.train["seq_aux_alpha"]
+    alphas = sorted(a.train["seq_aux_alpha"] for a in bal.arms if a.name.startswith("aux-0"))
+    assert len(alphas) >= 3 and all(a.train["bias_update_gamma"] == 0 for a in bal.arms if a.name.startswith("aux-0"))
+    m = build_suite("mtp", 1000)
+    assert m.arm("no-mtp").model == base and m.arm("no-mtp").train["mtp_lambda"] == 0
+    assert m.arm("mtp").model == base.replace(num_nextn_predict_layers=1) and m.arm("mtp").train["mtp_lambda"] == 0.3
+    p = build_suite("precision", 1000)
+    assert [a.precision for a in p.arms] == [None, "bf16", "fp8"] and all(a.model == base for a in p.arms)
+    assert len({json.dumps(a.train, sort_keys=True) for a in p.arms}) == 1
+
+
+# ---------------------------------------------------------------------------- same data, same seeds
+@pytest.mark.parametrize("name", ["moe-vs-dense", "attention", "precision"])
+def test_arms_share_data_order_seeds_and_schedule(name, data_dir, tmp_path):
+    from nanoseek.train.pretrain import build_pretraining
+
+    suite = build_suite(name, vocab_of(data_dir))
+    plan = Plan(name, str(data_dir), [3], steps=5, micro_batch_size=2, seq_len=32, val_batches=1)
+    first = {}
+    for arm in suite.arms:
+        cfg = train_config(arm, plan, 3, tmp_path / arm.name)
+        d = cfg.to_dict()
+        assert d["train"]["seed"] == 3 and d["train"]["max_steps"] == 5
+        first.setdefault("sections", (d["data"], d["optim"]))
+        assert (d["data"], d["optim"]) == first["sections"]
+        assert cfg.model.build_config() == arm.model
+        _, task, _ = build_pretraining(cfg)
+        it = task.batches()
+        batches = [next(it) for _ in range(2)]
+        val = next(task.val_loader)
+        got = (torch.cat([b.input_ids for b in batches]), torch.cat([b.labels for b in batches]), val[0])
+        if "batches" not in first:
+            first["batches"] = got
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(got, first["batches"])), arm.name
+    # another seed gives another order: the seed really drives the data
+    cfg = train_config(suite.arms[0], plan, 4, tmp_path / "other")
+    _, task, _ = build_pretraining(cfg)
+    assert not torch.equal(next(task.batches()).input_ids, first["batches"][0][:2])
+
+
+# ---------------------------------------------------------------------------- sizing
+def test_plan_gives_equal_tokens_and_trades_seeds_for_steps(monkeypatch):
+    suite = build_suite("mtp", 1000)
+    fake = {"no-mtp": {"step_s": 0.1, "eval_s": 0.5, "startup_s": 1.0},
+            "mtp": {"step_s": 0.2, "eval_s": 0.7, "startup_s": 1.0}}
+    monkeypatch.setattr(runner, "probe_arms", lambda *a, **k: fake)
+    plan = make_plan(suite, "d", budget_minutes=5, min_steps=100)
+    assert len(plan.seeds) == 3 and plan.steps >= 100
+    # the runs (steps x seconds per step + validations + start-up) fit 90% of the budget
+    per_seed = sum(plan.steps * p["step_s"] + 9 * p["eval_s"] + runner.STARTUP_S + p["startup_s"] for p in fake.values())
+    assert per_seed * len(plan.seeds) <= 0.9 * 300 and solve_steps(fake, 0.9 * 300, 3) == plan.steps
+    small = make_plan(suite, "d", budget_minutes=1.2, min_steps=100)
+    assert len(small.seeds) == 1 and small.steps < 100 * 3
+    assert make_plan(suite, "d", budget_minutes=5, seeds=2).seeds == [0, 1]
+    assert make_plan(suite, "d", budget_minutes=None, steps=7, seed_base=5).seeds == [5]
+    with pytest.raises(Exception, match="give at least"):
+        make_plan(suite, "d", budget_minutes=0.2)
+
+
+# ---------------------------------------------------------------------------- comparisons
+def arm_with(name, losses, maxvio=None):
+    runs = [SeedRun(seed=s, run_dir="", final_val_loss=v, curve=[], maxvio=[], tokens=0, wall_s=0.0,
+                    tokens_per_s=1.0, config_seed=s, maxvio_mean=None if maxvio is None else maxvio[i])
+            for i, (s, v) in enumerate(losses.items())]
+    return ArmResult(name, name, {}, runs=runs)
+
+
+def test_compare_calls_a_difference_clear_only_when_seeds_agree_beyond_the_spread():
+    a = arm_with("a", {0: 3.00, 1: 3.10})
+    b = arm_with("b", {0: 3.20, 1: 3.30})
+    c = compare(a, b)
+    assert c.clear is True and math.isclose(c.diff, -0.2) and c.per_seed == pytest.approx({0: -0.2, 1: -0.2})
+    noisy = arm_with("n", {0: 3.02, 1: 3.00})
+    assert compare(a, noisy).clear is False                          # seeds disagree on the sign
+    close = arm_with("c", {0: 3.01, 1: 3.11})
+    assert compare(a, close).clear is False                          # agree, but 0.01 < spread 0.07
+    assert compare(arm_with("x", {0: 1.0}), arm_with("y", {0: 2.0})).clear is None
+    assert "not significant" in compare(a, close).text()
+
+
+def precision_results(fp32, bf16, fp8):
+    def arm(name, losses):
+        a = arm_with(name, losses)
+        for r in a.runs:
+            r.curve = [{"step": 1, "val_loss": r.final_val_loss + 1}, {"step": 2, "val_loss": r.final_val_loss}]
+        return a
+    return {"fp32": arm("fp32", fp32), "bf16": arm("bf16", bf16), "fp8": arm("fp8", fp8)}
+
+
+def test_precision_verdict_uses_the_threshold_and_the_noise_floor():
+    judge = build_suite("precision", 1000).judge
+    held = judge(precision_results({0: 2.000, 1: 2.100}, {0: 2.001, 1: 2.101}, {0: 2.003, 1: 2.102}))
+    assert held.status == "held" and "+0.100%" in held.summary
+    failed = judge(precision_results({0: 2.000, 1: 2.000}, {0: 2.000, 1: 2.001}, {0: 2.050, 1: 2.060}))
+    assert failed.status == "did not hold"
+    noisy = judge(precision_results({0: 2.000, 1: 2.0}, {0: 2.080, 1: 1.95}, {0: 2.040, 1: 1.99}))
+    assert noisy.status == "not significant at this scale" and "cannot resolve" in noisy.summary
+    assert judge(precision_results({0: 2.0}, {0: 2.0}, {0: 2.001})).status == "held (one seed)"
+
+
+# ---------------------------------------------------------------------------- runner + report with a stub loop
+def fake_trainer(losses: dict[str, dict[int, float]], calls: list):
+    """A stand-in for pretrain(): writes the run folder the real loop writes (config, metrics)."""
+    from nanoseek.train.config import config_to_toml
+    from nanoseek.train.loop import FitResult
+
+    def train(cfg, progress=None, quiet=False, hooks=None):
+        from pathlib import Path
+        run = Path(cfg.train.out_dir)
+        arm = json.loads((run / runner.ARM_FILE).read_text())
+        calls.append((arm["arm"], cfg.train.seed, [type(h).__name__ for h in hooks or []]))
+        (run / "config.toml").write_text(config_to_toml(cfg))
+        final = losses[arm["arm"]][cfg.train.seed]
+        steps, tps = cfg.train.max_steps, cfg.tokens_per_step()
+        lines = [{"event": "start", "step": 0}]
+        for s in range(1, steps + 1):
+            lines.append({"step": s, "loss": 5.0, "tokens_seen": s * tps, "elapsed": 0.1 * s, "tokens_per_s": 1000.0,
+                          "maxvio": [0.5, 0.3]})
+            if s % cfg.train.eval_every == 0 or s == steps:
+                lines.append({"event": "eval", "step": s, "val_loss": final + (steps - s) * 0.1})
+        lines.append({"event": "done", "step": steps})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return FitResult("done", steps, steps * tps, run, last_eval={"val_loss": final})
+
+    return train
+
+
+def test_runner_and_report_from_stubbed_runs(tmp_path):
+    suite = build_suite("moe-vs-dense", 1000)
+    losses = {"moe": {0: 3.00, 1: 3.02}, "dense-active": {0: 3.20, 1: 3.25}, "dense-total": {0: 2.90, 1: 2.95}}
+    calls = []
+    plan = Plan("moe-vs-dense", "unused", [0, 1], steps=16, eval_every=4, command="nanoseek ablate --suite moe-vs-dense")
+    data = run_and_report(suite, plan, tmp_path / "moe-vs-dense", train_fn=fake_trainer(losses, calls))
+    assert [c[:2] for c in calls] == [("moe", 0), ("dense-active", 0), ("dense-total", 0),
+                                      ("moe", 1), ("dense-active", 1), ("dense-total", 1)]
+    assert data["verdict"]["status"] == "held"
+    rows = table_rows(data)
+    assert [r[0] for r in rows[1:]] == ["DeepSeekMoE", "dense, same activated params", "dense, same total params"]
+    assert rows[1][3] == "3.0100 ± 0.0141" and rows[1][4] == "baseline"
+    assert rows[2][4].startswith("+0.2150")
+    curve = data["arms"]["moe"]["runs"][0]["curve"]
+    assert [p["step"] for p in curve] == [4, 8, 12, 16] and curve[-1]["tokens"] == 16 * 8 * 128
+    assert curve[-1]["flops"] == curve[-1]["tokens"] * data["arms"]["moe"]["info"]["flops_per_token"]
+    out = tmp_path / "moe-vs-dense"
+    assert (out / "moe-vs-dense.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "**Result: held.**" in report and "| DeepSeekMoE |" in report and "nanoseek ablate --suite" in report
+    assert read_results(out)["arms"]["dense-total"]["stats"]["final_val_loss"]["mean"] == pytest.approx(2.925)
+    # a second invocation reuses finished runs with the identical config
+    run_suite(suite, plan, out, train_fn=fake_trainer(losses, calls))
+    assert len(calls) == 6
+    # the combined document links the copied plots
+    md = write_combined_markdown([out], tmp_path / "docs" / "ablations.md", tmp_path / "docs" / "ablations", "base")
+    text = md.read_text()
+    assert "(ablations/moe-vs-dense.png)" in text and (tmp_path / "docs" / "ablations" / "moe-vs-dense.png").is_file()
+    assert "| [`moe-vs-dense`](#moe-vs-dense) | held |" in text
+
+
+def test_budget_deadline_keeps_whole_seeds_and_interrupts_stop_the_suite(tmp_path):
+    import time
+    from nanoseek.train.loop import FitResult
+
+    suite = build_suite("mtp", 1000)
+    calls = []
+    plan = Plan("mtp", "unused", [0, 1, 2], steps=4, eval_every=2)
+    run_suite(suite, plan, tmp_path / "mtp", train_fn=fake_trainer({a.name: {0: 3.0} for a in suite.arms}, calls),
+              deadline=time.perf_counter())                             # already past: only the first seed runs
+    assert [c[:2] for c in calls] == [("no-mtp", 0), ("mtp", 0)]
+    saved = json.loads((tmp_path / "mtp" / "plan.json").read_text())
+    assert saved["seeds"] == [0] and saved["planned_seeds"] == [0, 1, 2]
+
+    def interrupted(cfg, **kw):
+        return FitResult("interrupted", 1, 10, cfg.train.out_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, Plan("mtp", "unused", [5], steps=4, eval_every=2), tmp_path / "x", train_fn=interrupted)
+
+
+def test_balance_report_has_maxvio_and_precision_arms_get_the_hook(tmp_path):
+    bal = build_suite("balance", 1000)
+    losses = {a.name: {0: 3.0 + 0.01 * i} for i, a in enumerate(bal.arms)}
+    calls = []
+    plan = Plan("balance", "unused", [0], steps=8, eval_every=4)
+    data = run_and_report(bal, plan, tmp_path / "balance", train_fn=fake_trainer(losses, calls))
+    assert data["verdict"]["status"].startswith("not significant at this scale (one seed; ")
+    assert table_rows(data)[0][-1] == "MaxVio mean / final" and table_rows(data)[1][-1] == "0.400 / 0.400"
+    assert (tmp_path / "balance" / "balance-maxvio.png").is_file()
+    prec = build_suite("precision", 1000)
+    calls = []
+    run_suite(prec, Plan("precision", "unused", [0], steps=4, eval_every=2), tmp_path / "precision",
+              train_fn=fake_trainer({a.name: {0: 3.0} for a in prec.arms}, calls))
+    assert [c[2] for c in calls] == [[], ["SimulatedPrecisionHook"], ["SimulatedPrecisionHook"]]
+
+
+# ---------------------------------------------------------------------------- a real (tiny) suite
+def test_real_two_step_precision_suite(data_dir, tmp_path):
+    suite = build_suite("precision", vocab_of(data_dir))
+    plan = Plan("precision", str(data_dir), [0], steps=2, micro_batch_size=2, seq_len=32, val_batches=1,
+                warmup_steps=1, eval_every=1, device="cpu")
+    data = run_and_report(suite, plan, tmp_path / "precision")
+    losses = {n: a["stats"]["final_val_loss"]["mean"] for n, a in data["arms"].items()}
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["fp8"] != losses["fp32"]                              # the simulation really ran
+    assert abs(losses["fp8"] - losses["fp32"]) / losses["fp32"] < 0.05
+    seeds = {r["config_seed"] for a in data["arms"].values() for r in a["runs"]}
+    assert seeds == {0}
+    assert [r[0] for r in table_rows(data)[1:]] == [a.label for a in suite.arms]
+    for a in suite.arms:
+        run = tmp_path / "precision" / "runs" / a.name / "seed0"
+        assert json.loads((run / runner.ARM_FILE).read_text())["precision"] == a.precision
+        assert (run / "final").is_dir()
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_errors_name_the_fix(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["ablate", "--suite", "nope", "--budget-minutes", "1"]) == 2
+    assert "unknown suite 'nope'" in capsys.readouterr().err
+    assert main(["ablate", "--suite", "mtp", "--budget-minutes", "1", "--data", str(tmp_path / "none")]) == 2
+    assert "nanoseek data prepare --default-corpus" in capsys.readouterr().err
+    assert main(["ablate", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "no finished suite" in capsys.readouterr().err
+    assert main(["ablate", "--list"]) == 0
+    assert "moe-vs-dense" in capsys.readouterr().out
