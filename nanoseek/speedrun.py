@@ -78,7 +78,9 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- run.json
 class RunState:
-    """run.json: stage status and wall times; written atomically after every change."""
+    """run.json: per-stage status, wall times and sizes (what the report reads), plus the
+    bookkeeping of finished steps (``steps``: data, pretrain, eval_base, ...) that resume uses.
+    Written atomically after every change."""
 
     def __init__(self, run_dir: Path, config: dict):
         self.path = run_dir / "run.json"
@@ -86,7 +88,7 @@ class RunState:
             self.data = json.loads(self.path.read_text())
         else:
             self.data = {"name": run_dir.name, "status": "running", "started": _now(), "device": "cpu",
-                         "stages": []}
+                         "stages": [], "steps": {}}
         self.data["config"] = {k: v for k, v in config.items() if not k.startswith("_")}
         self.data["status"] = "running"
         self.save()
@@ -99,8 +101,12 @@ class RunState:
         self.data["stages"].append(s)
         return s
 
-    def done(self, name: str) -> bool:
-        return self.stage(name).get("status") == "done"
+    def done(self, step: str) -> bool:
+        return self.data["steps"].get(step) == "done"
+
+    def mark(self, step: str, status: str) -> None:
+        self.data["steps"][step] = status
+        self.save()
 
     def update(self, name: str, **fields: Any) -> None:
         self.stage(name).update(fields)
@@ -204,26 +210,36 @@ def run(args) -> int:
         elapsed = (time.time() - t_start) / 60
         print(f"[speedrun {elapsed:5.1f}/{minutes:.0f} min] {msg}", flush=True)
 
-    def timed(name: str, fn, **extra):
-        if state.done(name):
-            log(f"{name}: already done, skipping")
+    def timed(step: str, fn, stage: str, **extra):
+        """Run one step unless run.json says it is done; record its wall time on ``stage``."""
+        if state.done(step):
+            log(f"{step}: already done, skipping")
             return None
-        state.update(name, status="running", started=_now(), **extra)
+        training = step == stage
+        state.mark(step, "running")
+        if training:
+            state.update(stage, status="running", started=_now(), **extra)
         t0 = time.time()
         try:
             out = fn() or {}
         except BaseException as e:
-            state.update(name, status="failed" if not isinstance(e, KeyboardInterrupt) else "interrupted",
-                         error=f"{type(e).__name__}: {e}", wall_s=round(time.time() - t0, 1))
-            state.data["status"] = "failed"
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            state.mark(step, status)
+            state.update(stage, status=status, error=f"{step}: {type(e).__name__}: {e}")
+            state.data["status"] = status
             state.save()
             raise
-        state.update(name, status="done", wall_s=round(time.time() - t0, 1), finished=_now(), **out)
+        wall = round(time.time() - t0, 1)
+        if training:
+            state.update(stage, status="done", wall_s=wall, finished=_now(), **out)
+        else:
+            state.update(stage, eval_wall_s=wall, **out)
+        state.mark(step, "done")
         _report(run_dir, log)
         return out
 
     try:
-        timed("data", lambda: _data_summary(_stage_data(run_dir, rc, seed, scale, log)))
+        timed("data", lambda: _data_summary(_stage_data(run_dir, rc, seed, scale, log)), "data")
 
         def pretrain_stage():
             from nanoseek.train.checkpoint import latest_checkpoint
@@ -233,8 +249,8 @@ def run(args) -> int:
             log(f"pretrain: {budget['pretrain'] * minutes:.1f} min budget")
             res = pretrain(cfg, resume=latest_checkpoint(run_dir / "pretrain") is not None)
             return _fit_summary(res)
-        timed("pretrain", pretrain_stage, eval_mode="fewshot")
-        timed("eval_base", lambda: _evaluate(run_dir / "pretrain", "fewshot", rc, scale, seed, log))
+        timed("pretrain", pretrain_stage, "pretrain", eval_mode="fewshot")
+        timed("eval_base", lambda: _evaluate(run_dir / "pretrain", "fewshot", rc, scale, seed, log), "pretrain")
 
         def post_stage(kind: str, init_from: Path):
             def go():
@@ -251,14 +267,14 @@ def run(args) -> int:
                     res = train_grpo(cfg, resume=resume)
                 return {"steps": res.steps, "status_detail": res.status}
             return go
-        timed("sft", post_stage("sft", run_dir / "pretrain" / "final"), eval_mode="chat")
-        timed("eval_sft", lambda: _evaluate(run_dir / "sft", "chat", rc, scale, seed, log))
-        timed("grpo", post_stage("grpo", run_dir / "sft" / "final"), eval_mode="chat")
-        timed("eval_grpo", lambda: _evaluate(run_dir / "grpo", "chat", rc, scale, seed, log))
+        timed("sft", post_stage("sft", run_dir / "pretrain" / "final"), "sft", eval_mode="chat")
+        timed("eval_sft", lambda: _evaluate(run_dir / "sft", "chat", rc, scale, seed, log), "sft")
+        timed("grpo", post_stage("grpo", run_dir / "sft" / "final"), "grpo", eval_mode="chat")
+        timed("eval_grpo", lambda: _evaluate(run_dir / "grpo", "chat", rc, scale, seed, log), "grpo")
     except ConfigError as e:
         raise UserError(str(e)) from None
     state.data.update(status="done", finished=_now(), wall_s=round(sum(
-        s.get("wall_s", 0) for s in state.data["stages"]), 1))
+        s.get("wall_s", 0) + s.get("eval_wall_s", 0) for s in state.data["stages"]), 1))
     state.save()
     md, html = _report(run_dir, log)
     _print_summary(run_dir, log)
@@ -287,10 +303,10 @@ def _data_summary(manifest: dict) -> dict:
 
 def _fit_summary(res) -> dict:
     out = {}
-    for key in ("steps", "tokens", "status"):
+    for key, name in (("step", "steps"), ("tokens", "tokens"), ("status", "status_detail")):
         v = getattr(res, key, None)
         if v is not None:
-            out[key if key != "status" else "status_detail"] = v
+            out[name] = v
     return out
 
 

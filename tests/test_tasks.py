@@ -210,3 +210,14 @@ def test_problem_dict_roundtrip():
     assert Problem.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="reasoning"):
         Problem.from_dict({k: v for k, v in p.to_dict().items() if k != "reasoning"})
+
+
+def test_mixed_levels_fill_in_for_an_exhausted_level():
+    # arithmetic L1 has only ~41 distinct test problems; a mixed-level draw of 400 must not fail,
+    # must stay distinct, and must take the rest from the other levels.
+    probs = get_task("arithmetic").generate("test", 400, seed=3)
+    assert len(probs) == 400 and len({p.id for p in probs}) == 400
+    by_level = {lv: sum(p.level == lv for p in probs) for lv in (1, 2, 3, 4)}
+    assert by_level[1] < 60 and all(by_level[lv] >= 100 for lv in (2, 3, 4))
+    with pytest.raises(ValueError, match="exhausted"):
+        get_task("arithmetic").generate("test", 400, seed=3, level=1)

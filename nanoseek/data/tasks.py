@@ -18,9 +18,11 @@ Train and test are disjoint by construction: a problem belongs to ``"test"`` iff
 canonical content (the underlying numbers, not the surface wording, so the same sum asked with
 other names cannot leak) falls in a fixed 20 % bucket range; ``generate`` draws until it has ``n``
 problems of the requested split. Generation is deterministic per ``(task, split, seed, level)``.
-With ``level=None`` the levels are mixed in equal shares. By default the problems of one call are
-distinct; a level whose space is exhausted raises instead of silently repeating (pass
-``unique=False`` for large training sets drawn from small levels; repeats then share an ``id``).
+With ``level=None`` the levels are mixed in equal shares, except that a level whose space of
+distinct problems runs out leaves the rotation and the other levels fill in (arithmetic L1 holds
+only ~41 test problems). By default the problems of one call are distinct; a single requested
+level, or all levels, running out raises instead of silently repeating (pass ``unique=False``
+for large training sets drawn from small levels; repeats then share an ``id``).
 
 Verifiers take the *extracted* answer string (see :func:`extract_answer`) and never raise: hedges
 ("7 or 8"), empty ``\\boxed{}``, absurdly long numbers and, in Countdown, anything but decimal
@@ -221,17 +223,22 @@ class Task:
         levels = [level] if level is not None else list(self.levels)
         seen: set[str] = set()
         out: list[Problem] = []
-        for i in range(n):
-            lv = levels[i % len(levels)]
+        active, i = list(levels), 0
+        while len(out) < n:
+            lv = active[i % len(active)]
             for _ in range(self.max_misses):
                 d = self.sample(rng, lv)
                 if split_of(self.name, d.canonical) == split and not (unique and d.canonical in seen):
                     break
             else:
+                if level is None and len(active) > 1:  # mixed levels: the others fill in
+                    active.remove(lv)
+                    continue
                 raise ValueError(
                     f"task {self.name!r} level {lv}: no new {split!r} problem in {self.max_misses} "
                     f"draws after {sum(p.level == lv for p in out)} distinct ones; the level's space "
                     "is exhausted: ask for fewer, or pass unique=False to allow repeats")
+            i += 1
             seen.add(d.canonical)
             h = hashlib.sha256(f"{self.name}\x00{d.canonical}".encode()).hexdigest()[:10]
             out.append(Problem(task=self.name, id=f"{self.name}-{split}-L{lv}-{h}", prompt=d.prompt,
