@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a recipe value, e.g. --set budget.pretrain=0.6 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for data, init and sampling (default: recipe's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, all cores). On a machine shared with other "
+                        "jobs, 1 thread avoids the OpenMP oversubscription that can slow a step 4x")
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -178,7 +181,8 @@ def _evaluate(stage_dir: Path, mode: str, rc: dict, scale: float, seed: int, log
     model = from_pretrained(final, dtype=torch.float32).eval()
     tok = load_tokenizer(find_tokenizer(final))
     n = max(int(e["min_problems"]), int(round(int(e["problems"]) * scale)))
-    log(f"eval {stage_dir.name}: {n} held-out problems x {e['k']} samples ({mode}, T={e['temperature']})")
+    log(f"eval {stage_dir.name}: {n} held-out problems per task ({e['tasks']}) x {e['k']} samples "
+        f"({mode}, T={e['temperature']})")
     res = evaluate(model, tok, e["tasks"], n_problems=n, k=int(e["k"]), mode=mode,
                    temperature=float(e["temperature"]), top_p=float(e["top_p"]),
                    max_new_tokens=int(e["max_new_tokens"]), seed=seed, levels=e.get("levels"),
@@ -193,6 +197,12 @@ def run(args) -> int:
     from nanoseek.cli import UserError
     from nanoseek.train.config import ConfigError
 
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     rc = load_recipe(args.config, args.overrides)
     sr = rc["speedrun"]
     minutes = float(args.minutes if args.minutes is not None else sr["minutes"])
