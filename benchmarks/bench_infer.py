@@ -1,0 +1,309 @@
+"""Inference benchmark: nanoseek's engine against transformers ``generate`` on the same weights.
+
+What it measures, on the ``bench-moe`` config (4 layers, 16 routed experts, MLA, vocab 4096) with
+random weights, in fp32 on the CPU:
+
+* decode tokens/s at batch 1 and batch 16 (128 new tokens, greedy, EOS disabled on both sides),
+  computed as ``B * (N - 1) / (t(N new tokens) - t(1 new token))`` so the prefill cancels out;
+* prefill tokens/s (16 prompts of 256 tokens, time to the first token);
+* the KV-cache bytes per token: ours must be exactly ``(kv_lora_rank + qk_rope_head_dim) x layers
+  x dtype size`` (checked); transformers' is measured from its returned cache;
+* MTP self-speculative decoding: acceptance and tokens/s with and without drafting, on the random
+  weights (acceptance ~0: the MTP head predicts noise) and on a ``tiny`` model trained here for a
+  few hundred steps on the shipped text corpus (byte-level ids) with the MTP loss, where the
+  draft is meaningful.
+
+transformers loads the checkpoint nanoseek saved (``save_pretrained`` -> ``from_pretrained``); the
+benchmark first checks that both give the same logits. Runs interleave ours and transformers'
+and keep the best of ``--repeats`` (the CPU may be shared: the minimum is the least disturbed run).
+``--threads`` sets torch's intra-op threads for both (default 1: on a shared 2-core machine more
+threads mostly add contention). ``--profile`` prints a torch.profiler table of our decode steps.
+
+    python benchmarks/bench_infer.py                 # everything, a few minutes on 2 cores
+    python benchmarks/bench_infer.py --quick         # fewer tokens and repeats, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.model.checkpoint import save_pretrained
+from nanoseek.model.config import load_model_config
+from nanoseek.model.transformer import DeepseekV3ForCausalLM
+
+
+CLOCK = time.perf_counter   # switched to time.process_time by --clock cpu
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best time of each function over ``repeats`` rounds, the functions interleaved."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = CLOCK()
+            fn()
+            best[k] = min(best[k], CLOCK() - t0)
+    return best
+
+
+# ---------------------------------------------------------------------- the two generators
+class Ours:
+    def __init__(self, model, max_len: int, use_mtp: bool = False, temperature: float = 0.0):
+        self.engine = Engine(model, None, max_batch_size=16, max_seq_len=max_len, use_mtp=use_mtp)
+        self.temperature = temperature
+
+    def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=self.temperature, seed=0, ignore_eos=True)
+        return [r[0].token_ids for r in self.engine.generate(prompts.tolist(), params)]
+
+
+class HF:
+    def __init__(self, path: str):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None       # fixed-length generation
+        self.model.generation_config.pad_token_id = 0
+        self.experts = getattr(self.model.config, "_experts_implementation", None) or "default"
+
+    @torch.inference_mode()
+    def __call__(self, prompts: torch.Tensor, new_tokens: int, return_cache: bool = False):
+        out = self.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                  do_sample=False, return_dict_in_generate=True)
+        ids = out.sequences[:, prompts.shape[1]:].tolist()
+        return (ids, out.past_key_values) if return_cache else ids
+
+
+def cache_bytes_per_token(past, tokens: int, batch: int) -> int:
+    """Bytes of a transformers cache object per (row, token)."""
+    total = 0
+    for layer in getattr(past, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total // (tokens * batch)
+
+
+def decode_rates(gens: dict, prompts: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens/s of each generator: B (N - 1) / (t(N new tokens) - t(1 new token))."""
+    fns = {}
+    for name, gen in gens.items():
+        fns[(name, "full")] = lambda gen=gen: gen(prompts, new_tokens)
+        fns[(name, "first")] = lambda gen=gen: gen(prompts, 1)
+    t = best_times(fns, repeats)
+    B = prompts.shape[0]
+    return {name: B * (new_tokens - 1) / max(t[(name, "full")] - t[(name, "first")], 1e-9) for name in gens}
+
+
+# ---------------------------------------------------------------------- a briefly trained model
+def corpus_ids() -> list[int]:
+    from nanoseek.data.tasks import corpus_document, get_task
+
+    tok = ByteTokenizer()
+    root = Path(__file__).resolve().parent.parent / "nanoseek" / "data" / "corpus"
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(root.glob("*.txt")))
+    text += "\n".join(corpus_document(p) for p in get_task("arithmetic").generate("train", 300, seed=0, unique=False))
+    return tok.encode(text)
+
+
+def train_tiny(steps: int, seed: int = 0, batch: int = 16, seq: int = 128, log=print):
+    """The ``tiny`` preset trained on byte-level text with the MTP loss (lambda 0.3)."""
+    torch.manual_seed(seed)
+    cfg = load_model_config("tiny")
+    model = DeepseekV3ForCausalLM(cfg)
+    data = torch.tensor(corpus_ids())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq] for s in starts])
+        y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
+        lr = 3e-3 * min(1.0, step / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = model(x, labels=y)
+        loss = out.loss + 0.3 * out.mtp_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_expert_bias(0.001)
+        if step % max(1, steps // 5) == 0 or step == steps:
+            log(f"  train step {step}/{steps}: loss {out.loss.item():.3f}, mtp loss {out.mtp_loss.item():.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    return model.eval(), data
+
+
+def distinct_4grams(seqs: list[list[int]]) -> float:
+    """Share of distinct 4-grams in the outputs: low when the model loops (which inflates acceptance)."""
+    grams = [tuple(s[i:i + 4]) for s in seqs for i in range(len(s) - 3)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def mtp_comparison(model, prompts: torch.Tensor, new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
+    """Tokens/s with and without MTP drafting; greedy output must match (sampled: same distribution)."""
+    max_len = prompts.shape[1] + new_tokens + 4
+    plain = Ours(model, max_len, temperature=temperature)
+    spec = Ours(model, max_len, use_mtp=True, temperature=temperature)
+    out_plain, out_spec = plain(prompts, new_tokens), spec(prompts, new_tokens)
+    same = out_plain == out_spec if temperature == 0 else None
+    spec.engine.spec_stats.reset()
+    t = best_times({"plain": lambda: plain(prompts, new_tokens), "spec": lambda: spec(prompts, new_tokens)}, repeats)
+    t_plain, t_spec = t["plain"], t["spec"]
+    s = spec.engine.spec_stats
+    B = prompts.shape[0]
+    return {"batch": B, "temperature": temperature, "identical_greedy": same, "acceptance": s.acceptance_rate,
+            "distinct_4grams": distinct_4grams(out_plain),
+            "tokens_per_step": s.tokens_per_step, "tok_s_plain": B * new_tokens / t_plain,
+            "tok_s_mtp": B * new_tokens / t_spec, "speedup": t_plain / t_spec}
+
+
+def print_mtp(rows: list[dict], title: str) -> None:
+    print(title)
+    print(f"  {'temp':>4} {'batch':>5} {'accept':>7} {'tok/step':>8} {'plain tok/s':>11} {'MTP tok/s':>10} "
+          f"{'speed-up':>8} {'distinct 4-grams':>16}  identical greedy output")
+    for r in rows:
+        same = "-" if r["identical_greedy"] is None else r["identical_greedy"]
+        print(f"  {r['temperature']:>4} {r['batch']:>5} {r['acceptance']:>7.1%} {r['tokens_per_step']:>8.2f} "
+              f"{r['tok_s_plain']:>11.1f} {r['tok_s_mtp']:>10.1f} {r['speedup']:>7.2f}x {r['distinct_4grams']:>16.2f}"
+              f"  {same}")
+
+
+# ---------------------------------------------------------------------- main
+def throughput(args, results: dict, ours: Ours, hf: HF | None, rand_prompts) -> None:
+    """Prefill and decode tokens/s, ours and transformers' side by side."""
+    gens = {"ours": ours, **({"transformers": hf} if hf else {})}
+    prefill = rand_prompts(16, args.prefill_len)
+    for gen in gens.values():
+        gen(prefill, 2)                                    # warm-up at full size (allocations, kernels)
+    t = best_times({name: (lambda gen=gen: gen(prefill, 1)) for name, gen in gens.items()}, args.repeats)
+    rows = [{"what": f"prefill tok/s (16 x {args.prefill_len})",
+             **{name: 16 * args.prefill_len / t[name] for name in gens}}]
+    for T in args.prompt_lens:
+        for B in (1, 16):
+            rates = decode_rates(gens, rand_prompts(B, T), args.new_tokens, args.repeats)
+            rows.append({"what": f"decode tok/s, batch {B}, prompt {T}", **rates})
+    print(f"\n{'':34} {'nanoseek':>10} {'transformers':>13} {'ratio':>7}")
+    for r in rows:
+        hf_s = f"{r['transformers']:>13.1f} {r['ours'] / r['transformers']:>6.2f}x" if "transformers" in r else ""
+        print(f"{r['what']:34} {r['ours']:>10.1f} {hf_s}")
+    results["throughput"] = rows
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        prompts = rand_prompts(16, min(args.prompt_lens))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ours(prompts, 16)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time by the wall clock, or by this process's CPU time (robust on a shared machine; "
+                        "with 1 thread it is the time an idle machine would take)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, best kept (default 3)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode length (default 128)")
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[32, 512],
+                   help="prompt lengths of the decode runs (default 32 512)")
+    p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill run (default 256)")
+    p.add_argument("--train-steps", type=int, default=300, help="steps for the MTP-trained tiny model (0: skip)")
+    p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    p.add_argument("--skip-throughput", action="store_true", help="only the cache check and the MTP figures")
+    p.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat, no training")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our decode step")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.train_steps, args.prompt_lens = 32, 1, 0, [32]
+    torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time of several threads is not elapsed time)")
+        CLOCK = time.process_time
+    warnings.filterwarnings("ignore")
+    results: dict = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__}
+
+    torch.manual_seed(0)
+    cfg = load_model_config("bench-moe")
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    rand_prompts = lambda B, T: torch.randint(8, cfg.vocab_size, (B, T), generator=g)  # noqa: E731
+    args.prompt_len = min(args.prompt_lens)                # for the MTP and sanity runs
+    max_len = max(max(args.prompt_lens) + args.new_tokens, args.prefill_len + 1) + 4
+    ours = Ours(model, max_len)
+    print(f"bench-moe: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts "
+          f"(top-{cfg.num_experts_per_tok}), vocab {cfg.vocab_size}; fp32, {args.threads} thread(s), "
+          f"torch {torch.__version__}; {args.clock} clock, best of {args.repeats}")
+
+    # --- KV cache
+    dtype_size = 4
+    expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * dtype_size
+    got = ours.engine.cache.bytes_per_token
+    assert got == expected, f"cache bytes/token {got} != (kv_lora_rank + qk_rope_head_dim) x layers x 4 = {expected}"
+    results["cache_bytes_per_token"] = {"ours": got, "formula": expected}
+
+    hf = None
+    if not args.skip_hf and not args.skip_throughput:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, Path(tmp) / "ckpt")
+            hf = HF(str(Path(tmp) / "ckpt"))
+        x = rand_prompts(2, 24)
+        with torch.inference_mode():
+            diff = (model(x).logits - hf.model(x).logits).abs().max().item()
+        warm = rand_prompts(1, args.prompt_len)
+        same = sum(a == b for a, b in zip(ours(warm, 32)[0], hf(warm, 32)[0]))
+        print(f"same weights: max |logit difference| {diff:.2e}; greedy tokens equal {same}/32; "
+              f"transformers experts implementation: {hf.experts}")
+        _, past = hf(warm, 8, return_cache=True)
+        results["cache_bytes_per_token"]["transformers"] = cache_bytes_per_token(past, args.prompt_len + 7, 1)
+        results["logit_max_abs_diff"] = diff
+    cb = results["cache_bytes_per_token"]
+    cb["per_head_kv"] = (cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers
+                         * dtype_size)
+    print(f"KV cache bytes/token: ours {cb['ours']:,} (= ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x "
+          f"{cfg.num_hidden_layers} layers x 4 bytes, checked); per-head K/V would be {cb['per_head_kv']:,}"
+          + (f"; transformers {cb['transformers']:,} (it caches the latent too, but expands it through "
+             "kv_b_proj for every cached token at every step; we attend over it directly)" if hf else ""))
+
+    if not args.skip_throughput:
+        throughput(args, results, ours, hf, rand_prompts)
+
+    # --- MTP speculative decoding
+    mtp_rows = [mtp_comparison(model, rand_prompts(B, args.prompt_len), args.new_tokens, args.repeats)
+                for B in (1, 16)]
+    print_mtp(mtp_rows, "\nMTP self-speculative decoding, bench-moe random weights (the draft is noise):")
+    results["mtp_random"] = mtp_rows
+    if args.train_steps:
+        print(f"\ntraining the tiny preset for {args.train_steps} steps (byte-level corpus, MTP loss):")
+        tiny, data = train_tiny(args.train_steps)
+        starts = torch.randint(0, len(data) - args.prompt_len, (16,), generator=g)
+        prompts = torch.stack([data[s:s + args.prompt_len] for s in starts])
+        trained = [mtp_comparison(tiny, prompts[:B], args.new_tokens, args.repeats, temperature)
+                   for temperature in (0.0, 1.0) for B in (1, 16)]
+        print_mtp(trained, f"MTP self-speculative decoding, tiny model after {args.train_steps} training steps:")
+        results["mtp_trained"] = trained
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""``nanoseek chat``: an interactive terminal chat with a checkpoint.
+
+Each answer streams token by token. The model's reasoning (the ``<think>`` block that R1-style
+models write first) is shown dimmed while it is written, then collapsed to one line, "thought
+for N s", once the answer is complete. The conversation is kept and re-sent each turn through
+the chat template (previous reasoning is not re-sent, as DeepSeek-R1 does).
+
+Commands: ``/reset`` forgets the conversation, ``/samples N`` draws N answers per turn (sharing one
+prefill; with N > 1 the majority answer is shown too, self-consistency), ``/help``, ``/quit``
+(or Ctrl-D). :func:`chat_loop` holds the logic and takes any line reader and rich console, so
+tests drive it with scripted input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from typing import Callable
+
+from .generate_cli import add_sampling_arguments, build_engine, sampling_params
+
+HELP = "commands: /reset (new conversation), /samples N (answers per turn), /help, /quit"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", metavar="TEXT", help="system message for the whole conversation")
+    p.add_argument("--no-think", action="store_true",
+                   help="do not open the <think> block in the prompt (by default the model reasons first, as R1)")
+    p.add_argument("--samples", type=int, default=1, help="answers per turn (default 1; /samples N changes it)")
+    add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95)
+
+
+class _Turn:
+    """The streamed state of one sample of a turn."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.reasoning = ""
+        self.answer = ""
+        self.thought_seconds: float | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, ev, now: float) -> None:
+        self.reasoning += ev.reasoning_delta
+        if ev.text_delta and self.thought_seconds is None and self.reasoning:
+            self.thought_seconds = now - self.start
+        self.answer += ev.text_delta
+        if ev.finished:
+            self.finish_reason = ev.finish_reason
+            if self.thought_seconds is None and self.reasoning:
+                self.thought_seconds = now - self.start
+
+
+def _render(turns: list[_Turn], final: bool):
+    from rich.console import Group
+    from rich.text import Text
+
+    parts = []
+    for i, t in enumerate(turns):
+        if len(turns) > 1:
+            parts.append(Text(f"[sample {i + 1}]", style="bold cyan"))
+        if t.reasoning:
+            if final:
+                parts.append(Text(f"thought for {t.thought_seconds or 0.0:.1f} s", style="dim italic"))
+            else:
+                tail = "\n".join(t.reasoning.splitlines()[-12:])  # keep the live view short
+                parts.append(Text(tail, style="dim"))
+        parts.append(Text(t.answer))
+        if final and t.finish_reason == "length":
+            parts.append(Text("(stopped at the token limit)", style="dim yellow"))
+    return Group(*parts)
+
+
+def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, params, system: str | None = None,
+              think: bool = True) -> int:
+    """Run the chat until /quit or end of input; returns the number of turns answered."""
+    from rich.live import Live
+
+    from nanoseek.data.tasks import extract_answer
+
+    from .ttc import canonical_answer, majority_vote
+
+    history: list[dict] = []
+    turns_done = 0
+    while True:
+        try:
+            line = read_line("you> ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return turns_done
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return turns_done
+            if cmd == "/reset":
+                history.clear()
+                console.print("(conversation reset)", style="dim", highlight=False)
+            elif cmd == "/samples":
+                try:
+                    n = int(arg)
+                    if not 1 <= n <= engine.max_batch_size:
+                        raise ValueError
+                except ValueError:
+                    console.print(f"usage: /samples N with 1 <= N <= {engine.max_batch_size}", style="red",
+                                  highlight=False)
+                    continue
+                params = replace(params, n=n)
+                console.print(f"({n} sample{'s' if n > 1 else ''} per turn)", style="dim", highlight=False)
+            elif cmd == "/help":
+                console.print(HELP, style="dim", highlight=False)
+            else:
+                console.print(f"unknown command {cmd}; {HELP}", style="red", highlight=False)
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=think))
+        start = time.perf_counter()
+        turns = [_Turn(start) for _ in range(params.n)]
+        try:
+            with Live(_render(turns, False), console=console, refresh_per_second=12, transient=True) as live:
+                for ev in engine.stream(ids, params):
+                    turns[ev.index].add(ev, time.perf_counter())
+                    live.update(_render(turns, False))
+        except ValueError as e:                 # e.g. the conversation outgrew the context
+            history.pop()
+            console.print(f"error: {e}; try /reset", style="red", highlight=False)
+            continue
+        console.print(_render(turns, True))
+        if params.n > 1:
+            voted = majority_vote([extract_answer(t.answer) for t in turns])
+            if voted is not None:
+                support = sum(canonical_answer(extract_answer(t.answer)) == voted for t in turns)
+                console.print(f"majority answer: {voted} ({support}/{params.n})", style="bold", highlight=False)
+        history.append({"role": "assistant", "content": turns[0].answer})
+        turns_done += 1
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    params = sampling_params(args, args.samples)
+    engine, tokenizer = build_engine(args, max(16, args.samples))
+    console.print(f"nanoseek chat: {args.model}  ({HELP})", style="dim", highlight=False)
+    chat_loop(engine, tokenizer, console.input, console, params, system=args.system, think=not args.no_think)
+    return 0

@@ -1,0 +1,462 @@
+"""The inference engine: batched generation over a preallocated latent KV cache.
+
+One scheduler serves three entry points:
+
+* ``generate(prompts, params)``: offline, all prompts at once, returns their completions;
+* ``stream(prompt, params)``: one prompt, yields a :class:`TokenEvent` per generated token;
+* ``submit(prompt, params) -> RequestHandle``: continuous batching for the server. A background
+  thread (``start()`` / ``shutdown()``) repeats one *step*: admit waiting requests into free cache
+  rows (one padded prefill for all of them), then ONE batched decode step over every active row.
+
+``generate`` and ``stream`` run the same step loop in the caller's thread when the background
+thread is not running, and go through ``submit`` when it is.
+
+The cache (``model.new_cache``) has ``max_batch_size`` rows of ``max_seq_len + 1`` slots and is
+never reallocated: for MLA a slot is the normalised KV latent plus the rotated rope key
+(``kv_lora_rank + qk_rope_head_dim`` values per layer). A request with ``n`` samples takes ``n``
+rows; its prompt is prefilled once into the first and copied to the others. Rows of different
+lengths share a step: every row writes and attends at its own absolute positions, and the cache
+masks slots beyond each query's position, so a freed row is reused without clearing.
+Prefill uses the naive MLA path (large matmuls over the prompt), decoding the absorbed one
+(attention directly over the cached latent). The model's mode is restored after every step, so a
+model being trained (GRPO rollouts) can be passed in as is.
+
+With ``use_mtp`` every decode step is an MTP self-speculative step (``speculative.py``): it drafts
+with the MTP module and verifies in the main model, for greedy and sampled rows alike.
+
+Per sample (``request.py``) the engine turns tokens into text (``streaming.py``: incremental
+detokenisation, stop strings never leaked), splits ``<think>`` reasoning from the answer
+(``reasoning.py``) and stops on EOS / stop tokens / stop strings / the repetition guard /
+``max_new_tokens`` / the cache length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .reasoning import prompt_ends_in_think
+from .request import _END, Completion, EngineError, RequestHandle, TokenEvent, _Request, _Sample
+from .sampling import RowParams, SamplingParams, choose_tokens, sample_from_probs, token_logprobs
+from .speculative import SpeculativeStats, speculative_accept
+
+DEFAULT_MAX_SEQ_LEN = 4096          # when the model allows more (the cache is preallocated)
+DEFAULT_MAX_PREFILL_TOKENS = 8192   # padded prompt tokens per prefill forward
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
+class Engine:
+    """Batched generation for a ``DeepseekV3ForCausalLM`` (see the module docstring).
+
+    ``tokenizer`` is needed for text, stop strings and the reasoning split (token ids work
+    without it). ``max_batch_size`` cache rows (a request uses ``n``), ``max_seq_len`` prompt +
+    completion tokens per row (default: the model's max positions, at most 4096). ``use_mtp``
+    turns on MTP self-speculative decoding (the model needs ``num_nextn_predict_layers >= 1``).
+    ``dtype``: the KV cache dtype (default: the model's). ``max_prefill_tokens`` bounds the padded
+    prompt tokens admitted into one prefill forward (more waiting requests wait a step).
+    Counters: ``stats`` (prefill / decode tokens and seconds), ``spec_stats`` (MTP acceptance).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch_size: int = 16, max_seq_len: int | None = None,
+                 use_mtp: bool = False, dtype: torch.dtype | None = None,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+        cfg = model.config
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if use_mtp and cfg.num_nextn_predict_layers < 1:
+            raise ValueError("use_mtp needs a model with MTP modules (config num_nextn_predict_layers >= 1); "
+                             "this checkpoint has none")
+        self.model, self.tokenizer, self.config = model, tokenizer, cfg
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        self.use_mtp = use_mtp
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = next(model.parameters()).device
+        # one spare slot per row: a speculative step writes its draft one position ahead
+        self.cache = model.new_cache(max_batch_size, self.max_seq_len + 1, dtype, with_mtp=use_mtp)
+        self._attn = [m for m in model.modules() if hasattr(m, "absorb")]
+        if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+            self.eos_ids = {int(tokenizer.eos_id)}
+        else:
+            eos = cfg.eos_token_id
+            self.eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+        self.pad_id = int(getattr(tokenizer, "pad_id", None) or 0)
+        self.stats = EngineStats()
+        self.spec_stats = SpeculativeStats()
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Sample] = []
+        self._free_rows = list(range(max_batch_size))
+        self._rp_cache: tuple[tuple, RowParams] | None = None
+        self._admitting: list[_Request] = []
+        self._cv = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop_flag = False
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[Completion]]:
+        """All prompts (token id lists) batched; returns each prompt's ``n`` completions."""
+        params = params or SamplingParams()
+        if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
+            raise TypeError("generate() takes a list of prompts (lists of token ids); wrap a single prompt in a list")
+        handles = [self._enqueue(p, params, which=f"prompt {i}") for i, p in enumerate(prompts)]
+        if not self.running:
+            while not all(h.done for h in handles):
+                self._step_guarded()
+        return [h.result() for h in handles]
+
+    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+        """Generate for one prompt, yielding each token's event as soon as it is sampled."""
+        handle = self._enqueue(prompt, params or SamplingParams())
+        if self.running:
+            yield from handle.events()
+            return
+        try:
+            while True:
+                while True:
+                    try:
+                        item = handle._events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END:
+                        handle._events.put(_END)
+                        if handle._error is not None:
+                            raise EngineError(f"request failed: {handle._error}") from handle._error
+                        return
+                    yield item
+                self._step_guarded()
+        finally:
+            if not handle.done:                 # the consumer stopped early: free the rows
+                handle.cancel()
+                while not handle.done:
+                    self._step_guarded()
+
+    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request for the background scheduler (started on first use); thread-safe."""
+        handle = self._enqueue(prompt, params or SamplingParams())
+        self.start()
+        return handle
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the background scheduler thread (no-op when running)."""
+        with self._cv:
+            if self.running:
+                return
+            self._stop_flag = False
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, cancel_pending: bool = True) -> None:
+        """Stop the scheduler thread; pending and active requests are cancelled."""
+        with self._cv:
+            self._stop_flag = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if cancel_pending:
+            with self._cv:
+                for r in list(self._waiting) + [s.req for s in self._active]:
+                    r.handle.cancel()
+            while self._waiting or self._active:
+                self._step_guarded()
+
+    # ------------------------------------------------------------------ requests
+    def _enqueue(self, prompt: list[int], params: SamplingParams, which: str = "prompt") -> RequestHandle:
+        params.validate()
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise TypeError(f"{which}: expected a list of token ids, got {type(prompt).__name__}")
+        prompt = list(prompt)
+        if not prompt:
+            raise ValueError(f"{which} is empty (start it with BOS at least)")
+        V = self.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"{which}: token id {bad[0]} is outside the vocabulary [0, {V})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"{which} has {len(prompt)} tokens; the engine's max_seq_len is {self.max_seq_len} "
+                             "(prompt + completion); shorten it or build the Engine with a larger max_seq_len")
+        if params.n > self.max_batch_size:
+            raise ValueError(f"SamplingParams.n = {params.n} exceeds the engine's max_batch_size {self.max_batch_size}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this Engine was built without one")
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        if params.starts_in_think is not None:
+            in_think = params.starts_in_think
+        else:
+            in_think = (self.tokenizer is not None and params.split_reasoning
+                        and prompt_ends_in_think(prompt, self.tokenizer))
+        limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+        req = _Request(next(self._ids), prompt, params, stop_ids, in_think, limit)
+        with self._cv:
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req.handle
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop_flag and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stop_flag:
+                    return
+            try:
+                self._step_guarded()
+            except Exception:   # already reported to the requests' handles; keep serving others
+                pass
+
+    def _step_guarded(self) -> None:
+        with self._step_lock:
+            try:
+                self._step()
+            except Exception as e:
+                self._fail_all(e)
+                raise
+
+    def _fail_all(self, error: BaseException) -> None:
+        reqs = {s.req.id: s.req for s in self._active}
+        reqs.update((r.id, r) for r in self._admitting)
+        self._admitting = []
+        with self._cv:
+            reqs.update((r.id, r) for r in self._waiting)
+            self._waiting.clear()
+        for r in reqs.values():
+            r.handle._finish(None, error)
+        self._active = []
+        self._free_rows = list(range(self.max_batch_size))
+        self._rp_cache = None
+
+    def _step(self) -> None:
+        """Cancel, admit + prefill, then one decode step over all active rows."""
+        events: list[tuple[_Sample, TokenEvent]] = []
+        for s in [s for s in self._active if s.req.handle.cancelled]:
+            events.append((s, s.cancel()))
+        admitted: list[_Request] = []
+        with self._cv:
+            for r in [r for r in self._waiting if r.handle.cancelled]:   # never admitted: nothing generated
+                self._waiting.remove(r)
+                comps = []
+                for i in range(r.params.n):
+                    r.handle._put(TokenEvent(i, None, "", "", True, "cancelled"))
+                    comps.append(Completion([], "", None, "", "cancelled", len(r.prompt), 0, index=i))
+                r.handle._finish(comps)
+            budget = self.max_prefill_tokens
+            while self._waiting and len(self._free_rows) >= self._waiting[0].params.n:
+                r = self._waiting[0]
+                longest = max([len(x.prompt) for x in admitted] + [len(r.prompt)])
+                if admitted and longest * (len(admitted) + 1) > budget:
+                    break
+                self._waiting.popleft()
+                rows, self._free_rows = self._free_rows[:r.params.n], self._free_rows[r.params.n:]
+                r.samples = [_Sample(r, i, row, self.tokenizer) for i, row in enumerate(rows)]
+                admitted.append(r)
+        self._admitting = admitted           # failed with the step if its prefill raises
+        model = self.model
+        was_training = model.training
+        absorb = [m.absorb for m in self._attn]
+        if was_training:
+            model.eval()
+        try:
+            with torch.inference_mode():
+                decoding = [s for s in self._active if not s.finished]
+                if admitted:
+                    events += self._prefill(admitted)
+                if decoding:
+                    events += self._decode_mtp(decoding) if self.use_mtp else self._decode(decoding)
+        finally:
+            for m, a in zip(self._attn, absorb):
+                m.absorb = a
+            if was_training:
+                model.train()
+        self._admitting = []
+        self._publish(events)
+
+    def _publish(self, events: list[tuple[_Sample, TokenEvent]]) -> None:
+        for s, ev in events:
+            s.req.handle._put(ev)
+        finished = [s for s in self._active if s.finished]
+        if finished:
+            self._active = [s for s in self._active if not s.finished]
+            self._free_rows = sorted(self._free_rows + [s.row for s in finished])
+            for s in finished:
+                req = s.req
+                req.completions[s.index] = s.completion()
+                if all(c is not None for c in req.completions):
+                    req.handle._finish(list(req.completions))
+
+    def _set_absorb(self, absorb: bool) -> None:
+        for m in self._attn:
+            m.absorb = absorb
+
+    def _row_params(self, samples: list[_Sample]) -> RowParams:
+        key = tuple(s.serial for s in samples)
+        if self._rp_cache is None or self._rp_cache[0] != key:
+            self._rp_cache = (key, RowParams.build([s.params for s in samples], self.device))
+        return self._rp_cache[1]
+
+    def _uniforms(self, samples: list[_Sample], rp: RowParams, k: int = 0) -> torch.Tensor | None:
+        """One uniform per row from the row's own stream ([B]), or k per row ([B, k])."""
+        if rp.all_greedy:
+            return None
+        if k:
+            u = [[s.rng.random() for _ in range(k)] for s in samples]
+        else:
+            u = [s.rng.random() for s in samples]
+        return torch.tensor(u, dtype=torch.float32, device=self.device)
+
+    def _rows(self, rows: list[int]) -> torch.Tensor | None:
+        """Cache rows of a batch; None (read the cache as a view) when they are 0..B-1 in order."""
+        if rows == list(range(len(rows))):
+            return None
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, reqs: list[_Request]) -> list[tuple[_Sample, TokenEvent]]:
+        t0 = time.perf_counter()
+        dev, model = self.device, self.model
+        lens = [len(r.prompt) for r in reqs]
+        T = max(lens)
+        ids = torch.tensor([r.prompt + [self.pad_id] * (T - len(r.prompt)) for r in reqs], device=dev)
+        pos = torch.arange(T, device=dev).expand(len(reqs), T)
+        first_rows = [r.samples[0].row for r in reqs]
+        rows = torch.tensor(first_rows, device=dev)
+        self._set_absorb(False)
+        out = model(ids, positions=pos, cache=self.cache, rows=rows, logits_to_keep=1, return_hidden=True)
+        last = torch.tensor(lens, device=dev) - 1
+        h_last = out.hidden[torch.arange(len(reqs), device=dev), last]             # [R, d]
+        logits = model.lm_head(h_last)                                             # [R, V]
+        if self.use_mtp and T > 1:   # MTP cache at positions 0..T-2: inputs (h_i, t_{i+1})
+            model.mtp_forward(0, out.hidden[:, :-1], ids[:, 1:], pos[:, :-1], self.cache, rows)
+        src = [r.samples[0].row for r in reqs for _ in r.samples[1:]]
+        dst = [s.row for r in reqs for s in r.samples[1:]]
+        if dst:
+            self.cache.copy_rows(src, dst, T)
+        samples = [s for r in reqs for s in r.samples]
+        owner = torch.tensor([i for i, r in enumerate(reqs) for _ in r.samples], device=dev)
+        logits = logits[owner]                                                     # [S, V]
+        rp = RowParams.build([s.params for s in samples], dev)
+        tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
+        lps = token_logprobs(logits, tokens)
+        if self.use_mtp:   # first drafts: MTP at the last prompt position with each sample's token
+            p_last = (last[owner])[:, None]
+            s_rows = torch.tensor([s.row for s in samples], device=dev)
+            _, mtp_logits = model.mtp_forward(0, h_last[owner][:, None], tokens[:, None], p_last, self.cache, s_rows)
+            self._set_drafts(samples, mtp_logits[:, 0], rp)
+        self.stats.prefill_tokens += sum(lens)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        events = []
+        for s, tok, lp in zip(samples, tokens.tolist(), lps.tolist()):
+            self._active.append(s)
+            s.pending = tok
+            events.append((s, s.append(tok, lp)))
+        self._active.sort(key=lambda s: s.row)
+        return events
+
+    def _set_drafts(self, samples: list[_Sample], mtp_logits: torch.Tensor, rp: RowParams) -> None:
+        """Draft each row's next token from the MTP logits: argmax for greedy rows (their draft
+        distribution q is one-hot, stored as None), a sample from q otherwise (q kept for verifying)."""
+        if rp.all_greedy:
+            for s, d in zip(samples, mtp_logits.argmax(dim=-1).tolist()):
+                s.draft, s.draft_q = d, None
+            return
+        q = rp.probs(mtp_logits)
+        drafts = sample_from_probs(q, self._uniforms(samples, rp)).tolist()
+        for i, s in enumerate(samples):
+            s.draft, s.draft_q = drafts[i], q[i]
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, samples: list[_Sample]) -> list[tuple[_Sample, TokenEvent]]:
+        t0 = time.perf_counter()
+        dev = self.device
+        ids = torch.tensor([[s.pending] for s in samples], device=dev)
+        pos = torch.tensor([[s.pos] for s in samples], device=dev)
+        rows = self._rows([s.row for s in samples])
+        self._set_absorb(True)
+        logits = self.model(ids, positions=pos, cache=self.cache, rows=rows).logits[:, -1]
+        rp = self._row_params(samples)
+        tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
+        lps = token_logprobs(logits, tokens)
+        events = []
+        for s, tok, lp in zip(samples, tokens.tolist(), lps.tolist()):
+            s.pending, s.pos = tok, s.pos + 1
+            events.append((s, s.append(tok, lp)))
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(samples)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return events
+
+    def _decode_mtp(self, samples: list[_Sample]) -> list[tuple[_Sample, TokenEvent]]:
+        """One speculative step: verify each row's MTP draft, emit 1 or 2 tokens, draft again."""
+        t0 = time.perf_counter()
+        dev, model = self.device, self.model
+        B = len(samples)
+        ids = torch.tensor([[s.pending, s.draft] for s in samples], device=dev)
+        pos = torch.tensor([[s.pos, s.pos + 1] for s in samples], device=dev)
+        rows = self._rows([s.row for s in samples])
+        self._set_absorb(True)
+        out = model(ids, positions=pos, cache=self.cache, rows=rows, return_hidden=True)
+        logits = out.logits                                                        # [B, 2, V]
+        rp = self._row_params(samples)
+        draft = ids[:, 1]
+        if rp.all_greedy:        # one-hot p and q: speculative_accept reduces to comparing argmaxes
+            tok0, bonus = logits[:, 0].argmax(dim=-1), logits[:, 1].argmax(dim=-1)
+            accepted = tok0 == draft
+        else:
+            p = rp.probs(logits)                                                   # [B, 2, V]
+            V = logits.shape[-1]
+            q = torch.stack([s.draft_q if s.draft_q is not None
+                             else torch.nn.functional.one_hot(torch.tensor(s.draft, device=dev), V).float()
+                             for s in samples])
+            u = self._uniforms(samples, rp, k=3)                                   # accept, resample, bonus
+            tok0, accepted = speculative_accept(p[:, 0], q, draft, u[:, 0], u[:, 1])
+            bonus = sample_from_probs(p[:, 1], u[:, 2])
+        lp0, lp1 = token_logprobs(logits[:, 0], tok0), token_logprobs(logits[:, 1], bonus)
+        # MTP at [p, p+1] with (h_p, tok0) and (h_{p+1}, bonus); the draft comes from the last real one
+        _, mtp_logits = model.mtp_forward(0, out.hidden, torch.stack([tok0, bonus], dim=1), pos, self.cache, rows)
+        pick = accepted.long()
+        self._set_drafts(samples, mtp_logits[torch.arange(B, device=dev), pick], rp)
+        events = []
+        acc_list = accepted.tolist()
+        emitted = 0
+        rows_out = zip(samples, tok0.tolist(), bonus.tolist(), lp0.tolist(), lp1.tolist(), acc_list)
+        for s, first, second, lp_first, lp_second, acc in rows_out:
+            events.append((s, s.append(first, lp_first)))
+            emitted += 1
+            if acc and not s.finished:
+                events.append((s, s.append(second, lp_second)))
+                emitted += 1
+            s.pending, s.pos = (second, s.pos + 2) if acc else (first, s.pos + 1)
+        self.spec_stats.steps += B
+        self.spec_stats.drafted += B
+        self.spec_stats.accepted += sum(acc_list)
+        self.spec_stats.emitted += emitted
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += emitted
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return events
+
+
+__all__ = ["Engine", "EngineStats", "SamplingParams", "Completion", "TokenEvent", "RequestHandle", "EngineError"]

@@ -1,0 +1,88 @@
+"""Find and load what inference needs: a checkpoint (from a run folder or an HF directory) and its tokenizer.
+
+``--model`` may name
+
+* an HF-format checkpoint directory (``config.json`` + safetensors): nanoseek's own, or any
+  DeepSeek-V3/V2-architecture checkpoint;
+* a run folder: the checkpoint ``RUN/latest`` points to (else the newest
+  ``RUN/checkpoints/step-*``), or an HF directory directly inside it (``final``, ``model``, ``hf``).
+
+The tokenizer (``tokenizer.json``) is looked for in the checkpoint directory, a ``tokenizer/``
+folder next to it, and the same two places in each parent up to three levels up (so a run
+folder's tokenizer serves all its checkpoints); ``tokenizer_path`` overrides the search.
+Errors list every place that was searched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HF_SUBDIRS = ("final", "model", "hf")
+
+
+class LoadError(ValueError):
+    """No checkpoint or tokenizer where the user pointed."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The HF checkpoint directory ``path`` names (see the module docstring)."""
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(f"{p}: no such file or directory")
+    if p.is_file() and p.name == "config.json":
+        p = p.parent
+    if (p / "config.json").exists():
+        return p
+    tried = [str(p / "config.json")]
+    try:
+        from nanoseek.train.checkpoint import latest_checkpoint
+    except ImportError:                       # the trainer is optional for inference
+        latest_checkpoint = None
+    if latest_checkpoint is not None:
+        ckpt = latest_checkpoint(p)
+        if ckpt is not None and (ckpt / "config.json").exists():
+            return ckpt
+        tried.append(f"{p}/latest and {p}/checkpoints/step-*")
+    for sub in HF_SUBDIRS:
+        if (p / sub / "config.json").exists():
+            return p / sub
+        tried.append(str(p / sub / "config.json"))
+    raise LoadError(f"{p}: not a checkpoint or run folder; looked for " + ", ".join(tried))
+
+
+def find_tokenizer(checkpoint: str | Path) -> Path | None:
+    """The ``tokenizer.json`` belonging to a checkpoint, or None."""
+    d = Path(checkpoint).resolve()
+    for base in [d, *list(d.parents)[:3]]:
+        for cand in (base / "tokenizer.json", base / "tokenizer" / "tokenizer.json"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def load_tokenizer(path: str | Path):
+    from nanoseek.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = None, dtype=None,
+                       device: str = "cpu", require_tokenizer: bool = False):
+    """(model in eval mode, tokenizer or None) for a run folder or checkpoint directory."""
+    from nanoseek.model.checkpoint import from_pretrained
+
+    ckpt = resolve_checkpoint(path)
+    tok_file = Path(tokenizer_path) if tokenizer_path else find_tokenizer(ckpt)
+    if tok_file is None and require_tokenizer:
+        places = [str(b) for b in [ckpt, *list(ckpt.resolve().parents)[:3]]]
+        raise LoadError(f"no tokenizer.json for {ckpt} (searched {', '.join(places)} and their tokenizer/ "
+                        "folders); pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tok_file) if tok_file is not None else None
+    model = from_pretrained(ckpt, dtype=dtype, device=device).eval()
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise LoadError(f"tokenizer {tok_file} has {tokenizer.vocab_size} tokens but the model {ckpt} only "
+                        f"{model.config.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+__all__ = ["resolve_checkpoint", "find_tokenizer", "load_tokenizer", "load_for_inference", "LoadError"]

@@ -1,0 +1,255 @@
+"""One request's life in the engine: the client's handle, the results, and each sample's text state.
+
+* :class:`RequestHandle` is what ``Engine.submit`` returns: a thread-safe queue of
+  :class:`TokenEvent` s, readable blocking (``events(timeout)``) or from asyncio (``aiter()``),
+  ``result()`` for the finished :class:`Completion` s and ``cancel()``.
+* ``_Request`` / ``_Sample`` are the scheduler's bookkeeping: a request has ``n`` samples, one per
+  cache row. ``_Sample.append(token)`` is the per-token pipeline (stop tokens, the repetition
+  guard, the length limit, then incremental detokenisation -> stop strings -> ``<think>`` split),
+  returning the event to stream. It needs no model, so tests drive it with scripted tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import torch
+
+from .reasoning import ReasoningSplitter
+from .sampling import SamplingParams, repeats_too_long
+from .streaming import IncrementalDetokenizer, StopStringFilter
+
+
+class EngineError(RuntimeError):
+    """The scheduler failed while serving a request (the message carries the cause)."""
+
+
+@dataclass
+class Completion:
+    """One finished sample. ``text`` is the whole generated text (think tags included, cut before
+    a stop string, no EOS); ``reasoning`` the stripped text inside ``<think>...</think>`` (None when
+    there was no think block), ``answer`` the stripped rest. ``token_ids`` are all generated
+    tokens, the final EOS / stop token included. ``finish_reason``: "stop" (EOS, a stop token or
+    string, or the repetition guard; ``stop_reason`` says which: "eos", "stop_token",
+    "stop_string", "repetition"), "length" (max_new_tokens or the cache length) or "cancelled"
+    (a failed step raises :class:`EngineError` instead). ``logprobs``: log p of each token under
+    the raw model (temperature 1)."""
+
+    token_ids: list[int]
+    text: str
+    reasoning: str | None
+    answer: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    index: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
+
+
+@dataclass
+class TokenEvent:
+    """One streamed token of sample ``index``: ``text_delta`` is new *answer* text and
+    ``reasoning_delta`` new reasoning text (either may be empty while text is withheld: an
+    incomplete character, a possible tag or stop string). The last event of a sample has
+    ``finished`` True and its ``finish_reason``; a cancellation event has ``token_id`` None."""
+
+    index: int
+    token_id: int | None
+    text_delta: str
+    reasoning_delta: str
+    finished: bool = False
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+_END = object()   # sentinel closing a handle's event queue
+
+
+class RequestHandle:
+    """A submitted request: iterate its events (blocking), ``async for ev in handle.aiter()``,
+    ``result()`` for the completions, ``cancel()`` to free its rows at the next step."""
+
+    def __init__(self, request_id: int, n: int, prompt_tokens: int):
+        self.request_id, self.n, self.prompt_tokens = request_id, n, prompt_tokens
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._completions: list[Completion] | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._waker = None          # set by aiter(): wakes the asyncio consumer from the engine thread
+
+    # -- engine side
+    def _put(self, item) -> None:
+        self._events.put(item)
+        waker = self._waker
+        if waker is not None:
+            waker()
+
+    def _finish(self, completions: list[Completion] | None, error: BaseException | None = None) -> None:
+        self._completions, self._error = completions, error
+        self._done.set()
+        self._put(_END)
+
+    # -- client side
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Stop generating; unfinished samples end with finish_reason "cancelled"."""
+        self._cancelled = True
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Events as they come; ``timeout`` seconds without one raises ``TimeoutError``."""
+        while True:
+            try:
+                item = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id}: no event for {timeout} s") from None
+            if item is _END:
+                self._events.put(_END)          # later iterations end at once too
+                if self._error is not None:
+                    raise EngineError(f"request {self.request_id} failed: {self._error}") from self._error
+                return
+            yield item
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self.events()
+
+    async def aiter(self) -> AsyncIterator[TokenEvent]:
+        """The events from asyncio, without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        self._waker = lambda: loop.call_soon_threadsafe(wake.set)
+        try:
+            while True:
+                wake.clear()
+                try:
+                    item = self._events.get_nowait()
+                except queue.Empty:
+                    await wake.wait()
+                    continue
+                if item is _END:
+                    self._events.put(_END)
+                    if self._error is not None:
+                        raise EngineError(f"request {self.request_id} failed: {self._error}") from self._error
+                    return
+                yield item
+        finally:
+            self._waker = None
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        """The n completions, by sample index (blocks until the request is done)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not done after {timeout} s")
+        if self._error is not None:
+            raise EngineError(f"request {self.request_id} failed: {self._error}") from self._error
+        return list(self._completions or [])
+
+
+class _Request:
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 starts_in_think: bool, limit: int):
+        self.id, self.prompt, self.params = rid, prompt, params
+        self.stop_ids, self.starts_in_think, self.limit = stop_ids, starts_in_think, limit
+        self.handle = RequestHandle(rid, params.n, len(prompt))
+        self.samples: list[_Sample] = []
+        self.completions: list[Completion | None] = [None] * params.n
+
+
+class _Sample:
+    """One of a request's n samples, living in one cache row."""
+
+    _serials = itertools.count()
+
+    def __init__(self, req: _Request, index: int, row: int, tokenizer):
+        self.serial = next(_Sample._serials)   # identifies the sample in batch-composition keys
+        self.req, self.index, self.row = req, index, row
+        self.params = req.params
+        self.rng = req.params.sample_rng(index)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.pos = len(req.prompt)            # position of the pending (sampled, not yet fed) token
+        self.pending = -1
+        self.draft = -1                       # MTP draft for position pos + 1
+        self.draft_q: torch.Tensor | None = None
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.stop_reason: str | None = None
+        self.text: list[str] = []
+        self.has_text = tokenizer is not None
+        if self.has_text:
+            self.detok = IncrementalDetokenizer(tokenizer)
+            self.stops = StopStringFilter(req.params.stop)
+            self.split = ReasoningSplitter(req.starts_in_think, req.params.split_reasoning)
+
+    def _text(self, delta: str, final: bool) -> tuple[str, str, bool]:
+        """Delta of decoded text -> (reasoning delta, answer delta, stop string matched)."""
+        safe, matched = self.stops.push(delta)
+        if final and not matched:
+            safe += self.stops.flush()
+        self.text.append(safe)
+        r, a = self.split.push(safe)
+        if final or matched:
+            r2, a2 = self.split.flush()
+            r, a = r + r2, a + a2
+        return r, a, matched
+
+    def append(self, token: int, logprob: float) -> TokenEvent:
+        """Record a sampled token; decide whether the sample is finished; the event to stream."""
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        r = a = ""
+        if token in self.req.stop_ids:
+            self.finished, self.finish_reason = True, "stop"
+            self.stop_reason = "stop_token" if token in self.params.stop_token_ids else "eos"
+            if self.has_text:
+                r, a, _ = self._text(self.detok.flush(), final=True)
+        else:
+            if repeats_too_long(self.token_ids, self.params.repetition_guard):
+                self.finished, self.finish_reason, self.stop_reason = True, "stop", "repetition"
+            elif len(self.token_ids) >= self.req.limit:
+                self.finished, self.finish_reason = True, "length"
+            if self.has_text:
+                delta = self.detok.push(token)
+                if self.finished:
+                    delta += self.detok.flush()
+                r, a, matched = self._text(delta, final=self.finished)
+                if matched:
+                    self.finished, self.finish_reason, self.stop_reason = True, "stop", "stop_string"
+        return TokenEvent(self.index, token, a, r, self.finished, self.finish_reason if self.finished else None,
+                          logprob)
+
+    def cancel(self) -> TokenEvent:
+        self.finished, self.finish_reason = True, "cancelled"
+        r = a = ""
+        if self.has_text:
+            r, a, _ = self._text(self.detok.flush(), final=True)
+        return TokenEvent(self.index, None, a, r, True, "cancelled")
+
+    def completion(self) -> Completion:
+        if self.has_text:
+            text, reasoning, answer = "".join(self.text), self.split.reasoning_text, self.split.answer_text
+        else:
+            text, reasoning, answer = "", None, ""
+        return Completion(token_ids=list(self.token_ids), text=text, reasoning=reasoning, answer=answer,
+                          finish_reason=self.finish_reason or "length", prompt_tokens=len(self.req.prompt),
+                          completion_tokens=len(self.token_ids), index=self.index,
+                          logprobs=list(self.logprobs), stop_reason=self.stop_reason)
+
+
+__all__ = ["Completion", "TokenEvent", "RequestHandle", "EngineError"]

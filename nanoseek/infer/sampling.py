@@ -1,0 +1,190 @@
+"""Sampling parameters and the batched, per-row-seeded token sampler of the inference engine.
+
+One decode step turns logits ``[B, V]`` into one token per row, each row with its own
+temperature, top-k, top-p and random stream (rows of one batch belong to different requests):
+
+1. ``processed_probs``: temperature, then top-k, then top-p (nucleus) on the renormalised
+   top-k distribution (the order of HF's logits warpers), then renormalise. A row with
+   ``temperature == 0`` is greedy: its distribution is one-hot on the argmax, so greedy and
+   sampled rows share one code path, speculative verification included (``speculative.py``).
+2. ``sample_from_probs``: inverse-CDF sampling, ``token = min{j : cumsum(p)_j > u * sum(p)}``,
+   with one uniform ``u`` per row drawn by that row's own :class:`random.Random`. A sample's
+   tokens therefore depend only on its seed and its logits, never on which other requests
+   happen to share the batch, and the same seed gives the same output.
+
+Stop conditions that are checked per token live here too: :func:`repeats_too_long` is the
+repetition guard (see :class:`SamplingParams`). Stop *strings* need text and are handled by
+``streaming.StopStringFilter``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request (OpenAI-style fields; the engine validates them on submit).
+
+    temperature 0 is greedy decoding. ``top_k`` 0 and ``top_p`` 1 disable those filters.
+    ``n`` samples share one prefill of the prompt. ``seed``: sample ``i`` of a request draws
+    from ``random.Random(f"nanoseek/{seed}/{i}")``, so the same seed reproduces the output;
+    ``None`` seeds from the OS. ``stop`` strings end a sample and are cut from its text (the
+    text never contains them, streamed or not); ``stop_token_ids`` end a sample like EOS does
+    (the token is kept in ``token_ids`` but adds no text). EOS always stops unless ``ignore_eos``
+    (benchmarks). ``repetition_guard`` = G > 0 stops a sample whose last G tokens are one
+    n-gram (n <= G // 4, so at least four copies) repeated, e.g. ``the the the ...`` or a
+    looping sentence; ``finish_reason`` is then "stop" with ``stop_reason`` "repetition".
+    ``starts_in_think``: whether the completion begins inside a ``<think>`` block (R1's chat
+    template ends the prompt with ``<think>\\n``); None detects it from the prompt (its last
+    think tag is an opening one). ``split_reasoning`` False reports everything as answer text.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    repetition_guard: int = 0
+    ignore_eos: bool = False
+    starts_in_think: bool | None = None
+    split_reasoning: bool = True
+
+    def validate(self) -> "SamplingParams":
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name} = {getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be an integer >= 1")
+        if not self.temperature >= 0:
+            raise bad("temperature", "must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0 (0 disables it)")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be an integer >= 1")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer or None")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be a list of non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids >= 0")
+        if not isinstance(self.repetition_guard, int) or self.repetition_guard < 0 or 0 < self.repetition_guard < 4:
+            raise bad("repetition_guard", "must be 0 (off) or an integer >= 4")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def sample_rng(self, index: int) -> random.Random:
+        """The random stream of sample ``index`` (see the class docstring)."""
+        if self.seed is None:
+            return random.Random(int.from_bytes(os.urandom(8), "little"))
+        return random.Random(f"nanoseek/{self.seed}/{index}")
+
+
+def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                    top_p: torch.Tensor, filtered: bool = True) -> torch.Tensor:
+    """logits [B, V]; per-row temperature/top_k/top_p [B] -> the sampling distribution [B, V] fp32.
+
+    Rows with temperature 0 get a one-hot distribution on their argmax. ``filtered=False``
+    promises that no row uses top-k/top-p (skips the sort).
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
+    V = logits.shape[-1]
+    if filtered:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(V, device=logits.device)[None]
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
+        sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+        p = sorted_logits.softmax(dim=-1)
+        before = p.cumsum(dim=-1) - p                          # mass of strictly better tokens
+        p = p.masked_fill(before >= top_p.float()[:, None], 0.0)  # always keeps the top token
+        p = p / p.sum(dim=-1, keepdim=True)
+        probs = torch.zeros_like(p).scatter_(1, order, p)
+    else:
+        probs = scaled.softmax(dim=-1)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [B, V] (need not be normalised), u [B] in [0, 1) -> ids [B].
+
+    A zero-probability token is never chosen; a one-hot row always gives its hot token.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    target = (u.to(cdf) * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+@dataclass
+class RowParams:
+    """Per-row sampling settings of one batch as tensors (built once per batch composition)."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    all_greedy: bool
+    filtered: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], device: torch.device | str) -> "RowParams":
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            all_greedy=all(p.greedy for p in params),
+            filtered=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
+        )
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> [B, V]; or [B, k, V] (k positions per row, one call) -> [B, k, V]."""
+        if logits.dim() == 3:
+            B, k, V = logits.shape
+            t, tk, tp = (x.repeat_interleave(k) for x in (self.temperature, self.top_k, self.top_p))
+            return processed_probs(logits.reshape(B * k, V), t, tk, tp, self.filtered).view(B, k, V)
+        return processed_probs(logits, self.temperature, self.top_k, self.top_p, self.filtered)
+
+
+def choose_tokens(logits: torch.Tensor, rp: RowParams, u: torch.Tensor | None) -> torch.Tensor:
+    """One token per row of logits [B, V]: argmax for greedy rows, a sample for the others."""
+    if rp.all_greedy:
+        return logits.argmax(dim=-1)
+    return sample_from_probs(rp.probs(logits), u)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the raw model distribution (temperature 1, no filtering): [B]."""
+    return logits.float().log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+def repeats_too_long(tokens: list[int], guard: int) -> bool:
+    """True when the last ``guard`` tokens are one n-gram, n <= guard // 4, repeated.
+
+    The last ``guard`` tokens have period ``n`` iff they equal themselves shifted by ``n``.
+    """
+    if guard <= 0 or len(tokens) < guard:
+        return False
+    tail = tokens[-guard:]
+    return any(tail[n:] == tail[:-n] for n in range(1, guard // 4 + 1))
+
+
+__all__ = ["SamplingParams", "RowParams", "processed_probs", "sample_from_probs", "choose_tokens",
+           "token_logprobs", "repeats_too_long"]

@@ -1,0 +1,88 @@
+"""Sampling: temperature / top-k / top-p distributions, inverse-CDF draws, the repetition guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.infer.sampling import (RowParams, SamplingParams, processed_probs, repeats_too_long,
+                                     sample_from_probs)
+
+
+def probs_of(logits, temperature=1.0, top_k=0, top_p=1.0):
+    B = logits.shape[0]
+    return processed_probs(logits, torch.full((B,), float(temperature)), torch.full((B,), top_k),
+                           torch.full((B,), float(top_p)))
+
+
+def test_temperature_top_k_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    assert torch.allclose(probs_of(logits), torch.tensor([[0.4, 0.3, 0.2, 0.1]]), atol=1e-6)
+    assert torch.allclose(probs_of(logits, top_k=2), torch.tensor([[4 / 7, 3 / 7, 0, 0]]), atol=1e-6)
+    # top-p 0.6: 0.4 alone is < 0.6, so 0.3 joins; 0.2 does not (0.7 before it)
+    assert torch.allclose(probs_of(logits, top_p=0.6), torch.tensor([[4 / 7, 3 / 7, 0, 0]]), atol=1e-6)
+    assert torch.allclose(probs_of(logits, top_p=0.01), torch.tensor([[1.0, 0, 0, 0]]), atol=1e-6)
+    t2 = probs_of(logits, temperature=2.0)
+    expect = torch.tensor([0.4, 0.3, 0.2, 0.1]) ** 0.5
+    assert torch.allclose(t2, (expect / expect.sum())[None], atol=1e-6)
+    # top-p applies to the top-k renormalised distribution (HF's warper order)
+    assert torch.allclose(probs_of(logits, top_k=3, top_p=0.5), torch.tensor([[4 / 7, 3 / 7, 0, 0]]), atol=1e-6)
+
+
+def test_rows_have_their_own_settings_and_greedy_is_one_hot():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    p = processed_probs(logits, torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), torch.tensor([1.0, 1.0]))
+    assert p[0].tolist() == [0.0, 1.0, 0.0]
+    assert torch.allclose(p[1], logits[1].softmax(-1))
+    rp = RowParams.build([SamplingParams(temperature=0), SamplingParams(temperature=1, top_k=1)], "cpu")
+    assert not rp.all_greedy and rp.filtered
+    assert rp.probs(logits).tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_inverse_cdf_sampling():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]]).expand(4, 4)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.999999])
+    assert sample_from_probs(probs, u).tolist() == [1, 1, 3, 3]   # zero-probability tokens never drawn
+    one_hot = torch.tensor([[0.0, 0.0, 1.0]])
+    assert sample_from_probs(one_hot, torch.tensor([0.0])).item() == 2
+    assert sample_from_probs(one_hot * 0.9999, torch.tensor([0.99999])).item() == 2  # unnormalised rows
+    torch.manual_seed(0)
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    draws = sample_from_probs(p.expand(100_000, 4), torch.rand(100_000))
+    assert torch.allclose(torch.bincount(draws, minlength=4).float() / 100_000, p, atol=0.01)
+
+
+def test_sample_rng_is_per_seed_and_index():
+    a = SamplingParams(seed=1)
+    assert a.sample_rng(0).random() == SamplingParams(seed=1).sample_rng(0).random()
+    assert a.sample_rng(0).random() != a.sample_rng(1).random()
+    assert a.sample_rng(0).random() != SamplingParams(seed=2).sample_rng(0).random()
+
+
+def test_repetition_guard():
+    assert not repeats_too_long([1, 2, 3, 4] * 2, 8)
+    assert repeats_too_long([9, 1, 2] + [5] * 8, 8)                 # one token 8 times
+    assert repeats_too_long([7] + [1, 2] * 4, 8)                     # a bigram 4 times
+    assert not repeats_too_long([1, 2, 3] * 3, 8)                    # a trigram: n > G // 4
+    assert repeats_too_long([1, 2, 3] * 4, 12)
+    assert not repeats_too_long([5] * 7, 8)                          # not long enough yet
+    assert not repeats_too_long([5] * 50, 0)                         # off
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_new_tokens", 0, "max_new_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 1.5, "top_p"),
+    ("top_k", -1, "top_k"), ("n", 0, "n"), ("stop", [""], "stop"), ("repetition_guard", 2, "repetition_guard"),
+    ("stop_token_ids", [-1], "stop_token_ids"),
+])
+def test_params_validation_names_the_field(field, value, message):
+    with pytest.raises(ValueError, match=f"SamplingParams.{message}"):
+        SamplingParams(**{field: value}).validate()
+    assert SamplingParams(stop="x").validate().stop == ["x"]
+
+
+def test_row_params_on_several_positions_per_row():
+    rp = RowParams.build([SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.8)], "cpu")
+    logits = torch.randn(2, 3, 11)
+    together = rp.probs(logits)
+    for j in range(3):
+        assert torch.allclose(together[:, j], rp.probs(logits[:, j]))
