@@ -30,6 +30,18 @@ fraction, rollout tokens/s; from the loss: clip fractions, KL to the reference, 
 train tokens (the trainer turns them into train tokens/s). A few sample completions per rollout go
 to ``samples.jsonl`` in the run directory. The logged loss of an on-policy step (rho = 1) is
 -mean(A) over the aggregation: about 0 by construction, while its gradient is not.
+
+Under torchrun (data parallel, see ``nanoseek/train/distributed.py``) every rank samples, scores
+and trains on its share of each step's prompts: rank k takes prompts k, k + W, ... of the
+``prompts_per_step`` (whole groups, so advantages stay within each group and need no
+communication). The loss normalisers (sequence and token counts of the step) are summed over
+ranks, so each rank's micro-batch losses are shares of the one global loss and the trainer sums
+the gradients over ranks (``micro_batch_reduction = "sum"``): the update is the one a single
+process would make from the same samples. The ranks keep their prompt cursors in step (with
+dynamic sampling, every rank advances by the most attempts any rank made); rank 0 writes
+``samples.jsonl`` from its own share; the logged rollout statistics are the mean over ranks.
+Rollouts run the policy independently on each rank, so expert parallelism and FSDP (whose
+forwards are collectives) are refused for GRPO.
 """
 
 from __future__ import annotations
@@ -204,6 +216,9 @@ class GRPOTask:
     ``model``; ``out_dir`` receives ``samples.jsonl``.
     """
 
+    rank_sharded = True           # each rank samples its own share of the step's prompts
+    independent_forwards = True   # rollouts: a different number of forwards on each rank (no EP / FSDP)
+
     def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOConfig,
                  reward_fn: RewardFn | None = None, engine=None, out_dir: str | Path | None = None):
         self.cfg = cfg.validate()
@@ -245,6 +260,15 @@ class GRPOTask:
         self.cursor = (self.cursor + self.cfg.prompts_per_step) % len(self.prompts)
         return idx
 
+    def _rank_world(self) -> tuple[int, int]:
+        from nanoseek.train.distributed import rank_world
+
+        rank, world = rank_world()
+        if world > self.cfg.prompts_per_step:
+            raise ValueError(f"[grpo] prompts_per_step = {self.cfg.prompts_per_step} is smaller than the number of "
+                             f"ranks ({world}): every rank needs at least one whole group of prompts")
+        return rank, world
+
     @torch.no_grad()
     def sample(self, prompt_idx: list[int]) -> tuple[list[list[int]], list[str], list[bool], float]:
         """G completions per prompt: (token ids, texts, truncated flags) group-contiguous, seconds.
@@ -254,7 +278,8 @@ class GRPOTask:
         include the EOS that ended a completion: the policy learns to stop.
         """
         c = self.cfg
-        params = self._sampling_params(c.seed * 1_000_003 + self.rollouts)
+        rank, world = self._rank_world()
+        params = self._sampling_params((c.seed * 1_000_003 + self.rollouts) * world + rank)
         t0 = time.perf_counter()
         groups = self._engine().generate([self.prompt_ids[i] for i in prompt_idx], params)
         seconds = time.perf_counter() - t0
@@ -272,6 +297,8 @@ class GRPOTask:
     def rollout(self) -> RolloutBatch:
         """Sample, score and batch one GRPO step (with dynamic sampling when filtering)."""
         c, G = self.cfg, self.cfg.group_size
+        rank, world = self._rank_world()
+        share = len(range(rank, c.prompts_per_step, world)) * G     # this rank's rows of the step
         if self.ref_model is not None:  # follow the policy to the trainer's device
             self.ref_model.to(next(self.model.parameters()).device)
         kept: list[tuple[list[int], list[int], float]] = []   # (prompt, completion, advantage) per row
@@ -280,7 +307,7 @@ class GRPOTask:
         gen_tokens, gen_seconds, attempts = 0, 0.0, 0
         while attempts < (c.max_rollout_attempts if c.filter_zero_std else 1):
             attempts += 1
-            pidx = self._next_prompts()
+            pidx = self._next_prompts()[rank::world]
             comp_ids, texts, truncated, seconds = self.sample(pidx)
             items = [self.prompts[i] for i in pidx for _ in range(G)]
             results = self.reward_fn(texts, items)
@@ -301,13 +328,21 @@ class GRPOTask:
                 all_rows += group
                 if not (c.filter_zero_std and zero[g]):
                     kept += group
-            self._log_samples(pidx, texts, results)
+            if rank == 0:
+                self._log_samples(pidx, texts, results)
             self.rollouts += 1
-            if len(kept) >= c.rollout_size:
+            if len(kept) >= share:
                 break
+        if world > 1:  # keep the prompt cursors in step: advance as far as the rank that sampled most
+            from nanoseek.train.distributed import all_reduce_values
+
+            most = int(all_reduce_values([attempts], "max", next(self.model.parameters()).device)[0])
+            for _ in range(most - attempts):
+                self._next_prompts()
+                self.rollouts += 1
         if not kept:  # every group agreed in every attempt: only the KL term can act
-            kept = all_rows[-c.rollout_size:]
-        kept = kept[:c.rollout_size]
+            kept = all_rows[-share:]
+        kept = kept[:share]
         batch = self._tensors(kept)
         s = stats_acc
         reward = torch.tensor(s["reward"])
@@ -368,7 +403,11 @@ class GRPOTask:
         n = batch.input_ids.shape[0]
         k = math.ceil(n / self.cfg.micro_batch_size)
         bounds = [round(i * n / k) for i in range(k + 1)]
-        norm = {"total_sequences": n, "total_tokens": batch.num_tokens}
+        from nanoseek.train.distributed import all_reduce_values
+
+        # normalisers of the whole step, over all ranks (one process: this batch's)
+        total_seq, total_tok = all_reduce_values([n, batch.num_tokens], "sum", next(self.model.parameters()).device)
+        norm = {"total_sequences": int(total_seq), "total_tokens": int(total_tok)}
         for it in range(self.cfg.num_iterations):
             step = []
             for a, b in zip(bounds[:-1], bounds[1:]):

@@ -1,6 +1,6 @@
 """Typed training configs: TOML files -> dataclasses, with ``--set section.key=value`` overrides.
 
-A training recipe is one TOML file with up to five tables::
+A training recipe is one TOML file with up to six tables::
 
     [model]   preset = "tiny"          # a preset name, a config.json or a checkpoint dir
               hidden_size = 128        # ...plus any HF DeepSeek-V3 config field, overriding the preset
@@ -9,6 +9,7 @@ A training recipe is one TOML file with up to five tables::
               micro_batch_size, grad_accum, seq_len
     [train]   max_steps | max_tokens | max_minutes, seed, dtype, eval_every, save_every, ...
     [spike]   the loss-spike guard's thresholds (see ``spike.py``)
+    [parallel] ep, fsdp, backend: how a torchrun launch splits the work (``distributed.py``)
 
 Every key is checked: an unknown table or key is an error naming it, its table and the valid
 keys; a value of the wrong type is an error naming the key, the expected and the given type.
@@ -118,9 +119,22 @@ class SpikeSection:
     max_rollbacks: int = 3            # more rollbacks than this stop the run with an error
 
 
+@dataclass
+class ParallelSection:
+    """``[parallel]``: scale-out under torchrun (see ``nanoseek/train/distributed.py``).
+
+    A single process ignores it (ep must then be 1). Under torchrun every rank is a data-parallel
+    replica reading its own slice of each global batch (``micro_batch_size`` is per rank).
+    """
+    ep: int = 1                       # expert-parallel size: routed experts split over this many ranks
+    fsdp: bool = False                # FSDP2 fully_shard: shard weights, gradients, optimizer state
+    backend: str = "auto"             # "auto" (nccl on CUDA, else gloo), "nccl" or "gloo"
+    timeout_minutes: float = 10.0     # a collective waiting longer than this fails the run
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSection, "data": DataSection, "optim": OptimSection, "train": TrainSection,
-    "spike": SpikeSection,
+    "spike": SpikeSection, "parallel": ParallelSection,
 }
 
 
@@ -132,6 +146,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     spike: SpikeSection = field(default_factory=SpikeSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     source: str = "<defaults>"        # the file it came from (not written back)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -326,7 +341,16 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("spike", "ratio", "must be > 1 (or 0 to disable)")
     if 0 < s.trend_factor <= 1:
         raise bad("spike", "trend_factor", "must be > 1 (or 0 to disable)")
+    par = cfg.parallel
+    if par.ep < 1:
+        raise bad("parallel", "ep", "must be >= 1")
+    if par.backend not in ("auto", "nccl", "gloo"):
+        raise bad("parallel", "backend", "must be 'auto', 'nccl' or 'gloo'")
+    if par.timeout_minutes <= 0:
+        raise bad("parallel", "timeout_minutes", "must be positive")
     model_cfg = cfg.model.build_config()
+    if par.ep > 1 and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % par.ep):
+        raise bad("parallel", "ep", f"must divide the model's n_routed_experts = {model_cfg.n_routed_experts}")
     if o.seq_len > model_cfg.max_position_embeddings:
         raise bad("optim", "seq_len", f"exceeds the model's max_position_embeddings={model_cfg.max_position_embeddings}")
     return cfg
@@ -420,7 +444,7 @@ def config_to_toml(cfg: TrainConfig) -> str:
     return dumps_toml(cfg.to_dict(), header=f"Resolved nanoseek training config (from {cfg.source})")
 
 
-__all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection",
+__all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
            "apply_overrides", "check_train_config", "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]

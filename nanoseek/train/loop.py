@@ -53,6 +53,13 @@ killed run resumed from step N gives the same per-step losses as an uninterrupte
 on the same machine; with ``max_minutes`` the schedule depends on wall time, so not then).
 SIGINT (Ctrl-C) and SIGTERM finish the current step, save a checkpoint and return
 ``status="interrupted"``; a second Ctrl-C aborts at once without saving.
+
+Under torchrun the trainer runs on every rank with a :class:`~nanoseek.train.distributed.ParallelRuntime`
+(``parallel``: the ``[parallel]`` section): it applies expert parallelism / FSDP to the model,
+gives each rank its share of a step's data (a task with ``rank_sharded = True`` reads its own),
+reduces gradients, loss and metrics over ranks, clips by the global norm, feeds the expert-load
+all-reduce to :class:`ExpertBalanceHook`, and gathers / reshards checkpoints; rank 0 alone
+writes files and prints. In one process all of that is a no-op.
 """
 
 from __future__ import annotations
@@ -71,9 +78,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .checkpoint import (CheckpointError, discard_after, latest_checkpoint, list_checkpoints, load_model_weights,
+from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest_checkpoint, list_checkpoints,
                          load_state, remove_partials, save_checkpoint, step_of)
-from .config import OptimSection, SpikeSection, TrainSection
+from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
+from .distributed import ParallelRuntime, local_rank
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
 from .optim import LRSchedule, build_optimizer, set_lr
 from .spike import SpikeGuard, Verdict
@@ -145,8 +153,11 @@ class FitResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto": CUDA when present, else the CPU; under torchrun "auto"/"cuda" mean cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", local_rank())
     return torch.device(name)
 
 
@@ -193,18 +204,22 @@ class Trainer:
                  spike: SpikeSection | None = None, run_dir: str | Path | None = None,
                  hooks: list[Hook] | tuple[Hook, ...] = (), config: dict | None = None,
                  final_files: dict[str, str] | None = None, flops_per_token: float | None = None,
-                 progress: bool | None = None, quiet: bool = False):
+                 progress: bool | None = None, quiet: bool = False, parallel: ParallelSection | None = None):
         self.optim_cfg, self.train_cfg = optim, train
         self.spike_cfg = spike or SpikeSection()
         self.run_dir = Path(run_dir or train.out_dir or "runs/run")
         self.device = resolve_device(train.device)
-        self.model = model.to(self.device)
+        self.dist = ParallelRuntime(parallel, self.device)       # one process: does nothing
+        self.model = self.dist.parallelize(model.to(self.device), task)
         self.task = task
         self.hooks = list(hooks)
+        for h in self.hooks:                  # the bias update counts the load of all ranks
+            if isinstance(h, ExpertBalanceHook) and h.load_reduce is None and self.dist.active:
+                h.load_reduce = self.dist.load_reduce
         self.config = config or {}
         self.final_files = final_files or {}
-        self.progress_flag, self.quiet = progress, quiet
-        self.optimizer = build_optimizer(self.model, optim)
+        self.progress_flag, self.quiet = (progress, quiet) if self.dist.is_main else (False, True)
+        self.optimizer = self.dist.adapt_optimizer(build_optimizer(self.model, optim))
         self.schedule = LRSchedule(optim, train.max_steps)
         self.guard = SpikeGuard(self.spike_cfg)
         self.batches: Batches = task.batches()
@@ -277,11 +292,16 @@ class Trainer:
         hooks = {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks) if hasattr(h, "state_dict")}
         return {"version": 1, "step": self.step, "updates": self.updates, "tokens": self.tokens,
                 "batches_consumed": self.batches_consumed, "elapsed": self.elapsed, "rollbacks": self.rollbacks,
-                "optimizer": self.optimizer.state_dict(), "rng": _rng_state(), "batches": self.batches.state_dict(),
+                "optimizer": self.dist.optimizer_state_dict(self.model, self.optimizer), "rng": _rng_state(),
+                "batches": self.batches.state_dict(),
                 "guard": self.guard.state_dict(), "hooks": hooks, "config": self.config}
 
     def save(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.step, self.model, self.state_dict(), self.train_cfg.keep_last)
+        model, state = self.dist.full_model(self.model), self.state_dict()    # gathered on rank 0
+        path = checkpoints_dir(self.run_dir) / f"step-{self.step:06d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir, self.step, model, state, self.train_cfg.keep_last)
+        self.dist.barrier()                   # every rank sees the checkpoint once save() returns
         self.last_saved_step, self.last_checkpoint = self.step, path
         self._event("checkpoint", step=self.step, path=str(path))
         return path
@@ -290,8 +310,8 @@ class Trainer:
         """Load a checkpoint into the live trainer (weights, optimizer, counters, RNG, data, guard, hooks)."""
         ckpt = Path(ckpt)
         state = load_state(ckpt)
-        load_model_weights(self.model, ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.dist.load_model_weights(self.model, ckpt)         # resharded to this rank's part
+        self.dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         for group in self.optimizer.param_groups:     # the config in force wins over the saved hyper-parameters
             group["betas"], group["eps"] = tuple(self.optim_cfg.betas), self.optim_cfg.eps
             group["weight_decay"] = self.optim_cfg.weight_decay if group.get("name") == "decay" else 0.0
@@ -332,12 +352,14 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False) -> FitResult:
         """Train until the budget is spent, the data ends, or a stop is requested."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partials(self.run_dir)
-        metrics_file = self.run_dir / METRICS_FILE
-        if not resume and metrics_file.exists():      # a fresh run: keep an earlier attempt's log aside
-            os.replace(metrics_file, self.run_dir / f"metrics.{int(time.time())}.jsonl")
         t = self.train_cfg
-        self.logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb_project, config=self.config)
+        if self.dist.is_main:                 # rank 0 owns the run folder's files
+            remove_partials(self.run_dir)
+            metrics_file = self.run_dir / METRICS_FILE
+            if not resume and metrics_file.exists():      # a fresh run: keep an earlier attempt's log aside
+                os.replace(metrics_file, self.run_dir / f"metrics.{int(time.time())}.jsonl")
+            self.logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb_project, config=self.config)
+        self.dist.barrier()
         old_handlers = self._install_signals()
         status = "done"
         try:
@@ -352,7 +374,7 @@ class Trainer:
                 random.seed(t.seed)
                 np.random.seed(t.seed % 2**32)
                 self._event("start", step=0, device=str(self.device), dtype=t.dtype,
-                            params=sum(p.numel() for p in self.params))
+                            params=sum(p.numel() for p in self.params), **self.dist.describe())
             self.peak_flops = measure_matmul_peak(str(self.device), t.dtype)
             desc = self.run_dir.name
             with ProgressDisplay(desc, t.log_every, enabled=self.progress_flag, quiet=self.quiet) as bar:
@@ -366,7 +388,8 @@ class Trainer:
         finally:
             self._bar = None
             self._restore_signals(old_handlers)
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             self.logger = None
 
     def _loop(self, bar: ProgressDisplay) -> str:
@@ -374,6 +397,9 @@ class Trainer:
         self._clock = time.perf_counter()
         while True:
             self._tick()
+            self.elapsed, stop = self.dist.sync(self.elapsed, self._stop_reason is not None)   # ranks in lockstep
+            if stop and self._stop_reason is None:
+                self._stop_reason = "stop requested on another rank"
             if self.finished():
                 return "done"
             if self._stop_reason is not None:
@@ -404,15 +430,16 @@ class Trainer:
         self._clock = now
 
     def _draw(self) -> list[Any]:
+        stride = self.dist.stride(self.task)       # >1: every rank draws the whole step, keeps its share
         first = next(self.batches)
         self.batches_consumed += 1
         if isinstance(first, list):
-            return first
+            return self.dist.local_share(first, stride, self.reduction)
         micro = [first]
-        for _ in range(self.optim_cfg.grad_accum - 1):
+        for _ in range(self.optim_cfg.grad_accum * stride - 1):
             micro.append(next(self.batches))
             self.batches_consumed += 1
-        return micro
+        return self.dist.local_share(micro, stride, self.reduction)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -428,7 +455,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for mb in micro:
+        for i, mb in enumerate(micro):
+            self.dist.set_gradient_sync(model, i == len(micro) - 1)
             with self.autocast():
                 loss, metrics = self.task.loss(model, mb)
             (loss * scale).backward()
@@ -439,8 +467,10 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
         step_loss = float(loss_sum) * scale
+        self.dist.reduce_gradients(self.reduction)                   # the global batch's gradient
+        step_loss, sums, counts = self.dist.reduce_step(step_loss, sums, counts, self.reduction)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = self.dist.clip_grad_norm(max_norm)
         decision = self.guard.observe(self.step, step_loss, grad_norm)
         applied = decision.verdict is Verdict.OK
         if applied:
@@ -468,7 +498,7 @@ class Trainer:
         if ntok:
             rec["tokens_per_s"] = ntok / dt
             if self.flops_per_token and self.peak_flops:
-                rec["mfu"] = ntok * self.flops_per_token / dt / self.peak_flops
+                rec["mfu"] = ntok * self.flops_per_token / dt / (self.peak_flops * self.dist.world_size)
         rec.update(hook_metrics)
         self._tick()
         rec.update({"step_time": dt, "tokens_seen": self.tokens, "elapsed": self.elapsed})
@@ -504,7 +534,9 @@ class Trainer:
             for _ in range(skip):             # move past the data that led to the blow-up
                 next(self.batches)
         self.batches_consumed = consumed
-        discard_after(self.run_dir, self.step)
+        if self.dist.is_main:
+            discard_after(self.run_dir, self.step)
+        self.dist.barrier()
         self.rollbacks += 1
         self._last_rollback_target = target
         self._event("rollback", step=bad_step, to_step=self.step, loss=loss, reason=reason, checkpoint=str(target),
@@ -544,7 +576,10 @@ class Trainer:
         if self.last_saved_step != self.step:
             self.save()
         from ..model.checkpoint import save_pretrained
-        final = save_pretrained(self.model, self.run_dir / "final", extra_files=self.final_files)
+        model, final = self.dist.full_model(self.model), self.run_dir / "final"
+        if self.dist.is_main:
+            save_pretrained(model, final, extra_files=self.final_files)
+        self.dist.barrier()
         self._event("done", step=self.step, tokens=self.tokens, status=status, final=str(final),
                     elapsed=self.elapsed, rollbacks=self.rollbacks)
         return final

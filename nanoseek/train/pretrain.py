@@ -18,6 +18,9 @@
 (random init or ``[model] init_from``), the data (the model's vocab defaults to the tokenizer's
 when the recipe does not set ``vocab_size``), the run folder (``config.toml``, metrics,
 checkpoints, ``final/`` with the tokenizer files copied in), the expert-bias hook, and fit.
+Under torchrun it joins the process group first and every rank reads its own rows of each global
+batch (``micro_batch_size`` is per rank); ``[parallel]`` says how the model is split
+(``distributed.py``); rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 
 class PretrainTask:
     """Next-token prediction with MTP; see the module docstring."""
+
+    rank_sharded = True       # the train loader reads this rank's rows of each global batch
 
     def __init__(self, train_loader, val_loader=None, mtp_lambda: float = 0.3, val_batches: int = 8,
                  token_bytes: torch.Tensor | None = None, origins=None):
@@ -142,13 +147,16 @@ def _packed_data(cfg: TrainConfig):
     from ..data.loader import PackedLoader
     from ..data.shards import ShardError, read_manifest
     from ..data.tokenizer import Tokenizer
+    from .distributed import rank_world
 
     d, o, t = cfg.data, cfg.optim, cfg.train
+    rank, world = rank_world()
     try:
         data_dir, manifest = read_manifest(d.dir)
         tok_dir = data_dir / manifest["tokenizer"].get("dir", "tokenizer")
         tokenizer = Tokenizer.load(tok_dir)
-        train = PackedLoader(data_dir, d.train_split, o.micro_batch_size, o.seq_len, seed=t.seed, tokenizer=tokenizer)
+        train = PackedLoader(data_dir, d.train_split, o.micro_batch_size, o.seq_len, seed=t.seed, rank=rank,
+                             world_size=world, tokenizer=tokenizer)
         val = None
         if d.val_batches > 0:
             val_tokens = int(manifest["splits"][d.val_split]["tokens"]) if d.val_split in manifest["splits"] else 0
@@ -168,6 +176,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
     """(model, task, files for RUN/final) from a config; the model is on the CPU, seeded by train.seed."""
     from ..model.transformer import DeepseekV3ForCausalLM
     from .checkpoint import load_model_weights
+    from .distributed import rank_world
     from .synthetic import SyntheticLoader
 
     d, o, t = cfg.data, cfg.optim, cfg.train
@@ -188,7 +197,9 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
             raise ConfigError(f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size} ({tok_dir}); remove vocab_size from [model] to use the tokenizer's")
     else:
-        train = SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="train")
+        rank, world = rank_world()          # validation is the same on every rank; training is sliced
+        train = SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="train",
+                                rank=rank, world_size=world)
         val = (SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="val",
                                num_batches=d.val_batches) if d.val_batches > 0 else None)
     torch.manual_seed(t.seed)
@@ -214,7 +225,9 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
     """Run (or with ``resume`` continue) the pre-training described by ``cfg`` in ``cfg.train.out_dir``."""
     from .checkpoint import latest_checkpoint
     from .config import config_from_dict, read_toml
+    from .distributed import init_distributed, is_main
 
+    init_distributed(cfg.parallel, cfg.train.device)     # under torchrun: join before the loaders slice the data
     run_dir = Path(cfg.train.out_dir)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
@@ -223,19 +236,22 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
         raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
     model, task, final_files = build_pretraining(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main():
+        quiet = True                      # rank 0 prints and writes the run folder
     config_path = run_dir / "config.toml"
     changed: list[str] = []
-    if resume and config_path.exists():
+    if resume and config_path.exists() and is_main():
         changed = _changed_keys(config_from_dict(read_toml(config_path), str(config_path)).to_dict(), cfg.to_dict())
         if changed and not quiet:
             print(f"resuming {run_dir} with changed settings: {', '.join(changed)}")
-    if changed or not config_path.exists() or not resume:
+    if is_main() and (changed or not config_path.exists() or not resume):
         if changed:
             shutil.copyfile(config_path, run_dir / "config.previous.toml")
         config_path.write_text(config_to_toml(cfg))
     trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir,
                       hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *(hooks or [])],
-                      config=cfg.to_dict(), final_files=final_files, progress=progress, quiet=quiet)
+                      config=cfg.to_dict(), final_files=final_files, progress=progress, quiet=quiet,
+                      parallel=cfg.parallel)
     return trainer.fit(resume=resume)
 
 
