@@ -114,4 +114,24 @@ class IndexStream:
         self._order = self._perm(self.epoch)
 
 
-__all__ = ["IGNORE", "chat_row", "response_row", "pad_rows", "sequence_logprobs", "IndexStream"]
+class StreamBatches:
+    """The trainer's batch iterator over an :class:`IndexStream`: ``make_batch(indices)`` builds
+    each micro-batch; the state checkpointed is the stream's position."""
+
+    def __init__(self, stream: IndexStream, make_batch):
+        self.stream, self.make_batch = stream, make_batch
+
+    def __iter__(self) -> "StreamBatches":
+        return self
+
+    def __next__(self):
+        return self.make_batch(self.stream.next_indices())
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
+
+
+__all__ = ["IGNORE", "chat_row", "response_row", "pad_rows", "sequence_logprobs", "IndexStream", "StreamBatches"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .common import IGNORE, IndexStream, pad_rows, response_row, sequence_logprobs
+from .common import IGNORE, IndexStream, StreamBatches, pad_rows, response_row, sequence_logprobs
 from .datasets import DataError, PreferenceExample
 
 
@@ -152,7 +152,7 @@ class DPOTask:
         self.stream = IndexStream(len(rows), micro_batch_size, seed)
 
     def batches(self):
-        return _Batches(self)
+        return StreamBatches(self.stream, lambda idx: _batch([self.rows[i] for i in idx], self.pad_id))
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
@@ -164,26 +164,6 @@ class DPOTask:
         metrics = {k: float(v) for k, v in m.items()}
         metrics["tokens"] = int((batch["labels"] != IGNORE).sum())
         return loss, metrics
-
-
-class _Batches:
-    """Iterator over DPO micro-batches with the stream's state for checkpoints."""
-
-    def __init__(self, task: DPOTask):
-        self.task = task
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        idx = self.task.stream.next_indices()
-        return _batch([self.task.rows[i] for i in idx], self.task.pad_id)
-
-    def state_dict(self) -> dict:
-        return self.task.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.task.stream.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- pairs from verifiers

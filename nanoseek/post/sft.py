@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .common import IGNORE, IndexStream, chat_row, pad_rows
+from .common import IGNORE, IndexStream, StreamBatches, chat_row, pad_rows
 from .datasets import DataError, SFTExample, read_sft, task_prompts
 
 SFT_MODES = ("pack", "pad")
@@ -166,7 +166,7 @@ class SFTTask:
         return {"input_ids": pad_rows(ids, self.pad_id, n), "labels": pad_rows(labels, IGNORE, n)}
 
     def batches(self):
-        return _Batches(self)
+        return StreamBatches(self.stream, self.make_batch)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(model.parameters()).device
@@ -180,23 +180,6 @@ class SFTTask:
             loss = loss + out.aux_loss
             metrics["aux_loss"] = float(out.aux_loss.detach())
         return loss, metrics
-
-
-class _Batches:
-    def __init__(self, task: SFTTask):
-        self.task = task
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        return self.task.make_batch(self.task.stream.next_indices())
-
-    def state_dict(self) -> dict:
-        return self.task.stream.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.task.stream.load_state_dict(state)
 
 
 def train_sft(cfg, *, model=None, tokenizer=None, examples: list[SFTExample] | None = None,
