@@ -18,9 +18,13 @@ benchmark first checks that both give the same logits. Runs interleave ours and 
 and keep the best of ``--repeats`` (the CPU may be shared: the minimum is the least disturbed run).
 ``--threads`` sets torch's intra-op threads for both (default 1: on a shared 2-core machine more
 threads mostly add contention). ``--profile`` prints a torch.profiler table of our decode steps.
+``--compile`` adds a third generator, the engine with ``compile=True`` (decode steps through
+torch.compile): it is warmed up first at every batch size and prompt length measured, so the
+compilation is excluded from the figures; its time is printed.
 
     python benchmarks/bench_infer.py                 # everything, a few minutes on 2 cores
     python benchmarks/bench_infer.py --quick         # fewer tokens and repeats, no training
+    python benchmarks/bench_infer.py --clock cpu --repeats 3 --compile   # the README's figures
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ def best_times(fns: dict, repeats: int) -> dict:
 
 # ---------------------------------------------------------------------- the two generators
 class Ours:
-    def __init__(self, model, max_len: int, use_mtp: bool = False, temperature: float = 0.0):
-        self.engine = Engine(model, None, max_batch_size=16, max_seq_len=max_len, use_mtp=use_mtp)
+    def __init__(self, model, max_len: int, use_mtp: bool = False, temperature: float = 0.0, compile: bool = False):
+        self.engine = Engine(model, None, max_batch_size=16, max_seq_len=max_len, use_mtp=use_mtp, compile=compile)
         self.temperature = temperature
 
     def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
@@ -185,12 +189,24 @@ def print_mtp(rows: list[dict], title: str) -> None:
 
 
 # ---------------------------------------------------------------------- main
-def throughput(args, results: dict, ours: Ours, hf: HF | None, rand_prompts) -> None:
-    """Prefill and decode tokens/s, ours and transformers' side by side."""
-    gens = {"ours": ours, **({"transformers": hf} if hf else {})}
+def throughput(args, results: dict, ours: Ours, hf: HF | None, rand_prompts, compiled: Ours | None = None) -> None:
+    """Prefill and decode tokens/s, ours (eager, and compiled with --compile) and transformers' side by side."""
+    gens = {"ours": ours, **({"compiled": compiled} if compiled else {}), **({"transformers": hf} if hf else {})}
     prefill = rand_prompts(16, args.prefill_len)
     for gen in gens.values():
         gen(prefill, 2)                                    # warm-up at full size (allocations, kernels)
+    if compiled:   # compile outside the timed runs: every batch size and prompt length measured
+        for T in args.prompt_lens:
+            for B in (1, 16):
+                compiled(rand_prompts(B, T), 4)
+        eng = compiled.engine
+        check = rand_prompts(16, min(args.prompt_lens))
+        out_c, out_e = compiled(check, 32), ours(check, 32)
+        same = sum(a == b for x, y in zip(out_c, out_e) for a, b in zip(x, y))
+        print(f"compiled engine: {eng.compile_seconds:.0f} s compiling (wall, excluded from the figures); "
+              f"compiled step in use: {eng.compile}; greedy tokens equal to eager {same}/{16 * 32}")
+        results["compile_seconds"] = eng.compile_seconds
+        results["compiled_greedy_equal"] = same / (16 * 32)
     t = best_times({name: (lambda gen=gen: gen(prefill, 1)) for name, gen in gens.items()}, args.repeats)
     rows = [{"what": f"prefill tok/s (16 x {args.prefill_len})",
              **{name: 16 * args.prefill_len / t[name] for name in gens}}]
@@ -198,10 +214,21 @@ def throughput(args, results: dict, ours: Ours, hf: HF | None, rand_prompts) -> 
         for B in (1, 16):
             rates = decode_rates(gens, rand_prompts(B, T), args.new_tokens, args.repeats)
             rows.append({"what": f"decode tok/s, batch {B}, prompt {T}", **rates})
-    print(f"\n{'':34} {'nanoseek':>10} {'transformers':>13} {'ratio':>7}")
+    head = f"\n{'':34} {'nanoseek':>10}"
+    if compiled:
+        head += f" {'compiled':>10}"
+    if hf:
+        head += f" {'transformers':>13} {'ratio':>7}" + (f" {'compiled ratio':>14}" if compiled else "")
+    print(head)
     for r in rows:
-        hf_s = f"{r['transformers']:>13.1f} {r['ours'] / r['transformers']:>6.2f}x" if "transformers" in r else ""
-        print(f"{r['what']:34} {r['ours']:>10.1f} {hf_s}")
+        line = f"{r['what']:34} {r['ours']:>10.1f}"
+        if compiled:
+            line += f" {r['compiled']:>10.1f}"
+        if hf:
+            line += f" {r['transformers']:>13.1f} {r['ours'] / r['transformers']:>6.2f}x"
+            if compiled:
+                line += f" {r['compiled'] / r['transformers']:>13.2f}x"
+        print(line)
     results["throughput"] = rows
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -228,6 +255,8 @@ def main() -> int:
     p.add_argument("--skip-throughput", action="store_true", help="only the cache check and the MTP figures")
     p.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat, no training")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure the engine with compile=True (torch.compile'd decode steps; compile time excluded)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     if args.quick:
@@ -239,6 +268,10 @@ def main() -> int:
             p.error("--clock cpu needs --threads 1 (CPU time of several threads is not elapsed time)")
         CLOCK = time.process_time
     warnings.filterwarnings("ignore")
+    if args.compile:   # dynamo logs each (expected) graph break at the host syncs as a warning
+        import logging
+
+        torch._logging.set_logs(dynamo=logging.ERROR)
     results: dict = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__}
 
     torch.manual_seed(0)
@@ -284,7 +317,8 @@ def main() -> int:
              "kv_b_proj for every cached token at every step; we attend over it directly)" if hf else ""))
 
     if not args.skip_throughput:
-        throughput(args, results, ours, hf, rand_prompts)
+        compiled = Ours(model, max_len, compile=True) if args.compile else None
+        throughput(args, results, ours, hf, rand_prompts, compiled)
 
     # --- MTP speculative decoding
     mtp_rows = [mtp_comparison(model, rand_prompts(B, args.prompt_len), args.new_tokens, args.repeats)

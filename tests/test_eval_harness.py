@@ -134,7 +134,7 @@ def test_mixed_tasks_overall_pools_problems_and_levels_split_evenly():
     engine = ScriptedEngine(TOK, probs, lambda p, j: r1(p.answer) if p.task == "arithmetic" else r1("1+1"))
     res = evaluate(None, TOK, "arithmetic,countdown", n_problems=3, levels=[1, 2], engine=engine)
     assert res.task_names == ["arithmetic", "countdown"]
-    assert [p.level for p in res.problems if p.task == "arithmetic"] == [1, 1, 2]
+    assert sorted(p.level for p in res.problems if p.task == "arithmetic") == [1, 1, 2]
     assert res.summary("arithmetic")["pass@1"]["mean"] == 1.0
     assert res.summary("countdown")["pass@1"]["mean"] == 0.0
     assert res.summary()["pass@1"]["mean"] == pytest.approx(3 / 6) and res.summary()["n"] == 6
@@ -142,7 +142,7 @@ def test_mixed_tasks_overall_pools_problems_and_levels_split_evenly():
 
 
 def test_bad_settings_raise_clear_errors():
-    with pytest.raises(KeyError, match="valid tasks"):
+    with pytest.raises(ValueError, match="valid tasks"):
         evaluate(None, TOK, "nosuchtask", engine=object())
     with pytest.raises(ValueError, match="mode"):
         evaluate(None, TOK, "arithmetic", mode="zero-shot", engine=object())

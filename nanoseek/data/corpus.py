@@ -47,20 +47,23 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
                    task_levels: Mapping[str, int | None] | int | None = None) -> Iterator[Document]:
     """``n`` train-split problems as documents, round-robin over ``tasks``.
 
+    ``tasks``: names or specs with levels (``"arithmetic:1-2"``, see ``tasks.parse_task_specs``).
     ``task_levels``: one level for every task, or a mapping task -> level (``None``: all levels
-    in equal shares, the default).
+    in equal shares, the default); levels in a spec take precedence.
     """
-    from nanoseek.data.tasks import corpus_document, get_task
+    from nanoseek.data.tasks import corpus_document, get_task, parse_task_specs
 
+    specs = parse_task_specs(tasks)
     if isinstance(task_levels, Mapping):
-        unknown = set(task_levels) - set(tasks)
+        unknown = set(task_levels) - {name for name, _ in specs}
         if unknown:
             raise KeyError(f"task_levels names task(s) {sorted(unknown)} not in tasks {list(tasks)}")
     per_task = []
-    for i, name in enumerate(tasks):
+    for i, (name, spec_levels) in enumerate(specs):
         task = get_task(name)
         level = task_levels.get(name) if isinstance(task_levels, Mapping) else task_levels
-        count = n // len(tasks) + (i < n % len(tasks))
+        level = spec_levels if spec_levels is not None else level
+        count = n // len(specs) + (i < n % len(specs))
         per_task.append(iter(task.generate("train", count, seed=seed, level=level, unique=False)))
     while per_task:
         for it in list(per_task):

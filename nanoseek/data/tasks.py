@@ -39,7 +39,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 TEST_PER_MILLE = 200  # share of every task's problem space held out for "test" (20 %)
 SPLITS = ("train", "test")
@@ -210,17 +210,23 @@ class Task:
         except Exception:  # a verifier must not crash a training step on adversarial text
             return False
 
-    def generate(self, split: str, n: int, seed: int = 0, level: int | None = None,
-                 unique: bool = True) -> list[Problem]:
-        """``n`` problems of ``split``, deterministic per (split, seed, level); see module doc."""
+    def generate(self, split: str, n: int, seed: int = 0, level: int | Sequence[int] | None = None,
+                 unique: bool = True, allow_fewer: bool = False) -> list[Problem]:
+        """``n`` problems of ``split``, deterministic per (split, seed, level); see module doc.
+        ``level``: one level, several (mixed in equal shares like ``None``, which means all).
+        ``allow_fewer``: when the space runs out, return the distinct problems found instead of
+        raising (held-out sets of small levels: modular L1 has ~80 test problems)."""
         if split not in SPLITS:
             raise ValueError(f"task {self.name!r}: split must be one of {SPLITS}, got {split!r}")
-        if level is not None and level not in self.levels:
+        chosen = [level] if isinstance(level, int) else list(level) if level is not None else list(self.levels)
+        if not chosen or any(lv not in self.levels for lv in chosen):
             raise ValueError(f"task {self.name!r}: level must be one of {self.levels}, got {level!r}")
         if n < 0:
             raise ValueError(f"task {self.name!r}: n must be >= 0, got {n}")
-        rng = random.Random(f"{self.name}/{split}/{seed}/{level}")
-        levels = [level] if level is not None else list(self.levels)
+        # the seed names one level, None for all levels (the same draws as asking for none), or the list
+        key = chosen[0] if len(chosen) == 1 else None if chosen == list(self.levels) else chosen
+        rng = random.Random(f"{self.name}/{split}/{seed}/{key}")
+        levels = chosen
         seen: set[str] = set()
         out: list[Problem] = []
         active, i = list(levels), 0
@@ -231,9 +237,11 @@ class Task:
                 if split_of(self.name, d.canonical) == split and not (unique and d.canonical in seen):
                     break
             else:
-                if level is None and len(active) > 1:  # mixed levels: the others fill in
+                if len(active) > 1:  # mixed levels: the others fill in
                     active.remove(lv)
                     continue
+                if allow_fewer:      # the caller takes every distinct problem there is
+                    break
                 raise ValueError(
                     f"task {self.name!r} level {lv}: no new {split!r} problem in {self.max_misses} "
                     f"draws after {sum(p.level == lv for p in out)} distinct ones; the level's space "
@@ -243,7 +251,7 @@ class Task:
             h = hashlib.sha256(f"{self.name}\x00{d.canonical}".encode()).hexdigest()[:10]
             out.append(Problem(task=self.name, id=f"{self.name}-{split}-L{lv}-{h}", prompt=d.prompt,
                                answer=d.answer, reasoning=d.reasoning, level=lv))
-        if level is None:
+        if len(levels) > 1:
             rng.shuffle(out)
         return out
 
@@ -628,6 +636,37 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except (KeyError, TypeError):
         raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+
+
+def parse_task_specs(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ...] | None]]:
+    """Task names with optional levels: ``"arithmetic:1-2,compare:1,modular"`` (or the same as a
+    list) -> ``[("arithmetic", (1, 2)), ("compare", (1,)), ("modular", None)]``. ``NAME:L`` is one
+    level, ``NAME:A-B`` a range; no levels means all of them (or the caller's default). The
+    speedrun's curriculum, SFT data, RL prompts and evaluation all name their problems this way.
+    Unknown names and levels raise a ValueError that names the offending item."""
+    items = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
+    out: list[tuple[str, tuple[int, ...] | None]] = []
+    for item in items:
+        if not item:
+            continue
+        name, sep, lv = item.partition(":")
+        try:
+            task = get_task(name.strip())
+        except KeyError as e:
+            raise ValueError(f"task spec {item!r}: {e.args[0]}") from None
+        levels: tuple[int, ...] | None = None
+        if sep:
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", lv)
+            if not m:
+                raise ValueError(f"task spec {item!r}: levels must be N or A-B, e.g. {task.name}:1-2")
+            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+            levels = tuple(range(a, b + 1))
+            if not levels or any(x not in task.levels for x in levels):
+                raise ValueError(f"task spec {item!r}: {task.name} has levels {list(task.levels)}")
+        out.append((task.name, levels))
+    if not out:
+        raise ValueError(f"task spec {spec!r} names no task")
+    return out
 
 
 def corpus_document(p: Problem) -> str:

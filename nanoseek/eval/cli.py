@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
-                   help="comma-separated built-in tasks (nanoseek.data.tasks; default arithmetic,countdown)")
+                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.data.tasks; default arithmetic,countdown)")
     p.add_argument("--n", type=int, default=200, help="held-out (test split) problems per task (default 200)")
     p.add_argument("--k", type=int, default=4, help="samples per problem: pass@1 is averaged over them, and "
                                                      "pass@k / maj@k are reported up to k (default 4)")

@@ -80,10 +80,12 @@ class EvalConfig:
 
         if not self.tasks:
             raise bad("tasks", "name at least one task")
-        from nanoseek.data.tasks import get_task
+        from nanoseek.data.tasks import parse_task_specs
 
-        for t in self.tasks:
-            get_task(t)                   # KeyError listing the valid names
+        try:
+            parse_task_specs(self.tasks)  # names (and levels) valid, else the item is named
+        except ValueError as e:
+            raise bad("tasks", str(e)) from None
         if self.mode not in MODES:
             raise bad("mode", f"must be one of {', '.join(MODES)}")
         for name in ("n_problems", "k", "max_new_tokens", "batch_size"):
@@ -179,18 +181,14 @@ def request_seed(seed: int, problem_id: str, chunk: int) -> int:
 # ---------------------------------------------------------------------- problems
 
 def draw_problems(task_name: str, n: int, seed: int, levels: Sequence[int] | None) -> list:
-    """``n`` test problems of a task: levels mixed, or split evenly over ``levels``."""
+    """``n`` distinct test problems of a task: all levels mixed, or ``levels`` in equal shares
+    (a level whose test space runs out, like arithmetic L1's ~41 sums, leaves the rest to the
+    others; see ``Task.generate``). Fewer than ``n`` when the whole space is smaller (modular L1
+    alone has ~80): the result's N says how many were evaluated."""
     from nanoseek.data.tasks import get_task
 
-    task = get_task(task_name)
-    if levels is None:
-        return task.generate("test", n, seed=seed)
-    out = []
-    for i, lv in enumerate(levels):
-        m = n // len(levels) + (i < n % len(levels))
-        if m:
-            out += task.generate("test", m, seed=seed, level=lv)
-    return out
+    return get_task(task_name).generate("test", n, seed=seed, level=list(levels) if levels else None,
+                                        allow_fewer=True)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -239,14 +237,19 @@ def model_info(model) -> dict[str, Any]:
 
 def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list[list[int]], list[str]]:
     """(problems, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
-    from nanoseek.data.tasks import get_task
+    from nanoseek.data.tasks import get_task, parse_task_specs
 
     problems, prompts, notes = [], [], []
     shortened = cut_budget = 0
     examples_cache: dict[tuple[str, int], list] = {}
     reserve = min(cfg.max_new_tokens, context // 2) if context else cfg.max_new_tokens   # room kept for the answer
-    for name in cfg.tasks:
-        for p in draw_problems(name, cfg.n_problems, cfg.seed, cfg.levels):
+    for name, spec_levels in parse_task_specs(cfg.tasks):
+        levels = list(spec_levels) if spec_levels is not None else cfg.levels
+        drawn = draw_problems(name, cfg.n_problems, cfg.seed, levels)
+        if len(drawn) < cfg.n_problems:
+            notes.append(f"{name}{':' + ','.join(map(str, levels)) if levels else ''}: only {len(drawn)} distinct "
+                         f"held-out problems exist (asked for {cfg.n_problems}); all of them were evaluated")
+        for p in drawn:
             examples = []
             if cfg.mode == "fewshot" and cfg.few_shot:
                 key = (name, p.level)

@@ -24,6 +24,13 @@ model being trained (GRPO rollouts) can be passed in as is.
 With ``use_mtp`` every decode step is an MTP self-speculative step (``speculative.py``): it drafts
 with the MTP module and verifies in the main model, for greedy and sampled rows alike.
 
+With ``compile=True`` (opt-in) the plain decode forward runs through ``torch.compile`` (inductor;
+on a CPU it needs a C++ compiler) with dynamic shapes, so a growing context or a changing number
+of active rows does not recompile every step; the first steps pay the compilation (tens of
+seconds; ``compile_seconds``). On a CPU a decode step is dominated by the number of small
+operators, which the compiler fuses. Prefill and MTP steps stay eager. If compiling or running
+the compiled step fails, the engine warns once and decodes eagerly from then on.
+
 Per sample (``request.py``) the engine turns tokens into text (``streaming.py``: incremental
 detokenisation, stop strings never leaked), splits ``<think>`` reasoning from the answer
 (``reasoning.py``) and stops on EOS / stop tokens / stop strings / the repetition guard /
@@ -36,6 +43,7 @@ import itertools
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -69,12 +77,14 @@ class Engine:
     turns on MTP self-speculative decoding (the model needs ``num_nextn_predict_layers >= 1``).
     ``dtype``: the KV cache dtype (default: the model's). ``max_prefill_tokens`` bounds the padded
     prompt tokens admitted into one prefill forward (more waiting requests wait a step).
-    Counters: ``stats`` (prefill / decode tokens and seconds), ``spec_stats`` (MTP acceptance).
+    ``compile``: run decode steps through ``torch.compile`` (see the module docstring).
+    Counters: ``stats`` (prefill / decode tokens and seconds), ``spec_stats`` (MTP acceptance),
+    ``compile_seconds`` (time of the decode steps that compiled).
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 16, max_seq_len: int | None = None,
                  use_mtp: bool = False, dtype: torch.dtype | None = None,
-                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS):
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS, compile: bool = False):
         cfg = model.config
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -88,6 +98,9 @@ class Engine:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         self.use_mtp = use_mtp
         self.max_prefill_tokens = max_prefill_tokens
+        self.compile = compile
+        self.compile_seconds = 0.0
+        self._compiled = None            # torch.compile(model.forward), built on the first decode step
         self.device = next(model.parameters()).device
         # one spare slot per row: a speculative step writes its draft one position ahead
         self.cache = model.new_cache(max_batch_size, self.max_seq_len + 1, dtype, with_mtp=use_mtp)
@@ -395,7 +408,7 @@ class Engine:
         pos = torch.tensor([[s.pos] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
         self._set_absorb(True)
-        logits = self.model(ids, positions=pos, cache=self.cache, rows=rows).logits[:, -1]
+        logits = self._decode_forward(ids, pos, rows)
         rp = self._row_params(samples)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
         lps = token_logprobs(logits, tokens)
@@ -407,6 +420,29 @@ class Engine:
         self.stats.decode_tokens += len(samples)
         self.stats.decode_seconds += time.perf_counter() - t0
         return events
+
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """The model's decode forward -> last-position logits [B, V]; compiled when ``compile`` is on."""
+        if self.compile:
+            try:
+                return self._compiled_forward(ids, pos, rows)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, never fail the request
+                warnings.warn(f"Engine(compile=True): the compiled decode step failed ({type(e).__name__}: "
+                              f"{str(e)[:300]}); decoding eagerly from now on", RuntimeWarning, stacklevel=2)
+                self.compile = False
+        return self.model(ids, positions=pos, cache=self.cache, rows=rows).logits[:, -1]
+
+    def _compiled_forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        import torch._dynamo
+
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model.forward, dynamic=True)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        logits = self._compiled(ids, positions=pos, cache=self.cache, rows=rows).logits[:, -1]
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames:   # this call compiled
+            self.compile_seconds += time.perf_counter() - t0
+        return logits
 
     def _decode_mtp(self, samples: list[_Sample]) -> list[tuple[_Sample, TokenEvent]]:
         """One speculative step: verify each row's MTP draft, emit 1 or 2 tokens, draft again."""

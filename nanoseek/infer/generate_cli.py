@@ -42,6 +42,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
                    help="stop a sample whose last G tokens are one short n-gram repeated (default 0: off)")
     p.add_argument("--mtp", action="store_true",
                    help="MTP self-speculative decoding (needs a checkpoint with MTP modules)")
+    p.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (the first steps compile, tens of seconds; "
+                        "falls back to eager with a warning if compiling fails)")
     p.add_argument("--max-seq-len", type=int,
                    help="prompt + completion tokens per sample (default: the model's, at most 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -133,7 +136,7 @@ def build_engine(args, max_batch_size: int):
         raise UserError(f"--mtp: the checkpoint {args.model} has no MTP modules (num_nextn_predict_layers is 0)")
     try:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
-                        use_mtp=args.mtp)
+                        use_mtp=args.mtp, compile=getattr(args, "compile", False))
     except ValueError as e:
         raise UserError(str(e)) from None
     return engine, tokenizer

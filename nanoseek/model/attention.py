@@ -12,6 +12,13 @@ Two code paths compute the same function (tests check they agree):
   query per head, attend directly over the cached latent (plus the rope part), and fold W_UV
   into the output. Only ``c_KV`` and ``RoPE(k_rope)`` are cached: MQA with a 576-dim key and a
   512-dim value for DeepSeek-V3. Used for decoding.
+
+With a cache, which slots each query may see is computed once per forward (:class:`CacheMask`)
+and shared by every layer. The absorbed path is three batched matmuls per layer: the query
+``[W_UK^T q_nope | q_rope]`` (one ``bmm`` over heads) against the whole cached slot
+``[c_KV | k_rope]`` (heads folded into the query rows, since all heads share the one latent
+key; the mask enters as an additive bias of the same ``baddbmm``), softmax, the probabilities
+times ``c_KV``, then W_UV (one ``bmm`` over heads) before ``o_proj``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,30 @@ def _cache_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     """[B, T, S] bool: key slot j is visible to the query at position p iff j <= p."""
     slots = torch.arange(length, device=positions.device)
     return slots[None, None, :] <= positions[:, :, None]
+
+
+class CacheMask:
+    """The slots [0, length) a cached step attends over and which of them each query sees.
+
+    Built once per forward (by the model, or by a layer called on its own) and shared by every
+    layer: ``visible`` [B, T, S] bool for SDPA, ``bias(H)`` the additive fp32 form (0 visible,
+    -inf hidden) laid out for the absorbed path's [B, T*H, S] scores.
+    """
+
+    def __init__(self, positions: torch.Tensor, length: int):
+        self.length = length
+        self.visible = _cache_mask(positions, length)                        # [B, T, S]
+        self._bias: dict[int, torch.Tensor] = {}
+
+    def bias(self, heads: int) -> torch.Tensor:
+        """[B, T*heads, S] fp32 (a broadcastable [B, 1, S] when T == 1)."""
+        if heads not in self._bias:
+            B, T, S = self.visible.shape
+            bias = torch.zeros(B, T, S, device=self.visible.device).masked_fill_(~self.visible, float("-inf"))
+            if T > 1:
+                bias = bias[:, :, None, :].expand(B, T, heads, S).reshape(B, T * heads, S)
+            self._bias[heads] = bias
+        return self._bias[heads]
 
 
 class MLA(nn.Module):
@@ -58,7 +89,8 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                mask: CacheMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         if self.q_lora_rank:
@@ -73,21 +105,22 @@ class MLA(nn.Module):
         latent = self.kv_a_layernorm(latent)                                  # [B, T, kv_lora_rank]
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)                    # [B, T, rope]
 
-        mask = None
         if cache is not None:
-            cache.write(self.layer_idx, positions, latent, k_pe, rows)
-            S = int(positions.max()) + 1
-            latent, k_pe = cache.read(self.layer_idx, S, rows, batch=B)      # [B, S, ...]
-            latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)
-            mask = _cache_mask(positions, S)                                  # [B, T, S]
+            if mask is None:
+                mask = CacheMask(positions, cache.check_positions(positions))
+            cache.write_slot(self.layer_idx, positions, torch.cat([latent, k_pe], dim=-1), rows)
+            kv = cache.read_slots(self.layer_idx, mask.length, rows, batch=B).to(x.dtype)   # [B, S, c + r]
+            latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        elif self.absorb:
+            kv = torch.cat([latent, k_pe], dim=-1)                            # [B, T, c + r]
 
         if self.absorb:
-            out = self._absorbed(q_nope, q_pe, latent, k_pe, mask)
+            out = self._absorbed(q_nope, q_pe, kv, mask)
         else:
             out = self._naive(q_nope, q_pe, latent, k_pe, mask)
         return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
 
-    def _naive(self, q_nope, q_pe, latent, k_pe, mask):
+    def _naive(self, q_nope, q_pe, latent, k_pe, mask: CacheMask | None):
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
@@ -96,25 +129,28 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None],
+            attn_mask=None if mask is None else mask.visible[:, None],
             is_causal=mask is None, scale=self.softmax_scale)                # [B, H, T, v]
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, latent, k_pe, mask):
-        B, T, H, _ = q_nope.shape
-        S = latent.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                 # [B, T, H, kv_lora_rank]
-        scores = (torch.bmm(q_lat.reshape(B, T * H, -1), latent.transpose(1, 2))
-                  + torch.bmm(q_pe.reshape(B, T * H, -1), k_pe.transpose(1, 2)))  # [B, T*H, S]
-        scores = scores.view(B, T, H, S).float() * self.softmax_scale
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)[None]
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        p = scores.softmax(dim=-1).to(latent.dtype)
-        o_lat = torch.bmm(p.view(B, T * H, S), latent).view(B, T, H, -1)      # [B, T, H, kv_lora_rank]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                   # [B, T, H, v]
+    def _absorbed(self, q_nope, q_pe, kv, mask: CacheMask | None):
+        B, T, H, dn = q_nope.shape
+        S, c = kv.shape[1], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, dn + self.v_head_dim, c)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]                                     # [H, nope, c], [H, v, c]
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, dn).transpose(0, 1), w_uk)  # [H, B*T, c]
+        q = torch.cat([q_lat.transpose(0, 1).view(B, T, H, c), q_pe], dim=-1).view(B, T * H, -1)
+        if mask is None:   # no cache: causal over the sequence itself
+            mask = CacheMask(torch.arange(T, device=kv.device).expand(B, T), S)
+        bias = mask.bias(H)                                                   # [B, T*H, S] (or [B, 1, S])
+        if q.dtype == torch.float32:
+            scores = torch.baddbmm(bias, q, kv.transpose(1, 2), alpha=self.softmax_scale)
+        else:   # scale and mask in fp32
+            scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale + bias
+        p = scores.softmax(dim=-1).to(kv.dtype)                               # [B, T*H, S]
+        o_lat = torch.bmm(p, kv[..., :c])                                     # [B, T*H, c]
+        out = torch.bmm(o_lat.view(B * T, H, c).transpose(0, 1), w_uv.transpose(1, 2))   # [H, B*T, v]
+        return out.transpose(0, 1).view(B, T, H, self.v_head_dim)
 
 
 class MHA(nn.Module):
@@ -140,19 +176,20 @@ class MHA(nn.Module):
         nope, pe = t.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return torch.cat([nope, apply_rope(pe, cos, sin, self.interleave)], dim=-1)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None = None, rows=None):
+    def forward(self, x, cos, sin, positions, cache: KVCache | None = None, rows=None,
+                mask: CacheMask | None = None):
         B, T, _ = x.shape
         q = self._rope(self.q_proj(x).view(B, T, self.n_heads, self.qk_head_dim), cos, sin)
         k = self._rope(self.k_proj(x).view(B, T, self.n_kv, self.qk_head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv, self.v_head_dim)
-        mask = None
         if cache is not None:
+            if mask is None:
+                mask = CacheMask(positions, cache.check_positions(positions))
             cache.write(self.layer_idx, positions, k, v, rows)
-            S = int(positions.max()) + 1
-            k, v = cache.read(self.layer_idx, S, rows, batch=B)
+            k, v = cache.read(self.layer_idx, mask.length, rows, batch=B)
             k, v = k.to(x.dtype), v.to(x.dtype)
-            mask = _cache_mask(positions, S)[:, None]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.visible[:, None],
             is_causal=mask is None, scale=self.softmax_scale, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))

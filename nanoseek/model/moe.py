@@ -13,7 +13,11 @@ is also supported so V2 checkpoints run.
 Experts run as batched work: the N*k (token, expert) pairs are sorted by expert and each
 projection is ONE grouped matmul over contiguous per-expert segments (``torch._grouped_mm``
 when the installed torch supports it on this device, else a loop over experts, never over
-tokens). No token is dropped. Expert weights are stacked ``[E, out, in]`` in memory and split
+tokens). No token is dropped. Under ``torch.compile`` (the engine's opt-in compiled decode step)
+the experts run densely instead: every expert on every token, weighted by the routing weights
+(zero for unchosen experts), as two matmuls with static shapes (the grouped path has
+data-dependent segment sizes, and ``_grouped_mm`` has no fp32 CPU kernel for the compiler); it
+costs E/k times the FLOPs, which for the few tokens of a decode step buys fewer, larger matmuls. Expert weights are stacked ``[E, out, in]`` in memory and split
 into HF's per-expert tensors (``mlp.experts.{j}.gate_proj.weight``...) on save.
 
 Auxiliary-loss-free balancing: each MoE layer counts the tokens routed to every expert during
@@ -142,6 +146,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
+        if torch.compiler.is_compiling():
+            return self.forward_dense(x, weights, idx)
         N, k = idx.shape
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)                                     # (token, slot) pairs by expert
@@ -153,6 +159,18 @@ class Experts(nn.Module):
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)
         return out, counts
+
+    def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same result as ``forward`` (up to rounding) with static shapes: every expert on every token."""
+        N, d = x.shape
+        E, inter = self.n_experts, self.intermediate
+        h = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d)).view(N, E, 2 * inter)
+        gate, up = h.split(inter, dim=-1)                                     # [N, E, I] each
+        dense_w = x.new_zeros(N, E).scatter_(1, idx, weights.to(x.dtype))     # 0 for unchosen experts
+        act = F.silu(gate) * up * dense_w[:, :, None]                         # [N, E, I]
+        y = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))    # [E, N, d]
+        counts = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).sum(dim=0)
+        return y.sum(dim=0), counts
 
 
 class MoE(nn.Module):

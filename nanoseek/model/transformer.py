@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MHA, MLA
+from .attention import MHA, MLA, CacheMask
 from .cache import KVCache
 from .config import ModelConfig
 from .moe import MLP, MoE, max_violation
@@ -51,8 +51,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, positions, cache=None, rows=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, rows)
+    def forward(self, h, cos, sin, positions, cache=None, rows=None, mask=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, positions, cache, rows, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -75,10 +75,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, emb, h_prev, cos, sin, positions, cache=None, rows=None):
+    def forward(self, emb, h_prev, cos, sin, positions, cache=None, rows=None, mask=None):
         """emb: Emb(t_{i+k}), h_prev: h^{k-1}_i -> normed h^k_i (feed to the shared head)."""
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return self.shared_head.norm(super().forward(h, cos, sin, positions, cache, rows))
+        return self.shared_head.norm(super().forward(h, cos, sin, positions, cache, rows, mask))
 
 
 class DeepseekV3Model(nn.Module):
@@ -144,8 +144,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         m = self.model
         cos, sin = m.rotary_emb(positions)
         h = m.embed_tokens(input_ids)
+        # which cached slots each query sees: computed once, shared by every layer
+        mask = None if cache is None else CacheMask(positions, cache.check_positions(positions))
         for layer in m.layers:
-            h = layer(h, cos, sin, positions, cache, rows)
+            h = layer(h, cos, sin, positions, cache, rows, mask)
         h = m.norm(h)
 
         out = CausalLMOutput(logits=None, hidden=h if return_hidden else None)

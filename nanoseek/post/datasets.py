@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -239,7 +239,18 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
 # ----------------------------------------------------------------------------- RL prompt sources
 
 
-def task_prompts(name: str, n: int, split: str = "train", seed: int = 0, level: int | None = None) -> list[RLPrompt]:
+def task_specs(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
+    """``"arithmetic:1-2,compare"`` -> (name, levels) pairs; a DataError naming a bad item."""
+    from nanoseek.data.tasks import parse_task_specs
+
+    try:
+        return parse_task_specs(source)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def task_prompts(name: str, n: int, split: str = "train", seed: int = 0,
+                 level: int | Sequence[int] | None = None) -> list[RLPrompt]:
     """``n`` prompts of the built-in task ``name`` (repeats allowed when a level is small)."""
     from nanoseek.data.tasks import get_task
 
@@ -278,7 +289,8 @@ def reasoning_gym_prompts(name: str, n: int, seed: int = 0) -> list[RLPrompt]:
 def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
                     level: int | None = None) -> list[RLPrompt]:
     """RL prompts from ``source``: a ``.jsonl`` file, ``rg:NAME`` (reasoning-gym), or built-in
-    task names separated by commas (``"arithmetic,countdown"``: mixed in equal shares, shuffled).
+    task names separated by commas (``"arithmetic,countdown"``: mixed in equal shares, shuffled),
+    each optionally with levels (``"arithmetic:1-2"``, overriding ``level``).
 
     For a file, ``n`` = 0 keeps all records, otherwise the first ``n``.
     """
@@ -287,13 +299,13 @@ def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
         return items[:n] if n else items
     if source.startswith("rg:"):
         return reasoning_gym_prompts(source[3:], n, seed)
-    names = [s.strip() for s in source.split(",") if s.strip()]
-    if not names:
+    if not source.strip(", "):
         raise DataError("empty RL prompt source: give a .jsonl file, rg:NAME or built-in task names")
+    specs = task_specs(source)
     out: list[RLPrompt] = []
-    for k, name in enumerate(names):
-        share = n // len(names) + (1 if k < n % len(names) else 0)
-        out += task_prompts(name, share, split, seed, level)
+    for k, (name, levels) in enumerate(specs):
+        share = n // len(specs) + (1 if k < n % len(specs) else 0)
+        out += task_prompts(name, share, split, seed, levels if levels is not None else level)
     random.Random(seed).shuffle(out)
     return out
 

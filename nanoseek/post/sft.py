@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .common import IGNORE, IndexStream, StreamBatches, chat_row, pad_rows
-from .datasets import DataError, SFTExample, read_sft, task_prompts
+from .datasets import DataError, SFTExample, read_sft, task_prompts, task_specs
 
 SFT_MODES = ("pack", "pad")
 
@@ -57,18 +57,19 @@ class SFTSection:
 
 def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
                       template: str = "r1") -> list[SFTExample]:
-    """Cold-start SFT examples from built-in tasks ``"a,b"``: user question -> reasoning + answer.
+    """Cold-start SFT examples from built-in tasks ``"a,b"`` (levels optional: ``"a:1-2,b"``):
+    user question -> reasoning + answer.
 
     ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
     ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
     """
     from nanoseek.data.tasks import r1_zero_prompt
 
-    names = [s.strip() for s in source.split(",") if s.strip()]
+    specs = task_specs(source)
     out: list[SFTExample] = []
-    for k, name in enumerate(names):
-        share = n // len(names) + (1 if k < n % len(names) else 0)
-        for item in task_prompts(name, share, split, seed):
+    for k, (name, levels) in enumerate(specs):
+        share = n // len(specs) + (1 if k < n % len(specs) else 0)
+        for item in task_prompts(name, share, split, seed, levels):
             p = item.problem
             if template == "r1":
                 user, content = p.prompt, f"Answer: {p.answer}"

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + completion tokens per row (default: the model's, at most 4096)")
     g.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding (model needs MTP modules)")
+    g.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (the first requests wait while it compiles; "
+                        "falls back to eager with a warning if compiling fails)")
     g.add_argument("--think", action="store_true",
                    help="end chat prompts with '<think>\\n' as DeepSeek-R1's template does, forcing a reasoning block")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -90,7 +93,7 @@ def build_server(args: argparse.Namespace):
         model, tokenizer = load_for_inference(args.model, args.tokenizer, dtype=dtype, device=device,
                                               require_tokenizer=True)
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                        use_mtp=args.mtp)
+                        use_mtp=args.mtp, compile=args.compile)
     except (ValueError, OSError) as e:  # LoadError, CheckpointError, ConfigError, TokenizerError, bad sizes
         raise UserError(str(e)) from e
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,

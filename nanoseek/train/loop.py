@@ -375,7 +375,7 @@ class Trainer:
                 np.random.seed(t.seed % 2**32)
                 self._event("start", step=0, device=str(self.device), dtype=t.dtype,
                             params=sum(p.numel() for p in self.params), **self.dist.describe())
-            self.peak_flops = measure_matmul_peak(str(self.device), t.dtype)
+            self.peak_flops = measure_matmul_peak(str(self.device), t.dtype, seconds=0.5)
             desc = self.run_dir.name
             with ProgressDisplay(desc, t.log_every, enabled=self.progress_flag, quiet=self.quiet) as bar:
                 self._bar = bar
@@ -565,7 +565,10 @@ class Trainer:
         finally:
             self.model.train()
         self.last_eval = {"step": self.step, **res}
-        self._event("eval", step=self.step, **res)
+        if self.peak_flops:  # the start-up figure may come from a busy moment: keep the best seen
+            self.peak_flops = max(self.peak_flops,
+                                  measure_matmul_peak(str(self.device), self.train_cfg.dtype, seconds=0.25))
+        self._event("eval", step=self.step, **res, peak_flops=self.peak_flops)
         if res:
             self._message(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in res.items()))
         return res

@@ -13,14 +13,15 @@ The file is append-only: after a resume or a rollback the re-done steps are writ
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token come from
 :func:`nanoseek.estimate.estimate.flops_per_token` (6 x activated non-embedding parameters +
-causal attention + the MTP module(s)); the peak is *measured* once per process at start-up with
-square matmuls in the training dtype on the training device (:func:`measure_matmul_peak`), so
-MFU on a laptop CPU is as meaningful as on a GPU.
+causal attention + the MTP module(s)); the peak is *measured* with square matmuls in the training dtype on the training device
+(:func:`measure_matmul_peak`), so MFU on a laptop CPU is as meaningful as on a GPU. One short
+measurement on a shared machine can land in a busy moment and come out far too low (MFU above
+100 %), so the trainer keeps the best figure of a measurement at start-up and one after every
+evaluation (``peak_flops`` in the eval events).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -37,10 +38,10 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------------------- peak and FLOPs
-@functools.cache
 def measure_matmul_peak(device: str = "cpu", dtype: str = "float32", n: int | None = None,
                         seconds: float = 0.25) -> float:
-    """FLOP/s of repeated n x n matmuls (n = 1024 on CPU, 8192 on GPU) in ``dtype``; cached."""
+    """Best FLOP/s of repeated n x n matmuls (n = 1024 on CPU, 8192 on GPU) in ``dtype`` over
+    ``seconds`` of wall time (not cached: callers re-measure and keep the maximum)."""
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 1024)
     dt = getattr(torch, dtype)
