@@ -75,5 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m nanoseek.cli`: run the imported module's main, so that
+    from nanoseek.cli import main as _main  # UserError is the class the subcommands raise
+    sys.exit(_main())

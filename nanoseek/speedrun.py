@@ -75,8 +75,31 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
             raise UserError(f"--set {item!r}: unknown key '{parts[-1]}' in [{'.'.join(parts[:-1])}]; valid keys: "
                             f"{sorted(node)}")
         node[parts[-1]] = parse_literal(value.strip())
+    _check_task_specs(raw, path)
     raw["_source"] = str(path)
     return raw
+
+
+def _check_task_specs(raw: dict, path) -> None:
+    """Task names/levels in [data] tasks, [sft] data = "tasks:...", [grpo] prompts and [eval] tasks
+    are checked before anything runs, so a typo fails in a second, naming the key."""
+    from nanoseek.cli import UserError
+    from nanoseek.data.tasks import parse_task_specs
+
+    found = [("data.tasks", raw.get("data", {}).get("tasks")), ("eval.tasks", raw.get("eval", {}).get("tasks"))]
+    sft = raw.get("sft", {}).get("data", "")
+    if isinstance(sft, str) and sft.startswith("tasks:"):
+        found.append(("sft.data", sft[len("tasks:"):]))
+    prompts = raw.get("grpo", {}).get("prompts", "")
+    if isinstance(prompts, str) and not prompts.startswith("rg:") and not prompts.endswith(".jsonl"):
+        found.append(("grpo.prompts", prompts))
+    for key, spec in found:
+        if spec is None:
+            continue
+        try:
+            parse_task_specs(spec)
+        except ValueError as e:
+            raise UserError(f"{path}: {key}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- run.json

@@ -20,6 +20,10 @@ def test_shipped_recipe_loads_and_overrides_apply():
     ("budget.pretrian=0.5", "unknown key 'pretrian'"),
     ("nosuch.key=1", "TABLE.KEY=VALUE"),
     ("budget", "TABLE.KEY=VALUE"),
+    ('data.tasks=["compare:1-2", "modular:7"]', "data.tasks: task spec 'modular:7': modular has levels"),
+    ('eval.tasks="arithmetic,compar"', "eval.tasks: task spec 'compar': unknown task"),
+    ('sft.data="tasks:arithmetic:x"', "sft.data: task spec 'arithmetic:x': levels must be"),
+    ('grpo.prompts="word_problem:1"', "grpo.prompts: task spec 'word_problem:1'"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(UserError, match=message):
