@@ -113,6 +113,30 @@ def decode_rates(gens: dict, prompts: torch.Tensor, new_tokens: int, repeats: in
     return {name: B * (new_tokens - 1) / max(t[(name, "full")] - t[(name, "first")], 1e-9) for name in gens}
 
 
+# ---------------------------------------------------------------------- FLOPs per decoded token
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """aten._grouped_mm as the MoE experts use it: [M, K] rows, each times one of [E, K, N]."""
+    if len(a_shape) == 2 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 3 and len(b_shape) == 3:      # batched: [E, M, K] x [E, K, N]
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    raise NotImplementedError(f"grouped_mm FLOPs for shapes {a_shape} x {b_shape}")
+
+
+def decode_flops(gen, prompts: torch.Tensor, new_tokens: int = 17) -> float:
+    """FLOPs per decoded token (torch's FlopCounterMode, which does not know grouped_mm, so the
+    experts' formula is added): (F(new_tokens) - F(1)) / (B (new_tokens - 1)), prefill cancelled."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    totals = []
+    for n in (1, new_tokens):
+        with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+            gen(prompts, n)
+        totals.append(fc.get_total_flops())
+    return (totals[1] - totals[0]) / (prompts.shape[0] * (new_tokens - 1))
+
+
 # ---------------------------------------------------------------------- a briefly trained model
 def corpus_ids() -> list[int]:
     from nanoseek.data.tasks import corpus_document, get_task
@@ -230,6 +254,15 @@ def throughput(args, results: dict, ours: Ours, hf: HF | None, rand_prompts, com
                 line += f" {r['compiled'] / r['transformers']:>13.2f}x"
         print(line)
     results["throughput"] = rows
+    if hf:   # the work each side does: the ratio of FLOPs bounds what a faster kernel could give
+        print(f"\n{'decode FLOPs per token, batch 16':34} {'nanoseek':>10} {'transformers':>13} {'ratio':>7}")
+        flops = []
+        for T in args.prompt_lens:
+            prompts = rand_prompts(16, T)
+            f_ours, f_hf = decode_flops(ours, prompts), decode_flops(hf, prompts)
+            flops.append({"prompt": T, "ours": f_ours, "transformers": f_hf})
+            print(f"{f'prompt {T} (MFLOP)':34} {f_ours / 1e6:>10.1f} {f_hf / 1e6:>13.1f} {f_hf / f_ours:>6.2f}x")
+        results["decode_flops_per_token"] = flops
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
