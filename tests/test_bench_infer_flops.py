@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_infer import HF, Ours, _grouped_mm_flops, decode_flops  # noqa: E402
+from bench_infer import HF, Ours, _grouped_mm_flops, decode_flops
 
 
 def test_grouped_mm_formula_counts_every_row_once():
