@@ -17,8 +17,9 @@ tokens). No token is dropped. Under ``torch.compile`` (the engine's opt-in compi
 the experts run densely instead: every expert on every token, weighted by the routing weights
 (zero for unchosen experts), as two matmuls with static shapes (the grouped path has
 data-dependent segment sizes, and ``_grouped_mm`` has no fp32 CPU kernel for the compiler); it
-costs E/k times the FLOPs, which for the few tokens of a decode step buys fewer, larger matmuls. Expert weights are stacked ``[E, out, in]`` in memory and split
-into HF's per-expert tensors (``mlp.experts.{j}.gate_proj.weight``...) on save.
+costs E/k times the FLOPs, which for the few tokens of a decode step buys fewer, larger matmuls.
+Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
+(``mlp.experts.{j}.gate_proj.weight``...) on save.
 
 Auxiliary-loss-free balancing: each MoE layer counts the tokens routed to every expert during
 training forwards; after the optimizer step, ``update_bias(gamma)`` moves each bias by gamma
