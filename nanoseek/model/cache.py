@@ -62,8 +62,8 @@ class KVCache:
 
     def write(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
               rows: torch.Tensor | None = None) -> None:
-        """Store a, b [B, T, ...] at cache[rows[i], positions[i, t]]."""
-        self.check_positions(positions)
+        """Store a, b [B, T, ...] at cache[rows[i], positions[i, t]]; positions already checked
+        (the model checks them once per forward, see ``check_positions``)."""
         index = self._index(positions, rows)
         if self.latent:   # one scatter of the whole slot [c_KV | k_rope]
             self.kv[layer][index] = torch.cat([a, b], dim=-1).to(self.dtype)
