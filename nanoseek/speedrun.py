@@ -20,6 +20,12 @@ construction), so consecutive stages are compared with paired 95% intervals.
 
 Resume: re-running into an existing folder skips finished stages (run.json says which) and
 resumes an interrupted training stage from its last checkpoint.
+
+Branch: ``--from RUN --redo STAGE`` starts a new folder from RUN's finished stages before STAGE
+(copied, with their evaluations) and runs STAGE and what follows with this invocation's
+settings: post-training ablations from one base model, e.g. ``--redo sft --set sft.data=...``.
+Settings that the copied stages were made with (data, model, pre-training, evaluation) must not
+differ, or the stages would not be comparable.
 """
 
 from __future__ import annotations
@@ -27,12 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 RECIPE = "speedrun"
 STAGES = ("data", "pretrain", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "report")
+# --redo STAGE: the stage folders copied from --from RUN, and the recipe tables they were made with
+REDO_KEEPS = {"pretrain": ("data",), "sft": ("data", "pretrain"), "grpo": ("data", "pretrain", "sft")}
+MADE_WITH = {"data": ("seed", "data"), "pretrain": ("model", "pretrain", "budget.pretrain", "minutes", "eval"),
+             "sft": ("sft", "budget.sft")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a recipe value, e.g. --set budget.pretrain=0.6 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for data, init and sampling (default: recipe's)")
+    p.add_argument("--from", dest="from_run", default=None, metavar="RUN",
+                   help="start --out from this speedrun folder's stages before --redo (copied)")
+    p.add_argument("--redo", choices=sorted(REDO_KEEPS, key=STAGES.index), default=None,
+                   help="with --from: the first stage to run again (pretrain, sft or grpo)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, all cores). On a machine shared with other "
                         "jobs, 1 thread avoids the OpenMP oversubscription that can slow a step 4x")
@@ -144,6 +159,55 @@ class RunState:
         os.replace(tmp, self.path)
 
 
+def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
+    """Start the run folder ``dst`` from ``src``'s stages before ``redo`` (see module doc).
+
+    Refuses when ``dst`` is not empty, when ``src`` has not finished those stages, or when
+    ``config`` (this invocation's recipe, minutes and seed) differs from ``src``'s in a table the
+    copied stages were made with."""
+    from nanoseek.cli import UserError
+
+    src_json = src / "run.json"
+    if not src_json.is_file():
+        raise UserError(f"--from {src}: no run.json there; not a speedrun folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"--out {dst}: not empty; --from starts a new run folder")
+    try:
+        old = json.loads(src_json.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{src_json}: not valid JSON ({e})") from None
+    kept_steps = STAGES[:STAGES.index(redo)]
+    missing = [s for s in kept_steps if old.get("steps", {}).get(s) != "done"]
+    if missing:
+        raise UserError(f"--from {src}: step(s) {missing} not done there; finish that run first "
+                        "(re-running into it resumes)")
+    new_config = json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+    for stage in REDO_KEEPS[redo]:
+        for key in MADE_WITH[stage]:
+            if _setting(old.get("config", {}), key) != _setting(new_config, key):
+                raise UserError(f"--redo {redo} copies stage '{stage}' from {src}, which was made with another "
+                                f"'{key}' than this run's; redo from an earlier stage, or keep '{key}'")
+    dst.mkdir(parents=True, exist_ok=True)
+    for stage in REDO_KEEPS[redo]:
+        shutil.copytree(src / stage, dst / stage)
+    stages = [dict(s) for s in old.get("stages", []) if s.get("name") in REDO_KEEPS[redo]]
+    for s in stages:
+        if "eval" in s:
+            s["eval"] = str(dst / s["name"] / "eval.json")
+    data = {**old, "name": dst.name, "status": "running", "started": _now(), "stages": stages,
+            "steps": {s: "done" for s in kept_steps}, "branched_from": {"run": str(src), "redo": redo}}
+    tmp = dst / "run.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, dst / "run.json")
+
+
+def _setting(config: dict, key: str) -> Any:
+    """``config["a"]["b"]`` for the dotted ``key`` "a.b" (None where absent)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -233,8 +297,13 @@ def run(args) -> int:
         raise UserError(f"--minutes must be positive, got {minutes}")
     seed = int(args.seed if args.seed is not None else sr.get("seed", 0))
     run_dir = Path(args.out)
+    config = {**rc, "minutes": minutes, "seed": seed}
+    if (args.from_run is None) != (args.redo is None):
+        raise UserError("--from RUN and --redo STAGE go together")
+    if args.from_run is not None:
+        branch_run(Path(args.from_run), run_dir, args.redo, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(run_dir, {**rc, "minutes": minutes, "seed": seed})
+    state = RunState(run_dir, config)
     budget = rc["budget"]
     scale = min(1.0, minutes / float(sr["minutes"]))
     t_start = time.time()

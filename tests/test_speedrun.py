@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nanoseek.cli import UserError, main
-from nanoseek.speedrun import RunState, load_recipe
+from nanoseek.speedrun import STAGES, RunState, branch_run, load_recipe
 
 
 def test_shipped_recipe_loads_and_overrides_apply():
@@ -52,6 +52,72 @@ def test_cli_rejects_a_non_positive_budget(tmp_path, capsys):
     assert "--minutes must be positive" in capsys.readouterr().err
 
 
+def _finished_run(path, config):
+    """A speedrun folder as a finished run leaves it (stage folders with a marker file each)."""
+    path.mkdir()
+    stages = []
+    for name in ("data", "pretrain", "sft", "grpo"):
+        (path / name).mkdir()
+        (path / name / "marker.txt").write_text(name)
+        stages.append({"name": name, "dir": name, "status": "done", "eval": f"elsewhere/{name}/eval.json"})
+    run = {"name": path.name, "status": "done", "stages": stages, "steps": {s: "done" for s in STAGES},
+           "config": config}
+    (path / "run.json").write_text(json.dumps(run))
+    return path
+
+
+def _config(*overrides):
+    return {**load_recipe("speedrun", list(overrides)), "minutes": 30.0, "seed": 0}
+
+
+def test_branch_copies_the_stages_before_redo_and_only_those(tmp_path):
+    src = _finished_run(tmp_path / "src", json.loads(json.dumps({k: v for k, v in _config().items() if k[0] != "_"})))
+    dst = tmp_path / "dst"
+    branch_run(src, dst, "sft", _config('sft.data="tasks:modular:1"', "budget.grpo=0.3"))  # post-training may differ
+    assert sorted(p.name for p in dst.iterdir()) == ["data", "pretrain", "run.json"]
+    assert (dst / "pretrain" / "marker.txt").read_text() == "pretrain"
+    run = json.loads((dst / "run.json").read_text())
+    assert run["steps"] == {"data": "done", "pretrain": "done", "eval_base": "done"}
+    assert [s["name"] for s in run["stages"]] == ["data", "pretrain"] and run["status"] == "running"
+    assert run["stages"][1]["eval"] == str(dst / "pretrain" / "eval.json")
+    assert run["branched_from"] == {"run": str(src), "redo": "sft"}
+    state = RunState(dst, _config())                       # what the speedrun does next
+    assert state.done("eval_base") and not state.done("sft")
+
+
+def test_branch_refuses_what_would_make_stages_incomparable(tmp_path):
+    src = _finished_run(tmp_path / "src", json.loads(json.dumps({k: v for k, v in _config().items() if k[0] != "_"})))
+    with pytest.raises(UserError, match="another 'eval' than"):         # the copied base eval used k=4
+        branch_run(src, tmp_path / "a", "sft", _config("eval.k=8"))
+    with pytest.raises(UserError, match="another 'sft' than"):          # --redo grpo keeps the old SFT model
+        branch_run(src, tmp_path / "b", "grpo", _config('sft.data="tasks:modular:1"'))
+    with pytest.raises(UserError, match="another 'minutes' than"):
+        branch_run(src, tmp_path / "c", "sft", {**_config(), "minutes": 3.0})
+    branch_run(src, tmp_path / "d", "pretrain", _config("pretrain.optim.lr=1e-3"))  # only data is kept
+    assert not (tmp_path / "a").exists() and (tmp_path / "d" / "data").is_dir()
+
+
+def test_branch_errors_name_the_problem(tmp_path):
+    config = json.loads(json.dumps({k: v for k, v in _config().items() if k[0] != "_"}))
+    src = _finished_run(tmp_path / "src", config)
+    with pytest.raises(UserError, match="no run.json"):
+        branch_run(tmp_path, tmp_path / "x", "sft", _config())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("")
+    with pytest.raises(UserError, match="not empty"):
+        branch_run(src, tmp_path / "full", "sft", _config())
+    run = json.loads((src / "run.json").read_text())
+    run["steps"]["eval_sft"] = "running"
+    (src / "run.json").write_text(json.dumps(run))
+    with pytest.raises(UserError, match=r"\['eval_sft'\] not done"):
+        branch_run(src, tmp_path / "y", "grpo", _config())
+
+
+def test_cli_wants_from_and_redo_together(tmp_path, capsys):
+    assert main(["speedrun", "--out", str(tmp_path / "r"), "--redo", "sft"]) == 2
+    assert "--from RUN and --redo STAGE go together" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_speedrun_end_to_end(tmp_path):
     out = tmp_path / "run"
@@ -66,3 +132,11 @@ def test_smoke_speedrun_end_to_end(tmp_path):
     assert "<img" in html and "http://" not in html.split("<body", 1)[-1].replace("http://127.0.0.1", "")
     # re-running into the folder resumes: every step is already done
     assert main(["speedrun", "--minutes", "1", "--out", str(out), "--threads", "1"]) == 0
+    # a branch redoes GRPO from this run's SFT model, with other GRPO settings
+    alt = tmp_path / "alt"
+    assert main(["speedrun", "--minutes", "1", "--out", str(alt), "--threads", "1", "--from", str(out),
+                 "--redo", "grpo", "--set", "grpo.temperature=0.8"]) == 0
+    branched = json.loads((alt / "run.json").read_text())
+    assert branched["status"] == "done" and branched["config"]["grpo"]["temperature"] == 0.8
+    assert (alt / "sft" / "eval.json").read_bytes() == (out / "sft" / "eval.json").read_bytes()
+    assert (alt / "grpo" / "final" / "config.json").exists() and (alt / "grpo" / "eval.json").exists()
