@@ -91,6 +91,7 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
                             f"{sorted(node)}")
         node[parts[-1]] = parse_literal(value.strip())
     _check_task_specs(raw, path)
+    _check_optim_tables(raw, path)
     raw["_source"] = str(path)
     return raw
 
@@ -115,6 +116,22 @@ def _check_task_specs(raw: dict, path) -> None:
             parse_task_specs(spec)
         except ValueError as e:
             raise UserError(f"{path}: {key}: {e}") from None
+
+
+def _check_optim_tables(raw: dict, path) -> None:
+    """The stages' [*.optim] tables, checked now rather than when their stage starts minutes later."""
+    from nanoseek.cli import UserError
+    from nanoseek.post.stage import STAGE_DEFAULTS
+    from nanoseek.train.config import ConfigError, OptimSection, check_schedule_keys, parse_section
+
+    for kind in ("pretrain", "sft", "grpo"):
+        given = raw.get(kind, {}).get("optim", {})
+        try:
+            optim = parse_section(OptimSection, {**STAGE_DEFAULTS.get(kind, {}).get("optim", {}), **given},
+                                  f"{kind}.optim", str(path))
+            check_schedule_keys(optim, given, f"{path} [{kind}]")
+        except ConfigError as e:
+            raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- run.json

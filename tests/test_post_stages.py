@@ -68,6 +68,11 @@ def test_stage_config_errors_name_the_key(base, tmp_path):
         stage_config_from_dict("sft", {"model": {"init_from": str(tmp_path / "nope")}, "train": {"max_steps": 1}})
     with pytest.raises(ConfigError, match="architecture cannot change"):
         stage_config_from_dict("sft", {**ok, "model": {"init_from": str(base), "hidden_size": 64}})
+    # GRPO's default schedule is constant: a decay written for it would be silently ignored
+    with pytest.raises(ConfigError, match=r"x.toml: \[optim\] min_lr has no effect with schedule = 'constant'"):
+        stage_config_from_dict("grpo", {**ok, "optim": {"lr": 2e-4, "min_lr": 2e-5}}, "x.toml")
+    stage_config_from_dict("grpo", {**ok, "optim": {"lr": 2e-4}}, "x.toml")   # the default min_lr is not the user's
+    stage_config_from_dict("grpo", {**ok, "optim": {"lr": 2e-4, "min_lr": 2e-5, "schedule": "wsd"}}, "x.toml")
     with pytest.raises(ConfigError, match=r"\[sft\] .*mode.* must be str"):
         stage_config_from_dict("sft", {**ok, "sft": {"mode": 3}})
     with pytest.raises(ConfigError, match="needs max_steps"):

@@ -64,6 +64,9 @@ def test_errors_name_the_key_its_table_and_the_valid_keys(tmp_path, text, needle
     ({"train": {}}, "needs max_steps, max_tokens or max_minutes"),
     ({"optim": {"min_lr": 1.0}}, "min_lr"),
     ({"optim": {"schedule": "linear"}}, "'wsd', 'cosine' or 'constant'"),
+    ({"optim": {"schedule": "constant", "min_lr": 1e-5}}, "min_lr has no effect with schedule = 'constant'"),
+    ({"optim": {"schedule": "constant", "decay_fraction": 0.3, "min_lr": 3e-4, "lr": 3e-4}},
+     "decay_fraction has no effect"),
     ({"train": {"max_steps": 3, "dtype": "fp16"}}, "dtype"),
     ({"spike": {"ratio": 0.5}}, "ratio"),
     ({"optim": {"seq_len": 5000}}, "max_position_embeddings"),
@@ -79,6 +82,11 @@ def test_inconsistent_values_are_errors(raw, needle):
         merged["train"] = {}
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         config_from_dict(merged, "x.toml")
+
+
+def test_a_constant_schedule_without_decay_keys_is_accepted():
+    for optim in ({"schedule": "constant", "lr": 1e-3}, {"schedule": "constant", "lr": 1e-3, "min_lr": 1e-3}):
+        assert config_from_dict({**BASE, "optim": optim}, "x.toml").optim.schedule == "constant"
 
 
 def test_set_overrides_are_typed_and_validated_like_the_file(tmp_path):

@@ -105,15 +105,17 @@ def _merge(base: dict, over: dict) -> dict:
 def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
     """A raw TOML dict -> validated :class:`StageConfig` of ``kind``."""
     from nanoseek.model.config import ModelConfig
-    from nanoseek.train.config import _check_train_config
+    from nanoseek.train.config import _check_train_config, check_schedule_keys
 
     classes = _algo_classes()
     if kind not in classes:
         raise ConfigError(f"{source}: unknown stage kind {kind!r}; expected one of {sorted(classes)}")
     schema = {"model": ModelSection, kind: classes[kind], "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
+    given_optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
     raw = _merge(STAGE_DEFAULTS.get(kind, {}), raw)
     parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())})
+    check_schedule_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
                       spike=parts["spike"], source=source)
     if cfg.model.init_from:

@@ -356,9 +356,24 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     return cfg
 
 
+def check_schedule_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
+    """Decay settings written under ``schedule = "constant"`` would be silently ignored: an error.
+    ``given`` is the ``[optim]`` table as the user wrote it (before any defaults were merged)."""
+    if optim.schedule != "constant":
+        return
+    unused = [k for k in ("decay_fraction", "decay_steps", "decay_shape") if k in given]
+    if "min_lr" in given and given["min_lr"] != optim.lr:
+        unused.insert(0, "min_lr")
+    if unused:
+        raise ConfigError(f"{source}: [optim] {', '.join(unused)} ha{'s' if len(unused) == 1 else 've'} no effect "
+                          f"with schedule = 'constant' (the lr stays at {optim.lr}); set schedule = 'wsd' or "
+                          "'cosine' to decay, or drop the key" + ("" if unused != ["min_lr"] else " (or min_lr = lr)"))
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     """A raw dict (as read from TOML) -> validated :class:`TrainConfig`."""
     parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(ModelConfig.field_names())})
+    check_schedule_keys(parts["optim"], raw.get("optim") or {}, source)
     return check_train_config(TrainConfig(**parts, source=source), source)
 
 
