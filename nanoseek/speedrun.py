@@ -181,14 +181,22 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
 
     Refuses when ``dst`` is not empty, when ``src`` has not finished those stages, or when
     ``config`` (this invocation's recipe, minutes and seed) differs from ``src``'s in a table the
-    copied stages were made with."""
+    copied stages were made with. A ``dst`` already branched from ``src`` at ``redo`` is left as
+    it is: the same command again resumes it."""
     from nanoseek.cli import UserError
 
     src_json = src / "run.json"
     if not src_json.is_file():
         raise UserError(f"--from {src}: no run.json there; not a speedrun folder")
+    branch = {"run": str(src), "redo": redo}
+    if (dst / "run.json").is_file():
+        try:
+            if json.loads((dst / "run.json").read_text()).get("branched_from") == branch:
+                return
+        except json.JSONDecodeError:
+            pass
     if dst.exists() and any(dst.iterdir()):
-        raise UserError(f"--out {dst}: not empty; --from starts a new run folder")
+        raise UserError(f"--out {dst}: not empty; --from starts a new run folder (or resumes one it started)")
     try:
         old = json.loads(src_json.read_text())
     except json.JSONDecodeError as e:
@@ -212,7 +220,7 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
         if "eval" in s:
             s["eval"] = str(dst / s["name"] / "eval.json")
     data = {**old, "name": dst.name, "status": "running", "started": _now(), "stages": stages,
-            "steps": {s: "done" for s in kept_steps}, "branched_from": {"run": str(src), "redo": redo}}
+            "steps": {s: "done" for s in kept_steps}, "branched_from": branch}
     tmp = dst / "run.json.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, dst / "run.json")

@@ -85,6 +85,11 @@ def test_branch_copies_the_stages_before_redo_and_only_those(tmp_path):
     assert run["branched_from"] == {"run": str(src), "redo": "sft"}
     state = RunState(dst, _config())                       # what the speedrun does next
     assert state.done("eval_base") and not state.done("sft")
+    state.mark("sft", "done")                              # killed later; the same command resumes it
+    branch_run(src, dst, "sft", _config())
+    assert RunState(dst, _config()).done("sft")
+    with pytest.raises(UserError, match="not empty"):      # but it is not a branch at another stage
+        branch_run(src, dst, "grpo", _config())
 
 
 def test_branch_refuses_what_would_make_stages_incomparable(tmp_path):
