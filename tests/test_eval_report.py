@@ -138,3 +138,14 @@ def test_pending_stages_and_a_broken_run_json(tmp_path, monkeypatch):
     _, _, sections, notes = build_sections(root)
     assert any("run.json" in n for n in notes)
     assert [r[0] for r in next(s for s in sections if s.title == "Summary").blocks[0][2]][:2] == ["pretrain", "sft"]
+
+
+def test_expert_plot_of_a_stage_with_one_logged_step_draws_without_warnings():
+    import warnings
+
+    from nanoseek.eval.plots import expert_plot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # matplotlib warned of a zero-width heat map here
+        out = expert_plot("sft", ([5], [[0.2, 0.4]]), ([5], [[0.1, 0.3]]))
+    assert out is not None and out[:8] == b"\x89PNG\r\n\x1a\n"

@@ -132,8 +132,9 @@ def expert_plot(title: str, maxvio: tuple[Sequence[int], Sequence[Sequence[float
         ax = axes[0][i]
         steps, rows = maxvio
         data = np.asarray(rows, dtype=float).T                       # [layers, steps]
+        lo, hi = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)  # one step
         im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="magma",
-                       extent=(steps[0], steps[-1], data.shape[0] - 0.5, -0.5))
+                       extent=(lo, hi, data.shape[0] - 0.5, -0.5))
         fig.colorbar(im, ax=ax, label="MaxVio")
         ax.set_yticks(range(data.shape[0]))
         ax.set_xlabel("step")
