@@ -171,9 +171,14 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        _write_json(self.path, self.data)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """run.json written atomically (a temporary file, then one rename)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
@@ -221,9 +226,7 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
             s["eval"] = str(dst / s["name"] / "eval.json")
     data = {**old, "name": dst.name, "status": "running", "started": _now(), "stages": stages,
             "steps": {s: "done" for s in kept_steps}, "branched_from": branch}
-    tmp = dst / "run.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, dst / "run.json")
+    _write_json(dst / "run.json", data)
 
 
 def _setting(config: dict, key: str) -> Any:
