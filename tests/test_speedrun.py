@@ -113,6 +113,12 @@ def test_branch_errors_name_the_problem(tmp_path):
     (tmp_path / "full" / "something").write_text("")
     with pytest.raises(UserError, match="not empty"):
         branch_run(src, tmp_path / "full", "sft", _config())
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text('{"steps": ')          # a run.json cut short
+    with pytest.raises(UserError, match=r"broken/run.json: not valid JSON"):
+        branch_run(broken, tmp_path / "z", "sft", _config())
+    assert not (tmp_path / "z").exists()
     run = json.loads((src / "run.json").read_text())
     run["steps"]["eval_sft"] = "running"
     (src / "run.json").write_text(json.dumps(run))
