@@ -69,7 +69,7 @@ def test_stage_config_errors_name_the_key(base, tmp_path):
     with pytest.raises(ConfigError, match="architecture cannot change"):
         stage_config_from_dict("sft", {**ok, "model": {"init_from": str(base), "hidden_size": 64}})
     # GRPO's default schedule is constant: a decay written for it would be silently ignored
-    with pytest.raises(ConfigError, match=r"x.toml: \[optim\] min_lr has no effect with schedule = 'constant'"):
+    with pytest.raises(ConfigError, match=r"x.toml: \[optim\] min_lr would have no effect with schedule = 'constant'"):
         stage_config_from_dict("grpo", {**ok, "optim": {"lr": 2e-4, "min_lr": 2e-5}}, "x.toml")
     stage_config_from_dict("grpo", {**ok, "optim": {"lr": 2e-4}}, "x.toml")   # the default min_lr is not the user's
     stage_config_from_dict("grpo", {**ok, "optim": {"lr": 2e-4, "min_lr": 2e-5, "schedule": "wsd"}}, "x.toml")

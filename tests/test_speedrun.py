@@ -24,7 +24,7 @@ def test_shipped_recipe_loads_and_overrides_apply():
     ('eval.tasks="arithmetic,compar"', "eval.tasks: task spec 'compar': unknown task"),
     ('sft.data="tasks:arithmetic:x"', "sft.data: task spec 'arithmetic:x': levels must be"),
     ('grpo.prompts="word_problem:1"', "grpo.prompts: task spec 'word_problem:1'"),
-    ("grpo.optim.min_lr=2e-5", "min_lr has no effect with schedule = 'constant'"),
+    ('grpo.optim.schedule="constant"', "min_lr, decay_fraction would have no effect with schedule = 'constant'"),
     ('sft.optim.lr="fast"', "lr must be float, got str 'fast'"),
 ])
 def test_bad_overrides_are_named(override, message):

@@ -365,7 +365,7 @@ def check_schedule_keys(optim: OptimSection, given: dict[str, Any], source: str)
     if "min_lr" in given and given["min_lr"] != optim.lr:
         unused.insert(0, "min_lr")
     if unused:
-        raise ConfigError(f"{source}: [optim] {', '.join(unused)} ha{'s' if len(unused) == 1 else 've'} no effect "
+        raise ConfigError(f"{source}: [optim] {', '.join(unused)} would have no effect "
                           f"with schedule = 'constant' (the lr stays at {optim.lr}); set schedule = 'wsd' or "
                           "'cosine' to decay, or drop the key" + ("" if unused != ["min_lr"] else " (or min_lr = lr)"))
 
