@@ -251,7 +251,7 @@ def main() -> int:
         sides = build_sides(args, device, "float32", ckpt, mtp_too=False)
         with torch.no_grad():
             l0 = [float(s.loss(*data[0])) for s in sides]
-        print(f"# initial loss: " + ", ".join(f"{s.name} {v:.5f}" for s, v in zip(sides, l0)))
+        print("# initial loss: " + ", ".join(f"{s.name} {v:.5f}" for s, v in zip(sides, l0)))
         del sides
 
         if "bfloat16" in dtypes:

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from nanoseek.atomic import write_atomic
 
 RECIPE = "speedrun"
 STAGES = ("data", "pretrain", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "report")
@@ -175,10 +176,8 @@ class RunState:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """run.json written atomically (a temporary file, then one rename)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """run.json, written atomically."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:

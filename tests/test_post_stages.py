@@ -139,7 +139,6 @@ def test_split_reasoning_and_verified_examples():
 
 
 def test_distill_from_teacher_into_fresh_dense_student(base, tmp_path, one_thread):
-    tk = tiny_tokenizer()
     prompts = load_rl_prompts("digit7", 8, seed=0)
     teach = [SFTExample(messages=[{"role": "user", "content": p.prompt},
                                   {"role": "assistant", "reasoning": "x", "content": "7"}]) for p in prompts]

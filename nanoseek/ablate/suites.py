@@ -378,8 +378,8 @@ def precision(base: ModelConfig, block: int = 128) -> Suite:
                   else "with one seed there is no spread estimate")
         summary = (f"Relative difference of the final validation loss, FP8 vs bf16, paired by seed (same data order, "
                    f"same initialisation): {per_seed} (the claim's threshold is 0.25%); averaged over the second half "
-                   f"of the validation curve: " + ", ".join(f"seed {s}: {100 * x:+.3f}%" for s, x in late.items()) +
-                   f". For scale, the same measure for bf16-rounded vs exact fp32 GEMMs: "
+                   "of the validation curve: " + ", ".join(f"seed {s}: {100 * x:+.3f}%" for s, x in late.items()) +
+                   ". For scale, the same measure for bf16-rounded vs exact fp32 GEMMs: "
                    + ", ".join(f"seed {s}: {100 * x:+.3f}%" for s, x in c_ref.per_seed_rel.items())
                    + f"; {spread}."
                    + (" Here any perturbation of the training trajectory moves the loss by more than 0.25%, so "

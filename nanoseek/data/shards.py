@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nanoseek.atomic import write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "nanoseek-token-shards"
@@ -110,10 +111,7 @@ class SplitWriter:
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` atomically (a crashed run leaves no manifest, so nothing loads)."""
     path = Path(out_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_manifest(data: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -45,6 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from nanoseek.atomic import write_atomic
+
 from . import plots
 from .results import EvalResult, paired_comparison
 from .runs import (Stage, events, find_stages, fmt_count, fmt_duration, numeric, read_jsonl, read_run_json, series,
@@ -462,13 +464,6 @@ def render_html(title: str, sections: list[Section], notes: list[str], generated
     return "\n".join(head + body) + "\n</body></html>\n"
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    tmp.replace(path)
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, refresh_s: int | None = None,
@@ -494,10 +489,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, refresh
     if images:
         files.mkdir(exist_ok=True)
         for b in images:
-            _atomic_write(files / f"{b[1]}.png", b[2])
+            write_atomic(files / f"{b[1]}.png", b[2])
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
-    _atomic_write(md_path, render_markdown(title, sections, notes, generated, live))
-    _atomic_write(html_path, render_html(title, sections, notes, generated, refresh))
+    write_atomic(md_path, render_markdown(title, sections, notes, generated, live))
+    write_atomic(html_path, render_html(title, sections, notes, generated, refresh))
     return md_path, html_path
 
 

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from nanoseek.atomic import write_atomic
+
 from .stats import Interval, mean_interval, paired_difference
 
 FORMAT = "nanoseek-eval"
@@ -212,10 +214,7 @@ class EvalResult:
         """Write ``eval.json`` atomically (a temporary file, then one rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(_finite(self.to_dict()), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_atomic(path, json.dumps(_finite(self.to_dict()), indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "eval result") -> "EvalResult":

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from nanoseek.atomic import write_atomic
 from nanoseek.cli import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -228,12 +229,7 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
     """Write records one per line (UTF-8), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------- RL prompt sources

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_atomic
 from ..model.checkpoint import from_hf_state_dict, load_hf_tensors, save_pretrained
 
 STATE_JSON = "trainer_state.json"
@@ -101,15 +102,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -144,7 +136,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def set_latest(run_dir: str | Path, ckpt: Path) -> None:
     run_dir = Path(run_dir)
-    _write_text_atomic(run_dir / LATEST, str(Path(ckpt).resolve().relative_to(run_dir.resolve())) + "\n")
+    write_atomic(run_dir / LATEST, str(Path(ckpt).resolve().relative_to(run_dir.resolve())) + "\n")
 
 
 def remove_partials(run_dir: str | Path) -> list[Path]:
