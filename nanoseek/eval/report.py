@@ -464,8 +464,6 @@ def render_html(title: str, sections: list[Section], notes: list[str], generated
     return "\n".join(head + body) + "\n</body></html>\n"
 
 
-
-
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, refresh_s: int | None = None,
                  live: bool | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (+ ``report_files/*.png``) and ``report.html`` for a run folder.
