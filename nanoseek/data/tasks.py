@@ -684,9 +684,17 @@ def format_response(p: Problem, template: str = "r1") -> str:
     raise ValueError(f"template must be 'r1' or 'r1-zero', got {template!r}")
 
 
-def r1_zero_prompt(p: Problem | str) -> str:
-    """The R1-Zero prompt (:data:`R1_ZERO_TEMPLATE`) around a problem or a question text."""
+def r1_zero_segments(p: Problem | str) -> list[tuple[str, bool]]:
+    """The R1-Zero prompt as ``(text, is_template)`` segments: the template's own text (its
+    ``<think>`` tags are control tokens) and the question (content: always text). Encode them
+    with the tokenizer's ``encode_segments``."""
     question = (p.prompt if isinstance(p, Problem) else p).strip()
     if not question.endswith((".", "?", "!")):
         question += "."
-    return R1_ZERO_TEMPLATE.format(prompt=question)
+    head, _, tail = R1_ZERO_TEMPLATE.partition("{prompt}")
+    return [(head, True), (question, False), (tail, True)]
+
+
+def r1_zero_prompt(p: Problem | str) -> str:
+    """The R1-Zero prompt (:data:`R1_ZERO_TEMPLATE`) around a problem or a question text."""
+    return "".join(text for text, _ in r1_zero_segments(p))

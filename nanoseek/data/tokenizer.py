@@ -31,6 +31,21 @@ Design:
   ``reasoning`` field is wrapped in ``<think>``; ``add_generation_prompt`` appends
   ``<｜Assistant｜>`` (and ``<think>\\n`` with ``think=True``, forcing R1-style reasoning).
   :data:`CHAT_TEMPLATE` is the same template in Jinja for ``tokenizer_config.json``.
+* **Only the template makes control tokens.** A prompt is rendered as pieces, each either
+  template (the chat template's own structure, or a fixed prompt like R1-Zero's) or content (a
+  message, a question, reasoning). :func:`encode_pieces` turns the control-token strings of
+  template pieces into their single ids and encodes content as plain text with :meth:`Tokenizer.encode_text`
+  (a copy of the vocabulary without its added tokens, whose ids are then unreachable), so a
+  message holding ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` can neither close its own turn nor
+  write the assistant's: every added token of the vocabulary stays text inside content, and
+  decodes back to the same string. Adjacent text is encoded as one run, so for content without
+  control-token strings the ids equal HF's encoding of the whole rendered string:
+  :meth:`Tokenizer.encode_chat` equals ``transformers``' ``apply_chat_template(tokenize=True)``.
+  It differs (on purpose) when content holds such strings: transformers renders the chat to a
+  string and tokenizes it, so its ids turn them into control tokens. :meth:`Tokenizer.encode`
+  parses control-token strings as HF's ``tokenizer(text)`` does: it is for raw model input
+  (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``, pre-training documents), never
+  for message content.
 
 The tokenizer hash (sha256 of the canonical ``tokenizer.json``) identifies the vocabulary; token
 shards record it and refuse to load with a different tokenizer.
@@ -40,9 +55,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
@@ -117,6 +133,103 @@ def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
             raise TokenizerError(f"chat message {i}: 'reasoning' must be a string on an assistant message")
 
 
+class Piece(NamedTuple):
+    """A piece of a rendered prompt. ``template``: the prompt's own structure, whose control-token
+    strings become control tokens; otherwise content, always encoded as text. ``train``: written
+    by the assistant (the SFT loss mask)."""
+
+    text: str
+    template: bool
+    train: bool = False
+
+
+def chat_pieces(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                think: bool = False) -> list[Piece]:
+    """The chat template (module docstring) as pieces; the only template pieces are its own markup.
+
+    The train flag changes only at a control token (the assistant header before, the user header
+    after an assistant turn), so no text run spans trained and untrained pieces.
+    """
+    _check_messages(messages)
+    pieces: list[Piece] = [Piece(BOS, True)]
+    for k, m in enumerate(m for m in messages if m["role"] == "system"):
+        pieces += ([Piece("\n\n", True)] if k else []) + [Piece(m["content"], False)]
+    for m in messages:
+        if m["role"] == "user":
+            pieces += [Piece(USER, True), Piece(m["content"], False)]
+        elif m["role"] == "assistant":
+            pieces.append(Piece(ASSISTANT, True))
+            if m.get("reasoning") is not None:
+                pieces += [Piece(f"{THINK}\n", True, True), Piece(m["reasoning"], False, True),
+                           Piece(f"\n{END_THINK}\n\n", True, True)]
+            pieces += [Piece(m["content"], False, True), Piece(EOS, True, True)]
+    if add_generation_prompt:
+        pieces.append(Piece(ASSISTANT, True))
+        if think:
+            pieces.append(Piece(f"{THINK}\n", True))
+    return [p for p in pieces if p.text]
+
+
+def encode_pieces(pieces: Iterable[Piece | tuple[str, bool] | tuple[str, bool, bool]], control: Mapping[str, int],
+                  encode_text: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
+    """(ids, train mask) of ``pieces``: ``(text, template[, train])``.
+
+    Template text is split on the ``control`` strings (leftmost-longest, as HF matches added
+    tokens), each becoming its id; everything else, content whole, is text. Adjacent text with
+    the same train flag is one run for ``encode_text``, so the ids equal HF's encoding of the
+    joined string whenever content holds no control string (HF splits on the same tokens).
+    """
+    pattern = "|".join(re.escape(t) for t in sorted(control, key=len, reverse=True))
+    splitter = re.compile(f"({pattern})") if pattern else None
+    runs: list[tuple[str | int, bool]] = []   # text runs and control ids, with their train flag
+
+    def add_text(text: str, train: bool) -> None:
+        if runs and isinstance(runs[-1][0], str) and runs[-1][1] == train:
+            runs[-1] = (runs[-1][0] + text, train)
+        else:
+            runs.append((text, train))
+
+    for piece in pieces:
+        text, template, train = piece[0], bool(piece[1]), bool(piece[2]) if len(piece) > 2 else False
+        if not isinstance(text, str):
+            raise TokenizerError(f"prompt piece must be a string, got {type(text).__name__}")
+        if not template or splitter is None:
+            add_text(text, train)
+            continue
+        for k, part in enumerate(splitter.split(text)):
+            if k % 2:
+                runs.append((control[part], train))
+            elif part:
+                add_text(part, train)
+    ids: list[int] = []
+    mask: list[int] = []
+    for run, train in runs:
+        piece_ids = [run] if isinstance(run, int) else encode_text(run)
+        ids += piece_ids
+        mask += [int(train)] * len(piece_ids)
+    return ids, mask
+
+
+def _text_only(hf_tokenizer: _HFTokenizer) -> tuple[_HFTokenizer, dict[str, int]]:
+    """A copy of ``hf_tokenizer`` that encodes every string as text, and its added tokens (str -> id).
+
+    The copy has no added tokens (so nothing is split out of the text) and its model's entries
+    for those ids are renamed to strings no pre-tokenizer can produce (a NUL byte is never a
+    byte-level symbol), so no text reaches a control id. ``encode_text`` still checks.
+    """
+    added = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items()}
+    spec = json.loads(hf_tokenizer.to_str())
+    spec["added_tokens"] = []
+    spec["post_processor"] = None
+    vocab = spec.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        for token, token_id in added.items():
+            if vocab.get(token) == token_id:
+                del vocab[token]
+                vocab[f"\x00control:{token_id}"] = token_id
+    return _HFTokenizer.from_str(json.dumps(spec)), added
+
+
 class Tokenizer:
     """A trained byte-level BPE vocabulary with nanoseek's special tokens and chat template."""
 
@@ -129,6 +242,10 @@ class Tokenizer:
             setattr(self, attr, token_id)
         self.special_ids = frozenset(getattr(self, a) for a in SPECIAL_TOKENS)
         self.hash = _canonical_hash(hf_tokenizer.to_str())
+        # every added token (DeepSeek's seven and any other) is a control token: only template
+        # pieces produce them; _text_tk encodes content as text.
+        self._text_tk, self.control_tokens = _text_only(hf_tokenizer)
+        self._control_ids = frozenset(self.control_tokens.values())
 
     # ------------------------------------------------------------------ training and files
     @classmethod
@@ -214,11 +331,29 @@ class Tokenizer:
         return self._tk.id_to_token(token_id)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in ``text`` become their single ids."""
+        """Token ids of raw model input ``text``: control-token strings become their single ids,
+        as in HF's ``tokenizer(text)``. Never for message content (see :meth:`encode_text`)."""
         try:
             return self._tk.encode(text, add_special_tokens=add_bos).ids
         except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
             raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` as text: a control-token string in it (``<｜User｜>``, ``<think>``...)
+        is encoded byte by byte like any other text and decodes back to itself."""
+        try:
+            ids = self._text_tk.encode(text, add_special_tokens=False).ids
+        except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
+            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+        if not self._control_ids.isdisjoint(ids):  # unreachable for byte-level BPE; a guard for odd vocabularies
+            raise TokenizerError(f"this vocabulary encodes the text {text[:40]!r} to a control token; "
+                                 "it cannot keep message content apart from the chat template")
+        return ids
+
+    def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+        """Token ids of a prompt given as ``(text, is_template)`` segments: control tokens come
+        only from template segments; content segments are text (:func:`encode_pieces`)."""
+        return encode_pieces(segments, self.control_tokens, self.encode_text)[0]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """:meth:`encode` over many texts at once (parallel in the Rust library)."""
@@ -229,46 +364,25 @@ class Tokenizer:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
-    def _chat_segments(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
-                       think: bool) -> list[tuple[str, bool]]:
-        """The rendered chat as (text, trained-on) pieces; every boundary falls on a special token."""
-        _check_messages(messages)
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        segments: list[tuple[str, bool]] = [(BOS, False), (system, False)]
-        for m in messages:
-            if m["role"] == "user":
-                segments += [(USER, False), (m["content"], False)]
-            elif m["role"] == "assistant":
-                body = m["content"]
-                if m.get("reasoning") is not None:
-                    body = f"{THINK}\n{m['reasoning']}\n{END_THINK}\n\n{body}"
-                segments += [(ASSISTANT, False), (body, True), (EOS, True)]
-        if add_generation_prompt:
-            segments.append((ASSISTANT, False))
-            if think:
-                segments.append((f"{THINK}\n", False))
-        return [(text, train) for text, train in segments if text]
-
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                             think: bool = False) -> str:
-        """Render ``messages`` ({"role", "content", optional "reasoning"}) as one string."""
-        return "".join(text for text, _ in self._chat_segments(messages, add_generation_prompt, think))
+        """Render ``messages`` ({"role", "content", optional "reasoning"}) as one string, for display
+        and HF parity. A string cannot tell markup from content: encode chats with :meth:`encode_chat`."""
+        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, think))
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                     think: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of the rendered chat and the SFT loss mask.
 
+        Control tokens come only from the template; message content and reasoning are text.
         ``assistant_mask[i]`` is 1 for the tokens an assistant wrote (its reasoning block, its
         answer and its closing EOS) and 0 for BOS, system and user text and the role headers.
-        The ids equal ``encode(apply_chat_template(...))``.
+        For content without control-token strings the ids equal ``encode(apply_chat_template(...))``
+        and transformers' ``apply_chat_template(tokenize=True)``; decoding them always gives
+        ``apply_chat_template(...)`` back.
         """
-        ids: list[int] = []
-        mask: list[int] = []
-        for text, train in self._chat_segments(messages, add_generation_prompt, think):
-            piece = self.encode(text)
-            ids += piece
-            mask += [int(train)] * len(piece)
-        return ids, mask
+        return encode_pieces(chat_pieces(messages, add_generation_prompt, think), self.control_tokens,
+                             self.encode_text)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash[:12]})"

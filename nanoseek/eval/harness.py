@@ -26,6 +26,9 @@ Prompt modes (``mode``):
 * ``r1-zero``: DeepSeek-R1-Zero's plain-text template after BOS (as ``nanoseek grpo`` with
   ``template = "r1-zero"`` trains); stops at ``</answer>``, which is put back before scoring.
 
+In every mode the question is text (``encode_text``, ``encode_chat``, ``encode_segments``): only
+the template makes control tokens, so a question holding ``<｜Assistant｜>`` cannot forge a turn.
+
 Sampling: R1's evaluation settings by default (temperature 0.6, top-p 0.95). Temperature 0 is
 greedy decoding; its k samples would be identical, so k is set to 1 (noted). Every request has
 its own seed derived from ``(seed, problem id, chunk)``, so a problem's samples do not depend on
@@ -110,10 +113,7 @@ def _bos(tokenizer) -> int:
 
 def chat_ids(tokenizer, prompt: str, think: bool = False) -> list[int]:
     """The question as one user turn with the assistant's generation prompt."""
-    messages = [{"role": "user", "content": prompt}]
-    if hasattr(tokenizer, "encode_chat"):
-        return tokenizer.encode_chat(messages, add_generation_prompt=True, think=think)[0]
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=think))
+    return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True, think=think)[0]
 
 
 def fewshot_ids(tokenizer, problem, examples: Sequence) -> list[int]:
@@ -122,8 +122,8 @@ def fewshot_ids(tokenizer, problem, examples: Sequence) -> list[int]:
 
     ids: list[int] = []
     for e in examples:
-        ids += [_bos(tokenizer)] + tokenizer.encode(corpus_document(e))
-    return ids + [_bos(tokenizer)] + tokenizer.encode(f"Question: {problem.prompt}\nSolution:\n")
+        ids += [_bos(tokenizer)] + tokenizer.encode_text(corpus_document(e))
+    return ids + [_bos(tokenizer)] + tokenizer.encode_text(f"Question: {problem.prompt}\nSolution:\n")
 
 
 def prompt_ids(tokenizer, problem, mode: str, examples: Sequence = ()) -> list[int]:
@@ -133,9 +133,9 @@ def prompt_ids(tokenizer, problem, mode: str, examples: Sequence = ()) -> list[i
     if mode in ("chat", "chat-think"):
         return chat_ids(tokenizer, problem.prompt, think=mode == "chat-think")
     if mode == "r1-zero":
-        from nanoseek.data.tasks import r1_zero_prompt
+        from nanoseek.data.tasks import r1_zero_segments
 
-        return [_bos(tokenizer)] + tokenizer.encode(r1_zero_prompt(problem))
+        return [_bos(tokenizer)] + tokenizer.encode_segments(r1_zero_segments(problem))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 

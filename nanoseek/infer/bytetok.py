@@ -3,15 +3,18 @@
 Ids 0-255 are the UTF-8 bytes; DeepSeek's special tokens follow (BOS 256, EOS 257, pad 258,
 ``<｜User｜>`` 259, ``<｜Assistant｜>`` 260, ``<think>`` 261, ``</think>`` 262), so a model needs
 ``vocab_size >= 263``. It has the same interface as ``nanoseek.data.tokenizer.Tokenizer``
-(``encode``, ``decode``, the special ids, ``apply_chat_template``; not the SFT loss mask) and the same
-chat template, which makes tests of the inference engine need no trained tokenizer and no
+(``encode``, ``encode_text``, ``encode_segments``, ``encode_chat``, ``decode``, the special ids,
+``apply_chat_template``) and the same chat template and rule that only the template makes control
+tokens (content is UTF-8 bytes, whatever it holds), which makes tests of the inference engine need no trained tokenizer and no
 checkpoint (nanochat does the same). Decoding bytes that are not valid UTF-8 gives U+FFFD, as
 the real byte-level BPE does, so incremental detokenisation is exercised for real.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+from nanoseek.data.tokenizer import TokenizerError, chat_pieces, encode_pieces
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
@@ -25,8 +28,10 @@ class ByteTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    control_tokens = {s: 256 + k for k, s in enumerate(SPECIALS)}
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """UTF-8 bytes, with special-token strings mapped to their single ids."""
+        """Raw model input: UTF-8 bytes, with special-token strings mapped to their single ids."""
         ids = [self.bos_id] if add_bos else []
         i = 0
         while i < len(text):
@@ -58,23 +63,26 @@ class ByteTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def encode_text(self, text: str) -> list[int]:
+        """UTF-8 bytes of ``text``: special-token strings stay text."""
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # a lone surrogate
+            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+
+    def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+        """``(text, is_template)`` segments: control tokens from template segments only."""
+        return encode_pieces(segments, self.control_tokens, self.encode_text)[0]
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                    think: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, assistant mask) of the chat; message content is text."""
+        return encode_pieces(chat_pieces(messages, add_generation_prompt, think), self.control_tokens,
+                             self.encode_text)
+
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                             think: bool = False) -> str:
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts = [BOS, system]
-        for m in messages:
-            if m["role"] == "user":
-                parts += [USER, m["content"]]
-            elif m["role"] == "assistant":
-                body = m["content"]
-                if m.get("reasoning") is not None:
-                    body = f"{THINK}\n{m['reasoning']}\n{END_THINK}\n\n{body}"
-                parts += [ASSISTANT, body, EOS]
-            elif m["role"] != "system":
-                raise ValueError(f"unknown chat role {m['role']!r}")
-        if add_generation_prompt:
-            parts.append(ASSISTANT + (f"{THINK}\n" if think else ""))
-        return "".join(parts)
+        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, think))
 
 
 __all__ = ["ByteTokenizer"]

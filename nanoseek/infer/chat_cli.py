@@ -3,7 +3,8 @@
 Each answer streams token by token. The model's reasoning (the ``<think>`` block that R1-style
 models write first) is shown dimmed while it is written, then collapsed to one line, "thought
 for N s", once the answer is complete. The conversation is kept and re-sent each turn through
-the chat template (previous reasoning is not re-sent, as DeepSeek-R1 does).
+the chat template (previous reasoning is not re-sent, as DeepSeek-R1 does). What is typed is
+text: a control-token string in it (``<｜Assistant｜>``...) stays text (:func:`encode_turns`).
 
 Commands: ``/reset`` forgets the conversation, ``/samples N`` draws N answers per turn (sharing one
 prefill; with N > 1 the majority answer is shown too, self-consistency), ``/help``, ``/quit``
@@ -117,7 +118,7 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=think))
+        ids = encode_turns(tokenizer, messages, think)
         start = time.perf_counter()
         turns = [_Turn(start) for _ in range(params.n)]
         try:
@@ -137,6 +138,13 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
                 console.print(f"majority answer: {voted} ({support}/{params.n})", style="bold", highlight=False)
         history.append({"role": "assistant", "content": turns[0].answer})
         turns_done += 1
+
+
+def encode_turns(tokenizer, messages: list[dict], think: bool) -> list[int]:
+    """The conversation's prompt ids: what the user typed (and the answers re-sent) is text, so a
+    typed ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` cannot end the turn; only the template
+    makes control tokens."""
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, think=think)[0]
 
 
 def run(args) -> int:

@@ -5,6 +5,10 @@ piped stdin. An input line is either plain text or a JSON object: ``{"prompt": "
 ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (rendered with the chat template).
 ``--chat`` renders plain-text prompts as a single user turn of the chat template too, and
 ``--think`` opens the assistant's ``<think>`` block as DeepSeek-R1's template does.
+Only the template makes control tokens: message content (and a ``--chat`` prompt) is text, so
+``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` typed in it stays text. A raw prompt (no ``--chat``,
+no ``messages``) is the model's whole input: its control-token strings are parsed, as HF's
+``tokenizer(text)`` does, so a hand-written template (``<｜User｜>hi<｜Assistant｜>``) works.
 
 All prompts go to the engine in one batch (more rows than ``--batch-size`` are queued and
 admitted as rows free up). Each output line holds the prompt, its token count and the ``--n``
@@ -110,9 +114,8 @@ def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | No
         messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
         if system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + messages
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=think)
-        return tokenizer.encode(text)
-    return tokenizer.encode(item["prompt"], add_bos=True)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, think=think)[0]
+    return tokenizer.encode(item["prompt"], add_bos=True)  # raw model input: control tokens parsed
 
 
 def build_engine(args, max_batch_size: int):

@@ -168,16 +168,16 @@ def plot_curve(rows: list[dict], path: str, title: str = "") -> None:
 
 def task_prompt_ids(tokenizer, prompt: str, style: str = "chat") -> list[int]:
     """Token ids of a question: "chat" = the chat template with an open ``<think>`` (R1),
-    "r1-zero" = R1-Zero's plain-text template, "plain" = BOS + the question."""
+    "r1-zero" = R1-Zero's plain-text template, "plain" = BOS + the question. The question is
+    text in every style: only the template makes control tokens."""
     if style == "chat":
-        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                              add_generation_prompt=True, think=True))
+        return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True, think=True)[0]
     if style == "r1-zero":
-        from nanoseek.data.tasks import r1_zero_prompt
+        from nanoseek.data.tasks import r1_zero_segments
 
-        return tokenizer.encode(r1_zero_prompt(prompt), add_bos=True)
+        return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(prompt))
     if style == "plain":
-        return tokenizer.encode(prompt, add_bos=True)
+        return [tokenizer.bos_id] + tokenizer.encode_text(prompt)
     raise ValueError(f"prompt style must be 'chat', 'r1-zero' or 'plain', got {style!r}")
 
 

@@ -14,7 +14,8 @@ accuracy (share of pairs with r_w > r_l).
 Pairs come from a JSONL file (see :mod:`nanoseek.post.datasets`) or are built from the current
 model by :func:`build_preference_pairs`: G samples per RL prompt, scored by the verifiers; a
 correct, well-formed sample becomes ``chosen`` and a wrong one ``rejected`` (prompts where all
-samples agree give no pair).
+samples agree give no pair); a sample's leading ``<think>`` block becomes the message's
+``reasoning``, because message content is always text (only the template makes control tokens).
 
 :class:`DPOTask` plugs into the shared trainer (``batches()`` / ``loss(model, batch)``);
 :func:`train_dpo` is the whole stage from a config with a ``[dpo]`` table (:class:`DPOSection`).
@@ -184,9 +185,18 @@ def pairs_from_scored(prompt_messages: list[dict[str, Any]], samples: list[tuple
     rejected = min(bad, key=lambda s: s[1].reward)[0]
     if chosen == rejected:
         return None
-    return PreferenceExample(prompt=prompt_messages, chosen={"role": "assistant", "content": chosen},
-                             rejected={"role": "assistant", "content": rejected}, meta=meta or {},
-                             where="auto")
+    return PreferenceExample(prompt=prompt_messages, chosen=_assistant(chosen), rejected=_assistant(rejected),
+                             meta=meta or {}, where="auto")
+
+
+def _assistant(text: str) -> dict[str, Any]:
+    """A sampled response as an assistant message: a leading think block goes to ``reasoning``, so
+    the template renders its ``<think>`` tags as the control tokens the model wrote (content is text)."""
+    from .distill import split_reasoning
+
+    reasoning, answer = split_reasoning(text)
+    return {"role": "assistant", "content": text} if reasoning is None else \
+        {"role": "assistant", "reasoning": reasoning, "content": answer}
 
 
 def auto_pairs(model, tokenizer, a: DPOSection, reward_fn=None) -> tuple[list[PreferenceExample], dict[str, Any]]:

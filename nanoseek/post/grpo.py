@@ -22,7 +22,8 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
 Templates (``template``): ``r1-zero`` is DeepSeek-R1-Zero's plain-text prompt (no chat markup,
 straight from the base model; the answer goes in ``<answer>`` tags and generation stops at
 ``</answer>`` or EOS); ``chat`` renders the question as a user turn of the chat template and the
-model writes ``<think>...</think>`` itself; ``chat-think`` also pre-fills ``<think>\\n``.
+model writes ``<think>...</think>`` itself; ``chat-think`` also pre-fills ``<think>\\n``. In every
+template the question is text: only the template makes control tokens.
 
 Logged with every step (constant within a rollout): reward mean/std (the overlong penalty
 included), accuracy, format rate, mean/max response length, truncated fraction, zero-std group
@@ -136,9 +137,9 @@ class GRPOConfig:
 def render_prompt(tokenizer, item: RLPrompt, template: str) -> list[int]:
     """Token ids of the prompt a completion follows (see the module doc for the templates)."""
     if template == "r1-zero":
-        from nanoseek.data.tasks import r1_zero_prompt
+        from nanoseek.data.tasks import r1_zero_segments  # the question is text; the template's tags are not
 
-        return [tokenizer.bos_id] + tokenizer.encode(r1_zero_prompt(item.prompt))
+        return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(item.prompt))
     if template in ("chat", "chat-think"):
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": item.prompt}], add_generation_prompt=True,
                                        think=template == "chat-think")

@@ -3,7 +3,10 @@
 Each conversation is rendered with the tokenizer's chat template (DeepSeek-R1 style, an assistant
 ``reasoning`` field becoming ``<think>\\n...\\n</think>\\n\\n``) and turned into next-token labels
 that are ``-100`` everywhere except on what the assistant wrote (its reasoning, its answer and its
-closing EOS): system and user text and the role headers are context, not targets.
+closing EOS): system and user text and the role headers are context, not targets. Message content
+and reasoning are encoded as text (``encode_chat``): a control-token string in the data
+(``<｜User｜>``, ``<think>``...) stays text; only the template makes control tokens, so reasoning
+belongs in the ``reasoning`` field, not as ``<think>`` tags inside ``content``.
 
 Two batching modes:
 

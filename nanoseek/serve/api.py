@@ -8,6 +8,14 @@
 * ``POST /v1/completions``: raw text continuation of one or several prompts (strings or token ids);
 * ``GET /``: the web chat (``static/index.html``), ``GET /health``.
 
+Only the chat template makes control tokens: chat messages are encoded with the tokenizer's
+``encode_chat``, so ``<｜Assistant｜>``, ``<｜end▁of▁sentence｜>``, ``<think>`` or any other
+control-token string inside a message (a user's, or an earlier answer sent back) stays text and
+cannot close its turn or forge another. A ``/v1/completions`` prompt string is raw model input:
+its control-token strings are parsed (``encode``), as HF's ``tokenizer(text)``, vLLM and OpenAI's
+legacy completions do and as lm-eval's chat-templated completion requests need; whoever writes a
+raw prompt writes the whole model input, so there is no one else's turn to forge.
+
 Both completion endpoints stream as server-sent events (``stream: true``; a final usage chunk
 with ``stream_options.include_usage``) or answer in one JSON object, with ``n`` choices, usage
 counts and ``finish_reason`` "stop" or "length". Every request is handed to the engine with
@@ -316,7 +324,7 @@ class OpenAIServer:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         tk = self.tokenizer
         try:
-            return tk.encode(tk.apply_chat_template(req.chat(), add_generation_prompt=True, think=self.think))
+            return tk.encode_chat(req.chat(), add_generation_prompt=True, think=self.think)[0]
         except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
             raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
 
@@ -330,7 +338,7 @@ class OpenAIServer:
         for j, p in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{j}]"
             if isinstance(p, str):
-                try:
+                try:  # raw model input: control-token strings are parsed (module docstring)
                     ids = self.tokenizer.encode(p, add_bos=True)
                 except ValueError as e:
                     raise APIError(400, f"{param}: {e}", param, "invalid_value") from e
@@ -417,7 +425,7 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
 
     ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
     ``max_seq_len``). ``tokenizer``: ``nanoseek.data.tokenizer.Tokenizer`` (or anything with its
-    ``encode``, ``decode``, ``apply_chat_template`` and ``vocab_size``). ``think``: end chat
+    ``encode``, ``encode_chat``, ``decode`` and ``vocab_size``). ``think``: end chat
     prompts with ``<think>\\n`` as DeepSeek-R1's template does (the engine then reads the
     completion as reasoning until ``</think>``).
     """
