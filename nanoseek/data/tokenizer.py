@@ -34,8 +34,9 @@ Design:
 * **Only the template makes control tokens.** A prompt is rendered as pieces, each either
   template (the chat template's own structure, or a fixed prompt like R1-Zero's) or content (a
   message, a question, reasoning). :func:`encode_pieces` turns the control-token strings of
-  template pieces into their single ids and encodes content as plain text with :meth:`Tokenizer.encode_text`
-  (a copy of the vocabulary without its added tokens, whose ids are then unreachable), so a
+  template pieces into their single ids and encodes content as plain text with
+  :meth:`Tokenizer.encode_text` (a copy of the vocabulary without its added tokens, whose ids
+  are then unreachable from text), so a
   message holding ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` can neither close its own turn nor
   write the assistant's: every added token of the vocabulary stays text inside content, and
   decodes back to the same string. Adjacent text is encoded as one run, so for content without
@@ -53,6 +54,7 @@ shards record it and refuse to load with a different tokenizer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -170,6 +172,13 @@ def chat_pieces(messages: Sequence[dict[str, Any]], add_generation_prompt: bool 
     return [p for p in pieces if p.text]
 
 
+@functools.lru_cache(maxsize=16)
+def _control_splitter(control: frozenset[str]) -> re.Pattern | None:
+    """A regex splitting text on the control strings, longest first (a capture group keeps them)."""
+    pattern = "|".join(re.escape(t) for t in sorted(control, key=lambda t: (-len(t), t)))
+    return re.compile(f"({pattern})") if pattern else None
+
+
 def encode_pieces(pieces: Iterable[Piece | tuple[str, bool] | tuple[str, bool, bool]], control: Mapping[str, int],
                   encode_text: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
     """(ids, train mask) of ``pieces``: ``(text, template[, train])``.
@@ -179,8 +188,7 @@ def encode_pieces(pieces: Iterable[Piece | tuple[str, bool] | tuple[str, bool, b
     the same train flag is one run for ``encode_text``, so the ids equal HF's encoding of the
     joined string whenever content holds no control string (HF splits on the same tokens).
     """
-    pattern = "|".join(re.escape(t) for t in sorted(control, key=len, reverse=True))
-    splitter = re.compile(f"({pattern})") if pattern else None
+    splitter = _control_splitter(frozenset(control))
     runs: list[tuple[str | int, bool]] = []   # text runs and control ids, with their train flag
 
     def add_text(text: str, train: bool) -> None:

@@ -5,9 +5,10 @@ Ids 0-255 are the UTF-8 bytes; DeepSeek's special tokens follow (BOS 256, EOS 25
 ``vocab_size >= 263``. It has the same interface as ``nanoseek.data.tokenizer.Tokenizer``
 (``encode``, ``encode_text``, ``encode_segments``, ``encode_chat``, ``decode``, the special ids,
 ``apply_chat_template``) and the same chat template and rule that only the template makes control
-tokens (content is UTF-8 bytes, whatever it holds), which makes tests of the inference engine need no trained tokenizer and no
-checkpoint (nanochat does the same). Decoding bytes that are not valid UTF-8 gives U+FFFD, as
-the real byte-level BPE does, so incremental detokenisation is exercised for real.
+tokens (content is UTF-8 bytes, whatever it holds), which makes tests of the inference engine
+need no trained tokenizer and no checkpoint (nanochat does the same). Decoding bytes that are not
+valid UTF-8 gives U+FFFD, as the real byte-level BPE does, so incremental detokenisation is
+exercised for real.
 """
 
 from __future__ import annotations
