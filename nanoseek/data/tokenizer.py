@@ -36,10 +36,9 @@ Design:
   message, a question, reasoning). :func:`encode_pieces` turns the control-token strings of
   template pieces into their single ids and encodes content as plain text with
   :meth:`Tokenizer.encode_text` (a copy of the vocabulary without its added tokens, whose ids
-  are then unreachable from text), so a
-  message holding ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` can neither close its own turn nor
-  write the assistant's: every added token of the vocabulary stays text inside content, and
-  decodes back to the same string. Adjacent text is encoded as one run, so for content without
+  are then unreachable from text), so a message holding ``<｜Assistant｜>`` or
+  ``<｜end▁of▁sentence｜>`` can neither close its own turn nor write the assistant's: every added
+  token of the vocabulary stays text inside content, and decodes back to the same string. Adjacent text is encoded as one run, so for content without
   control-token strings the ids equal HF's encoding of the whole rendered string:
   :meth:`Tokenizer.encode_chat` equals ``transformers``' ``apply_chat_template(tokenize=True)``.
   It differs (on purpose) when content holds such strings: transformers renders the chat to a
