@@ -24,8 +24,10 @@ The resolved config a run records leaves those keys out, so it reads back as it 
 run's ``final/``, else its ``latest`` checkpoint, and the config records that directory.
 Integers are accepted where a float is expected, nothing else is coerced. ``--set`` values are
 read as TOML literals (``1e-3``, ``true``, ``[0.9, 0.95]``, ``"x"``) and fall back to a bare
-string (``--set data.dir=/tmp/d``); ``null``/``none`` sets an optional key to None. Overrides go
-through the same validation as the file.
+string (``--set data.dir=/tmp/d``); ``null``/``none`` sets an optional key to None and unsets any
+other key (its default applies): the way to drop a key the recipe file writes, e.g. ``--set
+optim.decay_fraction=null --set optim.schedule=cosine``. Overrides go through the same validation
+as the file.
 
 The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`dumps_toml`) takes any
 mapping of table name -> dataclass, so post-training stages reuse it with their own sections.
@@ -216,6 +218,15 @@ def check_value(value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
 
 
+def _optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _written(given: Any) -> set[str]:
+    """The keys of a user's table that set something (``null`` unsets)."""
+    return {k for k, v in given.items() if v is not None} if isinstance(given, dict) else set()
+
+
 def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: set[str] | None = None) -> Any:
     """One TOML table -> dataclass ``cls``. ``extra_keys`` (e.g. HF model fields) go to ``fields``."""
     if not isinstance(raw, dict):
@@ -225,6 +236,8 @@ def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: se
     kwargs: dict[str, Any] = {}
     extras: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in names and value is None and not _optional(hints[key]):
+            continue                      # `--set table.key=null`: unset, the default applies
         if key in names:
             kwargs[key] = check_value(value, hints[key], f"{source}: [{section}] {key}")
         elif extra_keys is not None and key in extra_keys:
@@ -389,35 +402,36 @@ def _schedule_no_effect(o: OptimSection) -> list[str]:
 
 def check_data_keys(data: DataSection, given: dict[str, Any], source: str) -> None:
     """``[data]`` keys the user wrote (``given``, before defaults) that the chosen source would ignore: an error."""
-    if not isinstance(given, dict):
-        return
-    unused = [k for k in no_effect_keys(TrainConfig(data=data))["data"] if k in given]
+    unused = [k for k in no_effect_keys(TrainConfig(data=data))["data"] if k in _written(given)]
     if not unused:
         return
     if data.source == "synthetic":
         what = f" to train on {data.dir!r}" if "dir" in unused else ""
         raise ConfigError(f"{source}: [data] {', '.join(unused)} would have no effect with source = 'synthetic' "
                           f"(generated token ids, no files are read); set data.source = \"packed\" "
-                          f"(--set data.source=packed){what}, or drop the key")
+                          f"(--set data.source=packed){what}, or drop the key (--set data.{unused[0]}=null)")
     raise ConfigError(f"{source}: [data] {', '.join(unused)} would have no effect with val_batches = 0 (no "
-                      "validation); set val_batches > 0, or drop the key")
+                      "validation); set val_batches > 0, or drop the key (--set data.val_split=null)")
 
 
 def check_schedule_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
     """Decay settings the chosen ``schedule`` would silently ignore: an error. ``given`` is the
     ``[optim]`` table as the user wrote it (before any defaults were merged)."""
-    unused = [k for k in _schedule_no_effect(optim) if k in given]
+    unused = [k for k in _schedule_no_effect(optim) if k in _written(given)]
     if not unused:
         return
     if optim.schedule == "constant":
         raise ConfigError(f"{source}: [optim] {', '.join(unused)} would have no effect "
                           f"with schedule = 'constant' (the lr stays at {optim.lr}); set schedule = 'wsd' or "
-                          "'cosine' to decay, or drop the key" + ("" if unused != ["min_lr"] else " (or min_lr = lr)"))
+                          f"'cosine' to decay, or drop the key (--set optim.{unused[0]}=null)"
+                          + ("" if unused != ["min_lr"] else " (or min_lr = lr)"))
     if optim.schedule == "cosine":
         raise ConfigError(f"{source}: [optim] {', '.join(unused)} would have no effect with schedule = 'cosine' "
-                          "(it decays over the whole run); set schedule = 'wsd' to place the decay, or drop the key")
+                          "(it decays over the whole run); set schedule = 'wsd' to place the decay, or drop the key "
+                          f"(--set optim.{unused[0]}=null)")
     raise ConfigError(f"{source}: [optim] decay_fraction would have no effect next to decay_steps = "
-                      f"{optim.decay_steps} (the decay covers the last decay_steps steps); drop one of them")
+                      f"{optim.decay_steps} (the decay covers the last decay_steps steps); drop one of them "
+                          "(--set optim.decay_fraction=null)")
 
 
 def _resolve_init_from(cfg: TrainConfig, source: str) -> None:
