@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _sets(prefix: str, items: list[str]) -> list[str]:
 
 SHRINK: dict[str, list[str]] = {
     "demo": ["--tokens", "4"],
-    "data prepare": [],
+    "data prepare": ["--task-docs", "2000"],
     "pretrain": ["--set", "train.max_steps=4", "--quiet"],
     "sft": ["--steps", "2", "--set", "sft.num_examples=16", "--quiet"],
     "grpo": ["--steps", "1", *_sets("grpo", _GRPO_SMALL), "--quiet"],
@@ -155,17 +156,21 @@ def _serve_once(argv: list[str], cwd: Path) -> None:
             assert proc.poll() is None, f"serve exited with {proc.returncode}: {proc.stdout.read()}"
             try:
                 with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
-                    assert r.status == 200
+                    model_id = json.loads(r.read())["data"][0]["id"]
                     break
             except OSError:
                 assert time.time() < deadline, "serve did not come up within 60 s"
                 time.sleep(0.2)
-        body = json.dumps({"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 8}).encode()
+        body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                           "max_tokens": 8}).encode()
         req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            out = json.loads(r.read())
-        assert r.status == 200 and out["choices"][0]["message"]["role"] == "assistant"
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                out = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"serve answered {e.code}: {e.read()[:500]!r}") from None
+        assert out["choices"][0]["message"]["role"] == "assistant"
     finally:
         proc.terminate()
         try:
@@ -400,38 +405,55 @@ def test_pretraining_init_from_takes_a_run_folder(packed_run, data_dir, tmp_path
     assert _tiny(tmp_path / "bad", f"model.init_from={tmp_path / 'nothing'}") == 2
 
 
+class _Rows:
+    """A validation loader holding fixed rows (the interface PretrainTask.evaluate uses)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.done = x, y, False
+
+    def state_dict(self):
+        return {"done": False}
+
+    def load_state_dict(self, state):
+        self.done = state["done"]
+
+    def __next__(self):
+        if self.done:
+            raise StopIteration
+        self.done = True
+        return self.x, self.y, []
+
+
 def test_val_bpb_is_bits_per_byte_by_the_eval_rule(packed_run, data_dir):
-    """The trainer's val_bpb on its validation rows = nats / ln 2 / UTF-8 bytes of the text targets,
-    computed independently here (special-token targets are left out of both sums, as in
-    ``nanoseek eval --data``)."""
+    """The trainer's val_bpb = nats / ln 2 / UTF-8 bytes over the targets that stand for text,
+    computed independently here on rows with document boundaries (BOS targets count in neither
+    sum), and equal to ``nanoseek eval --data``'s bits_per_byte on the same rows."""
     import torch.nn.functional as F
 
-    from nanoseek.data.loader import PackedLoader
     from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.eval.bpb import bits_per_byte
     from nanoseek.model.checkpoint import from_pretrained
+    from nanoseek.train.pretrain import PretrainTask, token_byte_lengths
 
-    evs = [json.loads(x) for x in (packed_run / "metrics.jsonl").read_text().splitlines()]
-    last = [e for e in evs if e.get("event") == "eval"][-1]
     tok = Tokenizer.load(data_dir / "tokenizer")
     model = from_pretrained(packed_run / "final", dtype=torch.float32).eval()
-    model.use_mtp = False
-    val = PackedLoader(data_dir, "val", 2, 32, shuffle=False, infinite=False)
-    nats, n_bytes = 0.0, 0
+    texts = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld: 12 + 30 = 42.", "日本語 and more text."]
+    docs = [tok.encode(t, add_bos=True) for t in texts] * 4
+    stream = torch.tensor([i for d in docs for i in d])
+    T = 16
+    rows = (len(stream) - 1) // T
+    idx = torch.arange(rows)[:, None] * T + torch.arange(T + 1)[None, :]
+    x, y = stream[idx][:, :-1], stream[idx][:, 1:]
+    assert any(int(t) in tok.special_ids for t in y.flatten())          # the rows cross documents
+    task = PretrainTask(None, _Rows(x, y), 0.0, 1, token_byte_lengths(tok))
+    res = task.evaluate(model)
     with torch.no_grad():
-        for _ in range(2):
-            x, y, _ = next(val)
-            nll = F.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten(), reduction="none")
-            for t, v in zip(y.flatten().tolist(), nll.tolist()):
-                if t in tok.special_ids:
-                    continue
-                nats += v
-            n_bytes += len(tok.decode(y.flatten().tolist(), skip_special_tokens=True).encode("utf-8"))
-    assert last["val_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-4)
-    # and `nanoseek eval`'s bits_per_byte uses the same rule (one helper)
-    from nanoseek.eval.bpb import bpb_sums, token_bytes_table
-
-    x, y, _ = next(PackedLoader(data_dir, "val", 2, 32, shuffle=False, infinite=False))
-    with torch.no_grad():
-        dn, dt, db = bpb_sums(model(x).logits, y, token_bytes_table(tok, model.config.vocab_size))
-    keep = [t for t in y.flatten().tolist() if t not in tok.special_ids]
-    assert dt == len(keep) and db == len(tok.decode(keep).encode("utf-8")) and dn > 0
+        nll = F.cross_entropy(model(x).logits.float().flatten(0, 1), y.flatten(), reduction="none")
+    text = [i for i, t in enumerate(y.flatten().tolist()) if t not in tok.special_ids]
+    # consecutive rows are contiguous in the stream, so the targets decode as one text
+    n_bytes = len(tok.decode(y.flatten().tolist(), skip_special_tokens=True).encode("utf-8"))
+    expected = float(nll[text].sum()) / math.log(2) / n_bytes
+    assert res["val_bpb"] == pytest.approx(expected, rel=1e-5)
+    assert res["val_loss"] == pytest.approx(float(nll.mean()), rel=1e-5)   # the loss still covers every target
+    ev = bits_per_byte(model, docs, tok, seq_len=T, max_tokens=rows * T, batch_size=rows)
+    assert ev.bpb == pytest.approx(res["val_bpb"], rel=1e-5) and ev.bytes == n_bytes
