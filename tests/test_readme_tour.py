@@ -313,6 +313,16 @@ def test_recorded_config_reads_back_and_resumes(tmp_path, sets):
     assert main(["pretrain", "--out-dir", str(run), "--resume", "--quiet", "--set", "train.max_steps=3"]) == 0
 
 
+def test_a_synthetic_run_has_no_tokenizer_and_the_error_says_why(tmp_path, capsys):
+    assert _tiny(tmp_path / "r") == 0
+    capsys.readouterr()
+    assert main(["sft", "--model", str(tmp_path / "r"), "--out", str(tmp_path / "s"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "synthetic token ids" in err and "data.source=packed" in err and len(err.strip().splitlines()) == 1
+    assert main(["chat", "--model", str(tmp_path / "r")]) == 2
+    assert "synthetic token ids" in capsys.readouterr().err
+
+
 def test_synthetic_run_reports_no_bits_per_byte(tmp_path):
     assert _tiny(tmp_path / "r", "data.val_batches=1") == 0
     evs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

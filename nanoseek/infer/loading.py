@@ -72,6 +72,26 @@ def find_tokenizer(checkpoint: str | Path) -> Path | None:
     return None
 
 
+def no_tokenizer_hint(checkpoint: str | Path) -> str:
+    """Why a checkpoint may have no tokenizer, when its run says so: a run on synthetic token ids
+    (``[data] source = "synthetic"`` in the run's ``config.toml``) never had one."""
+    d = Path(checkpoint).resolve()
+    for base in [d, *list(d.parents)[:3]]:
+        cfg = base / "config.toml"
+        if cfg.is_file():
+            try:
+                import tomllib
+
+                source = tomllib.loads(cfg.read_text(encoding="utf-8")).get("data", {}).get("source")
+            except (OSError, ValueError, AttributeError):
+                return ""
+            if source == "synthetic":
+                return (f"; {base} was trained on synthetic token ids, which have no tokenizer: pre-train on "
+                        "prepared data (--set data.source=packed --set data.dir=DIR) to get one")
+            return ""
+    return ""
+
+
 def load_tokenizer(path: str | Path):
     from nanoseek.data.tokenizer import Tokenizer
 
@@ -88,7 +108,7 @@ def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = Non
     if tok_file is None and require_tokenizer:
         places = [str(b) for b in [ckpt, *list(ckpt.resolve().parents)[:3]]]
         raise LoadError(f"no tokenizer.json for {ckpt} (searched {', '.join(places)} and their tokenizer/ "
-                        "folders); pass --tokenizer PATH")
+                        "folders); pass --tokenizer PATH" + no_tokenizer_hint(ckpt))
     tokenizer = load_tokenizer(tok_file) if tok_file is not None else None
     model = from_pretrained(ckpt, dtype=dtype, device=device).eval()
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
@@ -97,4 +117,4 @@ def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = Non
     return model, tokenizer
 
 
-__all__ = ["resolve_checkpoint", "find_tokenizer", "load_tokenizer", "load_for_inference", "LoadError"]
+__all__ = ["resolve_checkpoint", "find_tokenizer", "no_tokenizer_hint", "load_tokenizer", "load_for_inference", "LoadError"]
