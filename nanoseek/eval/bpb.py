@@ -6,7 +6,10 @@ for instead: ``bpb = sum(nats) / ln 2 / sum(bytes)``. A token's byte count is th
 byte-level string (``nanoseek.train.pretrain.token_byte_lengths``, the same table the trainer's
 ``val_bpb`` uses; 1 for the byte tokenizer's ids 0-255), and special tokens (BOS, EOS, role and
 think markers) count 0 bytes: their targets are left out of both sums, so a model is not scored on
-predicting document boundaries.
+predicting document boundaries. :func:`bpb_sums` is that rule, and the one place it lives: the
+trainer's ``val_bpb`` (``nanoseek.train.pretrain``) uses it too, so the two figures agree on the
+same text. Bits per byte needs a tokenizer: a run on synthetic token ids (no bytes behind them)
+reports ``val_loss`` only, never a ``val_bpb``.
 
 Text comes from the ``val`` split of a prepared data directory (``nanoseek data prepare``) or
 from token-id documents passed in. Documents (each starting with BOS) are concatenated in order
@@ -52,6 +55,22 @@ def token_bytes_table(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
     if vocab_size is not None and vocab_size > len(table):
         table = torch.cat([table, torch.zeros(vocab_size - len(table), dtype=torch.long)])
     return table
+
+
+def bpb_sums(logits: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor) -> tuple[float, int, int]:
+    """(nats, tokens, bytes) of next-token predictions, over the targets that stand for text:
+    ``logits [..., V]``, ``targets [...]`` (-100: ignored), ``token_bytes [>=V]`` bytes per id;
+    targets worth 0 bytes (special tokens) are left out of all three sums."""
+    y = targets.reshape(-1)
+    valid = y != -100
+    b = torch.zeros_like(y)
+    b[valid] = token_bytes.to(y.device)[y[valid]]
+    keep = b > 0
+    if not bool(keep.any()):
+        return 0.0, 0, 0
+    flat = logits.reshape(-1, logits.shape[-1])[keep].float()
+    nll = F.cross_entropy(flat, y[keep], reduction="sum")
+    return float(nll), int(keep.sum()), int(b.sum())
 
 
 def _val_documents(data_dir: str | Path, tokenizer, split: str) -> Iterator[Sequence[int]]:
@@ -103,12 +122,8 @@ def bits_per_byte(model, source: str | Path | Sequence[Sequence[int]], tokenizer
             chunk = stream[idx]
             x, y = chunk[:, :-1].to(device), chunk[:, 1:]
             logits = model(x).logits.float().cpu()                                     # [B, T, V]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-            b = token_bytes[y.reshape(-1)]
-            keep = b > 0
-            nats += float(nll[keep].sum())
-            n_tok += int(keep.sum())
-            n_bytes += int(b.sum())
+            dn, dt, db = bpb_sums(logits, y, token_bytes)
+            nats, n_tok, n_bytes = nats + dn, n_tok + dt, n_bytes + db
     finally:
         model.use_mtp = use_mtp
         model.train(was_training)
@@ -118,4 +133,4 @@ def bits_per_byte(model, source: str | Path | Sequence[Sequence[int]], tokenizer
                      source=name)
 
 
-__all__ = ["bits_per_byte", "token_bytes_table", "BpbResult"]
+__all__ = ["bits_per_byte", "bpb_sums", "token_bytes_table", "BpbResult"]

@@ -190,12 +190,10 @@ class Stage:
         return self.dir / SAMPLES
 
     def checkpoint(self) -> Path | None:
-        """The stage's HF checkpoint directory: ``final/`` when the stage finished, else the one
-        :func:`nanoseek.infer.loading.resolve_checkpoint` finds (``latest``, ...), or None."""
+        """The stage's HF checkpoint directory, as :func:`nanoseek.infer.loading.resolve_checkpoint`
+        finds it (``final/`` when the stage finished, else ``latest``, ...), or None."""
         if not self.dir.is_dir():
             return None
-        if (self.dir / "final" / "config.json").is_file():
-            return self.dir / "final"
         from nanoseek.infer.loading import LoadError, resolve_checkpoint
 
         try:

@@ -4,10 +4,18 @@
 
 * an HF-format checkpoint directory (``config.json`` + safetensors): nanoseek's own, or any
   DeepSeek-V3/V2-architecture checkpoint;
-* a run folder: the checkpoint ``RUN/latest`` points to (else the newest
-  ``RUN/checkpoints/step-*``), or an HF directory directly inside it (``final``, ``model``, ``hf``).
+* a run folder: its finished model ``RUN/final`` when it exists, else the checkpoint
+  ``RUN/latest`` points to (else the newest ``RUN/checkpoints/step-*``), else an HF directory
+  ``RUN/model`` or ``RUN/hf``.
 
-The tokenizer (``tokenizer.json``) is looked for in the checkpoint directory, a ``tokenizer/``
+:func:`resolve_checkpoint` is the one place that decides this: the CLIs (chat, generate, serve,
+eval), the post-training stages' ``init_from``, pre-training's ``[model] init_from`` and the
+report's stages all call it.
+
+Every checkpoint the trainer writes (``final/`` and each ``checkpoints/step-*``) carries the
+tokenizer it was trained with (``tokenizer.json``, ``tokenizer_config.json``) when the run had one
+(packed data, post-training); a run on synthetic tokens has none. The tokenizer is looked for in
+the checkpoint directory, a ``tokenizer/``
 folder next to it, and the same two places in each parent up to three levels up (so a run
 folder's tokenizer serves all its checkpoints); ``tokenizer_path`` overrides the search.
 Errors list every place that was searched.
@@ -17,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HF_SUBDIRS = ("final", "model", "hf")
+HF_SUBDIRS = ("final", "model", "hf")     # HF directories a run folder may hold, "final" first
 
 
 class LoadError(ValueError):
@@ -25,7 +33,8 @@ class LoadError(ValueError):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The HF checkpoint directory ``path`` names (see the module docstring)."""
+    """The HF checkpoint directory ``path`` names: itself, else ``final/``, else ``latest``, else
+    ``model/`` or ``hf/`` (see the module docstring). Raises :class:`LoadError` listing what was tried."""
     p = Path(path)
     if not p.exists():
         raise LoadError(f"{p}: no such file or directory")
@@ -34,6 +43,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "config.json").exists():
         return p
     tried = [str(p / "config.json")]
+    if (p / "final" / "config.json").exists():
+        return p / "final"
+    tried.append(str(p / "final" / "config.json"))
     try:
         from nanoseek.train.checkpoint import latest_checkpoint
     except ImportError:                       # the trainer is optional for inference
@@ -43,7 +55,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if ckpt is not None and (ckpt / "config.json").exists():
             return ckpt
         tried.append(f"{p}/latest and {p}/checkpoints/step-*")
-    for sub in HF_SUBDIRS:
+    for sub in HF_SUBDIRS[1:]:
         if (p / sub / "config.json").exists():
             return p / sub
         tried.append(str(p / sub / "config.json"))
@@ -58,6 +70,26 @@ def find_tokenizer(checkpoint: str | Path) -> Path | None:
             if cand.is_file():
                 return cand
     return None
+
+
+def no_tokenizer_hint(checkpoint: str | Path) -> str:
+    """Why a checkpoint may have no tokenizer, when its run says so: a run on synthetic token ids
+    (``[data] source = "synthetic"`` in the run's ``config.toml``) never had one."""
+    d = Path(checkpoint).resolve()
+    for base in [d, *list(d.parents)[:3]]:
+        cfg = base / "config.toml"
+        if cfg.is_file():
+            try:
+                import tomllib
+
+                source = tomllib.loads(cfg.read_text(encoding="utf-8")).get("data", {}).get("source")
+            except (OSError, ValueError, AttributeError):
+                return ""
+            if source == "synthetic":
+                return (f"; {base} was trained on synthetic token ids, which have no tokenizer: pre-train on "
+                        "prepared data (--set data.source=packed --set data.dir=DIR) to get one")
+            return ""
+    return ""
 
 
 def load_tokenizer(path: str | Path):
@@ -76,7 +108,7 @@ def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = Non
     if tok_file is None and require_tokenizer:
         places = [str(b) for b in [ckpt, *list(ckpt.resolve().parents)[:3]]]
         raise LoadError(f"no tokenizer.json for {ckpt} (searched {', '.join(places)} and their tokenizer/ "
-                        "folders); pass --tokenizer PATH")
+                        "folders); pass --tokenizer PATH" + no_tokenizer_hint(ckpt))
     tokenizer = load_tokenizer(tok_file) if tok_file is not None else None
     model = from_pretrained(ckpt, dtype=dtype, device=device).eval()
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
@@ -85,4 +117,4 @@ def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = Non
     return model, tokenizer
 
 
-__all__ = ["resolve_checkpoint", "find_tokenizer", "load_tokenizer", "load_for_inference", "LoadError"]
+__all__ = ["resolve_checkpoint", "find_tokenizer", "no_tokenizer_hint", "load_tokenizer", "load_for_inference", "LoadError"]

@@ -184,14 +184,14 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
 
 def load_tokenizer_for(checkpoint: Path | None, explicit: str = ""):
     """The tokenizer at ``explicit``, else the one found next to ``checkpoint``."""
-    from nanoseek.infer.loading import find_tokenizer, load_tokenizer
+    from nanoseek.infer.loading import find_tokenizer, load_tokenizer, no_tokenizer_hint
 
     if explicit:
         return load_tokenizer(explicit)
     found = find_tokenizer(checkpoint) if checkpoint is not None else None
     if found is None:
         raise UserError(f"no tokenizer.json found for {checkpoint} (nor in its parent folders); set the stage's "
-                        "'tokenizer' key to a tokenizer directory")
+                        "'tokenizer' key to a tokenizer directory" + (no_tokenizer_hint(checkpoint) if checkpoint else ""))
     return load_tokenizer(found)
 
 

@@ -4,6 +4,8 @@ Layout of one checkpoint (``RUN/checkpoints/step-000100/``)::
 
     config.json, model.safetensors    the model, HF format (``save_pretrained``): loads in
                                       ``from_pretrained`` and in transformers as it is
+    tokenizer.json, tokenizer_config.json   the run's tokenizer (when it has one), so every
+                                      checkpoint serves, chats and fine-tunes on its own
     trainer_state.json                step, tokens, elapsed time, RNG states, data-loader state,
                                       spike-guard state, hook state, optimizer hyper-parameters
     trainer_state.safetensors         every tensor of that state (AdamW moments, torch RNG states)
@@ -149,15 +151,16 @@ def remove_partials(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write ``checkpoints/step-{step:06d}`` atomically, point ``latest`` at it, keep the last K."""
+                    keep_last: int, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``checkpoints/step-{step:06d}`` atomically, point ``latest`` at it, keep the last K.
+    ``extra_files`` ({name: text}, the run's tokenizer files) are written into the checkpoint too."""
     d = checkpoints_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:06d}"
     tmp = d / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pretrained(model, tmp)
+        save_pretrained(model, tmp, extra_files=extra_files)
         meta, tensors = flatten_state(state)
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))

@@ -13,10 +13,21 @@ A training recipe is one TOML file with up to six tables::
 
 Every key is checked: an unknown table or key is an error naming it, its table and the valid
 keys; a value of the wrong type is an error naming the key, the expected and the given type.
+A key that is written but would have no effect (:func:`no_effect_keys`) is an error naming it
+and what to set instead, never silently ignored: ``[data] dir``, ``train_split`` and
+``val_split`` with ``source = "synthetic"`` (set ``data.source = "packed"`` to read a prepared
+directory), ``val_split`` with ``val_batches = 0``, and the decay keys of a schedule that does not
+decay that way (``decay_fraction``/``decay_steps``/``decay_shape``/``min_lr`` under ``constant``,
+the first three under ``cosine``, ``decay_fraction`` next to ``decay_steps`` under ``wsd``).
+The resolved config a run records leaves those keys out, so it reads back as it was.
+``[model] init_from`` may name a run folder: it resolves (``nanoseek.infer.loading``) to the
+run's ``final/``, else its ``latest`` checkpoint, and the config records that directory.
 Integers are accepted where a float is expected, nothing else is coerced. ``--set`` values are
 read as TOML literals (``1e-3``, ``true``, ``[0.9, 0.95]``, ``"x"``) and fall back to a bare
-string (``--set data.dir=/tmp/d``); ``null``/``none`` sets an optional key to None. Overrides go
-through the same validation as the file.
+string (``--set data.dir=/tmp/d``); ``null``/``none`` sets an optional key to None and unsets any
+other key (its default applies): the way to drop a key the recipe file writes, e.g. ``--set
+optim.decay_fraction=null --set optim.schedule=cosine``. Overrides go through the same validation
+as the file.
 
 The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`dumps_toml`) takes any
 mapping of table name -> dataclass, so post-training stages reuse it with their own sections.
@@ -207,6 +218,15 @@ def check_value(value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
 
 
+def _optional(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _written(given: Any) -> set[str]:
+    """The keys of a user's table that set something (``null`` unsets)."""
+    return {k for k, v in given.items() if v is not None} if isinstance(given, dict) else set()
+
+
 def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: set[str] | None = None) -> Any:
     """One TOML table -> dataclass ``cls``. ``extra_keys`` (e.g. HF model fields) go to ``fields``."""
     if not isinstance(raw, dict):
@@ -216,6 +236,8 @@ def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: se
     kwargs: dict[str, Any] = {}
     extras: dict[str, Any] = {}
     for key, value in raw.items():
+        if key in names and value is None and not _optional(hints[key]):
+            continue                      # `--set table.key=null`: unset, the default applies
         if key in names:
             kwargs[key] = check_value(value, hints[key], f"{source}: [{section}] {key}")
         elif extra_keys is not None and key in extra_keys:
@@ -356,25 +378,82 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     return cfg
 
 
-def check_schedule_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
-    """Decay settings written under ``schedule = "constant"`` would be silently ignored: an error.
-    ``given`` is the ``[optim]`` table as the user wrote it (before any defaults were merged)."""
-    if optim.schedule != "constant":
+def no_effect_keys(cfg: TrainConfig) -> dict[str, list[str]]:
+    """{table: keys} that would have no effect with this config's ``[data] source`` / ``val_batches``
+    and ``[optim] schedule`` (see the module docstring). Written keys among them are errors
+    (:func:`check_data_keys`, :func:`check_schedule_keys`); :func:`config_to_toml` leaves them out."""
+    d, o = cfg.data, cfg.optim
+    out: dict[str, list[str]] = {"data": [], "optim": []}
+    if d.source == "synthetic":
+        out["data"] += ["dir", "train_split", "val_split"]
+    elif d.val_batches == 0:
+        out["data"].append("val_split")
+    out["optim"] = _schedule_no_effect(o)
+    return out
+
+
+def _schedule_no_effect(o: OptimSection) -> list[str]:
+    if o.schedule == "constant":
+        return ["min_lr"] * (o.min_lr != o.lr) + ["decay_fraction", "decay_steps", "decay_shape"]
+    if o.schedule == "cosine":
+        return ["decay_fraction", "decay_steps", "decay_shape"]
+    return ["decay_fraction"] if o.decay_steps is not None else []
+
+
+def check_data_keys(data: DataSection, given: dict[str, Any], source: str) -> None:
+    """``[data]`` keys the user wrote (``given``, before defaults) that the chosen source would ignore: an error."""
+    unused = [k for k in no_effect_keys(TrainConfig(data=data))["data"] if k in _written(given)]
+    if not unused:
         return
-    unused = [k for k in ("decay_fraction", "decay_steps", "decay_shape") if k in given]
-    if "min_lr" in given and given["min_lr"] != optim.lr:
-        unused.insert(0, "min_lr")
-    if unused:
+    if data.source == "synthetic":
+        what = f" to train on {data.dir!r}" if "dir" in unused else ""
+        raise ConfigError(f"{source}: [data] {', '.join(unused)} would have no effect with source = 'synthetic' "
+                          f"(generated token ids, no files are read); set data.source = \"packed\" "
+                          f"(--set data.source=packed){what}, or drop the key (--set data.{unused[0]}=null)")
+    raise ConfigError(f"{source}: [data] {', '.join(unused)} would have no effect with val_batches = 0 (no "
+                      "validation); set val_batches > 0, or drop the key (--set data.val_split=null)")
+
+
+def check_schedule_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
+    """Decay settings the chosen ``schedule`` would silently ignore: an error. ``given`` is the
+    ``[optim]`` table as the user wrote it (before any defaults were merged)."""
+    unused = [k for k in _schedule_no_effect(optim) if k in _written(given)]
+    if not unused:
+        return
+    if optim.schedule == "constant":
         raise ConfigError(f"{source}: [optim] {', '.join(unused)} would have no effect "
                           f"with schedule = 'constant' (the lr stays at {optim.lr}); set schedule = 'wsd' or "
-                          "'cosine' to decay, or drop the key" + ("" if unused != ["min_lr"] else " (or min_lr = lr)"))
+                          f"'cosine' to decay, or drop the key (--set optim.{unused[0]}=null)"
+                          + ("" if unused != ["min_lr"] else " (or min_lr = lr)"))
+    if optim.schedule == "cosine":
+        raise ConfigError(f"{source}: [optim] {', '.join(unused)} would have no effect with schedule = 'cosine' "
+                          "(it decays over the whole run); set schedule = 'wsd' to place the decay, or drop the key "
+                          f"(--set optim.{unused[0]}=null)")
+    raise ConfigError(f"{source}: [optim] decay_fraction would have no effect next to decay_steps = "
+                      f"{optim.decay_steps} (the decay covers the last decay_steps steps); drop one of them "
+                          "(--set optim.decay_fraction=null)")
+
+
+def _resolve_init_from(cfg: TrainConfig, source: str) -> None:
+    """A run folder in ``[model] init_from`` -> the checkpoint directory it means (final/, latest)."""
+    if not cfg.model.init_from:
+        return
+    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+
+    try:
+        cfg.model.init_from = str(resolve_checkpoint(cfg.model.init_from))
+    except LoadError as e:
+        raise ConfigError(f"{source}: [model] init_from: {e}") from None
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     """A raw dict (as read from TOML) -> validated :class:`TrainConfig`."""
     parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(ModelConfig.field_names())})
     check_schedule_keys(parts["optim"], raw.get("optim") or {}, source)
-    return check_train_config(TrainConfig(**parts, source=source), source)
+    check_data_keys(parts["data"], raw.get("data") or {}, source)
+    cfg = TrainConfig(**parts, source=source)
+    _resolve_init_from(cfg, source)
+    return check_train_config(cfg, source)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -455,11 +534,18 @@ def dumps_toml(doc: dict[str, dict[str, Any]], header: str = "") -> str:
 
 
 def config_to_toml(cfg: TrainConfig) -> str:
-    """The resolved config as TOML; reading it back gives the same :class:`TrainConfig`."""
-    return dumps_toml(cfg.to_dict(), header=f"Resolved nanoseek training config (from {cfg.source})")
+    """The resolved config as TOML; reading it back gives the same :class:`TrainConfig`. Keys that
+    have no effect (:func:`no_effect_keys`, all at their defaults) are left out, or reading it back
+    would refuse them."""
+    doc = cfg.to_dict()
+    for table, keys in no_effect_keys(cfg).items():
+        for k in keys:
+            doc[table].pop(k, None)
+    return dumps_toml(doc, header=f"Resolved nanoseek training config (from {cfg.source})")
 
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
-           "apply_overrides", "check_train_config", "config_from_dict", "read_toml", "load_config", "resolve_config_path",
+           "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys", "no_effect_keys",
+           "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]

@@ -198,7 +198,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """See the module docstring. ``run_dir`` defaults to ``train.out_dir``."""
+    """See the module docstring. ``run_dir`` defaults to ``train.out_dir``; ``final_files``
+    ({name: text}: the tokenizer files) go into every checkpoint and into ``final/``."""
 
     def __init__(self, model: torch.nn.Module, task: Task, optim: OptimSection, train: TrainSection,
                  spike: SpikeSection | None = None, run_dir: str | Path | None = None,
@@ -300,7 +301,8 @@ class Trainer:
         model, state = self.dist.full_model(self.model), self.state_dict()    # gathered on rank 0
         path = checkpoints_dir(self.run_dir) / f"step-{self.step:06d}"
         if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, self.step, model, state, self.train_cfg.keep_last)
+            path = save_checkpoint(self.run_dir, self.step, model, state, self.train_cfg.keep_last,
+                                   extra_files=self.final_files)     # the tokenizer travels with every checkpoint
         self.dist.barrier()                   # every rank sees the checkpoint once save() returns
         self.last_saved_step, self.last_checkpoint = self.step, path
         self._event("checkpoint", step=self.step, path=str(path))

@@ -9,10 +9,12 @@
   L_aux the MoE layers' sequence-wise balance loss (weight ``seq_aux_alpha``, set on the model).
   The MTP forward is skipped entirely when ``mtp_lambda`` is 0.
 * ``evaluate``: validation loss (main CE only, no MTP) over the first ``val_batches`` batches of
-  the val split, always the same ones, and bits per byte = total nats / ln 2 / total UTF-8 bytes
-  of the target tokens. A token's byte count comes from the tokenizer's byte-level vocabulary
-  (the length of its byte string; 0 for special tokens such as BOS), so bpb compares models
-  with different tokenizers.
+  the val split, always the same ones, and bits per byte ``val_bpb`` = nats / ln 2 / UTF-8 bytes
+  of the target tokens that stand for text (:func:`nanoseek.eval.bpb.bpb_sums`, the rule ``nanoseek
+  eval --data`` uses). A token's byte count comes from the tokenizer's byte-level vocabulary (the
+  length of its byte string; 0 for special tokens such as BOS, whose targets are left out of both
+  sums), so bpb compares models with different tokenizers. Synthetic data has no tokenizer and no
+  bytes: its runs report ``val_loss`` only.
 
 :func:`pretrain` wires a :class:`~nanoseek.train.config.TrainConfig` into all of it: the model
 (random init or ``[model] init_from``), the data (the model's vocab defaults to the tokenizer's
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..eval.bpb import bpb_sums
 from ..model.config import ConfigError
 from .config import TrainConfig, config_to_toml
 from .loop import ExpertBalanceHook, FitResult, Trainer
@@ -85,7 +88,7 @@ class PretrainTask:
                  token_bytes: torch.Tensor | None = None, origins=None):
         self.train_loader, self.val_loader = train_loader, val_loader
         self.mtp_lambda, self.val_batches = mtp_lambda, val_batches
-        self.token_bytes = token_bytes        # [V] bytes per token; None: one byte per token
+        self.token_bytes = token_bytes        # [V] bytes per token; None: no bytes (synthetic), no val_bpb
         self.origins = origins                # doc id -> "file:line" (the spike log), optional
         self._val_start = val_loader.state_dict() if val_loader is not None else None
 
@@ -118,26 +121,28 @@ class PretrainTask:
         device = next(model.parameters()).device
         use_mtp = getattr(model, "use_mtp", False)
         model.use_mtp = False
-        nats, n_tokens, n_bytes = 0.0, 0, 0
+        nats, n_tokens, text_nats, n_bytes = 0.0, 0, 0.0, 0
         try:
             for _ in range(self.val_batches):
                 try:
                     x, y, _ = next(self.val_loader)
                 except StopIteration:
                     break
-                out = model(x.to(device), labels=y.to(device))
+                y = y.to(device)
+                out = model(x.to(device), labels=y)
                 n = int((y != -100).sum())
                 nats += float(out.loss) * n
                 n_tokens += n
-                yv = y[y != -100]
-                n_bytes += int(self.token_bytes[yv].sum()) if self.token_bytes is not None else n
+                if self.token_bytes is not None:
+                    dn, _, db = bpb_sums(out.logits, y, self.token_bytes)
+                    text_nats, n_bytes = text_nats + dn, n_bytes + db
         finally:
             model.use_mtp = use_mtp
         if n_tokens == 0:
             return {}
         res = {"val_loss": nats / n_tokens, "val_tokens": float(n_tokens)}
         if n_bytes:
-            res["val_bpb"] = nats / math.log(2) / n_bytes
+            res["val_bpb"] = text_nats / math.log(2) / n_bytes
         return res
 
 
