@@ -13,6 +13,11 @@ MinHash near-dedup, holds out a validation split, tokenizes (training a tokenize
 and token counts, every dropped document counted by reason, the tokenizer hash. Filter
 thresholds (see ``nanoseek.data.filters``) can be changed with ``--filters-config`` (JSON or
 TOML, keys of FilterConfig, optionally under a [filters] table).
+
+``--out`` is claimed and locked like every output folder (``nanoseek.outdir``): prepared data
+there, or a non-empty folder holding none, needs ``--overwrite``; every input is checked first
+and the new data replaces the old only once it is complete, so a mistyped ``--input`` or a run
+that filters everything out leaves the old data as it was.
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16,777,216)")
     p.add_argument("--hf-split", default="train", help="split of a HuggingFace dataset (default train)")
     p.add_argument("--hf-config", help="config name of a HuggingFace dataset")
-    p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace prepared data already in --out, or write into a non-empty --out that holds none "
+                        "(only files prepare writes are replaced; a failed run leaves the old data intact)")
     _corpus_arguments(p)
     c = sub.add_parser("corpus", help="write the embedded default corpus as JSONL",
                        description="Write the embedded default corpus ({'text', 'origin'} per line).")
