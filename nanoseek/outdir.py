@@ -15,7 +15,9 @@ Every command that leaves a folder behind (``demo``, ``pretrain``, ``sft``/``dpo
   the kernel releases it when the process exits or dies, so a crash never leaves a stale lock.
   A second process claiming the same folder gets one line saying which process holds it. Claims
   nest within one process (the speedrun claims its folder, then each stage its sub-folder; a
-  repeated claim of a folder this process holds is a no-op).
+  repeated claim of a folder this process holds is a no-op). A sub-folder of a folder this
+  process holds counts as own: the command that claimed the parent laid it out (an ablation
+  writes each arm's ``arm.json`` before its pre-training run claims the folder).
 * **Replace.** A command never deletes or overwrites a file it did not write. Replacing a result
   (``--overwrite``, saving over an existing ``final/``) builds the new result beside the target
   and swaps it in with :func:`nanoseek.atomic.replace_dir` only after every input was read and
@@ -87,6 +89,8 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
         return True
     if not entries:
         return False
+    if _inside_held(path):
+        return True                           # the command holding a parent folder laid this one out
     if owner is None and own is not None and own(path):
         return True
     if overwrite:
@@ -159,6 +163,11 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _inside_held(path: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(str(parent) in _HELD for parent in real.parents)
 
 
 def holds(path: str | Path) -> bool:
