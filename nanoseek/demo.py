@@ -44,8 +44,10 @@ def greedy(model, prompt, n):
 def run(args) -> int:
     from nanoseek.cli import UserError
     from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable
+    from nanoseek.model.config import load_model_config
     from nanoseek.outdir import check_claimable, claim
 
+    cfg = load_model_config(args.config)                 # every input first
     claim_args = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite")
     check_claimable(args.out, "demo", **claim_args)
     try:
@@ -53,19 +55,17 @@ def run(args) -> int:
     except CheckpointError as e:
         raise UserError(f"--out {e}") from None
     with claim(args.out, "demo", **claim_args):
-        return _demo(args)
+        return _demo(args, cfg)
 
 
-def _demo(args) -> int:
+def _demo(args, cfg) -> int:
     import torch
 
     from nanoseek.model.checkpoint import from_pretrained, save_pretrained
-    from nanoseek.model.config import load_model_config
     from nanoseek.model.params import count_params, kv_cache_bytes_per_token
     from nanoseek.model.transformer import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = load_model_config(args.config)
     model = DeepseekV3ForCausalLM(cfg).eval()
     pc = count_params(cfg)
     print(f"model: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")

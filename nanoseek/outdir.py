@@ -111,15 +111,14 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     ``flag`` names the option that chose the folder (for the messages); ``own(path)`` recognises
     a run of this command made before the marker existed; ``overwrite`` (the user passed
     ``overwrite_flag``) allows a non-empty folder that is not this command's; ``also`` lists
-    other commands whose folders count as own (a recipe and its stage); ``lock=False`` checks
-    without locking (the non-zero ranks under torchrun, whose rank 0 holds the lock).
+    other commands whose folders count as own (a recipe and its stage); ``lock=False`` neither
+    checks nor locks (the non-zero ranks under torchrun: rank 0 checks and holds the folder).
     """
     path = Path(path)
-    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag, also=also)
-    if not lock:
+    if not lock:                              # rank 0 checks and holds the folder for every rank
         yield path
         return
-    path.mkdir(parents=True, exist_ok=True)
+    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag, also=also)
     key = os.path.realpath(path)
     if key in _HELD:                          # this process holds it already (a nested stage)
         _HELD[key][1] += 1
@@ -128,27 +127,21 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
         finally:
             _HELD[key][1] -= 1
         return
+    made_dir = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
     lock_path = path / LOCK_NAME
-    created = not lock_path.exists()
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    made_lock = not lock_path.exists()
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = read_owner(path) or {}
-            who = f"pid {holder.get('pid', '?')}" + (f" on {holder['host']}" if holder.get("host") else "")
-            what = f"nanoseek {holder['command']}" if holder.get("command") else "nanoseek"
-            since = f", since {holder['started']}" if holder.get("started") else ""
-            raise OutputDirError(f"{path} is in use by another process ({what}, {who}{since}); wait for it to "
-                                 f"finish or choose another {flag}") from None
+        fd = _lock(lock_path, path, flag)
+    except BaseException:
+        _tidy(path, made_dir, False)
+        raise
+    try:
         try:                                  # re-check under the lock: a finished writer may have filled it
             is_own = check_claimable(path, command, flag=flag, own=own, overwrite=overwrite,
                                      overwrite_flag=overwrite_flag, also=also)
         except OutputDirError:
-            if created:
-                lock_path.unlink(missing_ok=True)
+            _tidy(path, made_dir, made_lock)
             raise
         previous = read_owner(path) or {}
         marker = {"command": previous.get("command", command) if is_own else command, "pid": os.getpid(),
@@ -158,11 +151,49 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
         _HELD[key] = [fd, 1]
         try:
             yield path
+        except BaseException:
+            _tidy(path, made_dir, made_lock)  # a command that failed before writing anything leaves nothing
+            raise
         finally:
             del _HELD[key]
-            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)
+        os.close(fd)                          # releases the lock
+
+
+def _lock(lock_path: Path, path: Path, flag: str) -> int:
+    """An fd holding an exclusive flock on ``lock_path`` (the file now at that path, not an unlinked one)."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = read_owner(path) or {}
+            who = f"pid {holder.get('pid', '?')}" + (f" on {holder['host']}" if holder.get("host") else "")
+            what = f"nanoseek {holder['command']}" if holder.get("command") else "nanoseek"
+            since = f", since {holder['started']}" if holder.get("started") else ""
+            raise OutputDirError(f"{path} is in use by another process ({what}, {who}{since}); wait for it to "
+                                 f"finish or choose another {flag}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)                          # its holder removed it while we waited: take the new one
+
+
+def _tidy(path: Path, made_dir: bool, made_lock: bool) -> None:
+    """Undo what a claim created when nothing else was written: its lock file, then its folder."""
+    if visible_entries(path):
+        return
+    with contextlib.suppress(OSError):
+        if made_lock:
+            (path / LOCK_NAME).unlink(missing_ok=True)
+        if made_dir:
+            path.rmdir()
 
 
 def _inside_held(path: Path) -> bool:

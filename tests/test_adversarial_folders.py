@@ -356,3 +356,19 @@ def test_speedrun_rerun_with_other_settings_is_refused_and_run_json_unchanged(tm
     assert main(["speedrun", "--minutes", "2", "--out", str(out)]) == 2
     assert "minutes (1.0 -> 2.0)" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+def test_a_command_that_fails_before_writing_leaves_no_folder_or_lock_behind(tmp_path, capsys):
+    new = tmp_path / "new"
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(new), *SMALL, "--set", "data.source=packed",
+                 "--set", f"data.dir={tmp_path / 'nodata'}"]) == 2
+    assert "nodata" in capsys.readouterr().err and not new.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError):
+        with claim(empty, "pretrain", flag="--out-dir"):
+            raise RuntimeError("failed before writing")
+    assert os.listdir(empty) == []
+    with claim(empty, "pretrain", flag="--out-dir"):          # a lock file removed by a failed holder
+        pass                                                  # is simply made again
+    assert os.listdir(empty) == [LOCK_NAME]
