@@ -75,7 +75,7 @@ def _describe(entries: list[str]) -> str:
 
 
 def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bool] | None = None,
-                    overwrite: bool = False, overwrite_flag: str | None = None, also: tuple[str, ...] = ()) -> bool:
+                    overwrite: bool = False, overwrite_flag: str | None = None) -> bool:
     """Raise :class:`OutputDirError` unless :func:`claim` would take ``path``; True if it is an own run.
 
     Has no side effects, so a command can check its folder before doing anything slow.
@@ -85,7 +85,7 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
         raise OutputDirError(f"{path}: exists and is not a folder; choose another {flag}")
     entries = visible_entries(path)
     owner = read_owner(path)
-    if owner is not None and owner.get("command") in (command, *also):
+    if owner is not None and owner.get("command") == command:
         return True
     if not entries:
         return False
@@ -104,21 +104,19 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
 
 @contextlib.contextmanager
 def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bool] | None = None,
-          overwrite: bool = False, overwrite_flag: str | None = None, also: tuple[str, ...] = (),
-          lock: bool = True) -> Iterator[Path]:
+          overwrite: bool = False, overwrite_flag: str | None = None, lock: bool = True) -> Iterator[Path]:
     """Claim the output folder ``path`` for ``command`` and hold its lock until the block ends.
 
     ``flag`` names the option that chose the folder (for the messages); ``own(path)`` recognises
     a run of this command made before the marker existed; ``overwrite`` (the user passed
-    ``overwrite_flag``) allows a non-empty folder that is not this command's; ``also`` lists
-    other commands whose folders count as own (a recipe and its stage); ``lock=False`` neither
+    ``overwrite_flag``) allows a non-empty folder that is not this command's; ``lock=False`` neither
     checks nor locks (the non-zero ranks under torchrun: rank 0 checks and holds the folder).
     """
     path = Path(path)
     if not lock:                              # rank 0 checks and holds the folder for every rank
         yield path
         return
-    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag, also=also)
+    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag)
     key = os.path.realpath(path)
     if key in _HELD:                          # this process holds it already (a nested stage)
         _HELD[key][1] += 1
@@ -139,7 +137,7 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     try:
         try:                                  # re-check under the lock: a finished writer may have filled it
             is_own = check_claimable(path, command, flag=flag, own=own, overwrite=overwrite,
-                                     overwrite_flag=overwrite_flag, also=also)
+                                     overwrite_flag=overwrite_flag)
         except OutputDirError:
             _tidy(path, made_dir, made_lock)
             raise
