@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from nanoseek.atomic import ReplaceRefused, replace_dir
-from nanoseek.cli import UserError, main
+from nanoseek.cli import main
 from nanoseek.model.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from nanoseek.outdir import LOCK_NAME, OutputDirError, claim, read_owner
 
@@ -356,6 +356,38 @@ def test_speedrun_rerun_with_other_settings_is_refused_and_run_json_unchanged(tm
     assert main(["speedrun", "--minutes", "2", "--out", str(out)]) == 2
     assert "minutes (1.0 -> 2.0)" in capsys.readouterr().err
     assert snapshot(out) == before
+    from nanoseek.speedrun import check_same_settings
+    check_same_settings(out, config)                    # the same settings resume it
+
+
+def test_post_training_stage_rerun_refuses_other_settings_and_resume_records_them(tmp_path, capsys):
+    from post_helpers import tiny_model, tiny_tokenizer
+
+    from nanoseek.model.config import ConfigError
+    from nanoseek.post.datasets import SFTExample
+    from nanoseek.post.sft import train_sft
+    from nanoseek.post.stage import stage_config_from_dict
+
+    tk = tiny_tokenizer()
+    base = save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(base)
+    examples = [SFTExample(messages=[{"role": "user", "content": "7?"}, {"role": "assistant", "content": "7"}])] * 4
+
+    def cfg(lr: float, steps: int):
+        return stage_config_from_dict("sft", {
+            "model": {"init_from": str(base)}, "sft": {"mode": "pad"},
+            "optim": {"lr": lr, "min_lr": lr, "warmup_steps": 0, "micro_batch_size": 2, "seq_len": 32},
+            "train": {"max_steps": steps, "out_dir": str(tmp_path / "sft"), "device": "cpu"}})
+
+    assert train_sft(cfg(1e-3, 1), examples=examples, quiet=True).status == "done"
+    before = snapshot(tmp_path / "sft")
+    with pytest.raises(ConfigError, match=r"already holds checkpoints: pass --resume.*optim\.lr"):
+        train_sft(cfg(5e-3, 1), examples=examples, quiet=True)
+    assert snapshot(tmp_path / "sft") == before
+    res = train_sft(cfg(1e-3, 2), examples=examples, resume=True)
+    assert res.status == "done" and res.steps == 2
+    assert "changed settings: train.max_steps" in capsys.readouterr().out
+    assert "max_steps = 1" in (tmp_path / "sft" / "config.previous.toml").read_text()
 
 
 def test_a_command_that_fails_before_writing_leaves_no_folder_or_lock_behind(tmp_path, capsys):
