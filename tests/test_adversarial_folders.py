@@ -404,3 +404,13 @@ def test_a_command_that_fails_before_writing_leaves_no_folder_or_lock_behind(tmp
     with claim(empty, "pretrain", flag="--out-dir"):          # a lock file removed by a failed holder
         pass                                                  # is simply made again
     assert os.listdir(empty) == [LOCK_NAME]
+
+
+def test_data_corpus_does_not_overwrite_an_existing_file(tmp_path, capsys):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("the user's corpus\n")
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and f.read_text() == "the user's corpus\n"
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(tmp_path)]) == 2
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f), "--overwrite"]) == 0
+    assert f.read_text() != "the user's corpus\n" and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]

@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c = sub.add_parser("corpus", help="write the embedded default corpus as JSONL",
                        description="Write the embedded default corpus ({'text', 'origin'} per line).")
     c.add_argument("--out", required=True, metavar="FILE.jsonl")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _corpus_arguments(c)
     i = sub.add_parser("inspect", help="summarise prepared data and show documents",
                        description="Print a manifest summary, verify the shards and decode a few documents.")
@@ -153,11 +154,25 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _corpus(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from nanoseek.cli import UserError
     from nanoseek.data.corpus import write_default_corpus
 
-    n = write_default_corpus(args.out, args.task_docs, seed=args.seed, task_levels=args.task_level,
-                             text_repeats=args.text_repeats)
-    print(f"wrote {n:,} documents to {args.out}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'corpus.jsonl'}")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: exists; pass --overwrite to replace it, or choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")      # the old file stays until the new one is complete
+    try:
+        n = write_default_corpus(tmp, args.task_docs, seed=args.seed, task_levels=args.task_level,
+                                 text_repeats=args.text_repeats)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {n:,} documents to {out}")
     return 0
 
 
