@@ -17,7 +17,8 @@ Every command that leaves a folder behind (``demo``, ``pretrain``, ``sft``/``dpo
   nest within one process (the speedrun claims its folder, then each stage its sub-folder; a
   repeated claim of a folder this process holds is a no-op). A sub-folder of a folder this
   process holds counts as own: the command that claimed the parent laid it out (an ablation
-  writes each arm's ``arm.json`` before its pre-training run claims the folder).
+  writes each arm's ``arm.json`` before its pre-training run claims the folder). A folder inside
+  a run folder that another live process holds is refused too.
 * **Replace.** A command never deletes or overwrites a file it did not write. Replacing a result
   (``--overwrite``, saving over an existing ``final/``) builds the new result beside the target
   and swaps it in with :func:`nanoseek.atomic.replace_dir` only after every input was read and
@@ -125,6 +126,7 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
         finally:
             _HELD[key][1] -= 1
         return
+    _check_ancestors(Path(key), flag)
     made_dir = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock_path = path / LOCK_NAME
@@ -181,6 +183,27 @@ def _lock(lock_path: Path, path: Path, flag: str) -> int:
         if same:
             return fd
         os.close(fd)                          # its holder removed it while we waited: take the new one
+
+
+def _check_ancestors(real: Path, flag: str) -> None:
+    """Refuse a folder inside a run folder another live process holds (a speedrun's stage folder)."""
+    for parent in real.parents:
+        lock_path = parent / LOCK_NAME
+        if str(parent) in _HELD or not lock_path.is_file():
+            continue
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            holder = read_owner(parent) or {}
+            what = f"nanoseek {holder['command']}" if holder.get("command") else "nanoseek"
+            raise OutputDirError(f"{real} is inside {parent}, which is in use by another process ({what}, pid "
+                                 f"{holder.get('pid', '?')}); wait for it to finish or choose another {flag}") from None
+        finally:
+            os.close(fd)
 
 
 def _tidy(path: Path, made_dir: bool, made_lock: bool) -> None:

@@ -414,3 +414,16 @@ def test_data_corpus_does_not_overwrite_an_existing_file(tmp_path, capsys):
     assert main(["data", "corpus", "--task-docs", "20", "--out", str(tmp_path)]) == 2
     assert main(["data", "corpus", "--task-docs", "20", "--out", str(f), "--overwrite"]) == 0
     assert f.read_text() != "the user's corpus\n" and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
+
+
+def test_a_folder_inside_a_live_run_of_another_process_is_refused(tmp_path, capsys):
+    run = tmp_path / "speedrun"
+    holder = hold_lock_in_subprocess(run, "speedrun")
+    try:
+        assert main(["pretrain", "--config", "tiny", "--out-dir", str(run / "pretrain"), *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert f"is inside {run}, which is in use by another process (nanoseek speedrun, pid {holder.pid})" in err
+        assert not (run / "pretrain").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
