@@ -46,12 +46,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 
 
 def foreign_entries(directory: str | Path, owned: Callable[[str], bool]) -> list[str]:
-    """Names in ``directory`` that ``owned`` does not claim (the carried lock file aside)."""
+    """Names in ``directory`` that ``owned`` does not claim (the carried lock file aside).
+
+    A sub-folder is foreign even under an owned name: the writers write files only.
+    """
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(n for n in names if n not in CARRIED and not owned(n))
+    directory = Path(directory)
+
+    def is_folder(n: str) -> bool:
+        return (directory / n).is_dir() and not (directory / n).is_symlink()
+
+    return sorted(n for n in names if n not in CARRIED and (not owned(n) or is_folder(n)))
 
 
 def check_replaceable(directory: str | Path, owned: Callable[[str], bool], what: str = "the files nanoseek writes there") -> None:
@@ -95,7 +103,7 @@ def replace_dir(src: str | Path, dst: str | Path, owned: Callable[[str], bool], 
                 os.replace(src / name, dst / name)
         raise
     for name in os.listdir(old):              # written by someone else while we swapped: keep it
-        if name in carry or not owned(name):
+        if name in carry or not owned(name) or ((old / name).is_dir() and not (old / name).is_symlink()):
             if not (dst / name).exists():
                 os.replace(old / name, dst / name)
     shutil.rmtree(old, ignore_errors=True)

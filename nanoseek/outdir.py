@@ -57,7 +57,7 @@ def visible_entries(path: str | Path) -> list[str]:
     """Names in ``path`` other than the lock file (sorted; [] for a missing folder)."""
     try:
         return sorted(n for n in os.listdir(path) if n != LOCK_NAME)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
@@ -128,11 +128,14 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
         return
     _check_ancestors(Path(key), flag)
     made_dir = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
     lock_path = path / LOCK_NAME
     made_lock = not lock_path.exists()
     try:
+        path.mkdir(parents=True, exist_ok=True)
         fd = _lock(lock_path, path, flag)
+    except OSError as e:
+        _tidy(path, made_dir, False)
+        raise OutputDirError(f"{path}: cannot lock the folder ({e.strerror or e}); choose another {flag}") from None
     except BaseException:
         _tidy(path, made_dir, False)
         raise

@@ -427,3 +427,24 @@ def test_a_folder_inside_a_live_run_of_another_process_is_refused(tmp_path, caps
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_a_subfolder_under_a_model_files_name_is_not_deleted(tmp_path):
+    from conftest import make_tiny_model
+
+    target = tmp_path / "ckpt"
+    (target / "config.json").mkdir(parents=True)        # a folder, not the file a save writes
+    (target / "config.json" / "mine.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        save_pretrained(make_tiny_model(), target)
+    assert (target / "config.json" / "mine.txt").read_text() == "mine"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'run'}: cannot lock the folder" in err and "--out-dir" in err
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker), *SMALL]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and blocker.read_text() == "x"
