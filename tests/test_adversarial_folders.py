@@ -278,6 +278,53 @@ def test_prepare_into_a_users_folder_needs_overwrite_and_keeps_their_files(tmp_p
     assert "already holds prepared data" in capsys.readouterr().err
 
 
+def test_a_command_that_fails_before_writing_leaves_no_folder_or_lock_behind(tmp_path, capsys):
+    new = tmp_path / "new"
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(new), *SMALL, "--set", "data.source=packed",
+                 "--set", f"data.dir={tmp_path / 'nodata'}"]) == 2
+    assert "nodata" in capsys.readouterr().err and not new.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError):
+        with claim(empty, "pretrain", flag="--out-dir"):
+            raise RuntimeError("failed before writing")
+    assert os.listdir(empty) == []
+    with claim(empty, "pretrain", flag="--out-dir"):          # a lock file removed by a failed holder
+        pass                                                  # is simply made again
+    assert os.listdir(empty) == [LOCK_NAME]
+
+
+def test_data_corpus_does_not_overwrite_an_existing_file(tmp_path, capsys):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("the user's corpus\n")
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and f.read_text() == "the user's corpus\n"
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(tmp_path)]) == 2
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f), "--overwrite"]) == 0
+    assert f.read_text() != "the user's corpus\n" and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
+
+
+def test_a_subfolder_under_a_model_files_name_is_not_deleted(tmp_path):
+    from conftest import make_tiny_model
+
+    target = tmp_path / "ckpt"
+    (target / "config.json").mkdir(parents=True)        # a folder, not the file a save writes
+    (target / "config.json" / "mine.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        save_pretrained(make_tiny_model(), target)
+    assert (target / "config.json" / "mine.txt").read_text() == "mine"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'run'}: cannot lock the folder" in err and "--out-dir" in err
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker), *SMALL]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and blocker.read_text() == "x"
+
+
 # ----------------------------------------------------------------------------- class 2: locks
 def test_claim_is_exclusive_across_processes_and_released_when_the_holder_dies(tmp_path, capsys):
     out = tmp_path / "same"
@@ -323,6 +370,19 @@ def test_claims_nest_in_one_process_and_other_commands_folders_are_refused(tmp_p
     with pytest.raises(OutputDirError, match="exists and is not a folder"):
         with claim(out / "x", "sft", flag="--out"):
             pass
+
+
+def test_a_folder_inside_a_live_run_of_another_process_is_refused(tmp_path, capsys):
+    run = tmp_path / "speedrun"
+    holder = hold_lock_in_subprocess(run, "speedrun")
+    try:
+        assert main(["pretrain", "--config", "tiny", "--out-dir", str(run / "pretrain"), *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert f"is inside {run}, which is in use by another process (nanoseek speedrun, pid {holder.pid})" in err
+        assert not (run / "pretrain").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 # ----------------------------------------------------------------------------- class 2: re-runs
@@ -388,63 +448,3 @@ def test_post_training_stage_rerun_refuses_other_settings_and_resume_records_the
     assert res.status == "done" and res.steps == 2
     assert "changed settings: train.max_steps" in capsys.readouterr().out
     assert "max_steps = 1" in (tmp_path / "sft" / "config.previous.toml").read_text()
-
-
-def test_a_command_that_fails_before_writing_leaves_no_folder_or_lock_behind(tmp_path, capsys):
-    new = tmp_path / "new"
-    assert main(["pretrain", "--config", "tiny", "--out-dir", str(new), *SMALL, "--set", "data.source=packed",
-                 "--set", f"data.dir={tmp_path / 'nodata'}"]) == 2
-    assert "nodata" in capsys.readouterr().err and not new.exists()
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(RuntimeError):
-        with claim(empty, "pretrain", flag="--out-dir"):
-            raise RuntimeError("failed before writing")
-    assert os.listdir(empty) == []
-    with claim(empty, "pretrain", flag="--out-dir"):          # a lock file removed by a failed holder
-        pass                                                  # is simply made again
-    assert os.listdir(empty) == [LOCK_NAME]
-
-
-def test_data_corpus_does_not_overwrite_an_existing_file(tmp_path, capsys):
-    f = tmp_path / "corpus.jsonl"
-    f.write_text("the user's corpus\n")
-    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f)]) == 2
-    assert "--overwrite" in capsys.readouterr().err and f.read_text() == "the user's corpus\n"
-    assert main(["data", "corpus", "--task-docs", "20", "--out", str(tmp_path)]) == 2
-    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f), "--overwrite"]) == 0
-    assert f.read_text() != "the user's corpus\n" and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
-
-
-def test_a_folder_inside_a_live_run_of_another_process_is_refused(tmp_path, capsys):
-    run = tmp_path / "speedrun"
-    holder = hold_lock_in_subprocess(run, "speedrun")
-    try:
-        assert main(["pretrain", "--config", "tiny", "--out-dir", str(run / "pretrain"), *SMALL]) == 2
-        err = capsys.readouterr().err
-        assert f"is inside {run}, which is in use by another process (nanoseek speedrun, pid {holder.pid})" in err
-        assert not (run / "pretrain").exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-
-
-def test_a_subfolder_under_a_model_files_name_is_not_deleted(tmp_path):
-    from conftest import make_tiny_model
-
-    target = tmp_path / "ckpt"
-    (target / "config.json").mkdir(parents=True)        # a folder, not the file a save writes
-    (target / "config.json" / "mine.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=r"config\.json"):
-        save_pretrained(make_tiny_model(), target)
-    assert (target / "config.json" / "mine.txt").read_text() == "mine"
-
-
-def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker / "run"), *SMALL]) == 2
-    err = capsys.readouterr().err
-    assert f"{blocker / 'run'}: cannot lock the folder" in err and "--out-dir" in err
-    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker), *SMALL]) == 2
-    assert "exists and is not a folder" in capsys.readouterr().err and blocker.read_text() == "x"
