@@ -96,11 +96,13 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
         return True
     if overwrite:
         return False
-    what = f"a '{owner.get('command')}' folder" if owner and owner.get("command") else "not empty"
     hint = f"choose another {flag}"
     if overwrite_flag:
         hint = f"pass {overwrite_flag} to write into it (nanoseek replaces only its own files), or " + hint
-    raise OutputDirError(f"{path} is {what} ({_describe(entries)}), not a {command} run folder: {hint}")
+    if owner and owner.get("command"):
+        raise OutputDirError(f"{path} belongs to nanoseek {owner['command']} ({_describe(entries)}), not to "
+                             f"nanoseek {command}: {hint}")
+    raise OutputDirError(f"{path} is not empty ({_describe(entries)}) and was not made by nanoseek {command}: {hint}")
 
 
 @contextlib.contextmanager
