@@ -62,7 +62,8 @@ def foreign_entries(directory: str | Path, owned: Callable[[str], bool]) -> list
     return sorted(n for n in names if n not in CARRIED and (not owned(n) or is_folder(n)))
 
 
-def check_replaceable(directory: str | Path, owned: Callable[[str], bool], what: str = "the files nanoseek writes there") -> None:
+def check_replaceable(directory: str | Path, owned: Callable[[str], bool],
+                      what: str = "the files nanoseek writes there") -> None:
     """Raise :class:`ReplaceRefused` if ``directory`` exists and is not a folder of only owned names."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -74,7 +75,8 @@ def check_replaceable(directory: str | Path, owned: Callable[[str], bool], what:
                              "files it did not write: move them away or write somewhere else")
 
 
-def replace_dir(src: str | Path, dst: str | Path, owned: Callable[[str], bool], what: str = "the files nanoseek writes there",
+def replace_dir(src: str | Path, dst: str | Path, owned: Callable[[str], bool],
+                what: str = "the files nanoseek writes there",
                 carry: Iterable[str] = CARRIED) -> Path:
     """Make the finished folder ``src`` appear at ``dst`` in one rename; returns ``dst``.
 

@@ -364,7 +364,8 @@ def test_claims_nest_in_one_process_and_other_commands_folders_are_refused(tmp_p
         with claim(out / "pretrain", "pretrain", flag="--out-dir"):   # inside a folder it holds
             pass
     (out / "x").write_text("x")
-    with pytest.raises(OutputDirError, match=r"belongs to nanoseek speedrun \(pretrain, x\), not to nanoseek sft: choose another --out"):
+    with pytest.raises(OutputDirError,
+                       match=r"belongs to nanoseek speedrun \(pretrain, x\), not to nanoseek sft: choose another --out"):
         with claim(out, "sft", flag="--out"):
             pass
     with pytest.raises(OutputDirError, match="exists and is not a folder"):

@@ -10,8 +10,8 @@ latest (the newest checkpoint) and final/ (the trained model in HF format, with 
 Ctrl-C or SIGTERM saves a checkpoint before exiting (exit status 130); --resume continues with
 the same per-step losses as an uninterrupted run. The run folder is locked while the run lives;
 a non-empty folder that is not a pretrain run, a second run into a live one, and a fresh run into
-one with checkpoints (the error names the settings that differ) are refused (``nanoseek.outdir``). Set NANOSEEK_NO_PROGRESS=1 for plain log lines
-instead of the progress bar.
+one with checkpoints (the error names the settings that differ) are refused (``nanoseek.outdir``).
+Set NANOSEEK_NO_PROGRESS=1 for plain log lines instead of the progress bar.
 """
 
 from __future__ import annotations
