@@ -93,12 +93,12 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
 
     from nanoseek.outdir import claim
 
-    from .stage import _is_stage_run
+    from .stage import is_stage_run
 
     runner = _runner(kind)
     try:
         # claimed here too, so a stage that writes before training (distill's traces) writes into its own folder
-        with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out", own=_is_stage_run):
+        with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out", own=is_stage_run):
             result = runner(cfg, resume=args.resume, quiet=args.quiet)
     except (ConfigError, FileNotFoundError) as e:
         raise UserError(str(e)) from None

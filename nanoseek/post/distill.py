@@ -180,9 +180,9 @@ def run_distill(cfg, *, teacher=None, teacher_tokenizer=None, student=None, toke
     """
     from nanoseek.outdir import claim
 
-    from .stage import _is_stage_run
+    from .stage import is_stage_run
 
-    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out", own=_is_stage_run):
+    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out", own=is_stage_run):
         return _run_distill(cfg, teacher=teacher, teacher_tokenizer=teacher_tokenizer, student=student,
                             tokenizer=tokenizer, resume=resume, quiet=quiet, progress=progress)
 

@@ -221,7 +221,7 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
     from nanoseek.train.pretrain import check_rerun
 
     run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
-    with claim(run_dir, cfg.kind, flag="--out", own=_is_stage_run):
+    with claim(run_dir, cfg.kind, flag="--out", own=is_stage_run):
         changed = check_rerun(run_dir, cfg.to_dict(), resume, "--out",
                               load_old=lambda p: stage_config_from_dict(cfg.kind, read_toml(p), str(p)).to_dict())
         try:
@@ -234,7 +234,7 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
                             extra_hooks=extra_hooks, extra=extra, changed=changed)
 
 
-def _is_stage_run(path: Path) -> bool:
+def is_stage_run(path: Path) -> bool:
     """A stage folder from before the ``.nanoseek.lock`` marker: ``stage.json``, or ``config.toml`` + checkpoints."""
     from nanoseek.train.pretrain import is_pretrain_run
 
@@ -277,5 +277,5 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
     return out
 
 
-__all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config",
+__all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config", "is_stage_run",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]
