@@ -3,6 +3,11 @@
 Builds a small random DeepSeek-V3 model (MLA, DeepSeekMoE, MTP), prints its parameter counts
 and KV-cache size, saves it as an HF-format checkpoint, loads it back, and greedy-decodes a few
 tokens with the latent cache, checking that the reloaded model produces the same tokens.
+
+``--out`` is claimed like every output folder (:mod:`nanoseek.outdir`): a missing or empty
+folder, or one an earlier ``nanoseek demo`` wrote, is (re)written; any other non-empty folder is
+refused unless ``--overwrite``, and even then only the model files are replaced: a folder that
+holds other files is refused, never cleaned.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="model preset or config.json (default: tiny)")
     p.add_argument("--out", default="runs/demo", help="where to save the checkpoint (default: runs/demo)")
     p.add_argument("--tokens", type=int, default=16, help="tokens to decode (default: 16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model files of an --out folder another command wrote (other files are "
+                        "never deleted: a folder holding them is refused)")
 
 
 def greedy(model, prompt, n):
@@ -34,15 +42,30 @@ def greedy(model, prompt, n):
 
 
 def run(args) -> int:
+    from nanoseek.cli import UserError
+    from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable
+    from nanoseek.model.config import load_model_config
+    from nanoseek.outdir import check_claimable, claim
+
+    cfg = load_model_config(args.config)                 # every input first
+    claim_args = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite")
+    check_claimable(args.out, "demo", **claim_args)
+    try:
+        check_model_dir_writable(args.out)               # before anything is written
+    except CheckpointError as e:
+        raise UserError(f"--out {e}") from None
+    with claim(args.out, "demo", **claim_args):
+        return _demo(args, cfg)
+
+
+def _demo(args, cfg) -> int:
     import torch
 
     from nanoseek.model.checkpoint import from_pretrained, save_pretrained
-    from nanoseek.model.config import load_model_config
     from nanoseek.model.params import count_params, kv_cache_bytes_per_token
     from nanoseek.model.transformer import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = load_model_config(args.config)
     model = DeepseekV3ForCausalLM(cfg).eval()
     pc = count_params(cfg)
     print(f"model: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")

@@ -19,7 +19,11 @@ Every stage is evaluated on the SAME held-out problems (the test split, disjoint
 construction), so consecutive stages are compared with paired 95% intervals.
 
 Resume: re-running into an existing folder skips finished stages (run.json says which) and
-resumes an interrupted training stage from its last checkpoint.
+resumes an interrupted training stage from its last checkpoint. The settings must be the ones
+the folder's stages were made with (run.json records them): a re-run with other settings is
+refused, naming the differing keys, so run.json and the report always say how the model was
+made. The folder is claimed and locked (``nanoseek.outdir``): a non-empty folder that is not a
+speedrun's is refused, and so is a second speedrun into the same folder while one runs.
 
 Branch: ``--from RUN --redo STAGE`` starts a new folder from RUN's finished stages before STAGE
 (copied, with their evaluations) and runs STAGE and what follows with this invocation's
@@ -188,6 +192,7 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
     copied stages were made with. A ``dst`` already branched from ``src`` at ``redo`` is left as
     it is: the same command again resumes it."""
     from nanoseek.cli import UserError
+    from nanoseek.outdir import visible_entries
 
     src_json = src / "run.json"
     if not src_json.is_file():
@@ -199,7 +204,7 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
                 return
         except json.JSONDecodeError:
             pass
-    if dst.exists() and any(dst.iterdir()):
+    if visible_entries(dst):
         raise UserError(f"--out {dst}: not empty; --from starts a new run folder (or resumes one it started)")
     try:
         old = json.loads(src_json.read_text())
@@ -309,7 +314,7 @@ def _evaluate(stage_dir: Path, mode: str, rc: dict, scale: float, seed: int, log
 # ----------------------------------------------------------------------------- main
 def run(args) -> int:
     from nanoseek.cli import UserError
-    from nanoseek.train.config import ConfigError
+    from nanoseek.outdir import claim
 
     if args.threads is not None:
         import torch
@@ -327,8 +332,58 @@ def run(args) -> int:
     config = {**rc, "minutes": minutes, "seed": seed}
     if (args.from_run is None) != (args.redo is None):
         raise UserError("--from RUN and --redo STAGE go together")
-    if args.from_run is not None:
-        branch_run(Path(args.from_run), run_dir, args.redo, config)
+    with claim(run_dir, "speedrun", flag="--out", own=lambda p: (p / "run.json").is_file()):
+        fresh_branch = args.from_run is not None and not (run_dir / "run.json").is_file()
+        if args.from_run is not None:
+            branch_run(Path(args.from_run), run_dir, args.redo, config)
+        if not fresh_branch:
+            check_same_settings(run_dir, config)
+        return _run(args, rc, run_dir, config, minutes, seed)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_same_settings(run_dir: Path, config: dict) -> None:
+    """Refuse to continue a run folder whose recorded stages were made with other settings.
+
+    run.json records the config the run's stages were made with; a re-run that changed it would
+    skip the finished stages but record (and report) the new settings as theirs. So once any step
+    has started, the settings must match; the error names every differing key. To change settings
+    for the later stages, branch: ``--from RUN --redo STAGE`` (which checks the copied stages).
+    """
+    from nanoseek.cli import UserError
+
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); choose another --out") from None
+    if not data.get("steps"):
+        return                                  # nothing was made yet: the new settings are the run's
+    old = _flatten(data.get("config", {}))
+    new = _flatten(json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")})))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise UserError(f"{run_dir} was made with other settings: {shown}{more}; re-run with its settings to resume "
+                        f"it, branch with --from {run_dir} --redo STAGE --out NEW, or choose another --out")
+
+
+def _run(args, rc: dict, run_dir: Path, config: dict, minutes: float, seed: int) -> int:
+    from nanoseek.cli import UserError
+    from nanoseek.train.config import ConfigError
+
+    sr = rc["speedrun"]
     run_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir, config)
     budget = rc["budget"]

@@ -13,6 +13,7 @@ from nanoseek.data.corpus import default_corpus, default_corpus_records, plain_t
 from nanoseek.data.prepare import DataError, PrepareConfig, is_val, prepare_inputs
 from nanoseek.data.shards import ShardError, ShardSet, SplitWriter, token_dtype, write_manifest, FORMAT, FORMAT_VERSION
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.cli import UserError
 
 PROSE = [d.text for d in plain_text_documents()]
 NEAR = PROSE[3].replace(" the ", " a ", 1)
@@ -153,7 +154,9 @@ def test_prepare_trains_a_tokenizer_when_none_is_given(tmp_path):
     (tmp_path / "out").mkdir()
     data = tmp_path / "out" / "train_corpus.jsonl"  # an input inside the output folder survives
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROSE), encoding="utf-8")
-    m = prepare_inputs([data], tmp_path / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
+    with pytest.raises(UserError, match="not empty .*pass --overwrite"):   # a folder prepare did not make
+        prepare_inputs([data], tmp_path / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
+    m = prepare_inputs([data], tmp_path / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1, overwrite=True))
     tok = Tokenizer.load(tmp_path / "out" / "tokenizer")
     assert tok.vocab_size == 300 and m["tokenizer"]["hash"] == tok.hash
     assert ShardSet(tmp_path / "out", "val", tok).n_docs == 3
@@ -250,9 +253,9 @@ def test_cli_prepare_default_corpus_and_errors(tmp_path, capsys):
     cfg.write_text("[filters]\nmin_chars = 100000\n")
     assert main(["data", "prepare", "--input", str(bad), "--tokenizer", str(out / "tokenizer"), "--skip-bad-lines",
                  "--filters-config", str(cfg), "--out", str(tmp_path / "o2")]) == 2
-    assert "no training documents left" in capsys.readouterr().err
-    m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
-    assert m["dropped"] == {"too_short": 1} and m["filters"]["min_chars"] == 100000
+    err = capsys.readouterr().err
+    assert "no training documents left" in err and "'too_short': 1" in err
+    assert not (tmp_path / "o2" / "manifest.json").exists()      # a failed prepare installs nothing
     cfg.write_text("[filters]\nmin_charz = 1\n")
     assert main(["data", "prepare", "--input", str(bad), "--filters-config", str(cfg), "--out", str(tmp_path / "o3")]) == 2
     assert "unknown filter setting 'min_charz'" in capsys.readouterr().err

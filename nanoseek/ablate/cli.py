@@ -16,7 +16,9 @@ Every arm of a suite trains the same number of tokens on the same data, in the s
 the same seeds; the number of steps is sized from a throughput probe so that all arms x seeds
 fit the budget. Each suite writes OUT/SUITE/report.md (claim, verdict, table, plots of validation
 loss against tokens, FLOPs and wall-clock), results.json and the run folders. ``--markdown``
-also writes one document with every suite found in OUT, plots copied next to it.
+also writes one document with every suite found in OUT, plots copied next to it. ``--out`` is
+claimed and locked while suites run (``nanoseek.outdir``): a non-empty folder that is not an
+ablation's is refused, and so is a second ``nanoseek ablate`` into the same folder.
 """
 
 from __future__ import annotations
@@ -114,6 +116,22 @@ def _list() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.cli import UserError
+    from nanoseek.outdir import claim
+
+    if args.list:
+        return _list()
+    out = Path(args.out)
+    if args.report_only and not any(out.glob("*/results.json")):
+        raise UserError(f"{out}: no finished suite (no SUITE/results.json); run a suite first")
+
+    with claim(out, "ablate", flag="--out", own=lambda p: any(p.glob("*/plan.json"))):
+        return _main(args, out)
+
+
+def _main(args: argparse.Namespace, out) -> int:
     import time
     from pathlib import Path
 
@@ -123,9 +141,6 @@ def run(args: argparse.Namespace) -> int:
     from .report import ReportError, write_combined_markdown
     from .suites import base_model, build_suite, describe_base
 
-    if args.list:
-        return _list()
-    out = Path(args.out)
     try:
         if args.report_only:
             names = _suites(args.suite) if args.suite else [n for n in SUITE_NAMES if (out / n / "results.json").is_file()]

@@ -229,8 +229,17 @@ def run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callabl
     ``deadline`` (a ``time.perf_counter()`` value): before starting another seed, the time of
     the seeds done so far predicts whether its runs still fit; if not, the suite stops with
     the complete seeds it has and ``plan.seeds`` is cut to them (``plan.planned_seeds`` keeps
-    the plan). An interrupted run (Ctrl-C / SIGTERM) stops the suite.
+    the plan). An interrupted run (Ctrl-C / SIGTERM) stops the suite. ``suite_dir`` is claimed and
+    locked (:mod:`nanoseek.outdir`) while the suite runs.
     """
+    from ..outdir import claim
+
+    with claim(suite_dir, "ablate", flag="--out", own=lambda p: (p / "plan.json").is_file()):
+        return _run_suite(suite, plan, suite_dir, train_fn, log, deadline)
+
+
+def _run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callable | None,
+               log: Callable[[str], None], deadline: float | None) -> list[Path]:
     from ..train.config import config_to_toml
 
     if train_fn is None:

@@ -23,12 +23,23 @@ reason, so ``input.documents == kept_documents + sum(dropped.values())``. A malf
 examples. Blank JSONL lines and invalid UTF-8 in ``.txt`` files (decoded as U+FFFD, which the
 ``non_text`` rule then judges) are counted too. ``dump_rejected`` writes each dropped document
 with its reason and origin to a JSONL file.
+
+The output folder is claimed and locked (:mod:`nanoseek.outdir`): a non-empty folder that holds
+no prepared data is refused unless ``overwrite``, and prepared data is replaced only with
+``overwrite``. Every input is checked before anything is written, the new data is built in a
+hidden folder inside ``OUT`` and moved into place only when it is complete, so a failure (a
+mistyped input, every document filtered out, Ctrl-C) leaves the old data intact; only files
+this module writes (:func:`is_data_file`) are ever replaced or removed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -234,16 +245,29 @@ def _expand(path: Path, stats: InputStats) -> list[Path]:
 
 
 def read_inputs(inputs: Iterable[str | Path], cfg: PrepareConfig, stats: InputStats) -> Iterator[Document]:
-    """Documents of every input in order; records each source in ``stats.sources``."""
-    total = 0
+    """Documents of every input in order; records each source in ``stats.sources``.
+
+    Every input is checked here, before the first document is read (a missing file, an empty
+    folder, an unsupported type raise DataError now), so a command can validate all of its
+    inputs before it touches its output folder.
+    """
+    plan: list[tuple[str | Path, list[Path | None]]] = []
     for item in inputs:
         path = Path(item)
         if path.exists():
-            files = _expand(path, stats)
-        elif path.suffix in SUFFIXES or str(item).startswith((".", "/", "~")):
+            plan.append((item, _expand(path, stats)))
+        elif (path.suffix in SUFFIXES or str(item).startswith((".", "/", "~")) or str(item).endswith("/")
+              or (path.parent != Path(".") and path.parent.is_dir())):     # a mistyped local path
             raise DataError(f"{path}: no such file or folder")
         else:  # not a path: a HuggingFace dataset name like "roneneldan/TinyStories"
-            files = [None]
+            plan.append((item, [None]))
+    return _read_planned(plan, cfg, stats)
+
+
+def _read_planned(plan: list[tuple[str | Path, list[Path | None]]], cfg: PrepareConfig,
+                  stats: InputStats) -> Iterator[Document]:
+    total = 0
+    for item, files in plan:
         for file in files:
             if file is None:
                 kind, it = "huggingface", read_hf_dataset(str(item), cfg.text_field, cfg.hf_split,
@@ -271,18 +295,46 @@ def is_val(index: int, fraction: Fraction) -> bool:
     return fraction > 0 and math.floor(index * fraction) > math.floor((index - 1) * fraction)
 
 
-def _clean_out_dir(out_dir: Path, overwrite: bool) -> None:
+_DATA_FILE_RE = re.compile(r"^(train|val)_(\d{5}\.(bin|idx)|origins\.txt)$")
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+
+
+def is_data_file(name: str) -> bool:
+    """Whether ``name`` (in an output folder) is a file :func:`prepare` writes: what it may replace."""
+    return name in (MANIFEST, "tokenizer", ".staging.jsonl") or bool(_DATA_FILE_RE.match(name))
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Prepared data already there needs ``overwrite``; its tokenizer/ must hold only tokenizer files."""
+    from nanoseek.atomic import ReplaceRefused, check_replaceable
+
     if (out_dir / MANIFEST).exists() and not overwrite:
         raise DataError(f"{out_dir} already holds prepared data ({MANIFEST}); pass --overwrite to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # only files this module writes (an input may sit in the same folder); tokenizer/ is overwritten
-    for split in ("train", "val"):
-        for pattern in (f"{split}_[0-9][0-9][0-9][0-9][0-9].bin", f"{split}_[0-9][0-9][0-9][0-9][0-9].idx",
-                        f"{split}_origins.txt"):
-            for p in out_dir.glob(pattern):
-                p.unlink()
-    for name in (MANIFEST, ".staging.jsonl"):
-        (out_dir / name).unlink(missing_ok=True)
+    try:
+        check_replaceable(out_dir / "tokenizer", TOKENIZER_FILES.__contains__, "tokenizer files")
+    except ReplaceRefused as e:
+        raise DataError(str(e)) from None
+
+
+def _install(build: Path, out_dir: Path) -> None:
+    """Move the finished data from ``build`` into ``out_dir``, replacing only files :func:`prepare` writes.
+
+    The old manifest goes first (a reader in between sees "no prepared data", never a mix), then
+    the shards (an old shard the new data does not have is removed), the tokenizer folder in one
+    swap, and the new manifest last.
+    """
+    from nanoseek.atomic import replace_dir
+
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    new = {p.name for p in build.iterdir()}
+    for p in out_dir.iterdir():
+        if _DATA_FILE_RE.match(p.name) and p.name not in new and p.is_file():
+            p.unlink()
+    for name in sorted(new - {MANIFEST, "tokenizer"}):
+        os.replace(build / name, out_dir / name)
+    if (build / "tokenizer").is_dir():
+        replace_dir(build / "tokenizer", out_dir / "tokenizer", TOKENIZER_FILES.__contains__, "tokenizer files")
+    os.replace(build / MANIFEST, out_dir / MANIFEST)
 
 
 def prepare(documents: Iterable[Document], out_dir: str | Path, tokenizer: Tokenizer | None = None,
@@ -294,12 +346,28 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, tokenizer: Token
     describes the inputs for the manifest (default: what ``stats`` recorded while reading).
     ``log`` is an optional ``print``-like callable for progress lines.
     """
+    from nanoseek.outdir import claim
+
     cfg = cfg or PrepareConfig()
     stats = stats or InputStats(cfg.skip_bad_lines)
     out_dir = Path(out_dir)
     if not 0 <= cfg.val_fraction < 1:
         raise DataError(f"val fraction must be in [0, 1), got {cfg.val_fraction}")
-    _clean_out_dir(out_dir, cfg.overwrite)
+    with claim(out_dir, "data prepare", flag="--out", own=lambda p: (p / MANIFEST).is_file(),
+               overwrite=cfg.overwrite, overwrite_flag="--overwrite"):
+        _check_out_dir(out_dir, cfg.overwrite)
+        build = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+        try:
+            manifest = _prepare_into(documents, build, tokenizer, cfg, stats, sources, log, out_dir)
+            _install(build, out_dir)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    return manifest
+
+
+def _prepare_into(documents: Iterable[Document], out_dir: Path, tokenizer: Tokenizer | None, cfg: PrepareConfig,
+                  stats: InputStats, sources: list[dict[str, Any]] | None, log: Any, final_dir: Path) -> dict[str, Any]:
+    """The pipeline of :func:`prepare`, writing into the build folder ``out_dir``."""
     fraction = Fraction(str(cfg.val_fraction))
     dropped: Counter[str] = Counter()
     counts = {"input": 0, "kept": 0, "next_log": 100_000}
@@ -385,11 +453,11 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, tokenizer: Token
         "splits": splits,
     }
     assert counts["input"] == counts["kept"] + sum(dropped.values())
-    write_manifest(out_dir, manifest)
     if splits["train"]["documents"] == 0:
         raise DataError(f"no training documents left: {counts['input']} read, dropped "
                         f"{dict(dropped) or 'none'}, {splits['val']['documents']} in val "
-                        f"(see {out_dir / MANIFEST}; loosen --filters-config or add data)")
+                        f"(nothing was written to {final_dir}; loosen --filters-config or add data)")
+    write_manifest(out_dir, manifest)
     return manifest
 
 

@@ -13,6 +13,11 @@ MinHash near-dedup, holds out a validation split, tokenizes (training a tokenize
 and token counts, every dropped document counted by reason, the tokenizer hash. Filter
 thresholds (see ``nanoseek.data.filters``) can be changed with ``--filters-config`` (JSON or
 TOML, keys of FilterConfig, optionally under a [filters] table).
+
+``--out`` is claimed and locked like every output folder (``nanoseek.outdir``): prepared data
+there, or a non-empty folder holding none, needs ``--overwrite``; every input is checked first
+and the new data replaces the old only once it is complete, so a mistyped ``--input`` or a run
+that filters everything out leaves the old data as it was.
 """
 
 from __future__ import annotations
@@ -49,11 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16,777,216)")
     p.add_argument("--hf-split", default="train", help="split of a HuggingFace dataset (default train)")
     p.add_argument("--hf-config", help="config name of a HuggingFace dataset")
-    p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace prepared data already in --out, or write into a non-empty --out that holds none "
+                        "(only files prepare writes are replaced; a failed run leaves the old data intact)")
     _corpus_arguments(p)
     c = sub.add_parser("corpus", help="write the embedded default corpus as JSONL",
                        description="Write the embedded default corpus ({'text', 'origin'} per line).")
     c.add_argument("--out", required=True, metavar="FILE.jsonl")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _corpus_arguments(c)
     i = sub.add_parser("inspect", help="summarise prepared data and show documents",
                        description="Print a manifest summary, verify the shards and decode a few documents.")
@@ -146,11 +154,25 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _corpus(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from nanoseek.cli import UserError
     from nanoseek.data.corpus import write_default_corpus
 
-    n = write_default_corpus(args.out, args.task_docs, seed=args.seed, task_levels=args.task_level,
-                             text_repeats=args.text_repeats)
-    print(f"wrote {n:,} documents to {args.out}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'corpus.jsonl'}")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: exists; pass --overwrite to replace it, or choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")      # the old file stays until the new one is complete
+    try:
+        n = write_default_corpus(tmp, args.task_docs, seed=args.seed, task_levels=args.task_level,
+                                 text_repeats=args.text_repeats)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {n:,} documents to {out}")
     return 0
 
 

@@ -8,12 +8,15 @@
 HuggingFace dataset name), skips documents the quality filters reject (so a flood of "MMMM"
 posts does not buy merges), and writes ``tokenizer.json`` + ``tokenizer_config.json`` that
 ``transformers.AutoTokenizer`` loads, chat template included. ``nanoseek data prepare`` without
-``--tokenizer`` trains one the same way on its kept training documents.
+``--tokenizer`` trains one the same way on its kept training documents. ``--out`` is claimed
+like every output folder (``nanoseek.outdir``): another command's folder needs ``--overwrite``,
+only tokenizer files are ever replaced, and they are replaced only after training succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-size", type=int, default=2048,
                    help="vocabulary size including the 256 bytes and 7 special tokens (default 2048)")
     t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json and tokenizer_config.json")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the tokenizer files of an --out folder another command wrote (other files are "
+                        "never deleted: a folder holding them is refused)")
     t.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text (default text)")
     t.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
                    help="what one document of a .txt file is (default: the whole file)")
@@ -54,14 +60,48 @@ def run(args: argparse.Namespace) -> int:
             print(" ".join(f"{tok.id_to_token(i)}:{i}" for i in ids))
             print(f"{len(ids)} tokens, {len(args.text)} characters; round trip ok: {tok.decode(ids) == args.text}")
             return 0
-        texts, counter = _training_texts(args)
-        tok = Tokenizer.train(texts, args.vocab_size, min_frequency=args.min_frequency)
-        tok.save(args.out)
+        with _claim_out(args):
+            texts, counter = _training_texts(args)
+            tok = Tokenizer.train(texts, args.vocab_size, min_frequency=args.min_frequency)
+            _save_beside(tok, Path(args.out))
     except (DataError, TokenizerError, ValueError) as e:
         raise UserError(str(e)) from e
     print(f"trained on {counter['kept']:,} documents ({counter['filtered']:,} rejected by the quality filters)")
     print(f"vocab size {tok.vocab_size} (asked {args.vocab_size}), hash {tok.hash[:16]}; saved to {args.out}")
     return 0
+
+
+def _claim_out(args: argparse.Namespace):
+    """Claim ``--out`` (nanoseek.outdir): this command's earlier output, or a tokenizer-only folder
+    that is not a prepared data folder's, is replaced; anything else needs ``--overwrite``, and a
+    folder holding files other than tokenizer files is refused before training."""
+    from nanoseek.atomic import check_replaceable
+    from nanoseek.data.prepare import TOKENIZER_FILES
+    from nanoseek.outdir import check_claimable, claim, visible_entries
+
+    def own(path: Path) -> bool:
+        return set(visible_entries(path)) <= TOKENIZER_FILES and not (path.parent / "manifest.json").exists()
+
+    kw = dict(flag="--out", own=own, overwrite=args.overwrite, overwrite_flag="--overwrite")
+    check_claimable(args.out, "tokenizer train", **kw)
+    check_replaceable(args.out, TOKENIZER_FILES.__contains__, "tokenizer files")
+    return claim(args.out, "tokenizer train", **kw)
+
+
+def _save_beside(tok, out: Path) -> None:
+    """Save into a hidden folder next to ``out`` and swap it in (only tokenizer files are replaced)."""
+    import shutil
+    import tempfile
+
+    from nanoseek.atomic import replace_dir
+    from nanoseek.data.prepare import TOKENIZER_FILES
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tok.save(tmp)
+        replace_dir(tmp, out, TOKENIZER_FILES.__contains__, "tokenizer files")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _training_texts(args: argparse.Namespace):

@@ -11,13 +11,16 @@ saves and nanoseek loads theirs. In memory nanoseek differs in two places, conve
 Loading also accepts DeepSeek's FP8 block-quantised checkpoints (``weight_scale_inv`` per
 128x128 block, ``quantization_config`` in config.json), dequantised on load. Only safetensors
 are ever read: a checkpoint is never unpickled. Saving is atomic: files go to a temporary
-directory next to the target, which then replaces it in one rename.
+directory next to the target, which then replaces it in one rename. An existing target is
+replaced only if it holds nothing but files a model save writes (:func:`is_model_file`:
+config.json, generation_config.json, safetensors and their index, tokenizer files, and the
+``extra_files`` of this save); a folder with anything else in it is refused before any file is
+written (``CheckpointError``), so a save never deletes a user's file (see :mod:`nanoseek.outdir`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -40,6 +43,28 @@ _EXPERT_RE = re.compile(r"^(model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(\d+)\.(g
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing files or tensors, or holds tensors of the wrong shape."""
+
+
+# every name a model save may write; what save_pretrained may replace in an existing folder
+MODEL_FILES = frozenset({"config.json", "generation_config.json", SAFE_NAME, INDEX_NAME, "tokenizer.json",
+                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def is_model_file(name: str) -> bool:
+    """Whether ``name`` is a file :func:`save_pretrained` writes (so it may replace it)."""
+    return name in MODEL_FILES or bool(_SHARD_RE.match(name))
+
+
+def check_model_dir_writable(directory: str | Path, extra_files: dict[str, str] | None = None) -> None:
+    """Raise CheckpointError unless :func:`save_pretrained` may write ``directory`` (see module doc)."""
+    from nanoseek.atomic import ReplaceRefused, check_replaceable
+
+    extra = set(extra_files or ())
+    try:
+        check_replaceable(directory, lambda n: is_model_file(n) or n in extra, "model checkpoint files")
+    except ReplaceRefused as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- name mapping
@@ -119,8 +144,13 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
 # ---------------------------------------------------------------------------- save
 def save_pretrained(model: DeepseekV3ForCausalLM, directory: str | Path,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json and safetensors (sharded above max_shard_bytes), atomically."""
+    """Write config.json and safetensors (sharded above max_shard_bytes), atomically.
+
+    An existing ``directory`` is replaced only if it holds nothing but model files (see the
+    module docstring); otherwise CheckpointError, raised before anything is written.
+    """
     directory = Path(directory)
+    check_model_dir_writable(directory, extra_files)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -150,22 +180,23 @@ def save_pretrained(model: DeepseekV3ForCausalLM, directory: str | Path,
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
-        _atomic_replace_dir(tmp, directory)
+        _atomic_replace_dir(tmp, directory, extra_files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def _atomic_replace_dir(src: Path, dst: Path) -> None:
-    """Make src appear at dst in one rename; an existing dst is moved aside first, then removed."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _atomic_replace_dir(src: Path, dst: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Make src appear at dst in one rename (:func:`nanoseek.atomic.replace_dir`): an existing dst
+    holding only model files is moved aside and removed; one holding anything else is refused."""
+    from nanoseek.atomic import ReplaceRefused, replace_dir
+
+    extra = set(extra_files or ())
+    try:
+        replace_dir(src, dst, lambda n: is_model_file(n) or n in extra, "model checkpoint files")
+    except ReplaceRefused as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- load
@@ -262,5 +293,5 @@ def _checkpoint_dtype(state: dict[str, torch.Tensor], default: torch.dtype) -> t
     return t.dtype
 
 
-__all__ = ["save_pretrained", "from_pretrained", "to_hf_state_dict", "from_hf_state_dict",
+__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "check_model_dir_writable", "to_hf_state_dict", "from_hf_state_dict",
            "dequantize_fp8_block", "CheckpointError", "ConfigError"]

@@ -4,7 +4,9 @@ Every post-training command takes a TOML config (a path or a shipped recipe name
 table.key=value`` overrides, and a few shortcuts for the common keys (``--model`` is
 ``model.init_from``, ``--out`` is ``train.out_dir``, ``--steps`` is ``train.max_steps``, ``--data``
 the stage's data key). ``--print-config`` shows the resolved config and exits. A config with
-``[stages.*]`` tables is a multi-stage recipe (``r1``) and runs stage after stage.
+``[stages.*]`` tables is a multi-stage recipe (``r1``) and runs stage after stage. The ``--out``
+folder is claimed and locked for the whole command (:mod:`nanoseek.outdir`): another command's
+folder, a second writer, or a fresh run over a finished one is refused with one line.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
             if args.print_config:
                 print(path.read_text())
                 return 0
-            results = run_recipe(rec, resume=args.resume, quiet=args.quiet)
+            from nanoseek.outdir import claim
+
+            with claim(rec.out_dir, "recipe", flag="--out", own=lambda p: any(p.glob("*/stage.json"))):
+                results = run_recipe(rec, resume=args.resume, quiet=args.quiet)
             for r in results:
                 print(f"{r.kind:8s} {r.status:10s} steps {r.steps:5d}  -> {r.final_dir}")
             return 0 if results and results[-1].status == "done" and len(results) == len(rec.stages) else 1
@@ -84,9 +89,17 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
+    from pathlib import Path
+
+    from nanoseek.outdir import claim
+
+    from .stage import is_stage_run
+
     runner = _runner(kind)
     try:
-        result = runner(cfg, resume=args.resume, quiet=args.quiet)
+        # claimed here too, so a stage that writes before training (distill's traces) writes into its own folder
+        with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out", own=is_stage_run):
+            result = runner(cfg, resume=args.resume, quiet=args.quiet)
     except (ConfigError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     print(f"{kind}: {result.status} after {result.steps} steps; final checkpoint: {result.final_dir}")

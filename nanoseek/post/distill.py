@@ -175,8 +175,19 @@ def run_distill(cfg, *, teacher=None, teacher_tokenizer=None, student=None, toke
 
     With ``[distill] teacher = ""`` the teacher is the ``[model] init_from`` checkpoint: rejection
     sampling from the model itself. Returns the SFT StageResult; ``extra`` holds the sampling
-    report and the path of the traces file.
+    report and the path of the traces file. The run folder is claimed (:mod:`nanoseek.outdir`)
+    before the traces are written into it.
     """
+    from nanoseek.outdir import claim
+
+    from .stage import is_stage_run
+
+    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out", own=is_stage_run):
+        return _run_distill(cfg, teacher=teacher, teacher_tokenizer=teacher_tokenizer, student=student,
+                            tokenizer=tokenizer, resume=resume, quiet=quiet, progress=progress)
+
+
+def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume, quiet, progress):
     import torch
 
     from .sft import train_sft

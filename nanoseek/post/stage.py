@@ -19,7 +19,9 @@ experts staying balanced by the aux-loss-free bias update after every step).
 
 :func:`run_trainer` wires a task into :class:`nanoseek.train.loop.Trainer` with the expert-bias
 hook, saves the tokenizer into the run folder (so every checkpoint finds it) and into ``final/``,
-and returns a :class:`StageResult` with the final checkpoint and the logged step records.
+and returns a :class:`StageResult` with the final checkpoint and the logged step records. The run
+folder is claimed and locked first (:mod:`nanoseek.outdir`): another command's folder, a second
+writer, and a fresh run over existing checkpoints are refused with one line.
 """
 
 from __future__ import annotations
@@ -206,15 +208,49 @@ def check_vocab(model, tokenizer, what: str = "model") -> None:
 
 def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str = False, quiet: bool = False,
                 progress: bool | None = None, extra_hooks=(), extra: dict[str, Any] | None = None) -> StageResult:
-    """Train ``task`` with the shared trainer under ``cfg``; returns the stage's result."""
+    """Train ``task`` with the shared trainer under ``cfg``; returns the stage's result.
+
+    The run folder is claimed and locked like every output folder (:mod:`nanoseek.outdir`): a
+    non-empty folder that is not this stage's run is refused, so is a second writer, and a
+    folder with checkpoints is only continued with ``resume`` (the refusal names the settings
+    that differ from its config.toml).
+    """
+
+    from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable
+    from nanoseek.outdir import claim
+    from nanoseek.train.pretrain import check_rerun
+
+    run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
+    with claim(run_dir, cfg.kind, flag="--out", own=is_stage_run):
+        changed = check_rerun(run_dir, cfg.to_dict(), resume, "--out",
+                              load_old=lambda p: stage_config_from_dict(cfg.kind, read_toml(p), str(p)).to_dict())
+        try:
+            check_model_dir_writable(run_dir / "final")
+        except CheckpointError as e:
+            raise ConfigError(f"{e} (the stage writes its trained model there)") from None
+        if changed and not quiet:
+            print(f"resuming {run_dir} with changed settings: {', '.join(changed)}")
+        return _run_trainer(model, task, cfg, tokenizer, run_dir, resume=resume, quiet=quiet, progress=progress,
+                            extra_hooks=extra_hooks, extra=extra, changed=changed)
+
+
+def is_stage_run(path: Path) -> bool:
+    """A stage folder from before the ``.nanoseek.lock`` marker: ``stage.json``, or ``config.toml`` + checkpoints."""
+    from nanoseek.train.pretrain import is_pretrain_run
+
+    return (path / "stage.json").is_file() or is_pretrain_run(path)
+
+
+def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, resume, quiet, progress, extra_hooks,
+                 extra, changed) -> StageResult:
     import json
+    import shutil
     import tempfile
 
+    from nanoseek.atomic import write_atomic
     from nanoseek.train.loop import ExpertBalanceHook, Trainer
     from nanoseek.train.metrics import read_metrics
 
-    run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir)                     # checkpoints under RUN/checkpoints find it here
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save(tmp)
@@ -226,7 +262,9 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
     trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir=run_dir, hooks=hooks,
                       config={"kind": cfg.kind, **cfg.to_dict()}, final_files=final_files, progress=progress,
                       quiet=quiet)
-    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    if changed and resume:
+        shutil.copyfile(run_dir / "config.toml", run_dir / "config.previous.toml")
+    write_atomic(run_dir / "config.toml", cfg.to_toml())
     result = trainer.fit(resume=resume)
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     history = [r for r in records if "step" in r and "event" not in r]
@@ -239,5 +277,5 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
     return out
 
 
-__all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config",
+__all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config", "is_stage_run",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]

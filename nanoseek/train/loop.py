@@ -580,10 +580,13 @@ class Trainer:
             self._evaluate()
         if self.last_saved_step != self.step:
             self.save()
-        from ..model.checkpoint import save_pretrained
+        from ..model.checkpoint import CheckpointError, save_pretrained
         model, final = self.dist.full_model(self.model), self.run_dir / "final"
-        if self.dist.is_main:
-            save_pretrained(model, final, extra_files=self.final_files)
+        if self.dist.is_main:              # replaces only model files; a final/ with user files is refused
+            try:
+                save_pretrained(model, final, extra_files=self.final_files)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} (the trained weights are safe in {self.last_checkpoint})") from None
         self.dist.barrier()
         self._event("done", step=self.step, tokens=self.tokens, status=status, final=str(final),
                     elapsed=self.elapsed, rollbacks=self.rollbacks)

@@ -22,7 +22,9 @@ when the recipe does not set ``vocab_size``), the run folder (``config.toml``, m
 checkpoints, ``final/`` with the tokenizer files copied in), the expert-bias hook, and fit.
 Under torchrun it joins the process group first and every rank reads its own rows of each global
 batch (``micro_batch_size`` is per rank); ``[parallel]`` says how the model is split
-(``distributed.py``); rank 0 writes the run folder.
+(``distributed.py``); rank 0 writes the run folder, and holds its lock (:mod:`nanoseek.outdir`):
+a folder that is not a pretrain run is refused, a second writer is refused while the run is
+live, and a folder with checkpoints is only continued with ``resume``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_atomic
 from ..eval.bpb import bpb_sums
 from ..model.config import ConfigError
 from .config import TrainConfig, config_to_toml
@@ -225,39 +228,79 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
     return out
 
 
-def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = None, quiet: bool = False,
-             hooks: list | None = None) -> FitResult:
-    """Run (or with ``resume`` continue) the pre-training described by ``cfg`` in ``cfg.train.out_dir``."""
+def is_pretrain_run(path: Path) -> bool:
+    """A run folder from before the ``.nanoseek.lock`` marker: ``config.toml`` and ``checkpoints/step-*``."""
+    ckpts = path / "checkpoints"
+    return (path / "config.toml").is_file() and ckpts.is_dir() and any(ckpts.glob("step-*"))
+
+
+def check_rerun(run_dir: Path, new: dict, resume: bool | str, flag: str, load_old=None) -> list[str]:
+    """Refuse a fresh run into a folder that holds checkpoints; the keys a resume changes.
+
+    A folder with checkpoints is only ever continued (``--resume``); the refusal names the
+    settings that differ from the run's ``config.toml`` (read by ``load_old(path) -> dict``, by
+    default as a pre-training config), so a re-run with other settings never silently replaces
+    the finished one. With ``--resume`` the changed keys are returned (the caller says so and
+    keeps the old config as ``config.previous.toml``).
+    """
     from .checkpoint import latest_checkpoint
     from .config import config_from_dict, read_toml
+
+    config_path = run_dir / "config.toml"
+    load_old = load_old or (lambda path: config_from_dict(read_toml(path), str(path)).to_dict())
+    changed: list[str] = []
+    if config_path.is_file():
+        try:
+            changed = _changed_keys(load_old(config_path), new)
+        except (ConfigError, ValueError) as e:
+            changed = [f"(its config.toml cannot be read: {e})"]
+    ckpt = latest_checkpoint(run_dir)
+    if not resume and ckpt is not None:
+        differs = f"; it was made with other settings: {', '.join(changed)}" if changed else ""
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it from {ckpt.name}"
+                          f"{' with these settings' if changed else ''}, or choose another {flag}{differs}")
+    if resume is True and ckpt is None:
+        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+    return changed
+
+
+def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = None, quiet: bool = False,
+             hooks: list | None = None) -> FitResult:
+    """Run (or with ``resume`` continue) the pre-training described by ``cfg`` in ``cfg.train.out_dir``.
+
+    The run folder is claimed and locked for the whole run (:mod:`nanoseek.outdir`): a non-empty
+    folder that is not a pretrain run is refused, a second process gets "in use", and a folder
+    with checkpoints is only continued with ``resume`` (the refusal names the settings that
+    differ). ``final/`` is checked before training: a save there never deletes a user's file.
+    """
+    from ..model.checkpoint import CheckpointError, check_model_dir_writable
+    from ..outdir import claim
     from .distributed import init_distributed, is_main
 
     init_distributed(cfg.parallel, cfg.train.device)     # under torchrun: join before the loaders slice the data
     run_dir = Path(cfg.train.out_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another "
-                          "[train] out_dir")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
-    model, task, final_files = build_pretraining(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not is_main():
-        quiet = True                      # rank 0 prints and writes the run folder
-    config_path = run_dir / "config.toml"
-    changed: list[str] = []
-    if resume and config_path.exists() and is_main():
-        changed = _changed_keys(config_from_dict(read_toml(config_path), str(config_path)).to_dict(), cfg.to_dict())
-        if changed and not quiet:
+    with claim(run_dir, "pretrain", flag="--out-dir", own=is_pretrain_run, lock=is_main()):
+        changed = check_rerun(run_dir, cfg.to_dict(), resume, "--out-dir")
+        try:
+            check_model_dir_writable(run_dir / "final")
+        except CheckpointError as e:
+            raise ConfigError(f"{e} (the run writes its trained model there)") from None
+        model, task, final_files = build_pretraining(cfg)
+        if not is_main():
+            quiet = True                      # rank 0 prints and writes the run folder
+        config_path = run_dir / "config.toml"
+        if changed and resume and not quiet:
             print(f"resuming {run_dir} with changed settings: {', '.join(changed)}")
-    if is_main() and (changed or not config_path.exists() or not resume):
-        if changed:
-            shutil.copyfile(config_path, run_dir / "config.previous.toml")
-        config_path.write_text(config_to_toml(cfg))
-    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir,
-                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *(hooks or [])],
-                      config=cfg.to_dict(), final_files=final_files, progress=progress, quiet=quiet,
-                      parallel=cfg.parallel)
-    return trainer.fit(resume=resume)
+        if is_main() and (changed or not config_path.exists() or not resume):
+            if changed and resume:
+                shutil.copyfile(config_path, run_dir / "config.previous.toml")
+            write_atomic(config_path, config_to_toml(cfg))
+        trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir,
+                          hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *(hooks or [])],
+                          config=cfg.to_dict(), final_files=final_files, progress=progress, quiet=quiet,
+                          parallel=cfg.parallel)
+        return trainer.fit(resume=resume)
 
 
-__all__ = ["PretrainTask", "LMBatch", "LMBatches", "token_byte_lengths", "build_pretraining", "pretrain"]
+__all__ = ["PretrainTask", "LMBatch", "LMBatches", "token_byte_lengths", "build_pretraining", "pretrain",
+           "check_rerun", "is_pretrain_run"]

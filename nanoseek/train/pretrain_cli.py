@@ -8,8 +8,10 @@ The run folder (``[train] out_dir``, default runs/<recipe name>) gets config.tom
 recipe), metrics.jsonl (every step and event), checkpoints/step-NNNNNN/ (the last keep_last),
 latest (the newest checkpoint) and final/ (the trained model in HF format, with the tokenizer).
 Ctrl-C or SIGTERM saves a checkpoint before exiting (exit status 130); --resume continues with
-the same per-step losses as an uninterrupted run. Set NANOSEEK_NO_PROGRESS=1 for plain log lines
-instead of the progress bar.
+the same per-step losses as an uninterrupted run. The run folder is locked while the run lives;
+a non-empty folder that is not a pretrain run, a second run into a live one, and a fresh run into
+one with checkpoints (the error names the settings that differ) are refused (``nanoseek.outdir``).
+Set NANOSEEK_NO_PROGRESS=1 for plain log lines instead of the progress bar.
 """
 
 from __future__ import annotations

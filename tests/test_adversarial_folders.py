@@ -1,0 +1,451 @@
+"""Adversarial tests: output folders are sacred (issue 17, classes 1 and 2).
+
+Class 1, nothing lost: no command removes or overwrites a file it did not write; a non-empty
+folder that is not the command's own run is refused with one line naming the folder and the
+flag; a replace (``--overwrite``, saving over ``final/``) checks every input first and swaps
+the finished result in, so a failure leaves the old result intact.
+Class 2, nothing forged: a run folder is locked for the life of the process (a second writer is
+refused, a killed holder releases it), and a finished run re-run with other settings is refused
+with the differing keys named, so run.json / report.md never misstate how a model was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.atomic import ReplaceRefused, replace_dir
+from nanoseek.cli import main
+from nanoseek.model.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from nanoseek.outdir import LOCK_NAME, OutputDirError, claim, read_owner
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2", "--set", "model.q_lora_rank=16",
+         "--set", "model.kv_lora_rank=16", "--set", "model.moe_intermediate_size=16", "--set", "optim.seq_len=16",
+         "--set", "optim.micro_batch_size=2", "--set", "optim.grad_accum=1", "--set", "data.val_batches=1",
+         "--set", "train.max_steps=2", "--no-progress", "--quiet"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (the lock file aside) -> sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
+
+
+def precious(tmp_path: Path, *names: str) -> Path:
+    d = tmp_path / "precious"
+    d.mkdir()
+    for name in names or ("thesis.txt",):
+        (d / name).write_text(f"the user's {name}\n")
+    return d
+
+
+def hold_lock_in_subprocess(folder: Path, command: str = "pretrain") -> subprocess.Popen:
+    """Another process claiming ``folder`` (it holds the lock until killed)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from nanoseek.outdir import claim
+        with claim({str(folder)!r}, {command!r}, flag="--out-dir"):
+            print("held", flush=True)
+            time.sleep(600)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+# ----------------------------------------------------------------------------- class 1: demo / model saves
+def test_demo_into_a_users_folder_refuses_and_leaves_it_untouched(tmp_path, capsys):
+    d = precious(tmp_path)
+    before = snapshot(d)
+    assert main(["demo", "--out", str(d), "--tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert str(d) in err and "--overwrite" in err and "--out" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]     # not even a lock file
+    # --overwrite allows replacing model files, never deleting the user's: still refused
+    assert main(["demo", "--out", str(d), "--tokens", "2", "--overwrite"]) == 2
+    assert "thesis.txt" in capsys.readouterr().err
+    assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]
+
+
+def test_demo_rewrites_its_own_folder_but_not_another_commands_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--tokens", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--tokens", "2"]) == 0                # its own run: fine
+    assert read_owner(out)["command"] == "demo"
+    # a model folder another command wrote (no demo marker) needs --overwrite
+    other = tmp_path / "final"
+    torch.manual_seed(0)
+    from conftest import make_tiny_model
+    save_pretrained(make_tiny_model(), other)
+    before = snapshot(other)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(other), "--tokens", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and snapshot(other) == before
+    assert main(["demo", "--out", str(other), "--tokens", "2", "--overwrite"]) == 0
+    assert snapshot(other) != before
+
+
+def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model()
+    target = precious(tmp_path, "thesis.txt", "README.md")
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=r"thesis\.txt"):
+        save_pretrained(model, target)
+    assert snapshot(target) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]           # no temporary left behind
+    # a folder of model files only is replaced as a whole: stale shards of an older save go too
+    ckpt = tmp_path / "ckpt"
+    save_pretrained(model, ckpt, max_shard_bytes=20_000)
+    assert (ckpt / "model.safetensors.index.json").exists()
+    save_pretrained(model, ckpt)
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors"]
+    from_pretrained(ckpt)
+
+
+def test_replace_dir_refuses_foreign_files_keeps_the_old_on_failure_and_carries_the_lock(tmp_path):
+    dst, src = tmp_path / "dst", tmp_path / "src"
+    dst.mkdir(), src.mkdir()
+    (dst / "a.bin").write_text("old")
+    (dst / "notes.txt").write_text("mine")
+    (src / "a.bin").write_text("new")
+    with pytest.raises(ReplaceRefused, match="notes.txt"):
+        replace_dir(src, dst, lambda n: n.endswith(".bin"))
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "a.bin").read_text() == "old"
+    (dst / "notes.txt").unlink()
+    with claim(dst, "test", flag="--out", overwrite=True):
+        inode = (dst / LOCK_NAME).stat().st_ino
+        replace_dir(src, dst, lambda n: n.endswith(".bin"))
+        assert (dst / "a.bin").read_text() == "new" and (dst / LOCK_NAME).stat().st_ino == inode
+    assert not src.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+# ----------------------------------------------------------------------------- class 1: training runs
+def test_pretrain_into_a_users_folder_keeps_their_config_and_latest(tmp_path, capsys):
+    d = precious(tmp_path, "config.toml", "latest", "notes.md")
+    before = snapshot(d)
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(d), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert str(d) in err and "--out-dir" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(d) == before and LOCK_NAME not in os.listdir(d)
+
+
+def test_a_users_file_in_final_is_refused_before_training_and_at_the_final_save(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(out), *SMALL]) == 0
+    (out / "final" / "notes.txt").write_text("keep me")
+    before = snapshot(out)
+    assert main(["pretrain", "--out-dir", str(out), "--resume", *SMALL, "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and snapshot(out) == before                        # refused before training
+    # a file that appears in final/ while a run trains: the final save refuses, the weights are kept
+    out = tmp_path / "run2"
+
+    class DropAFile:
+        def after_step(self, trainer, applied):
+            (out / "final").mkdir(exist_ok=True)
+            (out / "final" / "notes.txt").write_text("keep me")
+            return {}
+
+    from nanoseek.train.config import load_config
+    from nanoseek.train.pretrain import pretrain
+    cfg = load_config("tiny", [a for a in SMALL[1::2] if "=" in a] + [f"train.out_dir={out}"])
+    with pytest.raises(CheckpointError, match=r"notes\.txt.*trained weights are safe in .*step-000002"):
+        pretrain(cfg, progress=False, quiet=True, hooks=[DropAFile()])
+    assert (out / "final" / "notes.txt").read_text() == "keep me"
+    assert (out / "checkpoints" / "step-000002").is_dir()
+
+
+def test_speedrun_into_a_non_empty_folder_keeps_its_report(tmp_path, capsys):
+    d = precious(tmp_path, "report.md", "run.txt")
+    before = snapshot(d)
+    assert main(["speedrun", "--minutes", "1", "--out", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert str(d) in err and "--out" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "distill"])
+def test_post_training_stage_refuses_a_users_folder(tmp_path, capsys, kind):
+    from conftest import make_tiny_model
+
+    model = save_pretrained(make_tiny_model(max_position_embeddings=1024), tmp_path / "model")
+    d = precious(tmp_path, "notes.md")
+    assert main([kind, "--model", str(model), "--out", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert str(d) in err and "--out" in err
+    assert sorted(os.listdir(d)) == ["notes.md"]
+
+
+def test_ablate_and_tokenizer_refuse_a_users_folder(tmp_path, capsys):
+    d = precious(tmp_path)
+    before = snapshot(d)
+    assert main(["ablate", "--suite", "mtp", "--steps", "1", "--out", str(d), "--data", str(tmp_path / "nodata")]) == 2
+    assert str(d) in capsys.readouterr().err
+    for extra in ([], ["--overwrite"]):
+        assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "280",
+                     "--out", str(d), *extra]) == 2
+        assert "thesis.txt" in capsys.readouterr().err
+    assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]
+
+
+def test_tokenizer_train_does_not_overwrite_a_prepared_datas_tokenizer(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["data", "prepare", "--default-corpus", "--task-docs", "200", "--vocab-size", "280",
+                 "--out", str(data)]) == 0
+    before = snapshot(data)
+    assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
+                 "--out", str(data / "tokenizer")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and snapshot(data) == before
+    out = tmp_path / "tok"
+    for _ in range(2):                                  # its own folder is rewritten
+        assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
+                     "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == [LOCK_NAME, "tokenizer.json", "tokenizer_config.json"]
+
+
+# ----------------------------------------------------------------------------- class 1: data prepare
+@pytest.fixture()
+def good_data(tmp_path):
+    good = tmp_path / "good"
+    assert main(["data", "prepare", "--default-corpus", "--task-docs", "200", "--vocab-size", "280",
+                 "--out", str(good)]) == 0
+    return good
+
+
+def test_prepare_overwrite_with_a_mistyped_input_keeps_the_good_shards(good_data, tmp_path, capsys):
+    before = snapshot(good_data)
+    capsys.readouterr()
+    for bad in (str(tmp_path / "corpsu.jsonl"), str(tmp_path / "corpus_dir"), "runs_typo/", str(tmp_path / "empty")):
+        if bad.endswith("empty"):
+            Path(bad).mkdir()                           # a folder with no inputs in it
+        assert main(["data", "prepare", "--input", bad, "--out", str(good_data), "--overwrite"]) == 2, bad
+        err = capsys.readouterr().err
+        assert bad.rstrip("/") in err and len(err.strip().splitlines()) == 1
+        assert snapshot(good_data) == before
+
+
+def test_prepare_overwrite_that_fails_midway_keeps_the_old_data(good_data, tmp_path, capsys):
+    from nanoseek.data.prepare import Document, PrepareConfig, prepare
+    from nanoseek.data.tokenizer import Tokenizer
+
+    before = snapshot(good_data)
+    strict = tmp_path / "filters.toml"                  # every document filtered out
+    strict.write_text("[filters]\nmin_chars = 100000\n")
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "a short document about nothing in particular."}) + "\n")
+    assert main(["data", "prepare", "--input", str(src), "--filters-config", str(strict), "--out", str(good_data),
+                 "--overwrite", "--tokenizer", str(good_data / "tokenizer")]) == 2
+    assert "no training documents left" in capsys.readouterr().err
+    assert snapshot(good_data) == before
+
+    def documents():                                    # the input breaks after some documents
+        for i in range(50):
+            yield Document(f"document number {i} says something different from the others, at length.", f"x:{i}")
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        prepare(documents(), good_data, Tokenizer.load(good_data / "tokenizer"), PrepareConfig(overwrite=True))
+    assert snapshot(good_data) == before
+    assert sorted(p.name for p in good_data.iterdir() if p.name.startswith(".")) == [LOCK_NAME]
+
+
+def test_prepare_into_a_users_folder_needs_overwrite_and_keeps_their_files(tmp_path, capsys):
+    d = precious(tmp_path, "notes.md", "train_corpus.jsonl")
+    (d / "train_corpus.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n"
+                                                  for i in range(40)))
+    before = snapshot(d)
+    argv = ["data", "prepare", "--input", str(d / "train_corpus.jsonl"), "--vocab-size", "280", "--out", str(d),
+            "--no-dedup"]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and snapshot(d) == before
+    assert main([*argv, "--overwrite"]) == 0
+    after = snapshot(d)
+    assert all(after[k] == v for k, v in before.items()) and "manifest.json" in after
+    assert main(argv) == 2                              # prepared data now: replacing it needs --overwrite
+    assert "already holds prepared data" in capsys.readouterr().err
+
+
+def test_a_command_that_fails_before_writing_leaves_no_folder_or_lock_behind(tmp_path, capsys):
+    new = tmp_path / "new"
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(new), *SMALL, "--set", "data.source=packed",
+                 "--set", f"data.dir={tmp_path / 'nodata'}"]) == 2
+    assert "nodata" in capsys.readouterr().err and not new.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError):
+        with claim(empty, "pretrain", flag="--out-dir"):
+            raise RuntimeError("failed before writing")
+    assert os.listdir(empty) == []
+    with claim(empty, "pretrain", flag="--out-dir"):          # a lock file removed by a failed holder
+        pass                                                  # is simply made again
+    assert os.listdir(empty) == [LOCK_NAME]
+
+
+def test_data_corpus_does_not_overwrite_an_existing_file(tmp_path, capsys):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("the user's corpus\n")
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and f.read_text() == "the user's corpus\n"
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(tmp_path)]) == 2
+    assert main(["data", "corpus", "--task-docs", "20", "--out", str(f), "--overwrite"]) == 0
+    assert f.read_text() != "the user's corpus\n" and sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
+
+
+def test_a_subfolder_under_a_model_files_name_is_not_deleted(tmp_path):
+    from conftest import make_tiny_model
+
+    target = tmp_path / "ckpt"
+    (target / "config.json").mkdir(parents=True)        # a folder, not the file a save writes
+    (target / "config.json" / "mine.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        save_pretrained(make_tiny_model(), target)
+    assert (target / "config.json" / "mine.txt").read_text() == "mine"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'run'}: cannot lock the folder" in err and "--out-dir" in err
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(blocker), *SMALL]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and blocker.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- class 2: locks
+def test_claim_is_exclusive_across_processes_and_released_when_the_holder_dies(tmp_path, capsys):
+    out = tmp_path / "same"
+    holder = hold_lock_in_subprocess(out)
+    try:
+        assert main(["pretrain", "--config", "tiny", "--out-dir", str(out), *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another process (nanoseek pretrain, pid {holder.pid}" in err
+        assert len(err.strip().splitlines()) == 1 and "checkpoints" not in os.listdir(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)              # a crash: the kernel drops the lock
+        holder.wait()
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(out), *SMALL]) == 0
+    assert read_owner(out)["command"] == "pretrain" and read_owner(out)["pid"] == os.getpid()
+
+
+def test_two_pretrains_started_together_do_not_both_succeed(tmp_path):
+    out = tmp_path / "same"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--config", "tiny", "--out-dir", str(out), *SMALL]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for rc, _, err in results if rc == 2)
+    assert "in use by another process" in loser or "already holds checkpoints: pass --resume" in loser
+
+
+def test_claims_nest_in_one_process_and_other_commands_folders_are_refused(tmp_path):
+    out = tmp_path / "run"
+    with claim(out, "speedrun", flag="--out"):
+        with claim(out, "speedrun", flag="--out"):           # the same process again: a no-op
+            pass
+        (out / "pretrain").mkdir()
+        (out / "pretrain" / "laid-out-by-the-parent.json").write_text("{}")
+        with claim(out / "pretrain", "pretrain", flag="--out-dir"):   # inside a folder it holds
+            pass
+    (out / "x").write_text("x")
+    with pytest.raises(OutputDirError,
+                       match=r"belongs to nanoseek speedrun \(pretrain, x\), not to nanoseek sft: choose another --out"):
+        with claim(out, "sft", flag="--out"):
+            pass
+    with pytest.raises(OutputDirError, match="exists and is not a folder"):
+        with claim(out / "x", "sft", flag="--out"):
+            pass
+
+
+def test_a_folder_inside_a_live_run_of_another_process_is_refused(tmp_path, capsys):
+    run = tmp_path / "speedrun"
+    holder = hold_lock_in_subprocess(run, "speedrun")
+    try:
+        assert main(["pretrain", "--config", "tiny", "--out-dir", str(run / "pretrain"), *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert f"is inside {run}, which is in use by another process (nanoseek speedrun, pid {holder.pid})" in err
+        assert not (run / "pretrain").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+# ----------------------------------------------------------------------------- class 2: re-runs
+def test_pretrain_rerun_with_other_settings_names_the_keys(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["pretrain", "--config", "tiny", "--out-dir", out, *SMALL]) == 0
+    config_before = (Path(out) / "config.toml").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", "--config", "tiny", "--out-dir", out, *SMALL, "--set", "optim.lr=0.5",
+                 "--set", "train.seed=7"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "train.seed" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (Path(out) / "config.toml").read_text() == config_before
+
+
+def test_speedrun_rerun_with_other_settings_is_refused_and_run_json_unchanged(tmp_path, capsys):
+    from nanoseek.speedrun import RunState, load_recipe
+
+    out = tmp_path / "sr"
+    rc = load_recipe("speedrun", [])
+    config = {**rc, "minutes": 1.0, "seed": int(rc["speedrun"].get("seed", 0))}
+    out.mkdir()
+    state = RunState(out, config)
+    for step in ("data", "pretrain", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo"):
+        state.mark(step, "done")
+    (out / "report.md").write_text("made with the recorded settings\n")
+    before = snapshot(out)
+    assert main(["speedrun", "--minutes", "1", "--out", str(out), "--set", "budget.pretrain=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "budget.pretrain" in err and "--from" in err and len(err.strip().splitlines()) == 1
+    assert main(["speedrun", "--minutes", "2", "--out", str(out)]) == 2
+    assert "minutes (1.0 -> 2.0)" in capsys.readouterr().err
+    assert snapshot(out) == before
+    from nanoseek.speedrun import check_same_settings
+    check_same_settings(out, config)                    # the same settings resume it
+
+
+def test_post_training_stage_rerun_refuses_other_settings_and_resume_records_them(tmp_path, capsys):
+    from post_helpers import tiny_model, tiny_tokenizer
+
+    from nanoseek.model.config import ConfigError
+    from nanoseek.post.datasets import SFTExample
+    from nanoseek.post.sft import train_sft
+    from nanoseek.post.stage import stage_config_from_dict
+
+    tk = tiny_tokenizer()
+    base = save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(base)
+    examples = [SFTExample(messages=[{"role": "user", "content": "7?"}, {"role": "assistant", "content": "7"}])] * 4
+
+    def cfg(lr: float, steps: int):
+        return stage_config_from_dict("sft", {
+            "model": {"init_from": str(base)}, "sft": {"mode": "pad"},
+            "optim": {"lr": lr, "min_lr": lr, "warmup_steps": 0, "micro_batch_size": 2, "seq_len": 32},
+            "train": {"max_steps": steps, "out_dir": str(tmp_path / "sft"), "device": "cpu"}})
+
+    assert train_sft(cfg(1e-3, 1), examples=examples, quiet=True).status == "done"
+    before = snapshot(tmp_path / "sft")
+    with pytest.raises(ConfigError, match=r"already holds checkpoints: pass --resume.*optim\.lr"):
+        train_sft(cfg(5e-3, 1), examples=examples, quiet=True)
+    assert snapshot(tmp_path / "sft") == before
+    res = train_sft(cfg(1e-3, 2), examples=examples, resume=True)
+    assert res.status == "done" and res.steps == 2
+    assert "changed settings: train.max_steps" in capsys.readouterr().out
+    assert "max_steps = 1" in (tmp_path / "sft" / "config.previous.toml").read_text()
