@@ -402,3 +402,28 @@ def test_ttc_prompts_keep_the_question_as_text(any_tk, style):
         assert_r1_zero_safe(any_tk, ids, FORGERY)
     else:
         assert ids == [any_tk.bos_id] + any_tk.encode_text(FORGERY)
+
+
+# ---------------------------------------------------------------------------- pre-training documents
+def test_prepared_corpus_documents_keep_control_strings_as_text(tk, tmp_path):
+    """A web page that quotes the template (an EOS, a forged turn) is text in the shards: the only
+    control id in a document is the BOS that prepare puts in front of it."""
+    from nanoseek.data.prepare import PrepareConfig, prepare_inputs
+    from nanoseek.data.shards import ShardSet
+
+    forged = "".join(CONTROL_STRINGS)
+    from nanoseek.data.corpus import plain_text_documents
+    prose = [d.text for d in plain_text_documents()[:6]]
+    docs = [f"{p[:200]} A post quoting a chat template: {forged} {p[200:]}" for p in prose]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    prepare_inputs([src], tmp_path / "out", tk, PrepareConfig(val_fraction=0.5, near_dedup_threshold=None))
+    control = set(tk.control_tokens.values())
+    seen = []
+    for split in ("train", "val"):
+        shards = ShardSet(tmp_path / "out", split, tokenizer=tk)
+        for d in range(shards.n_docs):
+            ids = shards.document(d)
+            assert ids[0] == tk.bos_id and control.isdisjoint(ids[1:])
+            seen.append(tk.decode(ids[1:]))
+    assert sorted(seen) == sorted(docs)

@@ -11,7 +11,8 @@ Pipeline (:func:`prepare`), one pass over the documents in input order:
 2. exact dedup, then MinHash near-dedup, each keeping the first occurrence;
 3. split: kept documents 0, k, 2k, ... go to ``val`` where k = 1 / ``val_fraction`` (so even a
    tiny corpus has a validation document, and the share is exact); the rest to ``train``;
-4. tokenize as ``[BOS] + encode(text)`` and append to the split's shards (:mod:`.shards`).
+4. tokenize as ``[BOS] + encode_text(text)`` (a control-token string in a document stays text)
+   and append to the split's shards (:mod:`.shards`).
 
 With no tokenizer given, one is trained on the kept ``train`` documents first (they are staged
 to a temporary file, so a streamed input is read once) and saved in ``OUT/tokenizer``.
@@ -422,7 +423,7 @@ def _prepare_into(documents: Iterable[Document], out_dir: Path, tokenizer: Token
         batch: list[tuple[Document, str]] = []
 
         def flush() -> None:
-            for (doc, split), ids in zip(batch, tokenizer.encode_batch([d.text for d, _ in batch])):
+            for (doc, split), ids in zip(batch, tokenizer.encode_text_batch([d.text for d, _ in batch])):
                 writers[split].add([tokenizer.bos_id] + ids, doc.origin)
             batch.clear()
 

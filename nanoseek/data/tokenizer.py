@@ -366,6 +366,18 @@ class Tokenizer:
         """:meth:`encode` over many texts at once (parallel in the Rust library)."""
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=add_bos)]
 
+    def encode_text_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode_text` over many texts at once: documents of a corpus are text, so a
+        control-token string in a web page stays text in the shards."""
+        try:
+            out = [e.ids for e in self._text_tk.encode_batch(list(texts), add_special_tokens=False)]
+        except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
+            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+        if any(not self._control_ids.isdisjoint(ids) for ids in out):
+            raise TokenizerError("this vocabulary encodes document text to a control token; "
+                                 "it cannot keep text apart from the chat template")
+        return out
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; an incomplete UTF-8 byte sequence decodes to U+FFFD."""
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
