@@ -53,8 +53,9 @@ Accuracy by record kind:
     (prints go to stderr), each line framed by a per-run random nonce, then ``done``. The test
     passes when the run exited 0 in time, the channel holds only framed reports ending in one
     ``done``, every assert at the top level of the test was reported exactly once and every one
-    in a loop or function at least once (under ``if``/``try``/``match``: any number), at least
-    one ran, and every plan evaluates true here on the decoded values.
+    in a loop or function at least once (under ``if``/``try``/``match``: any number; a snippet
+    needs at least one assert outside those), and every plan evaluates true here on the
+    decoded values.
 
   Why this cannot be farmed: no assert runs in the model's process, so exiting early (any way),
   patching builtins, ``sys.exit``, ``atexit``, hooks or ``AssertionError``, or swallowing
@@ -63,8 +64,8 @@ Accuracy by record kind:
   program, on its disk or in its memory), so producing it means solving the task. Not hidden: a
   value the test computes from its own data (``assert f(a) == b`` in a loop over literal pairs,
   ``assert all(...)``): it is compared here on plain data, but the model's code can see it by
-  introspection and could echo it. A snippet without any ``assert`` is refused (ValueError): it
-  would prove nothing. Names the code defines that shadow builtins are not seen by the test.
+  introspection and could echo it. A snippet without an ``assert`` that must run is refused
+  (ValueError): a forged end of run would pass it. Names the code defines that shadow builtins are not seen by the test.
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
 verification is thread-safe as above).
 """
@@ -384,6 +385,9 @@ def compile_assert_test(snippet: str) -> tuple[str, list[_Check]]:
     sites = list(_assert_sites(tree.body))
     if not sites:
         raise ValueError(f"assertion test has no assert statement: {snippet[:80]!r}")
+    if all(conditional for _, conditional, _ in sites):
+        raise ValueError("assertion test has no assert that must run (all are under if/try/"
+                         f"match), so a forged end of run would pass it: {snippet[:80]!r}")
     checks, calls = [], {}
     for i, (node, conditional, repeated) in enumerate(sites):
         planner = _Planner(rebound)
@@ -515,8 +519,6 @@ def _judge(r: Any, checks: list[_Check], nonce: str) -> str | None:
     for i, c in enumerate(checks):
         if runs[i] < c.min_runs or (c.max_runs is not None and runs[i] > c.max_runs):
             return f"assert #{i} ran {runs[i]} times"
-    if sum(runs) == 0:
-        return "no assert ran"
     return None
 
 
