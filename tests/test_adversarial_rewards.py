@@ -161,6 +161,8 @@ CORRECT = {
                               "if __name__ == '__main__':\n    print(add(1, 2))"),
     "float_result": "def add(a, b):\n    return float(a + b)",  # 5.0 == 5, as the assert says
     "class_based": ("class Adder:\n    def __call__(self, a, b):\n        return sum((a, b))\nadd = Adder()"),
+    "int_subclasses_and_enums": ("import enum\nclass Sum(enum.IntEnum):\n    pass\n"
+                                 "def add(a, b):\n    return enum.IntEnum('S', {'v': a + b}).v if a + b else 0"),
     "uses_stdlib_and_threads": ("import functools, operator, threading\n"
                                 "def add(a, b):\n    out = []\n    t = threading.Thread(target=lambda: out.append(functools.reduce(operator.add, [a, b])))\n"
                                 "    t.start()\n    t.join()\n    return out[0]"),
@@ -171,6 +173,28 @@ CORRECT = {
 def test_correct_solutions_score_full(name):
     r = score(respond(CORRECT[name]), REC, CFG)
     assert r.reward == 1.0 and r.correct, r.info["tests"]
+
+
+def test_patched_math_isclose_does_not_pass():
+    rec = {"tests": ["from math import isclose\nassert isclose(area(2), 12.566370614359172)",
+                     "import math\nassert math.isclose(area(1), math.pi)"]}
+    assert_zero("import math\nmath.isclose = lambda *a, **k: True\nmath.pi = 0.0\n"
+                "def area(r):\n    return 0.0", rec)
+    assert score(respond("import math\ndef area(r):\n    return math.pi * r * r"), rec, CFG).reward == 1.0
+
+
+def test_container_subclasses_count_only_for_their_data():
+    rec = {"tests": ["assert tally('abca') == {'a': 2, 'b': 1, 'c': 1}",
+                     "assert point(1, 2) == (1, 2)", "assert groups([1, 2, 3]) == {0: [2], 1: [1, 3]}"]}
+    good = ("import collections\nP = collections.namedtuple('P', 'x y')\n"
+            "def tally(s):\n    return collections.Counter(s)\ndef point(x, y):\n    return P(x, y)\n"
+            "def groups(xs):\n    d = collections.defaultdict(list)\n    for x in xs:\n        d[x % 2].append(x)\n    return d")
+    assert score(respond(good), rec, CFG).reward == 1.0
+    liar = ("class D(dict):\n    def __eq__(self, o):\n        return True\n    def items(self):\n"
+            "        return [('a', 2), ('b', 1), ('c', 1)]\nclass T(tuple):\n    def __eq__(self, o):\n"
+            "        return True\n    def __iter__(self):\n        return iter((1, 2))\n"
+            "def tally(s):\n    return D()\ndef point(x, y):\n    return T()\ndef groups(xs):\n    return D()")
+    assert_zero(liar, rec)
 
 
 def test_richer_assert_shapes_are_judged_like_python():

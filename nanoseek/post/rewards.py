@@ -44,12 +44,14 @@ Accuracy by record kind:
   - an assertion snippet (a string, or ``{"assert": ...}``): the test passes only when this
     process has *evaluated every assert itself* and each held. :func:`compile_assert_test` splits
     each ``assert`` into a plan this process evaluates (comparisons, ``and``/``or``/``not``,
-    literals, ``+ - / // %`` and the pure builtins in ``_PURE_CALLS``: ``sorted``, ``len``,
-    ``abs``, ``math.isclose``, ...) and *slots*, the sub-expressions only the model's code can
-    compute (``add(2, 3)``). In the sandbox a harness runs the code, then the rewritten test with
-    the builtins as they were before the code ran, and reports each slot's value as tagged plain
-    data (exact ``int``/``float``/``str``/``list``/``dict``/... types; anything else, e.g. an
-    object whose ``__eq__`` always says yes, is an error) on a private duplicate of stdout
+    literals, ``math.pi``/``e``/``tau``/``inf``, ``+ - / // %`` and the pure builtins in
+    ``_PURE_CALLS``: ``sorted``, ``len``, ``abs``, ``math.isclose``, ...) and *slots*, the sub-expressions only the model's code can
+    compute (``add(2, 3)``). In the sandbox a harness runs the code, then the rewritten test (with
+    a copy of the builtins taken before the code ran: defence in depth, the code can reach it),
+    and reports each slot's value as tagged plain data (``int``/``float``/``str``/``list``/
+    ``dict``/... read through the built-in types' own methods, so a subclass counts only for the
+    data it holds and its ``__eq__`` never runs; any other object, e.g. one whose ``__eq__``
+    always says yes, a ``deque`` or a ``Fraction``, is an error) on a private duplicate of stdout
     (prints go to stderr), each line framed by a per-run random nonce, then ``done``. The test
     passes when the run exited 0 in time, the channel holds only framed reports ending in one
     ``done``, every assert at the top level of the test was reported exactly once and every one
@@ -61,10 +63,11 @@ Accuracy by record kind:
   patching builtins, ``sys.exit``, ``atexit``, hooks or ``AssertionError``, or swallowing
   exceptions leaves reports missing and fails; a forged report must carry the right values, and
   an expected value written as a literal in the test never enters the sandbox (it is not in the
-  program, on its disk or in its memory), so producing it means solving the task. Not hidden: a
-  value the test computes from its own data (``assert f(a) == b`` in a loop over literal pairs,
-  ``assert all(...)``): it is compared here on plain data, but the model's code can see it by
-  introspection and could echo it. A snippet without an ``assert`` that must run is refused
+  program, on its disk or in its memory), so producing it means solving the task. Weaker: a value
+  the test computes in the sandbox from its own data (``assert f(a) == b`` in a loop over literal
+  pairs, ``assert all(...)``, ``EXPECTED = 5``, functions of modules other than ``math.isclose``):
+  it is compared here on plain data, but the model's code can see it by introspection, or patch
+  what computes it, and echo it. A snippet without an ``assert`` that must run is refused
   (ValueError): a forged end of run would pass it. Names the code defines that shadow builtins are not seen by the test.
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
 verification is thread-safe as above).
@@ -220,7 +223,8 @@ def _normalise_output(s: str) -> str:
 
 # Assertion tests run through a harness. The trusted parent (this process) parses the test and
 # splits every ``assert`` into a *plan* it evaluates itself: comparisons, ``and``/``or``/``not``,
-# literals, a few pure builtins (:data:`_PURE_CALLS`) and ``+ - / // %``. Only the remaining
+# literals, ``math.pi``-style constants, a few pure builtins (:data:`_PURE_CALLS`) and
+# ``+ - / // %``. Only the remaining
 # sub-expressions (the *slots*, e.g. ``add(2, 3)``) run in the sandbox, where the harness reports
 # their values as tagged plain data (exact built-in types only) on a private copy of stdout. The
 # literals of the plan never enter the sandbox, so the model's code cannot read or forge them.
@@ -233,6 +237,7 @@ _BINOPS = {"Add": operator.add, "Sub": operator.sub, "Div": operator.truediv,
 _PURE_CALLS = {"abs": abs, "round": round, "len": len, "sorted": sorted, "set": set,
                "frozenset": frozenset, "list": list, "tuple": tuple, "min": min, "max": max,
                "sum": sum, "bool": bool, "isclose": math.isclose, "math.isclose": math.isclose}
+_PURE_CONSTS = {"math.pi": math.pi, "math.e": math.e, "math.tau": math.tau, "math.inf": math.inf}
 _PURE_KWARGS = {"sorted": {"reverse"}, "isclose": {"rel_tol", "abs_tol"},
                 "math.isclose": {"rel_tol", "abs_tol"}}
 REPORT_CAP_BYTES = 1 << 20  # the slot values of one test, as JSON
@@ -241,30 +246,32 @@ _HARNESS = r"""
 import builtins as _b, json as _json, os as _os, sys as _sys
 _OUT = _os.dup(1)  # the report channel; the code's own prints go to stderr
 _os.dup2(2, 1)
-_PRISTINE = dict(_b.__dict__)  # the builtins the test sees, copied before the code runs
-_TAGS = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+_PRISTINE = dict(_b.__dict__)  # the builtins the test sees: a copy from before the code ran
+_isinstance, _type, _repr, _str = isinstance, type, repr, str
 
 def _enc(x, depth=0):
+    # Built-in types by their base-type methods: a subclass is reduced to the data it holds, so
+    # its own __eq__, __iter__ or items() cannot take part (namedtuple, Counter, IntEnum pass).
     if depth > 100:
         raise ValueError("nested too deeply")
-    t = type(x)
-    if x is None or t is bool:
+    if x is None or x is True or x is False:
         return x
-    if t is int:
-        return {"i": str(x)}
-    if t is float:
-        return {"f": repr(x)}
-    if t is complex:
-        return {"c": [repr(x.real), repr(x.imag)]}
-    if t is str:
-        return {"s": x}
-    if t is bytes:
-        return {"b": x.hex()}
-    if t in _TAGS:
-        return {_TAGS[t]: [_enc(v, depth + 1) for v in x]}
-    if t is dict:
-        return {"d": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in x.items()]}
-    raise TypeError(t.__name__ + " is not plain data")
+    if _isinstance(x, int):
+        return {"i": int.__repr__(x)}
+    if _isinstance(x, float):
+        return {"f": float.__repr__(x)}
+    if _type(x) is complex:
+        return {"c": [_repr(x.real), _repr(x.imag)]}
+    if _isinstance(x, str):
+        return {"s": str.__str__(x)}
+    if _isinstance(x, bytes):
+        return {"b": bytes.hex(x)}
+    for base, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F")):
+        if _isinstance(x, base):
+            return {tag: [_enc(v, depth + 1) for v in base.__iter__(x)]}
+    if _isinstance(x, dict):
+        return {"d": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in dict.items(x)]}
+    raise TypeError(_type(x).__name__ + " is not plain data")
 
 def _emit(rec):
     data = (_NONCE + " " + _json.dumps(rec) + "\n").encode()
@@ -333,6 +340,9 @@ class _Planner:
         ok, value = _literal(node)
         if ok:
             return ("lit", value)
+        name = _call_name(node) if isinstance(node, ast.Attribute) else None
+        if name in _PURE_CONSTS and "math" not in self.rebound:
+            return ("lit", _PURE_CONSTS[name])
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             return ("neg" if isinstance(node.op, ast.USub) else "pos", self.plan(node.operand))
         if isinstance(node, ast.BinOp) and type(node.op).__name__ in _BINOPS:
@@ -381,7 +391,9 @@ def compile_assert_test(snippet: str) -> tuple[str, list[_Check]]:
     rebound |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
                                                                   ast.AsyncFunctionDef))}
     rebound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
-                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names} - {"math"}
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names
+                if not (isinstance(n, ast.ImportFrom) and n.module == "math" and a.asname is None
+                        and f"math.{a.name}" in _PURE_CALLS)} - {"math"}
     sites = list(_assert_sites(tree.body))
     if not sites:
         raise ValueError(f"assertion test has no assert statement: {snippet[:80]!r}")

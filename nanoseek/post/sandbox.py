@@ -583,9 +583,10 @@ def _run(python: str, code: str, stdin: str, timeout_s: float, memory_mb: int, m
     workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-", dir=base)
     status_r, status_w = os.pipe()
     try:
-        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+        # lone surrogates (undecodable model output) become U+FFFD rather than an exception here
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="replace") as f:
             f.write(code)
-        with open(os.path.join(workdir, "stdin.txt"), "w", encoding="utf-8") as f:
+        with open(os.path.join(workdir, "stdin.txt"), "w", encoding="utf-8", errors="replace") as f:
             f.write(stdin)
         if uid is not None:
             for p in (workdir, os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin.txt")):
