@@ -224,10 +224,9 @@ def _normalise_output(s: str) -> str:
 # Assertion tests run through a harness. The trusted parent (this process) parses the test and
 # splits every ``assert`` into a *plan* it evaluates itself: comparisons, ``and``/``or``/``not``,
 # literals, ``math.pi``-style constants, a few pure builtins (:data:`_PURE_CALLS`) and
-# ``+ - / // %``. Only the remaining
-# sub-expressions (the *slots*, e.g. ``add(2, 3)``) run in the sandbox, where the harness reports
-# their values as tagged plain data (exact built-in types only) on a private copy of stdout. The
-# literals of the plan never enter the sandbox, so the model's code cannot read or forge them.
+# ``+ - / // %``. Only the remaining sub-expressions (the *slots*, e.g. ``add(2, 3)``) run in the
+# sandbox, where the harness reports their values as tagged plain data on a private copy of
+# stdout. The literals of the plan never enter the sandbox, so the model's code cannot read them.
 
 _CMP = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le,
         "Gt": operator.gt, "GtE": operator.ge, "Is": operator.is_, "IsNot": operator.is_not,
@@ -247,7 +246,7 @@ import builtins as _b, json as _json, os as _os, sys as _sys
 _OUT = _os.dup(1)  # the report channel; the code's own prints go to stderr
 _os.dup2(2, 1)
 _PRISTINE = dict(_b.__dict__)  # the builtins the test sees: a copy from before the code ran
-_isinstance, _type, _repr, _str = isinstance, type, repr, str
+_isinstance, _type, _repr = isinstance, type, repr
 
 def _enc(x, depth=0):
     # Built-in types by their base-type methods: a subclass is reduced to the data it holds, so

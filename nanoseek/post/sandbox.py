@@ -59,7 +59,8 @@ what is active on this machine and every :class:`SandboxResult` carries ``isolat
 applied to that run.
 
 Not contained in any mode: kernel memory held in pipe and socket buffers (bounded by the per-uid
-pipe limit and ``RLIMIT_NOFILE`` per process, not by ``memory_mb``), CPU-cache and timing side
+pipe limit and ``RLIMIT_NOFILE`` per process, not by ``memory_mb``) and in the tmpfs's inodes
+(empty files; bwrap cannot cap their number, the timeout bounds it), CPU-cache and timing side
 channels, and kernel bugs (this is a namespace sandbox, not a virtual machine).
 """
 
@@ -220,10 +221,12 @@ def seccomp_filter(machine: str | None = None) -> bytes | None:
 # ----------------------------------------------------------------------------- bubblewrap
 
 
+def _bwrap_disabled() -> bool:
+    return os.environ.get(BWRAP_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _bwrap_path() -> str | None:
-    if os.environ.get(BWRAP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    return shutil.which("bwrap", path=SAFE_PATH)
+    return None if _bwrap_disabled() else shutil.which("bwrap", path=SAFE_PATH)
 
 
 def _canonical(path: str) -> str:
@@ -426,9 +429,10 @@ def sandbox_capabilities() -> dict[str, Any]:
         root = _is_root()
         errors: list[str] = []
         bwrap = _bwrap_path()
-        why_not = "bubblewrap (bwrap) is not installed" if bwrap is None and \
-            os.environ.get(BWRAP_ENV, "1") not in ("0", "false", "no", "off") else \
-            f"{BWRAP_ENV}=0" if bwrap is None else ""
+        why_not = ""
+        if bwrap is None:
+            why_not = f"{BWRAP_ENV}={os.environ[BWRAP_ENV]}" if _bwrap_disabled() else \
+                "bubblewrap (bwrap) is not installed"
         for python in _python_candidates():
             if root and not _world_accessible(python):
                 errors.append(f"{python}: not executable by other users")
@@ -438,12 +442,11 @@ def sandbox_capabilities() -> dict[str, Any]:
                 iso, err = _probe(python, bwrap, root, True)
                 if iso is None:
                     why_not = f"bwrap does not run here ({err[:200]})"
-            seccomp = True
             if iso is None:
                 iso, err = _probe(python, None, root, True)
                 if iso is None:  # a kernel without seccomp filters: run without it
                     iso, err2 = _probe(python, None, root, False)
-                    seccomp, err = False, err2 or err
+                    err = err2 or err
             if iso is None:
                 errors.append(f"{python}: {err}")
                 continue
