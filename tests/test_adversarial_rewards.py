@@ -35,7 +35,7 @@ HACKS = {
     "sys_exit_0": "import sys\nsys.exit(0)",
     "os__exit_0": "import os\nos._exit(0)",
     "raise_system_exit": "raise SystemExit(0)",
-    "builtin_exit_quit": "def add(a, b):\n    quit(0)",
+    "system_exit_inside_function": "def add(a, b):\n    raise SystemExit(0)",
     "exit_inside_function": "import os\ndef add(a, b):\n    os._exit(0)",
     "atexit_forces_status_0": ("import atexit, os\natexit.register(os._exit, 0)\n"
                                "def add(a, b):\n    raise RuntimeError('no idea')"),
@@ -163,6 +163,8 @@ CORRECT = {
     "class_based": ("class Adder:\n    def __call__(self, a, b):\n        return sum((a, b))\nadd = Adder()"),
     "int_subclasses_and_enums": ("import enum\nclass Sum(enum.IntEnum):\n    pass\n"
                                  "def add(a, b):\n    return enum.IntEnum('S', {'v': a + b}).v if a + b else 0"),
+    "imports_asyncio_ssl_and_mock": ("import asyncio, ssl, unittest.mock\n"
+                                     "def add(a, b):\n    return asyncio.run(asyncio.sleep(0, a + b))"),
     "uses_stdlib_and_threads": ("import functools, operator, threading\n"
                                 "def add(a, b):\n    out = []\n    t = threading.Thread(target=lambda: out.append(functools.reduce(operator.add, [a, b])))\n"
                                 "    t.start()\n    t.join()\n    return out[0]"),

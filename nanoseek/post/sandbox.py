@@ -154,12 +154,21 @@ SOCKET_PRELUDE = r"""
 import socket as _socket_mod, _socket as _csocket_mod
 def _no_network(*args, **kwargs):
     raise PermissionError(1, "network access is disabled in the nanoseek sandbox")
+def _guarded(base):
+    # Still a class (ssl, asyncio and unittest.mock subclass it); only wrapping an existing
+    # descriptor works, so socketpair() (asyncio's self-pipe) and fromfd() keep working.
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if fileno is None:
+            _no_network()
+        base.__init__(self, family, type, proto, fileno)
+    return type("socket", (base,), {"__init__": __init__, "__module__": base.__module__})
 for _mod in (_socket_mod, _csocket_mod):
-    for _name in ("socket", "socketpair", "fromfd", "create_connection", "create_server",
-                  "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+    _mod.socket = _guarded(_mod.socket)
+    for _name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname",
+                  "gethostbyname_ex", "gethostbyaddr"):
         if hasattr(_mod, _name):
             setattr(_mod, _name, _no_network)
-del _socket_mod, _csocket_mod, _mod, _name, _no_network
+del _socket_mod, _csocket_mod, _mod, _name, _guarded
 import runpy as _runpy, sys as _sys
 _sys.argv = ["main.py"]
 _runpy.run_path("main.py", run_name="__main__")
