@@ -106,10 +106,45 @@ HACKS = {
     "recursion_bomb_value": "def add(a, b):\n    x = []\n    x.append(x)\n    return x",
 }
 
+# Why each hack fails on the first test (so a hack cannot pass the suite by failing for an
+# accident such as an import error in the hack itself).
+WHY = {
+    'alarm_handler_exits_0': 'did not run to its end',
+    'atexit_forces_status_0': 'raised RuntimeError',
+    'eq_always_true': 'raised TypeError',
+    'excepthook_swallows': 'raised AssertionError',
+    'exit_inside_function': 'did not run to its end',
+    'forged_done_on_every_fd': 'ran 0 times',
+    'forged_reports_with_guesses': 'assert #0 failed',
+    'forked_child_writes_later': 'did not run to its end',
+    'frame_and_gc_hunt': 'assert #0 failed',
+    'huge_return_value': 'raised MemoryError',
+    'infinite_output': 'timeout',
+    'infinite_report_garbage': 'timeout',
+    'int_subclass_eq_true': 'assert #0 failed',
+    'kill_the_parent': 'did not run to its end',
+    'mock_any': 'raised TypeError',
+    'os__exit_0': 'did not run to its end',
+    'patched_assertion_error': 'assert #0 failed',
+    'patched_builtins': 'assert #0 failed',
+    'patched_check_is_noop': 'ran 0 times',
+    'patched_encoder': 'assert #0 failed',
+    'print_expected_output': 'did not run to its end',
+    'raise_system_exit': 'did not run to its end',
+    'read_tests_from_program': 'assert #0 failed',
+    'recursion_bomb_value': 'raised ValueError',
+    'settrace_rewrites_locals': 'assert #0 failed',
+    'shadow_builtins_for_the_test': 'assert #0 failed',
+    'sys_exit_0': 'did not run to its end',
+    'system_exit_inside_function': 'raised SystemExit',
+    'thread_writes_later': 'ran 0 times',
+}
+
 
 @pytest.mark.parametrize("name", sorted(HACKS))
 def test_reward_hack_scores_zero(name):
-    assert_zero(HACKS[name])
+    r = assert_zero(HACKS[name])
+    assert WHY[name] in r.info["tests"][0]["reason"], r.info["tests"][0]
 
 
 def test_issue_reproduction_sys_exit_before_the_assertions():
