@@ -220,3 +220,22 @@ def test_fallback_warns_once_and_lists_what_it_does_not_contain():
     assert any("world-readable" in g for g in gaps) and any("Unix-domain" in g for g in gaps)
     assert out.stderr.count("without a filesystem boundary") == 1
     assert "NANOSEEK_SANDBOX_BWRAP=0" in out.stderr
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "fallback"])
+def test_host_processes_cannot_be_signalled(mode):
+    if mode == "bwrap" and not CAPS["bwrap"]:
+        pytest.skip("bubblewrap is not usable here")
+    if not CAPS["uid_isolation"] and mode == "fallback":
+        pytest.skip("not root: the fallback runs as our own uid")
+    code = (f"import os, json\ntry:\n    os.kill({os.getpid()}, 0)\n    print(json.dumps('reached'))\n"
+            "except OSError as e:\n    print(json.dumps(e.errno))")
+    got = probe(code, mode)
+    assert got == (3 if mode == "bwrap" else 1)  # ESRCH: not in its pid namespace; EPERM: other uid
+
+
+@needs_bwrap
+def test_proc_root_and_dotdot_lead_back_into_the_sandbox():
+    got = probe("import os, json\nos.chdir('/proc/1/root/../../..')\n"
+                "print(json.dumps([sorted(os.listdir('.')), sorted(os.listdir('/proc/self/root'))]))")
+    assert got[0] == got[1] and "home" not in got[0] and "etc" not in got[0]
