@@ -42,33 +42,36 @@ Accuracy by record kind:
     line, not truncated) must equal the expected one and it must exit 0. The expected output
     stays in this process.
   - an assertion snippet (a string, or ``{"assert": ...}``): the test passes only when this
-    process has *evaluated every assert itself* and each held. :func:`compile_assert_test` splits
-    each ``assert`` into a plan this process evaluates (comparisons, ``and``/``or``/``not``,
-    literals, ``math.pi``/``e``/``tau``/``inf``, ``+ - / // %`` and the pure builtins in
-    ``_PURE_CALLS``: ``sorted``, ``len``, ``abs``, ``math.isclose``, ...) and *slots*, the sub-expressions only the model's code can
-    compute (``add(2, 3)``). In the sandbox a harness runs the code, then the rewritten test (with
-    a copy of the builtins taken before the code ran: defence in depth, the code can reach it),
-    and reports each slot's value as tagged plain data (``int``/``float``/``str``/``list``/
-    ``dict``/... read through the built-in types' own methods, so a subclass counts only for the
-    data it holds and its ``__eq__`` never runs; any other object, e.g. one whose ``__eq__``
-    always says yes, a ``deque`` or a ``Fraction``, is an error) on a private duplicate of stdout
-    (prints go to stderr), each line framed by a per-run random nonce, then ``done``. The test
-    passes when the run exited 0 in time, the channel holds only framed reports ending in one
-    ``done``, every assert at the top level of the test was reported exactly once and every one
-    in a loop or function at least once (under ``if``/``try``/``match``: any number; a snippet
-    needs at least one assert outside those), and every plan evaluates true here on the
-    decoded values.
+    process has *evaluated every assert itself* and each held. :func:`compile_assert_test`
+    splits each ``assert`` into a plan this process evaluates (comparisons, ``and``/``or``/
+    ``not``, literals, ``math.pi``/``e``/``tau``/``inf``, ``+ - / // %`` and the pure builtins in
+    ``_PURE_CALLS``: ``sorted``, ``len``, ``abs``, ``math.isclose``, ...) and *slots*, the
+    sub-expressions only the model's code can compute (``add(2, 3)``). In the sandbox a harness
+    runs the code, then the rewritten test (with a copy of the builtins taken before the code
+    ran: defence in depth, the code can reach it), and reports each slot's value as tagged plain
+    data (``int``/``float``/``str``/``list``/``dict``/... read through the built-in types' own
+    methods, so a subclass counts only for the data it holds and its ``__eq__`` never runs; any
+    other object, e.g. one whose ``__eq__`` always says yes, a ``deque`` or a ``Fraction``, is an
+    error) on a private duplicate of stdout (prints go to stderr), each line framed by a per-run
+    random nonce, then ``done``. The test passes when the run exited 0 in time, the channel
+    holds only framed reports ending in one ``done``, every assert at the top level of the test
+    was reported exactly once and every one in a loop or function at least once (under ``if``/
+    ``try``/``match``: any number; a snippet needs at least one assert outside those), and every
+    plan evaluates true here on the decoded values.
 
   Why this cannot be farmed: no assert runs in the model's process, so exiting early (any way),
   patching builtins, ``sys.exit``, ``atexit``, hooks or ``AssertionError``, or swallowing
-  exceptions leaves reports missing and fails; a forged report must carry the right values, and
-  an expected value written as a literal in the test never enters the sandbox (it is not in the
-  program, on its disk or in its memory), so producing it means solving the task. Weaker: a value
-  the test computes in the sandbox from its own data (``assert f(a) == b`` in a loop over literal
-  pairs, ``assert all(...)``, ``EXPECTED = 5``, functions of modules other than ``math.isclose``):
-  it is compared here on plain data, but the model's code can see it by introspection, or patch
-  what computes it, and echo it. A snippet without an ``assert`` that must run is refused
-  (ValueError): a forged end of run would pass it. Names the code defines that shadow builtins are not seen by the test.
+  exceptions leaves reports missing and fails. The nonce is framing, not a secret (the code
+  shares the harness's process and can read it), so a report can be forged, but it must carry
+  the right values, and an expected value written as a literal in the test never enters the
+  sandbox (it is not in the program, on its disk or in its memory): producing it means solving
+  the task. Weaker: a value the test computes in the sandbox from its own data (``assert f(a) ==
+  b`` in a loop over literal pairs, ``assert all(...)``, ``EXPECTED = 5``, functions of modules
+  other than ``math.isclose``) is compared here on plain data, but the model's code can see it
+  by introspection, or patch what computes it, and echo it. A snippet without an ``assert`` that
+  must run is refused (ValueError): a forged end of run would pass it. Names the code defines
+  that shadow builtins are not seen by the test.
+
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
 verification is thread-safe as above).
 """
@@ -655,4 +658,5 @@ def score_batch(responses: Sequence[str], problems: Sequence[Problem | dict] | P
 
 
 __all__ = ["RewardConfig", "RewardResult", "check_format", "math_correct", "extract_code",
-           "run_tests", "record_kind", "score", "score_batch"]
+           "compile_assert_test", "run_assert_test", "run_tests", "record_kind", "score",
+           "score_batch"]
