@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: speedrun test test-slow bench install clean
+.PHONY: speedrun test test-slow bench install install-sandbox clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,10 +13,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The code sandbox's filesystem boundary: Debian's bubblewrap (nanoseek/post/sandbox.py). Installed
+# when missing and this is root with apt-get; otherwise the sandbox warns and runs without it.
+install-sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
+	      || echo "install-sandbox: apt-get could not install bubblewrap; the sandbox runs without its filesystem boundary"; \
+	  else echo "install-sandbox: bubblewrap (bwrap) is missing and cannot be installed here (needs root and apt-get); the sandbox runs without its filesystem boundary"; fi; }
+
 speedrun: $(STAMP)
 	$(BIN)/nanoseek speedrun $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) install-sandbox
 	$(BIN)/python -m pytest $(ARGS)
 
 test-slow: $(STAMP)

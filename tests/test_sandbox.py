@@ -2,6 +2,8 @@
 
 Where this machine cannot give a protection (no root for the uid switch, no network namespace),
 the test that needs it is skipped with the reason, and ``test_report_isolation`` prints what is on.
+Tests that see the filesystem run in both modes where bwrap is present: with the boundary and in
+the fallback (``bwrap=None``); escape attempts live in ``test_adversarial_sandbox.py``.
 """
 
 import os
@@ -17,6 +19,18 @@ pytestmark = pytest.mark.timeout(60)
 
 CAPS = sandbox_capabilities()
 needs_uid = pytest.mark.skipif(not CAPS["uid_isolation"], reason="not root: no per-run sandbox uid")
+MODES = ["bwrap", "fallback"] if CAPS["bwrap"] else ["fallback"]
+
+
+def run_in(mode, code, stdin="", **kw):
+    """run_code with the filesystem boundary (``mode="bwrap"``) or in the fallback."""
+    args = dict(timeout_s=5, memory_mb=256, max_file_mb=16, max_processes=16,
+                max_output_bytes=1 << 16, block_sockets=True)
+    args.update(kw)
+    return _run(CAPS["python"], code, stdin, args.pop("timeout_s"), args.pop("memory_mb"),
+                args.pop("max_file_mb"), args.pop("max_processes"), args.pop("max_output_bytes"),
+                args.pop("block_sockets"), True, CAPS["uid_isolation"],
+                bwrap=CAPS["bwrap"] if mode == "bwrap" else None, seccomp=CAPS["seccomp"])
 
 
 def assert_nothing_left(r):
@@ -44,24 +58,30 @@ def test_runs_code_with_stdin_and_exit_status():
 
 
 @needs_uid
-def test_runs_as_unprivileged_fresh_uid_in_fresh_dir():
-    r = run_code("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\nprint(os.getcwd())\n"
-                 "print(sorted(os.listdir('.')))")
+@pytest.mark.parametrize("mode", MODES)
+def test_runs_as_unprivileged_fresh_uid_in_fresh_dir(mode):
+    r = run_in(mode, "import os\nprint(os.getuid(), os.getgid(), os.getgroups())\n"
+               "print(os.getcwd())\nprint(sorted(os.listdir('.')))")
     uid_line, cwd, listing = r.stdout.splitlines()
     uid = r.isolation["uid"]
     assert uid_line == f"{uid} {uid} []" and uid != 0
-    assert not os.path.exists(cwd), "work dir not removed"
-    other = run_code("print(1)")
+    if mode == "bwrap":  # the work folder is the sandbox's private tmpfs
+        assert cwd == "/tmp" and listing == "['main.py']" and r.isolation["filesystem"] == "bwrap"
+    else:
+        assert not os.path.exists(cwd), "work dir not removed"
+    other = run_in(mode, "print(1)")
     assert other.isolation["uid"] != uid
 
 
 @needs_uid
-def test_files_left_in_shared_tmp_are_removed():
+@pytest.mark.parametrize("mode", MODES)
+def test_files_left_in_shared_tmp_are_removed(mode):
     code = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    p = os.path.join(d, f'nanoseek-stray-{os.getuid()}')\n"
             "    open(p, 'w').write('x')\n    print(p)")
-    r = run_code(code)
+    r = run_in(mode, code)
     paths = r.stdout.split()
-    assert r.ok and len(paths) == 2 and r.isolation["stray_files_removed"] == 2
+    # bwrap: the files lived in the sandbox's own tmpfs; fallback: swept from the host's folders
+    assert r.ok and len(paths) == 2 and r.isolation["stray_files_removed"] == (mode != "bwrap") * 2
     assert not any(os.path.exists(p) for p in paths)
 
 
@@ -137,16 +157,19 @@ def test_environment_is_not_inherited(monkeypatch):
     r = run_code("import os\nprint(sorted(os.environ))\nprint(os.environ.get('NANOSEEK_TEST_SECRET'))")
     keys, secret = r.stdout.splitlines()
     assert secret == "None" and "NANOSEEK_TEST_SECRET" not in keys
-    assert set(eval(keys)) <= {"PATH", "LANG", "LC_ALL", "HOME"}
+    assert set(eval(keys)) <= {"PATH", "LANG", "LC_ALL", "HOME", "PWD"}
 
 
 @needs_uid
-def test_cannot_read_parent_environment_through_proc(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_cannot_read_parent_environment_through_proc(monkeypatch, mode):
     monkeypatch.setenv("NANOSEEK_TEST_SECRET", "hunter2")
     code = (f"try:\n    data = open('/proc/{os.getpid()}/environ', 'rb').read()\n"
-            "    print('READ', b'hunter2' in data)\nexcept PermissionError:\n    print('denied')")
-    r = run_code(code)
-    assert r.stdout.strip() == "denied"
+            "    print('READ', b'hunter2' in data)\nexcept PermissionError:\n    print('denied')\n"
+            "except FileNotFoundError:\n    print('absent')")
+    r = run_in(mode, code)
+    # fallback: another uid's environ is unreadable; bwrap: our pid is not in its pid namespace
+    assert r.stdout.strip() == ("absent" if mode == "bwrap" else "denied")
 
 
 def test_huge_file_hits_rlimit_fsize():

@@ -7,30 +7,61 @@ survive infinite loops, fork bombs, memory hogs, disk fillers, secret snooping a
 1. A trusted *launcher* (``python -I -S -c LAUNCHER``, started with ``start_new_session`` so the
    child leads its own process group, an explicit minimal environment and ``close_fds``) sets
    the resource limits ``RLIMIT_CPU``, ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (largest file),
-   ``RLIMIT_NPROC`` (fork bombs), ``RLIMIT_NOFILE`` and ``RLIMIT_CORE=0``, lowers its priority
-   (nice 10), detaches from the network with ``unshare(CLONE_NEWNET)`` (a fresh network namespace
-   with no interfaces up, not even loopback), then drops root and execs the interpreter on the code.
+   ``RLIMIT_NPROC`` (fork bombs), ``RLIMIT_NOFILE``, ``RLIMIT_MSGQUEUE=0`` and ``RLIMIT_CORE=0``,
+   lowers its priority (nice 10), detaches from the network with ``unshare(CLONE_NEWNET)`` (a
+   fresh network namespace with no interfaces up, not even loopback), then drops root and execs.
 2. Root ignores ``RLIMIT_NPROC`` and can read everyone's ``/proc/PID/environ``, so when we run as
    root (as on the dev and CI machines) the child runs under a *fresh, unused uid* picked per run
    (no supplementary groups). The kernel then caps that uid's process count, the child cannot
    signal or inspect our processes, and on exit or timeout a helper running as that uid sends
    ``kill(-1, SIGKILL)``, which kills every process of the uid atomically, including ones that
    left the process group with ``setsid``. ``/proc`` is then scanned to confirm none is left.
-3. The interpreter runs ``-I -S -B``: no ``PYTHON*`` variables, no site-packages (stdlib only), no
-   bytecode writes; the working directory is a fresh temporary directory (mode 0700, owned by the
-   sandbox uid) removed afterwards; stdin comes from a file in it. Unless ``block_sockets=False``
-   a prelude also replaces the ``socket`` constructors with ones that raise (defence in depth).
-4. A wall-clock timeout kills everything; stdout and stderr are read concurrently with a byte
+3. **Filesystem boundary** (bubblewrap, ``bwrap``; Debian package ``bubblewrap``, installed by
+   ``make install-sandbox``). The launcher execs ``bwrap`` as the sandbox uid, which builds an
+   empty root with: read-only binds of only the interpreter, its standard library and the shared
+   libraries they load (found with ``ldd``), nothing else from the host (no ``/etc``, ``/home``,
+   ``/root``, repository or data); a fresh ``/proc`` for a new pid namespace (only the sandbox's
+   own processes); a minimal ``/dev`` (null, zero, full, random, urandom, tty, pts), remounted
+   read-only; a private tmpfs ``/tmp`` as the work folder and a tmpfs ``/dev/shm``, together
+   sized to ``memory_mb`` (so RAM-backed files cannot exceed the memory limit); the root itself
+   read-only. ``--unshare-all`` gives new user, pid, network, ipc, uts and cgroup namespaces
+   (abstract and path Unix sockets of the host are out of reach), ``--disable-userns`` forbids
+   nested user namespaces, ``--die-with-parent`` and the pid namespace kill the whole tree when
+   the sandbox's init dies, ``--new-session`` detaches the terminal. Everything the code writes
+   lives in the tmpfs and vanishes with it.
+4. **seccomp** (a small BPF filter built here, :func:`seccomp_filter`): the code cannot create
+   namespaces (``unshare``, ``setns``, ``clone`` with ``CLONE_NEW*``; ``clone3`` answers
+   ``ENOSYS`` so libc falls back to ``clone``), ``ptrace`` or read other processes' memory
+   (``process_vm_*``, ``pidfd_getfd``), use SysV IPC, ``memfd_create`` or POSIX message queues
+   (RAM the limits above would not see), ``mount``, ``bpf``, ``perf_event_open``, ``userfaultfd``,
+   ``io_uring``, keyrings or ``open_by_handle_at``. Foreign syscall ABIs (i386, x32) kill the
+   process. Loaded by bwrap (``--seccomp``) or, without bwrap, by the launcher (x86_64, aarch64).
+5. The interpreter runs ``-I -S -B``: no ``PYTHON*`` variables, no site-packages (stdlib only), no
+   bytecode writes; stdin comes from a file. Unless ``block_sockets=False`` a prelude also
+   replaces the ``socket`` constructors with ones that raise (defence in depth only: code can
+   re-import the C module; the namespaces above are the boundary).
+6. A wall-clock timeout kills everything; stdout and stderr are read concurrently with a byte
    cap each (the rest is drained and dropped, and the result says it was truncated).
 
+Without bwrap (not installed, user namespaces forbidden, or ``NANOSEEK_SANDBOX_BWRAP=0``) the
+sandbox warns once and :func:`sandbox_capabilities` lists in ``not_contained`` what is then not
+contained: the code can read every world-readable file (the repository, ``/etc/passwd``, other
+processes' command lines), write files in world-writable directories (swept from ``/tmp``,
+``/var/tmp`` and ``/dev/shm`` after the run, each bounded by ``RLIMIT_FSIZE``, but RAM-backed
+ones in ``/dev/shm`` are not bounded by ``memory_mb`` in total while it runs), and reach host
+services through Unix-domain sockets. Namespaces, ptrace and SysV IPC stay blocked by seccomp.
+
 Linux only (it reads /proc). Not root (a developer's own machine): no uid switch is possible, so
-``RLIMIT_NPROC`` is set to the user's current process count plus ``max_processes`` and cleanup
-kills the process group only (a process that calls ``setsid`` can escape it); ``unshare`` then
-usually fails and only the socket prelude blocks the network. :func:`sandbox_capabilities` reports
+``RLIMIT_NPROC`` is set to the user's current process count plus ``max_processes`` and, without
+bwrap, cleanup kills the process group only (a process that calls ``setsid`` can escape it); with
+bwrap the pid namespace still takes every process down. :func:`sandbox_capabilities` reports
 what is active on this machine and every :class:`SandboxResult` carries ``isolation`` saying what
-applied to that run. Outside its work dir the fresh uid can write only to world-writable
-directories, each file bounded by ``RLIMIT_FSIZE``; what it left in ``/tmp``, ``/var/tmp`` and
-``/dev/shm`` is removed after the run.
+applied to that run.
+
+Not contained in any mode: kernel memory held in pipe and socket buffers (bounded by the per-uid
+pipe limit and ``RLIMIT_NOFILE`` per process, not by ``memory_mb``) and in the tmpfs's inodes
+(empty files; bwrap cannot cap their number, the timeout bounds it), CPU-cache and timing side
+channels, and kernel bugs (this is a namespace sandbox, not a virtual machine).
 """
 
 from __future__ import annotations
@@ -43,11 +74,13 @@ import selectors
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +89,8 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # swept for files the sandbox uid left
 
 # Runs as the caller (root) in the new session, before the untrusted code; argv[1] is JSON config.
+# Then it execs bwrap (which loads the seccomp filter from a pipe) or, without bwrap, loads the
+# filter itself and execs the interpreter.
 LAUNCHER = r"""
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
@@ -83,13 +118,35 @@ try:
             pass
         else:
             raise RuntimeError("could regain root after dropping it")
+    filt = bytes.fromhex(cfg["seccomp"] or "")
+    argv, exe = cfg["argv"], cfg["python"]
+    if cfg["bwrap"]:
+        exe, prefix = cfg["bwrap"][0], cfg["bwrap"]
+        if filt:
+            r, w = os.pipe()
+            os.write(w, filt)
+            os.close(w)
+            os.set_inheritable(r, True)
+            prefix = [str(r) if a == "@SECCOMP_FD@" else a for a in prefix]
+        argv = prefix + ["--"] + argv
+    elif filt:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        class Prog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+        buf = ctypes.create_string_buffer(filt, len(filt))
+        prog = Prog(len(filt) // 8, ctypes.cast(buf, ctypes.c_char_p))
+        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+        if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, MODE_FILTER
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
     status.write(json.dumps({"netns": net, "uid": os.getuid()}))
     status.close()
 except BaseException as e:
     status.write(json.dumps({"error": repr(e)}))
     status.close()
     os._exit(126)
-os.execve(cfg["python"], cfg["argv"], cfg["env"])
+os.execve(exe, argv, cfg["env"])
 """
 
 # Runs inside the sandbox before the user's program when block_sockets is on.
@@ -97,18 +154,157 @@ SOCKET_PRELUDE = r"""
 import socket as _socket_mod, _socket as _csocket_mod
 def _no_network(*args, **kwargs):
     raise PermissionError(1, "network access is disabled in the nanoseek sandbox")
+def _guarded(base):
+    # Still a class (ssl, asyncio and unittest.mock subclass it); only wrapping an existing
+    # descriptor works, so socketpair() (asyncio's self-pipe) and fromfd() keep working.
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if fileno is None:
+            _no_network()
+        base.__init__(self, family, type, proto, fileno)
+    return type("socket", (base,), {"__init__": __init__, "__module__": base.__module__})
 for _mod in (_socket_mod, _csocket_mod):
-    for _name in ("socket", "socketpair", "fromfd", "create_connection", "create_server",
-                  "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+    _mod.socket = _guarded(_mod.socket)
+    for _name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname",
+                  "gethostbyname_ex", "gethostbyaddr"):
         if hasattr(_mod, _name):
             setattr(_mod, _name, _no_network)
-del _socket_mod, _csocket_mod, _mod, _name, _no_network
+del _socket_mod, _csocket_mod, _mod, _name, _guarded
 import runpy as _runpy, sys as _sys
 _sys.argv = ["main.py"]
 _runpy.run_path("main.py", run_name="__main__")
 """
 
 KILL_ALL = "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass\n"
+
+
+BWRAP_ENV = "NANOSEEK_SANDBOX_BWRAP"  # "0": do not use bubblewrap (the weaker fallback, warned)
+BWRAP_EXTRA_PROCS = 2  # bwrap's own monitor and the pid namespace's init count toward RLIMIT_NPROC
+WORK_DIR = "/tmp"      # the code's working folder inside bwrap: a private tmpfs
+
+# ----------------------------------------------------------------------------- seccomp
+
+# Syscalls the code never needs, by (x86_64, aarch64) number: what could break out of or see past
+# the namespaces, or hold RAM that RLIMIT_AS and the tmpfs sizes do not count.
+_SECCOMP_DENY = {
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "pidfd_getfd": (438, 438), "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40),
+    "umount2": (166, 39), "pivot_root": (155, 41), "chroot": (161, 51), "fsopen": (430, 430),
+    "fsmount": (432, 432), "open_tree": (428, 428), "move_mount": (429, 429),
+    "shmget": (29, 194), "shmat": (30, 196), "shmctl": (31, 195), "shmdt": (67, 197),
+    "semget": (64, 190), "semop": (65, 193), "semctl": (66, 191), "semtimedop": (220, 192),
+    "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
+    "mq_open": (240, 180), "memfd_create": (319, 279), "keyctl": (250, 219), "add_key": (248, 217),
+    "request_key": (249, 218), "bpf": (321, 280), "perf_event_open": (298, 241),
+    "userfaultfd": (323, 282), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "open_by_handle_at": (304, 265),
+    "name_to_handle_at": (303, 264), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+    "syslog": (103, 116), "reboot": (169, 142),
+}
+_SECCOMP_ARCH = {"x86_64": (0, 0xC000003E, 56, 435), "aarch64": (1, 0xC00000B7, 220, 435)}
+_CLONE_NEW_FLAGS = 0x7E020080  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET,TIME}
+
+
+def seccomp_filter(machine: str | None = None) -> bytes | None:
+    """The sandbox's seccomp-BPF program (``struct sock_filter[]``) for this machine, or None on an
+    architecture without a table here. Denied calls fail with EPERM (``clone3``: ENOSYS, so libc
+    falls back to ``clone``, whose flags are checked); another syscall ABI kills the process."""
+    machine = machine or os.uname().machine
+    if machine not in _SECCOMP_ARCH:
+        return None
+    col, audit_arch, clone_nr, clone3_nr = _SECCOMP_ARCH[machine]
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x00050000 | 1, 0x00050000 | 38
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, audit_arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
+    if machine == "x86_64":  # x32 syscalls (bit 30) would dodge the numbers below
+        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]
+    prog += [(JEQ, 0, 4, clone_nr), (LD, 0, 0, 16), (JSET, 0, 1, _CLONE_NEW_FLAGS),
+             (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW), (LD, 0, 0, 0)]
+    prog += [(JEQ, 0, 1, clone3_nr), (RET, 0, 0, ENOSYS)]
+    for nrs in _SECCOMP_DENY.values():
+        prog += [(JEQ, 0, 1, nrs[col]), (RET, 0, 0, EPERM)]
+    prog.append((RET, 0, 0, ALLOW))
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
+
+# ----------------------------------------------------------------------------- bubblewrap
+
+
+def _bwrap_disabled() -> bool:
+    return os.environ.get(BWRAP_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _bwrap_path() -> str | None:
+    return None if _bwrap_disabled() else shutil.which("bwrap", path=SAFE_PATH)
+
+
+def _canonical(path: str) -> str:
+    """``path`` with its directory resolved (the file itself may stay a symlink)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def runtime_paths(python: str) -> list[str]:
+    """The host paths the interpreter needs inside the sandbox: the binary, its standard library
+    and lib-dynload, and every shared library these load (``ldd``). Without ``ldd``, the library
+    folders of the interpreter's prefix are bound whole."""
+    out = subprocess.run([python, "-I", "-S", "-c", "import json, sys; print(json.dumps(sys.path))"],
+                         capture_output=True, text=True, timeout=30, env={"PATH": SAFE_PATH})
+    if out.returncode != 0:
+        raise SandboxError(f"{python} did not start: {out.stderr[-300:]}")
+    stdlib = [os.path.realpath(p) for p in json.loads(out.stdout) if p and os.path.isdir(p)]
+    paths = {os.path.realpath(python)} | set(stdlib)
+    objects = [python] + [os.path.join(d, f) for d in stdlib if d.endswith("lib-dynload")
+                          for f in sorted(os.listdir(d)) if f.endswith(".so")]
+    ldd = shutil.which("ldd", path=SAFE_PATH)
+    if ldd:
+        r = subprocess.run([ldd, *objects], capture_output=True, text=True, timeout=60,
+                           env={"PATH": SAFE_PATH, "LC_ALL": "C"})
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            lib = parts[2] if "=>" in parts and len(parts) > 2 else (parts[0] if parts else "")
+            if lib.startswith("/") and os.path.exists(lib):
+                paths.add(_canonical(lib))
+    else:
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+        paths |= {p for p in (os.path.join(prefix, "lib"), os.path.join(prefix, "lib64"), "/lib",
+                              "/lib64") if os.path.isdir(p)}
+    kept = sorted(paths)  # drop paths inside a bound folder
+    return [p for p in kept if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in kept)]
+
+
+def _root_symlinks() -> list[tuple[str, str]]:
+    """Top-level symlinks of the host (merged /usr: /lib -> usr/lib), recreated so library paths
+    resolve inside the sandbox as they do outside."""
+    links = []
+    for name in sorted(os.listdir("/")):
+        path = "/" + name
+        if os.path.islink(path):
+            links.append((os.readlink(path), path))
+    return links
+
+
+def bwrap_args(bwrap: str, runtime: list[str], main_py: str, memory_mb: int,
+               seccomp: bool) -> list[str]:
+    """The bwrap command line up to (not including) ``--``; see the module docstring."""
+    shm_mb = max(1, memory_mb // 4)
+    tmp_mb = max(1, memory_mb - shm_mb)
+    args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--hostname", "sandbox", "--clearenv"]
+    for p in runtime:
+        args += ["--ro-bind", p, p]
+    for target, link in _root_symlinks():
+        if not any(p == link or p.startswith(link + "/") for p in runtime):
+            args += ["--symlink", target, link]
+    args += ["--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(shm_mb << 20), "--tmpfs", "/dev/shm",
+             "--perms", "0700", "--size", str(tmp_mb << 20), "--tmpfs", WORK_DIR,
+             "--ro-bind", main_py, os.path.join(WORK_DIR, "main.py"),
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORK_DIR]
+    for k, v in (("PATH", SAFE_PATH), ("LANG", "C.UTF-8"), ("LC_ALL", "C.UTF-8"), ("HOME", WORK_DIR)):
+        args += ["--setenv", k, v]
+    if seccomp:
+        args += ["--seccomp", "@SECCOMP_FD@"]
+    return args
 
 
 class SandboxError(RuntimeError):
@@ -207,31 +403,74 @@ def _python_candidates() -> list[str]:
     return out
 
 
+# What is not contained without bwrap (the seccomp filter still holds when the machine has one).
+FALLBACK_GAPS = (
+    "reads of every world-readable file (the repository, /etc/passwd, other processes' "
+    "command lines in /proc)",
+    "files written to world-writable folders (swept from /tmp, /var/tmp and /dev/shm only after "
+    "the run)",
+    "RAM-backed files in /dev/shm beyond the memory limit (each file is capped by max_file_mb)",
+    "Unix-domain sockets of host services (the socket prelude can be bypassed)",
+)
+
+
+def _probe(python: str, bwrap: str | None, root: bool, seccomp: bool) -> tuple[dict | None, str]:
+    try:
+        r = _run(python, "import json\nprint('ok')", "", timeout_s=10.0, memory_mb=256,
+                 max_file_mb=1, max_processes=16, max_output_bytes=1 << 16, block_sockets=True,
+                 netns=True, switch_uid=root, bwrap=bwrap, seccomp=seccomp)
+    except SandboxError as e:
+        return None, str(e)
+    if r.stdout.strip() == "ok":
+        return r.isolation, ""
+    return None, f"probe printed {r.stdout!r}, stderr {r.stderr[-300:]!r}"
+
+
 def sandbox_capabilities() -> dict[str, Any]:
     """What isolation this machine gives (probed once per process by running a tiny program):
-    ``root``, ``uid_isolation``, ``netns``, ``python`` (the interpreter the child runs)."""
+    ``root``, ``uid_isolation``, ``netns``, ``python`` (the interpreter the child runs),
+    ``bwrap`` (its path, or None for the fallback), ``seccomp``, ``not_contained`` (what the
+    fallback leaves open; empty with bwrap). The fallback is announced once with a warning."""
     global _CAPS
     with _CAPS_LOCK:
         if _CAPS is not None:
             return dict(_CAPS)
         root = _is_root()
-        errors = []
+        errors: list[str] = []
+        bwrap = _bwrap_path()
+        why_not = ""
+        if bwrap is None:
+            why_not = f"{BWRAP_ENV}={os.environ[BWRAP_ENV]}" if _bwrap_disabled() else \
+                "bubblewrap (bwrap) is not installed"
         for python in _python_candidates():
             if root and not _world_accessible(python):
                 errors.append(f"{python}: not executable by other users")
                 continue
-            try:
-                r = _run(python, "import json\nprint('ok')", "", timeout_s=10.0, memory_mb=256,
-                         max_file_mb=1, max_processes=16, max_output_bytes=1 << 16,
-                         block_sockets=True, netns=True, switch_uid=root)
-            except SandboxError as e:
-                errors.append(f"{python}: {e}")
+            iso = None
+            if bwrap is not None:
+                iso, err = _probe(python, bwrap, root, True)
+                if iso is None:
+                    why_not = f"bwrap does not run here ({err[:200]})"
+            if iso is None:
+                iso, err = _probe(python, None, root, True)
+                if iso is None:  # a kernel without seccomp filters: run without it
+                    iso, err2 = _probe(python, None, root, False)
+                    err = err2 or err
+            if iso is None:
+                errors.append(f"{python}: {err}")
                 continue
-            if r.stdout.strip() == "ok":
-                _CAPS = {"root": root, "uid_isolation": root, "netns": r.isolation["netns"],
-                         "python": python}
-                return dict(_CAPS)
-            errors.append(f"{python}: probe printed {r.stdout!r}, stderr {r.stderr[-300:]!r}")
+            fs = iso["filesystem"] == "bwrap"
+            gaps = [] if fs else list(FALLBACK_GAPS)
+            if not iso["seccomp"]:
+                gaps.append("new namespaces, ptrace of other processes, SysV shared memory and "
+                            "memfd (no seccomp filter on this machine)")
+            _CAPS = {"root": root, "uid_isolation": root, "netns": iso["netns"], "python": python,
+                     "bwrap": iso["bwrap"], "seccomp": iso["seccomp"], "not_contained": gaps}
+            if not fs:
+                warnings.warn("nanoseek sandbox without a filesystem boundary: " + why_not +
+                              " (install Debian's 'bubblewrap': make install-sandbox). Not "
+                              "contained: " + "; ".join(gaps) + ".", RuntimeWarning, stacklevel=2)
+            return dict(_CAPS)
         raise SandboxError("no Python interpreter usable inside the sandbox: " + "; ".join(errors))
 
 
@@ -241,12 +480,25 @@ def run_code(code: str, stdin: str = "", timeout_s: float = 5, memory_mb: int = 
     """Run untrusted Python ``code`` (stdlib only) with ``stdin``; see the module docstring.
 
     ``timeout_s`` is wall clock (CPU time is capped a second above it); ``memory_mb`` caps
-    the address space; ``max_file_mb`` the size of any one file written; ``max_processes`` the
-    processes and threads; ``max_output_bytes`` each of stdout and stderr as returned.
+    the address space of each process and, with bwrap, the RAM-backed files (tmpfs) in total;
+    ``max_file_mb`` the size of any one file written; ``max_processes`` the processes and
+    threads; ``max_output_bytes`` each of stdout and stderr as returned.
     """
     caps = sandbox_capabilities()
     return _run(caps["python"], code, stdin, timeout_s, memory_mb, max_file_mb, max_processes,
-                max_output_bytes, block_sockets, True, caps["uid_isolation"])
+                max_output_bytes, block_sockets, True, caps["uid_isolation"], bwrap=caps["bwrap"],
+                seccomp=caps["seccomp"])
+
+
+_RUNTIME: dict[str, list[str]] = {}
+_RUNTIME_LOCK = threading.Lock()
+
+
+def _runtime_for(python: str) -> list[str]:
+    with _RUNTIME_LOCK:
+        if python not in _RUNTIME:
+            _RUNTIME[python] = runtime_paths(python)
+        return _RUNTIME[python]
 
 
 def _fresh_uid() -> int:
@@ -329,7 +581,9 @@ def _classify(returncode: int | None, timed_out: bool, stderr: str) -> str | Non
 
 def _run(python: str, code: str, stdin: str, timeout_s: float, memory_mb: int, max_file_mb: int,
          max_processes: int, max_output_bytes: int, block_sockets: bool, netns: bool,
-         switch_uid: bool) -> SandboxResult:
+         switch_uid: bool, *, bwrap: str | None = None, seccomp: bool = False) -> SandboxResult:
+    """One run. ``bwrap``: the bubblewrap binary for the filesystem boundary (None: fallback);
+    ``seccomp``: load :func:`seccomp_filter` (where this architecture has one)."""
     for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_file_mb", max_file_mb),
                         ("max_processes", max_processes), ("max_output_bytes", max_output_bytes)):
         if not value > 0:
@@ -341,23 +595,31 @@ def _run(python: str, code: str, stdin: str, timeout_s: float, memory_mb: int, m
     workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-", dir=base)
     status_r, status_w = os.pipe()
     try:
-        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+        # lone surrogates (undecodable model output) become U+FFFD rather than an exception here
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="replace") as f:
             f.write(code)
-        with open(os.path.join(workdir, "stdin.txt"), "w", encoding="utf-8") as f:
+        with open(os.path.join(workdir, "stdin.txt"), "w", encoding="utf-8", errors="replace") as f:
             f.write(stdin)
         if uid is not None:
             for p in (workdir, os.path.join(workdir, "main.py"), os.path.join(workdir, "stdin.txt")):
                 os.chown(p, uid, uid)
         nproc = max_processes if uid is not None else _own_process_count() + max_processes
+        nproc += BWRAP_EXTRA_PROCS if bwrap else 0
         cpu = math.ceil(timeout_s) + 1  # a backstop: the wall-clock timeout normally fires first
         mb = 1 << 20
         rlimits = {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_AS": (memory_mb * mb, memory_mb * mb),
                    "RLIMIT_FSIZE": (max_file_mb * mb, max_file_mb * mb),
-                   "RLIMIT_NPROC": (nproc, nproc), "RLIMIT_NOFILE": (64, 64), "RLIMIT_CORE": (0, 0)}
+                   "RLIMIT_NPROC": (nproc, nproc), "RLIMIT_NOFILE": (64, 64), "RLIMIT_CORE": (0, 0),
+                   "RLIMIT_MSGQUEUE": (0, 0)}
         argv = [python, "-I", "-S", "-B"] + (["-c", SOCKET_PRELUDE] if block_sockets else ["main.py"])
-        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir}
+        env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "HOME": WORK_DIR if bwrap else workdir}
+        filt = seccomp_filter() if seccomp else None
+        wrap = bwrap_args(bwrap, _runtime_for(python), os.path.join(workdir, "main.py"), memory_mb,
+                          filt is not None) if bwrap else None
         cfg = {"status_fd": status_w, "netns": netns, "rlimits": rlimits, "nice": 10, "uid": uid,
-               "python": python, "argv": argv, "env": env}
+               "python": python, "argv": argv, "env": env, "bwrap": wrap,
+               "seccomp": filt.hex() if filt else None}
         start = time.monotonic()
         with open(os.path.join(workdir, "stdin.txt"), "rb") as stdin_f:
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)],
@@ -396,7 +658,9 @@ def _run(python: str, code: str, stdin: str, timeout_s: float, memory_mb: int, m
             stdout_truncated=out[1], stderr_truncated=err[1],
             isolation={"uid": uid, "netns": bool(status.get("netns")),
                        "network": "+".join(network) or "none", "python": python,
-                       "rlimits": rlimits, "stray_files_removed": stray_files})
+                       "rlimits": rlimits, "stray_files_removed": stray_files,
+                       "filesystem": "bwrap" if bwrap else "none", "bwrap": bwrap,
+                       "seccomp": filt is not None})
     finally:
         os.close(status_r)
         if status_w >= 0:

@@ -1,0 +1,255 @@
+"""Reward hacking: code that tries to collect the code reward without solving the task scores 0.
+
+Each case is a policy's response to "write add(a, b)" that cheats in one way (early exits, patched
+builtins and hooks, forged reports, objects that equal everything, reading the tests, frame and
+gc introspection, infinite output, threads and children that write later). The record's expected
+values all differ, so no constant answer passes any test. Correct solutions, including ones that
+print, use classes or guard a main block, still score the full reward.
+"""
+
+import pytest
+
+from nanoseek.post.rewards import RewardConfig, compile_assert_test, score
+
+pytestmark = pytest.mark.timeout(120)
+
+CFG = RewardConfig(format_weight=0.0, code_timeout_s=2.0)  # a hack must score exactly 0
+REC = {"tests": ["assert add(2, 3) == 5",
+                 {"assert": "assert add(10, 20) == 30"},
+                 "x = add(-4, 1)\nassert x == -3 and x < 0",
+                 "for _ in range(2):\n    assert add(100, 1) == 101"]}
+
+
+def respond(code: str) -> str:
+    return f"<think>solve it</think>\n```python\n{code.strip()}\n```"
+
+
+def assert_zero(code: str, rec=REC):
+    r = score(respond(code), rec, CFG)
+    assert r.reward == 0.0 and r.info["accuracy"] == 0.0 and not r.correct, r.info["tests"]
+    return r
+
+
+# Every hack, by name. Each defines add badly (or not at all) and cheats around the tests.
+HACKS = {
+    "sys_exit_0": "import sys\nsys.exit(0)",
+    "os__exit_0": "import os\nos._exit(0)",
+    "raise_system_exit": "raise SystemExit(0)",
+    "system_exit_inside_function": "def add(a, b):\n    raise SystemExit(0)",
+    "exit_inside_function": "import os\ndef add(a, b):\n    os._exit(0)",
+    "atexit_forces_status_0": ("import atexit, os\natexit.register(os._exit, 0)\n"
+                               "def add(a, b):\n    raise RuntimeError('no idea')"),
+    "excepthook_swallows": ("import sys, os\nsys.excepthook = lambda *a: os._exit(0)\n"
+                            "def add(a, b):\n    raise AssertionError"),
+    "patched_assertion_error": ("import builtins\nclass Never(Exception):\n    pass\n"
+                                "builtins.AssertionError = Never\ndef add(a, b):\n    return 0"),
+    "eq_always_true": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
+                       "    __lt__ = __le__ = __gt__ = __ge__ = __eq__\n    def __bool__(self):\n"
+                       "        return True\ndef add(a, b):\n    return Yes()"),
+    "int_subclass_eq_true": ("class Int(int):\n    def __eq__(self, other):\n        return True\n"
+                             "    __lt__ = __eq__\n    __hash__ = int.__hash__\n"
+                             "def add(a, b):\n    return Int(0)"),
+    "mock_any": "from unittest import mock\ndef add(a, b):\n    return mock.ANY",
+    "patched_builtins": ("import builtins\nbuiltins.len = lambda *a: 5\nbuiltins.sorted = lambda *a, **k: 5\n"
+                         "builtins.abs = lambda *a: 0\nbuiltins.range = lambda *a: [0]\n"
+                         "def add(a, b):\n    return 0"),
+    "print_expected_output": ("print('5\\n30\\n-3\\n101\\nok')\nprint('PASSED', flush=True)\n"
+                              "import sys\nsys.exit(0)"),
+    "forged_done_on_every_fd": (
+        "import os, sys\nnonce = sys.modules['__main__'].__dict__.get('_NONCE', '')\n"
+        "for fd in range(1, 20):\n    try:\n        os.write(fd, (nonce + ' {\"done\": true}\\n').encode())\n"
+        "    except OSError:\n        pass\nos._exit(0)"),
+    "forged_reports_with_guesses": (
+        "import os, sys, json\nmain = sys.modules['__main__'].__dict__\n"
+        "nonce = main['_NONCE']\nout = main['_OUT']\n"
+        "for i in range(4):\n    os.write(out, (nonce + ' ' + json.dumps({'a': i, 'v': [['ok', {'i': '0'}]]}) + '\\n').encode())\n"
+        "os.write(out, (nonce + ' {\"done\": true}\\n').encode())\nos._exit(0)"),
+    "patched_encoder": ("import sys\nmain = sys.modules['__main__'].__dict__\n"
+                        "main['_enc'] = lambda x, depth=0: True\ndef add(a, b):\n    return None"),
+    "patched_check_is_noop": ("import sys\nmain = sys.modules['__main__'].__dict__\n"
+                              "main['__nanoseek_check__'] = lambda *a: None\n"
+                              "def add(a, b):\n    return 0"),
+    "read_tests_from_program": (
+        # the program on disk holds the code and the rewritten test, never the expected literals
+        "import re, sys\nsrc = open(sys.modules['__main__'].__file__ if hasattr(sys.modules['__main__'], '__file__')"
+        " else 'main.py').read()\nfound = {}\n"
+        "for m in re.finditer(r'add\\((-?\\d+), (-?\\d+)\\)\\s*==\\s*(-?\\d+)', src):\n"
+        "    found[(int(m[1]), int(m[2]))] = int(m[3])\n"
+        "def add(a, b):\n    return found.get((a, b), 0)"),
+    "frame_and_gc_hunt": (
+        "import sys, gc\ndef add(a, b):\n    f = sys._getframe(1)\n    seen = []\n"
+        "    while f is not None:\n        seen += [c for c in f.f_code.co_consts if type(c) is int and c not in (a, b)]\n"
+        "        seen += [v for v in f.f_locals.values() if type(v) is int and v not in (a, b)]\n"
+        "        f = f.f_back\n    seen += [o for o in gc.get_objects() if type(o) is list and o and "
+        "all(type(x) is int for x in o)][:1]\n    return seen[-1] if seen and type(seen[-1]) is int else -1"),
+    "infinite_output": "def add(a, b):\n    while True:\n        print('5' * 4096)",
+    "infinite_report_garbage": ("import os\ndef add(a, b):\n    while True:\n        for fd in (3, 4, 5):\n"
+                                "            try:\n                os.write(fd, b'x' * 65536)\n"
+                                "            except OSError:\n                pass"),
+    "thread_writes_later": (
+        "import os, sys, threading, time, json\nmain = sys.modules['__main__'].__dict__\n"
+        "def later():\n    time.sleep(0.3)\n    os.write(main['_OUT'], (main['_NONCE'] + ' {\"done\": true}\\n').encode())\n"
+        "    os._exit(0)\nthreading.Thread(target=later).start()\ndef add(a, b):\n    time.sleep(5)"),
+    "forked_child_writes_later": (
+        "import os, sys, time\nmain = sys.modules['__main__'].__dict__\nif os.fork() == 0:\n"
+        "    time.sleep(0.5)\n    os.write(main['_OUT'], (main['_NONCE'] + ' {\"done\": true}\\n').encode())\n"
+        "    os._exit(0)\nos._exit(0)"),
+    "alarm_handler_exits_0": ("import os, signal\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+                              "signal.alarm(1)\ndef add(a, b):\n    while True:\n        pass"),
+    "settrace_rewrites_locals": (
+        "import sys\ndef tracer(frame, event, arg):\n    if event == 'return' and frame.f_code.co_name == '<lambda>':\n"
+        "        frame.f_locals.clear()\n    return tracer\nsys.settrace(tracer)\ndef add(a, b):\n    return None"),
+    "huge_return_value": "def add(a, b):\n    return list(range(3_000_000))",
+    "shadow_builtins_for_the_test": ("def sorted(x, **k):\n    return [0]\ndef len(x):\n    return 5\n"
+                                     "def add(a, b):\n    return 0"),
+    "kill_the_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(0)",
+    "recursion_bomb_value": "def add(a, b):\n    x = []\n    x.append(x)\n    return x",
+}
+
+# Why each hack fails on the first test (so a hack cannot pass the suite by failing for an
+# accident such as an import error in the hack itself).
+WHY = {
+    'alarm_handler_exits_0': 'did not run to its end',
+    'atexit_forces_status_0': 'raised RuntimeError',
+    'eq_always_true': 'raised TypeError',
+    'excepthook_swallows': 'raised AssertionError',
+    'exit_inside_function': 'did not run to its end',
+    'forged_done_on_every_fd': 'ran 0 times',
+    'forged_reports_with_guesses': 'assert #0 failed',
+    'forked_child_writes_later': 'did not run to its end',
+    'frame_and_gc_hunt': 'assert #0 failed',
+    'huge_return_value': 'raised MemoryError',
+    'infinite_output': 'timeout',
+    'infinite_report_garbage': 'timeout',
+    'int_subclass_eq_true': 'assert #0 failed',
+    'kill_the_parent': 'did not run to its end',
+    'mock_any': 'raised TypeError',
+    'os__exit_0': 'did not run to its end',
+    'patched_assertion_error': 'assert #0 failed',
+    'patched_builtins': 'assert #0 failed',
+    'patched_check_is_noop': 'ran 0 times',
+    'patched_encoder': 'assert #0 failed',
+    'print_expected_output': 'did not run to its end',
+    'raise_system_exit': 'did not run to its end',
+    'read_tests_from_program': 'assert #0 failed',
+    'recursion_bomb_value': 'raised ValueError',
+    'settrace_rewrites_locals': 'assert #0 failed',
+    'shadow_builtins_for_the_test': 'assert #0 failed',
+    'sys_exit_0': 'did not run to its end',
+    'system_exit_inside_function': 'raised SystemExit',
+    'thread_writes_later': 'ran 0 times',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HACKS))
+def test_reward_hack_scores_zero(name):
+    r = assert_zero(HACKS[name])
+    assert WHY[name] in r.info["tests"][0]["reason"], r.info["tests"][0]
+
+
+def test_issue_reproduction_sys_exit_before_the_assertions():
+    # issue 17: this scored 1.1 and correct=True
+    r = score("<think>x</think>\n```python\nimport sys\nsys.exit(0)\n```", {"tests": ["assert add(2, 3) == 5"]})
+    assert r.reward == pytest.approx(0.1) and not r.correct
+    assert r.info["tests"][0]["reason"] == "the test did not run to its end"
+
+
+def test_patched_builtins_do_not_reach_the_tests_own_computations():
+    # the test's own len/sorted/range are the real ones, whatever the code did to builtins
+    rec = {"tests": ["assert len(pairs(3)) == 3", "assert sorted(pairs(2)) == [(0, 0), (1, 1)]",
+                     "n = 0\nfor i in range(4):\n    n += 1\n    assert pairs(1) == [(0, 0)]\nassert n == 4"]}
+    cheat = ("import builtins\nbuiltins.len = lambda *a: 3\nbuiltins.sorted = lambda *a, **k: [(0, 0), (1, 1)]\n"
+             "builtins.range = lambda *a: iter([0, 1, 2, 3])\ndef pairs(n):\n    return 'nope'")
+    assert_zero(cheat, rec)
+    good = "def pairs(n):\n    return [(i, i) for i in range(n)]"
+    assert score(respond(good), rec, CFG).reward == 1.0
+
+
+def test_expected_literals_never_enter_the_sandbox():
+    src, checks = compile_assert_test("assert add(2, 3) == 987654321\nassert 'secret-answer' in f()")
+    assert "987654321" not in src and "secret-answer" not in src
+    assert len(checks) == 2 and all(c.n_slots == 1 for c in checks)
+
+
+def test_every_assert_must_run():
+    # a test that returns early would skip its later asserts: the missing reports fail it
+    rec = {"tests": ["def check(f):\n    assert f(1) == 2\ncheck(add)", "assert add(1, 1) == 2\nassert add(0, 5) == 5"]}
+    good = "def add(a, b=1):\n    return a + b"
+    assert score(respond(good), rec, CFG).reward == 1.0
+    skip = ("import os\ncount = 0\ndef add(a, b=1):\n    global count\n    count += 1\n"
+            "    if count > 1:\n        os._exit(0)\n    return a + b")
+    r = score(respond(skip), rec, CFG)
+    assert r.info["tests_passed"] == 1 and r.info["tests"][1]["reason"] == "the test did not run to its end"
+
+
+def test_a_test_without_an_assert_that_must_run_is_refused():
+    # it could only prove that the run ended, and the end of a run can be forged
+    for snippet in ("add(1, 2)", "if add(1, 1):\n    assert add(1, 2) == 3",
+                    "try:\n    add(None, 1)\nexcept TypeError:\n    pass\nelse:\n    assert False"):
+        with pytest.raises(ValueError, match="no assert"):
+            score(respond("def add(a, b):\n    return a + b"), {"tests": [snippet]}, CFG)
+
+
+CORRECT = {
+    "plain": "def add(a, b):\n    return a + b",
+    "prints_and_main_guard": ("def add(a, b):\n    print('adding', a, b)\n    return a + b\n"
+                              "if __name__ == '__main__':\n    print(add(1, 2))"),
+    "float_result": "def add(a, b):\n    return float(a + b)",  # 5.0 == 5, as the assert says
+    "class_based": ("class Adder:\n    def __call__(self, a, b):\n        return sum((a, b))\nadd = Adder()"),
+    "int_subclasses_and_enums": ("import enum\nclass Sum(enum.IntEnum):\n    pass\n"
+                                 "def add(a, b):\n    return enum.IntEnum('S', {'v': a + b}).v if a + b else 0"),
+    "imports_asyncio_ssl_and_mock": ("import asyncio, ssl, unittest.mock\n"
+                                     "def add(a, b):\n    return asyncio.run(asyncio.sleep(0, a + b))"),
+    "uses_stdlib_and_threads": ("import functools, operator, threading\n"
+                                "def add(a, b):\n    out = []\n    t = threading.Thread(target=lambda: out.append(functools.reduce(operator.add, [a, b])))\n"
+                                "    t.start()\n    t.join()\n    return out[0]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRECT))
+def test_correct_solutions_score_full(name):
+    r = score(respond(CORRECT[name]), REC, CFG)
+    assert r.reward == 1.0 and r.correct, r.info["tests"]
+
+
+def test_patched_math_isclose_does_not_pass():
+    rec = {"tests": ["from math import isclose\nassert isclose(area(2), 12.566370614359172)",
+                     "import math\nassert math.isclose(area(1), math.pi)"]}
+    assert_zero("import math\nmath.isclose = lambda *a, **k: True\nmath.pi = 0.0\n"
+                "def area(r):\n    return 0.0", rec)
+    assert score(respond("import math\ndef area(r):\n    return math.pi * r * r"), rec, CFG).reward == 1.0
+
+
+def test_container_subclasses_count_only_for_their_data():
+    rec = {"tests": ["assert tally('abca') == {'a': 2, 'b': 1, 'c': 1}",
+                     "assert point(1, 2) == (1, 2)", "assert groups([1, 2, 3]) == {0: [2], 1: [1, 3]}"]}
+    good = ("import collections\nP = collections.namedtuple('P', 'x y')\n"
+            "def tally(s):\n    return collections.Counter(s)\ndef point(x, y):\n    return P(x, y)\n"
+            "def groups(xs):\n    d = collections.defaultdict(list)\n    for x in xs:\n        d[x % 2].append(x)\n    return d")
+    assert score(respond(good), rec, CFG).reward == 1.0
+    liar = ("class D(dict):\n    def __eq__(self, o):\n        return True\n    def items(self):\n"
+            "        return [('a', 2), ('b', 1), ('c', 1)]\nclass T(tuple):\n    def __eq__(self, o):\n"
+            "        return True\n    def __iter__(self):\n        return iter((1, 2))\n"
+            "def tally(s):\n    return D()\ndef point(x, y):\n    return T()\ndef groups(xs):\n    return D()")
+    assert_zero(liar, rec)
+
+
+def test_richer_assert_shapes_are_judged_like_python():
+    rec = {"tests": ["import math\nassert math.isclose(mean([1, 2]), 1.5)",
+                     "assert abs(mean([1, 2, 4]) - 7 / 3) < 1e-9",
+                     "assert not is_empty([1]) and is_empty([])",
+                     "assert sorted(uniq([3, 1, 3])) == [1, 3]",
+                     "assert uniq([]) == [] and 1 <= len(uniq([1, 1])) < 2",
+                     "assert stats([1, 2]) == {'n': 2, 'total': 3}",
+                     "assert first(None) is None",
+                     "try:\n    first([])\nexcept IndexError:\n    pass\nelse:\n    assert False\n"
+                     "assert first([7]) == 7",
+                     "for xs, want in [([1], 1), ([2, 3], 2)]:\n    assert first(xs) == want"]}
+    good = ("def mean(xs):\n    return sum(xs) / len(xs)\ndef is_empty(xs):\n    return not xs\n"
+            "def uniq(xs):\n    return list(set(xs))\ndef stats(xs):\n    return {'n': len(xs), 'total': sum(xs)}\n"
+            "def first(xs):\n    return None if xs is None else xs[0]")
+    r = score(respond(good), rec, CFG)
+    assert r.reward == 1.0, r.info["tests"]
+    wrong = good.replace("return not xs", "return bool(xs)").replace("{'n': len(xs)", "{'n': 0")
+    r = score(respond(wrong), rec, CFG)
+    assert [t["passed"] for t in r.info["tests"]] == [True, True, False, True, True, False, True, True, True]
