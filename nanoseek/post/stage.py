@@ -34,7 +34,8 @@ from typing import Any
 
 from nanoseek.cli import UserError
 from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
-                                   apply_overrides, dumps_toml, parse_sections, read_toml, resolve_config_path)
+                                   apply_overrides, dumps_toml, no_effect_keys, parse_sections, read_toml,
+                                   resolve_config_path)
 
 # Post-training defaults under each kind (the TOML file and --set override them).
 STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -67,7 +68,12 @@ class StageConfig:
                 "train": dataclasses.asdict(self.train), "spike": dataclasses.asdict(self.spike)}
 
     def to_toml(self) -> str:
-        return dumps_toml(self.to_dict(), header=f"Resolved nanoseek {self.kind} config (from {self.source})")
+        """The resolved config as TOML; keys that have no effect are left out, as in
+        :func:`~nanoseek.train.config.config_to_toml`, or reading it back would refuse them."""
+        doc = self.to_dict()
+        for k in no_effect_keys(TrainConfig(optim=self.optim))["optim"]:
+            doc["optim"].pop(k, None)
+        return dumps_toml(doc, header=f"Resolved nanoseek {self.kind} config (from {self.source})")
 
 
 @dataclass
