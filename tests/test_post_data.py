@@ -98,6 +98,14 @@ def test_rl_prompts_file_and_errors(tmp_path):
     for bad, needle in [({"prompt": "q", "answer": "1"}, "missing field 'task'"),
                         ({"prompt": "q", "answer": "1", "task": "algebra"}, "unknown task 'algebra'"),
                         ({"prompt": "q", "answer": "1", "task": "code"}, "needs a non-empty 'tests' list"),
+                        ({"prompt": "q", "answer": "1", "task": "code", "tests": ["print(f())"]},
+                         "code test #0: assertion test has no assert statement"),
+                        ({"prompt": "q", "answer": "1", "task": "code", "tests": ["assert f() == 3", "assert ("]},
+                         "code test #1: assertion test does not parse"),
+                        ({"prompt": "q", "answer": "1", "task": "code", "tests": ["if 0:\n    assert f()"]},
+                         "code test #0: assertion test has no assert that must run"),
+                        ({"prompt": "q", "answer": "1", "task": "code", "tests": [{"stdin": "1"}]},
+                         "code test #0 must be an assertion string"),
                         ({"prompt": "", "answer": "1", "task": "math"}, "'prompt' must be a non-empty string"),
                         ({"prompt": "q", "answer": [1], "task": "math"}, "'answer' must be a string or a number")]:
         with pytest.raises(DataError) as e:

@@ -196,8 +196,13 @@ def parse_rl_prompt(where: str, obj: dict) -> RLPrompt:
     valid = sorted(TASKS) + list(EXTERNAL_VERIFIERS)
     if task not in valid:
         raise DataError(f"{where}: unknown task {task!r} (the verifier); valid: {', '.join(valid)}")
-    if task == "code" and not (isinstance(obj.get("tests"), list) and obj["tests"]):
-        raise DataError(f"{where}: a 'code' prompt needs a non-empty 'tests' list")
+    if task == "code":
+        from nanoseek.post.rewards import check_code_tests
+
+        try:
+            check_code_tests(obj.get("tests"))
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
     extra = {k: v for k, v in obj.items() if k not in RL_KEYS and k != "id"}
     item = RLPrompt(prompt=obj["prompt"], answer=str(obj["answer"]), task=task, id=str(obj.get("id", where)),
                     extra=extra)

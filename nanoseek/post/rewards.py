@@ -550,6 +550,26 @@ def run_assert_test(code: str, snippet: str, cfg: RewardConfig) -> tuple[bool, d
                          "killed_reason": r.killed_reason, "stderr_tail": r.stderr[-300:]}
 
 
+def check_code_tests(tests: Any) -> None:
+    """ValueError naming the first test a code record cannot be scored with (wrong shape, an
+    assertion that does not parse or has no assert that must run): datasets call this when they
+    load, so a bad test is an error at load time, not in the middle of a GRPO run."""
+    if not isinstance(tests, list) or not tests:
+        raise ValueError("a 'code' record needs a non-empty 'tests' list")
+    for i, t in enumerate(tests):
+        if isinstance(t, str) or (isinstance(t, dict) and "assert" in t):
+            snippet = t if isinstance(t, str) else t["assert"]
+            if not isinstance(snippet, str):
+                raise ValueError(f"code test #{i}: the assertion must be a string")
+            try:
+                compile_assert_test(snippet)
+            except ValueError as e:
+                raise ValueError(f"code test #{i}: {e}") from None
+        elif not (isinstance(t, dict) and ("stdout" in t or "output" in t)):
+            raise ValueError(f"code test #{i} must be an assertion string, {{'assert': ...}} or "
+                             f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
+
+
 def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig) -> tuple[float, list[dict]]:
     """Run ``code`` against each test in the sandbox; (fraction passed, per-test details)."""
     from nanoseek.post.sandbox import run_code
