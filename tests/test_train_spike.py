@@ -26,7 +26,7 @@ def test_fast_spike_after_min_history_by_sigma_and_by_ratio():
     g = SpikeGuard(SpikeSection(window=10, min_history=5, sigma=6.0, ratio=0.0, max_skips=0, trend_factor=0))
     assert feed(g, [3.0, 3.1, 2.9, 3.0, 3.05, 2.95, 3.0]) == [Verdict.OK] * 7
     d = g.observe(7, 5.0, 1.0)
-    assert d.verdict is Verdict.SKIP and "std" in d.reason
+    assert d.verdict is Verdict.SKIP and "robust std" in d.reason
     assert g.observe(8, 3.0, 1.0).verdict is Verdict.OK
     assert 5.0 not in g.losses                                      # a skipped loss is not history
     r = SpikeGuard(SpikeSection(window=10, min_history=3, sigma=0.0, tail=0.0, ratio=2.0, max_skips=0, trend_factor=0))
@@ -48,7 +48,7 @@ def test_repeated_skips_recheck_the_last_accepted_batch_and_roll_back_only_if_it
 
     def healthy():
         asked.append(1)
-        return 3.0
+        return 3.0, 1.0
 
     assert g.observe(3, 100.0, 1.0, recheck=healthy).verdict is Verdict.SKIP and not asked   # 1 skip: no check
     feed(g, [3.0] * 5, 4)
@@ -58,8 +58,10 @@ def test_repeated_skips_recheck_the_last_accepted_batch_and_roll_back_only_if_it
     for k in range(11, 60):                                    # a long garbage document: skipped, never rolled back
         assert g.observe(k, 100.0, 1.0, recheck=healthy).verdict is Verdict.SKIP
     assert g.observe(60, 100.0, 1.0).verdict is Verdict.SKIP   # nothing to re-check: skip
-    d = g.observe(61, 100.0, 1.0, recheck=lambda: 90.0)        # the model now fails an ordinary batch
+    d = g.observe(61, 100.0, 1.0, recheck=lambda: (90.0, 1.0))  # the model now fails an ordinary batch
     assert d.verdict is Verdict.ROLLBACK and "fails the last accepted batch" in d.reason
+    d = g.observe(62, 3.0, math.nan, recheck=lambda: (3.0, math.nan))  # ...or its gradient is not finite
+    assert d.verdict is Verdict.ROLLBACK and "non-finite gradient" in d.reason
 
 
 def test_upward_trend_asks_for_a_rollback_and_state_round_trips():

@@ -547,21 +547,28 @@ class Trainer:
             self.logger.log(rec)
         return rec
 
-    @torch.no_grad()
-    def _recheck(self) -> float | None:
-        """The model's loss now on the last accepted step's batch (the guard's bad-weights test)."""
+    def _recheck(self) -> tuple[float, float] | None:
+        """Loss and gradient norm of the model now on the last accepted step's batch (None when
+        there is none): the guard's bad-weights test during a run of skips. The gradient is
+        dropped with the skipped step's; the MoE load counts too."""
         micro = self._last_accepted
         if micro is None:
             return None
+        model = self.model
+        self.optimizer.zero_grad(set_to_none=True)
         scale = 1.0 / len(micro) if self.reduction == "mean" else 1.0
         total = 0.0
-        self.model.train()                    # as it was judged; its MoE counts are dropped with the skip
-        for mb in micro:
+        model.train()
+        for i, mb in enumerate(micro):
+            self.dist.set_gradient_sync(model, i == len(micro) - 1)
             with self.autocast():
-                loss, _ = self.task.loss(self.model, mb)
+                loss, _ = self.task.loss(model, mb)
+            (loss * scale).backward()
             total += float(loss.detach().float())
+        self.dist.reduce_gradients(self.reduction)
         again, _, _ = self.dist.reduce_step(total * scale, {}, {}, self.reduction)
-        return again
+        grad_norm = self.dist.clip_grad_norm(math.inf)
+        return again, float(grad_norm)
 
     def _rollback_target(self) -> Path | None:
         """Where a rollback goes: the newest checkpoint this process wrote or resumed from; the

@@ -27,8 +27,9 @@ healthy run cannot be hurt by it:
 and skipping it is the cure. But it is also what damaged weights look like (every batch is out
 of line because the model is). The guard tells them apart by asking the model: once
 ``max_skips`` steps were skipped within ``skip_window`` steps, each further skip re-measures the
-loss of the **last accepted step's batch** (a forward pass, no update). If the model now fails
-that ordinary batch by the same tests, the loss trend itself has worsened: ``ROLLBACK``.
+loss and gradient norm of the **last accepted step's batch** (forward and backward, no update).
+If the model now fails that ordinary batch by the same tests (a loss out of line, or a gradient
+that is not finite), the loss trend itself has worsened: ``ROLLBACK``.
 Otherwise the data is at fault: ``SKIP``, for as many steps as it takes.
 
 **3. Roll back (slow blow-up)** when the loss trend of accepted steps climbs: the lower quartile
@@ -110,31 +111,32 @@ class SpikeGuard:
         window = list(self.losses)
         med = statistics.median(window)
         floor = FLOOR * abs(med)
-        why = []
+        said = []
         if c.sigma > 0:
             s = max(MAD_TO_STD * statistics.median(abs(x - med) for x in window), floor)
             if loss <= med + c.sigma * s:
                 return ""
-            why.append(f"> median {med:.4g} + {c.sigma:g} x robust std {s:.3g}")
+            said.append(f"{(loss - med) / s:.0f} robust std")
         if c.tail > 0:
             excess = max(self.max_excess, max(window) - med, floor)
             if loss - med <= c.tail * excess:
                 return ""
-            why.append(f"{loss - med:.4g} above the median > {c.tail:g} x the largest ordinary excess {excess:.3g}")
+            said.append(f"{(loss - med) / excess:.1f}x the largest ordinary excess {excess:.3g}")
         if c.ratio > 0 and med > 0:                   # a ratio means nothing for losses <= 0 (RL)
             if loss <= c.ratio * med:
                 return ""
-            why.append(f"> {c.ratio:g} x median")
-        if not why:
+            said.append(f"{loss / med:.1f}x the median")
+        if not said:
             return ""
-        return f"loss {loss:.4g} " + "; ".join(why) + f" of the last {len(window)} accepted steps"
+        return f"loss {loss:.4g} vs median {med:.4g} of the last {len(window)} accepted steps: " + ", ".join(said)
 
     def observe(self, step: int, loss: float, grad_norm: float,
-                recheck: Callable[[], float | None] | None = None) -> Decision:
+                recheck: Callable[[], tuple[float, float] | None] | None = None) -> Decision:
         """Judge the step with 0-based index ``step`` before its optimizer update.
 
-        ``recheck()``: the current model's loss on the last accepted step's batch (None when
-        there is none); asked only while skips are frequent, to tell bad data from bad weights.
+        ``recheck()``: the current model's (loss, gradient norm) on the last accepted step's
+        batch (None when there is none); asked only while skips are frequent, to tell bad data
+        from bad weights.
         """
         c = self.cfg
         why = self.fast_spike(loss, grad_norm)
@@ -146,11 +148,11 @@ class SpikeGuard:
                     and recheck is not None:
                 again = recheck()
                 if again is not None:
-                    bad = self.fast_spike(again, 0.0)
+                    bad = self.fast_spike(*again)
                     if bad:
-                        return Decision(Verdict.ROLLBACK, f"{len(self.skips)} skipped steps within {c.skip_window} "
-                                                          f"steps and the model now fails the last accepted batch "
-                                                          f"({bad}; last skip: {why})")
+                        return Decision(Verdict.ROLLBACK, f"the model now fails the last accepted batch ({bad}) "
+                                                          f"after {len(self.skips)} skipped steps within "
+                                                          f"{c.skip_window} steps")
             return Decision(Verdict.SKIP, why)
         med = statistics.median(self.losses) if len(self.losses) >= max(c.min_history, 1) else None
         self.losses.append(loss)
