@@ -37,10 +37,10 @@ of the last ``trend_window`` accepted losses > ``trend_factor`` x the lowest suc
 (when that is > 0). The lower quartile follows the easy batches, which every blow-up lifts, and
 ignores runs of hard ones (a long prose document spans many consecutive steps).
 
-**What a rollback may touch** (the trainer does it, ``loop.py``): it restores the last
-checkpoint (consecutive rollbacks with no new checkpoint go one further back), never one older
-than the checkpoint this process resumed from, and moves the data past the batches that led
-there. It deletes only abandoned-timeline checkpoints that this process wrote; a checkpoint
+**What a rollback may touch** (the trainer does it, ``loop.py``): it restores the newest
+checkpoint this process wrote or resumed from (consecutive rollbacks with no new checkpoint go
+one further back), never one older than the checkpoint this process resumed from, and moves the
+data past the batches that led there. It deletes only abandoned-timeline checkpoints that this process wrote; a checkpoint
 written before the process started is never deleted, nor is the last known-good one (the
 checkpoint the run started from or rolled back to, or one the run went past to the next save
 without a rollback); ``keep_last`` pruning keeps it too. Skipped steps write no checkpoint: a
