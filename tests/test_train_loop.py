@@ -187,7 +187,7 @@ def test_fast_spike_is_skipped_without_an_update_and_training_recovers(tmp_path)
     assert res.status == "done" and res.step == 10 and trainer.updates == 9
     recs = read_metrics(tmp_path / "spike")
     (ev,) = events(recs, "spike_skipped")
-    assert ev["step"] == 7 and POISON in ev["doc_ids"] and ev["loss"] > 1e3 and "mean" in ev["reason"]
+    assert ev["step"] == 7 and POISON in ev["doc_ids"] and ev["loss"] > 1e3 and "median" in ev["reason"]
     steps = step_records(recs)
     assert steps[7]["skipped"] is True and not any(steps[s].get("skipped") for s in steps if s != 7)
     rows = {r["step"]: r for r in probe.rows}
@@ -201,28 +201,41 @@ def test_fast_spike_is_skipped_without_an_update_and_training_recovers(tmp_path)
     assert all(math.isfinite(steps[s]["loss"]) and steps[s]["loss"] < 1.5 * before for s in (8, 9, 10))
 
 
-def test_repeated_spikes_roll_back_to_the_last_checkpoint_and_skip_the_bad_data(tmp_path):
+class Damage(Hook):
+    """After the update of 1-based step ``step`` (once), scale the output head: the weights go bad."""
+
+    def __init__(self, step, factor=50.0):
+        self.step, self.factor, self.done = step, factor, False
+
+    def after_step(self, trainer, applied):
+        if trainer.step + 1 == self.step and applied and not self.done:
+            self.done = True
+            with torch.no_grad():
+                trainer.model.lm_head.weight.mul_(self.factor)
+
+
+def test_bad_weights_roll_back_to_the_last_checkpoint_and_skip_the_data(tmp_path):
+    # skips alone never roll back (test_adversarial_spike.py); here the weights themselves go bad
+    # after step 7, so steps 8 and 9 spike, and the re-check of step 7's batch fails too
     cfg = make_cfg(tmp_path, "rb", optim={"grad_accum": 1}, train={"max_steps": 10, "save_every": 3, "eval_every": 0},
                    spike={"min_history": 2, "max_skips": 2, "skip_window": 10, "trend_factor": 0})
     probe = Probe()
-    trainer, res = run(cfg, hooks=[probe], poison={7: math.nan, 8: 1e4})   # steps 8 and 9
+    trainer, res = run(cfg, hooks=[Damage(7), probe])
     assert res.status == "done" and res.step == 10
     recs = read_metrics(tmp_path / "rb")
     skipped = events(recs, "spike_skipped")
-    assert [e["step"] for e in skipped] == [8] and "non-finite loss" in skipped[0]["reason"]
+    assert [e["step"] for e in skipped] == [8]
     (rb,) = events(recs, "rollback")
-    assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (9, 6, 3) and POISON in rb["doc_ids"]
-    assert "2 skipped steps" in rb["reason"]
+    assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (9, 6, 3)
+    assert "2 skipped steps" in rb["reason"] and "fails the last accepted batch" in rb["reason"]
     # the weights right after the rollback are exactly those of checkpoint 6
     (_, snap), = [(r, s) for r, s in probe.events if r["event"] == "rollback"]
     ckpt = tmp_path / "rb" / "checkpoints" / "step-000006"
     saved = from_hf_state_dict(load_hf_tensors(ckpt, trainer.model.config), trainer.model.config)
     assert set(saved) == set(snap) and all(torch.equal(saved[k], snap[k]) for k in saved)
-    # after it, steps 7..10 ran on loader batches 9..12: past the bad ones, no more spikes
+    # after it, steps 7..10 ran on loader batches 9..12, all applied
     after = probe.rows[-4:]
     assert [r["step"] for r in after] == [7, 8, 9, 10] and all(r["applied"] for r in after)
-    rb_pos = recs.index(next(r for r in recs if r.get("event") == "rollback"))
-    assert not any(r.get("event") == "spike_skipped" for r in recs[rb_pos:])
     steps = step_records(recs)
     assert all(not steps[s].get("skipped") and math.isfinite(steps[s]["loss"]) for s in (7, 8, 9, 10))
     assert [step_of(p) for p in list_checkpoints(tmp_path / "rb")] == [6, 9, 10]        # keep_last 3
@@ -230,13 +243,14 @@ def test_repeated_spikes_roll_back_to_the_last_checkpoint_and_skip_the_bad_data(
 
 
 def test_upward_trend_rolls_back_and_no_checkpoint_means_diverged(tmp_path):
-    spike = {"min_history": 2, "sigma": 0.0, "ratio": 0.0, "max_skips": 0, "trend_window": 2, "trend_factor": 1.3}
+    spike = {"min_history": 2, "sigma": 0.0, "tail": 0.0, "ratio": 0.0, "max_skips": 0, "trend_window": 2,
+             "trend_factor": 1.3}
     cfg = make_cfg(tmp_path, "trend", optim={"grad_accum": 1}, train={"max_steps": 9, "save_every": 3, "eval_every": 0},
                    spike=spike)
-    trainer, res = run(cfg, poison={6: 3.0})                # step 7's loss x3 lifts the 2-step mean
+    trainer, res = run(cfg, poison={6: 3.0})                # step 7's loss x3 lifts the 2-step quartile
     assert res.status == "done" and res.step == 9
     (rb,) = events(read_metrics(tmp_path / "trend"), "rollback")
-    assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (7, 6, 1) and "mean loss of the last 2" in rb["reason"]
+    assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (7, 6, 1) and "lower quartile of the last 2" in rb["reason"]
     assert trainer.rollbacks == 1
 
     cfg = make_cfg(tmp_path, "nockpt", optim={"grad_accum": 1}, train={"max_steps": 9, "save_every": 0}, spike=spike)

@@ -11,6 +11,9 @@ Layout of one checkpoint (``RUN/checkpoints/step-000100/``)::
     trainer_state.safetensors         every tensor of that state (AdamW moments, torch RNG states)
 
 ``RUN/latest`` holds the relative path of the newest good checkpoint and is replaced atomically.
+Pruning keeps the newest ``keep_last`` checkpoints plus the one ``latest`` names and any the
+trainer protects (its last known-good one); a rollback (:func:`discard_after`) deletes only the
+abandoned checkpoints its caller wrote itself (see ``spike.py`` for the whole policy).
 
 The trainer's state is an arbitrary nest of dicts, lists, tuples, scalars, strings, tensors and
 numpy arrays. :func:`flatten_state` splits it into JSON (tensors replaced by ``{"__tensor__":
@@ -31,6 +34,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +155,11 @@ def remove_partials(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    keep_last: int, extra_files: dict[str, str] | None = None) -> Path:
-    """Write ``checkpoints/step-{step:06d}`` atomically, point ``latest`` at it, keep the last K.
-    ``extra_files`` ({name: text}, the run's tokenizer files) are written into the checkpoint too."""
+                    keep_last: int, extra_files: dict[str, str] | None = None,
+                    protect: Iterable[Path | None] = ()) -> Path:
+    """Write ``checkpoints/step-{step:06d}`` atomically, point ``latest`` at it, keep the last K
+    (and every checkpoint in ``protect``: the trainer's last known-good one). ``extra_files``
+    ({name: text}, the run's tokenizer files) are written into the checkpoint too."""
     d = checkpoints_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:06d}"
@@ -177,27 +183,36 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     set_latest(run_dir, final)
-    prune_checkpoints(run_dir, keep_last)
+    prune_checkpoints(run_dir, keep_last, protect)
     return final
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
+def _names(paths: Iterable[Path | None]) -> set[str]:
+    return {Path(p).name for p in paths if p is not None}
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: Iterable[Path | None] = ()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; never the one ``latest`` names, nor one
+    in ``protect`` (the trainer's last known-good checkpoint). ``keep_last`` < 1 deletes nothing."""
+    if keep_last < 1:
+        return []
     found = list_checkpoints(run_dir)
     latest = latest_checkpoint(run_dir)
-    doomed = [p for p in found[:-keep_last] if latest is None or p.resolve() != latest.resolve()]
+    keep = _names(protect) | _names([latest])
+    doomed = [p for p in found[:-keep_last] if p.name not in keep]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
 
 
-def discard_after(run_dir: str | Path, step: int) -> list[Path]:
-    """Delete checkpoints newer than ``step`` (a rolled-back timeline) and point ``latest`` back."""
-    found = list_checkpoints(run_dir)
-    doomed = [p for p in found if step_of(p) > step]
-    keep = [p for p in found if step_of(p) <= step]
-    if keep:
-        set_latest(run_dir, keep[-1])
+def discard_after(run_dir: str | Path, target: Path, removable: Iterable[Path]) -> list[Path]:
+    """Roll the run folder back to checkpoint ``target``: ``latest`` names it again, and the
+    checkpoints newer than it that are in ``removable`` (the abandoned timeline the caller wrote
+    itself) are deleted. Any other checkpoint is left alone. Returns what was deleted."""
+    target = Path(target)
+    mine = _names(removable)
+    doomed = [p for p in list_checkpoints(run_dir) if step_of(p) > step_of(target) and p.name in mine]
+    set_latest(run_dir, target)
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

@@ -121,13 +121,15 @@ class SpikeSection:
     enabled: bool = True
     window: int = 100                 # running window of accepted step losses
     min_history: int = 20             # accepted steps before the statistical tests start
-    sigma: float = 6.0                # fast spike: loss > mean + sigma * std of the window (0: off)
-    ratio: float = 2.0                # fast spike: loss > ratio * median of the window (0: off)
-    max_skips: int = 3                # slow blow-up: this many skipped steps...
-    skip_window: int = 50             # ...within this many steps -> roll back (0: off)
-    trend_window: int = 20            # slow blow-up: mean loss of the last trend_window steps...
-    trend_factor: float = 1.5         # ...above trend_factor x the best such mean -> roll back (0: off)
-    max_rollbacks: int = 3            # more rollbacks than this stop the run with an error
+    sigma: float = 6.0                # skip only if loss > median + sigma * robust std (MAD) of the window (0: off)
+    tail: float = 1.5                 # ...and loss - median > tail * the largest ordinary excess seen (0: off)
+    ratio: float = 2.0                # ...and loss > ratio * median of the window (0: off)
+    max_skips: int = 3                # this many skipped steps...
+    skip_window: int = 50             # ...within this many steps: re-check the last accepted batch;
+                                      #   roll back only if the model now fails it (0: never)
+    trend_window: int = 20            # slow blow-up: lower quartile of the last trend_window losses...
+    trend_factor: float = 1.5         # ...above trend_factor x its lowest so far -> roll back (0: off)
+    max_rollbacks: int = 3            # more rollbacks in a row than this stop the run (one-line error)
 
 
 @dataclass
@@ -354,9 +356,11 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in ("window", "min_history", "trend_window"):
         if getattr(s, key) < 1:
             raise bad("spike", key, "must be >= 1")
-    for key in ("sigma", "ratio", "trend_factor", "max_skips", "skip_window", "max_rollbacks"):
+    for key in ("sigma", "tail", "ratio", "trend_factor", "max_skips", "skip_window", "max_rollbacks"):
         if getattr(s, key) < 0:
             raise bad("spike", key, "must be >= 0")
+    if 0 < s.tail < 1:
+        raise bad("spike", "tail", "must be >= 1 (or 0 to disable): below 1 it skips batches as hard as ordinary ones")
     if s.trend_window > s.window:
         raise bad("spike", "trend_window", f"must be <= window={s.window}")
     if 0 < s.ratio <= 1:

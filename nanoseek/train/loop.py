@@ -38,14 +38,19 @@ One optimizer step (``trainer.step`` counts them, 1-based in the logs):
 3. clip the global gradient norm; ask the spike guard about the step loss and gradient norm;
 4. OK: ``optimizer.step()``. SKIP (fast spike): no update, the gradient is dropped; the step
    still counts (its data is consumed and the schedule moves on) and ``spike_skipped`` is logged
-   with the document ids. ROLLBACK (slow blow-up): no update; the weights, optimizer, RNG, guard
-   and data position come back from the last good checkpoint, then the data iterator is
-   advanced past every batch drawn since that checkpoint (the data that led to the blow-up)
-   and ``rollback`` is logged; checkpoints newer than the target are deleted (an abandoned
-   timeline). Consecutive rollbacks with no new checkpoint go one checkpoint further back;
-   more than ``spike.max_rollbacks`` raise :class:`TrainingDiverged`;
+   with the document ids. When skips are frequent the guard first re-measures the last accepted
+   step's batch (``_recheck``): only if the model now fails it too does the step become a
+   ROLLBACK (the weights went bad): no update; the weights, optimizer, RNG, guard and data
+   position come back from the last checkpoint of this process (or the one it resumed from),
+   then the data iterator is advanced past every batch drawn since that checkpoint (the data
+   that led to the blow-up) and ``rollback`` is logged; the checkpoints this process wrote
+   after the target are deleted (an abandoned timeline), no others. Consecutive rollbacks with
+   no new checkpoint go one checkpoint further back, never past the one this process resumed
+   from; more than ``spike.max_rollbacks`` in a row raise :class:`TrainingDiverged`, leaving
+   ``RUN/latest`` on the last known-good checkpoint (the full policy: ``spike.py``);
 5. hooks ``after_step`` (a skipped step resets the MoE token counts without moving the biases);
-6. log, evaluate every ``eval_every``, checkpoint every ``save_every``, stop on the budget.
+6. log, evaluate every ``eval_every``, checkpoint every ``save_every`` (a save due at a skipped
+   step waits for the next accepted one), stop on the budget.
 
 Exact resume: a checkpoint holds the weights, AdamW moments, the step/token counters, the RNG
 states (torch, CUDA, python, numpy), the data position, the guard and hook states, so a
@@ -85,13 +90,23 @@ from .distributed import ParallelRuntime, local_rank
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
 from .optim import LRSchedule, build_optimizer, set_lr
 from .spike import SpikeGuard, Verdict
+from ..cli import UserError
 
 
 MAX_ORIGINS = 32          # document origins named in a spike / rollback event
 
 
-class TrainingDiverged(RuntimeError):
-    """The spike guard asked for a rollback it cannot do (no checkpoint, or too many rollbacks)."""
+class TrainingDiverged(UserError, RuntimeError):
+    """The spike guard asked for a rollback it cannot do (no checkpoint, or too many in a row).
+
+    A :class:`~nanoseek.cli.UserError`, so every command prints it as one line (exit 2). Its
+    message names the last known-good checkpoint (``checkpoint``; ``RUN/latest`` names it) and
+    how to resume from it; ``run_dir`` is the run folder.
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None = None, run_dir: Path | None = None):
+        super().__init__(message)
+        self.checkpoint, self.run_dir = checkpoint, run_dir
 
 
 class Batches(Protocol):
@@ -238,11 +253,20 @@ class Trainer:
         self.tokens = 0               # training tokens of those steps
         self.batches_consumed = 0     # items drawn from the batch iterator (rollback skips past them)
         self.elapsed = 0.0            # seconds of training in this and previous processes
-        self.rollbacks = 0
+        self.rollbacks = 0            # rollbacks in this run (all processes)
+        self.rollback_streak = 0      # ...since the run last reached a new known-good checkpoint
         self.last_saved_step: int | None = None
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
         self._last_rollback_target: Path | None = None
+        # the spike policy's checkpoint bookkeeping (see spike.py): what this process may delete
+        # or roll back to, and what it must keep
+        self._start_checkpoint: Path | None = None    # the checkpoint this process resumed from
+        self._written: list[Path] = []                # checkpoints this process wrote (oldest first)
+        self.good_checkpoint: Path | None = None      # the last known-good checkpoint (never pruned)
+        self._pending: Path | None = None             # newest checkpoint, good once the run reaches the next
+        self._save_due = False                        # a save fell on a skipped step: wait for an accepted one
+        self._last_accepted: list[Any] | None = None  # the last accepted step's micro-batches (the re-check)
         self._stop_reason: str | None = None
         self.logger: MetricsLogger | None = None
         self.peak_flops: float | None = None
@@ -293,6 +317,7 @@ class Trainer:
         hooks = {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks) if hasattr(h, "state_dict")}
         return {"version": 1, "step": self.step, "updates": self.updates, "tokens": self.tokens,
                 "batches_consumed": self.batches_consumed, "elapsed": self.elapsed, "rollbacks": self.rollbacks,
+                "rollback_streak": self.rollback_streak,
                 "optimizer": self.dist.optimizer_state_dict(self.model, self.optimizer), "rng": _rng_state(),
                 "batches": self.batches.state_dict(),
                 "guard": self.guard.state_dict(), "hooks": hooks, "config": self.config}
@@ -300,11 +325,17 @@ class Trainer:
     def save(self) -> Path:
         model, state = self.dist.full_model(self.model), self.state_dict()    # gathered on rank 0
         path = checkpoints_dir(self.run_dir) / f"step-{self.step:06d}"
+        if self._pending is not None and self._pending.name != path.name:
+            self.good_checkpoint = self._pending      # the run went past it to this save without a rollback
+            self.rollback_streak = 0
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, self.step, model, state, self.train_cfg.keep_last,
-                                   extra_files=self.final_files)     # the tokenizer travels with every checkpoint
+                                   extra_files=self.final_files,     # the tokenizer travels with every checkpoint
+                                   protect=[self.good_checkpoint])
         self.dist.barrier()                   # every rank sees the checkpoint once save() returns
         self.last_saved_step, self.last_checkpoint = self.step, path
+        self._written = [p for p in self._written if p.name != path.name] + [path]
+        self._pending, self._save_due = path, False
         self._event("checkpoint", step=self.step, path=str(path))
         return path
 
@@ -322,6 +353,7 @@ class Trainer:
         if not rollback:                      # wall time spent on an abandoned timeline still counts
             self.elapsed = float(state["elapsed"])
             self.rollbacks = int(state.get("rollbacks", 0))
+            self.rollback_streak = int(state.get("rollback_streak", 0))
         self.guard.load_state_dict(state["guard"])
         self.batches.load_state_dict(state["batches"])
         saved_hooks = state.get("hooks", {})
@@ -370,6 +402,7 @@ class Trainer:
                 if ckpt is None:
                     raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
                 self.restore(ckpt)
+                self._start_checkpoint = self.good_checkpoint = Path(ckpt)   # never rolled back past
                 self._event("resume", step=self.step, checkpoint=str(ckpt))
             else:
                 torch.manual_seed(t.seed)
@@ -421,6 +454,8 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0:
                 self._evaluate()
             if t.save_every and self.step % t.save_every == 0:
+                self._save_due = True
+            if self._save_due and not rec.get("skipped"):   # a skipped step writes no checkpoint
                 self.save()
             bar.update(self.step, self.progress(), rec["loss"], rec.get("tokens_per_s"),
                        extra=f"ce {rec['ce']:.4f}" if "ce" in rec else "")
@@ -473,10 +508,11 @@ class Trainer:
         step_loss, sums, counts = self.dist.reduce_step(step_loss, sums, counts, self.reduction)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
         grad_norm = self.dist.clip_grad_norm(max_norm)
-        decision = self.guard.observe(self.step, step_loss, grad_norm)
+        decision = self.guard.observe(self.step, step_loss, grad_norm, recheck=self._recheck)
         applied = decision.verdict is Verdict.OK
         if applied:
             opt.step()
+            self._last_accepted = micro
         opt.zero_grad(set_to_none=True)
         hook_metrics: dict[str, Any] = {}
         for h in self.hooks:
@@ -513,22 +549,55 @@ class Trainer:
             self.logger.log(rec)
         return rec
 
+    def _recheck(self) -> tuple[float, float] | None:
+        """Loss and gradient norm of the model now on the last accepted step's batch (None when
+        there is none): the guard's bad-weights test during a run of skips. The gradient is
+        dropped with the skipped step's; the MoE load counts too."""
+        micro = self._last_accepted
+        if micro is None:
+            return None
+        model = self.model
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = 1.0 / len(micro) if self.reduction == "mean" else 1.0
+        total = 0.0
+        model.train()
+        for i, mb in enumerate(micro):
+            self.dist.set_gradient_sync(model, i == len(micro) - 1)
+            with self.autocast():
+                loss, _ = self.task.loss(model, mb)
+            (loss * scale).backward()
+            total += float(loss.detach().float())
+        self.dist.reduce_gradients(self.reduction)
+        again, _, _ = self.dist.reduce_step(total * scale, {}, {}, self.reduction)
+        grad_norm = self.dist.clip_grad_norm(math.inf)
+        return again, float(grad_norm)
+
+    def _rollback_target(self) -> Path | None:
+        """Where a rollback goes: the newest checkpoint this process wrote or resumed from; the
+        same one twice in a row (no new checkpoint since) means one further back, never past the
+        checkpoint this process resumed from."""
+        names = {p.name for p in self._written}
+        if self._start_checkpoint is not None:
+            names.add(self._start_checkpoint.name)
+        found = [p for p in list_checkpoints(self.run_dir)
+                 if p.name in names and (self._start_checkpoint is None
+                                         or step_of(p) >= step_of(self._start_checkpoint))]
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None:                # the current timeline: nothing newer than latest
+            found = [p for p in found if step_of(p) <= step_of(latest)]
+        if not found:
+            return None
+        target = found[-1]
+        if self._last_rollback_target is not None and target.name == self._last_rollback_target.name \
+                and len(found) > 1:           # the blow-up began before that checkpoint: go further back
+            target = found[-2]
+        return target
+
     def _rollback(self, reason: str, loss: float, micro: list[Any]) -> None:
         bad_step = self.step
-        if self.rollbacks >= self.spike_cfg.max_rollbacks:
-            self._event("diverged", step=bad_step, loss=loss, reason=reason)
-            raise TrainingDiverged(f"step {bad_step}: {reason}; already rolled back {self.rollbacks} times "
-                                   f"([spike] max_rollbacks = {self.spike_cfg.max_rollbacks})")
-        target = latest_checkpoint(self.run_dir)
-        if target is not None and self._last_rollback_target is not None and \
-                target.resolve() == self._last_rollback_target.resolve():
-            older = [p for p in list_checkpoints(self.run_dir) if step_of(p) < step_of(target)]
-            if older:                         # the blow-up began before that checkpoint: go further back
-                target = older[-1]
-        if target is None:
-            self._event("diverged", step=bad_step, loss=loss, reason=reason)
-            raise TrainingDiverged(f"step {bad_step}: {reason}; no checkpoint to roll back to yet "
-                                   f"(lower [train] save_every)")
+        target = self._rollback_target()
+        if target is None or self.rollback_streak >= self.spike_cfg.max_rollbacks:
+            self._diverged(bad_step, loss, reason, target)
         consumed = self.batches_consumed
         self.restore(target, rollback=True)
         skip = consumed - self.batches_consumed
@@ -536,14 +605,35 @@ class Trainer:
             for _ in range(skip):             # move past the data that led to the blow-up
                 next(self.batches)
         self.batches_consumed = consumed
-        if self.dist.is_main:
-            discard_after(self.run_dir, self.step)
+        if self.dist.is_main:                 # only this process's abandoned timeline goes
+            gone = discard_after(self.run_dir, target, self._written)
+            self._written = [p for p in self._written if p.name not in {g.name for g in gone}]
         self.dist.barrier()
+        self._written = [p for p in self._written if step_of(p) <= self.step]
         self.rollbacks += 1
-        self._last_rollback_target = target
+        self.rollback_streak += 1
+        self._last_rollback_target = self.good_checkpoint = target
+        self._pending, self._save_due, self._last_accepted = None, False, None
         self._event("rollback", step=bad_step, to_step=self.step, loss=loss, reason=reason, checkpoint=str(target),
                     skipped_batches=skip, **self._doc_fields(micro))
         self._message(f"step {bad_step}: rolled back to step {self.step} ({reason}); skipped {skip} batches")
+
+    def _diverged(self, bad_step: int, loss: float, reason: str, target: Path | None) -> None:
+        """Stop: ``latest`` names the known-good checkpoint, and the message says how to resume."""
+        if target is None:
+            why = "no checkpoint to roll back to yet (this process has saved none; lower [train] save_every)"
+            how = "nothing to resume: start again with a lower [optim] lr"
+        else:
+            if self.dist.is_main:             # --resume continues from it, not from the abandoned timeline
+                discard_after(self.run_dir, target, self._written)
+            self.dist.barrier()
+            why = (f"{self.rollback_streak} rollbacks in a row ([spike] max_rollbacks = "
+                   f"{self.spike_cfg.max_rollbacks})")
+            how = (f"the last known-good checkpoint is {target} (step {step_of(target)}), which "
+                   f"{self.run_dir / 'latest'} names: resume from it with --resume after lowering [optim] lr")
+        self._event("diverged", step=bad_step, loss=loss, reason=reason,
+                    checkpoint=None if target is None else str(target))
+        raise TrainingDiverged(f"step {bad_step}: {reason}; {why}; {how}", target, self.run_dir)
 
     def _doc_fields(self, micro: list[Any]) -> dict[str, Any]:
         """``doc_ids`` of a step's micro-batches, and their origins if the task can name them."""

@@ -58,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
         result = pretrain(cfg, resume=args.resume, progress=False if args.no_progress else None, quiet=args.quiet)
     except (ConfigError, CheckpointError) as e:
         raise UserError(str(e)) from None
-    except TrainingDiverged as e:
-        print(f"nanoseek pretrain: training diverged: {e}")
+    except TrainingDiverged as e:               # one line: the good checkpoint and the command to resume
+        how = (f"; e.g. nanoseek pretrain --out-dir {e.run_dir} --resume --set optim.lr=LOWER"
+               if e.checkpoint is not None else "")
+        print(f"nanoseek pretrain: training diverged: {e}{how}")
         return 3
     ev = result.last_eval
     val = "".join(f"  {k} {ev[k]:.4f}" for k in ("val_loss", "val_bpb") if k in ev)
