@@ -5,6 +5,11 @@ Each subcommand lives next to the code it drives, in a module that exposes
 standard library at top level, so ``nanoseek --help`` stays fast; heavy imports (torch) happen
 inside ``run``. Flags are kebab-case. Errors a user can fix (a bad config, a missing file) are
 raised as :class:`UserError` and printed as one clear line with exit status 2, not a traceback.
+Checkpoint errors (``CheckpointError``) and the range/memory errors of ``nanoseek.limits`` are
+UserErrors. Argument errors are one line too (``prog: error: argument --flag: why``, no usage
+block), and two conditions a user fixes with another flag or file are printed the same way
+rather than as tracebacks: running out of memory, and an OS error on a named file (a folder
+given as ``--output``, a read-only path, a full disk).
 """
 
 from __future__ import annotations
@@ -39,8 +44,26 @@ class UserError(Exception):
     """An error caused by the user's input: printed without a traceback, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), naming the flag; ``--help`` shows usage."""
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nanoseek",
         description="DeepSeek-V3 / R1: pre-train, post-train, serve and estimate, small enough to read.",
     )
@@ -68,7 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        print(f"nanoseek {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else f"{e.filename}"
+        print(f"nanoseek {args.command}: error: {where}: {e.strerror or _one_line(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        print(f"nanoseek {args.command}: error: out of memory ({_one_line(e)[:200]}); lower the sizes "
+              "(--batch-size, --max-seq-len, the model) or free memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nanoseek {args.command}: interrupted", file=sys.stderr)

@@ -26,6 +26,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_conf
     parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint (recipes: skip finished stages)")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="continue the run in --out from this checkpoint (RUN/checkpoints/step-N) instead of "
+                             "the latest, e.g. the older intact one a checkpoint error names")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -72,6 +75,8 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
             if args.print_config:
                 print(path.read_text())
                 return 0
+            if getattr(args, "resume_from", None):
+                raise UserError("--resume-from applies to one stage; a recipe resumes with --resume")
             results = run_recipe(rec, resume=args.resume, quiet=args.quiet)
             for r in results:
                 print(f"{r.kind:8s} {r.status:10s} steps {r.steps:5d}  -> {r.final_dir}")
@@ -86,11 +91,24 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
         return 0
     runner = _runner(kind)
     try:
-        result = runner(cfg, resume=args.resume, quiet=args.quiet)
+        result = runner(cfg, resume=_resume(args), quiet=args.quiet)
     except (ConfigError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     print(f"{kind}: {result.status} after {result.steps} steps; final checkpoint: {result.final_dir}")
     return 0 if result.status in ("done", "data_exhausted") else 1
+
+
+def _resume(args):
+    """``--resume-from CHECKPOINT`` (a Path the trainer restores), else the ``--resume`` flag."""
+    from pathlib import Path
+
+    from nanoseek.cli import UserError
+
+    if not getattr(args, "resume_from", None):
+        return args.resume
+    if not Path(args.resume_from).is_dir():
+        raise UserError(f"--resume-from {args.resume_from}: no such checkpoint directory")
+    return Path(args.resume_from)
 
 
 def _runner(kind: str):
