@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:           # a flag error (one line, printed) or --help: its status, not an exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

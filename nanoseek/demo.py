@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import limits
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="model preset or config.json (default: tiny)")
     p.add_argument("--out", default="runs/demo", help="where to save the checkpoint (default: runs/demo)")
-    p.add_argument("--tokens", type=int, default=16, help="tokens to decode (default: 16)")
+    p.add_argument("--tokens", type=limits.positive_int, default=16, help="tokens to decode (default: 16)")
 
 
 def greedy(model, prompt, n):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import limits
+
 
 def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_config: str, data_key: str | None,
                         data_help: str) -> None:
@@ -23,7 +25,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_conf
     if data_key:
         parser.add_argument("--data", metavar="SOURCE", help=f"{data_help} ({data_key})")
     parser.add_argument("--out", metavar="DIR", help="run folder (train.out_dir)")
-    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
+    parser.add_argument("--steps", type=limits.positive_int, metavar="N", help="optimizer steps (train.max_steps)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint (recipes: skip finished stages)")
     parser.add_argument("--resume-from", metavar="CHECKPOINT",
