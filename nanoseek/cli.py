@@ -49,6 +49,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         message = " ".join(str(message).split())
+        if message.startswith("argument ") and ": " in message:    # "argument -o/--out: why" -> "--out: why"
+            flags, why = message.removeprefix("argument ").split(": ", 1)
+            flag = flags.split("/")[-1]
+            message = f"{flag} {why}" if why.startswith("must ") else f"{flag}: {why}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

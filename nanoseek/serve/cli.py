@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-body-bytes", type=limits.positive_int, default=1 << 20, help="request body size (default: 1 MiB)")
     lim.add_argument("--max-prompt-tokens", type=limits.positive_int, default=None,
                      help="prompt length in tokens (default: the context length minus one)")
+    lim.add_argument("--body-timeout", type=limits.float_range(0.0, 3600.0, lo_open=True), default=10.0, metavar="S",
+                     help="seconds a request body may take to arrive; slower gets 408 and the connection is "
+                          "closed (default: 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
 
@@ -103,7 +106,8 @@ def build_server(args: argparse.Namespace):
         raise UserError(str(e)) from e
     serve_limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                          max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                         max_n=args.max_n, max_prompts=args.max_prompts)
+                         max_n=args.max_n, max_prompts=args.max_prompts,
+                         body_timeout_s=getattr(args, "body_timeout", 10.0))
     name = args.model_name or default_model_name(args.model)
     app = create_app(engine, tokenizer, name, serve_limits, think=args.think)
     engine.start()
