@@ -55,7 +55,13 @@ FLOAT_RANGES = {
     "rms_norm_eps": (0.0, 1.0, True),
     "initializer_range": (0.0, None, False),
 }
-SIZE_MAX = 2**31 - 1            # any size field: vocab, widths, layers, context (int32 indexing)
+SIZE_MAX = 2**31 - 1            # any size field: vocab, widths, context (int32 indexing)
+# Counts the model builds one module (or one Python loop step) per: far above any real model
+# (DeepSeek-V3: 61 layers, 256 experts, 128 heads), low enough that a typo cannot hang validation.
+COUNT_MAX = {"num_hidden_layers": 4096, "num_nextn_predict_layers": 64, "n_routed_experts": 65536,
+             "n_shared_experts": 65536, "num_attention_heads": 65536, "num_key_value_heads": 65536,
+             "n_group": 65536, "topk_group": 65536, "num_experts_per_tok": 65536, "moe_layer_freq": 4096,
+             "first_k_dense_replace": 4096}
 
 ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -154,8 +160,9 @@ class ModelConfig:
                 raise bad(name, f"must be <= {SIZE_MAX:,}")
         for f in dataclasses.fields(self):        # every integer field: a size, a count or an id
             v = getattr(self, f.name)
-            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= SIZE_MAX:
-                raise bad(f.name, f"must be in [0, {SIZE_MAX:,}]")
+            top = COUNT_MAX.get(f.name, SIZE_MAX)
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= top:
+                raise bad(f.name, f"must be in [0, {top:,}]")
         for name, (lo, hi, lo_open) in FLOAT_RANGES.items():
             v = getattr(self, name)
             if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):

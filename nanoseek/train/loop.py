@@ -326,7 +326,7 @@ class Trainer:
             raise CheckpointError(f"{e}{recovery_hint(ckpt)}") from None
         except _DataMismatch as e:
             raise CheckpointError(f"{ckpt}: the checkpoint is intact but was made on other data: {e.__cause__}; "
-                                  "resume with the [data] settings it was trained with, or start a new run "
+                                  "resume with the data settings it was trained with ([data], train.seed), or start a new run "
                                   "in another --out-dir") from None
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             what = f"missing entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
