@@ -374,6 +374,16 @@ def test_non_utf8_chat_data_names_file_line_and_offset(tmp_path):
         list(iter_jsonl(bad))
 
 
+def test_non_utf8_or_folder_config(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[train]\nmax_steps = \xff\n")
+    rc, err = run_cli(capsys, "pretrain", "--config", bad)
+    assert rc == 2 and str(bad) in one_line(err) and "byte offset 20" in err
+    (tmp_path / "dir.toml").mkdir()
+    rc, err = run_cli(capsys, "pretrain", "--config", tmp_path / "dir.toml")
+    assert rc == 2 and "dir.toml" in one_line(err)
+
+
 def test_demo_with_an_unknown_config(capsys, tmp_path):
     rc, err = run_cli(capsys, "demo", "--config", "nosuch", "--out", tmp_path / "d")
     assert rc == 2 and "nosuch" in one_line(err)
