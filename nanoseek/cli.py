@@ -66,6 +66,22 @@ def _is_out_of_memory(e: BaseException) -> bool:
         "can't allocate memory" in text or "out of memory" in text.lower()))
 
 
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Arguments that were not UTF-8 on the command line (Python keeps their bytes as lone
+    surrogates) are one error naming the flag, not a traceback wherever the text is first encoded."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raw = text.encode("utf-8", "surrogateescape")
+                offset = len(text[:e.start].encode("utf-8", "surrogateescape"))
+                raise UserError(f"--{name.replace('_', '-')}: not UTF-8 text (invalid byte 0x{raw[offset]:02x} at "
+                                f"byte offset {offset})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="nanoseek",
@@ -96,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_text_arguments(args)
         return int(args._run(args) or 0)
     except UserError as e:
         print(f"nanoseek {args.command}: error: {_one_line(e)}", file=sys.stderr)

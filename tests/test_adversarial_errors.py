@@ -365,6 +365,15 @@ def test_non_utf8_stdin_names_stdin_and_offset(hf_dir, capsys, monkeypatch):
     assert rc == 2 and "<stdin>" in line and "byte offset 2" in line
 
 
+def test_non_utf8_command_line_text_names_the_flag(hf_dir, capsys):
+    bad = b"ab\xffc".decode("utf-8", "surrogateescape")          # what Python makes of such an argv
+    for argv, flag in ((["--prompt", bad], "--prompt"), (["--prompt", "x", "--chat", "--system", bad], "--system"),
+                       (["--prompt", "x", "--stop", bad], "--stop")):
+        rc, err = run_cli(capsys, "generate", "--model", hf_dir, "--max-new-tokens", "1", *argv)
+        line = one_line(err)
+        assert rc == 2 and flag in line and "byte offset 2" in line, line
+
+
 def test_non_utf8_chat_data_names_file_line_and_offset(tmp_path):
     from nanoseek.post.datasets import DataError, iter_jsonl
 
