@@ -46,7 +46,8 @@ def check_number(value, *, lo=None, hi=None, lo_open: bool = False, integer: boo
     if isinstance(value, float) and not math.isfinite(value):
         raise LimitError(f"{what} must be a finite number, got {value!r}")
     if lo is not None and (value <= lo if lo_open else value < lo):
-        raise LimitError(f"{what} must be {'>' if lo_open else '>='} {lo}{_range_hint(lo, hi, lo_open)}, got {value!r}")
+        bound = "positive" if lo_open and lo == 0 else f"{'>' if lo_open else '>='} {lo}"
+        raise LimitError(f"{what} must be {bound}{_range_hint(lo, hi, lo_open)}, got {value!r}")
     if hi is not None and value > hi:
         raise LimitError(f"{what} must be <= {hi}{_range_hint(lo, hi, lo_open)}, got {value!r}")
     return value

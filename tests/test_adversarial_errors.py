@@ -145,6 +145,15 @@ def test_damaged_training_checkpoint_names_the_intact_one(run_copy, capsys, kind
     assert rc == 2 and "step-000004" in line and f"{older} is intact" in line and f"--resume-from {older}" in line
 
 
+def test_loading_a_damaged_step_for_inference_names_the_intact_one(run_copy):
+    from nanoseek.model.checkpoint import from_pretrained
+
+    _truncate(run_copy / "checkpoints" / "step-000004" / "model.safetensors", -10)
+    older = run_copy / "checkpoints" / "step-000002"
+    with pytest.raises(CheckpointError, match=f"{older} is intact: load it with --model {older}"):
+        from_pretrained(run_copy / "checkpoints" / "step-000004")
+
+
 def test_the_named_checkpoint_resumes(run_copy, capsys):
     _truncate(run_copy / "checkpoints" / "step-000004" / "trainer_state.safetensors", 50)
     older = run_copy / "checkpoints" / "step-000002"
