@@ -45,6 +45,7 @@ def run(args) -> int:
 
     torch.manual_seed(0)
     cfg = load_model_config(args.config)
+    limits.check_model_fits(cfg, "--config")             # before allocating the weights
     model = DeepseekV3ForCausalLM(cfg).eval()
     pc = count_params(cfg)
     print(f"model: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")

@@ -154,6 +154,14 @@ def check_kv_cache(model, batch: int, seq_len: int | None, flags: str = "--batch
     check_fits(nbytes, f"a KV cache of {batch} rows x {seq_len:,} positions", flags, dev)
 
 
+def check_model_fits(config, flag: str, dtype_bytes: int = 4, device: str = "cpu") -> None:
+    """Refuse building a model (``config``, chosen by ``flag``) whose weights alone exceed free memory."""
+    from nanoseek.model.params import count_params
+
+    n = count_params(config).total
+    check_fits(n * dtype_bytes, f"a model of {n:,} parameters", flag, device)
+
+
 # ---------------------------------------------------------------------------- text input
 def decode_utf8(data: bytes, source: str) -> str:
     """``data`` as UTF-8 text, or :class:`LimitError` naming ``source`` and the first bad byte offset."""
@@ -190,5 +198,5 @@ def read_stdin_text(stream=None) -> str:
 
 __all__ = ["LimitError", "check_number", "int_range", "float_range", "positive_int", "nonneg_int", "seed", "port",
            "prob", "open_prob", "positive_float", "nonneg_float", "temperature", "SEED_MAX",
-           "available_memory_bytes", "check_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8", "read_text",
+           "available_memory_bytes", "check_fits", "check_model_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8", "read_text",
            "read_stdin_text"]

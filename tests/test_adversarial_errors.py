@@ -346,6 +346,18 @@ def test_huge_training_batch_and_model_are_refused(capsys, little_memory):
     assert rc == 2 and "[model]" in one_line(err)
 
 
+def test_demo_with_a_model_too_big_for_memory(capsys, tmp_path, little_memory, monkeypatch):
+    import nanoseek.model.transformer
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the memory check should have refused this model before building it")
+
+    monkeypatch.setattr(nanoseek.model.transformer, "DeepseekV3ForCausalLM", must_not_build)
+    rc, err = run_cli(capsys, "demo", "--config", "deepseek-v3", "--out", tmp_path / "d")   # 671B parameters
+    assert rc == 2 and "--config" in one_line(err) and "parameters" in err
+    assert not (tmp_path / "d").exists()
+
+
 def test_memory_is_read_from_the_system():
     free = limits.available_memory_bytes()
     assert free is None or free > 0
