@@ -198,5 +198,6 @@ def read_stdin_text(stream=None) -> str:
 
 __all__ = ["LimitError", "check_number", "int_range", "float_range", "positive_int", "nonneg_int", "seed", "port",
            "prob", "open_prob", "positive_float", "nonneg_float", "temperature", "SEED_MAX",
-           "available_memory_bytes", "check_fits", "check_model_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8", "read_text",
+           "available_memory_bytes", "check_fits", "check_model_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8",
+           "read_text",
            "read_stdin_text"]

@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=RECIPE, help="speedrun recipe TOML (default: the shipped 'speedrun')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a recipe value, e.g. --set budget.pretrain=0.6 (repeatable)")
-    p.add_argument("--seed", type=limits.seed, default=None, help="seed for data, init and sampling (default: recipe's)")
+    p.add_argument("--seed", type=limits.seed, default=None,
+                   help="seed for data, init and sampling (default: recipe's)")
     p.add_argument("--from", dest="from_run", default=None, metavar="RUN",
                    help="start --out from this speedrun folder's stages before --redo (copied)")
     p.add_argument("--redo", choices=sorted(REDO_KEEPS, key=STAGES.index), default=None,

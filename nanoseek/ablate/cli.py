@@ -39,15 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: OUT/SUITE/{report.md,results.json,runs/}; default runs/ablate")
     parser.add_argument("--seeds", default="auto", metavar="N|auto",
                         help="seeds per arm; 'auto' (default): the most, up to 3, leaving --min-steps per run")
-    parser.add_argument("--seed", type=limits.seed, default=0, help="first seed (seeds are SEED, SEED+1, ...; default 0)")
+    parser.add_argument("--seed", type=limits.seed, default=0,
+                        help="first seed (seeds are SEED, SEED+1, ...; default 0)")
     parser.add_argument("--steps", type=limits.positive_int, metavar="N",
                         help="optimizer steps per run, skipping the budget sizing (e.g. a quick smoke test)")
     parser.add_argument("--min-steps", type=limits.positive_int, default=100,
                         help="with --seeds auto, fewest steps per run before trading seeds for steps (default 100)")
     parser.add_argument("--batch-size", type=limits.positive_int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--seq-len", type=limits.int_range(2), default=128, help="tokens per sequence (default 128)")
-    parser.add_argument("--lr", type=limits.positive_float, default=3e-3, help="peak learning rate; min lr is a tenth (default 3e-3)")
-    parser.add_argument("--val-batches", type=limits.positive_int, default=8, help="validation batches per evaluation (default 8)")
+    parser.add_argument("--lr", type=limits.positive_float, default=3e-3,
+                        help="peak learning rate; min lr is a tenth (default 3e-3)")
+    parser.add_argument("--val-batches", type=limits.positive_int, default=8,
+                        help="validation batches per evaluation (default 8)")
     parser.add_argument("--threads", type=limits.positive_int, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the embedded corpus: generated reasoning problems (train split) + shipped prose")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards and manifest.json")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: train one into OUT/tokenizer)")
-    p.add_argument("--vocab-size", type=limits.positive_int, default=2048, help="vocab size when training a tokenizer (default 2048)")
+    p.add_argument("--vocab-size", type=limits.positive_int, default=2048,
+                   help="vocab size when training a tokenizer (default 2048)")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text (default text)")
     p.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
                    help="what one document of a .txt file is (default: the whole file)")
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="skip malformed JSONL lines / parquet rows (counted in the manifest) instead of stopping")
     p.add_argument("--dump-rejected", metavar="PATH", help="write every dropped document with its reason (JSONL)")
     p.add_argument("--max-docs", type=limits.positive_int, metavar="N", help="read at most N input documents")
-    p.add_argument("--shard-tokens", type=limits.positive_int, default=1 << 24, help="tokens per shard file (default 16,777,216)")
+    p.add_argument("--shard-tokens", type=limits.positive_int, default=1 << 24,
+                   help="tokens per shard file (default 16,777,216)")
     p.add_argument("--hf-split", default="train", help="split of a HuggingFace dataset (default train)")
     p.add_argument("--hf-config", help="config name of a HuggingFace dataset")
     p.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
@@ -61,14 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Print a manifest summary, verify the shards and decode a few documents.")
     i.add_argument("data", metavar="DIR", help="prepared data directory")
     i.add_argument("--split", default="train", choices=("train", "val"))
-    i.add_argument("--show", type=limits.nonneg_int, default=2, metavar="N", help="decode the first N documents (default 2)")
+    i.add_argument("--show", type=limits.nonneg_int, default=2, metavar="N",
+                   help="decode the first N documents (default 2)")
 
 
 def _corpus_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-docs", type=limits.nonneg_int, default=20_000,
                    help="default corpus: generated problems, split evenly over the tasks (default 20000)")
     p.add_argument("--seed", type=limits.seed, default=0, help="default corpus: generator seed (default 0)")
-    p.add_argument("--task-level", type=limits.positive_int, help="default corpus: only this difficulty level (default: all mixed)")
+    p.add_argument("--task-level", type=limits.positive_int,
+                   help="default corpus: only this difficulty level (default: all mixed)")
     p.add_argument("--text-repeats", type=limits.positive_int, default=1,
                    help="default corpus: copies of each shipped prose document (default 1; >1 needs --no-dedup)")
 

@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines instead of stopping")
     t.add_argument("--max-docs", type=limits.positive_int, metavar="N", help="read at most N documents")
     t.add_argument("--no-filters", action="store_true", help="train on every document, skipping the quality filters")
-    t.add_argument("--min-frequency", type=limits.positive_int, default=2, help="least count of a pair to merge (default 2)")
-    t.add_argument("--task-docs", type=limits.nonneg_int, default=20_000, help="--default-corpus: generated problems (default 20000)")
+    t.add_argument("--min-frequency", type=limits.positive_int, default=2,
+                   help="least count of a pair to merge (default 2)")
+    t.add_argument("--task-docs", type=limits.nonneg_int, default=20_000,
+                   help="--default-corpus: generated problems (default 20000)")
     t.add_argument("--seed", type=limits.seed, default=0, help="--default-corpus: generator seed (default 0)")
     e = sub.add_parser("encode", help="show the tokens of a text", description="Print the tokens and ids of a text.")
     e.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding tokenizer.json")

@@ -43,13 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="another accelerator, JSON or TOML with fields name, bf16_tflops, hbm_gb, "
                         "hbm_tb_s, nvlink_gb_s (both directions), network_gb_s (one direction), and "
                         "optionally fp8_tflops, gpus_per_node (8), source")
-    t.add_argument("--gpus", type=limits.positive_int, help="training GPUs (default: dp x pp, with dp 8 when --dp is not given)")
-    t.add_argument("--mfu", type=limits.open_prob, help="model FLOPs utilisation against the dense BF16 peak (default 0.4)")
+    t.add_argument("--gpus", type=limits.positive_int,
+                   help="training GPUs (default: dp x pp, with dp 8 when --dp is not given)")
+    t.add_argument("--mfu", type=limits.open_prob,
+                   help="model FLOPs utilisation against the dense BF16 peak (default 0.4)")
     t.add_argument("--gpu-hours", metavar="N",
                    help="total GPU-hours of the run (e.g. 2.664M): solve for the MFU they imply")
     t.add_argument("--gpu-hours-per-trillion", metavar="N",
                    help="GPU-hours per trillion tokens (e.g. 180K, DeepSeek-V3's figure): solve for the MFU")
-    t.add_argument("--price", type=limits.nonneg_float, default=2.0, help="dollars per GPU-hour (default 2.0, the V3 report's)")
+    t.add_argument("--price", type=limits.nonneg_float, default=2.0,
+                   help="dollars per GPU-hour (default 2.0, the V3 report's)")
     t.add_argument("--no-mtp", action="store_true",
                    help="leave the multi-token-prediction modules out of the training FLOPs and memory")
     lay = p.add_argument_group("parallel layout and memory")

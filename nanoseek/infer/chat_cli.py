@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", metavar="TEXT", help="system message for the whole conversation")
     p.add_argument("--no-think", action="store_true",
                    help="do not open the <think> block in the prompt (by default the model reasons first, as R1)")
-    p.add_argument("--samples", type=limits.positive_int, default=1, help="answers per turn (default 1; /samples N changes it)")
+    p.add_argument("--samples", type=limits.positive_int, default=1,
+                   help="answers per turn (default 1; /samples N changes it)")
     add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95)
 
 

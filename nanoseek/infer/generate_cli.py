@@ -35,9 +35,12 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
                    help=f"most tokens generated per sample (default {max_new_tokens})")
     p.add_argument("--temperature", type=limits.temperature, default=temperature,
                    help=f"sampling temperature, 0 = greedy (default {temperature})")
-    p.add_argument("--top-p", type=limits.open_prob, default=top_p, help=f"nucleus sampling mass (default {top_p}: off)")
-    p.add_argument("--top-k", type=limits.nonneg_int, default=0, help="sample among the k most likely tokens (default 0: off)")
-    p.add_argument("--seed", type=limits.seed, help="random seed: the same seed gives the same output (default: random)")
+    p.add_argument("--top-p", type=limits.open_prob, default=top_p,
+                   help=f"nucleus sampling mass (default {top_p}: off)")
+    p.add_argument("--top-k", type=limits.nonneg_int, default=0,
+                   help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=limits.seed,
+                   help="random seed: the same seed gives the same output (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a sample when it writes TEXT (repeatable; TEXT is not included in the output)")
     p.add_argument("--repetition-guard", type=limits.nonneg_int, default=0, metavar="G",
@@ -62,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="render plain-text prompts with the chat template")
     p.add_argument("--think", action="store_true", help="with the chat template, open the <think> block (R1)")
     p.add_argument("--system", metavar="TEXT", help="a system message for chat-template prompts")
-    p.add_argument("--n", type=limits.positive_int, default=1, help="samples per prompt, sharing one prefill (default 1)")
+    p.add_argument("--n", type=limits.positive_int, default=1,
+                   help="samples per prompt, sharing one prefill (default 1)")
     p.add_argument("--batch-size", type=limits.positive_int, default=16,
                    help="KV-cache rows, i.e. samples decoded together (default 16)")
     p.add_argument("--token-ids", action="store_true", help="also write the generated token ids")

@@ -50,12 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and cache dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     lim = p.add_argument_group("limits (a request over one gets a 4xx error)")
-    lim.add_argument("--max-tokens-limit", type=limits.positive_int, default=2048, help="largest max_tokens per choice (default: 2048)")
+    lim.add_argument("--max-tokens-limit", type=limits.positive_int, default=2048,
+                     help="largest max_tokens per choice (default: 2048)")
     lim.add_argument("--default-max-tokens", type=limits.positive_int, default=512,
                      help="chat max_tokens when the request has none, capped by the context (default: 512)")
     lim.add_argument("--max-n", type=limits.positive_int, default=8, help="largest n (choices per prompt) (default: 8)")
-    lim.add_argument("--max-prompts", type=limits.positive_int, default=16, help="prompts per /v1/completions request (default: 16)")
-    lim.add_argument("--max-body-bytes", type=limits.positive_int, default=1 << 20, help="request body size (default: 1 MiB)")
+    lim.add_argument("--max-prompts", type=limits.positive_int, default=16,
+                     help="prompts per /v1/completions request (default: 16)")
+    lim.add_argument("--max-body-bytes", type=limits.positive_int, default=1 << 20,
+                     help="request body size (default: 1 MiB)")
     lim.add_argument("--max-prompt-tokens", type=limits.positive_int, default=None,
                      help="prompt length in tokens (default: the context length minus one)")
     lim.add_argument("--body-timeout", type=limits.float_range(0.0, 3600.0, lo_open=True), default=10.0, metavar="S",
@@ -93,7 +96,8 @@ def build_server(args: argparse.Namespace):
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     if args.default_max_tokens > args.max_tokens_limit:
-        raise UserError(f"--default-max-tokens {args.default_max_tokens} exceeds --max-tokens-limit {args.max_tokens_limit}")
+        raise UserError(f"--default-max-tokens {args.default_max_tokens} exceeds "
+                        f"--max-tokens-limit {args.max_tokens_limit}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:

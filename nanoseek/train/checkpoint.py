@@ -156,7 +156,8 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
         try:
             target = run_dir / pointer.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}){recovery_hint_for_run(run_dir)}") from None
+            hint = recovery_hint_for_run(run_dir)
+            raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}){hint}") from None
         if not (target / STATE_JSON).exists():
             what = "which was deleted" if not target.exists() else f"which has no {STATE_JSON} (deleted or damaged)"
             raise CheckpointError(f"{pointer} names {target}, {what}{recovery_hint_for_run(run_dir, target)}")

@@ -326,9 +326,11 @@ class Trainer:
             raise CheckpointError(f"{e}{recovery_hint(ckpt)}") from None
         except _DataMismatch as e:
             raise CheckpointError(f"{ckpt}: the checkpoint is intact but was made on other data: {e.__cause__}; "
-                                  "resume with the data settings it was trained with ([data], train.seed), or start a new run "
-                                  "in another --out-dir") from None
+                                  "resume with the data settings it was trained with ([data], train.seed), "
+                                  "or start a new run in another --out-dir") from None
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, torch.OutOfMemoryError):      # not the checkpoint's fault
+                raise
             what = f"missing entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
             raise CheckpointError(f"{ckpt}: the trainer state does not fit this run ({type(e).__name__}: {what}); "
                                   f"it was saved by another model, optimizer or version{recovery_hint(ckpt)}") from None
