@@ -10,7 +10,10 @@ starts the continuous-batching inference engine and serves, on 127.0.0.1:8000 by
 
 Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 Concurrent requests are decoded together, up to --max-batch-size rows (a request with ``n``
-samples takes ``n`` rows). Requests over the limits below get a 4xx error naming the limit.
+samples takes ``n`` rows). Requests over the limits below get a 4xx error naming the limit;
+a request body that takes longer than --body-timeout seconds to arrive gets 408 and its
+connection is closed. The KV cache (--max-batch-size x --max-seq-len) is checked against free
+memory before it is allocated.
 The server binds 127.0.0.1 unless --host says otherwise; it has no authentication, so expose
 it beyond this machine only behind something that has.
 """
