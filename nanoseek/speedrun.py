@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start --out from this speedrun folder's stages before --redo (copied)")
     p.add_argument("--redo", choices=sorted(REDO_KEEPS, key=STAGES.index), default=None,
                    help="with --from: the first stage to run again (pretrain, sft or grpo)")
-    p.add_argument("--threads", type=limits.positive_int, default=None,
+    p.add_argument("--threads", type=limits.threads, default=None,
                    help="torch intra-op threads (default: torch's, all cores). On a machine shared with other "
                         "jobs, 1 thread avoids the OpenMP oversubscription that can slow a step 4x")
 

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak learning rate; min lr is a tenth (default 3e-3)")
     parser.add_argument("--val-batches", type=limits.positive_int, default=8,
                         help="validation batches per evaluation (default 8)")
-    parser.add_argument("--threads", type=limits.positive_int, metavar="N",
+    parser.add_argument("--threads", type=limits.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")
     parser.add_argument("--markdown", metavar="PATH",

@@ -55,7 +55,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=limits.positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=limits.threads, help="torch CPU threads (default: torch's choice)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="request body size (default: 1 MiB)")
     lim.add_argument("--max-prompt-tokens", type=limits.positive_int, default=None,
                      help="prompt length in tokens (default: the context length minus one)")
-    lim.add_argument("--body-timeout", type=limits.float_range(0.0, 3600.0, lo_open=True), default=10.0, metavar="S",
+    lim.add_argument("--body-timeout", type=limits.seconds, default=10.0, metavar="S",
                      help="seconds a request body may take to arrive; slower gets 408 and the connection is "
                           "closed (default: 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
