@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import limits
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="model preset or config.json (default: tiny)")
     p.add_argument("--out", default="runs/demo", help="where to save the checkpoint (default: runs/demo)")
-    p.add_argument("--tokens", type=int, default=16, help="tokens to decode (default: 16)")
+    p.add_argument("--tokens", type=limits.positive_int, default=16, help="tokens to decode (default: 16)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model files of an --out folder another command wrote (other files are "
                         "never deleted: a folder holding them is refused)")
@@ -48,6 +50,7 @@ def run(args) -> int:
     from nanoseek.outdir import check_claimable, claim
 
     cfg = load_model_config(args.config)                 # every input first
+    limits.check_model_fits(cfg, "--config")             # before allocating the weights
     claim_args = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite")
     check_claimable(args.out, "demo", **claim_args)
     try:

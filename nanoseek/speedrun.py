@@ -35,6 +35,8 @@ differ, or the stages would not be comparable.
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import json
 import shutil
 import time
@@ -52,19 +54,20 @@ MADE_WITH = {"data": ("seed", "data"), "pretrain": ("model", "pretrain", "budget
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--minutes", type=limits.positive_float, default=None,
                    help="total time budget in minutes (default: the recipe's, 30)")
     p.add_argument("--out", default="runs/speedrun", help="run folder (default runs/speedrun); "
                    "re-running into it resumes")
     p.add_argument("--config", default=RECIPE, help="speedrun recipe TOML (default: the shipped 'speedrun')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
                    help="override a recipe value, e.g. --set budget.pretrain=0.6 (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="seed for data, init and sampling (default: recipe's)")
+    p.add_argument("--seed", type=limits.seed, default=None,
+                   help="seed for data, init and sampling (default: recipe's)")
     p.add_argument("--from", dest="from_run", default=None, metavar="RUN",
                    help="start --out from this speedrun folder's stages before --redo (copied)")
     p.add_argument("--redo", choices=sorted(REDO_KEEPS, key=STAGES.index), default=None,
                    help="with --from: the first stage to run again (pretrain, sft or grpo)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=limits.threads, default=None,
                    help="torch intra-op threads (default: torch's, all cores). On a machine shared with other "
                         "jobs, 1 thread avoids the OpenMP oversubscription that can slow a step 4x")
 

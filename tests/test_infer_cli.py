@@ -91,7 +91,7 @@ def test_generate_cli_user_errors(checkpoint, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a checkpoint" in capsys.readouterr().err
     assert main(["generate", "--model", str(run), "--prompt", "x", "--top-p", "2"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err       # checked by the flag's type, at parse time
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert main(["generate", "--model", str(run), "--input", str(bad)]) == 2

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import limits
+
 SUITE_NAMES = ("moe-vs-dense", "balance", "attention", "mtp", "precision")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default=None, metavar="NAME",
                         help=f"a suite, a comma-separated list, or 'all' ({', '.join(SUITE_NAMES)})")
-    parser.add_argument("--budget-minutes", type=float, metavar="M",
+    parser.add_argument("--budget-minutes", type=limits.positive_float, metavar="M",
                         help="wall-clock budget; with several suites it is split in proportion to their arms")
     parser.add_argument("--data", default="runs/ablate-data", metavar="DIR",
                         help="prepared data (`nanoseek data prepare --default-corpus --out DIR`); default runs/ablate-data")
@@ -39,16 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder: OUT/SUITE/{report.md,results.json,runs/}; default runs/ablate")
     parser.add_argument("--seeds", default="auto", metavar="N|auto",
                         help="seeds per arm; 'auto' (default): the most, up to 3, leaving --min-steps per run")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (seeds are SEED, SEED+1, ...; default 0)")
-    parser.add_argument("--steps", type=int, metavar="N",
+    parser.add_argument("--seed", type=limits.seed, default=0,
+                        help="first seed (seeds are SEED, SEED+1, ...; default 0)")
+    parser.add_argument("--steps", type=limits.positive_int, metavar="N",
                         help="optimizer steps per run, skipping the budget sizing (e.g. a quick smoke test)")
-    parser.add_argument("--min-steps", type=int, default=100,
+    parser.add_argument("--min-steps", type=limits.positive_int, default=100,
                         help="with --seeds auto, fewest steps per run before trading seeds for steps (default 100)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate; min lr is a tenth (default 3e-3)")
-    parser.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (default 8)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--batch-size", type=limits.positive_int, default=8, help="sequences per step (default 8)")
+    parser.add_argument("--seq-len", type=limits.int_range(2), default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--lr", type=limits.positive_float, default=3e-3,
+                        help="peak learning rate; min lr is a tenth (default 3e-3)")
+    parser.add_argument("--val-batches", type=limits.positive_int, default=8,
+                        help="validation batches per evaluation (default 8)")
+    parser.add_argument("--threads", type=limits.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")
     parser.add_argument("--markdown", metavar="PATH",

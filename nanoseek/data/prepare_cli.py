@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import limits
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -36,22 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the embedded corpus: generated reasoning problems (train split) + shipped prose")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards and manifest.json")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: train one into OUT/tokenizer)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="vocab size when training a tokenizer (default 2048)")
+    p.add_argument("--vocab-size", type=limits.positive_int, default=2048,
+                   help="vocab size when training a tokenizer (default 2048)")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text (default text)")
     p.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
                    help="what one document of a .txt file is (default: the whole file)")
-    p.add_argument("--val-fraction", type=float, default=0.01,
+    p.add_argument("--val-fraction", type=limits.prob, default=0.01,
                    help="share of kept documents held out for validation (default 0.01; document 0 always)")
     p.add_argument("--filters-config", metavar="FILE", help="JSON/TOML file overriding filter thresholds")
     p.add_argument("--no-filters", action="store_true", help="disable the quality filters (dedup still runs)")
     p.add_argument("--no-dedup", action="store_true", help="disable exact and near deduplication")
-    p.add_argument("--near-dedup-threshold", type=float, default=0.8,
+    p.add_argument("--near-dedup-threshold", type=limits.prob, default=0.8,
                    help="MinHash Jaccard similarity above which a document is a near duplicate; 0 disables")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed JSONL lines / parquet rows (counted in the manifest) instead of stopping")
     p.add_argument("--dump-rejected", metavar="PATH", help="write every dropped document with its reason (JSONL)")
-    p.add_argument("--max-docs", type=int, metavar="N", help="read at most N input documents")
-    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file (default 16,777,216)")
+    p.add_argument("--max-docs", type=limits.positive_int, metavar="N", help="read at most N input documents")
+    p.add_argument("--shard-tokens", type=limits.positive_int, default=1 << 24,
+                   help="tokens per shard file (default 16,777,216)")
     p.add_argument("--hf-split", default="train", help="split of a HuggingFace dataset (default train)")
     p.add_argument("--hf-config", help="config name of a HuggingFace dataset")
     p.add_argument("--overwrite", action="store_true",
@@ -67,15 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Print a manifest summary, verify the shards and decode a few documents.")
     i.add_argument("data", metavar="DIR", help="prepared data directory")
     i.add_argument("--split", default="train", choices=("train", "val"))
-    i.add_argument("--show", type=int, default=2, metavar="N", help="decode the first N documents (default 2)")
+    i.add_argument("--show", type=limits.nonneg_int, default=2, metavar="N",
+                   help="decode the first N documents (default 2)")
 
 
 def _corpus_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task-docs", type=int, default=20_000,
+    p.add_argument("--task-docs", type=limits.nonneg_int, default=20_000,
                    help="default corpus: generated problems, split evenly over the tasks (default 20000)")
-    p.add_argument("--seed", type=int, default=0, help="default corpus: generator seed (default 0)")
-    p.add_argument("--task-level", type=int, help="default corpus: only this difficulty level (default: all mixed)")
-    p.add_argument("--text-repeats", type=int, default=1,
+    p.add_argument("--seed", type=limits.seed, default=0, help="default corpus: generator seed (default 0)")
+    p.add_argument("--task-level", type=limits.positive_int,
+                   help="default corpus: only this difficulty level (default: all mixed)")
+    p.add_argument("--text-repeats", type=limits.positive_int, default=1,
                    help="default corpus: copies of each shipped prose document (default 1; >1 needs --no-dedup)")
 
 
@@ -103,7 +109,7 @@ def _load_filters(path: str | None, disabled: bool):
         return None
     if path is None:
         return FilterConfig()
-    text = Path(path).read_text(encoding="utf-8")
+    text = limits.read_text(path, "--filters-config")
     try:
         data = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:

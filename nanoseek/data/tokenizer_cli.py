@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nanoseek import limits
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=".txt/.jsonl/.parquet files, folders of them, or a HuggingFace dataset name")
     src.add_argument("--default-corpus", action="store_true",
                      help="train on the embedded default corpus (generated problems + shipped prose)")
-    t.add_argument("--vocab-size", type=int, default=2048,
+    t.add_argument("--vocab-size", type=limits.positive_int, default=2048,
                    help="vocabulary size including the 256 bytes and 7 special tokens (default 2048)")
     t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json and tokenizer_config.json")
     t.add_argument("--overwrite", action="store_true",
@@ -38,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
                    help="what one document of a .txt file is (default: the whole file)")
     t.add_argument("--skip-bad-lines", action="store_true", help="skip malformed JSONL lines instead of stopping")
-    t.add_argument("--max-docs", type=int, metavar="N", help="read at most N documents")
+    t.add_argument("--max-docs", type=limits.positive_int, metavar="N", help="read at most N documents")
     t.add_argument("--no-filters", action="store_true", help="train on every document, skipping the quality filters")
-    t.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
-    t.add_argument("--task-docs", type=int, default=20_000, help="--default-corpus: generated problems (default 20000)")
-    t.add_argument("--seed", type=int, default=0, help="--default-corpus: generator seed (default 0)")
+    t.add_argument("--min-frequency", type=limits.positive_int, default=2,
+                   help="least count of a pair to merge (default 2)")
+    t.add_argument("--task-docs", type=limits.nonneg_int, default=20_000,
+                   help="--default-corpus: generated problems (default 20000)")
+    t.add_argument("--seed", type=limits.seed, default=0, help="--default-corpus: generator seed (default 0)")
     e = sub.add_parser("encode", help="show the tokens of a text", description="Print the tokens and ids of a text.")
     e.add_argument("--tokenizer", required=True, metavar="DIR", help="directory holding tokenizer.json")
     e.add_argument("text", help="the text to encode")

@@ -17,6 +17,8 @@ GPU-hours follow from --mfu (default 0.4). MFU is always against the dense BF16 
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import json
 import sys
 from pathlib import Path
@@ -33,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tokens", metavar="N",
                    help="training tokens, with K/M/B/T suffixes, e.g. 14.8T "
                         "(default: 20 per activated parameter)")
-    t.add_argument("--seq-len", type=int,
+    t.add_argument("--seq-len", type=limits.positive_int,
                    help="training sequence length for the attention FLOPs and activations "
                         "(default: 4096, V3's, or max_position_embeddings if smaller)")
     t.add_argument("--gpu", default="h800", metavar="NAME", help=f"built-in GPU: {GPU_NAMES} (default h800)")
@@ -41,40 +43,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="another accelerator, JSON or TOML with fields name, bf16_tflops, hbm_gb, "
                         "hbm_tb_s, nvlink_gb_s (both directions), network_gb_s (one direction), and "
                         "optionally fp8_tflops, gpus_per_node (8), source")
-    t.add_argument("--gpus", type=int, help="training GPUs (default: dp x pp, with dp 8 when --dp is not given)")
-    t.add_argument("--mfu", type=float, help="model FLOPs utilisation against the dense BF16 peak (default 0.4)")
+    t.add_argument("--gpus", type=limits.positive_int,
+                   help="training GPUs (default: dp x pp, with dp 8 when --dp is not given)")
+    t.add_argument("--mfu", type=limits.open_prob,
+                   help="model FLOPs utilisation against the dense BF16 peak (default 0.4)")
     t.add_argument("--gpu-hours", metavar="N",
                    help="total GPU-hours of the run (e.g. 2.664M): solve for the MFU they imply")
     t.add_argument("--gpu-hours-per-trillion", metavar="N",
                    help="GPU-hours per trillion tokens (e.g. 180K, DeepSeek-V3's figure): solve for the MFU")
-    t.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (default 2.0, the V3 report's)")
+    t.add_argument("--price", type=limits.nonneg_float, default=2.0,
+                   help="dollars per GPU-hour (default 2.0, the V3 report's)")
     t.add_argument("--no-mtp", action="store_true",
                    help="leave the multi-token-prediction modules out of the training FLOPs and memory")
     lay = p.add_argument_group("parallel layout and memory")
-    lay.add_argument("--dp", type=int, help="data-parallel size (default: GPUs / pp)")
-    lay.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
-    lay.add_argument("--ep", type=int,
+    lay.add_argument("--dp", type=limits.positive_int, help="data-parallel size (default: GPUs / pp)")
+    lay.add_argument("--pp", type=limits.positive_int, default=1, help="pipeline stages (default 1)")
+    lay.add_argument("--ep", type=limits.positive_int,
                      help="expert-parallel size, carved out of dp (default: the largest divisor of dp "
                           "and the expert count that fits in one node)")
-    lay.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1,
+    lay.add_argument("--zero", type=limits.nonneg_int, choices=(0, 1, 2, 3), default=1,
                      help="ZeRO stage over the data-parallel group: 1 shards optimizer state (default, "
                           "as DeepSeek-V3), 2 also gradients, 3 also weights (FSDP)")
     lay.add_argument("--fsdp", action="store_true", help="same as --zero 3")
     lay.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                      help="training memory recipe: bf16 = 2+4+4+8 bytes/param; fp8 = the V3 report's "
                           "1+4+4+4 (fp8 weights, fp32 grads and master, bf16 AdamW moments)")
-    lay.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    lay.add_argument("--micro-batch", type=limits.positive_int, default=1, help="sequences per micro-batch (default 1)")
     lay.add_argument("--recompute", action="store_true", help="full activation recomputation")
     inf = p.add_argument_group("inference")
-    inf.add_argument("--context", type=int,
+    inf.add_argument("--context", type=limits.positive_int,
                      help="tokens of context per request (default: min(max_position_embeddings, 131072))")
-    inf.add_argument("--batch", type=int, default=64, help="concurrent requests decoding (default 64)")
-    inf.add_argument("--serve-gpus", type=int,
+    inf.add_argument("--batch", type=limits.positive_int, default=64, help="concurrent requests decoding (default 64)")
+    inf.add_argument("--serve-gpus", type=limits.positive_int,
                      help="GPUs serving one model replica (default: smallest power of two that fits)")
     inf.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="KV cache dtype (default bf16)")
     inf.add_argument("--infer-dtype", choices=("auto", "bf16", "fp8"), default="auto",
                      help="weight dtype when serving (default: fp8 if the config ships FP8, else bf16)")
-    inf.add_argument("--gqa-groups", type=int,
+    inf.add_argument("--gqa-groups", type=limits.positive_int,
                      help="KV heads of the GQA comparison row (default 8 when it divides the heads)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of tables")
 

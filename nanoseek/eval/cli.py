@@ -24,6 +24,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 from pathlib import Path
 
 
@@ -34,29 +36,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
                    help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.data.tasks; default arithmetic,countdown)")
-    p.add_argument("--n", type=int, default=200, help="held-out (test split) problems per task (default 200)")
-    p.add_argument("--k", type=int, default=4, help="samples per problem: pass@1 is averaged over them, and "
-                                                     "pass@k / maj@k are reported up to k (default 4)")
+    p.add_argument("--n", type=limits.positive_int, default=200,
+                   help="held-out (test split) problems per task (default 200)")
+    p.add_argument("--k", type=limits.positive_int, default=4,
+                   help="samples per problem: pass@1 is averaged over them, and "
+                        "pass@k / maj@k are reported up to k (default 4)")
     p.add_argument("--mode", default="auto", choices=["auto", "fewshot", "chat", "chat-think", "r1-zero"],
                    help="prompt mode (default auto: fewshot for pre-training stages, chat after SFT)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy, which "
-                                                                   "sets k to 1 (default 0.6, R1's)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95, R1's)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 disables it (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per sample (default 256)")
+    p.add_argument("--temperature", type=limits.temperature, default=0.6,
+                   help="sampling temperature; 0 is greedy, which "
+                        "sets k to 1 (default 0.6, R1's)")
+    p.add_argument("--top-p", type=limits.open_prob, default=0.95, help="nucleus sampling (default 0.95, R1's)")
+    p.add_argument("--top-k", type=limits.nonneg_int, default=0, help="top-k filter, 0 disables it (default 0)")
+    p.add_argument("--max-new-tokens", type=limits.positive_int, default=256,
+                   help="generation budget per sample (default 256)")
     p.add_argument("--levels", help="comma-separated difficulty levels, problems split evenly over them "
                                     "(default: all levels of each task mixed)")
-    p.add_argument("--few-shot", type=int, default=3, help="worked train examples in fewshot mode (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="problem set and sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=16, help="engine cache rows: samples decoded at once "
-                                                              "(default 16)")
-    p.add_argument("--max-seq-len", type=int, help="engine context per row (default: the model's, at most 4096)")
-    p.add_argument("--samples", type=int, default=3, help="full responses saved per task (default 3)")
+    p.add_argument("--few-shot", type=limits.nonneg_int, default=3,
+                   help="worked train examples in fewshot mode (default 3)")
+    p.add_argument("--seed", type=limits.seed, default=0, help="problem set and sampling seed (default 0)")
+    p.add_argument("--batch-size", type=limits.positive_int, default=16,
+                   help="engine cache rows: samples decoded at once "
+                        "(default 16)")
+    p.add_argument("--max-seq-len", type=limits.int_range(2),
+                   help="engine context per row (default: the model's, at most 4096)")
+    p.add_argument("--samples", type=limits.nonneg_int, default=3, help="full responses saved per task (default 3)")
     p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
     p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
     p.add_argument("--data", metavar="DIR", help="prepared data directory: also measure bits per byte on its "
                                                  "val split")
-    p.add_argument("--bpb-tokens", type=int, default=32768, help="target tokens for bits per byte (default 32768)")
+    p.add_argument("--bpb-tokens", type=limits.nonneg_int, default=32768,
+                   help="target tokens for bits per byte (default 32768)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: found next to the checkpoint)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding in the engine")
@@ -166,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
                                                   require_tokenizer=True)
         except (LoadError, TokenizerError) as e:
             raise UserError(str(e)) from None
+        limits.check_kv_cache(model, args.batch_size, args.max_seq_len, "--batch-size x --max-seq-len")
         engine = Engine(model, tokenizer, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                         use_mtp=args.mtp)
         with Progress(TextColumn(f"[bold]{label}[/] ({mode})"), BarColumn(), MofNCompleteColumn(),

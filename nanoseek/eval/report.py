@@ -33,6 +33,8 @@ after each stage of a pipeline (it is cheap: a few seconds of matplotlib).
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import base64
 import html
 import json
@@ -499,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Write report.md and a self-contained report.html for a run folder.")
     p.add_argument("run", help="run folder (speedrun with stages, or one training run)")
     p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--refresh", type=int, help="make the HTML reload itself every N seconds (a live run)")
+    p.add_argument("--refresh", type=limits.positive_int,
+                   help="make the HTML reload itself every N seconds (a live run)")
     args = p.parse_args(argv)
     try:
         md, page = write_report(args.run, args.out, args.refresh)

@@ -18,6 +18,8 @@ the next one). Ctrl-C exits. ``--once`` prints a single frame and exits (scripts
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import math
 import time
 from collections import deque
@@ -31,10 +33,11 @@ ACTIVE_S = 120          # a stage that wrote within this many seconds is "runnin
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run folder (a speedrun with stages, or one training run)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--interval", type=limits.seconds, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--width", type=int, help="frame width in characters (default: the terminal's; 160 when "
-                                             "printing --once to a file or pipe)")
+    p.add_argument("--width", type=limits.int_range(20),
+                   help="frame width in characters (default: the terminal's; 160 when "
+                        "printing --once to a file or pipe)")
 
 
 def sparkline(values, width: int = 24) -> str:

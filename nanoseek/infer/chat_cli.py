@@ -15,6 +15,8 @@ tests drive it with scripted input.
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import time
 from dataclasses import replace
 from typing import Callable
@@ -28,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", metavar="TEXT", help="system message for the whole conversation")
     p.add_argument("--no-think", action="store_true",
                    help="do not open the <think> block in the prompt (by default the model reasons first, as R1)")
-    p.add_argument("--samples", type=int, default=1, help="answers per turn (default 1; /samples N changes it)")
+    p.add_argument("--samples", type=limits.positive_int, default=1,
+                   help="answers per turn (default 1; /samples N changes it)")
     add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95)
 
 
@@ -154,5 +157,19 @@ def run(args) -> int:
     params = sampling_params(args, args.samples)
     engine, tokenizer = build_engine(args, max(16, args.samples))
     console.print(f"nanoseek chat: {args.model}  ({HELP})", style="dim", highlight=False)
-    chat_loop(engine, tokenizer, console.input, console, params, system=args.system, think=not args.no_think)
+    from nanoseek.cli import UserError
+
+    def read_line(prompt: str) -> str:       # piped stdin that is not UTF-8: one line, not a traceback
+        try:
+            line = console.input(prompt)
+            line.encode("utf-8")                 # a C locale reads bad bytes as lone surrogates
+        except UnicodeDecodeError as e:
+            raise UserError(f"<stdin>: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at byte offset "
+                            f"{e.start} of the line)") from None
+        except UnicodeEncodeError as e:
+            offset = len(line[:e.start].encode("utf-8", "surrogateescape"))
+            raise UserError(f"<stdin>: not UTF-8 text (invalid byte at byte offset {offset} of the line)") from None
+        return line
+
+    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=not args.no_think)
     return 0

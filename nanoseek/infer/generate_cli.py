@@ -24,6 +24,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import json
 import sys
 
@@ -33,28 +35,31 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     """Flags shared with ``nanoseek chat``."""
     p.add_argument("--model", required=True, help="run folder or HF-format checkpoint directory")
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: searched next to the model)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    p.add_argument("--max-new-tokens", type=limits.positive_int, default=max_new_tokens,
                    help=f"most tokens generated per sample (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature,
+    p.add_argument("--temperature", type=limits.temperature, default=temperature,
                    help=f"sampling temperature, 0 = greedy (default {temperature})")
-    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p}: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same output (default: random)")
+    p.add_argument("--top-p", type=limits.open_prob, default=top_p,
+                   help=f"nucleus sampling mass (default {top_p}: off)")
+    p.add_argument("--top-k", type=limits.nonneg_int, default=0,
+                   help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=limits.seed,
+                   help="random seed: the same seed gives the same output (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop a sample when it writes TEXT (repeatable; TEXT is not included in the output)")
-    p.add_argument("--repetition-guard", type=int, default=0, metavar="G",
+    p.add_argument("--repetition-guard", type=limits.nonneg_int, default=0, metavar="G",
                    help="stop a sample whose last G tokens are one short n-gram repeated (default 0: off)")
     p.add_argument("--mtp", action="store_true",
                    help="MTP self-speculative decoding (needs a checkpoint with MTP modules)")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile (the first steps compile, tens of seconds; "
                         "falls back to eager with a warning if compiling fails)")
-    p.add_argument("--max-seq-len", type=int,
+    p.add_argument("--max-seq-len", type=limits.int_range(2),
                    help="prompt + completion tokens per sample (default: the model's, at most 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=limits.threads, help="torch CPU threads (default: torch's choice)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="render plain-text prompts with the chat template")
     p.add_argument("--think", action="store_true", help="with the chat template, open the <think> block (R1)")
     p.add_argument("--system", metavar="TEXT", help="a system message for chat-template prompts")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt, sharing one prefill (default 1)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--n", type=limits.positive_int, default=1,
+                   help="samples per prompt, sharing one prefill (default 1)")
+    p.add_argument("--batch-size", type=limits.positive_int, default=16,
                    help="KV-cache rows, i.e. samples decoded together (default 16)")
     p.add_argument("--token-ids", action="store_true", help="also write the generated token ids")
     add_sampling_arguments(p)
@@ -79,15 +85,12 @@ def read_prompts(args) -> list[dict]:
     lines: list[tuple[str, int, str]] = []
     if args.input:
         if args.input == "-":
-            lines = [("<stdin>", i, line) for i, line in enumerate(sys.stdin.read().splitlines(), 1)]
+            lines = [("<stdin>", i, line) for i, line in enumerate(limits.read_stdin_text().splitlines(), 1)]
         else:
-            try:
-                with open(args.input, encoding="utf-8") as f:
-                    lines = [(args.input, i, line) for i, line in enumerate(f.read().splitlines(), 1)]
-            except OSError as e:
-                raise UserError(f"cannot read --input {args.input}: {e.strerror}") from None
+            text = limits.read_text(args.input, "--input")
+            lines = [(args.input, i, line) for i, line in enumerate(text.splitlines(), 1)]
     elif not items and not sys.stdin.isatty():
-        lines = [("<stdin>", i, line) for i, line in enumerate(sys.stdin.read().splitlines(), 1)]
+        lines = [("<stdin>", i, line) for i, line in enumerate(limits.read_stdin_text().splitlines(), 1)]
     for source, lineno, line in lines:
         if not line.strip():
             continue
@@ -96,6 +99,8 @@ def read_prompts(args) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{source} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{source} line {lineno}: a JSON line must be an object, got {type(obj).__name__}")
             if isinstance(obj.get("messages"), list):
                 items.append({"messages": obj["messages"]})
             elif isinstance(obj.get("prompt"), str):
@@ -137,6 +142,8 @@ def build_engine(args, max_batch_size: int):
         raise UserError(str(e)) from None
     if args.mtp and model.config.num_nextn_predict_layers < 1:
         raise UserError(f"--mtp: the checkpoint {args.model} has no MTP modules (num_nextn_predict_layers is 0)")
+    rows_flag = "--batch-size" if hasattr(args, "batch_size") else "--samples"
+    limits.check_kv_cache(model, max_batch_size, args.max_seq_len, f"{rows_flag} x --max-seq-len")
     try:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
                         use_mtp=args.mtp, compile=getattr(args, "compile", False))
@@ -161,8 +168,12 @@ def sampling_params(args, n: int):
 def run(args) -> int:
     import time
 
+    from pathlib import Path
+
     from nanoseek.cli import UserError
 
+    if args.output != "-" and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output}: is a directory; give a file path (or '-' for stdout)")
     items = read_prompts(args)
     params = sampling_params(args, args.n)
     engine, tokenizer = build_engine(args, max(args.batch_size, args.n))

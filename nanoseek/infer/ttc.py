@@ -25,6 +25,8 @@ there are at most ``trials`` subsets, else averaged over ``trials`` random subse
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 import itertools
 import json
 import math
@@ -224,15 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="run folder or HF checkpoint directory")
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found next to the model)")
     p.add_argument("--task", default="arithmetic", help="task name (nanoseek.data.tasks), default arithmetic")
-    p.add_argument("--problems", type=int, default=32, help="number of held-out problems (default 32)")
-    p.add_argument("--samples", type=int, default=16, help="samples per problem n (default 16)")
-    p.add_argument("--level", type=int, help="task difficulty level (default: all levels mixed)")
+    p.add_argument("--problems", type=limits.positive_int, default=32, help="number of held-out problems (default 32)")
+    p.add_argument("--samples", type=limits.positive_int, default=16, help="samples per problem n (default 16)")
+    p.add_argument("--level", type=limits.positive_int, help="task difficulty level (default: all levels mixed)")
     p.add_argument("--style", default="chat", choices=["chat", "r1-zero", "plain"], help="prompt format")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="engine cache rows (default 16)")
+    p.add_argument("--max-new-tokens", type=limits.positive_int, default=256)
+    p.add_argument("--temperature", type=limits.temperature, default=0.6)
+    p.add_argument("--top-p", type=limits.open_prob, default=0.95)
+    p.add_argument("--seed", type=limits.seed, default=0)
+    p.add_argument("--batch-size", type=limits.positive_int, default=16, help="engine cache rows (default 16)")
     p.add_argument("--json", help="write the curve and per-sample records to this JSON file")
     p.add_argument("--plot", help="write the accuracy-vs-samples plot to this PNG")
     args = p.parse_args(argv)

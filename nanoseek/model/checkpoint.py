@@ -16,6 +16,13 @@ replaced only if it holds nothing but files a model save writes (:func:`is_model
 config.json, generation_config.json, safetensors and their index, tokenizer files, and the
 ``extra_files`` of this save); a folder with anything else in it is refused before any file is
 written (``CheckpointError``), so a save never deletes a user's file (see :mod:`nanoseek.outdir`).
+
+Loading fails with one :class:`CheckpointError` line (a ``UserError``: the CLI prints it without a
+traceback) naming the file and what is wrong with it: missing, empty, truncated or corrupt
+safetensors, an unreadable config.json, tensors that do not fit the config. When the checkpoint
+is a ``RUN/checkpoints/step-N`` folder, the error also says which older checkpoint of the run
+is intact (:func:`older_intact_checkpoint`, which checks headers and files without loading
+tensors), so the user knows what to load or resume from instead.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..cli import UserError
 from .config import ConfigError, ModelConfig
 from .transformer import DeepseekV3ForCausalLM
 
@@ -41,8 +49,8 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 _EXPERT_RE = re.compile(r"^(model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing files or tensors, or holds tensors of the wrong shape."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint directory is missing files or tensors, holds unreadable files, or tensors of the wrong shape."""
 
 
 # every name a model save may write; what save_pretrained may replace in an existing folder
@@ -200,14 +208,20 @@ def _atomic_replace_dir(src: Path, dst: Path, extra_files: dict[str, str] | None
 
 
 # ---------------------------------------------------------------------------- load
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+
+
 def _shard_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory" if not directory.exists()
+                              else f"{directory}: not a directory")
     index = directory / INDEX_NAME
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({directory / f for f in weight_map.values()})
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({directory / f for f in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"{index} names shard {f.name}, which is missing")
@@ -221,6 +235,79 @@ def _shard_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no {SAFE_NAME} or {INDEX_NAME}")
 
 
+def _unreadable(f: Path, e: BaseException) -> CheckpointError:
+    size = f.stat().st_size if f.exists() else 0
+    why = "empty file" if size == 0 else f"{size:,} bytes, truncated or corrupt"
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return CheckpointError(f"{f}: not a readable safetensors file ({why}: {reason})")
+
+
+def read_safetensors(f: str | Path, keys_only: bool = False) -> dict[str, torch.Tensor] | list[str]:
+    """All tensors of one safetensors file (or only its tensor names, which reads just the header).
+
+    safetensors checks the header and that the data covers the file exactly, so an empty, cut or
+    padded file is a :class:`CheckpointError` naming it, never a partly loaded state.
+    """
+    f = Path(f)
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            if keys_only:
+                return list(fh.keys())
+            return {k: fh.get_tensor(k) for k in fh.keys()}
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing") from None
+    except Exception as e:        # SafetensorError (a Rust exception), OSError, a bad dtype in the header
+        raise _unreadable(f, e) from None
+
+
+def verify_checkpoint(directory: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """Cheap integrity check without loading tensors: config.json parses, every safetensors file
+    (the model's and any in ``extra``) has a valid header covering the file; else CheckpointError."""
+    directory = Path(directory)
+    ModelConfig.from_json(directory / "config.json")
+    for f in [*_shard_files(directory), *(directory / e for e in extra if e.endswith(".safetensors"))]:
+        read_safetensors(f, keys_only=True)
+    for e in extra:
+        if e.endswith(".json"):
+            try:
+                json.loads((directory / e).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"{directory / e}: unreadable ({type(err).__name__})") from None
+
+
+def older_intact_checkpoint(directory: str | Path, extra: tuple[str, ...] = ()) -> Path | None:
+    """For ``RUN/checkpoints/step-N``: the newest ``step-M`` (M < N) of the same run that passes
+    :func:`verify_checkpoint` (with ``extra`` files required), else None."""
+    directory = Path(directory)
+    m = _STEP_DIR_RE.match(directory.name)
+    if not m or not directory.parent.is_dir():
+        return None
+    step = int(m.group(1))
+    older = sorted((int(mm.group(1)), p) for p in directory.parent.iterdir()
+                   if p.is_dir() and (mm := _STEP_DIR_RE.match(p.name)) and int(mm.group(1)) < step)
+    for _, cand in reversed(older):
+        try:
+            if all((cand / e).exists() for e in extra):
+                verify_checkpoint(cand, extra)
+                return cand
+        except (CheckpointError, ConfigError):
+            continue
+    return None
+
+
+def recovery_hint(directory: str | Path, extra: tuple[str, ...] = (), how: str = "load it with --model {path}") -> str:
+    """``; older checkpoint X is intact: ...`` (or that none is) for a run's step folder; '' otherwise."""
+    directory = Path(directory)
+    if not _STEP_DIR_RE.match(directory.name):
+        return ""
+    good = older_intact_checkpoint(directory, extra)
+    if good is None:
+        return f"; no older intact checkpoint in {directory.parent}"
+    return f"; the older checkpoint {good} is intact: {how.format(path=good)}"
+
+
 def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint by HF name, FP8 blocks dequantised.
 
@@ -230,9 +317,7 @@ def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dty
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     for f in _shard_files(directory):
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
+        tensors.update(read_safetensors(f))
     qc = config.quantization_config or {}
     block = tuple(qc.get("weight_block_size", (128, 128)))
     target = dtype or _checkpoint_dtype(tensors, default=torch.bfloat16)
@@ -252,8 +337,18 @@ def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dty
 
 def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
-    """Load an HF-format DeepSeek-V3 checkpoint (nanoseek's own or anyone's)."""
+    """Load an HF-format DeepSeek-V3 checkpoint (nanoseek's own or anyone's).
+
+    Errors are :class:`CheckpointError` (config errors included), with an older intact
+    checkpoint of the same run named when there is one (see the module docstring)."""
     directory = Path(directory)
+    try:
+        return _from_pretrained(directory, dtype, device)
+    except (CheckpointError, ConfigError) as e:
+        raise CheckpointError(f"{e}{recovery_hint(directory)}") from None
+
+
+def _from_pretrained(directory: Path, dtype: torch.dtype | None, device: str | torch.device) -> DeepseekV3ForCausalLM:
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
     config = ModelConfig.from_json(directory / "config.json")
@@ -293,5 +388,6 @@ def _checkpoint_dtype(state: dict[str, torch.Tensor], default: torch.dtype) -> t
     return t.dtype
 
 
-__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "check_model_dir_writable", "to_hf_state_dict", "from_hf_state_dict",
-           "dequantize_fp8_block", "CheckpointError", "ConfigError"]
+__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "check_model_dir_writable", "to_hf_state_dict",
+           "from_hf_state_dict", "dequantize_fp8_block", "CheckpointError", "ConfigError", "read_safetensors",
+           "verify_checkpoint", "older_intact_checkpoint", "recovery_hint"]

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cli import UserError
 
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or inconsistent with another."""
+
+class ConfigError(UserError, ValueError):
+    """A config value is unknown, of the wrong type, out of range, or inconsistent with another."""
 
 
 # Keys that appear in released DeepSeek / HF config.json files but carry no architecture
@@ -45,6 +47,21 @@ DERIVED_KEYS = {
     "qk_head_dim": lambda c: c.qk_nope_head_dim + c.qk_rope_head_dim,
     "head_dim": lambda c: c.qk_rope_head_dim,  # HF's DeepseekV3Config sets head_dim = qk_rope_head_dim
 }
+
+# Ranges of the float fields: name -> (low, high or None, low excluded).
+FLOAT_RANGES = {
+    "routed_scaling_factor": (0.0, None, True),
+    "rope_theta": (0.0, None, True),
+    "rms_norm_eps": (0.0, 1.0, True),
+    "initializer_range": (0.0, None, False),
+}
+SIZE_MAX = 2**31 - 1            # any size field: vocab, widths, context (int32 indexing)
+# Counts the model builds one module (or one Python loop step) per: far above any real model
+# (DeepSeek-V3: 61 layers, 256 experts, 128 heads), low enough that a typo cannot hang validation.
+COUNT_MAX = {"num_hidden_layers": 4096, "num_nextn_predict_layers": 64, "n_routed_experts": 65536,
+             "n_shared_experts": 65536, "num_attention_heads": 65536, "num_key_value_heads": 65536,
+             "n_group": 65536, "topk_group": 65536, "num_experts_per_tok": 65536, "moe_layer_freq": 4096,
+             "first_k_dense_replace": 4096}
 
 ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -136,9 +153,29 @@ class ModelConfig:
             return ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "qk_rope_head_dim", "v_head_dim"):
+                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
+            if getattr(self, name) > SIZE_MAX:
+                raise bad(name, f"must be <= {SIZE_MAX:,}")
+        for f in dataclasses.fields(self):        # every integer field: a size, a count or an id
+            v = getattr(self, f.name)
+            top = COUNT_MAX.get(f.name, SIZE_MAX)
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= top:
+                raise bad(f.name, f"must be in [0, {top:,}]")
+        for name, (lo, hi, lo_open) in FLOAT_RANGES.items():
+            v = getattr(self, name)
+            if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+                raise bad(name, f"must be a finite number {'>' if lo_open else '>='} {lo}"
+                                + (f" and <= {hi}" if hi is not None else ""))
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise bad(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size)
+               for v in eos):
+            raise bad("eos_token_id", f"must be token id(s) in [0, vocab_size={self.vocab_size})")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         if self.qk_nope_head_dim < 0:
@@ -201,6 +238,11 @@ class ModelConfig:
                 for key in ("factor", "original_max_position_embeddings"):
                     if key not in rs:
                         raise ConfigError(f"config field 'rope_scaling' needs '{key}' for YaRN")
+                for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                            "mscale_all_dim"):
+                    v = rs.get(key, 1)
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                        raise ConfigError(f"config field 'rope_scaling.{key}' must be a finite number >= 0, got {v!r}")
                 if rs["factor"] < 1:
                     raise ConfigError("config field 'rope_scaling.factor' must be >= 1")
         if self.tie_word_embeddings and self.num_nextn_predict_layers:
@@ -257,9 +299,13 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         return cls.from_dict(d, source=str(path))

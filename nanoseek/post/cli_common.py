@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import limits
+
 
 def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_config: str, data_key: str | None,
                         data_help: str) -> None:
@@ -25,9 +27,12 @@ def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_conf
     if data_key:
         parser.add_argument("--data", metavar="SOURCE", help=f"{data_help} ({data_key})")
     parser.add_argument("--out", metavar="DIR", help="run folder (train.out_dir)")
-    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.max_steps)")
+    parser.add_argument("--steps", type=limits.positive_int, metavar="N", help="optimizer steps (train.max_steps)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint (recipes: skip finished stages)")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="continue the run in --out from this checkpoint (RUN/checkpoints/step-N) instead of "
+                             "the latest, e.g. the older intact one a checkpoint error names")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -74,6 +79,8 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
             if args.print_config:
                 print(path.read_text())
                 return 0
+            if getattr(args, "resume_from", None):
+                raise UserError("--resume-from applies to one stage; a recipe resumes with --resume")
             from nanoseek.outdir import claim
 
             with claim(rec.out_dir, "recipe", flag="--out", own=lambda p: any(p.glob("*/stage.json"))):
@@ -99,11 +106,24 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
     try:
         # claimed here too, so a stage that writes before training (distill's traces) writes into its own folder
         with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out", own=is_stage_run):
-            result = runner(cfg, resume=args.resume, quiet=args.quiet)
+            result = runner(cfg, resume=_resume(args), quiet=args.quiet)
     except (ConfigError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     print(f"{kind}: {result.status} after {result.steps} steps; final checkpoint: {result.final_dir}")
     return 0 if result.status in ("done", "data_exhausted") else 1
+
+
+def _resume(args):
+    """``--resume-from CHECKPOINT`` (a Path the trainer restores), else the ``--resume`` flag."""
+    from pathlib import Path
+
+    from nanoseek.cli import UserError
+
+    if not getattr(args, "resume_from", None):
+        return args.resume
+    if not Path(args.resume_from).is_dir():
+        raise UserError(f"--resume-from {args.resume_from}: no such checkpoint directory")
+    return Path(args.resume_from)
 
 
 def _runner(kind: str):

@@ -27,14 +27,22 @@ frees its rows at the engine's next step.
 
 Bad input never reaches the engine: malformed JSON, wrong types, unknown fields or models, a
 prompt longer than the context, ``max_tokens``/``n`` over the configured :class:`ServeLimits`
-each get an OpenAI error object with a 4xx status. The body-size limit is enforced by an ASGI
-middleware before anything is parsed (by ``Content-Length`` and by counting a streamed body).
+each get an OpenAI error object with a 4xx status; every numeric field has a bounded range
+(``protocol.py``), so no client value reaches the engine that it cannot represent. The body is
+guarded by an ASGI middleware before anything is parsed: its size (by ``Content-Length`` and by
+counting a streamed body: 413) and the time it takes to arrive (``ServeLimits.body_timeout_s``
+from the first byte the app waits for to the last: 408 and the connection is closed), so a
+half-sent body cannot hold a connection, and it never reaches the engine, so it holds no
+generation slot. An unexpected exception (a bug, or the engine failing) is answered with a 500
+error object by the outermost middleware, which does not re-raise it: the keep-alive connection
+stays usable for the client's next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -52,6 +60,7 @@ from nanoseek.infer.sampling import SamplingParams
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest, error_body,
                        validation_error)
 
+logger = logging.getLogger("nanoseek.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -67,11 +76,14 @@ class ServeLimits:
     max_n: int = 8                         # choices per prompt
     max_prompts: int = 16                  # prompts in one /v1/completions request
     context_length: int | None = None      # prompt + completion; None: the engine's ``max_seq_len``
+    body_timeout_s: float = 10.0           # the whole request body must arrive within this (else 408)
 
     def validate(self) -> ServeLimits:
         for name in ("max_body_bytes", "max_tokens", "default_max_tokens", "max_n", "max_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.body_timeout_s < float("inf"):
+            raise ValueError(f"ServeLimits.body_timeout_s must be a positive number, got {self.body_timeout_s}")
         for name in ("max_prompt_tokens", "context_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits.{name} must be >= 1 or None, got {getattr(self, name)}")
@@ -84,11 +96,18 @@ class RequestTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
-class BodySizeLimitMiddleware:
-    """Reject bodies over ``max_bytes`` with 413: by ``Content-Length`` up front, else while receiving."""
+class RequestTimeout(StarletteHTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s")
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodySizeLimitMiddleware:
+    """Guard the request body before the app parses it: over ``max_bytes`` -> 413 (by ``Content-Length``
+    up front, else while receiving); not complete ``timeout_s`` after the app first waits for it -> 408
+    with ``Connection: close`` (a slowloris body never reaches a route, so it holds no engine row)."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float = 10.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -98,14 +117,26 @@ class BodySizeLimitMiddleware:
             return await _send_json(send, 413, _http_error_body(RequestTooLarge(self.max_bytes)))
         seen = 0
         started = False
+        body_done = scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE")
+        deadline: float | None = None
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done, deadline
+            if body_done:                      # later receives wait for a disconnect: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise RequestTimeout(self.timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     raise RequestTooLarge(self.max_bytes)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def tracking_send(message):
@@ -115,10 +146,41 @@ class BodySizeLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except RequestTooLarge as e:  # raised outside a route (the app normally renders it itself)
+        except (RequestTooLarge, RequestTimeout) as e:  # raised outside a route (the app normally renders it)
             if started:
                 raise
-            await _send_json(send, 413, _http_error_body(e))
+            await _send_json(send, e.status_code, _http_error_body(e), close=isinstance(e, RequestTimeout))
+
+
+class CatchAllMiddleware:
+    """The outermost layer: an exception nothing else handled becomes a 500 error object, and is not
+    re-raised (Starlette's own handler re-raises, and uvicorn then resets the keep-alive connection)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:        # a bug, or the engine failing: never the answer to a client's mistake
+            logger.exception("unexpected error handling %s %s", scope.get("method"), scope.get("path"))
+            if started:               # the headers are out: end the body so the response is complete
+                try:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except Exception:
+                    pass
+                return
+            await _send_json(send, 500, error_body(f"internal server error ({type(e).__name__}): {e}", "server_error",
+                                                   None, "internal_error"))
 
 
 def _http_error_body(e: StarletteHTTPException) -> dict:
@@ -128,13 +190,16 @@ def _http_error_body(e: StarletteHTTPException) -> dict:
     return error_body(message, "invalid_request_error", None, _HTTP_CODES.get(e.status_code))
 
 
-_HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+               413: "request_too_large"}
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if close:                                  # the rest of the body is never read: end the connection
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -301,8 +366,6 @@ class OpenAIServer:
         self.check_model(req.model)
         if req.n > self.max_n:
             raise APIError(400, f"n={req.n} exceeds this server's limit of {self.max_n}", "n", "invalid_value")
-        if req.seed is not None and not 0 <= req.seed < 2**63:
-            raise APIError(400, f"seed must be in [0, 2**63), got {req.seed}", "seed", "invalid_value")
 
     def budget(self, prompt_len: int, requested: int | None, param: str, default: int) -> int:
         """max_new_tokens for a prompt of ``prompt_len`` tokens, or a 400 naming what is over."""
@@ -355,8 +418,9 @@ class OpenAIServer:
     # ------------------------------------------------------------------ the engine
     def submit(self, prompts: list[list[int]], req: SamplingRequest, max_new_tokens: int,
                split_reasoning: bool) -> list:
+        top_k = min(req.top_k, self.tokenizer.vocab_size)   # k >= the vocabulary filters nothing
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
-                                top_p=float(req.top_p), top_k=req.top_k, n=req.n, seed=req.seed, stop=list(req.stop),
+                                top_p=float(req.top_p), top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop),
                                 ignore_eos=req.ignore_eos, split_reasoning=split_reasoning)
         handles = []
         try:
@@ -434,7 +498,9 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
                   version="0.1.0")
     app.state.server = server
     app.state.model_name = model_name
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.limits.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.limits.max_body_bytes,
+                       timeout_s=server.limits.body_timeout_s)
+    app.add_middleware(CatchAllMiddleware)     # added last: the outermost of the app's middlewares
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -447,12 +513,10 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return JSONResponse(_http_error_body(e), status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception):  # a bug: never the answer to a client's mistake
-        return JSONResponse(error_body(f"internal server error ({type(e).__name__}): {e}", "server_error", None,
-                                       "internal_error"), status_code=500)
+        headers = dict(getattr(e, "headers", None) or {})
+        if isinstance(e, RequestTimeout):      # the rest of the body is never read: end the connection
+            headers["Connection"] = "close"
+        return JSONResponse(_http_error_body(e), status_code=e.status_code, headers=headers or None)
 
     @app.get("/", include_in_schema=False)
     async def index():

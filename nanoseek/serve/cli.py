@@ -10,7 +10,10 @@ starts the continuous-batching inference engine and serves, on 127.0.0.1:8000 by
 
 Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 Concurrent requests are decoded together, up to --max-batch-size rows (a request with ``n``
-samples takes ``n`` rows). Requests over the limits below get a 4xx error naming the limit.
+samples takes ``n`` rows). Requests over the limits below get a 4xx error naming the limit;
+a request body that takes longer than --body-timeout seconds to arrive gets 408 and its
+connection is closed. The KV cache (--max-batch-size x --max-seq-len) is checked against free
+memory before it is allocated.
 The server binds 127.0.0.1 unless --host says otherwise; it has no authentication, so expose
 it beyond this machine only behind something that has.
 """
@@ -18,6 +21,8 @@ it beyond this machine only behind something that has.
 from __future__ import annotations
 
 import argparse
+
+from nanoseek import limits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -31,12 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None,
                    help="model id clients send and /v1/models lists (default: the run folder's name)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+    p.add_argument("--port", type=limits.port, default=DEFAULT_PORT,
                    help=f"port to bind, 0 for any free one (default: {DEFAULT_PORT})")
     g = p.add_argument_group("engine")
-    g.add_argument("--max-batch-size", type=int, default=16,
+    g.add_argument("--max-batch-size", type=limits.positive_int, default=16,
                    help="KV-cache rows decoded together in one step, across requests (default: 16)")
-    g.add_argument("--max-seq-len", type=int, default=None,
+    g.add_argument("--max-seq-len", type=limits.int_range(2), default=None,
                    help="prompt + completion tokens per row (default: the model's, at most 4096)")
     g.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding (model needs MTP modules)")
     g.add_argument("--compile", action="store_true",
@@ -48,14 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and cache dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     lim = p.add_argument_group("limits (a request over one gets a 4xx error)")
-    lim.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens per choice (default: 2048)")
-    lim.add_argument("--default-max-tokens", type=int, default=512,
+    lim.add_argument("--max-tokens-limit", type=limits.positive_int, default=2048,
+                     help="largest max_tokens per choice (default: 2048)")
+    lim.add_argument("--default-max-tokens", type=limits.positive_int, default=512,
                      help="chat max_tokens when the request has none, capped by the context (default: 512)")
-    lim.add_argument("--max-n", type=int, default=8, help="largest n (choices per prompt) (default: 8)")
-    lim.add_argument("--max-prompts", type=int, default=16, help="prompts per /v1/completions request (default: 16)")
-    lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default: 1 MiB)")
-    lim.add_argument("--max-prompt-tokens", type=int, default=None,
+    lim.add_argument("--max-n", type=limits.positive_int, default=8, help="largest n (choices per prompt) (default: 8)")
+    lim.add_argument("--max-prompts", type=limits.positive_int, default=16,
+                     help="prompts per /v1/completions request (default: 16)")
+    lim.add_argument("--max-body-bytes", type=limits.positive_int, default=1 << 20,
+                     help="request body size (default: 1 MiB)")
+    lim.add_argument("--max-prompt-tokens", type=limits.positive_int, default=None,
                      help="prompt length in tokens (default: the context length minus one)")
+    lim.add_argument("--body-timeout", type=limits.seconds, default=10.0, metavar="S",
+                     help="seconds a request body may take to arrive; slower gets 408 and the connection is "
+                          "closed (default: 10)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default: info)")
 
@@ -81,26 +92,31 @@ def build_server(args: argparse.Namespace):
     from .api import ServeLimits, create_app
 
     for flag in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_n", "max_prompts", "max_body_bytes"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) < 1:      # parsed flags are checked by their types; this guards direct callers
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise UserError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.default_max_tokens > args.max_tokens_limit:
+        raise UserError(f"--default-max-tokens {args.default_max_tokens} exceeds "
+                        f"--max-tokens-limit {args.max_tokens_limit}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model, tokenizer = load_for_inference(args.model, args.tokenizer, dtype=dtype, device=device,
                                               require_tokenizer=True)
+        limits.check_kv_cache(model, args.max_batch_size, args.max_seq_len, "--max-batch-size x --max-seq-len")
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                         use_mtp=args.mtp, compile=args.compile)
     except (ValueError, OSError) as e:  # LoadError, CheckpointError, ConfigError, TokenizerError, bad sizes
         raise UserError(str(e)) from e
-    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+    serve_limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                          max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                         max_n=args.max_n, max_prompts=args.max_prompts)
+                         max_n=args.max_n, max_prompts=args.max_prompts,
+                         body_timeout_s=getattr(args, "body_timeout", 10.0))
     name = args.model_name or default_model_name(args.model)
-    app = create_app(engine, tokenizer, name, limits, think=args.think)
+    app = create_app(engine, tokenizer, name, serve_limits, think=args.think)
     engine.start()
     return app, engine
 

@@ -13,6 +13,11 @@ the answer, in ``reasoning_content`` on the message (or on each streamed delta).
 API does, an input message carrying ``reasoning_content`` is refused: send back only
 ``content`` in multi-turn chats.
 
+Every numeric field has a bounded range (:data:`INT_MAX` for counts, OpenAI's ranges for
+temperature and top_p, 0..2**63-1 for ``seed``): a value outside it, of the wrong type, or not
+finite is a 400 naming the field before anything reaches the engine; the server's configurable
+limits (``max_tokens``, ``n``, the context) are checked after these.
+
 Errors are :class:`APIError` exceptions rendered by :func:`error_body` as
 ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -25,6 +30,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on ``stop``
+INT_MAX = 2**31 - 1     # the largest count a field takes (tokens, choices, top_k): what int32 tensors hold
+SEED_MAX = 2**63 - 1    # seeds: a non-negative int64
 
 # OpenAI request fields nanoseek does not implement -> the values that mean "off". Any other
 # value is a 400 naming the field; the neutral values are accepted so generic clients still work.
@@ -147,13 +154,13 @@ class SamplingRequest(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT_MAX)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=INT_MAX)
     ignore_eos: bool = False
-    n: int = Field(1, ge=1)
-    seed: int | None = None
+    n: int = Field(1, ge=1, le=INT_MAX)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: Any = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -177,6 +184,11 @@ class SamplingRequest(_Strict):
             raise ValueError(f"stop has {len(v)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
         if any(s == "" for s in v):
             raise ValueError("stop sequences must not be empty strings")
+        for s in v:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("stop sequences must be valid Unicode text (no lone surrogates)") from None
         return v
 
     def include_usage(self) -> bool:
@@ -196,7 +208,7 @@ class SamplingRequest(_Strict):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)  # OpenAI's newer name for max_tokens
     top_logprobs: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -218,7 +230,7 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: Any
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=INT_MAX)
     suffix: Any = None
 
     @field_validator("prompt", mode="before")

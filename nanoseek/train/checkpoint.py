@@ -26,6 +26,11 @@ renamed to ``step-000100`` in one ``os.replace``; only then does ``latest`` move
 point leaves either the previous checkpoint or the new one complete, never a half-written one
 that loads: partial directories are ignored by :func:`list_checkpoints` and removed by
 :func:`remove_partials` at the next start.
+
+Loading refuses anything damaged afterwards (a deleted, empty or truncated file, JSON that
+names tensors the safetensors file lacks) with one :class:`CheckpointError` line naming the
+file; :func:`recovery_hint` adds which older checkpoint of the run is intact (all four files
+verified) and the flag that resumes from it (``--resume-from RUN/checkpoints/step-N``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomic
-from ..model.checkpoint import from_hf_state_dict, load_hf_tensors, save_pretrained
+from ..model.checkpoint import CheckpointError, from_hf_state_dict, load_hf_tensors, read_safetensors, save_pretrained
+from ..model.checkpoint import recovery_hint as _model_recovery_hint
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -51,8 +57,12 @@ LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or unreadable."""
+TRAINING_FILES = (STATE_JSON, STATE_TENSORS)    # what a training checkpoint holds besides the model
+
+
+def recovery_hint(ckpt: str | Path) -> str:
+    """``; the older checkpoint X is intact: resume from it with --resume-from X`` (or that none is)."""
+    return _model_recovery_hint(ckpt, TRAINING_FILES, how="resume from it with --resume-from {path}")
 
 
 # ---------------------------------------------------------------------------- state <-> JSON + tensors
@@ -140,6 +150,38 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint a ``--resume`` continues from: the one ``RUN/latest`` names.
+
+    Unlike :func:`latest_checkpoint` this never falls back silently: when ``latest`` names a
+    checkpoint that was deleted or damaged afterwards, the error says so and names the older
+    intact checkpoint to resume from instead (``--resume-from``)."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.exists():
+        try:
+            target = run_dir / pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            hint = recovery_hint_for_run(run_dir)
+            raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}){hint}") from None
+        if not (target / STATE_JSON).exists():
+            what = "which was deleted" if not target.exists() else f"which has no {STATE_JSON} (deleted or damaged)"
+            raise CheckpointError(f"{pointer} names {target}, {what}{recovery_hint_for_run(run_dir, target)}")
+        return target
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
+    return found[-1]
+
+
+def recovery_hint_for_run(run_dir: str | Path, bad: Path | None = None) -> str:
+    """:func:`recovery_hint` for a run whose ``latest`` is unusable: the newest intact checkpoint
+    older than ``bad`` (any, when ``bad`` is not one of the run's step folders)."""
+    d = checkpoints_dir(run_dir)
+    ok = bad is not None and _STEP_RE.match(Path(bad).name) and Path(bad).parent.resolve() == d.resolve()
+    return recovery_hint(bad if ok else d / f"step-{10**9:06d}")
+
+
 def set_latest(run_dir: str | Path, ckpt: Path) -> None:
     run_dir = Path(run_dir)
     write_atomic(run_dir / LATEST, str(Path(ckpt).resolve().relative_to(run_dir.resolve())) + "\n")
@@ -220,17 +262,28 @@ def discard_after(run_dir: str | Path, target: Path, removable: Iterable[Path]) 
 
 # ---------------------------------------------------------------------------- load
 def load_state(ckpt: str | Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint (JSON + safetensors; no pickle)."""
+    """The trainer state of a checkpoint (JSON + safetensors; no pickle); damage is a CheckpointError."""
     ckpt = Path(ckpt)
     try:
-        meta = json.loads((ckpt / STATE_JSON).read_text())
+        meta = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: no {STATE_JSON} (not a training checkpoint?)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt / STATE_JSON}: invalid JSON ({e})") from None
+        raise CheckpointError(f"{ckpt}: no {STATE_JSON} (not a training checkpoint, or it was deleted)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ckpt / STATE_JSON}: invalid JSON, truncated or corrupt ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{ckpt / STATE_JSON}: cannot read ({e.strerror})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{ckpt / STATE_JSON}: expected a JSON object, got {type(meta).__name__}")
     tensor_file = ckpt / STATE_TENSORS
-    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-    return unflatten_state(meta, tensors)
+    tensors = read_safetensors(tensor_file) if tensor_file.exists() else {}
+    try:
+        return unflatten_state(meta, tensors)
+    except KeyError as e:
+        what = f"tensor {e.args[0]!r}" if e.args else "a tensor"
+        raise CheckpointError(f"{ckpt / STATE_JSON} names {what}, which {tensor_file} "
+                              f"{'lacks' if tensor_file.exists() else 'would hold, but the file is missing'}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / STATE_JSON}: malformed trainer state ({e})") from None
 
 
 @torch.no_grad()
@@ -240,13 +293,16 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     state = from_hf_state_dict(hf, model.config)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+        if "model.embed_tokens.weight" not in state:
+            raise CheckpointError(f"{ckpt}: no model.embed_tokens.weight")
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt}: the weights do not fit this model: {e}") from None
+        raise CheckpointError(f"{ckpt}: the weights do not fit this model: {' '.join(str(e).split())[:400]}") from None
 
 
 __all__ = ["flatten_state", "unflatten_state", "save_checkpoint", "load_state", "load_model_weights",
            "list_checkpoints", "latest_checkpoint", "set_latest", "remove_partials", "prune_checkpoints",
-           "discard_after", "step_of", "checkpoints_dir", "CheckpointError", "STATE_JSON", "STATE_TENSORS"]
+           "discard_after", "step_of", "checkpoints_dir", "CheckpointError", "STATE_JSON", "STATE_TENSORS",
+           "recovery_hint", "resume_checkpoint"]

@@ -22,7 +22,11 @@ the first three under ``cosine``, ``decay_fraction`` next to ``decay_steps`` und
 The resolved config a run records leaves those keys out, so it reads back as it was.
 ``[model] init_from`` may name a run folder: it resolves (``nanoseek.infer.loading``) to the
 run's ``final/``, else its ``latest`` checkpoint, and the config records that directory.
-Integers are accepted where a float is expected, nothing else is coerced. ``--set`` values are
+Integers are accepted where a float is expected, nothing else is coerced. Every number has a
+checked range: floats must be finite (no ``nan``/``inf``), every ``seed`` is in 0..2**64-1 (what
+torch accepts), and the per-key ranges are in :func:`check_train_config`, which also checks that
+the model's weights and optimizer state, and one micro-batch's logits, fit in the memory free
+on the training device before anything is allocated. ``--set`` values are
 read as TOML literals (``1e-3``, ``true``, ``[0.9, 0.95]``, ``"x"``) and fall back to a bare
 string (``--set data.dir=/tmp/d``); ``null``/``none`` sets an optional key to None and unsets any
 other key (its default applies): the way to drop a key the recipe file writes, e.g. ``--set
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..limits import SEED_MAX, LimitError, check_fits
 from ..model.config import ConfigError, ModelConfig, load_model_config
 
 
@@ -194,9 +199,13 @@ def check_value(value: Any, annotation: Any, where: str) -> Any:
         return check_value(value, inner[0], where)
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {value!r}")
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if where.rsplit(" ", 1)[-1].split("[")[0].endswith("seed") and not 0 <= value <= SEED_MAX:
+                raise ConfigError(f"{where} must be in [0, {SEED_MAX}] (the seeds torch accepts), got {value}")
             return value
     elif annotation is bool:
         if isinstance(value, bool):
@@ -379,7 +388,38 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("parallel", "ep", f"must divide the model's n_routed_experts = {model_cfg.n_routed_experts}")
     if o.seq_len > model_cfg.max_position_embeddings:
         raise bad("optim", "seq_len", f"exceeds the model's max_position_embeddings={model_cfg.max_position_embeddings}")
+    check_training_memory(cfg, model_cfg, source)
     return cfg
+
+
+def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str) -> None:
+    """Refuse a run that cannot fit in the memory free now on its device, before allocating: fp32
+    weights + gradients + AdamW moments (16 bytes per parameter), then one micro-batch's saved
+    activations (``nanoseek.estimate``'s per-token figure, which assumes flash attention and so
+    undercounts the eager path) and its fp32 logits with their gradient."""
+    from ..estimate.memory import activation_bytes_per_token
+    from ..model.params import count_params
+
+    device = cfg.train.device
+    if device in ("auto", "mps"):
+        import sys
+        torch = sys.modules.get("torch")
+        device = "cuda" if device == "auto" and torch is not None and torch.cuda.is_available() else "cpu"
+    o = cfg.optim
+    n_params = count_params(model_cfg).total
+    act_bytes = 4 if cfg.train.dtype == "float32" else 2
+    layers = model_cfg.num_hidden_layers + model_cfg.num_nextn_predict_layers
+    per_token = sum(activation_bytes_per_token(model_cfg, i, act_bytes) for i in range(layers))
+    per_token += 2 * 4 * model_cfg.vocab_size
+    tokens = o.micro_batch_size * o.seq_len
+    try:
+        check_fits(16 * n_params, f"the model ({n_params:,} parameters: weights, gradients, AdamW moments)",
+                   f"{source}: [model]", device)
+        check_fits(16 * n_params + int(tokens * per_token),
+                   f"the model plus one micro-batch of {o.micro_batch_size} x {o.seq_len} tokens (activations, logits)",
+                   f"{source}: [optim] micro_batch_size x seq_len", device)
+    except LimitError as e:
+        raise ConfigError(str(e)) from None
 
 
 def no_effect_keys(cfg: TrainConfig) -> dict[str, list[str]]:
@@ -467,6 +507,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 

@@ -83,8 +83,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..cli import UserError
 from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest_checkpoint, list_checkpoints,
-                         load_state, remove_partials, save_checkpoint, step_of)
+                         load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
 from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
 from .distributed import ParallelRuntime, local_rank
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
@@ -107,6 +108,10 @@ class TrainingDiverged(UserError, RuntimeError):
     def __init__(self, message: str, checkpoint: Path | None = None, run_dir: Path | None = None):
         super().__init__(message)
         self.checkpoint, self.run_dir = checkpoint, run_dir
+
+
+class _DataMismatch(Exception):
+    """Internal: the data loader refused the checkpoint's position (its cause says why)."""
 
 
 class Batches(Protocol):
@@ -340,8 +345,30 @@ class Trainer:
         return path
 
     def restore(self, ckpt: str | Path, *, rollback: bool = False) -> None:
-        """Load a checkpoint into the live trainer (weights, optimizer, counters, RNG, data, guard, hooks)."""
+        """Load a checkpoint into the live trainer (weights, optimizer, counters, RNG, data, guard, hooks).
+
+        Any failure is one :class:`CheckpointError` line naming the checkpoint and what is wrong;
+        a damaged checkpoint's error also says which older one is intact and how to resume from it,
+        and a checkpoint made on other data says to resume with the same data."""
         ckpt = Path(ckpt)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{ckpt}: no such checkpoint directory{recovery_hint(ckpt)}")
+        try:
+            self._restore(ckpt, rollback)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{recovery_hint(ckpt)}") from None
+        except _DataMismatch as e:
+            raise CheckpointError(f"{ckpt}: the checkpoint is intact but was made on other data: {e.__cause__}; "
+                                  "resume with the data settings it was trained with ([data], train.seed), "
+                                  "or start a new run in another --out-dir") from None
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            if isinstance(e, torch.OutOfMemoryError):      # not the checkpoint's fault
+                raise
+            what = f"missing entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{ckpt}: the trainer state does not fit this run ({type(e).__name__}: {what}); "
+                                  f"it was saved by another model, optimizer or version{recovery_hint(ckpt)}") from None
+
+    def _restore(self, ckpt: Path, rollback: bool) -> None:
         state = load_state(ckpt)
         self.dist.load_model_weights(self.model, ckpt)         # resharded to this rank's part
         self.dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
@@ -355,7 +382,10 @@ class Trainer:
             self.rollbacks = int(state.get("rollbacks", 0))
             self.rollback_streak = int(state.get("rollback_streak", 0))
         self.guard.load_state_dict(state["guard"])
-        self.batches.load_state_dict(state["batches"])
+        try:
+            self.batches.load_state_dict(state["batches"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise _DataMismatch() from e
         saved_hooks = state.get("hooks", {})
         for i, h in enumerate(self.hooks):
             key = f"{i}:{type(h).__name__}"
@@ -398,9 +428,7 @@ class Trainer:
         status = "done"
         try:
             if resume:
-                ckpt = latest_checkpoint(self.run_dir) if resume is True else Path(resume)
-                if ckpt is None:
-                    raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from")
+                ckpt = resume_checkpoint(self.run_dir) if resume is True else Path(resume)
                 self.restore(ckpt)
                 self._start_checkpoint = self.good_checkpoint = Path(ckpt)   # never rolled back past
                 self._event("resume", step=self.step, checkpoint=str(ckpt))

@@ -3,6 +3,7 @@
   nanoseek pretrain --config tiny                         # a shipped recipe (nanoseek/configs/train/)
   nanoseek pretrain --config configs/mine.toml --set optim.lr=1e-3 --set train.max_steps=500
   nanoseek pretrain --out-dir runs/mine --resume          # continue a killed or finished run
+  nanoseek pretrain --out-dir runs/mine --resume-from runs/mine/checkpoints/step-000080   # an older one
 
 The run folder (``[train] out_dir``, default runs/<recipe name>) gets config.toml (the resolved
 recipe), metrics.jsonl (every step and event), checkpoints/step-NNNNNN/ (the last keep_last),
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", metavar="DIR", help="the run folder (same as --set train.out_dir=DIR)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the run folder from its latest checkpoint")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="continue the run from this checkpoint (RUN/checkpoints/step-N) instead of the latest, "
+                             "e.g. the older intact one a checkpoint error names")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
 
@@ -43,19 +47,22 @@ def run(args: argparse.Namespace) -> int:
     from .loop import TrainingDiverged
     from .pretrain import pretrain
 
+    resume = Path(args.resume_from) if args.resume_from else args.resume
+    if args.resume_from and not Path(args.resume_from).is_dir():
+        raise UserError(f"--resume-from {args.resume_from}: no such checkpoint directory")
     overrides = list(args.overrides)
     if args.out_dir:
         overrides.append(f"train.out_dir={args.out_dir}")
     config = args.config
     if config is None:
-        if not (args.resume and args.out_dir):
+        if not (resume and args.out_dir):
             raise UserError("--config is required (or --resume with --out-dir of a run that has a config.toml)")
         config = Path(args.out_dir) / "config.toml"
         if not config.exists():
             raise UserError(f"{config}: no such file; pass --config")
     try:
         cfg = load_config(config, overrides)
-        result = pretrain(cfg, resume=args.resume, progress=False if args.no_progress else None, quiet=args.quiet)
+        result = pretrain(cfg, resume=resume, progress=False if args.no_progress else None, quiet=args.quiet)
     except (ConfigError, CheckpointError) as e:
         raise UserError(str(e)) from None
     except TrainingDiverged as e:               # one line: the good checkpoint and the command to resume
