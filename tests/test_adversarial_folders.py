@@ -72,10 +72,10 @@ def test_demo_into_a_users_folder_refuses_and_leaves_it_untouched(tmp_path, caps
     err = capsys.readouterr().err
     assert str(d) in err and "--overwrite" in err and "--out" in err and len(err.strip().splitlines()) == 1
     assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]     # not even a lock file
-    # --overwrite allows replacing model files, never deleting the user's: still refused
-    assert main(["demo", "--out", str(d), "--tokens", "2", "--overwrite"]) == 2
-    assert "thesis.txt" in capsys.readouterr().err
-    assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]
+    # --overwrite writes the model beside the user's file, never deleting it
+    assert main(["demo", "--out", str(d), "--tokens", "2", "--overwrite"]) == 0
+    assert (d / "thesis.txt").read_text() == "the user's thesis.txt\n"
+    assert sorted(os.listdir(d)) == [LOCK_NAME, "config.json", "model.safetensors", "thesis.txt"]
 
 
 def test_demo_rewrites_its_own_folder_but_not_another_commands_model(tmp_path, capsys):
@@ -101,12 +101,11 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
 
     model = make_tiny_model()
     target = precious(tmp_path, "thesis.txt", "README.md")
-    before = snapshot(target)
-    with pytest.raises(CheckpointError, match=r"thesis\.txt"):
-        save_pretrained(model, target)
-    assert snapshot(target) == before
+    save_pretrained(model, target)                      # written beside the user's files, which stay
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors", "thesis.txt"]
+    assert (target / "thesis.txt").read_text() == "the user's thesis.txt\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]           # no temporary left behind
-    # a folder of model files only is replaced as a whole: stale shards of an older save go too
+    # stale shards of an older save go (they would corrupt loading)
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt, max_shard_bytes=20_000)
     assert (ckpt / "model.safetensors.index.json").exists()
@@ -115,21 +114,35 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
     from_pretrained(ckpt)
 
 
-def test_replace_dir_refuses_foreign_files_keeps_the_old_on_failure_and_carries_the_lock(tmp_path):
+def test_replace_dir_keeps_foreign_files_drops_stale_ones_and_keeps_the_lock(tmp_path):
     dst, src = tmp_path / "dst", tmp_path / "src"
     dst.mkdir(), src.mkdir()
     (dst / "a.bin").write_text("old")
+    (dst / "b.bin").write_text("stale")
     (dst / "notes.txt").write_text("mine")
+    (dst / "sub").mkdir()
+    (dst / "sub" / "deep.txt").write_text("mine too")
     (src / "a.bin").write_text("new")
-    with pytest.raises(ReplaceRefused, match="notes.txt"):
-        replace_dir(src, dst, lambda n: n.endswith(".bin"))
-    assert (dst / "notes.txt").read_text() == "mine" and (dst / "a.bin").read_text() == "old"
-    (dst / "notes.txt").unlink()
+    (src / "notes.txt").mkdir()                         # a clash: refused before anything moves
+    with pytest.raises(ReplaceRefused, match="sub"):
+        replace_dir(src, dst, lambda n: n == "sub")
+    (src / "notes.txt").rmdir()
     with claim(dst, "test", flag="--out", overwrite=True):
-        inode = (dst / LOCK_NAME).stat().st_ino
         replace_dir(src, dst, lambda n: n.endswith(".bin"))
-        assert (dst / "a.bin").read_text() == "new" and (dst / LOCK_NAME).stat().st_ino == inode
+        assert (dst / "a.bin").read_text() == "new" and not (dst / "b.bin").exists()
+        assert (dst / "notes.txt").read_text() == "mine" and (dst / "sub" / "deep.txt").read_text() == "mine too"
+        with pytest.raises(OutputDirError, match="in use"):        # the swapped-in folder is locked too
+            _claim_elsewhere(dst)
     assert not src.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def _claim_elsewhere(folder: Path) -> None:
+    """Claim ``folder`` from another process; raise OutputDirError with its message if refused."""
+    code = f"from nanoseek.outdir import claim\nwith claim({str(folder)!r}, 'test', flag='--out'): pass"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode:
+        raise OutputDirError(r.stderr.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- class 1: training runs
@@ -142,27 +155,27 @@ def test_pretrain_into_a_users_folder_keeps_their_config_and_latest(tmp_path, ca
     assert snapshot(d) == before and LOCK_NAME not in os.listdir(d)
 
 
-def test_a_users_file_in_final_is_refused_before_training_and_at_the_final_save(tmp_path, capsys):
+def test_a_users_file_in_final_is_kept_and_a_clash_refused_at_the_final_save(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--config", "tiny", "--out-dir", str(out), *SMALL]) == 0
     (out / "final" / "notes.txt").write_text("keep me")
-    before = snapshot(out)
-    assert main(["pretrain", "--out-dir", str(out), "--resume", *SMALL, "--set", "train.max_steps=3"]) == 2
-    err = capsys.readouterr().err
-    assert "notes.txt" in err and snapshot(out) == before                        # refused before training
-    # a file that appears in final/ while a run trains: the final save refuses, the weights are kept
+    os.chmod(out / "final", 0o750)
+    assert main(["pretrain", "--out-dir", str(out), "--resume", *SMALL, "--set", "train.max_steps=3"]) == 0
+    assert (out / "final" / "notes.txt").read_text() == "keep me"                 # the new save kept it
+    assert (os.stat(out / "final").st_mode & 0o777) == 0o750
+    # a folder that appears in final/ under a name the save writes: refused, the weights are kept
     out = tmp_path / "run2"
 
     class DropAFile:
         def after_step(self, trainer, applied):
-            (out / "final").mkdir(exist_ok=True)
+            (out / "final" / "config.json").mkdir(parents=True, exist_ok=True)
             (out / "final" / "notes.txt").write_text("keep me")
             return {}
 
     from nanoseek.train.config import load_config
     from nanoseek.train.pretrain import pretrain
     cfg = load_config("tiny", [a for a in SMALL[1::2] if "=" in a] + [f"train.out_dir={out}"])
-    with pytest.raises(CheckpointError, match=r"notes\.txt.*trained weights are safe in .*step-000002"):
+    with pytest.raises(CheckpointError, match=r"config\.json.*trained weights are safe in .*step-000002"):
         pretrain(cfg, progress=False, quiet=True, hooks=[DropAFile()])
     assert (out / "final" / "notes.txt").read_text() == "keep me"
     assert (out / "checkpoints" / "step-000002").is_dir()
@@ -194,11 +207,12 @@ def test_ablate_and_tokenizer_refuse_a_users_folder(tmp_path, capsys):
     before = snapshot(d)
     assert main(["ablate", "--suite", "mtp", "--steps", "1", "--out", str(d), "--data", str(tmp_path / "nodata")]) == 2
     assert str(d) in capsys.readouterr().err
-    for extra in ([], ["--overwrite"]):
-        assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "280",
-                     "--out", str(d), *extra]) == 2
-        assert "thesis.txt" in capsys.readouterr().err
+    tok = ["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "280", "--out", str(d)]
+    assert main(tok) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]
+    assert main([*tok, "--overwrite"]) == 0                     # written beside the user's file
+    assert (d / "thesis.txt").read_text() == "the user's thesis.txt\n"
 
 
 def test_tokenizer_train_does_not_overwrite_a_prepared_datas_tokenizer(tmp_path, capsys):
@@ -206,9 +220,10 @@ def test_tokenizer_train_does_not_overwrite_a_prepared_datas_tokenizer(tmp_path,
     assert main(["data", "prepare", "--default-corpus", "--task-docs", "200", "--vocab-size", "280",
                  "--out", str(data)]) == 0
     before = snapshot(data)
-    assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
-                 "--out", str(data / "tokenizer")]) == 2
-    assert "--overwrite" in capsys.readouterr().err and snapshot(data) == before
+    for extra in ([], ["--overwrite"]):                 # its shards were made with it: never replaced
+        assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
+                     "--out", str(data / "tokenizer"), *extra]) == 2
+        assert "shards were made with it" in capsys.readouterr().err and snapshot(data) == before
     out = tmp_path / "tok"
     for _ in range(2):                                  # its own folder is rewritten
         assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
