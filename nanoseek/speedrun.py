@@ -151,8 +151,10 @@ def read_run_json(path: Path) -> dict:
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable speedrun record ({e}); choose another --out") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); not a speedrun record: choose another --out") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e}); choose another --out") from None
     ok = (isinstance(data, dict) and isinstance(data.get("status"), str) and isinstance(data.get("config"), dict)
           and isinstance(data.get("stages"), list)
           and all(isinstance(st, dict) and isinstance(st.get("name"), str) for st in data["stages"])
