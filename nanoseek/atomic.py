@@ -80,6 +80,11 @@ def check_replaceable(directory: str | Path, owned: Callable[[str], bool],
 
 
 def _umask() -> int:
+    """The process umask (from /proc where it can be read without changing it, which races threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

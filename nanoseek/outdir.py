@@ -173,7 +173,12 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
         previous = read_owner(path) or {}
         marker = {"command": previous.get("command", command) if is_own else command, "pid": os.getpid(),
                   "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_atomic(marker_path, json.dumps(marker) + "\n")
+        try:
+            write_atomic(marker_path, json.dumps(marker) + "\n")
+        except OSError as e:
+            _tidy(made)
+            raise OutputDirError(f"{path}: cannot write into the folder ({e.strerror or e}); "
+                                 f"choose another {flag}") from None
         before = _snapshot(path)
         try:
             yield path

@@ -656,3 +656,19 @@ def test_a_kill_between_the_fallback_renames_is_recovered_by_the_next_claim(tmp_
     (src / "a").write_text("new")
     if atomic._exchange(src, dst):
         assert (dst / "a").read_text() == "new" and (src / "a").read_text() == "old"
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_and_left_as_found(tmp_path, monkeypatch):
+    import nanoseek.atomic
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(nanoseek.atomic, "write_atomic", read_only)   # a read-only folder (tests may run as root)
+    d = precious(tmp_path)
+    new = tmp_path / "a" / "b"
+    for folder in (d, new):
+        with pytest.raises(OutputDirError, match="cannot write into the folder.*--out"):
+            with claim(folder, "demo", flag="--out", overwrite=True):
+                pass
+    assert sorted(os.listdir(d)) == ["thesis.txt"] and sorted(os.listdir(tmp_path)) == ["precious"]
