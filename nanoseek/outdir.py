@@ -33,8 +33,13 @@ Every command that leaves a folder behind (``demo``, ``pretrain``, ``sft``/``dpo
   files written now (and stale weight shards of the old result), keeping every other file and
   the permission modes. A claim first puts back an old result that a kill mid-swap left hidden.
 
-Deliberately left out: locks across machines (``flock`` on NFS is best effort), and guarding
-against another program (not nanoseek) writing into a claimed folder.
+Deliberately left out: locks across machines (``flock`` on NFS is best effort), guarding
+against another program (not nanoseek) writing into a claimed folder or removing the whole
+folder (a folder deleted and re-made is a new folder, claimable again), and undoing the marker
+of a process killed (SIGKILL) before it wrote anything (it names that command until the next
+claim). A kill inside :func:`nanoseek.atomic.replace_dir`, after the swap and before its
+clean-up, can leave a sub-folder the user had put in the old result in the hidden old copy next
+to it (never deleted).
 """
 
 from __future__ import annotations
@@ -261,8 +266,8 @@ def _lock(path: Path, flag: str, shared: bool = False) -> int:
 
 def _check_ancestors(real: Path, flag: str) -> None:
     """Refuse a folder inside a run folder another live process holds (a speedrun's stage folder)."""
-    for parent in real.parents:
-        if str(parent) in _HELD or not (parent / LOCK_NAME).is_file():
+    for parent in real.parents:               # every ancestor: its marker may have been deleted
+        if str(parent) in _HELD:
             continue
         try:
             fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)

@@ -601,13 +601,16 @@ def test_deleting_the_marker_does_not_release_the_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    # held by this process: the marker removed, another process is refused
+    # held by this process: the marker removed, another process is refused, also inside it
     mine = tmp_path / "mine"
     with claim(mine, "pretrain", flag="--out-dir"):
         (mine / "config.toml").write_text("x")
         (mine / LOCK_NAME).unlink()
         with pytest.raises(OutputDirError, match="in use by another process"):
             _claim_elsewhere(mine)
+        (mine / "stage").mkdir()
+        with pytest.raises(OutputDirError, match="which is in use by another process"):
+            _claim_elsewhere(mine / "stage")
 
 
 def test_a_refused_path_through_a_missing_folder_creates_nothing(tmp_path, capsys, monkeypatch):
