@@ -396,6 +396,7 @@ def _checkpoint_dtype(state: dict[str, torch.Tensor], default: torch.dtype) -> t
     return t.dtype
 
 
-__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "is_weight_file", "check_model_dir_writable", "to_hf_state_dict",
+__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "is_weight_file", "check_model_dir_writable",
+           "to_hf_state_dict",
            "from_hf_state_dict", "dequantize_fp8_block", "CheckpointError", "ConfigError", "read_safetensors",
            "verify_checkpoint", "older_intact_checkpoint", "recovery_hint"]
