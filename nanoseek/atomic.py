@@ -6,27 +6,38 @@ target (same filesystem), is flushed and fsynced, and then replaces the target i
 ``os.replace``. A crash leaves at most a stray ``.NAME.tmp-PID`` file that nothing reads.
 
 A result that is a folder of files (an HF model directory, a tokenizer) is built in a hidden
-folder next to the target and swapped in by :func:`replace_dir`, which refuses to replace a
-folder holding anything its writer does not write: it never deletes a user's file (the policy
-for output folders is in :mod:`nanoseek.outdir`). Training checkpoints, which are many files,
-use the same idea in :mod:`nanoseek.train.checkpoint`.
+folder next to the target and swapped in by :func:`replace_dir`. The swap replaces exactly the
+files the writer wrote now, plus the ``stale`` names of its kind the new result no longer has
+(the shards and index of an older save, which would corrupt loading); every other file and
+folder of the old one stays (files are hard-linked into the new folder before the swap, folders
+moved after it), and the folder's and files' permission modes are kept. On Linux the swap is one
+``renameat2(RENAME_EXCHANGE)``: at every moment the target holds the whole old result or the
+whole new one. Where the kernel or filesystem lacks it, the old folder is renamed aside to
+``.NAME.old-PID-NS`` and the new one into place; a kill between the two renames leaves the old
+result hidden, and :func:`recover` (run by every claim of :mod:`nanoseek.outdir`) puts it back.
+Training checkpoints, which are many files, use the same idea in :mod:`nanoseek.train.checkpoint`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
+import re
 import shutil
+import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-# files replace_dir carries from the old folder into the new one (the output folder's lock:
-# moving it keeps the inode, so the lock its holder has stays held)
-CARRIED = (".nanoseek.lock",)
+_OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)-\d+$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
 class ReplaceRefused(ValueError):
-    """A folder cannot be replaced: it holds files the writer did not write (or is not a folder)."""
+    """A folder cannot be replaced: it is not a folder, or a name the writer writes is a sub-folder there."""
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -45,71 +56,149 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def foreign_entries(directory: str | Path, owned: Callable[[str], bool]) -> list[str]:
-    """Names in ``directory`` that ``owned`` does not claim (the carried lock file aside).
-
-    A sub-folder is foreign even under an owned name: the writers write files only.
-    """
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    directory = Path(directory)
-
-    def is_folder(n: str) -> bool:
-        return (directory / n).is_dir() and not (directory / n).is_symlink()
-
-    return sorted(n for n in names if n not in CARRIED and (not owned(n) or is_folder(n)))
+def _is_folder(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink()
 
 
 def check_replaceable(directory: str | Path, owned: Callable[[str], bool],
                       what: str = "the files nanoseek writes there") -> None:
-    """Raise :class:`ReplaceRefused` if ``directory`` exists and is not a folder of only owned names."""
+    """Raise :class:`ReplaceRefused` if ``directory`` exists and is not a folder, or if a name
+    ``owned`` claims (one the writer may write or remove) is a sub-folder there: replacing it
+    would delete a folder the writer never wrote."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
+    if directory.exists() and not _is_folder(directory):
         raise ReplaceRefused(f"{directory}: exists and is not a folder")
-    foreign = foreign_entries(directory, owned)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ReplaceRefused(f"{directory} holds files other than {what} ({shown}); nanoseek never deletes "
-                             "files it did not write: move them away or write somewhere else")
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    clash = sorted(n for n in names if owned(n) and _is_folder(directory / n))
+    if clash:
+        raise ReplaceRefused(f"{directory}: {', '.join(clash[:5])} is a folder where nanoseek writes one of "
+                             f"{what}; nanoseek never deletes files it did not write: move it away or write "
+                             "somewhere else")
 
 
-def replace_dir(src: str | Path, dst: str | Path, owned: Callable[[str], bool],
-                what: str = "the files nanoseek writes there",
-                carry: Iterable[str] = CARRIED) -> Path:
-    """Make the finished folder ``src`` appear at ``dst`` in one rename; returns ``dst``.
+def _umask() -> int:
+    """The process umask (from /proc where it can be read without changing it, which races threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    A missing or empty ``dst`` is simply replaced. An existing ``dst`` is replaced only when every
-    name in it is ``owned`` (files this kind of writer writes) and is otherwise refused with
-    :class:`ReplaceRefused` before anything moves. The lock file is carried over. The old folder
-    is renamed aside, ``src`` renamed into place, and the old one removed; a file that appeared
-    in the old folder during the swap is moved into the new one, not deleted.
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_dir(src: str | Path, dst: str | Path, stale: Callable[[str], bool] = lambda n: False,
+                what: str = "the files nanoseek writes there") -> Path:
+    """Make the finished folder ``src`` appear at ``dst``, keeping what the writer does not write.
+
+    The new ``dst`` holds the files of ``src``, plus every entry of the old ``dst`` except those
+    ``src`` replaces and those ``stale`` names (files of this kind the new result no longer has).
+    A missing ``dst`` is simply renamed into place. Refused (:class:`ReplaceRefused`, before
+    anything moves) when ``dst`` is not a folder or a name to replace or remove is a sub-folder.
+    Folder and file modes of the old ``dst`` are kept; new ones get the umask's default.
+    A claim of :mod:`nanoseek.outdir` held on ``dst`` stays held across the swap.
     """
+    from nanoseek import outdir
+
     src, dst = Path(src), Path(dst)
-    check_replaceable(dst, owned, what)
-    if not dst.exists():
+    written = set(os.listdir(src))
+    check_replaceable(dst, lambda n: n in written or stale(n), what)
+    mask = _umask()
+    exists = _is_folder(dst)
+    for name in written:
+        p = src / name
+        if p.is_symlink() or not p.is_file():
+            continue
+        old = dst / name
+        mode = stat.S_IMODE(old.stat().st_mode) if exists and old.is_file() and not old.is_symlink() else 0o666 & ~mask
+        os.chmod(p, mode)
+    os.chmod(src, stat.S_IMODE(dst.stat().st_mode) if exists else 0o777 & ~mask)
+    if not exists:
         os.replace(src, dst)
         return dst
-    for name in carry:
-        if (dst / name).exists() and not (src / name).exists():
-            os.replace(dst / name, src / name)
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    os.replace(dst, old)
+    for name in os.listdir(dst):                  # keep what the writer does not write (folders: after the swap)
+        if name in written or stale(name) or _is_folder(dst / name):
+            continue
+        try:
+            os.link(dst / name, src / name, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(dst / name, src / name, follow_symlinks=False)
+    handover = outdir.handover_prepare(dst, src)
     try:
-        os.replace(src, dst)
+        if _exchange(src, dst):
+            old = src
+        else:
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(dst, old)
+            try:
+                os.replace(src, dst)
+            except BaseException:
+                os.replace(old, dst)
+                raise
     except BaseException:
-        os.replace(old, dst)
-        for name in carry:
-            if (src / name).exists() and not (dst / name).exists():
-                os.replace(src / name, dst / name)
+        outdir.handover_abort(handover)
         raise
-    for name in os.listdir(old):              # written by someone else while we swapped: keep it
-        if name in carry or not owned(name) or ((old / name).is_dir() and not (old / name).is_symlink()):
-            if not (dst / name).exists():
-                os.replace(old / name, dst / name)
+    outdir.handover_complete(dst, handover)
+    for name in os.listdir(old):                  # folders kept, and files that appeared during the swap
+        if name in written or stale(name):
+            continue
+        if not (dst / name).exists() and not (dst / name).is_symlink():
+            os.replace(old / name, dst / name)
     shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
-__all__ = ["write_atomic", "replace_dir", "check_replaceable", "foreign_entries", "ReplaceRefused", "CARRIED"]
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(directory: str | Path, only: str | None = None) -> list[str]:
+    """Put back every ``.NAME.old-PID-NS`` in ``directory`` whose ``NAME`` is missing and whose
+    writer is dead (a kill between the two renames of :func:`replace_dir`'s fallback), or only
+    ``.ONLY.old-*``; the names restored."""
+    restored = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return restored
+    for n in sorted(names):
+        m = _OLD_RE.match(n)
+        if not m or (only is not None and m["name"] != only) or _alive(int(m["pid"])):
+            continue
+        target = Path(directory) / m["name"]
+        if target.exists() or target.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            os.rename(Path(directory) / n, target)
+            restored.append(m["name"])
+    return restored
+
+
+__all__ = ["write_atomic", "replace_dir", "check_replaceable", "recover", "ReplaceRefused"]

@@ -5,28 +5,41 @@ Every command that leaves a folder behind (``demo``, ``pretrain``, ``sft``/``dpo
 :func:`claim`, and the policy is the same everywhere:
 
 * **Claim.** A missing or empty folder is taken. A non-empty folder is taken only if it is this
-  command's own run: it holds the lock file ``.nanoseek.lock`` whose JSON names the command (the
-  marker is written by the first claim and kept), or, for folders made before the marker existed,
-  the command's own files (``own``: e.g. a pretrain run's ``config.toml`` + ``checkpoints/``).
-  Anything else is refused with one line naming the folder and the flag to use (another
-  ``--out``, or ``--overwrite`` where the command has it). Nothing is created in a folder that is
-  refused.
-* **Lock.** The claim holds an exclusive ``flock`` on ``.nanoseek.lock`` while the command runs;
-  the kernel releases it when the process exits or dies, so a crash never leaves a stale lock.
-  A second process claiming the same folder gets one line saying which process holds it. Claims
-  nest within one process (the speedrun claims its folder, then each stage its sub-folder; a
-  repeated claim of a folder this process holds is a no-op). A sub-folder of a folder this
-  process holds counts as own: the command that claimed the parent laid it out (an ablation
-  writes each arm's ``arm.json`` before its pre-training run claims the folder). A folder inside
-  a run folder that another live process holds is refused too.
+  command's own run: it holds the marker ``.nanoseek.lock`` whose JSON names the command, or, for
+  folders made before the marker existed, the command's own record, parsed and checked (``own``:
+  a speedrun's ``run.json``, a data manifest's format fields, a pretrain ``config.toml`` that
+  loads as a nanoseek config, a stage's ``stage.json``); a file that merely has such a name is
+  not a claim. A command never takes another command's run. Anything else is refused with one
+  line naming the folder and the flag to use (another ``--out``, or ``--overwrite`` where the
+  command has it). A refused claim creates nothing: no folder, no marker (a path that climbs out
+  of a missing folder, ``missing/../x``, is refused before anything is made).
+* **Marker.** The marker is written once the claim holds the lock. A command that then fails
+  before writing anything else leaves the folder exactly as it found it: the marker is removed
+  (or the previous one put back) and the folders the claim made are removed again.
+* **Lock.** The claim holds an exclusive ``flock`` on the folder itself (an fd of the
+  directory), not on the marker file, so deleting ``.nanoseek.lock`` cannot release it; the
+  kernel releases it when the process exits or dies, so a crash never leaves a stale lock.
+  A second process claiming the same folder gets one line saying which process holds it. When
+  the claimed folder itself is replaced (:func:`nanoseek.atomic.replace_dir`), the new folder is
+  locked before the swap. Claims nest within one process (the speedrun claims its folder, then
+  each stage its sub-folder; a repeated claim of a folder this process holds is a no-op). A
+  sub-folder of a folder this process holds counts as own: the command that claimed the parent
+  laid it out (an ablation writes each arm's ``arm.json`` before its pre-training run claims the
+  folder). A folder inside a run folder that another live process holds is refused too.
 * **Replace.** A command never deletes or overwrites a file it did not write. Replacing a result
   (``--overwrite``, saving over an existing ``final/``) builds the new result beside the target
   and swaps it in with :func:`nanoseek.atomic.replace_dir` only after every input was read and
-  every check passed, so a failure leaves the old result intact; a folder that also holds files
-  the command does not write is refused, never cleaned.
+  every check passed, so a failure leaves the old result intact; the swap replaces exactly the
+  files written now (and stale weight shards of the old result), keeping every other file and
+  the permission modes. A claim first puts back an old result that a kill mid-swap left hidden.
 
-Deliberately left out: locks across machines (``flock`` on NFS is best effort), and guarding
-against another program (not nanoseek) writing into a claimed folder.
+Deliberately left out: locks across machines (``flock`` on NFS is best effort), guarding
+against another program (not nanoseek) writing into a claimed folder or removing the whole
+folder (a folder deleted and re-made is a new folder, claimable again), and undoing the marker
+of a process killed (SIGKILL) before it wrote anything (it names that command until the next
+claim). A kill inside :func:`nanoseek.atomic.replace_dir`, after the swap and before its
+clean-up, can leave a sub-folder the user had put in the old result in the hidden old copy next
+to it (never deleted).
 """
 
 from __future__ import annotations
@@ -82,6 +95,7 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
     Has no side effects, so a command can check its folder before doing anything slow.
     """
     path = Path(path)
+    _check_path(path, flag)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"{path}: exists and is not a folder; choose another {flag}")
     entries = visible_entries(path)
@@ -115,12 +129,20 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     ``overwrite_flag``) allows a non-empty folder that is not this command's; ``lock=False`` neither
     checks nor locks (the non-zero ranks under torchrun: rank 0 checks and holds the folder).
     """
+    from nanoseek.atomic import recover, write_atomic
+
     path = Path(path)
     if not lock:                              # rank 0 checks and holds the folder for every rank
         yield path
         return
-    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag)
+    _check_path(path, flag)
+    if path.parent.is_dir() and not path.exists():
+        recover(path.parent, only=path.name)  # a replace killed mid-swap hid the old folder
     key = os.path.realpath(path)
+    if key not in _HELD and path.is_dir():    # another live holder: say "in use", whatever the folder holds
+        with contextlib.suppress(OSError):
+            os.close(_lock(path, flag, shared=True))
+    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag)
     if key in _HELD:                          # this process holds it already (a nested stage)
         _HELD[key][1] += 1
         try:
@@ -129,48 +151,100 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
             _HELD[key][1] -= 1
         return
     _check_ancestors(Path(key), flag)
-    made_dir = not path.exists()
-    lock_path = path / LOCK_NAME
-    made_lock = not lock_path.exists()
+    made = _missing_dirs(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd = _lock(lock_path, path, flag)
+        fd = _lock(path, flag)
     except OSError as e:
-        _tidy(path, made_dir, False)
+        _tidy(made)
         raise OutputDirError(f"{path}: cannot lock the folder ({e.strerror or e}); choose another {flag}") from None
     except BaseException:
-        _tidy(path, made_dir, False)
+        _tidy(made)
         raise
+    _HELD[key] = [fd, 1]
     try:
         try:                                  # re-check under the lock: a finished writer may have filled it
             is_own = check_claimable(path, command, flag=flag, own=own, overwrite=overwrite,
                                      overwrite_flag=overwrite_flag)
         except OutputDirError:
-            _tidy(path, made_dir, made_lock)
+            _tidy(made)
             raise
+        recover(path)
+        marker_path = path / LOCK_NAME
+        try:
+            before_marker = marker_path.read_bytes()
+        except OSError:
+            before_marker = None
         previous = read_owner(path) or {}
         marker = {"command": previous.get("command", command) if is_own else command, "pid": os.getpid(),
                   "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(marker) + "\n").encode(), 0)
-        _HELD[key] = [fd, 1]
+        try:
+            write_atomic(marker_path, json.dumps(marker) + "\n")
+        except OSError as e:
+            _tidy(made)
+            raise OutputDirError(f"{path}: cannot write into the folder ({e.strerror or e}); "
+                                 f"choose another {flag}") from None
+        before = _snapshot(path)
         try:
             yield path
         except BaseException:
-            _tidy(path, made_dir, made_lock)  # a command that failed before writing anything leaves nothing
+            if _snapshot(path) == before:     # failed before writing anything: leave the folder as found
+                with contextlib.suppress(OSError):
+                    if before_marker is None:
+                        marker_path.unlink()
+                    else:
+                        write_atomic(marker_path, before_marker)
+                _tidy(made)
             raise
-        finally:
-            del _HELD[key]
     finally:
-        os.close(fd)                          # releases the lock
+        os.close(_HELD.pop(key)[0])           # releases the lock
 
 
-def _lock(lock_path: Path, path: Path, flag: str) -> int:
-    """An fd holding an exclusive flock on ``lock_path`` (the file now at that path, not an unlinked one)."""
+def _check_path(path: Path, flag: str) -> None:
+    """Refuse a path that climbs out of a missing folder (``missing/../x``): the kernel cannot
+    resolve it, and making ``missing`` to get there would create a folder nobody asked for."""
+    for i, part in enumerate(path.parts):
+        if part == ".." and not Path(*path.parts[:i] or ".").is_dir():
+            raise OutputDirError(f"{path}: {Path(*path.parts[:i])} is not an existing folder, so '..' after it "
+                                 f"does not lead anywhere; choose another {flag}")
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    out = []
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _snapshot(path: Path) -> list[tuple]:
+    """What a command writing into ``path`` changes: every folder's entries and mtime, every file's size and mtime."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for n in [root, *(os.path.join(root, f) for f in sorted(files) if f != LOCK_NAME or root != str(path))]:
+            try:
+                st = os.lstat(n)
+            except OSError:
+                continue
+            out.append((n, st.st_ino, st.st_size, st.st_mtime_ns if n != root else None))
+        out.append((root, tuple(sorted(set(dirs) | set(files)) )))
+    return out
+
+
+def _lock(path: Path, flag: str, shared: bool = False) -> int:
+    """An fd of the folder ``path`` itself (the folder now at that path) holding an exclusive flock.
+
+    The lock is the folder's own inode, so deleting ``.nanoseek.lock`` (only the ownership
+    record) cannot release it; a folder removed and re-made while we waited is taken anew.
+    ``shared`` takes a shared lock instead (a probe: refused the same way while another process holds it).
+    """
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -182,22 +256,21 @@ def _lock(lock_path: Path, path: Path, flag: str) -> int:
             raise OutputDirError(f"{path} is in use by another process ({what}, {who}{since}); wait for it to "
                                  f"finish or choose another {flag}") from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
         if same:
             return fd
-        os.close(fd)                          # its holder removed it while we waited: take the new one
+        os.close(fd)                          # its holder swapped or removed it while we waited: take the new one
 
 
 def _check_ancestors(real: Path, flag: str) -> None:
     """Refuse a folder inside a run folder another live process holds (a speedrun's stage folder)."""
-    for parent in real.parents:
-        lock_path = parent / LOCK_NAME
-        if str(parent) in _HELD or not lock_path.is_file():
+    for parent in real.parents:               # every ancestor: its marker may have been deleted
+        if str(parent) in _HELD:
             continue
         try:
-            fd = os.open(lock_path, os.O_RDONLY)
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             continue
         try:
@@ -211,15 +284,37 @@ def _check_ancestors(real: Path, flag: str) -> None:
             os.close(fd)
 
 
-def _tidy(path: Path, made_dir: bool, made_lock: bool) -> None:
-    """Undo what a claim created when nothing else was written: its lock file, then its folder."""
-    if visible_entries(path):
-        return
-    with contextlib.suppress(OSError):
-        if made_lock:
-            (path / LOCK_NAME).unlink(missing_ok=True)
-        if made_dir:
-            path.rmdir()
+def _tidy(made: list[Path]) -> None:
+    """Remove the folders a claim created (deepest first) while they are empty."""
+    for p in made:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def handover_prepare(dst: Path, new: Path) -> tuple[str, int] | None:
+    """Before :func:`nanoseek.atomic.replace_dir` swaps the folder ``new`` in at ``dst``: if this
+    process holds ``dst``, lock ``new`` too, so the folder at ``dst`` is never unlocked."""
+    key = os.path.realpath(dst)
+    if key not in _HELD:
+        return None
+    fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return key, fd
+
+
+def handover_complete(dst: Path, handover: tuple[str, int] | None) -> None:
+    """After the swap: the claim now holds the new folder's lock and releases the old one's."""
+    if handover is not None:
+        key, fd = handover
+        old, _HELD[key][0] = _HELD[key][0], fd
+        os.close(old)
+
+
+def handover_abort(handover: tuple[str, int] | None) -> None:
+    if handover is not None:
+        os.close(handover[1])
 
 
 def _inside_held(path: Path) -> bool:
@@ -232,4 +327,5 @@ def holds(path: str | Path) -> bool:
     return os.path.realpath(path) in _HELD
 
 
-__all__ = ["LOCK_NAME", "OutputDirError", "claim", "check_claimable", "visible_entries", "read_owner", "holds"]
+__all__ = ["LOCK_NAME", "OutputDirError", "claim", "check_claimable", "visible_entries", "read_owner", "holds",
+           "handover_prepare", "handover_complete", "handover_abort"]

@@ -143,6 +143,40 @@ def _check_optim_tables(raw: dict, path) -> None:
 
 
 # ----------------------------------------------------------------------------- run.json
+def read_run_json(path: Path) -> dict:
+    """A speedrun's ``run.json``, checked: a dict with ``status``, ``config``, ``stages`` (each with
+    a ``name``) and ``steps`` (step -> status). Anything else is one UserError line naming the file
+    (a file of that name in a user's folder is not a speedrun's record)."""
+    from nanoseek.cli import UserError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); not a speedrun record: choose another --out") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e}); choose another --out") from None
+    ok = (isinstance(data, dict) and isinstance(data.get("status"), str) and isinstance(data.get("config"), dict)
+          and isinstance(data.get("stages"), list)
+          and all(isinstance(st, dict) and isinstance(st.get("name"), str) for st in data["stages"])
+          and isinstance(data.get("steps"), dict)
+          and all(isinstance(k, str) and isinstance(v, str) for k, v in data["steps"].items()))
+    if not ok:
+        raise UserError(f"{path}: not a nanoseek speedrun record (needs status, config, stages, steps); "
+                        "choose another --out")
+    return data
+
+
+def is_speedrun_run(path: Path) -> bool:
+    """A speedrun folder from before the ``.nanoseek.lock`` marker: a valid ``run.json``."""
+    from nanoseek.cli import UserError
+
+    try:
+        read_run_json(path / "run.json")
+    except UserError:
+        return False
+    return True
+
+
 class RunState:
     """run.json: per-stage status, wall times and sizes (what the report reads), plus the
     bookkeeping of finished steps (``steps``: data, pretrain, eval_base, ...) that resume uses.
@@ -151,7 +185,7 @@ class RunState:
     def __init__(self, run_dir: Path, config: dict):
         self.path = run_dir / "run.json"
         if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            self.data = read_run_json(self.path)
         else:
             self.data = {"name": run_dir.name, "status": "running", "started": _now(), "device": "cpu",
                          "stages": [], "steps": {}}
@@ -202,17 +236,11 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
         raise UserError(f"--from {src}: no run.json there; not a speedrun folder")
     branch = {"run": str(src), "redo": redo}
     if (dst / "run.json").is_file():
-        try:
-            if json.loads((dst / "run.json").read_text()).get("branched_from") == branch:
-                return
-        except json.JSONDecodeError:
-            pass
+        if read_run_json(dst / "run.json").get("branched_from") == branch:
+            return
     if visible_entries(dst):
         raise UserError(f"--out {dst}: not empty; --from starts a new run folder (or resumes one it started)")
-    try:
-        old = json.loads(src_json.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{src_json}: not valid JSON ({e})") from None
+    old = read_run_json(src_json)
     kept_steps = STAGES[:STAGES.index(redo)]
     missing = [s for s in kept_steps if old.get("steps", {}).get(s) != "done"]
     if missing:
@@ -335,7 +363,7 @@ def run(args) -> int:
     config = {**rc, "minutes": minutes, "seed": seed}
     if (args.from_run is None) != (args.redo is None):
         raise UserError("--from RUN and --redo STAGE go together")
-    with claim(run_dir, "speedrun", flag="--out", own=lambda p: (p / "run.json").is_file()):
+    with claim(run_dir, "speedrun", flag="--out", own=is_speedrun_run):
         fresh_branch = args.from_run is not None and not (run_dir / "run.json").is_file()
         if args.from_run is not None:
             branch_run(Path(args.from_run), run_dir, args.redo, config)
@@ -366,10 +394,7 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
     path = run_dir / "run.json"
     if not path.is_file():
         return
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e}); choose another --out") from None
+    data = read_run_json(path)
     if not data.get("steps"):
         return                                  # nothing was made yet: the new settings are the run's
     old = _flatten(data.get("config", {}))

@@ -72,10 +72,10 @@ def test_demo_into_a_users_folder_refuses_and_leaves_it_untouched(tmp_path, caps
     err = capsys.readouterr().err
     assert str(d) in err and "--overwrite" in err and "--out" in err and len(err.strip().splitlines()) == 1
     assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]     # not even a lock file
-    # --overwrite allows replacing model files, never deleting the user's: still refused
-    assert main(["demo", "--out", str(d), "--tokens", "2", "--overwrite"]) == 2
-    assert "thesis.txt" in capsys.readouterr().err
-    assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]
+    # --overwrite writes the model beside the user's file, never deleting it
+    assert main(["demo", "--out", str(d), "--tokens", "2", "--overwrite"]) == 0
+    assert (d / "thesis.txt").read_text() == "the user's thesis.txt\n"
+    assert sorted(os.listdir(d)) == [LOCK_NAME, "config.json", "model.safetensors", "thesis.txt"]
 
 
 def test_demo_rewrites_its_own_folder_but_not_another_commands_model(tmp_path, capsys):
@@ -101,12 +101,11 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
 
     model = make_tiny_model()
     target = precious(tmp_path, "thesis.txt", "README.md")
-    before = snapshot(target)
-    with pytest.raises(CheckpointError, match=r"thesis\.txt"):
-        save_pretrained(model, target)
-    assert snapshot(target) == before
+    save_pretrained(model, target)                      # written beside the user's files, which stay
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors", "thesis.txt"]
+    assert (target / "thesis.txt").read_text() == "the user's thesis.txt\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]           # no temporary left behind
-    # a folder of model files only is replaced as a whole: stale shards of an older save go too
+    # stale shards of an older save go (they would corrupt loading)
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt, max_shard_bytes=20_000)
     assert (ckpt / "model.safetensors.index.json").exists()
@@ -115,21 +114,35 @@ def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path):
     from_pretrained(ckpt)
 
 
-def test_replace_dir_refuses_foreign_files_keeps_the_old_on_failure_and_carries_the_lock(tmp_path):
+def test_replace_dir_keeps_foreign_files_drops_stale_ones_and_keeps_the_lock(tmp_path):
     dst, src = tmp_path / "dst", tmp_path / "src"
     dst.mkdir(), src.mkdir()
     (dst / "a.bin").write_text("old")
+    (dst / "b.bin").write_text("stale")
     (dst / "notes.txt").write_text("mine")
+    (dst / "sub").mkdir()
+    (dst / "sub" / "deep.txt").write_text("mine too")
     (src / "a.bin").write_text("new")
-    with pytest.raises(ReplaceRefused, match="notes.txt"):
-        replace_dir(src, dst, lambda n: n.endswith(".bin"))
-    assert (dst / "notes.txt").read_text() == "mine" and (dst / "a.bin").read_text() == "old"
-    (dst / "notes.txt").unlink()
+    (src / "notes.txt").mkdir()                         # a clash: refused before anything moves
+    with pytest.raises(ReplaceRefused, match="sub"):
+        replace_dir(src, dst, lambda n: n == "sub")
+    (src / "notes.txt").rmdir()
     with claim(dst, "test", flag="--out", overwrite=True):
-        inode = (dst / LOCK_NAME).stat().st_ino
         replace_dir(src, dst, lambda n: n.endswith(".bin"))
-        assert (dst / "a.bin").read_text() == "new" and (dst / LOCK_NAME).stat().st_ino == inode
+        assert (dst / "a.bin").read_text() == "new" and not (dst / "b.bin").exists()
+        assert (dst / "notes.txt").read_text() == "mine" and (dst / "sub" / "deep.txt").read_text() == "mine too"
+        with pytest.raises(OutputDirError, match="in use"):        # the swapped-in folder is locked too
+            _claim_elsewhere(dst)
     assert not src.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def _claim_elsewhere(folder: Path) -> None:
+    """Claim ``folder`` from another process; raise OutputDirError with its message if refused."""
+    code = f"from nanoseek.outdir import claim\nwith claim({str(folder)!r}, 'test', flag='--out'): pass"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode:
+        raise OutputDirError(r.stderr.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- class 1: training runs
@@ -142,27 +155,27 @@ def test_pretrain_into_a_users_folder_keeps_their_config_and_latest(tmp_path, ca
     assert snapshot(d) == before and LOCK_NAME not in os.listdir(d)
 
 
-def test_a_users_file_in_final_is_refused_before_training_and_at_the_final_save(tmp_path, capsys):
+def test_a_users_file_in_final_is_kept_and_a_clash_refused_at_the_final_save(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--config", "tiny", "--out-dir", str(out), *SMALL]) == 0
     (out / "final" / "notes.txt").write_text("keep me")
-    before = snapshot(out)
-    assert main(["pretrain", "--out-dir", str(out), "--resume", *SMALL, "--set", "train.max_steps=3"]) == 2
-    err = capsys.readouterr().err
-    assert "notes.txt" in err and snapshot(out) == before                        # refused before training
-    # a file that appears in final/ while a run trains: the final save refuses, the weights are kept
+    os.chmod(out / "final", 0o750)
+    assert main(["pretrain", "--out-dir", str(out), "--resume", *SMALL, "--set", "train.max_steps=3"]) == 0
+    assert (out / "final" / "notes.txt").read_text() == "keep me"                 # the new save kept it
+    assert (os.stat(out / "final").st_mode & 0o777) == 0o750
+    # a folder that appears in final/ under a name the save writes: refused, the weights are kept
     out = tmp_path / "run2"
 
     class DropAFile:
         def after_step(self, trainer, applied):
-            (out / "final").mkdir(exist_ok=True)
+            (out / "final" / "config.json").mkdir(parents=True, exist_ok=True)
             (out / "final" / "notes.txt").write_text("keep me")
             return {}
 
     from nanoseek.train.config import load_config
     from nanoseek.train.pretrain import pretrain
     cfg = load_config("tiny", [a for a in SMALL[1::2] if "=" in a] + [f"train.out_dir={out}"])
-    with pytest.raises(CheckpointError, match=r"notes\.txt.*trained weights are safe in .*step-000002"):
+    with pytest.raises(CheckpointError, match=r"config\.json.*trained weights are safe in .*step-000002"):
         pretrain(cfg, progress=False, quiet=True, hooks=[DropAFile()])
     assert (out / "final" / "notes.txt").read_text() == "keep me"
     assert (out / "checkpoints" / "step-000002").is_dir()
@@ -194,11 +207,12 @@ def test_ablate_and_tokenizer_refuse_a_users_folder(tmp_path, capsys):
     before = snapshot(d)
     assert main(["ablate", "--suite", "mtp", "--steps", "1", "--out", str(d), "--data", str(tmp_path / "nodata")]) == 2
     assert str(d) in capsys.readouterr().err
-    for extra in ([], ["--overwrite"]):
-        assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "280",
-                     "--out", str(d), *extra]) == 2
-        assert "thesis.txt" in capsys.readouterr().err
+    tok = ["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "280", "--out", str(d)]
+    assert main(tok) == 2
+    assert "--overwrite" in capsys.readouterr().err
     assert snapshot(d) == before and sorted(os.listdir(d)) == ["thesis.txt"]
+    assert main([*tok, "--overwrite"]) == 0                     # written beside the user's file
+    assert (d / "thesis.txt").read_text() == "the user's thesis.txt\n"
 
 
 def test_tokenizer_train_does_not_overwrite_a_prepared_datas_tokenizer(tmp_path, capsys):
@@ -206,9 +220,10 @@ def test_tokenizer_train_does_not_overwrite_a_prepared_datas_tokenizer(tmp_path,
     assert main(["data", "prepare", "--default-corpus", "--task-docs", "200", "--vocab-size", "280",
                  "--out", str(data)]) == 0
     before = snapshot(data)
-    assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
-                 "--out", str(data / "tokenizer")]) == 2
-    assert "--overwrite" in capsys.readouterr().err and snapshot(data) == before
+    for extra in ([], ["--overwrite"]):                 # its shards were made with it: never replaced
+        assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
+                     "--out", str(data / "tokenizer"), *extra]) == 2
+        assert "shards were made with it" in capsys.readouterr().err and snapshot(data) == before
     out = tmp_path / "tok"
     for _ in range(2):                                  # its own folder is rewritten
         assert main(["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "290",
@@ -449,3 +464,213 @@ def test_post_training_stage_rerun_refuses_other_settings_and_resume_records_the
     assert res.status == "done" and res.steps == 2
     assert "changed settings: train.max_steps" in capsys.readouterr().out
     assert "max_steps = 1" in (tmp_path / "sft" / "config.previous.toml").read_text()
+
+
+# ----------------------------------------------------------------------------- round 2: the reviewer's attacks
+def test_a_users_run_json_is_not_a_speedrun_and_a_malformed_one_is_one_line(tmp_path, capsys):
+    d = precious(tmp_path, "thesis.txt")
+    (d / "run.json").write_text('{"notes": "my results"}\n')
+    before = snapshot(d)
+    assert main(["speedrun", "--out", str(d), "--minutes", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not made by nanoseek speedrun" in err
+    assert snapshot(d) == before and LOCK_NAME not in os.listdir(d)
+    # a speedrun's own folder (its marker) whose run.json is broken: one line, folder unchanged
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / LOCK_NAME).write_text(json.dumps({"command": "speedrun", "pid": 1}) + "\n")
+    for bad in ("[1, 2]", "{not json", '{"steps": [], "stages": {}, "config": 1, "status": "done"}'):
+        (own / "run.json").write_text(bad)
+        assert main(["speedrun", "--out", str(own), "--minutes", "0.2"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "run.json" in err and "Traceback" not in err
+        assert (own / "run.json").read_text() == bad and read_owner(own) == {"command": "speedrun", "pid": 1}
+
+
+def test_files_named_like_a_run_are_not_a_run(tmp_path, capsys):
+    # a config.toml that is no nanoseek config, next to a checkpoints/step-* folder: not a pretrain run
+    d = precious(tmp_path, "config.toml")
+    (d / "checkpoints" / "step-000001").mkdir(parents=True)
+    before = snapshot(d)
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(d), *SMALL]) == 2
+    assert "not made by nanoseek pretrain" in capsys.readouterr().err and snapshot(d) == before
+    # a stage.json that is not a stage record, or another stage's: not this stage's run
+    from nanoseek.post.stage import is_stage_run
+    from nanoseek.train.pretrain import is_pretrain_run
+
+    (d / "stage.json").write_text('{"kind": "dpo", "status": "done", "steps": 3}')
+    assert is_stage_run(d, "dpo") and not is_stage_run(d, "sft") and not is_pretrain_run(d)
+    for bad in ('{"kind": "dpo"}', "[]", "{", '{"kind": "pretrain", "status": "done", "steps": 3}'):
+        (d / "stage.json").write_text(bad)
+        assert not is_stage_run(d)
+
+
+def test_tokenizer_train_does_not_take_a_downloaded_tokenizer_without_overwrite(tmp_path, capsys):
+    tok = tmp_path / "mytok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"mine": 1}')
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "README.md").write_text("model card")
+    before = snapshot(tok)
+    argv = ["tokenizer", "train", "--default-corpus", "--task-docs", "50", "--vocab-size", "280", "--out", str(tok)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tok) == before and LOCK_NAME not in os.listdir(tok)
+    assert main([*argv, "--overwrite"]) == 0                   # asked for: its files replaced, the card stays
+    assert (tok / "tokenizer.json").read_text() != '{"mine": 1}' and (tok / "README.md").read_text() == "model card"
+    assert main(argv) == 0                                       # now its own (the marker)
+
+
+def test_a_model_save_replaces_only_the_files_it_writes_and_keeps_modes(tmp_path, capsys):
+    mask = os.umask(0o022)
+    try:
+        d = tmp_path / "d"
+        assert main(["demo", "--out", str(d), "--tokens", "2"]) == 0
+        assert (os.stat(d).st_mode & 0o777, os.stat(d / "model.safetensors").st_mode & 0o777) == (0o755, 0o644)
+        (d / "tokenizer.json").write_text("mine")
+        (d / "generation_config.json").write_text("{}")
+        os.chmod(d, 0o750)
+        os.chmod(d / "config.json", 0o600)
+        assert main(["demo", "--out", str(d), "--tokens", "2"]) == 0
+        assert (d / "tokenizer.json").read_text() == "mine" and (d / "generation_config.json").read_text() == "{}"
+        assert os.stat(d).st_mode & 0o777 == 0o750 and os.stat(d / "config.json").st_mode & 0o777 == 0o600
+        # --overwrite into a downloaded HF model folder: its weights and config replaced, its tokenizer kept
+        hf = tmp_path / "hf"
+        hf.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            (hf / name).write_text(f"hf {name}")
+        capsys.readouterr()
+        assert main(["demo", "--out", str(hf), "--tokens", "2"]) == 2
+        assert "replaces only its own files" in capsys.readouterr().err
+        assert main(["demo", "--out", str(hf), "--tokens", "2", "--overwrite"]) == 0
+        assert (hf / "tokenizer.json").read_text() == "hf tokenizer.json"
+        assert (hf / "tokenizer_config.json").read_text() == "hf tokenizer_config.json"
+        assert (hf / "config.json").read_text() != "hf config.json"
+    finally:
+        os.umask(mask)
+
+
+def test_a_refused_or_failed_command_leaves_no_marker_and_never_takes_another_commands_run(tmp_path, capsys):
+    run = tmp_path / "tiny"
+    assert main(["pretrain", "--config", "tiny", "--out-dir", str(run), *SMALL]) == 0
+    (run / LOCK_NAME).unlink()                                  # a run made before markers
+    before = snapshot(run)
+    assert main(["sft", "--model", str(run), "--out", str(run), "--set", "train.max_steps=2"]) == 2
+    assert "not made by nanoseek sft" in capsys.readouterr().err
+    assert snapshot(run) == before and LOCK_NAME not in os.listdir(run)
+    assert main(["pretrain", "--out-dir", str(run), "--resume", *SMALL, "--set", "train.max_steps=3"]) == 0
+    # a web app's manifest.json is not prepared data: refused, and --overwrite never replaces it
+    web = precious(tmp_path, "index.html")
+    (web / "manifest.json").write_text('{"name": "PWA"}')
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    before = snapshot(web)
+    argv = ["data", "prepare", "--input", str(src), "--vocab-size", "280", "--out", str(web), "--no-dedup"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*argv, *extra]) == 2
+        assert "manifest.json is not a nanoseek data manifest" in capsys.readouterr().err
+    assert snapshot(web) == before and sorted(os.listdir(web)) == ["index.html", "manifest.json"]
+    # a claim (with --overwrite) that fails before writing: the previous marker is put back as it was
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("x")
+    (other / LOCK_NAME).write_text('{"command": "demo"}\n')
+    with pytest.raises(RuntimeError):
+        with claim(other, "pretrain", flag="--out-dir", overwrite=True):
+            assert read_owner(other)["command"] == "pretrain"
+            raise RuntimeError("failed before writing")
+    assert (other / LOCK_NAME).read_text() == '{"command": "demo"}\n' and sorted(os.listdir(other)) == [LOCK_NAME,
+                                                                                                        "x.txt"]
+    with pytest.raises(RuntimeError):                           # one that wrote something keeps its marker
+        with claim(other, "pretrain", flag="--out-dir", overwrite=True):
+            (other / "config.toml").write_text("written")
+            raise RuntimeError("failed after writing")
+    assert read_owner(other)["command"] == "pretrain"
+
+
+def test_deleting_the_marker_does_not_release_the_lock(tmp_path):
+    # held by another process: the marker removed, a claim here is still refused
+    out = tmp_path / "run"
+    holder = hold_lock_in_subprocess(out)
+    try:
+        (out / LOCK_NAME).unlink()
+        with pytest.raises(OutputDirError, match="in use by another process"):
+            with claim(out, "pretrain", flag="--out-dir"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # held by this process: the marker removed, another process is refused, also inside it
+    mine = tmp_path / "mine"
+    with claim(mine, "pretrain", flag="--out-dir"):
+        (mine / "config.toml").write_text("x")
+        (mine / LOCK_NAME).unlink()
+        with pytest.raises(OutputDirError, match="in use by another process"):
+            _claim_elsewhere(mine)
+        (mine / "stage").mkdir()
+        with pytest.raises(OutputDirError, match="which is in use by another process"):
+            _claim_elsewhere(mine / "stage")
+
+
+def test_a_refused_path_through_a_missing_folder_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = precious(tmp_path)
+    for argv in (["demo", "--out", "nonexist/../precious", "--tokens", "2"],
+                 ["pretrain", "--config", "tiny", "--out-dir", "nonexist/../precious", *SMALL]):
+        assert main(argv) == 2
+        assert "nonexist" in capsys.readouterr().err
+        assert sorted(os.listdir(tmp_path)) == ["precious"] and sorted(os.listdir(d)) == ["thesis.txt"]
+
+
+def test_a_kill_between_the_fallback_renames_is_recovered_by_the_next_claim(tmp_path):
+    from nanoseek import atomic
+
+    base = tmp_path / "run"
+    (base / "final").mkdir(parents=True)
+    (base / "final" / "config.json").write_text("old model")
+    (base / "new").mkdir()
+    (base / "new" / "config.json").write_text("new model")
+    child = textwrap.dedent(f"""
+        import os
+        from nanoseek import atomic
+        real = os.replace
+        def dying(a, b):
+            real(a, b)
+            os._exit(137)                 # killed: the old folder aside, the new one not yet in place
+        atomic._exchange = lambda a, b: False
+        atomic.os.replace = dying
+        atomic.replace_dir({str(base / 'new')!r}, {str(base / 'final')!r})
+    """)
+    subprocess.run([sys.executable, "-c", child], env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert not (base / "final").exists() and any(n.startswith(".final.old-") for n in os.listdir(base))
+    with claim(base, "pretrain", flag="--out-dir", overwrite=True):
+        assert (base / "final" / "config.json").read_text() == "old model"
+    # the claimed folder itself hidden by such a kill: its claim puts it back first
+    os.rename(base, tmp_path / ".run.old-999999999-1")
+    with claim(base, "pretrain", flag="--out-dir"):
+        assert (base / "final" / "config.json").read_text() == "old model"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".run.old-")]
+    # where renameat2 works, the swap is one exchange: no second rename to be killed before
+    dst, src = tmp_path / "dst", tmp_path / "src"
+    dst.mkdir(), src.mkdir()
+    (dst / "a").write_text("old")
+    (src / "a").write_text("new")
+    if atomic._exchange(src, dst):
+        assert (dst / "a").read_text() == "new" and (src / "a").read_text() == "old"
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_and_left_as_found(tmp_path, monkeypatch):
+    import nanoseek.atomic
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(nanoseek.atomic, "write_atomic", read_only)   # a read-only folder (tests may run as root)
+    d = precious(tmp_path)
+    new = tmp_path / "a" / "b"
+    for folder in (d, new):
+        with pytest.raises(OutputDirError, match="cannot write into the folder.*--out"):
+            with claim(folder, "demo", flag="--out", overwrite=True):
+                pass
+    assert sorted(os.listdir(d)) == ["thesis.txt"] and sorted(os.listdir(tmp_path)) == ["precious"]

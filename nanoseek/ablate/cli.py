@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only and not any(out.glob("*/results.json")):
         raise UserError(f"{out}: no finished suite (no SUITE/results.json); run a suite first")
 
-    with claim(out, "ablate", flag="--out", own=lambda p: any(p.glob("*/plan.json"))):
+    from nanoseek.ablate.runner import is_suite_dir
+
+    with claim(out, "ablate", flag="--out", own=lambda p: any(is_suite_dir(d) for d in p.iterdir() if d.is_dir())):
         return _main(args, out)
 
 
@@ -226,6 +228,11 @@ def _rebuild(args: argparse.Namespace, names: list[str], out) -> None:
         except (OSError, json.JSONDecodeError) as e:
             from nanoseek.cli import UserError
             raise UserError(f"{d}/plan.json: cannot read the suite's plan ({e})") from None
+        from .runner import is_suite_dir
+
+        if not is_suite_dir(d):
+            from nanoseek.cli import UserError
+            raise UserError(f"{d}/plan.json: not a nanoseek suite plan (needs suite, data_dir, seeds, steps)")
         suite = build_suite(name, _vocab_size(plan["data_dir"]))
         data = write_suite_report(suite, d, plan)
         print(f"{name}: {data['verdict']['status']}; rewrote {d}/report.md")

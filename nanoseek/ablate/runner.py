@@ -68,6 +68,16 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def is_suite_dir(path: Path) -> bool:
+    """A suite folder from before the ``.nanoseek.lock`` marker: a ``plan.json`` that reads as a :class:`Plan`."""
+    try:
+        data = json.loads((Path(path) / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and isinstance(data.get("suite"), str) and isinstance(data.get("data_dir"), str)
+            and isinstance(data.get("seeds"), list) and isinstance(data.get("steps"), int))
+
+
 def schedule_for(steps: int) -> tuple[int, int]:
     """(warmup_steps, eval_every) for a run of ``steps``: 5% warm-up (>= 1), about 8 validations."""
     return max(1, min(100, steps // 20)), max(1, steps // 8)
@@ -234,7 +244,7 @@ def run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callabl
     """
     from ..outdir import claim
 
-    with claim(suite_dir, "ablate", flag="--out", own=lambda p: (p / "plan.json").is_file()):
+    with claim(suite_dir, "ablate", flag="--out", own=is_suite_dir):
         return _run_suite(suite, plan, suite_dir, train_fn, log, deadline)
 
 

@@ -305,11 +305,32 @@ def is_data_file(name: str) -> bool:
     return name in (MANIFEST, "tokenizer", ".staging.jsonl") or bool(_DATA_FILE_RE.match(name))
 
 
+def is_data_manifest(path: Path) -> bool:
+    """Whether ``path`` is a manifest :func:`prepare` wrote (JSON with this format and version), not
+    just a file of that name (a web app's manifest.json)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT and data.get("format_version") == FORMAT_VERSION
+
+
+def _check_foreign_manifest(out_dir: Path) -> None:
+    """A ``manifest.json`` that is not a data manifest (a web app's) is never replaced, --overwrite or not."""
+    manifest = out_dir / MANIFEST
+    if (manifest.exists() or manifest.is_symlink()) and not is_data_manifest(manifest):
+        raise DataError(f"{manifest} is not a nanoseek data manifest, and prepare would write its own there; "
+                        "nanoseek never replaces files it did not write: choose another --out")
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Prepared data already there needs ``overwrite``; its tokenizer/ must hold only tokenizer files."""
+    """Prepared data already there needs ``overwrite``; a ``manifest.json`` that is not a data manifest
+    is never replaced; a file or folder clash in tokenizer/ is refused."""
     from nanoseek.atomic import ReplaceRefused, check_replaceable
 
-    if (out_dir / MANIFEST).exists() and not overwrite:
+    manifest = out_dir / MANIFEST
+    _check_foreign_manifest(out_dir)
+    if manifest.exists() and not overwrite:
         raise DataError(f"{out_dir} already holds prepared data ({MANIFEST}); pass --overwrite to replace it")
     try:
         check_replaceable(out_dir / "tokenizer", TOKENIZER_FILES.__contains__, "tokenizer files")
@@ -354,7 +375,8 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, tokenizer: Token
     out_dir = Path(out_dir)
     if not 0 <= cfg.val_fraction < 1:
         raise DataError(f"val fraction must be in [0, 1), got {cfg.val_fraction}")
-    with claim(out_dir, "data prepare", flag="--out", own=lambda p: (p / MANIFEST).is_file(),
+    _check_foreign_manifest(out_dir)
+    with claim(out_dir, "data prepare", flag="--out", own=lambda p: is_data_manifest(p / MANIFEST),
                overwrite=cfg.overwrite, overwrite_flag="--overwrite"):
         _check_out_dir(out_dir, cfg.overwrite)
         build = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))

@@ -76,24 +76,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _claim_out(args: argparse.Namespace):
-    """Claim ``--out`` (nanoseek.outdir): this command's earlier output, or a tokenizer-only folder
-    that is not a prepared data folder's, is replaced; anything else needs ``--overwrite``, and a
-    folder holding files other than tokenizer files is refused before training."""
-    from nanoseek.atomic import check_replaceable
-    from nanoseek.data.prepare import TOKENIZER_FILES
-    from nanoseek.outdir import check_claimable, claim, visible_entries
+    """Claim ``--out`` (nanoseek.outdir): only this command's earlier output (its marker) is
+    rewritten without ``--overwrite``: a folder that merely holds tokenizer files (a downloaded
+    HF tokenizer) is not. With ``--overwrite`` the tokenizer files are replaced and every other
+    file stays; a prepared data folder's ``tokenizer/`` is never replaced (its shards were made
+    with it)."""
+    import os
 
-    def own(path: Path) -> bool:
-        return set(visible_entries(path)) <= TOKENIZER_FILES and not (path.parent / "manifest.json").exists()
+    from nanoseek.atomic import ReplaceRefused, check_replaceable
+    from nanoseek.cli import UserError
+    from nanoseek.data.prepare import TOKENIZER_FILES, is_data_manifest
+    from nanoseek.outdir import check_claimable, claim
 
-    kw = dict(flag="--out", own=own, overwrite=args.overwrite, overwrite_flag="--overwrite")
-    check_claimable(args.out, "tokenizer train", **kw)
-    check_replaceable(args.out, TOKENIZER_FILES.__contains__, "tokenizer files")
-    return claim(args.out, "tokenizer train", **kw)
+    out = Path(args.out)
+    parent = Path(os.path.abspath(out)).parent
+    if is_data_manifest(parent / "manifest.json"):
+        raise UserError(f"--out {out}: the tokenizer of the prepared data in {parent}, whose shards "
+                        "were made with it; choose another --out")
+    kw = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite")
+    check_claimable(out, "tokenizer train", **kw)
+    try:
+        check_replaceable(out, TOKENIZER_FILES.__contains__, "tokenizer files")
+    except ReplaceRefused as e:
+        raise UserError(f"--out {e}") from None
+    return claim(out, "tokenizer train", **kw)
 
 
 def _save_beside(tok, out: Path) -> None:
-    """Save into a hidden folder next to ``out`` and swap it in (only tokenizer files are replaced)."""
+    """Save into a hidden folder next to ``out`` and swap it in (tokenizer files are replaced, the rest stays)."""
     import shutil
     import tempfile
 
@@ -103,7 +113,7 @@ def _save_beside(tok, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tok.save(tmp)
-        replace_dir(tmp, out, TOKENIZER_FILES.__contains__, "tokenizer files")
+        replace_dir(tmp, out, TOKENIZER_FILES.__contains__, "tokenizer files")   # an old special_tokens_map goes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

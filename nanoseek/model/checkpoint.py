@@ -11,11 +11,14 @@ saves and nanoseek loads theirs. In memory nanoseek differs in two places, conve
 Loading also accepts DeepSeek's FP8 block-quantised checkpoints (``weight_scale_inv`` per
 128x128 block, ``quantization_config`` in config.json), dequantised on load. Only safetensors
 are ever read: a checkpoint is never unpickled. Saving is atomic: files go to a temporary
-directory next to the target, which then replaces it in one rename. An existing target is
-replaced only if it holds nothing but files a model save writes (:func:`is_model_file`:
-config.json, generation_config.json, safetensors and their index, tokenizer files, and the
-``extra_files`` of this save); a folder with anything else in it is refused before any file is
-written (``CheckpointError``), so a save never deletes a user's file (see :mod:`nanoseek.outdir`).
+directory next to the target, which then replaces it in one swap (:func:`nanoseek.atomic.replace_dir`).
+A save replaces exactly the files it writes now (config.json, the safetensors and their index,
+its ``extra_files``) and removes the weight files of an older save it no longer has (other
+shards, a stale index: :func:`is_weight_file`), which would corrupt loading. Every other file of
+the folder (a tokenizer, generation_config.json, a user's notes) stays, and the folder's and
+files' permission modes are kept; a sub-folder where the save writes a file is refused before
+anything is written (``CheckpointError``), so a save never deletes a user's file (see
+:mod:`nanoseek.outdir`).
 
 Loading fails with one :class:`CheckpointError` line (a ``UserError``: the CLI prints it without a
 traceback) naming the file and what is wrong with it: missing, empty, truncated or corrupt
@@ -53,15 +56,20 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint directory is missing files or tensors, holds unreadable files, or tensors of the wrong shape."""
 
 
-# every name a model save may write; what save_pretrained may replace in an existing folder
+# every name some model save may write (the save replaces only those it writes now: see the module doc)
 MODEL_FILES = frozenset({"config.json", "generation_config.json", SAFE_NAME, INDEX_NAME, "tokenizer.json",
                          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 def is_model_file(name: str) -> bool:
-    """Whether ``name`` is a file :func:`save_pretrained` writes (so it may replace it)."""
+    """Whether ``name`` is a file some model save writes (config, weights, tokenizer files)."""
     return name in MODEL_FILES or bool(_SHARD_RE.match(name))
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether ``name`` holds weights of a save (single file, shard, index): one of an older save is stale."""
+    return name in (SAFE_NAME, INDEX_NAME) or bool(_SHARD_RE.match(name))
 
 
 def check_model_dir_writable(directory: str | Path, extra_files: dict[str, str] | None = None) -> None:
@@ -70,7 +78,8 @@ def check_model_dir_writable(directory: str | Path, extra_files: dict[str, str] 
 
     extra = set(extra_files or ())
     try:
-        check_replaceable(directory, lambda n: is_model_file(n) or n in extra, "model checkpoint files")
+        check_replaceable(directory, lambda n: n == "config.json" or is_weight_file(n) or n in extra,
+                          "model checkpoint files")
     except ReplaceRefused as e:
         raise CheckpointError(str(e)) from None
 
@@ -154,8 +163,8 @@ def save_pretrained(model: DeepseekV3ForCausalLM, directory: str | Path,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_files: dict[str, str] | None = None) -> Path:
     """Write config.json and safetensors (sharded above max_shard_bytes), atomically.
 
-    An existing ``directory`` is replaced only if it holds nothing but model files (see the
-    module docstring); otherwise CheckpointError, raised before anything is written.
+    In an existing ``directory`` only the files written now (and stale weight files) are
+    replaced; everything else stays (see the module docstring).
     """
     directory = Path(directory)
     check_model_dir_writable(directory, extra_files)
@@ -196,13 +205,12 @@ def save_pretrained(model: DeepseekV3ForCausalLM, directory: str | Path,
 
 
 def _atomic_replace_dir(src: Path, dst: Path, extra_files: dict[str, str] | None = None) -> None:
-    """Make src appear at dst in one rename (:func:`nanoseek.atomic.replace_dir`): an existing dst
-    holding only model files is moved aside and removed; one holding anything else is refused."""
+    """Swap src in at dst (:func:`nanoseek.atomic.replace_dir`): the files src holds replace dst's,
+    dst's stale weight files go, everything else in dst stays."""
     from nanoseek.atomic import ReplaceRefused, replace_dir
 
-    extra = set(extra_files or ())
     try:
-        replace_dir(src, dst, lambda n: is_model_file(n) or n in extra, "model checkpoint files")
+        replace_dir(src, dst, is_weight_file, "model checkpoint files")
     except ReplaceRefused as e:
         raise CheckpointError(str(e)) from None
 
@@ -388,6 +396,7 @@ def _checkpoint_dtype(state: dict[str, torch.Tensor], default: torch.dtype) -> t
     return t.dtype
 
 
-__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "check_model_dir_writable", "to_hf_state_dict",
+__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "is_weight_file", "check_model_dir_writable",
+           "to_hf_state_dict",
            "from_hf_state_dict", "dequantize_fp8_block", "CheckpointError", "ConfigError", "read_safetensors",
            "verify_checkpoint", "older_intact_checkpoint", "recovery_hint"]

@@ -83,7 +83,10 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
                 raise UserError("--resume-from applies to one stage; a recipe resumes with --resume")
             from nanoseek.outdir import claim
 
-            with claim(rec.out_dir, "recipe", flag="--out", own=lambda p: any(p.glob("*/stage.json"))):
+            from .stage import is_stage_run
+
+            with claim(rec.out_dir, "recipe", flag="--out",
+                       own=lambda p: any(is_stage_run(d) for d in p.iterdir() if d.is_dir())):
                 results = run_recipe(rec, resume=args.resume, quiet=args.quiet)
             for r in results:
                 print(f"{r.kind:8s} {r.status:10s} steps {r.steps:5d}  -> {r.final_dir}")
@@ -105,7 +108,8 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
     runner = _runner(kind)
     try:
         # claimed here too, so a stage that writes before training (distill's traces) writes into its own folder
-        with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out", own=is_stage_run):
+        with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out",
+                   own=lambda p: is_stage_run(p, cfg.kind)):
             result = runner(cfg, resume=_resume(args), quiet=args.quiet)
     except (ConfigError, FileNotFoundError) as e:
         raise UserError(str(e)) from None

@@ -182,7 +182,8 @@ def run_distill(cfg, *, teacher=None, teacher_tokenizer=None, student=None, toke
 
     from .stage import is_stage_run
 
-    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out", own=is_stage_run):
+    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out",
+               own=lambda p: is_stage_run(p, "distill")):
         return _run_distill(cfg, teacher=teacher, teacher_tokenizer=teacher_tokenizer, student=student,
                             tokenizer=tokenizer, resume=resume, quiet=quiet, progress=progress)
 

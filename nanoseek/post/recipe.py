@@ -156,10 +156,11 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
 
 
 def _finished(run_dir: Path) -> dict[str, Any] | None:
-    f = run_dir / "stage.json"
-    if not f.exists():
+    from .stage import read_stage_json
+
+    info = read_stage_json(run_dir)              # a malformed stage.json is one ConfigError line
+    if info is None:
         return None
-    info = json.loads(f.read_text())
     if info.get("status") in ("done", "data_exhausted") and info.get("final_dir") and Path(info["final_dir"]).exists():
         return info
     return None

@@ -227,7 +227,7 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
     from nanoseek.train.pretrain import check_rerun
 
     run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
-    with claim(run_dir, cfg.kind, flag="--out", own=is_stage_run):
+    with claim(run_dir, cfg.kind, flag="--out", own=lambda p: is_stage_run(p, cfg.kind)):
         changed = check_rerun(run_dir, cfg.to_dict(), resume, "--out",
                               load_old=lambda p: stage_config_from_dict(cfg.kind, read_toml(p), str(p)).to_dict())
         try:
@@ -240,11 +240,38 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
                             extra_hooks=extra_hooks, extra=extra, changed=changed)
 
 
-def is_stage_run(path: Path) -> bool:
-    """A stage folder from before the ``.nanoseek.lock`` marker: ``stage.json``, or ``config.toml`` + checkpoints."""
-    from nanoseek.train.pretrain import is_pretrain_run
+def read_stage_json(path: Path) -> dict[str, Any] | None:
+    """``path/stage.json`` (a stage folder's record), checked; None where there is none.
 
-    return (path / "stage.json").is_file() or is_pretrain_run(path)
+    A file of that name that is not a stage record (not JSON, or without ``kind``, ``status``,
+    ``steps``) raises one ConfigError line naming it.
+    """
+    import json
+
+    f = Path(path) / "stage.json"
+    if not f.exists():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{f}: not a readable stage record ({e}); move it away or choose another --out") from None
+    if not (isinstance(data, dict) and data.get("kind") in STAGE_DEFAULTS and isinstance(data.get("status"), str)
+            and isinstance(data.get("steps"), int) and not isinstance(data.get("steps"), bool)):
+        raise ConfigError(f"{f}: not a nanoseek stage record (needs kind one of {sorted(STAGE_DEFAULTS)}, status, "
+                          "steps); move it away or choose another --out")
+    return data
+
+
+def is_stage_run(path: Path, kind: str | None = None) -> bool:
+    """A stage folder from before the ``.nanoseek.lock`` marker: a valid ``stage.json`` (of ``kind``).
+
+    A pre-training run (``config.toml`` + checkpoints) is not a stage's: a stage never takes it.
+    """
+    try:
+        info = read_stage_json(path)
+    except ConfigError:
+        return False
+    return info is not None and (kind is None or info["kind"] == kind)
 
 
 def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, resume, quiet, progress, extra_hooks,
@@ -284,4 +311,5 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
 
 
 __all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config", "is_stage_run",
+           "read_stage_json",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]

@@ -229,9 +229,20 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
 
 
 def is_pretrain_run(path: Path) -> bool:
-    """A run folder from before the ``.nanoseek.lock`` marker: ``config.toml`` and ``checkpoints/step-*``."""
+    """A run folder from before the ``.nanoseek.lock`` marker: ``checkpoints/step-*`` and a
+    ``config.toml`` that loads as a nanoseek pre-training config (a file of that name is not enough)."""
+    from .config import config_from_dict, read_toml
+
     ckpts = path / "checkpoints"
-    return (path / "config.toml").is_file() and ckpts.is_dir() and any(ckpts.glob("step-*"))
+    if not ((path / "config.toml").is_file() and ckpts.is_dir() and any(ckpts.glob("step-*"))):
+        return False
+    if (path / "stage.json").exists():
+        return False                          # a post-training stage's run: never pretrain's
+    try:
+        config_from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
+    except (ConfigError, ValueError, OSError, TypeError, KeyError):
+        return False
+    return True
 
 
 def check_rerun(run_dir: Path, new: dict, resume: bool | str, flag: str, load_old=None) -> list[str]:
