@@ -112,6 +112,7 @@ class SpikeGuard:
         self.max_excess: float = 0.0                              # largest accepted loss - median
         self.ref_best: float | None = None                        # lowest reference loss at a known-good point
         self.quiet_until: int = 0                                 # no re-check before this step (one just passed)
+        self.last_reference: tuple[float, float] | None = None    # the last re-measurement (not state)
 
     # ------------------------------------------------------------------ the decision
     def fast_spike(self, loss: float, grad_norm: float) -> str:
@@ -149,7 +150,7 @@ class SpikeGuard:
         """Why the weights are damaged ("" if they are not, or it cannot be told): the model's
         (loss, gradient norm) now on the fixed reference batches, the loss against the best
         recorded at a known-good point."""
-        got = reference() if reference is not None else None
+        got = self.last_reference = reference() if reference is not None else None
         if got is None:
             return ""
         now, grad_norm = got
@@ -213,7 +214,8 @@ class SpikeGuard:
                         self.losses.pop()                          # the rolled-back step is not history
                         return Decision(Verdict.ROLLBACK, f"{said}, and the weights are damaged ({bad})")
                     self._checked(step)
-                    said += ", but the reference batches are fine (harder data, not damaged weights)"
+                    said += (", but the reference batches are fine (harder data, not damaged weights)"
+                             if self.last_reference is not None else ", with no reference yet to tell: not rolled back")
                 else:
                     said = ""                                     # within a passed check's quiet period
             else:
