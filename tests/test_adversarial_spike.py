@@ -312,7 +312,7 @@ def _long_document(kind: str) -> str:
     return inspect.getsource(__import__("argparse"))[:24000]       # source code
 
 
-@pytest.mark.parametrize("kind", ["prose", pytest.param("code", marks=pytest.mark.slow),
+@pytest.mark.parametrize("kind", ["prose", "code",
                                   pytest.param("prose12k", marks=pytest.mark.slow)])
 def test_long_ordinary_document_never_rolls_back_and_the_run_completes(tmp_path, kind):
     # before: its ~50 steps at ~3x the median loss lifted the trend quartile past 1.5x its best:

@@ -609,7 +609,7 @@ class Trainer:
         self.step += 1
         self.updates += int(applied)
         self.tokens += ntok
-        if applied and len(self._reference) < self.spike_cfg.reference_batches and micro:
+        if applied and self.spike_cfg.enabled and len(self._reference) < self.spike_cfg.reference_batches and micro:
             self._reference.append(micro[0])          # the reference: early batches the run accepted
             if len(self._reference) == self.spike_cfg.reference_batches:
                 now = self._reference_loss()

@@ -36,8 +36,8 @@ Its loss (evaluation mode, no gradient: deterministic, no side effect) is record
 is complete and at every checkpoint save; the guard keeps the lowest (``ref_best``). On an alarm
 it is measured again (loss and gradient norm; the step's own gradient is set aside), and the
 step is ``ROLLBACK`` only if the model now does clearly worse on it: a gradient norm or loss that
-is not finite, or a loss > ``damage_factor`` x ``ref_best`` (over ``|ref_best|`` for losses
-<= 0). Every periodic save measures the reference first: damaged weights are never written as a
+is not finite, or a loss > ``damage_factor`` x ``ref_best`` (when ``ref_best`` > 0; a loss that
+can be <= 0, an RL policy loss, is judged by finiteness only). Every periodic save measures the reference first: damaged weights are never written as a
 checkpoint (the save becomes a rollback), so whatever a rollback restores passed this test.
 Otherwise the data is at fault: a skip stays a SKIP for as long as it takes, a trend alarm is
 accepted (``spike_checked`` is logged) and the trend's best is left as it was, so the alarm ends
@@ -65,7 +65,7 @@ A skipped or rolled-back step is *not* added to the window. The guard's state (w
 ordinary excess, skip history, best trend, best reference loss, quiet period) and the reference
 batches are checkpointed with the run, so a resumed or
 rolled-back run makes the same decisions as an uninterrupted one. ``enabled = false`` keeps
-only the non-finite check (a NaN update would destroy the weights).
+only the non-finite check (a NaN update would destroy the weights); no reference is kept then.
 """
 
 from __future__ import annotations
@@ -159,9 +159,9 @@ class SpikeGuard:
         if not math.isfinite(now):
             return f"reference loss {now}"
         best = self.ref_best
-        if best is None:
+        if best is None or best <= 0:         # a loss that can be <= 0 (RL): only finiteness tells
             return ""
-        if now - best > (self.cfg.damage_factor - 1) * max(abs(best), 1e-8):
+        if now > self.cfg.damage_factor * best:
             return f"reference loss {now:.4g} > {self.cfg.damage_factor:g} x its best {best:.4g}"
         return ""
 
