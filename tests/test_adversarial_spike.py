@@ -268,7 +268,8 @@ def test_divergence_is_one_line_with_a_resume_command_that_works(tmp_path, capsy
     assert latest_checkpoint(out).name == "step-000008"
     # the printed command, run as printed, resumes from the good checkpoint and finishes the run
     command = text[0].split("; run: nanoseek ")[1].split()
-    assert command == ["pretrain", "--out-dir", str(out), "--resume", "--set", "optim.lr=0.3", "--set", "optim.min_lr=0.3"]
+    assert command == ["pretrain", "--out-dir", str(out), "--resume",
+                       "--set", "optim.lr=0.3", "--set", "optim.min_lr=0.3"]
     assert cli_main([*command, "--quiet"]) == 0, capsys.readouterr().out
     assert capsys.readouterr().out.startswith("done: step 40")
     assert events(read_metrics(out), "done")

@@ -77,7 +77,8 @@ def test_rising_trend_rolls_back_only_if_the_reference_got_worse_and_state_round
     g.record_reference(2.5)                                          # the best is kept
     state = g.state_dict()
     ref = {"now": 2.0}
-    verdicts = [g.observe(6 + i, x, 1.0, reference=lambda: (ref["now"], 1.0)) for i, x in enumerate([2.5, 3.5, 4.5, 5.5])]
+    verdicts = [g.observe(6 + i, x, 1.0, reference=lambda: (ref["now"], 1.0))
+                for i, x in enumerate([2.5, 3.5, 4.5, 5.5])]
     assert [d.verdict for d in verdicts] == [Verdict.OK] * 4           # harder data: the reference is fine
     assert "reference batches are fine" in verdicts[3].reason and not verdicts[0].reason
     h = SpikeGuard(c)
