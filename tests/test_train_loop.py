@@ -216,7 +216,7 @@ class Damage(Hook):
 
 def test_bad_weights_roll_back_to_the_last_checkpoint_and_skip_the_data(tmp_path):
     # skips alone never roll back (test_adversarial_spike.py); here the weights themselves go bad
-    # after step 7, so steps 8 and 9 spike, and the re-check of step 7's batch fails too
+    # after step 7, so steps 8 and 9 spike, and the re-measured reference batches fail too
     cfg = make_cfg(tmp_path, "rb", optim={"grad_accum": 1}, train={"max_steps": 10, "save_every": 3, "eval_every": 0},
                    spike={"min_history": 2, "max_skips": 2, "skip_window": 10, "trend_factor": 0})
     probe = Probe()
@@ -227,7 +227,7 @@ def test_bad_weights_roll_back_to_the_last_checkpoint_and_skip_the_data(tmp_path
     assert [e["step"] for e in skipped] == [8]
     (rb,) = events(recs, "rollback")
     assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (9, 6, 3)
-    assert "2 skipped steps" in rb["reason"] and "fails the last accepted batch" in rb["reason"]
+    assert "2 skipped steps" in rb["reason"] and "the weights are damaged (reference loss" in rb["reason"]
     # the weights right after the rollback are exactly those of checkpoint 6
     (_, snap), = [(r, s) for r, s in probe.events if r["event"] == "rollback"]
     ckpt = tmp_path / "rb" / "checkpoints" / "step-000006"
@@ -242,27 +242,38 @@ def test_bad_weights_roll_back_to_the_last_checkpoint_and_skip_the_data(tmp_path
     assert trainer.batches.state_dict()["index"] == 13 and trainer.batches_consumed == 13   # 0..12, 6..8 skipped
 
 
-def test_upward_trend_rolls_back_and_no_checkpoint_means_diverged(tmp_path):
+def test_upward_trend_rolls_back_only_on_damaged_weights_and_no_checkpoint_means_diverged(tmp_path):
     spike = {"min_history": 2, "sigma": 0.0, "tail": 0.0, "ratio": 0.0, "max_skips": 0, "trend_window": 2,
-             "trend_factor": 1.3}
+             "trend_factor": 1.3, "reference_batches": 2}
+    # harder data (step 7's loss x3) lifts the 2-step quartile, but the weights are sound: no rollback
+    cfg = make_cfg(tmp_path, "hard", optim={"grad_accum": 1}, train={"max_steps": 9, "save_every": 3, "eval_every": 0},
+                   spike=spike)
+    trainer, res = run(cfg, poison={6: 3.0})
+    recs = read_metrics(tmp_path / "hard")
+    assert res.status == "done" and res.step == 9 and trainer.rollbacks == 0 and not events(recs, "rollback")
+    ok = events(recs, "spike_checked")
+    assert ok[0]["step"] == 7 and all("reference batches are fine" in e["reason"] for e in ok)
+    # damaged weights after step 7 (an output head scaled x -50: confidently wrong) lift it too, and
+    # the reference confirms it: roll back to step 6
     cfg = make_cfg(tmp_path, "trend", optim={"grad_accum": 1}, train={"max_steps": 9, "save_every": 3, "eval_every": 0},
                    spike=spike)
-    trainer, res = run(cfg, poison={6: 3.0})                # step 7's loss x3 lifts the 2-step quartile
+    trainer, res = run(cfg, hooks=[Damage(7, -50.0)])
     assert res.status == "done" and res.step == 9
     (rb,) = events(read_metrics(tmp_path / "trend"), "rollback")
-    assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (7, 6, 1) and "lower quartile of the last 2" in rb["reason"]
+    assert (rb["step"], rb["to_step"], rb["skipped_batches"]) == (8, 6, 2)
+    assert "lower quartile of the last 2" in rb["reason"] and "weights are damaged" in rb["reason"]
     assert trainer.rollbacks == 1
 
     cfg = make_cfg(tmp_path, "nockpt", optim={"grad_accum": 1}, train={"max_steps": 9, "save_every": 0}, spike=spike)
     with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to"):
-        run(cfg, poison={6: 3.0})
+        run(cfg, hooks=[Damage(7, -50.0)])
     assert events(read_metrics(tmp_path / "nockpt"), "diverged")
 
     spike_once = dict(spike, max_rollbacks=0)
     cfg = make_cfg(tmp_path, "maxrb", optim={"grad_accum": 1}, train={"max_steps": 9, "save_every": 3},
                    spike=spike_once)
     with pytest.raises(TrainingDiverged, match="max_rollbacks = 0"):
-        run(cfg, poison={6: 3.0})
+        run(cfg, hooks=[Damage(7, -50.0)])
 
 
 # ---------------------------------------------------------------------------- signals

@@ -130,10 +130,11 @@ class SpikeSection:
     tail: float = 1.5                 # ...and loss - median > tail * the largest ordinary excess seen (0: off)
     ratio: float = 2.0                # ...and loss > ratio * median of the window (0: off)
     max_skips: int = 3                # this many skipped steps...
-    skip_window: int = 50             # ...within this many steps: re-check the last accepted batch;
-                                      #   roll back only if the model now fails it (0: never)
+    skip_window: int = 50             # ...within this many steps: re-measure the reference (0: never)
     trend_window: int = 20            # slow blow-up: lower quartile of the last trend_window losses...
-    trend_factor: float = 1.5         # ...above trend_factor x its lowest so far -> roll back (0: off)
+    trend_factor: float = 1.5         # ...above trend_factor x its lowest so far: re-measure the reference (0: off)
+    reference_batches: int = 4        # the reference: the first micro-batch of the first N accepted steps
+    damage_factor: float = 1.5        # roll back only if the reference loss > damage_factor x its best
     max_rollbacks: int = 3            # more rollbacks in a row than this stop the run (one-line error)
 
 
@@ -362,7 +363,7 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in ("mtp_lambda", "bias_update_gamma", "seq_aux_alpha"):
         if getattr(t, key) < 0:
             raise bad("train", key, "must be >= 0")
-    for key in ("window", "min_history", "trend_window"):
+    for key in ("window", "min_history", "trend_window", "reference_batches"):
         if getattr(s, key) < 1:
             raise bad("spike", key, "must be >= 1")
     for key in ("sigma", "tail", "ratio", "trend_factor", "max_skips", "skip_window", "max_rollbacks"):
@@ -376,6 +377,8 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("spike", "ratio", "must be > 1 (or 0 to disable)")
     if 0 < s.trend_factor <= 1:
         raise bad("spike", "trend_factor", "must be > 1 (or 0 to disable)")
+    if s.damage_factor <= 1:
+        raise bad("spike", "damage_factor", "must be > 1: at or below 1 ordinary noise on the reference rolls back")
     par = cfg.parallel
     if par.ep < 1:
         raise bad("parallel", "ep", "must be >= 1")

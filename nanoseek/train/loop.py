@@ -38,9 +38,11 @@ One optimizer step (``trainer.step`` counts them, 1-based in the logs):
 3. clip the global gradient norm; ask the spike guard about the step loss and gradient norm;
 4. OK: ``optimizer.step()``. SKIP (fast spike): no update, the gradient is dropped; the step
    still counts (its data is consumed and the schedule moves on) and ``spike_skipped`` is logged
-   with the document ids. When skips are frequent the guard first re-measures the last accepted
-   step's batch (``_recheck``): only if the model now fails it too does the step become a
-   ROLLBACK (the weights went bad): no update; the weights, optimizer, RNG, guard and data
+   with the document ids. When skips are frequent, or the loss trend of accepted steps rises,
+   the guard re-measures the model on its fixed reference batches (``_reference_loss``: the
+   first micro-batch of the first ``spike.reference_batches`` accepted steps, its best loss
+   recorded at every save): only if the model now does clearly worse on them is the step a
+   ROLLBACK (the weights are damaged; harder data never is): no update; the weights, optimizer, RNG, guard and data
    position come back from the last checkpoint of this process (or the one it resumed from),
    then the data iterator is advanced past every batch drawn since that checkpoint (the data
    that led to the blow-up) and ``rollback`` is logged; the checkpoints this process wrote
@@ -53,7 +55,8 @@ One optimizer step (``trainer.step`` counts them, 1-based in the logs):
    step waits for the next accepted one), stop on the budget.
 
 Exact resume: a checkpoint holds the weights, AdamW moments, the step/token counters, the RNG
-states (torch, CUDA, python, numpy), the data position, the guard and hook states, so a
+states (torch, CUDA, python, numpy), the data position, the guard and hook states and the
+guard's reference batches, so a
 killed run resumed from step N gives the same per-step losses as an uninterrupted one (bitwise
 on the same machine; with ``max_minutes`` the schedule depends on wall time, so not then).
 SIGINT (Ctrl-C) and SIGTERM finish the current step, save a checkpoint and return
@@ -70,6 +73,8 @@ writes files and prints. In one process all of that is a no-op.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import math
 import os
 import random
@@ -105,9 +110,51 @@ class TrainingDiverged(UserError, RuntimeError):
     how to resume from it; ``run_dir`` is the run folder.
     """
 
-    def __init__(self, message: str, checkpoint: Path | None = None, run_dir: Path | None = None):
+    def __init__(self, message: str, checkpoint: Path | None = None, run_dir: Path | None = None,
+                 lr: float | None = None, min_lr: float | None = None):
         super().__init__(message)
         self.checkpoint, self.run_dir = checkpoint, run_dir
+        self.lr, self.min_lr = lr, min_lr     # a learning rate (and floor) to resume with: a tenth of the run's
+
+
+def _encode_batches(batches: list[Any]) -> list[Any] | None:
+    """The reference batches as a checkpointable nest (tensors, lists, dicts, scalars; a
+    dataclass of nanoseek's as ``{"__dataclass__": "module:Name", "fields": {...}}``), or None
+    when a batch holds something else (the reference is then collected anew after a resume)."""
+    def enc(x: Any) -> Any:
+        if isinstance(x, (torch.Tensor, np.ndarray, np.generic, str, int, float, bool)) or x is None:
+            return x
+        if isinstance(x, (list, tuple)):
+            return type(x)(enc(v) for v in x)
+        if isinstance(x, dict) and all(isinstance(k, str) for k in x) and "__dataclass__" not in x:
+            return {k: enc(v) for k, v in x.items()}
+        if dataclasses.is_dataclass(x) and not isinstance(x, type) and type(x).__module__.startswith("nanoseek."):
+            return {"__dataclass__": f"{type(x).__module__}:{type(x).__qualname__}",
+                    "fields": {f.name: enc(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        raise TypeError(type(x).__name__)
+    try:
+        return [enc(b) for b in batches]
+    except TypeError:
+        return None
+
+
+def _decode_batches(data: list[Any] | None) -> list[Any]:
+    """Inverse of :func:`_encode_batches` ([] for None); only nanoseek's own dataclasses are built."""
+    def dec(x: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            return type(x)(dec(v) for v in x)
+        if isinstance(x, dict) and "__dataclass__" in x:
+            module, _, name = str(x["__dataclass__"]).partition(":")
+            if not module.startswith("nanoseek."):
+                raise ValueError(f"reference batch of type {module}:{name} (only nanoseek's are loaded)")
+            cls = getattr(importlib.import_module(module), name)
+            if not dataclasses.is_dataclass(cls):
+                raise ValueError(f"reference batch type {module}:{name} is not a dataclass")
+            return cls(**{k: dec(v) for k, v in x["fields"].items()})
+        if isinstance(x, dict):
+            return {k: dec(v) for k, v in x.items()}
+        return x
+    return [dec(b) for b in data or []]
 
 
 class _DataMismatch(Exception):
@@ -271,7 +318,7 @@ class Trainer:
         self.good_checkpoint: Path | None = None      # the last known-good checkpoint (never pruned)
         self._pending: Path | None = None             # newest checkpoint, good once the run reaches the next
         self._save_due = False                        # a save fell on a skipped step: wait for an accepted one
-        self._last_accepted: list[Any] | None = None  # the last accepted step's micro-batches (the re-check)
+        self._reference: list[Any] = []               # the guard's fixed reference batches (checkpointed)
         self._stop_reason: str | None = None
         self.logger: MetricsLogger | None = None
         self.peak_flops: float | None = None
@@ -325,9 +372,13 @@ class Trainer:
                 "rollback_streak": self.rollback_streak,
                 "optimizer": self.dist.optimizer_state_dict(self.model, self.optimizer), "rng": _rng_state(),
                 "batches": self.batches.state_dict(),
-                "guard": self.guard.state_dict(), "hooks": hooks, "config": self.config}
+                "guard": self.guard.state_dict(), "spike_reference": _encode_batches(self._reference),
+                "hooks": hooks, "config": self.config}
 
-    def save(self) -> Path:
+    def save(self, reference: tuple[float, float] | None | bool = True) -> Path:
+        """Write a checkpoint; ``reference``: the reference measured just now (True: measure it)."""
+        now = self._reference_loss() if reference is True else reference
+        self.guard.record_reference(None if now is None else now[0])   # a known-good point: the guard compares with it
         model, state = self.dist.full_model(self.model), self.state_dict()    # gathered on rank 0
         path = checkpoints_dir(self.run_dir) / f"step-{self.step:06d}"
         if self._pending is not None and self._pending.name != path.name:
@@ -382,6 +433,9 @@ class Trainer:
             self.rollbacks = int(state.get("rollbacks", 0))
             self.rollback_streak = int(state.get("rollback_streak", 0))
         self.guard.load_state_dict(state["guard"])
+        self._reference = _decode_batches(state.get("spike_reference"))
+        if not self._reference:               # not checkpointable: collected anew, so its best is unknown
+            self.guard.ref_best = None
         try:
             self.batches.load_state_dict(state["batches"])
         except (ValueError, KeyError, TypeError) as e:
@@ -484,7 +538,8 @@ class Trainer:
             if t.save_every and self.step % t.save_every == 0:
                 self._save_due = True
             if self._save_due and not rec.get("skipped"):   # a skipped step writes no checkpoint
-                self.save()
+                if not self._checked_save(rec["loss"], micro):
+                    continue                   # the weights were damaged: rolled back instead
             bar.update(self.step, self.progress(), rec["loss"], rec.get("tokens_per_s"),
                        extra=f"ce {rec['ce']:.4f}" if "ce" in rec else "")
 
@@ -536,11 +591,10 @@ class Trainer:
         step_loss, sums, counts = self.dist.reduce_step(step_loss, sums, counts, self.reduction)
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else math.inf
         grad_norm = self.dist.clip_grad_norm(max_norm)
-        decision = self.guard.observe(self.step, step_loss, grad_norm, recheck=self._recheck)
+        decision = self.guard.observe(self.step, step_loss, grad_norm, reference=self._reference_loss)
         applied = decision.verdict is Verdict.OK
         if applied:
             opt.step()
-            self._last_accepted = micro
         opt.zero_grad(set_to_none=True)
         hook_metrics: dict[str, Any] = {}
         for h in self.hooks:
@@ -555,6 +609,13 @@ class Trainer:
         self.step += 1
         self.updates += int(applied)
         self.tokens += ntok
+        if applied and self.spike_cfg.enabled and len(self._reference) < self.spike_cfg.reference_batches and micro:
+            self._reference.append(micro[0])          # the reference: early batches the run accepted
+            if len(self._reference) == self.spike_cfg.reference_batches:
+                now = self._reference_loss()
+                self.guard.record_reference(None if now is None else now[0])
+        if applied and decision.reason:               # an alarm re-checked: the weights are sound
+            self._event("spike_checked", step=self.step, loss=step_loss, reason=decision.reason)
         if decision.verdict is Verdict.ROLLBACK:
             self._rollback(decision.reason, step_loss, micro)
             return None
@@ -577,28 +638,46 @@ class Trainer:
             self.logger.log(rec)
         return rec
 
-    def _recheck(self) -> tuple[float, float] | None:
-        """Loss and gradient norm of the model now on the last accepted step's batch (None when
-        there is none): the guard's bad-weights test during a run of skips. The gradient is
-        dropped with the skipped step's; the MoE load counts too."""
-        micro = self._last_accepted
-        if micro is None:
+    def _reference_loss(self) -> tuple[float, float] | None:
+        """(loss, gradient norm) of the model now on the reference batches (None until all are
+        collected): the guard's test of the weights when an alarm must tell bad data from bad
+        weights. Evaluation mode (no MoE load counts, no RNG draws: the same weights give the
+        same figures, resumed or not); the step's own gradient is set aside and put back."""
+        ref = self._reference
+        if not ref or len(ref) < self.spike_cfg.reference_batches:
             return None
         model = self.model
-        self.optimizer.zero_grad(set_to_none=True)
-        scale = 1.0 / len(micro) if self.reduction == "mean" else 1.0
-        total = 0.0
-        model.train()
-        for i, mb in enumerate(micro):
-            self.dist.set_gradient_sync(model, i == len(micro) - 1)
-            with self.autocast():
-                loss, _ = self.task.loss(model, mb)
-            (loss * scale).backward()
-            total += float(loss.detach().float())
-        self.dist.reduce_gradients(self.reduction)
-        again, _, _ = self.dist.reduce_step(total * scale, {}, {}, self.reduction)
-        grad_norm = self.dist.clip_grad_norm(math.inf)
-        return again, float(grad_norm)
+        held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        model.eval()
+        try:
+            total = 0.0
+            for i, mb in enumerate(ref):
+                self.dist.set_gradient_sync(model, i == len(ref) - 1)
+                with self.autocast():
+                    loss, _ = self.task.loss(model, mb)
+                (loss / len(ref)).backward()
+                total += float(loss.detach().float())
+            self.dist.reduce_gradients("mean")
+            grad_norm = float(self.dist.clip_grad_norm(math.inf))
+        finally:
+            model.train()
+            for p, g in zip(self.params, held):
+                p.grad = g
+        mean, _, _ = self.dist.reduce_step(total / len(ref), {}, {}, "mean")
+        return float(mean), grad_norm
+
+    def _checked_save(self, loss: float, micro: list[Any]) -> bool:
+        """A periodic save, written only from sound weights: the reference is measured first; if
+        the weights are damaged there (spike.py), roll back instead (returns False)."""
+        now = self._reference_loss()
+        bad = self.guard.damage(lambda: now) if self.spike_cfg.enabled else ""
+        if bad:
+            self._rollback(f"the weights are damaged at the save of step {self.step} ({bad})", loss, micro)
+            return False
+        self.save(reference=now)
+        return True
 
     def _rollback_target(self) -> Path | None:
         """Where a rollback goes: the newest checkpoint this process wrote or resumed from; the
@@ -641,13 +720,17 @@ class Trainer:
         self.rollbacks += 1
         self.rollback_streak += 1
         self._last_rollback_target = self.good_checkpoint = target
-        self._pending, self._save_due, self._last_accepted = None, False, None
+        self._pending, self._save_due = None, False
         self._event("rollback", step=bad_step, to_step=self.step, loss=loss, reason=reason, checkpoint=str(target),
                     skipped_batches=skip, **self._doc_fields(micro))
         self._message(f"step {bad_step}: rolled back to step {self.step} ({reason}); skipped {skip} batches")
 
     def _diverged(self, bad_step: int, loss: float, reason: str, target: Path | None) -> None:
-        """Stop: ``latest`` names the known-good checkpoint, and the message says how to resume."""
+        """Stop: ``latest`` names the known-good checkpoint, and the message says how to resume.
+
+        The guard rolls back only when the weights are damaged (spike.py), so the advice is the
+        cure for that: the same run from the good checkpoint at a tenth of the learning rate."""
+        lr, min_lr = self.optim_cfg.lr / 10, self.optim_cfg.min_lr / 10
         if target is None:
             why = "no checkpoint to roll back to yet (this process has saved none; lower [train] save_every)"
             how = "nothing to resume: start again with a lower [optim] lr"
@@ -658,10 +741,11 @@ class Trainer:
             why = (f"{self.rollback_streak} rollbacks in a row ([spike] max_rollbacks = "
                    f"{self.spike_cfg.max_rollbacks})")
             how = (f"the last known-good checkpoint is {target} (step {step_of(target)}), which "
-                   f"{self.run_dir / 'latest'} names: resume from it with --resume after lowering [optim] lr")
+                   f"{self.run_dir / 'latest'} names: resume from it with --resume and a lower [optim] lr "
+                   f"(e.g. lr = {lr:.3g}, min_lr = {min_lr:.3g}: a tenth)")
         self._event("diverged", step=bad_step, loss=loss, reason=reason,
                     checkpoint=None if target is None else str(target))
-        raise TrainingDiverged(f"step {bad_step}: {reason}; {why}; {how}", target, self.run_dir)
+        raise TrainingDiverged(f"step {bad_step}: {reason}; {why}; {how}", target, self.run_dir, lr, min_lr)
 
     def _doc_fields(self, micro: list[Any]) -> dict[str, Any]:
         """``doc_ids`` of a step's micro-batches, and their origins if the task can name them."""

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError) as e:
         raise UserError(str(e)) from None
     except TrainingDiverged as e:               # one line: the good checkpoint and the command to resume
-        how = (f"; e.g. nanoseek pretrain --out-dir {e.run_dir} --resume --set optim.lr=LOWER"
-               if e.checkpoint is not None else "")
+        how = (f"; run: nanoseek pretrain --out-dir {e.run_dir} --resume --set optim.lr={e.lr:.3g} "
+               f"--set optim.min_lr={e.min_lr:.3g}" if e.checkpoint is not None and e.lr is not None else "")
         print(f"nanoseek pretrain: training diverged: {e}{how}")
         return 3
     ev = result.last_eval
