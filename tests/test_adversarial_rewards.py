@@ -166,9 +166,9 @@ def test_patched_builtins_do_not_reach_the_tests_own_computations():
 
 
 def test_expected_literals_never_enter_the_sandbox():
-    src, checks = compile_assert_test("assert add(2, 3) == 987654321\nassert 'secret-answer' in f()")
-    assert "987654321" not in src and "secret-answer" not in src
-    assert len(checks) == 2 and all(c.n_slots == 1 for c in checks)
+    t = compile_assert_test("assert add(2, 3) == 987654321\nassert 'secret-answer' in f()")
+    assert "987654321" not in t.source and "secret-answer" not in t.source
+    assert len(t.checks) == 2 and all(c.n_slots == 1 for c in t.checks)
 
 
 def test_every_assert_must_run():
