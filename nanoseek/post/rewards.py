@@ -41,36 +41,27 @@ Accuracy by record kind:
   - ``{"stdin": ..., "stdout": ...}``: the program's output (trailing whitespace stripped per
     line, not truncated) must equal the expected one and it must exit 0. The expected output
     stays in this process.
-  - an assertion snippet (a string, or ``{"assert": ...}``): the test passes only when this
-    process has *evaluated every assert itself* and each held. :func:`compile_assert_test`
-    splits each ``assert`` into a plan this process evaluates (comparisons, ``and``/``or``/
-    ``not``, literals, ``math.pi``/``e``/``tau``/``inf``, ``+ - / // %`` and the pure builtins in
-    ``_PURE_CALLS``: ``sorted``, ``len``, ``abs``, ``math.isclose``, ...) and *slots*, the
-    sub-expressions only the model's code can compute (``add(2, 3)``). In the sandbox a harness
-    runs the code, then the rewritten test (with a copy of the builtins taken before the code
-    ran: defence in depth, the code can reach it), and reports each slot's value as tagged plain
-    data (``int``/``float``/``str``/``list``/``dict``/... read through the built-in types' own
-    methods, so a subclass counts only for the data it holds and its ``__eq__`` never runs; any
-    other object, e.g. one whose ``__eq__`` always says yes, a ``deque`` or a ``Fraction``, is an
-    error) on a private duplicate of stdout (prints go to stderr), each line framed by a per-run
-    random nonce, then ``done``. The test passes when the run exited 0 in time, the channel
-    holds only framed reports ending in one ``done``, every assert at the top level of the test
-    was reported exactly once and every one in a loop or function at least once (under ``if``/
-    ``try``/``match``: any number; a snippet needs at least one assert outside those), and every
-    plan evaluates true here on the decoded values.
+  - an assertion snippet (a string, or ``{"assert": ...}``), with the record's optional
+    ``entry_point`` (the function's name, or a list): this process evaluates every assert
+    itself (:mod:`nanoseek.post.code_reward`). Each is split into a plan evaluated here and
+    *slots*, the sub-expressions that use a name the model's code binds at module level or the
+    entry point (``add(2, 3)``), which alone run in the sandbox and come back as tagged plain
+    data on a nonce-framed private channel. Every sub-expression free of such names (``2 * 3``,
+    ``'ABC'.lower()``, ``list(range(3))``, ``Fraction(1, 2)``, ``type(...) == int``) is computed
+    here with bounded sizes; ``for`` loops and comprehensions over such data are unrolled here,
+    and ``CASES = [...]`` bound once is kept here. The test passes when the run exited 0 in time,
+    every assert was reported as often as its place demands and every plan holds here.
 
-  Why this cannot be farmed: no assert runs in the model's process, so exiting early (any way),
-  patching builtins, ``sys.exit``, ``atexit``, hooks or ``AssertionError``, or swallowing
-  exceptions leaves reports missing and fails. The nonce is framing, not a secret (the code
-  shares the harness's process and can read it), so a report can be forged, but it must carry
-  the right values, and an expected value written as a literal in the test never enters the
-  sandbox (it is not in the program, on its disk or in its memory): producing it means solving
-  the task. Weaker: a value the test computes in the sandbox from its own data (``assert f(a) ==
-  b`` in a loop over literal pairs, ``assert all(...)``, ``EXPECTED = 5``, functions of modules
-  other than ``math.isclose``) is compared here on plain data, but the model's code can see it
-  by introspection, or patch what computes it, and echo it. A snippet without an ``assert`` that
-  must run is refused (ValueError): a forged end of run would pass it. Names the code defines
-  that shadow builtins are not seen by the test.
+  Why this cannot be farmed: no assert runs in the model's process, so exiting early, patching
+  builtins, hooks or ``AssertionError``, swallowing exceptions or forging reports (the nonce is
+  framing, not a secret) leaves reports missing or carries values that must be right; and an
+  expected value that does not depend on the model's code never enters the sandbox, so
+  introspection (frames, gc, the program on disk) finds only the inputs. What still runs in the
+  sandbox, and so can be read there: values computed by helpers, variables or modules the test
+  itself defines or imports (other than ``math``, ``fractions``, ``decimal``), e.g. ``assert
+  f(x) == brute(x)`` with ``brute`` defined by the test. An assert with no model-dependent part
+  (``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) and a snippet with no
+  assert that must run are refused when the record loads (ValueError, one line).
 
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
 verification is thread-safe as above).
