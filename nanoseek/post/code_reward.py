@@ -9,14 +9,17 @@ What runs where:
 
 * A name is *parent-known* when this process evaluates it itself: the builtins in
   :data:`PARENT_FUNCS` (``int float str list tuple set dict range len sorted abs min max sum round
-  type isinstance all any pow divmod zip reversed enumerate ...``), ``math`` and its pure
-  functions and constants, ``fractions.Fraction`` and ``decimal.Decimal`` when the test imports
-  them. A name is *model-defined* when the model's code binds it at module level (``def``,
-  ``class``, assignment, ``import``, ``for``/``with`` targets, ``global`` in a function) or the
-  record lists it in ``entry_point``: such a name is never parent-known, even when it shadows a
-  builtin (``def sum(xs): ...``), and the test in the sandbox sees the model's binding (or a
-  NameError when the code never bound it: ``if False: sorted = 1`` gains nothing). Names the code
-  binds only dynamically (``globals()[...]``) are not seen: the test uses the real builtin.
+  type isinstance all any pow divmod zip reversed enumerate ...``), ``True``/``False``/``None``,
+  ``math`` and its pure functions and constants, ``fractions.Fraction`` and ``decimal.Decimal``
+  when the test imports them, and a name the test binds once at its top level to a
+  parent-evaluable value (``CASES = [(1, 2, 3)]``: the sandbox never runs that assignment).
+  Every other name (``add``, a helper or variable the test defines) is evaluated in the sandbox.
+* The model's code cannot take a parent-known name over: a ``def abs``, ``isinstance = ...``, a
+  fake ``math`` module or ``if False: sorted = 1`` in the code leaves the test (here and in the
+  sandbox) with the real one, so a shadowing builtin cannot turn ``abs(f(1) - 2.5) < 1e-9`` into
+  a question the code answers itself. The one exception is the record's ``entry_point`` (a name
+  or a list): a task whose function is called ``sum`` names it there, and then ``sum`` is always
+  the code's (a slot; a NameError in the sandbox when the code never defines it).
 * Every sub-expression free of names other than parent-known ones (literals, containers,
   arithmetic, comparisons, ``and``/``or``/``not``, conditional expressions, subscripts, the
   functions above and allow-listed methods of ``str``/``bytes``/``list``/``tuple``/``dict``/
@@ -54,9 +57,11 @@ assert (``assert f(x) == brute_force(x)`` with ``brute_force`` defined by the te
 code can compute it too. Expected values written as literals, or computed from literals by
 parent-known operations, never enter the sandbox.
 
-An assert none of whose parts depends on the model (every name parent-known, none model-defined
-or an entry point: ``assert sorted([3, 1]) == [1, 3]``) is refused when the record loads
-(:func:`check_code_tests`), except the failure marker ``assert False``.
+An assert none of whose parts depends on the model (every name in it parent-known, after
+unrolling: ``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) would pass
+with any code, so :func:`compile_assert_test` refuses it (ValueError, one line) and datasets
+refuse the record when they load (:func:`nanoseek.post.rewards.check_code_tests`); the failure
+marker ``assert False`` (under ``try``/``else``) is allowed.
 """
 
 from __future__ import annotations
@@ -432,61 +437,6 @@ def _method(recv: Any, name: str, args: list, kw: dict) -> Any:
 
 
 # ----------------------------------------------------------------------------- scanning names
-
-
-def model_names(code: str) -> set[str] | None:
-    """The names the model's code binds at module level (None: it does not parse). An ``import
-    math`` / ``from math import sqrt`` (of :data:`_MODULES`, unrenamed) binds the real thing
-    and does not count unless the code also binds that name otherwise."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-    names: set[str] = set()
-    genuine: set[str] = set()
-
-    def visit(body: list) -> None:
-        for st in body:
-            if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(st.name)
-                for n in ast.walk(st):  # `global x` inside binds x at module level
-                    if isinstance(n, ast.Global):
-                        names.update(n.names)
-                continue
-            if isinstance(st, (ast.Import, ast.ImportFrom)):
-                for a in st.names:
-                    bound = (a.asname or a.name).split(".")[0]
-                    if isinstance(st, ast.Import) and a.asname is None and a.name in _MODULES:
-                        genuine.add(bound)
-                    elif isinstance(st, ast.ImportFrom) and st.module in _MODULES and \
-                            a.asname is None and a.name in _MODULES[st.module]:
-                        genuine.add(bound)
-                    elif a.name == "*":
-                        names.add("*")
-                    else:
-                        names.add(bound)
-                continue
-            for n in ast.walk(st):
-                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-                    continue
-                if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
-                    names.add(n.id)
-                elif isinstance(n, ast.ExceptHandler) and n.name:
-                    names.add(n.name)
-                elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
-                    names.add(n.name)
-                elif isinstance(n, ast.Global):
-                    names.update(n.names)
-            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
-                sub = getattr(st, field, None)
-                if isinstance(sub, list):
-                    inner = [s for s in sub if isinstance(s, ast.stmt)] + \
-                        [s for h in sub if isinstance(h, (ast.ExceptHandler, ast.match_case))
-                         for s in h.body]
-                    visit(inner)
-
-    visit(tree.body)
-    return names
 
 
 def _test_bindings(tree: ast.AST) -> tuple[set[str], dict[str, Any]]:
@@ -971,18 +921,17 @@ def _entry_points(entry_point: Any) -> set[str]:
     return set(names)
 
 
-def compile_assert_test(snippet: str, model: set[str] | frozenset = frozenset(),
-                        entry_point: Any = None) -> CompiledTest:
+def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
     """Split an assertion test into what the sandbox runs and the plans judged here.
-    ``model``: the names the model's code binds (:func:`model_names`); ``entry_point``: the
-    record's function name(s), model-owned whatever the code does. ValueError when the test
+    ``entry_point``: the record's function name(s), model-owned whatever the code does and
+    whatever builtin they shadow. ValueError when the test
     does not parse, has no assert that must run, or has an assert that does not depend on the
     model's code (see the module docstring)."""
     try:
         tree = ast.parse(snippet)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise ValueError(f"assertion test does not parse: {e}") from None
-    owned = set(model) | _entry_points(entry_point)
+    owned = _entry_points(entry_point)
     rebound, imported = _test_bindings(tree)
     known: dict[str, Any] = {k: v for k, v in {**PARENT_FUNCS, **_PARENT_VALUES}.items()
                              if k not in owned and k not in rebound}
@@ -1201,9 +1150,10 @@ def run_assert_test(code: str, snippet: str, timeout_s: float, memory_mb: int,
     """Run one assertion test against ``code`` through the harness; (passed, details)."""
     from nanoseek.post.sandbox import run_code
 
-    names = model_names(code)
-    compiled = compile_assert_test(snippet, names or set(), entry_point)
-    if names is None:
+    compiled = compile_assert_test(snippet, entry_point)
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False, {"passed": False, "reason": "the code does not parse", "returncode": None,
                        "killed_reason": None, "stderr_tail": ""}
     nonce = secrets.token_hex(16)
@@ -1217,9 +1167,9 @@ def run_assert_test(code: str, snippet: str, timeout_s: float, memory_mb: int,
 
 def check_assert_test(snippet: str, entry_point: Any = None) -> None:
     """ValueError when an assertion test cannot score code (see :func:`compile_assert_test`)."""
-    compile_assert_test(snippet, frozenset(), entry_point)
+    compile_assert_test(snippet, entry_point)
 
 
-__all__ = ["compile_assert_test", "check_assert_test", "run_assert_test", "model_names", "judge",
+__all__ = ["compile_assert_test", "check_assert_test", "run_assert_test", "judge",
            "CompiledTest", "Check", "Materialised", "Opaque", "PARENT_FUNCS", "MAX_LEN",
            "MAX_INT_BITS", "MAX_UNROLL", "REPORT_CAP_BYTES"]
