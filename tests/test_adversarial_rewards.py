@@ -460,3 +460,19 @@ def test_parent_side_operations_are_bounded_in_memory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     grew = float(out.stdout.split("GREW_MB")[-1])
     assert grew < 100, out.stdout
+
+
+def test_comprehensions_over_model_values_are_judged_here():
+    # the iterable is the model's (plain data); the elements and filters are computed here, so
+    # objects whose comparisons always say yes cannot answer `x > 0` in the sandbox
+    rec = {"tests": ["assert all(x > 0 for x in f(3))", "assert [x * 2 for x in f(3)] == [2, 4]",
+                     "assert {k: v for k, v in enumerate(f(3))} == {0: 1, 1: 2}",
+                     "assert sum(x for x in f(3) if x > 1) == 2",
+                     "assert all(a < b for a, b in zip(f(3), f(3)[1:]))"]}
+    for t in rec["tests"]:
+        assert "0" not in compile_assert_test(t).source.replace("__nanoseek_check__(0", "")
+    yes = ("class Y:\n    def __gt__(s, o):\n        return True\n    __lt__ = __eq__ = __ge__ = __le__ = __gt__\n"
+           "    def __hash__(s):\n        return 0\n    def __mul__(s, o):\n        return 2\n"
+           "def f(n):\n    return [Y(), Y()]")
+    assert_zero(yes, rec)
+    assert score(respond("def f(n):\n    return [1, 2]"), rec, CFG).reward == 1.0

@@ -75,6 +75,7 @@ import math
 import operator
 import re
 import secrets
+from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any
 
@@ -560,6 +561,36 @@ class _Evaluator:
             raise _Fail(f"subscript of {type(value).__name__} is not evaluated here")
         return _check(value[self.ev(n.slice)])
 
+    def _comprehension(self, n):
+        out: list = []
+        steps = [0]
+        dict_comp = isinstance(n, ast.DictComp)
+
+        def walk(i: int, ev: "_Evaluator") -> None:
+            if i == len(n.generators):
+                out.append((ev.ev(n.key), ev.ev(n.value)) if dict_comp else ev.ev(n.elt))
+                return
+            g = n.generators[i]
+            for item in _iterable(ev.ev(g.iter)):
+                steps[0] += 1
+                if steps[0] > MAX_LEN:
+                    raise _Fail(f"comprehension over {MAX_LEN} steps")
+                b: dict[str, Any] = {}
+                if not _bind(g.target, item, b):
+                    raise _Fail("cannot unpack a comprehension item")
+                child = _Evaluator(ChainMap(b, ev.names), self.slots)
+                if all(child.ev(c) for c in g.ifs):
+                    walk(i + 1, child)
+
+        walk(0, self)
+        if dict_comp:
+            return _check(dict(out))
+        if isinstance(n, ast.SetComp):
+            return _check(set(out))
+        return _check(out) if isinstance(n, ast.ListComp) else Materialised(out)
+
+    _ListComp = _SetComp = _GeneratorExp = _DictComp = _comprehension
+
     def _Slice(self, n):
         return slice(*(None if p is None else self.ev(p) for p in (n.lower, n.upper, n.step)))
 
@@ -666,9 +697,34 @@ class _Compiler:
         self.known = known          # parent-known names and their values
         self.budget = MAX_UNROLL
 
-    def parent_ok(self, node: ast.AST) -> bool:
+    def parent_ok(self, node: ast.AST, extra: set[str] = frozenset()) -> bool:
         return all(isinstance(n, _PLANNABLE) for n in ast.walk(node)) and \
-            _free_names(node) <= set(self.known)
+            _free_names(node) <= set(self.known) | extra
+
+    def comp_over_slot(self, node: ast.AST, slots: list) -> ast.expr | None:
+        """A comprehension whose first iterable needs the model but whose elements and filters
+        do not: the iterable becomes a slot (plain data) and the rest is evaluated here, so
+        ``all(x > 0 for x in f(3))`` cannot be answered by objects of the model's making."""
+        bound: set[str] = set()
+        gens = node.generators
+        if any(g.is_async for g in gens):
+            return None
+        for k, g in enumerate(gens):
+            if k and not self.parent_ok(g.iter, bound):
+                return None
+            if not isinstance(g.target, (ast.Name, ast.Tuple, ast.List)) or \
+                    not all(isinstance(t, (ast.Name, ast.Tuple, ast.List, ast.Load, ast.Store))
+                            for t in ast.walk(g.target)):
+                return None
+            bound |= _free_names(g.target)
+            if not all(self.parent_ok(c, bound) for c in g.ifs):
+                return None
+        elts = (node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,)
+        if not all(self.parent_ok(e, bound) for e in elts):
+            return None
+        new = copy.deepcopy(node)
+        new.generators[0].iter = self.plan(gens[0].iter, slots)
+        return new
 
     def evaluate(self, node: ast.AST) -> Any:
         return _Evaluator(self.known).ev(node)
@@ -742,6 +798,10 @@ class _Compiler:
                 node = unrolled
         if self.parent_ok(node):
             return node
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            new = self.comp_over_slot(node, slots)
+            if new is not None:
+                return new
         decomposable = isinstance(node, (ast.BoolOp, ast.UnaryOp, ast.BinOp, ast.Compare, ast.IfExp,
                                          ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Subscript))
         if isinstance(node, (ast.List, ast.Tuple, ast.Set)) and \
