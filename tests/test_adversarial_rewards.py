@@ -476,3 +476,19 @@ def test_comprehensions_over_model_values_are_judged_here():
            "def f(n):\n    return [Y(), Y()]")
     assert_zero(yes, rec)
     assert score(respond("def f(n):\n    return [1, 2]"), rec, CFG).reward == 1.0
+
+
+def test_a_flood_of_reports_cannot_make_the_trainer_evaluate_for_long():
+    # the code calls the harness's check itself 10,000 times; every report holds and costs 5,000
+    # steps here: one budget per run stops it, and a correct answer still passes
+    import time
+    flood = ("import sys\ndef f(x):\n    fr = sys._getframe(1)\n"
+             "    while fr is not None and fr.f_code.co_name != '__nanoseek_check__':\n        fr = fr.f_back\n"
+             "    if fr is not None and not getattr(f, 'busy', False):\n        f.busy = True\n"
+             "        for _ in range(10000):\n            fr.f_globals['__nanoseek_check__'](0, lambda: [1])\n"
+             "        f.busy = False\n    return [1]")
+    rec = {"tests": ["def check(c):\n    assert len([a for a in c(1) for b in range(5000)]) == 5000\ncheck(f)"]}
+    t = time.monotonic()
+    r = assert_zero(flood, rec)
+    assert "evaluation over" in r.info["tests"][0]["reason"] and time.monotonic() - t < 10
+    assert score(respond("def f(x):\n    return [1]"), rec, CFG).reward == 1.0

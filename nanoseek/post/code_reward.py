@@ -82,6 +82,7 @@ from typing import Any
 MAX_LEN = 100_000        # items of a sequence / characters of a string built here
 MAX_INT_BITS = 1 << 16   # bits of an integer built here
 MAX_UNROLL = 2_000       # loop iterations and comprehension elements unrolled per test
+MAX_EVAL_STEPS = 200_000  # plan nodes and comprehension steps evaluated per run of a test
 REPORT_CAP_BYTES = 1 << 20  # the slot values of one run, as JSON
 _SLOT = " slot"          # plan nodes are Name(id=" slot<k>"): never a valid identifier
 
@@ -481,11 +482,15 @@ class _Evaluator:
     """Evaluates a plan (an expression AST whose model-dependent parts are slot names) here,
     with every operation bounded. ``names`` maps each parent-known name to its value."""
 
-    def __init__(self, names: dict[str, Any], slots: list | None = None):
+    def __init__(self, names: Any, slots: list | None = None, steps: list | None = None):
         self.names = names
         self.slots = slots or []
+        self.steps = steps if steps is not None else [MAX_EVAL_STEPS]  # shared with children
 
     def ev(self, node: ast.AST) -> Any:
+        self.steps[0] -= 1
+        if self.steps[0] < 0:
+            raise _Fail(f"evaluation over {MAX_EVAL_STEPS} steps")
         m = getattr(self, "_" + type(node).__name__, None)
         if m is None:
             raise _Fail(f"{type(node).__name__} is not evaluated here")
@@ -563,7 +568,6 @@ class _Evaluator:
 
     def _comprehension(self, n):
         out: list = []
-        steps = [0]
         dict_comp = isinstance(n, ast.DictComp)
 
         def walk(i: int, ev: "_Evaluator") -> None:
@@ -572,13 +576,13 @@ class _Evaluator:
                 return
             g = n.generators[i]
             for item in _iterable(ev.ev(g.iter)):
-                steps[0] += 1
-                if steps[0] > MAX_LEN:
-                    raise _Fail(f"comprehension over {MAX_LEN} steps")
+                self.steps[0] -= 1
+                if self.steps[0] < 0 or len(out) > MAX_LEN:
+                    raise _Fail(f"evaluation over {MAX_EVAL_STEPS} steps")
                 b: dict[str, Any] = {}
                 if not _bind(g.target, item, b):
                     raise _Fail("cannot unpack a comprehension item")
-                child = _Evaluator(ChainMap(b, ev.names), self.slots)
+                child = _Evaluator(ChainMap(b, ev.names), self.slots, self.steps)
                 if all(child.ev(c) for c in g.ifs):
                     walk(i + 1, child)
 
@@ -797,7 +801,10 @@ class _Compiler:
             if unrolled is not None:
                 node = unrolled
         if self.parent_ok(node):
-            return node
+            try:  # folded once here, not once per report
+                return ast.Constant(self.evaluate(node))
+            except Exception:  # _Fail or the test's own error: it fails the same way when judged
+                return node
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
             new = self.comp_over_slot(node, slots)
             if new is not None:
@@ -1179,17 +1186,20 @@ def judge(r: Any, compiled: CompiledTest, nonce: str) -> str | None:
     if not records or records[-1] != {"done": True} or {"done": True} in records[:-1]:
         return "the test did not run to its end"
     runs = [0] * len(checks)
+    steps = [MAX_EVAL_STEPS]
     for rec in records[:-1]:
         i = rec.get("a") if type(rec) is dict else None
         vals = rec.get("v") if type(rec) is dict else None
         if type(i) is not int or not 0 <= i < len(checks) or type(vals) is not list or \
                 len(vals) != checks[i].n_slots:
             return "malformed report"
+        if checks[i].max_runs is not None and runs[i] >= checks[i].max_runs:
+            return f"assert #{i} ran more than {checks[i].max_runs} times"
         try:
             slots = [(True, _decode(v[1])) if type(v) is list and len(v) == 2 and v[0] == "ok"
                      else (False, str(v[1])[:80] if type(v) is list and len(v) == 2 else "?")
                      for v in vals]
-            held = bool(_Evaluator(compiled.known, slots).ev(checks[i].plan))
+            held = bool(_Evaluator(compiled.known, slots, steps).ev(checks[i].plan))
         except _Fail as e:
             return f"assert #{i}: {e}"
         except RecursionError:
