@@ -297,6 +297,8 @@ EXPECTED_FORMS = {
                              "            assert candidate(a + k, 1) == b + k\ncheck(add)", "def add(a, b):\n    return a + b"),
     "cases_constant": ("CASES = [(2, 3, 5), (4, 4, 8)]\nfor a, b, c in CASES:\n    assert add(a, b) == c",
                        "def add(a, b):\n    return a + b"),
+    "indexed_cases": ("CASES = [(2, 3, 5), (4, 4, 8)]\nfor i in range(len(CASES)):\n    assert add(*CASES[i][:2]) == CASES[i][2]",
+                      "def add(a, b):\n    return a + b"),
     "expected_constant": ("EXPECTED = 987654\nassert solve(987) == EXPECTED", "def solve(n):\n    return n * 1000 + 654"),
     "all_comprehension": ("assert all(add(x, x) == 2 * x for x in [1, 2, 3])", "def add(a, b):\n    return a + b"),
     "dict_comprehension": ("assert {k: f(k) for k in 'ab'} == {'a': 'A', 'b': 'B'}", "def f(s):\n    return s.upper()"),
@@ -320,7 +322,8 @@ def test_expected_side_is_never_computed_in_the_sandbox(name):
 def test_compiled_test_holds_inputs_only():
     for test, _ in EXPECTED_FORMS.values():
         src = compile_assert_test(test).source
-        for secret in ("== 5", "987654", "== c", "Fraction(1, 2)", "'ABC'", "[0] * 3", "math.pi", "10 ** 9"):
+        for secret in ("== 5", "987654", "== c", "Fraction(1, 2)", "'ABC'", "[0] * 3", "math.pi", "10 ** 9",
+                       "CASES", ", 5)", ", 8)"):
             assert secret not in src, (test, src)
 
 
