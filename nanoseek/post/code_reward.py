@@ -70,6 +70,7 @@ import ast
 import copy
 import decimal
 import fractions
+import functools
 import json
 import math
 import operator
@@ -1236,7 +1237,7 @@ def run_assert_test(code: str, snippet: str, timeout_s: float, memory_mb: int,
     """Run one assertion test against ``code`` through the harness; (passed, details)."""
     from nanoseek.post.sandbox import run_code
 
-    compiled = compile_assert_test(snippet, entry_point)
+    compiled = _compiled(snippet, tuple(sorted(_entry_points(entry_point))))
     try:
         ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -1249,6 +1250,13 @@ def run_assert_test(code: str, snippet: str, timeout_s: float, memory_mb: int,
     why = judge(r, compiled, nonce)
     return why is None, {"passed": why is None, "reason": why or "ok", "returncode": r.returncode,
                          "killed_reason": r.killed_reason, "stderr_tail": r.stderr[-300:]}
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(snippet: str, entry_points: tuple[str, ...]) -> CompiledTest:
+    """The compiled test does not depend on the code: one compile per test, not per response
+    (plans and parent values are never mutated when judged)."""
+    return compile_assert_test(snippet, list(entry_points) or None)
 
 
 def check_assert_test(snippet: str, entry_point: Any = None) -> None:
