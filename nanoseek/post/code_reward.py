@@ -32,12 +32,19 @@ What runs where:
   assert add(a, b) == c`` becomes ``assert add(1, 2) == 3``, so the sandbox sees ``add(1, 2)``
   and this process compares with ``3``; ``all(f(x) == 2 * x for x in [1, 2])`` becomes
   ``all([f(1) == 2, f(2) == 4])``. A loop body with ``break``/``continue`` or that rebinds its
-  target is not unrolled.
+  target is not unrolled. A comprehension over a model value (``all(x > 0 for x in f(3))``)
+  is evaluated here over the reported data: only ``f(3)`` runs in the sandbox. Inside a slot,
+  every parent-evaluable part is replaced by its literal value (``add(*CASES[0][:2])`` runs as
+  ``add(*(2, 3))``), so the sandbox gets the inputs only.
 * Every operation here is bounded before it allocates: sequences and strings at
   :data:`MAX_LEN` items, integers at :data:`MAX_INT_BITS` bits (checked for ``*``, ``**``,
   ``<<``, ``%``-formatting, ``format``, ``join``, ``replace``, ``center``...), a value reported
   by the sandbox at :data:`REPORT_CAP_BYTES` of JSON, 100 levels of nesting and the int digit
-  limit. Exceeding a bound fails the test with a reason; it never allocates.
+  limit, and :data:`MAX_EVAL_STEPS` plan nodes and comprehension steps per run (the code can
+  call the harness's check itself to send many reports; each report of a top-level assert past
+  the first fails at once). Exceeding a bound fails the test with a reason; it never allocates.
+  Parent-evaluable parts of a plan are folded once when the test compiles (once per test: a
+  compiled test does not depend on the code).
 
 The sandbox reports slot values as tagged plain data (built-in scalars and containers read
 through the built-in types' own methods, ``range``, ``Fraction``, ``Decimal``, ``complex``,
@@ -51,8 +58,9 @@ holds here on the decoded values.
 
 What remains in the sandbox, and so can be read or recomputed by the model's code (it shares the
 harness's process): sub-expressions that use a name the *test* binds (a helper function the test
-defines, a variable it assigns, a loop that is not unrolled, a module other than ``math``/
-``fractions``/``decimal``) and the inputs of slots. When such a value is the expected side of an
+defines, a variable it assigns more than once or from a model value, the target of a loop that is
+not unrolled, with the data that loop indexes, a module other than ``math``/``fractions``/
+``decimal``) and the inputs of slots. When such a value is the expected side of an
 assert (``assert f(x) == brute_force(x)`` with ``brute_force`` defined by the test), the model's
 code can compute it too. Expected values written as literals, or computed from literals by
 parent-known operations, never enter the sandbox.
