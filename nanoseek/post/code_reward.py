@@ -68,8 +68,9 @@ parent-known operations, never enter the sandbox.
 An assert none of whose parts depends on the model (every name in it parent-known, after
 unrolling: ``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) would pass
 with any code, so :func:`compile_assert_test` refuses it (ValueError, one line) and datasets
-refuse the record when they load (:func:`nanoseek.post.rewards.check_code_tests`); the failure
-marker ``assert False`` (under ``try``/``else``) is allowed.
+refuse the record when they load (:func:`nanoseek.post.rewards.check_code_tests`). Constant
+asserts (``assert False`` under ``try``/``else``, HumanEval's ``assert True, 'msg'``) are
+allowed, but a test needs at least one model-dependent assert that must run.
 """
 
 from __future__ import annotations
@@ -1043,7 +1044,7 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
     for i, (node, conditional, repeated) in enumerate(sites):
         slots: list[ast.expr] = []
         plan = compiler.plan(node.test, slots)
-        if not slots and not (isinstance(node.test, ast.Constant) and not node.test.value):
+        if not slots and not isinstance(node.test, ast.Constant):
             raise ValueError(f"assert {ast.unparse(node.test)[:60]!r} does not depend on the code "
                              "under test (every name in it is a builtin the reward evaluates "
                              "itself); name the function in the record's 'entry_point' if it "
@@ -1053,6 +1054,10 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
             ast.Name("__nanoseek_check__", ast.Load()),
             [ast.Constant(i)] + [ast.Lambda(ast.arguments([], [], None, [], [], None, []), s)
                                  for s in slots], []))
+
+    if not any(c.n_slots and c.min_runs for c in checks):
+        raise ValueError("assertion test has no assert that depends on the code and must run "
+                         f"(only constants such as 'assert True'): {snippet[:80]!r}")
 
     class Rewrite(ast.NodeTransformer):
         def visit_Assert(self, node):
