@@ -10,8 +10,9 @@ What runs where:
 * A name is *parent-known* when this process evaluates it itself: the builtins in
   :data:`PARENT_FUNCS` (``int float str list tuple set dict range len sorted abs min max sum round
   type isinstance all any pow divmod zip reversed enumerate ...``), ``True``/``False``/``None``,
-  ``math`` and its pure functions and constants, ``fractions.Fraction`` and ``decimal.Decimal``
-  when the test imports them, and a name the test binds once at its top level to a
+  ``math`` and its pure functions and constants, ``fractions.Fraction``, ``decimal.Decimal``,
+  ``collections.Counter``/``OrderedDict`` when the test imports them, ``map``/``filter`` with a
+  builtin function, and a name the test binds once at its top level to a
   parent-evaluable value (``CASES = [(1, 2, 3)]``: the sandbox never runs that assignment).
   Every other name (``add``, a helper or variable the test defines) is evaluated in the sandbox.
 * The model's code cannot take a parent-known name over: a ``def abs``, ``isinstance = ...``, a
@@ -60,7 +61,7 @@ What remains in the sandbox, and so can be read or recomputed by the model's cod
 harness's process): sub-expressions that use a name the *test* binds (a helper function the test
 defines, a variable it assigns more than once or from a model value, the target of a loop that is
 not unrolled, with the data that loop indexes, a module other than ``math``/``fractions``/
-``decimal``) and the inputs of slots. When such a value is the expected side of an
+``decimal``/``collections``, a lambda) and the inputs of slots. When such a value is the expected side of an
 assert (``assert f(x) == brute_force(x)`` with ``brute_force`` defined by the test), the model's
 code can compute it too. Expected values written as literals, or computed from literals by
 parent-known operations, never enter the sandbox.
@@ -76,6 +77,7 @@ allowed, but a test needs at least one model-dependent assert that must run.
 from __future__ import annotations
 
 import ast
+import collections
 import copy
 import decimal
 import fractions
@@ -244,7 +246,7 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_
 # ----------------------------------------------------------------------------- parent builtins
 
 _KEY_FUNCS = (len, abs, str, int, float, bool, tuple, list, sorted, sum, min, max, ord, str.lower,
-              str.upper, str.strip, str.casefold, None)
+              str.upper, str.strip, str.casefold, chr, repr, None)
 
 
 def _keyed(kw: dict) -> dict:
@@ -305,6 +307,22 @@ def _range(*a: Any) -> Any:
     if not all(type(v) in (int, bool) for v in a):
         raise _Fail("range() of non-ints")
     return range(*a)
+
+
+def _map_filter(fn):
+    def call(func, *its):
+        if not any(func is f for f in _KEY_FUNCS):
+            raise _Fail(f"{fn.__name__}() with a function other than a builtin is not evaluated here")
+        for a in its:
+            _iterable(a)
+        return Materialised(list(fn(func, *its)))
+    return call
+
+
+def _counter(*args: Any) -> Any:
+    if args:
+        _iterable(args[0])
+    return collections.Counter(*args)
 
 
 def _materialise(fn):
@@ -372,7 +390,7 @@ def _repr(x: Any) -> Any:
 PARENT_FUNCS: dict[str, Any] = {n: getattr(__import__("builtins"), n) for n in (
     "abs all any bin bool bytes chr complex dict divmod enumerate float format frozenset hex int "
     "isinstance len list max min oct ord pow range repr reversed round set sorted str sum tuple "
-    "type zip").split()}
+    "type zip map filter").split()}
 _WRAP: dict[Any, Any] = {
     abs: abs, all: _consume(all), any: _consume(any), bin: bin, bool: bool, chr: chr,
     complex: complex, dict: _dict, divmod: divmod, enumerate: _materialise(enumerate),
@@ -383,7 +401,8 @@ _WRAP: dict[Any, Any] = {
     sorted: _consume(sorted, ("key", "reverse")), str: _str, sum: _sum, tuple: _consume(tuple),
     type: _type, zip: _materialise(zip), bytes: _bytes, repr: _repr,
     math.isqrt: _isqrt, math.factorial: _factorial, math.comb: _comb, math.perm: _perm,
-    math.prod: _prod,
+    math.prod: _prod, map: _map_filter(map), filter: _map_filter(filter),
+    collections.Counter: _counter, collections.OrderedDict: _dict,
 }
 _PARENT_VALUES = {"True": True, "False": False, "None": None}
 _MATH = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf, "nan": math.nan,
@@ -395,7 +414,8 @@ _MATH = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf, "nan": ma
          "isfinite": math.isfinite, "copysign": math.copysign, "prod": math.prod,
          "dist": math.dist, "degrees": math.degrees, "radians": math.radians}
 _MODULES = {"math": _MATH, "fractions": {"Fraction": fractions.Fraction},
-            "decimal": {"Decimal": decimal.Decimal}}
+            "decimal": {"Decimal": decimal.Decimal},
+            "collections": {"Counter": collections.Counter, "OrderedDict": collections.OrderedDict}}
 
 _METHODS = {
     str: {"lower", "upper", "strip", "lstrip", "rstrip", "split", "rsplit", "splitlines",
