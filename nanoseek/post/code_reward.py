@@ -917,7 +917,8 @@ def _propagate_constants(tree: ast.Module, compiler: _Compiler) -> None:
     i = 0
     while i < len(body):
         st = body[i]
-        if isinstance(st, ast.Assign) and len(st.targets) == 1 and                 isinstance(st.targets[0], ast.Name) and counts.get(st.targets[0].id) == 1:
+        if isinstance(st, ast.Assign) and len(st.targets) == 1 and \
+                isinstance(st.targets[0], ast.Name) and counts.get(st.targets[0].id) == 1:
             name = st.targets[0].id
             used_before = any(isinstance(n, ast.Name) and n.id == name
                               for prev in body[:i] for n in ast.walk(prev))
@@ -1098,7 +1099,8 @@ _os.dup2(2, 1)
 _PRISTINE = dict(_b.__dict__)  # the builtins the test sees: a copy from before the code ran
 _isinstance, _type, _repr, _len = isinstance, type, repr, len
 _TYPES = [(v, k) for k, v in _PRISTINE.items() if _isinstance(v, type)] + [(_type(None), "NoneType")]
-_Fraction, _Decimal, _fnum, _fden = _fr.Fraction, _de.Decimal, _fr.Fraction.numerator.fget, _fr.Fraction.denominator.fget
+_Fraction, _Decimal = _fr.Fraction, _de.Decimal
+_fnum, _fden = _fr.Fraction.numerator.fget, _fr.Fraction.denominator.fget
 _dstr, _next, _iter = _de.Decimal.__str__, next, iter
 _MAX = 100000
 

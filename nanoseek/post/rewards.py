@@ -70,7 +70,6 @@ verification is thread-safe as above).
 from __future__ import annotations
 
 import logging
-import math
 import re
 import signal
 import threading
