@@ -44,13 +44,15 @@ Accuracy by record kind:
   - an assertion snippet (a string, or ``{"assert": ...}``), with the record's optional
     ``entry_point`` (the function's name, or a list): this process evaluates every assert
     itself (:mod:`nanoseek.post.code_reward`). Each is split into a plan evaluated here and
-    *slots*, the sub-expressions that use a name the model's code binds at module level or the
-    entry point (``add(2, 3)``), which alone run in the sandbox and come back as tagged plain
-    data on a nonce-framed private channel. Every sub-expression free of such names (``2 * 3``,
-    ``'ABC'.lower()``, ``list(range(3))``, ``Fraction(1, 2)``, ``type(...) == int``) is computed
-    here with bounded sizes; ``for`` loops and comprehensions over such data are unrolled here,
-    and ``CASES = [...]`` bound once is kept here. The test passes when the run exited 0 in time,
-    every assert was reported as often as its place demands and every plan holds here.
+    *slots*, the sub-expressions that need a name this process does not evaluate itself (the
+    model's ``add(2, 3)``, a helper the test defines), which alone run in the sandbox and come
+    back as tagged plain data on a nonce-framed private channel. Every other sub-expression
+    (``2 * 3``, ``'ABC'.lower()``, ``list(range(3))``, ``Fraction(1, 2)``, ``type(...) == int``,
+    ``all(x > 0 for x in ...)``) is computed here with bounded sizes and steps; ``for`` loops
+    and comprehensions over such data are unrolled here, and ``CASES = [...]`` bound once stays
+    here. The code cannot take over a builtin the test uses (``def abs``, ``isinstance = ...``)
+    unless the record names it as ``entry_point``. The test passes when the run exited 0 in
+    time, every assert was reported as often as its place demands and every plan holds here.
 
   Why this cannot be farmed: no assert runs in the model's process, so exiting early, patching
   builtins, hooks or ``AssertionError``, swallowing exceptions or forging reports (the nonce is
@@ -58,10 +60,11 @@ Accuracy by record kind:
   expected value that does not depend on the model's code never enters the sandbox, so
   introspection (frames, gc, the program on disk) finds only the inputs. What still runs in the
   sandbox, and so can be read there: values computed by helpers, variables or modules the test
-  itself defines or imports (other than ``math``, ``fractions``, ``decimal``), e.g. ``assert
-  f(x) == brute(x)`` with ``brute`` defined by the test. An assert with no model-dependent part
-  (``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) and a snippet with no
-  assert that must run are refused when the record loads (ValueError, one line).
+  itself defines or imports (other than ``math``, ``fractions``, ``decimal``, ``collections``),
+  e.g. ``assert f(x) == brute(x)`` with ``brute`` defined by the test, and the data of a loop
+  that cannot be unrolled. An assert with no model-dependent part (``assert sorted([3, 1]) ==
+  [1, 3]`` without ``entry_point: "sorted"``) and a snippet with no model-dependent assert that
+  must run are refused when the record loads (ValueError, one line).
 
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
 verification is thread-safe as above).
