@@ -5,6 +5,14 @@ builtins and hooks, forged reports, objects that equal everything, reading the t
 gc introspection, infinite output, threads and children that write later). The record's expected
 values all differ, so no constant answer passes any test. Correct solutions, including ones that
 print, use classes or guard a main block, still score the full reward.
+
+Then the classes of the second review: a generic cheat that calls the other slots of its own
+assert (the expected side must never be computed in the sandbox: arithmetic, methods, builtins,
+loops, comprehensions, constants, Fraction, Counter, map); code that edits or shadows the test's
+builtins; solutions named like builtins (entry_point); asserts with no model-dependent part
+(refused at load); richer correct values (types, ranges, generators, Fraction, Decimal); the
+trainer's own memory under hostile values (a subprocess measures its peak RSS); and a flood of
+reports (one evaluation budget per run).
 """
 
 import pytest
