@@ -291,8 +291,8 @@ add = solve = f = area = _cheat
 
 # (test, a correct solution): every expected side is computed from literals, never in the sandbox
 EXPECTED_FORMS = {
-    "mult": ("assert add(2, 3) == 2 * 3 - 1", "def add(a, b):\n    return a + b"),
-    "pow": ("assert solve(7) == 10 ** 9 + 7", "def solve(n):\n    return 10 ** 9 + n"),
+    "mult": ("assert add(2, 4) == 2 * 3", "def add(a, b):\n    return a + b"),
+    "pow": ("assert solve(7) == 7 * 10 ** 9", "def solve(n):\n    return n * 10 ** 9"),
     "str_method": ("assert f('abc') == 'ABC'.lower()", "def f(s):\n    return s"),
     "list_mult": ("assert f(3) == [0] * 3", "def f(n):\n    return [0] * n"),
     "int_call": ("assert f('42') == int('42')", "def f(s):\n    return int(s)"),
@@ -334,7 +334,7 @@ def test_compiled_test_holds_inputs_only():
     for test, _ in EXPECTED_FORMS.values():
         src = compile_assert_test(test).source
         for secret in ("== 5", "987654", "== c", "Fraction(1, 2)", "'ABC'", "[0] * 3", "math.pi", "10 ** 9",
-                       "CASES", ", 5)", ", 8)", "map(", "Counter('aab')"):
+                       "CASES", ", 5)", ", 8)", "map(", "Counter('aab')", "2 * 3", "10 ** 9"):
             assert secret not in src, (test, src)
 
 
