@@ -5,11 +5,19 @@ builtins and hooks, forged reports, objects that equal everything, reading the t
 gc introspection, infinite output, threads and children that write later). The record's expected
 values all differ, so no constant answer passes any test. Correct solutions, including ones that
 print, use classes or guard a main block, still score the full reward.
+
+Then the classes of the second review: a generic cheat that calls the other slots of its own
+assert (the expected side must never be computed in the sandbox: arithmetic, methods, builtins,
+loops, comprehensions, constants, Fraction, Counter, map); code that edits or shadows the test's
+builtins; solutions named like builtins (entry_point); asserts with no model-dependent part
+(refused at load); richer correct values (types, ranges, generators, Fraction, Decimal); the
+trainer's own memory under hostile values (a subprocess measures its peak RSS); and a flood of
+reports (one evaluation budget per run).
 """
 
 import pytest
 
-from nanoseek.post.rewards import RewardConfig, compile_assert_test, score
+from nanoseek.post.rewards import RewardConfig, check_code_tests, compile_assert_test, score
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -166,9 +174,9 @@ def test_patched_builtins_do_not_reach_the_tests_own_computations():
 
 
 def test_expected_literals_never_enter_the_sandbox():
-    src, checks = compile_assert_test("assert add(2, 3) == 987654321\nassert 'secret-answer' in f()")
-    assert "987654321" not in src and "secret-answer" not in src
-    assert len(checks) == 2 and all(c.n_slots == 1 for c in checks)
+    t = compile_assert_test("assert add(2, 3) == 987654321\nassert 'secret-answer' in f()")
+    assert "987654321" not in t.source and "secret-answer" not in t.source
+    assert len(t.checks) == 2 and all(c.n_slots == 1 for c in t.checks)
 
 
 def test_every_assert_must_run():
@@ -253,3 +261,248 @@ def test_richer_assert_shapes_are_judged_like_python():
     wrong = good.replace("return not xs", "return bool(xs)").replace("{'n': len(xs)", "{'n': 0")
     r = score(respond(wrong), rec, CFG)
     assert [t["passed"] for t in r.info["tests"]] == [True, True, False, True, True, False, True, True, True]
+
+
+# ----------------------------------------------------------------------------- expected values stay in the parent
+# A generic cheat: the model's function walks up to the harness's check and calls the other
+# slots of its own assert, hoping one of them computes the expected value.
+SIBLING = r'''
+import sys
+def _cheat(*a, **k):
+    f = sys._getframe(1)
+    me = f.f_code
+    while f is not None and f.f_code.co_name != '__nanoseek_check__':
+        f = f.f_back
+    if f is None:
+        return None
+    for s in f.f_locals['slots']:
+        if s.__code__ is not me:
+            try:
+                return s()
+            except BaseException:
+                pass
+    g = f.f_globals  # or a name the test bound itself
+    for v in g.values():
+        if type(v) in (int, str, list, float) and v not in a:
+            return v
+    return None
+add = solve = f = area = _cheat
+'''
+
+# (test, a correct solution): every expected side is computed from literals, never in the sandbox
+EXPECTED_FORMS = {
+    "mult": ("assert add(2, 4) == 2 * 3", "def add(a, b):\n    return a + b"),
+    "pow": ("assert solve(7) == 7 * 10 ** 9", "def solve(n):\n    return n * 10 ** 9"),
+    "str_method": ("assert f('abc') == 'ABC'.lower()", "def f(s):\n    return s"),
+    "list_mult": ("assert f(3) == [0] * 3", "def f(n):\n    return [0] * n"),
+    "int_call": ("assert f('42') == int('42')", "def f(s):\n    return int(s)"),
+    "float_inf": ("assert f(0) == float('inf')", "def f(x):\n    return float('inf')"),
+    "humaneval_check": ("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(1, 1) == 2\n"
+                        "check(add)", "def add(a, b):\n    return a + b"),
+    "loop_over_cases": ("for a, b, c in [(2, 3, 5), (1, 1, 2)]:\n    assert add(a, b) == c",
+                        "def add(a, b):\n    return a + b"),
+    "nested_loop_in_check": ("def check(candidate):\n    for a, b in [(1, 2), (5, 6)]:\n        for k in range(2):\n"
+                             "            assert candidate(a + k, 1) == b + k\ncheck(add)", "def add(a, b):\n    return a + b"),
+    "cases_constant": ("CASES = [(2, 3, 5), (4, 4, 8)]\nfor a, b, c in CASES:\n    assert add(a, b) == c",
+                       "def add(a, b):\n    return a + b"),
+    "indexed_cases": ("CASES = [(2, 3, 5), (4, 4, 8)]\nfor i in range(len(CASES)):\n    assert add(*CASES[i][:2]) == CASES[i][2]",
+                      "def add(a, b):\n    return a + b"),
+    "expected_constant": ("EXPECTED = 987654\nassert solve(987) == EXPECTED", "def solve(n):\n    return n * 1000 + 654"),
+    "all_comprehension": ("assert all(add(x, x) == 2 * x for x in [1, 2, 3])", "def add(a, b):\n    return a + b"),
+    "dict_comprehension": ("assert {k: f(k) for k in 'ab'} == {'a': 'A', 'b': 'B'}", "def f(s):\n    return s.upper()"),
+    "fraction": ("from fractions import Fraction\nassert f(1, 2) == Fraction(1, 2)",
+                 "from fractions import Fraction\ndef f(a, b):\n    return Fraction(a, b)"),
+    "map_builtin": ("assert f([1, 2]) == list(map(str, [1, 2]))", "def f(x):\n    return [str(v) for v in x]"),
+    "counter": ("from collections import Counter\nassert f('aab') == Counter('aab')",
+                "def f(s):\n    import collections\n    return collections.Counter(s)"),
+    "math_const": ("import math\nassert math.isclose(area(1), math.pi * 1 ** 2)",
+                   "import math\ndef area(r):\n    return math.pi * r * r"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FORMS))
+def test_expected_side_is_never_computed_in_the_sandbox(name):
+    test, good = EXPECTED_FORMS[name]
+    rec = {"tests": [test]}
+    r = score(respond(good), rec, CFG)
+    assert r.reward == 1.0, r.info["tests"]
+    r = assert_zero(SIBLING, rec)
+    assert r.info["tests"][0]["reason"].startswith("assert #0"), r.info["tests"][0]
+
+
+def test_compiled_test_holds_inputs_only():
+    for test, _ in EXPECTED_FORMS.values():
+        src = compile_assert_test(test).source
+        for secret in ("== 5", "987654", "== c", "Fraction(1, 2)", "'ABC'", "[0] * 3", "math.pi", "10 ** 9",
+                       "CASES", ", 5)", ", 8)", "map(", "Counter('aab')", "2 * 3", "10 ** 9"):
+            assert secret not in src, (test, src)
+
+
+def test_test_builtins_cannot_be_edited_into_lies():
+    # the code edits the copy of the builtins the harness gives the test: isinstance/type are
+    # evaluated here on the reported value instead
+    rec = {"tests": ["assert isinstance(f(3), int)", "assert type(f(3)) == type(0)", "assert type(f(1)) == int"]}
+    cheat = ("import sys\nm = sys.modules['__main__'].__dict__\nm['_PRISTINE']['isinstance'] = lambda *a: True\n"
+             "m['_PRISTINE']['type'] = lambda *a: int\ndef f(*a):\n    return None")
+    assert_zero(cheat, rec)
+    assert score(respond("def f(x):\n    return x + 1"), rec, CFG).reward == 1.0
+
+
+def test_code_that_shadows_builtins_does_not_move_the_expected_side_into_the_sandbox():
+    # parent-known names stay the parent's whatever the code binds (entry points aside), so
+    # neither a fake definition nor a real one turns a wrapper into a question the code answers
+    rec = {"tests": ["assert f([3, 1, 2]) == sorted([3, 1, 2])", "assert f('7') == int('7')",
+                     "assert abs(f(2.5) - 2.5) < 1e-9", "assert isinstance(f(3), int) and f(3) > 0",
+                     "import math\nassert math.isclose(f(1.5), 1.5)", "assert len(f([1, 2])) == 2"]}
+    assert_zero("if False:\n    sorted = int = len = list = None\n" + SIBLING, rec)
+    assert_zero("def abs(x):\n    return 0\ndef isinstance(*a):\n    return True\ndef len(x):\n    return 2\n"
+                "import types\nmath = types.SimpleNamespace(isclose=lambda *a, **k: True)\n"
+                "def f(x):\n    return None", {"tests": rec["tests"][2:]})
+    good = "def f(x):\n    return sorted(x) if isinstance(x, list) else x if isinstance(x, float) else int(x)"
+    assert score(respond(good), rec, CFG).reward == 1.0
+
+
+# ----------------------------------------------------------------------------- builtin-named solutions
+
+
+@pytest.mark.parametrize("fn,test,good", [
+    ("sum", "assert sum([1, 2, 3]) == 6", "def sum(xs):\n    t = 0\n    for x in xs:\n        t += x\n    return t"),
+    ("max", "assert max([4, 9, 2]) == 9", "def max(xs):\n    return sorted(xs)[-1]"),
+    ("sorted", "assert sorted([3, 1, 2]) == [1, 2, 3]", "def sorted(xs):\n    return __builtins__['sorted'](xs) "
+     "if isinstance(__builtins__, dict) else __import__('builtins').sorted(xs)"),
+    ("round", "assert round(2.5) == 2", "def round(x):\n    return int(x) if x - int(x) <= 0.5 else int(x) + 1"),
+])
+def test_a_solution_named_like_a_builtin_is_run_not_assumed(fn, test, good):
+    rec = {"tests": [test], "entry_point": fn}
+    assert_zero(f"def {fn}(*a, **k):\n    raise RuntimeError('not implemented')", rec)
+    assert_zero("print('hi')", rec)  # the entry point is owned by the code even when it is absent
+    assert score(respond(good), rec, CFG).reward == 1.0
+    with pytest.raises(ValueError, match="does not depend on the code"):
+        check_code_tests([test])
+    check_code_tests([test], entry_point=fn)
+
+
+def test_asserts_without_a_model_dependent_part_are_refused_at_load():
+    for bad in ("assert sorted([3, 1, 2]) == [1, 2, 3]", "assert len('abc') == 3",
+                "assert add(1, 2) == 3\nassert 2 * 3 == 6", "for x in [1, 2]:\n    assert x > 0\nassert f(1)",
+                "N = 3\nassert N == 3\nassert f(1)", "assert all(x > 0 for x in range(3))\nassert f(1)"):
+        with pytest.raises(ValueError, match="does not depend on the code"):
+            check_code_tests([bad])
+    # a failure marker, a test-defined helper and a HumanEval check are fine
+    check_code_tests(["try:\n    f([])\nexcept IndexError:\n    pass\nelse:\n    assert False\nassert f([1]) == 1",
+                      "def helper(x):\n    return f(x) * 2\nassert helper(1) == 4",
+                      "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"])
+    with pytest.raises(ValueError, match="does not depend"):
+        score(respond("print('hi')"), {"tests": ["assert sorted([3, 1, 2]) == [1, 2, 3]"]}, CFG)
+
+
+# ----------------------------------------------------------------------------- correct forms that used to fail
+
+
+def test_richer_values_score_full():
+    rec = {"tests": ["assert type(f(1)) == int", "assert g(3) == list(range(3))", "assert h(3) == set(range(3))",
+                     "assert list(gen(3)) == [0, 1, 2]", "assert sorted(gen(3), reverse=True) == [2, 1, 0]",
+                     "assert words() .split() == ['a', 'b']", "assert d() == dict(a=1)", "assert none() is None",
+                     "from fractions import Fraction\nassert half() == Fraction(1, 2)",
+                     "from decimal import Decimal\nassert money() == Decimal('1.10')",
+                     "assert cplx() == 1 + 2j", "assert rng(4) == range(4)", "assert kind() == str",
+                     "assert sorted(pairs(), key=len) == [(1,), (1, 2)]", "assert list(zip(g(2), g(2))) == [(0, 0), (1, 1)]",
+                     "assert f(2) == 3 and isinstance(f(2), int) and not isinstance(f(2), bool)"]}
+    good = ("from fractions import Fraction\nfrom decimal import Decimal\n"
+            "def f(x):\n    return x + 1\ndef g(n):\n    return list(range(n))\ndef h(n):\n    return set(range(n))\n"
+            "def gen(n):\n    return (i for i in range(n))\ndef words():\n    return 'a b'\ndef d():\n    return {'a': 1}\n"
+            "def none():\n    return None\ndef half():\n    return Fraction(1, 2)\ndef money():\n    return Decimal('1.10')\n"
+            "def cplx():\n    return complex(1, 2)\ndef rng(n):\n    return range(n)\ndef kind():\n    return str\n"
+            "def pairs():\n    return [(1, 2), (1,)]")
+    r = score(respond(good), rec, CFG)
+    assert r.reward == 1.0, [t for t in r.info["tests"] if not t["passed"]]
+    # and the generator is not a list, as Python says
+    r = score(respond(good), {"tests": ["assert gen(3) == [0, 1, 2]"]}, CFG)
+    assert r.reward == 0.0, r.info["tests"]
+
+
+# ----------------------------------------------------------------------------- the trainer's own memory
+
+
+MEMORY_PROBE = r'''
+import resource, sys, time
+from nanoseek.post.rewards import RewardConfig, score
+cfg = RewardConfig(format_weight=0.0, code_timeout_s=3.0)
+cases = [
+    ("def f(x):\n    return '%0900000000d'", "assert f(10) % 2 == 0"),
+    ("def f(x):\n    return b'%0900000000d'", "assert f(10) % 2 == 0"),
+    ("def f(x):\n    return '%*d'", "assert f(10) % (900000000, 1) == 0"),
+    ("def f(x):\n    return '{:>900000000}'", "assert f(1).format(1) == ''"),
+    ("def f():\n    return '>900000000'", "assert format(1, f()) == ''"),
+    ("def f():\n    return 10 ** 9", "assert 'ab' * f() == ''"),
+    ("def f():\n    return 10 ** 9", "assert [0] * f() == []"),
+    ("def f():\n    return 10 ** 9", "assert 'x'.zfill(f()) == ''"),
+    ("def f():\n    return 10 ** 9", "assert 'x'.center(f()) == ''"),
+    ("def f():\n    return 'x' * 500000", "assert f().replace('x', 'y' * 1000) == ''"),
+    ("def f():\n    return ['x' * 90000] * 10", "assert '-'.join(f()) == ''"),
+    ("def f():\n    return 3", "assert f() ** 10 ** 8 == 1"),
+    ("def f():\n    return 10 ** 10", "assert 1 << f() == 0"),
+    ("def f():\n    return -10 ** 9", "assert round(5, f()) == 0"),
+    ("def f():\n    return 10 ** 9", "assert list(range(f())) == []"),
+    ("def f():\n    return 10 ** 9", "assert bytes(f()) == b''"),
+    ("def f():\n    return 10 ** 6", "import math\nassert math.factorial(f()) == 0"),
+    ("def f():\n    return 10 ** 4000", "assert f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() * f() == 0"),
+    ("def f():\n    return [list(range(1000))] * 1000", "assert f() == 0"),
+    ("from decimal import Decimal\ndef f():\n    return Decimal('1e999999999')", "assert int(f()) == 0"),
+]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for code, test in cases:
+    t = time.time()
+    r = score("<think>x</think>\n```python\n" + code + "\n```", {"tests": [test]}, cfg)
+    took = time.time() - t
+    reason = r.info["tests"][0]["reason"]
+    assert r.reward == 0.0 and reason != "timeout" and took < 10, (test, reason, took)
+    print(f"{took:5.2f}s {reason}")
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print("GREW_MB", grew)
+'''
+
+
+def test_parent_side_operations_are_bounded_in_memory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "probe.py"
+    script.write_text(MEMORY_PROBE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ})
+    assert out.returncode == 0, out.stderr[-2000:]
+    grew = float(out.stdout.split("GREW_MB")[-1])
+    assert grew < 100, out.stdout
+
+
+def test_comprehensions_over_model_values_are_judged_here():
+    # the iterable is the model's (plain data); the elements and filters are computed here, so
+    # objects whose comparisons always say yes cannot answer `x > 0` in the sandbox
+    rec = {"tests": ["assert all(x > 0 for x in f(3))", "assert [x * 2 for x in f(3)] == [2, 4]",
+                     "assert {k: v for k, v in enumerate(f(3))} == {0: 1, 1: 2}",
+                     "assert sum(x for x in f(3) if x > 1) == 2",
+                     "assert all(a < b for a, b in zip(f(3), f(3)[1:]))"]}
+    for t in rec["tests"]:
+        assert "0" not in compile_assert_test(t).source.replace("__nanoseek_check__(0", "")
+    yes = ("class Y:\n    def __gt__(s, o):\n        return True\n    __lt__ = __eq__ = __ge__ = __le__ = __gt__\n"
+           "    def __hash__(s):\n        return 0\n    def __mul__(s, o):\n        return 2\n"
+           "def f(n):\n    return [Y(), Y()]")
+    assert_zero(yes, rec)
+    assert score(respond("def f(n):\n    return [1, 2]"), rec, CFG).reward == 1.0
+
+
+def test_a_flood_of_reports_cannot_make_the_trainer_evaluate_for_long():
+    # the code calls the harness's check itself 10,000 times; every report holds and costs 5,000
+    # steps here: one budget per run stops it, and a correct answer still passes
+    import time
+    flood = ("import sys\ndef f(x):\n    fr = sys._getframe(1)\n"
+             "    while fr is not None and fr.f_code.co_name != '__nanoseek_check__':\n        fr = fr.f_back\n"
+             "    if fr is not None and not getattr(f, 'busy', False):\n        f.busy = True\n"
+             "        for _ in range(10000):\n            fr.f_globals['__nanoseek_check__'](0, lambda: [1])\n"
+             "        f.busy = False\n    return [1]")
+    rec = {"tests": ["def check(c):\n    assert len([a for a in c(1) for b in range(5000)]) == 5000\ncheck(f)"]}
+    t = time.monotonic()
+    r = assert_zero(flood, rec)
+    assert "evaluation over" in r.info["tests"][0]["reason"] and time.monotonic() - t < 10
+    assert score(respond("def f(x):\n    return [1]"), rec, CFG).reward == 1.0

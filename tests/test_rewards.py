@@ -199,3 +199,26 @@ def test_record_kinds():
     with pytest.raises(ValueError, match="non-empty 'tests'"):
         score("<think>x</think>no code", {"tests": []})
     assert score("<think>x</think>64", ARITH, kind="math").correct  # explicit kind override
+
+
+def test_code_reward_humaneval_and_mbpp_forms():
+    # HumanEval: a check(candidate) with METADATA and `assert True, msg`; MBPP: bare asserts
+    he = ("METADATA = {'author': 'jt', 'dataset': 'test'}\n\ndef check(candidate):\n"
+          "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+          "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+          "    assert True, 'This prints if this assert fails 1 (good for debugging!)'\n\ncheck(has_close_elements)\n")
+    mbpp = ["import math\nassert math.isclose(volume_sphere(10), 4188.790204786391, rel_tol=0.001)",
+            "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
+            "assert heap_queue_largest( [25, 35, 22, 85, 14, 65, 75, 22, 58],3)==[85, 75, 65]",
+            "assert remove_Occ(\"hello\",\"l\") == \"heo\""]
+    good = ("import math, heapq\nfrom typing import List\n"
+            "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+            "    return any(i != j and abs(a - b) < threshold for i, a in enumerate(numbers) for j, b in enumerate(numbers))\n"
+            "def volume_sphere(r):\n    return 4 / 3 * math.pi * r ** 3\n"
+            "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"
+            "def heap_queue_largest(nums, n):\n    return heapq.nlargest(n, nums)\n"
+            "def remove_Occ(s, ch):\n    return s.replace(ch, '')\n")
+    r = score(f"<think>x</think>\n```python\n{good}```", {"tests": [he] + mbpp})
+    assert r.reward == pytest.approx(1.1), r.info["tests"]
+    with pytest.raises(ValueError, match="no assert that depends on the code"):
+        score("<think>x</think>\n```python\nx = 1\n```", {"tests": ["assert True\nf(1)"]})

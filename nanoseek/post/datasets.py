@@ -207,7 +207,7 @@ def parse_rl_prompt(where: str, obj: dict) -> RLPrompt:
         from nanoseek.post.rewards import check_code_tests
 
         try:
-            check_code_tests(obj.get("tests"))
+            check_code_tests(obj.get("tests"), obj.get("entry_point"))
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
     extra = {k: v for k, v in obj.items() if k not in RL_KEYS and k != "id"}

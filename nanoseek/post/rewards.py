@@ -41,36 +41,30 @@ Accuracy by record kind:
   - ``{"stdin": ..., "stdout": ...}``: the program's output (trailing whitespace stripped per
     line, not truncated) must equal the expected one and it must exit 0. The expected output
     stays in this process.
-  - an assertion snippet (a string, or ``{"assert": ...}``): the test passes only when this
-    process has *evaluated every assert itself* and each held. :func:`compile_assert_test`
-    splits each ``assert`` into a plan this process evaluates (comparisons, ``and``/``or``/
-    ``not``, literals, ``math.pi``/``e``/``tau``/``inf``, ``+ - / // %`` and the pure builtins in
-    ``_PURE_CALLS``: ``sorted``, ``len``, ``abs``, ``math.isclose``, ...) and *slots*, the
-    sub-expressions only the model's code can compute (``add(2, 3)``). In the sandbox a harness
-    runs the code, then the rewritten test (with a copy of the builtins taken before the code
-    ran: defence in depth, the code can reach it), and reports each slot's value as tagged plain
-    data (``int``/``float``/``str``/``list``/``dict``/... read through the built-in types' own
-    methods, so a subclass counts only for the data it holds and its ``__eq__`` never runs; any
-    other object, e.g. one whose ``__eq__`` always says yes, a ``deque`` or a ``Fraction``, is an
-    error) on a private duplicate of stdout (prints go to stderr), each line framed by a per-run
-    random nonce, then ``done``. The test passes when the run exited 0 in time, the channel
-    holds only framed reports ending in one ``done``, every assert at the top level of the test
-    was reported exactly once and every one in a loop or function at least once (under ``if``/
-    ``try``/``match``: any number; a snippet needs at least one assert outside those), and every
-    plan evaluates true here on the decoded values.
+  - an assertion snippet (a string, or ``{"assert": ...}``), with the record's optional
+    ``entry_point`` (the function's name, or a list): this process evaluates every assert
+    itself (:mod:`nanoseek.post.code_reward`). Each is split into a plan evaluated here and
+    *slots*, the sub-expressions that need a name this process does not evaluate itself (the
+    model's ``add(2, 3)``, a helper the test defines), which alone run in the sandbox and come
+    back as tagged plain data on a nonce-framed private channel. Every other sub-expression
+    (``2 * 3``, ``'ABC'.lower()``, ``list(range(3))``, ``Fraction(1, 2)``, ``type(...) == int``,
+    ``all(x > 0 for x in ...)``) is computed here with bounded sizes and steps; ``for`` loops
+    and comprehensions over such data are unrolled here, and ``CASES = [...]`` bound once stays
+    here. The code cannot take over a builtin the test uses (``def abs``, ``isinstance = ...``)
+    unless the record names it as ``entry_point``. The test passes when the run exited 0 in
+    time, every assert was reported as often as its place demands and every plan holds here.
 
-  Why this cannot be farmed: no assert runs in the model's process, so exiting early (any way),
-  patching builtins, ``sys.exit``, ``atexit``, hooks or ``AssertionError``, or swallowing
-  exceptions leaves reports missing and fails. The nonce is framing, not a secret (the code
-  shares the harness's process and can read it), so a report can be forged, but it must carry
-  the right values, and an expected value written as a literal in the test never enters the
-  sandbox (it is not in the program, on its disk or in its memory): producing it means solving
-  the task. Weaker: a value the test computes in the sandbox from its own data (``assert f(a) ==
-  b`` in a loop over literal pairs, ``assert all(...)``, ``EXPECTED = 5``, functions of modules
-  other than ``math.isclose``) is compared here on plain data, but the model's code can see it
-  by introspection, or patch what computes it, and echo it. A snippet without an ``assert`` that
-  must run is refused (ValueError): a forged end of run would pass it. Names the code defines
-  that shadow builtins are not seen by the test.
+  Why this cannot be farmed: no assert runs in the model's process, so exiting early, patching
+  builtins, hooks or ``AssertionError``, swallowing exceptions or forging reports (the nonce is
+  framing, not a secret) leaves reports missing or carries values that must be right; and an
+  expected value that does not depend on the model's code never enters the sandbox, so
+  introspection (frames, gc, the program on disk) finds only the inputs. What still runs in the
+  sandbox, and so can be read there: values computed by helpers, variables or modules the test
+  itself defines or imports (other than ``math``, ``fractions``, ``decimal``, ``collections``),
+  e.g. ``assert f(x) == brute(x)`` with ``brute`` defined by the test, and the data of a loop
+  that cannot be unrolled. An assert with no model-dependent part (``assert sorted([3, 1]) ==
+  [1, 3]`` without ``entry_point: "sorted"``) and a snippet with no model-dependent assert that
+  must run are refused when the record loads (ValueError, one line).
 
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
 verification is thread-safe as above).
@@ -78,13 +72,8 @@ verification is thread-safe as above).
 
 from __future__ import annotations
 
-import ast
-import json
 import logging
-import math
-import operator
 import re
-import secrets
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from nanoseek.data.tasks import TASKS, Problem, extract_answer, get_task
+from nanoseek.post.code_reward import check_assert_test, compile_assert_test, run_assert_test
 
 MAX_MATH_CHARS = 300
 
@@ -224,336 +214,12 @@ def _normalise_output(s: str) -> str:
     return "\n".join(line.rstrip() for line in s.strip().splitlines())
 
 
-# Assertion tests run through a harness. The trusted parent (this process) parses the test and
-# splits every ``assert`` into a *plan* it evaluates itself: comparisons, ``and``/``or``/``not``,
-# literals, ``math.pi``-style constants, a few pure builtins (:data:`_PURE_CALLS`) and
-# ``+ - / // %``. Only the remaining sub-expressions (the *slots*, e.g. ``add(2, 3)``) run in the
-# sandbox, where the harness reports their values as tagged plain data on a private copy of
-# stdout. The literals of the plan never enter the sandbox, so the model's code cannot read them.
-
-_CMP = {"Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le,
-        "Gt": operator.gt, "GtE": operator.ge, "Is": operator.is_, "IsNot": operator.is_not,
-        "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}
-_BINOPS = {"Add": operator.add, "Sub": operator.sub, "Div": operator.truediv,
-           "FloorDiv": operator.floordiv, "Mod": operator.mod}  # no * or **: sizes stay bounded
-_PURE_CALLS = {"abs": abs, "round": round, "len": len, "sorted": sorted, "set": set,
-               "frozenset": frozenset, "list": list, "tuple": tuple, "min": min, "max": max,
-               "sum": sum, "bool": bool, "isclose": math.isclose, "math.isclose": math.isclose}
-_PURE_CONSTS = {"math.pi": math.pi, "math.e": math.e, "math.tau": math.tau, "math.inf": math.inf}
-_PURE_KWARGS = {"sorted": {"reverse"}, "isclose": {"rel_tol", "abs_tol"},
-                "math.isclose": {"rel_tol", "abs_tol"}}
-REPORT_CAP_BYTES = 1 << 20  # the slot values of one test, as JSON
-
-_HARNESS = r"""
-import builtins as _b, json as _json, os as _os, sys as _sys
-_OUT = _os.dup(1)  # the report channel; the code's own prints go to stderr
-_os.dup2(2, 1)
-_PRISTINE = dict(_b.__dict__)  # the builtins the test sees: a copy from before the code ran
-_isinstance, _type, _repr = isinstance, type, repr
-
-def _enc(x, depth=0):
-    # Built-in types by their base-type methods: a subclass is reduced to the data it holds, so
-    # its own __eq__, __iter__ or items() cannot take part (namedtuple, Counter, IntEnum pass).
-    if depth > 100:
-        raise ValueError("nested too deeply")
-    if x is None or x is True or x is False:
-        return x
-    if _isinstance(x, int):
-        return {"i": int.__repr__(x)}
-    if _isinstance(x, float):
-        return {"f": float.__repr__(x)}
-    if _type(x) is complex:
-        return {"c": [_repr(x.real), _repr(x.imag)]}
-    if _isinstance(x, str):
-        return {"s": str.__str__(x)}
-    if _isinstance(x, bytes):
-        return {"b": bytes.hex(x)}
-    for base, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F")):
-        if _isinstance(x, base):
-            return {tag: [_enc(v, depth + 1) for v in base.__iter__(x)]}
-    if _isinstance(x, dict):
-        return {"d": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in dict.items(x)]}
-    raise TypeError(_type(x).__name__ + " is not plain data")
-
-def _emit(rec):
-    data = (_NONCE + " " + _json.dumps(rec) + "\n").encode()
-    while data:
-        data = data[_os.write(_OUT, data):]
-
-def __nanoseek_check__(_i, *slots):
-    vals = []
-    for f in slots:
-        try:
-            vals.append(["ok", _enc(f())])
-        except BaseException as e:
-            vals.append(["err", type(e).__name__])
-    _emit({"a": _i, "v": vals})
-
-_ns = {"__name__": "__main__", "__builtins__": _b}
-exec(compile(_CODE, "solution.py", "exec"), _ns)
-_t = {k: v for k, v in _ns.items() if k not in _PRISTINE}
-_t.update(__builtins__=_PRISTINE, __name__="__main__", __nanoseek_check__=__nanoseek_check__)
-exec(compile(_TEST, "test.py", "exec"), _t)
-_emit({"done": True})
-"""
-
-
-@dataclass
-class _Check:
-    plan: tuple
-    n_slots: int
-    min_runs: int           # 1: must run; 0: under if/try/match (may legitimately not run)
-    max_runs: int | None    # 1 at the top level of the test; None inside loops and functions
-
-
-def _literal(node: ast.AST) -> tuple[bool, Any]:
-    if isinstance(node, ast.Name) or not isinstance(node, (ast.Constant, ast.List, ast.Tuple,
-                                                             ast.Set, ast.Dict, ast.UnaryOp, ast.BinOp)):
-        return False, None
-    try:
-        return True, ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False, None
-
-
-def _call_name(func: ast.AST) -> str | None:
-    if isinstance(func, ast.Name):
-        return func.id
-    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-        return f"{func.value.id}.{func.attr}"
-    return None
-
-
-class _Planner:
-    """Splits one assert's expression into a trusted plan and the sandbox's slots."""
-
-    def __init__(self, rebound: set[str]):
-        self.rebound = rebound  # names the test itself assigns: never treated as builtins
-        self.slots: list[ast.expr] = []
-
-    def plan(self, node: ast.expr) -> tuple:
-        if isinstance(node, ast.BoolOp):
-            return ("and" if isinstance(node.op, ast.And) else "or", [self.plan(v) for v in node.values])
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-            return ("not", self.plan(node.operand))
-        if isinstance(node, ast.Compare):
-            return ("cmp", [self.plan(x) for x in [node.left, *node.comparators]],
-                    [type(op).__name__ for op in node.ops])
-        ok, value = _literal(node)
-        if ok:
-            return ("lit", value)
-        name = _call_name(node) if isinstance(node, ast.Attribute) else None
-        if name in _PURE_CONSTS and "math" not in self.rebound:
-            return ("lit", _PURE_CONSTS[name])
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            return ("neg" if isinstance(node.op, ast.USub) else "pos", self.plan(node.operand))
-        if isinstance(node, ast.BinOp) and type(node.op).__name__ in _BINOPS:
-            return ("bin", type(node.op).__name__, self.plan(node.left), self.plan(node.right))
-        name = _call_name(node.func) if isinstance(node, ast.Call) else None
-        if name in _PURE_CALLS and name.split(".")[0] not in self.rebound and \
-                not any(isinstance(a, ast.Starred) for a in node.args) and \
-                all(k.arg in _PURE_KWARGS.get(name, ()) for k in node.keywords):
-            return ("call", name, [self.plan(a) for a in node.args],
-                    {k.arg: self.plan(k.value) for k in node.keywords})
-        self.slots.append(node)
-        return ("slot", len(self.slots) - 1)
-
-
-def _assert_sites(body: list[ast.stmt], conditional: bool = False, repeated: bool = False):
-    """(assert node, conditional, repeated) for every assert, by where it sits."""
-    for st in body:
-        if isinstance(st, ast.Assert):
-            yield st, conditional, repeated
-        elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)):
-            yield from _assert_sites(st.body, conditional, True)
-            yield from _assert_sites(st.orelse, True, repeated)
-        elif isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _assert_sites(st.body, conditional, True)
-        elif isinstance(st, (ast.ClassDef, ast.With, ast.AsyncWith)):
-            yield from _assert_sites(st.body, conditional, repeated)
-        elif isinstance(st, ast.If):
-            yield from _assert_sites(st.body + st.orelse, True, repeated)
-        elif isinstance(st, (ast.Try, ast.TryStar)):
-            for part in (st.body, *(h.body for h in st.handlers), st.orelse):
-                yield from _assert_sites(part, True, repeated)
-            yield from _assert_sites(st.finalbody, conditional, repeated)
-        elif isinstance(st, ast.Match):
-            for case in st.cases:
-                yield from _assert_sites(case.body, True, repeated)
-
-
-def compile_assert_test(snippet: str) -> tuple[str, list[_Check]]:
-    """(the test as the sandbox runs it, one :class:`_Check` per assert); ValueError when the
-    test does not parse or has no assert (it would prove nothing)."""
-    try:
-        tree = ast.parse(snippet)
-    except (SyntaxError, ValueError) as e:
-        raise ValueError(f"assertion test does not parse: {e}") from None
-    rebound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    rebound |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef,
-                                                                  ast.AsyncFunctionDef))}
-    rebound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
-                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names
-                if not (isinstance(n, ast.ImportFrom) and n.module == "math" and a.asname is None
-                        and f"math.{a.name}" in _PURE_CALLS)} - {"math"}
-    sites = list(_assert_sites(tree.body))
-    if not sites:
-        raise ValueError(f"assertion test has no assert statement: {snippet[:80]!r}")
-    if all(conditional for _, conditional, _ in sites):
-        raise ValueError("assertion test has no assert that must run (all are under if/try/"
-                         f"match), so a forged end of run would pass it: {snippet[:80]!r}")
-    checks, calls = [], {}
-    for i, (node, conditional, repeated) in enumerate(sites):
-        planner = _Planner(rebound)
-        plan = planner.plan(node.test)
-        checks.append(_Check(plan, len(planner.slots), 0 if conditional else 1,
-                             None if repeated else 1))
-        calls[id(node)] = ast.Expr(ast.Call(
-            ast.Name("__nanoseek_check__", ast.Load()),
-            [ast.Constant(i)] + [ast.Lambda(ast.arguments([], [], None, [], [], None, []), slot)
-                                 for slot in planner.slots], []))
-
-    class Rewrite(ast.NodeTransformer):
-        def visit_Assert(self, node):
-            return ast.copy_location(calls[id(node)], node)
-
-    tree = ast.fix_missing_locations(Rewrite().visit(tree))
-    return ast.unparse(tree), checks
-
-
-class _Fail(Exception):
-    pass
-
-
-def _decode(x: Any, depth: int = 0) -> Any:
-    """A slot value from its tagged JSON form into plain built-in data; _Fail otherwise."""
-    if depth > 120:
-        raise _Fail("nested too deeply")
-    if x is None or type(x) is bool:
-        return x
-    if type(x) is dict and len(x) == 1:
-        (tag, v), = x.items()
-        try:
-            if tag == "i" and type(v) is str:
-                return int(v)
-            if tag == "f" and type(v) is str:
-                return float(v)
-            if tag == "c" and type(v) is list and len(v) == 2:
-                return complex(float(v[0]), float(v[1]))
-            if tag == "s" and type(v) is str:
-                return v
-            if tag == "b" and type(v) is str:
-                return bytes.fromhex(v)
-            if tag in ("l", "t", "S", "F") and type(v) is list:
-                items = [_decode(e, depth + 1) for e in v]
-                return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
-            if tag == "d" and type(v) is list:
-                return {_decode(kv[0], depth + 1): _decode(kv[1], depth + 1) for kv in v
-                        if type(kv) is list and len(kv) == 2}
-        except (ValueError, TypeError, OverflowError) as e:
-            raise _Fail(f"bad value: {e}") from None
-    raise _Fail("not a tagged plain value")
-
-
-def _evaluate(plan: tuple, slots: list) -> Any:
-    kind = plan[0]
-    if kind == "lit":
-        return plan[1]
-    if kind == "slot":
-        ok, value = slots[plan[1]]
-        if not ok:
-            raise _Fail(f"raised {value}")
-        return value
-    if kind == "not":
-        return not _evaluate(plan[1], slots)
-    if kind in ("and", "or"):
-        value = None
-        for p in plan[1]:
-            value = _evaluate(p, slots)
-            if bool(value) != (kind == "and"):
-                return value
-        return value
-    if kind == "cmp":
-        left = _evaluate(plan[1][0], slots)
-        for op, p in zip(plan[2], plan[1][1:]):
-            right = _evaluate(p, slots)
-            if not _CMP[op](left, right):
-                return False
-            left = right
-        return True
-    if kind in ("neg", "pos"):
-        value = _evaluate(plan[1], slots)
-        return -value if kind == "neg" else +value
-    if kind == "bin":
-        return _BINOPS[plan[1]](_evaluate(plan[2], slots), _evaluate(plan[3], slots))
-    if kind == "call":
-        return _PURE_CALLS[plan[1]](*[_evaluate(a, slots) for a in plan[2]],
-                                    **{k: _evaluate(v, slots) for k, v in plan[3].items()})
-    raise _Fail(f"unknown plan {kind!r}")
-
-
-def _judge(r: Any, checks: list[_Check], nonce: str) -> str | None:
-    """None when the run proves every assert held; otherwise why not."""
-    if r.timed_out:
-        return "timeout"
-    if r.returncode != 0:
-        return f"exit status {r.returncode}"
-    if r.stdout_truncated:
-        return "report larger than the cap"
-    records = []
-    for line in r.stdout.splitlines():
-        head, _, body = line.partition(" ")
-        if head != nonce:
-            return "foreign output on the report channel"
-        try:
-            records.append(json.loads(body))
-        except (ValueError, RecursionError):
-            return "malformed report"
-    if not records or records[-1] != {"done": True} or {"done": True} in records[:-1]:
-        return "the test did not run to its end"
-    runs = [0] * len(checks)
-    for rec in records[:-1]:
-        i = rec.get("a") if type(rec) is dict else None
-        vals = rec.get("v") if type(rec) is dict else None
-        if type(i) is not int or not 0 <= i < len(checks) or type(vals) is not list or \
-                len(vals) != checks[i].n_slots:
-            return "malformed report"
-        try:
-            slots = [(True, _decode(v[1])) if type(v) is list and len(v) == 2 and v[0] == "ok"
-                     else (False, str(v[1]) if type(v) is list and len(v) == 2 else "?")
-                     for v in vals]
-            held = bool(_evaluate(checks[i].plan, slots))
-        except _Fail as e:
-            return f"assert #{i}: {e}"
-        except Exception as e:  # a comparison of mismatched types, as the assert itself would
-            return f"assert #{i}: {type(e).__name__}"
-        if not held:
-            return f"assert #{i} failed"
-        runs[i] += 1
-    for i, c in enumerate(checks):
-        if runs[i] < c.min_runs or (c.max_runs is not None and runs[i] > c.max_runs):
-            return f"assert #{i} ran {runs[i]} times"
-    return None
-
-
-def run_assert_test(code: str, snippet: str, cfg: RewardConfig) -> tuple[bool, dict]:
-    """Run one assertion test against ``code`` through the harness; (passed, details)."""
-    from nanoseek.post.sandbox import run_code
-
-    test_src, checks = compile_assert_test(snippet)
-    nonce = secrets.token_hex(16)
-    program = (f"_NONCE = {nonce!r}\n_CODE = {code!r}\n_TEST = {test_src!r}\n" + _HARNESS)
-    r = run_code(program, "", cfg.code_timeout_s, cfg.code_memory_mb,
-                 max_output_bytes=REPORT_CAP_BYTES)
-    why = _judge(r, checks, nonce)
-    return why is None, {"passed": why is None, "reason": why or "ok", "returncode": r.returncode,
-                         "killed_reason": r.killed_reason, "stderr_tail": r.stderr[-300:]}
-
-
-def check_code_tests(tests: Any) -> None:
+def check_code_tests(tests: Any, entry_point: Any = None) -> None:
     """ValueError naming the first test a code record cannot be scored with (wrong shape, an
-    assertion that does not parse or has no assert that must run): datasets call this when they
-    load, so a bad test is an error at load time, not in the middle of a GRPO run."""
+    assertion that does not parse, has no assert that must run or an assert that does not
+    depend on the code: :func:`~nanoseek.post.code_reward.compile_assert_test`): datasets call
+    this when they load, so a bad test is an error at load time, not in the middle of a GRPO
+    run. ``entry_point``: the record's function name(s), model-owned even when a builtin's."""
     if not isinstance(tests, list) or not tests:
         raise ValueError("a 'code' record needs a non-empty 'tests' list")
     for i, t in enumerate(tests):
@@ -562,7 +228,7 @@ def check_code_tests(tests: Any) -> None:
             if not isinstance(snippet, str):
                 raise ValueError(f"code test #{i}: the assertion must be a string")
             try:
-                compile_assert_test(snippet)
+                check_assert_test(snippet, entry_point)
             except ValueError as e:
                 raise ValueError(f"code test #{i}: {e}") from None
         elif not (isinstance(t, dict) and ("stdout" in t or "output" in t)):
@@ -570,7 +236,8 @@ def check_code_tests(tests: Any) -> None:
                              f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
 
 
-def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig) -> tuple[float, list[dict]]:
+def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig,
+              entry_point: Any = None) -> tuple[float, list[dict]]:
     """Run ``code`` against each test in the sandbox; (fraction passed, per-test details)."""
     from nanoseek.post.sandbox import run_code
 
@@ -583,7 +250,8 @@ def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig) -> tuple[float
             if not isinstance(snippet, str):
                 raise ValueError(f"code test #{i}: the assertion must be a string")
             try:
-                passed, detail = run_assert_test(code, snippet, cfg)
+                passed, detail = run_assert_test(code, snippet, cfg.code_timeout_s,
+                                                 cfg.code_memory_mb, entry_point)
             except ValueError as e:
                 raise ValueError(f"code test #{i}: {e}") from None
         elif isinstance(t, dict) and ("stdout" in t or "output" in t):
@@ -651,7 +319,8 @@ def score(response: str, problem_or_record: Problem | dict, config: RewardConfig
         tests = rec.get("tests") if isinstance(rec, dict) else None
         if not isinstance(tests, (list, tuple)) or not tests:
             raise ValueError("code record needs a non-empty 'tests' list")
-        accuracy, details = run_tests(answer, tests, cfg) if answer is not None else (0.0, [])
+        entry = rec.get("entry_point") if isinstance(rec, dict) else None
+        accuracy, details = run_tests(answer, tests, cfg, entry) if answer is not None else (0.0, [])
         info["tests_total"] = len(tests)
         info["tests_passed"] = sum(d["passed"] for d in details)
         info["tests"] = details
