@@ -16,6 +16,15 @@ whole new one. Where the kernel or filesystem lacks it, the old folder is rename
 ``.NAME.old-PID-NS`` and the new one into place; a kill between the two renames leaves the old
 result hidden, and :func:`recover` (run by every claim of :mod:`nanoseek.outdir`) puts it back.
 Training checkpoints, which are many files, use the same idea in :mod:`nanoseek.train.checkpoint`.
+
+A file a command writes in its run folder is never written *through*: ``os.replace`` replaces a
+symbolic link the user put there (it never follows it), and the append-only logs
+(``metrics.jsonl``, ``samples.jsonl``) are opened by :func:`open_append` with ``O_NOFOLLOW``, so a
+link, FIFO or device file there is one :class:`RecordError` line naming the file. The small
+records a claim reads to decide whose folder it is (``.nanoseek.lock``, ``run.json``,
+``stage.json``, ``manifest.json``, ``config.toml``, ``plan.json``) are read by
+:func:`read_record`: a regular file of at most :data:`RECORD_LIMIT` bytes, opened without following
+a link and without blocking, so a FIFO or ``/dev/zero`` there neither hangs nor exhausts memory.
 """
 
 from __future__ import annotations
@@ -31,9 +40,83 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from nanoseek.cli import UserError
+
 _OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)-\d+$")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+RECORD_LIMIT = 1 << 20                # the largest record file read_record reads (1 MiB)
+
+
+class RecordError(UserError, ValueError):
+    """A record or log file in a run folder is a link, not a regular file, or too large (the message names it).
+
+    A ``ValueError``, so the checks that read a record treat it as "not nanoseek's"; a ``UserError``,
+    so one that reaches the CLI is one line."""
+
+
+def _regular(fd: int, path: Path, limit: int | None) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise RecordError(f"{path}: not a regular file (a FIFO, device or folder); nanoseek reads and writes only "
+                          "regular files there: move it away or choose another folder")
+    if limit is not None and st.st_size > limit:
+        raise RecordError(f"{path}: {st.st_size} bytes, larger than any record nanoseek writes ({limit} bytes); "
+                          "move it away or choose another folder")
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RecordError(f"{path}: is a symbolic link; nanoseek never reads or writes its run files through a "
+                              "link: move it away or choose another folder") from None
+        if e.errno == errno.ENXIO:        # a FIFO opened for writing with no reader
+            raise RecordError(f"{path}: not a regular file (a FIFO or socket); move it away or choose another "
+                              "folder") from None
+        raise
+
+
+def read_record(path: str | Path, limit: int = RECORD_LIMIT) -> str:
+    """The UTF-8 text of the small record file ``path``, never following a link or blocking.
+
+    Raises :class:`RecordError` (naming the file) for a symbolic link, a FIFO, device or folder, or
+    a file over ``limit`` bytes; ``FileNotFoundError`` when it is missing; ``UnicodeDecodeError``
+    (a ``ValueError``) for bytes that are not UTF-8."""
+    path = Path(path)
+    fd = _open_nofollow(path, os.O_RDONLY)
+    try:
+        _regular(fd, path, limit)
+        chunks, size = [], 0
+        while size <= limit:
+            b = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not b:
+                break
+            chunks.append(b)
+            size += len(b)
+        if size > limit:
+            raise RecordError(f"{path}: larger than any record nanoseek writes ({limit} bytes); move it away or "
+                              "choose another folder")
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
+
+
+def open_append(path: str | Path):
+    """``path`` opened for appending text (UTF-8), created if missing; a symbolic link, FIFO or
+    device there is a :class:`RecordError` naming the file (never appended through)."""
+    path = Path(path)
+    fd = _open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        _regular(fd, path, None)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class ReplaceRefused(ValueError):
@@ -201,4 +284,4 @@ def recover(directory: str | Path, only: str | None = None) -> list[str]:
     return restored
 
 
-__all__ = ["write_atomic", "replace_dir", "check_replaceable", "recover", "ReplaceRefused"]
+__all__ = ["write_atomic", "read_record", "open_append", "RecordError", "RECORD_LIMIT", "replace_dir", "check_replaceable", "recover", "ReplaceRefused"]

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where to save the checkpoint (default: runs/demo)")
     p.add_argument("--tokens", type=limits.positive_int, default=16, help="tokens to decode (default: 16)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the model files of an --out folder another command wrote (other files are "
-                        "never deleted: a folder holding them is refused)")
+                   help="write into an --out folder another command wrote: replaces its config.json and weight "
+                        "files (model.safetensors, shards and their index); every other file is kept")
 
 
 def greedy(model, prompt, n):
@@ -45,13 +45,14 @@ def greedy(model, prompt, n):
 
 def run(args) -> int:
     from nanoseek.cli import UserError
-    from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable
+    from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable, is_weight_file
     from nanoseek.model.config import load_model_config
     from nanoseek.outdir import check_claimable, claim
 
     cfg = load_model_config(args.config)                 # every input first
     limits.check_model_fits(cfg, "--config")             # before allocating the weights
-    claim_args = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite")
+    claim_args = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite",
+                      replaces=lambda n: n == "config.json" or is_weight_file(n))
     check_claimable(args.out, "demo", **claim_args)
     try:
         check_model_dir_writable(args.out)               # before anything is written

@@ -76,8 +76,10 @@ def visible_entries(path: str | Path) -> list[str]:
 
 def read_owner(path: str | Path) -> dict | None:
     """The marker in ``path/.nanoseek.lock`` ({"command", "pid", "started", "host"}) or None."""
+    from nanoseek.atomic import read_record
+
     try:
-        data = json.loads((Path(path) / LOCK_NAME).read_text(encoding="utf-8"))
+        data = json.loads(read_record(Path(path) / LOCK_NAME))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -89,16 +91,20 @@ def _describe(entries: list[str]) -> str:
 
 
 def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bool] | None = None,
-                    overwrite: bool = False, overwrite_flag: str | None = None) -> bool:
+                    overwrite: bool = False, overwrite_flag: str | None = None,
+                    replaces: Callable[[str], bool] | None = None) -> bool:
     """Raise :class:`OutputDirError` unless :func:`claim` would take ``path``; True if it is an own run.
 
-    Has no side effects, so a command can check its folder before doing anything slow.
+    Has no side effects, so a command can check its folder before doing anything slow. ``replaces``
+    names the files the command writes (what ``overwrite_flag`` would replace): the refusal lists
+    exactly those of the folder's files, so the user knows what the flag costs before passing it.
     """
     path = Path(path)
     _check_path(path, flag)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"{path}: exists and is not a folder; choose another {flag}")
     entries = visible_entries(path)
+    _check_marker(path, flag)
     owner = read_owner(path)
     if owner is not None and owner.get("command") == command:
         return True
@@ -112,7 +118,13 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
         return False
     hint = f"choose another {flag}"
     if overwrite_flag:
-        hint = f"pass {overwrite_flag} to write into it (nanoseek replaces only its own files), or " + hint
+        if replaces is None:
+            cost = f"{overwrite_flag} replaces only the files nanoseek {command} writes"
+        else:
+            hit = [n for n in entries if replaces(n) and not (path / n).is_dir()]
+            cost = (f"{overwrite_flag} replaces {_describe(hit)} here; other files are kept" if hit else
+                    f"{overwrite_flag} replaces none of the files here")
+        hint = f"pass {overwrite_flag} to write into it ({cost}), or " + hint
     if owner and owner.get("command"):
         raise OutputDirError(f"{path} belongs to nanoseek {owner['command']} ({_describe(entries)}), not to "
                              f"nanoseek {command}: {hint}")
@@ -121,7 +133,8 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
 
 @contextlib.contextmanager
 def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bool] | None = None,
-          overwrite: bool = False, overwrite_flag: str | None = None, lock: bool = True) -> Iterator[Path]:
+          overwrite: bool = False, overwrite_flag: str | None = None, lock: bool = True,
+          replaces: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Claim the output folder ``path`` for ``command`` and hold its lock until the block ends.
 
     ``flag`` names the option that chose the folder (for the messages); ``own(path)`` recognises
@@ -142,7 +155,8 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     if key not in _HELD and path.is_dir():    # another live holder: say "in use", whatever the folder holds
         with contextlib.suppress(OSError):
             os.close(_lock(path, flag, shared=True))
-    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag)
+    check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag,
+                    replaces=replaces)
     if key in _HELD:                          # this process holds it already (a nested stage)
         _HELD[key][1] += 1
         try:
@@ -165,7 +179,7 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     try:
         try:                                  # re-check under the lock: a finished writer may have filled it
             is_own = check_claimable(path, command, flag=flag, own=own, overwrite=overwrite,
-                                     overwrite_flag=overwrite_flag)
+                                     overwrite_flag=overwrite_flag, replaces=replaces)
         except OutputDirError:
             _tidy(made)
             raise
@@ -198,6 +212,19 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
             raise
     finally:
         os.close(_HELD.pop(key)[0])           # releases the lock
+
+
+def _check_marker(path: Path, flag: str) -> None:
+    """Refuse a folder whose ``.nanoseek.lock`` is a link, FIFO, device or huge file: nanoseek never
+    wrote it, and reading it could hang or exhaust memory (:func:`nanoseek.atomic.read_record`)."""
+    from nanoseek.atomic import RecordError, read_record
+
+    try:
+        read_record(path / LOCK_NAME)
+    except RecordError as e:
+        raise OutputDirError(str(e).replace("choose another folder", f"choose another {flag}")) from None
+    except (OSError, ValueError):
+        pass                                  # missing, unreadable or not JSON: read_owner says None
 
 
 def _check_path(path: Path, flag: str) -> None:

@@ -147,10 +147,13 @@ def read_run_json(path: Path) -> dict:
     """A speedrun's ``run.json``, checked: a dict with ``status``, ``config``, ``stages`` (each with
     a ``name``) and ``steps`` (step -> status). Anything else is one UserError line naming the file
     (a file of that name in a user's folder is not a speedrun's record)."""
+    from nanoseek.atomic import RecordError, read_record
     from nanoseek.cli import UserError
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_record(path))
+    except RecordError:
+        raise
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e}); not a speedrun record: choose another --out") from None
     except OSError as e:

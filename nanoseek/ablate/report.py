@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..atomic import write_atomic
 
 if TYPE_CHECKING:
     from .suites import Suite
@@ -390,8 +391,8 @@ def write_suite_report(suite: "Suite", suite_dir: str | Path, plan: dict[str, An
         plots.append(plot_maxvio(f"{suite.name}: MaxVio over training", results,
                                  suite_dir / f"{suite.name}-maxvio.png").name)
     data["plots"] = plots
-    (suite_dir / RESULTS_FILE).write_text(json.dumps(_clean(data), indent=1, default=_json_default) + "\n")
-    (suite_dir / REPORT_FILE).write_text(suite_markdown(data))
+    write_atomic(suite_dir / RESULTS_FILE, json.dumps(_clean(data), indent=1, default=_json_default) + "\n")
+    write_atomic(suite_dir / REPORT_FILE, suite_markdown(data))
     return data
 
 
@@ -435,7 +436,7 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
     for d in suite_dirs:
         data = read_results(d)
         for img in data.get("plots", []):
-            shutil.copyfile(Path(d) / img, plots_dir / img)
+            write_atomic(plots_dir / img, (Path(d) / img).read_bytes())
         sections.append(suite_markdown(data, image_dir=rel, heading="##"))
         p = data["plan"]
         summary.append([f"[`{data['suite']}`](#{data['suite']})", data["verdict"]["status"],
@@ -453,7 +454,7 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
     text += ("\n" + _md_table(summary) + "\n\nTo regenerate everything (each suite sizes its runs to its budget "
              "from a throughput probe, so the number of steps and seeds depends on the machine):\n\n```\n"
              + "\n".join(regen) + "\n```\n\n" + "\n".join(sections))
-    out_md.write_text(text)
+    write_atomic(out_md, text)
     return out_md
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic import write_atomic
 from ..model.config import ConfigError, ModelConfig, load_model_config
 from ..train.loop import Hook
 from .report import ARM_FILE
@@ -70,8 +71,10 @@ class Plan:
 
 def is_suite_dir(path: Path) -> bool:
     """A suite folder from before the ``.nanoseek.lock`` marker: a ``plan.json`` that reads as a :class:`Plan`."""
+    from nanoseek.atomic import read_record
+
     try:
-        data = json.loads((Path(path) / "plan.json").read_text(encoding="utf-8"))
+        data = json.loads(read_record(Path(path) / "plan.json"))
     except (OSError, ValueError):
         return False
     return (isinstance(data, dict) and isinstance(data.get("suite"), str) and isinstance(data.get("data_dir"), str)
@@ -260,7 +263,7 @@ def _run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callab
         plan.planned_seeds = list(plan.seeds)
 
     def save_plan() -> None:
-        (suite_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+        write_atomic(suite_dir / "plan.json", json.dumps(plan.to_dict(), indent=1) + "\n")
 
     save_plan()
     done: list[Path] = []
@@ -286,7 +289,7 @@ def _run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callab
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True)
-            (run_dir / ARM_FILE).write_text(json.dumps(
+            write_atomic(run_dir / ARM_FILE, json.dumps(
                 {"suite": suite.name, "arm": arm.name, "label": arm.label, "seed": seed, "precision": arm.precision,
                  "tokens_per_step": plan.micro_batch_size * plan.seq_len}, indent=1) + "\n")
             t0 = time.perf_counter()

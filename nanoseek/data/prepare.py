@@ -308,8 +308,10 @@ def is_data_file(name: str) -> bool:
 def is_data_manifest(path: Path) -> bool:
     """Whether ``path`` is a manifest :func:`prepare` wrote (JSON with this format and version), not
     just a file of that name (a web app's manifest.json)."""
+    from nanoseek.atomic import read_record
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_record(path))
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT and data.get("format_version") == FORMAT_VERSION
@@ -377,7 +379,8 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, tokenizer: Token
         raise DataError(f"val fraction must be in [0, 1), got {cfg.val_fraction}")
     _check_foreign_manifest(out_dir)
     with claim(out_dir, "data prepare", flag="--out", own=lambda p: is_data_manifest(p / MANIFEST),
-               overwrite=cfg.overwrite, overwrite_flag="--overwrite"):
+               overwrite=cfg.overwrite, overwrite_flag="--overwrite",
+               replaces=is_data_file):
         _check_out_dir(out_dir, cfg.overwrite)
         build = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
         try:

@@ -307,10 +307,13 @@ class Tokenizer:
             raise TokenizerError(f"{file}: {e}") from e
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> Path:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (HF ``AutoTokenizer`` loadable)."""
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (HF ``AutoTokenizer`` loadable), each
+        atomically (:func:`nanoseek.atomic.write_atomic`: a symbolic link there is replaced, never written through)."""
+        from nanoseek.atomic import write_atomic
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "tokenizer.json").write_text(self._tk.to_str(pretty=True), encoding="utf-8")
+        write_atomic(directory / "tokenizer.json", self._tk.to_str(pretty=True))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
@@ -319,8 +322,7 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
             "nanoseek_tokenizer_hash": self.hash,
         }
-        (directory / "tokenizer_config.json").write_text(
-            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
 
     # ------------------------------------------------------------------ encoding

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="vocabulary size including the 256 bytes and 7 special tokens (default 2048)")
     t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json and tokenizer_config.json")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace the tokenizer files of an --out folder another command wrote (other files are "
-                        "never deleted: a folder holding them is refused)")
+                   help="write into an --out folder another command wrote: replaces its tokenizer.json, "
+                        "tokenizer_config.json and special_tokens_map.json; every other file is kept")
     t.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text (default text)")
     t.add_argument("--txt-mode", choices=("file", "paragraph", "line"), default="file",
                    help="what one document of a .txt file is (default: the whole file)")
@@ -93,7 +93,8 @@ def _claim_out(args: argparse.Namespace):
     if is_data_manifest(parent / "manifest.json"):
         raise UserError(f"--out {out}: the tokenizer of the prepared data in {parent}, whose shards "
                         "were made with it; choose another --out")
-    kw = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite")
+    kw = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite",
+              replaces=TOKENIZER_FILES.__contains__)
     check_claimable(out, "tokenizer train", **kw)
     try:
         check_replaceable(out, TOKENIZER_FILES.__contains__, "tokenizer files")

@@ -390,7 +390,9 @@ class GRPOTask:
         if not self.out_dir or self.cfg.log_samples <= 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "samples.jsonl").open("a", encoding="utf-8") as fh:
+        from nanoseek.atomic import open_append
+
+        with open_append(self.out_dir / "samples.jsonl") as fh:
             for k in range(min(self.cfg.log_samples, len(texts))):
                 item = self.prompts[pidx[k // self.cfg.group_size]]
                 fh.write(json.dumps({"rollout": self.rollouts, "prompt": item.prompt, "answer": item.answer,

@@ -248,11 +248,13 @@ def read_stage_json(path: Path) -> dict[str, Any] | None:
     """
     import json
 
+    from nanoseek.atomic import read_record
+
     f = Path(path) / "stage.json"
-    if not f.exists():
+    if not f.exists() and not f.is_symlink():
         return None
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = json.loads(read_record(f))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{f}: not a readable stage record ({e}); move it away or choose another --out") from None
     if not (isinstance(data, dict) and data.get("kind") in STAGE_DEFAULTS and isinstance(data.get("status"), str)
@@ -277,10 +279,9 @@ def is_stage_run(path: Path, kind: str | None = None) -> bool:
 def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, resume, quiet, progress, extra_hooks,
                  extra, changed) -> StageResult:
     import json
-    import shutil
     import tempfile
 
-    from nanoseek.atomic import write_atomic
+    from nanoseek.atomic import read_record, write_atomic
     from nanoseek.train.loop import ExpertBalanceHook, Trainer
     from nanoseek.train.metrics import read_metrics
 
@@ -296,14 +297,14 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
                       config={"kind": cfg.kind, **cfg.to_dict()}, final_files=final_files, progress=progress,
                       quiet=quiet)
     if changed and resume:
-        shutil.copyfile(run_dir / "config.toml", run_dir / "config.previous.toml")
+        write_atomic(run_dir / "config.previous.toml", read_record(run_dir / "config.toml"))
     write_atomic(run_dir / "config.toml", cfg.to_toml())
     result = trainer.fit(resume=resume)
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     history = [r for r in records if "step" in r and "event" not in r]
     out = StageResult(kind=cfg.kind, run_dir=run_dir, final_dir=result.final_dir, status=result.status,
                       steps=result.step, history=history, extra=dict(extra or {}))
-    (run_dir / "stage.json").write_text(json.dumps({"kind": out.kind, "status": out.status, "steps": out.steps,
+    write_atomic(run_dir / "stage.json", json.dumps({"kind": out.kind, "status": out.status, "steps": out.steps,
                                                     "final_dir": str(out.final_dir) if out.final_dir else None,
                                                     **{k: v for k, v in out.extra.items()
                                                        if isinstance(v, (int, float, str, bool))}}, indent=1))

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import open_append
 from ..model.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -94,7 +95,7 @@ class MetricsLogger:
                  config: dict | None = None, run_name: str | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = open_append(self.path)     # a link, FIFO or device there: one line naming it
         self._tb = self._wandb = None
         if tensorboard:
             try:
@@ -161,7 +162,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON ({e})") from None
+                    raise ConfigError(f"{path}:{i}: not a metrics record (invalid JSON: {e}); nanoseek appends "
+                                      "only JSON lines there: remove the line or choose another run folder") from None
     return out
 
 

@@ -30,14 +30,13 @@ live, and a folder with checkpoints is only continued with ``resume``.
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import write_atomic
+from ..atomic import read_record, write_atomic
 from ..eval.bpb import bpb_sums
 from ..model.config import ConfigError
 from .config import TrainConfig, config_to_toml
@@ -231,7 +230,9 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
 def is_pretrain_run(path: Path) -> bool:
     """A run folder from before the ``.nanoseek.lock`` marker: ``checkpoints/step-*`` and a
     ``config.toml`` that loads as a nanoseek pre-training config (a file of that name is not enough)."""
-    from .config import config_from_dict, read_toml
+    import tomllib
+
+    from .config import config_from_dict
 
     ckpts = path / "checkpoints"
     if not ((path / "config.toml").is_file() and ckpts.is_dir() and any(ckpts.glob("step-*"))):
@@ -239,7 +240,7 @@ def is_pretrain_run(path: Path) -> bool:
     if (path / "stage.json").exists():
         return False                          # a post-training stage's run: never pretrain's
     try:
-        config_from_dict(read_toml(path / "config.toml"), str(path / "config.toml"))
+        config_from_dict(tomllib.loads(read_record(path / "config.toml")), str(path / "config.toml"))
     except (ConfigError, ValueError, OSError, TypeError, KeyError):
         return False
     return True
@@ -304,7 +305,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
             print(f"resuming {run_dir} with changed settings: {', '.join(changed)}")
         if is_main() and (changed or not config_path.exists() or not resume):
             if changed and resume:
-                shutil.copyfile(config_path, run_dir / "config.previous.toml")
+                write_atomic(run_dir / "config.previous.toml", read_record(config_path))
             write_atomic(config_path, config_to_toml(cfg))
         trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir,
                           hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *(hooks or [])],
