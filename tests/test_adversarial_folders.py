@@ -674,3 +674,150 @@ def test_a_folder_that_cannot_be_written_is_one_line_and_left_as_found(tmp_path,
             with claim(folder, "demo", flag="--out", overwrite=True):
                 pass
     assert sorted(os.listdir(d)) == ["thesis.txt"] and sorted(os.listdir(tmp_path)) == ["precious"]
+
+
+# ----------------------------------------------------------------------------- class: links, FIFOs, devices
+def _stage_cfg(base: Path, out: Path, steps: int):
+    from nanoseek.post.stage import stage_config_from_dict
+
+    return stage_config_from_dict("sft", {
+        "model": {"init_from": str(base)}, "sft": {"mode": "pad"},
+        "optim": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "micro_batch_size": 2, "seq_len": 32},
+        "train": {"max_steps": steps, "out_dir": str(out), "device": "cpu"}})
+
+
+def test_resuming_a_stage_never_writes_through_links_out_of_the_run_folder(tmp_path):
+    from post_helpers import tiny_model, tiny_tokenizer
+
+    from nanoseek.atomic import RecordError
+    from nanoseek.post.datasets import SFTExample
+    from nanoseek.post.sft import train_sft
+
+    tk = tiny_tokenizer()
+    base = save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(base)
+    ex = [SFTExample(messages=[{"role": "user", "content": "7?"}, {"role": "assistant", "content": "7"}])] * 4
+    run = tmp_path / "sft"
+    assert train_sft(_stage_cfg(base, run, 1), examples=ex, quiet=True).status == "done"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    names = ("tokenizer.json", "tokenizer_config.json", "config.previous.toml", "stage.json")
+    for name in names:
+        (outside / name).write_text(f"the user's {name}\n")
+        (run / name).unlink(missing_ok=True)
+        os.symlink(outside / name, run / name)
+    before = snapshot(outside)
+    assert train_sft(_stage_cfg(base, run, 2), examples=ex, resume=True, quiet=True).status == "done"
+    assert snapshot(outside) == before                    # replaced the links, never wrote through them
+    for name in names:
+        assert not (run / name).is_symlink() and (run / name).is_file()
+    assert json.loads((run / "stage.json").read_text())["steps"] == 2
+    # an append-only log that is a link is refused (one line naming it), never appended through
+    (outside / "metrics.jsonl").write_text("the user's log\n")
+    (run / "metrics.jsonl").unlink()
+    os.symlink(outside / "metrics.jsonl", run / "metrics.jsonl")
+    before = snapshot(outside)
+    with pytest.raises(RecordError, match="metrics.jsonl: is a symbolic link"):
+        train_sft(_stage_cfg(base, run, 3), examples=ex, resume=True, quiet=True)
+    assert snapshot(outside) == before
+
+
+def test_append_logs_refuse_links_fifos_and_devices(tmp_path):
+    from nanoseek.atomic import RecordError, open_append
+
+    (tmp_path / "target").write_text("keep\n")
+    os.symlink(tmp_path / "target", tmp_path / "link.jsonl")
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    os.symlink("/dev/null", tmp_path / "dev.jsonl")
+    for name in ("link.jsonl", "fifo.jsonl", "dev.jsonl"):
+        with pytest.raises(RecordError, match=name):
+            open_append(tmp_path / name)
+    assert (tmp_path / "target").read_text() == "keep\n"
+    with open_append(tmp_path / "new.jsonl") as fh:
+        fh.write("{}\n")
+    with open_append(tmp_path / "new.jsonl") as fh:
+        fh.write("{}\n")
+    assert (tmp_path / "new.jsonl").read_text() == "{}\n{}\n"
+
+
+def test_a_malformed_metrics_line_is_one_line_naming_file_and_line(tmp_path):
+    from nanoseek.cli import UserError
+    from nanoseek.train.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not a metrics record") as e:
+        read_metrics(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_overwrite_refusal_names_exactly_the_files_it_would_replace(tmp_path, capsys):
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "config.json").write_text('{"my": 1}\n')
+    (web / "index.html").write_text("keep\n")
+    assert main(["demo", "--out", str(web), "--tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite replaces config.json here; other files are kept" in err and len(err.splitlines()) == 1
+    (web / "config.json").unlink()
+    assert main(["demo", "--out", str(web), "--tokens", "2"]) == 2
+    assert "--overwrite replaces none of the files here" in capsys.readouterr().err
+
+
+class _Alarm(Exception):
+    pass
+
+
+def _within(seconds: int, fn):
+    """``fn()``, failing the test instead of hanging if it takes over ``seconds``."""
+    def ring(*_):
+        raise _Alarm(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _plant(path: Path, kind: str) -> None:
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", path)
+    else:                                             # a 2 GiB sparse file: huge, but costs no disk
+        with open(path, "wb") as fh:
+            fh.truncate(2 << 30)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_a_fifo_device_or_huge_marker_is_a_prompt_one_line_refusal(tmp_path, capsys, kind):
+    d = tmp_path / "out"
+    d.mkdir()
+    _plant(d / LOCK_NAME, kind)
+    assert _within(20, lambda: main(["demo", "--out", str(d), "--tokens", "2"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert LOCK_NAME in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(d)) == [LOCK_NAME] and read_owner(d) is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+@pytest.mark.parametrize("record", ["run.json", "stage.json", "plan.json", "manifest.json", "config.toml"])
+def test_a_fifo_device_or_huge_legacy_record_is_not_a_claim(tmp_path, kind, record):
+    from nanoseek.ablate.runner import is_suite_dir
+    from nanoseek.data.prepare import is_data_manifest
+    from nanoseek.post.stage import is_stage_run
+    from nanoseek.speedrun import is_speedrun_run
+    from nanoseek.train.pretrain import is_pretrain_run
+
+    own, command = {"run.json": (is_speedrun_run, "speedrun"), "stage.json": (lambda p: is_stage_run(p, "sft"), "sft"),
+                    "plan.json": (is_suite_dir, "ablate"), "manifest.json": (lambda p: is_data_manifest(p / "manifest.json"),
+                                                                            "data prepare"),
+                    "config.toml": (is_pretrain_run, "pretrain")}[record]
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "checkpoints" / "step-1").mkdir(parents=True)    # the rest of a legacy pretrain run
+    _plant(d / record, kind)
+    with pytest.raises(OutputDirError, match=record) as e:
+        _within(20, lambda: claim(d, command, flag="--out", own=own).__enter__())
+    assert "\n" not in str(e.value) and LOCK_NAME not in os.listdir(d)
