@@ -122,7 +122,8 @@ def check_claimable(path: str | Path, command: str, *, flag: str, own: Callable[
             cost = f"{overwrite_flag} replaces only the files nanoseek {command} writes"
         else:
             hit = [n for n in entries if replaces(n) and not (path / n).is_dir()]
-            cost = (f"{overwrite_flag} replaces {_describe(hit)} here; other files are kept" if hit else
+            named = ", ".join(hit[:10]) + (f" and {len(hit) - 10} more of its files" if len(hit) > 10 else "")
+            cost = (f"{overwrite_flag} replaces {named} here; other files are kept" if hit else
                     f"{overwrite_flag} replaces none of the files here")
         hint = f"pass {overwrite_flag} to write into it ({cost}), or " + hint
     if owner and owner.get("command"):

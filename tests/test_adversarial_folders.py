@@ -542,7 +542,7 @@ def test_a_model_save_replaces_only_the_files_it_writes_and_keeps_modes(tmp_path
             (hf / name).write_text(f"hf {name}")
         capsys.readouterr()
         assert main(["demo", "--out", str(hf), "--tokens", "2"]) == 2
-        assert "replaces only its own files" in capsys.readouterr().err
+        assert "--overwrite replaces config.json, model.safetensors here; other files are kept" in capsys.readouterr().err
         assert main(["demo", "--out", str(hf), "--tokens", "2", "--overwrite"]) == 0
         assert (hf / "tokenizer.json").read_text() == "hf tokenizer.json"
         assert (hf / "tokenizer_config.json").read_text() == "hf tokenizer_config.json"
