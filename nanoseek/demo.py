@@ -6,8 +6,8 @@ tokens with the latent cache, checking that the reloaded model produces the same
 
 ``--out`` is claimed like every output folder (:mod:`nanoseek.outdir`): a missing or empty
 folder, or one an earlier ``nanoseek demo`` wrote, is (re)written; any other non-empty folder is
-refused unless ``--overwrite``, and even then only the model files are replaced: a folder that
-holds other files is refused, never cleaned.
+refused unless ``--overwrite`` (the refusal names the files it would replace), and even then only
+the model files (``config.json``, the weights) are replaced: every other file is kept.
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ Every command that leaves a folder behind (``demo``, ``pretrain``, ``sft``/``dpo
   folders made before the marker existed, the command's own record, parsed and checked (``own``:
   a speedrun's ``run.json``, a data manifest's format fields, a pretrain ``config.toml`` that
   loads as a nanoseek config, a stage's ``stage.json``); a file that merely has such a name is
-  not a claim. A command never takes another command's run. Anything else is refused with one
+  not a claim. These records and the marker are read by :func:`nanoseek.atomic.read_record`
+  (a regular file of at most 1 MiB, never through a link), so a FIFO, ``/dev/zero`` or a huge
+  file there is "not ours" at once, and a marker of that kind is a one-line refusal naming it.
+  A command never takes another command's run. Anything else is refused with one
   line naming the folder and the flag to use (another ``--out``, or ``--overwrite`` where the
-  command has it). A refused claim creates nothing: no folder, no marker (a path that climbs out
+  command has it, naming which of the folder's files ``--overwrite`` would replace). A refused claim creates nothing: no folder, no marker (a path that climbs out
   of a missing folder, ``missing/../x``, is refused before anything is made).
 * **Marker.** The marker is written once the claim holds the lock. A command that then fails
   before writing anything else leaves the folder exactly as it found it: the marker is removed
