@@ -583,3 +583,21 @@ def test_a_loop_over_a_model_value_must_run_when_nothing_else_must():
     rec = {"tests": ["for x in f(3):\n    assert x > 0"]}
     assert_zero("def f(n):\n    return []", rec)
     assert score(respond("def f(n):\n    return [1, 2]"), rec, CFG).reward == 1.0
+
+
+def test_tests_whose_expected_values_the_sandbox_computes_are_flagged(caplog):
+    # EvalPlus style: the loop runs in the sandbox, where frame walking reads `r`; a warning at
+    # load says so. Top-level literal loops are unrolled here and are not flagged.
+    import logging
+    evalplus = ("def check(candidate):\n    inputs = [[2, 3], [10, 5]]\n    results = [5, 15]\n"
+                "    for i, r in zip(inputs, results):\n        assert candidate(*i) == r\ncheck(add)")
+    assert compile_assert_test(evalplus, "add").exposed
+    assert compile_assert_test("def check(c):\n    assert c(1) == brute(1)\ncheck(add)").exposed
+    for safe in ["for a, b, c in [(2, 3, 5)]:\n    assert add(a, b) == c", "assert add(2, 3) == 5",
+                 "x = add(-4, 1)\nassert x == -3 and x < 0"]:
+        assert not compile_assert_test(safe).exposed, safe
+    with caplog.at_level(logging.WARNING, logger="nanoseek.post.rewards"):
+        check_code_tests([evalplus], "add")
+        check_code_tests([evalplus], "add")
+    hits = [r for r in caplog.records if "visible to the model" in r.getMessage()]
+    assert len(hits) == 1

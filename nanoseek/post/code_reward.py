@@ -73,6 +73,11 @@ assert (``assert f(x) == brute_force(x)`` with ``brute_force`` defined by the te
 code can compute it too. Expected values written as literals, or computed from literals by
 parent-known operations, never enter the sandbox.
 
+:func:`check_assert_test` marks a test ``exposed`` when one of its asserts compares two values
+computed in the sandbox (EvalPlus-style ``def check(candidate)`` loops over test-defined data:
+frame walking can read ``r`` in ``assert candidate(*i) == r``), and datasets log a one-time
+warning for it: write such tests at the top level, where the loop is unrolled here.
+
 An assert none of whose parts depends on the model (every name in it parent-known, after
 unrolling: ``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) would pass
 with any code, so :func:`compile_assert_test` refuses it (ValueError, one line) and datasets
@@ -1054,6 +1059,7 @@ class CompiledTest:
     checks: list[Check]
     known: dict[str, Any]   # the parent-known names the plans use
     shadow: list[str]       # builtins the model owns: the test in the sandbox never sees the real one
+    exposed: bool = False   # an assert compares two sandbox values: its expected side is the code's to see
 
 
 def _assert_sites(body: list[ast.stmt], conditional: bool = False, repeated: bool = False,
@@ -1133,7 +1139,7 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
     if all(conditional for _, conditional, _ in sites):
         raise ValueError("assertion test has no assert that must run (all are under if/try/"
                          f"match), so a forged end of run would pass it: {snippet[:80]!r}")
-    checks, calls = [], {}
+    checks, calls, exposed = [], {}, False
     for i, (node, conditional, repeated) in enumerate(sites):
         slots: list[ast.expr] = []
         plan = compiler.plan(node.test, slots)
@@ -1143,6 +1149,10 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
                              "itself); name the function in the record's 'entry_point' if it "
                              "shadows a builtin")
         checks.append(Check(plan, len(slots), 0 if conditional else 1, None if repeated else 1))
+        if isinstance(plan, ast.Compare) and sum(
+                any(isinstance(m, ast.Name) and m.id.startswith(_SLOT) for m in ast.walk(side))
+                for side in [plan.left, *plan.comparators]) >= 2:
+            exposed = True
         calls[id(node)] = ast.Expr(ast.Call(
             ast.Name("__nanoseek_check__", ast.Load()),
             [ast.Constant(i)] + [ast.Lambda(ast.arguments([], [], None, [], [], None, []), s)
@@ -1158,7 +1168,7 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
 
     tree = ast.fix_missing_locations(Rewrite().visit(tree))
     shadow = sorted(owned & _BUILTIN_NAMES)
-    return CompiledTest(ast.unparse(tree), checks, known, shadow)
+    return CompiledTest(ast.unparse(tree), checks, known, shadow, exposed)
 
 
 # ----------------------------------------------------------------------------- the sandbox side
@@ -1371,9 +1381,12 @@ def _compiled(snippet: str, entry_points: tuple[str, ...]) -> CompiledTest:
     return compile_assert_test(snippet, list(entry_points) or None)
 
 
-def check_assert_test(snippet: str, entry_point: Any = None) -> None:
-    """ValueError when an assertion test cannot score code (see :func:`compile_assert_test`)."""
-    compile_assert_test(snippet, entry_point)
+def check_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
+    """The compiled test; ValueError when an assertion test cannot score code (see
+    :func:`compile_assert_test`). Its ``exposed`` says an assert compares two values the sandbox
+    computes (``assert candidate(*i) == r`` in a test-defined ``check``, ``f(x) == brute(x)``):
+    the code can read or recompute that expected side."""
+    return compile_assert_test(snippet, entry_point)
 
 
 __all__ = ["compile_assert_test", "check_assert_test", "run_assert_test", "judge",
