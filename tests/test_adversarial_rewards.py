@@ -13,10 +13,15 @@ builtins; solutions named like builtins (entry_point); asserts with no model-dep
 (refused at load); richer correct values (types, ranges, generators, Fraction, Decimal); the
 trainer's own memory under hostile values (a subprocess measures its peak RSS); and a flood of
 reports (one evaluation budget per run).
+
+Then the third review: hash-collision floods (sets/dicts of equal-hash keys, from the code or a
+patched encoder) fail fast with a reason, the trainer's CPU budget per run, and correct answers
+that scored 0: instances of the code's own classes, bytearray, loops over an empty model value.
 """
 
 import pytest
 
+from nanoseek.post.code_reward import run_assert_test
 from nanoseek.post.rewards import RewardConfig, check_code_tests, compile_assert_test, score
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,7 +124,7 @@ HACKS = {
 WHY = {
     'alarm_handler_exits_0': 'did not run to its end',
     'atexit_forces_status_0': 'raised RuntimeError',
-    'eq_always_true': 'raised TypeError',
+    'eq_always_true': 'assert #0 failed',  # reported as an opaque instance, equal to nothing
     'excepthook_swallows': 'raised AssertionError',
     'exit_inside_function': 'did not run to its end',
     'forged_done_on_every_fd': 'ran 0 times',
@@ -131,7 +136,7 @@ WHY = {
     'infinite_report_garbage': 'timeout',
     'int_subclass_eq_true': 'assert #0 failed',
     'kill_the_parent': 'did not run to its end',
-    'mock_any': 'raised TypeError',
+    'mock_any': 'assert #0 failed',
     'os__exit_0': 'did not run to its end',
     'patched_assertion_error': 'assert #0 failed',
     'patched_builtins': 'assert #0 failed',
@@ -506,3 +511,93 @@ def test_a_flood_of_reports_cannot_make_the_trainer_evaluate_for_long():
     r = assert_zero(flood, rec)
     assert "evaluation over" in r.info["tests"][0]["reason"] and time.monotonic() - t < 10
     assert score(respond("def f(x):\n    return [1]"), rec, CFG).reward == 1.0
+
+
+# Third review: hash-collision floods and correct answers that scored 0.
+
+COLLIDE = "def f(x):\n    return [k * (2**61 - 1) for k in range(1, 15000)]"  # all hash alike
+
+
+@pytest.mark.parametrize("test", ["assert len(set(f(1))) == 3", "assert len(frozenset(f(1))) == 3",
+                                  "assert len({x for x in f(1)}) == 3",
+                                  "assert len(dict(zip(f(1), f(1)))) == 3",
+                                  "from collections import Counter\nassert len(Counter(f(1))) == 3"])
+def test_hash_collision_floods_fail_fast_in_the_trainer(test):
+    import time
+    rec = {"tests": [test]}
+    t = time.process_time()
+    r = assert_zero(COLLIDE, rec)
+    assert time.process_time() - t < 1.0 and "over 5000" in r.info["tests"][0]["reason"], r.info
+    assert score(respond("def f(x):\n    return [1, 2, 3, 3]"), rec, CFG).reward == 1.0
+
+
+@pytest.mark.parametrize("tag", ["S", "F", "d"])
+def test_a_patched_encoder_cannot_report_a_colliding_set(tag):
+    import time
+    item = '{"i": str(k * (2**61 - 1))}'
+    items = f"[[{item}, None] for k in range(1, 20000)]" if tag == "d" else f"[{item} for k in range(1, 30000)]"
+    code = (f"import __main__\n_L = {items}\n__main__._enc = lambda x, depth=0: {{{tag!r}: _L}}\n"
+            "def add(a, b):\n    return a + b")
+    t = time.process_time()
+    ok, d = run_assert_test(code, "assert add(2, 3) == 5", 10, 512)
+    assert not ok and "over 5000" in d["reason"] and time.process_time() - t < 1.0, d
+
+
+def test_the_trainer_evaluation_has_a_cpu_budget(monkeypatch):
+    from nanoseek.post import code_reward
+    rec = {"tests": ["assert len([a for a in f(1) for b in range(5000)]) == 5000"]}
+    good = "def f(x):\n    return [1]"
+    assert score(respond(good), rec, CFG).reward == 1.0
+    monkeypatch.setattr(code_reward, "MAX_EVAL_CPU_S", 0.0)
+    r = assert_zero(good, rec)
+    assert "s of CPU" in r.info["tests"][0]["reason"]
+
+
+@pytest.mark.parametrize("test,good,bad", [
+    ("assert isinstance(make(), Stack)", "class Stack:\n    pass\ndef make():\n    return Stack()",
+     "class Stack:\n    pass\nclass Other:\n    pass\ndef make():\n    return Other()"),
+    ("assert isinstance(make(), (int, Stack))",
+     "class Stack:\n    pass\nclass Sub(Stack):\n    pass\ndef make():\n    return Sub()",
+     "class Stack:\n    pass\ndef make():\n    return 'Stack'"),
+    ("assert f() is not None", "class R:\n    pass\ndef f():\n    return R()", "def f():\n    return None"),
+    ("assert f() == b'ab'", "def f():\n    return bytearray(b'ab')", "def f():\n    return bytearray(b'ac')"),
+    ("for x in f(1):\n    assert x > 0\nassert f(3) == [1, 2]", "def f(n):\n    return list(range(1, n))",
+     "def f(n):\n    return [0] if n == 1 else [1, 2]"),
+])
+def test_correct_answers_of_richer_shapes_score_full(test, good, bad):
+    rec = {"tests": [test]}
+    assert score(respond(good), rec, CFG).reward == 1.0
+    assert_zero(bad, rec)
+
+
+def test_model_objects_have_no_truth_value_or_equality_here():
+    # an instance of a model-defined class is reported by its class names only: its own
+    # __bool__/__eq__ never decide an assert
+    yes = ("class Y:\n    def __bool__(s):\n        return True\n    def __eq__(s, o):\n        return True\n"
+           "def f(n):\n    return Y()")
+    assert_zero(yes, {"tests": ["assert f(1)", "assert f(1) == 2"]})
+
+
+def test_a_loop_over_a_model_value_must_run_when_nothing_else_must():
+    # with no other model-dependent assert that must run, an empty answer would pass the test
+    rec = {"tests": ["for x in f(3):\n    assert x > 0"]}
+    assert_zero("def f(n):\n    return []", rec)
+    assert score(respond("def f(n):\n    return [1, 2]"), rec, CFG).reward == 1.0
+
+
+def test_tests_whose_expected_values_the_sandbox_computes_are_flagged(caplog):
+    # EvalPlus style: the loop runs in the sandbox, where frame walking reads `r`; a warning at
+    # load says so. Top-level literal loops are unrolled here and are not flagged.
+    import logging
+    evalplus = ("def check(candidate):\n    inputs = [[2, 3], [10, 5]]\n    results = [5, 15]\n"
+                "    for i, r in zip(inputs, results):\n        assert candidate(*i) == r\ncheck(add)")
+    assert compile_assert_test(evalplus, "add").exposed
+    assert compile_assert_test("def check(c):\n    assert c(1) == brute(1)\ncheck(add)").exposed
+    for safe in ["for a, b, c in [(2, 3, 5)]:\n    assert add(a, b) == c", "assert add(2, 3) == 5",
+                 "x = add(-4, 1)\nassert x == -3 and x < 0"]:
+        assert not compile_assert_test(safe).exposed, safe
+    with caplog.at_level(logging.WARNING, logger="nanoseek.post.rewards"):
+        check_code_tests([evalplus], "add")
+        check_code_tests([evalplus], "add")
+    hits = [r for r in caplog.records if "visible to the model" in r.getMessage()]
+    assert len(hits) == 1

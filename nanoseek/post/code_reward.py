@@ -41,20 +41,27 @@ What runs where:
   :data:`MAX_LEN` items, integers at :data:`MAX_INT_BITS` bits (checked for ``*``, ``**``,
   ``<<``, ``%``-formatting, ``format``, ``join``, ``replace``, ``center``...), a value reported
   by the sandbox at :data:`REPORT_CAP_BYTES` of JSON, 100 levels of nesting and the int digit
-  limit, and :data:`MAX_EVAL_STEPS` plan nodes and comprehension steps per run (the code can
-  call the harness's check itself to send many reports; each report of a top-level assert past
-  the first fails at once). Exceeding a bound fails the test with a reason; it never allocates.
+  limit, sets/dicts/Counters decoded from a report or built here from a model value at
+  :data:`MAX_HASHED` elements (keys that all hash alike, ``k * (2**61 - 1)``, make each insert
+  scan the others), and :data:`MAX_EVAL_STEPS` plan nodes and comprehension steps and
+  :data:`MAX_EVAL_CPU_S` CPU seconds per run (the code can call the harness's check itself to
+  send many reports; each report of a top-level assert past the first fails at once). Exceeding a bound fails the test with a reason; it never allocates.
   Parent-evaluable parts of a plan are folded once when the test compiles (once per test: a
   compiled test does not depend on the code).
 
 The sandbox reports slot values as tagged plain data (built-in scalars and containers read
 through the built-in types' own methods, ``range``, ``Fraction``, ``Decimal``, ``complex``,
-builtin type objects by name, other types as opaque names that equal nothing, and iterators such
+builtin type objects by name, other types as opaque names that equal nothing, ``bytearray`` as
+the bytes it holds, any other object (an instance of a class the code defines) as the names of
+its type's MRO only, which is not ``None``, equals only itself, has no truth value here and is an
+instance of an opaque type of one of those names (``isinstance(make(), Stack)``), and iterators such
 as generators materialised to at most :data:`MAX_LEN` items into a value that ``list``/
 ``tuple``/``set``/``sorted``/``sum`` accept but that equals no list) on a private duplicate of
 stdout framed by a per-run nonce; :func:`judge` accepts a run only when it exited 0 in time,
 every report is framed, one ``done`` ends it, each assert at the top level was reported exactly
-once (in loops/functions at least once, under ``if``/``try``/``match`` any number) and every plan
+once (in loops/functions at least once, under ``if``/``try``/``match`` or a ``for`` over what
+only the model computes, ``for x in f(1)``, any number, unless no other model-dependent assert
+must run: then that loop too must run) and every plan
 holds here on the decoded values.
 
 What remains in the sandbox, and so can be read or recomputed by the model's code (it shares the
@@ -65,6 +72,11 @@ not unrolled, with the data that loop indexes, a module other than ``math``/``fr
 assert (``assert f(x) == brute_force(x)`` with ``brute_force`` defined by the test), the model's
 code can compute it too. Expected values written as literals, or computed from literals by
 parent-known operations, never enter the sandbox.
+
+:func:`check_assert_test` marks a test ``exposed`` when one of its asserts compares two values
+computed in the sandbox (EvalPlus-style ``def check(candidate)`` loops over test-defined data:
+frame walking can read ``r`` in ``assert candidate(*i) == r``), and datasets log a one-time
+warning for it: write such tests at the top level, where the loop is unrolled here.
 
 An assert none of whose parts depends on the model (every name in it parent-known, after
 unrolling: ``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) would pass
@@ -87,6 +99,7 @@ import math
 import operator
 import re
 import secrets
+import time
 from collections import ChainMap
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +109,8 @@ MAX_INT_BITS = 1 << 16   # bits of an integer built here
 MAX_UNROLL = 2_000       # loop iterations and comprehension elements unrolled per test
 MAX_EVAL_STEPS = 200_000  # plan nodes and comprehension steps evaluated per run of a test
 REPORT_CAP_BYTES = 1 << 20  # the slot values of one run, as JSON
+MAX_HASHED = 5_000       # elements of a set/dict decoded or built from a model value here
+MAX_EVAL_CPU_S = 2.0     # CPU seconds this process spends judging one run of a test
 _SLOT = " slot"          # plan nodes are Name(id=" slot<k>"): never a valid identifier
 
 
@@ -127,6 +142,22 @@ class Opaque:
         return f"<type {self.name}>"
 
 
+class Instance:
+    """An object of a type that is not plain data (a class the model defines), reported by the
+    qualified names of its type's MRO only: it is not ``None``, equals nothing but itself, is an
+    instance of an :class:`Opaque` type of one of those names, and has no truth value here (its
+    own ``__bool__`` is the model's, so ``assert f()`` on it fails)."""
+
+    def __init__(self, mro: list[str]):
+        self.mro = mro
+
+    def __bool__(self) -> bool:
+        raise _Fail(f"truth value of a {self.mro[0] if self.mro else '?'} object is not evaluated here")
+
+    def __repr__(self) -> str:
+        return f"<{self.mro[0] if self.mro else '?'} object>"
+
+
 # ----------------------------------------------------------------------------- bounds
 
 
@@ -155,6 +186,14 @@ def _check(x: Any) -> Any:
         raise _Fail(f"integer over {MAX_INT_BITS} bits")
     if isinstance(x, (str, bytes, list, tuple, dict, set, frozenset)) and _sized(x) > MAX_LEN:
         raise _Fail(f"value over {MAX_LEN} items")
+    return x
+
+
+def _hashed(x: Any) -> Any:
+    """x when hashing its elements here is bounded: equal-hash keys (``k * (2**61 - 1)``) make
+    every insert scan the others, so a set/dict from a model value holds at most MAX_HASHED."""
+    if _sized(_iterable(x)) > MAX_HASHED:
+        raise _Fail(f"set/dict over {MAX_HASHED} elements")
     return x
 
 
@@ -268,6 +307,14 @@ def _consume(fn, allowed_kw=()):
     return call
 
 
+def _set_of(fn):
+    def call(*args):
+        if args:
+            _hashed(args[0])
+        return fn(*args)
+    return call
+
+
 def _sum(xs: Any, start: Any = 0) -> Any:
     _iterable(xs)
     items = list(xs)
@@ -321,7 +368,7 @@ def _map_filter(fn):
 
 def _counter(*args: Any) -> Any:
     if args:
-        _iterable(args[0])
+        _hashed(args[0])
     return collections.Counter(*args)
 
 
@@ -334,6 +381,10 @@ def _materialise(fn):
 
 
 def _isinstance(x: Any, t: Any) -> bool:
+    if isinstance(t, Opaque):  # a class the model defines: by the reported value's MRO names
+        return isinstance(x, Instance) and t.name in x.mro
+    if isinstance(t, tuple) and any(isinstance(e, Opaque) for e in t):
+        return any(_isinstance(x, e) for e in t)
     return isinstance(x, t)
 
 
@@ -374,7 +425,7 @@ def _isqrt(n: Any) -> Any:
 
 def _dict(*args: Any, **kw: Any) -> Any:
     if args:
-        _iterable(args[0])
+        _hashed(args[0])
     return _check(dict(*args, **kw))
 
 
@@ -394,10 +445,10 @@ PARENT_FUNCS: dict[str, Any] = {n: getattr(__import__("builtins"), n) for n in (
 _WRAP: dict[Any, Any] = {
     abs: abs, all: _consume(all), any: _consume(any), bin: bin, bool: bool, chr: chr,
     complex: complex, dict: _dict, divmod: divmod, enumerate: _materialise(enumerate),
-    float: float, format: _format, frozenset: _consume(frozenset), hex: hex, int: _int,
+    float: float, format: _format, frozenset: _set_of(frozenset), hex: hex, int: _int,
     isinstance: _isinstance, len: len, list: _consume(list), max: _consume(max, ("key", "default")),
     min: _consume(min, ("key", "default")), oct: oct, ord: ord, pow: _pow, range: _range,
-    reversed: _materialise(reversed), round: _round, set: _consume(set),
+    reversed: _materialise(reversed), round: _round, set: _set_of(set),
     sorted: _consume(sorted, ("key", "reverse")), str: _str, sum: _sum, tuple: _consume(tuple),
     type: _type, zip: _materialise(zip), bytes: _bytes, repr: _repr,
     math.isqrt: _isqrt, math.factorial: _factorial, math.comb: _comb, math.perm: _perm,
@@ -508,6 +559,11 @@ def _is_slot(node: ast.AST) -> bool:
     return isinstance(node, ast.Name) and node.id.startswith(_SLOT)
 
 
+def _budget() -> list:
+    """The evaluation budget of one run: MAX_EVAL_STEPS steps and MAX_EVAL_CPU_S CPU seconds."""
+    return [MAX_EVAL_STEPS, time.process_time() + MAX_EVAL_CPU_S]
+
+
 class _Evaluator:
     """Evaluates a plan (an expression AST whose model-dependent parts are slot names) here,
     with every operation bounded. ``names`` maps each parent-known name to its value."""
@@ -515,12 +571,15 @@ class _Evaluator:
     def __init__(self, names: Any, slots: list | None = None, steps: list | None = None):
         self.names = names
         self.slots = slots or []
-        self.steps = steps if steps is not None else [MAX_EVAL_STEPS]  # shared with children
+        # [steps left, CPU deadline]: shared with children
+        self.steps = steps if steps is not None else _budget()
 
     def ev(self, node: ast.AST) -> Any:
         self.steps[0] -= 1
         if self.steps[0] < 0:
             raise _Fail(f"evaluation over {MAX_EVAL_STEPS} steps")
+        if self.steps[0] & 255 == 0 and time.process_time() > self.steps[1]:
+            raise _Fail(f"evaluation over {MAX_EVAL_CPU_S} s of CPU")
         m = getattr(self, "_" + type(node).__name__, None)
         if m is None:
             raise _Fail(f"{type(node).__name__} is not evaluated here")
@@ -599,6 +658,7 @@ class _Evaluator:
     def _comprehension(self, n):
         out: list = []
         dict_comp = isinstance(n, ast.DictComp)
+        hashed = dict_comp or isinstance(n, ast.SetComp)
 
         def walk(i: int, ev: "_Evaluator") -> None:
             if i == len(n.generators):
@@ -609,6 +669,8 @@ class _Evaluator:
                 self.steps[0] -= 1
                 if self.steps[0] < 0 or len(out) > MAX_LEN:
                     raise _Fail(f"evaluation over {MAX_EVAL_STEPS} steps")
+                if hashed and len(out) > MAX_HASHED:
+                    raise _Fail(f"set/dict over {MAX_HASHED} elements")
                 b: dict[str, Any] = {}
                 if not _bind(g.target, item, b):
                     raise _Fail("cannot unpack a comprehension item")
@@ -997,29 +1059,35 @@ class CompiledTest:
     checks: list[Check]
     known: dict[str, Any]   # the parent-known names the plans use
     shadow: list[str]       # builtins the model owns: the test in the sandbox never sees the real one
+    exposed: bool = False   # an assert compares two sandbox values: its expected side is the code's to see
 
 
-def _assert_sites(body: list[ast.stmt], conditional: bool = False, repeated: bool = False):
-    """(assert node, conditional, repeated) for every assert, by where it sits."""
+def _assert_sites(body: list[ast.stmt], conditional: bool = False, repeated: bool = False,
+                  model_iter: Any = None):
+    """(assert node, conditional, repeated) for every assert, by where it sits. ``model_iter``:
+    a predicate on a ``for`` loop's iterable; true when the model's code alone decides it (its
+    body may then run 0 times, as an empty answer makes it in Python)."""
     for st in body:
         if isinstance(st, ast.Assert):
             yield st, conditional, repeated
         elif isinstance(st, (ast.For, ast.AsyncFor, ast.While)):
-            yield from _assert_sites(st.body, conditional, True)
-            yield from _assert_sites(st.orelse, True, repeated)
+            empty_ok = isinstance(st, (ast.For, ast.AsyncFor)) and model_iter is not None and \
+                model_iter(st.iter)
+            yield from _assert_sites(st.body, conditional or empty_ok, True, model_iter)
+            yield from _assert_sites(st.orelse, True, repeated, model_iter)
         elif isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _assert_sites(st.body, conditional, True)
+            yield from _assert_sites(st.body, conditional, True, model_iter)
         elif isinstance(st, (ast.ClassDef, ast.With, ast.AsyncWith)):
-            yield from _assert_sites(st.body, conditional, repeated)
+            yield from _assert_sites(st.body, conditional, repeated, model_iter)
         elif isinstance(st, ast.If):
-            yield from _assert_sites(st.body + st.orelse, True, repeated)
+            yield from _assert_sites(st.body + st.orelse, True, repeated, model_iter)
         elif isinstance(st, (ast.Try, ast.TryStar)):
             for part in (st.body, *(h.body for h in st.handlers), st.orelse):
-                yield from _assert_sites(part, True, repeated)
-            yield from _assert_sites(st.finalbody, conditional, repeated)
+                yield from _assert_sites(part, True, repeated, model_iter)
+            yield from _assert_sites(st.finalbody, conditional, repeated, model_iter)
         elif isinstance(st, ast.Match):
             for case in st.cases:
-                yield from _assert_sites(case.body, True, repeated)
+                yield from _assert_sites(case.body, True, repeated, model_iter)
 
 
 _BUILTIN_NAMES = set(dir(__builtins__) if not isinstance(__builtins__, dict) else __builtins__)
@@ -1055,13 +1123,23 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
     compiler = _Compiler(known)
     _propagate_constants(tree, compiler)
     tree = ast.fix_missing_locations(_UnrollLoops(compiler).visit(tree))
-    sites = list(_assert_sites(tree.body))
+    # a loop over what only the model's code computes (``for x in f(1)``: no name the test binds)
+    # may run 0 times, unless no other model-dependent assert must run (then an empty answer
+    # would pass the whole test, so such a loop must still run)
+    def model_iter(it: ast.expr) -> bool:
+        names = _free_names(it)
+        return not (names & rebound) and not compiler.parent_ok(it)
+
+    sites = list(_assert_sites(tree.body, model_iter=model_iter))
+    strict = list(_assert_sites(tree.body))
+    if not any(not c and _free_names(n.test) - set(known) for n, c, _ in sites):
+        sites = strict
     if not sites:
         raise ValueError(f"assertion test has no assert statement: {snippet[:80]!r}")
     if all(conditional for _, conditional, _ in sites):
         raise ValueError("assertion test has no assert that must run (all are under if/try/"
                          f"match), so a forged end of run would pass it: {snippet[:80]!r}")
-    checks, calls = [], {}
+    checks, calls, exposed = [], {}, False
     for i, (node, conditional, repeated) in enumerate(sites):
         slots: list[ast.expr] = []
         plan = compiler.plan(node.test, slots)
@@ -1071,6 +1149,10 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
                              "itself); name the function in the record's 'entry_point' if it "
                              "shadows a builtin")
         checks.append(Check(plan, len(slots), 0 if conditional else 1, None if repeated else 1))
+        if isinstance(plan, ast.Compare) and sum(
+                any(isinstance(m, ast.Name) and m.id.startswith(_SLOT) for m in ast.walk(side))
+                for side in [plan.left, *plan.comparators]) >= 2:
+            exposed = True
         calls[id(node)] = ast.Expr(ast.Call(
             ast.Name("__nanoseek_check__", ast.Load()),
             [ast.Constant(i)] + [ast.Lambda(ast.arguments([], [], None, [], [], None, []), s)
@@ -1086,7 +1168,7 @@ def compile_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
 
     tree = ast.fix_missing_locations(Rewrite().visit(tree))
     shadow = sorted(owned & _BUILTIN_NAMES)
-    return CompiledTest(ast.unparse(tree), checks, known, shadow)
+    return CompiledTest(ast.unparse(tree), checks, known, shadow, exposed)
 
 
 # ----------------------------------------------------------------------------- the sandbox side
@@ -1121,6 +1203,8 @@ def _enc(x, depth=0):
         return {"s": str.__str__(x)}
     if _isinstance(x, bytes):
         return {"b": bytes.hex(x)}
+    if _isinstance(x, bytearray):  # bytes-like: equal to the bytes it holds, as in Python
+        return {"b": bytearray.hex(x)}
     for base, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F")):
         if _isinstance(x, base):
             return {tag: [_enc(v, depth + 1) for v in base.__iter__(x)]}
@@ -1144,7 +1228,9 @@ def _enc(x, depth=0):
                 raise ValueError("iterator too long")
             items.append(_enc(v, depth + 1))
         return {"G": items}
-    raise TypeError(_type(x).__name__ + " is not plain data")
+    # anything else (an instance of a class the code defines): the names of its type's MRO only
+    mro = _type.__getattribute__(_type(x), "__mro__")
+    return {"o": [str.__str__(_type.__getattribute__(c, "__qualname__")) for c in mro[:50]]}
 
 def _emit(rec):
     data = (_NONCE + " " + _json.dumps(rec) + "\n").encode()
@@ -1191,6 +1277,10 @@ def _decode(x: Any, depth: int = 0) -> Any:
                 return v
             if tag == "b" and type(v) is str:
                 return bytes.fromhex(v)
+            if tag in ("S", "F") and type(v) is list and len(v) > MAX_HASHED:
+                raise _Fail(f"set over {MAX_HASHED} elements")
+            if tag == "d" and type(v) is list and len(v) > MAX_HASHED:
+                raise _Fail(f"dict over {MAX_HASHED} elements")
             if tag in ("l", "t", "S", "F", "G") and type(v) is list:
                 items = [_decode(e, depth + 1) for e in v]
                 return {"l": list, "t": tuple, "S": set, "F": frozenset, "G": Materialised}[tag](items)
@@ -1212,6 +1302,8 @@ def _decode(x: Any, depth: int = 0) -> Any:
                     return t
             if tag in ("T", "T?") and type(v) is str:
                 return Opaque(v[:100])
+            if tag == "o" and type(v) is list and len(v) <= 50 and all(type(e) is str for e in v):
+                return Instance([e[:100] for e in v])
         except (ValueError, TypeError, OverflowError, ZeroDivisionError, decimal.InvalidOperation) as e:
             raise _Fail(f"bad value: {type(e).__name__}") from None
     raise _Fail("not a tagged plain value")
@@ -1238,7 +1330,7 @@ def judge(r: Any, compiled: CompiledTest, nonce: str) -> str | None:
     if not records or records[-1] != {"done": True} or {"done": True} in records[:-1]:
         return "the test did not run to its end"
     runs = [0] * len(checks)
-    steps = [MAX_EVAL_STEPS]
+    steps = _budget()
     for rec in records[:-1]:
         i = rec.get("a") if type(rec) is dict else None
         vals = rec.get("v") if type(rec) is dict else None
@@ -1289,9 +1381,12 @@ def _compiled(snippet: str, entry_points: tuple[str, ...]) -> CompiledTest:
     return compile_assert_test(snippet, list(entry_points) or None)
 
 
-def check_assert_test(snippet: str, entry_point: Any = None) -> None:
-    """ValueError when an assertion test cannot score code (see :func:`compile_assert_test`)."""
-    compile_assert_test(snippet, entry_point)
+def check_assert_test(snippet: str, entry_point: Any = None) -> CompiledTest:
+    """The compiled test; ValueError when an assertion test cannot score code (see
+    :func:`compile_assert_test`). Its ``exposed`` says an assert compares two values the sandbox
+    computes (``assert candidate(*i) == r`` in a test-defined ``check``, ``f(x) == brute(x)``):
+    the code can read or recompute that expected side."""
+    return compile_assert_test(snippet, entry_point)
 
 
 __all__ = ["compile_assert_test", "check_assert_test", "run_assert_test", "judge",

@@ -214,12 +214,17 @@ def _normalise_output(s: str) -> str:
     return "\n".join(line.rstrip() for line in s.strip().splitlines())
 
 
+_EXPOSED_WARNED: set[str] = set()
+
+
 def check_code_tests(tests: Any, entry_point: Any = None) -> None:
     """ValueError naming the first test a code record cannot be scored with (wrong shape, an
     assertion that does not parse, has no assert that must run or an assert that does not
     depend on the code: :func:`~nanoseek.post.code_reward.compile_assert_test`): datasets call
     this when they load, so a bad test is an error at load time, not in the middle of a GRPO
-    run. ``entry_point``: the record's function name(s), model-owned even when a builtin's."""
+    run. ``entry_point``: the record's function name(s), model-owned even when a builtin's.
+    Logs a warning, once per test, when an assert compares two values the sandbox computes
+    (its expected values are visible to the model's code)."""
     if not isinstance(tests, list) or not tests:
         raise ValueError("a 'code' record needs a non-empty 'tests' list")
     for i, t in enumerate(tests):
@@ -228,9 +233,16 @@ def check_code_tests(tests: Any, entry_point: Any = None) -> None:
             if not isinstance(snippet, str):
                 raise ValueError(f"code test #{i}: the assertion must be a string")
             try:
-                check_assert_test(snippet, entry_point)
+                compiled = check_assert_test(snippet, entry_point)
             except ValueError as e:
                 raise ValueError(f"code test #{i}: {e}") from None
+            if compiled.exposed and snippet not in _EXPOSED_WARNED:
+                _EXPOSED_WARNED.add(snippet)
+                logging.getLogger(__name__).warning(
+                    "code test #%d (%r...): this test's expected values are visible to the model's "
+                    "code (an assert compares two values computed in the sandbox, e.g. inside a "
+                    "test-defined function); write it at the top level with literal expected "
+                    "values", i, snippet[:60])
         elif not (isinstance(t, dict) and ("stdout" in t or "output" in t)):
             raise ValueError(f"code test #{i} must be an assertion string, {{'assert': ...}} or "
                              f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
