@@ -217,6 +217,19 @@ def _normalise_output(s: str) -> str:
 _EXPOSED_WARNED: set[str] = set()
 
 
+def _classify_test(i: int, t: Any) -> tuple[str, Any]:
+    """("assert", snippet) or ("io", record) for code test #``i``; ValueError for any other shape."""
+    if isinstance(t, str) or (isinstance(t, dict) and "assert" in t):
+        snippet = t if isinstance(t, str) else t["assert"]
+        if not isinstance(snippet, str):
+            raise ValueError(f"code test #{i}: the assertion must be a string")
+        return "assert", snippet
+    if isinstance(t, dict) and ("stdout" in t or "output" in t):
+        return "io", t
+    raise ValueError(f"code test #{i} must be an assertion string, {{'assert': ...}} or "
+                     f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
+
+
 def check_code_tests(tests: Any, entry_point: Any = None) -> None:
     """ValueError naming the first test a code record cannot be scored with (wrong shape, an
     assertion that does not parse, has no assert that must run or an assert that does not
@@ -228,10 +241,8 @@ def check_code_tests(tests: Any, entry_point: Any = None) -> None:
     if not isinstance(tests, list) or not tests:
         raise ValueError("a 'code' record needs a non-empty 'tests' list")
     for i, t in enumerate(tests):
-        if isinstance(t, str) or (isinstance(t, dict) and "assert" in t):
-            snippet = t if isinstance(t, str) else t["assert"]
-            if not isinstance(snippet, str):
-                raise ValueError(f"code test #{i}: the assertion must be a string")
+        kind, snippet = _classify_test(i, t)
+        if kind == "assert":
             try:
                 compiled = check_assert_test(snippet, entry_point)
             except ValueError as e:
@@ -243,9 +254,6 @@ def check_code_tests(tests: Any, entry_point: Any = None) -> None:
                     "code (an assert compares two values computed in the sandbox, e.g. inside a "
                     "test-defined function); write it at the top level with literal expected "
                     "values", i, snippet[:60])
-        elif not (isinstance(t, dict) and ("stdout" in t or "output" in t)):
-            raise ValueError(f"code test #{i} must be an assertion string, {{'assert': ...}} or "
-                             f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
 
 
 def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig,
@@ -257,16 +265,14 @@ def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig,
         raise ValueError("code record has an empty 'tests' list")
     details = []
     for i, t in enumerate(tests):
-        if isinstance(t, str) or (isinstance(t, dict) and "assert" in t):
-            snippet = t if isinstance(t, str) else t["assert"]
-            if not isinstance(snippet, str):
-                raise ValueError(f"code test #{i}: the assertion must be a string")
+        kind, snippet = _classify_test(i, t)
+        if kind == "assert":
             try:
                 passed, detail = run_assert_test(code, snippet, cfg.code_timeout_s,
                                                  cfg.code_memory_mb, entry_point)
             except ValueError as e:
                 raise ValueError(f"code test #{i}: {e}") from None
-        elif isinstance(t, dict) and ("stdout" in t or "output" in t):
+        else:
             stdin = t.get("stdin", t.get("input", ""))
             want = t.get("stdout", t.get("output"))
             r = run_code(code, str(stdin), cfg.code_timeout_s, cfg.code_memory_mb)
@@ -275,9 +281,6 @@ def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig,
             detail = {"passed": passed, "reason": "ok" if passed else "output differs or exit "
                       "status not 0", "returncode": r.returncode, "killed_reason": r.killed_reason,
                       "stderr_tail": r.stderr[-300:]}
-        else:
-            raise ValueError(f"code test #{i} must be an assertion string, {{'assert': ...}} or "
-                             f"{{'stdin': ..., 'stdout': ...}}; got {str(t)[:80]!r}")
         details.append(detail)
         if not passed and cfg.code_all_or_nothing:
             break
