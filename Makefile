@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The code sandbox's filesystem boundary: Debian's bubblewrap (nanoseek/post/sandbox.py). Installed
+# The code sandbox's filesystem boundary: Debian's bubblewrap (nanoseek/tasks/sandbox.py). Installed
 # when missing and this is root with apt-get; otherwise the sandbox warns and runs without it.
 install-sandbox:
 	@command -v bwrap >/dev/null 2>&1 || { \

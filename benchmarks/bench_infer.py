@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.checkpoint import save_pretrained
@@ -139,7 +139,7 @@ def decode_flops(gen, prompts: torch.Tensor, new_tokens: int = 17) -> float:
 
 # ---------------------------------------------------------------------- a briefly trained model
 def corpus_ids() -> list[int]:
-    from nanoseek.data.tasks import corpus_document, get_task
+    from nanoseek.tasks.generators import corpus_document, get_task
 
     tok = ByteTokenizer()
     root = Path(__file__).resolve().parent.parent / "nanoseek" / "data" / "corpus"

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nanoseek.cli import UserError
+from nanoseek.errors import UserError
 
 _OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)-\d+$")
 _RENAME_EXCHANGE = 2

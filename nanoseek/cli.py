@@ -18,6 +18,8 @@ import argparse
 import importlib
 import sys
 
+from nanoseek.errors import UserError  # noqa: F401  (re-exported: the class every command raises)
+
 # name -> (module, one-line help). Order is the order of the recipe.
 COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.data.tokenizer_cli", "train a byte-level BPE tokenizer"),
@@ -38,10 +40,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("nanoseek.eval.watch_cli", "live dashboard of a running run"),
     "demo": ("nanoseek.demo", "build a tiny model, save, load and generate"),
 }
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit status 2."""
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -44,7 +44,7 @@ def greedy(model, prompt, n):
 
 
 def run(args) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable, is_weight_file
     from nanoseek.model.config import load_model_config
     from nanoseek.outdir import check_claimable, claim

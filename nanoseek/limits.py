@@ -23,7 +23,7 @@ import argparse
 import math
 import os
 
-from nanoseek.cli import UserError
+from nanoseek.errors import UserError
 
 SEED_MAX = 2**64 - 1          # torch.manual_seed accepts 0 .. 2**64 - 1
 

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from nanoseek.cli import UserError
+from nanoseek.errors import UserError
 
 LOCK_NAME = ".nanoseek.lock"
 

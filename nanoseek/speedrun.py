@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- recipe
 def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.train.config import ConfigError, parse_literal, read_toml, resolve_config_path
 
     try:
@@ -107,8 +107,8 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
 def _check_task_specs(raw: dict, path) -> None:
     """Task names/levels in [data] tasks, [sft] data = "tasks:...", [grpo] prompts and [eval] tasks
     are checked before anything runs, so a typo fails in a second, naming the key."""
-    from nanoseek.cli import UserError
-    from nanoseek.data.tasks import parse_task_specs
+    from nanoseek.errors import UserError
+    from nanoseek.tasks.generators import parse_task_specs
 
     found = [("data.tasks", raw.get("data", {}).get("tasks")), ("eval.tasks", raw.get("eval", {}).get("tasks"))]
     sft = raw.get("sft", {}).get("data", "")
@@ -128,7 +128,7 @@ def _check_task_specs(raw: dict, path) -> None:
 
 def _check_optim_tables(raw: dict, path) -> None:
     """The stages' [*.optim] tables, checked now rather than when their stage starts minutes later."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.post.stage import STAGE_DEFAULTS
     from nanoseek.train.config import ConfigError, OptimSection, check_schedule_keys, parse_section
 
@@ -148,7 +148,7 @@ def read_run_json(path: Path) -> dict:
     a ``name``) and ``steps`` (step -> status). Anything else is one UserError line naming the file
     (a file of that name in a user's folder is not a speedrun's record)."""
     from nanoseek.atomic import RecordError, read_record
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     try:
         data = json.loads(read_record(path))
@@ -171,7 +171,7 @@ def read_run_json(path: Path) -> dict:
 
 def is_speedrun_run(path: Path) -> bool:
     """A speedrun folder from before the ``.nanoseek.lock`` marker: a valid ``run.json``."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     try:
         read_run_json(path / "run.json")
@@ -231,7 +231,7 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
     ``config`` (this invocation's recipe, minutes and seed) differs from ``src``'s in a table the
     copied stages were made with. A ``dst`` already branched from ``src`` at ``redo`` is left as
     it is: the same command again resumes it."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.outdir import visible_entries
 
     src_json = src / "run.json"
@@ -347,7 +347,7 @@ def _evaluate(stage_dir: Path, mode: str, rc: dict, scale: float, seed: int, log
 
 # ----------------------------------------------------------------------------- main
 def run(args) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.outdir import claim
 
     if args.threads is not None:
@@ -392,7 +392,7 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
     has started, the settings must match; the error names every differing key. To change settings
     for the later stages, branch: ``--from RUN --redo STAGE`` (which checks the copied stages).
     """
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     path = run_dir / "run.json"
     if not path.is_file():
@@ -411,7 +411,7 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
 
 
 def _run(args, rc: dict, run_dir: Path, config: dict, minutes: float, seed: int) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.train.config import ConfigError
 
     sr = rc["speedrun"]

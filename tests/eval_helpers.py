@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from nanoseek.data.tasks import get_task
+from nanoseek.tasks.generators import get_task
 from nanoseek.eval.results import EvalResult, ProblemResult
 from nanoseek.infer.engine import Completion
 

@@ -21,8 +21,8 @@ that scored 0: instances of the code's own classes, bytearray, loops over an emp
 
 import pytest
 
-from nanoseek.post.code_reward import run_assert_test
-from nanoseek.post.rewards import RewardConfig, check_code_tests, compile_assert_test, score
+from nanoseek.tasks.code_reward import run_assert_test
+from nanoseek.tasks.rewards import RewardConfig, check_code_tests, compile_assert_test, score
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -431,7 +431,7 @@ def test_richer_values_score_full():
 
 MEMORY_PROBE = r'''
 import resource, sys, time
-from nanoseek.post.rewards import RewardConfig, score
+from nanoseek.tasks.rewards import RewardConfig, score
 cfg = RewardConfig(format_weight=0.0, code_timeout_s=3.0)
 cases = [
     ("def f(x):\n    return '%0900000000d'", "assert f(10) % 2 == 0"),
@@ -596,7 +596,7 @@ def test_tests_whose_expected_values_the_sandbox_computes_are_flagged(caplog):
     for safe in ["for a, b, c in [(2, 3, 5)]:\n    assert add(a, b) == c", "assert add(2, 3) == 5",
                  "x = add(-4, 1)\nassert x == -3 and x < 0"]:
         assert not compile_assert_test(safe).exposed, safe
-    with caplog.at_level(logging.WARNING, logger="nanoseek.post.rewards"):
+    with caplog.at_level(logging.WARNING, logger="nanoseek.tasks.rewards"):
         check_code_tests([evalplus], "add")
         check_code_tests([evalplus], "add")
     hits = [r for r in caplog.records if "visible to the model" in r.getMessage()]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.post.sandbox import _run, live_processes, sandbox_capabilities, seccomp_filter
+from nanoseek.tasks.sandbox import _run, live_processes, sandbox_capabilities, seccomp_filter
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,7 +207,7 @@ def test_seccomp_filter_shape():
 
 def test_fallback_warns_once_and_lists_what_it_does_not_contain():
     code = ("import json, warnings\nwarnings.simplefilter('always')\n"
-            "from nanoseek.post.sandbox import run_code, sandbox_capabilities\n"
+            "from nanoseek.tasks.sandbox import run_code, sandbox_capabilities\n"
             "caps = sandbox_capabilities()\nsandbox_capabilities()\n"
             "r = run_code(\"print(open('/etc/hostname').read() != '')\")\n"
             "print(json.dumps([caps['bwrap'], caps['not_contained'], r.isolation['filesystem'], r.stdout]))")

@@ -22,8 +22,8 @@ from tokenizers import AddedToken
 
 from nanoseek.data.tokenizer import (ASSISTANT, BOS, EOS, END_THINK, PAD, THINK, USER, Tokenizer,
                                      TokenizerError, encode_pieces)
-from nanoseek.data.tasks import R1_ZERO_TEMPLATE, Problem, r1_zero_prompt
-from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.tasks.generators import R1_ZERO_TEMPLATE, Problem, r1_zero_prompt
+from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.serve.testing import FakeEngine, make_test_tokenizer
 
@@ -327,7 +327,7 @@ def test_dpo_auto_pairs_keep_the_models_think_block_as_template_tokens(tk):
     """A sampled response's think block becomes ``reasoning``, so its tags are the control tokens the
     model wrote; anything else in it is text."""
     from nanoseek.post.dpo import encode_pairs, pairs_from_scored
-    from nanoseek.post.rewards import RewardResult
+    from nanoseek.tasks.rewards import RewardResult
 
     good = RewardResult(reward=1.1, correct=True, format_ok=True, answer="4")
     bad = RewardResult(reward=0.0, correct=False, format_ok=False, answer=None)

@@ -211,7 +211,7 @@ def test_uint32_shards_for_large_vocabularies(tmp_path):
 
 def test_default_corpus_is_deterministic_train_only_and_mixed(tmp_path):
     from nanoseek.data.corpus import DEFAULT_TASKS
-    from nanoseek.data.tasks import TASKS, corpus_document
+    from nanoseek.tasks.generators import TASKS, corpus_document
 
     recs = list(default_corpus_records(100, seed=5))
     assert [r.text for r in recs] == list(default_corpus(100, seed=5))

@@ -377,7 +377,7 @@ def _grpo_fit(out: Path, loss_agg: str, gamma: float = 0.0) -> None:
 
     from nanoseek.post.datasets import load_rl_prompts
     from nanoseek.post.grpo import GRPOConfig, GRPOTask
-    from nanoseek.post.rewards import RewardResult
+    from nanoseek.tasks.rewards import RewardResult
     from nanoseek.train.config import OptimSection, SpikeSection, TrainSection
     from nanoseek.train.loop import ExpertBalanceHook, Trainer
 

@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 from eval_helpers import synthetic_result
 from nanoseek.cli import main
 from nanoseek.data.shards import FORMAT, FORMAT_VERSION, SplitWriter, token_dtype, write_manifest
-from nanoseek.data.tasks import corpus_document, get_task
+from nanoseek.tasks.generators import corpus_document, get_task
 from nanoseek.eval.results import EvalResult
 from nanoseek.model.checkpoint import save_pretrained
 

@@ -15,7 +15,7 @@ from nanoseek.eval.bpb import bits_per_byte, token_bytes_table
 from nanoseek.eval.harness import draw_problems, evaluate, request_seed
 from nanoseek.eval.results import EvalFileError, EvalResult, k_values, paired_comparison
 from nanoseek.eval.stats import mean_interval, paired_difference
-from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.data.bytetok import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -29,7 +29,7 @@ def random_words(n: int, length: int, seed: int = 0) -> str:
 
 
 def test_normal_documents_pass():
-    from nanoseek.data.tasks import TASKS, corpus_document
+    from nanoseek.tasks.generators import TASKS, corpus_document
 
     cfg = FilterConfig()
     assert check_document(prose(200), cfg) is None
@@ -140,7 +140,7 @@ def test_near_dedup_catches_small_edits_only():
 
 
 def test_near_dedup_keeps_distinct_generated_problems():
-    from nanoseek.data.tasks import TASKS, corpus_document
+    from nanoseek.tasks.generators import TASKS, corpus_document
 
     d = NearDeduper()
     docs = [corpus_document(p) for name in ("arithmetic", "countdown") for p in TASKS[name].generate("train", 150)]

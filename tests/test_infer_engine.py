@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.engine import Engine, EngineError
 from nanoseek.infer.sampling import SamplingParams
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.request import _Request, _Sample
 from nanoseek.infer.reasoning import ReasoningSplitter, prompt_ends_in_think, split_reasoning
 from nanoseek.infer.sampling import SamplingParams

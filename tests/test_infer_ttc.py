@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import make_tiny_model
-from nanoseek.infer.bytetok import ByteTokenizer
+from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.ttc import (SampleRecord, best_of_k, canonical_answer, evaluate_task, format_curve, maj_at_k,

@@ -92,7 +92,7 @@ def test_rl_prompts_file_and_errors(tmp_path):
     assert items[0].answer == "2" and items[0].id == "x"
     assert items[1].record()["tests"] == ["assert f() == 3"]          # extra keys kept for the verifier
     assert items[1].id == f"{p}:2"
-    from nanoseek.post.rewards import score
+    from nanoseek.tasks.rewards import score
     assert score("<think>3 + 4</think>\n7", items[2].record()).correct   # a built-in task's exact checker
     assert score("<think>1 + 1</think>\n2", items[0].record()).correct   # math-verify
     for bad, needle in [({"prompt": "q", "answer": "1"}, "missing field 'task'"),

@@ -7,7 +7,7 @@ import torch
 
 from nanoseek.post.datasets import PreferenceExample
 from nanoseek.post.dpo import DPOTask, compute_reference_logps, dpo_loss, encode_pairs, pairs_from_scored
-from nanoseek.post.rewards import RewardResult
+from nanoseek.tasks.rewards import RewardResult
 from post_helpers import tiny_model, tiny_tokenizer
 
 

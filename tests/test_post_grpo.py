@@ -15,7 +15,7 @@ import torch
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import RLPrompt, SFTExample, load_rl_prompts
 from nanoseek.post.grpo import GRPOConfig, GRPOTask, default_reward_fn, render_prompt, train_grpo
-from nanoseek.post.rewards import RewardResult
+from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
 from nanoseek.post.stage import stage_config_from_dict
 from post_helpers import tiny_model, tiny_tokenizer

@@ -12,7 +12,7 @@ from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
 from nanoseek.post.distill import run_distill, split_reasoning, verified_examples, Scored
 from nanoseek.post.dpo import train_dpo
 from nanoseek.post.recipe import load_recipe, recipe_from_dict
-from nanoseek.post.rewards import RewardResult
+from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
 from nanoseek.post.stage import load_stage_config, stage_config_from_dict
 from nanoseek.train.config import ConfigError

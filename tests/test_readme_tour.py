@@ -125,7 +125,7 @@ def _gold_teacher():
     """The rejection-sampling teacher's first sample per prompt becomes a gold-answer response,
     scored by the real verifier (see the module docstring)."""
     import nanoseek.post.distill as distill
-    from nanoseek.post.rewards import score
+    from nanoseek.tasks.rewards import score
 
     real = distill.sample_and_score
 

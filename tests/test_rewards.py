@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nanoseek.data.tasks import TASKS, Problem, format_response
-from nanoseek.post.rewards import (
+from nanoseek.tasks.generators import TASKS, Problem, format_response
+from nanoseek.tasks.rewards import (
     RewardConfig, check_format, extract_code, math_correct, record_kind, score, score_batch)
 
 ARITH = Problem("arithmetic", "arithmetic-test-L3-x", "What is 23 + 58 - 17?", "64",

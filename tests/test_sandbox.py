@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nanoseek.post.sandbox import _run, live_processes, run_code, sandbox_capabilities
+from nanoseek.tasks.sandbox import _run, live_processes, run_code, sandbox_capabilities
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,7 +4,7 @@
 import pytest
 
 from nanoseek.data.corpus import task_documents
-from nanoseek.data.tasks import get_task, parse_task_specs
+from nanoseek.tasks.generators import get_task, parse_task_specs
 from nanoseek.eval.harness import EvalConfig, draw_problems
 from nanoseek.post.datasets import DataError, load_rl_prompts
 from nanoseek.post.sft import task_sft_examples

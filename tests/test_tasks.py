@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from nanoseek.data.tasks import (
+from nanoseek.tasks.generators import (
     R1_ZERO_TEMPLATE, TASKS, Problem, corpus_document, countdown_eval, extract_answer,
     format_response, get_task, parse_number, r1_zero_prompt, split_of)
 

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _suites(arg: str | None) -> list[str]:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     if arg is None:
         raise UserError("give --suite NAME (or 'all'); --list shows the suites")
     names = list(SUITE_NAMES) if arg == "all" else [s.strip() for s in arg.split(",") if s.strip()]
@@ -82,7 +82,7 @@ def _vocab_size(data_dir: str) -> int:
     import json
     from pathlib import Path
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     manifest = Path(data_dir) / "manifest.json"
     if not manifest.is_file():
         raise UserError(f"{data_dir}: no prepared data (no manifest.json); prepare it first with "
@@ -123,7 +123,7 @@ def _list() -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.outdir import claim
 
     if args.list:
@@ -142,7 +142,7 @@ def _main(args: argparse.Namespace, out) -> int:
     import time
     from pathlib import Path
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.model.config import ConfigError
 
     from .report import ReportError, write_combined_markdown
@@ -226,12 +226,12 @@ def _rebuild(args: argparse.Namespace, names: list[str], out) -> None:
         try:
             plan = json.loads((d / "plan.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            from nanoseek.cli import UserError
+            from nanoseek.errors import UserError
             raise UserError(f"{d}/plan.json: cannot read the suite's plan ({e})") from None
         from .runner import is_suite_dir
 
         if not is_suite_dir(d):
-            from nanoseek.cli import UserError
+            from nanoseek.errors import UserError
             raise UserError(f"{d}/plan.json: not a nanoseek suite plan (needs suite, data_dir, seeds, steps)")
         suite = build_suite(name, _vocab_size(plan["data_dir"]))
         data = write_suite_report(suite, d, plan)

@@ -2,7 +2,7 @@
 
 ``nanoseek data prepare --default-corpus`` and the speedrun need no download. The corpus is
 
-* **task documents**: problems of :mod:`nanoseek.data.tasks` (multi-step arithmetic with worked
+* **task documents**: problems of :mod:`nanoseek.tasks.generators` (multi-step arithmetic with worked
   steps, Countdown, templated word problems, comparisons, remainders), drawn from the ``train``
   split only, so the held-out ``test`` problems that evaluation and GRPO use never appear in
   pre-training (the split is decided by a hash of each problem's content, see ``tasks.py``).
@@ -51,7 +51,7 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
     ``task_levels``: one level for every task, or a mapping task -> level (``None``: all levels
     in equal shares, the default); levels in a spec take precedence.
     """
-    from nanoseek.data.tasks import corpus_document, get_task, parse_task_specs
+    from nanoseek.tasks.generators import corpus_document, get_task, parse_task_specs
 
     specs = parse_task_specs(tasks)
     if isinstance(task_levels, Mapping):

@@ -86,7 +86,7 @@ def _corpus_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.data.prepare import DataError
     from nanoseek.data.shards import ShardError
     from nanoseek.data.tokenizer import TokenizerError
@@ -163,7 +163,7 @@ def _corpus(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.data.corpus import write_default_corpus
 
     out = Path(args.out)

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.data.prepare import DataError
     from nanoseek.data.tokenizer import Tokenizer, TokenizerError
 
@@ -84,7 +84,7 @@ def _claim_out(args: argparse.Namespace):
     import os
 
     from nanoseek.atomic import ReplaceRefused, check_replaceable
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.data.prepare import TOKENIZER_FILES, is_data_manifest
     from nanoseek.outdir import check_claimable, claim
 

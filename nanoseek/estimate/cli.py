@@ -95,7 +95,7 @@ _MOE = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "fir
 def load_config(name_or_path: str):
     """Load a preset or config.json. A typo (unknown field), a bad value or a missing size field
     is a UserError naming the file and the field."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.model.config import IGNORED_KEYS, PRESET_DIR, ConfigError, ModelConfig, load_model_config
 
     p = Path(name_or_path)
@@ -123,7 +123,7 @@ def load_config(name_or_path: str):
 
 
 def _resolve(args, cfg, gpu):
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from .memory import Layout
 
     pp = args.pp
@@ -149,7 +149,7 @@ def _resolve(args, cfg, gpu):
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from .estimate import EstimateError, estimate, parse_count
     from .gpus import GPUSpecError, get_gpu, load_gpu_spec
 

@@ -48,7 +48,7 @@ def token_bytes_table(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
         from nanoseek.train.pretrain import token_byte_lengths
 
         table = token_byte_lengths(tokenizer)
-    else:  # the byte stand-in (nanoseek.infer.bytetok): ids 0-255 are single bytes, the rest special
+    else:  # the byte stand-in (nanoseek.data.bytetok): ids 0-255 are single bytes, the rest special
         n = int(tokenizer.vocab_size)
         table = torch.zeros(n, dtype=torch.long)
         table[:min(n, 256)] = 1

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
-                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.data.tasks; default arithmetic,countdown)")
+                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.tasks.generators; default arithmetic,countdown)")
     p.add_argument("--n", type=limits.positive_int, default=200,
                    help="held-out (test split) problems per task (default 200)")
     p.add_argument("--k", type=limits.positive_int, default=4,
@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ints(text: str | None, flag: str) -> list[int] | None:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     if not text:
         return None
@@ -85,7 +85,7 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 
 def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[str, Path, Path, str]]:
     """(label, checkpoint dir, default eval.json path, mode) for every model to evaluate."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.infer.loading import LoadError, resolve_checkpoint
 
     from .runs import EVAL_JSON, RunError, find_stages, stage_of_checkpoint
@@ -140,7 +140,7 @@ def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     from .harness import EvalConfig, evaluate
 

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_eval(spec: str) -> Path:
     """The eval.json a command-line argument names (see the module docstring)."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     from .runs import EVAL_JSON, RunError, find_stages
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     from .results import EvalFileError, EvalResult, config_differences, paired_comparison
     from .tables import comparison_table

@@ -1,7 +1,7 @@
 """The evaluation harness: held-out task accuracy of a checkpoint, with k samples per problem.
 
 :func:`evaluate` draws ``n_problems`` problems of the ``"test"`` split of each built-in task
-(:mod:`nanoseek.data.tasks`; disjoint from ``"train"`` by construction), renders each in one of
+(:mod:`nanoseek.tasks.generators`; disjoint from ``"train"`` by construction), renders each in one of
 four prompt modes, samples ``k`` completions per problem with the inference engine, scores them
 and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, pass@1 with its
 95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``).
@@ -18,7 +18,7 @@ Prompt modes (``mode``):
   (noted in the result).
 * ``chat``, for SFT / GRPO models: the question as one user turn of the chat template with the
   generation prompt (``encode_chat``); the model writes ``<think>...</think>`` itself.
-  Scored with :func:`nanoseek.post.rewards.score`: accuracy is the answer being right whatever
+  Scored with :func:`nanoseek.tasks.rewards.score`: accuracy is the answer being right whatever
   the format, format rate is R1's ``<think>`` format, reported separately (``strict@1`` needs
   both).
 * ``chat-think``: the same with ``<think>\\n`` pre-filled (the R1 template); scored with
@@ -83,7 +83,7 @@ class EvalConfig:
 
         if not self.tasks:
             raise bad("tasks", "name at least one task")
-        from nanoseek.data.tasks import parse_task_specs
+        from nanoseek.tasks.generators import parse_task_specs
 
         try:
             parse_task_specs(self.tasks)  # names (and levels) valid, else the item is named
@@ -118,7 +118,7 @@ def chat_ids(tokenizer, prompt: str, think: bool = False) -> list[int]:
 
 def fewshot_ids(tokenizer, problem, examples: Sequence) -> list[int]:
     """BOS + document per example, then BOS + the question opening a document (module docstring)."""
-    from nanoseek.data.tasks import corpus_document
+    from nanoseek.tasks.generators import corpus_document
 
     ids: list[int] = []
     for e in examples:
@@ -133,7 +133,7 @@ def prompt_ids(tokenizer, problem, mode: str, examples: Sequence = ()) -> list[i
     if mode in ("chat", "chat-think"):
         return chat_ids(tokenizer, problem.prompt, think=mode == "chat-think")
     if mode == "r1-zero":
-        from nanoseek.data.tasks import r1_zero_segments
+        from nanoseek.tasks.generators import r1_zero_segments
 
         return [_bos(tokenizer)] + tokenizer.encode_segments(r1_zero_segments(problem))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -161,12 +161,12 @@ def score_response(text: str, problem, mode: str) -> tuple[bool, bool, str | Non
     import re
 
     if mode == "fewshot":
-        from nanoseek.data.tasks import extract_answer, get_task
+        from nanoseek.tasks.generators import extract_answer, get_task
 
         answer = extract_answer(text)
         correct = answer is not None and get_task(problem.task).verify(answer, problem)
         return bool(correct), re.search(r"(?m)^\s*Answer:\s*\S", text) is not None, answer
-    from nanoseek.post.rewards import RewardConfig, score
+    from nanoseek.tasks.rewards import RewardConfig, score
 
     cfg = RewardConfig(template="r1-zero" if mode == "r1-zero" else "r1", think_prefilled=mode == "chat-think")
     r = score(text, problem, cfg)
@@ -185,7 +185,7 @@ def draw_problems(task_name: str, n: int, seed: int, levels: Sequence[int] | Non
     (a level whose test space runs out, like arithmetic L1's ~41 sums, leaves the rest to the
     others; see ``Task.generate``). Fewer than ``n`` when the whole space is smaller (modular L1
     alone has ~80): the result's N says how many were evaluated."""
-    from nanoseek.data.tasks import get_task
+    from nanoseek.tasks.generators import get_task
 
     return get_task(task_name).generate("test", n, seed=seed, level=list(levels) if levels else None,
                                         allow_fewer=True)
@@ -237,7 +237,7 @@ def model_info(model) -> dict[str, Any]:
 
 def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list[list[int]], list[str]]:
     """(problems, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
-    from nanoseek.data.tasks import get_task, parse_task_specs
+    from nanoseek.tasks.generators import get_task, parse_task_specs
 
     problems, prompts, notes = [], [], []
     shortened = cut_budget = 0

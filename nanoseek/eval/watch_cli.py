@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     from .runs import RunError, find_stages, read_run_json
 

@@ -81,7 +81,7 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
     """Run the chat until /quit or end of input; returns the number of turns answered."""
     from rich.live import Live
 
-    from nanoseek.data.tasks import extract_answer
+    from nanoseek.tasks.generators import extract_answer
 
     from .ttc import canonical_answer, majority_vote
 
@@ -157,7 +157,7 @@ def run(args) -> int:
     params = sampling_params(args, args.samples)
     engine, tokenizer = build_engine(args, max(16, args.samples))
     console.print(f"nanoseek chat: {args.model}  ({HELP})", style="dim", highlight=False)
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     def read_line(prompt: str) -> str:       # piped stdin that is not UTF-8: one line, not a traceback
         try:

@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_prompts(args) -> list[dict]:
     """[{"prompt": str} | {"messages": [...]}] from --prompt, --input or piped stdin."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     items: list[dict] = [{"prompt": t} for t in args.prompt]
     lines: list[tuple[str, int, str]] = []
@@ -127,7 +127,7 @@ def build_engine(args, max_batch_size: int):
     """(engine, tokenizer) for the sampling flags; user mistakes raise UserError."""
     import torch
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     from .engine import Engine
     from .loading import LoadError, load_for_inference
@@ -153,7 +153,7 @@ def build_engine(args, max_batch_size: int):
 
 
 def sampling_params(args, n: int):
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     from .sampling import SamplingParams
 
@@ -170,7 +170,7 @@ def run(args) -> int:
 
     from pathlib import Path
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     if args.output != "-" and Path(args.output).is_dir():
         raise UserError(f"--output {args.output}: is a directory; give a file path (or '-' for stdout)")

@@ -175,7 +175,7 @@ def task_prompt_ids(tokenizer, prompt: str, style: str = "chat") -> list[int]:
     if style == "chat":
         return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True, think=True)[0]
     if style == "r1-zero":
-        from nanoseek.data.tasks import r1_zero_segments
+        from nanoseek.tasks.generators import r1_zero_segments
 
         return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(prompt))
     if style == "plain":
@@ -191,7 +191,7 @@ def evaluate_task(engine, tokenizer, task_name: str, n_problems: int, n_samples:
     ``scorer(completion) -> float`` ranks samples for best-of-k (default: mean token log-prob).
     Samples of one problem are split into requests of at most ``engine.max_batch_size``.
     """
-    from nanoseek.data.tasks import extract_answer, get_task
+    from nanoseek.tasks.generators import extract_answer, get_task
 
     from .sampling import SamplingParams
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "on a built-in task set.")
     p.add_argument("--model", required=True, help="run folder or HF checkpoint directory")
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: found next to the model)")
-    p.add_argument("--task", default="arithmetic", help="task name (nanoseek.data.tasks), default arithmetic")
+    p.add_argument("--task", default="arithmetic", help="task name (nanoseek.tasks.generators), default arithmetic")
     p.add_argument("--problems", type=limits.positive_int, default=32, help="number of held-out problems (default 32)")
     p.add_argument("--samples", type=limits.positive_int, default=16, help="samples per problem n (default 16)")
     p.add_argument("--level", type=limits.positive_int, help="task difficulty level (default: all levels mixed)")

@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..cli import UserError
+from ..errors import UserError
 from .config import ConfigError, ModelConfig
 from .transformer import DeepseekV3ForCausalLM
 

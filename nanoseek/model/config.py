@@ -25,11 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is unknown, of the wrong type, out of range, or inconsistent with another."""
+from ..errors import ConfigError  # noqa: F401  (the ground-floor class, re-exported)
 
 
 # Keys that appear in released DeepSeek / HF config.json files but carry no architecture

@@ -44,7 +44,7 @@ def _overrides(args, kind: str, data_key: str | None, recipe: bool) -> list[str]
             if getattr(args, flag, None):
                 out.append(f"{key}={_quote(getattr(args, flag))}")
         if args.steps or getattr(args, "data", None):
-            from nanoseek.cli import UserError
+            from nanoseek.errors import UserError
 
             raise UserError("--steps/--data do not apply to a multi-stage recipe; use --set stages.NAME.train.max_steps=N")
         return out
@@ -65,7 +65,7 @@ def _quote(text: str) -> str:
 
 def run_stage_command(args, kind: str, data_key: str | None) -> int:
     """Load the config, then run one stage or a recipe; config and data errors become UserError."""
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.train.config import ConfigError, read_toml, resolve_config_path
 
     try:
@@ -121,7 +121,7 @@ def _resume(args):
     """``--resume-from CHECKPOINT`` (a Path the trainer restores), else the ``--resume`` flag."""
     from pathlib import Path
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
 
     if not getattr(args, "resume_from", None):
         return args.resume

@@ -17,7 +17,7 @@ Any other key, a wrong type, a missing field or invalid JSON raises :class:`Data
 ``file:line`` and the field, so a bad record is never silently dropped or half-used.
 
 RL prompts can also come from a generator instead of a file (:func:`load_rl_prompts`): a built-in
-task of ``nanoseek.data.tasks`` by name (the same generators that feed the pre-training corpus),
+task of ``nanoseek.tasks.generators`` by name (the same generators that feed the pre-training corpus),
 or ``rg:NAME`` for a dataset of the optional ``reasoning-gym`` package when it is installed.
 """
 
@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nanoseek.atomic import write_atomic
-from nanoseek.cli import UserError
+from nanoseek.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = {"role", "content", "reasoning"}
 SFT_KEYS = {"messages", "id", "source", "task"}          # id/source/task: provenance, kept as metadata
 PREF_KEYS = {"prompt", "messages", "chosen", "rejected", "id", "source", "task"}
 RL_KEYS = {"prompt", "answer", "task"}                   # required; anything else goes to ``extra``
-EXTERNAL_VERIFIERS = ("math", "code")                    # checkers of nanoseek.post.rewards besides the tasks
+EXTERNAL_VERIFIERS = ("math", "code")                    # checkers of nanoseek.tasks.rewards besides the tasks
 
 
 class DataError(UserError, ValueError):
@@ -69,12 +69,12 @@ class RLPrompt:
     answer: str                      # gold answer
     task: str                        # verifier name
     id: str = ""
-    problem: Any = None              # the nanoseek.data.tasks.Problem when built-in
+    problem: Any = None              # the nanoseek.tasks.generators.Problem when built-in
     extra: dict[str, Any] = field(default_factory=dict)
     score_answer: Callable[[str | None], float] | None = None  # external verifier (reasoning-gym)
 
     def record(self) -> Any:
-        """What ``nanoseek.post.rewards.score`` takes: the Problem, or a plain record dict."""
+        """What ``nanoseek.tasks.rewards.score`` takes: the Problem, or a plain record dict."""
         if self.problem is not None:
             return self.problem
         return {"prompt": self.prompt, "answer": self.answer, "task": self.task, "id": self.id, **self.extra}
@@ -197,14 +197,14 @@ def parse_rl_prompt(where: str, obj: dict) -> RLPrompt:
         raise DataError(f"{where}: 'prompt' must be a non-empty string")
     if isinstance(obj["answer"], bool) or not isinstance(obj["answer"], (str, int, float)):
         raise DataError(f"{where}: 'answer' must be a string or a number, got {type(obj['answer']).__name__}")
-    from nanoseek.data.tasks import TASKS, Problem
+    from nanoseek.tasks.generators import TASKS, Problem
 
     task = obj["task"]
     valid = sorted(TASKS) + list(EXTERNAL_VERIFIERS)
     if task not in valid:
         raise DataError(f"{where}: unknown task {task!r} (the verifier); valid: {', '.join(valid)}")
     if task == "code":
-        from nanoseek.post.rewards import check_code_tests
+        from nanoseek.tasks.rewards import check_code_tests
 
         try:
             check_code_tests(obj.get("tests"), obj.get("entry_point"))
@@ -249,7 +249,7 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
 
 def task_specs(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
     """``"arithmetic:1-2,compare"`` -> (name, levels) pairs; a DataError naming a bad item."""
-    from nanoseek.data.tasks import parse_task_specs
+    from nanoseek.tasks.generators import parse_task_specs
 
     try:
         return parse_task_specs(source)
@@ -260,7 +260,7 @@ def task_specs(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
 def task_prompts(name: str, n: int, split: str = "train", seed: int = 0,
                  level: int | Sequence[int] | None = None) -> list[RLPrompt]:
     """``n`` prompts of the built-in task ``name`` (repeats allowed when a level is small)."""
-    from nanoseek.data.tasks import get_task
+    from nanoseek.tasks.generators import get_task
 
     try:
         task = get_task(name)

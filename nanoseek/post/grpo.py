@@ -6,7 +6,7 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
    engine samples a group of ``group_size`` (G) completions for each from the policy being
    trained. The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
    on the naive one), then restores the training mode and the naive path for the update.
-2. **Rewards** from the rule-based verifiers of :mod:`nanoseek.post.rewards` (format + accuracy,
+2. **Rewards** from the rule-based verifiers of :mod:`nanoseek.tasks.rewards` (format + accuracy,
    scored in a thread pool), plus DAPO's soft overlong penalty when ``overlong_buffer > 0``.
 3. **Advantages** ``(r - mean) / std`` within each group (``scale_rewards=False``: Dr. GRPO's
    ``r - mean``), the same for every token of a completion. With ``filter_zero_std`` the groups
@@ -137,7 +137,7 @@ class GRPOConfig:
 def render_prompt(tokenizer, item: RLPrompt, template: str) -> list[int]:
     """Token ids of the prompt a completion follows (see the module doc for the templates)."""
     if template == "r1-zero":
-        from nanoseek.data.tasks import r1_zero_segments  # the question is text; the template's tags are not
+        from nanoseek.tasks.generators import r1_zero_segments  # the question is text; the template's tags are not
 
         return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(item.prompt))
     if template in ("chat", "chat-think"):
@@ -148,10 +148,10 @@ def render_prompt(tokenizer, item: RLPrompt, template: str) -> list[int]:
 
 
 def default_reward_fn(cfg: GRPOConfig) -> RewardFn:
-    """Rule-based rewards (:func:`nanoseek.post.rewards.score`) with the template's format rules;
+    """Rule-based rewards (:func:`nanoseek.tasks.rewards.score`) with the template's format rules;
     reasoning-gym prompts get the same format rule and their own ``score_answer`` for accuracy."""
-    from nanoseek.data.tasks import extract_answer
-    from nanoseek.post.rewards import RewardConfig, RewardResult, check_format, score_batch
+    from nanoseek.tasks.generators import extract_answer
+    from nanoseek.tasks.rewards import RewardConfig, RewardResult, check_format, score_batch
 
     rc = RewardConfig(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight,
                       template="r1-zero" if cfg.template == "r1-zero" else "r1",

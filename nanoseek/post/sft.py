@@ -66,7 +66,7 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
     ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
     ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
     """
-    from nanoseek.data.tasks import r1_zero_prompt
+    from nanoseek.tasks.generators import r1_zero_prompt
 
     specs = task_specs(source)
     out: list[SFTExample] = []

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.cli import UserError
+from nanoseek.errors import UserError
 from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
                                    apply_overrides, dumps_toml, no_effect_keys, parse_sections, read_toml,
                                    resolve_config_path)

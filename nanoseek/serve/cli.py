@@ -85,7 +85,7 @@ def build_server(args: argparse.Namespace):
     """(FastAPI app, started engine) for parsed ``nanoseek serve`` arguments; user mistakes raise UserError."""
     import torch
 
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.loading import load_for_inference
 

@@ -88,7 +88,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest_checkpoint, list_checkpoints,
                          load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
 from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
@@ -96,7 +96,6 @@ from .distributed import ParallelRuntime, local_rank
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
 from .optim import LRSchedule, build_optimizer, set_lr
 from .spike import SpikeGuard, Verdict
-from ..cli import UserError
 
 
 MAX_ORIGINS = 32          # document origins named in a spike / rollback event
@@ -105,7 +104,7 @@ MAX_ORIGINS = 32          # document origins named in a spike / rollback event
 class TrainingDiverged(UserError, RuntimeError):
     """The spike guard asked for a rollback it cannot do (no checkpoint, or too many in a row).
 
-    A :class:`~nanoseek.cli.UserError`, so every command prints it as one line (exit 2). Its
+    A :class:`~nanoseek.errors.UserError`, so every command prints it as one line (exit 2). Its
     message names the last known-good checkpoint (``checkpoint``; ``RUN/latest`` names it) and
     how to resume from it; ``run_dir`` is the run folder.
     """

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.cli import UserError
+    from nanoseek.errors import UserError
     from nanoseek.model.config import ConfigError
 
     from .checkpoint import CheckpointError

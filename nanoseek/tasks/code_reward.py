@@ -1,6 +1,6 @@
 """Assertion tests for the code reward: this process judges, the sandbox only computes.
 
-:mod:`nanoseek.post.rewards` scores a ``{"tests": [...]}`` record with the functions here. An
+:mod:`nanoseek.tasks.rewards` scores a ``{"tests": [...]}`` record with the functions here. An
 assertion test (``assert add(2, 3) == 5``) is never run as written. :func:`compile_assert_test`
 splits every ``assert`` into a *plan* that this trusted process evaluates and *slots*, the
 sub-expressions that depend on the model's code, which alone run in the sandbox.
@@ -81,7 +81,7 @@ warning for it: write such tests at the top level, where the loop is unrolled he
 An assert none of whose parts depends on the model (every name in it parent-known, after
 unrolling: ``assert sorted([3, 1]) == [1, 3]`` without ``entry_point: "sorted"``) would pass
 with any code, so :func:`compile_assert_test` refuses it (ValueError, one line) and datasets
-refuse the record when they load (:func:`nanoseek.post.rewards.check_code_tests`). Constant
+refuse the record when they load (:func:`nanoseek.tasks.rewards.check_code_tests`). Constant
 asserts (``assert False`` under ``try``/``else``, HumanEval's ``assert True, 'msg'``) are
 allowed, but a test needs at least one model-dependent assert that must run.
 """
@@ -1362,7 +1362,7 @@ def judge(r: Any, compiled: CompiledTest, nonce: str) -> str | None:
 def run_assert_test(code: str, snippet: str, timeout_s: float, memory_mb: int,
                     entry_point: Any = None) -> tuple[bool, dict]:
     """Run one assertion test against ``code`` through the harness; (passed, details)."""
-    from nanoseek.post.sandbox import run_code
+    from nanoseek.tasks.sandbox import run_code
 
     compiled = _compiled(snippet, tuple(sorted(_entry_points(entry_point))))
     nonce = secrets.token_hex(16)

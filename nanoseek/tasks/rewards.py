@@ -25,7 +25,7 @@ format, which evaluation of base models (that never write ``<think>``) needs.
 
 Accuracy by record kind:
 
-* a built-in :class:`~nanoseek.data.tasks.Problem` (or its dict form): ``extract_answer`` then the
+* a built-in :class:`~nanoseek.tasks.generators.Problem` (or its dict form): ``extract_answer`` then the
   task's exact verifier, ``get_task(problem.task).verify``;
 * ``{"answer": gold}`` (``kind="math"``): math-verify, gold first:
   ``verify(parse(gold), parse(answer))``. math-verify's timeouts use ``signal.alarm``, which only
@@ -35,7 +35,7 @@ Accuracy by record kind:
   :data:`MAX_MATH_CHARS` or with huge or nested exponents/factorials. Hedged answers ("3 or 4")
   are wrong. Parse failures give 0, never an exception;
 * ``{"tests": [...]}`` (``kind="code"``): the last fenced ```` ```python ```` block after
-  ``</think>`` runs in :mod:`nanoseek.post.sandbox` against each test, one sandbox run per test.
+  ``</think>`` runs in :mod:`nanoseek.tasks.sandbox` against each test, one sandbox run per test.
   ``accuracy`` is the fraction passed, or all-or-nothing with ``code_all_or_nothing``.
 
   - ``{"stdin": ..., "stdout": ...}``: the program's output (trailing whitespace stripped per
@@ -43,7 +43,7 @@ Accuracy by record kind:
     stays in this process.
   - an assertion snippet (a string, or ``{"assert": ...}``), with the record's optional
     ``entry_point`` (the function's name, or a list): this process evaluates every assert
-    itself (:mod:`nanoseek.post.code_reward`). Each is split into a plan evaluated here and
+    itself (:mod:`nanoseek.tasks.code_reward`). Each is split into a plan evaluated here and
     *slots*, the sub-expressions that need a name this process does not evaluate itself (the
     model's ``add(2, 3)``, a helper the test defines), which alone run in the sandbox and come
     back as tagged plain data on a nonce-framed private channel. Every other sub-expression
@@ -80,8 +80,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from nanoseek.data.tasks import TASKS, Problem, extract_answer, get_task
-from nanoseek.post.code_reward import check_assert_test, compile_assert_test, run_assert_test
+from nanoseek.tasks.generators import TASKS, Problem, extract_answer, get_task
+from nanoseek.tasks.code_reward import check_assert_test, compile_assert_test, run_assert_test
 
 MAX_MATH_CHARS = 300
 
@@ -233,7 +233,7 @@ def _classify_test(i: int, t: Any) -> tuple[str, Any]:
 def check_code_tests(tests: Any, entry_point: Any = None) -> None:
     """ValueError naming the first test a code record cannot be scored with (wrong shape, an
     assertion that does not parse, has no assert that must run or an assert that does not
-    depend on the code: :func:`~nanoseek.post.code_reward.compile_assert_test`): datasets call
+    depend on the code: :func:`~nanoseek.tasks.code_reward.compile_assert_test`): datasets call
     this when they load, so a bad test is an error at load time, not in the middle of a GRPO
     run. ``entry_point``: the record's function name(s), model-owned even when a builtin's.
     Logs a warning, once per test, when an assert compares two values the sandbox computes
@@ -259,7 +259,7 @@ def check_code_tests(tests: Any, entry_point: Any = None) -> None:
 def run_tests(code: str, tests: Sequence[Any], cfg: RewardConfig,
               entry_point: Any = None) -> tuple[float, list[dict]]:
     """Run ``code`` against each test in the sandbox; (fraction passed, per-test details)."""
-    from nanoseek.post.sandbox import run_code
+    from nanoseek.tasks.sandbox import run_code
 
     if not tests:
         raise ValueError("code record has an empty 'tests' list")

@@ -1,0 +1,13 @@
+"""What a verifiable task is: its problems, the reply format the model answers in, and how a reply is graded.
+
+Below post-training and evaluation, above the tokenizer: ``post/`` (SFT data, GRPO rollouts,
+distillation), ``eval/`` (held-out accuracy) and ``infer/`` (reasoning display) all consume these
+modules, and none of them imports ``post/``.
+
+* :mod:`~nanoseek.tasks.generators`: the built-in tasks (seeded generators, worked solutions,
+  exact verifiers, train/test split by content hash) and task specs (``NAME:LEVELS``);
+* :mod:`~nanoseek.tasks.rewards`: DeepSeek-R1's rule-based rewards (accuracy and format) over a
+  batch, with their config;
+* :mod:`~nanoseek.tasks.code_reward` and :mod:`~nanoseek.tasks.sandbox`: code tasks, graded by
+  running the model's program on the task's tests inside the sandbox.
+"""
