@@ -6,20 +6,22 @@ import json
 import pytest
 
 from nanoseek.cli import UserError, main
-from nanoseek.speedrun import STAGES, RunState, branch_run, load_recipe
+from nanoseek.speedrun import STAGES, RunState, branch_run
+from nanoseek.speedrun_recipe import load_recipe
 
 
 def test_shipped_recipe_loads_and_overrides_apply():
     rc = load_recipe("speedrun", ["budget.pretrain=0.5", "eval.k=2"])
-    assert rc["budget"]["pretrain"] == 0.5 and rc["eval"]["k"] == 2
-    assert sum(rc["budget"][s] for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
-    assert rc["model"]["num_nextn_predict_layers"] == 1 and rc["model"]["n_routed_experts"] > 0
+    assert rc.budget.pretrain == 0.5 and rc.eval.k == 2
+    assert sum(getattr(rc.budget, s) for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
+    model = rc.model.build_config()
+    assert model.num_nextn_predict_layers == 1 and model.n_routed_experts > 0
 
 
 @pytest.mark.parametrize("override, message", [
     ("budget.pretrian=0.5", "unknown key 'pretrian'"),
-    ("nosuch.key=1", "TABLE.KEY=VALUE"),
-    ("budget", "TABLE.KEY=VALUE"),
+    ("nosuch.key=1", "unknown table 'nosuch'"),                  # the trainer's --set parser names the table
+    ("budget", "expected section.key=value"),
     ('data.tasks=["compare:1-2", "modular:7"]', "data.tasks: task spec 'modular:7': modular has levels"),
     ('eval.tasks="arithmetic,compar"', "eval.tasks: task spec 'compar': unknown task"),
     ('sft.data="tasks:arithmetic:x"', "sft.data: task spec 'arithmetic:x': levels must be"),
@@ -69,7 +71,7 @@ def _finished_run(path, config):
 
 
 def _config(*overrides):
-    return {**load_recipe("speedrun", list(overrides)), "minutes": 30.0, "seed": 0}
+    return load_recipe("speedrun", list(overrides)).record(30.0, 0)
 
 
 def test_branch_copies_the_stages_before_redo_and_only_those(tmp_path):
