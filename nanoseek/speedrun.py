@@ -13,7 +13,8 @@ Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
     RUN/report.md, RUN/report.html                      the report card (refreshes while running)
 
 Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe
-(``nanoseek/configs/train/speedrun.toml``): pre-training, SFT and GRPO each stop on their share
+(``nanoseek/configs/train/speedrun.toml``, typed and checked whole before anything runs by
+:mod:`nanoseek.speedrun_recipe`): pre-training, SFT and GRPO each stop on their share
 of wall-clock time (the trainer's ``max_minutes``), evaluation sizes scale with the budget.
 Every stage is evaluated on the SAME held-out problems (the test split, disjoint from training by
 construction), so consecutive stages are compared with paired 95% intervals.
@@ -40,11 +41,9 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanoseek import limits
-from typing import TYPE_CHECKING
-
 from nanoseek.atomic import write_atomic
 
 if TYPE_CHECKING:  # the recipe module imports the trainer's config: loaded when a run starts, not for --help
