@@ -202,9 +202,9 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
     for kind, section in _post_sections().items():
         own, subs = _split(raw, kind, STAGE_TABLES, source)
         defaults = STAGE_DEFAULTS[kind].tables()
-        post[kind] = PostTables(algo=parse_section(section, own, kind, source),
-                                **{t: parse_section(type(defaults[t]), subs[t], f"{kind}.{t}", source, default=defaults[t])
-                                   for t in STAGE_TABLES})
+        tables = {t: parse_section(type(defaults[t]), subs[t], f"{kind}.{t}", source, default=defaults[t])
+                  for t in STAGE_TABLES}
+        post[kind] = PostTables(algo=parse_section(section, own, kind, source), **tables)
     rc = SpeedrunRecipe(model=model, pretrain=pretrain, **post, **simple, source=source, written=copy.deepcopy(raw))
     _check_values(rc, source)
     return rc

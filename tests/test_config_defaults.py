@@ -69,7 +69,9 @@ def restated_defaults(name: str) -> list[str]:
     if "stages" in raw:
         found = []
         for st, table in raw["stages"].items():
-            merged = {t: {**raw.get("defaults", {}).get(t, {}), **table.get(t, {})} for t in table if isinstance(table[t], dict)}
+            defaults = raw.get("defaults", {})            # merged under every stage's tables
+            names = {*defaults, *(t for t, v in table.items() if isinstance(v, dict))}
+            merged = {t: {**defaults.get(t, {}), **table.get(t, {})} for t in names}
             found += _stage_tables(merged, table["kind"], f"{name}: [stages.{st}]")
         return found
     if name in STAGE_KIND:

@@ -12,10 +12,12 @@ tables of the shared trainer plus one table named after the stage::
 
 Parsing and ``--set table.key=value`` overrides are the trainer's (``nanoseek.train.config``):
 every key is checked and errors name the file, table and key. Each kind has defaults suited to
-post-training (:data:`STAGE_DEFAULTS`, typed :class:`StageDefaults`: small learning rates, no weight decay, and for GRPO the
-statistical spike tests off, since a policy-gradient loss is not a curve that should go down;
-DPO and GRPO optimise their own objective only: no MTP loss and no sequence-wise balance loss, the
-experts staying balanced by the aux-loss-free bias update after every step).
+post-training, set in one typed place (:data:`STAGE_DEFAULTS`, a :class:`StageDefaults` per kind:
+small learning rates, no weight decay, and for GRPO the statistical spike tests off, since a
+policy-gradient loss is not a curve that should go down; DPO and GRPO optimise their own objective
+only: no MTP loss and no sequence-wise balance loss, the experts staying balanced by the
+aux-loss-free bias update after every step). A key the stage's TOML does not write takes the
+kind's value, else the trainer's; shipped TOMLs write only what they choose differently.
 
 :func:`run_trainer` wires a task into :class:`nanoseek.train.loop.Trainer` with the expert-bias
 hook, saves the tokenizer into the run folder (so every checkpoint finds it) and into ``final/``,
@@ -337,6 +339,6 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
     return out
 
 
-__all__ = ["STAGE_DEFAULTS", "StageDefaults", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config", "is_stage_run",
-           "read_stage_json",
+__all__ = ["STAGE_DEFAULTS", "StageDefaults", "StageConfig", "StageResult", "stage_config_from_dict",
+           "load_stage_config", "is_stage_run", "read_stage_json",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]
