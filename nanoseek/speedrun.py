@@ -13,7 +13,8 @@ Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
     RUN/report.md, RUN/report.html                      the report card (refreshes while running)
 
 Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe
-(``nanoseek/configs/train/speedrun.toml``): pre-training, SFT and GRPO each stop on their share
+(``nanoseek/configs/train/speedrun.toml``, typed and checked whole before anything runs by
+:mod:`nanoseek.speedrun_recipe`): pre-training, SFT and GRPO each stop on their share
 of wall-clock time (the trainer's ``max_minutes``), evaluation sizes scale with the budget.
 Every stage is evaluated on the SAME held-out problems (the test split, disjoint from training by
 construction), so consecutive stages are compared with paired 95% intervals.
@@ -35,15 +36,18 @@ differ, or the stages would not be comparable.
 from __future__ import annotations
 
 import argparse
-
-from nanoseek import limits
+import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nanoseek import limits
 from nanoseek.atomic import write_atomic
+
+if TYPE_CHECKING:  # the recipe module imports the trainer's config: loaded when a run starts, not for --help
+    from nanoseek.speedrun_recipe import SpeedrunRecipe
 
 RECIPE = "speedrun"
 STAGES = ("data", "pretrain", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo", "report")
@@ -70,76 +74,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=limits.threads, default=None,
                    help="torch intra-op threads (default: torch's, all cores). On a machine shared with other "
                         "jobs, 1 thread avoids the OpenMP oversubscription that can slow a step 4x")
-
-
-# ----------------------------------------------------------------------------- recipe
-def load_recipe(name_or_path: str, overrides: list[str]) -> dict[str, Any]:
-    from nanoseek.errors import UserError
-    from nanoseek.train.config import ConfigError, parse_literal, read_toml, resolve_config_path
-
-    try:
-        path = resolve_config_path(name_or_path)
-        raw = read_toml(path)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
-    valid = {"speedrun", "budget", "data", "model", "pretrain", "sft", "grpo", "eval"}
-    unknown = set(raw) - valid
-    if unknown:
-        raise UserError(f"{path}: unknown table(s) {sorted(unknown)}; valid tables: {sorted(valid)}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or len(parts) < 2 or parts[0] not in raw:
-            raise UserError(f"--set {item!r}: expected TABLE.KEY=VALUE with TABLE one of {sorted(raw)}")
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if parts[-1] not in node and parts[0] in ("speedrun", "budget", "data", "eval"):
-            raise UserError(f"--set {item!r}: unknown key '{parts[-1]}' in [{'.'.join(parts[:-1])}]; valid keys: "
-                            f"{sorted(node)}")
-        node[parts[-1]] = parse_literal(value.strip())
-    _check_task_specs(raw, path)
-    _check_optim_tables(raw, path)
-    raw["_source"] = str(path)
-    return raw
-
-
-def _check_task_specs(raw: dict, path) -> None:
-    """Task names/levels in [data] tasks, [sft] data = "tasks:...", [grpo] prompts and [eval] tasks
-    are checked before anything runs, so a typo fails in a second, naming the key."""
-    from nanoseek.errors import UserError
-    from nanoseek.tasks.generators import parse_task_specs
-
-    found = [("data.tasks", raw.get("data", {}).get("tasks")), ("eval.tasks", raw.get("eval", {}).get("tasks"))]
-    sft = raw.get("sft", {}).get("data", "")
-    if isinstance(sft, str) and sft.startswith("tasks:"):
-        found.append(("sft.data", sft[len("tasks:"):]))
-    prompts = raw.get("grpo", {}).get("prompts", "")
-    if isinstance(prompts, str) and not prompts.startswith("rg:") and not prompts.endswith(".jsonl"):
-        found.append(("grpo.prompts", prompts))
-    for key, spec in found:
-        if spec is None:
-            continue
-        try:
-            parse_task_specs(spec)
-        except ValueError as e:
-            raise UserError(f"{path}: {key}: {e}") from None
-
-
-def _check_optim_tables(raw: dict, path) -> None:
-    """The stages' [*.optim] tables, checked now rather than when their stage starts minutes later."""
-    from nanoseek.errors import UserError
-    from nanoseek.post.stage import STAGE_DEFAULTS
-    from nanoseek.train.config import ConfigError, OptimSection, check_schedule_keys, parse_section
-
-    for kind in ("pretrain", "sft", "grpo"):
-        given = raw.get(kind, {}).get("optim", {})
-        try:
-            optim = parse_section(OptimSection, {**STAGE_DEFAULTS.get(kind, {}).get("optim", {}), **given},
-                                  f"{kind}.optim", str(path))
-            check_schedule_keys(optim, given, f"{path} [{kind}]")
-        except ConfigError as e:
-            raise UserError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- run.json
@@ -249,10 +183,12 @@ def branch_run(src: Path, dst: Path, redo: str, config: dict) -> None:
     if missing:
         raise UserError(f"--from {src}: step(s) {missing} not done there; finish that run first "
                         "(re-running into it resumes)")
-    new_config = json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
+    from nanoseek.speedrun_recipe import resolved_settings
+
+    old_config, new_config = resolved_settings(old.get("config", {})), resolved_settings(json.loads(json.dumps(config)))
     for stage in REDO_KEEPS[redo]:
         for key in MADE_WITH[stage]:
-            if _setting(old.get("config", {}), key) != _setting(new_config, key):
+            if _setting(old_config, key) != _setting(new_config, key):
                 raise UserError(f"--redo {redo} copies stage '{stage}' from {src}, which was made with another "
                                 f"'{key}' than this run's; redo from an earlier stage, or keep '{key}'")
     dst.mkdir(parents=True, exist_ok=True)
@@ -279,67 +215,51 @@ def _now() -> str:
 
 
 # ----------------------------------------------------------------------------- stages
-def _stage_data(run_dir: Path, rc: dict, seed: int, scale: float, log) -> dict:
+def _stage_data(run_dir: Path, rc: SpeedrunRecipe, seed: int, scale: float, log) -> dict:
     from nanoseek.data.corpus import default_corpus_records
     from nanoseek.data.prepare import PrepareConfig, prepare
 
-    d = rc["data"]
+    d = rc.data
     out = run_dir / "data"
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
-    n_docs = max(2000, int(int(d["task_docs"]) * scale))
-    docs = default_corpus_records(n_docs, seed=seed, tasks=tuple(d["tasks"]), task_levels=d.get("task_levels"))
-    log(f"data: generating {n_docs:,} task documents + shipped prose, training a {d['vocab_size']}-token BPE")
-    cfg = PrepareConfig(vocab_size=int(d["vocab_size"]), val_fraction=float(d["val_fraction"]), overwrite=True)
+    n_docs = max(2000, int(d.task_docs * scale))
+    docs = default_corpus_records(n_docs, seed=seed, tasks=tuple(d.tasks), task_levels=d.task_levels)
+    log(f"data: generating {n_docs:,} task documents + shipped prose, training a {d.vocab_size}-token BPE")
+    cfg = PrepareConfig(vocab_size=d.vocab_size, val_fraction=d.val_fraction, overwrite=True)
     return prepare(docs, out, cfg=cfg)
 
 
-def _pretrain_config(run_dir: Path, rc: dict, minutes: float, seed: int):
+def _pretrain_config(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed: int):
     from nanoseek.train.config import config_from_dict
 
-    p = rc["pretrain"]
-    raw = {
-        "model": {"preset": rc["model"].get("preset", "tiny"),
-                  **{k: v for k, v in rc["model"].items() if k != "preset"}},
-        "data": {"source": "packed", "dir": str(run_dir / "data"), **p.get("data", {})},
-        "optim": dict(p.get("optim", {})),
-        "train": {**p.get("train", {}), "out_dir": str(run_dir / "pretrain"), "seed": seed,
-                  "max_minutes": minutes},
-        "spike": dict(p.get("spike", {})),
-    }
-    return config_from_dict(raw, source=f"{rc['_source']} [pretrain]")
+    return config_from_dict(rc.pretrain_raw(run_dir, minutes, seed), source=f"{rc.source} [pretrain]")
 
 
-def _stage_config(kind: str, run_dir: Path, rc: dict, init_from: Path, minutes: float, seed: int):
+def _stage_config(kind: str, run_dir: Path, rc: SpeedrunRecipe, init_from: Path, minutes: float, seed: int):
     from nanoseek.post.stage import stage_config_from_dict
 
-    s = rc[kind]
-    algo = {k: v for k, v in s.items() if k not in ("optim", "train", "spike")}
-    algo.setdefault("seed", seed)
-    raw = {"model": {"init_from": str(init_from)}, kind: algo, "optim": dict(s.get("optim", {})),
-           "train": {**s.get("train", {}), "out_dir": str(run_dir / kind), "seed": seed, "max_minutes": minutes},
-           "spike": dict(s.get("spike", {}))}
-    return stage_config_from_dict(kind, raw, source=f"{rc['_source']} [{kind}]")
+    raw = rc.stage_raw(kind, {"init_from": str(init_from)}, run_dir / kind, minutes, seed)
+    return stage_config_from_dict(kind, raw, source=f"{rc.source} [{kind}]")
 
 
-def _evaluate(stage_dir: Path, mode: str, rc: dict, scale: float, seed: int, log) -> dict:
+def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed: int, log) -> dict:
     import torch
 
     from nanoseek.eval.harness import evaluate
     from nanoseek.infer.loading import load_tokenizer, find_tokenizer
     from nanoseek.model.checkpoint import from_pretrained
 
-    e = rc["eval"]
+    e = rc.eval
     final = stage_dir / "final"
     model = from_pretrained(final, dtype=torch.float32).eval()
     tok = load_tokenizer(find_tokenizer(final))
-    n = max(int(e["min_problems"]), int(round(int(e["problems"]) * scale)))
-    log(f"eval {stage_dir.name}: {n} held-out problems per task ({e['tasks']}) x {e['k']} samples "
-        f"({mode}, T={e['temperature']})")
-    res = evaluate(model, tok, e["tasks"], n_problems=n, k=int(e["k"]), mode=mode,
-                   temperature=float(e["temperature"]), top_p=float(e["top_p"]),
-                   max_new_tokens=int(e["max_new_tokens"]), seed=seed, levels=e.get("levels"),
-                   few_shot=int(e.get("few_shot", 3)), batch_size=int(e["batch_size"]))
+    n = max(e.min_problems, int(round(e.problems * scale)))
+    log(f"eval {stage_dir.name}: {n} held-out problems per task ({e.tasks}) x {e.k} samples "
+        f"({mode}, T={e.temperature})")
+    res = evaluate(model, tok, e.tasks, n_problems=n, k=e.k, mode=mode, temperature=e.temperature, top_p=e.top_p,
+                   max_new_tokens=e.max_new_tokens, seed=seed, levels=e.levels, few_shot=e.few_shot,
+                   batch_size=e.batch_size)
     res.save(stage_dir / "eval.json")
     log(f"eval {stage_dir.name}: pass@1 {_fmt(res.summary())}")
     return {"eval": str(stage_dir / "eval.json")}
@@ -356,14 +276,15 @@ def run(args) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from nanoseek.speedrun_recipe import load_recipe
+
     rc = load_recipe(args.config, args.overrides)
-    sr = rc["speedrun"]
-    minutes = float(args.minutes if args.minutes is not None else sr["minutes"])
+    minutes = float(args.minutes if args.minutes is not None else rc.speedrun.minutes)
     if minutes <= 0:
         raise UserError(f"--minutes must be positive, got {minutes}")
-    seed = int(args.seed if args.seed is not None else sr.get("seed", 0))
+    seed = args.seed if args.seed is not None else rc.speedrun.seed
     run_dir = Path(args.out)
-    config = {**rc, "minutes": minutes, "seed": seed}
+    config = rc.record(minutes, seed)
     if (args.from_run is None) != (args.redo is None):
         raise UserError("--from RUN and --redo STAGE go together")
     with claim(run_dir, "speedrun", flag="--out", own=is_speedrun_run):
@@ -393,6 +314,7 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
     for the later stages, branch: ``--from RUN --redo STAGE`` (which checks the copied stages).
     """
     from nanoseek.errors import UserError
+    from nanoseek.speedrun_recipe import resolved_settings
 
     path = run_dir / "run.json"
     if not path.is_file():
@@ -400,8 +322,8 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
     data = read_run_json(path)
     if not data.get("steps"):
         return                                  # nothing was made yet: the new settings are the run's
-    old = _flatten(data.get("config", {}))
-    new = _flatten(json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")})))
+    old = _flatten(resolved_settings(data.get("config", {})))
+    new = _flatten(resolved_settings(json.loads(json.dumps(config))))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff[:6])
@@ -410,15 +332,14 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
                         f"it, branch with --from {run_dir} --redo STAGE --out NEW, or choose another --out")
 
 
-def _run(args, rc: dict, run_dir: Path, config: dict, minutes: float, seed: int) -> int:
+def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, seed: int) -> int:
     from nanoseek.errors import UserError
     from nanoseek.train.config import ConfigError
 
-    sr = rc["speedrun"]
     run_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir, config)
-    budget = rc["budget"]
-    scale = min(1.0, minutes / float(sr["minutes"]))
+    budget = dataclasses.asdict(rc.budget)      # {stage kind: fraction of the minutes}
+    scale = min(1.0, minutes / rc.speedrun.minutes)
     t_start = time.time()
 
     def log(msg: str) -> None:
@@ -460,8 +381,8 @@ def _run(args, rc: dict, run_dir: Path, config: dict, minutes: float, seed: int)
             from nanoseek.train.checkpoint import latest_checkpoint
             from nanoseek.train.pretrain import pretrain
 
-            cfg = _pretrain_config(run_dir, rc, budget["pretrain"] * minutes, seed)
-            log(f"pretrain: {budget['pretrain'] * minutes:.1f} min budget")
+            cfg = _pretrain_config(run_dir, rc, rc.budget.pretrain * minutes, seed)
+            log(f"pretrain: {rc.budget.pretrain * minutes:.1f} min budget")
             res = pretrain(cfg, resume=latest_checkpoint(run_dir / "pretrain") is not None)
             return _fit_summary(res)
         timed("pretrain", pretrain_stage, "pretrain", eval_mode="fewshot")

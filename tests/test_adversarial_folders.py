@@ -415,11 +415,12 @@ def test_pretrain_rerun_with_other_settings_names_the_keys(tmp_path, capsys):
 
 
 def test_speedrun_rerun_with_other_settings_is_refused_and_run_json_unchanged(tmp_path, capsys):
-    from nanoseek.speedrun import RunState, load_recipe
+    from nanoseek.speedrun import RunState
+    from nanoseek.speedrun_recipe import load_recipe
 
     out = tmp_path / "sr"
     rc = load_recipe("speedrun", [])
-    config = {**rc, "minutes": 1.0, "seed": int(rc["speedrun"].get("seed", 0))}
+    config = rc.record(1.0, rc.speedrun.seed)
     out.mkdir()
     state = RunState(out, config)
     for step in ("data", "pretrain", "eval_base", "sft", "eval_sft", "grpo", "eval_grpo"):

@@ -81,6 +81,22 @@ def test_stage_config_errors_name_the_key(base, tmp_path):
         recipe_from_dict({"recipe": {"init_from": "x"}, "stages": {"a": {"sft": {}}}})
 
 
+def test_a_kind_s_defaults_fill_what_the_stage_does_not_write(base):
+    """One default per setting: a key a stage TOML does not write (or unsets with null) takes the
+    kind's STAGE_DEFAULTS value, else the trainer's."""
+    from nanoseek.post.stage import STAGE_DEFAULTS
+
+    ok = {"model": {"init_from": str(base)}, "train": {"max_steps": 1}}
+    for kind in ("sft", "dpo", "grpo"):
+        cfg = stage_config_from_dict(kind, ok, "x.toml")
+        assert cfg.optim == STAGE_DEFAULTS[kind].optim and cfg.spike == STAGE_DEFAULTS[kind].spike
+        assert cfg.train.mtp_lambda == STAGE_DEFAULTS[kind].train.mtp_lambda and cfg.train.max_steps == 1
+    assert stage_config_from_dict("sft", ok).optim.lr == 1e-4 and stage_config_from_dict("grpo", ok).optim.lr == 1e-5
+    unset = stage_config_from_dict("sft", {**ok, "optim": {"lr": None}}, "x.toml")
+    assert unset.optim.lr == STAGE_DEFAULTS["sft"].optim.lr                 # null: the kind's default applies
+    assert load_stage_config("sft", "sft", [f"model.init_from={base}"]).optim.lr == 3e-4   # sft.toml's choice
+
+
 def test_cli_print_config_and_errors(base, tmp_path, capsys):
     assert main(["grpo", "--config", "r1-zero", "--model", str(base), "--steps", "7", "--print-config"]) == 0
     out = capsys.readouterr().out

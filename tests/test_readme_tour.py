@@ -292,12 +292,21 @@ def test_keys_that_would_have_no_effect_are_errors(raw, key):
 
 
 def test_null_drops_a_key_the_recipe_file_writes(tmp_path, capsys):
-    """tiny.toml writes decay_fraction: switching its schedule needs the key dropped, and the error
-    says how."""
-    assert _tiny(tmp_path / "r", "optim.schedule=cosine") == 2
+    """A recipe file that writes decay_fraction (tiny.toml plus that key; the shipped file writes no
+    default): switching its schedule needs the key dropped, and the error says how."""
+    from nanoseek.train.config import TRAIN_CONFIG_DIR
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text((TRAIN_CONFIG_DIR / "tiny.toml").read_text().replace("[optim]\n", "[optim]\ndecay_fraction = 0.2\n"))
+
+    def run(*sets):
+        return main(["pretrain", "--config", str(recipe), "--out-dir", str(tmp_path / "r"), "--quiet", "--set",
+                     "train.max_steps=2", "--set", "train.save_every=1", *(a for s in sets for a in ("--set", s))])
+
+    assert run("optim.schedule=cosine") == 2
     err = capsys.readouterr().err
     assert "decay_fraction would have no effect" in err and "--set optim.decay_fraction=null" in err
-    assert _tiny(tmp_path / "r", "optim.decay_fraction=null", "optim.schedule=cosine") == 0
+    assert run("optim.decay_fraction=null", "optim.schedule=cosine") == 0
 
 
 @pytest.mark.parametrize("sets", [[], ["optim.schedule=constant", "optim.decay_fraction=null", "optim.min_lr=null"],

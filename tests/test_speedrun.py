@@ -6,20 +6,22 @@ import json
 import pytest
 
 from nanoseek.cli import UserError, main
-from nanoseek.speedrun import STAGES, RunState, branch_run, load_recipe
+from nanoseek.speedrun import STAGES, RunState, branch_run
+from nanoseek.speedrun_recipe import load_recipe
 
 
 def test_shipped_recipe_loads_and_overrides_apply():
     rc = load_recipe("speedrun", ["budget.pretrain=0.5", "eval.k=2"])
-    assert rc["budget"]["pretrain"] == 0.5 and rc["eval"]["k"] == 2
-    assert sum(rc["budget"][s] for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
-    assert rc["model"]["num_nextn_predict_layers"] == 1 and rc["model"]["n_routed_experts"] > 0
+    assert rc.budget.pretrain == 0.5 and rc.eval.k == 2
+    assert sum(getattr(rc.budget, s) for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
+    model = rc.model.build_config()
+    assert model.num_nextn_predict_layers == 1 and model.n_routed_experts > 0
 
 
 @pytest.mark.parametrize("override, message", [
     ("budget.pretrian=0.5", "unknown key 'pretrian'"),
-    ("nosuch.key=1", "TABLE.KEY=VALUE"),
-    ("budget", "TABLE.KEY=VALUE"),
+    ("nosuch.key=1", "unknown table 'nosuch'"),                  # the trainer's --set parser names the table
+    ("budget", "expected section.key=value"),
     ('data.tasks=["compare:1-2", "modular:7"]', "data.tasks: task spec 'modular:7': modular has levels"),
     ('eval.tasks="arithmetic,compar"', "eval.tasks: task spec 'compar': unknown task"),
     ('sft.data="tasks:arithmetic:x"', "sft.data: task spec 'arithmetic:x': levels must be"),
@@ -69,7 +71,7 @@ def _finished_run(path, config):
 
 
 def _config(*overrides):
-    return {**load_recipe("speedrun", list(overrides)), "minutes": 30.0, "seed": 0}
+    return load_recipe("speedrun", list(overrides)).record(30.0, 0)
 
 
 def test_branch_copies_the_stages_before_redo_and_only_those(tmp_path):
@@ -153,3 +155,67 @@ def test_smoke_speedrun_end_to_end(tmp_path):
     assert branched["status"] == "done" and branched["config"]["grpo"]["temperature"] == 0.8
     assert (alt / "sft" / "eval.json").read_bytes() == (out / "sft" / "eval.json").read_bytes()
     assert (alt / "grpo" / "final" / "config.json").exists() and (alt / "grpo" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("speedrun.minutess=1", r"unknown key 'minutess' in \[speedrun\]"),
+    ("data.taskss=1", r"unknown key 'taskss' in \[data\]"),
+    ("eval.kk=1", r"unknown key 'kk' in \[eval\]"),
+    ("model.hidden_sizee=1", r"unknown key 'hidden_sizee' in \[model\]"),
+    ("pretrain.optimm.lr=1", r"unknown key 'optimm' in \[pretrain\]"),
+    ("pretrain.optim.lrr=1", r"unknown key 'lrr' in \[pretrain.optim\]"),
+    ("pretrain.train.x=1", r"unknown key 'x' in \[pretrain.train\]"),
+    ("pretrain.spike.x=1", r"unknown key 'x' in \[pretrain.spike\]"),
+    ("pretrain.data.x=1", r"unknown key 'x' in \[pretrain.data\]"),
+    ("sft.dta=1", r"unknown key 'dta' in \[sft\]"),
+    ("sft.train.x=1", r"unknown key 'x' in \[sft.train\]"),
+    ("grpo.spike.x=1", r"unknown key 'x' in \[grpo.spike\]"),
+    ("eval.k=2.5", r"\[eval\] k must be int, got float 2.5"),
+    ('data.tasks="compare"', r"\[data\] tasks must be a list of str"),
+    ("budget.sft=0", r"\[budget\] sft = 0.0: must be in \(0, 1\]"),
+    ("speedrun.minutes=-1", r"\[speedrun\] minutes = -1.0: must be positive"),
+    ("grpo.group_size=1", r"\[grpo\] group_size = 1: must be >= 2"),               # the last stage, checked first
+    ("sft.train.max_steps=0", r"\[sft\]: \[train\] max_steps = 0: must be positive"),
+    ("pretrain.optim.seq_len=4096", r"seq_len = 4096: exceeds the model's max_position_embeddings"),
+])
+def test_every_table_and_stage_is_validated_before_anything_runs(override, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe("speedrun", [override])
+
+
+def test_a_missing_key_is_named(tmp_path):
+    from nanoseek.train.config import TRAIN_CONFIG_DIR
+
+    text = (TRAIN_CONFIG_DIR / "speedrun.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("\nk = 4 ", "\n# k = 4 "))
+    with pytest.raises(UserError, match=r"\[eval\] needs key 'k'"):
+        load_recipe(str(bad), [])
+
+
+def test_the_recipe_is_typed_with_the_stages_sections_and_defaults():
+    from nanoseek.post.stage import STAGE_DEFAULTS
+    from nanoseek.train.config import OptimSection
+
+    rc = load_recipe("speedrun", ["grpo.optim.lr=3e-4"])
+    assert isinstance(rc.grpo.optim, OptimSection) and rc.grpo.optim.lr == 3e-4
+    assert rc.sft.optim.schedule == STAGE_DEFAULTS["sft"].optim.schedule == "cosine"   # the kind's, not written
+    assert rc.grpo.algo.group_size == 8 and rc.eval.few_shot == 3 and rc.speedrun.seed == 0
+    assert rc.pretrain.optim.seq_len == 256 and rc.model.preset == "bench-moe"
+    assert "few_shot" not in rc.record(30.0, 0)["eval"]          # run.json records the tables as written
+
+
+def test_settings_compare_by_value_not_by_how_they_were_written(tmp_path):
+    """A run recorded with a recipe that wrote its defaults out (as the shipped one did before they
+    were consolidated) has the same settings as the recipe that leaves them to the defaults."""
+    from nanoseek.speedrun import check_same_settings
+
+    config = _config()
+    old = json.loads(json.dumps(config))
+    old["speedrun"]["seed"], old["eval"]["few_shot"], old["grpo"]["temperature"] = 0, 3, 1.0
+    old["sft"]["optim"]["warmup_steps"] = 10                     # the sft kind's default
+    run = _finished_run(tmp_path / "run", old)
+    check_same_settings(run, config)                             # the same settings: no error
+    branch_run(run, tmp_path / "b", "grpo", config)
+    with pytest.raises(UserError, match=r"eval.few_shot \(3 -> 2\)"):
+        check_same_settings(run, _config("eval.few_shot=2"))

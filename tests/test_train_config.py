@@ -144,3 +144,26 @@ def test_shipped_recipes_load_and_root_configs_point_at_them():
 def test_apply_overrides_only_touches_known_tables():
     raw = apply_overrides({}, ["optim.lr=2"], SECTIONS)
     assert raw == {"optim": {"lr": 2}}
+
+
+def test_parse_section_defaults_required_keys_and_unions():
+    import dataclasses
+
+    from nanoseek.train.config import OptimSection, parse_section
+
+    kind = OptimSection(lr=1e-5, schedule="constant")            # e.g. a post-training kind's defaults
+    got = parse_section(OptimSection, {"warmup_steps": 3, "lr": None}, "optim", "x.toml", default=kind)
+    assert (got.lr, got.schedule, got.warmup_steps) == (1e-5, "constant", 3)   # null: the kind's default applies
+    assert kind.warmup_steps == 100 and got.betas is not kind.betas              # the defaults are not shared
+
+    @dataclasses.dataclass
+    class Budget:
+        share: float
+        levels: int | dict | None = None
+
+    with pytest.raises(ConfigError, match=r"x.toml: \[budget\] needs key 'share'"):
+        parse_section(Budget, {}, "budget", "x.toml")
+    assert parse_section(Budget, {"share": 1, "levels": {"a": 1}}, "budget", "x.toml").levels == {"a": 1}
+    assert parse_section(Budget, {"share": 1, "levels": 2}, "budget", "x.toml").levels == 2
+    with pytest.raises(ConfigError, match=r"\[budget\] levels must be int or dict, got str 'x'"):
+        parse_section(Budget, {"share": 1, "levels": "x"}, "budget", "x.toml")

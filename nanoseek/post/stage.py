@@ -12,10 +12,12 @@ tables of the shared trainer plus one table named after the stage::
 
 Parsing and ``--set table.key=value`` overrides are the trainer's (``nanoseek.train.config``):
 every key is checked and errors name the file, table and key. Each kind has defaults suited to
-post-training (:data:`STAGE_DEFAULTS`: small learning rates, no weight decay, and for GRPO the
-statistical spike tests off, since a policy-gradient loss is not a curve that should go down;
-DPO and GRPO optimise their own objective only: no MTP loss and no sequence-wise balance loss, the
-experts staying balanced by the aux-loss-free bias update after every step).
+post-training, set in one typed place (:data:`STAGE_DEFAULTS`, a :class:`StageDefaults` per kind:
+small learning rates, no weight decay, and for GRPO the statistical spike tests off, since a
+policy-gradient loss is not a curve that should go down; DPO and GRPO optimise their own objective
+only: no MTP loss and no sequence-wise balance loss, the experts staying balanced by the
+aux-loss-free bias update after every step). A key the stage's TOML does not write takes the
+kind's value, else the trainer's; shipped TOMLs write only what they choose differently.
 
 :func:`run_trainer` wires a task into :class:`nanoseek.train.loop.Trainer` with the expert-bias
 hook, saves the tokenizer into the run folder (so every checkpoint finds it) and into ``final/``,
@@ -37,17 +39,40 @@ from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, Spik
                                    apply_overrides, dumps_toml, no_effect_keys, parse_sections, read_toml,
                                    resolve_config_path)
 
-# Post-training defaults under each kind (the TOML file and --set override them).
-STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "sft": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"},
-            "train": {"mtp_lambda": 0.1, "save_every": 0, "eval_every": 0}},
-    "distill": {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"},
-                "train": {"mtp_lambda": 0.1, "save_every": 0, "eval_every": 0}},
-    "dpo": {"optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 5, "weight_decay": 0.0, "schedule": "cosine"},
-            "train": {"mtp_lambda": 0.0, "seq_aux_alpha": 0.0, "save_every": 0, "eval_every": 0}},
-    "grpo": {"optim": {"lr": 1e-5, "min_lr": 1e-5, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"},
-             "train": {"mtp_lambda": 0.0, "seq_aux_alpha": 0.0, "save_every": 0, "eval_every": 0},
-             "spike": {"enabled": False}},
+@dataclass(frozen=True)
+class StageDefaults:
+    """A post-training kind's defaults for the trainer's tables: the one place they are set.
+
+    Every key a stage's TOML (or ``--set``) does not write takes its value from here; a key not
+    named in these instances keeps the trainer's own default (:mod:`nanoseek.train.config`, the
+    pre-training values). Shipped stage TOMLs write only what they choose differently."""
+    optim: OptimSection
+    train: TrainSection
+    spike: SpikeSection = field(default_factory=SpikeSection)
+
+    def tables(self) -> dict[str, Any]:
+        return {"optim": self.optim, "train": self.train, "spike": self.spike}
+
+
+# Per kind: small learning rates and no weight decay; no checkpoint or validation every N steps
+# unless asked (save_every = eval_every = 0: at the end only). SFT and distillation keep the MTP
+# module trained (mtp_lambda 0.1: speculative decoding after SFT); DPO and GRPO optimise their
+# own objective only (no MTP, no sequence-wise balance loss: the aux-loss-free bias update keeps
+# the experts balanced). GRPO holds its lr constant and turns the statistical spike tests off:
+# a policy-gradient loss is not a curve that should go down.
+_SFT_LIKE = StageDefaults(
+    optim=OptimSection(lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0, schedule="cosine"),
+    train=TrainSection(mtp_lambda=0.1, save_every=0, eval_every=0))
+STAGE_DEFAULTS: dict[str, StageDefaults] = {
+    "sft": _SFT_LIKE,
+    "distill": _SFT_LIKE,
+    "dpo": StageDefaults(
+        optim=OptimSection(lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0, schedule="cosine"),
+        train=TrainSection(mtp_lambda=0.0, seq_aux_alpha=0.0, save_every=0, eval_every=0)),
+    "grpo": StageDefaults(
+        optim=OptimSection(lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, schedule="constant"),
+        train=TrainSection(mtp_lambda=0.0, seq_aux_alpha=0.0, save_every=0, eval_every=0),
+        spike=SpikeSection(enabled=False)),
 }
 
 
@@ -110,8 +135,11 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>") -> StageConfig:
-    """A raw TOML dict -> validated :class:`StageConfig` of ``kind``."""
+def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>", *,
+                           init_pending: bool = False) -> StageConfig:
+    """A raw TOML dict -> validated :class:`StageConfig` of ``kind``. ``init_pending``: the
+    checkpoint is written by an earlier stage that has not run yet, so ``[model]`` gives its
+    architecture (preset + fields) instead of ``init_from`` (a recipe checked before it trains)."""
     from nanoseek.model.config import ModelConfig
     from nanoseek.train.config import _check_train_config, check_schedule_keys
 
@@ -121,8 +149,8 @@ def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>
     schema = {"model": ModelSection, kind: classes[kind], "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
     given_optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
-    raw = _merge(STAGE_DEFAULTS.get(kind, {}), raw)
-    parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())})
+    parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())},
+                           defaults=STAGE_DEFAULTS[kind].tables())
     check_schedule_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
                       spike=parts["spike"], source=source)
@@ -136,7 +164,7 @@ def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>
     if cfg.model.init_from and cfg.model.fields:
         raise ConfigError(f"{source}: [model] sets both init_from and config fields {sorted(cfg.model.fields)}; a "
                           "trained checkpoint's architecture cannot change (drop the fields)")
-    if kind != "distill" and not cfg.model.init_from:
+    if kind != "distill" and not cfg.model.init_from and not init_pending:
         raise ConfigError(f"{source}: [model] init_from is required: the checkpoint {kind} starts from")
     # optim/train/spike checks are the trainer's own (the [data] table is not used here)
     _check_train_config(TrainConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, spike=cfg.spike,
@@ -311,6 +339,6 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
     return out
 
 
-__all__ = ["STAGE_DEFAULTS", "StageConfig", "StageResult", "stage_config_from_dict", "load_stage_config", "is_stage_run",
-           "read_stage_json",
+__all__ = ["STAGE_DEFAULTS", "StageDefaults", "StageConfig", "StageResult", "stage_config_from_dict",
+           "load_stage_config", "is_stage_run", "read_stage_json",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]

@@ -39,6 +39,7 @@ mapping of table name -> dataclass, so post-training stages reuse it with their 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -197,7 +198,18 @@ def check_value(value: Any, annotation: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if value is None:
             raise ConfigError(f"{where} must not be null")
-        return check_value(value, inner[0], where)
+        for option in inner[:-1]:               # `int | dict`: the first type the value is
+            try:
+                return check_value(value, option, where)
+            except ConfigError:
+                pass
+        try:
+            return check_value(value, inner[-1], where)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(_type_name(typing.get_origin(a) or a) for a in inner)
+        raise ConfigError(f"{where} must be {names}, got {type(value).__name__} {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
@@ -239,8 +251,19 @@ def _written(given: Any) -> set[str]:
     return {k for k, v in given.items() if v is not None} if isinstance(given, dict) else set()
 
 
-def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: set[str] | None = None) -> Any:
-    """One TOML table -> dataclass ``cls``. ``extra_keys`` (e.g. HF model fields) go to ``fields``."""
+def _required(cls: type) -> list[str]:
+    """The fields of ``cls`` without a default: keys a table must write."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+
+def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: set[str] | None = None,
+                  default: Any = None) -> Any:
+    """One TOML table -> dataclass ``cls``. ``extra_keys`` (e.g. HF model fields) go to ``fields``.
+
+    ``default``: an instance of ``cls`` whose values stand for the keys the table does not write
+    (a post-training kind's defaults, :data:`nanoseek.post.stage.STAGE_DEFAULTS`); without it the
+    class's own defaults do, and a field without one is a key the table must write."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{section}] must be a table, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -261,18 +284,28 @@ def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: se
             raise ConfigError(f"{source}: unknown key '{key}' in [{section}]. Valid keys: {valid}")
     if extra_keys is not None:
         kwargs["fields"] = extras
+    if default is not None:
+        out = copy.deepcopy(default)
+        for key, value in kwargs.items():
+            setattr(out, key, value)
+        return out
+    missing = [k for k in _required(cls) if k not in kwargs]
+    if missing:
+        raise ConfigError(f"{source}: [{section}] needs key '{missing[0]}' (required: {', '.join(_required(cls))})")
     return cls(**kwargs)
 
 
 def parse_sections(raw: dict[str, Any], schema: dict[str, type], source: str,
-                   extra_keys: dict[str, set[str]] | None = None) -> dict[str, Any]:
-    """Every table of a TOML document -> its dataclass; unknown tables are errors."""
+                   extra_keys: dict[str, set[str]] | None = None,
+                   defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every table of a TOML document -> its dataclass; unknown tables are errors. ``defaults``:
+    {table: instance} whose values stand for unwritten keys (see :func:`parse_section`)."""
     unknown = [k for k in raw if k not in schema]
     if unknown:
         raise ConfigError(f"{source}: unknown table [{unknown[0]}]. Valid tables: "
                           f"{', '.join('[' + s + ']' for s in schema)}")
-    extra_keys = extra_keys or {}
-    return {name: parse_section(cls, raw.get(name, {}), name, source, extra_keys.get(name))
+    extra_keys, defaults = extra_keys or {}, defaults or {}
+    return {name: parse_section(cls, raw.get(name, {}), name, source, extra_keys.get(name), defaults.get(name))
             for name, cls in schema.items()}
 
 

@@ -1,0 +1,296 @@
+"""The speedrun recipe (``nanoseek/configs/train/speedrun.toml``) as one typed, validated dataclass.
+
+The recipe's tables are the stage sections the stages themselves use, plus four small ones::
+
+    [speedrun]  minutes, seed                 RunSection: the reference budget and the run's seed
+    [budget]    pretrain, sft, grpo           BudgetSection: fractions of --minutes per training stage
+    [data]      task_docs, tasks, ...         CorpusSection: the embedded corpus and its tokenizer
+    [model]     preset + HF config fields     the trainer's ModelSection (a model config)
+    [pretrain.optim|train|spike|data]         the trainer's OptimSection, TrainSection, SpikeSection, DataSection
+    [sft], [grpo] + their .optim/.train/.spike  the post-training stage's section (SFTSection, GRPOConfig) and
+                                              the trainer's sections under that kind's defaults (STAGE_DEFAULTS)
+    [eval]      tasks, problems, k, ...       EvalSection: the held-out evaluation after every stage
+
+``--set TABLE.KEY=VALUE`` goes through the trainer's parser (:func:`nanoseek.train.config.apply_overrides`),
+and every table and key is checked before anything runs (:func:`load_recipe`): an unknown table or
+key, a value of the wrong type, a missing key, a bad task spec, and each training stage's whole
+config (built as it will be when the stage starts: schedule keys, ranges, memory) fail in a second
+with one line naming the key. The tables as written (after ``--set``) are kept too: the stages'
+configs are built from them exactly as from a stage TOML (a key written next to a schedule that
+ignores it is an error, a key not written takes the kind's default), and run.json records them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.errors import ConfigError, UserError
+from nanoseek.train.config import (DataSection, ModelSection, OptimSection, SpikeSection, TrainSection,
+                                   apply_overrides, parse_section, read_toml, resolve_config_path)
+
+POST_KINDS = ("sft", "grpo")
+STAGE_TABLES = ("optim", "train", "spike")                 # the trainer's tables under [pretrain] / [sft] / [grpo]
+
+
+# ----------------------------------------------------------------------------- the speedrun's own tables
+@dataclass
+class RunSection:
+    """``[speedrun]``."""
+    minutes: float                    # the reference budget; --minutes scales stage times and eval sizes
+    seed: int = 0                     # data, init and sampling (--seed overrides)
+
+
+@dataclass
+class BudgetSection:
+    """``[budget]``: fractions of --minutes for the training stages (the rest: data + evals)."""
+    pretrain: float
+    sft: float
+    grpo: float
+
+
+@dataclass
+class CorpusSection:
+    """``[data]``: the embedded default corpus (generated problems + shipped prose) and its BPE."""
+    task_docs: int                    # generated task documents at the reference budget (scaled, at least 2000)
+    tasks: list[str]                  # the curriculum: NAME[:LEVELS] (nanoseek.tasks.generators.parse_task_specs)
+    vocab_size: int                   # the trained BPE's vocabulary
+    val_fraction: float               # documents held out for validation
+    task_levels: int | dict | None = None   # levels for the names in `tasks` without their own (None: all)
+
+
+@dataclass
+class EvalSection:
+    """``[eval]``: the same held-out (test-split) problems for every stage."""
+    tasks: str | list[str]
+    problems: int                     # per task at the reference budget (scaled for shorter runs)
+    min_problems: int                 # ...but never fewer
+    k: int                            # samples per problem: pass@1 averaged over k, pass@k, maj@k
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int                   # rows decoded at once
+    few_shot: int = 3                 # examples in the base model's prompt
+    levels: list[int] | None = None   # levels for the task names without their own (None: all)
+
+
+@dataclass
+class PretrainTables:
+    """``[pretrain.*]``: the trainer's sections (its out_dir, seed, max_minutes and data dir are the speedrun's)."""
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    spike: SpikeSection = field(default_factory=SpikeSection)
+    data: DataSection = field(default_factory=DataSection)
+
+
+@dataclass
+class PostTables:
+    """``[sft]`` / ``[grpo]``: the stage's own section plus the trainer's, under the kind's defaults."""
+    algo: Any                         # SFTSection | GRPOConfig
+    optim: OptimSection
+    train: TrainSection
+    spike: SpikeSection
+
+
+@dataclass
+class SpeedrunRecipe:
+    speedrun: RunSection
+    budget: BudgetSection
+    data: CorpusSection
+    model: ModelSection
+    pretrain: PretrainTables
+    sft: PostTables
+    grpo: PostTables
+    eval: EvalSection
+    source: str = "<dict>"
+    written: dict[str, Any] = field(default_factory=dict)  # the tables as written (after --set)
+
+    def record(self, minutes: float, seed: int) -> dict[str, Any]:
+        """What run.json records: the tables as written, plus this run's minutes and seed."""
+        return {**copy.deepcopy(self.written), "minutes": minutes, "seed": seed}
+
+    def resolved(self) -> dict[str, Any]:
+        """Every setting with its default filled in (what two runs' settings are compared by)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("source", "written"):
+                continue
+            value = dataclasses.asdict(getattr(self, f.name))
+            if f.name == "model":
+                value.update(value.pop("fields"))
+            for kind in POST_KINDS:
+                if f.name == kind:
+                    value.update(value.pop("algo"))
+            out[f.name] = value
+        return out
+
+    def pretrain_raw(self, run_dir: Path, minutes: float, seed: int) -> dict[str, Any]:
+        """The pre-training config's tables (``nanoseek.train.config.config_from_dict``)."""
+        p, m = self.written.get("pretrain", {}), self.written.get("model", {})
+        return {
+            "model": {"preset": self.model.preset, **{k: v for k, v in m.items() if k != "preset"}},
+            "data": {"source": "packed", "dir": str(run_dir / "data"), **p.get("data", {})},
+            "optim": dict(p.get("optim", {})),
+            "train": {**p.get("train", {}), "out_dir": str(run_dir / "pretrain"), "seed": seed,
+                      "max_minutes": minutes},
+            "spike": dict(p.get("spike", {})),
+        }
+
+    def stage_raw(self, kind: str, model: dict[str, Any], out_dir: Path, minutes: float, seed: int) -> dict[str, Any]:
+        """The ``kind`` stage config's tables (``nanoseek.post.stage.stage_config_from_dict``);
+        the stage's own ``seed`` is the run's unless the recipe writes one."""
+        s = self.written.get(kind, {})
+        algo = {k: v for k, v in s.items() if k not in STAGE_TABLES}
+        algo.setdefault("seed", seed)
+        return {"model": model, kind: algo, "optim": dict(s.get("optim", {})),
+                "train": {**s.get("train", {}), "out_dir": str(out_dir), "seed": seed, "max_minutes": minutes},
+                "spike": dict(s.get("spike", {}))}
+
+
+TABLES = {"speedrun": RunSection, "budget": BudgetSection, "data": CorpusSection, "model": ModelSection,
+          "pretrain": PretrainTables, "sft": PostTables, "grpo": PostTables, "eval": EvalSection}
+
+
+def _post_sections() -> dict[str, type]:
+    # the lead switches this to nanoseek.post.registry at merge (kind -> Section)
+    from nanoseek.post.grpo import GRPOConfig
+    from nanoseek.post.sft import SFTSection
+
+    return {"sft": SFTSection, "grpo": GRPOConfig}
+
+
+def _table(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table, got {type(value).__name__}")
+    return value
+
+
+def _split(raw: dict[str, Any], name: str, tables: tuple[str, ...], source: str) -> tuple[dict, dict[str, dict]]:
+    """``raw[name]`` -> (its own keys, {sub-table: dict}); a sub-table that is not a table is an error."""
+    table = _table(raw, name, source)
+    subs = {t: _table(table, t, f"{source}: [{name}]").copy() for t in tables}
+    return {k: v for k, v in table.items() if k not in tables}, subs
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRecipe:
+    """Every table parsed into its dataclass: unknown tables and keys, wrong types, missing keys
+    and values out of range are one ConfigError line naming the key. (The stages' cross-field
+    checks are :func:`check_recipe`'s.)"""
+    from nanoseek.model.config import ModelConfig
+
+    from nanoseek.post.stage import STAGE_DEFAULTS
+
+    unknown = [k for k in raw if k not in TABLES]
+    if unknown:
+        raise ConfigError(f"{source}: unknown table [{unknown[0]}]. Valid tables: "
+                          f"{', '.join('[' + t + ']' for t in TABLES)}")
+    simple = {name: parse_section(TABLES[name], _table(raw, name, source), name, source)
+              for name in ("speedrun", "budget", "data", "eval")}
+    model = parse_section(ModelSection, _table(raw, "model", source), "model", source,
+                          extra_keys=set(ModelConfig.field_names()))
+    own, subs = _split(raw, "pretrain", (*STAGE_TABLES, "data"), source)
+    if own:
+        raise ConfigError(f"{source}: unknown key '{next(iter(own))}' in [pretrain]. Valid keys: "
+                          f"the tables {', '.join('[pretrain.' + t + ']' for t in (*STAGE_TABLES, 'data'))}")
+    pretrain = PretrainTables(**{t: parse_section(type(getattr(PretrainTables(), t)), subs[t], f"pretrain.{t}", source)
+                                 for t in subs})
+    post = {}
+    for kind, section in _post_sections().items():
+        own, subs = _split(raw, kind, STAGE_TABLES, source)
+        defaults = STAGE_DEFAULTS[kind].tables()
+        tables = {t: parse_section(type(defaults[t]), subs[t], f"{kind}.{t}", source, default=defaults[t])
+                  for t in STAGE_TABLES}
+        post[kind] = PostTables(algo=parse_section(section, own, kind, source), **tables)
+    rc = SpeedrunRecipe(model=model, pretrain=pretrain, **post, **simple, source=source, written=copy.deepcopy(raw))
+    _check_values(rc, source)
+    return rc
+
+
+def _check_values(rc: SpeedrunRecipe, source: str) -> None:
+    def bad(key: str, value: Any, why: str) -> ConfigError:
+        return ConfigError(f"{source}: [{key.split('.')[0]}] {key.split('.', 1)[1]} = {value!r}: {why}")
+
+    if not rc.speedrun.minutes > 0:
+        raise bad("speedrun.minutes", rc.speedrun.minutes, "must be positive")
+    for kind in ("pretrain", "sft", "grpo"):
+        share = getattr(rc.budget, kind)
+        if not 0 < share <= 1:
+            raise bad(f"budget.{kind}", share, "must be in (0, 1] (a fraction of --minutes)")
+    d, e = rc.data, rc.eval
+    for key in ("task_docs", "vocab_size"):
+        if getattr(d, key) < 1:
+            raise bad(f"data.{key}", getattr(d, key), "must be >= 1")
+    if not 0 <= d.val_fraction < 1:
+        raise bad("data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    for key in ("problems", "min_problems", "k", "max_new_tokens", "batch_size"):
+        if getattr(e, key) < 1:
+            raise bad(f"eval.{key}", getattr(e, key), "must be >= 1")
+    if e.few_shot < 0:
+        raise bad("eval.few_shot", e.few_shot, "must be >= 0")
+
+
+def _check_task_specs(rc: SpeedrunRecipe) -> None:
+    """Task names/levels in [data] tasks, [sft] data = "tasks:...", [grpo] prompts and [eval] tasks
+    are checked before anything runs, so a typo fails in a second, naming the key."""
+    from nanoseek.tasks.generators import parse_task_specs
+
+    found = [("data.tasks", rc.data.tasks), ("eval.tasks", rc.eval.tasks)]
+    sft = rc.sft.algo.data
+    if sft.startswith("tasks:"):
+        found.append(("sft.data", sft[len("tasks:"):]))
+    prompts = rc.grpo.algo.prompts
+    if not prompts.startswith("rg:") and not prompts.endswith(".jsonl"):
+        found.append(("grpo.prompts", prompts))
+    for key, spec in found:
+        try:
+            parse_task_specs(spec)
+        except ValueError as e:
+            raise ConfigError(f"{rc.source}: {key}: {e}") from None
+
+
+def check_recipe(rc: SpeedrunRecipe) -> SpeedrunRecipe:
+    """Each training stage's whole config, built now as it will be when the stage starts (at the
+    reference budget, in a placeholder folder), so its cross-field checks run before anything trains."""
+    from nanoseek.post.stage import stage_config_from_dict
+    from nanoseek.train.config import config_from_dict
+
+    _check_task_specs(rc)
+    rc.model.build_config()
+    where = Path("<run>")
+    minutes, seed = rc.speedrun.minutes, rc.speedrun.seed
+    config_from_dict(rc.pretrain_raw(where, rc.budget.pretrain * minutes, seed), source=f"{rc.source} [pretrain]")
+    model = {"preset": rc.model.preset, **rc.model.fields}     # the checkpoint pre-training will write
+    for kind in POST_KINDS:
+        stage_config_from_dict(kind, rc.stage_raw(kind, model, where / kind, getattr(rc.budget, kind) * minutes, seed),
+                               source=f"{rc.source} [{kind}]", init_pending=True)
+    return rc
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SpeedrunRecipe:
+    """Read a speedrun recipe (a path or the shipped ``speedrun``), apply ``--set``, validate it all."""
+    try:
+        path = resolve_config_path(name_or_path)
+        raw = apply_overrides(read_toml(path), list(overrides), TABLES)
+        return check_recipe(recipe_from_dict(raw, source=str(path)))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def resolved_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A run.json ``config`` (tables as written + minutes + seed) with every default filled in, so
+    two runs compare by what they ran with, not by how their recipes were written; a record this
+    version cannot parse compares as it is."""
+    tables = {k: v for k, v in config.items() if k in TABLES}
+    rest = {k: v for k, v in config.items() if k not in TABLES and not k.startswith("_")}
+    try:
+        return {**recipe_from_dict(copy.deepcopy(tables), "run.json").resolved(), **rest}
+    except (ConfigError, TypeError):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+__all__ = ["RunSection", "BudgetSection", "CorpusSection", "EvalSection", "PretrainTables", "PostTables",
+           "SpeedrunRecipe", "TABLES", "recipe_from_dict", "check_recipe", "load_recipe", "resolved_settings"]
