@@ -14,10 +14,10 @@ import torch
 
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import RLPrompt, SFTExample, load_rl_prompts
-from nanoseek.post.grpo import GRPOConfig, GRPOTask, default_reward_fn, render_prompt, train_grpo
+from nanoseek.post.grpo import GRPOSection, GRPOTask, default_reward_fn, render_prompt, train_grpo
 from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
-from nanoseek.post.stage import stage_config_from_dict
+from nanoseek.post.registry import stage_config_from_dict
 from post_helpers import tiny_model, tiny_tokenizer
 
 
@@ -100,7 +100,7 @@ def _task(script, monkeypatch=None, prompts=None, **cfg):
     tk = tiny_tokenizer()
     model = tiny_model(tk.vocab_size)
     prompts = prompts or load_rl_prompts("digit7", 4, seed=0)
-    c = GRPOConfig(**{"template": "chat", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
+    c = GRPOSection(**{"template": "chat", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
                       "micro_batch_size": 3, **cfg})
     engine = ScriptedEngine(tk, script, c.max_new_tokens)
     task = GRPOTask(model, tk, prompts, c, reward_fn=first_token_is_7, engine=engine)
@@ -225,15 +225,15 @@ def test_templates_and_default_rewards():
     assert "<think> </think>" in zero and zero.rstrip().endswith("Assistant:") and item.prompt in zero
     think = render_prompt(tk, item, "chat-think")
     assert think[-3:-1] == [tk.assistant_id, tk.think_id] or tk.think_id in think[-3:]
-    fn = default_reward_fn(GRPOConfig(template="r1-zero"))
+    fn = default_reward_fn(GRPOSection(template="r1-zero"))
     good, plain = fn([f"<think> sum </think> <answer>{item.answer}</answer>", item.answer], [item, item])
     assert good.correct and good.format_ok and good.reward == pytest.approx(1.1)
     assert plain.reward == 0.0 and not plain.format_ok
-    fn = default_reward_fn(GRPOConfig(template="chat-think"))
+    fn = default_reward_fn(GRPOSection(template="chat-think"))
     (r,) = fn([f"steps\n</think>\n\nAnswer: {item.answer}"], [item])      # <think> was in the prompt
     assert r.format_ok and r.correct
     ext = RLPrompt(prompt="q", answer="4", task="rg:x", score_answer=lambda a: float(a == "4"))
-    (r,) = default_reward_fn(GRPOConfig(template="chat"))(["<think>x</think>\n4"], [ext])
+    (r,) = default_reward_fn(GRPOSection(template="chat"))(["<think>x</think>\n4"], [ext])
     assert r.correct and r.reward == pytest.approx(1.1)
 
 
@@ -242,7 +242,7 @@ def test_config_validation():
                         ({"template": "chatml"}, "template"), ({"beta": -1.0}, "beta"),
                         ({"overlong_buffer": 999}, "overlong_buffer")]:
         with pytest.raises(ValueError, match=needle):
-            GRPOConfig(**bad).validate()
+            GRPOSection(**bad).validate()
 
 
 def test_grpo_resumes_exactly_through_the_trainer(tmp_path, one_thread):

@@ -14,7 +14,7 @@ from nanoseek.post.dpo import train_dpo
 from nanoseek.post.recipe import load_recipe, recipe_from_dict
 from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
-from nanoseek.post.stage import load_stage_config, stage_config_from_dict
+from nanoseek.post.registry import load_stage_config, stage_config_from_dict
 from nanoseek.train.config import ConfigError
 from post_helpers import tiny_model, tiny_tokenizer
 

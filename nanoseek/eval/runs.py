@@ -234,9 +234,9 @@ def mode_for_name(name: str) -> str | None:
 
 def _grpo_default_template() -> str:
     try:
-        from nanoseek.post.grpo import GRPOConfig
+        from nanoseek.post.grpo import GRPOSection
 
-        return GRPOConfig().template
+        return GRPOSection().template
     except ImportError:
         return "r1-zero"
 

@@ -106,9 +106,9 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
     """``n`` completions per prompt from ``model`` (inference engine), scored by the verifiers."""
     from nanoseek.infer.engine import Engine, SamplingParams
 
-    from .grpo import GRPOConfig, completion_text, default_reward_fn, render_prompt
+    from .grpo import GRPOSection, completion_text, default_reward_fn, render_prompt
 
-    reward_fn = reward_fn or default_reward_fn(GRPOConfig(template=template, group_size=max(n, 2)))
+    reward_fn = reward_fn or default_reward_fn(GRPOSection(template=template, group_size=max(n, 2)))
     ids = [render_prompt(tokenizer, p, template) for p in prompts]
     stop = ["</answer>"] if template == "r1-zero" else []
     engine = Engine(model, tokenizer, max_batch_size=max(engine_batch_size, n),
@@ -182,8 +182,8 @@ def run_distill(cfg, *, teacher=None, teacher_tokenizer=None, student=None, toke
 
     from .stage import is_stage_run
 
-    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out",
-               own=lambda p: is_stage_run(p, "distill")):
+    with claim(Path(cfg.train.out_dir or "runs/distill"), cfg.kind, flag="--out",
+               own=lambda p: is_stage_run(p, cfg.kind)):
         return _run_distill(cfg, teacher=teacher, teacher_tokenizer=teacher_tokenizer, student=student,
                             tokenizer=tokenizer, resume=resume, quiet=quiet, progress=progress)
 

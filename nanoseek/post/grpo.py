@@ -69,7 +69,7 @@ RewardFn = Callable[[list[str], list[RLPrompt]], list[Any]]
 
 
 @dataclass
-class GRPOConfig:
+class GRPOSection:
     """What a GRPO stage does; the optimizer, schedule and checkpointing are the trainer's."""
 
     prompts: str = "arithmetic"       # RL prompt source: a .jsonl, rg:NAME, or built-in task names "a,b"
@@ -102,7 +102,7 @@ class GRPOConfig:
     log_samples: int = 2              # completions written to samples.jsonl per rollout
     seed: int = 0
 
-    def validate(self) -> "GRPOConfig":
+    def validate(self) -> "GRPOSection":
         def bad(name, why):
             return ValueError(f"{name} = {getattr(self, name)!r}: {why}")
 
@@ -147,7 +147,7 @@ def render_prompt(tokenizer, item: RLPrompt, template: str) -> list[int]:
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
-def default_reward_fn(cfg: GRPOConfig) -> RewardFn:
+def default_reward_fn(cfg: GRPOSection) -> RewardFn:
     """Rule-based rewards (:func:`nanoseek.tasks.rewards.score`) with the template's format rules;
     reasoning-gym prompts get the same format rule and their own ``score_answer`` for accuracy."""
     from nanoseek.tasks.generators import extract_answer
@@ -220,7 +220,7 @@ class GRPOTask:
     rank_sharded = True           # each rank samples its own share of the step's prompts
     independent_forwards = True   # rollouts: a different number of forwards on each rank (no EP / FSDP)
 
-    def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOConfig,
+    def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOSection,
                  reward_fn: RewardFn | None = None, engine=None, out_dir: str | Path | None = None):
         self.cfg = cfg.validate()
         if not prompts:
@@ -496,7 +496,7 @@ def _mean(xs) -> float:
 def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | None = None,
                reward_fn: RewardFn | None = None, engine=None, resume: bool | str = False, quiet: bool = False,
                progress: bool | None = None):
-    """Run a GRPO stage (a StageConfig of kind "grpo"; ``[grpo]`` is a :class:`GRPOConfig`).
+    """Run a GRPO stage (a StageConfig of kind "grpo"; ``[grpo]`` is a :class:`GRPOSection`).
 
     ``[train] max_steps`` counts optimizer steps: ``num_iterations`` per rollout. ``model`` /
     ``tokenizer`` / ``prompts`` / ``reward_fn`` / ``engine`` override what the config names.
@@ -521,5 +521,5 @@ def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | Non
                        extra={"prompts": len(prompts)})
 
 
-__all__ = ["GRPOConfig", "train_grpo", "TEMPLATES", "GRPOTask", "RolloutBatch", "render_prompt", "default_reward_fn",
+__all__ = ["GRPOSection", "train_grpo", "TEMPLATES", "GRPOTask", "RolloutBatch", "render_prompt", "default_reward_fn",
            "completion_text"]
