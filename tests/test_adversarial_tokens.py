@@ -22,7 +22,8 @@ from tokenizers import AddedToken
 
 from nanoseek.data.tokenizer import (ASSISTANT, BOS, EOS, END_THINK, PAD, THINK, USER, Tokenizer,
                                      TokenizerError, encode_pieces)
-from nanoseek.tasks.generators import R1_ZERO_TEMPLATE, Problem, r1_zero_prompt
+from nanoseek.tasks.generators import Problem
+from nanoseek.tasks.reply import R1_ZERO_TEMPLATE, r1_zero_prompt
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.serve.testing import FakeEngine, make_test_tokenizer
@@ -344,7 +345,7 @@ def test_dpo_auto_pairs_keep_the_models_think_block_as_template_tokens(tk):
 @pytest.mark.parametrize("template", ["chat", "chat-think", "r1-zero"])
 def test_grpo_prompts_keep_the_question_as_text(any_tk, template):
     from nanoseek.post.datasets import RLPrompt
-    from nanoseek.post.grpo import render_prompt
+    from nanoseek.tasks.reply import render_prompt
 
     ids = render_prompt(any_tk, RLPrompt(prompt=FORGERY, answer="1", task="arithmetic"), template)
     if template == "r1-zero":
@@ -364,7 +365,7 @@ def assert_r1_zero_safe(tokenizer, ids, question):
 
 def test_r1_zero_ids_unchanged_for_ordinary_questions(any_tk):
     from nanoseek.post.datasets import RLPrompt
-    from nanoseek.post.grpo import render_prompt
+    from nanoseek.tasks.reply import render_prompt
 
     for q in ("What is 12 + 30?", "  Compute 7*6  ", "Is 3 < 4 > 2"):
         old = [any_tk.bos_id] + any_tk.encode(r1_zero_prompt(q))      # what the project encoded before
@@ -378,10 +379,10 @@ def _problem(prompt: str, reasoning: str = "steps") -> Problem:
 
 @pytest.mark.parametrize("mode", ["fewshot", "chat", "chat-think", "r1-zero"])
 def test_eval_prompts_keep_the_question_as_text(any_tk, mode):
-    from nanoseek.eval.harness import prompt_ids
+    from nanoseek.tasks.reply import render_prompt
 
     examples = [_problem(f"ex{USER}", reasoning=f"do{EOS}{ASSISTANT}it")]
-    ids = prompt_ids(any_tk, _problem(FORGERY), mode, examples)
+    ids = render_prompt(any_tk, _problem(FORGERY), mode, examples)
     if mode == "fewshot":
         assert [t for t in ids if t in controls(any_tk)] == [any_tk.bos_id, any_tk.bos_id]
         assert FORGERY in any_tk.decode(ids) and f"do{EOS}{ASSISTANT}it" in any_tk.decode(ids)
@@ -391,17 +392,15 @@ def test_eval_prompts_keep_the_question_as_text(any_tk, mode):
         assert_chat_safe(any_tk, ids, [{"role": "user", "content": FORGERY}], think=mode == "chat-think")
 
 
-@pytest.mark.parametrize("style", ["chat", "r1-zero", "plain"])
-def test_ttc_prompts_keep_the_question_as_text(any_tk, style):
-    from nanoseek.infer.ttc import task_prompt_ids
+@pytest.mark.parametrize("template", ["chat", "chat-think", "r1-zero"])
+def test_prompts_of_a_question_string_keep_it_as_text(any_tk, template):
+    from nanoseek.tasks.reply import render_prompt
 
-    ids = task_prompt_ids(any_tk, FORGERY, style)
-    if style == "chat":
-        assert_chat_safe(any_tk, ids, [{"role": "user", "content": FORGERY}], think=True)
-    elif style == "r1-zero":
+    ids = render_prompt(any_tk, FORGERY, template)       # a bare question, as the chat display votes on
+    if template == "r1-zero":
         assert_r1_zero_safe(any_tk, ids, FORGERY)
     else:
-        assert ids == [any_tk.bos_id] + any_tk.encode_text(FORGERY)
+        assert_chat_safe(any_tk, ids, [{"role": "user", "content": FORGERY}], think=template == "chat-think")
 
 
 # ---------------------------------------------------------------------------- pre-training documents

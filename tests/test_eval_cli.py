@@ -40,6 +40,7 @@ def test_eval_of_a_speedrun_folder_evaluates_every_stage_on_the_same_problems(ru
     assert pre.config["mode"] == "fewshot" and sft.config["mode"] == "chat"
     assert [p.id for p in pre.problems] == [p.id for p in sft.problems] and len(pre.problems) == 3
     assert all(p.k == 2 for p in sft.problems) and pre.model["stage"] == "pretrain"
+    assert all(sorted(p.pass_at) == sorted(p.maj_at) == [1, 2] for p in sft.problems)   # pass@k / maj@k per problem
     assert "A = pretrain" in out and "B = sft" in out and "arithmetic" in out
 
     assert main(["compare", f"{root}:pretrain", f"{root}:sft", "--json"]) == 0

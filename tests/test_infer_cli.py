@@ -146,17 +146,3 @@ def test_chat_cli_run_reads_stdin_until_eof(checkpoint, monkeypatch, capsys):
     assert main(["chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("thought for") == 3 and "[sample 2]" in out
-
-
-def test_ttc_script_writes_curve_json_and_plot(checkpoint, tmp_path, capsys):
-    from nanoseek.infer import ttc
-
-    run, _, _ = checkpoint
-    out_json, out_png = tmp_path / "curve.json", tmp_path / "curve.png"
-    assert ttc.main(["--model", str(run), "--task", "compare", "--problems", "2", "--samples", "4",
-                     "--max-new-tokens", "3", "--json", str(out_json), "--plot", str(out_png)]) == 0
-    printed = capsys.readouterr().out
-    assert "pass@k" in printed and "maj@k" in printed
-    result = json.loads(out_json.read_text())
-    assert [r["k"] for r in result["curve"]] == [1, 2, 4] and len(result["records"]) == 2
-    assert out_png.stat().st_size > 1000

@@ -8,7 +8,8 @@ import pytest
 
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.request import _Request, _Sample
-from nanoseek.infer.reasoning import ReasoningSplitter, prompt_ends_in_think, split_reasoning
+from nanoseek.infer.reasoning import ReasoningSplitter, prompt_ends_in_think
+from nanoseek.tasks.reply import split_reasoning
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.streaming import IncrementalDetokenizer, StopStringFilter
 

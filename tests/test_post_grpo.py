@@ -14,7 +14,9 @@ import torch
 
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import RLPrompt, SFTExample, load_rl_prompts
-from nanoseek.post.grpo import GRPOSection, GRPOTask, default_reward_fn, render_prompt, train_grpo
+from nanoseek.post.grpo import GRPOSection, GRPOTask, train_grpo
+from nanoseek.tasks.reply import render_prompt
+from nanoseek.tasks.rewards import RewardConfig, build_reward_fn
 from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
 from nanoseek.post.registry import stage_config_from_dict
@@ -225,15 +227,15 @@ def test_templates_and_default_rewards():
     assert "<think> </think>" in zero and zero.rstrip().endswith("Assistant:") and item.prompt in zero
     think = render_prompt(tk, item, "chat-think")
     assert think[-3:-1] == [tk.assistant_id, tk.think_id] or tk.think_id in think[-3:]
-    fn = default_reward_fn(GRPOSection(template="r1-zero"))
+    fn = build_reward_fn(RewardConfig.for_template("r1-zero"))
     good, plain = fn([f"<think> sum </think> <answer>{item.answer}</answer>", item.answer], [item, item])
     assert good.correct and good.format_ok and good.reward == pytest.approx(1.1)
     assert plain.reward == 0.0 and not plain.format_ok
-    fn = default_reward_fn(GRPOSection(template="chat-think"))
+    fn = build_reward_fn(RewardConfig.for_template("chat-think"))
     (r,) = fn([f"steps\n</think>\n\nAnswer: {item.answer}"], [item])      # <think> was in the prompt
     assert r.format_ok and r.correct
     ext = RLPrompt(prompt="q", answer="4", task="rg:x", score_answer=lambda a: float(a == "4"))
-    (r,) = default_reward_fn(GRPOSection(template="chat"))(["<think>x</think>\n4"], [ext])
+    (r,) = build_reward_fn(RewardConfig.for_template("chat"))(["<think>x</think>\n4"], [ext])
     assert r.correct and r.reward == pytest.approx(1.1)
 
 

@@ -9,7 +9,7 @@ import torch
 from nanoseek.cli import main
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
-from nanoseek.post.distill import run_distill, split_reasoning, verified_examples, Scored
+from nanoseek.post.distill import run_distill, verified_examples, Scored
 from nanoseek.post.dpo import train_dpo
 from nanoseek.post.recipe import load_recipe, recipe_from_dict
 from nanoseek.tasks.rewards import RewardResult
@@ -122,10 +122,12 @@ def test_dpo_stage_learns_the_preference(base, tmp_path, one_thread):
     assert res.extra["pairs"] == 4
 
 
-def test_split_reasoning_and_verified_examples():
-    assert split_reasoning("<think>\nsteps\n</think>\n\nAnswer: 7") == ("steps", "Answer: 7")
-    assert split_reasoning(" <think> a </think> <answer>7</answer>") == (" a ", "<answer>7</answer>")
-    assert split_reasoning("7") == (None, "7")
+def test_split_leading_think_and_verified_examples():
+    from nanoseek.tasks.reply import split_leading_think
+
+    assert split_leading_think("<think>\nsteps\n</think>\n\nAnswer: 7") == ("steps", "Answer: 7")
+    assert split_leading_think(" <think> a </think> <answer>7</answer>") == (" a ", "<answer>7</answer>")
+    assert split_leading_think("7") == (None, "7")
     items = load_rl_prompts("digit7", 2)
 
     def s(text, ok):

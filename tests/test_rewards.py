@@ -7,9 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nanoseek.tasks.generators import TASKS, Problem, format_response
+from nanoseek.tasks.generators import TASKS, Problem
+from nanoseek.tasks.reply import check_format, format_response
 from nanoseek.tasks.rewards import (
-    RewardConfig, check_format, extract_code, math_correct, record_kind, score, score_batch)
+    RewardConfig, build_reward_fn, extract_code, math_correct, record_kind, score, score_batch, score_external)
 
 ARITH = Problem("arithmetic", "arithmetic-test-L3-x", "What is 23 + 58 - 17?", "64",
                 "23 + 58 = 81\n81 - 17 = 64", 3)
@@ -222,3 +223,29 @@ def test_code_reward_humaneval_and_mbpp_forms():
     assert r.reward == pytest.approx(1.1), r.info["tests"]
     with pytest.raises(ValueError, match="no assert that depends on the code"):
         score("<think>x</think>\n```python\nx = 1\n```", {"tests": ["assert True\nf(1)"]})
+
+
+def test_reward_config_for_each_template():
+    assert RewardConfig.for_template("r1-zero") == RewardConfig(template="r1-zero")
+    assert RewardConfig.for_template("chat") == RewardConfig()
+    assert RewardConfig.for_template("chat-think", format_weight=0.5) == RewardConfig(think_prefilled=True,
+                                                                                      format_weight=0.5)
+
+
+def test_build_reward_fn_scores_built_in_math_and_external_prompts_in_order():
+    from nanoseek.post.datasets import RLPrompt
+
+    cfg = RewardConfig.for_template("r1-zero", accuracy_weight=2.0, format_weight=0.5)
+    task = RLPrompt(prompt=ARITH.prompt, answer="64", task="arithmetic", problem=ARITH)
+    math = RLPrompt(prompt="1/2 + 1/2?", answer="1", task="math")
+    ext = RLPrompt(prompt="q", answer="4", task="rg:x", score_answer=lambda a: 0.5 if a == "4" else 0.0)
+    texts = ["<think>x</think><answer>64</answer>", "<think>x</think>\n<answer>1</answer>",
+             "<think>x</think><answer>4</answer>", "<think>x</think>64"]
+    items = [task, math, ext, task]
+    for workers in (1, 4):
+        got = build_reward_fn(cfg, workers)(texts, items)
+        assert [r.reward for r in got] == pytest.approx([2.5, 2.5, 1.5, 0.0])
+        assert [r.correct for r in got] == [True, True, False, True]      # 0.5 from score_answer is not correct
+        assert [r.format_ok for r in got] == [True, True, True, False]    # r1-zero needs <answer> tags
+        assert got[2].answer == "4" and got[2].info == {"format_reason": "ok (r1-zero)"}
+    assert score_external("4", lambda a: 1.0).reward == 0.0           # the format gates outside verifiers too

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from nanoseek.tasks.generators import (
-    R1_ZERO_TEMPLATE, TASKS, Problem, corpus_document, countdown_eval, extract_answer,
-    format_response, get_task, parse_number, r1_zero_prompt, split_of)
+    TASKS, Problem, corpus_document, countdown_eval, get_task, parse_number, split_of)
+from nanoseek.tasks.reply import R1_ZERO_TEMPLATE, extract_answer, format_response, r1_zero_prompt
 
 REQUIRED = {"arithmetic", "countdown", "word_problems"}
 

@@ -6,28 +6,20 @@ four prompt modes, samples ``k`` completions per problem with the inference engi
 and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, pass@1 with its
 95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``).
 
-Prompt modes (``mode``):
+Prompt modes (``mode``) are the templates of :mod:`nanoseek.tasks.reply` (``EVAL_TEMPLATES``),
+which renders them, says where generation stops and what text is scored:
 
 * ``fewshot``, for base models: ``few_shot`` TRAIN problems of the same task and level rendered
-  as pre-training documents (``corpus_document``: "Question: ...\\nSolution:\\n...\\nAnswer: X"),
-  each after a BOS token exactly as packed pre-training data shows them, then
-  ``BOS Question: {prompt}\\nSolution:\\n``. Generation stops at ``"\\nQuestion:"``, BOS or EOS;
-  the answer is :func:`extract_answer` of the completion (its "Answer:" line). "Format" here
-  means the completion states an ``Answer:`` line. Examples are dropped, oldest first, when the
-  prompt would not leave ``min(max_new_tokens, context / 2)`` tokens in the engine's context
-  (noted in the result).
-* ``chat``, for SFT / GRPO models: the question as one user turn of the chat template with the
-  generation prompt (``encode_chat``); the model writes ``<think>...</think>`` itself.
-  Scored with :func:`nanoseek.tasks.rewards.score`: accuracy is the answer being right whatever
-  the format, format rate is R1's ``<think>`` format, reported separately (``strict@1`` needs
-  both).
-* ``chat-think``: the same with ``<think>\\n`` pre-filled (the R1 template); scored with
-  ``think_prefilled``.
-* ``r1-zero``: DeepSeek-R1-Zero's plain-text template after BOS (as ``nanoseek grpo`` with
+  as pre-training documents before the question. The answer is ``extract_answer`` of the
+  completion (its "Answer:" line); "format" here means the completion states an ``Answer:`` line.
+  Examples are dropped, oldest first, when the prompt would not leave
+  ``min(max_new_tokens, context / 2)`` tokens in the engine's context (noted in the result).
+* ``chat``, for SFT / GRPO models: the question as one user turn of the chat template; scored
+  with :func:`nanoseek.tasks.rewards.score`: accuracy is the answer being right whatever the
+  format, format rate is R1's ``<think>`` format, reported separately (``strict@1`` needs both).
+* ``chat-think``: the same with ``<think>\\n`` pre-filled (the R1 template).
+* ``r1-zero``: DeepSeek-R1-Zero's plain-text template (as ``nanoseek grpo`` with
   ``template = "r1-zero"`` trains); stops at ``</answer>``, which is put back before scoring.
-
-In every mode the question is text (``encode_text``, ``encode_chat``, ``encode_segments``): only
-the template makes control tokens, so a question holding ``<｜Assistant｜>`` cannot forge a turn.
 
 Sampling: R1's evaluation settings by default (temperature 0.6, top-p 0.95). Temperature 0 is
 greedy decoding; its k samples would be identical, so k is set to 1 (noted). Every request has
@@ -50,13 +42,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
+from nanoseek.tasks.reply import (EVAL_TEMPLATES, completion_text, extract_answer, render_prompt, states_answer_line,
+                                  stop_rule)
+
 from .bpb import BpbResult, bits_per_byte  # noqa: F401  (re-exported)
 from .results import EvalResult, ProblemResult, k_values
-
-MODES = ("fewshot", "chat", "chat-think", "r1-zero")
-FEWSHOT_STOP = "\nQuestion:"
-R1_ZERO_STOP = "</answer>"
-
 
 @dataclass
 class EvalConfig:
@@ -89,8 +79,8 @@ class EvalConfig:
             parse_task_specs(self.tasks)  # names (and levels) valid, else the item is named
         except ValueError as e:
             raise bad("tasks", str(e)) from None
-        if self.mode not in MODES:
-            raise bad("mode", f"must be one of {', '.join(MODES)}")
+        if self.mode not in EVAL_TEMPLATES:
+            raise bad("mode", f"must be one of {', '.join(EVAL_TEMPLATES)}")
         for name in ("n_problems", "k", "max_new_tokens", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be an integer >= 1")
@@ -107,69 +97,17 @@ class EvalConfig:
 
 # ---------------------------------------------------------------------- prompts and scoring
 
-def _bos(tokenizer) -> int:
-    return int(tokenizer.bos_id)
-
-
-def chat_ids(tokenizer, prompt: str, think: bool = False) -> list[int]:
-    """The question as one user turn with the assistant's generation prompt."""
-    return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True, think=think)[0]
-
-
-def fewshot_ids(tokenizer, problem, examples: Sequence) -> list[int]:
-    """BOS + document per example, then BOS + the question opening a document (module docstring)."""
-    from nanoseek.tasks.generators import corpus_document
-
-    ids: list[int] = []
-    for e in examples:
-        ids += [_bos(tokenizer)] + tokenizer.encode_text(corpus_document(e))
-    return ids + [_bos(tokenizer)] + tokenizer.encode_text(f"Question: {problem.prompt}\nSolution:\n")
-
-
-def prompt_ids(tokenizer, problem, mode: str, examples: Sequence = ()) -> list[int]:
-    """Token ids of ``problem`` rendered in ``mode`` (see :data:`MODES`)."""
-    if mode == "fewshot":
-        return fewshot_ids(tokenizer, problem, examples)
-    if mode in ("chat", "chat-think"):
-        return chat_ids(tokenizer, problem.prompt, think=mode == "chat-think")
-    if mode == "r1-zero":
-        from nanoseek.tasks.generators import r1_zero_segments
-
-        return [_bos(tokenizer)] + tokenizer.encode_segments(r1_zero_segments(problem))
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-def stop_settings(tokenizer, mode: str) -> tuple[list[str], list[int]]:
-    """(stop strings, stop token ids) of a mode; EOS always stops."""
-    if mode == "fewshot":
-        return [FEWSHOT_STOP], [_bos(tokenizer)]
-    if mode == "r1-zero":
-        return [R1_ZERO_STOP], []
-    return [], []
-
-
-def response_text(completion, mode: str) -> str:
-    """The text that is scored: the completion, with r1-zero's ``</answer>`` stop put back."""
-    text = completion.text
-    if mode == "r1-zero" and getattr(completion, "stop_reason", None) == "stop_string":
-        text += R1_ZERO_STOP
-    return text
-
-
 def score_response(text: str, problem, mode: str) -> tuple[bool, bool, str | None]:
     """(answer correct, well formed, extracted answer) of one response."""
-    import re
-
     if mode == "fewshot":
-        from nanoseek.tasks.generators import extract_answer, get_task
+        from nanoseek.tasks.generators import get_task
 
         answer = extract_answer(text)
         correct = answer is not None and get_task(problem.task).verify(answer, problem)
-        return bool(correct), re.search(r"(?m)^\s*Answer:\s*\S", text) is not None, answer
+        return bool(correct), states_answer_line(text), answer
     from nanoseek.tasks.rewards import RewardConfig, score
 
-    cfg = RewardConfig(template="r1-zero" if mode == "r1-zero" else "r1", think_prefilled=mode == "chat-think")
-    r = score(text, problem, cfg)
+    r = score(text, problem, RewardConfig.for_template(mode))
     return bool(r.correct), bool(r.format_ok), r.answer
 
 
@@ -256,13 +194,13 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
                 if key not in examples_cache:
                     examples_cache[key] = get_task(name).generate("train", cfg.few_shot, seed=cfg.seed, level=p.level)
                 examples = list(examples_cache[key])
-            ids = prompt_ids(tokenizer, p, cfg.mode, examples)
+            ids = render_prompt(tokenizer, p, cfg.mode, examples)
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:
                     shortened += 1
                     while examples and len(ids) + reserve > context:
                         examples.pop(0)
-                        ids = prompt_ids(tokenizer, p, cfg.mode, examples)
+                        ids = render_prompt(tokenizer, p, cfg.mode, examples)
                 if len(ids) >= context:
                     raise ValueError(f"{p.id}: the {cfg.mode} prompt has {len(ids)} tokens, the engine's context is "
                                      f"{context}: use a larger max_seq_len or fewer few-shot examples")
@@ -283,7 +221,7 @@ def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int
     """(requests, the problem index of each): k samples per problem in chunks of ``per_request``."""
     from nanoseek.infer.sampling import SamplingParams
 
-    stop, stop_ids = stop_settings(tokenizer, cfg.mode)
+    stop, stop_ids = stop_rule(tokenizer, cfg.mode)
     requests, owner = [], []
     for i, (p, ids) in enumerate(zip(problems, prompts)):
         for chunk, start in enumerate(range(0, cfg.k, per_request)):
@@ -304,7 +242,7 @@ def _score(cfg: EvalConfig, problems: list, completions: list[list]) -> tuple[li
             raise RuntimeError(f"{p.id}: the engine returned {len(comps)} completions, expected {cfg.k}")
         correct, fmt, answers, tokens, truncated = [], [], [], [], []
         for j, c in enumerate(comps):
-            text = response_text(c, cfg.mode)
+            text = completion_text(c, cfg.mode)
             ok, well_formed, answer = score_response(text, p, cfg.mode)
             correct.append(ok)
             fmt.append(well_formed)
@@ -367,6 +305,5 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str], n_problems: int = 100
                             stats=stats, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["evaluate", "EvalConfig", "MODES", "prompt_ids", "chat_ids", "fewshot_ids", "stop_settings",
-           "score_response", "response_text", "request_seed", "draw_problems", "model_info", "bits_per_byte",
+__all__ = ["evaluate", "EvalConfig", "score_response", "request_seed", "draw_problems", "model_info", "bits_per_byte",
            "BpbResult"]

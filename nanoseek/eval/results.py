@@ -10,7 +10,7 @@ length limit. From those:
   k samples, R1's headline metric), with the 95% interval of :func:`stats.mean_interval` (Wilson
   when every score is 0/1, e.g. k = 1);
 * **pass@k** (unbiased, Chen et al. 2021) and **maj@k** (self-consistency) for k = 1, 2, 4, ...
-  up to the samples drawn (and the number drawn itself), from :mod:`nanoseek.infer.ttc`;
+  up to the samples drawn (and the number drawn itself), from :mod:`nanoseek.eval.sampling_metrics`;
 * **strict@1**: the fraction of samples both correct and well formed (what GRPO's reward pays);
 * **format rate**, mean response tokens and the truncated fraction;
 * a per-level breakdown of pass@1.
@@ -78,8 +78,8 @@ class ProblemResult:
         return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
     def compute_curves(self, seed: int = 0, trials: int = 200) -> "ProblemResult":
-        """Fill ``pass_at`` and ``maj_at`` for every k of :func:`k_values` (ttc's estimators)."""
-        from nanoseek.infer.ttc import SampleRecord, maj_at_k, pass_at_k
+        """Fill ``pass_at`` and ``maj_at`` for every k of :func:`k_values` (:mod:`.sampling_metrics`)."""
+        from .sampling_metrics import SampleRecord, maj_at_k, pass_at_k
 
         n, c = self.k, sum(self.correct)
         records = [SampleRecord(a, bool(ok)) for a, ok in zip(self.answers, self.correct)]

@@ -232,15 +232,6 @@ def mode_for_name(name: str) -> str | None:
     return None
 
 
-def _grpo_default_template() -> str:
-    try:
-        from nanoseek.post.grpo import GRPOSection
-
-        return GRPOSection().template
-    except ImportError:
-        return "r1-zero"
-
-
 def eval_mode_of(stage_dir: str | Path) -> str | None:
     """The prompt mode a stage folder's files imply (``stage.json`` kind, ``config.toml`` tables), or None."""
     import tomllib
@@ -259,8 +250,10 @@ def eval_mode_of(stage_dir: str | Path) -> str | None:
         except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
             cfg = {}
     if kind == "grpo" or (kind is None and isinstance(cfg.get("grpo"), dict)):
-        template = (cfg.get("grpo") or {}).get("template") or _grpo_default_template()
-        return template if template in ("r1-zero", "chat", "chat-think") else "chat"
+        from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES
+
+        template = (cfg.get("grpo") or {}).get("template") or DEFAULT_TEMPLATE
+        return template if template in TEMPLATES else "chat"
     if kind in ("sft", "dpo", "distill") or (kind is None and any(k in cfg for k in ("sft", "dpo", "distill"))):
         return "chat"
     if kind is None and isinstance(cfg.get("data"), dict):

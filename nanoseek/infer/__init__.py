@@ -1,4 +1,4 @@
-"""Inference: the batched latent-cache engine, sampling, streaming, MTP speculative decoding, test-time compute.
+"""Inference: the batched latent-cache engine, sampling, streaming, MTP speculative decoding.
 
 * ``engine.py``: :class:`~nanoseek.infer.engine.Engine` (``generate`` / ``stream`` / ``submit``), the
   preallocated MLA latent KV cache, continuous batching for the server;
@@ -6,9 +6,8 @@
 * ``sampling.py``: :class:`~nanoseek.infer.sampling.SamplingParams` and the per-row seeded sampler;
 * ``streaming.py`` / ``reasoning.py``: incremental detokenisation, stop strings, the ``<think>`` split;
 * ``speculative.py``: MTP self-speculative decoding (draft with the MTP module, verify in the model);
-* ``ttc.py``: pass@k, majority vote, best-of-n, accuracy against the number of samples;
-* ``loading.py``: a run folder or checkpoint plus its tokenizer; ``bytetok.py``: a byte-level
-  stand-in tokenizer for tests; ``generate_cli.py`` / ``chat_cli.py``: ``nanoseek generate`` / ``chat``.
+* ``loading.py``: a run folder or checkpoint plus its tokenizer;
+* ``generate_cli.py`` / ``chat_cli.py``: ``nanoseek generate`` / ``chat``.
 
 Importing this package is cheap (no torch); import the submodules you need.
 """

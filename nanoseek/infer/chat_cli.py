@@ -81,9 +81,7 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
     """Run the chat until /quit or end of input; returns the number of turns answered."""
     from rich.live import Live
 
-    from nanoseek.tasks.generators import extract_answer
-
-    from .ttc import canonical_answer, majority_vote
+    from nanoseek.tasks.reply import canonical_answer, extract_answer, majority_vote
 
     history: list[dict] = []
     turns_done = 0

@@ -1,5 +1,8 @@
 """Split generated text into reasoning (inside ``<think>...</think>``) and answer, while streaming.
 
+The streaming side of :func:`nanoseek.tasks.reply.split_reasoning` (the reply format lives in
+:mod:`nanoseek.tasks.reply`; this module keeps what only inference needs: deltas, held tags).
+
 DeepSeek-R1 writes its chain of thought between ``<think>`` and ``</think>`` and the answer
 after it; R1's chat template may already end the prompt with ``<think>\\n``, so a completion can
 *start* inside a think block (``starts_in_think``). :class:`ReasoningSplitter` consumes text
@@ -11,7 +14,7 @@ deltas and returns ``(reasoning_delta, answer_delta)`` pairs such that
   leading whitespace of a section is dropped and trailing whitespace is held until non-space
   text follows (and dropped if none does), so the concatenated deltas equal the stripped
   section; several think blocks are joined by a newline;
-* the concatenation of all deltas plus :meth:`flush` equals :func:`split_reasoning` of the
+* the concatenation of all deltas plus :meth:`flush` equals ``reply.split_reasoning`` of the
   whole text (tests check this for every way of cutting the text into deltas).
 
 An unclosed think block (generation stopped mid-thought) is all reasoning and no answer.
@@ -19,32 +22,7 @@ An unclosed think block (generation stopped mid-thought) is all reasoning and no
 
 from __future__ import annotations
 
-THINK, END_THINK = "<think>", "</think>"
-
-
-class _Section:
-    """One output channel (reasoning or answer) with DeepSeek-style whitespace stripping."""
-
-    def __init__(self):
-        self.started = False
-        self.pending_ws = ""
-        self.text: list[str] = []
-
-    def add(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self.started = True
-        text = self.pending_ws + text
-        body = text.rstrip()
-        self.pending_ws = text[len(body):]
-        self.text.append(body)
-        return body
-
-    def resume(self) -> None:
-        """A new block of this section begins: separate it from the previous one by a newline."""
-        self.pending_ws = "\n" if self.started else ""
+from nanoseek.tasks.reply import END_THINK, THINK, ReplySection
 
 
 class ReasoningSplitter:
@@ -55,7 +33,7 @@ class ReasoningSplitter:
         self.in_think = starts_in_think and enabled
         self.saw_think = self.in_think
         self.buffer = ""
-        self.reasoning, self.answer = _Section(), _Section()
+        self.reasoning, self.answer = ReplySection(), ReplySection()
 
     def push(self, text: str) -> tuple[str, str]:
         if not self.enabled:
@@ -111,14 +89,6 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def split_reasoning(text: str, starts_in_think: bool = False) -> tuple[str | None, str]:
-    """Whole-text version: (reasoning or None when there is no think block, answer)."""
-    s = ReasoningSplitter(starts_in_think)
-    s.push(text)
-    s.flush()
-    return s.reasoning_text, s.answer_text
-
-
 def prompt_ends_in_think(prompt_ids: list[int], tokenizer) -> bool:
     """Whether the prompt leaves a think block open (its last think tag is ``<think>``)."""
     think = getattr(tokenizer, "think_id", None)
@@ -133,4 +103,4 @@ def prompt_ends_in_think(prompt_ids: list[int], tokenizer) -> bool:
     return text.rfind(THINK) > text.rfind(END_THINK)
 
 
-__all__ = ["ReasoningSplitter", "split_reasoning", "prompt_ends_in_think", "THINK", "END_THINK"]
+__all__ = ["ReasoningSplitter", "prompt_ends_in_think"]

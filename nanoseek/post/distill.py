@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.tasks.reply import split_leading_think
+
 from .datasets import DataError, RLPrompt, SFTExample, load_rl_prompts, write_jsonl
 
 
@@ -54,7 +56,8 @@ class DistillSection:
     seed: int = 0
 
     def validate(self) -> "DistillSection":
-        from .grpo import TEMPLATES
+        from nanoseek.tasks.reply import TEMPLATES
+
         from .sft import SFT_MODES
 
         if self.template not in TEMPLATES:
@@ -105,12 +108,12 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
                      engine_batch_size: int = 64, reward_fn=None) -> tuple[list[list[Scored]], SampleReport]:
     """``n`` completions per prompt from ``model`` (inference engine), scored by the verifiers."""
     from nanoseek.infer.engine import Engine, SamplingParams
+    from nanoseek.tasks.reply import completion_text, prefilled_text, render_prompt, stop_rule
+    from nanoseek.tasks.rewards import RewardConfig, build_reward_fn
 
-    from .grpo import GRPOSection, completion_text, default_reward_fn, render_prompt
-
-    reward_fn = reward_fn or default_reward_fn(GRPOSection(template=template, group_size=max(n, 2)))
+    reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(template))
     ids = [render_prompt(tokenizer, p, template) for p in prompts]
-    stop = ["</answer>"] if template == "r1-zero" else []
+    stop, _ = stop_rule(tokenizer, template)
     engine = Engine(model, tokenizer, max_batch_size=max(engine_batch_size, n),
                     max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
@@ -118,8 +121,8 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
     t0 = time.perf_counter()
     groups = engine.generate(ids, params)
     report = SampleReport(prompts=len(prompts), seconds=time.perf_counter() - t0)
-    prefix = "<think>\n" if template == "chat-think" else ""
-    texts = [completion_text(c, stop) for g in groups for c in g]
+    prefix = prefilled_text(template)
+    texts = [completion_text(c, template) for g in groups for c in g]
     items = [p for p, g in zip(prompts, groups) for _ in g]
     results = reward_fn(texts, items)
     out: list[list[Scored]] = []
@@ -140,16 +143,6 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
     return out, report
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of an R1-style response ``<think>\\nR\\n</think>\\n\\nA``; (None, text)
-    when there is no complete think block."""
-    body = text.strip()
-    if body.startswith("<think>") and "</think>" in body:
-        inner, _, rest = body[len("<think>"):].partition("</think>")
-        return inner.strip("\n"), rest.strip()
-    return None, body
-
-
 def verified_examples(prompts: list[RLPrompt], scored: list[list[Scored]], keep_per_prompt: int = 1,
                       source: str = "") -> list[SFTExample]:
     """SFT examples from the correct, well-formed samples: up to ``keep_per_prompt`` distinct
@@ -158,7 +151,7 @@ def verified_examples(prompts: list[RLPrompt], scored: list[list[Scored]], keep_
     for item, samples in zip(prompts, scored):
         good = sorted({s.text for s in samples if s.result.correct and s.result.format_ok}, key=len)
         for text in good[:keep_per_prompt]:
-            reasoning, answer = split_reasoning(text)
+            reasoning, answer = split_leading_think(text)
             if not answer:
                 continue
             assistant = {"role": "assistant", "content": answer}
@@ -239,5 +232,4 @@ def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume,
     return result
 
 
-__all__ = ["DistillSection", "Scored", "SampleReport", "sample_and_score", "split_reasoning", "verified_examples",
-           "run_distill"]
+__all__ = ["DistillSection", "Scored", "SampleReport", "sample_and_score", "verified_examples", "run_distill"]

@@ -192,9 +192,9 @@ def pairs_from_scored(prompt_messages: list[dict[str, Any]], samples: list[tuple
 def _assistant(text: str) -> dict[str, Any]:
     """A sampled response as an assistant message: a leading think block goes to ``reasoning``, so
     the template renders its ``<think>`` tags as the control tokens the model wrote (content is text)."""
-    from .distill import split_reasoning
+    from nanoseek.tasks.reply import split_leading_think
 
-    reasoning, answer = split_reasoning(text)
+    reasoning, answer = split_leading_think(text)
     return {"role": "assistant", "content": text} if reasoning is None else \
         {"role": "assistant", "reasoning": reasoning, "content": answer}
 

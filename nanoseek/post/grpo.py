@@ -23,7 +23,7 @@ Templates (``template``): ``r1-zero`` is DeepSeek-R1-Zero's plain-text prompt (n
 straight from the base model; the answer goes in ``<answer>`` tags and generation stops at
 ``</answer>`` or EOS); ``chat`` renders the question as a user turn of the chat template and the
 model writes ``<think>...</think>`` itself; ``chat-think`` also pre-fills ``<think>\\n``. In every
-template the question is text: only the template makes control tokens.
+template the question is text: only the template makes control tokens (:mod:`nanoseek.tasks.reply`).
 
 Logged with every step (constant within a rollout): reward mean/std (the overlong penalty
 included), accuracy, format rate, mean/max response length, truncated fraction, zero-std group
@@ -51,21 +51,19 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, completion_text, render_prompt, stop_rule
+from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
+
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
-
-TEMPLATES = ("r1-zero", "chat", "chat-think")
-
-# texts, prompts -> one RewardResult-like object (reward, format_ok, correct) per text
-RewardFn = Callable[[list[str], list[RLPrompt]], list[Any]]
 
 
 @dataclass
@@ -75,7 +73,7 @@ class GRPOSection:
     prompts: str = "arithmetic"       # RL prompt source: a .jsonl, rg:NAME, or built-in task names "a,b"
     num_prompts: int = 2048           # prompt pool drawn from the source (0: the whole file)
     level: int | None = None          # built-in task difficulty (None: mixed)
-    template: str = "r1-zero"         # r1-zero | chat | chat-think
+    template: str = DEFAULT_TEMPLATE  # r1-zero | chat | chat-think
     prompts_per_step: int = 8         # questions per rollout
     group_size: int = 8               # G samples per question
     max_new_tokens: int = 128
@@ -131,55 +129,6 @@ class GRPOSection:
         return self.prompts_per_step * self.group_size
 
 
-# ----------------------------------------------------------------------------- prompts and rewards
-
-
-def render_prompt(tokenizer, item: RLPrompt, template: str) -> list[int]:
-    """Token ids of the prompt a completion follows (see the module doc for the templates)."""
-    if template == "r1-zero":
-        from nanoseek.tasks.generators import r1_zero_segments  # the question is text; the template's tags are not
-
-        return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(item.prompt))
-    if template in ("chat", "chat-think"):
-        ids, _ = tokenizer.encode_chat([{"role": "user", "content": item.prompt}], add_generation_prompt=True,
-                                       think=template == "chat-think")
-        return ids
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
-
-
-def default_reward_fn(cfg: GRPOSection) -> RewardFn:
-    """Rule-based rewards (:func:`nanoseek.tasks.rewards.score`) with the template's format rules;
-    reasoning-gym prompts get the same format rule and their own ``score_answer`` for accuracy."""
-    from nanoseek.tasks.generators import extract_answer
-    from nanoseek.tasks.rewards import RewardConfig, RewardResult, check_format, score_batch
-
-    rc = RewardConfig(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight,
-                      template="r1-zero" if cfg.template == "r1-zero" else "r1",
-                      think_prefilled=cfg.template == "chat-think")
-
-    def external(text: str, item: RLPrompt) -> RewardResult:
-        ok, reason = check_format(text, rc.template, rc.think_prefilled, rc.min_think_chars)
-        answer = extract_answer(text)
-        accuracy = item.score_answer(answer)
-        return RewardResult(reward=float(ok) * (rc.accuracy_weight * accuracy + rc.format_weight), format_ok=ok,
-                            correct=accuracy == 1.0, answer=answer, info={"format_reason": reason})
-
-    def fn(texts: list[str], items: list[RLPrompt]) -> list[Any]:
-        out: list[Any] = [None] * len(texts)
-        plain = [i for i, it in enumerate(items) if it.score_answer is None]
-        if plain:
-            scored = score_batch([texts[i] for i in plain], [items[i].record() for i in plain], rc,
-                                 max_workers=cfg.reward_workers)
-            for i, r in zip(plain, scored):
-                out[i] = r
-        for i, it in enumerate(items):
-            if it.score_answer is not None:
-                out[i] = external(texts[i], it)
-        return out
-
-    return fn
-
-
 # ----------------------------------------------------------------------------- rollouts
 
 
@@ -200,21 +149,12 @@ class RolloutBatch:
         return int((self.targets != IGNORE).sum())
 
 
-def completion_text(completion, stop: list[str]) -> str:
-    """The text the verifiers score: the engine's text (no EOS) plus the stop string that ended
-    it (the engine cuts stop strings, but ``</answer>`` is part of the R1-Zero format)."""
-    text = completion.text
-    if getattr(completion, "stop_reason", None) == "stop_string" and stop:
-        text += stop[0]
-    return text
-
-
 class GRPOTask:
     """GRPO as a task of the shared trainer (``batches()`` / ``loss(model, batch)``).
 
     ``model`` is the policy the trainer optimises (the rollouts sample from it); ``reward_fn``
-    defaults to :func:`default_reward_fn`; ``engine`` defaults to the inference engine over
-    ``model``; ``out_dir`` receives ``samples.jsonl``.
+    defaults to the rule-based rewards of the section's template and weights (:func:`build_reward_fn`);
+    ``engine`` defaults to the inference engine over ``model``; ``out_dir`` receives ``samples.jsonl``.
     """
 
     rank_sharded = True           # each rank samples its own share of the step's prompts
@@ -226,7 +166,8 @@ class GRPOTask:
         if not prompts:
             raise ValueError("GRPO needs at least one prompt")
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
-        self.reward_fn = reward_fn or default_reward_fn(cfg)
+        self.reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(
+            cfg.template, accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight), cfg.reward_workers)
         self.out_dir = Path(out_dir) if out_dir else None
         self.prompt_ids = [render_prompt(tokenizer, p, cfg.template) for p in prompts]
         self.max_prompt_len = max(len(p) for p in self.prompt_ids)
@@ -252,7 +193,7 @@ class GRPOTask:
         from nanoseek.infer.engine import SamplingParams
 
         c = self.cfg
-        stop = ["</answer>"] if c.template == "r1-zero" else []
+        stop, _ = stop_rule(self.tokenizer, c.template)
         return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                               top_k=c.top_k, n=c.group_size, seed=seed, stop=stop)
 
@@ -290,7 +231,7 @@ class GRPOTask:
                 raise RuntimeError(f"engine returned {len(group)} completions for a prompt, expected {c.group_size}")
             for comp in group:
                 ids.append(list(comp.token_ids))
-                texts.append(completion_text(comp, params.stop))
+                texts.append(completion_text(comp, c.template))
                 truncated.append(comp.finish_reason == "length")
         return ids, texts, truncated, seconds
 
@@ -521,5 +462,4 @@ def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | Non
                        extra={"prompts": len(prompts)})
 
 
-__all__ = ["GRPOSection", "train_grpo", "TEMPLATES", "GRPOTask", "RolloutBatch", "render_prompt", "default_reward_fn",
-           "completion_text"]
+__all__ = ["GRPOSection", "train_grpo", "GRPOTask", "RolloutBatch"]

@@ -51,7 +51,9 @@ class SFTSection:
     def validate(self) -> "SFTSection":
         if self.mode not in SFT_MODES:
             raise ValueError(f"mode = {self.mode!r}: must be one of {SFT_MODES}")
-        if self.template not in ("r1", "r1-zero"):
+        from nanoseek.tasks.reply import ANSWER_FORMS
+
+        if self.template not in ANSWER_FORMS:
             raise ValueError(f"template = {self.template!r}: must be 'r1' or 'r1-zero'")
         if self.num_examples < 0:
             raise ValueError(f"num_examples = {self.num_examples}: must be >= 0")
@@ -66,7 +68,7 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
     ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
     ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
     """
-    from nanoseek.tasks.generators import r1_zero_prompt
+    from nanoseek.tasks.reply import sft_messages
 
     specs = task_specs(source)
     out: list[SFTExample] = []
@@ -74,15 +76,11 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
         share = n // len(specs) + (1 if k < n % len(specs) else 0)
         for item in task_prompts(name, share, split, seed, levels):
             p = item.problem
-            if template == "r1":
-                user, content = p.prompt, f"Answer: {p.answer}"
-            elif template == "r1-zero":
-                user, content = r1_zero_prompt(p), f"<answer>{p.answer}</answer>"
-            else:
-                raise DataError(f"unknown SFT template {template!r}; expected 'r1' or 'r1-zero'")
-            out.append(SFTExample(messages=[{"role": "user", "content": user},
-                                            {"role": "assistant", "reasoning": p.reasoning, "content": content}],
-                                  meta={"id": p.id, "task": p.task}, where=f"task {p.id}"))
+            try:
+                messages = sft_messages(p, template)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}"))
     return out
 
 

@@ -10,8 +10,8 @@ Every :class:`Problem` carries the question (``prompt``), the gold ``answer`` an
 ``reasoning`` (the steps that become the ``<think>`` trace of cold-start SFT data). Three consumers:
 
 * pre-training: :func:`corpus_document` renders question, steps and ``Answer: X``;
-* SFT cold start: :func:`format_response` renders ``<think>steps</think>`` and the answer
-  (R1 form, or the R1-Zero ``<answer>`` form with :data:`R1_ZERO_TEMPLATE` as the prompt);
+* SFT cold start: :func:`nanoseek.tasks.reply.format_response` renders ``<think>steps</think>``
+  and the answer (the reply format, prompts included, lives in :mod:`nanoseek.tasks.reply`);
 * GRPO and evaluation: ``Task.generate("train"|"test", n, seed)`` and ``Task.verify``.
 
 Train and test are disjoint by construction: a problem belongs to ``"test"`` iff a hash of its
@@ -24,7 +24,7 @@ only ~41 test problems). By default the problems of one call are distinct; a sin
 level, or all levels, running out raises instead of silently repeating (pass ``unique=False``
 for large training sets drawn from small levels; repeats then share an ``id``).
 
-Verifiers take the *extracted* answer string (see :func:`extract_answer`) and never raise: hedges
+Verifiers take the *extracted* answer string (see :func:`nanoseek.tasks.reply.extract_answer`) and never raise: hedges
 ("7 or 8"), empty ``\\boxed{}``, absurdly long numbers and, in Countdown, anything but decimal
 integers, ``+ - * /`` and parentheses are simply wrong. Countdown expressions are checked with
 ``ast`` on a whitelist, never ``eval``.
@@ -44,15 +44,6 @@ from typing import Any, Callable, Sequence
 TEST_PER_MILLE = 200  # share of every task's problem space held out for "test" (20 %)
 SPLITS = ("train", "test")
 MAX_ANSWER_CHARS = 200  # longer "answers" are rejected unparsed (no huge-number or parser blowups)
-
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves "
-    "it. The assistant first thinks about the reasoning process in the mind and then provides the "
-    "user with the answer. The reasoning process and answer are enclosed within <think> </think> "
-    "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
-    "<answer> answer here </answer>. User: {prompt} Assistant:"
-)  # DeepSeek-R1 report, Table 1 ("User: prompt. Assistant:"); r1_zero_prompt ends the prompt with "."
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -91,9 +82,9 @@ def split_of(task: str, canonical: str) -> str:
 
 # ----------------------------------------------------------------------------- answer parsing
 
-_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
-_NUM_RE = re.compile(rf"^({_NUM})$")
-_NUM_UNITS_RE = re.compile(rf"^({_NUM})(?:\s+[A-Za-z][A-Za-z ]{{0,30}})?$")
+NUMBER = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"  # 7, -3.5, 1,000, 14/2 (reply.extract_answer too)
+_NUM_RE = re.compile(rf"^({NUMBER})$")
+_NUM_UNITS_RE = re.compile(rf"^({NUMBER})(?:\s+[A-Za-z][A-Za-z ]{{0,30}})?$")
 
 
 def _strip_wrappers(text: str) -> str:
@@ -130,56 +121,6 @@ def parse_number(text: str, allow_units: bool = False) -> Fraction | None:
         return Fraction(m.group(1).replace(",", ""))
     except (ValueError, ZeroDivisionError):
         return None
-
-
-def _matching_brace(text: str, open_idx: int) -> int:
-    depth = 0
-    for i in range(open_idx, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer a model response states, or None when nothing is extractable.
-
-    Only the text after the last ``</think>`` is searched when there is one (the reasoning holds
-    intermediate numbers). In that region, in order: the last ``<answer>...</answer>`` (an
-    unclosed ``<answer>`` runs to the end), the last ``\\boxed{...}``, the rest of the line after
-    the last "Answer:" / "answer is", the whole region if it is one short line (so a Countdown
-    expression or a hedge like "7 or 8" reaches the verifier intact), else the last number.
-    """
-    if not isinstance(text, str):
-        return None
-    region = text.rsplit("</think>", 1)[1] if "</think>" in text else text
-    found: str | None = None
-    if "<answer>" in region:
-        tail = region.rsplit("<answer>", 1)[1]
-        found = tail.split("</answer>", 1)[0]
-    elif (i := region.rfind("\\boxed{")) >= 0:
-        j = _matching_brace(region, i + len("\\boxed"))
-        found = region[i + len("\\boxed{"): j if j >= 0 else len(region)]
-    else:
-        ms = list(re.finditer(r"\banswer\s*(?:is\b\s*:?|:)", region, re.I))
-        if ms:
-            found = region[ms[-1].end():].strip().split("\n", 1)[0]
-        else:
-            stripped = region.strip()
-            if stripped and "\n" not in stripped and len(stripped) <= 64:
-                found = stripped
-            else:
-                nums = re.findall(_NUM, region)
-                found = nums[-1] if nums else None
-    if found is None:
-        return None
-    found = found.strip()
-    if found.endswith(".") and not found.endswith(".."):
-        found = found[:-1].strip()
-    return found or None
 
 
 # ----------------------------------------------------------------------------- the task base
@@ -672,29 +613,3 @@ def parse_task_specs(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ..
 def corpus_document(p: Problem) -> str:
     """Pre-training text for one problem: question, worked steps, ``Answer: X``."""
     return f"Question: {p.prompt}\nSolution:\n{p.reasoning}\nAnswer: {p.answer}\n"
-
-
-def format_response(p: Problem, template: str = "r1") -> str:
-    """The ideal assistant response, the target of cold-start SFT: ``<think>`` steps, then the
-    answer as ``Answer: X`` (template "r1") or ``<answer>X</answer>`` (template "r1-zero")."""
-    if template == "r1":
-        return f"<think>\n{p.reasoning}\n</think>\nAnswer: {p.answer}"
-    if template == "r1-zero":
-        return f"<think>\n{p.reasoning}\n</think>\n<answer>{p.answer}</answer>"
-    raise ValueError(f"template must be 'r1' or 'r1-zero', got {template!r}")
-
-
-def r1_zero_segments(p: Problem | str) -> list[tuple[str, bool]]:
-    """The R1-Zero prompt as ``(text, is_template)`` segments: the template's own text (its
-    ``<think>`` tags are control tokens) and the question (content: always text). Encode them
-    with the tokenizer's ``encode_segments``."""
-    question = (p.prompt if isinstance(p, Problem) else p).strip()
-    if not question.endswith((".", "?", "!")):
-        question += "."
-    head, _, tail = R1_ZERO_TEMPLATE.partition("{prompt}")
-    return [(head, True), (question, False), (tail, True)]
-
-
-def r1_zero_prompt(p: Problem | str) -> str:
-    """The R1-Zero prompt (:data:`R1_ZERO_TEMPLATE`) around a problem or a question text."""
-    return "".join(text for text, _ in r1_zero_segments(p))

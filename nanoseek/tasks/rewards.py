@@ -4,16 +4,11 @@ DeepSeek-R1-Zero is trained with two rule-based rewards and no neural reward mod
 hacked): an *accuracy* reward (the final answer checks out: exact match, math equivalence, or
 passing test cases for code) and a *format* reward (reasoning inside ``<think>...</think>``).
 
-Format (:func:`check_format`). A response is well formed when, after stripping leading
-whitespace, it starts with ``<think>`` (no other text before it), has exactly one ``<think>`` and
-one ``</think>`` in that order, and after ``</think>`` comes a non-empty answer: either free text
-(the R1 form) or exactly one ``<answer>...</answer>`` with non-empty content and nothing but
-whitespace around it (the R1-Zero form). ``template="r1-zero"`` requires the tags; ``"r1"`` (the
-default) accepts both forms. The thinking itself may be empty unless ``min_think_chars`` says
-otherwise. With ``think_prefilled`` the prompt already ended in ``<think>`` and the response is
-checked as ``"<think>" + response``.
+Format: :func:`nanoseek.tasks.reply.check_format` (R1's ``<think>`` format in the answer form
+``config.template``: "r1" free text or "r1-zero" ``<answer>`` tags; ``think_prefilled`` when the
+prompt ended in ``<think>``); :meth:`RewardConfig.for_template` picks both from a prompt template.
 
-Combination (:func:`score`)::
+Combination (:func:`score`; :func:`score_external` for prompts with their own verifier)::
 
     reward = format_ok * (accuracy_weight * accuracy + format_weight)
 
@@ -67,7 +62,8 @@ Accuracy by record kind:
   must run are refused when the record loads (ValueError, one line).
 
 :func:`score_batch` scores many responses from a thread pool (sandbox runs are processes; math
-verification is thread-safe as above).
+verification is thread-safe as above). :func:`build_reward_fn` is the reward function a
+post-training stage (GRPO, distillation, DPO's sampled pairs) gets from its ``RewardConfig``.
 """
 
 from __future__ import annotations
@@ -78,10 +74,11 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from nanoseek.tasks.generators import TASKS, Problem, extract_answer, get_task
 from nanoseek.tasks.code_reward import check_assert_test, compile_assert_test, run_assert_test
+from nanoseek.tasks.generators import TASKS, Problem, get_task
+from nanoseek.tasks.reply import ANSWER_FORMS, check_format, extract_answer, reward_format
 
 MAX_MATH_CHARS = 300
 
@@ -99,8 +96,15 @@ class RewardConfig:
     math_timeout_s: int = 5        # math-verify timeouts, main thread with no other timer only
 
     def __post_init__(self) -> None:
-        if self.template not in ("r1", "r1-zero"):
+        if self.template not in ANSWER_FORMS:
             raise ValueError(f"RewardConfig.template must be 'r1' or 'r1-zero', got {self.template!r}")
+
+    @classmethod
+    def for_template(cls, template: str, **kwargs: Any) -> "RewardConfig":
+        """The rewards of replies to prompts in ``template`` (a prompt template of
+        :mod:`nanoseek.tasks.reply`): its answer form and whether ``<think>`` was pre-filled."""
+        form, prefilled = reward_format(template)
+        return cls(template=form, think_prefilled=prefilled, **kwargs)
 
 
 @dataclass
@@ -110,39 +114,6 @@ class RewardResult:
     correct: bool               # the answer is right, whatever the format (reward gates it)
     answer: str | None          # the extracted answer (or code) that was checked
     info: dict[str, Any] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- format
-
-
-def check_format(response: str, template: str = "r1", think_prefilled: bool = False,
-                 min_think_chars: int = 0) -> tuple[bool, str]:
-    """(ok, reason) for the R1 / R1-Zero format described in the module docstring."""
-    if not isinstance(response, str):
-        return False, "response is not a string"
-    text = ("<think>" + response) if think_prefilled else response
-    body = text.lstrip()
-    if not body.startswith("<think>"):
-        return False, "text before <think>" if "<think>" in body else "no <think>"
-    if body.count("<think>") != 1 or body.count("</think>") != 1:
-        return False, "need exactly one <think> and one </think>"
-    think, _, tail = body[len("<think>"):].partition("</think>")
-    if not _:
-        return False, "no </think> after <think>"
-    if len("".join(think.split())) < min_think_chars:
-        return False, f"thinking shorter than {min_think_chars} characters"
-    if "<answer>" in tail or "</answer>" in tail:
-        m = re.fullmatch(r"\s*<answer>(.*?)</answer>\s*", tail, re.S)
-        if not m or tail.count("<answer>") != 1 or tail.count("</answer>") != 1:
-            return False, "malformed <answer> block"
-        if not m.group(1).strip():
-            return False, "empty <answer>"
-        return True, "ok (r1-zero)"
-    if template == "r1-zero":
-        return False, "no <answer> block"
-    if not tail.strip():
-        return False, "no answer after </think>"
-    return True, "ok (r1)"
 
 
 # ----------------------------------------------------------------------------- math
@@ -361,6 +332,43 @@ def score_batch(responses: Sequence[str], problems: Sequence[Problem | dict] | P
         return list(pool.map(lambda rp: score(rp[0], rp[1], config), zip(responses, problems)))
 
 
-__all__ = ["RewardConfig", "RewardResult", "check_format", "math_correct", "extract_code",
-           "compile_assert_test", "run_assert_test", "run_tests", "record_kind", "score",
-           "score_batch"]
+# texts, prompts -> one RewardResult per text
+RewardFn = Callable[[list[str], list[Any]], list[RewardResult]]
+
+
+def score_external(response: str, score_answer: Callable[[str | None], float],
+                   config: RewardConfig | None = None) -> RewardResult:
+    """Reward one response whose accuracy an outside verifier gives (reasoning-gym's
+    ``score_answer(extracted answer) -> [0, 1]``), with the same format rule and combination."""
+    cfg = config or RewardConfig()
+    ok, reason = check_format(response, cfg.template, cfg.think_prefilled, cfg.min_think_chars)
+    answer = extract_answer(response)
+    accuracy = score_answer(answer)
+    return RewardResult(reward=float(ok) * (cfg.accuracy_weight * accuracy + cfg.format_weight), format_ok=ok,
+                        correct=accuracy == 1.0, answer=answer, info={"format_reason": reason})
+
+
+def build_reward_fn(config: RewardConfig, workers: int = 4) -> RewardFn:
+    """The rule-based reward function of a post-training stage: ``fn(texts, prompts)`` scores each
+    text against its prompt (an RLPrompt: ``record()`` for :func:`score`, or its own
+    ``score_answer`` for reasoning-gym prompts, :func:`score_external`), the built-in ones in a
+    pool of ``workers`` threads (:func:`score_batch`)."""
+
+    def fn(texts: list[str], items: list[Any]) -> list[RewardResult]:
+        out: list[Any] = [None] * len(texts)
+        plain = [i for i, it in enumerate(items) if it.score_answer is None]
+        if plain:
+            scored = score_batch([texts[i] for i in plain], [items[i].record() for i in plain], config,
+                                 max_workers=workers)
+            for i, r in zip(plain, scored):
+                out[i] = r
+        for i, it in enumerate(items):
+            if it.score_answer is not None:
+                out[i] = score_external(texts[i], it.score_answer, config)
+        return out
+
+    return fn
+
+
+__all__ = ["RewardConfig", "RewardResult", "RewardFn", "math_correct", "extract_code", "compile_assert_test",
+           "run_assert_test", "run_tests", "record_kind", "score", "score_batch", "score_external", "build_reward_fn"]

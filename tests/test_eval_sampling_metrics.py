@@ -1,4 +1,4 @@
-"""Test-time compute: pass@k, majority vote, best-of-n and the accuracy-vs-samples curve."""
+"""Sampling metrics: pass@k, majority vote, best-of-n and the accuracy-vs-samples curve."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 
 from conftest import make_tiny_model
 from nanoseek.data.bytetok import ByteTokenizer
+from nanoseek.eval.sampling_metrics import SampleRecord, best_of_k, maj_at_k, pass_at_k, sampling_curve
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.sampling import SamplingParams
-from nanoseek.infer.ttc import (SampleRecord, best_of_k, canonical_answer, evaluate_task, format_curve, maj_at_k,
-                                majority_vote, pass_at_k, sampling_curve)
+from nanoseek.tasks.reply import canonical_answer, majority_vote
 
 
 def test_pass_at_k_hand_values():
@@ -64,18 +63,22 @@ def test_sampling_curve_rows_and_monotone_pass_at_k():
     assert rows[-1]["maj@k"] == pytest.approx(0.5)     # problem 1 votes "2" (wrong), problem 2 votes "y"
     assert rows[-1]["best_of_k"] == pytest.approx(1.0)  # highest score is right in both
     assert all(a["pass@k"] <= b["pass@k"] for a, b in zip(rows, rows[1:]))
-    assert "pass@k" in format_curve(rows)
     with pytest.raises(ValueError, match="same"):
         sampling_curve([problems[0], problems[1][:2]])
 
 
-def test_evaluate_task_end_to_end_with_a_tiny_model():
+def test_harness_end_to_end_with_a_tiny_model():
+    """The harness's per-problem pass@k / maj@k on a real engine: every k-subset is enumerated
+    here, so a right vote needs a right sample (maj@k <= pass@k), and pass@k grows with k."""
+    from nanoseek.eval.harness import evaluate
+
     model = make_tiny_model(seed=0, vocab_size=264).eval()
     engine = Engine(model, ByteTokenizer(), max_batch_size=4, max_seq_len=160)
-    result = evaluate_task(engine, ByteTokenizer(), "arithmetic", n_problems=2, n_samples=6,
-                           params=SamplingParams(max_new_tokens=4, temperature=1.0, seed=1), ks=[1, 2, 6])
-    assert [r["k"] for r in result["curve"]] == [1, 2, 6]
-    assert len(result["records"]) == 2 and all(len(r) == 6 for r in result["records"])
-    # every k-subset is enumerated here, so a right vote or pick needs a right sample: <= pass@k
-    for row in result["curve"]:
-        assert row["maj@k"] <= row["pass@k"] + 1e-9 and row["best_of_k"] <= row["pass@k"] + 1e-9
+    result = evaluate(model, ByteTokenizer(), "arithmetic", n_problems=2, k=6, mode="chat", temperature=1.0,
+                      max_new_tokens=4, seed=1, engine=engine)
+    assert len(result.problems) == 2 and all(len(p.correct) == 6 for p in result.problems)
+    for p in result.problems:
+        assert sorted(p.pass_at) == sorted(p.maj_at) == [1, 2, 4, 6]
+        for k in p.pass_at:
+            assert p.maj_at[k] <= p.pass_at[k] + 1e-9
+        assert all(a <= b for a, b in zip(list(p.pass_at.values()), list(p.pass_at.values())[1:]))
