@@ -9,7 +9,8 @@ import torch
 from nanoseek.cli import main
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
-from nanoseek.post.distill import run_distill, verified_examples, Scored
+from nanoseek.post.distill import run_distill, verified_examples
+from nanoseek.post.rollout import Scored
 from nanoseek.post.dpo import train_dpo
 from nanoseek.post.recipe import load_recipe, recipe_from_dict
 from nanoseek.tasks.rewards import RewardResult

@@ -4,7 +4,7 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
 
 1. **Rollout.** ``prompts_per_step`` questions are rendered with the template and the inference
    engine samples a group of ``group_size`` (G) completions for each from the policy being
-   trained. The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
+   trained (:mod:`nanoseek.post.rollout`, the sampler DPO and distillation share). The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
    on the naive one), then restores the training mode and the naive path for the update.
 2. **Rewards** from the rule-based verifiers of :mod:`nanoseek.tasks.rewards` (format + accuracy,
    scored in a thread pool), plus DAPO's soft overlong penalty when ``overlong_buffer > 0``.
@@ -50,7 +50,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +57,13 @@ from typing import Any
 
 import torch
 
-from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, completion_text, render_prompt, stop_rule
+from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
+from .rollout import sample, sampling_params
 
 
 @dataclass
@@ -190,12 +190,9 @@ class GRPOTask:
         return self.engine
 
     def _sampling_params(self, seed: int):
-        from nanoseek.infer.engine import SamplingParams
-
         c = self.cfg
-        stop, _ = stop_rule(self.tokenizer, c.template)
-        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                              top_k=c.top_k, n=c.group_size, seed=seed, stop=stop)
+        return sampling_params(self.tokenizer, c.template, n=c.group_size, seed=seed, max_new_tokens=c.max_new_tokens,
+                               temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
 
     def _next_prompts(self) -> list[int]:
         idx = [(self.cursor + k) % len(self.prompts) for k in range(self.cfg.prompts_per_step)]
@@ -222,18 +219,15 @@ class GRPOTask:
         c = self.cfg
         rank, world = self._rank_world()
         params = self._sampling_params((c.seed * 1_000_003 + self.rollouts) * world + rank)
-        t0 = time.perf_counter()
-        groups = self._engine().generate([self.prompt_ids[i] for i in prompt_idx], params)
-        seconds = time.perf_counter() - t0
-        ids, texts, truncated = [], [], []
-        for group in groups:
+        samples = sample(self._engine(), [self.prompt_ids[i] for i in prompt_idx], params, c.template)
+        ids, truncated = [], []
+        for group in samples.groups:
             if len(group) != c.group_size:
                 raise RuntimeError(f"engine returned {len(group)} completions for a prompt, expected {c.group_size}")
             for comp in group:
                 ids.append(list(comp.token_ids))
-                texts.append(completion_text(comp, c.template))
                 truncated.append(comp.finish_reason == "length")
-        return ids, texts, truncated, seconds
+        return ids, samples.texts, truncated, samples.seconds
 
     # ------------------------------------------------------------------ one rollout
     def rollout(self) -> RolloutBatch:
