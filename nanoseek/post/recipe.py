@@ -34,7 +34,6 @@ last checkpoint. The kinds and their train functions are the registry's
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
