@@ -544,7 +544,7 @@ def test_a_patched_encoder_cannot_report_a_colliding_set(tag):
 
 
 def test_the_trainer_evaluation_has_a_cpu_budget(monkeypatch):
-    from nanoseek.post import code_reward
+    from nanoseek.tasks import code_reward
     rec = {"tests": ["assert len([a for a in f(1) for b in range(5000)]) == 5000"]}
     good = "def f(x):\n    return [1]"
     assert score(respond(good), rec, CFG).reward == 1.0

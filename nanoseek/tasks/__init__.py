@@ -6,8 +6,10 @@ modules, and none of them imports ``post/``.
 
 * :mod:`~nanoseek.tasks.generators`: the built-in tasks (seeded generators, worked solutions,
   exact verifiers, train/test split by content hash) and task specs (``NAME:LEVELS``);
+* :mod:`~nanoseek.tasks.reply`: DeepSeek-R1's reply format (prompt templates, stop rules, the
+  scored text, the ``<think>`` split, answer extraction, the format check, SFT targets);
 * :mod:`~nanoseek.tasks.rewards`: DeepSeek-R1's rule-based rewards (accuracy and format) over a
-  batch, with their config;
+  batch, with their config, and the reward function a post-training stage builds from it;
 * :mod:`~nanoseek.tasks.code_reward` and :mod:`~nanoseek.tasks.sandbox`: code tasks, graded by
   running the model's program on the task's tests inside the sandbox.
 """
