@@ -237,7 +237,7 @@ def _pretrain_config(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed: in
 
 
 def _stage_config(kind: str, run_dir: Path, rc: SpeedrunRecipe, init_from: Path, minutes: float, seed: int):
-    from nanoseek.post.stage import stage_config_from_dict
+    from nanoseek.post.registry import stage_config_from_dict
 
     raw = rc.stage_raw(kind, {"init_from": str(init_from)}, run_dir / kind, minutes, seed)
     return stage_config_from_dict(kind, raw, source=f"{rc.source} [{kind}]")
@@ -394,13 +394,9 @@ def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, 
 
                 cfg = _stage_config(kind, run_dir, rc, init_from, budget[kind] * minutes, seed)
                 log(f"{kind}: {budget[kind] * minutes:.1f} min budget")
-                resume = latest_checkpoint(run_dir / kind) is not None
-                if kind == "sft":
-                    from nanoseek.post.sft import train_sft
-                    res = train_sft(cfg, resume=resume)
-                else:
-                    from nanoseek.post.grpo import train_grpo
-                    res = train_grpo(cfg, resume=resume)
+                from nanoseek.post.registry import STAGE_KINDS
+
+                res = STAGE_KINDS[kind].train(cfg, resume=latest_checkpoint(run_dir / kind) is not None)
                 return {"steps": res.steps, "status_detail": res.status}
             return go
         timed("sft", post_stage("sft", run_dir / "pretrain" / "final"), "sft", eval_mode="chat")

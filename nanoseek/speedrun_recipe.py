@@ -7,8 +7,8 @@ The recipe's tables are the stage sections the stages themselves use, plus four 
     [data]      task_docs, tasks, ...         CorpusSection: the embedded corpus and its tokenizer
     [model]     preset + HF config fields     the trainer's ModelSection (a model config)
     [pretrain.optim|train|spike|data]         the trainer's OptimSection, TrainSection, SpikeSection, DataSection
-    [sft], [grpo] + their .optim/.train/.spike  the post-training stage's section (SFTSection, GRPOConfig) and
-                                              the trainer's sections under that kind's defaults (STAGE_DEFAULTS)
+    [sft], [grpo] + their .optim/.train/.spike  the post-training stage's section (SFTSection, GRPOSection) and
+                                              the trainer's sections under that kind's defaults (the registry's)
     [eval]      tasks, problems, k, ...       EvalSection: the held-out evaluation after every stage
 
 ``--set TABLE.KEY=VALUE`` goes through the trainer's parser (:func:`nanoseek.train.config.apply_overrides`),
@@ -89,7 +89,7 @@ class PretrainTables:
 @dataclass
 class PostTables:
     """``[sft]`` / ``[grpo]``: the stage's own section plus the trainer's, under the kind's defaults."""
-    algo: Any                         # SFTSection | GRPOConfig
+    algo: Any                         # SFTSection | GRPOSection
     optim: OptimSection
     train: TrainSection
     spike: SpikeSection
@@ -140,7 +140,7 @@ class SpeedrunRecipe:
         }
 
     def stage_raw(self, kind: str, model: dict[str, Any], out_dir: Path, minutes: float, seed: int) -> dict[str, Any]:
-        """The ``kind`` stage config's tables (``nanoseek.post.stage.stage_config_from_dict``);
+        """The ``kind`` stage config's tables (``nanoseek.post.registry.stage_config_from_dict``);
         the stage's own ``seed`` is the run's unless the recipe writes one."""
         s = self.written.get(kind, {})
         algo = {k: v for k, v in s.items() if k not in STAGE_TABLES}
@@ -152,14 +152,6 @@ class SpeedrunRecipe:
 
 TABLES = {"speedrun": RunSection, "budget": BudgetSection, "data": CorpusSection, "model": ModelSection,
           "pretrain": PretrainTables, "sft": PostTables, "grpo": PostTables, "eval": EvalSection}
-
-
-def _post_sections() -> dict[str, type]:
-    # the lead switches this to nanoseek.post.registry at merge (kind -> Section)
-    from nanoseek.post.grpo import GRPOConfig
-    from nanoseek.post.sft import SFTSection
-
-    return {"sft": SFTSection, "grpo": GRPOConfig}
 
 
 def _table(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
@@ -181,8 +173,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
     and values out of range are one ConfigError line naming the key. (The stages' cross-field
     checks are :func:`check_recipe`'s.)"""
     from nanoseek.model.config import ModelConfig
-
-    from nanoseek.post.stage import STAGE_DEFAULTS
+    from nanoseek.post.registry import STAGE_KINDS   # here, not at the top: it imports torch
 
     unknown = [k for k in raw if k not in TABLES]
     if unknown:
@@ -199,9 +190,9 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
     pretrain = PretrainTables(**{t: parse_section(type(getattr(PretrainTables(), t)), subs[t], f"pretrain.{t}", source)
                                  for t in subs})
     post = {}
-    for kind, section in _post_sections().items():
+    for kind in POST_KINDS:
         own, subs = _split(raw, kind, STAGE_TABLES, source)
-        defaults = STAGE_DEFAULTS[kind].tables()
+        section, defaults = STAGE_KINDS[kind].section, STAGE_KINDS[kind].defaults.tables()
         tables = {t: parse_section(type(defaults[t]), subs[t], f"{kind}.{t}", source, default=defaults[t])
                   for t in STAGE_TABLES}
         post[kind] = PostTables(algo=parse_section(section, own, kind, source), **tables)
@@ -255,7 +246,7 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
 def check_recipe(rc: SpeedrunRecipe) -> SpeedrunRecipe:
     """Each training stage's whole config, built now as it will be when the stage starts (at the
     reference budget, in a placeholder folder), so its cross-field checks run before anything trains."""
-    from nanoseek.post.stage import stage_config_from_dict
+    from nanoseek.post.registry import stage_config_from_dict
     from nanoseek.train.config import config_from_dict
 
     _check_task_specs(rc)

@@ -443,7 +443,7 @@ def test_post_training_stage_rerun_refuses_other_settings_and_resume_records_the
     from nanoseek.model.config import ConfigError
     from nanoseek.post.datasets import SFTExample
     from nanoseek.post.sft import train_sft
-    from nanoseek.post.stage import stage_config_from_dict
+    from nanoseek.post.registry import stage_config_from_dict
 
     tk = tiny_tokenizer()
     base = save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
@@ -496,14 +496,16 @@ def test_files_named_like_a_run_are_not_a_run(tmp_path, capsys):
     assert main(["pretrain", "--config", "tiny", "--out-dir", str(d), *SMALL]) == 2
     assert "not made by nanoseek pretrain" in capsys.readouterr().err and snapshot(d) == before
     # a stage.json that is not a stage record, or another stage's: not this stage's run
+    from nanoseek.post.registry import is_any_stage_run
     from nanoseek.post.stage import is_stage_run
     from nanoseek.train.pretrain import is_pretrain_run
 
     (d / "stage.json").write_text('{"kind": "dpo", "status": "done", "steps": 3}')
     assert is_stage_run(d, "dpo") and not is_stage_run(d, "sft") and not is_pretrain_run(d)
+    assert is_any_stage_run(d)
     for bad in ('{"kind": "dpo"}', "[]", "{", '{"kind": "pretrain", "status": "done", "steps": 3}'):
         (d / "stage.json").write_text(bad)
-        assert not is_stage_run(d)
+        assert not is_any_stage_run(d)
 
 
 def test_tokenizer_train_does_not_take_a_downloaded_tokenizer_without_overwrite(tmp_path, capsys):
@@ -679,7 +681,7 @@ def test_a_folder_that_cannot_be_written_is_one_line_and_left_as_found(tmp_path,
 
 # ----------------------------------------------------------------------------- class: links, FIFOs, devices
 def _stage_cfg(base: Path, out: Path, steps: int):
-    from nanoseek.post.stage import stage_config_from_dict
+    from nanoseek.post.registry import stage_config_from_dict
 
     return stage_config_from_dict("sft", {
         "model": {"init_from": str(base)}, "sft": {"mode": "pad"},

@@ -1,5 +1,5 @@
 """One default per setting: a shipped TOML writes only what it chooses differently from the
-defaults (the trainer's sections, a post-training kind's STAGE_DEFAULTS, a stage's own section,
+defaults (the trainer's sections, a post-training kind's registry defaults, a stage's own section,
 the speedrun recipe's tables), and every shipped TOML resolves to the values pinned here."""
 
 import dataclasses
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.post.stage import STAGE_DEFAULTS
+from nanoseek.post.registry import STAGE_KINDS
 from nanoseek.speedrun_recipe import TABLES as SPEEDRUN_TABLES, PretrainTables
 from nanoseek.train.config import SECTIONS, TRAIN_CONFIG_DIR
 
@@ -16,12 +16,7 @@ STAGE_KIND = {"sft": "sft", "dpo": "dpo", "distill": "distill", "r1-zero": "grpo
 
 
 def _sections():
-    from nanoseek.post.distill import DistillSection
-    from nanoseek.post.dpo import DPOSection
-    from nanoseek.post.grpo import GRPOConfig
-    from nanoseek.post.sft import SFTSection
-
-    return {"sft": SFTSection, "dpo": DPOSection, "grpo": GRPOConfig, "distill": DistillSection}
+    return {kind: k.section for kind, k in STAGE_KINDS.items()}
 
 
 def _field_defaults(obj_or_cls) -> dict:
@@ -44,7 +39,7 @@ def _restated(table: dict, defaults: dict, where: str) -> list[str]:
 
 def _stage_tables(raw: dict, kind: str, where: str) -> list[str]:
     """A stage's tables ([kind], [optim], [train], [spike]) against the kind's defaults."""
-    d = STAGE_DEFAULTS[kind]
+    d = STAGE_KINDS[kind].defaults
     found = _restated(raw.get(kind, {}), _field_defaults(_sections()[kind]), f"{where} [{kind}]")
     for t in ("optim", "train", "spike"):
         found += _restated(raw.get(t, {}), _field_defaults(getattr(d, t)), f"{where} [{t}]")
@@ -106,7 +101,7 @@ def resolved_shipped_configs(base: Path, run: Path) -> dict:
     stages at the reference 30 minutes, seed 0, in run folder ``run``)."""
     from nanoseek import speedrun as sp
     from nanoseek.post.recipe import load_recipe as load_multi_stage
-    from nanoseek.post.stage import load_stage_config, stage_config_from_dict
+    from nanoseek.post.registry import load_stage_config, stage_config_from_dict
     from nanoseek.speedrun_recipe import load_recipe
     from nanoseek.train.config import load_config
 

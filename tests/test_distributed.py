@@ -376,7 +376,7 @@ def _grpo_fit(out: Path, loss_agg: str, gamma: float = 0.0) -> None:
     from post_helpers import tiny_model, tiny_tokenizer
 
     from nanoseek.post.datasets import load_rl_prompts
-    from nanoseek.post.grpo import GRPOConfig, GRPOTask
+    from nanoseek.post.grpo import GRPOSection, GRPOTask
     from nanoseek.tasks.rewards import RewardResult
     from nanoseek.train.config import OptimSection, SpikeSection, TrainSection
     from nanoseek.train.loop import ExpertBalanceHook, Trainer
@@ -388,7 +388,7 @@ def _grpo_fit(out: Path, loss_agg: str, gamma: float = 0.0) -> None:
     tk = tiny_tokenizer()
     model = tiny_model(tk.vocab_size)
     model.use_mtp = False
-    cfg = GRPOConfig(template="chat", prompts_per_step=4, group_size=4, max_new_tokens=4, micro_batch_size=3,
+    cfg = GRPOSection(template="chat", prompts_per_step=4, group_size=4, max_new_tokens=4, micro_batch_size=3,
                      loss_agg=loss_agg, log_samples=0)
     task = GRPOTask(model, tk, load_rl_prompts("arithmetic", 8, seed=0), cfg, reward_fn=reward, engine=HashEngine(tk))
     task._sampling_params = lambda seed: __import__("types").SimpleNamespace(n=cfg.group_size, seed=seed, stop=[])

@@ -14,12 +14,12 @@ import torch
 
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import RLPrompt, SFTExample, load_rl_prompts
-from nanoseek.post.grpo import GRPOConfig, GRPOTask, train_grpo
+from nanoseek.post.grpo import GRPOSection, GRPOTask, train_grpo
 from nanoseek.tasks.reply import render_prompt
 from nanoseek.tasks.rewards import RewardConfig, build_reward_fn
 from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
-from nanoseek.post.stage import stage_config_from_dict
+from nanoseek.post.registry import stage_config_from_dict
 from post_helpers import tiny_model, tiny_tokenizer
 
 
@@ -102,7 +102,7 @@ def _task(script, monkeypatch=None, prompts=None, **cfg):
     tk = tiny_tokenizer()
     model = tiny_model(tk.vocab_size)
     prompts = prompts or load_rl_prompts("digit7", 4, seed=0)
-    c = GRPOConfig(**{"template": "chat", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
+    c = GRPOSection(**{"template": "chat", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6,
                       "micro_batch_size": 3, **cfg})
     engine = ScriptedEngine(tk, script, c.max_new_tokens)
     task = GRPOTask(model, tk, prompts, c, reward_fn=first_token_is_7, engine=engine)
@@ -244,7 +244,7 @@ def test_config_validation():
                         ({"template": "chatml"}, "template"), ({"beta": -1.0}, "beta"),
                         ({"overlong_buffer": 999}, "overlong_buffer")]:
         with pytest.raises(ValueError, match=needle):
-            GRPOConfig(**bad).validate()
+            GRPOSection(**bad).validate()
 
 
 def test_grpo_resumes_exactly_through_the_trainer(tmp_path, one_thread):

@@ -9,12 +9,13 @@ import torch
 from nanoseek.cli import main
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
-from nanoseek.post.distill import run_distill, verified_examples, Scored
+from nanoseek.post.distill import run_distill, verified_examples
+from nanoseek.post.rollout import Scored
 from nanoseek.post.dpo import train_dpo
 from nanoseek.post.recipe import load_recipe, recipe_from_dict
 from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
-from nanoseek.post.stage import load_stage_config, stage_config_from_dict
+from nanoseek.post.registry import load_stage_config, stage_config_from_dict
 from nanoseek.train.config import ConfigError
 from post_helpers import tiny_model, tiny_tokenizer
 
@@ -83,17 +84,17 @@ def test_stage_config_errors_name_the_key(base, tmp_path):
 
 def test_a_kind_s_defaults_fill_what_the_stage_does_not_write(base):
     """One default per setting: a key a stage TOML does not write (or unsets with null) takes the
-    kind's STAGE_DEFAULTS value, else the trainer's."""
-    from nanoseek.post.stage import STAGE_DEFAULTS
+    kind's registry defaults, else the trainer's."""
+    from nanoseek.post.registry import STAGE_KINDS
 
     ok = {"model": {"init_from": str(base)}, "train": {"max_steps": 1}}
     for kind in ("sft", "dpo", "grpo"):
         cfg = stage_config_from_dict(kind, ok, "x.toml")
-        assert cfg.optim == STAGE_DEFAULTS[kind].optim and cfg.spike == STAGE_DEFAULTS[kind].spike
-        assert cfg.train.mtp_lambda == STAGE_DEFAULTS[kind].train.mtp_lambda and cfg.train.max_steps == 1
+        assert cfg.optim == STAGE_KINDS[kind].defaults.optim and cfg.spike == STAGE_KINDS[kind].defaults.spike
+        assert cfg.train.mtp_lambda == STAGE_KINDS[kind].defaults.train.mtp_lambda and cfg.train.max_steps == 1
     assert stage_config_from_dict("sft", ok).optim.lr == 1e-4 and stage_config_from_dict("grpo", ok).optim.lr == 1e-5
     unset = stage_config_from_dict("sft", {**ok, "optim": {"lr": None}}, "x.toml")
-    assert unset.optim.lr == STAGE_DEFAULTS["sft"].optim.lr                 # null: the kind's default applies
+    assert unset.optim.lr == STAGE_KINDS["sft"].defaults.optim.lr                 # null: the kind's default applies
     assert load_stage_config("sft", "sft", [f"model.init_from={base}"]).optim.lr == 3e-4   # sft.toml's choice
 
 

@@ -124,10 +124,10 @@ def _free_port() -> int:
 def _gold_teacher():
     """The rejection-sampling teacher's first sample per prompt becomes a gold-answer response,
     scored by the real verifier (see the module docstring)."""
-    import nanoseek.post.distill as distill
+    import nanoseek.post.rollout as rollout
     from nanoseek.tasks.rewards import score
 
-    real = distill.sample_and_score
+    real = rollout.sample_and_score
 
     def gold(model, tokenizer, prompts, n, **kw):
         groups, report = real(model, tokenizer, prompts, n, **kw)
@@ -135,14 +135,14 @@ def _gold_teacher():
             text = f"<think>\nthe worked steps\n</think>\n\nAnswer: {p.answer}"
             r = score(text, p.record())
             assert r.correct and r.format_ok, f"the gold response for {p.task} does not verify: {r}"
-            g[0] = distill.Scored(text=text, result=r, finish_reason="stop", tokens=8)
+            g[0] = rollout.Scored(text=text, result=r, finish_reason="stop", tokens=8)
         return groups, report
 
-    distill.sample_and_score = gold
+    rollout.sample_and_score = gold
     try:
         yield
     finally:
-        distill.sample_and_score = real
+        rollout.sample_and_score = real
 
 
 def _serve_once(argv: list[str], cwd: Path) -> None:

@@ -76,9 +76,9 @@ def test_template_names():
 
 
 def test_grpo_section_default_is_the_reply_default():
-    from nanoseek.post.grpo import GRPOConfig
+    from nanoseek.post.grpo import GRPOSection
 
-    assert GRPOConfig().template == DEFAULT_TEMPLATE
+    assert GRPOSection().template == DEFAULT_TEMPLATE
 
 
 @pytest.mark.parametrize("tok_name", ["bytes", "bpe"])

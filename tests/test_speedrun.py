@@ -194,12 +194,12 @@ def test_a_missing_key_is_named(tmp_path):
 
 
 def test_the_recipe_is_typed_with_the_stages_sections_and_defaults():
-    from nanoseek.post.stage import STAGE_DEFAULTS
+    from nanoseek.post.registry import STAGE_KINDS
     from nanoseek.train.config import OptimSection
 
     rc = load_recipe("speedrun", ["grpo.optim.lr=3e-4"])
     assert isinstance(rc.grpo.optim, OptimSection) and rc.grpo.optim.lr == 3e-4
-    assert rc.sft.optim.schedule == STAGE_DEFAULTS["sft"].optim.schedule == "cosine"   # the kind's, not written
+    assert rc.sft.optim.schedule == STAGE_KINDS["sft"].defaults.optim.schedule == "cosine"   # the kind's, not written
     assert rc.grpo.algo.group_size == 8 and rc.eval.few_shot == 3 and rc.speedrun.seed == 0
     assert rc.pretrain.optim.seq_len == 256 and rc.model.preset == "bench-moe"
     assert "few_shot" not in rc.record(30.0, 0)["eval"]          # run.json records the tables as written

@@ -4,7 +4,8 @@ Every post-training command takes a TOML config (a path or a shipped recipe name
 table.key=value`` overrides, and a few shortcuts for the common keys (``--model`` is
 ``model.init_from``, ``--out`` is ``train.out_dir``, ``--steps`` is ``train.max_steps``, ``--data``
 the stage's data key). ``--print-config`` shows the resolved config and exits. A config with
-``[stages.*]`` tables is a multi-stage recipe (``r1``) and runs stage after stage. The ``--out``
+``[stages.*]`` tables is a multi-stage recipe (``r1``) and runs stage after stage. A kind's
+config and train function come from the registry (:mod:`nanoseek.post.registry`). The ``--out``
 folder is claimed and locked for the whole command (:mod:`nanoseek.outdir`): another command's
 folder, a second writer, or a fresh run over a finished one is refused with one line.
 """
@@ -83,15 +84,15 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
                 raise UserError("--resume-from applies to one stage; a recipe resumes with --resume")
             from nanoseek.outdir import claim
 
-            from .stage import is_stage_run
+            from .registry import is_any_stage_run
 
             with claim(rec.out_dir, "recipe", flag="--out",
-                       own=lambda p: any(is_stage_run(d) for d in p.iterdir() if d.is_dir())):
+                       own=lambda p: any(is_any_stage_run(d) for d in p.iterdir() if d.is_dir())):
                 results = run_recipe(rec, resume=args.resume, quiet=args.quiet)
             for r in results:
                 print(f"{r.kind:8s} {r.status:10s} steps {r.steps:5d}  -> {r.final_dir}")
             return 0 if results and results[-1].status == "done" and len(results) == len(rec.stages) else 1
-        from .stage import load_stage_config
+        from .registry import load_stage_config
 
         cfg = load_stage_config(path, kind, overrides)
     except ConfigError as e:
@@ -103,9 +104,10 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
 
     from nanoseek.outdir import claim
 
+    from .registry import STAGE_KINDS
     from .stage import is_stage_run
 
-    runner = _runner(kind)
+    runner = STAGE_KINDS[kind].train
     try:
         # claimed here too, so a stage that writes before training (distill's traces) writes into its own folder
         with claim(Path(cfg.train.out_dir or f"runs/{kind}"), cfg.kind, flag="--out",
@@ -128,20 +130,6 @@ def _resume(args):
     if not Path(args.resume_from).is_dir():
         raise UserError(f"--resume-from {args.resume_from}: no such checkpoint directory")
     return Path(args.resume_from)
-
-
-def _runner(kind: str):
-    if kind == "sft":
-        from .sft import train_sft
-        return train_sft
-    if kind == "dpo":
-        from .dpo import train_dpo
-        return train_dpo
-    if kind == "grpo":
-        from .grpo import train_grpo
-        return train_grpo
-    from .distill import run_distill
-    return run_distill
 
 
 __all__ = ["add_stage_arguments", "run_stage_command"]

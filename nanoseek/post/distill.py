@@ -14,8 +14,9 @@ Teacher and student talk through text, so their vocabularies may differ: the tea
 are decoded, split into reasoning (inside ``<think>...</think>``) and answer, and rendered with the
 student's chat template (``{"role": "assistant", "reasoning", "content"}``).
 
-:func:`sample_and_score` (also used by DPO's automatic pairs) samples ``n`` completions per prompt
-with the inference engine and scores them with the rule-based rewards; :func:`verified_examples`
+The teacher samples through :func:`nanoseek.post.rollout.sample_and_score` (the sampler GRPO and
+DPO's automatic pairs share): ``n`` completions per prompt from the inference engine, scored by
+the rule-based rewards of the template's reply format; :func:`verified_examples`
 keeps up to ``keep_per_prompt`` distinct correct, well-formed traces per prompt;
 :func:`run_distill` is the whole stage from a config: sample, write the traces to
 ``RUN/distill.jsonl`` (the SFT format, reusable), free the teacher, SFT the student.
@@ -23,14 +24,14 @@ keeps up to ``keep_per_prompt`` distinct correct, well-formed traces per prompt;
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from nanoseek.tasks.reply import split_leading_think
 
 from .datasets import DataError, RLPrompt, SFTExample, load_rl_prompts, write_jsonl
+from . import rollout
+from .rollout import Scored
 
 
 @dataclass
@@ -74,75 +75,6 @@ class DistillSection:
         return self
 
 
-@dataclass
-class Scored:
-    """One sampled completion with its verdict."""
-
-    text: str                          # what the verifier saw (think prefix included for chat-think)
-    result: Any                        # RewardResult
-    finish_reason: str
-    tokens: int
-
-
-@dataclass
-class SampleReport:
-    prompts: int = 0
-    samples: int = 0
-    correct: int = 0
-    well_formed: int = 0
-    kept: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    by_prompt_solved: int = 0          # prompts with at least one verified sample
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts, "samples": self.samples, "accuracy": self.correct / max(self.samples, 1),
-                "format_rate": self.well_formed / max(self.samples, 1), "kept": self.kept,
-                "solved_prompts": self.by_prompt_solved, "sample_seconds": self.seconds,
-                "sample_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
-
-
-def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, template: str = "chat",
-                     max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
-                     engine_batch_size: int = 64, reward_fn=None) -> tuple[list[list[Scored]], SampleReport]:
-    """``n`` completions per prompt from ``model`` (inference engine), scored by the verifiers."""
-    from nanoseek.infer.engine import Engine, SamplingParams
-    from nanoseek.tasks.reply import completion_text, prefilled_text, render_prompt, stop_rule
-    from nanoseek.tasks.rewards import RewardConfig, build_reward_fn
-
-    reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(template))
-    ids = [render_prompt(tokenizer, p, template) for p in prompts]
-    stop, _ = stop_rule(tokenizer, template)
-    engine = Engine(model, tokenizer, max_batch_size=max(engine_batch_size, n),
-                    max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
-                            stop=stop)
-    t0 = time.perf_counter()
-    groups = engine.generate(ids, params)
-    report = SampleReport(prompts=len(prompts), seconds=time.perf_counter() - t0)
-    prefix = prefilled_text(template)
-    texts = [completion_text(c, template) for g in groups for c in g]
-    items = [p for p, g in zip(prompts, groups) for _ in g]
-    results = reward_fn(texts, items)
-    out: list[list[Scored]] = []
-    k = 0
-    for g in groups:
-        scored = []
-        for c in g:
-            r = results[k]
-            scored.append(Scored(text=prefix + texts[k], result=r, finish_reason=c.finish_reason,
-                                 tokens=len(c.token_ids)))
-            k += 1
-            report.samples += 1
-            report.tokens += len(c.token_ids)
-            report.correct += bool(r.correct)
-            report.well_formed += bool(r.format_ok)
-        report.by_prompt_solved += any(s.result.correct and s.result.format_ok for s in scored)
-        out.append(scored)
-    return out, report
-
-
 def verified_examples(prompts: list[RLPrompt], scored: list[list[Scored]], keep_per_prompt: int = 1,
                       source: str = "") -> list[SFTExample]:
     """SFT examples from the correct, well-formed samples: up to ``keep_per_prompt`` distinct
@@ -175,8 +107,8 @@ def run_distill(cfg, *, teacher=None, teacher_tokenizer=None, student=None, toke
 
     from .stage import is_stage_run
 
-    with claim(Path(cfg.train.out_dir or "runs/distill"), "distill", flag="--out",
-               own=lambda p: is_stage_run(p, "distill")):
+    with claim(Path(cfg.train.out_dir or "runs/distill"), cfg.kind, flag="--out",
+               own=lambda p: is_stage_run(p, cfg.kind)):
         return _run_distill(cfg, teacher=teacher, teacher_tokenizer=teacher_tokenizer, student=student,
                             tokenizer=tokenizer, resume=resume, quiet=quiet, progress=progress)
 
@@ -206,9 +138,10 @@ def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume,
         raise ValueError("run_distill: pass teacher_tokenizer with a teacher model")
     check_vocab(teacher, teacher_tokenizer, "teacher")
     prompts = load_rl_prompts(a.prompts, a.num_prompts, a.split, a.seed, a.level)
-    scored, report = sample_and_score(teacher, teacher_tokenizer, prompts, a.samples_per_prompt, template=a.template,
-                                      max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                      seed=a.seed, engine_batch_size=a.engine_batch_size)
+    scored, report = rollout.sample_and_score(teacher, teacher_tokenizer, prompts, a.samples_per_prompt,
+                                              template=a.template, max_new_tokens=a.max_new_tokens,
+                                              temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                                              engine_batch_size=a.engine_batch_size)
     examples = verified_examples(prompts, scored, a.keep_per_prompt, source=a.teacher or "self")
     report.kept = len(examples)
     data_out = Path(a.data_out) if a.data_out else run_dir / "distill.jsonl"
@@ -232,4 +165,4 @@ def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume,
     return result
 
 
-__all__ = ["DistillSection", "Scored", "SampleReport", "sample_and_score", "verified_examples", "run_distill"]
+__all__ = ["DistillSection", "verified_examples", "run_distill"]

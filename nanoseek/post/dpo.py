@@ -12,7 +12,8 @@ Logged per step: the loss, the mean chosen / rejected rewards, the margin r_w - 
 accuracy (share of pairs with r_w > r_l).
 
 Pairs come from a JSONL file (see :mod:`nanoseek.post.datasets`) or are built from the current
-model by :func:`build_preference_pairs`: G samples per RL prompt, scored by the verifiers; a
+model by :func:`auto_pairs`: G samples per RL prompt (:func:`nanoseek.post.rollout.sample_and_score`,
+the sampler GRPO and distillation share), scored by the verifiers; a
 correct, well-formed sample becomes ``chosen`` and a wrong one ``rejected`` (prompts where all
 samples agree give no pair); a sample's leading ``<think>`` block becomes the message's
 ``reasoning``, because message content is always text (only the template makes control tokens).
@@ -203,7 +204,7 @@ def auto_pairs(model, tokenizer, a: DPOSection, reward_fn=None) -> tuple[list[Pr
     """Preference pairs from verifier-labelled samples of ``model`` on the prompts of ``a.data``
     (``auto:SOURCE``); ``reward_fn`` defaults to the rule-based verifiers."""
     from .datasets import load_rl_prompts
-    from .distill import sample_and_score
+    from .rollout import sample_and_score
 
     prompts = load_rl_prompts(a.data[len("auto:"):], a.auto_prompts, seed=a.seed)
     scored, report = sample_and_score(model, tokenizer, prompts, a.auto_samples, template=a.template,

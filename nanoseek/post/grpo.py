@@ -4,7 +4,7 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
 
 1. **Rollout.** ``prompts_per_step`` questions are rendered with the template and the inference
    engine samples a group of ``group_size`` (G) completions for each from the policy being
-   trained. The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
+   trained (:mod:`nanoseek.post.rollout`, the sampler DPO and distillation share). The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
    on the naive one), then restores the training mode and the naive path for the update.
 2. **Rewards** from the rule-based verifiers of :mod:`nanoseek.tasks.rewards` (format + accuracy,
    scored in a thread pool), plus DAPO's soft overlong penalty when ``overlong_buffer > 0``.
@@ -50,7 +50,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,16 +57,17 @@ from typing import Any
 
 import torch
 
-from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, completion_text, render_prompt, stop_rule
+from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
+from .rollout import sample, sampling_params
 
 
 @dataclass
-class GRPOConfig:
+class GRPOSection:
     """What a GRPO stage does; the optimizer, schedule and checkpointing are the trainer's."""
 
     prompts: str = "arithmetic"       # RL prompt source: a .jsonl, rg:NAME, or built-in task names "a,b"
@@ -100,7 +100,7 @@ class GRPOConfig:
     log_samples: int = 2              # completions written to samples.jsonl per rollout
     seed: int = 0
 
-    def validate(self) -> "GRPOConfig":
+    def validate(self) -> "GRPOSection":
         def bad(name, why):
             return ValueError(f"{name} = {getattr(self, name)!r}: {why}")
 
@@ -160,7 +160,7 @@ class GRPOTask:
     rank_sharded = True           # each rank samples its own share of the step's prompts
     independent_forwards = True   # rollouts: a different number of forwards on each rank (no EP / FSDP)
 
-    def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOConfig,
+    def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOSection,
                  reward_fn: RewardFn | None = None, engine=None, out_dir: str | Path | None = None):
         self.cfg = cfg.validate()
         if not prompts:
@@ -190,12 +190,9 @@ class GRPOTask:
         return self.engine
 
     def _sampling_params(self, seed: int):
-        from nanoseek.infer.engine import SamplingParams
-
         c = self.cfg
-        stop, _ = stop_rule(self.tokenizer, c.template)
-        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                              top_k=c.top_k, n=c.group_size, seed=seed, stop=stop)
+        return sampling_params(self.tokenizer, c.template, n=c.group_size, seed=seed, max_new_tokens=c.max_new_tokens,
+                               temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
 
     def _next_prompts(self) -> list[int]:
         idx = [(self.cursor + k) % len(self.prompts) for k in range(self.cfg.prompts_per_step)]
@@ -222,18 +219,15 @@ class GRPOTask:
         c = self.cfg
         rank, world = self._rank_world()
         params = self._sampling_params((c.seed * 1_000_003 + self.rollouts) * world + rank)
-        t0 = time.perf_counter()
-        groups = self._engine().generate([self.prompt_ids[i] for i in prompt_idx], params)
-        seconds = time.perf_counter() - t0
-        ids, texts, truncated = [], [], []
-        for group in groups:
+        samples = sample(self._engine(), [self.prompt_ids[i] for i in prompt_idx], params, c.template)
+        ids, truncated = [], []
+        for group in samples.groups:
             if len(group) != c.group_size:
                 raise RuntimeError(f"engine returned {len(group)} completions for a prompt, expected {c.group_size}")
             for comp in group:
                 ids.append(list(comp.token_ids))
-                texts.append(completion_text(comp, c.template))
                 truncated.append(comp.finish_reason == "length")
-        return ids, texts, truncated, seconds
+        return ids, samples.texts, truncated, samples.seconds
 
     # ------------------------------------------------------------------ one rollout
     def rollout(self) -> RolloutBatch:
@@ -437,7 +431,7 @@ def _mean(xs) -> float:
 def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | None = None,
                reward_fn: RewardFn | None = None, engine=None, resume: bool | str = False, quiet: bool = False,
                progress: bool | None = None):
-    """Run a GRPO stage (a StageConfig of kind "grpo"; ``[grpo]`` is a :class:`GRPOConfig`).
+    """Run a GRPO stage (a StageConfig of kind "grpo"; ``[grpo]`` is a :class:`GRPOSection`).
 
     ``[train] max_steps`` counts optimizer steps: ``num_iterations`` per rollout. ``model`` /
     ``tokenizer`` / ``prompts`` / ``reward_fn`` / ``engine`` override what the config names.
@@ -462,4 +456,4 @@ def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | Non
                        extra={"prompts": len(prompts)})
 
 
-__all__ = ["GRPOConfig", "train_grpo", "GRPOTask", "RolloutBatch"]
+__all__ = ["GRPOSection", "train_grpo", "GRPOTask", "RolloutBatch"]

@@ -24,20 +24,24 @@ DeepSeek-R1's rejection-sampling SFT retrained the *base* model on the RL model'
 samples: ``init = "base"``, ``teacher = "previous"``.
 
 ``--set`` reaches any key: ``stages.final_rl.grpo.beta=0.01``, ``recipe.init_from=runs/x``.
-With ``resume``, stages whose ``stage.json`` says done are skipped and the first unfinished one
-resumes from its last checkpoint.
+Every stage is validated as a whole stage config when the recipe is read, before the first one
+trains (a later stage's ``previous`` checkpoint does not exist yet: the base model stands in for
+it), so a typo in the last stage fails at once, naming the stage and the key. With ``resume``,
+stages whose ``stage.json`` says done are skipped and the first unfinished one resumes from its
+last checkpoint. The kinds and their train functions are the registry's
+(:mod:`nanoseek.post.registry`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanoseek.train.config import ConfigError, apply_overrides, read_toml, resolve_config_path
 
-from .stage import StageResult, _merge, stage_config_from_dict
+from .registry import STAGE_KINDS, read_stage_record, stage_config_from_dict
+from .stage import StageConfig, StageResult, _merge
 
 RECIPE_KEYS = {"init_from", "out_dir", "name"}
 STAGE_CHAIN_KEYS = {"kind", "init", "teacher"}
@@ -48,7 +52,7 @@ class RecipeStage:
     name: str
     kind: str
     init: str                          # "previous" | "base" | a path
-    teacher: str | None                # distill only
+    teacher: str | None                # kinds with a teacher (distill) only
     raw: dict[str, Any]                # the stage's tables, defaults merged
 
 
@@ -65,7 +69,7 @@ def is_recipe(raw: dict[str, Any]) -> bool:
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Check the recipe's structure (each stage is fully validated when it starts)."""
+    """Check the recipe's structure and validate every stage's config (see :func:`validate_recipe`)."""
     unknown = set(raw) - {"recipe", "defaults", "stages"}
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)} in a recipe; valid: [recipe], "
@@ -84,20 +88,37 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     recipe = Recipe(init_from=str(head["init_from"]), out_dir=out_dir, source=source)
     for name, table in stages_raw.items():
         where = f"{source}: [stages.{name}]"
+        kinds = list(STAGE_KINDS)
         if not isinstance(table, dict) or "kind" not in table:
-            raise ConfigError(f"{where}: needs kind = \"sft\" | \"dpo\" | \"grpo\" | \"distill\"")
+            raise ConfigError(f"{where}: needs kind = " + " | ".join(f'"{k}"' for k in kinds))
         kind = table["kind"]
-        if kind not in ("sft", "dpo", "grpo", "distill"):
-            raise ConfigError(f"{where}: kind = {kind!r}: must be 'sft', 'dpo', 'grpo' or 'distill'")
-        if "teacher" in table and kind != "distill":
-            raise ConfigError(f"{where}: 'teacher' is only for distill stages")
+        if kind not in STAGE_KINDS:
+            raise ConfigError(f"{where}: kind = {kind!r}: must be {', '.join(map(repr, kinds[:-1]))} or {kinds[-1]!r}")
+        with_teacher = STAGE_KINDS[kind].teacher
+        if "teacher" in table and not with_teacher:
+            raise ConfigError(f"{where}: 'teacher' is only for "
+                              f"{' / '.join(k for k, v in STAGE_KINDS.items() if v.teacher)} stages")
         rest = {k: v for k, v in table.items() if k not in STAGE_CHAIN_KEYS}
         recipe.stages.append(RecipeStage(name=name, kind=kind, init=str(table.get("init", "previous")),
-                                         teacher=table.get("teacher") if kind == "distill" else None,
+                                         teacher=table.get("teacher") if with_teacher else None,
                                          raw=_merge(defaults, rest)))
     if recipe.stages[0].init == "previous":
         recipe.stages[0].init = "base"
+    validate_recipe(recipe)
     return recipe
+
+
+def validate_recipe(recipe: Recipe) -> list[StageConfig]:
+    """Every stage's config, validated now, before anything trains (one ConfigError naming the
+    stage and the key otherwise). ``previous`` in a later stage stands for a checkpoint that does
+    not exist yet; the base model stands in for it, as the checkpoint a stage's own keys are
+    checked against (the real one is resolved when the stage starts)."""
+    configs, previous = [], None
+    for st in recipe.stages:
+        configs.append(stage_config_from_dict(st.kind, _stage_raw(recipe, st, previous),
+                                              source=f"{recipe.source} [stages.{st.name}]"))
+        previous = recipe.init_from
+    return configs
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -119,12 +140,6 @@ def _resolve(ref: str, base: str, previous: str | None) -> str:
 def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
                progress: bool | None = None) -> list[StageResult]:
     """Run the stages in order; returns their results (skipped finished stages included)."""
-    from .distill import run_distill
-    from .dpo import train_dpo
-    from .grpo import train_grpo
-    from .sft import train_sft
-
-    runners = {"sft": train_sft, "dpo": train_dpo, "grpo": train_grpo, "distill": run_distill}
     results: list[StageResult] = []
     previous: str | None = None
     for st in recipe.stages:
@@ -137,14 +152,11 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
             results.append(StageResult(kind=st.kind, run_dir=run_dir, final_dir=Path(done["final_dir"]),
                                        status="done", steps=done.get("steps", 0), extra={"skipped": True}))
             continue
-        raw = _merge(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
-                              "train": {"out_dir": str(run_dir)}})
-        if st.kind == "distill":
-            raw = _merge(raw, {"distill": {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
-        cfg = stage_config_from_dict(st.kind, raw, source=f"{recipe.source} [stages.{st.name}]")
+        cfg = stage_config_from_dict(st.kind, _stage_raw(recipe, st, previous),
+                                     source=f"{recipe.source} [stages.{st.name}]")
         if not quiet:
             print(f"recipe: stage {st.name} ({st.kind}) from {cfg.model.init_from} -> {run_dir}")
-        res = runners[st.kind](cfg, resume=bool(resume and (run_dir / "checkpoints").exists()), quiet=quiet,
+        res = STAGE_KINDS[st.kind].train(cfg, resume=bool(resume and (run_dir / "checkpoints").exists()), quiet=quiet,
                                progress=progress)
         results.append(res)
         if res.status not in ("done", "data_exhausted") or res.final_dir is None:
@@ -155,10 +167,17 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
     return results
 
 
-def _finished(run_dir: Path) -> dict[str, Any] | None:
-    from .stage import read_stage_json
+def _stage_raw(recipe: Recipe, st: RecipeStage, previous: str | None) -> dict[str, Any]:
+    """The stage's tables with the chain resolved: init_from, out_dir and (for kinds with a teacher) the teacher."""
+    raw = _merge(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
+                          "train": {"out_dir": str(recipe.out_dir / st.name)}})
+    if STAGE_KINDS[st.kind].teacher:
+        raw = _merge(raw, {st.kind: {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
+    return raw
 
-    info = read_stage_json(run_dir)              # a malformed stage.json is one ConfigError line
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    info = read_stage_record(run_dir)              # a malformed stage.json is one ConfigError line
     if info is None:
         return None
     if info.get("status") in ("done", "data_exhausted") and info.get("final_dir") and Path(info["final_dir"]).exists():
@@ -166,4 +185,4 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["Recipe", "RecipeStage", "is_recipe", "recipe_from_dict", "load_recipe", "run_recipe"]
+__all__ = ["Recipe", "RecipeStage", "is_recipe", "recipe_from_dict", "validate_recipe", "load_recipe", "run_recipe"]

@@ -1,18 +1,23 @@
-"""One post-training stage as a config: TOML tables -> typed sections, model + tokenizer, the trainer.
+"""The foundation of post-training: one stage as a config, its model and tokenizer, the trainer hook-up.
 
 Every post-training stage (``sft``, ``dpo``, ``grpo``, ``distill``) is one TOML file with the
 tables of the shared trainer plus one table named after the stage::
 
     [model]   init_from = "runs/pretrain/final"   # the checkpoint to start from (a run folder works)
               # or, for a student trained from scratch (distill): preset = "tiny" + HF config fields
-    [sft]     the stage's own knobs (SFTSection, DPOSection, GRPOConfig or DistillSection)
+    [sft]     the stage's own knobs (SFTSection, DPOSection, GRPOSection or DistillSection)
     [optim]   lr, schedule, micro_batch_size, grad_accum, seq_len (the max tokens per row) ...
     [train]   max_steps, out_dir, save_every, mtp_lambda, bias_update_gamma ...
     [spike]   the loss-spike guard
 
+This module knows no algorithm: :func:`parse_stage_config` is given the ``[kind]`` section class,
+and the algorithm modules (``sft``, ``dpo``, ``grpo``, ``distill``) import it, never the other way
+round. Which kind has which section and train function is the registry's
+(:mod:`nanoseek.post.registry`, with ``stage_config_from_dict`` and ``load_stage_config`` by kind).
+
 Parsing and ``--set table.key=value`` overrides are the trainer's (``nanoseek.train.config``):
 every key is checked and errors name the file, table and key. Each kind has defaults suited to
-post-training, set in one typed place (:data:`STAGE_DEFAULTS`, a :class:`StageDefaults` per kind:
+post-training, set in one typed place (a :class:`StageDefaults` per kind, in the registry:
 small learning rates, no weight decay, and for GRPO the statistical spike tests off, since a
 policy-gradient loss is not a curve that should go down; DPO and GRPO optimise their own objective
 only: no MTP loss and no sequence-wise balance loss, the experts staying balanced by the
@@ -31,13 +36,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import UserError
 from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
-                                   apply_overrides, dumps_toml, no_effect_keys, parse_sections, read_toml,
-                                   resolve_config_path)
+                                   dumps_toml, no_effect_keys, parse_sections, read_toml)
 
 @dataclass(frozen=True)
 class StageDefaults:
@@ -52,28 +57,6 @@ class StageDefaults:
 
     def tables(self) -> dict[str, Any]:
         return {"optim": self.optim, "train": self.train, "spike": self.spike}
-
-
-# Per kind: small learning rates and no weight decay; no checkpoint or validation every N steps
-# unless asked (save_every = eval_every = 0: at the end only). SFT and distillation keep the MTP
-# module trained (mtp_lambda 0.1: speculative decoding after SFT); DPO and GRPO optimise their
-# own objective only (no MTP, no sequence-wise balance loss: the aux-loss-free bias update keeps
-# the experts balanced). GRPO holds its lr constant and turns the statistical spike tests off:
-# a policy-gradient loss is not a curve that should go down.
-_SFT_LIKE = StageDefaults(
-    optim=OptimSection(lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0, schedule="cosine"),
-    train=TrainSection(mtp_lambda=0.1, save_every=0, eval_every=0))
-STAGE_DEFAULTS: dict[str, StageDefaults] = {
-    "sft": _SFT_LIKE,
-    "distill": _SFT_LIKE,
-    "dpo": StageDefaults(
-        optim=OptimSection(lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0, schedule="cosine"),
-        train=TrainSection(mtp_lambda=0.0, seq_aux_alpha=0.0, save_every=0, eval_every=0)),
-    "grpo": StageDefaults(
-        optim=OptimSection(lr=1e-5, min_lr=1e-5, warmup_steps=0, weight_decay=0.0, schedule="constant"),
-        train=TrainSection(mtp_lambda=0.0, seq_aux_alpha=0.0, save_every=0, eval_every=0),
-        spike=SpikeSection(enabled=False)),
-}
 
 
 @dataclass
@@ -119,15 +102,6 @@ class StageResult:
         return default
 
 
-def _algo_classes() -> dict[str, type]:
-    from .distill import DistillSection
-    from .dpo import DPOSection
-    from .grpo import GRPOConfig
-    from .sft import SFTSection
-
-    return {"sft": SFTSection, "dpo": DPOSection, "grpo": GRPOConfig, "distill": DistillSection}
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -135,22 +109,24 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>", *,
-                           init_pending: bool = False) -> StageConfig:
-    """A raw TOML dict -> validated :class:`StageConfig` of ``kind``. ``init_pending``: the
-    checkpoint is written by an earlier stage that has not run yet, so ``[model]`` gives its
-    architecture (preset + fields) instead of ``init_from`` (a recipe checked before it trains)."""
+def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: str = "<dict>", *,
+                       defaults: StageDefaults, init_required: bool = True,
+                       init_pending: bool = False) -> StageConfig:
+    """A raw TOML dict -> validated :class:`StageConfig` whose ``[kind]`` table is a ``section``.
+
+    The registry (:func:`nanoseek.post.registry.stage_config_from_dict`) looks ``section`` and
+    ``defaults`` and ``init_required`` up by kind; this module knows no algorithm. ``init_pending``: the checkpoint
+    is written by an earlier stage that has not run yet, so ``[model]`` may lack ``init_from`` (a
+    recipe or the speedrun checked before it trains).
+    """
     from nanoseek.model.config import ModelConfig
     from nanoseek.train.config import _check_train_config, check_schedule_keys
 
-    classes = _algo_classes()
-    if kind not in classes:
-        raise ConfigError(f"{source}: unknown stage kind {kind!r}; expected one of {sorted(classes)}")
-    schema = {"model": ModelSection, kind: classes[kind], "optim": OptimSection, "train": TrainSection,
+    schema = {"model": ModelSection, kind: section, "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
     given_optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
     parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())},
-                           defaults=STAGE_DEFAULTS[kind].tables())
+                           defaults=defaults.tables())
     check_schedule_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
                       spike=parts["spike"], source=source)
@@ -164,7 +140,7 @@ def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>
     if cfg.model.init_from and cfg.model.fields:
         raise ConfigError(f"{source}: [model] sets both init_from and config fields {sorted(cfg.model.fields)}; a "
                           "trained checkpoint's architecture cannot change (drop the fields)")
-    if kind != "distill" and not cfg.model.init_from and not init_pending:
+    if init_required and not cfg.model.init_from and not init_pending:
         raise ConfigError(f"{source}: [model] init_from is required: the checkpoint {kind} starts from")
     # optim/train/spike checks are the trainer's own (the [data] table is not used here)
     _check_train_config(TrainConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, spike=cfg.spike,
@@ -175,21 +151,6 @@ def stage_config_from_dict(kind: str, raw: dict[str, Any], source: str = "<dict>
             validate()
         except ValueError as e:
             raise ConfigError(f"{source}: [{kind}] {e}") from None
-    return cfg
-
-
-def load_stage_config(path: str | Path, kind: str, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
-    """Read a stage TOML (a path or a shipped recipe name like ``sft``), apply ``--set``, validate."""
-    path = resolve_config_path(path)
-    raw = read_toml(path)
-    if "stages" in raw:
-        raise ConfigError(f"{path}: is a multi-stage recipe ([stages]); run it with `nanoseek grpo --config {path}`")
-    schema = {"model": ModelSection, kind: object, "optim": OptimSection, "train": TrainSection,
-              "spike": SpikeSection}
-    raw = apply_overrides(raw, list(overrides), schema)
-    cfg = stage_config_from_dict(kind, raw, source=str(path))
-    if not cfg.train.out_dir:
-        cfg.train.out_dir = str(Path("runs") / path.stem)
     return cfg
 
 
@@ -257,7 +218,7 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
     run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
     with claim(run_dir, cfg.kind, flag="--out", own=lambda p: is_stage_run(p, cfg.kind)):
         changed = check_rerun(run_dir, cfg.to_dict(), resume, "--out",
-                              load_old=lambda p: stage_config_from_dict(cfg.kind, read_toml(p), str(p)).to_dict())
+                              load_old=lambda p: _reparse(cfg, p))
         try:
             check_model_dir_writable(run_dir / "final")
         except CheckpointError as e:
@@ -268,11 +229,19 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
                             extra_hooks=extra_hooks, extra=extra, changed=changed)
 
 
-def read_stage_json(path: Path) -> dict[str, Any] | None:
-    """``path/stage.json`` (a stage folder's record), checked; None where there is none.
+def _reparse(cfg: StageConfig, path: Path) -> dict[str, Any]:
+    """The run folder's own config.toml as a dict comparable to ``cfg.to_dict()``: parsed with the
+    same ``[kind]`` section class (it was validated when the run wrote it, so the init_from
+    requirement is not asked again)."""
+    return parse_stage_config(cfg.kind, type(cfg.algo), read_toml(path), str(path), init_required=False).to_dict()
 
-    A file of that name that is not a stage record (not JSON, or without ``kind``, ``status``,
-    ``steps``) raises one ConfigError line naming it.
+
+def read_stage_json(path: Path, kinds: Collection[str]) -> dict[str, Any] | None:
+    """``path/stage.json`` (a stage folder's record) of one of ``kinds``, checked; None where there is none.
+
+    A file of that name that is not such a record (not JSON, or without ``kind``, ``status``,
+    ``steps``) raises one ConfigError line naming it. Every registered kind:
+    :func:`nanoseek.post.registry.read_stage_record`.
     """
     import json
 
@@ -285,23 +254,23 @@ def read_stage_json(path: Path) -> dict[str, Any] | None:
         data = json.loads(read_record(f))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{f}: not a readable stage record ({e}); move it away or choose another --out") from None
-    if not (isinstance(data, dict) and data.get("kind") in STAGE_DEFAULTS and isinstance(data.get("status"), str)
+    if not (isinstance(data, dict) and data.get("kind") in kinds and isinstance(data.get("status"), str)
             and isinstance(data.get("steps"), int) and not isinstance(data.get("steps"), bool)):
-        raise ConfigError(f"{f}: not a nanoseek stage record (needs kind one of {sorted(STAGE_DEFAULTS)}, status, "
+        raise ConfigError(f"{f}: not a nanoseek stage record (needs kind one of {sorted(kinds)}, status, "
                           "steps); move it away or choose another --out")
     return data
 
 
-def is_stage_run(path: Path, kind: str | None = None) -> bool:
-    """A stage folder from before the ``.nanoseek.lock`` marker: a valid ``stage.json`` (of ``kind``).
+def is_stage_run(path: Path, kind: str) -> bool:
+    """A stage folder of ``kind`` from before the ``.nanoseek.lock`` marker: a valid ``stage.json``
+    of that kind (of any registered kind: :func:`nanoseek.post.registry.is_any_stage_run`).
 
     A pre-training run (``config.toml`` + checkpoints) is not a stage's: a stage never takes it.
     """
     try:
-        info = read_stage_json(path)
+        return read_stage_json(path, (kind,)) is not None
     except ConfigError:
         return False
-    return info is not None and (kind is None or info["kind"] == kind)
 
 
 def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, resume, quiet, progress, extra_hooks,
@@ -339,6 +308,6 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
     return out
 
 
-__all__ = ["STAGE_DEFAULTS", "StageDefaults", "StageConfig", "StageResult", "stage_config_from_dict",
-           "load_stage_config", "is_stage_run", "read_stage_json",
+__all__ = ["StageDefaults", "StageConfig", "StageResult", "parse_stage_config", "is_stage_run",
+           "read_stage_json",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]

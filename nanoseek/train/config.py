@@ -262,7 +262,7 @@ def parse_section(cls: type, raw: Any, section: str, source: str, extra_keys: se
     """One TOML table -> dataclass ``cls``. ``extra_keys`` (e.g. HF model fields) go to ``fields``.
 
     ``default``: an instance of ``cls`` whose values stand for the keys the table does not write
-    (a post-training kind's defaults, :data:`nanoseek.post.stage.STAGE_DEFAULTS`); without it the
+    (a post-training kind's defaults, ``StageKind.defaults`` in :mod:`nanoseek.post.registry`); without it the
     class's own defaults do, and a field without one is a key the table must write."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: [{section}] must be a table, got {type(raw).__name__}")

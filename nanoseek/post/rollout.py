@@ -1,0 +1,134 @@
+"""Rollouts: sample replies to prompts with the inference engine and score them with the verifiers.
+
+One way to sample and score serves every post-training stage that learns from its own (or a
+teacher's) samples:
+
+* GRPO's rollouts (:class:`~nanoseek.post.grpo.GRPOTask`): a group of G replies per prompt from the
+  policy being trained, rewarded, then turned into advantages;
+* DPO's on-policy pairs (``dpo.data = "auto:..."``): a correct and a wrong reply of the starting model;
+* rejection sampling and distillation (:mod:`~nanoseek.post.distill`): the verified replies of a
+  teacher (the RL model itself, or a bigger one) become SFT data.
+
+The reply format (how a prompt is rendered in a template, what stops generation, what text is
+scored, what a chat-think prompt pre-filled) is :mod:`nanoseek.tasks.reply`'s; the rewards are
+:func:`nanoseek.tasks.rewards.build_reward_fn` of a :class:`~nanoseek.tasks.rewards.RewardConfig`.
+
+:func:`sampling_params` is a template's sampling settings (its stop rule included); :func:`sample`
+runs the engine once over a batch of prompts and returns every completion with its scored text;
+:func:`sample_and_score` is the whole operation on a model (an engine sized for it, rewards,
+a :class:`SampleReport`). Sampling is seeded (the engine's ``seed``: sample ``i`` of a request
+draws from its own generator), so the same seed gives the same replies.
+
+Deliberately left out: rollouts that overlap training (an asynchronous sampler) and a separate
+inference server; the engine samples from the very module the trainer updates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoseek.tasks.reply import completion_text, prefilled_text, render_prompt, stop_rule
+from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
+
+from .datasets import RLPrompt
+
+
+def sampling_params(tokenizer, template: str, *, n: int, seed: int, max_new_tokens: int, temperature: float,
+                    top_p: float = 1.0, top_k: int = 0):
+    """The engine's SamplingParams for ``n`` replies per prompt in ``template`` (its stop strings)."""
+    from nanoseek.infer.engine import SamplingParams
+
+    stop, _ = stop_rule(tokenizer, template)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
+                          seed=seed, stop=stop)
+
+
+@dataclass
+class Samples:
+    """One engine call: ``params.n`` completions per prompt and the text the verifiers score."""
+
+    groups: list[list[Any]]            # per prompt, its completions (token_ids, text, finish_reason ...)
+    texts: list[str]                   # the scored text of every completion, group-contiguous
+    seconds: float                     # wall time of the generation
+
+    def items(self, prompts: list[Any]) -> list[Any]:
+        """``prompts`` repeated once per completion, aligned with :attr:`texts`."""
+        return [p for p, g in zip(prompts, self.groups) for _ in g]
+
+
+def sample(engine, prompt_ids: list[list[int]], params, template: str) -> Samples:
+    """Generate ``params.n`` completions for each prompt (token ids rendered in ``template``)."""
+    t0 = time.perf_counter()
+    groups = engine.generate(prompt_ids, params)
+    seconds = time.perf_counter() - t0
+    return Samples(groups=groups, texts=[completion_text(c, template) for g in groups for c in g], seconds=seconds)
+
+
+@dataclass
+class Scored:
+    """One sampled completion with its verdict."""
+
+    text: str                          # what the verifier saw (think prefix included for chat-think)
+    result: Any                        # RewardResult
+    finish_reason: str
+    tokens: int
+
+
+@dataclass
+class SampleReport:
+    prompts: int = 0
+    samples: int = 0
+    correct: int = 0
+    well_formed: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    by_prompt_solved: int = 0          # prompts with at least one verified sample
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "samples": self.samples, "accuracy": self.correct / max(self.samples, 1),
+                "format_rate": self.well_formed / max(self.samples, 1), "kept": self.kept,
+                "solved_prompts": self.by_prompt_solved, "sample_seconds": self.seconds,
+                "sample_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+
+
+def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, template: str = "chat",
+                     max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
+                     engine_batch_size: int = 64,
+                     reward_fn: RewardFn | None = None) -> tuple[list[list[Scored]], SampleReport]:
+    """``n`` completions per prompt from ``model`` (inference engine), scored by the verifiers
+    (``reward_fn``, default: the rule-based rewards of ``template``'s format)."""
+    from nanoseek.infer.engine import Engine
+
+    reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(template))
+    ids = [render_prompt(tokenizer, p, template) for p in prompts]
+    engine = Engine(model, tokenizer, max_batch_size=max(engine_batch_size, n),
+                    max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1)
+    params = sampling_params(tokenizer, template, n=n, seed=seed, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p)
+    samples = sample(engine, ids, params, template)
+    report = SampleReport(prompts=len(prompts), seconds=samples.seconds)
+    prefix = prefilled_text(template)
+    results = reward_fn(samples.texts, samples.items(prompts))
+    out: list[list[Scored]] = []
+    k = 0
+    for g in samples.groups:
+        scored = []
+        for c in g:
+            r = results[k]
+            scored.append(Scored(text=prefix + samples.texts[k], result=r, finish_reason=c.finish_reason,
+                                 tokens=len(c.token_ids)))
+            k += 1
+            report.samples += 1
+            report.tokens += len(c.token_ids)
+            report.correct += bool(r.correct)
+            report.well_formed += bool(r.format_ok)
+        report.by_prompt_solved += any(s.result.correct and s.result.format_ok for s in scored)
+        out.append(scored)
+    return out, report
+
+
+__all__ = ["sampling_params", "Samples", "sample", "Scored", "SampleReport", "sample_and_score"]

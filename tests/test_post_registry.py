@@ -1,0 +1,168 @@
+"""The stage registry is the only "kind -> code" table, and ``post/`` is layered around it.
+
+Every registered kind round-trips through the command line (``nanoseek KIND``), the multi-stage
+recipe and the config parser, reaching the registry's section class and train function (stubbed
+here: nothing trains); ``stage.py`` imports no algorithm module; ``post/`` has no import cycle
+(function-level imports counted); no other module branches on kind names. A recipe whose last
+stage has a typo fails before anything trains or any folder is made.
+"""
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+import nanoseek
+from nanoseek.cli import COMMANDS, main
+from nanoseek.model.checkpoint import save_pretrained
+from nanoseek.post.recipe import load_recipe, recipe_from_dict, run_recipe
+from nanoseek.post.registry import STAGE_KINDS, stage_config_from_dict
+from nanoseek.post.stage import StageResult
+from nanoseek.train.config import ConfigError
+from post_helpers import tiny_model, tiny_tokenizer
+
+PKG = Path(nanoseek.__file__).parent
+
+
+@pytest.fixture
+def base(tmp_path):
+    tk = tiny_tokenizer()
+    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def stub_trains(monkeypatch, base):
+    """Replace every registered train function by one that records its config and trains nothing."""
+    calls = []
+
+    def stub(cfg, *, resume=False, quiet=False, progress=None):
+        calls.append(cfg)
+        return StageResult(kind=cfg.kind, run_dir=Path(cfg.train.out_dir), final_dir=base, status="done", steps=0)
+
+    for kind, entry in list(STAGE_KINDS.items()):
+        monkeypatch.setitem(STAGE_KINDS, kind, dataclasses.replace(entry, train=stub))
+    return calls
+
+
+def test_every_kind_round_trips_through_the_cli(base, tmp_path, stub_trains, capsys):
+    for kind, entry in STAGE_KINDS.items():
+        assert kind in COMMANDS                                   # a `nanoseek KIND` command
+        model = ["--model", str(base)] if entry.init_required else []
+        assert main([kind, *model, "--out", str(tmp_path / kind), "--steps", "1", "--quiet"]) == 0
+        cfg = stub_trains[-1]
+        assert cfg.kind == kind and type(cfg.algo) is entry.section and cfg.train.max_steps == 1
+        assert f"{kind}: done after 0 steps" in capsys.readouterr().out
+    assert [c.kind for c in stub_trains] == list(STAGE_KINDS)
+
+
+def test_every_kind_round_trips_through_a_recipe(base, tmp_path, stub_trains):
+    raw = {"recipe": {"init_from": str(base), "out_dir": str(tmp_path / "r")},
+           "defaults": {"train": {"max_steps": 1}},
+           "stages": {f"s_{kind}": {"kind": kind} for kind in STAGE_KINDS}}
+    results = run_recipe(recipe_from_dict(raw), quiet=True)
+    assert [r.kind for r in results] == [c.kind for c in stub_trains] == list(STAGE_KINDS)
+    for cfg in stub_trains:
+        assert type(cfg.algo) is STAGE_KINDS[cfg.kind].section
+        assert cfg.train.out_dir == str(tmp_path / "r" / f"s_{cfg.kind}")
+        if STAGE_KINDS[cfg.kind].teacher:                          # "previous": the stage before's output
+            assert cfg.algo.teacher == str(base)
+
+
+def test_unknown_kind_names_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"unknown stage kind 'ppo'; expected one of \['distill', 'dpo', 'grpo', 'sft'\]"):
+        stage_config_from_dict("ppo", {})
+    with pytest.raises(ConfigError, match="kind = 'ppo': must be 'sft', 'dpo', 'grpo' or 'distill'"):
+        recipe_from_dict({"recipe": {"init_from": "x"}, "stages": {"a": {"kind": "ppo"}}})
+
+
+LAST_STAGE_TYPO = """
+[recipe]
+init_from = "{base}"
+out_dir = "{out}"
+[defaults.train]
+max_steps = 1
+[stages.cold_start]
+kind = "sft"
+[stages.rl]
+kind = "grpo"
+[stages.final_rl]
+kind = "grpo"
+[stages.final_rl.grpo]
+tempelate = "chat"
+"""
+
+
+def test_a_typo_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, stub_trains, capsys):
+    out = tmp_path / "r1"
+    path = tmp_path / "recipe.toml"
+    path.write_text(LAST_STAGE_TYPO.format(base=base, out=out))
+    with pytest.raises(ConfigError, match=r"\[stages\.final_rl\].*tempelate"):
+        load_recipe(path)
+    assert main(["grpo", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[stages.final_rl]" in err and "tempelate" in err and len(err.strip().splitlines()) == 1
+    assert stub_trains == [] and not out.exists()              # nothing trained, no folder made
+    # a bad value (not only a bad key) in the last stage, and a --set typo, fail the same way
+    path.write_text(LAST_STAGE_TYPO.format(base=base, out=out).replace("tempelate", "group_size = 1\n#"))
+    assert main(["grpo", "--config", str(path)]) == 2
+    assert "[stages.final_rl]: [grpo] group_size = 1: must be >= 2" in capsys.readouterr().err
+    path.write_text(LAST_STAGE_TYPO.format(base=base, out=out).replace("tempelate", "template"))
+    assert main(["grpo", "--config", str(path), "--set", "stages.final_rl.optim.lr_typo=1"]) == 2
+    assert "lr_typo" in capsys.readouterr().err
+    assert stub_trains == [] and not out.exists()
+    assert main(["grpo", "--config", str(path)]) == 0 and [c.kind for c in stub_trains] == ["sft", "grpo", "grpo"]
+
+
+# ----------------------------------------------------------------------------- layering, statically
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules ``path`` imports anywhere (top level and inside functions), as dotted names."""
+    pkg = ".".join(["nanoseek", *path.relative_to(PKG).parts[:-1]])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                out.add(f"{base}.{node.module}" if node.module else base)
+                if not node.module:
+                    out |= {f"{base}.{a.name}" for a in node.names}
+            else:
+                out.add(node.module)
+    return out
+
+
+def test_stage_is_the_foundation_and_post_has_no_import_cycle():
+    post = {f"nanoseek.post.{p.stem}": p for p in (PKG / "post").glob("*.py")}
+    assert "nanoseek.post.registry" in post and "nanoseek.post.rollout" in post
+    graph = {m: {i for i in _imports(p) if i in post} for m, p in post.items()}
+    algorithms = {f"nanoseek.post.{k}" for k in STAGE_KINDS} | {"nanoseek.post.registry"}
+    assert not graph["nanoseek.post.stage"] & algorithms, graph["nanoseek.post.stage"]
+    assert not graph["nanoseek.post.rollout"] & algorithms, graph["nanoseek.post.rollout"]
+
+    def visit(m, path):
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        for n in sorted(graph[m]):
+            visit(n, path + [m])
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_no_module_but_the_registry_branches_on_kind_names():
+    kinds = "|".join(STAGE_KINDS)
+    branch = re.compile(rf"""kind\s*(==|!=)\s*["']|["']({kinds})["']\s*:\s*(\w*(train|run)_|\w+Section\b)""")
+    files = [*(PKG / "post").glob("*.py"), PKG / "speedrun.py"]
+    hits = [f"{f.name}:{i}: {line.strip()}" for f in files if f.name != "registry.py"
+            for i, line in enumerate(f.read_text().splitlines(), 1) if branch.search(line)]
+    assert hits == []
+    # the plumbing reaches a kind's train function through the registry only
+    plumbing = [PKG / "post" / "cli_common.py", PKG / "post" / "recipe.py", PKG / "speedrun.py"]
+    imported = [(f.name, m) for f in plumbing for m in _imports(f) if m in {f"nanoseek.post.{k}" for k in STAGE_KINDS}]
+    assert imported == []
