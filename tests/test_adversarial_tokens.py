@@ -25,7 +25,7 @@ from nanoseek.data.tokenizer import (ASSISTANT, BOS, EOS, END_THINK, PAD, THINK,
 from nanoseek.tasks.generators import R1_ZERO_TEMPLATE, Problem, r1_zero_prompt
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.serve.testing import FakeEngine, make_test_tokenizer
+from serve_helpers import FakeEngine, make_test_tokenizer
 
 EXTRA_SPECIAL = "<｜tool▁calls▁begin｜>"   # added tokens beyond DeepSeek's seven, as a fine-tuned vocabulary has
 EXTRA_PLAIN = "<｜fim▁hole｜>"
