@@ -10,7 +10,7 @@ package are kept; the graph is then searched for cycles (Tarjan's strongly conne
 Layers (a module may import only its own layer or below):
 
 - ``model/`` imports nothing from the rest of the package except the ground floor
-  (``nanoseek.errors``, ``nanoseek.limits``, ``nanoseek.atomic``);
+  (``nanoseek.errors``, ``nanoseek.limits``, ``nanoseek.atomic``, ``nanoseek.claims``);
 - ``tasks/`` imports nothing from ``post/``, ``eval/``, ``infer/``, ``serve/``;
 - ``eval/`` imports nothing from ``post/``.
 """
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "nanoseek"
 
 # Modules every layer may import: the ground floor.
-GROUND = {"nanoseek", "nanoseek.errors", "nanoseek.limits", "nanoseek.atomic"}
+GROUND = {"nanoseek", "nanoseek.errors", "nanoseek.limits", "nanoseek.atomic", "nanoseek.claims"}
 # (importing package prefix, forbidden prefixes, allowed exceptions)
 LAYER_RULES = [
     ("nanoseek.model", ("nanoseek.",), GROUND | {"nanoseek.model"}),
@@ -187,9 +187,8 @@ def test_help_does_not_import_torch():
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
         "assert 'usage' in out.getvalue().lower(), out.getvalue()\n"
-        "heavy = sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules)\n"
-        "print('HEAVY=' + ','.join(heavy))\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "HEAVY=\n" in proc.stdout or proc.stdout.rstrip().endswith("HEAVY="), proc.stdout
+    assert proc.stdout.splitlines()[-1] == "TORCH False", "`nanoseek --help` imported torch: keep the CLI's imports lazy"
