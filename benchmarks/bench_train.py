@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.estimate.estimate import flops_per_token
+from nanoseek.estimate.flops import flops_per_token
 from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.model.config import load_model_config
 from nanoseek.model.transformer import DeepseekV3ForCausalLM

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from nanoseek import claims
 from nanoseek.errors import UserError
 
 _OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)-\d+$")
@@ -200,8 +201,6 @@ def replace_dir(src: str | Path, dst: str | Path, stale: Callable[[str], bool] =
     Folder and file modes of the old ``dst`` are kept; new ones get the umask's default.
     A claim of :mod:`nanoseek.outdir` held on ``dst`` stays held across the swap.
     """
-    from nanoseek import outdir
-
     src, dst = Path(src), Path(dst)
     written = set(os.listdir(src))
     check_replaceable(dst, lambda n: n in written or stale(n), what)
@@ -225,7 +224,7 @@ def replace_dir(src: str | Path, dst: str | Path, stale: Callable[[str], bool] =
             os.link(dst / name, src / name, follow_symlinks=False)
         except OSError:
             shutil.copy2(dst / name, src / name, follow_symlinks=False)
-    handover = outdir.handover_prepare(dst, src)
+    handover = claims.handover_prepare(dst, src)
     try:
         if _exchange(src, dst):
             old = src
@@ -238,9 +237,9 @@ def replace_dir(src: str | Path, dst: str | Path, stale: Callable[[str], bool] =
                 os.replace(old, dst)
                 raise
     except BaseException:
-        outdir.handover_abort(handover)
+        claims.handover_abort(handover)
         raise
-    outdir.handover_complete(dst, handover)
+    claims.handover_complete(dst, handover)
     for name in os.listdir(old):                  # folders kept, and files that appeared during the swap
         if name in written or stale(name):
             continue

@@ -24,8 +24,9 @@ Every command that leaves a folder behind (``demo``, ``pretrain``, ``sft``/``dpo
   kernel releases it when the process exits or dies, so a crash never leaves a stale lock.
   A second process claiming the same folder gets one line saying which process holds it. When
   the claimed folder itself is replaced (:func:`nanoseek.atomic.replace_dir`), the new folder is
-  locked before the swap. Claims nest within one process (the speedrun claims its folder, then
-  each stage its sub-folder; a repeated claim of a folder this process holds is a no-op). A
+  locked before the swap (:mod:`nanoseek.claims`, below both modules, keeps the claims held).
+  Claims nest within one process (the speedrun claims its folder, then each stage its
+  sub-folder; a repeated claim of a folder this process holds is a no-op). A
   sub-folder of a folder this process holds counts as own: the command that claimed the parent
   laid it out (an ablation writes each arm's ``arm.json`` before its pre-training run claims the
   folder). A folder inside a run folder that another live process holds is refused too.
@@ -57,12 +58,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from nanoseek.claims import HELD
 from nanoseek.errors import UserError
 
 LOCK_NAME = ".nanoseek.lock"
 
-# realpath -> [fd, depth] of the claims this process holds
-_HELD: dict[str, list[int]] = {}
 
 
 class OutputDirError(UserError):
@@ -156,17 +156,17 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     if path.parent.is_dir() and not path.exists():
         recover(path.parent, only=path.name)  # a replace killed mid-swap hid the old folder
     key = os.path.realpath(path)
-    if key not in _HELD and path.is_dir():    # another live holder: say "in use", whatever the folder holds
+    if key not in HELD and path.is_dir():    # another live holder: say "in use", whatever the folder holds
         with contextlib.suppress(OSError):
             os.close(_lock(path, flag, shared=True))
     check_claimable(path, command, flag=flag, own=own, overwrite=overwrite, overwrite_flag=overwrite_flag,
                     replaces=replaces)
-    if key in _HELD:                          # this process holds it already (a nested stage)
-        _HELD[key][1] += 1
+    if key in HELD:                          # this process holds it already (a nested stage)
+        HELD[key][1] += 1
         try:
             yield path
         finally:
-            _HELD[key][1] -= 1
+            HELD[key][1] -= 1
         return
     _check_ancestors(Path(key), flag)
     made = _missing_dirs(path)
@@ -179,7 +179,7 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     except BaseException:
         _tidy(made)
         raise
-    _HELD[key] = [fd, 1]
+    HELD[key] = [fd, 1]
     try:
         try:                                  # re-check under the lock: a finished writer may have filled it
             is_own = check_claimable(path, command, flag=flag, own=own, overwrite=overwrite,
@@ -215,7 +215,7 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
                 _tidy(made)
             raise
     finally:
-        os.close(_HELD.pop(key)[0])           # releases the lock
+        os.close(HELD.pop(key)[0])           # releases the lock
 
 
 def _check_marker(path: Path, flag: str) -> None:
@@ -298,7 +298,7 @@ def _lock(path: Path, flag: str, shared: bool = False) -> int:
 def _check_ancestors(real: Path, flag: str) -> None:
     """Refuse a folder inside a run folder another live process holds (a speedrun's stage folder)."""
     for parent in real.parents:               # every ancestor: its marker may have been deleted
-        if str(parent) in _HELD:
+        if str(parent) in HELD:
             continue
         try:
             fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -324,39 +324,14 @@ def _tidy(made: list[Path]) -> None:
             return
 
 
-def handover_prepare(dst: Path, new: Path) -> tuple[str, int] | None:
-    """Before :func:`nanoseek.atomic.replace_dir` swaps the folder ``new`` in at ``dst``: if this
-    process holds ``dst``, lock ``new`` too, so the folder at ``dst`` is never unlocked."""
-    key = os.path.realpath(dst)
-    if key not in _HELD:
-        return None
-    fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return key, fd
-
-
-def handover_complete(dst: Path, handover: tuple[str, int] | None) -> None:
-    """After the swap: the claim now holds the new folder's lock and releases the old one's."""
-    if handover is not None:
-        key, fd = handover
-        old, _HELD[key][0] = _HELD[key][0], fd
-        os.close(old)
-
-
-def handover_abort(handover: tuple[str, int] | None) -> None:
-    if handover is not None:
-        os.close(handover[1])
-
-
 def _inside_held(path: Path) -> bool:
     real = Path(os.path.realpath(path))
-    return any(str(parent) in _HELD for parent in real.parents)
+    return any(str(parent) in HELD for parent in real.parents)
 
 
 def holds(path: str | Path) -> bool:
     """Whether this process holds the claim on ``path``."""
-    return os.path.realpath(path) in _HELD
+    return os.path.realpath(path) in HELD
 
 
-__all__ = ["LOCK_NAME", "OutputDirError", "claim", "check_claimable", "visible_entries", "read_owner", "holds",
-           "handover_prepare", "handover_complete", "handover_abort"]
+__all__ = ["LOCK_NAME", "OutputDirError", "claim", "check_claimable", "visible_entries", "read_owner", "holds"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nanoseek.ablate import runner
-from nanoseek.ablate.report import (ArmResult, SeedRun, compare, read_results, table_rows,
-                                    write_combined_markdown)
+from nanoseek.ablate.report import read_results, table_rows, write_combined_markdown
+from nanoseek.ablate.results import ArmResult, SeedRun, compare
 from nanoseek.ablate.runner import Plan, make_plan, run_and_report, run_suite, solve_steps, train_config
 from nanoseek.ablate.suites import (ATTENTION_TOLERANCE, PARAM_TOLERANCE, base_model, build_suite,
                                     dense_with_matched_params, mha_with_matched_params, non_embedding_params)

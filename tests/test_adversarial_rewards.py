@@ -544,11 +544,11 @@ def test_a_patched_encoder_cannot_report_a_colliding_set(tag):
 
 
 def test_the_trainer_evaluation_has_a_cpu_budget(monkeypatch):
-    from nanoseek.tasks import code_reward
+    from nanoseek.tasks import assert_eval
     rec = {"tests": ["assert len([a for a in f(1) for b in range(5000)]) == 5000"]}
     good = "def f(x):\n    return [1]"
     assert score(respond(good), rec, CFG).reward == 1.0
-    monkeypatch.setattr(code_reward, "MAX_EVAL_CPU_S", 0.0)
+    monkeypatch.setattr(assert_eval, "MAX_EVAL_CPU_S", 0.0)
     r = assert_zero(good, rec)
     assert "s of CPU" in r.info["tests"][0]["reason"]
 

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from nanoseek.serve.api import ServeLimits, create_app
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest
-from nanoseek.serve.testing import FakeEngine, background_server, make_test_tokenizer, make_tiny_run
+from serve_helpers import FakeEngine, background_server, make_test_tokenizer, make_tiny_run
 
 MODEL = "m"
 # OpenAI's numeric fields that nanoseek accepts only at their neutral value (typed Any in the schema)

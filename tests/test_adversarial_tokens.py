@@ -26,7 +26,7 @@ from nanoseek.tasks.generators import Problem
 from nanoseek.tasks.reply import R1_ZERO_TEMPLATE, r1_zero_prompt
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.serve.testing import FakeEngine, make_test_tokenizer
+from serve_helpers import FakeEngine, make_test_tokenizer
 
 EXTRA_SPECIAL = "<｜tool▁calls▁begin｜>"   # added tokens beyond DeepSeek's seven, as a fine-tuned vocabulary has
 EXTRA_PLAIN = "<｜fim▁hole｜>"

@@ -10,9 +10,9 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.estimate.comm import comm_estimate, ep_all_to_all
-from nanoseek.estimate.estimate import (
-    EstimateError, attention_flops_per_token, estimate, flops_per_token, param_report,
-    parse_count, training_cost, training_flops_breakdown,
+from nanoseek.estimate.estimate import estimate, param_report, parse_count, training_cost
+from nanoseek.estimate.flops import (
+    EstimateError, attention_flops_per_token, flops_per_token, training_flops_breakdown,
 )
 from nanoseek.estimate.gpus import GPUS, GPUSpecError, get_gpu, gpu_spec_from_dict, load_gpu_spec
 from nanoseek.estimate.inference import decode_estimate, decode_weight_bytes, experts_touched

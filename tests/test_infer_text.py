@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from nanoseek.data.bytetok import ByteTokenizer
-from nanoseek.infer.request import _Request, _Sample
+from nanoseek.infer.request import Request, Sample
 from nanoseek.infer.reasoning import ReasoningSplitter, prompt_ends_in_think
 from nanoseek.tasks.reply import split_reasoning
 from nanoseek.infer.sampling import SamplingParams
@@ -108,8 +108,8 @@ def test_prompt_ends_in_think():
 
 def _sample(params: SamplingParams, prompt_ids=(256,), stop_ids=(257,)):
     starts = prompt_ends_in_think(list(prompt_ids), TOK) if params.starts_in_think is None else params.starts_in_think
-    req = _Request(0, list(prompt_ids), params.validate(), set(stop_ids), starts, params.max_new_tokens)
-    return _Sample(req, 0, 0, TOK)
+    req = Request(0, list(prompt_ids), params.validate(), set(stop_ids), starts, params.max_new_tokens)
+    return Sample(req, 0, 0, TOK)
 
 
 def test_sample_text_pipeline_with_scripted_tokens():

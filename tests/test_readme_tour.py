@@ -452,7 +452,8 @@ def test_val_bpb_is_bits_per_byte_by_the_eval_rule(packed_run, data_dir):
     from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.eval.bpb import bits_per_byte
     from nanoseek.model.checkpoint import from_pretrained
-    from nanoseek.train.pretrain import PretrainTask, token_byte_lengths
+    from nanoseek.eval.bpb import token_byte_lengths
+    from nanoseek.train.pretrain import PretrainTask
 
     tok = Tokenizer.load(data_dir / "tokenizer")
     model = from_pretrained(packed_run / "final", dtype=torch.float32).eval()

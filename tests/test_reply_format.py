@@ -16,7 +16,7 @@ import pytest
 
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.post.datasets import RLPrompt
-from nanoseek.serve.testing import make_test_tokenizer
+from serve_helpers import make_test_tokenizer
 from nanoseek.tasks.generators import Problem
 from nanoseek.tasks.reply import (DEFAULT_TEMPLATE, EVAL_TEMPLATES, TEMPLATES, check_format, completion_text,
                                   prefilled_text, render_prompt, reward_format, split_leading_think, split_reasoning,

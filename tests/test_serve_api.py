@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from nanoseek.serve.api import ServeLimits, create_app
-from nanoseek.serve.testing import WORDS, FakeEngine, background_server, make_test_tokenizer
+from serve_helpers import WORDS, FakeEngine, background_server, make_test_tokenizer
 
 MODEL = "nanoseek-test"
 CONTEXT = 256
@@ -447,7 +447,7 @@ def real(tmp_path_factory, tokenizer):
     """``nanoseek serve`` over a tiny random DeepSeek-V3 run folder, with the real engine."""
     from nanoseek.cli import build_parser
     from nanoseek.serve.cli import build_server
-    from nanoseek.serve.testing import make_tiny_run
+    from serve_helpers import make_tiny_run
 
     run = make_tiny_run(tmp_path_factory.mktemp("serve") / "tiny-run", tokenizer)
     app, engine = build_server(build_parser().parse_args(["serve", "--model", str(run), "--port", "0"]))

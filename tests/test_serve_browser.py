@@ -20,7 +20,7 @@ import time
 import pytest
 
 from nanoseek.serve.api import ServeLimits, create_app
-from nanoseek.serve.testing import FakeEngine, background_server, make_test_tokenizer
+from serve_helpers import FakeEngine, background_server, make_test_tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

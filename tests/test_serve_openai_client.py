@@ -14,7 +14,7 @@ from openai import OpenAI
 from nanoseek.cli import build_parser
 from nanoseek.serve.api import ServeLimits, create_app
 from nanoseek.serve.cli import build_server
-from nanoseek.serve.testing import FakeEngine, background_server, make_test_tokenizer, make_tiny_run
+from serve_helpers import FakeEngine, background_server, make_test_tokenizer, make_tiny_run
 
 MODEL = "nanoseek-test"
 

@@ -14,11 +14,12 @@ from nanoseek.cli import main
 from nanoseek.data.corpus import plain_text_documents
 from nanoseek.data.prepare import PrepareConfig, prepare_inputs
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.eval.bpb import token_byte_lengths
 from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.train.config import config_from_dict
 from nanoseek.train.metrics import (MetricsLogger, ProgressDisplay, events, measure_matmul_peak, model_flops_per_token,
                                     progress_enabled, read_metrics, step_records)
-from nanoseek.train.pretrain import pretrain, token_byte_lengths
+from nanoseek.train.pretrain import pretrain
 
 SMALL = ["--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2", "--set", "model.q_lora_rank=16",
          "--set", "model.kv_lora_rank=16", "--set", "model.moe_intermediate_size=16", "--set", "optim.seq_len=16",

@@ -145,7 +145,8 @@ def _main(args: argparse.Namespace, out) -> int:
     from nanoseek.errors import UserError
     from nanoseek.model.config import ConfigError
 
-    from .report import ReportError, write_combined_markdown
+    from .report import write_combined_markdown
+    from .results import ReportError
     from .suites import base_model, build_suite, describe_base
 
     try:

@@ -1,15 +1,9 @@
-"""Ablation results: read the runs' ``metrics.jsonl``, compare arms, write tables, plots and markdown.
+"""Ablation reports: collect a suite's runs, write tables, plots and markdown.
 
-The runner leaves one run folder per arm and seed (``SUITE/runs/ARM/seedN``, written by the
-shared training loop, plus ``ablate_arm.json`` naming the arm). This module reads them back:
+Reading one run folder back and comparing two arms is :mod:`.results` (one floor down, so the
+suites can compare arms without importing the report). This module:
 
-* :func:`load_seed_run`: the validation-loss curve (eval events) against tokens, training FLOPs
-  (tokens x FLOPs/token of the arm) and wall-clock seconds, the final validation loss, the
-  median tokens/s, and MaxVio per step (the loop's per-MoE-layer list, averaged over layers);
-* :func:`compare`: arm A against arm B on one metric: the difference of the means over seeds,
-  the paired per-seed differences, and whether it is *clear*: every seed agrees on the sign and
-  the difference exceeds the larger of the two arms' seed standard deviations. With one seed
-  there is no spread to judge against and ``clear`` is None;
+* :func:`collect`: every arm's runs of a suite, read with :mod:`.results`;
 * :func:`write_suite_report`: ``results.json`` (every number), ``report.md`` (claim, verdict,
   table, per-seed losses, setup, plots) and the PNG plots;
 * :func:`write_combined_markdown`: ``docs/ablations.md`` from several suites' ``results.json``.
@@ -21,149 +15,21 @@ import json
 import math
 import os
 import statistics
-import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import write_atomic
+from .results import METRICS, ArmResult, ReportError, load_seed_run
 
 if TYPE_CHECKING:
     from .suites import Suite
 
-ARM_FILE = "ablate_arm.json"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
-METRICS = ("final_val_loss", "maxvio_mean", "maxvio_final", "tokens_per_s", "wall_s")
 
 
-class ReportError(ValueError):
-    """A run folder is missing, unfinished or inconsistent with the suite."""
-
-
-# ---------------------------------------------------------------------------- one run
-@dataclass
-class SeedRun:
-    seed: int
-    run_dir: str
-    final_val_loss: float
-    curve: list[dict[str, float]]          # {"step", "tokens", "flops", "wall_s", "val_loss"} per evaluation
-    maxvio: list[list[float]]              # [step, MaxVio averaged over MoE layers] per step (empty: dense)
-    tokens: int
-    wall_s: float
-    tokens_per_s: float
-    config_seed: int                       # [train] seed recorded in the run's config.toml
-    maxvio_mean: float | None = None       # over all steps
-    maxvio_final: float | None = None      # over the last 10% of steps
-
-    def value(self, metric: str) -> float | None:
-        return getattr(self, metric)
-
-
-def load_seed_run(run_dir: str | Path, flops_per_token: float) -> SeedRun:
-    """Read one finished run folder (``metrics.jsonl``, ``config.toml``, ``ablate_arm.json``)."""
-    from ..train.metrics import events, read_metrics, step_records
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise ReportError(f"{run_dir}: no metrics.jsonl (the run did not start)")
-    records = read_metrics(run_dir)
-    steps = step_records(records)
-    evals = [e for e in events(records, "eval") if "val_loss" in e]
-    if not events(records, "done"):
-        raise ReportError(f"{run_dir}/metrics.jsonl: no 'done' event (the run did not finish)")
-    if not evals:
-        raise ReportError(f"{run_dir}/metrics.jsonl: no eval event with val_loss")
-    try:
-        cfg = tomllib.loads((run_dir / "config.toml").read_text())
-        arm = json.loads((run_dir / ARM_FILE).read_text())
-    except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{run_dir}: cannot read config.toml / {ARM_FILE}: {e}") from None
-    evals = list({e["step"]: e for e in evals}.values())            # last eval of each step
-    curve = []
-    for e in evals:
-        rec = steps.get(e["step"], {})
-        tokens = rec.get("tokens_seen", e["step"] * arm["tokens_per_step"])
-        curve.append({"step": e["step"], "tokens": tokens, "flops": tokens * flops_per_token,
-                      "wall_s": rec.get("elapsed", float("nan")), "val_loss": float(e["val_loss"])})
-    maxvio = [[s, statistics.fmean(r["maxvio"])] for s, r in steps.items() if r.get("maxvio")]
-    tps = [r["tokens_per_s"] for r in steps.values() if r.get("tokens_per_s")]
-    last = steps[max(steps)] if steps else {}
-    run = SeedRun(seed=int(arm["seed"]), run_dir=str(run_dir), final_val_loss=curve[-1]["val_loss"], curve=curve,
-                  maxvio=maxvio, tokens=int(last.get("tokens_seen", 0)), wall_s=float(last.get("elapsed", 0.0)),
-                  tokens_per_s=statistics.median(tps) if tps else float("nan"),
-                  config_seed=int(cfg.get("train", {}).get("seed", -1)))
-    if maxvio:
-        vals = [v for _, v in maxvio]
-        run.maxvio_mean = statistics.fmean(vals)
-        run.maxvio_final = statistics.fmean(vals[-max(1, len(vals) // 10):])
-    return run
-
-
-# ---------------------------------------------------------------------------- one arm
-@dataclass
-class ArmResult:
-    name: str
-    label: str
-    info: dict[str, Any]                   # Arm.info(): params, KV bytes, FLOPs/token
-    note: str = ""
-    runs: list[SeedRun] = field(default_factory=list)
-
-    def values(self, metric: str) -> dict[int, float]:
-        return {r.seed: r.value(metric) for r in self.runs if r.value(metric) is not None}
-
-    def mean(self, metric: str) -> float:
-        v = list(self.values(metric).values())
-        return statistics.fmean(v) if v else float("nan")
-
-    def std(self, metric: str) -> float:
-        """Sample standard deviation over seeds (0 with one seed)."""
-        v = list(self.values(metric).values())
-        return statistics.stdev(v) if len(v) > 1 else 0.0
-
-
-@dataclass
-class Comparison:
-    metric: str
-    diff: float                            # mean(a) - mean(b)
-    rel: float                             # diff / mean(b)
-    per_seed: dict[int, float]             # a - b for each seed both ran
-    per_seed_rel: dict[int, float]
-    spread: float                          # larger of the two arms' seed standard deviations
-    clear: bool | None                     # None: one seed, nothing to judge the difference against
-
-    def text(self, what: str = "loss") -> str:
-        word = "lower" if self.diff < 0 else "higher"
-        s = f"{what} {word} by {abs(self.diff):.4f} ({100 * abs(self.rel):.2f}%)"
-        n = len(self.per_seed)
-        if self.clear is None:                  # one seed: the suite's text says so once
-            return s
-        paired = ", ".join(f"{d:+.4f}" for d in self.per_seed.values())
-        if self.clear:
-            return s + f", clear over {n} seeds (per seed {paired}; seed spread {self.spread:.4f})"
-        signs = sum(1 for d in self.per_seed.values() if (d < 0) == (self.diff < 0))
-        return s + (f", not significant: per seed {paired}, {signs} of {n} seeds agree, seed spread "
-                    f"{self.spread:.4f}")
-
-
-def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Comparison:
-    """A against B on ``metric`` (see the module docstring for when a difference is clear)."""
-    va, vb = a.values(metric), b.values(metric)
-    if not va or not vb:
-        raise ReportError(f"no {metric} for {a.name if not va else b.name}")
-    ma, mb = statistics.fmean(va.values()), statistics.fmean(vb.values())
-    diff = ma - mb
-    common = sorted(set(va) & set(vb))
-    per_seed = {s: va[s] - vb[s] for s in common}
-    per_seed_rel = {s: (va[s] - vb[s]) / vb[s] if vb[s] else float("nan") for s in common}
-    spread = max(a.std(metric), b.std(metric))
-    if len(common) < 2:
-        clear = None
-    else:
-        clear = all(d != 0 and (d < 0) == (diff < 0) for d in per_seed.values()) and abs(diff) > spread
-    return Comparison(metric, diff, diff / mb if mb else float("nan"), per_seed, per_seed_rel, spread, clear)
-
-
+# ---------------------------------------------------------------------------- one suite
 def collect(suite: "Suite", suite_dir: str | Path, seeds: list[int], seq_len: int) -> dict[str, ArmResult]:
     """Every arm's runs under ``suite_dir/runs``; a missing or unfinished run is an error."""
     suite_dir = Path(suite_dir)
@@ -458,6 +324,5 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
     return out_md
 
 
-__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "collect", "plot_curves",
-           "plot_maxvio", "table_rows", "suite_markdown", "results_dict", "write_suite_report", "read_results",
-           "write_combined_markdown", "ARM_FILE", "RESULTS_FILE", "REPORT_FILE"]
+__all__ = ["collect", "plot_curves", "plot_maxvio", "table_rows", "suite_markdown", "results_dict", "write_suite_report", "read_results",
+           "write_combined_markdown", "RESULTS_FILE", "REPORT_FILE"]

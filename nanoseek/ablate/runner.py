@@ -33,7 +33,7 @@ from typing import Any, Callable
 from ..atomic import write_atomic
 from ..model.config import ConfigError, ModelConfig, load_model_config
 from ..train.loop import Hook
-from .report import ARM_FILE
+from .results import ARM_FILE
 from .suites import Arm, Suite
 
 MODEL_PRESET = "tiny"         # [model] preset the arm's fields override (every differing field is written)

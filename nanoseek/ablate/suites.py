@@ -17,7 +17,7 @@ group-limited routing, sigmoid gate), and derives its other arms from it. Matche
   precision), so parameters match exactly.
 
 Each suite's ``judge`` turns the measured arms into a :class:`Verdict`: "held", "did not hold",
-"partly held" or "not significant at this scale", by the rule of :func:`nanoseek.ablate.report.compare`
+"partly held" or "not significant at this scale", by the rule of :func:`nanoseek.ablate.results.compare`
 (a difference counts when every seed agrees on its sign and it exceeds the seeds' spread).
 """
 
@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from ..model.config import ModelConfig
 from ..model.params import attention_params, count_params
+from .results import compare
 
 # A small DeepSeek-V3: dense first layer as wide as the activated experts (1 shared + 4 routed of
 # width 32 -> 160, as V3's 18432 = 9 x 2048), 16 routed experts in 4 groups (keep 2), MLA with
@@ -65,7 +66,7 @@ class Arm:
 
     def info(self, seq_len: int) -> dict[str, Any]:
         """Sizes the report shows: non-embedding params, KV bytes/token, training FLOPs/token."""
-        from ..estimate.estimate import flops_per_token
+        from ..estimate.flops import flops_per_token
         from ..model.params import kv_cache_bytes_per_token
         total, active = non_embedding_params(self.model)
         use_mtp = self.model.num_nextn_predict_layers > 0 and self.train.get("mtp_lambda", 0) > 0
@@ -204,7 +205,6 @@ def moe_vs_dense(base: ModelConfig) -> Suite:
     ]
 
     def judge(r: dict) -> Verdict:
-        from .report import compare
         c_act = compare(r["moe"], r["dense-active"])
         c_tot = compare(r["moe"], r["dense-total"])
         status = _combine([_status(c_act, expect_lower=True)])
@@ -252,7 +252,6 @@ def balance(base: ModelConfig, alphas: tuple[float, ...] = (0.001, 0.01, 0.1),
     aux = [a.name for a in arms[2:-1]]
 
     def judge(r: dict) -> Verdict:
-        from .report import compare
 
         def against_aux(free: str) -> tuple[list[str], str]:
             loss = {n: compare(r[free], r[n]) for n in aux}
@@ -299,7 +298,6 @@ def attention(base: ModelConfig, gqa_kv_heads: int | None = None) -> Suite:
     ]
 
     def judge(r: dict) -> Verdict:
-        from .report import compare
         c_mha = compare(r["mla"], r["mha"])
         c_gqa = compare(r[f"gqa-{kv}"], r["mha"])
         kvb = {a.name: r[a.name].info["kv_bytes_per_token"] for a in arms}
@@ -327,7 +325,6 @@ def mtp(base: ModelConfig, mtp_lambda: float = 0.3) -> Suite:
     ]
 
     def judge(r: dict) -> Verdict:
-        from .report import compare
         c = compare(r["mtp"], r["no-mtp"])
         f0, f1 = r["no-mtp"].info["flops_per_token"], r["mtp"].info["flops_per_token"]
         summary = (f"Main-model validation loss (next token only, the MTP module unused at evaluation) with MTP vs "
@@ -355,7 +352,6 @@ def precision(base: ModelConfig, block: int = 128) -> Suite:
     ]
 
     def judge(r: dict) -> Verdict:
-        from .report import compare
         c = compare(r["fp8"], r["bf16"])
         c_ref = compare(r["bf16"], r["fp32"])
         rels = [abs(x) for x in c.per_seed_rel.values()]

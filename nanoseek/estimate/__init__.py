@@ -1,7 +1,9 @@
 """``nanoseek estimate``: the arithmetic of a DeepSeek-scale run, for any config.
 
-* :mod:`.estimate`: parameters, ``flops_per_token`` (used by the training loop for MFU),
-  GPU-hours, cost and the implied MFU; :func:`.estimate.estimate` runs every section.
+* :mod:`.flops`: model FLOPs per token (``flops_per_token``, used by the training loop for MFU)
+  and the ``EstimateError`` every section raises; the floor the other sections import.
+* :mod:`.estimate`: parameters, GPU-hours, cost and the implied MFU; :func:`.estimate.estimate`
+  runs every section.
 * :mod:`.memory`: training memory per GPU for a dp / ep / pp / ZeRO-FSDP layout
   (:func:`.memory.estimate_for_layout`).
 * :mod:`.inference`: KV cache (MLA vs MHA / GQA / MQA) and a decode-speed upper bound.

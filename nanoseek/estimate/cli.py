@@ -150,7 +150,8 @@ def _resolve(args, cfg, gpu):
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import UserError
-    from .estimate import EstimateError, estimate, parse_count
+    from .estimate import estimate, parse_count
+    from .flops import EstimateError
     from .gpus import GPUSpecError, get_gpu, load_gpu_spec
 
     cfg = load_config(args.config)

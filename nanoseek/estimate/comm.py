@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..model.config import ModelConfig
-from .estimate import DEFAULT_SEQ_LEN, EstimateError, layer_forward_flops_per_token
+from .flops import DEFAULT_SEQ_LEN, EstimateError, layer_forward_flops_per_token
 from .gpus import GPUS, GPUSpec
 
 FP8_SCALE_BYTES_PER_VALUE = 4 / 128      # one fp32 scale per 1x128 tile

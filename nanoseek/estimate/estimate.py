@@ -3,23 +3,9 @@
 Pure functions on a :class:`ModelConfig` and a :class:`GPUSpec` returning dataclasses; the CLI
 only formats them, and ``--json`` prints exactly ``Estimate.to_dict()``. Memory per GPU for a
 parallel layout lives in :mod:`.memory`, inference (KV cache, decode) in :mod:`.inference`,
-expert-parallel all-to-all in :mod:`.comm`; :func:`estimate` runs them all.
-
-What :func:`flops_per_token` counts (training, forward + backward, per token of the sequence):
-
-* ``matmul``: 6 x every activated parameter except the input embedding table (a lookup, no
-  FLOPs). The output head is counted; so are the router and the norm weights, although norms are
-  elementwise (they are < 0.001% of the total). 2 FLOPs per multiply-add in the forward pass,
-  twice that in the backward (gradients of inputs and of weights).
-* ``attention``: the score and value products that have no parameters: per layer and head,
-  2 (q.k over ``qk_head_dim``) + 2 (p.v over ``v_head_dim``) FLOPs per attended position, over
-  a causal window whose mean length is (seq_len + 1) / 2, times 3 for the backward. MLA trains in
-  its naive (non-absorbed) form, so ``qk_head_dim`` = 192 and ``v_head_dim`` = 128 for V3.
-* ``mtp``: the same for each multi-token-prediction module (eh_proj, one block, and the shared
-  output head computed again), when ``include_mtp`` and the config has MTP modules.
-
-Softmax, RoPE, activation functions, the optimizer step and recomputation are not counted: this
-is *model* FLOPs, so MFU = achieved model FLOP/s over the dense BF16 peak (the PaLM convention).
+expert-parallel all-to-all in :mod:`.comm`; :func:`estimate` runs them all. Model FLOPs per
+token (what is counted, and what is not) and the shared :class:`EstimateError` live one floor
+down in :mod:`.flops`, which the sections import; this module imports the sections.
 """
 
 from __future__ import annotations
@@ -31,16 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.config import ModelConfig
-from ..model.params import count_params, layer_params
+from ..model.params import count_params
+from .comm import comm_estimate
+from .flops import DEFAULT_SEQ_LEN, EstimateError, mtp_active_params, training_flops_breakdown
 from .gpus import GPUSpec
+from .inference import decode_estimate
+from .memory import Layout, estimate_for_layout
 
 DEFAULT_MFU = 0.4
-DEFAULT_SEQ_LEN = 4096          # DeepSeek-V3 pre-training sequence length
 DEFAULT_PRICE = 2.0             # $/GPU-hour, the rental price the V3 report assumes
-
-
-class EstimateError(ValueError):
-    """An input the estimate cannot use (inconsistent layout, both --mfu and --gpu-hours, ...)."""
 
 
 # ---------------------------------------------------------------------- units
@@ -81,55 +66,6 @@ def param_report(cfg: ModelConfig) -> ParamReport:
     return ParamReport(total=pc.total, active=pc.active,
                        active_without_embedding=pc.active_without_embedding, mtp=pc.mtp,
                        total_with_mtp=pc.total + pc.mtp, breakdown=bd, active_breakdown=ab)
-
-
-def mtp_active_params(cfg: ModelConfig) -> int:
-    """Unique MTP parameters a token activates: enorm, hnorm, eh_proj, the block's activated
-    parameters and shared_head.norm, over all MTP modules (the shared embedding and head excluded)."""
-    d = cfg.hidden_size
-    n = 0
-    for k in range(cfg.num_nextn_predict_layers):
-        _, act = layer_params(cfg, cfg.num_hidden_layers + k)
-        n += 3 * d + 2 * d * d + sum(act.values())
-    return n
-
-
-# ---------------------------------------------------------------------- FLOPs
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layers: int | None = None) -> float:
-    """Forward FLOPs of the parameter-free attention products (q.k and p.v) per token, causal."""
-    if seq_len < 1:
-        raise EstimateError(f"seq_len must be >= 1, got {seq_len}")
-    layers = cfg.num_hidden_layers if layers is None else layers
-    mean_window = (seq_len + 1) / 2
-    per_layer = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * mean_window
-    return per_layer * layers
-
-
-def training_flops_breakdown(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN,
-                             include_mtp: bool = True) -> dict[str, float]:
-    """Training (forward + backward) model FLOPs per token by term; see the module docstring."""
-    pc = count_params(cfg)
-    out = {"matmul": 6.0 * pc.active_without_embedding,
-           "attention": 3.0 * attention_flops_per_token(cfg, seq_len),
-           "mtp": 0.0}
-    if include_mtp and cfg.num_nextn_predict_layers:
-        head = cfg.vocab_size * cfg.hidden_size       # the shared output head, run again per module
-        out["mtp"] = (6.0 * (mtp_active_params(cfg) + head * cfg.num_nextn_predict_layers)
-                      + 3.0 * attention_flops_per_token(cfg, seq_len, cfg.num_nextn_predict_layers))
-    return out
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN, include_mtp: bool = True) -> float:
-    """Training model FLOPs per token: 6 x activated non-embedding parameters + causal attention
-    (+ MTP modules). Independent of the hardware; the training loop divides achieved FLOP/s by
-    the peak to report MFU. DeepSeek-V3 at seq_len 4096: about 2.6e11 (with its MTP module)."""
-    return sum(training_flops_breakdown(cfg, seq_len, include_mtp).values())
-
-
-def layer_forward_flops_per_token(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
-    """Forward FLOPs one token spends in decoder layer ``layer_idx`` (matmuls + attention)."""
-    _, act = layer_params(cfg, layer_idx)
-    return 2.0 * sum(act.values()) + attention_flops_per_token(cfg, seq_len, layers=1)
 
 
 # ---------------------------------------------------------------------- training cost
@@ -228,10 +164,6 @@ def estimate(cfg: ModelConfig, gpu: GPUSpec, *, model_name: str = "model",
              kv_bytes: int = 2, infer_weight_bytes: float | None = None,
              gqa_groups: int | None = None) -> Estimate:
     """All sections of ``nanoseek estimate`` for one config, GPU and layout."""
-    from .comm import comm_estimate
-    from .inference import decode_estimate
-    from .memory import Layout, estimate_for_layout
-
     layout = layout or Layout()
     layout.validate(cfg)
     tokens = default_tokens(cfg) if tokens is None else tokens

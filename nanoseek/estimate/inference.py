@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..model.config import ModelConfig
 from ..model.params import count_params, kv_cache_bytes_per_token
-from .estimate import EstimateError
+from .flops import EstimateError
 from .gpus import GPUSpec
 
 USABLE_HBM = 0.9

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..model.config import ModelConfig
 from ..model.params import count_params, layer_params
-from .estimate import DEFAULT_SEQ_LEN, EstimateError
+from .flops import DEFAULT_SEQ_LEN, EstimateError
 from .gpus import GPUSpec
 
 

@@ -3,7 +3,7 @@
 Cross-entropy per token depends on the vocabulary (a tokenizer with longer tokens has fewer,
 harder tokens). Bits per byte divides the total loss by the UTF-8 bytes the target tokens stand
 for instead: ``bpb = sum(nats) / ln 2 / sum(bytes)``. A token's byte count is the length of its
-byte-level string (``nanoseek.train.pretrain.token_byte_lengths``, the same table the trainer's
+byte-level string (:func:`token_byte_lengths`, the same table the trainer's
 ``val_bpb`` uses; 1 for the byte tokenizer's ids 0-255), and special tokens (BOS, EOS, role and
 think markers) count 0 bytes: their targets are left out of both sums, so a model is not scored on
 predicting document boundaries. :func:`bpb_sums` is that rule, and the one place it lives: the
@@ -42,11 +42,20 @@ class BpbResult:
         return asdict(self)
 
 
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of every token id [V]: the length of its byte-level string, 0 for special tokens."""
+    n = tokenizer.vocab_size
+    out = torch.zeros(n, dtype=torch.long)
+    special = set(getattr(tokenizer, "special_ids", ()))
+    for i in range(n):
+        if i not in special:
+            out[i] = len(tokenizer.id_to_token(i) or "")
+    return out
+
+
 def token_bytes_table(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
     """UTF-8 bytes of every token id ``[V]`` (0 for special tokens), padded with 0 to ``vocab_size``."""
     if hasattr(tokenizer, "id_to_token"):
-        from nanoseek.train.pretrain import token_byte_lengths
-
         table = token_byte_lengths(tokenizer)
     else:  # the byte stand-in (nanoseek.data.bytetok): ids 0-255 are single bytes, the rest special
         n = int(tokenizer.vocab_size)
@@ -133,4 +142,4 @@ def bits_per_byte(model, source: str | Path | Sequence[Sequence[int]], tokenizer
                      source=name)
 
 
-__all__ = ["bits_per_byte", "bpb_sums", "token_bytes_table", "BpbResult"]
+__all__ = ["bits_per_byte", "bpb_sums", "token_byte_lengths", "token_bytes_table", "BpbResult"]

@@ -40,7 +40,6 @@ detokenisation, stop strings never leaked), splits ``<think>`` reasoning from th
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
 import warnings
@@ -51,7 +50,7 @@ from typing import Iterator
 import torch
 
 from .reasoning import prompt_ends_in_think
-from .request import _END, Completion, EngineError, RequestHandle, TokenEvent, _Request, _Sample
+from .request import Completion, EngineError, Request, RequestHandle, Sample, TokenEvent
 from .sampling import RowParams, SamplingParams, choose_tokens, sample_from_probs, token_logprobs
 from .speculative import SpeculativeStats, speculative_accept
 
@@ -104,7 +103,6 @@ class Engine:
         self.device = next(model.parameters()).device
         # one spare slot per row: a speculative step writes its draft one position ahead
         self.cache = model.new_cache(max_batch_size, self.max_seq_len + 1, dtype, with_mtp=use_mtp)
-        self._attn = [m for m in model.modules() if hasattr(m, "absorb")]
         if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
             self.eos_ids = {int(tokenizer.eos_id)}
         else:
@@ -114,11 +112,11 @@ class Engine:
         self.stats = EngineStats()
         self.spec_stats = SpeculativeStats()
         self._ids = itertools.count()
-        self._waiting: deque[_Request] = deque()
-        self._active: list[_Sample] = []
+        self._waiting: deque[Request] = deque()
+        self._active: list[Sample] = []
         self._free_rows = list(range(max_batch_size))
         self._rp_cache: tuple[tuple, RowParams] | None = None
-        self._admitting: list[_Request] = []
+        self._admitting: list[Request] = []
         self._cv = threading.Condition()
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -144,17 +142,11 @@ class Engine:
             return
         try:
             while True:
-                while True:
-                    try:
-                        item = handle._events.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _END:
-                        handle._events.put(_END)
-                        if handle._error is not None:
-                            raise EngineError(f"request failed: {handle._error}") from handle._error
-                        return
-                    yield item
+                yield from handle.ready_events()
+                if handle.drained:
+                    if handle.error is not None:
+                        raise EngineError(f"request failed: {handle.error}") from handle.error
+                    return
                 self._step_guarded()
         finally:
             if not handle.done:                 # the consumer stopped early: free the rows
@@ -222,7 +214,7 @@ class Engine:
             in_think = (self.tokenizer is not None and params.split_reasoning
                         and prompt_ends_in_think(prompt, self.tokenizer))
         limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        req = _Request(next(self._ids), prompt, params, stop_ids, in_think, limit)
+        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit)
         with self._cv:
             self._waiting.append(req)
             self._cv.notify_all()
@@ -257,25 +249,25 @@ class Engine:
             reqs.update((r.id, r) for r in self._waiting)
             self._waiting.clear()
         for r in reqs.values():
-            r.handle._finish(None, error)
+            r.handle.finish(None, error)
         self._active = []
         self._free_rows = list(range(self.max_batch_size))
         self._rp_cache = None
 
     def _step(self) -> None:
         """Cancel, admit + prefill, then one decode step over all active rows."""
-        events: list[tuple[_Sample, TokenEvent]] = []
+        events: list[tuple[Sample, TokenEvent]] = []
         for s in [s for s in self._active if s.req.handle.cancelled]:
             events.append((s, s.cancel()))
-        admitted: list[_Request] = []
+        admitted: list[Request] = []
         with self._cv:
             for r in [r for r in self._waiting if r.handle.cancelled]:   # never admitted: nothing generated
                 self._waiting.remove(r)
                 comps = []
                 for i in range(r.params.n):
-                    r.handle._put(TokenEvent(i, None, "", "", True, "cancelled"))
+                    r.handle.put(TokenEvent(i, None, "", "", True, "cancelled"))
                     comps.append(Completion([], "", None, "", "cancelled", len(r.prompt), 0, index=i))
-                r.handle._finish(comps)
+                r.handle.finish(comps)
             budget = self.max_prefill_tokens
             while self._waiting and len(self._free_rows) >= self._waiting[0].params.n:
                 r = self._waiting[0]
@@ -284,32 +276,29 @@ class Engine:
                     break
                 self._waiting.popleft()
                 rows, self._free_rows = self._free_rows[:r.params.n], self._free_rows[r.params.n:]
-                r.samples = [_Sample(r, i, row, self.tokenizer) for i, row in enumerate(rows)]
+                r.samples = [Sample(r, i, row, self.tokenizer) for i, row in enumerate(rows)]
                 admitted.append(r)
         self._admitting = admitted           # failed with the step if its prefill raises
         model = self.model
         was_training = model.training
-        absorb = [m.absorb for m in self._attn]
         if was_training:
             model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), model.absorb_restored():
                 decoding = [s for s in self._active if not s.finished]
                 if admitted:
                     events += self._prefill(admitted)
                 if decoding:
                     events += self._decode_mtp(decoding) if self.use_mtp else self._decode(decoding)
         finally:
-            for m, a in zip(self._attn, absorb):
-                m.absorb = a
             if was_training:
                 model.train()
         self._admitting = []
         self._publish(events)
 
-    def _publish(self, events: list[tuple[_Sample, TokenEvent]]) -> None:
+    def _publish(self, events: list[tuple[Sample, TokenEvent]]) -> None:
         for s, ev in events:
-            s.req.handle._put(ev)
+            s.req.handle.put(ev)
         finished = [s for s in self._active if s.finished]
         if finished:
             self._active = [s for s in self._active if not s.finished]
@@ -318,19 +307,15 @@ class Engine:
                 req = s.req
                 req.completions[s.index] = s.completion()
                 if all(c is not None for c in req.completions):
-                    req.handle._finish(list(req.completions))
+                    req.handle.finish(list(req.completions))
 
-    def _set_absorb(self, absorb: bool) -> None:
-        for m in self._attn:
-            m.absorb = absorb
-
-    def _row_params(self, samples: list[_Sample]) -> RowParams:
+    def _row_params(self, samples: list[Sample]) -> RowParams:
         key = tuple(s.serial for s in samples)
         if self._rp_cache is None or self._rp_cache[0] != key:
             self._rp_cache = (key, RowParams.build([s.params for s in samples], self.device))
         return self._rp_cache[1]
 
-    def _uniforms(self, samples: list[_Sample], rp: RowParams, k: int = 0) -> torch.Tensor | None:
+    def _uniforms(self, samples: list[Sample], rp: RowParams, k: int = 0) -> torch.Tensor | None:
         """One uniform per row from the row's own stream ([B]), or k per row ([B, k])."""
         if rp.all_greedy:
             return None
@@ -347,7 +332,7 @@ class Engine:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, reqs: list[_Request]) -> list[tuple[_Sample, TokenEvent]]:
+    def _prefill(self, reqs: list[Request]) -> list[tuple[Sample, TokenEvent]]:
         t0 = time.perf_counter()
         dev, model = self.device, self.model
         lens = [len(r.prompt) for r in reqs]
@@ -356,7 +341,7 @@ class Engine:
         pos = torch.arange(T, device=dev).expand(len(reqs), T)
         first_rows = [r.samples[0].row for r in reqs]
         rows = torch.tensor(first_rows, device=dev)
-        self._set_absorb(False)
+        self.model.set_absorb(False)
         out = model(ids, positions=pos, cache=self.cache, rows=rows, logits_to_keep=1, return_hidden=True)
         last = torch.tensor(lens, device=dev) - 1
         h_last = out.hidden[torch.arange(len(reqs), device=dev), last]             # [R, d]
@@ -388,7 +373,7 @@ class Engine:
         self._active.sort(key=lambda s: s.row)
         return events
 
-    def _set_drafts(self, samples: list[_Sample], mtp_logits: torch.Tensor, rp: RowParams) -> None:
+    def _set_drafts(self, samples: list[Sample], mtp_logits: torch.Tensor, rp: RowParams) -> None:
         """Draft each row's next token from the MTP logits: argmax for greedy rows (their draft
         distribution q is one-hot, stored as None), a sample from q otherwise (q kept for verifying)."""
         if rp.all_greedy:
@@ -401,13 +386,13 @@ class Engine:
             s.draft, s.draft_q = drafts[i], q[i]
 
     # ------------------------------------------------------------------ decode
-    def _decode(self, samples: list[_Sample]) -> list[tuple[_Sample, TokenEvent]]:
+    def _decode(self, samples: list[Sample]) -> list[tuple[Sample, TokenEvent]]:
         t0 = time.perf_counter()
         dev = self.device
         ids = torch.tensor([[s.pending] for s in samples], device=dev)
         pos = torch.tensor([[s.pos] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
-        self._set_absorb(True)
+        self.model.set_absorb(True)
         logits = self._decode_forward(ids, pos, rows)
         rp = self._row_params(samples)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
@@ -444,7 +429,7 @@ class Engine:
             self.compile_seconds += time.perf_counter() - t0
         return logits
 
-    def _decode_mtp(self, samples: list[_Sample]) -> list[tuple[_Sample, TokenEvent]]:
+    def _decode_mtp(self, samples: list[Sample]) -> list[tuple[Sample, TokenEvent]]:
         """One speculative step: verify each row's MTP draft, emit 1 or 2 tokens, draft again."""
         t0 = time.perf_counter()
         dev, model = self.device, self.model
@@ -452,7 +437,7 @@ class Engine:
         ids = torch.tensor([[s.pending, s.draft] for s in samples], device=dev)
         pos = torch.tensor([[s.pos, s.pos + 1] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
-        self._set_absorb(True)
+        self.model.set_absorb(True)
         out = model(ids, positions=pos, cache=self.cache, rows=rows, return_hidden=True)
         logits = out.logits                                                        # [B, 2, V]
         rp = self._row_params(samples)

@@ -2,9 +2,12 @@
 
 * :class:`RequestHandle` is what ``Engine.submit`` returns: a thread-safe queue of
   :class:`TokenEvent` s, readable blocking (``events(timeout)``) or from asyncio (``aiter()``),
-  ``result()`` for the finished :class:`Completion` s and ``cancel()``.
-* ``_Request`` / ``_Sample`` are the scheduler's bookkeeping: a request has ``n`` samples, one per
-  cache row. ``_Sample.append(token)`` is the per-token pipeline (stop tokens, the repetition
+  ``result()`` for the finished :class:`Completion` s and ``cancel()``. The producer side is
+  public too: a scheduler ``put`` s events and ``finish`` es the request, and a caller that runs
+  the steps itself reads ``ready_events()`` without waiting; the engine and the tests' fake
+  engine (``tests/serve_helpers.py``) both drive handles through these methods only.
+* :class:`Request` / :class:`Sample` are the scheduler's bookkeeping: a request has ``n``
+  samples, one per cache row. ``Sample.append(token)`` is the per-token pipeline (stop tokens, the repetition
   guard, the length limit, then incremental detokenisation -> stop strings -> ``<think>`` split),
   returning the event to stream. It needs no model, so tests drive it with scripted tokens.
 """
@@ -86,24 +89,59 @@ class RequestHandle:
         self._completions: list[Completion] | None = None
         self._error: BaseException | None = None
         self._cancelled = False
+        self._drained = False       # ready_events() has read the end of the queue
         self._waker = None          # set by aiter(): wakes the asyncio consumer from the engine thread
 
-    # -- engine side
-    def _put(self, item) -> None:
+    # -- producer side (the engine's scheduler)
+    def _push(self, item) -> None:
         self._events.put(item)
         waker = self._waker
         if waker is not None:
-            waker()
+            try:
+                waker()
+            except RuntimeError:    # the consumer's event loop has closed: nobody is waiting
+                pass
 
-    def _finish(self, completions: list[Completion] | None, error: BaseException | None = None) -> None:
+    def put(self, event: TokenEvent) -> None:
+        """Queue one event for the client (thread-safe; wakes an ``aiter()`` consumer)."""
+        self._push(event)
+
+    def finish(self, completions: list[Completion] | None, error: BaseException | None = None) -> None:
+        """End the request: ``result()`` returns ``completions`` (or raises :class:`EngineError`
+        with ``error``), and every reader of the events stops after the ones already queued."""
         self._completions, self._error = completions, error
         self._done.set()
-        self._put(_END)
+        self._push(_END)
 
     # -- client side
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the request failed (set by ``finish``), or None."""
+        return self._error
+
+    @property
+    def drained(self) -> bool:
+        """``ready_events()`` has read every event up to the end of the request."""
+        return self._drained
+
+    def ready_events(self) -> Iterator[TokenEvent]:
+        """The events queued now, without waiting, for a caller that runs the engine's steps itself;
+        stops when none is left. After the request's last event ``drained`` is True (check
+        ``error``); later calls yield nothing."""
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if item is _END:
+                self._events.put(_END)          # other readers end at once too
+                self._drained = True
+                return
+            yield item
 
     @property
     def cancelled(self) -> bool:
@@ -161,23 +199,23 @@ class RequestHandle:
         return list(self._completions or [])
 
 
-class _Request:
+class Request:
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
                  starts_in_think: bool, limit: int):
         self.id, self.prompt, self.params = rid, prompt, params
         self.stop_ids, self.starts_in_think, self.limit = stop_ids, starts_in_think, limit
         self.handle = RequestHandle(rid, params.n, len(prompt))
-        self.samples: list[_Sample] = []
+        self.samples: list[Sample] = []
         self.completions: list[Completion | None] = [None] * params.n
 
 
-class _Sample:
+class Sample:
     """One of a request's n samples, living in one cache row."""
 
     _serials = itertools.count()
 
-    def __init__(self, req: _Request, index: int, row: int, tokenizer):
-        self.serial = next(_Sample._serials)   # identifies the sample in batch-composition keys
+    def __init__(self, req: Request, index: int, row: int, tokenizer):
+        self.serial = next(Sample._serials)   # identifies the sample in batch-composition keys
         self.req, self.index, self.row = req, index, row
         self.params = req.params
         self.rng = req.params.sample_rng(index)
@@ -252,4 +290,4 @@ class _Sample:
                           logprobs=list(self.logprobs), stop_reason=self.stop_reason)
 
 
-__all__ = ["Completion", "TokenEvent", "RequestHandle", "EngineError"]
+__all__ = ["Completion", "TokenEvent", "RequestHandle", "EngineError", "Request", "Sample"]

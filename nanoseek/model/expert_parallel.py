@@ -2,7 +2,8 @@
 
 The model stays single-device (``moe.py``); :func:`apply_expert_parallel` rewires a built
 model the way torchtitan does it, without touching the model's code: the ``Experts`` module of
-every MoE layer (MTP's too) is swapped for an :class:`ExpertParallelExperts` that holds only this
+every MoE layer (MTP's too) is swapped for an :class:`ExpertParallelExperts` (a subclass of ``Experts`` that replaces only the
+dispatch/combine around the expert MLP) that holds only this
 rank's contiguous block of ``E / ep`` experts, under the same parameter names
 (``mlp.experts.gate_up_proj [E/ep, 2I, d]``, ``mlp.experts.down_proj [E/ep, d, I]``), and whose
 forward dispatches tokens to the ranks that own their experts. Expert ``j`` lives on EP rank
@@ -18,8 +19,8 @@ One MoE forward on EP rank r, N local tokens, top-k routing (the gate already ra
    input/output split sizes of the next exchange;
 3. **dispatch**: ``all_to_all_single`` of the token rows ``[N*k, d]``; rank r receives the rows
    for its experts from every source rank (source-major, expert-minor), reorders them by local
-   expert and runs the two grouped matmuls of SwiGLU (``moe.grouped_linear``), exactly as the
-   single-device module;
+   expert and runs the expert MLP (``Experts.expert_mlp``: the two grouped GEMMs of SwiGLU), the
+   very code of the single-device module, with whatever ``gemm`` it has (simulated FP8 too);
 4. **combine**: the results go back with the inverse ``all_to_all_single``, are multiplied by
    the gate weights on the source rank (so the gate's gradient stays local) and summed per
    token with ``index_add``.
@@ -46,10 +47,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .moe import Experts, MoE, grouped_linear
+from .moe import Experts, MoE, combine, sort_by_expert
 
 
 @dataclass
@@ -94,16 +94,17 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-class ExpertParallelExperts(nn.Module):
+class ExpertParallelExperts(Experts):
     """This EP rank's block of routed experts, with the all-to-all dispatch/combine forward.
 
     Same interface as :class:`~nanoseek.model.moe.Experts`: ``forward(x [N, d], weights [N, k],
     idx [N, k]) -> (out [N, d], counts [E])`` where ``counts`` is the number of this rank's
-    (token, expert) pairs routed to each of the E global experts.
+    (token, expert) pairs routed to each of the E global experts. The expert MLP (and its
+    ``gemm``) is inherited; only the dispatch and combine around it differ.
     """
 
     def __init__(self, experts: Experts, group):
-        super().__init__()
+        nn.Module.__init__(self)               # the weights are a slice of ``experts``', not new ones
         self.group = group
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         E = experts.n_experts
@@ -122,12 +123,8 @@ class ExpertParallelExperts(nn.Module):
                 f"(EP rank {self.ep_rank} of {self.ep_size})")
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        N, k = idx.shape
         ep, n_local = self.ep_size, self.n_local
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)                     # pairs by expert = by destination rank
-        counts = torch.bincount(flat, minlength=self.n_experts)                 # [E]
-        token = order // k
+        order, counts, token = sort_by_expert(idx, self.n_experts)   # pairs by expert = by destination rank
         # 2. split sizes: send_counts[j, e] rows to local expert e of rank j; recv_counts[j, e] from rank j
         send_counts = counts.view(ep, n_local)
         recv_counts = torch.empty_like(send_counts)
@@ -139,15 +136,11 @@ class ExpertParallelExperts(nn.Module):
         local_expert = torch.repeat_interleave(torch.arange(n_local, device=x.device).repeat(ep),
                                                recv_counts.reshape(-1))          # [R]
         perm = local_expert.argsort(stable=True)
-        h = grouped_linear(recv[perm], self.gate_up_proj, recv_counts.sum(dim=0))  # [R, 2I]
-        gate, up = h.split(self.intermediate, dim=-1)
-        y = grouped_linear(F.silu(gate) * up, self.down_proj, recv_counts.sum(dim=0))  # [R, d]
+        y = self.expert_mlp(recv[perm], recv_counts.sum(dim=0))                    # [R, d]
         y = y[perm.argsort()]                                  # back to the received (source-major) order
         # 4. combine: back to the source ranks, weight by the gate, sum per token
         back = all_to_all(y, in_splits, out_splits, self.group)                    # [N*k, d]
-        back = back * weights.reshape(-1)[order, None].to(back.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, back.to(x.dtype))
-        return out, counts
+        return combine(x, back, weights, order, token), counts
 
 
 def moe_modules(model: nn.Module) -> list[tuple[str, MoE]]:

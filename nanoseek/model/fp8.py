@@ -26,14 +26,17 @@ fp32 accumulation (what a bf16 tensor-core GEMM does), outputs rounded to bf16. 
 isolates what the report claims: FP8's relative loss difference to bf16 (< 0.25% in V3).
 
 The model is changed from outside, without editing its code: :func:`enable_simulated_precision`
-rebinds ``forward`` on every ``nn.Linear`` except ``lm_head`` (instance attributes, so
-:func:`disable_simulated_precision` restores them) and on the stacked routed :class:`Experts`,
-whose per-expert GEMMs get per-expert 128x128 weight blocks. The router (``Gate``, not an
-``nn.Linear``) and the embedding are untouched.
+rebinds ``forward`` on every ``nn.Linear`` except ``lm_head``, and replaces the expert GEMM
+(``gemm``) of the stacked routed :class:`Experts` by :func:`simulated_grouped_linear`, whose
+per-expert GEMMs get per-expert 128x128 weight blocks; the experts' dispatch and combine (and
+expert parallelism's, which wraps the same expert MLP) are the model's own. Both are instance
+attributes, so :func:`disable_simulated_precision` restores the originals by deleting them. The
+router (``Gate``, not an ``nn.Linear``) and the embedding are untouched.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -215,30 +218,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 # ---------------------------------------------------------------------------- applying to a model
+def simulated_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
+                             fmt: str = "fp8", block: int = TILE) -> torch.Tensor:
+    """``moe.grouped_linear`` (rows of x sorted by expert times W[e]^T) with the three GEMMs in
+    simulated ``fmt``, each expert its own weight blocks: the experts' ``gemm`` under FP8."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown simulated format {fmt!r}; expected one of {FORMATS}")
+    return _SimulatedGroupedLinear.apply(x, weight, counts, fmt, block, _out_dtype(x))
+
+
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return simulated_linear(x, self.weight, self.bias, self._sim_fmt, self._sim_block)
-
-
-def _experts_forward(self: Experts, x: torch.Tensor, weights: torch.Tensor,
-                     idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Experts.forward`` with both grouped GEMMs simulated (each expert its own weight blocks).
-
-    Same dispatch as ``Experts.forward`` (pairs sorted by expert, one segment per expert, the
-    weighted sum scattered back); tests check the two agree when quantisation is off.
-    """
-    N, k = idx.shape
-    flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)                                          # (token, slot) pairs by expert
-    counts = torch.bincount(flat, minlength=self.n_experts)
-    token = order // k
-    out_dtype = _out_dtype(x)
-    h = _SimulatedGroupedLinear.apply(x[token], self.gate_up_proj, counts, self._sim_fmt, self._sim_block, out_dtype)
-    gate, up = h.split(self.intermediate, dim=-1)                             # [N*k, I] each
-    y = _SimulatedGroupedLinear.apply(F.silu(gate) * up, self.down_proj, counts, self._sim_fmt, self._sim_block,
-                                      out_dtype)                              # [N*k, d]
-    y = y * weights.reshape(-1)[order, None].to(y.dtype)
-    out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-    return out, counts
 
 
 def enable_simulated_precision(model: nn.Module, fmt: str = "fp8", block: int = TILE,
@@ -258,7 +248,7 @@ def enable_simulated_precision(model: nn.Module, fmt: str = "fp8", block: int = 
         if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep):
             mod.forward = types.MethodType(_linear_forward, mod)
         elif isinstance(mod, Experts):
-            mod.forward = types.MethodType(_experts_forward, mod)
+            mod.gemm = functools.partial(simulated_grouped_linear, fmt=fmt, block=block)
         else:
             continue
         mod._sim_fmt, mod._sim_block = fmt, block
@@ -271,11 +261,15 @@ def disable_simulated_precision(model: nn.Module) -> list[str]:
     restored = []
     for name, mod in model.named_modules():
         if hasattr(mod, "_sim_fmt"):
-            del mod.forward, mod._sim_fmt, mod._sim_block
+            del mod._sim_fmt, mod._sim_block
+            if isinstance(mod, Experts):
+                del mod.gemm                        # back to the class's grouped_linear
+            else:
+                del mod.forward
             restored.append(name)
     return restored
 
 
 __all__ = ["E4M3_MAX", "TILE", "FORMATS", "quantize_blockwise", "quantize_activation_tiles", "quantize_token_tiles",
-           "quantize_weight_blocks", "round_bf16", "simulated_linear", "fp8_linear", "enable_simulated_precision",
+           "quantize_weight_blocks", "round_bf16", "simulated_linear", "simulated_grouped_linear", "fp8_linear", "enable_simulated_precision",
            "disable_simulated_precision"]

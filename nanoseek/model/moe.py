@@ -13,7 +13,13 @@ is also supported so V2 checkpoints run.
 Experts run as batched work: the N*k (token, expert) pairs are sorted by expert and each
 projection is ONE grouped matmul over contiguous per-expert segments (``torch._grouped_mm``
 when the installed torch supports it on this device, else a loop over experts, never over
-tokens). No token is dropped. Under ``torch.compile`` (the engine's opt-in compiled decode step)
+tokens). No token is dropped. :class:`Experts` keeps the two halves apart so each can be
+swapped from outside without re-writing the other: the *expert MLP*
+(:meth:`Experts.expert_mlp`, SwiGLU over rows already sorted by expert, its GEMMs done by the
+module's ``gemm``, :func:`grouped_linear` by default) and the *dispatch/combine* around it
+(:meth:`Experts.forward`: sort the pairs, run the expert MLP, weight and sum per token). Simulated
+FP8 (``fp8.py``) replaces ``gemm``; expert parallelism (``expert_parallel.py``) replaces the
+dispatch/combine with all-to-alls around the same expert MLP. Under ``torch.compile`` (the engine's opt-in compiled decode step)
 the experts run densely instead: every expert on every token, weighted by the routing weights
 (zero for unchosen experts), as two matmuls with static shapes (the grouped path has
 data-dependent segment sizes, and ``_grouped_mm`` has no fp32 CPU kernel for the compiler); it
@@ -135,8 +141,36 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
 
 
+# An expert GEMM: (x [M, in] rows sorted by expert, w [E, out, in], counts [E]) -> [M, out].
+GroupedGEMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx [N, k] -> (order [N*k]: the (token, slot) pairs sorted by expert, stably; counts [E]: pairs
+    per expert; token [N*k]: the token of each sorted pair). The dispatch half of every MoE forward."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)                                         # (token, slot) pairs by expert
+    counts = torch.bincount(flat, minlength=n_experts)
+    return order, counts, order // k
+
+
+def combine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+            token: torch.Tensor) -> torch.Tensor:
+    """The combine half: expert outputs y [N*k, d] of the sorted pairs, times their gate weights
+    (weights [N, k]), summed per token into [N, d] (x's shape and dtype)."""
+    y = y * weights.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
 class Experts(nn.Module):
-    """E routed SwiGLU experts stacked: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
+    """E routed SwiGLU experts stacked: gate_up_proj [E, 2I, d], down_proj [E, d, I].
+
+    ``gemm`` is the grouped GEMM both projections run through (a class default; an instance
+    attribute set from outside, e.g. by simulated FP8, replaces it and deleting it restores it).
+    """
+
+    gemm: GroupedGEMM = staticmethod(grouped_linear)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -145,21 +179,20 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts' SwiGLU on rows sorted by expert: x [M, d], counts [E_here] rows per expert
+        (E_here = the experts this module holds) -> [M, d], row for row."""
+        h = self.gemm(x, self.gate_up_proj, counts)                           # [M, 2I]
+        gate, up = h.split(self.intermediate, dim=-1)                         # [M, I] each
+        return self.gemm(F.silu(gate) * up, self.down_proj, counts)          # [M, d]
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and self.gemm is grouped_linear:   # a swapped GEMM stays grouped
             return self.forward_dense(x, weights, idx)
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)                                     # (token, slot) pairs by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        token = order // k
-        h = grouped_linear(x[token], self.gate_up_proj, counts)              # [N*k, 2I]
-        gate, up = h.split(self.intermediate, dim=-1)
-        y = grouped_linear(F.silu(gate) * up, self.down_proj, counts)         # [N*k, d]
-        y = y * weights.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, y)
-        return out, counts
+        order, counts, token = sort_by_expert(idx, self.n_experts)
+        y = self.expert_mlp(x[token], counts)                                 # [N*k, d]
+        return combine(x, y, weights, order, token), counts
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same result as ``forward`` (up to rounding) with static shapes: every expert on every token."""

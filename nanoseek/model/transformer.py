@@ -18,7 +18,9 @@ lambda. At inference the modules can be dropped or used to draft tokens (specula
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +220,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         for mod in self.modules():
             if isinstance(mod, (MLA, MHA)):
                 mod.absorb = absorb
+
+    @contextlib.contextmanager
+    def absorb_restored(self) -> Iterator[None]:
+        """Inside, :meth:`set_absorb` may switch freely; on exit every attention module is back on
+        the path it was on before (the inference engine switches per step, prefill naive and
+        decode absorbed, and leaves the model as it found it)."""
+        mods = [m for m in self.modules() if isinstance(m, (MLA, MHA))]
+        saved = [m.absorb for m in mods]
+        try:
+            yield
+        finally:
+            for m, a in zip(mods, saved):
+                m.absorb = a
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   with_mtp: bool = False) -> KVCache:

@@ -2,6 +2,6 @@
 
 ``protocol.py`` request schemas and OpenAI error objects; ``api.py`` the FastAPI app
 (``create_app``) with its limits and body-size middleware; ``static/index.html`` the web chat;
-``cli.py`` the ``nanoseek serve`` subcommand; ``testing.py`` a deterministic fake engine and a
-background server for tests.
+``cli.py`` the ``nanoseek serve`` subcommand. The tests' fake engine and background server are
+``tests/serve_helpers.py``, outside the package.
 """

@@ -11,5 +11,7 @@ modules, and none of them imports ``post/``.
 * :mod:`~nanoseek.tasks.rewards`: DeepSeek-R1's rule-based rewards (accuracy and format) over a
   batch, with their config, and the reward function a post-training stage builds from it;
 * :mod:`~nanoseek.tasks.code_reward` and :mod:`~nanoseek.tasks.sandbox`: code tasks, graded by
-  running the model's program on the task's tests inside the sandbox.
+  running the model's program on the task's tests inside the sandbox; an assertion test is
+  compiled (``assert_compile``, ``assert_plan``) and judged here (``assert_eval`` over the
+  bounded values of ``assert_values``), the sandbox only computing what needs the code.
 """

@@ -76,7 +76,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from nanoseek.tasks.code_reward import check_assert_test, compile_assert_test, run_assert_test
+from nanoseek.tasks.assert_compile import check_assert_test, compile_assert_test
+from nanoseek.tasks.code_reward import run_assert_test
 from nanoseek.tasks.generators import TASKS, Problem, get_task
 from nanoseek.tasks.reply import ANSWER_FORMS, check_format, extract_answer, reward_format
 
@@ -204,7 +205,7 @@ def _classify_test(i: int, t: Any) -> tuple[str, Any]:
 def check_code_tests(tests: Any, entry_point: Any = None) -> None:
     """ValueError naming the first test a code record cannot be scored with (wrong shape, an
     assertion that does not parse, has no assert that must run or an assert that does not
-    depend on the code: :func:`~nanoseek.tasks.code_reward.compile_assert_test`): datasets call
+    depend on the code: :func:`~nanoseek.tasks.assert_compile.compile_assert_test`): datasets call
     this when they load, so a bad test is an error at load time, not in the middle of a GRPO
     run. ``entry_point``: the record's function name(s), model-owned even when a builtin's.
     Logs a warning, once per test, when an assert compares two values the sandbox computes

@@ -12,7 +12,7 @@ The file is append-only: after a resume or a rollback the re-done steps are writ
 :func:`step_records` keeps the last record of each step (the one on the surviving timeline).
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token come from
-:func:`nanoseek.estimate.estimate.flops_per_token` (6 x activated non-embedding parameters +
+:func:`nanoseek.estimate.flops.flops_per_token` (6 x activated non-embedding parameters +
 causal attention + the MTP module(s)); the peak is *measured* with square matmuls in the training dtype on the training device
 (:func:`measure_matmul_peak`), so MFU on a laptop CPU is as meaningful as on a GPU. One short
 measurement on a shared machine can land in a busy moment and come out far too low (MFU above
@@ -70,7 +70,7 @@ def measure_matmul_peak(device: str = "cpu", dtype: str = "float32", n: int | No
 
 def model_flops_per_token(model_config, seq_len: int, include_mtp: bool = True) -> float:
     """Training FLOPs per token (forward + backward), from ``nanoseek.estimate``."""
-    from ..estimate.estimate import flops_per_token
+    from ..estimate.flops import flops_per_token
     return flops_per_token(model_config, seq_len, include_mtp=include_mtp)
 
 

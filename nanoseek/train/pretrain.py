@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..atomic import read_record, write_atomic
-from ..eval.bpb import bpb_sums
+from ..eval.bpb import bpb_sums, token_byte_lengths
 from ..model.config import ConfigError
 from .config import TrainConfig, config_to_toml
 from .loop import ExpertBalanceHook, FitResult, Trainer
@@ -68,17 +68,6 @@ class LMBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
-
-
-def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """UTF-8 bytes of every token id [V]: the length of its byte-level string, 0 for special tokens."""
-    n = tokenizer.vocab_size
-    out = torch.zeros(n, dtype=torch.long)
-    special = set(getattr(tokenizer, "special_ids", ()))
-    for i in range(n):
-        if i not in special:
-            out[i] = len(tokenizer.id_to_token(i) or "")
-    return out
 
 
 class PretrainTask:
@@ -314,5 +303,5 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
         return trainer.fit(resume=resume)
 
 
-__all__ = ["PretrainTask", "LMBatch", "LMBatches", "token_byte_lengths", "build_pretraining", "pretrain",
+__all__ = ["PretrainTask", "LMBatch", "LMBatches", "build_pretraining", "pretrain",
            "check_rerun", "is_pretrain_run"]

@@ -1,4 +1,4 @@
-"""Test support for the server: a deterministic fake engine and a background uvicorn server.
+"""Test support for the server tests: a deterministic fake engine and a background uvicorn server.
 
 :func:`make_test_tokenizer` trains a tiny tokenizer in milliseconds; :func:`make_tiny_run` saves
 a random ``tiny`` model with it as a run folder, for tests of the real engine behind the server.
@@ -7,8 +7,10 @@ runs an ASGI app with uvicorn on 127.0.0.1 and a free port in a daemon thread, f
 talk real HTTP (the ``openai`` client, disconnects, a browser).
 
 :class:`FakeEngine` is a deterministic stand-in for :class:`nanoseek.infer.engine.Engine`. It
-has the engine's public interface (``submit`` returning a handle that iterates events, blocking
-or via ``aiter()``, and ``cancel()``; ``generate``; ``stream``; ``start``/``shutdown``)
+has the engine's public interface (``submit`` returning the engine's own
+:class:`~nanoseek.infer.request.RequestHandle`, which it drives through the handle's public
+producer side, ``put`` and ``finish``, exactly as the engine does; ``generate``; ``stream``;
+``start``/``shutdown``)
 and the same scheduling shape: a background thread runs decode *steps*, each advancing every
 live row of every admitted request by one token (continuous batching, up to
 ``max_batch_size`` rows), and records ``max_active_rows`` so tests can check that concurrent
@@ -26,24 +28,22 @@ watched and cancelled mid-way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import queue
+import itertools
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
 
 from nanoseek.data.tokenizer import ASSISTANT, USER, Tokenizer
-from nanoseek.infer.engine import Completion, TokenEvent
+from nanoseek.infer.request import Completion, RequestHandle, TokenEvent
 from nanoseek.infer.sampling import SamplingParams
 
 WORDS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper",
          "kelp", "lagoon", "meadow", "nectar", "onyx", "pebble", "quartz", "river", "saffron", "tundra")
-_END = object()
 
 
 def make_tiny_run(run_dir: str | Path, tokenizer: Tokenizer, seed: int = 0, max_position_embeddings: int = 256) -> Path:
@@ -69,51 +69,6 @@ def make_test_tokenizer(vocab_size: int = 320) -> Tokenizer:
     return Tokenizer.train(corpus, vocab_size=vocab_size)
 
 
-class FakeHandle:
-    """One submitted request: iterate its :class:`TokenEvent` s (blocking) or ``async for`` over ``aiter()``."""
-
-    def __init__(self, engine: FakeEngine, prompt: list[int], params: SamplingParams):
-        self.engine, self.prompt, self.params = engine, prompt, params
-        self._q: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """Stop generating; the rows are freed at the next step."""
-        self.cancelled = True
-
-    def _push(self, item: object) -> None:
-        self._q.put(item)
-        with self._lock:
-            waiter = self._waiter
-        if waiter is not None:
-            loop, event = waiter
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the consumer's loop has closed
-                pass
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while (item := self._q.get()) is not _END:
-            yield item
-
-    async def aiter(self) -> AsyncIterator[TokenEvent]:
-        event = asyncio.Event()
-        with self._lock:
-            self._waiter = (asyncio.get_running_loop(), event)
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                await event.wait()
-                event.clear()
-                continue
-            if item is _END:
-                return
-            yield item
-
-
 class _Row:
     """One sample (index among n): its planned tokens with their text/reasoning deltas."""
 
@@ -121,6 +76,21 @@ class _Row:
         self.index, self.plan, self.pos = index, plan, 0
         self.answer = ""
         self.finished = False
+        self.events: list[TokenEvent] = []    # every event sent for this sample, for its Completion
+
+
+class _Job:
+    """One submitted request: the engine's handle for it, its prompt, parameters and rows."""
+
+    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams, rows: list[_Row]):
+        self.handle, self.prompt, self.params, self.rows = handle, prompt, params, rows
+
+    def send(self, row: _Row, event: TokenEvent) -> None:
+        row.events.append(event)
+        self.handle.put(event)
+
+    def finish(self, engine: FakeEngine) -> None:
+        self.handle.finish([engine._completion(self.prompt, r.events) for r in self.rows])
 
 
 class FakeEngine:
@@ -132,8 +102,9 @@ class FakeEngine:
         self.step_delay = step_delay
         self.max_active_rows = 0   # instrumentation: the most rows decoded in one step
         self.steps = 0
-        self._pending: list[tuple[FakeHandle, list[_Row]]] = []
-        self._active: list[tuple[FakeHandle, list[_Row]]] = []
+        self._ids = itertools.count()
+        self._pending: list[_Job] = []
+        self._active: list[_Job] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -161,15 +132,15 @@ class FakeEngine:
             return len(self._pending) + len(self._active)
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt: list[int], params: SamplingParams) -> FakeHandle:
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if params.n > self.max_batch_size:
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
-        handle = FakeHandle(self, list(prompt), params)
+        handle = RequestHandle(next(self._ids), params.n, len(prompt))
         rows = [_Row(i, self._plan(prompt, params, i)) for i in range(params.n)]
         with self._lock:
-            self._pending.append((handle, rows))
+            self._pending.append(_Job(handle, list(prompt), params, rows))
         self._wake.set()
         return handle
 
@@ -178,16 +149,10 @@ class FakeEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         handles = [self.submit(p, params) for p in prompts]
-        out = []
-        for prompt, handle in zip(prompts, handles):
-            events: dict[int, list[TokenEvent]] = {i: [] for i in range(params.n)}
-            for ev in handle:
-                events[ev.index].append(ev)
-            out.append([self._completion(prompt, evs) for evs in events.values()])
-        return out
+        return [handle.result() for handle in handles]
 
     def _completion(self, prompt: list[int], evs: list[TokenEvent]) -> Completion:
-        ids = [e.token_id for e in evs]
+        ids = [e.token_id for e in evs if e.token_id is not None]   # a cancellation event has no token
         reasoning = "".join(e.reasoning_delta for e in evs)
         answer = "".join(e.text_delta for e in evs)
         return Completion(token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True), reasoning=reasoning,
@@ -235,11 +200,11 @@ class FakeEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                rows = sum(sum(not r.finished for r in rs) for _, rs in self._active)
-                while self._pending and (not self._active or rows + len(self._pending[0][1]) <= self.max_batch_size):
-                    handle, rs = self._pending.pop(0)
-                    self._active.append((handle, rs))
-                    rows += len(rs)
+                rows = sum(sum(not r.finished for r in job.rows) for job in self._active)
+                while self._pending and (not self._active or rows + len(self._pending[0].rows) <= self.max_batch_size):
+                    job = self._pending.pop(0)
+                    self._active.append(job)
+                    rows += len(job.rows)
                 active = list(self._active)
             if not active:
                 self._wake.wait(0.05)
@@ -248,33 +213,33 @@ class FakeEngine:
             self.max_active_rows = max(self.max_active_rows, rows)
             self.steps += 1
             done = []
-            for handle, rs in active:
-                if handle.cancelled:  # like the engine: unfinished samples end "cancelled", without a token
-                    for r in rs:
+            for job in active:
+                if job.handle.cancelled:  # like the engine: unfinished samples end "cancelled", without a token
+                    for r in job.rows:
                         if not r.finished:
                             r.finished = True
-                            handle._push(TokenEvent(r.index, None, "", "", True, "cancelled"))
-                if all(r.finished for r in rs):
-                    done.append(handle)
+                            job.send(r, TokenEvent(r.index, None, "", "", True, "cancelled"))
+                if all(r.finished for r in job.rows):
+                    done.append(job)
                     continue
-                for r in rs:
+                for r in job.rows:
                     if not r.finished:
-                        handle._push(self._step(handle, r))
-                if all(r.finished for r in rs):
-                    done.append(handle)
+                        job.send(r, self._step(job, r))
+                if all(r.finished for r in job.rows):
+                    done.append(job)
             with self._lock:
-                self._active = [(h, rs) for h, rs in self._active if h not in done]
-            for h in done:
-                h._push(_END)
+                self._active = [job for job in self._active if job not in done]
+            for job in done:
+                job.finish(self)
             time.sleep(self.step_delay)
         with self._lock:  # shutting down: end every open stream
             leftover = self._active + self._pending
             self._active, self._pending = [], []
-        for h, _ in leftover:
-            h._push(_END)
+        for job in leftover:
+            job.finish(self)
 
-    def _step(self, handle: FakeHandle, row: _Row) -> TokenEvent:
-        p = handle.params
+    def _step(self, job: _Job, row: _Row) -> TokenEvent:
+        p = job.params
         token, reasoning, text = row.plan[min(row.pos, len(row.plan) - 1)]  # ignore_eos: EOS again and again
         row.pos += 1
         finish = None
@@ -286,7 +251,7 @@ class FakeEngine:
             cut = min(hits)
             text = text[: max(0, len(text) - (len(row.answer) - cut))]
             finish = "stop"
-        if finish is None and (row.pos >= p.max_new_tokens or len(handle.prompt) + row.pos >= self.max_seq_len):
+        if finish is None and (row.pos >= p.max_new_tokens or len(job.prompt) + row.pos >= self.max_seq_len):
             finish = "length"
         row.finished = finish is not None
         return TokenEvent(index=row.index, token_id=token, text_delta=text, reasoning_delta=reasoning,
