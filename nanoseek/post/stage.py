@@ -68,6 +68,7 @@ class StageConfig:
     train: TrainSection
     spike: SpikeSection
     source: str = "<defaults>"
+    defaults: StageDefaults | None = field(default=None, repr=False, compare=False)  # the kind's, for re-reading
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         model = dataclasses.asdict(self.model)
@@ -129,7 +130,7 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
                            defaults=defaults.tables())
     check_schedule_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
-                      spike=parts["spike"], source=source)
+                      spike=parts["spike"], source=source, defaults=defaults)
     if cfg.model.init_from:
         from nanoseek.infer.loading import LoadError, resolve_checkpoint
 
@@ -233,7 +234,8 @@ def _reparse(cfg: StageConfig, path: Path) -> dict[str, Any]:
     """The run folder's own config.toml as a dict comparable to ``cfg.to_dict()``: parsed with the
     same ``[kind]`` section class (it was validated when the run wrote it, so the init_from
     requirement is not asked again)."""
-    return parse_stage_config(cfg.kind, type(cfg.algo), read_toml(path), str(path), init_required=False).to_dict()
+    return parse_stage_config(cfg.kind, type(cfg.algo), read_toml(path), str(path), defaults=cfg.defaults,
+                              init_required=False).to_dict()
 
 
 def read_stage_json(path: Path, kinds: Collection[str]) -> dict[str, Any] | None:
