@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny_model
 from eval_helpers import ScriptedEngine, problems_of, synthetic_result
 from nanoseek.data.shards import FORMAT, FORMAT_VERSION, SplitWriter, token_dtype, write_manifest
-from nanoseek.eval.bpb import bits_per_byte, token_bytes_table
+from nanoseek.train.bpb import bits_per_byte, token_bytes_table
 from nanoseek.eval.harness import draw_problems, evaluate, request_seed
 from nanoseek.eval.results import EvalFileError, EvalResult, k_values, paired_comparison
 from nanoseek.eval.stats import mean_interval, paired_difference

@@ -14,7 +14,8 @@ from conftest import make_tiny_model
 from nanoseek.cli import main
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine
-from nanoseek.infer.loading import LoadError, load_for_inference, resolve_checkpoint
+from nanoseek.infer.loading import LoadError, load_for_inference
+from nanoseek.train.checkpoint import resolve_checkpoint
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.checkpoint import save_pretrained
 

@@ -7,12 +7,12 @@ imports are resolved against the importing module's package. ``from pkg import n
 import of ``pkg.name`` when that is a module, else of ``pkg``. Only edges between modules of the
 package are kept; the graph is then searched for cycles (Tarjan's strongly connected components).
 
-Layers (a module may import only its own layer or below):
-
-- ``model/`` imports nothing from the rest of the package except the ground floor
-  (``nanoseek.errors``, ``nanoseek.limits``, ``nanoseek.atomic``, ``nanoseek.claims``);
-- ``tasks/`` imports nothing from ``post/``, ``eval/``, ``infer/``, ``serve/``;
-- ``eval/`` imports nothing from ``post/``.
+Layers (:data:`LAYERS`, bottom up; a module may import only its own layer or lower ones): the
+ground floor (errors, atomic writes, output folders) < ``model/`` < ``limits``, ``estimate/`` <
+``data/``, ``tasks/`` < ``train/`` < ``infer/`` < ``post/``, ``eval/`` < ``serve/`` < the jobs
+(speedrun, ablate, demo) < the command line. Siblings that must stay apart (:data:`APART`):
+``eval/`` and ``post/`` import nothing of each other; ``tasks/`` uses ``data/``'s tokenizer but
+not the corpus and preparation built on top of the tasks.
 """
 
 from __future__ import annotations
@@ -27,13 +27,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "nanoseek"
 
-# Modules every layer may import: the ground floor.
-GROUND = {"nanoseek", "nanoseek.errors", "nanoseek.limits", "nanoseek.atomic", "nanoseek.claims"}
-# (importing package prefix, forbidden prefixes, allowed exceptions)
-LAYER_RULES = [
-    ("nanoseek.model", ("nanoseek.",), GROUND | {"nanoseek.model"}),
-    ("nanoseek.tasks", ("nanoseek.post", "nanoseek.eval", "nanoseek.infer", "nanoseek.serve"), set()),
-    ("nanoseek.eval", ("nanoseek.post",), set()),
+# The layers of the package, bottom up (README "Architecture map"): a module imports only modules
+# of its own layer or lower ones. Modules not listed are a finding of the test.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("ground", ("nanoseek", "nanoseek.errors", "nanoseek.atomic", "nanoseek.claims", "nanoseek.outdir")),
+    ("model", ("nanoseek.model",)),
+    ("over the model", ("nanoseek.limits", "nanoseek.estimate")),
+    ("data and tasks", ("nanoseek.data", "nanoseek.tasks")),
+    ("train", ("nanoseek.train",)),
+    ("infer", ("nanoseek.infer",)),
+    ("post-training and evaluation", ("nanoseek.post", "nanoseek.eval")),
+    ("serve", ("nanoseek.serve",)),
+    ("jobs", ("nanoseek.speedrun", "nanoseek.speedrun_recipe", "nanoseek.ablate", "nanoseek.demo")),
+    ("command line", ("nanoseek.cli", "nanoseek.__main__")),
+]
+# Siblings in one layer that must not import each other: (importer prefix, forbidden prefixes).
+APART = [
+    ("nanoseek.eval", ("nanoseek.post",)),
+    ("nanoseek.post", ("nanoseek.eval",)),
+    ("nanoseek.tasks", ("nanoseek.data.corpus", "nanoseek.data.prepare", "nanoseek.data.prepare_cli",
+                        "nanoseek.data.tokenizer_cli")),
 ]
 CLI_IMPORTERS = {"nanoseek.cli", "nanoseek.__main__"}
 
@@ -160,19 +173,39 @@ def test_library_code_does_not_import_the_cli():
     assert not bad, "library code must take UserError from nanoseek.errors, not nanoseek.cli:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("layer,forbidden,allowed", LAYER_RULES, ids=[r[0] for r in LAYER_RULES])
-def test_lower_layers_do_not_import_higher_ones(layer, forbidden, allowed):
+def layer_of(mod: str) -> int | None:
+    """Index in :data:`LAYERS` of the most specific prefix that holds ``mod``."""
+    best, length = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (mod == p or (p != "nanoseek" and mod.startswith(p + "."))) and len(p) > length:
+                best, length = i, len(p)
+    return best
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in import_graph() if layer_of(m) is None] == []
+
+
+def test_lower_layers_do_not_import_higher_ones():
     graph = import_graph()
-    bad = []
-    for mod, deps in sorted(graph.items()):
-        if not _is_under(mod, layer):
-            continue
-        for dep in sorted(deps):
-            if dep in allowed or any(_is_under(dep, a) for a in allowed if a != "nanoseek"):
-                continue
-            if any(_is_under(dep, f) for f in forbidden):
-                bad.append(f"{mod} -> {dep}")
-    assert not bad, f"{layer} imports a higher layer:\n" + "\n".join(bad)
+    bad = [f"{mod} ({LAYERS[layer_of(mod)][0]}) -> {dep} ({LAYERS[layer_of(dep)][0]})"
+           for mod, deps in sorted(graph.items()) for dep in sorted(deps)
+           if layer_of(mod) is not None and layer_of(dep) is not None and layer_of(dep) > layer_of(mod)]
+    assert not bad, "a module imports a higher layer:\n" + "\n".join(bad)
+
+
+def test_layer_check_catches_an_upward_import():
+    assert layer_of("nanoseek.model.moe") < layer_of("nanoseek.train.loop") < layer_of("nanoseek.post.grpo")
+    assert layer_of("nanoseek.errors") == 0 and layer_of("nanoseek.cli") == len(LAYERS) - 1
+
+
+@pytest.mark.parametrize("importer,forbidden", APART, ids=[r[0] for r in APART])
+def test_siblings_stay_apart(importer, forbidden):
+    graph = import_graph()
+    bad = [f"{mod} -> {dep}" for mod, deps in sorted(graph.items()) if _is_under(mod, importer)
+           for dep in sorted(deps) if any(_is_under(dep, f) for f in forbidden)]
+    assert not bad, f"{importer} imports what it must not:\n" + "\n".join(bad)
 
 
 def test_help_does_not_import_torch():

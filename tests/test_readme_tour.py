@@ -377,7 +377,7 @@ def test_run_folder_resolves_to_final_then_latest(packed_run, tmp_path):
     import shutil
 
     from nanoseek.eval.runs import Stage
-    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+    from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
     assert resolve_checkpoint(packed_run) == packed_run / "final"
     assert Stage("r", packed_run).checkpoint() == packed_run / "final"
@@ -450,9 +450,9 @@ def test_val_bpb_is_bits_per_byte_by_the_eval_rule(packed_run, data_dir):
     import torch.nn.functional as F
 
     from nanoseek.data.tokenizer import Tokenizer
-    from nanoseek.eval.bpb import bits_per_byte
+    from nanoseek.train.bpb import bits_per_byte
     from nanoseek.model.checkpoint import from_pretrained
-    from nanoseek.eval.bpb import token_byte_lengths
+    from nanoseek.train.bpb import token_byte_lengths
     from nanoseek.train.pretrain import PretrainTask
 
     tok = Tokenizer.load(data_dir / "tokenizer")

@@ -14,7 +14,7 @@ from nanoseek.cli import main
 from nanoseek.data.corpus import plain_text_documents
 from nanoseek.data.prepare import PrepareConfig, prepare_inputs
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.eval.bpb import token_byte_lengths
+from nanoseek.train.bpb import token_byte_lengths
 from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.train.config import config_from_dict
 from nanoseek.train.metrics import (MetricsLogger, ProgressDisplay, events, measure_matmul_peak, model_flops_per_token,

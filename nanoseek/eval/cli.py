@@ -86,7 +86,7 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
 def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[str, Path, Path, str]]:
     """(label, checkpoint dir, default eval.json path, mode) for every model to evaluate."""
     from nanoseek.errors import UserError
-    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+    from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
     from .runs import EVAL_JSON, RunError, find_stages, stage_of_checkpoint
 
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.loading import LoadError, load_for_inference
 
-    from .bpb import bits_per_byte
+    from nanoseek.train.bpb import bits_per_byte
     from .results import paired_comparison
     from .tables import comparison_table, result_table
 

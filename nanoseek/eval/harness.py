@@ -30,7 +30,7 @@ k above the engine's ``max_batch_size`` is split into chunks of at most that man
 Requests go through ``Engine.submit`` (continuous batching over all problems); an object with
 only ``generate(prompts, params)`` works too (tests pass a fake one).
 
-Bits per byte on held-out text is :func:`nanoseek.eval.bpb.bits_per_byte` (re-exported here).
+Bits per byte on held-out text is :func:`nanoseek.train.bpb.bits_per_byte` (the trainer's metric).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from typing import Any, Callable, Sequence
 from nanoseek.tasks.reply import (EVAL_TEMPLATES, completion_text, extract_answer, render_prompt, states_answer_line,
                                   stop_rule)
 
-from .bpb import BpbResult, bits_per_byte  # noqa: F401  (re-exported)
 from .results import EvalResult, ProblemResult, k_values
 
 @dataclass
@@ -305,5 +304,4 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str], n_problems: int = 100
                             stats=stats, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["evaluate", "EvalConfig", "score_response", "request_seed", "draw_problems", "model_info", "bits_per_byte",
-           "BpbResult"]
+__all__ = ["evaluate", "EvalConfig", "score_response", "request_seed", "draw_problems", "model_info"]

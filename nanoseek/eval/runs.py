@@ -190,11 +190,11 @@ class Stage:
         return self.dir / SAMPLES
 
     def checkpoint(self) -> Path | None:
-        """The stage's HF checkpoint directory, as :func:`nanoseek.infer.loading.resolve_checkpoint`
+        """The stage's HF checkpoint directory, as :func:`nanoseek.train.checkpoint.resolve_checkpoint`
         finds it (``final/`` when the stage finished, else ``latest``, ...), or None."""
         if not self.dir.is_dir():
             return None
-        from nanoseek.infer.loading import LoadError, resolve_checkpoint
+        from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
         try:
             return resolve_checkpoint(self.dir)

@@ -8,7 +8,8 @@
   ``RUN/latest`` points to (else the newest ``RUN/checkpoints/step-*``), else an HF directory
   ``RUN/model`` or ``RUN/hf``.
 
-:func:`resolve_checkpoint` is the one place that decides this: the CLIs (chat, generate, serve,
+:func:`~nanoseek.train.checkpoint.resolve_checkpoint` is the one place that decides this (beside the
+trainer's checkpoints, whose ``latest`` it follows): the CLIs (chat, generate, serve,
 eval), the post-training stages' ``init_from``, pre-training's ``[model] init_from`` and the
 report's stages all call it.
 
@@ -25,41 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HF_SUBDIRS = ("final", "model", "hf")     # HF directories a run folder may hold, "final" first
-
-
-class LoadError(ValueError):
-    """No checkpoint or tokenizer where the user pointed."""
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The HF checkpoint directory ``path`` names: itself, else ``final/``, else ``latest``, else
-    ``model/`` or ``hf/`` (see the module docstring). Raises :class:`LoadError` listing what was tried."""
-    p = Path(path)
-    if not p.exists():
-        raise LoadError(f"{p}: no such file or directory")
-    if p.is_file() and p.name == "config.json":
-        p = p.parent
-    if (p / "config.json").exists():
-        return p
-    tried = [str(p / "config.json")]
-    if (p / "final" / "config.json").exists():
-        return p / "final"
-    tried.append(str(p / "final" / "config.json"))
-    try:
-        from nanoseek.train.checkpoint import latest_checkpoint
-    except ImportError:                       # the trainer is optional for inference
-        latest_checkpoint = None
-    if latest_checkpoint is not None:
-        ckpt = latest_checkpoint(p)
-        if ckpt is not None and (ckpt / "config.json").exists():
-            return ckpt
-        tried.append(f"{p}/latest and {p}/checkpoints/step-*")
-    for sub in HF_SUBDIRS[1:]:
-        if (p / sub / "config.json").exists():
-            return p / sub
-        tried.append(str(p / sub / "config.json"))
-    raise LoadError(f"{p}: not a checkpoint or run folder; looked for " + ", ".join(tried))
+from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
 
 def find_tokenizer(checkpoint: str | Path) -> Path | None:
@@ -117,4 +84,4 @@ def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = Non
     return model, tokenizer
 
 
-__all__ = ["resolve_checkpoint", "find_tokenizer", "no_tokenizer_hint", "load_tokenizer", "load_for_inference", "LoadError"]
+__all__ = ["find_tokenizer", "no_tokenizer_hint", "load_tokenizer", "load_for_inference", "LoadError"]

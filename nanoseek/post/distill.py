@@ -123,7 +123,7 @@ def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume,
     run_dir = Path(cfg.train.out_dir or "runs/distill")
     if teacher is None:
         from nanoseek.model.checkpoint import from_pretrained
-        from nanoseek.infer.loading import resolve_checkpoint
+        from nanoseek.train.checkpoint import resolve_checkpoint
 
         path = a.teacher or cfg.model.init_from
         if not path:

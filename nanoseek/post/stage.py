@@ -132,7 +132,7 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
                       spike=parts["spike"], source=source, defaults=defaults)
     if cfg.model.init_from:
-        from nanoseek.infer.loading import LoadError, resolve_checkpoint
+        from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
         try:  # a run folder means its final (or latest) checkpoint
             cfg.model.init_from = str(resolve_checkpoint(cfg.model.init_from))
@@ -167,7 +167,7 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
     device = resolve_device(device)
     import torch
 
-    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+    from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
     from nanoseek.model import DeepseekV3ForCausalLM
     from nanoseek.model.checkpoint import from_pretrained
 

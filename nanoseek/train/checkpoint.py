@@ -31,6 +31,10 @@ Loading refuses anything damaged afterwards (a deleted, empty or truncated file,
 names tensors the safetensors file lacks) with one :class:`CheckpointError` line naming the
 file; :func:`recovery_hint` adds which older checkpoint of the run is intact (all four files
 verified) and the flag that resumes from it (``--resume-from RUN/checkpoints/step-N``).
+
+:func:`resolve_checkpoint` turns a path a user gives (``--model``, ``init_from``) into the HF
+checkpoint directory it names: itself, the run's ``final/``, the checkpoint ``latest`` points to,
+or ``model/`` / ``hf/``; every command and stage calls it.
 """
 
 from __future__ import annotations
@@ -302,7 +306,40 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         raise CheckpointError(f"{ckpt}: the weights do not fit this model: {' '.join(str(e).split())[:400]}") from None
 
 
+# ----------------------------------------------------------------------------- which checkpoint a path names
+HF_SUBDIRS = ("final", "model", "hf")     # HF directories a run folder may hold, "final" first
+
+
+class LoadError(ValueError):
+    """No checkpoint (or, for :mod:`nanoseek.infer.loading`, no tokenizer) where the user pointed."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The HF checkpoint directory ``path`` names: itself, else ``final/``, else ``latest``, else
+    ``model/`` or ``hf/`` (see :mod:`nanoseek.infer.loading`). Raises :class:`LoadError` listing what was tried."""
+    p = Path(path)
+    if not p.exists():
+        raise LoadError(f"{p}: no such file or directory")
+    if p.is_file() and p.name == "config.json":
+        p = p.parent
+    if (p / "config.json").exists():
+        return p
+    tried = [str(p / "config.json")]
+    if (p / "final" / "config.json").exists():
+        return p / "final"
+    tried.append(str(p / "final" / "config.json"))
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None and (ckpt / "config.json").exists():
+        return ckpt
+    tried.append(f"{p}/latest and {p}/checkpoints/step-*")
+    for sub in HF_SUBDIRS[1:]:
+        if (p / sub / "config.json").exists():
+            return p / sub
+        tried.append(str(p / sub / "config.json"))
+    raise LoadError(f"{p}: not a checkpoint or run folder; looked for " + ", ".join(tried))
+
+
 __all__ = ["flatten_state", "unflatten_state", "save_checkpoint", "load_state", "load_model_weights",
            "list_checkpoints", "latest_checkpoint", "set_latest", "remove_partials", "prune_checkpoints",
            "discard_after", "step_of", "checkpoints_dir", "CheckpointError", "STATE_JSON", "STATE_TENSORS",
-           "recovery_hint", "resume_checkpoint"]
+           "recovery_hint", "resume_checkpoint", "LoadError", "HF_SUBDIRS", "resolve_checkpoint"]

@@ -518,7 +518,7 @@ def _resolve_init_from(cfg: TrainConfig, source: str) -> None:
     """A run folder in ``[model] init_from`` -> the checkpoint directory it means (final/, latest)."""
     if not cfg.model.init_from:
         return
-    from nanoseek.infer.loading import LoadError, resolve_checkpoint
+    from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
     try:
         cfg.model.init_from = str(resolve_checkpoint(cfg.model.init_from))

@@ -10,7 +10,7 @@
   The MTP forward is skipped entirely when ``mtp_lambda`` is 0.
 * ``evaluate``: validation loss (main CE only, no MTP) over the first ``val_batches`` batches of
   the val split, always the same ones, and bits per byte ``val_bpb`` = nats / ln 2 / UTF-8 bytes
-  of the target tokens that stand for text (:func:`nanoseek.eval.bpb.bpb_sums`, the rule ``nanoseek
+  of the target tokens that stand for text (:func:`nanoseek.train.bpb.bpb_sums`, the rule ``nanoseek
   eval --data`` uses). A token's byte count comes from the tokenizer's byte-level vocabulary (the
   length of its byte string; 0 for special tokens such as BOS, whose targets are left out of both
   sums), so bpb compares models with different tokenizers. Synthetic data has no tokenizer and no
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..atomic import read_record, write_atomic
-from ..eval.bpb import bpb_sums, token_byte_lengths
+from .bpb import bpb_sums, token_byte_lengths
 from ..model.config import ConfigError
 from .config import TrainConfig, config_to_toml
 from .loop import ExpertBalanceHook, FitResult, Trainer

@@ -1,5 +1,8 @@
 """Bits per byte on held-out text: a loss that compares models across tokenizers.
 
+The trainer's validation metric (``val_bpb``) and ``nanoseek eval --data``'s: it lives with the
+trainer, the lower of its two users.
+
 Cross-entropy per token depends on the vocabulary (a tokenizer with longer tokens has fewer,
 harder tokens). Bits per byte divides the total loss by the UTF-8 bytes the target tokens stand
 for instead: ``bpb = sum(nats) / ln 2 / sum(bytes)``. A token's byte count is the length of its
