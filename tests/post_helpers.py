@@ -1,4 +1,5 @@
-"""Helpers for the post-training tests (tests/test_post_*.py): a byte-level tokenizer and a tiny model.
+"""Helpers for the post-training tests (tests/test_post_*.py): a byte-level tokenizer, a tiny model
+and that model saved as a checkpoint.
 
 The tokenizer is trained on a few lines, so its vocabulary is the 256 bytes, the 7 special tokens
 and a handful of merges (~300 ids); the model is DeepSeek-V3-shaped (MLA, MoE with shared and
@@ -32,4 +33,14 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> DeepseekV3ForCaus
     cfg.update(overrides)
     torch.manual_seed(seed)
     return DeepseekV3ForCausalLM(ModelConfig(**cfg))
+
+
+def saved_tiny_checkpoint(path):
+    """A tiny model saved in HF format at ``path`` with its tokenizer (a stage's ``init_from``)."""
+    from nanoseek.model.checkpoint import save_pretrained
+
+    tk = tiny_tokenizer()
+    save_pretrained(tiny_model(tk.vocab_size), path)
+    tk.save(path)
+    return path
 

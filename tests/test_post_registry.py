@@ -16,22 +16,19 @@ import pytest
 
 import nanoseek
 from nanoseek.cli import COMMANDS, main
-from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.recipe import load_recipe, recipe_from_dict, run_recipe
 from nanoseek.post.registry import STAGE_KINDS, stage_config_from_dict
 from nanoseek.post.stage import StageResult
 from nanoseek.train.config import ConfigError
-from post_helpers import tiny_model, tiny_tokenizer
+from post_helpers import saved_tiny_checkpoint
 
 PKG = Path(nanoseek.__file__).parent
 
 
 @pytest.fixture
 def base(tmp_path):
-    tk = tiny_tokenizer()
-    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
-    tk.save(tmp_path / "base")
-    return tmp_path / "base"
+    """A saved tiny checkpoint with its tokenizer."""
+    return saved_tiny_checkpoint(tmp_path / "base")
 
 
 @pytest.fixture

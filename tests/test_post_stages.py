@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from nanoseek.cli import main
-from nanoseek.model.checkpoint import save_pretrained
 from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
 from nanoseek.post.distill import run_distill, verified_examples
 from nanoseek.post.rollout import Scored
@@ -17,16 +16,13 @@ from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
 from nanoseek.post.registry import load_stage_config, stage_config_from_dict
 from nanoseek.train.config import ConfigError
-from post_helpers import tiny_model, tiny_tokenizer
+from post_helpers import saved_tiny_checkpoint
 
 
 @pytest.fixture
 def base(tmp_path):
     """A saved tiny checkpoint with its tokenizer."""
-    tk = tiny_tokenizer()
-    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
-    tk.save(tmp_path / "base")
-    return tmp_path / "base"
+    return saved_tiny_checkpoint(tmp_path / "base")
 
 
 @pytest.fixture
