@@ -117,7 +117,21 @@ def test_cli_sft_runs(base, tmp_path, one_thread):
     assert code == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
-    assert json.loads((tmp_path / "run" / "stage.json").read_text())["examples"] == 6
+    record = json.loads((tmp_path / "run" / "stage.json").read_text())
+    assert record["examples"] == 6
+    assert record["eval_mode"] == "chat"                  # the template its model answers in, from its section
+
+
+def test_each_section_names_the_template_its_model_answers_in():
+    """stage.json's eval_mode comes from the section, so eval/ never branches on stage kinds."""
+    from nanoseek.post.registry import STAGE_KINDS
+
+    for kind, entry in STAGE_KINDS.items():
+        assert entry.section().eval_mode in ("chat", "chat-think", "r1-zero"), kind
+    grpo = STAGE_KINDS["grpo"].section
+    assert grpo().eval_mode == "r1-zero"
+    assert grpo(template="chat-think").eval_mode == "chat-think"
+    assert STAGE_KINDS["dpo"].section(template="chat-think").eval_mode == "chat"      # as eval has always read it
 
 
 def test_dpo_stage_learns_the_preference(base, tmp_path, one_thread):

@@ -8,8 +8,9 @@ compared with the paired 95% interval of their per-problem differences.
 Prompt modes: ``fewshot`` (base models: worked train examples, then the question), ``chat``
 (the chat template; R1 format scored separately from accuracy), ``chat-think`` (``<think>``
 pre-filled), ``r1-zero`` (R1-Zero's plain template), ``auto``: what the stage was trained for:
-run.json's ``eval_mode``, else the stage's ``stage.json`` / ``config.toml`` (sft, dpo, distill ->
-chat; grpo -> its template; pre-training -> fewshot), else the folder name.
+run.json's ``eval_mode``, else the ``eval_mode`` the stage's ``stage.json`` records (older folders:
+its kind / ``config.toml``: sft, dpo, distill -> chat; grpo -> its template; pre-training ->
+fewshot), else the folder name.
 
 Each evaluation is written to ``eval.json`` (default: in the stage folder, or ``--out``) with
 the config, the metrics, every problem's scores and a few full responses. ``--data DIR`` adds

@@ -85,6 +85,11 @@ class DPOSection:
             raise ValueError("auto_samples must be >= 2 and auto_prompts >= 1")
         return self
 
+    @property
+    def eval_mode(self) -> str:
+        """The prompt template the trained model answers in (recorded in stage.json): the chat template."""
+        return "chat"
+
 
 # ----------------------------------------------------------------------------- data
 
