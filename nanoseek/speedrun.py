@@ -23,7 +23,7 @@ Resume: re-running into an existing folder skips finished stages (run.json says 
 resumes an interrupted training stage from its last checkpoint. The settings must be the ones
 the folder's stages were made with (run.json records them): a re-run with other settings is
 refused, naming the differing keys, so run.json and the report always say how the model was
-made. The folder is claimed and locked (``nanoseek.outdir``): a non-empty folder that is not a
+made (run.json ``config``: the recipe as written; ``resolved``: every setting, defaults filled in). The folder is claimed and locked (``nanoseek.outdir``): a non-empty folder that is not a
 speedrun's is refused, and so is a second speedrun into the same folder while one runs.
 
 Branch: ``--from RUN --redo STAGE`` starts a new folder from RUN's finished stages before STAGE
@@ -117,9 +117,14 @@ def is_speedrun_run(path: Path) -> bool:
 class RunState:
     """run.json: per-stage status, wall times and sizes (what the report reads), plus the
     bookkeeping of finished steps (``steps``: data, pretrain, eval_base, ...) that resume uses.
-    Written atomically after every change."""
+    Written atomically after every change.
 
-    def __init__(self, run_dir: Path, config: dict):
+    ``config`` is the recipe as written (after ``--set``) plus the run's minutes and seed;
+    ``resolved`` (when given) every setting with its default filled in, the same shape as
+    :func:`nanoseek.speedrun_recipe.resolved_settings` (what the report shows). A run.json written
+    before ``resolved`` was recorded gets it on its next run."""
+
+    def __init__(self, run_dir: Path, config: dict, resolved: dict | None = None):
         self.path = run_dir / "run.json"
         if self.path.exists():
             self.data = read_run_json(self.path)
@@ -127,6 +132,8 @@ class RunState:
             self.data = {"name": run_dir.name, "status": "running", "started": _now(), "device": "cpu",
                          "stages": [], "steps": {}}
         self.data["config"] = {k: v for k, v in config.items() if not k.startswith("_")}
+        if resolved is not None:
+            self.data["resolved"] = json.loads(json.dumps(resolved))
         self.data["status"] = "running"
         self.save()
 
@@ -151,6 +158,12 @@ class RunState:
 
     def save(self) -> None:
         _write_json(self.path, self.data)
+
+
+def resolved_record(rc: SpeedrunRecipe, minutes: float, seed: int) -> dict:
+    """What run.json records as ``resolved``: every setting of the recipe with its default filled
+    in, plus this run's minutes and seed (the shape of ``speedrun_recipe.resolved_settings``)."""
+    return {**rc.resolved(), "minutes": minutes, "seed": seed}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -337,7 +350,7 @@ def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, 
     from nanoseek.train.config import ConfigError
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(run_dir, config)
+    state = RunState(run_dir, config, resolved_record(rc, minutes, seed))
     budget = dataclasses.asdict(rc.budget)      # {stage kind: fraction of the minutes}
     scale = min(1.0, minutes / rc.speedrun.minutes)
     t_start = time.time()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import ConfigError, UserError
+from nanoseek.eval.harness import EvalConfig
 from nanoseek.train.config import (DataSection, ModelSection, OptimSection, SpikeSection, TrainSection,
                                    apply_overrides, parse_section, read_toml, resolve_config_path)
 
@@ -64,7 +65,8 @@ class CorpusSection:
 
 @dataclass
 class EvalSection:
-    """``[eval]``: the same held-out (test-split) problems for every stage."""
+    """``[eval]``: the same held-out (test-split) problems for every stage. The recipe writes every
+    key without a default; the two with one take the evaluation's own (``EvalConfig``, their home)."""
     tasks: str | list[str]
     problems: int                     # per task at the reference budget (scaled for shorter runs)
     min_problems: int                 # ...but never fewer
@@ -73,8 +75,8 @@ class EvalSection:
     top_p: float
     max_new_tokens: int
     batch_size: int                   # rows decoded at once
-    few_shot: int = 3                 # examples in the base model's prompt
-    levels: list[int] | None = None   # levels for the task names without their own (None: all)
+    few_shot: int = EvalConfig.few_shot                  # examples in the base model's prompt
+    levels: list[int] | None = EvalConfig.levels         # levels for the task names without their own (None: all)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from conftest import make_tiny_model
 from eval_helpers import ScriptedEngine, problems_of, synthetic_result
 from nanoseek.data.shards import FORMAT, FORMAT_VERSION, SplitWriter, token_dtype, write_manifest
 from nanoseek.train.bpb import bits_per_byte, token_bytes_table
-from nanoseek.eval.harness import draw_problems, evaluate, request_seed
+from nanoseek.eval.harness import EvalConfig, draw_problems, evaluate, request_seed
 from nanoseek.eval.results import EvalFileError, EvalResult, k_values, paired_comparison
 from nanoseek.eval.stats import mean_interval, paired_difference
 from nanoseek.data.bytetok import ByteTokenizer
@@ -132,7 +132,7 @@ def test_samples_beyond_the_batch_are_chunked_with_their_own_seeds():
 def test_mixed_tasks_overall_pools_problems_and_levels_split_evenly():
     probs = draw_problems("arithmetic", 3, 0, [1, 2]) + draw_problems("countdown", 3, 0, [1, 2])
     engine = ScriptedEngine(TOK, probs, lambda p, j: r1(p.answer) if p.task == "arithmetic" else r1("1+1"))
-    res = evaluate(None, TOK, "arithmetic,countdown", n_problems=3, levels=[1, 2], engine=engine)
+    res = evaluate(None, TOK, "arithmetic,countdown", n_problems=3, k=1, levels=[1, 2], engine=engine)
     assert res.task_names == ["arithmetic", "countdown"]
     assert sorted(p.level for p in res.problems if p.task == "arithmetic") == [1, 1, 2]
     assert res.summary("arithmetic")["pass@1"]["mean"] == 1.0
@@ -232,3 +232,44 @@ def test_bits_per_byte_from_documents_and_from_a_data_dir(tmp_path):
     assert small.tokens <= 32
     with pytest.raises(ValueError, match="fewer than"):
         bits_per_byte(model, [docs[0][:5]], TOK, seq_len=16)
+
+
+def test_evaluation_defaults_have_one_home():
+    """EvalConfig holds every evaluation default: the CLI's flags fall back to it (its --help quotes
+    it), evaluate() and the speedrun's [eval] table have none of their own."""
+    import argparse
+    import dataclasses
+    import inspect
+
+    from nanoseek.eval import cli
+    from nanoseek.speedrun_recipe import EvalSection
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    # what `nanoseek eval` resolved to before the defaults moved here
+    assert {k: defaults[k] for k in ("n_problems", "k", "temperature", "top_p", "top_k", "max_new_tokens",
+                                      "few_shot", "seed", "batch_size", "keep_samples")} == {
+        "n_problems": 200, "k": 4, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_new_tokens": 256,
+        "few_shot": 3, "seed": 0, "batch_size": 16, "keep_samples": 3}
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--model", "m"])
+    assert all(getattr(args, flag) is None for flag in cli.SETTINGS)       # not given: EvalConfig decides
+    helps = {a.dest: a.help for a in p._actions}
+    for flag, name in cli.SETTINGS.items():
+        assert f"(default {defaults[name]}" in helps[flag], flag
+    own = [n for n, prm in inspect.signature(evaluate).parameters.items()
+           if prm.default is not inspect.Parameter.empty and n in defaults]
+    assert own == []
+    section = {f.name: f.default for f in dataclasses.fields(EvalSection)}
+    assert section["few_shot"] == defaults["few_shot"] and section["levels"] == defaults["levels"]
+    for name in ("k", "temperature", "top_p", "max_new_tokens", "batch_size"):   # the recipe must write these
+        assert section[name] is dataclasses.MISSING, name
+
+
+def test_evaluate_takes_an_eval_config():
+    probs = problems_of("arithmetic", 3)
+    engine = ScriptedEngine(TOK, probs, lambda p, j: r1(p.answer))
+    cfg = EvalConfig(tasks=["arithmetic"], n_problems=3, k=2, mode="chat")
+    res = evaluate(None, TOK, cfg, engine=engine, seed=0)
+    assert res.config["k"] == 2 and res.config["n_problems"] == 3 and res.summary()["n"] == 3
+    assert cfg.ks == []                                                     # the caller's config is not changed

@@ -149,3 +149,20 @@ def test_expert_plot_of_a_stage_with_one_logged_step_draws_without_warnings():
         warnings.simplefilter("error")            # matplotlib warned of a zero-width heat map here
         out = expert_plot("sft", ([5], [[0.2, 0.4]]), ([5], [[0.1, 0.3]]))
     assert out is not None and out[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_configuration_shows_the_resolved_settings_and_reads_older_run_json(tmp_path):
+    """run.json's ``resolved`` (every setting, defaults filled in) is shown beside the recipe as
+    written; a run.json from before it was recorded shows its config as it always did."""
+    root = make_synthetic_run(tmp_path / "run")
+    meta = json.loads((root / "run.json").read_text())
+    meta["config"] = {"sft": {"optim": {"lr": 1e-3}}, "minutes": 1.0, "seed": 0}
+    (root / "run.json").write_text(json.dumps(meta))
+    md = write_report(root)[0].read_text()
+    assert "**run.json config**" in md and "resolved" not in md.split("## Configuration")[1].split("##")[0]
+    meta["resolved"] = {"sft": {"optim": {"lr": 1e-3, "seq_len": 512, "warmup_steps": 10}}, "minutes": 1.0,
+                        "seed": 0}
+    (root / "run.json").write_text(json.dumps(meta))
+    block = write_report(root)[0].read_text().split("## Configuration")[1]
+    assert block.index("**run.json resolved") < block.index("**run.json config (as written)**")
+    assert '"warmup_steps": 10' in block and '"seq_len": 512' in block

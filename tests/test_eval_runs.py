@@ -37,6 +37,22 @@ def test_eval_mode_from_stage_files(tmp_path):
     assert stage_of_checkpoint(tmp_path / "f" / "final") == (None, None)
 
 
+def test_eval_mode_recorded_in_stage_json_comes_first(tmp_path):
+    """A stage written now records its eval_mode; one written before (no eval_mode) keeps the old rules."""
+    new = _stage(tmp_path, "x", toml="[grpo]\n")         # the config alone would say r1-zero
+    (new / "stage.json").write_text(json.dumps({"kind": "grpo", "status": "done", "steps": 3,
+                                                "eval_mode": "chat-think"}))
+    assert eval_mode_of(new) == "chat-think"
+    assert stage_of_checkpoint(new / "final") == ("x", "chat-think")
+    renamed = _stage(tmp_path, "y")                     # a new kind the fallback rules do not know
+    (renamed / "stage.json").write_text(json.dumps({"kind": "tool_rl", "status": "done", "steps": 3,
+                                                    "eval_mode": "r1-zero"}))
+    assert eval_mode_of(renamed) == "r1-zero"
+    old = _stage(tmp_path, "z", kind="grpo", toml='[grpo]\ntemplate = "chat"\n')     # pre-eval_mode stage.json
+    assert eval_mode_of(old) == "chat"
+    assert eval_mode_of(_stage(tmp_path, "w", kind="tool_rl")) is None
+
+
 def test_stage_order_known_names_then_start_time_for_recipe_names(tmp_path):
     known = tmp_path / "known"
     for name in ("grpo", "pretrain", "sft"):

@@ -117,7 +117,21 @@ def test_cli_sft_runs(base, tmp_path, one_thread):
     assert code == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
-    assert json.loads((tmp_path / "run" / "stage.json").read_text())["examples"] == 6
+    record = json.loads((tmp_path / "run" / "stage.json").read_text())
+    assert record["examples"] == 6
+    assert record["eval_mode"] == "chat"                  # the template its model answers in, from its section
+
+
+def test_each_section_names_the_template_its_model_answers_in():
+    """stage.json's eval_mode comes from the section, so eval/ never branches on stage kinds."""
+    from nanoseek.post.registry import STAGE_KINDS
+
+    for kind, entry in STAGE_KINDS.items():
+        assert entry.section().eval_mode in ("chat", "chat-think", "r1-zero"), kind
+    grpo = STAGE_KINDS["grpo"].section
+    assert grpo().eval_mode == "r1-zero"
+    assert grpo(template="chat-think").eval_mode == "chat-think"
+    assert STAGE_KINDS["dpo"].section(template="chat-think").eval_mode == "chat"      # as eval has always read it
 
 
 def test_dpo_stage_learns_the_preference(base, tmp_path, one_thread):
@@ -210,3 +224,22 @@ def test_r1_recipe_end_to_end(base, tmp_path, one_thread):
     again = run_recipe(load_recipe("r1", ov), resume=True, quiet=True)     # finished stages are skipped
     assert all(r.extra.get("skipped") for r in again)
     assert again[-1].final_dir == results[-1].final_dir
+
+
+def test_rollout_sampling_settings_are_the_callers():
+    """sample_and_score has no sampling defaults of its own: distill passes its section's, DPO its auto_* ones."""
+    import dataclasses
+    import inspect
+
+    from nanoseek.post.distill import DistillSection
+    from nanoseek.post.dpo import DPOSection
+    from nanoseek.post.rollout import sample_and_score
+
+    params = inspect.signature(sample_and_score).parameters
+    for name in ("template", "max_new_tokens", "temperature", "top_p"):
+        assert params[name].default is inspect.Parameter.empty, name
+    d = {f.name: f.default for f in dataclasses.fields(DistillSection)}
+    assert (d["max_new_tokens"], d["temperature"], d["top_p"]) == (256, 0.6, 0.95)
+    assert DPOSection().auto_top_p == 0.95                      # what DPO's auto pairs were sampled with
+    with pytest.raises(ValueError, match="auto_top_p"):
+        DPOSection(auto_top_p=0).validate()

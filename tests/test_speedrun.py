@@ -153,6 +153,9 @@ def test_smoke_speedrun_end_to_end(tmp_path):
                  "--redo", "grpo", "--set", "grpo.temperature=0.8"]) == 0
     branched = json.loads((alt / "run.json").read_text())
     assert branched["status"] == "done" and branched["config"]["grpo"]["temperature"] == 0.8
+    assert branched["resolved"]["grpo"]["temperature"] == 0.8 and run["resolved"]["grpo"]["temperature"] == 1.0
+    assert (out / "grpo" / "stage.json").is_file() and json.loads((out / "grpo" / "stage.json").read_text())[
+        "eval_mode"] == "chat"                                   # the speedrun's GRPO trains in the chat template
     assert (alt / "sft" / "eval.json").read_bytes() == (out / "sft" / "eval.json").read_bytes()
     assert (alt / "grpo" / "final" / "config.json").exists() and (alt / "grpo" / "eval.json").exists()
 
@@ -219,3 +222,35 @@ def test_settings_compare_by_value_not_by_how_they_were_written(tmp_path):
     branch_run(run, tmp_path / "b", "grpo", config)
     with pytest.raises(UserError, match=r"eval.few_shot \(3 -> 2\)"):
         check_same_settings(run, _config("eval.few_shot=2"))
+
+
+def test_run_json_records_the_resolved_recipe_and_older_folders_still_resume(tmp_path):
+    """run.json keeps the recipe as written (``config``) and every setting resolved (``resolved``);
+    a folder written before ``resolved`` was recorded resumes and branches, and gets it."""
+    from nanoseek.speedrun import check_same_settings, resolved_record
+    from nanoseek.speedrun_recipe import resolved_settings
+
+    rc = load_recipe("speedrun", [])
+    config, resolved = rc.record(30.0, 0), resolved_record(rc, 30.0, 0)
+    assert resolved == resolved_settings(json.loads(json.dumps(config)))
+    for table, key in (("sft", "template"), ("grpo", "group_size"), ("grpo", "prompts_per_step"), ("grpo", "beta"),
+                       ("grpo", "temperature"), ("eval", "few_shot"), ("speedrun", "seed")):
+        assert key in resolved[table] and key not in config.get(table, {}), (table, key)
+    assert "seq_len" in resolved["sft"]["optim"] and "warmup_steps" in resolved["sft"]["optim"]
+    (tmp_path / "new").mkdir()
+    fresh = RunState(tmp_path / "new", config, resolved)
+    written = json.loads((tmp_path / "new" / "run.json").read_text())
+    assert written["resolved"] == json.loads(json.dumps(resolved)) and written["config"]["minutes"] == 30.0
+    assert fresh.data["resolved"]["eval"]["few_shot"] == 3
+    old = _finished_run(tmp_path / "old", json.loads(json.dumps(config)))        # no "resolved" key
+    old_json = json.loads((old / "run.json").read_text())
+    old_json["steps"] = {"data": "done"}
+    (old / "run.json").write_text(json.dumps(old_json))
+    check_same_settings(old, config)                            # resuming it: the same settings
+    state = RunState(old, config, resolved)
+    assert state.done("data") and json.loads((old / "run.json").read_text())["resolved"]["grpo"]["beta"] == 0.0
+    src = _finished_run(tmp_path / "src", json.loads(json.dumps(config)))       # branching from one
+    branch_run(src, tmp_path / "dst", "sft", config)
+    assert "resolved" not in json.loads((tmp_path / "dst" / "run.json").read_text())
+    RunState(tmp_path / "dst", config, resolved)
+    assert json.loads((tmp_path / "dst" / "run.json").read_text())["resolved"] == written["resolved"]

@@ -58,5 +58,5 @@ def test_small_levels_give_every_distinct_problem_with_a_note():
     with pytest.raises(ValueError, match="exhausted"):
         get_task("modular").generate("test", 500, level=1)
     engine = ScriptedEngine(TOK, probs, lambda p, j: r1(p.answer))
-    res = evaluate(None, TOK, "modular:1", n_problems=500, engine=engine)
+    res = evaluate(None, TOK, "modular:1", n_problems=500, k=1, engine=engine)
     assert res.summary()["n"] == len(probs) and any("only" in n and "modular:1" in n for n in res.notes)

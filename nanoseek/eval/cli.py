@@ -8,8 +8,9 @@ compared with the paired 95% interval of their per-problem differences.
 Prompt modes: ``fewshot`` (base models: worked train examples, then the question), ``chat``
 (the chat template; R1 format scored separately from accuracy), ``chat-think`` (``<think>``
 pre-filled), ``r1-zero`` (R1-Zero's plain template), ``auto``: what the stage was trained for:
-run.json's ``eval_mode``, else the stage's ``stage.json`` / ``config.toml`` (sft, dpo, distill ->
-chat; grpo -> its template; pre-training -> fewshot), else the folder name.
+run.json's ``eval_mode``, else the ``eval_mode`` the stage's ``stage.json`` records (older folders:
+its kind / ``config.toml``: sft, dpo, distill -> chat; grpo -> its template; pre-training ->
+fewshot), else the folder name.
 
 Each evaluation is written to ``eval.json`` (default: in the stage folder, or ``--out``) with
 the config, the metrics, every problem's scores and a few full responses. ``--data DIR`` adds
@@ -24,43 +25,59 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from nanoseek import limits
 from pathlib import Path
 
+# flag dest -> the EvalConfig field it sets. The flags default to None (not given) and fall back to
+# EvalConfig's defaults, their one home; the help text quotes them from there.
+SETTINGS = {"n": "n_problems", "k": "k", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+            "max_new_tokens": "max_new_tokens", "few_shot": "few_shot", "seed": "seed",
+            "batch_size": "batch_size", "samples": "keep_samples"}
+
+
+def _default(field_name: str):
+    """EvalConfig's default for ``field_name`` (for the help text)."""
+    from .harness import EvalConfig
+
+    return {f.name: f.default for f in dataclasses.fields(EvalConfig)}[field_name]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = {flag: _default(name) for flag, name in SETTINGS.items()}
     p.add_argument("--model", required=True, metavar="RUN_OR_DIR",
                    help="HF checkpoint directory, run folder, or speedrun folder with stage sub-folders")
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
                    help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.tasks.generators; default arithmetic,countdown)")
-    p.add_argument("--n", type=limits.positive_int, default=200,
-                   help="held-out (test split) problems per task (default 200)")
-    p.add_argument("--k", type=limits.positive_int, default=4,
+    p.add_argument("--n", type=limits.positive_int,
+                   help=f"held-out (test split) problems per task (default {d['n']})")
+    p.add_argument("--k", type=limits.positive_int,
                    help="samples per problem: pass@1 is averaged over them, and "
-                        "pass@k / maj@k are reported up to k (default 4)")
+                        f"pass@k / maj@k are reported up to k (default {d['k']})")
     p.add_argument("--mode", default="auto", choices=["auto", "fewshot", "chat", "chat-think", "r1-zero"],
                    help="prompt mode (default auto: fewshot for pre-training stages, chat after SFT)")
-    p.add_argument("--temperature", type=limits.temperature, default=0.6,
+    p.add_argument("--temperature", type=limits.temperature,
                    help="sampling temperature; 0 is greedy, which "
-                        "sets k to 1 (default 0.6, R1's)")
-    p.add_argument("--top-p", type=limits.open_prob, default=0.95, help="nucleus sampling (default 0.95, R1's)")
-    p.add_argument("--top-k", type=limits.nonneg_int, default=0, help="top-k filter, 0 disables it (default 0)")
-    p.add_argument("--max-new-tokens", type=limits.positive_int, default=256,
-                   help="generation budget per sample (default 256)")
+                        f"sets k to 1 (default {d['temperature']}, R1's)")
+    p.add_argument("--top-p", type=limits.open_prob, help=f"nucleus sampling (default {d['top_p']}, R1's)")
+    p.add_argument("--top-k", type=limits.nonneg_int, help=f"top-k filter, 0 disables it (default {d['top_k']})")
+    p.add_argument("--max-new-tokens", type=limits.positive_int,
+                   help=f"generation budget per sample (default {d['max_new_tokens']})")
     p.add_argument("--levels", help="comma-separated difficulty levels, problems split evenly over them "
                                     "(default: all levels of each task mixed)")
-    p.add_argument("--few-shot", type=limits.nonneg_int, default=3,
-                   help="worked train examples in fewshot mode (default 3)")
-    p.add_argument("--seed", type=limits.seed, default=0, help="problem set and sampling seed (default 0)")
-    p.add_argument("--batch-size", type=limits.positive_int, default=16,
+    p.add_argument("--few-shot", type=limits.nonneg_int,
+                   help=f"worked train examples in fewshot mode (default {d['few_shot']})")
+    p.add_argument("--seed", type=limits.seed, help=f"problem set and sampling seed (default {d['seed']})")
+    p.add_argument("--batch-size", type=limits.positive_int,
                    help="engine cache rows: samples decoded at once "
-                        "(default 16)")
+                        f"(default {d['batch_size']})")
     p.add_argument("--max-seq-len", type=limits.int_range(2),
                    help="engine context per row (default: the model's, at most 4096)")
-    p.add_argument("--samples", type=limits.nonneg_int, default=3, help="full responses saved per task (default 3)")
+    p.add_argument("--samples", type=limits.nonneg_int,
+                   help=f"full responses saved per task (default {d['samples']})")
     p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
     p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
     p.add_argument("--data", metavar="DIR", help="prepared data directory: also measure bits per byte on its "
@@ -145,11 +162,10 @@ def run(args: argparse.Namespace) -> int:
     from .harness import EvalConfig, evaluate
 
     levels = _ints(args.levels, "--levels")
+    given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
     try:                                  # bad flags fail before any model is loaded
-        EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], n_problems=args.n, k=args.k,
-                   temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                   levels=levels, few_shot=args.few_shot, batch_size=args.batch_size,
-                   keep_samples=args.samples).validate()
+        cfg = EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], levels=levels,
+                         **given).validate()
     except (KeyError, ValueError) as e:
         raise UserError(str(e).strip("'\"")) from None
     jobs = plan(args.model, args.stages, args.mode)
@@ -176,18 +192,15 @@ def run(args: argparse.Namespace) -> int:
                                                   require_tokenizer=True)
         except (LoadError, TokenizerError) as e:
             raise UserError(str(e)) from None
-        limits.check_kv_cache(model, args.batch_size, args.max_seq_len, "--batch-size x --max-seq-len")
-        engine = Engine(model, tokenizer, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+        limits.check_kv_cache(model, cfg.batch_size, args.max_seq_len, "--batch-size x --max-seq-len")
+        engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, max_seq_len=args.max_seq_len,
                         use_mtp=args.mtp)
         with Progress(TextColumn(f"[bold]{label}[/] ({mode})"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("eval", total=None)
             try:
-                result = evaluate(model, tokenizer, args.tasks, n_problems=args.n, k=args.k, mode=mode,
-                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                  max_new_tokens=args.max_new_tokens, seed=args.seed, levels=levels,
-                                  few_shot=args.few_shot, batch_size=args.batch_size, keep_samples=args.samples,
-                                  engine=engine, progress=lambda d, t: bar.update(task, completed=d, total=t))
+                result = evaluate(model, tokenizer, cfg, mode=mode, engine=engine,
+                                  progress=lambda d, t: bar.update(task, completed=d, total=t))
             except ValueError as e:       # a level a task lacks, a prompt longer than the context, ...
                 raise UserError(f"{label}: {e}") from None
         result.model["path"] = str(ckpt)

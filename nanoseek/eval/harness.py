@@ -21,7 +21,8 @@ which renders them, says where generation stops and what text is scored:
 * ``r1-zero``: DeepSeek-R1-Zero's plain-text template (as ``nanoseek grpo`` with
   ``template = "r1-zero"`` trains); stops at ``</answer>``, which is put back before scoring.
 
-Sampling: R1's evaluation settings by default (temperature 0.6, top-p 0.95). Temperature 0 is
+Sampling: R1's evaluation settings by default (temperature 0.6, top-p 0.95; every default is
+:class:`EvalConfig`'s). Temperature 0 is
 greedy decoding; its k samples would be identical, so k is set to 1 (noted). Every request has
 its own seed derived from ``(seed, problem id, chunk)``, so a problem's samples do not depend on
 which other problems are evaluated with it or on the batch size (the engine's per-row random
@@ -38,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
@@ -49,11 +50,13 @@ from .results import EvalResult, ProblemResult, k_values
 
 @dataclass
 class EvalConfig:
-    """The settings of one evaluation (saved in ``eval.json`` as ``config``)."""
+    """The settings of one evaluation (saved in ``eval.json`` as ``config``), and the one home of
+    their defaults: ``nanoseek eval``'s flags fall back to these (its --help quotes them), and
+    :func:`evaluate` and the speedrun's ``[eval]`` table take them from here."""
 
     tasks: list[str]
-    n_problems: int = 100
-    k: int = 1
+    n_problems: int = 200
+    k: int = 4
     mode: str = "chat"
     temperature: float = 0.6
     top_p: float = 0.95
@@ -260,22 +263,25 @@ def _score(cfg: EvalConfig, problems: list, completions: list[list]) -> tuple[li
     return records, samples
 
 
-def evaluate(model, tokenizer, tasks: str | Sequence[str], n_problems: int = 100, k: int = 1, mode: str = "chat",
-             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, seed: int = 0,
-             levels: Sequence[int] | None = None, few_shot: int = 3, batch_size: int = 16, *, top_k: int = 0,
-             keep_samples: int = 3, engine=None, max_seq_len: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """Evaluate ``model`` on held-out problems of ``tasks`` (a list or "a,b"); see the module docstring.
+def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engine=None, max_seq_len: int | None = None,
+             progress: Callable[[int, int], None] | None = None, **settings: Any) -> EvalResult:
+    """Evaluate ``model`` on held-out problems; see the module docstring.
 
-    ``engine``: an engine to sample with (default: ``Engine(model, tokenizer, max_batch_size=
-    batch_size, max_seq_len=max_seq_len)``). ``progress(done, total)`` is called per request.
+    ``tasks``: an :class:`EvalConfig`, or the task names (a list or "a,b"); ``settings``: fields of
+    :class:`EvalConfig` (``n_problems``, ``k``, ``mode``, ``temperature``, ...) set over it; a
+    setting not given takes EvalConfig's default (their one home). ``engine``: an engine to
+    sample with (default: ``Engine(model, tokenizer, max_batch_size=batch_size,
+    max_seq_len=max_seq_len)``). ``progress(done, total)`` is called per request.
     """
     t0 = time.perf_counter()
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
-    cfg = EvalConfig(tasks=names, n_problems=n_problems, k=k, mode=mode, temperature=temperature, top_p=top_p,
-                     top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                     levels=list(levels) if levels is not None else None, few_shot=few_shot,
-                     batch_size=batch_size, keep_samples=keep_samples).validate()
+    if settings.get("levels") is not None:
+        settings["levels"] = list(settings["levels"])
+    if isinstance(tasks, EvalConfig):
+        cfg = replace(tasks, **settings)  # a copy: the caller's config is left as it was
+    else:
+        names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+        cfg = EvalConfig(tasks=names, **settings)
+    cfg.validate()
     notes: list[str] = []
     if cfg.temperature == 0 and cfg.k > 1:
         notes.append(f"greedy decoding (temperature 0): k reduced from {cfg.k} to 1, its samples would be identical")

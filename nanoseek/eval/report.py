@@ -17,7 +17,9 @@
    differences between consecutive stages (same problem ids), bits per byte.
 5. **Test-time compute**: pass@k and maj@k against k per stage.
 6. **Samples**: a few evaluated conversations with their reasoning, and GRPO rollouts.
-7. **Configuration**: run.json's ``config`` and each stage's ``config.toml``.
+7. **Configuration**: run.json's ``resolved`` settings (every setting of the run, defaults filled
+   in) and its ``config`` (the recipe as written; older run.json files have only this one), and
+   each stage's ``config.toml``.
 8. **Notes**: every piece that was missing or unreadable and so skipped (never a crash); a
    figure that fails to draw is skipped with its error here too.
 
@@ -238,7 +240,12 @@ def _model_section(stages: list[StageData], notes: list[str]) -> Section | None:
 
 def _config_section(meta: dict[str, Any], stages: list[StageData]) -> Section | None:
     sec = Section("Configuration")
-    if meta.get("config"):
+    if isinstance(meta.get("resolved"), dict) and meta["resolved"]:
+        sec.code("run.json resolved (every setting, defaults filled in)",
+                 json.dumps(meta["resolved"], indent=2, ensure_ascii=False))
+        if meta.get("config"):
+            sec.code("run.json config (as written)", json.dumps(meta["config"], indent=2, ensure_ascii=False))
+    elif meta.get("config"):
         sec.code("run.json config", json.dumps(meta["config"], indent=2, ensure_ascii=False))
     for d in stages:
         p = d.stage.dir / "config.toml"

@@ -29,11 +29,13 @@ stage name, else by start time (the oldest of ``config.toml`` / ``metrics.jsonl`
 post-training recipe names its stages freely (``cold_start``, ``final_rl``).
 
 The prompt mode a stage's model is evaluated in (:func:`eval_mode_of`): run.json's
-``eval_mode``; else what the stage's files say: ``stage.json`` ``kind`` (written by every
-post-training stage) or the tables of its ``config.toml``: ``sft`` / ``dpo`` / ``distill`` ->
-``chat``, ``grpo`` -> its ``[grpo] template`` (``r1-zero``, ``chat`` or ``chat-think``), a
-pre-training config (a ``[data]`` table, no stage kind) -> ``fewshot``; else the folder name
-(``pretrain`` -> fewshot, ``sft``/``grpo``/... -> chat); else unknown.
+``eval_mode``; else the ``eval_mode`` its ``stage.json`` records (every post-training stage
+writes the template its model answers in, from its section: ``nanoseek.post.stage``). Folders
+written before stage.json recorded it fall back to fixed rules on what their files say
+(:func:`_legacy_eval_mode`): ``stage.json`` ``kind`` or the tables of ``config.toml``: ``sft`` /
+``dpo`` / ``distill`` -> ``chat``, ``grpo`` -> its ``[grpo] template`` (``r1-zero``, ``chat`` or
+``chat-think``), a pre-training config (a ``[data]`` table, no stage kind) -> ``fewshot``; else
+the folder name (``pretrain`` -> fewshot, ``sft``/``grpo``/... -> chat); else unknown.
 
 ``metrics.jsonl`` is read tolerantly (:func:`read_jsonl`): a live run may have a half-written
 last line, which is left for the next read; other bad lines are counted and reported, never
@@ -48,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Folder NAMES, not the registry's kinds: the order of a run's folders without run.json, and the
+# last-resort mode of a folder whose files say nothing (mode_for_name).
 STAGE_ORDER = ("pretrain", "midtrain", "sft", "dpo", "grpo", "distill")
 BASE_STAGES = ("pretrain", "midtrain", "base")
 CHAT_STAGES = ("sft", "dpo", "grpo", "distill", "rl", "chat")
@@ -224,6 +228,7 @@ class Stage:
 
 
 def mode_for_name(name: str) -> str | None:
+    """The prompt mode a stage folder's name implies (fallback for folders whose files say nothing)."""
     low = name.lower()
     if low in BASE_STAGES:
         return "fewshot"
@@ -233,16 +238,29 @@ def mode_for_name(name: str) -> str | None:
 
 
 def eval_mode_of(stage_dir: str | Path) -> str | None:
-    """The prompt mode a stage folder's files imply (``stage.json`` kind, ``config.toml`` tables), or None."""
-    import tomllib
-
+    """The prompt mode a stage folder's files give: the ``eval_mode`` its ``stage.json`` records,
+    else (a folder written before stage.json recorded it) :func:`_legacy_eval_mode`; or None."""
     d = Path(stage_dir)
-    kind = None
+    record: dict[str, Any] = {}
     if (d / STAGE_JSON).is_file():
         try:
-            kind = read_json(d / STAGE_JSON).get("kind")
+            record = read_json(d / STAGE_JSON)
         except RunError:
-            kind = None
+            record = {}
+    from nanoseek.tasks.reply import EVAL_TEMPLATES
+
+    mode = record.get("eval_mode") if isinstance(record, dict) else None
+    if mode in EVAL_TEMPLATES:
+        return mode
+    return _legacy_eval_mode(d, record.get("kind") if isinstance(record, dict) else None)
+
+
+def _legacy_eval_mode(d: Path, kind: Any) -> str | None:
+    """FALLBACK for stage folders written before stage.json recorded ``eval_mode``: the mode implied
+    by the stage kind (``kind``, from stage.json) or the tables of ``config.toml``. New folders
+    never get here; keep these rules only so existing runs evaluate and report as they always did."""
+    import tomllib
+
     cfg: dict[str, Any] = {}
     if (d / CONFIG_TOML).is_file():
         try:

@@ -74,6 +74,11 @@ class DistillSection:
             raise ValueError("temperature must be >= 0")
         return self
 
+    @property
+    def eval_mode(self) -> str:
+        """The prompt template the student answers in (recorded in stage.json): it is SFT'd on chats."""
+        return "chat"
+
 
 def verified_examples(prompts: list[RLPrompt], scored: list[list[Scored]], keep_per_prompt: int = 1,
                       source: str = "") -> list[SFTExample]:

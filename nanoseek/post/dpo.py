@@ -72,6 +72,7 @@ class DPOSection:
     auto_samples: int = 8             # samples per prompt
     auto_max_new_tokens: int = 128
     auto_temperature: float = 1.0
+    auto_top_p: float = 0.95
     template: str = "chat"            # chat | chat-think (pairs are chats)
 
     def validate(self) -> "DPOSection":
@@ -81,9 +82,16 @@ class DPOSection:
             raise ValueError(f"label_smoothing = {self.label_smoothing}: must be in [0, 0.5)")
         if self.template not in ("chat", "chat-think"):
             raise ValueError(f"template = {self.template!r}: must be 'chat' or 'chat-think' (pairs are chats)")
+        if not 0 < self.auto_top_p <= 1:
+            raise ValueError(f"auto_top_p = {self.auto_top_p}: must be in (0, 1]")
         if self.auto_samples < 2 or self.auto_prompts < 1:
             raise ValueError("auto_samples must be >= 2 and auto_prompts >= 1")
         return self
+
+    @property
+    def eval_mode(self) -> str:
+        """The prompt template the trained model answers in (recorded in stage.json): the chat template."""
+        return "chat"
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,7 +217,7 @@ def auto_pairs(model, tokenizer, a: DPOSection, reward_fn=None) -> tuple[list[Pr
     prompts = load_rl_prompts(a.data[len("auto:"):], a.auto_prompts, seed=a.seed)
     scored, report = sample_and_score(model, tokenizer, prompts, a.auto_samples, template=a.template,
                                       max_new_tokens=a.auto_max_new_tokens, temperature=a.auto_temperature,
-                                      seed=a.seed, reward_fn=reward_fn)
+                                      top_p=a.auto_top_p, seed=a.seed, reward_fn=reward_fn)
     pairs = []
     for item, samples in zip(prompts, scored):
         p = pairs_from_scored([{"role": "user", "content": item.prompt}], [(s.text, s.result) for s in samples],

@@ -125,6 +125,11 @@ class GRPOSection:
         return self
 
     @property
+    def eval_mode(self) -> str:
+        """The prompt template the trained model answers in (recorded in stage.json): the one it was trained in."""
+        return self.template if self.template in TEMPLATES else "chat"
+
+    @property
     def rollout_size(self) -> int:
         return self.prompts_per_step * self.group_size
 

@@ -95,12 +95,13 @@ class SampleReport:
                 "sample_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
 
 
-def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, template: str = "chat",
-                     max_new_tokens: int = 256, temperature: float = 0.6, top_p: float = 0.95, seed: int = 0,
-                     engine_batch_size: int = 64,
+def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, template: str, max_new_tokens: int,
+                     temperature: float, top_p: float, seed: int = 0, engine_batch_size: int = 64,
                      reward_fn: RewardFn | None = None) -> tuple[list[list[Scored]], SampleReport]:
     """``n`` completions per prompt from ``model`` (inference engine), scored by the verifiers
-    (``reward_fn``, default: the rule-based rewards of ``template``'s format)."""
+    (``reward_fn``, default: the rule-based rewards of ``template``'s format). The sampling
+    settings are the caller's section's (``DistillSection``, ``DPOSection``'s ``auto_*``): no
+    defaults of their own here."""
     from nanoseek.infer.engine import Engine
 
     reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(template))

@@ -59,6 +59,11 @@ class SFTSection:
             raise ValueError(f"num_examples = {self.num_examples}: must be >= 0")
         return self
 
+    @property
+    def eval_mode(self) -> str:
+        """The prompt template the trained model answers in (recorded in stage.json): the chat template."""
+        return "chat"
+
 
 def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
                       template: str = "r1") -> list[SFTExample]:

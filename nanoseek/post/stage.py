@@ -305,6 +305,7 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
                       steps=result.step, history=history, extra=dict(extra or {}))
     write_atomic(run_dir / "stage.json", json.dumps({"kind": out.kind, "status": out.status, "steps": out.steps,
                                                     "final_dir": str(out.final_dir) if out.final_dir else None,
+                                                    "eval_mode": cfg.algo.eval_mode,
                                                     **{k: v for k, v in out.extra.items()
                                                        if isinstance(v, (int, float, str, bool))}}, indent=1))
     return out
