@@ -35,7 +35,7 @@ def one_thread():
 
 @pytest.mark.parametrize("name,kind", [("sft", "sft"), ("dpo", "dpo"), ("r1-zero", "grpo"), ("distill", "distill")])
 def test_shipped_stage_configs_parse(base, name, kind):
-    over = [f"model.init_from={base}"] if kind != "distill" else []
+    over = [f"model.init_from={base}"] if kind != "distill" else [f"distill.teacher={base}"]  # a teacher that exists
     cfg = load_stage_config(name, kind, over)
     assert cfg.kind == kind and cfg.train.max_steps > 0
     if kind == "grpo":

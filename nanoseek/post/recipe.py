@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import ConfigError, apply_overrides, read_toml, resolve_config_path
+from nanoseek.train.config import ConfigError, apply_overrides, merge_tables, read_toml, resolve_config_path
 
 from .registry import STAGE_KINDS, read_stage_record, stage_config_from_dict
-from .stage import StageConfig, StageResult, _merge
+from .stage import StageConfig, StageResult
 
 RECIPE_KEYS = {"init_from", "out_dir", "name"}
 STAGE_CHAIN_KEYS = {"kind", "init", "teacher"}
@@ -62,10 +62,6 @@ class Recipe:
     out_dir: Path
     stages: list[RecipeStage] = field(default_factory=list)
     source: str = "<dict>"
-
-
-def is_recipe(raw: dict[str, Any]) -> bool:
-    return "stages" in raw
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
@@ -101,7 +97,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
         rest = {k: v for k, v in table.items() if k not in STAGE_CHAIN_KEYS}
         recipe.stages.append(RecipeStage(name=name, kind=kind, init=str(table.get("init", "previous")),
                                          teacher=table.get("teacher") if with_teacher else None,
-                                         raw=_merge(defaults, rest)))
+                                         raw=merge_tables(defaults, rest)))
     if recipe.stages[0].init == "previous":
         recipe.stages[0].init = "base"
     validate_recipe(recipe)
@@ -128,6 +124,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _resolve(ref: str, base: str, previous: str | None) -> str:
+    """A stage's ``init`` / ``teacher`` (one of CHAIN_REFS, or a path) -> the checkpoint it names."""
     if ref == "base":
         return base
     if ref == "previous":
@@ -169,10 +166,10 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
 
 def _stage_raw(recipe: Recipe, st: RecipeStage, previous: str | None) -> dict[str, Any]:
     """The stage's tables with the chain resolved: init_from, out_dir and (for kinds with a teacher) the teacher."""
-    raw = _merge(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
+    raw = merge_tables(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
                           "train": {"out_dir": str(recipe.out_dir / st.name)}})
     if STAGE_KINDS[st.kind].teacher:
-        raw = _merge(raw, {st.kind: {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
+        raw = merge_tables(raw, {st.kind: {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
     return raw
 
 
@@ -185,4 +182,4 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["Recipe", "RecipeStage", "is_recipe", "recipe_from_dict", "validate_recipe", "load_recipe", "run_recipe"]
+__all__ = ["Recipe", "RecipeStage", "recipe_from_dict", "validate_recipe", "load_recipe", "run_recipe"]

@@ -33,7 +33,7 @@ other key (its default applies): the way to drop a key the recipe file writes, e
 optim.decay_fraction=null --set optim.schedule=cosine``. Overrides go through the same validation
 as the file.
 
-The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`dumps_toml`) takes any
+The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`merge_tables`, :func:`dumps_toml`) takes any
 mapping of table name -> dataclass, so post-training stages reuse it with their own sections.
 """
 
@@ -319,6 +319,15 @@ def parse_literal(text: str) -> Any:
         return text
 
 
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the TOML dict ``base`` with ``over`` merged in: tables merge key by key,
+    any other value of ``over`` replaces ``base``'s (a recipe's ``[defaults.*]`` under a stage's tables)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge_tables(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: dict[str, type]) -> dict[str, Any]:
     """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict."""
     for item in overrides:
@@ -582,9 +591,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
-_check_train_config = check_train_config      # the earlier private name, still imported by nanoseek.post.stage
-
-
 # ---------------------------------------------------------------------------- TOML writing
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -632,6 +638,6 @@ def config_to_toml(cfg: TrainConfig) -> str:
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
-           "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys", "no_effect_keys",
+           "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys", "no_effect_keys",
            "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]
