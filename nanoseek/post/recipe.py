@@ -23,6 +23,8 @@ with the same values ("previous" samples from the last stage's output, i.e. reje
 DeepSeek-R1's rejection-sampling SFT retrained the *base* model on the RL model's verified
 samples: ``init = "base"``, ``teacher = "previous"``.
 
+(``[stages.NAME.distill] teacher`` is refused: the chain would overwrite it.)
+
 ``--set`` reaches any key: ``stages.final_rl.grpo.beta=0.01``, ``recipe.init_from=runs/x``.
 Every stage is validated as a whole stage config when the recipe is read, before the first one
 trains (a later stage's ``previous`` checkpoint does not exist yet: the base model stands in for
@@ -95,6 +97,10 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
             raise ConfigError(f"{where}: 'teacher' is only for "
                               f"{' / '.join(k for k, v in STAGE_KINDS.items() if v.teacher)} stages")
         rest = {k: v for k, v in table.items() if k not in STAGE_CHAIN_KEYS}
+        for owner, tables in ((f"stages.{name}.{kind}", rest), (f"defaults.{kind}", defaults)):
+            if with_teacher and isinstance(tables.get(kind), dict) and "teacher" in tables[kind]:
+                raise ConfigError(f"{source}: [{owner}] teacher: a recipe's chain sets the teacher; write it as the "
+                                  f"stage's own key instead: [stages.{name}] teacher = \"previous\" | \"base\" | PATH")
         recipe.stages.append(RecipeStage(name=name, kind=kind, init=str(table.get("init", "previous")),
                                          teacher=table.get("teacher") if with_teacher else None,
                                          raw=merge_tables(defaults, rest)))
