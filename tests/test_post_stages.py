@@ -43,6 +43,20 @@ def test_shipped_stage_configs_parse(base, name, kind):
     assert cfg.to_toml().count(f"[{kind}]") == 1
 
 
+def test_the_architecture_doc_s_worked_example(base, tmp_path, monkeypatch):
+    """docs/architecture.md: `nanoseek grpo --config r1-zero --set optim.lr=5e-5` (from a folder
+    holding the base model r1-zero.toml names) resolves with lr 5e-5: r1-zero writes no min_lr
+    that a changed lr would make an error, nor does any lr under the constant schedule trip one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "speedrun").mkdir(parents=True)
+    (tmp_path / "runs" / "speedrun" / "pretrain").symlink_to(base, target_is_directory=True)
+    cfg = load_stage_config("r1-zero", "grpo", ["optim.lr=5e-5"])
+    assert cfg.optim.lr == 5e-5 and cfg.optim.schedule == "constant"
+    assert load_stage_config("r1-zero", "grpo", ["optim.lr=3e-6"]).optim.lr == 3e-6   # R1's, below the kind's min_lr
+    for st in load_recipe("r1", ["stages.reasoning_rl.optim.lr=5e-5", "stages.final_rl.optim.lr=2e-4"]).stages:
+        assert "min_lr" not in st.raw.get("optim", {}) or st.kind != "grpo"
+
+
 def test_shipped_r1_recipe_parses_every_stage(base):
     rec = load_recipe("r1", [f"recipe.init_from={base}"])
     assert [(s.name, s.kind) for s in rec.stages] == [("cold_start", "sft"), ("reasoning_rl", "grpo"),

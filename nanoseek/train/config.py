@@ -361,7 +361,7 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("data", "val_batches", "must be >= 0")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise bad("optim", "lr", "must be a positive number")
-    if not 0 <= o.min_lr <= o.lr:
+    if o.schedule != "constant" and not 0 <= o.min_lr <= o.lr:   # (constant: unused, and never written)
         raise bad("optim", "min_lr", f"must be in [0, lr={o.lr}]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise bad("optim", "betas", "must be two numbers in [0, 1)")
