@@ -260,11 +260,24 @@ def check_recipe(rc: SpeedrunRecipe) -> SpeedrunRecipe:
     return rc
 
 
+def _override_schema() -> dict[str, Any]:
+    """TABLES as ``--set`` checks them: [sft] / [grpo] are the kind's section keys plus the
+    sub-tables [KIND.optim], [KIND.train], [KIND.spike]."""
+    from nanoseek.post.registry import STAGE_KINDS
+
+    schema: dict[str, Any] = dict(TABLES)
+    for kind in POST_KINDS:
+        entry = STAGE_KINDS[kind]
+        schema[kind] = {**{f.name: None for f in dataclasses.fields(entry.section)},
+                        **{t: type(getattr(entry.defaults, t)) for t in STAGE_TABLES}}
+    return schema
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SpeedrunRecipe:
     """Read a speedrun recipe (a path or the shipped ``speedrun``), apply ``--set``, validate it all."""
     try:
         path = resolve_config_path(name_or_path)
-        raw = apply_overrides(read_toml(path), list(overrides), TABLES)
+        raw = apply_overrides(read_toml(path), list(overrides), _override_schema())
         return check_recipe(recipe_from_dict(raw, source=str(path)))
     except ConfigError as e:
         raise UserError(str(e)) from None

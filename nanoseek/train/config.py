@@ -328,8 +328,14 @@ def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: dict[str, type]) -> dict[str, Any]:
-    """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict.
+
+    ``schema`` maps each table to what its keys are: a dataclass (its fields; a field whose type is
+    a dataclass is a sub-table, ``[model]`` also takes every model config field), a dict {key: the
+    same for a sub-table, or None for a value}, or anything else (``dict``, ``object``) for a table
+    whose keys are checked later. A key that is not one of them is an error naming the ``--set``
+    item (not the file it would have gone into) and the valid keys."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set '{item}': expected section.key=value, e.g. optim.lr=1e-3")
@@ -339,6 +345,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
             raise ConfigError(f"--set '{item}': expected section.key=value, e.g. optim.lr=1e-3")
         if parts[0] not in schema:
             raise ConfigError(f"--set '{item}': unknown table '{parts[0]}'. Valid tables: {', '.join(schema)}")
+        _check_override_key(item, parts, schema[parts[0]])
         node = raw.setdefault(parts[0], {})
         for p in parts[1:-1]:
             node = node.setdefault(p, {})
@@ -346,6 +353,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
                 raise ConfigError(f"--set '{item}': '{p}' is not a table")
         node[parts[-1]] = parse_literal(text.strip())
     return raw
+
+
+def _table_keys(spec: Any) -> dict[str, Any] | None:
+    """{key: the sub-table's spec or None} of a table as ``apply_overrides``' schema describes it;
+    None where its keys are not known here."""
+    if isinstance(spec, dict):
+        return spec
+    if not (isinstance(spec, type) and dataclasses.is_dataclass(spec)):
+        return None
+    hints = typing.get_type_hints(spec)
+    keys = {f.name: hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None
+            for f in dataclasses.fields(spec) if not (spec is ModelSection and f.name == "fields")}
+    if spec is ModelSection:
+        keys.update(dict.fromkeys(sorted(ModelConfig.field_names())))
+    return keys
+
+
+def _check_override_key(item: str, parts: list[str], spec: Any) -> None:
+    for depth, key in enumerate(parts[1:], start=1):
+        keys = _table_keys(spec)
+        if keys is None:
+            return
+        if key not in keys:
+            table = ".".join(parts[:depth])
+            plain = [k for k, v in keys.items() if v is None]
+            if spec is ModelSection:
+                plain = [f.name for f in dataclasses.fields(ModelSection) if f.name != "fields"]
+                plain[-1] += ", or any model config field: " + ", ".join(sorted(ModelConfig.field_names()))
+            subs = [f"[{table}.{k}]" for k, v in keys.items() if v is not None]
+            valid = ", ".join(plain) + (", or " if plain and subs else "") + ("the tables " if subs else "") + ", ".join(subs)
+            raise ConfigError(f"--set '{item}': unknown key '{key}' in [{table}]. Valid keys: {valid}")
+        spec = keys[key]
+        if spec is None:
+            return
 
 
 # ---------------------------------------------------------------------------- the pre-training config
