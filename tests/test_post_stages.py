@@ -122,6 +122,31 @@ def test_cli_print_config_and_errors(base, tmp_path, capsys):
     assert f"{data}:1: no assistant message" in capsys.readouterr().err
 
 
+def test_cli_print_config_of_a_recipe_prints_every_stage_resolved(base, tmp_path, capsys, monkeypatch):
+    """`nanoseek grpo --config r1 --print-config`: each stage's resolved config under a
+    `# [stages.NAME]` line, in order, with --set applied and validated; before the base model
+    exists too (its init_from marked not found), and a --set error is one line."""
+    monkeypatch.chdir(tmp_path)                          # r1.toml's base (runs/speedrun/pretrain) is not here
+    assert main(["grpo", "--config", "r1", "--print-config", "--set", "stages.final_rl.optim.lr=7e-5",
+                 "--set", "stages.cold_start.train.max_steps=9"]) == 0
+    out = capsys.readouterr().out
+    heads = [line for line in out.splitlines() if line.startswith("# [stages.")]
+    assert heads == ["# [stages.cold_start]", "# [stages.reasoning_rl]", "# [stages.rejection_sft]",
+                     "# [stages.final_rl]"]
+    stages = out.split("# [stages.")[1:]
+    assert "max_steps = 9" in stages[0] and "Resolved nanoseek sft config" in stages[0]
+    assert "runs/speedrun/pretrain (not found" in stages[0]
+    assert "lr = 7e-05" in stages[3] and "Resolved nanoseek grpo config" in stages[3]
+    assert "runs/r1/rejection_sft/final (written by stage rejection_sft)" in stages[3]
+    assert "[distill]" in stages[2] and "runs/r1/reasoning_rl/final (written by stage reasoning_rl)" in stages[2]
+    assert main(["grpo", "--config", "r1", "--print-config", "--set", "stages.final_rl.grpo.level=9"]) == 2
+    assert "[stages.final_rl]: [grpo] level: " in capsys.readouterr().err
+    # with the base model there, the first stage starts from it and every stage is validated as a run would
+    assert main(["grpo", "--config", "r1", "--model", str(base), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert f'init_from = "{base}"' in out.split("# [stages.reasoning_rl]")[0] and not (tmp_path / "runs").exists()
+
+
 def test_cli_sft_runs(base, tmp_path, one_thread):
     data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
                                                                 {"role": "assistant", "content": "7"}]}

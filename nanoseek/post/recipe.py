@@ -66,8 +66,9 @@ class Recipe:
     source: str = "<dict>"
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Check the recipe's structure and validate every stage's config (see :func:`validate_recipe`)."""
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", *, validate: bool = True) -> Recipe:
+    """Check the recipe's structure and validate every stage's config (see :func:`validate_recipe`;
+    ``validate=False``: the structure only, for :func:`recipe_to_toml`, which validates itself)."""
     unknown = set(raw) - {"recipe", "defaults", "stages"}
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)} in a recipe; valid: [recipe], "
@@ -106,7 +107,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
                                          raw=merge_tables(defaults, rest)))
     if recipe.stages[0].init == "previous":
         recipe.stages[0].init = "base"
-    validate_recipe(recipe)
+    if validate:
+        validate_recipe(recipe)
     return recipe
 
 
@@ -123,10 +125,43 @@ def validate_recipe(recipe: Recipe) -> list[StageConfig]:
     return configs
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, validate: bool = True) -> Recipe:
     path = resolve_config_path(path)
     raw = apply_overrides(read_toml(path), list(overrides), {"recipe": dict, "defaults": dict, "stages": dict})
-    return recipe_from_dict(raw, source=str(path))
+    return recipe_from_dict(raw, source=str(path), validate=validate)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """Every stage's resolved config (``--print-config``), in order, each under a ``# [stages.NAME]``
+    line: validated as a run validates it (:func:`validate_recipe`) when the base model exists. A
+    checkpoint the chain has not written yet (an earlier stage's output, or the base model before
+    it is trained) is shown as a comment instead of ``init_from``, the stage parsed as one whose
+    checkpoint is pending (:func:`~nanoseek.post.stage.parse_stage_config`)."""
+    from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(recipe.init_from)
+        base_note = ""
+    except LoadError as e:
+        base_note = f"{recipe.init_from} (not found: the recipe's base model, to train first)"
+    if not base_note:
+        validate_recipe(recipe)
+    out, previous = [], None
+    for st in recipe.stages:
+        written = {"base": (recipe.init_from, base_note)}
+        if previous is not None:
+            final = recipe.out_dir / previous / "final"
+            written["previous"] = (str(final), "" if final.exists() else f"{final} (written by stage {previous})")
+        missing = {ref: note for ref, (_, note) in written.items() if note}
+        raw = _stage_raw(recipe, st, written.get("previous", (None,))[0], missing=missing)
+        cfg = stage_config_from_dict(st.kind, raw, source=f"{recipe.source} [stages.{st.name}]",
+                                     init_pending=st.init in missing)
+        notes = [f"# [model] init_from = {missing[st.init]}"] if st.init in missing else []
+        if st.teacher is not None and (st.teacher or "previous") in missing:
+            notes.append(f"# [{st.kind}] teacher = {missing[st.teacher or 'previous']}")
+        out.append("\n".join([f"# [stages.{st.name}]", *notes, cfg.to_toml()]))
+        previous = st.name
+    return "\n".join(out)
 
 
 def _resolve(ref: str, base: str, previous: str | None) -> str:
@@ -170,12 +205,19 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
     return results
 
 
-def _stage_raw(recipe: Recipe, st: RecipeStage, previous: str | None) -> dict[str, Any]:
-    """The stage's tables with the chain resolved: init_from, out_dir and (for kinds with a teacher) the teacher."""
-    raw = merge_tables(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
-                          "train": {"out_dir": str(recipe.out_dir / st.name)}})
+def _stage_raw(recipe: Recipe, st: RecipeStage, previous: str | None,
+               missing: dict[str, str] | None = None) -> dict[str, Any]:
+    """The stage's tables with the chain resolved: init_from, out_dir and (for kinds with a teacher)
+    the teacher. ``missing``: chain references ("base", "previous") whose checkpoint does not exist
+    yet: no init_from (pending), and the teacher keeps the reference (its check skips it)."""
+    missing = missing or {}
+    raw = merge_tables(st.raw, {"train": {"out_dir": str(recipe.out_dir / st.name)}})
+    if st.init not in missing:
+        raw = merge_tables(raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)}})
     if STAGE_KINDS[st.kind].teacher:
-        raw = merge_tables(raw, {st.kind: {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
+        ref = st.teacher or "previous"
+        teacher = ref if ref in missing else _resolve(ref, recipe.init_from, previous)
+        raw = merge_tables(raw, {st.kind: {"teacher": teacher}})
     return raw
 
 
@@ -188,4 +230,4 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["Recipe", "RecipeStage", "recipe_from_dict", "validate_recipe", "load_recipe", "run_recipe"]
+__all__ = ["Recipe", "RecipeStage", "recipe_from_dict", "validate_recipe", "load_recipe", "recipe_to_toml", "run_recipe"]
