@@ -19,6 +19,11 @@ Any other key, a wrong type, a missing field or invalid JSON raises :class:`Data
 RL prompts can also come from a generator instead of a file (:func:`load_rl_prompts`): a built-in
 task of ``nanoseek.tasks.generators`` by name (the same generators that feed the pre-training corpus),
 or ``rg:NAME`` for a dataset of the optional ``reasoning-gym`` package when it is installed.
+
+What the readers would refuse about a source before reading it (:func:`check_file`,
+:func:`check_rl_source`, :func:`check_task_level`) is also what each stage section's
+``check_sources`` runs when its config is read, with :func:`source_key` naming the config key, so
+a missing file or a bad task spec fails before a model is loaded or an earlier stage trains.
 """
 
 from __future__ import annotations
