@@ -142,7 +142,7 @@ def recipe_to_toml(recipe: Recipe) -> str:
     try:
         resolve_checkpoint(recipe.init_from)
         base_note = ""
-    except LoadError as e:
+    except LoadError:
         base_note = f"{recipe.init_from} (not found: the recipe's base model, to train first)"
     if not base_note:
         validate_recipe(recipe)
@@ -230,4 +230,5 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["Recipe", "RecipeStage", "recipe_from_dict", "validate_recipe", "load_recipe", "recipe_to_toml", "run_recipe"]
+__all__ = ["Recipe", "RecipeStage", "recipe_from_dict", "validate_recipe", "load_recipe", "recipe_to_toml",
+           "run_recipe"]

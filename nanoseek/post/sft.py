@@ -234,5 +234,5 @@ def train_sft(cfg, *, model=None, tokenizer=None, examples: list[SFTExample] | N
     return run_trainer(model, task, cfg, tokenizer, resume=resume, quiet=quiet, progress=progress, extra=extra)
 
 
-__all__ = ["SFT_MODES", "SFTSection", "train_sft", "task_sft_examples", "check_sft_data", "load_sft_examples", "SFTRows", "tokenize_examples",
-           "pack_rows", "SFTTask"]
+__all__ = ["SFT_MODES", "SFTSection", "train_sft", "task_sft_examples", "check_sft_data", "load_sft_examples",
+           "SFTRows", "tokenize_examples", "pack_rows", "SFTTask"]

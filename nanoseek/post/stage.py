@@ -115,7 +115,8 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
     is written by an earlier stage that has not run yet, so ``[model]`` may lack ``init_from`` (a
     recipe or the speedrun checked before it trains). ``check_sources``: the section's
     ``check_sources()`` (its data files, task specs, teacher: checked without a model, so a missing
-    file fails before anything loads or trains) runs too; an error names ``source``, the table and the key.
+    file fails before anything loads or trains) runs too; an error names ``source``, the table and
+    the key.
     """
     from nanoseek.model.config import ModelConfig
     from nanoseek.train.config import check_train_config, check_schedule_keys
@@ -142,7 +143,7 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
         raise ConfigError(f"{source}: [model] init_from is required: the checkpoint {kind} starts from")
     # optim/train/spike checks are the trainer's own (the [data] table is not used here)
     check_train_config(TrainConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, spike=cfg.spike,
-                                    source=source), source)
+                                   source=source), source)
     validate = getattr(cfg.algo, "validate", None)
     if validate is not None:
         try:

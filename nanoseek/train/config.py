@@ -33,8 +33,9 @@ other key (its default applies): the way to drop a key the recipe file writes, e
 optim.decay_fraction=null --set optim.schedule=cosine``. Overrides go through the same validation
 as the file.
 
-The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`merge_tables`, :func:`dumps_toml`) takes any
-mapping of table name -> dataclass, so post-training stages reuse it with their own sections.
+The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`merge_tables`,
+:func:`dumps_toml`) takes any mapping of table name -> dataclass, so post-training stages reuse it
+with their own sections.
 """
 
 from __future__ import annotations
@@ -328,7 +329,8 @@ def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: dict[str, Any]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    schema: dict[str, Any]) -> dict[str, Any]:
     """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict.
 
     ``schema`` maps each table to what its keys are: a dataclass (its fields; a field whose type is
@@ -382,7 +384,8 @@ def _check_override_key(item: str, parts: list[str], spec: Any) -> None:
                 plain = [f.name for f in dataclasses.fields(ModelSection) if f.name != "fields"]
                 plain[-1] += ", or any model config field: " + ", ".join(sorted(ModelConfig.field_names()))
             subs = [f"[{table}.{k}]" for k, v in keys.items() if v is not None]
-            valid = ", ".join(plain) + (", or " if plain and subs else "") + ("the tables " if subs else "") + ", ".join(subs)
+            valid = (", ".join(plain) + (", or " if plain and subs else "") + ("the tables " if subs else "")
+                     + ", ".join(subs))
             raise ConfigError(f"--set '{item}': unknown key '{key}' in [{table}]. Valid keys: {valid}")
         spec = keys[key]
         if spec is None:
@@ -679,6 +682,7 @@ def config_to_toml(cfg: TrainConfig) -> str:
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
-           "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys", "no_effect_keys",
+           "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys",
+           "no_effect_keys",
            "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]
