@@ -227,22 +227,21 @@ def _check_values(rc: SpeedrunRecipe, source: str) -> None:
 
 
 def _check_task_specs(rc: SpeedrunRecipe) -> None:
-    """Task names/levels in [data] tasks, [sft] data = "tasks:...", [grpo] prompts and [eval] tasks
-    are checked before anything runs, so a typo fails in a second, naming the key."""
+    """Task names/levels in [data] tasks and [eval] tasks, and the stages' data sources ([sft] data,
+    [grpo] prompts: each section's own ``check_sources``, as a stage config runs it) are checked
+    before anything runs, so a typo fails in a second, naming the key."""
     from nanoseek.tasks.generators import parse_task_specs
 
-    found = [("data.tasks", rc.data.tasks), ("eval.tasks", rc.eval.tasks)]
-    sft = rc.sft.algo.data
-    if sft.startswith("tasks:"):
-        found.append(("sft.data", sft[len("tasks:"):]))
-    prompts = rc.grpo.algo.prompts
-    if not prompts.startswith("rg:") and not prompts.endswith(".jsonl"):
-        found.append(("grpo.prompts", prompts))
-    for key, spec in found:
+    for key, spec in (("data.tasks", rc.data.tasks), ("eval.tasks", rc.eval.tasks)):
         try:
             parse_task_specs(spec)
         except ValueError as e:
             raise ConfigError(f"{rc.source}: {key}: {e}") from None
+    for kind in POST_KINDS:
+        try:
+            getattr(rc, kind).algo.check_sources()
+        except ValueError as e:                 # a DataError "key: why"
+            raise ConfigError(f"{rc.source}: {kind}.{e}") from None
 
 
 def check_recipe(rc: SpeedrunRecipe) -> SpeedrunRecipe:
@@ -263,11 +262,24 @@ def check_recipe(rc: SpeedrunRecipe) -> SpeedrunRecipe:
     return rc
 
 
+def _override_schema() -> dict[str, Any]:
+    """TABLES as ``--set`` checks them: [sft] / [grpo] are the kind's section keys plus the
+    sub-tables [KIND.optim], [KIND.train], [KIND.spike]."""
+    from nanoseek.post.registry import STAGE_KINDS
+
+    schema: dict[str, Any] = dict(TABLES)
+    for kind in POST_KINDS:
+        entry = STAGE_KINDS[kind]
+        schema[kind] = {**{f.name: None for f in dataclasses.fields(entry.section)},
+                        **{t: type(getattr(entry.defaults, t)) for t in STAGE_TABLES}}
+    return schema
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SpeedrunRecipe:
     """Read a speedrun recipe (a path or the shipped ``speedrun``), apply ``--set``, validate it all."""
     try:
         path = resolve_config_path(name_or_path)
-        raw = apply_overrides(read_toml(path), list(overrides), TABLES)
+        raw = apply_overrides(read_toml(path), list(overrides), _override_schema())
         return check_recipe(recipe_from_dict(raw, source=str(path)))
     except ConfigError as e:
         raise UserError(str(e)) from None

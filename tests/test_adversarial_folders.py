@@ -196,7 +196,8 @@ def test_post_training_stage_refuses_a_users_folder(tmp_path, capsys, kind):
 
     model = save_pretrained(make_tiny_model(max_position_embeddings=1024), tmp_path / "model")
     d = precious(tmp_path, "notes.md")
-    assert main([kind, "--model", str(model), "--out", str(d)]) == 2
+    teacher = ["--set", f"distill.teacher={model}"] if kind == "distill" else []   # (checked when the config is read)
+    assert main([kind, "--model", str(model), *teacher, "--out", str(d)]) == 2
     err = capsys.readouterr().err
     assert str(d) in err and "--out" in err
     assert sorted(os.listdir(d)) == ["notes.md"]

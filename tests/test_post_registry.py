@@ -49,6 +49,8 @@ def test_every_kind_round_trips_through_the_cli(base, tmp_path, stub_trains, cap
     for kind, entry in STAGE_KINDS.items():
         assert kind in COMMANDS                                   # a `nanoseek KIND` command
         model = ["--model", str(base)] if entry.init_required else []
+        if entry.teacher:                                         # the shipped config's teacher is not trained here
+            model += ["--set", f"{kind}.teacher={base}"]
         assert main([kind, *model, "--out", str(tmp_path / kind), "--steps", "1", "--quiet"]) == 0
         cfg = stub_trains[-1]
         assert cfg.kind == kind and type(cfg.algo) is entry.section and cfg.train.max_steps == 1
@@ -112,6 +114,86 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, 
     assert "lr_typo" in capsys.readouterr().err
     assert stub_trains == [] and not out.exists()
     assert main(["grpo", "--config", str(path)]) == 0 and [c.kind for c in stub_trains] == ["sft", "grpo", "grpo"]
+
+
+@pytest.mark.parametrize("kind, key, value, why", [
+    ("grpo", "prompts", '"nosuch"', "task spec 'nosuch': unknown task"),
+    ("grpo", "prompts", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
+    ("grpo", "prompts", '"{tmp}/dir.jsonl"', "dir.jsonl: not a regular file"),
+    ("grpo", "prompts", '"rg:nosuch"', "needs the optional package reasoning-gym"),
+    ("grpo", "level", "9", "task 'arithmetic' has levels [1, 2, 3, 4], not 9"),
+    ("sft", "data", '"tasks:nosuch"', "task spec 'nosuch': unknown task"),
+    ("sft", "data", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
+    ("dpo", "data", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
+    ("dpo", "data", '"auto:nosuch"', "task spec 'nosuch': unknown task"),
+    ("distill", "prompts", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
+    ("distill", "teacher", '"/nonexist"', "/nonexist: no such file or directory"),
+])
+def test_a_bad_data_source_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, stub_trains, capsys,
+                                                                           kind, key, value, why):
+    """A value naming data that is not there (a task spec, a level, a file, rg: without reasoning-gym,
+    a teacher) fails when the recipe is read, naming the file, the stage and the key; one line."""
+    if value.startswith('"rg:'):
+        try:
+            import reasoning_gym  # noqa: F401
+            pytest.skip("reasoning-gym is installed here")
+        except ImportError:
+            pass
+    out = tmp_path / "r1"
+    (tmp_path / "dir.jsonl").mkdir()
+    path = tmp_path / "recipe.toml"
+    extra = '\nnum_examples = 8' if kind == "sft" else ""
+    line = f"{key} = {value.replace('{tmp}', str(tmp_path))}{extra}"
+    stage_key = key == "teacher"                               # a recipe's teacher is the stage's own key
+    path.write_text(LAST_STAGE_TYPO.format(base=base, out=out).replace(
+        'kind = "grpo"\n[stages.final_rl.grpo]',
+        f'kind = "{kind}"\n{line if stage_key else ""}\n[stages.final_rl.{kind}]').replace(
+        'tempelate = "chat"', "" if stage_key else line))
+    assert main(["grpo", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} [stages.final_rl]: [{kind}] {key}: " in err and why in err and len(err.strip().splitlines()) == 1
+    assert stub_trains == [] and not out.exists()              # nothing trained, no folder made
+
+
+def test_a_single_stage_command_checks_its_data_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """`nanoseek sft --data /nonexist.jsonl` fails at config time (no model is loaded: none exists here)."""
+    import nanoseek.post.stage as stage
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(stage, "load_model", no_model)
+    base = saved_tiny_checkpoint(tmp_path / "base")
+    assert main(["sft", "--model", str(base), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "[sft] data: " in err and "none.jsonl: no such file" in err and "sft.toml" in err
+    assert main(["grpo", "--model", str(base), "--set", "grpo.level=9", "--out", str(tmp_path / "o")]) == 2
+    assert "[grpo] level: task 'arithmetic' has levels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_distill_teacher_that_does_not_exist_is_one_line(base, tmp_path, capsys):
+    assert main(["distill", "--set", f"distill.teacher={tmp_path / 'nope'}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "[distill] teacher: " in err and "nope: no such file or directory" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_teacher_inside_a_recipe_s_distill_table_is_refused(base, tmp_path):
+    raw = {"recipe": {"init_from": str(base)}, "defaults": {"train": {"max_steps": 1}},
+           "stages": {"a": {"kind": "sft"}, "b": {"kind": "distill", "distill": {"teacher": str(base)}}}}
+    with pytest.raises(ConfigError, match=r"\[stages\.b\.distill\] teacher: a recipe's chain sets the teacher; "
+                                          r"write it as the stage's own key instead: \[stages\.b\] teacher ="):
+        recipe_from_dict(raw)
+    raw["stages"]["b"] = {"kind": "distill", "teacher": str(base)}
+    assert recipe_from_dict(raw).stages[1].teacher == str(base)
+
+
+def test_load_error_is_a_user_error():
+    from nanoseek.errors import UserError
+    from nanoseek.train.checkpoint import LoadError
+
+    assert issubclass(LoadError, UserError) and issubclass(LoadError, ValueError)
 
 
 # ----------------------------------------------------------------------------- layering, statically

@@ -35,12 +35,26 @@ def one_thread():
 
 @pytest.mark.parametrize("name,kind", [("sft", "sft"), ("dpo", "dpo"), ("r1-zero", "grpo"), ("distill", "distill")])
 def test_shipped_stage_configs_parse(base, name, kind):
-    over = [f"model.init_from={base}"] if kind != "distill" else []
+    over = [f"model.init_from={base}"] if kind != "distill" else [f"distill.teacher={base}"]  # a teacher that exists
     cfg = load_stage_config(name, kind, over)
     assert cfg.kind == kind and cfg.train.max_steps > 0
     if kind == "grpo":
         assert cfg.algo.template == "r1-zero" and not cfg.spike.enabled
     assert cfg.to_toml().count(f"[{kind}]") == 1
+
+
+def test_the_architecture_doc_s_worked_example(base, tmp_path, monkeypatch):
+    """docs/architecture.md: `nanoseek grpo --config r1-zero --set optim.lr=5e-5` (from a folder
+    holding the base model r1-zero.toml names) resolves with lr 5e-5: r1-zero writes no min_lr
+    that a changed lr would make an error, nor does any lr under the constant schedule trip one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "speedrun").mkdir(parents=True)
+    (tmp_path / "runs" / "speedrun" / "pretrain").symlink_to(base, target_is_directory=True)
+    cfg = load_stage_config("r1-zero", "grpo", ["optim.lr=5e-5"])
+    assert cfg.optim.lr == 5e-5 and cfg.optim.schedule == "constant"
+    assert load_stage_config("r1-zero", "grpo", ["optim.lr=3e-6"]).optim.lr == 3e-6   # R1's, below the kind's min_lr
+    for st in load_recipe("r1", ["stages.reasoning_rl.optim.lr=5e-5", "stages.final_rl.optim.lr=2e-4"]).stages:
+        assert "min_lr" not in st.raw.get("optim", {}) or st.kind != "grpo"
 
 
 def test_shipped_r1_recipe_parses_every_stage(base):
@@ -106,6 +120,31 @@ def test_cli_print_config_and_errors(base, tmp_path, capsys):
     data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     assert main(["sft", "--config", "sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "r")]) == 2
     assert f"{data}:1: no assistant message" in capsys.readouterr().err
+
+
+def test_cli_print_config_of_a_recipe_prints_every_stage_resolved(base, tmp_path, capsys, monkeypatch):
+    """`nanoseek grpo --config r1 --print-config`: each stage's resolved config under a
+    `# [stages.NAME]` line, in order, with --set applied and validated; before the base model
+    exists too (its init_from marked not found), and a --set error is one line."""
+    monkeypatch.chdir(tmp_path)                          # r1.toml's base (runs/speedrun/pretrain) is not here
+    assert main(["grpo", "--config", "r1", "--print-config", "--set", "stages.final_rl.optim.lr=7e-5",
+                 "--set", "stages.cold_start.train.max_steps=9"]) == 0
+    out = capsys.readouterr().out
+    heads = [line for line in out.splitlines() if line.startswith("# [stages.")]
+    assert heads == ["# [stages.cold_start]", "# [stages.reasoning_rl]", "# [stages.rejection_sft]",
+                     "# [stages.final_rl]"]
+    stages = out.split("# [stages.")[1:]
+    assert "max_steps = 9" in stages[0] and "Resolved nanoseek sft config" in stages[0]
+    assert "runs/speedrun/pretrain (not found" in stages[0]
+    assert "lr = 7e-05" in stages[3] and "Resolved nanoseek grpo config" in stages[3]
+    assert "runs/r1/rejection_sft/final (written by stage rejection_sft)" in stages[3]
+    assert "[distill]" in stages[2] and "runs/r1/reasoning_rl/final (written by stage reasoning_rl)" in stages[2]
+    assert main(["grpo", "--config", "r1", "--print-config", "--set", "stages.final_rl.grpo.level=9"]) == 2
+    assert "[stages.final_rl]: [grpo] level: " in capsys.readouterr().err
+    # with the base model there, the first stage starts from it and every stage is validated as a run would
+    assert main(["grpo", "--config", "r1", "--model", str(base), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert f'init_from = "{base}"' in out.split("# [stages.reasoning_rl]")[0] and not (tmp_path / "runs").exists()
 
 
 def test_cli_sft_runs(base, tmp_path, one_thread):

@@ -34,6 +34,22 @@ def test_bad_overrides_are_named(override, message):
         load_recipe("speedrun", [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("speedrun.lrr=1", r"--set 'speedrun.lrr=1': unknown key 'lrr' in \[speedrun\]. Valid keys: minutes, seed$"),
+    ("budget.pretrian=0.5", r"--set 'budget.pretrian=0.5': unknown key 'pretrian' in \[budget\]"),
+    ("data.taks=x", r"--set 'data.taks=x': unknown key 'taks' in \[data\]"),
+    ("eval.kk=1", r"--set 'eval.kk=1': unknown key 'kk' in \[eval\]"),
+    ("sft.optm.lr=1", r"--set 'sft.optm.lr=1': unknown key 'optm' in \[sft\]. Valid keys: data, .*seed, or the "
+                      r"tables \[sft.optim\], \[sft.train\], \[sft.spike\]$"),
+    ("grpo.optim.lrr=1", r"--set 'grpo.optim.lrr=1': unknown key 'lrr' in \[grpo.optim\]. Valid keys: lr, "),
+    ("pretrain.lr=1", r"--set 'pretrain.lr=1': unknown key 'lr' in \[pretrain\]. Valid keys: the tables "
+                      r"\[pretrain.optim\], \[pretrain.train\], \[pretrain.spike\], \[pretrain.data\]$"),
+])
+def test_a_set_typo_names_the_flag_not_the_shipped_file(override, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe("speedrun", [override])
+
+
 def test_unknown_recipe_table_is_rejected(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[speedrun]\nminutes = 1\n[budgett]\npretrain = 0.5\n")

@@ -146,6 +146,25 @@ def test_apply_overrides_only_touches_known_tables():
     assert raw == {"optim": {"lr": 2}}
 
 
+def test_a_set_typo_names_the_set_item_for_every_command(capsys):
+    """A key that is not a field of the table's dataclass is reported against the --set item (not
+    the file it would have gone into), with the valid keys; for every command that takes --set."""
+    with pytest.raises(ConfigError, match=r"^--set 'optim.lrr=1': unknown key 'lrr' in \[optim\]. Valid keys: lr, min_lr, "):
+        load_config("tiny", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set 'model.hidden_sz=8': unknown key 'hidden_sz' in \[model\]. "
+                                          r"Valid keys: preset, init_from, or any model config field: .*hidden_size"):
+        load_config("tiny", ["model.hidden_sz=8"])
+    assert load_config("tiny", ["model.hidden_size=64"]).model.fields["hidden_size"] == 64
+    from nanoseek.cli import main
+
+    for cmd in (["pretrain", "--config", "tiny"], ["sft"], ["grpo"], ["dpo"], ["distill"]):
+        assert main([*cmd, "--set", "train.max_stpes=1"]) == 2
+        err = capsys.readouterr().err
+        assert "--set 'train.max_stpes=1': unknown key 'max_stpes' in [train]. Valid keys: out_dir, max_steps" in err, cmd
+    assert main(["grpo", "--set", "grpo.tempreature=1"]) == 2
+    assert "--set 'grpo.tempreature=1': unknown key 'tempreature' in [grpo]" in capsys.readouterr().err
+
+
 def test_parse_section_defaults_required_keys_and_unions():
     import dataclasses
 

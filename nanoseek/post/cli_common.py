@@ -3,7 +3,8 @@
 Every post-training command takes a TOML config (a path or a shipped recipe name), ``--set
 table.key=value`` overrides, and a few shortcuts for the common keys (``--model`` is
 ``model.init_from``, ``--out`` is ``train.out_dir``, ``--steps`` is ``train.max_steps``, ``--data``
-the stage's data key). ``--print-config`` shows the resolved config and exits. A config with
+the stage's data key). ``--print-config`` shows the resolved config (a recipe's: every stage's,
+in order) and exits. A config with
 ``[stages.*]`` tables is a multi-stage recipe (``r1``) and runs stage after stage. A kind's
 config and train function come from the registry (:mod:`nanoseek.post.registry`). The ``--out``
 folder is claimed and locked for the whole command (:mod:`nanoseek.outdir`): another command's
@@ -74,12 +75,12 @@ def run_stage_command(args, kind: str, data_key: str | None) -> int:
         recipe = "stages" in read_toml(path)
         overrides = _overrides(args, kind, data_key, recipe)
         if recipe:
-            from .recipe import load_recipe, run_recipe
+            from .recipe import load_recipe, recipe_to_toml, run_recipe
 
-            rec = load_recipe(path, overrides)
-            if args.print_config:
-                print(path.read_text())
+            if args.print_config:      # every stage resolved, also before the base model is trained
+                print(recipe_to_toml(load_recipe(path, overrides, validate=False)), end="")
                 return 0
+            rec = load_recipe(path, overrides)
             if getattr(args, "resume_from", None):
                 raise UserError("--resume-from applies to one stage; a recipe resumes with --resume")
             from nanoseek.outdir import claim

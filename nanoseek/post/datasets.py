@@ -19,6 +19,11 @@ Any other key, a wrong type, a missing field or invalid JSON raises :class:`Data
 RL prompts can also come from a generator instead of a file (:func:`load_rl_prompts`): a built-in
 task of ``nanoseek.tasks.generators`` by name (the same generators that feed the pre-training corpus),
 or ``rg:NAME`` for a dataset of the optional ``reasoning-gym`` package when it is installed.
+
+What the readers would refuse about a source before reading it (:func:`check_file`,
+:func:`check_rl_source`, :func:`check_task_level`) is also what each stage section's
+``check_sources`` runs when its config is read, with :func:`source_key` naming the config key, so
+a missing file or a bad task spec fails before a model is loaded or an earlier stage trains.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -83,11 +89,17 @@ class RLPrompt:
 # ----------------------------------------------------------------------------- JSONL reading
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("file:line", object) for every non-blank line; invalid JSON or a non-object raises."""
+def check_file(path: str | Path) -> Path:
+    """``path`` as a Path when it is an existing regular file; otherwise a DataError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
+    return path
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("file:line", object) for every non-blank line; invalid JSON or a non-object raises."""
+    path = check_file(path)
     with path.open("rb") as fh:
         offset = 0
         for lineno, raw in enumerate(fh, start=1):
@@ -273,14 +285,19 @@ def task_prompts(name: str, n: int, split: str = "train", seed: int = 0,
     return [RLPrompt(prompt=p.prompt, answer=p.answer, task=p.task, id=p.id, problem=p) for p in problems]
 
 
-def reasoning_gym_prompts(name: str, n: int, seed: int = 0) -> list[RLPrompt]:
-    """``n`` prompts of reasoning-gym's dataset ``name``, verified by its own ``score_answer``."""
+def _reasoning_gym(name: str):
+    """The optional reasoning-gym package, or one DataError line saying how to install it."""
     try:
         import reasoning_gym  # optional dependency
     except ImportError:
         raise DataError(f"task source 'rg:{name}' needs the optional package reasoning-gym "
                         "(pip install reasoning-gym)") from None
-    ds = reasoning_gym.create_dataset(name, size=n, seed=seed)
+    return reasoning_gym
+
+
+def reasoning_gym_prompts(name: str, n: int, seed: int = 0) -> list[RLPrompt]:
+    """``n`` prompts of reasoning-gym's dataset ``name``, verified by its own ``score_answer``."""
+    ds = _reasoning_gym(name).create_dataset(name, size=n, seed=seed)
     out = []
     for i in range(n):
         entry = ds[i]
@@ -302,14 +319,13 @@ def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
 
     For a file, ``n`` = 0 keeps all records, otherwise the first ``n``.
     """
-    if source.endswith(".jsonl") or Path(source).is_file():
+    specs = check_rl_source(source)
+    check_task_level(specs, level)
+    if _is_file_source(source):
         items = read_rl_prompts(source)
         return items[:n] if n else items
     if source.startswith("rg:"):
         return reasoning_gym_prompts(source[3:], n, seed)
-    if not source.strip(", "):
-        raise DataError("empty RL prompt source: give a .jsonl file, rg:NAME or built-in task names")
-    specs = task_specs(source)
     out: list[RLPrompt] = []
     for k, (name, levels) in enumerate(specs):
         share = n // len(specs) + (1 if k < n % len(specs) else 0)
@@ -318,6 +334,46 @@ def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
     return out
 
 
+def _is_file_source(source: str) -> bool:
+    return source.endswith(".jsonl") or Path(source).is_file()
+
+
+def check_rl_source(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
+    """What :func:`load_rl_prompts` would refuse about ``source``, found without reading a record or
+    building a model: a file that is missing or not a regular file, ``rg:`` without reasoning-gym
+    installed, an empty source, a bad task spec. Returns the task specs (empty for a file or ``rg:``)."""
+    if _is_file_source(source):
+        check_file(source)
+        return []
+    if source.startswith("rg:"):
+        _reasoning_gym(source[3:])
+        return []
+    if not source.strip(", "):
+        raise DataError("empty RL prompt source: give a .jsonl file, rg:NAME or built-in task names")
+    return task_specs(source)
+
+
+def check_task_level(specs: list[tuple[str, tuple[int, ...] | None]], level: int | None) -> None:
+    """``level`` (a stage's default difficulty) against the tasks of ``specs`` that take it (those
+    written without their own levels); a DataError naming the task and its levels otherwise."""
+    from nanoseek.tasks.generators import get_task
+
+    for name, levels in specs:
+        if levels is None and level is not None and level not in get_task(name).levels:
+            raise DataError(f"task {name!r} has levels {list(get_task(name).levels)}, not {level}")
+
+
+@contextmanager
+def source_key(key: str) -> Iterator[None]:
+    """Prefix a ValueError raised inside (a DataError, a bad task spec, no checkpoint) with the
+    config key that named the source: a stage section's ``check_sources`` reports ``key: why``."""
+    try:
+        yield
+    except ValueError as e:
+        raise DataError(f"{key}: {e}") from None
+
+
 __all__ = ["DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
            "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
-           "read_rl_prompts", "write_jsonl", "task_prompts", "reasoning_gym_prompts", "load_rl_prompts"]
+           "read_rl_prompts", "write_jsonl", "check_file", "check_rl_source", "check_task_level", "source_key",
+           "task_prompts", "reasoning_gym_prompts", "load_rl_prompts"]

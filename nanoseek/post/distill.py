@@ -29,7 +29,8 @@ from pathlib import Path
 
 from nanoseek.tasks.reply import split_leading_think
 
-from .datasets import DataError, RLPrompt, SFTExample, load_rl_prompts, write_jsonl
+from .datasets import (DataError, RLPrompt, SFTExample, check_rl_source, check_task_level, load_rl_prompts, source_key,
+                       write_jsonl)
 from . import rollout
 from .rollout import Scored
 
@@ -78,6 +79,27 @@ class DistillSection:
     def eval_mode(self) -> str:
         """The prompt template the student answers in (recorded in stage.json): it is SFT'd on chats."""
         return "chat"
+
+    def check_sources(self) -> None:
+        """The prompts and the teacher, checked without a model (:func:`~nanoseek.post.stage.parse_stage_config`
+        calls it): a DataError ``KEY: why`` for a prompt source ``load_rl_prompts`` would refuse, a
+        level or split the tasks lack, or a teacher where there is no checkpoint (a recipe's chain
+        placeholders ``previous`` / ``base`` are resolved, and checked, by the recipe)."""
+        from nanoseek.tasks.generators import SPLITS
+
+        from .stage import CHAIN_REFS
+
+        with source_key("prompts"):
+            specs = check_rl_source(self.prompts)
+        with source_key("level"):
+            check_task_level(specs, self.level)
+        if specs and self.split not in SPLITS:
+            raise DataError(f"split: {self.split!r}: must be one of {SPLITS}")
+        if self.teacher and self.teacher not in CHAIN_REFS:
+            from nanoseek.train.checkpoint import resolve_checkpoint
+
+            with source_key("teacher"):
+                resolve_checkpoint(self.teacher)
 
 
 def verified_examples(prompts: list[RLPrompt], scored: list[list[Scored]], keep_per_prompt: int = 1,

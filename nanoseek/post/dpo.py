@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import IGNORE, IndexStream, StreamBatches, pad_rows, response_row, sequence_logprobs
-from .datasets import DataError, PreferenceExample
+from .datasets import DataError, PreferenceExample, check_file, check_rl_source, source_key
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -92,6 +92,16 @@ class DPOSection:
     def eval_mode(self) -> str:
         """The prompt template the trained model answers in (recorded in stage.json): the chat template."""
         return "chat"
+
+    def check_sources(self) -> None:
+        """The data source, checked without a model (:func:`~nanoseek.post.stage.parse_stage_config`
+        calls it): a preferences file that exists, or ``auto:`` with an RL prompt source that loads."""
+        if self.data:          # empty: the caller passes the pairs (else train_dpo refuses it)
+            with source_key("data"):
+                if self.data.startswith("auto:"):
+                    check_rl_source(self.data[len("auto:"):])
+                else:
+                    check_file(self.data)
 
 
 # ----------------------------------------------------------------------------- data

@@ -61,7 +61,7 @@ from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
 from .common import IGNORE, pad_rows, sequence_logprobs
-from .datasets import RLPrompt
+from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
 from .rollout import sample, sampling_params
 
@@ -123,6 +123,14 @@ class GRPOSection:
         if self.temperature <= 0:
             raise bad("temperature", "must be > 0 (GRPO needs diverse samples)")
         return self
+
+    def check_sources(self) -> None:
+        """The prompt source, checked without a model (:func:`~nanoseek.post.stage.parse_stage_config`
+        calls it): a DataError ``prompts: why`` / ``level: why`` for what ``load_rl_prompts`` would refuse."""
+        with source_key("prompts"):
+            specs = check_rl_source(self.prompts)
+        with source_key("level"):
+            check_task_level(specs, self.level)
 
     @property
     def eval_mode(self) -> str:

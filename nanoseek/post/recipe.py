@@ -23,6 +23,8 @@ with the same values ("previous" samples from the last stage's output, i.e. reje
 DeepSeek-R1's rejection-sampling SFT retrained the *base* model on the RL model's verified
 samples: ``init = "base"``, ``teacher = "previous"``.
 
+(``[stages.NAME.distill] teacher`` is refused: the chain would overwrite it.)
+
 ``--set`` reaches any key: ``stages.final_rl.grpo.beta=0.01``, ``recipe.init_from=runs/x``.
 Every stage is validated as a whole stage config when the recipe is read, before the first one
 trains (a later stage's ``previous`` checkpoint does not exist yet: the base model stands in for
@@ -38,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import ConfigError, apply_overrides, read_toml, resolve_config_path
+from nanoseek.train.config import ConfigError, apply_overrides, merge_tables, read_toml, resolve_config_path
 
 from .registry import STAGE_KINDS, read_stage_record, stage_config_from_dict
-from .stage import StageConfig, StageResult, _merge
+from .stage import StageConfig, StageResult
 
 RECIPE_KEYS = {"init_from", "out_dir", "name"}
 STAGE_CHAIN_KEYS = {"kind", "init", "teacher"}
@@ -64,12 +66,9 @@ class Recipe:
     source: str = "<dict>"
 
 
-def is_recipe(raw: dict[str, Any]) -> bool:
-    return "stages" in raw
-
-
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Check the recipe's structure and validate every stage's config (see :func:`validate_recipe`)."""
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", *, validate: bool = True) -> Recipe:
+    """Check the recipe's structure and validate every stage's config (see :func:`validate_recipe`;
+    ``validate=False``: the structure only, for :func:`recipe_to_toml`, which validates itself)."""
     unknown = set(raw) - {"recipe", "defaults", "stages"}
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {sorted(unknown)} in a recipe; valid: [recipe], "
@@ -99,12 +98,17 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
             raise ConfigError(f"{where}: 'teacher' is only for "
                               f"{' / '.join(k for k, v in STAGE_KINDS.items() if v.teacher)} stages")
         rest = {k: v for k, v in table.items() if k not in STAGE_CHAIN_KEYS}
+        for owner, tables in ((f"stages.{name}.{kind}", rest), (f"defaults.{kind}", defaults)):
+            if with_teacher and isinstance(tables.get(kind), dict) and "teacher" in tables[kind]:
+                raise ConfigError(f"{source}: [{owner}] teacher: a recipe's chain sets the teacher; write it as the "
+                                  f"stage's own key instead: [stages.{name}] teacher = \"previous\" | \"base\" | PATH")
         recipe.stages.append(RecipeStage(name=name, kind=kind, init=str(table.get("init", "previous")),
                                          teacher=table.get("teacher") if with_teacher else None,
-                                         raw=_merge(defaults, rest)))
+                                         raw=merge_tables(defaults, rest)))
     if recipe.stages[0].init == "previous":
         recipe.stages[0].init = "base"
-    validate_recipe(recipe)
+    if validate:
+        validate_recipe(recipe)
     return recipe
 
 
@@ -121,13 +125,47 @@ def validate_recipe(recipe: Recipe) -> list[StageConfig]:
     return configs
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, validate: bool = True) -> Recipe:
     path = resolve_config_path(path)
     raw = apply_overrides(read_toml(path), list(overrides), {"recipe": dict, "defaults": dict, "stages": dict})
-    return recipe_from_dict(raw, source=str(path))
+    return recipe_from_dict(raw, source=str(path), validate=validate)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """Every stage's resolved config (``--print-config``), in order, each under a ``# [stages.NAME]``
+    line: validated as a run validates it (:func:`validate_recipe`) when the base model exists. A
+    checkpoint the chain has not written yet (an earlier stage's output, or the base model before
+    it is trained) is shown as a comment instead of ``init_from``, the stage parsed as one whose
+    checkpoint is pending (:func:`~nanoseek.post.stage.parse_stage_config`)."""
+    from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(recipe.init_from)
+        base_note = ""
+    except LoadError:
+        base_note = f"{recipe.init_from} (not found: the recipe's base model, to train first)"
+    if not base_note:
+        validate_recipe(recipe)
+    out, previous = [], None
+    for st in recipe.stages:
+        written = {"base": (recipe.init_from, base_note)}
+        if previous is not None:
+            final = recipe.out_dir / previous / "final"
+            written["previous"] = (str(final), "" if final.exists() else f"{final} (written by stage {previous})")
+        missing = {ref: note for ref, (_, note) in written.items() if note}
+        raw = _stage_raw(recipe, st, written.get("previous", (None,))[0], missing=missing)
+        cfg = stage_config_from_dict(st.kind, raw, source=f"{recipe.source} [stages.{st.name}]",
+                                     init_pending=st.init in missing)
+        notes = [f"# [model] init_from = {missing[st.init]}"] if st.init in missing else []
+        if st.teacher is not None and (st.teacher or "previous") in missing:
+            notes.append(f"# [{st.kind}] teacher = {missing[st.teacher or 'previous']}")
+        out.append("\n".join([f"# [stages.{st.name}]", *notes, cfg.to_toml()]))
+        previous = st.name
+    return "\n".join(out)
 
 
 def _resolve(ref: str, base: str, previous: str | None) -> str:
+    """A stage's ``init`` / ``teacher`` (one of CHAIN_REFS, or a path) -> the checkpoint it names."""
     if ref == "base":
         return base
     if ref == "previous":
@@ -167,12 +205,19 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, quiet: bool = False,
     return results
 
 
-def _stage_raw(recipe: Recipe, st: RecipeStage, previous: str | None) -> dict[str, Any]:
-    """The stage's tables with the chain resolved: init_from, out_dir and (for kinds with a teacher) the teacher."""
-    raw = _merge(st.raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)},
-                          "train": {"out_dir": str(recipe.out_dir / st.name)}})
+def _stage_raw(recipe: Recipe, st: RecipeStage, previous: str | None,
+               missing: dict[str, str] | None = None) -> dict[str, Any]:
+    """The stage's tables with the chain resolved: init_from, out_dir and (for kinds with a teacher)
+    the teacher. ``missing``: chain references ("base", "previous") whose checkpoint does not exist
+    yet: no init_from (pending), and the teacher keeps the reference (its check skips it)."""
+    missing = missing or {}
+    raw = merge_tables(st.raw, {"train": {"out_dir": str(recipe.out_dir / st.name)}})
+    if st.init not in missing:
+        raw = merge_tables(raw, {"model": {"init_from": _resolve(st.init, recipe.init_from, previous)}})
     if STAGE_KINDS[st.kind].teacher:
-        raw = _merge(raw, {st.kind: {"teacher": _resolve(st.teacher or "previous", recipe.init_from, previous)}})
+        ref = st.teacher or "previous"
+        teacher = ref if ref in missing else _resolve(ref, recipe.init_from, previous)
+        raw = merge_tables(raw, {st.kind: {"teacher": teacher}})
     return raw
 
 
@@ -185,4 +230,5 @@ def _finished(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["Recipe", "RecipeStage", "is_recipe", "recipe_from_dict", "validate_recipe", "load_recipe", "run_recipe"]
+__all__ = ["Recipe", "RecipeStage", "recipe_from_dict", "validate_recipe", "load_recipe", "recipe_to_toml",
+           "run_recipe"]

@@ -91,7 +91,8 @@ def load_stage_config(path: str | Path, kind: str, overrides: list[str] | tuple[
     raw = read_toml(path)
     if "stages" in raw:
         raise ConfigError(f"{path}: is a multi-stage recipe ([stages]); run it with `nanoseek grpo --config {path}`")
-    schema = {"model": ModelSection, kind: object, "optim": OptimSection, "train": TrainSection,
+    section = STAGE_KINDS[kind].section if kind in STAGE_KINDS else object   # (an unknown kind: refused below)
+    schema = {"model": ModelSection, kind: section, "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
     raw = apply_overrides(raw, list(overrides), schema)
     cfg = stage_config_from_dict(kind, raw, source=str(path))

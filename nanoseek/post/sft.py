@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .common import IGNORE, IndexStream, StreamBatches, chat_row, pad_rows
-from .datasets import DataError, SFTExample, read_sft, task_prompts, task_specs
+from .datasets import DataError, SFTExample, check_file, read_sft, source_key, task_prompts, task_specs
 
 SFT_MODES = ("pack", "pad")
 
@@ -64,6 +64,24 @@ class SFTSection:
         """The prompt template the trained model answers in (recorded in stage.json): the chat template."""
         return "chat"
 
+    def check_sources(self) -> None:
+        """The data source, checked without a model (:func:`~nanoseek.post.stage.parse_stage_config`
+        calls it): a DataError ``data: why`` for what :func:`load_sft_examples` would refuse."""
+        if self.data:          # empty: the caller passes the examples (else train_sft refuses it)
+            with source_key("data"):
+                check_sft_data(self.data, self.num_examples)
+
+
+def check_sft_data(data: str, n: int = 0) -> None:
+    """What :func:`load_sft_examples` refuses before reading: ``tasks:`` without a number of
+    examples or with a bad task spec, a file that is missing or not a regular file."""
+    if data.startswith("tasks:"):
+        if n <= 0:
+            raise DataError("SFT data 'tasks:...' needs a number of examples (num_examples > 0)")
+        task_specs(data[len("tasks:"):])
+    else:
+        check_file(data)
+
 
 def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
                       template: str = "r1") -> list[SFTExample]:
@@ -91,9 +109,8 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
 
 def load_sft_examples(data: str, n: int = 0, seed: int = 0, template: str = "r1") -> list[SFTExample]:
     """A JSONL file, or ``tasks:NAME[,NAME]`` for generated cold-start traces (``n`` of them)."""
+    check_sft_data(data, n)
     if data.startswith("tasks:"):
-        if n <= 0:
-            raise DataError("SFT data 'tasks:...' needs a number of examples (num_examples > 0)")
         return task_sft_examples(data[len("tasks:"):], n, seed=seed, template=template)
     examples = read_sft(data)
     return examples[:n] if n else examples
@@ -222,5 +239,5 @@ def train_sft(cfg, *, model=None, tokenizer=None, examples: list[SFTExample] | N
     return run_trainer(model, task, cfg, tokenizer, resume=resume, quiet=quiet, progress=progress, extra=extra)
 
 
-__all__ = ["SFT_MODES", "SFTSection", "train_sft", "task_sft_examples", "load_sft_examples", "SFTRows", "tokenize_examples",
-           "pack_rows", "SFTTask"]
+__all__ = ["SFT_MODES", "SFTSection", "train_sft", "task_sft_examples", "check_sft_data", "load_sft_examples",
+           "SFTRows", "tokenize_examples", "pack_rows", "SFTTask"]

@@ -33,7 +33,6 @@ writer, and a fresh run over existing checkpoints are refused with one line.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Collection
@@ -43,6 +42,9 @@ from typing import Any
 from nanoseek.errors import UserError
 from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
                                    dumps_toml, no_effect_keys, parse_sections, read_toml)
+
+CHAIN_REFS = ("previous", "base")   # a recipe's checkpoint placeholders (the stage before, the recipe's base)
+
 
 @dataclass(frozen=True)
 class StageDefaults:
@@ -103,25 +105,21 @@ class StageResult:
         return default
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: str = "<dict>", *,
                        defaults: StageDefaults, init_required: bool = True,
-                       init_pending: bool = False) -> StageConfig:
+                       init_pending: bool = False, check_sources: bool = True) -> StageConfig:
     """A raw TOML dict -> validated :class:`StageConfig` whose ``[kind]`` table is a ``section``.
 
     The registry (:func:`nanoseek.post.registry.stage_config_from_dict`) looks ``section`` and
     ``defaults`` and ``init_required`` up by kind; this module knows no algorithm. ``init_pending``: the checkpoint
     is written by an earlier stage that has not run yet, so ``[model]`` may lack ``init_from`` (a
-    recipe or the speedrun checked before it trains).
+    recipe or the speedrun checked before it trains). ``check_sources``: the section's
+    ``check_sources()`` (its data files, task specs, teacher: checked without a model, so a missing
+    file fails before anything loads or trains) runs too; an error names ``source``, the table and
+    the key.
     """
     from nanoseek.model.config import ModelConfig
-    from nanoseek.train.config import _check_train_config, check_schedule_keys
+    from nanoseek.train.config import check_train_config, check_schedule_keys
 
     schema = {"model": ModelSection, kind: section, "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
@@ -144,13 +142,19 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
     if init_required and not cfg.model.init_from and not init_pending:
         raise ConfigError(f"{source}: [model] init_from is required: the checkpoint {kind} starts from")
     # optim/train/spike checks are the trainer's own (the [data] table is not used here)
-    _check_train_config(TrainConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, spike=cfg.spike,
-                                    source=source), source)
+    check_train_config(TrainConfig(model=cfg.model, optim=cfg.optim, train=cfg.train, spike=cfg.spike,
+                                   source=source), source)
     validate = getattr(cfg.algo, "validate", None)
     if validate is not None:
         try:
             validate()
         except ValueError as e:
+            raise ConfigError(f"{source}: [{kind}] {e}") from None
+    check = getattr(cfg.algo, "check_sources", None)
+    if check_sources and check is not None:
+        try:
+            check()
+        except ValueError as e:                 # a DataError "key: why"
             raise ConfigError(f"{source}: [{kind}] {e}") from None
     return cfg
 
@@ -233,9 +237,9 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
 def _reparse(cfg: StageConfig, path: Path) -> dict[str, Any]:
     """The run folder's own config.toml as a dict comparable to ``cfg.to_dict()``: parsed with the
     same ``[kind]`` section class (it was validated when the run wrote it, so the init_from
-    requirement is not asked again)."""
+    requirement is not asked again, nor are its data sources: the new config's are the ones used)."""
     return parse_stage_config(cfg.kind, type(cfg.algo), read_toml(path), str(path), defaults=cfg.defaults,
-                              init_required=False).to_dict()
+                              init_required=False, check_sources=False).to_dict()
 
 
 def read_stage_json(path: Path, kinds: Collection[str]) -> dict[str, Any] | None:
@@ -311,6 +315,6 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
     return out
 
 
-__all__ = ["StageDefaults", "StageConfig", "StageResult", "parse_stage_config", "is_stage_run",
+__all__ = ["CHAIN_REFS", "StageDefaults", "StageConfig", "StageResult", "parse_stage_config", "is_stage_run",
            "read_stage_json",
            "load_model", "load_tokenizer_for", "check_vocab", "run_trainer"]

@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomic
+from ..errors import UserError
 from ..model.checkpoint import CheckpointError, from_hf_state_dict, load_hf_tensors, read_safetensors, save_pretrained
 from ..model.checkpoint import recovery_hint as _model_recovery_hint
 
@@ -310,8 +311,9 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
 HF_SUBDIRS = ("final", "model", "hf")     # HF directories a run folder may hold, "final" first
 
 
-class LoadError(ValueError):
-    """No checkpoint (or, for :mod:`nanoseek.infer.loading`, no tokenizer) where the user pointed."""
+class LoadError(UserError, ValueError):
+    """No checkpoint (or, for :mod:`nanoseek.infer.loading`, no tokenizer) where the user pointed:
+    every command prints it as one line."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

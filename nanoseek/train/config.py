@@ -33,8 +33,9 @@ other key (its default applies): the way to drop a key the recipe file writes, e
 optim.decay_fraction=null --set optim.schedule=cosine``. Overrides go through the same validation
 as the file.
 
-The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`dumps_toml`) takes any
-mapping of table name -> dataclass, so post-training stages reuse it with their own sections.
+The generic part (:func:`parse_sections`, :func:`apply_overrides`, :func:`merge_tables`,
+:func:`dumps_toml`) takes any mapping of table name -> dataclass, so post-training stages reuse it
+with their own sections.
 """
 
 from __future__ import annotations
@@ -319,8 +320,24 @@ def parse_literal(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: dict[str, type]) -> dict[str, Any]:
-    """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict."""
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of the TOML dict ``base`` with ``over`` merged in: tables merge key by key,
+    any other value of ``over`` replaces ``base``'s (a recipe's ``[defaults.*]`` under a stage's tables)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge_tables(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    schema: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (``section.key.sub=value`` for a table value) to a raw TOML dict.
+
+    ``schema`` maps each table to what its keys are: a dataclass (its fields; a field whose type is
+    a dataclass is a sub-table, ``[model]`` also takes every model config field), a dict {key: the
+    same for a sub-table, or None for a value}, or anything else (``dict``, ``object``) for a table
+    whose keys are checked later. A key that is not one of them is an error naming the ``--set``
+    item (not the file it would have gone into) and the valid keys."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set '{item}': expected section.key=value, e.g. optim.lr=1e-3")
@@ -330,6 +347,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
             raise ConfigError(f"--set '{item}': expected section.key=value, e.g. optim.lr=1e-3")
         if parts[0] not in schema:
             raise ConfigError(f"--set '{item}': unknown table '{parts[0]}'. Valid tables: {', '.join(schema)}")
+        _check_override_key(item, parts, schema[parts[0]])
         node = raw.setdefault(parts[0], {})
         for p in parts[1:-1]:
             node = node.setdefault(p, {})
@@ -337,6 +355,41 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
                 raise ConfigError(f"--set '{item}': '{p}' is not a table")
         node[parts[-1]] = parse_literal(text.strip())
     return raw
+
+
+def _table_keys(spec: Any) -> dict[str, Any] | None:
+    """{key: the sub-table's spec or None} of a table as ``apply_overrides``' schema describes it;
+    None where its keys are not known here."""
+    if isinstance(spec, dict):
+        return spec
+    if not (isinstance(spec, type) and dataclasses.is_dataclass(spec)):
+        return None
+    hints = typing.get_type_hints(spec)
+    keys = {f.name: hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None
+            for f in dataclasses.fields(spec) if not (spec is ModelSection and f.name == "fields")}
+    if spec is ModelSection:
+        keys.update(dict.fromkeys(sorted(ModelConfig.field_names())))
+    return keys
+
+
+def _check_override_key(item: str, parts: list[str], spec: Any) -> None:
+    for depth, key in enumerate(parts[1:], start=1):
+        keys = _table_keys(spec)
+        if keys is None:
+            return
+        if key not in keys:
+            table = ".".join(parts[:depth])
+            plain = [k for k, v in keys.items() if v is None]
+            if spec is ModelSection:
+                plain = [f.name for f in dataclasses.fields(ModelSection) if f.name != "fields"]
+                plain[-1] += ", or any model config field: " + ", ".join(sorted(ModelConfig.field_names()))
+            subs = [f"[{table}.{k}]" for k, v in keys.items() if v is not None]
+            valid = (", ".join(plain) + (", or " if plain and subs else "") + ("the tables " if subs else "")
+                     + ", ".join(subs))
+            raise ConfigError(f"--set '{item}': unknown key '{key}' in [{table}]. Valid keys: {valid}")
+        spec = keys[key]
+        if spec is None:
+            return
 
 
 # ---------------------------------------------------------------------------- the pre-training config
@@ -352,7 +405,7 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("data", "val_batches", "must be >= 0")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise bad("optim", "lr", "must be a positive number")
-    if not 0 <= o.min_lr <= o.lr:
+    if o.schedule != "constant" and not 0 <= o.min_lr <= o.lr:   # (constant: unused, and never written)
         raise bad("optim", "min_lr", f"must be in [0, lr={o.lr}]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise bad("optim", "betas", "must be two numbers in [0, 1)")
@@ -582,9 +635,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
-_check_train_config = check_train_config      # the earlier private name, still imported by nanoseek.post.stage
-
-
 # ---------------------------------------------------------------------------- TOML writing
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -632,6 +682,7 @@ def config_to_toml(cfg: TrainConfig) -> str:
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
-           "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys", "no_effect_keys",
+           "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys",
+           "no_effect_keys",
            "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]
