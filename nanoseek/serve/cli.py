@@ -75,7 +75,7 @@ def default_model_name(model_path: str) -> str:
     """``runs/r1-tiny`` and ``runs/r1-tiny/final`` -> ``r1-tiny``."""
     from pathlib import Path
 
-    from nanoseek.infer.loading import HF_SUBDIRS
+    from nanoseek.train.checkpoint import HF_SUBDIRS
 
     p = Path(model_path).resolve()
     return p.parent.name if p.name in HF_SUBDIRS or p.name.startswith("step-") else p.name
