@@ -347,7 +347,7 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
 
 def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, seed: int) -> int:
     from nanoseek.errors import UserError
-    from nanoseek.train.config import ConfigError
+    from nanoseek.errors import ConfigError
 
     run_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir, config, resolved_record(rc, minutes, seed))

@@ -112,7 +112,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(damaged, capsys, kind):
 
 
 def test_checkpoint_errors_are_user_errors():
-    from nanoseek.model.config import ConfigError
+    from nanoseek.errors import ConfigError
     from nanoseek.train.checkpoint import CheckpointError as TrainCheckpointError
     from nanoseek.train.loop import TrainingDiverged
 
@@ -273,7 +273,8 @@ CONFIG_CASES = list(_config_cases())
 
 
 def test_every_numeric_train_config_key_has_a_range():
-    from nanoseek.train.config import ConfigError, load_config
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import load_config
 
     assert len(CONFIG_CASES) > 30
     failures = []
@@ -288,7 +289,8 @@ def test_every_numeric_train_config_key_has_a_range():
 
 
 def test_every_numeric_model_config_field_has_a_range(tiny_config):
-    from nanoseek.model.config import ConfigError, ModelConfig
+    from nanoseek.errors import ConfigError
+    from nanoseek.model.config import ModelConfig
 
     base = tiny_config().to_dict()
     failures = []
@@ -308,7 +310,8 @@ def test_every_numeric_model_config_field_has_a_range(tiny_config):
 def test_a_huge_layer_count_is_refused_without_looping_over_it(tiny_config):
     import time
 
-    from nanoseek.model.config import ConfigError, ModelConfig
+    from nanoseek.errors import ConfigError
+    from nanoseek.model.config import ModelConfig
 
     t0 = time.perf_counter()
     for name in ("num_hidden_layers", "n_routed_experts", "num_nextn_predict_layers"):

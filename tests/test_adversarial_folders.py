@@ -441,7 +441,7 @@ def test_speedrun_rerun_with_other_settings_is_refused_and_run_json_unchanged(tm
 def test_post_training_stage_rerun_refuses_other_settings_and_resume_records_them(tmp_path, capsys):
     from post_helpers import tiny_model, tiny_tokenizer
 
-    from nanoseek.model.config import ConfigError
+    from nanoseek.errors import ConfigError
     from nanoseek.post.datasets import SFTExample
     from nanoseek.post.sft import train_sft
     from nanoseek.post.registry import stage_config_from_dict

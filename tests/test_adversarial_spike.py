@@ -19,7 +19,8 @@ from nanoseek.data.corpus import default_corpus_records
 from nanoseek.data.prepare import Document, PrepareConfig, prepare
 from nanoseek.train.checkpoint import (discard_after, latest_checkpoint, list_checkpoints, prune_checkpoints,
                                        save_checkpoint, step_of)
-from nanoseek.train.config import ConfigError, config_from_dict
+from nanoseek.errors import ConfigError
+from nanoseek.train.config import config_from_dict
 from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer, TrainingDiverged
 from nanoseek.train.metrics import events, read_metrics, step_records
 from pydoc_data.topics import topics

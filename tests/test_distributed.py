@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from nanoseek.train.config import ConfigError, config_from_dict
+from nanoseek.errors import ConfigError
+from nanoseek.train.config import config_from_dict
 from nanoseek.train.loop import Hook
 from nanoseek.train.metrics import read_metrics, step_records
 

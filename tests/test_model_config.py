@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from nanoseek.model import ConfigError, ModelConfig, load_model_config
+from nanoseek.errors import ConfigError
+from nanoseek.model import ModelConfig, load_model_config
 from nanoseek.model.config import list_presets
 
 

@@ -19,7 +19,7 @@ from nanoseek.cli import COMMANDS, main
 from nanoseek.post.recipe import load_recipe, recipe_from_dict, run_recipe
 from nanoseek.post.registry import STAGE_KINDS, stage_config_from_dict
 from nanoseek.post.stage import StageResult
-from nanoseek.train.config import ConfigError
+from nanoseek.errors import ConfigError
 from post_helpers import saved_tiny_checkpoint
 
 PKG = Path(nanoseek.__file__).parent

@@ -15,7 +15,7 @@ from nanoseek.post.recipe import load_recipe, recipe_from_dict
 from nanoseek.tasks.rewards import RewardResult
 from nanoseek.post.sft import train_sft
 from nanoseek.post.registry import load_stage_config, stage_config_from_dict
-from nanoseek.train.config import ConfigError
+from nanoseek.errors import ConfigError
 from post_helpers import saved_tiny_checkpoint
 
 

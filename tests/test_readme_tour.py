@@ -283,7 +283,8 @@ def test_data_dir_with_synthetic_source_is_an_error_naming_what_to_set(tmp_path,
     ({"optim": {"schedule": "constant", "decay_steps": 5}}, "decay_steps"),
 ])
 def test_keys_that_would_have_no_effect_are_errors(raw, key):
-    from nanoseek.train.config import ConfigError, config_from_dict
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import config_from_dict
 
     base = {"data": {"source": "synthetic"}, "train": {"max_steps": 3}}
     raw = {**base, **raw}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanoseek.model.config import ConfigError
+from nanoseek.errors import ConfigError
 from nanoseek.train.config import (TRAIN_CONFIG_DIR, apply_overrides, config_from_dict, config_to_toml, load_config,
                                    parse_literal, read_toml, SECTIONS)
 

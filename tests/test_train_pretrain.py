@@ -15,7 +15,8 @@ from nanoseek.data.corpus import plain_text_documents
 from nanoseek.data.prepare import PrepareConfig, prepare_inputs
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.train.bpb import token_byte_lengths
-from nanoseek.model.config import ConfigError, ModelConfig
+from nanoseek.errors import ConfigError
+from nanoseek.model.config import ModelConfig
 from nanoseek.train.config import config_from_dict
 from nanoseek.train.metrics import (MetricsLogger, ProgressDisplay, events, measure_matmul_peak, model_flops_per_token,
                                     progress_enabled, read_metrics, step_records)

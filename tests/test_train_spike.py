@@ -104,7 +104,8 @@ def test_rising_trend_rolls_back_only_if_the_reference_got_worse_and_state_round
 
 def test_damage_factor_must_exceed_one():
     import pytest
-    from nanoseek.train.config import ConfigError, config_from_dict
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import config_from_dict
     with pytest.raises(ConfigError, match=r"\[spike\] damage_factor"):
         config_from_dict({"model": {"preset": "tiny"}, "train": {"max_steps": 1}, "spike": {"damage_factor": 1.0}}, "x")
 

@@ -143,7 +143,7 @@ def _main(args: argparse.Namespace, out) -> int:
     from pathlib import Path
 
     from nanoseek.errors import UserError
-    from nanoseek.model.config import ConfigError
+    from nanoseek.errors import ConfigError
 
     from .report import write_combined_markdown
     from .results import ReportError

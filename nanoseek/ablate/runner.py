@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..atomic import write_atomic
-from ..model.config import ConfigError, ModelConfig, load_model_config
+from ..errors import ConfigError
+from ..model.config import ModelConfig, load_model_config
 from ..train.loop import Hook
 from .results import ARM_FILE
 from .suites import Arm, Suite

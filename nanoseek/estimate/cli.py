@@ -96,7 +96,8 @@ def load_config(name_or_path: str):
     """Load a preset or config.json. A typo (unknown field), a bad value or a missing size field
     is a UserError naming the file and the field."""
     from nanoseek.errors import UserError
-    from nanoseek.model.config import IGNORED_KEYS, PRESET_DIR, ConfigError, ModelConfig, load_model_config
+    from nanoseek.errors import ConfigError
+    from nanoseek.model.config import IGNORED_KEYS, PRESET_DIR, ModelConfig, load_model_config
 
     p = Path(name_or_path)
     path = (p / "config.json" if p.is_dir() else p) if p.exists() else PRESET_DIR / f"{name_or_path}.json"

@@ -215,7 +215,8 @@ def _model_section(stages: list[StageData], notes: list[str]) -> Section | None:
     if ckpt is None:
         notes.append("model: no checkpoint with a config.json found (parameter counts skipped)")
         return None
-    from nanoseek.model.config import ConfigError, load_model_config
+    from nanoseek.errors import ConfigError
+    from nanoseek.model.config import load_model_config
     from nanoseek.model.params import count_params
 
     try:

@@ -4,9 +4,9 @@ Names are imported lazily so that ``nanoseek.model.config`` (pure Python) can be
 ``nanoseek estimate``, without importing torch.
 """
 
-from .config import ConfigError, ModelConfig, load_model_config
+from .config import ModelConfig, load_model_config
 
-__all__ = ["ConfigError", "ModelConfig", "load_model_config", "CausalLMOutput", "DeepseekV3ForCausalLM"]
+__all__ = ["ModelConfig", "load_model_config", "CausalLMOutput", "DeepseekV3ForCausalLM"]
 
 
 def __getattr__(name):

@@ -42,7 +42,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from .config import ConfigError, ModelConfig
+from ..errors import ConfigError
+from .config import ModelConfig
 from .transformer import DeepseekV3ForCausalLM
 
 SAFE_NAME = "model.safetensors"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError  # noqa: F401  (the ground-floor class, re-exported)
+from ..errors import ConfigError
 
 
 # Keys that appear in released DeepSeek / HF config.json files but carry no architecture

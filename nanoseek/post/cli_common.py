@@ -68,7 +68,8 @@ def _quote(text: str) -> str:
 def run_stage_command(args, kind: str, data_key: str | None) -> int:
     """Load the config, then run one stage or a recipe; config and data errors become UserError."""
     from nanoseek.errors import UserError
-    from nanoseek.train.config import ConfigError, read_toml, resolve_config_path
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import read_toml, resolve_config_path
 
     try:
         path = resolve_config_path(args.config)

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import ConfigError, apply_overrides, merge_tables, read_toml, resolve_config_path
+from nanoseek.errors import ConfigError
+from nanoseek.train.config import apply_overrides, merge_tables, read_toml, resolve_config_path
 
 from .registry import STAGE_KINDS, read_stage_record, stage_config_from_dict
 from .stage import StageConfig, StageResult

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainSection, apply_overrides,
+from nanoseek.errors import ConfigError
+from nanoseek.train.config import (ModelSection, OptimSection, SpikeSection, TrainSection, apply_overrides,
                                    read_toml, resolve_config_path)
 
 from .distill import DistillSection, run_distill

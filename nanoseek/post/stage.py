@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import UserError
-from nanoseek.train.config import (ConfigError, ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
+from nanoseek.errors import ConfigError
+from nanoseek.train.config import (ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
                                    dumps_toml, no_effect_keys, parse_sections, read_toml)
 
 CHAIN_REFS = ("previous", "base")   # a recipe's checkpoint placeholders (the stage before, the recipe's base)

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from ..limits import SEED_MAX, LimitError, check_fits
-from ..model.config import ConfigError, ModelConfig, load_model_config
+from ..errors import ConfigError
+from ..model.config import ModelConfig, load_model_config
 
 
 # ---------------------------------------------------------------------------- sections

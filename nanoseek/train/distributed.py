@@ -61,7 +61,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError, ParallelSection
+from ..errors import ConfigError
+from .config import ParallelSection
 
 BUCKET_BYTES = 32 * 1024 * 1024       # gradients are all-reduced in buckets of about this size
 

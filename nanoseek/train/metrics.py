@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..atomic import open_append
-from ..model.config import ConfigError
+from ..errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -38,7 +38,7 @@ import torch
 
 from ..atomic import read_record, write_atomic
 from .bpb import bpb_sums, token_byte_lengths
-from ..model.config import ConfigError
+from ..errors import ConfigError
 from .config import TrainConfig, config_to_toml
 from .loop import ExpertBalanceHook, FitResult, Trainer
 

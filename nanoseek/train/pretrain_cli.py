@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import UserError
-    from nanoseek.model.config import ConfigError
+    from nanoseek.errors import ConfigError
 
     from .checkpoint import CheckpointError
     from .config import load_config
