@@ -89,7 +89,8 @@ def _jsonable(x: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends records to ``RUN/metrics.jsonl``; mirrors numbers to TensorBoard / W&B if asked."""
+    """Appends records to ``RUN/metrics.jsonl``; mirrors numbers to TensorBoard / W&B if asked
+    (W&B's files in RUN/wandb; a W&B that cannot start is one ConfigError line)."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = False, wandb_project: str = "",
                  config: dict | None = None, run_name: str | None = None):
@@ -110,8 +111,15 @@ class MetricsLogger:
             except ImportError:
                 raise ConfigError(f"[train] wandb_project = {wandb_project!r} needs the wandb package "
                                    "(pip install wandb), or set it to \"\"") from None
-            self._wandb = wandb.init(project=wandb_project, name=run_name or Path(run_dir).name,
-                                     config=config or {}, resume="allow")
+            try:  # W&B's files go in the run folder (RUN/wandb), never the working directory
+                self._wandb = wandb.init(project=wandb_project, name=run_name or Path(run_dir).name,
+                                         config=config or {}, resume="allow", dir=str(Path(run_dir)))
+            except Exception as e:  # no API key, no network: one line, not wandb's traceback
+                self.close()
+                why = " ".join(str(e).split()) or type(e).__name__
+                raise ConfigError(f"[train] wandb_project = {wandb_project!r}: W&B could not start ({why}); "
+                                  "run `wandb login`, or set WANDB_MODE=offline to log into RUN/wandb "
+                                  "and `wandb sync` it later") from None
 
     def log(self, record: dict[str, Any]) -> None:
         rec = _jsonable(record)
