@@ -32,14 +32,19 @@ between a list of messages and token ids, for every template alike:
   ``render(messages[:i+1])``; when these are prefixes of the full rendering (every template of
   the usual "append a turn" kind: nanoseek, DeepSeek-V3, ChatML, Llama-3) that is exactly the
   answer, its closing token and whatever the template writes after it before the next message.
-  Otherwise (a generation prompt the history does not repeat, like R1's ``<｜Assistant｜><think>\\n``,
-  or a turn rewritten once later turns follow) the rule is the same with "prefix" replaced by
-  "common prefix with the full rendering": the span runs from where the generation-prompt
-  rendering parts from the chat to where the turn's own rendering parts from it. A token is
-  trained when its characters overlap a span (transformers' ``{% generation %}`` rule).
+  Otherwise (a generation prompt the history does not repeat, like R1's ``<｜Assistant｜><think>\\n``
+  or V3.1's thinking ``<think>``, or a turn rewritten once later turns follow) a rendering that is
+  not a prefix marks the end of the last control token it has in common with the full rendering:
+  for R1 the span starts right after ``<｜Assistant｜>`` (the answer and its ``<｜end▁of▁sentence｜>``
+  are trained). A template that rewrites a turn once later turns follow so that nothing after
+  the header is shared gets no span for that turn (nothing is trained rather than the wrong
+  text). A token is trained when its characters overlap a span (transformers' ``{% generation %}``
+  rule).
 
+``{% generation %}`` blocks (transformers' assistant-mask marker) are rendered as their body.
 Deliberately left out: tools and documents (rendered as None), multimodal content (content must
-be a string), added tokens with ``lstrip``/``rstrip`` (matched literally).
+be a string), ``continue_final_message``, added tokens with ``lstrip``/``rstrip`` (matched
+literally).
 """
 
 from __future__ import annotations
@@ -159,6 +164,7 @@ def mask_from_spans(offsets: Offsets, spans: Sequence[tuple[int, int]]) -> list[
 def compile_template(source: str):
     """The compiled template in transformers' sandboxed environment (cached per template text)."""
     import jinja2
+    import jinja2.ext
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -195,7 +201,21 @@ def compile_template(source: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"chat templates cannot store {name!r} on a namespace")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` (marks assistant text); rendered as
+        its body: the loss mask comes from the prefix rule, which gives the same spans."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
                        namespace=TemplateNamespace)
@@ -235,12 +255,16 @@ def _normalise(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _cut(prefix: str, full: str, splitter: re.Pattern | None) -> int:
+    """Where ``prefix`` (a rendering of the first messages) ends in ``full``: its length when it is
+    a prefix, else the end of the last control token of the part the two have in common."""
+    if full.startswith(prefix):
+        return len(prefix)
+    n = 0
+    while n < min(len(prefix), len(full)) and prefix[n] == full[n]:
+        n += 1
+    ends = [m.end() for m in splitter.finditer(full, 0, n)] if splitter is not None else []
+    return ends[-1] if ends else 0
 
 
 class ChatTemplate:
@@ -299,9 +323,12 @@ class ChatTemplate:
             return real, None
         return real, [p for p in pieces if p.text]
 
-    def assistant_spans(self, messages: Sequence[dict[str, Any]], full: str, **kwargs: Any) -> list[tuple[int, int]]:
+    def assistant_spans(self, messages: Sequence[dict[str, Any]], full: str, control: Iterable[str] = (),
+                        **kwargs: Any) -> list[tuple[int, int]]:
         """Character spans of ``full`` (the rendering of ``messages``) written by the assistant
-        (the rule in the module docstring)."""
+        (the rule in the module docstring; ``control``: the control-token strings a cut that is not
+        a prefix is moved back to)."""
+        splitter = _control_splitter(frozenset(control))
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -311,7 +338,7 @@ class ChatTemplate:
             except TokenizerError:              # a template that refuses this prefix (roles must alternate...)
                 head = self._safe_render(messages[:i], kwargs)
             turn = self._safe_render(messages[:i + 1], kwargs)
-            start, end = _common_prefix(head, full), _common_prefix(turn, full)
+            start, end = (_cut(r, full, splitter) for r in (head, turn))
             if end > start:
                 spans.append((start, end))
         return spans
@@ -339,7 +366,7 @@ def encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add_
                         "template rewrites message text, so it cannot be kept apart from the template's tokens")
         pieces = [Piece(full, True)]
     ids, offsets = encode_pieces_with_offsets(pieces, control, encode_text_offsets)
-    spans = template.assistant_spans(messages, full, **template_kwargs)
+    spans = template.assistant_spans(messages, full, control, **template_kwargs)
     return ids, mask_from_spans(offsets, spans)
 
 
