@@ -424,3 +424,37 @@ def test_generate_chat_and_sft_step(hf_checkpoint, tmp_path, capsys):
     assert (saved.chat_template, saved.bos_token, saved.eos_token, saved.hash) == (
         tok.chat_template, tok.bos_token, tok.eos_token, tok.hash)
     assert saved.encode_chat(messages) == tok.encode_chat(messages)
+
+
+# ----------------------------------------------------------------------------- what builds on the template
+
+
+def test_dpo_response_targets_only_the_final_answer_in_any_template(tmp_path):
+    from nanoseek.post.common import IGNORE, response_row
+
+    prompt = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+              {"role": "user", "content": "q2"}]
+    for name, end in (("chatml", "<|im_end|>\n"), ("r1", DS_EOS), ("v31", DS_EOS), ("llama3", "<|eot_id|>")):
+        tok = Tokenizer.load(save_family(name, tmp_path / name))
+        ids, labels, _ = response_row(tok, prompt, {"role": "assistant", "content": "final"})
+        assert tok.decode([t for t in labels if t != IGNORE]) == "final" + end, name
+
+
+def test_reasoning_split_and_think_prompt_follow_the_tokenizer(tmp_path):
+    from nanoseek.data.bytetok import ByteTokenizer
+    from nanoseek.infer.reasoning import ReasoningSplitter, prompt_ends_in_think
+
+    off = ReasoningSplitter(starts_in_think=True, tags=None)
+    assert off.push("<think>a</think>b") == ("", "<think>a</think>b") and off.reasoning_text is None
+    on = ReasoningSplitter(tags=("<think>", "</think>"))
+    assert on.push("<think>a</think>b") == ("a", "b")
+    chatml = Tokenizer.load(save_family("chatml", tmp_path / "c"))
+    v31 = Tokenizer.load(save_family("v31", tmp_path / "v"))
+    assert chatml.think_tags is None and not prompt_ends_in_think(chatml.encode("<think>"), chatml)
+    for tok in (v31, ByteTokenizer()):
+        user = [{"role": "user", "content": "hi"}]
+        assert prompt_ends_in_think(tok.encode_chat(user, True, thinking=True)[0], tok)
+        assert not prompt_ends_in_think(tok.encode_chat(user, True, thinking=False)[0], tok)
+    byte = ByteTokenizer()
+    assert byte.think_tags == ("<think>", "</think>") and byte.stop_ids == (byte.eos_id,)
+    assert byte.chat_template == CHAT_TEMPLATE

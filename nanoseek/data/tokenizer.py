@@ -309,7 +309,7 @@ class Tokenizer(ChatEncoding):
         config = _read_json(config_file) if config_file.is_file() else None
         source = str(config_file) if config is not None else f"{file} (no tokenizer_config.json beside it)"
         if (folder / "special_tokens_map.json").is_file():     # legacy file: its names win, as in transformers
-            config = dict(NANOSEEK_CONFIG if config is None else config)
+            config = dict(config or {})
             config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items()
                            if k in TEMPLATE_TOKEN_NAMES})
         template = None
