@@ -328,6 +328,11 @@ def test_template_errors_and_sandbox():
         escape.render([{"role": "user", "content": "x"}])
     t = ChatTemplate("{{ messages | tojson }}{{ strftime_now('%Y') | length }}{% for m in messages %}{% break %}{% endfor %}")
     assert t.render([{"role": "user", "content": "é"}]) == '[{"role": "user", "content": "é"}]4'
+    # extra keywords reach the template (as transformers' **kwargs); its own variables are reserved
+    t = ChatTemplate("{{ bos_token }}{{ x }}{% generation %}!{% endgeneration %}", {"bos_token": "<s>"})
+    assert t.render([], x="y") == "<s>y!" and t.render([], bos_token="B") == "B!"
+    with pytest.raises(TokenizerError, match="'tools' is reserved"):
+        t.render([], tools=[])
 
 
 # ----------------------------------------------------------------------------- a transformers checkpoint

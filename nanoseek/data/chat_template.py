@@ -67,6 +67,9 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # The named special tokens transformers passes to every template (SPECIAL_TOKENS_ATTRIBUTES).
 TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
+# Template variables a caller's keywords may not set (transformers passes them itself).
+RESERVED_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
 Offsets = list[tuple[int, int]]
 
 
@@ -289,6 +292,9 @@ class ChatTemplate:
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: Mapping[str, Any]) -> str:
         import jinja2
 
+        reserved = sorted(set(kwargs) & RESERVED_KWARGS)
+        if reserved:
+            raise TokenizerError(f"chat template keyword {reserved[0]!r} is reserved (the template's own variable)")
         variables = {**self.variables, **kwargs}
         try:
             return compile_template(self.source).render(messages=messages, tools=None, documents=None,
@@ -411,5 +417,5 @@ class ChatEncoding:
 
 
 __all__ = ["TokenizerError", "Piece", "ChatTemplate", "ChatEncoding", "encode_pieces", "encode_pieces_with_offsets",
-           "encode_chat", "mask_from_spans", "check_messages", "compile_template", "REASONING_FIELDS",
+           "encode_chat", "mask_from_spans", "RESERVED_KWARGS", "check_messages", "compile_template", "REASONING_FIELDS",
            "TEMPLATE_TOKEN_NAMES"]
