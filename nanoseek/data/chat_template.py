@@ -71,6 +71,9 @@ TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad
 RESERVED_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 Offsets = list[tuple[int, int]]
+# Content stand-ins for the second rendering: private-use brackets around a per-process nonce.
+_NONCE = secrets.token_hex(6)
+_SENTINEL = re.compile(f"(\ue000{_NONCE}:[^\ue001]*\ue001)")
 
 
 class Piece(NamedTuple):
@@ -311,7 +314,7 @@ class ChatTemplate:
         check_messages(messages)
         real = self._render(_normalise(messages), add_generation_prompt, kwargs)
         values: dict[str, str] = {}
-        nonce = secrets.token_hex(4)
+        nonce = _NONCE
         masked = []
         for i, m in enumerate(messages):
             m = dict(m)
@@ -322,10 +325,11 @@ class ChatTemplate:
                     m[field] = sentinel
             masked.append(m)
         sentinel_render = self._render(_normalise(masked), add_generation_prompt, kwargs)
-        parts = re.split(f"(\ue000{nonce}:[^\ue001]*\ue001)", sentinel_render)
+        parts = _SENTINEL.split(sentinel_render)
         pieces = [Piece(values[p], False) if k % 2 else Piece(p, True) for k, p in enumerate(parts)
                   if (k % 2 and p in values) or (not k % 2 and p)]
-        if any(k % 2 and p not in values for k, p in enumerate(parts)) or "".join(p.text for p in pieces) != real:
+        if (any(k % 2 and p not in values for k, p in enumerate(parts)) or "".join(p.text for p in pieces) != real
+                or any(_NONCE in v for v in values.values())):       # content holding a sentinel: never trusted
             return real, None
         return real, [p for p in pieces if p.text]
 
