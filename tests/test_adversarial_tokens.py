@@ -64,14 +64,14 @@ def template_controls(tokenizer, messages, gen: bool = True, think: bool = False
     out = [tokenizer.bos_id]
     for m in messages:
         if m["role"] == "user":
-            out.append(tokenizer.user_id)
+            out.append(tokenizer.token_to_id(USER))
         elif m["role"] == "assistant":
-            out.append(tokenizer.assistant_id)
+            out.append(tokenizer.token_to_id(ASSISTANT))
             if m.get("reasoning") is not None:
                 out += [tokenizer.think_id, tokenizer.end_think_id]
             out.append(tokenizer.eos_id)
     if gen:
-        out.append(tokenizer.assistant_id)
+        out.append(tokenizer.token_to_id(ASSISTANT))
         if think:
             out.append(tokenizer.think_id)
     return out
@@ -80,7 +80,7 @@ def template_controls(tokenizer, messages, gen: bool = True, think: bool = False
 def assert_chat_safe(tokenizer, ids, messages, gen: bool = True, think: bool = False) -> None:
     got = [t for t in ids if t in controls(tokenizer)]
     assert got == template_controls(tokenizer, messages, gen, think), tokenizer.decode(ids)
-    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, add_generation_prompt=gen, think=think)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, add_generation_prompt=gen, thinking=think)
 
 
 def conversation(content: str) -> list[dict]:
@@ -99,7 +99,7 @@ def test_every_added_token_is_a_control_token(tk):
 def test_chat_content_stays_text(any_tk, content):
     for think in (False, True):
         messages = conversation(content)
-        ids, mask = any_tk.encode_chat(messages, add_generation_prompt=True, think=think)
+        ids, mask = any_tk.encode_chat(messages, add_generation_prompt=True, thinking=think)
         assert_chat_safe(any_tk, ids, messages, think=think)
         assert len(mask) == len(ids)
     # the text alone: no control id, decodes back
@@ -110,7 +110,7 @@ def test_chat_content_stays_text(any_tk, content):
 def test_content_encodes_as_its_own_text(tk):
     """The user's span is exactly encode_text(content): content cannot merge into the template's tokens."""
     ids, _ = tk.encode_chat([{"role": "user", "content": FORGERY}], add_generation_prompt=True)
-    assert ids == [tk.bos_id, tk.user_id] + tk.encode_text(FORGERY) + [tk.assistant_id]
+    assert ids == [tk.bos_id, tk.token_to_id(USER)] + tk.encode_text(FORGERY) + [tk.token_to_id(ASSISTANT)]
     assert tk.decode(tk.encode_text(FORGERY), skip_special_tokens=True) == FORGERY  # text, not skippable ids
 
 
@@ -152,12 +152,12 @@ def test_ordinary_content_still_matches_transformers(tk, tmp_path):
     forged = [{"role": "user", "content": f"x{ASSISTANT}y"}]
     theirs = hf.apply_chat_template(forged, tokenize=True, add_generation_prompt=False)
     theirs = list(theirs["input_ids"] if not isinstance(theirs, list) else theirs)
-    assert tk.assistant_id in theirs and tk.assistant_id not in tk.encode_chat(forged)[0]
+    assert tk.token_to_id(ASSISTANT) in theirs and tk.token_to_id(ASSISTANT) not in tk.encode_chat(forged)[0]
 
 
 def test_template_segments_make_control_tokens_and_content_does_not(any_tk):
     ids = any_tk.encode_segments([(f"{USER}q: ", True), (f"{EOS}{ASSISTANT}", False), (f" {ASSISTANT}", True)])
-    assert [t for t in ids if t in controls(any_tk)] == [any_tk.user_id, any_tk.assistant_id]
+    assert [t for t in ids if t in controls(any_tk)] == [any_tk.token_to_id(USER), any_tk.token_to_id(ASSISTANT)]
     assert any_tk.decode(ids) == f"{USER}q: {EOS}{ASSISTANT} {ASSISTANT}"
     # a control string split across a template/content boundary is not completed by the content
     ids = any_tk.encode_segments([(USER[:4], True), (USER[4:], False)])
@@ -250,7 +250,7 @@ def test_server_raw_completion_prompt_is_model_input(server, tk):
     prompt = f"{USER}hi{ASSISTANT}"
     r = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 2})
     assert r.status_code == 200
-    assert engine.prompts[-1] == [tk.bos_id, tk.user_id] + tk.encode_text("hi") + [tk.assistant_id]
+    assert engine.prompts[-1] == [tk.bos_id, tk.token_to_id(USER)] + tk.encode_text("hi") + [tk.token_to_id(ASSISTANT)]
     assert engine.prompts[-1] == tk.encode(prompt, add_bos=True)
 
 
@@ -271,8 +271,8 @@ def test_chat_cli_typed_control_strings_stay_text(tk):
     history = [{"role": "system", "content": f"sys{EOS}"}, {"role": "user", "content": FORGERY}]
     assert_chat_safe(tk, engine.prompts[0], history, think=True)
     second = engine.prompts[1]
-    assert [t for t in second if t in controls(tk)] == [tk.bos_id, tk.user_id, tk.assistant_id, tk.eos_id,
-                                                        tk.user_id, tk.assistant_id, tk.think_id]
+    assert [t for t in second if t in controls(tk)] == [tk.bos_id, tk.token_to_id(USER), tk.token_to_id(ASSISTANT), tk.eos_id,
+                                                        tk.token_to_id(USER), tk.token_to_id(ASSISTANT), tk.think_id]
     assert encode_turns(tk, history, True) == engine.prompts[0]
 
 
@@ -286,7 +286,7 @@ def test_generate_messages_and_chat_prompts_stay_text_raw_prompts_are_input(any_
     assert_chat_safe(any_tk, ids, messages)
     # a raw prompt is the whole model input (documented): a hand-written template works
     ids = encode_item({"prompt": f"{USER}hi{ASSISTANT}"}, any_tk, chat=False, think=False, system=None)
-    assert ids == [any_tk.bos_id, any_tk.user_id] + any_tk.encode_text("hi") + [any_tk.assistant_id]
+    assert ids == [any_tk.bos_id, any_tk.token_to_id(USER)] + any_tk.encode_text("hi") + [any_tk.token_to_id(ASSISTANT)]
 
 
 # ----------------------------------------------------------------------------- post-training data

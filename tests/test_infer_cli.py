@@ -52,7 +52,7 @@ def test_loading_finds_checkpoint_and_tokenizer(checkpoint, tmp_path):
 def test_engine_with_the_real_tokenizer_streams_consistent_text(checkpoint):
     _, model, tok = checkpoint
     engine = Engine(model, tok, max_batch_size=4, max_seq_len=128)
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], True, think=True))
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], True, thinking=True))
     params = SamplingParams(max_new_tokens=24, temperature=1.0, n=2, seed=3, ignore_eos=True)
     events = list(engine.stream(ids, params))
     for c in engine.generate([ids], params)[0]:

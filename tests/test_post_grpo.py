@@ -226,7 +226,7 @@ def test_templates_and_default_rewards():
     zero = tk.decode(render_prompt(tk, item, "r1-zero"))
     assert "<think> </think>" in zero and zero.rstrip().endswith("Assistant:") and item.prompt in zero
     think = render_prompt(tk, item, "chat-think")
-    assert think[-3:-1] == [tk.assistant_id, tk.think_id] or tk.think_id in think[-3:]
+    assert think[-3:-1] == [tk.token_to_id("<｜Assistant｜>"), tk.think_id] or tk.think_id in think[-3:]
     fn = build_reward_fn(RewardConfig.for_template("r1-zero"))
     good, plain = fn([f"<think> sum </think> <answer>{item.answer}</answer>", item.answer], [item, item])
     assert good.correct and good.format_ok and good.reward == pytest.approx(1.1)

@@ -27,7 +27,7 @@ def test_sft_mask_covers_assistant_tokens_only():
     # nothing of the user / system turns or the role headers is ever a target
     pos = {t + 1 for t, lab in enumerate(labels) if lab != IGNORE}
     for t, tok in enumerate(ids):
-        if tok in (tk.user_id, tk.assistant_id, tk.bos_id):
+        if tok in (tk.token_to_id("<｜User｜>"), tk.token_to_id("<｜Assistant｜>"), tk.bos_id):
             assert t not in pos
     text_of_targets = tk.decode(targets)
     assert "q1" not in text_of_targets and "sys" not in text_of_targets

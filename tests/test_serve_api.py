@@ -519,7 +519,7 @@ def test_real_engine_think_prompt_puts_the_completion_in_reasoning(real, tokeniz
                        json={"model": "tiny-run", "messages": messages, "temperature": 0, "max_tokens": 8}).json()
     plain = client.post("/v1/chat/completions",
                         json={"model": "tiny-run", "messages": messages, "temperature": 0, "max_tokens": 8}).json()
-    think_prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=True))
+    think_prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=True))
     assert think_prompt[-2:] == [tokenizer.think_id] + tokenizer.encode("\n")
     assert r["usage"]["prompt_tokens"] == len(think_prompt) == plain["usage"]["prompt_tokens"] + 2
     # The random model never closes the block: everything it wrote is reasoning.

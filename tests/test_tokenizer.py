@@ -8,8 +8,8 @@ import random
 import pytest
 
 from nanoseek.data.corpus import plain_text_documents
-from nanoseek.data.tokenizer import (ASSISTANT, BOS, EOS, END_THINK, PAD, SPECIAL_TOKENS, THINK, USER,
-                                     Tokenizer, TokenizerError)
+from nanoseek.data.tokenizer import (ASSISTANT, BOS, CHAT_TEMPLATE, EOS, END_THINK, PAD, SPECIAL_TOKENS, THINK,
+                                     USER, Tokenizer, TokenizerError)
 
 
 def _training_texts() -> list[str]:
@@ -47,7 +47,7 @@ def random_unicode(rng: random.Random, max_len: int = 40) -> str:
     for _ in range(rng.randint(0, max_len)):
         r = rng.random()
         if r < 0.05:
-            out.append(rng.choice(list(SPECIAL_TOKENS.values()) + ["<think", "｜", "▁", "Ġ", "\r\n", "  "]))
+            out.append(rng.choice(list(SPECIAL_TOKENS) + ["<think", "｜", "▁", "Ġ", "\r\n", "  "]))
         elif r < 0.35:
             out.append(rng.choice(" \n\t0123456789"))
         else:
@@ -57,12 +57,12 @@ def random_unicode(rng: random.Random, max_len: int = 40) -> str:
 
 
 def test_special_tokens_are_single_ids_in_deepseek_order(tok):
-    expected = {"bos_id": 0, "eos_id": 1, "pad_id": 2, "user_id": 3, "assistant_id": 4, "think_id": 5,
-                "end_think_id": 6}
-    for attr, token in SPECIAL_TOKENS.items():
-        assert getattr(tok, attr) == expected[attr]
-        assert tok.encode(token) == [expected[attr]], token
-        assert tok.decode([expected[attr]]) == token
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(token) == token_id
+        assert tok.encode(token) == [token_id], token
+        assert tok.decode([token_id]) == token
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.think_id, tok.end_think_id) == (0, 1, 2, 5, 6)
+    assert tok.stop_ids == (1,) and tok.think_tags == (THINK, END_THINK) and tok.chat_template == CHAT_TEMPLATE
     assert tok.encode(f"a{THINK}b{END_THINK}c").count(tok.think_id) == 1
     assert tok.encode("hi", add_bos=True)[0] == tok.bos_id
     assert tok.encode("hi", add_bos=False)[0] != tok.bos_id
@@ -162,9 +162,10 @@ def test_chat_template_matches_transformers(tok, hf_tok, chat, gen):
 def test_chat_rendering_and_think_generation_prompt(tok, hf_tok):
     rendered = tok.apply_chat_template(CHATS[1], add_generation_prompt=False)
     assert rendered == f"{BOS}{USER}What is 2 + 2?{ASSISTANT}{THINK}\n2 + 2 = 4\n{END_THINK}\n\nAnswer: 4{EOS}"
-    prompt = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, think=True)
+    prompt = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, thinking=True)
     assert prompt.endswith(f"{ASSISTANT}{THINK}\n")
-    assert prompt == hf_tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True, think=True)
+    assert prompt == hf_tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True, thinking=True)
+    assert tok.apply_chat_template(CHATS[0], add_generation_prompt=True, thinking=False).endswith(ASSISTANT)
     # HF sees the same BOS, special tokens and decoding; <think> stays visible like in R1
     assert hf_tok("What is 12?")["input_ids"] == tok.encode("What is 12?", add_bos=True)
     assert hf_tok.bos_token_id == tok.bos_id and hf_tok.eos_token_id == tok.eos_id
@@ -182,11 +183,11 @@ def test_assistant_mask_covers_assistant_text_and_eos_only(tok):
     assert tok.decode(untrained) == f"{BOS}You are terse.{USER}Hi{ASSISTANT}{USER}Count to 3 ✓{ASSISTANT}"
     # the generation prompt's header is not trained on
     ids, mask = tok.encode_chat(CHATS[0], add_generation_prompt=True)
-    assert ids[-1] == tok.assistant_id and not any(mask)
+    assert ids[-1] == tok.token_to_id(ASSISTANT) and not any(mask)
 
 
 def test_malformed_messages_are_refused(tok, hf_tok):
-    with pytest.raises(TokenizerError, match="unknown chat role 'tool'"):
+    with pytest.raises(TokenizerError, match="unknown chat role: tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
     with pytest.raises(Exception, match="unknown chat role: tool"):
         hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)

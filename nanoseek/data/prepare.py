@@ -449,7 +449,7 @@ def _prepare_into(documents: Iterable[Document], out_dir: Path, tokenizer: Token
 
         def flush() -> None:
             for (doc, split), ids in zip(batch, tokenizer.encode_text_batch([d.text for d, _ in batch])):
-                writers[split].add([tokenizer.bos_id] + ids, doc.origin)
+                writers[split].add([tokenizer.document_start_id] + ids, doc.origin)
             batch.clear()
 
         for item in stream:
@@ -465,7 +465,7 @@ def _prepare_into(documents: Iterable[Document], out_dir: Path, tokenizer: Token
 
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "tokenizer": {"hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+        "tokenizer": {"hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.document_start_id,
                       "eos_id": tokenizer.eos_id, "dir": "tokenizer"},
         "dtype": dtype.name,
         "sources": sources if sources is not None else stats.sources,

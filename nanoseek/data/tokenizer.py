@@ -1,10 +1,29 @@
-"""Byte-level BPE tokenizer with DeepSeek's special tokens and chat template.
+"""A byte-level BPE vocabulary: nanoseek's own, trained here, or any checkpoint's ``tokenizer.json``.
 
-The tokenizer is trained with HuggingFace ``tokenizers`` on the user's corpus and saved as
-``tokenizer.json`` + ``tokenizer_config.json``, so ``transformers.AutoTokenizer.from_pretrained``
-loads the same vocabulary and renders chats with the same template as :class:`Tokenizer`.
+:class:`Tokenizer` is one vocabulary (HuggingFace ``tokenizers``) with the settings of its
+``tokenizer_config.json``: BOS/EOS/pad names and the chat template. Every tokenizer goes through
+the same path; nanoseek's own is the case whose settings are nanoseek's defaults.
 
-Design:
+**Loading** (:meth:`Tokenizer.load`, what serve/generate/chat/eval/post-training use through the
+checkpoint loaders) reads, from the folder of ``tokenizer.json``:
+
+* ``tokenizer_config.json``: ``bos_token``/``eos_token``/``pad_token`` (and the other named
+  special tokens transformers passes to templates), each a string or an AddedToken dict
+  ``{"content": ...}``; ``chat_template`` as a string or HF's list of named templates (the one
+  named ``default``); ``add_bos_token``. Without the file the settings are nanoseek's own.
+* ``chat_template.jinja`` (transformers' newer file) wins over the config's template, as in
+  transformers; ``special_tokens_map.json`` (legacy) overrides named tokens, as in transformers.
+* ``generation_config.json``'s ``eos_token_id`` (an int or a list), when it is beside them: more
+  stop ids (:attr:`Tokenizer.stop_ids`).
+
+BOS is optional (ChatML vocabularies have none), EOS is required, pad falls back to EOS (as HF
+generation does). A missing or broken file, or a token name not in the vocabulary, is one
+:class:`TokenizerError` line naming the file and the key. **Template upgrade table**
+(:data:`TEMPLATE_UPGRADES`): a config whose template is exactly an older nanoseek template is read
+as the current one (before issue 19 the thinking switch was called ``think``; it is DeepSeek-V3.1's
+``thinking`` now, with the same ids).
+
+**nanoseek's own tokenizer** (:meth:`Tokenizer.train`, :meth:`Tokenizer.save`):
 
 * **Byte-level BPE.** A ByteLevel pre-tokenizer and decoder with all 256 bytes in the initial
   alphabet: every unicode string (emoji, CJK, control characters, NUL) encodes and decodes back
@@ -16,36 +35,33 @@ Design:
   ``"23"`` would give each number an arbitrary segmentation (LLaMA and DeepSeek's own tokenizers
   split numbers for the same reason; DeepSeek-V3 uses groups of up to three digits).
 * **Special tokens** carry DeepSeek-V3/R1's names and each is a single id, the first ids of the
-  vocabulary: BOS ``<｜begin▁of▁sentence｜>`` (0), EOS ``<｜end▁of▁sentence｜>`` (1), padding
-  ``<｜▁pad▁｜>`` (2), the roles ``<｜User｜>`` (3) and ``<｜Assistant｜>`` (4), and the reasoning
-  delimiters ``<think>`` (5) and ``</think>`` (6). As in R1's released tokenizer, ``<think>`` and
-  ``</think>`` are not marked "special" for HF (``skip_special_tokens`` keeps them visible).
-  A ``TemplateProcessing`` post-processor prepends BOS when asked (``add_bos=True`` here,
-  ``add_special_tokens=True`` in HF), as DeepSeek's tokenizer does.
-* **Chat template** (DeepSeek-R1 style; one line, wrapped here)::
+  vocabulary (:data:`SPECIAL_TOKENS`): BOS ``<｜begin▁of▁sentence｜>`` (0), EOS
+  ``<｜end▁of▁sentence｜>`` (1), padding ``<｜▁pad▁｜>`` (2), the roles ``<｜User｜>`` (3) and
+  ``<｜Assistant｜>`` (4), and the reasoning delimiters ``<think>`` (5) and ``</think>`` (6). As in
+  R1's released tokenizer, ``<think>`` and ``</think>`` are not marked "special" for HF
+  (``skip_special_tokens`` keeps them visible). A ``TemplateProcessing`` post-processor prepends
+  BOS for HF's ``add_special_tokens=True``, as DeepSeek's tokenizer does.
+* **Chat template** (:data:`CHAT_TEMPLATE`, DeepSeek-R1 style; one line, wrapped here)::
 
       <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>
       <think>\\n{reasoning}\\n</think>\\n\\n{answer}<｜end▁of▁sentence｜>
 
   System messages (joined by a blank line) go right after BOS; an assistant message's optional
-  ``reasoning`` field is wrapped in ``<think>``; ``add_generation_prompt`` appends
-  ``<｜Assistant｜>`` (and ``<think>\\n`` with ``think=True``, forcing R1-style reasoning).
-  :data:`CHAT_TEMPLATE` is the same template in Jinja for ``tokenizer_config.json``.
-* **Only the template makes control tokens.** A prompt is rendered as pieces, each either
-  template (the chat template's own structure, or a fixed prompt like R1-Zero's) or content (a
-  message, a question, reasoning). :func:`encode_pieces` turns the control-token strings of
-  template pieces into their single ids and encodes content as plain text with
-  :meth:`Tokenizer.encode_text` (a copy of the vocabulary without its added tokens, whose ids
-  are then unreachable from text), so a message holding ``<｜Assistant｜>`` or
-  ``<｜end▁of▁sentence｜>`` can neither close its own turn nor write the assistant's: every added
-  token of the vocabulary stays text inside content, and decodes back to the same string. Adjacent text is encoded as one run, so for content without
-  control-token strings the ids equal HF's encoding of the whole rendered string:
-  :meth:`Tokenizer.encode_chat` equals ``transformers``' ``apply_chat_template(tokenize=True)``.
-  It differs (on purpose) when content holds such strings: transformers renders the chat to a
-  string and tokenizes it, so its ids turn them into control tokens. :meth:`Tokenizer.encode`
-  parses control-token strings as HF's ``tokenizer(text)`` does: it is for raw model input
-  (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``, pre-training documents), never
-  for message content.
+  ``reasoning`` is wrapped in ``<think>``; ``add_generation_prompt`` appends ``<｜Assistant｜>``
+  (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning).
+
+**Encoding.** Every added token of the vocabulary is a control token (:attr:`control_tokens`).
+:meth:`Tokenizer.encode` parses control-token strings as HF's ``tokenizer(text)`` does: it is for
+raw model input (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``), never for message
+content. :meth:`Tokenizer.encode_text` encodes with a copy of the vocabulary without its added
+tokens (whose ids are then unreachable from text), so a control-token string in text stays text
+and decodes back to itself; documents of a corpus are encoded this way. Chats are rendered and
+encoded by :mod:`nanoseek.data.chat_template` (``encode_chat``, ``apply_chat_template``), with
+``thinking`` and any other keyword passed to the template.
+
+**Reasoning tags** (:attr:`Tokenizer.think_tags`): ``("<think>", "</think>")`` when the template
+writes them or the vocabulary has them as tokens, else None (then the engine's reasoning split is
+off); :attr:`think_id`/:attr:`end_think_id` are their ids when each is one token.
 
 The tokenizer hash (sha256 of the canonical ``tokenizer.json``) identifies the vocabulary; token
 shards record it and refuse to load with a different tokenizer.
@@ -53,16 +69,17 @@ shards record it and refuse to load with a different tokenizer.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
+
+from nanoseek.data.chat_template import (TEMPLATE_TOKEN_NAMES, ChatEncoding, ChatTemplate, Piece, TokenizerError,
+                                         encode_pieces)
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -71,150 +88,57 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
-# In id order: BOS is 0, EOS 1, ... The attribute names of the ids on Tokenizer.
-SPECIAL_TOKENS: dict[str, str] = {
-    "bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "user_id": USER, "assistant_id": ASSISTANT,
-    "think_id": THINK, "end_think_id": END_THINK,
-}
+# nanoseek's own vocabulary: these are its first ids, in this order (BOS 0, EOS 1, ...).
+SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)
 # Tokens HF should treat as content, not control (skip_special_tokens keeps them), as in R1.
 VISIBLE_SPECIAL_TOKENS = {THINK, END_THINK}
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
-ROLES = ("system", "user", "assistant")
-
-# Jinja twin of Tokenizer.apply_chat_template (tests check they render identically).
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='', seen=false) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}"
-    "{%- if ns.seen -%}{%- set ns.system = ns.system + '\\n\\n' + m['content'] -%}"
-    "{%- else -%}{%- set ns.system = m['content'] -%}{%- set ns.seen = true -%}{%- endif -%}"
-    "{%- elif m['role'] not in ['user', 'assistant'] -%}"
-    "{{- raise_exception('unknown chat role: ' + m['role']) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- bos_token + ns.system -}}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{{- '" + USER + "' + m['content'] -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{{- '" + ASSISTANT + "' -}}"
-    "{%- if m.get('reasoning') is not none -%}"
-    "{{- '" + THINK + "\\n' + m['reasoning'] + '\\n" + END_THINK + "\\n\\n' -}}"
-    "{%- endif -%}"
-    "{{- m['content'] + '" + EOS + "' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '" + ASSISTANT + "' -}}"
-    "{%- if think is defined and think -%}{{- '" + THINK + "\\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-)
+THINK_TAGS = (THINK, END_THINK)
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file is missing or inconsistent, or a chat message is malformed."""
+def _nanoseek_template(thinking: str) -> str:
+    """nanoseek's chat template, its thinking switch read from the variable ``thinking``."""
+    return (
+        "{%- set ns = namespace(system='', seen=false) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}"
+        "{%- if ns.seen -%}{%- set ns.system = ns.system + '\\n\\n' + m['content'] -%}"
+        "{%- else -%}{%- set ns.system = m['content'] -%}{%- set ns.seen = true -%}{%- endif -%}"
+        "{%- elif m['role'] not in ['user', 'assistant'] -%}"
+        "{{- raise_exception('unknown chat role: ' + m['role']) -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{{- bos_token + ns.system -}}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{- '" + USER + "' + m['content'] -}}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{- '" + ASSISTANT + "' -}}"
+        "{%- if m.get('reasoning') is not none -%}"
+        "{{- '" + THINK + "\\n' + m['reasoning'] + '\\n" + END_THINK + "\\n\\n' -}}"
+        "{%- endif -%}"
+        "{{- m['content'] + '" + EOS + "' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '" + ASSISTANT + "' -}}"
+        "{%- if " + thinking + " is defined and " + thinking + " -%}{{- '" + THINK + "\\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
+# nanoseek's chat template (Jinja), what tokenizer_config.json carries.
+CHAT_TEMPLATE = _nanoseek_template("thinking")
+# Older nanoseek templates, read as the current one (same ids; only the switch's name changed).
+TEMPLATE_UPGRADES: dict[str, str] = {_nanoseek_template("think"): CHAT_TEMPLATE}
+# The settings of nanoseek's own tokenizer: what Tokenizer(hf) assumes without a config.
+NANOSEEK_CONFIG: dict[str, Any] = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "chat_template": CHAT_TEMPLATE}
 
 
 def _canonical_hash(tokenizer_json: str) -> str:
     canonical = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise TokenizerError(f"chat message {i}: expected a dict with 'role' and 'content', got {m!r}")
-        if m["role"] not in ROLES:
-            raise TokenizerError(f"chat message {i}: unknown chat role {m['role']!r} (expected one of {ROLES})")
-        if not isinstance(m["content"], str):
-            raise TokenizerError(f"chat message {i}: 'content' must be a string, got {type(m['content']).__name__}")
-        reasoning = m.get("reasoning")
-        if reasoning is not None and (m["role"] != "assistant" or not isinstance(reasoning, str)):
-            raise TokenizerError(f"chat message {i}: 'reasoning' must be a string on an assistant message")
-
-
-class Piece(NamedTuple):
-    """A piece of a rendered prompt. ``template``: the prompt's own structure, whose control-token
-    strings become control tokens; otherwise content, always encoded as text. ``train``: written
-    by the assistant (the SFT loss mask)."""
-
-    text: str
-    template: bool
-    train: bool = False
-
-
-def chat_pieces(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                think: bool = False) -> list[Piece]:
-    """The chat template (module docstring) as pieces; the only template pieces are its own markup.
-
-    The train flag changes only at a control token (the assistant header before, the user header
-    after an assistant turn), so no text run spans trained and untrained pieces.
-    """
-    _check_messages(messages)
-    pieces: list[Piece] = [Piece(BOS, True)]
-    for k, m in enumerate(m for m in messages if m["role"] == "system"):
-        pieces += ([Piece("\n\n", True)] if k else []) + [Piece(m["content"], False)]
-    for m in messages:
-        if m["role"] == "user":
-            pieces += [Piece(USER, True), Piece(m["content"], False)]
-        elif m["role"] == "assistant":
-            pieces.append(Piece(ASSISTANT, True))
-            if m.get("reasoning") is not None:
-                pieces += [Piece(f"{THINK}\n", True, True), Piece(m["reasoning"], False, True),
-                           Piece(f"\n{END_THINK}\n\n", True, True)]
-            pieces += [Piece(m["content"], False, True), Piece(EOS, True, True)]
-    if add_generation_prompt:
-        pieces.append(Piece(ASSISTANT, True))
-        if think:
-            pieces.append(Piece(f"{THINK}\n", True))
-    return [p for p in pieces if p.text]
-
-
-@functools.lru_cache(maxsize=16)
-def _control_splitter(control: frozenset[str]) -> re.Pattern | None:
-    """A regex splitting text on the control strings, longest first (a capture group keeps them)."""
-    pattern = "|".join(re.escape(t) for t in sorted(control, key=lambda t: (-len(t), t)))
-    return re.compile(f"({pattern})") if pattern else None
-
-
-def encode_pieces(pieces: Iterable[Piece | tuple[str, bool] | tuple[str, bool, bool]], control: Mapping[str, int],
-                  encode_text: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
-    """(ids, train mask) of ``pieces``: ``(text, template[, train])``.
-
-    Template text is split on the ``control`` strings (leftmost-longest, as HF matches added
-    tokens), each becoming its id; everything else, content whole, is text. Adjacent text with
-    the same train flag is one run for ``encode_text``, so the ids equal HF's encoding of the
-    joined string whenever content holds no control string (HF splits on the same tokens).
-    """
-    splitter = _control_splitter(frozenset(control))
-    runs: list[tuple[str | int, bool]] = []   # text runs and control ids, with their train flag
-
-    def add_text(text: str, train: bool) -> None:
-        if runs and isinstance(runs[-1][0], str) and runs[-1][1] == train:
-            runs[-1] = (runs[-1][0] + text, train)
-        else:
-            runs.append((text, train))
-
-    for piece in pieces:
-        text, template, train = piece[0], bool(piece[1]), bool(piece[2]) if len(piece) > 2 else False
-        if not isinstance(text, str):
-            raise TokenizerError(f"prompt piece must be a string, got {type(text).__name__}")
-        if not template or splitter is None:
-            add_text(text, train)
-            continue
-        for k, part in enumerate(splitter.split(text)):
-            if k % 2:
-                runs.append((control[part], train))
-            elif part:
-                add_text(part, train)
-    ids: list[int] = []
-    mask: list[int] = []
-    for run, train in runs:
-        piece_ids = [run] if isinstance(run, int) else encode_text(run)
-        ids += piece_ids
-        mask += [int(train)] * len(piece_ids)
-    return ids, mask
 
 
 def _text_only(hf_tokenizer: _HFTokenizer) -> tuple[_HFTokenizer, dict[str, int]]:
@@ -237,22 +161,100 @@ def _text_only(hf_tokenizer: _HFTokenizer) -> tuple[_HFTokenizer, dict[str, int]
     return _HFTokenizer.from_str(json.dumps(spec)), added
 
 
-class Tokenizer:
-    """A trained byte-level BPE vocabulary with nanoseek's special tokens and chat template."""
+def _token_name(config: Mapping[str, Any], key: str, source: str) -> str | None:
+    """A named special token of a config: a string, an AddedToken dict ``{"content": ...}`` or None."""
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{source}: {key} must be a string or an AddedToken dict with 'content', got {value!r}")
+    return value
 
-    def __init__(self, hf_tokenizer: _HFTokenizer):
+
+def _config_template(config: Mapping[str, Any], source: str) -> str | None:
+    """``chat_template`` of a config: a string, or HF's list of ``{"name", "template"}`` (the default)."""
+    value = config.get("chat_template")
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" not in named:
+            raise TokenizerError(f"{source}: chat_template is a list of named templates without one named "
+                                 f"'default' (names: {sorted(map(str, named))})")
+        value = named["default"]
+    elif isinstance(value, dict):
+        if "default" not in value:
+            raise TokenizerError(f"{source}: chat_template has no 'default' template (names: {sorted(value)})")
+        value = value["default"]
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{source}: chat_template must be a string, got {type(value).__name__}")
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class Tokenizer(ChatEncoding):
+    """A byte-level BPE vocabulary with its special tokens and chat template (module docstring).
+
+    ``config``: the ``tokenizer_config.json`` settings (None: nanoseek's own, :data:`NANOSEEK_CONFIG`);
+    ``chat_template``: a template that wins over the config's (``chat_template.jinja``);
+    ``extra_stop_ids``: more ids that end a generation (``generation_config.json``); ``source``
+    names the settings in errors.
+    """
+
+    def __init__(self, hf_tokenizer: _HFTokenizer, config: Mapping[str, Any] | None = None, *,
+                 chat_template: str | None = None, extra_stop_ids: Iterable[int] = (),
+                 source: str = "tokenizer_config.json"):
         self._tk = hf_tokenizer
-        for attr, token in SPECIAL_TOKENS.items():
-            token_id = hf_tokenizer.token_to_id(token)
-            if token_id is None:
-                raise TokenizerError(f"tokenizer has no special token {token!r} (needed for {attr})")
-            setattr(self, attr, token_id)
-        self.special_ids = frozenset(getattr(self, a) for a in SPECIAL_TOKENS)
+        self.config = dict(NANOSEEK_CONFIG if config is None else config)
+        names = {key: _token_name(self.config, key, source) for key in TEMPLATE_TOKEN_NAMES}
+        self.special_tokens_map = {k: v for k, v in names.items() if v is not None}   # the template's variables
+        self.bos_token, self.eos_token = names["bos_token"], names["eos_token"]
+        if self.eos_token is None:
+            raise TokenizerError(f"{source}: no eos_token (every chat model needs one to stop)")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if names[key] is not None and hf_tokenizer.token_to_id(names[key]) is None:
+                raise TokenizerError(f"{source}: {key} {names[key]!r} is not in the vocabulary")
+        self.bos_id = None if self.bos_token is None else hf_tokenizer.token_to_id(self.bos_token)
+        self.eos_id = hf_tokenizer.token_to_id(self.eos_token)
+        # what starts a document in packed pre-training rows and few-shot prompts: BOS, else EOS
+        # (vocabularies without BOS separate documents with their end token, as GPT-2 and Qwen do)
+        self.document_start_id = self.eos_id if self.bos_id is None else self.bos_id
+        self.pad_token = names["pad_token"] or self.eos_token
+        self.pad_id = hf_tokenizer.token_to_id(self.pad_token)
+        add_bos = self.config.get("add_bos_token")
+        self.add_bos_token = bool(add_bos) if add_bos is not None else None
+        V = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        extra = []
+        for t in extra_stop_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V:
+                raise TokenizerError(f"generation_config.json: eos_token_id {t!r} is not a token id of this "
+                                     f"vocabulary [0, {V})")
+            extra.append(t)
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys([self.eos_id, *extra]))
+        template = chat_template if chat_template is not None else _config_template(self.config, source)
+        template = TEMPLATE_UPGRADES.get(template, template)
+        try:
+            self.chat_template_obj = None if template is None else ChatTemplate(template, self.special_tokens_map)
+        except TokenizerError as e:
+            raise TokenizerError(f"{source}: {e}") from None
         self.hash = _canonical_hash(hf_tokenizer.to_str())
-        # every added token (DeepSeek's seven and any other) is a control token: only template
+        # every added token (nanoseek's seven and any other) is a control token: only template
         # pieces produce them; _text_tk encodes content as text.
         self._text_tk, self.control_tokens = _text_only(hf_tokenizer)
         self._control_ids = frozenset(self.control_tokens.values())
+        self.special_ids = self._control_ids
+        uses = self.chat_template_obj is not None and all(map(self.chat_template_obj.uses, THINK_TAGS))
+        in_vocab = all(hf_tokenizer.token_to_id(t) is not None for t in THINK_TAGS)
+        self.think_tags: tuple[str, str] | None = THINK_TAGS if uses or in_vocab else None
+        self.think_id = self.control_tokens.get(THINK) if self.think_tags else None
+        self.end_think_id = self.control_tokens.get(END_THINK) if self.think_tags else None
 
     # ------------------------------------------------------------------ training and files
     @classmethod
@@ -271,7 +273,7 @@ class Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
         tk.decoder = decoders.ByteLevel()
-        specials = list(SPECIAL_TOKENS.values())
+        specials = list(SPECIAL_TOKENS)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
             special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
@@ -292,7 +294,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a directory holding ``tokenizer.json`` (or from that file itself)."""
+        """Load from a directory holding ``tokenizer.json`` (or from that file itself), with the
+        settings files beside it (module docstring)."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -301,27 +304,45 @@ class Tokenizer:
             tk = _HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust error names the JSON problem, not the file
             raise TokenizerError(f"{file}: cannot read tokenizer: {e}") from e
-        try:
-            return cls(tk)
-        except TokenizerError as e:
-            raise TokenizerError(f"{file}: {e}") from e
+        folder = file.parent
+        config_file = folder / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else None
+        source = str(config_file) if config is not None else f"{file} (no tokenizer_config.json beside it)"
+        if (folder / "special_tokens_map.json").is_file():     # legacy file: its names win, as in transformers
+            config = dict(config or {})
+            config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items()
+                           if k in TEMPLATE_TOKEN_NAMES})
+        template = None
+        if (folder / "chat_template.jinja").is_file():
+            try:
+                template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{folder / 'chat_template.jinja'}: cannot read: {e}") from None
+        extra: list = []
+        if (folder / "generation_config.json").is_file():
+            eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+            extra = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        return cls(tk, config, chat_template=template, extra_stop_ids=extra, source=source)
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (HF ``AutoTokenizer`` loadable), each
-        atomically (:func:`nanoseek.atomic.write_atomic`: a symbolic link there is replaced, never written through)."""
+        atomically (:func:`nanoseek.atomic.write_atomic`: a symbolic link there is replaced, never written
+        through). The config carries this tokenizer's own token names and template."""
         from nanoseek.atomic import write_atomic
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "tokenizer.json", self._tk.to_str(pretty=True))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": model_max_length or 1_000_000,
-            "chat_template": CHAT_TEMPLATE,
-            "nanoseek_tokenizer_hash": self.hash,
-        }
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for key in ("bos_token", "eos_token", "pad_token", *TEMPLATE_TOKEN_NAMES):
+            if key in self.special_tokens_map:
+                config[key] = self.special_tokens_map[key]
+        if self.add_bos_token is not None:
+            config["add_bos_token"] = self.add_bos_token
+        config.update({"clean_up_tokenization_spaces": False, "model_max_length": model_max_length or 1_000_000})
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        config["nanoseek_tokenizer_hash"] = self.hash
         write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
 
@@ -341,11 +362,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of raw model input ``text``: control-token strings become their single ids,
-        as in HF's ``tokenizer(text)``. Never for message content (see :meth:`encode_text`)."""
+        as in HF's ``tokenizer(text)``; ``add_bos`` prepends BOS (when the vocabulary has one).
+        Never for message content (see :meth:`encode_text`)."""
         try:
-            return self._tk.encode(text, add_special_tokens=add_bos).ids
+            ids = self._tk.encode(text, add_special_tokens=False).ids
         except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
             raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` as text: a control-token string in it (``<｜User｜>``, ``<think>``...)
@@ -359,14 +382,21 @@ class Tokenizer:
                                  "it cannot keep message content apart from the chat template")
         return ids
 
-    def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
-        """Token ids of a prompt given as ``(text, is_template)`` segments: control tokens come
-        only from template segments; content segments are text (:func:`encode_pieces`)."""
-        return encode_pieces(segments, self.control_tokens, self.encode_text)[0]
+    def encode_text_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode_text` with each token's character span in ``text``."""
+        try:
+            enc = self._text_tk.encode(text, add_special_tokens=False)
+        except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
+            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+        if not self._control_ids.isdisjoint(enc.ids):
+            raise TokenizerError(f"this vocabulary encodes the text {text[:40]!r} to a control token; "
+                                 "it cannot keep message content apart from the chat template")
+        return enc.ids, [tuple(o) for o in enc.offsets]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """:meth:`encode` over many texts at once (parallel in the Rust library)."""
-        return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=add_bos)]
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+        return [bos + e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_text_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode_text` over many texts at once: documents of a corpus are text, so a
@@ -384,26 +414,9 @@ class Tokenizer:
         """Text of ``ids``; an incomplete UTF-8 byte sequence decodes to U+FFFD."""
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    # ------------------------------------------------------------------ chat
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            think: bool = False) -> str:
-        """Render ``messages`` ({"role", "content", optional "reasoning"}) as one string, for display
-        and HF parity. A string cannot tell markup from content: encode chats with :meth:`encode_chat`."""
-        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, think))
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                    think: bool = False) -> tuple[list[int], list[int]]:
-        """Token ids of the rendered chat and the SFT loss mask.
-
-        Control tokens come only from the template; message content and reasoning are text.
-        ``assistant_mask[i]`` is 1 for the tokens an assistant wrote (its reasoning block, its
-        answer and its closing EOS) and 0 for BOS, system and user text and the role headers.
-        For content without control-token strings the ids equal ``encode(apply_chat_template(...))``
-        and transformers' ``apply_chat_template(tokenize=True)``; decoding them always gives
-        ``apply_chat_template(...)`` back.
-        """
-        return encode_pieces(chat_pieces(messages, add_generation_prompt, think), self.control_tokens,
-                             self.encode_text)
-
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash[:12]})"
+
+
+__all__ = ["Tokenizer", "TokenizerError", "Piece", "encode_pieces", "CHAT_TEMPLATE", "TEMPLATE_UPGRADES",
+           "SPECIAL_TOKENS", "BOS", "EOS", "PAD", "USER", "ASSISTANT", "THINK", "END_THINK", "THINK_TAGS"]

@@ -145,7 +145,7 @@ def encode_turns(tokenizer, messages: list[dict], think: bool) -> list[int]:
     """The conversation's prompt ids: what the user typed (and the answers re-sent) is text, so a
     typed ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` cannot end the turn; only the template
     makes control tokens."""
-    return tokenizer.encode_chat(messages, add_generation_prompt=True, think=think)[0]
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think)[0]
 
 
 def run(args) -> int:

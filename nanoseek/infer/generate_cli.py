@@ -119,7 +119,7 @@ def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | No
         messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
         if system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + messages
-        return tokenizer.encode_chat(messages, add_generation_prompt=True, think=think)[0]
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think)[0]
     return tokenizer.encode(item["prompt"], add_bos=True)  # raw model input: control tokens parsed
 
 

@@ -18,6 +18,10 @@ deltas and returns ``(reasoning_delta, answer_delta)`` pairs such that
   whole text (tests check this for every way of cutting the text into deltas).
 
 An unclosed think block (generation stopped mid-thought) is all reasoning and no answer.
+
+The tags come from the tokenizer (``tokenizer.think_tags``: ``("<think>", "</think>")`` when its
+chat template writes them or its vocabulary has them, None otherwise): with ``tags=None`` the
+splitter is off and everything is answer, as for a model that does not reason in tags.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from nanoseek.tasks.reply import END_THINK, THINK, ReplySection
 class ReasoningSplitter:
     """Streaming ``<think>`` splitter: ``push(text) -> (reasoning_delta, answer_delta)``."""
 
-    def __init__(self, starts_in_think: bool = False, enabled: bool = True):
-        self.enabled = enabled
-        self.in_think = starts_in_think and enabled
+    def __init__(self, starts_in_think: bool = False, enabled: bool = True,
+                 tags: tuple[str, str] | None = (THINK, END_THINK)):
+        self.enabled = enabled and tags is not None
+        self.open_tag, self.close_tag = tags or (THINK, END_THINK)
+        self.in_think = starts_in_think and self.enabled
         self.saw_think = self.in_think
         self.buffer = ""
         self.reasoning, self.answer = ReplySection(), ReplySection()
@@ -43,7 +49,7 @@ class ReasoningSplitter:
         r_out: list[str] = []
         a_out: list[str] = []
         while True:
-            tag = END_THINK if self.in_think else THINK
+            tag = self.close_tag if self.in_think else self.open_tag
             section, out = (self.reasoning, r_out) if self.in_think else (self.answer, a_out)
             i = self.buffer.find(tag)
             if i < 0:
@@ -90,8 +96,12 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 def prompt_ends_in_think(prompt_ids: list[int], tokenizer) -> bool:
-    """Whether the prompt leaves a think block open (its last think tag is ``<think>``)."""
-    think = getattr(tokenizer, "think_id", None)
+    """Whether the prompt leaves a think block open (its last think tag is the opening one);
+    False for a tokenizer without think tags (``tokenizer.think_tags`` None)."""
+    tags = getattr(tokenizer, "think_tags", None)
+    if tags is None:
+        return False
+    think = getattr(tokenizer, "think_id", None)      # the tags' ids when each is one token
     end = getattr(tokenizer, "end_think_id", None)
     if think is not None and end is not None:
         for t in reversed(prompt_ids):
@@ -100,7 +110,7 @@ def prompt_ends_in_think(prompt_ids: list[int], tokenizer) -> bool:
             if t == end:
                 return False
     text = tokenizer.decode(prompt_ids)              # tokenizers without single-id think tags
-    return text.rfind(THINK) > text.rfind(END_THINK)
+    return text.rfind(tags[0]) > text.rfind(tags[1])
 
 
 __all__ = ["ReasoningSplitter", "prompt_ends_in_think"]

@@ -233,7 +233,8 @@ class Sample:
         if self.has_text:
             self.detok = IncrementalDetokenizer(tokenizer)
             self.stops = StopStringFilter(req.params.stop)
-            self.split = ReasoningSplitter(req.starts_in_think, req.params.split_reasoning)
+            self.split = ReasoningSplitter(req.starts_in_think, req.params.split_reasoning,
+                                           getattr(tokenizer, "think_tags", None))
 
     def _text(self, delta: str, final: bool) -> tuple[str, str, bool]:
         """Delta of decoded text -> (reasoning delta, answer delta, stop string matched)."""

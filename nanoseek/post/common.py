@@ -43,7 +43,11 @@ def response_row(tokenizer, prompt: Sequence[dict[str, Any]], response: dict[str
     """:func:`chat_row` of ``prompt + [response]`` with targets on the final response only (earlier
     assistant turns of a multi-turn prompt are context here, as DPO scores one response)."""
     ids, labels, truncated = chat_row(tokenizer, list(prompt) + [response], max_len)
-    start = len(tokenizer.encode_chat(list(prompt), add_generation_prompt=True)[0])  # the response's first token
+    # the response's first token: where the prompt with its generation prompt parts from the chat
+    # (its length for templates whose generation prompt is the start of the turn; R1's ends in
+    # "<think>\n" where the answer follows "<｜Assistant｜>" directly)
+    head = tokenizer.encode_chat(list(prompt), add_generation_prompt=True)[0]
+    start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
     labels = [IGNORE if t < start - 1 else lab for t, lab in enumerate(labels)]
     return ids, labels, truncated
 

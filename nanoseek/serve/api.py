@@ -387,7 +387,7 @@ class OpenAIServer:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         tk = self.tokenizer
         try:
-            return tk.encode_chat(req.chat(), add_generation_prompt=True, think=self.think)[0]
+            return tk.encode_chat(req.chat(), add_generation_prompt=True, thinking=self.think)[0]
         except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
             raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
 

@@ -101,12 +101,12 @@ def render_prompt(tokenizer, question_or_problem: Any, template: str, examples: 
     RLPrompt; ``examples``: the worked problems of ``fewshot`` (ignored by the other templates)."""
     if template in ("chat", "chat-think"):
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": _question(question_or_problem)}],
-                                       add_generation_prompt=True, think=template == "chat-think")
+                                       add_generation_prompt=True, thinking=template == "chat-think")
         return ids
     if template == "r1-zero":
-        return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(question_or_problem))
+        return [int(tokenizer.document_start_id)] + tokenizer.encode_segments(r1_zero_segments(question_or_problem))
     if template == "fewshot":
-        bos = int(tokenizer.bos_id)
+        bos = int(tokenizer.document_start_id)
         ids: list[int] = []
         for e in examples:
             ids += [bos] + tokenizer.encode_text(corpus_document(e))
@@ -120,7 +120,7 @@ def render_prompt(tokenizer, question_or_problem: Any, template: str, examples: 
 def stop_rule(tokenizer, template: str) -> tuple[list[str], list[int]]:
     """(stop strings, stop token ids) of a template; EOS always stops."""
     if template == "fewshot":
-        return [FEWSHOT_STOP], [int(tokenizer.bos_id)]
+        return [FEWSHOT_STOP], [int(tokenizer.document_start_id)]
     if template == "r1-zero":
         return [R1_ZERO_STOP], []
     return [], []
