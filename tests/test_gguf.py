@@ -162,8 +162,7 @@ def expected_metadata(c, n_mtp: int) -> dict:
         f"{a}.leading_dense_block_count": c.first_k_dense_replace if moe else c.num_hidden_layers + c.num_nextn_predict_layers,
         f"{a}.expert_shared_count": max(c.n_shared_experts or 0, 1) if moe else 0,
     }
-    if c.q_lora_rank:
-        m[f"{a}.attention.q_lora_rank"] = c.q_lora_rank
+    m[f"{a}.attention.q_lora_rank"] = c.q_lora_rank or 0          # llama.cpp requires the key; 0: full rank
     if moe:
         m.update({f"{a}.expert_count": c.n_routed_experts, f"{a}.expert_used_count": c.num_experts_per_tok,
                   f"{a}.expert_gating_func": 2 if c.scoring_func == "sigmoid" else 1,
@@ -306,6 +305,7 @@ def test_tokenizers_llama_cpp_cannot_represent_are_refused(change, match, tmp_pa
 @pytest.mark.parametrize("overrides,key", [
     (dict(attention_type="mha"), "attention_type"),
     (dict(attention_bias=True), "attention_bias"),
+    (dict(num_hidden_layers=27), "q_lora_rank"),          # llama.cpp takes 27 layers for a full-rank V2-Lite
     (dict(moe_layer_freq=2, first_k_dense_replace=0), "moe_layer_freq"),
     (dict(topk_method="group_limited_greedy", scoring_func="softmax"), "topk_method"),
     (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}), "rope_scaling"),
@@ -431,19 +431,29 @@ TOKENIZATION_TEXTS = CORPUS[:4] + [
 ]
 
 
+# characters where pre-tokenizers part ways: unusual whitespace, numerals beyond 0-9, combining marks,
+# joiners, contractions, control-token strings
+FUZZ_POOL = (list("abcXYZ019 \t\n\r.,;:!?'\"-_()[]{}<>/\\@#$%^&*+=|~`")
+             + ["\u00a0", "\u3000", "\u2028", "\u0085", "\u200b", "é", "ß", "ﬁ", "Ω", "日", "한", "ع", "\u0301", "²",
+                "½", "٣", "Ⅻ", "🙂", "👩\u200d👩", "🇫🇷", "\ufeff", "\x1f", "'s", "'LL", " 12", "  ", "\n\n",
+                "<｜User｜>", "<think>", "</think>"])
+
+
 @pytest.mark.slow
 def test_llama_cpp_tokenizes_like_nanoseek(tokenizer, tmp_path, capsys):
     llama_cpp = _llama_cpp()
     make_checkpoint(tmp_path / "ck", tokenizer, **CONFIGS["dense"])
     assert export(tmp_path / "ck", tmp_path / "m.gguf") == 0
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    rng = np.random.default_rng(0)
+    fuzz = ["".join(rng.choice(FUZZ_POOL, size=rng.integers(1, 40))) for _ in range(2000)]
     differ = []
-    for text in TOKENIZATION_TEXTS:
+    for text in TOKENIZATION_TEXTS + fuzz:
         ours = tokenizer.encode(text)
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if ours != theirs:
             differ.append((text, ours, theirs))
-        assert llm.detokenize(theirs).decode("utf-8", "replace") == tokenizer.decode(ours) or ours != theirs
-    print(f"\n[gguf] tokenization: {len(TOKENIZATION_TEXTS) - len(differ)}/{len(TOKENIZATION_TEXTS)} texts "
-          f"identical", file=os.sys.stderr)
+        assert llm.detokenize(theirs, special=True).decode("utf-8", "replace") == tokenizer.decode(ours) or ours != theirs
+    n = len(TOKENIZATION_TEXTS) + len(fuzz)
+    print(f"\n[gguf] tokenization: {n - len(differ)}/{n} texts identical", file=os.sys.stderr)
     assert not differ, differ[:3]

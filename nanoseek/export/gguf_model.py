@@ -6,7 +6,7 @@ This module writes what its loader reads, from the checkpoint's ``config.json`` 
 ``convert_hf_to_gguf.py``:
 
 * **Metadata** ``deepseek2.*`` (:func:`arch_metadata`): layers, widths, heads (``head_count_kv =
-  1``: absorbed MLA is MQA over the latent), ``kv_lora_rank``, ``q_lora_rank`` (absent when the
+  1``: absorbed MLA is MQA over the latent), ``kv_lora_rank``, ``q_lora_rank`` (0 when the
   query is full rank), ``key_length = kv_lora_rank + qk_rope_head_dim`` and ``value_length =
   kv_lora_rank`` (the latent cache), ``key_length_mla`` / ``value_length_mla`` (the per-head
   dims), RoPE dims and base (and YaRN), the MoE (experts, experts per token, groups and groups
@@ -136,8 +136,8 @@ def arch_metadata(cfg, n_mtp: int) -> list[tuple[str, str, object]]:
         (K.LLM.EXPERT_FEED_FORWARD_LENGTH, "uint32", cfg.moe_intermediate_size),
         (K.LLM.EXPERT_SHARED_COUNT, "uint32", max(cfg.n_shared_experts or 0, 1) if moe else 0),
     ]
-    if cfg.q_lora_rank:
-        out.append((K.Attention.Q_LORA_RANK, "uint32", cfg.q_lora_rank))
+    # required by llama.cpp's loader (except for 26/27-layer models); 0 means a full-rank query (attn_q)
+    out.append((K.Attention.Q_LORA_RANK, "uint32", cfg.q_lora_rank or 0))
     if moe:
         out += [
             (K.LLM.EXPERT_COUNT, "uint32", cfg.n_routed_experts),
