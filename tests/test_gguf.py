@@ -457,3 +457,29 @@ def test_llama_cpp_tokenizes_like_nanoseek(tokenizer, tmp_path, capsys):
     n = len(TOKENIZATION_TEXTS) + len(fuzz)
     print(f"\n[gguf] tokenization: {n - len(differ)}/{n} texts identical", file=os.sys.stderr)
     assert not differ, differ[:3]
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 17 + 25?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "42", "reasoning": "17 + 25 = 42"}, {"role": "user", "content": "héllo 🙂\n\tok?"}],
+    [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "  spaces  "}],
+]
+
+
+@pytest.mark.slow
+def test_llama_cpp_renders_the_chat_template_to_nanoseeks_ids(tokenizer, tmp_path, capsys):
+    llama_cpp = _llama_cpp()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    make_checkpoint(tmp_path / "ck", tokenizer, **CONFIGS["dense"])
+    assert export(tmp_path / "ck", tmp_path / "m.gguf") == 0
+    fields, _ = read(tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    # what llama-cpp-python's chat completion does with the template the GGUF carries
+    fmt = Jinja2ChatFormatter(fields["tokenizer.chat_template"], bos_token=tokenizer.id_to_token(tokenizer.bos_id),
+                              eos_token=tokenizer.id_to_token(tokenizer.eos_id))
+    for messages in CHATS:
+        result = fmt(messages=messages)
+        ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        assert ids == tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
