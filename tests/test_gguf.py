@@ -49,6 +49,9 @@ CONFIGS = {
     "yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
                  max_position_embeddings=256, qk_rope_head_dim=8),
+    "yarn_v3": dict(rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,  # V3's values
+                                  "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+                    max_position_embeddings=640, qk_rope_head_dim=8, rope_theta=500.0),
 }
 
 
@@ -311,6 +314,8 @@ def test_tokenizers_llama_cpp_cannot_represent_are_refused(change, match, tmp_pa
     (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}), "rope_scaling"),
     (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
                         "mscale_all_dim": 0.5}), "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                        "mscale_all_dim": 1.0}), "rope_scaling"),
 ])
 def test_configs_llama_cpp_cannot_run_are_one_line_naming_the_key(overrides, key, tokenizer, tmp_path, capsys):
     make_checkpoint(tmp_path / "ck", tokenizer, **overrides)

@@ -48,7 +48,8 @@ from nanoseek.errors import ConfigError, UserError
 ARCH = "deepseek2"
 MAX_LAYERS = 512            # llama.cpp's LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024          # llama.cpp's LLAMA_MAX_EXPERTS
-LITE_LAYER_COUNTS = (26, 27)  # llama.cpp reads no q_lora_rank for these (DeepSeek-V2-Lite and kin)
+LITE_LAYER_COUNTS = (26, 27)  # llama.cpp reads no q_lora_rank for these (DeepSeek-V2-Lite and kin; also 48 layers
+                              # with a 128256-token vocabulary)
 
 
 def _refuse(key: str, value, why: str) -> ConfigError:
@@ -64,7 +65,8 @@ def check_config(cfg) -> list[str]:
         raise _refuse("attention_bias", cfg.attention_bias, "the attention projections have no bias there")
     if cfg.num_hidden_layers + cfg.num_nextn_predict_layers > MAX_LAYERS:
         raise _refuse("num_hidden_layers", cfg.num_hidden_layers, f"more than {MAX_LAYERS} layers with MTP")
-    if cfg.q_lora_rank and cfg.num_hidden_layers in LITE_LAYER_COUNTS:
+    if cfg.q_lora_rank and (cfg.num_hidden_layers in LITE_LAYER_COUNTS
+                            or (cfg.num_hidden_layers == 48 and cfg.vocab_size == 128256)):
         raise _refuse("q_lora_rank", cfg.q_lora_rank, f"llama.cpp reads no q_lora_rank for a {cfg.num_hidden_layers}-"
                       "layer model (it takes it for DeepSeek-V2-Lite, whose query is full rank)")
     if cfg.qk_nope_head_dim < 1:
@@ -80,7 +82,7 @@ def check_config(cfg) -> list[str]:
     rs = cfg.rope_scaling
     if rs and (rs.get("type", rs.get("rope_type")) == "yarn"):
         m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
-        if not m_all or (m or 1.0) != m_all:
+        if not (m and m_all and m == m_all):
             raise _refuse("rope_scaling", rs, "YaRN is supported with mscale == mscale_all_dim (as DeepSeek-V2/V3 "
                           "release it) only")
     if cfg.rms_norm_eps != 1e-6:
