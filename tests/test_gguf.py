@@ -488,3 +488,19 @@ def test_llama_cpp_renders_the_chat_template_to_nanoseeks_ids(tokenizer, tmp_pat
         result = fmt(messages=messages)
         ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         assert ids == tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_llama_cpp_runs_half_precision_exports(dtype, tokenizer, tmp_path, capsys):
+    """llama.cpp also rounds the activations of half-precision matmuls, so only closeness is expected
+    (a misplaced tensor would be off by the logits' own size)."""
+    llama_cpp = _llama_cpp()
+    model = make_checkpoint(tmp_path / "ck", tokenizer, seed=1)
+    assert export("--dtype", dtype, tmp_path / "ck", tmp_path / "m.gguf") == 0
+    prompt = tokenizer.encode("The quick brown fox: what is 17 + 25?", add_bos=True)
+    ll_logits, _ = _greedy_llama(_llama(llama_cpp, tmp_path / "m.gguf"), prompt, 0)
+    ns_logits, _ = _greedy_nanoseek(model, prompt, 0)
+    diff, scale = float(np.abs(ll_logits - ns_logits).max()), float(np.abs(ns_logits).max())
+    print(f"\n[gguf] {dtype}: max |logit diff| = {diff:.2e} (logits up to {scale:.2f})", file=os.sys.stderr)
+    assert diff < 0.05 * max(1.0, scale)
