@@ -290,6 +290,17 @@ def test_a_foreign_tokenizer_exports_with_its_own_names(tmp_path):
     assert (v.bos_id, v.eos_id, v.chat_template) == (1, 0, "D")
 
 
+def test_export_with_a_foreign_tokenizer(tokenizer, tmp_path, capsys):
+    tk = _foreign_tokenizer(tmp_path / "tok", {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    make_checkpoint(tmp_path / "ck", tokenizer)      # the model's rows cover the foreign vocabulary too
+    assert export("--tokenizer", tmp_path / "tok", tmp_path / "ck", tmp_path / "m.gguf") == 0
+    fields, _ = read(tmp_path / "m.gguf")
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.add_bos_token"] is False
+    assert fields["tokenizer.ggml.tokens"][:tk.get_vocab_size()] == [tk.id_to_token(i) for i in range(tk.get_vocab_size())]
+    assert "tokenizer.chat_template" not in fields
+    assert "no chat template" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer"),
     (lambda s: s.update(normalizer={"type": "NFC"}), "normalizer"),
@@ -466,7 +477,15 @@ def test_llama_cpp_tokenizes_like_nanoseek(tokenizer, tmp_path, capsys):
             differ.append((text, ours, theirs))
         assert llm.detokenize(theirs, special=True).decode("utf-8", "replace") == tokenizer.decode(ours) or ours != theirs
     n = len(TOKENIZATION_TEXTS) + len(fuzz)
-    print(f"\n[gguf] tokenization: {n - len(differ)}/{n} texts identical", file=os.sys.stderr)
+    print(f"\n[gguf] tokenization (nanoseek's, smollm): {n - len(differ)}/{n} texts identical", file=os.sys.stderr)
+    assert not differ, differ[:3]
+    # a GPT-2-style tokenizer from elsewhere (llama.cpp's gpt-2 pre-tokenizer) against HF tokenizers
+    tk = _foreign_tokenizer(tmp_path / "tok", {"bos_token": "<s>", "eos_token": "</s>"})
+    assert export("--tokenizer", tmp_path / "tok", tmp_path / "ck", tmp_path / "f.gguf") == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "f.gguf"), vocab_only=True, verbose=False)
+    differ = [t for t in TOKENIZATION_TEXTS + fuzz
+              if tk.encode(t, add_special_tokens=False).ids != llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)]
+    print(f"[gguf] tokenization (GPT-2 style, gpt-2): {n - len(differ)}/{n} texts identical", file=os.sys.stderr)
     assert not differ, differ[:3]
 
 
