@@ -46,8 +46,9 @@ def _is_byte_level(spec: dict | None) -> bool:
 
 def _steps(spec: dict | None) -> list[dict]:
     if isinstance(spec, dict) and spec.get("type") == "Sequence":
-        return list(spec.get("pretokenizers") or [])
-    return [spec] if spec else []
+        steps = spec.get("pretokenizers")
+        return [p for p in steps if isinstance(p, dict)] if isinstance(steps, list) else []
+    return [spec] if isinstance(spec, dict) else []
 
 
 def _digits_then_byte_level(spec: dict | None) -> bool:
@@ -129,9 +130,9 @@ def read_vocab(tokenizer_json: str | Path, vocab_size: int, config_ids: dict[str
     if model.get("type") != "BPE":
         raise VocabError(f"{path}: model type {model.get('type')!r}: the GGUF export writes byte-level BPE only")
     if spec.get("normalizer") is not None:
-        raise VocabError(f"{path}: has a normalizer ({spec['normalizer'].get('type')}); llama.cpp's gpt2 "
+        raise VocabError(f"{path}: has a normalizer ({json.dumps(spec['normalizer'])[:80]}); llama.cpp's gpt2 "
                          "vocabulary has none")
-    decoder = spec.get("decoder") or {}
+    decoder = spec.get("decoder") if isinstance(spec.get("decoder"), dict) else {}
     if decoder.get("type") != "ByteLevel":
         raise VocabError(f"{path}: decoder {decoder.get('type')!r}: the GGUF export needs a ByteLevel decoder")
     pre = next((name for name, match, _ in PRE_TOKENIZERS if match(spec.get("pre_tokenizer"))), None)
