@@ -142,11 +142,14 @@ def read_vocab(tokenizer_json: str | Path, vocab_size: int, config_ids: dict[str
                          f"equivalent the export knows (known: {known})")
 
     by_id: dict[int, str] = {}
-    for token, token_id in (model.get("vocab") or {}).items():
-        by_id[int(token_id)] = token
-    added = {int(t["id"]): t for t in spec.get("added_tokens") or []}
-    for token_id, t in added.items():
-        by_id[token_id] = t["content"]
+    try:
+        for token, token_id in (model.get("vocab") or {}).items():
+            by_id[int(token_id)] = token
+        added = {int(t["id"]): t for t in spec.get("added_tokens") or []}
+        for token_id, t in added.items():
+            by_id[token_id] = str(t["content"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise VocabError(f"{path}: malformed vocab or added_tokens ({type(e).__name__}: {e})") from None
     if by_id and max(by_id) >= vocab_size:
         raise VocabError(f"{path}: token id {max(by_id)} does not fit the model's vocab_size={vocab_size}: "
                          "the tokenizer does not belong to this checkpoint")
