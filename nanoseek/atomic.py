@@ -4,6 +4,7 @@ A reader (a resumed run, ``nanoseek watch``, a browser refreshing the report) se
 old file or the new one, never half of one: the data goes to a hidden temporary file next to the
 target (same filesystem), is flushed and fsynced, and then replaces the target in one
 ``os.replace``. A crash leaves at most a stray ``.NAME.tmp-PID`` file that nothing reads.
+:func:`atomic_path` gives the same to a writer that needs a file name (a GGUF export).
 
 A result that is a folder of files (an HF model directory, a tokenizer) is built in a hidden
 folder next to the target and swapped in by :func:`replace_dir`. The swap replaces exactly the
@@ -138,6 +139,23 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """For a writer that needs a file name (a large binary written piece by piece): yields the
+    hidden temporary path next to ``path``; on a clean exit it is fsynced and replaces ``path`` in
+    one ``os.replace`` (a link at ``path`` is replaced, not followed), on an error it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _is_folder(p: Path) -> bool:
@@ -283,4 +301,4 @@ def recover(directory: str | Path, only: str | None = None) -> list[str]:
     return restored
 
 
-__all__ = ["write_atomic", "read_record", "open_append", "RecordError", "RECORD_LIMIT", "replace_dir", "check_replaceable", "recover", "ReplaceRefused"]
+__all__ = ["write_atomic", "atomic_path", "read_record", "open_append", "RecordError", "RECORD_LIMIT", "replace_dir", "check_replaceable", "recover", "ReplaceRefused"]

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nanoseek.serve.cli", "OpenAI-compatible HTTP server and web chat"),
     "eval": ("nanoseek.eval.cli", "evaluate a checkpoint on held-out tasks"),
     "compare": ("nanoseek.eval.compare_cli", "compare eval results of runs side by side"),
+    "export": ("nanoseek.export.cli", "export a checkpoint for other tools (GGUF for llama.cpp / ollama)"),
     "estimate": ("nanoseek.estimate.cli", "parameters, FLOPs, memory, GPU-hours and cost"),
     "ablate": ("nanoseek.ablate.cli", "small-scale ablations of DeepSeek's claims"),
     "speedrun": ("nanoseek.speedrun", "the whole recipe end to end with a report card"),

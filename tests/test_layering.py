@@ -9,7 +9,7 @@ package are kept; the graph is then searched for cycles (Tarjan's strongly conne
 
 Layers (:data:`LAYERS`, bottom up; a module may import only its own layer or lower ones): the
 ground floor (errors, atomic writes, output folders) < ``model/`` < ``limits``, ``estimate/`` <
-``data/``, ``tasks/`` < ``train/`` < ``infer/`` < ``post/``, ``eval/`` < ``serve/`` < the jobs
+``data/``, ``tasks/`` < ``train/`` < ``infer/`` < ``post/``, ``eval/``, ``export/`` < ``serve/`` < the jobs
 (speedrun, ablate, demo) < the command line. Siblings that must stay apart (:data:`APART`):
 ``eval/`` and ``post/`` import nothing of each other; ``tasks/`` uses ``data/``'s tokenizer but
 not the corpus and preparation built on top of the tasks.
@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and tasks", ("nanoseek.data", "nanoseek.tasks")),
     ("train", ("nanoseek.train",)),
     ("infer", ("nanoseek.infer",)),
-    ("post-training and evaluation", ("nanoseek.post", "nanoseek.eval")),
+    ("post-training, evaluation and export", ("nanoseek.post", "nanoseek.eval", "nanoseek.export")),
     ("serve", ("nanoseek.serve",)),
     ("jobs", ("nanoseek.speedrun", "nanoseek.speedrun_recipe", "nanoseek.ablate", "nanoseek.demo")),
     ("command line", ("nanoseek.cli", "nanoseek.__main__")),
