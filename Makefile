@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: speedrun test test-slow bench install install-sandbox clean
+.PHONY: speedrun test test-slow bench install install-sandbox install-llama clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ install-sandbox:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
 	      || echo "install-sandbox: apt-get could not install bubblewrap; the sandbox runs without its filesystem boundary"; \
 	  else echo "install-sandbox: bubblewrap (bwrap) is missing and cannot be installed here (needs root and apt-get); the sandbox runs without its filesystem boundary"; fi; }
+
+# llama.cpp (llama-cpp-python) for the GGUF export's slow tests: compiled for any x86-64 CPU
+# (no -march=native), without its examples, tests or server; pip caches the built wheel.
+install-llama: $(STAMP)
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  $(BIN)/pip install -q --disable-pip-version-check -e '.[llama]'
 
 speedrun: $(STAMP)
 	$(BIN)/nanoseek speedrun $(ARGS)
