@@ -80,7 +80,7 @@ def template_controls(tokenizer, messages, gen: bool = True, think: bool = False
 def assert_chat_safe(tokenizer, ids, messages, gen: bool = True, think: bool = False) -> None:
     got = [t for t in ids if t in controls(tokenizer)]
     assert got == template_controls(tokenizer, messages, gen, think), tokenizer.decode(ids)
-    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, add_generation_prompt=gen, think=think)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, add_generation_prompt=gen, thinking=think)
 
 
 def conversation(content: str) -> list[dict]:
@@ -99,7 +99,7 @@ def test_every_added_token_is_a_control_token(tk):
 def test_chat_content_stays_text(any_tk, content):
     for think in (False, True):
         messages = conversation(content)
-        ids, mask = any_tk.encode_chat(messages, add_generation_prompt=True, think=think)
+        ids, mask = any_tk.encode_chat(messages, add_generation_prompt=True, thinking=think)
         assert_chat_safe(any_tk, ids, messages, think=think)
         assert len(mask) == len(ids)
     # the text alone: no control id, decodes back

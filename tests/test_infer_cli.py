@@ -52,7 +52,7 @@ def test_loading_finds_checkpoint_and_tokenizer(checkpoint, tmp_path):
 def test_engine_with_the_real_tokenizer_streams_consistent_text(checkpoint):
     _, model, tok = checkpoint
     engine = Engine(model, tok, max_batch_size=4, max_seq_len=128)
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], True, think=True))
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], True, thinking=True))
     params = SamplingParams(max_new_tokens=24, temperature=1.0, n=2, seed=3, ignore_eos=True)
     events = list(engine.stream(ids, params))
     for c in engine.generate([ids], params)[0]:
@@ -144,6 +144,6 @@ def test_chat_loop_streams_collapses_reasoning_and_keeps_history(checkpoint):
 def test_chat_cli_run_reads_stdin_until_eof(checkpoint, monkeypatch, capsys):
     run, _, _ = checkpoint
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/samples 2\nagain\n"))
-    assert main(["chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert main(["chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "0", "--think"]) == 0
     out = capsys.readouterr().out
     assert out.count("thought for") == 3 and "[sample 2]" in out

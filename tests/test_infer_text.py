@@ -98,7 +98,7 @@ def test_splitter_can_be_disabled():
 
 
 def test_prompt_ends_in_think():
-    chat = TOK.encode(TOK.apply_chat_template([{"role": "user", "content": "hi"}], True, think=True))
+    chat = TOK.encode(TOK.apply_chat_template([{"role": "user", "content": "hi"}], True, thinking=True))
     assert prompt_ends_in_think(chat, TOK)
     closed = TOK.encode(TOK.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning": "r"},
@@ -114,7 +114,7 @@ def _sample(params: SamplingParams, prompt_ids=(256,), stop_ids=(257,)):
 
 def test_sample_text_pipeline_with_scripted_tokens():
     """Engine per-sample logic: tokens -> detok -> stop strings -> reasoning split -> events."""
-    prompt = TOK.encode(TOK.apply_chat_template([{"role": "user", "content": "2+2?"}], True, think=True))
+    prompt = TOK.encode(TOK.apply_chat_template([{"role": "user", "content": "2+2?"}], True, thinking=True))
     s = _sample(SamplingParams(max_new_tokens=100, stop=["END"]), prompt)
     script = TOK.encode("add 2 and 2 🙂\n</think>\n\nIt is 4. END and more")
     events = []

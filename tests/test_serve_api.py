@@ -264,8 +264,7 @@ BAD_REQUESTS = [
     ("stream not bool", "chat", chat(stream="yes"), 400, "stream", "invalid_value"),
     ("max_tokens bool", "chat", chat(max_tokens=True), 400, "max_tokens", "invalid_value"),
     ("max_tokens negative", "chat", chat(max_tokens=-5), 400, "max_tokens", "invalid_value"),
-    ("max_tokens zero", "completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens",
-     "invalid_value"),
+    ("max_tokens zero", "chat", chat(max_tokens=0), 400, "max_tokens", "invalid_value"),   # completions: score only
     ("max_tokens huge", "chat", chat(max_tokens=10**12), 400, "max_tokens", "invalid_value"),
     ("max_tokens over context", "chat", chat(max_tokens=199, content="word " * 80), 400, "max_tokens",
      "context_length_exceeded"),
@@ -288,8 +287,13 @@ BAD_REQUESTS = [
     ("seed negative", "chat", chat(seed=-1), 400, "seed", "invalid_value"),
     ("unknown field", "chat", chat(foo=1), 400, "foo", "unknown_parameter"),
     ("penalty", "chat", chat(presence_penalty=0.5), 400, "presence_penalty", "unsupported_parameter"),
-    ("logprobs", "completions", {"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "logprobs",
-     "unsupported_parameter"),
+    ("logprobs over 20", "completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs",
+     "invalid_value"),
+    ("logprobs bool", "completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400, "logprobs",
+     "invalid_value"),
+    ("chat logprobs int", "chat", chat(logprobs=1), 400, "logprobs", "invalid_value"),
+    ("top_logprobs without logprobs", "chat", chat(top_logprobs=2), 400, "top_logprobs", "invalid_value"),
+    ("top_logprobs over 20", "chat", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
     ("tools", "chat", chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
     ("best_of", "completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
     ("stream_options without stream", "chat", chat(stream_options={"include_usage": True}), 400, "stream_options",
@@ -519,7 +523,7 @@ def test_real_engine_think_prompt_puts_the_completion_in_reasoning(real, tokeniz
                        json={"model": "tiny-run", "messages": messages, "temperature": 0, "max_tokens": 8}).json()
     plain = client.post("/v1/chat/completions",
                         json={"model": "tiny-run", "messages": messages, "temperature": 0, "max_tokens": 8}).json()
-    think_prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, think=True))
+    think_prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, thinking=True))
     assert think_prompt[-2:] == [tokenizer.think_id] + tokenizer.encode("\n")
     assert r["usage"]["prompt_tokens"] == len(think_prompt) == plain["usage"]["prompt_tokens"] + 2
     # The random model never closes the block: everything it wrote is reasoning.

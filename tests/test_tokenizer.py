@@ -162,7 +162,7 @@ def test_chat_template_matches_transformers(tok, hf_tok, chat, gen):
 def test_chat_rendering_and_think_generation_prompt(tok, hf_tok):
     rendered = tok.apply_chat_template(CHATS[1], add_generation_prompt=False)
     assert rendered == f"{BOS}{USER}What is 2 + 2?{ASSISTANT}{THINK}\n2 + 2 = 4\n{END_THINK}\n\nAnswer: 4{EOS}"
-    prompt = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, think=True)
+    prompt = tok.apply_chat_template(CHATS[0], add_generation_prompt=True, thinking=True)
     assert prompt.endswith(f"{ASSISTANT}{THINK}\n")
     assert prompt == hf_tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True, think=True)
     # HF sees the same BOS, special tokens and decoding; <think> stays visible like in R1

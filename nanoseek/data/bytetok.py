@@ -76,14 +76,14 @@ class ByteTokenizer:
         return encode_pieces(segments, self.control_tokens, self.encode_text)[0]
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                    think: bool = False) -> tuple[list[int], list[int]]:
+                    thinking: bool = False) -> tuple[list[int], list[int]]:
         """(ids, assistant mask) of the chat; message content is text."""
-        return encode_pieces(chat_pieces(messages, add_generation_prompt, think), self.control_tokens,
+        return encode_pieces(chat_pieces(messages, add_generation_prompt, thinking), self.control_tokens,
                              self.encode_text)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            think: bool = False) -> str:
-        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, think))
+                            thinking: bool = False) -> str:
+        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, thinking))
 
 
 __all__ = ["ByteTokenizer"]

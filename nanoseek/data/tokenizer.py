@@ -386,13 +386,13 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            think: bool = False) -> str:
+                            thinking: bool = False) -> str:
         """Render ``messages`` ({"role", "content", optional "reasoning"}) as one string, for display
         and HF parity. A string cannot tell markup from content: encode chats with :meth:`encode_chat`."""
-        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, think))
+        return "".join(p.text for p in chat_pieces(messages, add_generation_prompt, thinking))
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                    think: bool = False) -> tuple[list[int], list[int]]:
+                    thinking: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of the rendered chat and the SFT loss mask.
 
         Control tokens come only from the template; message content and reasoning are text.
@@ -402,7 +402,7 @@ class Tokenizer:
         and transformers' ``apply_chat_template(tokenize=True)``; decoding them always gives
         ``apply_chat_template(...)`` back.
         """
-        return encode_pieces(chat_pieces(messages, add_generation_prompt, think), self.control_tokens,
+        return encode_pieces(chat_pieces(messages, add_generation_prompt, thinking), self.control_tokens,
                              self.encode_text)
 
     def __repr__(self) -> str:

@@ -101,7 +101,7 @@ def render_prompt(tokenizer, question_or_problem: Any, template: str, examples: 
     RLPrompt; ``examples``: the worked problems of ``fewshot`` (ignored by the other templates)."""
     if template in ("chat", "chat-think"):
         ids, _ = tokenizer.encode_chat([{"role": "user", "content": _question(question_or_problem)}],
-                                       add_generation_prompt=True, think=template == "chat-think")
+                                       add_generation_prompt=True, thinking=template == "chat-think")
         return ids
     if template == "r1-zero":
         return [tokenizer.bos_id] + tokenizer.encode_segments(r1_zero_segments(question_or_problem))
