@@ -65,7 +65,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.thinking import DEFAULT_THINKING
 
-from .logprobs import TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
+from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
                        TokenizeRequest, error_body, short, validation_error)
 
@@ -215,14 +215,14 @@ async def _send_json(send, status: int, body: dict, close: bool = False) -> None
 # ---------------------------------------------------------------------------- engine events
 @dataclass
 class _Choice:
-    """What one choice has produced so far: text, and each token with its logprobs and where its
-    text starts (``offset``: characters of answer text before it, plus ``start``, the echo's length)."""
+    """What one choice has produced so far: text, and each token with its logprobs and, with an
+    ``offsets`` tracker (completions with logprobs), where its text starts."""
 
     text: str = ""
     reasoning: str = ""
     tokens: int = 0
     finish_reason: str | None = None
-    start: int = 0
+    tracker: TextOffsets | None = None
     token_ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     tops: list = field(default_factory=list)
@@ -234,7 +234,8 @@ class _Choice:
             self.token_ids.append(ev.token_id)
             self.logprobs.append(ev.logprob)
             self.tops.append(ev.top_logprobs)
-            self.offsets.append(self.start + len(self.text))
+            if self.tracker is not None:
+                self.offsets.append(self.tracker.push(ev.token_id))
         self.text += ev.text_delta
         self.reasoning += ev.reasoning_delta
         if ev.finished:
@@ -276,10 +277,10 @@ async def _merged(handles: list) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
-async def _collect(request: Request, handles: list, n: int, starts: list[int] | None = None) -> list[_Choice]:
+async def _collect(request: Request, handles: list, n: int, new_choice=None) -> list[_Choice]:
     """Run the requests to the end (choice ``i * n + k`` is sample k of prompt i); on disconnect, cancel them.
-    ``starts[i]``: where prompt i's completion text starts in the choice's text (the echo's length)."""
-    choices = [_Choice(start=(starts or [0] * len(handles))[i // n]) for i in range(len(handles) * n)]
+    ``new_choice(i)`` makes choice i's record."""
+    choices = [new_choice(i) if new_choice else _Choice() for i in range(len(handles) * n)]
 
     async def consume() -> None:
         async for i, ev in _merged(handles):
@@ -315,7 +316,7 @@ def _sse(obj: Any) -> str:
 
 
 async def _event_stream(handles: list, n: int, prompt_tokens: int, head: dict, include_usage: bool,
-                        opening: list[dict], render, first=None, starts: list[int] | None = None) -> AsyncIterator[str]:
+                        opening: list[dict], render, first=None, new_choice=None) -> AsyncIterator[str]:
     """The SSE body: ``opening`` choice chunks, then per prompt ``first(prompt index)`` chunks when its
     first event arrives (its prompt logprobs are known by then), ``render(choice index, event, choice)``
     chunks, usage, [DONE].
@@ -323,7 +324,7 @@ async def _event_stream(handles: list, n: int, prompt_tokens: int, head: dict, i
     Closing this generator (the client went away) closes ``_merged``, which cancels the requests.
     """
     extra = {"usage": None} if include_usage else {}
-    choices = [_Choice(start=(starts or [0] * len(handles))[i // n]) for i in range(len(handles) * n)]
+    choices = [new_choice(i) if new_choice else _Choice() for i in range(len(handles) * n)]
     started: set[int] = set()
     try:
         for c in opening:
@@ -525,7 +526,9 @@ class OpenAIServer:
                               prompt_logprobs=req.logprobs if want_lp and req.echo else None)
         pieces = self.pieces if want_lp else None
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else "" for p in req.prompts()]
-        starts = [len(e) for e in echoes]
+
+        def new_choice(i: int) -> _Choice:       # offsets in the returned text: after the echo
+            return _Choice(tracker=TextOffsets(self.tokenizer, len(echoes[i // n])) if want_lp else None)
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
@@ -542,10 +545,10 @@ class OpenAIServer:
                 return [{"index": h * n + k, "text": echoes[h], "logprobs": lp, "finish_reason": None}
                         for k in range(n)]
             body = _event_stream(handles, n, prompt_tokens, head, req.include_usage(), [], _completion_chunks(pieces),
-                                 first, starts)
+                                 first, new_choice)
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            choices = await _collect(request, handles, n, starts)
+            choices = await _collect(request, handles, n, new_choice)
         except ClientGone:
             return Response(status_code=499)
         out = []

@@ -87,16 +87,34 @@ class TokenPieces:
             return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
 
+class TextOffsets:
+    """``push(token id) -> offset``: where each token's text starts in the decoded text (plus ``start``).
+
+    Text is counted as the incremental detokenizer lets it out; a token pushed while earlier ones
+    are withheld (part of a UTF-8 character, or invalid bytes) starts after what those decode to
+    alone, so the token after an invalid byte starts after its U+FFFD. Used for the prompt (echo)
+    and, token by token, for the completion, so streamed and whole responses agree."""
+
+    def __init__(self, tokenizer, start: int = 0):
+        self.tokenizer, self.n = tokenizer, start
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> int:
+        offset = self.n + (len(self.tokenizer.decode(self.pending)) if self.pending else 0)
+        delta = self.detok.push(token_id)
+        if delta:
+            self.n += len(delta)
+            self.pending = []
+        else:
+            self.pending.append(token_id)
+        return offset
+
+
 def text_offsets(tokenizer, ids: list[int], start: int = 0) -> list[int]:
-    """Where each token's text starts in ``decode(ids)`` (plus ``start``): the characters the
-    incremental detokenizer has let out before the token (a token that completes a character
-    starts where the character does)."""
-    detok = IncrementalDetokenizer(tokenizer)
-    out, n = [], start
-    for t in ids:
-        out.append(n)
-        n += len(detok.push(t))
-    return out
+    """:class:`TextOffsets` of every token of ``ids``."""
+    tracker = TextOffsets(tokenizer, start)
+    return [tracker.push(t) for t in ids]
 
 
 def legacy_top(pieces: TokenPieces, top: list[tuple[int, float]] | None, chosen: int, chosen_lp: float) -> dict:
@@ -138,5 +156,5 @@ def chat_logprobs(pieces: TokenPieces, ids: list[int], lps: list[float],
     return {"content": content, "refusal": None}
 
 
-__all__ = ["TokenPieces", "text_offsets", "legacy_logprobs", "legacy_top", "merge_legacy", "chat_logprobs",
+__all__ = ["TokenPieces", "TextOffsets", "text_offsets", "legacy_logprobs", "legacy_top", "merge_legacy", "chat_logprobs",
            "NEG_INF_LOGPROB"]
