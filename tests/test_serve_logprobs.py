@@ -369,5 +369,62 @@ def test_tokenizer_endpoints_match_the_servers_tokenization(served):
     info = client.get("/tokenizer_info").json()
     assert info["eos_token"] == tok.decode([tok.eos_id]) and info["bos_token"] == tok.decode([tok.bos_id])
     for path, body in (("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": messages}),
-                       ("/detokenize", {"tokens": [10**9]}), ("/tokenize", {"prompt": 5})):
+                       ("/detokenize", {"tokens": [10**9]}), ("/tokenize", {"prompt": 5}),
+                       ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}),
+                       ("/tokenize", {"messages": messages, "chat_template_kwargs": {"thinking": 1}})):
         assert client.post(path, json=body).status_code == 400, (path, body)
+
+
+# ----------------------------------------------------------------------------- the official openai client
+def test_openai_client_reads_logprobs_from_both_endpoints(served):
+    from openai import OpenAI
+
+    from serve_helpers import background_server
+
+    client, model, tok = served
+    app = client.app
+    with background_server(app) as url:
+        oa = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "How are you?"}]
+        r = oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2, extra_body={"chat_template_kwargs": {"thinking": False}})
+        content = r.choices[0].logprobs.content
+        prompt = tok.encode_chat(messages, add_generation_prompt=True, thinking=False)[0]
+        full = prompt + greedy(model, prompt, len(content))
+        ref = ref_logprobs(model, full)
+        for j, entry in enumerate(content):
+            row = ref[len(prompt) + j - 1]
+            assert entry.logprob == pytest.approx(row[full[len(prompt) + j]].item(), abs=TOL)
+            assert [a.logprob for a in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=TOL)
+            assert isinstance(entry.bytes, list)
+        stream = oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True)
+        streamed = [e for chunk in stream for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+        assert [e.logprob for e in streamed] == [e.logprob for e in content]
+        ids = tok.encode("Hello world", add_bos=True)
+        r = oa.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, logprobs=3, echo=True)
+        lp = r.choices[0].logprobs
+        ref = ref_logprobs(model, ids)
+        assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 2
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([ref[t - 1, ids[t]].item() for t in range(1, len(ids))],
+                                                              abs=TOL)
+        assert all(len(d) >= 3 for d in lp.top_logprobs[1:]) and len(lp.text_offset) == len(lp.tokens)
+        chunks = list(oa.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, logprobs=3,
+                                            echo=True, stream=True))
+        assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+        # reasoning_effort through the client's own parameter
+        r = oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, reasoning_effort="minimal")
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------- one thinking default
+@pytest.mark.parametrize("command", ["chat", "generate", "serve"])
+def test_chat_generate_and_serve_share_one_thinking_default(command):
+    from nanoseek.cli import build_parser
+    from nanoseek.infer.thinking import DEFAULT_THINKING
+
+    parser = build_parser()
+    base = [command, "--model", "runs/x"]
+    assert parser.parse_args(base).think is DEFAULT_THINKING is False
+    assert parser.parse_args(base + ["--think"]).think is True
+    assert parser.parse_args(base + ["--no-think"]).think is False

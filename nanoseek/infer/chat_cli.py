@@ -2,8 +2,9 @@
 
 Each answer streams token by token. ``--think/--no-think`` is the chat template's thinking switch
 (default off, shared with ``generate`` and ``serve``: :mod:`nanoseek.infer.thinking`). The model's
-reasoning (a ``<think>`` block, opened by the template with ``--think`` or by the model itself) is shown dimmed while it is written, then collapsed to one line, "thought
-for N s", once the answer is complete. The conversation is kept and re-sent each turn through
+reasoning (a ``<think>`` block, opened by the template with ``--think`` or by the model itself) is
+shown dimmed while it is written, then collapsed to one line, "thought for N s", once the answer
+is complete. The conversation is kept and re-sent each turn through
 the chat template (previous reasoning is not re-sent, as DeepSeek-R1 does). What is typed is
 text: a control-token string in it (``<｜Assistant｜>``...) stays text (:func:`encode_turns`).
 

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -566,8 +567,11 @@ class OpenAIServer:
             self.check_model(req.model)
         try:
             if req.messages is not None:
-                chat = ChatCompletionRequest.model_validate({"model": self.model_name, "messages": req.messages,
-                                                             "chat_template_kwargs": req.chat_template_kwargs})
+                try:
+                    chat = ChatCompletionRequest.model_validate({"model": self.model_name, "messages": req.messages,
+                                                                 "chat_template_kwargs": req.chat_template_kwargs})
+                except ValidationError as e:
+                    raise validation_error(list(e.errors())) from None
                 ids = self.chat_prompt(chat)
             else:
                 ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
