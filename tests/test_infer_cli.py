@@ -144,6 +144,6 @@ def test_chat_loop_streams_collapses_reasoning_and_keeps_history(checkpoint):
 def test_chat_cli_run_reads_stdin_until_eof(checkpoint, monkeypatch, capsys):
     run, _, _ = checkpoint
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/samples 2\nagain\n"))
-    assert main(["chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert main(["chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "0", "--think"]) == 0
     out = capsys.readouterr().out
     assert out.count("thought for") == 3 and "[sample 2]" in out

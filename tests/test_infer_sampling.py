@@ -70,7 +70,7 @@ def test_repetition_guard():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("max_new_tokens", 0, "max_new_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 1.5, "top_p"),
+    ("max_new_tokens", -1, "max_new_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 1.5, "top_p"),
     ("top_k", -1, "top_k"), ("n", 0, "n"), ("stop", [""], "stop"), ("repetition_guard", 2, "repetition_guard"),
     ("stop_token_ids", [-1], "stop_token_ids"),
 ])

@@ -1,8 +1,10 @@
 """``nanoseek chat``: an interactive terminal chat with a checkpoint.
 
-Each answer streams token by token. The model's reasoning (the ``<think>`` block that R1-style
-models write first) is shown dimmed while it is written, then collapsed to one line, "thought
-for N s", once the answer is complete. The conversation is kept and re-sent each turn through
+Each answer streams token by token. ``--think/--no-think`` is the chat template's thinking switch
+(default off, shared with ``generate`` and ``serve``: :mod:`nanoseek.infer.thinking`). The model's
+reasoning (a ``<think>`` block, opened by the template with ``--think`` or by the model itself) is
+shown dimmed while it is written, then collapsed to one line, "thought for N s", once the answer
+is complete. The conversation is kept and re-sent each turn through
 the chat template (previous reasoning is not re-sent, as DeepSeek-R1 does). What is typed is
 text: a control-token string in it (``<｜Assistant｜>``...) stays text (:func:`encode_turns`).
 
@@ -22,14 +24,14 @@ from dataclasses import replace
 from typing import Callable
 
 from .generate_cli import add_sampling_arguments, build_engine, sampling_params
+from .thinking import DEFAULT_THINKING, add_think_argument
 
 HELP = "commands: /reset (new conversation), /samples N (answers per turn), /help, /quit"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", metavar="TEXT", help="system message for the whole conversation")
-    p.add_argument("--no-think", action="store_true",
-                   help="do not open the <think> block in the prompt (by default the model reasons first, as R1)")
+    add_think_argument(p, "each turn's prompt")
     p.add_argument("--samples", type=limits.positive_int, default=1,
                    help="answers per turn (default 1; /samples N changes it)")
     add_sampling_arguments(p, max_new_tokens=512, temperature=0.6, top_p=0.95)
@@ -77,7 +79,7 @@ def _render(turns: list[_Turn], final: bool):
 
 
 def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, params, system: str | None = None,
-              think: bool = True) -> int:
+              think: bool = DEFAULT_THINKING) -> int:
     """Run the chat until /quit or end of input; returns the number of turns answered."""
     from rich.live import Live
 
@@ -169,5 +171,5 @@ def run(args) -> int:
             raise UserError(f"<stdin>: not UTF-8 text (invalid byte at byte offset {offset} of the line)") from None
         return line
 
-    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=not args.no_think)
+    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=args.think)
     return 0

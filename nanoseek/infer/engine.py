@@ -31,6 +31,14 @@ seconds; ``compile_seconds``). On a CPU a decode step is dominated by the number
 operators, which the compiler fuses. Prefill and MTP steps stay eager. If compiling or running
 the compiled step fails, the engine warns once and decodes eagerly from then on.
 
+Logprobs are of the model's own distribution (float32 ``log_softmax`` of the raw logits, before
+temperature / top-k / top-p, as vLLM reports them): each generated token's, from the logits it
+was chosen from (the verifying main model's with MTP), and its top-N alternatives when the
+request asks (``SamplingParams.top_logprobs``). ``prompt_logprobs`` scores the prompt inside the
+prefill that runs it anyway: the final hidden states of the request's row go through ``lm_head``
+a chunk of positions at a time (the full logits of the prompt are otherwise never computed), in
+the engine's thread, so scoring is serialized with decoding. ``max_new_tokens=0`` only scores.
+
 Per sample (``request.py``) the engine turns tokens into text (``streaming.py``: incremental
 detokenisation, stop strings never leaked), splits ``<think>`` reasoning from the answer
 (``reasoning.py``) and stops on EOS / stop tokens / stop strings / the repetition guard /
@@ -50,12 +58,13 @@ from typing import Iterator
 import torch
 
 from .reasoning import prompt_ends_in_think
-from .request import Completion, EngineError, Request, RequestHandle, Sample, TokenEvent
-from .sampling import RowParams, SamplingParams, choose_tokens, sample_from_probs, token_logprobs
+from .request import Completion, EngineError, PromptLogprobs, Request, RequestHandle, Sample, TokenEvent
+from .sampling import RowParams, SamplingParams, TopLogprobs, choose_tokens, logprobs_and_top, sample_from_probs
 from .speculative import SpeculativeStats, speculative_accept
 
 DEFAULT_MAX_SEQ_LEN = 4096          # when the model allows more (the cache is preallocated)
 DEFAULT_MAX_PREFILL_TOKENS = 8192   # padded prompt tokens per prefill forward
+PROMPT_SCORE_CHUNK = 512            # prompt positions per lm_head call when scoring a prompt
 
 
 @dataclass
@@ -103,7 +112,9 @@ class Engine:
         self.device = next(model.parameters()).device
         # one spare slot per row: a speculative step writes its draft one position ahead
         self.cache = model.new_cache(max_batch_size, self.max_seq_len + 1, dtype, with_mtp=use_mtp)
-        if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+        if tokenizer is not None and getattr(tokenizer, "stop_ids", None):   # EOS + generation_config's
+            self.eos_ids = {int(t) for t in tokenizer.stop_ids}
+        elif tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
             self.eos_ids = {int(tokenizer.eos_id)}
         else:
             eos = cfg.eos_token_id
@@ -357,7 +368,11 @@ class Engine:
         logits = logits[owner]                                                     # [S, V]
         rp = RowParams.build([s.params for s in samples], dev)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
-        lps = token_logprobs(logits, tokens)
+        lps, tops = logprobs_and_top(logits, tokens, [s.params.top_logprobs for s in samples])
+        for i, r in enumerate(reqs):   # before any event of the request is published
+            if r.params.prompt_logprobs is not None:
+                r.handle.prompt_logprobs = self._score_prompt(out.hidden[i, :lens[i]], r.prompt,
+                                                              r.params.prompt_logprobs)
         if self.use_mtp:   # first drafts: MTP at the last prompt position with each sample's token
             p_last = (last[owner])[:, None]
             s_rows = torch.tensor([s.row for s in samples], device=dev)
@@ -366,12 +381,28 @@ class Engine:
         self.stats.prefill_tokens += sum(lens)
         self.stats.prefill_seconds += time.perf_counter() - t0
         events = []
-        for s, tok, lp in zip(samples, tokens.tolist(), lps.tolist()):
+        for s, tok, lp, top in zip(samples, tokens.tolist(), lps, tops):
             self._active.append(s)
+            if s.req.limit == 0:       # max_new_tokens 0: the prompt was only scored
+                events.append((s, s.finish_empty()))
+                continue
             s.pending = tok
-            events.append((s, s.append(tok, lp)))
+            events.append((s, s.append(tok, lp, top)))
         self._active.sort(key=lambda s: s.row)
         return events
+
+    def _score_prompt(self, hidden: torch.Tensor, prompt: list[int], k: int) -> PromptLogprobs:
+        """A prompt's logprobs from its prefill's final hidden states [T, d] (see the module docstring)."""
+        lps: list[float | None] = [None]
+        tops: list[TopLogprobs | None] = [None]
+        targets = torch.tensor(prompt[1:], device=hidden.device)
+        for a in range(0, len(prompt) - 1, PROMPT_SCORE_CHUNK):
+            t = targets[a:a + PROMPT_SCORE_CHUNK]                                  # tokens a+1 .. a+len(t)
+            logits = self.model.lm_head(hidden[a:a + len(t)])                     # predicted at a .. a+len(t)-1
+            chosen, top = logprobs_and_top(logits, t, [k] * len(t))
+            lps += chosen
+            tops += top
+        return PromptLogprobs(list(prompt), lps, tops)
 
     def _set_drafts(self, samples: list[Sample], mtp_logits: torch.Tensor, rp: RowParams) -> None:
         """Draft each row's next token from the MTP logits: argmax for greedy rows (their draft
@@ -396,11 +427,11 @@ class Engine:
         logits = self._decode_forward(ids, pos, rows)
         rp = self._row_params(samples)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
-        lps = token_logprobs(logits, tokens)
+        lps, tops = logprobs_and_top(logits, tokens, [s.params.top_logprobs for s in samples])
         events = []
-        for s, tok, lp in zip(samples, tokens.tolist(), lps.tolist()):
+        for s, tok, lp, top in zip(samples, tokens.tolist(), lps, tops):
             s.pending, s.pos = tok, s.pos + 1
-            events.append((s, s.append(tok, lp)))
+            events.append((s, s.append(tok, lp, top)))
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(samples)
         self.stats.decode_seconds += time.perf_counter() - t0
@@ -454,7 +485,8 @@ class Engine:
             u = self._uniforms(samples, rp, k=3)                                   # accept, resample, bonus
             tok0, accepted = speculative_accept(p[:, 0], q, draft, u[:, 0], u[:, 1])
             bonus = sample_from_probs(p[:, 1], u[:, 2])
-        lp0, lp1 = token_logprobs(logits[:, 0], tok0), token_logprobs(logits[:, 1], bonus)
+        ks = [s.params.top_logprobs for s in samples]
+        (lp0, top0), (lp1, top1) = logprobs_and_top(logits[:, 0], tok0, ks), logprobs_and_top(logits[:, 1], bonus, ks)
         # MTP at [p, p+1] with (h_p, tok0) and (h_{p+1}, bonus); the draft comes from the last real one
         _, mtp_logits = model.mtp_forward(0, out.hidden, torch.stack([tok0, bonus], dim=1), pos, self.cache, rows)
         pick = accepted.long()
@@ -462,12 +494,12 @@ class Engine:
         events = []
         acc_list = accepted.tolist()
         emitted = 0
-        rows_out = zip(samples, tok0.tolist(), bonus.tolist(), lp0.tolist(), lp1.tolist(), acc_list)
-        for s, first, second, lp_first, lp_second, acc in rows_out:
-            events.append((s, s.append(first, lp_first)))
+        rows_out = zip(samples, tok0.tolist(), bonus.tolist(), lp0, lp1, top0, top1, acc_list)
+        for s, first, second, lp_first, lp_second, top_first, top_second, acc in rows_out:
+            events.append((s, s.append(first, lp_first, top_first)))
             emitted += 1
             if acc and not s.finished:
-                events.append((s, s.append(second, lp_second)))
+                events.append((s, s.append(second, lp_second, top_second)))
                 emitted += 1
             s.pending, s.pos = (second, s.pos + 2) if acc else (first, s.pos + 1)
         self.spec_stats.steps += B
@@ -480,4 +512,5 @@ class Engine:
         return events
 
 
-__all__ = ["Engine", "EngineStats", "SamplingParams", "Completion", "TokenEvent", "RequestHandle", "EngineError"]
+__all__ = ["Engine", "EngineStats", "SamplingParams", "Completion", "TokenEvent", "RequestHandle", "EngineError",
+           "PromptLogprobs"]

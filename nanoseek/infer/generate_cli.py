@@ -4,7 +4,8 @@ Prompts come from ``--prompt`` (repeatable), ``--input FILE`` (``-`` for stdin) 
 piped stdin. An input line is either plain text or a JSON object: ``{"prompt": "..."}`` or
 ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (rendered with the chat template).
 ``--chat`` renders plain-text prompts as a single user turn of the chat template too, and
-``--think`` opens the assistant's ``<think>`` block as DeepSeek-R1's template does.
+``--think/--no-think`` is the template's thinking switch (default off, shared with ``chat`` and
+``serve``: :mod:`nanoseek.infer.thinking`).
 Only the template makes control tokens: message content (and a ``--chat`` prompt) is text, so
 ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` typed in it stays text. A raw prompt (no ``--chat``,
 no ``messages``) is the model's whole input: its control-token strings are parsed, as HF's
@@ -28,6 +29,8 @@ import argparse
 from nanoseek import limits
 import json
 import sys
+
+from .thinking import add_think_argument
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 1.0,
@@ -67,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="FILE", help="prompts, one per line (text or JSON); '-' for stdin")
     p.add_argument("--output", metavar="FILE", default="-", help="JSONL output file (default: stdout)")
     p.add_argument("--chat", action="store_true", help="render plain-text prompts with the chat template")
-    p.add_argument("--think", action="store_true", help="with the chat template, open the <think> block (R1)")
+    add_think_argument(p, "chat-template prompts (--chat, {\"messages\"} lines)")
     p.add_argument("--system", metavar="TEXT", help="a system message for chat-template prompts")
     p.add_argument("--n", type=limits.positive_int, default=1,
                    help="samples per prompt, sharing one prefill (default 1)")

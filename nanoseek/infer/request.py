@@ -10,6 +10,11 @@
   samples, one per cache row. ``Sample.append(token)`` is the per-token pipeline (stop tokens, the repetition
   guard, the length limit, then incremental detokenisation -> stop strings -> ``<think>`` split),
   returning the event to stream. It needs no model, so tests drive it with scripted tokens.
+
+Logprobs travel with the tokens: each :class:`TokenEvent` carries its token's logprob and, when
+the request asked, its top alternatives; a request that asked for prompt logprobs finds them in
+``RequestHandle.prompt_logprobs`` (:class:`PromptLogprobs`, set by the prefill before the first
+event is queued) and in each :class:`Completion`.
 """
 
 from __future__ import annotations
@@ -24,12 +29,23 @@ from typing import AsyncIterator, Iterator
 import torch
 
 from .reasoning import ReasoningSplitter
-from .sampling import SamplingParams, repeats_too_long
+from .sampling import SamplingParams, TopLogprobs, repeats_too_long
 from .streaming import IncrementalDetokenizer, StopStringFilter
 
 
 class EngineError(RuntimeError):
     """The scheduler failed while serving a request (the message carries the cause)."""
+
+
+@dataclass
+class PromptLogprobs:
+    """A prompt scored by the model (``SamplingParams.prompt_logprobs``): ``logprobs[t]`` is
+    log p(token_ids[t] | token_ids[:t]) (None for t = 0: nothing precedes it), ``top[t]`` the N
+    most likely (id, logprob) at position t (None at t = 0 or when N is 0)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[TopLogprobs | None]
 
 
 @dataclass
@@ -41,7 +57,8 @@ class Completion:
     string, or the repetition guard; ``stop_reason`` says which: "eos", "stop_token",
     "stop_string", "repetition"), "length" (max_new_tokens or the cache length) or "cancelled"
     (a failed step raises :class:`EngineError` instead). ``logprobs``: log p of each token under
-    the raw model (temperature 1)."""
+    the raw model (temperature 1); ``top_logprobs``: per token its top-N alternatives (when the
+    request set ``top_logprobs``, else empty); ``prompt_logprobs``: the scored prompt (when asked)."""
 
     token_ids: list[int]
     text: str
@@ -53,6 +70,8 @@ class Completion:
     index: int = 0
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def mean_logprob(self) -> float:
@@ -64,7 +83,9 @@ class TokenEvent:
     """One streamed token of sample ``index``: ``text_delta`` is new *answer* text and
     ``reasoning_delta`` new reasoning text (either may be empty while text is withheld: an
     incomplete character, a possible tag or stop string). The last event of a sample has
-    ``finished`` True and its ``finish_reason``; a cancellation event has ``token_id`` None."""
+    ``finished`` True and its ``finish_reason``; an event that ends a sample without a token
+    (cancelled, or ``max_new_tokens`` 0) has ``token_id`` None. ``logprob``: the token's;
+    ``top_logprobs``: its top-N alternatives when the request asked (else None)."""
 
     index: int
     token_id: int | None
@@ -73,6 +94,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None
     logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 _END = object()   # sentinel closing a handle's event queue
@@ -91,6 +113,7 @@ class RequestHandle:
         self._cancelled = False
         self._drained = False       # ready_events() has read the end of the queue
         self._waker = None          # set by aiter(): wakes the asyncio consumer from the engine thread
+        self.prompt_logprobs: PromptLogprobs | None = None   # set before the first event when asked
 
     # -- producer side (the engine's scheduler)
     def _push(self, item) -> None:
@@ -221,6 +244,7 @@ class Sample:
         self.rng = req.params.sample_rng(index)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[TopLogprobs | None] = []
         self.pos = len(req.prompt)            # position of the pending (sampled, not yet fed) token
         self.pending = -1
         self.draft = -1                       # MTP draft for position pos + 1
@@ -248,10 +272,12 @@ class Sample:
             r, a = r + r2, a + a2
         return r, a, matched
 
-    def append(self, token: int, logprob: float) -> TokenEvent:
+    def append(self, token: int, logprob: float, top: TopLogprobs | None = None) -> TokenEvent:
         """Record a sampled token; decide whether the sample is finished; the event to stream."""
         self.token_ids.append(token)
         self.logprobs.append(logprob)
+        if self.params.top_logprobs:
+            self.top_logprobs.append(top)
         r = a = ""
         if token in self.req.stop_ids:
             self.finished, self.finish_reason = True, "stop"
@@ -271,7 +297,12 @@ class Sample:
                 if matched:
                     self.finished, self.finish_reason, self.stop_reason = True, "stop", "stop_string"
         return TokenEvent(self.index, token, a, r, self.finished, self.finish_reason if self.finished else None,
-                          logprob)
+                          logprob, top)
+
+    def finish_empty(self) -> TokenEvent:
+        """End a sample that may generate nothing (``max_new_tokens`` 0: the prompt is only scored)."""
+        self.finished, self.finish_reason = True, "length"
+        return TokenEvent(self.index, None, "", "", True, "length")
 
     def cancel(self) -> TokenEvent:
         self.finished, self.finish_reason = True, "cancelled"
@@ -288,7 +319,8 @@ class Sample:
         return Completion(token_ids=list(self.token_ids), text=text, reasoning=reasoning, answer=answer,
                           finish_reason=self.finish_reason or "length", prompt_tokens=len(self.req.prompt),
                           completion_tokens=len(self.token_ids), index=self.index,
-                          logprobs=list(self.logprobs), stop_reason=self.stop_reason)
+                          logprobs=list(self.logprobs), stop_reason=self.stop_reason,
+                          top_logprobs=list(self.top_logprobs), prompt_logprobs=self.req.handle.prompt_logprobs)
 
 
-__all__ = ["Completion", "TokenEvent", "RequestHandle", "EngineError", "Request", "Sample"]
+__all__ = ["Completion", "TokenEvent", "RequestHandle", "EngineError", "Request", "Sample", "PromptLogprobs"]

@@ -12,6 +12,11 @@ temperature, top-k, top-p and random stream (rows of one batch belong to differe
    tokens therefore depend only on its seed and its logits, never on which other requests
    happen to share the batch, and the same seed gives the same output.
 
+Logprobs (:func:`logprobs_and_top`) are always of the model's own distribution: float32
+``log_softmax`` of the raw logits, before temperature, top-k and top-p (vLLM's default), so
+they score the text whatever the request sampled with. The chosen token's is always recorded;
+the top-N alternatives (N <= :data:`MAX_LOGPROBS`) only when a request asks.
+
 Stop conditions that are checked per token live here too: :func:`repeats_too_long` is the
 repetition guard (see :class:`SamplingParams`). Stop *strings* need text and are handled by
 ``streaming.StopStringFilter``.
@@ -24,6 +29,8 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_LOGPROBS = 20   # most alternatives per position (top_logprobs, prompt_logprobs), as vLLM's default
 
 
 @dataclass
@@ -42,6 +49,12 @@ class SamplingParams:
     ``starts_in_think``: whether the completion begins inside a ``<think>`` block (R1's chat
     template ends the prompt with ``<think>\\n``); None detects it from the prompt (its last
     think tag is an opening one). ``split_reasoning`` False reports everything as answer text.
+
+    Logprobs (of the model's distribution before temperature/top-k/top-p; module docstring): every
+    generated token's own is always recorded; ``top_logprobs`` = N adds the N most likely tokens
+    at each generated position; ``prompt_logprobs`` = N (None: off, the default, no cost) scores
+    the prompt: each prompt token's logprob given the tokens before it (None for the first) and
+    the N most likely tokens there. ``max_new_tokens`` 0 generates nothing (score the prompt only).
     """
 
     max_new_tokens: int = 256
@@ -56,13 +69,15 @@ class SamplingParams:
     ignore_eos: bool = False
     starts_in_think: bool | None = None
     split_reasoning: bool = True
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def validate(self) -> "SamplingParams":
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} = {getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise bad("max_new_tokens", "must be an integer >= 1")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "must be an integer >= 0 (0: score the prompt only)")
         if not self.temperature >= 0:
             raise bad("temperature", "must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
@@ -81,6 +96,11 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of token ids >= 0")
         if not isinstance(self.repetition_guard, int) or self.repetition_guard < 0 or 0 < self.repetition_guard < 4:
             raise bad("repetition_guard", "must be 0 (off) or an integer >= 4")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise bad("top_logprobs", f"must be an integer in 0..{MAX_LOGPROBS}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"must be None (off) or an integer in 0..{MAX_LOGPROBS}")
         return self
 
     @property
@@ -175,6 +195,23 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
+TopLogprobs = list[tuple[int, float]]   # (token id, logprob), most likely first
+
+
+def logprobs_and_top(logits: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> tuple[list[float], list[TopLogprobs | None]]:
+    """logits [B, V], chosen tokens [B], alternatives wanted per row ``ks`` -> (log p(token) per row,
+    per row its ``ks[i]`` most likely (id, logprob) or None when ``ks[i]`` is 0), all from one
+    float32 ``log_softmax`` of the raw logits (one top-k for the batch, at the largest k)."""
+    lsm = logits.float().log_softmax(dim=-1)
+    chosen = lsm.gather(1, tokens[:, None])[:, 0].tolist()
+    k = max(ks, default=0)
+    if k == 0:
+        return chosen, [None] * len(ks)
+    vals, ids = lsm.topk(min(k, lsm.shape[-1]), dim=-1)
+    vals, ids = vals.tolist(), ids.tolist()
+    return chosen, [list(zip(ids[i][:ki], vals[i][:ki])) if ki else None for i, ki in enumerate(ks)]
+
+
 def repeats_too_long(tokens: list[int], guard: int) -> bool:
     """True when the last ``guard`` tokens are one n-gram, n <= guard // 4, repeated.
 
@@ -187,4 +224,5 @@ def repeats_too_long(tokens: list[int], guard: int) -> bool:
 
 
 __all__ = ["SamplingParams", "RowParams", "processed_probs", "sample_from_probs", "choose_tokens",
-           "token_logprobs", "repeats_too_long"]
+           "token_logprobs", "logprobs_and_top", "TopLogprobs", "MAX_LOGPROBS",
+           "repeats_too_long"]

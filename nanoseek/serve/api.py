@@ -6,7 +6,14 @@
 * ``POST /v1/chat/completions``: chat through the tokenizer's DeepSeek chat template; the answer
   in ``content`` and the chain of thought in ``reasoning_content``, as DeepSeek's API returns them;
 * ``POST /v1/completions``: raw text continuation of one or several prompts (strings or token ids);
-* ``GET /``: the web chat (``static/index.html``), ``GET /health``.
+* ``GET /``: the web chat (``static/index.html``), ``GET /health``;
+* ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: vLLM's tokenizer endpoints,
+  so lm-evaluation-harness's ``local-completions`` finds the server's tokenizer by itself
+  (its ``tokenizer_backend=auto``/``remote``) and counts tokens exactly as the server does.
+
+Logprobs, echo and thinking per request: see ``protocol.py`` (the fields) and ``logprobs.py``
+(the two response formats). A chat request's thinking switch goes to the tokenizer as
+``encode_chat(messages, add_generation_prompt=True, thinking=<bool>, **chat_template_kwargs)``.
 
 Only the chat template makes control tokens: chat messages are encoded with the tokenizer's
 ``encode_chat``, so ``<｜Assistant｜>``, ``<｜end▁of▁sentence｜>``, ``<think>`` or any other
@@ -46,19 +53,22 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.thinking import DEFAULT_THINKING
 
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest, error_body,
-                       validation_error)
+from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
+                       TokenizeRequest, error_body, short, validation_error)
 
 logger = logging.getLogger("nanoseek.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -206,17 +216,29 @@ async def _send_json(send, status: int, body: dict, close: bool = False) -> None
 # ---------------------------------------------------------------------------- engine events
 @dataclass
 class _Choice:
-    """What one choice has produced so far."""
+    """What one choice has produced so far: text, and each token with its logprobs and, with an
+    ``offsets`` tracker (completions with logprobs), where its text starts."""
 
     text: str = ""
     reasoning: str = ""
     tokens: int = 0
     finish_reason: str | None = None
+    tracker: TextOffsets | None = None
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    tops: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
 
     def add(self, ev) -> None:
+        if ev.token_id is not None:          # a cancellation (or score-only) event carries no token
+            self.tokens += 1
+            self.token_ids.append(ev.token_id)
+            self.logprobs.append(ev.logprob)
+            self.tops.append(ev.top_logprobs)
+            if self.tracker is not None:
+                self.offsets.append(self.tracker.push(ev.token_id))
         self.text += ev.text_delta
         self.reasoning += ev.reasoning_delta
-        self.tokens += ev.token_id is not None  # a cancellation event carries no token
         if ev.finished:
             self.finish_reason = ev.finish_reason
 
@@ -256,9 +278,10 @@ async def _merged(handles: list) -> AsyncIterator[tuple[int, Any]]:
             t.cancel()
 
 
-async def _collect(request: Request, handles: list, n: int) -> list[_Choice]:
-    """Run the requests to the end (choice ``i * n + k`` is sample k of prompt i); on disconnect, cancel them."""
-    choices = [_Choice() for _ in range(len(handles) * n)]
+async def _collect(request: Request, handles: list, n: int, new_choice=None) -> list[_Choice]:
+    """Run the requests to the end (choice ``i * n + k`` is sample k of prompt i); on disconnect, cancel them.
+    ``new_choice(i)`` makes choice i's record."""
+    choices = [new_choice(i) if new_choice else _Choice() for i in range(len(handles) * n)]
 
     async def consume() -> None:
         async for i, ev in _merged(handles):
@@ -294,20 +317,27 @@ def _sse(obj: Any) -> str:
 
 
 async def _event_stream(handles: list, n: int, prompt_tokens: int, head: dict, include_usage: bool,
-                        opening: list[dict], render) -> AsyncIterator[str]:
-    """The SSE body: ``opening`` choice chunks, then ``render(choice index, event)`` chunks, usage, [DONE].
+                        opening: list[dict], render, first=None, new_choice=None) -> AsyncIterator[str]:
+    """The SSE body: ``opening`` choice chunks, then per prompt ``first(prompt index)`` chunks when its
+    first event arrives (its prompt logprobs are known by then), ``render(choice index, event, choice)``
+    chunks, usage, [DONE].
 
     Closing this generator (the client went away) closes ``_merged``, which cancels the requests.
     """
     extra = {"usage": None} if include_usage else {}
-    choices = [_Choice() for _ in range(len(handles) * n)]
+    choices = [new_choice(i) if new_choice else _Choice() for i in range(len(handles) * n)]
+    started: set[int] = set()
     try:
         for c in opening:
             yield _sse({**head, "choices": [c], **extra})
         async for h, ev in _merged(handles):
+            if first is not None and h not in started:
+                started.add(h)
+                for c in first(h):
+                    yield _sse({**head, "choices": [c], **extra})
             i = h * n + ev.index
             choices[i].add(ev)
-            for c in render(i, ev):
+            for c in render(i, ev, choices[i]):
                 yield _sse({**head, "choices": [c], **extra})
         _check_finished(choices)
         if include_usage:
@@ -317,21 +347,35 @@ async def _event_stream(handles: list, n: int, prompt_tokens: int, head: dict, i
         yield _sse(error_body(f"generation failed ({type(e).__name__}): {e}", "server_error", None, "internal_error"))
 
 
-def _chat_chunks(i: int, ev) -> list[dict]:
-    out = []
-    if ev.reasoning_delta or ev.text_delta:  # DeepSeek's delta: one of the two fields set, the other null
-        delta = {"content": ev.text_delta or None, "reasoning_content": ev.reasoning_delta or None}
-        out.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
-    if ev.finished:
-        out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason})
-    return out
+def _chat_chunks(pieces: TokenPieces | None):
+    """Chunks of a chat stream; with ``pieces`` (logprobs asked) each token's chunk carries its logprobs."""
+    def render(i: int, ev, choice: _Choice) -> list[dict]:
+        out = []
+        lp = None
+        if pieces is not None and ev.token_id is not None:
+            lp = chat_logprobs(pieces, [ev.token_id], [ev.logprob], [ev.top_logprobs])
+        if ev.reasoning_delta or ev.text_delta or lp:  # DeepSeek's delta: one of the two fields set, the other null
+            delta = {"content": ev.text_delta or None, "reasoning_content": ev.reasoning_delta or None}
+            out.append({"index": i, "delta": delta, "logprobs": lp, "finish_reason": None})
+        if ev.finished:
+            out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason})
+        return out
+    return render
 
 
-def _completion_chunks(i: int, ev) -> list[dict]:
-    if not (ev.text_delta or ev.finished):
-        return []
-    finish = ev.finish_reason if ev.finished else None
-    return [{"index": i, "text": ev.text_delta, "logprobs": None, "finish_reason": finish}]
+def _completion_chunks(pieces: TokenPieces | None):
+    """Chunks of a completions stream; with ``pieces`` (logprobs asked) one per token, with its logprobs."""
+    def render(i: int, ev, choice: _Choice) -> list[dict]:
+        with_token = pieces is not None and ev.token_id is not None
+        if not (ev.text_delta or ev.finished or with_token):
+            return []
+        lp = None
+        if pieces is not None:
+            lp = legacy_logprobs(pieces, [ev.token_id], [ev.logprob], [ev.top_logprobs], [choice.offsets[-1]]) \
+                if with_token else legacy_logprobs(pieces, [], [], [], [])
+        finish = ev.finish_reason if ev.finished else None
+        return [{"index": i, "text": ev.text_delta, "logprobs": lp, "finish_reason": finish}]
+    return render
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -341,9 +385,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class OpenAIServer:
     """Turns validated requests into engine requests and their events into OpenAI responses."""
 
-    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = False):
+    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.limits, self.think = limits, think
+        self.limits, self.think = limits, think    # think: the thinking of requests that do not say
+        self.pieces = TokenPieces(tokenizer)
         self.context = limits.context_length or getattr(engine, "max_seq_len", None)
         if not self.context:
             raise ValueError("no context length: set ServeLimits.context_length or engine.max_seq_len")
@@ -386,10 +431,16 @@ class OpenAIServer:
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         tk = self.tokenizer
+        thinking, extra = req.thinking(self.think), req.template_kwargs()
         try:
-            return tk.encode_chat(req.chat(), add_generation_prompt=True, thinking=self.think)[0]
+            return tk.encode_chat(req.chat(), add_generation_prompt=True, thinking=thinking, **extra)[0]
+        except TypeError as e:   # a template keyword that collides with a parameter of encode_chat
+            if not extra:
+                raise
+            raise APIError(400, f"chat_template_kwargs: this server's chat template takes no "
+                                f"{short(', '.join(sorted(extra)))}", "chat_template_kwargs", "invalid_value") from e
         except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
-            raise APIError(400, f"messages: {e}", "messages", "invalid_value") from e
+            raise APIError(400, f"messages: {short(str(e), 300)}", "messages", "invalid_value") from e
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompts = req.prompts()
@@ -417,11 +468,12 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ the engine
     def submit(self, prompts: list[list[int]], req: SamplingRequest, max_new_tokens: int,
-               split_reasoning: bool) -> list:
+               split_reasoning: bool, top_logprobs: int = 0, prompt_logprobs: int | None = None) -> list:
         top_k = min(req.top_k, self.tokenizer.vocab_size)   # k >= the vocabulary filters nothing
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
                                 top_p=float(req.top_p), top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop),
-                                ignore_eos=req.ignore_eos, split_reasoning=split_reasoning)
+                                ignore_eos=req.ignore_eos, split_reasoning=split_reasoning,
+                                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         handles = []
         try:
             for ids in prompts:
@@ -437,14 +489,16 @@ class OpenAIServer:
         self.check(req)
         ids = self.chat_prompt(req)
         max_new = self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
-        handles = self.submit([ids], req, max_new, split_reasoning=True)
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        handles = self.submit([ids], req, max_new, split_reasoning=True, top_logprobs=top)
+        pieces = self.pieces if req.logprobs else None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
             opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None} for i in range(req.n)]
             body = _event_stream(handles, req.n, len(ids), {**head, "object": "chat.completion.chunk"},
-                                 req.include_usage(), opening, _chat_chunks)
+                                 req.include_usage(), opening, _chat_chunks(pieces))
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             choices = await _collect(request, handles, req.n)
@@ -452,46 +506,112 @@ class OpenAIServer:
             return Response(status_code=499)  # nobody is listening; the requests are cancelled
         return {**head, "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning or None},
-             "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+             "logprobs": chat_logprobs(pieces, c.token_ids, c.logprobs, c.tops) if pieces else None,
+             "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
             "usage": _usage(len(ids), choices)}
+
+    def _prompt_logprobs(self, handle, ids: list[int], echo: str) -> dict:
+        """The legacy logprobs of an echoed prompt; offsets into ``echo`` (which may lack the BOS text)."""
+        pl = handle.prompt_logprobs
+        shift = len(echo) - len(self.tokenizer.decode(ids))
+        offsets = [max(0, o + shift) for o in text_offsets(self.tokenizer, ids)]
+        return legacy_logprobs(self.pieces, ids, pl.logprobs, pl.top, offsets)
 
     async def completions(self, req: CompletionRequest, request: Request):
         self.check(req)
         prompts = self.completion_prompts(req)
         max_new = self.budget(max(len(p) for p in prompts), req.max_tokens, "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        want_lp = req.logprobs is not None
         # A raw continuation: the text keeps its <think> tags (no reasoning split).
-        handles = self.submit(prompts, req, max_new, split_reasoning=False)
+        handles = self.submit(prompts, req, max_new, split_reasoning=False, top_logprobs=req.logprobs or 0,
+                              prompt_logprobs=req.logprobs if want_lp and req.echo else None)
+        pieces = self.pieces if want_lp else None
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else "" for p in req.prompts()]
+
+        def new_choice(i: int) -> _Choice:       # offsets in the returned text: after the echo
+            return _Choice(tracker=TextOffsets(self.tokenizer, len(echoes[i // n])) if want_lp else None)
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         n = req.n
+
+        def echo_logprobs(h: int) -> dict | None:
+            return self._prompt_logprobs(handles[h], prompts[h], echoes[h]) if want_lp else None
+
         if req.stream:
-            opening = [{"index": i, "text": echoes[i // n], "logprobs": None, "finish_reason": None}
-                       for i in range(len(prompts) * n) if echoes[i // n]]
-            body = _event_stream(handles, n, prompt_tokens, head, req.include_usage(), opening, _completion_chunks)
+            def first(h: int) -> list[dict]:      # the echo, once the prefill has scored the prompt
+                if not req.echo:
+                    return []
+                lp = echo_logprobs(h)
+                return [{"index": h * n + k, "text": echoes[h], "logprobs": lp, "finish_reason": None}
+                        for k in range(n)]
+            body = _event_stream(handles, n, prompt_tokens, head, req.include_usage(), [], _completion_chunks(pieces),
+                                 first, new_choice)
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            choices = await _collect(request, handles, n)
+            choices = await _collect(request, handles, n, new_choice)
         except ClientGone:
             return Response(status_code=499)
-        return {**head, "choices": [
-            {"index": i, "text": echoes[i // n] + c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)], "usage": _usage(prompt_tokens, choices)}
+        out = []
+        for i, c in enumerate(choices):
+            lp = None
+            if want_lp:
+                mine = legacy_logprobs(self.pieces, c.token_ids, c.logprobs, c.tops, c.offsets)
+                lp = merge_legacy([echo_logprobs(i // n), mine]) if req.echo else mine
+            out.append({"index": i, "text": echoes[i // n] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {**head, "choices": out, "usage": _usage(prompt_tokens, choices)}
+
+    # ------------------------------------------------------------------ tokenizer (vLLM's endpoints)
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        if req.model is not None:
+            self.check_model(req.model)
+        try:
+            if req.messages is not None:
+                try:
+                    chat = ChatCompletionRequest.model_validate({"model": self.model_name, "messages": req.messages,
+                                                                 "chat_template_kwargs": req.chat_template_kwargs})
+                except ValidationError as e:
+                    raise validation_error(list(e.errors())) from None
+                ids = self.chat_prompt(chat)
+            else:
+                ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+        except ValueError as e:
+            raise APIError(400, f"{'messages' if req.messages is not None else 'prompt'}: {short(str(e), 300)}",
+                           "messages" if req.messages is not None else "prompt", "invalid_value") from e
+        return {"count": len(ids), "max_model_len": self.context, "tokens": ids}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        if req.model is not None:
+            self.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < self.tokenizer.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens: ids {bad[:5]} are outside the vocabulary [0, {self.tokenizer.vocab_size})",
+                           "tokens", "invalid_value")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def tokenizer_info(self) -> dict:
+        tk = self.tokenizer
+        name = {attr: tk.decode([getattr(tk, f"{attr}_id")]) if getattr(tk, f"{attr}_id", None) is not None else None
+                for attr in ("bos", "eos", "pad")}
+        return {"tokenizer_class": type(tk).__name__, "bos_token": name["bos"], "eos_token": name["eos"],
+                "pad_token": name["pad"], "chat_template": getattr(tk, "chat_template", None),
+                "model_max_length": self.context, "vocab_size": tk.vocab_size}
 
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 # ---------------------------------------------------------------------------- the app
-def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None, think: bool = False) -> FastAPI:
+def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None,
+               think: bool = DEFAULT_THINKING) -> FastAPI:
     """The API and web chat over ``engine`` (started by the caller; see ``nanoseek.serve.cli``).
 
     ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
     ``max_seq_len``). ``tokenizer``: ``nanoseek.data.tokenizer.Tokenizer`` (or anything with its
-    ``encode``, ``encode_chat``, ``decode`` and ``vocab_size``). ``think``: end chat
-    prompts with ``<think>\\n`` as DeepSeek-R1's template does (the engine then reads the
-    completion as reasoning until ``</think>``).
+    ``encode``, ``encode_chat``, ``decode`` and ``vocab_size``). ``think``: the chat template's
+    thinking switch for requests that do not set it (``chat_template_kwargs.thinking`` or
+    ``reasoning_effort``); the engine reads a completion as reasoning until ``</think>`` when the
+    prompt ends in an open think block.
     """
     server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think)
     app = FastAPI(title="nanoseek", description="OpenAI-compatible API for a nanoseek DeepSeek-V3 model",
@@ -542,5 +662,17 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         return await server.completions(req, request)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        return server.tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        return server.detokenize(req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return server.tokenizer_info()
 
     return app

@@ -6,7 +6,11 @@ starts the continuous-batching inference engine and serves, on 127.0.0.1:8000 by
   /                       the web chat (streaming, the reasoning in a collapsible "thinking" block)
   /v1/models              the model served (its id is --model-name)
   /v1/chat/completions    chat, the answer in ``content`` and the chain of thought in ``reasoning_content``
-  /v1/completions         raw text continuation
+  /v1/completions         raw text continuation (logprobs, echo: what lm-evaluation-harness scores with)
+  /tokenize, /detokenize, /tokenizer_info   vLLM's tokenizer endpoints (lm-eval's remote tokenizer)
+
+Thinking is per request (``chat_template_kwargs: {"thinking": true}`` or ``reasoning_effort``);
+``--think/--no-think`` sets it for requests that do not say (default off, as ``chat`` and ``generate``).
 
 Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 Concurrent requests are decoded together, up to --max-batch-size rows (a request with ``n``
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 
 from nanoseek import limits
+from nanoseek.infer.thinking import add_think_argument
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -47,8 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile (the first requests wait while it compiles; "
                         "falls back to eager with a warning if compiling fails)")
-    g.add_argument("--think", action="store_true",
-                   help="end chat prompts with '<think>\\n' as DeepSeek-R1's template does, forcing a reasoning block")
+    add_think_argument(g, "chat requests that do not set chat_template_kwargs.thinking or reasoning_effort")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

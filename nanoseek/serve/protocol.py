@@ -3,8 +3,25 @@
 Requests are validated by pydantic models in strict mode: a number sent as a string, a boolean
 sent as an integer or a field the server does not know is rejected rather than coerced or
 ignored, with an OpenAI-style error naming the field (``param``). Fields of OpenAI's API that
-nanoseek does not implement (penalties, logprobs, tools...) are accepted only at their neutral
-value, so a client never silently gets something other than what it asked for.
+nanoseek does not implement (penalties, logit_bias, tools, audio, web search...) are accepted
+only at their neutral value (:data:`NEUTRAL_VALUES`), so a client never silently gets something
+other than what it asked for. Fields that cannot change the output are accepted and ignored
+(:data:`IGNORED_FIELDS`: ``store``, ``metadata``, ``user``, ``service_tier``, ``prediction``...).
+An error message never echoes a long value or field name back: both are cut (:func:`short`).
+
+Logprobs (of the model's distribution before temperature/top-p/top-k, as vLLM reports them):
+``/v1/completions`` takes ``logprobs`` = N in 0..20 (each token's logprob and its N most likely
+alternatives, OpenAI's legacy format) and ``echo`` (the prompt is returned before the completion,
+with the prompt tokens' logprobs when ``logprobs`` is set; ``max_tokens`` 0 then only scores
+the prompt: what lm-evaluation-harness's loglikelihood requests need). ``/v1/chat/completions``
+takes ``logprobs: true`` and ``top_logprobs`` in 0..20.
+
+Thinking per request (DeepSeek-V3.1's convention): ``chat_template_kwargs`` is passed to the chat
+template, its ``thinking`` (bool) switching the think block on or off; ``reasoning_effort``
+(OpenAI's values) maps onto it (:data:`REASONING_EFFORT_THINKING`): "none" and "minimal" are
+off, "low", "medium", "high" and "xhigh" on (the model has one way to think, so the three are
+the same). Both given and disagreeing is a 400 naming both; neither given: the server's default
+(``nanoseek serve --think/--no-think``, off unless told).
 
 Extensions beyond OpenAI's fields, as vLLM and SGLang accept them: ``top_k``, and
 ``ignore_eos`` (generate all ``max_tokens``, for benchmarks). Output follows
@@ -27,26 +44,51 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on ``stop``
 INT_MAX = 2**31 - 1     # the largest count a field takes (tokens, choices, top_k): what int32 tensors hold
 SEED_MAX = 2**63 - 1    # seeds: a non-negative int64
+
+MAX_LOGPROBS = 20       # top alternatives per token (the engine's limit, vLLM's default)
+MAX_ERROR_VALUE = 60    # characters of a client's value or field name an error message may quote
 
 # OpenAI request fields nanoseek does not implement -> the values that mean "off". Any other
 # value is a 400 naming the field; the neutral values are accepted so generic clients still work.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
+    "functions": (None, []),                 # the deprecated form of tools
+    "function_call": (None, "none"),
     "parallel_tool_calls": (None, False, True),
     "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None, "medium"),
     "suffix": (None, ""),
 }
+# OpenAI request fields that cannot change what is generated: accepted (type-checked) and ignored.
+# store/metadata: what OpenAI keeps of the request (nothing is kept here); user, safety_identifier,
+# prompt_cache_key, prompt_cache_retention, service_tier: accounting and caching hints; prediction:
+# a predicted output only speeds OpenAI's decoding up, the output is the same.
+IGNORED_FIELDS = ("store", "metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                  "service_tier", "prediction")
+# reasoning_effort -> chat_template_kwargs.thinking
+REASONING_EFFORT_THINKING: dict[str, bool] = {"none": False, "minimal": False, "low": True, "medium": True,
+                                              "high": True, "xhigh": True}
+# chat_template_kwargs keys the server sets itself (the messages, the tokenizer's tokens, the template)
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "tools", "documents", "chat_template",
+                                      "tokenize", "continue_final_message", "bos_token", "eos_token", "unk_token",
+                                      "sep_token", "pad_token", "cls_token", "mask_token"})
+
+
+def short(text: str, limit: int = MAX_ERROR_VALUE) -> str:
+    """A client's text (a field name, a value's ``repr``) cut to ``limit`` characters, for error messages."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -91,7 +133,8 @@ def validation_error(errors: list[dict]) -> APIError:
     loc = tuple(first.get("loc", ()))
     kind = first.get("type", "")
     param = param_path(loc)
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    param = short(param) if param else None            # a field name can be as long as the body
+    msg = short(str(first.get("msg", "invalid value")).removeprefix("Value error, "), 4 * MAX_ERROR_VALUE)
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return APIError(400, f"request body is not valid JSON ({detail or msg})", None, "invalid_json")
@@ -120,6 +163,7 @@ class ChatMessage(_Strict):
     # "developer" is OpenAI's newer name for "system"; DeepSeek's template has no tool role.
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+    name: str | None = None          # OpenAI's participant name: accepted, not rendered (DeepSeek's template has none)
     reasoning_content: Any = None
 
     @field_validator("content", mode="before")
@@ -128,7 +172,7 @@ class ChatMessage(_Strict):
         if isinstance(v, list):
             for i, part in enumerate(v):
                 if isinstance(part, dict) and part.get("type") not in (None, "text"):
-                    raise ValueError(f"content part {i} has type {part.get('type')!r}: only 'text' parts "
+                    raise ValueError(f"content part {i} has type {short(repr(part.get('type')))}: only 'text' parts "
                                      "are supported by this text-only model")
         elif not isinstance(v, str):
             raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts")
@@ -148,6 +192,7 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool = True     # OpenAI pads chunks against side channels; nothing to pad here: ignored
 
 
 class SamplingRequest(_Strict):
@@ -164,11 +209,17 @@ class SamplingRequest(_Strict):
     stop: Any = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # cannot change the output: accepted and ignored (see IGNORED_FIELDS)
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
     # not implemented: accepted only at their neutral values (see NEUTRAL_VALUES)
     presence_penalty: Any = None
     frequency_penalty: Any = None
-    logprobs: Any = None
     logit_bias: Any = None
 
     @field_validator("stop", mode="before")
@@ -200,20 +251,70 @@ class SamplingRequest(_Strict):
             if name in type(self).model_fields:
                 value = getattr(self, name)
                 if not any(type(value) is type(n) and value == n for n in neutral):
-                    raise APIError(400, f"{name}={value!r} is not supported by this server", name,
+                    raise APIError(400, f"{name}={short(repr(value))} is not supported by this server", name,
                                    "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options", "invalid_value")
 
 
+class PredictionContent(_Strict):
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT_MAX)  # OpenAI's newer name for max_tokens
-    top_logprobs: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal[tuple(REASONING_EFFORT_THINKING)] | None = None  # type: ignore[valid-type]
+    prediction: PredictionContent | None = None      # ignored: see IGNORED_FIELDS
+    # not implemented: accepted only at their neutral values (see NEUTRAL_VALUES)
     tools: Any = None
     tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
     parallel_tool_calls: Any = None
     response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        for key in v:
+            if key in RESERVED_TEMPLATE_KWARGS:
+                raise ValueError(f"{short(key)!r} is set by the server, not by chat_template_kwargs")
+            if not key.isidentifier():
+                raise ValueError(f"{short(repr(key))} is not a template variable name")
+        if v.get("thinking") is not None and not isinstance(v["thinking"], bool):
+            raise ValueError("thinking must be true or false")
+        return v
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+
+    def thinking(self, default: bool) -> bool:
+        """Whether the chat template opens a think block: ``chat_template_kwargs.thinking``, else
+        ``reasoning_effort`` mapped by :data:`REASONING_EFFORT_THINKING`, else ``default``."""
+        asked = (self.chat_template_kwargs or {}).get("thinking")
+        effort = None if self.reasoning_effort is None else REASONING_EFFORT_THINKING[self.reasoning_effort]
+        if asked is not None and effort is not None and asked != effort:
+            raise APIError(400, f"chat_template_kwargs.thinking={str(asked).lower()} contradicts "
+                                f"reasoning_effort={self.reasoning_effort!r} (which means thinking "
+                                f"{'on' if effort else 'off'}): send one of them", "reasoning_effort", "invalid_value")
+        return next(x for x in (asked, effort, default) if x is not None)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """``chat_template_kwargs`` other than ``thinking``, for the chat template."""
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k != "thinking"}
 
     def requested_max_tokens(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -229,7 +330,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: Any
+    max_tokens: int | None = Field(None, ge=0, le=INT_MAX)    # 0 with echo: score the prompt only
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=INT_MAX)
     suffix: Any = None
 
@@ -259,3 +362,25 @@ class CompletionRequest(SamplingRequest):
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of other than n is not supported by this server", "best_of",
                            "unsupported_parameter")
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``/tokenize``: a raw ``prompt`` (control-token strings parsed, BOS added with
+    ``add_special_tokens``) or chat ``messages`` (rendered as ``/v1/chat/completions`` renders them)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
