@@ -241,8 +241,8 @@ def test_vocabulary_is_the_tokenizers(tokenizer, tmp_path, capsys):
     for i in range(V):
         if i < tokenizer.vocab_size:
             assert tokens[i] == tokenizer.id_to_token(i)
-            want = 3 if i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.user_id,
-                              tokenizer.assistant_id) else 4 if i in (tokenizer.think_id, tokenizer.end_think_id) else 1
+            want = 3 if i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.token_to_id("<｜User｜>"),
+                              tokenizer.token_to_id("<｜Assistant｜>")) else 4 if i in (tokenizer.think_id, tokenizer.end_think_id) else 1
             assert types[i] == want, (i, tokens[i])
         else:
             assert (tokens[i], types[i]) == (f"[PAD{i}]", 5)

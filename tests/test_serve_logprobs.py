@@ -294,12 +294,17 @@ def test_template_kwargs_reach_the_template_and_contradictions_are_400(fake):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
 
 
-def test_a_tokenizer_without_template_keywords_gets_a_400_not_a_500(served):
-    client, _, _ = served       # nanoseek's own Tokenizer on this branch takes no extra template keywords
-    r = client.post("/v1/chat/completions", json=chat(chat_template_kwargs={"some_flag": 1}))
-    assert r.status_code in (200, 400)
-    if r.status_code == 400:
-        assert r.json()["error"]["param"] == "chat_template_kwargs" and "some_flag" in r.json()["error"]["message"]
+def test_template_keywords_reach_a_real_tokenizers_template(served):
+    client, _, tok = served     # nanoseek's own Tokenizer: extra keywords are Jinja variables, as in transformers
+    r = client.post("/v1/chat/completions", json=chat(chat_template_kwargs={"some_flag": 1}, max_tokens=4))
+    assert r.status_code == 200, r.text
+    thinking = client.post("/v1/chat/completions", json=chat(chat_template_kwargs={"thinking": True}, max_tokens=4))
+    plain = client.post("/v1/chat/completions", json=chat(chat_template_kwargs={"thinking": False}, max_tokens=4))
+    ids_on = tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True, thinking=True)[0]
+    ids_off = tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True, thinking=False)[0]
+    assert len(ids_on) > len(ids_off)
+    assert thinking.json()["usage"]["prompt_tokens"] == len(ids_on)
+    assert plain.json()["usage"]["prompt_tokens"] == len(ids_off)
 
 
 # ----------------------------------------------------------------------------- OpenAI's other fields
