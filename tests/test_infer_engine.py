@@ -260,3 +260,19 @@ def test_sampling_settings_follow_the_request_not_the_row(model):
     for _ in range(3):
         engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
         assert engine.generate([PROMPTS[0]], params)[0][0].token_ids == fresh
+
+
+def test_every_stop_id_of_the_tokenizer_stops(model):
+    """A checkpoint's generation_config.json can name several EOS ids (Llama-3's <|eot_id|> and
+    <|end_of_text|>): the tokenizer's ``stop_ids`` all stop a sample, not only ``eos_id``."""
+    prompt = PROMPTS[0]
+    first = reference_greedy(model, prompt, 3)
+    second_stop = first[2]                                   # the greedy third token
+    tok = ByteTokenizer()
+    tok.stop_ids = (tok.eos_id, second_stop) if second_stop != tok.eos_id else (tok.eos_id,)
+    engine = Engine(model, tok, max_batch_size=2, max_seq_len=64)
+    [[c]] = engine.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0))
+    stop_at = next(i for i, t in enumerate(first) if t in tok.stop_ids)
+    assert c.token_ids == first[:stop_at + 1] and c.finish_reason == "stop"
+    [[c]] = engine.generate([prompt], SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))
+    assert c.completion_tokens == 10 and c.finish_reason == "length"
