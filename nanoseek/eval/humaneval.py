@@ -203,7 +203,7 @@ def extract_code(reply: str, mode: str) -> str | None:
         picked = [code for tag, code in blocks if tag.lower() in langs]
         if picked and picked[-1].strip():
             return picked[-1]
-    text = region.strip("\n")
+    text = region.strip("\n") + "\n"
     return text if text.strip() and "```" not in text and _parses(text) else None
 
 
