@@ -312,6 +312,10 @@ def test_mixed_with_builtin_tasks_and_chat_mode():
     assert res.task_names == ["arithmetic", "humaneval"]
     assert res.pass1("humaneval").mean == 1.0 and res.summary("humaneval")["n"] == 3
     assert res.summary()["n"] == 6
+    # overlapping items evaluate each problem once
+    res = evaluate(None, tok, "humaneval:3-4,humaneval:4-5", engine=Mixed(tok, script), mode="chat", k=1)
+    assert [p.id for p in res.problems] == ["HumanEval/3", "HumanEval/4", "HumanEval/5"]
+    assert any("evaluated once" in n for n in res.notes)
 
 
 @pytest.fixture(scope="module")

@@ -195,6 +195,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
     from nanoseek.tasks.generators import get_task, parse_task_specs
 
     problems, prompts, notes = [], [], []
+    seen: set[tuple[str, str]] = set()
+    repeated = 0
     shortened = cut_budget = 0
     examples_cache: dict[tuple[str, int], list] = {}
     reserve = min(cfg.max_new_tokens, context // 2) if context else cfg.max_new_tokens   # room kept for the answer
@@ -216,6 +218,10 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
             return source.prompt_ids(tokenizer, p, cfg.mode) if source else render_prompt(tokenizer, p, cfg.mode,
                                                                                           examples)
         for p in drawn:
+            if (p.task, p.id) in seen:      # items that overlap (humaneval:0-9,humaneval:5-14)
+                repeated += 1
+                continue
+            seen.add((p.task, p.id))
             examples = []
             if source is None and cfg.mode == "fewshot" and cfg.few_shot:
                 key = (name, p.level)
@@ -235,6 +241,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
                 cut_budget += len(ids) + cfg.max_new_tokens > context
             problems.append(p)
             prompts.append(ids)
+    if repeated:
+        notes.append(f"{repeated} problems named by more than one task item were evaluated once")
     if shortened:
         notes.append(f"fewshot: {shortened} prompts dropped examples to leave min(max_new_tokens, context / 2) = "
                      f"{reserve} tokens for the answer in the engine's context of {context} tokens")

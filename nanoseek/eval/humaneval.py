@@ -57,8 +57,8 @@ s``), so code that walks the interpreter's frames could read them; no honest com
 ``reliability_guard``.
 
 Scoring runs samples in parallel threads (:attr:`HumanEvalSettings.workers`), each in its own
-sandbox process; on this machine a problem takes about 0.13 s in the sandbox (canonical
-solutions, bubblewrap, one at a time).
+sandbox process: on the 2-core development machine (bubblewrap, under load from other jobs) the
+164 canonical solutions take 0.13-0.24 s each one at a time and 0.11 s each with 4 workers.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 class HumanEvalSettings:
     """How samples are run (the one home of these defaults)."""
 
-    timeout_s: float = 10.0   # wall clock per sample; the slowest canonical solution takes ~1 s here
+    timeout_s: float = 10.0   # wall clock per sample; every canonical solution takes under 1 s here
     memory_mb: int = 512      # address space of the sandboxed program
     workers: int = 4          # samples scored at once, each in its own sandbox process
 
