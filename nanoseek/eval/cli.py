@@ -20,6 +20,7 @@ Examples::
 
     nanoseek eval --model runs/speedrun --tasks arithmetic,countdown --n 200 --k 4
     nanoseek eval --model runs/speedrun/sft/final --mode chat --temperature 0 --out sft-greedy.json
+    nanoseek eval --model runs/speedrun --tasks humaneval --k 10 --max-new-tokens 512
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
-                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.tasks.generators; default arithmetic,countdown)")
+                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 "
+                        "(nanoseek.tasks.generators), or humaneval (the first --n of HumanEval's 164 problems), "
+                        "humaneval:A-B (problems A to B): code run in the sandbox, pass@k "
+                        "(default arithmetic,countdown)")
     p.add_argument("--n", type=limits.positive_int,
                    help=f"held-out (test split) problems per task (default {d['n']})")
     p.add_argument("--k", type=limits.positive_int,

@@ -4,7 +4,9 @@
 (:mod:`nanoseek.tasks.generators`; disjoint from ``"train"`` by construction), renders each in one of
 four prompt modes, samples ``k`` completions per problem with the inference engine, scores them
 and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, pass@1 with its
-95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``).
+95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``). A task item may instead
+name a task source the project did not write (:func:`task_source`): ``humaneval`` (HumanEval,
+:mod:`nanoseek.eval.humaneval`: its own problems, prompts per mode, stop rule and sandboxed scoring).
 
 Prompt modes (``mode``) are the templates of :mod:`nanoseek.tasks.reply` (``EVAL_TEMPLATES``),
 which renders them, says where generation stops and what text is scored:
@@ -77,8 +79,13 @@ class EvalConfig:
             raise bad("tasks", "name at least one task")
         from nanoseek.tasks.generators import parse_task_specs
 
-        try:
-            parse_task_specs(self.tasks)  # names (and levels) valid, else the item is named
+        try:  # names (and levels) valid, else the item is named
+            for item in self.tasks:
+                if task_source(item) is not None:
+                    task_source(item).validate(item)
+            builtin = [t for t in self.tasks if task_source(t) is None]
+            if builtin:
+                parse_task_specs(builtin)
         except ValueError as e:
             raise bad("tasks", str(e)) from None
         if self.mode not in EVAL_TEMPLATES:
@@ -98,6 +105,14 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------- prompts and scoring
+
+def task_source(item: str):
+    """The source of a ``--tasks`` item that is not a built-in generator (HumanEval:
+    :mod:`nanoseek.eval.humaneval`), or None for the built-in tasks."""
+    from . import humaneval
+
+    return humaneval.SOURCE if humaneval.claims(item) else None
+
 
 def score_response(text: str, problem, mode: str) -> tuple[bool, bool, str | None]:
     """(answer correct, well formed, extracted answer) of one response."""
@@ -180,35 +195,54 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
     from nanoseek.tasks.generators import get_task, parse_task_specs
 
     problems, prompts, notes = [], [], []
+    seen: set[tuple[str, str]] = set()
+    repeated = 0
     shortened = cut_budget = 0
     examples_cache: dict[tuple[str, int], list] = {}
     reserve = min(cfg.max_new_tokens, context // 2) if context else cfg.max_new_tokens   # room kept for the answer
-    for name, spec_levels in parse_task_specs(cfg.tasks):
-        levels = list(spec_levels) if spec_levels is not None else cfg.levels
-        drawn = draw_problems(name, cfg.n_problems, cfg.seed, levels)
-        if len(drawn) < cfg.n_problems:
-            notes.append(f"{name}{':' + ','.join(map(str, levels)) if levels else ''}: only {len(drawn)} distinct "
-                         f"held-out problems exist (asked for {cfg.n_problems}); all of them were evaluated")
+    for item in cfg.tasks:
+        source = task_source(item)
+        if source is not None:
+            drawn, source_notes = source.draw(item, cfg.n_problems, cfg.seed, cfg.levels)
+            notes += source_notes
+        else:
+            (name, spec_levels), = parse_task_specs([item])
+            levels = list(spec_levels) if spec_levels is not None else cfg.levels
+            drawn = draw_problems(name, cfg.n_problems, cfg.seed, levels)
+            if len(drawn) < cfg.n_problems:
+                notes.append(f"{name}{':' + ','.join(map(str, levels)) if levels else ''}: only {len(drawn)} "
+                             f"distinct held-out problems exist (asked for {cfg.n_problems}); all of them were "
+                             "evaluated")
+
+        def render(p, examples):
+            return source.prompt_ids(tokenizer, p, cfg.mode) if source else render_prompt(tokenizer, p, cfg.mode,
+                                                                                          examples)
         for p in drawn:
+            if (p.task, p.id) in seen:      # items that overlap (humaneval:0-9,humaneval:5-14)
+                repeated += 1
+                continue
+            seen.add((p.task, p.id))
             examples = []
-            if cfg.mode == "fewshot" and cfg.few_shot:
+            if source is None and cfg.mode == "fewshot" and cfg.few_shot:
                 key = (name, p.level)
                 if key not in examples_cache:
                     examples_cache[key] = get_task(name).generate("train", cfg.few_shot, seed=cfg.seed, level=p.level)
                 examples = list(examples_cache[key])
-            ids = render_prompt(tokenizer, p, cfg.mode, examples)
+            ids = render(p, examples)
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:
                     shortened += 1
                     while examples and len(ids) + reserve > context:
                         examples.pop(0)
-                        ids = render_prompt(tokenizer, p, cfg.mode, examples)
+                        ids = render(p, examples)
                 if len(ids) >= context:
                     raise ValueError(f"{p.id}: the {cfg.mode} prompt has {len(ids)} tokens, the engine's context is "
                                      f"{context}: use a larger max_seq_len or fewer few-shot examples")
                 cut_budget += len(ids) + cfg.max_new_tokens > context
             problems.append(p)
             prompts.append(ids)
+    if repeated:
+        notes.append(f"{repeated} problems named by more than one task item were evaluated once")
     if shortened:
         notes.append(f"fewshot: {shortened} prompts dropped examples to leave min(max_new_tokens, context / 2) = "
                      f"{reserve} tokens for the answer in the engine's context of {context} tokens")
@@ -223,9 +257,10 @@ def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int
     """(requests, the problem index of each): k samples per problem in chunks of ``per_request``."""
     from nanoseek.infer.sampling import SamplingParams
 
-    stop, stop_ids = stop_rule(tokenizer, cfg.mode)
     requests, owner = [], []
     for i, (p, ids) in enumerate(zip(problems, prompts)):
+        source = task_source(p.task)
+        stop, stop_ids = (source.stop_rule if source else stop_rule)(tokenizer, cfg.mode)
         for chunk, start in enumerate(range(0, cfg.k, per_request)):
             sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k, n=min(per_request, cfg.k - start),
@@ -239,13 +274,21 @@ def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int
 def _score(cfg: EvalConfig, problems: list, completions: list[list]) -> tuple[list[ProblemResult], list[dict]]:
     """Per-problem records (with pass@k / maj@k) and the first ``keep_samples`` responses per task."""
     records, samples, kept = [], [], {}
-    for p, comps in zip(problems, completions):
+    scored: dict[tuple[int, int], tuple[bool, bool, str | None]] = {}   # a task source's, scored in one batch
+    batches: dict[Any, list[tuple[tuple[int, int], Any, Any]]] = {}
+    for i, (p, comps) in enumerate(zip(problems, completions)):
         if len(comps) != cfg.k:
             raise RuntimeError(f"{p.id}: the engine returned {len(comps)} completions, expected {cfg.k}")
+        if task_source(p.task) is not None:
+            batches.setdefault(task_source(p.task), []).extend(((i, j), p, c) for j, c in enumerate(comps))
+    for source, batch in batches.items():
+        for (key, _, _), verdict in zip(batch, source.score([(p, c) for _, p, c in batch], cfg.mode)):
+            scored[key] = verdict
+    for i, (p, comps) in enumerate(zip(problems, completions)):
         correct, fmt, answers, tokens, truncated = [], [], [], [], []
         for j, c in enumerate(comps):
             text = completion_text(c, cfg.mode)
-            ok, well_formed, answer = score_response(text, p, cfg.mode)
+            ok, well_formed, answer = scored[(i, j)] if (i, j) in scored else score_response(text, p, cfg.mode)
             correct.append(ok)
             fmt.append(well_formed)
             answers.append(answer)
