@@ -20,6 +20,7 @@ Examples::
 
     nanoseek eval --model runs/speedrun --tasks arithmetic,countdown --n 200 --k 4
     nanoseek eval --model runs/speedrun/sft/final --mode chat --temperature 0 --out sft-greedy.json
+    nanoseek eval --model runs/speedrun --tasks "arithmetic:1-2,rg:chain_sum(min_terms=2, max_terms=2)"
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
-                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 (nanoseek.tasks.generators; default arithmetic,countdown)")
+                   help="comma-separated tasks: built-in ones, each optionally with levels (arithmetic:1-2,compare:1; "
+                        "nanoseek.tasks.generators), and reasoning-gym datasets rg:NAME or rg:NAME(key=value, ...) "
+                        "with its config (nanoseek.tasks.rg); default arithmetic,countdown")
     p.add_argument("--n", type=limits.positive_int,
                    help=f"held-out (test split) problems per task (default {d['n']})")
     p.add_argument("--k", type=limits.positive_int,
@@ -159,12 +162,14 @@ def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[st
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import UserError
 
+    from nanoseek.tasks.generators import split_specs
+
     from .harness import EvalConfig, evaluate
 
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
     try:                                  # bad flags fail before any model is loaded
-        cfg = EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], levels=levels,
+        cfg = EvalConfig(tasks=split_specs(args.tasks), levels=levels,
                          **given).validate()
     except (KeyError, ValueError) as e:
         raise UserError(str(e).strip("'\"")) from None

@@ -1,7 +1,9 @@
 """The evaluation harness: held-out task accuracy of a checkpoint, with k samples per problem.
 
-:func:`evaluate` draws ``n_problems`` problems of the ``"test"`` split of each built-in task
-(:mod:`nanoseek.tasks.generators`; disjoint from ``"train"`` by construction), renders each in one of
+:func:`evaluate` draws ``n_problems`` problems of the ``"test"`` split of each task of its spec: built-in
+tasks (:mod:`nanoseek.tasks.generators`), reasoning-gym datasets (``rg:NAME``, :mod:`nanoseek.tasks.rg`)
+or any source registered in :data:`nanoseek.tasks.sources.SOURCES`, mixed in one list; each source's
+test split is disjoint from what trains on it by construction. It renders each problem in one of
 four prompt modes, samples ``k`` completions per problem with the inference engine, scores them
 and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, pass@1 with its
 95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``).
@@ -9,13 +11,15 @@ and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, 
 Prompt modes (``mode``) are the templates of :mod:`nanoseek.tasks.reply` (``EVAL_TEMPLATES``),
 which renders them, says where generation stops and what text is scored:
 
-* ``fewshot``, for base models: ``few_shot`` TRAIN problems of the same task and level rendered
+* ``fewshot``, for base models: ``few_shot`` TRAIN problems of the same task and level (the
+  source's ``examples``: reasoning-gym's come from their own seed stream) rendered
   as pre-training documents before the question. The answer is ``extract_answer`` of the
   completion (its "Answer:" line); "format" here means the completion states an ``Answer:`` line.
   Examples are dropped, oldest first, when the prompt would not leave
   ``min(max_new_tokens, context / 2)`` tokens in the engine's context (noted in the result).
 * ``chat``, for SFT / GRPO models: the question as one user turn of the chat template; scored
-  with :func:`nanoseek.tasks.rewards.score`: accuracy is the answer being right whatever the
+  by the source's ``score_reply`` (:mod:`nanoseek.tasks.sources`: the task's verifier or reasoning-gym's
+  ``score_answer`` on ``extract_answer``, R1's format rule): accuracy is the answer being right whatever the
   format, format rate is R1's ``<think>`` format, reported separately (``strict@1`` needs both).
 * ``chat-think``: the same with ``<think>\\n`` pre-filled (the R1 template).
 * ``r1-zero``: DeepSeek-R1-Zero's plain-text template (as ``nanoseek grpo`` with
@@ -43,8 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from nanoseek.tasks.reply import (EVAL_TEMPLATES, completion_text, extract_answer, render_prompt, states_answer_line,
-                                  stop_rule)
+from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text, render_prompt, stop_rule
 
 from .results import EvalResult, ProblemResult, k_values
 
@@ -75,10 +78,10 @@ class EvalConfig:
 
         if not self.tasks:
             raise bad("tasks", "name at least one task")
-        from nanoseek.tasks.generators import parse_task_specs
+        from nanoseek.tasks.sources import parse_sources
 
         try:
-            parse_task_specs(self.tasks)  # names (and levels) valid, else the item is named
+            parse_sources(self.tasks)  # names (levels, configs) valid, else the item is named
         except ValueError as e:
             raise bad("tasks", str(e)) from None
         if self.mode not in EVAL_TEMPLATES:
@@ -99,18 +102,12 @@ class EvalConfig:
 
 # ---------------------------------------------------------------------- prompts and scoring
 
-def score_response(text: str, problem, mode: str) -> tuple[bool, bool, str | None]:
-    """(answer correct, well formed, extracted answer) of one response."""
-    if mode == "fewshot":
-        from nanoseek.tasks.generators import get_task
+def score_response(text: str, problem, mode: str, source=None) -> tuple[bool, bool, str | None]:
+    """(answer correct, well formed, extracted answer) of one response, graded by the problem's task
+    source (``source``, or the one ``problem.task`` names)."""
+    from nanoseek.tasks.sources import resolve
 
-        answer = extract_answer(text)
-        correct = answer is not None and get_task(problem.task).verify(answer, problem)
-        return bool(correct), states_answer_line(text), answer
-    from nanoseek.tasks.rewards import RewardConfig, score
-
-    r = score(text, problem, RewardConfig.for_template(mode))
-    return bool(r.correct), bool(r.format_ok), r.answer
+    return (source or resolve(problem.task)).score_reply(text, problem, mode)
 
 
 def request_seed(seed: int, problem_id: str, chunk: int) -> int:
@@ -121,14 +118,13 @@ def request_seed(seed: int, problem_id: str, chunk: int) -> int:
 # ---------------------------------------------------------------------- problems
 
 def draw_problems(task_name: str, n: int, seed: int, levels: Sequence[int] | None) -> list:
-    """``n`` distinct test problems of a task: all levels mixed, or ``levels`` in equal shares
-    (a level whose test space runs out, like arithmetic L1's ~41 sums, leaves the rest to the
-    others; see ``Task.generate``). Fewer than ``n`` when the whole space is smaller (modular L1
-    alone has ~80): the result's N says how many were evaluated."""
-    from nanoseek.tasks.generators import get_task
+    """``n`` distinct test problems of a task spec item (a built-in task: all levels mixed, or
+    ``levels`` in equal shares; a level whose test space runs out, like arithmetic L1's ~41 sums,
+    leaves the rest to the others; see ``Task.generate``). Fewer than ``n`` when the whole space is
+    smaller (modular L1 alone has ~80): the result's N says how many were evaluated."""
+    from nanoseek.tasks.sources import resolve
 
-    return get_task(task_name).generate("test", n, seed=seed, level=list(levels) if levels else None,
-                                        allow_fewer=True)
+    return resolve(task_name).test_problems(n, seed, list(levels) if levels else None)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -175,26 +171,28 @@ def model_info(model) -> dict[str, Any]:
     return info
 
 
-def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list[list[int]], list[str]]:
-    """(problems, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
-    from nanoseek.tasks.generators import get_task, parse_task_specs
+def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list, list[list[int]], list[str]]:
+    """(problems, their task sources, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
+    from nanoseek.tasks.sources import BuiltinSource, parse_sources
 
-    problems, prompts, notes = [], [], []
+    problems, owners, prompts, notes = [], [], [], []
     shortened = cut_budget = 0
     examples_cache: dict[tuple[str, int], list] = {}
     reserve = min(cfg.max_new_tokens, context // 2) if context else cfg.max_new_tokens   # room kept for the answer
-    for name, spec_levels in parse_task_specs(cfg.tasks):
-        levels = list(spec_levels) if spec_levels is not None else cfg.levels
-        drawn = draw_problems(name, cfg.n_problems, cfg.seed, levels)
+    for source in parse_sources(cfg.tasks):
+        levels = None
+        if isinstance(source, BuiltinSource):     # the config's levels apply to built-in tasks written without
+            levels = list(source.levels) if source.levels is not None else cfg.levels
+        drawn = source.test_problems(cfg.n_problems, cfg.seed, levels)
         if len(drawn) < cfg.n_problems:
-            notes.append(f"{name}{':' + ','.join(map(str, levels)) if levels else ''}: only {len(drawn)} distinct "
-                         f"held-out problems exist (asked for {cfg.n_problems}); all of them were evaluated")
+            notes.append(f"{source.name}{':' + ','.join(map(str, levels)) if levels else ''}: only {len(drawn)} "
+                         f"distinct held-out problems exist (asked for {cfg.n_problems}); all of them were evaluated")
         for p in drawn:
             examples = []
             if cfg.mode == "fewshot" and cfg.few_shot:
-                key = (name, p.level)
+                key = (source.name, p.level)
                 if key not in examples_cache:
-                    examples_cache[key] = get_task(name).generate("train", cfg.few_shot, seed=cfg.seed, level=p.level)
+                    examples_cache[key] = source.examples(p.level, cfg.few_shot, cfg.seed)
                 examples = list(examples_cache[key])
             ids = render_prompt(tokenizer, p, cfg.mode, examples)
             if context is not None:
@@ -208,6 +206,7 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
                                      f"{context}: use a larger max_seq_len or fewer few-shot examples")
                 cut_budget += len(ids) + cfg.max_new_tokens > context
             problems.append(p)
+            owners.append(source)
             prompts.append(ids)
     if shortened:
         notes.append(f"fewshot: {shortened} prompts dropped examples to leave min(max_new_tokens, context / 2) = "
@@ -215,7 +214,7 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
     if cut_budget:
         notes.append(f"{cut_budget} prompts leave fewer than max_new_tokens={cfg.max_new_tokens} tokens of context "
                      f"({context}); their samples stop earlier (counted as truncated)")
-    return problems, prompts, notes
+    return problems, owners, prompts, notes
 
 
 def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int]],
@@ -236,16 +235,17 @@ def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int
     return requests, owner
 
 
-def _score(cfg: EvalConfig, problems: list, completions: list[list]) -> tuple[list[ProblemResult], list[dict]]:
+def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list]
+           ) -> tuple[list[ProblemResult], list[dict]]:
     """Per-problem records (with pass@k / maj@k) and the first ``keep_samples`` responses per task."""
     records, samples, kept = [], [], {}
-    for p, comps in zip(problems, completions):
+    for p, source, comps in zip(problems, owners, completions):
         if len(comps) != cfg.k:
             raise RuntimeError(f"{p.id}: the engine returned {len(comps)} completions, expected {cfg.k}")
         correct, fmt, answers, tokens, truncated = [], [], [], [], []
         for j, c in enumerate(comps):
             text = completion_text(c, cfg.mode)
-            ok, well_formed, answer = score_response(text, p, cfg.mode)
+            ok, well_formed, answer = score_response(text, p, cfg.mode, source)
             correct.append(ok)
             fmt.append(well_formed)
             answers.append(answer)
@@ -267,7 +267,7 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
              progress: Callable[[int, int], None] | None = None, **settings: Any) -> EvalResult:
     """Evaluate ``model`` on held-out problems; see the module docstring.
 
-    ``tasks``: an :class:`EvalConfig`, or the task names (a list or "a,b"); ``settings``: fields of
+    ``tasks``: an :class:`EvalConfig`, or the task spec (a list or "a,rg:b"); ``settings``: fields of
     :class:`EvalConfig` (``n_problems``, ``k``, ``mode``, ``temperature``, ...) set over it; a
     setting not given takes EvalConfig's default (their one home). ``engine``: an engine to
     sample with (default: ``Engine(model, tokenizer, max_batch_size=batch_size,
@@ -279,8 +279,9 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
     if isinstance(tasks, EvalConfig):
         cfg = replace(tasks, **settings)  # a copy: the caller's config is left as it was
     else:
-        names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
-        cfg = EvalConfig(tasks=names, **settings)
+        from nanoseek.tasks.generators import split_specs
+
+        cfg = EvalConfig(tasks=split_specs(tasks), **settings)
     cfg.validate()
     notes: list[str] = []
     if cfg.temperature == 0 and cfg.k > 1:
@@ -293,14 +294,14 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
         engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, max_seq_len=max_seq_len)
     context = getattr(engine, "max_seq_len", None)
 
-    problems, prompts, render_notes = _render(cfg, tokenizer, context)
+    problems, owners, prompts, render_notes = _render(cfg, tokenizer, context)
     notes += render_notes
     requests, owner = _requests(cfg, tokenizer, problems, prompts,
                                 per_request=min(cfg.k, int(getattr(engine, "max_batch_size", cfg.k))))
     completions: list[list] = [[] for _ in problems]
     for i, comps in zip(owner, _run_requests(engine, requests, progress)):
         completions[i].extend(comps)
-    records, samples = _score(cfg, problems, completions)
+    records, samples = _score(cfg, problems, owners, completions)
 
     wall = time.perf_counter() - t0
     generated = sum(sum(r.tokens) for r in records)
