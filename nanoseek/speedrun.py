@@ -479,7 +479,7 @@ def _report(run_dir: Path, log):
 def _print_summary(run_dir: Path, log) -> None:
     from nanoseek.eval.results import EvalResult, paired_comparison
 
-    prev = None
+    prev = prev_ext = None
     for stage in ("pretrain", "sft", "grpo"):
         path = run_dir / stage / "eval.json"
         if not path.exists():
@@ -491,4 +491,14 @@ def _print_summary(run_dir: Path, log) -> None:
                 if c.task == "overall" or len(paired_comparison(prev, r)) == 1:
                     line += f" | vs previous: {c.diff} ({c.verdict})"
         log(line)
+        ext_path = run_dir / stage / "external.json"
+        if ext_path.exists():
+            ext = EvalResult.load(ext_path)
+            line = f"{'':9s} external pass@1 {_fmt(ext.summary())}"
+            if prev_ext is not None:
+                overall = [c for c in paired_comparison(prev_ext, ext) if c.task == "overall"] or \
+                    paired_comparison(prev_ext, ext)[:1]
+                line += "".join(f" | vs previous: {c.diff} ({c.verdict})" for c in overall)
+            log(line)
+            prev_ext = ext
         prev = r
