@@ -115,8 +115,25 @@ def test_held_out_questions_never_reach_training(spec):
     train |= {ex.messages[0]["content"] for ex in load_sft_examples(spec, 200, seed=1)}
     train |= {p.prompt for seed in (0, 3) for p in src.examples(0, 20, seed)}
     assert train and not test & train
-    assert all(rg.split_of(src.name, q) == "test" for q in test)
-    assert all(rg.split_of(src.name, q) == "train" for q in train)
+    assert all(rg.split_of(src.task.dataset, q) == "test" for q in test)
+    assert all(rg.split_of(src.task.dataset, q) == "train" for q in train)
+
+
+def test_a_question_is_held_out_under_every_config_of_its_dataset():
+    """Training on a wider config (more terms, more digits) never meets the narrower config's test questions."""
+    narrow = parse_sources(["rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=1)"])[0]
+    test = {p.prompt for p in narrow.test_problems(300, 0)}
+    wide = {p.prompt for seed in range(4) for p in load_rl_prompts(
+        "rg:chain_sum(min_terms=2, max_terms=3, min_digits=1, max_digits=1)", 2000, seed=seed)}
+    shared_space = {q for q in wide if len(q.split("problem: ")[1].split()) == 4}
+    assert shared_space and not test & wide
+
+
+def test_runaway_answers_score_zero_without_reaching_the_scorer():
+    [src] = parse_sources([NUMERIC])
+    p = src.test_problems(1, 0)[0]
+    assert src.accuracy(p.answer, p) == 1.0
+    assert src.accuracy(p.answer + " " * 5000, p) == 0.0 and src.accuracy(None, p) == 0.0
 
 
 def test_the_streams_walk_disjoint_seed_ranges():

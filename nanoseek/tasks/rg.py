@@ -16,9 +16,10 @@ The task's name (the ``task`` of its problems and results) is the canonical spec
 ``rg:NAME(k=v,...)`` with the keys sorted, so two configs of one dataset are two tasks.
 
 **Splits, disjoint by construction** (as the built-in tasks'): a question belongs to ``"test"``
-iff a hash of its text falls in the same 20 % bucket range (:data:`TEST_PER_MILLE`), so no test
-question is ever a training prompt, whatever seeds either side uses (many datasets repeat a
-question at different seeds: ``1 + 2`` comes back often). On top of that the three uses walk
+iff a hash of the dataset's name and the question's text falls in the same 20 % bucket range
+(:data:`TEST_PER_MILLE`), so no test question is ever a training prompt, whatever seeds or
+configs either side uses (many datasets repeat a question at different seeds: ``1 + 2`` comes back
+often). The text, not the math: the same sum worded by another dataset is another question. On top of that the three uses walk
 disjoint index ranges of reasoning-gym's per-entry seed (entry ``i`` of a dataset seeded ``s``
 draws from ``Random(s + i)``): stream ``train`` (RL prompts, SFT traces), ``test`` (evaluation)
 and ``fewshot`` (a base model's worked examples: train-split questions that are not the RL
@@ -60,6 +61,7 @@ DRAW_SPAN = 2 ** 20             # index range of one (stream, seed) draw
 SEEDS = STREAM_SPAN // DRAW_SPAN    # 1024 distinct seeds per stream
 # problem id -> its reasoning-gym entry (score_answer needs the entry; ids name the task and the question)
 _ENTRIES: dict[str, dict] = {}
+MAX_ANSWER_CHARS = 1000        # longer answers (than this, or 4x the gold one) score 0 unread
 MAX_MISSES = 2000               # consecutive entries without a new test question before a space is "exhausted"
 
 
@@ -79,9 +81,10 @@ def dataset_names() -> list[str]:
     return sorted(_package().factory.DATASETS)
 
 
-def split_of(name: str, question: str) -> str:
-    """"test" or "train": a pure function of the dataset and the question text."""
-    h = hashlib.sha256(f"rg:{name}\x00{question}".encode()).digest()
+def split_of(dataset: str, question: str) -> str:
+    """"test" or "train": a pure function of the dataset's name and the question text (not of its
+    config, so a question asked under two configs is held out under both)."""
+    h = hashlib.sha256(f"rg:{dataset}\x00{question}".encode()).digest()
     return "test" if int.from_bytes(h[:4], "big") % 1000 < TEST_PER_MILLE else "train"
 
 
@@ -170,9 +173,9 @@ class RGTask:
         """The reasoning-gym dataset at ``seed`` (ValueError, one line, for a config it refuses)."""
         try:
             return _package().create_dataset(self.dataset, seed=seed, size=size, **self.config)
-        except (AssertionError, TypeError, ValueError) as e:
+        except Exception as e:             # its configs assert, or fail in their own ways on odd values
             raise ValueError(f"task spec {self.name!r}: reasoning-gym refuses the config: "
-                             f"{e or type(e).__name__}") from None
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     def check(self) -> "RGTask":
         """The name and config keys exist and the dataset accepts the config; else a ValueError line."""
@@ -219,7 +222,7 @@ class RGTask:
                 break
             entry = ds[i]
             q = str(entry["question"])
-            if split_of(self.name, q) != split or (unique and q in seen):
+            if split_of(self.dataset, q) != split or (unique and q in seen):
                 misses += 1
                 continue
             misses = 0
@@ -233,8 +236,8 @@ class RGTask:
         """The dataset's own grade of an extracted answer, in [0, 1]; 0 for an unknown problem or an
         exception in the dataset's scorer (a verifier never crashes a run on adversarial text)."""
         entry = _ENTRIES.get(problem.id)
-        if entry is None or not isinstance(answer, str):
-            return 0.0
+        if entry is None or not isinstance(answer, str) or len(answer) > max(MAX_ANSWER_CHARS, 4 * len(problem.answer)):
+            return 0.0                     # a runaway answer never reaches a (possibly sympy-based) scorer
         if self._scorer is None:
             self._scorer = self.create(0, 1)
         try:
