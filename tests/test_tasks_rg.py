@@ -209,3 +209,27 @@ def test_the_registry_is_one_dict_of_prefixes():
     assert isinstance(resolve("arithmetic:1"), BuiltinSource) and resolve("arithmetic:1").levels == (1,)
     with pytest.raises(ValueError, match="unknown task 'nosuch'"):
         resolve("nosuch")
+
+
+def test_nanoseek_eval_takes_rg_tasks_with_configs_next_to_built_in_ones(tmp_path, capsys):
+    """The command line: commas inside an rg config stay in the item; every stage of a run folder is
+    evaluated on the same rg problems in its own mode, and stages compare pairwise."""
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.eval.results import EvalResult
+    from nanoseek.model.checkpoint import save_pretrained
+    from nanoseek.tasks.generators import corpus_document, get_task
+
+    texts = [corpus_document(p) for p in get_task("arithmetic").generate("train", 40)]
+    tok = Tokenizer.train(texts, vocab_size=300, min_frequency=1)
+    for i, stage in enumerate(("pretrain", "sft")):
+        save_pretrained(make_tiny_model(seed=i, vocab_size=tok.vocab_size).eval(), tmp_path / stage / "final")
+    tok.save(tmp_path)
+    tasks = f"compare:1,{NUMERIC},{LIST}"
+    assert main(["eval", "--model", str(tmp_path), "--tasks", tasks, "--n", "2", "--k", "2", "--max-new-tokens", "4",
+                 "--batch-size", "4", "--few-shot", "1", "--max-seq-len", "1024"]) == 0
+    out = capsys.readouterr().out
+    pre, sft = EvalResult.load(tmp_path / "pretrain" / "eval.json"), EvalResult.load(tmp_path / "sft" / "eval.json")
+    names = ["compare"] + [parse_sources([t])[0].name for t in (NUMERIC, LIST)]
+    assert pre.task_names == sft.task_names == names and pre.config["tasks"] == ["compare:1", NUMERIC, LIST]
+    assert [p.id for p in pre.problems] == [p.id for p in sft.problems] and len(pre.problems) == 6
+    assert pre.config["mode"] == "fewshot" and sft.config["mode"] == "chat" and "A = pretrain" in out
