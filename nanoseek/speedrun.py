@@ -10,6 +10,7 @@ Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
     RUN/data/      prepared shards + tokenizer          RUN/pretrain/  base model (metrics, final/)
     RUN/sft/       chat model                            RUN/grpo/      reasoning model
     RUN/*/eval.json  held-out evaluation of each stage  RUN/run.json   stage status and wall times
+    RUN/*/external.json  the same on reasoning-gym tasks ([eval] external_tasks)
     RUN/report.md, RUN/report.html                      the report card (refreshes while running)
 
 Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe
@@ -275,7 +276,17 @@ def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed
                    batch_size=e.batch_size)
     res.save(stage_dir / "eval.json")
     log(f"eval {stage_dir.name}: pass@1 {_fmt(res.summary())}")
-    return {"eval": str(stage_dir / "eval.json")}
+    out = {"eval": str(stage_dir / "eval.json")}
+    if e.external_tasks:                # the same settings on tasks nanoseek did not write (reasoning-gym)
+        n_ext = max(e.min_problems, int(round(e.external_problems * scale)))
+        ext = evaluate(model, tok, e.external_tasks, n_problems=n_ext, k=e.k, mode=mode, temperature=e.temperature,
+                       top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=seed, few_shot=e.few_shot,
+                       batch_size=e.batch_size)
+        ext.save(stage_dir / "external.json")
+        log(f"eval {stage_dir.name}: external tasks ({len(ext.task_names)}, {ext.wall_s:.0f} s): pass@1 "
+            f"{_fmt(ext.summary())}")
+        out.update(external=str(stage_dir / "external.json"), external_wall_s=round(ext.wall_s, 1))
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -468,7 +479,7 @@ def _report(run_dir: Path, log):
 def _print_summary(run_dir: Path, log) -> None:
     from nanoseek.eval.results import EvalResult, paired_comparison
 
-    prev = None
+    prev = prev_ext = None
     for stage in ("pretrain", "sft", "grpo"):
         path = run_dir / stage / "eval.json"
         if not path.exists():
@@ -480,4 +491,14 @@ def _print_summary(run_dir: Path, log) -> None:
                 if c.task == "overall" or len(paired_comparison(prev, r)) == 1:
                     line += f" | vs previous: {c.diff} ({c.verdict})"
         log(line)
+        ext_path = run_dir / stage / "external.json"
+        if ext_path.exists():
+            ext = EvalResult.load(ext_path)
+            line = f"{'':9s} external pass@1 {_fmt(ext.summary())}"
+            if prev_ext is not None:
+                overall = [c for c in paired_comparison(prev_ext, ext) if c.task == "overall"] or \
+                    paired_comparison(prev_ext, ext)[:1]
+                line += "".join(f" | vs previous: {c.diff} ({c.verdict})" for c in overall)
+            log(line)
+            prev_ext = ext
         prev = r

@@ -9,7 +9,8 @@ The recipe's tables are the stage sections the stages themselves use, plus four 
     [pretrain.optim|train|spike|data]         the trainer's OptimSection, TrainSection, SpikeSection, DataSection
     [sft], [grpo] + their .optim/.train/.spike  the post-training stage's section (SFTSection, GRPOSection) and
                                               the trainer's sections under that kind's defaults (the registry's)
-    [eval]      tasks, problems, k, ...       EvalSection: the held-out evaluation after every stage
+    [eval]      tasks, problems, k, ...       EvalSection: the held-out evaluation after every stage (and
+                                              on external_tasks, reasoning-gym's, into external.json)
 
 ``--set TABLE.KEY=VALUE`` goes through the trainer's parser (:func:`nanoseek.train.config.apply_overrides`),
 and every table and key is checked before anything runs (:func:`load_recipe`): an unknown table or
@@ -77,6 +78,10 @@ class EvalSection:
     batch_size: int                   # rows decoded at once
     few_shot: int = EvalConfig.few_shot                  # examples in the base model's prompt
     levels: list[int] | None = EvalConfig.levels         # levels for the task names without their own (None: all)
+    # held-out tasks nanoseek did not write (rg:NAME(config), nanoseek.tasks.rg), evaluated after every stage
+    # with the settings above into STAGE/external.json: the report's external section (empty: none)
+    external_tasks: list[str] = field(default_factory=list)
+    external_problems: int = 200                         # per external task at the reference budget (scaled)
 
 
 @dataclass
@@ -219,7 +224,7 @@ def _check_values(rc: SpeedrunRecipe, source: str) -> None:
             raise bad(f"data.{key}", getattr(d, key), "must be >= 1")
     if not 0 <= d.val_fraction < 1:
         raise bad("data.val_fraction", d.val_fraction, "must be in [0, 1)")
-    for key in ("problems", "min_problems", "k", "max_new_tokens", "batch_size"):
+    for key in ("problems", "min_problems", "k", "max_new_tokens", "batch_size", "external_problems"):
         if getattr(e, key) < 1:
             raise bad(f"eval.{key}", getattr(e, key), "must be >= 1")
     if e.few_shot < 0:
@@ -231,10 +236,14 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
     [grpo] prompts: each section's own ``check_sources``, as a stage config runs it) are checked
     before anything runs, so a typo fails in a second, naming the key."""
     from nanoseek.tasks.generators import parse_task_specs
+    from nanoseek.tasks.sources import parse_sources
 
-    for key, spec in (("data.tasks", rc.data.tasks), ("eval.tasks", rc.eval.tasks)):
+    for key, spec, parse in (("data.tasks", rc.data.tasks, parse_task_specs), ("eval.tasks", rc.eval.tasks, parse_sources),
+                             ("eval.external_tasks", rc.eval.external_tasks, parse_sources)):
+        if key == "eval.external_tasks" and not spec:
+            continue                            # no external section
         try:
-            parse_task_specs(spec)
+            parse(spec)
         except ValueError as e:
             raise ConfigError(f"{rc.source}: {key}: {e}") from None
     for kind in POST_KINDS:

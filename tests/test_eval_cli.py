@@ -97,3 +97,19 @@ def test_compare_table_shows_paired_difference_and_verdict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "B better" in out and "settings differ" in out and "chat-think" in out
     assert "+62.5" in out                    # mean(b) - mean(a) = 0.75 - 0.125
+
+
+def test_help_names_every_kind_of_task_source():
+    import argparse
+
+    from nanoseek.eval import cli
+    from nanoseek.tasks.sources import SOURCES
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    tasks_help = " ".join(next(a.help for a in p._actions if a.dest == "tasks").split())
+    for text in (tasks_help, " ".join(cli.__doc__.split())):
+        assert "arithmetic:1-2" in text                    # built-in tasks with levels
+        for prefix in SOURCES:                             # every registered source: rg:NAME(...), humaneval:A-B
+            assert f"{prefix}:" in text, (prefix, text)
+    assert "rg:NAME(key=value, ...)" in tasks_help and "humaneval:A-B" in tasks_help

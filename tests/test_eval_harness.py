@@ -273,3 +273,59 @@ def test_evaluate_takes_an_eval_config():
     res = evaluate(None, TOK, cfg, engine=engine, seed=0)
     assert res.config["k"] == 2 and res.config["n_problems"] == 3 and res.summary()["n"] == 3
     assert cfg.ks == []                                                     # the caller's config is not changed
+
+
+def test_a_registered_source_owns_its_prompts_stop_rule_and_batched_scoring(monkeypatch):
+    """The harness asks the task source, never the task's kind: a source registered under a new
+    prefix renders its own prompts, stops where it says and scores all its samples in one batch,
+    next to a built-in task that keeps the template's defaults."""
+    from nanoseek.tasks.generators import Problem
+    from nanoseek.tasks.source import TaskSource
+    from nanoseek.tasks.sources import SOURCES
+
+    batches = []
+
+    class Echo(TaskSource):
+        name = "echo"
+
+        def __init__(self, item):
+            self.count = int(item.partition(":")[2] or 2)
+
+        def test_problems(self, n, seed, levels=None):
+            return [Problem(task="echo", id=f"echo-{i}", prompt=f"say {i}", answer=str(i), reasoning="", level=0)
+                    for i in range(min(n, self.count))]
+
+        def prompt_ids(self, tokenizer, problem, mode, examples=()):
+            return [tokenizer.bos_id] + tokenizer.encode_text(f"ECHO Question: {problem.prompt}\nSolution:")
+
+        def stop_rule(self, tokenizer, mode):
+            return ["<stop-echo>"], [tokenizer.bos_id]
+
+        def accuracy(self, answer, problem):
+            return float(answer == problem.answer)
+
+        def score_replies(self, items, mode):
+            batches.append(len(items))
+            return [(text.strip() == p.answer, True, text.strip()) for p, text in items]
+
+    monkeypatch.setitem(SOURCES, "echo", Echo)
+    arith = problems_of("arithmetic", 2, seed=1)
+    echo = Echo("echo:3").test_problems(3, 0)
+
+    def script(p, j):
+        return p.answer if p.task == "echo" and j == 0 else r1(p.answer) if p.task == "arithmetic" else "no"
+
+    engine = ScriptedEngine(TOK, arith + echo, script)
+    res = evaluate(None, TOK, "arithmetic,echo:3", n_problems=2, k=2, mode="chat", seed=1, engine=engine)
+    assert res.task_names == ["arithmetic", "echo"] and res.summary("echo")["n"] == 2
+    assert res.pass1("echo").mean == 0.5 and res.pass1("arithmetic").mean == 1.0
+    assert batches == [4]                                  # 2 problems x 2 samples, one call
+    echo_calls = [(t, sp) for t, sp in engine.calls if "ECHO " in t]
+    other_calls = [(t, sp) for t, sp in engine.calls if "ECHO " not in t]
+    assert len(echo_calls) == 2 and all(sp.stop == ["<stop-echo>"] for _, sp in echo_calls)
+    assert all("<stop-echo>" not in sp.stop for _, sp in other_calls) and len(other_calls) == 2
+    # --levels is noted as not applying to a source without levels; built-in tasks take them
+    res = evaluate(None, TOK, "echo:2,arithmetic", n_problems=2, k=1, mode="chat", levels=[1],
+                   engine=ScriptedEngine(TOK, echo + problems_of("arithmetic", 2, seed=0, level=[1]), script))
+    assert any("echo: --levels does not apply" in n for n in res.notes)
+    assert {p.level for p in res.problems if p.task == "arithmetic"} == {1}

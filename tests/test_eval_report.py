@@ -166,3 +166,34 @@ def test_configuration_shows_the_resolved_settings_and_reads_older_run_json(tmp_
     block = write_report(root)[0].read_text().split("## Configuration")[1]
     assert block.index("**run.json resolved") < block.index("**run.json config (as written)**")
     assert '"warmup_steps": 10' in block and '"seq_len": 512' in block
+
+
+def test_external_tasks_get_their_own_section_with_intervals_and_paired_differences(tmp_path):
+    """Stages with an external.json (the speedrun's reasoning-gym tasks) get a section of their own after the
+    built-in held-out evaluation: pass@1 per stage and task with intervals, paired stage-to-stage differences;
+    a stage without one is simply absent from it, and an unreadable one is a note."""
+    from eval_helpers import synthetic_result
+
+    root = make_synthetic_run(tmp_path / "run")
+    ids = [f"rg:chain_sum-test-{i:04d}" for i in range(40)]
+    for j, st in enumerate(("pretrain", "sft", "grpo")):
+        if st == "sft":
+            continue
+        res = synthetic_result({pid: [i < 4 + 10 * j] * 2 for i, pid in enumerate(ids)}, task="rg:chain_sum",
+                               mode="fewshot" if st == "pretrain" else "chat")
+        res.save(root / st / "external.json")
+    (root / "sft" / "external.json").write_text("{broken")
+    md_path, html_path = write_report(root)
+    md, html = md_path.read_text(), html_path.read_text()
+    titles = re.findall(r"^## (.+)$", md, re.M)
+    at = titles.index("Held-out evaluation on external tasks")
+    assert titles[at - 1] == "Held-out evaluation" and titles[at + 1] == "Test-time compute"
+    assert "<h2>Held-out evaluation on external tasks</h2>" in html
+    section = md.split("## Held-out evaluation on external tasks", 1)[1].split("\n## ", 1)[0]
+    assert "| pretrain | fewshot | rg:chain_sum | 40 | 2 | 10.0% [" in section
+    assert "| grpo | chat | rg:chain_sum | 40 | 2 | 60.0% [" in section
+    assert "A = pretrain, B = grpo" in section and "+50.0 pts" in section and "B better" in section
+    assert "sft: external evaluation skipped" in md
+    assert "pretrain external eval, rg:chain_sum" in md                 # a sample of what the model answered
+    plain = write_report(make_synthetic_run(tmp_path / "plain"))[0].read_text()
+    assert "external tasks" not in plain

@@ -1,4 +1,4 @@
-"""HumanEval (nanoseek.eval.humaneval): problems and their specs, prompts per mode, the code
+"""HumanEval (nanoseek.tasks.humaneval): problems and their specs, prompts per mode, the code
 extraction rule, sandboxed scoring (canonical solutions pass, wrong ones and every attack fail),
 pass@k through the harness, the eval CLI end to end and determinism.
 
@@ -13,7 +13,7 @@ import math
 import pytest
 
 from conftest import make_tiny_model
-from nanoseek.eval import humaneval as he
+from nanoseek.tasks import humaneval as he
 from nanoseek.eval.harness import EvalConfig, evaluate
 from nanoseek.eval.results import EvalResult
 from nanoseek.infer.engine import Completion
@@ -58,6 +58,31 @@ def test_specs_select_ranges_counts_and_refuse_bad_items():
     with pytest.raises(ValueError, match="valid tasks"):
         EvalConfig(tasks=["humaneval", "nosuch"]).validate()
     EvalConfig(tasks=["arithmetic:1", "humaneval:0-3"]).validate()
+
+
+def test_registered_as_a_task_source_for_evaluation_only():
+    from nanoseek.post.datasets import DataError, load_rl_prompts
+    from nanoseek.tasks.source import TaskSource
+    from nanoseek.tasks.sources import SOURCES, parse_sources, resolve
+
+    assert "humaneval" in SOURCES
+    src = resolve(" HumanEval:3-5")
+    assert isinstance(src, he.HumanEvalSource) and isinstance(src, TaskSource) and src.name == "humaneval"
+    problems, notes = src.draw(200, 0, [1])
+    assert [p.id for p in problems] == ["HumanEval/3", "HumanEval/4", "HumanEval/5"]
+    assert notes == ["humaneval: --levels does not apply (HumanEval has no levels)"]
+    assert [s.name for s in parse_sources("arithmetic:1,rg:leg_counting,humaneval:0")] == \
+        ["arithmetic", "rg:leg_counting", "humaneval"]
+    with pytest.raises(ValueError, match="0-163"):
+        resolve("humaneval:200")
+    assert src.examples(0, 3, 0) == []                    # no few-shot examples
+    # the RL verifier's view: an answer is code that completes the function
+    p = BY_ID["HumanEval/4"]
+    assert src.accuracy(p.canonical_solution, p) == 1.0 and src.accuracy(whole_function(p), p) == 1.0
+    assert src.accuracy("    return 0.0\n", p) == 0.0 and src.accuracy(None, p) == 0.0
+    # no training split: RL prompts from it are one clear line
+    with pytest.raises(DataError, match="evaluation only"):
+        load_rl_prompts("humaneval", 4)
 
 
 # ---------------------------------------------------------------------- extraction and programs

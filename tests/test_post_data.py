@@ -129,28 +129,7 @@ def test_rl_prompts_from_file_via_load(tmp_path):
     assert len(load_rl_prompts(str(p), 0)) == 5
 
 
-def test_reasoning_gym_source(monkeypatch):
-    """The reasoning-gym adapter, against a stand-in module with the package's interface."""
-    class FakeDataset:
-        def __init__(self, size, seed):
-            self.items = [{"question": f"legs of {i} cats?", "answer": str(4 * i), "metadata": {"n": i}}
-                          for i in range(size)]
-
-        def __getitem__(self, i):
-            return self.items[i]
-
-        def score_answer(self, answer, entry):
-            return 1.0 if answer == entry["answer"] else 0.0
-
-    fake = types.ModuleType("reasoning_gym")
-    fake.create_dataset = lambda name, size, seed: FakeDataset(size, seed)
-    monkeypatch.setitem(sys.modules, "reasoning_gym", fake)
-    items = load_rl_prompts("rg:leg_counting", 3)
-    assert items[2].prompt == "legs of 2 cats?" and items[2].task == "rg:leg_counting"
-    assert items[2].score_answer("8") == 1.0 and items[2].score_answer("9") == 0.0
-
-
 def test_reasoning_gym_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)
-    with pytest.raises(DataError, match="pip install reasoning-gym"):
+    with pytest.raises(DataError, match=r"a dependency of nanoseek \(pip install reasoning-gym\)"):
         load_rl_prompts("rg:leg_counting", 3)

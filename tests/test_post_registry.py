@@ -120,7 +120,8 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, 
     ("grpo", "prompts", '"nosuch"', "task spec 'nosuch': unknown task"),
     ("grpo", "prompts", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
     ("grpo", "prompts", '"{tmp}/dir.jsonl"', "dir.jsonl: not a regular file"),
-    ("grpo", "prompts", '"rg:nosuch"', "needs the optional package reasoning-gym"),
+    ("grpo", "prompts", '"rg:leg_countin"', "unknown reasoning-gym dataset 'rg:leg_countin'; close matches: "
+                                            "rg:leg_counting"),
     ("grpo", "level", "9", "task 'arithmetic' has levels [1, 2, 3, 4], not 9"),
     ("sft", "data", '"tasks:nosuch"', "task spec 'nosuch': unknown task"),
     ("sft", "data", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
@@ -131,14 +132,8 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, 
 ])
 def test_a_bad_data_source_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, stub_trains, capsys,
                                                                            kind, key, value, why):
-    """A value naming data that is not there (a task spec, a level, a file, rg: without reasoning-gym,
+    """A value naming data that is not there (a task spec, a level, a file, an unknown reasoning-gym dataset,
     a teacher) fails when the recipe is read, naming the file, the stage and the key; one line."""
-    if value.startswith('"rg:'):
-        try:
-            import reasoning_gym  # noqa: F401
-            pytest.skip("reasoning-gym is installed here")
-        except ImportError:
-            pass
     out = tmp_path / "r1"
     (tmp_path / "dir.jsonl").mkdir()
     path = tmp_path / "recipe.toml"

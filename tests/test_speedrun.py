@@ -6,6 +6,7 @@ import json
 import pytest
 
 from nanoseek.cli import UserError, main
+from nanoseek.eval.results import EvalResult
 from nanoseek.speedrun import STAGES, RunState, branch_run
 from nanoseek.speedrun_recipe import load_recipe
 
@@ -13,6 +14,11 @@ from nanoseek.speedrun_recipe import load_recipe
 def test_shipped_recipe_loads_and_overrides_apply():
     rc = load_recipe("speedrun", ["budget.pretrain=0.5", "eval.k=2"])
     assert rc.budget.pretrain == 0.5 and rc.eval.k == 2
+    assert rc.eval.external_tasks and all(t.startswith("rg:") for t in rc.eval.external_tasks)
+    rc = load_recipe("speedrun", ['eval.external_tasks=["rg:leg_counting(max_animals=3)", "compare:1"]',
+                                  "eval.external_problems=7"])
+    assert rc.eval.external_tasks == ["rg:leg_counting(max_animals=3)", "compare:1"] and rc.eval.external_problems == 7
+    assert load_recipe("speedrun", ["eval.external_tasks=[]"]).eval.external_tasks == []   # no external section
     assert sum(getattr(rc.budget, s) for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
     model = rc.model.build_config()
     assert model.num_nextn_predict_layers == 1 and model.n_routed_experts > 0
@@ -26,6 +32,11 @@ def test_shipped_recipe_loads_and_overrides_apply():
     ('eval.tasks="arithmetic,compar"', "eval.tasks: task spec 'compar': unknown task"),
     ('sft.data="tasks:arithmetic:x"', "sft.data: task spec 'arithmetic:x': levels must be"),
     ('grpo.prompts="word_problem:1"', "grpo.prompts: task spec 'word_problem:1'"),
+    ('eval.external_tasks=["rg:chain_sums"]', "eval.external_tasks: unknown reasoning-gym dataset 'rg:chain_sums'; "
+                                              "close matches: rg:chain_sum"),
+    ('eval.external_tasks=["rg:chain_sum(max_term=2)"]', "unknown config key 'max_term' of chain_sum"),
+    ("eval.external_problems=0", r"\[eval\] external_problems = 0: must be >= 1"),
+    ('eval.external_tasks="rg:chain_sum"', r"\[eval\] external_tasks must be a list of str"),
     ('grpo.optim.schedule="constant"', "min_lr, decay_fraction would have no effect with schedule = 'constant'"),
     ('sft.optim.lr="fast"', "lr must be float, got str 'fast'"),
 ])
@@ -159,6 +170,11 @@ def test_smoke_speedrun_end_to_end(tmp_path):
                                                      "eval_grpo"))
     for stage in ("pretrain", "sft", "grpo"):
         assert (out / stage / "final" / "config.json").exists() and (out / stage / "eval.json").exists()
+        ext = EvalResult.load(out / stage / "external.json")        # the reasoning-gym held-out tasks
+        assert len(ext.task_names) == 3 and all(t.startswith("rg:") for t in ext.task_names)
+        assert ext.summary()["n"] == 20 + 20 + 20 and ext.config["mode"] == ("fewshot" if stage == "pretrain" else "chat")
+    md = (out / "report.md").read_text()
+    assert "## Held-out evaluation on external tasks" in md and md.count("A = sft, B = grpo") == 2
     html = (out / "report.html").read_text()
     assert "<img" in html and "http://" not in html.split("<body", 1)[-1].replace("http://127.0.0.1", "")
     # re-running into the folder resumes: every step is already done

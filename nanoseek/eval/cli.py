@@ -12,6 +12,12 @@ run.json's ``eval_mode``, else the ``eval_mode`` the stage's ``stage.json`` reco
 its kind / ``config.toml``: sft, dpo, distill -> chat; grpo -> its template; pre-training ->
 fewshot), else the folder name.
 
+Tasks (``--tasks``, resolved by :mod:`nanoseek.tasks.sources`) mix three kinds in one list:
+built-in tasks with optional levels (``arithmetic:1-2``), reasoning-gym datasets with an optional
+config (``rg:NAME``, ``rg:NAME(key=value, ...)``, scored by reasoning-gym's ``score_answer``) and
+HumanEval (``humaneval``: the first ``--n`` problems; ``humaneval:A-B``: problems A to B; code run
+in the sandbox, pass@k).
+
 Each evaluation is written to ``eval.json`` (default: in the stage folder, or ``--out``) with
 the config, the metrics, every problem's scores and a few full responses. ``--data DIR`` adds
 bits per byte on the validation split of a prepared data directory.
@@ -20,6 +26,7 @@ Examples::
 
     nanoseek eval --model runs/speedrun --tasks arithmetic,countdown --n 200 --k 4
     nanoseek eval --model runs/speedrun/sft/final --mode chat --temperature 0 --out sft-greedy.json
+    nanoseek eval --model runs/speedrun --tasks "arithmetic:1-2,rg:chain_sum(min_terms=2, max_terms=2)"
     nanoseek eval --model runs/speedrun --tasks humaneval --k 10 --max-new-tokens 512
 """
 
@@ -52,10 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
-                   help="comma-separated built-in tasks, each optionally with levels, e.g. arithmetic:1-2,compare:1 "
-                        "(nanoseek.tasks.generators), or humaneval (the first --n of HumanEval's 164 problems), "
-                        "humaneval:A-B (problems A to B): code run in the sandbox, pass@k "
-                        "(default arithmetic,countdown)")
+                   help="comma-separated tasks of three kinds, mixed: built-in ones, each optionally with levels "
+                        "(arithmetic:1-2,compare:1; nanoseek.tasks.generators); reasoning-gym datasets rg:NAME or "
+                        "rg:NAME(key=value, ...) with its config (nanoseek.tasks.rg); HumanEval: humaneval (the "
+                        "first --n of its 164 problems) or humaneval:A-B (problems A to B), code run in the sandbox, "
+                        "pass@k (nanoseek.tasks.humaneval); default arithmetic,countdown")
     p.add_argument("--n", type=limits.positive_int,
                    help=f"held-out (test split) problems per task (default {d['n']})")
     p.add_argument("--k", type=limits.positive_int,
@@ -163,12 +171,14 @@ def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[st
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import UserError
 
+    from nanoseek.tasks.generators import split_specs
+
     from .harness import EvalConfig, evaluate
 
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
     try:                                  # bad flags fail before any model is loaded
-        cfg = EvalConfig(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], levels=levels,
+        cfg = EvalConfig(tasks=split_specs(args.tasks), levels=levels,
                          **given).validate()
     except (KeyError, ValueError) as e:
         raise UserError(str(e).strip("'\"")) from None

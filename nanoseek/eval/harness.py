@@ -1,23 +1,31 @@
 """The evaluation harness: held-out task accuracy of a checkpoint, with k samples per problem.
 
-:func:`evaluate` draws ``n_problems`` problems of the ``"test"`` split of each built-in task
-(:mod:`nanoseek.tasks.generators`; disjoint from ``"train"`` by construction), renders each in one of
-four prompt modes, samples ``k`` completions per problem with the inference engine, scores them
-and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem records, pass@1 with its
-95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``). A task item may instead
-name a task source the project did not write (:func:`task_source`): ``humaneval`` (HumanEval,
-:mod:`nanoseek.eval.humaneval`: its own problems, prompts per mode, stop rule and sandboxed scoring).
+:func:`evaluate` draws ``n_problems`` problems of the ``"test"`` split of each task of its spec,
+mixed in one list: built-in tasks (:mod:`nanoseek.tasks.generators`), reasoning-gym datasets
+(``rg:NAME``, :mod:`nanoseek.tasks.rg`), HumanEval (``humaneval``, ``humaneval:A-B``,
+:mod:`nanoseek.tasks.humaneval`) or any source registered in :data:`nanoseek.tasks.sources.SOURCES`;
+each source's test split is disjoint from what trains on it by construction. It renders each
+problem in one of four prompt modes, samples ``k`` completions per problem with the inference
+engine, scores them and returns an :class:`~nanoseek.eval.results.EvalResult` (per-problem
+records, pass@1 with its 95% interval, pass@k, maj@k, format rate, lengths; see ``results.py``).
+Every item goes through the same :class:`~nanoseek.tasks.source.TaskSource` calls (draw, prompt,
+stop rule, batched scoring), so a source with its own prompts, stop sequences and code-running
+grader (HumanEval) is one more registry entry, not a branch here; a problem named by two
+overlapping items is evaluated once.
 
 Prompt modes (``mode``) are the templates of :mod:`nanoseek.tasks.reply` (``EVAL_TEMPLATES``),
-which renders them, says where generation stops and what text is scored:
+which renders them, says where generation stops and what text is scored (for question-and-answer
+sources; HumanEval renders, stops and scores code its own way in each mode):
 
-* ``fewshot``, for base models: ``few_shot`` TRAIN problems of the same task and level rendered
+* ``fewshot``, for base models: ``few_shot`` TRAIN problems of the same task and level (the
+  source's ``examples``: reasoning-gym's come from their own seed stream) rendered
   as pre-training documents before the question. The answer is ``extract_answer`` of the
   completion (its "Answer:" line); "format" here means the completion states an ``Answer:`` line.
   Examples are dropped, oldest first, when the prompt would not leave
   ``min(max_new_tokens, context / 2)`` tokens in the engine's context (noted in the result).
 * ``chat``, for SFT / GRPO models: the question as one user turn of the chat template; scored
-  with :func:`nanoseek.tasks.rewards.score`: accuracy is the answer being right whatever the
+  by the source's ``score_reply`` (:mod:`nanoseek.tasks.sources`: the task's verifier or reasoning-gym's
+  ``score_answer`` on ``extract_answer``, R1's format rule): accuracy is the answer being right whatever the
   format, format rate is R1's ``<think>`` format, reported separately (``strict@1`` needs both).
 * ``chat-think``: the same with ``<think>\\n`` pre-filled (the R1 template).
 * ``r1-zero``: DeepSeek-R1-Zero's plain-text template (as ``nanoseek grpo`` with
@@ -45,8 +53,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from nanoseek.tasks.reply import (EVAL_TEMPLATES, completion_text, extract_answer, render_prompt, states_answer_line,
-                                  stop_rule)
+from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text
 
 from .results import EvalResult, ProblemResult, k_values
 
@@ -77,15 +84,10 @@ class EvalConfig:
 
         if not self.tasks:
             raise bad("tasks", "name at least one task")
-        from nanoseek.tasks.generators import parse_task_specs
+        from nanoseek.tasks.sources import parse_sources
 
-        try:  # names (and levels) valid, else the item is named
-            for item in self.tasks:
-                if task_source(item) is not None:
-                    task_source(item).validate(item)
-            builtin = [t for t in self.tasks if task_source(t) is None]
-            if builtin:
-                parse_task_specs(builtin)
+        try:
+            parse_sources(self.tasks)  # names (levels, configs, ranges) valid, else the item is named
         except ValueError as e:
             raise bad("tasks", str(e)) from None
         if self.mode not in EVAL_TEMPLATES:
@@ -106,26 +108,12 @@ class EvalConfig:
 
 # ---------------------------------------------------------------------- prompts and scoring
 
-def task_source(item: str):
-    """The source of a ``--tasks`` item that is not a built-in generator (HumanEval:
-    :mod:`nanoseek.eval.humaneval`), or None for the built-in tasks."""
-    from . import humaneval
+def score_response(text: str, problem, mode: str, source=None) -> tuple[bool, bool, str | None]:
+    """(answer correct, well formed, extracted answer) of one response, graded by the problem's task
+    source (``source``, or the one ``problem.task`` names)."""
+    from nanoseek.tasks.sources import resolve
 
-    return humaneval.SOURCE if humaneval.claims(item) else None
-
-
-def score_response(text: str, problem, mode: str) -> tuple[bool, bool, str | None]:
-    """(answer correct, well formed, extracted answer) of one response."""
-    if mode == "fewshot":
-        from nanoseek.tasks.generators import get_task
-
-        answer = extract_answer(text)
-        correct = answer is not None and get_task(problem.task).verify(answer, problem)
-        return bool(correct), states_answer_line(text), answer
-    from nanoseek.tasks.rewards import RewardConfig, score
-
-    r = score(text, problem, RewardConfig.for_template(mode))
-    return bool(r.correct), bool(r.format_ok), r.answer
+    return (source or resolve(problem.task)).score_reply(text, problem, mode)
 
 
 def request_seed(seed: int, problem_id: str, chunk: int) -> int:
@@ -136,14 +124,13 @@ def request_seed(seed: int, problem_id: str, chunk: int) -> int:
 # ---------------------------------------------------------------------- problems
 
 def draw_problems(task_name: str, n: int, seed: int, levels: Sequence[int] | None) -> list:
-    """``n`` distinct test problems of a task: all levels mixed, or ``levels`` in equal shares
-    (a level whose test space runs out, like arithmetic L1's ~41 sums, leaves the rest to the
-    others; see ``Task.generate``). Fewer than ``n`` when the whole space is smaller (modular L1
-    alone has ~80): the result's N says how many were evaluated."""
-    from nanoseek.tasks.generators import get_task
+    """``n`` distinct test problems of a task spec item (a built-in task: all levels mixed, or
+    ``levels`` in equal shares; a level whose test space runs out, like arithmetic L1's ~41 sums,
+    leaves the rest to the others; see ``Task.generate``). Fewer than ``n`` when the whole space is
+    smaller (modular L1 alone has ~80): the result's N says how many were evaluated."""
+    from nanoseek.tasks.sources import resolve
 
-    return get_task(task_name).generate("test", n, seed=seed, level=list(levels) if levels else None,
-                                        allow_fewer=True)
+    return resolve(task_name).test_problems(n, seed, list(levels) if levels else None)
 
 
 # ---------------------------------------------------------------------- sampling
@@ -190,56 +177,43 @@ def model_info(model) -> dict[str, Any]:
     return info
 
 
-def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list[list[int]], list[str]]:
-    """(problems, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
-    from nanoseek.tasks.generators import get_task, parse_task_specs
+def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list, list[list[int]], list[str]]:
+    """(problems, their task sources, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
+    from nanoseek.tasks.sources import parse_sources
 
-    problems, prompts, notes = [], [], []
+    problems, owners, prompts, notes = [], [], [], []
     seen: set[tuple[str, str]] = set()
     repeated = 0
     shortened = cut_budget = 0
     examples_cache: dict[tuple[str, int], list] = {}
     reserve = min(cfg.max_new_tokens, context // 2) if context else cfg.max_new_tokens   # room kept for the answer
-    for item in cfg.tasks:
-        source = task_source(item)
-        if source is not None:
-            drawn, source_notes = source.draw(item, cfg.n_problems, cfg.seed, cfg.levels)
-            notes += source_notes
-        else:
-            (name, spec_levels), = parse_task_specs([item])
-            levels = list(spec_levels) if spec_levels is not None else cfg.levels
-            drawn = draw_problems(name, cfg.n_problems, cfg.seed, levels)
-            if len(drawn) < cfg.n_problems:
-                notes.append(f"{name}{':' + ','.join(map(str, levels)) if levels else ''}: only {len(drawn)} "
-                             f"distinct held-out problems exist (asked for {cfg.n_problems}); all of them were "
-                             "evaluated")
-
-        def render(p, examples):
-            return source.prompt_ids(tokenizer, p, cfg.mode) if source else render_prompt(tokenizer, p, cfg.mode,
-                                                                                          examples)
+    for source in parse_sources(cfg.tasks):
+        drawn, source_notes = source.draw(cfg.n_problems, cfg.seed, cfg.levels)
+        notes += source_notes
         for p in drawn:
             if (p.task, p.id) in seen:      # items that overlap (humaneval:0-9,humaneval:5-14)
                 repeated += 1
                 continue
             seen.add((p.task, p.id))
             examples = []
-            if source is None and cfg.mode == "fewshot" and cfg.few_shot:
-                key = (name, p.level)
+            if cfg.mode == "fewshot" and cfg.few_shot:
+                key = (source.name, p.level)
                 if key not in examples_cache:
-                    examples_cache[key] = get_task(name).generate("train", cfg.few_shot, seed=cfg.seed, level=p.level)
+                    examples_cache[key] = source.examples(p.level, cfg.few_shot, cfg.seed)
                 examples = list(examples_cache[key])
-            ids = render(p, examples)
+            ids = source.prompt_ids(tokenizer, p, cfg.mode, examples)
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:
                     shortened += 1
                     while examples and len(ids) + reserve > context:
                         examples.pop(0)
-                        ids = render(p, examples)
+                        ids = source.prompt_ids(tokenizer, p, cfg.mode, examples)
                 if len(ids) >= context:
                     raise ValueError(f"{p.id}: the {cfg.mode} prompt has {len(ids)} tokens, the engine's context is "
                                      f"{context}: use a larger max_seq_len or fewer few-shot examples")
                 cut_budget += len(ids) + cfg.max_new_tokens > context
             problems.append(p)
+            owners.append(source)
             prompts.append(ids)
     if repeated:
         notes.append(f"{repeated} problems named by more than one task item were evaluated once")
@@ -249,18 +223,21 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
     if cut_budget:
         notes.append(f"{cut_budget} prompts leave fewer than max_new_tokens={cfg.max_new_tokens} tokens of context "
                      f"({context}); their samples stop earlier (counted as truncated)")
-    return problems, prompts, notes
+    return problems, owners, prompts, notes
 
 
-def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int]],
+def _requests(cfg: EvalConfig, tokenizer, problems: list, owners: list, prompts: list[list[int]],
               per_request: int) -> tuple[list[tuple[list[int], Any]], list[int]]:
-    """(requests, the problem index of each): k samples per problem in chunks of ``per_request``."""
+    """(requests, the problem index of each): k samples per problem in chunks of ``per_request``,
+    stopping where the problem's source says."""
     from nanoseek.infer.sampling import SamplingParams
 
     requests, owner = [], []
-    for i, (p, ids) in enumerate(zip(problems, prompts)):
-        source = task_source(p.task)
-        stop, stop_ids = (source.stop_rule if source else stop_rule)(tokenizer, cfg.mode)
+    rules: dict[int, tuple[list[str], list[int]]] = {}
+    for i, (p, source, ids) in enumerate(zip(problems, owners, prompts)):
+        if id(source) not in rules:
+            rules[id(source)] = source.stop_rule(tokenizer, cfg.mode)
+        stop, stop_ids = rules[id(source)]
         for chunk, start in enumerate(range(0, cfg.k, per_request)):
             sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k, n=min(per_request, cfg.k - start),
@@ -271,24 +248,26 @@ def _requests(cfg: EvalConfig, tokenizer, problems: list, prompts: list[list[int
     return requests, owner
 
 
-def _score(cfg: EvalConfig, problems: list, completions: list[list]) -> tuple[list[ProblemResult], list[dict]]:
+def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list]
+           ) -> tuple[list[ProblemResult], list[dict]]:
     """Per-problem records (with pass@k / maj@k) and the first ``keep_samples`` responses per task."""
     records, samples, kept = [], [], {}
-    scored: dict[tuple[int, int], tuple[bool, bool, str | None]] = {}   # a task source's, scored in one batch
-    batches: dict[Any, list[tuple[tuple[int, int], Any, Any]]] = {}
-    for i, (p, comps) in enumerate(zip(problems, completions)):
+    texts = [[completion_text(c, cfg.mode) for c in comps] for comps in completions]
+    for p, comps in zip(problems, completions):
         if len(comps) != cfg.k:
             raise RuntimeError(f"{p.id}: the engine returned {len(comps)} completions, expected {cfg.k}")
-        if task_source(p.task) is not None:
-            batches.setdefault(task_source(p.task), []).extend(((i, j), p, c) for j, c in enumerate(comps))
-    for source, batch in batches.items():
-        for (key, _, _), verdict in zip(batch, source.score([(p, c) for _, p, c in batch], cfg.mode)):
-            scored[key] = verdict
+    scored: dict[tuple[int, int], tuple[bool, bool, str | None]] = {}
+    batches: dict[int, tuple[Any, list[tuple[int, int]]]] = {}     # each source's samples, scored in one batch
+    for i, source in enumerate(owners):
+        batches.setdefault(id(source), (source, []))[1].extend((i, j) for j in range(len(texts[i])))
+    for source, keys in batches.values():
+        verdicts = source.score_replies([(problems[i], texts[i][j]) for i, j in keys], cfg.mode)
+        scored.update(zip(keys, verdicts))
     for i, (p, comps) in enumerate(zip(problems, completions)):
         correct, fmt, answers, tokens, truncated = [], [], [], [], []
         for j, c in enumerate(comps):
-            text = completion_text(c, cfg.mode)
-            ok, well_formed, answer = scored[(i, j)] if (i, j) in scored else score_response(text, p, cfg.mode)
+            text = texts[i][j]
+            ok, well_formed, answer = scored[(i, j)]
             correct.append(ok)
             fmt.append(well_formed)
             answers.append(answer)
@@ -310,7 +289,7 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
              progress: Callable[[int, int], None] | None = None, **settings: Any) -> EvalResult:
     """Evaluate ``model`` on held-out problems; see the module docstring.
 
-    ``tasks``: an :class:`EvalConfig`, or the task names (a list or "a,b"); ``settings``: fields of
+    ``tasks``: an :class:`EvalConfig`, or the task spec (a list or "a,rg:b"); ``settings``: fields of
     :class:`EvalConfig` (``n_problems``, ``k``, ``mode``, ``temperature``, ...) set over it; a
     setting not given takes EvalConfig's default (their one home). ``engine``: an engine to
     sample with (default: ``Engine(model, tokenizer, max_batch_size=batch_size,
@@ -322,8 +301,9 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
     if isinstance(tasks, EvalConfig):
         cfg = replace(tasks, **settings)  # a copy: the caller's config is left as it was
     else:
-        names = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
-        cfg = EvalConfig(tasks=names, **settings)
+        from nanoseek.tasks.generators import split_specs
+
+        cfg = EvalConfig(tasks=split_specs(tasks), **settings)
     cfg.validate()
     notes: list[str] = []
     if cfg.temperature == 0 and cfg.k > 1:
@@ -336,14 +316,14 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
         engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, max_seq_len=max_seq_len)
     context = getattr(engine, "max_seq_len", None)
 
-    problems, prompts, render_notes = _render(cfg, tokenizer, context)
+    problems, owners, prompts, render_notes = _render(cfg, tokenizer, context)
     notes += render_notes
-    requests, owner = _requests(cfg, tokenizer, problems, prompts,
+    requests, owner = _requests(cfg, tokenizer, problems, owners, prompts,
                                 per_request=min(cfg.k, int(getattr(engine, "max_batch_size", cfg.k))))
     completions: list[list] = [[] for _ in problems]
     for i, comps in zip(owner, _run_requests(engine, requests, progress)):
         completions[i].extend(comps)
-    records, samples = _score(cfg, problems, completions)
+    records, samples = _score(cfg, problems, owners, completions)
 
     wall = time.perf_counter() - t0
     generated = sum(sum(r.tokens) for r in records)

@@ -14,7 +14,9 @@
    bias range per layer, layers x experts load snapshots when ``expert_load`` is logged); GRPO's
    reward, accuracy, format rate and response length.
 4. **Held-out evaluation**: accuracy per stage and task with N and 95% intervals, the paired
-   differences between consecutive stages (same problem ids), bits per byte.
+   differences between consecutive stages (same problem ids), bits per byte. Then, where stages
+   have an ``external.json``, **Held-out evaluation on external tasks**: the same table and paired
+   differences on tasks nanoseek did not write (the speedrun's reasoning-gym datasets).
 5. **Test-time compute**: pass@k and maj@k against k per stage.
 6. **Samples**: a few evaluated conversations with their reasoning, and GRPO rollouts.
 7. **Configuration**: run.json's ``resolved`` settings (every setting of the run, defaults filled
@@ -97,6 +99,7 @@ class StageData:
     records: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     eval: EvalResult | None = None
+    external: EvalResult | None = None      # external.json: held-out tasks nanoseek did not write
     rollouts: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -118,6 +121,11 @@ def _load_stage(stage: Stage, notes: list[str]) -> StageData:
             notes.append(f"{stage.name}: eval skipped: {e}")
     else:
         notes.append(f"{stage.name}: no eval.json (run `nanoseek eval --model {stage.dir}`)")
+    if stage.external_path.is_file():
+        try:
+            data.external = EvalResult.load(stage.external_path)
+        except ValueError as e:
+            notes.append(f"{stage.name}: external evaluation skipped: {e}")
     if stage.samples_path.is_file():
         recs, _, problems = read_jsonl(stage.samples_path)
         data.rollouts = recs
@@ -298,20 +306,7 @@ def _eval_sections(stages: list[StageData], notes: list[str]) -> list[Section]:
         notes.append("held-out evaluation: no stage has an eval.json")
         return []
     sec = Section("Held-out evaluation")
-    rows = []
-    for name, r in evaluated:
-        tasks = r.task_names + (["overall"] if len(r.task_names) > 1 else [])
-        for t in tasks:
-            rows.append([name, str(r.config.get("mode", "?"))]
-                        + summary_row(t, r.summary(None if t == "overall" else t)))
-    sec.p("pass@1 is averaged over k samples per problem; the interval is the 95% interval of the mean over "
-          "problems. strict@1 also requires the R1 format; format is the well-formed share of samples "
-          "(in fewshot mode: an `Answer:` line).")
-    sec.table(["stage", "mode"] + RESULT_HEADER, rows)
-    for (na, a), (nb, b) in zip(evaluated, evaluated[1:]):
-        header, crow = comparison_rows(paired_comparison(a, b))
-        sec.p(f"Paired difference, A = {na}, B = {nb} (per-problem pass@1 on the same problem ids):")
-        sec.table(header, crow)
+    _stage_tables(sec, evaluated)
     sec.image("accuracy", _plot(notes, "accuracy", plots.accuracy_plot, evaluated),
               "held-out pass@1 per stage with 95% intervals")
     bpb_rows = [[n, _num(r.bpb.get("bpb")), _num(r.bpb.get("loss")), str(r.bpb.get("tokens", "-")),
@@ -336,6 +331,41 @@ def _eval_sections(stages: list[StageData], notes: list[str]) -> list[Section]:
     return out
 
 
+def _stage_tables(sec: Section, evaluated: list[tuple[str, EvalResult]]) -> None:
+    """pass@1 per stage and task with intervals, then the paired differences of consecutive stages."""
+    rows = []
+    for name, r in evaluated:
+        tasks = r.task_names + (["overall"] if len(r.task_names) > 1 else [])
+        for t in tasks:
+            rows.append([name, str(r.config.get("mode", "?"))]
+                        + summary_row(t, r.summary(None if t == "overall" else t)))
+    sec.p("pass@1 is averaged over k samples per problem; the interval is the 95% interval of the mean over "
+          "problems. strict@1 also requires the R1 format; format is the well-formed share of samples "
+          "(in fewshot mode: an `Answer:` line).")
+    sec.table(["stage", "mode"] + RESULT_HEADER, rows)
+    for (na, a), (nb, b) in zip(evaluated, evaluated[1:]):
+        header, crow = comparison_rows(paired_comparison(a, b))
+        sec.p(f"Paired difference, A = {na}, B = {nb} (per-problem pass@1 on the same problem ids):")
+        sec.table(header, crow)
+
+
+def _external_section(stages: list[StageData], notes: list[str]) -> Section | None:
+    """The held-out evaluation on tasks nanoseek did not write (``external.json`` per stage)."""
+    evaluated = [(d.stage.name, d.external) for d in stages if d.external is not None]
+    if not evaluated:
+        return None
+    sec = Section("Held-out evaluation on external tasks")
+    sec.p("Problems written and graded by reasoning-gym (its generators, its wording, its `score_answer`), "
+          "chosen to match the curriculum's operations and sizes: the headline result measured on problems "
+          "this project did not generate. A problem is solved when reasoning-gym grades the extracted answer 1.0; "
+          "its questions are split from any training use by a hash of their text (nanoseek.tasks.rg).")
+    _stage_tables(sec, evaluated)
+    for n, r in evaluated:
+        for note in r.notes:
+            notes.append(f"{n} external eval: {note}")
+    return sec
+
+
 def _samples_section(stages: list[StageData]) -> Section | None:
     sec = Section("Samples")
     for d in stages:
@@ -349,6 +379,12 @@ def _samples_section(stages: list[StageData]) -> Section | None:
                            ("answer", f"{s.get('answer')!s} (gold {s.get('gold')}, {mark}, "
                                       f"format {'ok' if s.get('format_ok') else 'bad'}, {s.get('tokens')} tokens)")]
                 sec.sample(f"{d.stage.name} eval, {s.get('task')} {s.get('id')}", fields)
+        if d.external is not None:
+            for s in d.external.samples[:1]:
+                sec.sample(f"{d.stage.name} external eval, {s.get('task')} {s.get('id')}",
+                           [("question", str(s.get("prompt", ""))), ("response", str(s.get("response", ""))),
+                            ("answer", f"{s.get('answer')!s} (gold {s.get('gold')}, "
+                                       f"{'correct' if s.get('correct') else 'wrong'})")])
         for s in d.rollouts[-SAMPLES_PER_STAGE:]:
             sec.sample(f"{d.stage.name} rollout {s.get('rollout', '?')}",
                        [("question", str(s.get("prompt", ""))), ("completion", str(s.get("completion", ""))),
@@ -382,7 +418,9 @@ def build_sections(run_dir: str | Path) -> tuple[str, dict[str, Any], list[Secti
         if s:
             sections.append(s)
     c = _config_section(meta, stages)
-    sections.extend(_eval_sections(stages, notes))
+    evals = _eval_sections(stages, notes)
+    external = _external_section(stages, notes)
+    sections.extend(evals[:1] + ([external] if external else []) + evals[1:])
     s = _samples_section(stages)
     if s:
         sections.append(s)

@@ -8,6 +8,7 @@ Layout (every piece optional; readers skip what is missing)::
         metrics.jsonl       the trainer's log: step records and {"event": ...} lines
         samples.jsonl       GRPO sample completions (prompt, completion, reward, correct)
         eval.json           `nanoseek eval` of the stage's final checkpoint
+        external.json       the speedrun's held-out evaluation on tasks nanoseek did not write (reasoning-gym)
         config.toml         the stage's training config
         final/              HF checkpoint (config.json, model.safetensors, tokenizer files)
       sft/ ...  grpo/ ...
@@ -58,6 +59,7 @@ CHAT_STAGES = ("sft", "dpo", "grpo", "distill", "rl", "chat")
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EVAL_JSON = "eval.json"
+EXTERNAL_JSON = "external.json"
 SAMPLES = "samples.jsonl"
 STAGE_JSON = "stage.json"
 CONFIG_TOML = "config.toml"
@@ -188,6 +190,10 @@ class Stage:
     @property
     def eval_path(self) -> Path:
         return self.dir / EVAL_JSON
+
+    @property
+    def external_path(self) -> Path:
+        return self.dir / EXTERNAL_JSON
 
     @property
     def samples_path(self) -> Path:
@@ -369,4 +375,5 @@ def fmt_count(n: float | None) -> str:
 
 __all__ = ["Stage", "RunError", "find_stages", "read_run_json", "read_jsonl", "read_json", "step_records", "events",
            "series", "vector_series", "validation_series", "numeric", "stage_of_checkpoint", "mode_for_name",
-           "eval_mode_of", "fmt_duration", "fmt_count", "STAGE_ORDER", "RUN_JSON", "METRICS", "EVAL_JSON", "SAMPLES"]
+           "eval_mode_of", "fmt_duration", "fmt_count", "STAGE_ORDER", "RUN_JSON", "METRICS", "EVAL_JSON", "EXTERNAL_JSON",
+           "SAMPLES"]

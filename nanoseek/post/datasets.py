@@ -16,9 +16,11 @@ Three JSONL formats, one JSON object per line (blank lines are skipped):
 Any other key, a wrong type, a missing field or invalid JSON raises :class:`DataError` naming
 ``file:line`` and the field, so a bad record is never silently dropped or half-used.
 
-RL prompts can also come from a generator instead of a file (:func:`load_rl_prompts`): a built-in
-task of ``nanoseek.tasks.generators`` by name (the same generators that feed the pre-training corpus),
-or ``rg:NAME`` for a dataset of the optional ``reasoning-gym`` package when it is installed.
+RL prompts can also come from generators instead of a file (:func:`load_rl_prompts`): a task spec
+resolved by :mod:`nanoseek.tasks.sources`: built-in tasks of ``nanoseek.tasks.generators`` by name
+(the same generators that feed the pre-training corpus) and reasoning-gym datasets (``rg:NAME`` or
+``rg:NAME(key=value, ...)``, :mod:`nanoseek.tasks.rg`: their train split, graded by their own
+``score_answer``), mixed in one list.
 
 What the readers would refuse about a source before reading it (:func:`check_file`,
 :func:`check_rl_source`, :func:`check_task_level`) is also what each stage section's
@@ -285,37 +287,44 @@ def task_prompts(name: str, n: int, split: str = "train", seed: int = 0,
     return [RLPrompt(prompt=p.prompt, answer=p.answer, task=p.task, id=p.id, problem=p) for p in problems]
 
 
-def _reasoning_gym(name: str):
-    """The optional reasoning-gym package, or one DataError line saying how to install it."""
+def task_sources(source: str) -> list:
+    """The task sources of a spec (:func:`nanoseek.tasks.sources.parse_sources`); a DataError naming a bad item."""
+    from nanoseek.tasks.sources import parse_sources
+
     try:
-        import reasoning_gym  # optional dependency
-    except ImportError:
-        raise DataError(f"task source 'rg:{name}' needs the optional package reasoning-gym "
-                        "(pip install reasoning-gym)") from None
-    return reasoning_gym
+        return parse_sources(source)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def source_prompts(src, n: int, seed: int = 0, level: int | None = None, split: str = "train") -> list[RLPrompt]:
+    """``n`` prompts of ``split`` of one task source: a built-in task's Problems (graded by its exact
+    verifier), or an external dataset's (graded by its own scorer, e.g. reasoning-gym's ``score_answer``)."""
+    out = []
+    try:
+        problems = src.problems(split, n, seed, level)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    for p in problems:
+        scorer = src.external_scorer(p)
+        out.append(RLPrompt(prompt=p.prompt, answer=p.answer, task=p.task, id=p.id,
+                            problem=None if scorer else p, score_answer=scorer))
+    return out
 
 
 def reasoning_gym_prompts(name: str, n: int, seed: int = 0) -> list[RLPrompt]:
-    """``n`` prompts of reasoning-gym's dataset ``name``, verified by its own ``score_answer``."""
-    ds = _reasoning_gym(name).create_dataset(name, size=n, seed=seed)
-    out = []
-    for i in range(n):
-        entry = ds[i]
-
-        def score(answer: str | None, entry=entry) -> float:
-            return float(ds.score_answer(answer=answer, entry=entry) or 0.0)
-
-        out.append(RLPrompt(prompt=entry["question"], answer=str(entry["answer"]), task=f"rg:{name}",
-                            id=f"rg:{name}-{seed}-{i}", extra={"metadata": entry.get("metadata", {})},
-                            score_answer=score))
-    return out
+    """``n`` train prompts of reasoning-gym's dataset ``name`` (``NAME`` or ``NAME(key=value, ...)``),
+    verified by its own ``score_answer``."""
+    [src] = task_sources("rg:" + name)
+    return source_prompts(src, n, seed)
 
 
 def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
                     level: int | None = None) -> list[RLPrompt]:
-    """RL prompts from ``source``: a ``.jsonl`` file, ``rg:NAME`` (reasoning-gym), or built-in
-    task names separated by commas (``"arithmetic,countdown"``: mixed in equal shares, shuffled),
-    each optionally with levels (``"arithmetic:1-2"``, overriding ``level``).
+    """RL prompts from ``source``: a ``.jsonl`` file, or a task spec: built-in task names and
+    reasoning-gym datasets separated by commas (``"arithmetic:1-2,rg:leg_counting"``: mixed in equal
+    shares, shuffled); a built-in name's levels (``"arithmetic:1-2"``) override ``level``, which
+    reasoning-gym datasets do not have.
 
     For a file, ``n`` = 0 keeps all records, otherwise the first ``n``.
     """
@@ -324,12 +333,11 @@ def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
     if _is_file_source(source):
         items = read_rl_prompts(source)
         return items[:n] if n else items
-    if source.startswith("rg:"):
-        return reasoning_gym_prompts(source[3:], n, seed)
+    sources = task_sources(source)
     out: list[RLPrompt] = []
-    for k, (name, levels) in enumerate(specs):
-        share = n // len(specs) + (1 if k < n % len(specs) else 0)
-        out += task_prompts(name, share, split, seed, levels if levels is not None else level)
+    for k, src in enumerate(sources):
+        share = n // len(sources) + (1 if k < n % len(sources) else 0)
+        out += source_prompts(src, share, seed, level, split)
     random.Random(seed).shuffle(out)
     return out
 
@@ -340,17 +348,17 @@ def _is_file_source(source: str) -> bool:
 
 def check_rl_source(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
     """What :func:`load_rl_prompts` would refuse about ``source``, found without reading a record or
-    building a model: a file that is missing or not a regular file, ``rg:`` without reasoning-gym
-    installed, an empty source, a bad task spec. Returns the task specs (empty for a file or ``rg:``)."""
+    building a model: a file that is missing or not a regular file, an empty source, a bad task spec
+    (an unknown reasoning-gym dataset or config key included). Returns the built-in tasks' specs
+    (empty for a file)."""
     if _is_file_source(source):
         check_file(source)
         return []
-    if source.startswith("rg:"):
-        _reasoning_gym(source[3:])
-        return []
     if not source.strip(", "):
         raise DataError("empty RL prompt source: give a .jsonl file, rg:NAME or built-in task names")
-    return task_specs(source)
+    from nanoseek.tasks.sources import BuiltinSource
+
+    return [(s.name, s.levels) for s in task_sources(source) if isinstance(s, BuiltinSource)]
 
 
 def check_task_level(specs: list[tuple[str, tuple[int, ...] | None]], level: int | None) -> None:
@@ -376,4 +384,4 @@ def source_key(key: str) -> Iterator[None]:
 __all__ = ["DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
            "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
            "read_rl_prompts", "write_jsonl", "check_file", "check_rl_source", "check_task_level", "source_key",
-           "task_prompts", "reasoning_gym_prompts", "load_rl_prompts"]
+           "task_prompts", "task_sources", "source_prompts", "reasoning_gym_prompts", "load_rl_prompts"]

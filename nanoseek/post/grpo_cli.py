@@ -4,7 +4,7 @@ Each step samples G completions per prompt with the inference engine, rewards th
 verifiers (format + accuracy), normalises the rewards within each group, and takes
 [grpo] num_iterations clipped policy-gradient steps (optional k3 KL to the starting model with
 [grpo] beta > 0). Prompts: built-in task names ("arithmetic,countdown"), a JSONL of
-{"prompt", "answer", "task"}, or rg:NAME (reasoning-gym, when installed).
+{"prompt", "answer", "task"}, or rg:NAME (reasoning-gym; mixed with task names: "arithmetic:1,rg:chain_sum").
 
 Shipped configs: r1-zero (GRPO straight from the base model with the R1-Zero template) and r1
 (cold-start SFT -> GRPO -> rejection-sampling SFT -> GRPO, a multi-stage recipe).

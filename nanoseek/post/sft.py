@@ -17,8 +17,12 @@ Two batching modes:
 * ``pad``: one conversation per row, right-padded to the longest row of the micro-batch.
 
 A conversation longer than ``max_seq_len`` is truncated on the right (counted and reported).
-The cold-start data of the R1 recipe can come straight from the built-in task generators
-(``data = "tasks:arithmetic,countdown"``): question -> ``<think>`` worked steps -> answer.
+The cold-start data of the R1 recipe can come straight from task generators (``data =
+"tasks:arithmetic,countdown"``, any task spec of :mod:`nanoseek.tasks.sources`): question ->
+``<think>`` worked steps -> answer. ``data = "rg:NAME"`` (short for ``tasks:rg:NAME``) takes
+reasoning-gym's train split: the worked steps where the dataset carries them
+(:data:`nanoseek.tasks.rg.TRACES`: ``gsm_symbolic``'s solution, the string-rewriting datasets'
+states), else the answer alone after an empty ``<think></think>`` (no reasoning to imitate).
 
 :class:`SFTTask` plugs into the shared trainer; :func:`train_sft` runs the whole stage.
 """
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 
 from .common import IGNORE, IndexStream, StreamBatches, chat_row, pad_rows
-from .datasets import DataError, SFTExample, check_file, read_sft, source_key, task_prompts, task_specs
+from .datasets import DataError, SFTExample, check_file, read_sft, source_key, task_sources
 
 SFT_MODES = ("pack", "pad")
 
@@ -41,8 +45,8 @@ class SFTSection:
     """The ``[sft]`` table. Rows are at most ``[optim] seq_len`` tokens, ``[optim] micro_batch_size``
     rows per micro-batch."""
 
-    data: str = ""                   # SFT JSONL, or "tasks:NAME[,NAME]" for generated cold-start traces
-    num_examples: int = 0            # examples used (0: the whole file; required with tasks:)
+    data: str = ""                   # SFT JSONL, "tasks:SPEC" (built-in tasks, rg:NAME) or "rg:NAME": generated traces
+    num_examples: int = 0            # examples used (0: the whole file; required with tasks: / rg:)
     template: str = "r1"             # tasks: data only: "r1" (chat, "Answer: X") or "r1-zero" (<answer> tags)
     mode: str = "pack"               # pack | pad
     tokenizer: str = ""              # tokenizer directory (default: found next to the checkpoint)
@@ -72,33 +76,44 @@ class SFTSection:
                 check_sft_data(self.data, self.num_examples)
 
 
-def check_sft_data(data: str, n: int = 0) -> None:
-    """What :func:`load_sft_examples` refuses before reading: ``tasks:`` without a number of
-    examples or with a bad task spec, a file that is missing or not a regular file."""
+def _task_spec(data: str) -> str | None:
+    """The task spec of generated SFT data (``tasks:SPEC`` or ``rg:...``), None for a file."""
     if data.startswith("tasks:"):
+        return data[len("tasks:"):]
+    return data if data.startswith("rg:") else None
+
+
+def check_sft_data(data: str, n: int = 0) -> None:
+    """What :func:`load_sft_examples` refuses before reading: generated data (``tasks:`` / ``rg:``)
+    without a number of examples or with a bad task spec, a file that is missing or not a regular file."""
+    spec = _task_spec(data)
+    if spec is not None:
         if n <= 0:
-            raise DataError("SFT data 'tasks:...' needs a number of examples (num_examples > 0)")
-        task_specs(data[len("tasks:"):])
+            raise DataError(f"SFT data {data!r} needs a number of examples (num_examples > 0)")
+        task_sources(spec)
     else:
         check_file(data)
 
 
 def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
                       template: str = "r1") -> list[SFTExample]:
-    """Cold-start SFT examples from built-in tasks ``"a,b"`` (levels optional: ``"a:1-2,b"``):
-    user question -> reasoning + answer.
+    """Cold-start SFT examples from a task spec ``"a,b"`` (levels optional: ``"a:1-2,b"``;
+    reasoning-gym: ``"rg:NAME"``), in equal shares: user question -> reasoning + answer.
 
     ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
     ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
     """
     from nanoseek.tasks.reply import sft_messages
 
-    specs = task_specs(source)
+    sources = task_sources(source)
     out: list[SFTExample] = []
-    for k, (name, levels) in enumerate(specs):
-        share = n // len(specs) + (1 if k < n % len(specs) else 0)
-        for item in task_prompts(name, share, split, seed, levels):
-            p = item.problem
+    for k, src in enumerate(sources):
+        share = n // len(sources) + (1 if k < n % len(sources) else 0)
+        try:
+            problems = src.problems(split, share, seed)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        for p in problems:
             try:
                 messages = sft_messages(p, template)
             except ValueError as e:
@@ -108,10 +123,11 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
 
 
 def load_sft_examples(data: str, n: int = 0, seed: int = 0, template: str = "r1") -> list[SFTExample]:
-    """A JSONL file, or ``tasks:NAME[,NAME]`` for generated cold-start traces (``n`` of them)."""
+    """A JSONL file, or generated cold-start traces (``tasks:SPEC`` / ``rg:NAME``, ``n`` of them)."""
     check_sft_data(data, n)
-    if data.startswith("tasks:"):
-        return task_sft_examples(data[len("tasks:"):], n, seed=seed, template=template)
+    spec = _task_spec(data)
+    if spec is not None:
+        return task_sft_examples(spec, n, seed=seed, template=template)
     examples = read_sft(data)
     return examples[:n] if n else examples
 

@@ -6,6 +6,14 @@ modules, and none of them imports ``post/``.
 
 * :mod:`~nanoseek.tasks.generators`: the built-in tasks (seeded generators, worked solutions,
   exact verifiers, train/test split by content hash) and task specs (``NAME:LEVELS``);
+* :mod:`~nanoseek.tasks.sources`: the registry that resolves a task spec's items (built-in tasks,
+  ``rg:`` reasoning-gym datasets, ``humaneval``, any registered prefix) to task sources
+  (:mod:`~nanoseek.tasks.source`'s interface): held-out problems, training problems, few-shot
+  examples, prompts and stop rules, and the grading of replies (one at a time or in a batch);
+* :mod:`~nanoseek.tasks.rg`: reasoning-gym's datasets (``rg:NAME(config)``) as tasks: a hash split
+  disjoint from training, seed streams, its ``score_answer``, the worked steps some datasets carry;
+* :mod:`~nanoseek.tasks.humaneval`: HumanEval's 164 problems (``humaneval``, ``humaneval:A-B``) as an
+  evaluation-only source: prompts per mode, its stop sequences, code run in the sandbox in parallel;
 * :mod:`~nanoseek.tasks.reply`: DeepSeek-R1's reply format (prompt templates, stop rules, the
   scored text, the ``<think>`` split, answer extraction, the format check, SFT targets);
 * :mod:`~nanoseek.tasks.rewards`: DeepSeek-R1's rule-based rewards (accuracy and format) over a

@@ -579,13 +579,37 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
 
 
+def split_specs(spec: str | Sequence[str]) -> list[str]:
+    """The items of a task spec: a list as it is, or a string split at commas outside brackets
+    and quotes; blank items dropped."""
+    if not isinstance(spec, str):
+        return [str(s).strip() for s in spec if str(s).strip()]
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in spec:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
 def parse_task_specs(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ...] | None]]:
     """Task names with optional levels: ``"arithmetic:1-2,compare:1,modular"`` (or the same as a
     list) -> ``[("arithmetic", (1, 2)), ("compare", (1,)), ("modular", None)]``. ``NAME:L`` is one
     level, ``NAME:A-B`` a range; no levels means all of them (or the caller's default). The
     speedrun's curriculum, SFT data, RL prompts and evaluation all name their problems this way.
     Unknown names and levels raise a ValueError that names the offending item."""
-    items = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else [str(t).strip() for t in spec]
+    items = split_specs(spec)
     out: list[tuple[str, tuple[int, ...] | None]] = []
     for item in items:
         if not item:
@@ -611,5 +635,7 @@ def parse_task_specs(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ..
 
 
 def corpus_document(p: Problem) -> str:
-    """Pre-training text for one problem: question, worked steps, ``Answer: X``."""
-    return f"Question: {p.prompt}\nSolution:\n{p.reasoning}\nAnswer: {p.answer}\n"
+    """Pre-training text for one problem: question, worked steps (none for a problem without them,
+    like most reasoning-gym ones), ``Answer: X``."""
+    steps = f"{p.reasoning}\n" if p.reasoning else ""
+    return f"Question: {p.prompt}\nSolution:\n{steps}Answer: {p.answer}\n"

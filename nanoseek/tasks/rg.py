@@ -1,0 +1,260 @@
+"""reasoning-gym's procedural datasets as nanoseek tasks: held-out evaluation, RL prompts, SFT traces.
+
+`reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ (a dependency) generates ~100
+kinds of verifiable problems nobody here wrote: ``create_dataset(name, seed, size, **config)``
+gives entries ``{question, answer, metadata}`` and ``dataset.score_answer(answer, entry)`` grades
+an answer in [0, 1] (partial credit for some). :class:`RGTask` wraps one dataset and its config;
+the task-source registry (:mod:`nanoseek.tasks.sources`) resolves ``rg:SPEC`` to it, so
+``nanoseek eval --tasks rg:chain_sum,arithmetic``, GRPO's ``prompts = "rg:leg_counting"`` and
+SFT's ``data = "rg:gsm_symbolic"`` all reach the same problems.
+
+**Spec**: ``NAME`` or ``NAME(key=value, ...)`` with keys of the dataset's config dataclass and
+Python literal values (``rg:basic_arithmetic(min_terms=2, max_terms=2, operators=["+", "-"])``;
+a bare word is a string: ``format_style=natural``). An unknown name is one line with the close
+matches; an unknown key lists the valid ones; a value the dataset's ``validate`` refuses says why.
+The task's name (the ``task`` of its problems and results) is the canonical spec: ``rg:NAME``, or
+``rg:NAME(k=v,...)`` with the keys sorted, so two configs of one dataset are two tasks.
+
+**Splits, disjoint by construction** (as the built-in tasks'): a question belongs to ``"test"``
+iff a hash of the dataset's name and the question's text falls in the same 20 % bucket range
+(:data:`TEST_PER_MILLE`), so no test question is ever a training prompt, whatever seeds or
+configs either side uses (many datasets repeat a question at different seeds: ``1 + 2`` comes back
+often). The text, not the math: the same sum worded by another dataset is another question. On top of that the three uses walk
+disjoint index ranges of reasoning-gym's per-entry seed (entry ``i`` of a dataset seeded ``s``
+draws from ``Random(s + i)``): stream ``train`` (RL prompts, SFT traces), ``test`` (evaluation)
+and ``fewshot`` (a base model's worked examples: train-split questions that are not the RL
+prompts of the same seed) start at ``stream * 2**30 + (seed % 1024) * 2**20``; so the seed
+reaches reasoning-gym below 2**32 (numpy seeding in some datasets), and seeds equal modulo 1024
+draw the same problems. A draw takes at most 2**20 entries. Test problems are distinct questions
+(fewer when the space runs out: the result's N says how many); training draws may repeat.
+
+**Answers** are extracted from a reply as for every task (:func:`nanoseek.tasks.reply.extract_answer`)
+and graded by the dataset's own ``score_answer``; an answer is *correct* when it scores 1.0
+(partial credit is not a solved problem).
+
+**SFT traces** (:data:`TRACES`): reasoning-gym entries carry an answer, rarely the steps. Of the
+datasets of 0.1.25, ``gsm_symbolic`` has a worked solution (``metadata.answer_cot``) and the
+string-rewriting ones (``string_manipulation``, ``string_splitting``, ``string_synthesis``) the
+sequence of intermediate states; these become the ``<think>`` steps. Every other dataset's SFT
+target is the answer alone, with an empty ``<think></think>``: supervision without reasoning.
+
+Deliberately left out: reasoning-gym's curricula (difficulty schedules) and its composite dataset
+weighting; name a config per task instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable
+
+from nanoseek.tasks.generators import Problem, split_specs
+
+PREFIX = "rg:"
+TEST_PER_MILLE = 200            # the held-out share of every dataset's questions (the built-in tasks' 20 %)
+STREAMS = {"train": 0, "test": 1, "fewshot": 2}
+STREAM_SPAN = 2 ** 30           # index range of one stream
+DRAW_SPAN = 2 ** 20             # index range of one (stream, seed) draw
+SEEDS = STREAM_SPAN // DRAW_SPAN    # 1024 distinct seeds per stream
+# problem id -> its reasoning-gym entry (score_answer needs the entry; ids name the task and the question)
+_ENTRIES: dict[str, dict] = {}
+MAX_ANSWER_CHARS = 1000        # longer answers (than this, or 4x the gold one) score 0 unread
+MAX_MISSES = 2000               # consecutive entries without a new test question before a space is "exhausted"
+
+
+def _package():
+    """reasoning-gym, imported on first use (it takes ~1.5 s); a ValueError line when it is missing."""
+    try:
+        import reasoning_gym
+        import reasoning_gym.factory  # noqa: F401
+    except ImportError:
+        raise ValueError("rg: tasks need the package reasoning-gym, a dependency of nanoseek "
+                         "(pip install reasoning-gym)") from None
+    return reasoning_gym
+
+
+def dataset_names() -> list[str]:
+    """Every dataset reasoning-gym registers."""
+    return sorted(_package().factory.DATASETS)
+
+
+def split_of(dataset: str, question: str) -> str:
+    """"test" or "train": a pure function of the dataset's name and the question text (not of its
+    config, so a question asked under two configs is held out under both)."""
+    h = hashlib.sha256(f"rg:{dataset}\x00{question}".encode()).digest()
+    return "test" if int.from_bytes(h[:4], "big") % 1000 < TEST_PER_MILLE else "train"
+
+
+def stream_seed(stream: str, seed: int) -> int:
+    """The reasoning-gym seed a draw of ``stream`` ("train", "test", "fewshot") starts from."""
+    return STREAMS[stream] * STREAM_SPAN + (int(seed) % SEEDS) * DRAW_SPAN
+
+
+# ----------------------------------------------------------------------------- the spec
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if re.fullmatch(r"[A-Za-z_][\w.-]*", text):       # a bare word: a string
+            return text
+        raise ValueError(f"{text!r} is not a Python literal (a number, a quoted string, a list, "
+                         "True/False/None)") from None
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME(k=v, ...)"`` (the part after ``rg:``) -> (name, config); ValueError naming the problem."""
+    m = re.fullmatch(r"\s*([A-Za-z0-9_]+)\s*(?:\((.*)\))?\s*", spec, re.S)
+    if not m:
+        raise ValueError(f"task spec 'rg:{spec}': expected rg:NAME or rg:NAME(key=value, ...)")
+    name, body = m.group(1), m.group(2)
+    config: dict[str, Any] = {}
+    for item in split_specs(body or ""):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"task spec 'rg:{spec}': {item.strip()!r} is not key=value")
+        try:
+            config[key.strip()] = _value(value)
+        except ValueError as e:
+            raise ValueError(f"task spec 'rg:{spec}': {key.strip()} = {e}") from None
+    return name, config
+
+
+def canonical_name(name: str, config: dict[str, Any]) -> str:
+    """The task name of a dataset and config: ``rg:NAME`` or ``rg:NAME(k=v,...)``, keys sorted."""
+    if not config:
+        return PREFIX + name
+    return PREFIX + name + "(" + ",".join(f"{k}={config[k]!r}" for k in sorted(config)) + ")"
+
+
+# ----------------------------------------------------------------------------- worked steps
+
+def _gsm_cot(entry: dict) -> str:
+    cot = str(entry["metadata"].get("answer_cot", ""))
+    return "\n".join(line for line in cot.splitlines() if not line.startswith("####")).strip()
+
+
+def _states(entry: dict) -> str:
+    return "\n".join(str(s) for s in entry["metadata"].get("states", []))
+
+
+# dataset -> the worked steps of an entry (the <think> of its SFT trace); others have none
+TRACES: dict[str, Callable[[dict], str]] = {
+    "gsm_symbolic": _gsm_cot,
+    "string_manipulation": _states,
+    "string_splitting": _states,
+    "string_synthesis": _states,
+}
+
+
+# ----------------------------------------------------------------------------- the task
+
+@dataclass
+class RGTask:
+    """One reasoning-gym dataset with its config, drawn and graded as a nanoseek task."""
+
+    dataset: str
+    config: dict[str, Any] = field(default_factory=dict)
+    _scorer: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return canonical_name(self.dataset, self.config)
+
+    @property
+    def has_traces(self) -> bool:
+        return self.dataset in TRACES
+
+    def create(self, seed: int, size: int):
+        """The reasoning-gym dataset at ``seed`` (ValueError, one line, for a config it refuses)."""
+        try:
+            return _package().create_dataset(self.dataset, seed=seed, size=size, **self.config)
+        except Exception as e:             # its configs assert, or fail in their own ways on odd values
+            raise ValueError(f"task spec {self.name!r}: reasoning-gym refuses the config: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def check(self) -> "RGTask":
+        """The name and config keys exist and the dataset accepts the config; else a ValueError line."""
+        names = dataset_names()
+        if self.dataset not in names:
+            close = difflib.get_close_matches(self.dataset, names, n=5, cutoff=0.5)
+            hint = f"close matches: {', '.join(PREFIX + c for c in close)}" if close else \
+                f"{len(names)} datasets, e.g. {', '.join(PREFIX + n for n in names[:5])}"
+            raise ValueError(f"unknown reasoning-gym dataset {PREFIX + self.dataset!r}; {hint}")
+        config_cls = _package().factory.DATASETS[self.dataset][1]
+        valid = [f.name for f in fields(config_cls) if f.name not in ("seed", "size")] \
+            if is_dataclass(config_cls) else []
+        bad = [k for k in self.config if k not in valid]
+        if bad:
+            raise ValueError(f"task spec {self.name!r}: unknown config key {bad[0]!r} of {self.dataset}; "
+                             f"valid keys: {', '.join(valid)}")
+        self.create(0, 1)
+        return self
+
+    def _problem(self, split: str, entry: dict) -> Problem:
+        question = str(entry["question"])
+        h = hashlib.sha256(f"{self.name}\x00{question}".encode()).hexdigest()[:10]
+        p = Problem(task=self.name, id=f"{self.name}-{split}-{h}", prompt=question, answer=str(entry["answer"]),
+                    reasoning=TRACES[self.dataset](entry) if self.has_traces else "", level=0)
+        _ENTRIES[p.id] = entry
+        return p
+
+    def draw(self, split: str, n: int, seed: int = 0, stream: str | None = None,
+             unique: bool | None = None) -> list[Problem]:
+        """``n`` problems of ``split`` from ``stream`` (default: the split's own) at ``seed``; see the
+        module doc. Test draws are distinct questions and may return fewer (the space ran out);
+        train draws may repeat a question."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        unique = split == "test" if unique is None else unique
+        stream = stream or split
+        size = min(DRAW_SPAN, 20 * n + MAX_MISSES)      # entries are prefix-stable: the size bounds the walk only
+        ds = self.create(stream_seed(stream, seed), size)
+        out: list[Problem] = []
+        seen: set[str] = set()
+        misses = 0
+        for i in range(size):
+            if len(out) >= n or misses >= MAX_MISSES:
+                break
+            entry = ds[i]
+            q = str(entry["question"])
+            if split_of(self.dataset, q) != split or (unique and q in seen):
+                misses += 1
+                continue
+            misses = 0
+            seen.add(q)
+            out.append(self._problem(split, entry))
+        if not out and n > 0:
+            raise ValueError(f"{self.name}: no {split!r} question in {MAX_MISSES} draws")
+        return out
+
+    def score_answer(self, answer: str | None, problem: Problem) -> float:
+        """The dataset's own grade of an extracted answer, in [0, 1]; 0 for an unknown problem or an
+        exception in the dataset's scorer (a verifier never crashes a run on adversarial text)."""
+        entry = _ENTRIES.get(problem.id)
+        if entry is None or not isinstance(answer, str) or len(answer) > max(MAX_ANSWER_CHARS, 4 * len(problem.answer)):
+            return 0.0                     # a runaway answer never reaches a (possibly sympy-based) scorer
+        if self._scorer is None:
+            self._scorer = self.create(0, 1)
+        try:
+            return float(self._scorer.score_answer(answer=answer, entry=entry) or 0.0)
+        except Exception:
+            return 0.0
+
+    def verify(self, answer: str | None, problem: Problem) -> bool:
+        """Solved: the dataset grades the answer 1.0."""
+        return self.score_answer(answer, problem) >= 1.0
+
+
+def rg_task(spec: str) -> RGTask:
+    """The checked task of ``spec`` (the part after ``rg:``); ValueError, one line, otherwise."""
+    name, config = parse_spec(spec)
+    return RGTask(name, config).check()
+
+
+__all__ = ["PREFIX", "TEST_PER_MILLE", "STREAMS", "TRACES", "RGTask", "rg_task", "parse_spec", "canonical_name",
+           "split_of", "stream_seed", "dataset_names"]

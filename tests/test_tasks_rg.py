@@ -1,0 +1,235 @@
+"""reasoning-gym as nanoseek tasks (nanoseek.tasks.rg, nanoseek.tasks.sources): held-out evaluation of any
+dataset with its config, scored by its own score_answer; problem sets deterministic and disjoint from
+training; rg: RL prompts and SFT traces; one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from eval_helpers import ScriptedEngine
+from nanoseek.cli import main
+from nanoseek.data.bytetok import ByteTokenizer
+from nanoseek.eval.harness import draw_problems, evaluate
+from nanoseek.post.datasets import DataError, load_rl_prompts
+from nanoseek.post.sft import check_sft_data, load_sft_examples
+from nanoseek.tasks import rg
+from nanoseek.tasks.generators import split_specs
+from nanoseek.tasks.rewards import RewardConfig, build_reward_fn
+from nanoseek.tasks.sources import SOURCES, BuiltinSource, RGSource, parse_sources, resolve
+
+TOK = ByteTokenizer()
+
+# one dataset per kind of answer: a number, a string, a list (reasoning-gym's own formats)
+NUMERIC = "rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=2)"
+STRING = "rg:spell_backward"
+LIST = "rg:number_sorting(min_numbers=2, max_numbers=3, min_decimals=0, max_decimals=0)"
+KINDS = [NUMERIC, STRING, LIST]
+
+
+def r1(answer) -> str:
+    return f"<think>\nworking\n</think>\nAnswer: {answer}"
+
+
+def _wrong(gold: str) -> str:
+    """An answer that is not the gold one, of the same kind."""
+    if gold.lstrip("-").isdigit():
+        return str(int(gold) + 1)
+    if gold.startswith("["):
+        return gold.replace("'", '"', 2)[::-1]                  # scrambled list
+    return gold[::-1] + "x"
+
+
+def _scripted(tasks: list[str], n: int, seed: int, answer) -> ScriptedEngine:
+    probs = [p for t in tasks for p in draw_problems(t, n, seed, None)]
+    engine = ScriptedEngine(TOK, probs, lambda p, j: answer(p))
+    for p in probs:                              # r1-zero strips the question and ends it with a period
+        engine.by_question.setdefault(p.prompt.strip(), p)
+        engine.by_question.setdefault(p.prompt.strip() + ".", p)
+    return engine
+
+
+@pytest.mark.parametrize("mode", ["chat", "fewshot", "r1-zero"])
+def test_an_oracle_scores_one_and_a_wrong_answer_zero_on_every_kind_of_answer(mode):
+    """The same scoring path as built-in tasks (extract_answer, then reasoning-gym's score_answer), mixed
+    with a built-in task in one list: the gold answer scores 1.0, a wrong one 0.0."""
+    tasks = KINDS + ["arithmetic:2"]
+    say = {"chat": r1, "fewshot": lambda a: f"steps\nAnswer: {a}",
+           "r1-zero": lambda a: f"<think> w </think> <answer>{a}</answer>"}[mode]
+    right = evaluate(None, TOK, tasks, n_problems=4, k=2, mode=mode, seed=3,
+                     engine=_scripted(tasks, 4, 3, lambda p: say(p.answer)))
+    assert right.task_names == [parse_sources([t])[0].name for t in tasks]
+    for t in right.task_names:
+        s = right.summary(t)
+        assert s["n"] == 4 and s["pass@1"]["mean"] == 1.0 and s["format_rate"]["mean"] == 1.0, t
+    wrong = evaluate(None, TOK, tasks, n_problems=4, k=2, mode=mode, seed=3,
+                     engine=_scripted(tasks, 4, 3, lambda p: say(_wrong(p.answer))))
+    assert [p.id for p in wrong.problems] == [p.id for p in right.problems]
+    assert all(wrong.summary(t)["pass@1"]["mean"] == 0.0 for t in wrong.task_names)
+    assert right.samples[0]["gold"] == right.problems[0].gold
+
+
+def test_partial_credit_is_not_a_solved_problem():
+    """countdown's score_answer gives partial credit to a wrong expression: it counts as wrong."""
+    [src] = parse_sources(["rg:countdown(min_numbers=2, max_numbers=2)"])
+    p = src.test_problems(1, 0)[0]
+    assert src.accuracy(p.answer, p) == 1.0
+    assert 0 < src.accuracy("1 + 1", p) < 1.0
+    assert src.score_reply(r1("1 + 1"), p, "chat")[0] is False
+    assert src.score_reply(r1(p.answer), p, "chat")[:2] == (True, True)
+
+
+def test_a_tiny_model_is_evaluated_on_rg_tasks_deterministically():
+    torch.manual_seed(0)
+    model = make_tiny_model(seed=0, vocab_size=264, max_position_embeddings=512).eval()
+    kw = dict(n_problems=3, k=2, mode="chat", max_new_tokens=6, seed=5)
+    a = evaluate(model, TOK, f"{NUMERIC},{STRING},compare", batch_size=4, **kw)
+    b = evaluate(model, TOK, [NUMERIC, STRING, "compare"], batch_size=2, **kw)
+    assert len(a.task_names) == 3 and a.summary()["n"] == 9
+    assert [p.id for p in a.problems] == [p.id for p in b.problems]
+    assert [p.answers for p in a.problems] == [p.answers for p in b.problems]
+    base = evaluate(model, TOK, [NUMERIC], n_problems=2, k=1, mode="fewshot", max_new_tokens=4, seed=5)
+    assert base.summary()["n"] == 2
+
+
+def test_problem_sets_are_deterministic_prefix_stable_and_seeded():
+    for spec in KINDS + ["rg:leg_counting"]:
+        a = draw_problems(spec, 12, 0, None)
+        assert [p.id for p in a] == [p.id for p in draw_problems(spec, 12, 0, None)]
+        assert [p.id for p in draw_problems(spec, 5, 0, None)] == [p.id for p in a[:5]]
+        assert [p.id for p in draw_problems(spec, 12, 1, None)] != [p.id for p in a]
+        assert len({p.prompt for p in a}) == 12 and all(p.task == a[0].task and "-test-" in p.id for p in a)
+
+
+@pytest.mark.parametrize("spec", ["rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=1)",
+                                  "rg:products(min_terms=2, max_terms=2, min_digits=1, max_digits=1)",
+                                  "rg:leg_counting(min_animals=1, max_animals=1, max_instances=3)"])
+def test_held_out_questions_never_reach_training(spec):
+    """Small spaces repeat questions across seeds: the hash split still keeps every test question out of
+    RL prompts, SFT traces and few-shot examples, whatever seeds either side uses."""
+    [src] = parse_sources([spec])
+    test = {p.prompt for seed in (0, 1, 7) for p in src.test_problems(300, seed)}
+    assert test
+    train = {p.prompt for seed in (0, 1, 7, 1024) for p in load_rl_prompts(spec, 400, seed=seed)}
+    train |= {ex.messages[0]["content"] for ex in load_sft_examples(spec, 200, seed=1)}
+    train |= {p.prompt for seed in (0, 3) for p in src.examples(0, 20, seed)}
+    assert train and not test & train
+    assert all(rg.split_of(src.task.dataset, q) == "test" for q in test)
+    assert all(rg.split_of(src.task.dataset, q) == "train" for q in train)
+
+
+def test_a_question_is_held_out_under_every_config_of_its_dataset():
+    """Training on a wider config (more terms, more digits) never meets the narrower config's test questions."""
+    narrow = parse_sources(["rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=1)"])[0]
+    test = {p.prompt for p in narrow.test_problems(300, 0)}
+    wide = {p.prompt for seed in range(4) for p in load_rl_prompts(
+        "rg:chain_sum(min_terms=2, max_terms=3, min_digits=1, max_digits=1)", 2000, seed=seed)}
+    shared_space = {q for q in wide if len(q.split("problem: ")[1].split()) == 4}
+    assert shared_space and not test & wide
+
+
+def test_runaway_answers_score_zero_without_reaching_the_scorer():
+    [src] = parse_sources([NUMERIC])
+    p = src.test_problems(1, 0)[0]
+    assert src.accuracy(p.answer, p) == 1.0
+    assert src.accuracy(p.answer + " " * 5000, p) == 0.0 and src.accuracy(None, p) == 0.0
+
+
+def test_the_streams_walk_disjoint_seed_ranges():
+    """reasoning-gym's entry i of a dataset seeded s draws Random(s + i): the train, test and few-shot
+    streams of any seed cover disjoint index ranges below 2**32."""
+    spans = [(rg.stream_seed(st, seed), rg.stream_seed(st, seed) + rg.DRAW_SPAN)
+             for st in rg.STREAMS for seed in range(rg.SEEDS)]
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[-1][1] <= 2 ** 32
+    assert rg.stream_seed("test", 5) == rg.stream_seed("test", 5 + rg.SEEDS)     # documented wrap-around
+
+
+def test_configs_are_part_of_the_task_and_of_its_problems():
+    a, b = parse_sources(["rg:chain_sum(min_terms=2, max_terms=2, max_digits=1)", "rg:chain_sum(max_digits=1,max_terms=2, min_terms=2)"])
+    assert a.name == b.name == "rg:chain_sum(max_digits=1,max_terms=2,min_terms=2)"
+    assert resolve(a.name).name == a.name                  # the name resolves back to the same task
+    ps = a.test_problems(20, 0)
+    assert all(len(p.prompt.split("problem: ")[1].split()) == 4 for p in ps)    # "a op b =" : two terms
+    assert split_specs(f"arithmetic:1-2, {NUMERIC} ,{LIST}") == ["arithmetic:1-2", NUMERIC, LIST]
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("rg:leg_countin", "unknown reasoning-gym dataset 'rg:leg_countin'; close matches: rg:leg_counting"),
+    ("rg:chain_sum(max_term=2)", "unknown config key 'max_term' of chain_sum; valid keys: min_terms, max_terms"),
+    ("rg:chain_sum(min_terms=5, max_terms=2)", "reasoning-gym refuses the config: max_terms must be >= min_terms"),
+    ("rg:chain_sum(min_terms=@)", "min_terms = '@' is not a Python literal"),
+    ("rg:chain_sum(2)", "'2' is not key=value"),
+    ("rg:", "expected rg:NAME or rg:NAME(key=value, ...)"),
+])
+def test_bad_specs_are_one_line_from_the_library_and_the_cli(spec, why, capsys, tmp_path):
+    with pytest.raises(ValueError) as e:
+        parse_sources([spec])
+    assert why in str(e.value) and "\n" not in str(e.value)
+    assert main(["eval", "--model", str(tmp_path), "--tasks", f"arithmetic,{spec}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert why in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_rl_prompts_are_graded_by_score_answer_through_the_reward():
+    items = load_rl_prompts(f"{NUMERIC},{LIST},arithmetic:1", 9, seed=2)
+    by_task = {i.task for i in items}
+    assert len(by_task) == 3
+    ext = [i for i in items if i.task.startswith("rg:")]
+    assert ext and all(i.score_answer is not None and i.problem is None for i in ext)
+    assert all(i.problem is not None and i.score_answer is None for i in items if not i.task.startswith("rg:"))
+    fn = build_reward_fn(RewardConfig())
+    good = fn([r1(i.answer) for i in items], items)
+    bad = fn([r1(_wrong(i.answer)) for i in items], items)
+    assert [r.reward for r in good] == [1.1] * 9 and [r.reward for r in bad] == [0.1] * 9
+    assert [i.id for i in items] == [i.id for i in load_rl_prompts(f"{NUMERIC},{LIST},arithmetic:1", 9, seed=2)]
+
+
+def test_sft_traces_carry_worked_steps_where_the_dataset_has_them():
+    [gsm] = load_sft_examples("rg:gsm_symbolic", 1, seed=0)
+    user, assistant = gsm.messages
+    assert assistant["content"].startswith("Answer: ") and len(assistant["reasoning"].splitlines()) >= 1
+    assert "####" not in assistant["reasoning"] and "=" in assistant["reasoning"]
+    [rewrite] = load_sft_examples("tasks:rg:string_manipulation", 1, seed=0)
+    assert rewrite.messages[1]["content"].endswith(rewrite.messages[1]["reasoning"].splitlines()[-1])
+    plain = load_sft_examples(f"tasks:{NUMERIC},compare:1", 4, seed=0)
+    assert [bool(e.messages[1]["reasoning"]) for e in plain] == [False, False, True, True]
+    assert {e.meta["task"] for e in plain} == {parse_sources([NUMERIC])[0].name, "compare"}
+    with pytest.raises(DataError, match="needs a number of examples"):
+        check_sft_data("rg:gsm_symbolic", 0)
+    with pytest.raises(DataError, match="close matches: rg:gsm_symbolic"):
+        check_sft_data("rg:gsm_symbolc", 4)
+
+
+def test_the_registry_is_one_dict_of_prefixes():
+    assert set(SOURCES) >= {"rg"}
+    assert isinstance(resolve("rg:leg_counting"), RGSource)
+    assert isinstance(resolve("arithmetic:1"), BuiltinSource) and resolve("arithmetic:1").levels == (1,)
+    with pytest.raises(ValueError, match="unknown task 'nosuch'"):
+        resolve("nosuch")
+
+
+def test_nanoseek_eval_takes_rg_tasks_with_configs_next_to_built_in_ones(tmp_path, capsys):
+    """The command line: commas inside an rg config stay in the item; every stage of a run folder is
+    evaluated on the same rg problems in its own mode, and stages compare pairwise."""
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.eval.results import EvalResult
+    from nanoseek.model.checkpoint import save_pretrained
+    from nanoseek.tasks.generators import corpus_document, get_task
+
+    texts = [corpus_document(p) for p in get_task("arithmetic").generate("train", 40)]
+    tok = Tokenizer.train(texts, vocab_size=300, min_frequency=1)
+    for i, stage in enumerate(("pretrain", "sft")):
+        save_pretrained(make_tiny_model(seed=i, vocab_size=tok.vocab_size).eval(), tmp_path / stage / "final")
+    tok.save(tmp_path)
+    tasks = f"compare:1,{NUMERIC},{LIST}"
+    assert main(["eval", "--model", str(tmp_path), "--tasks", tasks, "--n", "2", "--k", "2", "--max-new-tokens", "4",
+                 "--batch-size", "4", "--few-shot", "1", "--max-seq-len", "1024"]) == 0
+    out = capsys.readouterr().out
+    pre, sft = EvalResult.load(tmp_path / "pretrain" / "eval.json"), EvalResult.load(tmp_path / "sft" / "eval.json")
+    names = ["compare"] + [parse_sources([t])[0].name for t in (NUMERIC, LIST)]
+    assert pre.task_names == sft.task_names == names and pre.config["tasks"] == ["compare:1", NUMERIC, LIST]
+    assert [p.id for p in pre.problems] == [p.id for p in sft.problems] and len(pre.problems) == 6
+    assert pre.config["mode"] == "fewshot" and sft.config["mode"] == "chat" and "A = pretrain" in out
