@@ -43,7 +43,7 @@ CONFIGS = {
     "dense": dict(n_routed_experts=0, num_hidden_layers=2),
     "v2_softmax": dict(scoring_func="softmax", topk_method="greedy", n_shared_experts=0, norm_topk_prob=False,
                        routed_scaling_factor=1.0, n_routed_experts=6, n_group=1, topk_group=1, first_k_dense_replace=2,
-                       num_hidden_layers=4, rms_norm_eps=1e-5),
+                       num_hidden_layers=4, rms_norm_eps=1e-5),                 # exported with the eps flag
     "halves_tied": dict(rope_interleave=False, tie_word_embeddings=True, n_routed_experts=16, num_experts_per_tok=4,
                         n_group=4, topk_group=3, n_shared_experts=2, qk_rope_head_dim=8),
     "yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
@@ -73,6 +73,11 @@ def make_checkpoint(path, tokenizer, seed=0, **overrides):
 
 def export(*args) -> int:
     return main(["export", "--format", "gguf", *map(str, args)])
+
+
+def eps_flag(overrides: dict) -> list[str]:
+    """The flag a config whose rms_norm_eps is not the latent norms' 1e-6 needs to export."""
+    return ["--allow-norm-eps-mismatch"] if overrides.get("rms_norm_eps", 1e-6) != 1e-6 else []
 
 
 def read(path):
@@ -186,7 +191,7 @@ def test_tensors_and_metadata_equal_the_checkpoint(name, mtp, tokenizer, tmp_pat
         assert export("--mtp", tmp_path / "ck", tmp_path / "m.gguf") == 2
         assert "--mtp" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
         return
-    assert export(*(["--mtp"] if mtp else []), tmp_path / "ck", tmp_path / "m.gguf") == 0
+    assert export(*(["--mtp"] if mtp else []), *eps_flag(CONFIGS[name]), tmp_path / "ck", tmp_path / "m.gguf") == 0
     summary = json.loads(capsys.readouterr().out)
     fields, tensors = read(tmp_path / "m.gguf")
     want = expected_tensors(model, with_mtp=mtp)
@@ -336,6 +341,87 @@ def test_configs_llama_cpp_cannot_run_are_one_line_naming_the_key(overrides, key
     assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-4, 1e-2, 1e-8])
+def test_an_rms_norm_eps_llama_cpp_applies_differently_needs_the_flag(eps, tokenizer, tmp_path, capsys):
+    """llama.cpp applies rms_norm_eps to the latent norms too (1e-6 in nanoseek): refused, naming the key and why,
+    unless --allow-norm-eps-mismatch accepts it; then written with the config's eps and a note."""
+    make_checkpoint(tmp_path / "ck", tokenizer, rms_norm_eps=eps)
+    assert export(tmp_path / "ck", tmp_path / "m.gguf") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'rms_norm_eps'" in err and "latent norms" in err and "Traceback" not in err
+    assert "--allow-norm-eps-mismatch" in err
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".m.gguf*"))
+    assert export("--allow-norm-eps-mismatch", tmp_path / "ck", tmp_path / "m.gguf") == 0
+    captured = capsys.readouterr()
+    assert "rms_norm_eps" in captured.err and "note" in captured.err
+    assert read(tmp_path / "m.gguf")[0]["deepseek2.attention.layer_norm_rms_epsilon"] == pytest.approx(eps)
+
+
+def test_the_latent_norms_eps_exports_without_the_flag(tokenizer, tmp_path, capsys):
+    """1e-6, also as a float32 round trip writes it, is the latent norms' own: no flag, no note."""
+    make_checkpoint(tmp_path / "ck", tokenizer, rms_norm_eps=float(np.float32(1e-6)))
+    assert export(tmp_path / "ck", tmp_path / "m.gguf") == 0
+    assert "rms_norm_eps" not in capsys.readouterr().err
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_an_output_that_is_a_file_the_export_reads_is_refused(tokenizer, tmp_path, capsys, monkeypatch):
+    """Even with --overwrite: the checkpoint's weights, config and tokenizer files, named directly, with `..`,
+    through a symbolic link (to the file or to its folder) or a hard link, or any path inside the checkpoint."""
+    run = tmp_path / "run"
+    make_checkpoint(run / "final", tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):          # found in the run folder, as runs keep it
+        (run / "final" / name).rename(run / name)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "alias").symlink_to(run / "final")
+    (tmp_path / "sym.gguf").symlink_to(run / "final" / "model.safetensors")
+    (tmp_path / "tok-sym.gguf").symlink_to(run / "tokenizer.json")
+    os.link(run / "final" / "model.safetensors", tmp_path / "hard.gguf")
+    before, before_run = _bytes(run / "final"), _bytes(run)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cases = [run / "final" / "model.safetensors", run / "final" / "config.json", "../run/final/model.safetensors",
+             "../run/final/../final/config.json", run / "tokenizer.json", "../run/tokenizer_config.json",
+             tmp_path / "alias" / "model.safetensors", tmp_path / "sym.gguf", tmp_path / "tok-sym.gguf",
+             tmp_path / "hard.gguf", run / "final" / "new.gguf", "../alias/new.gguf", "../run/final/./x.gguf"]
+    for out in cases:
+        for target in (run, "../run", tmp_path / "alias"):
+            assert export("--overwrite", target, out) == 2, (out, target)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "the export reads" in err and "Traceback" not in err, (out, err)
+    assert _bytes(run / "final") == before and _bytes(run) == before_run
+    assert (tmp_path / "sym.gguf").is_symlink() and (tmp_path / "hard.gguf").read_bytes() == before["model.safetensors"]
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+    # next to the checkpoint (in the run folder, not inside the checkpoint) is fine
+    assert export(run, "../run/model.gguf") == 0 and (run / "model.gguf").read_bytes()[:4] == b"GGUF"
+
+
+def test_a_tokenizer_or_shard_outside_the_checkpoint_is_an_input_too(tokenizer, tmp_path, capsys):
+    """--tokenizer's files, and weights the checkpoint links to or its index names outside its folder."""
+    make_checkpoint(tmp_path / "ck", tokenizer)
+    tokenizer.save(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "blobs").mkdir()                  # a hub-cache layout: the folder holds links to blobs
+    (tmp_path / "ck" / "model.safetensors").rename(tmp_path / "blobs" / "abc123")
+    (tmp_path / "ck" / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc123")
+    for out in [tmp_path / "tok" / "tokenizer.json", tmp_path / "tok" / "tokenizer_config.json",
+                tmp_path / "tok" / "chat_template.jinja", tmp_path / "blobs" / "abc123"]:
+        assert export("--overwrite", "--tokenizer", tmp_path / "tok", tmp_path / "ck", out) == 2, out
+        assert "the export reads" in capsys.readouterr().err
+    # an index naming a shard outside the folder
+    from safetensors.torch import load_file
+    names = list(load_file(tmp_path / "blobs" / "abc123"))
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    (tmp_path / "ck" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "../blobs/abc123" for n in names}}))
+    assert export("--overwrite", tmp_path / "ck", tmp_path / "blobs" / "abc123") == 2
+    assert "the export reads" in capsys.readouterr().err
+    assert export(tmp_path / "ck", tmp_path / "m.gguf") == 0        # the index works, and the shard is intact
+    assert set(load_file(tmp_path / "blobs" / "abc123")) == set(names)
+
+
 def test_output_file_rules(tokenizer, tmp_path, capsys):
     make_checkpoint(tmp_path / "ck", tokenizer)
     out = tmp_path / "m.gguf"
@@ -426,7 +512,7 @@ def _greedy_nanoseek(model, prompt, n):
 def test_llama_cpp_runs_the_export_like_nanoseek(name, mtp, tokenizer, tmp_path, capsys):
     llama_cpp = _llama_cpp()
     model = make_checkpoint(tmp_path / "ck", tokenizer, seed=1, **CONFIGS[name])
-    assert export(*(["--mtp"] if mtp else []), tmp_path / "ck", tmp_path / "m.gguf") == 0
+    assert export(*(["--mtp"] if mtp else []), *eps_flag(CONFIGS[name]), tmp_path / "ck", tmp_path / "m.gguf") == 0
     llm = _llama(llama_cpp, tmp_path / "m.gguf")
     prompt = tokenizer.encode("The quick brown fox: what is 17 + 25?", add_bos=True)
     ll_logits, ll_tokens = _greedy_llama(llm, prompt, 24)
@@ -443,6 +529,22 @@ def test_llama_cpp_runs_the_export_like_nanoseek(name, mtp, tokenizer, tmp_path,
         m = llama_cpp.llama_model_load_from_file(str(tmp_path / "m.gguf").encode(), params)
         assert m, "llama.cpp failed to load the MTP blocks"
         llama_cpp.llama_model_free(m)
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_rms_norm_eps_to_the_latent_norms(tokenizer, tmp_path, capsys):
+    """Why another rms_norm_eps needs --allow-norm-eps-mismatch: llama.cpp's logits move by far more than the
+    1e-4 the exact exports reach (on this model 0.93 at 1e-2), because its latent norms take the config's eps."""
+    llama_cpp = _llama_cpp()
+    model = make_checkpoint(tmp_path / "ck", tokenizer, seed=3, rms_norm_eps=1e-2)
+    assert export("--allow-norm-eps-mismatch", tmp_path / "ck", tmp_path / "m.gguf") == 0
+    prompt = tokenizer.encode("The quick brown fox: what is 17 + 25? " * 3, add_bos=True)
+    ll_logits, _ = _greedy_llama(_llama(llama_cpp, tmp_path / "m.gguf"), prompt, 0)
+    ns_logits, _ = _greedy_nanoseek(model, prompt, 0)
+    diff, scale = float(np.abs(ll_logits - ns_logits).max()), float(np.abs(ns_logits).max())
+    print(f"\n[gguf] rms_norm_eps=1e-2 (--allow-norm-eps-mismatch): max |logit diff| = {diff:.2e} "
+          f"(logits up to {scale:.2f})", file=os.sys.stderr)
+    assert diff > 1e-2 * max(1.0, scale)
 
 
 TOKENIZATION_TEXTS = CORPUS[:4] + [

@@ -2,10 +2,12 @@
 
 A format is one entry of :data:`FORMATS`: its name, the module that writes it and the file
 suffix it conventionally has. The module exposes ``export(checkpoint, out, options) -> dict``
-(a short summary the command prints) and raises :class:`~nanoseek.errors.UserError` /
+(a short summary the command prints), raising :class:`~nanoseek.errors.UserError` /
 :class:`~nanoseek.errors.ConfigError` for anything the target cannot represent, naming the
-config key or file. The command line (``cli.py``) resolves the checkpoint, guards the output
-file and never branches on the format; adding a format is one entry here and one module.
+config key or file, and ``inputs(checkpoint, options) -> list[Path]`` (every file the export
+reads). The command line (``cli.py``) resolves the checkpoint, guards the output file (never
+one of those inputs, never inside the checkpoint folder) and never branches on the format;
+adding a format is one entry here and one module.
 
 Formats:
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ExportFormat:
     name: str
-    module: str        # exposes export(checkpoint: Path, out: Path, options: ExportOptions) -> dict
+    module: str        # exposes export(checkpoint, out, options) -> dict and inputs(checkpoint, options) -> list[Path]
     suffix: str        # the file suffix tools expect
     help: str
 
@@ -39,6 +41,7 @@ class ExportOptions:
     tokenizer: str | None = None       # tokenizer.json (or its folder); default: found next to the checkpoint
     name: str | None = None            # the model's name in the file's metadata; default: the run folder's name
     mtp: bool = False                  # also write the multi-token-prediction blocks
+    allow_norm_eps_mismatch: bool = False  # export although the target applies rms_norm_eps where the model does not
 
 
 FORMATS: dict[str, ExportFormat] = {

@@ -3,13 +3,16 @@
 RUN is a run folder, a stage folder or an HF checkpoint directory (resolved as every command
 does: ``final/``, then the checkpoint ``latest`` names, then ``model/`` or ``hf/``). OUT is the
 file to write; it is written atomically (a temporary file next to it, swapped in when complete)
-and an existing OUT is replaced only with ``--overwrite``. The tokenizer is the checkpoint's
-(searched next to it as ``generate`` does) unless ``--tokenizer`` names one.
+and an existing OUT is replaced only with ``--overwrite``; an OUT that is (directly, through a
+symbolic or hard link, or via ``..``) a file the export reads, or that lies inside the checkpoint
+folder, is refused even with ``--overwrite``. The tokenizer is the checkpoint's (searched next to
+it as ``generate`` does) unless ``--tokenizer`` names one.
 
 Examples::
 
     nanoseek export --format gguf runs/speedrun/grpo model.gguf
     nanoseek export --format gguf --dtype f16 --mtp runs/sft model-f16.gguf --overwrite
+    nanoseek export --format gguf --allow-norm-eps-mismatch runs/other model.gguf   # rms_norm_eps != 1e-6
     llama-cli -m model.gguf -p "What is 17 + 25?" -n 32          # llama.cpp
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp", action="store_true",
                    help="also write the multi-token-prediction blocks (llama.cpp loads them for MTP drafting; "
                         "older llama.cpp and ollama builds refuse files that hold them)")
+    p.add_argument("--allow-norm-eps-mismatch", action="store_true",
+                   help="export a config whose rms_norm_eps is not 1e-6 although llama.cpp then also applies it "
+                        "to the q_a/kv_a latent norms (1e-6 in nanoseek and HF), so its logits differ")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -51,6 +58,29 @@ def check_output(out: Path, overwrite: bool, suffix: str) -> None:
         raise UserError(f"{out}: the folder {out.parent} does not exist")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)           # follows links; equal inodes catch hard links
+    except OSError:
+        return False
+
+
+def check_not_an_input(out: Path, checkpoint: Path, inputs: list[Path]) -> None:
+    """Refuse (one line) an OUT that is one of the export's ``inputs`` or lies inside the ``checkpoint`` folder,
+    whether named directly, through links (symbolic or hard) or with ``..``: replacing it would destroy the
+    source the export reads (or leave a stray file in the checkpoint)."""
+    written = out.parent.resolve() / out.name      # where os.replace puts the file (a link at OUT is replaced)
+    places = {written, out.resolve()}               # ... and what a link at OUT points to
+    folder = checkpoint.resolve()
+    for place in places:
+        if place == folder or place.is_relative_to(folder):
+            raise UserError(f"{out}: lies inside the checkpoint folder {checkpoint}, which the export reads; "
+                            "write OUT elsewhere")
+    for f in inputs:
+        if f.resolve() in places or ((out.exists() or out.is_symlink()) and _same_file(out, f)):
+            raise UserError(f"{out}: is {f}, which the export reads; write OUT elsewhere")
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoseek.atomic import atomic_path
     from nanoseek.train.checkpoint import resolve_checkpoint
@@ -59,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out, args.overwrite, fmt.suffix)
     checkpoint = resolve_checkpoint(args.run)
-    options = ExportOptions(dtype=args.dtype, tokenizer=args.tokenizer, name=args.name, mtp=args.mtp)
+    options = ExportOptions(dtype=args.dtype, tokenizer=args.tokenizer, name=args.name, mtp=args.mtp,
+                            allow_norm_eps_mismatch=args.allow_norm_eps_mismatch)
     module = importlib.import_module(fmt.module)
+    check_not_an_input(out, checkpoint, module.inputs(checkpoint, options))
     with atomic_path(out) as tmp:
         summary = module.export(checkpoint, tmp, options)
     for note in summary.pop("notes", []):

@@ -31,12 +31,20 @@ standard attention (``attention_type: mha``), attention biases, MoE every n-th l
 (``moe_layer_freq > 1``), V2's group-limited routing by the group maximum, YaRN with ``mscale``
 != ``mscale_all_dim``, more experts or layers than llama.cpp holds, and the layer counts llama.cpp
 takes for a V2-Lite (26, 27) with a low-rank query. Norm epsilons: llama.cpp uses
-``rms_norm_eps`` for every norm, HF and nanoseek 1e-6 for the two latent norms; a config with
-another ``rms_norm_eps`` exports with a note (a difference far below the logits' rounding).
+``rms_norm_eps`` for every norm, HF and nanoseek 1e-6 for the two latent norms (``q_a_layernorm``,
+``kv_a_layernorm``), so a config with another ``rms_norm_eps`` runs differently there (measured on
+the tiny test model: max logit difference 6e-4 at 1e-4, 0.93 with other greedy tokens at 1e-2); it
+is refused unless ``allow_norm_eps_mismatch`` (``--allow-norm-eps-mismatch``) accepts the
+difference, and then exported with a note.
+
+:func:`inputs` lists the files an export reads, so the command can refuse an output path that
+would replace one of them.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +56,7 @@ from nanoseek.errors import ConfigError, UserError
 ARCH = "deepseek2"
 MAX_LAYERS = 512            # llama.cpp's LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024          # llama.cpp's LLAMA_MAX_EXPERTS
+LATENT_NORM_EPS = 1e-6      # the q_a/kv_a latent norms' epsilon in HF's DeepseekV3 and nanoseek (not configurable)
 LITE_LAYER_COUNTS = (26, 27)  # llama.cpp reads no q_lora_rank for these (DeepSeek-V2-Lite and kin; also 48 layers
                               # with a 128256-token vocabulary)
 
@@ -56,8 +65,9 @@ def _refuse(key: str, value, why: str) -> ConfigError:
     return ConfigError(f"config field '{key}' = {value!r}: {why} (llama.cpp's deepseek2 cannot run it)")
 
 
-def check_config(cfg) -> list[str]:
-    """Raise ConfigError naming the key if llama.cpp cannot run ``cfg``; returns notes on what is approximated."""
+def check_config(cfg, allow_norm_eps_mismatch: bool = False) -> list[str]:
+    """Raise ConfigError naming the key if llama.cpp cannot run ``cfg`` (as nanoseek runs it); returns notes on
+    what is approximated. ``allow_norm_eps_mismatch`` accepts an ``rms_norm_eps`` other than the latent norms'."""
     notes = []
     if cfg.attention_type != "mla":
         raise _refuse("attention_type", cfg.attention_type, "only MLA is supported")
@@ -85,9 +95,13 @@ def check_config(cfg) -> list[str]:
         if not (m and m_all and m == m_all):
             raise _refuse("rope_scaling", rs, "YaRN is supported with mscale == mscale_all_dim (as DeepSeek-V2/V3 "
                           "release it) only")
-    if cfg.rms_norm_eps != 1e-6:
-        notes.append(f"rms_norm_eps={cfg.rms_norm_eps:g}: llama.cpp also uses it for the q_a/kv_a latent norms "
-                     "(1e-6 in HF and nanoseek)")
+    if not math.isclose(cfg.rms_norm_eps, LATENT_NORM_EPS, rel_tol=1e-4):
+        why = (f"llama.cpp also applies it to the q_a/kv_a latent norms, which use {LATENT_NORM_EPS:g} in HF and "
+               "nanoseek, so llama.cpp's logits would differ from the checkpoint's")
+        if not allow_norm_eps_mismatch:
+            raise ConfigError(f"config field 'rms_norm_eps' = {cfg.rms_norm_eps!r}: {why}; pass "
+                              "--allow-norm-eps-mismatch to export it anyway")
+        notes.append(f"rms_norm_eps={cfg.rms_norm_eps:g}: {why} (accepted by --allow-norm-eps-mismatch)")
     return notes
 
 
@@ -292,20 +306,45 @@ def _keep_f32(name: str, w: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------------------- the file
+def _tokenizer_file(checkpoint: Path, options) -> Path | None:
+    """The ``tokenizer.json`` the export reads: ``options.tokenizer`` (a file or its folder), else the checkpoint's."""
+    from nanoseek.infer.loading import find_tokenizer
+
+    tok = Path(options.tokenizer) if options.tokenizer else find_tokenizer(checkpoint)
+    if tok is not None and tok.is_dir():
+        tok = tok / "tokenizer.json"
+    return tok
+
+
+def inputs(checkpoint: Path, options) -> list[Path]:
+    """Every file :func:`export` may read: the checkpoint folder's files (config, safetensors, the shards its
+    index names) and the tokenizer files (``tokenizer.json`` and the config and template beside it)."""
+    from nanoseek.model.checkpoint import INDEX_NAME
+
+    files = [p for p in checkpoint.iterdir()] if checkpoint.is_dir() else []
+    try:
+        files += [checkpoint / f for f in json.loads((checkpoint / INDEX_NAME).read_text(encoding="utf-8"))
+                  ["weight_map"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass            # no index, or a broken one the export refuses itself
+    tok = _tokenizer_file(checkpoint, options)
+    if tok is not None:
+        files += [tok, tok.parent / "tokenizer_config.json", tok.parent / "chat_template.jinja"]
+    return files
+
+
 def export(checkpoint: Path, out: Path, options) -> dict:
     """Write ``out`` (a temporary path the caller swaps in) from the HF checkpoint folder ``checkpoint``."""
     import gguf
 
     from nanoseek.export.gguf_vocab import read_vocab, write_vocab
-    from nanoseek.infer.loading import find_tokenizer, no_tokenizer_hint
+    from nanoseek.infer.loading import no_tokenizer_hint
     from nanoseek.model.checkpoint import load_hf_tensors
     from nanoseek.model.config import ModelConfig
 
     cfg = ModelConfig.from_json(checkpoint / "config.json")
-    notes = check_config(cfg)
-    tok = Path(options.tokenizer) if options.tokenizer else find_tokenizer(checkpoint)
-    if tok is not None and tok.is_dir():
-        tok = tok / "tokenizer.json"
+    notes = check_config(cfg, allow_norm_eps_mismatch=options.allow_norm_eps_mismatch)
+    tok = _tokenizer_file(checkpoint, options)
     if tok is None:
         raise UserError(f"no tokenizer.json for {checkpoint} (a GGUF file carries its vocabulary); pass "
                         f"--tokenizer PATH{no_tokenizer_hint(checkpoint)}")
@@ -351,5 +390,5 @@ def export(checkpoint: Path, out: Path, options) -> dict:
             "mtp_blocks": n_mtp, "tokenizer": str(tok), "pre_tokenizer": vocab.pre, "notes": notes + vocab.notes}
 
 
-__all__ = ["ARCH", "check_config", "arch_metadata", "gguf_tensors", "tensor_name", "rope_pair_order",
+__all__ = ["ARCH", "LATENT_NORM_EPS", "check_config", "inputs", "arch_metadata", "gguf_tensors", "tensor_name", "rope_pair_order",
            "leading_dense", "has_moe", "export"]
