@@ -112,6 +112,89 @@ def test_extraction_rule_for_chat_replies():
     assert he.build_program(p, "    return 1\n", "fewshot") == (p.prompt + "    return 1\n", "    return 1\n")
 
 
+def test_an_unclosed_fence_runs_to_the_end_of_the_reply():
+    fn = "def truncate_number(number: float) -> float:\n    return number % 1.0\n"
+    assert he.extract_code(f"Here it is:\n```python\n{fn}", "chat") == fn
+    assert he.extract_code(f"```python \n{fn}\n\n", "chat") == fn + "\n\n"
+    assert he.extract_code(f"<think>\n```python\nx = 1\n</think>\n```py\n{fn}", "chat-think") == fn
+    assert he.extract_code(f"```\n{fn}", "chat") == fn                       # untagged
+    # it is the last block: after closed ones it wins; a tagged closed block beats an untagged open one
+    assert he.extract_code(f"```python\nx = 1\n```\nthen:\n```python\n{fn}", "chat") == fn
+    assert he.extract_code(f"```python\n{fn}```\nand ```\ny = 2\n", "chat") == fn
+    # r1-zero: an unclosed fence inside the answer
+    assert he.extract_code(f"<think>x</think><answer>\n```python\n{fn}</answer>", "r1-zero") == fn
+    assert he.extract_code("```python\n", "chat") is None                    # nothing after the fence
+    p = BY_ID["HumanEval/2"]
+    v = he.score_sample(p, f"Sure.\n```python\n{fn}", "chat", FAST)
+    assert v.passed and v.format_ok and v.code == fn, v
+    v = he.score_sample(p, "```python\ndef truncate_number(number: float) -> float:\n    return (", "chat", FAST)  # cut off
+    assert not v.passed and not v.format_ok and v.reason == "the program does not parse"
+
+
+# (code, whether it binds `f` in module scope: a whole definition rather than a function body)
+BINDINGS = {
+    "def": ("def f(x):\n    return x\n", True),
+    "lambda": ("f = lambda x: x\n", True),
+    "def_in_if": ("if True:\n    def f(x):\n        return x\n", True),
+    "def_in_try": ("try:\n    import numpy\nexcept ImportError:\n    pass\ndef g():\n    pass\nelse_ = 1\n"
+                   "try:\n    pass\nfinally:\n    def f(x):\n        return x\n", True),
+    "decorated": ("import functools\n@functools.lru_cache(None)\ndef f(x):\n    return x\n", True),
+    "async_def": ("async def f(x):\n    return x\n", True),
+    "class": ("class f:\n    pass\n", True),
+    "tuple_target": ("g, (h, *f) = 1, (2, 3)\n", True),
+    "annotated": ("f: object = len\n", True),
+    "walrus": ("(f := len)\n", True),
+    "import_as": ("from math import sqrt as f\n", True),
+    "for_target": ("for f in [len]:\n    pass\n", True),
+    "with_target": ("import contextlib\nwith contextlib.nullcontext(len) as f:\n    pass\n", True),
+    "annotation_only": ("f: int\n", False),
+    "inside_a_function": ("def g():\n    f = 1\n    return f\n", False),
+    "method": ("class G:\n    def f(self):\n        pass\n", False),
+    "global_in_a_function": ("def g():\n    global f\n    f = 1\n", False),
+    "comprehension_target": ("[f for f in range(3)]\n", False),
+    "in_a_lambda": ("g = lambda: (f := 1)\n", False),
+    "attribute": ("g.f = 1\n", False),
+    "deleted": ("del f\n", False),
+    "a_body": ("return 1\n", False),
+    "an_indented_body": ("    f = 1\n    return f\n", False),
+    "does_not_parse": ("def f(:\n", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BINDINGS))
+def test_what_binds_the_entry_point_at_top_level(name):
+    code, binds = BINDINGS[name]
+    assert he.binds_at_top_level(code, "f") is binds
+
+
+def test_a_reply_binding_the_entry_point_is_a_whole_definition():
+    """Any top-level binding of the entry point replaces the stub (and passes when right); a body is indented."""
+    p = BY_ID["HumanEval/0"]
+    right = "any(abs(a - b) < threshold for i, a in enumerate(numbers) for j, b in enumerate(numbers) if i != j)"
+    replies = {
+        "lambda": f"has_close_elements = lambda numbers, threshold: {right}\n",
+        "def_in_if": f"import sys\nif sys.version_info >= (3,):\n    def has_close_elements(numbers, threshold):\n"
+                     f"        return {right}\nelse:\n    has_close_elements = None\n",
+        "decorated": f"import functools\n@functools.wraps(len)\ndef has_close_elements(numbers, threshold):\n"
+                     f"    return {right}\n",
+        "assigned_from_helper": f"def _impl(numbers, threshold):\n    return {right}\nhas_close_elements = _impl\n",
+        "annotated": f"from typing import Callable\nhas_close_elements: Callable = lambda numbers, threshold: {right}\n",
+        "body": f"return {right}\n",
+    }
+    verdicts = he.score_many([(p, f"```python\n{code}```") for code in replies.values()], "chat", FAST)
+    for name, v in zip(replies, verdicts):
+        assert v.passed and v.format_ok, (name, v)
+    program, _ = he.build_program(p, f"```python\n{replies['lambda']}```", "chat")
+    assert program == p.prompt + "\n\n" + replies["lambda"]
+    program, _ = he.build_program(p, f"```python\n{replies['body']}```", "chat")
+    assert program == p.prompt + "    " + replies["body"]
+    # a wrong binding fails like a wrong function; an async def returns a coroutine, not the answer
+    wrong = ["has_close_elements = lambda numbers, threshold: True\n",
+             f"async def has_close_elements(numbers, threshold):\n    return {right}\n"]
+    for v in he.score_many([(p, f"```python\n{code}```") for code in wrong], "chat", FAST):
+        assert v.format_ok and not v.passed, v
+
+
 def test_prompts_per_mode_and_stop_rule(tmp_path):
     tok = _tokenizer()
     p = BY_ID["HumanEval/2"]

@@ -23,10 +23,19 @@ paired on the same problems. HumanEval has no difficulty levels (every record ha
   ``</think>`` (``chat-think`` starts inside the think block, so a reply that never closes it
   has no code; in ``r1-zero`` the inside of the last ``<answer>...</answer>`` when there is one);
   in it, the last ```` ```python ```` (or ``py``/``python3``) fenced block, else the last
-  untagged fenced block, else the whole text when it parses as Python. When that code defines
-  the entry point at its top level, the program is ``prompt + code`` (the prompt's imports and
-  helpers stay; the code's function replaces the prompt's stub); otherwise the code is taken as
-  the function's *body*: dedented, indented four spaces and appended to the prompt.
+  untagged fenced block, else the whole text when it parses as Python. An opening fence that is
+  never closed (a reply cut off, or a model that forgets the closing ```` ``` ````) opens a block
+  that runs to the end of the reply, the last block of its tag.
+  When that code binds the entry point's name in module scope (:func:`binds_at_top_level`), the
+  program is ``prompt + code`` (the prompt's imports and helpers stay; the code's binding
+  replaces the prompt's stub); otherwise the code is taken as the function's *body*: dedented,
+  indented four spaces and appended to the prompt. Binding, read from the code's syntax tree: a
+  ``def``, ``async def`` or ``class`` of that name (decorated or not), an assignment to it (``=``,
+  also as part of a tuple target, ``+=``, ``name: T = ...``, ``:=``), an import ``as`` it, or a
+  ``for``/``with``/``except``/``case`` target of that name, in a statement that runs when the
+  module does: at the top level or inside ``if``/``else``, ``try``, ``with``, ``for``/``while``
+  and ``match`` blocks, not inside a function or class body or a lambda (their own scopes). An
+  ``async def`` binds the name but returns a coroutine, so it fails the test like any wrong code.
 
 "format" of a sample means the program parses (and, for chat modes, that code was found);
 ``answer`` in ``eval.json`` is the code that was run after the prompt (maj@k votes on it, so
@@ -82,6 +91,7 @@ EXPOSED = ("HumanEval/33", "HumanEval/38", "HumanEval/50", "HumanEval/53", "Huma
 INSTRUCTION = ("```python\n{prompt}```\n\nComplete the Python function `{entry_point}` above. Reply with the "
                "complete function (with any imports and helpers it needs) in one ```python code block.")
 _FENCE_RE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
+_OPEN_FENCE_RE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*)\Z", re.S)     # never closed: to the end
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
@@ -201,7 +211,13 @@ def extract_code(reply: str, mode: str) -> str | None:
         answers = _ANSWER_RE.findall(region)
         if answers:
             region = answers[-1]
-    blocks = _FENCE_RE.findall(region)
+    blocks, end = [], 0
+    for m in _FENCE_RE.finditer(region):
+        blocks.append((m.group(1), m.group(2)))
+        end = m.end()
+    unclosed = _OPEN_FENCE_RE.search(region, end)
+    if unclosed:
+        blocks.append((unclosed.group(1), unclosed.group(2)))
     for langs in (("python", "py", "python3"), ("",)):
         picked = [code for tag, code in blocks if tag.lower() in langs]
         if picked and picked[-1].strip():
@@ -210,12 +226,64 @@ def extract_code(reply: str, mode: str) -> str | None:
     return text if text.strip() and "```" not in text and _parses(text) else None
 
 
-def _defines(code: str, name: str) -> bool:
+class _ModuleBindings(ast.NodeVisitor):
+    """The names a module's code binds in module scope (the rule in the module docstring)."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+
+    def _scope(self, node):                       # def/class: the name binds here, the body is another scope
+        self.names.add(node.name)
+        for child in node.decorator_list + getattr(node, "bases", []) + getattr(node, "keywords", []):
+            self.visit(child)
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _scope
+
+    def visit_Lambda(self, node):
+        pass
+
+    def visit_Name(self, node):
+        if isinstance(node.ctx, ast.Store):
+            self.names.add(node.id)
+
+    def visit_AnnAssign(self, node):              # `name: T` alone binds nothing
+        if node.value is not None:
+            self.generic_visit(node)
+
+    def visit_comprehension(self, node):          # its target is the comprehension's own
+        for child in (node.iter, *node.ifs):
+            self.visit(child)
+
+    def visit_alias(self, node):
+        self.names.add(node.asname or node.name.partition(".")[0])
+
+    def visit_ExceptHandler(self, node):
+        if node.name:
+            self.names.add(node.name)
+        self.generic_visit(node)
+
+    def visit_MatchAs(self, node):
+        if node.name:
+            self.names.add(node.name)
+        self.generic_visit(node)
+
+    visit_MatchStar = visit_MatchAs
+
+    def visit_MatchMapping(self, node):
+        if node.rest:
+            self.names.add(node.rest)
+        self.generic_visit(node)
+
+
+def binds_at_top_level(code: str, name: str) -> bool:
+    """Whether ``code`` (a module) binds ``name`` in module scope: then it is a whole definition of the
+    entry point, not a function body (the rule in the module docstring). False when it does not parse."""
+    visitor = _ModuleBindings()
     try:
-        tree = ast.parse(code)
+        visitor.visit(ast.parse(code))
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+    return name in visitor.names
 
 
 def build_program(problem: HumanEvalProblem, text: str, mode: str) -> tuple[str | None, str | None]:
@@ -232,7 +300,7 @@ def build_program(problem: HumanEvalProblem, text: str, mode: str) -> tuple[str 
 def _program_of_code(problem: HumanEvalProblem, code: str) -> str:
     """The program of a chat reply's code: the prompt then the whole function, or the prompt with
     the code indented as the function's body."""
-    if _defines(code, problem.entry_point):
+    if binds_at_top_level(code, problem.entry_point):
         return problem.prompt + "\n\n" + code.rstrip() + "\n"
     body = textwrap.indent(textwrap.dedent(code).strip("\n"), "    ")
     return problem.prompt + body + "\n"
@@ -348,5 +416,5 @@ class HumanEvalSource(TaskSource):
 
 __all__ = ["NAME", "STOP_SEQUENCES", "EXPOSED", "INSTRUCTION", "HumanEvalSettings", "HumanEvalProblem",
            "HumanEvalSource", "Verdict", "load_problems", "claims", "parse_spec", "select", "prompt_ids",
-           "stop_rule", "extract_code", "build_program", "test_program", "run_program", "score_sample",
+           "stop_rule", "extract_code", "binds_at_top_level", "build_program", "test_program", "run_program", "score_sample",
            "score_many"]
