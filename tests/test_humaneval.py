@@ -83,6 +83,7 @@ def test_registered_as_a_task_source_for_evaluation_only():
     # no training split: RL prompts from it are one clear line
     with pytest.raises(DataError, match="evaluation only"):
         load_rl_prompts("humaneval", 4)
+    assert not src.trainable and resolve("arithmetic:1").trainable and resolve("rg:leg_counting").trainable
 
 
 # ---------------------------------------------------------------------- extraction and programs

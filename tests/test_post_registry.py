@@ -129,6 +129,13 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, 
     ("dpo", "data", '"auto:nosuch"', "task spec 'nosuch': unknown task"),
     ("distill", "prompts", '"/nonexist.jsonl"', "/nonexist.jsonl: no such file"),
     ("distill", "teacher", '"/nonexist"', "/nonexist: no such file or directory"),
+    # evaluation-only sources (HumanEval has no training split), alone or mixed with trainable ones
+    ("grpo", "prompts", '"humaneval"', "task 'humaneval' is for evaluation only"),
+    ("grpo", "prompts", '"arithmetic:1,humaneval:0-3"', "task 'humaneval' is for evaluation only"),
+    ("sft", "data", '"tasks:humaneval"', "task 'humaneval' is for evaluation only"),
+    ("sft", "data", '"tasks:rg:leg_counting,HumanEval:2"', "task 'humaneval' is for evaluation only"),
+    ("dpo", "data", '"auto:humaneval"', "task 'humaneval' is for evaluation only"),
+    ("distill", "prompts", '"countdown,humaneval"', "task 'humaneval' is for evaluation only"),
 ])
 def test_a_bad_data_source_in_the_last_stage_fails_before_the_first_trains(base, tmp_path, stub_trains, capsys,
                                                                            kind, key, value, why):
@@ -164,6 +171,11 @@ def test_a_single_stage_command_checks_its_data_before_loading_a_model(tmp_path,
     assert "[sft] data: " in err and "none.jsonl: no such file" in err and "sft.toml" in err
     assert main(["grpo", "--model", str(base), "--set", "grpo.level=9", "--out", str(tmp_path / "o")]) == 2
     assert "[grpo] level: task 'arithmetic' has levels" in capsys.readouterr().err
+    for args, key in ((["sft", "--data", "tasks:humaneval", "--set", "sft.num_examples=4"], "[sft] data: "),
+                      (["grpo", "--set", "grpo.prompts=humaneval"], "[grpo] prompts: ")):
+        assert main([*args, "--model", str(base), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert key + "task 'humaneval' is for evaluation only" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
 

@@ -23,7 +23,8 @@ resolved by :mod:`nanoseek.tasks.sources`: built-in tasks of ``nanoseek.tasks.ge
 ``score_answer``), mixed in one list.
 
 What the readers would refuse about a source before reading it (:func:`check_file`,
-:func:`check_rl_source`, :func:`check_task_level`) is also what each stage section's
+:func:`check_rl_source`, :func:`check_task_level`; a task spec naming a source for evaluation only,
+such as ``humaneval``, by :func:`training_sources`) is also what each stage section's
 ``check_sources`` runs when its config is read, with :func:`source_key` naming the config key, so
 a missing file or a bad task spec fails before a model is loaded or an earlier stage trains.
 """
@@ -297,6 +298,17 @@ def task_sources(source: str) -> list:
         raise DataError(str(e)) from None
 
 
+def training_sources(source: str) -> list:
+    """The task sources of a spec to train on (RL prompts, SFT traces, DPO pairs); a DataError naming a bad
+    item or one that is for evaluation only (HumanEval: no training split)."""
+    sources = task_sources(source)
+    for src in sources:
+        if not src.trainable:
+            raise DataError(f"task {src.name!r} is for evaluation only (it has no training split); evaluate "
+                            f"it with nanoseek eval --tasks {src.name}")
+    return sources
+
+
 def source_prompts(src, n: int, seed: int = 0, level: int | None = None, split: str = "train") -> list[RLPrompt]:
     """``n`` prompts of ``split`` of one task source: a built-in task's Problems (graded by its exact
     verifier), or an external dataset's (graded by its own scorer, e.g. reasoning-gym's ``score_answer``)."""
@@ -333,7 +345,7 @@ def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
     if _is_file_source(source):
         items = read_rl_prompts(source)
         return items[:n] if n else items
-    sources = task_sources(source)
+    sources = training_sources(source)
     out: list[RLPrompt] = []
     for k, src in enumerate(sources):
         share = n // len(sources) + (1 if k < n % len(sources) else 0)
@@ -349,8 +361,8 @@ def _is_file_source(source: str) -> bool:
 def check_rl_source(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
     """What :func:`load_rl_prompts` would refuse about ``source``, found without reading a record or
     building a model: a file that is missing or not a regular file, an empty source, a bad task spec
-    (an unknown reasoning-gym dataset or config key included). Returns the built-in tasks' specs
-    (empty for a file)."""
+    (an unknown reasoning-gym dataset or config key included), a task for evaluation only. Returns the
+    built-in tasks' specs (empty for a file)."""
     if _is_file_source(source):
         check_file(source)
         return []
@@ -358,7 +370,7 @@ def check_rl_source(source: str) -> list[tuple[str, tuple[int, ...] | None]]:
         raise DataError("empty RL prompt source: give a .jsonl file, rg:NAME or built-in task names")
     from nanoseek.tasks.sources import BuiltinSource
 
-    return [(s.name, s.levels) for s in task_sources(source) if isinstance(s, BuiltinSource)]
+    return [(s.name, s.levels) for s in training_sources(source) if isinstance(s, BuiltinSource)]
 
 
 def check_task_level(specs: list[tuple[str, tuple[int, ...] | None]], level: int | None) -> None:
@@ -384,4 +396,4 @@ def source_key(key: str) -> Iterator[None]:
 __all__ = ["DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
            "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
            "read_rl_prompts", "write_jsonl", "check_file", "check_rl_source", "check_task_level", "source_key",
-           "task_prompts", "task_sources", "source_prompts", "reasoning_gym_prompts", "load_rl_prompts"]
+           "task_prompts", "task_sources", "training_sources", "source_prompts", "reasoning_gym_prompts", "load_rl_prompts"]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .common import IGNORE, IndexStream, StreamBatches, chat_row, pad_rows
-from .datasets import DataError, SFTExample, check_file, read_sft, source_key, task_sources
+from .datasets import DataError, SFTExample, check_file, read_sft, source_key, training_sources
 
 SFT_MODES = ("pack", "pad")
 
@@ -90,7 +90,7 @@ def check_sft_data(data: str, n: int = 0) -> None:
     if spec is not None:
         if n <= 0:
             raise DataError(f"SFT data {data!r} needs a number of examples (num_examples > 0)")
-        task_sources(spec)
+        training_sources(spec)
     else:
         check_file(data)
 
@@ -105,7 +105,7 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
     """
     from nanoseek.tasks.reply import sft_messages
 
-    sources = task_sources(source)
+    sources = training_sources(source)
     out: list[SFTExample] = []
     for k, src in enumerate(sources):
         share = n // len(sources) + (1 if k < n % len(sources) else 0)

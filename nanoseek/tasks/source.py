@@ -55,6 +55,12 @@ class TaskSource:
         space is small); ValueError, one line, for a source that has none."""
         raise ValueError(f"task {self.name!r} is for evaluation only: it has no {split!r} problems to train on")
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the source has problems to train on: it overrides :meth:`problems`; one that does not is for
+        evaluation only (the post-training configs refuse it when they are read)."""
+        return type(self).problems is not TaskSource.problems
+
     def examples(self, level: int, k: int, seed: int) -> list[Problem]:
         """``k`` worked train problems shown before a base model's question (default: none)."""
         return []

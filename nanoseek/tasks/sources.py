@@ -14,7 +14,8 @@ evaluation harness, the RL prompts and the SFT data use (none of them branches o
 * ``name``: the ``task`` of its problems and results.
 * Problems: ``test_problems`` (held out), ``draw`` (the held-out set of one evaluation with the
   notes it deserves: fewer problems than asked, levels that do not apply), ``problems`` of a split
-  to train on (RL prompts, SFT traces; a source without a training split says so in one line),
+  to train on (RL prompts, SFT traces; a source without a training split says so in one line, and
+  its ``trainable`` is False, so the post-training configs refuse it when they are read),
   few-shot ``examples`` for base models (train split, never the test problems; none by default).
 * Prompting: ``prompt_ids`` (a problem rendered in an evaluation mode; default: the mode's
   template of :mod:`nanoseek.tasks.reply`) and ``stop_rule`` (where generation stops; default:
