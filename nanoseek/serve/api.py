@@ -64,6 +64,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.streaming import skipped_token_ids
 from nanoseek.infer.thinking import DEFAULT_THINKING
 
 from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
@@ -473,6 +474,7 @@ class OpenAIServer:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
                                 top_p=float(req.top_p), top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop),
                                 ignore_eos=req.ignore_eos, split_reasoning=split_reasoning,
+                                skip_special_tokens=req.skip_special_tokens,
                                 top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         handles = []
         try:
@@ -529,7 +531,8 @@ class OpenAIServer:
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else "" for p in req.prompts()]
 
         def new_choice(i: int) -> _Choice:       # offsets in the returned text: after the echo
-            return _Choice(tracker=TextOffsets(self.tokenizer, len(echoes[i // n])) if want_lp else None)
+            return _Choice(tracker=TextOffsets(self.tokenizer, len(echoes[i // n]), skip) if want_lp else None)
+        skip = skipped_token_ids(self.tokenizer) if req.skip_special_tokens else frozenset()
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
