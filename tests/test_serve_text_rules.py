@@ -7,6 +7,7 @@
 * Stop strings and logprobs follow vLLM's rule (``nanoseek/serve/logprobs.py``): the text is cut
   before the stop string, the logprobs list every generated token up to the one that completed
   it (as many as ``usage.completion_tokens``), streamed and whole alike, on both endpoints.
+* A prompt string that starts with the BOS token gets no second one (lm-eval's string requests).
 * ``skip_special_tokens`` (default true, vLLM's): control tokens the model generates are left
   out of ``text`` / ``content`` / ``reasoning_content`` exactly as HF's
   ``decode(skip_special_tokens=True)`` leaves them out, and still listed in the logprobs; false
@@ -258,3 +259,19 @@ def test_control_tokens_stay_out_of_chat_content_and_reasoning(uniform):
     assert seen_control
     r = client.post("/v1/chat/completions", json={**body, "skip_special_tokens": "yes"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "skip_special_tokens"
+
+
+# ----------------------------------------------------------------------------- a BOS the prompt brings
+def test_a_prompt_starting_with_bos_gets_no_second_one(fake, tokenizer):
+    bos = tokenizer.decode([tokenizer.bos_id])
+    want = tokenizer.encode("Hello", add_bos=True)
+    assert want[0] == tokenizer.bos_id
+    for prompt in ("Hello", bos + "Hello"):
+        r = fake.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
+        assert r.json()["usage"]["prompt_tokens"] == len(want), prompt
+        assert fake.post("/tokenize", json={"prompt": prompt}).json()["tokens"] == want
+    # a BOS the text brings twice stays twice; without special tokens nothing is added or removed
+    r = fake.post("/tokenize", json={"prompt": bos + bos + "Hello"}).json()["tokens"]
+    assert r == [tokenizer.bos_id] + want
+    r = fake.post("/tokenize", json={"prompt": bos + "Hello", "add_special_tokens": False}).json()["tokens"]
+    assert r == want

@@ -21,7 +21,12 @@ control-token string inside a message (a user's, or an earlier answer sent back)
 cannot close its turn or forge another. A ``/v1/completions`` prompt string is raw model input:
 its control-token strings are parsed (``encode``), as HF's ``tokenizer(text)``, vLLM and OpenAI's
 legacy completions do and as lm-eval's chat-templated completion requests need; whoever writes a
-raw prompt writes the whole model input, so there is no one else's turn to forge.
+raw prompt writes the whole model input, so there is no one else's turn to forge. The special
+tokens the tokenizer's post-processor adds (BOS) are added as HF's ``tokenizer(text)`` adds them,
+with one exception: a prompt that already starts with the BOS token (lm-eval's
+``tokenized_requests=False`` sends the token ids it scores decoded to text, its BOS included when
+``add_bos_token=True``, and its rolling windows start with BOS) gets no second BOS, so the server
+scores exactly the ids lm-eval counted. ``/tokenize`` follows the same rule.
 
 Both completion endpoints stream as server-sent events (``stream: true``; a final usage chunk
 with ``stream_options.include_usage``) or answer in one JSON object, with ``n`` choices, usage
@@ -443,6 +448,16 @@ class OpenAIServer:
         except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
             raise APIError(400, f"messages: {short(str(e), 300)}", "messages", "invalid_value") from e
 
+    def prompt_ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        """A raw prompt string's ids: the tokenizer's ``encode`` (HF's ``tokenizer(text)``), except
+        that a text which already starts with the BOS token gets no second one (module docstring)."""
+        ids = self.tokenizer.encode(text, add_bos=add_special_tokens)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if add_special_tokens and bos is not None and ids[:2] == [bos, bos] \
+                and self.tokenizer.encode(text, add_bos=False)[:1] == [bos]:
+            ids = ids[1:]
+        return ids
+
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompts = req.prompts()
         if len(prompts) > self.limits.max_prompts:
@@ -454,7 +469,7 @@ class OpenAIServer:
             param = "prompt" if len(prompts) == 1 else f"prompt[{j}]"
             if isinstance(p, str):
                 try:  # raw model input: control-token strings are parsed (module docstring)
-                    ids = self.tokenizer.encode(p, add_bos=True)
+                    ids = self.prompt_ids(p, add_special_tokens=True)
                 except ValueError as e:
                     raise APIError(400, f"{param}: {e}", param, "invalid_value") from e
             else:
@@ -577,7 +592,7 @@ class OpenAIServer:
                     raise validation_error(list(e.errors())) from None
                 ids = self.chat_prompt(chat)
             else:
-                ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+                ids = self.prompt_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:
             raise APIError(400, f"{'messages' if req.messages is not None else 'prompt'}: {short(str(e), 300)}",
                            "messages" if req.messages is not None else "prompt", "invalid_value") from e
