@@ -453,9 +453,10 @@ class OpenAIServer:
         that a text which already starts with the BOS token gets no second one (module docstring)."""
         ids = self.tokenizer.encode(text, add_bos=add_special_tokens)
         bos = getattr(self.tokenizer, "bos_id", None)
-        if add_special_tokens and bos is not None and ids[:2] == [bos, bos] \
-                and self.tokenizer.encode(text, add_bos=False)[:1] == [bos]:
-            ids = ids[1:]
+        if add_special_tokens and bos is not None and ids[:2] == [bos, bos]:
+            plain = self.tokenizer.encode(text, add_bos=False)
+            if plain[:1] == [bos] and ids[1:1 + len(plain)] == plain:   # the BOS added is the one too many
+                ids = ids[1:]
         return ids
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
