@@ -10,6 +10,11 @@ temporary folder (lm-eval's ``include_path``) over local JSON files:
   every loglikelihood lm-eval logs equals the sum of the continuation's logprobs from a direct
   ``model(ids)`` (the same tokenization lm-eval does) to 1e-4, ``is_greedy`` equals the model's
   argmax, and ``acc`` follows from them;
+* the same task with ``tokenized_requests=False`` (lm-eval sends text; ``add_bos_token=True``
+  because the tokenizer adds BOS): the loglikelihoods are the model's own after BOS, to 1e-4;
+* a perplexity task (``loglikelihood_rolling``) with a document longer than the server's context:
+  with ``max_length`` = the context (token requests) or one less (string requests) every window
+  fits, and the values are the model's own, window by window;
 * a generation task (``generate_until``) through ``local-completions`` and, chat-templated,
   ``local-chat-completions``: each answer equals a direct greedy decode of the model.
 """
@@ -211,3 +216,93 @@ def test_generation_task_answers_are_greedy_decodes(served, task_manager, api):
             want = split_reasoning(greedy_text(model, tok, prompt))[1]
         assert s["resps"][0][0] == want, (api, context)
     assert any(s["resps"][0][0] for s in samples)        # not only empty answers (EOS first) compared
+
+
+
+def test_string_requests_loglikelihoods_are_the_models_own(served, task_manager):
+    """``tokenized_requests=False`` with ``add_bos_token=True`` (the tokenizer adds BOS): lm-eval
+    counts the context with BOS and sends the text with it; the server adds no second one."""
+    url, model, tok, checkpoint = served
+    args = {"model": MODEL, "base_url": url + "/v1/completions", "num_concurrent": 1, "max_retries": 1,
+            "batch_size": 4, "tokenizer_backend": "huggingface", "tokenizer": str(checkpoint),
+            "tokenized_requests": False, "add_bos_token": True}
+    samples = evaluate("local-completions", args, "nanoseek_mc", task_manager)
+    checked = 0
+    for s in samples:
+        for (context, continuation), ((ll, is_greedy),) in zip(s["arguments"], s["resps"]):
+            ctx, cont = encode_pair(tok, context, continuation)
+            ids = [tok.bos_id] + ctx + cont
+            ref = logprobs(model, ids)
+            want = sum(ref[t - 1, ids[t]].item() for t in range(len(ctx) + 1, len(ids)))
+            assert ll == pytest.approx(want, abs=1e-4), (context, continuation)
+            checked += 1
+    assert checked == sum(len(d["choices"]) for d in MC_DOCS)
+
+
+ROLLING_DOCS = [{"text": "Hello world, how are you today?"}, {"text": "The quick brown fox jumps over the lazy dog."},
+                {"text": " ".join(f"word{i} is {i * 7 % 13}" for i in range(60))}]     # longer than one window
+
+
+def write_rolling_task(folder, name: str) -> None:
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ROLLING_DOCS))
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / f'{name}.jsonl'}
+  cache_dir: {folder / 'hf-cache'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""")
+
+
+def rolling_reference(model, tok, text: str, max_length: int) -> float:
+    """The model's log-likelihood of ``text`` after BOS, scored window by window as lm-eval splits a
+    document longer than its ``max_length`` (each window's tokens predicted once)."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    total = 0.0
+    for context, pred in map(make_disjoint_window, get_rolling_token_windows(
+            tok.encode(text), prefix_token=tok.bos_id, max_seq_len=max_length - 2, context_len=1)):
+        ids = context + pred
+        ref = logprobs(model, ids)
+        total += sum(ref[t - 1, ids[t]].item() for t in range(len(context), len(ids)))
+    return total
+
+
+@pytest.mark.parametrize("tokenized", [True, False])
+def test_rolling_loglikelihoods_are_the_models_own(served, tmp_path, tokenized):
+    """Perplexity tasks (``loglikelihood_rolling``): with ``max_length`` = the server's context (token
+    requests) or one less (string requests: windows after the first get the server's BOS) every
+    window fits; token requests are exact for every window, string requests for a document that
+    fits in one (a later window is scored after the server's BOS, not after lm-eval's context alone)."""
+    url, model, tok, checkpoint = served
+    context = 256                                      # make_tiny_run's max_position_embeddings
+    write_rolling_task(tmp_path, "nanoseek_ppl")
+    args = {"model": MODEL, "base_url": url + "/v1/completions", "max_retries": 1, "batch_size": 1,
+            # string windows after the first get the server's BOS on top of lm-eval's max_length - 1 tokens
+            "max_length": context if tokenized else context - 1,
+            "tokenizer_backend": "huggingface", "tokenizer": str(checkpoint),
+            "tokenized_requests": tokenized}
+    samples = evaluate("local-completions", args, "nanoseek_ppl", task_manager_for(tmp_path))
+    assert len(samples) == len(ROLLING_DOCS)
+    assert len(tok.encode(ROLLING_DOCS[-1]["text"])) > context       # the long one really takes several windows
+    for s in samples:
+        text = s["doc"]["text"]
+        ids = tok.encode(text)
+        got = s["resps"][0][0]
+        if not tokenized and len(ids) > context - 3:     # scored with a BOS before each later window: close only
+            assert got == pytest.approx(rolling_reference(model, tok, text, context - 1), rel=0.05)
+            continue
+        assert got == pytest.approx(rolling_reference(model, tok, text, args["max_length"]),
+                                    abs=1e-3 if len(ids) > 100 else 1e-4)
+        if len(ids) <= args["max_length"] - 2:                    # one window: log p(text | BOS), computed directly
+            full = [tok.bos_id] + ids
+            ref = logprobs(model, full)
+            assert got == pytest.approx(sum(ref[t - 1, full[t]].item() for t in range(1, len(full))), abs=1e-4)

@@ -8,7 +8,8 @@
   engine (``tests/serve_helpers.py``) both drive handles through these methods only.
 * :class:`Request` / :class:`Sample` are the scheduler's bookkeeping: a request has ``n``
   samples, one per cache row. ``Sample.append(token)`` is the per-token pipeline (stop tokens, the repetition
-  guard, the length limit, then incremental detokenisation -> stop strings -> ``<think>`` split),
+  guard, the length limit, then incremental detokenisation (skipped control tokens add no
+  text) -> stop strings -> ``<think>`` split),
   returning the event to stream. It needs no model, so tests drive it with scripted tokens.
 
 Logprobs travel with the tokens: each :class:`TokenEvent` carries its token's logprob and, when
@@ -30,7 +31,7 @@ import torch
 
 from .reasoning import ReasoningSplitter
 from .sampling import SamplingParams, TopLogprobs, repeats_too_long
-from .streaming import IncrementalDetokenizer, StopStringFilter
+from .streaming import IncrementalDetokenizer, StopStringFilter, skipped_token_ids
 
 
 class EngineError(RuntimeError):
@@ -256,6 +257,8 @@ class Sample:
         self.has_text = tokenizer is not None
         if self.has_text:
             self.detok = IncrementalDetokenizer(tokenizer)
+            # control tokens that add no text (SamplingParams.skip_special_tokens; streaming.py)
+            self.skip = skipped_token_ids(tokenizer) if req.params.skip_special_tokens else frozenset()
             self.stops = StopStringFilter(req.params.stop)
             self.split = ReasoningSplitter(req.starts_in_think, req.params.split_reasoning,
                                            getattr(tokenizer, "think_tags", None))
@@ -290,7 +293,7 @@ class Sample:
             elif len(self.token_ids) >= self.req.limit:
                 self.finished, self.finish_reason = True, "length"
             if self.has_text:
-                delta = self.detok.push(token)
+                delta = "" if token in self.skip else self.detok.push(token)
                 if self.finished:
                     delta += self.detok.flush()
                 r, a, matched = self._text(delta, final=self.finished)

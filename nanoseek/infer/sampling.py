@@ -49,6 +49,9 @@ class SamplingParams:
     ``starts_in_think``: whether the completion begins inside a ``<think>`` block (R1's chat
     template ends the prompt with ``<think>\\n``); None detects it from the prompt (its last
     think tag is an opening one). ``split_reasoning`` False reports everything as answer text.
+    ``skip_special_tokens`` (vLLM's default, True): generated control tokens (the tokenizer's
+    "special" tokens, as HF's ``decode(skip_special_tokens=True)`` skips them; never the reasoning
+    tags) add no text; they stay in ``token_ids`` and the logprobs.
 
     Logprobs (of the model's distribution before temperature/top-k/top-p; module docstring): every
     generated token's own is always recorded; ``top_logprobs`` = N adds the N most likely tokens
@@ -69,6 +72,7 @@ class SamplingParams:
     ignore_eos: bool = False
     starts_in_think: bool | None = None
     split_reasoning: bool = True
+    skip_special_tokens: bool = True
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
 

@@ -13,13 +13,35 @@ Two small state machines sit between the sampled token ids and the text a client
   next delta decides it. The deltas it emits therefore never contain (part of) a stop string
   that ends up matching, and their concatenation is the final, cut text.
 
+Control tokens the model generates (BOS, ``<｜Assistant｜>``...) add no text when the request
+skips special tokens (vLLM's ``skip_special_tokens``, on by default): :func:`skipped_token_ids`
+names them, and they are never pushed to the detokenizer. They are the tokens HF's
+``decode(..., skip_special_tokens=True)`` drops, except the reasoning tags (``think_tags``), which
+the reasoning split needs whatever a tokenizer marks them.
+
 The reasoning splitter (``reasoning.py``) then runs on the filtered text.
 """
 
 from __future__ import annotations
 
+import functools
+
 
 MAX_PENDING_TOKENS = 8   # a UTF-8 character spans at most 4 bytes: longer runs are invalid bytes, let them out
+
+
+@functools.lru_cache(maxsize=16)
+def skipped_token_ids(tokenizer) -> frozenset[int]:
+    """The control tokens that add no text with ``skip_special_tokens`` (module docstring)."""
+    candidates = set(getattr(tokenizer, "special_ids", ()) or ())
+    candidates |= set((getattr(tokenizer, "control_tokens", None) or {}).values())
+    tags = set(getattr(tokenizer, "think_tags", None) or ())
+    out = set()
+    for t in candidates:
+        text = tokenizer.decode([t])
+        if text and text not in tags and tokenizer.decode([t], skip_special_tokens=True) == "":
+            out.add(t)
+    return frozenset(out)
 
 
 class IncrementalDetokenizer:
@@ -88,4 +110,4 @@ class StopStringFilter:
         return out
 
 
-__all__ = ["IncrementalDetokenizer", "StopStringFilter"]
+__all__ = ["IncrementalDetokenizer", "StopStringFilter", "skipped_token_ids"]

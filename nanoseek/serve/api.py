@@ -21,7 +21,12 @@ control-token string inside a message (a user's, or an earlier answer sent back)
 cannot close its turn or forge another. A ``/v1/completions`` prompt string is raw model input:
 its control-token strings are parsed (``encode``), as HF's ``tokenizer(text)``, vLLM and OpenAI's
 legacy completions do and as lm-eval's chat-templated completion requests need; whoever writes a
-raw prompt writes the whole model input, so there is no one else's turn to forge.
+raw prompt writes the whole model input, so there is no one else's turn to forge. The special
+tokens the tokenizer's post-processor adds (BOS) are added as HF's ``tokenizer(text)`` adds them,
+with one exception: a prompt that already starts with the BOS token (lm-eval's
+``tokenized_requests=False`` sends the token ids it scores decoded to text, its BOS included when
+``add_bos_token=True``, and its rolling windows start with BOS) gets no second BOS, so the server
+scores exactly the ids lm-eval counted. ``/tokenize`` follows the same rule.
 
 Both completion endpoints stream as server-sent events (``stream: true``; a final usage chunk
 with ``stream_options.include_usage``) or answer in one JSON object, with ``n`` choices, usage
@@ -64,6 +69,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.infer.streaming import skipped_token_ids
 from nanoseek.infer.thinking import DEFAULT_THINKING
 
 from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
@@ -442,6 +448,17 @@ class OpenAIServer:
         except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
             raise APIError(400, f"messages: {short(str(e), 300)}", "messages", "invalid_value") from e
 
+    def prompt_ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        """A raw prompt string's ids: the tokenizer's ``encode`` (HF's ``tokenizer(text)``), except
+        that a text which already starts with the BOS token gets no second one (module docstring)."""
+        ids = self.tokenizer.encode(text, add_bos=add_special_tokens)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if add_special_tokens and bos is not None and ids[:2] == [bos, bos]:
+            plain = self.tokenizer.encode(text, add_bos=False)
+            if plain[:1] == [bos] and ids[1:1 + len(plain)] == plain:   # the BOS added is the one too many
+                ids = ids[1:]
+        return ids
+
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         prompts = req.prompts()
         if len(prompts) > self.limits.max_prompts:
@@ -453,7 +470,7 @@ class OpenAIServer:
             param = "prompt" if len(prompts) == 1 else f"prompt[{j}]"
             if isinstance(p, str):
                 try:  # raw model input: control-token strings are parsed (module docstring)
-                    ids = self.tokenizer.encode(p, add_bos=True)
+                    ids = self.prompt_ids(p, add_special_tokens=True)
                 except ValueError as e:
                     raise APIError(400, f"{param}: {e}", param, "invalid_value") from e
             else:
@@ -473,6 +490,7 @@ class OpenAIServer:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
                                 top_p=float(req.top_p), top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop),
                                 ignore_eos=req.ignore_eos, split_reasoning=split_reasoning,
+                                skip_special_tokens=req.skip_special_tokens,
                                 top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
         handles = []
         try:
@@ -529,7 +547,8 @@ class OpenAIServer:
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p)) if req.echo else "" for p in req.prompts()]
 
         def new_choice(i: int) -> _Choice:       # offsets in the returned text: after the echo
-            return _Choice(tracker=TextOffsets(self.tokenizer, len(echoes[i // n])) if want_lp else None)
+            return _Choice(tracker=TextOffsets(self.tokenizer, len(echoes[i // n]), skip) if want_lp else None)
+        skip = skipped_token_ids(self.tokenizer) if req.skip_special_tokens else frozenset()
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
@@ -574,7 +593,7 @@ class OpenAIServer:
                     raise validation_error(list(e.errors())) from None
                 ids = self.chat_prompt(chat)
             else:
-                ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+                ids = self.prompt_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:
             raise APIError(400, f"{'messages' if req.messages is not None else 'prompt'}: {short(str(e), 300)}",
                            "messages" if req.messages is not None else "prompt", "invalid_value") from e

@@ -15,7 +15,15 @@ the API speaks in token strings:
   [{"token", "logprob", "bytes"}]}]}`` with exactly N alternatives per token.
 
 Every generated token is listed, the reasoning's and the final EOS included (the token ids the
-engine reports). A token's string is its own text, or ``bytes:\\xNN...`` (OpenAI's and tiktoken's
+engine reports, as many as ``usage.completion_tokens``). The rule is vLLM's: logprobs describe
+what the model sampled, the text is what the client gets. So a stop string is cut from the text
+but the token(s) it was cut from stay listed (``stop: " "`` after `` world`` returns text ending
+before the space, and the last token is `` world``; a stop string spanning tokens lists all of
+them, and ``text_offset`` counts the uncut text, so a token wholly inside the stop string
+starts at or past the end of the returned text), and a control token left out of the text (``skip_special_tokens``) is listed with the
+offset where the next text starts. Streamed responses carry exactly the same tokens, logprobs
+and offsets as whole ones, one token per chunk (a chunk's text may be empty while text is
+withheld or cut). A token's string is its own text, or ``bytes:\\xNN...`` (OpenAI's and tiktoken's
 notation) when it is part of a UTF-8 character; ``bytes`` are its raw bytes (:class:`TokenPieces`).
 """
 
@@ -93,15 +101,19 @@ class TextOffsets:
     Text is counted as the incremental detokenizer lets it out; a token pushed while earlier ones
     are withheld (part of a UTF-8 character, or invalid bytes) starts after what those decode to
     alone, so the token after an invalid byte starts after its U+FFFD. Used for the prompt (echo)
-    and, token by token, for the completion, so streamed and whole responses agree."""
+    and, token by token, for the completion, so streamed and whole responses agree. A token in
+    ``skip`` (a control token the completion's text leaves out) adds no text: it starts where the
+    next text starts."""
 
-    def __init__(self, tokenizer, start: int = 0):
-        self.tokenizer, self.n = tokenizer, start
+    def __init__(self, tokenizer, start: int = 0, skip: frozenset[int] = frozenset()):
+        self.tokenizer, self.n, self.skip = tokenizer, start, skip
         self.detok = IncrementalDetokenizer(tokenizer)
         self.pending: list[int] = []
 
     def push(self, token_id: int) -> int:
         offset = self.n + (len(self.tokenizer.decode(self.pending)) if self.pending else 0)
+        if token_id in self.skip:
+            return offset
         delta = self.detok.push(token_id)
         if delta:
             self.n += len(delta)

@@ -30,6 +30,12 @@ the answer, in ``reasoning_content`` on the message (or on each streamed delta).
 API does, an input message carrying ``reasoning_content`` is refused: send back only
 ``content`` in multi-turn chats.
 
+Every optional field may be sent as JSON ``null``, which means "not given" (its default), as in
+OpenAI's spec and vLLM; otherwise types are strict. ``skip_special_tokens`` (bool, default true,
+vLLM's extension) leaves control tokens the model generates (BOS, ``<｜Assistant｜>``...: the
+tokenizer's "special" tokens, as ``AutoTokenizer.decode(skip_special_tokens=True)`` skips them,
+never the reasoning tags) out of the returned text; logprobs still list every generated token.
+
 Every numeric field has a bounded range (:data:`INT_MAX` for counts, OpenAI's ranges for
 temperature and top_p, 0..2**63-1 for ``seed``): a value outside it, of the wrong type, or not
 finite is a 400 naming the field before anything reaches the engine; the server's configurable
@@ -151,7 +157,20 @@ def validation_error(errors: list[dict]) -> APIError:
 
 # ---------------------------------------------------------------------------- requests
 class _Strict(BaseModel):
+    """Strict types, no unknown fields; an explicit JSON ``null`` for an optional field means "not
+    given" (its default), as OpenAI's spec says and vLLM, LiteLLM and the JS client expect. A
+    required field sent as null stays a type error naming it."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(v is None for v in data.values()):
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items()
+                    if not (v is None and k in fields and not fields[k].is_required())}
+        return data
 
 
 class TextPart(_Strict):
@@ -204,6 +223,7 @@ class SamplingRequest(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=INT_MAX)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True     # vLLM's extension: control tokens stay out of the text (module docstring)
     n: int = Field(1, ge=1, le=INT_MAX)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: Any = Field(None, validate_default=True)
