@@ -10,7 +10,9 @@ checkpoint loaders) reads, from the folder of ``tokenizer.json``:
 * ``tokenizer_config.json``: ``bos_token``/``eos_token``/``pad_token`` (and the other named
   special tokens transformers passes to templates), each a string or an AddedToken dict
   ``{"content": ...}``; ``chat_template`` as a string or HF's list of named templates (the one
-  named ``default``); ``add_bos_token``. Without the file the settings are nanoseek's own.
+  named ``default``); ``add_bos_token`` (kept when saving and for GGUF; string prompts follow
+  ``tokenizer.json``'s post-processor, as transformers 5.x does). Without the file the settings
+  are nanoseek's own.
 * ``chat_template.jinja`` (transformers' newer file) wins over the config's template, as in
   transformers; ``special_tokens_map.json`` (legacy) overrides named tokens, as in transformers.
 * ``generation_config.json``'s ``eos_token_id`` (an int or a list), when it is beside them: more
@@ -195,21 +197,6 @@ def _unk_id(hf_tokenizer: _HFTokenizer) -> int | None:
     return hf_tokenizer.token_to_id(model["unk_token"]) if isinstance(model.get("unk_token"), str) else None
 
 
-def _hf_post_processor(hf_tokenizer: _HFTokenizer, config: Mapping[str, Any], bos: str | None, eos: str | None):
-    """The post-processor transformers' ``tokenizer(text)`` runs (5.x ``TokenizersBackend``): the
-    file's own, unless ``tokenizer_config.json`` sets ``add_bos_token``/``add_eos_token`` or the
-    file has none; then BOS/EOS as those flags say (both False when absent)."""
-    explicit = "add_bos_token" in config or "add_eos_token" in config
-    if not explicit and hf_tokenizer.post_processor is not None:
-        return hf_tokenizer.post_processor
-    add_bos = bool(config.get("add_bos_token")) and bos is not None
-    add_eos = bool(config.get("add_eos_token")) and eos is not None
-    single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
-    pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
-    specials = [(bos, hf_tokenizer.token_to_id(bos))] * add_bos + [(eos, hf_tokenizer.token_to_id(eos))] * add_eos
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(specials)))
-
-
 def _encoding(tk: _HFTokenizer, text: str, add_special_tokens: bool = False):
     """``tk.encode`` with every error of the tokenizers library as one :class:`TokenizerError` line."""
     try:
@@ -316,13 +303,11 @@ class Tokenizer(ChatEncoding):
         self._forbidden_ids = self._control_ids - {self.unk_id}      # the unknown token is reachable from text
         self.special_ids = self._control_ids
         self._text_tk, self._inner_tk = _text_only(hf_tokenizer, self.control_tokens, self.unk_id)
-        self._prompt_tk = _HFTokenizer.from_str(hf_tokenizer.to_str())
-        self._prompt_tk.post_processor = _hf_post_processor(hf_tokenizer, self.config, self.bos_token, self.eos_token)
-        in_vocab = all(hf_tokenizer.token_to_id(t) is not None for t in THINK_TAGS)
+        in_vocab = all(t in self.control_tokens or any(a.content == t for a in added.values()) for t in THINK_TAGS)
         self.think_tags: tuple[str, str] | None = THINK_TAGS if uses or in_vocab else None
-        single = {t: hf_tokenizer.encode(t, add_special_tokens=False).ids for t in THINK_TAGS}
-        self.think_id = single[THINK][0] if self.think_tags and len(single[THINK]) == 1 else None
-        self.end_think_id = single[END_THINK][0] if self.think_tags and len(single[END_THINK]) == 1 else None
+        single = {t: _encoding(hf_tokenizer, t).ids if self.think_tags else [] for t in THINK_TAGS}
+        self.think_id = single[THINK][0] if len(single[THINK]) == 1 else None
+        self.end_think_id = single[END_THINK][0] if len(single[END_THINK]) == 1 else None
 
     # ------------------------------------------------------------------ training and files
     @classmethod
@@ -431,11 +416,13 @@ class Tokenizer(ChatEncoding):
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of raw model input ``text``: every added-token string becomes its single id, as in
         HF's ``tokenizer(text)``. ``add_bos``: add the special tokens transformers'
-        ``tokenizer(text)`` adds (its post-processor, or ``add_bos_token``/``add_eos_token``: BOS for
-        nanoseek's own and Llama-style vocabularies, nothing for GPT-2/Qwen-style ones), so a string
-        prompt gives the ids ``AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`` gives.
-        Never for message content (see :meth:`encode_text`)."""
-        return _encoding(self._prompt_tk, text, add_special_tokens=add_bos).ids
+        ``tokenizer(text)`` adds, i.e. run ``tokenizer.json``'s post-processor (transformers 5.x
+        ignores ``add_bos_token``/``add_eos_token`` of the config when ``tokenizer.json`` exists):
+        BOS for nanoseek's own and Llama-style files, nothing for GPT-2/Qwen-style ones or a file
+        without a post-processor. A string prompt thus gives the ids
+        ``AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`` gives. Never for message content
+        (see :meth:`encode_text`)."""
+        return _encoding(self._tk, text, add_special_tokens=add_bos).ids
 
     def encode_prompt_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character spans) of a rendered chat ``text`` encoded exactly as
@@ -460,7 +447,7 @@ class Tokenizer(ChatEncoding):
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """:meth:`encode` over many texts at once (parallel in the Rust library)."""
         try:
-            return [e.ids for e in self._prompt_tk.encode_batch(list(texts), add_special_tokens=add_bos)]
+            return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=add_bos)]
         except Exception as e:
             raise TokenizerError(f"cannot encode text: {e}") from e
 
