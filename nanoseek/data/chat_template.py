@@ -18,15 +18,27 @@ between a list of messages and token ids, for every template alike:
 * **Only the template makes control tokens** (:meth:`~ChatTemplate.pieces`). The chat is rendered
   twice: with the real messages, and with every content and reasoning string replaced by a unique
   sentinel. When putting the strings back into the sentinel rendering gives the real rendering
-  exactly, the template used them verbatim: the prompt is cut into template text (split on the
-  vocabulary's control-token strings, each its single id) and content (always text, see
-  :func:`encode_pieces`), adjacent text being encoded as one run, so for content without
-  control-token strings the ids equal ``AutoTokenizer.apply_chat_template(tokenize=True)``, and a
-  message holding ``<｜Assistant｜>`` or ``<|im_end|>`` cannot forge a turn. When it does not
-  (the template transforms content: R1 keeps ``content.split('</think>')[-1]`` of history, Llama-3
-  trims it, a template tests ``if content``), the real string is encoded as transformers encodes
-  it, after checking that no content or reasoning holds a control-token string (else a
-  :class:`TokenizerError` naming the message).
+  exactly, the template used them verbatim, and the prompt can be cut into template text and
+  content. Encoding (:func:`encode_chat`):
+
+  - **No content holds a control-token string** (the usual case): the rendering is encoded whole,
+    exactly as ``AutoTokenizer.apply_chat_template(tokenize=True)`` encodes it (the vocabulary's
+    ``encode_prompt_offsets``), so the ids equal transformers' for every tokenizer (Metaspace
+    ``prepend_scheme="first"``, added whitespace tokens...); a check that the control ids sit
+    exactly where the template wrote them falls back to the piece-wise path otherwise.
+  - **Content holds one** (``<｜Assistant｜>``, ``<|im_end|>``...): piece-wise. Template text is
+    split on the control strings (each its single id), content is text (:func:`encode_pieces`),
+    adjacent text one run, and a run after a control token is encoded as HF encodes a split that
+    does not start the string (no Metaspace ``▁`` prepended). The tests force this path on
+    ordinary chats of every tokenizer family and get transformers' ids; so the content's
+    control-token strings are the only difference from HF (they stay text). Where the template
+    transforms content (R1 keeps ``content.split('</think>')[-1]`` of history, Llama-3 trims it,
+    a template tests ``if content``) pieces cannot be cut: such content is a
+    :class:`TokenizerError` naming the message.
+  - **Reasoning tags in an assistant's content** (``<think>...</think>answer``, the common SFT form
+    and what a client sends back) are the template's markup there, not a control-token string
+    to neutralise: rendered and encoded as transformers does (R1/V3.1 drop them from history).
+    In system, user and tool content and in reasoning fields they stay text (or refused, above).
 * **The SFT loss mask** (:meth:`~ChatTemplate.assistant_spans`): assistant message ``i`` owns the
   characters from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
   ``render(messages[:i+1])``; when these are prefixes of the full rendering (every template of

@@ -52,14 +52,21 @@ as the current one (before issue 19 the thinking switch was called ``think``; it
   ``reasoning`` is wrapped in ``<think>``; ``add_generation_prompt`` appends ``<｜Assistant｜>``
   (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning).
 
-**Encoding.** Every added token of the vocabulary is a control token (:attr:`control_tokens`).
-:meth:`Tokenizer.encode` parses control-token strings as HF's ``tokenizer(text)`` does: it is for
-raw model input (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``), never for message
-content. :meth:`Tokenizer.encode_text` encodes with a copy of the vocabulary without its added
-tokens (whose ids are then unreachable from text), so a control-token string in text stays text
-and decodes back to itself; documents of a corpus are encoded this way. Chats are rendered and
-encoded by :mod:`nanoseek.data.chat_template` (``encode_chat``, ``apply_chat_template``), with
-``thinking`` and any other keyword passed to the template.
+**Encoding.** The control tokens (:attr:`control_tokens`) are the vocabulary's SPECIAL added
+tokens, plus the reasoning tags when they are added tokens the template writes (non-special in
+R1's and nanoseek's vocabulary: template-only markup). Other added tokens (GPT-NeoX's whitespace
+runs, words added with ``add_tokens``; ``<think>`` of a vocabulary whose template never writes it)
+are ordinary vocabulary that text reaches as in HF. :meth:`Tokenizer.encode` parses every
+added-token string as HF's ``tokenizer(text)`` does, and with ``add_bos`` adds what transformers
+adds: it is for raw model input (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``), never
+for message content. :meth:`Tokenizer.encode_text` encodes with a copy of the vocabulary whose
+control tokens are renamed out of reach (every id stays), so a control-token string in text stays
+text and decodes back to itself; documents of a corpus are encoded this way. The model's unknown
+token (WordPiece ``[UNK]``, Unigram ``<unk>``) is not out of reach: unknown characters encode to
+it as in HF. Any error the tokenizers library raises while encoding is a :class:`TokenizerError`
+(a ValueError: the server answers 400). Chats are rendered and encoded by
+:mod:`nanoseek.data.chat_template` (``encode_chat``, ``apply_chat_template``), with the thinking
+switch (passed as ``thinking`` and ``enable_thinking``) and any other keyword passed to the template.
 
 **Reasoning tags** (:attr:`Tokenizer.think_tags`): ``("<think>", "</think>")`` when the template
 writes them or the vocabulary has them as tokens, else None (then the engine's reasoning split is
@@ -186,7 +193,8 @@ def _text_only(hf_tokenizer: _HFTokenizer, control: Mapping[str, int], keep_id: 
             if isinstance(entry, list) and entry and entry[0] == token and token_id != keep_id:
                 entry[0] = hidden[token_id]
     inner = dict(spec, pre_tokenizer=_never_prepend(spec.get("pre_tokenizer")))
-    return _HFTokenizer.from_str(json.dumps(spec)), _HFTokenizer.from_str(json.dumps(inner))
+    text = _HFTokenizer.from_str(json.dumps(spec))
+    return text, text if inner == spec else _HFTokenizer.from_str(json.dumps(inner))
 
 
 def _unk_id(hf_tokenizer: _HFTokenizer) -> int | None:
@@ -303,6 +311,8 @@ class Tokenizer(ChatEncoding):
         self._forbidden_ids = self._control_ids - {self.unk_id}      # the unknown token is reachable from text
         self.special_ids = self._control_ids
         self._text_tk, self._inner_tk = _text_only(hf_tokenizer, self.control_tokens, self.unk_id)
+        self._whole_tk = _HFTokenizer.from_str(hf_tokenizer.to_str())    # same ids; offsets untrimmed
+        self._whole_tk.post_processor = None
         in_vocab = all(t in self.control_tokens or any(a.content == t for a in added.values()) for t in THINK_TAGS)
         self.think_tags: tuple[str, str] | None = THINK_TAGS if uses or in_vocab else None
         single = {t: _encoding(hf_tokenizer, t).ids if self.think_tags else [] for t in THINK_TAGS}
@@ -427,7 +437,7 @@ class Tokenizer(ChatEncoding):
     def encode_prompt_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, character spans) of a rendered chat ``text`` encoded exactly as
         ``apply_chat_template(tokenize=True)`` encodes it (every added token parsed, no BOS added)."""
-        enc = _encoding(self._tk, text)
+        enc = _encoding(self._whole_tk, text)
         return enc.ids, [tuple(o) for o in enc.offsets]
 
     def encode_text(self, text: str) -> list[int]:
