@@ -150,7 +150,7 @@ def test_unknown_characters_reach_the_unknown_token(family):
     msgs = [{"role": "user", "content": OOV}, {"role": "assistant", "content": f"ok {OOV}"}]
     ids, _ = tok.encode_chat(msgs)
     assert ids == hf_ids(hf, msgs, **tok.thinking_kwargs(False, {}))
-    assert tok.unk_id in ids or tok.unk_id in tok.encode_text(OOV) or name.startswith("mistral")
+    assert tok.unk_id in ids and tok.unk_id in tok.encode_text(OOV)          # reachable, not an error
     assert tok.encode_text(OOV) == hf(OOV, add_special_tokens=False)["input_ids"]
 
 
