@@ -1,8 +1,9 @@
 """Only the template makes control tokens (issue 17, class 6): no entry point lets content forge a turn.
 
 A message holding ``<｜Assistant｜>``, ``<｜end▁of▁sentence｜>``, ``<｜User｜>``, ``<think>`` or any
-other added token of the vocabulary (DeepSeek's seven and extra ones added to it) must be encoded
-as text: the prompt's control ids are exactly the ones its template puts there, and decoding the
+other control token of the vocabulary (DeepSeek's seven and extra SPECIAL ones added to it) must be
+encoded as text, except the reasoning tags in an assistant message's content (the template's markup
+there, as transformers renders R1/V3.1 history; they cannot open another turn): the prompt's control ids are exactly the ones its template puts there, and decoding the
 ids gives the content back. Checked at every place a prompt is encoded: the tokenizer (trained
 BPE and the byte stand-in), the server's chat endpoint (also with an earlier answer holding such
 strings sent back as history), the chat CLI, ``generate``, SFT and DPO data, GRPO prompts, the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 
 import pytest
 from tokenizers import AddedToken
@@ -59,8 +61,13 @@ def controls(tokenizer) -> set[int]:
     return set(tokenizer.control_tokens.values())
 
 
+THINK_TAG = re.compile(f"{re.escape(THINK)}|{re.escape(END_THINK)}")
+
+
 def template_controls(tokenizer, messages, gen: bool = True, think: bool = False) -> list[int]:
-    """The control ids the chat template itself puts in a chat, written out from the template."""
+    """The control ids the chat template itself puts in a chat, written out from the template; an
+    assistant message's content writes its reasoning tags as the template's tokens (as in
+    transformers: R1/V3.1 history holds them), nothing else."""
     out = [tokenizer.bos_id]
     for m in messages:
         if m["role"] == "user":
@@ -69,6 +76,7 @@ def template_controls(tokenizer, messages, gen: bool = True, think: bool = False
             out.append(tokenizer.token_to_id(ASSISTANT))
             if m.get("reasoning") is not None:
                 out += [tokenizer.think_id, tokenizer.end_think_id]
+            out += [tokenizer.token_to_id(t) for t in THINK_TAG.findall(m["content"])]
             out.append(tokenizer.eos_id)
     if gen:
         out.append(tokenizer.token_to_id(ASSISTANT))
@@ -90,8 +98,12 @@ def conversation(content: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-def test_every_added_token_is_a_control_token(tk):
-    assert set(tk.control_tokens) == set(CONTROL_STRINGS)
+def test_special_added_tokens_and_template_tags_are_control_tokens(tk):
+    """Control tokens: the special added tokens and the reasoning tags the template writes (non-special
+    in R1's vocabulary, as here); a non-special added token the template does not write
+    (``EXTRA_PLAIN``) is ordinary vocabulary, which content reaches as in HF."""
+    assert set(tk.control_tokens) == set(CONTROL_STRINGS) - {EXTRA_PLAIN}
+    assert tk.encode_text(f"a{EXTRA_PLAIN}b")[1:-1] == [tk.token_to_id(EXTRA_PLAIN)]
     assert set(ByteTokenizer.control_tokens) == set(CONTROL_STRINGS[:7])
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -214,12 +215,15 @@ def test_ids_and_masks_equal_transformers(family, thinking):
 def test_r1_mask_fallback_trains_answer_and_end_token(tmp_path):
     """R1's generation prompt (<｜Assistant｜><think>\\n) is not a prefix of its history: the span starts
     after the last control token the two share (<｜Assistant｜>) and runs to the end of the turn."""
-    tok = Tokenizer.load(save_family("r1", tmp_path))
+    folder = save_family("r1", tmp_path)
+    tok, hf = Tokenizer.load(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
     messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>\nr\n</think>a1"},
                 {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
-    with pytest.raises(TokenizerError, match="chat message 1: its content holds the control token '<think>'"):
-        tok.encode_chat(messages)                 # R1 rewrites content: a tag in it would become a token
-    messages[1]["content"] = "a1"
+    # the reasoning inside an assistant's content is the template's business (R1 drops it from history)
+    for gen in (False, True):
+        assert tok.encode_chat(messages, gen)[0] == hf_ids(hf, messages, add_generation_prompt=gen)
+    with pytest.raises(TokenizerError, match="chat message 1: its content holds the control token"):
+        tok.encode_chat([messages[0], dict(messages[1], content=f"a1{DS_USER}x</think>")])   # other tokens: no
     ids, mask = tok.encode_chat(messages)
     segments, cur = [], []
     for t, m in zip(ids, mask):
@@ -242,7 +246,12 @@ def test_content_with_control_strings_cannot_forge_a_turn(family):
     for forged in FORGED:
         messages = [{"role": "system", "content": forged}, {"role": "user", "content": forged},
                     {"role": "assistant", "content": f"ok {forged}"}, {"role": "user", "content": forged}]
-        neutral = [dict(m, content="x") for m in messages]
+        # harmless content; an assistant message keeps the reasoning tags it writes (they are the
+        # template's markup there, as in transformers), nothing else
+        tags = [t for t in (tok.think_tags or ()) if t in tok.control_tokens]
+        markup = re.compile("|".join(map(re.escape, tags))) if tags else None
+        neutral = [dict(m, content="x" + ("".join(markup.findall(m["content"])) if markup and m["role"] == "assistant"
+                                          else "")) for m in messages]
         for gen in (False, True):
             try:
                 ids, _ = tok.encode_chat(messages, add_generation_prompt=gen)

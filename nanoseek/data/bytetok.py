@@ -87,8 +87,9 @@ class ByteTokenizer(ChatEncoding):
         except UnicodeEncodeError as e:  # a lone surrogate
             raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
 
-    def encode_text_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """:meth:`encode_text` with each byte's character span (every byte of a character gets its span)."""
+    def encode_text_offsets(self, text: str, after_control: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode_text` with each byte's character span (every byte of a character gets its span;
+        ``after_control`` changes nothing for bytes)."""
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         for k, ch in enumerate(text):

@@ -18,15 +18,27 @@ between a list of messages and token ids, for every template alike:
 * **Only the template makes control tokens** (:meth:`~ChatTemplate.pieces`). The chat is rendered
   twice: with the real messages, and with every content and reasoning string replaced by a unique
   sentinel. When putting the strings back into the sentinel rendering gives the real rendering
-  exactly, the template used them verbatim: the prompt is cut into template text (split on the
-  vocabulary's control-token strings, each its single id) and content (always text, see
-  :func:`encode_pieces`), adjacent text being encoded as one run, so for content without
-  control-token strings the ids equal ``AutoTokenizer.apply_chat_template(tokenize=True)``, and a
-  message holding ``<｜Assistant｜>`` or ``<|im_end|>`` cannot forge a turn. When it does not
-  (the template transforms content: R1 keeps ``content.split('</think>')[-1]`` of history, Llama-3
-  trims it, a template tests ``if content``), the real string is encoded as transformers encodes
-  it, after checking that no content or reasoning holds a control-token string (else a
-  :class:`TokenizerError` naming the message).
+  exactly, the template used them verbatim, and the prompt can be cut into template text and
+  content. Encoding (:func:`encode_chat`):
+
+  - **No content holds a control-token string** (the usual case): the rendering is encoded whole,
+    exactly as ``AutoTokenizer.apply_chat_template(tokenize=True)`` encodes it (the vocabulary's
+    ``encode_prompt_offsets``), so the ids equal transformers' for every tokenizer (Metaspace
+    ``prepend_scheme="first"``, added whitespace tokens...); a check that the control ids sit
+    exactly where the template wrote them falls back to the piece-wise path otherwise.
+  - **Content holds one** (``<｜Assistant｜>``, ``<|im_end|>``...): piece-wise. Template text is
+    split on the control strings (each its single id), content is text (:func:`encode_pieces`),
+    adjacent text one run, and a run after a control token is encoded as HF encodes a split that
+    does not start the string (no Metaspace ``▁`` prepended). The tests force this path on
+    ordinary chats of every tokenizer family and get transformers' ids; so the content's
+    control-token strings are the only difference from HF (they stay text). Where the template
+    transforms content (R1 keeps ``content.split('</think>')[-1]`` of history, Llama-3 trims it,
+    a template tests ``if content``) pieces cannot be cut: such content is a
+    :class:`TokenizerError` naming the message.
+  - **Reasoning tags in an assistant's content** (``<think>...</think>answer``, the common SFT form
+    and what a client sends back) are the template's markup there, not a control-token string
+    to neutralise: rendered and encoded as transformers does (R1/V3.1 drop them from history).
+    In system, user and tool content and in reasoning fields they stay text (or refused, above).
 * **The SFT loss mask** (:meth:`~ChatTemplate.assistant_spans`): assistant message ``i`` owns the
   characters from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
   ``render(messages[:i+1])``; when these are prefixes of the full rendering (every template of
@@ -123,27 +135,32 @@ def _runs(pieces: Iterable[Piece | tuple], control: Mapping[str, int]) -> list[t
 
 
 def encode_pieces(pieces: Iterable[Piece | tuple[str, bool] | tuple[str, bool, bool]], control: Mapping[str, int],
-                  encode_text: Callable[[str], list[int]]) -> tuple[list[int], list[int]]:
+                  encode_text: Callable[[str], list[int]],
+                  encode_after_control: Callable[[str], list[int]] | None = None) -> tuple[list[int], list[int]]:
     """(ids, train mask) of ``pieces``: ``(text, template[, train])``.
 
     Template text is split on the ``control`` strings (leftmost-longest, as HF matches added
     tokens), each becoming its id; everything else, content whole, is text. Adjacent text with
     the same train flag is one run for ``encode_text``, so the ids equal HF's encoding of the
-    joined string whenever content holds no control string (HF splits on the same tokens).
+    joined string whenever content holds no control string (HF splits on the same tokens); a run
+    that does not start the prompt goes to ``encode_after_control`` (default ``encode_text``: for
+    Metaspace ``prepend_scheme="first"``, which HF applies to the start of the string only).
     """
     ids: list[int] = []
     mask: list[int] = []
-    for run, train, _ in _runs(pieces, control):
-        piece_ids = [run] if isinstance(run, int) else encode_text(run)
+    later = encode_after_control or encode_text
+    for run, train, start in _runs(pieces, control):
+        piece_ids = [run] if isinstance(run, int) else (later if start else encode_text)(run)
         ids += piece_ids
         mask += [int(train)] * len(piece_ids)
     return ids, mask
 
 
 def encode_pieces_with_offsets(pieces: Iterable[Piece | tuple], control: Mapping[str, int],
-                               encode_text_offsets: Callable[[str], tuple[list[int], Offsets]]
+                               encode_text_offsets: Callable[..., tuple[list[int], Offsets]]
                                ) -> tuple[list[int], Offsets]:
-    """(ids, character span of each id in the joined text) of ``pieces`` (train flags ignored)."""
+    """(ids, character span of each id in the joined text) of ``pieces`` (train flags ignored);
+    ``encode_text_offsets(text, after_control)`` encodes one text run."""
     names = {i: s for s, i in control.items()}
     ids: list[int] = []
     offsets: Offsets = []
@@ -152,7 +169,7 @@ def encode_pieces_with_offsets(pieces: Iterable[Piece | tuple], control: Mapping
             ids.append(run)
             offsets.append((start, start + len(names[run])))
         else:
-            run_ids, run_offsets = encode_text_offsets(run)
+            run_ids, run_offsets = encode_text_offsets(run, start > 0)
             ids += run_ids
             offsets += [(start + a, start + b) for a, b in run_offsets]
     return ids, offsets
@@ -308,12 +325,15 @@ class ChatTemplate:
             raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
     def pieces(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-               **kwargs: Any) -> tuple[str, list[Piece] | None]:
+               markup: Iterable[str] = (), **kwargs: Any) -> tuple[str, list[Piece] | None]:
         """(the rendering, its template/content pieces), pieces None when the template transforms
-        content (then the rendering is to be encoded whole, see the module docstring)."""
+        content (then the rendering is to be encoded whole, see the module docstring). ``markup``:
+        strings (the reasoning tags) that an assistant message's content writes as the template's
+        own tokens (template pieces inside that content)."""
         check_messages(messages)
         real = self._render(_normalise(messages), add_generation_prompt, kwargs)
         values: dict[str, str] = {}
+        owner: dict[str, str] = {}
         nonce = _NONCE
         masked = []
         for i, m in enumerate(messages):
@@ -322,6 +342,7 @@ class ChatTemplate:
                 if isinstance(m.get(field), str):
                     sentinel = f"\ue000{nonce}:{i}:{field}\ue001"
                     values[sentinel] = m[field]
+                    owner[sentinel] = "assistant-content" if field == "content" and m["role"] == "assistant" else ""
                     m[field] = sentinel
             masked.append(m)
         sentinel_render = self._render(_normalise(masked), add_generation_prompt, kwargs)
@@ -331,7 +352,18 @@ class ChatTemplate:
         if (any(k % 2 and p not in values for k, p in enumerate(parts)) or "".join(p.text for p in pieces) != real
                 or any(_NONCE in v for v in values.values())):       # content holding a sentinel: never trusted
             return real, None
-        return real, [p for p in pieces if p.text]
+        splitter = _control_splitter(frozenset(markup))
+        out: list[Piece] = []
+        for k, p in enumerate(parts):
+            if not p:
+                continue
+            if not k % 2:
+                out.append(Piece(p, True))
+            elif owner[p] and splitter is not None:      # assistant content: its reasoning tags are markup
+                out += [Piece(x, bool(j % 2)) for j, x in enumerate(splitter.split(values[p])) if x]
+            else:
+                out.append(Piece(values[p], False))
+        return real, out
 
     def assistant_spans(self, messages: Sequence[dict[str, Any]], full: str, control: Iterable[str] = (),
                         **kwargs: Any) -> list[tuple[int, int]]:
@@ -360,22 +392,56 @@ class ChatTemplate:
             return ""
 
 
+def _content_hazards(messages: Sequence[dict[str, Any]], control: Mapping[str, int], markup: Iterable[str]
+                     ) -> list[tuple[int, str, str]]:
+    """(message, field, control string) where a content or reasoning string holds a control-token
+    string, other than ``markup`` (the reasoning tags) in an assistant message's content."""
+    splitter = _control_splitter(frozenset(control))
+    allowed = frozenset(markup)
+    out = []
+    for i, m in enumerate(messages):
+        for field in ("content", *REASONING_FIELDS):
+            value = m.get(field)
+            if not isinstance(value, str) or splitter is None:
+                continue
+            for hit in splitter.finditer(value):
+                if not (field == "content" and m.get("role") == "assistant" and hit.group(0) in allowed):
+                    out.append((i, field, hit.group(0)))
+                    break
+    return out
+
+
 def encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
                 template_kwargs: Mapping[str, Any], control: Mapping[str, int],
-                encode_text_offsets: Callable[[str], tuple[list[int], Offsets]]) -> tuple[list[int], list[int]]:
-    """(ids, assistant mask) of a chat in any template (the module docstring's two paths)."""
-    full, pieces = template.pieces(messages, add_generation_prompt, **template_kwargs)
-    if pieces is None:
-        splitter = _control_splitter(frozenset(control))
-        for i, m in enumerate(messages):
-            for field in ("content", *REASONING_FIELDS):
-                value = m.get(field)
-                if isinstance(value, str) and splitter is not None and (hit := splitter.search(value)):
-                    raise TokenizerError(
-                        f"chat message {i}: its {field} holds the control token {hit.group(0)!r}, and this chat "
-                        "template rewrites message text, so it cannot be kept apart from the template's tokens")
-        pieces = [Piece(full, True)]
-    ids, offsets = encode_pieces_with_offsets(pieces, control, encode_text_offsets)
+                encode_text_offsets: Callable[..., tuple[list[int], Offsets]],
+                encode_prompt_offsets: Callable[[str], tuple[list[int], Offsets]] | None = None,
+                markup: Iterable[str] = (), piecewise: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, assistant mask) of a chat in any template (the module docstring's paths).
+
+    When no content holds a control-token string, the rendering is encoded whole by
+    ``encode_prompt_offsets`` (exactly as ``apply_chat_template(tokenize=True)``); otherwise
+    piece by piece (template pieces split on control strings, content as text), which the tests
+    prove equal to the whole-string encoding on chats without such strings (``piecewise=True``
+    forces it). ``markup``: control strings an assistant's content may hold (the reasoning tags)."""
+    markup = tuple(t for t in markup if t in control)
+    full, pieces = template.pieces(messages, add_generation_prompt, markup=markup, **template_kwargs)
+    hazards = _content_hazards(messages, control, markup)
+    if hazards and pieces is None:
+        i, field, token = hazards[0]
+        raise TokenizerError(
+            f"chat message {i}: its {field} holds the control token {token!r}, and this chat template "
+            "rewrites message text, so it cannot be kept apart from the template's tokens")
+    whole = encode_prompt_offsets is not None and not hazards and not piecewise
+    if whole:
+        ids, offsets = encode_prompt_offsets(full)
+        if pieces is not None:   # a control token formed across a content/template boundary: encode piece-wise
+            splitter = _control_splitter(frozenset(control))
+            expected = sum(len(splitter.findall(p.text)) for p in pieces if p.template) if splitter else 0
+            names = {i: t for t, i in control.items()}
+            whole = sum(full[a:b] == names.get(t) for t, (a, b) in zip(ids, offsets)) == expected
+    if not whole:
+        ids, offsets = encode_pieces_with_offsets(pieces if pieces is not None else [Piece(full, True)], control,
+                                                  encode_text_offsets)
     spans = template.assistant_spans(messages, full, control, **template_kwargs)
     return ids, mask_from_spans(offsets, spans)
 
@@ -399,25 +465,48 @@ class ChatEncoding:
         """The Jinja text of the chat template (None when the tokenizer has none)."""
         return None if self.chat_template_obj is None else self.chat_template_obj.source
 
+    think_tags: tuple[str, str] | None = None
+
+    def encode_prompt_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        """(ids, character spans) of a rendered chat as ``apply_chat_template(tokenize=True)`` encodes
+        it: control-token strings are their ids, the rest text (a vocabulary overrides this with its
+        own whole-string encoding)."""
+        return encode_pieces_with_offsets([Piece(text, True)], self.control_tokens, self.encode_text_offsets)
+
     def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
         """Token ids of a prompt given as ``(text, is_template)`` segments: control tokens come
         only from template segments; content segments are text (:func:`encode_pieces`)."""
-        return encode_pieces(segments, self.control_tokens, self.encode_text)[0]
+        return encode_pieces(segments, self.control_tokens, self.encode_text,
+                             lambda text: self.encode_text_offsets(text, True)[0])[0]
+
+    @staticmethod
+    def thinking_kwargs(thinking: bool | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The template's keywords: the one thinking switch under DeepSeek-V3.1's name ``thinking``
+        and Qwen3's ``enable_thinking`` (either may be given; different values are an error)."""
+        other = kwargs.get("enable_thinking")
+        if thinking is not None and other is not None and bool(other) != bool(thinking):
+            raise TokenizerError(f"thinking={str(bool(thinking)).lower()} and enable_thinking="
+                                 f"{str(bool(other)).lower()} contradict each other: they are one switch, send one")
+        value = bool(next((x for x in (thinking, other) if x is not None), False))
+        return {**kwargs, "thinking": value, "enable_thinking": value}
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            thinking: bool = False, **template_kwargs: Any) -> str:
-        """The chat rendered as one string, as transformers renders it (``thinking`` and any other
-        keyword are template variables). For display and parity: encode chats with :meth:`encode_chat`."""
-        return self._template().render(messages, add_generation_prompt, thinking=thinking, **template_kwargs)
+                            thinking: bool | None = None, **template_kwargs: Any) -> str:
+        """The chat rendered as one string, as transformers renders it (``thinking`` (alias
+        ``enable_thinking``, default off) and any other keyword are template variables). For display
+        and parity: encode chats with :meth:`encode_chat`."""
+        return self._template().render(messages, add_generation_prompt, **self.thinking_kwargs(thinking, template_kwargs))
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                    thinking: bool = False, **template_kwargs: Any) -> tuple[list[int], list[int]]:
-        """(token ids, assistant mask) of the chat: control tokens only from the template, content
-        and reasoning as text; ``mask[t]`` is 1 on what an assistant message wrote (its reasoning
-        block, answer and closing token). Ids equal transformers' ``apply_chat_template(tokenize=True)``
-        for content without control-token strings, and decode to :meth:`apply_chat_template`."""
+                    thinking: bool | None = None, **template_kwargs: Any) -> tuple[list[int], list[int]]:
+        """(token ids, assistant mask) of the chat: control tokens only from the template (and the
+        reasoning tags written in an assistant message's content), other content and reasoning as
+        text; ``mask[t]`` is 1 on what an assistant message wrote (its reasoning block, answer and
+        closing token). Ids equal transformers' ``apply_chat_template(tokenize=True)`` for content
+        without control-token strings, and decode to :meth:`apply_chat_template`."""
         return encode_chat(self._template(), messages, add_generation_prompt,
-                           {"thinking": thinking, **template_kwargs}, self.control_tokens, self.encode_text_offsets)
+                           self.thinking_kwargs(thinking, template_kwargs), self.control_tokens,
+                           self.encode_text_offsets, self.encode_prompt_offsets, markup=self.think_tags or ())
 
 
 __all__ = ["TokenizerError", "Piece", "ChatTemplate", "ChatEncoding", "encode_pieces", "encode_pieces_with_offsets",

@@ -10,7 +10,9 @@ checkpoint loaders) reads, from the folder of ``tokenizer.json``:
 * ``tokenizer_config.json``: ``bos_token``/``eos_token``/``pad_token`` (and the other named
   special tokens transformers passes to templates), each a string or an AddedToken dict
   ``{"content": ...}``; ``chat_template`` as a string or HF's list of named templates (the one
-  named ``default``); ``add_bos_token``. Without the file the settings are nanoseek's own.
+  named ``default``); ``add_bos_token`` (kept when saving and for GGUF; string prompts follow
+  ``tokenizer.json``'s post-processor, as transformers 5.x does). Without the file the settings
+  are nanoseek's own.
 * ``chat_template.jinja`` (transformers' newer file) wins over the config's template, as in
   transformers; ``special_tokens_map.json`` (legacy) overrides named tokens, as in transformers.
 * ``generation_config.json``'s ``eos_token_id`` (an int or a list), when it is beside them: more
@@ -50,14 +52,21 @@ as the current one (before issue 19 the thinking switch was called ``think``; it
   ``reasoning`` is wrapped in ``<think>``; ``add_generation_prompt`` appends ``<｜Assistant｜>``
   (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning).
 
-**Encoding.** Every added token of the vocabulary is a control token (:attr:`control_tokens`).
-:meth:`Tokenizer.encode` parses control-token strings as HF's ``tokenizer(text)`` does: it is for
-raw model input (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``), never for message
-content. :meth:`Tokenizer.encode_text` encodes with a copy of the vocabulary without its added
-tokens (whose ids are then unreachable from text), so a control-token string in text stays text
-and decodes back to itself; documents of a corpus are encoded this way. Chats are rendered and
-encoded by :mod:`nanoseek.data.chat_template` (``encode_chat``, ``apply_chat_template``), with
-``thinking`` and any other keyword passed to the template.
+**Encoding.** The control tokens (:attr:`control_tokens`) are the vocabulary's SPECIAL added
+tokens, plus the reasoning tags when they are added tokens the template writes (non-special in
+R1's and nanoseek's vocabulary: template-only markup). Other added tokens (GPT-NeoX's whitespace
+runs, words added with ``add_tokens``; ``<think>`` of a vocabulary whose template never writes it)
+are ordinary vocabulary that text reaches as in HF. :meth:`Tokenizer.encode` parses every
+added-token string as HF's ``tokenizer(text)`` does, and with ``add_bos`` adds what transformers
+adds: it is for raw model input (a ``/v1/completions`` prompt, ``generate``'s ``{"prompt"}``), never
+for message content. :meth:`Tokenizer.encode_text` encodes with a copy of the vocabulary whose
+control tokens are renamed out of reach (every id stays), so a control-token string in text stays
+text and decodes back to itself; documents of a corpus are encoded this way. The model's unknown
+token (WordPiece ``[UNK]``, Unigram ``<unk>``) is not out of reach: unknown characters encode to
+it as in HF. Any error the tokenizers library raises while encoding is a :class:`TokenizerError`
+(a ValueError: the server answers 400). Chats are rendered and encoded by
+:mod:`nanoseek.data.chat_template` (``encode_chat``, ``apply_chat_template``), with the thinking
+switch (passed as ``thinking`` and ``enable_thinking``) and any other keyword passed to the template.
 
 **Reasoning tags** (:attr:`Tokenizer.think_tags`): ``("<think>", "</think>")`` when the template
 writes them or the vocabulary has them as tokens, else None (then the engine's reasoning split is
@@ -71,6 +80,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,24 +151,68 @@ def _canonical_hash(tokenizer_json: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _text_only(hf_tokenizer: _HFTokenizer) -> tuple[_HFTokenizer, dict[str, int]]:
-    """A copy of ``hf_tokenizer`` that encodes every string as text, and its added tokens (str -> id).
+def _never_prepend(node: Any) -> Any:
+    """A pre-tokenizer spec with Metaspace's ``prepend_scheme="first"`` turned to ``"never"`` (recursively)."""
+    if isinstance(node, dict):
+        out = {k: _never_prepend(v) for k, v in node.items()}
+        if out.get("type") == "Metaspace" and out.get("prepend_scheme") == "first":
+            out["prepend_scheme"] = "never"
+        return out
+    if isinstance(node, list):
+        return [_never_prepend(v) for v in node]
+    return node
 
-    The copy has no added tokens (so nothing is split out of the text) and its model's entries
-    for those ids are renamed to strings no pre-tokenizer can produce (a NUL byte is never a
-    byte-level symbol), so no text reaches a control id. ``encode_text`` still checks.
+
+def _text_only(hf_tokenizer: _HFTokenizer, control: Mapping[str, int], keep_id: int | None
+               ) -> tuple[_HFTokenizer, _HFTokenizer]:
+    """Copies of ``hf_tokenizer`` that encode every string as text: (for a run at the start of a
+    string, for a run after a control token).
+
+    In the copies the ``control`` added tokens and their model's entries are renamed to a NUL byte
+    and a per-process random nonce (so nothing in text matches them; other added tokens stay, as in
+    HF, and every id stays where it is), so no text reaches a control id, except ``keep_id`` (the
+    model's unknown token: its model entry stays, so unknown text reaches it). The second copy
+    never prepends Metaspace's ``▁`` (``prepend_scheme="first"``: HF prepends it only at the start
+    of the whole string). ``encode_text`` still checks.
     """
-    added = {t.content: i for i, t in hf_tokenizer.get_added_tokens_decoder().items()}
     spec = json.loads(hf_tokenizer.to_str())
-    spec["added_tokens"] = []
+    hidden = {token_id: f"\x00{secrets.token_hex(8)}:{token_id}" for token_id in control.values()}
+    for t in spec.get("added_tokens", []):   # renamed, not removed: the ids of the added tokens after them stay
+        if t.get("content") in control:
+            t.update(content=hidden[t["id"]], normalized=False, lstrip=False, rstrip=False, single_word=False)
     spec["post_processor"] = None
     vocab = spec.get("model", {}).get("vocab")
     if isinstance(vocab, dict):
-        for token, token_id in added.items():
-            if vocab.get(token) == token_id:
+        for token, token_id in control.items():
+            if vocab.get(token) == token_id and token_id != keep_id:
                 del vocab[token]
-                vocab[f"\x00control:{token_id}"] = token_id
-    return _HFTokenizer.from_str(json.dumps(spec)), added
+                vocab[hidden[token_id]] = token_id
+    elif isinstance(vocab, list):     # Unigram: [piece, score] by id
+        for token, token_id in control.items():
+            entry = vocab[token_id] if 0 <= token_id < len(vocab) else None
+            if isinstance(entry, list) and entry and entry[0] == token and token_id != keep_id:
+                entry[0] = hidden[token_id]
+    inner = dict(spec, pre_tokenizer=_never_prepend(spec.get("pre_tokenizer")))
+    text = _HFTokenizer.from_str(json.dumps(spec))
+    return text, text if inner == spec else _HFTokenizer.from_str(json.dumps(inner))
+
+
+def _unk_id(hf_tokenizer: _HFTokenizer) -> int | None:
+    """The id of the model's unknown token (WordPiece/BPE ``unk_token``, Unigram ``unk_id``), or None."""
+    model = json.loads(hf_tokenizer.to_str()).get("model", {})
+    if isinstance(model.get("unk_id"), int):
+        return model["unk_id"]
+    return hf_tokenizer.token_to_id(model["unk_token"]) if isinstance(model.get("unk_token"), str) else None
+
+
+def _encoding(tk: _HFTokenizer, text: str, add_special_tokens: bool = False):
+    """``tk.encode`` with every error of the tokenizers library as one :class:`TokenizerError` line."""
+    try:
+        return tk.encode(text, add_special_tokens=add_special_tokens)
+    except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
+        raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
+    except Exception as e:  # the Rust library raises plain Exception (e.g. a WordPiece without its unk token)
+        raise TokenizerError(f"this tokenizer cannot encode the text {text[:40]!r}: {e}") from e
 
 
 def _token_name(config: Mapping[str, Any], key: str, source: str) -> str | None:
@@ -245,16 +299,25 @@ class Tokenizer(ChatEncoding):
         except TokenizerError as e:
             raise TokenizerError(f"{source}: {e}") from None
         self.hash = _canonical_hash(hf_tokenizer.to_str())
-        # every added token (nanoseek's seven and any other) is a control token: only template
-        # pieces produce them; _text_tk encodes content as text.
-        self._text_tk, self.control_tokens = _text_only(hf_tokenizer)
-        self._control_ids = frozenset(self.control_tokens.values())
-        self.special_ids = self._control_ids
+        # control tokens: the SPECIAL added tokens, and the reasoning tags when they are added tokens the
+        # template writes (R1 leaves <think> non-special); only template pieces produce them. Other
+        # added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
         uses = self.chat_template_obj is not None and all(map(self.chat_template_obj.uses, THINK_TAGS))
-        in_vocab = all(hf_tokenizer.token_to_id(t) is not None for t in THINK_TAGS)
+        added = hf_tokenizer.get_added_tokens_decoder()
+        self.control_tokens = {t.content: i for i, t in added.items()
+                               if t.special or (uses and t.content in THINK_TAGS)}
+        self.unk_id = _unk_id(hf_tokenizer)
+        self._control_ids = frozenset(self.control_tokens.values())
+        self._forbidden_ids = self._control_ids - {self.unk_id}      # the unknown token is reachable from text
+        self.special_ids = self._control_ids
+        self._text_tk, self._inner_tk = _text_only(hf_tokenizer, self.control_tokens, self.unk_id)
+        self._whole_tk = _HFTokenizer.from_str(hf_tokenizer.to_str())    # same ids; offsets untrimmed
+        self._whole_tk.post_processor = None
+        in_vocab = all(t in self.control_tokens or any(a.content == t for a in added.values()) for t in THINK_TAGS)
         self.think_tags: tuple[str, str] | None = THINK_TAGS if uses or in_vocab else None
-        self.think_id = self.control_tokens.get(THINK) if self.think_tags else None
-        self.end_think_id = self.control_tokens.get(END_THINK) if self.think_tags else None
+        single = {t: _encoding(hf_tokenizer, t).ids if self.think_tags else [] for t in THINK_TAGS}
+        self.think_id = single[THINK][0] if len(single[THINK]) == 1 else None
+        self.end_think_id = single[END_THINK][0] if len(single[END_THINK]) == 1 else None
 
     # ------------------------------------------------------------------ training and files
     @classmethod
@@ -361,42 +424,42 @@ class Tokenizer(ChatEncoding):
         return self._tk.id_to_token(token_id)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of raw model input ``text``: control-token strings become their single ids,
-        as in HF's ``tokenizer(text)``; ``add_bos`` prepends BOS (when the vocabulary has one).
-        Never for message content (see :meth:`encode_text`)."""
-        try:
-            ids = self._tk.encode(text, add_special_tokens=False).ids
-        except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
-            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
-        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
+        """Token ids of raw model input ``text``: every added-token string becomes its single id, as in
+        HF's ``tokenizer(text)``. ``add_bos``: add the special tokens transformers'
+        ``tokenizer(text)`` adds, i.e. run ``tokenizer.json``'s post-processor (transformers 5.x
+        ignores ``add_bos_token``/``add_eos_token`` of the config when ``tokenizer.json`` exists):
+        BOS for nanoseek's own and Llama-style files, nothing for GPT-2/Qwen-style ones or a file
+        without a post-processor. A string prompt thus gives the ids
+        ``AutoTokenizer.from_pretrained(dir)(text)["input_ids"]`` gives. Never for message content
+        (see :meth:`encode_text`)."""
+        return _encoding(self._tk, text, add_special_tokens=add_bos).ids
+
+    def encode_prompt_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, character spans) of a rendered chat ``text`` encoded exactly as
+        ``apply_chat_template(tokenize=True)`` encodes it (every added token parsed, no BOS added)."""
+        enc = _encoding(self._whole_tk, text)
+        return enc.ids, [tuple(o) for o in enc.offsets]
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` as text: a control-token string in it (``<｜User｜>``, ``<think>``...)
         is encoded byte by byte like any other text and decodes back to itself."""
-        try:
-            ids = self._text_tk.encode(text, add_special_tokens=False).ids
-        except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
-            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
-        if not self._control_ids.isdisjoint(ids):  # unreachable for byte-level BPE; a guard for odd vocabularies
-            raise TokenizerError(f"this vocabulary encodes the text {text[:40]!r} to a control token; "
-                                 "it cannot keep message content apart from the chat template")
-        return ids
+        return self.encode_text_offsets(text)[0]
 
-    def encode_text_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """:meth:`encode_text` with each token's character span in ``text``."""
-        try:
-            enc = self._text_tk.encode(text, add_special_tokens=False)
-        except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
-            raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
-        if not self._control_ids.isdisjoint(enc.ids):
+    def encode_text_offsets(self, text: str, after_control: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`encode_text` with each token's character span in ``text``; ``after_control``: the
+        run follows a control token in a prompt (no Metaspace ``▁`` prepended, as in HF)."""
+        enc = _encoding(self._inner_tk if after_control else self._text_tk, text)
+        if not self._forbidden_ids.isdisjoint(enc.ids):
             raise TokenizerError(f"this vocabulary encodes the text {text[:40]!r} to a control token; "
                                  "it cannot keep message content apart from the chat template")
         return enc.ids, [tuple(o) for o in enc.offsets]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """:meth:`encode` over many texts at once (parallel in the Rust library)."""
-        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
-        return [bos + e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=add_bos)]
+        except Exception as e:
+            raise TokenizerError(f"cannot encode text: {e}") from e
 
     def encode_text_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`encode_text` over many texts at once: documents of a corpus are text, so a
@@ -405,7 +468,9 @@ class Tokenizer(ChatEncoding):
             out = [e.ids for e in self._text_tk.encode_batch(list(texts), add_special_tokens=False)]
         except TypeError as e:  # lone surrogates cannot be encoded as UTF-8
             raise TokenizerError(f"cannot encode text (not valid unicode, e.g. a lone surrogate): {e}") from e
-        if any(not self._control_ids.isdisjoint(ids) for ids in out):
+        except Exception as e:  # the Rust library raises plain Exception
+            raise TokenizerError(f"this tokenizer cannot encode document text: {e}") from e
+        if any(not self._forbidden_ids.isdisjoint(ids) for ids in out):
             raise TokenizerError("this vocabulary encodes document text to a control token; "
                                  "it cannot keep text apart from the chat template")
         return out

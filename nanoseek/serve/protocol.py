@@ -83,6 +83,8 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 # a predicted output only speeds OpenAI's decoding up, the output is the same.
 IGNORED_FIELDS = ("store", "metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
                   "service_tier", "prediction")
+# the thinking switch's names in chat_template_kwargs (DeepSeek-V3.1's, Qwen3's): one setting
+THINKING_KWARGS = ("thinking", "enable_thinking")
 # reasoning_effort -> chat_template_kwargs.thinking
 REASONING_EFFORT_THINKING: dict[str, bool] = {"none": False, "minimal": False, "low": True, "medium": True,
                                               "high": True, "xhigh": True}
@@ -312,8 +314,14 @@ class ChatCompletionRequest(SamplingRequest):
                 raise ValueError(f"{short(key)!r} is set by the server, not by chat_template_kwargs")
             if not key.isidentifier():
                 raise ValueError(f"{short(repr(key))} is not a template variable name")
-        if v.get("thinking") is not None and not isinstance(v["thinking"], bool):
-            raise ValueError("thinking must be true or false")
+        for key in THINKING_KWARGS:
+            if v.get(key) is not None and not isinstance(v[key], bool):
+                raise ValueError(f"{key} must be true or false")
+        if v.get("thinking") is not None and v.get("enable_thinking") is not None \
+                and v["thinking"] != v["enable_thinking"]:
+            raise ValueError(f"thinking={str(v['thinking']).lower()} and enable_thinking="
+                             f"{str(v['enable_thinking']).lower()} contradict each other: they are one switch "
+                             "(DeepSeek-V3.1's and Qwen3's name), send one")
         return v
 
     def check_supported(self) -> None:
@@ -322,9 +330,11 @@ class ChatCompletionRequest(SamplingRequest):
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
 
     def thinking(self, default: bool) -> bool:
-        """Whether the chat template opens a think block: ``chat_template_kwargs.thinking``, else
-        ``reasoning_effort`` mapped by :data:`REASONING_EFFORT_THINKING`, else ``default``."""
-        asked = (self.chat_template_kwargs or {}).get("thinking")
+        """Whether the chat template opens a think block: ``chat_template_kwargs.thinking`` (or its
+        alias ``enable_thinking``, Qwen3's name), else ``reasoning_effort`` mapped by
+        :data:`REASONING_EFFORT_THINKING`, else ``default``."""
+        kwargs = self.chat_template_kwargs or {}
+        asked = next((kwargs[k] for k in THINKING_KWARGS if kwargs.get(k) is not None), None)
         effort = None if self.reasoning_effort is None else REASONING_EFFORT_THINKING[self.reasoning_effort]
         if asked is not None and effort is not None and asked != effort:
             raise APIError(400, f"chat_template_kwargs.thinking={str(asked).lower()} contradicts "
@@ -333,8 +343,9 @@ class ChatCompletionRequest(SamplingRequest):
         return next(x for x in (asked, effort, default) if x is not None)
 
     def template_kwargs(self) -> dict[str, Any]:
-        """``chat_template_kwargs`` other than ``thinking``, for the chat template."""
-        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k != "thinking"}
+        """``chat_template_kwargs`` other than the thinking switch, for the chat template (the
+        tokenizer passes the switch under both names)."""
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k not in THINKING_KWARGS}
 
     def requested_max_tokens(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None \
