@@ -54,10 +54,13 @@ def test_engine_with_the_real_tokenizer_streams_consistent_text(checkpoint):
     engine = Engine(model, tok, max_batch_size=4, max_seq_len=128)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], True, thinking=True))
     params = SamplingParams(max_new_tokens=24, temperature=1.0, n=2, seed=3, ignore_eos=True)
+    raw = SamplingParams(max_new_tokens=24, temperature=1.0, n=2, seed=3, ignore_eos=True, skip_special_tokens=False)
+    for c in engine.generate([ids], raw)[0]:
+        assert c.text == tok.decode(c.token_ids)                          # every token's text, control ones too
     events = list(engine.stream(ids, params))
     for c in engine.generate([ids], params)[0]:
         evs = [e for e in events if e.index == c.index]
-        assert c.text == tok.decode(c.token_ids)
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)   # vLLM's default: no control tokens
         # the prompt opened <think>: everything before a </think> is reasoning
         assert c.reasoning is not None
         assert "".join(e.reasoning_delta for e in evs) == c.reasoning
