@@ -50,7 +50,7 @@ def test_chat_metrics_are_exact_for_scripted_completions():
     s = res.summary("arithmetic")
     assert [p.id for p in res.problems] == [p.id for p in probs]
     assert [p.score for p in res.problems] == [1.0, 0.5, 0.25, 0.0]
-    assert s["pass@1"] == mean_interval([1.0, 0.5, 0.25, 0.0]).to_dict()
+    assert s["pass@1"] == mean_interval([1.0, 0.5, 0.25, 0.0], samples=4).to_dict()
     assert s["pass@k"]["1"] == pytest.approx(0.4375)
     assert s["pass@k"]["2"] == pytest.approx((1 + 5 / 6 + 0.5 + 0) / 4)
     assert s["pass@k"]["4"] == pytest.approx(0.75)
@@ -329,3 +329,24 @@ def test_a_registered_source_owns_its_prompts_stop_rule_and_batched_scoring(monk
                    engine=ScriptedEngine(TOK, echo + problems_of("arithmetic", 2, seed=0, level=[1]), script))
     assert any("echo: --levels does not apply" in n for n in res.notes)
     assert {p.level for p in res.problems if p.task == "arithmetic"} == {1}
+
+
+def test_fractional_scores_keep_wilson_width_near_zero_and_normal_width_in_the_middle():
+    """pass@1 averaged over k samples: one right sample in 20 x 4 must not give an interval that
+    collapses onto the mean (the normal interval gave [0.0, 3.7]); its upper bound lies between
+    Wilson's for 1/80 (independent samples) and for 1/20 (one sample per problem)."""
+    from nanoseek.eval.stats import wilson
+
+    scores = [0.25] + [0.0] * 19
+    iv = mean_interval(scores, samples=4)
+    assert iv.n == 20 and iv.mean == pytest.approx(0.0125)
+    assert iv.low > 0 and wilson(1, 80).high - 1e-9 <= iv.high <= wilson(1, 20).high
+    assert iv.high > 0.05                                   # the normal interval's 3.7% was far too narrow
+    mid = [0.5, 0.25, 0.75, 1.0, 0.0, 0.5] * 20             # the middle: Wilson at n_eff ~ the normal interval
+    m = sum(mid) / len(mid)
+    sd = (sum((s - m) ** 2 for s in mid) / (len(mid) - 1)) ** 0.5
+    normal_half = 1.959963984540054 * sd / len(mid) ** 0.5
+    iv = mean_interval(mid, samples=4)
+    assert (iv.high - iv.low) / 2 == pytest.approx(normal_half, rel=0.03)
+    same = mean_interval([0.5] * 10, samples=4)              # no between-problem variance: k x N draws
+    assert same.low == pytest.approx(wilson(20, 40).low) and same.high == pytest.approx(wilson(20, 40).high)

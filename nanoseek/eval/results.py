@@ -136,17 +136,17 @@ def summarize(problems: Sequence[ProblemResult]) -> dict[str, Any]:
     return {
         "n": len(problems),
         "samples": k,
-        "pass@1": mean_interval([p.score for p in problems]).to_dict(),
+        "pass@1": mean_interval([p.score for p in problems], samples=k).to_dict(),
         "strict@1": mean_interval([sum(c and f for c, f in zip(p.correct, p.format_ok)) / k
-                                   for p in problems]).to_dict(),
-        "format_rate": mean_interval([sum(p.format_ok) / k for p in problems]).to_dict(),
+                                   for p in problems], samples=k).to_dict(),
+        "format_rate": mean_interval([sum(p.format_ok) / k for p in problems], samples=k).to_dict(),
         "pass@k": {str(kk): _mean([p.pass_at[kk] for p in problems]) for kk in k_values(k)},
         "maj@k": {str(kk): _mean([p.maj_at[kk] for p in problems]) for kk in k_values(k)},
         "mean_response_tokens": _mean([t for p in problems for t in p.tokens]),
         "truncated_rate": _mean([float(t) for p in problems for t in p.truncated]),
         "answered_rate": _mean([float(a is not None) for p in problems for a in p.answers]),
         "correct_samples": sum(c for c, _ in samples),
-        "levels": {str(lv): {"n": len(ps), "pass@1": mean_interval([p.score for p in ps]).to_dict()}
+        "levels": {str(lv): {"n": len(ps), "pass@1": mean_interval([p.score for p in ps], samples=k).to_dict()}
                    for lv, ps in sorted(levels.items())},
     }
 

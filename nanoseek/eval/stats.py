@@ -1,9 +1,10 @@
 """Confidence intervals for accuracy figures, as evaluation reports need them.
 
 Accuracy on a held-out set is a mean over N problems of a per-problem score (1/0 for one
-sample, the fraction correct for pass@1 averaged over k samples). Its 95% interval is the
-normal interval of that mean, with the Wilson interval for the 0/1 case (it behaves at 0% and
-100%, where the normal one collapses). Two stages evaluated on the SAME problems are compared
+sample, the fraction correct for pass@1 averaged over k samples). Its 95% interval is Wilson's:
+for 0/1 scores over the N problems, for fractional ones at the effective sample size the
+per-problem variance implies (:func:`mean_interval`); the normal interval would collapse onto
+the mean near 0% and 100%. Two stages evaluated on the SAME problems are compared
 with the paired interval of the per-problem differences, which is much tighter than comparing
 two independent intervals: "B beats A by more than the 95% interval" means the paired
 interval's lower bound is above zero.
@@ -42,8 +43,13 @@ def wilson(successes: float, n: int, z: float = Z95) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
 
 
-def mean_interval(scores: list[float], z: float = Z95) -> Interval:
-    """Normal interval of a mean of per-problem scores in [0, 1]; Wilson when all are 0/1."""
+def mean_interval(scores: list[float], z: float = Z95, samples: int | None = None) -> Interval:
+    """95% interval of a mean of per-problem scores in [0, 1]: Wilson when all are 0/1; otherwise
+    (pass@1 averaged over k samples per problem) Wilson at Kish's effective sample size
+    ``n_eff = m(1-m) N / var``, the number of independent samples the per-problem variance is
+    worth, between N problems and N x ``samples`` draws. In the middle of the range this is the
+    normal interval; near 0% and 100%, where the normal interval collapses onto the mean (one
+    sample right out of 80 gave [0.0, 3.7]), it keeps Wilson's asymmetric width."""
     n = len(scores)
     if n == 0:
         return Interval(float("nan"), float("nan"), float("nan"), 0)
@@ -51,8 +57,12 @@ def mean_interval(scores: list[float], z: float = Z95) -> Interval:
         return wilson(sum(scores), n, z)
     m = sum(scores) / n
     var = sum((s - m) ** 2 for s in scores) / max(n - 1, 1)
-    half = z * math.sqrt(var / n)
-    return Interval(m, max(0.0, m - half), min(1.0, m + half), n)
+    most = n * samples if samples else math.inf
+    n_eff = min(most, m * (1 - m) * n / var) if var > 0 else most
+    if not math.isfinite(n_eff):          # every problem the same fraction, k unknown: the normal interval
+        return Interval(m, m, m, n)
+    w = wilson(m * max(n_eff, n), max(n_eff, n), z)
+    return Interval(m, w.low, w.high, n)
 
 
 def paired_difference(a: list[float], b: list[float], z: float = Z95) -> Interval:
