@@ -115,8 +115,8 @@ def test_held_out_questions_never_reach_training(spec):
     train |= {ex.messages[0]["content"] for ex in load_sft_examples(spec, 200, seed=1)}
     train |= {p.prompt for seed in (0, 3) for p in src.examples(0, 20, seed)}
     assert train and not test & train
-    assert all(rg.split_of(src.task.dataset, q) == "test" for q in test)
-    assert all(rg.split_of(src.task.dataset, q) == "train" for q in train)
+    assert all(rg.split_of(q) == "test" for q in test)
+    assert all(rg.split_of(q) == "train" for q in train)
 
 
 def test_a_question_is_held_out_under_every_config_of_its_dataset():
@@ -233,3 +233,86 @@ def test_nanoseek_eval_takes_rg_tasks_with_configs_next_to_built_in_ones(tmp_pat
     assert pre.task_names == sft.task_names == names and pre.config["tasks"] == ["compare:1", NUMERIC, LIST]
     assert [p.id for p in pre.problems] == [p.id for p in sft.problems] and len(pre.problems) == 6
     assert pre.config["mode"] == "fewshot" and sft.config["mode"] == "chat" and "A = pretrain" in out
+
+
+# ----------------------------------------------------------------------------- the gold answer scores 1.0 everywhere
+
+# grids, boards and move lists (multi-line answers), sentences ending in a period, numbers, lists, words
+GOLD_SAMPLE = ["arc_agi", "binary_matrix", "futoshiki", "manipulate_matrix", "mini_sudoku", "n_queens", "rotate_matrix",
+               "survo", "tower_of_hanoi", "rearc", "emoji_mystery", "sentence_reordering", "chain_sum",
+               "spell_backward", "number_sorting", "gsm_symbolic", "string_manipulation"]
+NO_GOLD = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"}   # answer None
+SLOW_TO_DRAW = {"sokoban", "futoshiki", "knight_swap", "intermediate_integration"}
+
+
+def _gold_replies(src, p):
+    """The gold answer as each mode's reply says it, in the forms our own SFT targets and few-shot documents teach."""
+    from nanoseek.tasks.generators import corpus_document
+    from nanoseek.tasks.reply import format_response
+
+    return {"chat": format_response(p, "r1"), "chat-think": format_response(p, "r1")[len("<think>"):],
+            "r1-zero": format_response(p, "r1-zero"),
+            "fewshot": corpus_document(p).split("Solution:\n", 1)[1]}
+
+
+def _check_gold(names):
+    bad = []
+    for name in names:
+        [src] = parse_sources([f"rg:{name}"])
+        problems = src.test_problems(2, 0)
+        for p in problems:
+            for mode, text in _gold_replies(src, p).items():
+                if not src.score_reply(text, p, mode)[0]:
+                    bad.append((name, mode, p.answer[:40]))
+        prompts = load_rl_prompts(f"rg:{name}", 2, seed=0)
+        fn = build_reward_fn(RewardConfig.for_template("chat"), workers=1)
+        from nanoseek.tasks.reply import format_response
+        from nanoseek.tasks.generators import Problem
+        texts = [format_response(Problem(task=q.task, id=q.id, prompt=q.prompt, answer=q.answer, reasoning="", level=0), "r1") for q in prompts]
+        bad += [(name, "grpo", q.answer[:40]) for q, r in zip(prompts, fn(texts, prompts)) if not r.correct]
+    assert not bad, bad
+
+
+def test_gold_answers_score_one_in_every_mode_and_in_the_rl_reward():
+    """Multi-line gold answers (grids, boards, moves) are the whole Answer: block; answers ending in a period are
+    graded as written: the gold answer, as our SFT targets and few-shot documents write it, scores 1.0 in chat,
+    chat-think, r1-zero and fewshot, and as a GRPO reward."""
+    _check_gold(GOLD_SAMPLE)
+
+
+@pytest.mark.slow
+def test_gold_answers_score_one_on_every_dataset_that_builds_without_config():
+    names = [n for n in rg.dataset_names() if n not in NO_GOLD and n != "composite"]
+    assert len(names) > 90
+    _check_gold(names)
+
+
+def test_multi_line_answers_are_a_rule_of_the_dataset_and_built_in_tasks_keep_theirs():
+    from nanoseek.tasks.reply import extract_answer
+
+    [grid] = parse_sources(["rg:rotate_matrix"])
+    [words] = parse_sources(["rg:spell_backward"])
+    p = grid.test_problems(1, 0)[0]
+    q = words.test_problems(1, 0)[0]
+    assert grid.task.multiline and not words.task.multiline
+    # a one-line-answer dataset reads the first line, as before; a grid dataset reads the block
+    assert words.extractor(q)("Answer: abc\nmore text") == "abc"
+    assert grid.extractor(p)("<think>\nx\n</think>\nAnswer:\n1 2\n3 4\n") == "1 2\n3 4"
+    # a model's "42." still scores on a numeric dataset; built-in tasks still strip the period
+    [num] = parse_sources([NUMERIC])
+    n = num.test_problems(1, 0)[0]
+    assert num.score_reply(r1(n.answer + "."), n, "chat")[0]
+    assert extract_answer("Answer: 42.") == "42" and extract_answer("Answer: 1\n2") == "1"
+
+
+def test_questions_shared_by_two_datasets_are_held_out_in_both():
+    """chain_sum and decimal_chain_sum ask some of the same questions: the split is a function of the text, so a
+    chain_sum test question is never a decimal_chain_sum training prompt."""
+    a_spec = "rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=2)"       # the speedrun's
+    b_spec = "rg:decimal_chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=2, min_decimal_places=0, max_decimal_places=0)"
+    [a] = parse_sources([a_spec])
+    test = {p.prompt for p in a.test_problems(200, 0)}
+    train = {p.prompt for seed in (0, 1) for p in load_rl_prompts(b_spec, 1000, seed=seed)}
+    assert len(test) == 200 and train and not test & train
+    shared = {p.prompt for p in load_rl_prompts(a_spec, 1000, seed=0)} & train
+    assert shared                                   # the two datasets do share wordings

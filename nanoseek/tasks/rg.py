@@ -16,10 +16,11 @@ The task's name (the ``task`` of its problems and results) is the canonical spec
 ``rg:NAME(k=v,...)`` with the keys sorted, so two configs of one dataset are two tasks.
 
 **Splits, disjoint by construction** (as the built-in tasks'): a question belongs to ``"test"``
-iff a hash of the dataset's name and the question's text falls in the same 20 % bucket range
-(:data:`TEST_PER_MILLE`), so no test question is ever a training prompt, whatever seeds or
-configs either side uses (many datasets repeat a question at different seeds: ``1 + 2`` comes back
-often). The text, not the math: the same sum worded by another dataset is another question. On top of that the three uses walk
+iff a hash of its text alone falls in a 20 % bucket range (:data:`TEST_PER_MILLE`), so no test
+question of any reasoning-gym dataset is ever a training prompt of any reasoning-gym dataset,
+whatever datasets, seeds or configs either side uses (many datasets repeat a question at different
+seeds, and some share wordings: ``chain_sum`` and ``decimal_chain_sum``). The text, not the math:
+the same sum worded differently is another question. On top of that the three uses walk
 disjoint index ranges of reasoning-gym's per-entry seed (entry ``i`` of a dataset seeded ``s``
 draws from ``Random(s + i)``): stream ``train`` (RL prompts, SFT traces), ``test`` (evaluation)
 and ``fewshot`` (a base model's worked examples: train-split questions that are not the RL
@@ -62,6 +63,8 @@ SEEDS = STREAM_SPAN // DRAW_SPAN    # 1024 distinct seeds per stream
 # problem id -> its reasoning-gym entry (score_answer needs the entry; ids name the task and the question)
 _ENTRIES: dict[str, dict] = {}
 MAX_ANSWER_CHARS = 1000        # longer answers (than this, or 4x the gold one) score 0 unread
+PROBE_ENTRIES = 4               # entries whose gold answers decide a dataset's answer shape (RGTask.multiline)
+_MULTILINE: dict[str, bool] = {}  # task name -> its answers span several lines
 MAX_MISSES = 2000               # consecutive entries without a new test question before a space is "exhausted"
 
 
@@ -81,10 +84,11 @@ def dataset_names() -> list[str]:
     return sorted(_package().factory.DATASETS)
 
 
-def split_of(dataset: str, question: str) -> str:
-    """"test" or "train": a pure function of the dataset's name and the question text (not of its
-    config, so a question asked under two configs is held out under both)."""
-    h = hashlib.sha256(f"rg:{dataset}\x00{question}".encode()).digest()
+def split_of(question: str) -> str:
+    """"test" or "train": a pure function of the question text, not of the dataset or its config,
+    so a question that two configs or two datasets ask (``chain_sum`` and ``decimal_chain_sum``
+    share wordings) is held out under all of them."""
+    h = hashlib.sha256(f"rg:\x00{question}".encode()).digest()
     return "test" if int.from_bytes(h[:4], "big") % 1000 < TEST_PER_MILLE else "train"
 
 
@@ -222,7 +226,7 @@ class RGTask:
                 break
             entry = ds[i]
             q = str(entry["question"])
-            if split_of(self.dataset, q) != split or (unique and q in seen):
+            if split_of(q) != split or (unique and q in seen):
                 misses += 1
                 continue
             misses = 0
@@ -232,18 +236,44 @@ class RGTask:
             raise ValueError(f"{self.name}: no {split!r} question in {MAX_MISSES} draws")
         return out
 
+    @property
+    def multiline(self) -> bool:
+        """Whether the dataset's answers span several lines (a grid, a board, a list of moves): any
+        of its first :data:`PROBE_ENTRIES` entries at seed 0 has a multi-line gold answer. One rule
+        per dataset and config, cached per process."""
+        if self.name not in _MULTILINE:
+            ds = self.create(0, PROBE_ENTRIES)
+            _MULTILINE[self.name] = any("\n" in str(ds[i]["answer"]).strip() for i in range(PROBE_ENTRIES))
+        return _MULTILINE[self.name]
+
+    def extractor(self, problem: Problem) -> Callable[[str], str | None]:
+        """How a reply's answer to ``problem`` is read: :func:`~nanoseek.tasks.reply.extract_answer`
+        on the text as written (a trailing period kept), and the whole ``Answer:`` block to the end
+        of the reply when the dataset's answers span several lines (:attr:`multiline`, or this
+        gold answer does)."""
+        from nanoseek.tasks.reply import extract_answer
+
+        block = "\n" in problem.answer.strip() or self.multiline
+        return lambda text: extract_answer(text, block=block, as_written=True)
+
     def score_answer(self, answer: str | None, problem: Problem) -> float:
         """The dataset's own grade of an extracted answer, in [0, 1]; 0 for an unknown problem or an
-        exception in the dataset's scorer (a verifier never crashes a run on adversarial text)."""
+        exception in the dataset's scorer (a verifier never crashes a run on adversarial text). The
+        answer is graded as written; one ending in a period is also graded without it (``42.``
+        closing a sentence), the better grade counting."""
         entry = _ENTRIES.get(problem.id)
         if entry is None or not isinstance(answer, str) or len(answer) > max(MAX_ANSWER_CHARS, 4 * len(problem.answer)):
             return 0.0                     # a runaway answer never reaches a (possibly sympy-based) scorer
         if self._scorer is None:
             self._scorer = self.create(0, 1)
-        try:
-            return float(self._scorer.score_answer(answer=answer, entry=entry) or 0.0)
-        except Exception:
-            return 0.0
+        forms = [answer] + ([answer[:-1].strip()] if answer.endswith(".") and not answer.endswith("..") else [])
+        best = 0.0
+        for form in forms:
+            try:
+                best = max(best, float(self._scorer.score_answer(answer=form, entry=entry) or 0.0))
+            except Exception:
+                pass
+        return best
 
     def verify(self, answer: str | None, problem: Problem) -> bool:
         """Solved: the dataset grades the answer 1.0."""

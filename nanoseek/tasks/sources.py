@@ -104,6 +104,9 @@ class RGSource(TaskSource):
     def accuracy(self, answer, problem):
         return self.task.score_answer(answer, problem)
 
+    def extractor(self, problem):
+        return self.task.extractor(problem)
+
 
 def _rg(item: str) -> TaskSource:
     return RGSource(rg_task(item.partition(":")[2]))
