@@ -245,7 +245,7 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
         try:
             parse(spec)
         except ValueError as e:
-            raise ConfigError(f"{rc.source}: {key}: {e}") from None
+            raise ConfigError(f"{where(rc, key)}: {key}: {e}") from None
     for kind in POST_KINDS:
         try:
             getattr(rc, kind).algo.check_sources()
@@ -284,12 +284,23 @@ def _override_schema() -> dict[str, Any]:
     return schema
 
 
+def where(rc: SpeedrunRecipe, key: str) -> str:
+    """Where the value of ``key`` ("eval.external_tasks") came from: ``--set 'KEY=...'`` when a
+    ``--set`` gave it, else the recipe file; the head of an error line about that value."""
+    for text in getattr(rc, "overrides", ()):
+        if text.partition("=")[0].strip() == key:
+            return f"--set {text!r}"
+    return rc.source
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SpeedrunRecipe:
     """Read a speedrun recipe (a path or the shipped ``speedrun``), apply ``--set``, validate it all."""
     try:
         path = resolve_config_path(name_or_path)
         raw = apply_overrides(read_toml(path), list(overrides), _override_schema())
-        return check_recipe(recipe_from_dict(raw, source=str(path)))
+        rc = recipe_from_dict(raw, source=str(path))
+        rc.overrides = tuple(overrides)         # not a setting: names --set in errors (where())
+        return check_recipe(rc)
     except ConfigError as e:
         raise UserError(str(e)) from None
 
@@ -307,4 +318,4 @@ def resolved_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["RunSection", "BudgetSection", "CorpusSection", "EvalSection", "PretrainTables", "PostTables",
-           "SpeedrunRecipe", "TABLES", "recipe_from_dict", "check_recipe", "load_recipe", "resolved_settings"]
+           "SpeedrunRecipe", "TABLES", "recipe_from_dict", "check_recipe", "load_recipe", "where", "resolved_settings"]

@@ -286,3 +286,26 @@ def test_run_json_records_the_resolved_recipe_and_older_folders_still_resume(tmp
     assert "resolved" not in json.loads((tmp_path / "dst" / "run.json").read_text())
     RunState(tmp_path / "dst", config, resolved)
     assert json.loads((tmp_path / "dst" / "run.json").read_text())["resolved"] == written["resolved"]
+
+
+def test_external_tasks_whose_prompts_do_not_fit_fail_before_pretraining(tmp_path, capsys):
+    """A task whose held-out prompts exceed the model's context stops the run right after the tokenizer
+    is trained (seconds, not after pre-training), in one line naming the --set that gave it."""
+    from nanoseek.cli import main
+
+    out = tmp_path / "run"
+    spec = 'eval.external_tasks=["rg:chain_sum","rg:rectangle_count"]'
+    rc = main(["speedrun", "--minutes", "1", "--out", str(out), "--set", spec, "--set", "data.task_docs=2000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].endswith(f"--set {spec!r}: eval.external_tasks: rg:rectangle_count: 20 held-out problems have "
+                           "fewshot prompts of " + err[0].split("fewshot prompts of ")[1].split(" tokens")[0] +
+                           " tokens, more than the engine's context of 1024 tokens (use a larger max_seq_len, or a "
+                           "config with smaller problems)")
+    assert not (out / "pretrain").exists()
+
+
+def test_a_bad_task_spec_given_by_set_names_the_flag():
+    with pytest.raises(UserError, match=r"^--set 'eval.external_tasks=\[\"rg:chain_summ\"\]': eval.external_tasks: "
+                                        r"unknown reasoning-gym dataset 'rg:chain_summ'"):
+        load_recipe("speedrun", ['eval.external_tasks=["rg:chain_summ"]'])

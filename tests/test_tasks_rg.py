@@ -316,3 +316,25 @@ def test_questions_shared_by_two_datasets_are_held_out_in_both():
     assert len(test) == 200 and train and not test & train
     shared = {p.prompt for p in load_rl_prompts(a_spec, 1000, seed=0)} & train
     assert shared                                   # the two datasets do share wordings
+
+
+@pytest.mark.parametrize("mode", ["fewshot", "chat", "r1-zero"])
+def test_a_task_whose_prompts_do_not_fit_is_skipped_with_a_note_and_the_others_are_evaluated(mode):
+    """rectangle_count's ASCII grids and arc_agi's boards are thousands of byte tokens: in a 1024-token context
+    they are skipped with a note naming the task; chain_sum beside them is evaluated; the strict check
+    (what the speedrun runs before training) is one line naming the first such task."""
+    from nanoseek.eval.harness import EvalConfig, check_prompts_fit
+
+    tasks = ["rg:chain_sum", "rg:rectangle_count", "rg:sudoku(min_empty=30, max_empty=30)"]
+    engine = _scripted(tasks, 3, 0, lambda p: r1(p.answer))
+    engine.max_seq_len = 1024
+    res = evaluate(None, TOK, tasks, n_problems=3, k=1, mode=mode, seed=0, engine=engine)
+    assert res.task_names == ["rg:chain_sum", "rg:sudoku(max_empty=30,min_empty=30)"] and res.summary()["n"] == 6
+    assert any(n.startswith(f"rg:rectangle_count: 3 held-out problems have {mode} prompts") and "skipped" in n
+               for n in res.notes), res.notes
+    with pytest.raises(ValueError, match=r"^rg:rectangle_count: 3 held-out problems .* more than the engine's "
+                                         r"context of 1024 tokens \(use a larger"):
+        check_prompts_fit(EvalConfig(tasks=tasks, n_problems=3, mode=mode), TOK, 1024)
+    check_prompts_fit(EvalConfig(tasks=["rg:chain_sum"], n_problems=3, mode=mode), TOK, 1024)
+    with pytest.raises(ValueError, match="no prompt fits the engine's context"):
+        evaluate(None, TOK, tasks[1:2], n_problems=2, k=1, mode=mode, seed=0, engine=engine)
