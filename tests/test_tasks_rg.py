@@ -163,6 +163,15 @@ def test_configs_are_part_of_the_task_and_of_its_problems():
     ("rg:chain_sum(min_terms=@)", "min_terms = '@' is not a Python literal"),
     ("rg:chain_sum(2)", "'2' is not key=value"),
     ("rg:", "expected rg:NAME or rg:NAME(key=value, ...)"),
+    ("rg:basic_arithmetic(allow_parentheses=false)", "allow_parentheses = 'false' is not a Python literal: write False"),
+    ("rg:basic_arithmetic(allow_negation=true)", "allow_negation = 'true' is not a Python literal: write True"),
+    ("rg:chain_sum(min_terms=null)", "min_terms = 'null' is not a Python literal: write None"),
+    ("rg:chain_sum(min_terms=none)", "min_terms = 'none' is not a Python literal: write None"),
+    ("rg:decimal_chain_sum(min_terms=nan)", "min_terms = 'nan': non-finite numbers are refused"),
+    ("rg:decimal_chain_sum(min_terms=inf)", "min_terms = 'inf': non-finite numbers are refused"),
+    ("rg:decimal_chain_sum(min_terms=1e999)", "min_terms = '1e999': non-finite numbers are refused"),
+    ("rg:chain_sum(min_terms=2, min_terms=3)", "min_terms is given twice"),
+    ("rg:composite", "rg:composite: reasoning-gym's weighted mix of datasets takes nested dataset specs"),
 ])
 def test_bad_specs_are_one_line_from_the_library_and_the_cli(spec, why, capsys, tmp_path):
     with pytest.raises(ValueError) as e:
@@ -338,3 +347,10 @@ def test_a_task_whose_prompts_do_not_fit_is_skipped_with_a_note_and_the_others_a
     check_prompts_fit(EvalConfig(tasks=["rg:chain_sum"], n_problems=3, mode=mode), TOK, 1024)
     with pytest.raises(ValueError, match="no prompt fits the engine's context"):
         evaluate(None, TOK, tasks[1:2], n_problems=2, k=1, mode=mode, seed=0, engine=engine)
+
+
+def test_a_tuple_and_a_list_name_the_same_task():
+    a = parse_sources(["rg:basic_arithmetic(operators=('+', '-'))"])[0]
+    b = parse_sources(["rg:basic_arithmetic(operators=['+', '-'])"])[0]
+    assert a.name == b.name == "rg:basic_arithmetic(operators=['+', '-'])"
+    assert [p.id for p in a.test_problems(3, 0)] == [p.id for p in b.test_problems(3, 0)]

@@ -10,7 +10,9 @@ SFT's ``data = "rg:gsm_symbolic"`` all reach the same problems.
 
 **Spec**: ``NAME`` or ``NAME(key=value, ...)`` with keys of the dataset's config dataclass and
 Python literal values (``rg:basic_arithmetic(min_terms=2, max_terms=2, operators=["+", "-"])``;
-a bare word is a string: ``format_style=natural``). An unknown name is one line with the close
+a bare word is a string: ``format_style=natural``, but ``true``/``false``/``null``/``none`` are
+refused with the Python spelling to use, as are non-finite numbers and a key given twice; a tuple
+and a list name the same task). An unknown name is one line with the close
 matches; an unknown key lists the valid ones; a value the dataset's ``validate`` refuses says why.
 The task's name (the ``task`` of its problems and results) is the canonical spec: ``rg:NAME``, or
 ``rg:NAME(k=v,...)`` with the keys sorted, so two configs of one dataset are two tasks.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
@@ -63,6 +66,9 @@ SEEDS = STREAM_SPAN // DRAW_SPAN    # 1024 distinct seeds per stream
 # problem id -> its reasoning-gym entry (score_answer needs the entry; ids name the task and the question)
 _ENTRIES: dict[str, dict] = {}
 MAX_ANSWER_CHARS = 1000        # longer answers (than this, or 4x the gold one) score 0 unread
+# datasets a spec cannot express -> why (one line)
+UNSUPPORTED = {"composite": "reasoning-gym's weighted mix of datasets takes nested dataset specs, which a task "
+                            "spec does not carry; name each dataset as its own task (rg:chain_sum,rg:products)"}
 PROBE_ENTRIES = 4               # entries whose gold answers decide a dataset's answer shape (RGTask.multiline)
 _MULTILINE: dict[str, bool] = {}  # task name -> its answers span several lines
 MAX_MISSES = 2000               # consecutive entries without a new test question before a space is "exhausted"
@@ -99,15 +105,48 @@ def stream_seed(stream: str, seed: int) -> int:
 
 # ----------------------------------------------------------------------------- the spec
 
+# bare words that look like a boolean, a null or a non-finite number in other languages: never strings
+_LOOKALIKES = {"true": "True", "false": "False", "null": "None", "none": "None", "nil": "None",
+               "nan": None, "inf": None, "infinity": None, "-inf": None}
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, complex):
+        return False
+    if isinstance(value, (list, tuple, set)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(k) and _finite(v) for k, v in value.items())
+    return True
+
+
 def _value(text: str) -> Any:
     text = text.strip()
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.lower() in _LOOKALIKES and text not in ("True", "False", "None"):
+            fix = _LOOKALIKES[text.lower()]
+            raise ValueError(f"{text!r} is not a Python literal: write {fix}" if fix else
+                             f"{text!r}: non-finite numbers are refused") from None
         if re.fullmatch(r"[A-Za-z_][\w.-]*", text):       # a bare word: a string
             return text
         raise ValueError(f"{text!r} is not a Python literal (a number, a quoted string, a list, "
                          "True/False/None)") from None
+    if not _finite(value):
+        raise ValueError(f"{text!r}: non-finite numbers are refused")
+    return value
+
+
+def _listed(value: Any) -> Any:
+    """``value`` with tuples written as lists (one task name for ``(1, 2)`` and ``[1, 2]``)."""
+    if isinstance(value, (list, tuple)):
+        return [_listed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    return value
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -121,6 +160,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip().isidentifier():
             raise ValueError(f"task spec 'rg:{spec}': {item.strip()!r} is not key=value")
+        if key.strip() in config:
+            raise ValueError(f"task spec 'rg:{spec}': {key.strip()} is given twice")
         try:
             config[key.strip()] = _value(value)
         except ValueError as e:
@@ -132,7 +173,7 @@ def canonical_name(name: str, config: dict[str, Any]) -> str:
     """The task name of a dataset and config: ``rg:NAME`` or ``rg:NAME(k=v,...)``, keys sorted."""
     if not config:
         return PREFIX + name
-    return PREFIX + name + "(" + ",".join(f"{k}={config[k]!r}" for k in sorted(config)) + ")"
+    return PREFIX + name + "(" + ",".join(f"{k}={_listed(config[k])!r}" for k in sorted(config)) + ")"
 
 
 # ----------------------------------------------------------------------------- worked steps
@@ -189,6 +230,8 @@ class RGTask:
             hint = f"close matches: {', '.join(PREFIX + c for c in close)}" if close else \
                 f"{len(names)} datasets, e.g. {', '.join(PREFIX + n for n in names[:5])}"
             raise ValueError(f"unknown reasoning-gym dataset {PREFIX + self.dataset!r}; {hint}")
+        if self.dataset in UNSUPPORTED:
+            raise ValueError(f"{PREFIX + self.dataset}: {UNSUPPORTED[self.dataset]}")
         config_cls = _package().factory.DATASETS[self.dataset][1]
         valid = [f.name for f in fields(config_cls) if f.name not in ("seed", "size")] \
             if is_dataclass(config_cls) else []
