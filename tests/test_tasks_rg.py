@@ -354,3 +354,22 @@ def test_a_tuple_and_a_list_name_the_same_task():
     b = parse_sources(["rg:basic_arithmetic(operators=['+', '-'])"])[0]
     assert a.name == b.name == "rg:basic_arithmetic(operators=['+', '-'])"
     assert [p.id for p in a.test_problems(3, 0)] == [p.id for p in b.test_problems(3, 0)]
+
+
+@pytest.mark.parametrize("name", ["boxnet", "graph_color", "propositional_logic", "rush_hour"])
+def test_datasets_without_gold_answers_are_no_sft_data_nor_few_shot_examples(name, capsys, tmp_path):
+    """Their answer is None (score_answer checks any valid one): SFT refuses them in one line, few-shot evaluation
+    shows no "Answer: None" example (zero-shot, noted), RL prompts and evaluation stay graded by score_answer."""
+    spec = f"rg:{name}"
+    [src] = parse_sources([spec])
+    assert not src.has_gold and src.examples(0, 3, 0) == []
+    for call in (lambda: check_sft_data(spec, 4), lambda: load_sft_examples(spec, 4)):
+        with pytest.raises(DataError, match=rf"^SFT data: {spec} has no gold answers"):
+            call()
+    res = evaluate(None, TOK, [spec], n_problems=2, k=1, mode="fewshot", seed=0,
+                   engine=_scripted([spec], 2, 0, lambda p: "Answer: x"))
+    assert f"{spec}: no gold answers to show as few-shot examples; evaluated zero-shot" in res.notes
+    prompts = load_rl_prompts(spec, 2)
+    assert prompts and all(p.score_answer is not None for p in prompts)
+    [gold] = parse_sources(["rg:chain_sum"])
+    assert gold.has_gold and len(gold.examples(0, 2, 0)) == 2

@@ -199,6 +199,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
     for source in parse_sources(cfg.tasks):
         drawn, source_notes = source.draw(cfg.n_problems, cfg.seed, cfg.levels)
         notes += source_notes
+        if cfg.mode == "fewshot" and cfg.few_shot and not source.has_gold:
+            notes.append(f"{source.name}: no gold answers to show as few-shot examples; evaluated zero-shot")
         for p in drawn:
             if (p.task, p.id) in seen:      # items that overlap (humaneval:0-9,humaneval:5-14)
                 repeated += 1

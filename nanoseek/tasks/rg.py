@@ -70,7 +70,7 @@ MAX_ANSWER_CHARS = 1000        # longer answers (than this, or 4x the gold one) 
 UNSUPPORTED = {"composite": "reasoning-gym's weighted mix of datasets takes nested dataset specs, which a task "
                             "spec does not carry; name each dataset as its own task (rg:chain_sum,rg:products)"}
 PROBE_ENTRIES = 4               # entries whose gold answers decide a dataset's answer shape (RGTask.multiline)
-_MULTILINE: dict[str, bool] = {}  # task name -> its answers span several lines
+_SHAPE: dict[str, tuple[bool, bool]] = {}  # task name -> (answers span several lines, entries carry one)
 MAX_MISSES = 2000               # consecutive entries without a new test question before a space is "exhausted"
 
 
@@ -279,15 +279,28 @@ class RGTask:
             raise ValueError(f"{self.name}: no {split!r} question in {MAX_MISSES} draws")
         return out
 
+    def _shape(self) -> tuple[bool, bool]:
+        """(multi-line, has gold) of the dataset's answers, from its first :data:`PROBE_ENTRIES`
+        entries at seed 0; one rule per dataset and config, cached per process."""
+        if self.name not in _SHAPE:
+            ds = self.create(0, PROBE_ENTRIES)
+            answers = [ds[i]["answer"] for i in range(PROBE_ENTRIES)]
+            _SHAPE[self.name] = (any("\n" in str(a).strip() for a in answers if a is not None),
+                                 all(a is not None for a in answers))
+        return _SHAPE[self.name]
+
     @property
     def multiline(self) -> bool:
         """Whether the dataset's answers span several lines (a grid, a board, a list of moves): any
-        of its first :data:`PROBE_ENTRIES` entries at seed 0 has a multi-line gold answer. One rule
-        per dataset and config, cached per process."""
-        if self.name not in _MULTILINE:
-            ds = self.create(0, PROBE_ENTRIES)
-            _MULTILINE[self.name] = any("\n" in str(ds[i]["answer"]).strip() for i in range(PROBE_ENTRIES))
-        return _MULTILINE[self.name]
+        of its first :data:`PROBE_ENTRIES` gold answers does."""
+        return self._shape()[0]
+
+    @property
+    def has_gold(self) -> bool:
+        """Whether the dataset's entries carry a gold answer (``boxnet``, ``graph_color``,
+        ``rush_hour``, ... give None: many answers are right, ``score_answer`` checks them); one
+        without is no SFT data and no few-shot example, only RL prompts and evaluation."""
+        return self._shape()[1]
 
     def extractor(self, problem: Problem) -> Callable[[str], str | None]:
         """How a reply's answer to ``problem`` is read: :func:`~nanoseek.tasks.reply.extract_answer`

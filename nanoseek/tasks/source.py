@@ -26,6 +26,7 @@ class TaskSource:
 
     name: str = ""
     has_levels: bool = False        # whether a caller's default levels (eval ``levels``) apply
+    has_gold: bool = True           # whether problems carry a gold answer to show (SFT targets, few-shot examples)
 
     # -------------------------------------------------------------- problems
 
