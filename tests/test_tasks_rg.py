@@ -373,3 +373,37 @@ def test_datasets_without_gold_answers_are_no_sft_data_nor_few_shot_examples(nam
     assert prompts and all(p.score_answer is not None for p in prompts)
     [gold] = parse_sources(["rg:chain_sum"])
     assert gold.has_gold and len(gold.examples(0, 2, 0)) == 2
+
+
+HASH_SEED_DEPENDENT = ["polynomial_multiplication", "isomorphic_strings", "ransom_note", "list_functions", "word_ladder"]
+
+
+def _draw_in_process(names, hash_seed):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom nanoseek.tasks.sources import parse_sources\n"
+            "print(json.dumps({n: [(p.id, p.prompt, p.answer) for p in parse_sources(['rg:' + n])[0].test_problems(3, 0)]"
+            " for n in sys.argv[1:]}))")
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+    r = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_problem_sets_do_not_depend_on_the_hash_seed():
+    """reasoning-gym iterates over sets in some datasets: processes with different PYTHONHASHSEED (a random one, a
+    fixed one, 0: the draw process's own) draw the same problems with the same gold answers, as this one does."""
+    runs = [_draw_in_process(HASH_SEED_DEPENDENT, h) for h in ("random", 1, 0)]
+    assert runs[0] == runs[1] == runs[2]
+    here = {n: [[p.id, p.prompt, p.answer] for p in parse_sources(["rg:" + n])[0].test_problems(3, 0)]
+            for n in HASH_SEED_DEPENDENT}
+    assert {n: [list(x) for x in v] for n, v in runs[0].items()} == here
+
+
+@pytest.mark.slow
+def test_slow_problem_sets_do_not_depend_on_the_hash_seed():
+    names = ["knight_swap", "sokoban"]
+    assert _draw_in_process(names, 1) == _draw_in_process(names, 2)

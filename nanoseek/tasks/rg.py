@@ -48,10 +48,16 @@ weighting; name a config per task instead.
 from __future__ import annotations
 
 import ast
+import atexit
 import difflib
 import hashlib
 import math
+import os
+import pickle
 import re
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
@@ -259,32 +265,16 @@ class RGTask:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         unique = split == "test" if unique is None else unique
         stream = stream or split
-        size = min(DRAW_SPAN, 20 * n + MAX_MISSES)      # entries are prefix-stable: the size bounds the walk only
-        ds = self.create(stream_seed(stream, seed), size)
-        out: list[Problem] = []
-        seen: set[str] = set()
-        misses = 0
-        for i in range(size):
-            if len(out) >= n or misses >= MAX_MISSES:
-                break
-            entry = ds[i]
-            q = str(entry["question"])
-            if split_of(q) != split or (unique and q in seen):
-                misses += 1
-                continue
-            misses = 0
-            seen.add(q)
-            out.append(self._problem(split, entry))
-        if not out and n > 0:
+        entries = _entries(self.dataset, self.config, stream_seed(stream, seed), split, n, unique)
+        if not entries and n > 0:
             raise ValueError(f"{self.name}: no {split!r} question in {MAX_MISSES} draws")
-        return out
+        return [self._problem(split, e) for e in entries]
 
     def _shape(self) -> tuple[bool, bool]:
         """(multi-line, has gold) of the dataset's answers, from its first :data:`PROBE_ENTRIES`
         entries at seed 0; one rule per dataset and config, cached per process."""
         if self.name not in _SHAPE:
-            ds = self.create(0, PROBE_ENTRIES)
-            answers = [ds[i]["answer"] for i in range(PROBE_ENTRIES)]
+            answers = [e["answer"] for e in _entries(self.dataset, self.config, 0, None, PROBE_ENTRIES, False)]
             _SHAPE[self.name] = (any("\n" in str(a).strip() for a in answers if a is not None),
                                  all(a is not None for a in answers))
         return _SHAPE[self.name]
@@ -336,6 +326,94 @@ class RGTask:
         return self.score_answer(answer, problem) >= 1.0
 
 
+# ----------------------------------------------------------------------------- drawing, independent of the hash seed
+
+def _walk(dataset: str, config: dict[str, Any], seed: int, split: str | None, n: int, unique: bool) -> list[dict]:
+    """The entries of a draw, in this process: the first ``n`` of ``split`` (every entry for None)
+    walking reasoning-gym's entries from ``seed``; distinct questions when ``unique``."""
+    size = min(DRAW_SPAN, 20 * n + MAX_MISSES)      # entries are prefix-stable: the size bounds the walk only
+    try:
+        ds = _package().create_dataset(dataset, seed=seed, size=size, **config)
+    except Exception as e:             # its configs assert, or fail in their own ways on odd values
+        raise ValueError(f"task spec {canonical_name(dataset, config)!r}: reasoning-gym refuses the config: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    out: list[dict] = []
+    seen: set[str] = set()
+    misses = 0
+    for i in range(size):
+        if len(out) >= n or misses >= MAX_MISSES:
+            break
+        entry = ds[i]
+        q = str(entry["question"])
+        if (split is not None and split_of(q) != split) or (unique and q in seen):
+            misses += 1
+            continue
+        misses = 0
+        seen.add(q)
+        out.append(entry)
+    return out
+
+
+_WORKER: dict[str, Any] = {}       # the child process that draws with PYTHONHASHSEED=0 (started once)
+_WORKER_LOCK = threading.Lock()
+
+
+def _entries(dataset: str, config: dict[str, Any], seed: int, split: str | None, n: int, unique: bool) -> list[dict]:
+    """:func:`_walk`, with the same result whatever this process's ``PYTHONHASHSEED``: some datasets
+    iterate over sets (polynomial_multiplication, isomorphic_strings, ransom_note, list_functions,
+    knight_swap, word_ladder, sokoban), so their problems follow string hashing. A process with
+    hash randomization draws in one child started with ``PYTHONHASHSEED=0`` (started on the first
+    draw, ~2 s, then a pipe round trip per draw); a process started with 0 draws itself."""
+    if sys.flags.hash_randomization == 0:
+        return _walk(dataset, config, seed, split, n, unique)
+    with _WORKER_LOCK:
+        proc = _WORKER.get("proc")
+        if proc is None or proc.poll() is not None:
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env = {**os.environ, "PYTHONHASHSEED": "0",
+                   "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+            proc = subprocess.Popen([sys.executable, "-m", "nanoseek.tasks.rg"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, env=env)
+            _WORKER["proc"] = proc
+            atexit.register(_stop_worker)
+        try:
+            pickle.dump((dataset, config, seed, split, n, unique), proc.stdin)
+            proc.stdin.flush()
+            ok, value = pickle.load(proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as e:
+            _WORKER.pop("proc", None)
+            raise ValueError(f"{canonical_name(dataset, config)}: the reasoning-gym draw process failed "
+                             f"({type(e).__name__})") from None
+    if not ok:
+        raise ValueError(value)
+    return value
+
+
+def _stop_worker() -> None:
+    proc = _WORKER.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def _serve() -> None:
+    """The draw process: (dataset, config, seed, split, n, unique) pickles in on stdin, (ok, entries
+    or an error line) out on stdout, until stdin closes. What reasoning-gym prints goes to stderr."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    while True:
+        try:
+            request = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        try:
+            reply = (True, _walk(*request))
+        except ValueError as e:
+            reply = (False, str(e))
+        pickle.dump(reply, out)
+        out.flush()
+
+
 def rg_task(spec: str) -> RGTask:
     """The checked task of ``spec`` (the part after ``rg:``); ValueError, one line, otherwise."""
     name, config = parse_spec(spec)
@@ -344,3 +422,7 @@ def rg_task(spec: str) -> RGTask:
 
 __all__ = ["PREFIX", "TEST_PER_MILLE", "STREAMS", "TRACES", "RGTask", "rg_task", "parse_spec", "canonical_name",
            "split_of", "stream_seed", "dataset_names"]
+
+
+if __name__ == "__main__":
+    _serve()
