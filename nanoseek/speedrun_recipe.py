@@ -78,7 +78,7 @@ class EvalSection:
     batch_size: int                   # rows decoded at once
     few_shot: int = EvalConfig.few_shot                  # examples in the base model's prompt
     levels: list[int] | None = EvalConfig.levels         # levels for the task names without their own (None: all)
-    # held-out tasks nanoseek did not write (rg:NAME(config), nanoseek.tasks.rg), evaluated after every stage
+    # held-out tasks nanoseek did not write (rg:NAME(config) only, nanoseek.tasks.rg), evaluated after every stage
     # with the settings above into STAGE/external.json: the report's external section (empty: none)
     external_tasks: list[str] = field(default_factory=list)
     external_problems: int = 200                         # per external task at the reference budget (scaled)
@@ -243,9 +243,14 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
         if key == "eval.external_tasks" and not spec:
             continue                            # no external section
         try:
-            parse(spec)
+            parsed = parse(spec)
         except ValueError as e:
             raise ConfigError(f"{where(rc, key)}: {key}: {e}") from None
+        if key == "eval.external_tasks":        # the report's section is "written and graded by reasoning-gym"
+            for src in parsed:
+                if not src.name.startswith("rg:"):
+                    raise ConfigError(f"{where(rc, key)}: {key}: {src.name!r} is not a reasoning-gym task (rg:NAME); "
+                                      "external tasks are the ones nanoseek did not write: evaluate it in eval.tasks")
     for kind in POST_KINDS:
         try:
             getattr(rc, kind).algo.check_sources()

@@ -309,3 +309,10 @@ def test_a_bad_task_spec_given_by_set_names_the_flag():
     with pytest.raises(UserError, match=r"^--set 'eval.external_tasks=\[\"rg:chain_summ\"\]': eval.external_tasks: "
                                         r"unknown reasoning-gym dataset 'rg:chain_summ'"):
         load_recipe("speedrun", ['eval.external_tasks=["rg:chain_summ"]'])
+
+
+@pytest.mark.parametrize("item", ["arithmetic:1", "compare", "humaneval:0-3"])
+def test_external_tasks_are_reasoning_gym_tasks_only(item):
+    """The report's external section says its problems are written and graded by reasoning-gym."""
+    with pytest.raises(UserError, match=rf"eval.external_tasks: '{item.split(':')[0]}.*' is not a reasoning-gym task"):
+        load_recipe("speedrun", [f'eval.external_tasks=["rg:chain_sum", "{item}"]'])

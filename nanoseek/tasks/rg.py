@@ -31,9 +31,25 @@ reaches reasoning-gym below 2**32 (numpy seeding in some datasets), and seeds eq
 draw the same problems. A draw takes at most 2**20 entries. Test problems are distinct questions
 (fewer when the space runs out: the result's N says how many); training draws may repeat.
 
-**Answers** are extracted from a reply as for every task (:func:`nanoseek.tasks.reply.extract_answer`)
-and graded by the dataset's own ``score_answer``; an answer is *correct* when it scores 1.0
-(partial credit is not a solved problem).
+**Answers** are extracted from a reply as for every task (:func:`nanoseek.tasks.reply.extract_answer`,
+:meth:`RGTask.extractor`) with two differences: the text is kept as written (a trailing period is
+part of a sentence answer: emoji_mystery, sentence_reordering; ``42.`` is also graded as ``42``),
+and for a dataset whose gold answers span several lines (grids, boards, move lists: sudoku,
+rotate_matrix, tower_of_hanoi, ...; decided per dataset from its first gold answers) the answer
+after ``Answer:`` is the whole block to the end of the reply. They are graded by the dataset's own
+``score_answer``; an answer is *correct* when it scores 1.0 (partial credit is not a solved
+problem). Datasets whose entries carry no gold answer (boxnet, graph_color, propositional_logic,
+rubiks_cube, rush_hour: many answers are right) are RL prompts and evaluation only: SFT refuses
+them and few-shot evaluation shows them no examples.
+
+**Hash seed**: some generators iterate over sets, so their problems would follow the process's
+``PYTHONHASHSEED``; a process with hash randomization draws through one child process started
+with ``PYTHONHASHSEED=0`` (~1.5 s once per process, then a pipe round trip per draw), so two
+evaluations or a resumed run see the same problems.
+
+**Cost**: most generators make thousands of problems a second; a few are slow (sokoban ~3 s a
+problem, knight_swap ~2 s, futoshiki and intermediate_integration ~1 s): 200 held-out problems
+of those take minutes.
 
 **SFT traces** (:data:`TRACES`): reasoning-gym entries carry an answer, rarely the steps. Of the
 datasets of 0.1.25, ``gsm_symbolic`` has a worked solution (``metadata.answer_cot``) and the
