@@ -15,9 +15,9 @@ def test_shipped_recipe_loads_and_overrides_apply():
     rc = load_recipe("speedrun", ["budget.pretrain=0.5", "eval.k=2"])
     assert rc.budget.pretrain == 0.5 and rc.eval.k == 2
     assert rc.eval.external_tasks and all(t.startswith("rg:") for t in rc.eval.external_tasks)
-    rc = load_recipe("speedrun", ['eval.external_tasks=["rg:leg_counting(max_animals=3)", "compare:1"]',
+    rc = load_recipe("speedrun", ['eval.external_tasks=["rg:leg_counting(max_animals=3)", "rg:products"]',
                                   "eval.external_problems=7"])
-    assert rc.eval.external_tasks == ["rg:leg_counting(max_animals=3)", "compare:1"] and rc.eval.external_problems == 7
+    assert rc.eval.external_tasks == ["rg:leg_counting(max_animals=3)", "rg:products"] and rc.eval.external_problems == 7
     assert load_recipe("speedrun", ["eval.external_tasks=[]"]).eval.external_tasks == []   # no external section
     assert sum(getattr(rc.budget, s) for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
     model = rc.model.build_config()
