@@ -246,7 +246,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
 
 def too_long(task: str, lengths: Sequence[int], mode: str, context: int | None, skipped: bool = True) -> str:
     """The note (``skipped``) or error line for ``task``'s prompts that do not fit the engine's context."""
-    return (f"{task}: {len(lengths)} held-out problems have {mode} prompts of {min(lengths)}-{max(lengths)} tokens, "
+    span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}-{max(lengths)}"
+    return (f"{task}: {len(lengths)} held-out problems have {mode} prompts of {span} tokens, "
             f"more than the engine's context of {context} tokens ({'skipped; ' if skipped else ''}use a larger max_seq_len, or a "
             f"config with smaller problems)")
 

@@ -112,8 +112,9 @@ def fit_prompts(model, ids: list[list[int]], max_new_tokens: int, where: str) ->
     keep = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= context]
     if not keep and ids:
         lengths = sorted(len(x) for x in ids)
+        span = f"{lengths[0]}" if lengths[0] == lengths[-1] else f"{lengths[0]}-{lengths[-1]}"
         raise DataError(f"{where}: none of the {len(ids)} prompts fits the model's context of {context} tokens with "
-                        f"max_new_tokens={max_new_tokens} (prompts of {lengths[0]}-{lengths[-1]} tokens); use a "
+                        f"max_new_tokens={max_new_tokens} (prompts of {span} tokens); use a "
                         "task config with smaller problems or a smaller max_new_tokens")
     return keep
 
