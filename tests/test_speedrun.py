@@ -172,7 +172,8 @@ def test_smoke_speedrun_end_to_end(tmp_path):
         assert (out / stage / "final" / "config.json").exists() and (out / stage / "eval.json").exists()
         ext = EvalResult.load(out / stage / "external.json")        # the reasoning-gym held-out tasks
         assert len(ext.task_names) == 3 and all(t.startswith("rg:") for t in ext.task_names)
-        assert ext.summary()["n"] == 20 + 20 + 20 and ext.config["mode"] == ("fewshot" if stage == "pretrain" else "chat")
+        assert ext.summary()["n"] == 20 + 20 + 14   # products: 14 held-out questions exist
+        assert ext.config["mode"] == ("fewshot" if stage == "pretrain" else "chat")
     md = (out / "report.md").read_text()
     assert "## Held-out evaluation on external tasks" in md and md.count("A = sft, B = grpo") == 2
     html = (out / "report.html").read_text()
