@@ -257,6 +257,38 @@ def _stage_config(kind: str, run_dir: Path, rc: SpeedrunRecipe, init_from: Path,
     return stage_config_from_dict(kind, raw, source=f"{rc.source} [{kind}]")
 
 
+EVAL_MODES = ("fewshot", "chat")        # the base model's and the post-trained models' evaluation modes
+
+
+def _check_eval_prompts(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed: int, scale: float) -> None:
+    """Every held-out problem the stage evaluations will draw ([eval] tasks and external_tasks, in
+    every mode the stages use) fits the evaluation engine's context: checked as soon as the
+    tokenizer exists, before pre-training spends its budget; a ConfigError naming the key otherwise."""
+    from nanoseek.errors import ConfigError
+    from nanoseek.eval.harness import EvalConfig, check_prompts_fit
+    from nanoseek.infer.engine import DEFAULT_MAX_SEQ_LEN
+    from nanoseek.infer.loading import find_tokenizer, load_tokenizer
+    from nanoseek.speedrun_recipe import where
+    from nanoseek.tasks.generators import split_specs
+
+    e = rc.eval
+    tok = load_tokenizer(find_tokenizer(run_dir / "data"))
+    context = min(int(_pretrain_config(run_dir, rc, minutes, seed).model.build_config().max_position_embeddings),
+                  DEFAULT_MAX_SEQ_LEN)
+    for key, tasks, n, levels in (("eval.tasks", e.tasks, e.problems, e.levels),
+                                  ("eval.external_tasks", e.external_tasks, e.external_problems, None)):
+        if not tasks:
+            continue
+        for mode in EVAL_MODES:
+            cfg = EvalConfig(tasks=split_specs(tasks), n_problems=max(e.min_problems, int(round(n * scale))), k=1,
+                             mode=mode, max_new_tokens=e.max_new_tokens, seed=seed, levels=levels,
+                             few_shot=e.few_shot)
+            try:
+                check_prompts_fit(cfg, tok, context)
+            except ValueError as err:
+                raise ConfigError(f"{where(rc, key)}: {key}: {err}") from None
+
+
 def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed: int, log) -> dict:
     import torch
 
@@ -400,6 +432,8 @@ def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, 
 
     try:
         timed("data", lambda: _data_summary(_stage_data(run_dir, rc, seed, scale, log)), "data")
+        if not state.done("pretrain"):
+            _check_eval_prompts(run_dir, rc, rc.budget.pretrain * minutes, seed, scale)
 
         def pretrain_stage():
             from nanoseek.train.checkpoint import latest_checkpoint

@@ -78,7 +78,7 @@ class EvalSection:
     batch_size: int                   # rows decoded at once
     few_shot: int = EvalConfig.few_shot                  # examples in the base model's prompt
     levels: list[int] | None = EvalConfig.levels         # levels for the task names without their own (None: all)
-    # held-out tasks nanoseek did not write (rg:NAME(config), nanoseek.tasks.rg), evaluated after every stage
+    # held-out tasks nanoseek did not write (rg:NAME(config) only, nanoseek.tasks.rg), evaluated after every stage
     # with the settings above into STAGE/external.json: the report's external section (empty: none)
     external_tasks: list[str] = field(default_factory=list)
     external_problems: int = 200                         # per external task at the reference budget (scaled)
@@ -243,9 +243,14 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
         if key == "eval.external_tasks" and not spec:
             continue                            # no external section
         try:
-            parse(spec)
+            parsed = parse(spec)
         except ValueError as e:
-            raise ConfigError(f"{rc.source}: {key}: {e}") from None
+            raise ConfigError(f"{where(rc, key)}: {key}: {e}") from None
+        if key == "eval.external_tasks":        # the report's section is "written and graded by reasoning-gym"
+            for src in parsed:
+                if not src.name.startswith("rg:"):
+                    raise ConfigError(f"{where(rc, key)}: {key}: {src.name!r} is not a reasoning-gym task (rg:NAME); "
+                                      "external tasks are the ones nanoseek did not write: evaluate it in eval.tasks")
     for kind in POST_KINDS:
         try:
             getattr(rc, kind).algo.check_sources()
@@ -284,12 +289,23 @@ def _override_schema() -> dict[str, Any]:
     return schema
 
 
+def where(rc: SpeedrunRecipe, key: str) -> str:
+    """Where the value of ``key`` ("eval.external_tasks") came from: ``--set 'KEY=...'`` when a
+    ``--set`` gave it, else the recipe file; the head of an error line about that value."""
+    for text in getattr(rc, "overrides", ()):
+        if text.partition("=")[0].strip() == key:
+            return f"--set {text!r}"
+    return rc.source
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SpeedrunRecipe:
     """Read a speedrun recipe (a path or the shipped ``speedrun``), apply ``--set``, validate it all."""
     try:
         path = resolve_config_path(name_or_path)
         raw = apply_overrides(read_toml(path), list(overrides), _override_schema())
-        return check_recipe(recipe_from_dict(raw, source=str(path)))
+        rc = recipe_from_dict(raw, source=str(path))
+        rc.overrides = tuple(overrides)         # not a setting: names --set in errors (where())
+        return check_recipe(rc)
     except ConfigError as e:
         raise UserError(str(e)) from None
 
@@ -307,4 +323,4 @@ def resolved_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["RunSection", "BudgetSection", "CorpusSection", "EvalSection", "PretrainTables", "PostTables",
-           "SpeedrunRecipe", "TABLES", "recipe_from_dict", "check_recipe", "load_recipe", "resolved_settings"]
+           "SpeedrunRecipe", "TABLES", "recipe_from_dict", "check_recipe", "load_recipe", "where", "resolved_settings"]

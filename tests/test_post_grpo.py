@@ -275,3 +275,32 @@ def test_grpo_resumes_exactly_through_the_trainer(tmp_path, one_thread):
     for a, b in zip(full[4:], tail):
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-7)
     assert full[-1]["kl"] > 0                                            # the policy moved away from the reference
+
+
+def test_prompts_longer_than_the_context_are_dropped_before_any_rollout_and_none_fitting_is_one_line():
+    """reasoning-gym grids (rectangle_count: thousands of tokens) next to short sums: GRPO, DPO's automatic pairs
+    and distillation (one sampler) drop what does not fit context - max_new_tokens, before sampling (no engine
+    cache sized for them), count it, and refuse in one line when nothing fits."""
+    from nanoseek.post.datasets import DataError
+    from nanoseek.post.rollout import sample_and_score
+
+    tk = tiny_tokenizer()
+    model = tiny_model(tk.vocab_size, max_position_embeddings=1024)
+    short = load_rl_prompts("rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=1)", 3)
+    long = load_rl_prompts("rg:rectangle_count", 2)
+    c = GRPOSection(template="r1-zero", prompts_per_step=1, group_size=2, max_new_tokens=8)
+    task = GRPOTask(model, tk, long + short, c, reward_fn=lambda texts, items: [RewardResult(0.0, False, False)] * len(texts))
+    assert task.dropped == 2 and [p.id for p in task.prompts] == [p.id for p in short]
+    assert max(len(x) for x in task.prompt_ids) + 8 <= 1024
+    assert task._engine().max_seq_len <= 1024 + 1
+    with pytest.raises(DataError, match=r"^grpo.prompts: none of the 2 prompts fits the model's context of 1024 tokens "
+                                        r"with max_new_tokens=8 \(prompts of \d+(-\d+)? tokens\)"):
+        GRPOTask(model, tk, long, c)
+    with pytest.raises(DataError, match="max_new_tokens=1100 leaves no room"):
+        GRPOTask(model, tk, short, GRPOSection(template="r1-zero", prompts_per_step=1, group_size=2, max_new_tokens=1100))
+    for template in ("chat", "r1-zero"):
+        scored, report = sample_and_score(model, tk, long + short, 2, template=template, max_new_tokens=4,
+                                          temperature=1.0, top_p=1.0)
+        assert [len(s) for s in scored] == [0, 0, 2, 2, 2] and report.as_dict()["dropped_prompts"] == 2
+        with pytest.raises(DataError, match="none of the 2 prompts fits"):
+            sample_and_score(model, tk, long, 2, template=template, max_new_tokens=4, temperature=1.0, top_p=1.0)

@@ -15,9 +15,9 @@ def test_shipped_recipe_loads_and_overrides_apply():
     rc = load_recipe("speedrun", ["budget.pretrain=0.5", "eval.k=2"])
     assert rc.budget.pretrain == 0.5 and rc.eval.k == 2
     assert rc.eval.external_tasks and all(t.startswith("rg:") for t in rc.eval.external_tasks)
-    rc = load_recipe("speedrun", ['eval.external_tasks=["rg:leg_counting(max_animals=3)", "compare:1"]',
+    rc = load_recipe("speedrun", ['eval.external_tasks=["rg:leg_counting(max_animals=3)", "rg:products"]',
                                   "eval.external_problems=7"])
-    assert rc.eval.external_tasks == ["rg:leg_counting(max_animals=3)", "compare:1"] and rc.eval.external_problems == 7
+    assert rc.eval.external_tasks == ["rg:leg_counting(max_animals=3)", "rg:products"] and rc.eval.external_problems == 7
     assert load_recipe("speedrun", ["eval.external_tasks=[]"]).eval.external_tasks == []   # no external section
     assert sum(getattr(rc.budget, s) for s in ("pretrain", "sft", "grpo")) < 1.0  # evals and data need time too
     model = rc.model.build_config()
@@ -172,7 +172,8 @@ def test_smoke_speedrun_end_to_end(tmp_path):
         assert (out / stage / "final" / "config.json").exists() and (out / stage / "eval.json").exists()
         ext = EvalResult.load(out / stage / "external.json")        # the reasoning-gym held-out tasks
         assert len(ext.task_names) == 3 and all(t.startswith("rg:") for t in ext.task_names)
-        assert ext.summary()["n"] == 20 + 20 + 20 and ext.config["mode"] == ("fewshot" if stage == "pretrain" else "chat")
+        assert ext.summary()["n"] == 20 + 20 + 14   # products: 14 held-out questions exist
+        assert ext.config["mode"] == ("fewshot" if stage == "pretrain" else "chat")
     md = (out / "report.md").read_text()
     assert "## Held-out evaluation on external tasks" in md and md.count("A = sft, B = grpo") == 2
     html = (out / "report.html").read_text()
@@ -286,3 +287,33 @@ def test_run_json_records_the_resolved_recipe_and_older_folders_still_resume(tmp
     assert "resolved" not in json.loads((tmp_path / "dst" / "run.json").read_text())
     RunState(tmp_path / "dst", config, resolved)
     assert json.loads((tmp_path / "dst" / "run.json").read_text())["resolved"] == written["resolved"]
+
+
+def test_external_tasks_whose_prompts_do_not_fit_fail_before_pretraining(tmp_path, capsys):
+    """A task whose held-out prompts exceed the model's context stops the run right after the tokenizer
+    is trained (seconds, not after pre-training), in one line naming the --set that gave it."""
+    from nanoseek.cli import main
+
+    out = tmp_path / "run"
+    spec = 'eval.external_tasks=["rg:chain_sum","rg:rectangle_count"]'
+    rc = main(["speedrun", "--minutes", "1", "--out", str(out), "--set", spec, "--set", "data.task_docs=2000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].endswith(f"--set {spec!r}: eval.external_tasks: rg:rectangle_count: 20 held-out problems have "
+                           "fewshot prompts of " + err[0].split("fewshot prompts of ")[1].split(" tokens")[0] +
+                           " tokens, more than the engine's context of 1024 tokens (use a larger max_seq_len, or a "
+                           "config with smaller problems)")
+    assert not (out / "pretrain").exists()
+
+
+def test_a_bad_task_spec_given_by_set_names_the_flag():
+    with pytest.raises(UserError, match=r"^--set 'eval.external_tasks=\[\"rg:chain_summ\"\]': eval.external_tasks: "
+                                        r"unknown reasoning-gym dataset 'rg:chain_summ'"):
+        load_recipe("speedrun", ['eval.external_tasks=["rg:chain_summ"]'])
+
+
+@pytest.mark.parametrize("item", ["arithmetic:1", "compare", "humaneval:0-3"])
+def test_external_tasks_are_reasoning_gym_tasks_only(item):
+    """The report's external section says its problems are written and graded by reasoning-gym."""
+    with pytest.raises(UserError, match=rf"eval.external_tasks: '{item.split(':')[0]}.*' is not a reasoning-gym task"):
+        load_recipe("speedrun", [f'eval.external_tasks=["rg:chain_sum", "{item}"]'])

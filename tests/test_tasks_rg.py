@@ -115,8 +115,8 @@ def test_held_out_questions_never_reach_training(spec):
     train |= {ex.messages[0]["content"] for ex in load_sft_examples(spec, 200, seed=1)}
     train |= {p.prompt for seed in (0, 3) for p in src.examples(0, 20, seed)}
     assert train and not test & train
-    assert all(rg.split_of(src.task.dataset, q) == "test" for q in test)
-    assert all(rg.split_of(src.task.dataset, q) == "train" for q in train)
+    assert all(rg.split_of(q) == "test" for q in test)
+    assert all(rg.split_of(q) == "train" for q in train)
 
 
 def test_a_question_is_held_out_under_every_config_of_its_dataset():
@@ -163,6 +163,15 @@ def test_configs_are_part_of_the_task_and_of_its_problems():
     ("rg:chain_sum(min_terms=@)", "min_terms = '@' is not a Python literal"),
     ("rg:chain_sum(2)", "'2' is not key=value"),
     ("rg:", "expected rg:NAME or rg:NAME(key=value, ...)"),
+    ("rg:basic_arithmetic(allow_parentheses=false)", "allow_parentheses = 'false' is not a Python literal: write False"),
+    ("rg:basic_arithmetic(allow_negation=true)", "allow_negation = 'true' is not a Python literal: write True"),
+    ("rg:chain_sum(min_terms=null)", "min_terms = 'null' is not a Python literal: write None"),
+    ("rg:chain_sum(min_terms=none)", "min_terms = 'none' is not a Python literal: write None"),
+    ("rg:decimal_chain_sum(min_terms=nan)", "min_terms = 'nan': non-finite numbers are refused"),
+    ("rg:decimal_chain_sum(min_terms=inf)", "min_terms = 'inf': non-finite numbers are refused"),
+    ("rg:decimal_chain_sum(min_terms=1e999)", "min_terms = '1e999': non-finite numbers are refused"),
+    ("rg:chain_sum(min_terms=2, min_terms=3)", "min_terms is given twice"),
+    ("rg:composite", "rg:composite: reasoning-gym's weighted mix of datasets takes nested dataset specs"),
 ])
 def test_bad_specs_are_one_line_from_the_library_and_the_cli(spec, why, capsys, tmp_path):
     with pytest.raises(ValueError) as e:
@@ -233,3 +242,168 @@ def test_nanoseek_eval_takes_rg_tasks_with_configs_next_to_built_in_ones(tmp_pat
     assert pre.task_names == sft.task_names == names and pre.config["tasks"] == ["compare:1", NUMERIC, LIST]
     assert [p.id for p in pre.problems] == [p.id for p in sft.problems] and len(pre.problems) == 6
     assert pre.config["mode"] == "fewshot" and sft.config["mode"] == "chat" and "A = pretrain" in out
+
+
+# ----------------------------------------------------------------------------- the gold answer scores 1.0 everywhere
+
+# grids, boards and move lists (multi-line answers), sentences ending in a period, numbers, lists, words
+GOLD_SAMPLE = ["arc_agi", "binary_matrix", "futoshiki", "manipulate_matrix", "mini_sudoku", "n_queens", "rotate_matrix",
+               "survo", "tower_of_hanoi", "rearc", "emoji_mystery", "sentence_reordering", "chain_sum",
+               "spell_backward", "number_sorting", "gsm_symbolic", "string_manipulation"]
+NO_GOLD = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"}   # answer None
+SLOW_TO_DRAW = {"sokoban", "futoshiki", "knight_swap", "intermediate_integration"}
+
+
+def _gold_replies(src, p):
+    """The gold answer as each mode's reply says it, in the forms our own SFT targets and few-shot documents teach."""
+    from nanoseek.tasks.generators import corpus_document
+    from nanoseek.tasks.reply import format_response
+
+    return {"chat": format_response(p, "r1"), "chat-think": format_response(p, "r1")[len("<think>"):],
+            "r1-zero": format_response(p, "r1-zero"),
+            "fewshot": corpus_document(p).split("Solution:\n", 1)[1]}
+
+
+def _check_gold(names):
+    bad = []
+    for name in names:
+        [src] = parse_sources([f"rg:{name}"])
+        problems = src.test_problems(2, 0)
+        for p in problems:
+            for mode, text in _gold_replies(src, p).items():
+                if not src.score_reply(text, p, mode)[0]:
+                    bad.append((name, mode, p.answer[:40]))
+        prompts = load_rl_prompts(f"rg:{name}", 2, seed=0)
+        fn = build_reward_fn(RewardConfig.for_template("chat"), workers=1)
+        from nanoseek.tasks.reply import format_response
+        from nanoseek.tasks.generators import Problem
+        texts = [format_response(Problem(task=q.task, id=q.id, prompt=q.prompt, answer=q.answer, reasoning="", level=0), "r1") for q in prompts]
+        bad += [(name, "grpo", q.answer[:40]) for q, r in zip(prompts, fn(texts, prompts)) if not r.correct]
+    assert not bad, bad
+
+
+def test_gold_answers_score_one_in_every_mode_and_in_the_rl_reward():
+    """Multi-line gold answers (grids, boards, moves) are the whole Answer: block; answers ending in a period are
+    graded as written: the gold answer, as our SFT targets and few-shot documents write it, scores 1.0 in chat,
+    chat-think, r1-zero and fewshot, and as a GRPO reward."""
+    _check_gold(GOLD_SAMPLE)
+
+
+@pytest.mark.slow
+def test_gold_answers_score_one_on_every_dataset_that_builds_without_config():
+    names = [n for n in rg.dataset_names() if n not in NO_GOLD and n != "composite"]
+    assert len(names) > 90
+    _check_gold(names)
+
+
+def test_multi_line_answers_are_a_rule_of_the_dataset_and_built_in_tasks_keep_theirs():
+    from nanoseek.tasks.reply import extract_answer
+
+    [grid] = parse_sources(["rg:rotate_matrix"])
+    [words] = parse_sources(["rg:spell_backward"])
+    p = grid.test_problems(1, 0)[0]
+    q = words.test_problems(1, 0)[0]
+    assert grid.task.multiline and not words.task.multiline
+    # a one-line-answer dataset reads the first line, as before; a grid dataset reads the block
+    assert words.extractor(q)("Answer: abc\nmore text") == "abc"
+    assert grid.extractor(p)("<think>\nx\n</think>\nAnswer:\n1 2\n3 4\n") == "1 2\n3 4"
+    # a model's "42." still scores on a numeric dataset; built-in tasks still strip the period
+    [num] = parse_sources([NUMERIC])
+    n = num.test_problems(1, 0)[0]
+    assert num.score_reply(r1(n.answer + "."), n, "chat")[0]
+    assert extract_answer("Answer: 42.") == "42" and extract_answer("Answer: 1\n2") == "1"
+
+
+def test_questions_shared_by_two_datasets_are_held_out_in_both():
+    """chain_sum and decimal_chain_sum ask some of the same questions: the split is a function of the text, so a
+    chain_sum test question is never a decimal_chain_sum training prompt."""
+    a_spec = "rg:chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=2)"       # the speedrun's
+    b_spec = "rg:decimal_chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=2, min_decimal_places=0, max_decimal_places=0)"
+    [a] = parse_sources([a_spec])
+    test = {p.prompt for p in a.test_problems(200, 0)}
+    train = {p.prompt for seed in (0, 1) for p in load_rl_prompts(b_spec, 1000, seed=seed)}
+    assert len(test) == 200 and train and not test & train
+    shared = {p.prompt for p in load_rl_prompts(a_spec, 1000, seed=0)} & train
+    assert shared                                   # the two datasets do share wordings
+
+
+@pytest.mark.parametrize("mode", ["fewshot", "chat", "r1-zero"])
+def test_a_task_whose_prompts_do_not_fit_is_skipped_with_a_note_and_the_others_are_evaluated(mode):
+    """rectangle_count's ASCII grids and arc_agi's boards are thousands of byte tokens: in a 1024-token context
+    they are skipped with a note naming the task; chain_sum beside them is evaluated; the strict check
+    (what the speedrun runs before training) is one line naming the first such task."""
+    from nanoseek.eval.harness import EvalConfig, check_prompts_fit
+
+    tasks = ["rg:chain_sum", "rg:rectangle_count", "rg:sudoku(min_empty=30, max_empty=30)"]
+    engine = _scripted(tasks, 3, 0, lambda p: r1(p.answer))
+    engine.max_seq_len = 1024
+    res = evaluate(None, TOK, tasks, n_problems=3, k=1, mode=mode, seed=0, engine=engine)
+    assert res.task_names == ["rg:chain_sum", "rg:sudoku(max_empty=30,min_empty=30)"] and res.summary()["n"] == 6
+    assert any(n.startswith(f"rg:rectangle_count: 3 held-out problems have {mode} prompts") and "skipped" in n
+               for n in res.notes), res.notes
+    with pytest.raises(ValueError, match=r"^rg:rectangle_count: 3 held-out problems .* more than the engine's "
+                                         r"context of 1024 tokens \(use a larger"):
+        check_prompts_fit(EvalConfig(tasks=tasks, n_problems=3, mode=mode), TOK, 1024)
+    check_prompts_fit(EvalConfig(tasks=["rg:chain_sum"], n_problems=3, mode=mode), TOK, 1024)
+    with pytest.raises(ValueError, match="no prompt fits the engine's context"):
+        evaluate(None, TOK, tasks[1:2], n_problems=2, k=1, mode=mode, seed=0, engine=engine)
+
+
+def test_a_tuple_and_a_list_name_the_same_task():
+    a = parse_sources(["rg:basic_arithmetic(operators=('+', '-'))"])[0]
+    b = parse_sources(["rg:basic_arithmetic(operators=['+', '-'])"])[0]
+    assert a.name == b.name == "rg:basic_arithmetic(operators=['+', '-'])"
+    assert [p.id for p in a.test_problems(3, 0)] == [p.id for p in b.test_problems(3, 0)]
+
+
+@pytest.mark.parametrize("name", ["boxnet", "graph_color", "propositional_logic", "rush_hour"])
+def test_datasets_without_gold_answers_are_no_sft_data_nor_few_shot_examples(name, capsys, tmp_path):
+    """Their answer is None (score_answer checks any valid one): SFT refuses them in one line, few-shot evaluation
+    shows no "Answer: None" example (zero-shot, noted), RL prompts and evaluation stay graded by score_answer."""
+    spec = f"rg:{name}"
+    [src] = parse_sources([spec])
+    assert not src.has_gold and src.examples(0, 3, 0) == []
+    for call in (lambda: check_sft_data(spec, 4), lambda: load_sft_examples(spec, 4)):
+        with pytest.raises(DataError, match=rf"^SFT data: {spec} has no gold answers"):
+            call()
+    res = evaluate(None, TOK, [spec], n_problems=2, k=1, mode="fewshot", seed=0,
+                   engine=_scripted([spec], 2, 0, lambda p: "Answer: x"))
+    assert f"{spec}: no gold answers to show as few-shot examples; evaluated zero-shot" in res.notes
+    prompts = load_rl_prompts(spec, 2)
+    assert prompts and all(p.score_answer is not None for p in prompts)
+    [gold] = parse_sources(["rg:chain_sum"])
+    assert gold.has_gold and len(gold.examples(0, 2, 0)) == 2
+
+
+HASH_SEED_DEPENDENT = ["polynomial_multiplication", "isomorphic_strings", "ransom_note", "list_functions", "word_ladder"]
+
+
+def _draw_in_process(names, hash_seed):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom nanoseek.tasks.sources import parse_sources\n"
+            "print(json.dumps({n: [(p.id, p.prompt, p.answer) for p in parse_sources(['rg:' + n])[0].test_problems(3, 0)]"
+            " for n in sys.argv[1:]}))")
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+    r = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_problem_sets_do_not_depend_on_the_hash_seed():
+    """reasoning-gym iterates over sets in some datasets: processes with different PYTHONHASHSEED (a random one, a
+    fixed one, 0: the draw process's own) draw the same problems with the same gold answers, as this one does."""
+    runs = [_draw_in_process(HASH_SEED_DEPENDENT, h) for h in ("random", 1, 0)]
+    assert runs[0] == runs[1] == runs[2]
+    here = {n: [[p.id, p.prompt, p.answer] for p in parse_sources(["rg:" + n])[0].test_problems(3, 0)]
+            for n in HASH_SEED_DEPENDENT}
+    assert {n: [list(x) for x in v] for n, v in runs[0].items()} == here
+
+
+@pytest.mark.slow
+def test_slow_problem_sets_do_not_depend_on_the_hash_seed():
+    names = ["knight_swap", "sokoban"]
+    assert _draw_in_process(names, 1) == _draw_in_process(names, 2)

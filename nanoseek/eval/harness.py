@@ -23,6 +23,10 @@ sources; HumanEval renders, stops and scores code its own way in each mode):
   completion (its "Answer:" line); "format" here means the completion states an ``Answer:`` line.
   Examples are dropped, oldest first, when the prompt would not leave
   ``min(max_new_tokens, context / 2)`` tokens in the engine's context (noted in the result).
+  In every mode a problem whose prompt alone does not fit the context (a reasoning-gym grid puzzle
+  in a small model's 1024 tokens) is skipped with a note naming the task and the count, so one
+  such task does not stop the others; :func:`check_prompts_fit` is the same test as an error,
+  which the speedrun runs before it trains.
 * ``chat``, for SFT / GRPO models: the question as one user turn of the chat template; scored
   by the source's ``score_reply`` (:mod:`nanoseek.tasks.sources`: the task's verifier or reasoning-gym's
   ``score_answer`` on ``extract_answer``, R1's format rule): accuracy is the answer being right whatever the
@@ -177,12 +181,17 @@ def model_info(model) -> dict[str, Any]:
     return info
 
 
-def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list, list[list[int]], list[str]]:
-    """(problems, their task sources, prompt ids, notes): every task's test problems rendered in ``cfg.mode``."""
+def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = False
+            ) -> tuple[list, list, list[list[int]], list[str]]:
+    """(problems, their task sources, prompt ids, notes): every task's test problems rendered in
+    ``cfg.mode``. A problem whose prompt alone (no few-shot example left) does not fit the engine's
+    context is skipped and counted in a note per task (:func:`too_long`); ValueError, one line, when
+    no problem at all fits, or (``strict``) when any does not."""
     from nanoseek.tasks.sources import parse_sources
 
     problems, owners, prompts, notes = [], [], [], []
     seen: set[tuple[str, str]] = set()
+    skipped: dict[str, list[int]] = {}   # task -> token counts of the prompts that do not fit
     repeated = 0
     shortened = cut_budget = 0
     examples_cache: dict[tuple[str, int], list] = {}
@@ -190,6 +199,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
     for source in parse_sources(cfg.tasks):
         drawn, source_notes = source.draw(cfg.n_problems, cfg.seed, cfg.levels)
         notes += source_notes
+        if cfg.mode == "fewshot" and cfg.few_shot and not source.has_gold:
+            notes.append(f"{source.name}: no gold answers to show as few-shot examples; evaluated zero-shot")
         for p in drawn:
             if (p.task, p.id) in seen:      # items that overlap (humaneval:0-9,humaneval:5-14)
                 repeated += 1
@@ -209,12 +220,19 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
                         examples.pop(0)
                         ids = source.prompt_ids(tokenizer, p, cfg.mode, examples)
                 if len(ids) >= context:
-                    raise ValueError(f"{p.id}: the {cfg.mode} prompt has {len(ids)} tokens, the engine's context is "
-                                     f"{context}: use a larger max_seq_len or fewer few-shot examples")
+                    skipped.setdefault(p.task, []).append(len(ids))
+                    continue
                 cut_budget += len(ids) + cfg.max_new_tokens > context
             problems.append(p)
             owners.append(source)
             prompts.append(ids)
+    if strict and skipped:
+        task, lengths = next(iter(skipped.items()))
+        raise ValueError(too_long(task, lengths, cfg.mode, context, skipped=False))
+    for task, lengths in skipped.items():
+        notes.append(too_long(task, lengths, cfg.mode, context))
+    if skipped and not problems:
+        raise ValueError(f"no prompt fits the engine's context: {'; '.join(notes[-len(skipped):])}")
     if repeated:
         notes.append(f"{repeated} problems named by more than one task item were evaluated once")
     if shortened:
@@ -224,6 +242,21 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None) -> tuple[list, list
         notes.append(f"{cut_budget} prompts leave fewer than max_new_tokens={cfg.max_new_tokens} tokens of context "
                      f"({context}); their samples stop earlier (counted as truncated)")
     return problems, owners, prompts, notes
+
+
+def too_long(task: str, lengths: Sequence[int], mode: str, context: int | None, skipped: bool = True) -> str:
+    """The note (``skipped``) or error line for ``task``'s prompts that do not fit the engine's context."""
+    span = f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}-{max(lengths)}"
+    return (f"{task}: {len(lengths)} held-out problems have {mode} prompts of {span} tokens, "
+            f"more than the engine's context of {context} tokens ({'skipped; ' if skipped else ''}use a larger max_seq_len, or a "
+            f"config with smaller problems)")
+
+
+def check_prompts_fit(cfg: EvalConfig, tokenizer, context: int) -> None:
+    """ValueError, one line naming the task, when any held-out problem :func:`evaluate` would draw
+    with ``cfg`` has a prompt that does not fit ``context`` (what a run checks before it trains, so
+    an evaluation after hours of training neither skips problems nor fails)."""
+    _render(replace(cfg), tokenizer, context, strict=True)
 
 
 def _requests(cfg: EvalConfig, tokenizer, problems: list, owners: list, prompts: list[list[int]],
@@ -333,4 +366,4 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
                             stats=stats, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["evaluate", "EvalConfig", "score_response", "request_seed", "draw_problems", "model_info"]
+__all__ = ["evaluate", "EvalConfig", "check_prompts_fit", "too_long", "score_response", "request_seed", "draw_problems", "model_info"]

@@ -81,6 +81,7 @@ class RLPrompt:
     problem: Any = None              # the nanoseek.tasks.generators.Problem when built-in
     extra: dict[str, Any] = field(default_factory=dict)
     score_answer: Callable[[str | None], float] | None = None  # external verifier (reasoning-gym)
+    extract: Callable[[str], str | None] | None = None  # its answer extraction (None: extract_answer)
 
     def record(self) -> Any:
         """What ``nanoseek.tasks.rewards.score`` takes: the Problem, or a plain record dict."""
@@ -320,7 +321,8 @@ def source_prompts(src, n: int, seed: int = 0, level: int | None = None, split: 
     for p in problems:
         scorer = src.external_scorer(p)
         out.append(RLPrompt(prompt=p.prompt, answer=p.answer, task=p.task, id=p.id,
-                            problem=None if scorer else p, score_answer=scorer))
+                            problem=None if scorer else p, score_answer=scorer,
+                            extract=src.extractor(p) if scorer else None))
     return out
 
 

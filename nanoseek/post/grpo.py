@@ -63,7 +63,7 @@ from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
-from .rollout import sample, sampling_params
+from .rollout import fit_prompts, sample, sampling_params
 
 
 @dataclass
@@ -182,7 +182,11 @@ class GRPOTask:
         self.reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(
             cfg.template, accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight), cfg.reward_workers)
         self.out_dir = Path(out_dir) if out_dir else None
-        self.prompt_ids = [render_prompt(tokenizer, p, cfg.template) for p in prompts]
+        ids = [render_prompt(tokenizer, p, cfg.template) for p in prompts]
+        keep = fit_prompts(model, ids, cfg.max_new_tokens, "grpo.prompts")   # before any rollout
+        self.dropped = len(prompts) - len(keep)    # too long for the context with max_new_tokens
+        self.prompts = prompts = [prompts[i] for i in keep]
+        self.prompt_ids = [ids[i] for i in keep]
         self.max_prompt_len = max(len(p) for p in self.prompt_ids)
         self.engine = engine
         self.ref_model = None
@@ -465,8 +469,11 @@ def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | Non
     model.use_mtp = False  # the policy-gradient loss only
     run_dir = Path(cfg.train.out_dir or "runs/grpo")
     task = GRPOTask(model, tokenizer, prompts, g, reward_fn=reward_fn, engine=engine, out_dir=run_dir)
+    if task.dropped and not quiet:
+        print(f"grpo: {task.dropped} of {len(prompts)} prompts dropped: longer than the model's context "
+              f"({model.config.max_position_embeddings} tokens) less max_new_tokens={g.max_new_tokens}", flush=True)
     return run_trainer(model, task, cfg, tokenizer, resume=resume, quiet=quiet, progress=progress,
-                       extra={"prompts": len(prompts)})
+                       extra={"prompts": len(task.prompts), "prompts_dropped": task.dropped})
 
 
 __all__ = ["GRPOSection", "train_grpo", "GRPOTask", "RolloutBatch"]

@@ -86,13 +86,37 @@ class SampleReport:
     seconds: float = 0.0
     tokens: int = 0
     by_prompt_solved: int = 0          # prompts with at least one verified sample
+    dropped: int = 0                   # prompts too long for the context with max_new_tokens (not sampled)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"prompts": self.prompts, "samples": self.samples, "accuracy": self.correct / max(self.samples, 1),
                 "format_rate": self.well_formed / max(self.samples, 1), "kept": self.kept,
-                "solved_prompts": self.by_prompt_solved, "sample_seconds": self.seconds,
+                "solved_prompts": self.by_prompt_solved, "dropped_prompts": self.dropped, "sample_seconds": self.seconds,
                 "sample_tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+
+
+def fit_prompts(model, ids: list[list[int]], max_new_tokens: int, where: str) -> list[int]:
+    """Indices of the rendered prompts that leave ``max_new_tokens`` in the model's context
+    (``max_position_embeddings``): a prompt that does not is dropped before any rollout (its
+    engine cache alone could take gigabytes); a DataError, one line naming ``where``, when
+    ``max_new_tokens`` alone fills the context or no prompt fits."""
+    from .datasets import DataError
+
+    context = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0)
+    if not context:
+        return list(range(len(ids)))
+    if max_new_tokens >= context:
+        raise DataError(f"{where}: max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context} tokens")
+    keep = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= context]
+    if not keep and ids:
+        lengths = sorted(len(x) for x in ids)
+        span = f"{lengths[0]}" if lengths[0] == lengths[-1] else f"{lengths[0]}-{lengths[-1]}"
+        raise DataError(f"{where}: none of the {len(ids)} prompts fits the model's context of {context} tokens with "
+                        f"max_new_tokens={max_new_tokens} (prompts of {span} tokens); use a "
+                        "task config with smaller problems or a smaller max_new_tokens")
+    return keep
 
 
 def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, template: str, max_new_tokens: int,
@@ -105,15 +129,18 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
     from nanoseek.infer.engine import Engine
 
     reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(template))
-    ids = [render_prompt(tokenizer, p, template) for p in prompts]
+    all_ids = [render_prompt(tokenizer, p, template) for p in prompts]
+    keep = fit_prompts(model, all_ids, max_new_tokens, "prompts")
+    dropped = len(prompts) - len(keep)
+    ids, fitted = [all_ids[i] for i in keep], [prompts[i] for i in keep]
     engine = Engine(model, tokenizer, max_batch_size=max(engine_batch_size, n),
                     max_seq_len=max(len(x) for x in ids) + max_new_tokens + 1)
     params = sampling_params(tokenizer, template, n=n, seed=seed, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p)
     samples = sample(engine, ids, params, template)
-    report = SampleReport(prompts=len(prompts), seconds=samples.seconds)
+    report = SampleReport(prompts=len(prompts), seconds=samples.seconds, dropped=dropped)
     prefix = prefilled_text(template)
-    results = reward_fn(samples.texts, samples.items(prompts))
+    results = reward_fn(samples.texts, samples.items(fitted))
     out: list[list[Scored]] = []
     k = 0
     for g in samples.groups:
@@ -129,7 +156,10 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
             report.well_formed += bool(r.format_ok)
         report.by_prompt_solved += any(s.result.correct and s.result.format_ok for s in scored)
         out.append(scored)
-    return out, report
+    by_prompt: list[list[Scored]] = [[] for _ in prompts]    # a dropped prompt has no samples
+    for i, scored in zip(keep, out):
+        by_prompt[i] = scored
+    return by_prompt, report
 
 
-__all__ = ["sampling_params", "Samples", "sample", "Scored", "SampleReport", "sample_and_score"]
+__all__ = ["fit_prompts", "sampling_params", "Samples", "sample", "Scored", "SampleReport", "sample_and_score"]

@@ -90,9 +90,18 @@ def check_sft_data(data: str, n: int = 0) -> None:
     if spec is not None:
         if n <= 0:
             raise DataError(f"SFT data {data!r} needs a number of examples (num_examples > 0)")
-        training_sources(spec)
+        _with_gold(training_sources(spec))
     else:
         check_file(data)
+
+
+def _with_gold(sources: list) -> list:
+    """``sources``, or a DataError naming the first whose problems carry no gold answer to train on."""
+    for src in sources:
+        if not src.has_gold:
+            raise DataError(f"SFT data: {src.name} has no gold answers (its score_answer accepts many): nothing to "
+                            "imitate; use it as GRPO prompts or to evaluate")
+    return sources
 
 
 def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
@@ -105,7 +114,7 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
     """
     from nanoseek.tasks.reply import sft_messages
 
-    sources = training_sources(source)
+    sources = _with_gold(training_sources(source))
     out: list[SFTExample] = []
     for k, src in enumerate(sources):
         share = n // len(sources) + (1 if k < n % len(sources) else 0)

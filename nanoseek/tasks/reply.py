@@ -227,8 +227,13 @@ def _matching_brace(text: str, open_idx: int) -> int:
     return -1
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, *, block: bool = False, as_written: bool = False) -> str | None:
     """The final answer a model response states, or None when nothing is extractable.
+
+    ``block`` (a task whose gold answers span several lines: a grid, a board, a list of moves):
+    an answer after ``Answer:`` is the whole block from the last line-start ``Answer:`` to the end
+    of the reply, stripped, not its first line. ``as_written``: a trailing period is kept (an
+    external task's own scorer grades the text; see :mod:`nanoseek.tasks.rg`).
 
     Only the text after the last ``</think>`` is searched when there is one (the reasoning holds
     intermediate numbers). In that region, in order: the last ``<answer>...</answer>`` (an
@@ -246,6 +251,8 @@ def extract_answer(text: str) -> str | None:
     elif (i := region.rfind("\\boxed{")) >= 0:
         j = _matching_brace(region, i + len("\\boxed"))
         found = region[i + len("\\boxed{"): j if j >= 0 else len(region)]
+    elif block and (ms := list(re.finditer(r"(?m)^[ \t]*Answer[ \t]*:", region))):
+        found = region[ms[-1].end():]
     else:
         ms = list(re.finditer(r"\banswer\s*(?:is\b\s*:?|:)", region, re.I))
         if ms:
@@ -260,7 +267,7 @@ def extract_answer(text: str) -> str | None:
     if found is None:
         return None
     found = found.strip()
-    if found.endswith(".") and not found.endswith(".."):
+    if not as_written and found.endswith(".") and not found.endswith(".."):
         found = found[:-1].strip()
     return found or None
 

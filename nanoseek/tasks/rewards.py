@@ -338,12 +338,14 @@ RewardFn = Callable[[list[str], list[Any]], list[RewardResult]]
 
 
 def score_external(response: str, score_answer: Callable[[str | None], float],
-                   config: RewardConfig | None = None) -> RewardResult:
+                   config: RewardConfig | None = None,
+                   extract: Callable[[str], str | None] | None = None) -> RewardResult:
     """Reward one response whose accuracy an outside verifier gives (reasoning-gym's
-    ``score_answer(extracted answer) -> [0, 1]``), with the same format rule and combination."""
+    ``score_answer(extracted answer) -> [0, 1]``), with the same format rule and combination;
+    ``extract``: the task's own answer extraction (default :func:`extract_answer`)."""
     cfg = config or RewardConfig()
     ok, reason = check_format(response, cfg.template, cfg.think_prefilled, cfg.min_think_chars)
-    answer = extract_answer(response)
+    answer = (extract or extract_answer)(response)
     accuracy = score_answer(answer)
     return RewardResult(reward=float(ok) * (cfg.accuracy_weight * accuracy + cfg.format_weight), format_ok=ok,
                         correct=accuracy == 1.0, answer=answer, info={"format_reason": reason})
@@ -365,7 +367,7 @@ def build_reward_fn(config: RewardConfig, workers: int = 4) -> RewardFn:
                 out[i] = r
         for i, it in enumerate(items):
             if it.score_answer is not None:
-                out[i] = score_external(texts[i], it.score_answer, config)
+                out[i] = score_external(texts[i], it.score_answer, config, getattr(it, "extract", None))
         return out
 
     return fn

@@ -10,16 +10,19 @@ SFT's ``data = "rg:gsm_symbolic"`` all reach the same problems.
 
 **Spec**: ``NAME`` or ``NAME(key=value, ...)`` with keys of the dataset's config dataclass and
 Python literal values (``rg:basic_arithmetic(min_terms=2, max_terms=2, operators=["+", "-"])``;
-a bare word is a string: ``format_style=natural``). An unknown name is one line with the close
+a bare word is a string: ``format_style=natural``, but ``true``/``false``/``null``/``none`` are
+refused with the Python spelling to use, as are non-finite numbers and a key given twice; a tuple
+and a list name the same task). An unknown name is one line with the close
 matches; an unknown key lists the valid ones; a value the dataset's ``validate`` refuses says why.
 The task's name (the ``task`` of its problems and results) is the canonical spec: ``rg:NAME``, or
 ``rg:NAME(k=v,...)`` with the keys sorted, so two configs of one dataset are two tasks.
 
 **Splits, disjoint by construction** (as the built-in tasks'): a question belongs to ``"test"``
-iff a hash of the dataset's name and the question's text falls in the same 20 % bucket range
-(:data:`TEST_PER_MILLE`), so no test question is ever a training prompt, whatever seeds or
-configs either side uses (many datasets repeat a question at different seeds: ``1 + 2`` comes back
-often). The text, not the math: the same sum worded by another dataset is another question. On top of that the three uses walk
+iff a hash of its text alone falls in a 20 % bucket range (:data:`TEST_PER_MILLE`), so no test
+question of any reasoning-gym dataset is ever a training prompt of any reasoning-gym dataset,
+whatever datasets, seeds or configs either side uses (many datasets repeat a question at different
+seeds, and some share wordings: ``chain_sum`` and ``decimal_chain_sum``). The text, not the math:
+the same sum worded differently is another question. On top of that the three uses walk
 disjoint index ranges of reasoning-gym's per-entry seed (entry ``i`` of a dataset seeded ``s``
 draws from ``Random(s + i)``): stream ``train`` (RL prompts, SFT traces), ``test`` (evaluation)
 and ``fewshot`` (a base model's worked examples: train-split questions that are not the RL
@@ -28,9 +31,25 @@ reaches reasoning-gym below 2**32 (numpy seeding in some datasets), and seeds eq
 draw the same problems. A draw takes at most 2**20 entries. Test problems are distinct questions
 (fewer when the space runs out: the result's N says how many); training draws may repeat.
 
-**Answers** are extracted from a reply as for every task (:func:`nanoseek.tasks.reply.extract_answer`)
-and graded by the dataset's own ``score_answer``; an answer is *correct* when it scores 1.0
-(partial credit is not a solved problem).
+**Answers** are extracted from a reply as for every task (:func:`nanoseek.tasks.reply.extract_answer`,
+:meth:`RGTask.extractor`) with two differences: the text is kept as written (a trailing period is
+part of a sentence answer: emoji_mystery, sentence_reordering; ``42.`` is also graded as ``42``),
+and for a dataset whose gold answers span several lines (grids, boards, move lists: sudoku,
+rotate_matrix, tower_of_hanoi, ...; decided per dataset from its first gold answers) the answer
+after ``Answer:`` is the whole block to the end of the reply. They are graded by the dataset's own
+``score_answer``; an answer is *correct* when it scores 1.0 (partial credit is not a solved
+problem). Datasets whose entries carry no gold answer (boxnet, graph_color, propositional_logic,
+rubiks_cube, rush_hour: many answers are right) are RL prompts and evaluation only: SFT refuses
+them and few-shot evaluation shows them no examples.
+
+**Hash seed**: some generators iterate over sets, so their problems would follow the process's
+``PYTHONHASHSEED``; a process with hash randomization draws through one child process started
+with ``PYTHONHASHSEED=0`` (~1.5 s once per process, then a pipe round trip per draw), so two
+evaluations or a resumed run see the same problems.
+
+**Cost**: most generators make thousands of problems a second; a few are slow (sokoban ~3 s a
+problem, knight_swap ~2 s, futoshiki and intermediate_integration ~1 s): 200 held-out problems
+of those take minutes.
 
 **SFT traces** (:data:`TRACES`): reasoning-gym entries carry an answer, rarely the steps. Of the
 datasets of 0.1.25, ``gsm_symbolic`` has a worked solution (``metadata.answer_cot``) and the
@@ -45,9 +64,16 @@ weighting; name a config per task instead.
 from __future__ import annotations
 
 import ast
+import atexit
 import difflib
 import hashlib
+import math
+import os
+import pickle
 import re
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
@@ -62,6 +88,11 @@ SEEDS = STREAM_SPAN // DRAW_SPAN    # 1024 distinct seeds per stream
 # problem id -> its reasoning-gym entry (score_answer needs the entry; ids name the task and the question)
 _ENTRIES: dict[str, dict] = {}
 MAX_ANSWER_CHARS = 1000        # longer answers (than this, or 4x the gold one) score 0 unread
+# datasets a spec cannot express -> why (one line)
+UNSUPPORTED = {"composite": "reasoning-gym's weighted mix of datasets takes nested dataset specs, which a task "
+                            "spec does not carry; name each dataset as its own task (rg:chain_sum,rg:products)"}
+PROBE_ENTRIES = 4               # entries whose gold answers decide a dataset's answer shape (RGTask.multiline)
+_SHAPE: dict[str, tuple[bool, bool]] = {}  # task name -> (answers span several lines, entries carry one)
 MAX_MISSES = 2000               # consecutive entries without a new test question before a space is "exhausted"
 
 
@@ -81,10 +112,11 @@ def dataset_names() -> list[str]:
     return sorted(_package().factory.DATASETS)
 
 
-def split_of(dataset: str, question: str) -> str:
-    """"test" or "train": a pure function of the dataset's name and the question text (not of its
-    config, so a question asked under two configs is held out under both)."""
-    h = hashlib.sha256(f"rg:{dataset}\x00{question}".encode()).digest()
+def split_of(question: str) -> str:
+    """"test" or "train": a pure function of the question text, not of the dataset or its config,
+    so a question that two configs or two datasets ask (``chain_sum`` and ``decimal_chain_sum``
+    share wordings) is held out under all of them."""
+    h = hashlib.sha256(f"rg:\x00{question}".encode()).digest()
     return "test" if int.from_bytes(h[:4], "big") % 1000 < TEST_PER_MILLE else "train"
 
 
@@ -95,15 +127,48 @@ def stream_seed(stream: str, seed: int) -> int:
 
 # ----------------------------------------------------------------------------- the spec
 
+# bare words that look like a boolean, a null or a non-finite number in other languages: never strings
+_LOOKALIKES = {"true": "True", "false": "False", "null": "None", "none": "None", "nil": "None",
+               "nan": None, "inf": None, "infinity": None, "-inf": None}
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, complex):
+        return False
+    if isinstance(value, (list, tuple, set)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(k) and _finite(v) for k, v in value.items())
+    return True
+
+
 def _value(text: str) -> Any:
     text = text.strip()
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.lower() in _LOOKALIKES and text not in ("True", "False", "None"):
+            fix = _LOOKALIKES[text.lower()]
+            raise ValueError(f"{text!r} is not a Python literal: write {fix}" if fix else
+                             f"{text!r}: non-finite numbers are refused") from None
         if re.fullmatch(r"[A-Za-z_][\w.-]*", text):       # a bare word: a string
             return text
         raise ValueError(f"{text!r} is not a Python literal (a number, a quoted string, a list, "
                          "True/False/None)") from None
+    if not _finite(value):
+        raise ValueError(f"{text!r}: non-finite numbers are refused")
+    return value
+
+
+def _listed(value: Any) -> Any:
+    """``value`` with tuples written as lists (one task name for ``(1, 2)`` and ``[1, 2]``)."""
+    if isinstance(value, (list, tuple)):
+        return [_listed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    return value
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -117,6 +182,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip().isidentifier():
             raise ValueError(f"task spec 'rg:{spec}': {item.strip()!r} is not key=value")
+        if key.strip() in config:
+            raise ValueError(f"task spec 'rg:{spec}': {key.strip()} is given twice")
         try:
             config[key.strip()] = _value(value)
         except ValueError as e:
@@ -128,7 +195,7 @@ def canonical_name(name: str, config: dict[str, Any]) -> str:
     """The task name of a dataset and config: ``rg:NAME`` or ``rg:NAME(k=v,...)``, keys sorted."""
     if not config:
         return PREFIX + name
-    return PREFIX + name + "(" + ",".join(f"{k}={config[k]!r}" for k in sorted(config)) + ")"
+    return PREFIX + name + "(" + ",".join(f"{k}={_listed(config[k])!r}" for k in sorted(config)) + ")"
 
 
 # ----------------------------------------------------------------------------- worked steps
@@ -185,6 +252,8 @@ class RGTask:
             hint = f"close matches: {', '.join(PREFIX + c for c in close)}" if close else \
                 f"{len(names)} datasets, e.g. {', '.join(PREFIX + n for n in names[:5])}"
             raise ValueError(f"unknown reasoning-gym dataset {PREFIX + self.dataset!r}; {hint}")
+        if self.dataset in UNSUPPORTED:
+            raise ValueError(f"{PREFIX + self.dataset}: {UNSUPPORTED[self.dataset]}")
         config_cls = _package().factory.DATASETS[self.dataset][1]
         valid = [f.name for f in fields(config_cls) if f.name not in ("seed", "size")] \
             if is_dataclass(config_cls) else []
@@ -212,42 +281,153 @@ class RGTask:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         unique = split == "test" if unique is None else unique
         stream = stream or split
-        size = min(DRAW_SPAN, 20 * n + MAX_MISSES)      # entries are prefix-stable: the size bounds the walk only
-        ds = self.create(stream_seed(stream, seed), size)
-        out: list[Problem] = []
-        seen: set[str] = set()
-        misses = 0
-        for i in range(size):
-            if len(out) >= n or misses >= MAX_MISSES:
-                break
-            entry = ds[i]
-            q = str(entry["question"])
-            if split_of(self.dataset, q) != split or (unique and q in seen):
-                misses += 1
-                continue
-            misses = 0
-            seen.add(q)
-            out.append(self._problem(split, entry))
-        if not out and n > 0:
+        entries = _entries(self.dataset, self.config, stream_seed(stream, seed), split, n, unique)
+        if not entries and n > 0:
             raise ValueError(f"{self.name}: no {split!r} question in {MAX_MISSES} draws")
-        return out
+        return [self._problem(split, e) for e in entries]
+
+    def _shape(self) -> tuple[bool, bool]:
+        """(multi-line, has gold) of the dataset's answers, from its first :data:`PROBE_ENTRIES`
+        entries at seed 0; one rule per dataset and config, cached per process."""
+        if self.name not in _SHAPE:
+            answers = [e["answer"] for e in _entries(self.dataset, self.config, 0, None, PROBE_ENTRIES, False)]
+            _SHAPE[self.name] = (any("\n" in str(a).strip() for a in answers if a is not None),
+                                 all(a is not None for a in answers))
+        return _SHAPE[self.name]
+
+    @property
+    def multiline(self) -> bool:
+        """Whether the dataset's answers span several lines (a grid, a board, a list of moves): any
+        of its first :data:`PROBE_ENTRIES` gold answers does."""
+        return self._shape()[0]
+
+    @property
+    def has_gold(self) -> bool:
+        """Whether the dataset's entries carry a gold answer (``boxnet``, ``graph_color``,
+        ``rush_hour``, ... give None: many answers are right, ``score_answer`` checks them); one
+        without is no SFT data and no few-shot example, only RL prompts and evaluation."""
+        return self._shape()[1]
+
+    def extractor(self, problem: Problem) -> Callable[[str], str | None]:
+        """How a reply's answer to ``problem`` is read: :func:`~nanoseek.tasks.reply.extract_answer`
+        on the text as written (a trailing period kept), and the whole ``Answer:`` block to the end
+        of the reply when the dataset's answers span several lines (:attr:`multiline`, or this
+        gold answer does)."""
+        from nanoseek.tasks.reply import extract_answer
+
+        block = "\n" in problem.answer.strip() or self.multiline
+        return lambda text: extract_answer(text, block=block, as_written=True)
 
     def score_answer(self, answer: str | None, problem: Problem) -> float:
         """The dataset's own grade of an extracted answer, in [0, 1]; 0 for an unknown problem or an
-        exception in the dataset's scorer (a verifier never crashes a run on adversarial text)."""
+        exception in the dataset's scorer (a verifier never crashes a run on adversarial text). The
+        answer is graded as written; one ending in a period is also graded without it (``42.``
+        closing a sentence), the better grade counting."""
         entry = _ENTRIES.get(problem.id)
         if entry is None or not isinstance(answer, str) or len(answer) > max(MAX_ANSWER_CHARS, 4 * len(problem.answer)):
             return 0.0                     # a runaway answer never reaches a (possibly sympy-based) scorer
         if self._scorer is None:
             self._scorer = self.create(0, 1)
-        try:
-            return float(self._scorer.score_answer(answer=answer, entry=entry) or 0.0)
-        except Exception:
-            return 0.0
+        forms = [answer] + ([answer[:-1].strip()] if answer.endswith(".") and not answer.endswith("..") else [])
+        best = 0.0
+        for form in forms:
+            try:
+                best = max(best, float(self._scorer.score_answer(answer=form, entry=entry) or 0.0))
+            except Exception:
+                pass
+        return best
 
     def verify(self, answer: str | None, problem: Problem) -> bool:
         """Solved: the dataset grades the answer 1.0."""
         return self.score_answer(answer, problem) >= 1.0
+
+
+# ----------------------------------------------------------------------------- drawing, independent of the hash seed
+
+def _walk(dataset: str, config: dict[str, Any], seed: int, split: str | None, n: int, unique: bool) -> list[dict]:
+    """The entries of a draw, in this process: the first ``n`` of ``split`` (every entry for None)
+    walking reasoning-gym's entries from ``seed``; distinct questions when ``unique``."""
+    size = min(DRAW_SPAN, 20 * n + MAX_MISSES)      # entries are prefix-stable: the size bounds the walk only
+    try:
+        ds = _package().create_dataset(dataset, seed=seed, size=size, **config)
+    except Exception as e:             # its configs assert, or fail in their own ways on odd values
+        raise ValueError(f"task spec {canonical_name(dataset, config)!r}: reasoning-gym refuses the config: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    out: list[dict] = []
+    seen: set[str] = set()
+    misses = 0
+    for i in range(size):
+        if len(out) >= n or misses >= MAX_MISSES:
+            break
+        entry = ds[i]
+        q = str(entry["question"])
+        if (split is not None and split_of(q) != split) or (unique and q in seen):
+            misses += 1
+            continue
+        misses = 0
+        seen.add(q)
+        out.append(entry)
+    return out
+
+
+_WORKER: dict[str, Any] = {}       # the child process that draws with PYTHONHASHSEED=0 (started once)
+_WORKER_LOCK = threading.Lock()
+
+
+def _entries(dataset: str, config: dict[str, Any], seed: int, split: str | None, n: int, unique: bool) -> list[dict]:
+    """:func:`_walk`, with the same result whatever this process's ``PYTHONHASHSEED``: some datasets
+    iterate over sets (polynomial_multiplication, isomorphic_strings, ransom_note, list_functions,
+    knight_swap, word_ladder, sokoban), so their problems follow string hashing. A process with
+    hash randomization draws in one child started with ``PYTHONHASHSEED=0`` (started on the first
+    draw, ~2 s, then a pipe round trip per draw); a process started with 0 draws itself."""
+    if sys.flags.hash_randomization == 0:
+        return _walk(dataset, config, seed, split, n, unique)
+    with _WORKER_LOCK:
+        proc = _WORKER.get("proc")
+        if proc is None or proc.poll() is not None:
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env = {**os.environ, "PYTHONHASHSEED": "0",
+                   "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+            proc = subprocess.Popen([sys.executable, "-m", "nanoseek.tasks.rg"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, env=env)
+            _WORKER["proc"] = proc
+            atexit.register(_stop_worker)
+        try:
+            pickle.dump((dataset, config, seed, split, n, unique), proc.stdin)
+            proc.stdin.flush()
+            ok, value = pickle.load(proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as e:
+            _WORKER.pop("proc", None)
+            raise ValueError(f"{canonical_name(dataset, config)}: the reasoning-gym draw process failed "
+                             f"({type(e).__name__})") from None
+    if not ok:
+        raise ValueError(value)
+    return value
+
+
+def _stop_worker() -> None:
+    proc = _WORKER.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def _serve() -> None:
+    """The draw process: (dataset, config, seed, split, n, unique) pickles in on stdin, (ok, entries
+    or an error line) out on stdout, until stdin closes. What reasoning-gym prints goes to stderr."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    while True:
+        try:
+            request = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        try:
+            reply = (True, _walk(*request))
+        except ValueError as e:
+            reply = (False, str(e))
+        pickle.dump(reply, out)
+        out.flush()
 
 
 def rg_task(spec: str) -> RGTask:
@@ -258,3 +438,7 @@ def rg_task(spec: str) -> RGTask:
 
 __all__ = ["PREFIX", "TEST_PER_MILLE", "STREAMS", "TRACES", "RGTask", "rg_task", "parse_spec", "canonical_name",
            "split_of", "stream_seed", "dataset_names"]
+
+
+if __name__ == "__main__":
+    _serve()

@@ -26,6 +26,7 @@ class TaskSource:
 
     name: str = ""
     has_levels: bool = False        # whether a caller's default levels (eval ``levels``) apply
+    has_gold: bool = True           # whether problems carry a gold answer to show (SFT targets, few-shot examples)
 
     # -------------------------------------------------------------- problems
 
@@ -88,16 +89,23 @@ class TaskSource:
         """The RL reward's verifier of ``problem`` when it is not a built-in task's (else None)."""
         return lambda answer: self.accuracy(answer, problem)
 
+    def extractor(self, problem: Problem) -> Callable[[str], str | None]:
+        """How the answer to ``problem`` is read from a reply (default: :func:`~nanoseek.tasks.reply.extract_answer`)."""
+        from nanoseek.tasks.reply import extract_answer
+
+        return extract_answer
+
     def score_reply(self, text: str, problem: Problem, mode: str) -> Reply:
         """(correct, well formed, extracted answer) of one reply in evaluation ``mode``."""
-        from nanoseek.tasks.reply import extract_answer, states_answer_line
+        from nanoseek.tasks.reply import states_answer_line
         from nanoseek.tasks.rewards import RewardConfig, score_external
 
+        extract = self.extractor(problem)
         if mode == "fewshot":
-            answer = extract_answer(text)
+            answer = extract(text)
             return answer is not None and self.accuracy(answer, problem) >= 1.0, states_answer_line(text), answer
         r = score_external(text, lambda a: self.accuracy(a, problem) if a is not None else 0.0,
-                           RewardConfig.for_template(mode))
+                           RewardConfig.for_template(mode), extract)
         return bool(r.correct), bool(r.format_ok), r.answer
 
     def score_replies(self, items: Sequence[tuple[Problem, str]], mode: str) -> list[Reply]:

@@ -98,11 +98,20 @@ class RGSource(TaskSource):
     def problems(self, split, n, seed, level=None):
         return self.task.draw(split, n, seed, unique=False)
 
+    @property
+    def has_gold(self) -> bool:  # type: ignore[override]
+        return self.task.has_gold
+
     def examples(self, level, k, seed):
+        if not self.has_gold:           # "Answer: None" would teach a wrong answer: zero-shot (the harness notes it)
+            return []
         return self.task.draw("train", k, seed, stream="fewshot")
 
     def accuracy(self, answer, problem):
         return self.task.score_answer(answer, problem)
+
+    def extractor(self, problem):
+        return self.task.extractor(problem)
 
 
 def _rg(item: str) -> TaskSource:
