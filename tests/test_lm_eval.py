@@ -60,7 +60,8 @@ def served(tmp_path_factory):
 
 
 def write_task(folder, name: str, docs: list[dict], kind: str) -> None:
-    """A lm-eval task ``name`` over ``docs`` (a local JSON file): ``kind`` "mc" or "gen"."""
+    """A lm-eval task ``name`` over ``docs`` (a local JSON file): ``kind`` "mc", "gen" or "rolling"
+    (perplexity: loglikelihood_rolling over each doc's ``text``)."""
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
     head = f"""task: {name}
 dataset_path: json
@@ -90,6 +91,13 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
+""", "rolling": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
 """}[kind]
     (folder / f"{name}.yaml").write_text(head + body)
 
@@ -243,25 +251,6 @@ ROLLING_DOCS = [{"text": "Hello world, how are you today?"}, {"text": "The quick
                 {"text": " ".join(f"word{i} is {i * 7 % 13}" for i in range(60))}]     # longer than one window
 
 
-def write_rolling_task(folder, name: str) -> None:
-    (folder / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ROLLING_DOCS))
-    (folder / f"{name}.yaml").write_text(f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / f'{name}.jsonl'}
-  cache_dir: {folder / 'hf-cache'}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-""")
-
-
 def rolling_reference(model, tok, text: str, max_length: int) -> float:
     """The model's log-likelihood of ``text`` after BOS, scored window by window as lm-eval splits a
     document longer than its ``max_length`` (each window's tokens predicted once)."""
@@ -284,7 +273,7 @@ def test_rolling_loglikelihoods_are_the_models_own(served, tmp_path, tokenized):
     fits in one (a later window is scored after the server's BOS, not after lm-eval's context alone)."""
     url, model, tok, checkpoint = served
     context = 256                                      # make_tiny_run's max_position_embeddings
-    write_rolling_task(tmp_path, "nanoseek_ppl")
+    write_task(tmp_path, "nanoseek_ppl", ROLLING_DOCS, "rolling")
     args = {"model": MODEL, "base_url": url + "/v1/completions", "max_retries": 1, "batch_size": 1,
             # string windows after the first get the server's BOS on top of lm-eval's max_length - 1 tokens
             "max_length": context if tokenized else context - 1,
