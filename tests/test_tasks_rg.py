@@ -407,3 +407,21 @@ def test_problem_sets_do_not_depend_on_the_hash_seed():
 def test_slow_problem_sets_do_not_depend_on_the_hash_seed():
     names = ["knight_swap", "sokoban"]
     assert _draw_in_process(names, 1) == _draw_in_process(names, 2)
+
+
+def test_problems_do_not_depend_on_what_the_process_drew_before():
+    """list_functions draws from Python's global ``random``: a draw made first, made again, made after other
+    draws or after the caller reseeded ``random`` gives the same problems, and the caller's state is untouched."""
+    import random
+
+    def draw():
+        return [(p.id, p.prompt, p.answer) for p in parse_sources(["rg:list_functions"])[0].test_problems(8, 0)]
+
+    first = draw()
+    parse_sources(["rg:list_functions"])[0].problems("train", 20, 3)
+    random.seed(12345)
+    expected = random.random()
+    random.seed(12345)
+    again = draw()
+    assert random.random() == expected
+    assert again == first == draw()

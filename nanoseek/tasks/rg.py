@@ -45,7 +45,10 @@ them and few-shot evaluation shows them no examples.
 **Hash seed**: some generators iterate over sets, so their problems would follow the process's
 ``PYTHONHASHSEED``; a process with hash randomization draws through one child process started
 with ``PYTHONHASHSEED=0`` (~1.5 s once per process, then a pipe round trip per draw), so two
-evaluations or a resumed run see the same problems.
+evaluations or a resumed run see the same problems. Some generators also draw from Python's global
+``random`` (list_functions), so each entry is made with the global generator seeded from (seed,
+index) and the caller's global state restored after the walk: an entry never depends on what the
+process drew before.
 
 **Cost**: most generators make thousands of problems a second; a few are slow (sokoban ~3 s a
 problem, knight_swap ~2 s, futoshiki and intermediate_integration ~1 s): 200 held-out problems
@@ -70,6 +73,7 @@ import hashlib
 import math
 import os
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -356,17 +360,22 @@ def _walk(dataset: str, config: dict[str, Any], seed: int, split: str | None, n:
     out: list[dict] = []
     seen: set[str] = set()
     misses = 0
-    for i in range(size):
-        if len(out) >= n or misses >= MAX_MISSES:
-            break
-        entry = ds[i]
-        q = str(entry["question"])
-        if (split is not None and split_of(q) != split) or (unique and q in seen):
-            misses += 1
-            continue
-        misses = 0
-        seen.add(q)
-        out.append(entry)
+    state = random.getstate()
+    try:
+        for i in range(size):
+            if len(out) >= n or misses >= MAX_MISSES:
+                break
+            random.seed(f"{seed}:{i}")     # str seeds hash with sha512: the same in every process
+            entry = ds[i]
+            q = str(entry["question"])
+            if (split is not None and split_of(q) != split) or (unique and q in seen):
+                misses += 1
+                continue
+            misses = 0
+            seen.add(q)
+            out.append(entry)
+    finally:
+        random.setstate(state)
     return out
 
 
