@@ -9,7 +9,7 @@ package are kept; the graph is then searched for cycles (Tarjan's strongly conne
 
 Layers (:data:`LAYERS`, bottom up; a module may import only its own layer or lower ones): the
 ground floor (errors, atomic writes, output folders) < ``model/`` < ``limits``, ``estimate/`` <
-``data/``, ``tasks/`` < ``train/`` < ``infer/`` < ``post/``, ``eval/``, ``export/`` < ``serve/`` < the jobs
+``data/``, ``tasks/``, ``tools/`` < ``train/`` < ``infer/`` < ``post/``, ``eval/``, ``export/`` < ``serve/`` < the jobs
 (speedrun, ablate, demo) < the command line. Siblings that must stay apart (:data:`APART`):
 ``eval/`` and ``post/`` import nothing of each other; ``tasks/`` uses ``data/``'s tokenizer but
 not the corpus and preparation built on top of the tasks.
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("nanoseek", "nanoseek.errors", "nanoseek.atomic", "nanoseek.claims", "nanoseek.outdir")),
     ("model", ("nanoseek.model",)),
     ("over the model", ("nanoseek.limits", "nanoseek.estimate")),
-    ("data and tasks", ("nanoseek.data", "nanoseek.tasks")),
+    ("data, tasks and tools", ("nanoseek.data", "nanoseek.tasks", "nanoseek.tools")),
     ("train", ("nanoseek.train",)),
     ("infer", ("nanoseek.infer",)),
     ("post-training, evaluation and export", ("nanoseek.post", "nanoseek.eval", "nanoseek.export")),
