@@ -24,13 +24,18 @@ from .grpo_loss import token_logprobs
 IGNORE = -100
 
 
-def chat_row(tokenizer, messages: Sequence[dict[str, Any]], max_len: int | None = None) -> tuple[list[int], list[int], bool]:
+def chat_row(tokenizer, messages: Sequence[dict[str, Any]], max_len: int | None = None,
+             tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated) of one chat; labels[t] is the target of position t.
 
     labels[t] = ids[t + 1] when token t + 1 was written by the assistant (``encode_chat``'s
-    mask), else -100; the last position has no target. ``max_len`` truncates on the right.
+    mask: a tool's output is never a target), else -100; the last position has no target.
+    ``max_len`` truncates on the right; ``tools``: the function definitions the system turn
+    describes (:func:`nanoseek.tasks.reply.encode_chat_tools`).
     """
-    ids, mask = tokenizer.encode_chat(messages)
+    from nanoseek.tasks.reply import encode_chat_tools
+
+    ids, mask = encode_chat_tools(tokenizer, messages, tools)
     truncated = max_len is not None and len(ids) > max_len
     if truncated:
         ids, mask = ids[:max_len], mask[:max_len]

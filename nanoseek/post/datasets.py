@@ -2,9 +2,13 @@
 
 Three JSONL formats, one JSON object per line (blank lines are skipped):
 
-* **SFT**: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str,
-  "reasoning": str (assistant only, optional)}, ...]}``. At least one assistant turn; the loss
-  covers the assistant tokens only (the tokenizer's ``encode_chat`` mask).
+* **SFT**: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
+  "reasoning": str (assistant only, optional)}, ...], "tools": [...] (optional)}``. At least one
+  assistant turn; the loss covers the assistant tokens only (the tokenizer's ``encode_chat`` mask:
+  a tool's output is context, never a target). Tool use (DeepSeek-V3.1's format): ``tools`` are
+  OpenAI function definitions (described in the system turn), an assistant message may carry
+  OpenAI's ``tool_calls`` (``[{"id", "type": "function", "function": {"name", "arguments"}}]``) and
+  a ``tool`` message answers one with its ``content`` (and ``tool_call_id``).
 * **Preferences** (DPO): ``{"prompt": str}`` or ``{"messages": [...]}`` (the conversation before
   the response, ending with a user turn), plus ``"chosen"`` and ``"rejected"``, each a string
   (the assistant's content) or an assistant message ``{"role": "assistant", "content", "reasoning"}``.
@@ -42,9 +46,9 @@ from typing import Any, Callable
 from nanoseek.atomic import write_atomic
 from nanoseek.errors import UserError
 
-ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = {"role", "content", "reasoning"}
-SFT_KEYS = {"messages", "id", "source", "task"}          # id/source/task: provenance, kept as metadata
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "reasoning", "tool_calls", "tool_call_id"}
+SFT_KEYS = {"messages", "tools", "id", "source", "task"}  # id/source/task: provenance, kept as metadata
 PREF_KEYS = {"prompt", "messages", "chosen", "rejected", "id", "source", "task"}
 RL_KEYS = {"prompt", "answer", "task"}                   # required; anything else goes to ``extra``
 EXTERNAL_VERIFIERS = ("math", "code")                    # checkers of nanoseek.tasks.rewards besides the tasks
@@ -59,6 +63,7 @@ class SFTExample:
     messages: list[dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
     where: str = ""                  # "file:line" for later error messages
+    tools: list[dict[str, Any]] | None = None   # OpenAI function definitions the system turn describes
 
 
 @dataclass
@@ -137,6 +142,8 @@ def check_message(where: str, m: Any, i: int | str) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise DataError(f"{ctx}: expected an object with 'role' and 'content', got {type(m).__name__}")
     _unknown(ctx, m, MESSAGE_KEYS, "a message")
+    if m.get("content") is None and m.get("tool_calls") is not None:   # OpenAI: a call's content may be null
+        m = {**m, "content": ""}
     for key in ("role", "content"):
         if key not in m:
             raise DataError(f"{ctx}: missing field '{key}'")
@@ -149,7 +156,44 @@ def check_message(where: str, m: Any, i: int | str) -> dict[str, Any]:
             raise DataError(f"{ctx}.reasoning: only assistant messages may carry reasoning")
         if not isinstance(m["reasoning"], str):
             raise DataError(f"{ctx}.reasoning: must be a string, got {type(m['reasoning']).__name__}")
-    return {k: m[k] for k in ("role", "content", "reasoning") if m.get(k) is not None}
+    if m.get("tool_calls") is not None:
+        if m["role"] != "assistant":
+            raise DataError(f"{ctx}.tool_calls: only assistant messages may call tools")
+        _check_tool_calls(f"{ctx}.tool_calls", m["tool_calls"])
+    if m.get("tool_call_id") is not None and (m["role"] != "tool" or not isinstance(m["tool_call_id"], str)):
+        raise DataError(f"{ctx}.tool_call_id: a string, on tool messages only")
+    return {k: m[k] for k in ("role", "content", "reasoning", "tool_calls", "tool_call_id") if m.get(k) is not None}
+
+
+def _check_tool_calls(ctx: str, calls: Any) -> None:
+    """OpenAI's ``tool_calls`` shape: a non-empty list of ``{"id", "type": "function", "function":
+    {"name", "arguments"}}`` (arguments a JSON string or an object)."""
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{ctx}: must be a non-empty list of calls")
+    for i, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict):
+            raise DataError(f"{ctx}[{i}].function: missing or not an object")
+        if c.get("type", "function") != "function":
+            raise DataError(f"{ctx}[{i}].type: must be 'function', got {c.get('type')!r}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{ctx}[{i}].function.name: must be a non-empty string")
+        if not isinstance(fn.get("arguments"), (str, dict)):
+            raise DataError(f"{ctx}[{i}].function.arguments: must be a JSON string or an object")
+
+
+def check_tools(where: str, tools: Any) -> list[dict[str, Any]]:
+    """A record's ``tools``: OpenAI function definitions (:meth:`ToolSpec.from_openai` checks each)."""
+    from nanoseek.tools.format import ToolFormatError, ToolSpec
+
+    if not isinstance(tools, list) or not tools:
+        raise DataError(f"{where}: 'tools' must be a non-empty list of function definitions")
+    for i, t in enumerate(tools):
+        try:
+            ToolSpec.from_openai(t, f"tools[{i}]")
+        except ToolFormatError as e:
+            raise DataError(f"{where}: {e}") from None
+    return tools
 
 
 def _messages(where: str, obj: dict) -> list[dict[str, Any]]:
@@ -170,7 +214,8 @@ def parse_sft(where: str, obj: dict) -> SFTExample:
     msgs = _messages(where, obj)
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: no assistant message: nothing to train on")
-    return SFTExample(messages=msgs, meta=_meta(obj), where=where)
+    tools = check_tools(where, obj["tools"]) if obj.get("tools") is not None else None
+    return SFTExample(messages=msgs, meta=_meta(obj), where=where, tools=tools)
 
 
 def _response(where: str, obj: dict, key: str) -> dict[str, Any]:
@@ -396,6 +441,6 @@ def source_key(key: str) -> Iterator[None]:
 
 
 __all__ = ["DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
-           "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
+           "check_tools", "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
            "read_rl_prompts", "write_jsonl", "check_file", "check_rl_source", "check_task_level", "source_key",
            "task_prompts", "task_sources", "training_sources", "source_prompts", "reasoning_gym_prompts", "load_rl_prompts"]

@@ -25,6 +25,15 @@ straight from the base model; the answer goes in ``<answer>`` tags and generatio
 model writes ``<think>...</think>`` itself; ``chat-think`` also pre-fills ``<think>\\n``. In every
 template the question is text: only the template makes control tokens (:mod:`nanoseek.tasks.reply`).
 
+Tool use (``tools = "calculator"``, ``tool_tasks``: :class:`~nanoseek.tasks.tool_use.ToolUse`): the
+prompts of the tasks that get the tools describe them in the system turn and are sampled through
+the engine's tool loop (multi-turn rollouts: call, tool output, more reasoning, answer). The loss
+covers the model's own tokens only: ``Completion.model_mask`` takes the tool loop's tokens (the EOS
+after a call block and the tool's output) out of the targets, for every loss aggregation and for
+pi_old / pi_ref alike. The reward reads the final answer (after the last tool output) and, with
+``tool_failure_penalty > 0``, subtracts that much per failed call (bad JSON, unknown tool, a tool
+error). Logged besides: calls per sample, the share of samples that called a tool, failed calls.
+
 Logged with every step (constant within a rollout): reward mean/std (the overlong penalty
 included), accuracy, format rate, mean/max response length, truncated fraction, zero-std group
 fraction, rollout tokens/s; from the loss: clip fractions, KL to the reference, entropy, mean ratio,
@@ -63,7 +72,7 @@ from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
-from .rollout import fit_prompts, sample, sampling_params
+from .rollout import fit_prompts, model_mask, sample_mixed, sampling_params, tool_counts
 
 
 @dataclass
@@ -95,6 +104,10 @@ class GRPOSection:
     # rewards
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
+    tool_failure_penalty: float = 0.0  # subtracted from the reward per failed tool call
+    # tools (nanoseek.tasks.tool_use): built-ins the prompts of tool_tasks get ("" = off), run in the rollouts
+    tools: str = ""
+    tool_tasks: str = ""              # task names ("": every built-in task with a tool call)
     reward_workers: int = 4
     tokenizer: str = ""               # tokenizer directory (default: found next to the checkpoint)
     log_samples: int = 2              # completions written to samples.jsonl per rollout
@@ -122,7 +135,21 @@ class GRPOSection:
             raise bad("overlong_buffer", f"must be in [0, max_new_tokens={self.max_new_tokens}]")
         if self.temperature <= 0:
             raise bad("temperature", "must be > 0 (GRPO needs diverse samples)")
+        if self.tool_failure_penalty < 0:
+            raise bad("tool_failure_penalty", "must be >= 0 (it is subtracted per failed call)")
+        if self.tool_use.enabled and self.template not in ("chat", "chat-think"):
+            raise bad("tools", f"tools need a chat template (chat or chat-think), not template = {self.template!r}")
         return self
+
+    @property
+    def tool_use(self):
+        """The tools and the tasks that get them (:class:`~nanoseek.tasks.tool_use.ToolUse`); ValueError naming a bad name."""
+        from nanoseek.tasks.tool_use import ToolUse
+
+        try:
+            return ToolUse.of(self.tools, self.tool_tasks)
+        except ValueError as e:
+            raise ValueError(f"tools = {self.tools!r}, tool_tasks = {self.tool_tasks!r}: {e}") from None
 
     def check_sources(self) -> None:
         """The prompt source, checked without a model (:func:`~nanoseek.post.stage.parse_stage_config`
@@ -182,11 +209,22 @@ class GRPOTask:
         self.reward_fn = reward_fn or build_reward_fn(RewardConfig.for_template(
             cfg.template, accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight), cfg.reward_workers)
         self.out_dir = Path(out_dir) if out_dir else None
-        ids = [render_prompt(tokenizer, p, cfg.template) for p in prompts]
+        self.tool_use = cfg.tool_use
+        self.toolbox = self.tool_use.toolbox()
+        if self.toolbox is not None:
+            from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+
+            if ToolTokens.of(tokenizer) is None:
+                raise ValueError(f"[grpo] tools = {cfg.tools!r}: the tokenizer has no tool-call tokens "
+                                 f"({TOOL_TOKENS[0]}...): this model cannot call tools")
+        with_tools = [self.tool_use.applies(p.task) for p in prompts]
+        ids = [render_prompt(tokenizer, p, cfg.template, tools=self.toolbox.openai_tools() if t else None)
+               for p, t in zip(prompts, with_tools)]
         keep = fit_prompts(model, ids, cfg.max_new_tokens, "grpo.prompts")   # before any rollout
         self.dropped = len(prompts) - len(keep)    # too long for the context with max_new_tokens
         self.prompts = prompts = [prompts[i] for i in keep]
         self.prompt_ids = [ids[i] for i in keep]
+        self.with_tools = [with_tools[i] for i in keep]
         self.max_prompt_len = max(len(p) for p in self.prompt_ids)
         self.engine = engine
         self.ref_model = None
@@ -206,10 +244,10 @@ class GRPOTask:
                                  max_seq_len=self.max_prompt_len + self.cfg.max_new_tokens + 1)
         return self.engine
 
-    def _sampling_params(self, seed: int):
+    def _sampling_params(self, seed: int, tools: bool = False):
         c = self.cfg
         return sampling_params(self.tokenizer, c.template, n=c.group_size, seed=seed, max_new_tokens=c.max_new_tokens,
-                               temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+                               temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, tools=tools)
 
     def _next_prompts(self) -> list[int]:
         idx = [(self.cursor + k) % len(self.prompts) for k in range(self.cfg.prompts_per_step)]
@@ -231,19 +269,29 @@ class GRPOTask:
 
         The engine runs the model in eval mode (prefill on the naive MLA path, decoding on the
         absorbed one) and restores its training mode and attention path afterwards. The token ids
-        include the EOS that ended a completion: the policy learns to stop.
+        include the EOS that ended a completion: the policy learns to stop. The prompts that get
+        tools run through the engine's tool loop; :attr:`last_masks` / :attr:`last_tools` hold
+        each completion's model mask and (calls, failed calls).
         """
         c = self.cfg
         rank, world = self._rank_world()
-        params = self._sampling_params((c.seed * 1_000_003 + self.rollouts) * world + rank)
-        samples = sample(self._engine(), [self.prompt_ids[i] for i in prompt_idx], params, c.template)
-        ids, truncated = [], []
+        seed = (c.seed * 1_000_003 + self.rollouts) * world + rank
+        samples = sample_mixed(self._engine(), [self.prompt_ids[i] for i in prompt_idx],
+                               [self.with_tools[i] for i in prompt_idx], self._sampling_params(seed),
+                               self._sampling_params(seed, tools=True) if self.toolbox is not None else None,
+                               c.template, toolbox=self.toolbox, tokenizer=self.tokenizer)
+        ids, truncated, self.last_masks, self.last_tools = [], [], [], []
         for group in samples.groups:
             if len(group) != c.group_size:
                 raise RuntimeError(f"engine returned {len(group)} completions for a prompt, expected {c.group_size}")
             for comp in group:
                 ids.append(list(comp.token_ids))
                 truncated.append(comp.finish_reason == "length")
+                mask = model_mask(comp)
+                if len(mask) != len(ids[-1]):
+                    raise RuntimeError(f"engine returned a model_mask of {len(mask)} for {len(ids[-1])} tokens")
+                self.last_masks.append(mask)
+                self.last_tools.append(tool_counts(comp))
         return ids, samples.texts, truncated, samples.seconds
 
     # ------------------------------------------------------------------ one rollout
@@ -254,35 +302,41 @@ class GRPOTask:
         share = len(range(rank, c.prompts_per_step, world)) * G     # this rank's rows of the step
         if self.ref_model is not None:  # follow the policy to the trainer's device
             self.ref_model.to(next(self.model.parameters()).device)
-        kept: list[tuple[list[int], list[int], float]] = []   # (prompt, completion, advantage) per row
+        kept: list[tuple[list[int], list[int], float, list[int]]] = []   # (prompt, completion, advantage, mask)
         stats_acc: dict[str, list[float]] = {}
-        all_rows: list[tuple[list[int], list[int], float]] = []
+        all_rows: list[tuple[list[int], list[int], float, list[int]]] = []
         gen_tokens, gen_seconds, attempts = 0, 0.0, 0
         while attempts < (c.max_rollout_attempts if c.filter_zero_std else 1):
             attempts += 1
             pidx = self._next_prompts()[rank::world]
+            self.last_masks, self.last_tools = [], []
             comp_ids, texts, truncated, seconds = self.sample(pidx)
+            masks = self.last_masks or [[1] * len(x) for x in comp_ids]
+            calls = self.last_tools or [(0, 0)] * len(comp_ids)
             items = [self.prompts[i] for i in pidx for _ in range(G)]
             results = self.reward_fn(texts, items)
             lengths = torch.tensor([len(x) for x in comp_ids], dtype=torch.float)
             rewards = torch.tensor([float(r.reward) for r in results])
             rewards = rewards + overlong_penalty(lengths, c.max_new_tokens, c.overlong_buffer, c.overlong_penalty)
+            rewards = rewards - c.tool_failure_penalty * torch.tensor([float(f) for _, f in calls])
             adv = group_advantages(rewards, G, c.scale_rewards)
             zero = zero_std_groups(rewards, G)
             gen_tokens += int(lengths.sum())
             gen_seconds += seconds
             for key, val in (("reward", rewards), ("accuracy", [float(r.correct) for r in results]),
                              ("format", [float(r.format_ok) for r in results]), ("length", lengths),
-                             ("truncated", [float(t) for t in truncated]), ("zero_std", zero.float())):
+                             ("truncated", [float(t) for t in truncated]), ("zero_std", zero.float()),
+                             ("tool_calls", [float(n) for n, _ in calls]), ("tool_failed", [float(f) for _, f in calls]),
+                             ("tool_used", [float(n > 0) for n, _ in calls])):
                 stats_acc.setdefault(key, []).extend(torch.as_tensor(val, dtype=torch.float).tolist())
             for g in range(len(pidx)):
                 rows = range(g * G, (g + 1) * G)
-                group = [(self.prompt_ids[pidx[g]], comp_ids[i], float(adv[i])) for i in rows]
+                group = [(self.prompt_ids[pidx[g]], comp_ids[i], float(adv[i]), masks[i]) for i in rows]
                 all_rows += group
                 if not (c.filter_zero_std and zero[g]):
                     kept += group
             if rank == 0:
-                self._log_samples(pidx, texts, results)
+                self._log_samples(pidx, texts, results, calls)
             self.rollouts += 1
             if len(kept) >= share:
                 break
@@ -307,19 +361,23 @@ class GRPOTask:
             "rollout_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9), "rollout_s": gen_seconds,
             "rollout_attempts": attempts, "kept_sequences": len(kept),
         }
+        if self.toolbox is not None:
+            batch.stats.update({"tool_calls_mean": _mean(s["tool_calls"]), "tool_use_rate": _mean(s["tool_used"]),
+                                "tool_failed_mean": _mean(s["tool_failed"])})
         return batch
 
-    def _tensors(self, rows: list[tuple[list[int], list[int], float]]) -> RolloutBatch:
+    def _tensors(self, rows: list[tuple[list[int], list[int], float, list[int]]]) -> RolloutBatch:
         seqs, targets = [], []
-        for prompt, comp, _ in rows:
+        for prompt, comp, _, mask in rows:
             seq = prompt + comp
-            tgt = [IGNORE] * (len(prompt) - 1) + comp + [IGNORE]   # position t predicts seq[t + 1]
+            # position t predicts seq[t + 1]; the tool loop's tokens (mask 0) are context, never targets
+            tgt = [IGNORE] * (len(prompt) - 1) + [t if m else IGNORE for t, m in zip(comp, mask)] + [IGNORE]
             seqs.append(seq)
             targets.append(tgt)
         T = max(len(s) for s in seqs)
         input_ids = pad_rows(seqs, self.tokenizer.pad_id, T)
         tgt = pad_rows(targets, IGNORE, T)
-        adv = torch.tensor([a for _, _, a in rows], dtype=torch.float)
+        adv = torch.tensor([row[2] for row in rows], dtype=torch.float)
         old = self._logprobs(self.model, input_ids, tgt) if self.cfg.num_iterations > 1 else None
         ref = self._logprobs(self.ref_model, input_ids, tgt) if self.ref_model is not None else None
         lengths = torch.tensor([len(s) for s in seqs])
@@ -338,7 +396,8 @@ class GRPOTask:
         model.train(was_training)
         return torch.cat(out)
 
-    def _log_samples(self, pidx: list[int], texts: list[str], results: list[Any]) -> None:
+    def _log_samples(self, pidx: list[int], texts: list[str], results: list[Any],
+                     calls: list[tuple[int, int]] | None = None) -> None:
         if not self.out_dir or self.cfg.log_samples <= 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +408,9 @@ class GRPOTask:
                 item = self.prompts[pidx[k // self.cfg.group_size]]
                 fh.write(json.dumps({"rollout": self.rollouts, "prompt": item.prompt, "answer": item.answer,
                                      "completion": texts[k], "reward": float(results[k].reward),
-                                     "correct": bool(results[k].correct)}, ensure_ascii=False) + "\n")
+                                     "correct": bool(results[k].correct),
+                                     **({"tool_calls": calls[k][0], "tool_failed": calls[k][1]} if calls and calls[k][0]
+                                        else {})}, ensure_ascii=False) + "\n")
 
     # ------------------------------------------------------------------ the trainer's interface
     def passes(self, batch: RolloutBatch) -> Iterator[list[dict[str, Any]]]:

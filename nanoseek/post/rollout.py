@@ -19,6 +19,12 @@ runs the engine once over a batch of prompts and returns every completion with i
 a :class:`SampleReport`). Sampling is seeded (the engine's ``seed``: sample ``i`` of a request
 draws from its own generator), so the same seed gives the same replies.
 
+Tool use (:mod:`nanoseek.tools`): a prompt rendered with tools is sampled through the engine's tool
+loop (``SamplingParams.tools = "run"`` and a :class:`~nanoseek.tools.toolbox.Toolbox`): a sample
+that calls a tool pauses, the tool runs, its output is appended and the sample goes on. Its scored
+text is its reasoning and final answer (:func:`nanoseek.tasks.reply.completion_text`); its
+``model_mask`` marks the tokens the model sampled (the tool loop's are never trained).
+
 Deliberately left out: rollouts that overlap training (an asynchronous sampler) and a separate
 inference server; the engine samples from the very module the trainer updates.
 """
@@ -36,13 +42,15 @@ from .datasets import RLPrompt
 
 
 def sampling_params(tokenizer, template: str, *, n: int, seed: int, max_new_tokens: int, temperature: float,
-                    top_p: float = 1.0, top_k: int = 0):
-    """The engine's SamplingParams for ``n`` replies per prompt in ``template`` (its stop strings)."""
+                    top_p: float = 1.0, top_k: int = 0, tools: bool = False):
+    """The engine's SamplingParams for ``n`` replies per prompt in ``template`` (its stop strings);
+    ``tools``: run the calls a sample makes (the engine's tool loop, ``tools = "run"``)."""
     from nanoseek.infer.engine import SamplingParams
 
     stop, _ = stop_rule(tokenizer, template)
+    extra = {"tools": "run"} if tools else {}
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, n=n,
-                          seed=seed, stop=stop)
+                          seed=seed, stop=stop, **extra)
 
 
 @dataclass
@@ -57,13 +65,57 @@ class Samples:
         """``prompts`` repeated once per completion, aligned with :attr:`texts`."""
         return [p for p, g in zip(prompts, self.groups) for _ in g]
 
+    def completions(self) -> list[Any]:
+        """Every completion, group-contiguous (aligned with :attr:`texts`)."""
+        return [c for g in self.groups for c in g]
 
-def sample(engine, prompt_ids: list[list[int]], params, template: str) -> Samples:
-    """Generate ``params.n`` completions for each prompt (token ids rendered in ``template``)."""
+
+def model_mask(completion) -> list[int]:
+    """1 per token the model sampled, 0 per token the tool loop appended (all 1 without tools)."""
+    mask = getattr(completion, "model_mask", None)
+    return list(mask) if mask else [1] * len(completion.token_ids)
+
+
+def tool_counts(completion) -> tuple[int, int]:
+    """(tool calls made, calls that failed: ``ToolResult.ok`` False) of one completion."""
+    results = getattr(completion, "tool_results", None) or []
+    calls = max(len(getattr(completion, "tool_calls", None) or []), len(results))
+    return calls, sum(not r.ok for r in results)
+
+
+def sample(engine, prompt_ids: list[list[int]], params, template: str, *, toolbox=None,
+           tokenizer=None) -> Samples:
+    """Generate ``params.n`` completions for each prompt (token ids rendered in ``template``);
+    with a ``toolbox`` (and ``params.tools = "run"``) their calls run in it. ``tokenizer`` reads the
+    scored text of a completion that ran tools (:func:`~nanoseek.tasks.reply.completion_text`)."""
     t0 = time.perf_counter()
-    groups = engine.generate(prompt_ids, params)
+    groups = engine.generate(prompt_ids, params, toolbox=toolbox) if toolbox is not None else \
+        engine.generate(prompt_ids, params)
     seconds = time.perf_counter() - t0
-    return Samples(groups=groups, texts=[completion_text(c, template) for g in groups for c in g], seconds=seconds)
+    return Samples(groups=groups, texts=[completion_text(c, template, tokenizer) for g in groups for c in g],
+                   seconds=seconds)
+
+
+def sample_mixed(engine, prompt_ids: list[list[int]], with_tools: list[bool], params, tool_params, template: str,
+                 *, toolbox=None, tokenizer=None) -> Samples:
+    """:func:`sample` of prompts of which some run tools (``with_tools[i]``: with ``tool_params`` and
+    ``toolbox``) and some do not (``params``): one engine call per kind, results in prompt order."""
+    kinds = [[i for i, t in enumerate(with_tools) if t == kind] for kind in (False, True)]
+    groups: list[Any] = [None] * len(prompt_ids)
+    texts: list[list[str]] = [[] for _ in prompt_ids]
+    seconds = 0.0
+    for kind, idx in zip((False, True), kinds):
+        if not idx:
+            continue
+        part = sample(engine, [prompt_ids[i] for i in idx], tool_params if kind else params, template,
+                      toolbox=toolbox if kind else None, tokenizer=tokenizer)
+        seconds += part.seconds
+        k = 0
+        for i, g in zip(idx, part.groups):
+            groups[i] = g
+            texts[i] = part.texts[k:k + len(g)]
+            k += len(g)
+    return Samples(groups=groups, texts=[t for ts in texts for t in ts], seconds=seconds)
 
 
 @dataclass
@@ -162,4 +214,5 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
     return by_prompt, report
 
 
-__all__ = ["fit_prompts", "sampling_params", "Samples", "sample", "Scored", "SampleReport", "sample_and_score"]
+__all__ = ["fit_prompts", "sampling_params", "Samples", "sample", "sample_mixed", "model_mask", "tool_counts", "Scored",
+           "SampleReport", "sample_and_score"]

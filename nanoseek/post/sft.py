@@ -48,6 +48,8 @@ class SFTSection:
     data: str = ""                   # SFT JSONL, "tasks:SPEC" (built-in tasks, rg:NAME) or "rg:NAME": generated traces
     num_examples: int = 0            # examples used (0: the whole file; required with tasks: / rg:)
     template: str = "r1"             # tasks: data only: "r1" (chat, "Answer: X") or "r1-zero" (<answer> tags)
+    tools: str = ""                  # tasks: data only: built-in tools ("calculator") whose calls the traces show
+    tool_tasks: str = ""             # ...for these tasks ("": every task with a tool call; nanoseek.tasks.tool_use)
     mode: str = "pack"               # pack | pad
     tokenizer: str = ""              # tokenizer directory (default: found next to the checkpoint)
     seed: int = 0                    # data order / packing
@@ -61,7 +63,17 @@ class SFTSection:
             raise ValueError(f"template = {self.template!r}: must be 'r1' or 'r1-zero'")
         if self.num_examples < 0:
             raise ValueError(f"num_examples = {self.num_examples}: must be >= 0")
+        use = self.tool_use
+        if use.enabled and self.template != "r1":
+            raise ValueError(f"tools = {self.tools!r}: tool-using traces are chat turns (template = \"r1\"), "
+                             f"not {self.template!r}")
         return self
+
+    @property
+    def tool_use(self):
+        from nanoseek.tasks.tool_use import ToolUse
+
+        return ToolUse.of(self.tools, self.tool_tasks)
 
     @property
     def eval_mode(self) -> str:
@@ -105,16 +117,20 @@ def _with_gold(sources: list) -> list:
 
 
 def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
-                      template: str = "r1") -> list[SFTExample]:
+                      template: str = "r1", tool_use=None) -> list[SFTExample]:
     """Cold-start SFT examples from a task spec ``"a,b"`` (levels optional: ``"a:1-2,b"``;
     reasoning-gym: ``"rg:NAME"``), in equal shares: user question -> reasoning + answer.
 
     ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
     ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
+    ``tool_use`` (a :class:`~nanoseek.tasks.tool_use.ToolUse`): the problems of the tasks it
+    applies to are prompted with the tools and answered by calling them
+    (:func:`~nanoseek.tasks.reply.tool_sft_messages`, the tool's real output).
     """
-    from nanoseek.tasks.reply import sft_messages
+    from nanoseek.tasks.reply import sft_messages, tool_sft_messages
 
     sources = _with_gold(training_sources(source))
+    toolbox = tool_use.toolbox() if tool_use is not None and tool_use.enabled else None
     out: list[SFTExample] = []
     for k, src in enumerate(sources):
         share = n // len(sources) + (1 if k < n % len(sources) else 0)
@@ -123,20 +139,23 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
         except ValueError as e:
             raise DataError(str(e)) from None
         for p in problems:
+            tools = tool_use.specs_for(p.task) if toolbox is not None else None
             try:
-                messages = sft_messages(p, template)
+                messages = (tool_sft_messages(p, toolbox) if tools else None) or sft_messages(p, template)
             except ValueError as e:
                 raise DataError(str(e)) from None
-            out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}"))
+            out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}",
+                                  tools=tools))
     return out
 
 
-def load_sft_examples(data: str, n: int = 0, seed: int = 0, template: str = "r1") -> list[SFTExample]:
-    """A JSONL file, or generated cold-start traces (``tasks:SPEC`` / ``rg:NAME``, ``n`` of them)."""
+def load_sft_examples(data: str, n: int = 0, seed: int = 0, template: str = "r1", tool_use=None) -> list[SFTExample]:
+    """A JSONL file, or generated cold-start traces (``tasks:SPEC`` / ``rg:NAME``, ``n`` of them;
+    ``tool_use``: which of them call tools, :func:`task_sft_examples`)."""
     check_sft_data(data, n)
     spec = _task_spec(data)
     if spec is not None:
-        return task_sft_examples(spec, n, seed=seed, template=template)
+        return task_sft_examples(spec, n, seed=seed, template=template, tool_use=tool_use)
     examples = read_sft(data)
     return examples[:n] if n else examples
 
@@ -154,7 +173,7 @@ class SFTRows:
 def tokenize_examples(tokenizer, examples: list[SFTExample], max_seq_len: int) -> SFTRows:
     rows = SFTRows([], [])
     for ex in examples:
-        ids, labels, cut = chat_row(tokenizer, ex.messages, max_seq_len)
+        ids, labels, cut = chat_row(tokenizer, ex.messages, max_seq_len, getattr(ex, "tools", None))
         n = sum(x != IGNORE for x in labels)
         if n == 0:
             raise DataError(f"{ex.where or 'example'}: no assistant token within max_seq_len={max_seq_len} "
@@ -251,7 +270,7 @@ def train_sft(cfg, *, model=None, tokenizer=None, examples: list[SFTExample] | N
     if examples is None:
         if not a.data:
             raise DataError(f"{cfg.source}: [{cfg.kind}] data is empty: give an SFT JSONL or tasks:NAME")
-        examples = load_sft_examples(a.data, a.num_examples, a.seed, a.template)
+        examples = load_sft_examples(a.data, a.num_examples, a.seed, a.template, getattr(a, "tool_use", None))
     rows = tokenize_examples(tokenizer, examples, o.seq_len)
     model.use_mtp = cfg.train.mtp_lambda > 0 and model.config.num_nextn_predict_layers > 0
     task = SFTTask(rows, tokenizer.pad_id, o.micro_batch_size, o.seq_len, a.mode, a.seed, cfg.train.mtp_lambda)

@@ -137,6 +137,12 @@ class Task:
     def sample(self, rng: random.Random, level: int) -> _Draft:
         raise NotImplementedError
 
+    def tool_call(self, problem: Problem) -> tuple[str, dict[str, Any]] | None:
+        """The ideal tool call for ``problem``: (tool name, arguments), or None when no tool helps.
+        The tool-using SFT trace (:func:`nanoseek.tasks.reply.tool_sft_messages`) makes this call
+        with the real tool and answers with its output."""
+        return None
+
     def check(self, response_answer: str, problem: Problem) -> bool:
         """Exact check of a response answer; may raise on garbage (``verify`` guards it)."""
         value = parse_number(response_answer, allow_units=False)
@@ -243,6 +249,57 @@ class Arithmetic(Task):
         expr = " ".join(map(str, terms))
         return _Draft(canonical=expr, prompt=f"What is {expr}?", answer=str(value),
                       reasoning="\n".join(steps))
+
+    def tool_call(self, problem: Problem) -> tuple[str, dict[str, Any]] | None:
+        return _calculator_call(problem)
+
+
+_WHAT_IS_RE = re.compile(r"^What is (.+)\?$")
+
+
+def _calculator_call(problem: Problem) -> tuple[str, dict[str, Any]] | None:
+    """``calculator`` on the expression of a "What is EXPR?" question."""
+    m = _WHAT_IS_RE.match(problem.prompt)
+    return ("calculator", {"expression": m.group(1)}) if m else None
+
+
+class BigArithmetic(Task):
+    """Arithmetic on numbers too large for head math at nanoseek's scale: the tool task.
+
+    L1: the sum of two 4-5 digit numbers; L2: a 3-digit times a 2-digit number; L3: a 3-digit
+    times a 3-digit number plus a 4-digit one. A ~1M-parameter model does not learn these in its
+    head in minutes (the speedrun's curriculum stops at two 2-digit numbers); with the
+    ``calculator`` tool (:meth:`tool_call`) the policy to learn is copying the expression into a
+    call and the output into the answer. The worked ``reasoning`` (for head-math traces and the
+    corpus) is the one-line result, as there is no short derivation to imitate.
+    """
+
+    name = "big_arithmetic"
+    description = "sums and products of large numbers (beyond head math: the calculator tool's task)"
+    levels = (1, 2, 3)
+
+    def sample(self, rng: random.Random, level: int) -> _Draft:
+        if level == 1:
+            expr = f"{rng.randint(1000, 99999)} + {rng.randint(1000, 99999)}"
+        elif level == 2:
+            expr = f"{rng.randint(100, 999)} * {rng.randint(11, 99)}"
+        else:
+            expr = f"{rng.randint(100, 999)} * {rng.randint(100, 999)} + {rng.randint(1000, 9999)}"
+        value = _eval_int(expr)
+        return _Draft(canonical=expr, prompt=f"What is {expr}?", answer=str(value),
+                      reasoning=f"{expr} = {value}")
+
+    def tool_call(self, problem: Problem) -> tuple[str, dict[str, Any]] | None:
+        return _calculator_call(problem)
+
+
+def _eval_int(expr: str) -> int:
+    """The value of an expression of integers, ``+ - *`` (products first), exactly."""
+    terms: list = [int(t) if t.isdigit() else t for t in expr.split()]
+    steps, value = _solve_left_to_right(terms)
+    if value is None:
+        raise ValueError(f"negative intermediate result in {expr!r}")
+    return value
 
 
 def _solve_left_to_right(terms: list) -> tuple[list[str], int | None]:
@@ -568,7 +625,7 @@ class Digit7(Task):
 # ----------------------------------------------------------------------------- registry, rendering
 
 TASKS: dict[str, Task] = {t.name: t for t in (Arithmetic(), Countdown(), WordProblems(), Compare(),
-                                              Modular(), Digit7())}
+                                              Modular(), Digit7(), BigArithmetic())}
 
 
 def get_task(name: str) -> Task:

@@ -38,7 +38,15 @@ SFT data: ``r1`` (free text, e.g. ``Answer: X``, after ``</think>``) and ``r1-ze
 in. :func:`format_response` and :func:`sft_messages` render the ideal reply of a built-in problem,
 the target of cold-start SFT.
 
-Deliberately left out: tool calls and multi-turn formats (the tool-use issue adds them here).
+**Tool use** (DeepSeek-V3.1's format, :mod:`nanoseek.tools`): a prompt describes its tools in the
+system turn (:func:`encode_chat_tools`: the template's ``tools=`` keyword); a reply may call them,
+read their outputs and go on to its final answer. :func:`tool_sft_messages` is the ideal tool-using
+reply of a built-in problem (its task's :meth:`~nanoseek.tasks.generators.Task.tool_call`, made
+with the real tool, answered with the tool's output); :func:`completion_text` scores a reply that
+ran tools on its opening (the reasoning before the first call) and its final text (after the last
+tool output), so the format check and the answer never see the tool's output.
+
+Deliberately left out: multi-turn conversations with a user (one question per prompt).
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from nanoseek.data.tokenizer import END_THINK, THINK
-from nanoseek.tasks.generators import NUMBER, Problem, corpus_document
+from nanoseek.tasks.generators import NUMBER, TASKS, Problem, corpus_document
+from nanoseek.tools.format import TOOL_CALLS_BEGIN, tojson, tools_system_text, ToolSpec
 
 ANSWER, END_ANSWER = "<answer>", "</answer>"
 
@@ -95,13 +104,41 @@ def r1_zero_prompt(question_or_problem: Any) -> str:
     return "".join(text for text, _ in r1_zero_segments(question_or_problem))
 
 
-def render_prompt(tokenizer, question_or_problem: Any, template: str, examples: Sequence[Problem] = ()) -> list[int]:
+def encode_chat_tools(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                      **kwargs: Any) -> tuple[list[int], list[int]]:
+    """``tokenizer.encode_chat(messages, tools=tools, **kwargs)``: (ids, assistant mask) of a chat
+    whose system turn describes ``tools`` (OpenAI function definitions), as V3.1's template does.
+    A template that does not take ``tools`` gets the same description as a system message
+    (system text, a blank line, :func:`~nanoseek.tools.format.tools_system_text`)."""
+    if not tools:
+        return tokenizer.encode_chat(list(messages), **kwargs)
+    from nanoseek.data.chat_template import TokenizerError
+
+    try:
+        return tokenizer.encode_chat(list(messages), tools=list(tools), **kwargs)
+    except TokenizerError as e:
+        if "'tools'" not in str(e):
+            raise
+    text = tools_system_text([ToolSpec.from_openai(t, f"tools[{i}]") for i, t in enumerate(tools)])
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0].get("role") == "system":
+        msgs[0]["content"] = f"{msgs[0]['content']}\n\n{text}"
+    else:
+        msgs.insert(0, {"role": "system", "content": text})
+    return tokenizer.encode_chat(msgs, **kwargs)
+
+
+def render_prompt(tokenizer, question_or_problem: Any, template: str, examples: Sequence[Problem] = (),
+                  tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the prompt a reply follows, in ``template`` (one of :data:`EVAL_TEMPLATES`; see
     the module docstring). ``question_or_problem``: the question text, a :class:`Problem` or an
-    RLPrompt; ``examples``: the worked problems of ``fewshot`` (ignored by the other templates)."""
+    RLPrompt; ``examples``: the worked problems of ``fewshot`` (ignored by the other templates);
+    ``tools``: OpenAI function definitions described in the system turn (chat templates only)."""
+    if tools and template not in ("chat", "chat-think"):
+        raise ValueError(f"tools need a chat template (chat or chat-think), not {template!r}")
     if template in ("chat", "chat-think"):
-        ids, _ = tokenizer.encode_chat([{"role": "user", "content": _question(question_or_problem)}],
-                                       add_generation_prompt=True, thinking=template == "chat-think")
+        ids, _ = encode_chat_tools(tokenizer, [{"role": "user", "content": _question(question_or_problem)}], tools,
+                                   add_generation_prompt=True, thinking=template == "chat-think")
         return ids
     if template == "r1-zero":
         return [int(tokenizer.document_start_id)] + tokenizer.encode_segments(r1_zero_segments(question_or_problem))
@@ -126,9 +163,23 @@ def stop_rule(tokenizer, template: str) -> tuple[list[str], list[int]]:
     return [], []
 
 
-def completion_text(completion, template: str) -> str:
+def ran_tools(completion) -> bool:
+    """Whether the engine's tool loop appended anything to ``completion`` (its ``model_mask`` has a 0)."""
+    mask = getattr(completion, "model_mask", None)
+    return bool(mask) and not all(mask)
+
+
+def completion_text(completion, template: str, tokenizer=None) -> str:
     """The text that is scored: the engine's text (no EOS), with r1-zero's ``</answer>`` put back
-    when that stop string ended it (the engine cuts stop strings; the tag is part of the format)."""
+    when that stop string ended it (the engine cuts stop strings; the tag is part of the format).
+    A completion that ran tools (and a ``tokenizer`` to read its tokens) is scored on what the model
+    wrote before its first call (its reasoning) followed by its ``final_text`` (after the last tool
+    output): the tool's output and the call's arguments are neither the answer nor the format."""
+    if tokenizer is not None and ran_tools(completion):
+        ids = list(completion.token_ids)
+        begin = tokenizer.token_to_id(TOOL_CALLS_BEGIN)
+        head = tokenizer.decode(ids[:ids.index(begin)] if begin in ids else [])
+        return head + completion.final_text
     text = completion.text
     if template == "r1-zero" and getattr(completion, "stop_reason", None) == "stop_string":
         text += R1_ZERO_STOP
@@ -371,8 +422,33 @@ def sft_messages(p: Problem, template: str = "r1") -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "reasoning": p.reasoning, "content": content}]
 
 
+def tool_sft_messages(p: Problem, toolbox) -> list[dict[str, Any]] | None:
+    """The ideal tool-using reply of a built-in problem as a chat, or None when its task has no tool
+    call (:meth:`~nanoseek.tasks.generators.Task.tool_call`) or ``toolbox`` lacks the tool:
+    ``[user, assistant{reasoning, tool_calls}, tool{output}, assistant{"Answer: OUTPUT"}]``. The call
+    runs in ``toolbox`` (the real tool), and the answer is its output; ValueError when that output
+    is an error or not the gold answer (the trace would teach a wrong reply)."""
+    task = TASKS.get(p.task)
+    made = task.tool_call(p) if task is not None else None
+    if made is None or made[0] not in toolbox:
+        return None
+    from nanoseek.tools.format import ToolCall
+
+    name, args = made
+    call = ToolCall(name, tojson(args), id="call_0")
+    result = toolbox.run(call)
+    if not result.ok or not task.verify(result.output, p):
+        raise ValueError(f"{p.id}: the {name} tool answers {result.output!r} to {call.arguments}, not {p.answer!r}")
+    return [{"role": "user", "content": p.prompt},
+            {"role": "assistant", "reasoning": f"This needs the {name} tool.", "content": "",
+             "tool_calls": [call.to_openai()]},
+            {"role": "tool", "tool_call_id": call.id, "content": result.output},
+            {"role": "assistant", "content": f"Answer: {result.output}"}]
+
+
 __all__ = ["THINK", "END_THINK", "ANSWER", "END_ANSWER", "TEMPLATES", "EVAL_TEMPLATES", "DEFAULT_TEMPLATE",
            "ANSWER_FORMS", "FEWSHOT_STOP", "R1_ZERO_STOP", "THINK_PREFILL", "R1_ZERO_TEMPLATE", "r1_zero_segments",
            "r1_zero_prompt", "render_prompt", "stop_rule", "completion_text", "prefilled_text", "reward_format",
            "ReplySection", "split_reasoning", "split_leading_think", "extract_answer", "check_format", "states_answer_line",
-           "canonical_answer", "majority_vote", "format_response", "sft_messages"]
+           "canonical_answer", "majority_vote", "format_response", "sft_messages", "encode_chat_tools", "ran_tools",
+           "tool_sft_messages"]

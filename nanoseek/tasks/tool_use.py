@@ -1,0 +1,85 @@
+"""Which problems get tools: the one setting SFT traces, GRPO rollouts, evaluation and the speedrun share.
+
+A stage or an evaluation that uses tools names the built-ins (``tools = "calculator"``, any names of
+:data:`nanoseek.tools.toolbox.BUILTINS`) and, optionally, the tasks that get them (``tool_tasks =
+"big_arithmetic"``; empty: every built-in task that has a tool call,
+:meth:`~nanoseek.tasks.generators.Task.tool_call`). :class:`ToolUse` is that pair, checked: a
+problem of a task that gets the tools is prompted with their description in the system turn, its
+SFT trace calls the tool (:func:`nanoseek.tasks.reply.tool_sft_messages`), and its samples run
+through the engine's tool loop; every other problem is prompted and sampled as without tools, so
+one run can ask the model for head math on the easy levels and for tool use on the hard ones.
+
+Deliberately left out: tools per problem chosen at random (a task gets them or not) and
+user-registered Python tools in configs (library users pass their own Toolbox in code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nanoseek.tasks.generators import TASKS, Task, split_specs
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """Built-in tools (comma-separated names; empty: off) and the tasks that get them (task names;
+    empty: every built-in task with a tool call)."""
+
+    tools: str = ""
+    tasks: str = ""
+
+    @classmethod
+    def of(cls, tools: str | list[str] | None, tasks: str | list[str] | None = "") -> ToolUse:
+        """From config values (strings or lists of names), checked: ValueError naming a bad name."""
+        norm = [",".join(split_specs(x)) if x else "" for x in (tools, tasks)]
+        return cls(*norm).validate()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tools)
+
+    @property
+    def names(self) -> list[str]:
+        return split_specs(self.tools) if self.tools else []
+
+    @property
+    def task_names(self) -> list[str]:
+        return split_specs(self.tasks) if self.tasks else []
+
+    def validate(self) -> ToolUse:
+        from nanoseek.tools.toolbox import BUILTINS
+
+        for n in self.names:
+            if n not in BUILTINS:
+                raise ValueError(f"tools: unknown built-in tool {n!r}; built-ins: {', '.join(sorted(BUILTINS))}")
+        if self.tasks and not self.tools:
+            raise ValueError(f"tool_tasks = {self.tasks!r} names tasks for tools, but no tools are on (tools = \"\")")
+        for t in self.task_names:
+            if t not in TASKS:
+                raise ValueError(f"tool_tasks: unknown task {t!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+        return self
+
+    def toolbox(self):
+        """A fresh :class:`~nanoseek.tools.toolbox.Toolbox` of the built-ins (None when off)."""
+        from nanoseek.tools.toolbox import Toolbox
+
+        return Toolbox.builtin(self.names) if self.enabled else None
+
+    def applies(self, task: str) -> bool:
+        """Whether problems of ``task`` get the tools."""
+        if not self.enabled:
+            return False
+        if self.tasks:
+            return task in self.task_names
+        t = TASKS.get(task)
+        return t is not None and type(t).tool_call is not Task.tool_call
+
+    def specs_for(self, task: str) -> list[dict[str, Any]] | None:
+        """The OpenAI function definitions a prompt of ``task`` describes (None: no tools)."""
+        return self.toolbox().openai_tools() if self.applies(task) else None
+
+
+OFF = ToolUse()
+
+__all__ = ["ToolUse", "OFF"]
