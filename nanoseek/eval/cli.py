@@ -28,6 +28,14 @@ Examples::
     nanoseek eval --model runs/speedrun/sft/final --mode chat --temperature 0 --out sft-greedy.json
     nanoseek eval --model runs/speedrun --tasks "arithmetic:1-2,rg:chain_sum(min_terms=2, max_terms=2)"
     nanoseek eval --model runs/speedrun --tasks humaneval --k 10 --max-new-tokens 512
+    nanoseek eval --model runs/speedrun --tasks big_arithmetic --tools calculator --mode chat
+
+``--tools calculator[,python]`` evaluates with the tool loop (chat modes): the problems of the tasks
+that get tools (``--tool-tasks``; default every built-in task with a tool call) describe the tools
+and run the calls their samples make; each problem records its tool calls and failed calls. The
+same problems are also evaluated without tools, and the table shows pass@1 with and without tools,
+their paired difference and the calls per task. The result goes to ``tools.json`` in the stage
+folder (the run report's "Tool use" section), not ``eval.json``.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 # EvalConfig's defaults, their one home; the help text quotes them from there.
 SETTINGS = {"n": "n_problems", "k": "k", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
             "max_new_tokens": "max_new_tokens", "few_shot": "few_shot", "seed": "seed",
-            "batch_size": "batch_size", "samples": "keep_samples"}
+            "batch_size": "batch_size", "samples": "keep_samples", "tools": "tools", "tool_tasks": "tool_tasks"}
 
 
 def _default(field_name: str):
@@ -90,6 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine context per row (default: the model's, at most 4096)")
     p.add_argument("--samples", type=limits.nonneg_int,
                    help=f"full responses saved per task (default {d['samples']})")
+    p.add_argument("--tools", metavar="NAMES",
+                   help="built-in tools the samples may call, comma-separated (calculator, python): evaluate with "
+                        "the tool loop, chat modes only; also evaluates without tools and shows both (default: none)")
+    p.add_argument("--tool-tasks", metavar="TASKS",
+                   help="the tasks that get --tools, comma-separated (default: every built-in task with a tool call)")
     p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
     p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
     p.add_argument("--data", metavar="DIR", help="prepared data directory: also measure bits per byte on its "
@@ -168,6 +181,24 @@ def plan(model_arg: str, stages_arg: str | None, mode_arg: str) -> list[tuple[st
     return out
 
 
+def _without_tools(model, tokenizer, cfg, mode: str, engine, label: str):
+    """The same held-out problems of the tasks that get tools, evaluated without tools (the baseline)."""
+    from nanoseek.errors import UserError
+    from nanoseek.tasks.sources import parse_sources
+
+    from .harness import evaluate
+
+    use = cfg.tool_use
+    items = [item for item, src in zip(cfg.tasks, parse_sources(cfg.tasks)) if use.applies(src.name)]
+    if not items:
+        return None
+    try:
+        return evaluate(model, tokenizer, dataclasses.replace(cfg, tasks=items, tools="", tool_tasks=""), mode=mode,
+                        engine=engine)
+    except ValueError as e:
+        raise UserError(f"{label} (without tools): {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import UserError
 
@@ -196,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoseek.train.bpb import bits_per_byte
     from .results import paired_comparison
-    from .tables import comparison_table, result_table
+    from .runs import TOOLS_JSON
+    from .tables import comparison_table, result_table, rich_table, tool_rows
 
     console = Console()
     results = []
@@ -219,16 +251,22 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{label}: {e}") from None
         result.model["path"] = str(ckpt)
         result.model["stage"] = label
+        baseline = None
+        if cfg.tool_use.enabled:
+            baseline = _without_tools(model, tokenizer, cfg, mode, engine, label)
         if args.data:
             try:
                 result.bpb = bits_per_byte(model, args.data, tokenizer, max_tokens=args.bpb_tokens).to_dict()
             except ValueError as e:           # ShardError included: a missing or mismatched data directory
                 raise UserError(f"--data {args.data}: {e}") from None
         console.print(result_table(result, f"{label}: {ckpt}"))
+        if cfg.tool_use.enabled:
+            console.print(rich_table(*tool_rows(result, baseline), title=f"{label}: with and without tools"))
         for note in result.notes:
             console.print(f"[yellow]note:[/] {note}")
         if not args.no_save:
-            out = Path(args.out) if args.out else default_out
+            out = Path(args.out) if args.out else \
+                default_out.with_name(TOOLS_JSON) if cfg.tool_use.enabled else default_out
             result.save(out)
             console.print(f"wrote {out}")
         results.append((label, result))

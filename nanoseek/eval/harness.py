@@ -45,6 +45,13 @@ k above the engine's ``max_batch_size`` is split into chunks of at most that man
 Requests go through ``Engine.submit`` (continuous batching over all problems); an object with
 only ``generate(prompts, params)`` works too (tests pass a fake one).
 
+Tools (``tools = "calculator"``, ``tool_tasks``: :class:`~nanoseek.tasks.tool_use.ToolUse`, chat
+modes only): the problems of the tasks that get tools are prompted with their description and
+sampled through the engine's tool loop (``SamplingParams.tools = "run"``, a fresh
+:class:`~nanoseek.tools.toolbox.Toolbox` per evaluation); each sample's reasoning and final answer
+are scored (:func:`~nanoseek.tasks.reply.completion_text`), and its tool calls and failed calls are
+recorded per problem (``tool_calls``, ``tool_failed``; the ``tools`` summary per task).
+
 Bits per byte on held-out text is :func:`nanoseek.train.bpb.bits_per_byte` (the trainer's metric).
 """
 
@@ -80,6 +87,8 @@ class EvalConfig:
     few_shot: int = 3
     batch_size: int = 16
     keep_samples: int = 3                 # full responses saved per task
+    tools: str = ""                       # built-in tools the tool tasks' samples may call ("" = none)
+    tool_tasks: str = ""                  # tasks that get them ("": every built-in task with a tool call)
     ks: list[int] = field(default_factory=list)   # filled in: the k values of pass@k / maj@k
 
     def validate(self) -> "EvalConfig":
@@ -107,7 +116,20 @@ class EvalConfig:
             raise bad("top_p", "must be in (0, 1]")
         if self.levels is not None and not self.levels:
             raise bad("levels", "give at least one level, or None for all levels mixed")
+        try:
+            use = self.tool_use
+        except ValueError as e:
+            raise bad("tools", str(e)) from None
+        if use.enabled and self.mode not in ("chat", "chat-think"):
+            raise bad("tools", f"tools need a chat mode (chat or chat-think), not mode {self.mode!r}")
         return self
+
+    @property
+    def tool_use(self):
+        """The tools and the tasks that get them (:class:`~nanoseek.tasks.tool_use.ToolUse`)."""
+        from nanoseek.tasks.tool_use import ToolUse
+
+        return ToolUse.of(self.tools, self.tool_tasks)
 
 
 # ---------------------------------------------------------------------- prompts and scoring
@@ -139,15 +161,19 @@ def draw_problems(task_name: str, n: int, seed: int, levels: Sequence[int] | Non
 
 # ---------------------------------------------------------------------- sampling
 
-def _run_requests(engine, requests: list[tuple[list[int], Any]],
+def _run_requests(engine, requests: list[tuple[list[int], Any, Any]],
                   progress: Callable[[int, int], None] | None) -> list[list]:
-    """Completions of every (prompt ids, SamplingParams) request, in order."""
+    """Completions of every (prompt ids, SamplingParams, Toolbox or None) request, in order."""
     total = len(requests)
     out: list[list] = []
+
+    def tools(tb) -> dict[str, Any]:
+        return {"toolbox": tb} if tb is not None else {}
+
     if hasattr(engine, "submit") and hasattr(engine, "shutdown"):
         was_running = bool(getattr(engine, "running", False))
         try:
-            handles = [engine.submit(p, sp) for p, sp in requests]
+            handles = [engine.submit(p, sp, **tools(tb)) for p, sp, tb in requests]
             for i, h in enumerate(handles, start=1):
                 out.append(h.result())
                 if progress:
@@ -156,8 +182,8 @@ def _run_requests(engine, requests: list[tuple[list[int], Any]],
             if not was_running:
                 engine.shutdown()
         return out
-    for i, (p, sp) in enumerate(requests, start=1):
-        out.append(list(engine.generate([p], sp)[0]))
+    for i, (p, sp, tb) in enumerate(requests, start=1):
+        out.append(list(engine.generate([p], sp, **tools(tb))[0]))
         if progress:
             progress(i, total)
     return out
@@ -190,6 +216,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
     from nanoseek.tasks.sources import parse_sources
 
     problems, owners, prompts, notes = [], [], [], []
+    use = cfg.tool_use
+    specs = use.toolbox().openai_tools() if use.enabled else None
     seen: set[tuple[str, str]] = set()
     skipped: dict[str, list[int]] = {}   # task -> token counts of the prompts that do not fit
     repeated = 0
@@ -212,7 +240,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
                 if key not in examples_cache:
                     examples_cache[key] = source.examples(p.level, cfg.few_shot, cfg.seed)
                 examples = list(examples_cache[key])
-            ids = source.prompt_ids(tokenizer, p, cfg.mode, examples)
+            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, tools=specs) if use.applies(p.task)
+                   else source.prompt_ids(tokenizer, p, cfg.mode, examples))
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:
                     shortened += 1
@@ -260,32 +289,37 @@ def check_prompts_fit(cfg: EvalConfig, tokenizer, context: int) -> None:
 
 
 def _requests(cfg: EvalConfig, tokenizer, problems: list, owners: list, prompts: list[list[int]],
-              per_request: int) -> tuple[list[tuple[list[int], Any]], list[int]]:
+              per_request: int) -> tuple[list[tuple[list[int], Any, Any]], list[int]]:
     """(requests, the problem index of each): k samples per problem in chunks of ``per_request``,
-    stopping where the problem's source says."""
+    stopping where the problem's source says; a problem with tools runs them (one toolbox)."""
     from nanoseek.infer.sampling import SamplingParams
 
+    use = cfg.tool_use
+    toolbox = use.toolbox()
     requests, owner = [], []
     rules: dict[int, tuple[list[str], list[int]]] = {}
     for i, (p, source, ids) in enumerate(zip(problems, owners, prompts)):
         if id(source) not in rules:
             rules[id(source)] = source.stop_rule(tokenizer, cfg.mode)
         stop, stop_ids = rules[id(source)]
+        runs = use.applies(p.task)
         for chunk, start in enumerate(range(0, cfg.k, per_request)):
             sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k, n=min(per_request, cfg.k - start),
                                 seed=request_seed(cfg.seed, p.id, chunk), stop=list(stop),
-                                stop_token_ids=list(stop_ids))
-            requests.append((ids, sp))
+                                stop_token_ids=list(stop_ids), **({"tools": "run"} if runs else {}))
+            requests.append((ids, sp, toolbox if runs else None))
             owner.append(i)
     return requests, owner
 
 
-def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list]
+def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list], tokenizer=None
            ) -> tuple[list[ProblemResult], list[dict]]:
-    """Per-problem records (with pass@k / maj@k) and the first ``keep_samples`` responses per task."""
+    """Per-problem records (with pass@k / maj@k, tool calls when tools ran) and the first
+    ``keep_samples`` responses per task."""
     records, samples, kept = [], [], {}
-    texts = [[completion_text(c, cfg.mode) for c in comps] for comps in completions]
+    use = cfg.tool_use
+    texts = [[completion_text(c, cfg.mode, tokenizer) for c in comps] for comps in completions]
     for p, comps in zip(problems, completions):
         if len(comps) != cfg.k:
             raise RuntimeError(f"{p.id}: the engine returned {len(comps)} completions, expected {cfg.k}")
@@ -297,8 +331,11 @@ def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list
         verdicts = source.score_replies([(problems[i], texts[i][j]) for i, j in keys], cfg.mode)
         scored.update(zip(keys, verdicts))
     for i, (p, comps) in enumerate(zip(problems, completions)):
-        correct, fmt, answers, tokens, truncated = [], [], [], [], []
+        correct, fmt, answers, tokens, truncated, calls, failed = [], [], [], [], [], [], []
         for j, c in enumerate(comps):
+            results = getattr(c, "tool_results", None) or []
+            calls.append(max(len(getattr(c, "tool_calls", None) or []), len(results)))
+            failed.append(sum(not r.ok for r in results))
             text = texts[i][j]
             ok, well_formed, answer = scored[(i, j)]
             correct.append(ok)
@@ -311,9 +348,13 @@ def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list
                 samples.append({"task": p.task, "id": p.id, "level": p.level, "mode": cfg.mode, "prompt": p.prompt,
                                 "response": text, "reasoning": getattr(c, "reasoning", None), "answer": answer,
                                 "gold": p.answer, "correct": ok, "format_ok": well_formed,
-                                "finish_reason": c.finish_reason, "tokens": int(c.completion_tokens)})
+                                "finish_reason": c.finish_reason, "tokens": int(c.completion_tokens),
+                                **({"text": c.text, "tool_calls": calls[-1], "tool_failed": failed[-1]}
+                                   if use.applies(p.task) else {})})
+        tooled = use.applies(p.task)
         records.append(ProblemResult(task=p.task, id=p.id, level=p.level, gold=p.answer, correct=correct,
-                                     format_ok=fmt, answers=answers, tokens=tokens, truncated=truncated
+                                     format_ok=fmt, answers=answers, tokens=tokens, truncated=truncated,
+                                     tool_calls=calls if tooled else [], tool_failed=failed if tooled else []
                                      ).compute_curves(seed=cfg.seed))
     return records, samples
 
@@ -356,7 +397,7 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
     completions: list[list] = [[] for _ in problems]
     for i, comps in zip(owner, _run_requests(engine, requests, progress)):
         completions[i].extend(comps)
-    records, samples = _score(cfg, problems, owners, completions)
+    records, samples = _score(cfg, problems, owners, completions, tokenizer)
 
     wall = time.perf_counter() - t0
     generated = sum(sum(r.tokens) for r in records)

@@ -16,7 +16,9 @@
 4. **Held-out evaluation**: accuracy per stage and task with N and 95% intervals, the paired
    differences between consecutive stages (same problem ids), bits per byte. Then, where stages
    have an ``external.json``, **Held-out evaluation on external tasks**: the same table and paired
-   differences on tasks nanoseek did not write (the speedrun's reasoning-gym datasets).
+   differences on tasks nanoseek did not write (the speedrun's reasoning-gym datasets); where stages
+   have a ``tools.json``, **Tool use**: the tool tasks' accuracy with and without tools (paired),
+   calls per sample, the share of samples that called a tool, failed calls.
 5. **Test-time compute**: pass@k and maj@k against k per stage.
 6. **Samples**: a few evaluated conversations with their reasoning, and GRPO rollouts.
 7. **Configuration**: run.json's ``resolved`` settings (every setting of the run, defaults filled
@@ -57,7 +59,7 @@ from . import plots
 from .results import EvalResult, paired_comparison
 from .runs import (Stage, events, find_stages, fmt_count, fmt_duration, numeric, read_jsonl, read_run_json, series,
                    step_records, validation_series, vector_series)
-from .tables import RESULT_HEADER, comparison_rows, curve_rows, summary_row
+from .tables import RESULT_HEADER, TOOL_HEADER, comparison_rows, curve_rows, summary_row, tool_rows
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -100,6 +102,7 @@ class StageData:
     steps: list[dict[str, Any]] = field(default_factory=list)
     eval: EvalResult | None = None
     external: EvalResult | None = None      # external.json: held-out tasks nanoseek did not write
+    tools: EvalResult | None = None         # tools.json: the tool tasks evaluated with tools
     rollouts: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -126,6 +129,11 @@ def _load_stage(stage: Stage, notes: list[str]) -> StageData:
             data.external = EvalResult.load(stage.external_path)
         except ValueError as e:
             notes.append(f"{stage.name}: external evaluation skipped: {e}")
+    if stage.tools_path.is_file():
+        try:
+            data.tools = EvalResult.load(stage.tools_path)
+        except ValueError as e:
+            notes.append(f"{stage.name}: tool evaluation skipped: {e}")
     if stage.samples_path.is_file():
         recs, _, problems = read_jsonl(stage.samples_path)
         data.rollouts = recs
@@ -366,6 +374,32 @@ def _external_section(stages: list[StageData], notes: list[str]) -> Section | No
     return sec
 
 
+def _tools_section(stages: list[StageData], notes: list[str]) -> Section | None:
+    """Tool use per stage (``tools.json``): accuracy on the tool tasks with and without tools (paired,
+    against the stage's ``eval.json`` on the same problems) and the calls made."""
+    evaluated = [d for d in stages if d.tools is not None]
+    if not evaluated:
+        return None
+    sec = Section("Tool use")
+    sec.p("The tool tasks evaluated with tools (the engine runs each call and the model reads its output) "
+          "against the same problems without tools (the stage's held-out evaluation): pass@1, their paired "
+          "difference, tool calls per sample, the share of samples that called a tool and the share of calls "
+          "that failed (bad JSON, unknown tool, a tool error).")
+    rows = []
+    for d in evaluated:
+        header, trows = tool_rows(d.tools, d.eval)
+        rows += [[d.stage.name] + r for r in trows]
+        for note in d.tools.notes:
+            notes.append(f"{d.stage.name} tool eval: {note}")
+    sec.table(["stage"] + TOOL_HEADER, rows)
+    pairs = [(d.stage.name, d.tools) for d in evaluated]
+    for (na, a), (nb, b) in zip(pairs, pairs[1:]):
+        header, crow = comparison_rows(paired_comparison(a, b))
+        sec.p(f"With tools, paired difference, A = {na}, B = {nb}:")
+        sec.table(header, crow)
+    return sec
+
+
 def _samples_section(stages: list[StageData]) -> Section | None:
     sec = Section("Samples")
     for d in stages:
@@ -420,7 +454,8 @@ def build_sections(run_dir: str | Path) -> tuple[str, dict[str, Any], list[Secti
     c = _config_section(meta, stages)
     evals = _eval_sections(stages, notes)
     external = _external_section(stages, notes)
-    sections.extend(evals[:1] + ([external] if external else []) + evals[1:])
+    tools = _tools_section(stages, notes)
+    sections.extend(evals[:1] + ([external] if external else []) + ([tools] if tools else []) + evals[1:])
     s = _samples_section(stages)
     if s:
         sections.append(s)

@@ -13,7 +13,10 @@ length limit. From those:
   up to the samples drawn (and the number drawn itself), from :mod:`nanoseek.eval.sampling_metrics`;
 * **strict@1**: the fraction of samples both correct and well formed (what GRPO's reward pays);
 * **format rate**, mean response tokens and the truncated fraction;
-* a per-level breakdown of pass@1.
+* a per-level breakdown of pass@1;
+* with tools (``nanoseek eval --tools``): per sample the tool calls made and the calls that failed
+  (``tool_calls``, ``tool_failed``), summed up as ``tools`` (calls per sample, the share of samples
+  that called a tool, the share of calls that failed; :func:`tool_summary`).
 
 "Overall" pools the problems of all tasks (each problem counts once). Two evaluations of the
 same problems (same task, seed and level choice give the same problem ids) are compared with
@@ -67,6 +70,8 @@ class ProblemResult:
     truncated: list[bool]
     pass_at: dict[int, float] = field(default_factory=dict)   # k -> unbiased pass@k
     maj_at: dict[int, float] = field(default_factory=dict)    # k -> expected maj@k
+    tool_calls: list[int] = field(default_factory=list)       # per sample: tool calls made (empty: no tools)
+    tool_failed: list[int] = field(default_factory=list)      # per sample: calls that failed (ToolResult.ok False)
 
     @property
     def k(self) -> int:
@@ -106,12 +111,17 @@ class ProblemResult:
         for k in ("format_ok", "answers", "tokens", "truncated"):
             if len(d[k]) != n:
                 raise EvalFileError(f"{where}: {k!r} has {len(d[k])} entries but 'correct' has {n}")
+        for k in ("tool_calls", "tool_failed"):
+            if d.get(k) and len(d[k]) != n:
+                raise EvalFileError(f"{where}: {k!r} has {len(d[k])} entries but 'correct' has {n}")
         return cls(task=str(d["task"]), id=str(d["id"]), level=int(d["level"]), gold=str(d["gold"]),
                    correct=[bool(x) for x in d["correct"]], format_ok=[bool(x) for x in d["format_ok"]],
                    answers=list(d["answers"]), tokens=[int(x) for x in d["tokens"]],
                    truncated=[bool(x) for x in d["truncated"]],
                    pass_at={int(k): float(v) for k, v in d.get("pass_at", {}).items()},
-                   maj_at={int(k): float(v) for k, v in d.get("maj_at", {}).items()})
+                   maj_at={int(k): float(v) for k, v in d.get("maj_at", {}).items()},
+                   tool_calls=[int(x) for x in d.get("tool_calls") or []],
+                   tool_failed=[int(x) for x in d.get("tool_failed") or []])
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -133,7 +143,7 @@ def summarize(problems: Sequence[ProblemResult]) -> dict[str, Any]:
     levels: dict[int, list[ProblemResult]] = {}
     for p in problems:
         levels.setdefault(p.level, []).append(p)
-    return {
+    return {**tool_summary(problems),
         "n": len(problems),
         "samples": k,
         "pass@1": mean_interval([p.score for p in problems], samples=k).to_dict(),
@@ -149,6 +159,19 @@ def summarize(problems: Sequence[ProblemResult]) -> dict[str, Any]:
         "levels": {str(lv): {"n": len(ps), "pass@1": mean_interval([p.score for p in ps], samples=k).to_dict()}
                    for lv, ps in sorted(levels.items())},
     }
+
+
+def tool_summary(problems: Sequence[ProblemResult]) -> dict[str, Any]:
+    """Tool use of the problems that were evaluated with tools (none: {}): their count, tool calls
+    per sample, the share of samples that called a tool, the share of calls that failed."""
+    with_tools = [p for p in problems if p.tool_calls]
+    if not with_tools:
+        return {}
+    calls = [c for p in with_tools for c in p.tool_calls]
+    failed = sum(f for p in with_tools for f in p.tool_failed)
+    return {"tools": {"n": len(with_tools), "calls_per_sample": _mean(calls),
+                      "use_rate": _mean([float(c > 0) for c in calls]), "calls": sum(calls), "failed": failed,
+                      "failed_rate": failed / sum(calls) if sum(calls) else 0.0}}
 
 
 def interval(d: dict[str, Any] | None) -> Interval | None:
@@ -324,5 +347,5 @@ def config_differences(a: EvalResult, b: EvalResult,
     return [f"{k}: {a.config.get(k)!r} vs {b.config.get(k)!r}" for k in keys if a.config.get(k) != b.config.get(k)]
 
 
-__all__ = ["EvalResult", "ProblemResult", "Comparison", "EvalFileError", "summarize", "paired_comparison",
+__all__ = ["EvalResult", "ProblemResult", "Comparison", "EvalFileError", "summarize", "tool_summary", "paired_comparison",
            "config_differences", "k_values", "interval", "FORMAT", "VERSION"]

@@ -60,6 +60,7 @@ RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 EVAL_JSON = "eval.json"
 EXTERNAL_JSON = "external.json"
+TOOLS_JSON = "tools.json"           # a stage's evaluation with tools (nanoseek eval --tools)
 SAMPLES = "samples.jsonl"
 STAGE_JSON = "stage.json"
 CONFIG_TOML = "config.toml"
@@ -194,6 +195,10 @@ class Stage:
     @property
     def external_path(self) -> Path:
         return self.dir / EXTERNAL_JSON
+
+    @property
+    def tools_path(self) -> Path:
+        return self.dir / TOOLS_JSON
 
     @property
     def samples_path(self) -> Path:
@@ -375,5 +380,5 @@ def fmt_count(n: float | None) -> str:
 
 __all__ = ["Stage", "RunError", "find_stages", "read_run_json", "read_jsonl", "read_json", "step_records", "events",
            "series", "vector_series", "validation_series", "numeric", "stage_of_checkpoint", "mode_for_name",
-           "eval_mode_of", "fmt_duration", "fmt_count", "STAGE_ORDER", "RUN_JSON", "METRICS", "EVAL_JSON", "EXTERNAL_JSON",
+           "eval_mode_of", "fmt_duration", "fmt_count", "STAGE_ORDER", "RUN_JSON", "METRICS", "EVAL_JSON", "EXTERNAL_JSON", "TOOLS_JSON",
            "SAMPLES"]

@@ -66,6 +66,29 @@ def comparison_rows(comps: Sequence[Comparison]) -> tuple[list[str], list[list[s
     return COMPARISON_HEADER, rows
 
 
+TOOL_HEADER = ["task", "N", "pass@1 no tools", "pass@1 with tools", "with - without [95% CI]", "calls/sample",
+               "called", "failed calls"]
+
+
+def tool_rows(with_tools: EvalResult, without: EvalResult | None = None) -> tuple[list[str], list[list[str]]]:
+    """Per task evaluated with tools: pass@1 without tools (``without``, the same problems), with
+    tools, their paired difference, tool calls per sample, the share of samples that called a tool
+    and the share of calls that failed."""
+    from .results import paired_comparison
+
+    paired = {c.task: c for c in paired_comparison(without, with_tools)} if without is not None else {}
+    rows = []
+    for t in with_tools.task_names:
+        s = with_tools.summary(t)
+        tools = s.get("tools")
+        if not tools:
+            continue
+        c = paired.get(t)
+        rows.append([t, str(s["n"]), _iv(c.a) if c else "-", ci(s["pass@1"]), signed_ci(c.diff) if c else "-",
+                     f"{tools['calls_per_sample']:.2f}", pct(tools["use_rate"]), pct(tools["failed_rate"])])
+    return TOOL_HEADER, rows
+
+
 def curve_rows(result: EvalResult) -> tuple[list[str], list[list[str]]]:
     """pass@k and maj@k at every k, per task (test-time compute)."""
     header = ["task", "k", "pass@k", "maj@k"]
@@ -101,5 +124,5 @@ def comparison_table(comps: Sequence[Comparison], label_a: str = "A", label_b: s
     return rich_table(*comparison_rows(comps), title=f"A = {label_a}   B = {label_b}")
 
 
-__all__ = ["result_rows", "comparison_rows", "curve_rows", "rich_table", "result_table", "comparison_table",
+__all__ = ["result_rows", "comparison_rows", "tool_rows", "curve_rows", "rich_table", "result_table", "comparison_table",
            "pct", "ci", "signed_ci"]

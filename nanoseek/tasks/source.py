@@ -68,11 +68,13 @@ class TaskSource:
 
     # -------------------------------------------------------------- prompting
 
-    def prompt_ids(self, tokenizer, problem: Problem, mode: str, examples: Sequence[Problem] = ()) -> list[int]:
-        """The prompt of ``problem`` in evaluation ``mode`` (``examples``: few-shot, ``fewshot`` mode)."""
+    def prompt_ids(self, tokenizer, problem: Problem, mode: str, examples: Sequence[Problem] = (),
+                   tools: Sequence[dict] | None = None) -> list[int]:
+        """The prompt of ``problem`` in evaluation ``mode`` (``examples``: few-shot, ``fewshot`` mode;
+        ``tools``: function definitions the system turn describes, chat modes)."""
         from nanoseek.tasks.reply import render_prompt
 
-        return render_prompt(tokenizer, problem, mode, list(examples))
+        return render_prompt(tokenizer, problem, mode, list(examples), tools=tools)
 
     def stop_rule(self, tokenizer, mode: str) -> tuple[list[str], list[int]]:
         """(stop strings, stop token ids) of a sample in evaluation ``mode``."""
