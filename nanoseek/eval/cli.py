@@ -50,7 +50,7 @@ from pathlib import Path
 # EvalConfig's defaults, their one home; the help text quotes them from there.
 SETTINGS = {"n": "n_problems", "k": "k", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
             "max_new_tokens": "max_new_tokens", "few_shot": "few_shot", "seed": "seed",
-            "batch_size": "batch_size", "samples": "keep_samples", "tools": "tools", "tool_tasks": "tool_tasks"}
+            "batch_size": "batch_size", "samples": "keep_samples"}
 
 
 def _default(field_name: str):
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
+    given.update({k: getattr(args, k) for k in ("tools", "tool_tasks") if getattr(args, k, None)})
     try:                                  # bad flags fail before any model is loaded
         cfg = EvalConfig(tasks=split_specs(args.tasks), levels=levels,
                          **given).validate()
