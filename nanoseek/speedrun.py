@@ -11,6 +11,7 @@ Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
     RUN/sft/       chat model                            RUN/grpo/      reasoning model
     RUN/*/eval.json  held-out evaluation of each stage  RUN/run.json   stage status and wall times
     RUN/*/external.json  the same on reasoning-gym tasks ([eval] external_tasks)
+    RUN/*/tools.json     the tool tasks evaluated with tools ([tools] enabled, chat stages)
     RUN/report.md, RUN/report.html                      the report card (refreshes while running)
 
 Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe
@@ -275,18 +276,27 @@ def _check_eval_prompts(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed:
     tok = load_tokenizer(find_tokenizer(run_dir / "data"))
     context = min(int(_pretrain_config(run_dir, rc, minutes, seed).model.build_config().max_position_embeddings),
                   DEFAULT_MAX_SEQ_LEN)
-    for key, tasks, n, levels in (("eval.tasks", e.tasks, e.problems, e.levels),
-                                  ("eval.external_tasks", e.external_tasks, e.external_problems, None)):
+    tools = _tool_settings(rc)
+    for key, tasks, n, levels, modes, tooled in (
+            ("eval.tasks", rc.eval_tasks(), e.problems, e.levels, EVAL_MODES, {}),
+            ("eval.external_tasks", e.external_tasks, e.external_problems, None, EVAL_MODES, {}),
+            ("tools.tasks", rc.tools.tasks if tools else [], e.problems, e.levels, ("chat",), tools)):
         if not tasks:
             continue
-        for mode in EVAL_MODES:
+        for mode in modes:
             cfg = EvalConfig(tasks=split_specs(tasks), n_problems=max(e.min_problems, int(round(n * scale))), k=1,
                              mode=mode, max_new_tokens=e.max_new_tokens, seed=seed, levels=levels,
-                             few_shot=e.few_shot)
+                             few_shot=e.few_shot, **tooled)
             try:
                 check_prompts_fit(cfg, tok, context)
             except ValueError as err:
                 raise ConfigError(f"{where(rc, key)}: {key}: {err}") from None
+
+
+def _tool_settings(rc: SpeedrunRecipe) -> dict[str, str]:
+    """The evaluation's tool settings ([tools] with eval on: the built-ins for the tool tasks; else {})."""
+    t = rc.tools
+    return {"tools": t.tools, "tool_tasks": ",".join(t.task_names)} if t.use("eval") else {}
 
 
 def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed: int, log) -> dict:
@@ -301,9 +311,10 @@ def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed
     model = from_pretrained(final, dtype=torch.float32).eval()
     tok = load_tokenizer(find_tokenizer(final))
     n = max(e.min_problems, int(round(e.problems * scale)))
-    log(f"eval {stage_dir.name}: {n} held-out problems per task ({e.tasks}) x {e.k} samples "
+    tasks = rc.eval_tasks()
+    log(f"eval {stage_dir.name}: {n} held-out problems per task ({','.join(tasks)}) x {e.k} samples "
         f"({mode}, T={e.temperature})")
-    res = evaluate(model, tok, e.tasks, n_problems=n, k=e.k, mode=mode, temperature=e.temperature, top_p=e.top_p,
+    res = evaluate(model, tok, tasks, n_problems=n, k=e.k, mode=mode, temperature=e.temperature, top_p=e.top_p,
                    max_new_tokens=e.max_new_tokens, seed=seed, levels=e.levels, few_shot=e.few_shot,
                    batch_size=e.batch_size)
     res.save(stage_dir / "eval.json")
@@ -318,6 +329,16 @@ def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed
         log(f"eval {stage_dir.name}: external tasks ({len(ext.task_names)}, {ext.wall_s:.0f} s): pass@1 "
             f"{_fmt(ext.summary())}")
         out.update(external=str(stage_dir / "external.json"), external_wall_s=round(ext.wall_s, 1))
+    tools = _tool_settings(rc)
+    if tools and mode != "fewshot":     # the tool tasks again, with tools (the base model has no chat turns)
+        tl = evaluate(model, tok, list(rc.tools.tasks), n_problems=n, k=e.k, mode=mode, temperature=e.temperature,
+                      top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=seed, levels=e.levels, few_shot=e.few_shot,
+                      batch_size=e.batch_size, **tools)
+        tl.save(stage_dir / "tools.json")
+        use = tl.summary().get("tools", {})
+        log(f"eval {stage_dir.name}: tool tasks with tools ({tl.wall_s:.0f} s): pass@1 {_fmt(tl.summary())}, "
+            f"{use.get('calls_per_sample', 0):.2f} calls per sample, {use.get('failed', 0)} failed")
+        out.update(tools=str(stage_dir / "tools.json"), tools_wall_s=round(tl.wall_s, 1))
     return out
 
 

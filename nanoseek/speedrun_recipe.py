@@ -11,6 +11,9 @@ The recipe's tables are the stage sections the stages themselves use, plus four 
                                               the trainer's sections under that kind's defaults (the registry's)
     [eval]      tasks, problems, k, ...       EvalSection: the held-out evaluation after every stage (and
                                               on external_tasks, reasoning-gym's, into external.json)
+    [tools]     enabled, tools, tasks, ...    ToolsSection: tool use (off by default): the tool tasks' SFT
+                                              traces call the tool, GRPO rolls them out through the tool
+                                              loop, each chat stage evaluates them with tools (tools.json)
 
 ``--set TABLE.KEY=VALUE`` goes through the trainer's parser (:func:`nanoseek.train.config.apply_overrides`),
 and every table and key is checked before anything runs (:func:`load_recipe`): an unknown table or
@@ -85,6 +88,34 @@ class EvalSection:
 
 
 @dataclass
+class ToolsSection:
+    """``[tools]``: tool use in the run, off unless ``enabled``. ``tasks`` (a task spec whose tasks have a
+    tool call, :meth:`nanoseek.tasks.generators.Task.tool_call`) are the tool tasks: with ``sft`` they join
+    the [sft] data with traces that call the tool (its real output); with ``grpo`` they join the [grpo]
+    prompts, which describe the tools and are rolled out through the engine's tool loop; with ``eval`` they
+    join [eval] tasks (without tools, in eval.json) and every chat stage evaluates them with tools into
+    STAGE/tools.json (the report's "Tool use": with vs without tools, calls per task). The other tasks stay
+    head math: their prompts never describe the tools."""
+    enabled: bool = False
+    tools: str = "calculator"         # the built-ins (nanoseek.tools.toolbox.BUILTINS)
+    tasks: list[str] = field(default_factory=lambda: ["big_arithmetic:1-2"])
+    sft: bool = True                  # cold start: the tool tasks' traces show the call
+    grpo: bool = True                 # GRPO: the tool tasks' prompts, rolled out with the tools
+    eval: bool = True                 # each chat stage: the tool tasks evaluated with tools (tools.json)
+    failure_penalty: float = 0.0      # GRPO's reward minus this per failed call
+
+    @property
+    def task_names(self) -> list[str]:
+        from nanoseek.tasks.generators import parse_task_specs
+
+        return list(dict.fromkeys(name for name, _ in parse_task_specs(self.tasks)))
+
+    def use(self, stage: str) -> bool:
+        """Whether ``stage`` ("sft", "grpo", "eval") uses the tools."""
+        return self.enabled and bool(getattr(self, stage))
+
+
+@dataclass
 class PretrainTables:
     """``[pretrain.*]``: the trainer's sections (its out_dir, seed, max_minutes and data dir are the speedrun's)."""
     optim: OptimSection = field(default_factory=OptimSection)
@@ -112,6 +143,7 @@ class SpeedrunRecipe:
     sft: PostTables
     grpo: PostTables
     eval: EvalSection
+    tools: ToolsSection = field(default_factory=ToolsSection)
     source: str = "<dict>"
     written: dict[str, Any] = field(default_factory=dict)  # the tables as written (after --set)
 
@@ -152,13 +184,43 @@ class SpeedrunRecipe:
         s = self.written.get(kind, {})
         algo = {k: v for k, v in s.items() if k not in STAGE_TABLES}
         algo.setdefault("seed", seed)
+        algo.update(self.tool_keys(kind, algo))
         return {"model": model, kind: algo, "optim": dict(s.get("optim", {})),
                 "train": {**s.get("train", {}), "out_dir": str(out_dir), "seed": seed, "max_minutes": minutes},
                 "spike": dict(s.get("spike", {}))}
 
 
+    def tool_keys(self, kind: str, algo: dict[str, Any]) -> dict[str, Any]:
+        """What ``[tools]`` adds to the ``kind`` stage's section ({} when it does not use tools): the tool
+        tasks appended to its data / prompts, the built-ins and the tasks that get them."""
+        t = self.tools
+        if not t.use(kind):
+            return {}
+        from nanoseek.tasks.generators import split_specs
+
+        key = "data" if kind == "sft" else "prompts"
+        current = algo.get(key, getattr(getattr(self, kind).algo, key))
+        if kind == "sft" and not current.startswith("tasks:"):
+            raise ConfigError(f"{self.source}: [tools] sft = true needs generated [sft] data (tasks:SPEC) to add the "
+                              f"tool tasks to, not {current!r}")
+        joined = ",".join(split_specs(current.removeprefix("tasks:")) + list(t.tasks))
+        out = {key: ("tasks:" + joined) if kind == "sft" else joined, "tools": t.tools,
+               "tool_tasks": ",".join(t.task_names)}
+        if kind == "grpo":
+            out["tool_failure_penalty"] = t.failure_penalty
+        return out
+
+    def eval_tasks(self) -> list[str]:
+        """[eval] tasks, plus the tool tasks when the evaluations use tools (evaluated without tools here)."""
+        from nanoseek.tasks.generators import split_specs
+
+        tasks = split_specs(self.eval.tasks)
+        return tasks + list(self.tools.tasks) if self.tools.use("eval") else tasks
+
+
 TABLES = {"speedrun": RunSection, "budget": BudgetSection, "data": CorpusSection, "model": ModelSection,
-          "pretrain": PretrainTables, "sft": PostTables, "grpo": PostTables, "eval": EvalSection}
+          "pretrain": PretrainTables, "sft": PostTables, "grpo": PostTables, "eval": EvalSection,
+          "tools": ToolsSection}
 
 
 def _table(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
@@ -187,7 +249,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
         raise ConfigError(f"{source}: unknown table [{unknown[0]}]. Valid tables: "
                           f"{', '.join('[' + t + ']' for t in TABLES)}")
     simple = {name: parse_section(TABLES[name], _table(raw, name, source), name, source)
-              for name in ("speedrun", "budget", "data", "eval")}
+              for name in ("speedrun", "budget", "data", "eval", "tools")}
     model = parse_section(ModelSection, _table(raw, "model", source), "model", source,
                           extra_keys=set(ModelConfig.field_names()))
     own, subs = _split(raw, "pretrain", (*STAGE_TABLES, "data"), source)
@@ -229,6 +291,25 @@ def _check_values(rc: SpeedrunRecipe, source: str) -> None:
             raise bad(f"eval.{key}", getattr(e, key), "must be >= 1")
     if e.few_shot < 0:
         raise bad("eval.few_shot", e.few_shot, "must be >= 0")
+    t = rc.tools
+    if t.failure_penalty < 0:
+        raise bad("tools.failure_penalty", t.failure_penalty, "must be >= 0")
+    from nanoseek.tasks.generators import parse_task_specs
+    from nanoseek.tasks.tool_use import ToolUse
+
+    if not t.tools.strip():
+        raise bad("tools.tools", t.tools, "name at least one built-in tool (e.g. calculator)")
+    try:
+        ToolUse.of(t.tools)
+    except ValueError as err:
+        raise bad("tools.tools", t.tools, str(err)) from None
+    try:
+        specs = parse_task_specs(t.tasks)
+    except ValueError as err:
+        raise bad("tools.tasks", t.tasks, str(err)) from None
+    for name, _ in specs:
+        if not ToolUse(t.tools).applies(name):
+            raise bad("tools.tasks", t.tasks, f"task {name!r} has no tool call (its ideal reply uses no tool)")
 
 
 def _check_task_specs(rc: SpeedrunRecipe) -> None:
@@ -322,5 +403,5 @@ def resolved_settings(config: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-__all__ = ["RunSection", "BudgetSection", "CorpusSection", "EvalSection", "PretrainTables", "PostTables",
+__all__ = ["RunSection", "BudgetSection", "CorpusSection", "EvalSection", "ToolsSection", "PretrainTables", "PostTables",
            "SpeedrunRecipe", "TABLES", "recipe_from_dict", "check_recipe", "load_recipe", "where", "resolved_settings"]
