@@ -44,3 +44,48 @@ def saved_tiny_checkpoint(path):
     tk.save(path)
     return path
 
+
+
+@functools.lru_cache(maxsize=1)
+def tool_tokenizer() -> Tokenizer:
+    """:func:`tiny_tokenizer`'s vocabulary with DeepSeek-V3.1's seven tool-call strings as special tokens
+    (nanoseek's own vocabulary has them once the tool-use tokenizer lands; then this is that one)."""
+    import json
+
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HF
+
+    from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+
+    texts = TEXTS + ['{"expression": "347 * 829"}', "Answer: 287663", "This needs the calculator tool."]
+    base = Tokenizer.train(texts, vocab_size=340, min_frequency=1)
+    if ToolTokens.of(base) is not None:
+        return base
+    hf = HF.from_str(base._tk.to_str())
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS])
+    tk = Tokenizer(HF.from_str(hf.to_str()))
+    assert ToolTokens.of(tk) is not None and json.loads(hf.to_str())
+    return tk
+
+
+def tool_completion(tk, toolbox, head: str, arguments: str, final: str, name: str = "calculator", eos: bool = True):
+    """A completion as the engine's tool loop returns it (design: model_mask, tool_calls, tool_results,
+    final_text): the model writes ``head`` and one call of ``name`` with ``arguments``; the loop appends
+    EOS and the tool's real output (mask 0); the model then writes ``final`` (and EOS)."""
+    from types import SimpleNamespace
+
+    from nanoseek.tools.format import ToolCall, ToolTokens
+
+    t = ToolTokens.of(tk)
+    call = ToolCall(name, arguments)
+    result = toolbox.run(call)
+    model1 = (tk.encode_text(head) + [t.calls_begin, t.call_begin] + tk.encode_text(name) + [t.sep]
+              + tk.encode_text(arguments) + [t.call_end, t.calls_end])
+    loop = [tk.eos_id, t.output_begin] + tk.encode_text(result.output) + [t.output_end]
+    model2 = tk.encode_text(final) + ([tk.eos_id] if eos else [])
+    ids = model1 + loop + model2
+    return SimpleNamespace(token_ids=ids, model_mask=[1] * len(model1) + [0] * len(loop) + [1] * len(model2),
+                           text=head + name + arguments + result.output + final, final_text=final,
+                           tool_calls=[call], tool_results=[result], finish_reason="stop" if eos else "length",
+                           stop_reason="eos" if eos else None, completion_tokens=len(ids), reasoning=None,
+                           logprobs=[0.0] * len(ids))

@@ -1,0 +1,173 @@
+"""Tool tasks and tool-using SFT traces: the big_arithmetic task, Task.tool_call, the ideal reply made with
+the real calculator, which problems get tools (ToolUse), the prompt that describes the tools, SFT data and
+its masks on a tool trace (the tool's output never trained)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanoseek.post.datasets import DataError, parse_sft
+from nanoseek.tasks.generators import TASKS, get_task
+from nanoseek.tasks.reply import encode_chat_tools, extract_answer, render_prompt, tool_sft_messages
+from nanoseek.tasks.tool_use import ToolUse
+from nanoseek.tools.calculator import evaluate
+from nanoseek.tools.format import TOOLS_HEADER, ToolCall
+from nanoseek.tools.toolbox import Toolbox
+from post_helpers import tiny_tokenizer, tool_tokenizer
+
+CALC = Toolbox.builtin("calculator")
+
+
+def _tool_tasks():
+    return [name for name in sorted(TASKS) if ToolUse("calculator").applies(name)]
+
+
+def test_tool_tasks_are_the_ones_with_a_tool_call():
+    assert set(_tool_tasks()) == {"arithmetic", "big_arithmetic"}
+    for name in sorted(set(TASKS) - set(_tool_tasks())):
+        p = get_task(name).generate("train", 1, seed=0)[0]
+        assert get_task(name).tool_call(p) is None and tool_sft_messages(p, CALC) is None
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "big_arithmetic"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_level_trace_calls_the_real_tool_and_answers_its_output(name, split):
+    """For every level: the call's expression evaluates to the gold answer, the tool message holds the
+    calculator's real output, the final answer verifies; the user turn is the question alone."""
+    task = get_task(name)
+    for level in task.levels:
+        for p in task.generate(split, 30, seed=3, level=level, allow_fewer=True):
+            msgs = tool_sft_messages(p, CALC)
+            assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
+            [call] = msgs[1]["tool_calls"]
+            args = json.loads(call["function"]["arguments"])
+            assert call["function"]["name"] == "calculator" and set(args) == {"expression"}
+            assert str(evaluate(args["expression"])) == p.answer               # the call computes the answer
+            assert msgs[2]["content"] == CALC.run(ToolCall("calculator", call["function"]["arguments"])).output
+            assert msgs[2]["tool_call_id"] == call["id"]
+            answer = extract_answer(msgs[3]["content"])
+            assert answer == p.answer and task.verify(answer, p)
+            assert msgs[0] == {"role": "user", "content": p.prompt}
+
+
+def test_big_arithmetic_is_beyond_head_math_and_disjoint_by_split():
+    t = get_task("big_arithmetic")
+    train = {p.prompt for p in t.generate("train", 300, seed=0)}
+    test = t.generate("test", 300, seed=0)
+    assert not train & {p.prompt for p in test}
+    for p in test:                      # L1 sums of 4-5 digits, L2 3x2-digit products, L3 3x3 + 4 digits
+        assert int(p.answer) >= 1000 and str(evaluate(p.prompt[len("What is "):-1])) == p.answer
+    assert {p.level for p in test} == {1, 2, 3}
+
+
+def test_a_wrong_tool_output_is_refused_not_trained():
+    """A trace is only written when the real tool's output is the gold answer."""
+    p = get_task("big_arithmetic").generate("train", 1, seed=0)[0]
+    box = Toolbox().register(lambda expression: "41", name="calculator")
+    with pytest.raises(ValueError, match="not"):
+        tool_sft_messages(p, box)
+    assert tool_sft_messages(p, Toolbox.builtin([])) is None           # the task's tool is not in the box
+
+
+def test_tool_use_settings_are_checked_and_select_tasks():
+    assert not ToolUse().enabled and ToolUse().specs_for("big_arithmetic") is None
+    use = ToolUse.of("calculator", "big_arithmetic")
+    assert use.applies("big_arithmetic") and not use.applies("arithmetic") and not use.applies("compare")
+    assert use.specs_for("big_arithmetic")[0]["function"]["name"] == "calculator"
+    assert ToolUse.of(["calculator"], None).applies("arithmetic")
+    with pytest.raises(ValueError, match="unknown built-in tool 'abacus'"):
+        ToolUse.of("abacus")
+    with pytest.raises(ValueError, match="unknown task 'algebra'"):
+        ToolUse.of("calculator", "algebra")
+    with pytest.raises(ValueError, match="no tools are on"):
+        ToolUse.of("", "big_arithmetic")
+
+
+@pytest.mark.parametrize("template", ["chat", "chat-think"])
+def test_the_prompt_describes_the_tools_only_when_given(template):
+    tk = tool_tokenizer()
+    p = get_task("big_arithmetic").generate("test", 1, seed=0)[0]
+    plain = tk.decode(render_prompt(tk, p, template))
+    tooled = tk.decode(render_prompt(tk, p, template, tools=CALC.openai_tools()))
+    assert TOOLS_HEADER.strip() not in plain and TOOLS_HEADER.strip() in tooled
+    assert '"expression"' in tooled and p.prompt in tooled
+    assert tooled.endswith(plain[len(tk.decode([tk.bos_id])):])           # same question and generation prompt
+    with pytest.raises(ValueError, match="chat template"):
+        render_prompt(tk, p, "r1-zero", tools=CALC.openai_tools())
+
+
+def test_sft_records_with_tools_are_validated():
+    good = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c", "type": "function", "function": {"name": "calculator", "arguments": "{}"}}]},
+                         {"role": "tool", "tool_call_id": "c", "content": "4"},
+                         {"role": "assistant", "content": "Answer: 4"}],
+            "tools": CALC.openai_tools()}
+    ex = parse_sft("f:1", good)
+    assert ex.tools == CALC.openai_tools() and ex.messages[1]["content"] == ""
+    bad = [({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools\\[0\\].function.name"),
+           ({"messages": [{"role": "user", "content": "q", "tool_calls": []}]}, "only assistant messages may call"),
+           ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "x"}}]}]},
+            "arguments"),
+           ({"messages": [{"role": "user", "content": "q", "tool_call_id": "c"}]}, "tool_call_id")]
+    for patch, match in bad:
+        with pytest.raises(DataError, match=match):
+            parse_sft("f:2", {**good, **patch})
+
+
+def _template_takes_tool_messages(tk) -> bool:
+    from nanoseek.data.chat_template import TokenizerError
+
+    try:
+        tk.encode_chat([{"role": "user", "content": "q"}, {"role": "tool", "tool_call_id": "c", "content": "4"}])
+        return True
+    except TokenizerError:
+        return False
+
+
+@pytest.mark.parametrize("name", ["big_arithmetic", "arithmetic"])
+def test_sft_mask_on_a_tool_trace_trains_the_call_and_answer_never_the_output(name):
+    """The chat template's mask on the generated trace: the call block and the final answer are targets,
+    the tool's output tokens (and the prompt with the tools' description) never are."""
+    from nanoseek.post.common import IGNORE, chat_row
+    from nanoseek.post.sft import task_sft_examples
+    from nanoseek.tools.format import ToolTokens
+
+    tk = tool_tokenizer()
+    if not _template_takes_tool_messages(tk):
+        pytest.skip("this chat template has no tool messages yet (the tool-use template lands with issue 20)")
+    t = ToolTokens.of(tk)
+    examples = task_sft_examples(name, 6, seed=1, tool_use=ToolUse.of("calculator"))
+    for ex in examples:
+        assert ex.tools and ex.messages[2]["role"] == "tool"
+        ids, labels, _ = chat_row(tk, ex.messages, tools=ex.tools)
+        trained = [ids[i + 1] for i, lab in enumerate(labels) if lab != IGNORE]
+        begin, end = ids.index(t.output_begin), ids.index(t.output_end)
+        assert all(labels[i - 1] == IGNORE for i in range(begin, end + 1))     # the output is never a target
+        assert t.calls_begin in trained and t.calls_end in trained                # the call is
+        output = ex.messages[2]["content"]
+        assert tk.decode(ids[begin + 1:end]) == output
+        answer = tk.decode([x for x in trained if x not in t.ids], skip_special_tokens=True)
+        assert answer.endswith(f"Answer: {output}") and '"expression"' in answer
+        assert TOOLS_HEADER.strip() in tk.decode(ids)
+
+
+def test_sft_section_tools_need_chat_traces_and_known_names():
+    from nanoseek.post.sft import SFTSection
+
+    with pytest.raises(ValueError, match="r1-zero"):
+        SFTSection(data="tasks:big_arithmetic", num_examples=4, template="r1-zero", tools="calculator").validate()
+    with pytest.raises(ValueError, match="abacus"):
+        SFTSection(data="tasks:big_arithmetic", num_examples=4, tools="abacus").validate()
+
+
+def test_tools_kwarg_falls_back_to_a_system_message_on_templates_without_tools():
+    """encode_chat_tools works on a template that refuses ``tools=`` (a system turn with the same text)
+    and on one that takes it; either way the description is in the prompt and the user turn is intact."""
+    for tk in (tiny_tokenizer(), tool_tokenizer()):
+        ids, mask = encode_chat_tools(tk, [{"role": "user", "content": "What is 2 + 2?"}], CALC.openai_tools(),
+                                      add_generation_prompt=True)
+        text = tk.decode(ids)
+        assert TOOLS_HEADER.strip() in text and "What is 2 + 2?" in text and not any(mask)
