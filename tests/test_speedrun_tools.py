@@ -1,0 +1,75 @@
+"""The speedrun's [tools] table: off by default (the stages exactly as before), and when enabled the tool
+tasks join the SFT data (traces that call the tool), the GRPO prompts (rolled out with the tools) and the
+evaluation (with and without tools); bad settings are one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanoseek.errors import UserError
+from nanoseek.post.registry import stage_config_from_dict
+from nanoseek.speedrun_recipe import load_recipe
+from nanoseek.tasks.generators import split_specs
+
+
+def _stage(rc, kind):
+    raw = rc.stage_raw(kind, {"preset": rc.model.preset, **rc.model.fields}, Path("run") / kind, 1.0, 0)
+    return stage_config_from_dict(kind, raw, source="test", init_pending=True).algo
+
+
+def test_tools_are_off_by_default_and_change_nothing():
+    rc = load_recipe("speedrun", [])
+    assert not rc.tools.enabled
+    for kind in ("sft", "grpo"):
+        assert rc.tool_keys(kind, {}) == {}
+        algo = _stage(rc, kind)
+        assert algo.tools == "" and algo.tool_tasks == "" and not algo.tool_use.enabled
+    assert rc.eval_tasks() == split_specs(rc.eval.tasks)
+    assert rc.resolved()["tools"]["enabled"] is False
+
+
+def test_enabled_tools_reach_every_stage():
+    rc = load_recipe("speedrun", ["tools.enabled=true", "tools.failure_penalty=0.1"])
+    sft, grpo = _stage(rc, "sft"), _stage(rc, "grpo")
+    assert sft.data == rc.sft.algo.data + ",big_arithmetic:1-2"
+    assert grpo.prompts == rc.grpo.algo.prompts + ",big_arithmetic:1-2"
+    for algo in (sft, grpo):
+        assert algo.tool_use.applies("big_arithmetic") and not algo.tool_use.applies("arithmetic")
+    assert grpo.tool_failure_penalty == 0.1 and grpo.template == "chat"
+    assert rc.eval_tasks() == split_specs(rc.eval.tasks) + ["big_arithmetic:1-2"]
+    # the SFT data it builds: the tool task's traces call the calculator, the others are head math
+    from nanoseek.post.sft import load_sft_examples
+
+    examples = load_sft_examples(sft.data, 30, 0, sft.template, sft.tool_use)
+    tooled = [e for e in examples if e.meta["task"] == "big_arithmetic"]
+    assert tooled and all(e.tools and e.messages[1].get("tool_calls") for e in tooled)
+    assert all(e.tools is None and "tool_calls" not in e.messages[1] for e in examples if e not in tooled)
+
+
+def test_each_stage_can_leave_the_tools_out():
+    rc = load_recipe("speedrun", ["tools.enabled=true", "tools.sft=false", "tools.eval=false"])
+    assert _stage(rc, "sft").tools == "" and _stage(rc, "grpo").tools == "calculator"
+    assert rc.eval_tasks() == split_specs(rc.eval.tasks)
+
+
+@pytest.mark.parametrize("override, message", [
+    ('tools.tools="abacus"', r"\[tools\] tools = 'abacus': .*unknown built-in tool 'abacus'"),
+    ('tools.tools=""', r"\[tools\] tools = '': name at least one built-in tool"),
+    ('tools.tasks=["compare:1"]', r"\[tools\] tasks = \['compare:1'\]: task 'compare' has no tool call"),
+    ('tools.tasks=["algebra"]', r"\[tools\] tasks = \['algebra'\]: .*unknown task 'algebra'"),
+    ("tools.failure_penalty=-1", r"\[tools\] failure_penalty = -1.0: must be >= 0"),
+    ("tools.enabledd=true", r"unknown key 'enabledd' in \[tools\]"),
+])
+def test_bad_tool_settings_are_named(override, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe("speedrun", [override])
+
+
+def test_tools_need_generated_sft_data(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(UserError, match=r"\[tools\] sft = true needs generated \[sft\] data"):
+        load_recipe("speedrun", ["tools.enabled=true", f'sft.data="{data}"'])
+    assert load_recipe("speedrun", ["tools.enabled=true", "tools.sft=false", f'sft.data="{data}"']).tools.enabled
