@@ -145,3 +145,14 @@ def test_report_shows_a_tool_use_section(tmp_path, sampling_with_tools):
     assert tool, [s.title for s in sections]
     text = json.dumps([b for b in tool[0].blocks], default=str)
     assert "big_arithmetic" in text and "+25.0 pts" in text
+
+
+def test_a_tokenizer_without_tool_tokens_is_one_line():
+    from nanoseek.tools.format import ToolTokens
+    from post_helpers import tiny_tokenizer
+
+    tk = tiny_tokenizer()
+    if ToolTokens.of(tk) is not None:
+        pytest.skip("nanoseek's vocabulary has the tool tokens")
+    with pytest.raises(ValueError, match="cannot call tools"):
+        _eval(tk, tools="calculator")

@@ -384,6 +384,10 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
         notes.append(f"greedy decoding (temperature 0): k reduced from {cfg.k} to 1, its samples would be identical")
         cfg.k = 1
     cfg.ks = k_values(cfg.k)
+    if cfg.tool_use.enabled:
+        from nanoseek.tasks.tool_use import require_tool_tokens
+
+        require_tool_tokens(tokenizer, f"eval tools = {cfg.tools!r}")
     if engine is None:
         from nanoseek.infer.engine import Engine
 

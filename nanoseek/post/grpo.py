@@ -212,11 +212,9 @@ class GRPOTask:
         self.tool_use = cfg.tool_use
         self.toolbox = self.tool_use.toolbox()
         if self.toolbox is not None:
-            from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+            from nanoseek.tasks.tool_use import require_tool_tokens
 
-            if ToolTokens.of(tokenizer) is None:
-                raise ValueError(f"[grpo] tools = {cfg.tools!r}: the tokenizer has no tool-call tokens "
-                                 f"({TOOL_TOKENS[0]}...): this model cannot call tools")
+            require_tool_tokens(tokenizer, f"[grpo] tools = {cfg.tools!r}")
         with_tools = [self.tool_use.applies(p.task) for p in prompts]
         ids = [render_prompt(tokenizer, p, cfg.template, tools=self.toolbox.openai_tools() if t else None)
                for p, t in zip(prompts, with_tools)]

@@ -172,6 +172,14 @@ class SFTRows:
 
 def tokenize_examples(tokenizer, examples: list[SFTExample], max_seq_len: int) -> SFTRows:
     rows = SFTRows([], [])
+    tooled = next((ex for ex in examples if getattr(ex, "tools", None)), None)
+    if tooled is not None:
+        from nanoseek.tasks.tool_use import require_tool_tokens
+
+        try:
+            require_tool_tokens(tokenizer, f"{tooled.where or 'SFT data'}: a tool-using example")
+        except ValueError as e:
+            raise DataError(str(e)) from None
     for ex in examples:
         ids, labels, cut = chat_row(tokenizer, ex.messages, max_seq_len, getattr(ex, "tools", None))
         n = sum(x != IGNORE for x in labels)

@@ -80,6 +80,16 @@ class ToolUse:
         return self.toolbox().openai_tools() if self.applies(task) else None
 
 
+def require_tool_tokens(tokenizer, where: str) -> None:
+    """ValueError, one line naming ``where``, when ``tokenizer`` lacks the tool-call tokens (a model
+    trained with such a vocabulary cannot call tools; its traces would spell the control strings as text)."""
+    from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+
+    if ToolTokens.of(tokenizer) is None:
+        raise ValueError(f"{where}: the tokenizer has no tool-call tokens ({TOOL_TOKENS[0]}...): this model "
+                         "cannot call tools")
+
+
 OFF = ToolUse()
 
-__all__ = ["ToolUse", "OFF"]
+__all__ = ["ToolUse", "OFF", "require_tool_tokens"]
