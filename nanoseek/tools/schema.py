@@ -168,10 +168,8 @@ def schema_of(annotation: Any) -> dict[str, Any]:
         return {}
     if annotation is None:
         return {"type": "null"}
-    if isinstance(annotation, str):                 # an annotation typing could not resolve
-        simple = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
-                  "dict": "object", "None": "null"}
-        return {"type": simple[annotation]} if annotation in simple else {}
+    if isinstance(annotation, str):                 # an annotation that did not resolve
+        return {}
     if isinstance(annotation, type) and annotation in _ANNOTATION_TYPES:
         return {"type": _ANNOTATION_TYPES[annotation]}
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -210,9 +208,24 @@ def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     for target in (fn, getattr(fn, "__call__", None), getattr(fn, "func", None)):   # functions, instances, partials
         try:
             return typing.get_type_hints(target, include_extras=True)
-        except Exception:  # noqa: BLE001 - unresolvable or not introspectable: fall back to the raw annotations
+        except Exception:  # noqa: BLE001 - one unresolvable annotation: resolve the others one by one
             continue
     return {}
+
+
+def _resolve(annotation: Any, fn: Callable[..., Any]) -> Any:
+    """A string annotation (``from __future__ import annotations``) evaluated where ``fn`` was
+    defined, as typing.get_type_hints does; left a string when it does not resolve."""
+    target = getattr(fn, "func", fn)
+    scope = getattr(inspect.unwrap(target), "__globals__", None) or getattr(type(target).__call__, "__globals__", {})
+    for _ in range(2):                              # a quoted annotation under the __future__ import: "'int'"
+        if not isinstance(annotation, str):
+            break
+        try:
+            annotation = eval(annotation, dict(scope), {})  # noqa: S307 - the registering program's own annotation
+        except Exception:  # noqa: BLE001 - an unknown name: the schema accepts anything there
+            break
+    return annotation
 
 
 def parameters_from_signature(fn: Callable[..., Any], sig: inspect.Signature) -> dict[str, Any]:
@@ -227,16 +240,13 @@ def parameters_from_signature(fn: Callable[..., Any], sig: inspect.Signature) ->
         if p.kind is p.VAR_KEYWORD:
             open_object = True
             continue
-        schema = dict(schema_of(hints.get(p.name, p.annotation)))
+        schema = dict(schema_of(hints[p.name] if p.name in hints else _resolve(p.annotation, fn)))
         if p.default is p.empty:
             required.append(p.name)
         elif _scalar(p.default):
             schema["default"] = p.default
         props[p.name] = schema
-    out: dict[str, Any] = {"type": "object", "properties": props, "required": required}
-    if not open_object:
-        out["additionalProperties"] = False
-    return out
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": open_object}
 
 
 __all__ = ["check_arguments", "schema_of", "parameters_from_signature", "json_type"]
