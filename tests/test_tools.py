@@ -20,7 +20,8 @@ from typing import Annotated, Literal, Optional
 import pytest
 
 from nanoseek.errors import ConfigError, UserError
-from nanoseek.tools import BUILTINS, ToolCall, Toolbox, ToolError, ToolLimits, ToolResult, check_arguments
+from nanoseek.tools import (BUILTINS, Tool, ToolCall, Toolbox, ToolError, ToolLimits, ToolResult, ToolSpec,
+                           check_arguments)
 from nanoseek.tools import toolbox as toolbox_mod
 from nanoseek.tools.calculator import MAX_DIGITS, CalculatorError, calculator, evaluate
 from nanoseek.tools.schema import parameters_from_signature, schema_of
@@ -365,6 +366,26 @@ def test_a_hanging_callable_never_blocks_the_caller_beyond_the_timeout():
     assert box._stuck["hang"] == 0
     box.limits = ToolLimits(timeout_s=5)
     assert call(box, "hang", {"tag": "again"}).output == "late"          # and the tool works again
+
+
+def test_a_contained_tool_gets_the_limits_and_a_backstop(monkeypatch):
+    """A contained tool (the python built-in's kind) stops itself at limits.timeout_s; should it not,
+    the caller still stops waiting CONTAINED_GRACE_S later."""
+    seen = []
+
+    def contained(args, limits):
+        seen.append((args, limits.timeout_s))
+        time.sleep(float(args["sleep"]))
+        return "done"
+
+    monkeypatch.setattr(toolbox_mod, "CONTAINED_GRACE_S", 0.3)
+    spec = ToolSpec("slow", "", {"type": "object", "properties": {"sleep": {"type": "number"}}})
+    box = Toolbox([Tool(spec, contained, contained=True)], ToolLimits(timeout_s=0.2))
+    assert call(box, "slow", {"sleep": 0.35}).output == "done"          # inside timeout + grace: its own answer
+    t0 = time.perf_counter()
+    r = call(box, "slow", {"sleep": 5})
+    assert not r.ok and r.output == "error: slow timed out after 0.2 s" and time.perf_counter() - t0 < 1.5
+    assert seen[0] == ({"sleep": 0.35}, 0.2)
 
 
 def test_run_is_thread_safe():
