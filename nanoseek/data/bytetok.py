@@ -2,7 +2,8 @@
 
 Ids 0-255 are the UTF-8 bytes; nanoseek's special tokens follow in their usual order
 (:data:`nanoseek.data.tokenizer.SPECIAL_TOKENS`: BOS 256, EOS 257, pad 258, ``<｜User｜>`` 259,
-``<｜Assistant｜>`` 260, ``<think>`` 261, ``</think>`` 262), so a model needs ``vocab_size >= 263``.
+``<｜Assistant｜>`` 260, ``<think>`` 261, ``</think>`` 262), then DeepSeek-V3.1's seven tool-call tokens
+(:data:`nanoseek.tools.format.TOOL_TOKENS`, 263-269), so a model needs ``vocab_size >= 270``.
 It has the interface of :class:`nanoseek.data.tokenizer.Tokenizer` that inference and
 post-training use (``encode``, ``encode_text``, ``encode_segments``, ``encode_chat``,
 ``apply_chat_template``, ``decode``, ``token_to_id``, ``bos_id``/``eos_id``/``pad_id``/``document_start_id``,
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 from nanoseek.data.chat_template import ChatEncoding, ChatTemplate, TokenizerError
 from nanoseek.data.tokenizer import BOS, CHAT_TEMPLATE, END_THINK, EOS, PAD, SPECIAL_TOKENS, THINK, THINK_TAGS
+from nanoseek.tools.format import TOOL_TOKENS
 
-SPECIALS = list(SPECIAL_TOKENS)
+SPECIALS = list(SPECIAL_TOKENS) + [t for t in TOOL_TOKENS if t not in SPECIAL_TOKENS]
 
 
 class ByteTokenizer(ChatEncoding):

@@ -7,6 +7,9 @@ shown dimmed while it is written, then collapsed to one line, "thought for N s",
 is complete. The conversation is kept and re-sent each turn through
 the chat template (previous reasoning is not re-sent, as DeepSeek-R1 does). What is typed is
 text: a control-token string in it (``<｜Assistant｜>``...) stays text (:func:`encode_turns`).
+``--tools calculator,python`` lets the model call those built-ins (run by the engine, ``python``
+only in the sandbox); each call and its output are shown as a dim line where the model made it,
+and the conversation re-sent keeps them (assistant ``tool_calls`` and ``tool`` messages).
 
 Commands: ``/reset`` forgets the conversation, ``/samples N`` draws N answers per turn (sharing one
 prefill; with N > 1 the majority answer is shown too, self-consistency), ``/help``, ``/quit``
@@ -23,7 +26,7 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from .generate_cli import add_sampling_arguments, build_engine, sampling_params
+from .generate_cli import add_sampling_arguments, build_engine, check_tool_tokens, sampling_params, toolbox_from_args
 from .thinking import DEFAULT_THINKING, add_think_argument
 
 HELP = "commands: /reset (new conversation), /samples N (answers per turn), /help, /quit"
@@ -46,8 +49,19 @@ class _Turn:
         self.answer = ""
         self.thought_seconds: float | None = None
         self.finish_reason: str | None = None
+        self.segments: list[tuple[str, list]] = []     # (answer text before a calls block, its tool results)
+        self.results_open = False                      # the last event was a tool result
 
     def add(self, ev, now: float) -> None:
+        if ev.tool_result is not None:
+            if self.results_open:
+                self.segments[-1][1].append(ev.tool_result)          # one block, several calls
+            else:
+                written = sum(len(t) for t, _ in self.segments)
+                self.segments.append((self.answer[written:], [ev.tool_result]))
+            self.results_open = True
+            return
+        self.results_open = False
         self.reasoning += ev.reasoning_delta
         if ev.text_delta and self.thought_seconds is None and self.reasoning:
             self.thought_seconds = now - self.start
@@ -72,14 +86,21 @@ def _render(turns: list[_Turn], final: bool):
             else:
                 tail = "\n".join(t.reasoning.splitlines()[-12:])  # keep the live view short
                 parts.append(Text(tail, style="dim"))
-        parts.append(Text(t.answer))
+        shown = 0
+        for text, results in t.segments:
+            parts.append(Text(text))
+            shown += len(text)
+            for r in results:
+                mark = "" if r.ok else " (failed)"
+                parts.append(Text(f"[{r.call.name}({r.call.arguments}) -> {r.output}]{mark}", style="dim cyan"))
+        parts.append(Text(t.answer[shown:]))
         if final and t.finish_reason == "length":
             parts.append(Text("(stopped at the token limit)", style="dim yellow"))
     return Group(*parts)
 
 
 def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, params, system: str | None = None,
-              think: bool = DEFAULT_THINKING) -> int:
+              think: bool = DEFAULT_THINKING, toolbox=None) -> int:
     """Run the chat until /quit or end of input; returns the number of turns answered."""
     from rich.live import Live
 
@@ -121,12 +142,17 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = encode_turns(tokenizer, messages, think)
+        try:
+            ids = encode_turns(tokenizer, messages, think, toolbox)
+        except ValueError as e:                 # a message the template refuses
+            history.pop()
+            console.print(f"error: {e}", style="red", highlight=False)
+            continue
         start = time.perf_counter()
         turns = [_Turn(start) for _ in range(params.n)]
         try:
             with Live(_render(turns, False), console=console, refresh_per_second=12, transient=True) as live:
-                for ev in engine.stream(ids, params):
+                for ev in engine.stream(ids, params, toolbox=toolbox):
                     turns[ev.index].add(ev, time.perf_counter())
                     live.update(_render(turns, False))
         except ValueError as e:                 # e.g. the conversation outgrew the context
@@ -139,15 +165,32 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
             if voted is not None:
                 support = sum(canonical_answer(extract_answer(t.answer)) == voted for t in turns)
                 console.print(f"majority answer: {voted} ({support}/{params.n})", style="bold", highlight=False)
-        history.append({"role": "assistant", "content": turns[0].answer})
+        history += turn_messages(turns[0])
         turns_done += 1
 
 
-def encode_turns(tokenizer, messages: list[dict], think: bool) -> list[int]:
+def turn_messages(turn: _Turn) -> list[dict]:
+    """The messages a turn adds to the history: per calls block an assistant message with its
+    ``tool_calls`` and one ``tool`` message per output, then the final answer."""
+    out: list[dict] = []
+    shown = 0
+    for k, (text, results) in enumerate(turn.segments):
+        shown += len(text)
+        ids = [f"call_{k}_{i}" for i in range(len(results))]
+        out.append({"role": "assistant", "content": text or None, "tool_calls": [
+            {"id": cid, "type": "function", "function": {"name": r.call.name, "arguments": r.call.arguments}}
+            for cid, r in zip(ids, results)]})
+        out += [{"role": "tool", "tool_call_id": cid, "content": r.output} for cid, r in zip(ids, results)]
+    out.append({"role": "assistant", "content": turn.answer[shown:]})
+    return out
+
+
+def encode_turns(tokenizer, messages: list[dict], think: bool, toolbox=None) -> list[int]:
     """The conversation's prompt ids: what the user typed (and the answers re-sent) is text, so a
     typed ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` cannot end the turn; only the template
-    makes control tokens."""
-    return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think)[0]
+    makes control tokens. With a toolbox its tools are described in the system turn."""
+    extra = {"tools": toolbox.openai_tools()} if toolbox is not None else {}
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think, **extra)[0]
 
 
 def run(args) -> int:
@@ -155,7 +198,9 @@ def run(args) -> int:
 
     console = Console()
     params = sampling_params(args, args.samples)
+    toolbox = toolbox_from_args(args)
     engine, tokenizer = build_engine(args, max(16, args.samples))
+    check_tool_tokens(engine, args)
     console.print(f"nanoseek chat: {args.model}  ({HELP})", style="dim", highlight=False)
     from nanoseek.errors import UserError
 
@@ -171,5 +216,5 @@ def run(args) -> int:
             raise UserError(f"<stdin>: not UTF-8 text (invalid byte at byte offset {offset} of the line)") from None
         return line
 
-    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=args.think)
+    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=args.think, toolbox=toolbox)
     return 0

@@ -21,6 +21,12 @@ Prefill uses the naive MLA path (large matmuls over the prompt), decoding the ab
 (attention directly over the cached latent). The model's mode is restored after every step, so a
 model being trained (GRPO rollouts) can be passed in as is.
 
+Tool calls (``SamplingParams.tools``, ``tool_loop.py``): with "run" a sample that closes a
+DeepSeek-V3.1 tool-calls block pauses while its calls run on worker threads, the other rows keep
+decoding, and the tools' outputs are appended to its row in one forward (an *extend*: the absorbed
+path over several new positions, as an MTP verify step runs two) before it rejoins the batch. With
+"stop" the sample ends at the block. ``banned_token_ids`` are masked out of the logits.
+
 With ``use_mtp`` every decode step is an MTP self-speculative step (``speculative.py``): it drafts
 with the MTP module and verifies in the main model, for greedy and sampled rows alike.
 
@@ -58,9 +64,14 @@ from typing import Iterator
 import torch
 
 from .reasoning import prompt_ends_in_think
+from nanoseek.tools.format import ToolTokens
+
 from .request import Completion, EngineError, PromptLogprobs, Request, RequestHandle, Sample, TokenEvent
 from .sampling import RowParams, SamplingParams, TopLogprobs, choose_tokens, logprobs_and_top, sample_from_probs
 from .speculative import SpeculativeStats, speculative_accept
+from .tool_loop import ToolWorkers, appended_tokens, run_block
+
+TOOL_WAIT_S = 0.02                  # how long an idle step waits for a running tool
 
 DEFAULT_MAX_SEQ_LEN = 4096          # when the model allows more (the cache is preallocated)
 DEFAULT_MAX_PREFILL_TOKENS = 8192   # padded prompt tokens per prefill forward
@@ -132,22 +143,26 @@ class Engine:
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop_flag = False
+        self.tool_tokens = ToolTokens.of(tokenizer) if tokenizer is not None else None
+        self._tools = ToolWorkers()
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[Completion]]:
-        """All prompts (token id lists) batched; returns each prompt's ``n`` completions."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                 toolbox=None) -> list[list[Completion]]:
+        """All prompts (token id lists) batched; returns each prompt's ``n`` completions.
+        ``toolbox``: the tools a ``tools="run"`` request calls (:class:`nanoseek.tools.Toolbox`)."""
         params = params or SamplingParams()
         if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
             raise TypeError("generate() takes a list of prompts (lists of token ids); wrap a single prompt in a list")
-        handles = [self._enqueue(p, params, which=f"prompt {i}") for i, p in enumerate(prompts)]
+        handles = [self._enqueue(p, params, which=f"prompt {i}", toolbox=toolbox) for i, p in enumerate(prompts)]
         if not self.running:
             while not all(h.done for h in handles):
                 self._step_guarded()
         return [h.result() for h in handles]
 
-    def stream(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[TokenEvent]:
+    def stream(self, prompt: list[int], params: SamplingParams | None = None, toolbox=None) -> Iterator[TokenEvent]:
         """Generate for one prompt, yielding each token's event as soon as it is sampled."""
-        handle = self._enqueue(prompt, params or SamplingParams())
+        handle = self._enqueue(prompt, params or SamplingParams(), toolbox=toolbox)
         if self.running:
             yield from handle.events()
             return
@@ -165,9 +180,9 @@ class Engine:
                 while not handle.done:
                     self._step_guarded()
 
-    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> RequestHandle:
+    def submit(self, prompt: list[int], params: SamplingParams | None = None, toolbox=None) -> RequestHandle:
         """Queue a request for the background scheduler (started on first use); thread-safe."""
-        handle = self._enqueue(prompt, params or SamplingParams())
+        handle = self._enqueue(prompt, params or SamplingParams(), toolbox=toolbox)
         self.start()
         return handle
 
@@ -198,10 +213,22 @@ class Engine:
                     r.handle.cancel()
             while self._waiting or self._active:
                 self._step_guarded()
+        self._tools.shutdown()
 
     # ------------------------------------------------------------------ requests
-    def _enqueue(self, prompt: list[int], params: SamplingParams, which: str = "prompt") -> RequestHandle:
+    def _enqueue(self, prompt: list[int], params: SamplingParams, which: str = "prompt",
+                 toolbox=None) -> RequestHandle:
         params.validate()
+        if params.tools != "off" and self.tool_tokens is None:
+            raise ValueError(f"SamplingParams.tools = {params.tools!r}: "
+                             + ("this Engine was built without a tokenizer" if self.tokenizer is None else
+                                "the tokenizer has no tool-call tokens (<｜tool▁calls▁begin｜>...): "
+                                "this model cannot call tools"))
+        if params.tools == "run" and toolbox is None:
+            raise ValueError("SamplingParams.tools = 'run' needs a toolbox (generate/stream/submit(..., toolbox=...))")
+        V0 = self.config.vocab_size
+        if any(t >= V0 for t in params.banned_token_ids):
+            raise ValueError(f"SamplingParams.banned_token_ids: an id is outside the vocabulary [0, {V0})")
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise TypeError(f"{which}: expected a list of token ids, got {type(prompt).__name__}")
         prompt = list(prompt)
@@ -225,7 +252,7 @@ class Engine:
             in_think = (self.tokenizer is not None and params.split_reasoning
                         and prompt_ends_in_think(prompt, self.tokenizer))
         limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit)
+        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit, self.tool_tokens, toolbox)
         with self._cv:
             self._waiting.append(req)
             self._cv.notify_all()
@@ -296,16 +323,22 @@ class Engine:
             model.eval()
         try:
             with torch.inference_mode(), model.absorb_restored():
-                decoding = [s for s in self._active if not s.finished]
+                resumed = [s for s in self._active if not s.finished and s.future is not None and s.future.done()]
+                decoding = [s for s in self._active if not s.finished and s.awaiting is None]
                 if admitted:
                     events += self._prefill(admitted)
+                if resumed:
+                    events += self._extend(resumed)
                 if decoding:
                     events += self._decode_mtp(decoding) if self.use_mtp else self._decode(decoding)
         finally:
             if was_training:
                 model.train()
         self._admitting = []
+        self._start_tools()
         self._publish(events)
+        if not admitted and not resumed and not decoding:
+            self._wait_for_tools()
 
     def _publish(self, events: list[tuple[Sample, TokenEvent]]) -> None:
         for s, ev in events:
@@ -319,6 +352,65 @@ class Engine:
                 req.completions[s.index] = s.completion()
                 if all(c is not None for c in req.completions):
                     req.handle.finish(list(req.completions))
+
+    # ------------------------------------------------------------------ tool loop (tool_loop.py)
+    def _start_tools(self) -> None:
+        """Run the calls of every sample that just closed a block, on the worker threads."""
+        for s in self._active:
+            if s.awaiting is not None and s.future is None and not s.finished:
+                calls, problems = s.awaiting
+                s.future = self._tools.submit(run_block, s.req.toolbox, calls, problems, len(s.tool_calls))
+
+    def _wait_for_tools(self) -> None:
+        """Nothing to decode: wait a little for a running tool (never longer than TOOL_WAIT_S)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        running = [s.future for s in self._active if s.future is not None and not s.finished]
+        if running:
+            wait(running, timeout=TOOL_WAIT_S, return_when=FIRST_COMPLETED)
+
+    def _extend(self, samples: list[Sample]) -> list[tuple[Sample, TokenEvent]]:
+        """Append each sample's tool outputs to its row and sample the token after them."""
+        events: list[tuple[Sample, TokenEvent]] = []
+        dev, model = self.device, self.model
+        eos = int(self.tokenizer.eos_id)          # the calling turn's end, as the chat template writes it
+        for s in samples:
+            results = s.future.result()
+            s.future, s.awaiting = None, None
+            new = appended_tokens(self.tokenizer, self.tool_tokens, eos, results)
+            events += [(s, ev) for ev in s.add_tool_outputs(results, new)]
+            if len(s.token_ids) >= s.req.limit or s.pos + len(new) + 1 > self.max_seq_len:
+                events.append((s, s.finish_length()))
+                continue
+            t0 = time.perf_counter()
+            ids = torch.tensor([[s.pending] + new], device=dev)
+            pos = (s.pos + torch.arange(len(new) + 1, device=dev))[None]
+            rows = torch.tensor([s.row], device=dev)
+            model.set_absorb(True)
+            out = model(ids, positions=pos, cache=self.cache, rows=rows, return_hidden=self.use_mtp)
+            logits = self._ban(out.logits[:, -1], [s])
+            rp = RowParams.build([s.params], dev)
+            tok = choose_tokens(logits, rp, self._uniforms([s], rp))
+            lps, tops = logprobs_and_top(logits, tok, [s.params.top_logprobs])
+            if self.use_mtp:   # MTP cache over the appended positions, then the first draft
+                model.mtp_forward(0, out.hidden[:, :-1], ids[:, 1:], pos[:, :-1], self.cache, rows)
+                _, mtp_logits = model.mtp_forward(0, out.hidden[:, -1:], tok[:, None], pos[:, -1:], self.cache, rows)
+                self._set_drafts([s], mtp_logits[:, 0], rp)
+            s.pending, s.pos = int(tok[0]), s.pos + len(new) + 1
+            events.append((s, s.append(int(tok[0]), lps[0], tops[0])))
+            self.stats.prefill_tokens += len(new) + 1
+            self.stats.prefill_seconds += time.perf_counter() - t0
+        return events
+
+    def _ban(self, logits: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+        """Logits [B, ...V] with each row's ``banned_token_ids`` at -inf (a copy only when any)."""
+        if not any(s.params.banned_token_ids for s in samples):
+            return logits
+        logits = logits.clone()
+        for i, s in enumerate(samples):
+            if s.params.banned_token_ids:
+                logits[i, ..., s.params.banned_token_ids] = float("-inf")
+        return logits
 
     def _row_params(self, samples: list[Sample]) -> RowParams:
         key = tuple(s.serial for s in samples)
@@ -365,7 +457,7 @@ class Engine:
             self.cache.copy_rows(src, dst, T)
         samples = [s for r in reqs for s in r.samples]
         owner = torch.tensor([i for i, r in enumerate(reqs) for _ in r.samples], device=dev)
-        logits = logits[owner]                                                     # [S, V]
+        logits = self._ban(logits[owner], samples)                                 # [S, V]
         rp = RowParams.build([s.params for s in samples], dev)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
         lps, tops = logprobs_and_top(logits, tokens, [s.params.top_logprobs for s in samples])
@@ -407,6 +499,7 @@ class Engine:
     def _set_drafts(self, samples: list[Sample], mtp_logits: torch.Tensor, rp: RowParams) -> None:
         """Draft each row's next token from the MTP logits: argmax for greedy rows (their draft
         distribution q is one-hot, stored as None), a sample from q otherwise (q kept for verifying)."""
+        mtp_logits = self._ban(mtp_logits, samples)
         if rp.all_greedy:
             for s, d in zip(samples, mtp_logits.argmax(dim=-1).tolist()):
                 s.draft, s.draft_q = d, None
@@ -424,7 +517,7 @@ class Engine:
         pos = torch.tensor([[s.pos] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
         self.model.set_absorb(True)
-        logits = self._decode_forward(ids, pos, rows)
+        logits = self._ban(self._decode_forward(ids, pos, rows), samples)
         rp = self._row_params(samples)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
         lps, tops = logprobs_and_top(logits, tokens, [s.params.top_logprobs for s in samples])
@@ -470,7 +563,7 @@ class Engine:
         rows = self._rows([s.row for s in samples])
         self.model.set_absorb(True)
         out = model(ids, positions=pos, cache=self.cache, rows=rows, return_hidden=True)
-        logits = out.logits                                                        # [B, 2, V]
+        logits = self._ban(out.logits, samples)                                    # [B, 2, V]
         rp = self._row_params(samples)
         draft = ids[:, 1]
         if rp.all_greedy:        # one-hot p and q: speculative_accept reduces to comparing argmaxes
@@ -498,6 +591,7 @@ class Engine:
         for s, first, second, lp_first, lp_second, top_first, top_second, acc in rows_out:
             events.append((s, s.append(first, lp_first, top_first)))
             emitted += 1
+            acc = acc and s.awaiting is None      # a closed tool block pauses the row at its last token
             if acc and not s.finished:
                 events.append((s, s.append(second, lp_second, top_second)))
                 emitted += 1

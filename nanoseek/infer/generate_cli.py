@@ -5,7 +5,10 @@ piped stdin. An input line is either plain text or a JSON object: ``{"prompt": "
 ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (rendered with the chat template).
 ``--chat`` renders plain-text prompts as a single user turn of the chat template too, and
 ``--think/--no-think`` is the template's thinking switch (default off, shared with ``chat`` and
-``serve``: :mod:`nanoseek.infer.thinking`).
+``serve``: :mod:`nanoseek.infer.thinking`). ``--tools calculator,python`` lets the model call those
+built-ins (DeepSeek-V3.1's format, :mod:`nanoseek.tools`): chat-template prompts describe them in
+the system turn, the engine runs each call (``python`` only in the sandbox) and the model goes on
+after the output; each completion then lists its calls and outputs and its ``final_text``.
 Only the template makes control tokens: message content (and a ``--chat`` prompt) is text, so
 ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` typed in it stays text. A raw prompt (no ``--chat``,
 no ``messages``) is the model's whole input: its control-token strings are parsed, as HF's
@@ -63,6 +66,31 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=limits.threads, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tools", metavar="NAMES", default="",
+                   help="built-in tools the model may call, comma-separated: calculator, python (run in the "
+                        "sandbox); default none")
+
+
+def toolbox_from_args(args):
+    """The --tools built-ins as a Toolbox (None without --tools); UserError naming the flag."""
+    from nanoseek.errors import UserError
+    from nanoseek.tools.toolbox import Toolbox
+
+    if not getattr(args, "tools", ""):
+        return None
+    try:
+        return Toolbox.builtin(args.tools)
+    except ValueError as e:
+        raise UserError(f"--tools {args.tools}: {e}") from None
+
+
+def check_tool_tokens(engine, args) -> None:
+    """--tools with a tokenizer that has no tool-call tokens: one line."""
+    from nanoseek.errors import UserError
+
+    if getattr(args, "tools", "") and engine.tool_tokens is None:
+        raise UserError(f"--tools: the tokenizer of {args.model} has no tool-call tokens (<｜tool▁calls▁begin｜>...): "
+                        "this model cannot call tools")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,12 +145,13 @@ def read_prompts(args) -> list[dict]:
     return items
 
 
-def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | None) -> list[int]:
+def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | None, toolbox=None) -> list[int]:
     if "messages" in item or chat:
         messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
         if system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + messages
-        return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think)[0]
+        extra = {"tools": toolbox.openai_tools()} if toolbox is not None else {}
+        return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think, **extra)[0]
     return tokenizer.encode(item["prompt"], add_bos=True)  # raw model input: control tokens parsed
 
 
@@ -163,7 +192,8 @@ def sampling_params(args, n: int):
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, n=n, seed=args.seed, stop=list(args.stop),
-                              repetition_guard=args.repetition_guard).validate()
+                              repetition_guard=args.repetition_guard,
+                              tools="run" if getattr(args, "tools", "") else "off").validate()
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -179,11 +209,16 @@ def run(args) -> int:
         raise UserError(f"--output {args.output}: is a directory; give a file path (or '-' for stdout)")
     items = read_prompts(args)
     params = sampling_params(args, args.n)
+    toolbox = toolbox_from_args(args)
     engine, tokenizer = build_engine(args, max(args.batch_size, args.n))
-    prompts = [encode_item(it, tokenizer, args.chat, args.think, args.system) for it in items]
+    check_tool_tokens(engine, args)
+    try:
+        prompts = [encode_item(it, tokenizer, args.chat, args.think, args.system, toolbox) for it in items]
+    except ValueError as e:                  # a message the template refuses, a bad tool schema
+        raise UserError(str(e)) from None
     t0 = time.perf_counter()
     try:
-        results = engine.generate(prompts, params)
+        results = engine.generate(prompts, params, toolbox=toolbox)
     except ValueError as e:
         raise UserError(str(e)) from None
     seconds = time.perf_counter() - t0
@@ -194,8 +229,14 @@ def run(args) -> int:
             for c in comps:
                 entry = {"index": c.index, "text": c.text, "reasoning": c.reasoning, "answer": c.answer,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "tokens": c.completion_tokens}
+                if toolbox is not None:
+                    entry["tool_calls"] = [{"name": r.call.name, "arguments": r.call.arguments, "output": r.output,
+                                            "ok": r.ok} for r in c.tool_results]
+                    entry["final_text"] = c.final_text
                 if args.token_ids:
                     entry["token_ids"] = c.token_ids
+                    if toolbox is not None:
+                        entry["model_mask"] = c.model_mask
                 record["completions"].append(entry)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:

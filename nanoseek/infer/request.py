@@ -29,6 +29,9 @@ from typing import AsyncIterator, Iterator
 
 import torch
 
+from nanoseek.tools.format import ToolCall, ToolTokens
+from nanoseek.tools.toolbox import Toolbox, ToolResult
+
 from .reasoning import ReasoningSplitter
 from .sampling import SamplingParams, TopLogprobs, repeats_too_long
 from .streaming import IncrementalDetokenizer, StopStringFilter, skipped_token_ids
@@ -59,7 +62,14 @@ class Completion:
     "stop_string", "repetition"), "length" (max_new_tokens or the cache length) or "cancelled"
     (a failed step raises :class:`EngineError` instead). ``logprobs``: log p of each token under
     the raw model (temperature 1); ``top_logprobs``: per token its top-N alternatives (when the
-    request set ``top_logprobs``, else empty); ``prompt_logprobs``: the scored prompt (when asked)."""
+    request set ``top_logprobs``, else empty); ``prompt_logprobs``: the scored prompt (when asked).
+
+    Tool calls (``SamplingParams.tools`` "stop" or "run"): a calls block adds no text (``text`` is
+    the model's own text); ``finish_reason`` "tool_calls" ends a "stop" sample at its block, whose
+    calls are ``tool_calls``. With "run", ``tool_calls`` are every call made, ``tool_results``
+    their results in order, ``token_ids`` also hold what the tool loop appended (``model_mask`` 0
+    there, 1 on the model's own tokens; their logprobs 0.0) and ``final_text`` is the text written
+    after the last tool output (the whole text when no tool ran)."""
 
     token_ids: list[int]
     text: str
@@ -73,6 +83,10 @@ class Completion:
     stop_reason: str | None = None
     top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+    model_mask: list[int] = field(default_factory=list)
+    final_text: str | None = None
 
     @property
     def mean_logprob(self) -> float:
@@ -86,7 +100,8 @@ class TokenEvent:
     incomplete character, a possible tag or stop string). The last event of a sample has
     ``finished`` True and its ``finish_reason``; an event that ends a sample without a token
     (cancelled, or ``max_new_tokens`` 0) has ``token_id`` None. ``logprob``: the token's;
-    ``top_logprobs``: its top-N alternatives when the request asked (else None)."""
+    ``top_logprobs``: its top-N alternatives when the request asked (else None). When the tool
+    loop appends a tool's output, an event with ``token_id`` None carries its ``tool_result``."""
 
     index: int
     token_id: int | None
@@ -96,6 +111,7 @@ class TokenEvent:
     finish_reason: str | None = None
     logprob: float | None = None
     top_logprobs: TopLogprobs | None = None
+    tool_result: ToolResult | None = None
 
 
 _END = object()   # sentinel closing a handle's event queue
@@ -225,9 +241,12 @@ class RequestHandle:
 
 class Request:
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
-                 starts_in_think: bool, limit: int):
+                 starts_in_think: bool, limit: int, tool_tokens: ToolTokens | None = None,
+                 toolbox: Toolbox | None = None):
         self.id, self.prompt, self.params = rid, prompt, params
         self.stop_ids, self.starts_in_think, self.limit = stop_ids, starts_in_think, limit
+        self.tool_tokens = tool_tokens if params.tools != "off" else None
+        self.toolbox = toolbox
         self.handle = RequestHandle(rid, params.n, len(prompt))
         self.samples: list[Sample] = []
         self.completions: list[Completion | None] = [None] * params.n
@@ -254,6 +273,16 @@ class Sample:
         self.finish_reason: str | None = None
         self.stop_reason: str | None = None
         self.text: list[str] = []
+        # the tool loop (tool_loop.py): the open block's first index, a closed block's calls waiting
+        # to run (tools="run": the row is paused), what ran, which tokens are the model's own
+        self.model_mask: list[int] = []
+        self.block_start: int | None = None
+        self.awaiting: tuple[list[ToolCall], list[str]] | None = None
+        self.future = None
+        self.tool_calls: list[ToolCall] = []
+        self.tool_results: list[ToolResult] = []
+        self.final_from = 0                   # index into self.text where the final text starts
+        self.tokenizer = tokenizer
         self.has_text = tokenizer is not None
         if self.has_text:
             self.detok = IncrementalDetokenizer(tokenizer)
@@ -279,8 +308,12 @@ class Sample:
         """Record a sampled token; decide whether the sample is finished; the event to stream."""
         self.token_ids.append(token)
         self.logprobs.append(logprob)
+        self.model_mask.append(1)
         if self.params.top_logprobs:
             self.top_logprobs.append(top)
+        tt = self.req.tool_tokens
+        if tt is not None and (self.block_start is not None or token == tt.calls_begin):
+            return self._block_token(token, logprob, top, tt)
         r = a = ""
         if token in self.req.stop_ids:
             self.finished, self.finish_reason = True, "stop"
@@ -301,6 +334,60 @@ class Sample:
                     self.finished, self.finish_reason, self.stop_reason = True, "stop", "stop_string"
         return TokenEvent(self.index, token, a, r, self.finished, self.finish_reason if self.finished else None,
                           logprob, top)
+
+    def _block_token(self, token: int, logprob: float, top: TopLogprobs | None, tt: ToolTokens) -> TokenEvent:
+        """A token of a tool-calls block: no text; the block's end stops the sample ("stop") or
+        pauses it for the tool loop ("run"); a stop token or the length limit inside it ends it."""
+        r = a = ""
+        if self.block_start is None:
+            self.block_start = len(self.token_ids) - 1
+            if self.has_text:             # the text before the block, withheld characters included
+                r, a, _ = self._text(self.detok.flush(), final=False)
+        if token == tt.calls_end:
+            from .tool_loop import parse_block
+
+            calls, problems = parse_block(self.tokenizer, self.token_ids[self.block_start:])
+            self.block_start = None
+            if self.params.tools == "stop":
+                self.tool_calls = calls
+                self.finished, self.finish_reason, self.stop_reason = True, "tool_calls", "tool_calls"
+            else:
+                self.awaiting = (calls, problems)
+        elif token in self.req.stop_ids:
+            self.finished, self.finish_reason = True, "stop"
+            self.stop_reason = "stop_token" if token in self.params.stop_token_ids else "eos"
+        if not self.finished and len(self.token_ids) >= self.req.limit:
+            self.finished, self.finish_reason = True, "length"
+        if self.finished and self.block_start is not None and self.params.tools == "stop":
+            from .tool_loop import parse_block     # an unclosed block: its complete calls
+
+            self.tool_calls = parse_block(self.tokenizer, self.token_ids[self.block_start:])[0]
+        if self.finished and self.has_text:
+            r2, a2, _ = self._text(self.detok.flush(), final=True)
+            r, a = r + r2, a + a2
+        return TokenEvent(self.index, token, a, r, self.finished, self.finish_reason if self.finished else None,
+                          logprob, top)
+
+    def add_tool_outputs(self, results: list[ToolResult], ids: list[int]) -> list[TokenEvent]:
+        """Record what the tool loop appended after a block: ``ids`` (not the model's) and the
+        results; the events that report them (token_id None)."""
+        self.tool_calls += [r.call for r in results]
+        self.tool_results += results
+        self.token_ids += ids
+        self.logprobs += [0.0] * len(ids)
+        self.model_mask += [0] * len(ids)
+        if self.params.top_logprobs:
+            self.top_logprobs += [None] * len(ids)
+        self.final_from = len(self.text)
+        return [TokenEvent(self.index, None, "", "", False, None, tool_result=r) for r in results]
+
+    def finish_length(self) -> TokenEvent:
+        """End the sample for lack of room (tool outputs that do not fit)."""
+        self.finished, self.finish_reason = True, "length"
+        r = a = ""
+        if self.has_text:
+            r, a, _ = self._text(self.detok.flush(), final=True)
+        return TokenEvent(self.index, None, a, r, True, "length")
 
     def finish_empty(self) -> TokenEvent:
         """End a sample that may generate nothing (``max_new_tokens`` 0: the prompt is only scored)."""
@@ -323,7 +410,10 @@ class Sample:
                           finish_reason=self.finish_reason or "length", prompt_tokens=len(self.req.prompt),
                           completion_tokens=len(self.token_ids), index=self.index,
                           logprobs=list(self.logprobs), stop_reason=self.stop_reason,
-                          top_logprobs=list(self.top_logprobs), prompt_logprobs=self.req.handle.prompt_logprobs)
+                          top_logprobs=list(self.top_logprobs), prompt_logprobs=self.req.handle.prompt_logprobs,
+                          tool_calls=list(self.tool_calls), tool_results=list(self.tool_results),
+                          model_mask=list(self.model_mask),
+                          final_text="".join(self.text[self.final_from:]) if self.has_text else "")
 
 
 __all__ = ["Completion", "TokenEvent", "RequestHandle", "EngineError", "Request", "Sample", "PromptLogprobs"]

@@ -33,6 +33,9 @@ import torch
 MAX_LOGPROBS = 20   # most alternatives per position (top_logprobs, prompt_logprobs), as vLLM's default
 
 
+TOOL_MODES = ("off", "stop", "run")    # SamplingParams.tools
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request (OpenAI-style fields; the engine validates them on submit).
@@ -58,6 +61,13 @@ class SamplingParams:
     at each generated position; ``prompt_logprobs`` = N (None: off, the default, no cost) scores
     the prompt: each prompt token's logprob given the tokens before it (None for the first) and
     the N most likely tokens there. ``max_new_tokens`` 0 generates nothing (score the prompt only).
+
+    Tool calls (DeepSeek-V3.1's format, :mod:`nanoseek.tools`; the tokenizer needs its tool tokens):
+    ``tools`` "off" (the default: tool tokens are ordinary tokens), "stop" (the sample ends with
+    ``finish_reason`` "tool_calls" when it closes a calls block; the client runs the calls) or
+    "run" (the engine runs them with the request's toolbox and the sample goes on after their
+    outputs; see ``tool_loop.py``). ``banned_token_ids`` are never sampled (probability 0, also in
+    the reported logprobs): ``tool_choice`` "none" bans the calls-begin token.
     """
 
     max_new_tokens: int = 256
@@ -75,6 +85,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
+    tools: str = "off"
+    banned_token_ids: list[int] = field(default_factory=list)
 
     def validate(self) -> "SamplingParams":
         def bad(name: str, why: str) -> ValueError:
@@ -105,6 +117,10 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise bad("prompt_logprobs", f"must be None (off) or an integer in 0..{MAX_LOGPROBS}")
+        if self.tools not in TOOL_MODES:
+            raise bad("tools", f"must be one of {', '.join(TOOL_MODES)}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.banned_token_ids):
+            raise bad("banned_token_ids", "must be a list of token ids >= 0")
         return self
 
     @property

@@ -1,0 +1,267 @@
+"""The engine's tool loop (``SamplingParams.tools``, ``nanoseek/infer/tool_loop.py``) on a tiny random model.
+
+A random model never writes a tool call, so the tests *script* the model: ``Engine._ban`` (the one
+place every path passes its logits through before choosing) is patched to add a large bias to the
+scripted next token of each sample, computed from the sample's own model-written tokens. Where a
+test checks the cache, the script ends after the tool output and the real model decodes on, its
+greedy tokens compared with full forwards over the whole sequence (prompt, calls, outputs).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from nanoseek.data.bytetok import ByteTokenizer
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.tools.format import TOOL_TOKENS, ToolCall, render_calls
+from nanoseek.tools.toolbox import Toolbox, ToolLimits
+
+TOK = ByteTokenizer()
+VOCAB = 272
+EOS = TOK.eos_id
+TT = {t: TOK.token_to_id(t) for t in TOOL_TOKENS}
+CALLS_END = TT[TOOL_TOKENS[4]]
+
+
+def script_ids(*parts: str) -> list[int]:
+    """Model-written text (control strings as their ids)."""
+    return TOK.encode("".join(parts))
+
+
+def call_block(name: str, args: str) -> str:
+    return render_calls([ToolCall(name, args)])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(seed=0, vocab_size=VOCAB, max_position_embeddings=512).eval()
+
+
+def scripted(monkeypatch, scripts: dict[int, list[int]], then_free: bool = False):
+    """Patch Engine._ban: sample i of a request follows scripts[prompt length] over its own tokens;
+    after the script, EOS (or the real model when ``then_free``). Patches stack within a test: a
+    second script must use other prompt lengths."""
+    original = Engine._ban
+
+    def ban(self, logits, samples):
+        logits = original(self, logits, samples).clone()
+        for i, s in enumerate(samples):
+            script = scripts.get(len(s.req.prompt))
+            if script is None:
+                continue
+            k = sum(s.model_mask)
+            for j in range(logits.shape[1] if logits.dim() == 3 else 1):   # an MTP verify step: 2 positions
+                if k + j >= len(script) and then_free:
+                    continue
+                nxt = script[k + j] if k + j < len(script) else EOS
+                if logits.dim() == 3:
+                    logits[i, j, nxt] += 1e4
+                else:
+                    logits[i, nxt] += 1e4
+        return logits
+
+    monkeypatch.setattr(Engine, "_ban", ban)
+
+
+def test_a_call_runs_and_the_sample_goes_on_after_its_output(model, monkeypatch):
+    prompt = TOK.encode("q", add_bos=True)
+    script = script_ids("Let me compute.", call_block("calculator", '{"expression": "6*7"}'), "Answer: 42")
+    scripted(monkeypatch, {len(prompt): script})
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=256)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=150, temperature=0, tools="run"),
+                        toolbox=Toolbox.builtin("calculator"))[0][0]
+    assert c.finish_reason == "stop"
+    assert [r.output for r in c.tool_results] == ["42"] and c.tool_results[0].ok
+    assert [(t.name, t.arguments) for t in c.tool_calls] == [("calculator", '{"expression": "6*7"}')]
+    appended = [EOS, TT[TOOL_TOKENS[5]], *TOK.encode_text("42"), TT[TOOL_TOKENS[6]]]
+    assert c.token_ids == script[:script.index(CALLS_END) + 1] + appended + script[script.index(CALLS_END) + 1:] + [EOS]
+    assert c.model_mask == [1] * (script.index(CALLS_END) + 1) + [0] * len(appended) + [1] * (len(script) - script.index(CALLS_END))
+    assert len(c.logprobs) == len(c.token_ids) and all(lp == 0.0 for lp, m in zip(c.logprobs, c.model_mask) if not m)
+    assert c.text == "Let me compute.Answer: 42" and c.final_text == "Answer: 42"
+
+
+def test_stop_mode_ends_the_sample_at_the_block_with_its_calls(model, monkeypatch):
+    prompt = TOK.encode("q", add_bos=True)
+    blk = render_calls([ToolCall("a", '{"x": 1}'), ToolCall("b", "{}")])
+    scripted(monkeypatch, {len(prompt): script_ids("pre", blk, "never")})
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=256)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=100, temperature=0, tools="stop"))[0][0]
+    assert c.finish_reason == "tool_calls" and c.text == "pre"
+    assert [(t.name, t.arguments) for t in c.tool_calls] == [("a", '{"x": 1}'), ("b", "{}")]
+    assert c.token_ids[-1] == CALLS_END and c.tool_results == []
+
+
+def test_with_tools_off_the_block_is_ordinary_tokens(model, monkeypatch):
+    prompt = TOK.encode("q", add_bos=True)
+    script = script_ids("x", call_block("a", "{}"), "y")
+    scripted(monkeypatch, {len(prompt): script})
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=256)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=100, temperature=0))[0][0]
+    assert c.finish_reason == "stop" and c.token_ids == script + [EOS] and c.tool_calls == []
+    assert c.text == "xa{}y" and c.model_mask == [1] * len(c.token_ids)   # control tokens skipped, names kept
+
+
+@pytest.mark.parametrize("block, expect", [
+    (call_block("nope", "{}"), "error: unknown tool 'nope'"),
+    (call_block("calculator", "{not json"), "error: arguments of 'calculator' are not valid JSON"),
+    (call_block("calculator", '{"expr": "1"}'), "error: missing required argument 'expression'"),
+    (call_block("calculator", '{"expression": "1/0"}'), "error: CalculatorError: division by zero"),
+    (TOOL_TOKENS[0] + TOOL_TOKENS[1] + "calculator" + TOOL_TOKENS[3] + TOOL_TOKENS[4], "error: malformed tool call"),
+    (TOOL_TOKENS[0] + "junk" + TOOL_TOKENS[4], "error: malformed tool call"),
+])
+def test_a_malformed_call_is_an_error_the_model_reads(model, monkeypatch, block, expect):
+    prompt = TOK.encode("q", add_bos=True)
+    scripted(monkeypatch, {len(prompt): script_ids(block, "ok")})
+    engine = Engine(model, TOK, max_batch_size=2, max_seq_len=256)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=200, temperature=0, tools="run"),
+                        toolbox=Toolbox.builtin("calculator"))[0][0]
+    assert c.finish_reason == "stop" and len(c.tool_results) == 1
+    assert c.tool_results[0].output.startswith(expect) and not c.tool_results[0].ok
+    assert TOK.decode(c.token_ids).count(expect) == 1 and c.final_text == "ok"
+
+
+def test_call_limit_outputs_and_room(model, monkeypatch):
+    prompt = TOK.encode("q", add_bos=True)
+    blk = call_block("calculator", '{"expression": "1+1"}')
+    scripted(monkeypatch, {len(prompt): script_ids(blk, blk, blk, "done")})
+    engine = Engine(model, TOK, max_batch_size=2, max_seq_len=256)
+    box = Toolbox.builtin("calculator", limits=ToolLimits(max_calls=2))
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=250, temperature=0, tools="run"), toolbox=box)[0][0]
+    assert [r.ok for r in c.tool_results] == [True, True, False]
+    assert "limit" in c.tool_results[2].output and c.final_text == "done"
+    # outputs that do not fit max_new_tokens end the sample ("length"), never overflow the row
+    long = Toolbox(limits=ToolLimits(max_output_chars=10_000)).register(lambda: "z" * 500, name="big")
+    other = TOK.encode("qq", add_bos=True)
+    scripted(monkeypatch, {len(other): script_ids(call_block("big", "{}"), "after")})
+    c = engine.generate([other], SamplingParams(max_new_tokens=100, temperature=0, tools="run"), toolbox=long)[0][0]
+    assert c.finish_reason == "length" and len(c.token_ids) <= 100 + 600
+
+
+def test_other_rows_keep_decoding_while_a_tool_runs(model, monkeypatch):
+    p_tool, p_plain = TOK.encode("q", add_bos=True), TOK.encode("qq", add_bos=True)
+    seen: dict[str, int] = {}
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=256)
+
+    def slow() -> str:
+        seen["start"] = engine.stats.decode_steps
+        time.sleep(0.6)
+        seen["end"] = engine.stats.decode_steps
+        return "slept"
+
+    scripted(monkeypatch, {len(p_tool): script_ids(call_block("slow", "{}"), "A"),
+                           len(p_plain): script_ids("b" * 60)})
+    box = Toolbox(limits=ToolLimits(timeout_s=5)).register(slow)
+    handles = [engine.submit(p, SamplingParams(max_new_tokens=120, temperature=0, tools="run"), toolbox=box)
+               for p in (p_tool, p_plain)]
+    try:
+        tool_c, plain_c = [h.result(timeout=60)[0] for h in handles]
+    finally:
+        engine.shutdown()
+    assert tool_c.tool_results[0].output == "slept" and tool_c.final_text == "A"
+    assert plain_c.text == "b" * 60
+    assert seen["end"] - seen["start"] >= 20       # the plain row decoded on while the tool slept
+
+
+def test_a_hanging_tool_times_out_and_the_sample_finishes(model, monkeypatch):
+    prompt = TOK.encode("q", add_bos=True)
+    stop = threading.Event()
+    box = Toolbox(limits=ToolLimits(timeout_s=0.3)).register(lambda: stop.wait(30) and "late", name="hang")
+    scripted(monkeypatch, {len(prompt): script_ids(call_block("hang", "{}"), "x")})
+    engine = Engine(model, TOK, max_batch_size=2, max_seq_len=256)
+    t0 = time.perf_counter()
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=100, temperature=0, tools="run"), toolbox=box)[0][0]
+    stop.set()
+    assert time.perf_counter() - t0 < 10
+    assert "timed out" in c.tool_results[0].output and c.final_text == "x"
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_the_row_cache_after_the_outputs_equals_a_full_forward(monkeypatch, use_mtp):
+    """After the tool loop appends the outputs, the real model decodes on: its greedy tokens are the
+    argmax of full forwards over prompt + everything so far (the extend wrote the cache right)."""
+    model = make_tiny_model(seed=3, vocab_size=VOCAB, max_position_embeddings=512,
+                            num_nextn_predict_layers=1 if use_mtp else 0).eval()
+    prompts = [TOK.encode("q", add_bos=True), TOK.encode("a longer prompt here", add_bos=True)]
+    scripts = {len(prompts[0]): script_ids("c", call_block("calculator", '{"expression": "12*12"}')),
+               len(prompts[1]): script_ids(call_block("calculator", '{"expression": "2**10"}'),
+                                           call_block("calculator", '{"expression": "3"}'))}
+    scripted(monkeypatch, scripts, then_free=True)
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=256, use_mtp=use_mtp)
+    params = SamplingParams(max_new_tokens=120, temperature=0, tools="run", ignore_eos=True)
+    out = engine.generate(prompts, params, toolbox=Toolbox.builtin("calculator"))
+    for prompt, (c,) in zip(prompts, out):
+        last_appended = max(i for i, m in enumerate(c.model_mask) if m == 0)
+        free = c.token_ids[last_appended + 1:]
+        assert len(free) >= 10
+        assert free[:10] == reference_greedy(model, prompt + c.token_ids[:last_appended + 1], 10)
+    assert [r.output for r in out[1][0].tool_results] == ["1024", "3"]
+
+
+def test_tools_need_tool_tokens_and_a_toolbox(model):
+    engine = Engine(model, TOK, max_batch_size=2, max_seq_len=64)
+    with pytest.raises(ValueError, match="needs a toolbox"):
+        engine.generate([[TOK.bos_id]], SamplingParams(tools="run"))
+    with pytest.raises(ValueError, match="SamplingParams.tools"):
+        engine.generate([[TOK.bos_id]], SamplingParams(tools="maybe"))
+
+    class NoTools(ByteTokenizer):
+        def token_to_id(self, token):
+            return None if token in TOOL_TOKENS else super().token_to_id(token)
+
+    bare = Engine(model, NoTools(), max_batch_size=2, max_seq_len=64)
+    with pytest.raises(ValueError, match="no tool-call tokens"):
+        bare.generate([[TOK.bos_id]], SamplingParams(tools="stop"))
+
+
+def test_banned_tokens_are_never_sampled(model):
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=64)
+    free = engine.generate([[TOK.bos_id]], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))[0][0]
+    banned = sorted(set(free.token_ids))
+    c = engine.generate([[TOK.bos_id]], SamplingParams(max_new_tokens=20, temperature=1.0, seed=0, ignore_eos=True,
+                                                       banned_token_ids=banned, n=3))[0]
+    assert all(not set(x.token_ids) & set(banned) for x in c)
+
+
+def test_stream_reports_each_tool_result_and_a_cancel_during_a_tool_frees_the_row(model, monkeypatch):
+    prompt = TOK.encode("q", add_bos=True)
+    scripted(monkeypatch, {len(prompt): script_ids("a", call_block("calculator", '{"expression": "2+3"}'), "b")})
+    engine = Engine(model, TOK, max_batch_size=2, max_seq_len=256)
+    events = list(engine.stream(prompt, SamplingParams(max_new_tokens=100, temperature=0, tools="run"),
+                                toolbox=Toolbox.builtin("calculator")))
+    results = [e.tool_result for e in events if e.tool_result is not None]
+    assert [r.output for r in results] == ["5"]
+    assert "".join(e.text_delta for e in events) == "ab" and events[-1].finished
+    # a request cancelled while its tool runs finishes at once; its row is free for the next one
+    release = threading.Event()
+    box = Toolbox(limits=ToolLimits(timeout_s=20)).register(lambda: release.wait(20) and "x", name="slow")
+    other = TOK.encode("qq", add_bos=True)
+    scripted(monkeypatch, {len(other): script_ids(call_block("slow", "{}"), "z")})
+    try:
+        h = engine.submit(other, SamplingParams(max_new_tokens=100, temperature=0, tools="run", n=2), toolbox=box)
+        deadline = time.time() + 20
+        while not any(s.future is not None for s in engine._active) and time.time() < deadline:
+            time.sleep(0.01)
+        h.cancel()
+        comps = h.result(timeout=10)
+        assert [c.finish_reason for c in comps] == ["cancelled", "cancelled"]
+        again = engine.submit(TOK.encode("qqq", add_bos=True), SamplingParams(max_new_tokens=3, temperature=0))
+        assert again.result(timeout=20)[0].completion_tokens == 3
+    finally:
+        release.set()
+        engine.shutdown()
