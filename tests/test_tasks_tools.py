@@ -68,7 +68,7 @@ def test_a_wrong_tool_output_is_refused_not_trained():
     box = Toolbox().register(lambda expression: "41", name="calculator")
     with pytest.raises(ValueError, match="not"):
         tool_sft_messages(p, box)
-    assert tool_sft_messages(p, Toolbox.builtin([])) is None           # the task's tool is not in the box
+    assert tool_sft_messages(p, Toolbox()) is None           # the task's tool is not in the box
 
 
 def test_tool_use_settings_are_checked_and_select_tasks():
