@@ -89,3 +89,18 @@ def tool_completion(tk, toolbox, head: str, arguments: str, final: str, name: st
                            tool_calls=[call], tool_results=[result], finish_reason="stop" if eos else "length",
                            stop_reason="eos" if eos else None, completion_tokens=len(ids), reasoning=None,
                            logprobs=[0.0] * len(ids))
+
+
+class WithoutToolTokens:
+    """A tokenizer as an older vocabulary without the tool-call tokens looks to ``ToolTokens.of``."""
+
+    def __init__(self, tk):
+        self._tk = tk
+
+    def token_to_id(self, token: str):
+        from nanoseek.tools.format import TOOL_TOKENS
+
+        return None if token in TOOL_TOKENS else self._tk.token_to_id(token)
+
+    def __getattr__(self, name):
+        return getattr(self._tk, name)

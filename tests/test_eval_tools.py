@@ -148,11 +148,7 @@ def test_report_shows_a_tool_use_section(tmp_path, sampling_with_tools):
 
 
 def test_a_tokenizer_without_tool_tokens_is_one_line():
-    from nanoseek.tools.format import ToolTokens
-    from post_helpers import tiny_tokenizer
+    from post_helpers import WithoutToolTokens
 
-    tk = tiny_tokenizer()
-    if ToolTokens.of(tk) is not None:
-        pytest.skip("nanoseek's vocabulary has the tool tokens")
     with pytest.raises(ValueError, match="cannot call tools"):
-        _eval(tk, tools="calculator")
+        _eval(WithoutToolTokens(tool_tokenizer()), tools="calculator")

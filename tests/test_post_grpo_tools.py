@@ -85,14 +85,15 @@ def test_rollouts_run_tools_only_for_the_tool_tasks_and_mask_the_loops_tokens():
     with_tools = 0
     for row in range(batch.input_ids.shape[0]):
         ids, tgt = batch.input_ids[row].tolist(), batch.targets[row].tolist()
-        if t.output_begin not in ids:
+        start = next(i for i, x in enumerate(tgt) if x != IGNORE) + 1     # the completion (the prompt's tools
+        if t.output_begin not in ids[start:]:                              # description shows the call format)
             continue
         with_tools += 1
-        b, e = ids.index(t.output_begin), ids.index(t.output_end)
+        b, e = ids.index(t.output_begin, start), ids.index(t.output_end, start)
         assert tgt[b - 2] == IGNORE and ids[b - 1] == tk.eos_id            # the loop's EOS after the call block
         assert all(tgt[i - 1] == IGNORE for i in range(b, e + 1))          # the tool's output
         assert tgt[e] != IGNORE                                             # the model goes on after it
-        assert tgt[ids.index(t.calls_end) - 1] == t.calls_end               # the call is the model's: trained
+        assert tgt[ids.index(t.calls_end, start) - 1] == t.calls_end        # the call is the model's: trained
     assert with_tools == 6                      # 2 tool prompts x 3 samples that called
     s = batch.stats
     assert s["tool_calls_mean"] == pytest.approx(6 / 16) and s["tool_use_rate"] == pytest.approx(6 / 16)
@@ -156,7 +157,7 @@ def test_every_loss_variant_trains_only_the_models_tokens(loss_agg):
     for r in range(ids.shape[0]):
         row = ids[r].tolist()
         if t.output_begin in row:
-            b, e = row.index(t.output_begin), row.index(t.output_end)
+            b, e = row.index(t.output_begin), row.index(t.output_end)         # (the prompt never holds outputs)
             for i in range(b - 1, e + 1):
                 full[r, i - 1] = row[i]
     assert (full != targets).any()

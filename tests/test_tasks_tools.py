@@ -175,11 +175,8 @@ def test_tools_kwarg_falls_back_to_a_system_message_on_templates_without_tools()
 
 def test_tool_traces_with_a_tokenizer_without_tool_tokens_are_refused():
     from nanoseek.post.sft import task_sft_examples, tokenize_examples
-    from nanoseek.tools.format import ToolTokens
+    from post_helpers import WithoutToolTokens
 
-    tk = tiny_tokenizer()
-    if ToolTokens.of(tk) is not None:
-        pytest.skip("nanoseek's vocabulary has the tool tokens")
     examples = task_sft_examples("big_arithmetic", 2, tool_use=ToolUse.of("calculator"))
     with pytest.raises(DataError, match="cannot call tools"):
-        tokenize_examples(tk, examples, 256)
+        tokenize_examples(WithoutToolTokens(tool_tokenizer()), examples, 256)
