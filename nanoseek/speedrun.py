@@ -293,6 +293,44 @@ def _check_eval_prompts(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed:
                 raise ConfigError(f"{where(rc, key)}: {key}: {err}") from None
 
 
+def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None:
+    """With [tools] on: the tool tasks' ideal traces (prompt with the tools' description, the call, the
+    tool's output, the answer), tokenized with the run's tokenizer, fit [sft.optim] seq_len (a row) and the
+    reply fits [grpo] / [eval] max_new_tokens (the engine counts the tool's output in it); a ConfigError
+    naming the key and the size needed otherwise, before pre-training spends its budget."""
+    from nanoseek.errors import ConfigError
+    from nanoseek.post.common import chat_row
+    from nanoseek.tasks.generators import get_task, parse_task_specs
+    from nanoseek.tasks.reply import render_prompt, tool_sft_messages
+    from nanoseek.tasks.tool_use import ToolUse, require_tool_tokens
+
+    t = rc.tools
+    if not t.enabled:
+        return
+    try:
+        require_tool_tokens(tok, "[tools] enabled")
+    except ValueError as e:
+        raise ConfigError(f"{rc.source}: {e}") from None
+    use = ToolUse.of(t.tools, t.task_names)
+    box, specs = use.toolbox(), use.toolbox().openai_tools()
+    row = reply = 0
+    for name, levels in parse_task_specs(t.tasks):
+        task = get_task(name)
+        for level in levels or task.levels:
+            for p in task.generate("train", problems_per_level, seed=0, level=level, unique=False):
+                ids, _, _ = chat_row(tok, tool_sft_messages(p, box), tools=specs)
+                row = max(row, len(ids))
+                reply = max(reply, len(ids) - len(render_prompt(tok, p, "chat", tools=specs)))
+    limits = [("sft.optim.seq_len", rc.sft.optim.seq_len, row, t.sft),
+              ("grpo.max_new_tokens", rc.grpo.algo.max_new_tokens, reply, t.grpo),
+              ("eval.max_new_tokens", rc.eval.max_new_tokens, reply, t.eval)]
+    for key, have, need, used in limits:
+        if used and have < need:
+            raise ConfigError(f"{rc.source}: [tools] enabled: the tool tasks' traces need {key} >= {need} tokens "
+                              f"(prompt with the tools' description, call, output and answer), it is {have}: "
+                              f"--set {key}={need}")
+
+
 def _tool_settings(rc: SpeedrunRecipe) -> dict[str, str]:
     """The evaluation's tool settings ([tools] with eval on: the built-ins for the tool tasks; else {})."""
     t = rc.tools
@@ -455,6 +493,10 @@ def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, 
         timed("data", lambda: _data_summary(_stage_data(run_dir, rc, seed, scale, log)), "data")
         if not state.done("pretrain"):
             _check_eval_prompts(run_dir, rc, rc.budget.pretrain * minutes, seed, scale)
+            if rc.tools.enabled:
+                from nanoseek.infer.loading import find_tokenizer, load_tokenizer
+
+                check_tool_fit(rc, load_tokenizer(find_tokenizer(run_dir / "data")))
 
         def pretrain_stage():
             from nanoseek.train.checkpoint import latest_checkpoint

@@ -73,3 +73,25 @@ def test_tools_need_generated_sft_data(tmp_path):
     with pytest.raises(UserError, match=r"\[tools\] sft = true needs generated \[sft\] data"):
         load_recipe("speedrun", ["tools.enabled=true", f'sft.data="{data}"'])
     assert load_recipe("speedrun", ["tools.enabled=true", "tools.sft=false", f'sft.data="{data}"']).tools.enabled
+
+
+def test_tool_traces_that_do_not_fit_fail_before_pretraining_naming_the_key():
+    from nanoseek.errors import ConfigError
+    from nanoseek.speedrun import check_tool_fit
+    from post_helpers import WithoutToolTokens, tool_tokenizer
+    from test_tasks_tools import _template_takes_tool_messages
+
+    tk = tool_tokenizer()
+    if not _template_takes_tool_messages(tk):
+        pytest.skip("this chat template has no tool messages yet (the tool-use template lands with issue 20)")
+    check_tool_fit(load_recipe("speedrun", []), tk)                     # off: nothing to check
+    big = ["tools.enabled=true", "sft.optim.seq_len=1024", "grpo.max_new_tokens=400", "eval.max_new_tokens=400"]
+    check_tool_fit(load_recipe("speedrun", big), tk)
+    for key in ("sft.optim.seq_len", "grpo.max_new_tokens", "eval.max_new_tokens"):
+        rc = load_recipe("speedrun", [x for x in big if not x.startswith(key)] + [f"{key}=16"])
+        with pytest.raises(ConfigError, match=rf"need {key} >= \d+ tokens .* it is 16: --set {key}=\d+"):
+            check_tool_fit(rc, tk)
+    off = load_recipe("speedrun", big[:1] + ["tools.grpo=false", "tools.eval=false", "sft.optim.seq_len=1024"])
+    check_tool_fit(off, tk)                                             # only the stages that use tools count
+    with pytest.raises(ConfigError, match="cannot call tools"):
+        check_tool_fit(load_recipe("speedrun", big), WithoutToolTokens(tk))
