@@ -22,7 +22,11 @@ The cold-start data of the R1 recipe can come straight from task generators (``d
 ``<think>`` worked steps -> answer. ``data = "rg:NAME"`` (short for ``tasks:rg:NAME``) takes
 reasoning-gym's train split: the worked steps where the dataset carries them
 (:data:`nanoseek.tasks.rg.TRACES`: ``gsm_symbolic``'s solution, the string-rewriting datasets'
-states), else the answer alone after an empty ``<think></think>`` (no reasoning to imitate).
+states), else the answer alone after an empty ``<think></think>`` (no reasoning to imitate). With
+``tools = "calculator"`` (and ``tool_tasks``, :mod:`nanoseek.tasks.tool_use`) the traces of the tasks
+that get the tool describe it in the system turn and call it (DeepSeek-V3.1's format, the tool's real
+output in a ``tool`` message, :func:`nanoseek.tasks.reply.tool_sft_messages`); the template's mask
+leaves the tool's output out of the loss.
 
 :class:`SFTTask` plugs into the shared trainer; :func:`train_sft` runs the whole stage.
 """

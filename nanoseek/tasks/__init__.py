@@ -14,6 +14,8 @@ modules, and none of them imports ``post/``.
   disjoint from training, seed streams, its ``score_answer``, the worked steps some datasets carry;
 * :mod:`~nanoseek.tasks.humaneval`: HumanEval's 164 problems (``humaneval``, ``humaneval:A-B``) as an
   evaluation-only source: prompts per mode, its stop sequences, code run in the sandbox in parallel;
+* :mod:`~nanoseek.tasks.tool_use`: which problems get tools (``tools`` / ``tool_tasks``, shared by SFT
+  traces, GRPO rollouts, evaluation and the speedrun); a task's ideal call is its ``tool_call``;
 * :mod:`~nanoseek.tasks.reply`: DeepSeek-R1's reply format (prompt templates, stop rules, the
   scored text, the ``<think>`` split, answer extraction, the format check, SFT targets);
 * :mod:`~nanoseek.tasks.rewards`: DeepSeek-R1's rule-based rewards (accuracy and format) over a

@@ -24,6 +24,11 @@ only ~41 test problems). By default the problems of one call are distinct; a sin
 level, or all levels, running out raises instead of silently repeating (pass ``unique=False``
 for large training sets drawn from small levels; repeats then share an ``id``).
 
+Tool use: ``Task.tool_call(problem)`` is the ideal tool call for a problem (None: no tool helps);
+``arithmetic`` and ``big_arithmetic`` (sums and products of large numbers, beyond what a model of this
+size learns in its head) call the ``calculator`` on the question's expression. The tool-using SFT trace
+is :func:`nanoseek.tasks.reply.tool_sft_messages`, made with the real tool.
+
 Verifiers take the *extracted* answer string (see :func:`nanoseek.tasks.reply.extract_answer`) and never raise: hedges
 ("7 or 8"), empty ``\\boxed{}``, absurdly long numbers and, in Countdown, anything but decimal
 integers, ``+ - * /`` and parentheses are simply wrong. Countdown expressions are checked with
