@@ -152,3 +152,11 @@ def test_a_tokenizer_without_tool_tokens_is_one_line():
 
     with pytest.raises(ValueError, match="cannot call tools"):
         _eval(WithoutToolTokens(tool_tokenizer()), tools="calculator")
+
+
+def test_tools_that_no_task_gets_are_noted(sampling_with_tools):
+    tk = tool_tokenizer()
+    cfg = EvalConfig(tasks=["compare:1"], n_problems=3, k=1, mode="chat", max_new_tokens=16, tools="calculator")
+    res = evaluate(tiny_model(tk.vocab_size, max_position_embeddings=2048), tk, cfg, engine=ToolEngine(tk))
+    assert any("no task evaluated here gets them" in n for n in res.notes)
+    assert all(not p.tool_calls for p in res.problems)

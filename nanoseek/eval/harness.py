@@ -262,6 +262,9 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
         notes.append(too_long(task, lengths, cfg.mode, context))
     if skipped and not problems:
         raise ValueError(f"no prompt fits the engine's context: {'; '.join(notes[-len(skipped):])}")
+    if use.enabled and not any(use.applies(p.task) for p in problems):
+        notes.append(f"tools {use.tools!r}: no task evaluated here gets them (tool_tasks {use.tasks or 'empty'!r}; "
+                     "without it, the built-in tasks with a tool call); evaluated without tools")
     if repeated:
         notes.append(f"{repeated} problems named by more than one task item were evaluated once")
     if shortened:
