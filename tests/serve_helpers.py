@@ -275,3 +275,125 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: floa
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+# ---------------------------------------------------------------------------- tool calls
+def make_tool_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """:func:`make_test_tokenizer` with DeepSeek-V3.1's seven tool tokens (special added tokens) and a
+    chat template that renders ``tools``, assistant ``tool_calls`` and ``tool`` messages.
+
+    Until nanoseek's own tokenizer and template carry them (issue 20's template part), the tokens
+    are added here and the chat is rendered by :class:`_V31ToolChat` (the design's format, in
+    Python); once ``Tokenizer.train`` and the template have them, the real ones are used as they are.
+    """
+    from tokenizers import AddedToken
+
+    from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+
+    tk = make_test_tokenizer(vocab_size)
+    if ToolTokens.of(tk) is None:
+        hf = tk._tk
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS])
+        tk = Tokenizer(hf)
+    try:
+        tk.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                       tools=[{"type": "function", "function": {"name": "f"}}])
+        return tk
+    except ValueError:        # the template does not take tools yet: render them here
+        return _V31ToolChat(tk._tk)
+
+
+class _V31ToolChat(Tokenizer):
+    """Test stand-in for the chat template's tool rendering (issue 20's design, DeepSeek-V3.1's format)."""
+
+    def encode_chat(self, messages, add_generation_prompt=False, thinking=None, tools=None, **kwargs):
+        from nanoseek.data.tokenizer import BOS, EOS, END_THINK, THINK
+        from nanoseek.tools.format import ToolCall, ToolSpec, render_calls, render_output, tools_system_text
+
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        if tools:
+            specs = [ToolSpec.from_openai(t) for t in tools]
+            system = (system + "\n\n" if system else "") + tools_system_text(specs)
+        text, last = BOS + system, None
+        for m in messages:
+            role = m["role"]
+            if role == "user":
+                text += USER + m["content"]
+            elif role == "tool":
+                text += render_output(m["content"])
+            elif role == "assistant":
+                text += "" if last == "tool" else ASSISTANT
+                if m.get("reasoning"):
+                    text += f"{THINK}\n{m['reasoning']}\n{END_THINK}\n\n"
+                text += m["content"]
+                if m.get("tool_calls"):
+                    import json
+                    text += render_calls([ToolCall(c["function"]["name"], a if isinstance(a := c["function"]["arguments"],
+                                                                                          str) else json.dumps(a))
+                                          for c in m["tool_calls"]])
+                text += EOS
+            if role != "system":
+                last = role
+        if add_generation_prompt and last != "tool":
+            text += ASSISTANT + (THINK + "\n" if thinking else "")
+        return self.encode(text), []
+
+
+class ScriptedEngine:
+    """An engine stand-in whose "model" writes ``script(prompt_text, params, index)`` (control-token
+    strings included, e.g. a tool-calls block), through the real engine's per-token pipeline
+    (:class:`nanoseek.infer.request.Sample`: stop tokens, length limit, detokenisation, stop
+    strings, the reasoning split), so the events are the ones the engine would send. A token in
+    ``params.banned_token_ids`` (where the engine has that field) is one the model cannot write:
+    the script ends there (EOS). ``prompts`` records every prompt (ids) submitted."""
+
+    def __init__(self, tokenizer: Tokenizer, script, max_batch_size: int = 16, max_seq_len: int = 1024,
+                 step_delay: float = 0.0):
+        self.tokenizer, self.script = tokenizer, script
+        self.max_batch_size, self.max_seq_len, self.step_delay = max_batch_size, max_seq_len, step_delay
+        self.prompts: list[list[int]] = []
+        self.params: list[SamplingParams] = []
+        self._ids = itertools.count()
+
+    def start(self) -> ScriptedEngine:
+        return self
+
+    def shutdown(self) -> None:
+        pass
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+        from nanoseek.infer.reasoning import prompt_ends_in_think
+        from nanoseek.infer.request import Request, Sample
+
+        params.validate()
+        self.prompts.append(list(prompt))
+        self.params.append(params)
+        tk = self.tokenizer
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {tk.eos_id})
+        in_think = params.split_reasoning and prompt_ends_in_think(prompt, tk)
+        limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+        req = Request(next(self._ids), list(prompt), params, stop_ids, in_think, limit)
+        samples = [Sample(req, i, i, tk) for i in range(params.n)]
+        banned = set(getattr(params, "banned_token_ids", None) or ())
+        plans = []
+        for i in range(params.n):
+            ids = tk.encode(self.script(tk.decode(prompt), params, i))
+            cut = next((j for j, t in enumerate(ids) if t in banned), None)
+            plans.append((ids if cut is None else ids[:cut]) + [tk.eos_id])
+
+        def run() -> None:
+            pos = 0
+            while not all(s.finished for s in samples):
+                for s, plan in zip(samples, plans):
+                    if s.finished:
+                        continue
+                    if req.handle.cancelled:
+                        req.handle.put(s.cancel())
+                        continue
+                    req.handle.put(s.append(plan[min(pos, len(plan) - 1)], 0.0))
+                pos += 1
+                time.sleep(self.step_delay)
+            req.handle.finish([s.completion() for s in samples])
+
+        threading.Thread(target=run, daemon=True, name="scripted-engine").start()
+        return req.handle
