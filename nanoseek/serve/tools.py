@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.infer.streaming import IncrementalDetokenizer
+from nanoseek.infer.streaming import IncrementalDetokenizer, skipped_token_ids
 from nanoseek.tools.format import TOOL_CALLS_BEGIN, ToolFormatError, ToolSpec, ToolTokens
 
 from .protocol import APIError, ChatCompletionRequest, short
@@ -206,6 +206,7 @@ class ToolCallParser:
 
     def __init__(self, tokenizer, tokens: ToolTokens, forced: bool = False, forced_name: str | None = None):
         self.tokenizer, self.tokens = tokenizer, tokens
+        self.control = skipped_token_ids(tokenizer)   # EOS and the like: never part of a name or arguments
         self.state = _TEXT
         self._calls: list[_Call] = []
         self._pending: list[dict] = []       # deltas to send with the next event (a forced call's header)
@@ -252,6 +253,8 @@ class ToolCallParser:
             if tok == t.calls_begin:
                 self.state = _BLOCK
         elif tok is None or self.state == _DONE:
+            pass
+        elif tok in self.control and tok not in t.ids:
             pass
         elif tok == t.calls_end:
             if self._calls and self.state in (_NAME, _ARGS):
