@@ -340,12 +340,15 @@ class _V31ToolChat(Tokenizer):
 
 
 class ScriptedEngine:
-    """An engine stand-in whose "model" writes ``script(prompt_text, params, index)`` (control-token
+    """An engine stand-in whose "model" writes ``script(text_so_far, params, index)`` (control-token
     strings included, e.g. a tool-calls block), through the real engine's per-token pipeline
-    (:class:`nanoseek.infer.request.Sample`: stop tokens, length limit, detokenisation, stop
-    strings, the reasoning split), so the events are the ones the engine would send. A token in
-    ``params.banned_token_ids`` (where the engine has that field) is one the model cannot write:
-    the script ends there (EOS). ``prompts`` records every prompt (ids) submitted."""
+    (:class:`nanoseek.infer.request.Sample`: stop tokens, the length limit, detokenisation, stop
+    strings, the reasoning split, the tool-call block of ``tools="stop"``/``"run"``) and, for
+    ``tools="run"``, the real tool loop's functions (``nanoseek.infer.tool_loop``: the toolbox runs
+    the calls, the outputs are appended, then the script is asked again with the text so far, tool
+    outputs included). So the events are the ones the engine would send. A token in
+    ``params.banned_token_ids`` is one the model cannot write: the script ends there (EOS).
+    ``prompts`` and ``params`` record every submission."""
 
     def __init__(self, tokenizer: Tokenizer, script, max_batch_size: int = 16, max_seq_len: int = 1024,
                  step_delay: float = 0.0):
@@ -361,37 +364,60 @@ class ScriptedEngine:
     def shutdown(self) -> None:
         pass
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+    def _plan(self, ids: list[int], params: SamplingParams, index: int) -> list[int]:
+        tk = self.tokenizer
+        out = tk.encode(self.script(tk.decode(ids), params, index))
+        banned = set(params.banned_token_ids)
+        cut = next((j for j, t in enumerate(out) if t in banned), None)
+        return (out if cut is None else out[:cut]) + [tk.eos_id]
+
+    def submit(self, prompt: list[int], params: SamplingParams, toolbox=None) -> RequestHandle:
         from nanoseek.infer.reasoning import prompt_ends_in_think
         from nanoseek.infer.request import Request, Sample
+        from nanoseek.infer.tool_loop import appended_tokens, run_block
+        from nanoseek.tools.format import ToolTokens
 
         params.validate()
+        tk = self.tokenizer
+        tokens = ToolTokens.of(tk)
+        if params.tools != "off" and tokens is None:
+            raise ValueError("the tokenizer has no tool-call tokens")
+        if params.tools == "run" and toolbox is None:
+            raise ValueError("tools='run' needs a toolbox")
         self.prompts.append(list(prompt))
         self.params.append(params)
-        tk = self.tokenizer
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {tk.eos_id})
         in_think = params.split_reasoning and prompt_ends_in_think(prompt, tk)
         limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        req = Request(next(self._ids), list(prompt), params, stop_ids, in_think, limit)
+        req = Request(next(self._ids), list(prompt), params, stop_ids, in_think, limit, tokens, toolbox)
         samples = [Sample(req, i, i, tk) for i in range(params.n)]
-        banned = set(getattr(params, "banned_token_ids", None) or ())
-        plans = []
-        for i in range(params.n):
-            ids = tk.encode(self.script(tk.decode(prompt), params, i))
-            cut = next((j for j, t in enumerate(ids) if t in banned), None)
-            plans.append((ids if cut is None else ids[:cut]) + [tk.eos_id])
+        plans = [self._plan(prompt, params, i) for i in range(params.n)]
+
+        def step(i: int, s: Sample) -> None:
+            if not plans[i]:
+                plans[i] = [tk.eos_id]
+            req.handle.put(s.append(plans[i].pop(0), 0.0))
+            if s.awaiting is not None and not s.finished:        # the tool loop, as the engine runs it
+                calls, problems = s.awaiting
+                s.awaiting = None
+                results = run_block(toolbox, calls, problems, len(s.tool_calls))
+                ids = appended_tokens(tk, tokens, tk.eos_id, results)
+                if len(s.token_ids) + len(ids) >= req.limit:
+                    req.handle.put(s.finish_length())
+                    return
+                for ev in s.add_tool_outputs(results, ids):
+                    req.handle.put(ev)
+                plans[i] = self._plan(list(prompt) + s.token_ids, params, i)
 
         def run() -> None:
-            pos = 0
             while not all(s.finished for s in samples):
-                for s, plan in zip(samples, plans):
+                for i, s in enumerate(samples):
                     if s.finished:
                         continue
                     if req.handle.cancelled:
                         req.handle.put(s.cancel())
-                        continue
-                    req.handle.put(s.append(plan[min(pos, len(plan) - 1)], 0.0))
-                pos += 1
+                    else:
+                        step(i, s)
                 time.sleep(self.step_delay)
             req.handle.finish([s.completion() for s in samples])
 

@@ -114,8 +114,7 @@ def test_one_call(client, engine, tk):
     assert json.loads(ch.message.tool_calls[0].function.arguments) == {"expression": "347*829"}
     prompt = tk.decode(engine.prompts[-1])
     assert TOOLS_HEADER in prompt and "### calculator" in prompt and "### get_weather" in prompt   # described
-    params = engine.params[-1]
-    assert ToolTokens.of(tk).calls_end in params.stop_token_ids
+    assert engine.params[-1].tools == "stop"           # client mode: the engine ends the sample with its block
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -194,8 +193,7 @@ def test_tool_choice_none_never_calls(client, engine, tk):
         ch = r.choices[0]
         assert ch.message.tool_calls is None and ch.finish_reason == "stop" and ch.message.content == "Let me see."
     assert TOOLS_HEADER in tk.decode(engine.prompts[-1])            # still described
-    params, calls_begin = engine.params[-1], ToolTokens.of(tk).calls_begin
-    assert calls_begin in (getattr(params, "banned_token_ids", None) or params.stop_token_ids)
+    assert ToolTokens.of(tk).calls_begin in engine.params[-1].banned_token_ids
 
 
 @pytest.mark.parametrize("effort", [None, "high"])

@@ -75,7 +75,7 @@ from nanoseek.infer.thinking import DEFAULT_THINKING
 from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
                        TokenizeRequest, error_body, short, validation_error)
-from .tools import ToolCallParser, ToolPlan, plan_tools
+from .tools import ToolCallParser, ToolPlan, plan_tools, tool_run
 
 logger = logging.getLogger("nanoseek.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -237,6 +237,8 @@ class _Choice:
     tops: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
     delta: tuple = ("", "", [])          # the last event's (text, reasoning, tool-call deltas)
+    runs: list = field(default_factory=list)     # server-side tools: each call with its output (tools.tool_run)
+    run: dict | None = None              # the last event's tool run, if it reported one
 
     def add(self, ev) -> None:
         if ev.token_id is not None:          # a cancellation (or score-only) event carries no token
@@ -247,6 +249,9 @@ class _Choice:
             if self.tracker is not None:
                 self.offsets.append(self.tracker.push(ev.token_id))
         self.delta = self.tools.push(ev) if self.tools is not None else (ev.text_delta, ev.reasoning_delta, [])
+        self.run = tool_run(ev.tool_result) if getattr(ev, "tool_result", None) is not None else None
+        if self.run is not None:
+            self.runs.append(self.run)
         self.text += self.delta[0]
         self.reasoning += self.delta[1]
         if ev.finished:
@@ -259,6 +264,8 @@ class _Choice:
         out = {"role": "assistant", "content": content, "reasoning_content": self.reasoning or None}
         if calls:
             out["tool_calls"] = calls
+        if self.runs:
+            out["tool_runs"] = self.runs
         return out
 
 
@@ -379,6 +386,8 @@ def _chat_chunks(pieces: TokenPieces | None):
             out.append({"index": i, "delta": delta, "logprobs": lp, "finish_reason": None})
         if calls:                    # OpenAI's tool-call deltas: index, id, type, name, then argument fragments
             out.append({"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None})
+        if choice.run is not None:   # a server-side call and its output (nanoseek serve --tools)
+            out.append({"index": i, "delta": {"tool_run": choice.run}, "logprobs": None, "finish_reason": None})
         if ev.finished:
             out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason})
         return out
@@ -407,9 +416,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class OpenAIServer:
     """Turns validated requests into engine requests and their events into OpenAI responses."""
 
-    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING):
+    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING,
+                 toolbox=None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.limits, self.think = limits, think    # think: the thinking of requests that do not say
+        self.toolbox = toolbox                     # server-side tools (tools.py); None: clients run their own
         self.pieces = TokenPieces(tokenizer)
         self.context = limits.context_length or getattr(engine, "max_seq_len", None)
         if not self.context:
@@ -517,9 +528,10 @@ class OpenAIServer:
                                 skip_special_tokens=req.skip_special_tokens,
                                 top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, **overrides)
         handles = []
+        extra = {"toolbox": self.toolbox} if params.tools == "run" else {}
         try:
             for ids in prompts:
-                handles.append(self.engine.submit(ids, params))
+                handles.append(self.engine.submit(ids, params, **extra))
         except ValueError as e:  # the engine's own checks; ours should have caught it first
             for h in handles:
                 h.cancel()
@@ -529,7 +541,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------ endpoints
     async def chat(self, req: ChatCompletionRequest, request: Request):
         self.check(req)
-        plan = plan_tools(req, self.tokenizer)
+        plan = plan_tools(req, self.tokenizer, self.toolbox)
         ids = self.chat_prompt(req, plan)
         max_new = self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else 0
@@ -651,7 +663,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # ---------------------------------------------------------------------------- the app
 def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None,
-               think: bool = DEFAULT_THINKING) -> FastAPI:
+               think: bool = DEFAULT_THINKING, toolbox=None) -> FastAPI:
     """The API and web chat over ``engine`` (started by the caller; see ``nanoseek.serve.cli``).
 
     ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
@@ -659,9 +671,17 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
     ``encode``, ``encode_chat``, ``decode`` and ``vocab_size``). ``think``: the chat template's
     thinking switch for requests that do not set it (``chat_template_kwargs.thinking`` or
     ``reasoning_effort``); the engine reads a completion as reasoning until ``</think>`` when the
-    prompt ends in an open think block.
+    prompt ends in an open think block. ``toolbox``: tools the server runs itself (a
+    :class:`nanoseek.tools.Toolbox`; ``nanoseek serve --tools``) for chat requests without their own
+    ``tools`` (tools.py); the tokenizer must have the tool tokens (ValueError otherwise).
     """
-    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think)
+    if toolbox is not None and len(toolbox):
+        from nanoseek.tools.format import ToolTokens
+
+        from .tools import no_tool_tokens_message
+        if ToolTokens.of(tokenizer) is None:
+            raise ValueError(f"server-side tools: {no_tool_tokens_message(tokenizer)}")
+    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think, toolbox)
     app = FastAPI(title="nanoseek", description="OpenAI-compatible API for a nanoseek DeepSeek-V3 model",
                   version="0.1.0")
     app.state.server = server

@@ -8,9 +8,14 @@ The model writes DeepSeek-V3.1's format (:mod:`nanoseek.tools.format`)::
 :func:`plan_tools` checks a chat request's tool fields (a bad schema, an unknown named
 ``tool_choice`` or a tokenizer without the tool tokens is a 400 naming the field) and returns a
 :class:`ToolPlan`: the tools for the chat template, the engine's extra :class:`SamplingParams`
-settings and the tokens forced at the end of the prompt. Client mode (the client runs the
-tools, as with OpenAI's API): the sample stops at ``<｜tool▁calls▁end｜>`` (a stop token on
-today's engine), so a reply that calls tools ends with its calls.
+settings and the tokens forced at the end of the prompt. Client mode (a request with ``tools``;
+the client runs them, as with OpenAI's API): the engine's ``tools="stop"``, so a reply that calls
+tools ends with its calls block. Server-side tools (``nanoseek serve --tools calculator,python``,
+for requests without ``tools`` of their own, such as the web chat's): the engine's ``tools="run"``
+with the server's :class:`~nanoseek.tools.toolbox.Toolbox`; the reply goes on after each call's
+output, and each call is reported with its output (:func:`tool_run`) in ``message.tool_runs`` and,
+streamed, as a ``delta.tool_run`` where it happened; ``content`` is all the text the model wrote
+(before the calls too, so streamed and whole replies agree).
 
 ``tool_choice``:
 
@@ -46,14 +51,13 @@ JSON-Schema validation of the arguments (the client's tool does that, as with Op
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.streaming import IncrementalDetokenizer, skipped_token_ids
 from nanoseek.tools.format import TOOL_CALLS_BEGIN, ToolFormatError, ToolSpec, ToolTokens
+from nanoseek.tools.toolbox import Toolbox
 
 from .protocol import APIError, ChatCompletionRequest, short
 
@@ -78,6 +82,7 @@ class ToolPlan:
     choice: str                      # "auto", "none", "required" or "named"
     forced_name: str | None = None   # the named choice's function
     parallel: bool = True
+    run: bool = False                # server-side tools (``nanoseek serve --tools``): the engine runs the calls
 
     @property
     def forced(self) -> bool:
@@ -96,37 +101,46 @@ class ToolPlan:
         return []
 
     def sampling(self) -> dict[str, Any]:
-        """Extra :class:`SamplingParams` fields: stop at the end of the block (of the first call when
-        ``parallel_tool_calls`` is false); ``none`` bans the block."""
-        stops = [self.tokens.calls_end] + ([] if self.parallel else [self.tokens.call_end])
-        out: dict[str, Any] = {"stop_token_ids": stops}
+        """Extra :class:`SamplingParams` fields. Server-side tools: the engine's tool loop
+        (``tools="run"``). Client mode: the sample ends with its block (``tools="stop"``), or with
+        its first call when ``parallel_tool_calls`` is false; ``none`` bans the block."""
+        if self.run:
+            return {"tools": "run"}
+        out: dict[str, Any] = {"tools": "stop", "stop_token_ids": [] if self.parallel else [self.tokens.call_end]}
         if self.choice == "none":
             ban_tool_calls(out, self.tokens)
         return out
 
-    def parser(self, tokenizer) -> ToolCallParser:
+    def parser(self, tokenizer) -> ToolCallParser | None:
+        """Client mode: the reader of one choice's calls (server-side tools: None, the engine runs them)."""
+        if self.run:
+            return None
         return ToolCallParser(tokenizer, self.tokens, forced=self.forced, forced_name=self.forced_name)
 
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-
-
 def ban_tool_calls(overrides: dict[str, Any], tokens: ToolTokens) -> dict[str, Any]:
-    """Make ``<｜tool▁calls▁begin｜>`` unsampleable: the engine's ``banned_token_ids`` where it has
-    it, else end the sample at that token (no call can follow). The one place this is decided."""
-    if "banned_token_ids" in _SAMPLING_FIELDS:
-        overrides["banned_token_ids"] = sorted(set(overrides.get("banned_token_ids", [])) | {tokens.calls_begin})
-    else:
-        overrides["stop_token_ids"] = [*overrides.get("stop_token_ids", []), tokens.calls_begin]
+    """Make ``<｜tool▁calls▁begin｜>`` unsampleable (the engine's ``banned_token_ids``): the one
+    place ``tool_choice: "none"`` is decided."""
+    overrides["banned_token_ids"] = sorted(set(overrides.get("banned_token_ids", [])) | {tokens.calls_begin})
     return overrides
+
+
+def tool_run(result) -> dict[str, Any]:
+    """A server-side call and its output (a :class:`~nanoseek.tools.toolbox.ToolResult`), as the API
+    reports it: ``message.tool_runs[i]`` and the stream's ``delta.tool_run``."""
+    call = result.call
+    return {"id": new_call_id(), "type": "function", "function": {"name": call.name, "arguments": call.arguments},
+            "output": result.output, "ok": bool(result.ok)}
 
 
 def _history_uses_tools(req: ChatCompletionRequest) -> bool:
     return any(m.role == "tool" or m.tool_calls for m in req.messages)
 
 
-def plan_tools(req: ChatCompletionRequest, tokenizer) -> ToolPlan | None:
-    """The request's tool settings checked (400s naming the field); None when it has no tools."""
+def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = None) -> ToolPlan | None:
+    """The request's tool settings checked (400s naming the field); None when it has no tools.
+    ``toolbox``: the server's own tools (``nanoseek serve --tools``), run by the engine for a request
+    that brings no tools of its own and does not say ``tool_choice: "none"``."""
     tools, choice = req.tools, req.tool_choice
     if tools is not None and not isinstance(tools, list):
         raise APIError(400, "tools: must be a list of {'type': 'function', 'function': {...}} objects", "tools",
@@ -149,6 +163,9 @@ def plan_tools(req: ChatCompletionRequest, tokenizer) -> ToolPlan | None:
                            "tool_choice", "invalid_value")
         if _history_uses_tools(req) and ToolTokens.of(tokenizer) is None:
             raise APIError(400, "messages: " + no_tool_tokens_message(tokenizer), "messages", "invalid_value")
+        tokens = ToolTokens.of(tokenizer)
+        if toolbox is not None and len(toolbox) and choice != "none" and tokens is not None:
+            return ToolPlan(toolbox.specs(), tokens, "auto", run=True)
         return None
     tokens = ToolTokens.of(tokenizer)
     if tokens is None:
@@ -302,11 +319,13 @@ class ToolCallParser:
         return [c.openai() for c in self._calls if c.name is not None]
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
-        """``"tool_calls"`` when the reply ended with complete calls; else the engine's reason."""
+        """``"tool_calls"`` when the reply ended with complete calls; else the engine's reason
+        ("stop" for a closed block without a call)."""
         named = [c for c in self._calls if c.name is not None]
-        if engine_reason in ("stop", None) and named and all(c.closed for c in named):
-            return "tool_calls" if engine_reason == "stop" else engine_reason
-        return engine_reason
+        if engine_reason in ("stop", "tool_calls") and named and all(c.closed for c in named):
+            return "tool_calls"
+        return "stop" if engine_reason == "tool_calls" else engine_reason
 
 
-__all__ = ["ToolPlan", "ToolCallParser", "plan_tools", "ban_tool_calls", "no_tool_tokens_message", "new_call_id"]
+__all__ = ["ToolPlan", "ToolCallParser", "plan_tools", "ban_tool_calls", "tool_run", "no_tool_tokens_message",
+           "new_call_id"]
