@@ -399,3 +399,87 @@ def test_real_engine_serves_every_tool_choice(tk):
                             assert ch.message.tool_calls[0].function.name == "calculator"
     finally:
         engine.shutdown()
+
+
+# ----------------------------------------------------------------------------- server-side tools (serve --tools)
+def answer_with_calculator(prompt: str, params, i: int) -> str:
+    """Call the calculator, then answer with what it returned."""
+    if TOOL_OUTPUT_END in prompt:
+        return " Answer: " + prompt.rsplit(TOOL_OUTPUT_BEGIN, 1)[1].split(TOOL_OUTPUT_END)[0]
+    return f"Let me compute {i}." + block(call("calculator", f'{{"expression": "347*829+{i}"}}'))
+
+
+@pytest.fixture(scope="module")
+def tool_server(tk):
+    from nanoseek.tools.toolbox import Toolbox
+
+    engine = ScriptedEngine(tk, answer_with_calculator, max_seq_len=2048)
+    app = create_app(engine, tk, MODEL, ServeLimits(max_tokens=400), toolbox=Toolbox.builtin("calculator"))
+    with background_server(app) as url:
+        yield engine, url
+
+
+def test_server_runs_its_tools_for_requests_without_tools(tool_server, tk):
+    engine, url = tool_server
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20)
+    body = {"model": MODEL, "messages": user("What is 347*829?"), "n": 2}
+    with httpx.Client(base_url=url, timeout=20) as raw:
+        whole = raw.post("/v1/chat/completions", json=body).json()
+        chunks = sse_chunks(raw, body)
+    assert "### calculator" in tk.decode(engine.prompts[-1]) and engine.params[-1].tools == "run"
+    for i, ch in enumerate(whole["choices"]):
+        msg = ch["message"]
+        assert ch["finish_reason"] == "stop" and "tool_calls" not in msg
+        assert msg["content"] == f"Let me compute {i}. Answer: {347 * 829 + i}"
+        [run] = msg["tool_runs"]
+        assert run["function"] == {"name": "calculator", "arguments": f'{{"expression": "347*829+{i}"}}'}
+        assert run["output"] == str(347 * 829 + i) and run["ok"] is True and CALL_ID.match(run["id"])
+        # streamed: the same text, the run reported between the text before the call and the answer
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        order = ["run" if d["delta"].get("tool_run") else "text" for d in mine if d["delta"].get("tool_run")
+                 or d["delta"].get("content")]
+        assert order.count("run") == 1 and order[0] == "text" and order[-1] == "text"
+        assert "".join(d["delta"].get("content") or "" for d in mine) == msg["content"]
+        assert [d["delta"]["tool_run"]["output"] for d in mine if d["delta"].get("tool_run")] == [run["output"]]
+    # the openai client takes the extra field in stride (streamed and not)
+    r = client.chat.completions.create(model=MODEL, messages=user("x"))
+    assert r.choices[0].message.content.endswith(str(347 * 829)) and r.choices[0].message.tool_runs[0]["ok"]
+    assert streamed(client, messages=user("x")).choices[0].message.content == r.choices[0].message.content
+
+
+def test_server_tools_failed_call_and_opt_outs(tool_server, tk):
+    engine, url = tool_server
+    with httpx.Client(base_url=url, timeout=20) as raw:
+        # a call the tool rejects: the model reads the error, the API reports ok false
+        engine.script = lambda p, params, i: ("Done." if TOOL_OUTPUT_END in p
+                                              else block(call("calculator", '{"expr": "1"}')))
+        msg = raw.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x")}).json()["choices"][0]["message"]
+        assert msg["tool_runs"][0]["ok"] is False and msg["tool_runs"][0]["output"].startswith("error:")
+        assert msg["content"] == "Done."
+        # tool_choice none: no tools described, none run
+        engine.script = lambda p, params, i: "plain"
+        r = raw.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x"), "tool_choice": "none"})
+        assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "plain", "reasoning_content": None}
+        assert "### calculator" not in tk.decode(engine.prompts[-1]) and engine.params[-1].tools == "off"
+        # a request with its own tools is client-run, whatever the server has
+        engine.script = lambda p, params, i: block(call("get_weather", '{"city": "Bergen"}'))
+        ch = raw.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x"), "tools": [WEATHER]}).json()
+        ch = ch["choices"][0]
+        assert ch["finish_reason"] == "tool_calls" and "tool_runs" not in ch["message"]
+        assert ch["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert "### calculator" not in tk.decode(engine.prompts[-1])
+    engine.script = answer_with_calculator
+
+
+def test_server_tools_need_tool_tokens_and_known_names():
+    from nanoseek.cli import build_parser
+    from nanoseek.errors import UserError
+    from nanoseek.serve.cli import build_server
+    from nanoseek.tools.toolbox import Toolbox
+
+    tk = _NoToolTokens(make_test_tokenizer()._tk)
+    with pytest.raises(ValueError, match="no tool-call tokens .*cannot call tools"):
+        create_app(ScriptedEngine(tk, lambda *a: ""), tk, MODEL, toolbox=Toolbox.builtin("calculator"))
+    args = build_parser().parse_args(["serve", "--model", "/nonexistent", "--tools", "calculator,abacus"])
+    with pytest.raises(UserError, match="^--tools: unknown built-in tool 'abacus'"):
+        build_server(args)

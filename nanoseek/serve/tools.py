@@ -64,8 +64,9 @@ from .protocol import APIError, ChatCompletionRequest, short
 TOOL_CHOICES = ("auto", "none", "required")
 
 
-def no_tool_tokens_message(tokenizer) -> str:
-    where = getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", None)
+def no_tool_tokens_message(tokenizer, where: str | None = None) -> str:
+    """The one line that refuses tools to a model whose vocabulary lacks the tool tokens."""
+    where = where or getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", None)
     return (f"tokenizer{f' at {where}' if where else ''} has no tool-call tokens ({TOOL_CALLS_BEGIN}...): "
             "this model cannot call tools")
 
