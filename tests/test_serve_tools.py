@@ -198,14 +198,19 @@ def test_tool_choice_none_never_calls(client, engine, tk):
 
 @pytest.mark.parametrize("effort", [None, "high"])
 def test_tool_choice_required_forces_a_call(client, engine, tk, effort):
-    engine.script = lambda p, params, i: "get_weather" + TOOL_SEP + '{"city": "Rome"}' + TOOL_CALL_END + TOOL_CALLS_END
+    engine.script = lambda p, params, i: ("get_weather" + TOOL_SEP + '{"city": "Rome"}' + TOOL_CALL_END + TOOL_CALLS_END
+                                          + "and more")
     kw = dict(messages=user("hi"), tools=TOOLS, tool_choice="required",
               **({"reasoning_effort": effort} if effort else {}))
-    for r in (client.chat.completions.create(model=MODEL, **kw), streamed(client, **kw)):
+    whole = client.chat.completions.create(model=MODEL, **kw)
+    for r in (whole, streamed(client, **kw)):
         assert calls_of(r.choices[0]) == [("get_weather", '{"city": "Rome"}')]
         assert r.choices[0].finish_reason == "tool_calls"
         assert getattr(r.choices[0].message, "reasoning_content", None) is None
     t = ToolTokens.of(tk)
+    assert t.calls_end in engine.params[-1].stop_token_ids     # the engine cannot see the forced block open
+    assert whole.usage.completion_tokens == len(tk.encode("get_weather" + TOOL_SEP + '{"city": "Rome"}'
+                                                                          + TOOL_CALL_END + TOOL_CALLS_END))
     assert engine.prompts[-1][-2:] == [t.calls_begin, t.call_begin]
     assert not tk.decode(engine.prompts[-1]).rstrip(TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN).endswith("<think>\n")
 

@@ -5,6 +5,9 @@
 * ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served;
 * ``POST /v1/chat/completions``: chat through the tokenizer's DeepSeek chat template; the answer
   in ``content`` and the chain of thought in ``reasoning_content``, as DeepSeek's API returns them;
+  tool calls as OpenAI's ``tool_calls`` (the client runs them), or run by the server itself with
+  ``create_app(..., toolbox=...)`` (``nanoseek serve --tools``) and reported in ``tool_runs``
+  (``tools.py``);
 * ``POST /v1/completions``: raw text continuation of one or several prompts (strings or token ids);
 * ``GET /``: the web chat (``static/index.html``), ``GET /health``;
 * ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: vLLM's tokenizer endpoints,

@@ -30,6 +30,12 @@ the answer, in ``reasoning_content`` on the message (or on each streamed delta).
 API does, an input message carrying ``reasoning_content`` is refused: send back only
 ``content`` in multi-turn chats.
 
+Tool calls (``serve/tools.py`` checks them against the tokenizer and builds the replies):
+``tools`` (OpenAI's function tools), ``tool_choice`` ("auto", "none", "required" or a named
+function), ``parallel_tool_calls``, ``tool`` messages (``tool_call_id`` required) and assistant
+messages carrying ``tool_calls`` (their ``content`` may then be null; ``arguments`` a JSON string,
+or an object written as JSON). The deprecated ``functions``/``function_call`` stay neutral-only.
+
 Every optional field may be sent as JSON ``null``, which means "not given" (its default), as in
 OpenAI's spec and vLLM; otherwise types are strict. ``skip_special_tokens`` (bool, default true,
 vLLM's extension) leaves control tokens the model generates (BOS, ``<｜Assistant｜>``...: the

@@ -107,7 +107,10 @@ class ToolPlan:
         its first call when ``parallel_tool_calls`` is false; ``none`` bans the block."""
         if self.run:
             return {"tools": "run"}
-        out: dict[str, Any] = {"tools": "stop", "stop_token_ids": [] if self.parallel else [self.tokens.call_end]}
+        stops = [] if self.parallel else [self.tokens.call_end]
+        if self.forced:     # the block began in the prompt, so the engine does not see it open: stop at its end
+            stops.append(self.tokens.calls_end)
+        out: dict[str, Any] = {"tools": "stop", "stop_token_ids": stops}
         if self.choice == "none":
             ban_tool_calls(out, self.tokens)
         return out
