@@ -265,6 +265,8 @@ MALFORMED = [
     ("text between calls", block(call("calculator", '{"expression": "1"}') + " and then ",
                                  call("calculator", '{"expression": "2"}')), None,
      [("calculator", '{"expression": "1"}'), ("calculator", '{"expression": "2"}')], "tool_calls"),
+    ("unicode split across tokens, spaces around", block(call(" get_weather ", ' {"city": "Zürich 🌧 東京"}\n')), None,
+     [("get_weather", '{"city": "Zürich 🌧 東京"}')], "tool_calls"),
     ("empty block", TOOL_CALLS_BEGIN + TOOL_CALLS_END, None, [], "stop"),
     ("block never started a call", TOOL_CALLS_BEGIN + "calculator", None, [], "stop"),
 ]
