@@ -121,10 +121,8 @@ def build_server(args: argparse.Namespace):
         from nanoseek.tools.toolbox import Toolbox
         try:
             toolbox = Toolbox.builtin(args.tools)
-        except ValueError as e:
+        except ValueError as e:          # ConfigError: an unknown name, or python without a sandbox
             raise UserError(f"--tools: {e}") from None
-        if not len(toolbox):
-            raise UserError(f"--tools: no tool named in {args.tools!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
