@@ -185,6 +185,18 @@ def test_round_trip(client, engine, tk):
     assert again.choices[0].message.content == "Answer: 287663"
 
 
+def test_tokenize_counts_the_chat_prompt_with_tools(raw, engine, client):
+    """vLLM's /tokenize with ``tools`` and ``tool_choice``: exactly the ids the chat endpoint submits."""
+    engine.script = lambda p, params, i: "ok"
+    for extra in ({"tools": TOOLS}, {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "calculator"}}},
+                  {}):
+        client.chat.completions.create(model=MODEL, messages=user("count me"), **extra)
+        r = raw.post("/tokenize", json={"model": MODEL, "messages": user("count me"), **extra})
+        assert r.status_code == 200 and r.json()["tokens"] == engine.prompts[-1]
+    r = raw.post("/tokenize", json={"messages": user("x"), "tools": [{"type": "function", "function": {"name": "a b"}}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.name"
+
+
 # ----------------------------------------------------------------------------- tool_choice, parallel_tool_calls
 def test_tool_choice_none_never_calls(client, engine, tk):
     engine.script = lambda p, params, i: "Let me see." + block(call("calculator", '{"expression": "1"}'))

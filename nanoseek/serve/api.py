@@ -632,10 +632,11 @@ class OpenAIServer:
             if req.messages is not None:
                 try:
                     chat = ChatCompletionRequest.model_validate({"model": self.model_name, "messages": req.messages,
-                                                                 "chat_template_kwargs": req.chat_template_kwargs})
+                                                                 "chat_template_kwargs": req.chat_template_kwargs,
+                                                                 "tools": req.tools, "tool_choice": req.tool_choice})
                 except ValidationError as e:
                     raise validation_error(list(e.errors())) from None
-                ids = self.chat_prompt(chat)
+                ids = self.chat_prompt(chat, plan_tools(chat, self.tokenizer, self.toolbox))
             else:
                 ids = self.prompt_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:

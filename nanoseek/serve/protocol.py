@@ -448,13 +448,16 @@ class CompletionRequest(SamplingRequest):
 
 class TokenizeRequest(_Strict):
     """vLLM's ``/tokenize``: a raw ``prompt`` (control-token strings parsed, BOS added with
-    ``add_special_tokens``) or chat ``messages`` (rendered as ``/v1/chat/completions`` renders them)."""
+    ``add_special_tokens``) or chat ``messages`` (rendered as ``/v1/chat/completions`` renders them,
+    with ``tools`` and ``tool_choice``)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
