@@ -132,7 +132,9 @@ class FakeEngine:
             return len(self._pending) + len(self._active)
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt: list[int], params: SamplingParams, toolbox=None) -> RequestHandle:
+        if params.tools == "run":
+            raise ValueError("FakeEngine does not run tools (use ScriptedEngine or the real engine)")
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if params.n > self.max_batch_size:
@@ -144,11 +146,11 @@ class FakeEngine:
         self._wake.set()
         return handle
 
-    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
-        yield from self.submit(prompt, params)
+    def stream(self, prompt: list[int], params: SamplingParams, toolbox=None) -> Iterator[TokenEvent]:
+        yield from self.submit(prompt, params, toolbox)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        handles = [self.submit(p, params) for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams, toolbox=None) -> list[list[Completion]]:
+        handles = [self.submit(p, params, toolbox) for p in prompts]
         return [handle.result() for handle in handles]
 
     def _completion(self, prompt: list[int], evs: list[TokenEvent]) -> Completion:
