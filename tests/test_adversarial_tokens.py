@@ -196,9 +196,9 @@ class RecordingEngine(FakeEngine):
         super().__init__(*a, **kw)
         self.prompts: list[list[int]] = []
 
-    def submit(self, prompt, params):
+    def submit(self, prompt, params, toolbox=None):
         self.prompts.append(list(prompt))
-        return super().submit(prompt, params)
+        return super().submit(prompt, params, toolbox)
 
 
 @pytest.fixture(scope="module")
