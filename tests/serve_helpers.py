@@ -132,7 +132,9 @@ class FakeEngine:
             return len(self._pending) + len(self._active)
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt: list[int], params: SamplingParams, toolbox=None) -> RequestHandle:
+        if params.tools == "run":
+            raise ValueError("FakeEngine does not run tools (use ScriptedEngine or the real engine)")
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if params.n > self.max_batch_size:
@@ -144,11 +146,11 @@ class FakeEngine:
         self._wake.set()
         return handle
 
-    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
-        yield from self.submit(prompt, params)
+    def stream(self, prompt: list[int], params: SamplingParams, toolbox=None) -> Iterator[TokenEvent]:
+        yield from self.submit(prompt, params, toolbox)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        handles = [self.submit(p, params) for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams, toolbox=None) -> list[list[Completion]]:
+        handles = [self.submit(p, params, toolbox) for p in prompts]
         return [handle.result() for handle in handles]
 
     def _completion(self, prompt: list[int], evs: list[TokenEvent]) -> Completion:
@@ -275,3 +277,151 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: floa
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+# ---------------------------------------------------------------------------- tool calls
+def make_tool_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """:func:`make_test_tokenizer` with DeepSeek-V3.1's seven tool tokens (special added tokens) and a
+    chat template that renders ``tools``, assistant ``tool_calls`` and ``tool`` messages.
+
+    Until nanoseek's own tokenizer and template carry them (issue 20's template part), the tokens
+    are added here and the chat is rendered by :class:`_V31ToolChat` (the design's format, in
+    Python); once ``Tokenizer.train`` and the template have them, the real ones are used as they are.
+    """
+    from tokenizers import AddedToken
+
+    from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+
+    tk = make_test_tokenizer(vocab_size)
+    if ToolTokens.of(tk) is None:
+        hf = tk._tk
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS])
+        tk = Tokenizer(hf)
+    try:
+        tk.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                       tools=[{"type": "function", "function": {"name": "f"}}])
+        return tk
+    except ValueError:        # the template does not take tools yet: render them here
+        return _V31ToolChat(tk._tk)
+
+
+class _V31ToolChat(Tokenizer):
+    """Test stand-in for the chat template's tool rendering (issue 20's design, DeepSeek-V3.1's format)."""
+
+    def encode_chat(self, messages, add_generation_prompt=False, thinking=None, tools=None, **kwargs):
+        from nanoseek.data.tokenizer import BOS, EOS, END_THINK, THINK
+        from nanoseek.tools.format import ToolCall, ToolSpec, render_calls, render_output, tools_system_text
+
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        if tools:
+            specs = [ToolSpec.from_openai(t) for t in tools]
+            system = (system + "\n\n" if system else "") + tools_system_text(specs)
+        text, last = BOS + system, None
+        for m in messages:
+            role = m["role"]
+            if role == "user":
+                text += USER + m["content"]
+            elif role == "tool":
+                text += render_output(m["content"])
+            elif role == "assistant":
+                text += "" if last == "tool" else ASSISTANT
+                if m.get("reasoning"):
+                    text += f"{THINK}\n{m['reasoning']}\n{END_THINK}\n\n"
+                text += m["content"]
+                if m.get("tool_calls"):
+                    import json
+                    text += render_calls([ToolCall(c["function"]["name"], a if isinstance(a := c["function"]["arguments"],
+                                                                                          str) else json.dumps(a))
+                                          for c in m["tool_calls"]])
+                text += EOS
+            if role != "system":
+                last = role
+        if add_generation_prompt and last != "tool":
+            text += ASSISTANT + (THINK + "\n" if thinking else "")
+        return self.encode(text), []
+
+
+class ScriptedEngine:
+    """An engine stand-in whose "model" writes ``script(text_so_far, params, index)`` (control-token
+    strings included, e.g. a tool-calls block), through the real engine's per-token pipeline
+    (:class:`nanoseek.infer.request.Sample`: stop tokens, the length limit, detokenisation, stop
+    strings, the reasoning split, the tool-call block of ``tools="stop"``/``"run"``) and, for
+    ``tools="run"``, the real tool loop's functions (``nanoseek.infer.tool_loop``: the toolbox runs
+    the calls, the outputs are appended, then the script is asked again with the text so far, tool
+    outputs included). So the events are the ones the engine would send. A token in
+    ``params.banned_token_ids`` is one the model cannot write: the script ends there (EOS).
+    ``prompts`` and ``params`` record every submission."""
+
+    def __init__(self, tokenizer: Tokenizer, script, max_batch_size: int = 16, max_seq_len: int = 1024,
+                 step_delay: float = 0.0):
+        self.tokenizer, self.script = tokenizer, script
+        self.max_batch_size, self.max_seq_len, self.step_delay = max_batch_size, max_seq_len, step_delay
+        self.prompts: list[list[int]] = []
+        self.params: list[SamplingParams] = []
+        self._ids = itertools.count()
+
+    def start(self) -> ScriptedEngine:
+        return self
+
+    def shutdown(self) -> None:
+        pass
+
+    def _plan(self, ids: list[int], params: SamplingParams, index: int) -> list[int]:
+        tk = self.tokenizer
+        out = tk.encode(self.script(tk.decode(ids), params, index))
+        banned = set(params.banned_token_ids)
+        cut = next((j for j, t in enumerate(out) if t in banned), None)
+        return (out if cut is None else out[:cut]) + [tk.eos_id]
+
+    def submit(self, prompt: list[int], params: SamplingParams, toolbox=None) -> RequestHandle:
+        from nanoseek.infer.reasoning import prompt_ends_in_think
+        from nanoseek.infer.request import Request, Sample
+        from nanoseek.infer.tool_loop import appended_tokens, run_block
+        from nanoseek.tools.format import ToolTokens
+
+        params.validate()
+        tk = self.tokenizer
+        tokens = ToolTokens.of(tk)
+        if params.tools != "off" and tokens is None:
+            raise ValueError("the tokenizer has no tool-call tokens")
+        if params.tools == "run" and toolbox is None:
+            raise ValueError("tools='run' needs a toolbox")
+        self.prompts.append(list(prompt))
+        self.params.append(params)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {tk.eos_id})
+        in_think = params.split_reasoning and prompt_ends_in_think(prompt, tk)
+        limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+        req = Request(next(self._ids), list(prompt), params, stop_ids, in_think, limit, tokens, toolbox)
+        samples = [Sample(req, i, i, tk) for i in range(params.n)]
+        plans = [self._plan(prompt, params, i) for i in range(params.n)]
+
+        def step(i: int, s: Sample) -> None:
+            if not plans[i]:
+                plans[i] = [tk.eos_id]
+            req.handle.put(s.append(plans[i].pop(0), 0.0))
+            if s.awaiting is not None and not s.finished:        # the tool loop, as the engine runs it
+                calls, problems = s.awaiting
+                s.awaiting = None
+                results = run_block(toolbox, calls, problems, len(s.tool_calls))
+                ids = appended_tokens(tk, tokens, tk.eos_id, results)
+                if len(s.token_ids) + len(ids) >= req.limit:
+                    req.handle.put(s.finish_length())
+                    return
+                for ev in s.add_tool_outputs(results, ids):
+                    req.handle.put(ev)
+                plans[i] = self._plan(list(prompt) + s.token_ids, params, i)
+
+        def run() -> None:
+            while not all(s.finished for s in samples):
+                for i, s in enumerate(samples):
+                    if s.finished:
+                        continue
+                    if req.handle.cancelled:
+                        req.handle.put(s.cancel())
+                    else:
+                        step(i, s)
+                time.sleep(self.step_delay)
+            req.handle.finish([s.completion() for s in samples])
+
+        threading.Thread(target=run, daemon=True, name="scripted-engine").start()
+        return req.handle

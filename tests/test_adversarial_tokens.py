@@ -20,6 +20,8 @@ import random
 import re
 
 import pytest
+
+from nanoseek.tools.format import TOOL_TOKENS
 from tokenizers import AddedToken
 
 from nanoseek.data.tokenizer import (ASSISTANT, BOS, EOS, END_THINK, PAD, THINK, USER, Tokenizer,
@@ -104,7 +106,7 @@ def test_special_added_tokens_and_template_tags_are_control_tokens(tk):
     (``EXTRA_PLAIN``) is ordinary vocabulary, which content reaches as in HF."""
     assert set(tk.control_tokens) == set(CONTROL_STRINGS) - {EXTRA_PLAIN}
     assert tk.encode_text(f"a{EXTRA_PLAIN}b")[1:-1] == [tk.token_to_id(EXTRA_PLAIN)]
-    assert set(ByteTokenizer.control_tokens) == set(CONTROL_STRINGS[:7])
+    assert set(ByteTokenizer.control_tokens) == set(CONTROL_STRINGS[:7]) | set(TOOL_TOKENS)
 
 
 @pytest.mark.parametrize("content", CONTENTS)
@@ -194,9 +196,9 @@ class RecordingEngine(FakeEngine):
         super().__init__(*a, **kw)
         self.prompts: list[list[int]] = []
 
-    def submit(self, prompt, params):
+    def submit(self, prompt, params, toolbox=None):
         self.prompts.append(list(prompt))
-        return super().submit(prompt, params)
+        return super().submit(prompt, params, toolbox)
 
 
 @pytest.fixture(scope="module")

@@ -123,9 +123,9 @@ def test_chat_loop_streams_collapses_reasoning_and_keeps_history(checkpoint):
     seen_prompts = []
     real_stream = engine.stream
 
-    def spy(ids, params):
+    def spy(ids, params, **kw):
         seen_prompts.append(tok.decode(ids))
-        return real_stream(ids, params)
+        return real_stream(ids, params, **kw)
 
     engine.stream = spy
     script = iter(["hello there", "/samples 3", "and again", "/reset", "fresh start", "/samples 99", "/bogus", "/quit",

@@ -111,7 +111,7 @@ def test_with_tools_off_the_block_is_ordinary_tokens(model, monkeypatch):
     (call_block("nope", "{}"), "error: unknown tool 'nope'"),
     (call_block("calculator", "{not json"), "error: arguments of 'calculator' are not valid JSON"),
     (call_block("calculator", '{"expr": "1"}'), "error: missing required argument 'expression'"),
-    (call_block("calculator", '{"expression": "1/0"}'), "error: CalculatorError: division by zero"),
+    (call_block("calculator", '{"expression": "1/0"}'), "error: division by zero"),
     (TOOL_TOKENS[0] + TOOL_TOKENS[1] + "calculator" + TOOL_TOKENS[3] + TOOL_TOKENS[4], "error: malformed tool call"),
     (TOOL_TOKENS[0] + "junk" + TOOL_TOKENS[4], "error: malformed tool call"),
 ])

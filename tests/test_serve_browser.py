@@ -165,3 +165,49 @@ def test_stop_button_frees_the_engine_slot(page, served):
     assert page.is_hidden("#settings") and page.get_attribute("#toggle-settings", "aria-expanded") == "false"
     page.click("#toggle-settings")
     assert page.is_visible("#settings")
+
+
+def test_server_side_tool_calls_show_in_collapsible_blocks(page):
+    """``nanoseek serve --tools``: each call the server runs appears where it was made, folded, with
+    its arguments and output; the answer goes on below it (a second tab of the same browser)."""
+    from nanoseek.tools.format import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
+                                       TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP)
+    from nanoseek.tools.toolbox import Toolbox
+    from serve_helpers import ScriptedEngine, make_tool_tokenizer
+
+    def script(prompt, params, i):
+        outputs = prompt.count(TOOL_OUTPUT_END)
+        if outputs == 2:
+            return " So the answer is " + prompt.rsplit(TOOL_OUTPUT_BEGIN, 1)[1].split(TOOL_OUTPUT_END)[0] + "."
+        expr = '{"expression": "347*829"}' if outputs == 0 else '{"expr": "oops"}'
+        return (f"Step {outputs + 1}." + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "calculator" + TOOL_SEP + expr
+                + TOOL_CALL_END + TOOL_CALLS_END)
+
+    tk = make_tool_tokenizer()
+    engine = ScriptedEngine(tk, script, step_delay=0.005)
+    app = create_app(engine, tk, "nanoseek-test", ServeLimits(max_tokens=1024), toolbox=Toolbox.builtin("calculator"))
+    with background_server(app) as url:
+        page = page.context.browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        ask(page, "What is 347*829?")
+        wait_idle(page)
+        last = page.locator(".msg.assistant").last
+        blocks = last.locator("details.tool")
+        assert blocks.count() == 2
+        assert blocks.nth(0).evaluate("d => d.open") is False
+        assert blocks.nth(0).locator("summary").inner_text() == "Called calculator"
+        assert blocks.nth(0).locator(".tool-output").text_content() == "287663"
+        assert '"347*829"' in blocks.nth(0).locator(".tool-arguments").text_content()
+        blocks.nth(0).locator("summary").click()
+        assert blocks.nth(0).evaluate("d => d.open") is True
+        assert blocks.nth(0).locator(".tool-output").inner_text() == "287663"     # shown once opened
+        assert blocks.nth(1).locator("summary").inner_text() == "Failed call: calculator"
+        assert blocks.nth(1).locator(".tool-output").text_content().startswith("error:")
+        # the text segments around the blocks, in order
+        order = last.evaluate("""m => [...m.querySelectorAll('.answer, details.tool')]
+            .map(e => e.matches('details') ? '[' + e.querySelector('summary').textContent + ']' : e.textContent)
+            .filter(Boolean)""")
+        assert order == ["Step 1.", "[Called calculator]", "Step 2.", "[Failed call: calculator]",
+                         " So the answer is " + blocks.nth(1).locator(".tool-output").text_content() + "."]
+        page.close()

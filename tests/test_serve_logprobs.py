@@ -337,7 +337,7 @@ BIG = "x" * 100_000
     ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ("chat", {"web_search_options": {}}, "web_search_options"),
     ("chat", {"verbosity": "high"}, "verbosity"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": BIG}}]}, "tools"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": BIG}}]}, "tools[0].function.name"),
     ("chat", {"logit_bias": {"5": BIG}}, "logit_bias"),
     ("chat", {BIG: 1}, None),                                       # an unknown field with a 100 KB name
     ("chat", {"unknown_field": BIG}, "unknown_field"),

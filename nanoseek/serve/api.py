@@ -5,6 +5,9 @@
 * ``GET /v1/models`` (and ``/v1/models/{id}``): the one model served;
 * ``POST /v1/chat/completions``: chat through the tokenizer's DeepSeek chat template; the answer
   in ``content`` and the chain of thought in ``reasoning_content``, as DeepSeek's API returns them;
+  tool calls as OpenAI's ``tool_calls`` (the client runs them), or run by the server itself with
+  ``create_app(..., toolbox=...)`` (``nanoseek serve --tools``) and reported in ``tool_runs``
+  (``tools.py``);
 * ``POST /v1/completions``: raw text continuation of one or several prompts (strings or token ids);
 * ``GET /``: the web chat (``static/index.html``), ``GET /health``;
 * ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: vLLM's tokenizer endpoints,
@@ -75,6 +78,7 @@ from nanoseek.infer.thinking import DEFAULT_THINKING
 from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
                        TokenizeRequest, error_body, short, validation_error)
+from .tools import ToolCallParser, ToolPlan, plan_tools, tool_run
 
 logger = logging.getLogger("nanoseek.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -230,10 +234,14 @@ class _Choice:
     tokens: int = 0
     finish_reason: str | None = None
     tracker: TextOffsets | None = None
+    tools: ToolCallParser | None = None  # a request with tools: the text before the calls, and the calls
     token_ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     tops: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
+    delta: tuple = ("", "", [])          # the last event's (text, reasoning, tool-call deltas)
+    runs: list = field(default_factory=list)     # server-side tools: each call with its output (tools.tool_run)
+    run: dict | None = None              # the last event's tool run, if it reported one
 
     def add(self, ev) -> None:
         if ev.token_id is not None:          # a cancellation (or score-only) event carries no token
@@ -243,10 +251,25 @@ class _Choice:
             self.tops.append(ev.top_logprobs)
             if self.tracker is not None:
                 self.offsets.append(self.tracker.push(ev.token_id))
-        self.text += ev.text_delta
-        self.reasoning += ev.reasoning_delta
+        self.delta = self.tools.push(ev) if self.tools is not None else (ev.text_delta, ev.reasoning_delta, [])
+        self.run = tool_run(ev.tool_result) if getattr(ev, "tool_result", None) is not None else None
+        if self.run is not None:
+            self.runs.append(self.run)
+        self.text += self.delta[0]
+        self.reasoning += self.delta[1]
         if ev.finished:
-            self.finish_reason = ev.finish_reason
+            self.finish_reason = self.tools.finish_reason(ev.finish_reason) if self.tools else ev.finish_reason
+
+    def message(self) -> dict:
+        """The chat reply: content, reasoning and, with tools, the calls (content null when only calls)."""
+        calls = self.tools.calls() if self.tools is not None else []
+        content = self.text.strip() or None if calls else self.text
+        out = {"role": "assistant", "content": content, "reasoning_content": self.reasoning or None}
+        if calls:
+            out["tool_calls"] = calls
+        if self.runs:
+            out["tool_runs"] = self.runs
+        return out
 
 
 class ClientGone(Exception):
@@ -360,11 +383,16 @@ def _chat_chunks(pieces: TokenPieces | None):
         lp = None
         if pieces is not None and ev.token_id is not None:
             lp = chat_logprobs(pieces, [ev.token_id], [ev.logprob], [ev.top_logprobs])
-        if ev.reasoning_delta or ev.text_delta or lp:  # DeepSeek's delta: one of the two fields set, the other null
-            delta = {"content": ev.text_delta or None, "reasoning_content": ev.reasoning_delta or None}
+        text, reasoning, calls = choice.delta
+        if reasoning or text or lp:  # DeepSeek's delta: one of the two fields set, the other null
+            delta = {"content": text or None, "reasoning_content": reasoning or None}
             out.append({"index": i, "delta": delta, "logprobs": lp, "finish_reason": None})
+        if calls:                    # OpenAI's tool-call deltas: index, id, type, name, then argument fragments
+            out.append({"index": i, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None})
+        if choice.run is not None:   # a server-side call and its output (nanoseek serve --tools)
+            out.append({"index": i, "delta": {"tool_run": choice.run}, "logprobs": None, "finish_reason": None})
         if ev.finished:
-            out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason})
+            out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason})
         return out
     return render
 
@@ -391,9 +419,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class OpenAIServer:
     """Turns validated requests into engine requests and their events into OpenAI responses."""
 
-    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING):
+    def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING,
+                 toolbox=None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.limits, self.think = limits, think    # think: the thinking of requests that do not say
+        self.toolbox = toolbox                     # server-side tools (tools.py); None: clients run their own
         self.pieces = TokenPieces(tokenizer)
         self.context = limits.context_length or getattr(engine, "max_seq_len", None)
         if not self.context:
@@ -435,11 +465,17 @@ class OpenAIServer:
                            "max_tokens", "context_length_exceeded")
         return requested
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
+        """The prompt's ids; with tools, the template describes them (``tools=``) and a forced call's
+        start is appended (``tool_choice`` required or named: rendered without thinking, tools.py)."""
         tk = self.tokenizer
         thinking, extra = req.thinking(self.think), req.template_kwargs()
+        tools = {} if plan is None else {"tools": plan.template_tools()}
+        if plan is not None and plan.forced:
+            thinking = False
         try:
-            return tk.encode_chat(req.chat(), add_generation_prompt=True, thinking=thinking, **extra)[0]
+            ids = tk.encode_chat(req.chat(), add_generation_prompt=True, thinking=thinking, **extra, **tools)[0]
+            return ids + (plan.prompt_suffix(tk) if plan is not None else [])
         except TypeError as e:   # a template keyword that collides with a parameter of encode_chat
             if not extra:
                 raise
@@ -485,17 +521,20 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ the engine
     def submit(self, prompts: list[list[int]], req: SamplingRequest, max_new_tokens: int,
-               split_reasoning: bool, top_logprobs: int = 0, prompt_logprobs: int | None = None) -> list:
+               split_reasoning: bool, top_logprobs: int = 0, prompt_logprobs: int | None = None,
+               **overrides: Any) -> list:
+        """Each prompt to the engine; ``overrides``: more :class:`SamplingParams` fields (tools.py's)."""
         top_k = min(req.top_k, self.tokenizer.vocab_size)   # k >= the vocabulary filters nothing
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
                                 top_p=float(req.top_p), top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop),
                                 ignore_eos=req.ignore_eos, split_reasoning=split_reasoning,
                                 skip_special_tokens=req.skip_special_tokens,
-                                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+                                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, **overrides)
         handles = []
+        extra = {"toolbox": self.toolbox} if params.tools == "run" else {}
         try:
             for ids in prompts:
-                handles.append(self.engine.submit(ids, params))
+                handles.append(self.engine.submit(ids, params, **extra))
         except ValueError as e:  # the engine's own checks; ours should have caught it first
             for h in handles:
                 h.cancel()
@@ -505,25 +544,30 @@ class OpenAIServer:
     # ------------------------------------------------------------------ endpoints
     async def chat(self, req: ChatCompletionRequest, request: Request):
         self.check(req)
-        ids = self.chat_prompt(req)
+        plan = plan_tools(req, self.tokenizer, self.toolbox)
+        ids = self.chat_prompt(req, plan)
         max_new = self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else 0
-        handles = self.submit([ids], req, max_new, split_reasoning=True, top_logprobs=top)
+        handles = self.submit([ids], req, max_new, split_reasoning=True, top_logprobs=top,
+                              **(plan.sampling() if plan is not None else {}))
         pieces = self.pieces if req.logprobs else None
+
+        def new_choice(i: int) -> _Choice:
+            return _Choice(tools=plan.parser(self.tokenizer) if plan is not None else None)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
             opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None} for i in range(req.n)]
             body = _event_stream(handles, req.n, len(ids), {**head, "object": "chat.completion.chunk"},
-                                 req.include_usage(), opening, _chat_chunks(pieces))
+                                 req.include_usage(), opening, _chat_chunks(pieces), new_choice=new_choice)
             return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            choices = await _collect(request, handles, req.n)
+            choices = await _collect(request, handles, req.n, new_choice)
         except ClientGone:
             return Response(status_code=499)  # nobody is listening; the requests are cancelled
         return {**head, "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text, "reasoning_content": c.reasoning or None},
+            {"index": i, "message": c.message(),
              "logprobs": chat_logprobs(pieces, c.token_ids, c.logprobs, c.tops) if pieces else None,
              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
             "usage": _usage(len(ids), choices)}
@@ -588,10 +632,11 @@ class OpenAIServer:
             if req.messages is not None:
                 try:
                     chat = ChatCompletionRequest.model_validate({"model": self.model_name, "messages": req.messages,
-                                                                 "chat_template_kwargs": req.chat_template_kwargs})
+                                                                 "chat_template_kwargs": req.chat_template_kwargs,
+                                                                 "tools": req.tools, "tool_choice": req.tool_choice})
                 except ValidationError as e:
                     raise validation_error(list(e.errors())) from None
-                ids = self.chat_prompt(chat)
+                ids = self.chat_prompt(chat, plan_tools(chat, self.tokenizer, self.toolbox))
             else:
                 ids = self.prompt_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:
@@ -622,7 +667,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # ---------------------------------------------------------------------------- the app
 def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None,
-               think: bool = DEFAULT_THINKING) -> FastAPI:
+               think: bool = DEFAULT_THINKING, toolbox=None) -> FastAPI:
     """The API and web chat over ``engine`` (started by the caller; see ``nanoseek.serve.cli``).
 
     ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
@@ -630,9 +675,17 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
     ``encode``, ``encode_chat``, ``decode`` and ``vocab_size``). ``think``: the chat template's
     thinking switch for requests that do not set it (``chat_template_kwargs.thinking`` or
     ``reasoning_effort``); the engine reads a completion as reasoning until ``</think>`` when the
-    prompt ends in an open think block.
+    prompt ends in an open think block. ``toolbox``: tools the server runs itself (a
+    :class:`nanoseek.tools.Toolbox`; ``nanoseek serve --tools``) for chat requests without their own
+    ``tools`` (tools.py); the tokenizer must have the tool tokens (ValueError otherwise).
     """
-    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think)
+    if toolbox is not None and len(toolbox):
+        from nanoseek.tools.format import ToolTokens
+
+        from .tools import no_tool_tokens_message
+        if ToolTokens.of(tokenizer) is None:
+            raise ValueError(f"server-side tools: {no_tool_tokens_message(tokenizer)}")
+    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think, toolbox)
     app = FastAPI(title="nanoseek", description="OpenAI-compatible API for a nanoseek DeepSeek-V3 model",
                   version="0.1.0")
     app.state.server = server

@@ -12,6 +12,11 @@ starts the continuous-batching inference engine and serves, on 127.0.0.1:8000 by
 Thinking is per request (``chat_template_kwargs: {"thinking": true}`` or ``reasoning_effort``);
 ``--think/--no-think`` sets it for requests that do not say (default off, as ``chat`` and ``generate``).
 
+Tool calls (DeepSeek-V3.1's format; the tokenizer needs its tool tokens): a request with ``tools``
+gets OpenAI's ``tool_calls`` back and runs them itself. ``--tools calculator,python`` makes the
+server run those built-ins for requests without their own ``tools`` (the web chat shows each call
+and its output in a collapsible block).
+
 Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 Concurrent requests are decoded together, up to --max-batch-size rows (a request with ``n``
 samples takes ``n`` rows). Requests over the limits below get a 4xx error naming the limit;
@@ -53,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run decode steps through torch.compile (the first requests wait while it compiles; "
                         "falls back to eager with a warning if compiling fails)")
     add_think_argument(g, "chat requests that do not set chat_template_kwargs.thinking or reasoning_effort")
+    g.add_argument("--tools", default=None, metavar="NAMES",
+                   help="built-in tools the server runs itself, comma-separated (e.g. calculator,python): chat "
+                        "requests without their own `tools` (the web chat) get them, each call and its output "
+                        "reported in message.tool_runs; requests with `tools` stay client-run (default: none)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -92,8 +101,10 @@ def build_server(args: argparse.Namespace):
     from nanoseek.errors import UserError
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.loading import load_for_inference
+    from nanoseek.tools.format import ToolTokens
 
     from .api import ServeLimits, create_app
+    from .tools import no_tool_tokens_message
 
     for flag in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_n", "max_prompts", "max_body_bytes"):
         if getattr(args, flag) < 1:      # parsed flags are checked by their types; this guards direct callers
@@ -105,11 +116,20 @@ def build_server(args: argparse.Namespace):
     if args.default_max_tokens > args.max_tokens_limit:
         raise UserError(f"--default-max-tokens {args.default_max_tokens} exceeds "
                         f"--max-tokens-limit {args.max_tokens_limit}")
+    toolbox = None
+    if getattr(args, "tools", None):
+        from nanoseek.tools.toolbox import Toolbox
+        try:
+            toolbox = Toolbox.builtin(args.tools)
+        except ValueError as e:          # ConfigError: an unknown name, or python without a sandbox
+            raise UserError(f"--tools: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model, tokenizer = load_for_inference(args.model, args.tokenizer, dtype=dtype, device=device,
                                               require_tokenizer=True)
+        if toolbox is not None and ToolTokens.of(tokenizer) is None:
+            raise UserError(f"--tools: {no_tool_tokens_message(tokenizer, args.tokenizer or args.model)}")
         limits.check_kv_cache(model, args.max_batch_size, args.max_seq_len, "--max-batch-size x --max-seq-len")
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                         use_mtp=args.mtp, compile=args.compile)
@@ -120,7 +140,7 @@ def build_server(args: argparse.Namespace):
                          max_n=args.max_n, max_prompts=args.max_prompts,
                          body_timeout_s=getattr(args, "body_timeout", 10.0))
     name = args.model_name or default_model_name(args.model)
-    app = create_app(engine, tokenizer, name, serve_limits, think=args.think)
+    app = create_app(engine, tokenizer, name, serve_limits, think=args.think, toolbox=toolbox)
     engine.start()
     return app, engine
 

@@ -3,7 +3,7 @@
 Requests are validated by pydantic models in strict mode: a number sent as a string, a boolean
 sent as an integer or a field the server does not know is rejected rather than coerced or
 ignored, with an OpenAI-style error naming the field (``param``). Fields of OpenAI's API that
-nanoseek does not implement (penalties, logit_bias, tools, audio, web search...) are accepted
+nanoseek does not implement (penalties, logit_bias, audio, web search...) are accepted
 only at their neutral value (:data:`NEUTRAL_VALUES`), so a client never silently gets something
 other than what it asked for. Fields that cannot change the output are accepted and ignored
 (:data:`IGNORED_FIELDS`: ``store``, ``metadata``, ``user``, ``service_tier``, ``prediction``...).
@@ -30,6 +30,12 @@ the answer, in ``reasoning_content`` on the message (or on each streamed delta).
 API does, an input message carrying ``reasoning_content`` is refused: send back only
 ``content`` in multi-turn chats.
 
+Tool calls (``serve/tools.py`` checks them against the tokenizer and builds the replies):
+``tools`` (OpenAI's function tools), ``tool_choice`` ("auto", "none", "required" or a named
+function), ``parallel_tool_calls``, ``tool`` messages (``tool_call_id`` required) and assistant
+messages carrying ``tool_calls`` (their ``content`` may then be null; ``arguments`` a JSON string,
+or an object written as JSON). The deprecated ``functions``/``function_call`` stay neutral-only.
+
 Every optional field may be sent as JSON ``null``, which means "not given" (its default), as in
 OpenAI's spec and vLLM; otherwise types are strict. ``skip_special_tokens`` (bool, default true,
 vLLM's extension) leaves control tokens the model generates (BOS, ``<｜Assistant｜>``...: the
@@ -50,7 +56,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit on ``stop``
 INT_MAX = 2**31 - 1     # the largest count a field takes (tokens, choices, top_k): what int32 tensors hold
@@ -65,11 +71,8 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),                 # the deprecated form of tools
+    "functions": (None, []),                 # the deprecated form of tools (send ``tools``)
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False, True),
     "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
@@ -180,17 +183,51 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str | dict[str, Any]   # OpenAI sends a JSON string (written verbatim); an object is written as JSON
+
+
+class AssistantToolCall(_Strict):
+    """A call an earlier assistant turn made, sent back in the history (OpenAI's shape)."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    # "developer" is OpenAI's newer name for "system"; DeepSeek's template has no tool role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # "developer" is OpenAI's newer name for "system"; "tool" carries a tool's output (``tool_call_id``).
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    tool_calls: list[AssistantToolCall] | None = Field(None, validate_default=True)
+    tool_call_id: str | None = Field(None, validate_default=True)
+    content: str | list[TextPart] | None = Field(None, validate_default=True)  # null: an assistant's tool_calls only
     name: str | None = None          # OpenAI's participant name: accepted, not rendered (DeepSeek's template has none)
     reasoning_content: Any = None
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"only an assistant message carries tool_calls (this one is {info.data['role']!r})")
+        return v
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id(cls, v: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if v is None and role == "tool":
+            raise ValueError("a tool message needs the id of the call it answers")
+        if v is not None and role not in ("tool", None):
+            raise ValueError(f"only a tool message carries tool_call_id (this one is {role!r})")
+        return v
+
     @field_validator("content", mode="before")
     @classmethod
-    def _content(cls, v: Any) -> Any:
-        if isinstance(v, list):
+    def _content(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            if not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+                raise ValueError("Field required (null only on an assistant message with tool_calls)")
+        elif isinstance(v, list):
             for i, part in enumerate(v):
                 if isinstance(part, dict) and part.get("type") not in (None, "text"):
                     raise ValueError(f"content part {i} has type {short(repr(part.get('type')))}: only 'text' parts "
@@ -208,7 +245,20 @@ class ChatMessage(_Strict):
         return v
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template takes it (``developer`` -> ``system``; tool fields kept)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(_Strict):
@@ -292,12 +342,13 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal[tuple(REASONING_EFFORT_THINKING)] | None = None  # type: ignore[valid-type]
     prediction: PredictionContent | None = None      # ignored: see IGNORED_FIELDS
-    # not implemented: accepted only at their neutral values (see NEUTRAL_VALUES)
+    # tool calls (checked against the tokenizer by the server: nanoseek.serve.tools)
     tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # not implemented: accepted only at their neutral values (see NEUTRAL_VALUES)
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
     response_format: Any = None
     modalities: Any = None
     audio: Any = None
@@ -354,9 +405,9 @@ class ChatCompletionRequest(SamplingRequest):
                            "max_completion_tokens", "invalid_value")
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self) -> list[dict[str, Any]]:
         """Messages as the tokenizer's chat template takes them (``developer`` -> ``system``)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.template_message() for m in self.messages]
 
 
 class CompletionRequest(SamplingRequest):
@@ -397,13 +448,16 @@ class CompletionRequest(SamplingRequest):
 
 class TokenizeRequest(_Strict):
     """vLLM's ``/tokenize``: a raw ``prompt`` (control-token strings parsed, BOS added with
-    ``add_special_tokens``) or chat ``messages`` (rendered as ``/v1/chat/completions`` renders them)."""
+    ``add_special_tokens``) or chat ``messages`` (rendered as ``/v1/chat/completions`` renders them,
+    with ``tools`` and ``tool_choice``)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: Any = None
+    tool_choice: Any = None
 
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":

@@ -116,9 +116,15 @@ class ToolCall:
 
     def parsed_arguments(self) -> dict[str, Any]:
         """The arguments as a JSON object; :class:`ToolFormatError` (one line) otherwise."""
+        if not isinstance(self.arguments, str):
+            raise ToolFormatError(f"arguments of {self.name!r} must be a JSON string, got {type(self.arguments).__name__}")
+
+        def no_constant(name: str):
+            raise ValueError(f"{name} is not JSON")
+
         try:
-            value = json.loads(self.arguments) if self.arguments.strip() else {}
-        except (json.JSONDecodeError, RecursionError) as e:
+            value = json.loads(self.arguments, parse_constant=no_constant) if self.arguments.strip() else {}
+        except (ValueError, RecursionError) as e:
             raise ToolFormatError(f"arguments of {self.name!r} are not valid JSON ({e.__class__.__name__}: "
                                   f"{str(e)[:120]})") from None
         if not isinstance(value, dict):
