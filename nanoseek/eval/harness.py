@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
-from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text
+from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text, tool_counts
 
 from .results import EvalResult, ProblemResult, k_values
 
@@ -336,9 +336,9 @@ def _score(cfg: EvalConfig, problems: list, owners: list, completions: list[list
     for i, (p, comps) in enumerate(zip(problems, completions)):
         correct, fmt, answers, tokens, truncated, calls, failed = [], [], [], [], [], [], []
         for j, c in enumerate(comps):
-            results = getattr(c, "tool_results", None) or []
-            calls.append(max(len(getattr(c, "tool_calls", None) or []), len(results)))
-            failed.append(sum(not r.ok for r in results))
+            n_calls, n_failed = tool_counts(c)
+            calls.append(n_calls)
+            failed.append(n_failed)
             text = texts[i][j]
             ok, well_formed, answer = scored[(i, j)]
             correct.append(ok)

@@ -66,13 +66,13 @@ from typing import Any
 
 import torch
 
-from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt
+from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt, tool_counts
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
 from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
-from .rollout import fit_prompts, model_mask, sample_mixed, sampling_params, tool_counts
+from .rollout import fit_prompts, model_mask, sample_mixed, sampling_params
 
 
 @dataclass

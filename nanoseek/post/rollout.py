@@ -65,22 +65,11 @@ class Samples:
         """``prompts`` repeated once per completion, aligned with :attr:`texts`."""
         return [p for p, g in zip(prompts, self.groups) for _ in g]
 
-    def completions(self) -> list[Any]:
-        """Every completion, group-contiguous (aligned with :attr:`texts`)."""
-        return [c for g in self.groups for c in g]
-
 
 def model_mask(completion) -> list[int]:
     """1 per token the model sampled, 0 per token the tool loop appended (all 1 without tools)."""
     mask = getattr(completion, "model_mask", None)
     return list(mask) if mask else [1] * len(completion.token_ids)
-
-
-def tool_counts(completion) -> tuple[int, int]:
-    """(tool calls made, calls that failed: ``ToolResult.ok`` False) of one completion."""
-    results = getattr(completion, "tool_results", None) or []
-    calls = max(len(getattr(completion, "tool_calls", None) or []), len(results))
-    return calls, sum(not r.ok for r in results)
 
 
 def sample(engine, prompt_ids: list[list[int]], params, template: str, *, toolbox=None,
@@ -214,5 +203,5 @@ def sample_and_score(model, tokenizer, prompts: list[RLPrompt], n: int, *, templ
     return by_prompt, report
 
 
-__all__ = ["fit_prompts", "sampling_params", "Samples", "sample", "sample_mixed", "model_mask", "tool_counts", "Scored",
+__all__ = ["fit_prompts", "sampling_params", "Samples", "sample", "sample_mixed", "model_mask", "Scored",
            "SampleReport", "sample_and_score"]

@@ -169,6 +169,13 @@ def ran_tools(completion) -> bool:
     return bool(mask) and not all(mask)
 
 
+def tool_counts(completion) -> tuple[int, int]:
+    """(tool calls made, calls that failed: ``ToolResult.ok`` False) of one completion (0, 0 without tools)."""
+    results = getattr(completion, "tool_results", None) or []
+    calls = max(len(getattr(completion, "tool_calls", None) or []), len(results))
+    return calls, sum(not r.ok for r in results)
+
+
 def completion_text(completion, template: str, tokenizer=None) -> str:
     """The text that is scored: the engine's text (no EOS), with r1-zero's ``</answer>`` put back
     when that stop string ended it (the engine cuts stop strings; the tag is part of the format).
@@ -450,5 +457,5 @@ __all__ = ["THINK", "END_THINK", "ANSWER", "END_ANSWER", "TEMPLATES", "EVAL_TEMP
            "ANSWER_FORMS", "FEWSHOT_STOP", "R1_ZERO_STOP", "THINK_PREFILL", "R1_ZERO_TEMPLATE", "r1_zero_segments",
            "r1_zero_prompt", "render_prompt", "stop_rule", "completion_text", "prefilled_text", "reward_format",
            "ReplySection", "split_reasoning", "split_leading_think", "extract_answer", "check_format", "states_answer_line",
-           "canonical_answer", "majority_vote", "format_response", "sft_messages", "encode_chat_tools", "ran_tools",
+           "canonical_answer", "majority_vote", "format_response", "sft_messages", "encode_chat_tools", "ran_tools", "tool_counts",
            "tool_sft_messages"]
