@@ -90,6 +90,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from nanoseek.data.chat_template import (TEMPLATE_TOKEN_NAMES, ChatEncoding, ChatTemplate, Piece, TokenizerError,
                                          encode_pieces)
+from nanoseek.tools.format import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN,
+                                   TOOL_OUTPUT_END, TOOL_SEP, TOOL_TOKENS, TOOLS_FOOTER, TOOLS_HEADER)
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -98,16 +100,26 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
-# nanoseek's own vocabulary: these are its first ids, in this order (BOS 0, EOS 1, ...).
+# nanoseek's own vocabulary: these are its first ids, in this order (BOS 0, EOS 1, ...); the byte
+# stand-in (nanoseek.data.bytetok) puts them after the 256 bytes.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)
+# ...followed in a vocabulary trained here by DeepSeek-V3.1's seven tool-call tokens (ids 7..13),
+# special (skip_special_tokens hides them). Vocabularies trained before issue 20 end at 6.
+VOCAB_SPECIAL_TOKENS: tuple[str, ...] = SPECIAL_TOKENS + TOOL_TOKENS
 # Tokens HF should treat as content, not control (skip_special_tokens keeps them), as in R1.
 VISIBLE_SPECIAL_TOKENS = {THINK, END_THINK}
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = 256 + len(VOCAB_SPECIAL_TOKENS)
 THINK_TAGS = (THINK, END_THINK)
 
 
+def _lit(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 def _nanoseek_template(thinking: str) -> str:
-    """nanoseek's chat template, its thinking switch read from the variable ``thinking``."""
+    """nanoseek's chat template before tool use (issue 20), its thinking switch read from ``thinking``:
+    the older templates :data:`TEMPLATE_UPGRADES` maps to the current one."""
     return (
         "{%- set ns = namespace(system='', seen=false) -%}"
         "{%- for m in messages -%}"
@@ -137,10 +149,71 @@ def _nanoseek_template(thinking: str) -> str:
     )
 
 
+def _nanoseek_tool_template() -> str:
+    """nanoseek's chat template: the one above plus DeepSeek-V3.1's tool use (module docstring)."""
+    return (
+        "{%- set ns = namespace(system='', seen=false, tool=false) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}"
+        "{%- if ns.seen -%}{%- set ns.system = ns.system + '\\n\\n' + m['content'] -%}"
+        "{%- else -%}{%- set ns.system = m['content'] -%}{%- set ns.seen = true -%}{%- endif -%}"
+        "{%- elif m['role'] not in ['user', 'assistant', 'tool'] -%}"
+        "{{- raise_exception('unknown chat role: ' + m['role']) -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        # the tools, described as V3.1 does (nanoseek.tools.format.tools_system_text writes the same)
+        "{%- if tools -%}"
+        "{%- set ns.system = ns.system + '\\n\\n' + " + _lit(TOOLS_HEADER) + " -%}"
+        "{%- for t in tools -%}"
+        "{%- set p = t['function'].get('parameters') -%}"
+        "{%- if p is none -%}{%- set p = {'type': 'object', 'properties': {}} -%}{%- endif -%}"
+        "{%- set ns.system = ns.system + '\\n### ' + t['function']['name'] + '\\nDescription: ' + "
+        "(t['function'].get('description') or '') + '\\n\\nParameters: ' + p | tojson + '\\n' -%}"
+        "{%- endfor -%}"
+        "{%- set ns.system = ns.system + " + _lit(TOOLS_FOOTER) + " -%}"
+        "{%- endif -%}"
+        "{{- bos_token + ns.system -}}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{- '" + USER + "' + m['content'] -}}"
+        "{%- set ns.tool = false -%}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{%- if not ns.tool -%}{{- '" + ASSISTANT + "' -}}{%- endif -%}"   # after tool outputs: no header
+        "{%- if m.get('reasoning') is not none -%}"
+        "{{- '" + THINK + "\\n' + m['reasoning'] + '\\n" + END_THINK + "\\n\\n' -}}"
+        "{%- endif -%}"
+        "{{- m.get('content', '') -}}"
+        "{%- if m.get('tool_calls') -%}"
+        "{{- '" + TOOL_CALLS_BEGIN + "' -}}"
+        "{%- for c in m['tool_calls'] -%}"
+        "{%- set a = c['function']['arguments'] -%}"
+        "{{- '" + TOOL_CALL_BEGIN + "' + c['function']['name'] + '" + TOOL_SEP + "' + "
+        "(a if a is string else a | tojson) + '" + TOOL_CALL_END + "' -}}"
+        "{%- endfor -%}"
+        "{{- '" + TOOL_CALLS_END + "' -}}"
+        "{%- endif -%}"
+        "{{- '" + EOS + "' -}}"
+        "{%- set ns.tool = false -%}"
+        "{%- elif m['role'] == 'tool' -%}"
+        "{{- '" + TOOL_OUTPUT_BEGIN + "' + m['content'] + '" + TOOL_OUTPUT_END + "' -}}"
+        "{%- set ns.tool = true -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and not ns.tool -%}"     # after tool outputs the reply goes on
+        "{{- '" + ASSISTANT + "' -}}"
+        "{%- if thinking is defined and thinking -%}{{- '" + THINK + "\\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
 # nanoseek's chat template (Jinja), what tokenizer_config.json carries.
-CHAT_TEMPLATE = _nanoseek_template("thinking")
-# Older nanoseek templates, read as the current one (same ids; only the switch's name changed).
-TEMPLATE_UPGRADES: dict[str, str] = {_nanoseek_template("think"): CHAT_TEMPLATE}
+CHAT_TEMPLATE = _nanoseek_tool_template()
+# Older nanoseek templates, read as the current one: they render every chat without tools to the
+# same text (tested), and the current one refuses tools on a vocabulary without the tool tokens
+# with one clear line (an old checkpoint's), where the old ones would fail on a 'tool' role or
+# drop the tools silently. Before issue 19 the thinking switch was called ``think``.
+TEMPLATE_UPGRADES: dict[str, str] = {_nanoseek_template("think"): CHAT_TEMPLATE,
+                                     _nanoseek_template("thinking"): CHAT_TEMPLATE}
 # The settings of nanoseek's own tokenizer: what Tokenizer(hf) assumes without a config.
 NANOSEEK_CONFIG: dict[str, Any] = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "chat_template": CHAT_TEMPLATE}
 
@@ -259,13 +332,15 @@ class Tokenizer(ChatEncoding):
     ``config``: the ``tokenizer_config.json`` settings (None: nanoseek's own, :data:`NANOSEEK_CONFIG`);
     ``chat_template``: a template that wins over the config's (``chat_template.jinja``);
     ``extra_stop_ids``: more ids that end a generation (``generation_config.json``); ``source``
-    names the settings in errors.
+    names the settings in errors; ``location``: the folder it was loaded from (named when tools are
+    asked of a vocabulary without the tool tokens).
     """
 
     def __init__(self, hf_tokenizer: _HFTokenizer, config: Mapping[str, Any] | None = None, *,
                  chat_template: str | None = None, extra_stop_ids: Iterable[int] = (),
-                 source: str = "tokenizer_config.json"):
+                 source: str = "tokenizer_config.json", location: str | None = None):
         self._tk = hf_tokenizer
+        self.location = location
         self.config = dict(NANOSEEK_CONFIG if config is None else config)
         names = {key: _token_name(self.config, key, source) for key in TEMPLATE_TOKEN_NAMES}
         self.special_tokens_map = {k: v for k, v in names.items() if v is not None}   # the template's variables
@@ -299,13 +374,14 @@ class Tokenizer(ChatEncoding):
         except TokenizerError as e:
             raise TokenizerError(f"{source}: {e}") from None
         self.hash = _canonical_hash(hf_tokenizer.to_str())
-        # control tokens: the SPECIAL added tokens, and the reasoning tags when they are added tokens the
-        # template writes (R1 leaves <think> non-special); only template pieces produce them. Other
-        # added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
+        # control tokens: the SPECIAL added tokens, and the reasoning tags and V3.1's tool-call tokens
+        # when they are added tokens the template writes (R1 leaves <think> non-special); only template
+        # pieces produce them. Other added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
         uses = self.chat_template_obj is not None and all(map(self.chat_template_obj.uses, THINK_TAGS))
+        markup = set(THINK_TAGS if uses else ()) | {t for t in TOOL_TOKENS if self.chat_template_obj is not None
+                                                    and self.chat_template_obj.uses(t)}
         added = hf_tokenizer.get_added_tokens_decoder()
-        self.control_tokens = {t.content: i for i, t in added.items()
-                               if t.special or (uses and t.content in THINK_TAGS)}
+        self.control_tokens = {t.content: i for i, t in added.items() if t.special or t.content in markup}
         self.unk_id = _unk_id(hf_tokenizer)
         self._control_ids = frozenset(self.control_tokens.values())
         self._forbidden_ids = self._control_ids - {self.unk_id}      # the unknown token is reachable from text
@@ -329,14 +405,14 @@ class Tokenizer(ChatEncoding):
         """
         if vocab_size < MIN_VOCAB_SIZE:
             raise TokenizerError(f"vocab_size {vocab_size} is too small: need at least {MIN_VOCAB_SIZE} "
-                                 f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+                                 f"(256 bytes + {len(VOCAB_SPECIAL_TOKENS)} special tokens)")
         tk = _HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
         tk.decoder = decoders.ByteLevel()
-        specials = list(SPECIAL_TOKENS)
+        specials = list(VOCAB_SPECIAL_TOKENS)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
             special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
@@ -385,7 +461,7 @@ class Tokenizer(ChatEncoding):
         if (folder / "generation_config.json").is_file():
             eos = _read_json(folder / "generation_config.json").get("eos_token_id")
             extra = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
-        return cls(tk, config, chat_template=template, extra_stop_ids=extra, source=source)
+        return cls(tk, config, chat_template=template, extra_stop_ids=extra, source=source, location=str(folder))
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (HF ``AutoTokenizer`` loadable), each
