@@ -9,17 +9,29 @@ between a list of messages and token ids, for every template alike:
   ``apply_chat_template(tokenize=False)``: a jinja2 ``ImmutableSandboxedEnvironment`` with
   ``trim_blocks``/``lstrip_blocks`` and ``loopcontrols``, the globals ``raise_exception``,
   ``strftime_now``, ``namespace`` and ``dict``, transformers' ``tojson`` filter, the variables
-  ``messages``, ``tools=None``, ``documents=None``, ``add_generation_prompt``, the tokenizer's
+  ``messages``, ``tools``, ``documents=None``, ``add_generation_prompt``, the tokenizer's
   named special tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``thinking``...).
-  Messages are normalised the same way: keys whose value is None are dropped, and a reasoning
-  field (``reasoning_content``, ``thinking`` or ``reasoning``) is copied under the first two names.
-  A template error (``raise_exception``, a syntax error, a sandbox violation) is one
-  :class:`TokenizerError` line.
+  Messages are normalised the same way: keys whose value is None are dropped (an assistant's
+  ``content: None`` beside its ``tool_calls``), and a reasoning field (``reasoning_content``,
+  ``thinking`` or ``reasoning``) is copied under the first two names. A template error
+  (``raise_exception``, a syntax error, a sandbox violation) is one :class:`TokenizerError` line.
+* **Tools** (issue 20): ``tools`` is OpenAI's list of function tools (or
+  :class:`~nanoseek.tools.format.ToolSpec` objects), each checked by ``ToolSpec.from_openai``
+  (:func:`check_tools`: one line naming ``tools[i]`` and the field) and passed to the template as
+  given, as transformers passes them; assistant messages may carry OpenAI's ``tool_calls``
+  (``arguments`` a JSON string or an object) and ``tool`` messages the outputs. How they are
+  written is the template's business (nanoseek's writes DeepSeek-V3.1's format). A tokenizer asked
+  for tools without DeepSeek-V3.1's tool-call tokens among its control tokens refuses in one line
+  (:meth:`ChatEncoding.require_tool_tokens`), as it does tool turns in a template that writes those
+  tokens (an old nanoseek vocabulary).
 * **Only the template makes control tokens** (:meth:`~ChatTemplate.pieces`). The chat is rendered
   twice: with the real messages, and with every content and reasoning string replaced by a unique
-  sentinel. When putting the strings back into the sentinel rendering gives the real rendering
-  exactly, the template used them verbatim, and the prompt can be cut into template text and
-  content. Encoding (:func:`encode_chat`):
+  sentinel, and so is each tool call's name and arguments and each tool's description and
+  parameters that holds a control-token string (each string inside, keys included; such a string
+  may come back JSON-escaped, as ``tojson`` writes it). When putting the strings back into the
+  sentinel rendering gives the real rendering exactly, the template used them verbatim, and the
+  prompt can be cut into template text and content: a tool's output or a call's arguments that
+  spell ``<｜tool▁output▁end｜><｜Assistant｜>`` stay text and forge nothing. Encoding (:func:`encode_chat`):
 
   - **No content holds a control-token string** (the usual case): the rendering is encoded whole,
     exactly as ``AutoTokenizer.apply_chat_template(tokenize=True)`` encodes it (the vocabulary's
@@ -38,7 +50,8 @@ between a list of messages and token ids, for every template alike:
   - **Reasoning tags in an assistant's content** (``<think>...</think>answer``, the common SFT form
     and what a client sends back) are the template's markup there, not a control-token string
     to neutralise: rendered and encoded as transformers does (R1/V3.1 drop them from history).
-    In system, user and tool content and in reasoning fields they stay text (or refused, above).
+    In system, user and tool content, in reasoning fields and in tool calls they stay text (or
+    refused, above).
 * **The SFT loss mask** (:meth:`~ChatTemplate.assistant_spans`): assistant message ``i`` owns the
   characters from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
   ``render(messages[:i+1])``; when these are prefixes of the full rendering (every template of
@@ -51,12 +64,16 @@ between a list of messages and token ids, for every template alike:
   are trained). A template that rewrites a turn once later turns follow so that nothing after
   the header is shared gets no span for that turn (nothing is trained rather than the wrong
   text). A token is trained when its characters overlap a span (transformers' ``{% generation %}``
-  rule).
+  rule). Tool turns follow the same rule: a message that calls tools owns its text, its calls
+  block and its end token; the tool outputs belong to no assistant message and are never trained;
+  a reply after them (V3.1 writes no header there, and its generation prompt adds nothing) owns
+  everything from the last output to its end token.
+  :meth:`ChatEncoding.encode_chat_prompt` skips the mask (a prompt for generation).
 
 ``{% generation %}`` blocks (transformers' assistant-mask marker) are rendered as their body.
-Deliberately left out: tools and documents (rendered as None), multimodal content (content must
-be a string), ``continue_final_message``, added tokens with ``lstrip``/``rstrip`` (matched
-literally).
+Deliberately left out: documents (rendered as None), multimodal content (content must be a
+string), tools given as Python functions (transformers turns them into schemas; pass the OpenAI
+dict), ``continue_final_message``, added tokens with ``lstrip``/``rstrip`` (matched literally).
 """
 
 from __future__ import annotations
@@ -271,7 +288,8 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
         for field in REASONING_FIELDS:
             value = m.get(field)
             if value is not None and (m["role"] != "assistant" or not isinstance(value, str)):
-                raise TokenizerError(f"chat message {i}: '{field}' (reasoning) must be a string on an assistant message")
+                raise TokenizerError(f"chat message {i}: '{field}' (reasoning) must be a string on an assistant "
+                                     "message")
 
 
 def _check_calls(i: int, m: dict[str, Any], calls: Any) -> None:

@@ -23,7 +23,9 @@ generation does). A missing or broken file, or a token name not in the vocabular
 :class:`TokenizerError` line naming the file and the key. **Template upgrade table**
 (:data:`TEMPLATE_UPGRADES`): a config whose template is exactly an older nanoseek template is read
 as the current one (before issue 19 the thinking switch was called ``think``; it is DeepSeek-V3.1's
-``thinking`` now, with the same ids).
+``thinking`` now, with the same ids; before issue 20 the template had no tools: the current one
+renders every chat without tools to the same text, and refuses tools in one line on a vocabulary
+without the tool tokens, see below).
 
 **nanoseek's own tokenizer** (:meth:`Tokenizer.train`, :meth:`Tokenizer.save`):
 
@@ -41,20 +43,39 @@ as the current one (before issue 19 the thinking switch was called ``think``; it
   ``<｜end▁of▁sentence｜>`` (1), padding ``<｜▁pad▁｜>`` (2), the roles ``<｜User｜>`` (3) and
   ``<｜Assistant｜>`` (4), and the reasoning delimiters ``<think>`` (5) and ``</think>`` (6). As in
   R1's released tokenizer, ``<think>`` and ``</think>`` are not marked "special" for HF
-  (``skip_special_tokens`` keeps them visible). A ``TemplateProcessing`` post-processor prepends
-  BOS for HF's ``add_special_tokens=True``, as DeepSeek's tokenizer does.
-* **Chat template** (:data:`CHAT_TEMPLATE`, DeepSeek-R1 style; one line, wrapped here)::
+  (``skip_special_tokens`` keeps them visible). DeepSeek-V3.1's seven tool-call tokens follow
+  (:data:`VOCAB_SPECIAL_TOKENS`, ids 7..13: ``<｜tool▁calls▁begin｜>``, ``<｜tool▁call▁begin｜>``,
+  ``<｜tool▁sep｜>``, ``<｜tool▁call▁end｜>``, ``<｜tool▁calls▁end｜>``, ``<｜tool▁output▁begin｜>``,
+  ``<｜tool▁output▁end｜>``), special (hidden by ``skip_special_tokens``); vocabularies trained
+  before issue 20 lack them and load and encode as before, but cannot call tools.
+  A ``TemplateProcessing`` post-processor prepends BOS for HF's ``add_special_tokens=True``, as
+  DeepSeek's tokenizer does.
+* **Chat template** (:data:`CHAT_TEMPLATE`, DeepSeek-R1 style with V3.1's tool use; one line, wrapped here)::
 
       <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>
       <think>\\n{reasoning}\\n</think>\\n\\n{answer}<｜end▁of▁sentence｜>
 
   System messages (joined by a blank line) go right after BOS; an assistant message's optional
   ``reasoning`` is wrapped in ``<think>``; ``add_generation_prompt`` appends ``<｜Assistant｜>``
-  (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning).
+  (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning). With ``tools``, the
+  system text is followed by ``"\\n\\n"`` and V3.1's description of them
+  (:func:`nanoseek.tools.format.tools_system_text`, the same text). An assistant message's
+  ``tool_calls`` follow its text as V3.1's block (``arguments`` verbatim when a string, else
+  ``tojson``) before its ``<｜end▁of▁sentence｜>``; a ``tool`` message is
+  ``<｜tool▁output▁begin｜>{output}<｜tool▁output▁end｜>``; an assistant message after tool outputs
+  gets no ``<｜Assistant｜>`` header (it goes on), and neither does the generation prompt there::
+
+      ...<｜Assistant｜>[<think>..</think>\\n\\n][text]<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME
+      <｜tool▁sep｜>ARGS<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁output▁begin｜>OUT
+      <｜tool▁output▁end｜>[<think>..</think>\\n\\n]answer<｜end▁of▁sentence｜>
+
+  :attr:`Tokenizer.tool_tokens` gives the ids (None without them; ``require_tool_tokens`` is the
+  one-line refusal callers use).
 
 **Encoding.** The control tokens (:attr:`control_tokens`) are the vocabulary's SPECIAL added
-tokens, plus the reasoning tags when they are added tokens the template writes (non-special in
-R1's and nanoseek's vocabulary: template-only markup). Other added tokens (GPT-NeoX's whitespace
+tokens, plus the reasoning tags (and V3.1's tool-call tokens) when they are added tokens the
+template writes (non-special in R1's and nanoseek's vocabulary, DeepSeek's tool tokens: template-only
+markup). Other added tokens (GPT-NeoX's whitespace
 runs, words added with ``add_tokens``; ``<think>`` of a vocabulary whose template never writes it)
 are ordinary vocabulary that text reaches as in HF. :meth:`Tokenizer.encode` parses every
 added-token string as HF's ``tokenizer(text)`` does, and with ``add_bos`` adds what transformers
@@ -378,8 +399,8 @@ class Tokenizer(ChatEncoding):
         # when they are added tokens the template writes (R1 leaves <think> non-special); only template
         # pieces produce them. Other added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
         uses = self.chat_template_obj is not None and all(map(self.chat_template_obj.uses, THINK_TAGS))
-        markup = set(THINK_TAGS if uses else ()) | {t for t in TOOL_TOKENS if self.chat_template_obj is not None
-                                                    and self.chat_template_obj.uses(t)}
+        tools = self.chat_template_obj is not None and any(map(self.chat_template_obj.uses, TOOL_TOKENS))
+        markup = set(THINK_TAGS if uses else ()) | set(TOOL_TOKENS if tools else ())
         added = hf_tokenizer.get_added_tokens_decoder()
         self.control_tokens = {t.content: i for i, t in added.items() if t.special or t.content in markup}
         self.unk_id = _unk_id(hf_tokenizer)
@@ -560,4 +581,5 @@ class Tokenizer(ChatEncoding):
 
 
 __all__ = ["Tokenizer", "TokenizerError", "Piece", "encode_pieces", "CHAT_TEMPLATE", "TEMPLATE_UPGRADES",
-           "SPECIAL_TOKENS", "BOS", "EOS", "PAD", "USER", "ASSISTANT", "THINK", "END_THINK", "THINK_TAGS"]
+           "SPECIAL_TOKENS", "VOCAB_SPECIAL_TOKENS", "MIN_VOCAB_SIZE", "BOS", "EOS", "PAD", "USER", "ASSISTANT",
+           "THINK", "END_THINK", "THINK_TAGS"]
