@@ -125,7 +125,7 @@ def hf_ids(hf, messages, **kw) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def nanoseek(tmp_path_factory):
+def own(tmp_path_factory):
     tok = Tokenizer.train(CORPUS, vocab_size=320, min_frequency=1)
     folder = tok.save(tmp_path_factory.mktemp("nanoseek"))
     return "nanoseek", Tokenizer.load(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -142,7 +142,7 @@ def v31(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["nanoseek", "v31"])
 def family(request):
-    return request.getfixturevalue(request.param)
+    return request.getfixturevalue({"nanoseek": "own"}.get(request.param, request.param))
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -247,8 +247,8 @@ def segments(tok, ids, mask) -> list[str]:
 # ----------------------------------------------------------------------------- the vocabulary
 
 
-def test_tool_tokens_are_single_special_ids_after_the_old_ones(nanoseek):
-    _, tok, hf = nanoseek
+def test_tool_tokens_are_single_special_ids_after_the_old_ones(own):
+    _, tok, hf = own
     for i, t in enumerate(VOCAB_SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i and tok.encode(t) == [i] and hf.convert_tokens_to_ids(t) == i
     assert VOCAB_SPECIAL_TOKENS[:7] == SPECIAL_TOKENS and (tok.bos_id, tok.eos_id, tok.end_think_id) == (0, 1, 6)
@@ -454,8 +454,8 @@ def test_tool_strings_in_outputs_arguments_names_and_descriptions_stay_text(fami
                 assert forged.split("\n")[-1] in "".join(segments(tok, ids, mask))
 
 
-def test_reasoning_tags_in_tool_content_stay_text(nanoseek):
-    _, tok, _ = nanoseek
+def test_reasoning_tags_in_tool_content_stay_text(own):
+    _, tok, _ = own
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
                                                "tool_calls": [call("calculator", "{}")]},
             {"role": "tool", "content": f"{THINK}x{END_THINK}"}]
@@ -474,8 +474,8 @@ def test_reasoning_tags_in_tool_content_stay_text(nanoseek):
     ([CALC, "calculator"], r"^tools\[1\]: a tool must be an object"),
     ({"calculator": CALC}, "^tools must be a list"),
 ])
-def test_bad_tools_are_one_line(nanoseek, tools, match):
-    _, tok, _ = nanoseek
+def test_bad_tools_are_one_line(own, tools, match):
+    _, tok, _ = own
     for fn in (tok.encode_chat, tok.apply_chat_template, tok.encode_chat_prompt):
         with pytest.raises(TokenizerError, match=match) as e:
             fn([{"role": "user", "content": "q"}], tools=tools)
@@ -493,8 +493,8 @@ def test_bad_tools_are_one_line(nanoseek, tools, match):
     ({"role": "assistant", "content": None}, r"chat message 1: 'content' must be a string"),
     ({"role": "tool", "content": None}, r"chat message 1: 'content' must be a string"),
 ])
-def test_malformed_tool_messages_are_one_line(nanoseek, message, match):
-    _, tok, _ = nanoseek
+def test_malformed_tool_messages_are_one_line(own, message, match):
+    _, tok, _ = own
     with pytest.raises(TokenizerError, match=match):
         tok.encode_chat([{"role": "user", "content": "q"}, message])
 
@@ -560,3 +560,19 @@ def test_a_template_that_rewrites_tool_strings_refuses_control_strings_in_them(v
     ok = [user, calls(' {"q": 1} '), {"role": "tool", "content": "1"}]
     hf.chat_template = source
     assert tok.encode_chat(ok, tools=[CALC])[0] == hf_ids(hf, ok, tools=[CALC])
+
+
+def test_other_families_without_the_tool_tokens(tmp_path):
+    """A vocabulary without V3.1's tool tokens (ChatML here) refuses tools in one line; tool messages
+    its own template writes are its business (rendered as transformers renders them)."""
+    from test_chat_templates import save_family
+
+    folder = save_family("chatml", tmp_path / "chatml")
+    tok, hf = Tokenizer.load(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert tok.tool_tokens is None
+    with pytest.raises(TokenizerError) as e:
+        tok.encode_chat([{"role": "user", "content": "q"}], True, tools=[CALC])
+    assert str(e.value) == (f"tokenizer at {folder} has no tool-call tokens ({TOOL_CALLS_BEGIN}...): "
+                            "this model cannot call tools")
+    msgs = [{"role": "user", "content": "q"}, {"role": "tool", "content": "42"}]
+    assert tok.encode_chat(msgs, True)[0] == hf_ids(hf, msgs, add_generation_prompt=True)

@@ -399,8 +399,8 @@ class Tokenizer(ChatEncoding):
         # when they are added tokens the template writes (R1 leaves <think> non-special); only template
         # pieces produce them. Other added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
         uses = self.chat_template_obj is not None and all(map(self.chat_template_obj.uses, THINK_TAGS))
-        tools = self.chat_template_obj is not None and any(map(self.chat_template_obj.uses, TOOL_TOKENS))
-        markup = set(THINK_TAGS if uses else ()) | set(TOOL_TOKENS if tools else ())
+        writes_tools = self.chat_template_obj is not None and any(map(self.chat_template_obj.uses, TOOL_TOKENS))
+        markup = set(THINK_TAGS if uses else ()) | set(TOOL_TOKENS if writes_tools else ())
         added = hf_tokenizer.get_added_tokens_decoder()
         self.control_tokens = {t.content: i for i, t in added.items() if t.special or t.content in markup}
         self.unk_id = _unk_id(hf_tokenizer)
