@@ -536,6 +536,7 @@ def test_an_old_vocabulary_loads_as_before_and_refuses_tools(tmp_path):
             assert str(e.value) == line
     with pytest.raises(TokenizerError, match="has no tool-call tokens"):
         tok.require_tool_tokens()
+    assert tok.encode_chat(msgs[:1], True, tools=[])[0] == hf_ids(hf, msgs[:1], add_generation_prompt=True)  # none asked
 
 
 def test_a_template_that_rewrites_tool_strings_refuses_control_strings_in_them(v31):

@@ -696,8 +696,9 @@ class ChatEncoding:
         return tokens
 
     def _check_tool_use(self, messages: Any, tools: Sequence[Any] | None) -> None:
-        """Tools (and, in a template that writes V3.1's tool tokens, tool turns) need the tool tokens."""
-        if tools or ((tools is not None or has_tool_turns(messages)) and self.chat_template_obj is not None
+        """Tools (and, in a template that writes V3.1's tool tokens, tool turns) need the tool tokens;
+        ``tools=[]`` asks for nothing."""
+        if tools or (has_tool_turns(messages) and self.chat_template_obj is not None
                      and any(map(self.chat_template_obj.uses, TOOL_TOKENS))):
             self.require_tool_tokens()
 
