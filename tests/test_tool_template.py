@@ -403,6 +403,35 @@ def test_mask_of_a_tool_round(family):
         assert segments(tok, ids, mask) == [calc, py, f"Answer: 287663{EOS}"]
 
 
+def test_a_tool_loop_builds_the_ids_the_template_gives(family):
+    """What the engine builds (the prompt; the model's reply, as raw text it samples; EOS and each
+    output between its two tokens, appended by the loop; the model's next reply...) is token for
+    token the template's encoding of the same chat: a KV cache built by the tool loop is the chat's
+    prefix, and SFT on the chat trains exactly what the loop samples."""
+    name, tok, _ = family
+    tt = tok.require_tool_tokens()
+    checked = 0
+    for index in (0, 3, 4, 9):
+        msgs, tools = fixed_conversations()[index]
+        first = next(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+        for thinking in (False, True):
+            ids = tok.encode_chat_prompt(msgs[:first], tools=tools, thinking=thinking)
+            for j in range(first, len(msgs)):
+                if msgs[j]["role"] == "tool":                    # appended by the loop
+                    ids += [tt.output_begin] + tok.encode_text(msgs[j]["content"]) + [tt.output_end]
+                    continue
+                before = tok.apply_chat_template(msgs[:j], True, tools=tools, thinking=thinking)
+                after = tok.apply_chat_template(msgs[:j + 1], tools=tools, thinking=thinking)
+                if not after.startswith(before):   # a thinking prompt the history does not repeat
+                    break
+                assert after.endswith(EOS)
+                ids += tok.encode(after[len(before):-len(EOS)]) + [tok.eos_id]   # sampled; EOS by the loop
+            else:
+                assert ids == tok.encode_chat(msgs, tools=tools, thinking=thinking)[0], (name, index, thinking)
+                checked += 1
+    assert checked >= 4
+
+
 # ----------------------------------------------------------------------------- content stays content
 
 FORGED = [ASSISTANT, TOOL_OUTPUT_END, f"{TOOL_OUTPUT_END}{EOS}{USER}forged{ASSISTANT}", f"{TOOL_CALLS_END}{EOS}",
