@@ -281,64 +281,13 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: floa
 
 # ---------------------------------------------------------------------------- tool calls
 def make_tool_tokenizer(vocab_size: int = 320) -> Tokenizer:
-    """:func:`make_test_tokenizer` with DeepSeek-V3.1's seven tool tokens (special added tokens) and a
-    chat template that renders ``tools``, assistant ``tool_calls`` and ``tool`` messages.
-
-    Until nanoseek's own tokenizer and template carry them (issue 20's template part), the tokens
-    are added here and the chat is rendered by :class:`_V31ToolChat` (the design's format, in
-    Python); once ``Tokenizer.train`` and the template have them, the real ones are used as they are.
-    """
-    from tokenizers import AddedToken
-
-    from nanoseek.tools.format import TOOL_TOKENS, ToolTokens
+    """:func:`make_test_tokenizer`: a newly trained nanoseek vocabulary carries DeepSeek-V3.1's seven
+    tool tokens (ids 7..13) and its template renders ``tools``, ``tool_calls`` and ``tool`` messages."""
+    from nanoseek.tools.format import ToolTokens
 
     tk = make_test_tokenizer(vocab_size)
-    if ToolTokens.of(tk) is None:
-        hf = tk._tk
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS])
-        tk = Tokenizer(hf)
-    try:
-        tk.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=True,
-                       tools=[{"type": "function", "function": {"name": "f"}}])
-        return tk
-    except ValueError:        # the template does not take tools yet: render them here
-        return _V31ToolChat(tk._tk)
-
-
-class _V31ToolChat(Tokenizer):
-    """Test stand-in for the chat template's tool rendering (issue 20's design, DeepSeek-V3.1's format)."""
-
-    def encode_chat(self, messages, add_generation_prompt=False, thinking=None, tools=None, **kwargs):
-        from nanoseek.data.tokenizer import BOS, EOS, END_THINK, THINK
-        from nanoseek.tools.format import ToolCall, ToolSpec, render_calls, render_output, tools_system_text
-
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        if tools:
-            specs = [ToolSpec.from_openai(t) for t in tools]
-            system = (system + "\n\n" if system else "") + tools_system_text(specs)
-        text, last = BOS + system, None
-        for m in messages:
-            role = m["role"]
-            if role == "user":
-                text += USER + m["content"]
-            elif role == "tool":
-                text += render_output(m["content"])
-            elif role == "assistant":
-                text += "" if last == "tool" else ASSISTANT
-                if m.get("reasoning"):
-                    text += f"{THINK}\n{m['reasoning']}\n{END_THINK}\n\n"
-                text += m["content"]
-                if m.get("tool_calls"):
-                    import json
-                    text += render_calls([ToolCall(c["function"]["name"], a if isinstance(a := c["function"]["arguments"],
-                                                                                          str) else json.dumps(a))
-                                          for c in m["tool_calls"]])
-                text += EOS
-            if role != "system":
-                last = role
-        if add_generation_prompt and last != "tool":
-            text += ASSISTANT + (THINK + "\n" if thinking else "")
-        return self.encode(text), []
+    assert ToolTokens.of(tk) is not None
+    return tk
 
 
 class ScriptedEngine:
@@ -372,6 +321,9 @@ class ScriptedEngine:
         banned = set(params.banned_token_ids)
         cut = next((j for j, t in enumerate(out) if t in banned), None)
         return (out if cut is None else out[:cut]) + [tk.eos_id]
+
+    def stream(self, prompt: list[int], params: SamplingParams, toolbox=None) -> Iterator[TokenEvent]:
+        yield from self.submit(prompt, params, toolbox)
 
     def submit(self, prompt: list[int], params: SamplingParams, toolbox=None) -> RequestHandle:
         from nanoseek.infer.reasoning import prompt_ends_in_think

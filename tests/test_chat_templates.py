@@ -291,12 +291,13 @@ def test_config_forms_jinja_file_and_upgrade(tmp_path):
     assert Tokenizer.load(folder).chat_template == CHATML_LIKE
     assert transformers.AutoTokenizer.from_pretrained(str(folder)).chat_template == CHATML_LIKE
     jinja.unlink()
-    # the previous nanoseek template (switch named `think`) is read as the current one
-    (old,) = TEMPLATE_UPGRADES
-    assert "think is defined" in old and "thinking is defined" in CHAT_TEMPLATE
-    cfg["chat_template"] = old
-    cfg_file.write_text(json.dumps(cfg))
-    assert Tokenizer.load(folder).chat_template == CHAT_TEMPLATE
+    # the previous nanoseek templates (switch named `think`; before tool use) are read as the current one
+    assert len(TEMPLATE_UPGRADES) == 2 and set(TEMPLATE_UPGRADES.values()) == {CHAT_TEMPLATE}
+    assert any("think is defined" in old for old in TEMPLATE_UPGRADES) and "thinking is defined" in CHAT_TEMPLATE
+    for old in TEMPLATE_UPGRADES:
+        cfg["chat_template"] = old
+        cfg_file.write_text(json.dumps(cfg))
+        assert Tokenizer.load(folder).chat_template == CHAT_TEMPLATE
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -340,8 +341,8 @@ def test_template_errors_and_sandbox():
     # extra keywords reach the template (as transformers' **kwargs); its own variables are reserved
     t = ChatTemplate("{{ bos_token }}{{ x }}{% generation %}!{% endgeneration %}", {"bos_token": "<s>"})
     assert t.render([], x="y") == "<s>y!" and t.render([], bos_token="B") == "B!"
-    with pytest.raises(TokenizerError, match="'tools' is reserved"):
-        t.render([], tools=[])
+    with pytest.raises(TokenizerError, match="'documents' is reserved"):
+        t.render([], documents=[])
 
 
 # ----------------------------------------------------------------------------- a transformers checkpoint

@@ -246,8 +246,9 @@ def test_vocabulary_is_the_tokenizers(tokenizer, tmp_path, capsys):
     for i in range(V):
         if i < tokenizer.vocab_size:
             assert tokens[i] == tokenizer.id_to_token(i)
-            want = 3 if i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.token_to_id("<｜User｜>"),
-                              tokenizer.token_to_id("<｜Assistant｜>")) else 4 if i in (tokenizer.think_id, tokenizer.end_think_id) else 1
+            control = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.token_to_id("<｜User｜>"),
+                       tokenizer.token_to_id("<｜Assistant｜>"), *tokenizer.require_tool_tokens().ids}   # tool calls: 7..13
+            want = 3 if i in control else 4 if i in (tokenizer.think_id, tokenizer.end_think_id) else 1
             assert types[i] == want, (i, tokens[i])
         else:
             assert (tokens[i], types[i]) == (f"[PAD{i}]", 5)

@@ -150,3 +150,76 @@ def test_chat_cli_run_reads_stdin_until_eof(checkpoint, monkeypatch, capsys):
     assert main(["chat", "--model", str(run), "--max-new-tokens", "4", "--seed", "0", "--think"]) == 0
     out = capsys.readouterr().out
     assert out.count("thought for") == 3 and "[sample 2]" in out
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """A run whose context holds the tools' description (~600 tokens with this small vocabulary)."""
+    tok = Tokenizer.train(CORPUS, vocab_size=300)
+    model = make_tiny_model(seed=0, vocab_size=tok.vocab_size, max_position_embeddings=1024).eval()
+    run = tmp_path_factory.mktemp("longrun")
+    save_pretrained(model, run / "final")
+    tok.save(run / "final")
+    return run / "final", model, tok
+
+
+def test_generate_tools_flag_describes_the_tools_and_reports_the_loop(long_checkpoint, capsys):
+    run, _, tok = long_checkpoint
+    args = ["generate", "--model", str(run), "--chat", "--prompt", "What is 6*7?", "--max-new-tokens", "4", "--seed", "0"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(args + ["--tools", "calculator", "--token-ids"]) == 0
+    with_tools = json.loads(capsys.readouterr().out)
+    assert with_tools["prompt_tokens"] > plain["prompt_tokens"] + 100        # the V3.1 description in the system turn
+    c = with_tools["completions"][0]
+    assert c["tool_calls"] == [] and "final_text" in c and len(c["model_mask"]) == len(c["token_ids"])
+    assert main(args + ["--tools", "calculator,abacus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "abacus" in err[0] and "--tools" in err[0]
+
+
+def test_tools_flag_on_a_tokenizer_without_tool_tokens_is_one_line(tmp_path, capsys):
+    """A checkpoint trained before the tool tokens existed refuses --tools with one line."""
+    from test_tool_template import old_nanoseek_vocabulary
+
+    old = old_nanoseek_vocabulary(tmp_path / "old")
+    save_pretrained(make_tiny_model(seed=0, vocab_size=300).eval(), old)
+    for cmd in (["generate", "--prompt", "hi"], ["chat"]):
+        assert main([*cmd, "--model", str(old), "--tools", "calculator", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no tool-call tokens" in err[0], err
+
+
+def test_chat_loop_shows_each_call_and_keeps_it_in_the_history():
+    """chat with a toolbox: the scripted model calls the calculator, the call and its output are shown
+    where it was made, and the next turn re-sends the assistant tool_calls and the tool message."""
+    from rich.console import Console
+
+    from nanoseek.infer.chat_cli import chat_loop
+    from nanoseek.tools.format import ToolCall, render_calls
+    from nanoseek.tools.toolbox import Toolbox
+    from serve_helpers import ScriptedEngine, make_tool_tokenizer
+
+    tk = make_tool_tokenizer()
+
+    def script(text, params, i):
+        if text.endswith("<｜tool▁output▁end｜>"):
+            return "Answer: " + text.rsplit("<｜tool▁output▁begin｜>", 1)[1].split("<")[0]
+        return "Let me use it." + render_calls([ToolCall("calculator", '{"expression": "6*7"}'),
+                                                ToolCall("calculator", '{"expression": "1/0"}')])
+
+    engine = ScriptedEngine(tk, script, max_seq_len=4096)
+    prompts = []
+    real = engine.stream
+    engine.stream = lambda ids, params, **kw: (prompts.append(tk.decode(ids)), real(ids, params, **kw))[1]
+    lines = iter(["what is 6*7?", "thanks", "/quit"])
+    buf = io.StringIO()
+    turns = chat_loop(engine, tk, lambda _p: next(lines), Console(file=buf, width=200),
+                      SamplingParams(max_new_tokens=200, temperature=0, tools="run"), toolbox=Toolbox.builtin("calculator"))
+    out = buf.getvalue()
+    assert turns == 2
+    assert '[calculator({"expression": "6*7"}) -> 42]' in out and "-> error: division by zero] (failed)" in out
+    assert out.index("Let me use it.") < out.index("-> 42]") < out.index("Answer:")
+    second = prompts[1]
+    assert "## Tools" in second and '<｜tool▁call▁begin｜>calculator<｜tool▁sep｜>{"expression": "6*7"}' in second
+    assert "<｜tool▁output▁begin｜>42<｜tool▁output▁end｜>" in second and "thanks" in second

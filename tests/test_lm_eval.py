@@ -49,7 +49,9 @@ MAX_GEN = 8
 def served(tmp_path_factory):
     """(base URL, model, tokenizer, checkpoint folder) of ``nanoseek serve`` on a tiny random model."""
     tokenizer = make_test_tokenizer()
-    run = make_tiny_run(tmp_path_factory.mktemp("runs") / MODEL, tokenizer)
+    # seed 22: a random model whose greedy continuation of the MC questions starts with a space token
+    # (test_a_greedy_continuation_is_reported_greedy needs one; seed 0 has none with this vocabulary)
+    run = make_tiny_run(tmp_path_factory.mktemp("runs") / MODEL, tokenizer, seed=22)
     args = build_parser().parse_args(["serve", "--model", str(run), "--port", "0", "--max-batch-size", "8"])
     app, engine = build_server(args)
     with torch.no_grad():
@@ -140,7 +142,7 @@ def greedy_text(model, tok, ids: list[int]) -> str:
         if t == tok.eos_id:
             out.pop()
             break
-    return tok.decode(out).split("\n")[0]
+    return tok.decode(out, skip_special_tokens=True).split("\n")[0]    # the server's text skips control tokens
 
 
 def evaluate(model: str, model_args: dict, task: str, task_manager, **kw) -> list[dict]:

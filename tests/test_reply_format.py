@@ -27,7 +27,9 @@ QUESTIONS = ["What is 12 + 30?", "  Compute 7*6  ", FORGERY]
 EXAMPLES = [Problem(task="arithmetic", id="e1", prompt="What is 1 + 2?", answer="3", reasoning="1 + 2 = 3", level=1),
             Problem(task="arithmetic", id="e2", prompt="What is 5 - 4?", answer="1", reasoning="5 - 4 = 1", level=1)]
 
-# (tokenizer, template, question index) -> (number of ids, sha256 of the JSON id list, 16 hex digits)
+# (tokenizer, template, question index) -> (number of ids, sha256 of the JSON id list, 16 hex digits).
+# The "bpe" ids are those of a vocabulary trained since issue 20 (seven more special tokens, the tool
+# calls', at ids 7..13, so fewer merges and other ids); a vocabulary trained as before gives the earlier pins.
 EXPECTED = {
     ('bytes', 'r1-zero', 0): (408, 'f78367978de42df4'),
     ('bytes', 'chat', 0): (19, 'df8170c06a57ec75'),
@@ -41,18 +43,18 @@ EXPECTED = {
     ('bytes', 'chat', 2): (85, 'e5cb9a5687b6ecfe'),
     ('bytes', 'chat-think', 2): (87, 'fe99764c8a50b1f1'),
     ('bytes', 'fewshot', 2): (216, '7ec59833cd74254f'),
-    ('bpe', 'r1-zero', 0): (308, '1b24d407eff5a12b'),
-    ('bpe', 'chat', 0): (18, 'ce69c7bc1be2695d'),
-    ('bpe', 'chat-think', 0): (20, '2166f05212b5e0f2'),
-    ('bpe', 'fewshot', 0): (140, '56562e71b43b36c4'),
-    ('bpe', 'r1-zero', 1): (303, 'e40b420df5471ad5'),
-    ('bpe', 'chat', 1): (16, '4bf4f62d013276ad'),
-    ('bpe', 'chat-think', 1): (18, '28e8c3dac84fd2d8'),
-    ('bpe', 'fewshot', 1): (138, '9f7cbb73779f1756'),
-    ('bpe', 'r1-zero', 2): (369, '39e9466eebfc2a2f'),
-    ('bpe', 'chat', 2): (78, 'e70e476ac34f671a'),
-    ('bpe', 'chat-think', 2): (80, '0d010665de7146da'),
-    ('bpe', 'fewshot', 2): (200, '57e82d2cd7f84871'),
+    ('bpe', 'r1-zero', 0): (309, '533bfe5d522cfe6f'),
+    ('bpe', 'chat', 0): (19, 'b59f65e56f838090'),
+    ('bpe', 'chat-think', 0): (21, '8acbe5b01cbc5cb2'),
+    ('bpe', 'fewshot', 0): (145, '4d83ea5434010d4a'),
+    ('bpe', 'r1-zero', 1): (303, 'a35371b982109c23'),
+    ('bpe', 'chat', 1): (16, '7ae34bd71c977ecb'),
+    ('bpe', 'chat-think', 1): (18, '86741381a224c5b3'),
+    ('bpe', 'fewshot', 1): (142, 'af4117cb9fed6ac0'),
+    ('bpe', 'r1-zero', 2): (369, '1d8ebfe043d1629d'),
+    ('bpe', 'chat', 2): (78, '09ad85eabf17f08b'),
+    ('bpe', 'chat-think', 2): (80, 'eb7fc2a8a22672b3'),
+    ('bpe', 'fewshot', 2): (204, '237a1149b840bf3d'),
 }
 
 

@@ -97,10 +97,10 @@ def test_completions_echo_logprobs_equal_the_model(served):
             assert lp["token_logprobs"][t] == pytest.approx(ref[t - 1, full[t]].item(), abs=TOL)
             assert_dict_close(lp["top_logprobs"][t], legacy_top(pieces, ref[t - 1], 4, full[t]))
         # text_offset: where each token's text starts in the returned text
-        text = choice["text"]
-        assert text == tok.decode(full)
-        for t, off in zip(full, lp["text_offset"]):
-            if not pieces.text(t).startswith("bytes:"):
+        text = choice["text"]     # the echoed prompt, then the completion without its control tokens
+        assert text == tok.decode(ids) + tok.decode(full[len(ids):], skip_special_tokens=True)
+        for k, (t, off) in enumerate(zip(full, lp["text_offset"])):
+            if not pieces.text(t).startswith("bytes:") and not (k >= len(ids) and t in tok.special_ids):
                 assert text[off:off + len(pieces.text(t))] == pieces.text(t)
         assert lp["text_offset"] == sorted(lp["text_offset"])
 

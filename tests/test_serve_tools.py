@@ -437,13 +437,13 @@ def test_nanoseek_serve_tools_flag(tmp_path):
     from nanoseek.serve.cli import build_server
     from serve_helpers import make_tiny_run
 
-    run = make_tiny_run(tmp_path / "tiny-run", make_tool_tokenizer(), max_position_embeddings=512)
+    run = make_tiny_run(tmp_path / "tiny-run", make_tool_tokenizer(), max_position_embeddings=1024)
     try:
         Tok.load(run / "final").encode_chat(user("x"), add_generation_prompt=True, tools=[CALC])
     except ValueError:
         pytest.skip("nanoseek's chat template does not render tools yet (issue 20's template part)")
     args = build_parser().parse_args(["serve", "--model", str(run), "--port", "0", "--max-batch-size", "4",
-                                      "--tools", "calculator", "--max-seq-len", "512"])
+                                      "--tools", "calculator", "--max-seq-len", "1024"])
     app, engine = build_server(args)
     try:
         with background_server(app) as url, httpx.Client(base_url=url, timeout=60) as raw:

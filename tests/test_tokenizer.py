@@ -187,10 +187,10 @@ def test_assistant_mask_covers_assistant_text_and_eos_only(tok):
 
 
 def test_malformed_messages_are_refused(tok, hf_tok):
-    with pytest.raises(TokenizerError, match="unknown chat role: tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    with pytest.raises(Exception, match="unknown chat role: tool"):
-        hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(TokenizerError, match="unknown chat role: narrator"):
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}])
+    with pytest.raises(Exception, match="unknown chat role: narrator"):
+        hf_tok.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
     with pytest.raises(TokenizerError, match="message 0.*content"):
         tok.apply_chat_template([{"role": "user", "content": None}])
     with pytest.raises(TokenizerError, match="reasoning"):

@@ -9,17 +9,29 @@ between a list of messages and token ids, for every template alike:
   ``apply_chat_template(tokenize=False)``: a jinja2 ``ImmutableSandboxedEnvironment`` with
   ``trim_blocks``/``lstrip_blocks`` and ``loopcontrols``, the globals ``raise_exception``,
   ``strftime_now``, ``namespace`` and ``dict``, transformers' ``tojson`` filter, the variables
-  ``messages``, ``tools=None``, ``documents=None``, ``add_generation_prompt``, the tokenizer's
+  ``messages``, ``tools``, ``documents=None``, ``add_generation_prompt``, the tokenizer's
   named special tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``thinking``...).
-  Messages are normalised the same way: keys whose value is None are dropped, and a reasoning
-  field (``reasoning_content``, ``thinking`` or ``reasoning``) is copied under the first two names.
-  A template error (``raise_exception``, a syntax error, a sandbox violation) is one
-  :class:`TokenizerError` line.
+  Messages are normalised the same way: keys whose value is None are dropped (an assistant's
+  ``content: None`` beside its ``tool_calls``), and a reasoning field (``reasoning_content``,
+  ``thinking`` or ``reasoning``) is copied under the first two names. A template error
+  (``raise_exception``, a syntax error, a sandbox violation) is one :class:`TokenizerError` line.
+* **Tools** (issue 20): ``tools`` is OpenAI's list of function tools (or
+  :class:`~nanoseek.tools.format.ToolSpec` objects), each checked by ``ToolSpec.from_openai``
+  (:func:`check_tools`: one line naming ``tools[i]`` and the field) and passed to the template as
+  given, as transformers passes them; assistant messages may carry OpenAI's ``tool_calls``
+  (``arguments`` a JSON string or an object) and ``tool`` messages the outputs. How they are
+  written is the template's business (nanoseek's writes DeepSeek-V3.1's format). A tokenizer asked
+  for tools without DeepSeek-V3.1's tool-call tokens among its control tokens refuses in one line
+  (:meth:`ChatEncoding.require_tool_tokens`), as it does tool turns in a template that writes those
+  tokens (an old nanoseek vocabulary).
 * **Only the template makes control tokens** (:meth:`~ChatTemplate.pieces`). The chat is rendered
   twice: with the real messages, and with every content and reasoning string replaced by a unique
-  sentinel. When putting the strings back into the sentinel rendering gives the real rendering
-  exactly, the template used them verbatim, and the prompt can be cut into template text and
-  content. Encoding (:func:`encode_chat`):
+  sentinel, and so is each tool call's name and arguments and each tool's description and
+  parameters that holds a control-token string (each string inside, keys included; such a string
+  may come back JSON-escaped, as ``tojson`` writes it). When putting the strings back into the
+  sentinel rendering gives the real rendering exactly, the template used them verbatim, and the
+  prompt can be cut into template text and content: a tool's output or a call's arguments that
+  spell ``<｜tool▁output▁end｜><｜Assistant｜>`` stay text and forge nothing. Encoding (:func:`encode_chat`):
 
   - **No content holds a control-token string** (the usual case): the rendering is encoded whole,
     exactly as ``AutoTokenizer.apply_chat_template(tokenize=True)`` encodes it (the vocabulary's
@@ -38,7 +50,8 @@ between a list of messages and token ids, for every template alike:
   - **Reasoning tags in an assistant's content** (``<think>...</think>answer``, the common SFT form
     and what a client sends back) are the template's markup there, not a control-token string
     to neutralise: rendered and encoded as transformers does (R1/V3.1 drop them from history).
-    In system, user and tool content and in reasoning fields they stay text (or refused, above).
+    In system, user and tool content, in reasoning fields and in tool calls they stay text (or
+    refused, above).
 * **The SFT loss mask** (:meth:`~ChatTemplate.assistant_spans`): assistant message ``i`` owns the
   characters from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
   ``render(messages[:i+1])``; when these are prefixes of the full rendering (every template of
@@ -51,12 +64,16 @@ between a list of messages and token ids, for every template alike:
   are trained). A template that rewrites a turn once later turns follow so that nothing after
   the header is shared gets no span for that turn (nothing is trained rather than the wrong
   text). A token is trained when its characters overlap a span (transformers' ``{% generation %}``
-  rule).
+  rule). Tool turns follow the same rule: a message that calls tools owns its text, its calls
+  block and its end token; the tool outputs belong to no assistant message and are never trained;
+  a reply after them (V3.1 writes no header there, and its generation prompt adds nothing) owns
+  everything from the last output to its end token.
+  :meth:`ChatEncoding.encode_chat_prompt` skips the mask (a prompt for generation).
 
 ``{% generation %}`` blocks (transformers' assistant-mask marker) are rendered as their body.
-Deliberately left out: tools and documents (rendered as None), multimodal content (content must
-be a string), ``continue_final_message``, added tokens with ``lstrip``/``rstrip`` (matched
-literally).
+Deliberately left out: documents (rendered as None), multimodal content (content must be a
+string), tools given as Python functions (transformers turns them into schemas; pass the OpenAI
+dict), ``continue_final_message``, added tokens with ``lstrip``/``rstrip`` (matched literally).
 """
 
 from __future__ import annotations
@@ -67,7 +84,10 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, NamedTuple
+
+from nanoseek.tools.format import TOOL_CALLS_BEGIN, TOOL_TOKENS, ToolFormatError, ToolSpec, ToolTokens
 
 
 class TokenizerError(ValueError):
@@ -249,21 +269,72 @@ def compile_template(source: str):
 
 
 def check_messages(messages: Sequence[dict[str, Any]]) -> None:
-    """Messages are dicts with a string ``role`` and ``content``; reasoning, when given, a string on
-    an assistant message. Which roles a template accepts is the template's business."""
+    """Messages are dicts with a string ``role`` and ``content`` (an assistant message that calls
+    tools may have none); reasoning, when given, a string on an assistant message; ``tool_calls``,
+    when given, OpenAI's ``[{"function": {"name": str, "arguments": JSON string or object}}]`` on an
+    assistant message. Which roles a template accepts is the template's business."""
     if not isinstance(messages, (list, tuple)):
         raise TokenizerError(f"chat messages must be a list, got {type(messages).__name__}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise TokenizerError(f"chat message {i}: expected a dict with 'role' and 'content', got {m!r}")
         if not isinstance(m["role"], str):
             raise TokenizerError(f"chat message {i}: 'role' must be a string, got {type(m['role']).__name__}")
-        if not isinstance(m["content"], str):
-            raise TokenizerError(f"chat message {i}: 'content' must be a string, got {type(m['content']).__name__}")
+        if calls is not None:
+            _check_calls(i, m, calls)
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+            raise TokenizerError(f"chat message {i}: 'content' must be a string, got {type(m.get('content')).__name__}")
         for field in REASONING_FIELDS:
             value = m.get(field)
             if value is not None and (m["role"] != "assistant" or not isinstance(value, str)):
-                raise TokenizerError(f"chat message {i}: '{field}' (reasoning) must be a string on an assistant message")
+                raise TokenizerError(f"chat message {i}: '{field}' (reasoning) must be a string on an assistant "
+                                     "message")
+
+
+def _check_calls(i: int, m: dict[str, Any], calls: Any) -> None:
+    """An assistant message's ``tool_calls`` in OpenAI's shape (one line naming the field otherwise)."""
+    if m["role"] != "assistant":
+        raise TokenizerError(f"chat message {i}: 'tool_calls' belong on an assistant message, not {m['role']!r}")
+    if not isinstance(calls, (list, tuple)):
+        raise TokenizerError(f"chat message {i}: 'tool_calls' must be a list, got {type(calls).__name__}")
+    for j, call in enumerate(calls):
+        where = f"chat message {i}: tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise TokenizerError(f"{where}: expected {{'type': 'function', 'function': {{'name', 'arguments'}}}}, "
+                                 f"got {call!r}"[:300])
+        if not isinstance(fn.get("name"), str):
+            raise TokenizerError(f"{where}.function.name must be a string, got {fn.get('name')!r}"[:300])
+        if not isinstance(fn.get("arguments"), (str, dict)):
+            raise TokenizerError(f"{where}.function.arguments must be a JSON string or an object, got "
+                                 f"{type(fn.get('arguments')).__name__}")
+
+
+def check_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
+    """The ``tools`` a template is rendered with: OpenAI function tools (dicts, passed on as given, as
+    transformers does) or :class:`~nanoseek.tools.format.ToolSpec` objects (as their OpenAI dict),
+    each checked by :meth:`ToolSpec.from_openai <nanoseek.tools.format.ToolSpec.from_openai>`; a bad
+    one is a :class:`TokenizerError` line naming ``tools[i]`` and the field."""
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise TokenizerError(f"tools must be a list of function tools, got {type(tools).__name__}")
+    out = []
+    for k, tool in enumerate(tools):
+        tool = tool.to_openai() if isinstance(tool, ToolSpec) else tool
+        try:
+            ToolSpec.from_openai(tool, f"tools[{k}]")
+        except ToolFormatError as e:
+            raise TokenizerError(str(e)) from None
+        out.append(tool)
+    return out
+
+
+def has_tool_turns(messages: Any) -> bool:
+    """Whether ``messages`` hold a ``tool`` message or an assistant message with ``tool_calls``."""
+    return isinstance(messages, (list, tuple)) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or bool(m.get("tool_calls"))) for m in messages)
 
 
 def _normalise(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -304,12 +375,14 @@ class ChatTemplate:
         """Whether ``text`` appears in the template's source (a tag it writes or tests for)."""
         return text in self.source
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False, **kwargs: Any) -> str:
-        """The string transformers' ``apply_chat_template(tokenize=False)`` renders."""
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: Sequence[Any] | None = None, **kwargs: Any) -> str:
+        """The string transformers' ``apply_chat_template(tokenize=False, tools=tools)`` renders."""
         check_messages(messages)
-        return self._render(_normalise(messages), add_generation_prompt, kwargs)
+        return self._render(_normalise(messages), add_generation_prompt, kwargs, check_tools(tools))
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: Mapping[str, Any]) -> str:
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: Mapping[str, Any],
+                tools: list[Any] | None = None) -> str:
         import jinja2
 
         reserved = sorted(set(kwargs) & RESERVED_KWARGS)
@@ -317,7 +390,7 @@ class ChatTemplate:
             raise TokenizerError(f"chat template keyword {reserved[0]!r} is reserved (the template's own variable)")
         variables = {**self.variables, **kwargs}
         try:
-            return compile_template(self.source).render(messages=messages, tools=None, documents=None,
+            return compile_template(self.source).render(messages=messages, tools=tools, documents=None,
                                                         add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
@@ -325,48 +398,36 @@ class ChatTemplate:
             raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
     def pieces(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-               markup: Iterable[str] = (), **kwargs: Any) -> tuple[str, list[Piece] | None]:
+               markup: Iterable[str] = (), tools: Sequence[Any] | None = None, protect: Iterable[str] = (),
+               **kwargs: Any) -> tuple[str, list[Piece] | None]:
         """(the rendering, its template/content pieces), pieces None when the template transforms
         content (then the rendering is to be encoded whole, see the module docstring). ``markup``:
         strings (the reasoning tags) that an assistant message's content writes as the template's
-        own tokens (template pieces inside that content)."""
+        own tokens (template pieces inside that content). ``protect``: the control strings; a tool
+        call's name or arguments, or a tool's description or parameters, holding one is content too."""
         check_messages(messages)
-        real = self._render(_normalise(messages), add_generation_prompt, kwargs)
-        values: dict[str, str] = {}
-        owner: dict[str, str] = {}
-        nonce = _NONCE
-        masked = []
-        for i, m in enumerate(messages):
-            m = dict(m)
-            for field in ("content", *REASONING_FIELDS):
-                if isinstance(m.get(field), str):
-                    sentinel = f"\ue000{nonce}:{i}:{field}\ue001"
-                    values[sentinel] = m[field]
-                    owner[sentinel] = "assistant-content" if field == "content" and m["role"] == "assistant" else ""
-                    m[field] = sentinel
-            masked.append(m)
-        sentinel_render = self._render(_normalise(masked), add_generation_prompt, kwargs)
-        parts = _SENTINEL.split(sentinel_render)
-        pieces = [Piece(values[p], False) if k % 2 else Piece(p, True) for k, p in enumerate(parts)
-                  if (k % 2 and p in values) or (not k % 2 and p)]
-        if (any(k % 2 and p not in values for k, p in enumerate(parts)) or "".join(p.text for p in pieces) != real
-                or any(_NONCE in v for v in values.values())):       # content holding a sentinel: never trusted
-            return real, None
+        tools = check_tools(tools)
+        real = self._render(_normalise(messages), add_generation_prompt, kwargs, tools)
+        masked, masked_tools, values, markup_owner = _stand_ins(messages, tools, frozenset(protect))
+        parts = _SENTINEL.split(self._render(_normalise(masked), add_generation_prompt, kwargs, masked_tools))
+        texts = _fill(parts, values, real)
+        if texts is None or any(_NONCE in v for vs in values.values() for v in vs):   # content holding a sentinel
+            return real, None                                                          # is never trusted
         splitter = _control_splitter(frozenset(markup))
         out: list[Piece] = []
-        for k, p in enumerate(parts):
-            if not p:
+        for k, (p, text) in enumerate(zip(parts, texts)):
+            if not text:
                 continue
             if not k % 2:
-                out.append(Piece(p, True))
-            elif owner[p] and splitter is not None:      # assistant content: its reasoning tags are markup
-                out += [Piece(x, bool(j % 2)) for j, x in enumerate(splitter.split(values[p])) if x]
+                out.append(Piece(text, True))
+            elif markup_owner.get(p) and splitter is not None:   # assistant content: its reasoning tags are markup
+                out += [Piece(x, bool(j % 2)) for j, x in enumerate(splitter.split(text)) if x]
             else:
-                out.append(Piece(values[p], False))
+                out.append(Piece(text, False))
         return real, out
 
     def assistant_spans(self, messages: Sequence[dict[str, Any]], full: str, control: Iterable[str] = (),
-                        **kwargs: Any) -> list[tuple[int, int]]:
+                        tools: Sequence[Any] | None = None, **kwargs: Any) -> list[tuple[int, int]]:
         """Character spans of ``full`` (the rendering of ``messages``) written by the assistant
         (the rule in the module docstring; ``control``: the control-token strings a cut that is not
         a prefix is moved back to)."""
@@ -376,38 +437,154 @@ class ChatTemplate:
             if m["role"] != "assistant":
                 continue
             try:
-                head = self.render(messages[:i], True, **kwargs)
+                head = self.render(messages[:i], True, tools, **kwargs)
             except TokenizerError:              # a template that refuses this prefix (roles must alternate...)
-                head = self._safe_render(messages[:i], kwargs)
-            turn = self._safe_render(messages[:i + 1], kwargs)
+                head = self._safe_render(messages[:i], tools, kwargs)
+            turn = self._safe_render(messages[:i + 1], tools, kwargs)
             start, end = (_cut(r, full, splitter) for r in (head, turn))
             if end > start:
                 spans.append((start, end))
         return spans
 
-    def _safe_render(self, messages: Sequence[dict[str, Any]], kwargs: Mapping[str, Any]) -> str:
+    def _safe_render(self, messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None,
+                     kwargs: Mapping[str, Any]) -> str:
         try:
-            return self.render(messages, False, **kwargs)
+            return self.render(messages, False, tools, **kwargs)
         except TokenizerError:
             return ""
 
 
-def _content_hazards(messages: Sequence[dict[str, Any]], control: Mapping[str, int], markup: Iterable[str]
-                     ) -> list[tuple[int, str, str]]:
-    """(message, field, control string) where a content or reasoning string holds a control-token
-    string, other than ``markup`` (the reasoning tags) in an assistant message's content."""
+def _json_inner(text: str) -> str:
+    """``text`` as it appears inside a JSON string (what ``tojson`` writes between the quotes)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _stand_ins(messages: Sequence[dict[str, Any]], tools: list[Any] | None, protect: frozenset[str]
+               ) -> tuple[list[dict[str, Any]], list[Any] | None, dict[str, tuple[str, ...]], dict[str, bool]]:
+    """The messages and tools with their content replaced by unique sentinels: (messages, tools,
+    sentinel -> the texts it may stand for in the real rendering, sentinel -> whether it is an
+    assistant's content). Every content and reasoning string is replaced; a tool call's name and
+    arguments, and a tool's description and parameters (each string in them, keys included), only
+    when they hold a ``protect`` string (elsewhere they stay template text: templates inspect
+    them). Content and reasoning stand for themselves; a tool string may also stand for its
+    JSON-escaped form (a template that writes it with ``tojson``), a string inside JSON first for that."""
+    values: dict[str, tuple[str, ...]] = {}
+    owner: dict[str, bool] = {}
+    splitter = _control_splitter(protect)
+    holds = (lambda text: splitter.search(text) is not None) if splitter is not None else (lambda text: False)
+
+    def stand_in(text: str, json_first: bool = False, assistant_content: bool = False, raw: bool = False) -> str:
+        sentinel = f"\ue000{_NONCE}:{len(values)}\ue001"
+        forms = (text,) if raw else (_json_inner(text), text) if json_first else (text, _json_inner(text))
+        values[sentinel] = tuple(dict.fromkeys(forms))
+        owner[sentinel] = assistant_content
+        return sentinel
+
+    def in_json(value: Any) -> Any:
+        if isinstance(value, str):
+            return stand_in(value, json_first=True) if holds(value) else value
+        if isinstance(value, dict):
+            return {in_json(k): in_json(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [in_json(v) for v in value]
+        return value
+
+    masked = []
+    for m in messages:
+        m = dict(m)
+        for field in ("content", *REASONING_FIELDS):
+            if isinstance(m.get(field), str):
+                m[field] = stand_in(m[field], assistant_content=field == "content" and m["role"] == "assistant",
+                                    raw=True)
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = dict(call["function"])
+                fn["name"] = stand_in(fn["name"]) if holds(fn["name"]) else fn["name"]
+                args = fn["arguments"]
+                fn["arguments"] = (stand_in(args) if holds(args) else args) if isinstance(args, str) else in_json(args)
+                calls.append({**call, "function": fn})
+            m["tool_calls"] = calls
+        masked.append(m)
+    masked_tools = None
+    if tools is not None:
+        masked_tools = []
+        for tool in tools:
+            fn = dict(tool["function"])
+            if isinstance(fn.get("description"), str) and holds(fn["description"]):
+                fn["description"] = stand_in(fn["description"])
+            if "parameters" in fn:
+                fn["parameters"] = in_json(fn["parameters"])
+            masked_tools.append({**tool, "function": fn})
+    return masked, masked_tools, values, owner
+
+
+def _fill(parts: list[str], values: Mapping[str, tuple[str, ...]], real: str) -> list[str] | None:
+    """The text of each part of a sentinel rendering (split on the sentinels) in ``real``: template
+    text as it is, each sentinel the first of its forms that ``real`` continues with (and after it
+    the next template text); None when the parts do not rebuild ``real`` exactly."""
+    texts: list[str] = []
+    pos = 0
+    for k, part in enumerate(parts):
+        if not k % 2:
+            if not real.startswith(part, pos):
+                return None
+            texts.append(part)
+            pos += len(part)
+            continue
+        following = parts[k + 1] if k + 1 < len(parts) else ""
+        form = next((f for f in values.get(part, ()) if real.startswith(f, pos)
+                     and real.startswith(following, pos + len(f))), None)
+        if form is None:
+            return None
+        texts.append(form)
+        pos += len(form)
+    return texts if pos == len(real) else None
+
+
+def _strings(value: Any):
+    """Every string in a JSON-like value, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _content_hazards(messages: Sequence[dict[str, Any]], control: Mapping[str, int], markup: Iterable[str],
+                     tools: Sequence[Any] | None = None) -> list[tuple[str, str]]:
+    """(where, control string) for each content, reasoning, tool-call name or arguments, or tool
+    description or parameters that holds a control-token string, other than ``markup`` (the
+    reasoning tags) in an assistant message's content. ``where`` reads "chat message 2: its
+    content", "chat message 2: its tool_calls[0].function.arguments", "tools[1].function"."""
     splitter = _control_splitter(frozenset(control))
+    if splitter is None:
+        return []
     allowed = frozenset(markup)
     out = []
+
+    def first(value: Any, skip: frozenset[str] = frozenset()) -> str | None:
+        return next((hit.group(0) for text in _strings(value) for hit in splitter.finditer(text)
+                     if hit.group(0) not in skip), None)
+
     for i, m in enumerate(messages):
-        for field in ("content", *REASONING_FIELDS):
-            value = m.get(field)
-            if not isinstance(value, str) or splitter is None:
-                continue
-            for hit in splitter.finditer(value):
-                if not (field == "content" and m.get("role") == "assistant" and hit.group(0) in allowed):
-                    out.append((i, field, hit.group(0)))
-                    break
+        fields = [(f, m.get(f)) for f in ("content", *REASONING_FIELDS)]
+        for j, call in enumerate(m.get("tool_calls") or ()):
+            fields += [(f"tool_calls[{j}].function.{k}", call["function"].get(k)) for k in ("name", "arguments")]
+        for field, value in fields:
+            skip = allowed if field == "content" and m.get("role") == "assistant" else frozenset()
+            token = first(value, skip)
+            if token is not None:
+                out.append((f"chat message {i}: its {field}", token))
+    for k, tool in enumerate(tools or ()):
+        fn = tool["function"]
+        token = first([fn.get("description"), fn.get("parameters")])
+        if token is not None:
+            out.append((f"tools[{k}].function", token))
     return out
 
 
@@ -415,21 +592,26 @@ def encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add_
                 template_kwargs: Mapping[str, Any], control: Mapping[str, int],
                 encode_text_offsets: Callable[..., tuple[list[int], Offsets]],
                 encode_prompt_offsets: Callable[[str], tuple[list[int], Offsets]] | None = None,
-                markup: Iterable[str] = (), piecewise: bool = False) -> tuple[list[int], list[int]]:
+                markup: Iterable[str] = (), piecewise: bool = False, *, tools: Sequence[Any] | None = None,
+                mask: bool = True) -> tuple[list[int], list[int]]:
     """(ids, assistant mask) of a chat in any template (the module docstring's paths).
 
     When no content holds a control-token string, the rendering is encoded whole by
     ``encode_prompt_offsets`` (exactly as ``apply_chat_template(tokenize=True)``); otherwise
     piece by piece (template pieces split on control strings, content as text), which the tests
     prove equal to the whole-string encoding on chats without such strings (``piecewise=True``
-    forces it). ``markup``: control strings an assistant's content may hold (the reasoning tags)."""
+    forces it). ``markup``: control strings an assistant's content may hold (the reasoning tags).
+    ``tools``: the template's ``tools`` (:func:`check_tools`). ``mask=False``: ids only (a prompt
+    for generation; the mask comes back empty and costs nothing)."""
     markup = tuple(t for t in markup if t in control)
-    full, pieces = template.pieces(messages, add_generation_prompt, markup=markup, **template_kwargs)
-    hazards = _content_hazards(messages, control, markup)
+    tools = check_tools(tools)
+    full, pieces = template.pieces(messages, add_generation_prompt, markup=markup, tools=tools, protect=control,
+                                   **template_kwargs)
+    hazards = _content_hazards(messages, control, markup, tools)
     if hazards and pieces is None:
-        i, field, token = hazards[0]
+        where, token = hazards[0]
         raise TokenizerError(
-            f"chat message {i}: its {field} holds the control token {token!r}, and this chat template "
+            f"{where} holds the control token {token!r}, and this chat template "
             "rewrites message text, so it cannot be kept apart from the template's tokens")
     whole = encode_prompt_offsets is not None and not hazards and not piecewise
     if whole:
@@ -442,7 +624,9 @@ def encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add_
     if not whole:
         ids, offsets = encode_pieces_with_offsets(pieces if pieces is not None else [Piece(full, True)], control,
                                                   encode_text_offsets)
-    spans = template.assistant_spans(messages, full, control, **template_kwargs)
+    if not mask:
+        return ids, []
+    spans = template.assistant_spans(messages, full, control, tools=tools, **template_kwargs)
     return ids, mask_from_spans(offsets, spans)
 
 
@@ -490,25 +674,76 @@ class ChatEncoding:
         value = bool(next((x for x in (thinking, other) if x is not None), False))
         return {**kwargs, "thinking": value, "enable_thinking": value}
 
+    # ------------------------------------------------------------------ tool use
+    location: str | None = None      # the folder the vocabulary was loaded from (named in errors)
+
+    @property
+    def tool_tokens(self) -> ToolTokens | None:
+        """The ids of DeepSeek-V3.1's seven tool-call tokens when each is one of this vocabulary's
+        control tokens (nanoseek's vocabularies since issue 20), else None: this model cannot call tools."""
+        return ToolTokens.of(SimpleNamespace(token_to_id=self.control_tokens.get))
+
+    def no_tool_tokens_message(self) -> str:
+        """The one line that refuses tools for a vocabulary without the tool-call tokens."""
+        where = f"tokenizer at {self.location}" if self.location else "this tokenizer"
+        return f"{where} has no tool-call tokens ({TOOL_CALLS_BEGIN}...): this model cannot call tools"
+
+    def require_tool_tokens(self) -> ToolTokens:
+        """:attr:`tool_tokens`, or :class:`TokenizerError` with :meth:`no_tool_tokens_message`."""
+        tokens = self.tool_tokens
+        if tokens is None:
+            raise TokenizerError(self.no_tool_tokens_message())
+        return tokens
+
+    def _check_tool_use(self, messages: Any, tools: Sequence[Any] | None) -> None:
+        """Tools (and, in a template that writes V3.1's tool tokens, tool turns) need the tool tokens;
+        ``tools=[]`` asks for nothing."""
+        if tools or (has_tool_turns(messages) and self.chat_template_obj is not None
+                     and any(map(self.chat_template_obj.uses, TOOL_TOKENS))):
+            self.require_tool_tokens()
+
+    # ------------------------------------------------------------------ chats
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            thinking: bool | None = None, **template_kwargs: Any) -> str:
+                            thinking: bool | None = None, tools: Sequence[Any] | None = None,
+                            **template_kwargs: Any) -> str:
         """The chat rendered as one string, as transformers renders it (``thinking`` (alias
-        ``enable_thinking``, default off) and any other keyword are template variables). For display
-        and parity: encode chats with :meth:`encode_chat`."""
-        return self._template().render(messages, add_generation_prompt, **self.thinking_kwargs(thinking, template_kwargs))
+        ``enable_thinking``, default off) and any other keyword are template variables; ``tools``:
+        OpenAI function tools or ToolSpecs, see :meth:`encode_chat`). For display and parity: encode
+        chats with :meth:`encode_chat`."""
+        self._check_tool_use(messages, tools)
+        return self._template().render(messages, add_generation_prompt, tools,
+                                       **self.thinking_kwargs(thinking, template_kwargs))
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                    thinking: bool | None = None, **template_kwargs: Any) -> tuple[list[int], list[int]]:
+                    thinking: bool | None = None, tools: Sequence[Any] | None = None,
+                    **template_kwargs: Any) -> tuple[list[int], list[int]]:
         """(token ids, assistant mask) of the chat: control tokens only from the template (and the
         reasoning tags written in an assistant message's content), other content and reasoning as
-        text; ``mask[t]`` is 1 on what an assistant message wrote (its reasoning block, answer and
-        closing token). Ids equal transformers' ``apply_chat_template(tokenize=True)`` for content
-        without control-token strings, and decode to :meth:`apply_chat_template`."""
+        text; ``mask[t]`` is 1 on what an assistant message wrote (its reasoning block, answer, tool
+        calls and closing token; never a tool's output). Ids equal transformers'
+        ``apply_chat_template(tokenize=True, tools=tools)`` for content without control-token
+        strings, and decode to :meth:`apply_chat_template`. ``tools``: OpenAI function tools
+        (``{"type": "function", "function": {...}}``) or :class:`~nanoseek.tools.format.ToolSpec`
+        objects, described in the system turn; tools on a vocabulary without the tool-call tokens
+        are one :class:`TokenizerError` line (:meth:`no_tool_tokens_message`)."""
+        self._check_tool_use(messages, tools)
         return encode_chat(self._template(), messages, add_generation_prompt,
                            self.thinking_kwargs(thinking, template_kwargs), self.control_tokens,
-                           self.encode_text_offsets, self.encode_prompt_offsets, markup=self.think_tags or ())
+                           self.encode_text_offsets, self.encode_prompt_offsets, markup=self.think_tags or (),
+                           tools=tools)
+
+    def encode_chat_prompt(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                           thinking: bool | None = None, tools: Sequence[Any] | None = None,
+                           **template_kwargs: Any) -> list[int]:
+        """The ids of :meth:`encode_chat` without the loss mask (a prompt for generation: the mask
+        renders every prefix of the chat again, which a long tool-using chat pays for each turn)."""
+        self._check_tool_use(messages, tools)
+        return encode_chat(self._template(), messages, add_generation_prompt,
+                           self.thinking_kwargs(thinking, template_kwargs), self.control_tokens,
+                           self.encode_text_offsets, self.encode_prompt_offsets, markup=self.think_tags or (),
+                           tools=tools, mask=False)[0]
 
 
 __all__ = ["TokenizerError", "Piece", "ChatTemplate", "ChatEncoding", "encode_pieces", "encode_pieces_with_offsets",
-           "encode_chat", "mask_from_spans", "RESERVED_KWARGS", "check_messages", "compile_template", "REASONING_FIELDS",
-           "TEMPLATE_TOKEN_NAMES"]
+           "encode_chat", "mask_from_spans", "RESERVED_KWARGS", "check_messages", "check_tools", "has_tool_turns",
+           "compile_template", "REASONING_FIELDS", "TEMPLATE_TOKEN_NAMES"]

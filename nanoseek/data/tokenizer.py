@@ -23,7 +23,9 @@ generation does). A missing or broken file, or a token name not in the vocabular
 :class:`TokenizerError` line naming the file and the key. **Template upgrade table**
 (:data:`TEMPLATE_UPGRADES`): a config whose template is exactly an older nanoseek template is read
 as the current one (before issue 19 the thinking switch was called ``think``; it is DeepSeek-V3.1's
-``thinking`` now, with the same ids).
+``thinking`` now, with the same ids; before issue 20 the template had no tools: the current one
+renders every chat without tools to the same text, and refuses tools in one line on a vocabulary
+without the tool tokens, see below).
 
 **nanoseek's own tokenizer** (:meth:`Tokenizer.train`, :meth:`Tokenizer.save`):
 
@@ -41,20 +43,39 @@ as the current one (before issue 19 the thinking switch was called ``think``; it
   ``<｜end▁of▁sentence｜>`` (1), padding ``<｜▁pad▁｜>`` (2), the roles ``<｜User｜>`` (3) and
   ``<｜Assistant｜>`` (4), and the reasoning delimiters ``<think>`` (5) and ``</think>`` (6). As in
   R1's released tokenizer, ``<think>`` and ``</think>`` are not marked "special" for HF
-  (``skip_special_tokens`` keeps them visible). A ``TemplateProcessing`` post-processor prepends
-  BOS for HF's ``add_special_tokens=True``, as DeepSeek's tokenizer does.
-* **Chat template** (:data:`CHAT_TEMPLATE`, DeepSeek-R1 style; one line, wrapped here)::
+  (``skip_special_tokens`` keeps them visible). DeepSeek-V3.1's seven tool-call tokens follow
+  (:data:`VOCAB_SPECIAL_TOKENS`, ids 7..13: ``<｜tool▁calls▁begin｜>``, ``<｜tool▁call▁begin｜>``,
+  ``<｜tool▁sep｜>``, ``<｜tool▁call▁end｜>``, ``<｜tool▁calls▁end｜>``, ``<｜tool▁output▁begin｜>``,
+  ``<｜tool▁output▁end｜>``), special (hidden by ``skip_special_tokens``); vocabularies trained
+  before issue 20 lack them and load and encode as before, but cannot call tools.
+  A ``TemplateProcessing`` post-processor prepends BOS for HF's ``add_special_tokens=True``, as
+  DeepSeek's tokenizer does.
+* **Chat template** (:data:`CHAT_TEMPLATE`, DeepSeek-R1 style with V3.1's tool use; one line, wrapped here)::
 
       <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>
       <think>\\n{reasoning}\\n</think>\\n\\n{answer}<｜end▁of▁sentence｜>
 
   System messages (joined by a blank line) go right after BOS; an assistant message's optional
   ``reasoning`` is wrapped in ``<think>``; ``add_generation_prompt`` appends ``<｜Assistant｜>``
-  (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning).
+  (and ``<think>\\n`` with ``thinking=True``, forcing R1-style reasoning). With ``tools``, the
+  system text is followed by ``"\\n\\n"`` and V3.1's description of them
+  (:func:`nanoseek.tools.format.tools_system_text`, the same text). An assistant message's
+  ``tool_calls`` follow its text as V3.1's block (``arguments`` verbatim when a string, else
+  ``tojson``) before its ``<｜end▁of▁sentence｜>``; a ``tool`` message is
+  ``<｜tool▁output▁begin｜>{output}<｜tool▁output▁end｜>``; an assistant message after tool outputs
+  gets no ``<｜Assistant｜>`` header (it goes on), and neither does the generation prompt there::
+
+      ...<｜Assistant｜>[<think>..</think>\\n\\n][text]<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME
+      <｜tool▁sep｜>ARGS<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜><｜tool▁output▁begin｜>OUT
+      <｜tool▁output▁end｜>[<think>..</think>\\n\\n]answer<｜end▁of▁sentence｜>
+
+  :attr:`Tokenizer.tool_tokens` gives the ids (None without them; ``require_tool_tokens`` is the
+  one-line refusal callers use).
 
 **Encoding.** The control tokens (:attr:`control_tokens`) are the vocabulary's SPECIAL added
-tokens, plus the reasoning tags when they are added tokens the template writes (non-special in
-R1's and nanoseek's vocabulary: template-only markup). Other added tokens (GPT-NeoX's whitespace
+tokens, plus the reasoning tags (and V3.1's tool-call tokens) when they are added tokens the
+template writes (non-special in R1's and nanoseek's vocabulary, DeepSeek's tool tokens: template-only
+markup). Other added tokens (GPT-NeoX's whitespace
 runs, words added with ``add_tokens``; ``<think>`` of a vocabulary whose template never writes it)
 are ordinary vocabulary that text reaches as in HF. :meth:`Tokenizer.encode` parses every
 added-token string as HF's ``tokenizer(text)`` does, and with ``add_bos`` adds what transformers
@@ -90,6 +111,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from nanoseek.data.chat_template import (TEMPLATE_TOKEN_NAMES, ChatEncoding, ChatTemplate, Piece, TokenizerError,
                                          encode_pieces)
+from nanoseek.tools.format import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN,
+                                   TOOL_OUTPUT_END, TOOL_SEP, TOOL_TOKENS, TOOLS_FOOTER, TOOLS_HEADER)
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -98,16 +121,26 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
-# nanoseek's own vocabulary: these are its first ids, in this order (BOS 0, EOS 1, ...).
+# nanoseek's own vocabulary: these are its first ids, in this order (BOS 0, EOS 1, ...); the byte
+# stand-in (nanoseek.data.bytetok) puts them after the 256 bytes.
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK)
+# ...followed in a vocabulary trained here by DeepSeek-V3.1's seven tool-call tokens (ids 7..13),
+# special (skip_special_tokens hides them). Vocabularies trained before issue 20 end at 6.
+VOCAB_SPECIAL_TOKENS: tuple[str, ...] = SPECIAL_TOKENS + TOOL_TOKENS
 # Tokens HF should treat as content, not control (skip_special_tokens keeps them), as in R1.
 VISIBLE_SPECIAL_TOKENS = {THINK, END_THINK}
-MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+MIN_VOCAB_SIZE = 256 + len(VOCAB_SPECIAL_TOKENS)
 THINK_TAGS = (THINK, END_THINK)
 
 
+def _lit(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 def _nanoseek_template(thinking: str) -> str:
-    """nanoseek's chat template, its thinking switch read from the variable ``thinking``."""
+    """nanoseek's chat template before tool use (issue 20), its thinking switch read from ``thinking``:
+    the older templates :data:`TEMPLATE_UPGRADES` maps to the current one."""
     return (
         "{%- set ns = namespace(system='', seen=false) -%}"
         "{%- for m in messages -%}"
@@ -137,10 +170,71 @@ def _nanoseek_template(thinking: str) -> str:
     )
 
 
+def _nanoseek_tool_template() -> str:
+    """nanoseek's chat template: the one above plus DeepSeek-V3.1's tool use (module docstring)."""
+    return (
+        "{%- set ns = namespace(system='', seen=false, tool=false) -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}"
+        "{%- if ns.seen -%}{%- set ns.system = ns.system + '\\n\\n' + m['content'] -%}"
+        "{%- else -%}{%- set ns.system = m['content'] -%}{%- set ns.seen = true -%}{%- endif -%}"
+        "{%- elif m['role'] not in ['user', 'assistant', 'tool'] -%}"
+        "{{- raise_exception('unknown chat role: ' + m['role']) -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        # the tools, described as V3.1 does (nanoseek.tools.format.tools_system_text writes the same)
+        "{%- if tools -%}"
+        "{%- set ns.system = ns.system + '\\n\\n' + " + _lit(TOOLS_HEADER) + " -%}"
+        "{%- for t in tools -%}"
+        "{%- set p = t['function'].get('parameters') -%}"
+        "{%- if p is none -%}{%- set p = {'type': 'object', 'properties': {}} -%}{%- endif -%}"
+        "{%- set ns.system = ns.system + '\\n### ' + t['function']['name'] + '\\nDescription: ' + "
+        "(t['function'].get('description') or '') + '\\n\\nParameters: ' + p | tojson + '\\n' -%}"
+        "{%- endfor -%}"
+        "{%- set ns.system = ns.system + " + _lit(TOOLS_FOOTER) + " -%}"
+        "{%- endif -%}"
+        "{{- bos_token + ns.system -}}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{- '" + USER + "' + m['content'] -}}"
+        "{%- set ns.tool = false -%}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{%- if not ns.tool -%}{{- '" + ASSISTANT + "' -}}{%- endif -%}"   # after tool outputs: no header
+        "{%- if m.get('reasoning') is not none -%}"
+        "{{- '" + THINK + "\\n' + m['reasoning'] + '\\n" + END_THINK + "\\n\\n' -}}"
+        "{%- endif -%}"
+        "{{- m.get('content', '') -}}"
+        "{%- if m.get('tool_calls') -%}"
+        "{{- '" + TOOL_CALLS_BEGIN + "' -}}"
+        "{%- for c in m['tool_calls'] -%}"
+        "{%- set a = c['function']['arguments'] -%}"
+        "{{- '" + TOOL_CALL_BEGIN + "' + c['function']['name'] + '" + TOOL_SEP + "' + "
+        "(a if a is string else a | tojson) + '" + TOOL_CALL_END + "' -}}"
+        "{%- endfor -%}"
+        "{{- '" + TOOL_CALLS_END + "' -}}"
+        "{%- endif -%}"
+        "{{- '" + EOS + "' -}}"
+        "{%- set ns.tool = false -%}"
+        "{%- elif m['role'] == 'tool' -%}"
+        "{{- '" + TOOL_OUTPUT_BEGIN + "' + m['content'] + '" + TOOL_OUTPUT_END + "' -}}"
+        "{%- set ns.tool = true -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and not ns.tool -%}"     # after tool outputs the reply goes on
+        "{{- '" + ASSISTANT + "' -}}"
+        "{%- if thinking is defined and thinking -%}{{- '" + THINK + "\\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
 # nanoseek's chat template (Jinja), what tokenizer_config.json carries.
-CHAT_TEMPLATE = _nanoseek_template("thinking")
-# Older nanoseek templates, read as the current one (same ids; only the switch's name changed).
-TEMPLATE_UPGRADES: dict[str, str] = {_nanoseek_template("think"): CHAT_TEMPLATE}
+CHAT_TEMPLATE = _nanoseek_tool_template()
+# Older nanoseek templates, read as the current one: they render every chat without tools to the
+# same text (tested), and the current one refuses tools on a vocabulary without the tool tokens
+# with one clear line (an old checkpoint's), where the old ones would fail on a 'tool' role or
+# drop the tools silently. Before issue 19 the thinking switch was called ``think``.
+TEMPLATE_UPGRADES: dict[str, str] = {_nanoseek_template("think"): CHAT_TEMPLATE,
+                                     _nanoseek_template("thinking"): CHAT_TEMPLATE}
 # The settings of nanoseek's own tokenizer: what Tokenizer(hf) assumes without a config.
 NANOSEEK_CONFIG: dict[str, Any] = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "chat_template": CHAT_TEMPLATE}
 
@@ -259,13 +353,15 @@ class Tokenizer(ChatEncoding):
     ``config``: the ``tokenizer_config.json`` settings (None: nanoseek's own, :data:`NANOSEEK_CONFIG`);
     ``chat_template``: a template that wins over the config's (``chat_template.jinja``);
     ``extra_stop_ids``: more ids that end a generation (``generation_config.json``); ``source``
-    names the settings in errors.
+    names the settings in errors; ``location``: the folder it was loaded from (named when tools are
+    asked of a vocabulary without the tool tokens).
     """
 
     def __init__(self, hf_tokenizer: _HFTokenizer, config: Mapping[str, Any] | None = None, *,
                  chat_template: str | None = None, extra_stop_ids: Iterable[int] = (),
-                 source: str = "tokenizer_config.json"):
+                 source: str = "tokenizer_config.json", location: str | None = None):
         self._tk = hf_tokenizer
+        self.location = location
         self.config = dict(NANOSEEK_CONFIG if config is None else config)
         names = {key: _token_name(self.config, key, source) for key in TEMPLATE_TOKEN_NAMES}
         self.special_tokens_map = {k: v for k, v in names.items() if v is not None}   # the template's variables
@@ -299,13 +395,14 @@ class Tokenizer(ChatEncoding):
         except TokenizerError as e:
             raise TokenizerError(f"{source}: {e}") from None
         self.hash = _canonical_hash(hf_tokenizer.to_str())
-        # control tokens: the SPECIAL added tokens, and the reasoning tags when they are added tokens the
-        # template writes (R1 leaves <think> non-special); only template pieces produce them. Other
-        # added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
+        # control tokens: the SPECIAL added tokens, and the reasoning tags and V3.1's tool-call tokens
+        # when they are added tokens the template writes (R1 leaves <think> non-special); only template
+        # pieces produce them. Other added tokens (whitespace runs, user words) are ordinary vocabulary, as in HF.
         uses = self.chat_template_obj is not None and all(map(self.chat_template_obj.uses, THINK_TAGS))
+        writes_tools = self.chat_template_obj is not None and any(map(self.chat_template_obj.uses, TOOL_TOKENS))
+        markup = set(THINK_TAGS if uses else ()) | set(TOOL_TOKENS if writes_tools else ())
         added = hf_tokenizer.get_added_tokens_decoder()
-        self.control_tokens = {t.content: i for i, t in added.items()
-                               if t.special or (uses and t.content in THINK_TAGS)}
+        self.control_tokens = {t.content: i for i, t in added.items() if t.special or t.content in markup}
         self.unk_id = _unk_id(hf_tokenizer)
         self._control_ids = frozenset(self.control_tokens.values())
         self._forbidden_ids = self._control_ids - {self.unk_id}      # the unknown token is reachable from text
@@ -329,14 +426,14 @@ class Tokenizer(ChatEncoding):
         """
         if vocab_size < MIN_VOCAB_SIZE:
             raise TokenizerError(f"vocab_size {vocab_size} is too small: need at least {MIN_VOCAB_SIZE} "
-                                 f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+                                 f"(256 bytes + {len(VOCAB_SPECIAL_TOKENS)} special tokens)")
         tk = _HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
         tk.decoder = decoders.ByteLevel()
-        specials = list(SPECIAL_TOKENS)
+        specials = list(VOCAB_SPECIAL_TOKENS)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
             special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
@@ -385,7 +482,7 @@ class Tokenizer(ChatEncoding):
         if (folder / "generation_config.json").is_file():
             eos = _read_json(folder / "generation_config.json").get("eos_token_id")
             extra = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
-        return cls(tk, config, chat_template=template, extra_stop_ids=extra, source=source)
+        return cls(tk, config, chat_template=template, extra_stop_ids=extra, source=source, location=str(folder))
 
     def save(self, directory: str | Path, model_max_length: int | None = None) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (HF ``AutoTokenizer`` loadable), each
@@ -484,4 +581,5 @@ class Tokenizer(ChatEncoding):
 
 
 __all__ = ["Tokenizer", "TokenizerError", "Piece", "encode_pieces", "CHAT_TEMPLATE", "TEMPLATE_UPGRADES",
-           "SPECIAL_TOKENS", "BOS", "EOS", "PAD", "USER", "ASSISTANT", "THINK", "END_THINK", "THINK_TAGS"]
+           "SPECIAL_TOKENS", "VOCAB_SPECIAL_TOKENS", "MIN_VOCAB_SIZE", "BOS", "EOS", "PAD", "USER", "ASSISTANT",
+           "THINK", "END_THINK", "THINK_TAGS"]
