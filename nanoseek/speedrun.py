@@ -311,8 +311,8 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
         require_tool_tokens(tok, "[tools] enabled")
     except ValueError as e:
         raise ConfigError(f"{rc.source}: {e}") from None
-    use = ToolUse.of(t.tools, t.task_names)
-    box, specs = use.toolbox(), use.toolbox().openai_tools()
+    use = ToolUse.of(t.tools, t.task_names, t.describe)
+    box, specs = use.toolbox(), (use.toolbox().openai_tools() if t.describe else None)
     row = reply = 0
     for name, levels in parse_task_specs(t.tasks):
         task = get_task(name)
@@ -324,17 +324,18 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
     limits = [("sft.optim.seq_len", rc.sft.optim.seq_len, row, t.sft),
               ("grpo.max_new_tokens", rc.grpo.algo.max_new_tokens, reply, t.grpo),
               ("eval.max_new_tokens", rc.eval.max_new_tokens, reply, t.eval)]
+    what = ("prompt with the tools' description, " if t.describe else "") + "call, output and answer"
     for key, have, need, used in limits:
         if used and have < need:
             raise ConfigError(f"{rc.source}: [tools] enabled: the tool tasks' traces need {key} >= {need} tokens "
-                              f"(prompt with the tools' description, call, output and answer), it is {have}: "
-                              f"--set {key}={need}")
+                              f"({what}), it is {have}: --set {key}={need}")
 
 
 def _tool_settings(rc: SpeedrunRecipe) -> dict[str, str]:
     """The evaluation's tool settings ([tools] with eval on: the built-ins for the tool tasks; else {})."""
     t = rc.tools
-    return {"tools": t.tools, "tool_tasks": ",".join(t.task_names)} if t.use("eval") else {}
+    return ({"tools": t.tools, "tool_tasks": ",".join(t.task_names), "describe_tools": t.describe}
+            if t.use("eval") else {})
 
 
 def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed: int, log) -> dict:

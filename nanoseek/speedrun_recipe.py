@@ -103,6 +103,7 @@ class ToolsSection:
     grpo: bool = True                 # GRPO: the tool tasks' prompts, rolled out with the tools
     eval: bool = True                 # each chat stage: the tool tasks evaluated with tools (tools.json)
     failure_penalty: float = 0.0      # GRPO's reward minus this per failed call
+    describe: bool = True             # prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
 
     @property
     def task_names(self) -> list[str]:
@@ -205,7 +206,7 @@ class SpeedrunRecipe:
                               f"tool tasks to, not {current!r}")
         joined = ",".join(split_specs(current.removeprefix("tasks:")) + list(t.tasks))
         out = {key: ("tasks:" + joined) if kind == "sft" else joined, "tools": t.tools,
-               "tool_tasks": ",".join(t.task_names)}
+               "tool_tasks": ",".join(t.task_names), "describe_tools": t.describe}
         if kind == "grpo":
             out["tool_failure_penalty"] = t.failure_penalty
         return out

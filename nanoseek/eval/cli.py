@@ -103,6 +103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the tool loop, chat modes only; also evaluates without tools and shows both (default: none)")
     p.add_argument("--tool-tasks", metavar="TASKS",
                    help="the tasks that get --tools, comma-separated (default: every built-in task with a tool call)")
+    p.add_argument("--no-describe-tools", dest="describe_tools", action="store_false",
+                   help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
     p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
     p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
     p.add_argument("--data", metavar="DIR", help="prepared data directory: also measure bits per byte on its "
@@ -209,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
     given.update({k: getattr(args, k) for k in ("tools", "tool_tasks") if getattr(args, k, None)})
+    if getattr(args, "tools", None) and not getattr(args, "describe_tools", True):
+        given["describe_tools"] = False
     try:                                  # bad flags fail before any model is loaded
         cfg = EvalConfig(tasks=split_specs(args.tasks), levels=levels,
                          **given).validate()

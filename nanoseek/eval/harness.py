@@ -89,6 +89,7 @@ class EvalConfig:
     keep_samples: int = 3                 # full responses saved per task
     tools: str = ""                       # built-in tools the tool tasks' samples may call ("" = none)
     tool_tasks: str = ""                  # tasks that get them ("": every built-in task with a tool call)
+    describe_tools: bool = True           # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
     ks: list[int] = field(default_factory=list)   # filled in: the k values of pass@k / maj@k
 
     def validate(self) -> "EvalConfig":
@@ -129,7 +130,7 @@ class EvalConfig:
         """The tools and the tasks that get them (:class:`~nanoseek.tasks.tool_use.ToolUse`)."""
         from nanoseek.tasks.tool_use import ToolUse
 
-        return ToolUse.of(self.tools, self.tool_tasks)
+        return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools)
 
 
 # ---------------------------------------------------------------------- prompts and scoring
@@ -217,7 +218,6 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
 
     problems, owners, prompts, notes = [], [], [], []
     use = cfg.tool_use
-    specs = use.toolbox().openai_tools() if use.enabled else None
     seen: set[tuple[str, str]] = set()
     skipped: dict[str, list[int]] = {}   # task -> token counts of the prompts that do not fit
     repeated = 0
@@ -240,7 +240,7 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
                 if key not in examples_cache:
                     examples_cache[key] = source.examples(p.level, cfg.few_shot, cfg.seed)
                 examples = list(examples_cache[key])
-            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, tools=specs) if use.applies(p.task)
+            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, tools=use.specs_for(p.task)) if use.applies(p.task)
                    else source.prompt_ids(tokenizer, p, cfg.mode, examples))
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:

@@ -100,7 +100,7 @@ def _render(turns: list[_Turn], final: bool):
 
 
 def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, params, system: str | None = None,
-              think: bool = DEFAULT_THINKING, toolbox=None) -> int:
+              think: bool = DEFAULT_THINKING, toolbox=None, describe_tools: bool = True) -> int:
     """Run the chat until /quit or end of input; returns the number of turns answered."""
     from rich.live import Live
 
@@ -143,7 +143,7 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
-            ids = encode_turns(tokenizer, messages, think, toolbox)
+            ids = encode_turns(tokenizer, messages, think, toolbox if describe_tools else None)
         except ValueError as e:                 # a message the template refuses
             history.pop()
             console.print(f"error: {e}", style="red", highlight=False)
@@ -216,5 +216,6 @@ def run(args) -> int:
             raise UserError(f"<stdin>: not UTF-8 text (invalid byte at byte offset {offset} of the line)") from None
         return line
 
-    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=args.think, toolbox=toolbox)
+    chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=args.think, toolbox=toolbox,
+              describe_tools=args.describe_tools)
     return 0

@@ -69,6 +69,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     p.add_argument("--tools", metavar="NAMES", default="",
                    help="built-in tools the model may call, comma-separated: calculator, python (run in the "
                         "sandbox); default none")
+    p.add_argument("--no-describe-tools", dest="describe_tools", action="store_false",
+                   help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
 
 
 def toolbox_from_args(args):
@@ -145,12 +147,13 @@ def read_prompts(args) -> list[dict]:
     return items
 
 
-def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | None, toolbox=None) -> list[int]:
+def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | None, toolbox=None,
+                describe: bool = True) -> list[int]:
     if "messages" in item or chat:
         messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
         if system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + messages
-        extra = {"tools": toolbox.openai_tools()} if toolbox is not None else {}
+        extra = {"tools": toolbox.openai_tools()} if toolbox is not None and describe else {}
         return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think, **extra)[0]
     return tokenizer.encode(item["prompt"], add_bos=True)  # raw model input: control tokens parsed
 
@@ -213,7 +216,8 @@ def run(args) -> int:
     engine, tokenizer = build_engine(args, max(args.batch_size, args.n))
     check_tool_tokens(engine, args)
     try:
-        prompts = [encode_item(it, tokenizer, args.chat, args.think, args.system, toolbox) for it in items]
+        prompts = [encode_item(it, tokenizer, args.chat, args.think, args.system, toolbox, args.describe_tools)
+                   for it in items]
     except ValueError as e:                  # a message the template refuses, a bad tool schema
         raise UserError(str(e)) from None
     t0 = time.perf_counter()

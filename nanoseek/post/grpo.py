@@ -108,6 +108,7 @@ class GRPOSection:
     # tools (nanoseek.tasks.tool_use): built-ins the prompts of tool_tasks get ("" = off), run in the rollouts
     tools: str = ""
     tool_tasks: str = ""              # task names ("": every built-in task with a tool call)
+    describe_tools: bool = True       # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
     reward_workers: int = 4
     tokenizer: str = ""               # tokenizer directory (default: found next to the checkpoint)
     log_samples: int = 2              # completions written to samples.jsonl per rollout
@@ -147,7 +148,7 @@ class GRPOSection:
         from nanoseek.tasks.tool_use import ToolUse
 
         try:
-            return ToolUse.of(self.tools, self.tool_tasks)
+            return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools)
         except ValueError as e:
             raise ValueError(f"tools = {self.tools!r}, tool_tasks = {self.tool_tasks!r}: {e}") from None
 
@@ -216,8 +217,7 @@ class GRPOTask:
 
             require_tool_tokens(tokenizer, f"[grpo] tools = {cfg.tools!r}")
         with_tools = [self.tool_use.applies(p.task) for p in prompts]
-        ids = [render_prompt(tokenizer, p, cfg.template, tools=self.toolbox.openai_tools() if t else None)
-               for p, t in zip(prompts, with_tools)]
+        ids = [render_prompt(tokenizer, p, cfg.template, tools=self.tool_use.specs_for(p.task)) for p in prompts]
         keep = fit_prompts(model, ids, cfg.max_new_tokens, "grpo.prompts")   # before any rollout
         self.dropped = len(prompts) - len(keep)    # too long for the context with max_new_tokens
         self.prompts = prompts = [prompts[i] for i in keep]

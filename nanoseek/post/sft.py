@@ -54,6 +54,7 @@ class SFTSection:
     template: str = "r1"             # tasks: data only: "r1" (chat, "Answer: X") or "r1-zero" (<answer> tags)
     tools: str = ""                  # tasks: data only: built-in tools ("calculator") whose calls the traces show
     tool_tasks: str = ""             # ...for these tasks ("": every task with a tool call; nanoseek.tasks.tool_use)
+    describe_tools: bool = True      # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
     mode: str = "pack"               # pack | pad
     tokenizer: str = ""              # tokenizer directory (default: found next to the checkpoint)
     seed: int = 0                    # data order / packing
@@ -77,7 +78,7 @@ class SFTSection:
     def tool_use(self):
         from nanoseek.tasks.tool_use import ToolUse
 
-        return ToolUse.of(self.tools, self.tool_tasks)
+        return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools)
 
     @property
     def eval_mode(self) -> str:
@@ -143,9 +144,10 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
         except ValueError as e:
             raise DataError(str(e)) from None
         for p in problems:
-            tools = tool_use.specs_for(p.task) if toolbox is not None else None
+            calls = toolbox is not None and tool_use.applies(p.task)
+            tools = tool_use.specs_for(p.task) if calls else None
             try:
-                messages = (tool_sft_messages(p, toolbox) if tools else None) or sft_messages(p, template)
+                messages = (tool_sft_messages(p, toolbox) if calls else None) or sft_messages(p, template)
             except ValueError as e:
                 raise DataError(str(e)) from None
             out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}",

@@ -420,10 +420,11 @@ class OpenAIServer:
     """Turns validated requests into engine requests and their events into OpenAI responses."""
 
     def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING,
-                 toolbox=None):
+                 toolbox=None, describe_tools: bool = True):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.limits, self.think = limits, think    # think: the thinking of requests that do not say
         self.toolbox = toolbox                     # server-side tools (tools.py); None: clients run their own
+        self.describe_tools = describe_tools       # ...described in the prompt (false: built in, as trained)
         self.pieces = TokenPieces(tokenizer)
         self.context = limits.context_length or getattr(engine, "max_seq_len", None)
         if not self.context:
@@ -544,7 +545,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------ endpoints
     async def chat(self, req: ChatCompletionRequest, request: Request):
         self.check(req)
-        plan = plan_tools(req, self.tokenizer, self.toolbox)
+        plan = plan_tools(req, self.tokenizer, self.toolbox, self.describe_tools)
         ids = self.chat_prompt(req, plan)
         max_new = self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else 0
@@ -636,7 +637,7 @@ class OpenAIServer:
                                                                  "tools": req.tools, "tool_choice": req.tool_choice})
                 except ValidationError as e:
                     raise validation_error(list(e.errors())) from None
-                ids = self.chat_prompt(chat, plan_tools(chat, self.tokenizer, self.toolbox))
+                ids = self.chat_prompt(chat, plan_tools(chat, self.tokenizer, self.toolbox, self.describe_tools))
             else:
                 ids = self.prompt_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:
@@ -667,7 +668,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # ---------------------------------------------------------------------------- the app
 def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None,
-               think: bool = DEFAULT_THINKING, toolbox=None) -> FastAPI:
+               think: bool = DEFAULT_THINKING, toolbox=None, describe_tools: bool = True) -> FastAPI:
     """The API and web chat over ``engine`` (started by the caller; see ``nanoseek.serve.cli``).
 
     ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
@@ -678,6 +679,8 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
     prompt ends in an open think block. ``toolbox``: tools the server runs itself (a
     :class:`nanoseek.tools.Toolbox`; ``nanoseek serve --tools``) for chat requests without their own
     ``tools`` (tools.py); the tokenizer must have the tool tokens (ValueError otherwise).
+    ``describe_tools`` False: their prompts do not describe them (built-in tools, as the speedrun
+    trains its model: :mod:`nanoseek.tasks.tool_use`).
     """
     if toolbox is not None and len(toolbox):
         from nanoseek.tools.format import ToolTokens
@@ -685,7 +688,8 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
         from .tools import no_tool_tokens_message
         if ToolTokens.of(tokenizer) is None:
             raise ValueError(f"server-side tools: {no_tool_tokens_message(tokenizer)}")
-    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think, toolbox)
+    server = OpenAIServer(engine, tokenizer, model_name, (limits or ServeLimits()).validate(), think, toolbox,
+                          describe_tools)
     app = FastAPI(title="nanoseek", description="OpenAI-compatible API for a nanoseek DeepSeek-V3 model",
                   version="0.1.0")
     app.state.server = server

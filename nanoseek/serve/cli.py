@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="built-in tools the server runs itself, comma-separated (e.g. calculator,python): chat "
                         "requests without their own `tools` (the web chat) get them, each call and its output "
                         "reported in message.tool_runs; requests with `tools` stay client-run (default: none)")
+    g.add_argument("--no-describe-tools", dest="describe_tools", action="store_false",
+                   help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -140,7 +142,8 @@ def build_server(args: argparse.Namespace):
                          max_n=args.max_n, max_prompts=args.max_prompts,
                          body_timeout_s=getattr(args, "body_timeout", 10.0))
     name = args.model_name or default_model_name(args.model)
-    app = create_app(engine, tokenizer, name, serve_limits, think=args.think, toolbox=toolbox)
+    app = create_app(engine, tokenizer, name, serve_limits, think=args.think, toolbox=toolbox,
+                     describe_tools=args.describe_tools)
     engine.start()
     return app, engine
 

@@ -141,10 +141,12 @@ def _history_uses_tools(req: ChatCompletionRequest) -> bool:
     return any(m.role == "tool" or m.tool_calls for m in req.messages)
 
 
-def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = None) -> ToolPlan | None:
+def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = None,
+               describe: bool = True) -> ToolPlan | None:
     """The request's tool settings checked (400s naming the field); None when it has no tools.
     ``toolbox``: the server's own tools (``nanoseek serve --tools``), run by the engine for a request
-    that brings no tools of its own and does not say ``tool_choice: "none"``."""
+    that brings no tools of its own and does not say ``tool_choice: "none"``; ``describe`` False:
+    the prompt does not describe them (built-in tools)."""
     tools, choice = req.tools, req.tool_choice
     if tools is not None and not isinstance(tools, list):
         raise APIError(400, "tools: must be a list of {'type': 'function', 'function': {...}} objects", "tools",
@@ -169,7 +171,7 @@ def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = 
             raise APIError(400, "messages: " + no_tool_tokens_message(tokenizer), "messages", "invalid_value")
         tokens = ToolTokens.of(tokenizer)
         if toolbox is not None and len(toolbox) and choice != "none" and tokens is not None:
-            return ToolPlan(toolbox.specs(), tokens, "auto", run=True)
+            return ToolPlan(toolbox.specs() if describe else [], tokens, "auto", run=True)
         return None
     tokens = ToolTokens.of(tokenizer)
     if tokens is None:

@@ -9,6 +9,12 @@ SFT trace calls the tool (:func:`nanoseek.tasks.reply.tool_sft_messages`), and i
 through the engine's tool loop; every other problem is prompted and sampled as without tools, so
 one run can ask the model for head math on the easy levels and for tool use on the hard ones.
 
+``describe_tools`` (default on): whether those prompts carry the tools' description in the system
+turn (DeepSeek-V3.1's, written by the chat template). Off, the tools are *built in*, as nanochat's
+calculator is: the prompt is the question alone and the model learns from its traces when to call
+them. The speedrun turns it off: with its 1024-token vocabulary V3.1's description of the
+calculator is 160-410 tokens, several times the whole tool-using reply.
+
 Deliberately left out: tools per problem chosen at random (a task gets them or not) and
 user-registered Python tools in configs (library users pass their own Toolbox in code).
 """
@@ -28,12 +34,13 @@ class ToolUse:
 
     tools: str = ""
     tasks: str = ""
+    describe: bool = True
 
     @classmethod
-    def of(cls, tools: str | list[str] | None, tasks: str | list[str] | None = "") -> ToolUse:
+    def of(cls, tools: str | list[str] | None, tasks: str | list[str] | None = "", describe: bool = True) -> ToolUse:
         """From config values (strings or lists of names), checked: ValueError naming a bad name."""
         norm = [",".join(split_specs(x)) if x else "" for x in (tools, tasks)]
-        return cls(*norm).validate()
+        return cls(*norm, describe=bool(describe)).validate()
 
     @property
     def enabled(self) -> bool:
@@ -76,8 +83,9 @@ class ToolUse:
         return t is not None and type(t).tool_call is not Task.tool_call
 
     def specs_for(self, task: str) -> list[dict[str, Any]] | None:
-        """The OpenAI function definitions a prompt of ``task`` describes (None: no tools)."""
-        return self.toolbox().openai_tools() if self.applies(task) else None
+        """The OpenAI function definitions a prompt of ``task`` describes (None: no tools, or built-in
+        tools that prompts do not describe)."""
+        return self.toolbox().openai_tools() if self.describe and self.applies(task) else None
 
 
 def require_tool_tokens(tokenizer, where: str) -> None:
