@@ -275,8 +275,8 @@ def test_a_stop_string_never_matches_across_a_tool_call(model, monkeypatch):
     stop filter held the "\\n" written before the block and matched it with the one after it, so
     final_text was empty and the answer lost). A stop string completed in one text still stops."""
     prompt = TOK.encode("q", add_bos=True)
-    scripted(monkeypatch, {len(prompt): script_ids("Let me compute.\n", call_block("calculator", '{"expression": "6*7"}'),
-                                                   "\nAnswer: 42\n\nmore")})
+    blk = call_block("calculator", '{"expression": "6*7"}')
+    scripted(monkeypatch, {len(prompt): script_ids("Let me compute.\n", blk, "\nAnswer: 42\n\nmore")})
     engine = Engine(model, TOK, max_batch_size=2, max_seq_len=256)
     box = Toolbox.builtin("calculator")
     cases = {("\n\n",): ("\nAnswer: 42", "stop_string"), ("\n\nmo", "\n\n"): ("\nAnswer: 42", "stop_string"),
@@ -312,7 +312,7 @@ def test_a_bad_toolbox_fails_only_its_own_request(model, monkeypatch):
         c = broken.result(timeout=60)[0]
         assert [r.ok for r in c.tool_results] == [False] and c.tool_calls[0].name == "calculator"
         assert c.tool_results[0].output.startswith("error: the tool runner failed (RuntimeError: boom")
-        assert c.final_text == "A" and c.finish_reason == "stop", (c.text, c.finish_reason, c.stop_reason, len(c.token_ids))
+        assert c.final_text == "A" and c.finish_reason == "stop", (c.text, c.finish_reason, c.stop_reason)
         assert plain.result(timeout=60)[0].text == "b" * 80
     finally:
         engine.shutdown()

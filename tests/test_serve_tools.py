@@ -404,8 +404,8 @@ def test_deeply_nested_tool_schema_is_a_400_naming_the_field(raw, engine, depth,
     hit RecursionError: a 500. Now nesting past MAX_JSON_DEPTH (64) is a one-line 400 naming
     tools[0].function.parameters; a deep-but-sane schema is served."""
     engine.script = lambda p, params, i: "ok"
-    body = ('{"model":"' + MODEL + '","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function",'
-            '"function":{"name":"f","parameters":{"type":"object","properties":{"a":' + _nested_schema(depth)
+    body = ('{"model":"' + MODEL + '","max_tokens":5,"messages":[{"role":"user","content":"x"}],'
+            '"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":' + _nested_schema(depth)
             + '}}}}]}')
     r = _post_text(raw, body)
     assert r.status_code == status, r.text[:300]

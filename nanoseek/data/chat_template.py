@@ -399,7 +399,8 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
-            raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: {str(e)[:200]}") from None
+            raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: "
+                                 f"{str(e)[:200]}") from None
 
     def pieces(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                markup: Iterable[str] = (), tools: Sequence[Any] | None = None, protect: Iterable[str] = (),

@@ -38,7 +38,9 @@ single ids, so no text heuristics): the text before the block is ``content`` (``
 as usual), each call gets an id ``call_<24 hex>`` and is streamed as OpenAI does, one delta with
 ``index``, ``id``, ``type`` and the function's ``name`` (when the name is complete), then
 fragments of ``arguments``. The non-streaming reply is the same parser's end state, so both
-always agree. ``finish_reason`` is ``"tool_calls"`` when the reply ended with complete calls;
+always agree (blank text before the first call is held, so a reply that is only calls has content
+null streamed and whole; with the request's tools the stream's opening delta says content null too).
+``finish_reason`` is ``"tool_calls"`` when the reply ended with complete calls;
 a block the model left open (the length limit, an EOS inside a call) keeps the engine's reason
 (``"length"``, ``"stop"``) and returns what was written, the open call's arguments as far as they
 got (as OpenAI returns a call cut by ``max_tokens``): a client runs calls only on
