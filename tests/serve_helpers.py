@@ -356,7 +356,9 @@ class ScriptedEngine:
                 s.awaiting = None
                 results = run_block(toolbox, calls, problems, len(s.tool_calls))
                 ids = appended_tokens(tk, tokens, tk.eos_id, results)
-                if len(s.token_ids) + len(ids) >= req.limit:
+                if len(s.token_ids) + len(ids) >= req.limit:         # no room: what ran, nothing appended
+                    for ev in s.add_tool_outputs(results, []):
+                        req.handle.put(ev)
                     req.handle.put(s.finish_length())
                     return
                 for ev in s.add_tool_outputs(results, ids):

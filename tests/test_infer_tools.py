@@ -140,7 +140,9 @@ def test_call_limit_outputs_and_room(model, monkeypatch):
     other = TOK.encode("qq", add_bos=True)
     scripted(monkeypatch, {len(other): script_ids(call_block("big", "{}"), "after")})
     c = engine.generate([other], SamplingParams(max_new_tokens=100, temperature=0, tools="run"), toolbox=long)[0][0]
-    assert c.finish_reason == "length" and len(c.token_ids) <= 100 + 600
+    assert c.finish_reason == "length"
+    assert c.completion_tokens == len(c.token_ids) == len(c.model_mask) <= 100   # nothing the model never read
+    assert [r.output for r in c.tool_results] == ["z" * 500] and c.tool_calls[0].name == "big"   # what ran
 
 
 def test_other_rows_keep_decoding_while_a_tool_runs(model, monkeypatch):
@@ -264,4 +266,53 @@ def test_stream_reports_each_tool_result_and_a_cancel_during_a_tool_frees_the_ro
         assert again.result(timeout=20)[0].completion_tokens == 3
     finally:
         release.set()
+        engine.shutdown()
+
+
+def test_a_stop_string_never_matches_across_a_tool_call(model, monkeypatch):
+    """The text on either side of a calls block is separate: stop=["\\n\\n"] with "...\\n" before the
+    block and "\\n..." after the tool output must not stop the sample right after the output (the
+    stop filter held the "\\n" written before the block and matched it with the one after it, so
+    final_text was empty and the answer lost). A stop string completed in one text still stops."""
+    prompt = TOK.encode("q", add_bos=True)
+    blk = call_block("calculator", '{"expression": "6*7"}')
+    scripted(monkeypatch, {len(prompt): script_ids("Let me compute.\n", blk, "\nAnswer: 42\n\nmore")})
+    engine = Engine(model, TOK, max_batch_size=2, max_seq_len=256)
+    box = Toolbox.builtin("calculator")
+    cases = {("\n\n",): ("\nAnswer: 42", "stop_string"), ("\n\nmo", "\n\n"): ("\nAnswer: 42", "stop_string"),
+             (".\n\n",): ("\nAnswer: 42\n\nmore", "eos"), ("42\n",): ("\nAnswer: ", "stop_string")}
+    for stop, (final, why) in cases.items():
+        c = engine.generate([prompt], SamplingParams(max_new_tokens=150, temperature=0, tools="run", stop=list(stop)),
+                            toolbox=box)[0][0]
+        assert [r.output for r in c.tool_results] == ["42"], stop
+        assert (c.final_text, c.stop_reason) == (final, why), (stop, c.text)
+        assert c.text == "Let me compute.\n" + final     # the model's own text: held text released at the block
+
+
+def test_a_bad_toolbox_fails_only_its_own_request(model, monkeypatch):
+    """A toolbox that is not one (a dict of functions) is a ValueError line at submit; a Toolbox
+    whose run() raises (run_block never does with a sound one) makes that sample read an "error:
+    the tool runner failed" output and go on, and a plain request decoding beside it finishes
+    untouched (the exception used to escape the scheduler and fail every request in the engine)."""
+    class Broken(Toolbox):
+        def run(self, call):
+            raise RuntimeError("boom")
+
+    p_tool, p_plain = TOK.encode("q", add_bos=True), TOK.encode("qq", add_bos=True)
+    scripted(monkeypatch, {len(p_tool): script_ids("x" * 20, call_block("calculator", '{"expression": "1"}'), "A"),
+                           len(p_plain): script_ids("b" * 80)})
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=256)
+    try:
+        run = SamplingParams(max_new_tokens=200, temperature=0, tools="run")
+        for bad in ({"calculator": lambda expression: "1"}, object(), Toolbox.builtin):
+            with pytest.raises(ValueError, match="toolbox: expected a nanoseek.tools.Toolbox"):
+                engine.submit(p_tool, run, toolbox=bad)
+        plain = engine.submit(p_plain, SamplingParams(max_new_tokens=100, temperature=0))
+        broken = engine.submit(p_tool, run, toolbox=Broken.builtin("calculator"))
+        c = broken.result(timeout=60)[0]
+        assert [r.ok for r in c.tool_results] == [False] and c.tool_calls[0].name == "calculator"
+        assert c.tool_results[0].output.startswith("error: the tool runner failed (RuntimeError: boom")
+        assert c.final_text == "A" and c.finish_reason == "stop", (c.text, c.finish_reason, c.stop_reason)
+        assert plain.result(timeout=60)[0].text == "b" * 80
+    finally:
         engine.shutdown()

@@ -390,6 +390,90 @@ def test_openai_client_error_for_bad_schema(client):
 
 
 # ----------------------------------------------------------------------------- the real engine
+def _nested_schema(depth: int) -> str:
+    return '{"type":"object","properties":{"a":' * depth + '{"type":"string"}' + '}}' * depth
+
+
+def _post_text(raw, body: str) -> httpx.Response:
+    return raw.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("depth,status", [(20, 200), (400, 400)])
+def test_deeply_nested_tool_schema_is_a_400_naming_the_field(raw, engine, depth, status):
+    """A tool's parameters nested hundreds of levels (valid JSON) made the template's recursive walk
+    hit RecursionError: a 500. Now nesting past MAX_JSON_DEPTH (64) is a one-line 400 naming
+    tools[0].function.parameters; a deep-but-sane schema is served."""
+    engine.script = lambda p, params, i: "ok"
+    body = ('{"model":"' + MODEL + '","max_tokens":5,"messages":[{"role":"user","content":"x"}],'
+            '"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":' + _nested_schema(depth)
+            + '}}}}]}')
+    r = _post_text(raw, body)
+    assert r.status_code == status, r.text[:300]
+    if status == 400:
+        err = r.json()["error"]
+        assert err["param"] == "tools[0].function.parameters" and "nested deeper than 64 levels" in err["message"]
+
+
+@pytest.mark.parametrize("depth,status", [(50, 200), (600, 400)])
+def test_deeply_nested_call_arguments_are_a_400_naming_the_field(raw, engine, depth, status):
+    """An assistant message's tool_calls[].function.arguments sent as an object nested 600 levels
+    was a RecursionError 500 in the template; now a 400 naming the message and the field."""
+    engine.script = lambda p, params, i: "ok"
+    deep = '{"a":' * depth + '1' + '}' * depth
+    body = ('{"model":"' + MODEL + '","max_tokens":5,"tools":[{"type":"function","function":{"name":"f"}}],"messages":['
+            '{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":'
+            '"function","function":{"name":"f","arguments":' + deep + '}}]},'
+            '{"role":"tool","tool_call_id":"c","content":"1"}]}')
+    r = _post_text(raw, body)
+    assert r.status_code == status, r.text[:300]
+    if status == 400:
+        msg = r.json()["error"]["message"]
+        assert "tool_calls[0].function.arguments: nested deeper than 64 levels" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text,content", [("", None), ("\n\n", None), ("Let me check.", "Let me check."),
+                                          ("  Let me check.\n", "Let me check.")])
+def test_streamed_and_whole_replies_agree_on_content_before_calls(client, engine, text, content):
+    """The whole reply of a calls-only turn says content null; the stream's opening chunk used to
+    send content "" (and blank text before the block was streamed but stripped from the whole reply),
+    so the openai client accumulated '' or whitespace. With the request's tools the opening content is
+    null and blank text before the calls is held, so both give the same content."""
+    engine.script = lambda p, params, i: text + block(call("calculator", '{"expression": "1+1"}'))
+    kw = dict(messages=user("1+1?"), tools=[CALC])
+    whole = client.chat.completions.create(model=MODEL, **kw).choices[0]
+    part = streamed(client, **kw).choices[0]
+    assert whole.finish_reason == part.finish_reason == "tool_calls"
+    assert calls_of(whole) == calls_of(part) == [("calculator", '{"expression": "1+1"}')]
+    assert whole.message.content == part.message.content == content
+    # a reply without calls keeps its text either way
+    engine.script = lambda p, params, i: text + "no call"
+    whole, part = client.chat.completions.create(model=MODEL, **kw).choices[0], streamed(client, **kw).choices[0]
+    assert whole.message.content == part.message.content == "no call" if content is None else content + "no call"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_before_a_call_is_not_lost_to_a_held_stop_prefix(client, engine, stream):
+    """stop=["##"] and the model writes "Let me check #" then a calls block: the "#" (a prefix of
+    the stop string) was held by the stop filter at the block's start and released only with the
+    last event, when the parser no longer took content: the reply lost it. A stop string never
+    spans a calls block, so the held text is the content's."""
+    engine.script = lambda p, params, i: "Let me check #" + block(call("calculator", '{"expression": "1"}'))
+    kw = dict(messages=user("1?"), tools=[CALC], stop=["##"])
+    ch = streamed(client, **kw).choices[0] if stream else client.chat.completions.create(model=MODEL, **kw).choices[0]
+    assert ch.finish_reason == "tool_calls" and calls_of(ch) == [("calculator", '{"expression": "1"}')]
+    assert ch.message.content == "Let me check #"
+
+
+def test_control_tokens_inside_arguments_are_never_argument_text(client, engine):
+    """Every control token the model samples inside a call's arguments is dropped, the tool-output
+    tokens too (they used to be kept as text while EOS-like ones were dropped)."""
+    args = '{"expression": ' + TOOL_OUTPUT_BEGIN + '"1+1"' + TOOL_OUTPUT_END + '}'
+    engine.script = lambda p, params, i: block(call("calculator", args))
+    kw = dict(messages=user("1+1?"), tools=[CALC])
+    for r in (client.chat.completions.create(model=MODEL, **kw), streamed(client, **kw)):
+        assert calls_of(r.choices[0]) == [("calculator", '{"expression": "1+1"}')]
+
+
 def test_real_engine_serves_every_tool_choice(tk):
     """A tiny random DeepSeek-V3 behind the same requests: the engine accepts the tool settings and
     every reply is a well-formed chat completion (whatever a random model writes)."""
@@ -522,6 +606,19 @@ def test_server_tools_failed_call_and_opt_outs(tool_server, tk):
         assert ch["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
         assert "### calculator" not in tk.decode(engine.prompts[-1])
     engine.script = answer_with_calculator
+
+
+def test_tool_choice_none_on_a_tools_server_bans_calls(tool_server, tk):
+    """``tool_choice: "none"`` on a server with ``--tools`` (and no request tools) used to ban
+    nothing: the model could still open a calls block. Now <｜tool▁calls▁begin｜> is banned, nothing
+    is described, nothing runs (the scripted model stops where it would have called)."""
+    engine, url = tool_server
+    with httpx.Client(base_url=url, timeout=20) as raw:
+        r = raw.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x"), "tool_choice": "none"})
+        msg = r.json()["choices"][0]["message"]
+    assert msg == {"role": "assistant", "content": "Let me compute 0.", "reasoning_content": None}
+    assert ToolTokens.of(tk).calls_begin in engine.params[-1].banned_token_ids and engine.params[-1].tools == "off"
+    assert "### calculator" not in tk.decode(engine.prompts[-1])
 
 
 def test_server_tools_need_tool_tokens_and_known_names():

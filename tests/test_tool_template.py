@@ -495,6 +495,14 @@ def test_reasoning_tags_in_tool_content_stay_text(own):
 # ----------------------------------------------------------------------------- errors and old vocabularies
 
 
+def _deep(levels: int) -> dict:
+    """A JSON object nested ``levels`` deep (built without recursion)."""
+    value: dict = {"type": "string"}
+    for _ in range(levels - 1):
+        value = {"type": "object", "properties": {"a": value}}
+    return value
+
+
 @pytest.mark.parametrize("tools, match", [
     ([CALC, {"type": "function", "function": {"name": "bad name"}}], r"^tools\[1\]\.function\.name: must be"),
     ([{"type": "retrieval"}], r"^tools\[0\]\.type: only 'function' tools"),
@@ -502,6 +510,8 @@ def test_reasoning_tags_in_tool_content_stay_text(own):
      r"^tools\[0\]\.function\.parameters"),
     ([CALC, "calculator"], r"^tools\[1\]: a tool must be an object"),
     ({"calculator": CALC}, "^tools must be a list"),
+    ([{"type": "function", "function": {"name": "f", "parameters": _deep(400)}}],
+     r"^tools\[0\]\.function\.parameters: nested deeper than 64 levels"),
 ])
 def test_bad_tools_are_one_line(own, tools, match):
     _, tok, _ = own
@@ -518,6 +528,8 @@ def test_bad_tools_are_one_line(own, tools, match):
      r"chat message 1: tool_calls\[0\]\.function\.arguments must be a JSON string or an object"),
     ({"role": "assistant", "content": None, "tool_calls": [call(7, "{}")]}, r"tool_calls\[0\]\.function\.name"),
     ({"role": "assistant", "content": None, "tool_calls": "calculator"}, "'tool_calls' must be a list"),
+    ({"role": "assistant", "content": None, "tool_calls": [call("f", _deep(600))]},
+     r"chat message 1: tool_calls\[0\]\.function\.arguments: nested deeper than 64 levels"),
     ({"role": "user", "content": "x", "tool_calls": [call("f", "{}")]}, "'tool_calls' belong on an assistant message"),
     ({"role": "assistant", "content": None}, r"chat message 1: 'content' must be a string"),
     ({"role": "tool", "content": None}, r"chat message 1: 'content' must be a string"),
@@ -526,6 +538,19 @@ def test_malformed_tool_messages_are_one_line(own, message, match):
     _, tok, _ = own
     with pytest.raises(TokenizerError, match=match):
         tok.encode_chat([{"role": "user", "content": "q"}, message])
+
+
+def test_nesting_too_deep_to_render_is_one_line(own):
+    """Tools and tool calls nested past MAX_JSON_DEPTH are refused by name (above); whatever else
+    overflows Python's recursion while rendering (a template that recurses, deep template keywords)
+    is one TokenizerError line, never a RecursionError (the server answered those with a 500)."""
+    recursive = ChatTemplate("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}")
+    with pytest.raises(TokenizerError, match="RecursionError") as e:
+        recursive.render([{"role": "user", "content": "q"}])
+    assert "\n" not in str(e.value)
+    ok = {"type": "function", "function": {"name": "f", "parameters": _deep(30)}}
+    _, tok, _ = own
+    assert tok.encode_chat([{"role": "user", "content": "q"}], tools=[ok])[0]     # deep but sane: rendered
 
 
 def old_nanoseek_vocabulary(folder: Path) -> Path:

@@ -457,3 +457,26 @@ def test_limits_from_a_config_table():
     with pytest.raises(ConfigError, match="must be a table"):
         ToolLimits.from_dict([1], where="x")
     assert Toolbox.builtin("calculator", limits=lim).limits is lim
+
+
+def test_json_depth_and_the_depth_cap_of_tool_definitions():
+    """Tool parameters nested past MAX_JSON_DEPTH are a ToolFormatError naming the field (Python's
+    recursive JSON walkers, the chat template's among them, overflow on hundreds of levels), counted
+    without recursion however deep the value."""
+    from nanoseek.tools.format import MAX_JSON_DEPTH, ToolFormatError, json_depth
+
+    assert [json_depth(v) for v in (1, "s", [], {}, [[1]], {"a": [{"b": 2}]})] == [0, 0, 1, 1, 2, 3]
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert json_depth(deep) == MAX_JSON_DEPTH + 1           # stops past the cap, no RecursionError
+
+    def schema(levels: int) -> dict:
+        value: dict = {"type": "string"}
+        for _ in range(levels):
+            value = {"type": "object", "properties": {"a": value}}
+        return value
+    fine = {"type": "function", "function": {"name": "f", "parameters": schema(MAX_JSON_DEPTH // 2 - 1)}}
+    assert ToolSpec.from_openai(fine).name == "f"
+    with pytest.raises(ToolFormatError, match=r"^tools\[2\]\.function\.parameters: nested deeper than 64 levels$"):
+        ToolSpec.from_openai({"type": "function", "function": {"name": "f", "parameters": schema(500)}}, "tools[2]")

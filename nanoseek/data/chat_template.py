@@ -87,7 +87,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
-from nanoseek.tools.format import TOOL_CALLS_BEGIN, TOOL_TOKENS, ToolFormatError, ToolSpec, ToolTokens
+from nanoseek.tools.format import TOOL_CALLS_BEGIN, TOOL_TOKENS, ToolFormatError, ToolSpec, ToolTokens, check_depth
 
 
 class TokenizerError(ValueError):
@@ -309,6 +309,10 @@ def _check_calls(i: int, m: dict[str, Any], calls: Any) -> None:
         if not isinstance(fn.get("arguments"), (str, dict)):
             raise TokenizerError(f"{where}.function.arguments must be a JSON string or an object, got "
                                  f"{type(fn.get('arguments')).__name__}")
+        try:
+            check_depth(fn["arguments"], f"{where}.function.arguments")
+        except ToolFormatError as e:
+            raise TokenizerError(str(e)) from None
 
 
 def check_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
@@ -394,8 +398,9 @@ class ChatTemplate:
                                                         add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
+            raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: "
+                                 f"{str(e)[:200]}") from None
 
     def pieces(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                markup: Iterable[str] = (), tools: Sequence[Any] | None = None, protect: Iterable[str] = (),
@@ -602,7 +607,21 @@ def encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add_
     prove equal to the whole-string encoding on chats without such strings (``piecewise=True``
     forces it). ``markup``: control strings an assistant's content may hold (the reasoning tags).
     ``tools``: the template's ``tools`` (:func:`check_tools`). ``mask=False``: ids only (a prompt
-    for generation; the mask comes back empty and costs nothing)."""
+    for generation; the mask comes back empty and costs nothing). Input nested too deep for Python's
+    recursion (a RecursionError anywhere in rendering) is one :class:`TokenizerError` line."""
+    try:
+        return _encode_chat(template, messages, add_generation_prompt, template_kwargs, control, encode_text_offsets,
+                            encode_prompt_offsets, markup, piecewise, tools=tools, mask=mask)
+    except RecursionError:
+        raise TokenizerError("chat messages or tools nest too deeply to render") from None
+
+
+def _encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                 template_kwargs: Mapping[str, Any], control: Mapping[str, int],
+                 encode_text_offsets: Callable[..., tuple[list[int], Offsets]],
+                 encode_prompt_offsets: Callable[[str], tuple[list[int], Offsets]] | None,
+                 markup: Iterable[str], piecewise: bool, *, tools: Sequence[Any] | None,
+                 mask: bool) -> tuple[list[int], list[int]]:
     markup = tuple(t for t in markup if t in control)
     tools = check_tools(tools)
     full, pieces = template.pieces(messages, add_generation_prompt, markup=markup, tools=tools, protect=control,

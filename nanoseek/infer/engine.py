@@ -64,7 +64,8 @@ from typing import Iterator
 import torch
 
 from .reasoning import prompt_ends_in_think
-from nanoseek.tools.format import ToolTokens
+from nanoseek.tools.format import ToolCall, ToolTokens
+from nanoseek.tools.tool import ToolLimits, ToolResult
 
 from .request import Completion, EngineError, PromptLogprobs, Request, RequestHandle, Sample, TokenEvent
 from .sampling import RowParams, SamplingParams, TopLogprobs, choose_tokens, logprobs_and_top, sample_from_probs
@@ -226,6 +227,10 @@ class Engine:
                                 "this model cannot call tools"))
         if params.tools == "run" and toolbox is None:
             raise ValueError("SamplingParams.tools = 'run' needs a toolbox (generate/stream/submit(..., toolbox=...))")
+        if toolbox is not None and not (callable(getattr(toolbox, "run", None))
+                                        and isinstance(getattr(toolbox, "limits", None), ToolLimits)):
+            raise ValueError(f"toolbox: expected a nanoseek.tools.Toolbox (run(call) and ToolLimits limits), got "
+                             f"{type(toolbox).__name__}")
         V0 = self.config.vocab_size
         if any(t >= V0 for t in params.banned_token_ids):
             raise ValueError(f"SamplingParams.banned_token_ids: an id is outside the vocabulary [0, {V0})")
@@ -375,13 +380,13 @@ class Engine:
         dev, model = self.device, self.model
         eos = int(self.tokenizer.eos_id)          # the calling turn's end, as the chat template writes it
         for s in samples:
-            results = s.future.result()
-            s.future, s.awaiting = None, None
+            results = self._tool_results(s)
             new = appended_tokens(self.tokenizer, self.tool_tokens, eos, results)
-            events += [(s, ev) for ev in s.add_tool_outputs(results, new)]
-            if len(s.token_ids) >= s.req.limit or s.pos + len(new) + 1 > self.max_seq_len:
+            if len(s.token_ids) + len(new) >= s.req.limit or s.pos + len(new) + 1 > self.max_seq_len:
+                events += [(s, ev) for ev in s.add_tool_outputs(results, [])]   # what ran, nothing appended
                 events.append((s, s.finish_length()))
                 continue
+            events += [(s, ev) for ev in s.add_tool_outputs(results, new)]
             t0 = time.perf_counter()
             ids = torch.tensor([[s.pending] + new], device=dev)
             pos = (s.pos + torch.arange(len(new) + 1, device=dev))[None]
@@ -401,6 +406,19 @@ class Engine:
             self.stats.prefill_tokens += len(new) + 1
             self.stats.prefill_seconds += time.perf_counter() - t0
         return events
+
+    @staticmethod
+    def _tool_results(s: Sample) -> list[ToolResult]:
+        """A paused sample's results; a toolbox that raised (run_block never does with a sound one) or a
+        future cancelled at shutdown fails only this sample's calls, as outputs the model reads."""
+        calls = s.awaiting[0] if s.awaiting is not None else []
+        try:
+            results = s.future.result()
+        except Exception as e:  # noqa: BLE001 - e.g. a Toolbox subclass whose run() raises
+            why = f"error: the tool runner failed ({type(e).__name__}: {str(e)[:200]})"
+            results = [ToolResult(c, why, False) for c in calls] or [ToolResult(ToolCall("", ""), why, False)]
+        s.future, s.awaiting = None, None
+        return results
 
     def _ban(self, logits: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
         """Logits [B, ...V] with each row's ``banned_token_ids`` at -inf (a copy only when any)."""

@@ -69,7 +69,12 @@ class Completion:
     calls are ``tool_calls``. With "run", ``tool_calls`` are every call made, ``tool_results``
     their results in order, ``token_ids`` also hold what the tool loop appended (``model_mask`` 0
     there, 1 on the model's own tokens; their logprobs 0.0) and ``final_text`` is the text written
-    after the last tool output (the whole text when no tool ran)."""
+    after the last tool output (the whole text when no tool ran), as written: a think block the
+    model opens after an output (V3.1 may think again) stays in ``final_text`` with its tags
+    (``reasoning`` joins every think block; a reader of the answer splits ``final_text`` itself,
+    e.g. :func:`nanoseek.tasks.reply.split_reasoning`). The text on either side of a calls block
+    is separate: a stop string never matches across it. Outputs that would not fit the row end
+    the sample ("length") unappended; ``tool_results`` still say what ran."""
 
     token_ids: list[int]
     text: str
@@ -341,8 +346,12 @@ class Sample:
         r = a = ""
         if self.block_start is None:
             self.block_start = len(self.token_ids) - 1
-            if self.has_text:             # the text before the block, withheld characters included
-                r, a, _ = self._text(self.detok.flush(), final=False)
+            if self.has_text:             # the text before the block, withheld characters included: a stop
+                r, a, matched = self._text(self.detok.flush(), final=True)   # string or a think tag never
+                if matched:                                                  # spans a tool call
+                    self.block_start = None
+                    self.finished, self.finish_reason, self.stop_reason = True, "stop", "stop_string"
+                    return TokenEvent(self.index, token, a, r, True, "stop", logprob, top)
         if token == tt.calls_end:
             from .tool_loop import parse_block
 
@@ -370,7 +379,8 @@ class Sample:
 
     def add_tool_outputs(self, results: list[ToolResult], ids: list[int]) -> list[TokenEvent]:
         """Record what the tool loop appended after a block: ``ids`` (not the model's) and the
-        results; the events that report them (token_id None)."""
+        results; the events that report them (token_id None). Outputs that do not fit are not
+        appended (``ids`` empty, then :meth:`finish_length`): the results still say what ran."""
         self.tool_calls += [r.call for r in results]
         self.tool_results += results
         self.token_ids += ids

@@ -263,7 +263,7 @@ class _Choice:
     def message(self) -> dict:
         """The chat reply: content, reasoning and, with tools, the calls (content null when only calls)."""
         calls = self.tools.calls() if self.tools is not None else []
-        content = self.text.strip() or None if calls else self.text
+        content = (self.text or None) if calls else self.text   # as streamed (ToolCallParser holds blank text)
         out = {"role": "assistant", "content": content, "reasoning_content": self.reasoning or None}
         if calls:
             out["tool_calls"] = calls
@@ -558,7 +558,10 @@ class OpenAIServer:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
-            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            # with the request's own tools content starts null: a reply that is only calls has content
+            # null, as the whole reply says (the openai client's accumulation keeps None until text comes)
+            start = None if req.tools else ""
+            opening = [{"index": i, "delta": {"role": "assistant", "content": start}, "logprobs": None,
                         "finish_reason": None} for i in range(req.n)]
             body = _event_stream(handles, req.n, len(ids), {**head, "object": "chat.completion.chunk"},
                                  req.include_usage(), opening, _chat_chunks(pieces), new_choice=new_choice)

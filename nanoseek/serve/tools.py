@@ -38,12 +38,16 @@ single ids, so no text heuristics): the text before the block is ``content`` (``
 as usual), each call gets an id ``call_<24 hex>`` and is streamed as OpenAI does, one delta with
 ``index``, ``id``, ``type`` and the function's ``name`` (when the name is complete), then
 fragments of ``arguments``. The non-streaming reply is the same parser's end state, so both
-always agree. ``finish_reason`` is ``"tool_calls"`` when the reply ended with complete calls;
+always agree (blank text before the first call is held, so a reply that is only calls has content
+null streamed and whole; with the request's tools the stream's opening delta says content null too).
+``finish_reason`` is ``"tool_calls"`` when the reply ended with complete calls;
 a block the model left open (the length limit, an EOS inside a call) keeps the engine's reason
 (``"length"``, ``"stop"``) and returns what was written, the open call's arguments as far as they
 got (as OpenAI returns a call cut by ``max_tokens``): a client runs calls only on
 ``"tool_calls"``. Arguments are returned as the model wrote them (stripped), valid JSON or not, as
-OpenAI's are. Text between calls, or a call without ``<｜tool▁sep｜>``, is dropped.
+OpenAI's are. Text between calls, or a call without ``<｜tool▁sep｜>``, is dropped; so is every
+control token sampled inside a name or arguments that is not part of a calls block's structure (EOS,
+the think tags, ``<｜tool▁output▁begin｜>``/``<｜tool▁output▁end｜>``...): none is ever argument text.
 
 Deliberately left out: the deprecated ``functions``/``function_call`` fields (400 unless neutral);
 JSON-Schema validation of the arguments (the client's tool does that, as with OpenAI).
@@ -89,6 +93,11 @@ class ToolPlan:
     def forced(self) -> bool:
         return self.choice in ("required", "named")
 
+    @property
+    def bans_only(self) -> bool:
+        """``tool_choice: "none"`` on a server with its own tools: nothing described, the block banned."""
+        return self.choice == "none" and not self.specs and not self.run
+
     def template_tools(self) -> list[dict[str, Any]]:
         return [s.to_openai() for s in self.specs]
 
@@ -107,6 +116,8 @@ class ToolPlan:
         its first call when ``parallel_tool_calls`` is false; ``none`` bans the block."""
         if self.run:
             return {"tools": "run"}
+        if self.bans_only:
+            return ban_tool_calls({}, self.tokens)
         stops = [] if self.parallel else [self.tokens.call_end]
         if self.forced:     # the block began in the prompt, so the engine does not see it open: stop at its end
             stops.append(self.tokens.calls_end)
@@ -117,7 +128,7 @@ class ToolPlan:
 
     def parser(self, tokenizer) -> ToolCallParser | None:
         """Client mode: the reader of one choice's calls (server-side tools: None, the engine runs them)."""
-        if self.run:
+        if self.run or self.bans_only:
             return None
         return ToolCallParser(tokenizer, self.tokens, forced=self.forced, forced_name=self.forced_name)
 
@@ -145,7 +156,8 @@ def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = 
                describe: bool = True) -> ToolPlan | None:
     """The request's tool settings checked (400s naming the field); None when it has no tools.
     ``toolbox``: the server's own tools (``nanoseek serve --tools``), run by the engine for a request
-    that brings no tools of its own and does not say ``tool_choice: "none"``; ``describe`` False:
+    that brings no tools of its own and does not say ``tool_choice: "none"`` (which bans the calls
+    block, :func:`ban_tool_calls`, and describes nothing); ``describe`` False:
     the prompt does not describe them (built-in tools)."""
     tools, choice = req.tools, req.tool_choice
     if tools is not None and not isinstance(tools, list):
@@ -170,7 +182,9 @@ def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = 
         if _history_uses_tools(req) and ToolTokens.of(tokenizer) is None:
             raise APIError(400, "messages: " + no_tool_tokens_message(tokenizer), "messages", "invalid_value")
         tokens = ToolTokens.of(tokenizer)
-        if toolbox is not None and len(toolbox) and choice != "none" and tokens is not None:
+        if toolbox is not None and len(toolbox) and tokens is not None:
+            if choice == "none":     # the server's tools stay unused: the model may not call them
+                return ToolPlan([], tokens, "none")
             return ToolPlan(toolbox.specs() if describe else [], tokens, "auto", run=True)
         return None
     tokens = ToolTokens.of(tokenizer)
@@ -230,8 +244,10 @@ class ToolCallParser:
     def __init__(self, tokenizer, tokens: ToolTokens, forced: bool = False, forced_name: str | None = None):
         self.tokenizer, self.tokens = tokenizer, tokens
         self.control = skipped_token_ids(tokenizer)   # EOS and the like: never part of a name or arguments
+        self.structure = tokens.ids - {tokens.output_begin, tokens.output_end}   # the tokens a calls block is made of
         self.state = _TEXT
-        self._calls: list[_Call] = []
+        self._blank = ""                     # leading whitespace-only content, held: a reply that is only
+        self._calls: list[_Call] = []        # calls has content null (dropped at the block), else released
         self._pending: list[dict] = []       # deltas to send with the next event (a forced call's header)
         if forced:
             self._open_call()
@@ -273,11 +289,17 @@ class ToolCallParser:
         tok, t = ev.token_id, self.tokens
         if self.state == _TEXT:
             content, reasoning = ev.text_delta, ev.reasoning_delta
+            if self._blank is not None:      # no visible content yet: hold whitespace
+                content = self._blank + content
+                self._blank, content = (None, content) if content.strip() else (content, "")
             if tok == t.calls_begin:
                 self.state = _BLOCK
+                self._blank = None
+            elif ev.finished and self._blank:
+                content, self._blank = self._blank, None
         elif tok is None or self.state == _DONE:
             pass
-        elif tok in self.control and tok not in t.ids:
+        elif tok in self.control and tok not in self.structure:   # EOS, <think>, a tool output's tokens...
             pass
         elif tok == t.calls_end:
             if self._calls and self.state in (_NAME, _ARGS):

@@ -33,6 +33,8 @@ TOOL_TOKENS: tuple[str, ...] = (TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN, TOOL_SEP, TOO
                                 TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")     # OpenAI's rule for function names
+MAX_JSON_DEPTH = 64   # deepest nesting of a tool's parameters or a call's arguments object (deeper: refused,
+                      # as Python's recursive JSON walkers -- the template's among them -- would overflow)
 
 # V3.1's description of the tools, appended to the system prompt after a blank line (its chat template)
 TOOLS_HEADER = "## Tools\nYou have access to the following tools:\n"
@@ -47,6 +49,29 @@ TOOLS_FOOTER = ("\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n
 
 class ToolFormatError(ValueError):
     """A tool definition or call that does not follow the format (one line, names the field)."""
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep dicts and lists nest in ``value`` (a scalar: 0), counted without recursion and
+    stopping once past ``limit`` (the result is then ``limit + 1``): safe on any nesting."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        elif not isinstance(v, (list, tuple)):
+            continue
+        deepest = max(deepest, d)
+        if d > limit:
+            return limit + 1
+        stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def check_depth(value: Any, where: str) -> None:
+    """:class:`ToolFormatError` naming ``where`` when ``value`` nests deeper than :data:`MAX_JSON_DEPTH`."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ToolFormatError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 def tojson(value: Any) -> str:
@@ -85,6 +110,7 @@ class ToolSpec:
             params = {"type": "object", "properties": {}}
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ToolFormatError(f"{where}.function.parameters: must be a JSON Schema object with type 'object'")
+        check_depth(params, f"{where}.function.parameters")
         props = params.get("properties", {})
         if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
             raise ToolFormatError(f"{where}.function.parameters.properties: must map names to schemas")
@@ -211,4 +237,5 @@ class ToolTokens:
 
 __all__ = ["TOOL_CALLS_BEGIN", "TOOL_CALL_BEGIN", "TOOL_SEP", "TOOL_CALL_END", "TOOL_CALLS_END", "TOOL_OUTPUT_BEGIN",
            "TOOL_OUTPUT_END", "TOOL_TOKENS", "ToolFormatError", "ToolSpec", "ToolCall", "ToolTokens", "tools_system_text",
-           "render_call", "render_calls", "render_output", "parse_calls", "tojson"]
+           "render_call", "render_calls", "render_output", "parse_calls", "tojson", "MAX_JSON_DEPTH", "json_depth",
+           "check_depth"]
