@@ -19,8 +19,8 @@ def _stage(rc, kind):
     return stage_config_from_dict(kind, raw, source="test", init_pending=True).algo
 
 
-def test_tools_are_off_by_default_and_change_nothing():
-    rc = load_recipe("speedrun", [])
+def test_tools_off_change_nothing():
+    rc = load_recipe("speedrun", ["tools.enabled=false"])
     assert not rc.tools.enabled
     for kind in ("sft", "grpo"):
         assert rc.tool_keys(kind, {}) == {}
@@ -30,8 +30,21 @@ def test_tools_are_off_by_default_and_change_nothing():
     assert rc.resolved()["tools"]["enabled"] is False
 
 
+def test_the_speedrun_trains_a_built_in_calculator_by_default():
+    """The shipped recipe: tools on, the calculator built in (its prompts carry no description)."""
+    rc = load_recipe("speedrun", [])
+    assert rc.tools.enabled and not rc.tools.describe
+    from nanoseek.post.sft import load_sft_examples
+
+    sft = _stage(rc, "sft")
+    assert not sft.describe_tools and not _stage(rc, "grpo").describe_tools
+    examples = [e for e in load_sft_examples(sft.data, 30, 0, sft.template, sft.tool_use)
+                if e.meta["task"] == "big_arithmetic"]
+    assert examples and all(e.tools is None and e.messages[1].get("tool_calls") for e in examples)
+
+
 def test_enabled_tools_reach_every_stage():
-    rc = load_recipe("speedrun", ["tools.enabled=true", "tools.failure_penalty=0.1"])
+    rc = load_recipe("speedrun", ["tools.enabled=true", "tools.failure_penalty=0.1", "tools.describe=true"])
     sft, grpo = _stage(rc, "sft"), _stage(rc, "grpo")
     assert sft.data == rc.sft.algo.data + ",big_arithmetic:1-2"
     assert grpo.prompts == rc.grpo.algo.prompts + ",big_arithmetic:1-2"
