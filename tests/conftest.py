@@ -50,3 +50,45 @@ def tiny_config():
 def tiny_model():
     """Factory: ``tiny_model(seed=0, **config_overrides)`` -> initialised fp32 model (train mode)."""
     return make_tiny_model
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Token-by-token argmax of full forwards over ``ids``, no cache (what cached decoding must equal)."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def script_engine(monkeypatch, scripts: dict[int, list[int]], eos_id: int, then_free: bool = False) -> None:
+    """Make a tiny random model write chosen tokens: ``Engine._ban`` (the one place every decoding path
+    passes its logits through before choosing) gets a large bias on sample i's scripted next token,
+    ``scripts[len(prompt)][k]`` with k its own model-written tokens so far (tool outputs skipped);
+    after the script, EOS (or the real model when ``then_free``). An MTP verify step's two positions
+    get the script's next two tokens. Patches stack within a test: a second script must use other
+    prompt lengths."""
+    from nanoseek.infer.engine import Engine
+
+    original = Engine._ban
+
+    def ban(self, logits, samples):
+        logits = original(self, logits, samples).clone()
+        for i, s in enumerate(samples):
+            script = scripts.get(len(s.req.prompt))
+            if script is None:
+                continue
+            k = sum(s.model_mask)
+            for j in range(logits.shape[1] if logits.dim() == 3 else 1):
+                if k + j >= len(script) and then_free:
+                    continue
+                nxt = script[k + j] if k + j < len(script) else eos_id
+                if logits.dim() == 3:
+                    logits[i, j, nxt] += 1e4
+                else:
+                    logits[i, nxt] += 1e4
+        return logits
+
+    monkeypatch.setattr(Engine, "_ban", ban)

@@ -6,26 +6,14 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, reference_greedy
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.engine import Engine, EngineError
 from nanoseek.infer.sampling import SamplingParams
 
 TOK = ByteTokenizer()
 VOCAB = 264
-
-
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Token-by-token argmax of full forwards, no cache."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(t)
-            ids.append(t)
-    return out
 
 
 @pytest.fixture(scope="module")

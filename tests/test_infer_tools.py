@@ -13,9 +13,8 @@ import threading
 import time
 
 import pytest
-import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, reference_greedy, script_engine
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -44,29 +43,8 @@ def model():
 
 
 def scripted(monkeypatch, scripts: dict[int, list[int]], then_free: bool = False):
-    """Patch Engine._ban: sample i of a request follows scripts[prompt length] over its own tokens;
-    after the script, EOS (or the real model when ``then_free``). Patches stack within a test: a
-    second script must use other prompt lengths."""
-    original = Engine._ban
-
-    def ban(self, logits, samples):
-        logits = original(self, logits, samples).clone()
-        for i, s in enumerate(samples):
-            script = scripts.get(len(s.req.prompt))
-            if script is None:
-                continue
-            k = sum(s.model_mask)
-            for j in range(logits.shape[1] if logits.dim() == 3 else 1):   # an MTP verify step: 2 positions
-                if k + j >= len(script) and then_free:
-                    continue
-                nxt = script[k + j] if k + j < len(script) else EOS
-                if logits.dim() == 3:
-                    logits[i, j, nxt] += 1e4
-                else:
-                    logits[i, nxt] += 1e4
-        return logits
-
-    monkeypatch.setattr(Engine, "_ban", ban)
+    """:func:`conftest.script_engine` with the byte tokenizer's EOS."""
+    script_engine(monkeypatch, scripts, EOS, then_free)
 
 
 def test_a_call_runs_and_the_sample_goes_on_after_its_output(model, monkeypatch):
@@ -181,16 +159,6 @@ def test_a_hanging_tool_times_out_and_the_sample_finishes(model, monkeypatch):
     stop.set()
     assert time.perf_counter() - t0 < 10
     assert "timed out" in c.tool_results[0].output and c.final_text == "x"
-
-
-def reference_greedy(model, ids: list[int], n: int) -> list[int]:
-    ids, out = list(ids), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(t)
-            ids.append(t)
-    return out
 
 
 @pytest.mark.parametrize("use_mtp", [False, True])

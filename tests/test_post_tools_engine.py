@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, script_engine
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.eval.harness import EvalConfig, evaluate
 from nanoseek.infer.engine import Engine
@@ -40,24 +40,7 @@ def script_for(question: str, wrong: bool = False) -> list[int]:
 
 def scripted(monkeypatch, scripts: dict[int, list[int]]):
     """Sample i of a request follows scripts[prompt length] over its own (model-written) tokens, then EOS."""
-    original = Engine._ban
-
-    def ban(self, logits, samples):
-        logits = original(self, logits, samples).clone()
-        for i, s in enumerate(samples):
-            script = scripts.get(len(s.req.prompt))
-            if script is None:
-                continue
-            k = sum(s.model_mask)
-            for j in range(logits.shape[1] if logits.dim() == 3 else 1):
-                nxt = script[k + j] if k + j < len(script) else TOK.eos_id
-                if logits.dim() == 3:
-                    logits[i, j, nxt] += 1e4
-                else:
-                    logits[i, nxt] += 1e4
-        return logits
-
-    monkeypatch.setattr(Engine, "_ban", ban)
+    script_engine(monkeypatch, scripts, TOK.eos_id)
 
 
 def test_grpo_rollout_through_the_engines_tool_loop(model, monkeypatch):
