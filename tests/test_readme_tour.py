@@ -48,7 +48,7 @@ README = ROOT / "README.md"
 
 _GRPO_SMALL = ["prompts_per_step=2", "group_size=2", "max_new_tokens=8", "num_prompts=8"]
 _SPEEDRUN_SMALL = ["--minutes", "0.1", "--set", "data.task_docs=2000", "--set", "eval.min_problems=2",
-                   "--set", "eval.k=1", "--set", "eval.max_new_tokens=8"]
+                   "--set", "eval.k=1", "--set", "eval.max_new_tokens=80"]   # a tool call's reply fits
 
 
 def _sets(prefix: str, items: list[str]) -> list[str]:
