@@ -204,7 +204,7 @@ class SpeedrunRecipe:
         if kind == "sft" and not current.startswith("tasks:"):
             raise ConfigError(f"{self.source}: [tools] sft = true needs generated [sft] data (tasks:SPEC) to add the "
                               f"tool tasks to, not {current!r}")
-        joined = ",".join(split_specs(current.removeprefix("tasks:")) + list(t.tasks))
+        joined = ",".join(dict.fromkeys(split_specs(current.removeprefix("tasks:")) + list(t.tasks)))   # once each
         out = {key: ("tasks:" + joined) if kind == "sft" else joined, "tools": t.tools,
                "tool_tasks": ",".join(t.task_names), "describe_tools": t.describe}
         if kind == "grpo":
@@ -216,7 +216,7 @@ class SpeedrunRecipe:
         from nanoseek.tasks.generators import split_specs
 
         tasks = split_specs(self.eval.tasks)
-        return tasks + list(self.tools.tasks) if self.tools.use("eval") else tasks
+        return list(dict.fromkeys(tasks + list(self.tools.tasks))) if self.tools.use("eval") else tasks
 
 
 TABLES = {"speedrun": RunSection, "budget": BudgetSection, "data": CorpusSection, "model": ModelSection,

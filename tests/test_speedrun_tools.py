@@ -108,3 +108,12 @@ def test_tool_traces_that_do_not_fit_fail_before_pretraining_naming_the_key():
     check_tool_fit(off, tk)                                             # only the stages that use tools count
     with pytest.raises(ConfigError, match="cannot call tools"):
         check_tool_fit(load_recipe("speedrun", big), WithoutToolTokens(tk))
+
+
+def test_a_tool_task_already_in_the_recipe_is_not_added_twice():
+    """tools.tasks naming a task the stages already have (arithmetic:1-2): it gets the tool, once."""
+    rc = load_recipe("speedrun", ['tools.tasks=["arithmetic:1-2"]'])
+    assert rc.eval_tasks() == split_specs(rc.eval.tasks)
+    assert rc.tool_keys("sft", {})["data"] == rc.sft.algo.data
+    assert rc.tool_keys("grpo", {})["prompts"] == rc.grpo.algo.prompts
+    assert _stage(rc, "sft").tool_use.applies("arithmetic") and not _stage(rc, "sft").tool_use.applies("compare")
