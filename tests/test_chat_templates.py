@@ -111,14 +111,18 @@ CORPUS = ["Hello world! How are you today? I am fine, thank you. The quick brown
           "中文 文本 和 emoji 🙂 café naïve", "system user assistant header think answer"] * 20
 
 
-def train_vocab(specials: list[str], plain: list[str], vocab_size: int = 400) -> HFTokenizer:
+def train_vocab(specials: list[str], plain: list[str], vocab_size: int = 400, corpus=None,
+                digits: bool = False) -> HFTokenizer:
+    """A byte-level BPE with ``specials`` (special added tokens) and ``plain`` (non-special ones);
+    ``digits``: digits split one by one first (as nanoseek's own vocabulary)."""
     tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), level]) if digits else level
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(CORPUS, trainer)
+    tk.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
     if plain:
         tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     return tk

@@ -25,7 +25,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import processors  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from nanoseek.data.chat_template import ChatTemplate  # noqa: E402
@@ -106,17 +106,9 @@ V31_TOOLS = (
 
 
 def _byte_level_bpe(specials: list[str], plain: list[str], vocab_size: int = 400) -> HFTokenizer:
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(CORPUS, trainer)
-    if plain:
-        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
-    return tk
+    from test_chat_templates import train_vocab
+
+    return train_vocab(specials, plain, vocab_size, corpus=CORPUS, digits=True)
 
 
 def hf_ids(hf, messages, **kw) -> list[int]:

@@ -391,13 +391,17 @@ class Sample:
         self.final_from = len(self.text)
         return [TokenEvent(self.index, None, "", "", False, None, tool_result=r) for r in results]
 
-    def finish_length(self) -> TokenEvent:
-        """End the sample for lack of room (tool outputs that do not fit)."""
-        self.finished, self.finish_reason = True, "length"
+    def _end(self, reason: str) -> TokenEvent:
+        """End the sample without a token, releasing any withheld text."""
+        self.finished, self.finish_reason = True, reason
         r = a = ""
         if self.has_text:
             r, a, _ = self._text(self.detok.flush(), final=True)
-        return TokenEvent(self.index, None, a, r, True, "length")
+        return TokenEvent(self.index, None, a, r, True, reason)
+
+    def finish_length(self) -> TokenEvent:
+        """End the sample for lack of room (tool outputs that do not fit)."""
+        return self._end("length")
 
     def finish_empty(self) -> TokenEvent:
         """End a sample that may generate nothing (``max_new_tokens`` 0: the prompt is only scored)."""
@@ -405,11 +409,7 @@ class Sample:
         return TokenEvent(self.index, None, "", "", True, "length")
 
     def cancel(self) -> TokenEvent:
-        self.finished, self.finish_reason = True, "cancelled"
-        r = a = ""
-        if self.has_text:
-            r, a, _ = self._text(self.detok.flush(), final=True)
-        return TokenEvent(self.index, None, a, r, True, "cancelled")
+        return self._end("cancelled")
 
     def completion(self) -> Completion:
         if self.has_text:
