@@ -71,6 +71,9 @@ def check_config(cfg, allow_norm_eps_mismatch: bool = False) -> list[str]:
     notes = []
     if cfg.attention_type != "mla":
         raise _refuse("attention_type", cfg.attention_type, "only MLA is supported")
+    if cfg.index_n_heads:
+        raise _refuse("index_n_heads", cfg.index_n_heads, "DeepSeek-V3.2's sparse attention (lightning indexer) "
+                      "is not in llama.cpp's deepseek2 architecture")
     if cfg.attention_bias:
         raise _refuse("attention_bias", cfg.attention_bias, "the attention projections have no bias there")
     if cfg.num_hidden_layers + cfg.num_nextn_predict_layers > MAX_LAYERS:

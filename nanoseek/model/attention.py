@@ -19,6 +19,12 @@ and shared by every layer. The absorbed path is three batched matmuls per layer:
 ``[c_KV | k_rope]`` (heads folded into the query rows, since all heads share the one latent
 key; the mask enters as an additive bias of the same ``baddbmm``), softmax, the probabilities
 times ``c_KV``, then W_UV (one ``bmm`` over heads) before ``o_proj``.
+
+DeepSeek-V3.2 (``index_n_heads > 0``, :mod:`.dsa`): the layer's lightning indexer picks the keys
+each query attends to (:class:`Selection`); training and prefill mask the others out of the same
+attention, and decode steps (one token, or MTP's draft and its check) gather each query's
+``index_topk`` selected slots of the cache, so their attention costs O(index_topk) whatever the
+context length.
 """
 
 from __future__ import annotations
@@ -29,8 +35,14 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
+from .dsa import Indexer, indexer_kl
 from .norm import RMSNorm
 from .rope import apply_rope
+
+
+# V3.2 decode steps of at most this many queries per row (one token, or MTP's draft and its check)
+# attend over each query's gathered top-k slots; longer steps mask the selection into the cache
+SPARSE_GATHER_MAX_QUERIES = 4
 
 
 def _cache_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -63,6 +75,37 @@ class CacheMask:
         return self._bias[heads]
 
 
+class Selection:
+    """The keys a V3.2 layer's queries attend to in one forward (see :mod:`.dsa`).
+
+    ``chosen`` [B, T, S] bool: the indexer's top-k among the ``visible`` keys (``index`` [B, T, k]
+    their slots, None when every key is kept). ``attend`` is what attention uses: ``chosen``, or
+    every visible key in the dense warm-up. ``scores`` (the indexer's I, with gradient) is kept only
+    while the indexer trains.
+    """
+
+    def __init__(self, chosen: torch.Tensor, index: torch.Tensor | None, visible: torch.Tensor,
+                 scores: torch.Tensor | None, dense: bool):
+        self.chosen, self.visible, self.scores = chosen, visible, scores
+        self.attend = visible if dense else chosen
+        self.index = None if dense else index
+
+    def gather(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's selected slots of kv [B, S, C] -> [B*T, k, C], and the additive fp32 bias
+        [B*T, 1, k] that hides any selected slot the query may not see (fewer visible than k)."""
+        B, T, k = self.index.shape
+        seen = self.attend.gather(-1, self.index).reshape(B * T, 1, k)
+        bias = torch.zeros(seen.shape, device=kv.device).masked_fill_(~seen, float("-inf"))
+        rows = torch.arange(B, device=kv.device)[:, None, None]
+        return kv[rows, self.index].reshape(B * T, k, kv.shape[-1]), bias
+
+    def bias(self, heads: int) -> torch.Tensor:
+        """[B, T*heads, S] fp32 additive form of ``attend`` for the absorbed path."""
+        B, T, S = self.attend.shape
+        bias = torch.zeros(B, T, S, device=self.attend.device).masked_fill_(~self.attend, float("-inf"))
+        return bias[:, :, None, :].expand(B, T, heads, S).reshape(B, T * heads, S)
+
+
 class MLA(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -87,6 +130,10 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        # DeepSeek-V3.2: the lightning indexer picks the keys each query attends to (dsa.py)
+        self.indexer = Indexer(c) if c.index_n_heads else None
+        self.dsa_stage: str | None = None   # "dense" / "sparse" while the indexer trains (set_dsa_stage)
+        self.indexer_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None = None, rows: torch.Tensor | None = None,
@@ -94,7 +141,8 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H = self.n_heads
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
         else:
             q = self.q_proj(x)
         q = q.view(B, T, H, self.qk_head_dim)
@@ -114,26 +162,58 @@ class MLA(nn.Module):
         elif self.absorb:
             kv = torch.cat([latent, k_pe], dim=-1)                            # [B, T, c + r]
 
+        select = None
+        if self.indexer is not None:
+            select = self._select(x, q_latent, cos, sin, positions, cache, rows, mask)
         if self.absorb:
-            out = self._absorbed(q_nope, q_pe, kv, mask)
+            out = self._absorbed(q_nope, q_pe, kv, mask, select)
         else:
-            out = self._naive(q_nope, q_pe, latent, k_pe, mask)
+            out = self._naive(q_nope, q_pe, latent, k_pe, mask, select)
         return self.o_proj(out.reshape(B, T, H * self.v_head_dim))
 
-    def _naive(self, q_nope, q_pe, latent, k_pe, mask: CacheMask | None):
+    def _select(self, x, q_latent, cos, sin, positions, cache, rows, mask) -> "Selection":
+        """Run the indexer: which keys each query attends to (and its scores, while it trains)."""
+        B, T, _ = x.shape
+        training = self.dsa_stage is not None
+        xi, qi = (x.detach(), q_latent.detach()) if training else (x, q_latent)
+        keys = self.indexer.keys(xi, cos, sin)
+        if cache is not None:
+            cache.write_index_keys(self.layer_idx, positions, keys, rows)
+            keys = cache.read_index_keys(self.layer_idx, mask.length, rows, batch=B).to(keys.dtype)
+            visible = mask.visible
+        else:
+            visible = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
+        if training:
+            scores = self.indexer.scores(xi, qi, keys, cos, sin)
+        else:
+            with torch.no_grad():
+                scores = self.indexer.scores(xi, qi, keys, cos, sin)
+        chosen, index = self.indexer.select(scores, visible)
+        return Selection(chosen, index, visible, scores if training else None, dense=self.dsa_stage == "dense")
+
+    def _naive(self, q_nope, q_pe, latent, k_pe, mask: CacheMask | None, select: "Selection | None" = None):
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.qk_rope_head_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask.visible[:, None],
-            is_causal=mask is None, scale=self.softmax_scale)                # [B, H, T, v]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # [B, H, T|S, .]
+        if select is not None and select.scores is not None:   # the indexer trains: explicit probabilities
+            attend = select.attend
+            logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+            p = logits.masked_fill(~attend[:, None], float("-inf")).softmax(-1)   # [B, H, T, S]
+            self.indexer_loss = indexer_kl(select.scores, p, attend)
+            return torch.matmul(p.to(v.dtype), v).transpose(1, 2)
+        if select is not None:
+            attn_mask = select.attend[:, None]
+        else:
+            attn_mask = None if mask is None else mask.visible[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             scale=self.softmax_scale)      # [B, H, T, v]
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, kv, mask: CacheMask | None):
+    def _absorbed(self, q_nope, q_pe, kv, mask: CacheMask | None, select: "Selection | None" = None):
         B, T, H, dn = q_nope.shape
         S, c = kv.shape[1], self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, dn + self.v_head_dim, c)
@@ -142,13 +222,19 @@ class MLA(nn.Module):
         q = torch.cat([q_lat.transpose(0, 1).view(B, T, H, c), q_pe], dim=-1).view(B, T * H, -1)
         if mask is None:   # no cache: causal over the sequence itself
             mask = CacheMask(torch.arange(T, device=kv.device).expand(B, T), S)
-        bias = mask.bias(H)                                                   # [B, T*H, S] (or [B, 1, S])
+        if select is not None and select.index is not None and T <= SPARSE_GATHER_MAX_QUERIES:
+            kv, bias = select.gather(kv)            # decode: each query over its k selected slots only
+            q = q.view(B * T, H, -1)
+        elif select is not None:
+            bias = select.bias(H)
+        else:
+            bias = mask.bias(H)                                               # [B, T*H, S] (or [B, 1, S])
         if q.dtype == torch.float32:
             scores = torch.baddbmm(bias, q, kv.transpose(1, 2), alpha=self.softmax_scale)
         else:   # scale and mask in fp32
             scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale + bias
-        p = scores.softmax(dim=-1).to(kv.dtype)                               # [B, T*H, S]
-        o_lat = torch.bmm(p, kv[..., :c])                                     # [B, T*H, c]
+        p = scores.softmax(dim=-1).to(kv.dtype)                               # [B, T*H, S] (gathered: [B*T, H, k])
+        o_lat = torch.bmm(p, kv[..., :c])                                     # [B, T*H, c] (gathered: [B*T, H, c])
         out = torch.bmm(o_lat.view(B * T, H, c).transpose(0, 1), w_uv.transpose(1, 2))   # [H, B*T, v]
         return out.transpose(0, 1).view(B, T, H, self.v_head_dim)
 

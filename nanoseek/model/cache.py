@@ -7,6 +7,8 @@ one buffer per layer, ``kv[layer]`` ``[B, S, kv_lora_rank + qk_rope_head_dim]`` 
 ``b[layer]`` are views of its two parts): the absorbed decode path uses the whole slot as the
 single MQA key ``[c_KV | k_rope]`` and its first part as the value, with no concatenation per
 step. For the ``mha`` ablation baseline it holds per-head keys (``a``) and values (``b``).
+A DeepSeek-V3.2 model (``index_n_heads > 0``) also keeps each layer's rotated lightning-indexer
+key, ``index_k[layer]`` ``[B, S, index_head_dim]`` (see :mod:`nanoseek.model.dsa`).
 
 Every forward step writes its new entries at ``positions`` (per row, so prompts of different
 lengths share a batch) and reads slots ``[0, max(positions)]``; attention masks slot ``j`` for a
@@ -41,12 +43,13 @@ class KVCache:
             shape_b = (batch_size, max_len, config.num_key_value_heads, config.v_head_dim)   # v
             self.a = [torch.zeros(shape_a, dtype=dtype, device=device) for _ in range(n)]
             self.b = [torch.zeros(shape_b, dtype=dtype, device=device) for _ in range(n)]
+        self.index_k = [torch.zeros(batch_size, max_len, config.index_head_dim, dtype=dtype, device=device)
+                        for _ in range(n)] if config.index_n_heads else []
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all layers (the figure the estimate command predicts)."""
-        per_row_slot = sum(t[0, 0].numel() * t.element_size() for t in self.a + self.b)
-        return per_row_slot
+        return sum(t[0, 0].numel() * t.element_size() for t in self.a + self.b + self.index_k)
 
     def check_positions(self, positions: torch.Tensor) -> int:
         """The number of slots a step with these positions attends over (max position + 1)."""
@@ -95,9 +98,21 @@ class KVCache:
             return self.kv[layer][:self.batch_size if batch is None else batch, :length]
         return self.kv[layer][rows, :length]
 
+    def write_index_keys(self, layer: int, positions: torch.Tensor, keys: torch.Tensor,
+                         rows: torch.Tensor | None = None) -> None:
+        """V3.2: store the indexer keys [B, T, index_head_dim]; positions already checked."""
+        self.index_k[layer][self._index(positions, rows)] = keys.to(self.dtype)
+
+    def read_index_keys(self, layer: int, length: int, rows: torch.Tensor | None = None,
+                        batch: int | None = None) -> torch.Tensor:
+        """V3.2: indexer keys of slots [0, length) as [B, length, index_head_dim]."""
+        if rows is None:
+            return self.index_k[layer][:self.batch_size if batch is None else batch, :length]
+        return self.index_k[layer][rows, :length]
+
     def copy_rows(self, src: torch.Tensor | list[int], dst: torch.Tensor | list[int], length: int) -> None:
         """Copy slots [0, length) of rows src to rows dst (n samples sharing one prefill)."""
         src = torch.as_tensor(src, device=self.a[0].device)
         dst = torch.as_tensor(dst, device=self.a[0].device)
-        for t in (self.kv if self.latent else self.a + self.b):
+        for t in (self.kv if self.latent else self.a + self.b) + self.index_k:
             t[dst, :length] = t[src, :length]

@@ -4,6 +4,10 @@ Every field keeps the exact name and meaning it has in HF's ``DeepseekV3Config``
 ``config.json`` DeepSeek released), so a nanoseek checkpoint is a DeepSeek-V3 checkpoint and a
 DeepSeek-V3 ``config.json`` loads here unchanged. Defaults are those of the published 671B model.
 
+DeepSeek-V3.2 is this config with ``index_n_heads > 0`` (its lightning indexer: ``index_n_heads``,
+``index_head_dim``, ``index_topk``, as in HF's ``DeepseekV32Config``); it is written as
+``model_type: deepseek_v32`` and a ``deepseek_v32`` config.json loads with HF's defaults for them.
+
 Two nanoseek extensions exist for ablations, both off by default and written to ``config.json``
 only when they differ from the default:
 
@@ -35,8 +39,16 @@ IGNORED_KEYS = {
     "ep_size", "pretraining_tp", "use_cache", "seq_aux", "aux_loss_alpha", "attention_dropout",
     "output_router_logits", "router_aux_loss_coef", "_name_or_path", "return_dict",
     "output_hidden_states", "output_attentions", "use_return_dict", "rope_parameters",
-    "mlp_layer_types", "sliding_window", "is_encoder_decoder", "tie_encoder_decoder",
+    "mlp_layer_types", "sliding_window", "is_encoder_decoder", "tie_encoder_decoder", "layer_types",
 }
+# Keys of HF configs for options nanoseek does not implement: accepted only at the value that means "off"
+OFF_KEYS = {"mlp_bias": False}
+
+# HF's DeepseekV32Config defaults for the indexer (a deepseek_v32 config.json may leave them out)
+V32_INDEXER_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+# Fields HF's DeepseekV32Config does not have: a V3.2 model must hold them at these values
+V32_FIXED = {"rope_interleave": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
+             "attention_type": "mla"}
 
 # Keys transformers derives and writes back; accepted when consistent with the fields they derive from.
 DERIVED_KEYS = {
@@ -57,7 +69,7 @@ SIZE_MAX = 2**31 - 1            # any size field: vocab, widths, context (int32 
 COUNT_MAX = {"num_hidden_layers": 4096, "num_nextn_predict_layers": 64, "n_routed_experts": 65536,
              "n_shared_experts": 65536, "num_attention_heads": 65536, "num_key_value_heads": 65536,
              "n_group": 65536, "topk_group": 65536, "num_experts_per_tok": 65536, "moe_layer_freq": 4096,
-             "first_k_dense_replace": 4096}
+             "first_k_dense_replace": 4096, "index_n_heads": 65536}
 
 ROPE_SCALING_KEYS = {
     "type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
@@ -82,6 +94,10 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     attention_bias: bool = False
+    # --- DeepSeek Sparse Attention (V3.2's lightning indexer; 0 heads: none, a DeepSeek-V3 model)
+    index_n_heads: int = 0                  # 64 in DeepSeek-V3.2
+    index_head_dim: int = 128
+    index_topk: int = 2048                  # keys each query attends to
     # --- DeepSeekMoE
     n_routed_experts: int | None = 256
     n_shared_experts: int | None = 1
@@ -186,6 +202,16 @@ class ModelConfig:
         else:
             if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
                 raise bad("num_key_value_heads", "must divide num_attention_heads")
+        if self.index_n_heads:
+            for name, value in V32_FIXED.items():
+                if getattr(self, name) != value:
+                    raise bad(name, f"a DeepSeek-V3.2 model (index_n_heads > 0) has {name} = {value!r}")
+            if self.q_lora_rank is None:
+                raise bad("q_lora_rank", "DeepSeek-V3.2's indexer reads MLA's query latent: needs a q_lora_rank")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise bad("index_head_dim", f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its RoPE part)")
+            if self.index_topk < 1:
+                raise bad("index_topk", "must be >= 1")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise bad("first_k_dense_replace", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
         if self.moe_layer_freq < 1:
@@ -262,6 +288,9 @@ class ModelConfig:
                 kwargs[key] = _check_type(key, value, names[key], source)
             elif key in IGNORED_KEYS or key in DERIVED_KEYS:
                 continue
+            elif key in OFF_KEYS:
+                if value != OFF_KEYS[key]:
+                    raise ConfigError(f"{source}: field '{key}' = {value!r} is not supported (only {OFF_KEYS[key]!r})")
             else:
                 raise ConfigError(
                     f"{source}: unknown field '{key}'. Valid fields: {', '.join(sorted(names))}")
@@ -272,6 +301,9 @@ class ModelConfig:
                 kwargs["rope_theta"] = float(rp["rope_theta"])
             if rp.get("rope_type", "default") != "default" and "rope_scaling" not in d:
                 kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if d.get("model_type") == "deepseek_v32":
+            for key, value in V32_INDEXER_DEFAULTS.items():
+                kwargs.setdefault(key, value)
         # DeepSeek-V2 configs predate MTP: no num_nextn_predict_layers means none, not V3's one.
         if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = 0
@@ -283,6 +315,13 @@ class ModelConfig:
             cfg.validate()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        layer_types = d.get("mlp_layer_types")
+        if layer_types is not None:
+            want = ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+            if layer_types != want:
+                raise ConfigError(f"{source}: field 'mlp_layer_types' = {layer_types!r} is not the layout "
+                                  f"first_k_dense_replace / moe_layer_freq give ({want}); nanoseek builds "
+                                  "MoE layers from those two fields")
         for key, derive in DERIVED_KEYS.items():
             if key in d and d[key] is not None and d[key] != derive(cfg):
                 raise ConfigError(f"{source}: field '{key}' = {d[key]!r} is inconsistent with the fields it "
@@ -313,8 +352,15 @@ class ModelConfig:
             d.pop("quantization_config")
         if d["attention_type"] == "mla":
             d.pop("attention_type")
-        d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
-        return d
+        if self.index_n_heads:   # DeepSeek-V3.2: HF's DeepseekV32Config has no fields for the fixed choices
+            for name in V32_FIXED:
+                d.pop(name, None)
+            d["mlp_layer_types"] = ["sparse" if self.is_moe_layer(i) else "dense"
+                                    for i in range(self.num_hidden_layers)]
+            return {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", **d}
+        for name in V32_INDEXER_DEFAULTS:
+            d.pop(name)
+        return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

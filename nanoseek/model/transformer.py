@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 transformer: decoder layers, MTP modules and the causal-LM head.
+"""The DeepSeek-V3 transformer (and V3.2, its MLA with a lightning indexer): layers, MTP and the head.
 
 Module names match HF's ``DeepseekV3ForCausalLM`` (``model.embed_tokens``, ``model.layers.{i}.
 self_attn.kv_a_proj_with_mqa``, ``model.layers.{i}.mlp.gate.e_score_correction_bias``,
@@ -40,6 +40,7 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None             # main next-token CE (mean over labels != -100)
     mtp_loss: torch.Tensor | None = None         # (1/D) sum_k CE_k, unweighted
     aux_loss: torch.Tensor | None = None         # sum of the MoE layers' (MTP's too) sequence-wise balance losses
+    indexer_loss: torch.Tensor | None = None     # V3.2, while the indexer trains: mean over layers of its KL (dsa.py)
     hidden: torch.Tensor | None = None           # final normed hidden states [B, T, d]
 
 
@@ -148,6 +149,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         h = m.embed_tokens(input_ids)
         # which cached slots each query sees: computed once, shared by every layer
         mask = None if cache is None else CacheMask(positions, cache.check_positions(positions))
+        for attn in self._indexed_attention(with_mtp=True):
+            attn.indexer_loss = None
         for layer in m.layers:
             h = layer(h, cos, sin, positions, cache, rows, mask)
         h = m.norm(h)
@@ -166,6 +169,10 @@ class DeepseekV3ForCausalLM(nn.Module):
             aux = [moe.aux_loss for moe in moes if moe.aux_loss is not None]
             if aux:
                 out.aux_loss = torch.stack(aux).sum()
+            kl = [a.indexer_loss for a in self._indexed_attention(with_mtp=out.mtp_loss is not None)
+                  if a.indexer_loss is not None]
+            if kl:
+                out.indexer_loss = torch.stack(kl).mean()
         else:
             hk = h if logits_to_keep is None else h[:, -logits_to_keep:]
             out.logits = self.lm_head(hk)
@@ -214,6 +221,24 @@ class DeepseekV3ForCausalLM(nn.Module):
     def expert_bias(self) -> torch.Tensor | None:
         biases = [m.gate.e_score_correction_bias for m in self.moe_layers() if m.gate.e_score_correction_bias is not None]
         return torch.stack(biases) if biases else None
+
+    # ------------------------------------------------------------------ DeepSeek-V3.2's indexer
+    def _indexed_attention(self, with_mtp: bool) -> list[MLA]:
+        blocks = list(self.model.layers) + (list(self.model.mtp) if with_mtp else [])
+        return [b.self_attn for b in blocks if getattr(b.self_attn, "indexer", None) is not None]
+
+    def set_dsa_stage(self, stage: str | None) -> None:
+        """V3.2's indexer training (dsa.py): ``"dense"`` (warm-up: dense attention, the indexer learns
+        the dense distribution), ``"sparse"`` (top-k attention, the indexer learns over its selection)
+        or None (no indexer loss: inference). Either training stage puts ``indexer_loss`` in the output."""
+        if stage not in (None, "dense", "sparse"):
+            raise ValueError(f"DSA stage must be 'dense', 'sparse' or None, got {stage!r}")
+        for attn in self._indexed_attention(with_mtp=True):
+            attn.dsa_stage = stage
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        """The lightning indexers' parameters (what the dense warm-up trains)."""
+        return [p for a in self._indexed_attention(with_mtp=True) for p in a.indexer.parameters()]
 
     def set_absorb(self, absorb: bool) -> None:
         """Switch every attention module between the naive and the absorbed MLA path."""
