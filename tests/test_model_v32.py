@@ -332,3 +332,12 @@ def test_gguf_export_refuses_v32():
     from nanoseek.export.gguf_model import check_config
     with pytest.raises(ConfigError, match="index_n_heads"):
         check_config(make_tiny_config(**V32_CASES["sixteen_heads_topk5"]))
+
+
+def test_bf16_model_keeps_the_indexer_weights_proj_fp32():
+    model = v32_model().to(torch.bfloat16).eval()
+    for attn in model._indexed_attention(with_mtp=True):
+        assert attn.indexer.weights_proj.weight.dtype == torch.float32
+        assert attn.indexer.wq_b.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(ids_batch(T=12)).logits.isfinite().all()

@@ -33,7 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fp32 import keep_fp32
 from .rope import apply_rope
+
+
+class FP32Linear(nn.Linear):
+    """A bias-free projection whose weight stays exactly fp32 in a bf16 model (HF keeps the
+    indexer's ``weights_proj`` fp32 too: ``_keep_in_fp32_modules``)."""
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keep_fp32(fn), recurse)
 
 
 class Indexer(nn.Module):
@@ -47,7 +56,7 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(c.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = FP32Linear(c.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,7 +74,7 @@ class Indexer(nn.Module):
         q = self._rope(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin)
         s = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1)) * self.softmax_scale
         s = F.relu(s)                                                         # [B, T, H, S]
-        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5   # [B, T, H]
+        w = F.linear(x.float(), self.weights_proj.weight) * self.n_heads ** -0.5           # [B, T, H] fp32
         return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)                  # [B, T, S]
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
