@@ -347,6 +347,13 @@ def test_v32_parameters(v32, v3):
     assert p.active == q.active + 61 * 13_959_424 == 38_403_822_336
     assert p.mtp == q.mtp + 13_959_424 and p.active_breakdown["mtp"] == q.active_breakdown["mtp"] + 13_959_424
     assert sum(p.breakdown[k] for k in p.breakdown if k != "mtp") == p.total
+    # training memory holds the indexer's weights and its activations (q 64 x 128, k before and after
+    # its norm, 64 head weights, in bf16)
+    for i in (0, 3):
+        assert activation_bytes_per_token(v32, i) - activation_bytes_per_token(v3, i) == (64 * 128 + 2 * 128 + 64) * 2
+    lay = Layout(dp=128, pp=16, ep=64)
+    assert (estimate_for_layout(v32, lay, "fp8").params_per_gpu - estimate_for_layout(v3, lay, "fp8").params_per_gpu
+            == 4 * 13_959_424)                                            # stage 1: layers 4-7
 
 
 def test_v32_attention_flops_by_hand(v32, v3):

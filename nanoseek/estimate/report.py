@@ -187,6 +187,7 @@ def _comparison(console: Console, est: Estimate) -> None:
                f"ratio = {est.model} / the other",
                "context", "model", "attention FLOPs", "core + indexer", "model FLOPs", "KV B/token",
                "KV read/step", "$/M tokens")
+    t.columns[1].justify = "left"
 
     def row(ctx: str, name: str, r) -> None:
         t.add_row(ctx, name, _flops(r.attention_flops), _flops(r.core_flops + r.indexer_flops),
