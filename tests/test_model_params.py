@@ -117,7 +117,8 @@ def test_active_count_measured_from_gradients(tiny_config, name, monkeypatch):
     ran: dict[str, set[int]] = {"keys": set(), "scores": set()}
     for method in ran:
         real = getattr(Indexer, method)
-        monkeypatch.setattr(Indexer, method, lambda self, *a, _real=real, _m=method: (ran[_m].add(id(self)), _real(self, *a))[1])
+        monkeypatch.setattr(Indexer, method,
+                            lambda self, *a, _real=real, _m=method: (ran[_m].add(id(self)), _real(self, *a))[1])
     model(torch.tensor([[5]]), positions=torch.tensor([[5]]), cache=cache).logits.sum().backward()
     active = 0
     for mname, m in model.named_modules():

@@ -4,9 +4,9 @@ Pure functions on a :class:`ModelConfig` and a :class:`GPUSpec` returning datacl
 only formats them, and ``--json`` prints exactly ``Estimate.to_dict()``. Memory per GPU for a
 parallel layout lives in :mod:`.memory`, inference (KV cache, decode, the attention cost at each
 context length) in :mod:`.inference`, expert-parallel all-to-all in :mod:`.comm`; :func:`estimate`
-runs them all, and sets other configs' attention costs beside the model's (:class:`Comparison`). Model FLOPs per
-token (what is counted, and what is not) and the shared :class:`EstimateError` live one floor
-down in :mod:`.flops`, which the sections import; this module imports the sections.
+runs them all, and sets other configs' attention costs beside the model's (:class:`Comparison`).
+Model FLOPs per token (what is counted, and what is not) and the shared :class:`EstimateError`
+live one floor down in :mod:`.flops`, which the sections import; this module imports the sections.
 """
 
 from __future__ import annotations

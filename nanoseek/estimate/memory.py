@@ -107,7 +107,8 @@ def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
 def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0) -> float:
     """Rough bytes one token leaves saved for the backward pass in one layer (no recomputation,
     flash attention so no seq_len^2 scores): norm inputs and outputs, the MLA low-rank and
-    per-head q/k/v, a V3.2 indexer's query, key and head weights, the attention output, MLP or expert inputs and SwiGLU intermediates (one
+    per-head q/k/v, a V3.2 indexer's query, key and head weights, the attention output, MLP or
+    expert inputs and SwiGLU intermediates (one
     copy per routed expert), plus fp32 softmax statistics and router scores."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     e = 2 * d                                                       # input_layernorm in / out

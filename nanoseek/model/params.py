@@ -8,8 +8,9 @@ against transformers' ``DeepseekV32ForCausalLM``). ``nanoseek estimate`` builds 
 DeepSeek-V3.2 (``index_n_heads > 0``) adds a lightning indexer to every MLA layer, MTP blocks
 included (:mod:`.dsa`): ``wq_b`` [q_lora_rank -> H_I x D_I], ``wk`` [d -> D_I], ``k_norm`` (a
 LayerNorm: weight and bias, D_I each) and ``weights_proj`` [d -> H_I]: 13,959,424 parameters per
-layer for the published config, 851.5M in its 61 layers (671.88B in all, without MTP). Every token runs it, so it is activated in
-full; it is its own component (``indexer``) in the breakdowns.
+layer for the published config, 851.5M in its 61 layers (671.88B in all, without MTP). Every
+token runs it, so it is activated in full; it is its own component (``indexer``) in the
+breakdowns.
 
 KV cache (:func:`kv_cache_parts`): per token and layer, MLA caches its normalised latent
 (``kv_lora_rank``) and the shared rope key (``qk_rope_head_dim``); a V3.2 layer also the rotated
@@ -98,8 +99,8 @@ def _layer(c: ModelConfig, moe: bool) -> tuple[dict[str, int], dict[str, int]]:
 
 def layer_params(c: ModelConfig, layer_idx: int) -> tuple[dict[str, int], dict[str, int]]:
     """(total, activated) parameters of decoder layer ``layer_idx`` by component (attention,
-    indexer for V3.2, norms, dense_mlp or router/shared_experts/routed_experts). Indices >= num_hidden_layers are
-    MTP blocks. Used by ``nanoseek estimate`` for per-layer FLOPs and pipeline-stage memory."""
+    indexer for V3.2, norms, dense_mlp or router/shared_experts/routed_experts). Indices >=
+    num_hidden_layers are MTP blocks. Used by ``nanoseek estimate`` for per-layer FLOPs and pipeline-stage memory."""
     return _layer(c, c.is_moe_layer(layer_idx))
 
 
