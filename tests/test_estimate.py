@@ -1,6 +1,6 @@
-"""Tests for ``nanoseek estimate``: the published DeepSeek-V3 numbers, the arithmetic of each
-section checked by hand on small configs, the accelerator table, and the CLI (tables, --json,
-clear errors)."""
+"""Tests for ``nanoseek estimate``: the published DeepSeek-V3 and V3.2 numbers, the arithmetic of
+each section checked by hand on small configs, the layer-kind registry, the accelerator table, and
+the CLI (tables, --json, --contexts, --compare, clear errors)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,22 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.estimate.comm import comm_estimate, ep_all_to_all
-from nanoseek.estimate.estimate import estimate, param_report, parse_count, training_cost
+from nanoseek.estimate.attention import (
+    LAYER_KINDS, decode_attention_flops, kind_of, kv_bytes, kv_read_bytes, layer_kinds, mean_min,
+    train_attention_flops,
+)
+from nanoseek.estimate.cli import KV_DTYPES
+from nanoseek.estimate.estimate import estimate, param_report, parse_contexts, parse_count, training_cost
 from nanoseek.estimate.flops import (
     EstimateError, attention_flops_per_token, flops_per_token, training_flops_breakdown,
 )
 from nanoseek.estimate.gpus import GPUS, GPUSpecError, get_gpu, gpu_spec_from_dict, load_gpu_spec
-from nanoseek.estimate.inference import decode_estimate, decode_weight_bytes, experts_touched
+from nanoseek.estimate.inference import context_costs, decode_estimate, decode_weight_bytes, experts_touched
 from nanoseek.estimate.memory import (
     Layout, activation_bytes_per_token, estimate_for_layout, stage_layers,
 )
 from nanoseek.model.config import ModelConfig, load_model_config
-from nanoseek.model.params import count_params, layer_params
+from nanoseek.model.params import KV_FORMATS, count_params, indexer_params, kv_cache_bytes_per_token, layer_params
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,17 @@ def v3():
 
 
 @pytest.fixture(scope="module")
+def v32():
+    return load_model_config("deepseek-v3.2")
+
+
+@pytest.fixture(scope="module")
 def tiny():
     return load_model_config("tiny")
+
+
+def _tiny_v32(**kw) -> ModelConfig:
+    return load_model_config("tiny").replace(**{"index_n_heads": 4, "index_head_dim": 16, "index_topk": 6, **kw})
 
 
 def _dense_mha(**kw) -> ModelConfig:
@@ -297,11 +311,142 @@ def test_all_to_all_across_nodes_is_node_limited(v3):
         ep_all_to_all(v3, get_gpu("h800"), 12)
 
 
+# ---------------------------------------------------------------------- V3.2 and the layer kinds
+def _sample(kind: str) -> ModelConfig:
+    """A small config whose layers are of ``kind``; a kind added to the registry needs one here."""
+    return {"mla": load_model_config("tiny"), "mla+indexer": _tiny_v32(), "mha": _dense_mha()}[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_KINDS))
+def test_every_layer_kind_is_consistent(kind):
+    """For every registered kind: its training mean equals the mean of its decode counts over a causal
+    sequence, its cache holds what nanoseek's KVCache holds, and a decode step never reads more
+    than the cache."""
+    cfg = _sample(kind)
+    assert layer_kinds(cfg) == [kind] * cfg.num_hidden_layers and kind_of(cfg, 10**6).name == kind
+    k = LAYER_KINDS[kind]
+    for length in (1, 5, 6, 7, 40):
+        attended = sum(k.keys(cfg, t)[0] for t in range(1, length + 1)) / length
+        scored = sum(k.keys(cfg, t)[1] for t in range(1, length + 1)) / length
+        assert k.mean_keys(cfg, length) == pytest.approx((attended, scored))
+        assert k.read_bytes(cfg, length, KV_FORMATS["bf16"]) <= k.cache_bytes(cfg, length, KV_FORMATS["bf16"])
+    for dtype_bytes, fmt in ((4, "fp32"), (2, "bf16")):
+        assert kv_bytes(cfg, 9, fmt) == 9 * kv_cache_bytes_per_token(cfg, dtype_bytes)
+
+
+def test_mean_min_by_brute_force():
+    for k in (1, 3, 2048):
+        for length in (1, 2, 3, 4, 100, 5000):
+            assert mean_min(k, length) == pytest.approx(sum(min(k, t) for t in range(1, length + 1)) / length)
+
+
+def test_v32_parameters(v32, v3):
+    p, q = param_report(v32), param_report(v3)
+    assert p.breakdown["indexer"] == p.active_breakdown["indexer"] == 61 * 13_959_424
+    assert p.total == q.total + 61 * 13_959_424 == 671_877_944_064
+    assert p.active == q.active + 61 * 13_959_424 == 38_403_822_336
+    assert p.mtp == q.mtp + 13_959_424 and p.active_breakdown["mtp"] == q.active_breakdown["mtp"] + 13_959_424
+    assert sum(p.breakdown[k] for k in p.breakdown if k != "mtp") == p.total
+    # training memory holds the indexer's weights and its activations (q 64 x 128, k before and after
+    # its norm, 64 head weights, in bf16)
+    for i in (0, 3):
+        assert activation_bytes_per_token(v32, i) - activation_bytes_per_token(v3, i) == (64 * 128 + 2 * 128 + 64) * 2
+    lay = Layout(dp=128, pp=16, ep=64)
+    assert (estimate_for_layout(v32, lay, "fp8").params_per_gpu - estimate_for_layout(v3, lay, "fp8").params_per_gpu
+            == 4 * 13_959_424)                                            # stage 1: layers 4-7
+
+
+def test_v32_attention_flops_by_hand(v32, v3):
+    """Decode (absorbed MLA): 2h(512 + 64) + 2h 512 = 278,528 FLOPs per attended key per layer; the
+    indexer 2 x 64 x (128 + 1) = 16,512 per scored key. V3 attends to every key, V3.2 to 2,048."""
+    per_key, per_scored = 2 * 128 * 576 + 2 * 128 * 512, 2 * 64 * 129
+    for n in (1, 2048, 4096, 131072, 1048576):
+        assert decode_attention_flops(v3, n) == {"core": 61 * n * per_key, "indexer": 0}
+        assert decode_attention_flops(v32, n) == {"core": 61 * min(n, 2048) * per_key, "indexer": 61 * n * per_scored}
+        assert kv_read_bytes(v3, n) == kv_bytes(v3, n) == 61 * n * 1152
+        assert kv_read_bytes(v32, n) == 61 * (n * 256 + min(n, 2048) * 1152)           # bf16
+        assert kv_read_bytes(v32, n, "bf16-fp8-index") == 61 * (n * 132 + min(n, 2048) * 1152)
+        assert kv_bytes(v32, n) == 61 * n * 1408
+    # training (naive MLA, 2h(192 + 128) per key), x3 for the backward; the indexer trains too
+    b = training_flops_breakdown(v32, 4096, include_mtp=False)
+    assert b["attention"] == pytest.approx(3 * 61 * 81920 * mean_min(2048, 4096))
+    assert b["indexer"] == pytest.approx(3 * 61 * per_scored * 4097 / 2)
+    assert b["matmul"] == 6 * param_report(v32).active_without_embedding
+    v3b = training_flops_breakdown(v3, 4096, include_mtp=False)
+    assert v3b["indexer"] == 0 and b["attention"] < v3b["attention"]
+    # at or below top-k every key is attended: V3.2's core attention is V3's
+    assert training_flops_breakdown(v32, 2048)["attention"] == training_flops_breakdown(v3, 2048)["attention"]
+    mtp = training_flops_breakdown(v32, 4096)["mtp"] - training_flops_breakdown(v3, 4096)["mtp"]
+    core_saved = 81920 * (4097 / 2 - mean_min(2048, 4096))
+    assert mtp == pytest.approx(6 * 13_959_424 + 3 * (per_scored * 4097 / 2 - core_saved))
+
+
+def test_v32_decode_cost_is_flat_beyond_topk(v32, v3):
+    contexts = [4096, 131072, 1048576]
+    a = context_costs(v32, get_gpu("h800"), contexts, serve_gpus=64)
+    b = context_costs(v3, get_gpu("h800"), contexts, serve_gpus=64)
+    assert a[0].core_flops == a[1].core_flops == a[2].core_flops                   # flat: 2,048 keys
+    assert b[2].core_flops == 256 * b[0].core_flops                                 # linear
+    assert a[2].indexer_flops == 256 * a[0].indexer_flops
+    assert a[2].attention_flops < b[2].attention_flops / 10
+    assert a[0].keys_attended == {"mla+indexer": 2048} and a[2].keys_scored == {"mla+indexer": 1048576}
+    assert b[2].keys_attended == {"mla": 1048576} and b[2].keys_scored == {"mla": 0}
+    assert [r.beyond_max_position for r in a] == [False, False, True]               # 163,840 positions
+    assert a[0].projection_flops == 2 * 61 * (187_107_328 + 13_959_424)
+    assert a[0].model_flops == 2 * param_report(v32).active_without_embedding + a[0].core_flops + a[0].indexer_flops
+    # the cache is larger (the indexer key), what a step reads far smaller at long context
+    assert a[1].kv_bytes_per_token == 61 * 1408 and b[1].kv_bytes_per_token == 61 * 1152
+    assert a[2].kv_read_bytes_per_step < b[2].kv_read_bytes_per_step / 4
+    assert a[1].usd_per_million_tokens < b[1].usd_per_million_tokens
+    assert b[2].usd_per_million_tokens / b[1].usd_per_million_tokens > 4                # dense: ~linear
+    growth = [r[2].usd_per_million_tokens / r[1].usd_per_million_tokens for r in (a, b)]
+    assert growth[0] < growth[1]
+    with pytest.raises(EstimateError, match="context"):
+        context_costs(v32, get_gpu("h800"), [0])
+
+
+def test_v32_decode_bound_by_hand():
+    """A tiny V3.2 model on a made-up GPU: bytes read = weights + every indexer key + the top-k latent
+    entries; FLOPs = 2 x activated + core at the BF16 peak + indexer scores at the FP8 peak."""
+    c = _tiny_v32(index_topk=6)
+    g = gpu_spec_from_dict({"name": "T", "bf16_tflops": 100, "fp8_tflops": 400, "hbm_gb": 1, "hbm_tb_s": 1,
+                            "nvlink_gb_s": 1, "network_gb_s": 1})
+    ctx, b = 50, 3
+    inf = decode_estimate(c, g, context=ctx, batch=b, price=3.6, weight_bytes=2, kv_format="bf16")
+    names = [v.name for v in inf.variants]
+    assert names[:2] == ["MLA+DSA (absorbed)", "MLA dense (absorbed)"]
+    own, dense = inf.variants[0], inf.variants[1]
+    L, h, lat, r, hi, di = 3, 4, 32, 8, 4, 16
+    assert own.bytes_per_token_per_layer == (lat + r + di) * 2 and dense.bytes_per_token_per_layer == (lat + r) * 2
+    read = L * (ctx * di * 2 + 6 * (lat + r) * 2)
+    t_mem = (decode_weight_bytes(c, b, 2) + b * read) / 1e12
+    core = L * 6 * (2 * h * (lat + r) + 2 * h * lat)
+    index = L * ctx * 2 * hi * (di + 1)
+    t_cmp = b * (2 * count_params(c).active_without_embedding / 100e12 + core / 100e12 + index / 400e12)
+    assert own.step_time_s == pytest.approx(max(t_mem, t_cmp))
+    assert own.bound == ("memory" if t_mem >= t_cmp else "compute")
+    assert [k.kind for k in inf.kinds] == ["mla+indexer"]
+    assert inf.kinds[0].parts == {"latent": lat * 2, "rope_key": r * 2, "indexer_key": di * 2}
+    assert inf.kv_format == "bf16" and "nanoseek" in inf.kv_format_about
+    with pytest.raises(EstimateError, match="unknown KV-cache format"):
+        decode_estimate(c, g, context=10, kv_format="int4")
+
+
+def test_parse_contexts():
+    assert parse_contexts("4K,128K,1M") == [4096, 131072, 1048576]
+    assert parse_contexts("1000, 4k,1000") == [1000, 4096]
+    assert parse_contexts("0.5K") == [512]
+    for bad in ("", "0", "4X", "1.5", "4K,,8K", "-4K"):
+        with pytest.raises(EstimateError, match="4K,128K,1M"):
+            parse_contexts(bad)
+
+
 # ---------------------------------------------------------------------- the whole estimate
 def test_estimate_to_dict_is_json(v3):
     est = estimate(v3, get_gpu("h800"), tokens=14.8e12, layout=Layout(dp=128, pp=16, ep=64))
     d = json.loads(json.dumps(est.to_dict()))
-    assert set(d) == {"model", "config", "gpu", "params", "training", "memory", "inference", "communication"}
+    assert set(d) == {"model", "config", "gpu", "params", "training", "memory", "inference", "communication",
+                      "contexts", "compared"}
     assert d["params"]["total"] == 671_026_419_200 and d["training"]["gpus"] == 2048
     assert d["communication"]["chosen"]["ep"] == 64
 
@@ -387,6 +532,39 @@ def test_cli_unknown_gpu_and_bad_flags(capsys, tmp_path):
     assert d["communication"]["chosen"]["gpu"] == "X9"
 
 
+def test_cli_v32_contexts_and_compare(capsys):
+    args = ["estimate", "--config", "deepseek-v3.2", "--compare", "deepseek-v3", "--contexts", "4K,128K,1M"]
+    assert main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"]["total"] == 671_877_944_064 and d["params"]["breakdown"]["indexer"] == 61 * 13_959_424
+    assert [r["context"] for r in d["contexts"]] == [4096, 131072, 1048576]
+    (cmp,) = d["compared"]
+    assert cmp["model"] == "deepseek-v3" and [r["context"] for r in cmp["contexts"]] == [4096, 131072, 1048576]
+    assert cmp["kv_bytes_ratio"] == [pytest.approx(1408 / 1152)] * 3
+    assert cmp["core_and_indexer_flops_ratio"][0] > 0.5 and cmp["core_and_indexer_flops_ratio"][2] < 0.1
+    assert cmp["model_flops_ratio"][2] < cmp["model_flops_ratio"][1] < cmp["model_flops_ratio"][0] <= 1.0
+    assert d["training"]["flops_breakdown"]["indexer"] > 0
+    assert main(args + ["--kv-dtype", "fp8-flashmla"]) == 0
+    out = capsys.readouterr().out
+    for s in ("lightning indexer (V3.2)", "851,524,864", "mla+indexer", "indexer key 132", "latent 528",
+              "1,048,576 *", "ratio to deepseek-v3", "fp8-flashmla"):
+        assert s in out, s
+    assert main(["estimate", "--config", "deepseek-v3", "--contexts", "2K"]) == 0
+    out = capsys.readouterr().out
+    assert "2,048" in out and "against" not in out and "indexer (V3.2)" not in out
+
+
+def test_cli_contexts_compare_and_kv_dtype_errors(capsys):
+    assert set(KV_DTYPES) == set(KV_FORMATS)                  # the CLI's list (no torch import) is the registry's
+    assert main(["estimate", "--contexts", "4X"]) == 2
+    err = capsys.readouterr().err
+    assert "--contexts" in err and "Traceback" not in err
+    assert main(["estimate", "--compare", "no-such-model"]) == 2
+    assert "deepseek-v3.2" in capsys.readouterr().err                     # lists the presets
+    assert main(["estimate", "--kv-dtype", "int4"]) == 2
+    assert "fp8-flashmla" in capsys.readouterr().err
+
+
 def test_docs_example_regenerates(capsys):
     """docs/estimate.md shows the output (or its tail) of each command above it; it must match."""
     from pathlib import Path
@@ -394,7 +572,7 @@ def test_docs_example_regenerates(capsys):
     blocks = doc.split("```")[1::2]
     pairs = [(c.strip(), o.strip("\n")) for c, o in zip(blocks, blocks[1:])
              if c.strip().startswith("nanoseek estimate --")]
-    assert len(pairs) == 2
+    assert len(pairs) == 3
     for cmd, shown in pairs:
         assert main(cmd.split()[1:]) == 0
         out = "\n".join(line.rstrip() for line in capsys.readouterr().out.strip("\n").splitlines())

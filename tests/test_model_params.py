@@ -1,17 +1,26 @@
 """Parameter counts (analytic == instantiated, tensor by tensor; the published 671B / 37B on the
-meta device), activated parameters measured from gradients, init, finite gradients, bf16."""
+meta device, and DeepSeek-V3.2's equal to transformers' own model on the meta device), activated
+parameters measured from gradients, KV-cache bytes (analytic == the cache), init, finite
+gradients, bf16."""
 
 from __future__ import annotations
 
+import json
 import math
 import resource
+import warnings
 from collections import Counter
 
 import pytest
 import torch
 
 from nanoseek.model import DeepseekV3ForCausalLM, load_model_config
-from nanoseek.model.params import count_params, expert_params, layer_params
+from nanoseek.model.cache import KVCache
+from nanoseek.model.config import PRESET_DIR
+from nanoseek.model.dsa import Indexer
+from nanoseek.model.params import (
+    KV_FORMATS, count_params, expert_params, indexer_params, kv_cache_bytes_per_token, kv_cache_parts, layer_params,
+)
 
 CONFIGS = {
     "mla_q_lora": {},
@@ -26,6 +35,12 @@ CONFIGS = {
                            "num_hidden_layers": 4, "first_k_dense_replace": 0},
     "no_shared_greedy_v2": {"n_shared_experts": 0, "scoring_func": "softmax", "topk_method": "greedy",
                             "n_group": 1, "topk_group": 1},
+    # DeepSeek-V3.2: a lightning indexer in every layer, MTP blocks included
+    "v32": {"index_n_heads": 4, "index_head_dim": 16, "index_topk": 3},
+    "v32_mtp2_bias_dense_first2": {"index_n_heads": 3, "index_head_dim": 12, "index_topk": 5, "attention_bias": True,
+                                   "num_nextn_predict_layers": 2, "first_k_dense_replace": 2, "q_lora_rank": 24},
+    "v32_dense_tied": {"index_n_heads": 2, "index_head_dim": 8, "index_topk": 1, "n_routed_experts": 0,
+                       "tie_word_embeddings": True},
 }
 
 
@@ -39,6 +54,8 @@ def component(name: str) -> str:
         return "lm_head"
     if name == "model.norm.weight" or "layernorm.weight" in name and ".self_attn." not in name:
         return "norms"
+    if ".self_attn.indexer." in name:
+        return "indexer"
     if ".self_attn." in name:
         return "attention"
     if ".mlp.gate." in name:
@@ -82,21 +99,34 @@ def test_count_matches_instantiated_model(tiny_config, name):
         assert n == sum(layer_params(cfg, i)[0].values()), f"layer {i}"
 
 
-@pytest.mark.parametrize("name", ["mla_q_lora", "mha", "dense_only", "tied"])
-def test_active_count_measured_from_gradients(tiny_config, name):
+@pytest.mark.parametrize("name", ["mla_q_lora", "mha", "dense_only", "tied", "v32", "v32_dense_tied"])
+def test_active_count_measured_from_gradients(tiny_config, name, monkeypatch):
     """Backprop one decoded token (its context cached without grad): the parameters it touches
     are the activated ones (routed experts counted per expert slice; the embedding and the router
-    bias count in full, as in the published 37B)."""
+    bias count in full, as in the published 37B). A V3.2 indexer gets no gradient from the language
+    model loss (its selection is discrete): it counts as activated when its key and its scores were
+    computed for the token (``keys`` reads wk and k_norm, ``scores`` wq_b and weights_proj)."""
     cfg = tiny_config(**CONFIGS[name])
+    if cfg.index_n_heads:   # every key attended, else a token that drops its own latent leaves kv_a without gradient
+        cfg = cfg.replace(index_topk=8)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(cfg)
-    cache = model.new_cache(1, 4)
+    cache = model.new_cache(1, 8)
     with torch.no_grad():
-        model(torch.tensor([[7, 9]]), positions=torch.tensor([[0, 1]]), cache=cache)
-    model(torch.tensor([[5]]), positions=torch.tensor([[2]]), cache=cache).logits.sum().backward()
+        model(torch.tensor([[7, 9, 3, 4, 8]]), positions=torch.arange(5)[None], cache=cache)
+    ran: dict[str, set[int]] = {"keys": set(), "scores": set()}
+    for method in ran:
+        real = getattr(Indexer, method)
+        monkeypatch.setattr(Indexer, method,
+                            lambda self, *a, _real=real, _m=method: (ran[_m].add(id(self)), _real(self, *a))[1])
+    model(torch.tensor([[5]]), positions=torch.tensor([[5]]), cache=cache).logits.sum().backward()
     active = 0
+    for mname, m in model.named_modules():
+        if isinstance(m, Indexer) and not mname.startswith("model.mtp."):
+            assert id(m) in ran["keys"] and id(m) in ran["scores"], mname
+            active += sum(p.numel() for p in m.parameters())
     for pname, p in model.named_parameters():
-        if pname.startswith("model.mtp."):
+        if pname.startswith("model.mtp.") or ".indexer." in pname:
             continue
         if ".mlp.experts." in pname:
             touched = p.grad.flatten(1).abs().sum(1) > 0                 # [E]
@@ -107,6 +137,7 @@ def test_active_count_measured_from_gradients(tiny_config, name):
             active += p.numel()
     active += sum(m.gate.e_score_correction_bias.numel() for m in model.moe_layers())
     assert active == count_params(cfg).active
+    assert count_params(cfg).active_breakdown.get("indexer", 0) == cfg.num_hidden_layers * indexer_params(cfg)
 
 
 def test_published_counts_on_meta_device():
@@ -135,6 +166,93 @@ def test_published_counts_on_meta_device():
     assert pc.active == pc.total - 58 * (256 - 8) * expert_params(cfg) == 37_552_297_472
     assert pc.active_without_embedding == pc.active - V * d
     assert round(pc.active / 1e9, 2) == 37.55 and round(pc.active_without_embedding / 1e9, 2) == 36.63
+
+
+# DeepSeek-V3.2(-Exp): V3's 671B plus a 13,959,424-parameter indexer in each of the 61 layers
+V32_TOTAL, V32_ACTIVE = 671_877_944_064, 38_403_822_336
+
+
+def test_published_v32_counts_on_meta_device():
+    cfg = load_model_config("deepseek-v3.2")
+    assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk) == (64, 128, 2048)
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64        # wq_b, wk, k_norm, weights_proj
+    assert indexer_params(cfg) == per_layer == 13_959_424
+    pc, v3 = count_params(cfg), count_params(load_model_config("deepseek-v3"))
+    assert pc.breakdown["indexer"] == pc.active_breakdown["indexer"] == 61 * per_layer
+    assert (pc.total, pc.active) == (V32_TOTAL, V32_ACTIVE)
+    assert (pc.total - v3.total, pc.active - v3.active, pc.mtp - v3.mtp) == (61 * per_layer, 61 * per_layer, per_layer)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, init_weights=False)
+    got = instantiated_counts(model)
+    assert got.pop("mtp") == pc.mtp
+    assert dict(got) == {k: v for k, v in pc.breakdown.items() if v}
+    assert model.num_parameters() == pc.total
+
+
+def test_published_v32_counts_equal_transformers_on_meta_device():
+    """transformers' own DeepseekV32ForCausalLM of the preset's config.json, built on the meta device:
+    its parameters plus the routers' e_score_correction_bias buffers (nanoseek counts them, as the
+    published V3 figure does) are nanoseek's total; without the routed experts a token is not sent to,
+    its activated count. transformers has no MTP module for V3.2; nanoseek counts MTP apart."""
+    transformers = pytest.importorskip("transformers")
+    d = json.loads((PRESET_DIR / "deepseek-v3.2.json").read_text())
+    d.pop("quantization_config")                  # build the bf16 model; FP8 storage changes no count
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = transformers.DeepseekV32Config.from_dict(d)
+        with torch.device("meta"):
+            hf = transformers.DeepseekV32ForCausalLM(hf_cfg)
+    assert all(p.is_meta for p in hf.parameters())
+    total = sum(p.numel() for p in hf.parameters()) + sum(
+        b.numel() for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias"))
+    inactive = 0
+    for layer in hf.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            n = sum(p.numel() for p in experts.parameters())
+            inactive += n // hf_cfg.n_routed_experts * (hf_cfg.n_routed_experts - hf_cfg.num_experts_per_tok)
+    indexer = sum(p.numel() for n, p in hf.named_parameters() if ".indexer." in n)
+    pc = count_params(load_model_config("deepseek-v3.2"))
+    assert (total, total - inactive, indexer) == (pc.total, pc.active, pc.breakdown["indexer"])
+    assert (total, total - inactive) == (V32_TOTAL, V32_ACTIVE)
+
+
+# ------------------------------------------------------------------ KV-cache bytes
+@pytest.mark.parametrize("name", ["mla_q_lora", "mha", "v32", "v32_mtp2_bias_dense_first2", "v32_dense_tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_bytes_equal_the_cache(tiny_config, name, dtype):
+    """KVCache.bytes_per_token (what the engine allocates: latent, rope key and, for V3.2, the
+    indexer key, all in the model's dtype) equals the analytic figure, per layer and in all."""
+    cfg = tiny_config(**CONFIGS[name])
+    cache = KVCache(cfg, batch_size=2, max_len=3, dtype=dtype, device="meta")
+    assert cache.bytes_per_token == kv_cache_bytes_per_token(cfg, dtype.itemsize)
+    assert cache.bytes_per_token == cfg.num_hidden_layers * sum(kv_cache_parts(cfg, dtype.itemsize).values())
+    one = KVCache(cfg, batch_size=1, max_len=1, dtype=dtype, device="meta", num_layers=1)
+    assert one.bytes_per_token == kv_cache_bytes_per_token(cfg, dtype.itemsize, per_layer=True)
+    fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]   # the formats naming nanoseek's cache
+    assert kv_cache_bytes_per_token(cfg, fmt) == cache.bytes_per_token
+
+
+def test_kv_cache_formats_on_the_published_configs():
+    v3, v32 = load_model_config("deepseek-v3"), load_model_config("deepseek-v3.2")
+    by_hand = {   # per token per layer: latent 512, rope key 64, V3.2's indexer key 128 values
+        "fp32": ((512 + 64) * 4, 128 * 4),
+        "bf16": ((512 + 64) * 2, 128 * 2),
+        "fp8": (512 + 64, 128),
+        "bf16-fp8-index": ((512 + 64) * 2, 128 + 4),              # FP8 indexer key + one fp32 scale
+        "fp8-flashmla": (512 + 4 * 4 + 64 * 2, 128 + 4),          # FlashMLA's 656 B entry
+    }
+    assert set(by_hand) == set(KV_FORMATS)
+    for fmt, (mla, index) in by_hand.items():
+        assert kv_cache_bytes_per_token(v3, fmt, per_layer=True) == mla, fmt
+        assert kv_cache_parts(v32, fmt) == {"latent": kv_cache_parts(v3, fmt)["latent"],
+                                            "rope_key": kv_cache_parts(v3, fmt)["rope_key"], "indexer_key": index}
+        assert kv_cache_bytes_per_token(v32, fmt) == 61 * (mla + index), fmt
+    assert kv_cache_bytes_per_token(v32, 2) == 61 * 1408 == 85_888
+    assert kv_cache_bytes_per_token(v32, "fp8-flashmla", per_layer=True) == 656 + 132
+    assert kv_cache_parts(v32, 2, absorbed=False)["indexer_key"] == 256
+    with pytest.raises(ValueError, match="bf16-fp8-index"):
+        kv_cache_parts(v32, "int4")
 
 
 # ------------------------------------------------------------------ init, gradients, dtypes

@@ -9,6 +9,7 @@ examples:
       --gpu-hours-per-trillion 180K --price 2 --pp 16 --ep 64 --precision fp8
   nanoseek estimate --config path/to/config.json --gpu h100 --gpus 64 --mfu 0.35 --json
   nanoseek estimate --config deepseek-v2-lite --gpu-spec my_gpu.toml --context 32768 --batch 16
+  nanoseek estimate --config deepseek-v3.2 --compare deepseek-v3 --contexts 4K,128K,1M
 
 With --gpu-hours (or --gpu-hours-per-trillion) the MFU they imply is solved for; otherwise
 GPU-hours follow from --mfu (default 0.4). MFU is always against the dense BF16 peak.
@@ -24,6 +25,8 @@ import sys
 from pathlib import Path
 
 GPU_NAMES = "a100, h100, h800, h20, h200, b200"
+# nanoseek.model.params.KV_FORMATS' names (not imported: `nanoseek --help` must not load torch)
+KV_DTYPES = ("bf16", "fp32", "fp8", "bf16-fp8-index", "fp8-flashmla")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +79,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf.add_argument("--batch", type=limits.positive_int, default=64, help="concurrent requests decoding (default 64)")
     inf.add_argument("--serve-gpus", type=limits.positive_int,
                      help="GPUs serving one model replica (default: smallest power of two that fits)")
-    inf.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="KV cache dtype (default bf16)")
+    inf.add_argument("--kv-dtype", choices=KV_DTYPES, default="bf16",
+                     help="how the KV cache stores each value: bf16 or fp32 (nanoseek's own cache, every "
+                          "part in the model's dtype), fp8 (one byte per value, scales not counted), "
+                          "bf16-fp8-index (DeepSeek-V3.2's inference code: latent and rope key in bf16, "
+                          "indexer key in FP8 with an fp32 scale per 128 values), fp8-flashmla (FlashMLA's "
+                          "FP8 sparse decode cache, 656 B per MLA entry, and the FP8 indexer key) "
+                          "(default bf16)")
+    inf.add_argument("--contexts", default="4K,128K,1M", metavar="LIST",
+                     help="context lengths of the attention-per-token table, comma-separated, "
+                          "K = 1,024 and M = 1,048,576 (default 4K,128K,1M)")
+    inf.add_argument("--compare", action="append", metavar="NAME_OR_PATH",
+                     help="another preset or config.json whose per-token attention cost and KV cache go "
+                          "beside this model's at the same contexts and serving GPUs; repeatable "
+                          "(e.g. --config deepseek-v3.2 --compare deepseek-v3)")
     inf.add_argument("--infer-dtype", choices=("auto", "bf16", "fp8"), default="auto",
                      help="weight dtype when serving (default: fp8 if the config ships FP8, else bf16)")
     inf.add_argument("--gqa-groups", type=limits.positive_int,
@@ -151,12 +167,14 @@ def _resolve(args, cfg, gpu):
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import UserError
-    from .estimate import estimate, parse_count
+    from .estimate import estimate, parse_contexts, parse_count
     from .flops import EstimateError
     from .gpus import GPUSpecError, get_gpu, load_gpu_spec
 
     cfg = load_config(args.config)
+    compare_with = {name: load_config(name) for name in args.compare or []}
     try:
+        contexts = parse_contexts(args.contexts, "--contexts")
         gpu = load_gpu_spec(args.gpu_spec) if args.gpu_spec else get_gpu(args.gpu)
         tokens = parse_count(args.tokens, "--tokens") if args.tokens is not None else None
         gpu_hours = parse_count(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
@@ -172,9 +190,9 @@ def run(args: argparse.Namespace) -> int:
             cfg, gpu, model_name=str(args.config), tokens=tokens, seq_len=seq_len, mfu=args.mfu,
             gpu_hours=gpu_hours, price=args.price, include_mtp=not args.no_mtp, layout=layout,
             precision=args.precision, context=args.context, batch=args.batch,
-            serve_gpus=args.serve_gpus, kv_bytes=1 if args.kv_dtype == "fp8" else 2,
+            serve_gpus=args.serve_gpus, kv_format=args.kv_dtype,
             infer_weight_bytes={"auto": None, "bf16": 2.0, "fp8": 1.0}[args.infer_dtype],
-            gqa_groups=args.gqa_groups)
+            gqa_groups=args.gqa_groups, contexts=contexts, compare_with=compare_with)
     except (EstimateError, GPUSpecError) as e:
         raise UserError(str(e)) from None
     if args.json:

@@ -2,10 +2,11 @@
 
 Pure functions on a :class:`ModelConfig` and a :class:`GPUSpec` returning dataclasses; the CLI
 only formats them, and ``--json`` prints exactly ``Estimate.to_dict()``. Memory per GPU for a
-parallel layout lives in :mod:`.memory`, inference (KV cache, decode) in :mod:`.inference`,
-expert-parallel all-to-all in :mod:`.comm`; :func:`estimate` runs them all. Model FLOPs per
-token (what is counted, and what is not) and the shared :class:`EstimateError` live one floor
-down in :mod:`.flops`, which the sections import; this module imports the sections.
+parallel layout lives in :mod:`.memory`, inference (KV cache, decode, the attention cost at each
+context length) in :mod:`.inference`, expert-parallel all-to-all in :mod:`.comm`; :func:`estimate`
+runs them all, and sets other configs' attention costs beside the model's (:class:`Comparison`).
+Model FLOPs per token (what is counted, and what is not) and the shared :class:`EstimateError`
+live one floor down in :mod:`.flops`, which the sections import; this module imports the sections.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from ..model.params import count_params
 from .comm import comm_estimate
 from .flops import DEFAULT_SEQ_LEN, EstimateError, mtp_active_params, training_flops_breakdown
 from .gpus import GPUSpec
-from .inference import decode_estimate
+from .inference import ContextCost, context_costs, decode_estimate
 from .memory import Layout, estimate_for_layout
 
 DEFAULT_MFU = 0.4
 DEFAULT_PRICE = 2.0             # $/GPU-hour, the rental price the V3 report assumes
+DEFAULT_CONTEXTS = (4096, 131072, 1048576)      # 4K, 128K, 1M: the lengths DeepSeek's claims use
 
 
 # ---------------------------------------------------------------------- units
@@ -42,6 +44,25 @@ def parse_count(text: str | float | int, what: str = "value") -> float:
         raise EstimateError(f"cannot read {what} '{text}': expected a number with an optional "
                             f"K, M, B or T suffix, e.g. 14.8T or 180K")
     return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+_BINARY = {"": 1, "k": 1024, "m": 1024 ** 2}
+
+
+def parse_contexts(text: str | list, what: str = "context lengths") -> list[int]:
+    """'4K,128K,1M' -> [4096, 131072, 1048576]: context lengths count in powers of two (K = 1,024,
+    M = 1,048,576); plain integers too. Sorted, without repeats."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    out = set()
+    for item in items:
+        s = str(item).strip().replace("_", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kKmM]?)", s)
+        n = float(m.group(1)) * _BINARY[m.group(2).lower()] if m else 0
+        if not m or n < 1 or n != int(n) or n > 2**40:
+            raise EstimateError(f"cannot read {what} '{text}': expected comma-separated token counts "
+                                f">= 1 with an optional K (1,024) or M (1,048,576) suffix, e.g. 4K,128K,1M")
+        out.add(int(n))
+    return sorted(out)
 
 
 # ---------------------------------------------------------------------- parameters
@@ -133,6 +154,34 @@ def training_cost(cfg: ModelConfig, tokens: float, gpu: GPUSpec, gpus: int, *,
         price_per_gpu_hour=price, cost_usd=gpu_hours * price)
 
 
+# ---------------------------------------------------------------------- attention at each context
+@dataclass
+class Comparison:
+    """Another config's attention costs at the same contexts, on the same serving setup, and this
+    model's figures divided by its (``*_ratio``, one per context; None where one does not fit)."""
+    model: str
+    contexts: list[ContextCost]
+    attention_flops_ratio: list[float]
+    core_and_indexer_flops_ratio: list[float]
+    model_flops_ratio: list[float]
+    kv_bytes_ratio: list[float]
+    kv_read_ratio: list[float]
+    usd_ratio: list[float | None]
+
+
+def compare(mine: list[ContextCost], theirs: list[ContextCost], model: str) -> Comparison:
+    def ratio(f):
+        return [f(a) / f(b) if f(b) else float("inf") for a, b in zip(mine, theirs)]
+    usd = [a.usd_per_million_tokens / b.usd_per_million_tokens
+           if a.usd_per_million_tokens and b.usd_per_million_tokens else None for a, b in zip(mine, theirs)]
+    return Comparison(model=model, contexts=theirs,
+                      attention_flops_ratio=ratio(lambda r: r.attention_flops),
+                      core_and_indexer_flops_ratio=ratio(lambda r: r.core_flops + r.indexer_flops),
+                      model_flops_ratio=ratio(lambda r: r.model_flops),
+                      kv_bytes_ratio=ratio(lambda r: r.kv_bytes_per_token),
+                      kv_read_ratio=ratio(lambda r: r.kv_read_bytes_per_step), usd_ratio=usd)
+
+
 # ---------------------------------------------------------------------- everything
 @dataclass
 class Estimate:
@@ -144,6 +193,8 @@ class Estimate:
     memory: Any                 # memory.LayoutMemory
     inference: Any              # inference.InferenceEstimate
     communication: Any          # comm.CommEstimate, or None for a dense model
+    contexts: list[ContextCost] = field(default_factory=list)
+    compared: list[Comparison] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,9 +212,12 @@ def estimate(cfg: ModelConfig, gpu: GPUSpec, *, model_name: str = "model",
              price: float = DEFAULT_PRICE, include_mtp: bool = True,
              layout: Any = None, precision: str = "bf16",
              context: int | None = None, batch: int = 64, serve_gpus: int | None = None,
-             kv_bytes: int = 2, infer_weight_bytes: float | None = None,
-             gqa_groups: int | None = None) -> Estimate:
-    """All sections of ``nanoseek estimate`` for one config, GPU and layout."""
+             kv_format: str | int = "bf16", infer_weight_bytes: float | None = None,
+             gqa_groups: int | None = None, contexts: list[int] | None = None,
+             compare_with: dict[str, ModelConfig] | None = None) -> Estimate:
+    """All sections of ``nanoseek estimate`` for one config, GPU and layout; the attention cost at
+    each of ``contexts`` (default 4K, 128K, 1M), and that of each config in ``compare_with``
+    (name -> config) beside it, on the same serving GPUs."""
     layout = layout or Layout()
     layout.validate(cfg)
     tokens = default_tokens(cfg) if tokens is None else tokens
@@ -174,12 +228,18 @@ def estimate(cfg: ModelConfig, gpu: GPUSpec, *, model_name: str = "model",
     if context is None:
         context = min(cfg.max_position_embeddings, 131072)
     inf = decode_estimate(cfg, gpu, context=context, batch=batch, price=price,
-                          serve_gpus=serve_gpus, kv_bytes=kv_bytes, weight_bytes=infer_weight_bytes,
+                          serve_gpus=serve_gpus, kv_format=kv_format, weight_bytes=infer_weight_bytes,
                           gqa_groups=gqa_groups)
     comm = comm_estimate(cfg, gpu, layout.ep, seq_len=seq_len, mfu=train.mfu)
+    contexts = list(DEFAULT_CONTEXTS) if contexts is None else contexts
+    at = dict(batch=batch, price=price, serve_gpus=inf.serve_gpus, kv_format=kv_format,
+              weight_bytes=infer_weight_bytes)
+    mine = context_costs(cfg, gpu, contexts, **at)
+    compared = [compare(mine, context_costs(other, gpu, contexts, **at), name)
+                for name, other in (compare_with or {}).items()]
     return Estimate(model=model_name, config=cfg.to_dict(), gpu=dataclasses.asdict(gpu),
                     params=param_report(cfg), training=train, memory=mem, inference=inf,
-                    communication=comm)
+                    communication=comm, contexts=mine, compared=compared)
 
 
 def fmt_si(x: float | None, unit: str = "", digits: int = 3) -> str:

@@ -2,7 +2,8 @@
 
 The floor of :mod:`nanoseek.estimate`: :mod:`.memory`, :mod:`.inference`, :mod:`.comm` and
 :mod:`.estimate` (which runs them all) import :class:`EstimateError`, :data:`DEFAULT_SEQ_LEN` and
-the FLOPs functions from here; this module imports only the model's config and parameter counts.
+the FLOPs functions from here; this module imports only the model's config and parameter counts
+and the layer-kind registry :mod:`.attention` (pure arithmetic, the floor below this one).
 
 What :func:`flops_per_token` counts (training, forward + backward, per token of the sequence):
 
@@ -13,7 +14,11 @@ What :func:`flops_per_token` counts (training, forward + backward, per token of 
 * ``attention``: the score and value products that have no parameters: per layer and head,
   2 (q.k over ``qk_head_dim``) + 2 (p.v over ``v_head_dim``) FLOPs per attended position, over
   a causal window whose mean length is (seq_len + 1) / 2, times 3 for the backward. MLA trains in
-  its naive (non-absorbed) form, so ``qk_head_dim`` = 192 and ``v_head_dim`` = 128 for V3.
+  its naive (non-absorbed) form, so ``qk_head_dim`` = 192 and ``v_head_dim`` = 128 for V3. A
+  DeepSeek-V3.2 layer attends to at most ``index_topk`` positions (mean_t min(k, t)).
+* ``indexer`` (DeepSeek-V3.2): the lightning indexer scoring every visible position, 2 H_I (D_I + 1)
+  FLOPs each, times 3 (its backward, from its KL loss).
+  Both come from the layer-kind registry in :mod:`.attention`.
 * ``mtp``: the same for each multi-token-prediction module (eh_proj, one block, and the shared
   output head computed again), when ``include_mtp`` and the config has MTP modules.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 from ..model.config import ModelConfig
 from ..model.params import count_params, layer_params
+from .attention import kind_of, train_attention_flops
 
 DEFAULT_SEQ_LEN = 4096          # DeepSeek-V3 pre-training sequence length
 
@@ -45,14 +51,19 @@ def mtp_active_params(cfg: ModelConfig) -> int:
 
 
 # ---------------------------------------------------------------------- FLOPs
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layers: int | None = None) -> float:
-    """Forward FLOPs of the parameter-free attention products (q.k and p.v) per token, causal."""
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layers: int | None = None,
+                              part: str | None = None) -> float:
+    """Forward FLOPs of the parameter-free attention work (q.k and p.v, and a V3.2 indexer's
+    scores) per token of a causal sequence, over every decoder layer, or over ``layers`` MTP
+    blocks when given. ``part``: only "core" or only "indexer"."""
     if seq_len < 1:
         raise EstimateError(f"seq_len must be >= 1, got {seq_len}")
-    layers = cfg.num_hidden_layers if layers is None else layers
-    mean_window = (seq_len + 1) / 2
-    per_layer = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * mean_window
-    return per_layer * layers
+    if layers is None:
+        parts = train_attention_flops(cfg, seq_len)
+    else:   # MTP blocks: the attention kind of the last decoder layer
+        per = kind_of(cfg, cfg.num_hidden_layers).train_flops(cfg, seq_len)
+        parts = {k: v * layers for k, v in per.items()}
+    return parts[part] if part else sum(parts.values())
 
 
 def training_flops_breakdown(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN,
@@ -60,7 +71,8 @@ def training_flops_breakdown(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN,
     """Training (forward + backward) model FLOPs per token by term; see the module docstring."""
     pc = count_params(cfg)
     out = {"matmul": 6.0 * pc.active_without_embedding,
-           "attention": 3.0 * attention_flops_per_token(cfg, seq_len),
+           "attention": 3.0 * attention_flops_per_token(cfg, seq_len, part="core"),
+           "indexer": 3.0 * attention_flops_per_token(cfg, seq_len, part="indexer"),
            "mtp": 0.0}
     if include_mtp and cfg.num_nextn_predict_layers:
         head = cfg.vocab_size * cfg.hidden_size       # the shared output head, run again per module
@@ -79,4 +91,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN, include_mt
 def layer_forward_flops_per_token(cfg: ModelConfig, layer_idx: int, seq_len: int) -> float:
     """Forward FLOPs one token spends in decoder layer ``layer_idx`` (matmuls + attention)."""
     _, act = layer_params(cfg, layer_idx)
-    return 2.0 * sum(act.values()) + attention_flops_per_token(cfg, seq_len, layers=1)
+    if seq_len < 1:
+        raise EstimateError(f"seq_len must be >= 1, got {seq_len}")
+    return 2.0 * sum(act.values()) + sum(kind_of(cfg, layer_idx).train_flops(cfg, seq_len).values())

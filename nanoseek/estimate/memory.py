@@ -107,7 +107,8 @@ def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
 def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0) -> float:
     """Rough bytes one token leaves saved for the backward pass in one layer (no recomputation,
     flash attention so no seq_len^2 scores): norm inputs and outputs, the MLA low-rank and
-    per-head q/k/v, the attention output, MLP or expert inputs and SwiGLU intermediates (one
+    per-head q/k/v, a V3.2 indexer's query, key and head weights, the attention output, MLP or
+    expert inputs and SwiGLU intermediates (one
     copy per routed expert), plus fp32 softmax statistics and router scores."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     e = 2 * d                                                       # input_layernorm in / out
@@ -116,6 +117,8 @@ def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: floa
             e += 2 * cfg.q_lora_rank                                # q_a_proj out, q_a_layernorm out
         e += (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank   # kv_a out, latent normed
         e += 2 * h * cfg.qk_head_dim + h * cfg.v_head_dim           # q, k, v per head
+        if cfg.index_n_heads:                                       # V3.2 indexer: q, k (pre/post norm), w
+            e += cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_head_dim + cfg.index_n_heads
     else:
         kvh = cfg.num_key_value_heads
         e += h * cfg.qk_head_dim + kvh * (cfg.qk_head_dim + cfg.v_head_dim)

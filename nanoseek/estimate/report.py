@@ -11,6 +11,7 @@ from rich.table import Table
 from .estimate import Estimate, fmt_si
 
 _PARAM_ROWS = (("embedding", "embedding (input)"), ("attention", "attention"),
+               ("indexer", "lightning indexer (V3.2)"),
                ("dense_mlp", "dense MLP"), ("router", "router (gate + bias)"),
                ("shared_experts", "shared experts"), ("routed_experts", "routed experts"),
                ("norms", "norms"), ("lm_head", "output head"))
@@ -68,8 +69,9 @@ def print_report(est: Estimate, console: Console | None = None) -> None:
     t = _table("Training", "quantity", "value")
     fb = tr.flops_breakdown
     t.add_row("tokens", f"{fmt_si(tr.tokens)} ({tr.tokens:.4g})")
+    indexer = f" + indexer {fb['indexer']:.4g}" if fb.get("indexer") else ""
     t.add_row("FLOPs per token", f"{tr.flops_per_token:.4g} = 6N {fb['matmul']:.4g} + attention "
-              f"{fb['attention']:.4g} (seq {tr.seq_len}) + MTP {fb['mtp']:.4g}")
+              f"{fb['attention']:.4g}{indexer} (seq {tr.seq_len}) + MTP {fb['mtp']:.4g}")
     t.add_row("total FLOPs", f"{tr.total_flops:.4g}")
     t.add_row("GPUs", f"{tr.gpus:,} x {tr.gpu}")
     t.add_row(f"MFU vs dense BF16 peak ({tr.mfu_source})",
@@ -102,7 +104,7 @@ def print_report(est: Estimate, console: Console | None = None) -> None:
     console.print(t)
 
     naive = any(v.is_model and v.kv_heads is None for v in inf.variants)
-    t = _table(f"Inference: KV cache ({inf.kv_dtype_bytes} B/value) at {inf.context:,} tokens of context"
+    t = _table(f"Inference: KV cache ({inf.kv_format}) at {inf.context:,} tokens of context"
                f"{' (MHA row = the naive, non-absorbed MLA cache)' if naive else ''}; decode upper bound at "
                f"batch {inf.batch} on "
                f"{inf.serve_gpus} GPU(s) ({inf.serve_gpus_source}), weights {_gb(inf.weights_bytes)} at "
@@ -117,10 +119,94 @@ def print_report(est: Estimate, console: Console | None = None) -> None:
                   fmt_si(v.bytes_per_request, "B"), f"{v.times_model:.2f}x", _int(v.max_requests),
                   tps, v.bound or "", "" if v.usd_per_million_tokens is None else _num(v.usd_per_million_tokens))
     console.print(t)
+    _kv_by_kind(console, inf)
+    _contexts(console, est)
 
     if comm is None:
         console.print("[bold]Expert-parallel all-to-all[/bold]: none (dense model or --ep 1)")
+    else:
+        _comm(console, comm)
+    _comparison(console, est)
+
+
+_PART_NAMES = {"latent": "latent", "rope_key": "rope key", "indexer_key": "indexer key",
+               "keys": "keys", "values": "values"}
+
+
+def _kv_by_kind(console: Console, inf) -> None:
+    t = _table(f"KV cache by layer kind ({inf.kv_format}: {inf.kv_format_about})",
+               "layer kind", "layers", "bytes per token per layer, by part", "B/token/layer", "B/token")
+    for k in inf.kinds:
+        parts = " + ".join(f"{_PART_NAMES.get(n, n)} {_num(b)}" for n, b in k.parts.items())
+        t.add_row(k.kind, str(k.layers), parts, _num(k.bytes_per_token_per_layer), _num(k.bytes_per_token))
+    if len(inf.kinds) > 1:
+        t.add_row("[bold]all layers[/bold]", str(sum(k.layers for k in inf.kinds)), "", "",
+                  _num(sum(k.bytes_per_token for k in inf.kinds)))
+    console.print(t)
+
+
+def _flops(x: float) -> str:
+    return f"{x:.3g}".replace("e+", "e")
+
+
+def _tps(r, batch: int) -> str:
+    if r.tokens_per_s is None:
+        return "does not fit"
+    return f"{r.tokens_per_s:,.0f}" + (f" (batch {r.batch})" if r.batch < batch else "")
+
+
+def _contexts(console: Console, est: Estimate) -> None:
+    if not est.contexts:
         return
+    inf = est.inference
+    t = _table(f"Attention per decoded token at each context: forward FLOPs of the core attention (absorbed "
+               f"MLA), the indexer, all attention (with the projections' {_flops(est.contexts[0].projection_flops)})"
+               f" and the whole model; KV cache ({inf.kv_format}); decode upper bound at batch {inf.batch} on "
+               f"{inf.serve_gpus} GPU(s)",
+               "context", "keys attended", "keys scored", "core", "indexer", "attention", "model",
+               "KV/request", "KV read/step", "tokens/s", "$/M tokens")
+    for r in est.contexts:
+        t.add_row(f"{r.context:,}" + (" *" if r.beyond_max_position else ""),
+                  " + ".join(_num(v) for v in r.keys_attended.values()),
+                  " + ".join(_num(v) for v in r.keys_scored.values()),
+                  _flops(r.core_flops), _flops(r.indexer_flops), _flops(r.attention_flops), _flops(r.model_flops),
+                  fmt_si(r.kv_bytes_per_request, "B"), fmt_si(r.kv_read_bytes_per_step, "B"), _tps(r, inf.batch),
+                  "" if r.usd_per_million_tokens is None else f"{r.usd_per_million_tokens:.3g}")
+    console.print(t)
+    if any(r.beyond_max_position for r in est.contexts):
+        console.print(f"* beyond the config's max_position_embeddings "
+                      f"({est.config['max_position_embeddings']:,}): arithmetic only")
+
+
+def _comparison(console: Console, est: Estimate) -> None:
+    if not est.compared:
+        return
+    inf = est.inference
+    t = _table(f"Per decoded token, {est.model} against {', '.join(c.model for c in est.compared)} (forward FLOPs; "
+               f"KV {inf.kv_format}; decode bound at batch {inf.batch} on the same {inf.serve_gpus} GPU(s)); "
+               f"ratio = {est.model} / the other",
+               "context", "model", "attention FLOPs", "core + indexer", "model FLOPs", "KV B/token",
+               "KV read/step", "$/M tokens")
+    t.columns[1].justify = "left"
+
+    def row(ctx: str, name: str, r) -> None:
+        t.add_row(ctx, name, _flops(r.attention_flops), _flops(r.core_flops + r.indexer_flops),
+                  _flops(r.model_flops), _num(r.kv_bytes_per_token), fmt_si(r.kv_read_bytes_per_step, "B"),
+                  "n/a" if r.usd_per_million_tokens is None else f"{r.usd_per_million_tokens:.3g}")
+
+    for i, mine in enumerate(est.contexts):
+        row(f"{mine.context:,}", est.model, mine)
+        for c in est.compared:
+            row("", c.model, c.contexts[i])
+            usd = c.usd_ratio[i]
+            t.add_row("", f"ratio to {c.model}", f"{c.attention_flops_ratio[i]:.3f}",
+                      f"{c.core_and_indexer_flops_ratio[i]:.3f}", f"{c.model_flops_ratio[i]:.3f}",
+                      f"{c.kv_bytes_ratio[i]:.3f}", f"{c.kv_read_ratio[i]:.3f}",
+                      "n/a" if usd is None else f"{usd:.3f}", end_section=i < len(est.contexts) - 1)
+    console.print(t)
+
+
+def _comm(console: Console, comm) -> None:
     c = comm.chosen
     console.print(
         f"[bold]Expert-parallel all-to-all[/bold] (ep={c.ep}: {c.nodes} node(s) x {c.gpus_per_node} GPUs), "
