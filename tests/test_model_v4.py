@@ -119,8 +119,10 @@ def test_round_trip_keeps_mtp_and_refuses_bad_checkpoints(tmp_path):
 
 # ------------------------------------------------------------------ cached decoding
 def _decode_case(seed=7, mtp=0):
+    """16 indexer heads: an index score is exactly 0 (a tie, broken arbitrarily by torch.topk, in
+    transformers too) only when all 16 ReLUs are 0, so the top-k sets are well defined."""
     overrides, _ = CASES["all_kinds_hc2"]
-    return ours(overrides, seed=seed, num_nextn_predict_layers=mtp)
+    return ours(overrides, seed=seed, num_nextn_predict_layers=mtp, index_n_heads=16)
 
 
 @pytest.mark.parametrize("chunks", [[1] * 30, [13, 1, 1, 9, 1, 6], [30]])
@@ -204,8 +206,11 @@ def test_config_resolves_like_transformers():
                   compress_rate_hca=16, rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 64})
     hf = transformers.DeepseekV4Config(**{**BASE, **legacy})
     mine = DeepseekV4Config.from_dict({**BASE, **legacy})
-    for name in ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters"):
+    for name in ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor"):
         assert getattr(mine, name) == getattr(hf, name), name
+    for label in ("main", "compress"):   # transformers also keeps the legacy alias "type" next to "rope_type"
+        theirs = {k: v for k, v in hf.rope_parameters[label].items() if k != "type"}
+        assert mine.rope_parameters[label] == theirs, label
 
 
 @pytest.mark.parametrize("change, field", [
@@ -217,7 +222,7 @@ def test_config_resolves_like_transformers():
     ({"scoring_func": "relu"}, "scoring_func"),
     ({"o_groups": 3}, "o_groups"),
     ({"partial_rotary_factor": 0.1}, "partial_rotary_factor"),
-    ({"index_head_dim": 2}, "index_head_dim"),
+    ({"index_head_dim": 2, "partial_rotary_factor": 0.25}, "index_head_dim"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
     ({"hc_mult": 0}, "hc_mult"),
     ({"sliding_window": 0}, "sliding_window"),
@@ -234,9 +239,9 @@ def test_bad_config_names_the_field(change, field):
 
 
 # ------------------------------------------------------------------ training
-def test_tiny_v4_learns():
-    """The shipped v4-tiny preset (every layer kind, hash + learned MoE, 2 streams, MTP) learns a
-    next-token rule: loss (with the MTP loss and aux-loss-free bias updates) falls by more than half."""
+def _train_tiny(steps: int, seq_len: int) -> tuple[list[float], DeepseekV4ForCausalLM]:
+    """The shipped v4-tiny preset (every layer kind, hash + learned MoE, 2 streams, MTP) on a
+    next-token rule (each token's successor is fixed), with the MTP loss and aux-loss-free updates."""
     from nanoseek.model.v4.config import load_v4_config
 
     cfg = load_v4_config("v4-tiny").replace(vocab_size=64)
@@ -246,9 +251,9 @@ def test_tiny_v4_learns():
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
     losses = []
-    for _ in range(200):
+    for _ in range(steps):
         start = torch.randint(0, 64, (8, 1), generator=g)
-        seq = perm[(start + torch.arange(49)) % 64]               # each token's successor is fixed
+        seq = perm[(start + torch.arange(seq_len + 1)) % 64]
         out = model(seq[:, :-1], labels=seq[:, 1:])
         loss = out.loss + 0.3 * out.mtp_loss
         opt.zero_grad()
@@ -256,6 +261,16 @@ def test_tiny_v4_learns():
         opt.step()
         model.update_expert_bias(1e-3)
         losses.append(out.loss.item())
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert first > 3.5 and last < 0.5 * first, (first, last)
+    return losses, model
+
+
+def test_tiny_v4_learns():
+    losses, model = _train_tiny(60, 32)
+    assert losses[0] > 3.5 and sum(losses[-5:]) / 5 < 0.6 * losses[0], losses[::10]
     assert model.expert_bias().abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_tiny_v4_learns_the_rule_in_a_few_hundred_steps():
+    losses, _ = _train_tiny(300, 48)
+    assert losses[0] > 3.5 and sum(losses[-10:]) / 10 < 0.05, losses[::30]
