@@ -21,7 +21,10 @@ heads, RoPE'd at the query position) and per-head weights ``w = W_w x`` (``score
 
   I(t, s) = sum_h (w_{t,h} / sqrt(H^I)) * ReLU(q^I_{t,h} . K^I_s) / sqrt(c^I)
 
-the top-k visible entries by I are the ones attended (fewer when fewer are visible). The
+the top-k visible entries by I are the ones attended (fewer when fewer are visible). Exact ties
+(every head's ReLU 0) are broken by ``torch.topk`` as in transformers, which depends on the tensor's
+width, so a full forward and cached decoding may pick differently there (transformers' too); with
+many indexer heads (DeepSeek: 64) such ties do not occur in practice. The
 selection is discrete: the language-model loss trains no indexer weight (DeepSeek trains it
 with a separate KL objective, not implemented here).
 
