@@ -250,12 +250,13 @@ def _train_tiny(steps: int, seq_len: int) -> tuple[list[float], DeepseekV4ForCau
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
+    model.set_seq_aux_alpha(1e-4)                                     # the trainer's default
     losses = []
     for _ in range(steps):
         start = torch.randint(0, 64, (8, 1), generator=g)
         seq = perm[(start + torch.arange(seq_len + 1)) % 64]
         out = model(seq[:, :-1], labels=seq[:, 1:])
-        loss = out.loss + 0.3 * out.mtp_loss
+        loss = out.loss + 0.3 * out.mtp_loss + out.aux_loss
         opt.zero_grad()
         loss.backward()
         opt.step()

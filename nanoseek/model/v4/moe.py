@@ -15,8 +15,9 @@ The routed experts are nanoseek's stacked :class:`~nanoseek.model.moe.Experts` (
 [E, 2I, d]``, ``down_proj [E, d, I]``, grouped GEMMs, swappable from outside) with the clamp as
 their activation. A hash table may name one expert twice for a token; both picks count.
 
-Learned layers keep DeepSeek-V3's auxiliary-loss-free balancing (``update_bias``); hash layers
-have no bias. ``tid2eid`` is a persistent buffer (it comes with the checkpoint); a fresh model
+Learned layers keep DeepSeek-V3's auxiliary-loss-free balancing (``update_bias``) and its optional
+sequence-wise balance loss (``seq_aux_alpha``, V3's formula); hash layers have neither (their
+routing is fixed). ``tid2eid`` is a persistent buffer (it comes with the checkpoint); a fresh model
 draws it uniformly at random (transformers leaves it zero, i.e. every token on expert 0).
 """
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..fp32 import keep_fp32
 from ..moe import Experts
+from ..moe import MoE as _V3MoE
 from .config import DeepseekV4Config
 
 SCORE_FUNCS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -111,7 +113,11 @@ class MoE(nn.Module):
         self.gate = Router(c, hashed)
         self.experts = ClampedExperts(c)
         self.shared_experts = ClampedMLP(c.hidden_size, c.moe_intermediate_size, c.swiglu_limit, c.mlp_bias)
+        self.n_experts, self.top_k, self.seq_aux_alpha = c.n_routed_experts, c.num_experts_per_tok, 0.0
+        self.aux_loss: torch.Tensor | None = None
         self.register_buffer("load", torch.zeros(c.n_routed_experts), persistent=False)
+
+    _seq_aux_loss = _V3MoE._seq_aux_loss     # one formula for V3 and V4
 
     def _apply(self, fn, recurse=True):
         if recurse:
@@ -122,10 +128,13 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(-1, d)
-        weights, idx, _ = self.gate(flat, input_ids)
+        weights, idx, scores = self.gate(flat, input_ids)
         out, counts = self.experts(flat, weights, idx)
+        self.aux_loss = None
         if self.training:
             self.load += counts.to(self.load.dtype)
+            if self.seq_aux_alpha > 0 and not self.gate.hashed:
+                self.aux_loss = self._seq_aux_loss(scores, idx, B, T)
         return (out + self.shared_experts(flat)).view(B, T, d)
 
     @torch.no_grad()

@@ -172,6 +172,10 @@ class DeepseekV4ForCausalLM(nn.Module):
                                        ignore_index=-100)
             if self.use_mtp and len(m.mtp) and T > len(m.mtp):
                 out.mtp_loss = self._mtp_loss(input_ids, labels, x, positions)
+            moes = self.moe_layers() + ([x.mlp for x in m.mtp] if out.mtp_loss is not None else [])
+            aux = [moe.aux_loss for moe in moes if moe.aux_loss is not None]
+            if aux:
+                out.aux_loss = torch.stack(aux).sum()
         else:
             hk = h if logits_to_keep is None else h[:, -logits_to_keep:]
             out.logits = self.lm_head(hk)
@@ -205,18 +209,19 @@ class DeepseekV4ForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers]
 
     def set_seq_aux_alpha(self, alpha: float) -> None:
-        if alpha:
-            raise ValueError("DeepSeek-V4 models have no sequence-wise balance loss here: set seq_aux_alpha to 0")
+        for moe in self.moe_layers() + [x.mlp for x in self.model.mtp]:
+            moe.seq_aux_alpha = alpha
 
     @torch.no_grad()
     def update_expert_bias(self, gamma: float, load_reduce=None) -> torch.Tensor | None:
-        """Aux-loss-free step for the learned MoE layers (MTP included); returns their load [L_learned, E]."""
+        """Aux-loss-free step for the learned MoE layers (MTP included); returns the main model's learned
+        layers' load [L_learned, E] (None without learned layers)."""
         loads = []
-        for moe in self.moe_layers() + [x.mlp for x in self.model.mtp]:
+        for i, moe in enumerate(self.moe_layers() + [x.mlp for x in self.model.mtp]):
             if load_reduce is not None:
                 moe.load.copy_(load_reduce(moe.load))
-            load = moe.update_bias(gamma)
-            if moe.gate.e_score_correction_bias is not None and moe in self.moe_layers():
+            load = moe.update_bias(gamma)            # hash layers: no bias, the counter resets
+            if i < self.config.num_hidden_layers and not moe.gate.hashed:
                 loads.append(load)
         return torch.stack(loads) if loads else None
 
