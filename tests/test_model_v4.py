@@ -117,6 +117,64 @@ def test_round_trip_keeps_mtp_and_refuses_bad_checkpoints(tmp_path):
         ck.from_pretrained(tmp_path / "a")
 
 
+def _random_config(seed: int) -> tuple[dict, int, int]:
+    """A random small V4 config (any mix of layer kinds and MoE kinds, 1-4 streams, YaRN or not),
+    a batch size and a sequence length."""
+    import random
+
+    r = random.Random(seed)
+    L, H, D = r.randint(1, 5), r.choice([1, 2, 4, 8]), r.choice([8, 16, 32])
+    prf = r.choice([0.25, 0.5, 1.0])
+    E = r.choice([4, 8, 16])
+    kw = dict(vocab_size=r.choice([50, 97]), hidden_size=r.choice([16, 24, 32, 48]),
+              moe_intermediate_size=r.choice([8, 16]), num_hidden_layers=L, num_attention_heads=H, head_dim=D,
+              q_lora_rank=r.choice([8, 16]), n_routed_experts=E, num_experts_per_tok=r.randint(1, min(4, E)),
+              o_groups=r.choice([g for g in (1, 2, 4, 8) if (H * D) % g == 0]), o_lora_rank=r.choice([4, 8]),
+              index_n_heads=r.choice([1, 2, 4]), index_head_dim=max(r.choice([4, 8, 16]), int(D * prf)),
+              index_topk=r.randint(1, 6), sliding_window=r.randint(1, 9), hc_mult=r.randint(1, 4),
+              hc_sinkhorn_iters=r.randint(1, 20), partial_rotary_factor=prf,
+              compress_rates={CSA: r.randint(1, 5), HCA: r.randint(2, 12)},
+              layer_types=[r.choice([SWA, CSA, HCA]) for _ in range(L)],
+              mlp_layer_types=[r.choice(["hash_moe", "moe"]) for _ in range(L)],
+              scoring_func=r.choice(["sqrtsoftplus", "sigmoid"]), swiglu_limit=r.choice([0.3, 1.0, 10.0]),
+              routed_scaling_factor=r.choice([1.0, 1.5, 2.5]), tie_word_embeddings=r.random() < 0.3,
+              mlp_bias=r.random() < 0.3, rms_norm_eps=r.choice([1e-6, 1e-5]), num_nextn_predict_layers=0,
+              rope_theta=r.choice([100.0, 10000.0]), compress_rope_theta=r.choice([1000.0, 160000.0]),
+              max_position_embeddings=256, initializer_range=0.1)
+    if r.random() < 0.5:
+        kw["rope_parameters"] = {"rope_type": "yarn", "factor": r.choice([2.0, 8.0]),
+                                 "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
+    return kw, r.randint(1, 3), r.randint(1, 60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(30))
+def test_random_configs_match_transformers(tmp_path, seed):
+    kw, B, T = _random_config(seed)
+    cfg = transformers.DeepseekV4Config(**kw)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.DeepseekV4ForCausalLM(cfg).eval()
+    randomise(hf, seed)
+    hf.save_pretrained(tmp_path / "hf")
+    model = ck.from_pretrained(tmp_path / "hf").eval()
+    ids = ids_batch(seed, B, T, kw["vocab_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf_logits(hf, ids), rtol=0, atol=1e-4)
+
+
+def test_quantised_release_checkpoint_is_refused(tmp_path):
+    model = ours(CASES["all_kinds_hc2"][0], seed=6)
+    ck.save_pretrained(model, tmp_path / "q", deepseek_names=True)
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    state["layers.0.attn.wq_a.scale"] = torch.ones(1, 1)
+    save_file(state, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(ck.CheckpointError, match="dequantise"):
+        ck.from_pretrained(tmp_path / "q")
+
+
 # ------------------------------------------------------------------ cached decoding
 def _decode_case(seed=7, mtp=0):
     """16 indexer heads: an index score is exactly 0 (a tie, broken arbitrarily by torch.topk, in
