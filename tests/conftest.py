@@ -92,3 +92,19 @@ def script_engine(monkeypatch, scripts: dict[int, list[int]], eos_id: int, then_
         return logits
 
     monkeypatch.setattr(Engine, "_ban", ban)
+
+
+def _topk_ties_by_position(x, k, dim=-1, largest=True, sorted=True):
+    values, index = torch.sort(x, dim=dim, descending=largest, stable=True)
+    return torch.return_types.topk((values.narrow(dim, 0, k), index.narrow(dim, 0, k)))
+
+
+@pytest.fixture
+def ties_by_position(monkeypatch):
+    """Every ``torch.topk`` (transformers' indexer selections included) keeps equal values in
+    position order, earliest first, the rule nanoseek's sparse-attention selection uses
+    (``nanoseek.model.dsa.top_k_visible``): with it, transformers' V3.2/V4 and nanoseek must agree
+    even where an indexer's k-th score is tied (without it they agree only where none is)."""
+    monkeypatch.setattr(torch.Tensor, "topk", lambda self, k, dim=-1, largest=True, sorted=True:
+                        _topk_ties_by_position(self, k, dim, largest, sorted))
+    monkeypatch.setattr(torch, "topk", _topk_ties_by_position)

@@ -173,6 +173,26 @@ def test_with_tied_scores_transformers_disagrees_with_itself_and_nanoseek_does_n
         torch.testing.assert_close(ours, model(seq).logits[:, 3:], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_with_ties_by_position_transformers_equals_ours_full_and_cached(tmp_path, ties_by_position, heads):
+    """With transformers' torch.topk keeping tied scores in position order (nanoseek's rule), the
+    two agree on tie-heavy configs too, in full forwards and step by step on their caches."""
+    model = v32_model(1, index_n_heads=heads, index_head_dim=4, index_topk=3, num_hidden_layers=4).eval()
+    save_pretrained(model, tmp_path / "ck")
+    hf = load_in_transformers(tmp_path / "ck")
+    seq = ids_batch(2, B=2, T=20)
+    assert tied_boundaries(model, seq) > 0
+    model.set_absorb(True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(seq).logits, hf(seq).logits, rtol=0, atol=1e-4)
+        hf_cache, ours_cache = hf(seq[:, :4], use_cache=True).past_key_values, model.new_cache(2, 32)
+        model(seq[:, :4], positions=torch.arange(4).expand(2, 4), cache=ours_cache)
+        for t in range(4, 20):
+            theirs = hf(seq[:, t:t + 1], cache=hf_cache, use_cache=True).logits
+            ours = model(seq[:, t:t + 1], positions=torch.full((2, 1), t), cache=ours_cache).logits
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
 # ------------------------------------------------------------------ the selection is active
 def test_sparsity_changes_logits_only_beyond_topk():
     model = v32_model(index_topk=6).eval()

@@ -46,7 +46,7 @@ def hf_logits(model, ids):
 
 # ------------------------------------------------------------------ transformers parity
 @pytest.mark.parametrize("case", CASES)
-def test_transformers_checkpoint_loads_in_nanoseek(tmp_path, case):
+def test_transformers_checkpoint_loads_in_nanoseek(tmp_path, ties_by_position, case):
     overrides, T = CASES[case]
     hf = hf_model(overrides, seed=1)
     hf.save_pretrained(tmp_path / "hf")
@@ -62,7 +62,7 @@ def test_transformers_checkpoint_loads_in_nanoseek(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_nanoseek_checkpoint_loads_in_transformers(tmp_path, case):
+def test_nanoseek_checkpoint_loads_in_transformers(tmp_path, ties_by_position, case):
     overrides, T = CASES[case]
     model = ours(overrides, seed=2)
     ck.save_pretrained(model, tmp_path / "ns")
@@ -76,7 +76,33 @@ def test_nanoseek_checkpoint_loads_in_transformers(tmp_path, case):
     torch.testing.assert_close(hf_logits(hf, ids), mine, rtol=0, atol=1e-4)
 
 
-def test_deepseek_release_names_load_in_both(tmp_path):
+@pytest.mark.parametrize("case", CASES)
+def test_tie_free_selections_match_transformers_as_it_is(tmp_path, case, monkeypatch):
+    """No topk patching: with 32 indexer heads no k-th index score is tied (counted), and
+    transformers' own selection gives the same logits."""
+    from nanoseek.model.v4 import compressor
+    overrides, T = CASES[case]
+    overrides = {**overrides, "index_n_heads": 32}
+    ties, real = [0], compressor.top_k_visible
+
+    def counting(scores, visible, k):
+        s = scores.masked_fill(~visible, float("-inf"))
+        if k < s.shape[-1]:
+            top = s.topk(k + 1, dim=-1).values
+            ties[0] += int(((top[..., k - 1] == top[..., k]) & top[..., k].isfinite()).sum())
+        return real(scores, visible, k)
+    monkeypatch.setattr(compressor, "top_k_visible", counting)
+    hf = hf_model(overrides, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    model = ck.from_pretrained(tmp_path / "hf").eval()
+    ids = ids_batch(0, 2, T, BASE["vocab_size"])
+    with torch.no_grad():
+        mine = model(ids).logits
+    assert ties[0] == 0
+    torch.testing.assert_close(mine, hf_logits(hf, ids), rtol=0, atol=1e-4)
+
+
+def test_deepseek_release_names_load_in_both(tmp_path, ties_by_position):
     """A checkpoint with DeepSeek's own tensor names (embed, layers.N.attn.wq_a, ffn.experts.J.w1,
     hc_attn_fn, attn.indexer.compressor.ape, ...) loads in transformers and in nanoseek alike."""
     overrides, T = CASES["all_kinds_hc2"]
@@ -149,7 +175,7 @@ def _random_config(seed: int) -> tuple[dict, int, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(30))
-def test_random_configs_match_transformers(tmp_path, seed):
+def test_random_configs_match_transformers(tmp_path, ties_by_position, seed):
     kw, B, T = _random_config(seed)
     cfg = transformers.DeepseekV4Config(**kw)
     torch.manual_seed(seed)

@@ -78,26 +78,31 @@ class Indexer(nn.Module):
         return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)                  # [B, T, S]
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The top-``index_topk`` visible keys of each query (every visible one if fewer):
-        ([B, T, S] bool, their slots [B, T, index_topk] or None when every key is kept).
+        """The top-``index_topk`` visible keys of each query: :func:`top_k_visible`."""
+        return top_k_visible(scores, visible, self.topk)
 
-        Equal scores are ranked by position, earliest first, so the selection is a function of the
-        visible keys' scores alone. ``torch.topk`` (what transformers calls) breaks ties in an order
-        that depends on the row's length, so a query decoded over its cache (a row of t + 1 keys)
-        and the same query in a full forward (a row of T keys) could keep different keys; exact ties
-        are common with few indexer heads (the ReLU zeroes every head's term for many keys). Where
-        the k-th score is not tied the set is the same as transformers'.
-        """
-        scores = scores.detach().masked_fill(~visible, float("-inf"))
-        k = self.topk
-        if k >= scores.shape[-1]:
-            return visible, None
-        kth = scores.topk(k, dim=-1).values[..., -1:]                        # the k-th largest value
-        above, tied = scores > kth, scores == kth
-        room = k - above.sum(-1, keepdim=True)                               # tied slots still to take
-        chosen = above | (tied & (tied.cumsum(-1) <= room))                  # exactly k, earliest ties first
-        index = chosen.to(torch.uint8).topk(k, dim=-1).indices
-        return chosen & visible, index
+
+def top_k_visible(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``k`` visible keys of highest score per query (every visible one if fewer): ([B, T, S]
+    bool, their slots [B, T, k] or None when k >= S and every visible key is kept). V3.2's
+    indexer and V4's compressed-sparse attention both select with it.
+
+    Equal scores are ranked by position, earliest first, so the selection is a function of the
+    visible keys' scores alone. ``torch.topk`` (what transformers calls) breaks ties in an order
+    that depends on the row's length, so a query decoded over its cache (a row of t + 1 keys)
+    and the same query in a full forward (a row of T keys) could keep different keys; exact ties
+    are common with few indexer heads (the ReLU zeroes every head's term for many keys). Where
+    the k-th score is not tied the set is the same as transformers'.
+    """
+    scores = scores.detach().masked_fill(~visible, float("-inf"))
+    if k >= scores.shape[-1]:
+        return visible, None
+    kth = scores.topk(k, dim=-1).values[..., -1:]                            # the k-th largest value
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(-1, keepdim=True)                                   # tied slots still to take
+    chosen = above | (tied & (tied.cumsum(-1) <= room))                      # exactly k, earliest ties first
+    index = chosen.to(torch.uint8).topk(k, dim=-1).indices
+    return chosen & visible, index
 
 
 def indexer_kl(scores: torch.Tensor, attn_probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

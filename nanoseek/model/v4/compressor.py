@@ -21,10 +21,11 @@ heads, RoPE'd at the query position) and per-head weights ``w = W_w x`` (``score
 
   I(t, s) = sum_h (w_{t,h} / sqrt(H^I)) * ReLU(q^I_{t,h} . K^I_s) / sqrt(c^I)
 
-the top-k visible entries by I are the ones attended (fewer when fewer are visible). Exact ties
-(every head's ReLU 0) are broken by ``torch.topk`` as in transformers, which depends on the tensor's
-width, so a full forward and cached decoding may pick differently there (transformers' too); with
-many indexer heads (DeepSeek: 64) such ties do not occur in practice. The
+the top-k visible entries by I are the ones attended (fewer when fewer are visible), selected as
+V3.2's indexer selects (:func:`nanoseek.model.dsa.top_k_visible`): exact ties (every head's ReLU 0)
+are ranked by position, so a full forward and cached decoding pick the same entries; transformers
+keeps ``torch.topk``'s choice, which depends on the tensor's width, so where the k-th score is
+tied its full forward and its cached decoding can differ, and nanoseek agrees with one of them. The
 selection is discrete: the language-model loss trains no indexer weight (DeepSeek trains it
 with a separate KL objective, not implemented here).
 
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dsa import top_k_visible
 from ..fp32 import keep_fp32
 from .config import CSA, HCA, DeepseekV4Config
 from .rope import Rope, rope_tail
@@ -173,10 +175,7 @@ class Indexer(WindowCompressor):
             return visible
         cos, sin = rope(positions)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim), cos, sin)
-        scores = self.scorer(q, keys, x).masked_fill(~visible, float("-inf"))
-        top = scores.topk(min(self.topk, N), dim=-1).indices                               # [B, T, k]
-        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
-        return chosen & visible
+        return top_k_visible(self.scorer(q, keys, x), visible, self.topk)[0]
 
 
 class Compressor(WindowCompressor):
