@@ -1,0 +1,135 @@
+"""DeepSeek-V3.2's two-stage indexer training, as the one training loop runs it.
+
+The model side (:mod:`nanoseek.model.dsa`, ``model.set_dsa_stage``) computes, while a stage is
+set, each lightning indexer's KL divergence from its layer's attention distribution; this module
+decides the stage of every optimizer step and what the step's objective is. The paper's two
+stages of continued pre-training (DeepSeek-V3.2):
+
+1. **Dense warm-up**, the first ``[train] dsa_warmup_steps`` optimizer steps: MLA attends to
+   every visible key, the model is frozen and only the indexers train, to match the dense
+   attention distribution. The objective is ``indexer_loss_weight x KL`` alone. The task's own
+   loss (cross-entropy, ...) is still computed, logged as ``loss`` and watched by the spike
+   guard, but not backpropagated: every other parameter gets no gradient, so AdamW leaves it and
+   its moments untouched (weight decay included), and the expert biases of the aux-loss-free
+   balancing do not move either (:class:`~nanoseek.train.loop.ExpertBalanceHook`).
+2. **Sparse training**, every later step: MLA attends to its indexer's top-k keys and the
+   objective is ``task loss + indexer_loss_weight x KL`` over the selected keys. The indexer's
+   input is detached and its selection carries no gradient, so the two terms reach disjoint
+   parameters: the task's loss trains the model, the KL the indexers.
+
+The stage is a function of the step alone, so a run resumed on either side of the boundary
+continues exactly. A model without indexers (DeepSeek-V3) has no stage and trains as before;
+``indexer_loss_weight = 0`` freezes the indexers in sparse training (no KL is computed at all:
+attention then runs without explicit probabilities). Outside a training step (validation, the
+spike guard's reference batches, GRPO's and DPO's sampling and reference log-probs) the model has
+no stage: sparse attention with no KL, the model as it is served. Post-training stages run the
+same trainer, so SFT, DPO, GRPO and distillation of a V3.2 model train its indexers in the
+sparse stage (their ``dsa_warmup_steps`` defaults to 0).
+
+The KL of a micro-batch is collected from every forward the task runs with gradient (pre-training's
+forward with labels, DPO's chosen-and-rejected forward, GRPO's policy forward without labels): a
+forward hook on each indexed attention module takes the KL its forward computed, so no task
+needs code for it; the micro-batch's KL is their mean (over layers, MTP's included when it ran,
+and forwards). Its term is averaged over the step's micro-batches and ranks whatever the task's
+``micro_batch_reduction``; ``indexer_loss`` in the step record is that mean.
+
+Deliberately left out: the paper's separate learning rate for the warm-up (1e-3 there, against
+7.3e-6 for sparse training): one run has one schedule, which counts the warm-up's steps. To
+reproduce the paper, run the warm-up as its own run (``dsa_warmup_steps = max_steps`` at its own
+lr) and continue from its ``final/`` with ``[model] init_from`` and ``dsa_warmup_steps = 0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+DENSE, SPARSE = "dense", "sparse"
+DEFAULT_WEIGHT = 1.0        # [train] indexer_loss_weight's default (config.py); the paper has no weight
+
+
+def indexed_attention(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model`` that own a lightning indexer (none in a DeepSeek-V3 model)."""
+    return [m for m in model.modules() if getattr(m, "indexer", None) is not None]
+
+
+def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, where: str = "") -> None:
+    """The ``[train]`` DSA keys against the model: a setting with no effect is one ConfigError line."""
+    if not has_indexer:
+        if warmup_steps:
+            raise ConfigError(f"{where}[train] dsa_warmup_steps = {warmup_steps} needs a DeepSeek-V3.2 model "
+                              "(index_n_heads > 0): this model has no lightning indexer to warm up; drop the key "
+                              "(--set train.dsa_warmup_steps=0) or train a V3.2 model (e.g. [model] preset = "
+                              "\"v32-tiny\")")
+        if weight != DEFAULT_WEIGHT:
+            raise ConfigError(f"{where}[train] indexer_loss_weight = {weight} would have no effect: this model has "
+                              "no lightning indexer (index_n_heads = 0); drop the key")
+    elif warmup_steps and weight == 0:
+        raise ConfigError(f"{where}[train] dsa_warmup_steps = {warmup_steps} trains only the indexers, which "
+                          "indexer_loss_weight = 0 freezes: set indexer_loss_weight > 0 or dsa_warmup_steps = 0")
+
+
+class IndexerTraining:
+    """The DSA side of the trainer: the stage of each step, the KL of its forwards, its objective."""
+
+    def __init__(self, model: nn.Module, warmup_steps: int = 0, weight: float = DEFAULT_WEIGHT):
+        self.modules = indexed_attention(model)
+        check_dsa_settings(warmup_steps, weight, bool(self.modules))
+        self.warmup_steps, self.weight = warmup_steps, weight
+        self._found: list[torch.Tensor] = []
+
+    def stage(self, step: int) -> str | None:
+        """The stage of the optimizer step with 0-based index ``step`` (None: no indexer training)."""
+        if not self.modules or self.weight == 0:
+            return None
+        return DENSE if step < self.warmup_steps else SPARSE
+
+    @contextlib.contextmanager
+    def step(self, model: nn.Module, stage: str | None) -> Iterator[None]:
+        """Inside, the model trains in ``stage`` and :meth:`take` returns the KL of its forwards;
+        on exit the model has no stage again (however the step ended)."""
+        if stage is None:
+            yield
+            return
+        model.set_dsa_stage(stage)
+        handles = [m.register_forward_hook(self._collect) for m in self.modules]
+        self._found = []
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            model.set_dsa_stage(None)
+            self._found = []
+
+    def _collect(self, module: nn.Module, args, output) -> None:
+        kl = module.indexer_loss
+        if kl is not None and kl.requires_grad:     # a forward under no_grad trains nothing
+            self._found.append(kl)
+
+    def take(self) -> torch.Tensor | None:
+        """The mean KL of the forwards since the last call (None: no forward computed one)."""
+        found, self._found = self._found, []
+        return torch.stack(found).mean() if found else None
+
+    def objective(self, loss: torch.Tensor, kl: torch.Tensor | None, stage: str | None,
+                  kl_scale: float) -> torch.Tensor:
+        """What one micro-batch backpropagates: ``loss`` (already scaled for the step) and
+        ``weight x kl_scale x kl`` (sparse), or the KL term alone (dense warm-up)."""
+        if stage is None:
+            return loss
+        if kl is None:
+            if stage == DENSE:
+                raise RuntimeError("DSA dense warm-up: the task's forward computed no indexer loss (did the model "
+                                   "run without gradient, or on the absorbed MLA path?)")
+            return loss
+        term = kl * (self.weight * kl_scale)
+        return term if stage == DENSE else loss + term
+
+
+__all__ = ["DENSE", "SPARSE", "IndexerTraining", "check_dsa_settings", "indexed_attention"]
