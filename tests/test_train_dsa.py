@@ -197,6 +197,20 @@ def test_zero_weight_freezes_the_indexers_and_a_v3_model_is_unchanged(tmp_path):
     assert "indexer_loss" not in step_records(recs)[1] and not events(recs, "dsa_stage")
 
 
+def test_unfrozen_warmup_is_dense_pretraining_of_everything(tmp_path):
+    """``dsa_warmup_freeze = false`` (a run from scratch): the warm-up trains the model too, with dense
+    attention and the indexers' KL over every key; the expert biases move from the first step."""
+    snaps = Snapshots()
+    trainer, _ = run(make_cfg(tmp_path, "unfrozen", train={"max_steps": 3, "dsa_warmup_steps": 2,
+                                                          "dsa_warmup_freeze": False}), hooks=[snaps])
+    names = indexer_names(trainer.model)
+    assert [r["stage"] for r in snaps.rows] == ["dense", "dense", "sparse"]
+    first = snaps.rows[0]
+    assert first["adam"] > names and not torch.equal(first["bias"], torch.zeros_like(first["bias"]))
+    steps = step_records(read_metrics(tmp_path / "unfrozen"))
+    assert all(steps[s]["indexer_loss"] > 0 for s in (1, 2, 3))
+
+
 def test_settings_are_checked_with_one_line_naming_the_key(tmp_path, capsys):
     v3 = {k: v for k, v in MODEL.items() if k not in INDEXER}
     for train, model, words in [
@@ -209,6 +223,7 @@ def test_settings_are_checked_with_one_line_naming_the_key(tmp_path, capsys):
         ({"dsa_warmup_steps": 3}, v3, "dsa_warmup_steps = 3 needs a DeepSeek-V3.2 model"),
         ({"dsa_warmup_steps": 0, "indexer_loss_weight": 0.5}, v3, "indexer_loss_weight = 0.5 would have no effect"),
         ({"dsa_warmup_steps": 3, "indexer_loss_weight": 0.0}, MODEL, "indexer_loss_weight = 0 freezes"),
+        ({"dsa_warmup_steps": 0, "dsa_warmup_freeze": False}, MODEL, "dsa_warmup_freeze = false would have no effect"),
     ]:
         with pytest.raises(ConfigError, match=words):
             build_pretraining(make_cfg(tmp_path, train=train, model=model))
@@ -404,34 +419,53 @@ def test_speedrun_switch_to_a_v32_model_resolves(tmp_path):
 
 
 @pytest.mark.slow
-def test_v32_tiny_recipe_trains_kl_and_loss_fall_and_the_model_serves(tmp_path):
-    """The shipped recipe as `nanoseek pretrain --config v32-tiny` runs it, on prepared text shards."""
+def test_v32_tiny_recipe_and_the_upgrade_of_a_v3_run_train_and_serve(tmp_path):
+    """On prepared text shards: the shipped recipe from scratch (`nanoseek pretrain --config v32-tiny`),
+    the same model without indexers, and the paper's path from that dense run to V3.2 (a frozen
+    dense warm-up of fresh indexers, then sparse training); the V3.2 model generates."""
     from nanoseek.data.corpus import plain_text_documents
     from nanoseek.data.prepare import PrepareConfig, prepare_inputs
 
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in plain_text_documents()), encoding="utf-8")
     prepare_inputs([src], tmp_path / "data", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
-    run_dir = tmp_path / "run"
-    assert main(["pretrain", "--config", "v32-tiny", "--out-dir", str(run_dir), "--set", "data.source=packed",
-                 "--set", f"data.dir={tmp_path / 'data'}", "--no-progress", "--quiet"]) == 0
-    recs = read_metrics(run_dir)
-    steps = step_records(recs)
-    warm = load_config("v32-tiny").train.dsa_warmup_steps
-    kl = [steps[s]["indexer_loss"] for s in sorted(steps)]
-    ce = [steps[s]["ce"] for s in sorted(steps)]
+    data = ["--set", "data.source=packed", "--set", f"data.dir={tmp_path / 'data'}", "--no-progress", "--quiet"]
+    no_dsa = ["--set", "train.dsa_warmup_steps=null", "--set", "train.dsa_warmup_freeze=null"]
+    indexer = [f"--set=model.{k}={v}" for k, v in load_model_config("v32-tiny").to_dict().items() if k.startswith("index_")]
+    runs = {"v32": [], "v3": ["--set", "model.preset=tiny", *no_dsa],
+            "up": ["--set", f"model.init_from={tmp_path / 'v3'}", *indexer, "--set", "train.max_steps=100",
+                   "--set", "train.dsa_warmup_steps=50", "--set", "train.dsa_warmup_freeze=true",
+                   "--set", "train.save_every=50"]}
+    for name, extra in runs.items():
+        assert main(["pretrain", "--config", "v32-tiny", "--out-dir", str(tmp_path / name), *data, *extra]) == 0, name
     mean = lambda xs: sum(xs) / len(xs)                              # noqa: E731
-    kl_start, kl_warm, kl_end = mean(kl[:5]), mean(kl[warm - 5:warm]), mean(kl[-5:])
-    ce_start, ce_warm, ce_end = mean(ce[:5]), mean(ce[warm - 5:warm]), mean(ce[-5:])
-    print(f"indexer KL: steps 1-5 {kl_start:.4f}, {warm - 4}-{warm} {kl_warm:.4f}, last 5 {kl_end:.4f}; "
-          f"CE: {ce_start:.3f}, {ce_warm:.3f}, {ce_end:.3f}")
-    assert kl_warm < 0.5 * kl_start                                 # the warm-up teaches the indexers
-    assert abs(ce_warm - ce_start) < 0.1                            # ...and nothing else
-    assert ce_end < ce_warm - 1.0                                   # sparse training: the model learns
-    assert math.isfinite(kl_end)
-    val = [e["val_loss"] for e in events(recs, "eval")]
-    assert val[-1] < val[0]
+    got = {}
+    for name in runs:
+        recs = read_metrics(tmp_path / name)
+        steps = step_records(recs)
+        got[name] = {"ce": [steps[s]["ce"] for s in sorted(steps)],
+                     "kl": [steps[s].get("indexer_loss") for s in sorted(steps)],
+                     "val": {e["step"]: e["val_loss"] for e in events(recs, "eval")}}
+    v32, v3, up = got["v32"], got["v3"], got["up"]
+    print(f"from scratch: CE {mean(v32['ce'][:5]):.3f} -> {mean(v32['ce'][-5:]):.3f}, val {v32['val'][300]:.4f} "
+          f"(no indexers: {v3['val'][300]:.4f}), KL last 5 {mean(v32['kl'][-5:]):.4f}")
+    print(f"upgrade: KL steps 1-5 {mean(up['kl'][:5]):.4f}, 46-50 {mean(up['kl'][45:50]):.4f}, 96-100 "
+          f"{mean(up['kl'][-5:]):.4f}; CE 1-5 {mean(up['ce'][:5]):.3f}, 46-50 {mean(up['ce'][45:50]):.3f}; "
+          f"val (sparse) step 50 {up['val'][50]:.4f}, 100 {up['val'][100]:.4f}")
+    assert mean(v32["ce"][-5:]) < mean(v32["ce"][:5]) - 2 and v32["val"][300] < v32["val"][50]
+    assert abs(v32["val"][300] - v3["val"][300]) < 0.1                # top-16 of 64 keys: about as good as dense
+    assert all(math.isfinite(k) and k >= 0 for k in v32["kl"]) and all(k is None for k in v3["kl"])
+    assert mean(up["kl"][45:50]) < 0.3 * mean(up["kl"][:5])          # the warm-up teaches the fresh indexers
+    assert abs(up["val"][50] - v3["val"][300]) < 0.05                # sparse over their choice ~ the dense model
+    old, warm = (from_pretrained_dir(tmp_path / d) for d in ("v3/final", "up/checkpoints/step-000050"))
+    assert all(torch.equal(v, old[k]) for k, v in warm.items() if ".indexer." not in k)   # nothing else moved
     out = tmp_path / "gen.jsonl"
-    assert main(["generate", "--model", str(run_dir), "--prompt", "The", "--max-new-tokens", "20",
+    assert main(["generate", "--model", str(tmp_path / "v32"), "--prompt", "The", "--max-new-tokens", "20",
                  "--temperature", "0", "--output", str(out)]) == 0
     print("generated:", json.loads(out.read_text().splitlines()[0])["completions"][0]["text"])
+
+
+def from_pretrained_dir(path):
+    from nanoseek.model.checkpoint import from_pretrained
+
+    return from_pretrained(path).state_dict()

@@ -8,7 +8,7 @@ A training recipe is one TOML file with up to six tables::
     [optim]   lr, min_lr, betas, weight_decay, warmup_steps, schedule, decay_fraction, grad_clip,
               micro_batch_size, grad_accum, seq_len
     [train]   max_steps | max_tokens | max_minutes, seed, dtype, eval_every, save_every, ...
-              (V3.2: dsa_warmup_steps, indexer_loss_weight: the indexer's two stages, ``dsa.py``)
+              (V3.2: dsa_warmup_steps, dsa_warmup_freeze, indexer_loss_weight: the indexer's stages, ``dsa.py``)
     [spike]   the loss-spike guard's thresholds (see ``spike.py``)
     [parallel] ep, fsdp, backend: how a torchrun launch splits the work (``distributed.py``)
 
@@ -121,6 +121,7 @@ class TrainSection:
     bias_update_gamma: float = 0.001  # aux-loss-free bias update speed (V3: 0.001)
     seq_aux_alpha: float = 0.0001     # complementary sequence-wise balance loss weight (V3: 0.0001)
     dsa_warmup_steps: int = 0         # V3.2: first steps train only the indexers against dense attention (train/dsa.py)
+    dsa_warmup_freeze: bool = True    # V3.2: the warm-up trains only the indexers (false: everything, dense; from scratch)
     indexer_loss_weight: float = 1.0  # V3.2: weight of the indexers' KL loss (0: indexers frozen)
     tensorboard: bool = False         # also log to RUN/tensorboard (needs the tensorboard package)
     wandb_project: str = ""           # also log to this W&B project (needs the wandb package)

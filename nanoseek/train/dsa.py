@@ -7,7 +7,7 @@ stages of continued pre-training (DeepSeek-V3.2):
 
 1. **Dense warm-up**, the first ``[train] dsa_warmup_steps`` optimizer steps: MLA attends to
    every visible key, the model is frozen and only the indexers train, to match the dense
-   attention distribution. The objective is ``indexer_loss_weight x KL`` alone. The task's own
+   attention distribution (``dsa_warmup_freeze = false``: the model trains too, see below). The objective is ``indexer_loss_weight x KL`` alone. The task's own
    loss (cross-entropy, ...) is still computed, logged as ``loss`` and watched by the spike
    guard, but not backpropagated: every other parameter gets no gradient, so AdamW leaves it and
    its moments untouched (weight decay included), and the expert biases of the aux-loss-free
@@ -16,6 +16,12 @@ stages of continued pre-training (DeepSeek-V3.2):
    objective is ``task loss + indexer_loss_weight x KL`` over the selected keys. The indexer's
    input is detached and its selection carries no gradient, so the two terms reach disjoint
    parameters: the task's loss trains the model, the KL the indexers.
+
+The paper warms up from a trained dense model (DeepSeek-V3.1). A run from scratch has nothing
+worth matching yet (a random model attends almost uniformly, and so does a random indexer: their
+KL is ~0), so ``[train] dsa_warmup_freeze = false`` makes the warm-up dense pre-training of
+everything instead: objective ``task loss + indexer_loss_weight x KL`` over every visible key, the
+indexers following the model's attention as it forms, until sparse training begins.
 
 The stage is a function of the step alone, so a run resumed on either side of the boundary
 continues exactly. A model without indexers (DeepSeek-V3) has no stage and trains as before;
@@ -58,8 +64,12 @@ def indexed_attention(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "indexer", None) is not None]
 
 
-def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, where: str = "") -> None:
+def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, where: str = "",
+                       freeze: bool = True) -> None:
     """The ``[train]`` DSA keys against the model: a setting with no effect is one ConfigError line."""
+    if not freeze and not warmup_steps:
+        raise ConfigError(f"{where}[train] dsa_warmup_freeze = false would have no effect with dsa_warmup_steps = 0 "
+                          "(there is no warm-up); set dsa_warmup_steps > 0 or drop the key")
     if not has_indexer:
         if warmup_steps:
             raise ConfigError(f"{where}[train] dsa_warmup_steps = {warmup_steps} needs a DeepSeek-V3.2 model "
@@ -77,11 +87,15 @@ def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, wher
 class IndexerTraining:
     """The DSA side of the trainer: the stage of each step, the KL of its forwards, its objective."""
 
-    def __init__(self, model: nn.Module, warmup_steps: int = 0, weight: float = DEFAULT_WEIGHT):
+    def __init__(self, model: nn.Module, warmup_steps: int = 0, weight: float = DEFAULT_WEIGHT, freeze: bool = True):
         self.modules = indexed_attention(model)
-        check_dsa_settings(warmup_steps, weight, bool(self.modules))
-        self.warmup_steps, self.weight = warmup_steps, weight
+        check_dsa_settings(warmup_steps, weight, bool(self.modules), freeze=freeze)
+        self.warmup_steps, self.weight, self.freeze = warmup_steps, weight, freeze
         self._found: list[torch.Tensor] = []
+
+    def frozen(self, stage: str | None) -> bool:
+        """Whether a step of ``stage`` trains only the indexers (the paper's dense warm-up)."""
+        return stage == DENSE and self.freeze
 
     def stage(self, step: int) -> str | None:
         """The stage of the optimizer step with 0-based index ``step`` (None: no indexer training)."""
@@ -120,7 +134,7 @@ class IndexerTraining:
     def objective(self, loss: torch.Tensor, kl: torch.Tensor | None, stage: str | None,
                   kl_scale: float) -> torch.Tensor:
         """What one micro-batch backpropagates: ``loss`` (already scaled for the step) and
-        ``weight x kl_scale x kl`` (sparse), or the KL term alone (dense warm-up)."""
+        ``weight x kl_scale x kl``; the KL term alone in the paper's dense warm-up (``freeze``)."""
         if stage is None:
             return loss
         if kl is None:
@@ -129,7 +143,7 @@ class IndexerTraining:
                                    "run without gradient, or on the absorbed MLA path?)")
             return loss
         term = kl * (self.weight * kl_scale)
-        return term if stage == DENSE else loss + term
+        return term if self.frozen(stage) else loss + term
 
 
 __all__ = ["DENSE", "SPARSE", "IndexerTraining", "check_dsa_settings", "indexed_attention"]

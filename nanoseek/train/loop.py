@@ -95,7 +95,7 @@ from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest
                          load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
 from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
 from .distributed import ParallelRuntime, local_rank
-from .dsa import DENSE, IndexerTraining
+from .dsa import IndexerTraining
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
 from .optim import LRSchedule, build_optimizer, set_lr
 from .spike import SpikeGuard, Verdict
@@ -200,7 +200,8 @@ class ExpertBalanceHook(Hook):
         model = trainer.model
         if not hasattr(model, "update_expert_bias"):
             return None
-        moves = applied and getattr(trainer, "dsa_stage", None) != DENSE   # V3.2: the dense warm-up freezes the model
+        dsa = getattr(trainer, "dsa", None)
+        moves = applied and not (dsa is not None and dsa.frozen(trainer.dsa_stage))   # V3.2's warm-up: model frozen
         load = model.update_expert_bias(self.gamma if moves else 0.0, self.load_reduce)
         if load is None:
             return None
@@ -293,7 +294,8 @@ class Trainer:
         self.progress_flag, self.quiet = (progress, quiet) if self.dist.is_main else (False, True)
         self.optimizer = self.dist.adapt_optimizer(build_optimizer(self.model, optim))
         # DeepSeek-V3.2: the indexers' stage of each step (dense warm-up, then sparse), and their KL
-        self.dsa = IndexerTraining(self.model, train.dsa_warmup_steps, train.indexer_loss_weight)
+        self.dsa = IndexerTraining(self.model, train.dsa_warmup_steps, train.indexer_loss_weight,
+                                   train.dsa_warmup_freeze)
         self.dsa_stage: str | None = None         # the stage of the step being run / last run (V3.2)
         self._logged_stage: str | None = None
         self.schedule = LRSchedule(optim, train.max_steps)

@@ -191,7 +191,8 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
             if (tok_dir / name).is_file():
                 final_files[name] = (tok_dir / name).read_text(encoding="utf-8")
     model_cfg = cfg.model.build_config()
-    check_dsa_settings(t.dsa_warmup_steps, t.indexer_loss_weight, bool(model_cfg.index_n_heads), f"{cfg.source}: ")
+    check_dsa_settings(t.dsa_warmup_steps, t.indexer_loss_weight, bool(model_cfg.index_n_heads), f"{cfg.source}: ",
+                       freeze=t.dsa_warmup_freeze)
     if d.source == "packed":
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
