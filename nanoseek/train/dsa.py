@@ -73,20 +73,21 @@ def indexed_attention(model: nn.Module) -> list[nn.Module]:
 def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, where: str = "",
                        freeze: bool = True) -> None:
     """The ``[train]`` DSA keys against the model: a setting with no effect is one ConfigError line."""
+    if not has_indexer:
+        written = ([f"dsa_warmup_steps = {warmup_steps}"] * bool(warmup_steps) + ["dsa_warmup_freeze = false"] * (not freeze)
+                   + [f"indexer_loss_weight = {weight}"] * (weight != DEFAULT_WEIGHT))
+        if written:
+            drop = " ".join(f"--set train.{w.split(' =')[0]}=null" for w in written)
+            raise ConfigError(f"{where}[train] {', '.join(written)} would have no effect: the model has no lightning "
+                              "indexer (DeepSeek-V3.2's sparse attention needs index_n_heads > 0); drop the "
+                              f"key{'s' * (len(written) > 1)} ({drop}) or train a V3.2 model (e.g. [model] preset = "
+                              "\"v32-tiny\")")
+        return
     if not freeze and not warmup_steps:
         raise ConfigError(f"{where}[train] dsa_warmup_freeze = false would have no effect with dsa_warmup_steps = 0 "
                           "(there is no warm-up); set dsa_warmup_steps > 0 or drop the key")
-    if not has_indexer:
-        if warmup_steps:
-            raise ConfigError(f"{where}[train] dsa_warmup_steps = {warmup_steps} needs a DeepSeek-V3.2 model "
-                              "(index_n_heads > 0): this model has no lightning indexer to warm up; drop the key "
-                              "(--set train.dsa_warmup_steps=0) or train a V3.2 model (e.g. [model] preset = "
-                              "\"v32-tiny\")")
-        if weight != DEFAULT_WEIGHT:
-            raise ConfigError(f"{where}[train] indexer_loss_weight = {weight} would have no effect: this model has "
-                              "no lightning indexer (index_n_heads = 0); drop the key")
-    elif warmup_steps and weight == 0:
-        raise ConfigError(f"{where}[train] dsa_warmup_steps = {warmup_steps} trains only the indexers, which "
+    if warmup_steps and weight == 0:
+        raise ConfigError(f"{where}[train] dsa_warmup_steps = {warmup_steps} trains the indexers, which "
                           "indexer_loss_weight = 0 freezes: set indexer_loss_weight > 0 or dsa_warmup_steps = 0")
 
 
