@@ -19,7 +19,9 @@ lengths share a step: every row writes and attends at its own absolute positions
 masks slots beyond each query's position, so a freed row is reused without clearing.
 Prefill uses the naive MLA path (large matmuls over the prompt), decoding the absorbed one
 (attention directly over the cached latent). The model's mode is restored after every step, so a
-model being trained (GRPO rollouts) can be passed in as is.
+model being trained (GRPO rollouts) can be passed in as is; so is a DeepSeek-V3.2 model's indexer
+training stage (``set_dsa_stage``): the engine always decodes with top-k sparse attention and no
+indexer loss, and puts back the stage it found.
 
 Tool calls (``SamplingParams.tools``, ``tool_loop.py``): with "run" a sample that closes a
 DeepSeek-V3.1 tool-calls block pauses while its calls run on worker threads, the other rows keep
@@ -53,6 +55,7 @@ detokenisation, stop strings never leaked), splits ``<think>`` reasoning from th
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -77,6 +80,21 @@ TOOL_WAIT_S = 0.02                  # how long an idle step waits for a running 
 DEFAULT_MAX_SEQ_LEN = 4096          # when the model allows more (the cache is preallocated)
 DEFAULT_MAX_PREFILL_TOKENS = 8192   # padded prompt tokens per prefill forward
 PROMPT_SCORE_CHUNK = 512            # prompt positions per lm_head call when scoring a prompt
+
+
+@contextlib.contextmanager
+def _serving_indexers(model) -> Iterator[None]:
+    """DeepSeek-V3.2: inside, no attention module is in an indexer training stage (dense warm-up
+    or sparse with its KL): sampling always sees the served model; each module's stage is restored."""
+    mods = [m for m in model.modules() if getattr(m, "dsa_stage", None) is not None]
+    saved = [m.dsa_stage for m in mods]
+    for m in mods:
+        m.dsa_stage = None
+    try:
+        yield
+    finally:
+        for m, stage in zip(mods, saved):
+            m.dsa_stage = stage
 
 
 @dataclass
@@ -327,7 +345,7 @@ class Engine:
         if was_training:
             model.eval()
         try:
-            with torch.inference_mode(), model.absorb_restored():
+            with torch.inference_mode(), model.absorb_restored(), _serving_indexers(model):
                 resumed = [s for s in self._active if not s.finished and s.future is not None and s.future.done()]
                 decoding = [s for s in self._active if not s.finished and s.awaiting is None]
                 if admitted:

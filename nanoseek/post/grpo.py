@@ -5,7 +5,10 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
 1. **Rollout.** ``prompts_per_step`` questions are rendered with the template and the inference
    engine samples a group of ``group_size`` (G) completions for each from the policy being
    trained (:mod:`nanoseek.post.rollout`, the sampler DPO and distillation share). The engine puts the model in eval mode and decodes on the absorbed MLA path (prefill
-   on the naive one), then restores the training mode and the naive path for the update.
+   on the naive one), then restores the training mode and the naive path for the update. Rollouts
+   run between optimizer steps, where a DeepSeek-V3.2 policy has no indexer training stage: it samples
+   with top-k sparse attention and no indexer loss, as served (the engine also clears any stage it
+   finds); its indexers train in the update, in the sparse stage (:mod:`nanoseek.train.dsa`).
 2. **Rewards** from the rule-based verifiers of :mod:`nanoseek.tasks.rewards` (format + accuracy,
    scored in a thread pool), plus DAPO's soft overlong penalty when ``overlong_buffer > 0``.
 3. **Advantages** ``(r - mean) / std`` within each group (``scale_rewards=False``: Dr. GRPO's

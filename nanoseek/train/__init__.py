@@ -7,6 +7,8 @@
 * ``metrics.py``  metrics.jsonl (+ TensorBoard / W&B), MFU against a measured matmul peak, progress bar
 * ``loop.py``     :class:`Trainer`: tasks provide ``batches()`` and ``loss(model, batch)``; SFT, DPO and
                   GRPO reuse it unchanged
+* ``dsa.py``      DeepSeek-V3.2's indexer training: the dense warm-up, then sparse training (the stage of
+                  each step, the indexers' KL collected from the task's forwards)
 * ``synthetic.py`` a generated token stream with the real loader's interface (benchmarks, smoke tests)
 * ``pretrain.py`` the pre-training task (CE + lambda MTP + sequence-wise balance loss) and its wiring
 * ``pretrain_cli.py`` ``nanoseek pretrain``

@@ -293,7 +293,12 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
-    """Copy a checkpoint's weights (and expert biases) into ``model`` in place, strictly."""
+    """Copy a checkpoint's weights (and expert biases) into ``model`` in place, strictly.
+
+    One exception, DeepSeek-V3.2's own recipe: a checkpoint without lightning indexers (a
+    DeepSeek-V3 model) loads into a V3.2 model of the same shape, whose indexers keep their fresh
+    initialisation (``[model] init_from`` a V3 run plus ``index_n_heads`` etc.; then the dense
+    warm-up, ``[train] dsa_warmup_steps``, trains them against the model's own attention)."""
     hf = load_hf_tensors(ckpt, model.config)
     state = from_hf_state_dict(hf, model.config)
     if model.config.tie_word_embeddings:
@@ -301,8 +306,14 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         if "model.embed_tokens.weight" not in state:
             raise CheckpointError(f"{ckpt}: no model.embed_tokens.weight")
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    fresh = set()
+    if not any(".indexer." in k for k in state):
+        fresh = {k for k in model.state_dict() if ".indexer." in k}
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=not fresh)
+        wrong = [k for k in result.missing_keys if k not in fresh] + list(result.unexpected_keys)
+        if wrong:
+            raise RuntimeError(f"missing or unexpected keys {wrong[:8]}")
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: the weights do not fit this model: {' '.join(str(e).split())[:400]}") from None
 

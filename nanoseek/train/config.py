@@ -8,6 +8,7 @@ A training recipe is one TOML file with up to six tables::
     [optim]   lr, min_lr, betas, weight_decay, warmup_steps, schedule, decay_fraction, grad_clip,
               micro_batch_size, grad_accum, seq_len
     [train]   max_steps | max_tokens | max_minutes, seed, dtype, eval_every, save_every, ...
+              (V3.2: dsa_warmup_steps, dsa_warmup_freeze, indexer_loss_weight: the indexer's stages, ``dsa.py``)
     [spike]   the loss-spike guard's thresholds (see ``spike.py``)
     [parallel] ep, fsdp, backend: how a torchrun launch splits the work (``distributed.py``)
 
@@ -119,6 +120,9 @@ class TrainSection:
     mtp_lambda: float = 0.3           # weight of the MTP loss (V3: 0.3 for the first 10T tokens, then 0.1)
     bias_update_gamma: float = 0.001  # aux-loss-free bias update speed (V3: 0.001)
     seq_aux_alpha: float = 0.0001     # complementary sequence-wise balance loss weight (V3: 0.0001)
+    dsa_warmup_steps: int = 0         # V3.2: first steps train only the indexers against dense attention (train/dsa.py)
+    dsa_warmup_freeze: bool = True    # V3.2: the warm-up trains only the indexers (false: everything, dense; from scratch)
+    indexer_loss_weight: float = 1.0  # V3.2: weight of the indexers' KL loss (0: indexers frozen)
     tensorboard: bool = False         # also log to RUN/tensorboard (needs the tensorboard package)
     wandb_project: str = ""           # also log to this W&B project (needs the wandb package)
 
@@ -447,7 +451,7 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in ("keep_last", "log_every"):
         if getattr(t, key) < 1:
             raise bad("train", key, "must be >= 1")
-    for key in ("mtp_lambda", "bias_update_gamma", "seq_aux_alpha"):
+    for key in ("mtp_lambda", "bias_update_gamma", "seq_aux_alpha", "dsa_warmup_steps", "indexer_loss_weight"):
         if getattr(t, key) < 0:
             raise bad("train", key, "must be >= 0")
     for key in ("window", "min_history", "trend_window", "reference_batches"):

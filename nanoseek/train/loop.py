@@ -35,6 +35,8 @@ One optimizer step (``trainer.step`` counts them, 1-based in the logs):
 
 1. lr from the schedule (a function of the step and the run's progress), set on every group;
 2. for each micro-batch: loss under autocast, ``backward(loss / n)`` (or ``loss`` for "sum");
+   a DeepSeek-V3.2 model trains in the step's stage and its indexers' KL joins the objective
+   (:mod:`nanoseek.train.dsa`: the dense warm-up backpropagates the KL alone);
 3. clip the global gradient norm; ask the spike guard about the step loss and gradient norm;
 4. OK: ``optimizer.step()``. SKIP (fast spike): no update, the gradient is dropped; the step
    still counts (its data is consumed and the schedule moves on) and ``spike_skipped`` is logged
@@ -93,6 +95,7 @@ from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest
                          load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
 from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
 from .distributed import ParallelRuntime, local_rank
+from .dsa import IndexerTraining
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
 from .optim import LRSchedule, build_optimizer, set_lr
 from .spike import SpikeGuard, Verdict
@@ -186,7 +189,8 @@ class ExpertBalanceHook(Hook):
 
     The load is the token count of every training forward since the last call (all micro-batches
     of the step). A skipped step calls it with gamma 0: the spiked batch's counts are dropped and
-    the biases do not move. Logs the per-MoE-layer MaxVio of the step's load and the bias range.
+    the biases do not move; so does a step of V3.2's dense warm-up, which trains only the indexers.
+    Logs the per-MoE-layer MaxVio of the step's load and the bias range.
     """
 
     def __init__(self, gamma: float, load_reduce=None):
@@ -196,7 +200,9 @@ class ExpertBalanceHook(Hook):
         model = trainer.model
         if not hasattr(model, "update_expert_bias"):
             return None
-        load = model.update_expert_bias(self.gamma if applied else 0.0, self.load_reduce)
+        dsa = getattr(trainer, "dsa", None)
+        moves = applied and not (dsa is not None and dsa.frozen(trainer.dsa_stage))   # V3.2's warm-up: model frozen
+        load = model.update_expert_bias(self.gamma if moves else 0.0, self.load_reduce)
         if load is None:
             return None
         from ..model.moe import max_violation
@@ -287,6 +293,11 @@ class Trainer:
         self.final_files = final_files or {}
         self.progress_flag, self.quiet = (progress, quiet) if self.dist.is_main else (False, True)
         self.optimizer = self.dist.adapt_optimizer(build_optimizer(self.model, optim))
+        # DeepSeek-V3.2: the indexers' stage of each step (dense warm-up, then sparse), and their KL
+        self.dsa = IndexerTraining(self.model, train.dsa_warmup_steps, train.indexer_loss_weight,
+                                   train.dsa_warmup_freeze)
+        self.dsa_stage: str | None = None         # the stage of the step being run / last run (V3.2)
+        self._logged_stage: str | None = None
         self.schedule = LRSchedule(optim, train.max_steps)
         self.guard = SpikeGuard(self.spike_cfg)
         self.batches: Batches = task.batches()
@@ -571,20 +582,30 @@ class Trainer:
         lr = self.schedule.lr(self.step, self._lr_progress())
         set_lr(opt, lr)
         scale = 1.0 / len(micro) if self.reduction == "mean" else 1.0
+        # the indexers' KL is a mean over the step's micro-batches and ranks, whatever the reduction
+        kl_scale = 1.0 / len(micro) / (self.dist.world_size if self.reduction == "sum" else 1)
+        stage = self.dsa_stage = self.dsa.stage(self.step)
+        if stage != self._logged_stage:
+            self._event("dsa_stage", step=self.step + 1, stage=stage)
+            self._logged_stage = stage
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for i, mb in enumerate(micro):
-            self.dist.set_gradient_sync(model, i == len(micro) - 1)
-            with self.autocast():
-                loss, metrics = self.task.loss(model, mb)
-            (loss * scale).backward()
-            loss_sum += loss.detach().float()
-            for k, v in (metrics or {}).items():
-                v = float(v) if isinstance(v, torch.Tensor) else v
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
+        with self.dsa.step(model, stage):
+            for i, mb in enumerate(micro):
+                self.dist.set_gradient_sync(model, i == len(micro) - 1)
+                with self.autocast():
+                    loss, metrics = self.task.loss(model, mb)
+                kl = self.dsa.take()
+                self.dsa.objective(loss * scale, kl, stage, kl_scale).backward()
+                loss_sum += loss.detach().float()
+                if kl is not None:
+                    metrics = {**(metrics or {}), "indexer_loss": kl.detach()}
+                for k, v in (metrics or {}).items():
+                    v = float(v) if isinstance(v, torch.Tensor) else v
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        sums[k] = sums.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
         step_loss = float(loss_sum) * scale
         self.dist.reduce_gradients(self.reduction)                   # the global batch's gradient
         step_loss, sums, counts = self.dist.reduce_step(step_loss, sums, counts, self.reduction)

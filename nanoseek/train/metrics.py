@@ -4,9 +4,11 @@
 crash both see every line. Two kinds of line:
 
 * a *step* record, ``{"step": 12, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ...,
-  "mfu": ..., "maxvio": [per MoE layer], "bias_range": [per MoE layer], "mtp_loss": ...}``;
+  "mfu": ..., "maxvio": [per MoE layer], "bias_range": [per MoE layer], "mtp_loss": ...,
+  "indexer_loss": ... (DeepSeek-V3.2: the indexers' KL, nanoseek/train/dsa.py)}``;
 * an *event*, ``{"event": "spike_skipped" | "rollback" | "eval" | "checkpoint" | "resume" |
-  "interrupted" | "done" | "start", "step": ..., ...}``.
+  "interrupted" | "done" | "start" | "dsa_stage", "step": ..., ...}`` (``dsa_stage``: a V3.2
+  run's indexer stage from that step on, ``"stage": "dense" | "sparse"``).
 
 The file is append-only: after a resume or a rollback the re-done steps are written again, so
 :func:`step_records` keeps the last record of each step (the one on the surviving timeline).

@@ -7,7 +7,9 @@
   :class:`~nanoseek.train.synthetic.SyntheticLoader`; the loader's position is the state.
 * ``loss``: ``CE + mtp_lambda * L_MTP + L_aux``, where L_MTP is the model's (1/D) sum_k CE_k and
   L_aux the MoE layers' sequence-wise balance loss (weight ``seq_aux_alpha``, set on the model).
-  The MTP forward is skipped entirely when ``mtp_lambda`` is 0.
+  The MTP forward is skipped entirely when ``mtp_lambda`` is 0. A DeepSeek-V3.2 model's indexers
+  learn from their own KL loss, which the trainer adds (``[train] dsa_warmup_steps``: the dense
+  warm-up first; :mod:`nanoseek.train.dsa`).
 * ``evaluate``: validation loss (main CE only, no MTP) over the first ``val_batches`` batches of
   the val split, always the same ones, and bits per byte ``val_bpb`` = nats / ln 2 / UTF-8 bytes
   of the target tokens that stand for text (:func:`nanoseek.train.bpb.bpb_sums`, the rule ``nanoseek
@@ -40,6 +42,7 @@ from ..atomic import read_record, write_atomic
 from .bpb import bpb_sums, token_byte_lengths
 from ..errors import ConfigError
 from .config import TrainConfig, config_to_toml
+from .dsa import check_dsa_settings
 from .loop import ExpertBalanceHook, FitResult, Trainer
 
 
@@ -188,6 +191,8 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
             if (tok_dir / name).is_file():
                 final_files[name] = (tok_dir / name).read_text(encoding="utf-8")
     model_cfg = cfg.model.build_config()
+    check_dsa_settings(t.dsa_warmup_steps, t.indexer_loss_weight, bool(model_cfg.index_n_heads), f"{cfg.source}: ",
+                       freeze=t.dsa_warmup_freeze)
     if d.source == "packed":
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
