@@ -230,7 +230,9 @@ class DeepseekV3ForCausalLM(nn.Module):
     def set_dsa_stage(self, stage: str | None) -> None:
         """V3.2's indexer training (dsa.py): ``"dense"`` (warm-up: dense attention, the indexer learns
         the dense distribution), ``"sparse"`` (top-k attention, the indexer learns over its selection)
-        or None (no indexer loss: inference). Either training stage puts ``indexer_loss`` in the output."""
+        or None (no indexer loss: inference). In either training stage every attention module keeps its
+        KL in ``indexer_loss`` after a forward, and a forward with labels also returns their mean over
+        layers as the output's ``indexer_loss`` (the trainer reads the modules: ``train/dsa.py``)."""
         if stage not in (None, "dense", "sparse"):
             raise ValueError(f"DSA stage must be 'dense', 'sparse' or None, got {stage!r}")
         for attn in self._indexed_attention(with_mtp=True):
