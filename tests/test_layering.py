@@ -31,7 +31,7 @@ PKG = ROOT / "nanoseek"
 # of its own layer or lower ones. Modules not listed are a finding of the test.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("nanoseek", "nanoseek.errors", "nanoseek.atomic", "nanoseek.claims", "nanoseek.outdir")),
-    ("model", ("nanoseek.model",)),
+    ("model", ("nanoseek.model", "nanoseek.model.v4")),
     ("over the model", ("nanoseek.limits", "nanoseek.estimate")),
     ("data, tasks and tools", ("nanoseek.data", "nanoseek.tasks", "nanoseek.tools")),
     ("train", ("nanoseek.train",)),
@@ -197,6 +197,7 @@ def test_lower_layers_do_not_import_higher_ones():
 
 def test_layer_check_catches_an_upward_import():
     assert layer_of("nanoseek.model.moe") < layer_of("nanoseek.train.loop") < layer_of("nanoseek.post.grpo")
+    assert layer_of("nanoseek.model.v4.transformer") == layer_of("nanoseek.model.moe")
     assert layer_of("nanoseek.errors") == 0 and layer_of("nanoseek.cli") == len(LAYERS) - 1
 
 

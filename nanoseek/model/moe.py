@@ -184,7 +184,11 @@ class Experts(nn.Module):
         (E_here = the experts this module holds) -> [M, d], row for row."""
         h = self.gemm(x, self.gate_up_proj, counts)                           # [M, 2I]
         gate, up = h.split(self.intermediate, dim=-1)                         # [M, I] each
-        return self.gemm(F.silu(gate) * up, self.down_proj, counts)          # [M, d]
+        return self.gemm(self.act(gate, up), self.down_proj, counts)         # [M, d]
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gated activation silu(gate) * up (a subclass may change it, e.g. V4's clamped SwiGLU)."""
+        return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
@@ -201,7 +205,7 @@ class Experts(nn.Module):
         h = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d)).view(N, E, 2 * inter)
         gate, up = h.split(inter, dim=-1)                                     # [N, E, I] each
         dense_w = x.new_zeros(N, E).scatter_(1, idx, weights.to(x.dtype))     # 0 for unchosen experts
-        act = F.silu(gate) * up * dense_w[:, :, None]                         # [N, E, I]
+        act = self.act(gate, up) * dense_w[:, :, None]                        # [N, E, I]
         y = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))    # [E, N, d]
         counts = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).sum(dim=0)
         return y.sum(dim=0), counts

@@ -1,0 +1,205 @@
+"""DeepSeek-V4's KV compressors and the lightning indexer of compressed sparse attention.
+
+A compressor turns every ``m`` consecutive tokens into ONE compressed key/value entry (keys and
+values are the same vector in V4). Per token x_t it projects a candidate ``c_t = W_kv x_t`` and
+a gate ``z_t = W_z x_t``; window w (tokens wm .. wm+m-1) gives
+
+  HCA (heavily compressed, m' = 128, ``overlap=False``):
+      C_w = RMSNorm( sum_j softmax_j(z_j + B_j) * c_j )                       j over the window
+  CSA (compressed sparse, m = 4, ``overlap=True``): c, z have 2 halves [a | b] per token and
+      C_w = RMSNorm( sum_j softmax_j(.) * c_j ) over the 2m slots (window w-1's a-halves,
+      window w's b-halves), so entries overlap: width 2m, stride m (window -1 is empty).
+
+then RoPE (the "compress" base) on its last ``qk_rope_head_dim`` dims at position w*m. A query at
+position p may see entry w only once its window is complete: w < (p + 1) // m.
+``position_bias`` is B [m, c]. HF names: ``kv_proj``, ``gate_proj``, ``position_bias``, ``kv_norm``.
+
+CSA attends to only ``index_topk`` of the entries, chosen per query by the lightning indexer
+(HF ``compressor.indexer``): its own CSA-style compressor at ``index_head_dim`` (the keys K^I),
+a query ``q^I = W^I_q q_latent`` (``q_b_proj`` from the attention's query latent, ``index_n_heads``
+heads, RoPE'd at the query position) and per-head weights ``w = W_w x`` (``scorer.weights_proj``):
+
+  I(t, s) = sum_h (w_{t,h} / sqrt(H^I)) * ReLU(q^I_{t,h} . K^I_s) / sqrt(c^I)
+
+the top-k visible entries by I are the ones attended (fewer when fewer are visible). Exact ties
+(every head's ReLU 0) are broken by ``torch.topk`` as in transformers, which depends on the tensor's
+width, so a full forward and cached decoding may pick differently there (transformers' too); with
+many indexer heads (DeepSeek: 64) such ties do not occur in practice. The
+selection is discrete: the language-model loss trains no indexer weight (DeepSeek trains it
+with a separate KL objective, not implemented here).
+
+Two ways to produce entries, same function: without a cache every complete window of the
+sequence is pooled at once (training, the parity tests); with a :class:`~.cache.V4Cache` the
+tokens of still-open windows wait in a small ring per layer and each step pools exactly the
+windows it completes (see ``cache.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fp32 import keep_fp32
+from .config import CSA, HCA, DeepseekV4Config
+from .rope import Rope, rope_tail
+
+
+class FP32RMSNorm(nn.Module):
+    """RMSNorm whose weight stays fp32 and multiplies before the cast back (transformers' V4 norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.eps = eps
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keep_fp32(fn), recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
+class WindowCompressor(nn.Module):
+    """Pools windows of ``rate`` tokens into entries of ``dim`` (see the module docstring)."""
+
+    def __init__(self, hidden_size: int, dim: int, rate: int, overlap: bool, eps: float, name: str):
+        super().__init__()
+        self.dim, self.rate, self.overlap, self.name = dim, rate, overlap, name
+        width = 2 * dim if overlap else dim
+        self.kv_proj = nn.Linear(hidden_size, width, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, width, dtype=torch.float32))
+        self.kv_norm = FP32RMSNorm(dim, eps)
+
+    def _apply(self, fn, recurse=True):   # position_bias stays fp32, the projections follow fn
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        return super()._apply(keep_fp32(fn), recurse=False)
+
+    @property
+    def span(self) -> int:
+        """Tokens one entry reads: m, or 2m with overlap."""
+        return 2 * self.rate if self.overlap else self.rate
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, w0: torch.Tensor | int, rope: Rope) -> torch.Tensor:
+        """kv, gate [B, N, span, dim] (gate with the bias added; -inf = absent) -> entries [B, N, dim]
+        for windows w0 + 0..N-1 (w0 an int or [B])."""
+        B, N = kv.shape[:2]
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+        entries = self.kv_norm(pooled)
+        w = torch.arange(N, device=kv.device)
+        w = (w + w0[:, None]) if isinstance(w0, torch.Tensor) else (w + w0).expand(B, N)
+        cos, sin = rope(w * self.rate)
+        return rope_tail(entries, cos, sin)
+
+    def layout(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole windows [B, N, m, width] (bias added) -> the pooling slots [B, N, span, dim]; with
+        overlap the a-halves of window w-1 come first (window -1: absent), then window w's b-halves."""
+        if not self.overlap:
+            return kv, gate
+        d = self.dim
+        B, N, m, _ = kv.shape
+        first_kv = kv.new_zeros(B, 1, m, d)
+        first_gate = gate.new_full((B, 1, m, d), float("-inf"))
+        prev_kv = torch.cat([first_kv, kv[:, :-1, :, :d]], dim=1)
+        prev_gate = torch.cat([first_gate, gate[:, :-1, :, :d]], dim=1)
+        return torch.cat([prev_kv, kv[..., d:]], dim=2), torch.cat([prev_gate, gate[..., d:]], dim=2)
+
+    def full(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """No cache: entries of every complete window of x [B, T, d] (positions 0..T-1) -> [B, T // m, dim]."""
+        B, T, _ = x.shape
+        m = self.rate
+        n = T // m
+        if n == 0:
+            return x.new_zeros(B, 0, self.dim)
+        kv = self.kv_proj(x[:, :n * m]).view(B, n, m, -1)
+        gate = self.gate_proj(x[:, :n * m]).view(B, n, m, -1) + self.position_bias
+        kv, gate = self.layout(kv, gate)
+        return self.pool(kv, gate, 0, rope)
+
+    def cached(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, store, rows, valid) -> torch.Tensor:
+        """With a cache: pool the windows this step completes into the store; return the entries
+        every row of the step may see, [B, N, dim] (N = max over rows of (last position + 1) // m)."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        store.update(self, kv, gate, positions, rope, rows, valid)
+        n_vis = int((positions[:, -1].max() + 1) // self.rate)
+        return store.read(n_vis, rows)
+
+
+def visible_entries(positions: torch.Tensor, n: int, rate: int) -> torch.Tensor:
+    """[B, T, n] bool: the query at position p sees entry w iff w < (p + 1) // rate."""
+    return torch.arange(n, device=positions.device) < ((positions + 1) // rate)[..., None]
+
+
+class IndexerScorer(nn.Module):
+    """HF ``indexer.scorer``: the per-head weights projection and the ReLU-weighted score."""
+
+    def __init__(self, config: DeepseekV4Config):
+        super().__init__()
+        self.softmax_scale = config.index_head_dim ** -0.5
+        self.weights_scaling = config.index_n_heads ** -0.5
+        self.weights_proj = nn.Linear(config.hidden_size, config.index_n_heads, bias=False)
+
+    def forward(self, q: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, c], keys [B, N, c], x [B, T, d] -> scores [B, T, N] (fp32)."""
+        scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))     # [B, T, H, N]
+        scores = F.relu(scores) * self.softmax_scale
+        weights = self.weights_proj(x).float() * self.weights_scaling                      # [B, T, H]
+        return (scores * weights.unsqueeze(-1)).sum(dim=2)
+
+
+class Indexer(WindowCompressor):
+    """The lightning indexer (HF ``compressor.indexer``): a CSA compressor at ``index_head_dim``
+    plus ``q_b_proj`` and ``scorer``; :meth:`select` gives the attended entries."""
+
+    def __init__(self, config: DeepseekV4Config):
+        c = config
+        super().__init__(c.hidden_size, c.index_head_dim, c.compress_rates[CSA], True, c.rms_norm_eps, "indexer")
+        self.n_heads, self.topk = c.index_n_heads, c.index_topk
+        self.q_b_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.scorer = IndexerScorer(c)
+
+    def select(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+               rope: Rope) -> torch.Tensor:
+        """-> [B, T, N] bool: the entries each query attends (its top-k visible by index score)."""
+        B, T, _ = x.shape
+        N = keys.shape[1]
+        visible = visible_entries(positions, N, self.rate)
+        if N == 0:
+            return visible
+        cos, sin = rope(positions)
+        q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim), cos, sin)
+        scores = self.scorer(q, keys, x).masked_fill(~visible, float("-inf"))
+        top = scores.topk(min(self.topk, N), dim=-1).indices                               # [B, T, k]
+        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
+        return chosen & visible
+
+
+class Compressor(WindowCompressor):
+    """HF ``self_attn.compressor``: HCA (no overlap) or CSA (overlap, with ``indexer``)."""
+
+    def __init__(self, config: DeepseekV4Config, kind: str):
+        c = config
+        super().__init__(c.hidden_size, c.head_dim, c.compress_rates[kind], kind == CSA, c.rms_norm_eps, "compressor")
+        self.indexer = Indexer(c) if kind == CSA else None
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, rope: Rope,
+                cache=None, rows=None, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (entries [B, N, head_dim], mask [B, T, N] bool of the entries each query attends)."""
+        if cache is None:
+            entries = self.full(x, rope)
+            keys = self.indexer.full(x, rope) if self.indexer is not None else None
+        else:
+            entries = self.cached(x, positions, rope, cache.store(self.name), rows, valid)
+            keys = (self.indexer.cached(x, positions, rope, cache.store(self.indexer.name), rows, valid)
+                    if self.indexer is not None else None)
+        if self.indexer is None:
+            return entries, visible_entries(positions, entries.shape[1], self.rate)
+        return entries, self.indexer.select(x, q_latent, positions, keys, rope)
+
+
+__all__ = ["Compressor", "Indexer", "WindowCompressor", "FP32RMSNorm", "visible_entries", "HCA", "CSA"]
