@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.config import ModelConfig
-from ..model.params import count_params
+from .family import count_params
 from .comm import comm_estimate
 from .flops import DEFAULT_SEQ_LEN, EstimateError, mtp_active_params, training_flops_breakdown
 from .gpus import GPUSpec
