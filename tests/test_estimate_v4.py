@@ -192,3 +192,46 @@ def test_cli_v4_estimate_and_compare(capsys):
     assert main(["estimate", "--config", "deepseek-v3", "--compare", "deepseek-v4-flash", "--contexts", "128K"]) == 0
     assert "ratio to deepseek-v4-flash" in capsys.readouterr().out
     assert param_report(load_config("v4-tiny")).mtp == v4_params.count_params(_tiny()).mtp
+
+
+@pytest.mark.parametrize("case", ["all_kinds_hc2", "default_schedule_yarn_sigmoid_hc3", "tied_top1_bias_hc1"])
+def test_v4_kinds_match_transformers_masks_and_cache(case):
+    """The estimate's keys per query and cached values per layer are what transformers'
+    DeepseekV4ForCausalLM does: for every query of a sequence longer than the window and with more
+    compressed entries than top-k, the non-zero attention probabilities (sinks dropped) of every
+    layer equal ``keys(cfg, t + 1)``; after the same prefill its cache holds the ring (window - 1
+    keys between steps; the estimate counts the full window), the compressed entries and indexer
+    keys, and exactly ``state_values`` of pending compressor rows."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from v4_helpers import BASE, CASES, randomise
+
+    overrides, L = CASES[case]
+    hf_cfg = transformers.DeepseekV4Config(**{**BASE, **overrides})
+    hf_cfg._attn_implementation = "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.DeepseekV4ForCausalLM(hf_cfg).eval()
+    randomise(model, 0)
+    probs = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(lambda m, a, out, i=i: probs.__setitem__(i, out[1]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache = model(torch.randint(0, BASE["vocab_size"], (1, L)), use_cache=True).past_key_values
+    cfg = V4Estimand.from_dict({**BASE, **overrides})
+    assert L > cfg.sliding_window
+    for i, p in probs.items():
+        kind = kind_of(cfg, i)
+        attended = (p[0] > 0).sum(-1)                                   # [heads, queries]
+        expected = torch.tensor([kind.keys(cfg, t + 1)[0] for t in range(L)])
+        assert (attended == expected).all(), (case, i, kind.name)
+        held = cache.layers[i]
+        entries = sum(t.numel() for t in getattr(held, "compressed_kv", {}).values() if t is not None)
+        state = sum(t.numel() for d in ("buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate")
+                    for t in getattr(held, d, {}).values() if t is not None)
+        assert state == kind.state_values(cfg, L), (case, i)
+        assert held.keys.numel() == (cfg.sliding_window - 1) * cfg.head_dim
+        assert kind.cache_bytes(cfg, L, KV_FORMATS["fp32"]) == 4 * (entries + state + cfg.sliding_window * cfg.head_dim)

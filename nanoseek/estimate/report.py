@@ -196,7 +196,8 @@ def _comparison(console: Console, est: Estimate) -> None:
     t.columns[1].justify = "left"
 
     def row(ctx: str, name: str, r) -> None:
-        t.add_row(ctx, name, _flops(r.attention_flops), _flops(r.core_flops + r.indexer_flops),
+        t.add_row(ctx, name, _flops(r.attention_flops),
+                  _flops(r.core_flops + r.indexer_flops + r.compressor_flops),
                   _flops(r.model_flops), _num(r.kv_bytes_per_token), fmt_si(r.kv_read_bytes_per_step, "B"),
                   "n/a" if r.usd_per_million_tokens is None else f"{r.usd_per_million_tokens:.3g}")
 
