@@ -589,7 +589,7 @@ def test_docs_example_regenerates(capsys):
     blocks = doc.split("```")[1::2]
     pairs = [(c.strip(), o.strip("\n")) for c, o in zip(blocks, blocks[1:])
              if c.strip().startswith("nanoseek estimate --")]
-    assert len(pairs) == 3
+    assert len(pairs) == 4
     for cmd, shown in pairs:
         assert main(cmd.split()[1:]) == 0
         out = "\n".join(line.rstrip() for line in capsys.readouterr().out.strip("\n").splitlines())

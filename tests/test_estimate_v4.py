@@ -235,3 +235,19 @@ def test_v4_kinds_match_transformers_masks_and_cache(case):
         assert state == kind.state_values(cfg, L), (case, i)
         assert held.keys.numel() == (cfg.sliding_window - 1) * cfg.head_dim
         assert kind.cache_bytes(cfg, L, KV_FORMATS["fp32"]) == 4 * (entries + state + cfg.sliding_window * cfg.head_dim)
+
+
+def test_docs_generations_table_regenerates():
+    """docs/estimate.md holds exactly what `python -m nanoseek.estimate.generations` prints, and its
+    claims rows set each published figure beside the estimate."""
+    from pathlib import Path
+
+    from nanoseek.estimate.generations import CLAIMS, generations_markdown
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "estimate.md").read_text()
+    table = generations_markdown()
+    assert table in doc and "python -m nanoseek.estimate.generations" in doc
+    assert len(table.splitlines()) == 2 + 3 * 4 + 1 + 2 + len(CLAIMS)
+    for claim in CLAIMS:
+        assert f"| {claim.text} ({claim.source}) | {claim.claimed:.0%} |" in table
+    assert "| 1M | deepseek-v4-pro |" in table and "26.1% | 0.97 |" in table
