@@ -16,7 +16,7 @@ from nanoseek.estimate.attention import (
 from nanoseek.estimate.cli import load_config
 from nanoseek.estimate.estimate import param_report
 from nanoseek.estimate.family import FAMILIES, V4Estimand, count_params, family_of, layer_params
-from nanoseek.estimate.flops import training_flops_breakdown
+from nanoseek.estimate.flops import EstimateError, training_flops_breakdown
 from nanoseek.estimate.gpus import get_gpu
 from nanoseek.estimate.inference import context_costs, decode_estimate, projection_flops
 from nanoseek.estimate.memory import Layout, activation_bytes_per_token, estimate_for_layout
@@ -123,6 +123,8 @@ def test_v4_memory_and_decode_sections():
     assert activation_bytes_per_token(cfg, 1) > activation_bytes_per_token(cfg, 0)   # CSA > sliding
     inf = decode_estimate(cfg, get_gpu("h800"), context=100, batch=4)
     (row,) = inf.variants                                   # no MHA / GQA / MQA rows for V4's hybrid
+    with pytest.raises(EstimateError, match="GQA groups.*v4-hybrid"):
+        decode_estimate(cfg, get_gpu("h800"), context=100, gqa_groups=2)
     assert row.is_model and row.bytes_per_request == kv_bytes(cfg, 100, "bf16")
     kinds = {k.kind: k for k in inf.kinds}
     assert kinds["sliding"].bytes_per_token_per_layer == 0 and kinds["sliding"].fixed_bytes_per_layer == 16 * 64

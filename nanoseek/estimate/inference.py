@@ -219,6 +219,7 @@ def decode_estimate(cfg: ModelConfig, gpu: GPUSpec, *, context: int, batch: int 
     _check(context, batch, serve_gpus)
     fmt = resolve_kv_format(kv_format)
     h = cfg.num_attention_heads
+    gqa_given = gqa_groups is not None
     if gqa_groups is None:          # the common 8 KV heads, when that is a real GQA for this model
         gqa_groups = 8 if (8 < h and h % 8 == 0) else None
     elif not (1 < gqa_groups < h and h % gqa_groups == 0):
@@ -229,8 +230,11 @@ def decode_estimate(cfg: ModelConfig, gpu: GPUSpec, *, context: int, batch: int 
     # (name, is_model, kv_heads, config whose attention it is)
     variants: list[tuple[str, bool, int | None, ModelConfig]] = []
     if cfg.attention_type not in ("mla", "mha"):        # DeepSeek-V4's hybrid: its own row only
+        if gqa_given:
+            raise EstimateError(f"GQA groups: the MHA / GQA / MQA comparison rows replace MLA; this model's "
+                                f"attention is {cfg.attention_type} ({', '.join(kinds_in_use(cfg))})")
         variants.append((f"{cfg.attention_type} ({' + '.join(kinds_in_use(cfg))})", True, None, cfg))
-        gqa_groups = h = None
+        h = None
     elif cfg.attention_type == "mla":
         if cfg.index_n_heads:
             variants.append(("MLA+DSA (absorbed)", True, None, cfg))
