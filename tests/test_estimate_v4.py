@@ -193,7 +193,13 @@ def test_cli_v4_estimate_and_compare(capsys):
         assert s in out, s
     assert main(["estimate", "--config", "deepseek-v3", "--compare", "deepseek-v4-flash", "--contexts", "128K"]) == 0
     assert "ratio to deepseek-v4-flash" in capsys.readouterr().out
-    assert param_report(load_config("v4-tiny")).mtp == v4_params.count_params(_tiny()).mtp
+    rep, tiny = param_report(load_config("v4-tiny")), _tiny()
+    assert rep.mtp == v4_params.count_params(tiny).mtp
+    # one MTP block (sliding, learned MoE) + e/h_proj, 3 norms and its mHC head; 2 of 8 experts active
+    d, n, I = 64, 2, 32
+    block = sum(v4_params.layer_params(tiny, 4)[0].values())
+    assert rep.mtp == 2 * d * d + 3 * d + n * n * d + n + 1 + block
+    assert rep.active_breakdown["mtp"] == rep.mtp - 6 * 3 * d * I
 
 
 @pytest.mark.parametrize("case", ["all_kinds_hc2", "default_schedule_yarn_sigmoid_hc3", "tied_top1_bias_hc1"])

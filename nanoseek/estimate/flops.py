@@ -45,13 +45,13 @@ class EstimateError(ValueError):
 
 
 def mtp_active_params(cfg: ModelConfig) -> int:
-    """Unique MTP parameters a token activates: enorm, hnorm, eh_proj, the block's activated
-    parameters and shared_head.norm, over all MTP modules (the shared embedding and head excluded)."""
-    d = cfg.hidden_size
-    n = 0
+    """Unique MTP parameters a token activates: all of the MTP modules' own parameters (the
+    family's count: V3's enorm, hnorm, eh_proj, block and shared_head.norm; V4's also its mHC
+    head) less the routed experts each block's token is not sent to."""
+    n = count_params(cfg).mtp
     for k in range(cfg.num_nextn_predict_layers):
-        _, act = layer_params(cfg, cfg.num_hidden_layers + k)
-        n += 3 * d + 2 * d * d + sum(act.values())
+        tot, act = layer_params(cfg, cfg.num_hidden_layers + k)
+        n -= sum(tot.values()) - sum(act.values())
     return n
 
 
