@@ -26,7 +26,9 @@ power of two that holds the weights and the configured model's KV cache for the 
 :func:`context_costs` evaluates the same bound for the configured model at each of several
 context lengths, with the attention FLOPs per token split into projections (2 x the attention and
 indexer parameters), core attention and indexer: DeepSeek-V3.2's point shows as a core attention
-cost that stops growing at ``index_topk`` keys.
+cost that stops growing at ``index_topk`` keys. A DeepSeek-V4 model (hybrid sliding / compressed
+attention, :mod:`.attention`'s ``sliding``, ``csa``, ``hca``) gets only its own decode row (the
+MHA / GQA / MQA rows replace MLA), its compressors' pooling and mHC mixing in the FLOPs.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class ContextCost:
     beyond_max_position: bool               # longer than the config's max_position_embeddings
     keys_attended: dict[str, float]         # per layer, by layer kind
     keys_scored: dict[str, float]           # per layer, by layer kind (an indexer's)
-    projection_flops: float                 # 2 x attention (+ indexer) parameters, all layers
+    projection_flops: float                 # 2 x attention (+ indexer, compressor) parameters, all layers
     core_flops: float                       # q.k and p.v (absorbed MLA), all layers
     indexer_flops: float                    # V3.2's / V4's index scores, all layers
     compressor_flops: float                 # V4's KV compressors' pooling, all layers
