@@ -24,7 +24,7 @@ from nanoseek.estimate.inference import context_costs, decode_estimate, decode_w
 from nanoseek.estimate.memory import (
     Layout, activation_bytes_per_token, estimate_for_layout, stage_layers,
 )
-from nanoseek.model.config import ModelConfig, load_model_config
+from nanoseek.model.config import PRESET_DIR as PRESETS, ModelConfig, load_model_config
 from nanoseek.model.params import KV_FORMATS, count_params, indexer_params, kv_cache_bytes_per_token, layer_params
 
 
@@ -312,8 +312,18 @@ def test_all_to_all_across_nodes_is_node_limited(v3):
 
 
 # ---------------------------------------------------------------------- V3.2 and the layer kinds
-def _sample(kind: str) -> ModelConfig:
+def _tiny_v4(kind: str):
+    """v4-tiny with every layer of one V4 kind (layer_types spelled as transformers does)."""
+    from nanoseek.estimate.family import V4_KINDS, V4Estimand
+    layer_type = {v: k for k, v in V4_KINDS.items()}[kind]
+    cfg = V4Estimand.from_json(PRESETS / "v4-tiny.json")
+    return cfg.replace(layer_types=[layer_type] * cfg.num_hidden_layers)
+
+
+def _sample(kind: str):
     """A small config whose layers are of ``kind``; a kind added to the registry needs one here."""
+    if kind in ("sliding", "csa", "hca"):
+        return _tiny_v4(kind)
     return {"mla": load_model_config("tiny"), "mla+indexer": _tiny_v32(), "mha": _dense_mha()}[kind]
 
 
@@ -323,14 +333,20 @@ def test_every_layer_kind_is_consistent(kind):
     sequence, its cache holds what nanoseek's KVCache holds, and a decode step never reads more
     than the cache."""
     cfg = _sample(kind)
-    assert layer_kinds(cfg) == [kind] * cfg.num_hidden_layers and kind_of(cfg, 10**6).name == kind
+    v4 = hasattr(cfg, "layer_types")
+    assert layer_kinds(cfg) == [kind] * cfg.num_hidden_layers
+    assert kind_of(cfg, 10**6).name == ("sliding" if v4 else kind)       # V4's MTP block: sliding window
     k = LAYER_KINDS[kind]
-    for length in (1, 5, 6, 7, 40):
+    for length in (1, 5, 6, 7, 40, 100, 257):
         attended = sum(k.keys(cfg, t)[0] for t in range(1, length + 1)) / length
         scored = sum(k.keys(cfg, t)[1] for t in range(1, length + 1)) / length
         assert k.mean_keys(cfg, length) == pytest.approx((attended, scored))
         assert k.read_bytes(cfg, length, KV_FORMATS["bf16"]) <= k.cache_bytes(cfg, length, KV_FORMATS["bf16"])
-    for dtype_bytes, fmt in ((4, "fp32"), (2, "bf16")):
+        if v4:      # the V4 model's own count of what it caches (ring + entries; compressor state apart)
+            from nanoseek.model.v4.params import kv_cache_values
+            state = 4 * sum(LAYER_KINDS[x].state_values(cfg, length) for x in layer_kinds(cfg))
+            assert kv_bytes(cfg, length, "fp32") - state == 4 * sum(kv_cache_values(cfg, length).values())
+    for dtype_bytes, fmt in (() if v4 else ((4, "fp32"), (2, "bf16"))):
         assert kv_bytes(cfg, 9, fmt) == 9 * kv_cache_bytes_per_token(cfg, dtype_bytes)
 
 
@@ -361,8 +377,9 @@ def test_v32_attention_flops_by_hand(v32, v3):
     indexer 2 x 64 x (128 + 1) = 16,512 per scored key. V3 attends to every key, V3.2 to 2,048."""
     per_key, per_scored = 2 * 128 * 576 + 2 * 128 * 512, 2 * 64 * 129
     for n in (1, 2048, 4096, 131072, 1048576):
-        assert decode_attention_flops(v3, n) == {"core": 61 * n * per_key, "indexer": 0}
-        assert decode_attention_flops(v32, n) == {"core": 61 * min(n, 2048) * per_key, "indexer": 61 * n * per_scored}
+        assert decode_attention_flops(v3, n) == {"core": 61 * n * per_key, "indexer": 0, "compressor": 0}
+        assert decode_attention_flops(v32, n) == {"core": 61 * min(n, 2048) * per_key, "indexer": 61 * n * per_scored,
+                                                  "compressor": 0}
         assert kv_read_bytes(v3, n) == kv_bytes(v3, n) == 61 * n * 1152
         assert kv_read_bytes(v32, n) == 61 * (n * 256 + min(n, 2048) * 1152)           # bf16
         assert kv_read_bytes(v32, n, "bf16-fp8-index") == 61 * (n * 132 + min(n, 2048) * 1152)
@@ -546,7 +563,7 @@ def test_cli_v32_contexts_and_compare(capsys):
     assert d["training"]["flops_breakdown"]["indexer"] > 0
     assert main(args + ["--kv-dtype", "fp8-flashmla"]) == 0
     out = capsys.readouterr().out
-    for s in ("lightning indexer (V3.2)", "851,524,864", "mla+indexer", "indexer key 132", "latent 528",
+    for s in ("lightning indexer (V3.2 / V4)", "851,524,864", "mla+indexer", "indexer key 132", "latent 528",
               "1,048,576 *", "ratio to deepseek-v3", "fp8-flashmla"):
         assert s in out, s
     assert main(["estimate", "--config", "deepseek-v3", "--contexts", "2K"]) == 0
@@ -572,7 +589,7 @@ def test_docs_example_regenerates(capsys):
     blocks = doc.split("```")[1::2]
     pairs = [(c.strip(), o.strip("\n")) for c, o in zip(blocks, blocks[1:])
              if c.strip().startswith("nanoseek estimate --")]
-    assert len(pairs) == 3
+    assert len(pairs) == 4
     for cmd, shown in pairs:
         assert main(cmd.split()[1:]) == 0
         out = "\n".join(line.rstrip() for line in capsys.readouterr().out.strip("\n").splitlines())

@@ -2,7 +2,8 @@
 
 Does the arithmetic behind the public numbers about DeepSeek-V3 (671B parameters, 37B activated,
 2.788M H800 GPU-hours, $5.576M, a KV cache tens of times smaller than MHA, H800 vs H100) for any
-config: a preset (deepseek-v3, deepseek-v2, deepseek-v2-lite, tiny, ...) or an HF config.json.
+config: a preset (deepseek-v3, deepseek-v3.2, deepseek-v4-pro, deepseek-v4-flash, deepseek-v2,
+tiny, ...) or an HF config.json (DeepSeek-V2, V3, V3.2 or V4, by its model_type).
 
 examples:
   nanoseek estimate --config deepseek-v3 --tokens 14.8T --gpu h800 --gpus 2048 \\
@@ -10,6 +11,7 @@ examples:
   nanoseek estimate --config path/to/config.json --gpu h100 --gpus 64 --mfu 0.35 --json
   nanoseek estimate --config deepseek-v2-lite --gpu-spec my_gpu.toml --context 32768 --batch 16
   nanoseek estimate --config deepseek-v3.2 --compare deepseek-v3 --contexts 4K,128K,1M
+  nanoseek estimate --config deepseek-v4-pro --compare deepseek-v3.2 --kv-dtype fp8-flashmla
 
 With --gpu-hours (or --gpu-hours-per-trillion) the MFU they imply is solved for; otherwise
 GPU-hours follow from --mfu (default 0.4). MFU is always against the dense BF16 peak.
@@ -109,11 +111,13 @@ _MOE = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "fir
 
 
 def load_config(name_or_path: str):
-    """Load a preset or config.json. A typo (unknown field), a bad value or a missing size field
-    is a UserError naming the file and the field."""
+    """Load a preset or config.json, of the family its ``model_type`` names
+    (:data:`nanoseek.estimate.family.FAMILIES`: DeepSeek-V2/V3/V3.2 or V4). A typo (unknown
+    field), a bad value or a missing size field is a UserError naming the file and the field."""
     from nanoseek.errors import UserError
     from nanoseek.errors import ConfigError
     from nanoseek.model.config import IGNORED_KEYS, PRESET_DIR, ModelConfig, load_model_config
+    from .family import family_for
 
     p = Path(name_or_path)
     path = (p / "config.json" if p.is_dir() else p) if p.exists() else PRESET_DIR / f"{name_or_path}.json"
@@ -121,6 +125,12 @@ def load_config(name_or_path: str):
         d = json.loads(path.read_text())
     except (OSError, ValueError):
         d = None                        # load_model_config words the error
+    family = family_for(d)
+    if family is not None and family.load is not None:
+        try:
+            return family.load(path)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
     if isinstance(d, dict) and not set(d) - set(ModelConfig.field_names()) - IGNORED_KEYS:
         need = list(_ALWAYS) + list(_MHA if d.get("attention_type", "mla") == "mha" else _MLA)
         if d.get("n_routed_experts"):

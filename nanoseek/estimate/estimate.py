@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.config import ModelConfig
-from ..model.params import count_params
+from .family import count_params
 from .comm import comm_estimate
 from .flops import DEFAULT_SEQ_LEN, EstimateError, mtp_active_params, training_flops_breakdown
 from .gpus import GPUSpec
@@ -176,7 +176,8 @@ def compare(mine: list[ContextCost], theirs: list[ContextCost], model: str) -> C
            if a.usd_per_million_tokens and b.usd_per_million_tokens else None for a, b in zip(mine, theirs)]
     return Comparison(model=model, contexts=theirs,
                       attention_flops_ratio=ratio(lambda r: r.attention_flops),
-                      core_and_indexer_flops_ratio=ratio(lambda r: r.core_flops + r.indexer_flops),
+                      core_and_indexer_flops_ratio=ratio(
+                          lambda r: r.core_flops + r.indexer_flops + r.compressor_flops),
                       model_flops_ratio=ratio(lambda r: r.model_flops),
                       kv_bytes_ratio=ratio(lambda r: r.kv_bytes_per_token),
                       kv_read_ratio=ratio(lambda r: r.kv_read_bytes_per_step), usd_ratio=usd)

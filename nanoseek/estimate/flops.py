@@ -2,8 +2,9 @@
 
 The floor of :mod:`nanoseek.estimate`: :mod:`.memory`, :mod:`.inference`, :mod:`.comm` and
 :mod:`.estimate` (which runs them all) import :class:`EstimateError`, :data:`DEFAULT_SEQ_LEN` and
-the FLOPs functions from here; this module imports only the model's config and parameter counts
-and the layer-kind registry :mod:`.attention` (pure arithmetic, the floor below this one).
+the FLOPs functions from here; this module imports only the model's config, the families'
+parameter counts (:mod:`.family`) and the layer-kind registry :mod:`.attention` (pure
+arithmetic, the floor below this one).
 
 What :func:`flops_per_token` counts (training, forward + backward, per token of the sequence):
 
@@ -19,6 +20,10 @@ What :func:`flops_per_token` counts (training, forward + backward, per token of 
 * ``indexer`` (DeepSeek-V3.2): the lightning indexer scoring every visible position, 2 H_I (D_I + 1)
   FLOPs each, times 3 (its backward, from its KL loss).
   Both come from the layer-kind registry in :mod:`.attention`.
+* ``compressor`` (DeepSeek-V4): its KV compressors' pooling (:mod:`.attention`), times 3.
+* ``mixing`` (DeepSeek-V4): the hyper-connections' parameter-free stream mixing
+  (:meth:`.family.V4Estimand.mixing_flops_per_token`), times 3; their projections and V4's
+  grouped low-rank output projection (``o_a_proj``, ``o_b_proj``) are parameters, in ``matmul``.
 * ``mtp``: the same for each multi-token-prediction module (eh_proj, one block, and the shared
   output head computed again), when ``include_mtp`` and the config has MTP modules.
 
@@ -29,8 +34,8 @@ is *model* FLOPs, so MFU = achieved model FLOP/s over the dense BF16 peak (the P
 from __future__ import annotations
 
 from ..model.config import ModelConfig
-from ..model.params import count_params, layer_params
 from .attention import kind_of, train_attention_flops
+from .family import count_params, layer_params, mixing_flops
 
 DEFAULT_SEQ_LEN = 4096          # DeepSeek-V3 pre-training sequence length
 
@@ -40,13 +45,13 @@ class EstimateError(ValueError):
 
 
 def mtp_active_params(cfg: ModelConfig) -> int:
-    """Unique MTP parameters a token activates: enorm, hnorm, eh_proj, the block's activated
-    parameters and shared_head.norm, over all MTP modules (the shared embedding and head excluded)."""
-    d = cfg.hidden_size
-    n = 0
+    """Unique MTP parameters a token activates: all of the MTP modules' own parameters (the
+    family's count: V3's enorm, hnorm, eh_proj, block and shared_head.norm; V4's also its mHC
+    head) less the routed experts each block's token is not sent to."""
+    n = count_params(cfg).mtp
     for k in range(cfg.num_nextn_predict_layers):
-        _, act = layer_params(cfg, cfg.num_hidden_layers + k)
-        n += 3 * d + 2 * d * d + sum(act.values())
+        tot, act = layer_params(cfg, cfg.num_hidden_layers + k)
+        n -= sum(tot.values()) - sum(act.values())
     return n
 
 
@@ -63,7 +68,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, layers: int | None
     else:   # MTP blocks: the attention kind of the last decoder layer
         per = kind_of(cfg, cfg.num_hidden_layers).train_flops(cfg, seq_len)
         parts = {k: v * layers for k, v in per.items()}
-    return parts[part] if part else sum(parts.values())
+    return parts.get(part, 0.0) if part else sum(parts.values())
 
 
 def training_flops_breakdown(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN,
@@ -73,11 +78,14 @@ def training_flops_breakdown(cfg: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN,
     out = {"matmul": 6.0 * pc.active_without_embedding,
            "attention": 3.0 * attention_flops_per_token(cfg, seq_len, part="core"),
            "indexer": 3.0 * attention_flops_per_token(cfg, seq_len, part="indexer"),
+           "compressor": 3.0 * attention_flops_per_token(cfg, seq_len, part="compressor"),
+           "mixing": 3.0 * mixing_flops(cfg),
            "mtp": 0.0}
     if include_mtp and cfg.num_nextn_predict_layers:
         head = cfg.vocab_size * cfg.hidden_size       # the shared output head, run again per module
         out["mtp"] = (6.0 * (mtp_active_params(cfg) + head * cfg.num_nextn_predict_layers)
-                      + 3.0 * attention_flops_per_token(cfg, seq_len, cfg.num_nextn_predict_layers))
+                      + 3.0 * attention_flops_per_token(cfg, seq_len, cfg.num_nextn_predict_layers)
+                      + 3.0 * mixing_flops(cfg, cfg.num_hidden_layers) * cfg.num_nextn_predict_layers)
     return out
 
 
@@ -93,4 +101,5 @@ def layer_forward_flops_per_token(cfg: ModelConfig, layer_idx: int, seq_len: int
     _, act = layer_params(cfg, layer_idx)
     if seq_len < 1:
         raise EstimateError(f"seq_len must be >= 1, got {seq_len}")
-    return 2.0 * sum(act.values()) + sum(kind_of(cfg, layer_idx).train_flops(cfg, seq_len).values())
+    return (2.0 * sum(act.values()) + sum(kind_of(cfg, layer_idx).train_flops(cfg, seq_len).values())
+            + mixing_flops(cfg, layer_idx))

@@ -26,7 +26,9 @@ power of two that holds the weights and the configured model's KV cache for the 
 :func:`context_costs` evaluates the same bound for the configured model at each of several
 context lengths, with the attention FLOPs per token split into projections (2 x the attention and
 indexer parameters), core attention and indexer: DeepSeek-V3.2's point shows as a core attention
-cost that stops growing at ``index_topk`` keys.
+cost that stops growing at ``index_topk`` keys. A DeepSeek-V4 model (hybrid sliding / compressed
+attention, :mod:`.attention`'s ``sliding``, ``csa``, ``hca``) gets only its own decode row (the
+MHA / GQA / MQA rows replace MLA), its compressors' pooling and mHC mixing in the FLOPs.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model.config import ModelConfig
-from ..model.params import KVFormat, count_params, get_kv_format, layer_params
+from ..model.params import KVFormat, get_kv_format
 from .attention import LAYER_KINDS, decode_attention_flops, kinds_in_use, kv_bytes, kv_read_bytes
+from .family import count_params, layer_params, mixing_flops
 from .flops import EstimateError
 from .gpus import GPUSpec
 
@@ -68,6 +71,7 @@ class KindCache:
     parts: dict[str, float]
     bytes_per_token_per_layer: float
     bytes_per_token: float                  # over this kind's layers
+    fixed_bytes_per_layer: float = 0.0      # per request, not growing with context (a window's ring)
 
 
 @dataclass
@@ -77,11 +81,13 @@ class ContextCost:
     beyond_max_position: bool               # longer than the config's max_position_embeddings
     keys_attended: dict[str, float]         # per layer, by layer kind
     keys_scored: dict[str, float]           # per layer, by layer kind (an indexer's)
-    projection_flops: float                 # 2 x attention (+ indexer) parameters, all layers
+    projection_flops: float                 # 2 x attention (+ indexer, compressor) parameters, all layers
     core_flops: float                       # q.k and p.v (absorbed MLA), all layers
-    indexer_flops: float                    # V3.2's index scores, all layers
-    attention_flops: float                  # the three above
-    model_flops: float                      # 2 x activated non-embedding parameters + core + indexer
+    indexer_flops: float                    # V3.2's / V4's index scores, all layers
+    compressor_flops: float                 # V4's KV compressors' pooling, all layers
+    attention_flops: float                  # the four above
+    mixing_flops: float                     # V4's hyper-connection stream mixing (parameter-free)
+    model_flops: float                      # 2 x activated non-embedding params + core + indexer + compressor + mixing
     kv_bytes_per_token: float               # cache per token of context, all layers
     kv_bytes_per_request: float
     kv_read_bytes_per_step: float           # what one decode step of one request reads
@@ -151,7 +157,8 @@ def kind_caches(cfg: ModelConfig, fmt: str | int | KVFormat = "bf16") -> list[Ki
         parts = kind.cache_parts(cfg, f)
         per = sum(parts.values())
         out.append(KindCache(kind=name, about=kind.about, layers=layers, parts=parts,
-                             bytes_per_token_per_layer=per, bytes_per_token=per * layers))
+                             bytes_per_token_per_layer=per, bytes_per_token=per * layers,
+                             fixed_bytes_per_layer=kind.fixed_bytes(cfg, f)))
     return out
 
 
@@ -180,7 +187,7 @@ class _Server:
         mem = decode_weight_bytes(self.cfg, b, self.wb) + b * kv_read_bytes(attn, context, fmt)
         t_mem = mem / (self.n * self.gpu.hbm_bytes_s)
         t_cmp = b * (2.0 * self.active / self.peak                     # GEMMs in the weights' dtype
-                     + flops["core"] / self.gpu.bf16_flops
+                     + (flops["core"] + flops.get("compressor", 0.0) + mixing_flops(attn)) / self.gpu.bf16_flops
                      + flops["indexer"] / self.index_peak) / self.n
         step = max(t_mem, t_cmp)
         tps = b / step
@@ -214,6 +221,7 @@ def decode_estimate(cfg: ModelConfig, gpu: GPUSpec, *, context: int, batch: int 
     _check(context, batch, serve_gpus)
     fmt = resolve_kv_format(kv_format)
     h = cfg.num_attention_heads
+    gqa_given = gqa_groups is not None
     if gqa_groups is None:          # the common 8 KV heads, when that is a real GQA for this model
         gqa_groups = 8 if (8 < h and h % 8 == 0) else None
     elif not (1 < gqa_groups < h and h % gqa_groups == 0):
@@ -223,7 +231,13 @@ def decode_estimate(cfg: ModelConfig, gpu: GPUSpec, *, context: int, batch: int 
 
     # (name, is_model, kv_heads, config whose attention it is)
     variants: list[tuple[str, bool, int | None, ModelConfig]] = []
-    if cfg.attention_type == "mla":
+    if cfg.attention_type not in ("mla", "mha"):        # DeepSeek-V4's hybrid: its own row only
+        if gqa_given:
+            raise EstimateError(f"GQA groups: the MHA / GQA / MQA comparison rows replace MLA; this model's "
+                                f"attention is {cfg.attention_type} ({', '.join(kinds_in_use(cfg))})")
+        variants.append((f"{cfg.attention_type} ({' + '.join(kinds_in_use(cfg))})", True, None, cfg))
+        h = None
+    elif cfg.attention_type == "mla":
         if cfg.index_n_heads:
             variants.append(("MLA+DSA (absorbed)", True, None, cfg))
             variants.append(("MLA dense (absorbed)", False, None, cfg.replace(index_n_heads=0)))
@@ -231,7 +245,7 @@ def decode_estimate(cfg: ModelConfig, gpu: GPUSpec, *, context: int, batch: int 
             variants.append(("MLA (absorbed)", True, None, cfg))
     own_kvh = cfg.num_key_value_heads if cfg.attention_type == "mha" else None
     for kvh, label in ((h, "MHA"), (gqa_groups, "GQA"), (1, "MQA")):
-        if kvh is None or any(v[2] == kvh for v in variants):
+        if kvh is None or h is None or any(v[2] == kvh for v in variants):
             continue
         name = f"{label} ({kvh} KV head{'s' if kvh > 1 else ''})"
         variants.append((name, kvh == own_kvh, kvh,
@@ -259,12 +273,13 @@ def decode_estimate(cfg: ModelConfig, gpu: GPUSpec, *, context: int, batch: int 
 
 
 def projection_flops(cfg: ModelConfig) -> float:
-    """Forward FLOPs per token of every decoder layer's attention projections (MLA's and an
-    indexer's): 2 x their parameters."""
+    """Forward FLOPs per token of every decoder layer's attention projections (MLA's, an
+    indexer's, V4's with its grouped low-rank output projection and its compressors'): 2 x their
+    parameters."""
     n = 0
     for i in range(cfg.num_hidden_layers):
         _, act = layer_params(cfg, i)
-        n += act["attention"] + act.get("indexer", 0)
+        n += act["attention"] + act.get("indexer", 0) + act.get("compressor", 0)
     return 2.0 * n
 
 
@@ -281,6 +296,7 @@ def context_costs(cfg: ModelConfig, gpu: GPUSpec, contexts: list[int], *, batch:
     fmt = resolve_kv_format(kv_format)
     server, _ = _resolve_server(cfg, gpu, max(contexts), batch, price, serve_gpus, fmt, weight_bytes)
     proj = projection_flops(cfg)
+    mix = mixing_flops(cfg)
     out = []
     for n in contexts:
         flops = decode_attention_flops(cfg, n)
@@ -291,8 +307,10 @@ def context_costs(cfg: ModelConfig, gpu: GPUSpec, contexts: list[int], *, batch:
             context=n, beyond_max_position=n > cfg.max_position_embeddings,
             keys_attended={k: v[0] for k, v in keys.items()}, keys_scored={k: v[1] for k, v in keys.items()},
             projection_flops=proj, core_flops=flops["core"], indexer_flops=flops["indexer"],
-            attention_flops=proj + flops["core"] + flops["indexer"],
-            model_flops=2.0 * server.active + flops["core"] + flops["indexer"],
+            compressor_flops=flops["compressor"],
+            attention_flops=proj + flops["core"] + flops["indexer"] + flops["compressor"],
+            mixing_flops=mix,
+            model_flops=2.0 * server.active + flops["core"] + flops["indexer"] + flops["compressor"] + mix,
             kv_bytes_per_token=per_req / n, kv_bytes_per_request=per_req,
             kv_read_bytes_per_step=kv_read_bytes(cfg, n, fmt), max_requests=max_req, batch=b,
             step_time_s=step, bound=bound, tokens_per_s=tps, usd_per_million_tokens=usd))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.config import ModelConfig
-from ..model.params import count_params, layer_params
+from .family import count_params, layer_params
 from .flops import DEFAULT_SEQ_LEN, EstimateError
 from .gpus import GPUSpec
 
@@ -109,7 +109,12 @@ def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: floa
     flash attention so no seq_len^2 scores): norm inputs and outputs, the MLA low-rank and
     per-head q/k/v, a V3.2 indexer's query, key and head weights, the attention output, MLP or
     expert inputs and SwiGLU intermediates (one
-    copy per routed expert), plus fp32 softmax statistics and router scores."""
+    copy per routed expert), plus fp32 softmax statistics and router scores. A config with an
+    ``activation_elements`` method (DeepSeek-V4's) counts its own."""
+    own = getattr(cfg, "activation_elements", None)
+    if own is not None:
+        e, fp32 = own(layer_idx)
+        return e * act_bytes + fp32 * 4
     d, h = cfg.hidden_size, cfg.num_attention_heads
     e = 2 * d                                                       # input_layernorm in / out
     if cfg.attention_type == "mla":

@@ -11,7 +11,8 @@ from rich.table import Table
 from .estimate import Estimate, fmt_si
 
 _PARAM_ROWS = (("embedding", "embedding (input)"), ("attention", "attention"),
-               ("indexer", "lightning indexer (V3.2)"),
+               ("indexer", "lightning indexer (V3.2 / V4)"), ("compressor", "KV compressors (V4)"),
+               ("hyper_connections", "hyper-connections (V4)"),
                ("dense_mlp", "dense MLP"), ("router", "router (gate + bias)"),
                ("shared_experts", "shared experts"), ("routed_experts", "routed experts"),
                ("norms", "norms"), ("lm_head", "output head"))
@@ -70,6 +71,8 @@ def print_report(est: Estimate, console: Console | None = None) -> None:
     fb = tr.flops_breakdown
     t.add_row("tokens", f"{fmt_si(tr.tokens)} ({tr.tokens:.4g})")
     indexer = f" + indexer {fb['indexer']:.4g}" if fb.get("indexer") else ""
+    indexer += f" + compressors {fb['compressor']:.4g}" if fb.get("compressor") else ""
+    indexer += f" + mHC mixing {fb['mixing']:.4g}" if fb.get("mixing") else ""
     t.add_row("FLOPs per token", f"{tr.flops_per_token:.4g} = 6N {fb['matmul']:.4g} + attention "
               f"{fb['attention']:.4g}{indexer} (seq {tr.seq_len}) + MTP {fb['mtp']:.4g}")
     t.add_row("total FLOPs", f"{tr.total_flops:.4g}")
@@ -103,7 +106,8 @@ def print_report(est: Estimate, console: Console | None = None) -> None:
     t.add_row("activations per token, all layers", _bytes(mem.activation_bytes_per_token))
     console.print(t)
 
-    naive = any(v.is_model and v.kv_heads is None for v in inf.variants)
+    naive = (any(v.is_model and v.kv_heads is None for v in inf.variants)
+             and any(v.name.startswith("MHA") for v in inf.variants))
     t = _table(f"Inference: KV cache ({inf.kv_format}) at {inf.context:,} tokens of context"
                f"{' (MHA row = the naive, non-absorbed MLA cache)' if naive else ''}; decode upper bound at "
                f"batch {inf.batch} on "
@@ -138,6 +142,8 @@ def _kv_by_kind(console: Console, inf) -> None:
                "layer kind", "layers", "bytes per token per layer, by part", "B/token/layer", "B/token")
     for k in inf.kinds:
         parts = " + ".join(f"{_PART_NAMES.get(n, n)} {_num(b)}" for n, b in k.parts.items())
+        if k.fixed_bytes_per_layer:
+            parts += f"{' + ' if parts else ''}ring of {_num(k.fixed_bytes_per_layer)} B per request"
         t.add_row(k.kind, str(k.layers), parts, _num(k.bytes_per_token_per_layer), _num(k.bytes_per_token))
     if len(inf.kinds) > 1:
         t.add_row("[bold]all layers[/bold]", str(sum(k.layers for k in inf.kinds)), "", "",
@@ -190,7 +196,8 @@ def _comparison(console: Console, est: Estimate) -> None:
     t.columns[1].justify = "left"
 
     def row(ctx: str, name: str, r) -> None:
-        t.add_row(ctx, name, _flops(r.attention_flops), _flops(r.core_flops + r.indexer_flops),
+        t.add_row(ctx, name, _flops(r.attention_flops),
+                  _flops(r.core_flops + r.indexer_flops + r.compressor_flops),
                   _flops(r.model_flops), _num(r.kv_bytes_per_token), fmt_si(r.kv_read_bytes_per_step, "B"),
                   "n/a" if r.usd_per_million_tokens is None else f"{r.usd_per_million_tokens:.3g}")
 
