@@ -137,14 +137,15 @@ class CrashAt(Hook):
 
 
 # ---------------------------------------------------------------------------- exact resume
-def test_killed_and_resumed_run_has_the_same_losses_as_an_uninterrupted_one(tmp_path):
-    steps = {"max_steps": 6, "eval_every": 3, "save_every": 4}
-    ta, ra = run(make_cfg(tmp_path, "a", train=steps))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_and_resumed_run_has_the_same_losses_as_an_uninterrupted_one(tmp_path, optimizer):
+    steps, optim = {"max_steps": 6, "eval_every": 3, "save_every": 4}, {"optimizer": optimizer}
+    ta, ra = run(make_cfg(tmp_path, "a", train=steps, optim=optim))
     assert ra.status == "done" and ra.step == 6
     ref = losses(tmp_path / "a")
     assert sorted(ref) == list(range(1, 7)) and all(math.isfinite(v) for v in ref.values())
 
-    b = make_cfg(tmp_path, "b", train=steps)
+    b = make_cfg(tmp_path, "b", train=steps, optim=optim)
     _, r1 = run(b, hooks=[StopAt(2)])                     # Ctrl-C-like stop: saves at step 2
     assert r1.status == "interrupted" and r1.step == 2 and step_of(latest_checkpoint(tmp_path / "b")) == 2
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -158,6 +159,12 @@ def test_killed_and_resumed_run_has_the_same_losses_as_an_uninterrupted_one(tmp_
     assert evals_a == evals_b and set(evals_a) == {3, 6}
     for (k, va), vb in zip(ta.model.state_dict().items(), tb.model.state_dict().values()):
         assert torch.equal(va, vb), k
+    sa, sb = ta.optimizer.state_dict(), tb.optimizer.state_dict()      # moments (and Muon's momentum) too
+    assert [g["name"] for g in sa["param_groups"]] == (["decay", "no_decay", "muon"] if optimizer == "muon"
+                                                       else ["decay", "no_decay"])
+    assert sa["state"].keys() == sb["state"].keys()
+    for i, st in sa["state"].items():
+        assert all(torch.equal(v, sb["state"][i][k]) for k, v in st.items()), i
     assert [e["event"] for e in events(read_metrics(tmp_path / "b")) if e["event"] in ("resume", "interrupted")] == \
         ["interrupted", "resume", "resume"]
 

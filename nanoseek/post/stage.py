@@ -120,14 +120,14 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
     the key.
     """
     from nanoseek.model.config import ModelConfig
-    from nanoseek.train.config import check_train_config, check_schedule_keys
+    from nanoseek.train.config import check_optim_keys, check_train_config
 
     schema = {"model": ModelSection, kind: section, "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
     given_optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
     parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())},
                            defaults=defaults.tables())
-    check_schedule_keys(parts["optim"], given_optim, source)
+    check_optim_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
                       spike=parts["spike"], source=source, defaults=defaults)
     if cfg.model.init_from:

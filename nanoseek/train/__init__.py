@@ -1,7 +1,9 @@
 """Training: the one loop every stage plugs into, and pre-training on top of it.
 
 * ``config.py``   typed TOML recipes ([model] [data] [optim] [train] [spike]) and ``--set`` overrides
-* ``optim.py``    AdamW parameter groups and the WSD / cosine / constant learning-rate schedules
+* ``optim.py``    the optimizer ([optim] optimizer: AdamW, or Muon for the hidden matrices + AdamW) and the
+                  WSD / cosine / constant learning-rate schedules
+* ``muon.py``     the Muon optimizer (torch.optim.Muon's algorithm over stacked expert matrices)
 * ``spike.py``    the loss-spike guard: skip a fast spike, roll back a slow blow-up
 * ``checkpoint.py`` atomic, pickle-free training checkpoints with keep-last-K and ``latest``
 * ``metrics.py``  metrics.jsonl (+ TensorBoard / W&B), MFU against a measured matmul peak, progress bar

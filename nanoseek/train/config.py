@@ -6,7 +6,7 @@ A training recipe is one TOML file with up to six tables::
               hidden_size = 128        # ...plus any HF DeepSeek-V3 config field, overriding the preset
     [data]    source = "packed", dir = "data/tiny"      (or source = "synthetic")
     [optim]   lr, min_lr, betas, weight_decay, warmup_steps, schedule, decay_fraction, grad_clip,
-              micro_batch_size, grad_accum, seq_len
+              optimizer ("adamw" | "muon", and the muon_* keys), micro_batch_size, grad_accum, seq_len
     [train]   max_steps | max_tokens | max_minutes, seed, dtype, eval_every, save_every, ...
               (V3.2: dsa_warmup_steps, dsa_warmup_freeze, indexer_loss_weight: the indexer's stages, ``dsa.py``)
     [spike]   the loss-spike guard's thresholds (see ``spike.py``)
@@ -19,7 +19,8 @@ and what to set instead, never silently ignored: ``[data] dir``, ``train_split``
 ``val_split`` with ``source = "synthetic"`` (set ``data.source = "packed"`` to read a prepared
 directory), ``val_split`` with ``val_batches = 0``, and the decay keys of a schedule that does not
 decay that way (``decay_fraction``/``decay_steps``/``decay_shape``/``min_lr`` under ``constant``,
-the first three under ``cosine``, ``decay_fraction`` next to ``decay_steps`` under ``wsd``).
+the first three under ``cosine``, ``decay_fraction`` next to ``decay_steps`` under ``wsd``), and
+the ``muon_*`` keys with ``optimizer = "adamw"``.
 The resolved config a run records leaves those keys out, so it reads back as it was.
 ``[model] init_from`` may name a run folder: it resolves (``nanoseek.infer.loading``) to the
 run's ``final/``, else its ``latest`` checkpoint, and the config records that directory.
@@ -84,9 +85,16 @@ class DataSection:
     val_batches: int = 8              # micro-batches per validation (0: no validation)
 
 
+# The optimizers ``[optim] optimizer`` names; ``nanoseek.train.optim.OPTIMIZERS`` builds each.
+OPTIMIZERS = ("adamw", "muon")
+# How Muon scales its orthogonalised update of an A x B matrix (torch.optim.Muon's ``adjust_lr_fn``).
+MUON_ADJUST_LR = ("match_rms_adamw", "original")
+
+
 @dataclass
 class OptimSection:
-    """``[optim]``: AdamW, the learning-rate schedule and the batch shape."""
+    """``[optim]``: the optimizer (AdamW, or Muon for the hidden matrices), the learning-rate schedule
+    and the batch shape."""
     lr: float = 3e-4                  # peak learning rate (DeepSeek-V3: 2.2e-4)
     min_lr: float = 3e-5              # end of the decay (DeepSeek-V3: 2.2e-5, a tenth of the peak)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -98,6 +106,16 @@ class OptimSection:
     decay_fraction: float = 0.2       # WSD: the last fraction of the run decays to min_lr
     decay_steps: int | None = None    # WSD: decay over this many final steps instead (needs max_steps)
     grad_clip: float = 1.0            # global gradient-norm clip (0: none)
+    optimizer: str = "adamw"          # "adamw": AdamW for every parameter; "muon": Muon for the hidden matrices,
+                                      #   AdamW for the embedding, output head, router, norms and biases (optim.py)
+    muon_lr: float | None = None      # Muon's peak lr (None: lr); the schedule moves it in proportion to lr
+    muon_momentum: float = 0.95       # Muon's momentum
+    muon_nesterov: bool = True        # Nesterov momentum
+    muon_weight_decay: float | None = None   # Muon's decoupled weight decay (None: weight_decay)
+    muon_ns_steps: int = 5            # Newton-Schulz iterations that orthogonalise the update
+    muon_adjust_lr: str = "match_rms_adamw"  # update scale of an A x B matrix: "match_rms_adamw" 0.2*sqrt(max(A,B))
+                                      #   (Moonshot, Kimi K2: AdamW's lr and weight decay carry over) or
+                                      #   "original" sqrt(max(1, A/B)) (Keller Jordan's, for a lr near 0.02)
     micro_batch_size: int = 8         # sequences per forward/backward
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 256                # tokens per sequence
@@ -408,8 +426,20 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("data", "source", "must be 'packed' or 'synthetic'")
     if d.val_batches < 0:
         raise bad("data", "val_batches", "must be >= 0")
+    if o.optimizer not in OPTIMIZERS:
+        raise bad("optim", "optimizer", "must be " + " or ".join(repr(k) for k in OPTIMIZERS))
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise bad("optim", "lr", "must be a positive number")
+    if o.muon_lr is not None and not o.muon_lr > 0:
+        raise bad("optim", "muon_lr", "must be a positive number (or null: lr)")
+    if not 0 <= o.muon_momentum < 1:
+        raise bad("optim", "muon_momentum", "must be in [0, 1)")
+    if o.muon_weight_decay is not None and o.muon_weight_decay < 0:
+        raise bad("optim", "muon_weight_decay", "must be >= 0 (or null: weight_decay)")
+    if not 1 <= o.muon_ns_steps < 100:
+        raise bad("optim", "muon_ns_steps", "must be in [1, 99]")
+    if o.muon_adjust_lr not in MUON_ADJUST_LR:
+        raise bad("optim", "muon_adjust_lr", "must be " + " or ".join(repr(k) for k in MUON_ADJUST_LR))
     if o.schedule != "constant" and not 0 <= o.min_lr <= o.lr:   # (constant: unused, and never written)
         raise bad("optim", "min_lr", f"must be in [0, lr={o.lr}]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -477,6 +507,10 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         raise bad("parallel", "backend", "must be 'auto', 'nccl' or 'gloo'")
     if par.timeout_minutes <= 0:
         raise bad("parallel", "timeout_minutes", "must be positive")
+    if o.optimizer == "muon" and par.fsdp:
+        raise bad("optim", "optimizer", "cannot run with [parallel] fsdp = true (Newton-Schulz orthogonalises "
+                  "whole matrices, FSDP shards them); use data or expert parallelism (fsdp = false) "
+                  "or optimizer = 'adamw'")
     model_cfg = cfg.model.build_config()
     if par.ep > 1 and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % par.ep):
         raise bad("parallel", "ep", f"must divide the model's n_routed_experts = {model_cfg.n_routed_experts}")
@@ -526,8 +560,13 @@ def no_effect_keys(cfg: TrainConfig) -> dict[str, list[str]]:
         out["data"] += ["dir", "train_split", "val_split"]
     elif d.val_batches == 0:
         out["data"].append("val_split")
-    out["optim"] = _schedule_no_effect(o)
+    out["optim"] = _optimizer_no_effect(o) + _schedule_no_effect(o)
     return out
+
+
+def _optimizer_no_effect(o: OptimSection) -> list[str]:
+    """The ``muon_*`` keys, unless the optimizer is Muon."""
+    return [] if o.optimizer == "muon" else [f.name for f in dataclasses.fields(o) if f.name.startswith("muon_")]
 
 
 def _schedule_no_effect(o: OptimSection) -> list[str]:
@@ -550,6 +589,18 @@ def check_data_keys(data: DataSection, given: dict[str, Any], source: str) -> No
                           f"(--set data.source=packed){what}, or drop the key (--set data.{unused[0]}=null)")
     raise ConfigError(f"{source}: [data] {', '.join(unused)} would have no effect with val_batches = 0 (no "
                       "validation); set val_batches > 0, or drop the key (--set data.val_split=null)")
+
+
+def check_optim_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
+    """``[optim]`` keys the user wrote (``given``, before defaults) that would have no effect: the
+    ``muon_*`` keys under another optimizer, and decay keys the schedule ignores
+    (:func:`check_schedule_keys`). Either is an error."""
+    unused = [k for k in _optimizer_no_effect(optim) if k in _written(given)]
+    if unused:
+        raise ConfigError(f"{source}: [optim] {', '.join(unused)} would have no effect with optimizer = "
+                          f"{optim.optimizer!r}; set optimizer = \"muon\" (--set optim.optimizer=muon) to train the "
+                          f"hidden matrices with Muon, or drop the key (--set optim.{unused[0]}=null)")
+    check_schedule_keys(optim, given, source)
 
 
 def check_schedule_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
@@ -587,7 +638,7 @@ def _resolve_init_from(cfg: TrainConfig, source: str) -> None:
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     """A raw dict (as read from TOML) -> validated :class:`TrainConfig`."""
     parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(ModelConfig.field_names())})
-    check_schedule_keys(parts["optim"], raw.get("optim") or {}, source)
+    check_optim_keys(parts["optim"], raw.get("optim") or {}, source)
     check_data_keys(parts["data"], raw.get("data") or {}, source)
     cfg = TrainConfig(**parts, source=source)
     _resolve_init_from(cfg, source)
@@ -687,7 +738,8 @@ def config_to_toml(cfg: TrainConfig) -> str:
 
 __all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
-           "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_schedule_keys",
+           "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_optim_keys",
+           "check_schedule_keys", "OPTIMIZERS", "MUON_ADJUST_LR",
            "no_effect_keys",
            "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]

@@ -23,7 +23,9 @@ step, for what differs between one process and many; everything is a no-op in on
 * **FSDP2** (``[parallel] fsdp = true``): ``fully_shard`` on every decoder layer (MTP's too) and
   on the root, over all ranks: weights, gradients and AdamW moments are sharded DTensors;
   FSDP reduce-scatters the gradients in the backward, synchronising only on the last
-  micro-batch of a step.
+  micro-batch of a step. Muon (``[optim] optimizer = "muon"``) is refused with FSDP: it
+  orthogonalises whole matrices, which a shard is not; it works with data and expert
+  parallelism (each rank holds whole expert matrices; its momentum is gathered like a moment).
 * **Expert parallel** (``[parallel] ep = k``): the ranks form ``world / k`` groups of ``k``
   consecutive ranks; in each group the routed experts of every MoE layer are split ``E / k``
   per rank and tokens travel with ``all_to_all`` (``nanoseek/model/expert_parallel.py``).

@@ -56,7 +56,8 @@ One optimizer step (``trainer.step`` counts them, 1-based in the logs):
 6. log, evaluate every ``eval_every``, checkpoint every ``save_every`` (a save due at a skipped
    step waits for the next accepted one), stop on the budget.
 
-Exact resume: a checkpoint holds the weights, AdamW moments, the step/token counters, the RNG
+Exact resume: a checkpoint holds the weights, the optimizer state (AdamW moments; with
+``optim.optimizer = "muon"`` also Muon's momentum), the step/token counters, the RNG
 states (torch, CUDA, python, numpy), the data position, the guard and hook states and the
 guard's reference batches, so a
 killed run resumed from step N gives the same per-step losses as an uninterrupted one (bitwise
@@ -97,7 +98,7 @@ from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
 from .distributed import ParallelRuntime, local_rank
 from .dsa import IndexerTraining
 from .metrics import METRICS_FILE, MetricsLogger, ProgressDisplay, measure_matmul_peak, model_flops_per_token
-from .optim import LRSchedule, build_optimizer, set_lr
+from .optim import LRSchedule, build_optimizer, configure, optimizer_kind, set_lr
 from .spike import SpikeGuard, Verdict
 
 
@@ -432,10 +433,13 @@ class Trainer:
     def _restore(self, ckpt: Path, rollback: bool) -> None:
         state = load_state(ckpt)
         self.dist.load_model_weights(self.model, ckpt)         # resharded to this rank's part
+        saved, ours = optimizer_kind(state["optimizer"]["param_groups"]), self.optim_cfg.optimizer
+        if saved != ours:
+            raise CheckpointError(f"{ckpt}: its optimizer state is {saved}'s and this run sets [optim] optimizer = "
+                                  f"{ours!r}; resume with --set optim.optimizer={saved}, or start a new run "
+                                  f"from its weights ([model] init_from)")
         self.dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        for group in self.optimizer.param_groups:     # the config in force wins over the saved hyper-parameters
-            group["betas"], group["eps"] = tuple(self.optim_cfg.betas), self.optim_cfg.eps
-            group["weight_decay"] = self.optim_cfg.weight_decay if group.get("name") == "decay" else 0.0
+        configure(self.optimizer, self.optim_cfg)     # the config in force wins over the saved hyper-parameters
         self.step, self.updates, self.tokens = int(state["step"]), int(state["updates"]), int(state["tokens"])
         self.batches_consumed = int(state["batches_consumed"])
         if not rollback:                      # wall time spent on an abandoned timeline still counts
