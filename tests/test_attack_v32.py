@@ -1,0 +1,67 @@
+"""Adversarial checks of DeepSeek-V3.2 support (issue 21): failures a demanding user or an
+independent checker hits with inputs the main V3.2 tests (tests/test_model_v32.py) do not try.
+
+Each test fails on the code it was written against and passes once the failure is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from nanoseek.errors import ConfigError
+from nanoseek.model import ModelConfig
+from nanoseek.model.checkpoint import from_pretrained, save_pretrained
+
+from conftest import make_tiny_config
+from test_model_v32 import ids_batch, load_in_transformers, tied_boundaries, v32_model
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("override", [dict(num_hidden_layers=4), dict(first_k_dense_replace=1)])
+def test_v32_preset_with_layer_overrides_builds(override):
+    """A small V3.2 model from the deepseek-v3.2 preset ([model] preset + inline fields, as a
+    pretrain recipe or ``--set model.num_hidden_layers=4`` writes it). The preset's to_dict() carries
+    the 61-entry ``mlp_layer_types`` it derived, and from_dict then refuses the user's layer count
+    with an error about a field the user never wrote; a V3 preset takes the same override fine."""
+    from nanoseek.train.config import ModelSection
+
+    small = dict(hidden_size=64, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4,
+                 index_head_dim=16, index_topk=64, n_routed_experts=8, n_group=4, topk_group=2,
+                 num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128)
+    ModelSection(preset="deepseek-v3", fields={**small, **override}).build_config()   # fine for V3
+    cfg = ModelSection(preset="deepseek-v3.2", fields={**small, **override}).build_config()
+    for key, value in override.items():
+        assert getattr(cfg, key) == value
+    assert cfg.index_n_heads == 4
+
+
+def test_deepseek_v32_config_with_no_indexer_heads_is_refused():
+    """``model_type: deepseek_v32`` with ``index_n_heads: 0`` loads silently as a dense DeepSeek-V3
+    (and saves back as deepseek_v3), while transformers builds a V3.2 with an empty indexer whose
+    all-zero scores pick keys by tie order: a different model. It should be one ConfigError
+    naming the field."""
+    d = make_tiny_config(index_n_heads=4, index_head_dim=8, index_topk=3).to_dict()
+    assert d["model_type"] == "deepseek_v32"
+    d["index_n_heads"] = 0
+    with pytest.raises(ConfigError, match="index_n_heads"):
+        ModelConfig.from_dict(d)
+
+
+# ------------------------------------------------------------------ checkpoints both ways
+def test_v32_checkpoint_with_null_moe_fields_loads_in_transformers(tmp_path):
+    """nanoseek accepts ``n_shared_experts`` / ``n_group`` / ``topk_group`` = null (no shared expert,
+    one group, every group) and saves them as null; transformers' strict DeepseekV32Config refuses
+    None for these int fields, so the checkpoint nanoseek calls HF-format does not load there.
+    Written as the ints they mean (0, 1, 1) it loads with the same logits."""
+    model = v32_model(0, n_shared_experts=None, n_group=None, topk_group=None).eval()
+    save_pretrained(model, tmp_path / "ck")
+    hf = load_in_transformers(tmp_path / "ck")
+    ids = ids_batch(0, T=16)
+    assert tied_boundaries(model, ids) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
