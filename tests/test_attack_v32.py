@@ -95,3 +95,27 @@ def test_pretraining_a_v32_model_trains_its_indexer(tmp_path):
     assert any(moved.values())                                         # the run did train
     indexer = {k: v for k, v in moved.items() if ".indexer." in k and ".mtp." not in k}
     assert indexer and all(indexer.values()), [k for k, v in indexer.items() if not v]
+
+
+# ------------------------------------------------------------------ docs
+def test_readme_v32_parity_ranges_are_those_the_tests_use():
+    """README's "Faithful" section states the ranges of the V3.2 parity configs ("indexer heads
+    A-B, head dims C-D, top-k E-F"); they must be the ranges tests/test_model_v32.py really runs.
+    One of its three nanoseek-side configs has 8 indexer heads, so "heads 10-16" is false."""
+    import re
+    from pathlib import Path
+
+    import test_model_v32 as t
+
+    cases = [(c["index_n_heads"], c["index_head_dim"], c["index_topk"]) for c in t.V32_CASES.values()]
+    mark = next(m for m in t.test_transformers_v32_checkpoint_loads_in_nanoseek.pytestmark
+                if m.name == "parametrize")
+    cases += [tuple(v) for v in mark.args[1]]
+    text = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    m = re.search(r"indexer heads (\d+)-(\d+), head dims (\d+)-(\d+), top-k (\d+)-(\d+)", text)
+    assert m, "README no longer states the V3.2 parity ranges"
+    stated = [int(x) for x in m.groups()]
+    actual = []
+    for i in range(3):
+        actual += [min(c[i] for c in cases), max(c[i] for c in cases)]
+    assert stated == actual
