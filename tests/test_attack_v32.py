@@ -119,3 +119,28 @@ def test_readme_v32_parity_ranges_are_those_the_tests_use():
     for i in range(3):
         actual += [min(c[i] for c in cases), max(c[i] for c in cases)]
     assert stated == actual
+
+
+def test_transformers_v32_checkpoint_with_fewer_layers_than_first_k_dense_loads(tmp_path):
+    """A small DeepseekV32Config keeps transformers' default first_k_dense_replace = 3 with 2 layers
+    (transformers: every layer dense, min(3, 2); DeepSeek's reference code likewise). transformers
+    saves and loads it; nanoseek refuses the checkpoint ("first_k_dense_replace must be in [0,
+    num_hidden_layers=2]") although it builds exactly that layout for first_k_dense_replace = 2."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DeepseekV32Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+        max_position_embeddings=64, initializer_range=0.1, index_n_heads=16, index_head_dim=8, index_topk=4)
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV32ForCausalLM(cfg).eval()
+    assert hf.config.first_k_dense_replace == 3 and hf.config.mlp_layer_types == ["dense", "dense"]
+    hf.save_pretrained(tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_moe_layers == 0
+    ids = ids_batch(2, T=16)
+    assert tied_boundaries(model, ids) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=0, atol=1e-4)
