@@ -112,7 +112,7 @@ def test_wrong_type_rejected(tmp_path, key, value, expected):
     ({"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "betta": 1}}, "betta"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
     ({"qk_head_dim": 191}, "qk_head_dim"),
-    ({"first_k_dense_replace": 62}, "first_k_dense_replace"),
+    ({"first_k_dense_replace": -1}, "first_k_dense_replace"),
     ({"attention_type": "gqa"}, "attention_type"),
     ({"attention_type": "mha", "num_key_value_heads": 3}, "num_key_value_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
@@ -164,3 +164,10 @@ def test_dense_config_has_no_moe_layers():
     assert c.num_moe_layers == 0
     c = ModelConfig(first_k_dense_replace=61).validate()
     assert c.num_moe_layers == 0
+
+
+def test_more_leading_dense_layers_than_layers_means_all_dense(tmp_path):
+    """transformers and DeepSeek's code accept first_k_dense_replace > num_hidden_layers (every
+    layer dense); it loads as num_hidden_layers, the same model."""
+    c = ModelConfig.from_dict({**ModelConfig(num_hidden_layers=2).to_dict(), "first_k_dense_replace": 3})
+    assert c.first_k_dense_replace == 2 and c.num_moe_layers == 0

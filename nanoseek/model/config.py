@@ -44,6 +44,15 @@ IGNORED_KEYS = {
 # Keys of HF configs for options nanoseek does not implement: accepted only at the value that means "off"
 OFF_KEYS = {"mlp_bias": False}
 
+# Fields nanoseek accepts as null, written as the int they mean (transformers' strict configs refuse null)
+NULL_AS_INT = {
+    "n_routed_experts": lambda c: 0,
+    "n_shared_experts": lambda c: 0,
+    "n_group": lambda c: 1,
+    "topk_group": lambda c: c.n_group or 1,
+    "num_experts_per_tok": lambda c: 1 if c.n_routed_experts else 0,
+}
+
 # HF's DeepseekV32Config defaults for the indexer (a deepseek_v32 config.json may leave them out)
 V32_INDEXER_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 # Fields HF's DeepseekV32Config does not have: a V3.2 model must hold them at these values
@@ -304,6 +313,12 @@ class ModelConfig:
         if d.get("model_type") == "deepseek_v32":
             for key, value in V32_INDEXER_DEFAULTS.items():
                 kwargs.setdefault(key, value)
+            if not kwargs["index_n_heads"]:
+                raise ConfigError(f"{source}: field 'index_n_heads' = {kwargs['index_n_heads']!r}: a deepseek_v32 model "
+                                  "has a lightning indexer (> 0 heads); one without is model_type deepseek_v3")
+        # more leading dense layers than layers (transformers' and DeepSeek's code accept it): all dense
+        if isinstance(kwargs.get("first_k_dense_replace"), int) and isinstance(kwargs.get("num_hidden_layers", 61), int):
+            kwargs["first_k_dense_replace"] = min(kwargs["first_k_dense_replace"], kwargs.get("num_hidden_layers", 61))
         # DeepSeek-V2 configs predate MTP: no num_nextn_predict_layers means none, not V3's one.
         if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = 0
@@ -352,6 +367,9 @@ class ModelConfig:
             d.pop("quantization_config")
         if d["attention_type"] == "mla":
             d.pop("attention_type")
+        for name, none_means in NULL_AS_INT.items():   # transformers' configs take ints here, not null
+            if d[name] is None:
+                d[name] = none_means(self)
         if self.index_n_heads:   # DeepSeek-V3.2: HF's DeepseekV32Config has no fields for the fixed choices
             for name in V32_FIXED:
                 d.pop(name, None)

@@ -69,6 +69,8 @@ class ModelSection:
         """The resolved :class:`ModelConfig` (preset + inline fields), validated."""
         src = self.init_from or self.preset
         base = load_model_config(src).to_dict()
+        for derived in ("model_type", "architectures", "mlp_layer_types"):   # re-derived from the fields
+            base.pop(derived, None)
         try:
             return ModelConfig.from_dict({**base, **self.fields}, source=f"[model] ({src})")
         except ConfigError as e:
