@@ -317,8 +317,9 @@ class ModelConfig:
                 raise ConfigError(f"{source}: field 'index_n_heads' = {kwargs['index_n_heads']!r}: a deepseek_v32 model "
                                   "has a lightning indexer (> 0 heads); one without is model_type deepseek_v3")
         # more leading dense layers than layers (transformers' and DeepSeek's code accept it): all dense
-        if isinstance(kwargs.get("first_k_dense_replace"), int) and isinstance(kwargs.get("num_hidden_layers", 61), int):
-            kwargs["first_k_dense_replace"] = min(kwargs["first_k_dense_replace"], kwargs.get("num_hidden_layers", 61))
+        fk, layers = kwargs.get("first_k_dense_replace"), kwargs.get("num_hidden_layers", 61)
+        if isinstance(fk, int) and isinstance(layers, int) and 0 <= layers < fk <= COUNT_MAX["first_k_dense_replace"]:
+            kwargs["first_k_dense_replace"] = layers
         # DeepSeek-V2 configs predate MTP: no num_nextn_predict_layers means none, not V3's one.
         if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = 0
