@@ -158,7 +158,7 @@ def check_kv_cache(model, batch: int, seq_len: int | None, flags: str = "--batch
 
 def check_model_fits(config, flag: str, dtype_bytes: int = 4, device: str = "cpu") -> None:
     """Refuse building a model (``config``, chosen by ``flag``) whose weights alone exceed free memory."""
-    from nanoseek.model.params import count_params
+    from nanoseek.model.registry import count_params
 
     n = count_params(config).total
     check_fits(n * dtype_bytes, f"a model of {n:,} parameters", flag, device)

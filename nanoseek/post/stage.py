@@ -173,8 +173,7 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
     import torch
 
     from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
-    from nanoseek.model import DeepseekV3ForCausalLM
-    from nanoseek.model.checkpoint import from_pretrained
+    from nanoseek.model.registry import build_model, from_pretrained
 
     if model_section.init_from:
         try:
@@ -182,7 +181,7 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
         except LoadError as e:
             raise UserError(f"[model] init_from: {e}") from None
         return from_pretrained(ckpt, dtype=torch.float32, device=device).train(), ckpt
-    return DeepseekV3ForCausalLM(model_section.build_config()).to(device).train(), None
+    return build_model(model_section.build_config()).to(device).train(), None
 
 
 def load_tokenizer_for(checkpoint: Path | None, explicit: str = ""):

@@ -53,7 +53,8 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomic
 from ..errors import UserError
-from ..model.checkpoint import CheckpointError, from_hf_state_dict, load_hf_tensors, read_safetensors, save_pretrained
+from ..model.checkpoint import CheckpointError, read_safetensors
+from ..model.registry import load_weights, save_pretrained
 from ..model.checkpoint import recovery_hint as _model_recovery_hint
 
 STATE_JSON = "trainer_state.json"
@@ -294,8 +295,7 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
 @torch.no_grad()
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Copy a checkpoint's weights (and expert biases) into ``model`` in place, strictly."""
-    hf = load_hf_tensors(ckpt, model.config)
-    state = from_hf_state_dict(hf, model.config)
+    state = load_weights(ckpt, model.config)         # the model's family's names (nanoseek.model.registry)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         if "model.embed_tokens.weight" not in state:

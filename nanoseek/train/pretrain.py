@@ -170,7 +170,7 @@ def _packed_data(cfg: TrainConfig):
 
 def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, dict[str, str]]:
     """(model, task, files for RUN/final) from a config; the model is on the CPU, seeded by train.seed."""
-    from ..model.transformer import DeepseekV3ForCausalLM
+    from ..model.registry import build_model
     from .checkpoint import load_model_weights
     from .distributed import rank_world
     from .synthetic import SyntheticLoader
@@ -199,7 +199,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
         val = (SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="val",
                                num_batches=d.val_batches) if d.val_batches > 0 else None)
     torch.manual_seed(t.seed)
-    model = DeepseekV3ForCausalLM(model_cfg)
+    model = build_model(model_cfg)          # the preset's family (nanoseek.model.registry)
     if cfg.model.init_from:
         load_model_weights(model, cfg.model.init_from)
     model.set_seq_aux_alpha(t.seq_aux_alpha)
