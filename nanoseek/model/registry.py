@@ -38,7 +38,7 @@ class Family:
     config_class: type
     model_path: str                        # "module:Class" of the causal LM
     checkpoint_path: str                   # module with from_pretrained / save_pretrained / load_state
-    params_path: str                       # module with count_params(config) -> ParamCount (total, activated)
+    params_path: str                       # module with count_params(config) -> ParamCount, cache_bytes(...)
     unsupported: dict[str, str] = field(default_factory=dict)   # feature -> why not
 
     def model_class(self):
@@ -56,8 +56,6 @@ V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
             "nanoseek.model.v4.params",
             unsupported={
                 "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
-                "fp8": "FP8 training and FP8 checkpoints are V3's block-quantised linears only",
-                "attention_type": "V4's attention is its own hybrid (sliding / compressed); the mha ablation is V3's",
                 "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
                 "fsdp": "FSDP wrapping is written for V3's decoder layers ([parallel] fsdp = false)",
                 "indexer_training": "the two-stage indexer training is V3.2's lightning indexer",
@@ -103,8 +101,14 @@ def all_field_names() -> list[str]:
 
 
 def count_params(config):
-    """The config's parameter counts (``.total``, ``.activated``), by its family's analytic count."""
+    """The config's parameter counts (``.total``, ``.active``, ``.mtp``), by its family's analytic count."""
     return importlib.import_module(family_of(config).params_path).count_params(config)
+
+
+def cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int = 4, with_mtp: bool = True) -> int:
+    """Lower bound of the bytes of the engine's cache for ``batch`` rows x ``seq_len`` positions."""
+    return importlib.import_module(family_of(config).params_path).cache_bytes(config, batch, seq_len, dtype_bytes,
+                                                                              with_mtp)
 
 
 def config_from_dict(d: Any, source: str = "config"):
@@ -189,6 +193,6 @@ def load_weights(directory: str | Path, config) -> dict:
 
 
 __all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "require", "supports",
-           "all_field_names", "count_params",
+           "all_field_names", "count_params", "cache_bytes",
            "config_from_dict", "config_from_json", "read_config_json", "load_config", "with_fields",
            "build_model", "checkpoint_family", "from_pretrained", "save_pretrained", "load_weights"]

@@ -119,13 +119,13 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
     file fails before anything loads or trains) runs too; an error names ``source``, the table and
     the key.
     """
-    from nanoseek.model.config import ModelConfig
+    from nanoseek.model.registry import all_field_names
     from nanoseek.train.config import check_train_config, check_schedule_keys
 
     schema = {"model": ModelSection, kind: section, "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
     given_optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
-    parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())},
+    parts = parse_sections(raw, schema, source, extra_keys={"model": set(all_field_names())},
                            defaults=defaults.tables())
     check_schedule_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
