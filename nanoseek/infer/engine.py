@@ -17,6 +17,10 @@ never reallocated: for MLA a slot is the normalised KV latent plus the rotated r
 rows; its prompt is prefilled once into the first and copied to the others. Rows of different
 lengths share a step: every row writes and attends at its own absolute positions, and the cache
 masks slots beyond each query's position, so a freed row is reused without clearing.
+DeepSeek-V4's cache (``model.v4.cache``) holds a sliding-window ring and compressor rings instead,
+which padding would overwrite: a model that declares ``takes_valid`` gets the padded prefill's
+mask ``valid`` [B, T] (False = padding, never cached), and ``mtp_input`` names the output its MTP
+module continues from (V4: the hyper-connection ``streams``; default: ``hidden``).
 Prefill uses the naive MLA path (large matmuls over the prompt), decoding the absorbed one
 (attention directly over the cached latent). The model's mode is restored after every step, so a
 model being trained (GRPO rollouts) can be passed in as is.
@@ -89,7 +93,7 @@ class EngineStats:
 
 
 class Engine:
-    """Batched generation for a ``DeepseekV3ForCausalLM`` (see the module docstring).
+    """Batched generation for a nanoseek causal LM, DeepSeek-V3 / V3.2 / V4 (see the module docstring).
 
     ``tokenizer`` is needed for text, stop strings and the reasoning split (token ids work
     without it). ``max_batch_size`` cache rows (a request uses ``n``), ``max_seq_len`` prompt +

@@ -281,6 +281,9 @@ class ModelConfig:
         """Build from a config.json-style dict; unknown keys and wrong types name the field."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object / TOML table, got {type(d).__name__}")
+        if d.get("model_type") == "deepseek_v4":   # another family (nanoseek.model.registry reads every one)
+            raise ConfigError(f"{source}: model_type 'deepseek_v4' (DeepSeek-V4) is not supported here: this reads "
+                              "DeepSeek-V2/V3/V3.2 configs only")
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():

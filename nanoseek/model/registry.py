@@ -58,7 +58,6 @@ V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
                 "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
                 "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
                 "fsdp": "FSDP wrapping is written for V3's decoder layers ([parallel] fsdp = false)",
-                "indexer_training": "the two-stage indexer training is V3.2's lightning indexer",
             })
 FAMILIES: tuple[Family, ...] = (V3, V4)
 DEFAULT = V3                               # configs without model_type (nanoseek's older presets) are V3
