@@ -64,6 +64,14 @@ def test_registry_routes_by_model_type(tmp_path):
     back = registry.from_pretrained(path)
     assert type(back).__name__ == "DeepseekV4ForCausalLM"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    # sizes by the family's own count: the trainer's memory check, the engine's cache check, reports
+    from nanoseek import limits
+    from nanoseek.eval.report import _attention_summary
+    from nanoseek.model.v4.params import count_params as v4_count
+
+    assert registry.count_params(v4).total == v4_count(v4).total
+    assert limits.kv_cache_bytes(v4, 2, 1023) == 2 * registry.cache_bytes(v4, 1, 1023) > 0
+    assert "2 compressed_sparse_attention" in _attention_summary(v4) and "mla" in _attention_summary(v3)
     # the demo builds, saves, reloads and decodes any family
     assert main(["demo", "--config", "v4-tiny", "--out", str(tmp_path / "demo"), "--tokens", "4"]) == 0
     # a V3 field on a V4 preset names it (the train config's [model] table takes every family's fields)
@@ -254,11 +262,13 @@ def test_what_v4_cannot_do_is_refused_in_one_line(v4_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_v4_pretrains_for_a_few_hundred_steps(data_dir, tmp_path):
-    """The v4-tiny recipe for 300 steps on the prose shards: validation loss falls well below the
-    unigram level (measured: from 5.7 to about 3.5)."""
+    """The v4-tiny recipe for 300 steps on the prose shards (about 75 s on one core): the loss
+    falls from ln(300) = 5.7 and keeps falling (measured: val_loss 2.98 at step 100, 2.66 at 300)."""
     run = tmp_path / "long"
     assert main(["pretrain", "--config", "v4-tiny", "--out-dir", str(run), "--set", "data.source=packed",
                  "--set", f"data.dir={data_dir}", "--set", "train.max_steps=300", "--set", "train.eval_every=100",
                  "--set", "train.save_every=300", "--no-progress", "--quiet"]) == 0
-    evals = [r for r in metrics(run) if "val_loss" in r]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals
+    ce = step_ce(run)
+    evals = [r["val_loss"] for r in metrics(run) if "val_loss" in r]
+    assert ce[1] > 5.0 and len(evals) == 3, (ce[1], evals)
+    assert evals[0] > evals[1] > evals[2] and evals[2] < 0.55 * ce[1], (ce[1], evals)
