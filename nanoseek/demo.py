@@ -46,10 +46,10 @@ def greedy(model, prompt, n):
 def run(args) -> int:
     from nanoseek.errors import UserError
     from nanoseek.model.checkpoint import CheckpointError, check_model_dir_writable, is_weight_file
-    from nanoseek.model.config import load_model_config
+    from nanoseek.model.registry import load_config
     from nanoseek.outdir import check_claimable, claim
 
-    cfg = load_model_config(args.config)                 # every input first
+    cfg = load_config(args.config)                 # every input first
     limits.check_model_fits(cfg, "--config")             # before allocating the weights
     claim_args = dict(flag="--out", overwrite=args.overwrite, overwrite_flag="--overwrite",
                       replaces=lambda n: n == "config.json" or is_weight_file(n))
@@ -65,16 +65,22 @@ def run(args) -> int:
 def _demo(args, cfg) -> int:
     import torch
 
-    from nanoseek.model.checkpoint import from_pretrained, save_pretrained
-    from nanoseek.model.params import count_params, kv_cache_bytes_per_token
-    from nanoseek.model.transformer import DeepseekV3ForCausalLM
+    from nanoseek.model.registry import V3, build_model, count_params, family_of, from_pretrained, save_pretrained
 
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(cfg).eval()
+    model = build_model(cfg).eval()
     pc = count_params(cfg)
-    print(f"model: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")
+    print(f"model: {family_of(cfg).name}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts "
+          f"(top-{cfg.num_experts_per_tok})")
     print(f"parameters: {pc.total:,} total, {pc.active:,} activated per token, {pc.mtp:,} in MTP")
-    print(f"KV cache: {kv_cache_bytes_per_token(cfg, 4):,} bytes/token in fp32 (latent {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim} per layer)")
+    if family_of(cfg) is V3:
+        from nanoseek.model.params import kv_cache_bytes_per_token
+        print(f"KV cache: {kv_cache_bytes_per_token(cfg, 4):,} bytes/token in fp32 (latent {cfg.kv_lora_rank} + rope "
+              f"{cfg.qk_rope_head_dim} per layer)")
+    else:   # fixed rings (sliding window, compressor) plus one entry per compressed block
+        n = 4096
+        print(f"KV cache: {model.new_cache(1, n, torch.float32).nbytes / n:,.0f} bytes/token in fp32 at {n} tokens "
+              f"(sliding-window ring + compressed entries)")
     path = save_pretrained(model, args.out)
     print(f"saved HF-format checkpoint to {path}")
     loaded = from_pretrained(path).eval()

@@ -136,11 +136,9 @@ def check_fits(nbytes: int, what: str, flags: str, device: str = "cpu") -> None:
 
 def kv_cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int = 4, with_mtp: bool = True) -> int:
     """Lower bound of the bytes of an inference KV cache of ``batch`` rows x ``seq_len`` positions."""
-    from nanoseek.model.params import kv_cache_bytes_per_token
+    from nanoseek.model.registry import cache_bytes
 
-    layers = config.num_hidden_layers + (config.num_nextn_predict_layers if with_mtp else 0)
-    per_layer = kv_cache_bytes_per_token(config, dtype_bytes, per_layer=True)
-    return int(batch) * (int(seq_len) + 1) * per_layer * max(layers, 1)
+    return cache_bytes(config, batch, seq_len, dtype_bytes, with_mtp)
 
 
 def check_kv_cache(model, batch: int, seq_len: int | None, flags: str = "--batch-size x --max-seq-len",
@@ -158,7 +156,7 @@ def check_kv_cache(model, batch: int, seq_len: int | None, flags: str = "--batch
 
 def check_model_fits(config, flag: str, dtype_bytes: int = 4, device: str = "cpu") -> None:
     """Refuse building a model (``config``, chosen by ``flag``) whose weights alone exceed free memory."""
-    from nanoseek.model.params import count_params
+    from nanoseek.model.registry import count_params
 
     n = count_params(config).total
     check_fits(n * dtype_bytes, f"a model of {n:,} parameters", flag, device)

@@ -343,7 +343,7 @@ def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed
 
     from nanoseek.eval.harness import evaluate
     from nanoseek.infer.loading import load_tokenizer, find_tokenizer
-    from nanoseek.model.checkpoint import from_pretrained
+    from nanoseek.model.registry import from_pretrained
 
     e = rc.eval
     final = stage_dir / "final"

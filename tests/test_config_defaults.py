@@ -105,7 +105,7 @@ def resolved_shipped_configs(base: Path, run: Path) -> dict:
     from nanoseek.speedrun_recipe import load_recipe
     from nanoseek.train.config import load_config
 
-    out = {name: load_config(name).to_dict() for name in ("tiny", "bench-moe")}
+    out = {name: load_config(name).to_dict() for name in ("tiny", "bench-moe", "v4-tiny")}
     for name, kind in STAGE_KIND.items():
         out[name] = load_stage_config(name, kind, [f"model.init_from={base}"] if kind != "distill" else []).to_dict()
     for st in load_multi_stage("r1", [f"recipe.init_from={base}"]).stages:

@@ -199,7 +199,7 @@ def model_info(model) -> dict[str, Any]:
         "hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
         "vocab_size", "num_nextn_predict_layers")}
     try:
-        from nanoseek.model.params import count_params
+        from nanoseek.model.registry import count_params
 
         pc = count_params(cfg)
         info.update({"params_total": pc.total, "params_active": pc.active, "params_mtp": pc.mtp})

@@ -232,11 +232,10 @@ def _model_section(stages: list[StageData], notes: list[str]) -> Section | None:
         notes.append("model: no checkpoint with a config.json found (parameter counts skipped)")
         return None
     from nanoseek.errors import ConfigError
-    from nanoseek.model.config import load_model_config
-    from nanoseek.model.params import count_params
+    from nanoseek.model.registry import count_params, load_config
 
     try:
-        c = load_model_config(ckpt)
+        c = load_config(ckpt)
         pc = count_params(c)
     except (ConfigError, ValueError, OSError) as e:
         notes.append(f"model: {ckpt}: {e}")
@@ -246,13 +245,22 @@ def _model_section(stages: list[StageData], notes: list[str]) -> Section | None:
         if c.n_routed_experts else "dense"
     rows = [["checkpoint", str(ckpt)],
             ["layers / hidden / heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads}"],
-            ["attention", f"{c.attention_type}, kv_lora_rank {c.kv_lora_rank}, q_lora_rank {c.q_lora_rank}"],
+            ["attention", _attention_summary(c)],
             ["experts", moe], ["vocabulary", f"{c.vocab_size:,}"], ["MTP depth", str(c.num_nextn_predict_layers)],
             ["parameters (total)", f"{pc.total:,} ({fmt_count(pc.total)})"],
             ["parameters (activated per token)", f"{pc.active:,} ({fmt_count(pc.active)})"],
             ["MTP parameters", f"{pc.mtp:,}"]]
     sec.table(["", ""], rows)
     return sec
+
+
+def _attention_summary(c) -> str:
+    from nanoseek.model.registry import V3, family_of
+
+    if family_of(c) is V3:
+        return f"{c.attention_type}, kv_lora_rank {c.kv_lora_rank}, q_lora_rank {c.q_lora_rank}"
+    kinds = ", ".join(f"{c.layer_types.count(k)} {k}" for k in dict.fromkeys(c.layer_types))
+    return f"{kinds}; sliding_window {c.sliding_window}, q_lora_rank {c.q_lora_rank}, hc_mult {c.hc_mult}"
 
 
 def _config_section(meta: dict[str, Any], stages: list[StageData]) -> Section | None:

@@ -343,9 +343,10 @@ def export(checkpoint: Path, out: Path, options) -> dict:
     from nanoseek.export.gguf_vocab import read_vocab, write_vocab
     from nanoseek.infer.loading import no_tokenizer_hint
     from nanoseek.model.checkpoint import load_hf_tensors
-    from nanoseek.model.config import ModelConfig
+    from nanoseek.model.registry import config_from_json, require
 
-    cfg = ModelConfig.from_json(checkpoint / "config.json")
+    cfg = config_from_json(checkpoint / "config.json")
+    require(cfg, "gguf", f"{checkpoint}: GGUF export")
     notes = check_config(cfg, allow_norm_eps_mismatch=options.allow_norm_eps_mismatch)
     tok = _tokenizer_file(checkpoint, options)
     if tok is None:

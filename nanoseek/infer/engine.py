@@ -17,6 +17,10 @@ never reallocated: for MLA a slot is the normalised KV latent plus the rotated r
 rows; its prompt is prefilled once into the first and copied to the others. Rows of different
 lengths share a step: every row writes and attends at its own absolute positions, and the cache
 masks slots beyond each query's position, so a freed row is reused without clearing.
+DeepSeek-V4's cache (``model.v4.cache``) holds a sliding-window ring and compressor rings instead,
+which padding would overwrite: a model that declares ``takes_valid`` gets the padded prefill's
+mask ``valid`` [B, T] (False = padding, never cached), and ``mtp_input`` names the output its MTP
+module continues from (V4: the hyper-connection ``streams``; default: ``hidden``).
 Prefill uses the naive MLA path (large matmuls over the prompt), decoding the absorbed one
 (attention directly over the cached latent). The model's mode is restored after every step, so a
 model being trained (GRPO rollouts) can be passed in as is; so is a DeepSeek-V3.2 model's indexer
@@ -107,7 +111,7 @@ class EngineStats:
 
 
 class Engine:
-    """Batched generation for a ``DeepseekV3ForCausalLM`` (see the module docstring).
+    """Batched generation for a nanoseek causal LM, DeepSeek-V3 / V3.2 / V4 (see the module docstring).
 
     ``tokenizer`` is needed for text, stop strings and the reasoning split (token ids work
     without it). ``max_batch_size`` cache rows (a request uses ``n``), ``max_seq_len`` prompt +
@@ -135,6 +139,10 @@ class Engine:
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         self.use_mtp = use_mtp
+        # model capabilities (class attributes; DeepSeek-V4 declares both): whether the cached forward
+        # takes ``valid`` (padding mask of a batched prefill), and which output MTP continues from
+        self.takes_valid = bool(getattr(model, "takes_valid", False))
+        self.mtp_input = getattr(model, "mtp_input", "hidden")
         self.max_prefill_tokens = max_prefill_tokens
         self.compile = compile
         self.compile_seconds = 0.0
@@ -416,8 +424,9 @@ class Engine:
             tok = choose_tokens(logits, rp, self._uniforms([s], rp))
             lps, tops = logprobs_and_top(logits, tok, [s.params.top_logprobs])
             if self.use_mtp:   # MTP cache over the appended positions, then the first draft
-                model.mtp_forward(0, out.hidden[:, :-1], ids[:, 1:], pos[:, :-1], self.cache, rows)
-                _, mtp_logits = model.mtp_forward(0, out.hidden[:, -1:], tok[:, None], pos[:, -1:], self.cache, rows)
+                prev = getattr(out, self.mtp_input)
+                model.mtp_forward(0, prev[:, :-1], ids[:, 1:], pos[:, :-1], self.cache, rows)
+                _, mtp_logits = model.mtp_forward(0, prev[:, -1:], tok[:, None], pos[:, -1:], self.cache, rows)
                 self._set_drafts([s], mtp_logits[:, 0], rp)
             s.pending, s.pos = int(tok[0]), s.pos + len(new) + 1
             events.append((s, s.append(int(tok[0]), lps[0], tops[0])))
@@ -481,12 +490,18 @@ class Engine:
         first_rows = [r.samples[0].row for r in reqs]
         rows = torch.tensor(first_rows, device=dev)
         self.model.set_absorb(False)
-        out = model(ids, positions=pos, cache=self.cache, rows=rows, logits_to_keep=1, return_hidden=True)
         last = torch.tensor(lens, device=dev) - 1
-        h_last = out.hidden[torch.arange(len(reqs), device=dev), last]             # [R, d]
+        pad = {}
+        if self.takes_valid and min(lens) < T:     # padding must not enter the rings of shorter rows
+            valid = torch.arange(T, device=dev)[None] <= last[:, None]
+            pad, mtp_pad = {"valid": valid}, {"valid": valid[:, 1:]}
+        out = model(ids, positions=pos, cache=self.cache, rows=rows, logits_to_keep=1, return_hidden=True, **pad)
+        arange = torch.arange(len(reqs), device=dev)
+        h_last = out.hidden[arange, last]                                          # [R, d]
         logits = model.lm_head(h_last)                                             # [R, V]
+        prev = getattr(out, self.mtp_input)                                        # MTP's input state
         if self.use_mtp and T > 1:   # MTP cache at positions 0..T-2: inputs (h_i, t_{i+1})
-            model.mtp_forward(0, out.hidden[:, :-1], ids[:, 1:], pos[:, :-1], self.cache, rows)
+            model.mtp_forward(0, prev[:, :-1], ids[:, 1:], pos[:, :-1], self.cache, rows, **(pad and mtp_pad))
         src = [r.samples[0].row for r in reqs for _ in r.samples[1:]]
         dst = [s.row for r in reqs for s in r.samples[1:]]
         if dst:
@@ -504,7 +519,8 @@ class Engine:
         if self.use_mtp:   # first drafts: MTP at the last prompt position with each sample's token
             p_last = (last[owner])[:, None]
             s_rows = torch.tensor([s.row for s in samples], device=dev)
-            _, mtp_logits = model.mtp_forward(0, h_last[owner][:, None], tokens[:, None], p_last, self.cache, s_rows)
+            _, mtp_logits = model.mtp_forward(0, prev[arange, last][owner][:, None], tokens[:, None], p_last,
+                                              self.cache, s_rows)
             self._set_drafts(samples, mtp_logits[:, 0], rp)
         self.stats.prefill_tokens += sum(lens)
         self.stats.prefill_seconds += time.perf_counter() - t0
@@ -617,7 +633,8 @@ class Engine:
         ks = [s.params.top_logprobs for s in samples]
         (lp0, top0), (lp1, top1) = logprobs_and_top(logits[:, 0], tok0, ks), logprobs_and_top(logits[:, 1], bonus, ks)
         # MTP at [p, p+1] with (h_p, tok0) and (h_{p+1}, bonus); the draft comes from the last real one
-        _, mtp_logits = model.mtp_forward(0, out.hidden, torch.stack([tok0, bonus], dim=1), pos, self.cache, rows)
+        _, mtp_logits = model.mtp_forward(0, getattr(out, self.mtp_input), torch.stack([tok0, bonus], dim=1), pos,
+                                          self.cache, rows)
         pick = accepted.long()
         self._set_drafts(samples, mtp_logits[torch.arange(B, device=dev), pick], rp)
         events = []

@@ -68,7 +68,7 @@ def load_tokenizer(path: str | Path):
 def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = None, dtype=None,
                        device: str = "cpu", require_tokenizer: bool = False):
     """(model in eval mode, tokenizer or None) for a run folder or checkpoint directory."""
-    from nanoseek.model.checkpoint import from_pretrained
+    from nanoseek.model.registry import from_pretrained
 
     ckpt = resolve_checkpoint(path)
     tok_file = Path(tokenizer_path) if tokenizer_path else find_tokenizer(ckpt)

@@ -274,8 +274,10 @@ def read_safetensors(f: str | Path, keys_only: bool = False) -> dict[str, torch.
 def verify_checkpoint(directory: str | Path, extra: tuple[str, ...] = ()) -> None:
     """Cheap integrity check without loading tensors: config.json parses, every safetensors file
     (the model's and any in ``extra``) has a valid header covering the file; else CheckpointError."""
+    from .registry import config_from_json
+
     directory = Path(directory)
-    ModelConfig.from_json(directory / "config.json")
+    config_from_json(directory / "config.json")          # any family's config parses
     for f in [*_shard_files(directory), *(directory / e for e in extra if e.endswith(".safetensors"))]:
         read_safetensors(f, keys_only=True)
     for e in extra:
@@ -344,6 +346,11 @@ def load_hf_tensors(directory: str | Path, config: ModelConfig, dtype: torch.dty
     return tensors
 
 
+def load_state(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as nanoseek's state dict for ``config`` (see :mod:`nanoseek.model.registry`)."""
+    return from_hf_state_dict(load_hf_tensors(directory, config), config)
+
+
 def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
     """Load an HF-format DeepSeek-V3 checkpoint (nanoseek's own or anyone's).
@@ -397,7 +404,7 @@ def _checkpoint_dtype(state: dict[str, torch.Tensor], default: torch.dtype) -> t
     return t.dtype
 
 
-__all__ = ["save_pretrained", "from_pretrained", "is_model_file", "is_weight_file", "check_model_dir_writable",
+__all__ = ["save_pretrained", "from_pretrained", "load_state", "is_model_file", "is_weight_file", "check_model_dir_writable",
            "to_hf_state_dict",
            "from_hf_state_dict", "dequantize_fp8_block", "CheckpointError", "ConfigError", "read_safetensors",
            "verify_checkpoint", "older_intact_checkpoint", "recovery_hint"]

@@ -88,6 +88,9 @@ ROPE_SCALING_KEYS = {
 
 @dataclass
 class ModelConfig:
+    # to_dict() keys derived from the fields (the V3 / V3.2 type, the layer layout): dropped before
+    # a field override is applied, so they follow it (nanoseek.model.registry.with_fields)
+    DERIVED_KEYS = ("model_type", "architectures", "mlp_layer_types")
     # --- sizes
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -290,6 +293,9 @@ class ModelConfig:
         """Build from a config.json-style dict; unknown keys and wrong types name the field."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object / TOML table, got {type(d).__name__}")
+        if d.get("model_type") == "deepseek_v4":   # another family (nanoseek.model.registry reads every one)
+            raise ConfigError(f"{source}: model_type 'deepseek_v4' (DeepSeek-V4) is not supported here: this reads "
+                              "DeepSeek-V2/V3/V3.2 configs only")
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():

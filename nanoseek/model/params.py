@@ -203,6 +203,14 @@ def kv_cache_values_per_token(c: ModelConfig, absorbed: bool = True) -> int:
     return int(sum(kv_cache_parts(c, 1, absorbed).values()))
 
 
+def cache_bytes(c: ModelConfig, batch: int, seq_len: int, dtype_bytes: int = 4, with_mtp: bool = True) -> int:
+    """Lower bound of the bytes of an inference cache of ``batch`` rows x ``seq_len`` positions
+    (the engine's: one latent per layer and position, MTP layers included with ``with_mtp``)."""
+    layers = c.num_hidden_layers + (c.num_nextn_predict_layers if with_mtp else 0)
+    per_layer = kv_cache_bytes_per_token(c, dtype_bytes, per_layer=True)
+    return int(batch) * (int(seq_len) + 1) * per_layer * max(layers, 1)
+
+
 def kv_cache_bytes_per_token(c: ModelConfig, dtype_bytes: "int | str | KVFormat" = 2, absorbed: bool = True,
                              per_layer: bool = False) -> float:
     """Bytes per token of the KV cache (all ``num_hidden_layers`` layers, or one with ``per_layer``).

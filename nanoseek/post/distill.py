@@ -149,7 +149,7 @@ def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume,
     a = cfg.algo
     run_dir = Path(cfg.train.out_dir or "runs/distill")
     if teacher is None:
-        from nanoseek.model.checkpoint import from_pretrained
+        from nanoseek.model.registry import from_pretrained
         from nanoseek.train.checkpoint import resolve_checkpoint
 
         path = a.teacher or cfg.model.init_from

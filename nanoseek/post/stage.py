@@ -119,13 +119,13 @@ def parse_stage_config(kind: str, section: type, raw: dict[str, Any], source: st
     file fails before anything loads or trains) runs too; an error names ``source``, the table and
     the key.
     """
-    from nanoseek.model.config import ModelConfig
+    from nanoseek.model.registry import all_field_names
     from nanoseek.train.config import check_optim_keys, check_train_config
 
     schema = {"model": ModelSection, kind: section, "optim": OptimSection, "train": TrainSection,
               "spike": SpikeSection}
     given_optim = raw.get("optim") if isinstance(raw.get("optim"), dict) else {}
-    parts = parse_sections(raw, schema, source, extra_keys={"model": set(ModelConfig.field_names())},
+    parts = parse_sections(raw, schema, source, extra_keys={"model": set(all_field_names())},
                            defaults=defaults.tables())
     check_optim_keys(parts["optim"], given_optim, source)
     cfg = StageConfig(kind=kind, model=parts["model"], algo=parts[kind], optim=parts["optim"], train=parts["train"],
@@ -173,8 +173,7 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
     import torch
 
     from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
-    from nanoseek.model import DeepseekV3ForCausalLM
-    from nanoseek.model.checkpoint import from_pretrained
+    from nanoseek.model.registry import build_model, from_pretrained
 
     if model_section.init_from:
         try:
@@ -182,7 +181,7 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
         except LoadError as e:
             raise UserError(f"[model] init_from: {e}") from None
         return from_pretrained(ckpt, dtype=torch.float32, device=device).train(), ckpt
-    return DeepseekV3ForCausalLM(model_section.build_config()).to(device).train(), None
+    return build_model(model_section.build_config()).to(device).train(), None
 
 
 def load_tokenizer_for(checkpoint: Path | None, explicit: str = ""):

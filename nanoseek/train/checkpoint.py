@@ -53,7 +53,8 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomic
 from ..errors import UserError
-from ..model.checkpoint import CheckpointError, from_hf_state_dict, load_hf_tensors, read_safetensors, save_pretrained
+from ..model.checkpoint import CheckpointError, read_safetensors
+from ..model.registry import load_weights, save_pretrained
 from ..model.checkpoint import recovery_hint as _model_recovery_hint
 
 STATE_JSON = "trainer_state.json"
@@ -299,8 +300,7 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     DeepSeek-V3 model) loads into a V3.2 model of the same shape, whose indexers keep their fresh
     initialisation (``[model] init_from`` a V3 run plus ``index_n_heads`` etc.; then the dense
     warm-up, ``[train] dsa_warmup_steps``, trains them against the model's own attention)."""
-    hf = load_hf_tensors(ckpt, model.config)
-    state = from_hf_state_dict(hf, model.config)
+    state = load_weights(ckpt, model.config)         # the model's family's names (nanoseek.model.registry)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         if "model.embed_tokens.weight" not in state:

@@ -54,7 +54,8 @@ from typing import Any
 
 from ..limits import SEED_MAX, LimitError, check_fits
 from ..errors import ConfigError
-from ..model.config import ModelConfig, load_model_config
+from ..model.config import ModelConfig
+from ..model.registry import all_field_names as all_model_fields
 
 
 # ---------------------------------------------------------------------------- sections
@@ -66,13 +67,13 @@ class ModelSection:
     fields: dict = field(default_factory=dict)   # any ModelConfig field, written as a key of [model]
 
     def build_config(self) -> ModelConfig:
-        """The resolved :class:`ModelConfig` (preset + inline fields), validated."""
+        """The resolved model config (preset + inline fields) of the preset's family (its
+        ``model_type``, :mod:`nanoseek.model.registry`), validated."""
+        from ..model.registry import load_config, with_fields
+
         src = self.init_from or self.preset
-        base = load_model_config(src).to_dict()
-        for derived in ("model_type", "architectures", "mlp_layer_types"):   # re-derived from the fields
-            base.pop(derived, None)
         try:
-            return ModelConfig.from_dict({**base, **self.fields}, source=f"[model] ({src})")
+            return with_fields(load_config(src), self.fields, source=f"[model] ({src})")
         except ConfigError as e:
             raise ConfigError(str(e)) from None
 
@@ -393,7 +394,7 @@ def _table_keys(spec: Any) -> dict[str, Any] | None:
     keys = {f.name: hints[f.name] if dataclasses.is_dataclass(hints[f.name]) else None
             for f in dataclasses.fields(spec) if not (spec is ModelSection and f.name == "fields")}
     if spec is ModelSection:
-        keys.update(dict.fromkeys(sorted(ModelConfig.field_names())))
+        keys.update(dict.fromkeys(sorted(all_model_fields())))
     return keys
 
 
@@ -407,7 +408,7 @@ def _check_override_key(item: str, parts: list[str], spec: Any) -> None:
             plain = [k for k, v in keys.items() if v is None]
             if spec is ModelSection:
                 plain = [f.name for f in dataclasses.fields(ModelSection) if f.name != "fields"]
-                plain[-1] += ", or any model config field: " + ", ".join(sorted(ModelConfig.field_names()))
+                plain[-1] += ", or any model config field: " + ", ".join(sorted(all_model_fields()))
             subs = [f"[{table}.{k}]" for k, v in keys.items() if v is not None]
             valid = (", ".join(plain) + (", or " if plain and subs else "") + ("the tables " if subs else "")
                      + ", ".join(subs))
@@ -514,6 +515,11 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
                   "whole matrices, FSDP shards them); use data or expert parallelism (fsdp = false) "
                   "or optimizer = 'adamw'")
     model_cfg = cfg.model.build_config()
+    from ..model.registry import require
+    if par.ep > 1:
+        require(model_cfg, "expert_parallel", f"{source}: [parallel] ep = {par.ep}")
+    if par.fsdp:
+        require(model_cfg, "fsdp", f"{source}: [parallel] fsdp = true")
     if par.ep > 1 and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % par.ep):
         raise bad("parallel", "ep", f"must divide the model's n_routed_experts = {model_cfg.n_routed_experts}")
     if o.seq_len > model_cfg.max_position_embeddings:
@@ -528,7 +534,7 @@ def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str)
     activations (``nanoseek.estimate``'s per-token figure, which assumes flash attention and so
     undercounts the eager path) and its fp32 logits with their gradient."""
     from ..estimate.memory import activation_bytes_per_token
-    from ..model.params import count_params
+    from ..model.registry import V3, count_params, family_of
 
     device = cfg.train.device
     if device in ("auto", "mps"):
@@ -539,7 +545,10 @@ def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str)
     n_params = count_params(model_cfg).total
     act_bytes = 4 if cfg.train.dtype == "float32" else 2
     layers = model_cfg.num_hidden_layers + model_cfg.num_nextn_predict_layers
-    per_token = sum(activation_bytes_per_token(model_cfg, i, act_bytes) for i in range(layers))
+    if family_of(model_cfg) is V3:
+        per_token = sum(activation_bytes_per_token(model_cfg, i, act_bytes) for i in range(layers))
+    else:   # DeepSeek-V4: hc_mult residual streams; a coarse bound of 32 saved vectors per stream and layer
+        per_token = layers * 32 * model_cfg.hc_mult * model_cfg.hidden_size * act_bytes
     per_token += 2 * 4 * model_cfg.vocab_size
     tokens = o.micro_batch_size * o.seq_len
     try:
@@ -639,7 +648,7 @@ def _resolve_init_from(cfg: TrainConfig, source: str) -> None:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
     """A raw dict (as read from TOML) -> validated :class:`TrainConfig`."""
-    parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(ModelConfig.field_names())})
+    parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(all_model_fields())})
     check_optim_keys(parts["optim"], raw.get("optim") or {}, source)
     check_data_keys(parts["data"], raw.get("data") or {}, source)
     cfg = TrainConfig(**parts, source=source)

@@ -66,18 +66,26 @@ DEFAULT_WEIGHT = TrainSection.indexer_loss_weight     # the paper has no weight:
 
 
 def indexed_attention(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of ``model`` that own a lightning indexer (none in a DeepSeek-V3 model)."""
-    return [m for m in model.modules() if getattr(m, "indexer", None) is not None]
+    """The attention modules of ``model`` whose lightning indexer trains in stages (DeepSeek-V3.2's
+    MLA; none in a DeepSeek-V3 model, and none in V4, whose compressed-attention indexers have no
+    training stage here: ``nanoseek.model.registry``, feature ``indexer_training``)."""
+    return [m for m in model.modules() if getattr(m, "indexer", None) is not None and hasattr(m, "dsa_stage")]
 
 
 def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, where: str = "",
-                       freeze: bool = True) -> None:
-    """The ``[train]`` DSA keys against the model: a setting with no effect is one ConfigError line."""
+                       freeze: bool = True, family=None) -> None:
+    """The ``[train]`` DSA keys against the model: a setting with no effect is one ConfigError line
+    (``family``: the model's :class:`nanoseek.model.registry.Family`, when it may not train indexers)."""
     if not has_indexer:
         written = ([f"dsa_warmup_steps = {warmup_steps}"] * bool(warmup_steps) + ["dsa_warmup_freeze = false"] * (not freeze)
                    + [f"indexer_loss_weight = {weight}"] * (weight != DEFAULT_WEIGHT))
         if written:
             drop = " ".join(f"--set train.{w.split(' =')[0]}=null" for w in written)
+            why = family.unsupported.get("indexer_training") if family is not None else None
+            if why:
+                raise ConfigError(f"{where}[train] {', '.join(written)}: not supported for model_type "
+                                  f"'{family.model_types[0]}' ({family.name}): {why}; drop the "
+                                  f"key{'s' * (len(written) > 1)} ({drop})")
             raise ConfigError(f"{where}[train] {', '.join(written)} would have no effect: the model has no lightning "
                               "indexer (DeepSeek-V3.2's sparse attention needs index_n_heads > 0); drop the "
                               f"key{'s' * (len(written) > 1)} ({drop}) or train a V3.2 model (e.g. [model] preset = "

@@ -806,7 +806,8 @@ class Trainer:
             self._evaluate()
         if self.last_saved_step != self.step:
             self.save()
-        from ..model.checkpoint import CheckpointError, save_pretrained
+        from ..model.checkpoint import CheckpointError
+        from ..model.registry import save_pretrained
         model, final = self.dist.full_model(self.model), self.run_dir / "final"
         if self.dist.is_main:              # replaces only model files; a final/ with user files is refused
             try:

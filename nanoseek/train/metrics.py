@@ -71,9 +71,14 @@ def measure_matmul_peak(device: str = "cpu", dtype: str = "float32", n: int | No
 
 
 def model_flops_per_token(model_config, seq_len: int, include_mtp: bool = True) -> float:
-    """Training FLOPs per token (forward + backward), from ``nanoseek.estimate``."""
-    from ..estimate.flops import flops_per_token
-    return flops_per_token(model_config, seq_len, include_mtp=include_mtp)
+    """Training FLOPs per token (forward + backward), from ``nanoseek.estimate`` (V3 / V3.2); for
+    other families (DeepSeek-V4) 6 x activated parameters (+ MTP), without the attention term."""
+    from ..model.registry import V3, count_params, family_of
+    if family_of(model_config) is V3:
+        from ..estimate.flops import flops_per_token
+        return flops_per_token(model_config, seq_len, include_mtp=include_mtp)
+    n = count_params(model_config)
+    return 6.0 * (n.active + (n.mtp if include_mtp else 0))
 
 
 # ---------------------------------------------------------------------------- metrics.jsonl

@@ -43,6 +43,7 @@ from .bpb import bpb_sums, token_byte_lengths
 from ..errors import ConfigError
 from .config import TrainConfig, config_to_toml
 from .dsa import check_dsa_settings
+from ..model.registry import family_of, supports
 from .loop import ExpertBalanceHook, FitResult, Trainer
 
 
@@ -173,7 +174,7 @@ def _packed_data(cfg: TrainConfig):
 
 def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, dict[str, str]]:
     """(model, task, files for RUN/final) from a config; the model is on the CPU, seeded by train.seed."""
-    from ..model.transformer import DeepseekV3ForCausalLM
+    from ..model.registry import build_model
     from .checkpoint import load_model_weights
     from .distributed import rank_world
     from .synthetic import SyntheticLoader
@@ -191,8 +192,9 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
             if (tok_dir / name).is_file():
                 final_files[name] = (tok_dir / name).read_text(encoding="utf-8")
     model_cfg = cfg.model.build_config()
-    check_dsa_settings(t.dsa_warmup_steps, t.indexer_loss_weight, bool(model_cfg.index_n_heads), f"{cfg.source}: ",
-                       freeze=t.dsa_warmup_freeze)
+    check_dsa_settings(t.dsa_warmup_steps, t.indexer_loss_weight,
+                       bool(model_cfg.index_n_heads) and supports(model_cfg, "indexer_training"), f"{cfg.source}: ",
+                       freeze=t.dsa_warmup_freeze, family=family_of(model_cfg))
     if d.source == "packed":
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -204,7 +206,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
         val = (SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="val",
                                num_batches=d.val_batches) if d.val_batches > 0 else None)
     torch.manual_seed(t.seed)
-    model = DeepseekV3ForCausalLM(model_cfg)
+    model = build_model(model_cfg)          # the preset's family (nanoseek.model.registry)
     if cfg.model.init_from:
         load_model_weights(model, cfg.model.init_from)
     model.set_seq_aux_alpha(t.seq_aux_alpha)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="NAME|FILE",
-                        help="TOML recipe: a path, or a shipped name (tiny, bench-moe); with --resume "
+                        help="TOML recipe: a path, or a shipped name (tiny, bench-moe, v4-tiny); with --resume "
                              "the run folder's config.toml is used when omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=1e-3 (repeatable; values are TOML "

@@ -197,6 +197,14 @@ def save_pretrained(model: DeepseekV4ForCausalLM, directory: str | Path,
     return directory
 
 
+def load_state(directory: str | Path, config: DeepseekV4Config) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under nanoseek's names (any of the three layouts; experts stacked)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _shard_files(Path(directory)):
+        tensors.update(read_safetensors(f))
+    return normalize_names(tensors, config)
+
+
 def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> DeepseekV4ForCausalLM:
     """Load a V4 checkpoint (nanoseek's, transformers' or DeepSeek's release names); errors are one
@@ -212,10 +220,7 @@ def _from_pretrained(directory: Path, dtype, device) -> DeepseekV4ForCausalLM:
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
     config = DeepseekV4Config.from_json(directory / "config.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in _shard_files(directory):
-        tensors.update(read_safetensors(f))
-    tensors = normalize_names(tensors, config)
+    tensors = load_state(directory, config)
     if config.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in tensors):
         config = config.replace(num_nextn_predict_layers=0)   # transformers drops MTP weights
     config.quantization_config = None
@@ -239,5 +244,5 @@ def _from_pretrained(directory: Path, dtype, device) -> DeepseekV4ForCausalLM:
     return model.to(device)
 
 
-__all__ = ["save_pretrained", "from_pretrained", "to_hf_state_dict", "normalize_names", "to_deepseek_names",
+__all__ = ["save_pretrained", "from_pretrained", "load_state", "to_hf_state_dict", "normalize_names", "to_deepseek_names",
            "CheckpointError"]

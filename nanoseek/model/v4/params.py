@@ -83,4 +83,14 @@ def kv_cache_values(c: DeepseekV4Config, context: int) -> dict[str, int]:
     return out
 
 
-__all__ = ["count_params", "layer_params", "attention_params", "hyper_params", "kv_cache_values"]
+def cache_bytes(c: DeepseekV4Config, batch: int, seq_len: int, dtype_bytes: int = 4, with_mtp: bool = True) -> int:
+    """Lower bound of the bytes of an inference cache of ``batch`` rows x ``seq_len`` positions:
+    :func:`kv_cache_values` of the main layers, plus each MTP layer's sliding window with ``with_mtp``."""
+    ctx = int(seq_len) + 1
+    values = sum(kv_cache_values(c, ctx).values())
+    if with_mtp:
+        values += c.num_nextn_predict_layers * min(ctx, c.sliding_window) * c.head_dim
+    return int(batch) * values * dtype_bytes
+
+
+__all__ = ["count_params", "layer_params", "attention_params", "hyper_params", "kv_cache_values", "cache_bytes"]

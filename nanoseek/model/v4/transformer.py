@@ -102,6 +102,13 @@ class DeepseekV4Model(nn.Module):
 
 
 class DeepseekV4ForCausalLM(nn.Module):
+    # What the inference engine asks of a model (a model without them: V3's defaults). The cached
+    # forward and mtp_forward take ``valid`` [B, T] (a padded batched prefill must not let padding
+    # overwrite the sliding-window and compressor rings of shorter rows), and MTP continues from
+    # the output's hyper-connection ``streams`` while ``hidden`` stays the normed state for lm_head.
+    takes_valid = True
+    mtp_input = "streams"
+
     def __init__(self, config: DeepseekV4Config, init_weights: bool = True):
         super().__init__()
         config.validate()
@@ -195,13 +202,15 @@ class DeepseekV4ForCausalLM(nn.Module):
         return torch.stack(losses).mean()
 
     def mtp_forward(self, k: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                    cache=None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache=None, rows: torch.Tensor | None = None,
+                    valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP depth k (0-based) at positions i from the streams S^{k} (``out.streams``) and t_{i+k+1};
-        returns (the depth's streams, logits). With a cache it must have been made ``with_mtp``."""
+        returns (the depth's streams, logits). With a cache it must have been made ``with_mtp``;
+        ``valid`` [B, T] as in :meth:`forward` (False: padding, never cached)."""
         if cache is not None and rows is None:
             rows = torch.arange(next_ids.shape[0], device=next_ids.device)
         x, h = self.model.mtp[k](self.model.embed_tokens(next_ids), prev, positions, self.model.ropes, next_ids,
-                                 cache, rows)
+                                 cache, rows, valid)
         return x, self.lm_head(h)
 
     # ------------------------------------------------------------------ MoE helpers (trainer interface)

@@ -1,0 +1,202 @@
+"""Model families by ``model_type``: the one place that maps a config.json to its config class,
+model class, checkpoint loader and saver.
+
+Every caller that reads a config, builds a model or loads / saves a checkpoint (the trainer, the
+post-training stages, the engine's loader, the demo, the CLI commands) goes through this table
+instead of naming ``DeepseekV3ForCausalLM`` or ``DeepseekV4ForCausalLM``:
+
+  model_type                          family       config / model / checkpoint
+  deepseek_v3, deepseek_v32,          DeepSeek-V3  model.config.ModelConfig, model.transformer,
+  deepseek_v2 (or none: V3's default)              model.checkpoint
+  deepseek_v4                         DeepSeek-V4  model.v4.config.DeepseekV4Config, model.v4.transformer,
+                                                   model.v4.checkpoint
+
+Config classes are pure Python (imported here); the model and checkpoint parts are named by
+dotted path and imported on first use, so reading a config never imports torch. A family also
+lists the features it does not support (:func:`require`): asking for one is one ``ConfigError``
+line naming the model type and the feature, never a traceback deep inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .config import PRESET_DIR, ModelConfig, list_presets
+from .v4.config import DeepseekV4Config
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                              # "DeepSeek-V3"
+    model_types: tuple[str, ...]           # config.json model_type values it reads (first: the one it writes)
+    config_class: type
+    model_path: str                        # "module:Class" of the causal LM
+    checkpoint_path: str                   # module with from_pretrained / save_pretrained / load_state
+    params_path: str                       # module with count_params(config) -> ParamCount, cache_bytes(...)
+    unsupported: dict[str, str] = field(default_factory=dict)   # feature -> why not
+
+    def model_class(self):
+        module, _, name = self.model_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def checkpoint(self):
+        return importlib.import_module(self.checkpoint_path)
+
+
+V3 = Family("DeepSeek-V3", ("deepseek_v3", "deepseek_v32", "deepseek_v2"), ModelConfig,
+            "nanoseek.model.transformer:DeepseekV3ForCausalLM", "nanoseek.model.checkpoint", "nanoseek.model.params")
+V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
+            "nanoseek.model.v4.transformer:DeepseekV4ForCausalLM", "nanoseek.model.v4.checkpoint",
+            "nanoseek.model.v4.params",
+            unsupported={
+                "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
+                "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
+                "fsdp": "FSDP wrapping is written for V3's decoder layers ([parallel] fsdp = false)",
+                "indexer_training": "the compressed-attention indexers have no training stage in nanoseek yet "
+                                    "(V3.2's dense warm-up and KL are written for MLA)",
+            })
+FAMILIES: tuple[Family, ...] = (V3, V4)
+DEFAULT = V3                               # configs without model_type (nanoseek's older presets) are V3
+
+
+def family_for_type(model_type: Any) -> Family:
+    """The family reading ``model_type`` (None or a type no family claims: V3, whose config
+    parser words any error)."""
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    return DEFAULT
+
+
+def family_of(config_or_model: Any) -> Family:
+    """The family of a config object or of a model (its ``.config``)."""
+    config = getattr(config_or_model, "config", config_or_model)
+    for f in FAMILIES:
+        if isinstance(config, f.config_class):
+            return f
+    raise ConfigError(f"not a nanoseek model config: {type(config).__name__}")
+
+
+def require(config_or_model: Any, feature: str, where: str) -> None:
+    """Raise one ConfigError line if the model's family does not support ``feature``."""
+    f = family_of(config_or_model)
+    why = f.unsupported.get(feature)
+    if why is not None:
+        raise ConfigError(f"{where}: not supported for model_type '{f.model_types[0]}' ({f.name}): {why}")
+
+
+def supports(config_or_model: Any, feature: str) -> bool:
+    return feature not in family_of(config_or_model).unsupported
+
+
+# ---------------------------------------------------------------------------- configs
+def all_field_names() -> list[str]:
+    """Every family's config fields (the keys a train config's ``[model]`` table may override)."""
+    return sorted({f.name for fam in FAMILIES for f in dataclasses.fields(fam.config_class)})
+
+
+def count_params(config):
+    """The config's parameter counts (``.total``, ``.active``, ``.mtp``), by its family's analytic count."""
+    return importlib.import_module(family_of(config).params_path).count_params(config)
+
+
+def cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int = 4, with_mtp: bool = True) -> int:
+    """Lower bound of the bytes of the engine's cache for ``batch`` rows x ``seq_len`` positions."""
+    return importlib.import_module(family_of(config).params_path).cache_bytes(config, batch, seq_len, dtype_bytes,
+                                                                              with_mtp)
+
+
+def config_from_dict(d: Any, source: str = "config"):
+    """A config.json-style dict -> its family's config object (validated)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    return family_for_type(d.get("model_type")).config_class.from_dict(d, source=source)
+
+
+def read_config_json(path: str | Path) -> dict:
+    """config.json (or a directory holding one) -> dict; errors are one ConfigError line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def config_from_json(path: str | Path):
+    path = Path(path)
+    src = path / "config.json" if path.is_dir() else path
+    return config_from_dict(read_config_json(src), source=str(src))
+
+
+def load_config(name_or_path: str | Path):
+    """A preset name (``nanoseek/configs/models/NAME.json``), a config.json or a checkpoint dir,
+    of any family."""
+    p = Path(name_or_path)
+    if p.exists():
+        return config_from_json(p)
+    preset = PRESET_DIR / f"{name_or_path}.json"
+    if preset.exists():
+        return config_from_json(preset)
+    raise ConfigError(f"unknown model config '{name_or_path}': not a file or directory, and not a "
+                      f"preset (presets: {', '.join(list_presets())})")
+
+
+def with_fields(config, fields: dict, source: str):
+    """``config`` with HF fields replaced (e.g. a train config's inline ``[model]`` keys), re-validated
+    by its family's parser (unknown fields name the family's valid ones)."""
+    base = config.to_dict()
+    for derived in getattr(type(config), "DERIVED_KEYS", ()):   # re-derived from the (new) fields
+        base.pop(derived, None)
+    return config_from_dict({**base, **fields}, source=source)
+
+
+# ---------------------------------------------------------------------------- models and checkpoints
+def build_model(config, **kwargs):
+    """A freshly initialised model of the config's family."""
+    return family_of(config).model_class()(config, **kwargs)
+
+
+def checkpoint_family(directory: str | Path) -> Family:
+    """The family of a checkpoint directory, from its config.json's model_type (an unreadable one:
+    V3's loader, which words the error)."""
+    try:
+        d = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return DEFAULT
+    return family_for_type(d.get("model_type") if isinstance(d, dict) else None)
+
+
+def from_pretrained(directory: str | Path, dtype=None, device="cpu"):
+    """Load a checkpoint of any family (errors: one ``CheckpointError`` line)."""
+    return checkpoint_family(directory).checkpoint().from_pretrained(directory, dtype=dtype, device=device)
+
+
+def save_pretrained(model, directory: str | Path, **kwargs) -> Path:
+    """Write ``model`` in its family's HF layout (atomic; see the family's checkpoint module)."""
+    return family_of(model).checkpoint().save_pretrained(model, directory, **kwargs)
+
+
+def load_weights(directory: str | Path, config) -> dict:
+    """A checkpoint's weights as the state dict of a model built from ``config`` (names mapped,
+    experts stacked), for loading into an existing model (resume, ``init_from``)."""
+    return family_of(config).checkpoint().load_state(directory, config)
+
+
+__all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "require", "supports",
+           "all_field_names", "count_params", "cache_bytes",
+           "config_from_dict", "config_from_json", "read_config_json", "load_config", "with_fields",
+           "build_model", "checkpoint_family", "from_pretrained", "save_pretrained", "load_weights"]
