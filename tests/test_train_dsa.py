@@ -480,3 +480,19 @@ def from_pretrained_dir(path):
     from nanoseek.model.checkpoint import from_pretrained
 
     return from_pretrained(path).state_dict()
+
+
+def test_memory_check_counts_the_explicit_attention_of_indexer_training(monkeypatch):
+    """While V3.2's indexers train, each layer materialises [heads x seq_len] fp32 attention per
+    query (for the KL): a batch that fits with flash-style attention must be refused up front when
+    it does not fit with the explicit one, and accepted once the indexers are frozen."""
+    from nanoseek import limits
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import config_from_dict
+
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu": 1 << 30)
+    raw = {"model": {"preset": "v32-tiny"}, "data": {"source": "synthetic"},
+           "optim": {"seq_len": 1024, "micro_batch_size": 32}, "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match="micro_batch_size x seq_len"):
+        config_from_dict(raw)
+    config_from_dict({**raw, "train": {"max_steps": 1, "indexer_loss_weight": 0.0}})      # frozen: flash-style sparse attention

@@ -532,7 +532,8 @@ def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str)
     """Refuse a run that cannot fit in the memory free now on its device, before allocating: fp32
     weights + gradients + AdamW moments (16 bytes per parameter), then one micro-batch's saved
     activations (``nanoseek.estimate``'s per-token figure, which assumes flash attention and so
-    undercounts the eager path) and its fp32 logits with their gradient."""
+    undercounts the eager path; plus the explicit [heads x seq_len] attention of a V3.2 model whose
+    indexers train) and its fp32 logits with their gradient."""
     from ..estimate.memory import activation_bytes_per_token
     from ..model.registry import V3, count_params, family_of
 
@@ -547,6 +548,11 @@ def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str)
     layers = model_cfg.num_hidden_layers + model_cfg.num_nextn_predict_layers
     if family_of(model_cfg) is V3:
         per_token = sum(activation_bytes_per_token(model_cfg, i, act_bytes) for i in range(layers))
+        if model_cfg.index_n_heads and cfg.train.indexer_loss_weight > 0:
+            # V3.2 while its indexers train (nanoseek/train/dsa.py): each indexed layer computes the
+            # attention explicitly for the KL: fp32 logits and probabilities [H, T] per query, the
+            # indexer's fp32 scores and log-probabilities [T] and the boolean masks [T]
+            per_token += model_cfg.num_hidden_layers * o.seq_len * (2 * 4 * model_cfg.num_attention_heads + 2 * 4 + 2)
     else:   # DeepSeek-V4: hc_mult residual streams; a coarse bound of 32 saved vectors per stream and layer
         per_token = layers * 32 * model_cfg.hc_mult * model_cfg.hidden_size * act_bytes
     per_token += 2 * 4 * model_cfg.vocab_size
