@@ -16,12 +16,15 @@ is always the number of *ranks* (GPUs) along the pipeline; a schedule splits the
 
 **Activations in flight** (:meth:`Schedule.in_flight_chunks`): how many (micro-batch, stage)
 activation sets rank ``r`` holds at its peak, counted in stages. GPipe keeps all ``m``
-micro-batches; 1F1B ``pp - r`` (torch's warm-up is ``pp - 1 - r`` forwards, plus the one in
-flight); interleaved 1F1B with ``v`` chunks ``(v - 1) pp + 2 (pp - 1 - r) + 1`` (torch's
-``_get_warmup_ops`` plus one: Megatron's ``(1 + (pp - 1) / (pp v))`` times 1F1B's on rank 0);
-ZBV ``2 pp`` chunks (its paper: 1F1B's peak, on every rank); DualPipe and DualPipeV ``PP + 1``
-stages with ``PP`` the number of stages (DualPipe's README table: ``pp + 1`` for DualPipe,
-``2 pp + 1`` half-size stages for DualPipeV). All are capped at ``m`` micro-batches through each of the rank's stages
+micro-batches; 1F1B ``max(pp - r, 2)`` (torch's warm-up is ``pp - 1 - r`` forwards, plus the one
+in flight; its last rank runs the next forward before the previous backward); interleaved 1F1B
+with ``v`` chunks ``(v - 1) k + 2 (pp - 1 - r) + 1`` with ``k = m // max(1, m // pp)`` micro-batches
+per round (torch's ``_get_warmup_ops`` plus one: Megatron's ``(1 + (pp - 1) / (pp v))`` times
+1F1B's on rank 0 when ``k = pp``); ZBV ``min(2 pp, m + 1 + r)`` chunks (its paper: 1F1B's peak on
+every rank once ``m >= 2 pp``); DualPipe and DualPipeV ``PP + 1`` stages with ``PP`` the number of
+stages (DualPipe's README table: ``pp + 1`` for DualPipe, ``2 pp + 1`` half-size stages for
+DualPipeV). Every torch schedule's count equals the peak of the action lists torch itself
+generates (``torch.distributed.pipelining._schedule_visualizer.get_schedule_ops``; tested). All are capped at ``m`` micro-batches through each of the rank's stages
 (DualPipe: ``m``, each micro-batch crossing one of a rank's two copies).
 
 **Bubble** (:meth:`Schedule.bubble`), per rank and step, in the times of one stage's forward
@@ -37,8 +40,7 @@ communication, not compute) unless given; recomputation lengthens ``B`` by what 
 Deliberately left out: the schedules' communication (DualPipe's point is hiding the all-to-all,
 which :mod:`.comm` prices against compute), uneven stages (the first and last ranks also hold
 the embedding, head and MTP module, so a real run gives them fewer layers; here layers are split
-evenly and the heaviest rank is reported), and torch's ``n_microbatches % rounds`` rule for
-interleaved 1F1B.
+evenly and the heaviest rank is reported).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class Schedule:
     placement: str                  # "loop", "v" or "mirror" (see the module docstring)
     param_copies: int               # copies of each held parameter (and gradient) per rank
     about: str
-    _in_flight: Callable[[int, int], float]          # (pp, rank) -> stage activations alive
+    _in_flight: Callable[[int, int, int], float]     # (pp, rank, m) -> stage activations alive
+    _min_mb: Callable[[int], int]                    # pp -> fewest micro-batches the implementation takes
     _bubble: Callable[[int, float, float, float, float], float]   # (pp, F, B, W, F&B) -> idle time
     bubble_formula: str
 
@@ -75,9 +78,7 @@ class Schedule:
 
     def min_microbatches(self, pp: int) -> int:
         """The fewest micro-batches torch's (or DualPipe's) implementation accepts."""
-        if pp == 1:
-            return 1
-        return self.stages(pp) if self.placement == "v" else pp
+        return 1 if pp == 1 else self._min_mb(pp)
 
     def validate(self, pp: int, micro_batches: int) -> None:
         if pp == 1:
@@ -90,9 +91,12 @@ class Schedule:
                                 f"--micro-batches must be even, got {micro_batches}")
         low = self.min_microbatches(pp)
         if micro_batches < low:
-            raise EstimateError(f"--schedule {self.name} with --pp {pp} needs --micro-batches >= {low} "
-                                f"(its number of {'stages' if self.placement == 'v' else 'ranks'}), "
+            raise EstimateError(f"--schedule {self.name} with --pp {pp} needs --micro-batches >= {low}, "
                                 f"got {micro_batches}")
+        rounds = max(1, micro_batches // pp)
+        if self.name == "interleaved-1f1b" and micro_batches % rounds:
+            raise EstimateError(f"--schedule interleaved-1f1b with --pp {pp} needs --micro-batches a multiple "
+                                f"of its rounds (--micro-batches // --pp = {rounds}), got {micro_batches}")
 
     def in_flight_chunks(self, pp: int, rank: int, micro_batches: int) -> float:
         """(micro-batch, stage) activation sets rank ``rank`` holds at its peak (see the docstring);
@@ -100,7 +104,7 @@ class Schedule:
         if pp == 1:
             return 1.0
         cap = micro_batches * (1 if self.placement == "mirror" else self.chunks)
-        return float(min(self._in_flight(pp, rank), cap))
+        return float(min(self._in_flight(pp, rank, micro_batches), cap))
 
     def bubble(self, pp: int, F: float = 1.0, B: float = 2.0, W: float = 1.0,
                FB: float | None = None) -> float:
@@ -119,32 +123,41 @@ class Schedule:
         return idle / (idle + busy)
 
 
-def _interleaved(v: int) -> Callable[[int, int], float]:
-    return lambda pp, r: (v - 1) * pp + 2 * (pp - 1 - r) + 1
+def _interleaved(v: int) -> Callable[[int, int, int], float]:
+    def alive(pp: int, r: int, m: int) -> float:       # torch's warm-up over its rounds, plus one
+        per_round = m // max(1, m // pp)
+        return (v - 1) * per_round + 2 * (pp - 1 - r) + 1
+    return alive
 
 
 SCHEDULES: dict[str, Schedule] = {s.name: s for s in (
     Schedule("gpipe", "ScheduleGPipe", 1, "loop", 1,
              "all forwards, then all backwards: every micro-batch's activations alive at once",
-             lambda pp, r: float("inf"), lambda pp, F, B, W, FB: (pp - 1) * (F + B), "(PP-1)(F+B)"),
+             lambda pp, r, m: float("inf"), lambda pp: 1,
+             lambda pp, F, B, W, FB: (pp - 1) * (F + B), "(PP-1)(F+B)"),
     Schedule("1f1b", "Schedule1F1B", 1, "loop", 1,
              "one forward, one backward: rank r keeps pp - r micro-batches",
-             lambda pp, r: pp - r, lambda pp, F, B, W, FB: (pp - 1) * (F + B), "(PP-1)(F+B)"),
+             lambda pp, r, m: max(pp - r, 2), lambda pp: pp,
+             lambda pp, F, B, W, FB: (pp - 1) * (F + B), "(PP-1)(F+B)"),
     Schedule("interleaved-1f1b", "ScheduleInterleaved1F1B", 2, "loop", 1,
              "1F1B over 2 looped chunks per rank: the bubble halves, rank 0 keeps ~1.5x 1F1B's activations",
-             _interleaved(2), lambda pp, F, B, W, FB: (pp - 1) * (F + B), "(PP-1)(F+B)/v, v = 2"),
+             _interleaved(2), lambda pp: 1,
+             lambda pp, F, B, W, FB: (pp - 1) * (F + B), "(PP-1)(F+B)/v, v = 2"),
     Schedule("zbv", "ScheduleZBVZeroBubble", 2, "v", 1,
              "zero-bubble V: weight gradients fill the bubble; 1F1B's peak activations on every rank",
-             lambda pp, r: 2 * pp, lambda pp, F, B, W, FB: (pp - 1) * (F + B - 3 * W),
+             lambda pp, r, m: min(2 * pp, m + 1 + r), lambda pp: 1,
+             lambda pp, F, B, W, FB: (pp - 1) * (F + B - 3 * W),
              "(PP-1)(F+B-3W), half-size chunks"),
     Schedule("dualpipev", "ScheduleDualPipeV", 2, "v", 1,
              "DualPipe cut in half (V shape): one copy of the parameters, PP + 1 stages of activations",
-             lambda pp, r: 2 * pp + 1, lambda pp, F, B, W, FB: (pp - 1) * (FB + B - 3 * W),
+             lambda pp, r, m: 2 * pp + 1, lambda pp: 2 * pp,
+             lambda pp, F, B, W, FB: (pp - 1) * (FB + B - 3 * W),
              "(PP/2-1)(F&B+B-3W), PP = 2 pp half-size stages"),
     Schedule("dualpipe", None, 2, "mirror", 2,
              "DeepSeek-V3's bidirectional schedule: two copies of the parameters, PP + 1 stages of "
              "activations (estimate only: torch ships DualPipeV)",
-             lambda pp, r: pp + 1, lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB + B - 3 * W),
+             lambda pp, r, m: pp + 1, lambda pp: pp,
+             lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB + B - 3 * W),
              "(PP/2-1)(F&B+B-3W)"),
 )}
 
