@@ -7,7 +7,9 @@ tiny, ...) or an HF config.json (DeepSeek-V2, V3, V3.2 or V4, by its model_type)
 
 examples:
   nanoseek estimate --config deepseek-v3 --tokens 14.8T --gpu h800 --gpus 2048 \\
-      --gpu-hours-per-trillion 180K --price 2 --pp 16 --ep 64 --precision fp8
+      --gpu-hours-per-trillion 180K --price 2 --pp 16 --ep 64 --zero 1 --schedule dualpipev \\
+      --micro-batches 120 --recompute selective --precision fp8
+  nanoseek estimate --config deepseek-v3 --gpu h100 --gpus 512 --layouts
   nanoseek estimate --config path/to/config.json --gpu h100 --gpus 64 --mfu 0.35 --json
   nanoseek estimate --config deepseek-v2-lite --gpu-spec my_gpu.toml --context 32768 --batch 16
   nanoseek estimate --config deepseek-v3.2 --compare deepseek-v3 --contexts 4K,128K,1M
@@ -66,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave the multi-token-prediction modules out of the training FLOPs and memory")
     lay = p.add_argument_group("parallel layout and memory")
     lay.add_argument("--dp", type=limits.positive_int, help="data-parallel size (default: GPUs / pp)")
-    lay.add_argument("--pp", type=limits.positive_int, default=1, help="pipeline stages (default 1)")
+    lay.add_argument("--pp", type=limits.positive_int, default=1, help="pipeline ranks, GPUs along the pipeline (default 1); the schedule "
+                                                              "puts one or two stages on each")
     lay.add_argument("--ep", type=limits.positive_int,
                      help="expert-parallel size, carved out of dp (default: the largest divisor of dp "
                           "and the expert count that fits in one node)")
@@ -76,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--fsdp", action="store_true", help="same as --zero 3")
     lay.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                      help="training memory recipe: bf16 = 2+4+4+8 bytes/param; fp8 = the V3 report's "
-                          "1+4+4+4 (fp8 weights, fp32 grads and master, bf16 AdamW moments)")
+                          "1+4+4+4 (fp8 weights, fp32 grads and master, bf16 AdamW moments), and "
+                          "its FP8 activation caching (Linear inputs in FP8, SwiGLU output recomputed)")
     lay.add_argument("--micro-batch", type=limits.positive_int, default=1, help="sequences per micro-batch (default 1)")
     lay.add_argument("--recompute", nargs="?", const="full", default="none", metavar="MODE",
                      help="activation recomputation, as [train] recompute: none (default), selective "

@@ -1,10 +1,16 @@
-"""Training memory per GPU for a data / expert / pipeline parallel layout (with ZeRO or FSDP).
+"""Training memory per GPU for a data / expert / pipeline parallel layout (with ZeRO or FSDP),
+under a pipeline schedule and an activation-recompute mode.
 
-The layout is DeepSeek-V3's kind (no tensor parallelism): ``pp`` pipeline stages, each holding a
-contiguous run of layers, replicated ``dp`` times, so the world is ``dp * pp`` GPUs. Expert
+The layout is DeepSeek-V3's kind (no tensor parallelism): ``pp`` pipeline ranks, replicated ``dp``
+times, so the world is ``dp * pp`` GPUs. The schedule (:mod:`.pipeline`: ``1f1b``, ``gpipe``,
+``interleaved-1f1b``, ``zbv``, ``dualpipev``, ``dualpipe``) splits the decoder layers evenly into
+its stages and places them on the ranks (rank 0 of a V schedule holds the first and the last
+stage); the rank holding stage 0 also holds the embedding, the one holding the last stage the
+final norm, the output head and the MTP modules. DualPipe holds two copies of its stages'
+weights and gradients, the optimizer state once (shared with the mirror rank). Expert
 parallelism is carved out of the data-parallel group: each MoE layer's routed experts are split
-over ``ep`` ranks and replicated ``dp / ep`` times (the "expert data parallel" group). DeepSeek-V3
-trained with pp=16, ep=64 over 8 nodes and ZeRO-1 on 2,048 H800s (dp=128).
+over ``ep`` ranks and replicated ``dp / ep`` times (the "expert data parallel" group).
+DeepSeek-V3 trained with pp=16 (DualPipe), ep=64 over 8 nodes and ZeRO-1 on 2,048 H800s (dp=128).
 
 ZeRO stage over the data-parallel group (``dp`` for dense weights, ``dp / ep`` for experts):
 0 replicates everything; 1 shards the fp32 master weights and the AdamW moments; 2 also the
@@ -14,12 +20,25 @@ counted).
 Bytes per parameter come from a :class:`Precision` recipe: ``bf16`` is standard mixed precision
 (bf16 weights, fp32 gradients, fp32 master, fp32 moments: 18 B); ``fp8`` follows the V3 report
 (an fp8 copy of each weight for the GEMMs, fp32 gradients and master weights, AdamW moments in
-bf16: 13 B). Stage 0 also holds the embedding, the last stage the final norm, the output head and
-the MTP modules. Activations are a rough count of what the backward pass needs with no
-recomputation and flash attention (:func:`activation_bytes_per_token`), or with full
-recomputation only each layer's input plus one layer's activations; under 1F1B the first
-stage holds ``pp`` micro-batches in flight, stage ``s`` holds ``pp - s``. The reported figure is
-the heaviest stage.
+bf16: 13 B), and caches the inputs of its FP8 Linear layers in FP8 (:func:`activation_breakdown`).
+
+**Activations** come from one place, :func:`activation_breakdown`: the bytes one token leaves for
+the backward pass in one layer, by tensor kind (:data:`TENSOR_KINDS`: layer input, residual,
+RMSNorm outputs, MLA latents, up-projected q/k/v, attention probabilities (eager) or softmax
+statistics (flash), attention output, router scores, dispatched tokens, SwiGLU intermediates,
+expert outputs). A recompute mode (:data:`RECOMPUTE_MODES`) drops the kinds it recomputes:
+``selective`` (DeepSeek-V3's) the RMSNorm outputs and the MLA up-projections, ``full``
+everything but each layer's input. On top of the kept activations of the in-flight
+micro-batches the schedule dictates, a rank holds one layer's recomputed tensors for one
+micro-batch while the backward recomputes them, and the rank with the output head one
+micro-batch's fp32 logits. The recomputed FLOPs (:func:`recompute_flops_per_token`) lengthen
+the backward, which enters the bubble. The reported figure is the heaviest rank.
+
+Not counted: communication buffers, FSDP's all-gather buffer, the allocator's fragmentation,
+temporary tensors of the forward (only what is saved for the backward is). The breakdown is
+what a fused implementation keeps; nanoseek's unfused eager modules keep more (e.g. each RMSNorm
+also saves its normalised input before the weight), which
+``nanoseek.train.recompute.activation_bytes_per_token`` measures with saved-tensor hooks.
 """
 
 from __future__ import annotations
