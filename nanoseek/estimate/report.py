@@ -290,8 +290,13 @@ def print_layouts(found, *, cfg_name: str, gpu: str, gpus: int, seq_len: int, mi
                f"{f', the first {top} shown' if len(found) > top else ''}",
                "dp", "pp", "ep", "schedule", "recompute", "micro-batches", "per GPU", "activations",
                "bubble", "recompute FLOPs", "time factor")
+    from .pipeline import SCHEDULES
+    only_estimated = [f for f in found[:top] if f.schedule in SCHEDULES and SCHEDULES[f.schedule].torch_class is None]
     for f in found[:top]:
-        t.add_row(str(f.dp), str(f.pp), str(f.ep), f.schedule, f.recompute, str(f.micro_batches),
+        star = " *" if f in only_estimated else ""
+        t.add_row(str(f.dp), str(f.pp), str(f.ep), f.schedule + star, f.recompute, str(f.micro_batches),
                   _gb(f.total_bytes), _gb(f.activations_bytes), f"{f.bubble_fraction:.1%}",
                   f"{f.recompute_flops_fraction:.1%}", f"{f.time_factor:.3f}")
     console.print(t)
+    if only_estimated:
+        console.print("* estimate only: torch.distributed.pipelining has no such schedule, so nanoseek cannot run it")
