@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--schedule", metavar="NAME",
                      help=f"pipeline schedule with --pp > 1, as [parallel] schedule: {SCHEDULE_NAMES} "
                           f"(torch.distributed.pipelining's), or dualpipe (DeepSeek-V3's bidirectional "
-                          f"schedule, two copies of the parameters; estimate only) (default 1f1b)")
+                          f"schedule, twice the parameters per rank; estimate only) (default 1f1b)")
     lay.add_argument("--micro-batches", type=limits.positive_int, metavar="M",
                      help="micro-batches per step through each pipeline, for the bubble and GPipe's "
                           "activations (default 4 x pp, at least the schedule's minimum)")

@@ -6,8 +6,9 @@ times, so the world is ``dp * pp`` GPUs. The schedule (:mod:`.pipeline`: ``1f1b`
 ``interleaved-1f1b``, ``zbv``, ``dualpipev``, ``dualpipe``) splits the decoder layers evenly into
 its stages and places them on the ranks (rank 0 of a V schedule holds the first and the last
 stage); the rank holding stage 0 also holds the embedding, the one holding the last stage the
-final norm, the output head and the MTP modules. DualPipe holds two copies of its stages'
-weights and gradients, the optimizer state once (shared with the mirror rank). Expert
+final norm, the output head and the MTP modules. DualPipe puts two stages on each rank (``r``
+and ``pp - 1 - r``, so twice 1F1B's parameters and gradients per rank: its "2x"), and every
+stage on two ranks, whose pair also splits what ZeRO shards. Expert
 parallelism is carved out of the data-parallel group: each MoE layer's routed experts are split
 over ``ep`` ranks and replicated ``dp / ep`` times (the "expert data parallel" group).
 DeepSeek-V3 trained with pp=16 (DualPipe), ep=64 over 8 nodes and ZeRO-1 on 2,048 H800s (dp=128).
@@ -366,10 +367,13 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
         if last:
             dense += d + (v * d if (not cfg.tie_word_embeddings or pp > 1) else 0)
         expert_local = expert / layout.ep
-        copies = sched.param_copies if pp > 1 else 1
+        # DualPipe: each stage lives on two ranks (r and pp - 1 - r), so what ZeRO shards is also
+        # split over that pair (at ZeRO-0 each keeps its own)
+        mirror = sched.param_copies if pp > 1 else 1
 
         def per_gpu(z_min: int) -> float:
-            return dense / shard(z_min, layout.dp) + expert_local / shard(z_min, edp)
+            return ((dense / shard(z_min, layout.dp) + expert_local / shard(z_min, edp))
+                    / (mirror if layout.zero >= z_min else 1))
 
         # activations: in-flight (micro-batch, stage) sets x the mean stage's kept bytes per token
         in_flight = sched.in_flight_chunks(pp, r, m)
@@ -387,15 +391,15 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
         if last:   # fp32 logits of the main head and each MTP head, one micro-batch
             kinds["logits"] = v * 4 * (1 + n_mtp) * tokens_mb
         parts = {
-            "weights_bytes": copies * per_gpu(3) * prec.weight_bytes,
-            "grads_bytes": copies * per_gpu(2) * prec.grad_bytes,
-            "master_bytes": per_gpu(1) * prec.master_bytes,     # a mirrored pair shares the optimizer state
+            "weights_bytes": per_gpu(3) * prec.weight_bytes,
+            "grads_bytes": per_gpu(2) * prec.grad_bytes,
+            "master_bytes": per_gpu(1) * prec.master_bytes,
             "moments_bytes": per_gpu(1) * prec.moment_bytes,
             "activations_bytes": sum(kinds.values()),
         }
         holds = (["embedding"] if 0 in held else []) + (["output head"] if last else []) + \
             (["MTP"] if last and n_mtp else [])
-        results.append((sum(parts.values()), r, sorted(layers), copies * (dense + expert_local), parts,
+        results.append((sum(parts.values()), r, sorted(layers), dense + expert_local, parts,
                         in_flight / len(held) * tokens_mb, kinds, holds))
 
     total, r, layers, params, parts, in_flight, kinds, holds = max(results, key=lambda x: x[0])

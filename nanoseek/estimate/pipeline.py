@@ -11,8 +11,8 @@ is always the number of *ranks* (GPUs) along the pipeline; a schedule splits the
 * ``v`` (ZBV, DualPipeV): rank ``r`` holds stages ``r`` and ``2 pp - 1 - r``, so rank 0 holds the
   first stage (embedding) and the last (output head, MTP);
 * ``mirror`` (DualPipe): ``pp`` stages, rank ``r`` holds stage ``r`` for micro-batches flowing one
-  way and a second copy of stage ``pp - 1 - r`` for those flowing the other way: two copies of the
-  parameters (and of their gradients) per rank.
+  way and stage ``pp - 1 - r`` for those flowing the other way: twice 1F1B's parameters (and
+  gradients) per rank, every stage held by two ranks (DualPipe's "two copies").
 
 **Activations in flight** (:meth:`Schedule.in_flight_chunks`): how many (micro-batch, stage)
 activation sets rank ``r`` holds at its peak, counted in stages. GPipe keeps all ``m``
@@ -57,7 +57,7 @@ class Schedule:
     torch_class: str | None         # torch.distributed.pipelining's class; None: estimate only
     chunks: int                     # stages per rank
     placement: str                  # "loop", "v" or "mirror" (see the module docstring)
-    param_copies: int               # copies of each held parameter (and gradient) per rank
+    param_copies: int               # ranks holding each stage (DualPipe: 2, twice 1F1B's parameters per rank)
     about: str
     _in_flight: Callable[[int, int, int], float]     # (pp, rank, m) -> stage activations alive
     _min_mb: Callable[[int], int]                    # pp -> fewest micro-batches the implementation takes
@@ -154,7 +154,7 @@ SCHEDULES: dict[str, Schedule] = {s.name: s for s in (
              lambda pp, F, B, W, FB: (pp - 1) * (FB + B - 3 * W),
              "(PP/2-1)(F&B+B-3W), PP = 2 pp half-size stages"),
     Schedule("dualpipe", None, 2, "mirror", 2,
-             "DeepSeek-V3's bidirectional schedule: two copies of the parameters, PP + 1 stages of "
+             "DeepSeek-V3's bidirectional schedule: two stages (twice the parameters) per rank, PP + 1 stages of "
              "activations (estimate only: torch ships DualPipeV)",
              lambda pp, r, m: pp + 1, lambda pp: pp,
              lambda pp, F, B, W, FB: (pp / 2 - 1) * (FB + B - 3 * W),

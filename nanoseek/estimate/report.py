@@ -241,8 +241,8 @@ def _memory(console: Console, est: Estimate) -> None:
                f"micro-batch {lay['micro_batch']} x {tr.seq_len}, recompute {rec['mode']}; heaviest rank "
                f"{mem.stage} (layers {_ranges(layers)}{''.join(', ' + h for h in mem.stage_holds)})", "item", "per GPU")
     pr = mem.precision
-    copies = f" x {sch['param_copies']} copies" if sch["param_copies"] > 1 else ""
-    t.add_row(f"parameters held{copies}", f"{fmt_si(mem.params_per_gpu)}")
+    two = " (two stages, each also on the mirror rank)" if sch["param_copies"] > 1 else ""
+    t.add_row(f"parameters held{two}", f"{fmt_si(mem.params_per_gpu)}")
     t.add_row(f"weights ({pr['weight_bytes']:g} B)", _gb(mem.weights_bytes))
     t.add_row(f"gradients ({pr['grad_bytes']:g} B)", _gb(mem.grads_bytes))
     t.add_row(f"master weights ({pr['master_bytes']:g} B)", _gb(mem.master_bytes))
