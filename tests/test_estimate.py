@@ -221,7 +221,7 @@ def test_memory_deepseek_v3_layout(v3):
     m = estimate_for_layout(v3, lay, "fp8", gpu=get_gpu("h800"))
     assert m.gpus == 2048
     # the heaviest stage is stage 1, layers 4-7: 4 MoE layers, dense parts in full, routed experts / 64
-    assert m.stage == 1 and m.stage_layers == [4, 7]
+    assert m.stage == 1 and m.stage_layers == [4, 5, 6, 7]
     tot, _ = layer_params(v3, 4)
     dense = 4 * (sum(tot.values()) - tot["routed_experts"])
     assert m.params_per_gpu == pytest.approx(dense + 4 * tot["routed_experts"] / 64)
@@ -490,7 +490,7 @@ def test_cli_json(capsys):
     model = next(v for v in d["inference"]["variants"] if v["is_model"])
     assert model["bytes_per_token_per_layer"] == 1152 and model["bytes_per_token"] == 70_272
     assert d["memory"]["layout"] == {"dp": 128, "pp": 16, "ep": 64, "zero": 1, "micro_batch": 1,
-                                     "recompute": False}
+                                     "recompute": "none", "schedule": "1f1b", "micro_batches": 64}
     # --gpu-hours gives the same as --gpu-hours-per-trillion
     by_total = ["estimate", "--config", "deepseek-v3", "--tokens", "14.8T", "--gpu", "h800", "--gpus", "2048",
                 "--gpu-hours", "2.664M", "--json"]

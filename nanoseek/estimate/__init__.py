@@ -6,8 +6,12 @@
   and the ``EstimateError`` every section raises; the floor the other sections import.
 * :mod:`.estimate`: parameters, GPU-hours, cost and the implied MFU; :func:`.estimate.estimate`
   runs every section.
-* :mod:`.memory`: training memory per GPU for a dp / ep / pp / ZeRO-FSDP layout
-  (:func:`.memory.estimate_for_layout`).
+* :mod:`.memory`: training memory per GPU for a dp / ep / pp / ZeRO-FSDP layout, a pipeline
+  schedule and a recompute mode (:func:`.memory.estimate_for_layout`), from the per-tensor-kind
+  activation breakdown (:func:`.memory.activation_breakdown`).
+* :mod:`.pipeline`: the pipeline schedules by name (1F1B, GPipe, interleaved 1F1B, ZBV, DualPipeV,
+  DualPipe): stage placement, activations in flight, bubble.
+* :mod:`.search`: ``--layouts``, every layout of a GPU count that fits, fastest first.
 * :mod:`.inference`: KV cache (MLA vs MHA / GQA / MQA) and a decode-speed upper bound, and the
   per-token attention cost at each of several context lengths.
 * :mod:`.comm`: expert-parallel all-to-all bytes and time against compute.

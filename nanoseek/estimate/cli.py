@@ -7,7 +7,9 @@ tiny, ...) or an HF config.json (DeepSeek-V2, V3, V3.2 or V4, by its model_type)
 
 examples:
   nanoseek estimate --config deepseek-v3 --tokens 14.8T --gpu h800 --gpus 2048 \\
-      --gpu-hours-per-trillion 180K --price 2 --pp 16 --ep 64 --precision fp8
+      --gpu-hours-per-trillion 180K --price 2 --pp 16 --ep 64 --zero 1 --schedule dualpipev \\
+      --micro-batches 120 --recompute selective --precision fp8
+  nanoseek estimate --config deepseek-v3 --gpu h100 --gpus 512 --layouts
   nanoseek estimate --config path/to/config.json --gpu h100 --gpus 64 --mfu 0.35 --json
   nanoseek estimate --config deepseek-v2-lite --gpu-spec my_gpu.toml --context 32768 --batch 16
   nanoseek estimate --config deepseek-v3.2 --compare deepseek-v3 --contexts 4K,128K,1M
@@ -20,6 +22,7 @@ GPU-hours follow from --mfu (default 0.4). MFU is always against the dense BF16 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from nanoseek import limits
 import json
@@ -27,6 +30,9 @@ import sys
 from pathlib import Path
 
 GPU_NAMES = "a100, h100, h800, h20, h200, b200"
+# nanoseek.estimate.pipeline.SCHEDULES' names that torch ships (not imported: `nanoseek --help` stays fast)
+SCHEDULE_NAMES = "1f1b, gpipe, interleaved-1f1b, zbv, dualpipev"
+RECOMPUTE_NAMES = ("none", "selective", "full")
 # nanoseek.model.params.KV_FORMATS' names (not imported: `nanoseek --help` must not load torch)
 KV_DTYPES = ("bf16", "fp32", "fp8", "bf16-fp8-index", "fp8-flashmla")
 
@@ -62,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave the multi-token-prediction modules out of the training FLOPs and memory")
     lay = p.add_argument_group("parallel layout and memory")
     lay.add_argument("--dp", type=limits.positive_int, help="data-parallel size (default: GPUs / pp)")
-    lay.add_argument("--pp", type=limits.positive_int, default=1, help="pipeline stages (default 1)")
+    lay.add_argument("--pp", type=limits.positive_int, default=1, help="pipeline ranks, GPUs along the pipeline (default 1); the schedule "
+                                                              "puts one or two stages on each")
     lay.add_argument("--ep", type=limits.positive_int,
                      help="expert-parallel size, carved out of dp (default: the largest divisor of dp "
                           "and the expert count that fits in one node)")
@@ -72,9 +79,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--fsdp", action="store_true", help="same as --zero 3")
     lay.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
                      help="training memory recipe: bf16 = 2+4+4+8 bytes/param; fp8 = the V3 report's "
-                          "1+4+4+4 (fp8 weights, fp32 grads and master, bf16 AdamW moments)")
+                          "1+4+4+4 (fp8 weights, fp32 grads and master, bf16 AdamW moments), and "
+                          "its FP8 activation caching (Linear inputs in FP8, SwiGLU output recomputed)")
     lay.add_argument("--micro-batch", type=limits.positive_int, default=1, help="sequences per micro-batch (default 1)")
-    lay.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    lay.add_argument("--recompute", nargs="?", const="full", default="none", metavar="MODE",
+                     help="activation recomputation, as [train] recompute: none (default), selective "
+                          "(DeepSeek-V3's: RMSNorm outputs and the MLA up-projections recomputed in the "
+                          "backward) or full (only each layer's input kept); --recompute alone is full")
+    lay.add_argument("--schedule", metavar="NAME",
+                     help=f"pipeline schedule with --pp > 1, as [parallel] schedule: {SCHEDULE_NAMES} "
+                          f"(torch.distributed.pipelining's), or dualpipe (DeepSeek-V3's bidirectional "
+                          f"schedule, twice the parameters per rank; estimate only) (default 1f1b)")
+    lay.add_argument("--micro-batches", type=limits.positive_int, metavar="M",
+                     help="micro-batches per step through each pipeline, for the bubble and GPipe's "
+                          "activations (default 4 x pp, at least the schedule's minimum)")
+    lay.add_argument("--layouts", action="store_true",
+                     help="search layouts instead: every pp (a divisor of --gpus), ep, schedule and "
+                          "recompute mode at this --gpus, --zero, --precision and --micro-batch; print "
+                          "those that fit the GPU, fastest first (bubble and recomputation)")
     inf = p.add_argument_group("inference")
     inf.add_argument("--context", type=limits.positive_int,
                      help="tokens of context per request (default: min(max_position_embeddings, 131072))")
@@ -171,8 +193,17 @@ def _resolve(args, cfg, gpu):
         if cfg.n_routed_experts and cfg.num_moe_layers:
             ep = max(e for e in range(1, gpu.gpus_per_node + 1)
                      if dp % e == 0 and cfg.n_routed_experts % e == 0)
+    if args.recompute not in RECOMPUTE_NAMES:
+        raise UserError(f"--recompute: unknown mode '{args.recompute}'; choose from {', '.join(RECOMPUTE_NAMES)}")
+    from .pipeline import DEFAULT_SCHEDULE, SCHEDULES
+    schedule = args.schedule or DEFAULT_SCHEDULE
+    if schedule not in SCHEDULES:
+        raise UserError(f"--schedule: unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
+    if args.schedule and pp == 1 and not args.layouts:
+        raise UserError(f"--schedule {schedule} needs a pipeline: give --pp > 1")
     return Layout(dp=dp, pp=pp, ep=ep, zero=3 if args.fsdp else args.zero,
-                  micro_batch=args.micro_batch, recompute=args.recompute)
+                  micro_batch=args.micro_batch, recompute=args.recompute, schedule=schedule,
+                  micro_batches=args.micro_batches)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,8 +225,10 @@ def run(args: argparse.Namespace) -> int:
             if tokens is None:
                 raise UserError("--gpu-hours-per-trillion needs --tokens")
             gpu_hours = parse_count(args.gpu_hours_per_trillion, "--gpu-hours-per-trillion") * tokens / 1e12
-        layout = _resolve(args, cfg, gpu)
         seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
+        if args.layouts:
+            return _layouts(args, cfg, gpu, seq_len)
+        layout = _resolve(args, cfg, gpu)
         est = estimate(
             cfg, gpu, model_name=str(args.config), tokens=tokens, seq_len=seq_len, mfu=args.mfu,
             gpu_hours=gpu_hours, price=args.price, include_mtp=not args.no_mtp, layout=layout,
@@ -211,4 +244,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         from .report import print_report
         print_report(est)
+    return 0
+
+
+def _layouts(args, cfg, gpu, seq_len: int) -> int:
+    """``--layouts``: every layout at --gpus that fits, fastest first (:func:`.search.search_layouts`)."""
+    from nanoseek.errors import UserError
+    from .search import search_layouts
+
+    if args.pp != 1 or args.ep is not None or args.dp is not None or args.schedule:
+        raise UserError("--layouts searches pp, ep, schedule and recompute itself: give --gpus (and "
+                        "optionally --zero, --precision, --micro-batch, --micro-batches), not --pp/--ep/--dp/--schedule")
+    if args.recompute != "none":
+        raise UserError("--layouts tries every --recompute mode itself: leave --recompute out")
+    gpus = args.gpus if args.gpus is not None else 8
+    found = search_layouts(cfg, gpu, gpus, zero=3 if args.fsdp else args.zero, precision=args.precision,
+                           micro_batch=args.micro_batch, micro_batches=args.micro_batches, seq_len=seq_len,
+                           include_mtp=not args.no_mtp)
+    if args.json:
+        json.dump([dataclasses.asdict(f) for f in found], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        from .report import print_layouts
+        print_layouts(found, cfg_name=str(args.config), gpu=gpu.name, gpus=gpus, seq_len=seq_len,
+                      micro_batch=args.micro_batch, precision=args.precision)
     return 0

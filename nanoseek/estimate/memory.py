@@ -1,10 +1,17 @@
-"""Training memory per GPU for a data / expert / pipeline parallel layout (with ZeRO or FSDP).
+"""Training memory per GPU for a data / expert / pipeline parallel layout (with ZeRO or FSDP),
+under a pipeline schedule and an activation-recompute mode.
 
-The layout is DeepSeek-V3's kind (no tensor parallelism): ``pp`` pipeline stages, each holding a
-contiguous run of layers, replicated ``dp`` times, so the world is ``dp * pp`` GPUs. Expert
+The layout is DeepSeek-V3's kind (no tensor parallelism): ``pp`` pipeline ranks, replicated ``dp``
+times, so the world is ``dp * pp`` GPUs. The schedule (:mod:`.pipeline`: ``1f1b``, ``gpipe``,
+``interleaved-1f1b``, ``zbv``, ``dualpipev``, ``dualpipe``) splits the decoder layers evenly into
+its stages and places them on the ranks (rank 0 of a V schedule holds the first and the last
+stage); the rank holding stage 0 also holds the embedding, the one holding the last stage the
+final norm, the output head and the MTP modules. DualPipe puts two stages on each rank (``r``
+and ``pp - 1 - r``, so twice 1F1B's parameters and gradients per rank: its "2x"), and every
+stage on two ranks, whose pair also splits what ZeRO shards. Expert
 parallelism is carved out of the data-parallel group: each MoE layer's routed experts are split
-over ``ep`` ranks and replicated ``dp / ep`` times (the "expert data parallel" group). DeepSeek-V3
-trained with pp=16, ep=64 over 8 nodes and ZeRO-1 on 2,048 H800s (dp=128).
+over ``ep`` ranks and replicated ``dp / ep`` times (the "expert data parallel" group).
+DeepSeek-V3 trained with pp=16 (DualPipe), ep=64 over 8 nodes and ZeRO-1 on 2,048 H800s (dp=128).
 
 ZeRO stage over the data-parallel group (``dp`` for dense weights, ``dp / ep`` for experts):
 0 replicates everything; 1 shards the fp32 master weights and the AdamW moments; 2 also the
@@ -14,12 +21,25 @@ counted).
 Bytes per parameter come from a :class:`Precision` recipe: ``bf16`` is standard mixed precision
 (bf16 weights, fp32 gradients, fp32 master, fp32 moments: 18 B); ``fp8`` follows the V3 report
 (an fp8 copy of each weight for the GEMMs, fp32 gradients and master weights, AdamW moments in
-bf16: 13 B). Stage 0 also holds the embedding, the last stage the final norm, the output head and
-the MTP modules. Activations are a rough count of what the backward pass needs with no
-recomputation and flash attention (:func:`activation_bytes_per_token`), or with full
-recomputation only each layer's input plus one layer's activations; under 1F1B the first
-stage holds ``pp`` micro-batches in flight, stage ``s`` holds ``pp - s``. The reported figure is
-the heaviest stage.
+bf16: 13 B), and caches the inputs of its FP8 Linear layers in FP8 (:func:`activation_breakdown`).
+
+**Activations** come from one place, :func:`activation_breakdown`: the bytes one token leaves for
+the backward pass in one layer, by tensor kind (:data:`TENSOR_KINDS`: layer input, residual,
+RMSNorm outputs, MLA latents, up-projected q/k/v, attention probabilities (eager) or softmax
+statistics (flash), attention output, router scores, dispatched tokens, SwiGLU intermediates,
+expert outputs). A recompute mode (:data:`RECOMPUTE_MODES`) drops the kinds it recomputes:
+``selective`` (DeepSeek-V3's) the RMSNorm outputs and the MLA up-projections, ``full``
+everything but each layer's input. On top of the kept activations of the in-flight
+micro-batches the schedule dictates, a rank holds one layer's recomputed tensors for one
+micro-batch while the backward recomputes them, and the rank with the output head one
+micro-batch's fp32 logits. The recomputed FLOPs (:func:`recompute_flops_per_token`) lengthen
+the backward, which enters the bubble. The reported figure is the heaviest rank.
+
+Not counted: communication buffers, FSDP's all-gather buffer, the allocator's fragmentation,
+temporary tensors of the forward (only what is saved for the backward is). The breakdown is
+what a fused implementation keeps; nanoseek's unfused eager modules keep more (e.g. each RMSNorm
+also saves its normalised input before the weight), which
+``nanoseek.train.recompute.activation_bytes_per_token`` measures with saved-tensor hooks.
 """
 
 from __future__ import annotations
@@ -30,8 +50,9 @@ from typing import Any
 
 from ..model.config import ModelConfig
 from .family import count_params, layer_params
-from .flops import DEFAULT_SEQ_LEN, EstimateError
+from .flops import DEFAULT_SEQ_LEN, EstimateError, layer_forward_flops_per_token
 from .gpus import GPUSpec
+from .pipeline import DEFAULT_SCHEDULE, get_schedule
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class Precision:
     master_bytes: float        # optimizer's master copy (0: none)
     moment_bytes: float        # both AdamW moments together
     activation_bytes: float = 2.0
+    fp8_activations: bool = False   # cache Linear inputs in FP8 as the V3 report does (activation_breakdown)
 
     @property
     def bytes_per_param(self) -> float:
@@ -50,7 +72,8 @@ class Precision:
 
 PRECISIONS: dict[str, Precision] = {
     "bf16": Precision("bf16", weight_bytes=2, grad_bytes=4, master_bytes=4, moment_bytes=8),
-    "fp8": Precision("fp8", weight_bytes=1, grad_bytes=4, master_bytes=4, moment_bytes=4),
+    "fp8": Precision("fp8", weight_bytes=1, grad_bytes=4, master_bytes=4, moment_bytes=4,
+                     fp8_activations=True),
 }
 
 
@@ -65,18 +88,25 @@ def get_precision(p: str | Precision) -> Precision:
 @dataclass
 class Layout:
     dp: int = 1
-    pp: int = 1
+    pp: int = 1                 # pipeline ranks
     ep: int = 1
     zero: int = 1               # 0..3; 3 is FSDP
     micro_batch: int = 1        # sequences per micro-batch
-    recompute: bool = False     # full activation recomputation: keep only each layer's input
+    recompute: str = "none"     # RECOMPUTE_MODES: none, selective, full (True / False: full / none)
+    schedule: str = DEFAULT_SCHEDULE        # pipeline.SCHEDULES (ignored with pp = 1)
+    micro_batches: int | None = None        # per step and pipeline (None: default_micro_batches)
+
+    def __post_init__(self):
+        self.recompute = get_recompute(self.recompute)
+        if self.micro_batches is None:
+            self.micro_batches = default_micro_batches(self.pp, self.schedule)
 
     @property
     def gpus(self) -> int:
         return self.dp * self.pp
 
     def validate(self, cfg: ModelConfig) -> "Layout":
-        for name in ("dp", "pp", "ep", "micro_batch"):
+        for name in ("dp", "pp", "ep", "micro_batch", "micro_batches"):
             if getattr(self, name) < 1:
                 raise EstimateError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.zero not in (0, 1, 2, 3):
@@ -89,9 +119,23 @@ class Layout:
                 raise EstimateError(f"ep={self.ep} needs routed experts; this config is dense")
             if cfg.n_routed_experts % self.ep:
                 raise EstimateError(f"ep={self.ep} must divide n_routed_experts={cfg.n_routed_experts}")
-        if self.pp > cfg.num_hidden_layers:
-            raise EstimateError(f"pp={self.pp} exceeds num_hidden_layers={cfg.num_hidden_layers}")
+        sched = get_schedule(self.schedule)
+        if self.pp > 1 and sched.stages(self.pp) > cfg.num_hidden_layers:
+            raise EstimateError(f"--pp {self.pp} with --schedule {sched.name} makes {sched.stages(self.pp)} "
+                                f"stages, more than num_hidden_layers={cfg.num_hidden_layers}")
+        sched.validate(self.pp, self.micro_batches)
+        if self.recompute == "selective" and getattr(cfg, "activation_elements", None) is not None:
+            activation_bytes_per_token(cfg, 0, mode="selective")        # the one-line refusal
         return self
+
+
+def default_micro_batches(pp: int, schedule: str = DEFAULT_SCHEDULE) -> int:
+    """Micro-batches per step when not given: 1 without a pipeline, else 4 x pp (at least the
+    schedule's minimum, and even for DualPipe)."""
+    if pp == 1:
+        return 1
+    m = max(4 * pp, get_schedule(schedule).min_microbatches(pp))
+    return m + m % 2
 
 
 def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
@@ -104,57 +148,177 @@ def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
     return out
 
 
-def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0) -> float:
-    """Rough bytes one token leaves saved for the backward pass in one layer (no recomputation,
-    flash attention so no seq_len^2 scores): norm inputs and outputs, the MLA low-rank and
-    per-head q/k/v, a V3.2 indexer's query, key and head weights, the attention output, MLP or
-    expert inputs and SwiGLU intermediates (one
-    copy per routed expert), plus fp32 softmax statistics and router scores. A config with an
-    ``activation_elements`` method (DeepSeek-V4's) counts its own."""
+# ---------------------------------------------------------------------- activations by tensor kind
+@dataclass(frozen=True)
+class TensorKind:
+    """One kind of tensor a layer leaves for its backward pass, and the recompute modes that drop
+    it (and recompute it in the backward instead)."""
+    name: str
+    about: str
+    recomputed_by: tuple[str, ...]
+
+
+RECOMPUTE_MODES: dict[str, str] = {
+    "none": "keep every activation the backward needs",
+    "selective": "DeepSeek-V3's: recompute every RMSNorm output and the MLA up-projections "
+                 "(q_b_proj's q, kv_b_proj's k and v) in the backward; keep the rest",
+    "full": "keep each layer's input only; recompute the whole layer in the backward",
+}
+
+_SEL, _FULL = ("selective", "full"), ("full",)
+TENSOR_KINDS: dict[str, TensorKind] = {k.name: k for k in (
+    TensorKind("layer_input", "the layer's input (residual stream), input_layernorm's input", ()),
+    TensorKind("residual", "the residual after attention, post_attention_layernorm's input", _FULL),
+    TensorKind("norm_outputs", "RMSNorm outputs: input_layernorm, q_a_layernorm, kv_a_layernorm, "
+               "post_attention_layernorm", _SEL),
+    TensorKind("qkv_latents", "MLA latents: q_a_proj's output (q_lora_rank), kv_a_proj's (kv_lora_rank + "
+               "the rope key)", _FULL),
+    TensorKind("qkv_up", "MLA up-projections: q per head (qk_head_dim), k per head (the shared rope key "
+               "broadcast), v per head", _SEL),
+    TensorKind("qkv_proj", "MHA / GQA q, k, v projections", _FULL),
+    TensorKind("indexer", "DeepSeek-V3.2 lightning indexer: q, k before and after its norm, head weights", _FULL),
+    TensorKind("attention_probs", "softmax probabilities, heads x keys per query (eager attention; none "
+               "with flash attention, which recomputes them)", _FULL),
+    TensorKind("attention_stats", "fp32 softmax log-sum-exp per head (flash attention)", _FULL),
+    TensorKind("attention_output", "attention output per head, o_proj's input", _FULL),
+    TensorKind("router", "fp32 router scores over all routed experts", _FULL),
+    TensorKind("moe_dispatch", "one copy of the token per routed expert (the experts' input)", _FULL),
+    TensorKind("expert_intermediates", "SwiGLU gate, up and their product, per routed expert and for the "
+               "shared experts", _FULL),
+    TensorKind("moe_combine", "each routed expert's output, kept for the routing weights' gradient", _FULL),
+    TensorKind("mlp_intermediates", "dense MLP gate, up and their product", _FULL),
+    TensorKind("layer_rest", "everything else of a family with no per-tensor breakdown here (DeepSeek-V4)",
+               _FULL),
+)}
+
+
+def get_recompute(mode: str | bool) -> str:
+    """A recompute mode by name (True / False: ``full`` / ``none``, the old boolean)."""
+    if mode is True or mode is False:
+        return "full" if mode else "none"
+    if mode not in RECOMPUTE_MODES:
+        raise EstimateError(f"unknown --recompute '{mode}'; choose from {', '.join(RECOMPUTE_MODES)}")
+    return mode
+
+
+FP8_BYTES = 1 + 4 / 128        # an FP8 value plus its share of one fp32 scale per 1x128 tile
+
+
+def activation_breakdown(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0, *,
+                         flash: bool = True, seq_len: int = DEFAULT_SEQ_LEN,
+                         fp8: bool = False) -> dict[str, float]:
+    """Bytes one token leaves for the backward pass in decoder layer ``layer_idx`` with no
+    recomputation, by :data:`TENSOR_KINDS` name (kinds a layer lacks are absent). Values in the
+    activation dtype (``act_bytes``), softmax statistics and router scores in fp32. With
+    ``flash=False`` (eager attention) the softmax probabilities are kept: heads x ``seq_len``
+    values per token (the masked half included, as eager attention materialises it). A config
+    with an ``activation_elements`` method (DeepSeek-V4's) has no breakdown: its layer input
+    (``hc_mult`` streams) and the rest.
+
+    ``fp8=True`` is the V3 report's low-precision storage (section 3.3.2): the inputs of FP8
+    Linear layers are cached in FP8 with a scale per 1x128 tile (:data:`FP8_BYTES`): the RMSNorm
+    outputs, the attention output (o_proj's input; E5M6 in the report, one byte here), the
+    experts' dispatched input, and each SwiGLU's two inputs, its product being recomputed in the
+    backward (so 2 of the 3 intermediates, in FP8). With its product recomputed, the routing
+    weight is taken to multiply the SwiGLU output before ``down_proj`` (equal, by linearity; how
+    Megatron-style fused MoE kernels apply it), so its gradient needs only that recomputed
+    product and the experts' outputs are not kept (``moe_combine`` is 0; the report does not
+    say, so this is an assumption, and the largest single term when it is wrong: see
+    docs/distributed.md). The attention operator's q, k, v, the residual stream and the router
+    stay in the activation dtype. nanoseek's own MoE weights the experts' outputs (autograd keeps
+    them) and its FP8 is simulated in bf16: what it runs is ``fp8=False``."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
     own = getattr(cfg, "activation_elements", None)
     if own is not None:
         e, fp32 = own(layer_idx)
-        return e * act_bytes + fp32 * 4
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    e = 2 * d                                                       # input_layernorm in / out
+        inp = cfg.hc_mult * d
+        return {"layer_input": inp * act_bytes, "layer_rest": (e - inp) * act_bytes + fp32 * 4}
+    e: dict[str, float] = {"layer_input": d, "residual": d}
     if cfg.attention_type == "mla":
-        if cfg.q_lora_rank:
-            e += 2 * cfg.q_lora_rank                                # q_a_proj out, q_a_layernorm out
-        e += (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank   # kv_a out, latent normed
-        e += 2 * h * cfg.qk_head_dim + h * cfg.v_head_dim           # q, k, v per head
-        if cfg.index_n_heads:                                       # V3.2 indexer: q, k (pre/post norm), w
-            e += cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_head_dim + cfg.index_n_heads
+        q_lora = cfg.q_lora_rank or 0
+        e["norm_outputs"] = 2 * d + q_lora + cfg.kv_lora_rank
+        e["qkv_latents"] = q_lora + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        e["qkv_up"] = 2 * h * cfg.qk_head_dim + h * cfg.v_head_dim
+        if cfg.index_n_heads:
+            e["indexer"] = cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_head_dim + cfg.index_n_heads
     else:
-        kvh = cfg.num_key_value_heads
-        e += h * cfg.qk_head_dim + kvh * (cfg.qk_head_dim + cfg.v_head_dim)
-    e += h * cfg.v_head_dim                                         # attention out = o_proj in
-    fp32 = h                                                        # softmax log-sum-exp
-    e += 2 * d                                                      # post_attention_layernorm
+        e["norm_outputs"] = 2 * d
+        e["qkv_proj"] = h * cfg.qk_head_dim + cfg.num_key_value_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    if not flash:
+        e["attention_probs"] = h * seq_len
+    e["attention_output"] = h * cfg.v_head_dim
+    low = FP8_BYTES if fp8 else act_bytes                   # Linear inputs
+    swiglu = (2 * FP8_BYTES) if fp8 else (3 * act_bytes)     # per intermediate channel
+    out = {k: v * (low if k in ("norm_outputs", "attention_output") else act_bytes) for k, v in e.items()}
+    if flash:
+        out["attention_stats"] = h * 4.0
     if cfg.is_moe_layer(layer_idx):
-        fp32 += cfg.n_routed_experts                                # router scores
         k, mi = cfg.num_experts_per_tok, cfg.moe_intermediate_size
-        e += k * (d + 3 * mi) + (cfg.n_shared_experts or 0) * 3 * mi
+        out["router"] = cfg.n_routed_experts * 4.0
+        out["moe_dispatch"] = k * d * low
+        out["expert_intermediates"] = (k + (cfg.n_shared_experts or 0)) * mi * swiglu
+        out["moe_combine"] = 0.0 if fp8 else k * d * act_bytes
     else:
-        e += 3 * cfg.intermediate_size                              # gate, up, silu(gate)*up
-    return e * act_bytes + fp32 * 4
+        out["mlp_intermediates"] = cfg.intermediate_size * swiglu
+    return out
+
+
+def kept(breakdown: dict[str, float], mode: str) -> dict[str, float]:
+    """The part of a breakdown that recompute ``mode`` keeps alive between forward and backward."""
+    return {k: v for k, v in breakdown.items() if mode not in TENSOR_KINDS[k].recomputed_by}
+
+
+def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0,
+                               mode: str = "none", *, flash: bool = True,
+                               seq_len: int = DEFAULT_SEQ_LEN) -> float:
+    """Bytes one token keeps for the backward pass in one layer under recompute ``mode``: the
+    sum of :func:`activation_breakdown`'s kinds that ``mode`` keeps."""
+    mode = get_recompute(mode)
+    if mode == "selective" and getattr(cfg, "activation_elements", None) is not None:
+        raise EstimateError("--recompute selective needs a per-tensor activation breakdown, which the "
+                            "estimate has for DeepSeek-V2 / V3 / V3.2 only; use none or full for DeepSeek-V4")
+    return sum(kept(activation_breakdown(cfg, layer_idx, act_bytes, flash=flash, seq_len=seq_len),
+                    mode).values())
+
+
+def recompute_flops_per_token(cfg: ModelConfig, layer_idx: int, mode: str,
+                              seq_len: int = DEFAULT_SEQ_LEN) -> float:
+    """Forward FLOPs recomputed in the backward per token of one layer: the whole layer for
+    ``full``; the MLA up-projections (2 x q_b_proj's and kv_b_proj's weights) for ``selective``
+    (the RMSNorms are elementwise and, as in :mod:`.flops`, not counted)."""
+    if mode == "none":
+        return 0.0
+    if mode == "full":
+        return layer_forward_flops_per_token(cfg, layer_idx, seq_len)
+    if cfg.attention_type != "mla":
+        return 0.0
+    h = cfg.num_attention_heads
+    q_in = cfg.q_lora_rank or 0
+    q_b = q_in * h * cfg.qk_head_dim if q_in else 0
+    kv_b = cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return 2.0 * (q_b + kv_b)
 
 
 @dataclass
 class LayoutMemory:
-    layout: dict[str, int]
+    layout: dict[str, Any]
     precision: dict[str, Any]
     gpus: int
-    stage: int                      # the heaviest pipeline stage (reported below)
-    stage_layers: list[int]         # [first, last] decoder layer of that stage
-    params_per_gpu: float           # parameters stored on one GPU of that stage (before ZeRO-3)
+    stage: int                      # the heaviest pipeline rank (reported below)
+    stage_layers: list[int]         # the decoder layers that rank holds
+    stage_holds: list[str]          # and of "embedding", "output head", "MTP"
+    params_per_gpu: float           # parameters stored on one GPU of that rank (before ZeRO-3)
     weights_bytes: float
     grads_bytes: float
     master_bytes: float
     moments_bytes: float
-    activations_bytes: float
+    activations_bytes: float        # kept activations + recompute working set + logits
     total_bytes: float
-    activation_bytes_per_token: float       # all decoder layers, one token
-    tokens_in_flight: int                   # on the heaviest stage
+    activation_bytes_per_token: float       # all decoder layers, one token, under the recompute mode
+    tokens_in_flight: float                 # on the heaviest rank, in micro-batches' tokens
+    schedule: dict[str, Any] = field(default_factory=dict)     # name, torch class, bubble
+    recompute: dict[str, Any] = field(default_factory=dict)    # mode, what it keeps, its cost
+    activation_kinds_bytes: dict[str, float] = field(default_factory=dict)   # heaviest rank, by kind
     stage_totals_bytes: list[float] = field(default_factory=list)
     hbm_bytes: float | None = None
     fits: bool | None = None
@@ -162,72 +326,105 @@ class LayoutMemory:
 
 def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Precision = "bf16", *,
                         seq_len: int = DEFAULT_SEQ_LEN, gpu: GPUSpec | None = None,
-                        include_mtp: bool = True) -> LayoutMemory:
-    """Training memory per GPU on the heaviest pipeline stage of ``layout``."""
+                        include_mtp: bool = True, flash: bool = True) -> LayoutMemory:
+    """Training memory per GPU on the heaviest pipeline rank of ``layout``, and the schedule's bubble."""
     layout.validate(cfg)
     prec = get_precision(precision)
+    sched = get_schedule(layout.schedule)
+    mode, pp, m = layout.recompute, layout.pp, layout.micro_batches
     d, v = cfg.hidden_size, cfg.vocab_size
     pc = count_params(cfg)
     edp = layout.dp // layout.ep
     n_mtp = cfg.num_nextn_predict_layers if include_mtp else 0
+    tokens_mb = layout.micro_batch * seq_len
+    n_stages = sched.stages(pp) if pp > 1 else 1
+    stages = stage_layers(cfg, n_stages)
+    mtp_layers = list(range(cfg.num_hidden_layers, cfg.num_hidden_layers + n_mtp))
+
+    def breakdown(i: int) -> dict[str, float]:
+        return activation_breakdown(cfg, i, prec.activation_bytes, flash=flash, seq_len=seq_len,
+                                    fp8=prec.fp8_activations)
 
     def shard(z_min: int, group: int) -> int:       # divisor for a state sharded from ZeRO z_min
         return group if layout.zero >= z_min else 1
 
-    stages = stage_layers(cfg, layout.pp)
     results = []
-    for s, layers in enumerate(stages):
-        dense, expert, act_tok = 0.0, 0.0, 0.0      # params: replicated-by-dp vs split-by-ep
+    for r in range(pp):
+        held = sched.stages_of_rank(pp, r) if pp > 1 else [0]
+        layers = [i for st in held for i in stages[st]]
+        last = n_stages - 1 in held
+        if last:
+            layers += mtp_layers
+        dense, expert = 0.0, 0.0        # params: replicated-by-dp vs split-by-ep
         for i in layers:
             tot, _ = layer_params(cfg, i)
             expert += tot.get("routed_experts", 0)
             dense += sum(tot.values()) - tot.get("routed_experts", 0)
-            act_tok += activation_bytes_per_token(cfg, i, prec.activation_bytes)
-        if s == 0:
+            if i >= cfg.num_hidden_layers:      # MTP: enorm, hnorm, shared_head.norm, eh_proj
+                dense += 3 * d + 2 * d * d
+        if 0 in held:
             dense += pc.breakdown["embedding"]
-        last = s == layout.pp - 1
         if last:
-            dense += d + (v * d if (not cfg.tie_word_embeddings or layout.pp > 1) else 0)
-            for k in range(n_mtp):
-                tot, _ = layer_params(cfg, cfg.num_hidden_layers + k)
-                expert += tot.get("routed_experts", 0)
-                dense += 3 * d + 2 * d * d + sum(tot.values()) - tot.get("routed_experts", 0)
-                act_tok += activation_bytes_per_token(cfg, cfg.num_hidden_layers + k,
-                                                      prec.activation_bytes)
+            dense += d + (v * d if (not cfg.tie_word_embeddings or pp > 1) else 0)
         expert_local = expert / layout.ep
+        # DualPipe: each stage lives on two ranks (r and pp - 1 - r), so what ZeRO shards is also
+        # split over that pair (at ZeRO-0 each keeps its own)
+        mirror = sched.param_copies if pp > 1 else 1
 
         def per_gpu(z_min: int) -> float:
-            return dense / shard(z_min, layout.dp) + expert_local / shard(z_min, edp)
+            return ((dense / shard(z_min, layout.dp) + expert_local / shard(z_min, edp))
+                    / (mirror if layout.zero >= z_min else 1))
 
-        in_flight = layout.micro_batch * seq_len * (layout.pp - s)
-        if layout.recompute:       # layer inputs kept; one layer's activations live while recomputed
-            n_layers = len(layers) + (n_mtp if last else 0)
-            one_layer = max((activation_bytes_per_token(cfg, i, prec.activation_bytes)
-                             for i in list(layers) + ([cfg.num_hidden_layers] if last and n_mtp else [])),
-                            default=0.0)
-            acts = (n_layers * d * prec.activation_bytes * in_flight
-                    + one_layer * layout.micro_batch * seq_len)
-        else:
-            acts = act_tok * in_flight
+        # activations: in-flight (micro-batch, stage) sets x the mean stage's kept bytes per token
+        in_flight = sched.in_flight_chunks(pp, r, m)
+        per_stage = in_flight / len(held) * tokens_mb
+        kinds: dict[str, float] = {}
+        working = 0.0           # one layer's recomputed tensors for one micro-batch, in the backward
+        for i in layers:
+            full = breakdown(i)
+            keep = kept(full, mode)
+            for k, b in keep.items():
+                kinds[k] = kinds.get(k, 0.0) + b * per_stage
+            working = max(working, (sum(full.values()) - sum(keep.values())) * tokens_mb)
+        if working:
+            kinds["recompute_working_set"] = working
         if last:   # fp32 logits of the main head and each MTP head, one micro-batch
-            acts += v * 4 * (1 + n_mtp) * layout.micro_batch * seq_len
+            kinds["logits"] = v * 4 * (1 + n_mtp) * tokens_mb
         parts = {
             "weights_bytes": per_gpu(3) * prec.weight_bytes,
             "grads_bytes": per_gpu(2) * prec.grad_bytes,
             "master_bytes": per_gpu(1) * prec.master_bytes,
             "moments_bytes": per_gpu(1) * prec.moment_bytes,
-            "activations_bytes": acts,
+            "activations_bytes": sum(kinds.values()),
         }
-        results.append((sum(parts.values()), s, layers, dense + expert_local, parts, in_flight))
+        holds = (["embedding"] if 0 in held else []) + (["output head"] if last else []) + \
+            (["MTP"] if last and n_mtp else [])
+        results.append((sum(parts.values()), r, sorted(layers), dense + expert_local, parts,
+                        in_flight / len(held) * tokens_mb, kinds, holds))
 
-    total, s, layers, params, parts, in_flight = max(results, key=lambda r: r[0])
-    act_all = sum(activation_bytes_per_token(cfg, i, prec.activation_bytes)
-                  for i in range(cfg.num_hidden_layers))
+    total, r, layers, params, parts, in_flight, kinds, holds = max(results, key=lambda x: x[0])
+    dec = range(cfg.num_hidden_layers)
+    act_all = sum(sum(kept(breakdown(i), mode).values()) for i in dec)
+    fwd = sum(layer_forward_flops_per_token(cfg, i, seq_len) for i in dec)
+    extra = sum(recompute_flops_per_token(cfg, i, mode, seq_len) for i in dec)
+    rec = extra / fwd               # recomputed forward FLOPs over the forward's
+    B = 2.0 + rec                   # a stage's full backward in units of its forward, recompute included
+    bubble = sched.bubble_fraction(pp, m, F=1.0, B=B, W=1.0) if pp > 1 else 0.0
     return LayoutMemory(
         layout=dataclasses.asdict(layout), precision={**dataclasses.asdict(prec),
                                                       "bytes_per_param": prec.bytes_per_param},
-        gpus=layout.gpus, stage=s, stage_layers=[layers.start, layers.stop - 1],
+        gpus=layout.gpus, stage=r, stage_layers=[i for i in layers if i < cfg.num_hidden_layers], stage_holds=holds,
         params_per_gpu=params, total_bytes=total, activation_bytes_per_token=act_all,
-        tokens_in_flight=in_flight, stage_totals_bytes=[r[0] for r in results],
+        tokens_in_flight=in_flight,
+        schedule={"name": sched.name if pp > 1 else "none", "torch_class": sched.torch_class if pp > 1 else None,
+                  "stages": n_stages, "stages_per_rank": len(sched.stages_of_rank(pp, 0)) if pp > 1 else 1,
+                  "param_copies": sched.param_copies if pp > 1 else 1, "micro_batches": m,
+                  "bubble_formula": sched.bubble_formula if pp > 1 else "0",
+                  "bubble_fraction": bubble, "about": sched.about if pp > 1 else "no pipeline"},
+        recompute={"mode": mode, "about": RECOMPUTE_MODES[mode],
+                   "recomputed_kinds": [k for k, t in TENSOR_KINDS.items() if mode in t.recomputed_by],
+                   "recompute_flops_fraction": rec,
+                   "step_time_factor": (3.0 + rec) / 3.0},
+        activation_kinds_bytes=kinds, stage_totals_bytes=[x[0] for x in results],
         hbm_bytes=None if gpu is None else gpu.hbm_bytes,
         fits=None if gpu is None else total <= gpu.hbm_bytes, **parts)

@@ -87,24 +87,7 @@ def print_report(est: Estimate, console: Console | None = None) -> None:
     t.add_row("cost", f"${_num(tr.cost_usd)} at ${tr.price_per_gpu_hour:g}/GPU-hour")
     console.print(t)
 
-    lay = mem.layout
-    zero = "FSDP" if lay["zero"] == 3 else f"ZeRO-{lay['zero']}"
-    t = _table(f"Training memory per GPU: dp={lay['dp']} pp={lay['pp']} ep={lay['ep']} {zero}, "
-               f"{mem.precision['name']} recipe ({mem.precision['bytes_per_param']:g} B/param), "
-               f"micro-batch {lay['micro_batch']} x {tr.seq_len}"
-               f"{', full recompute' if lay['recompute'] else ''}; heaviest stage {mem.stage} "
-               f"(layers {mem.stage_layers[0]}-{mem.stage_layers[1]})", "item", "per GPU")
-    pr = mem.precision
-    t.add_row("parameters held", f"{fmt_si(mem.params_per_gpu)}")
-    t.add_row(f"weights ({pr['weight_bytes']:g} B)", _gb(mem.weights_bytes))
-    t.add_row(f"gradients ({pr['grad_bytes']:g} B)", _gb(mem.grads_bytes))
-    t.add_row(f"master weights ({pr['master_bytes']:g} B)", _gb(mem.master_bytes))
-    t.add_row(f"AdamW moments ({pr['moment_bytes']:g} B)", _gb(mem.moments_bytes))
-    t.add_row(f"activations ({_int(mem.tokens_in_flight)} tokens in flight)", _gb(mem.activations_bytes))
-    verdict = "" if mem.fits is None else (" fits" if mem.fits else f" does NOT fit in {_gb(mem.hbm_bytes)}")
-    t.add_row("[bold]total[/bold]", f"[bold]{_gb(mem.total_bytes)}[/bold]{verdict}")
-    t.add_row("activations per token, all layers", _bytes(mem.activation_bytes_per_token))
-    console.print(t)
+    _memory(console, est)
 
     naive = (any(v.is_model and v.kv_heads is None for v in inf.variants)
              and any(v.name.startswith("MHA") for v in inf.variants))
@@ -233,3 +216,87 @@ def _comm(console: Console, comm) -> None:
                   f"{c.network_time_us:.3f}", f"{c.nvlink_time_us:.3f}", f"{c.compute_time_us:.3f}",
                   f"{c.comm_to_compute:.2f}", f"{c.train_comm_to_compute:.2f}")
     console.print(t)
+
+
+_KIND_LABELS = {"layer_input": "layer inputs", "residual": "residual after attention",
+                "norm_outputs": "RMSNorm outputs", "qkv_latents": "MLA q / kv latents",
+                "qkv_up": "MLA up-projected q, k, v", "qkv_proj": "q, k, v projections",
+                "indexer": "indexer q, k, weights", "attention_probs": "attention probabilities",
+                "attention_stats": "softmax statistics (fp32)", "attention_output": "attention output",
+                "router": "router scores (fp32)", "moe_dispatch": "tokens dispatched to experts",
+                "expert_intermediates": "SwiGLU intermediates (experts)", "moe_combine": "expert outputs (combine)",
+                "mlp_intermediates": "SwiGLU intermediates (dense MLP)", "layer_rest": "rest of each layer",
+                "recompute_working_set": "recompute working set (one layer, one micro-batch)",
+                "logits": "fp32 logits (one micro-batch)"}
+
+
+def _memory(console: Console, est: Estimate) -> None:
+    mem, tr = est.memory, est.training
+    lay, sch, rec = mem.layout, mem.schedule, mem.recompute
+    zero = "FSDP" if lay["zero"] == 3 else f"ZeRO-{lay['zero']}"
+    pipe = "" if lay["pp"] == 1 else f", {sch['name']} schedule, {sch['micro_batches']} micro-batches"
+    layers = mem.stage_layers
+    t = _table(f"Training memory per GPU: dp={lay['dp']} pp={lay['pp']} ep={lay['ep']} {zero}{pipe}, "
+               f"{mem.precision['name']} recipe ({mem.precision['bytes_per_param']:g} B/param), "
+               f"micro-batch {lay['micro_batch']} x {tr.seq_len}, recompute {rec['mode']}; heaviest rank "
+               f"{mem.stage} (layers {_ranges(layers)}{''.join(', ' + h for h in mem.stage_holds)})", "item", "per GPU")
+    pr = mem.precision
+    two = " (two stages, each also on the mirror rank)" if sch["param_copies"] > 1 else ""
+    t.add_row(f"parameters held{two}", f"{fmt_si(mem.params_per_gpu)}")
+    t.add_row(f"weights ({pr['weight_bytes']:g} B)", _gb(mem.weights_bytes))
+    t.add_row(f"gradients ({pr['grad_bytes']:g} B)", _gb(mem.grads_bytes))
+    t.add_row(f"master weights ({pr['master_bytes']:g} B)", _gb(mem.master_bytes))
+    t.add_row(f"AdamW moments ({pr['moment_bytes']:g} B)", _gb(mem.moments_bytes))
+    mbs = mem.tokens_in_flight / (lay["micro_batch"] * tr.seq_len)
+    t.add_row(f"activations ({mbs:g} micro-batches in flight per stage held)",
+              _gb(mem.activations_bytes))
+    for k, b in sorted(mem.activation_kinds_bytes.items(), key=lambda kv: -kv[1]):
+        if b:
+            t.add_row(f"  {_KIND_LABELS.get(k, k)}", _gb(b))
+    verdict = "" if mem.fits is None else (" fits" if mem.fits else f" does NOT fit in {_gb(mem.hbm_bytes)}")
+    t.add_row("[bold]total[/bold]", f"[bold]{_gb(mem.total_bytes)}[/bold]{verdict}")
+    t.add_row("activations kept per token, all layers", _bytes(mem.activation_bytes_per_token))
+    if lay["pp"] > 1:
+        t.add_row(f"pipeline bubble ({sch['bubble_formula']}; B = 2F + recompute, W = F)",
+                  f"{sch['bubble_fraction']:.1%} of the step")
+    t.add_row("recomputed forward FLOPs", f"{rec['recompute_flops_fraction']:.1%} of the forward "
+              f"(step x{rec['step_time_factor']:.3f})")
+    console.print(t)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 58, 59, 60] -> '0-2, 58-60'."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def print_layouts(found, *, cfg_name: str, gpu: str, gpus: int, seq_len: int, micro_batch: int,
+                  precision: str, console: Console | None = None, top: int = 25) -> None:
+    if console is None:
+        width = None if sys.stdout.isatty() else 150
+        console = Console(file=sys.stdout, width=width, highlight=False)
+    if not found:
+        console.print(f"[bold]No layout of {gpus:,} x {gpu} fits {cfg_name}[/bold] (micro-batch {micro_batch} x "
+                      f"{seq_len}, {precision} recipe): add GPUs, or try --zero 3, --precision fp8 or a shorter --seq-len.")
+        return
+    t = _table(f"Layouts of {gpus:,} x {gpu} that fit {cfg_name} (micro-batch {micro_batch} x {seq_len}, "
+               f"{precision} recipe), fastest first by bubble and recomputation; {len(found):,} fit"
+               f"{f', the first {top} shown' if len(found) > top else ''}",
+               "dp", "pp", "ep", "schedule", "recompute", "micro-batches", "per GPU", "activations",
+               "bubble", "recompute FLOPs", "time factor")
+    from .pipeline import SCHEDULES
+    only_estimated = [f for f in found[:top] if f.schedule in SCHEDULES and SCHEDULES[f.schedule].torch_class is None]
+    for f in found[:top]:
+        star = " *" if f in only_estimated else ""
+        t.add_row(str(f.dp), str(f.pp), str(f.ep), f.schedule + star, f.recompute, str(f.micro_batches),
+                  _gb(f.total_bytes), _gb(f.activations_bytes), f"{f.bubble_fraction:.1%}",
+                  f"{f.recompute_flops_fraction:.1%}", f"{f.time_factor:.3f}")
+    console.print(t)
+    if only_estimated:
+        console.print("* estimate only: torch.distributed.pipelining has no such schedule, so nanoseek cannot run it")
