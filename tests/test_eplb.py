@@ -334,6 +334,25 @@ def test_cli_prints_measured_and_synthetic_tables(tiny_run, tmp_path, capsys):
     assert row["after"]["hierarchical"] == pytest.approx([expect.mean().item(), expect.max().item()])
 
 
+def test_held_out_places_from_early_steps_and_measures_later_ones(tiny_run, tmp_path, capsys):
+    from nanoseek.train.eplb_cli import compare
+    loads = read_loads(tiny_run, from_step=1)                       # steps 1-6
+    fit, later = loads.split()
+    assert fit.steps == [1, 2, 3] and later.shape == (3, 2, 16)
+    assert torch.equal(fit.weight, loads.per_step[:3].sum(0)) and torch.equal(later, loads.per_step[3:])
+    row = compare(fit, [8], 8, 1, None, ("global",), later)[0]
+    placement = rebalance(fit.weight, 24, 4, 1, 8, "global")          # 2 experts + 1 spare slot per GPU
+    per_layer = torch.stack([imbalance(gpu_loads(x, placement, 8)) for x in later]).mean(0)
+    assert row.after["global"] == pytest.approx((per_layer.mean().item(), per_layer.max().item()))
+    before = torch.stack([imbalance(contiguous_loads(x, 8)) for x in later]).mean(0)
+    assert row.before == pytest.approx((before.mean().item(), before.max().item()))
+    assert main(["eplb", str(tiny_run), "--held-out", "--gpus", "8"]) == 0
+    assert "placed from steps 4-4, imbalance of each later step 5-6" in capsys.readouterr().out.replace("\n", "")
+    saved = save_loads(loads, tmp_path / "l.json")                  # a loads file has no steps to hold out
+    assert main(["eplb", str(saved), "--held-out"]) == 2
+    assert "--held-out needs at least 2 logged steps of a run" in capsys.readouterr().err
+
+
 def test_cli_zipf_without_a_run(capsys):
     assert main(["eplb", "--synthetic", "zipf", "--zipf-exponent", "0.5", "--gpus", "8", "64", "256",
                  "--layers", "2"]) == 0
@@ -349,6 +368,7 @@ def test_cli_zipf_without_a_run(capsys):
     (["eplb", "--synthetic", "zipf", "--redundant-per-gpu", "-1"], "--redundant-per-gpu"),
     (["eplb", "--synthetic", "zipf", "--groups", "7"], "--groups 7: 256 experts do not split into 7"),
     (["eplb", "--synthetic", "zipf", "--save-loads", "x.json"], "--save-loads needs"),
+    (["eplb", "--synthetic", "zipf", "--held-out"], "--held-out needs"),
     (["eplb", "--synthetic", "lognormal"], "give a run folder"),
     (["eplb", "--gpus", "eight"], "--gpus"),
 ])

@@ -13,6 +13,8 @@ ceil(E / GPUs) per GPU, no replicas; *hierarchical* and *global* = EPLB's placem
 ``--redundant-per-gpu`` extra slots on every GPU (:mod:`nanoseek.train.eplb`). Nodes are
 GPUs / ``--gpus-per-node``; the hierarchical policy needs the nodes to divide the expert groups
 (else "n/a"). Measured and synthetic loads are separate tables, each titled with its source.
+``--held-out`` places the experts from the first half of the run's logged steps and measures each
+later step's load on its own: what a placement computed from past traffic does on new batches.
 """
 
 from __future__ import annotations
@@ -33,16 +35,24 @@ class Layout:
 
 
 def _summary(per_layer) -> tuple[float, float]:
+    """(mean over layers, worst layer); a [steps, layers] input is first averaged over the steps."""
+    per_layer = per_layer.mean(0) if per_layer.dim() == 2 else per_layer
     return float(per_layer.mean()), float(per_layer.max())
 
 
 def compare(loads, gpus: list[int], gpus_per_node: int = 8, redundant_per_gpu: int = 1,
-            groups: int | None = None, policies: tuple[str, ...] = ("hierarchical", "global")) -> list[Layout]:
-    """Before/after imbalance of ``loads`` (:class:`~nanoseek.train.eplb_loads.Loads`) for each GPU count."""
+            groups: int | None = None, policies: tuple[str, ...] = ("hierarchical", "global"),
+            evaluate=None) -> list[Layout]:
+    """Before/after imbalance of ``loads`` (:class:`~nanoseek.train.eplb_loads.Loads`) for each GPU
+    count: the placement comes from ``loads``; the imbalance is measured on ``loads`` too, or, given
+    ``evaluate`` [steps, layers, experts], on each of those steps' loads (then averaged over them)."""
+    import torch
+
     from nanoseek.errors import ConfigError
 
     from .eplb import check, contiguous_loads, gpu_loads, imbalance, rebalance
     w = loads.weight
+    on = w if evaluate is None else evaluate                  # [layers, E] or [steps, layers, E]
     E = w.shape[1]
     groups = groups or loads.groups or 1
     if E % groups:
@@ -55,14 +65,17 @@ def compare(loads, gpus: list[int], gpus_per_node: int = 8, redundant_per_gpu: i
             raise ConfigError(f"--gpus {G}: not a whole number of nodes of {gpus_per_node} GPUs (--gpus-per-node)")
         nodes = max(1, G // gpus_per_node)
         per = math.ceil(E / G) + redundant_per_gpu
-        row = Layout(G, nodes, per, per * G - E, _summary(imbalance(contiguous_loads(w, G))), {})
+        before = torch.stack([imbalance(contiguous_loads(x, G)) for x in on.view(-1, *w.shape)])
+        row = Layout(G, nodes, per, per * G - E, _summary(before.squeeze(0)), {})
         for policy in policies:
             try:
                 check(tuple(w.shape), per * G, groups, nodes, G, policy)
             except ConfigError as e:
                 row.after[policy] = str(e).removeprefix("EPLB: ")
                 continue
-            row.after[policy] = _summary(imbalance(gpu_loads(w, rebalance(w, per * G, groups, nodes, G, policy), G)))
+            placement = rebalance(w, per * G, groups, nodes, G, policy)
+            after = torch.stack([imbalance(gpu_loads(x, placement, G)) for x in on.view(-1, *w.shape)])
+            row.after[policy] = _summary(after.squeeze(0))
         out.append(row)
     return out
 
@@ -82,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which EPLB policies to show (default both)")
     p.add_argument("--from-step", type=int, metavar="STEP",
                    help="sum the run's expert loads from this step on (default: the second half of the logged steps)")
+    p.add_argument("--held-out", action="store_true",
+                   help="place the experts from the first half of the run's logged steps and measure the "
+                        "imbalance of each later step on its own (how a placement fares on unseen batches)")
     p.add_argument("--synthetic", choices=("lognormal", "zipf"),
                    help="also place DeepSeek-V3-sized synthetic loads: lognormal (the measured per-layer spread) "
                         "or zipf (--zipf-exponent)")
@@ -107,8 +123,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--gpus: every GPU count must be at least 1, got {args.gpus}")
     if args.source is None and args.synthetic != "zipf":
         raise UserError("give a run folder or loads file (RUN_OR_LOADS_FILE), or --synthetic zipf")
-    if args.source is None and (args.save_loads or args.from_step is not None):
-        raise UserError(f"{'--save-loads' if args.save_loads else '--from-step'} needs a run folder or loads file")
+    for flag, given in (("--save-loads", args.save_loads), ("--from-step", args.from_step is not None),
+                        ("--held-out", args.held_out)):
+        if given and args.source is None:
+            raise UserError(f"{flag} needs a run folder or loads file")
 
 
 def _fmt(x) -> str:
@@ -150,18 +168,18 @@ def run(args: argparse.Namespace) -> int:
         sources = []
         measured = read_loads(args.source, args.from_step) if args.source else None
         if measured is not None:
-            sources.append((measured, args.groups))
             if args.save_loads:
                 print(f"loads written to {save_loads(measured, args.save_loads)}")
+            sources.append((*measured.split(), args.groups) if args.held_out else (measured, None, args.groups))
         size = dict(experts=args.experts, layers=args.layers, groups=args.groups or V3_GROUPS, seed=args.seed)
         if args.synthetic == "lognormal":
-            sources.append((lognormal_loads(measured, **size), size["groups"]))
+            sources.append((lognormal_loads(measured, **size), None, size["groups"]))
         elif args.synthetic == "zipf":
-            sources.append((zipf_loads(args.zipf_exponent, **size), size["groups"]))
+            sources.append((zipf_loads(args.zipf_exponent, **size), None, size["groups"]))
         console = Console() if sys.stdout.isatty() else Console(width=200)   # a pipe: no wrapping
         out = []
-        for loads, groups in sources:
-            rows = compare(loads, args.gpus, args.gpus_per_node, args.redundant_per_gpu, groups, policies)
+        for loads, evaluate, groups in sources:
+            rows = compare(loads, args.gpus, args.gpus_per_node, args.redundant_per_gpu, groups, policies, evaluate)
             E, L = loads.weight.shape[1], loads.weight.shape[0]
             g = groups or loads.groups or 1
             title = (f"{'SYNTHETIC' if loads.synthetic else 'MEASURED'} - {loads.label}\n"

@@ -4,7 +4,8 @@
 per routed expert in that step, one list per MoE layer, summed over ranks; written by
 :class:`~nanoseek.train.loop.ExpertBalanceHook`). :func:`read_loads` sums the records of a window
 of steps (by default the second half of the logged steps: the router has settled by then) into
-one [layers, experts] table; the expert groups (``n_group``) come from the run's config.toml.
+one [layers, experts] table (keeping each step's own table for a held-out evaluation,
+:meth:`Loads.split`); the expert groups (``n_group``) come from the run's config.toml.
 A loads file (``{"expert_load": [[...], ...], "n_group": G, "label": ...}``, what
 :func:`save_loads` writes) is read the same way, so loads from elsewhere (a serving log) fit in.
 
@@ -38,6 +39,19 @@ class Loads:
     groups: int | None          # the model's expert groups (n_group), when known
     label: str                  # where the loads come from, said in the report
     synthetic: bool = False
+    steps: list[int] | None = None          # measured from a run: the logged steps summed
+    per_step: torch.Tensor | None = None    # and their own loads [steps, layers, experts]
+
+    def split(self) -> tuple["Loads", torch.Tensor]:
+        """Held-out evaluation of a run's loads: (the first half of the logged steps, summed, to
+        place the experts from; the later steps' own loads [steps, layers, experts] to measure on)."""
+        if self.per_step is None or len(self.steps) < 2:
+            raise ConfigError(f"--held-out needs at least 2 logged steps of a run ({self.label})")
+        h = len(self.steps) // 2
+        fit = self.per_step[:h].sum(0)
+        label = (f"{self.label}; placed from steps {self.steps[0]}-{self.steps[h - 1]}, imbalance of each "
+                 f"later step {self.steps[h]}-{self.steps[-1]} on its own")
+        return Loads(fit, self.groups, label, steps=self.steps[:h], per_step=self.per_step[:h]), self.per_step[h:]
 
 
 def _table(rows, where: str) -> torch.Tensor:
@@ -98,11 +112,12 @@ def read_loads(source: str | Path, from_step: int | None = None) -> Loads:
     tables = [_table(steps[s][LOADS_KEY], f"{metrics} step {s}") for s in window]
     if len({t.shape for t in tables}) != 1:
         raise ConfigError(f"{metrics}: {LOADS_KEY} changes shape between steps {window[0]} and {window[-1]}")
-    weight = torch.stack(tables).sum(0)
+    per_step = torch.stack(tables)
+    weight = per_step.sum(0)
     run_dir = metrics.parent
     label = (f"measured: {run_dir}, steps {window[0]}-{window[-1]} ({len(window)} logged steps, "
              f"{int(weight[0].sum()):,} routed token-slots per layer)")
-    return Loads(weight, _run_groups(run_dir), label)
+    return Loads(weight, _run_groups(run_dir), label, steps=window, per_step=per_step)
 
 
 def save_loads(loads: Loads, path: str | Path) -> Path:
