@@ -81,19 +81,20 @@ def compare(loads, gpus: list[int], gpus_per_node: int = 8, redundant_per_gpu: i
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoseek import limits
     p.add_argument("source", nargs="?", metavar="RUN_OR_LOADS_FILE",
                    help="a run folder, its metrics.jsonl, or a loads .json (optional with --synthetic zipf)")
-    p.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256], metavar="N",
+    p.add_argument("--gpus", type=limits.int_range(1, 16384), nargs="+", default=[8, 64, 256], metavar="N",
                    help="GPU counts to place the experts on (default: 8 64 256)")
-    p.add_argument("--gpus-per-node", type=int, default=8, metavar="N",
+    p.add_argument("--gpus-per-node", type=limits.int_range(1, 1024), default=8, metavar="N",
                    help="GPUs per node: nodes = GPUs / N (default 8, DeepSeek's H800 nodes)")
-    p.add_argument("--redundant-per-gpu", type=int, default=1, metavar="N",
+    p.add_argument("--redundant-per-gpu", type=limits.int_range(0, 64), default=1, metavar="N",
                    help="extra expert slots on every GPU for replicas (default 1, as DeepSeek-V3's prefilling)")
-    p.add_argument("--groups", type=int, metavar="N",
+    p.add_argument("--groups", type=limits.positive_int, metavar="N",
                    help="expert groups (default: the run's n_group; 8, DeepSeek-V3's, for synthetic loads)")
     p.add_argument("--policy", choices=("both", "hierarchical", "global"), default="both",
                    help="which EPLB policies to show (default both)")
-    p.add_argument("--from-step", type=int, metavar="STEP",
+    p.add_argument("--from-step", type=limits.nonneg_int, metavar="STEP",
                    help="sum the run's expert loads from this step on (default: the second half of the logged steps)")
     p.add_argument("--held-out", action="store_true",
                    help="place the experts from the first half of the run's logged steps and measure the "
@@ -101,26 +102,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", choices=("lognormal", "zipf"),
                    help="also place DeepSeek-V3-sized synthetic loads: lognormal (the measured per-layer spread) "
                         "or zipf (--zipf-exponent)")
-    p.add_argument("--zipf-exponent", type=float, default=1.0, metavar="S",
+    p.add_argument("--zipf-exponent", type=limits.float_range(0.0, 100.0), default=1.0, metavar="S",
                    help="Zipf loads: the r-th most popular expert gets 1 / r^S (default 1.0)")
-    p.add_argument("--experts", type=int, default=256, metavar="N", help="synthetic loads: routed experts (default 256)")
-    p.add_argument("--layers", type=int, default=58, metavar="N", help="synthetic loads: MoE layers (default 58)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic loads: the seed (default 0)")
+    p.add_argument("--experts", type=limits.int_range(1, 65536), default=256, metavar="N", help="synthetic loads: routed experts (default 256)")
+    p.add_argument("--layers", type=limits.int_range(1, 1024), default=58, metavar="N", help="synthetic loads: MoE layers (default 58)")
+    p.add_argument("--seed", type=limits.seed, default=0, help="synthetic loads: the seed (default 0)")
     p.add_argument("--save-loads", metavar="FILE", help="write the measured loads as a loads .json")
     p.add_argument("--json", metavar="FILE", help="also write the tables as JSON")
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    """What argparse's per-flag ranges cannot say: flags that need a run."""
     from nanoseek.errors import UserError
-    for flag, v in (("--gpus-per-node", args.gpus_per_node), ("--experts", args.experts), ("--layers", args.layers)):
-        if v < 1:
-            raise UserError(f"{flag} must be at least 1, got {v}")
-    if args.redundant_per_gpu < 0:
-        raise UserError(f"--redundant-per-gpu must be >= 0, got {args.redundant_per_gpu}")
-    if args.groups is not None and args.groups < 1:
-        raise UserError(f"--groups must be at least 1, got {args.groups}")
-    if not args.gpus or any(g < 1 for g in args.gpus):
-        raise UserError(f"--gpus: every GPU count must be at least 1, got {args.gpus}")
     if args.source is None and args.synthetic != "zipf":
         raise UserError("give a run folder or loads file (RUN_OR_LOADS_FILE), or --synthetic zipf")
     for flag, given in (("--save-loads", args.save_loads), ("--from-step", args.from_step is not None),
