@@ -8,7 +8,7 @@
 SOURCE is a run folder (its metrics.jsonl: every logged step carries ``expert_load``), a
 metrics.jsonl, or a loads JSON file (``--save-loads`` writes one). For each GPU count the table
 gives the per-GPU load imbalance, max / mean GPU load of an MoE layer (1.00 = perfect), averaged
-over the MoE layers (the worst layer in brackets): *before* = the experts placed in order,
+over the MoE layers (the worst layer in parentheses): *before* = the experts placed in order,
 ceil(E / GPUs) per GPU, no replicas; *hierarchical* and *global* = EPLB's placements with
 ``--redundant-per-gpu`` extra slots on every GPU (:mod:`nanoseek.train.eplb`). Nodes are
 GPUs / ``--gpus-per-node``; the hierarchical policy needs the nodes to divide the expert groups
