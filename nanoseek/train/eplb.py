@@ -30,8 +30,9 @@ experts, max count] (the slots of each expert, padded with -1) and ``logcnt`` [l
 (replica counts). :func:`gpu_loads` and :func:`imbalance` measure a placement (max / mean GPU load
 per layer); :func:`contiguous_loads` is the baseline without replicas (expert e on GPU e // per).
 
-Left out: the migration-cost variant (keeping experts where they are), and the runtime that routes
-tokens to replicas (``nanoseek.model.expert_parallel`` serves logical experts only).
+:func:`nanoseek.model.expert_replicas.apply_redundant_experts` serves a placement on an
+expert-parallel model (inference). Left out: the migration-cost variant (keeping experts where
+they already are when the loads change), and re-placing periodically while serving.
 """
 
 from __future__ import annotations
