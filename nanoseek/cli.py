@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("nanoseek.eval.compare_cli", "compare eval results of runs side by side"),
     "export": ("nanoseek.export.cli", "export a checkpoint for other tools (GGUF for llama.cpp / ollama)"),
     "estimate": ("nanoseek.estimate.cli", "parameters, FLOPs, memory, GPU-hours and cost"),
+    "eplb": ("nanoseek.train.eplb_cli", "redundant-expert placement (EPLB) and per-GPU load imbalance"),
     "ablate": ("nanoseek.ablate.cli", "small-scale ablations of DeepSeek's claims"),
     "speedrun": ("nanoseek.speedrun", "the whole recipe end to end with a report card"),
     "watch": ("nanoseek.eval.watch_cli", "live dashboard of a running run"),

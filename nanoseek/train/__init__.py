@@ -14,6 +14,9 @@
 * ``synthetic.py`` a generated token stream with the real loader's interface (benchmarks, smoke tests)
 * ``pretrain.py`` the pre-training task (CE + lambda MTP + sequence-wise balance loss) and its wiring
 * ``pretrain_cli.py`` ``nanoseek pretrain``
+* ``eplb.py``     DeepSeek's EPLB: redundant-expert placement (hierarchical and global policies) and the
+                  per-GPU load imbalance of a placement; ``eplb_loads.py`` the expert loads a run logged
+                  (or synthetic ones at DeepSeek-V3's size); ``eplb_cli.py`` ``nanoseek eplb``
 
 Nothing heavy is imported here, so ``nanoseek --help`` stays fast: import the submodules.
 """

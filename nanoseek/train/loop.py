@@ -191,7 +191,9 @@ class ExpertBalanceHook(Hook):
     The load is the token count of every training forward since the last call (all micro-batches
     of the step). A skipped step calls it with gamma 0: the spiked batch's counts are dropped and
     the biases do not move; so does a step of V3.2's dense warm-up, which trains only the indexers.
-    Logs the per-MoE-layer MaxVio of the step's load and the bias range.
+    Logs the per-MoE-layer MaxVio of the step's load, the bias range, and the load itself
+    (``expert_load``: tokens per routed expert, one list per MoE layer, summed over ranks; what
+    ``nanoseek eplb`` balances; 4-6 bytes of JSON per expert and layer on each logged line).
     """
 
     def __init__(self, gamma: float, load_reduce=None):
@@ -207,7 +209,8 @@ class ExpertBalanceHook(Hook):
         if load is None:
             return None
         from ..model.moe import max_violation
-        out: dict[str, Any] = {"maxvio": [round(float(x), 4) for x in max_violation(load)]}
+        out: dict[str, Any] = {"maxvio": [round(float(x), 4) for x in max_violation(load)],
+                               "expert_load": load.round().long().tolist()}
         bias = model.expert_bias()
         if bias is not None:
             out["bias_range"] = [round(float(x), 5) for x in (bias.amax(-1) - bias.amin(-1))]

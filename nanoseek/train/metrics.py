@@ -4,7 +4,8 @@
 crash both see every line. Two kinds of line:
 
 * a *step* record, ``{"step": 12, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ...,
-  "mfu": ..., "maxvio": [per MoE layer], "bias_range": [per MoE layer], "mtp_loss": ...,
+  "mfu": ..., "maxvio": [per MoE layer], "bias_range": [per MoE layer], "expert_load": [per MoE
+  layer: tokens per routed expert in the step], "mtp_loss": ...,
   "indexer_loss": ... (DeepSeek-V3.2: the indexers' KL, nanoseek/train/dsa.py)}``;
 * an *event*, ``{"event": "spike_skipped" | "rollback" | "eval" | "checkpoint" | "resume" |
   "interrupted" | "done" | "start" | "dsa_stage", "step": ..., ...}`` (``dsa_stage``: a V3.2
