@@ -242,7 +242,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
     """Every table parsed into its dataclass: unknown tables and keys, wrong types, missing keys
     and values out of range are one ConfigError line naming the key. (The stages' cross-field
     checks are :func:`check_recipe`'s.)"""
-    from nanoseek.model.config import ModelConfig
+    from nanoseek.model.registry import all_field_names
     from nanoseek.post.registry import STAGE_KINDS   # here, not at the top: it imports torch
 
     unknown = [k for k in raw if k not in TABLES]
@@ -252,7 +252,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
     simple = {name: parse_section(TABLES[name], _table(raw, name, source), name, source)
               for name in ("speedrun", "budget", "data", "eval", "tools")}
     model = parse_section(ModelSection, _table(raw, "model", source), "model", source,
-                          extra_keys=set(ModelConfig.field_names()))
+                          extra_keys=set(all_field_names()))
     own, subs = _split(raw, "pretrain", (*STAGE_TABLES, "data"), source)
     if own:
         raise ConfigError(f"{source}: unknown key '{next(iter(own))}' in [pretrain]. Valid keys: "
@@ -380,11 +380,42 @@ def where(rc: SpeedrunRecipe, key: str) -> str:
     return rc.source
 
 
+REPLACED_TABLES = ("model",)     # an extending recipe's table that replaces the base's whole
+
+
+def read_recipe_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe TOML as a raw dict, with ``extends = "NAME"`` resolved: the recipe is the named one
+    (a shipped name or a path) with this file's keys merged in, table by table, except [model],
+    which replaces the base's whole (another model family has other fields: the V4 speedrun,
+    ``speedrun-v4.toml``, is the V3 one with another [model])."""
+    raw = read_toml(path)
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{path}: 'extends' must be a recipe name or path, got {base_name!r}")
+    base_path = resolve_config_path(base_name)
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        raise ConfigError(f"{path}: 'extends = {base_name!r}' extends itself")
+    merged = read_recipe_toml(base_path, seen + (path.resolve(),))
+
+    def merge(into: dict, new: dict, top: bool) -> dict:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict) and not (top and k in REPLACED_TABLES):
+                into[k] = merge(dict(into[k]), v, False)
+            else:
+                into[k] = v
+        return into
+
+    return merge(merged, raw, True)
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SpeedrunRecipe:
-    """Read a speedrun recipe (a path or the shipped ``speedrun``), apply ``--set``, validate it all."""
+    """Read a speedrun recipe (a path or the shipped ``speedrun``; ``extends``: :func:`read_recipe_toml`),
+    apply ``--set``, validate it all."""
     try:
         path = resolve_config_path(name_or_path)
-        raw = apply_overrides(read_toml(path), list(overrides), _override_schema())
+        raw = apply_overrides(read_recipe_toml(path), list(overrides), _override_schema())
         rc = recipe_from_dict(raw, source=str(path))
         rc.overrides = tuple(overrides)         # not a setting: names --set in errors (where())
         return check_recipe(rc)

@@ -142,6 +142,13 @@ def load_config(name_or_path: str):
     from .family import family_for
 
     p = Path(name_or_path)
+    if p.is_dir() and not (p / "config.json").exists():   # a run folder: the model its checkpoints hold
+        held = [d for d in (p / "final", p / "model", p / "hf") if (d / "config.json").is_file()]
+        held += sorted(d for d in p.glob("checkpoints/step-*") if (d / "config.json").is_file())[-1:]
+        if not held:
+            raise UserError(f"--config {p}: a directory with no config.json, and not a run folder (no "
+                            f"final/config.json or checkpoints/step-*/config.json)")
+        p = name_or_path = held[0]
     path = (p / "config.json" if p.is_dir() else p) if p.exists() else PRESET_DIR / f"{name_or_path}.json"
     try:
         d = json.loads(path.read_text())

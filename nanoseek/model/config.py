@@ -89,7 +89,7 @@ ROPE_SCALING_KEYS = {
 @dataclass
 class ModelConfig:
     # to_dict() keys derived from the fields (the V3 / V3.2 type, the layer layout): dropped before
-    # a field override is applied, so they follow it (nanoseek.model.registry.with_fields)
+    # a field override is applied, so they follow it (rebase; nanoseek.model.registry.with_fields)
     DERIVED_KEYS = ("model_type", "architectures", "mlp_layer_types")
     # --- sizes
     vocab_size: int = 129280
@@ -366,6 +366,12 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def rebase(cls, base: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        """``base`` (a :meth:`to_dict`) ready to take the override ``fields``: the derived keys
+        the fields do not set are dropped, so they are derived again from the new fields."""
+        return {k: v for k, v in base.items() if k not in cls.DERIVED_KEYS or k in fields}
 
     def to_dict(self) -> dict[str, Any]:
         """The HF config.json content (with model_type/architectures so transformers loads it)."""

@@ -129,8 +129,12 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by group; group e (counts[e] rows) times w[e]^T. x [M, in], w [E, out, in]."""
-    if grouped_mm_supported(x.device.type, x.dtype) and x.shape[0] > 0:
+    """Rows of x sorted by group; group e (counts[e] rows) times w[e]^T. x [M, in], w [E, out, in].
+
+    torch._grouped_mm needs rows of 16-byte multiples (in and out); other widths (an fp32 expert
+    10 wide) take the per-expert loop."""
+    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
+    if aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     outs, start = [], 0

@@ -40,6 +40,7 @@ class Family:
     checkpoint_path: str                   # module with from_pretrained / save_pretrained / load_state
     params_path: str                       # module with count_params(config) -> ParamCount, cache_bytes(...)
     unsupported: dict[str, str] = field(default_factory=dict)   # feature -> why not
+    architectures: tuple[str, ...] = ()    # config.json "architectures" it reads when model_type is not one of its own
 
     def model_class(self):
         module, _, name = self.model_path.partition(":")
@@ -50,10 +51,12 @@ class Family:
 
 
 V3 = Family("DeepSeek-V3", ("deepseek_v3", "deepseek_v32", "deepseek_v2"), ModelConfig,
-            "nanoseek.model.transformer:DeepseekV3ForCausalLM", "nanoseek.model.checkpoint", "nanoseek.model.params")
+            "nanoseek.model.transformer:DeepseekV3ForCausalLM", "nanoseek.model.checkpoint", "nanoseek.model.params",
+            architectures=("DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM"))
 V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
             "nanoseek.model.v4.transformer:DeepseekV4ForCausalLM", "nanoseek.model.v4.checkpoint",
             "nanoseek.model.v4.params",
+            architectures=("DeepseekV4ForCausalLM",),
             unsupported={
                 "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
                 "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
@@ -112,11 +115,40 @@ def cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int = 4, with_mtp
                                                                               with_mtp)
 
 
+def family_of_dict(d: dict, source: str = "config") -> Family:
+    """The family that reads a config.json dict: by its ``model_type``; a type no family claims
+    (a fine-tune's own, e.g. Kimi K2's ``kimi_k2`` over DeepSeek-V3's architecture) by its
+    ``architectures``; none of either: V3 (nanoseek's older presets), unless the fields are
+    another family's. Anything else is one ConfigError line naming ``model_type``."""
+    model_type, archs = d.get("model_type"), d.get("architectures")
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    for f in FAMILIES:
+        if model_type in f.model_types:
+            return f
+    for f in FAMILIES:
+        if any(a in f.architectures for a in archs):
+            return f
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    if model_type is not None:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not a model nanoseek reads (model_type one of "
+                          f"{known}, or architectures naming one of "
+                          f"{', '.join(a for f in FAMILIES for a in f.architectures)})")
+    default_fields = {x.name for x in dataclasses.fields(DEFAULT.config_class)}
+    for f in FAMILIES:
+        if f is DEFAULT:
+            continue
+        own = sorted(set(d) & ({x.name for x in dataclasses.fields(f.config_class)} - default_fields))
+        if own:
+            raise ConfigError(f"{source}: no model_type, and field(s) {', '.join(own[:3])} are {f.name}'s: "
+                              f"add \"model_type\": \"{f.model_types[0]}\" (model_type one of {known})")
+    return DEFAULT
+
+
 def config_from_dict(d: Any, source: str = "config"):
     """A config.json-style dict -> its family's config object (validated)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-    return family_for_type(d.get("model_type")).config_class.from_dict(d, source=source)
+    return family_of_dict(d, source).config_class.from_dict(d, source=source)
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -158,9 +190,7 @@ def load_config(name_or_path: str | Path):
 def with_fields(config, fields: dict, source: str):
     """``config`` with HF fields replaced (e.g. a train config's inline ``[model]`` keys), re-validated
     by its family's parser (unknown fields name the family's valid ones)."""
-    base = config.to_dict()
-    for derived in getattr(type(config), "DERIVED_KEYS", ()):   # re-derived from the (new) fields
-        base.pop(derived, None)
+    base = config.rebase(config.to_dict(), fields)      # keys derived from overridden fields follow them
     return config_from_dict({**base, **fields}, source=source)
 
 
@@ -177,7 +207,7 @@ def checkpoint_family(directory: str | Path) -> Family:
         d = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return DEFAULT
-    return family_for_type(d.get("model_type") if isinstance(d, dict) else None)
+    return family_of_dict(d, str(Path(directory) / "config.json")) if isinstance(d, dict) else DEFAULT
 
 
 def from_pretrained(directory: str | Path, dtype=None, device="cpu"):
@@ -197,6 +227,6 @@ def load_weights(directory: str | Path, config) -> dict:
 
 
 __all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "require", "supports",
-           "all_field_names", "count_params", "cache_bytes",
+           "all_field_names", "count_params", "cache_bytes", "family_of_dict",
            "config_from_dict", "config_from_json", "read_config_json", "load_config", "with_fields",
            "build_model", "checkpoint_family", "from_pretrained", "save_pretrained", "load_weights"]

@@ -223,7 +223,7 @@ def run_trainer(model, task, cfg: StageConfig, tokenizer, *, resume: bool | str 
     run_dir = Path(cfg.train.out_dir or f"runs/{cfg.kind}")
     with claim(run_dir, cfg.kind, flag="--out", own=lambda p: is_stage_run(p, cfg.kind)):
         changed = check_rerun(run_dir, cfg.to_dict(), resume, "--out",
-                              load_old=lambda p: _reparse(cfg, p))
+                              load_old=lambda p: _reparse(cfg, p), model_config=getattr(model, "config", None))
         try:
             check_model_dir_writable(run_dir / "final")
         except CheckpointError as e:

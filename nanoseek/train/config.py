@@ -659,7 +659,24 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig
     check_data_keys(parts["data"], raw.get("data") or {}, source)
     cfg = TrainConfig(**parts, source=source)
     _resolve_init_from(cfg, source)
+    if isinstance(raw.get("model"), dict) and "preset" in raw["model"]:
+        check_init_from_family(cfg.model, source)
     return check_train_config(cfg, source)
+
+
+def check_init_from_family(model: ModelSection, source: str) -> None:
+    """A written ``[model] preset`` and an ``init_from`` checkpoint of another model family
+    (nanoseek.model.registry: DeepSeek-V3/V3.2 vs V4) is one ConfigError line: the weights of one
+    cannot start the other (V3 -> V3.2, DeepSeek's own recipe, is one family)."""
+    if not model.init_from:
+        return
+    from ..model.registry import family_of, load_config
+
+    want, have = family_of(load_config(model.preset)), family_of(load_config(model.init_from))
+    if want is not have:
+        raise ConfigError(f"{source}: [model] preset = {model.preset!r} is a {want.name} model (model_type "
+                          f"{want.model_types[0]}) but init_from = {model.init_from!r} is a {have.name} checkpoint "
+                          f"({have.model_types[0]}): one family's weights cannot start the other; drop one of the two")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

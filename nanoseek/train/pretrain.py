@@ -40,7 +40,7 @@ import torch
 
 from ..atomic import read_record, write_atomic
 from .bpb import bpb_sums, token_byte_lengths
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from .config import TrainConfig, config_to_toml
 from .dsa import check_dsa_settings
 from ..model.registry import family_of, supports
@@ -242,14 +242,17 @@ def is_pretrain_run(path: Path) -> bool:
     return True
 
 
-def check_rerun(run_dir: Path, new: dict, resume: bool | str, flag: str, load_old=None) -> list[str]:
+def check_rerun(run_dir: Path, new: dict, resume: bool | str, flag: str, load_old=None,
+                model_config=None) -> list[str]:
     """Refuse a fresh run into a folder that holds checkpoints; the keys a resume changes.
 
     A folder with checkpoints is only ever continued (``--resume``); the refusal names the
     settings that differ from the run's ``config.toml`` (read by ``load_old(path) -> dict``, by
     default as a pre-training config), so a re-run with other settings never silently replaces
     the finished one. With ``--resume`` the changed keys are returned (the caller says so and
-    keeps the old config as ``config.previous.toml``).
+    keeps the old config as ``config.previous.toml``). With ``model_config`` (the model the run
+    would build), a resume whose checkpoint holds another model (a changed ``[model]`` field) is
+    refused here, before anything in the folder is rewritten, naming the fields.
     """
     from .checkpoint import latest_checkpoint
     from .config import config_from_dict, read_toml
@@ -269,7 +272,31 @@ def check_rerun(run_dir: Path, new: dict, resume: bool | str, flag: str, load_ol
                           f"{' with these settings' if changed else ''}, or choose another {flag}{differs}")
     if resume is True and ckpt is None:
         raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if resume and model_config is not None:
+        check_resumed_model(run_dir, resume, model_config)
     return changed
+
+
+def check_resumed_model(run_dir: Path, resume: bool | str, model_config) -> None:
+    """Refuse (one ConfigError line naming the fields) a resume whose checkpoint's config.json
+    describes another model than ``model_config``: a resume continues the same model. An
+    unreadable checkpoint is left to the loader, whose error names the file."""
+    from ..model.registry import read_config_json
+    from .checkpoint import resume_checkpoint
+
+    try:
+        ckpt = resume_checkpoint(run_dir) if resume is True else Path(resume)
+        saved = read_config_json(ckpt)
+    except UserError:
+        return
+    now = model_config.to_dict()
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k in now)
+    if differ:
+        shown = ", ".join(f"{k} = {now.get(k)!r} (the checkpoint: {saved.get(k)!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ConfigError(f"--resume: {ckpt} holds another model: {shown}{more}; a resume continues the same "
+                          f"model (drop the [model] change, or start a new run with [model] init_from = "
+                          f"\"{ckpt}\")")
 
 
 def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = None, quiet: bool = False,
@@ -294,6 +321,8 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
         except CheckpointError as e:
             raise ConfigError(f"{e} (the run writes its trained model there)") from None
         model, task, final_files = build_pretraining(cfg)
+        if resume:                            # before the folder's config.toml is rewritten
+            check_resumed_model(run_dir, resume, model.config)
         if not is_main():
             quiet = True                      # rank 0 prints and writes the run folder
         config_path = run_dir / "config.toml"
@@ -311,4 +340,4 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
 
 
 __all__ = ["PretrainTask", "LMBatch", "LMBatches", "build_pretraining", "pretrain",
-           "check_rerun", "is_pretrain_run"]
+           "check_rerun", "check_resumed_model", "is_pretrain_run"]

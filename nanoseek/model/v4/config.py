@@ -173,13 +173,13 @@ class DeepseekV4Config:
         if self.layer_types is None:
             self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
         else:
-            self.layer_types = list(self.layer_types)
+            self.layer_types = list(self.layer_types)[:n] if n else list(self.layer_types)   # as transformers cuts
         if self.mlp_layer_types is None:
             k = legacy.get("num_hash_layers")
             k = DEFAULT_NUM_HASH_LAYERS if k is None else k
             self.mlp_layer_types = ["hash_moe"] * min(n, k) + ["moe"] * max(0, n - k)
         else:
-            self.mlp_layer_types = list(self.mlp_layer_types)
+            self.mlp_layer_types = list(self.mlp_layer_types)[:n] if n else list(self.mlp_layer_types)
         if self.partial_rotary_factor is None:
             rd = legacy.get("qk_rope_head_dim")
             self.partial_rotary_factor = rd / self.head_dim if rd is not None else DEFAULT_PARTIAL_ROTARY_FACTOR
@@ -299,7 +299,7 @@ class DeepseekV4Config:
         """Build from a config.json-style dict; unknown keys and wrong types name the field."""
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        if d.get("model_type") in ("deepseek_v3", "deepseek_v32", "deepseek_v2"):   # V3's (a fine-tune's own type: registry)
             raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not {MODEL_TYPE!r}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -329,6 +329,31 @@ class DeepseekV4Config:
             path = path / "config.json"
         return cls.from_dict(read_json(path), source=str(path))
 
+    # fields whose value the resolved rope_parameters repeat: (field, rope_parameters branches, key)
+    ROPE_FIELDS = (("rope_theta", ("main",), "rope_theta"), ("compress_rope_theta", ("compress",), "rope_theta"),
+                   ("partial_rotary_factor", ("main", "compress"), "partial_rotary_factor"))
+
+    @classmethod
+    def rebase(cls, base: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        """``base`` (a :meth:`to_dict`) ready to take the override ``fields``: what the resolution
+        derived from a field follows it: the RoPE bases and rotary fraction inside
+        ``rope_parameters`` (its YaRN settings kept), and the layer schedules when there are more
+        layers than they list (fewer: they are cut, as transformers cuts them)."""
+        base = copy.deepcopy(base)
+        rp = base.get("rope_parameters")
+        if "rope_parameters" not in fields and isinstance(rp, dict):
+            for name, branches, key in cls.ROPE_FIELDS:
+                if name in fields:
+                    for b in branches:
+                        if isinstance(rp.get(b), dict):
+                            rp[b][key] = fields[name]
+        n = fields.get("num_hidden_layers")
+        if isinstance(n, int):
+            for key in ("layer_types", "mlp_layer_types"):
+                if key not in fields and isinstance(base.get(key), list) and len(base[key]) < n:
+                    base.pop(key)
+        return base
+
     def to_dict(self) -> dict[str, Any]:
         """The HF config.json content (with model_type/architectures so transformers loads it)."""
         d = dataclasses.asdict(self)
@@ -340,8 +365,7 @@ class DeepseekV4Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> "DeepseekV4Config":
-        d = self.to_dict()
-        d.update(changes)
+        d = {**self.rebase(self.to_dict(), changes), **changes}
         if "num_hidden_layers" in changes:   # schedules re-derive unless given
             for key in ("layer_types", "mlp_layer_types"):
                 if key not in changes:
