@@ -8,7 +8,9 @@ Gate (DeepSeek-V3, ``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``), in f
   5. weights = the UNBIASED s of the chosen experts, normalised to sum 1 (norm_topk_prob),
      times routed_scaling_factor
 DeepSeek-V2 routing (softmax scores, ``greedy`` / ``group_limited_greedy`` with the group max)
-is also supported so V2 checkpoints run.
+is also supported so V2 checkpoints run. Node-limited routing (``Gate.node_limit = (nodes, M)``,
+set by the trainer, never in config.json; :mod:`.routing`) replaces step 3 with the experts'
+nodes as groups, scored by the sum of their top ceil(K/M) s_b, keeping M (ties: the lower node).
 
 Experts run as batched work: the N*k (token, expert) pairs are sorted by expert and each
 projection is ONE grouped matmul over contiguous per-expert segments (``torch._grouped_mm``
@@ -47,6 +49,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp32 import keep_fp32
+from .routing import node_limit_problem, per_node
 
 
 class MLP(nn.Module):
@@ -77,6 +80,15 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.node_limit: tuple[int, int] | None = None   # (nodes, M): node-limited routing (set_node_limit)
+
+    def set_node_limit(self, nodes: int, max_nodes: int, config: ModelConfig, ep: int = 1) -> None:
+        """Route each token to experts on at most ``max_nodes`` of ``nodes`` contiguous expert blocks."""
+        why = node_limit_problem(config, nodes, max_nodes, ep)
+        if why:
+            raise ValueError(why)
+        same = (nodes, max_nodes) == (self.n_group, self.topk_group)   # the config's own rule already
+        self.node_limit = None if same else (nodes, max_nodes)
 
     def _apply(self, fn, recurse=True):
         # The router stays exactly fp32 whatever dtype the model is cast to (HF keeps it fp32 too).
@@ -87,7 +99,14 @@ class Gate(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if self.n_group > 1 and self.topk_method != "greedy":
+        if self.node_limit is not None:
+            nodes, m = self.node_limit
+            grouped = choice.view(-1, nodes, self.n_experts // nodes)
+            node_scores = grouped.topk(per_node(self.top_k, m), dim=-1).values.sum(dim=-1)   # [N, nodes]
+            keep = node_scores.sort(dim=-1, descending=True, stable=True).indices[:, :m]
+            node_mask = torch.zeros_like(node_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~node_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        elif self.n_group > 1 and self.topk_method != "greedy":
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             if self.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)   # [N, n_group]
