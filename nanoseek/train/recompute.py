@@ -112,9 +112,9 @@ def _mark_zones(block: nn.Module) -> None:
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (
     Policy("none", "keep every activation (no recomputation)", None, active=False),
-    Policy("full", "keep each layer's input only; re-run the layer in the backward", None),
     Policy("selective", "DeepSeek-V3: re-run RMSNorms and the MLA up-projections (and cheap elementwise ops); "
                         "keep matmul and attention outputs", _selective_contexts),
+    Policy("full", "keep each layer's input only; re-run the layer in the backward", None),
 )}
 DEFAULT = "none"
 
