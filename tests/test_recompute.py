@@ -193,3 +193,50 @@ def test_trainer_runs_every_mode_to_the_same_losses_and_weights(tmp_path):
             torch.testing.assert_close(w[k], ref_w[k], rtol=0, atol=1e-6, msg=k)
     start = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r.get("event") == "start"]
     assert json.dumps(start)   # the run logged normally
+
+
+# ---------------------------------------------------------------------------- with FSDP2 / expert parallelism
+def _layout_worker(rank: int, out: Path, raw: dict) -> None:
+    from nanoseek.model.moe import Gate
+    from nanoseek.train.pretrain import pretrain
+    spans = []
+
+    def spy(module, args, output):
+        if isinstance(module, Gate) and torch.is_grad_enabled():
+            nodes, m = module.node_limit
+            per = module.n_experts // nodes
+            idx = output[1]
+            spans.append(max(len(set((row // per).tolist())) for row in idx))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(spy)
+    try:
+        pretrain(config_from_dict(raw, "test"), progress=False, quiet=True)
+    finally:
+        handle.remove()
+    (out / f"spans{rank}.json").write_text(json.dumps(spans))
+
+
+@pytest.mark.parametrize("recompute,parallel", [("selective", {"ep": 2}),
+                                               pytest.param("full", {"ep": 2, "fsdp": True}, marks=pytest.mark.slow)],
+                         ids=["selective-ep2", "full-fsdp-ep2"])
+def test_two_ranks_with_recompute_and_node_limited_routing_match_one_process(tmp_path, recompute, parallel):
+    """2 gloo ranks (EP 2 = one 'node' each, tokens to at most 1 node) with recomputation train
+    exactly like one process without recomputation and with the same routing rule."""
+    from test_distributed import assert_same_steps, raw_config, spawn
+    routing = {"max_nodes_per_token": 1, "expert_nodes": 2, "seq_aux_alpha": 0.01}
+    ref = raw_config(tmp_path / "one" / "run", 4, steps=3)
+    ref["model"].update(n_group=1, topk_group=1)
+    ref["train"].update(routing)
+    (tmp_path / "one").mkdir()
+    _layout_worker(0, tmp_path / "one", ref)
+    raw = raw_config(tmp_path / "two" / "run", 2, steps=3, **parallel)
+    raw["model"].update(n_group=1, topk_group=1)
+    raw["train"].update(routing, recompute=recompute)
+    (tmp_path / "two").mkdir()
+    spawn(_layout_worker, tmp_path / "two", raw, world=2)
+    assert_same_steps(tmp_path / "two" / "run", tmp_path / "one" / "run", [1, 2, 3])
+    for r in (0, 1):
+        spans = json.loads((tmp_path / "two" / f"spans{r}.json").read_text())
+        assert spans and max(spans) == 1          # every token's experts on one node (rank)
+    free = json.loads((tmp_path / "one" / "spans0.json").read_text())
+    assert free and max(free) == 1
