@@ -210,3 +210,11 @@ def test_trainer_sets_the_limit_on_every_gate_and_refuses_a_bad_layout(tmp_path)
     # auto nodes in one process: one node, so M = 2 cannot apply
     with pytest.raises(ConfigError, match=r"max_nodes_per_token = 2 with 1 expert node\(s\): must be in \[1, 1\]"):
         pretrain(config_from_dict(_raw(tmp_path / "b", {"max_nodes_per_token": 2}), "t"), progress=False, quiet=True)
+
+
+def test_v4_refuses_in_one_line(tmp_path):
+    raw = _raw(tmp_path, {"max_nodes_per_token": 1, "expert_nodes": 2})
+    raw["model"] = {"preset": "v4-tiny"}
+    with pytest.raises(ConfigError, match=r"t.toml: \[train\] max_nodes_per_token = 1: not supported for "
+                                          r"model_type 'deepseek_v4'"):
+        config_from_dict(raw, "t.toml")

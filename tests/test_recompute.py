@@ -119,6 +119,20 @@ def test_losses_gradients_and_loads_equal_no_recompute(mode, variant):
         assert torch.equal(a, b) and a.sum() > 0       # counted once, not again in the recompute
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_bf16_autocast_is_exact_too(mode):
+    base = make_tiny_model(seed=4)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for model in (copy.deepcopy(base), apply_recompute(copy.deepcopy(base), mode)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = objective(model(ids, labels=ids))
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_inference_never_recomputes(monkeypatch):
     model = apply_recompute(make_tiny_model(), "full").eval()
     monkeypatch.setattr("nanoseek.train.recompute.checkpoint",

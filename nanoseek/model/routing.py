@@ -65,6 +65,8 @@ def set_node_limit(model, nodes: int, max_nodes: int, ep: int = 1) -> int:
     if why:
         raise ValueError(why)
     gates = [m for m in model.modules() if hasattr(m, "set_node_limit")]
+    if not gates:
+        raise ValueError("the model has no router with node-limited routing")
     for g in gates:
         g.set_node_limit(nodes, max_nodes, model.config, ep)
     return len(gates)

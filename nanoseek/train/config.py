@@ -529,6 +529,8 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         require(model_cfg, "fsdp", f"{source}: [parallel] fsdp = true")
     if t.recompute != "none":
         require(model_cfg, "recompute", f"{source}: [train] recompute = {t.recompute!r}")
+    if t.max_nodes_per_token:
+        require(model_cfg, "node_limited_routing", f"{source}: [train] max_nodes_per_token = {t.max_nodes_per_token}")
     if t.max_nodes_per_token and t.expert_nodes:    # (expert_nodes = 0: resolved and checked at run time)
         from ..model.routing import node_limit_problem
         why = node_limit_problem(model_cfg, t.expert_nodes, t.max_nodes_per_token, par.ep)

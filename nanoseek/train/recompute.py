@@ -19,7 +19,15 @@ unchanged. The policies (:data:`POLICIES`, one default):
   GEMMs, and attention's SDPA output) and everything else is re-run from them: every RMSNorm,
   the MLA up-projections ``q_b_proj`` / ``kv_b_proj`` (their matmuls are deliberately NOT kept,
   so the per-head queries, keys and values are rebuilt from the latents ``c_Q`` / ``c_KV`` and
-  never stored), RoPE and the other elementwise ops (SwiGLU's activation, residual adds).
+  never stored), RoPE and the other elementwise ops (SwiGLU's activation, residual adds, the
+  MoE's routing and dispatch). The regions are drawn with module hooks: inside an attention
+  module a matmul is recomputed unless it runs in one of its kept projections (``q_a_proj``,
+  ``kv_a_proj_with_mqa``, ``o_proj``, V3.2's indexer projections); attention computed op by op
+  (the CPU's math path, when MLA's key and value head sizes differ) is then recomputed too, where
+  a fused kernel's output is kept. Per DeepSeek-V3 MoE layer (bf16) it keeps ~34% of the bytes of
+  ``none`` (``nanoseek.estimate.activations``); the time it adds is the elementwise work and the
+  up-projections, small beside the matmuls on a GPU, about a forward pass on a CPU, where
+  elementwise ops cost as much as matmuls (``benchmarks/bench_recompute.py``).
 
 Side effects of a layer's forward must happen once per step, not again in the recompute: the
 MoE load counter (``MoE.load``, the aux-loss-free bias update's input) and the losses a layer
