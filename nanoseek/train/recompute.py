@@ -25,9 +25,10 @@ unchanged. The policies (:data:`POLICIES`, one default):
   ``kv_a_proj_with_mqa``, ``o_proj``, V3.2's indexer projections); attention computed op by op
   (the CPU's math path, when MLA's key and value head sizes differ) is then recomputed too, where
   a fused kernel's output is kept. Per DeepSeek-V3 MoE layer (bf16) it keeps ~34% of the bytes of
-  ``none`` (``nanoseek.estimate.activations``); the time it adds is the elementwise work and the
-  up-projections, small beside the matmuls on a GPU, about a forward pass on a CPU, where
-  elementwise ops cost as much as matmuls (``benchmarks/bench_recompute.py``).
+  ``none`` (``nanoseek.estimate.activations``); the time it adds is the elementwise work, the
+  routing and the up-projections, which on a CPU cost nearly as much as the matmuls it keeps
+  (``benchmarks/bench_recompute.py``: between ``none`` and ``full``, noisy on a shared machine);
+  on a GPU the matmuls dominate more (not measured here).
 
 Side effects of a layer's forward must happen once per step, not again in the recompute: the
 MoE load counter (``MoE.load``, the aux-loss-free bias update's input) and the losses a layer
