@@ -254,3 +254,17 @@ def test_two_ranks_with_recompute_and_node_limited_routing_match_one_process(tmp
         assert spans and max(spans) == 1          # every token's experts on one node (rank)
     free = json.loads((tmp_path / "one" / "spans0.json").read_text())
     assert free and max(free) == 1
+
+
+def test_benchmark_runs_and_its_figures_agree(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_recompute", Path(__file__).parent.parent / "benchmarks"
+                                                  / "bench_recompute.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    assert bench.main(["--layers", "2", "--hidden", "64", "--seq", "32", "--steps", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())["figures"]
+    for f in figures.values():
+        assert f["layer_bytes_per_token"] == pytest.approx(f["analytic_bytes_per_token"], rel=0.01)
+    assert figures["full"]["layer_fraction"] < figures["selective"]["layer_fraction"] < 0.6
