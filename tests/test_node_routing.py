@@ -10,7 +10,6 @@ the unbiased scores normalised and scaled. Ties are made exact by logits in {-20
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import warnings
@@ -102,8 +101,8 @@ def test_nodes_as_groups_equal_group_limited_routing(G, M, ties_by_position):
     limited = gate_for(E, k, G, M)
     assert limited.node_limit == (G, M) and grouped.node_limit is None
     g = torch.Generator().manual_seed(G * 10 + M)
-    for x, bias in [((torch.randint(-1, 2, (64, E), generator=g) * 200).float(), torch.randint(0, 4, (E,), generator=g) / 8),
-                    (torch.randn(64, E, generator=g), torch.randn(E, generator=g) * 0.1)]:
+    ties = ((torch.randint(-1, 2, (64, E), generator=g) * 200).float(), torch.randint(0, 4, (E,), generator=g) / 8)
+    for x, bias in [ties, (torch.randn(64, E, generator=g), torch.randn(E, generator=g) * 0.1)]:
         with torch.no_grad():
             grouped.e_score_correction_bias.copy_(bias)
             limited.e_score_correction_bias.copy_(bias)

@@ -62,7 +62,8 @@ def layer_activation_bytes(config, mode: str, moe: bool, dtype_bytes: int = 4) -
                                                       + c.index_n_heads) * b
         if moe:
             out["router (scores, weights, ids)"] = (E + 1 + k) * f32 + k * idx
-            out["routed experts (k x: input, SwiGLU, output, weighted)"] = k * (3 * d + 4 * inter) * b + k * (f32 + 2 * idx)
+            out["routed experts (k x: input, SwiGLU, output, weighted)"] = (k * (3 * d + 4 * inter) * b
+                                                                             + k * (f32 + 2 * idx))
             if shared:
                 out["shared experts SwiGLU"] = 4 * shared * b
         else:

@@ -318,4 +318,5 @@ def saved_tensor_bytes(model: nn.Module, fn: Callable[[], Any]) -> tuple[Any, in
     return result, sum(seen.values())
 
 
-__all__ = ["held_activation_bytes", "saved_tensor_bytes", "POLICIES", "DEFAULT", "Policy", "policy", "apply_recompute", "recompute_mode"]
+__all__ = ["POLICIES", "DEFAULT", "Policy", "policy", "apply_recompute", "recompute_mode",
+           "held_activation_bytes", "saved_tensor_bytes"]
