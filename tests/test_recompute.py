@@ -269,3 +269,19 @@ def test_benchmark_runs_and_its_figures_agree(tmp_path):
     for f in figures.values():
         assert f["layer_bytes_per_token"] == pytest.approx(f["analytic_bytes_per_token"], rel=0.01)
     assert figures["full"]["layer_fraction"] < figures["selective"]["layer_fraction"] < 0.6
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_first_forward_of_a_process_inside_a_recomputed_layer(mode):
+    """The MoE's one-time grouped-matmul probe (a forward and backward of its own) runs in the
+    first MoE forward, i.e. inside a checkpointed layer: it must stay out of the region's hooks
+    and selective cache."""
+    from nanoseek.model.moe import grouped_mm_supported
+    base = make_tiny_model(seed=6)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+    ref_loss, ref_grads, _ = _grads_after(copy.deepcopy(base), ids)
+    grouped_mm_supported.cache_clear()
+    loss, grads, _ = _grads_after(apply_recompute(copy.deepcopy(base), mode), ids)
+    assert torch.equal(loss, ref_loss)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=1e-6, msg=n)

@@ -41,6 +41,7 @@ P_i = mean over the sequence of s_i / sum_j s_j.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -126,12 +127,26 @@ class Gate(nn.Module):
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs forward and backward here (it depends on torch/device).
 
-    Probed once per (device, dtype); with grad forced on, so a first call under ``no_grad`` or
-    ``inference_mode`` (generation) does not cache a spurious False for later training.
+    Probed once per (device, dtype), in a thread of its own: none of the caller's thread-local
+    state reaches it (``no_grad`` / ``inference_mode`` would cache a spurious False for later
+    training; autocast would change its dtype; an activation-checkpoint region's saved-tensor hooks
+    and dispatch modes, around a first forward, would capture the probe's own backward).
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
+    result: list[bool] = []
+    # the caller's GPU (the current CUDA device is per thread too)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+    thread = threading.Thread(target=lambda: result.append(_probe_grouped_mm(device, dtype)))
+    thread.start()
+    thread.join()
+    return bool(result and result[0])
+
+
+def _probe_grouped_mm(device_type: torch.device, dtype: torch.dtype) -> bool:
     try:
+        if device_type.type == "cuda":
+            torch.cuda.set_device(device_type)
         with torch.inference_mode(False), torch.enable_grad():
             # fixed values, not torch.randn: probing must not advance the global RNG
             x = (torch.arange(48, dtype=torch.float32, device=device_type).view(6, 8) / 48).to(dtype)

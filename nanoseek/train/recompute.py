@@ -160,12 +160,13 @@ class _Recompute:
     """The context a recompute runs in: the policy's own, and the side effects undone after."""
 
     def __init__(self, policy_context, block: nn.Module):
-        self.contexts = (_side_effects_once(block), policy_context)   # the policy innermost
+        self.policy_context, self.block = policy_context, block
         self.stack = contextlib.ExitStack()
 
-    def __enter__(self):
-        for c in self.contexts:
-            self.stack.enter_context(c)
+    def __enter__(self):   # (again for each backward that recomputes the region)
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(_side_effects_once(self.block))
+        self.stack.enter_context(self.policy_context)                 # the policy innermost
         return self
 
     def __exit__(self, *exc):
