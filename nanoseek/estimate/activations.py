@@ -19,6 +19,7 @@ the O(T) attention probabilities of the KL stage), and MHA layers (MLA only).
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..model.registry import V3, family_of
 
 MODES = ("none", "selective", "full")     # the [train] recompute values (train/recompute.py's POLICIES)
 
@@ -35,7 +36,9 @@ def layer_activation_bytes(config, mode: str, moe: bool, dtype_bytes: int = 4) -
     if mode not in MODES:
         raise ConfigError(f"recompute = {mode!r}: unknown; choose one of {', '.join(MODES)}")
     c = config
-    if getattr(c, "attention_type", "mla") != "mla":
+    if family_of(c) is not V3:
+        raise ConfigError(f"activation count: {family_of(c).name} layers are not modelled (DeepSeek-V3 family only)")
+    if c.attention_type != "mla":
         raise ConfigError(f"activation count: attention_type {c.attention_type!r} is not modelled (MLA only)")
     b, f32, idx = dtype_bytes, 4, 8
     d, H = c.hidden_size, c.num_attention_heads
@@ -88,6 +91,9 @@ def layer_activation_bytes(config, mode: str, moe: bool, dtype_bytes: int = 4) -
 def activation_bytes_per_token(config, mode: str, layer_idx: int | None = None, dtype_bytes: int = 4) -> float:
     """Bytes per token a decoder layer keeps for the backward under ``mode`` (see
     :func:`layer_activation_bytes`): layer ``layer_idx``, or the mean over the main layers."""
+    if family_of(config) is not V3:
+        raise ConfigError(f"activation count: {family_of(config).name} layers are not modelled "
+                          "(DeepSeek-V3 family only)")
     layers = range(config.num_hidden_layers) if layer_idx is None else [layer_idx]
     total = sum(sum(layer_activation_bytes(config, mode, config.is_moe_layer(i), dtype_bytes).values())
                 for i in layers)
