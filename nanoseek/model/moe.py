@@ -8,7 +8,9 @@ Gate (DeepSeek-V3, ``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``), in f
   5. weights = the UNBIASED s of the chosen experts, normalised to sum 1 (norm_topk_prob),
      times routed_scaling_factor
 DeepSeek-V2 routing (softmax scores, ``greedy`` / ``group_limited_greedy`` with the group max)
-is also supported so V2 checkpoints run.
+is also supported so V2 checkpoints run. Node-limited routing (``Gate.node_limit = (nodes, M)``,
+set by the trainer, never in config.json; :mod:`.routing`) replaces step 3 with the experts'
+nodes as groups, scored by the sum of their top ceil(K/M) s_b, keeping M (ties: the lower node).
 
 Experts run as batched work: the N*k (token, expert) pairs are sorted by expert and each
 projection is ONE grouped matmul over contiguous per-expert segments (``torch._grouped_mm``
@@ -39,6 +41,7 @@ P_i = mean over the sequence of s_i / sum_j s_j.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -47,6 +50,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp32 import keep_fp32
+from .routing import node_limit_problem, per_node
 
 
 class MLP(nn.Module):
@@ -77,6 +81,15 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.node_limit: tuple[int, int] | None = None   # (nodes, M): node-limited routing (set_node_limit)
+
+    def set_node_limit(self, nodes: int, max_nodes: int, config: ModelConfig, ep: int = 1) -> None:
+        """Route each token to experts on at most ``max_nodes`` of ``nodes`` contiguous expert blocks."""
+        why = node_limit_problem(config, nodes, max_nodes, ep)
+        if why:
+            raise ValueError(why)
+        same = (nodes, max_nodes) == (self.n_group, self.topk_group)   # the config's own rule already
+        self.node_limit = None if same else (nodes, max_nodes)
 
     def _apply(self, fn, recurse=True):
         # The router stays exactly fp32 whatever dtype the model is cast to (HF keeps it fp32 too).
@@ -87,7 +100,14 @@ class Gate(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if self.n_group > 1 and self.topk_method != "greedy":
+        if self.node_limit is not None:
+            nodes, m = self.node_limit
+            grouped = choice.view(-1, nodes, self.n_experts // nodes)
+            node_scores = grouped.topk(per_node(self.top_k, m), dim=-1).values.sum(dim=-1)   # [N, nodes]
+            keep = node_scores.sort(dim=-1, descending=True, stable=True).indices[:, :m]
+            node_mask = torch.zeros_like(node_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~node_mask[..., None], float("-inf")).view(-1, self.n_experts)
+        elif self.n_group > 1 and self.topk_method != "greedy":
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             if self.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)   # [N, n_group]
@@ -107,12 +127,26 @@ class Gate(nn.Module):
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs forward and backward here (it depends on torch/device).
 
-    Probed once per (device, dtype); with grad forced on, so a first call under ``no_grad`` or
-    ``inference_mode`` (generation) does not cache a spurious False for later training.
+    Probed once per (device, dtype), in a thread of its own: none of the caller's thread-local
+    state reaches it (``no_grad`` / ``inference_mode`` would cache a spurious False for later
+    training; autocast would change its dtype; an activation-checkpoint region's saved-tensor hooks
+    and dispatch modes, around a first forward, would capture the probe's own backward).
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
+    result: list[bool] = []
+    # the caller's GPU (the current CUDA device is per thread too)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+    thread = threading.Thread(target=lambda: result.append(_probe_grouped_mm(device, dtype)))
+    thread.start()
+    thread.join()
+    return bool(result and result[0])
+
+
+def _probe_grouped_mm(device_type: torch.device, dtype: torch.dtype) -> bool:
     try:
+        if device_type.type == "cuda":
+            torch.cuda.set_device(device_type)
         with torch.inference_mode(False), torch.enable_grad():
             # fixed values, not torch.randn: probing must not advance the global RNG
             x = (torch.arange(48, dtype=torch.float32, device=device_type).view(6, 8) / 48).to(dtype)

@@ -61,6 +61,9 @@ V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
                 "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
                 "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
                 "fsdp": "FSDP wrapping is written for V3's decoder layers ([parallel] fsdp = false)",
+                "node_limited_routing": "V4's router (hash layers, sqrt-softplus scores) has no group or node limit "
+                                        "([train] max_nodes_per_token = 0)",
+                "recompute": "activation recomputation wraps V3's decoder layers ([train] recompute = \"none\")",
                 "indexer_training": "the compressed-attention indexers have no training stage in nanoseek yet "
                                     "(V3.2's dense warm-up and KL are written for MLA)",
             })

@@ -144,6 +144,9 @@ class TrainSection:
     dsa_warmup_steps: int = 0         # V3.2: first steps train only the indexers against dense attention (train/dsa.py)
     dsa_warmup_freeze: bool = True    # V3.2: the warm-up trains only the indexers (false: everything, dense; from scratch)
     indexer_loss_weight: float = 1.0  # V3.2: weight of the indexers' KL loss (0: indexers frozen)
+    recompute: str = "none"           # activation recomputation: "none", "selective" (V3's: RMSNorm + MLA up-proj), "full"
+    max_nodes_per_token: int = 0      # node-limited routing (V3 2.1.2): each token's experts on at most M nodes (0: off)
+    expert_nodes: int = 0             # ...the nodes the routed experts span (0: from the layout, ep / ranks per node)
     tensorboard: bool = False         # also log to RUN/tensorboard (needs the tensorboard package)
     wandb_project: str = ""           # also log to this W&B project (needs the wandb package)
 
@@ -484,9 +487,13 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     for key in ("keep_last", "log_every"):
         if getattr(t, key) < 1:
             raise bad("train", key, "must be >= 1")
-    for key in ("mtp_lambda", "bias_update_gamma", "seq_aux_alpha", "dsa_warmup_steps", "indexer_loss_weight"):
+    for key in ("mtp_lambda", "bias_update_gamma", "seq_aux_alpha", "dsa_warmup_steps", "indexer_loss_weight",
+                "max_nodes_per_token", "expert_nodes"):
         if getattr(t, key) < 0:
             raise bad("train", key, "must be >= 0")
+    from ..estimate.activations import MODES as RECOMPUTE_MODES
+    if t.recompute not in RECOMPUTE_MODES:
+        raise bad("train", "recompute", "must be " + ", ".join(repr(m) for m in RECOMPUTE_MODES))
     for key in ("window", "min_history", "trend_window", "reference_batches"):
         if getattr(s, key) < 1:
             raise bad("spike", key, "must be >= 1")
@@ -520,6 +527,15 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         require(model_cfg, "expert_parallel", f"{source}: [parallel] ep = {par.ep}")
     if par.fsdp:
         require(model_cfg, "fsdp", f"{source}: [parallel] fsdp = true")
+    if t.recompute != "none":
+        require(model_cfg, "recompute", f"{source}: [train] recompute = {t.recompute!r}")
+    if t.max_nodes_per_token:
+        require(model_cfg, "node_limited_routing", f"{source}: [train] max_nodes_per_token = {t.max_nodes_per_token}")
+    if t.max_nodes_per_token and t.expert_nodes:    # (expert_nodes = 0: resolved and checked at run time)
+        from ..model.routing import node_limit_problem
+        why = node_limit_problem(model_cfg, t.expert_nodes, t.max_nodes_per_token, par.ep)
+        if why:
+            raise bad("train", "max_nodes_per_token", why)
     if par.ep > 1 and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % par.ep):
         raise bad("parallel", "ep", f"must divide the model's n_routed_experts = {model_cfg.n_routed_experts}")
     if o.seq_len > model_cfg.max_position_embeddings:

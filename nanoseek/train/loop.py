@@ -91,7 +91,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest_checkpoint, list_checkpoints,
                          load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
 from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
@@ -288,6 +288,7 @@ class Trainer:
         self.device = resolve_device(train.device)
         self.dist = ParallelRuntime(parallel, self.device)       # one process: does nothing
         self.model = self.dist.parallelize(model.to(self.device), task)
+        self._apply_train_options(train)
         self.task = task
         self.hooks = list(hooks)
         for h in self.hooks:                  # the bias update counts the load of all ranks
@@ -338,6 +339,22 @@ class Trainer:
         self.peak_flops: float | None = None
         self._bar: ProgressDisplay | None = None
         self._clock = time.perf_counter()
+
+    def _apply_train_options(self, train: TrainSection) -> None:
+        """Options applied to the built (parallelised) model from outside: activation
+        recomputation (``recompute.py``) and node-limited routing (``model/routing.py``)."""
+        from .recompute import apply_recompute
+        apply_recompute(self.model, train.recompute)
+        if train.max_nodes_per_token:
+            from ..model.routing import layout_nodes, set_node_limit
+            ep = self.dist.ep if self.dist.active else 1
+            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            nodes = train.expert_nodes or layout_nodes(ep, ranks_per_node)
+            try:
+                set_node_limit(self.model, nodes, train.max_nodes_per_token, ep)
+            except ValueError as e:
+                raise ConfigError(f"[train] max_nodes_per_token = {train.max_nodes_per_token} with "
+                                  f"{nodes} expert node(s): {e}") from None
 
     # ------------------------------------------------------------------ public controls
     def request_stop(self, reason: str = "requested") -> None:
