@@ -599,7 +599,7 @@ class Trainer:
         counts: dict[str, int] = {}
         piped = self.dist.forward_backward(self.task, model, micro, scale, self.autocast)
         if piped is not None:                 # pp > 1: the pipeline schedule ran every micro-batch
-            loss_sum, sums, counts = torch.tensor(piped[0]), piped[1], piped[2]
+            loss_sum, sums, counts = torch.tensor(piped[0], dtype=torch.float64), piped[1], piped[2]
         with self.dsa.step(model, stage):
             for i, mb in enumerate(micro if piped is None else []):
                 self.dist.set_gradient_sync(model, i == len(micro) - 1)

@@ -245,7 +245,7 @@ class PipelineParallel:
         self.metric_keys: list[str] = []
         self.stats: dict[str, float] = {}
         self._schedules: dict[tuple, Any] = {}
-        self.events: list[dict] | None = None             # set to a list to record timings (instrument)
+        self.events: list[dict] | None = None             # a list: every stage action's timing is appended
 
     @property
     def holds_first(self) -> bool:
@@ -316,9 +316,8 @@ class PipelineParallel:
             loss_fn = self._loss
             sched = cls(pstages[0] if self.spec.stages_per_rank == 1 else pstages, n_microbatches=n,
                         loss_fn=loss_fn, scale_grads=False)
-            if self.events is not None:
-                for st in pstages:
-                    instrument(st, self.events)
+            for st in pstages:                       # timings go to self.events while it is a list
+                instrument(st, lambda e: self.events.append(e) if self.events is not None else None)
             self._schedules[key] = sched
         return self._schedules[key]
 
@@ -399,6 +398,11 @@ def executed_order(schedule: Any) -> dict[int, list[str]]:
     return {rank: [str(a) for a in actions if a is not None] for rank, actions in order.items()}
 
 
+def events_order(events: list[dict]) -> list[str]:
+    """The actions a rank executed, in order, from :func:`instrument`'s events (``"0F1"`` etc.)."""
+    return [f"{e['stage']}{e['kind']}{e['mb']}" for e in sorted(events, key=lambda e: e["start"])]
+
+
 def build_schedule_order(name: str, pp: int, microbatches: int) -> dict[int, list[str]]:
     """The action order of schedule ``name`` on ``pp`` ranks without running it (single-process:
     torch computes ``pipeline_order`` from the stage count; a fake process group is not needed)."""
@@ -429,17 +433,19 @@ def build_schedule_order(name: str, pp: int, microbatches: int) -> dict[int, lis
     return out
 
 
-def instrument(stage: Any, events: list[dict]) -> None:
-    """Wrap a PipelineStage's forward/backward methods so each call appends
-    ``{"stage", "kind" (F, B, I, W), "mb", "start", "end"}`` (perf_counter seconds) to ``events``."""
+def instrument(stage: Any, record: Callable[[dict], None]) -> None:
+    """Wrap a PipelineStage's forward/backward methods so each call passes
+    ``{"stage", "kind" (F, B, I, W), "mb", "start", "end"}`` (``time.perf_counter`` seconds; the
+    action's compute, sends not included) to ``record`` (e.g. ``events.append``).
+    :func:`events_order` turns them into the executed order."""
     def wrap(fn, kind_of):
         def inner(chunk, *args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return fn(chunk, *args, **kwargs)
             finally:
-                events.append({"stage": stage.stage_index, "kind": kind_of(kwargs), "mb": chunk,
-                               "start": t0, "end": time.perf_counter()})
+                record({"stage": stage.stage_index, "kind": kind_of(kwargs), "mb": chunk,
+                        "start": t0, "end": time.perf_counter()})
         return inner
     stage.forward_one_chunk = wrap(stage.forward_one_chunk, lambda kw: "F")
     stage.backward_one_chunk = wrap(stage.backward_one_chunk,
@@ -449,4 +455,4 @@ def instrument(stage: Any, events: list[dict]) -> None:
 
 __all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "stage_layers", "stage_rank",
            "local_stages", "num_stages", "StageModule", "PipelineParallel", "PipelineEvalModel",
-           "executed_order", "build_schedule_order", "instrument"]
+           "executed_order", "events_order", "build_schedule_order", "instrument"]
