@@ -170,8 +170,10 @@ class SpikeSection:
 class ParallelSection:
     """``[parallel]``: scale-out under torchrun (see ``nanoseek/train/distributed.py``).
 
-    A single process ignores it (ep must then be 1). Under torchrun every rank is a data-parallel
-    replica reading its own slice of each global batch (``micro_batch_size`` is per rank).
+    A single process ignores it (pp and ep must then be 1). Under torchrun every rank is a
+    data-parallel replica reading its own slice of each global batch (``micro_batch_size`` is per
+    rank); with ``pp > 1`` the world is pp pipeline ranks x world/pp replicas, and a pipeline's
+    ranks read the same rows. The pipeline's micro-batches are ``[optim] grad_accum``'s.
     """
     pp: int = 1                       # pipeline stages' ranks (outer mesh dim): the model cut by layers
     schedule: str = "1f1b"            # pipeline schedule (pipeline.SCHEDULES); micro-batches = [optim] grad_accum

@@ -1,4 +1,4 @@
-"""Scale-out on PyTorch's own runtime: torchrun, ``torch.distributed``, FSDP2 and expert parallelism.
+"""Scale-out on PyTorch's own runtime: torchrun, ``torch.distributed``, FSDP2, expert and pipeline parallelism.
 
 nanoseek has no launcher of its own. ``torchrun --nproc_per_node N -m nanoseek pretrain ...``
 (or ``sft``, ``dpo``, ``grpo``) starts N copies of the ordinary command; each finds ``RANK``,
@@ -42,14 +42,34 @@ step, for what differs between one process and many; everything is a no-op in on
   optimizer's), the others wait at a barrier. Loading reads the full checkpoint on every rank
   and each keeps its shard, so a checkpoint moves between any world sizes, EP sizes and FSDP
   settings (resharding on load). Multi-node runs need the run folder on a shared file system.
+* **Pipeline parallel** (``[parallel] pp = N``, ``schedule``; ``pipeline.py``): the device mesh
+  is ``(pp, dp)`` with dp = world / pp (rank = pp_index x dp + dp_index) and, with EP,
+  ``(pp, dp / ep, ep)``: expert parallelism runs inside each stage's dp ranks exactly as above.
+  Each rank keeps only its stages' modules (decoder-layer slices; the embedding on the first
+  stage, norm, head and MTP on the last) under the full model's parameter names, and a torch
+  schedule (1F1B, GPipe, interleaved 1F1B, ZBV, DualPipeV) runs the step's ``grad_accum``
+  micro-batches: :meth:`forward_backward` is the trainer's hook (None without pipelining, where
+  the trainer runs its micro-batches itself). Data: the ranks of one pipeline read the same
+  rows (:func:`data_rank_world`). Gradients are reduced over the stage's dp group (experts over
+  their ``edp`` group); when a loop-style schedule puts MTP (or tied embeddings) on another rank
+  than the embedding, the last rank holds a replica whose gradient is summed with the first's.
+  The bias update reduces each layer's load over its stage's dp group; the logged loss is the
+  sum of the stages' parts (the last stage's CE + MTP, every stage's balance loss) over the
+  pipeline, averaged over dp; MaxVio and bias ranges are gathered from every stage
+  (:meth:`layer_rows`); validation runs the stages in order (:meth:`eval_model`). Checkpoints:
+  every stage's first replica sends its gathered tensors to rank 0, which writes the 1-rank
+  checkpoint; optimizer moments are mapped by parameter name to a 1-rank optimizer's order (built
+  on a meta-device model), so a checkpoint moves between any pp / ep / dp layouts and one process.
 * **Lockstep**: ranks must agree on when to stop; each step all-reduces (max) the wall clock
   and the stop flag (Ctrl-C / SIGTERM on any rank stops all after the same step).
 
 Simplifications, on purpose: gradients of plain data parallel are reduced after the backward,
 not overlapped with it (use FSDP on GPUs for overlap); the full state is materialised on every
-rank when saving (fine up to a few billion parameters, not for a 671B model, which would want
-``torch.distributed.checkpoint``); no tensor or pipeline parallelism (DeepSeek-V3 used none of
-the former; ``nanoseek estimate --pp`` models the latter).
+rank when saving (rank 0 holds the whole model then: fine up to a few billion parameters, not
+for a 671B model, which would want ``torch.distributed.checkpoint``); no tensor parallelism
+(DeepSeek-V3 used none). Pipelining composes with DP and EP, not with FSDP (refused in one
+line), runs the pre-training objective (a task with ``lm_batch``; SFT/DPO/GRPO use pp = 1) and
+DeepSeek-V3 models (not V3.2's indexer training or V4).
 """
 
 from __future__ import annotations

@@ -70,7 +70,10 @@ Under torchrun the trainer runs on every rank with a :class:`~nanoseek.train.dis
 gives each rank its share of a step's data (a task with ``rank_sharded = True`` reads its own),
 reduces gradients, loss and metrics over ranks, clips by the global norm, feeds the expert-load
 all-reduce to :class:`ExpertBalanceHook`, and gathers / reshards checkpoints; rank 0 alone
-writes files and prints. In one process all of that is a no-op.
+writes files and prints. With pipeline parallelism (``[parallel] pp``) the runtime's
+``forward_backward`` runs the step's micro-batches through the pipeline schedule in place of
+step 2's loop (and of the spike guard's reference pass), and ``eval_model`` is what the task's
+``evaluate`` sees. In one process all of that is a no-op.
 """
 
 from __future__ import annotations
