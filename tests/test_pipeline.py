@@ -50,8 +50,8 @@ class BiasRecorder(Hook):
         self.biases.append(bias.tolist())
         pipe = trainer.dist.pipe
         if pipe is not None and trainer.step == 1:
-            pipe.events = []                          # record step 2's executed actions
-        elif pipe is not None and trainer.step == 2:
+            pipe.events = []                          # (the count before this step) record step 3
+        elif pipe is not None and trainer.step == 2 and pipe.events is not None:
             self.order, pipe.events = events_order(pipe.events), None
         moes = trainer.model.moe_layers()
         self.path.write_text(json.dumps({"biases": self.biases, "order": self.order,
@@ -282,3 +282,29 @@ def test_parallel_pp_is_checked(tmp_path):
     from nanoseek.train.pretrain import pretrain
     with pytest.raises(ConfigError, match="need several processes: launch with torchrun"):
         pretrain(cfg(pp=2), progress=False, quiet=True)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_pipeline(tmp_path):
+    """The documented command line: ``torchrun --nproc_per_node 2 -m nanoseek pretrain ... --set
+    parallel.pp=2 --set parallel.schedule=dualpipev`` trains, logs and writes the 1-rank checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT, _free_port
+    from nanoseek.train.metrics import read_metrics
+    sets = [f"model.{k}={v}" for k, v in MODEL.items() if k != "preset"] + [
+        "optim.seq_len=16", "optim.micro_batch_size=2", "optim.grad_accum=4", "data.val_batches=1",
+        "train.max_steps=2", "train.device=cpu", "parallel.pp=2", "parallel.schedule=dualpipev"]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "nanoseek", "pretrain", "--config", "tiny", "--out-dir", str(tmp_path / "run"),
+           "--no-progress", *[x for s in sets for x in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs if "loss" in r and "event" not in r] == [1, 2]
+    start = [r for r in recs if r.get("event") == "start"][0]
+    assert (start["pp"], start["dp"], start["schedule"], start["stages"]) == (2, 1, "dualpipev", 4)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

@@ -317,7 +317,7 @@ class ParallelRuntime:
         if self.pipe is None:
             return None
         with autocast():
-            return self.pipe.forward_backward([task.lm_batch(mb) for mb in micro], scale, model.config.hidden_size)
+            return self.pipe.forward_backward([task.lm_batch(mb) for mb in micro], scale)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """What a task's ``evaluate`` is given: the model, or under pp > 1 a stand-in that runs the stages."""

@@ -242,6 +242,7 @@ class PipelineParallel:
         self.stages: dict[int, StageModule] = {}
         self.scale, self.mtp_lambda = 1.0, 0.0
         self.embed_on_last = False
+        self.hidden_size = 0
         self.metric_keys: list[str] = []
         self.stats: dict[str, float] = {}
         self._schedules: dict[tuple, Any] = {}
@@ -269,6 +270,7 @@ class PipelineParallel:
             raise ConfigError(f"[parallel] pp > 1 runs the language-model objective of pre-training; "
                               f"{type(task).__name__} has its own loss: use pp = 1 for it")
         cfg = model.config
+        self.hidden_size = cfg.hidden_size
         self.mtp_lambda = float(getattr(task, "mtp_lambda", 0.0))
         mtp_active = bool(model.use_mtp and len(model.model.mtp) and self.mtp_lambda > 0)
         self.embed_on_last = mtp_active or bool(cfg.tie_word_embeddings)
@@ -301,15 +303,14 @@ class PipelineParallel:
         if key not in self._schedules:
             from torch.distributed.pipelining import PipelineStage
             B, T = shape
-            hidden_size = self._hidden_size
             pstages = []
             for s in self.mine:
                 # static shapes (no metadata pass through the real model): ids in, hidden states
                 # between stages (they carry gradients), the objective out of the last
                 x = (torch.empty(B, T, dtype=torch.long, device="meta") if s == 0
-                     else torch.empty(B, T, hidden_size, device="meta", requires_grad=True))
+                     else torch.empty(B, T, self.hidden_size, device="meta", requires_grad=True))
                 out = torch.empty((), device="meta", requires_grad=True) if s == self.S - 1 \
-                    else torch.empty(B, T, hidden_size, device="meta", requires_grad=True)
+                    else torch.empty(B, T, self.hidden_size, device="meta", requires_grad=True)
                 pstages.append(PipelineStage(self.stages[s], s, self.S, self.device, input_args=(x,),
                                              output_args=(out,), group=self.group))
             cls = self.spec.torch_schedule()
@@ -324,12 +325,11 @@ class PipelineParallel:
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return output * self.scale
 
-    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]], scale: float,
-                         hidden_size: int) -> tuple[float, dict[str, float], dict[str, int]]:
+    def forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         scale: float) -> tuple[float, dict[str, float], dict[str, int]]:
         """Run the schedule over the step's micro-batches ``[(input_ids, labels)]`` (all of one
         shape); gradients accumulate into the local parameters scaled by ``scale``. Returns this
         rank's (objective sum over micro-batches, metric sums, counts) like the trainer's loop."""
-        self._hidden_size = hidden_size
         shapes = {tuple(x.shape) for x, _ in batches}
         if len(shapes) != 1:
             raise ValueError(f"pipeline parallelism needs micro-batches of one shape, got {sorted(shapes)}")
