@@ -50,9 +50,13 @@ class BiasRecorder(Hook):
         self.biases.append(bias.tolist())
         pipe = trainer.dist.pipe
         if pipe is not None and trainer.step == 1:
-            pipe.events = []                          # (the count before this step) record step 3
+            pipe.events = self.events = []            # (the count before this step) record step 3
         elif pipe is not None and trainer.step == 2 and pipe.events is not None:
             self.order, pipe.events = events_order(pipe.events), None
+            from nanoseek.train.pipeline import chrome_trace
+            trace = chrome_trace({trainer.dist.rank: self.events})
+            assert len(trace["traceEvents"]) == len(self.order)
+            assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in trace["traceEvents"])
         moes = trainer.model.moe_layers()
         self.path.write_text(json.dumps({"biases": self.biases, "order": self.order,
                                          "local_experts": moes[0].experts.gate_up_proj.shape[0] if moes else None}))

@@ -38,8 +38,9 @@ unchanged on every rank.
 
 **Timelines.** :func:`executed_order` returns the schedule's per-rank action order (torch's
 ``pipeline_order``: ``"0F1"`` = stage 0 forward of micro-batch 1; I/W: input/weight backward);
-:func:`instrument` wraps a stage's forward/backward methods to append wall-clock events, from
-which a Chrome trace can be drawn.
+:func:`instrument` wraps a stage's forward/backward methods to report wall-clock events (every
+stage does while :attr:`PipelineParallel.events` is a list), :func:`events_order` gives the order
+a rank executed, :func:`chrome_trace` a trace of all ranks' events.
 """
 
 from __future__ import annotations
@@ -403,6 +404,19 @@ def events_order(events: list[dict]) -> list[str]:
     return [f"{e['stage']}{e['kind']}{e['mb']}" for e in sorted(events, key=lambda e: e["start"])]
 
 
+def chrome_trace(events_by_rank: dict[int, list[dict]]) -> dict[str, Any]:
+    """A Chrome trace (``chrome://tracing`` / Perfetto JSON) of :func:`instrument`'s events
+    gathered from every rank: one process row per rank, one thread per stage, times in µs from
+    the earliest event (ranks' perf_counter clocks are comparable on one machine only)."""
+    t0 = min((e["start"] for evs in events_by_rank.values() for e in evs), default=0.0)
+    names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weights)"}
+    out = [{"name": f"{names[e['kind']]} mb {e['mb']}", "cat": e["kind"], "ph": "X", "pid": rank,
+            "tid": e["stage"], "ts": (e["start"] - t0) * 1e6, "dur": (e["end"] - e["start"]) * 1e6,
+            "args": {"stage": e["stage"], "microbatch": e["mb"]}}
+           for rank, evs in events_by_rank.items() for e in evs]
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
 def build_schedule_order(name: str, pp: int, microbatches: int) -> dict[int, list[str]]:
     """The action order of schedule ``name`` on ``pp`` ranks without running it (single-process:
     torch computes ``pipeline_order`` from the stage count; a fake process group is not needed)."""
@@ -455,4 +469,4 @@ def instrument(stage: Any, record: Callable[[dict], None]) -> None:
 
 __all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "stage_layers", "stage_rank",
            "local_stages", "num_stages", "StageModule", "PipelineParallel", "PipelineEvalModel",
-           "executed_order", "events_order", "build_schedule_order", "instrument"]
+           "executed_order", "events_order", "chrome_trace", "build_schedule_order", "instrument"]
