@@ -312,3 +312,14 @@ def test_torchrun_cli_pipeline(tmp_path):
     start = [r for r in recs if r.get("event") == "start"][0]
     assert (start["pp"], start["dp"], start["schedule"], start["stages"]) == (2, 1, "dualpipev", 4)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_tied_embeddings_split_over_two_ranks(tmp_path, monkeypatch):
+    """Tied embeddings under 1F1B: the head (last rank) and the embedding (first rank) are one
+    matrix held twice; their gradients are summed, so 2 ranks train like 1 process."""
+    monkeypatch.setitem(MODEL, "tie_word_embeddings", True)
+    run(tmp_path / "one", 1, mbs=2, steps=2)
+    run(tmp_path / "two", 2, mbs=2, steps=2, pp=2, schedule="1f1b")
+    assert_same_steps(tmp_path / "two" / "run", tmp_path / "one" / "run", [1, 2])
+    assert_same_weights(tmp_path / "two" / "run" / "final", tmp_path / "one" / "run" / "final")
