@@ -54,8 +54,11 @@ class BiasRecorder(Hook):
         elif pipe is not None and trainer.step == 2 and pipe.events is not None:
             self.order, pipe.events = events_order(pipe.events), None
             from nanoseek.train.pipeline import chrome_trace
-            trace = chrome_trace({trainer.dist.rank: self.events})
-            assert len(trace["traceEvents"]) == len(self.order)
+            gathered = pipe.gather_events(self.events)                       # every pp rank's actions
+            assert len(gathered[pipe.pp_rank]) == len(self.order)
+            trace = chrome_trace(gathered)
+            assert len(trace["traceEvents"]) == sum(len(v) for v in gathered.values())
+            assert {e["pid"] for e in trace["traceEvents"]} == {0, 1}
             assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in trace["traceEvents"])
         moes = trainer.model.moe_layers()
         self.path.write_text(json.dumps({"biases": self.biases, "order": self.order,
@@ -234,7 +237,7 @@ def test_stages_chained_equal_the_full_model(schedule, pp):
         for k, v in pipe.stats.items():
             notes[k] = notes.get(k, 0.0) + v
     assert early_aux > 0
-    assert float(h) + early_aux == pytest.approx(float(ref_loss), rel=1e-6)
+    assert float(h.detach()) + early_aux == pytest.approx(float(ref_loss.detach()), rel=1e-6)
     assert notes["ce"] == pytest.approx(float(ref.loss), rel=1e-6)
     assert notes["mtp_loss"] == pytest.approx(float(ref.mtp_loss), rel=1e-6)
     assert notes["aux_loss"] == pytest.approx(float(ref.aux_loss), rel=1e-5)

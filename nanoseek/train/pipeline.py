@@ -323,6 +323,13 @@ class PipelineParallel:
             self._schedules[key] = sched
         return self._schedules[key]
 
+    def gather_events(self, events: list[dict]) -> dict[int, list[dict]]:
+        """{pp rank: its events} from every rank of this pipeline (collective over the pp group),
+        for :func:`chrome_trace`."""
+        got: list = [None] * self.pp
+        dist.all_gather_object(got, events, group=self.group)
+        return dict(enumerate(got))
+
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return output * self.scale
 
