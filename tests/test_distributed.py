@@ -472,7 +472,8 @@ def test_parallel_section_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"\[parallel\] backend"):
         config_from_dict(raw_config(tmp_path, 2, backend="mpi"), "t.toml")
     cfg = config_from_dict(raw_config(tmp_path, 2, ep=2, fsdp=True), "t.toml")
-    assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": True, "backend": "auto", "timeout_minutes": 1.0}
+    assert cfg.to_dict()["parallel"] == {"pp": 1, "schedule": "1f1b", "ep": 2, "fsdp": True, "backend": "auto",
+                                         "timeout_minutes": 1.0}
     from nanoseek.train.pretrain import pretrain
     with pytest.raises(ConfigError, match="need several processes: launch with torchrun"):
         pretrain(cfg, progress=False, quiet=True)              # ep = 2 in one process

@@ -10,7 +10,7 @@ A training recipe is one TOML file with up to six tables::
     [train]   max_steps | max_tokens | max_minutes, seed, dtype, eval_every, save_every, ...
               (V3.2: dsa_warmup_steps, dsa_warmup_freeze, indexer_loss_weight: the indexer's stages, ``dsa.py``)
     [spike]   the loss-spike guard's thresholds (see ``spike.py``)
-    [parallel] ep, fsdp, backend: how a torchrun launch splits the work (``distributed.py``)
+    [parallel] pp, schedule, ep, fsdp, backend: how a torchrun launch splits the work (``distributed.py``)
 
 Every key is checked: an unknown table or key is an error naming it, its table and the valid
 keys; a value of the wrong type is an error naming the key, the expected and the given type.
@@ -173,9 +173,13 @@ class SpikeSection:
 class ParallelSection:
     """``[parallel]``: scale-out under torchrun (see ``nanoseek/train/distributed.py``).
 
-    A single process ignores it (ep must then be 1). Under torchrun every rank is a data-parallel
-    replica reading its own slice of each global batch (``micro_batch_size`` is per rank).
+    A single process ignores it (pp and ep must then be 1). Under torchrun every rank is a
+    data-parallel replica reading its own slice of each global batch (``micro_batch_size`` is per
+    rank); with ``pp > 1`` the world is pp pipeline ranks x world/pp replicas, and a pipeline's
+    ranks read the same rows. The pipeline's micro-batches are ``[optim] grad_accum``'s.
     """
+    pp: int = 1                       # pipeline stages' ranks (outer mesh dim): the model cut by layers
+    schedule: str = "1f1b"            # pipeline schedule (pipeline.SCHEDULES); micro-batches = [optim] grad_accum
     ep: int = 1                       # expert-parallel size: routed experts split over this many ranks
     fsdp: bool = False                # FSDP2 fully_shard: shard weights, gradients, optimizer state
     backend: str = "auto"             # "auto" (nccl on CUDA, else gloo), "nccl" or "gloo"
@@ -513,6 +517,11 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     par = cfg.parallel
     if par.ep < 1:
         raise bad("parallel", "ep", "must be >= 1")
+    if par.pp < 1:
+        raise bad("parallel", "pp", "must be >= 1")
+    from .pipeline import SCHEDULES, check_microbatches, num_stages
+    if par.schedule not in SCHEDULES:
+        raise bad("parallel", "schedule", "must be " + ", ".join(repr(k) for k in SCHEDULES))
     if par.backend not in ("auto", "nccl", "gloo"):
         raise bad("parallel", "backend", "must be 'auto', 'nccl' or 'gloo'")
     if par.timeout_minutes <= 0:
@@ -538,6 +547,25 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
             raise bad("train", "max_nodes_per_token", why)
     if par.ep > 1 and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % par.ep):
         raise bad("parallel", "ep", f"must divide the model's n_routed_experts = {model_cfg.n_routed_experts}")
+    if par.pp > 1:
+        spec = SCHEDULES[par.schedule]
+        stages = num_stages(par.pp, spec)
+        if par.fsdp:
+            raise bad("parallel", "pp", "cannot run with fsdp = true (pipeline stages are data and expert "
+                      "parallel); set fsdp = false")
+        from ..model.config import ModelConfig
+        if not isinstance(model_cfg, ModelConfig) or model_cfg.index_n_heads:
+            raise bad("parallel", "pp", "splits DeepSeek-V3 models (not V3.2's indexers or V4) into stages; use pp = 1")
+        if model_cfg.num_hidden_layers < stages:
+            raise bad("parallel", "pp", f"with schedule {par.schedule!r} makes {stages} stages, more than the model's "
+                      f"num_hidden_layers = {model_cfg.num_hidden_layers}")
+        why = check_microbatches(spec, par.pp, o.grad_accum)
+        if why:
+            raise bad("optim", "grad_accum", f"is the number of pipeline micro-batches; schedule {par.schedule!r} {why}")
+        why = check_microbatches(spec, par.pp, s.reference_batches)
+        if s.enabled and why:
+            raise bad("spike", "reference_batches", f"run through the pipeline as one step; schedule "
+                      f"{par.schedule!r} {why}")
     if o.seq_len > model_cfg.max_position_embeddings:
         raise bad("optim", "seq_len", f"exceeds the model's max_position_embeddings={model_cfg.max_position_embeddings}")
     check_training_memory(cfg, model_cfg, source)

@@ -1,4 +1,4 @@
-"""Scale-out on PyTorch's own runtime: torchrun, ``torch.distributed``, FSDP2 and expert parallelism.
+"""Scale-out on PyTorch's own runtime: torchrun, ``torch.distributed``, FSDP2, expert and pipeline parallelism.
 
 nanoseek has no launcher of its own. ``torchrun --nproc_per_node N -m nanoseek pretrain ...``
 (or ``sft``, ``dpo``, ``grpo``) starts N copies of the ordinary command; each finds ``RANK``,
@@ -42,14 +42,34 @@ step, for what differs between one process and many; everything is a no-op in on
   optimizer's), the others wait at a barrier. Loading reads the full checkpoint on every rank
   and each keeps its shard, so a checkpoint moves between any world sizes, EP sizes and FSDP
   settings (resharding on load). Multi-node runs need the run folder on a shared file system.
+* **Pipeline parallel** (``[parallel] pp = N``, ``schedule``; ``pipeline.py``): the device mesh
+  is ``(pp, dp)`` with dp = world / pp (rank = pp_index x dp + dp_index) and, with EP,
+  ``(pp, dp / ep, ep)``: expert parallelism runs inside each stage's dp ranks exactly as above.
+  Each rank keeps only its stages' modules (decoder-layer slices; the embedding on the first
+  stage, norm, head and MTP on the last) under the full model's parameter names, and a torch
+  schedule (1F1B, GPipe, interleaved 1F1B, ZBV, DualPipeV) runs the step's ``grad_accum``
+  micro-batches: :meth:`forward_backward` is the trainer's hook (None without pipelining, where
+  the trainer runs its micro-batches itself). Data: the ranks of one pipeline read the same
+  rows (:func:`data_rank_world`). Gradients are reduced over the stage's dp group (experts over
+  their ``edp`` group); when a loop-style schedule puts MTP (or tied embeddings) on another rank
+  than the embedding, the last rank holds a replica whose gradient is summed with the first's.
+  The bias update reduces each layer's load over its stage's dp group; the logged loss is the
+  sum of the stages' parts (the last stage's CE + MTP, every stage's balance loss) over the
+  pipeline, averaged over dp; MaxVio and bias ranges are gathered from every stage
+  (:meth:`layer_rows`); validation runs the stages in order (:meth:`eval_model`). Checkpoints:
+  every stage's first replica sends its gathered tensors to rank 0, which writes the 1-rank
+  checkpoint; optimizer moments are mapped by parameter name to a 1-rank optimizer's order (built
+  on a meta-device model), so a checkpoint moves between any pp / ep / dp layouts and one process.
 * **Lockstep**: ranks must agree on when to stop; each step all-reduces (max) the wall clock
   and the stop flag (Ctrl-C / SIGTERM on any rank stops all after the same step).
 
 Simplifications, on purpose: gradients of plain data parallel are reduced after the backward,
 not overlapped with it (use FSDP on GPUs for overlap); the full state is materialised on every
-rank when saving (fine up to a few billion parameters, not for a 671B model, which would want
-``torch.distributed.checkpoint``); no tensor or pipeline parallelism (DeepSeek-V3 used none of
-the former; ``nanoseek estimate --pp`` models the latter).
+rank when saving (rank 0 holds the whole model then: fine up to a few billion parameters, not
+for a 671B model, which would want ``torch.distributed.checkpoint``); no tensor parallelism
+(DeepSeek-V3 used none). Pipelining composes with DP and EP, not with FSDP (refused in one
+line), runs the pre-training objective (a task with ``lm_batch``; SFT/DPO/GRPO use pp = 1) and
+DeepSeek-V3 models (not V3.2's indexer training or V4).
 """
 
 from __future__ import annotations
@@ -88,6 +108,17 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def data_rank_world(parallel: ParallelSection | None = None) -> tuple[int, int]:
+    """(this rank's data-parallel index, data-parallel size): which rows of each global batch it
+    reads. Without pipelining every rank is a replica; with ``[parallel] pp`` the ranks of one
+    pipeline (rank = pp_index x dp + dp_index) read the same rows."""
+    rank, world = rank_world()
+    pp = parallel.pp if parallel is not None and world > 1 else 1    # one process: the runtime refuses pp > 1
+    if world % pp:
+        raise ConfigError(f"[parallel] pp = {pp} must divide the number of processes ({world})")
+    return rank % (world // pp), world // pp
 
 
 def is_main() -> bool:
@@ -174,26 +205,37 @@ class ParallelRuntime:
         self.rank, self.world_size = init_distributed(self.cfg, self.device)
         self.active = self.world_size > 1
         self.is_main = self.rank == 0
-        self.ep, self.fsdp = self.cfg.ep, self.cfg.fsdp
-        if not self.active and (self.ep > 1 or self.fsdp):
-            raise ConfigError(f"[parallel] ep = {self.ep}, fsdp = {str(self.fsdp).lower()} need several processes: "
-                              "launch with torchrun --nproc_per_node N, or set --set parallel.ep=1 "
-                              "--set parallel.fsdp=false for one process")
-        if self.active and self.world_size % self.ep:
-            raise ConfigError(f"[parallel] ep = {self.ep} must divide the number of processes ({self.world_size})")
+        self.ep, self.fsdp, self.pp = self.cfg.ep, self.cfg.fsdp, self.cfg.pp
+        if not self.active and (self.ep > 1 or self.fsdp or self.pp > 1):
+            raise ConfigError(f"[parallel] pp = {self.pp}, ep = {self.ep}, fsdp = {str(self.fsdp).lower()} need several "
+                              "processes: launch with torchrun --nproc_per_node N, or set --set parallel.pp=1 "
+                              "--set parallel.ep=1 --set parallel.fsdp=false for one process")
+        if self.active and self.world_size % self.pp:
+            raise ConfigError(f"[parallel] pp = {self.pp} must divide the number of processes ({self.world_size})")
+        self.dp = self.world_size // self.pp                  # data-parallel replicas of every stage
+        if self.active and self.dp % self.ep:
+            raise ConfigError(f"[parallel] ep = {self.ep} must divide the number of processes per pipeline stage "
+                              f"({self.world_size} / pp {self.pp} = {self.dp})")
+        self.dp_rank = self.rank % self.dp
+        self.pipe = None                                       # pipeline.PipelineParallel when pp > 1
+        self.dp_group = self.emb_group = None                  # pp > 1: this stage's replicas; first+last stage
         self.ep_group = self.edp_group = None
         self.fsdp_mesh = None
         self.expert_modules: dict[str, nn.Module] = {}      # qualified name -> ExpertParallelExperts
         self._expert_of: dict[int, nn.Module] = {}           # id(param) -> its ExpertParallelExperts
         self.params: list[nn.Parameter] = []
+        self._shared: set[int] = set()                        # ids of parameters also held by another stage
+        self._build_optimizer = None
 
     # ------------------------------------------------------------------ setup
     def describe(self) -> dict[str, Any]:
         """Fields for the run's start event."""
         if not self.active:
             return {}
-        return {"world_size": self.world_size, "ep": self.ep, "fsdp": self.fsdp,
-                "backend": dist.get_backend()}
+        out = {"world_size": self.world_size, "ep": self.ep, "fsdp": self.fsdp, "backend": dist.get_backend()}
+        if self.pp > 1:
+            out.update(pp=self.pp, dp=self.dp, schedule=self.cfg.schedule, stages=self.pipe.S)
+        return out
 
     def parallelize(self, model: nn.Module, task: Any = None) -> nn.Module:
         """Make every replica rank 0's, then apply EP and FSDP (in that order); returns the model.
@@ -209,6 +251,8 @@ class ParallelRuntime:
                               "([parallel] ep = 1, fsdp = false)")
         self._broadcast_state(model)
         from torch.distributed.device_mesh import init_device_mesh
+        if self.pp > 1:
+            return self._parallelize_pipeline(model, task)
         if self.ep > 1:
             from ..model.expert_parallel import apply_expert_parallel, expert_parallel_modules
             mesh = init_device_mesh(self.device.type, (self.world_size // self.ep, self.ep),
@@ -229,9 +273,76 @@ class ParallelRuntime:
         self.params = [p for p in model.parameters() if p.requires_grad]
         return model
 
-    def adapt_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def _parallelize_pipeline(self, model: nn.Module, task: Any) -> nn.Module:
+        """pp > 1: the mesh (pp, dp) (and (pp, dp/ep, ep) for EP), this rank's stages, EP inside them."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .pipeline import PipelineParallel
+        if self.fsdp:
+            raise ConfigError("[parallel] pp > 1 with fsdp = true is not supported: pipeline stages are data "
+                              "parallel (with expert parallelism inside); set fsdp = false")
+        if getattr(task, "independent_forwards", False):
+            raise ConfigError(f"{type(task).__name__} runs a different number of forward passes on each rank "
+                              "(rollouts), which a pipeline schedule cannot do: use pp = 1")
+        mesh = init_device_mesh(self.device.type, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
+        pp_group, self.dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        pp_rank = self.rank // self.dp
+        pp_ranks = [p * self.dp + self.dp_rank for p in range(self.pp)]
+        self.pipe = PipelineParallel(self.cfg.schedule, self.pp, pp_rank, pp_group, pp_ranks, self.device)
+        self.pipe.split(model, task)
+        if self.pipe.shares_embedding:        # first and last stage both hold the embedding: one group per replica
+            for d in range(self.dp):
+                ranks = sorted({self.pipe.first_rank * self.dp + d, self.pipe.last_rank * self.dp + d})
+                group = dist.new_group(ranks)
+                if d == self.dp_rank:
+                    self.emb_group = group
+        if self.ep > 1:
+            from ..model.expert_parallel import apply_expert_parallel, expert_parallel_modules
+            emesh = init_device_mesh(self.device.type, (self.pp, self.dp // self.ep, self.ep),
+                                     mesh_dim_names=("pp", "edp", "ep"))
+            self.ep_group, self.edp_group = emesh.get_group("ep"), emesh.get_group("edp")
+            apply_expert_parallel(model, self.ep_group)
+            self.expert_modules = expert_parallel_modules(model)
+            self._expert_of = {id(p): m for m in self.expert_modules.values() for p in m.parameters()}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        emb = model.model.embed_tokens
+        self._shared = {id(emb.weight)} if self.emb_group is not None and emb is not None else set()
+        return model
+
+    def forward_backward(self, task: Any, model: nn.Module, micro: list[Any], scale: float,
+                         autocast) -> tuple[float, dict[str, float], dict[str, int]] | None:
+        """pp > 1: the step's forward and backward passes, run by the pipeline schedule (None
+        otherwise: the trainer runs its micro-batches itself). Returns this rank's share of the
+        objective summed over micro-batches, metric sums and counts (see pipeline.py)."""
+        if self.pipe is None:
+            return None
+        with autocast():
+            return self.pipe.forward_backward([task.lm_batch(mb) for mb in micro], scale)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """What a task's ``evaluate`` is given: the model, or under pp > 1 a stand-in that runs the stages."""
+        if self.pipe is None:
+            return model
+        from .pipeline import PipelineEvalModel
+        return PipelineEvalModel(self.pipe, model)
+
+    def layer_rows(self, model: nn.Module, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-MoE-layer rows (load, bias) of the local layers -> the whole model's, in layer order
+        (pp > 1: gathered over the pipeline; collective); ``rows`` itself otherwise."""
+        if self.pipe is None:
+            return rows
+        ids = self.pipe.moe_layer_ids(model)
+        got: list = [None] * self.pp
+        dist.all_gather_object(got, (ids, None if rows is None else rows.detach().cpu()), group=self.pipe.group)
+        pairs = sorted((i, r[k]) for ids_, r in got if r is not None for k, i in enumerate(ids_))
+        return torch.stack([r for _, r in pairs]).to(self.device) if pairs else None
+
+    def adapt_optimizer(self, optimizer: torch.optim.Optimizer, build=None) -> torch.optim.Optimizer:
         """FSDP with EP mixes DTensor (FSDP) and plain (expert) parameters in one AdamW group,
-        which the foreach kernels refuse: fall back to the per-parameter loop there."""
+        which the foreach kernels refuse: fall back to the per-parameter loop there. ``build``
+        (model -> optimizer, the trainer's builder) lets pp > 1 write and read optimizer states
+        in a 1-rank optimizer's order."""
+        self._build_optimizer = build
         if self.fsdp and self.ep > 1 and self.active:
             for group in optimizer.param_groups:
                 group["foreach"] = False
@@ -251,7 +362,7 @@ class ParallelRuntime:
     def stride(self, task: Any) -> int:
         """Ranks sharing one batch stream: 1 when the task reads its own rank's data
         (``task.rank_sharded``), else the world size (each rank keeps every world-th micro-batch)."""
-        return 1 if not self.active or getattr(task, "rank_sharded", False) else self.world_size
+        return 1 if not self.active or getattr(task, "rank_sharded", False) else self.dp
 
     def local_share(self, items: list[Any], stride: int, reduction: str) -> list[Any]:
         """This rank's micro-batches of a step all ranks drew alike."""
@@ -260,7 +371,7 @@ class ParallelRuntime:
         if reduction == "mean" and len(items) % stride:
             raise ValueError(f"a step of {len(items)} micro-batches cannot be split evenly over {stride} ranks, "
                              "which a mean over micro-batches needs; make the count a multiple of the world size")
-        return items[self.rank::stride]
+        return items[self.dp_rank::stride]
 
     # ------------------------------------------------------------------ gradients
     def set_gradient_sync(self, model: nn.Module, last: bool) -> None:
@@ -279,23 +390,28 @@ class ParallelRuntime:
         """
         if not self.active:
             return
-        factor = 1.0 / self.world_size if reduction == "mean" else 1.0
+        factor = 1.0 / self.dp if reduction == "mean" else 1.0
         plain = [p for p in self.params if not _is_dtensor(p)]
-        # a parameter gets a gradient everywhere if it got one anywhere (as in one process)
+        # a parameter gets a gradient everywhere if it got one anywhere (as in one process); under
+        # pp > 1 "everywhere" is the stage's replicas (the dp group), which hold the same parameters
         has = torch.tensor([float(p.grad is not None) for p in plain], device=self.device)
         if len(plain):
-            dist.all_reduce(has, op=dist.ReduceOp.MAX)
+            dist.all_reduce(has, op=dist.ReduceOp.MAX, group=self.dp_group)
         for p, h in zip(plain, has.tolist()):
-            if h and p.grad is None:
+            if (h or id(p) in self._shared) and p.grad is None:
                 p.grad = torch.zeros_like(p)
         dense = [p.grad for p in plain if p.grad is not None and id(p) not in self._expert_of]
         experts = [p.grad for p in plain if p.grad is not None and id(p) in self._expert_of]
-        _all_reduce_coalesced(dense)
-        if experts and self.world_size > self.ep:
+        if self.dp > 1:
+            _all_reduce_coalesced(dense, group=self.dp_group)
+        if experts and self.dp > self.ep:
             _all_reduce_coalesced(experts, group=self.edp_group)
+        shared = [p.grad for p in plain if id(p) in self._shared]
+        if shared:                                        # the embedding's two stages: their gradients add
+            _all_reduce_coalesced(shared, group=self.emb_group)
         for g in dense + experts:
             g.mul_(factor)
-        if reduction == "sum":                            # FSDP averaged over the world: make it the sum
+        if reduction == "sum" and self.fsdp:              # FSDP averaged over the world: make it the sum
             for p in self.params:
                 if _is_dtensor(p) and p.grad is not None:
                     p.grad.mul_(self.world_size)
@@ -314,8 +430,10 @@ class ParallelRuntime:
             grads.append(p.grad)
             if _is_dtensor(p.grad):
                 sharded += p.grad.to_local().double().pow(2).sum()
-            elif id(p) in self._expert_of:               # one copy per world/ep replica group
-                sharded += p.grad.double().pow(2).sum() * self.ep / self.world_size
+            elif id(p) in self._expert_of:               # one copy per dp/ep replica group
+                sharded += p.grad.double().pow(2).sum() * self.ep / self.dp
+            elif self.pipe is not None:                  # a stage's own: one copy per dp replica (two stages: 2)
+                sharded += p.grad.double().pow(2).sum() / (self.dp * (2 if id(p) in self._shared else 1))
             else:
                 replicated += p.grad.double().pow(2).sum()
         dist.all_reduce(sharded)
@@ -340,7 +458,7 @@ class ParallelRuntime:
         t = torch.tensor(vals, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         out = t.tolist()
-        W = self.world_size
+        W = self.dp              # pp > 1: the stages of a pipeline report parts of one replica's figures
         loss = out[0] / W if reduction == "mean" else out[0]
         new = {k: (v if k == "tokens" else v / W) for k, v in zip(keys, out[1:])}
         return loss, new, {k: 1 for k in keys}
@@ -349,7 +467,7 @@ class ParallelRuntime:
         """An MoE layer's expert load summed over all ranks (the bias update's ``load_reduce``)."""
         if self.active:
             load = load.clone()
-            dist.all_reduce(load)
+            dist.all_reduce(load, group=self.dp_group)     # pp > 1: the layer's stage replicas
         return load
 
     def sync(self, elapsed: float, stop: bool) -> tuple[float, bool]:
@@ -366,7 +484,30 @@ class ParallelRuntime:
 
     # ------------------------------------------------------------------ checkpoints
     def _sharded(self) -> bool:
-        return self.active and (self.ep > 1 or self.fsdp)
+        return self.active and (self.ep > 1 or self.fsdp or self.pp > 1)
+
+    def _gather_stages(self, mine: dict[str, Any]) -> dict[str, Any] | None:
+        """pp > 1: the union on rank 0 of the dicts of every stage's first replica (collective)."""
+        got: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(mine if self.dp_rank == 0 else None, got, dst=0)
+        if not self.is_main:
+            return None
+        out: dict[str, Any] = {}
+        for part in got:
+            out.update(part or {})
+        return out
+
+    def _reference_order(self, model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]:
+        """pp > 1: the parameter names in a 1-rank optimizer's order, and its param_groups (built
+        on a meta-device full model by the trainer's optimizer builder)."""
+        from ..model.transformer import DeepseekV3ForCausalLM
+        if self._build_optimizer is None:
+            raise RuntimeError("pp > 1 needs adapt_optimizer(optimizer, build) to map optimizer states")
+        with torch.device("meta"):
+            full = DeepseekV3ForCausalLM(model.config, init_weights=False)
+        names = {id(p): n for n, p in full.named_parameters()}
+        ref = self._build_optimizer(full)
+        return [names[id(p)] for g in ref.param_groups for p in g["params"]], ref.state_dict()["param_groups"]
 
     def _expert_module_of_name(self, name: str):
         module, _, _ = name.rpartition(".")
@@ -382,8 +523,10 @@ class ParallelRuntime:
                 t = t.full_tensor()
             elif mod is not None:
                 t = gather_experts(t, mod)
-            if self.is_main:
+            if self.is_main or (self.pipe is not None and self.dp_rank == 0):
                 out[name] = t.detach().cpu()
+        if self.pipe is not None:
+            return self._gather_stages(out)
         return out if self.is_main else None
 
     def full_model(self, model: nn.Module) -> nn.Module | None:
@@ -421,6 +564,16 @@ class ParallelRuntime:
                     v = gather_experts(v, self._expert_of[id(p)])
                 new[k] = v.cpu() if torch.is_tensor(v) else v
             state[i] = new
+        if self.pipe is not None:             # by name over the stages, then in a 1-rank optimizer's order
+            names = {id(p): n for n, p in model.named_parameters()}
+            merged = self._gather_stages({names[id(params[i])]: st for i, st in state.items()})
+            if not self.is_main:
+                return None
+            order, groups = self._reference_order(model)
+            mine = {g.get("name"): g for g in sd["param_groups"]}
+            groups = [{**g, **{k: v for k, v in mine.get(g.get("name"), {}).items() if k != "params"}}
+                      for g in groups]
+            return {"state": {i: merged[n] for i, n in enumerate(order) if n in merged}, "param_groups": groups}
         return {"state": state, "param_groups": sd["param_groups"]} if self.is_main else None
 
     @torch.no_grad()
@@ -432,6 +585,8 @@ class ParallelRuntime:
         from .checkpoint import CheckpointError
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(full)), sorted(set(full) - set(own))
+        if self.pipe is not None:             # the other stages' tensors are theirs
+            unexpected = []
         if missing or unexpected:
             raise CheckpointError(f"{source}: the weights do not fit this model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}")
@@ -474,8 +629,17 @@ class ParallelRuntime:
         from ..model.expert_parallel import shard_experts
         names = {id(p): n for n, p in model.named_parameters()}
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        saved = {int(i): st for i, st in sd["state"].items()}
+        if self.pipe is not None:             # a 1-rank optimizer's order -> this stage's
+            order, _ = self._reference_order(model)
+            index = {n: i for i, n in enumerate(order)}
+            saved = {j: saved[index[names[id(p)]]] for j, p in enumerate(params) if index[names[id(p)]] in saved}
+            by_name = {g.get("name"): g for g in sd["param_groups"]}
+            own = optimizer.state_dict()["param_groups"]
+            sd = {"param_groups": [{**g, **{k: v for k, v in by_name.get(g.get("name"), {}).items() if k != "params"}}
+                                   for g in own]}
         state = {}
-        for i, st in sd["state"].items():
+        for i, st in saved.items():
             p = params[int(i)]
             new = {}
             for k, v in st.items():
@@ -492,6 +656,6 @@ class ParallelRuntime:
         optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
-__all__ = ["ParallelRuntime", "init_distributed", "rank_world", "is_main", "local_rank", "env_world_size",
+__all__ = ["ParallelRuntime", "init_distributed", "rank_world", "data_rank_world", "is_main", "local_rank", "env_world_size",
            "all_reduce_values",
            "BUCKET_BYTES"]

@@ -70,7 +70,10 @@ Under torchrun the trainer runs on every rank with a :class:`~nanoseek.train.dis
 gives each rank its share of a step's data (a task with ``rank_sharded = True`` reads its own),
 reduces gradients, loss and metrics over ranks, clips by the global norm, feeds the expert-load
 all-reduce to :class:`ExpertBalanceHook`, and gathers / reshards checkpoints; rank 0 alone
-writes files and prints. In one process all of that is a no-op.
+writes files and prints. With pipeline parallelism (``[parallel] pp``) the runtime's
+``forward_backward`` runs the step's micro-batches through the pipeline schedule in place of
+step 2's loop (and of the spike guard's reference pass), and ``eval_model`` is what the task's
+``evaluate`` sees. In one process all of that is a no-op.
 """
 
 from __future__ import annotations
@@ -206,12 +209,13 @@ class ExpertBalanceHook(Hook):
         dsa = getattr(trainer, "dsa", None)
         moves = applied and not (dsa is not None and dsa.frozen(trainer.dsa_stage))   # V3.2's warm-up: model frozen
         load = model.update_expert_bias(self.gamma if moves else 0.0, self.load_reduce)
+        load = trainer.dist.layer_rows(model, load)       # pp > 1: every stage's layers
         if load is None:
             return None
         from ..model.moe import max_violation
         out: dict[str, Any] = {"maxvio": [round(float(x), 4) for x in max_violation(load)],
                                "expert_load": load.round().long().tolist()}
-        bias = model.expert_bias()
+        bias = trainer.dist.layer_rows(model, model.expert_bias())
         if bias is not None:
             out["bias_range"] = [round(float(x), 5) for x in (bias.amax(-1) - bias.amin(-1))]
         return out
@@ -297,7 +301,8 @@ class Trainer:
         self.config = config or {}
         self.final_files = final_files or {}
         self.progress_flag, self.quiet = (progress, quiet) if self.dist.is_main else (False, True)
-        self.optimizer = self.dist.adapt_optimizer(build_optimizer(self.model, optim))
+        self.optimizer = self.dist.adapt_optimizer(build_optimizer(self.model, optim),
+                                                   lambda m: build_optimizer(m, optim))
         # DeepSeek-V3.2: the indexers' stage of each step (dense warm-up, then sparse), and their KL
         self.dsa = IndexerTraining(self.model, train.dsa_warmup_steps, train.indexer_loss_weight,
                                    train.dsa_warmup_freeze)
@@ -615,8 +620,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        piped = self.dist.forward_backward(self.task, model, micro, scale, self.autocast)
+        if piped is not None:                 # pp > 1: the pipeline schedule ran every micro-batch
+            loss_sum, sums, counts = torch.tensor(piped[0], dtype=torch.float64), piped[1], piped[2]
         with self.dsa.step(model, stage):
-            for i, mb in enumerate(micro):
+            for i, mb in enumerate(micro if piped is None else []):
                 self.dist.set_gradient_sync(model, i == len(micro) - 1)
                 with self.autocast():
                     loss, metrics = self.task.loss(model, mb)
@@ -697,7 +705,10 @@ class Trainer:
         model.eval()
         try:
             total = 0.0
-            for i, mb in enumerate(ref):
+            piped = self.dist.forward_backward(self.task, model, ref, 1.0 / len(ref), self.autocast)
+            if piped is not None:             # pp > 1: this rank's share of the objective
+                total = piped[0]
+            for i, mb in enumerate(ref if piped is None else []):
                 self.dist.set_gradient_sync(model, i == len(ref) - 1)
                 with self.autocast():
                     loss, _ = self.task.loss(model, mb)
@@ -809,7 +820,7 @@ class Trainer:
         self.model.eval()
         try:
             with self.autocast():
-                res = {k: float(v) for k, v in (evaluate(self.model) or {}).items()}
+                res = {k: float(v) for k, v in (evaluate(self.dist.eval_model(self.model)) or {}).items()}
         finally:
             self.model.train()
         self.last_eval = {"step": self.step, **res}

@@ -90,6 +90,11 @@ class PretrainTask:
     def batches(self) -> LMBatches:
         return LMBatches(self.train_loader)
 
+    def lm_batch(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of a micro-batch: what a pipeline-parallel step feeds its stages, which
+        compute this task's objective themselves (``nanoseek/train/pipeline.py``)."""
+        return batch.input_ids, batch.labels
+
     def loss(self, model, batch: LMBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         device = next(model.parameters()).device
         x = batch.input_ids.to(device, non_blocking=True)
@@ -147,10 +152,10 @@ def _packed_data(cfg: TrainConfig):
     from ..data.loader import PackedLoader
     from ..data.shards import ShardError, read_manifest
     from ..data.tokenizer import Tokenizer
-    from .distributed import rank_world
+    from .distributed import data_rank_world
 
     d, o, t = cfg.data, cfg.optim, cfg.train
-    rank, world = rank_world()
+    rank, world = data_rank_world(cfg.parallel)
     try:
         data_dir, manifest = read_manifest(d.dir)
         tok_dir = data_dir / manifest["tokenizer"].get("dir", "tokenizer")
@@ -176,7 +181,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
     """(model, task, files for RUN/final) from a config; the model is on the CPU, seeded by train.seed."""
     from ..model.registry import build_model
     from .checkpoint import load_model_weights
-    from .distributed import rank_world
+    from .distributed import data_rank_world
     from .synthetic import SyntheticLoader
 
     d, o, t = cfg.data, cfg.optim, cfg.train
@@ -200,7 +205,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
             raise ConfigError(f"[model] vocab_size = {model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size} ({tok_dir}); remove vocab_size from [model] to use the tokenizer's")
     else:
-        rank, world = rank_world()          # validation is the same on every rank; training is sliced
+        rank, world = data_rank_world(cfg.parallel)   # validation is the same on every rank; training is sliced
         train = SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="train",
                                 rank=rank, world_size=world)
         val = (SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="val",
