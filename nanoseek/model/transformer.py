@@ -113,13 +113,16 @@ class DeepSeekCausalLM(nn.Module):
     interface to the MoE blocks (balance-loss weight, expert biases) and the parameter count.
 
     A family sets ``model_class`` (its decoder stack: ``embed_tokens``, ``layers``, ``mtp``),
-    ``moe_class`` (its routed MoE block; other MLPs are dense) and ``router_bias_counted`` (whether
+    ``moe_class`` (its routed MoE block; other MLPs are dense), ``router_bias_counted`` (whether
     the routers' ``e_score_correction_bias`` buffers count as parameters, as in V3's published
-    671B and transformers' V3, or not, as in transformers' V4)."""
+    671B and transformers' V3, or not, as in transformers' V4) and the parameter leaves its
+    initialisation sets to one or zero (``init_ones``, ``init_zeros``; every norm weight is one)."""
 
     model_class: type[nn.Module]
     moe_class: type[nn.Module]
     router_bias_counted: bool = False
+    init_ones: tuple[str, ...] = ()
+    init_zeros: tuple[str, ...] = ("bias",)
 
     def __init__(self, config, init_weights: bool = True):
         super().__init__()
@@ -133,8 +136,24 @@ class DeepSeekCausalLM(nn.Module):
         if init_weights:
             self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        raise NotImplementedError
+        """Normal(0, initializer_range) for every matrix; ones for norms and ``init_ones``; zeros for
+        ``init_zeros`` and the routers' correction biases."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight") or "layernorm" in name or leaf in self.init_ones:
+                p.fill_(1.0)
+            elif leaf in self.init_zeros:
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        for m in self.moe_layers():
+            if m.gate.e_score_correction_bias is not None:
+                m.gate.e_score_correction_bias.zero_()
 
     # ------------------------------------------------------------------ MoE helpers (trainer interface)
     def moe_layers(self) -> list[nn.Module]:
@@ -170,27 +189,12 @@ class DeepSeekCausalLM(nn.Module):
 
 
 class DeepseekV3ForCausalLM(DeepSeekCausalLM):
+    """DeepSeek-V3 / V3.2. Initialised Normal(0, initializer_range) (the report uses 0.006), norms
+    one, biases (and the routers' correction biases) zero."""
+
     model_class = DeepseekV3Model
     moe_class = MoE
     router_bias_counted = True
-
-    # ------------------------------------------------------------------ init
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix (the report uses 0.006), ones for norms."""
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
-        for m in self.moe_layers():
-            if m.gate.e_score_correction_bias is not None:
-                m.gate.e_score_correction_bias.zero_()
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

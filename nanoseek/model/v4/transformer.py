@@ -110,6 +110,8 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
     model_class = DeepseekV4Model
     moe_class = MoE                  # every V4 layer's (hash-routed or learned)
     router_bias_counted = False      # transformers' V4 keeps e_score_correction_bias a buffer
+    init_ones = ("scale", "hc_scale")
+    init_zeros = ("bias", "base", "hc_base", "sinks", "position_bias")
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -117,21 +119,9 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
         """transformers' init: Normal(0, initializer_range) for matrices and the mHC projections; ones
         for norms and mHC scales; zeros for biases, mHC bases, sinks, compressor position biases and
         the router correction biases; tid2eid a uniform random table."""
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if name.endswith("norm.weight") or "layernorm" in name or leaf in ("scale", "hc_scale"):
-                p.fill_(1.0)
-            elif leaf in ("bias", "base", "hc_base", "sinks", "position_bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
+        super().reset_parameters()
         for m in self.moe_layers():
-            if m.gate.e_score_correction_bias is not None:
-                m.gate.e_score_correction_bias.zero_()
-            else:
+            if m.gate.e_score_correction_bias is None:
                 m.gate.tid2eid.random_(0, self.config.n_routed_experts)
 
     # ------------------------------------------------------------------ forward
