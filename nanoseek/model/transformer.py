@@ -155,6 +155,16 @@ class DeepSeekCausalLM(nn.Module):
             if m.gate.e_score_correction_bias is not None:
                 m.gate.e_score_correction_bias.zero_()
 
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        """The forward's positions [B, T]: as given, else 0..T-1 (a cached forward must give them)."""
+        if positions is not None:
+            return positions
+        if cache is not None:
+            raise ValueError("positions are required when decoding with a cache")
+        B, T = input_ids.shape
+        return torch.arange(T, device=input_ids.device).expand(B, T)
+
     # ------------------------------------------------------------------ MoE helpers (trainer interface)
     def moe_layers(self) -> list[nn.Module]:
         """The routed MoE blocks of the main model (MTP blocks excluded)."""
@@ -208,11 +218,8 @@ class DeepseekV3ForCausalLM(DeepSeekCausalLM):
         caller passes absolute ``positions`` [B, T] and optionally the cache ``rows`` [B].
         ``logits_to_keep=n`` computes logits for the last n positions only.
         """
-        B, T = input_ids.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required when decoding with a cache")
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        T = input_ids.shape[1]
+        positions = self._positions(input_ids, positions, cache)
         m = self.model
         cos, sin = m.rotary_emb(positions)
         h = m.embed_tokens(input_ids)

@@ -136,10 +136,7 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
         ``rows`` [B] and ``valid`` [B, T] (False = padding: neither cached nor used as context).
         """
         B, T = input_ids.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required when decoding with a cache")
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        positions = self._positions(input_ids, positions, cache)
         if cache is not None:
             cache.check_positions(positions)
             if rows is None:
