@@ -60,6 +60,7 @@ def test_interrupted_sharded_save_keeps_the_previous_checkpoint(family, tmp_path
     monkeypatch.setattr(hf_files, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         registry.save_pretrained(new, d, max_shard_bytes=20_000)
+    assert calls["n"] == 2                                      # it failed mid-save, after writing a shard
     assert sorted(p.name for p in d.iterdir()) == before        # nothing half-written, no stale temp dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     _same(registry.from_pretrained(d), old)
