@@ -26,6 +26,8 @@ from nanoseek.train.metrics import events, read_metrics, step_records
 from pydoc_data.topics import topics
 from nanoseek.train.pretrain import build_pretraining
 
+from train_helpers import fit_pretraining as fit
+
 TINY = dict(preset="tiny", hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=2,
             num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
             v_head_dim=8, max_position_embeddings=128)
@@ -75,14 +77,6 @@ def cfg_for(tmp_path, name, data=None, model=None, **sections):
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return config_from_dict(raw, name)
-
-
-def fit(cfg, resume=False, hooks=()):
-    model, task, files = build_pretraining(cfg)
-    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, cfg.train.out_dir,
-                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *hooks], config=cfg.to_dict(),
-                      final_files=files, progress=False, quiet=True)
-    return trainer, trainer.fit(resume=resume)
 
 
 # ---------------------------------------------------------------------------- a clean run never aborts

@@ -325,31 +325,7 @@ def test_checkpoint_without_mtp_weights_disables_mtp(tiny_model, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits)
 
 
-def test_interrupted_save_keeps_previous_checkpoint(tiny_model, tmp_path, monkeypatch):
-    old, new = tiny_model(seed=0), tiny_model(seed=1)
-    d = tmp_path / "ck"
-    save_pretrained(old, d, max_shard_bytes=20_000)
-    before = sorted(p.name for p in d.iterdir())
-    calls = {"n": 0}
-    real_save = ckpt.save_file
-
-    def failing_save(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise OSError("disk full")
-        return real_save(*args, **kwargs)
-
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_pretrained(new, d, max_shard_bytes=20_000)
-    assert calls["n"] == 2                                   # it failed mid-save, after writing a shard
-    assert sorted(p.name for p in d.iterdir()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]   # no temporary directory left behind
-    assert_same_state(from_pretrained(d), old)
-    monkeypatch.setattr(ckpt, "save_file", real_save)
-    save_pretrained(new, d)                                  # a complete save replaces it whole
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
-    assert_same_state(from_pretrained(d), new)
+# an interrupted sharded save keeps the previous checkpoint: tests/test_hf_files.py, for every family
 
 
 def test_dequantize_fp8_block_partial_tiles():

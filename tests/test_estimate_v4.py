@@ -15,7 +15,7 @@ from nanoseek.estimate.attention import (
 )
 from nanoseek.estimate.cli import load_config
 from nanoseek.estimate.estimate import param_report
-from nanoseek.estimate.family import FAMILIES, V4Estimand, count_params, family_of, layer_params
+from nanoseek.estimate.family import V4Estimand, count_params, family_for_type, family_of, layer_params
 from nanoseek.estimate.flops import EstimateError, training_flops_breakdown
 from nanoseek.estimate.gpus import get_gpu
 from nanoseek.estimate.inference import context_costs, decode_estimate, projection_flops
@@ -134,8 +134,9 @@ def test_v4_memory_and_decode_sections():
 def test_family_dispatch(tmp_path):
     flash, pro = load_config("deepseek-v4-flash"), load_config("deepseek-v4-pro")
     assert isinstance(flash, V4Estimand) and isinstance(pro, V4Estimand)
-    assert isinstance(load_config("deepseek-v3.2"), ModelConfig) and family_of(flash) is FAMILIES["deepseek_v4"]
-    assert family_of(load_config("deepseek-v3")) is FAMILIES["deepseek_v3"] is FAMILIES["deepseek_v32"]
+    assert isinstance(load_config("deepseek-v3.2"), ModelConfig) and family_of(flash) is family_for_type("deepseek_v4")
+    assert family_of(load_config("deepseek-v3")) is family_for_type("deepseek_v3") is family_for_type("deepseek_v32")
+    assert family_for_type(None) is family_for_type("deepseek_v2") is not family_for_type("deepseek_v4")
     with pytest.raises(TypeError, match="no model family"):
         family_of(object())
     # the V4 model's own counts, for every V4 config (tested there against transformers)

@@ -343,14 +343,9 @@ def test_synthetic_run_reports_no_bits_per_byte(tmp_path):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Real shards (a 300-token BPE on the built-in prose), as the pretraining tests make them."""
-    from nanoseek.data.corpus import plain_text_documents
-    from nanoseek.data.prepare import PrepareConfig, prepare_inputs
+    from train_helpers import prepare_prose_shards
 
-    tmp = tmp_path_factory.mktemp("data")
-    src = tmp / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in plain_text_documents()), encoding="utf-8")
-    prepare_inputs([src], tmp / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
-    return tmp / "out"
+    return prepare_prose_shards(tmp_path_factory.mktemp("data"))
 
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.q_lora_rank=16", "model.kv_lora_rank=16",

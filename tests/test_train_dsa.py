@@ -31,11 +31,12 @@ from nanoseek.model.config import load_model_config
 from nanoseek.train.checkpoint import latest_checkpoint, step_of
 from nanoseek.train.config import TrainSection, config_from_dict, load_config
 from nanoseek.train.dsa import IndexerTraining, indexed_attention
-from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer
+from nanoseek.train.loop import Hook
 from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import build_pretraining
 
 from conftest import make_tiny_model, reference_greedy
+from train_helpers import CrashAt, StopAt, fit_pretraining as run
 
 INDEXER = dict(index_n_heads=4, index_head_dim=8, index_topk=4)
 MODEL = dict(preset="tiny", vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -55,14 +56,6 @@ def make_cfg(tmp_path, name="run", model=None, **sections):
     return config_from_dict(raw, name)
 
 
-def run(cfg, resume=False, hooks=()):
-    model, task, files = build_pretraining(cfg)
-    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, cfg.train.out_dir,
-                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *hooks], config=cfg.to_dict(),
-                      final_files=files, progress=False, quiet=True)
-    return trainer, trainer.fit(resume=resume)
-
-
 def indexer_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if ".indexer." in n}
 
@@ -79,24 +72,6 @@ class Snapshots(Hook):
                           "params": {n: p.detach().clone() for n, p in m.named_parameters()},
                           "left": {a.dsa_stage for a in indexed_attention(m)},
                           "adam": {n for n, p in m.named_parameters() if p in trainer.optimizer.state}})
-
-
-class StopAt(Hook):
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, trainer, applied):
-        if trainer.step + 1 == self.step:
-            trainer.request_stop("test")
-
-
-class CrashAt(Hook):
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, trainer, applied):
-        if trainer.step + 1 == self.step:
-            raise RuntimeError("simulated kill")
 
 
 # ---------------------------------------------------------------------------- the two stages

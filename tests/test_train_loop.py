@@ -23,6 +23,8 @@ from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer, TrainingDiverg
 from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import LMBatch, build_pretraining
 
+from train_helpers import CrashAt, StopAt, fit_pretraining
+
 MODEL = dict(preset="tiny", vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
              num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
              qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=128)
@@ -42,13 +44,7 @@ def make_cfg(tmp_path, name="run", **sections):
 
 
 def run(cfg, resume=False, hooks=(), poison=None):
-    model, task, files = build_pretraining(cfg)
-    if poison:
-        task = Poisoned(task, poison)
-    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, cfg.train.out_dir,
-                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *hooks], config=cfg.to_dict(),
-                      final_files=files, progress=False, quiet=True)
-    return trainer, trainer.fit(resume=resume)
+    return fit_pretraining(cfg, resume, hooks, wrap_task=(lambda task: Poisoned(task, poison)) if poison else None)
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -116,24 +112,6 @@ class Probe(Hook):
     def on_event(self, trainer, record):
         snap = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         self.events.append((dict(record), snap))
-
-
-class StopAt(Hook):
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, trainer, applied):
-        if trainer.step + 1 == self.step:
-            trainer.request_stop("test")
-
-
-class CrashAt(Hook):
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, trainer, applied):
-        if trainer.step + 1 == self.step:
-            raise RuntimeError("simulated kill")
 
 
 # ---------------------------------------------------------------------------- exact resume

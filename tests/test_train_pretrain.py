@@ -12,7 +12,6 @@ import torch
 
 from nanoseek.cli import main
 from nanoseek.data.corpus import plain_text_documents
-from nanoseek.data.prepare import PrepareConfig, prepare_inputs
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.train.bpb import token_byte_lengths
 from nanoseek.errors import ConfigError
@@ -21,6 +20,8 @@ from nanoseek.train.config import config_from_dict
 from nanoseek.train.metrics import (MetricsLogger, ProgressDisplay, events, measure_matmul_peak, model_flops_per_token,
                                     progress_enabled, read_metrics, step_records)
 from nanoseek.train.pretrain import pretrain
+
+from train_helpers import prepare_prose_shards
 
 SMALL = ["--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2", "--set", "model.q_lora_rank=16",
          "--set", "model.kv_lora_rank=16", "--set", "model.moe_intermediate_size=16", "--set", "optim.seq_len=16",
@@ -31,11 +32,7 @@ SMALL = ["--set", "model.hidden_size=32", "--set", "model.num_attention_heads=2"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Real shards from `nanoseek data prepare` (a 300-token BPE trained on the built-in prose)."""
-    tmp = tmp_path_factory.mktemp("data")
-    src = tmp / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in plain_text_documents()), encoding="utf-8")
-    prepare_inputs([src], tmp / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
-    return tmp / "out"
+    return prepare_prose_shards(tmp_path_factory.mktemp("data"))
 
 
 def test_token_bytes_count_utf8_exactly(data_dir):

@@ -17,6 +17,7 @@ import torch
 from nanoseek.cli import main
 from nanoseek.errors import ConfigError
 from nanoseek.model import registry
+from train_helpers import prepare_prose_shards
 from v4_helpers import randomise
 
 
@@ -31,14 +32,7 @@ def step_ce(run) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Real shards from `nanoseek data prepare` (a 300-token BPE trained on the built-in prose)."""
-    from nanoseek.data.corpus import plain_text_documents
-    from nanoseek.data.prepare import PrepareConfig, prepare_inputs
-
-    tmp = tmp_path_factory.mktemp("data")
-    src = tmp / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in plain_text_documents()), encoding="utf-8")
-    prepare_inputs([src], tmp / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
-    return tmp / "out"
+    return prepare_prose_shards(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -124,22 +124,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of tables")
 
 
-# Fields whose DeepSeek-V3 defaults would silently turn a partial config into a different model.
-_ALWAYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
-_MLA = ("kv_lora_rank", "q_lora_rank")
-_MHA = ("num_key_value_heads",)
-_MOE = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace")
-
-
 def load_config(name_or_path: str):
-    """Load a preset or config.json, of the family its ``model_type`` names
-    (:data:`nanoseek.estimate.family.FAMILIES`: DeepSeek-V2/V3/V3.2 or V4). A typo (unknown
-    field), a bad value or a missing size field is a UserError naming the file and the field."""
-    from nanoseek.errors import UserError
-    from nanoseek.errors import ConfigError
-    from nanoseek.model.config import IGNORED_KEYS, PRESET_DIR, ModelConfig, load_model_config
-    from .family import family_for
+    """Load a preset or config.json (or a checkpoint directory's), of the family its ``model_type``
+    names (:mod:`nanoseek.model.registry`; the estimate's reading: :func:`.family.family_for_dict`).
+    A typo (unknown field), a bad value or a missing size field is a UserError naming the file and
+    the field."""
+    from nanoseek.errors import ConfigError, UserError
+    from nanoseek.model.config_fields import config_file, preset_or_path, read_json
+    from .family import family_for_dict
 
     p = Path(name_or_path)
     if p.is_dir() and not (p / "config.json").exists():   # a run folder: the model its checkpoints hold
@@ -148,32 +140,17 @@ def load_config(name_or_path: str):
         if not held:
             raise UserError(f"--config {p}: a directory with no config.json, and not a run folder (no "
                             f"final/config.json or checkpoints/step-*/config.json)")
-        p = name_or_path = held[0]
-    path = (p / "config.json" if p.is_dir() else p) if p.exists() else PRESET_DIR / f"{name_or_path}.json"
+        name_or_path = held[0]
     try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        d = None                        # load_model_config words the error
-    family = family_for(d)
-    if family is not None and family.load is not None:
-        try:
-            return family.load(path)
-        except ConfigError as e:
-            raise UserError(str(e)) from None
-    if isinstance(d, dict) and not set(d) - set(ModelConfig.field_names()) - IGNORED_KEYS:
-        need = list(_ALWAYS) + list(_MHA if d.get("attention_type", "mla") == "mha" else _MLA)
-        if d.get("n_routed_experts"):
-            need += _MOE
-        first_dense = d.get("first_k_dense_replace", 0)
-        if not d.get("n_routed_experts") or not isinstance(first_dense, int) or first_dense > 0:
-            need.append("intermediate_size")
-        missing = [k for k in need if k not in d]
+        path = config_file(preset_or_path(name_or_path))
+        d = read_json(path)
+        family = family_for_dict(d, str(path))
+        missing = family.missing_fields(d)
         if missing:
             raise UserError(f"{path}: missing field(s) {', '.join(repr(k) for k in missing)}; the "
                             f"estimate would otherwise use DeepSeek-V3's defaults (e.g. hidden_size "
                             f"7168). Write them in the config.")
-    try:
-        return load_model_config(name_or_path)
+        return family.config_class.from_dict(d, source=str(path))
     except ConfigError as e:
         raise UserError(str(e)) from None
 

@@ -1,4 +1,5 @@
-"""The model families ``nanoseek estimate`` prices, in a registry keyed by config.json ``model_type``.
+"""The model families ``nanoseek estimate`` prices: one entry per family of the model registry
+(:mod:`nanoseek.model.registry`, which maps a config.json ``model_type`` to its family).
 
 Every section of the estimate (training FLOPs, memory, decode, the per-context table) asks this
 module for a config's parameter counts (:func:`count_params`, :func:`layer_params`) and never
@@ -6,8 +7,8 @@ branches on a family; the attention of each layer comes from the layer-kind regi
 :mod:`.attention`, which a config names through its ``attention_layer_kinds``.
 
 * ``deepseek_v2`` / ``deepseek_v3`` / ``deepseek_v32``: :class:`~nanoseek.model.config.ModelConfig`
-  and :mod:`nanoseek.model.params` (loaded by ``nanoseek estimate``'s own checked loader, which
-  refuses a partial config that DeepSeek-V3's defaults would silently complete).
+  and :mod:`nanoseek.model.params`; a partial config that DeepSeek-V3's defaults would silently
+  complete into another model is refused (:func:`v3_missing_fields`).
 * ``deepseek_v4``: :class:`V4Estimand`, the V4 model's own typed config
   (:class:`~nanoseek.model.v4.config.DeepseekV4Config`) plus the few derived attributes the
   estimate reads from every config, with :mod:`nanoseek.model.v4.params`' counts. Its layers are
@@ -15,18 +16,20 @@ branches on a family; the attention of each layer comes from the layer-kind regi
   is MoE (hash-routed or learned); its ``hyper_connections`` (mHC, ``hc_mult`` streams) add the
   parameter-free mixing FLOPs of :meth:`V4Estimand.mixing_flops_per_token`.
 
-A new family is one :class:`Family` entry: a config class, its loader and its two counters.
+The counters are the model family's own (its ``params_path`` module: ``count_params``,
+``layer_params``). A new family is one :class:`Family` entry: the model registry's family, the
+config class the estimate reads and the fields it must not default.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-from ..model import params as v3_params
-from ..model.config import ModelConfig
-from ..model.v4 import params as v4_params
+from ..model import registry
+from ..model.config import IGNORED_KEYS, ModelConfig
+from ..model.params import ParamCount
 from ..model.v4.config import CSA, HCA, DeepseekV4Config
 
 # V4's layer_types -> the layer kinds of nanoseek.estimate.attention.LAYER_KINDS
@@ -92,43 +95,77 @@ class V4Estimand(DeepseekV4Config):
         return float(e), float(fp32)
 
 
+# Fields whose DeepSeek-V3 defaults would silently turn a partial config into a different model.
+_ALWAYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+           "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+_MLA = ("kv_lora_rank", "q_lora_rank")
+_MHA = ("num_key_value_heads",)
+_MOE = ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace")
+
+
+def v3_missing_fields(d: Any) -> list[str]:
+    """The size fields a DeepSeek-V2/V3/V3.2 config.json leaves to V3's defaults (checked only when
+    every key is one the parser knows: an unknown key is the parser's error, naming the key)."""
+    if not isinstance(d, dict) or set(d) - set(ModelConfig.field_names()) - IGNORED_KEYS:
+        return []
+    need = list(_ALWAYS) + list(_MHA if d.get("attention_type", "mla") == "mha" else _MLA)
+    if d.get("n_routed_experts"):
+        need += _MOE
+    first_dense = d.get("first_k_dense_replace", 0)
+    if not d.get("n_routed_experts") or not isinstance(first_dense, int) or first_dense > 0:
+        need.append("intermediate_size")
+    return [k for k in need if k not in d]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
-    config_class: type
-    count_params: Callable[[Any], v3_params.ParamCount]
-    layer_params: Callable[[Any, int], tuple[dict[str, int], dict[str, int]]]
-    load: Callable[[Path], Any] | None = None   # None: nanoseek.estimate.cli's checked V3 loader
+    model_family: registry.Family         # the model's family: model types, parameter counters
+    config_class: type                    # what the estimate reads a config.json as
+    missing_fields: Callable[[Any], list[str]] = lambda d: []   # size fields a config must not leave out
+
+    @property
+    def params(self):
+        """The model family's analytic counters (``count_params``, ``layer_params``)."""
+        return importlib.import_module(self.model_family.params_path)
 
 
-_V3 = Family("DeepSeek-V2 / V3 / V3.2", ModelConfig, v3_params.count_params, v3_params.layer_params)
-_V4 = Family("DeepSeek-V4", V4Estimand, v4_params.count_params, v4_params.layer_params, V4Estimand.from_json)
+_V3 = Family("DeepSeek-V2 / V3 / V3.2", registry.V3, ModelConfig, v3_missing_fields)
+_V4 = Family("DeepSeek-V4", registry.V4, V4Estimand)
 
-FAMILIES: dict[str, Family] = {"deepseek_v2": _V3, "deepseek_v3": _V3, "deepseek_v32": _V3, "deepseek_v4": _V4}
+FAMILIES: tuple[Family, ...] = (_V3, _V4)
+
+
+def family_for_type(model_type: Any) -> Family:
+    """The family reading a config.json of ``model_type`` (the model registry decides; V3 reads
+    configs without one)."""
+    model_family = registry.family_for_type(model_type)
+    return next(f for f in FAMILIES if f.model_family is model_family)
+
+
+def family_for_dict(d: Any, source: str) -> Family:
+    """The family reading a config.json dict (the model registry decides, by model_type, else
+    architectures; an unknown model_type is one ConfigError line)."""
+    model_family = registry.family_of_dict(d, source) if isinstance(d, dict) else registry.DEFAULT
+    return next(f for f in FAMILIES if f.model_family is model_family)
 
 
 def family_of(cfg: Any) -> Family:
     """The family of a loaded config (by its class)."""
-    for fam in FAMILIES.values():
+    for fam in FAMILIES:
         if isinstance(cfg, fam.config_class):
             return fam
     raise TypeError(f"nanoseek estimate has no model family for a {type(cfg).__name__}; "
-                    f"known: {', '.join(sorted({f.name for f in FAMILIES.values()}))}")
+                    f"known: {', '.join(f.name for f in FAMILIES)}")
 
 
-def family_for(d: Any) -> Family | None:
-    """The family a config.json-style dict names by its ``model_type`` (None: unnamed or unknown,
-    which the V3 loader reads or refuses)."""
-    return FAMILIES.get(d.get("model_type")) if isinstance(d, dict) else None
-
-
-def count_params(cfg: Any) -> v3_params.ParamCount:
-    return family_of(cfg).count_params(cfg)
+def count_params(cfg: Any) -> ParamCount:
+    return family_of(cfg).params.count_params(cfg)
 
 
 def layer_params(cfg: Any, layer_idx: int) -> tuple[dict[str, int], dict[str, int]]:
     """(total, activated) parameters of decoder layer ``layer_idx`` by component (>= layers: MTP)."""
-    return family_of(cfg).layer_params(cfg, layer_idx)
+    return family_of(cfg).params.layer_params(cfg, layer_idx)
 
 
 def mixing_flops(cfg: Any, layer_idx: int | None = None) -> float:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.errors import UserError
+from nanoseek.errors import ConfigError, UserError
+from nanoseek.model.config_fields import read_json
 
 
 class VocabError(UserError, ValueError):
@@ -85,16 +86,11 @@ class Vocab:
 
 
 def _read_json(path: Path) -> Any:
+    """A tokenizer file's JSON; a missing, unreadable or invalid file is one VocabError line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VocabError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise VocabError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise VocabError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except OSError as e:
-        raise VocabError(f"{path}: cannot read ({e.strerror})") from None
+        return read_json(path)
+    except ConfigError as e:
+        raise VocabError(str(e)) from None
 
 
 def _token_text(value: Any) -> str | None:

@@ -23,13 +23,14 @@ Unknown keys and inconsistent values raise :class:`ConfigError` naming the field
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .config_fields import (PRESET_DIR, SIZE_MAX, HFConfigFile, check_int_ranges, check_token_ids, check_type,
+                            field_error, list_presets, preset_or_path)
 
 
 # Keys that appear in released DeepSeek / HF config.json files but carry no architecture
@@ -72,7 +73,6 @@ FLOAT_RANGES = {
     "rms_norm_eps": (0.0, 1.0, True),
     "initializer_range": (0.0, None, False),
 }
-SIZE_MAX = 2**31 - 1            # any size field: vocab, widths, context (int32 indexing)
 # Counts the model builds one module (or one Python loop step) per: far above any real model
 # (DeepSeek-V3: 61 layers, 256 experts, 128 heads), low enough that a typo cannot hang validation.
 COUNT_MAX = {"num_hidden_layers": 4096, "num_nextn_predict_layers": 64, "n_routed_experts": 65536,
@@ -87,7 +87,7 @@ ROPE_SCALING_KEYS = {
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(HFConfigFile):
     # to_dict() keys derived from the fields (the V3 / V3.2 type, the layer layout): dropped before
     # a field override is applied, so they follow it (rebase; nanoseek.model.registry.with_fields)
     DERIVED_KEYS = ("model_type", "architectures", "mlp_layer_types")
@@ -174,7 +174,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> "ModelConfig":
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+            return field_error(self, name, why)
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
@@ -182,24 +182,13 @@ class ModelConfig:
                 raise bad(name, "must be positive")
             if getattr(self, name) > SIZE_MAX:
                 raise bad(name, f"must be <= {SIZE_MAX:,}")
-        for f in dataclasses.fields(self):        # every integer field: a size, a count or an id
-            v = getattr(self, f.name)
-            top = COUNT_MAX.get(f.name, SIZE_MAX)
-            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= top:
-                raise bad(f.name, f"must be in [0, {top:,}]")
+        check_int_ranges(self, COUNT_MAX)
         for name, (lo, hi, lo_open) in FLOAT_RANGES.items():
             v = getattr(self, name)
             if not math.isfinite(v) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
                 raise bad(name, f"must be a finite number {'>' if lo_open else '>='} {lo}"
                                 + (f" and <= {hi}" if hi is not None else ""))
-        for name in ("bos_token_id", "pad_token_id"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v < self.vocab_size:
-                raise bad(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
-        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size)
-               for v in eos):
-            raise bad("eos_token_id", f"must be token id(s) in [0, vocab_size={self.vocab_size})")
+        check_token_ids(self)
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         if self.qk_nope_head_dim < 0:
@@ -300,7 +289,7 @@ class ModelConfig:
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key in names:
-                kwargs[key] = _check_type(key, value, names[key], source)
+                kwargs[key] = check_type(key, value, names[key], source)
             elif key in IGNORED_KEYS or key in DERIVED_KEYS:
                 continue
             elif key in OFF_KEYS:
@@ -351,23 +340,6 @@ class ModelConfig:
         return cfg
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        return cls.from_dict(d, source=str(path))
-
-    @classmethod
     def rebase(cls, base: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """``base`` (a :meth:`to_dict`) ready to take the override ``fields``: the derived keys
         the fields do not set are dropped, so they are derived again from the new fields."""
@@ -393,9 +365,6 @@ class ModelConfig:
             d.pop(name)
         return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
 
@@ -411,45 +380,12 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _check_type(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
-    """Coerce int->float where the field is a float; reject anything else of the wrong type."""
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    allow_none = "None" in t
-    if value is None:
-        if allow_none:
-            return None
-        raise ConfigError(f"{source}: field '{key}' must not be null")
-    base = t.replace(" | None", "").strip()
-    ok = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "dict": lambda v: isinstance(v, dict),
-        "int | list": lambda v: isinstance(v, (int, list)) and not isinstance(v, bool),
-    }.get(base)
-    if ok is not None and not ok(value):
-        raise ConfigError(f"{source}: field '{key}' must be {base}, got {type(value).__name__} {value!r}")
-    if base == "float":
-        return float(value)
-    return value
-
-
 # ---------------------------------------------------------------------- presets
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """A preset name (``nanoseek/configs/models/NAME.json``), a config.json, or a checkpoint dir."""
-    p = Path(name_or_path)
-    if p.exists():
-        return ModelConfig.from_json(p)
-    preset = PRESET_DIR / f"{name_or_path}.json"
-    if preset.exists():
-        return ModelConfig.from_json(preset)
-    raise ConfigError(f"unknown model config '{name_or_path}': not a file or directory, and not a "
-                      f"preset (presets: {', '.join(list_presets())})")
+    return ModelConfig.from_json(preset_or_path(name_or_path))
+
+
+# PRESET_DIR and list_presets: the presets of every family (their home: nanoseek.model.config_fields)
+__all__ = ["ModelConfig", "load_model_config", "yarn_get_mscale", "PRESET_DIR", "list_presets", "IGNORED_KEYS",
+           "DERIVED_KEYS", "SIZE_MAX", "COUNT_MAX"]

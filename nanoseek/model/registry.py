@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .config import PRESET_DIR, ModelConfig, list_presets
+from .config import ModelConfig
+from .config_fields import config_file, preset_or_path, read_json
 from .v4.config import DeepseekV4Config
 
 
@@ -156,38 +157,18 @@ def config_from_dict(d: Any, source: str = "config"):
 
 def read_config_json(path: str | Path) -> dict:
     """config.json (or a directory holding one) -> dict; errors are one ConfigError line."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return read_json(config_file(path))
 
 
 def config_from_json(path: str | Path):
-    path = Path(path)
-    src = path / "config.json" if path.is_dir() else path
-    return config_from_dict(read_config_json(src), source=str(src))
+    src = config_file(path)
+    return config_from_dict(read_json(src), source=str(src))
 
 
 def load_config(name_or_path: str | Path):
     """A preset name (``nanoseek/configs/models/NAME.json``), a config.json or a checkpoint dir,
     of any family."""
-    p = Path(name_or_path)
-    if p.exists():
-        return config_from_json(p)
-    preset = PRESET_DIR / f"{name_or_path}.json"
-    if preset.exists():
-        return config_from_json(preset)
-    raise ConfigError(f"unknown model config '{name_or_path}': not a file or directory, and not a "
-                      f"preset (presets: {', '.join(list_presets())})")
+    return config_from_json(preset_or_path(name_or_path))
 
 
 def with_fields(config, fields: dict, source: str):

@@ -96,12 +96,39 @@ class DeepseekV3Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
-class DeepseekV3ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, init_weights: bool = True):
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, mean over the labels that are not -100."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def sum_aux_loss(moes: list[nn.Module]) -> torch.Tensor | None:
+    """The sum of the MoE blocks' sequence-wise balance losses of this forward (None: none had one)."""
+    aux = [moe.aux_loss for moe in moes if moe.aux_loss is not None]
+    return torch.stack(aux).sum() if aux else None
+
+
+class DeepSeekCausalLM(nn.Module):
+    """What both families' causal LMs share (V3 here, V4 in :mod:`nanoseek.model.v4.transformer`):
+    the head over ``model`` (tied to the embedding with ``tie_word_embeddings``), and the trainer's
+    interface to the MoE blocks (balance-loss weight, expert biases) and the parameter count.
+
+    A family sets ``model_class`` (its decoder stack: ``embed_tokens``, ``layers``, ``mtp``),
+    ``moe_class`` (its routed MoE block; other MLPs are dense), ``router_bias_counted`` (whether
+    the routers' ``e_score_correction_bias`` buffers count as parameters, as in V3's published
+    671B and transformers' V3, or not, as in transformers' V4) and the parameter leaves its
+    initialisation sets to one or zero (``init_ones``, ``init_zeros``; every norm weight is one)."""
+
+    model_class: type[nn.Module]
+    moe_class: type[nn.Module]
+    router_bias_counted: bool = False
+    init_ones: tuple[str, ...] = ()
+    init_zeros: tuple[str, ...] = ("bias",)
+
+    def __init__(self, config, init_weights: bool = True):
         super().__init__()
         config.validate()
         self.config = config
-        self.model = DeepseekV3Model(config)
+        self.model = self.model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -109,23 +136,75 @@ class DeepseekV3ForCausalLM(nn.Module):
         if init_weights:
             self.reset_parameters()
 
-    # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix (the report uses 0.006), ones for norms."""
+        """Normal(0, initializer_range) for every matrix; ones for norms and ``init_ones``; zeros for
+        ``init_zeros`` and the routers' correction biases."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
-            if name.endswith("norm.weight") or "layernorm" in name:
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight") or "layernorm" in name or leaf in self.init_ones:
                 p.fill_(1.0)
-            elif name.endswith(".bias"):
+            elif leaf in self.init_zeros:
                 p.zero_()
             else:
                 p.normal_(0.0, std)
         for m in self.moe_layers():
             if m.gate.e_score_correction_bias is not None:
                 m.gate.e_score_correction_bias.zero_()
+
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        """The forward's positions [B, T]: as given, else 0..T-1 (a cached forward must give them)."""
+        if positions is not None:
+            return positions
+        if cache is not None:
+            raise ValueError("positions are required when decoding with a cache")
+        B, T = input_ids.shape
+        return torch.arange(T, device=input_ids.device).expand(B, T)
+
+    # ------------------------------------------------------------------ MoE helpers (trainer interface)
+    def moe_layers(self) -> list[nn.Module]:
+        """The routed MoE blocks of the main model (MTP blocks excluded)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, self.moe_class)]
+
+    def mtp_moe_layers(self) -> list[nn.Module]:
+        """The routed MoE blocks of the MTP modules."""
+        return [x.mlp for x in self.model.mtp if isinstance(x.mlp, self.moe_class)]
+
+    def set_seq_aux_alpha(self, alpha: float) -> None:
+        for moe in self.moe_layers() + self.mtp_moe_layers():
+            moe.seq_aux_alpha = alpha
+
+    def expert_bias(self) -> torch.Tensor | None:
+        """The main model's learned routers' correction biases [L_biased, E] (None without any)."""
+        biases = [m.gate.e_score_correction_bias for m in self.moe_layers() if m.gate.e_score_correction_bias is not None]
+        return torch.stack(biases) if biases else None
+
+    def num_parameters(self, exclude_mtp: bool = True) -> int:
+        """Unique parameters (a tied head counts once), MTP modules apart unless ``exclude_mtp`` is False."""
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if exclude_mtp and name.startswith("model.mtp."):
+                continue
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        if self.router_bias_counted:
+            n += sum(m.gate.e_score_correction_bias.numel() for m in self.moe_layers()
+                     if m.gate.e_score_correction_bias is not None)
+        return n
+
+
+class DeepseekV3ForCausalLM(DeepSeekCausalLM):
+    """DeepSeek-V3 / V3.2. Initialised Normal(0, initializer_range) (the report uses 0.006), norms
+    one, biases (and the routers' correction biases) zero."""
+
+    model_class = DeepseekV3Model
+    moe_class = MoE
+    router_bias_counted = True
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -139,11 +218,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         caller passes absolute ``positions`` [B, T] and optionally the cache ``rows`` [B].
         ``logits_to_keep=n`` computes logits for the last n positions only.
         """
-        B, T = input_ids.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required when decoding with a cache")
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        T = input_ids.shape[1]
+        positions = self._positions(input_ids, positions, cache)
         m = self.model
         cos, sin = m.rotary_emb(positions)
         h = m.embed_tokens(input_ids)
@@ -159,16 +235,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         if labels is not None:
             logits = self.lm_head(h)
             out.logits = logits
-            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100)
+            out.loss = lm_loss(logits, labels)
             if self.use_mtp and len(m.mtp) and T > len(m.mtp):
                 out.mtp_loss = self._mtp_loss(input_ids, labels, h, cos, sin, positions)
-            moes = [x.mlp for x in m.layers if isinstance(x.mlp, MoE)]
-            if out.mtp_loss is not None:  # the MTP blocks' MoE ran in this forward too
-                moes += [x.mlp for x in m.mtp if isinstance(x.mlp, MoE)]
-            aux = [moe.aux_loss for moe in moes if moe.aux_loss is not None]
-            if aux:
-                out.aux_loss = torch.stack(aux).sum()
+            # the MTP blocks' MoE ran in this forward too when it has an MTP loss
+            out.aux_loss = sum_aux_loss(self.moe_layers() + (self.mtp_moe_layers() if out.mtp_loss is not None else []))
             kl = [a.indexer_loss for a in self._indexed_attention(with_mtp=out.mtp_loss is not None)
                   if a.indexer_loss is not None]
             if kl:
@@ -185,9 +256,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         for k, layer in enumerate(self.model.mtp, start=1):
             n = T - k                                                 # positions i = 0..T-k-1
             h = layer(emb(input_ids[:, k:]), h[:, :n], cos[:, :n], sin[:, :n], positions[:, :n])
-            logits = self.lm_head(h).float()
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, k:].reshape(-1),
-                                          ignore_index=-100))
+            losses.append(lm_loss(self.lm_head(h), labels[:, k:]))
         return torch.stack(losses).mean()
 
     def mtp_forward(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
@@ -201,26 +270,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         return h, self.lm_head(h)
 
     # ------------------------------------------------------------------ MoE helpers
-    def moe_layers(self) -> list[MoE]:
-        """The routed MoE blocks of the main model (MTP blocks excluded)."""
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
-
-    def set_seq_aux_alpha(self, alpha: float) -> None:
-        for moe in self.moe_layers() + [x.mlp for x in self.model.mtp if isinstance(x.mlp, MoE)]:
-            moe.seq_aux_alpha = alpha
-
     @torch.no_grad()
     def update_expert_bias(self, gamma: float, load_reduce=None) -> torch.Tensor | None:
         """Aux-loss-free step for every MoE layer (MTP included); returns main-model load [L_moe, E]."""
         loads = [moe.update_bias(gamma, load_reduce) for moe in self.moe_layers()]
-        for x in self.model.mtp:
-            if isinstance(x.mlp, MoE):
-                x.mlp.update_bias(gamma, load_reduce)
+        for moe in self.mtp_moe_layers():
+            moe.update_bias(gamma, load_reduce)
         return torch.stack(loads) if loads else None
-
-    def expert_bias(self) -> torch.Tensor | None:
-        biases = [m.gate.e_score_correction_bias for m in self.moe_layers() if m.gate.e_score_correction_bias is not None]
-        return torch.stack(biases) if biases else None
 
     # ------------------------------------------------------------------ DeepSeek-V3.2's indexer
     def _indexed_attention(self, with_mtp: bool) -> list[MLA]:
@@ -267,17 +323,5 @@ class DeepseekV3ForCausalLM(nn.Module):
         n = self.config.num_hidden_layers + (self.config.num_nextn_predict_layers if with_mtp else 0)
         return KVCache(self.config, batch_size, max_len, dtype or p.dtype, p.device, num_layers=n)
 
-    def num_parameters(self, exclude_mtp: bool = True) -> int:
-        seen, n = set(), 0
-        for name, p in self.named_parameters():
-            if exclude_mtp and name.startswith("model.mtp."):
-                continue
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        n += sum(m.gate.e_score_correction_bias.numel() for m in self.moe_layers()
-                 if m.gate.e_score_correction_bias is not None)
-        return n
 
-
-__all__ = ["DeepseekV3ForCausalLM", "CausalLMOutput", "max_violation"]
+__all__ = ["DeepseekV3ForCausalLM", "DeepSeekCausalLM", "CausalLMOutput", "lm_loss", "sum_aux_loss", "max_violation"]

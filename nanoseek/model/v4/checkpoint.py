@@ -17,28 +17,22 @@
 Loading maps any of them to nanoseek's names (:func:`normalize_names`, the renames of transformers'
 conversion mapping) and stacks per-expert w1 (gate) / w3 (up) / w2 (down). DeepSeek's FP8/FP4
 tensors (a ``.scale`` beside a weight) are refused with one clear line: dequantise them first.
-Save and load otherwise behave as :mod:`nanoseek.model.checkpoint` (atomic, sharded, one-line
-``CheckpointError``s).
+The files themselves (atomic sharded save, safetensors-only reading, one-line
+``CheckpointError``s, the older intact checkpoint named on a load error) are every family's:
+:mod:`nanoseek.model.hf_files`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ...errors import ConfigError
-from ..checkpoint import (INDEX_NAME, SAFE_NAME, CheckpointError, _atomic_replace_dir, _shard_files,
-                          check_model_dir_writable, read_safetensors, recovery_hint)
+from ..hf_files import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, explained, load_into, model_config_dict,
+                        read_config, read_tensors, write_model_dir)
 from .config import DeepseekV4Config
 from .transformer import DeepseekV4ForCausalLM
-
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 # (DeepSeek release name piece, nanoseek/transformers name piece), applied in order inside a layer
 # name, the indexer's first (its q/weights projections sit beside its compressor in DeepSeek's code).
@@ -155,93 +149,32 @@ def save_pretrained(model: DeepseekV4ForCausalLM, directory: str | Path,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_files: dict[str, str] | None = None,
                     deepseek_names: bool = False) -> Path:
     """Write config.json and safetensors (sharded above max_shard_bytes) atomically, in transformers'
-    layout (or DeepSeek's release names with ``deepseek_names``); see nanoseek.model.checkpoint."""
-    directory = Path(directory)
-    check_model_dir_writable(directory, extra_files)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        state = to_hf_state_dict(model)
-        if deepseek_names:
-            state = to_deepseek_names(state)
-        cfg = model.config.to_dict()
-        cfg["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], tmp / SAFE_NAME, metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2))
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
-        _atomic_replace_dir(tmp, directory, extra_files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    layout (or DeepSeek's release names with ``deepseek_names``); see nanoseek.model.hf_files."""
+    state = to_hf_state_dict(model)
+    if deepseek_names:
+        state = to_deepseek_names(state)
+    return write_model_dir(directory, state, model_config_dict(model), max_shard_bytes, extra_files)
 
 
 def load_state(directory: str | Path, config: DeepseekV4Config) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors under nanoseek's names (any of the three layouts; experts stacked)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for f in _shard_files(Path(directory)):
-        tensors.update(read_safetensors(f))
-    return normalize_names(tensors, config)
+    return normalize_names(read_tensors(directory), config)
 
 
 def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> DeepseekV4ForCausalLM:
     """Load a V4 checkpoint (nanoseek's, transformers' or DeepSeek's release names); errors are one
     :class:`CheckpointError` line."""
-    directory = Path(directory)
-    try:
-        return _from_pretrained(directory, dtype, device)
-    except (CheckpointError, ConfigError) as e:
-        raise CheckpointError(f"{e}{recovery_hint(directory)}") from None
+    return explained(directory, lambda d: _from_pretrained(d, dtype, device))
 
 
 def _from_pretrained(directory: Path, dtype, device) -> DeepseekV4ForCausalLM:
-    if not (directory / "config.json").exists():
-        raise CheckpointError(f"{directory}: no config.json (is this a checkpoint directory?)")
-    config = DeepseekV4Config.from_json(directory / "config.json")
+    config = read_config(directory, DeepseekV4Config)
     tensors = load_state(directory, config)
     if config.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in tensors):
         config = config.replace(num_nextn_predict_layers=0)   # transformers drops MTP weights
     config.quantization_config = None
-    model = DeepseekV4ForCausalLM(config, init_weights=False)
-    expected = model.state_dict()
-    if config.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: missing tensors {missing[:10]}{'...' if len(missing) > 10 else ''}; "
-                              f"unexpected tensors {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
-    for k, t in tensors.items():
-        if t.shape != expected[k].shape:
-            raise CheckpointError(f"{directory}: tensor '{k}' has shape {tuple(t.shape)}, config implies "
-                                  f"{tuple(expected[k].shape)}")
-    emb = tensors["model.embed_tokens.weight"]
-    target = dtype or (emb.dtype if emb.is_floating_point() and emb.element_size() >= 2 else torch.float32)
-    model.to(target)
-    model.load_state_dict(tensors, strict=True)
-    return model.to(device)
+    return load_into(DeepseekV4ForCausalLM(config, init_weights=False), tensors, directory, dtype, device)
 
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state", "to_hf_state_dict", "normalize_names", "to_deepseek_names",

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ..config_fields import (HFConfigFile, check_int_ranges, check_token_ids, check_type, field_error,
+                             preset_or_path)
 
 MODEL_TYPE = "deepseek_v4"
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
@@ -65,14 +66,13 @@ IGNORED_KEYS = {
 # Legacy (DeepSeek reference / older transformers) keys folded into the modern fields.
 LEGACY_KEYS = {"compress_ratios", "compress_rate_csa", "compress_rate_hca", "num_hash_layers", "qk_rope_head_dim",
                "rope_scaling"}
-SIZE_MAX = 2**31 - 1
 COUNT_MAX = {"num_hidden_layers": 4096, "num_nextn_predict_layers": 64, "n_routed_experts": 65536,
              "num_attention_heads": 65536, "num_experts_per_tok": 65536, "hc_mult": 64, "hc_sinkhorn_iters": 10000,
              "o_groups": 65536, "index_n_heads": 65536}
 
 
 @dataclass
-class DeepseekV4Config:
+class DeepseekV4Config(HFConfigFile):
     # --- sizes
     vocab_size: int = 129280
     hidden_size: int = 4096
@@ -211,14 +211,9 @@ class DeepseekV4Config:
     # ------------------------------------------------------------------ validation
     def validate(self) -> "DeepseekV4Config":
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+            return field_error(self, name, why)
 
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, int) and not isinstance(v, bool):
-                top = COUNT_MAX.get(f.name, SIZE_MAX)
-                if not 0 <= v <= top:
-                    raise bad(f.name, f"must be in [0, {top:,}]")
+        check_int_ranges(self, COUNT_MAX)
         for name in ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "head_dim", "q_lora_rank", "num_experts_per_tok", "n_routed_experts", "max_position_embeddings",
                      "sliding_window", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim", "index_topk",
@@ -283,14 +278,7 @@ class DeepseekV4Config:
                 for key in ("factor", "original_max_position_embeddings"):
                     if not sub.get(key):
                         raise bad("rope_parameters", f"'{label}' YaRN needs a positive '{key}'")
-        for name in ("bos_token_id", "pad_token_id"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v < self.vocab_size:
-                raise bad(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
-        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size)
-               for v in eos):
-            raise bad("eos_token_id", f"must be token id(s) in [0, vocab_size={self.vocab_size})")
+        check_token_ids(self)
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -306,7 +294,7 @@ class DeepseekV4Config:
         legacy: dict[str, Any] = {}
         for key, value in d.items():
             if key in fields:
-                kwargs[key] = _check_type(key, value, fields[key], source)
+                kwargs[key] = check_type(key, value, fields[key], source)
             elif key in LEGACY_KEYS:
                 legacy[key] = value
             elif key not in IGNORED_KEYS:
@@ -321,13 +309,6 @@ class DeepseekV4Config:
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         return cfg
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "DeepseekV4Config":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        return cls.from_dict(read_json(path), source=str(path))
 
     # fields whose value the resolved rope_parameters repeat: (field, rope_parameters branches, key)
     ROPE_FIELDS = (("rope_theta", ("main",), "rope_theta"), ("compress_rope_theta", ("compress",), "rope_theta"),
@@ -361,9 +342,6 @@ class DeepseekV4Config:
             d.pop("quantization_config")
         return {"architectures": ["DeepseekV4ForCausalLM"], "model_type": MODEL_TYPE, **d}
 
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     def replace(self, **changes: Any) -> "DeepseekV4Config":
         d = {**self.rebase(self.to_dict(), changes), **changes}
         if "num_hidden_layers" in changes:   # schedules re-derive unless given
@@ -373,46 +351,7 @@ class DeepseekV4Config:
         return type(self).from_dict(d)
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at byte offset {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def _check_type(key: str, value: Any, f: dataclasses.Field, source: str) -> Any:
-    t = f.type if isinstance(f.type, str) else str(f.type)
-    if value is None:
-        if "None" in t:
-            return None
-        raise ConfigError(f"{source}: field '{key}' must not be null")
-    base = t.replace(" | None", "").strip()
-    ok = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "dict": lambda v: isinstance(v, dict),
-        "list": lambda v: isinstance(v, list),
-        "int | list": lambda v: isinstance(v, (int, list)) and not isinstance(v, bool),
-    }.get(base)
-    if ok is not None and not ok(value):
-        raise ConfigError(f"{source}: field '{key}' must be {base}, got {type(value).__name__} {value!r}")
-    if base == "float":
-        return float(value)
-    return value
-
-
 # ---------------------------------------------------------------------- presets
-PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
-
-
 def is_v4_config(d: Any) -> bool:
     """Whether a config.json-style dict describes a DeepSeek-V4 model (its model_type)."""
     return isinstance(d, dict) and d.get("model_type") == MODEL_TYPE
@@ -420,12 +359,7 @@ def is_v4_config(d: Any) -> bool:
 
 def load_v4_config(name_or_path: str | Path) -> DeepseekV4Config:
     """A preset name (``nanoseek/configs/models/NAME.json``), a config.json, or a checkpoint dir."""
-    p = Path(name_or_path)
-    if not p.exists():
-        p = PRESET_DIR / f"{name_or_path}.json"
-        if not p.exists():
-            raise ConfigError(f"unknown V4 model config '{name_or_path}': not a file or directory, and not a preset")
-    return DeepseekV4Config.from_json(p)
+    return DeepseekV4Config.from_json(preset_or_path(name_or_path))
 
 
 __all__ = ["DeepseekV4Config", "load_v4_config", "is_v4_config", "LAYER_TYPES", "MLP_LAYER_TYPES", "CSA", "HCA"]

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..transformer import CausalLMOutput
+from ..transformer import CausalLMOutput, DeepSeekCausalLM, lm_loss, sum_aux_loss
 from .attention import Attention
 from .compressor import FP32RMSNorm
 from .config import DeepseekV4Config
@@ -101,25 +100,18 @@ class DeepseekV4Model(nn.Module):
         self.ropes = nn.ModuleDict({"main": Rope(c, "main"), "compress": Rope(c, "compress")})
 
 
-class DeepseekV4ForCausalLM(nn.Module):
+class DeepseekV4ForCausalLM(DeepSeekCausalLM):
     # What the inference engine asks of a model (a model without them: V3's defaults). The cached
     # forward and mtp_forward take ``valid`` [B, T] (a padded batched prefill must not let padding
     # overwrite the sliding-window and compressor rings of shorter rows), and MTP continues from
     # the output's hyper-connection ``streams`` while ``hidden`` stays the normed state for lm_head.
     takes_valid = True
     mtp_input = "streams"
-
-    def __init__(self, config: DeepseekV4Config, init_weights: bool = True):
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.model = DeepseekV4Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.use_mtp = config.num_nextn_predict_layers > 0
-        if init_weights:
-            self.reset_parameters()
+    model_class = DeepseekV4Model
+    moe_class = MoE                  # every V4 layer's (hash-routed or learned)
+    router_bias_counted = False      # transformers' V4 keeps e_score_correction_bias a buffer
+    init_ones = ("scale", "hc_scale")
+    init_zeros = ("bias", "base", "hc_base", "sinks", "position_bias")
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -127,21 +119,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         """transformers' init: Normal(0, initializer_range) for matrices and the mHC projections; ones
         for norms and mHC scales; zeros for biases, mHC bases, sinks, compressor position biases and
         the router correction biases; tid2eid a uniform random table."""
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if name.endswith("norm.weight") or "layernorm" in name or leaf in ("scale", "hc_scale"):
-                p.fill_(1.0)
-            elif leaf in ("bias", "base", "hc_base", "sinks", "position_bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
+        super().reset_parameters()
         for m in self.moe_layers():
-            if m.gate.e_score_correction_bias is not None:
-                m.gate.e_score_correction_bias.zero_()
-            else:
+            if m.gate.e_score_correction_bias is None:
                 m.gate.tid2eid.random_(0, self.config.n_routed_experts)
 
     # ------------------------------------------------------------------ forward
@@ -156,10 +136,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         ``rows`` [B] and ``valid`` [B, T] (False = padding: neither cached nor used as context).
         """
         B, T = input_ids.shape
-        if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required when decoding with a cache")
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        positions = self._positions(input_ids, positions, cache)
         if cache is not None:
             cache.check_positions(positions)
             if rows is None:
@@ -175,14 +152,10 @@ class DeepseekV4ForCausalLM(nn.Module):
         if labels is not None:
             logits = self.lm_head(h)
             out.logits = logits
-            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100)
+            out.loss = lm_loss(logits, labels)
             if self.use_mtp and len(m.mtp) and T > len(m.mtp):
                 out.mtp_loss = self._mtp_loss(input_ids, labels, x, positions)
-            moes = self.moe_layers() + ([x.mlp for x in m.mtp] if out.mtp_loss is not None else [])
-            aux = [moe.aux_loss for moe in moes if moe.aux_loss is not None]
-            if aux:
-                out.aux_loss = torch.stack(aux).sum()
+            out.aux_loss = sum_aux_loss(self.moe_layers() + (self.mtp_moe_layers() if out.mtp_loss is not None else []))
         else:
             hk = h if logits_to_keep is None else h[:, -logits_to_keep:]
             out.logits = self.lm_head(hk)
@@ -196,9 +169,7 @@ class DeepseekV4ForCausalLM(nn.Module):
             n = T - k
             ids = input_ids[:, k:]
             x, h = layer(emb(ids), x[:, :n], positions[:, :n], self.model.ropes, ids)
-            logits = self.lm_head(h).float()
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, k:].reshape(-1),
-                                          ignore_index=-100))
+            losses.append(lm_loss(self.lm_head(h), labels[:, k:]))
         return torch.stack(losses).mean()
 
     def mtp_forward(self, k: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
@@ -214,29 +185,18 @@ class DeepseekV4ForCausalLM(nn.Module):
         return x, self.lm_head(h)
 
     # ------------------------------------------------------------------ MoE helpers (trainer interface)
-    def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.model.layers]
-
-    def set_seq_aux_alpha(self, alpha: float) -> None:
-        for moe in self.moe_layers() + [x.mlp for x in self.model.mtp]:
-            moe.seq_aux_alpha = alpha
-
     @torch.no_grad()
     def update_expert_bias(self, gamma: float, load_reduce=None) -> torch.Tensor | None:
         """Aux-loss-free step for the learned MoE layers (MTP included); returns the main model's learned
         layers' load [L_learned, E] (None without learned layers)."""
         loads = []
-        for i, moe in enumerate(self.moe_layers() + [x.mlp for x in self.model.mtp]):
+        for i, moe in enumerate(self.moe_layers() + self.mtp_moe_layers()):
             if load_reduce is not None:
                 moe.load.copy_(load_reduce(moe.load))
             load = moe.update_bias(gamma)            # hash layers: no bias, the counter resets
             if i < self.config.num_hidden_layers and not moe.gate.hashed:
                 loads.append(load)
         return torch.stack(loads) if loads else None
-
-    def expert_bias(self) -> torch.Tensor | None:
-        biases = [m.gate.e_score_correction_bias for m in self.moe_layers() if m.gate.e_score_correction_bias is not None]
-        return torch.stack(biases) if biases else None
 
     def set_absorb(self, absorb: bool) -> None:
         """V4 has one attention path (the engine's MLA switch is a no-op here)."""
@@ -251,16 +211,6 @@ class DeepseekV4ForCausalLM(nn.Module):
         p = self.lm_head.weight
         n = self.config.num_hidden_layers + (self.config.num_nextn_predict_layers if with_mtp else 0)
         return V4Cache(self.config, batch_size, max_len, dtype or p.dtype, p.device, num_layers=n)
-
-    def num_parameters(self, exclude_mtp: bool = True) -> int:
-        seen, n = set(), 0
-        for name, p in self.named_parameters():
-            if exclude_mtp and name.startswith("model.mtp."):
-                continue
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        return n
 
 
 __all__ = ["DeepseekV4ForCausalLM", "DeepseekV4Model", "DecoderLayer", "MTPLayer", "V4Output"]

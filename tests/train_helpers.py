@@ -1,0 +1,58 @@
+"""Shared pieces of the training tests: running a pretraining config through the one Trainer as
+``nanoseek pretrain`` does, hooks that stop or kill a run at a chosen step (for the exact-resume
+tests: test_train_loop, test_train_dsa, test_adversarial_spike), and real prepared shards
+(test_train_pretrain, test_v4_usage, test_readme_tour)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer
+from nanoseek.train.pretrain import build_pretraining
+
+
+def fit_pretraining(cfg, resume=False, hooks=(), wrap_task=None):
+    """Build ``cfg``'s model and task, train with the expert-balance hook and ``hooks``; returns
+    (trainer, result). ``wrap_task`` may replace the task (e.g. to inject bad batches)."""
+    model, task, files = build_pretraining(cfg)
+    if wrap_task is not None:
+        task = wrap_task(task)
+    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, cfg.train.out_dir,
+                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *hooks], config=cfg.to_dict(),
+                      final_files=files, progress=False, quiet=True)
+    return trainer, trainer.fit(resume=resume)
+
+
+class StopAt(Hook):
+    """Asks the run to stop (a clean stop: it saves) after step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, trainer, applied):
+        if trainer.step + 1 == self.step:
+            trainer.request_stop("test")
+
+
+class CrashAt(Hook):
+    """Kills the run (an exception, no save) after step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, trainer, applied):
+        if trainer.step + 1 == self.step:
+            raise RuntimeError("simulated kill")
+
+
+def prepare_prose_shards(tmp: Path) -> Path:
+    """Real shards as `nanoseek data prepare` makes them (a 300-token BPE trained on the built-in
+    prose, 10% validation) under ``tmp / "out"``; returns that folder."""
+    from nanoseek.data.corpus import plain_text_documents
+    from nanoseek.data.prepare import PrepareConfig, prepare_inputs
+
+    src = tmp / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in plain_text_documents()), encoding="utf-8")
+    prepare_inputs([src], tmp / "out", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
+    return tmp / "out"
