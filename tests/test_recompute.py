@@ -5,7 +5,8 @@ Exactness: recomputation re-runs the same ops on the same inputs, so losses, gra
 load counts (the bias update's input) and trained weights must equal the no-recompute run (fp32,
 deterministic CPU kernels: bit for bit; asserted to 1e-6). The measured bytes are what
 :func:`held_activation_bytes` finds alive after the forward; ``nanoseek.estimate.activations``
-must count them per layer to the byte on several shapes of config.
+(``kernels="eager"``, the same model the estimate reads with fused kernels) must count them per
+layer to the byte on several shapes of config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from nanoseek.errors import ConfigError
-from nanoseek.estimate.activations import MODES, activation_bytes_per_token, layer_activation_bytes
+from nanoseek.estimate.activations import MODES, activation_breakdown, activation_bytes_per_token
+from nanoseek.estimate.flops import EstimateError
 from nanoseek.model.registry import build_model, load_config
 from nanoseek.train.config import config_from_dict
 from nanoseek.train.metrics import read_metrics, step_records
@@ -54,7 +56,7 @@ def test_analytic_count_equals_measured_bytes_per_layer(case, mode):
     loss, held = held_activation_bytes(model, lambda: model(ids, labels=ids).loss)
     for i in range(model.config.num_hidden_layers):     # layer 0 dense, 1 and 2 MoE
         measured = layer_bytes(held, i) / (B * T)
-        counted = activation_bytes_per_token(model.config, mode, i)
+        counted = activation_bytes_per_token(model.config, i, 4, mode, kernels="eager")
         # (what the analytic count leaves out: the MoE's per-step offsets, E int32, not per token)
         assert counted == pytest.approx(measured, rel=0.01, abs=1.0), (i, measured, counted)
     loss.backward()
@@ -161,7 +163,7 @@ def test_model_stays_the_same_model():
 def test_modes_are_one_list():
     assert tuple(POLICIES) == MODES
     for mode in MODES:
-        assert layer_activation_bytes(make_tiny_model().config, mode, moe=True)
+        assert activation_breakdown(make_tiny_model().config, 1, mode=mode, kernels="eager")
 
 
 def test_refusals_are_one_line(tmp_path):
@@ -288,12 +290,14 @@ def test_first_forward_of_a_process_inside_a_recomputed_layer(mode):
 
 
 def test_analytic_count_names_what_it_does_not_model():
-    with pytest.raises(ConfigError, match="DeepSeek-V4 layers are not modelled"):
-        activation_bytes_per_token(load_config("v4-tiny"), "none")
-    with pytest.raises(ConfigError, match="attention_type 'mha' is not modelled"):
-        activation_bytes_per_token(make_tiny_model(attention_type="mha").config, "selective")
-    with pytest.raises(ConfigError, match="recompute = 'most': unknown"):
-        activation_bytes_per_token(make_tiny_model().config, "most")
+    with pytest.raises(EstimateError, match="DeepSeek-V4 layers are not modelled"):
+        activation_bytes_per_token(load_config("v4-tiny"), 0, kernels="eager")
+    with pytest.raises(EstimateError, match="attention_type 'mha' is not modelled"):
+        activation_bytes_per_token(make_tiny_model(attention_type="mha").config, 0, mode="selective", kernels="eager")
+    with pytest.raises(EstimateError, match="no FP8"):
+        activation_bytes_per_token(make_tiny_model().config, 0, fp8=True, kernels="eager")
+    with pytest.raises(EstimateError, match="unknown --recompute 'most'"):
+        activation_bytes_per_token(make_tiny_model().config, 0, mode="most")
     v3 = load_config("deepseek-v3")      # DeepSeek-V3 per MoE layer, bf16: selective keeps about a third
-    none, sel = (sum(layer_activation_bytes(v3, m, moe=True, dtype_bytes=2).values()) for m in ("none", "selective"))
+    none, sel = (activation_bytes_per_token(v3, 5, 2, m, kernels="eager") for m in ("none", "selective"))
     assert 0.3 < sel / none < 0.4
