@@ -301,3 +301,41 @@ def test_analytic_count_names_what_it_does_not_model():
     v3 = load_config("deepseek-v3")      # DeepSeek-V3 per MoE layer, bf16: selective keeps about a third
     none, sel = (activation_bytes_per_token(v3, 5, 2, m, kernels="eager") for m in ("none", "selective"))
     assert 0.3 < sel / none < 0.4
+
+
+def test_fit_check_counts_what_the_runs_recompute_mode_keeps(monkeypatch):
+    """The up-front memory check reads the same count (nanoseek's modules, the run's mode): a batch of
+    tiny (32 x 1024 tokens, fp32: ~1.0 GB kept with none, ~0.6 with selective, ~0.4 with full) is
+    refused or accepted by the mode alone."""
+    from nanoseek import limits
+    raw = {"model": {"preset": "tiny"}, "data": {"source": "synthetic"},
+           "optim": {"seq_len": 1024, "micro_batch_size": 32}}
+    for gb, accepted in ((0.5, {"full"}), (0.8, {"full", "selective"})):
+        monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu", gb=gb: int(gb * 1e9))
+        for mode in MODES:
+            run = {**raw, "train": {"max_steps": 1, "recompute": mode}}
+            if mode in accepted:
+                assert config_from_dict(run).train.recompute == mode
+            else:
+                with pytest.raises(ConfigError, match="micro_batch_size x seq_len"):
+                    config_from_dict(run)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "deepseek-v2-lite", "deepseek-v3.2", "tiny"])
+def test_fused_count_is_the_measured_one_less_its_fusions(preset):
+    """The estimate's count (kernels="fused") is this measured one with fused RMSNorm / SwiGLU / MoE
+    kernels: equal on every other kind, never more, except that its selective keeps the experts'
+    all-to-all input where nanoseek re-derives it and drops the MLP outputs torch's policy keeps."""
+    cfg = load_config(preset)
+    fused_only = {"norm_outputs", "qkv_up", "expert_intermediates", "mlp_intermediates", "moe_combine", "router"}
+    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        for mode in MODES:
+            f = activation_breakdown(cfg, i, 2, mode=mode)
+            e = activation_breakdown(cfg, i, 2, mode=mode, kernels="eager")
+            assert {k: v for k, v in f.items() if k not in fused_only} == \
+                {k: v for k, v in e.items() if k not in fused_only | {"mlp_output"}} | \
+                ({"moe_dispatch": f["moe_dispatch"]} if mode == "selective" and "moe_dispatch" in f else {})
+            assert all(e.get(k, 0) >= v for k, v in f.items() if k != "moe_dispatch" or mode != "selective")
+            mlp_out = not cfg.is_moe_layer(i) or cfg.n_shared_experts > 0        # a dense MLP or shared experts
+            assert ("mlp_output" in e) == (mode == "selective" and mlp_out)
+        assert sum(e.values()) == cfg.hidden_size * 2                    # full: the layer's input
