@@ -12,8 +12,10 @@ import pytest
 from nanoseek.cli import main
 from nanoseek.estimate.flops import EstimateError, layer_forward_flops_per_token
 from nanoseek.estimate.gpus import get_gpu
+from nanoseek.estimate.activations import (
+    FP8_BYTES, RECOMPUTE_MODES, TENSOR_KINDS, activation_breakdown, activation_bytes_per_token)
 from nanoseek.estimate.memory import (
-    FP8_BYTES, RECOMPUTE_MODES, TENSOR_KINDS, Layout, activation_breakdown, activation_bytes_per_token,
+    Layout,
     estimate_for_layout, recompute_flops_per_token, stage_layers,
 )
 from nanoseek.estimate.pipeline import SCHEDULES, get_schedule
@@ -203,10 +205,21 @@ def test_recompute_modes_order_and_what_they_keep(make):
         b = {mode: activation_bytes_per_token(cfg, i, mode=mode) for mode in RECOMPUTE_MODES}
         assert b["full"] < b["selective"] < b["none"]
         assert b["full"] == cfg.hidden_size * 2                        # the layer's input only
-        full = activation_breakdown(cfg, i)
-        assert sum(full.values()) == b["none"]
-        # selective drops exactly the RMSNorm outputs and MLA's up-projected q, k, v
-        assert b["none"] - b["selective"] == full["norm_outputs"] + full["qkv_up"]
+        full, sel = activation_breakdown(cfg, i), activation_breakdown(cfg, i, mode="selective")
+        assert sum(full.values()) == b["none"] and sum(sel.values()) == b["selective"]
+        # selective (nanoseek's policy, tests/test_recompute.py measures it) recomputes the RMSNorms,
+        # MLA's up-projected q, k, v, the router's top-k and SwiGLU's product; keeps the rest as is
+        assert "norm_outputs" not in sel and set(sel) <= set(full)
+        q = cfg.num_attention_heads * cfg.qk_head_dim * 2
+        assert sel.get("qkv_up") == (None if cfg.q_lora_rank else q)    # q_proj's q is no up-projection
+        for kind in ("expert_intermediates", "mlp_intermediates"):
+            assert sel.get(kind, 0) == full.get(kind, 0) * 2 / 3          # gate and up, not their product
+        if "router" in full:
+            assert sel["router"] == cfg.n_routed_experts * 4 < full["router"]
+        assert {k: v for k, v in sel.items() if k not in ("qkv_up", "router", "expert_intermediates",
+                                                           "mlp_intermediates")} == \
+            {k: v for k, v in full.items() if k not in ("norm_outputs", "qkv_up", "router", "expert_intermediates",
+                                                        "mlp_intermediates")}
         assert set(full) <= set(TENSOR_KINDS)
     lay = dict(dp=8, pp=1, ep=8 if cfg.n_routed_experts % 8 == 0 else 1)
     mems = [estimate_for_layout(cfg, Layout(**lay, recompute=mode), seq_len=256) for mode in ("full", "selective", "none")]
@@ -219,7 +232,8 @@ def test_recompute_breakdown_by_hand_v3(v3):
     d, h, i = 7168, 128, 5
     b = activation_breakdown(v3, i)
     assert b["qkv_up"] == (2 * h * 192 + h * 128) * 2
-    assert b["norm_outputs"] == (2 * d + 1536 + 512) * 2
+    assert b["norm_outputs"] == (2 * d + 1536 + 512) * 2 + 4 * 4           # and each RMSNorm's fp32 1/rms
+    assert b["router"] == 256 * 4 + (1 + 8) * 4 + 8 * 8                     # scores, top-k weights, sum, ids
     assert b["qkv_latents"] == (1536 + 512 + 64) * 2
     assert b["moe_dispatch"] == b["moe_combine"] == 8 * d * 2
     assert b["expert_intermediates"] == (8 + 1) * 3 * 2048 * 2
@@ -264,7 +278,9 @@ def test_deepseek_v3_layout_fits_80gb(capsys):
     assert mem["schedule"]["name"] == "dualpipev" and mem["schedule"]["stages"] == 32
     assert mem["schedule"]["torch_class"] == "ScheduleDualPipeV"
     assert 0.03 < mem["schedule"]["bubble_fraction"] < 0.05
-    assert mem["recompute"]["recomputed_kinds"] == ["norm_outputs", "qkv_up"]
+    # the router's top-k weights and ids are re-derived from its kept scores (measured: test_recompute.py);
+    # with fp8 SwiGLU's product is recomputed in every mode, so it is no extra kind here
+    assert mem["recompute"]["recomputed_kinds"] == ["norm_outputs", "qkv_up", "router"]
     assert 0.07 < mem["recompute"]["recompute_flops_fraction"] < 0.09
     # DualPipe itself (two copies of the parameters): the ranks holding the embedding and the head twice
     assert main(V3_LAYOUT + ["--schedule", "dualpipe"]) == 0

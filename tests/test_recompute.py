@@ -5,7 +5,8 @@ Exactness: recomputation re-runs the same ops on the same inputs, so losses, gra
 load counts (the bias update's input) and trained weights must equal the no-recompute run (fp32,
 deterministic CPU kernels: bit for bit; asserted to 1e-6). The measured bytes are what
 :func:`held_activation_bytes` finds alive after the forward; ``nanoseek.estimate.activations``
-must count them per layer to the byte on several shapes of config.
+(``kernels="eager"``, the same model the estimate reads with fused kernels) must count them per
+layer to the byte on several shapes of config.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from nanoseek.errors import ConfigError
-from nanoseek.estimate.activations import MODES, activation_bytes_per_token, layer_activation_bytes
+from nanoseek.estimate.activations import MODES, activation_breakdown, activation_bytes_per_token
+from nanoseek.estimate.flops import EstimateError
 from nanoseek.model.registry import build_model, load_config
 from nanoseek.train.config import config_from_dict
 from nanoseek.train.metrics import read_metrics, step_records
@@ -54,7 +56,7 @@ def test_analytic_count_equals_measured_bytes_per_layer(case, mode):
     loss, held = held_activation_bytes(model, lambda: model(ids, labels=ids).loss)
     for i in range(model.config.num_hidden_layers):     # layer 0 dense, 1 and 2 MoE
         measured = layer_bytes(held, i) / (B * T)
-        counted = activation_bytes_per_token(model.config, mode, i)
+        counted = activation_bytes_per_token(model.config, i, 4, mode, kernels="eager")
         # (what the analytic count leaves out: the MoE's per-step offsets, E int32, not per token)
         assert counted == pytest.approx(measured, rel=0.01, abs=1.0), (i, measured, counted)
     loss.backward()
@@ -161,7 +163,7 @@ def test_model_stays_the_same_model():
 def test_modes_are_one_list():
     assert tuple(POLICIES) == MODES
     for mode in MODES:
-        assert layer_activation_bytes(make_tiny_model().config, mode, moe=True)
+        assert activation_breakdown(make_tiny_model().config, 1, mode=mode, kernels="eager")
 
 
 def test_refusals_are_one_line(tmp_path):
@@ -288,12 +290,52 @@ def test_first_forward_of_a_process_inside_a_recomputed_layer(mode):
 
 
 def test_analytic_count_names_what_it_does_not_model():
-    with pytest.raises(ConfigError, match="DeepSeek-V4 layers are not modelled"):
-        activation_bytes_per_token(load_config("v4-tiny"), "none")
-    with pytest.raises(ConfigError, match="attention_type 'mha' is not modelled"):
-        activation_bytes_per_token(make_tiny_model(attention_type="mha").config, "selective")
-    with pytest.raises(ConfigError, match="recompute = 'most': unknown"):
-        activation_bytes_per_token(make_tiny_model().config, "most")
+    with pytest.raises(EstimateError, match="DeepSeek-V4 layers are not modelled"):
+        activation_bytes_per_token(load_config("v4-tiny"), 0, kernels="eager")
+    with pytest.raises(EstimateError, match="attention_type 'mha' is not modelled"):
+        activation_bytes_per_token(make_tiny_model(attention_type="mha").config, 0, mode="selective", kernels="eager")
+    with pytest.raises(EstimateError, match="no FP8"):
+        activation_bytes_per_token(make_tiny_model().config, 0, fp8=True, kernels="eager")
+    with pytest.raises(EstimateError, match="unknown --recompute 'most'"):
+        activation_bytes_per_token(make_tiny_model().config, 0, mode="most")
     v3 = load_config("deepseek-v3")      # DeepSeek-V3 per MoE layer, bf16: selective keeps about a third
-    none, sel = (sum(layer_activation_bytes(v3, m, moe=True, dtype_bytes=2).values()) for m in ("none", "selective"))
+    none, sel = (activation_bytes_per_token(v3, 5, 2, m, kernels="eager") for m in ("none", "selective"))
     assert 0.3 < sel / none < 0.4
+
+
+def test_fit_check_counts_what_the_runs_recompute_mode_keeps(monkeypatch):
+    """The up-front memory check reads the same count (nanoseek's modules, the run's mode): a batch of
+    tiny (32 x 1024 tokens, fp32: ~1.0 GB kept with none, ~0.6 with selective, ~0.4 with full) is
+    refused or accepted by the mode alone."""
+    from nanoseek import limits
+    raw = {"model": {"preset": "tiny"}, "data": {"source": "synthetic"},
+           "optim": {"seq_len": 1024, "micro_batch_size": 32}}
+    for gb, accepted in ((0.5, {"full"}), (0.8, {"full", "selective"})):
+        monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu", gb=gb: int(gb * 1e9))
+        for mode in MODES:
+            run = {**raw, "train": {"max_steps": 1, "recompute": mode}}
+            if mode in accepted:
+                assert config_from_dict(run).train.recompute == mode
+            else:
+                with pytest.raises(ConfigError, match="micro_batch_size x seq_len"):
+                    config_from_dict(run)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "deepseek-v2-lite", "deepseek-v3.2", "tiny"])
+def test_fused_count_is_the_measured_one_less_its_fusions(preset):
+    """The estimate's count (kernels="fused") is this measured one with fused RMSNorm / SwiGLU / MoE
+    kernels: equal on every other kind, never more, except that its selective keeps the experts'
+    all-to-all input where nanoseek re-derives it and drops the MLP outputs torch's policy keeps."""
+    cfg = load_config(preset)
+    fused_only = {"norm_outputs", "qkv_up", "expert_intermediates", "mlp_intermediates", "moe_combine", "router"}
+    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        for mode in MODES:
+            f = activation_breakdown(cfg, i, 2, mode=mode)
+            e = activation_breakdown(cfg, i, 2, mode=mode, kernels="eager")
+            assert {k: v for k, v in f.items() if k not in fused_only} == \
+                {k: v for k, v in e.items() if k not in fused_only | {"mlp_output"}} | \
+                ({"moe_dispatch": f["moe_dispatch"]} if mode == "selective" and "moe_dispatch" in f else {})
+            assert all(e.get(k, 0) >= v for k, v in f.items() if k != "moe_dispatch" or mode != "selective")
+            mlp_out = not cfg.is_moe_layer(i) or cfg.n_shared_experts > 0        # a dense MLP or shared experts
+            assert ("mlp_output" in e) == (mode == "selective" and mlp_out)
+        assert sum(e.values()) == cfg.hidden_size * 2                    # full: the layer's input

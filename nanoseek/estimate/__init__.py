@@ -7,8 +7,10 @@
 * :mod:`.estimate`: parameters, GPU-hours, cost and the implied MFU; :func:`.estimate.estimate`
   runs every section.
 * :mod:`.memory`: training memory per GPU for a dp / ep / pp / ZeRO-FSDP layout, a pipeline
-  schedule and a recompute mode (:func:`.memory.estimate_for_layout`), from the per-tensor-kind
-  activation breakdown (:func:`.memory.activation_breakdown`).
+  schedule and a recompute mode (:func:`.memory.estimate_for_layout`).
+* :mod:`.activations`: the bytes per token a layer keeps for its backward, by tensor kind, per
+  recompute mode, precision and kernel set (:func:`.activations.activation_breakdown`); the
+  estimate's and the training loop's fit check's, held to nanoseek's measured bytes.
 * :mod:`.pipeline`: the pipeline schedules by name (1F1B, GPipe, interleaved 1F1B, ZBV, DualPipeV,
   DualPipe): stage placement, activations in flight, bubble.
 * :mod:`.search`: ``--layouts``, every layout of a GPU count that fits, fastest first.

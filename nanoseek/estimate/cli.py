@@ -32,7 +32,6 @@ from pathlib import Path
 GPU_NAMES = "a100, h100, h800, h20, h200, b200"
 # nanoseek.estimate.pipeline.SCHEDULES' names that torch ships (not imported: `nanoseek --help` stays fast)
 SCHEDULE_NAMES = "1f1b, gpipe, interleaved-1f1b, zbv, dualpipev"
-RECOMPUTE_NAMES = ("none", "selective", "full")
 # nanoseek.model.params.KV_FORMATS' names (not imported: `nanoseek --help` must not load torch)
 KV_DTYPES = ("bf16", "fp32", "fp8", "bf16-fp8-index", "fp8-flashmla")
 
@@ -177,8 +176,9 @@ def _resolve(args, cfg, gpu):
         if cfg.n_routed_experts and cfg.num_moe_layers:
             ep = max(e for e in range(1, gpu.gpus_per_node + 1)
                      if dp % e == 0 and cfg.n_routed_experts % e == 0)
-    if args.recompute not in RECOMPUTE_NAMES:
-        raise UserError(f"--recompute: unknown mode '{args.recompute}'; choose from {', '.join(RECOMPUTE_NAMES)}")
+    from .activations import MODES
+    if args.recompute not in MODES:
+        raise UserError(f"--recompute: unknown mode '{args.recompute}'; choose from {', '.join(MODES)}")
     from .pipeline import DEFAULT_SCHEDULE, SCHEDULES
     schedule = args.schedule or DEFAULT_SCHEDULE
     if schedule not in SCHEDULES:

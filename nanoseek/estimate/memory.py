@@ -21,25 +21,19 @@ counted).
 Bytes per parameter come from a :class:`Precision` recipe: ``bf16`` is standard mixed precision
 (bf16 weights, fp32 gradients, fp32 master, fp32 moments: 18 B); ``fp8`` follows the V3 report
 (an fp8 copy of each weight for the GEMMs, fp32 gradients and master weights, AdamW moments in
-bf16: 13 B), and caches the inputs of its FP8 Linear layers in FP8 (:func:`activation_breakdown`).
+bf16: 13 B), and caches the inputs of its FP8 Linear layers in FP8 (:mod:`.activations`).
 
-**Activations** come from one place, :func:`activation_breakdown`: the bytes one token leaves for
-the backward pass in one layer, by tensor kind (:data:`TENSOR_KINDS`: layer input, residual,
-RMSNorm outputs, MLA latents, up-projected q/k/v, attention probabilities (eager) or softmax
-statistics (flash), attention output, router scores, dispatched tokens, SwiGLU intermediates,
-expert outputs). A recompute mode (:data:`RECOMPUTE_MODES`) drops the kinds it recomputes:
-``selective`` (DeepSeek-V3's) the RMSNorm outputs and the MLA up-projections, ``full``
-everything but each layer's input. On top of the kept activations of the in-flight
-micro-batches the schedule dictates, a rank holds one layer's recomputed tensors for one
-micro-batch while the backward recomputes them, and the rank with the output head one
-micro-batch's fp32 logits. The recomputed FLOPs (:func:`recompute_flops_per_token`) lengthen
-the backward, which enters the bubble. The reported figure is the heaviest rank.
+**Activations** come from :mod:`.activations` (the one model of saved activations, held to
+nanoseek's measured bytes by tests/test_recompute.py): the bytes one token keeps for the backward
+in one layer, by tensor kind, under the layout's recompute mode, with fused kernels and the
+precision recipe's FP8 caching. On top of the kept activations of the in-flight micro-batches
+the schedule dictates, a rank holds one layer's recomputed tensors for one micro-batch while the
+backward recomputes them, and the rank with the output head one micro-batch's fp32 logits. The
+recomputed FLOPs (:func:`recompute_flops_per_token`) lengthen the backward, which enters the
+bubble. The reported figure is the heaviest rank.
 
 Not counted: communication buffers, FSDP's all-gather buffer, the allocator's fragmentation,
-temporary tensors of the forward (only what is saved for the backward is). The breakdown is
-what a fused implementation keeps; nanoseek's unfused eager modules keep more (e.g. each RMSNorm
-also saves its normalised input before the weight), which
-``nanoseek.train.recompute.activation_bytes_per_token`` measures with saved-tensor hooks.
+temporary tensors of the forward (only what is saved for the backward is).
 """
 
 from __future__ import annotations
@@ -49,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model.config import ModelConfig
+from .activations import (RECOMPUTE_MODES, activation_breakdown, activation_bytes_per_token, get_recompute,
+                          recomputed_kinds)
 from .family import count_params, layer_params
 from .flops import DEFAULT_SEQ_LEN, EstimateError, layer_forward_flops_per_token
 from .gpus import GPUSpec
@@ -63,7 +59,7 @@ class Precision:
     master_bytes: float        # optimizer's master copy (0: none)
     moment_bytes: float        # both AdamW moments together
     activation_bytes: float = 2.0
-    fp8_activations: bool = False   # cache Linear inputs in FP8 as the V3 report does (activation_breakdown)
+    fp8_activations: bool = False   # cache Linear inputs in FP8 as the V3 report does (.activations)
 
     @property
     def bytes_per_param(self) -> float:
@@ -148,139 +144,6 @@ def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
     return out
 
 
-# ---------------------------------------------------------------------- activations by tensor kind
-@dataclass(frozen=True)
-class TensorKind:
-    """One kind of tensor a layer leaves for its backward pass, and the recompute modes that drop
-    it (and recompute it in the backward instead)."""
-    name: str
-    about: str
-    recomputed_by: tuple[str, ...]
-
-
-RECOMPUTE_MODES: dict[str, str] = {
-    "none": "keep every activation the backward needs",
-    "selective": "DeepSeek-V3's: recompute every RMSNorm output and the MLA up-projections "
-                 "(q_b_proj's q, kv_b_proj's k and v) in the backward; keep the rest",
-    "full": "keep each layer's input only; recompute the whole layer in the backward",
-}
-
-_SEL, _FULL = ("selective", "full"), ("full",)
-TENSOR_KINDS: dict[str, TensorKind] = {k.name: k for k in (
-    TensorKind("layer_input", "the layer's input (residual stream), input_layernorm's input", ()),
-    TensorKind("residual", "the residual after attention, post_attention_layernorm's input", _FULL),
-    TensorKind("norm_outputs", "RMSNorm outputs: input_layernorm, q_a_layernorm, kv_a_layernorm, "
-               "post_attention_layernorm", _SEL),
-    TensorKind("qkv_latents", "MLA latents: q_a_proj's output (q_lora_rank), kv_a_proj's (kv_lora_rank + "
-               "the rope key)", _FULL),
-    TensorKind("qkv_up", "MLA up-projections: q per head (qk_head_dim), k per head (the shared rope key "
-               "broadcast), v per head", _SEL),
-    TensorKind("qkv_proj", "MHA / GQA q, k, v projections", _FULL),
-    TensorKind("indexer", "DeepSeek-V3.2 lightning indexer: q, k before and after its norm, head weights", _FULL),
-    TensorKind("attention_probs", "softmax probabilities, heads x keys per query (eager attention; none "
-               "with flash attention, which recomputes them)", _FULL),
-    TensorKind("attention_stats", "fp32 softmax log-sum-exp per head (flash attention)", _FULL),
-    TensorKind("attention_output", "attention output per head, o_proj's input", _FULL),
-    TensorKind("router", "fp32 router scores over all routed experts", _FULL),
-    TensorKind("moe_dispatch", "one copy of the token per routed expert (the experts' input)", _FULL),
-    TensorKind("expert_intermediates", "SwiGLU gate, up and their product, per routed expert and for the "
-               "shared experts", _FULL),
-    TensorKind("moe_combine", "each routed expert's output, kept for the routing weights' gradient", _FULL),
-    TensorKind("mlp_intermediates", "dense MLP gate, up and their product", _FULL),
-    TensorKind("layer_rest", "everything else of a family with no per-tensor breakdown here (DeepSeek-V4)",
-               _FULL),
-)}
-
-
-def get_recompute(mode: str | bool) -> str:
-    """A recompute mode by name (True / False: ``full`` / ``none``, the old boolean)."""
-    if mode is True or mode is False:
-        return "full" if mode else "none"
-    if mode not in RECOMPUTE_MODES:
-        raise EstimateError(f"unknown --recompute '{mode}'; choose from {', '.join(RECOMPUTE_MODES)}")
-    return mode
-
-
-FP8_BYTES = 1 + 4 / 128        # an FP8 value plus its share of one fp32 scale per 1x128 tile
-
-
-def activation_breakdown(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0, *,
-                         flash: bool = True, seq_len: int = DEFAULT_SEQ_LEN,
-                         fp8: bool = False) -> dict[str, float]:
-    """Bytes one token leaves for the backward pass in decoder layer ``layer_idx`` with no
-    recomputation, by :data:`TENSOR_KINDS` name (kinds a layer lacks are absent). Values in the
-    activation dtype (``act_bytes``), softmax statistics and router scores in fp32. With
-    ``flash=False`` (eager attention) the softmax probabilities are kept: heads x ``seq_len``
-    values per token (the masked half included, as eager attention materialises it). A config
-    with an ``activation_elements`` method (DeepSeek-V4's) has no breakdown: its layer input
-    (``hc_mult`` streams) and the rest.
-
-    ``fp8=True`` is the V3 report's low-precision storage (section 3.3.2): the inputs of FP8
-    Linear layers are cached in FP8 with a scale per 1x128 tile (:data:`FP8_BYTES`): the RMSNorm
-    outputs, the attention output (o_proj's input; E5M6 in the report, one byte here), the
-    experts' dispatched input, and each SwiGLU's two inputs, its product being recomputed in the
-    backward (so 2 of the 3 intermediates, in FP8). With its product recomputed, the routing
-    weight is taken to multiply the SwiGLU output before ``down_proj`` (equal, by linearity; how
-    Megatron-style fused MoE kernels apply it), so its gradient needs only that recomputed
-    product and the experts' outputs are not kept (``moe_combine`` is 0; the report does not
-    say, so this is an assumption, and the largest single term when it is wrong: see
-    docs/distributed.md). The attention operator's q, k, v, the residual stream and the router
-    stay in the activation dtype. nanoseek's own MoE weights the experts' outputs (autograd keeps
-    them) and its FP8 is simulated in bf16: what it runs is ``fp8=False``."""
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    own = getattr(cfg, "activation_elements", None)
-    if own is not None:
-        e, fp32 = own(layer_idx)
-        inp = cfg.hc_mult * d
-        return {"layer_input": inp * act_bytes, "layer_rest": (e - inp) * act_bytes + fp32 * 4}
-    e: dict[str, float] = {"layer_input": d, "residual": d}
-    if cfg.attention_type == "mla":
-        q_lora = cfg.q_lora_rank or 0
-        e["norm_outputs"] = 2 * d + q_lora + cfg.kv_lora_rank
-        e["qkv_latents"] = q_lora + cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        e["qkv_up"] = 2 * h * cfg.qk_head_dim + h * cfg.v_head_dim
-        if cfg.index_n_heads:
-            e["indexer"] = cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_head_dim + cfg.index_n_heads
-    else:
-        e["norm_outputs"] = 2 * d
-        e["qkv_proj"] = h * cfg.qk_head_dim + cfg.num_key_value_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    if not flash:
-        e["attention_probs"] = h * seq_len
-    e["attention_output"] = h * cfg.v_head_dim
-    low = FP8_BYTES if fp8 else act_bytes                   # Linear inputs
-    swiglu = (2 * FP8_BYTES) if fp8 else (3 * act_bytes)     # per intermediate channel
-    out = {k: v * (low if k in ("norm_outputs", "attention_output") else act_bytes) for k, v in e.items()}
-    if flash:
-        out["attention_stats"] = h * 4.0
-    if cfg.is_moe_layer(layer_idx):
-        k, mi = cfg.num_experts_per_tok, cfg.moe_intermediate_size
-        out["router"] = cfg.n_routed_experts * 4.0
-        out["moe_dispatch"] = k * d * low
-        out["expert_intermediates"] = (k + (cfg.n_shared_experts or 0)) * mi * swiglu
-        out["moe_combine"] = 0.0 if fp8 else k * d * act_bytes
-    else:
-        out["mlp_intermediates"] = cfg.intermediate_size * swiglu
-    return out
-
-
-def kept(breakdown: dict[str, float], mode: str) -> dict[str, float]:
-    """The part of a breakdown that recompute ``mode`` keeps alive between forward and backward."""
-    return {k: v for k, v in breakdown.items() if mode not in TENSOR_KINDS[k].recomputed_by}
-
-
-def activation_bytes_per_token(cfg: ModelConfig, layer_idx: int, act_bytes: float = 2.0,
-                               mode: str = "none", *, flash: bool = True,
-                               seq_len: int = DEFAULT_SEQ_LEN) -> float:
-    """Bytes one token keeps for the backward pass in one layer under recompute ``mode``: the
-    sum of :func:`activation_breakdown`'s kinds that ``mode`` keeps."""
-    mode = get_recompute(mode)
-    if mode == "selective" and getattr(cfg, "activation_elements", None) is not None:
-        raise EstimateError("--recompute selective needs a per-tensor activation breakdown, which the "
-                            "estimate has for DeepSeek-V2 / V3 / V3.2 only; use none or full for DeepSeek-V4")
-    return sum(kept(activation_breakdown(cfg, layer_idx, act_bytes, flash=flash, seq_len=seq_len),
-                    mode).values())
-
-
 def recompute_flops_per_token(cfg: ModelConfig, layer_idx: int, mode: str,
                               seq_len: int = DEFAULT_SEQ_LEN) -> float:
     """Forward FLOPs recomputed in the backward per token of one layer: the whole layer for
@@ -341,9 +204,10 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
     stages = stage_layers(cfg, n_stages)
     mtp_layers = list(range(cfg.num_hidden_layers, cfg.num_hidden_layers + n_mtp))
 
-    def breakdown(i: int) -> dict[str, float]:
-        return activation_breakdown(cfg, i, prec.activation_bytes, flash=flash, seq_len=seq_len,
-                                    fp8=prec.fp8_activations)
+    kw = dict(act_bytes=prec.activation_bytes, flash=flash, seq_len=seq_len, fp8=prec.fp8_activations)
+
+    def breakdown(i: int, mode: str = "none") -> dict[str, float]:
+        return activation_breakdown(cfg, i, mode=mode, **kw)
 
     def shard(z_min: int, group: int) -> int:       # divisor for a state sharded from ZeRO z_min
         return group if layout.zero >= z_min else 1
@@ -381,8 +245,7 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
         kinds: dict[str, float] = {}
         working = 0.0           # one layer's recomputed tensors for one micro-batch, in the backward
         for i in layers:
-            full = breakdown(i)
-            keep = kept(full, mode)
+            full, keep = breakdown(i), breakdown(i, mode)
             for k, b in keep.items():
                 kinds[k] = kinds.get(k, 0.0) + b * per_stage
             working = max(working, (sum(full.values()) - sum(keep.values())) * tokens_mb)
@@ -404,7 +267,7 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
 
     total, r, layers, params, parts, in_flight, kinds, holds = max(results, key=lambda x: x[0])
     dec = range(cfg.num_hidden_layers)
-    act_all = sum(sum(kept(breakdown(i), mode).values()) for i in dec)
+    act_all = sum(sum(breakdown(i, mode).values()) for i in dec)
     fwd = sum(layer_forward_flops_per_token(cfg, i, seq_len) for i in dec)
     extra = sum(recompute_flops_per_token(cfg, i, mode, seq_len) for i in dec)
     rec = extra / fwd               # recomputed forward FLOPs over the forward's
@@ -422,7 +285,7 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
                   "bubble_formula": sched.bubble_formula if pp > 1 else "0",
                   "bubble_fraction": bubble, "about": sched.about if pp > 1 else "no pipeline"},
         recompute={"mode": mode, "about": RECOMPUTE_MODES[mode],
-                   "recomputed_kinds": [k for k, t in TENSOR_KINDS.items() if mode in t.recomputed_by],
+                   "recomputed_kinds": recomputed_kinds(cfg, dec, mode, **kw),
                    "recompute_flops_fraction": rec,
                    "step_time_factor": (3.0 + rec) / 3.0},
         activation_kinds_bytes=kinds, stage_totals_bytes=[x[0] for x in results],

@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from .activations import TENSOR_KINDS
 from .estimate import Estimate, fmt_si
 
 _PARAM_ROWS = (("embedding", "embedding (input)"), ("attention", "attention"),
@@ -218,14 +219,7 @@ def _comm(console: Console, comm) -> None:
     console.print(t)
 
 
-_KIND_LABELS = {"layer_input": "layer inputs", "residual": "residual after attention",
-                "norm_outputs": "RMSNorm outputs", "qkv_latents": "MLA q / kv latents",
-                "qkv_up": "MLA up-projected q, k, v", "qkv_proj": "q, k, v projections",
-                "indexer": "indexer q, k, weights", "attention_probs": "attention probabilities",
-                "attention_stats": "softmax statistics (fp32)", "attention_output": "attention output",
-                "router": "router scores (fp32)", "moe_dispatch": "tokens dispatched to experts",
-                "expert_intermediates": "SwiGLU intermediates (experts)", "moe_combine": "expert outputs (combine)",
-                "mlp_intermediates": "SwiGLU intermediates (dense MLP)", "layer_rest": "rest of each layer",
+_KIND_LABELS = {**{k: t.label for k, t in TENSOR_KINDS.items()},
                 "recompute_working_set": "recompute working set (one layer, one micro-batch)",
                 "logits": "fp32 logits (one micro-batch)"}
 

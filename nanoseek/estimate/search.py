@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from ..model.config import ModelConfig
 from .flops import DEFAULT_SEQ_LEN, EstimateError
 from .gpus import GPUSpec
-from .memory import RECOMPUTE_MODES, Layout, estimate_for_layout
+from .activations import RECOMPUTE_MODES
+from .memory import Layout, estimate_for_layout
 from .pipeline import DEFAULT_SCHEDULE, SCHEDULES
 
 

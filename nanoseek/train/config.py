@@ -575,10 +575,12 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
 def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str) -> None:
     """Refuse a run that cannot fit in the memory free now on its device, before allocating: fp32
     weights + gradients + AdamW moments (16 bytes per parameter), then one micro-batch's saved
-    activations (``nanoseek.estimate``'s per-token figure, which assumes flash attention and so
-    undercounts the eager path; plus the explicit [heads x seq_len] attention of a V3.2 model whose
-    indexers train) and its fp32 logits with their gradient."""
-    from ..estimate.memory import activation_bytes_per_token
+    activations (``nanoseek.estimate.activations``' count of nanoseek's own modules under
+    ``[train] recompute``, plus the one layer a recomputing backward rebuilds at a time; MLA's is
+    measured, MHA's the fused count; it assumes fused attention and so undercounts the math path;
+    plus the explicit [heads x seq_len] attention of a V3.2 model whose indexers train) and its
+    fp32 logits with their gradient."""
+    from ..estimate.activations import activation_bytes_per_token
     from ..model.registry import V3, count_params, family_of
 
     device = cfg.train.device
@@ -591,7 +593,10 @@ def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str)
     act_bytes = 4 if cfg.train.dtype == "float32" else 2
     layers = model_cfg.num_hidden_layers + model_cfg.num_nextn_predict_layers
     if family_of(model_cfg) is V3:
-        per_token = sum(activation_bytes_per_token(model_cfg, i, act_bytes) for i in range(layers))
+        kernels = "eager" if model_cfg.attention_type == "mla" else "fused"
+        none, kept = ([activation_bytes_per_token(model_cfg, i, act_bytes, mode, kernels=kernels)
+                       for i in range(layers)] for mode in ("none", cfg.train.recompute))
+        per_token = sum(kept) + max(n - k for n, k in zip(none, kept))
         if model_cfg.index_n_heads and cfg.train.indexer_loss_weight > 0:
             # V3.2 while its indexers train (nanoseek/train/dsa.py): each indexed layer computes the
             # attention explicitly for the KL: fp32 logits and probabilities [H, T] per query, the

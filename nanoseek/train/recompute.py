@@ -37,7 +37,7 @@ Inference (no grad, or a KV cache) never recomputes.
 
 :func:`held_activation_bytes` measures what a forward leaves alive for the backward, by module
 and op; ``nanoseek.estimate.activations`` counts the same per token analytically for each mode
-(the tests hold the two equal), for the memory estimate.
+(``kernels="eager"``; the tests hold the two equal), and with fused kernels for the estimate.
 
 Left out: recomputation policies per layer kind (e.g. only MoE layers), offloading activations
 to host memory, and DeepSeek-V4 models (refused in one line: their blocks carry
