@@ -8,7 +8,8 @@
 DeepSeek-V3-shaped model (MLA, a dense first layer, DeepSeekMoE layers; no MTP by default so the
 stages are alike, as the formulas assume), cut it with :class:`nanoseek.train.pipeline.PipelineParallel`
 (the trainer's own pipeline: ``torch.distributed.pipelining`` stages and schedules) and run a few
-forward-backward steps of every schedule, after a warm-up step. Every stage action is timed by
+forward-backward steps of every schedule, after a warm-up step, the schedules taking
+turns step by step (so the machine's load changes fall on all of them alike). Every stage action is timed by
 ``pipeline.instrument`` (``PipelineParallel.events``); the waits on the schedules' sends and
 receives by a wrapper around torch's ``_wait_batch_p2p`` (*comm*: the time a rank blocks in
 communication, mostly waiting for its peer; on gloo a send may complete at once, so the time is
@@ -137,11 +138,12 @@ def simulate(order: dict[int, list[str]], stages: int, duration) -> dict[str, An
     actions in order, one at a time (an overlapped F&B as F then B, as torch runs it on CPU),
     communication free; a forward waits for the previous stage's forward of its micro-batch, a
     backward (B or I) for its own forward and the next stage's backward, W for its I.
-    ``duration(stage, kind)`` gives seconds (or units). Returns the per-rank idle time, busy time
-    and the span (first action at 0)."""
+    ``duration(stage, kind, mb)`` gives seconds (or units). Returns the per-rank idle time, busy time,
+    the span (first action at 0) and the timeline (``events``, as ``instrument`` records them)."""
     seqs = planned_actions(order)
     done: dict[tuple[int, str, int], float] = {}
     pos, free, busy = {r: 0 for r in seqs}, {r: 0.0 for r in seqs}, {r: 0.0 for r in seqs}
+    events: dict[int, list[dict]] = {r: [] for r in seqs}
     moved = True
     while moved:
         moved = False
@@ -156,15 +158,16 @@ def simulate(order: dict[int, list[str]], stages: int, duration) -> dict[str, An
                     deps = [(stage, "B", mb)]
                 if any(d not in done for d in deps):
                     break
-                start = max([free[r]] + [done[d] for d in deps])
-                free[r] = done[(stage, "B" if kind in "BI" else kind, mb)] = start + duration(stage, kind)
-                busy[r] += duration(stage, kind)
+                start, took = max([free[r]] + [done[d] for d in deps]), duration(stage, kind, mb)
+                free[r] = done[(stage, "B" if kind in "BI" else kind, mb)] = start + took
+                busy[r] += took
+                events[r].append({"stage": stage, "kind": kind, "mb": mb, "start": start, "end": start + took})
                 pos[r] += 1
                 moved = True
     if any(pos[r] < len(seq) for r, seq in seqs.items()):
         raise ValueError(f"the order deadlocks: stuck at {[(r, seq[pos[r]]) for r, seq in seqs.items() if pos[r] < len(seq)]}")
     span = max(free.values())
-    return {"span": span, "busy": busy, "idle": {r: span - busy[r] for r in seqs}}
+    return {"span": span, "busy": busy, "idle": {r: span - busy[r] for r in seqs}, "events": events}
 
 
 UNITS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}     # the formulas' units: B = 2F, W = F, so I = B - W = F
@@ -307,14 +310,15 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     ids = torch.randint(0, cfg.vocab_size, (n, args["batch"], args["seq"] + 1), generator=torch.Generator().manual_seed(1))
     batches = [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in ids]
     task = SimpleNamespace(lm_batch=None, mtp_lambda=0.3 if args["mtp"] else 0.0)
-    result: dict[str, list] = {}
+    pipes = {}
     for name in args["schedules"]:
         model = copy.deepcopy(full)
         pipe = PipelineParallel(name, world, rank, dist.group.WORLD, list(range(world)), torch.device("cpu"))
         pipe.split(model, task)
-        model.train()
-        steps = []
-        for step in range(args["warmup"] + args["steps"]):
+        pipes[name] = (model.train(), pipe)
+    result: dict[str, list] = {name: [] for name in pipes}
+    for step in range(args["warmup"] + args["steps"]):     # the schedules take turns: noise falls on all alike
+        for name, (model, pipe) in pipes.items():
             model.zero_grad(set_to_none=True)
             dist.barrier()
             pipe.events, comm[:] = [], []
@@ -322,9 +326,8 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
             evs, pipe.events = pipe.events, None
             got = pipe.gather_events({"compute": evs, "comm": list(comm)})
             if step >= args["warmup"]:
-                steps.append({"compute": {r: g["compute"] for r, g in got.items()},
-                              "comm": {r: g["comm"] for r, g in got.items()}})
-        result[name] = steps
+                result[name].append({"compute": {r: g["compute"] for r, g in got.items()},
+                                     "comm": {r: g["comm"] for r, g in got.items()}})
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.barrier()
@@ -354,24 +357,33 @@ def analyse(steps: list[dict], name: str, pp: int, microbatches: int) -> tuple[d
     """(the median-span step, its table row) for one schedule's recorded steps. The row: measured
     idle per rank (median over steps, spread = max - min), the median action durations, torch's
     planned order on an ideal machine (:func:`simulate`) in the formula's units and with the
-    measured per-stage durations, and the formula (:func:`formula`)."""
+    step's own action times (the bubble the schedule itself makes with these stages; the rest of
+    the measured idle is communication and overhead), and the formula (:func:`formula`)."""
     from nanoseek.train.pipeline import build_schedule_order, num_stages, schedule_spec
     steps = [_int_keys(s) for s in steps]
     spans = [window(s["compute"])[1] - window(s["compute"])[0] for s in steps]
     shown = steps[sorted(range(len(steps)), key=lambda i: spans[i])[len(steps) // 2]]
     per_step = [measured_bubble(s["compute"]) for s in steps]
+    waits = [{r: _union([(max(a, w[0]), min(b, w[1])) for a, b in s["comm"].get(r, []) if min(b, w[1]) > max(a, w[0])])
+              for r in s["compute"]} for s, w in ((s, window(s["compute"])) for s in steps)]
     measured = {r: {"fraction": statistics.median(b[r]["fraction"] for b in per_step),
+                    "comm": statistics.median(x[r] for x in waits),
                     "spread": max(b[r]["fraction"] for b in per_step) - min(b[r]["fraction"] for b in per_step),
                     "idle": statistics.median(b[r]["idle"] for b in per_step)} for r in per_step[0]}
     every = {r: [e for s in steps for e in s["compute"][r]] for r in steps[0]["compute"]}
     durations, per_stage = median_durations(every), stage_durations(every)
     order, S = build_schedule_order(name, pp, microbatches), num_stages(pp, schedule_spec(name))
-    units = simulate(order, S, lambda st, k: UNITS[k])
-    ideal = simulate(order, S, lambda st, k: per_stage.get((st, k), durations.get(k, 0.0)))
+    units = simulate(order, S, lambda st, k, mb: UNITS[k])
+    ideal = []                                   # each step's own action times on an ideal machine
+    for s in steps:
+        took = {(e["stage"], e["kind"], e["mb"]): e["end"] - e["start"] for evs in s["compute"].values() for e in evs}
+        ideal.append(simulate(order, S, lambda st, k, mb, took=took: took.get((st, k, mb), per_stage.get((st, k), 0.0))))
     row = {"measured": measured, "durations": durations, "span": statistics.median(spans),
            "span_spread": (max(spans) - min(spans)) / statistics.median(spans),
            "order_units": {"idle": units["idle"][0], "fraction": units["idle"][0] / units["span"]},
-           "order_measured": {r: {"idle": i, "fraction": i / ideal["span"]} for r, i in ideal["idle"].items()},
+           "order_measured": {r: {"idle": statistics.median(x["idle"][r] for x in ideal),
+                                  "fraction": statistics.median(x["idle"][r] / x["span"] for x in ideal)}
+                              for r in ideal[0]["idle"]},
            "formula": formula(name, pp, microbatches, durations)}
     return shown, row
 
@@ -429,12 +441,16 @@ def main(argv=None) -> int:
              f"layers, hidden {args.hidden}{', MTP' if args.mtp else ''}; gloo CPU processes, 1 thread each")
     print(f"{about}; {args.steps} recorded steps per schedule ({wall:.0f} s)")
     print("idle: fraction of the step with no compute on the rank (median over steps; spread: max - min);")
-    print("torch order: build_schedule_order's actions on an ideal machine (no communication, F&B run as F then B)")
-    print(f"{'schedule':<11} {'rank':>4} {'measured':>9} {'spread':>7} {'idle ms':>8} | {'torch order, measured durations':>31}")
+    print("torch order: build_schedule_order's actions on an ideal machine (no communication, F&B run as F then B),")
+    print("  with each step's own measured action times (median over steps)")
+    print("comm ms: of the idle time, the time spent blocked in the schedules' send/recv waits")
+    print(f"{'schedule':<11} {'rank':>4} {'measured':>9} {'spread':>7} {'idle ms':>8} {'comm ms':>8} | "
+          f"{'torch order, measured durations':>31}")
     for name, row in table.items():
         for r, m in row["measured"].items():
             o = row["order_measured"][r]
-            print(f"{name:<11} {r:>4} {m['fraction']:>9.1%} {m['spread']:>7.1%} {m['idle'] * 1e3:>8.1f} | "
+            print(f"{name:<11} {r:>4} {m['fraction']:>9.1%} {m['spread']:>7.1%} {m['idle'] * 1e3:>8.1f} "
+                  f"{m['comm'] * 1e3:>8.1f} | "
                   f"{o['fraction']:>19.1%} {o['idle'] * 1e3:>8.1f} ms")
     print(f"\n{'schedule':<11} {'formula (nanoseek.estimate.pipeline)':<47} {'units':>5} {'frac':>6} | "
           f"{'torch order':>11} {'frac':>6} | {'F ms':>6} {'B ms':>6} {'W ms':>6} {'formula ms':>10} {'frac':>6}")

@@ -93,7 +93,7 @@ def test_planned_orders_have_the_documented_bubble(tl):
         for pp in (2, 3, 4):
             for m in (2 * pp, 3 * pp):
                 S = num_stages(pp, schedule_spec(name))
-                run = tl.simulate(build_schedule_order(name, pp, m), S, lambda st, k: tl.UNITS[k])
+                run = tl.simulate(build_schedule_order(name, pp, m), S, lambda st, k, mb: tl.UNITS[k])
                 chunks = S // pp
                 assert all(b == pytest.approx(m * chunks * 3) for b in run["busy"].values()), (name, pp, m)
                 want = 3 * (pp - 1) if name in ("1f1b", "gpipe") else pp - 1
@@ -112,7 +112,7 @@ def test_planned_orders_have_the_documented_bubble(tl):
 def test_simulate_follows_dependencies_and_uneven_stages(tl):
     """A slow last stage makes the first rank wait; a circular order is refused."""
     order = {0: ["0F0", "0F1", "0B0", "0B1"], 1: ["1F0", "1B0", "1F1", "1B1"]}
-    run = tl.simulate(order, 2, lambda st, k: {"F": 1, "B": 2}[k] * (3 if st == 1 else 1))
+    run = tl.simulate(order, 2, lambda st, k, mb: {"F": 1, "B": 2}[k] * (3 if st == 1 else 1))
     # rank 1: F0 1-4, B0 4-10, F1 10-13, B1 13-19; rank 0: F0 0-1, F1 1-2, B0 10-12, B1 19-21
     assert run["span"] == 21 and run["idle"] == {0: 15, 1: 3}
     # the descriptive 1F1B order of torch 2.13 numbers the last rank's forwards from 1: renumbered
@@ -121,7 +121,7 @@ def test_simulate_follows_dependencies_and_uneven_stages(tl):
     assert tl.planned_actions({0: ["(0F3;3B1)OVERLAP_F_B", "0I2", "0W2"]})[0] == [
         (0, "F", 0), (3, "B", 0), (0, "I", 0), (0, "W", 2)]
     with pytest.raises(ValueError, match="deadlocks"):
-        tl.simulate({0: ["0B0", "0F0"], 1: ["1F0", "1B0"]}, 2, lambda st, k: 1)
+        tl.simulate({0: ["0B0", "0F0"], 1: ["1F0", "1B0"]}, 2, lambda st, k, mb: 1)
 
 
 def test_plot_writes_a_png(tl, tmp_path):
@@ -140,3 +140,31 @@ def test_bad_arguments_are_one_line(tl, capsys):
     assert "schedule = 'zero'" in capsys.readouterr().err
     assert tl.main(["--pp", "4", "--schedules", "dualpipev", "--microbatches", "8"]) == 2
     assert "makes 8 stages, more than --layers 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,pp,m", [("1f1b", 2, 4), ("dualpipev", 2, 4), ("dualpipev", 3, 6), ("zbv", 2, 5)])
+def test_analyse_a_timeline_made_by_the_ideal_machine(tl, name, pp, m):
+    """Steps whose events come from :func:`simulate` (uneven stages, a different speed per step):
+    the measured idle equals the ideal machine's, and the table row says so for every rank."""
+    from nanoseek.train.pipeline import build_schedule_order, num_stages, schedule_spec
+    order, S = build_schedule_order(name, pp, m), num_stages(pp, schedule_spec(name))
+    steps = []
+    for speed in (1.0, 1.3, 0.8):
+        run = tl.simulate(order, S, lambda st, k, mb, v=speed: v * tl.UNITS[k] * (1 + 0.5 * (st == S - 1)) * 1e-3)
+        events = {r: [{**e, "start": e["start"] + 50, "end": e["end"] + 50} for e in evs]
+                  for r, evs in run["events"].items()}
+        assert tl.measured_bubble(events) == {r: pytest.approx({"span": run["span"], "busy": run["busy"][r],
+                                                                "idle": run["idle"][r],
+                                                                "fraction": run["idle"][r] / run["span"]})
+                                              for r in range(pp)}
+        comm = {str(r): [] for r in events}
+        comm["0"] = [(40.0, 50.0005), (50.001, 50.0015)]                  # the first wait clipped to the window
+        steps.append({"compute": {str(r): v for r, v in events.items()}, "comm": comm})
+    shown, row = tl.analyse(json.loads(json.dumps(steps)), name, pp, m)       # as read back from the workers
+    assert shown["compute"] == {r: v for r, v in enumerate(steps[0]["compute"].values())}   # median span: speed 1
+    for r in range(pp):
+        assert row["measured"][r]["fraction"] == pytest.approx(row["order_measured"][r]["fraction"])
+        assert row["measured"][r]["spread"] == pytest.approx(0, abs=1e-9)        # same shape at every speed
+    assert row["measured"][0]["comm"] == pytest.approx(0.001) and row["measured"][pp - 1]["comm"] == 0
+    assert row["order_units"]["idle"] == (3 * (pp - 1) if name == "1f1b" else pp - 1)
+    assert row["formula"]["formula"].startswith("(P")
