@@ -249,7 +249,8 @@ def plot(runs: dict[str, dict[str, Any]], table: dict[str, dict[str, Any]], path
         t = table[name]
         idle = ", ".join(f"{r['fraction']:.0%}" for r in t["measured"].values())
         ideal = ", ".join(f"{r['fraction']:.0%}" for r in t["order_measured"].values())
-        ax.set_title(f"{name}: idle per rank {idle} measured, {ideal} for torch's order on an ideal machine;  "
+        ax.set_title(f"{name}, idle per rank (median of {t.get('steps', 1)} steps): {idle} measured, {ideal} for torch's "
+                     f"order on an ideal machine; "
                      f"formula {t['formula']['formula'].split(',')[0]}: {t['formula']['fraction_measured']:.0%} "
                      f"(measured F/B/W), {t['formula']['fraction_units']:.0%} (B = 2F, W = F)", fontsize=8, loc="left")
         ax.set_yticks(range(pp))
@@ -374,11 +375,14 @@ def analyse(steps: list[dict], name: str, pp: int, microbatches: int) -> tuple[d
     durations, per_stage = median_durations(every), stage_durations(every)
     order, S = build_schedule_order(name, pp, microbatches), num_stages(pp, schedule_spec(name))
     units = simulate(order, S, lambda st, k, mb: UNITS[k])
+    planned = planned_actions(order)
+    same_order = all([(e["stage"], e["kind"], e["mb"]) for e in sorted(evs, key=lambda e: e["start"])] == planned[r]
+                     for s in steps for r, evs in s["compute"].items())
     ideal = []                                   # each step's own action times on an ideal machine
     for s in steps:
         took = {(e["stage"], e["kind"], e["mb"]): e["end"] - e["start"] for evs in s["compute"].values() for e in evs}
         ideal.append(simulate(order, S, lambda st, k, mb, took=took: took.get((st, k, mb), per_stage.get((st, k), 0.0))))
-    row = {"measured": measured, "durations": durations, "span": statistics.median(spans),
+    row = {"measured": measured, "durations": durations, "span": statistics.median(spans), "same_order": same_order, "steps": len(steps),
            "span_spread": (max(spans) - min(spans)) / statistics.median(spans),
            "order_units": {"idle": units["idle"][0], "fraction": units["idle"][0] / units["span"]},
            "order_measured": {r: {"idle": statistics.median(x["idle"][r] for x in ideal),
@@ -461,7 +465,8 @@ def main(argv=None) -> int:
               f"{f['seconds'] * 1e3:>10.1f} {f['fraction_measured']:>6.1%}")
     print("units: one stage's forward F = 1, B = 2, W = 1 (V schedules: half-size stages); ms: the measured medians")
     for name, row in table.items():
-        print(f"{name}: step {row['span'] * 1e3:.0f} ms median, spread {row['span_spread']:.0%} of it over steps; "
+        print(f"{name}: executed order {'=' if row['same_order'] else 'DIFFERS from'} torch's planned order; "
+              f"step {row['span'] * 1e3:.0f} ms median, spread {row['span_spread']:.0%} of it over steps; "
               f"action medians " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(row["durations"].items())))
     plot(shown, table, args.png, about)
     args.trace.write_text(json.dumps(chrome_trace_of(shown)))
