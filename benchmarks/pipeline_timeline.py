@@ -8,28 +8,36 @@
 DeepSeek-V3-shaped model (MLA, a dense first layer, DeepSeekMoE layers; no MTP by default so the
 stages are alike, as the formulas assume), cut it with :class:`nanoseek.train.pipeline.PipelineParallel`
 (the trainer's own pipeline: ``torch.distributed.pipelining`` stages and schedules) and run a few
-forward-backward steps of every schedule, after a warm-up step, the schedules taking
-turns step by step (so the machine's load changes fall on all of them alike). Every stage action is timed by
-``pipeline.instrument`` (``PipelineParallel.events``); the waits on the schedules' sends and
-receives by a wrapper around torch's ``_wait_batch_p2p`` (*comm*: the time a rank blocks in
-communication, mostly waiting for its peer; on gloo a send may complete at once, so the time is
-where the rank waited, not the transfer itself). Gaps that are neither are *idle* (the schedule's
-own bookkeeping). Out come:
+forward-backward steps of every schedule after a warm-up step, the schedules taking turns step
+by step (so changes in the machine's load fall on all of them alike). Every stage action is
+timed by ``pipeline.instrument`` (``PipelineParallel.events``, gathered with ``gather_events``);
+the schedules' blocking waits on sends and receives by a wrapper around torch's
+``_wait_batch_p2p`` (*comm*: mostly a rank waiting for its peer; gloo's transfer itself is not
+separated from the wait). Out come:
 
-* a Chrome trace (``--trace``; open in chrome://tracing or ui.perfetto.dev): one process per
-  (schedule, rank), one thread per stage with its forward / backward / input-backward /
-  weight-backward, a *comm* thread and an *idle* thread (the gaps with no compute);
-* a PNG (``--png``): one row per rank, a box per action coloured by kind (F, B, I, W, its
-  second chunk lighter), labelled with the micro-batch, the schedules one above the other on one
-  time axis;
-* the bubble table: per schedule and rank, the idle fraction of the step (no compute, between
-  the step's first and last compute action on any rank, the window the formula's bubble counts),
-  beside ``nanoseek.estimate.pipeline``'s formula (DualPipe's table) in its own units (``B = 2F``,
-  ``W = F``, ``F&B = F + B``) and with the measured median F, B, W of a stage plugged in (torch
-  runs DualPipeV's overlapped F&B one after the other on CPU, so ``F&B = F + B``).
+* a Chrome trace (``--trace``; chrome://tracing or ui.perfetto.dev): one process per (schedule,
+  rank), one thread per stage with its forward / backward / input-backward / weight-backward,
+  a *comm wait* thread and an *idle* thread (the gaps of the step with no compute);
+* a PNG (``--png``): one row per rank, a box per action coloured by kind (F, B, I, W; the
+  rank's second stage lighter) labelled with its micro-batch, grey bars where the rank waits on
+  send/recv, the schedules one above the other on one time axis;
+* the bubble table, per schedule and rank: the *measured* idle fraction of the step (no compute
+  between the first and the last compute action on any rank: the window the formulas' bubble
+  counts); the same for *torch's order* (``build_schedule_order``) replayed on an ideal machine
+  (:func:`simulate`: no communication, each step's own measured action times), which separates
+  the schedule's own bubble from communication and machine noise; the estimate's formula
+  (``nanoseek.estimate.pipeline``, DualPipe's table) in its units (``B = 2F``, ``W = F``,
+  ``F&B = F + B``) and with the measured median F, B, W plugged in; and whether every rank ran
+  the actions in torch's planned order.
 
-The step shown and traced is the one with the median span; the table gives the median over steps
-and the spread (max - min) of the idle fractions, a measure of the machine's noise.
+Torch runs DualPipeV's overlapped F&B pairs one after the other (no overlap callback on CPU), so
+``F&B = F + B`` throughout. In the formulas' units torch's DualPipeV and ZBV orders idle
+``(pp - 1) F`` per rank (``tests/test_pipeline_timeline.py``), which is zero-bubble 1P's
+``(pp - 1)(F + B - 2W)``; the estimate's DualPipeV formula ``(pp - 1)(F&B + B - 3W)`` says twice
+that at ``F&B = F + B``. 1F1B's order idles exactly ``(pp - 1)(F + B)``.
+
+The step drawn and traced is the one with the median span; the table gives medians over the
+steps and the spread (max - min) of the idle fractions, the machine's noise.
 """
 
 from __future__ import annotations
@@ -444,26 +452,27 @@ def main(argv=None) -> int:
     about = (f"pp {args.pp}, {args.microbatches} micro-batches of {args.batch} x {args.seq} tokens; model {args.layers} "
              f"layers, hidden {args.hidden}{', MTP' if args.mtp else ''}; gloo CPU processes, 1 thread each")
     print(f"{about}; {args.steps} recorded steps per schedule ({wall:.0f} s)")
+    w = max(11, *(len(n) for n in names))
     print("idle: fraction of the step with no compute on the rank (median over steps; spread: max - min);")
     print("torch order: build_schedule_order's actions on an ideal machine (no communication, F&B run as F then B),")
     print("  with each step's own measured action times (median over steps)")
     print("comm ms: of the idle time, the time spent blocked in the schedules' send/recv waits")
-    print(f"{'schedule':<11} {'rank':>4} {'measured':>9} {'spread':>7} {'idle ms':>8} {'comm ms':>8} | "
+    print(f"{'schedule':<{w}} {'rank':>4} {'measured':>9} {'spread':>7} {'idle ms':>8} {'comm ms':>8} | "
           f"{'torch order, measured durations':>31}")
     for name, row in table.items():
         for r, m in row["measured"].items():
             o = row["order_measured"][r]
-            print(f"{name:<11} {r:>4} {m['fraction']:>9.1%} {m['spread']:>7.1%} {m['idle'] * 1e3:>8.1f} "
+            print(f"{name:<{w}} {r:>4} {m['fraction']:>9.1%} {m['spread']:>7.1%} {m['idle'] * 1e3:>8.1f} "
                   f"{m['comm'] * 1e3:>8.1f} | "
                   f"{o['fraction']:>19.1%} {o['idle'] * 1e3:>8.1f} ms")
-    print(f"\n{'schedule':<11} {'formula (nanoseek.estimate.pipeline)':<47} {'units':>5} {'frac':>6} | "
+    print(f"\n{'schedule':<{w}} {'formula (nanoseek.estimate.pipeline)':<47} {'units':>5} {'frac':>6} | "
           f"{'torch order':>11} {'frac':>6} | {'F ms':>6} {'B ms':>6} {'W ms':>6} {'formula ms':>10} {'frac':>6}")
     for name, row in table.items():
         f, u = row["formula"], row["order_units"]
-        print(f"{name:<11} {f['formula']:<47} {f['units']:>5.2f} {f['fraction_units']:>6.1%} | {u['idle']:>11.2f} "
+        print(f"{name:<{w}} {f['formula']:<47} {f['units']:>5.2f} {f['fraction_units']:>6.1%} | {u['idle']:>11.2f} "
               f"{u['fraction']:>6.1%} | {f['F'] * 1e3:>6.1f} {f['B'] * 1e3:>6.1f} {f['W'] * 1e3:>6.1f} "
               f"{f['seconds'] * 1e3:>10.1f} {f['fraction_measured']:>6.1%}")
-    print("units: one stage's forward F = 1, B = 2, W = 1 (V schedules: half-size stages); ms: the measured medians")
+    print("units: one stage's forward F = 1, B = 2, W = 1 (two stages per rank: half-size stages); ms: measured medians")
     for name, row in table.items():
         print(f"{name}: executed order {'=' if row['same_order'] else 'DIFFERS from'} torch's planned order; "
               f"step {row['span'] * 1e3:.0f} ms median, spread {row['span_spread']:.0%} of it over steps; "

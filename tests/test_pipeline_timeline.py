@@ -171,3 +171,41 @@ def test_analyse_a_timeline_made_by_the_ideal_machine(tl, name, pp, m):
     evs = steps[1]["compute"]["0"]                                        # rank 0 runs two actions swapped
     evs[0]["start"], evs[1]["start"] = evs[1]["start"], evs[0]["start"]
     assert not tl.analyse(steps, name, pp, m)[1]["same_order"]
+
+
+def tl_planned(order):
+    spec = importlib.util.spec_from_file_location("pipeline_timeline", ROOT / "benchmarks" / "pipeline_timeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return [a for acts in mod.planned_actions(order).values() for a in acts]
+
+
+@pytest.mark.slow
+def test_the_script_end_to_end(tmp_path):
+    """Two gloo processes, a tiny model, one recorded step of each schedule: table, trace, PNG."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "t.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "pipeline_timeline.py"), "--hidden", "64", "--seq", "16",
+           "--steps", "1", "--png", str(tmp_path / "t.png"), "--trace", str(tmp_path / "t.trace.json"),
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dualpipev: executed order = torch's planned order" in proc.stdout
+    assert "1f1b: executed order = torch's planned order" in proc.stdout
+    table = json.loads(out.read_text())["table"]
+    assert set(table) == {"dualpipev", "1f1b"}
+    assert table["1f1b"]["order_units"]["idle"] == 3 and table["dualpipev"]["order_units"]["idle"] == 1
+    assert all(0 <= m["fraction"] < 1 for row in table.values() for m in row["measured"].values())
+    trace = json.loads((tmp_path / "t.trace.json").read_text())["traceEvents"]
+    assert {e["args"]["name"] for e in trace if e["name"] == "process_name"} == {
+        "dualpipev rank 0", "dualpipev rank 1", "1f1b rank 0", "1f1b rank 1"}
+    from nanoseek.train.pipeline import build_schedule_order
+    for i, name in enumerate(("dualpipev", "1f1b")):                          # every planned action, once
+        planned = build_schedule_order(name, 2, 4)
+        for kind in "FBIW":
+            want = sum(1 for a in tl_planned(planned) if a[1] == kind)
+            assert sum(e.get("cat") == kind and e["pid"] // 100 == i for e in trace) == want, (name, kind)
+    assert (tmp_path / "t.png").stat().st_size > 10_000
