@@ -24,11 +24,11 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from .config import PRESET_DIR, ModelConfig, list_presets
-from .v4.config import DeepseekV4Config
+from .v4.config import CSA, DeepseekV4Config
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Family:
     checkpoint_path: str                   # module with from_pretrained / save_pretrained / load_state
     params_path: str                       # module with count_params(config) -> ParamCount, cache_bytes(...)
     unsupported: dict[str, str] = field(default_factory=dict)   # feature -> why not
+    # whether a config's model has lightning indexers to train (V3.2's MLA ones, V4's CSA ones)
+    has_indexers: Callable[[Any], bool] = lambda c: bool(c.index_n_heads)
 
     def model_class(self):
         module, _, name = self.model_path.partition(":")
@@ -54,12 +56,11 @@ V3 = Family("DeepSeek-V3", ("deepseek_v3", "deepseek_v32", "deepseek_v2"), Model
 V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
             "nanoseek.model.v4.transformer:DeepseekV4ForCausalLM", "nanoseek.model.v4.checkpoint",
             "nanoseek.model.v4.params",
+            has_indexers=lambda c: CSA in c.layer_types,
             unsupported={
                 "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
                 "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
                 "fsdp": "FSDP wrapping is written for V3's decoder layers ([parallel] fsdp = false)",
-                "indexer_training": "the compressed-attention indexers have no training stage in nanoseek yet "
-                                    "(V3.2's dense warm-up and KL are written for MLA)",
             })
 FAMILIES: tuple[Family, ...] = (V3, V4)
 DEFAULT = V3                               # configs without model_type (nanoseek's older presets) are V3
@@ -89,6 +90,11 @@ def require(config_or_model: Any, feature: str, where: str) -> None:
     why = f.unsupported.get(feature)
     if why is not None:
         raise ConfigError(f"{where}: not supported for model_type '{f.model_types[0]}' ({f.name}): {why}")
+
+
+def has_indexers(config: Any) -> bool:
+    """Whether the config's model has lightning indexers whose training stages apply (train/dsa.py)."""
+    return family_of(config).has_indexers(config)
 
 
 def supports(config_or_model: Any, feature: str) -> bool:
@@ -196,7 +202,7 @@ def load_weights(directory: str | Path, config) -> dict:
     return family_of(config).checkpoint().load_state(directory, config)
 
 
-__all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "require", "supports",
+__all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "has_indexers", "require", "supports",
            "all_field_names", "count_params", "cache_bytes",
            "config_from_dict", "config_from_json", "read_config_json", "load_config", "with_fields",
            "build_model", "checkpoint_family", "from_pretrained", "save_pretrained", "load_weights"]
