@@ -11,7 +11,8 @@ nanoseek/train/dsa.py): the KL over the compressed entries, the dense warm-up an
   tests/test_model_v4.py's), and so is the sparse stage's output; the engine decodes the same
   tokens whatever stage the model was left in, and restores it;
 * a frozen dense warm-up trains only the indexers and their KL falls; pre-training ``v4-tiny``
-  changes every indexer tensor; a run resumed across the dense -> sparse boundary is exact;
+  (dense warm-up, then sparse) changes every indexer tensor; a run resumed across the dense ->
+  sparse boundary is exact;
 * a V4 model without CSA layers refuses the indexer settings in one line.
 """
 
@@ -28,10 +29,10 @@ from nanoseek.model.v4 import attention as v4_attention
 from nanoseek.model.v4.config import DeepseekV4Config
 from nanoseek.model.v4.transformer import DeepseekV4ForCausalLM
 from nanoseek.train.checkpoint import latest_checkpoint, step_of
-from nanoseek.train.config import config_from_dict
+from nanoseek.train.config import config_from_dict, load_config
 from nanoseek.train.dsa import IndexerTraining, indexed_attention
 from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer
-from nanoseek.train.metrics import read_metrics, step_records
+from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import build_pretraining
 from v4_helpers import BASE, CASES, CSA, HCA, SWA, ids_batch, randomise
 
@@ -268,16 +269,19 @@ def test_v4_tiny_pretraining_trains_every_csa_indexer(tmp_path, capsys):
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
+    assert load_config("v4-tiny").train.dsa_warmup_steps > 0            # the recipe warms up (unfrozen)
     assert main(["pretrain", "--config", "v4-tiny", "--out-dir", str(run_dir), "--set", "train.max_steps=2",
                  "--set", "train.save_every=1", "--set", "data.val_batches=0", "--set", "optim.grad_accum=1",
-                 "--no-progress", "--quiet"]) == 0
+                 "--set", "train.dsa_warmup_steps=1", "--no-progress", "--quiet"]) == 0
     a = load_file(run_dir / "checkpoints" / "step-000001" / "model.safetensors")
     b = load_file(run_dir / "checkpoints" / "step-000002" / "model.safetensors")
     indexer = [k for k in a if ".indexer." in k]
     assert len({k.split(".indexer.")[0] for k in indexer}) == 2       # v4-tiny's two CSA layers
     assert all(not torch.equal(a[k], b[k]) for k in indexer), [k for k in indexer if torch.equal(a[k], b[k])]
-    steps = step_records(read_metrics(run_dir))
+    recs = read_metrics(run_dir)
+    steps = step_records(recs)
     assert all(steps[s]["indexer_loss"] > 0 for s in (1, 2))
+    assert [(e["step"], e["stage"]) for e in events(recs, "dsa_stage")] == [(1, "dense"), (2, "sparse")]
 
 
 def test_indexer_settings_on_a_v4_model_without_csa_layers_are_refused_in_one_line(tmp_path, capsys):
@@ -288,7 +292,7 @@ def test_indexer_settings_on_a_v4_model_without_csa_layers_are_refused_in_one_li
                  f"model.layer_types={[SWA, HCA, HCA, SWA]}".replace("'", '"'), "--set", "train.dsa_warmup_steps=5",
                  "--no-progress", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "dsa_warmup_steps = 5 would have no effect" in err
+    assert len(err.splitlines()) == 1 and "dsa_warmup_steps = 5, dsa_warmup_freeze = false would have no effect" in err
     model, _, _ = build_pretraining(make_cfg(tmp_path, "ok", model=no_csa, train={"dsa_warmup_steps": 0}))
     assert not indexed_attention(model) and IndexerTraining(model).stage(0) is None
     assert CSA not in model.config.layer_types

@@ -28,6 +28,14 @@ false`` makes the warm-up dense pre-training of everything instead: objective ``
 indexer_loss_weight x KL`` over every visible key, the indexers following the model's attention
 as it forms, until sparse training begins (the ``v32-tiny`` recipe).
 
+DeepSeek-V4's compressed-sparse-attention (CSA) layers train their lightning indexers the same
+way, over the compressed entries instead of the keys (:mod:`nanoseek.model.v4.compressor`): the
+dense stage attends to every visible compressed entry (the sliding window as always), the sparse
+stage to the indexer's top-k, and the KL's target is the attention's distribution over those
+entries alone. V4's heavily-compressed and sliding-window layers have no indexer. The same keys,
+stages and refusals apply; the ``v4-tiny`` recipe, from scratch, warms up unfrozen as ``v32-tiny``
+does (its toml has the measured choice).
+
 The stage is a function of the step alone, so a run resumed on either side of the boundary
 continues exactly. A model without indexers (DeepSeek-V3) has no stage and trains as before;
 ``indexer_loss_weight = 0`` freezes the indexers in sparse training (no KL is computed at all:
