@@ -121,7 +121,8 @@ def test_kl_equals_an_independent_computation(case, stage, monkeypatch):
             assert (want.sum(-1) < visible.sum(-1)).any()                                   # sparsity is active
         got = cap.attn[i].indexer_loss
         assert got.requires_grad and got > 0
-        assert float(got.detach()) == pytest.approx(reference_kl(cap.calls[i], scores.detach(), keep), rel=1e-5, abs=1e-9)
+        want_kl = reference_kl(cap.calls[i], scores.detach(), keep)
+        assert float(got.detach()) == pytest.approx(want_kl, rel=1e-5, abs=1e-9)
         kls.append(got)
     assert torch.allclose(out.indexer_loss, torch.stack(kls).mean())
 
@@ -296,3 +297,50 @@ def test_indexer_settings_on_a_v4_model_without_csa_layers_are_refused_in_one_li
     model, _, _ = build_pretraining(make_cfg(tmp_path, "ok", model=no_csa, train={"dsa_warmup_steps": 0}))
     assert not indexed_attention(model) and IndexerTraining(model).stage(0) is None
     assert CSA not in model.config.layer_types
+
+
+@pytest.mark.slow
+def test_trained_csa_indexers_pick_the_blocks_dense_attention_reads(tmp_path):
+    """v4-tiny with a 4-token window and top-2 CSA, trained dense for 300 steps on the prose shards
+    (the indexers following by KL, unfrozen warm-up throughout; about 3 min on one core). Sparse
+    attention over the trained indexers' choice loses far less to dense than over fresh indexers'
+    (measured: dense 2.6220, trained 2.6265, fresh 2.6339; KL 0.057 -> 0.017)."""
+    import json
+
+    from nanoseek.data.corpus import plain_text_documents
+    from nanoseek.data.prepare import PrepareConfig, prepare_inputs
+    from nanoseek.model.registry import from_pretrained
+
+    torch.set_num_threads(1)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in plain_text_documents()), encoding="utf-8")
+    prepare_inputs([src], tmp_path / "data", None, PrepareConfig(vocab_size=300, val_fraction=0.1))
+    sets = ["data.source=packed", f"data.dir={tmp_path / 'data'}", "data.val_batches=8", "model.index_topk=2",
+            "model.sliding_window=4", "train.max_steps=300", "train.dsa_warmup_steps=300", "train.eval_every=300",
+            "train.save_every=300"]
+    run_dir = tmp_path / "dense"
+    assert main(["pretrain", "--config", "v4-tiny", "--out-dir", str(run_dir), "--no-progress", "--quiet",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    kl = [r["indexer_loss"] for r in step_records(read_metrics(run_dir)).values()]
+    _, task, _ = build_pretraining(load_config("v4-tiny", sets))
+    model = from_pretrained(run_dir / "final").eval()
+
+    def val(stage=None):
+        model.set_dsa_stage(stage)
+        with torch.no_grad():
+            v = task.evaluate(model)["val_loss"]
+        model.set_dsa_stage(None)
+        return v
+
+    dense, trained = val("dense"), val()
+    torch.manual_seed(0)
+    fresh = DeepseekV4ForCausalLM(model.config)
+    with torch.no_grad():
+        for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+            if ".indexer." in n:
+                p.copy_(q)
+    untrained = val()
+    print(f"dense {dense:.4f}, sparse over trained indexers {trained:.4f}, over fresh ones {untrained:.4f}; "
+          f"KL steps 1-5 {sum(kl[:5]) / 5:.4f}, 296-300 {sum(kl[-5:]) / 5:.4f}")
+    assert sum(kl[-5:]) < 0.5 * sum(kl[:5])
+    assert untrained - dense > 0.005 and trained - dense < 0.6 * (untrained - dense)

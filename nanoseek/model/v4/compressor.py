@@ -198,7 +198,8 @@ class Compressor(WindowCompressor):
         self.indexer = Indexer(c) if kind == CSA else None
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, rope: Rope,
-                cache=None, rows=None, valid=None, stage: str | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+                cache=None, rows=None, valid=None,
+                stage: str | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """-> (entries [B, N, head_dim], attend [B, T, N] bool: the entries each query attends,
         train): ``train`` is None unless the indexer trains (``stage`` "dense" / "sparse", see the
         module docstring), then (scores [B, T, N] fp32 with gradient, keep [B, T, N] bool: the
