@@ -240,8 +240,7 @@ def test_eval_sft_and_grpo_on_the_v4_run(v4_run, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- refusals
 def test_what_v4_cannot_do_is_refused_in_one_line(v4_run, tmp_path, capsys):
-    for flag in (["--set", "parallel.ep=2"], ["--set", "parallel.fsdp=true"],
-                 ["--set", "train.dsa_warmup_steps=5"]):   # V3.2's indexer stages are MLA's, not CSA's
+    for flag in (["--set", "parallel.ep=2"], ["--set", "parallel.fsdp=true"]):   # (CSA indexers train: test_train_v4_indexer.py)
         assert main(["pretrain", "--config", "v4-tiny", "--out-dir", str(tmp_path / "x"), *flag]) == 2
         err = capsys.readouterr().err.strip()
         assert "model_type 'deepseek_v4'" in err and "\n" not in err and "Traceback" not in err

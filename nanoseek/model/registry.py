@@ -24,12 +24,12 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ConfigError
 from .config import ModelConfig
 from .config_fields import config_file, preset_or_path, read_json
-from .v4.config import DeepseekV4Config
+from .v4.config import CSA, DeepseekV4Config
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Family:
     params_path: str                       # module with count_params(config) -> ParamCount, cache_bytes(...)
     unsupported: dict[str, str] = field(default_factory=dict)   # feature -> why not
     architectures: tuple[str, ...] = ()    # config.json "architectures" it reads when model_type is not one of its own
+    # whether a config's model has lightning indexers to train (V3.2's MLA ones, V4's CSA ones)
+    has_indexers: Callable[[Any], bool] = lambda c: bool(c.index_n_heads)
 
     def model_class(self):
         module, _, name = self.model_path.partition(":")
@@ -58,6 +60,7 @@ V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
             "nanoseek.model.v4.transformer:DeepseekV4ForCausalLM", "nanoseek.model.v4.checkpoint",
             "nanoseek.model.v4.params",
             architectures=("DeepseekV4ForCausalLM",),
+            has_indexers=lambda c: CSA in c.layer_types,
             unsupported={
                 "gguf": "llama.cpp has no DeepSeek-V4 architecture (hyper-connections, compressed attention)",
                 "expert_parallel": "expert parallelism shards V3's MoE experts only ([parallel] ep = 1)",
@@ -65,8 +68,6 @@ V4 = Family("DeepSeek-V4", ("deepseek_v4",), DeepseekV4Config,
                 "node_limited_routing": "V4's router (hash layers, sqrt-softplus scores) has no group or node limit "
                                         "([train] max_nodes_per_token = 0)",
                 "recompute": "activation recomputation wraps V3's decoder layers ([train] recompute = \"none\")",
-                "indexer_training": "the compressed-attention indexers have no training stage in nanoseek yet "
-                                    "(V3.2's dense warm-up and KL are written for MLA)",
             })
 FAMILIES: tuple[Family, ...] = (V3, V4)
 DEFAULT = V3                               # configs without model_type (nanoseek's older presets) are V3
@@ -96,6 +97,11 @@ def require(config_or_model: Any, feature: str, where: str) -> None:
     why = f.unsupported.get(feature)
     if why is not None:
         raise ConfigError(f"{where}: not supported for model_type '{f.model_types[0]}' ({f.name}): {why}")
+
+
+def has_indexers(config: Any) -> bool:
+    """Whether the config's model has lightning indexers whose training stages apply (train/dsa.py)."""
+    return family_of(config).has_indexers(config)
 
 
 def supports(config_or_model: Any, feature: str) -> bool:
@@ -210,7 +216,7 @@ def load_weights(directory: str | Path, config) -> dict:
     return family_of(config).checkpoint().load_state(directory, config)
 
 
-__all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "require", "supports",
+__all__ = ["Family", "FAMILIES", "V3", "V4", "family_for_type", "family_of", "has_indexers", "require", "supports",
            "all_field_names", "count_params", "cache_bytes", "family_of_dict",
            "config_from_dict", "config_from_json", "read_config_json", "load_config", "with_fields",
            "build_model", "checkpoint_family", "from_pretrained", "save_pretrained", "load_weights"]

@@ -28,6 +28,14 @@ false`` makes the warm-up dense pre-training of everything instead: objective ``
 indexer_loss_weight x KL`` over every visible key, the indexers following the model's attention
 as it forms, until sparse training begins (the ``v32-tiny`` recipe).
 
+DeepSeek-V4's compressed-sparse-attention (CSA) layers train their lightning indexers the same
+way, over the compressed entries instead of the keys (:mod:`nanoseek.model.v4.compressor`): the
+dense stage attends to every visible compressed entry (the sliding window as always), the sparse
+stage to the indexer's top-k, and the KL's target is the attention's distribution over those
+entries alone. V4's heavily-compressed and sliding-window layers have no indexer. The same keys,
+stages and refusals apply; the ``v4-tiny`` recipe, from scratch, warms up unfrozen as ``v32-tiny``
+does (its toml has the measured choice).
+
 The stage is a function of the step alone, so a run resumed on either side of the boundary
 continues exactly. A model without indexers (DeepSeek-V3) has no stage and trains as before;
 ``indexer_loss_weight = 0`` freezes the indexers in sparse training (no KL is computed at all:
@@ -66,9 +74,9 @@ DEFAULT_WEIGHT = TrainSection.indexer_loss_weight     # the paper has no weight:
 
 
 def indexed_attention(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of ``model`` whose lightning indexer trains in stages (DeepSeek-V3.2's
-    MLA; none in a DeepSeek-V3 model, and none in V4, whose compressed-attention indexers have no
-    training stage here: ``nanoseek.model.registry``, feature ``indexer_training``)."""
+    """The attention modules of ``model`` whose lightning indexer trains in stages: DeepSeek-V3.2's
+    MLA, DeepSeek-V4's compressed-sparse attention (its indexer over the compressed entries:
+    ``nanoseek.model.v4.compressor``); none in a DeepSeek-V3 model."""
     return [m for m in model.modules() if getattr(m, "indexer", None) is not None and hasattr(m, "dsa_stage")]
 
 
@@ -87,9 +95,10 @@ def check_dsa_settings(warmup_steps: int, weight: float, has_indexer: bool, wher
                                   f"'{family.model_types[0]}' ({family.name}): {why}; drop the "
                                   f"key{'s' * (len(written) > 1)} ({drop})")
             raise ConfigError(f"{where}[train] {', '.join(written)} would have no effect: the model has no lightning "
-                              "indexer (DeepSeek-V3.2's sparse attention needs index_n_heads > 0); drop the "
-                              f"key{'s' * (len(written) > 1)} ({drop}) or train a V3.2 model (e.g. [model] preset = "
-                              "\"v32-tiny\")")
+                              "indexer (DeepSeek-V3.2's sparse attention needs index_n_heads > 0, DeepSeek-V4's "
+                              "compressed_sparse_attention layers); drop the "
+                              f"key{'s' * (len(written) > 1)} ({drop}) or train a V3.2 or V4 model (e.g. [model] "
+                              "preset = \"v32-tiny\" or \"v4-tiny\")")
         return
     if not freeze and not warmup_steps:
         raise ConfigError(f"{where}[train] dsa_warmup_freeze = false would have no effect with dsa_warmup_steps = 0 "

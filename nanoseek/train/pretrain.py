@@ -43,7 +43,7 @@ from .bpb import bpb_sums, token_byte_lengths
 from ..errors import ConfigError, UserError
 from .config import TrainConfig, config_to_toml
 from .dsa import check_dsa_settings
-from ..model.registry import family_of, supports
+from ..model.registry import family_of, has_indexers
 from .loop import ExpertBalanceHook, FitResult, Trainer
 
 
@@ -198,7 +198,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
                 final_files[name] = (tok_dir / name).read_text(encoding="utf-8")
     model_cfg = cfg.model.build_config()
     check_dsa_settings(t.dsa_warmup_steps, t.indexer_loss_weight,
-                       bool(model_cfg.index_n_heads) and supports(model_cfg, "indexer_training"), f"{cfg.source}: ",
+                       has_indexers(model_cfg), f"{cfg.source}: ",
                        freeze=t.dsa_warmup_freeze, family=family_of(model_cfg))
     if d.source == "packed":
         if model_cfg.vocab_size < tokenizer.vocab_size:

@@ -19,6 +19,10 @@ Layer kinds (``config.layer_types``): ``sliding_attention`` (main RoPE, no compr
 "compress" RoPE for everything. The sink is a learned per-head logit that absorbs probability
 mass (like gpt-oss). Softmax in fp32.
 
+While the CSA indexer trains (``dsa_stage`` set by the model's ``set_dsa_stage``, see
+compressor.py) the layer also leaves the indexer's KL in ``indexer_loss``; without a stage the
+forward is the inference forward, unchanged.
+
 Without a cache the window keys are the sequence itself under a sliding causal mask (training,
 prefill without cache); with a :class:`~.cache.V4Cache` they are the layer's window ring (older
 positions) plus this step's keys.
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from ..fp32 import keep_fp32
-from .compressor import Compressor, FP32RMSNorm
+from .compressor import Compressor, FP32RMSNorm, compressed_kl
 from .config import DeepseekV4Config
 from .hyper import unweighted_rms_norm
 from .rope import Rope, rope_tail
@@ -54,16 +58,19 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
     return (delta >= 0) & (delta < window)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, T, H, D], keys = values [B, K, D], visible [B, T, K] -> [B, T, H, D]; one sink logit per head."""
+def attend(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, sinks: torch.Tensor, scale: float,
+           return_probs: bool = False):
+    """q [B, T, H, D], keys = values [B, K, D], visible [B, T, K] -> [B, T, H, D]; one sink logit per head.
+    ``return_probs``: also the fp32 probabilities [B, H, T, K] (sink column dropped, not renormalised)."""
     B, T, H, _ = q.shape
     logits = torch.matmul(q.transpose(1, 2), keys.unsqueeze(1).transpose(-1, -2)) * scale          # [B, H, T, K]
     logits = logits.masked_fill(~visible[:, None], float("-inf"))
     sink = sinks.to(logits.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
     logits = torch.cat([logits, sink], dim=-1)
     logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(logits.float(), dim=-1)[..., :-1].to(keys.dtype)
-    return torch.matmul(probs, keys.unsqueeze(1)).transpose(1, 2)                                 # [B, T, H, D]
+    p32 = torch.softmax(logits.float(), dim=-1)[..., :-1]
+    out = torch.matmul(p32.to(keys.dtype), keys.unsqueeze(1)).transpose(1, 2)                     # [B, T, H, D]
+    return (out, p32) if return_probs else out
 
 
 class Attention(nn.Module):
@@ -85,6 +92,13 @@ class Attention(nn.Module):
         self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, c.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         self.compressor = Compressor(c, self.kind) if self.kind != "sliding_attention" else None
+        self.dsa_stage: str | None = None   # "dense" / "sparse" while a CSA indexer trains (set_dsa_stage)
+        self.indexer_loss: torch.Tensor | None = None
+
+    @property
+    def indexer(self):
+        """The CSA layer's lightning indexer (None for sliding-window and HCA layers)."""
+        return None if self.compressor is None else self.compressor.indexer
 
     def _apply(self, fn, recurse=True):   # the sinks stay fp32, children follow fn
         if recurse:
@@ -114,12 +128,20 @@ class Attention(nn.Module):
             k_ok = torch.cat([older, torch.ones_like(positions, dtype=torch.bool) if valid is None else valid], dim=1)
             visible = window_mask(positions, k_pos, self.window) & k_ok[:, None, :]
             cache.window.write(kv, positions, rows, valid)
+        train = None
+        self.indexer_loss = None
         if self.compressor is not None:
-            entries, chosen = self.compressor(x, q_latent, positions, rope, cache, rows, valid)
+            entries, chosen, train = self.compressor(x, q_latent, positions, rope, cache, rows, valid,
+                                                     stage=self.dsa_stage if self.indexer is not None else None)
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             visible = torch.cat([visible, chosen], dim=-1)
 
-        o = attend(q, keys, visible, self.sinks, self.scale)                              # [B, T, H, D]
+        if train is None:
+            o = attend(q, keys, visible, self.sinks, self.scale)                          # [B, T, H, D]
+        else:   # the CSA indexer trains: its KL against this attention over the compressed entries
+            o, probs = attend(q, keys, visible, self.sinks, self.scale, return_probs=True)
+            scores, keep = train
+            self.indexer_loss = compressed_kl(scores, probs[..., -keep.shape[-1]:], keep)
         o = rope_tail(o, cos, -sin)
         o = self.o_a_proj(o.reshape(B, T, self.o_groups, -1)).flatten(2)                  # [B, T, g*r_o]
         return self.o_b_proj(o)

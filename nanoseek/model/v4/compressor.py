@@ -26,8 +26,20 @@ V3.2's indexer selects (:func:`nanoseek.model.dsa.top_k_visible`): exact ties (e
 are ranked by position, so a full forward and cached decoding pick the same entries; transformers
 keeps ``torch.topk``'s choice, which depends on the tensor's width, so where the k-th score is
 tied its full forward and its cached decoding can differ, and nanoseek agrees with one of them. The
-selection is discrete: the language-model loss trains no indexer weight (DeepSeek trains it
-with a separate KL objective, not implemented here).
+selection is discrete: the language-model loss trains no indexer weight.
+
+Training the indexer (V3.2's recipe, :mod:`nanoseek.model.dsa` and :mod:`nanoseek.train.dsa`,
+applied to the compressed entries): while the attention module has a ``dsa_stage`` the indexer's
+input (x and the query latent) is detached and its scores keep their gradient; the attention
+computes the KL(p_t || softmax(I_t)) of :func:`compressed_kl`, where p_t is the attention's own
+probability of each compressed entry, summed over heads and renormalised over the entries the KL
+is about (detached). The dense stage attends to every visible entry and takes the KL over all of
+them; the sparse stage attends to the top-k and takes it over those. The target is over the
+compressed entries only: the sliding-window keys (which every query attends anyway) and the sink
+are left out, since what the indexer decides is which compressed blocks to read; the window's
+share of the attention would only rescale p_t, which the renormalisation undoes. DeepSeek has not
+published V4's indexer objective and transformers has none (inference only); this is V3.2's
+objective over V4's candidates.
 
 Two ways to produce entries, same function: without a cache every complete window of the
 sequence is pooled at once (training, the parity tests); with a :class:`~.cache.V4Cache` the
@@ -37,11 +49,13 @@ windows it completes (see ``cache.py``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dsa import top_k_visible
+from ..dsa import indexer_kl, top_k_visible
 from ..fp32 import keep_fp32
 from .config import CSA, HCA, DeepseekV4Config
 from .rope import Rope, rope_tail
@@ -156,7 +170,7 @@ class IndexerScorer(nn.Module):
 
 class Indexer(WindowCompressor):
     """The lightning indexer (HF ``compressor.indexer``): a CSA compressor at ``index_head_dim``
-    plus ``q_b_proj`` and ``scorer``; :meth:`select` gives the attended entries."""
+    plus ``q_b_proj`` and ``scorer``; :meth:`scores` gives I, :meth:`Compressor.forward` selects."""
 
     def __init__(self, config: DeepseekV4Config):
         c = config
@@ -165,17 +179,14 @@ class Indexer(WindowCompressor):
         self.q_b_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
         self.scorer = IndexerScorer(c)
 
-    def select(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                rope: Rope) -> torch.Tensor:
-        """-> [B, T, N] bool: the entries each query attends (its top-k visible by index score)."""
+        """I(t, s) [B, T, N] fp32 of the queries x [B, T, d] (the attention's query latent q_latent)
+        against the indexer's compressed keys [B, N, c]."""
         B, T, _ = x.shape
-        N = keys.shape[1]
-        visible = visible_entries(positions, N, self.rate)
-        if N == 0:
-            return visible
         cos, sin = rope(positions)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim), cos, sin)
-        return top_k_visible(self.scorer(q, keys, x), visible, self.topk)[0]
+        return self.scorer(q, keys, x)
 
 
 class Compressor(WindowCompressor):
@@ -187,18 +198,49 @@ class Compressor(WindowCompressor):
         self.indexer = Indexer(c) if kind == CSA else None
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, rope: Rope,
-                cache=None, rows=None, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (entries [B, N, head_dim], mask [B, T, N] bool of the entries each query attends)."""
+                cache=None, rows=None, valid=None,
+                stage: str | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """-> (entries [B, N, head_dim], attend [B, T, N] bool: the entries each query attends,
+        train): ``train`` is None unless the indexer trains (``stage`` "dense" / "sparse", see the
+        module docstring), then (scores [B, T, N] fp32 with gradient, keep [B, T, N] bool: the
+        entries its KL is over, every visible one in the dense stage, the selected ones in the
+        sparse stage); in the dense stage ``attend`` is every visible entry."""
         if cache is None:
             entries = self.full(x, rope)
-            keys = self.indexer.full(x, rope) if self.indexer is not None else None
         else:
             entries = self.cached(x, positions, rope, cache.store(self.name), rows, valid)
-            keys = (self.indexer.cached(x, positions, rope, cache.store(self.indexer.name), rows, valid)
-                    if self.indexer is not None else None)
+        visible = visible_entries(positions, entries.shape[1], self.rate)
         if self.indexer is None:
-            return entries, visible_entries(positions, entries.shape[1], self.rate)
-        return entries, self.indexer.select(x, q_latent, positions, keys, rope)
+            return entries, visible, None
+        training = stage is not None
+        xi, qi = (x.detach(), q_latent.detach()) if training else (x, q_latent)   # the KL alone trains it
+        if cache is None:
+            keys = self.indexer.full(xi, rope)
+        else:
+            keys = self.indexer.cached(xi, positions, rope, cache.store(self.indexer.name), rows, valid)
+        if keys.shape[1] == 0:
+            return entries, visible, None
+        with contextlib.nullcontext() if training else torch.no_grad():
+            scores = self.indexer.scores(xi, qi, positions, keys, rope)
+        chosen = top_k_visible(scores, visible, self.indexer.topk)[0]
+        if not training:
+            return entries, chosen, None
+        if stage == "dense":
+            return entries, visible, (scores, visible)
+        return entries, chosen, (scores, chosen)
 
 
-__all__ = ["Compressor", "Indexer", "WindowCompressor", "FP32RMSNorm", "visible_entries", "HCA", "CSA"]
+def compressed_kl(scores: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+    """The CSA indexer's KL (V3.2's :func:`~nanoseek.model.dsa.indexer_kl`) over the compressed
+    entries ``keep`` [B, T, N]: ``probs`` [B, H, T, N] are the attention's probabilities of the
+    compressed entries (its sliding-window keys and sink left out; the target renormalises over
+    ``keep``), ``scores`` [B, T, N] the indexer's I. The mean is over the queries that keep at least
+    one entry (the first m - 1 positions see none); None when no query does."""
+    has = keep.any(-1)                                                        # [B, T]
+    if not bool(has.any()):
+        return None
+    probs = probs.transpose(1, 2)[has].transpose(0, 1).unsqueeze(0)           # [1, H, Q, N]
+    return indexer_kl(scores[has].unsqueeze(0), probs, keep[has].unsqueeze(0))
+
+
+__all__ = ["Compressor", "Indexer", "compressed_kl", "WindowCompressor", "FP32RMSNorm", "visible_entries", "HCA", "CSA"]

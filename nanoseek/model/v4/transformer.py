@@ -156,6 +156,9 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
             if self.use_mtp and len(m.mtp) and T > len(m.mtp):
                 out.mtp_loss = self._mtp_loss(input_ids, labels, x, positions)
             out.aux_loss = sum_aux_loss(self.moe_layers() + (self.mtp_moe_layers() if out.mtp_loss is not None else []))
+            kl = [a.indexer_loss for a in self._indexed_attention() if a.indexer_loss is not None]
+            if kl:                  # the CSA indexers train (set_dsa_stage)
+                out.indexer_loss = torch.stack(kl).mean()
         else:
             hk = h if logits_to_keep is None else h[:, -logits_to_keep:]
             out.logits = self.lm_head(hk)
@@ -197,6 +200,25 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
             if i < self.config.num_hidden_layers and not moe.gate.hashed:
                 loads.append(load)
         return torch.stack(loads) if loads else None
+
+    # ------------------------------------------------------------------ CSA indexer training (as V3.2's)
+    def _indexed_attention(self) -> list[Attention]:
+        """The compressed-sparse attention modules (the MTP blocks are sliding-window: none there)."""
+        blocks = list(self.model.layers) + list(self.model.mtp)
+        return [b.self_attn for b in blocks if b.self_attn.indexer is not None]
+
+    def set_dsa_stage(self, stage: str | None) -> None:
+        """The CSA indexers' training stage, V3's ``set_dsa_stage`` (nanoseek/train/dsa.py): ``"dense"``
+        (every visible compressed entry attended, the KL over all of them), ``"sparse"`` (the top-k,
+        the KL over those) or None (inference: no KL, outputs as without this method)."""
+        if stage not in (None, "dense", "sparse"):
+            raise ValueError(f"DSA stage must be 'dense', 'sparse' or None, got {stage!r}")
+        for attn in self._indexed_attention():
+            attn.dsa_stage = stage
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        """The CSA lightning indexers' parameters (what a frozen dense warm-up trains)."""
+        return [p for a in self._indexed_attention() for p in a.indexer.parameters()]
 
     def set_absorb(self, absorb: bool) -> None:
         """V4 has one attention path (the engine's MLA switch is a no-op here)."""
