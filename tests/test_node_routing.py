@@ -111,10 +111,16 @@ def test_nodes_as_groups_equal_group_limited_routing(G, M, ties_by_position):
 
 
 def test_node_limit_equal_to_the_configs_own_groups_keeps_the_config_rule():
-    cfg = make_tiny_config()                          # n_group 4, topk_group 2
+    """Groups = nodes and K = 2M (node scores are top-2 sums, as noaux_tc's group scores): the
+    config's own rule is the node rule; with K = M (tiny: top-1 per node) it is not."""
+    cfg = make_tiny_config()                          # n_group 4, topk_group 2, K = 2
     gate = Gate(cfg)
     gate.set_node_limit(4, 2, cfg)
-    assert gate.node_limit is None                    # the config's group-limited routing is that rule
+    assert gate.node_limit == (4, 2)                  # node scores: top ceil(2/2) = 1, not the config's top-2 sums
+    cfg4 = make_tiny_config(num_experts_per_tok=4)
+    gate4 = Gate(cfg4)
+    gate4.set_node_limit(4, 2, cfg4)
+    assert gate4.node_limit is None                   # K = 4 = 2M: the config's group-limited routing is that rule
 
 
 def test_equals_transformers_router_when_the_configs_match(tmp_path):

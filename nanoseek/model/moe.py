@@ -88,7 +88,10 @@ class Gate(nn.Module):
         why = node_limit_problem(config, nodes, max_nodes, ep)
         if why:
             raise ValueError(why)
-        same = (nodes, max_nodes) == (self.n_group, self.topk_group)   # the config's own rule already
+        # the config's own group rule already when groups are the nodes and it ranks them by as many
+        # top scores as the node rule (noaux_tc: top-2 sums; group_limited_greedy: the top one)
+        per_group = {"noaux_tc": 2, "group_limited_greedy": 1}.get(self.topk_method)
+        same = (nodes, max_nodes) == (self.n_group, self.topk_group) and per_group == per_node(self.top_k, max_nodes)
         self.node_limit = None if same else (nodes, max_nodes)
 
     def _apply(self, fn, recurse=True):

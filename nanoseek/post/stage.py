@@ -295,7 +295,7 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
                        for name in ("tokenizer.json", "tokenizer_config.json")}
     if hasattr(model, "set_seq_aux_alpha"):
         model.set_seq_aux_alpha(cfg.train.seq_aux_alpha)
-    hooks = [ExpertBalanceHook(cfg.train.bias_update_gamma), *extra_hooks]
+    hooks = [ExpertBalanceHook(cfg.train.bias_update_gamma, load_every=cfg.train.expert_load_every), *extra_hooks]
     trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir=run_dir, hooks=hooks,
                       config={"kind": cfg.kind, **cfg.to_dict()}, final_files=final_files, progress=progress,
                       quiet=quiet)

@@ -140,6 +140,7 @@ class TrainSection:
     log_every: int = 1                # steps between metrics.jsonl lines (and terminal lines without a bar)
     mtp_lambda: float = 0.3           # weight of the MTP loss (V3: 0.3 for the first 10T tokens, then 0.1)
     bias_update_gamma: float = 0.001  # aux-loss-free bias update speed (V3: 0.001)
+    expert_load_every: int = 0        # log expert_load summed over this many steps (0: automatic, by model size)
     seq_aux_alpha: float = 0.0001     # complementary sequence-wise balance loss weight (V3: 0.0001)
     dsa_warmup_steps: int = 0         # V3.2: first steps train only the indexers against dense attention (train/dsa.py)
     dsa_warmup_freeze: bool = True    # V3.2: the warm-up trains only the indexers (false: everything, dense; from scratch)
@@ -538,6 +539,11 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         require(model_cfg, "fsdp", f"{source}: [parallel] fsdp = true")
     if t.recompute != "none":
         require(model_cfg, "recompute", f"{source}: [train] recompute = {t.recompute!r}")
+    if t.expert_load_every < 0:
+        raise bad("train", "expert_load_every", "must be >= 0 (0: automatic)")
+    if t.expert_nodes and not t.max_nodes_per_token:
+        raise bad("train", "expert_nodes", "would have no effect with max_nodes_per_token = 0 (node-limited routing "
+                  "off); set max_nodes_per_token > 0, or drop the key (--set train.expert_nodes=null)")
     if t.max_nodes_per_token:
         require(model_cfg, "node_limited_routing", f"{source}: [train] max_nodes_per_token = {t.max_nodes_per_token}")
     if t.max_nodes_per_token and t.expert_nodes:    # (expert_nodes = 0: resolved and checked at run time)

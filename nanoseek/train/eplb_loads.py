@@ -1,7 +1,8 @@
 """Expert loads for EPLB (:mod:`nanoseek.train.eplb`): measured by a nanoseek run, or synthetic.
 
-*Measured*: every logged step record of a run's ``metrics.jsonl`` carries ``expert_load`` (tokens
-per routed expert in that step, one list per MoE layer, summed over ranks; written by
+*Measured*: the step records of a run's ``metrics.jsonl`` carry ``expert_load`` (tokens per
+routed expert, one list per MoE layer, summed over ranks, and on a large model summed over the
+``expert_load_steps`` steps up to that record: ``[train] expert_load_every``; written by
 :class:`~nanoseek.train.loop.ExpertBalanceHook`). :func:`read_loads` sums the records of a window
 of steps (by default the second half of the logged steps: the router has settled by then) into
 one [layers, experts] table (keeping each step's own table for a held-out evaluation,

@@ -196,11 +196,17 @@ class ExpertBalanceHook(Hook):
     the biases do not move; so does a step of V3.2's dense warm-up, which trains only the indexers.
     Logs the per-MoE-layer MaxVio of the step's load, the bias range, and the load itself
     (``expert_load``: tokens per routed expert, one list per MoE layer, summed over ranks; what
-    ``nanoseek eplb`` balances; 4-6 bytes of JSON per expert and layer on each logged line).
+    ``nanoseek eplb`` balances). 4-8 bytes of JSON per expert and layer would make a 671B model's
+    lines 100 KB, so the load is logged summed over ``load_every`` steps (``expert_load_steps``
+    says how many; ``[train] expert_load_every``, 0: automatic, every step up to
+    LOAD_COUNTERS_PER_STEP counters, else as many steps as keep that average).
     """
 
-    def __init__(self, gamma: float, load_reduce=None):
-        self.gamma, self.load_reduce = gamma, load_reduce
+    LOAD_COUNTERS_PER_STEP = 2048          # automatic load_every: about 10 KB of metrics a step on average
+
+    def __init__(self, gamma: float, load_reduce=None, load_every: int = 0):
+        self.gamma, self.load_reduce, self.load_every = gamma, load_reduce, load_every
+        self._load_sum, self._load_steps = None, 0
 
     def after_step(self, trainer: "Trainer", applied: bool) -> dict[str, Any] | None:
         model = trainer.model
@@ -213,8 +219,15 @@ class ExpertBalanceHook(Hook):
         if load is None:
             return None
         from ..model.moe import max_violation
-        out: dict[str, Any] = {"maxvio": [round(float(x), 4) for x in max_violation(load)],
-                               "expert_load": load.round().long().tolist()}
+        out: dict[str, Any] = {"maxvio": [round(float(x), 4) for x in max_violation(load)]}
+        self._load_sum = load.detach().clone() if self._load_sum is None else self._load_sum + load
+        self._load_steps += 1
+        every = self.load_every or -(-load.numel() // self.LOAD_COUNTERS_PER_STEP)
+        if self._load_steps >= every:
+            out["expert_load"] = self._load_sum.round().long().tolist()
+            if self._load_steps > 1:
+                out["expert_load_steps"] = self._load_steps
+            self._load_sum, self._load_steps = None, 0
         bias = trainer.dist.layer_rows(model, model.expert_bias())
         if bias is not None:
             out["bias_range"] = [round(float(x), 5) for x in (bias.amax(-1) - bias.amin(-1))]

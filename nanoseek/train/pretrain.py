@@ -338,7 +338,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False, progress: bool | None = Non
                 write_atomic(run_dir / "config.previous.toml", read_record(config_path))
             write_atomic(config_path, config_to_toml(cfg))
         trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, run_dir,
-                          hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *(hooks or [])],
+                          hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma, load_every=cfg.train.expert_load_every), *(hooks or [])],
                           config=cfg.to_dict(), final_files=final_files, progress=progress, quiet=quiet,
                           parallel=cfg.parallel)
         return trainer.fit(resume=resume)
