@@ -347,7 +347,7 @@ def test_held_out_places_from_early_steps_and_measures_later_ones(tiny_run, tmp_
     before = torch.stack([imbalance(contiguous_loads(x, 8)) for x in later]).mean(0)
     assert row.before == pytest.approx((before.mean().item(), before.max().item()))
     assert main(["eplb", str(tiny_run), "--held-out", "--gpus", "8"]) == 0
-    assert "placed from steps 4-4, imbalance of each later step 5-6" in capsys.readouterr().out.replace("\n", "")
+    assert "placed from steps 1-3, imbalance of each later step 4-6" in capsys.readouterr().out.replace("\n", "")
     saved = save_loads(loads, tmp_path / "l.json")                  # a loads file has no steps to hold out
     assert main(["eplb", str(saved), "--held-out"]) == 2
     assert "--held-out needs at least 2 logged steps of a run" in capsys.readouterr().err
