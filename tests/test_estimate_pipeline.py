@@ -255,8 +255,12 @@ def test_selective_refused_for_v4_in_one_line(capsys):
     assert main(["estimate", "--config", "v4-tiny", "--recompute", "selective"]) == 2
     err = capsys.readouterr().err
     assert "selective" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert main(["estimate", "--config", "v4-tiny", "--recompute", "full", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["memory"]["recompute"]["mode"] == "full"
+    assert main(["estimate", "--config", "v4-tiny", "--recompute", "full"]) == 2     # the trainer refuses it
+    err = capsys.readouterr().err
+    assert "--estimate-only" in err and "recompute" in err and len(err.strip().splitlines()) == 1
+    assert main(["estimate", "--config", "v4-tiny", "--recompute", "full", "--json", "--estimate-only"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["recompute"]["mode"] == "full" and "recompute" in mem["estimate_only"]
 
 
 def load_model_config_v4():
