@@ -196,6 +196,7 @@ def _resolve(args, cfg, gpu):
                     micro_batch=args.micro_batch, recompute=args.recompute, schedule=schedule,
                     micro_batches=args.micro_batches)
     from .memory import trainer_refusal
+    layout.validate(cfg)                # what the estimate cannot price at all comes first
     why = trainer_refusal(cfg, layout)
     if why and not args.estimate_only:
         raise UserError(f"this layout: {why}; give --estimate-only to price it anyway")

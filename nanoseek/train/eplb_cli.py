@@ -164,8 +164,7 @@ def run(args: argparse.Namespace) -> int:
         sources = []
         # --held-out splits the whole run (or the steps from --from-step on); the plain table sums
         # the second half by default (the router has settled by then)
-        start = 0 if args.held_out and args.from_step is None else args.from_step
-        measured = read_loads(args.source, start) if args.source else None
+        measured = read_loads(args.source, args.from_step, whole_run=args.held_out) if args.source else None
         if measured is not None:
             if args.save_loads:
                 print(f"loads written to {save_loads(measured, args.save_loads)}")

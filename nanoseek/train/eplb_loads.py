@@ -98,9 +98,10 @@ def _run_groups(run_dir: Path) -> int | None:
     return int(getattr(load_config(cfg).model.build_config(), "n_group", 1) or 1)
 
 
-def read_loads(source: str | Path, from_step: int | None = None) -> Loads:
+def read_loads(source: str | Path, from_step: int | None = None, whole_run: bool = False) -> Loads:
     """Loads from a run folder, its metrics.jsonl, or a loads JSON file (see the module docstring).
-    ``from_step``: sum the step records from this step on (default: the second half of them)."""
+    ``from_step``: sum the step records from this step on (default: the second half of them, or
+    all of them with ``whole_run``); a loads file has no steps, so ``from_step`` is refused there."""
     from .metrics import METRICS_FILE, read_metrics, step_records
     path = Path(source)
     if not path.exists():
@@ -129,7 +130,7 @@ def read_loads(source: str | Path, from_step: int | None = None) -> Loads:
         raise ConfigError(f"{metrics}: no step record has {LOADS_KEY} (a run of a model without routed experts, "
                           "or one written before nanoseek logged expert loads)")
     logged = sorted(steps)
-    start = logged[len(logged) // 2] if from_step is None else from_step
+    start = (logged[0] if whole_run else logged[len(logged) // 2]) if from_step is None else from_step
     window = [s for s in logged if s >= start]
     if not window:
         raise ConfigError(f"--from-step {from_step}: the run's expert loads end at step {logged[-1]}")
