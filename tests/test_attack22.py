@@ -201,16 +201,29 @@ def test_node_limit_matching_the_config_groups_still_uses_the_node_rule():
 
 # ---------------------------------------------------------------------------- recompute fed into the estimate
 # User expects: the estimate's per-layer activation bytes are the measured-and-tested count (estimate/activations.py says
-# "The memory estimate multiplies these"); memory.py's own breakdown gives other figures (selective: 1.5x on a V3 MoE layer).
+# "The memory estimate multiplies these"); memory.py's own breakdown gave other figures (selective: 1.5x on a V3 MoE layer).
+# (Adapted after the two were unified: activations.activation_bytes_per_token(cfg, layer, act_bytes, mode) is the one
+# count, memory.py imports it; the check is now that the figures the memory report prints are built from it.)
 @pytest.mark.parametrize("mode", ["none", "selective"])
 @pytest.mark.parametrize("layer", [0, 3])
 def test_memory_estimate_uses_the_measured_activation_count(mode, layer):
     from nanoseek.estimate import activations, memory
     from nanoseek.estimate.cli import load_config
     cfg = load_config("deepseek-v3")
-    tested = activations.activation_bytes_per_token(cfg, mode, layer_idx=layer, dtype_bytes=2)
-    used = memory.activation_bytes_per_token(cfg, layer, act_bytes=2, mode=mode)
-    assert used == pytest.approx(tested, rel=0.02), (used, tested)
+    assert memory.activation_bytes_per_token is activations.activation_bytes_per_token
+    tested = [activations.activation_bytes_per_token(cfg, i, 2, mode) for i in range(cfg.num_hidden_layers + 1)]
+    mem = memory.estimate_for_layout(cfg, memory.Layout(recompute=mode), "bf16")
+    # the report's "activations kept per token, all layers" is the tested count summed over the decoder layers
+    assert mem.activation_bytes_per_token == pytest.approx(sum(tested[:-1]), rel=1e-12)
+    # and the kept activations of the (one) rank are it times the tokens in flight, MTP layer included
+    kept = mem.activations_bytes - mem.activation_kinds_bytes.get("recompute_working_set", 0) \
+        - mem.activation_kinds_bytes["logits"]
+    assert kept == pytest.approx(sum(tested) * mem.tokens_in_flight, rel=1e-12)
+    # per layer (a dense one, 0, and a MoE one, 3): the backward's recompute working set covers what the tested count
+    # says this layer drops under the mode, for one micro-batch
+    dropped = activations.activation_bytes_per_token(cfg, layer, 2, "none") - tested[layer]
+    assert (dropped > 0) == (mode != "none")
+    assert mem.activation_kinds_bytes.get("recompute_working_set", 0) >= dropped * mem.tokens_in_flight * (1 - 1e-12)
 
 
 # User expects: --micro-batches without a pipeline (pp = 1: it changes nothing) is refused like --schedule without one.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanoseek.cli import main
+from nanoseek.train.eplb_cli import compare
 from nanoseek.errors import ConfigError
 from nanoseek.train.eplb import (balanced_packing, check, contiguous_loads, gpu_loads, imbalance, rebalance,
                                  replicate)
@@ -347,10 +348,39 @@ def test_held_out_places_from_early_steps_and_measures_later_ones(tiny_run, tmp_
     before = torch.stack([imbalance(contiguous_loads(x, 8)) for x in later]).mean(0)
     assert row.before == pytest.approx((before.mean().item(), before.max().item()))
     assert main(["eplb", str(tiny_run), "--held-out", "--gpus", "8"]) == 0
-    assert "placed from steps 4-4, imbalance of each later step 5-6" in capsys.readouterr().out.replace("\n", "")
+    assert "placed from steps 1-3, imbalance of each later step 4-6" in capsys.readouterr().out.replace("\n", "")
     saved = save_loads(loads, tmp_path / "l.json")                  # a loads file has no steps to hold out
     assert main(["eplb", str(saved), "--held-out"]) == 2
     assert "--held-out needs at least 2 logged steps of a run" in capsys.readouterr().err
+
+
+def test_huge_counts_are_scaled_exactly_and_give_the_same_tables(tmp_path, capsys):
+    """Counts near float64's limit (finite, but their sums overflow) are divided by a power of two
+    before any arithmetic: every table equals the one of the same loads at ordinary size."""
+    g = torch.Generator().manual_seed(3)
+    small = torch.randint(1, 1000, (3, 16), generator=g).double()
+    for k in (1000, 1013):                                          # 999 x 2^1013 < float64 max
+        big = small * 2.0 ** k                                     # exact; sums overflow from 2^1014 on x 16
+        f = tmp_path / f"big{k}.json"
+        f.write_text(json.dumps({"expert_load": big.tolist(), "n_group": 4}))
+        loads = read_loads(f)
+        assert torch.isfinite(loads.weight).all()
+        a = compare(loads, [2, 4, 8], 4, 1)
+        b = compare(Loads(small, 4, "small"), [2, 4, 8], 4, 1)
+        assert [(r.before, r.after) for r in a] == [(r.before, r.after) for r in b]
+        assert main(["eplb", str(f), "--gpus", "4", "--gpus-per-node", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "nan" not in out.lower() and "inf" not in out.lower() and "2^" in out
+
+
+def test_from_step_and_held_out_windows(tiny_run, tmp_path, capsys):
+    saved = save_loads(read_loads(tiny_run), tmp_path / "l.json")
+    assert main(["eplb", str(saved), "--from-step", "3"]) == 2      # a loads file has no steps
+    err = capsys.readouterr().err
+    assert "--from-step 3" in err and "loads file" in err and len(err.strip().splitlines()) == 1
+    # --held-out splits the steps from --from-step on: 2-6 -> placed from 2-3, measured on 4-6
+    assert main(["eplb", str(tiny_run), "--held-out", "--from-step", "2", "--gpus", "8"]) == 0
+    assert "placed from steps 2-3, imbalance of each later step 4-6" in capsys.readouterr().out.replace("\n", "")
 
 
 def test_cli_zipf_without_a_run(capsys):

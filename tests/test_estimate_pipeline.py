@@ -5,11 +5,13 @@ H800s, ``--layouts`` and one-line errors for bad flags."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 
 from nanoseek.cli import main
+from nanoseek.estimate.cli import load_config
 from nanoseek.estimate.flops import EstimateError, layer_forward_flops_per_token
 from nanoseek.estimate.gpus import get_gpu
 from nanoseek.estimate.activations import (
@@ -255,8 +257,12 @@ def test_selective_refused_for_v4_in_one_line(capsys):
     assert main(["estimate", "--config", "v4-tiny", "--recompute", "selective"]) == 2
     err = capsys.readouterr().err
     assert "selective" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert main(["estimate", "--config", "v4-tiny", "--recompute", "full", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["memory"]["recompute"]["mode"] == "full"
+    assert main(["estimate", "--config", "v4-tiny", "--recompute", "full"]) == 2     # the trainer refuses it
+    err = capsys.readouterr().err
+    assert "--estimate-only" in err and "recompute" in err and len(err.strip().splitlines()) == 1
+    assert main(["estimate", "--config", "v4-tiny", "--recompute", "full", "--json", "--estimate-only"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["recompute"]["mode"] == "full" and "recompute" in mem["estimate_only"]
 
 
 def load_model_config_v4():
@@ -353,6 +359,11 @@ def test_layouts_mark_schedules_nanoseek_cannot_run(v3):
     (["--layouts", "--pp", "4"], ["--layouts", "--pp"]),
     (["--layouts", "--recompute", "full"], ["--layouts", "--recompute"]),
     (["--micro-batches", "0"], ["--micro-batches"]),
+    (["--micro-batches", "8"], ["--micro-batches 8 needs a pipeline", "--pp > 1"]),
+    (["--pp", "16", "--ep", "64", "--gpus", "2048", "--fsdp", "--recompute", "full"],
+     ["pipeline stages without FSDP", "--estimate-only"]),
+    (["--pp", "16", "--ep", "64", "--gpus", "2048", "--zero", "3"], ["without FSDP", "--estimate-only"]),
+    (["--layouts", "--estimate-only"], ["--layouts", "--estimate-only"]),
 ])
 def test_bad_flags_are_one_line(capsys, argv, words):
     assert main(["estimate", "--config", "deepseek-v3"] + argv) == 2
@@ -365,3 +376,73 @@ def test_recompute_flag_alone_means_full(capsys):
     assert main(["estimate", "--config", "tiny", "--recompute", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory"]["layout"]["recompute"] == "full"
     assert Layout(recompute=True).recompute == "full" and Layout(recompute=False).recompute == "none"
+
+
+# ---------------------------------------------------------------------- what the trainer refuses
+@pytest.mark.parametrize("name, layout, refused", [
+    ("deepseek-v3", dict(dp=8, pp=2, zero=3), "without FSDP"),
+    ("deepseek-v3", dict(dp=8, pp=2, zero=1, recompute="full"), None),
+    ("deepseek-v3", dict(dp=8, pp=1, zero=3, recompute="selective"), None),
+    ("deepseek-v2-lite", dict(dp=8, pp=2, zero=0, schedule="dualpipev"), None),
+    ("deepseek-v3.2", dict(dp=8, pp=2), "DeepSeek-V3 models only"),
+    ("deepseek-v3.2", dict(dp=8, pp=1, recompute="selective"), None),
+    ("deepseek-v4-flash", dict(dp=8, pp=2), "DeepSeek-V3 models only"),
+    ("deepseek-v4-flash", dict(dp=8, pp=1, recompute="full"), "recompute"),
+    ("deepseek-v4-flash", dict(dp=8, pp=1, zero=3), "fsdp"),
+    ("deepseek-v4-flash", dict(dp=8, pp=1), None),
+])
+def test_trainer_refusal_follows_the_trainers_checks(name, layout, refused, tmp_path):
+    """The estimate's trainer_refusal says what nanoseek.train.config refuses, for each family."""
+    from nanoseek.estimate.memory import trainer_refusal
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.config import config_from_dict
+    from test_pipeline import raw_config
+    cfg = load_config(name)
+    why = trainer_refusal(cfg, Layout(**layout))
+    assert (why is None) == (refused is None) and (refused or "") in (why or ""), why
+    # the trainer agrees on the same layout (a small model of the same family, same pp / fsdp / recompute)
+    pp = layout.get("pp", 1)
+    raw = raw_config(tmp_path, 1, 4 * pp, 1, pp=pp, fsdp=layout.get("zero", 1) == 3, ep=1,
+                     schedule=layout.get("schedule", "1f1b"))
+    raw["model"] = {"preset": {"deepseek-v3": "tiny", "deepseek-v2-lite": "tiny", "deepseek-v3.2": "v32-tiny",
+                               "deepseek-v4-flash": "v4-tiny"}[name], "num_hidden_layers": 4}
+    raw["train"]["recompute"] = layout.get("recompute", "none")
+    raw["spike"]["reference_batches"] = 4 * pp
+    try:
+        config_from_dict(raw, "t.toml")
+        trainer = None
+    except ConfigError as e:
+        trainer = str(e)
+    assert (trainer is None) == (why is None), (why, trainer)
+
+
+def test_layouts_mark_every_layout_nanoseek_cannot_run():
+    """--layouts keeps the layouts the trainer refuses, each marked * with its reason under the table."""
+    from rich.console import Console
+
+    from nanoseek.estimate.report import print_layouts
+    for name, gpus in (("deepseek-v3", 2048), ("deepseek-v4-flash", 256)):
+        cfg = load_config(name)
+        found = search_layouts(cfg, get_gpu("h800"), gpus, zero=3, limit=40)
+        assert any(f.estimate_only for f in found)
+        buf = io.StringIO()
+        print_layouts(found, cfg_name=name, gpu="H800", gpus=gpus, seq_len=4096, micro_batch=1,
+                      precision="bf16", console=Console(file=buf, width=250), top=40)
+        rows = [r for r in buf.getvalue().splitlines() if r.startswith("│")]
+        assert len(rows) == len(found)
+        for f, r in zip(found, rows):
+            assert ("*" in r) == bool(f.estimate_only), r
+        assert all(f"* estimate only: {f.estimate_only}" in buf.getvalue() for f in found if f.estimate_only)
+        assert "estimate only" in buf.getvalue().split("┏")[0]       # said in the caption too
+
+
+def test_estimate_only_prices_and_marks_the_layout(capsys):
+    args = ["estimate", "--config", "deepseek-v3", "--gpu", "h800", "--gpus", "2048", "--pp", "16", "--ep", "64",
+            "--fsdp", "--schedule", "dualpipev", "--micro-batches", "120", "--recompute", "full"]
+    assert main(args + ["--estimate-only", "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert "FSDP" in mem["estimate_only"] and mem["total_bytes"] == pytest.approx(14.1e9, rel=0.01)
+    assert main(args + ["--estimate-only"]) == 0
+    assert "ESTIMATE ONLY" in capsys.readouterr().out.replace("\n", "")
+    assert main(args[:-9] + ["--zero", "1", "--schedule", "dualpipev", "--micro-batches", "120", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["estimate_only"] is None

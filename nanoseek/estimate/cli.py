@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--micro-batches", type=limits.positive_int, metavar="M",
                      help="micro-batches per step through each pipeline, for the bubble and GPipe's "
                           "activations (default 4 x pp, at least the schedule's minimum)")
+    lay.add_argument("--estimate-only", action="store_true",
+                     help="price a layout nanoseek's trainer refuses (pipeline stages under FSDP or for "
+                          "V3.2 / V4, recomputation for V4): the report marks it ESTIMATE ONLY; without "
+                          "this flag such a layout is refused, as the trainer would")
     lay.add_argument("--layouts", action="store_true",
                      help="search layouts instead: every pp (a divisor of --gpus), ep, schedule and "
                           "recompute mode at this --gpus, --zero, --precision and --micro-batch; print "
@@ -185,9 +189,18 @@ def _resolve(args, cfg, gpu):
         raise UserError(f"--schedule: unknown schedule '{schedule}'; choose from {', '.join(SCHEDULES)}")
     if args.schedule and pp == 1 and not args.layouts:
         raise UserError(f"--schedule {schedule} needs a pipeline: give --pp > 1")
-    return Layout(dp=dp, pp=pp, ep=ep, zero=3 if args.fsdp else args.zero,
-                  micro_batch=args.micro_batch, recompute=args.recompute, schedule=schedule,
-                  micro_batches=args.micro_batches)
+    if args.micro_batches is not None and pp == 1:
+        raise UserError(f"--micro-batches {args.micro_batches} needs a pipeline (they are the micro-batches "
+                        f"through its stages): give --pp > 1")
+    layout = Layout(dp=dp, pp=pp, ep=ep, zero=3 if args.fsdp else args.zero,
+                    micro_batch=args.micro_batch, recompute=args.recompute, schedule=schedule,
+                    micro_batches=args.micro_batches)
+    from .memory import trainer_refusal
+    layout.validate(cfg)                # what the estimate cannot price at all comes first
+    why = trainer_refusal(cfg, layout)
+    if why and not args.estimate_only:
+        raise UserError(f"this layout: {why}; give --estimate-only to price it anyway")
+    return layout
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,6 +254,8 @@ def _layouts(args, cfg, gpu, seq_len: int) -> int:
                         "optionally --zero, --precision, --micro-batch, --micro-batches), not --pp/--ep/--dp/--schedule")
     if args.recompute != "none":
         raise UserError("--layouts tries every --recompute mode itself: leave --recompute out")
+    if args.estimate_only:
+        raise UserError("--layouts lists the layouts nanoseek cannot run too, marked *: leave --estimate-only out")
     gpus = args.gpus if args.gpus is not None else 8
     found = search_layouts(cfg, gpu, gpus, zero=3 if args.fsdp else args.zero, precision=args.precision,
                            micro_batch=args.micro_batch, micro_batches=args.micro_batches, seq_len=seq_len,

@@ -144,6 +144,39 @@ def stage_layers(cfg: ModelConfig, pp: int) -> list[range]:
     return out
 
 
+def trainer_refusal(cfg: Any, layout: Layout) -> str | None:
+    """Why nanoseek's trainer would refuse ``layout`` for ``cfg`` (the checks of
+    ``nanoseek.train.config``, which this layer cannot import: keep the two in step), in a few
+    words; None when it runs it. Pipeline stages: DeepSeek-V3 models only (not V3.2's indexers,
+    not V4) and never under FSDP; a family's own refusals (V4: no recomputation, no FSDP) come
+    from :mod:`nanoseek.model.registry`. Expert parallelism is not checked here: the estimate picks
+    ``ep`` itself when not given. The estimate prices such layouts only when told to
+    (``--estimate-only``), and says so on them."""
+    from ..errors import ConfigError
+    from ..model import registry
+    if layout.pp > 1:
+        if layout.zero == 3:
+            return "the trainer runs pipeline stages without FSDP ([parallel] pp > 1 with fsdp = true)"
+        if not isinstance(cfg, ModelConfig) or getattr(cfg, "index_n_heads", 0):
+            return "the trainer splits DeepSeek-V3 models only into pipeline stages (not V3.2's indexers or V4)"
+    try:
+        family = registry.family_of(cfg)
+    except ConfigError:         # not a model family's config: no trainer to ask
+        return None
+    for feature, given in (("recompute", layout.recompute != "none"), ("fsdp", layout.zero == 3)):
+        if given and feature in family.unsupported:
+            return f"the trainer has no {feature} for {family.name}: {family.unsupported[feature]}"
+    return None
+
+
+def schedule_refusal(layout: Layout) -> str | None:
+    """Why nanoseek cannot run ``layout``'s schedule (torch has no such class), or None."""
+    sched = get_schedule(layout.schedule)
+    if layout.pp > 1 and sched.torch_class is None:
+        return f"torch.distributed.pipelining has no {sched.name} schedule"
+    return None
+
+
 def recompute_flops_per_token(cfg: ModelConfig, layer_idx: int, mode: str,
                               seq_len: int = DEFAULT_SEQ_LEN) -> float:
     """Forward FLOPs recomputed in the backward per token of one layer: the whole layer for
@@ -185,6 +218,7 @@ class LayoutMemory:
     stage_totals_bytes: list[float] = field(default_factory=list)
     hbm_bytes: float | None = None
     fits: bool | None = None
+    estimate_only: str | None = None        # why nanoseek cannot run this layout (None: it can)
 
 
 def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Precision = "bf16", *,
@@ -290,4 +324,5 @@ def estimate_for_layout(cfg: ModelConfig, layout: Layout, precision: str | Preci
                    "step_time_factor": (3.0 + rec) / 3.0},
         activation_kinds_bytes=kinds, stage_totals_bytes=[x[0] for x in results],
         hbm_bytes=None if gpu is None else gpu.hbm_bytes,
+        estimate_only=trainer_refusal(cfg, layout) or schedule_refusal(layout),
         fits=None if gpu is None else total <= gpu.hbm_bytes, **parts)

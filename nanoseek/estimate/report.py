@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .activations import TENSOR_KINDS
@@ -233,7 +234,9 @@ def _memory(console: Console, est: Estimate) -> None:
     t = _table(f"Training memory per GPU: dp={lay['dp']} pp={lay['pp']} ep={lay['ep']} {zero}{pipe}, "
                f"{mem.precision['name']} recipe ({mem.precision['bytes_per_param']:g} B/param), "
                f"micro-batch {lay['micro_batch']} x {tr.seq_len}, recompute {rec['mode']}; heaviest rank "
-               f"{mem.stage} (layers {_ranges(layers)}{''.join(', ' + h for h in mem.stage_holds)})", "item", "per GPU")
+               f"{mem.stage} (layers {_ranges(layers)}{''.join(', ' + h for h in mem.stage_holds)})"
+               + (f"; ESTIMATE ONLY, nanoseek cannot run it: {escape(mem.estimate_only)}" if mem.estimate_only else ""),
+               "item", "per GPU")
     pr = mem.precision
     two = " (two stages, each also on the mirror rank)" if sch["param_copies"] > 1 else ""
     t.add_row(f"parameters held{two}", f"{fmt_si(mem.params_per_gpu)}")
@@ -279,18 +282,19 @@ def print_layouts(found, *, cfg_name: str, gpu: str, gpus: int, seq_len: int, mi
         console.print(f"[bold]No layout of {gpus:,} x {gpu} fits {cfg_name}[/bold] (micro-batch {micro_batch} x "
                       f"{seq_len}, {precision} recipe): add GPUs, or try --zero 3, --precision fp8 or a shorter --seq-len.")
         return
+    shown = found[:top]
+    why = list(dict.fromkeys(f.estimate_only for f in shown if f.estimate_only))     # in order, once each
+    star = f"; * estimate only: nanoseek cannot run it ({len(why)} reason(s) below)" if why else ""
     t = _table(f"Layouts of {gpus:,} x {gpu} that fit {cfg_name} (micro-batch {micro_batch} x {seq_len}, "
                f"{precision} recipe), fastest first by bubble and recomputation; {len(found):,} fit"
-               f"{f', the first {top} shown' if len(found) > top else ''}",
+               f"{f', the first {top} shown' if len(found) > top else ''}{star}",
                "dp", "pp", "ep", "schedule", "recompute", "micro-batches", "per GPU", "activations",
                "bubble", "recompute FLOPs", "time factor")
-    from .pipeline import SCHEDULES
-    only_estimated = [f for f in found[:top] if f.schedule in SCHEDULES and SCHEDULES[f.schedule].torch_class is None]
-    for f in found[:top]:
-        star = " *" if f in only_estimated else ""
-        t.add_row(str(f.dp), str(f.pp), str(f.ep), f.schedule + star, f.recompute, str(f.micro_batches),
+    for f in shown:
+        mark = " *" if f.estimate_only else ""
+        t.add_row(str(f.dp), str(f.pp), str(f.ep), f.schedule + mark, f.recompute, str(f.micro_batches),
                   _gb(f.total_bytes), _gb(f.activations_bytes), f"{f.bubble_fraction:.1%}",
                   f"{f.recompute_flops_fraction:.1%}", f"{f.time_factor:.3f}")
     console.print(t)
-    if only_estimated:
-        console.print("* estimate only: torch.distributed.pipelining has no such schedule, so nanoseek cannot run it")
+    for w in why:
+        console.print(f"* estimate only: {escape(w)}", soft_wrap=True)

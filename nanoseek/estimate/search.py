@@ -13,6 +13,10 @@ then by memory. What it does not weigh: communication (the all-to-all of a large
 nodes, the pipeline's point-to-point sends, ZeRO-3's all-gathers; :mod:`.comm` prices the
 all-to-all for one layout) and the efficiency of small GEMMs; so read the ranking as "what the
 bubble and recomputation cost", and check the chosen layout's all-to-all with a plain estimate.
+
+Layouts nanoseek cannot run (a schedule torch lacks, or one its trainer refuses: pipeline stages
+under FSDP or for V3.2 / V4, recomputation for V4; :func:`.memory.trainer_refusal`) are kept,
+with the reason in ``estimate_only``, and marked in the table.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class LayoutFit:
     recompute_flops_fraction: float
     time_factor: float          # (1 + recompute / 3) / (1 - bubble)
     heaviest_rank: int
+    estimate_only: str | None = None    # why nanoseek cannot run it (memory.trainer_refusal / schedule_refusal)
 
 
 def _ep_sizes(cfg: ModelConfig, dp: int, gpus_per_node: int) -> list[int]:
@@ -84,6 +89,6 @@ def search_layouts(cfg: ModelConfig, gpu: GPUSpec, gpus: int, *, zero: int = 1, 
                         micro_batches=lay.micro_batches, total_bytes=mem.total_bytes,
                         activations_bytes=mem.activations_bytes, bubble_fraction=bubble,
                         recompute_flops_fraction=rec, time_factor=(1 + rec / 3) / (1 - bubble),
-                        heaviest_rank=mem.stage))
+                        heaviest_rank=mem.stage, estimate_only=mem.estimate_only))
     found.sort(key=lambda f: (round(f.time_factor, 4), f.total_bytes))
     return found[:limit] if limit else found

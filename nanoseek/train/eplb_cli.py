@@ -13,8 +13,9 @@ ceil(E / GPUs) per GPU, no replicas; *hierarchical* and *global* = EPLB's placem
 ``--redundant-per-gpu`` extra slots on every GPU (:mod:`nanoseek.train.eplb`). Nodes are
 GPUs / ``--gpus-per-node``; the hierarchical policy needs the nodes to divide the expert groups
 (else "n/a"). Measured and synthetic loads are separate tables, each titled with its source.
-``--held-out`` places the experts from the first half of the run's logged steps and measures each
-later step's load on its own: what a placement computed from past traffic does on new batches.
+``--held-out`` places the experts from the first half of the run's logged steps (all of them, or
+those from ``--from-step`` on) and measures each later step's load on its own: what a placement
+computed from past traffic does on new batches.
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=("both", "hierarchical", "global"), default="both",
                    help="which EPLB policies to show (default both)")
     p.add_argument("--from-step", type=limits.nonneg_int, metavar="STEP",
-                   help="sum the run's expert loads from this step on (default: the second half of the logged steps)")
+                   help="sum the run's expert loads from this step on (default: the second half of the logged "
+                        "steps; with --held-out: all of them); a run folder or metrics.jsonl only")
     p.add_argument("--held-out", action="store_true",
-                   help="place the experts from the first half of the run's logged steps and measure the "
-                        "imbalance of each later step on its own (how a placement fares on unseen batches)")
+                   help="place the experts from the first half of the run's logged steps (from --from-step on, "
+                        "if given) and measure the imbalance of each later step on its own (how a placement "
+                        "fares on unseen batches)")
     p.add_argument("--synthetic", choices=("lognormal", "zipf"),
                    help="also place DeepSeek-V3-sized synthetic loads: lognormal (the measured per-layer spread) "
                         "or zipf (--zipf-exponent)")
@@ -159,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     policies = ("hierarchical", "global") if args.policy == "both" else (args.policy,)
     try:
         sources = []
-        measured = read_loads(args.source, args.from_step) if args.source else None
+        # --held-out splits the whole run (or the steps from --from-step on); the plain table sums
+        # the second half by default (the router has settled by then)
+        measured = read_loads(args.source, args.from_step, whole_run=args.held_out) if args.source else None
         if measured is not None:
             if args.save_loads:
                 print(f"loads written to {save_loads(measured, args.save_loads)}")

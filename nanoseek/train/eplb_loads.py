@@ -70,6 +70,26 @@ def _table(rows, where: str) -> torch.Tensor:
     return t
 
 
+def _fit_float64(per_step: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``per_step`` [steps, layers, experts] divided by 2^k (exact) when its sums could overflow
+    float64 (huge but finite counts), with k (0: unscaled). Every figure EPLB reports is a ratio of
+    loads, so a common scale changes none of them."""
+    peak = float(per_step.max()) if per_step.numel() else 0.0
+    if peak == 0.0 or peak * per_step.shape[0] * per_step.shape[-1] < 1e300:
+        return per_step, 0
+    k = math.frexp(peak)[1]                           # peak / 2^k in [0.5, 1)
+    return torch.ldexp(per_step, torch.tensor(-k, dtype=torch.float64)), k
+
+
+def _scaled(k: int) -> str:
+    return f"; counts divided by 2^{k} to fit float64" if k else ""
+
+
+def _tokens(weight: torch.Tensor, k: int) -> str:
+    """Routed token-slots per layer for the label: exact for ordinary counts."""
+    return f"{float(weight[0].sum()):.3g} x 2^{k}" if k else f"{int(weight[0].sum()):,}"
+
+
 def _run_groups(run_dir: Path) -> int | None:
     """The run's ``n_group`` from its config.toml (None when the folder has none)."""
     cfg = run_dir / "config.toml"
@@ -79,9 +99,10 @@ def _run_groups(run_dir: Path) -> int | None:
     return int(getattr(load_config(cfg).model.build_config(), "n_group", 1) or 1)
 
 
-def read_loads(source: str | Path, from_step: int | None = None) -> Loads:
+def read_loads(source: str | Path, from_step: int | None = None, whole_run: bool = False) -> Loads:
     """Loads from a run folder, its metrics.jsonl, or a loads JSON file (see the module docstring).
-    ``from_step``: sum the step records from this step on (default: the second half of them)."""
+    ``from_step``: sum the step records from this step on (default: the second half of them, or
+    all of them with ``whole_run``); a loads file has no steps, so ``from_step`` is refused there."""
     from .metrics import METRICS_FILE, read_metrics, step_records
     path = Path(source)
     if not path.exists():
@@ -97,7 +118,11 @@ def read_loads(source: str | Path, from_step: int | None = None) -> Loads:
         groups = data.get("n_group")
         if groups is not None and (not isinstance(groups, int) or isinstance(groups, bool) or groups < 1):
             raise ConfigError(f"{path}: n_group must be a positive integer, got {groups!r}")
-        return Loads(_table(data[LOADS_KEY], str(path)), groups, str(data.get("label") or f"measured: {path}"))
+        if from_step is not None:
+            raise ConfigError(f"--from-step {from_step}: {path} is a loads file (one summed table, no steps); "
+                              "--from-step picks steps of a run folder or its metrics.jsonl")
+        table, k = _fit_float64(_table(data[LOADS_KEY], str(path)).unsqueeze(0))
+        return Loads(table[0], groups, str(data.get("label") or f"measured: {path}") + _scaled(k))
     metrics = path / METRICS_FILE if path.is_dir() else path
     if not metrics.is_file():
         raise ConfigError(f"{path}: no {METRICS_FILE} here (give a run folder, its {METRICS_FILE}, or a loads .json)")
@@ -106,18 +131,18 @@ def read_loads(source: str | Path, from_step: int | None = None) -> Loads:
         raise ConfigError(f"{metrics}: no step record has {LOADS_KEY} (a run of a model without routed experts, "
                           "or one written before nanoseek logged expert loads)")
     logged = sorted(steps)
-    start = logged[len(logged) // 2] if from_step is None else from_step
+    start = (logged[0] if whole_run else logged[len(logged) // 2]) if from_step is None else from_step
     window = [s for s in logged if s >= start]
     if not window:
         raise ConfigError(f"--from-step {from_step}: the run's expert loads end at step {logged[-1]}")
     tables = [_table(steps[s][LOADS_KEY], f"{metrics} step {s}") for s in window]
     if len({t.shape for t in tables}) != 1:
         raise ConfigError(f"{metrics}: {LOADS_KEY} changes shape between steps {window[0]} and {window[-1]}")
-    per_step = torch.stack(tables)
+    per_step, k = _fit_float64(torch.stack(tables))
     weight = per_step.sum(0)
     run_dir = metrics.parent
     label = (f"measured: {run_dir}, steps {window[0]}-{window[-1]} ({len(window)} logged steps, "
-             f"{int(weight[0].sum()):,} routed token-slots per layer)")
+             f"{_tokens(weight, k)} routed token-slots per layer{_scaled(k)})")
     return Loads(weight, _run_groups(run_dir), label, steps=window, per_step=per_step)
 
 
