@@ -36,7 +36,7 @@ from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import build_pretraining
 
 from conftest import make_tiny_model, reference_greedy
-from train_helpers import CrashAt, StopAt, fit_pretraining as run
+from train_helpers import CrashAt, StopAt, dsa_config, fit_pretraining as run
 
 INDEXER = dict(index_n_heads=4, index_head_dim=8, index_topk=4)
 MODEL = dict(preset="tiny", vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -45,15 +45,7 @@ MODEL = dict(preset="tiny", vocab_size=128, hidden_size=32, intermediate_size=64
 
 
 def make_cfg(tmp_path, name="run", model=None, **sections):
-    raw = {"model": dict(model or MODEL), "data": {"source": "synthetic", "val_batches": 1},
-           "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "micro_batch_size": 2, "grad_accum": 2,
-                     "seq_len": 16},
-           "train": {"max_steps": 6, "eval_every": 3, "save_every": 2, "keep_last": 5, "dsa_warmup_steps": 3,
-                     "out_dir": str(tmp_path / name)},
-           "spike": {"min_history": 3}}
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw, name)
+    return dsa_config(tmp_path, model or MODEL, 16, name, **sections)
 
 
 def indexer_names(model) -> set[str]:

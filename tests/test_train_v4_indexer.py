@@ -29,11 +29,11 @@ from nanoseek.model.v4 import attention as v4_attention
 from nanoseek.model.v4.config import DeepseekV4Config
 from nanoseek.model.v4.transformer import DeepseekV4ForCausalLM
 from nanoseek.train.checkpoint import latest_checkpoint, step_of
-from nanoseek.train.config import config_from_dict, load_config
+from nanoseek.train.config import load_config
 from nanoseek.train.dsa import IndexerTraining, indexed_attention
-from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer
 from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import build_pretraining
+from train_helpers import CrashAt, StopAt, dsa_config, fit_pretraining as run
 from v4_helpers import BASE, CASES, CSA, HCA, SWA, ids_batch, randomise
 
 
@@ -190,34 +190,7 @@ MODEL = dict(preset="v4-tiny", vocab_size=128, index_topk=2, num_nextn_predict_l
 
 
 def make_cfg(tmp_path, name="run", model=None, **sections):
-    raw = {"model": dict(model or MODEL), "data": {"source": "synthetic", "val_batches": 1},
-           "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "micro_batch_size": 2, "grad_accum": 2,
-                     "seq_len": 32},
-           "train": {"max_steps": 6, "eval_every": 3, "save_every": 2, "keep_last": 5, "dsa_warmup_steps": 3,
-                     "out_dir": str(tmp_path / name)},
-           "spike": {"min_history": 3}}
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return config_from_dict(raw, name)
-
-
-def run(cfg, resume=False, hooks=()):
-    model, task, files = build_pretraining(cfg)
-    trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, cfg.train.out_dir,
-                      hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma), *hooks], config=cfg.to_dict(),
-                      final_files=files, progress=False, quiet=True)
-    return trainer, trainer.fit(resume=resume)
-
-
-class StopAt(Hook):
-    def __init__(self, step, crash=False):
-        self.step, self.crash = step, crash
-
-    def after_step(self, trainer, applied):
-        if trainer.step + 1 == self.step:
-            if self.crash:
-                raise RuntimeError("simulated kill")
-            trainer.request_stop("test")
+    return dsa_config(tmp_path, model or MODEL, 32, name, **sections)
 
 
 def test_frozen_dense_warmup_trains_only_the_indexers_and_their_kl_falls(tmp_path):
@@ -255,7 +228,7 @@ def test_resume_across_the_dense_to_sparse_boundary_is_exact(tmp_path):
     _, r1 = run(b, hooks=[StopAt(2)])                     # stopped in the dense warm-up
     assert r1.status == "interrupted" and r1.step == 2
     with pytest.raises(RuntimeError, match="simulated kill"):
-        run(b, resume=True, hooks=[StopAt(5, crash=True)])   # killed in sparse training; last checkpoint: step 4
+        run(b, resume=True, hooks=[CrashAt(5)])   # killed in sparse training; last checkpoint: step 4
     assert step_of(latest_checkpoint(tmp_path / "b")) == 4
     tb, r3 = run(b, resume=True)
     assert r3.status == "done" and r3.step == 6

@@ -12,6 +12,22 @@ from nanoseek.train.loop import ExpertBalanceHook, Hook, Trainer
 from nanoseek.train.pretrain import build_pretraining
 
 
+def dsa_config(tmp_path, model: dict, seq_len: int, name="run", **sections):
+    """A short pretraining config for the indexer-training tests (V3.2's and V4's): 6 steps, a
+    3-step dense warm-up, checkpoints every 2 steps; ``sections`` update its tables."""
+    from nanoseek.train.config import config_from_dict
+
+    raw = {"model": dict(model), "data": {"source": "synthetic", "val_batches": 1},
+           "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "micro_batch_size": 2, "grad_accum": 2,
+                     "seq_len": seq_len},
+           "train": {"max_steps": 6, "eval_every": 3, "save_every": 2, "keep_last": 5, "dsa_warmup_steps": 3,
+                     "out_dir": str(tmp_path / name)},
+           "spike": {"min_history": 3}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw, name)
+
+
 def fit_pretraining(cfg, resume=False, hooks=(), wrap_task=None):
     """Build ``cfg``'s model and task, train with the expert-balance hook and ``hooks``; returns
     (trainer, result). ``wrap_task`` may replace the task (e.g. to inject bad batches)."""
