@@ -28,7 +28,6 @@ from nanoseek.cli import main
 from nanoseek.errors import ConfigError
 from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.model.config import load_model_config
-from nanoseek.train.checkpoint import latest_checkpoint, step_of
 from nanoseek.train.config import TrainSection, config_from_dict, load_config
 from nanoseek.train.dsa import IndexerTraining, indexed_attention
 from nanoseek.train.loop import Hook
@@ -36,7 +35,7 @@ from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import build_pretraining
 
 from conftest import make_tiny_model, reference_greedy
-from train_helpers import CrashAt, StopAt, dsa_config, fit_pretraining as run
+from train_helpers import check_resume_across_the_indexer_stages, dsa_config, fit_pretraining as run
 
 INDEXER = dict(index_n_heads=4, index_head_dim=8, index_topk=4)
 MODEL = dict(preset="tiny", vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -130,22 +129,7 @@ def test_a_v3_checkpoint_becomes_v32_by_the_dense_warmup_alone(tmp_path):
 
 
 def test_resume_across_the_warmup_boundary_is_exact(tmp_path):
-    ta, ra = run(make_cfg(tmp_path, "a"))
-    assert ra.status == "done"
-    ref = step_records(read_metrics(tmp_path / "a"))
-    b = make_cfg(tmp_path, "b")
-    _, r1 = run(b, hooks=[StopAt(2)])                     # stopped in the dense warm-up
-    assert r1.status == "interrupted" and r1.step == 2
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(b, resume=True, hooks=[CrashAt(5)])            # killed in sparse training; last checkpoint: step 4
-    assert step_of(latest_checkpoint(tmp_path / "b")) == 4
-    tb, r3 = run(b, resume=True)
-    assert r3.status == "done" and r3.step == 6
-    got = step_records(read_metrics(tmp_path / "b"))
-    for s in range(1, 7):
-        assert (got[s]["loss"], got[s]["indexer_loss"]) == (ref[s]["loss"], ref[s]["indexer_loss"]), s
-    for (k, va), vb in zip(ta.model.state_dict().items(), tb.model.state_dict().values()):
-        assert torch.equal(va, vb), k
+    check_resume_across_the_indexer_stages(tmp_path, make_cfg)
 
 
 def test_zero_weight_freezes_the_indexers_and_a_v3_model_is_unchanged(tmp_path):

@@ -28,12 +28,11 @@ from nanoseek.errors import ConfigError
 from nanoseek.model.v4 import attention as v4_attention
 from nanoseek.model.v4.config import DeepseekV4Config
 from nanoseek.model.v4.transformer import DeepseekV4ForCausalLM
-from nanoseek.train.checkpoint import latest_checkpoint, step_of
 from nanoseek.train.config import load_config
 from nanoseek.train.dsa import IndexerTraining, indexed_attention
 from nanoseek.train.metrics import events, read_metrics, step_records
 from nanoseek.train.pretrain import build_pretraining
-from train_helpers import CrashAt, StopAt, dsa_config, fit_pretraining as run
+from train_helpers import check_resume_across_the_indexer_stages, dsa_config, fit_pretraining as run
 from v4_helpers import BASE, CASES, CSA, HCA, SWA, ids_batch, randomise
 
 
@@ -221,22 +220,7 @@ def test_frozen_dense_warmup_trains_only_the_indexers_and_their_kl_falls(tmp_pat
 
 
 def test_resume_across_the_dense_to_sparse_boundary_is_exact(tmp_path):
-    ta, ra = run(make_cfg(tmp_path, "a", train={"dsa_warmup_freeze": False}))
-    assert ra.status == "done"
-    ref = step_records(read_metrics(tmp_path / "a"))
-    b = make_cfg(tmp_path, "b", train={"dsa_warmup_freeze": False})
-    _, r1 = run(b, hooks=[StopAt(2)])                     # stopped in the dense warm-up
-    assert r1.status == "interrupted" and r1.step == 2
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        run(b, resume=True, hooks=[CrashAt(5)])   # killed in sparse training; last checkpoint: step 4
-    assert step_of(latest_checkpoint(tmp_path / "b")) == 4
-    tb, r3 = run(b, resume=True)
-    assert r3.status == "done" and r3.step == 6
-    got = step_records(read_metrics(tmp_path / "b"))
-    for s in range(1, 7):
-        assert (got[s]["loss"], got[s]["indexer_loss"]) == (ref[s]["loss"], ref[s]["indexer_loss"]), s
-    for (k, va), vb in zip(ta.model.state_dict().items(), tb.model.state_dict().values()):
-        assert torch.equal(va, vb), k
+    check_resume_across_the_indexer_stages(tmp_path, make_cfg, train={"dsa_warmup_freeze": False})
 
 
 def test_v4_tiny_pretraining_trains_every_csa_indexer(tmp_path, capsys):

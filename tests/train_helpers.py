@@ -40,6 +40,34 @@ def fit_pretraining(cfg, resume=False, hooks=(), wrap_task=None):
     return trainer, trainer.fit(resume=resume)
 
 
+def check_resume_across_the_indexer_stages(tmp_path, make_cfg, **sections) -> None:
+    """A run stopped in the dense warm-up (step 2), resumed, killed in sparse training (step 5:
+    the last checkpoint is step 4) and resumed again has the uninterrupted run's losses, indexer
+    KLs and final weights exactly (V3.2's and V4's indexer training)."""
+    import pytest
+    import torch
+
+    from nanoseek.train.checkpoint import latest_checkpoint, step_of
+    from nanoseek.train.metrics import read_metrics, step_records
+
+    ta, ra = fit_pretraining(make_cfg(tmp_path, "a", **sections))
+    assert ra.status == "done"
+    ref = step_records(read_metrics(tmp_path / "a"))
+    b = make_cfg(tmp_path, "b", **sections)
+    _, r1 = fit_pretraining(b, hooks=[StopAt(2)])
+    assert r1.status == "interrupted" and r1.step == 2
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit_pretraining(b, resume=True, hooks=[CrashAt(5)])
+    assert step_of(latest_checkpoint(tmp_path / "b")) == 4
+    tb, r3 = fit_pretraining(b, resume=True)
+    assert r3.status == "done" and r3.step == 6
+    got = step_records(read_metrics(tmp_path / "b"))
+    for s in range(1, 7):
+        assert (got[s]["loss"], got[s]["indexer_loss"]) == (ref[s]["loss"], ref[s]["indexer_loss"]), s
+    for (k, va), vb in zip(ta.model.state_dict().items(), tb.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
 class StopAt(Hook):
     """Asks the run to stop (a clean stop: it saves) after step ``step``."""
 
