@@ -225,6 +225,58 @@ class StageModule(nn.Module):
         return loss
 
 
+# ---------------------------------------------------------------------------- split backward
+def merge_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """torch's parameter groups of a split (input / weight) backward, with every two groups that
+    share a parameter or an intermediate node merged into one.
+
+    ``torch.distributed.pipelining._backward.get_param_groups`` keys groups on the autograd nodes
+    where a parameter's subgraph meets the input's. When a parameter meets it at several nodes
+    (the head shared by the main and two MTP predictions, the tied embedding) and other parameters
+    at only some of them, torch can leave it in two groups, whose weight backwards then both
+    count its gradient. Merged, each parameter and each intermediate is in exactly one group;
+    intermediates the input backward never reached carry no gradient and are dropped.
+    """
+    merged: list[tuple[set, dict]] = []                # (params, {intermediate node: its grads})
+    for g in groups:
+        grads = g.get("grads") or [None] * len(g["intermediates"])
+        params = set(g["params"])
+        inter = {n: gr for n, gr in zip(g["intermediates"], grads) if gr is not None}
+        keep = []
+        for p, i in merged:
+            if p & params or i.keys() & inter.keys():
+                params |= p
+                inter.update(i)
+            else:
+                keep.append((p, i))
+        merged = keep + [(params, inter)]
+    return [{"params": p, "intermediates": list(i), "grads": list(i.values())} for p, i in merged]
+
+
+def _pipeline_stage_class():
+    """torch's ``PipelineStage`` with a split backward that is exact when the last stage uses a
+    parameter at several places (tied embeddings with MTP, several MTP modules):
+    :func:`merge_param_groups` after each input backward, and each group's weight backward run
+    with the graph retained. A group's intermediates can lie below another group's (MTP's head
+    projection above MTP's concatenation of the embedding), so the first group's backward walks
+    through the nodes the next one still needs; torch frees them ("Trying to backward through
+    the graph a second time"). The graph is dropped with the chunk's state right after its W."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining._backward import stage_backward_weight
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _Stage(PipelineStage):
+        def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
+            if backward_type == "weight" and not isinstance(self.submod, (DistributedDataParallel, FSDPModule)):
+                return stage_backward_weight(self.submod.parameters(), bwd_kwargs["param_groups"],
+                                             retain_graph=True), None
+            grads, groups = super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+            return grads, (merge_param_groups(groups) if backward_type == "input" and groups else groups)
+
+    return _Stage
+
+
 # ---------------------------------------------------------------------------- the rank's pipeline
 class PipelineParallel:
     """This rank's stages of the model, the schedule, and the forward-backward of one step.
@@ -302,7 +354,7 @@ class PipelineParallel:
     def _schedule(self, n: int, shape: tuple[int, int]):
         key = (n, shape)
         if key not in self._schedules:
-            from torch.distributed.pipelining import PipelineStage
+            PipelineStage = _pipeline_stage_class()
             B, T = shape
             pstages = []
             for s in self.mine:
@@ -474,6 +526,6 @@ def instrument(stage: Any, record: Callable[[dict], None]) -> None:
     stage.backward_weight_one_chunk = wrap(stage.backward_weight_one_chunk, lambda kw: "W")
 
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "stage_layers", "stage_rank",
+__all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "merge_param_groups", "stage_layers", "stage_rank",
            "local_stages", "num_stages", "StageModule", "PipelineParallel", "PipelineEvalModel",
            "executed_order", "events_order", "chrome_trace", "build_schedule_order", "instrument"]
