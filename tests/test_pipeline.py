@@ -280,7 +280,7 @@ def test_parallel_pp_is_checked(tmp_path):
         return config_from_dict(raw, "t.toml")
     with pytest.raises(ConfigError, match=r"\[parallel\] schedule = 'zero'"):
         cfg(pp=2, schedule="zero")
-    with pytest.raises(ConfigError, match=r"\[optim\] grad_accum = 2: .*'dualpipev' needs at least 4 micro-batches"):
+    with pytest.raises(ConfigError, match=r"\[optim\] grad_accum = 2: .*'dualpipev' with pp = 2 needs grad_accum >= 4, got 2"):
         cfg(pp=2, schedule="dualpipev", grad_accum=2)
     with pytest.raises(ConfigError, match=r"\[parallel\] pp = 4: with schedule 'dualpipev' makes 8 stages, more than"):
         cfg(pp=4, schedule="dualpipev", grad_accum=8)

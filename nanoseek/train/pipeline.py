@@ -55,30 +55,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..estimate.pipeline import SCHEDULES as ESTIMATE_SCHEDULES
 
 
 # ---------------------------------------------------------------------------- the schedule registry
 @dataclass(frozen=True)
 class ScheduleSpec:
     """A torch schedule class by name, with its placement rule."""
+    name: str
     torch_class: str            # in torch.distributed.pipelining.schedules
     stages_per_rank: int        # 1: one stage per rank; 2: two (interleaved or V)
     v_shape: bool               # rank r holds stages r and S-1-r (first and last on rank 0)
-    min_microbatches: Callable[[int], int]      # pp -> the fewest micro-batches the schedule runs
-    multiple_of_pp: bool = False                 # the micro-batch count must be a multiple of pp
 
     def torch_schedule(self):
         from torch.distributed.pipelining import schedules
         return getattr(schedules, self.torch_class)
 
 
+# the schedules torch ships, as the estimate describes them (one registry: chunks, placement and
+# the micro-batch rule live in nanoseek.estimate.pipeline)
 SCHEDULES: dict[str, ScheduleSpec] = {
-    "1f1b": ScheduleSpec("Schedule1F1B", 1, False, lambda pp: pp),
-    "gpipe": ScheduleSpec("ScheduleGPipe", 1, False, lambda pp: 1),
-    "interleaved-1f1b": ScheduleSpec("ScheduleInterleaved1F1B", 2, False, lambda pp: pp, multiple_of_pp=True),
-    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, True, lambda pp: 2 * pp),
-    "dualpipev": ScheduleSpec("ScheduleDualPipeV", 2, True, lambda pp: 2 * pp),
-}
+    name: ScheduleSpec(name, s.torch_class, s.chunks, s.placement == "v")
+    for name, s in ESTIMATE_SCHEDULES.items() if s.torch_class is not None}
 
 
 def schedule_spec(name: str) -> ScheduleSpec:
@@ -87,14 +85,11 @@ def schedule_spec(name: str) -> ScheduleSpec:
     return SCHEDULES[name]
 
 
-def check_microbatches(spec: ScheduleSpec, pp: int, n: int) -> str | None:
-    """Why ``n`` micro-batches cannot run under ``spec`` with ``pp`` ranks (None: they can)."""
-    need = spec.min_microbatches(pp)
-    if n < need:
-        return f"needs at least {need} micro-batches per step with pp = {pp}"
-    if spec.multiple_of_pp and n % pp:
-        return f"needs a multiple of pp = {pp} micro-batches per step"
-    return None
+def check_microbatches(spec: ScheduleSpec, pp: int, n: int, count: str = "micro-batches") -> str | None:
+    """Why ``n`` micro-batches cannot run under ``spec`` with ``pp`` ranks (None: they can); the
+    estimate's rule (:meth:`nanoseek.estimate.pipeline.Schedule.microbatch_problem`), ``count``
+    naming the setting."""
+    return ESTIMATE_SCHEDULES[spec.name].microbatch_problem(pp, n, count=count, ranks="pp =")
 
 
 # ---------------------------------------------------------------------------- placement
