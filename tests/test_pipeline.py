@@ -159,6 +159,15 @@ def test_pp2_ep2_matches_one_process(tmp_path, one, schedule):
     assert {i["local_experts"] for i in infos} - {None} == {4}             # 8 experts over 2 ranks
 
 
+@pytest.mark.parametrize("schedule,grad_accum", [("zbv", 1), ("zbv", 3), ("interleaved-1f1b", 3), ("gpipe", 1)])
+def test_micro_batch_counts_torch_accepts_train_like_one_process(tmp_path, schedule, grad_accum):
+    """Counts the one rule accepts beyond 1F1B's m >= pp (ZBV and GPipe any, interleaved 1F1B any
+    multiple of its rounds) train exactly like one process."""
+    assert run(tmp_path / "one", 1, mbs=2, grad_accum=grad_accum, steps=2)
+    run(tmp_path / "pp", 2, mbs=2, grad_accum=grad_accum, steps=2, pp=2, schedule=schedule)
+    assert_same_steps(tmp_path / "pp" / "run", tmp_path / "one" / "run", [1, 2])
+
+
 @pytest.mark.slow
 def test_pp2_ep2_dp2_eight_processes_match_one(tmp_path, one):
     """World 8: pipelines of 2 stages, each stage 4 replicas in 2 EP groups of 2 (rows 1 per rank)."""
