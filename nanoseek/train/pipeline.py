@@ -32,6 +32,17 @@ parameter shared by two stages of one rank is scaled once). Metrics (``ce``, ``m
 ``aux_loss``, ``tokens``) are summed per rank and reduced by the runtime; every rank reports the
 same keys.
 
+**The split backward.** ZBV and DualPipeV compute a stage's input gradient (I) and its weight
+gradients (W) at different times, with torch's parameter groups. The stages are built from
+:func:`_pipeline_stage_class`, which merges groups that share a parameter or a node
+(:func:`merge_param_groups`) and keeps the chunk's graph through its W, so a last stage that uses
+a parameter at several places (tied embeddings with MTP, several MTP modules) gets exactly the
+gradients of a plain backward.
+
+**The micro-batch rule** (:func:`check_microbatches`) is the estimate's
+(:meth:`nanoseek.estimate.pipeline.Schedule.microbatch_problem`): what torch's constructors accept.
+The schedule registry itself is derived from the estimate's (chunks per rank, placement).
+
 **Evaluation** (:class:`PipelineEvalModel`) runs the stages one after another with send/recv and
 broadcasts the loss and logits from the last stage, so a task's ``evaluate(model)`` works
 unchanged on every rank.
@@ -521,6 +532,7 @@ def instrument(stage: Any, record: Callable[[dict], None]) -> None:
     stage.backward_weight_one_chunk = wrap(stage.backward_weight_one_chunk, lambda kw: "W")
 
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "merge_param_groups", "stage_layers", "stage_rank",
+__all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "merge_param_groups",
+           "stage_layers", "stage_rank",
            "local_stages", "num_stages", "StageModule", "PipelineParallel", "PipelineEvalModel",
            "executed_order", "events_order", "chrome_trace", "build_schedule_order", "instrument"]
