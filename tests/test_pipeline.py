@@ -159,6 +159,15 @@ def test_pp2_ep2_matches_one_process(tmp_path, one, schedule):
     assert {i["local_experts"] for i in infos} - {None} == {4}             # 8 experts over 2 ranks
 
 
+@pytest.mark.parametrize("schedule,grad_accum", [("zbv", 1), ("zbv", 3), ("interleaved-1f1b", 3), ("gpipe", 1)])
+def test_micro_batch_counts_torch_accepts_train_like_one_process(tmp_path, schedule, grad_accum):
+    """Counts the one rule accepts beyond 1F1B's m >= pp (ZBV and GPipe any, interleaved 1F1B any
+    multiple of its rounds) train exactly like one process."""
+    assert run(tmp_path / "one", 1, mbs=2, grad_accum=grad_accum, steps=2)
+    run(tmp_path / "pp", 2, mbs=2, grad_accum=grad_accum, steps=2, pp=2, schedule=schedule)
+    assert_same_steps(tmp_path / "pp" / "run", tmp_path / "one" / "run", [1, 2])
+
+
 @pytest.mark.slow
 def test_pp2_ep2_dp2_eight_processes_match_one(tmp_path, one):
     """World 8: pipelines of 2 stages, each stage 4 replicas in 2 EP groups of 2 (rows 1 per rank)."""
@@ -244,6 +253,83 @@ def test_stages_chained_equal_the_full_model(schedule, pp):
     assert notes["aux_loss"] == pytest.approx(float(ref.aux_loss), rel=1e-5)
 
 
+@pytest.mark.parametrize("model", [{}, {"tie_word_embeddings": True}, {"num_nextn_predict_layers": 2},
+                                   {"tie_word_embeddings": True, "num_nextn_predict_layers": 2}])
+def test_split_backward_of_the_last_stage_equals_its_full_backward(model):
+    """The V schedules' split backward (input gradients, then weight gradients later; ZBV,
+    DualPipeV) through the stage class the pipeline builds gives every parameter of the last
+    stage the gradient of a plain backward, when the head, tied embedding and MTP modules use a
+    parameter at several places (torch alone crashes or counts a gradient twice there)."""
+    from nanoseek.train.pipeline import PipelineParallel, _pipeline_stage_class
+    from nanoseek.train.pretrain import build_pretraining
+    cfg = config_from_dict(raw_config(Path("/nonexistent"), 2, 4, 1), "t")
+    cfg.model.fields.update(model)
+    full, task, _ = build_pretraining(cfg)
+    pipe = PipelineParallel("dualpipev", 2, 0, None, [0, 1], torch.device("cpu"))
+    pipe.split(full, task)
+    last = pipe.stages[pipe.S - 1]
+    last.train()
+    x = next(task.batches()).input_ids
+    h0 = torch.randn(*x.shape, full.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    stage = _pipeline_stage_class().__new__(_pipeline_stage_class())      # only the backward methods
+    stage.submod = last
+
+    def grads(split: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        last.zero_grad(set_to_none=True)
+        h = h0.clone().requires_grad_()
+        pipe.stats, pipe.scale = {}, 0.25
+        loss = last(h, input_ids=x, labels=torch.roll(x, -1, 1)) * 0.25
+        if split:
+            (dh,), groups = stage.backward_maybe_with_nosync(
+                "input", {"stage_output": (loss,), "output_grads": None, "input_values": [h]})
+            stage.backward_maybe_with_nosync("weight", {"stage_output": (loss,), "param_groups": groups})
+        else:
+            loss.backward()
+            dh = h.grad
+        return dh, {n: p.grad.clone() for n, p in last.named_parameters() if p.grad is not None}
+
+    (want_h, want), (got_h, got) = grads(False), grads(True)
+    assert torch.equal(got_h, want_h)
+    assert got.keys() == want.keys() and len(got) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_micro_batch_rule_is_torchs_and_the_estimates():
+    """One rule for the pipeline's micro-batches: the trainer's check (``[optim] grad_accum``) and
+    the estimate's (``--micro-batches``) accept exactly the counts torch's schedule constructors
+    accept, for every schedule torch ships and pp 2..8; an accepted count builds on every rank."""
+    import warnings
+
+    from nanoseek.estimate.flops import EstimateError
+    from nanoseek.estimate.pipeline import SCHEDULES as EST
+    from nanoseek.train.pipeline import SCHEDULES, build_schedule_order, check_microbatches
+    visualizer = pytest.importorskip("torch.distributed.pipelining._schedule_visualizer")
+    assert SCHEDULES.keys() == {k for k, s in EST.items() if s.torch_class}
+    refused = 0
+    for name, spec in SCHEDULES.items():
+        for pp in range(2, 9):
+            for m in range(1, 2 * pp + 4):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        visualizer.get_schedule_ops(spec.torch_class.removeprefix("Schedule"), pp, m)
+                    torch_ok = True
+                except ValueError:
+                    torch_ok = False
+                why = check_microbatches(spec, pp, m, "grad_accum")
+                assert (why is None) == torch_ok, (name, pp, m, why)
+                try:
+                    EST[name].validate(pp, m)
+                    assert torch_ok, (name, pp, m)
+                except EstimateError:
+                    assert not torch_ok, (name, pp, m)
+                refused += not torch_ok
+                if torch_ok and pp in (2, 5) and m <= pp + 1:
+                    assert len(build_schedule_order(name, pp, m)) == pp
+    assert refused > 20                            # 1F1B, DualPipeV and interleaved 1F1B refuse some
+
+
 def test_stage_layers_and_placement():
     from nanoseek.train.pipeline import SCHEDULES, local_stages, stage_layers, stage_rank
     assert stage_layers(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
@@ -280,7 +366,7 @@ def test_parallel_pp_is_checked(tmp_path):
         return config_from_dict(raw, "t.toml")
     with pytest.raises(ConfigError, match=r"\[parallel\] schedule = 'zero'"):
         cfg(pp=2, schedule="zero")
-    with pytest.raises(ConfigError, match=r"\[optim\] grad_accum = 2: .*'dualpipev' needs at least 4 micro-batches"):
+    with pytest.raises(ConfigError, match=r"\[optim\] grad_accum = 2: .*'dualpipev' with pp = 2 needs grad_accum >= 4, got 2"):
         cfg(pp=2, schedule="dualpipev", grad_accum=2)
     with pytest.raises(ConfigError, match=r"\[parallel\] pp = 4: with schedule 'dualpipev' makes 8 stages, more than"):
         cfg(pp=4, schedule="dualpipev", grad_accum=8)

@@ -134,7 +134,7 @@ def test_plot_writes_a_png(tl, tmp_path):
 
 def test_bad_arguments_are_one_line(tl, capsys):
     assert tl.main(["--pp", "2", "--microbatches", "2", "--schedules", "dualpipev"]) == 2
-    assert "needs at least 4 micro-batches" in capsys.readouterr().err
+    assert "with pp = 2 needs micro-batches >= 4, got 2" in capsys.readouterr().err
     assert tl.main(["--schedules", "zero"]) == 2
     assert "schedule = 'zero'" in capsys.readouterr().err
     assert tl.main(["--pp", "4", "--schedules", "dualpipev", "--microbatches", "8"]) == 2

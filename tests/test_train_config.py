@@ -73,6 +73,8 @@ def test_errors_name_the_key_its_table_and_the_valid_keys(tmp_path, text, needle
     ({"optim": {"decay_steps": 3}, "train": {"max_steps": None, "max_minutes": 1.0}}, "decay_steps"),
     ({"model": {"preset": "tiny", "n_group": 3}}, "n_group"),
     ({"model": {"preset": "no-such-preset"}}, "presets:"),
+    ({"parallel": {"schedule": "zbv"}}, "[parallel] schedule = 'zbv' would have no effect with pp = 1"),
+    ({"parallel": {"pp": 1, "schedule": "1f1b"}}, "[parallel] schedule = '1f1b' would have no effect with pp = 1"),
 ])
 def test_inconsistent_values_are_errors(raw, needle):
     merged = {k: dict(v) for k, v in BASE.items()}
@@ -186,3 +188,20 @@ def test_parse_section_defaults_required_keys_and_unions():
     assert parse_section(Budget, {"share": 1, "levels": 2}, "budget", "x.toml").levels == 2
     with pytest.raises(ConfigError, match=r"\[budget\] levels must be int or dict, got str 'x'"):
         parse_section(Budget, {"share": 1, "levels": "x"}, "budget", "x.toml")
+
+
+def test_pipeline_schedule_is_written_back_only_with_a_pipeline(tmp_path):
+    """``[parallel] schedule`` is a no-effect key with pp = 1: refused when written (dropping it
+    with ``--set parallel.schedule=null`` works), left out of the resolved TOML, which reads back;
+    with pp > 1 it is recorded."""
+    import tomllib
+    p = write(tmp_path, "[model]\npreset = \"tiny\"\n[train]\nmax_steps = 3\n[parallel]\nschedule = \"dualpipev\"\n")
+    with pytest.raises(ConfigError, match="--set parallel.schedule=null"):
+        load_config(p)
+    one = load_config(p, ["parallel.schedule=null"])
+    assert "schedule" not in tomllib.loads(config_to_toml(one))["parallel"]
+    assert config_from_dict(tomllib.loads(config_to_toml(one)), "again").to_dict() == one.to_dict()
+    two = load_config(p, ["parallel.pp=2", "optim.grad_accum=4", "model.num_hidden_layers=4"])
+    written = tomllib.loads(config_to_toml(two))
+    assert written["parallel"]["schedule"] == "dualpipev"
+    assert config_from_dict(written, "again").to_dict() == two.to_dict()

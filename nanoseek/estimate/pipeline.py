@@ -80,23 +80,32 @@ class Schedule:
         """The fewest micro-batches torch's (or DualPipe's) implementation accepts."""
         return 1 if pp == 1 else self._min_mb(pp)
 
-    def validate(self, pp: int, micro_batches: int) -> None:
+    def microbatch_problem(self, pp: int, m: int, count: str = "--micro-batches", ranks: str = "--pp") -> str | None:
+        """Why the implementation refuses ``m`` micro-batches on ``pp`` ranks, a phrase naming the
+        schedule's requirement (None: it runs). ``count`` and ``ranks`` name the two numbers in the
+        caller's terms (the estimate's ``--micro-batches`` / ``--pp``, the trainer's
+        ``grad_accum`` / ``pp =``). The one rule for both: exactly what torch's schedule
+        constructors accept (1F1B: m >= pp; DualPipeV: m >= 2 pp; interleaved 1F1B: m a multiple
+        of its rounds m // pp; GPipe and ZBV: any m; tested against torch for pp 2..8)."""
         if pp == 1:
-            return
+            return None
         if self.placement == "mirror" and pp % 2:
-            raise EstimateError(f"--schedule {self.name} needs an even --pp (ranks pair up: stage r with "
-                                f"stage pp - 1 - r), got {pp}")
-        if self.placement == "mirror" and micro_batches % 2:
-            raise EstimateError(f"--schedule {self.name} sends half the micro-batches each way: "
-                                f"--micro-batches must be even, got {micro_batches}")
+            return f"needs an even {ranks} (ranks pair up: stage r with stage pp - 1 - r), got {pp}"
+        if self.placement == "mirror" and m % 2:
+            return f"sends half the micro-batches each way: {count} must be even, got {m}"
         low = self.min_microbatches(pp)
-        if micro_batches < low:
-            raise EstimateError(f"--schedule {self.name} with --pp {pp} needs --micro-batches >= {low}, "
-                                f"got {micro_batches}")
-        rounds = max(1, micro_batches // pp)
-        if self.name == "interleaved-1f1b" and micro_batches % rounds:
-            raise EstimateError(f"--schedule interleaved-1f1b with --pp {pp} needs --micro-batches a multiple "
-                                f"of its rounds (--micro-batches // --pp = {rounds}), got {micro_batches}")
+        if m < low:
+            return f"with {ranks} {pp} needs {count} >= {low}, got {m}"
+        rounds = max(1, m // pp)
+        if self.name == "interleaved-1f1b" and m % rounds:
+            return (f"with {ranks} {pp} needs {count} a multiple of its rounds ({count} // pp = {rounds}), "
+                    f"got {m}")
+        return None
+
+    def validate(self, pp: int, micro_batches: int) -> None:
+        why = self.microbatch_problem(pp, micro_batches)
+        if why:
+            raise EstimateError(f"--schedule {self.name} {why}")
 
     def in_flight_chunks(self, pp: int, rank: int, micro_batches: int) -> float:
         """(micro-batch, stage) activation sets rank ``rank`` holds at its peak (see the docstring);

@@ -20,7 +20,8 @@ and what to set instead, never silently ignored: ``[data] dir``, ``train_split``
 directory), ``val_split`` with ``val_batches = 0``, and the decay keys of a schedule that does not
 decay that way (``decay_fraction``/``decay_steps``/``decay_shape``/``min_lr`` under ``constant``,
 the first three under ``cosine``, ``decay_fraction`` next to ``decay_steps`` under ``wsd``), and
-the ``muon_*`` keys with ``optimizer = "adamw"``.
+the ``muon_*`` keys with ``optimizer = "adamw"``, and ``[parallel] schedule`` with ``pp = 1`` (no
+pipeline to schedule).
 The resolved config a run records leaves those keys out, so it reads back as it was.
 ``[model] init_from`` may name a run folder: it resolves (``nanoseek.infer.loading``) to the
 run's ``final/``, else its ``latest`` checkpoint, and the config records that directory.
@@ -54,6 +55,7 @@ from typing import Any
 
 from ..limits import SEED_MAX, LimitError, check_fits
 from ..errors import ConfigError
+from ..estimate.pipeline import DEFAULT_SCHEDULE
 from ..model.config import ModelConfig
 from ..model.registry import all_field_names as all_model_fields
 
@@ -180,7 +182,7 @@ class ParallelSection:
     ranks read the same rows. The pipeline's micro-batches are ``[optim] grad_accum``'s.
     """
     pp: int = 1                       # pipeline stages' ranks (outer mesh dim): the model cut by layers
-    schedule: str = "1f1b"            # pipeline schedule (pipeline.SCHEDULES); micro-batches = [optim] grad_accum
+    schedule: str = DEFAULT_SCHEDULE  # pipeline schedule (pipeline.SCHEDULES); micro-batches = [optim] grad_accum
     ep: int = 1                       # expert-parallel size: routed experts split over this many ranks
     fsdp: bool = False                # FSDP2 fully_shard: shard weights, gradients, optimizer state
     backend: str = "auto"             # "auto" (nccl on CUDA, else gloo), "nccl" or "gloo"
@@ -565,10 +567,10 @@ def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
         if model_cfg.num_hidden_layers < stages:
             raise bad("parallel", "pp", f"with schedule {par.schedule!r} makes {stages} stages, more than the model's "
                       f"num_hidden_layers = {model_cfg.num_hidden_layers}")
-        why = check_microbatches(spec, par.pp, o.grad_accum)
+        why = check_microbatches(spec, par.pp, o.grad_accum, "grad_accum")
         if why:
             raise bad("optim", "grad_accum", f"is the number of pipeline micro-batches; schedule {par.schedule!r} {why}")
-        why = check_microbatches(spec, par.pp, s.reference_batches)
+        why = check_microbatches(spec, par.pp, s.reference_batches, "reference_batches")
         if s.enabled and why:
             raise bad("spike", "reference_batches", f"run through the pipeline as one step; schedule "
                       f"{par.schedule!r} {why}")
@@ -625,7 +627,8 @@ def check_training_memory(cfg: TrainConfig, model_cfg: ModelConfig, source: str)
 def no_effect_keys(cfg: TrainConfig) -> dict[str, list[str]]:
     """{table: keys} that would have no effect with this config's ``[data] source`` / ``val_batches``
     and ``[optim] schedule`` (see the module docstring). Written keys among them are errors
-    (:func:`check_data_keys`, :func:`check_schedule_keys`); :func:`config_to_toml` leaves them out."""
+    (:func:`check_data_keys`, :func:`check_schedule_keys`, :func:`check_parallel_keys`);
+    :func:`config_to_toml` leaves them out."""
     d, o = cfg.data, cfg.optim
     out: dict[str, list[str]] = {"data": [], "optim": []}
     if d.source == "synthetic":
@@ -633,6 +636,7 @@ def no_effect_keys(cfg: TrainConfig) -> dict[str, list[str]]:
     elif d.val_batches == 0:
         out["data"].append("val_split")
     out["optim"] = _optimizer_no_effect(o) + _schedule_no_effect(o)
+    out["parallel"] = ["schedule"] if cfg.parallel.pp == 1 else []
     return out
 
 
@@ -661,6 +665,16 @@ def check_data_keys(data: DataSection, given: dict[str, Any], source: str) -> No
                           f"(--set data.source=packed){what}, or drop the key (--set data.{unused[0]}=null)")
     raise ConfigError(f"{source}: [data] {', '.join(unused)} would have no effect with val_batches = 0 (no "
                       "validation); set val_batches > 0, or drop the key (--set data.val_split=null)")
+
+
+def check_parallel_keys(parallel: ParallelSection, given: dict[str, Any], source: str) -> None:
+    """``[parallel] schedule`` written with ``pp = 1``: an error (one process per replica holds the
+    whole model, there is no pipeline to schedule). ``given`` is the table as the user wrote it."""
+    unused = [k for k in no_effect_keys(TrainConfig(parallel=parallel))["parallel"] if k in _written(given)]
+    if unused:
+        raise ConfigError(f"{source}: [parallel] schedule = {parallel.schedule!r} would have no effect with pp = 1 "
+                          f"(no pipeline: the schedule orders pipeline stages); set pp > 1 (--set parallel.pp=2) "
+                          f"to pipeline the model, or drop the key (--set parallel.schedule=null)")
 
 
 def check_optim_keys(optim: OptimSection, given: dict[str, Any], source: str) -> None:
@@ -712,6 +726,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig
     parts = parse_sections(raw, SECTIONS, source, extra_keys={"model": set(all_model_fields())})
     check_optim_keys(parts["optim"], raw.get("optim") or {}, source)
     check_data_keys(parts["data"], raw.get("data") or {}, source)
+    check_parallel_keys(parts["parallel"], raw.get("parallel") or {}, source)
     cfg = TrainConfig(**parts, source=source)
     _resolve_init_from(cfg, source)
     if isinstance(raw.get("model"), dict) and "preset" in raw["model"]:
@@ -828,7 +843,7 @@ def config_to_toml(cfg: TrainConfig) -> str:
 __all__ = ["ConfigError", "ModelSection", "DataSection", "OptimSection", "TrainSection", "SpikeSection", "ParallelSection",
            "TrainConfig", "SECTIONS", "check_value", "parse_section", "parse_sections", "parse_literal",
            "merge_tables", "apply_overrides", "check_train_config", "check_data_keys", "check_optim_keys",
-           "check_schedule_keys", "OPTIMIZERS", "MUON_ADJUST_LR",
+           "check_schedule_keys", "check_parallel_keys", "OPTIMIZERS", "MUON_ADJUST_LR",
            "no_effect_keys",
            "config_from_dict", "read_toml", "load_config", "resolve_config_path",
            "list_train_configs", "dumps_toml", "config_to_toml", "TRAIN_CONFIG_DIR"]

@@ -32,6 +32,17 @@ parameter shared by two stages of one rank is scaled once). Metrics (``ce``, ``m
 ``aux_loss``, ``tokens``) are summed per rank and reduced by the runtime; every rank reports the
 same keys.
 
+**The split backward.** ZBV and DualPipeV compute a stage's input gradient (I) and its weight
+gradients (W) at different times, with torch's parameter groups. The stages are built from
+:func:`_pipeline_stage_class`, which merges groups that share a parameter or a node
+(:func:`merge_param_groups`) and keeps the chunk's graph through its W, so a last stage that uses
+a parameter at several places (tied embeddings with MTP, several MTP modules) gets exactly the
+gradients of a plain backward.
+
+**The micro-batch rule** (:func:`check_microbatches`) is the estimate's
+(:meth:`nanoseek.estimate.pipeline.Schedule.microbatch_problem`): what torch's constructors accept.
+The schedule registry itself is derived from the estimate's (chunks per rank, placement).
+
 **Evaluation** (:class:`PipelineEvalModel`) runs the stages one after another with send/recv and
 broadcasts the loss and logits from the last stage, so a task's ``evaluate(model)`` works
 unchanged on every rank.
@@ -55,30 +66,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..estimate.pipeline import SCHEDULES as ESTIMATE_SCHEDULES
 
 
 # ---------------------------------------------------------------------------- the schedule registry
 @dataclass(frozen=True)
 class ScheduleSpec:
     """A torch schedule class by name, with its placement rule."""
+    name: str
     torch_class: str            # in torch.distributed.pipelining.schedules
     stages_per_rank: int        # 1: one stage per rank; 2: two (interleaved or V)
     v_shape: bool               # rank r holds stages r and S-1-r (first and last on rank 0)
-    min_microbatches: Callable[[int], int]      # pp -> the fewest micro-batches the schedule runs
-    multiple_of_pp: bool = False                 # the micro-batch count must be a multiple of pp
 
     def torch_schedule(self):
         from torch.distributed.pipelining import schedules
         return getattr(schedules, self.torch_class)
 
 
+# the schedules torch ships, as the estimate describes them (one registry: chunks, placement and
+# the micro-batch rule live in nanoseek.estimate.pipeline)
 SCHEDULES: dict[str, ScheduleSpec] = {
-    "1f1b": ScheduleSpec("Schedule1F1B", 1, False, lambda pp: pp),
-    "gpipe": ScheduleSpec("ScheduleGPipe", 1, False, lambda pp: 1),
-    "interleaved-1f1b": ScheduleSpec("ScheduleInterleaved1F1B", 2, False, lambda pp: pp, multiple_of_pp=True),
-    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, True, lambda pp: 2 * pp),
-    "dualpipev": ScheduleSpec("ScheduleDualPipeV", 2, True, lambda pp: 2 * pp),
-}
+    name: ScheduleSpec(name, s.torch_class, s.chunks, s.placement == "v")
+    for name, s in ESTIMATE_SCHEDULES.items() if s.torch_class is not None}
 
 
 def schedule_spec(name: str) -> ScheduleSpec:
@@ -87,14 +96,11 @@ def schedule_spec(name: str) -> ScheduleSpec:
     return SCHEDULES[name]
 
 
-def check_microbatches(spec: ScheduleSpec, pp: int, n: int) -> str | None:
-    """Why ``n`` micro-batches cannot run under ``spec`` with ``pp`` ranks (None: they can)."""
-    need = spec.min_microbatches(pp)
-    if n < need:
-        return f"needs at least {need} micro-batches per step with pp = {pp}"
-    if spec.multiple_of_pp and n % pp:
-        return f"needs a multiple of pp = {pp} micro-batches per step"
-    return None
+def check_microbatches(spec: ScheduleSpec, pp: int, n: int, count: str = "micro-batches") -> str | None:
+    """Why ``n`` micro-batches cannot run under ``spec`` with ``pp`` ranks (None: they can); the
+    estimate's rule (:meth:`nanoseek.estimate.pipeline.Schedule.microbatch_problem`), ``count``
+    naming the setting."""
+    return ESTIMATE_SCHEDULES[spec.name].microbatch_problem(pp, n, count=count, ranks="pp =")
 
 
 # ---------------------------------------------------------------------------- placement
@@ -225,6 +231,58 @@ class StageModule(nn.Module):
         return loss
 
 
+# ---------------------------------------------------------------------------- split backward
+def merge_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """torch's parameter groups of a split (input / weight) backward, with every two groups that
+    share a parameter or an intermediate node merged into one.
+
+    ``torch.distributed.pipelining._backward.get_param_groups`` keys groups on the autograd nodes
+    where a parameter's subgraph meets the input's. When a parameter meets it at several nodes
+    (the head shared by the main and two MTP predictions, the tied embedding) and other parameters
+    at only some of them, torch can leave it in two groups, whose weight backwards then both
+    count its gradient. Merged, each parameter and each intermediate is in exactly one group;
+    intermediates the input backward never reached carry no gradient and are dropped.
+    """
+    merged: list[tuple[set, dict]] = []                # (params, {intermediate node: its grads})
+    for g in groups:
+        grads = g.get("grads") or [None] * len(g["intermediates"])
+        params = set(g["params"])
+        inter = {n: gr for n, gr in zip(g["intermediates"], grads) if gr is not None}
+        keep = []
+        for p, i in merged:
+            if p & params or i.keys() & inter.keys():
+                params |= p
+                inter.update(i)
+            else:
+                keep.append((p, i))
+        merged = keep + [(params, inter)]
+    return [{"params": p, "intermediates": list(i), "grads": list(i.values())} for p, i in merged]
+
+
+def _pipeline_stage_class():
+    """torch's ``PipelineStage`` with a split backward that is exact when the last stage uses a
+    parameter at several places (tied embeddings with MTP, several MTP modules):
+    :func:`merge_param_groups` after each input backward, and each group's weight backward run
+    with the graph retained. A group's intermediates can lie below another group's (MTP's head
+    projection above MTP's concatenation of the embedding), so the first group's backward walks
+    through the nodes the next one still needs; torch frees them ("Trying to backward through
+    the graph a second time"). The graph is dropped with the chunk's state right after its W."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining._backward import stage_backward_weight
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _Stage(PipelineStage):
+        def backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=False):
+            if backward_type == "weight" and not isinstance(self.submod, (DistributedDataParallel, FSDPModule)):
+                return stage_backward_weight(self.submod.parameters(), bwd_kwargs["param_groups"],
+                                             retain_graph=True), None
+            grads, groups = super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+            return grads, (merge_param_groups(groups) if backward_type == "input" and groups else groups)
+
+    return _Stage
+
+
 # ---------------------------------------------------------------------------- the rank's pipeline
 class PipelineParallel:
     """This rank's stages of the model, the schedule, and the forward-backward of one step.
@@ -302,7 +360,7 @@ class PipelineParallel:
     def _schedule(self, n: int, shape: tuple[int, int]):
         key = (n, shape)
         if key not in self._schedules:
-            from torch.distributed.pipelining import PipelineStage
+            PipelineStage = _pipeline_stage_class()
             B, T = shape
             pstages = []
             for s in self.mine:
@@ -474,6 +532,7 @@ def instrument(stage: Any, record: Callable[[dict], None]) -> None:
     stage.backward_weight_one_chunk = wrap(stage.backward_weight_one_chunk, lambda kw: "W")
 
 
-__all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "stage_layers", "stage_rank",
+__all__ = ["SCHEDULES", "ScheduleSpec", "schedule_spec", "check_microbatches", "merge_param_groups",
+           "stage_layers", "stage_rank",
            "local_stages", "num_stages", "StageModule", "PipelineParallel", "PipelineEvalModel",
            "executed_order", "events_order", "chrome_trace", "build_schedule_order", "instrument"]
