@@ -404,6 +404,8 @@ def test_trainer_refusal_follows_the_trainers_checks(name, layout, refused, tmp_
     pp = layout.get("pp", 1)
     raw = raw_config(tmp_path, 1, 4 * pp, 1, pp=pp, fsdp=layout.get("zero", 1) == 3, ep=1,
                      schedule=layout.get("schedule", "1f1b"))
+    if pp == 1:
+        raw["parallel"].pop("schedule", None)         # a schedule without a pipeline is itself refused
     raw["model"] = {"preset": {"deepseek-v3": "tiny", "deepseek-v2-lite": "tiny", "deepseek-v3.2": "v32-tiny",
                                "deepseek-v4-flash": "v4-tiny"}[name], "num_hidden_layers": 4}
     raw["train"]["recompute"] = layout.get("recompute", "none")
