@@ -20,7 +20,8 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
    frozen reference only when ``beta > 0`` (with ``beta = 0`` no reference model is kept at all).
 5. **Optimisation**: ``num_iterations`` passes, each one optimizer step of the shared trainer over
    the batch split into micro-batches of at most ``micro_batch_size`` rows; loss :func:`~nanoseek.post.grpo_loss.grpo_loss` with the
-   chosen aggregation, normalised by the whole batch so micro-batches add up exactly.
+   chosen policy loss (``policy_loss``: GRPO's clipped surrogate, GSPO or CISPO, each with its own
+   clip range) and aggregation, normalised by the whole batch so micro-batches add up exactly.
 
 Templates (``template``): ``r1-zero`` is DeepSeek-R1-Zero's plain-text prompt (no chat markup,
 straight from the base model; the answer goes in ``<answer>`` tags and generation stops at
@@ -74,7 +75,7 @@ from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
 from .common import IGNORE, pad_rows, sequence_logprobs
 from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
-from .grpo_loss import LOSS_AGGREGATIONS, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
+from .grpo_loss import LOSS_AGGREGATIONS, POLICY_LOSSES, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
 from .rollout import fit_prompts, model_mask, sample_mixed, sampling_params
 
 
@@ -93,8 +94,13 @@ class GRPOSection:
     top_p: float = 1.0
     top_k: int = 0
     # loss
-    eps_low: float = 0.2
+    policy_loss: str = "clip"         # clip (GRPO / DAPO / Dr. GRPO) | gspo | cispo (nanoseek.post.grpo_loss)
+    eps_low: float = 0.2              # clip range of policy_loss = "clip"
     eps_high: float = 0.2             # DAPO's clip-higher: 0.28
+    gspo_eps_low: float = 3e-4        # GSPO's sequence-ratio clip range (GSPO paper v2, section 5.1)
+    gspo_eps_high: float = 4e-4
+    cispo_eps_low: float = 1.0        # CISPO's IS-weight clip range; 1.0: no lower bound (MiniMax-M1)
+    cispo_eps_high: float = 4.0       # the weight is capped at 1 + cispo_eps_high = 5
     beta: float = 0.0                 # KL coefficient; 0 keeps no reference model
     loss_agg: str = "grpo"            # grpo | dapo | dr_grpo
     scale_rewards: bool = True        # divide by the group std (False: Dr. GRPO)
@@ -125,14 +131,20 @@ class GRPOSection:
             raise bad("template", f"must be one of {TEMPLATES}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise bad("loss_agg", f"must be one of {LOSS_AGGREGATIONS}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise bad("policy_loss", f"must be one of {tuple(POLICY_LOSSES)}")
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
                      "micro_batch_size", "max_rollout_attempts"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         if self.group_size < 2:
             raise bad("group_size", "must be >= 2 (advantages are relative to the group)")
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise bad("eps_low", "need 0 <= eps_low < 1 and eps_high >= 0")
+        for prefix in ("", "gspo_", "cispo_"):      # CISPO's weight may go down to 0 (no lower bound)
+            low, high = f"{prefix}eps_low", f"{prefix}eps_high"
+            if not (0 <= getattr(self, low) <= 1 if prefix == "cispo_" else 0 <= getattr(self, low) < 1):
+                raise bad(low, "must be in [0, 1]" if prefix == "cispo_" else "must be in [0, 1)")
+            if not getattr(self, high) >= 0:
+                raise bad(high, "must be >= 0")
         if self.beta < 0:
             raise bad("beta", "must be >= 0")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
@@ -167,6 +179,12 @@ class GRPOSection:
     def eval_mode(self) -> str:
         """The prompt template the trained model answers in (recorded in stage.json): the one it was trained in."""
         return self.template if self.template in TEMPLATES else "chat"
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high) of the chosen policy loss: its own keys (``eps_*``, ``gspo_eps_*``, ``cispo_eps_*``)."""
+        prefix = "" if self.policy_loss == "clip" else f"{self.policy_loss}_"
+        return getattr(self, f"{prefix}eps_low"), getattr(self, f"{prefix}eps_high")
 
     @property
     def rollout_size(self) -> int:
@@ -450,9 +468,11 @@ class GRPOTask:
         mask = targets != IGNORE
         old = batch["old_logp"].to(device) if batch["old_logp"] is not None else logp.detach()
         ref = batch["ref_logp"].to(device) if batch["ref_logp"] is not None else None
+        eps_low, eps_high = c.clip_range
         out = grpo_loss(logp, old, batch["advantages"].to(device), mask, ref_logp=ref, beta=c.beta,
-                        eps_low=c.eps_low, eps_high=c.eps_high, loss_agg=c.loss_agg, max_len=c.max_new_tokens,
-                        total_sequences=batch["total_sequences"], total_tokens=batch["total_tokens"])
+                        eps_low=eps_low, eps_high=eps_high, loss_agg=c.loss_agg, max_len=c.max_new_tokens,
+                        total_sequences=batch["total_sequences"], total_tokens=batch["total_tokens"],
+                        policy_loss=c.policy_loss)
         n = mask.sum().clamp(min=1)
         metrics = {**batch["stats"], "clip_frac": float(out.clip_frac), "clip_low_frac": float(out.clip_low_frac),
                    "clip_high_frac": float(out.clip_high_frac), "kl": float(out.kl),

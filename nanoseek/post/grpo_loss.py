@@ -26,10 +26,36 @@ exactly the full-batch loss.
 
 DAPO's soft overlong punishment (:func:`overlong_penalty`) is a reward-shaping term added to r
 before the advantages are computed.
+
+The clipped surrogate above is one of three policy losses (``policy_loss``, :data:`POLICY_LOSSES`),
+which differ in what the importance weight is and what is clipped; aggregation and KL are shared:
+
+* ``clip``:  the token-level PPO/GRPO surrogate above (also DAPO's and Dr. GRPO's).
+* ``gspo``:  Group Sequence Policy Optimization (Qwen, arXiv 2507.18071): one importance ratio per
+  sequence, the geometric mean of its token ratios,
+  ``s_i = exp(1/|o_i| sum_t (log pi_theta - log pi_old))``, in the same clipped surrogate
+  ``min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)``; every token of o_i carries that
+  value, so with ``loss_agg = "grpo"`` the loss is the paper's mean over sequences. Its epsilons are
+  tiny because s_i is a per-token geometric mean: 3e-4 / 4e-4 (GSPO paper v2 section 5.1, as TRL's
+  and ms-swift's docs reproduce it with ``importance_sampling_level = "sequence"``, beta = 0).
+  On-policy (s_i = 1) its gradient is the sequence-level policy gradient
+  ``-1/B sum_i A_i 1/|o_i| sum_t grad log pi(o_it)``.
+* ``cispo``: CISPO (MiniMax-M1, arXiv 2506.13585): clip the importance-sampling *weight*, not the
+  update: ``J_it = sg(clip(rho_it, 1 - eps_low, 1 + eps_high)) A_i log pi_theta(o_it)``, so every
+  token keeps a gradient (``w A grad log pi``), none is dropped by the clip; the paper aggregates
+  over tokens (``loss_agg = "dapo"``), imposes no lower bound (eps_low = 1: the weight is >= 0
+  anyway) and tunes only eps_high; public CISPO configs (TRL's ``loss_type = "cispo"``, verl's
+  ``loss_mode = "cispo"``, tinker) put the upper bound of the weight at a few units, far above
+  PPO's 1.2. Its loss *value* is -A log pi, not about 0 on-policy as the surrogates are.
+
+The epsilons given to :func:`grpo_loss` are the chosen policy loss's (each has its own keys in
+:class:`~nanoseek.post.grpo.GRPOSection`); ``clip_*_frac`` count the tokens whose ratio (GSPO: whose
+sequence's ratio) took the clipped branch, for CISPO the tokens whose weight was clipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,45 +142,88 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, max_len
     raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGGREGATIONS}")
 
 
+# ---------------------------------------------------------------------------- policy losses
+def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """rho_it = pi_theta / pi_old per token: [B, T]."""
+    return torch.exp(logp - old_logp)
+
+
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's s_i = exp(mean over o_i's valid tokens of log pi_theta - log pi_old), on every token: [B, T]."""
+    log_ratio = ((logp - old_logp) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)     # [B]
+    return torch.exp(log_ratio).unsqueeze(1).expand_as(logp)
+
+
+def clipped_surrogate(ratio, A, logp, eps_low, eps_high):
+    """PPO's min(ratio A, clip(ratio) A) and the (low, high) masks where the clipped branch is taken."""
+    objective = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    return objective, (ratio < 1 - eps_low) & (A < 0), (ratio > 1 + eps_high) & (A > 0)
+
+
+def clipped_weight(ratio, A, logp, eps_low, eps_high):
+    """CISPO's sg(clip(ratio)) A log pi and the (low, high) masks where the weight was clipped."""
+    weight = ratio.detach().clamp(1 - eps_low, 1 + eps_high)
+    return weight * A * logp, ratio < 1 - eps_low, ratio > 1 + eps_high
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A policy loss: its importance ratio and its per-token objective (see the module docstring)."""
+
+    ratio: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (logp, old_logp, mask) -> [B, T]
+    objective: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (ratio, A, logp, eps_low, eps_high)
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "clip": PolicyLoss(token_ratio, clipped_surrogate),        # GRPO / DAPO / Dr. GRPO
+    "gspo": PolicyLoss(sequence_ratio, clipped_surrogate),     # Qwen's GSPO
+    "cispo": PolicyLoss(token_ratio, clipped_weight),          # MiniMax-M1's CISPO
+}
+
+
 @dataclass
 class GRPOLossOutput:
     loss: torch.Tensor          # scalar to backpropagate
     clip_frac: torch.Tensor     # share of valid tokens where the clipped branch was taken
-    clip_low_frac: torch.Tensor   # ... at the low bound (A < 0, rho < 1 - eps_low)
-    clip_high_frac: torch.Tensor  # ... at the high bound (A > 0, rho > 1 + eps_high)
+    clip_low_frac: torch.Tensor   # ... at the low bound (A < 0, rho < 1 - eps_low; CISPO: any A)
+    clip_high_frac: torch.Tensor  # ... at the high bound (A > 0, rho > 1 + eps_high; CISPO: any A)
     kl: torch.Tensor            # mean k3 KL per valid token (0 when no reference)
-    ratio_mean: torch.Tensor    # mean rho over valid tokens
+    ratio_mean: torch.Tensor    # mean rho (GSPO: s_i) over valid tokens
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               *, ref_logp: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float = 0.2, loss_agg: str = "grpo", max_len: int | None = None,
-              total_sequences: int | None = None, total_tokens: float | None = None) -> GRPOLossOutput:
-    """The clipped GRPO loss. logp/old_logp/ref_logp/mask [B, T] over completion tokens, advantages [B].
+              total_sequences: int | None = None, total_tokens: float | None = None,
+              policy_loss: str = "clip") -> GRPOLossOutput:
+    """The GRPO loss. logp/old_logp/ref_logp/mask [B, T] over completion tokens, advantages [B].
 
-    ``ref_logp`` is required when ``beta > 0`` and ignored (no KL) when ``beta == 0``.
+    ``policy_loss`` picks the importance ratio and objective (:data:`POLICY_LOSSES`); ``eps_low`` /
+    ``eps_high`` are its clip range. ``ref_logp`` is required when ``beta > 0`` and ignored (no KL)
+    when ``beta == 0``.
     """
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs the reference log-probs (ref_logp)")
+    if policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {policy_loss!r}; expected one of {tuple(POLICY_LOSSES)}")
+    pl = POLICY_LOSSES[policy_loss]
     mask_f = mask.to(logp.dtype)
     A = advantages.to(logp.dtype).unsqueeze(1)                               # [B, 1]: same for every token
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * A
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * A
-    objective = torch.minimum(unclipped, clipped)
+    ratio = pl.ratio(logp, old_logp, mask_f)                                 # [B, T]
+    objective, low, high = pl.objective(ratio, A, logp, eps_low, eps_high)
     kl = k3_kl(logp, ref_logp) if (beta > 0) else torch.zeros_like(logp)
     per_token = -(objective - beta * kl)
     loss = aggregate(per_token, mask_f, loss_agg, max_len=max_len, total_sequences=total_sequences,
                      total_tokens=total_tokens)
     with torch.no_grad():
         n = mask_f.sum().clamp(min=1)
-        low = ((ratio < 1 - eps_low) & (A < 0)).to(logp.dtype) * mask_f
-        high = ((ratio > 1 + eps_high) & (A > 0)).to(logp.dtype) * mask_f
+        low, high = low.to(logp.dtype) * mask_f, high.to(logp.dtype) * mask_f
         out = GRPOLossOutput(loss=loss, clip_frac=(low + high).sum() / n, clip_low_frac=low.sum() / n,
                              clip_high_frac=high.sum() / n, kl=(kl * mask_f).sum() / n,
                              ratio_mean=(ratio * mask_f).sum() / n)
     return out
 
 
-__all__ = ["LOSS_AGGREGATIONS", "group_advantages", "zero_std_groups", "k3_kl", "overlong_penalty",
+__all__ = ["LOSS_AGGREGATIONS", "POLICY_LOSSES", "PolicyLoss", "token_ratio", "sequence_ratio",
+           "clipped_surrogate", "clipped_weight", "group_advantages", "zero_std_groups", "k3_kl", "overlong_penalty",
            "token_logprobs", "token_entropy", "aggregate", "grpo_loss", "GRPOLossOutput"]
