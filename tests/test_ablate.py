@@ -326,3 +326,79 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     assert "no finished suite" in capsys.readouterr().err
     assert main(["ablate", "--list"]) == 0
     assert "moe-vs-dense" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- optimizer suite, resuming
+def test_optimizer_suite_changes_only_the_optimizer_and_its_lr(data_dir, tmp_path):
+    from nanoseek.ablate.cli import SUITE_NAMES
+    from nanoseek.ablate.suites import SUITES
+    from nanoseek.train.optim import build_optimizer, optimizer_kind
+    from nanoseek.train.pretrain import build_pretraining
+
+    assert SUITE_NAMES == tuple(SUITES)                         # the CLI's list is the registry's
+    suite = build_suite("optimizer", vocab_of(data_dir))
+    assert [a.name for a in suite.arms] == ["adamw-lr0.5x", "adamw-lr1x", "adamw-lr2x",
+                                            "muon-lr0.5x", "muon-lr1x", "muon-lr2x"]
+    assert suite.baseline == "adamw-lr1x" and all(a.model == base_model(vocab_of(data_dir)) for a in suite.arms)
+    plan = Plan("optimizer", str(data_dir), [0], steps=5, micro_batch_size=2, seq_len=32, val_batches=1, lr=2e-3,
+                min_lr=2e-4)
+    sections = {}
+    for arm in suite.arms:
+        d = train_config(arm, plan, 0, tmp_path / arm.name).to_dict()
+        opt = d["optim"]
+        assert opt["optimizer"] == arm.name.split("-")[0]
+        assert opt["lr"] == pytest.approx(2e-3 * arm.lr_scale) and opt["min_lr"] == pytest.approx(2e-4 * arm.lr_scale)
+        rest = {k: v for k, v in opt.items() if k not in ("optimizer", "lr", "min_lr") and not k.startswith("muon_")}
+        sections.setdefault("same", (d["data"], d["train"] | {"out_dir": ""}, rest))
+        assert (d["data"], d["train"] | {"out_dir": ""}, rest) == sections["same"], arm.name
+    cfg = train_config(suite.arm("muon-lr1x"), plan, 0, tmp_path / "m")
+    model, _, _ = build_pretraining(cfg)
+    assert optimizer_kind(build_optimizer(model, cfg.optim).param_groups) == "muon"
+
+
+@pytest.mark.parametrize("name", ["mtp", "optimizer"])
+def test_an_interrupted_suite_resumes_without_redoing_finished_runs(name, tmp_path):
+    from nanoseek.train.loop import FitResult
+
+    suite = build_suite(name, 1000)
+    losses = {a.name: {0: 3.0 + 0.01 * i, 1: 3.01 + 0.01 * i} for i, a in enumerate(suite.arms)}
+    plan = Plan(name, "unused", [0, 1], steps=4, eval_every=2)
+    out = tmp_path / name
+    order = [(a.name, s) for s in (0, 1) for a in suite.arms]
+    cut = len(order) // 2 + 1                                   # interrupted inside seed 1 (or mid seed 0)
+    calls: list = []
+    done_fn = fake_trainer(losses, calls)
+
+    def until_cut(cfg, **kw):
+        if len(calls) == cut - 1:
+            calls.append(("interrupted",))
+            return FitResult("interrupted", 1, 10, cfg.train.out_dir)
+        return done_fn(cfg, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, plan, out, train_fn=until_cut)
+    assert [c[:2] for c in calls[:-1]] == order[:cut - 1]
+    for arm, seed in order[:cut - 1]:                           # a redone run would lose this file
+        (out / "runs" / arm / f"seed{seed}" / "kept").write_text("")
+    calls.clear()
+    data = run_and_report(suite, plan, out, train_fn=fake_trainer(losses, calls))
+    assert [c[:2] for c in calls] == order[cut - 1:]            # only the interrupted run and those after it
+    assert all((out / "runs" / a / f"seed{s}" / "kept").is_file() for a, s in order[:cut - 1])
+    assert sorted(data["arms"]) == sorted(a.name for a in suite.arms)
+    assert all(len(a["runs"]) == 2 for a in data["arms"].values())
+
+
+def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_path):
+    suite = build_suite("optimizer", 1000)
+    base = {"adamw-lr0.5x": 3.3, "adamw-lr1x": 3.1, "adamw-lr2x": 3.2, "muon-lr0.5x": 3.0, "muon-lr1x": 2.9,
+            "muon-lr2x": 3.05}
+    losses = {n: {0: v, 1: v + 0.01} for n, v in base.items()}
+    data = run_and_report(suite, Plan("optimizer", "unused", [0, 1], steps=4, eval_every=2), tmp_path / "a",
+                          train_fn=fake_trainer(losses, []))
+    assert data["verdict"]["status"] == "held"
+    assert "Best Muon (Muon, lr x1) vs best AdamW (AdamW, lr x1)" in data["verdict"]["summary"]
+    losses["muon-lr2x"] = {0: 2.5, 1: 2.51}                     # Muon's best lr is the grid's largest
+    data = run_and_report(suite, Plan("optimizer", "unused", [0, 1], steps=4, eval_every=2), tmp_path / "b",
+                          train_fn=fake_trainer(losses, []))
+    assert data["verdict"]["status"].startswith("unresolved: the learning rates are not tuned")
+    assert "edge of the grid" in data["verdict"]["summary"]

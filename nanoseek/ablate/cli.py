@@ -10,7 +10,8 @@ Suites: moe-vs-dense (DeepSeekMoE vs dense at the same activated / total paramet
 (aux-loss-free bias balancing vs an auxiliary balance loss at several alphas vs none, with
 MaxVio), attention (MLA vs MHA vs GQA at matched parameters, with KV-cache bytes per token), mtp
 (with and without multi-token prediction), precision (fp32 vs simulated bf16 vs simulated FP8
-GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling).
+GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling), optimizer (Muon vs AdamW, each at three
+learning rates).
 
 Every arm of a suite trains the same number of tokens on the same data, in the same order, from
 the same seeds; the number of steps is sized from a throughput probe so that all arms x seeds
@@ -27,7 +28,7 @@ import argparse
 
 from nanoseek import limits
 
-SUITE_NAMES = ("moe-vs-dense", "balance", "attention", "mtp", "precision")
+SUITE_NAMES = ("moe-vs-dense", "balance", "attention", "mtp", "precision", "optimizer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

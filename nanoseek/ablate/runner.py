@@ -101,9 +101,9 @@ def train_config(arm: Arm, plan: Plan, seed: int, run_dir: str | Path):
     raw = {
         "model": {"preset": MODEL_PRESET, **model_fields(arm.model)},
         "data": {"source": "packed", "dir": str(plan.data_dir), "val_batches": plan.val_batches},
-        "optim": {"lr": plan.lr, "min_lr": plan.min_lr, "warmup_steps": plan.warmup_steps, "schedule": "wsd",
-                  "decay_fraction": 0.2, "micro_batch_size": plan.micro_batch_size, "grad_accum": 1,
-                  "seq_len": plan.seq_len},
+        "optim": {"lr": plan.lr * arm.lr_scale, "min_lr": plan.min_lr * arm.lr_scale,
+                  "warmup_steps": plan.warmup_steps, "schedule": "wsd", "decay_fraction": 0.2,
+                  "micro_batch_size": plan.micro_batch_size, "grad_accum": 1, "seq_len": plan.seq_len, **arm.optim},
         "train": {"out_dir": str(run_dir), "max_steps": plan.steps, "seed": seed, "device": plan.device,
                   "dtype": "float32", "eval_every": plan.eval_every, "save_every": 0, "keep_last": 1,
                   "log_every": 1, **arm.train},

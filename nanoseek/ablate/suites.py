@@ -12,9 +12,9 @@ group-limited routing, sigmoid gate), and derives its other arms from it. Matche
   dims and searches the other head dims (q/k no-RoPE part and value) of multi-head / grouped-
   query attention for the attention parameter count closest to MLA's, within
   :data:`ATTENTION_TOLERANCE` (the achievable step is ``hidden x (heads + kv_heads)``);
-* ``balance``, ``mtp``, ``precision``: the same model, only the training recipe differs
-  (bias update speed gamma, balance-loss weight alpha, MTP depth and lambda, simulated GEMM
-  precision), so parameters match exactly.
+* ``balance``, ``mtp``, ``precision``, ``optimizer``: the same model, only the training recipe
+  differs (bias update speed gamma, balance-loss weight alpha, MTP depth and lambda, simulated GEMM
+  precision, the optimizer and its learning rate), so parameters match exactly.
 
 Each suite's ``judge`` turns the measured arms into a :class:`Verdict`: "held", "did not hold",
 "partly held" or "not significant at this scale", by the rule of :func:`nanoseek.ablate.results.compare`
@@ -63,6 +63,8 @@ class Arm:
     train: dict[str, Any] = field(default_factory=dict)     # [train] keys: gamma, alpha, mtp_lambda
     precision: str | None = None            # None, "bf16" or "fp8" (nanoseek.model.fp8)
     note: str = ""                          # how it was derived
+    optim: dict[str, Any] = field(default_factory=dict)     # [optim] keys: optimizer, muon_*
+    lr_scale: float = 1.0                   # the arm's peak (and min) lr = the plan's x lr_scale
 
     def info(self, seq_len: int) -> dict[str, Any]:
         """Sizes the report shows: non-embedding params, KV bytes/token, training FLOPs/token."""
@@ -394,8 +396,54 @@ def precision(base: ModelConfig, block: int = 128) -> Suite:
         arms, "bf16", judge, extra={"block": block})
 
 
+def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)) -> Suite:
+    """Muon vs AdamW, each at ``lr_scales`` x the plan's lr; the verdict compares each one's best lr."""
+    arms = []
+    for opt, label, optim, note in (
+            ("adamw", "AdamW", {"optimizer": "adamw"}, "AdamW for every parameter"),
+            ("muon", "Muon", {"optimizer": "muon"},
+             "Muon (Newton-Schulz orthogonalised momentum, update RMS matched to AdamW's) for the hidden "
+             "matrices, AdamW for embeddings, head, norms, router and biases")):
+        for k in lr_scales:
+            arms.append(Arm(f"{opt}-lr{k:g}x", f"{label}, lr x{k:g}", base, dict(BASE_TRAIN), optim=dict(optim),
+                            lr_scale=k, note=f"{note}; peak lr {k:g} x the plan's"))
+
+    def suite_arm(name: str) -> Arm:
+        return next(a for a in arms if a.name == name)
+
+    def best(r: dict, opt: str) -> str:
+        return min((a.name for a in arms if a.name.startswith(opt + "-")), key=lambda n: r[n].mean("final_val_loss"))
+
+    def judge(r: dict) -> Verdict:
+        m, a = best(r, "muon"), best(r, "adamw")
+        c = compare(r[m], r[a])
+        tps = {n: r[n].mean("tokens_per_s") for n in (m, a)}
+        wall = {n: r[n].mean("wall_s") for n in (m, a)}
+        summary = (f"Best Muon ({r[m].label}) vs best AdamW ({r[a].label}), each at its best of "
+                   f"{len(lr_scales)} learning rates, at equal tokens: {c.text('validation loss')}. Throughput: "
+                   f"Muon {tps[m]:,.0f} tokens/s, AdamW {tps[a]:,.0f} (training time {wall[m]:.0f}s vs {wall[a]:.0f}s "
+                   "per run; the wall-clock plot compares them at equal time). The best lr is picked on the same "
+                   "runs it is judged on.")
+        edge = [r[n].label for n in (m, a) if suite_arm(n).lr_scale in (min(lr_scales), max(lr_scales))]
+        if edge and len(lr_scales) > 1:
+            summary += (f" Not tuned: the best lr of {' and '.join(edge)} is at the edge of the grid "
+                        f"{', '.join(f'x{k:g}' for k in lr_scales)}; widen it (or --lr) before reading the verdict.")
+        status = _combine([_status(c, True)])
+        if edge and len(lr_scales) > 1:
+            status = f"unresolved: the learning rates are not tuned (was: {status})"
+        return Verdict(status, summary)
+
+    return Suite(
+        "optimizer", "Muon vs AdamW in pre-training, each at its best learning rate",
+        "Muon (momentum orthogonalised by Newton-Schulz iterations, with weight decay and the update RMS "
+        "matched to AdamW's) reaches a given loss with about half the training compute of AdamW (Moonlight, "
+        "arXiv 2502.16982, section 3); Kimi K2 (MuonClip), DeepSeek-V4 and nanochat train with it.",
+        arms, "adamw-lr1x" if 1.0 in lr_scales else arms[0].name, judge, extra={"lr_scales": list(lr_scales)})
+
+
 SUITES: dict[str, Callable[[ModelConfig], Suite]] = {
     "moe-vs-dense": moe_vs_dense, "balance": balance, "attention": attention, "mtp": mtp, "precision": precision,
+    "optimizer": optimizer,
 }
 
 
