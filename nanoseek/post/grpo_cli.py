@@ -2,7 +2,8 @@
 
 Each step samples G completions per prompt with the inference engine, rewards them with the
 verifiers (format + accuracy), normalises the rewards within each group, and takes
-[grpo] num_iterations clipped policy-gradient steps (optional k3 KL to the starting model with
+[grpo] num_iterations policy-gradient steps ([grpo] policy_loss: GRPO's clipped surrogate, GSPO's
+sequence-level ratio or CISPO's clipped IS weights; optional k3 KL to the starting model with
 [grpo] beta > 0). Prompts: built-in task names ("arithmetic,countdown"), a JSONL of
 {"prompt", "answer", "task"}, or rg:NAME (reasoning-gym; mixed with task names: "arithmetic:1,rg:chain_sum").
 
@@ -13,6 +14,7 @@ examples:
   nanoseek grpo --config r1-zero --model runs/tiny --steps 200
   nanoseek grpo --config r1 --model runs/tiny --out runs/r1
   nanoseek grpo --config r1-zero --model runs/tiny --set grpo.loss_agg=dr_grpo --set grpo.scale_rewards=false
+  nanoseek grpo --config r1-zero --model runs/tiny --set grpo.policy_loss=gspo --set grpo.num_iterations=2
 """
 
 from __future__ import annotations

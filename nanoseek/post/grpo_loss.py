@@ -44,9 +44,10 @@ which differ in what the importance weight is and what is clipped; aggregation a
   update: ``J_it = sg(clip(rho_it, 1 - eps_low, 1 + eps_high)) A_i log pi_theta(o_it)``, so every
   token keeps a gradient (``w A grad log pi``), none is dropped by the clip; the paper aggregates
   over tokens (``loss_agg = "dapo"``), imposes no lower bound (eps_low = 1: the weight is >= 0
-  anyway) and tunes only eps_high; public CISPO configs (TRL's ``loss_type = "cispo"``, verl's
-  ``loss_mode = "cispo"``, tinker) put the upper bound of the weight at a few units, far above
-  PPO's 1.2. Its loss *value* is -A log pi, not about 0 on-policy as the surrogates are.
+  anyway) and tunes only eps_high. Public CISPO setups put the weight's upper bound anywhere from
+  1.28 (Trinity-RFT's default eps_high 0.28) to 5-9 (eps_high 4-8 in TRL-based configs); the
+  default here, eps_high 4, caps it at 5. Its loss *value* is -A log pi, not about 0 on-policy as
+  the surrogates' is.
 
 The epsilons given to :func:`grpo_loss` are the chosen policy loss's (each has its own keys in
 :class:`~nanoseek.post.grpo.GRPOSection`); ``clip_*_frac`` count the tokens whose ratio (GSPO: whose
