@@ -402,3 +402,5 @@ def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_pat
                           train_fn=fake_trainer(losses, []))
     assert data["verdict"]["status"].startswith("unresolved: the learning rates are not tuned")
     assert "edge of the grid" in data["verdict"]["summary"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "peak lr 0.003 x the arm's factor (x0.5, x1, x2)" in report and "AdamW lr" not in report

@@ -192,11 +192,14 @@ def suite_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#
         per = {r["seed"]: r["final_val_loss"] for r in a["runs"]}
         rows.append([a["label"]] + [f"{per[s]:.4f}" if s in per else "-" for s in seeds])
     lines += [_md_table(rows), ""]
+    tuned = data.get("extra", {}).get("lr_scales")               # the optimizer suite: each arm scales the lr
+    lr_text = (f"peak lr {p['lr']:g} x the arm's factor ({', '.join(f'x{k:g}' for k in tuned)})" if tuned
+               else f"AdamW lr {p['lr']:g}")
     lines += [f"Setup: every arm trains {p['steps']} steps of {p['micro_batch_size']} x {p['seq_len']} tokens "
               f"({_fmt_int(p['steps'] * p['micro_batch_size'] * p['seq_len'])} tokens per run, the same for every arm) "
               f"on `{p['data_dir']}`, seeds {seeds} (seed s fixes the data order and the initialisation, the same "
-              f"for every arm), AdamW lr {p['lr']:g} (warm-up {p['warmup_steps']} steps, WSD decay over the last "
-              f"20% to {p['min_lr']:g}), validation every {p['eval_every']} steps. "
+              f"for every arm), {lr_text} (warm-up {p['warmup_steps']} steps, WSD decay over the last "
+              f"20% to {p['min_lr']:g}{' x the same factor' if tuned else ''}), validation every {p['eval_every']} steps. "
               + (f"Budget {p['budget_minutes']:.1f} min" if p.get("budget_minutes") else "Steps given, no budget")
               + f"; the runs took {data['train_minutes']:.1f} min of wall-clock in all."
               + (f" The plan had {len(p['planned_seeds'])} seeds; the machine ran slower than its probe and the "
@@ -217,7 +220,7 @@ def results_dict(suite: "Suite", results: dict[str, ArmResult], plan: dict[str, 
         arms[name] = {"name": name, "label": a.label, "note": a.note, "info": a.info, "stats": stats,
                       "runs": [asdict(r) for r in a.runs]}
     return {"suite": suite.name, "title": suite.title, "claim": suite.claim, "baseline": suite.baseline,
-            "baseline_label": results[suite.baseline].label, "show_maxvio": suite.show_maxvio,
+            "baseline_label": results[suite.baseline].label, "show_maxvio": suite.show_maxvio, "extra": suite.extra,
             "verdict": {"status": verdict.status, "summary": verdict.summary}, "plan": plan,
             "train_minutes": sum(r.wall_s for a in results.values() for r in a.runs) / 60, "arms": arms, "plots": []}
 
