@@ -239,7 +239,7 @@ def run_threads(threads: int, model_dir: Path, prompts, args, tmp: Path) -> None
         report(threads, ns.rows, [])
         return ns
 
-    gen, score, mark = Timer(), Timer(), {"t": None, "gs": Timer()}
+    gen, score, mark = Timer(), Timer(), {"t": None, "gs": Timer()}     # "t": when TRL's step began
     trl_rows: list[dict[str, float]] = []
 
     def on_step():                       # TRL just finished a step: record it, then one nanoseek step
@@ -264,7 +264,7 @@ def run_threads(threads: int, model_dir: Path, prompts, args, tmp: Path) -> None
     trainer._generate_and_score_completions = gen_and_score
     mark["t"] = time.perf_counter()
     trainer.train()
-    report(threads, ns.rows[args.warmup:], trl_rows[args.warmup - 1:] if args.warmup else trl_rows)
+    report(threads, ns.rows[args.warmup:], trl_rows[args.warmup:])     # both: the steps after the warm-up ones
     return ns
 
 
