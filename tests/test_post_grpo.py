@@ -353,7 +353,7 @@ def test_one_pass_skips_the_old_logprob_forward_with_the_same_loss_and_gradient(
         n, T = mb["input_ids"].shape
         computed = {**mb, "old_logp": old[start:start + n, :T]}
         start += n
-        loss_skip, m_skip = task.loss(task.model, mb)
+        loss_skip, _ = task.loss(task.model, mb)
         g_skip = _grads(task.model, loss_skip)
         loss_full, m_full = task.loss(task.model, computed)
         g_full = _grads(task.model, loss_full)
