@@ -311,3 +311,91 @@ def test_prompts_longer_than_the_context_are_dropped_before_any_rollout_and_none
         assert [len(s) for s in scored] == [0, 0, 2, 2, 2] and report.as_dict()["dropped_prompts"] == 2
         with pytest.raises(DataError, match="none of the 2 prompts fits"):
             sample_and_score(model, tk, long, 2, template=template, max_new_tokens=4, temperature=1.0, top_p=1.0)
+
+
+# ----------------------------------------------------------------------------- the update's shortcuts are exact
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_sequence_logprobs_at_targets_equal_the_full_logits():
+    """The output head runs at the target positions only: same log-probs, entropy and gradients as
+    a log-softmax over every position's logits (prompt and padding positions give 0)."""
+    from nanoseek.post.common import IGNORE, sequence_logprobs
+    from nanoseek.post.grpo_loss import token_entropy, token_logprobs
+
+    model = tiny_model(300)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (3, 9))
+    targets = torch.full_like(ids, IGNORE)
+    targets[0, 2:8], targets[1, 4:6], targets[2, 0:1] = ids[0, 3:9], ids[1, 5:7], ids[2, 1:2]
+    mask = targets != IGNORE
+    logp, ent = sequence_logprobs(model, ids, targets, with_entropy=True)
+    logits = model(ids).logits
+    ref = token_logprobs(logits, targets.clamp(min=0)) * mask
+    assert torch.allclose(logp, ref, atol=1e-6) and (logp[~mask] == 0).all()
+    assert torch.allclose(ent[mask], token_entropy(logits)[mask], atol=1e-5) and (ent[~mask] == 0).all()
+    w = torch.randn(ids.shape)     # any loss over the log-probs: the same gradient
+    g = _grads(model, (logp * w).sum())
+    assert torch.allclose(g, _grads(model, (ref * w).sum()), atol=1e-6)
+    assert g.abs().sum() > 0
+
+
+def test_one_pass_skips_the_old_logprob_forward_with_the_same_loss_and_gradient():
+    """num_iterations = 1: no pi_old forward (old = the detached current log-probs, rho = 1); the
+    loss and gradient equal those with pi_old computed by its own forward, as num_iterations > 1 does."""
+    tk = tiny_tokenizer()
+    seven, one, eos = tk.encode("7")[0], tk.encode("1")[0], tk.eos_id
+    task, _ = _task(lambda c, i, j: [seven, eos] if j % 2 else [one] * (j + 2), loss_agg="grpo")
+    batch = task.rollout()
+    assert batch.old_logp is None and batch.advantages.abs().sum() > 0
+    old = task._logprobs(task.model, batch.input_ids, batch.targets)          # the skipped forward
+    start = 0
+    for mb in next(task.passes(batch)):                                      # contiguous row ranges
+        assert mb["old_logp"] is None
+        n, T = mb["input_ids"].shape
+        computed = {**mb, "old_logp": old[start:start + n, :T]}
+        start += n
+        loss_skip, _ = task.loss(task.model, mb)
+        g_skip = _grads(task.model, loss_skip)
+        loss_full, m_full = task.loss(task.model, computed)
+        g_full = _grads(task.model, loss_full)
+        assert float(loss_skip.detach()) == pytest.approx(float(loss_full.detach()), abs=1e-6)
+        assert torch.allclose(g_skip, g_full, atol=1e-6) and g_skip.abs().sum() > 0
+        assert m_full["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_rollout_switches_the_policy_to_eval_once_not_per_decode_step():
+    """The real engine over a model in train mode: one eval/train switch around the generation (a
+    switch per decode step walked every module: a tenth of a rollout); the train mode is back after."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.post.rollout import sample, sampling_params
+
+    tk = tiny_tokenizer()
+    model = tiny_model(tk.vocab_size).train()
+    switches, seen = [], []
+    train = model.train
+
+    def counting(mode=True):
+        switches.append(mode)
+        return train(mode)
+
+    model.train = counting                     # model.eval() calls self.train(False)
+    engine = Engine(model, tk, max_batch_size=4, max_seq_len=64)
+    forward = model.forward
+
+    def watching(*a, **k):
+        seen.append(model.training)
+        return forward(*a, **k)
+
+    model.forward = watching
+    params = sampling_params(tk, "chat", n=4, seed=0, max_new_tokens=6, temperature=1.0)
+    params.stop_token_ids = []
+    prompt = render_prompt(tk, load_rl_prompts("digit7", 1, seed=0)[0], "chat")
+    out = sample(engine, [prompt], params, "chat")
+    assert len(out.groups[0]) == 4 and len(seen) >= 6 and not any(seen)
+    assert switches == [False, True] and model.training

@@ -6,20 +6,20 @@
 * :func:`pad_rows` right-pads rows into a batch. Right padding needs no attention mask: the model
   is causal, so padding after a sequence never changes the logits of the sequence's own tokens.
 * :func:`sequence_logprobs` runs the model and gathers log pi(target) per position (SFT, DPO
-  and GRPO all score sequences this way).
+  and GRPO all score sequences this way); :func:`eval_mode` holds a model in eval mode for a
+  rollout or a scoring pass.
 * :class:`IndexStream` is a resumable, seeded, epoch-shuffled stream of example indices with
   ``state_dict``/``load_state_dict``, what the shared trainer checkpoints to resume exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-
-from .grpo_loss import token_logprobs
 
 IGNORE = -100
 
@@ -69,16 +69,38 @@ def pad_rows(rows: Sequence[Sequence[int]], pad: int, length: int | None = None)
 def sequence_logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(targets[t] | input_ids[:t+1]) per position [B, T] (targets -100 give 0), and
-    optionally the per-position entropy (detached)."""
-    logits = model(input_ids).logits                                          # [B, T, V]
-    safe = targets.clamp(min=0)
-    logp = token_logprobs(logits, safe) * (targets != IGNORE)
+    optionally the per-position entropy (detached; 0 where the target is -100).
+
+    The output head and its log-softmax run at the target positions only: the model returns its
+    final hidden states, ``lm_head`` and one fp32 ``log_softmax`` (shared by the entropy) see the
+    [N, d] rows that have a target (prompt and padding positions make no logits at all), and the
+    results are scattered back to [B, T]. For a GRPO rollout a third of the positions are prompt
+    or padding; the [B, T, V] logits were the largest tensors of the update."""
+    keep = targets != IGNORE                                                  # [B, T]
+    h = model(input_ids, logits_to_keep=1, return_hidden=True).hidden         # [B, T, d] final (normed)
+    logits = model.lm_head(h[keep])                                           # [N, V]
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    logp = lp.new_zeros(targets.shape)
+    logp[keep] = lp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            entropy = -(lp.exp() * lp).sum(-1)
+            entropy = lp.new_zeros(targets.shape)
+            entropy[keep] = -(lp.exp() * lp).sum(-1)
     return logp, entropy
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Inside, ``model`` is in eval mode (no MoE load counting: sampling and scoring are not
+    training); its mode is restored on exit. One switch around a whole rollout or scoring pass,
+    not one per engine step (a mode switch walks every module)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class IndexStream:
@@ -143,4 +165,4 @@ class StreamBatches:
         self.stream.load_state_dict(state)
 
 
-__all__ = ["IGNORE", "chat_row", "response_row", "pad_rows", "sequence_logprobs", "IndexStream", "StreamBatches"]
+__all__ = ["IGNORE", "chat_row", "response_row", "pad_rows", "sequence_logprobs", "eval_mode", "IndexStream", "StreamBatches"]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .common import IGNORE, IndexStream, StreamBatches, pad_rows, response_row, sequence_logprobs
+from .common import IGNORE, IndexStream, StreamBatches, eval_mode, pad_rows, response_row, sequence_logprobs
 from .datasets import DataError, PreferenceExample, check_file, check_rl_source, source_key
 
 
@@ -150,17 +150,15 @@ def _batch(rows: list[PairRows], pad_id: int) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def compute_reference_logps(model, rows: list[PairRows], pad_id: int, micro_batch_size: int) -> None:
     """Fill ``ref_chosen`` / ``ref_rejected`` of every row with the model's summed log-probs."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    for i in range(0, len(rows), micro_batch_size):
-        chunk = rows[i:i + micro_batch_size]
-        b = _batch(chunk, pad_id)
-        logp, _ = sequence_logprobs(model, b["input_ids"].to(device), b["labels"].to(device))
-        seq = logp.sum(dim=1).float().cpu()
-        for k, r in enumerate(chunk):
-            r.ref_chosen, r.ref_rejected = float(seq[k]), float(seq[len(chunk) + k])
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(rows), micro_batch_size):
+            chunk = rows[i:i + micro_batch_size]
+            b = _batch(chunk, pad_id)
+            logp, _ = sequence_logprobs(model, b["input_ids"].to(device), b["labels"].to(device))
+            seq = logp.sum(dim=1).float().cpu()
+            for k, r in enumerate(chunk):
+                r.ref_chosen, r.ref_rejected = float(seq[k]), float(seq[len(chunk) + k])
 
 
 class DPOTask:

@@ -73,7 +73,7 @@ import torch
 from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt, tool_counts
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
-from .common import IGNORE, pad_rows, sequence_logprobs
+from .common import IGNORE, eval_mode, pad_rows, sequence_logprobs
 from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
 from .grpo_loss import LOSS_AGGREGATIONS, POLICY_LOSSES, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
 from .rollout import fit_prompts, model_mask, sample_mixed, sampling_params
@@ -404,15 +404,13 @@ class GRPOTask:
 
     @torch.no_grad()
     def _logprobs(self, model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()  # no MoE load counting, same function as in training (no dropout anywhere)
         device = next(model.parameters()).device
         out = []
-        for i in range(0, input_ids.shape[0], self.cfg.micro_batch_size):
-            lp, _ = sequence_logprobs(model, input_ids[i:i + self.cfg.micro_batch_size].to(device),
-                                      targets[i:i + self.cfg.micro_batch_size].to(device))
-            out.append(lp.float().cpu())
-        model.train(was_training)
+        with eval_mode(model):  # no MoE load counting, same function as in training (no dropout anywhere)
+            for i in range(0, input_ids.shape[0], self.cfg.micro_batch_size):
+                lp, _ = sequence_logprobs(model, input_ids[i:i + self.cfg.micro_batch_size].to(device),
+                                          targets[i:i + self.cfg.micro_batch_size].to(device))
+                out.append(lp.float().cpu())
         return torch.cat(out)
 
     def _log_samples(self, pidx: list[int], texts: list[str], results: list[Any],

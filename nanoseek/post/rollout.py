@@ -31,6 +31,7 @@ inference server; the engine samples from the very module the trainer updates.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from nanoseek.tasks.reply import completion_text, prefilled_text, render_prompt, stop_rule
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
+from .common import eval_mode
 from .datasets import RLPrompt
 
 
@@ -77,9 +79,13 @@ def sample(engine, prompt_ids: list[list[int]], params, template: str, *, toolbo
     """Generate ``params.n`` completions for each prompt (token ids rendered in ``template``);
     with a ``toolbox`` (and ``params.tools = "run"``) their calls run in it. ``tokenizer`` reads the
     scored text of a completion that ran tools (:func:`~nanoseek.tasks.reply.completion_text`)."""
+    model = getattr(engine, "model", None)
     t0 = time.perf_counter()
-    groups = engine.generate(prompt_ids, params, toolbox=toolbox) if toolbox is not None else \
-        engine.generate(prompt_ids, params)
+    # eval mode once for the whole generation: the engine would otherwise switch a model being trained
+    # to eval and back at every decode step (each switch walks every module: ~10% of a GRPO rollout)
+    with eval_mode(model) if model is not None else contextlib.nullcontext():
+        groups = engine.generate(prompt_ids, params, toolbox=toolbox) if toolbox is not None else \
+            engine.generate(prompt_ids, params)
     seconds = time.perf_counter() - t0
     return Samples(groups=groups, texts=[completion_text(c, template, tokenizer) for g in groups for c in g],
                    seconds=seconds)
