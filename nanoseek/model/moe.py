@@ -182,6 +182,63 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
 
 
+def grouped_linear_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                         counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two backward GEMMs of :func:`grouped_linear`: (dx [M, in], dw [E, out, in]) for dy [M, out].
+
+    The same kernels autograd runs for ``torch._grouped_mm`` (dx = dy_e w[e]; dw[e] = dy_e^T x_e, one
+    ragged-K grouped GEMM; zero for an expert without rows), so they equal its gradients bitwise."""
+    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
+    if aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(dy, w, offs=offs), torch._grouped_mm(dy.t(), x, offs=offs)
+    dx, dw, start = torch.empty_like(x), torch.zeros_like(w), 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            dx[start:start + n] = dy[start:start + n] @ w[e]
+            dw[e] = dy[start:start + n].t() @ x[start:start + n]
+            start += n
+    return dx, dw
+
+
+# grouped_linear as one opaque operator for torch.compile: its row counts per expert are data, which
+# a graph cannot hold as shapes, and torch._grouped_mm has no fp32 kernel for the compiler. The op
+# runs the eager function above (forward and backward), so a compiled training step computes the
+# experts exactly as an eager one.
+@torch.library.custom_op("nanoseek::grouped_linear", mutates_args=())
+def grouped_linear_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return grouped_linear(x, w, counts)
+
+
+@grouped_linear_op.register_fake
+def _(x, w, counts):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::grouped_linear_grads", mutates_args=())
+def _grouped_linear_grads_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                             counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return grouped_linear_grads(dy, x, w, counts)
+
+
+@_grouped_linear_grads_op.register_fake
+def _(dy, x, w, counts):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _op_backward(ctx, dy):
+    x, w, counts = ctx.saved_tensors
+    dx, dw = _grouped_linear_grads_op(dy.contiguous(), x, w, counts)
+    return dx, dw, None
+
+
+grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
+
+
 # An expert GEMM: (x [M, in] rows sorted by expert, w [E, out, in], counts [E]) -> [M, out].
 GroupedGEMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -192,7 +249,7 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)                                         # (token, slot) pairs by expert
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     return order, counts, order // k
 
 
@@ -220,12 +277,13 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
-    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, gemm: GroupedGEMM | None = None) -> torch.Tensor:
         """The experts' SwiGLU on rows sorted by expert: x [M, d], counts [E_here] rows per expert
-        (E_here = the experts this module holds) -> [M, d], row for row."""
-        h = self.gemm(x, self.gate_up_proj, counts)                           # [M, 2I]
+        (E_here = the experts this module holds) -> [M, d], row for row. ``gemm``: the module's by default."""
+        gemm = gemm or self.gemm
+        h = gemm(x, self.gate_up_proj, counts)                                # [M, 2I]
         gate, up = h.split(self.intermediate, dim=-1)                         # [M, I] each
-        return self.gemm(self.act(gate, up), self.down_proj, counts)         # [M, d]
+        return gemm(self.act(gate, up), self.down_proj, counts)              # [M, d]
 
     def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The gated activation silu(gate) * up (a subclass may change it, e.g. V4's clamped SwiGLU)."""
@@ -233,10 +291,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
-        if torch.compiler.is_compiling() and self.gemm is grouped_linear:   # a swapped GEMM stays grouped
+        compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # a swapped GEMM stays
+        if compiling and not self.training:          # the engine's compiled decode: a few tokens, dense
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)
-        y = self.expert_mlp(x[token], counts)                                 # [N*k, d]
+        y = self.expert_mlp(x[token], counts, grouped_linear_op if compiling else None)   # [N*k, d]
         return combine(x, y, weights, order, token), counts
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
