@@ -10,15 +10,16 @@ lr schedule, gradient clipping, the aux-loss-free bias update and the step's met
 tokens. Each nanoseek side is a real :class:`~nanoseek.train.loop.Trainer` built from that config
 and timed over ``_train_step`` (everything a step of the speedrun does but draw its batch):
 
-* ``eager``: the default step; ``compiled``: the same with ``[train] compile = true`` (its first step
-  compiles: ``compile s`` below, excluded from the median);
+* ``before (foreach AdamW)``: the step as it was before this benchmark's levers (the foreach AdamW);
+  ``eager``: the default step (fused CPU AdamW); ``compiled``: the same with ``[train] compile = true``
+  (its first step compiles: ``compile s`` below, excluded from the median);
 * ``eager, no MTP``: MTP off, the same work as transformers' ``DeepseekV3ForCausalLM``, which has no
   MTP; that model (loaded from our saved weights, SDPA attention, its fastest experts implementation)
   runs forward with labels, backward, the same AdamW and zero_grad.
 
 The sides' steps alternate (one step of each in turn) so load from other processes hits them alike;
-each figure is the median step. The eager and compiled trainers start from the same weights and see
-the same batches: their loss curves are printed side by side (same loss per token within rounding).
+each figure is the median step. The trainers start from the same weights and see the same batches:
+their loss curves are printed side by side (same loss per token within rounding).
 ``15-min tokens`` is what a 15-minute stage trains: (900 s - compile s) x tokens/s.
 
 Finally the per-operator profile of one eager and one compiled step (top operators by self time)
@@ -43,6 +44,7 @@ from nanoseek.speedrun_recipe import load_recipe
 from nanoseek.train.config import config_from_dict
 from nanoseek.train.loop import ExpertBalanceHook, Trainer
 from nanoseek.train.metrics import measure_matmul_peak, model_flops_per_token
+from nanoseek.train.optim import param_groups
 from nanoseek.train.pretrain import build_pretraining
 
 STAGE_SECONDS = 15 * 60            # the speedrun's pre-training stage at its 30-minute reference budget
@@ -67,7 +69,7 @@ def parse_args() -> argparse.Namespace:
 class TrainerSide:
     """A Trainer on the recipe's pre-training config (synthetic tokens); ``step()`` times one step."""
 
-    def __init__(self, name: str, recipe: str, tmp: Path, compile: bool, mtp: bool):
+    def __init__(self, name: str, recipe: str, tmp: Path, compile: bool, mtp: bool, foreach: bool = False):
         raw = load_recipe(recipe).pretrain_raw(tmp / name, STAGE_SECONDS / 60, 0)
         raw["data"] = {"source": "synthetic", "val_batches": 0}
         raw["train"].update(compile=compile, **({} if mtp else {"mtp_lambda": 0.0}))
@@ -77,6 +79,10 @@ class TrainerSide:
         self.tokens = cfg.optim.micro_batch_size * cfg.optim.seq_len
         self.trainer = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, tmp / name,
                                hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma)], quiet=True, progress=False)
+        if foreach:                                       # the step before the fused CPU AdamW (optim.py)
+            o = cfg.optim
+            self.trainer.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
+                                                       betas=tuple(o.betas), eps=o.eps, foreach=True)
         self.flops_per_token = model_flops_per_token(model.config, cfg.optim.seq_len, include_mtp=mtp)
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -178,7 +184,8 @@ def main() -> int:
     results: dict = {"threads": args.threads, "peak_flops": peak, "torch": torch.__version__, "sides": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        sides: list = [TrainerSide("eager", args.recipe, tmp, compile=False, mtp=True)]
+        sides: list = [TrainerSide("before (foreach AdamW)", args.recipe, tmp, compile=False, mtp=True, foreach=True),
+                       TrainerSide("eager", args.recipe, tmp, compile=False, mtp=True)]
         if not args.no_compile:
             sides.append(TrainerSide("compiled", args.recipe, tmp, compile=True, mtp=True))
         if not args.no_transformers:
@@ -202,33 +209,37 @@ def main() -> int:
                 s.times.append(s.step())
 
         base = statistics.median(first.times)
-        print(f"\n{'side':28s} {'step ms':>8s} {'tokens/s':>9s} {'vs eager':>8s} {'MFU':>6s} {'compile s':>9s} "
+        print(f"\n{'side':28s} {'step ms':>8s} {'tokens/s':>9s} {'vs before':>9s} {'MFU':>6s} {'compile s':>9s} "
               f"{'15-min tokens':>14s}")
         for s in sides:
             med = statistics.median(s.times)
             tps = s.tokens / med
             stage = max(0.0, STAGE_SECONDS - s.compile_s) * tps
-            row = {"step_s": med, "tokens_per_s": tps, "vs_eager": base / med, "compile_s": s.compile_s,
+            row = {"step_s": med, "tokens_per_s": tps, "vs_before": base / med, "compile_s": s.compile_s,
                    "first_step_s": s.first_s, "stage_tokens": stage, "times": s.times, "losses": s.losses,
                    "mfu": tps * s.flops_per_token / peak}
             results["sides"][s.name] = row
-            print(f"{s.name:28s} {1e3 * med:8.1f} {tps:9.0f} {base / med:7.2f}x {100 * row['mfu']:5.1f}% "
+            print(f"{s.name:28s} {1e3 * med:8.1f} {tps:9.0f} {base / med:8.2f}x {100 * row['mfu']:5.1f}% "
                   f"{s.compile_s:9.1f} {stage / 1e6:12.2f} M")
         r = results["sides"]
         if "compiled" in r:
-            failed = sides[1].trainer.compiler.failure
+            failed = sides[2].trainer.compiler.failure
             if failed:
                 print(f"# the compiled step FAILED and ran eagerly: {failed}")
-            c = r["compiled"]
-            print(f"\ncompiled / eager: {c['vs_eager']:.2f}x tokens/s (target 2.5x); over a 15-minute stage, compile "
-                  f"time included: {c['stage_tokens'] / r['eager']['stage_tokens']:.2f}x the tokens")
-            print("\n# loss per step, eager vs compiled (same weights, same batches)")
-            e_l, c_l = first.losses, sides[1].losses
-            for i in range(0, len(e_l), max(1, len(e_l) // 8)):
-                print(f"step {i + 1:4d}  eager {e_l[i]:.5f}  compiled {c_l[i]:.5f}  diff {c_l[i] - e_l[i]:+.2e}")
-            diff = max(abs(a - b) for a, b in zip(e_l, c_l))
-            results["max_loss_diff"] = diff
-            print(f"max |diff| over {len(e_l)} steps: {diff:.2e} (loss {e_l[0]:.3f} -> {e_l[-1]:.3f})")
+            c, e = r["compiled"], r["eager"]
+            print(f"\ncompiled / before: {c['vs_before']:.2f}x tokens/s (target 2.5x); compiled / eager "
+                  f"{c['tokens_per_s'] / e['tokens_per_s']:.2f}x; over a 15-minute stage, compile time included: "
+                  f"{c['stage_tokens'] / e['stage_tokens']:.2f}x the eager step's tokens")
+        print("\n# loss per step from the same weights on the same batches")
+        curves = [s for s in sides if s.kind == "ours" and s.name != "eager, no MTP"]
+        ref = curves[0].losses
+        for i in list(range(0, len(ref), max(1, len(ref) // 8))) + [len(ref) - 1]:
+            print(f"step {i + 1:4d}  " + "  ".join(f"{s.name} {s.losses[i]:.5f}" for s in curves))
+        for s in curves[1:]:
+            diff = max(abs(a - b) for a, b in zip(ref, s.losses))
+            results["sides"][s.name]["max_loss_diff"] = diff
+            print(f"max |{s.name} - {curves[0].name}| over {len(ref)} steps: {diff:.2e} "
+                  f"(loss {ref[0]:.3f} -> {ref[-1]:.3f})")
         hf = next((s for s in sides if s.kind == "hf"), None)
         if hf is not None:
             h = r[hf.name]["tokens_per_s"]
