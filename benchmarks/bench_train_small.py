@@ -233,7 +233,7 @@ def main() -> int:
         print("\n# loss per step from the same weights on the same batches")
         curves = [s for s in sides if s.kind == "ours" and s.name != "eager, no MTP"]
         ref = curves[0].losses
-        for i in list(range(0, len(ref), max(1, len(ref) // 8))) + [len(ref) - 1]:
+        for i in sorted(set(range(0, len(ref), max(1, len(ref) // 8))) | {len(ref) - 1}):
             print(f"step {i + 1:4d}  " + "  ".join(f"{s.name} {s.losses[i]:.5f}" for s in curves))
         for s in curves[1:]:
             diff = max(abs(a - b) for a, b in zip(ref, s.losses))
