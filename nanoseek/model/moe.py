@@ -21,11 +21,15 @@ swapped from outside without re-writing the other: the *expert MLP*
 module's ``gemm``, :func:`grouped_linear` by default) and the *dispatch/combine* around it
 (:meth:`Experts.forward`: sort the pairs, run the expert MLP, weight and sum per token). Simulated
 FP8 (``fp8.py``) replaces ``gemm``; expert parallelism (``expert_parallel.py``) replaces the
-dispatch/combine with all-to-alls around the same expert MLP. Under ``torch.compile`` (the engine's opt-in compiled decode step)
-the experts run densely instead: every expert on every token, weighted by the routing weights
-(zero for unchosen experts), as two matmuls with static shapes (the grouped path has
-data-dependent segment sizes, and ``_grouped_mm`` has no fp32 CPU kernel for the compiler); it
-costs E/k times the FLOPs, which for the few tokens of a decode step buys fewer, larger matmuls.
+dispatch/combine with all-to-alls around the same expert MLP. Under ``torch.compile`` the grouped
+path has data-dependent segment sizes and ``_grouped_mm`` has no fp32 CPU kernel for the compiler,
+so: a compiled *training* forward (``[train] compile``, :mod:`nanoseek.train.compiled`) runs the
+same sorted dispatch with each grouped GEMM as one opaque custom operator
+(``nanoseek::grouped_linear``, its backward ``nanoseek::grouped_linear_grads``: the eager kernels,
+so the arithmetic is the eager step's); the engine's compiled *decode* step (a module in eval
+mode) runs the experts densely: every expert on every token, weighted by the routing weights
+(zero for unchosen experts), as two matmuls with static shapes; it costs E/k times the FLOPs,
+which for the few tokens of a decode step buys fewer, larger matmuls.
 Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
 (``mlp.experts.{j}.gate_proj.weight``...) on save.
 
