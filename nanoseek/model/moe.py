@@ -169,13 +169,19 @@ def _probe_grouped_mm(device_type: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs x [M, in] against w [E, out, in] here: rows of 16-byte multiples
+    (in and out), some rows, and a device / dtype it supports."""
+    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
+    return aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; group e (counts[e] rows) times w[e]^T. x [M, in], w [E, out, in].
 
     torch._grouped_mm needs rows of 16-byte multiples (in and out); other widths (an fp32 expert
     10 wide) take the per-expert loop."""
-    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
-    if aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype):
+    if _grouped_mm_applies(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     outs, start = [], 0
@@ -192,8 +198,7 @@ def grouped_linear_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
 
     The same kernels autograd runs for ``torch._grouped_mm`` (dx = dy_e w[e]; dw[e] = dy_e^T x_e, one
     ragged-K grouped GEMM; zero for an expert without rows), so they equal its gradients bitwise."""
-    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
-    if aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype):
+    if _grouped_mm_applies(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(dy, w, offs=offs), torch._grouped_mm(dy.t(), x, offs=offs)
     dx, dw, start = torch.empty_like(x), torch.zeros_like(w), 0
@@ -295,7 +300,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
-        compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # a swapped GEMM stays
+        compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # (a swapped GEMM: its own)
         if compiling and not self.training:          # the engine's compiled decode: a few tokens, dense
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)
