@@ -66,3 +66,21 @@ def test_param_groups_decay_matrices_only(tiny_model):
     assert not any(p is m.gate.e_score_correction_bias for g in opt.param_groups for p in g["params"]
                    for m in model.moe_layers())
     assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]     # the CPU's fused kernel (bench_train_small.py)
+
+
+def test_fused_adamw_steps_as_foreach_adamw(tiny_model):
+    """The fused CPU kernel is AdamW: the same update as the foreach one, to rounding."""
+    models = [tiny_model(), tiny_model()]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimSection(lr=1e-2, betas=[0.9, 0.95], weight_decay=0.1)
+    fused = build_optimizer(models[0], cfg)
+    foreach = torch.optim.AdamW(param_groups(models[1], 0.1), lr=1e-2, betas=(0.9, 0.95), foreach=True)
+    for step in range(3):
+        for m, opt in zip(models, (fused, foreach)):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name

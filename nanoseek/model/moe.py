@@ -21,11 +21,15 @@ swapped from outside without re-writing the other: the *expert MLP*
 module's ``gemm``, :func:`grouped_linear` by default) and the *dispatch/combine* around it
 (:meth:`Experts.forward`: sort the pairs, run the expert MLP, weight and sum per token). Simulated
 FP8 (``fp8.py``) replaces ``gemm``; expert parallelism (``expert_parallel.py``) replaces the
-dispatch/combine with all-to-alls around the same expert MLP. Under ``torch.compile`` (the engine's opt-in compiled decode step)
-the experts run densely instead: every expert on every token, weighted by the routing weights
-(zero for unchosen experts), as two matmuls with static shapes (the grouped path has
-data-dependent segment sizes, and ``_grouped_mm`` has no fp32 CPU kernel for the compiler); it
-costs E/k times the FLOPs, which for the few tokens of a decode step buys fewer, larger matmuls.
+dispatch/combine with all-to-alls around the same expert MLP. Under ``torch.compile`` the grouped
+path has data-dependent segment sizes and ``_grouped_mm`` has no fp32 CPU kernel for the compiler,
+so: a compiled *training* forward (``[train] compile``, :mod:`nanoseek.train.compiled`) runs the
+same sorted dispatch with each grouped GEMM as one opaque custom operator
+(``nanoseek::grouped_linear``, its backward ``nanoseek::grouped_linear_grads``: the eager kernels,
+so the arithmetic is the eager step's); the engine's compiled *decode* step (a module in eval
+mode) runs the experts densely: every expert on every token, weighted by the routing weights
+(zero for unchosen experts), as two matmuls with static shapes; it costs E/k times the FLOPs,
+which for the few tokens of a decode step buys fewer, larger matmuls.
 Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
 (``mlp.experts.{j}.gate_proj.weight``...) on save.
 
@@ -165,13 +169,19 @@ def _probe_grouped_mm(device_type: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def _grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs x [M, in] against w [E, out, in] here: rows of 16-byte multiples
+    (in and out), some rows, and a device / dtype it supports."""
+    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
+    return aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype)
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; group e (counts[e] rows) times w[e]^T. x [M, in], w [E, out, in].
 
     torch._grouped_mm needs rows of 16-byte multiples (in and out); other widths (an fp32 expert
     10 wide) take the per-expert loop."""
-    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
-    if aligned and x.shape[0] > 0 and grouped_mm_supported(x.device.type, x.dtype):
+    if _grouped_mm_applies(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
     outs, start = [], 0
@@ -180,6 +190,62 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
             outs.append(x[start:start + n] @ w[e].T)
             start += n
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+def grouped_linear_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                         counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two backward GEMMs of :func:`grouped_linear`: (dx [M, in], dw [E, out, in]) for dy [M, out].
+
+    The same kernels autograd runs for ``torch._grouped_mm`` (dx = dy_e w[e]; dw[e] = dy_e^T x_e, one
+    ragged-K grouped GEMM; zero for an expert without rows), so they equal its gradients bitwise."""
+    if _grouped_mm_applies(x, w):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(dy, w, offs=offs), torch._grouped_mm(dy.t(), x, offs=offs)
+    dx, dw, start = torch.empty_like(x), torch.zeros_like(w), 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            dx[start:start + n] = dy[start:start + n] @ w[e]
+            dw[e] = dy[start:start + n].t() @ x[start:start + n]
+            start += n
+    return dx, dw
+
+
+# grouped_linear as one opaque operator for torch.compile: its row counts per expert are data, which
+# a graph cannot hold as shapes, and torch._grouped_mm has no fp32 kernel for the compiler. The op
+# runs the eager function above (forward and backward), so a compiled training step computes the
+# experts exactly as an eager one.
+@torch.library.custom_op("nanoseek::grouped_linear", mutates_args=())
+def grouped_linear_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return grouped_linear(x, w, counts)
+
+
+@grouped_linear_op.register_fake
+def _(x, w, counts):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("nanoseek::grouped_linear_grads", mutates_args=())
+def _grouped_linear_grads_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                             counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return grouped_linear_grads(dy, x, w, counts)
+
+
+@_grouped_linear_grads_op.register_fake
+def _(dy, x, w, counts):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _op_backward(ctx, dy):
+    x, w, counts = ctx.saved_tensors
+    dx, dw = _grouped_linear_grads_op(dy.contiguous(), x, w, counts)
+    return dx, dw, None
+
+
+grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
 # An expert GEMM: (x [M, in] rows sorted by expert, w [E, out, in], counts [E]) -> [M, out].
@@ -192,7 +258,7 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)                                         # (token, slot) pairs by expert
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     return order, counts, order // k
 
 
@@ -220,12 +286,13 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, inter))
 
-    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, gemm: GroupedGEMM | None = None) -> torch.Tensor:
         """The experts' SwiGLU on rows sorted by expert: x [M, d], counts [E_here] rows per expert
-        (E_here = the experts this module holds) -> [M, d], row for row."""
-        h = self.gemm(x, self.gate_up_proj, counts)                           # [M, 2I]
+        (E_here = the experts this module holds) -> [M, d], row for row. ``gemm``: the module's by default."""
+        gemm = gemm or self.gemm
+        h = gemm(x, self.gate_up_proj, counts)                                # [M, 2I]
         gate, up = h.split(self.intermediate, dim=-1)                         # [M, I] each
-        return self.gemm(self.act(gate, up), self.down_proj, counts)         # [M, d]
+        return gemm(self.act(gate, up), self.down_proj, counts)              # [M, d]
 
     def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The gated activation silu(gate) * up (a subclass may change it, e.g. V4's clamped SwiGLU)."""
@@ -233,10 +300,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
-        if torch.compiler.is_compiling() and self.gemm is grouped_linear:   # a swapped GEMM stays grouped
+        compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # (a swapped GEMM: its own)
+        if compiling and not self.training:          # the engine's compiled decode: a few tokens, dense
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)
-        y = self.expert_mlp(x[token], counts)                                 # [N*k, d]
+        y = self.expert_mlp(x[token], counts, grouped_linear_op if compiling else None)   # [N*k, d]
         return combine(x, y, weights, order, token), counts
 
     def forward_dense(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

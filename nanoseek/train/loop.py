@@ -97,6 +97,7 @@ import torch
 from ..errors import ConfigError, UserError
 from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest_checkpoint, list_checkpoints,
                          load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
+from .compiled import StepCompiler
 from .config import OptimSection, ParallelSection, SpikeSection, TrainSection
 from .distributed import ParallelRuntime, local_rank
 from .dsa import IndexerTraining
@@ -304,6 +305,9 @@ class Trainer:
         self.run_dir = Path(run_dir or train.out_dir or "runs/run")
         self.device = resolve_device(train.device)
         self.dist = ParallelRuntime(parallel, self.device)       # one process: does nothing
+        if train.compile and self.dist.active:
+            raise ConfigError("[train] compile = true compiles the step of one process; under torchrun set "
+                              "--set train.compile=false")
         self.model = self.dist.parallelize(model.to(self.device), task)
         self._apply_train_options(train)
         self.task = task
@@ -332,6 +336,8 @@ class Trainer:
                                                     include_mtp=bool(getattr(self.model, "use_mtp", False)))
         self.flops_per_token = flops_per_token
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.compiler = StepCompiler(self.model, train.compile)   # the training micro-batches' module
+        self._compile_logged: set[str] = set()            # the compiler's events logged so far
         # counters (checkpointed)
         self.step = 0                 # optimizer steps taken (applied or skipped)
         self.updates = 0              # of which applied
@@ -630,27 +636,14 @@ class Trainer:
         if stage != self._logged_stage:
             self._event("dsa_stage", step=self.step + 1, stage=stage)
             self._logged_stage = stage
-        loss_sum = torch.zeros((), device=self.device)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
         piped = self.dist.forward_backward(self.task, model, micro, scale, self.autocast)
         if piped is not None:                 # pp > 1: the pipeline schedule ran every micro-batch
             loss_sum, sums, counts = torch.tensor(piped[0], dtype=torch.float64), piped[1], piped[2]
-        with self.dsa.step(model, stage):
-            for i, mb in enumerate(micro if piped is None else []):
-                self.dist.set_gradient_sync(model, i == len(micro) - 1)
-                with self.autocast():
-                    loss, metrics = self.task.loss(model, mb)
-                kl = self.dsa.take()
-                self.dsa.objective(loss * scale, kl, stage, kl_scale).backward()
-                loss_sum += loss.detach().float()
-                if kl is not None:
-                    metrics = {**(metrics or {}), "indexer_loss": kl.detach()}
-                for k, v in (metrics or {}).items():
-                    v = float(v) if isinstance(v, torch.Tensor) else v
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        sums[k] = sums.get(k, 0.0) + v
-                        counts[k] = counts.get(k, 0) + 1
+        else:
+            with self.dsa.step(model, stage):
+                loss_sum, sums, counts = self.compiler.run(
+                    lambda m: self._micro_steps(m, micro, scale, kl_scale, stage), self.params)
+            self._log_compile()
         step_loss = float(loss_sum) * scale
         self.dist.reduce_gradients(self.reduction)                   # the global batch's gradient
         step_loss, sums, counts = self.dist.reduce_step(step_loss, sums, counts, self.reduction)
@@ -702,6 +695,37 @@ class Trainer:
         if self.logger is not None and (not applied or self.step % self.train_cfg.log_every == 0):
             self.logger.log(rec)
         return rec
+
+    def _log_compile(self) -> None:
+        """The ``compiled`` event (with the first compiled step's seconds) and ``compile_failed``, once each."""
+        c = self.compiler
+        for name, value, key in (("compiled", c.compile_seconds, "compile_seconds"), ("compile_failed", c.failure, "reason")):
+            if value is not None and name not in self._compile_logged:
+                self._compile_logged.add(name)
+                self._event(name, step=self.step + 1, **{key: round(value, 2) if isinstance(value, float) else value})
+
+    def _micro_steps(self, model: torch.nn.Module, micro: list[Any], scale: float, kl_scale: float,
+                     stage: str | None) -> tuple[torch.Tensor, dict[str, float], dict[str, int]]:
+        """Step 2: forward + backward of each micro-batch through ``model`` (the eager model or its
+        compiled wrapper, :mod:`.compiled`) -> (summed loss, summed metrics, metric counts)."""
+        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for i, mb in enumerate(micro):
+            self.dist.set_gradient_sync(self.model, i == len(micro) - 1)
+            with self.autocast():
+                loss, metrics = self.task.loss(model, mb)
+            kl = self.dsa.take()
+            self.dsa.objective(loss * scale, kl, stage, kl_scale).backward()
+            loss_sum += loss.detach().float()
+            if kl is not None:
+                metrics = {**(metrics or {}), "indexer_loss": kl.detach()}
+            for k, v in (metrics or {}).items():
+                v = float(v) if isinstance(v, torch.Tensor) else v
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        return loss_sum, sums, counts
 
     def _reference_loss(self) -> tuple[float, float] | None:
         """(loss, gradient norm) of the model now on the reference batches (None until all are

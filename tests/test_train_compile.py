@@ -1,0 +1,134 @@
+"""``[train] compile = true``: the compiled training step (nanoseek/train/compiled.py).
+
+Fast: the grouped expert GEMM as one custom operator (what the compiled graph calls) gives the
+eager grouped GEMM's outputs and gradients bitwise, on both of its paths; a compiler failure
+puts the step's gradients and MoE load counts back and trains eagerly with one warning, exactly as
+an eager run; the key is type-checked and refused under torchrun with one line. Slow (compiling
+takes a minute or more on 2 cores): the compiled step's losses and gradients equal the eager
+step's within rounding, and a compiled run killed and resumed has the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from nanoseek.errors import ConfigError
+from nanoseek.model.moe import grouped_linear, grouped_linear_op
+from nanoseek.train.metrics import events, read_metrics, step_records
+
+from test_train_loop import losses, make_cfg, run
+from train_helpers import CrashAt, StopAt
+
+
+@pytest.mark.parametrize("width", [16, 10])          # 16: torch._grouped_mm; 10 (unaligned rows): the loop
+def test_grouped_linear_op_equals_the_eager_grouped_gemm(width):
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 11, 4])                # an expert without rows too
+    x0, w0 = torch.randn(20, width), torch.randn(4, 8, width)
+    dy = torch.randn(20, 8)
+    outs, grads = [], []
+    for fn in (grouped_linear, grouped_linear_op):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        y = fn(x, w, counts)
+        y.backward(dy)
+        outs.append(y.detach())
+        grads.append((x.grad, w.grad))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert torch.count_nonzero(grads[1][1][1]) == 0     # no rows, no gradient
+
+
+class FailsOnSecondCall(torch.nn.Module):
+    """A stand-in for torch.compile(model): runs the model (its forward counts MoE load, its backward
+    accumulates gradients) once, then raises as a compiler would on the step's second micro-batch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.calls = model, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("InductorError: no C++ compiler here")
+        return self.inner(*args, **kwargs)
+
+
+def test_compile_failure_trains_eagerly_with_the_eager_runs_numbers(tmp_path, monkeypatch):
+    steps = {"max_steps": 3, "eval_every": 0, "save_every": 0}
+    run(make_cfg(tmp_path, "eager", train=steps))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: FailsOnSecondCall(model))
+    with pytest.warns(RuntimeWarning, match=r"\[train\] compile = true: the compiled training step failed") as seen:
+        trainer, res = run(make_cfg(tmp_path, "fallback", train={**steps, "compile": True}))
+    assert res.status == "done" and len([w for w in seen if "compile" in str(w.message)]) == 1
+    assert not trainer.compiler.active
+    # the first micro-batch's gradient and load were dropped before the eager re-run: same numbers
+    assert losses(tmp_path / "fallback") == losses(tmp_path / "eager")
+    load = {run: [r["expert_load"] for r in step_records(read_metrics(tmp_path / run)).values()]
+            for run in ("eager", "fallback")}
+    assert load["fallback"] == load["eager"]
+    failed = events(read_metrics(tmp_path / "fallback"), "compile_failed")
+    assert len(failed) == 1 and "no C++ compiler" in failed[0]["reason"]
+
+
+def test_compile_key_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[train\] compile"):
+        make_cfg(tmp_path, train={"compile": "yes"})
+    assert make_cfg(tmp_path).train.compile is False         # the default: eager
+
+
+def test_compile_is_refused_under_torchrun(tmp_path, monkeypatch):
+    import nanoseek.train.loop as loop
+
+    class TwoRanks(loop.ParallelRuntime):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.active = True
+
+    monkeypatch.setattr(loop, "ParallelRuntime", TwoRanks)
+    with pytest.raises(ConfigError, match=r"\[train\] compile = true compiles the step of one process"):
+        run(make_cfg(tmp_path, train={"compile": True}))
+
+
+def _one_step_grads(cfg):
+    from nanoseek.train.loop import Trainer
+    from nanoseek.train.pretrain import build_pretraining
+    model, task, _ = build_pretraining(cfg)
+    tr = Trainer(model, task, cfg.optim, cfg.train, cfg.spike, cfg.train.out_dir, quiet=True, progress=False)
+    micro = tr._draw()
+    loss, _, _ = tr.compiler.run(lambda m: tr._micro_steps(m, micro, 0.5, 0.5, None), tr.params)
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, tr
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(tmp_path):
+    le, ge, _ = _one_step_grads(make_cfg(tmp_path, "e"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # no fallback
+        lc, gc, tr = _one_step_grads(make_cfg(tmp_path, "c", train={"compile": True}))
+    assert tr.compiler.active and tr.compiler.compile_seconds > 0
+    assert lc == pytest.approx(le, rel=1e-5)
+    assert ge.keys() == gc.keys()
+    for n in ge:
+        assert torch.allclose(gc[n], ge[n], rtol=1e-4, atol=1e-6), n
+    steps = {"max_steps": 4, "eval_every": 0, "save_every": 0}
+    run(make_cfg(tmp_path, "eager", train=steps))
+    run(make_cfg(tmp_path, "compiled", train={**steps, "compile": True}))
+    ref, got = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-4) for s in ref)
+    assert len(events(read_metrics(tmp_path / "compiled"), "compiled")) == 1
+
+
+@pytest.mark.slow
+def test_compiled_run_resumes_exactly(tmp_path):
+    steps = {"max_steps": 6, "eval_every": 3, "save_every": 4, "compile": True}
+    run(make_cfg(tmp_path, "a", train=steps))
+    ref = losses(tmp_path / "a")
+    b = make_cfg(tmp_path, "b", train=steps)
+    run(b, hooks=[StopAt(2)])
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(b, resume=True, hooks=[CrashAt(6)])
+    run(b, resume=True)
+    assert losses(tmp_path / "b") == ref                     # bitwise, as the eager trainer's resume
