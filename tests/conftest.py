@@ -108,3 +108,32 @@ def ties_by_position(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk", lambda self, k, dim=-1, largest=True, sorted=True:
                         _topk_ties_by_position(self, k, dim, largest, sorted))
     monkeypatch.setattr(torch, "topk", _topk_ties_by_position)
+
+
+# The heaviest multi-process and long-run cases, marked `slow` here (by node id) so `make test` stays
+# under 10 minutes on 2 cores; each class keeps a faster sibling in the default suite (named after
+# the arrow), and CI runs these with `make test-slow` (.ci/run names their files).
+HEAVY = {
+    "tests/test_adversarial_spike.py::test_killed_and_resumed_run_through_a_trend_alarm_decides_the_same",
+    # -> test_divergence_is_one_line_with_a_resume_command_that_works
+    "tests/test_adversarial_spike.py::test_long_ordinary_document_never_rolls_back_and_the_run_completes[code]",  # -> [prose]
+    "tests/test_adversarial_spike.py::test_long_garbage_document_is_skipped_and_the_run_completes[repeated]",  # -> [random]
+    "tests/test_adversarial_spike.py::test_shipped_tiny_recipe_on_the_clean_corpus_through_the_cli",
+    # -> test_clean_small_corpus_guard_on_no_skip_no_rollback
+    "tests/test_adversarial_spike.py::test_slow_drift_of_the_weights_by_a_growing_lr_still_rolls_back",
+    "tests/test_pipeline.py::test_pp2_dp2_matches_one_process[dualpipev]",  # -> [1f1b]
+    "tests/test_pipeline.py::test_micro_batch_counts_torch_accepts_train_like_one_process[zbv-1]",  # -> [gpipe-1]
+    "tests/test_pipeline.py::test_micro_batch_counts_torch_accepts_train_like_one_process[zbv-3]",
+    "tests/test_pipeline.py::test_micro_batch_counts_torch_accepts_train_like_one_process[interleaved-1f1b-3]",
+    "tests/test_distributed.py::test_four_ranks_two_expert_replicas_match_one[ep2]",
+    # -> tests/test_expert_replicas.py::test_redundant_experts_match_one_device[2]
+    "tests/test_expert_replicas.py::test_redundant_experts_match_one_device[4]",  # -> [2]
+    "tests/test_distributed.py::test_grpo_rollouts_sharded_over_ranks_match_one_process[dapo]",  # -> [grpo]
+    "tests/test_distributed.py::test_grpo_rollouts_sharded_over_ranks_match_one_process[dr_grpo]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in HEAVY:
+            item.add_marker(pytest.mark.slow)
