@@ -14,10 +14,20 @@ Every :class:`Problem` carries the question (``prompt``), the gold ``answer`` an
   and the answer (the reply format, prompts included, lives in :mod:`nanoseek.tasks.reply`);
 * GRPO and evaluation: ``Task.generate("train"|"test", n, seed)`` and ``Task.verify``.
 
+Wordings (:mod:`nanoseek.tasks.phrasing`): ``generate(..., phrasing="varied")``, the default, asks each
+problem in the original wording or one of many others (frames, operators in words, lead-ins,
+endings) and draws the numbers a person would use at the level (arithmetic L1-L2: differences below
+zero, mixed digit counts); ``phrasing="fixed"`` keeps the one original template and ranges, the draws
+of before. A task spec item picks it with ``@fixed`` / ``@varied`` (:func:`parse_task_items`).
+Evaluation asks in the original wording (:class:`nanoseek.tasks.sources.BuiltinSource`);
+:meth:`Task.reword` asks a held-out problem in another wording group (the robustness table).
+
 Train and test are disjoint by construction: a problem belongs to ``"test"`` iff a hash of its
 canonical content (the underlying numbers, not the surface wording, so the same sum asked with
 other names cannot leak) falls in a fixed 20 % bucket range; ``generate`` draws until it has ``n``
-problems of the requested split. Generation is deterministic per ``(task, split, seed, level)``.
+problems of the requested split; the wording is drawn from a generator of its own after the
+problem, so it never decides the split and a paraphrase of a held-out problem is held out too.
+Generation is deterministic per ``(task, split, seed, level, phrasing)``.
 With ``level=None`` the levels are mixed in equal shares, except that a level whose space of
 distinct problems runs out leaves the rotation and the other levels fill in (arithmetic L1 holds
 only ~41 test problems). By default the problems of one call are distinct; a single requested

@@ -27,8 +27,14 @@ evaluation harness, the RL prompts and the SFT data use (none of them branches o
   ``score_replies`` (a batch, in order; default one by one, so a source that runs code scores
   many samples in parallel by overriding it).
 
-Registered: ``rg`` (reasoning-gym, :mod:`nanoseek.tasks.rg`) and ``humaneval`` (HumanEval,
-:mod:`nanoseek.tasks.humaneval`: its own prompts, stop sequences and sandboxed, parallel scoring).
+A built-in item may end in ``@fixed`` (the one original wording of its training problems) or
+``@varied`` (the default: many wordings, :mod:`nanoseek.tasks.phrasing`); held-out problems are asked
+in the original wording either way.
+
+Registered: ``rg`` (reasoning-gym, :mod:`nanoseek.tasks.rg`), ``humaneval`` (HumanEval,
+:mod:`nanoseek.tasks.humaneval`: its own prompts, stop sequences and sandboxed, parallel scoring) and
+``reword`` (``reword:GROUP:TASK[:LEVELS]``: a built-in task's held-out problems in a wording of GROUP,
+original, seen or unseen; evaluation only: the speedrun report's phrasing robustness).
 Another source registers by adding its prefix and resolver to :data:`SOURCES`.
 """
 
