@@ -12,7 +12,7 @@ Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
     RUN/*/eval.json  held-out evaluation of each stage  RUN/run.json   stage status and wall times
     RUN/*/external.json  the same on reasoning-gym tasks ([eval] external_tasks)
     RUN/*/tools.json     the tool tasks evaluated with tools ([tools] enabled, chat stages)
-    RUN/*/phrasing.json  held-out problems in original, seen and unseen wordings ([eval] phrasing_problems)
+    RUN/*/phrasing.json  some of eval.json's problems in seen and unseen wordings ([eval] phrasing_problems)
     RUN/report.md, RUN/report.html                      the report card (refreshes while running)
 
 Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe

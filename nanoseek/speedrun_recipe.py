@@ -85,9 +85,10 @@ class EvalSection:
     # with the settings above into STAGE/external.json: the report's external section (empty: none)
     external_tasks: list[str] = field(default_factory=list)
     external_problems: int = 200                         # per external task at the reference budget (scaled)
-    # held-out problems per built-in task asked in their original wording, in seen and in unseen paraphrases
-    # (nanoseek.tasks.phrasing) after every stage into STAGE/phrasing.json: the report's phrasing robustness (0: none)
-    phrasing_problems: int = 100
+    # held-out problems per built-in task (a prefix of the evaluation's own, whose scores give the original wording's
+    # column) asked in a seen and in an unseen paraphrase (nanoseek.tasks.phrasing) after every stage into
+    # STAGE/phrasing.json: the report's phrasing robustness (scaled like problems; 0: none)
+    phrasing_problems: int = 50
 
 
 @dataclass
@@ -222,15 +223,17 @@ class SpeedrunRecipe:
         return list(dict.fromkeys(tasks + list(self.tools.tasks))) if self.tools.use("eval") else tasks
 
     def phrasing_tasks(self) -> list[str]:
-        """The phrasing evaluation's items: every built-in task of :meth:`eval_tasks` asked in each wording
-        group (``reword:GROUP:ITEM``, :class:`nanoseek.tasks.sources.RewordSource`); empty when it is off."""
+        """The phrasing evaluation's items: every built-in task of [eval] tasks (not the tool tasks: head math
+        on them scores ~0 in any wording) asked in each wording group (``reword:GROUP:ITEM``,
+        :class:`nanoseek.tasks.sources.RewordSource`); empty when it is off."""
+        from nanoseek.tasks.generators import split_specs
         from nanoseek.tasks.phrasing import GROUPS
         from nanoseek.tasks.sources import BuiltinSource, resolve
 
         if not self.eval.phrasing_problems:
             return []
-        items = [i.partition("@")[0] for i in self.eval_tasks() if isinstance(resolve(i), BuiltinSource)]
-        return [f"reword:{g}:{i}" for i in items for g in GROUPS]
+        items = [i.partition("@")[0] for i in split_specs(self.eval.tasks) if isinstance(resolve(i), BuiltinSource)]
+        return [f"reword:{g}:{i}" for i in items for g in GROUPS if g != "original"]   # original: eval.json's
 
 
 TABLES = {"speedrun": RunSection, "budget": BudgetSection, "data": CorpusSection, "model": ModelSection,

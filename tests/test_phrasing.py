@@ -163,7 +163,7 @@ def test_robustness_table_on_a_scripted_model():
     half = set(ids[:5])
 
     def script(p, j):           # right in the original wording, in seen wordings on half, never in unseen ones
-        group = p.task.split(":")[1]
+        group = (p.task.split(":") + ["original"])[1] if p.task.startswith("reword:") else "original"
         right = group == "original" or (group == "seen" and p.id in half)
         return f"<think>\nsum\n</think>\nAnswer: {int(p.answer) + (0 if right else 1)}"
 
@@ -176,6 +176,15 @@ def test_robustness_table_on_a_scripted_model():
     assert orig.startswith("100.0%") and seen.startswith("50.0%") and unseen.startswith("0.0%")
     assert d_seen.startswith("-50.0 pts") and d_unseen.startswith("-100.0 pts")
 
+    # the speedrun's way: seen and unseen only, the original wording's scores from the evaluation of more problems
+    orig = evaluate(None, tok, ["arithmetic:1-2"], n_problems=25, k=2, mode="chat", seed=0,
+                    engine=ScriptedEngine(tok, resolve("arithmetic:1-2").test_problems(25, 0), script))
+    assert half < {p.id for p in orig.problems}            # the phrasing sample is a prefix of the evaluation's
+    res2 = evaluate(None, tok, items[1:], n_problems=10, k=2, mode="chat", seed=0,
+                    engine=ScriptedEngine(tok, problems[10:], script))
+    assert phrasing_rows(res2, orig)[1] == rows
+    assert phrasing_rows(res2)[1] == [["arithmetic", "0"] + ["-"] * 5]   # no original scores: said, not guessed
+
 
 def test_report_shows_the_robustness_section(tmp_path):
     from eval_helpers import make_synthetic_run
@@ -183,14 +192,18 @@ def test_report_shows_the_robustness_section(tmp_path):
     from nanoseek.eval.results import EvalResult, ProblemResult
 
     run = make_synthetic_run(tmp_path / "run")
-    recs = [ProblemResult(task=f"reword:{g}:compare", id=f"c{i}", level=1, gold="7", correct=[ok], format_ok=[True],
-                          answers=["7"], tokens=[5], truncated=[False]).compute_curves(0)
-            for g, ok in (("original", True), ("seen", True), ("unseen", False)) for i in range(4)]
-    EvalResult.build({"tasks": [], "mode": "chat", "k": 1, "seed": 0}, recs).save(run / "sft" / "phrasing.json")
+    sft = EvalResult.load(run / "sft" / "eval.json")            # arithmetic-test-L1-0000 ... 0029
+    ids = [p.id for p in sft.problems[:6]]
+    recs = [ProblemResult(task=f"reword:{g}:arithmetic", id=pid, level=1, gold="7", correct=[ok] * 4,
+                          format_ok=[True] * 4, answers=["7"] * 4, tokens=[5] * 4, truncated=[False] * 4).compute_curves(0)
+            for g, ok in (("seen", True), ("unseen", False)) for pid in ids]
+    EvalResult.build({"tasks": [], "mode": "chat", "k": 4, "seed": 0}, recs).save(run / "sft" / "phrasing.json")
     _, _, sections, _ = build_sections(run)
     [sec] = [s for s in sections if s.title == "Phrasing robustness"]
     [rows] = [b[2] for b in sec.blocks if b[0] == "table"]
-    assert rows[0][:4] == ["sft", "chat", "compare", "4"] and rows[0][-1].startswith("-100.0 pts")
+    orig = sum(p.score for p in sft.problems[:6]) / 6
+    assert rows[0][:4] == ["sft", "chat", "arithmetic", "6"] and rows[0][4].startswith(f"{100 * orig:.1f}%")
+    assert rows[0][-1].startswith(f"{-100 * orig:+.1f} pts") and rows[0][-2].startswith(f"{100 * (1 - orig):+.1f} pts")
 
 
 def test_reasoning_gym_mixes_into_training_but_never_its_evaluation_settings():

@@ -399,14 +399,14 @@ def _phrasing_section(stages: list[StageData], notes: list[str]) -> Section | No
         return None
     sec = Section("Phrasing robustness")
     sec.p("A sample of the held-out problems asked three ways (nanoseek.tasks.phrasing): in the original wording "
-          "(the held-out evaluation's), in a paraphrase of a kind used in training (other question frames, "
+          "(the held-out evaluation's scores on them), in a paraphrase of a kind used in training (other question frames, "
           "operators in words, lead-ins) and in a paraphrase of a kind never trained on (frames, lead-ins and "
           "endings held out of every training draw). Same numbers, same answers, same verifier; pass@1 with 95% "
           "intervals and the paired differences against the original wording. A model that learned the skill "
           "rather than the template loses little in either column.")
     rows = []
     for d in evaluated:
-        header, prow = phrasing_rows(d.phrasing)
+        header, prow = phrasing_rows(d.phrasing, d.eval)
         rows += [[d.stage.name, str(d.phrasing.config.get("mode", "?"))] + r for r in prow]
         for note in d.phrasing.notes:
             notes.append(f"{d.stage.name} phrasing eval: {note}")
