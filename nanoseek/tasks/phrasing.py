@@ -102,7 +102,7 @@ def _expression(canonical: str, rng: random.Random, group: str) -> str:
     if len(numbers) == 2 and ops[0] in "+-":
         extra = {("seen", "+"): SUM_FRAMES, ("seen", "-"): DIFF_FRAMES,
                  ("unseen", "+"): UNSEEN_SUM_FRAMES, ("unseen", "-"): UNSEEN_DIFF_FRAMES}[(group, ops[0])]
-        frames += list(extra) * (2 if group == "seen" else 1)   # the operation named in words: a third of them
+        frames += list(extra) * (2 if group == "seen" else 1)   # the operation named in words: about half of them
     a, b = (_num(n, rng, commas) for n in numbers[:2])
     return rng.choice(frames).format(e=e, a=a, b=b)
 
