@@ -4,6 +4,7 @@ and reasoning-gym's evaluation wordings kept out of training."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -112,7 +113,8 @@ def test_the_spec_names_the_phrasing():
     assert not resolve("reword:seen:arithmetic").trainable
 
 
-def _training_prompts() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _training_prompts() -> tuple[str, ...]:
     """Prompts of every stage's training data as the speedrun draws them: corpus documents, SFT traces,
     RL prompts (its curriculum), plus every worded task's train split."""
     from nanoseek.data.corpus import task_documents
@@ -124,7 +126,7 @@ def _training_prompts() -> list[str]:
     out += [r.prompt for r in load_rl_prompts(",".join(CURRICULUM), 600, seed=0)]
     for name in WORDED:
         out += [p.prompt for p in get_task(name).generate("train", 400, seed=1)]
-    return out
+    return tuple(out)
 
 
 def test_held_out_wordings_never_reach_training():
