@@ -12,6 +12,7 @@ Everything lives in the run folder (``--out``, default ``runs/speedrun``)::
     RUN/*/eval.json  held-out evaluation of each stage  RUN/run.json   stage status and wall times
     RUN/*/external.json  the same on reasoning-gym tasks ([eval] external_tasks)
     RUN/*/tools.json     the tool tasks evaluated with tools ([tools] enabled, chat stages)
+    RUN/*/phrasing.json  some of eval.json's problems in seen and unseen wordings ([eval] phrasing_problems)
     RUN/report.md, RUN/report.html                      the report card (refreshes while running)
 
 Budget: ``--minutes`` is split by the ``[budget]`` fractions of the recipe
@@ -280,6 +281,7 @@ def _check_eval_prompts(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed:
     for key, tasks, n, levels, modes, tooled in (
             ("eval.tasks", rc.eval_tasks(), e.problems, e.levels, EVAL_MODES, {}),
             ("eval.external_tasks", e.external_tasks, e.external_problems, None, EVAL_MODES, {}),
+            ("eval.phrasing_problems", rc.phrasing_tasks(), e.phrasing_problems, e.levels, EVAL_MODES, {}),
             ("tools.tasks", rc.tools.tasks if tools else [], e.problems, e.levels, ("chat",), tools)):
         if not tasks:
             continue
@@ -368,6 +370,15 @@ def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed
         log(f"eval {stage_dir.name}: external tasks ({len(ext.task_names)}, {ext.wall_s:.0f} s): pass@1 "
             f"{_fmt(ext.summary())}")
         out.update(external=str(stage_dir / "external.json"), external_wall_s=round(ext.wall_s, 1))
+    phrased = rc.phrasing_tasks()
+    if phrased:                         # a sample of the same held-out problems in other wordings (the robustness table)
+        n_ph = max(e.min_problems, int(round(e.phrasing_problems * scale)))
+        ph = evaluate(model, tok, phrased, n_problems=n_ph, k=e.k, mode=mode, temperature=e.temperature,
+                      top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=seed, levels=e.levels, few_shot=e.few_shot,
+                      batch_size=e.batch_size)
+        ph.save(stage_dir / "phrasing.json")
+        log(f"eval {stage_dir.name}: wordings ({ph.wall_s:.0f} s): pass@1 {_fmt(ph.summary())}")
+        out.update(phrasing=str(stage_dir / "phrasing.json"), phrasing_wall_s=round(ph.wall_s, 1))
     tools = _tool_settings(rc)
     if tools and mode != "fewshot":     # the tool tasks again, with tools (the base model has no chat turns)
         tl = evaluate(model, tok, list(rc.tools.tasks), n_problems=n, k=e.k, mode=mode, temperature=e.temperature,

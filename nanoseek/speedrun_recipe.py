@@ -85,6 +85,10 @@ class EvalSection:
     # with the settings above into STAGE/external.json: the report's external section (empty: none)
     external_tasks: list[str] = field(default_factory=list)
     external_problems: int = 200                         # per external task at the reference budget (scaled)
+    # held-out problems per built-in task (a prefix of the evaluation's own, whose scores give the original wording's
+    # column) asked in a seen and in an unseen paraphrase (nanoseek.tasks.phrasing) after every stage into
+    # STAGE/phrasing.json: the report's phrasing robustness (scaled like problems; 0: none)
+    phrasing_problems: int = 50
 
 
 @dataclass
@@ -218,6 +222,19 @@ class SpeedrunRecipe:
         tasks = split_specs(self.eval.tasks)
         return list(dict.fromkeys(tasks + list(self.tools.tasks))) if self.tools.use("eval") else tasks
 
+    def phrasing_tasks(self) -> list[str]:
+        """The phrasing evaluation's items: every built-in task of [eval] tasks (not the tool tasks: head math
+        on them scores ~0 in any wording) asked in each wording group (``reword:GROUP:ITEM``,
+        :class:`nanoseek.tasks.sources.RewordSource`); empty when it is off."""
+        from nanoseek.tasks.generators import split_specs
+        from nanoseek.tasks.phrasing import GROUPS
+        from nanoseek.tasks.sources import BuiltinSource, resolve
+
+        if not self.eval.phrasing_problems:
+            return []
+        items = [i.partition("@")[0] for i in split_specs(self.eval.tasks) if isinstance(resolve(i), BuiltinSource)]
+        return [f"reword:{g}:{i}" for i in items for g in GROUPS if g != "original"]   # original: eval.json's
+
 
 TABLES = {"speedrun": RunSection, "budget": BudgetSection, "data": CorpusSection, "model": ModelSection,
           "pretrain": PretrainTables, "sft": PostTables, "grpo": PostTables, "eval": EvalSection,
@@ -292,6 +309,8 @@ def _check_values(rc: SpeedrunRecipe, source: str) -> None:
             raise bad(f"eval.{key}", getattr(e, key), "must be >= 1")
     if e.few_shot < 0:
         raise bad("eval.few_shot", e.few_shot, "must be >= 0")
+    if e.phrasing_problems < 0:
+        raise bad("eval.phrasing_problems", e.phrasing_problems, "must be >= 0 (0: no phrasing robustness table)")
     t = rc.tools
     if t.failure_penalty < 0:
         raise bad("tools.failure_penalty", t.failure_penalty, "must be >= 0")
@@ -317,10 +336,10 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
     """Task names/levels in [data] tasks and [eval] tasks, and the stages' data sources ([sft] data,
     [grpo] prompts: each section's own ``check_sources``, as a stage config runs it) are checked
     before anything runs, so a typo fails in a second, naming the key."""
-    from nanoseek.tasks.generators import parse_task_specs
+    from nanoseek.data.corpus import corpus_specs
     from nanoseek.tasks.sources import parse_sources
 
-    for key, spec, parse in (("data.tasks", rc.data.tasks, parse_task_specs), ("eval.tasks", rc.eval.tasks, parse_sources),
+    for key, spec, parse in (("data.tasks", rc.data.tasks, corpus_specs), ("eval.tasks", rc.eval.tasks, parse_sources),
                              ("eval.external_tasks", rc.eval.external_tasks, parse_sources)):
         if key == "eval.external_tasks" and not spec:
             continue                            # no external section
@@ -338,6 +357,34 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
             getattr(rc, kind).algo.check_sources()
         except ValueError as e:                 # a DataError "key: why"
             raise ConfigError(f"{rc.source}: {kind}.{e}") from None
+    _check_external_untrained(rc)
+
+
+def training_specs(rc: SpeedrunRecipe) -> dict[str, str]:
+    """The task specs each training stage draws from: config key -> spec ([sft] data only when generated)."""
+    from nanoseek.post.sft import _task_spec
+
+    out = {"data.tasks": ",".join(rc.data.tasks) if isinstance(rc.data.tasks, list) else rc.data.tasks,
+           "grpo.prompts": rc.grpo.algo.prompts}
+    sft = _task_spec(rc.sft.algo.data)
+    if sft is not None:
+        out["sft.data"] = sft
+    return out
+
+
+def _check_external_untrained(rc: SpeedrunRecipe) -> None:
+    """A reasoning-gym dataset config that [eval] external_tasks evaluates is never a training source as
+    well: training may use reasoning-gym, but with other generator settings (the hash split keeps the
+    questions apart either way; the external score is meant to measure settings not trained on)."""
+    from nanoseek.tasks.generators import split_specs
+    from nanoseek.tasks.sources import resolve
+
+    external = {resolve(item).name for item in rc.eval.external_tasks}
+    for key, spec in training_specs(rc).items():
+        for item in split_specs(spec):
+            if item.strip().lower().startswith("rg:") and resolve(item).name in external:
+                raise ConfigError(f"{where(rc, key)}: {key}: {resolve(item).name!r} is also in eval.external_tasks; "
+                                  "train on other settings of that dataset (e.g. other digit counts or terms)")
 
 
 def check_recipe(rc: SpeedrunRecipe) -> SpeedrunRecipe:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nanoseek.cli import UserError, main as cli_main
-from nanoseek.data.corpus import default_corpus_records
+from nanoseek.data.corpus import DEFAULT_TASKS, default_corpus_records
 from nanoseek.data.prepare import Document, PrepareConfig, prepare
 from nanoseek.train.checkpoint import (discard_after, latest_checkpoint, list_checkpoints, prune_checkpoints,
                                        save_checkpoint, step_of)
@@ -42,10 +42,18 @@ def _prepare(out, docs, vocab=512, filters=True):
     return out
 
 
+def _clean_docs() -> list[Document]:
+    """The issue's corpus: 600 task documents in one wording per task, and the prose. (With the varied
+    wordings the median loss is higher and the prose tail thinner: 1.9x the median, not the 2x
+    test_clean_small_corpus_guard_on_no_skip_no_rollback checks, the guard skipping nothing there either; and fewer
+    repeats are deduplicated, which moves the documents inserted below into the validation split.)"""
+    return list(default_corpus_records(600, tasks=[f"{t}@fixed" for t in DEFAULT_TASKS]))
+
+
 @pytest.fixture(scope="module")
 def clean_corpus(tmp_path_factory):
     """``nanoseek data corpus --task-docs 600`` prepared: tasks and shipped prose, 44K tokens."""
-    return _prepare(tmp_path_factory.mktemp("clean") / "data", list(default_corpus_records(600)))
+    return _prepare(tmp_path_factory.mktemp("clean") / "data", _clean_docs())
 
 
 def _garbage_doc(kind: str) -> str:
@@ -58,7 +66,7 @@ def _garbage_doc(kind: str) -> str:
 @pytest.fixture(scope="module", params=["random", "repeated"])
 def garbage_corpus(request, tmp_path_factory):
     """The clean corpus with one long garbage document inside (unfiltered, as if the filters missed it)."""
-    docs = list(default_corpus_records(600))
+    docs = _clean_docs()
     docs.insert(300, Document(_garbage_doc(request.param) + "\n", GARBAGE))
     return _prepare(tmp_path_factory.mktemp("garbage") / "data", docs, filters=False)
 
@@ -314,7 +322,7 @@ def test_long_ordinary_document_never_rolls_back_and_the_run_completes(tmp_path,
     # before: its ~50 steps at ~3x the median loss lifted the trend quartile past 1.5x its best:
     # rollback at 170, rollback at 170, "diverged" at step 153, and resuming at a lower lr diverged
     # again. The data got harder; the weights did not get worse: no rollback, no skip.
-    docs = list(default_corpus_records(600))
+    docs = _clean_docs()
     docs.insert(300, Document(_long_document(kind) + "\n", GARBAGE))   # the origin tag _garbage_steps looks for
     data = _prepare(tmp_path / "data", docs)                          # filters on: it is ordinary text
     first, last = _garbage_steps(cfg_for(tmp_path, "run", data, model={"preset": "tiny"}))
@@ -356,7 +364,7 @@ def test_slow_drift_of_the_weights_by_a_growing_lr_still_rolls_back(tmp_path, cl
 def test_killed_and_resumed_run_through_a_trend_alarm_decides_the_same(tmp_path, clean_corpus):
     # the reference batches and their best loss are checkpointed: a run killed after the alarm
     # began and resumed makes the same checks, with the same figures, as an uninterrupted one
-    docs = list(default_corpus_records(600))
+    docs = _clean_docs()
     docs.insert(300, Document(_long_document("prose12k") + "\n", GARBAGE))
     data = _prepare(tmp_path / "data", docs)
     first, last = _garbage_steps(cfg_for(tmp_path, "a", data))

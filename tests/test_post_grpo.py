@@ -48,7 +48,7 @@ def test_grpo_drives_reward_up_on_digit7(tmp_path, one_thread, variant):
     tk = tiny_tokenizer()
     save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
     tk.save(tmp_path / "base")
-    prompts = load_rl_prompts("digit7", 8, seed=0)
+    prompts = load_rl_prompts("digit7@fixed", 8, seed=0)   # the one short wording: rows of 64 tokens
     warm = [SFTExample(messages=[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": str(d)}])
             for p in prompts for d in range(10)]
     sft = stage_config_from_dict("sft", {
@@ -62,7 +62,7 @@ def test_grpo_drives_reward_up_on_digit7(tmp_path, one_thread, variant):
 
     grpo = stage_config_from_dict("grpo", {
         "model": {"init_from": str(tmp_path / "sft")},
-        "grpo": {"prompts": "digit7", "num_prompts": 8, "template": "chat", "prompts_per_step": 4, "group_size": 8,
+        "grpo": {"prompts": "digit7@fixed", "num_prompts": 8, "template": "chat", "prompts_per_step": 4, "group_size": 8,
                  "max_new_tokens": 1, "micro_batch_size": 16, **variant},
         "optim": {"lr": 1e-2, "min_lr": 1e-2, "seq_len": 64},
         "train": {"max_steps": 16 * passes, "out_dir": str(tmp_path / "grpo"), "device": "cpu", "seed": 0}})

@@ -62,7 +62,7 @@ def _script(tk, answers):
 def _task(**cfg):
     tk = tool_tokenizer()
     model = tiny_model(tk.vocab_size, max_position_embeddings=1024)
-    prompts = load_rl_prompts("big_arithmetic:2,compare:1", 4, seed=0)
+    prompts = load_rl_prompts("big_arithmetic:2@fixed,compare:1@fixed", 4, seed=0)   # the script reads "What is EXPR?"
     answers = {p.prompt[len("What is "):-1]: p.answer for p in prompts if p.task == "big_arithmetic"}
     c = GRPOSection(**{"template": "chat", "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 40,
                       "micro_batch_size": 5, "tools": "calculator", "tool_tasks": "big_arithmetic", **cfg})

@@ -207,7 +207,7 @@ def test_split_leading_think_and_verified_examples():
 
 
 def test_distill_from_teacher_into_fresh_dense_student(base, tmp_path, one_thread):
-    prompts = load_rl_prompts("digit7", 8, seed=0)
+    prompts = load_rl_prompts("digit7@fixed", 8, seed=0)   # the one short wording: rows of 64 tokens
     teach = [SFTExample(messages=[{"role": "user", "content": p.prompt},
                                   {"role": "assistant", "reasoning": "x", "content": "7"}]) for p in prompts]
     cfg = stage_config_from_dict("sft", {
@@ -218,7 +218,7 @@ def test_distill_from_teacher_into_fresh_dense_student(base, tmp_path, one_threa
     teacher = train_sft(cfg, examples=teach, quiet=True)
     dcfg = stage_config_from_dict("distill", {
         "model": {"preset": str(base / "config.json"), "n_routed_experts": 0, "num_nextn_predict_layers": 0},
-        "distill": {"teacher": str(teacher.final_dir), "prompts": "digit7", "num_prompts": 4, "samples_per_prompt": 2,
+        "distill": {"teacher": str(teacher.final_dir), "prompts": "digit7@fixed", "num_prompts": 4, "samples_per_prompt": 2,
                     "max_new_tokens": 16, "temperature": 0.0, "template": "chat", "mode": "pad"},
         "optim": {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "micro_batch_size": 4,
                   "seq_len": 64},

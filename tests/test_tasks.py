@@ -104,11 +104,14 @@ def test_mixed_levels_equal_shares_and_bad_args():
 
 
 def test_easy_level_is_easy():
-    for p in TASKS["arithmetic"].generate("train", 50, level=1):
+    for p in TASKS["arithmetic"].generate("train", 50, level=1, phrasing="fixed"):
         a, op, b = p.prompt.removeprefix("What is ").rstrip("?").split()
         assert int(b) <= 9 and 0 <= int(p.answer) <= 18
+    for p in TASKS["arithmetic"].generate("train", 50, level=1):      # varied: differences below zero too
+        a, op, b = p.canonical.split()
+        assert int(a) <= 18 and int(b) <= 9 and -9 <= int(p.answer) <= 18
     for p in TASKS["countdown"].generate("train", 50, level=1):
-        assert p.prompt.startswith("Using the numbers") and p.answer.count(" ") == 2  # "a op b"
+        assert "Using the numbers" in p.prompt and p.answer.count(" ") == 2  # "a op b"
 
 
 def test_arithmetic_steps():

@@ -3,8 +3,9 @@
 ``nanoseek data prepare --default-corpus`` and the speedrun need no download. The corpus is
 
 * **task documents**: problems of :mod:`nanoseek.tasks.generators` (multi-step arithmetic with worked
-  steps, Countdown, templated word problems, comparisons, remainders), drawn from the ``train``
-  split only, so the held-out ``test`` problems that evaluation and GRPO use never appear in
+  steps, Countdown, templated word problems, comparisons, remainders), each in one of many wordings
+  (:mod:`nanoseek.tasks.phrasing`; ``NAME@fixed``: the one original wording), and of any reasoning-gym
+  dataset named ``rg:NAME(config)``, drawn from the ``train`` split only, so the held-out ``test`` problems that evaluation and GRPO use never appear in
   pre-training (the split is decided by a hash of each problem's content, see ``tasks.py``).
   Each is rendered by ``tasks.corpus_document``: question, worked steps, ``Answer: X``. The
   sanity task ``digit7`` is left out by default so a GRPO run still has to learn it.
@@ -47,24 +48,31 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
                    task_levels: Mapping[str, int | None] | int | None = None) -> Iterator[Document]:
     """``n`` train-split problems as documents, round-robin over ``tasks``.
 
-    ``tasks``: names or specs with levels (``"arithmetic:1-2"``, see ``tasks.parse_task_specs``).
+    ``tasks``: reasoning-gym datasets (``rg:NAME(config)``: their train split, :func:`corpus_specs`),
+    built-in names or specs with levels (``"arithmetic:1-2"``, see ``tasks.parse_task_specs``) and
+    optionally a phrasing (``"arithmetic:1-2@fixed"``: the one original wording; default: varied wordings,
+    :mod:`nanoseek.tasks.phrasing`).
     ``task_levels``: one level for every task, or a mapping task -> level (``None``: all levels
     in equal shares, the default); levels in a spec take precedence.
     """
-    from nanoseek.tasks.generators import corpus_document, get_task, parse_task_specs
+    from nanoseek.tasks.generators import corpus_document, get_task
 
-    specs = parse_task_specs(tasks)
+    specs = corpus_specs(tasks)
     if isinstance(task_levels, Mapping):
-        unknown = set(task_levels) - {name for name, _ in specs}
+        unknown = set(task_levels) - {spec[0] for spec in specs if isinstance(spec, tuple)}
         if unknown:
             raise KeyError(f"task_levels names task(s) {sorted(unknown)} not in tasks {list(tasks)}")
     per_task = []
-    for i, (name, spec_levels) in enumerate(specs):
+    for i, spec in enumerate(specs):
+        count = n // len(specs) + (i < n % len(specs))
+        if not isinstance(spec, tuple):     # another source's train split (reasoning-gym: its own seeds and hash split)
+            per_task.append(iter(spec.problems("train", count, seed)))
+            continue
+        name, spec_levels, phrasing = spec
         task = get_task(name)
         level = task_levels.get(name) if isinstance(task_levels, Mapping) else task_levels
         level = spec_levels if spec_levels is not None else level
-        count = n // len(specs) + (i < n % len(specs))
-        per_task.append(iter(task.generate("train", count, seed=seed, level=level, unique=False)))
+        per_task.append(iter(task.generate("train", count, seed=seed, level=level, unique=False, phrasing=phrasing)))
     while per_task:
         for it in list(per_task):
             problem = next(it, None)
@@ -72,6 +80,29 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
                 per_task.remove(it)
             else:
                 yield Document(corpus_document(problem), f"task:{problem.id}")
+
+
+def corpus_specs(tasks: str | Sequence[str]) -> list:
+    """The corpus's task items: a built-in task as (name, levels, phrasing)
+    (:func:`nanoseek.tasks.generators.parse_task_items`), an item of another registered source
+    (``rg:NAME(config)``) as its task source, whose train split it draws; ValueError naming a bad item,
+    or one for evaluation only."""
+    from nanoseek.tasks.generators import parse_task_items, split_specs
+    from nanoseek.tasks.sources import SOURCES, resolve
+
+    out: list = []
+    for item in split_specs(tasks):
+        if item.partition(":")[0].strip().lower() in SOURCES:
+            src = resolve(item)
+            if not src.trainable or not src.has_gold:
+                raise ValueError(f"task spec {item!r}: {src.name} has no training problems with gold answers "
+                                 "to write as documents")
+            out.append(src)
+        else:
+            out += parse_task_items([item])
+    if not out:
+        raise ValueError(f"task spec {tasks!r} names no task")
+    return out
 
 
 def default_corpus_records(n_task_docs: int, seed: int = 0,

@@ -12,11 +12,12 @@ run.json's ``eval_mode``, else the ``eval_mode`` the stage's ``stage.json`` reco
 its kind / ``config.toml``: sft, dpo, distill -> chat; grpo -> its template; pre-training ->
 fewshot), else the folder name.
 
-Tasks (``--tasks``, resolved by :mod:`nanoseek.tasks.sources`) mix three kinds in one list:
+Tasks (``--tasks``, resolved by :mod:`nanoseek.tasks.sources`) mix four kinds in one list:
 built-in tasks with optional levels (``arithmetic:1-2``), reasoning-gym datasets with an optional
-config (``rg:NAME``, ``rg:NAME(key=value, ...)``, scored by reasoning-gym's ``score_answer``) and
+config (``rg:NAME``, ``rg:NAME(key=value, ...)``, scored by reasoning-gym's ``score_answer``),
 HumanEval (``humaneval``: the first ``--n`` problems; ``humaneval:A-B``: problems A to B; code run
-in the sandbox, pass@k).
+in the sandbox, pass@k) and a built-in task's held-out problems in other wordings
+(``reword:GROUP:TASK[:LEVELS]``, GROUP original, seen or unseen: :mod:`nanoseek.tasks.phrasing`).
 
 Each evaluation is written to ``eval.json`` (default: in the stage folder, or ``--out``) with
 the config, the metrics, every problem's scores and a few full responses. ``--data DIR`` adds
@@ -67,11 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated stages of a speedrun folder to evaluate (default: all "
                                     "with a checkpoint)")
     p.add_argument("--tasks", default="arithmetic,countdown",
-                   help="comma-separated tasks of three kinds, mixed: built-in ones, each optionally with levels "
+                   help="comma-separated tasks of four kinds, mixed: built-in ones, each optionally with levels "
                         "(arithmetic:1-2,compare:1; nanoseek.tasks.generators); reasoning-gym datasets rg:NAME or "
                         "rg:NAME(key=value, ...) with its config (nanoseek.tasks.rg); HumanEval: humaneval (the "
                         "first --n of its 164 problems) or humaneval:A-B (problems A to B), code run in the sandbox, "
-                        "pass@k (nanoseek.tasks.humaneval); default arithmetic,countdown")
+                        "pass@k (nanoseek.tasks.humaneval); a built-in task's held-out problems in other wordings: "
+                        "reword:GROUP:TASK[:LEVELS], GROUP original, seen or unseen (nanoseek.tasks.phrasing); "
+                        "default arithmetic,countdown")
     p.add_argument("--n", type=limits.positive_int,
                    help=f"held-out (test split) problems per task (default {d['n']})")
     p.add_argument("--k", type=limits.positive_int,

@@ -17,6 +17,8 @@
    differences between consecutive stages (same problem ids), bits per byte. Then, where stages
    have an ``external.json``, **Held-out evaluation on external tasks**: the same table and paired
    differences on tasks nanoseek did not write (the speedrun's reasoning-gym datasets); where stages
+   have a ``phrasing.json``, **Phrasing robustness**: the same held-out problems in their original wording,
+   in wordings seen in training and in wordings never trained on, with paired differences; where stages
    have a ``tools.json``, **Tool use**: the tool tasks' accuracy with and without tools (paired),
    calls per sample, the share of samples that called a tool, failed calls.
 5. **Test-time compute**: pass@k and maj@k against k per stage.
@@ -59,7 +61,8 @@ from . import plots
 from .results import EvalResult, paired_comparison
 from .runs import (Stage, events, find_stages, fmt_count, fmt_duration, numeric, read_jsonl, read_run_json, series,
                    step_records, validation_series, vector_series)
-from .tables import RESULT_HEADER, TOOL_HEADER, comparison_rows, curve_rows, summary_row, tool_rows
+from .tables import (PHRASING_HEADER, RESULT_HEADER, TOOL_HEADER, comparison_rows, curve_rows, phrasing_rows, summary_row,
+                     tool_rows)
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -103,6 +106,7 @@ class StageData:
     eval: EvalResult | None = None
     external: EvalResult | None = None      # external.json: held-out tasks nanoseek did not write
     tools: EvalResult | None = None         # tools.json: the tool tasks evaluated with tools
+    phrasing: EvalResult | None = None      # phrasing.json: held-out problems in other wordings
     rollouts: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -134,6 +138,11 @@ def _load_stage(stage: Stage, notes: list[str]) -> StageData:
             data.tools = EvalResult.load(stage.tools_path)
         except ValueError as e:
             notes.append(f"{stage.name}: tool evaluation skipped: {e}")
+    if stage.phrasing_path.is_file():
+        try:
+            data.phrasing = EvalResult.load(stage.phrasing_path)
+        except ValueError as e:
+            notes.append(f"{stage.name}: phrasing evaluation skipped: {e}")
     if stage.samples_path.is_file():
         recs, _, problems = read_jsonl(stage.samples_path)
         data.rollouts = recs
@@ -382,6 +391,29 @@ def _external_section(stages: list[StageData], notes: list[str]) -> Section | No
     return sec
 
 
+def _phrasing_section(stages: list[StageData], notes: list[str]) -> Section | None:
+    """Phrasing robustness per stage (``phrasing.json``): the same held-out problems in their original
+    wording, in wordings seen in training and in wordings held out of training."""
+    evaluated = [d for d in stages if d.phrasing is not None]
+    if not evaluated:
+        return None
+    sec = Section("Phrasing robustness")
+    sec.p("A sample of the held-out problems asked three ways (nanoseek.tasks.phrasing): in the original wording "
+          "(the held-out evaluation's scores on them), in a paraphrase of a kind used in training (other question frames, "
+          "operators in words, lead-ins) and in a paraphrase of a kind never trained on (frames, lead-ins and "
+          "endings held out of every training draw). Same numbers, same answers, same verifier; pass@1 with 95% "
+          "intervals and the paired differences against the original wording. A model that learned the skill "
+          "rather than the template loses little in either column.")
+    rows = []
+    for d in evaluated:
+        header, prow = phrasing_rows(d.phrasing, d.eval)
+        rows += [[d.stage.name, str(d.phrasing.config.get("mode", "?"))] + r for r in prow]
+        for note in d.phrasing.notes:
+            notes.append(f"{d.stage.name} phrasing eval: {note}")
+    sec.table(["stage", "mode"] + PHRASING_HEADER, rows)
+    return sec
+
+
 def _tools_section(stages: list[StageData], notes: list[str]) -> Section | None:
     """Tool use per stage (``tools.json``): accuracy on the tool tasks with and without tools (paired,
     against the stage's ``eval.json`` on the same problems) and the calls made."""
@@ -462,8 +494,9 @@ def build_sections(run_dir: str | Path) -> tuple[str, dict[str, Any], list[Secti
     c = _config_section(meta, stages)
     evals = _eval_sections(stages, notes)
     external = _external_section(stages, notes)
+    phrasing = _phrasing_section(stages, notes)
     tools = _tools_section(stages, notes)
-    sections.extend(evals[:1] + ([external] if external else []) + ([tools] if tools else []) + evals[1:])
+    sections.extend(evals[:1] + [s for s in (external, phrasing, tools) if s] + evals[1:])
     s = _samples_section(stages)
     if s:
         sections.append(s)

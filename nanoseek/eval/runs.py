@@ -61,6 +61,7 @@ METRICS = "metrics.jsonl"
 EVAL_JSON = "eval.json"
 EXTERNAL_JSON = "external.json"
 TOOLS_JSON = "tools.json"           # a stage's evaluation with tools (nanoseek eval --tools)
+PHRASING_JSON = "phrasing.json"     # held-out problems in other wordings (the speedrun's [eval] phrasing_problems)
 SAMPLES = "samples.jsonl"
 STAGE_JSON = "stage.json"
 CONFIG_TOML = "config.toml"
@@ -199,6 +200,10 @@ class Stage:
     @property
     def tools_path(self) -> Path:
         return self.dir / TOOLS_JSON
+
+    @property
+    def phrasing_path(self) -> Path:
+        return self.dir / PHRASING_JSON
 
     @property
     def samples_path(self) -> Path:
@@ -380,5 +385,5 @@ def fmt_count(n: float | None) -> str:
 
 __all__ = ["Stage", "RunError", "find_stages", "read_run_json", "read_jsonl", "read_json", "step_records", "events",
            "series", "vector_series", "validation_series", "numeric", "stage_of_checkpoint", "mode_for_name",
-           "eval_mode_of", "fmt_duration", "fmt_count", "STAGE_ORDER", "RUN_JSON", "METRICS", "EVAL_JSON", "EXTERNAL_JSON", "TOOLS_JSON",
+           "eval_mode_of", "fmt_duration", "fmt_count", "STAGE_ORDER", "RUN_JSON", "METRICS", "EVAL_JSON", "EXTERNAL_JSON", "TOOLS_JSON", "PHRASING_JSON",
            "SAMPLES"]

@@ -89,6 +89,40 @@ def tool_rows(with_tools: EvalResult, without: EvalResult | None = None) -> tupl
     return TOOL_HEADER, rows
 
 
+PHRASING_HEADER = ["task", "N", "original", "seen wording", "unseen wording", "seen - original [95% CI]",
+                   "unseen - original [95% CI]"]
+
+
+def phrasing_rows(result: EvalResult, original: EvalResult | None = None) -> tuple[list[str], list[list[str]]]:
+    """The phrasing robustness of one evaluation of ``reword:GROUP:TASK`` items (the speedrun's
+    ``phrasing.json``): per task, pass@1 of the same held-out problems in their original wording, in
+    wordings seen in training and in wordings never trained on, with the paired differences (problems
+    asked in all three only). The original wording's scores: ``result``'s ``reword:original:TASK`` items,
+    else those of ``original`` (the stage's held-out evaluation, ``eval.json``) on the same problem ids."""
+    from .stats import mean_interval, paired_difference
+
+    by: dict[str, dict[str, dict[str, float]]] = {}     # task -> group -> problem id -> pass@1
+    k = result.config.get("k")
+    for p in result.problems:
+        prefix, group, task = (p.task.split(":", 2) + ["", ""])[:3]
+        if prefix == "reword" and task:
+            by.setdefault(task, {}).setdefault(group, {})[p.id] = p.score
+    own = {task for task, groups in by.items() if "original" in groups}
+    for p in original.problems if original is not None else ():
+        if p.task in by and p.task not in own:
+            by[p.task].setdefault("original", {})[p.id] = p.score
+    rows = []
+    for task, groups in by.items():
+        shared = sorted(set.intersection(*(set(groups.get(g, {})) for g in ("original", "seen", "unseen"))))
+        col = {g: [groups[g][i] for i in shared] for g in ("original", "seen", "unseen")} if shared else {}
+        if not shared:
+            rows.append([task, "0"] + ["-"] * (len(PHRASING_HEADER) - 2))
+            continue
+        rows.append([task, str(len(shared))] + [_iv(mean_interval(col[g], samples=k)) for g in ("original", "seen", "unseen")]
+                    + [signed_ci(paired_difference(col["original"], col[g])) for g in ("seen", "unseen")])
+    return PHRASING_HEADER, rows
+
+
 def curve_rows(result: EvalResult) -> tuple[list[str], list[list[str]]]:
     """pass@k and maj@k at every k, per task (test-time compute)."""
     header = ["task", "k", "pass@k", "maj@k"]

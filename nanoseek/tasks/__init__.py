@@ -6,6 +6,8 @@ modules, and none of them imports ``post/``.
 
 * :mod:`~nanoseek.tasks.generators`: the built-in tasks (seeded generators, worked solutions,
   exact verifiers, train/test split by content hash) and task specs (``NAME:LEVELS``);
+* :mod:`~nanoseek.tasks.phrasing`: the many wordings of a built-in task's problem (original, seen in
+  training, held out of training), the same problem, answer and split under each;
 * :mod:`~nanoseek.tasks.sources`: the registry that resolves a task spec's items (built-in tasks,
   ``rg:`` reasoning-gym datasets, ``humaneval``, any registered prefix) to task sources
   (:mod:`~nanoseek.tasks.source`'s interface): held-out problems, training problems, few-shot

@@ -14,10 +14,20 @@ Every :class:`Problem` carries the question (``prompt``), the gold ``answer`` an
   and the answer (the reply format, prompts included, lives in :mod:`nanoseek.tasks.reply`);
 * GRPO and evaluation: ``Task.generate("train"|"test", n, seed)`` and ``Task.verify``.
 
+Wordings (:mod:`nanoseek.tasks.phrasing`): ``generate(..., phrasing="varied")``, the default, asks each
+problem in the original wording or one of many others (frames, operators in words, lead-ins,
+endings) and draws the numbers a person would use at the level (arithmetic L1-L2: differences below
+zero, mixed digit counts); ``phrasing="fixed"`` keeps the one original template and ranges, the draws
+of before. A task spec item picks it with ``@fixed`` / ``@varied`` (:func:`parse_task_items`).
+Evaluation asks in the original wording (:class:`nanoseek.tasks.sources.BuiltinSource`);
+:meth:`Task.reword` asks a held-out problem in another wording group (the robustness table).
+
 Train and test are disjoint by construction: a problem belongs to ``"test"`` iff a hash of its
 canonical content (the underlying numbers, not the surface wording, so the same sum asked with
 other names cannot leak) falls in a fixed 20 % bucket range; ``generate`` draws until it has ``n``
-problems of the requested split. Generation is deterministic per ``(task, split, seed, level)``.
+problems of the requested split; the wording is drawn from a generator of its own after the
+problem, so it never decides the split and a paraphrase of a held-out problem is held out too.
+Generation is deterministic per ``(task, split, seed, level, phrasing)``.
 With ``level=None`` the levels are mixed in equal shares, except that a level whose space of
 distinct problems runs out leaves the rotation and the other levels fill in (arithmetic L1 holds
 only ~41 test problems). By default the problems of one call are distinct; a single requested
@@ -42,9 +52,11 @@ import hashlib
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import Any, Callable, Sequence
+
+from nanoseek.tasks.phrasing import DEFAULT_PHRASING, check_phrasing, reword, training_wording
 
 TEST_PER_MILLE = 200  # share of every task's problem space held out for "test" (20 %)
 SPLITS = ("train", "test")
@@ -58,6 +70,7 @@ class Problem:
     answer: str     # gold final answer
     reasoning: str  # worked solution steps, one per line (the <think> trace)
     level: int
+    canonical: str = ""  # the underlying problem (decides the split; the same under every wording), "" unknown
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,7 +81,8 @@ class Problem:
         if missing:
             raise ValueError(f"problem record lacks field(s) {missing}: {str(d)[:120]}")
         return cls(task=str(d["task"]), id=str(d["id"]), prompt=str(d["prompt"]),
-                   answer=str(d["answer"]), reasoning=str(d["reasoning"]), level=int(d["level"]))
+                   answer=str(d["answer"]), reasoning=str(d["reasoning"]), level=int(d["level"]),
+                   canonical=str(d.get("canonical", "")))
 
 
 @dataclass(frozen=True)
@@ -116,7 +130,7 @@ def parse_number(text: str, allow_units: bool = False) -> Fraction | None:
     trailing word like "apples" or "km". Anything else ("7 or 8", "", "12abc") is None."""
     if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
         return None
-    s = _strip_wrappers(text)
+    s = _strip_wrappers(text).replace("\u2212", "-")   # a typographic minus: "−12"
     if s.startswith("$"):  # currency: "$12"
         s = s[1:].strip()
     m = (_NUM_UNITS_RE if allow_units else _NUM_RE).match(s)
@@ -142,6 +156,11 @@ class Task:
     def sample(self, rng: random.Random, level: int) -> _Draft:
         raise NotImplementedError
 
+    def sample_broad(self, rng: random.Random, level: int) -> _Draft:
+        """A problem of the ``varied`` phrasing: the numbers a person would use at ``level`` (default:
+        :meth:`sample`'s; arithmetic adds negative differences and mixed digit counts)."""
+        return self.sample(rng, level)
+
     def tool_call(self, problem: Problem) -> tuple[str, dict[str, Any]] | None:
         """The ideal tool call for ``problem``: (tool name, arguments), or None when no tool helps.
         The tool-using SFT trace (:func:`nanoseek.tasks.reply.tool_sft_messages`) makes this call
@@ -163,11 +182,14 @@ class Task:
             return False
 
     def generate(self, split: str, n: int, seed: int = 0, level: int | Sequence[int] | None = None,
-                 unique: bool = True, allow_fewer: bool = False) -> list[Problem]:
-        """``n`` problems of ``split``, deterministic per (split, seed, level); see module doc.
+                 unique: bool = True, allow_fewer: bool = False, phrasing: str = DEFAULT_PHRASING) -> list[Problem]:
+        """``n`` problems of ``split``, deterministic per (split, seed, level, phrasing); see module doc.
         ``level``: one level, several (mixed in equal shares like ``None``, which means all).
         ``allow_fewer``: when the space runs out, return the distinct problems found instead of
-        raising (held-out sets of small levels: modular L1 has ~80 test problems)."""
+        raising (held-out sets of small levels: modular L1 has ~80 test problems). ``phrasing``:
+        ``"varied"`` words each problem in the original or a seen wording and draws the broad number
+        ranges (:mod:`nanoseek.tasks.phrasing`); ``"fixed"``: the original wording and ranges, as before."""
+        check_phrasing(phrasing, f"task {self.name!r}")
         if split not in SPLITS:
             raise ValueError(f"task {self.name!r}: split must be one of {SPLITS}, got {split!r}")
         chosen = [level] if isinstance(level, int) else list(level) if level is not None else list(self.levels)
@@ -178,6 +200,9 @@ class Task:
         # the seed names one level, None for all levels (the same draws as asking for none), or the list
         key = chosen[0] if len(chosen) == 1 else None if chosen == list(self.levels) else chosen
         rng = random.Random(f"{self.name}/{split}/{seed}/{key}")
+        varied = phrasing == "varied"
+        sample = self.sample_broad if varied else self.sample
+        wording = random.Random(f"{self.name}/{split}/{seed}/{key}/wording")   # apart: wording never moves the numbers
         levels = chosen
         seen: set[str] = set()
         out: list[Problem] = []
@@ -185,7 +210,7 @@ class Task:
         while len(out) < n:
             lv = active[i % len(active)]
             for _ in range(self.max_misses):
-                d = self.sample(rng, lv)
+                d = sample(rng, lv)
                 if split_of(self.name, d.canonical) == split and not (unique and d.canonical in seen):
                     break
             else:
@@ -201,11 +226,22 @@ class Task:
             i += 1
             seen.add(d.canonical)
             h = hashlib.sha256(f"{self.name}\x00{d.canonical}".encode()).hexdigest()[:10]
-            out.append(Problem(task=self.name, id=f"{self.name}-{split}-L{lv}-{h}", prompt=d.prompt,
-                               answer=d.answer, reasoning=d.reasoning, level=lv))
+            prompt = training_wording(self.name, d.canonical, d.prompt, wording) if varied else d.prompt
+            out.append(Problem(task=self.name, id=f"{self.name}-{split}-L{lv}-{h}", prompt=prompt,
+                               answer=d.answer, reasoning=d.reasoning, level=lv, canonical=d.canonical))
         if len(levels) > 1:
             rng.shuffle(out)
         return out
+
+    def reword(self, problem: Problem, group: str, seed: int = 0) -> Problem:
+        """``problem`` (drawn in the ``fixed`` phrasing: its prompt is the original wording) asked in a
+        wording of ``group`` ("original", "seen", "unseen"; :mod:`nanoseek.tasks.phrasing`), chosen per
+        (seed, problem id, group): the same id, answer, steps and split, another prompt."""
+        if not problem.canonical:
+            raise ValueError(f"{problem.id}: a problem without its canonical content cannot be reworded")
+        rng = random.Random(f"{problem.id}/{group}/{seed}")
+        prompt = reword(self.name, problem.canonical, problem.prompt, group, rng)
+        return replace(problem, prompt=prompt)
 
     def __repr__(self) -> str:
         return f"<Task {self.name} levels={self.levels}>"
@@ -245,10 +281,29 @@ class Arithmetic(Task):
             terms += ["*", rng.randint(2, 9)] if j == k else [rng.choice("+-"), rng.randint(1, 99)]
         return terms
 
+    def _broad_terms(self, rng: random.Random, level: int) -> list:
+        """Two-term problems over every 1-2 digit pair, differences below zero included."""
+        if level == 1:
+            return [rng.randint(0, 9), rng.choice("+-"), rng.randint(0, 9)]
+        a, b = ([rng.randint(10, 99) if rng.random() < 0.75 else rng.randint(0, 9) for _ in range(2)])
+        if a < 10 and b < 10:
+            a = rng.randint(10, 99)
+        return [a, rng.choice("+-"), b]
+
     def sample(self, rng: random.Random, level: int) -> _Draft:
+        return self._draft(rng, level, self._terms, allow_negative=False)
+
+    def sample_broad(self, rng: random.Random, level: int) -> _Draft:
+        if level > 2:
+            return self.sample(rng, level)
+        # half the draws from the original ranges, half over every pair (a third of those below zero)
+        return (self._draft(rng, level, self._broad_terms, allow_negative=True) if rng.random() < 0.5
+                else self.sample(rng, level))
+
+    def _draft(self, rng: random.Random, level: int, terms_of, allow_negative: bool) -> _Draft:
         while True:
-            terms = self._terms(rng, level)
-            steps, value = _solve_left_to_right(terms)
+            terms = terms_of(rng, level)
+            steps, value = _solve_left_to_right(terms, allow_negative)
             if value is not None:
                 break
         expr = " ".join(map(str, terms))
@@ -263,7 +318,10 @@ _WHAT_IS_RE = re.compile(r"^What is (.+)\?$")
 
 
 def _calculator_call(problem: Problem) -> tuple[str, dict[str, Any]] | None:
-    """``calculator`` on the expression of a "What is EXPR?" question."""
+    """``calculator`` on the problem's expression: its canonical content (any wording), else the
+    expression of a "What is EXPR?" question (a record without it)."""
+    if problem.canonical:
+        return ("calculator", {"expression": problem.canonical})
     m = _WHAT_IS_RE.match(problem.prompt)
     return ("calculator", {"expression": m.group(1)}) if m else None
 
@@ -307,9 +365,9 @@ def _eval_int(expr: str) -> int:
     return value
 
 
-def _solve_left_to_right(terms: list) -> tuple[list[str], int | None]:
+def _solve_left_to_right(terms: list, allow_negative: bool = False) -> tuple[list[str], int | None]:
     """Steps evaluating ``terms`` (products first, then left to right); value None if any
-    intermediate result is negative."""
+    intermediate result is negative (unless ``allow_negative``)."""
     terms, steps = list(terms), []
     while "*" in terms:
         i = terms.index("*")
@@ -320,7 +378,7 @@ def _solve_left_to_right(terms: list) -> tuple[list[str], int | None]:
     for op, b in zip(terms[1::2], terms[2::2]):
         new = value + b if op == "+" else value - b
         steps.append(f"{value} {op} {b} = {new}")
-        if new < 0:
+        if new < 0 and not allow_negative:
             return steps, None
         value = new
     return steps, value
@@ -670,12 +728,26 @@ def parse_task_specs(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ..
     list) -> ``[("arithmetic", (1, 2)), ("compare", (1,)), ("modular", None)]``. ``NAME:L`` is one
     level, ``NAME:A-B`` a range; no levels means all of them (or the caller's default). The
     speedrun's curriculum, SFT data, RL prompts and evaluation all name their problems this way.
-    Unknown names and levels raise a ValueError that names the offending item."""
+    An item may end in ``@PHRASING`` (:func:`parse_task_items`). Unknown names and levels raise a
+    ValueError that names the offending item."""
+    return [(name, levels) for name, levels, _ in parse_task_items(spec)]
+
+
+def parse_task_items(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ...] | None, str]]:
+    """:func:`parse_task_specs` with each item's phrasing: ``"arithmetic:1-2@fixed"`` ->
+    ``("arithmetic", (1, 2), "fixed")``; without ``@`` the default, ``"varied"``
+    (:mod:`nanoseek.tasks.phrasing`: how training problems are worded)."""
     items = split_specs(spec)
-    out: list[tuple[str, tuple[int, ...] | None]] = []
+    out: list[tuple[str, tuple[int, ...] | None, str]] = []
     for item in items:
         if not item:
             continue
+        item, at, phrasing = item.partition("@")
+        phrasing = phrasing.strip() if at else DEFAULT_PHRASING
+        try:
+            check_phrasing(phrasing, f"task spec {item + at + phrasing!r}")
+        except ValueError as e:
+            raise ValueError(f"{e}, e.g. {item.strip()}@fixed") from None
         name, sep, lv = item.partition(":")
         try:
             task = get_task(name.strip())
@@ -690,7 +762,7 @@ def parse_task_specs(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ..
             levels = tuple(range(a, b + 1))
             if not levels or any(x not in task.levels for x in levels):
                 raise ValueError(f"task spec {item!r}: {task.name} has levels {list(task.levels)}")
-        out.append((task.name, levels))
+        out.append((task.name, levels, phrasing))
     if not out:
         raise ValueError(f"task spec {spec!r} names no task")
     return out

@@ -27,18 +27,25 @@ evaluation harness, the RL prompts and the SFT data use (none of them branches o
   ``score_replies`` (a batch, in order; default one by one, so a source that runs code scores
   many samples in parallel by overriding it).
 
-Registered: ``rg`` (reasoning-gym, :mod:`nanoseek.tasks.rg`) and ``humaneval`` (HumanEval,
-:mod:`nanoseek.tasks.humaneval`: its own prompts, stop sequences and sandboxed, parallel scoring).
+A built-in item may end in ``@fixed`` (the one original wording of its training problems) or
+``@varied`` (the default: many wordings, :mod:`nanoseek.tasks.phrasing`); held-out problems are asked
+in the original wording either way.
+
+Registered: ``rg`` (reasoning-gym, :mod:`nanoseek.tasks.rg`), ``humaneval`` (HumanEval,
+:mod:`nanoseek.tasks.humaneval`: its own prompts, stop sequences and sandboxed, parallel scoring) and
+``reword`` (``reword:GROUP:TASK[:LEVELS]``: a built-in task's held-out problems in a wording of GROUP,
+original, seen or unseen; evaluation only: the speedrun report's phrasing robustness).
 Another source registers by adding its prefix and resolver to :data:`SOURCES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from nanoseek.tasks.generators import Task, get_task, parse_task_specs, split_specs
+from nanoseek.tasks.generators import Task, get_task, parse_task_items, split_specs
 from nanoseek.tasks.humaneval import HumanEvalSource
+from nanoseek.tasks.phrasing import DEFAULT_PHRASING, GROUPS
 from nanoseek.tasks.rg import rg_task
 from nanoseek.tasks.source import Reply, TaskSource
 
@@ -49,6 +56,7 @@ class BuiltinSource(TaskSource):
 
     task: Task
     levels: tuple[int, ...] | None = None
+    phrasing: str = DEFAULT_PHRASING    # how training problems are worded (the spec's @PHRASING)
     has_levels = True
 
     @property
@@ -62,18 +70,20 @@ class BuiltinSource(TaskSource):
         lv = self._levels(levels)
         return self.name + (":" + ",".join(map(str, lv)) if lv else "")
 
+    # Evaluation asks in the original wording (fixed), whatever the phrasing: its numbers stay comparable
+    # across runs and recipes, and the robustness table (RewordSource) asks the same problems in others.
     def test_problems(self, n, seed, levels=None):
-        return self.task.generate("test", n, seed=seed, level=self._levels(levels), allow_fewer=True)
+        return self.task.generate("test", n, seed=seed, level=self._levels(levels), allow_fewer=True, phrasing="fixed")
 
     def problems(self, split, n, seed, level=None):
         lv = self.levels if self.levels is not None else level
         try:
-            return self.task.generate(split, n, seed=seed, level=lv)
+            return self.task.generate(split, n, seed=seed, level=lv, phrasing=self.phrasing)
         except ValueError:  # the level's space is smaller than n: draw with repeats
-            return self.task.generate(split, n, seed=seed, level=lv, unique=False)
+            return self.task.generate(split, n, seed=seed, level=lv, unique=False, phrasing=self.phrasing)
 
     def examples(self, level, k, seed):
-        return self.task.generate("train", k, seed=seed, level=level)
+        return self.task.generate("train", k, seed=seed, level=level, phrasing="fixed")
 
     def accuracy(self, answer, problem):
         return float(answer is not None and self.task.verify(answer, problem))
@@ -114,12 +124,43 @@ class RGSource(TaskSource):
         return self.task.extractor(problem)
 
 
+@dataclass
+class RewordSource(BuiltinSource):
+    """A built-in task's held-out problems asked in a wording of ``group`` (``reword:GROUP:SPEC``,
+    :meth:`nanoseek.tasks.generators.Task.reword`): the same problems, ids, answers and verifier as the
+    task's evaluation, another prompt; the speedrun report's phrasing-robustness table. For evaluation only."""
+
+    group: str = "seen"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"reword:{self.group}:{self.task.name}"
+
+    def test_problems(self, n, seed, levels=None):
+        return [replace(self.task.reword(p, self.group, seed), task=self.name)
+                for p in super().test_problems(n, seed, levels)]
+
+    problems = TaskSource.problems            # no training split: paraphrases of held-out problems
+    # (few-shot examples: the task's own, in the original wording, before the reworded question)
+
+    @classmethod
+    def from_spec(cls, item: str) -> "RewordSource":
+        _, _, rest = item.partition(":")
+        group, _, spec = rest.partition(":")
+        if group.strip() not in GROUPS or not spec.strip():
+            raise ValueError(f"task spec {item!r}: reword:GROUP:TASK[:LEVELS] with GROUP one of {GROUPS}, "
+                             "e.g. reword:unseen:arithmetic:1-2")
+        [(name, levels, _)] = parse_task_items([spec])
+        return cls(get_task(name), levels, "fixed", group=group.strip())
+
+
 def _rg(item: str) -> TaskSource:
     return RGSource(rg_task(item.partition(":")[2]))
 
 
 # prefix -> resolver of the whole item ("PREFIX" or "PREFIX:..."); items without a registered prefix are built-in
-SOURCES: dict[str, Callable[[str], TaskSource]] = {"rg": _rg, "humaneval": HumanEvalSource.from_spec}
+SOURCES: dict[str, Callable[[str], TaskSource]] = {"rg": _rg, "humaneval": HumanEvalSource.from_spec,
+                                                   "reword": RewordSource.from_spec}
 
 
 def resolve(item: str) -> TaskSource:
@@ -128,8 +169,8 @@ def resolve(item: str) -> TaskSource:
     prefix = item.partition(":")[0].strip().lower()
     if prefix in SOURCES:
         return SOURCES[prefix](item)
-    [(name, levels)] = parse_task_specs([item])
-    return BuiltinSource(get_task(name), levels)
+    [(name, levels, phrasing)] = parse_task_items([item])
+    return BuiltinSource(get_task(name), levels, phrasing)
 
 
 def parse_sources(spec: str | Sequence[str]) -> list[TaskSource]:
@@ -140,4 +181,4 @@ def parse_sources(spec: str | Sequence[str]) -> list[TaskSource]:
     return [resolve(i) for i in items]
 
 
-__all__ = ["Reply", "TaskSource", "BuiltinSource", "RGSource", "SOURCES", "resolve", "parse_sources"]
+__all__ = ["Reply", "TaskSource", "BuiltinSource", "RewordSource", "RGSource", "SOURCES", "resolve", "parse_sources"]
