@@ -362,11 +362,11 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
 
 def training_specs(rc: SpeedrunRecipe) -> dict[str, str]:
     """The task specs each training stage draws from: config key -> spec ([sft] data only when generated)."""
-    from nanoseek.post.sft import _task_spec
+    from nanoseek.post.sft import task_spec
 
     out = {"data.tasks": ",".join(rc.data.tasks) if isinstance(rc.data.tasks, list) else rc.data.tasks,
            "grpo.prompts": rc.grpo.algo.prompts}
-    sft = _task_spec(rc.sft.algo.data)
+    sft = task_spec(rc.sft.algo.data)
     if sft is not None:
         out["sft.data"] = sft
     return out

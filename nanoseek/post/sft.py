@@ -93,7 +93,7 @@ class SFTSection:
                 check_sft_data(self.data, self.num_examples)
 
 
-def _task_spec(data: str) -> str | None:
+def task_spec(data: str) -> str | None:
     """The task spec of generated SFT data (``tasks:SPEC`` or ``rg:...``), None for a file."""
     if data.startswith("tasks:"):
         return data[len("tasks:"):]
@@ -103,7 +103,7 @@ def _task_spec(data: str) -> str | None:
 def check_sft_data(data: str, n: int = 0) -> None:
     """What :func:`load_sft_examples` refuses before reading: generated data (``tasks:`` / ``rg:``)
     without a number of examples or with a bad task spec, a file that is missing or not a regular file."""
-    spec = _task_spec(data)
+    spec = task_spec(data)
     if spec is not None:
         if n <= 0:
             raise DataError(f"SFT data {data!r} needs a number of examples (num_examples > 0)")
@@ -159,7 +159,7 @@ def load_sft_examples(data: str, n: int = 0, seed: int = 0, template: str = "r1"
     """A JSONL file, or generated cold-start traces (``tasks:SPEC`` / ``rg:NAME``, ``n`` of them;
     ``tool_use``: which of them call tools, :func:`task_sft_examples`)."""
     check_sft_data(data, n)
-    spec = _task_spec(data)
+    spec = task_spec(data)
     if spec is not None:
         return task_sft_examples(spec, n, seed=seed, template=template, tool_use=tool_use)
     examples = read_sft(data)
