@@ -147,3 +147,38 @@ def test_cli_rl_errors_are_one_line_naming_the_flag(tmp_path, capsys):
                  "--out", str(tmp_path / "d")]) == 2
     assert "keep it among the arms" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_an_interrupted_rl_suite_resumes_without_redoing_finished_runs(tmp_path):
+    """Stubbed training and evaluation: the suite stops at an interrupted run; the same plan again trains
+    only that run and the ones after it, and evaluates only what has no current eval.json."""
+    from types import SimpleNamespace
+
+    ckpt = saved_tiny_checkpoint(tmp_path / "sft")
+    plan = make_plan(str(ckpt), steps=2, seeds=2, overrides=TINY, eval_settings=EVAL, arms=["grpo", "gspo"])
+    out = tmp_path / "rl"
+    trained, evaluated, cut = [], [], [3]
+
+    def train(cfg, **kw):
+        run = Path(cfg.train.out_dir)
+        trained.append((run.parent.name, run.name))
+        if len(trained) == cut[0]:
+            return SimpleNamespace(status="interrupted", steps=1)
+        (run / "config.toml").write_text(cfg.to_toml())
+        (run / "stage.json").write_text(json.dumps({"kind": "grpo", "status": "done", "steps": 2}))
+        return SimpleNamespace(status="done", steps=2)
+
+    def evaluate(run_dir, settings, **kw):
+        evaluated.append((run_dir.parent.name, run_dir.name))
+        (run_dir / "eval.json").write_text(json.dumps({"config": settings}))
+        return SimpleNamespace(pass1=lambda: None)
+
+    order = [(a, f"seed{s}") for s in (0, 1) for a in ("grpo", "gspo")]
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
+    assert trained == order[:3] and evaluated == order[:2]
+    trained.clear(), evaluated.clear()
+    cut[0] = 0
+    (out / "runs" / "gspo" / "seed0" / "eval.json").unlink()          # an evaluation lost: redone, not retrained
+    run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
+    assert trained == order[2:] and evaluated == [order[1]] + order[2:]

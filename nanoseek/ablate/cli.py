@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/ablate", metavar="DIR",
                         help="output folder: OUT/SUITE/{report.md,results.json,runs/}; default runs/ablate")
     parser.add_argument("--seeds", default="auto", metavar="N|auto",
-                        help="seeds per arm; 'auto' (default): the most, up to 3, leaving --min-steps per run")
+                        help="seeds per arm; 'auto' (default): the most, up to 3, leaving --min-steps per run "
+                             "(--suite rl: 1)")
     parser.add_argument("--seed", type=limits.seed, default=0,
                         help="first seed (seeds are SEED, SEED+1, ...; default 0)")
     parser.add_argument("--steps", type=limits.positive_int, metavar="N",
