@@ -146,6 +146,10 @@ def test_cli_rl_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     assert main(["ablate", "--suite", "rl", "--steps", "2", "--model", str(ckpt), "--arms", "dapo",
                  "--out", str(tmp_path / "d")]) == 2
     assert "keep it among the arms" in capsys.readouterr().err
+    for item, flag in (("grpo.loss_agg=dapo", "the arms"), ("train.seed=3", "--seed")):
+        assert main(["ablate", "--suite", "rl", "--steps", "2", "--model", str(ckpt), "--set", item,
+                     "--out", str(tmp_path / "e")]) == 2
+        assert flag in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 

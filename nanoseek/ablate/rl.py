@@ -159,6 +159,13 @@ def make_plan(model: str, steps: int, seeds: int = 1, seed_base: int = 0, overri
         raise ConfigError(f"--model {model}: {e}") from None
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1 for the rl suite, got {seeds}")
+    owned = {"model.init_from": "--model", "train.out_dir": "--out", "train.max_steps": "--steps",
+             "grpo.seed": "--seed", "train.seed": "--seed", "train.device": "--device",
+             **{k: "the arms (what they differ in)" for a in ARMS for k in a.overrides}}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in owned:
+            raise ConfigError(f"--set {item}: {key} is set by {owned[key]}, not by --set")
     names = arms or [a.name for a in ARMS]
     for n in names:
         arm(n)
