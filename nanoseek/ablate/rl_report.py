@@ -123,6 +123,8 @@ def rl_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#") 
              "arm's claim counts as held (or not) when that interval excludes zero, every seed agrees on the sign "
              "and the difference exceeds the seeds' spread." + (" With one seed there is no spread: the verdict "
                                                                "carries '(one seed)'." if not multi else ""),
+             "", "The reward columns and curves are the rollouts' own (format + accuracy; DAPO's includes its "
+             "overlong penalty, so its reward is not on the same scale); the verdict reads held-out pass@1 only.",
              "", "Arms (`--set` on top of the common settings):", ""]
     for a in data["arms"].values():
         sets = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
