@@ -4,6 +4,7 @@
   nanoseek ablate --suite moe-vs-dense --budget-minutes 6 --data runs/ablate-data
   nanoseek ablate --suite all --budget-minutes 35 --data runs/ablate-data --markdown docs/ablations.md
   nanoseek ablate --report-only --out runs/ablate --markdown docs/ablations.md
+  nanoseek ablate --suite rl --model runs/speedrun/sft/final --steps 400 --seeds 3 --out runs/ablate
   nanoseek ablate --list
 
 Suites: moe-vs-dense (DeepSeekMoE vs dense at the same activated / total parameters), balance
@@ -11,7 +12,8 @@ Suites: moe-vs-dense (DeepSeekMoE vs dense at the same activated / total paramet
 MaxVio), attention (MLA vs MHA vs GQA at matched parameters, with KV-cache bytes per token), mtp
 (with and without multi-token prediction), precision (fp32 vs simulated bf16 vs simulated FP8
 GEMMs with DeepSeek-V3's 1x128 / 128x128 scaling), optimizer (Muon vs AdamW, each at three
-learning rates).
+learning rates); and rl (GRPO vs DAPO vs Dr. GRPO vs GSPO vs CISPO, ``nanoseek grpo`` runs from one
+SFT checkpoint, ``--model``, judged on held-out pass@1 paired per problem: :mod:`.rl`).
 
 Every arm of a suite trains the same number of tokens on the same data, in the same order, from
 the same seeds; the number of steps is sized from a throughput probe so that all arms x seeds
@@ -28,12 +30,14 @@ import argparse
 
 from nanoseek import limits
 
-SUITE_NAMES = ("moe-vs-dense", "balance", "attention", "mtp", "precision", "optimizer")
+SUITE_NAMES = ("moe-vs-dense", "balance", "attention", "mtp", "precision", "optimizer")   # pre-training ('all')
+RL = "rl"                       # post-training: runs alone, from --model (nanoseek.ablate.rl)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default=None, metavar="NAME",
-                        help=f"a suite, a comma-separated list, or 'all' ({', '.join(SUITE_NAMES)})")
+                        help=f"a suite, a comma-separated list, or 'all' ({', '.join(SUITE_NAMES)}); or {RL} "
+                             "(RL algorithms from --model, run alone)")
     parser.add_argument("--budget-minutes", type=limits.positive_float, metavar="M",
                         help="wall-clock budget; with several suites it is split in proportion to their arms")
     parser.add_argument("--data", default="runs/ablate-data", metavar="DIR",
@@ -41,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/ablate", metavar="DIR",
                         help="output folder: OUT/SUITE/{report.md,results.json,runs/}; default runs/ablate")
     parser.add_argument("--seeds", default="auto", metavar="N|auto",
-                        help="seeds per arm; 'auto' (default): the most, up to 3, leaving --min-steps per run")
+                        help="seeds per arm; 'auto' (default): the most, up to 3, leaving --min-steps per run "
+                             "(--suite rl: 1)")
     parser.add_argument("--seed", type=limits.seed, default=0,
                         help="first seed (seeds are SEED, SEED+1, ...; default 0)")
     parser.add_argument("--steps", type=limits.positive_int, metavar="N",
@@ -57,6 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=limits.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")
+    rl = parser.add_argument_group("the rl suite (--suite rl)")
+    rl.add_argument("--model", metavar="SFT_CHECKPOINT_OR_RUN",
+                    help="the SFT checkpoint (or run folder) every arm starts from")
+    rl.add_argument("--set", dest="overrides", action="append", default=[], metavar="TABLE.KEY=VALUE",
+                    help="a GRPO config key for every arm, on top of the suite's common settings, e.g. "
+                         "--set grpo.prompts=countdown or --set train.bias_update_gamma=0 (repeatable)")
+    rl.add_argument("--arms", metavar="A,B",
+                    help="the arms to run (default all: grpo,dapo,dr_grpo,gspo,cispo; grpo is the baseline)")
+    rl.add_argument("--eval-tasks", metavar="TASKS",
+                    help="held-out tasks, as nanoseek eval --tasks (default: the tasks the arms train on, at their level)")
+    rl.add_argument("--eval-n", type=limits.positive_int, metavar="N",
+                    help="held-out problems per task (default: nanoseek eval's --n)")
+    rl.add_argument("--eval-k", type=limits.positive_int, metavar="K",
+                    help="samples per problem for pass@1 (default: nanoseek eval's --k)")
     parser.add_argument("--markdown", metavar="PATH",
                         help="also write one document with every suite in OUT (e.g. docs/ablations.md)")
     parser.add_argument("--plots-dir", metavar="DIR",
@@ -73,9 +92,11 @@ def _suites(arg: str | None) -> list[str]:
     if arg is None:
         raise UserError("give --suite NAME (or 'all'); --list shows the suites")
     names = list(SUITE_NAMES) if arg == "all" else [s.strip() for s in arg.split(",") if s.strip()]
-    bad = [n for n in names if n not in SUITE_NAMES]
+    bad = [n for n in names if n not in SUITE_NAMES + (RL,)]
     if bad:
-        raise UserError(f"unknown suite {bad[0]!r}; suites: {', '.join(SUITE_NAMES)} or 'all'")
+        raise UserError(f"unknown suite {bad[0]!r}; suites: {', '.join(SUITE_NAMES + (RL,))} or 'all'")
+    if RL in names and len(names) > 1:
+        raise UserError(f"--suite {RL} runs alone (it starts from --model, not from --data)")
     return names
 
 
@@ -112,12 +133,17 @@ def _command(args: argparse.Namespace, suite: str, budget: float | None) -> str:
 
 
 def _list() -> int:
+    from .rl import ARMS
+    from .rl_report import CLAIM, TITLE
     from .suites import build_suite
     for name in SUITE_NAMES:
         s = build_suite(name, vocab_size=2048)
         print(f"{name}: {s.title}\n  claim: {s.claim}")
         for a in s.arms:
             print(f"  - {a.name}: {a.label} ({a.note})")
+    print(f"{RL}: {TITLE}\n  claim: {CLAIM}")
+    for a in ARMS:
+        print(f"  - {a.name}: {a.label} ({a.note})")
     return 0
 
 
@@ -152,12 +178,19 @@ def _main(args: argparse.Namespace, out) -> int:
 
     try:
         if args.report_only:
-            names = _suites(args.suite) if args.suite else [n for n in SUITE_NAMES if (out / n / "results.json").is_file()]
+            names = _suites(args.suite) if args.suite else [n for n in SUITE_NAMES + (RL,)
+                                                            if (out / n / "results.json").is_file()]
             if not names:
                 raise UserError(f"{out}: no finished suite (no SUITE/results.json); run a suite first")
             _rebuild(args, names, out)
         else:
             names = _suites(args.suite)
+            if names == [RL]:
+                _run_rl(args, out / RL)
+                names = []
+            elif args.model or args.overrides or args.arms or args.eval_tasks or args.eval_n or args.eval_k:
+                raise UserError(f"--model, --set, --arms and --eval-* apply to --suite {RL} only")
+        if not args.report_only and names:
             if args.budget_minutes is None and args.steps is None:
                 raise UserError("give --budget-minutes M (or --steps N)")
             if args.budget_minutes is not None and args.budget_minutes <= 0:
@@ -178,7 +211,7 @@ def _main(args: argparse.Namespace, out) -> int:
             if len(suites) > 1:
                 print(f"{len(suites)} suites, {n_arms} arms in {(time.perf_counter() - t_all) / 60:.1f} min")
         if args.markdown:
-            dirs = [out / n for n in SUITE_NAMES if (out / n / "results.json").is_file()]
+            dirs = [out / n for n in SUITE_NAMES + (RL,) if (out / n / "results.json").is_file()]
             md = Path(args.markdown)
             plots = Path(args.plots_dir) if args.plots_dir else md.with_suffix("")
             vocab = _vocab_size(args.data) if (Path(args.data) / "manifest.json").is_file() else None
@@ -191,7 +224,9 @@ def _main(args: argparse.Namespace, out) -> int:
             report_cmd = (f"nanoseek ablate --report-only --out {args.out} --data {args.data} --markdown {md}"
                           + (f" --plots-dir {args.plots_dir}" if args.plots_dir else "")
                           + (f" --notes {args.notes}" if args.notes else ""))
-            write_combined_markdown(dirs, md, plots, describe_base(base_model(vocab or 2048)), notes, report_cmd)
+            from .rl_report import any_suite_markdown
+            write_combined_markdown(dirs, md, plots, describe_base(base_model(vocab or 2048)), notes, report_cmd,
+                                    section=any_suite_markdown)
             print(f"wrote {md} ({len(dirs)} suites; plots in {plots})")
     except (ConfigError, ReportError) as e:
         raise UserError(str(e)) from None
@@ -216,6 +251,58 @@ def _run_one(args: argparse.Namespace, suite, budget: float | None, suite_dir) -
     print(f"   wrote {suite_dir}/report.md in {(time.perf_counter() - started) / 60:.1f} min")
 
 
+def _rl_command(args: argparse.Namespace) -> str:
+    parts = ["nanoseek ablate", f"--suite {RL}", f"--model {args.model}", f"--steps {args.steps}",
+             f"--out {args.out}"]
+    if args.seeds != "auto":
+        parts.append(f"--seeds {args.seeds}")
+    if args.seed:
+        parts.append(f"--seed {args.seed}")
+    for flag in ("arms", "eval_tasks", "eval_n", "eval_k", "threads"):
+        if getattr(args, flag):
+            parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+    if args.device != "auto":
+        parts.append(f"--device {args.device}")
+    parts += [f"--set {o}" for o in args.overrides]
+    return " ".join(parts)
+
+
+def _run_rl(args: argparse.Namespace, suite_dir) -> None:
+    """``--suite rl``: plan (every arm's config checked), train and evaluate, report."""
+    import time
+
+    from nanoseek.errors import UserError
+
+    from .rl import make_plan, run_suite
+    from .rl_report import write_rl_report
+
+    if not args.model:
+        raise UserError(f"--suite {RL} needs --model SFT_CHECKPOINT_OR_RUN (the checkpoint every arm starts from)")
+    if args.budget_minutes is not None:
+        raise UserError(f"--budget-minutes does not apply to --suite {RL} (rollout times change as the policy "
+                        "trains, so a probe cannot size the runs); give --steps N")
+    if args.steps is None:
+        raise UserError(f"--suite {RL} needs --steps N (optimizer steps per run, the same for every arm)")
+    try:
+        seeds = 1 if args.seeds == "auto" else int(args.seeds)
+    except ValueError:
+        raise UserError(f"--seeds must be 'auto' or a number, got {args.seeds!r}") from None
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    ev = {k: v for k, v in (("tasks", args.eval_tasks), ("n_problems", args.eval_n), ("k", args.eval_k)) if v}
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    started = time.perf_counter()
+    plan = make_plan(args.model, args.steps, seeds, args.seed, args.overrides, ev, arms, args.device,
+                     command=_rl_command(args))
+    print(f"== {RL}: {len(plan.seeds)} seed(s) x {len(plan.arms)} arms ({', '.join(plan.arms)}), {plan.steps} steps "
+          f"per run from {plan.model}")
+    run_suite(plan, suite_dir)
+    data = write_rl_report(plan, suite_dir)
+    print(f"   {data['verdict']['status']}: {data['verdict']['summary']}")
+    print(f"   wrote {suite_dir}/report.md in {(time.perf_counter() - started) / 60:.1f} min")
+
+
 def _rebuild(args: argparse.Namespace, names: list[str], out) -> None:
     """Re-collect finished suites' runs and rewrite their reports (no training)."""
     import json
@@ -235,6 +322,12 @@ def _rebuild(args: argparse.Namespace, names: list[str], out) -> None:
         if not is_suite_dir(d):
             from nanoseek.errors import UserError
             raise UserError(f"{d}/plan.json: not a nanoseek suite plan (needs suite, data_dir, seeds, steps)")
+        if name == RL:
+            from .rl import RLPlan
+            from .rl_report import write_rl_report
+            data = write_rl_report(RLPlan.from_dict(plan), d)
+            print(f"{name}: {data['verdict']['status']}; rewrote {d}/report.md")
+            continue
         suite = build_suite(name, _vocab_size(plan["data_dir"]))
         data = write_suite_report(suite, d, plan)
         print(f"{name}: {data['verdict']['status']}; rewrote {d}/report.md")

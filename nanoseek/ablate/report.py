@@ -293,9 +293,12 @@ Base model (every suite derives its arms from it): {base}.
 
 
 def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, plots_dir: str | Path,
-                            base_description: str, preamble: str = "", report_command: str = "") -> Path:
+                            base_description: str, preamble: str = "", report_command: str = "",
+                            section=None) -> Path:
     """``docs/ablations.md``: a summary table, the regenerating commands, every suite's section;
-    plots copied into ``plots_dir``."""
+    plots copied into ``plots_dir``. ``section(data, image_dir, heading)`` writes one suite's section
+    (default :func:`suite_markdown`; the CLI passes :func:`nanoseek.ablate.rl_report.any_suite_markdown`)."""
+    section = section or suite_markdown
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -306,13 +309,14 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
         data = read_results(d)
         for img in data.get("plots", []):
             write_atomic(plots_dir / img, (Path(d) / img).read_bytes())
-        sections.append(suite_markdown(data, image_dir=rel, heading="##"))
+        sections.append(section(data, image_dir=rel, heading="##"))
         p = data["plan"]
-        summary.append([f"[`{data['suite']}`](#{data['suite']})", data["verdict"]["status"],
-                        _fmt_int(p["steps"] * p["micro_batch_size"] * p["seq_len"]), str(len(p["seeds"])),
+        size = (f"{p['steps']} RL steps" if data.get("kind") == "rl" else
+                _fmt_int(p["steps"] * p["micro_batch_size"] * p["seq_len"]))
+        summary.append([f"[`{data['suite']}`](#{data['suite']})", data["verdict"]["status"], size, str(len(p["seeds"])),
                         f"{data['train_minutes']:.1f} min"])
         commands.append(p["command"])
-        if p["data_dir"] not in data_dirs:
+        if p.get("data_dir") and p["data_dir"] not in data_dirs:
             data_dirs.append(p["data_dir"])
     text = INTRO.format(base=base_description)
     if preamble:

@@ -71,14 +71,16 @@ class Plan:
 
 
 def is_suite_dir(path: Path) -> bool:
-    """A suite folder from before the ``.nanoseek.lock`` marker: a ``plan.json`` that reads as a :class:`Plan`."""
+    """A suite folder from before the ``.nanoseek.lock`` marker: a ``plan.json`` that reads as a :class:`Plan`
+    (or as the rl suite's :class:`~nanoseek.ablate.rl.RLPlan`: ``kind = "rl"``, a ``model`` instead of ``data_dir``)."""
     from nanoseek.atomic import read_record
 
     try:
         data = json.loads(read_record(Path(path) / "plan.json"))
     except (OSError, ValueError):
         return False
-    return (isinstance(data, dict) and isinstance(data.get("suite"), str) and isinstance(data.get("data_dir"), str)
+    source = "model" if isinstance(data, dict) and data.get("kind") == "rl" else "data_dir"
+    return (isinstance(data, dict) and isinstance(data.get("suite"), str) and isinstance(data.get(source), str)
             and isinstance(data.get("seeds"), list) and isinstance(data.get("steps"), int))
 
 

@@ -1,0 +1,188 @@
+"""nanoseek ablate --suite rl: the arms are the documented overrides, a tiny two-arm suite trains,
+evaluates and judges end to end, a re-run reuses finished runs, and the paired judge calls a clear
+win, a clear loss and noise correctly."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.ablate import rl
+from nanoseek.ablate.results import ArmResult
+from nanoseek.ablate.rl import ARMS, RLSeedRun, judge_arm, make_plan, run_suite, stage_config
+from nanoseek.ablate.rl_report import write_rl_report
+from post_helpers import saved_tiny_checkpoint
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ablations" / "notes.md"
+
+# tiny rollouts and evaluation for every arm (on top of the suite's COMMON settings)
+TINY = ["grpo.prompts=\"digit7\"", "grpo.num_prompts=8", "grpo.level=null", "grpo.prompts_per_step=2",
+        "grpo.group_size=2", "grpo.max_new_tokens=4", "grpo.micro_batch_size=4", "optim.seq_len=64",
+        "train.save_every=0"]
+EVAL = {"tasks": "digit7", "n_problems": 3, "k": 1, "max_new_tokens": 4, "temperature": 0.0}
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_arms_are_the_documented_overrides():
+    """docs/ablations.md's table of `--set` overrides (per arm) is what the suite runs, and each arm
+    changes only its own keys of the resolved config."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"\| (GRPO|DAPO|Dr\. GRPO|GSPO|CISPO)\b.*?\| (.*) \|$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    labels = {"grpo": "GRPO", "dapo": "DAPO", "dr_grpo": "Dr. GRPO", "gspo": "GSPO", "cispo": "CISPO"}
+    assert [a.name for a in ARMS] == list(labels)
+    for a in ARMS:
+        documented = dict(re.findall(r"(grpo\.\w+)=([\w./]+)", rows[labels[a.name]]))
+        ours = {k: (str(v).lower() if isinstance(v, bool) else "N/5" if callable(v) else str(v))
+                for k, v in a.overrides.items()}
+        assert ours == documented, a.name
+    assert ARMS[1].settings(128)["grpo.overlong_buffer"] == 25          # the docs' N/5 for N = 128
+
+
+def test_arm_configs_differ_only_in_their_keys_and_seed_sets_both_seeds(tmp_path):
+    ckpt = saved_tiny_checkpoint(tmp_path / "sft")
+    plan = make_plan(str(ckpt), steps=3, seeds=2, seed_base=5, overrides=TINY, eval_settings=EVAL)
+    base = stage_config(rl.arm("grpo"), plan, 6, tmp_path / "x").to_dict()
+    assert base["grpo"]["seed"] == base["train"]["seed"] == 6 and base["train"]["max_steps"] == 3
+    assert base["grpo"]["template"] == "chat" and base["grpo"]["num_iterations"] == 2   # COMMON
+    for a in ARMS[1:]:
+        cfg = stage_config(a, plan, 6, tmp_path / "x").to_dict()
+        changed = {f"{t}.{k}" for t in cfg for k in cfg[t] if cfg[t][k] != base[t][k]}
+        assert changed == set(a.overrides), a.name
+
+
+def test_tiny_two_arm_suite_runs_evaluates_judges_and_reuses(tmp_path, one_thread):
+    ckpt = saved_tiny_checkpoint(tmp_path / "sft")
+    plan = make_plan(str(ckpt), steps=2, seeds=1, overrides=TINY, eval_settings=EVAL, arms=["grpo", "dr_grpo"],
+                     device="cpu", command="nanoseek ablate --suite rl ...")
+    out = tmp_path / "ablate" / "rl"
+    from nanoseek.post.grpo import train_grpo
+    trained = []
+
+    def spy(cfg, **kw):
+        trained.append(cfg.train.out_dir)
+        return train_grpo(cfg, **kw)
+
+    run_suite(plan, out, train_fn=spy, log=lambda s: None)
+    assert len(trained) == 2
+    data = write_rl_report(plan, out)
+    for name in ("grpo", "dr_grpo"):
+        ev = json.loads((out / "runs" / name / "seed0" / "eval.json").read_text())
+        assert len(ev["problems"]) == 3 and ev["config"]["tasks"] == ["digit7"]
+        run = data["arms"][name]["runs"][0]
+        assert len(run["scores"]) == 3 and run["config_seed"] == 0 and len(run["curve"]) == 2
+        assert "reward_mean" in run["curve"][0]
+    vs = data["arms"]["dr_grpo"]["vs_baseline"]
+    assert vs["diff"]["n"] == 3 and vs["status"].startswith("not significant at this scale")  # one seed at most
+    assert data["verdict"]["status"] == vs["status"]
+    report = (out / "report.md").read_text()
+    assert "Dr. GRPO" in report and "paired" in report and (out / "rl.png").is_file()
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed0/*") if p.is_file()}
+    trained.clear()
+    run_suite(plan, out, train_fn=spy, log=lambda s: None)                     # finished runs are reused
+    assert trained == []
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def _arm(name: str, scores_by_seed: dict[int, list[float]]) -> ArmResult:
+    res = ArmResult(name, name, {})
+    for seed, scores in scores_by_seed.items():
+        res.runs.append(RLSeedRun(seed, "", sum(scores) / len(scores), {f"t/{i}": s for i, s in enumerate(scores)},
+                                  [], 0.0, seed))
+    return res
+
+
+@pytest.mark.parametrize("case, expected", [("win", "held"), ("loss", "did not hold"),
+                                            ("noise", "not significant at this scale")])
+def test_paired_judge_on_synthetic_problems(case, expected):
+    rng = random.Random(0)
+    n, seeds = 200, (0, 1, 2)
+    base = {s: [float(rng.random() < 0.4) for _ in range(n)] for s in seeds}
+    if case == "win":         # 25% of the problems flip to solved in every seed
+        other = {s: [1.0 if rng.random() < 0.25 else x for x in base[s]] for s in seeds}
+    elif case == "loss":
+        other = {s: [0.0 if rng.random() < 0.5 else x for x in base[s]] for s in seeds}
+    else:                     # an independent draw at the same rate: no real difference
+        other = {s: [float(rng.random() < 0.4) for _ in range(n)] for s in seeds}
+    j = judge_arm(_arm("x", other), _arm("grpo", base))
+    assert j["status"] == expected, j
+    assert set(j["per_seed"]) == set(seeds) and j["diff"]["n"] == n
+    d = j["diff"]
+    assert d["low"] <= d["mean"] <= d["high"]
+    one = judge_arm(_arm("x", {0: other[0]}), _arm("grpo", {0: base[0]}))      # one seed: never more than a direction
+    assert one["status"].startswith("not significant at this scale (one seed")
+
+
+def test_cli_rl_errors_are_one_line_naming_the_flag(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["ablate", "--suite", "rl", "--steps", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["ablate", "--suite", "rl", "--steps", "2", "--model", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    ckpt = saved_tiny_checkpoint(tmp_path / "sft")
+    assert main(["ablate", "--suite", "rl", "--budget-minutes", "5", "--model", str(ckpt),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--budget-minutes does not apply" in capsys.readouterr().err
+    assert main(["ablate", "--suite", "rl,mtp", "--steps", "2", "--model", str(ckpt)]) == 2
+    assert "runs alone" in capsys.readouterr().err
+    assert main(["ablate", "--suite", "rl", "--steps", "2", "--model", str(ckpt), "--arms", "dapo",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "keep it among the arms" in capsys.readouterr().err
+    for item, flag in (("grpo.loss_agg=dapo", "the arms"), ("train.seed=3", "--seed")):
+        assert main(["ablate", "--suite", "rl", "--steps", "2", "--model", str(ckpt), "--set", item,
+                     "--out", str(tmp_path / "e")]) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_an_interrupted_rl_suite_resumes_without_redoing_finished_runs(tmp_path):
+    """Stubbed training and evaluation: the suite stops at an interrupted run; the same plan again trains
+    only that run and the ones after it, and evaluates only what has no current eval.json."""
+    from types import SimpleNamespace
+
+    ckpt = saved_tiny_checkpoint(tmp_path / "sft")
+    plan = make_plan(str(ckpt), steps=2, seeds=2, overrides=TINY, eval_settings=EVAL, arms=["grpo", "gspo"])
+    out = tmp_path / "rl"
+    trained, evaluated, cut = [], [], [3]
+
+    def train(cfg, **kw):
+        run = Path(cfg.train.out_dir)
+        trained.append((run.parent.name, run.name))
+        if len(trained) == cut[0]:
+            return SimpleNamespace(status="interrupted", steps=1)
+        (run / "config.toml").write_text(cfg.to_toml())
+        (run / "stage.json").write_text(json.dumps({"kind": "grpo", "status": "done", "steps": 2}))
+        return SimpleNamespace(status="done", steps=2)
+
+    def evaluate(run_dir, settings, **kw):
+        evaluated.append((run_dir.parent.name, run_dir.name))
+        (run_dir / "eval.json").write_text(json.dumps({"config": settings}))
+        return SimpleNamespace(pass1=lambda: None)
+
+    order = [(a, f"seed{s}") for s in (0, 1) for a in ("grpo", "gspo")]
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
+    assert trained == order[:3] and evaluated == order[:2]
+    trained.clear(), evaluated.clear()
+    cut[0] = 0
+    (out / "runs" / "gspo" / "seed0" / "eval.json").unlink()          # an evaluation lost: redone, not retrained
+    run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
+    assert trained == order[2:] and evaluated == [order[1]] + order[2:]
