@@ -20,7 +20,7 @@ for, held-out pass@1. This module is that suite end to end:
 * :func:`judge_arm`: an arm against GRPO: the paired 95% interval of the per-problem pass@1
   differences (:func:`nanoseek.eval.stats.paired_difference`) per seed and pooled (each problem's
   pass@1 averaged over seeds first), and a verdict by the pre-training suites' rule
-  (:func:`nanoseek.ablate.results.compare`, ``suites._status``): a difference counts when every
+  (:func:`nanoseek.ablate.results.compare`, ``suites.claim_status``): a difference counts when every
   seed agrees on its sign and it exceeds the seeds' spread, and here also when the pooled paired
   interval excludes zero; one seed is "not significant at this scale (one seed; ...)".
 
@@ -362,7 +362,7 @@ def _paired(base: dict[str, float], other: dict[str, float]):
 def judge_arm(a: ArmResult, base: ArmResult) -> dict[str, Any]:
     """``a`` against the baseline on held-out pass@1: per-seed and pooled paired 95% intervals of
     the per-problem differences (a - base) and the status by the suites' rule (see the module docstring)."""
-    from .suites import _combine, _status
+    from .suites import combine_statuses, claim_status
 
     by_seed = {r.seed: r for r in base.runs}
     per_seed = {r.seed: _paired(by_seed[r.seed].scores, r.scores) for r in a.runs if r.seed in by_seed}
@@ -378,8 +378,8 @@ def judge_arm(a: ArmResult, base: ArmResult) -> dict[str, Any]:
     if comp.clear is not None:
         comp = dataclasses.replace(comp, clear=comp.clear and (pooled.low > 0 or pooled.high < 0))
     # the claims: higher held-out pass@1 than GRPO; no difference at all points nowhere
-    raw = "not significant at this scale" if comp.diff == 0 else _status(comp, expect_lower=False)
-    return {"status": _combine([raw]), "raw_status": raw, "diff": pooled.to_dict(), "per_seed": {s: per_seed[s].to_dict() for s in seeds},
+    raw = "not significant at this scale" if comp.diff == 0 else claim_status(comp, expect_lower=False)
+    return {"status": combine_statuses([raw]), "raw_status": raw, "diff": pooled.to_dict(), "per_seed": {s: per_seed[s].to_dict() for s in seeds},
             "seed_spread": comp.spread, "clear": comp.clear}
 
 
@@ -396,13 +396,13 @@ def describe(label: str, j: dict[str, Any]) -> str:
 
 def judge(results: dict[str, ArmResult]) -> tuple[dict[str, dict[str, Any]], str, str]:
     """(per-arm judgements, the suite's status, its summary) for every arm against GRPO."""
-    from .suites import _combine
+    from .suites import combine_statuses
 
     base = results[BASELINE]
     per_arm = {n: judge_arm(r, base) for n, r in results.items() if n != BASELINE}
     if not per_arm:
         return {}, "not significant at this scale", "only the baseline ran"
-    status = _combine([j["raw_status"] for j in per_arm.values()])
+    status = combine_statuses([j["raw_status"] for j in per_arm.values()])
     summary = "; ".join(f"{describe(results[n].label, j)}: {j['status']}" for n, j in per_arm.items()) + "."
     return per_arm, status, summary
 

@@ -152,7 +152,7 @@ def mha_with_matched_params(mla: ModelConfig, kv_heads: int) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------- judging helpers
-def _status(comp, expect_lower: bool) -> str:
+def claim_status(comp, expect_lower: bool) -> str:
     """One comparison whose claimed direction is ``a`` lower (``expect_lower``) than ``b``.
 
     With one seed there is no spread to judge a difference against (and where two seeds ran here,
@@ -166,7 +166,7 @@ def _status(comp, expect_lower: bool) -> str:
     return "held" if agrees else "did not hold"
 
 
-def _combine(statuses: list[str]) -> str:
+def combine_statuses(statuses: list[str]) -> str:
     """One status for a claim with one or several parts."""
     if any(s in ("for", "against") for s in statuses):
         n_for = statuses.count("for")
@@ -209,7 +209,7 @@ def moe_vs_dense(base: ModelConfig) -> Suite:
     def judge(r: dict) -> Verdict:
         c_act = compare(r["moe"], r["dense-active"])
         c_tot = compare(r["moe"], r["dense-total"])
-        status = _combine([_status(c_act, expect_lower=True)])
+        status = combine_statuses([claim_status(c_act, expect_lower=True)])
         la, lt, lm = (r[n].mean("final_val_loss") for n in ("dense-active", "dense-total", "moe"))
         if lt < la:
             bound = (f"the MoE covers {100 * (la - lm) / (la - lt):.0f}% of the gap between the two dense models "
@@ -258,7 +258,7 @@ def balance(base: ModelConfig, alphas: tuple[float, ...] = (0.001, 0.01, 0.1),
         def against_aux(free: str) -> tuple[list[str], str]:
             loss = {n: compare(r[free], r[n]) for n in aux}
             vio = {n: compare(r[free], r[n], "maxvio_mean") for n in aux}
-            statuses = [_status(c, True) for c in loss.values()] + [_status(c, True) for c in vio.values()]
+            statuses = [claim_status(c, True) for c in loss.values()] + [claim_status(c, True) for c in vio.values()]
             parts = [f"vs {r[n].label}: {loss[n].text('validation loss')}; {vio[n].text('mean MaxVio')}" for n in aux]
             none_vio = compare(r[free], r["none"], "maxvio_mean")
             return statuses, (f"{r[free].label}: " + "; ".join(parts) +
@@ -266,9 +266,9 @@ def balance(base: ModelConfig, alphas: tuple[float, ...] = (0.001, 0.01, 0.1),
 
         statuses, text = against_aux("aux-free")
         fast_statuses, fast_text = against_aux(f"aux-free-{fast_gamma:g}")
-        summary = (f"{text}. Verdict from V3's gamma; with the faster bias update ({_combine(fast_statuses)}): "
+        summary = (f"{text}. Verdict from V3's gamma; with the faster bias update ({combine_statuses(fast_statuses)}): "
                    f"{fast_text}.")
-        return Verdict(_combine(statuses), summary)
+        return Verdict(combine_statuses(statuses), summary)
 
     return Suite(
         "balance", "Auxiliary-loss-free load balancing vs an auxiliary balance loss",
@@ -307,7 +307,7 @@ def attention(base: ModelConfig, gqa_kv_heads: int | None = None) -> Suite:
                    f"{c_gqa.text('validation loss')}. KV cache (bf16, all layers): MLA {kvb['mla']:,} bytes/token, "
                    f"GQA {kvb[f'gqa-{kv}']:,}, MHA {kvb['mha']:,} "
                    f"(MLA caches {100 * kvb['mla'] / kvb['mha']:.0f}% of MHA's).")
-        return Verdict(_combine([_status(c_mha, True)]), summary)
+        return Verdict(combine_statuses([claim_status(c_mha, True)]), summary)
 
     return Suite(
         "attention", "MLA vs MHA vs GQA at matched parameters",
@@ -332,7 +332,7 @@ def mtp(base: ModelConfig, mtp_lambda: float = 0.3) -> Suite:
         summary = (f"Main-model validation loss (next token only, the MTP module unused at evaluation) with MTP vs "
                    f"without: {c.text('validation loss')}. The MTP arm spends {100 * (f1 / f0 - 1):.0f}% more "
                    "training FLOPs per token (its extra block and output head); at inference the module is dropped.")
-        return Verdict(_combine([_status(c, True)]), summary)
+        return Verdict(combine_statuses([claim_status(c, True)]), summary)
 
     return Suite(
         "mtp", "Multi-token prediction",
@@ -428,7 +428,7 @@ def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0))
         if edge and len(lr_scales) > 1:
             summary += (f" Not tuned: the best lr of {' and '.join(edge)} is at the edge of the grid "
                         f"{', '.join(f'x{k:g}' for k in lr_scales)}; widen it (or --lr) before reading the verdict.")
-        status = _combine([_status(c, True)])
+        status = combine_statuses([claim_status(c, True)])
         if edge and len(lr_scales) > 1:
             status = f"unresolved: the learning rates are not tuned (was: {status})"
         return Verdict(status, summary)
