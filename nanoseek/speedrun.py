@@ -240,7 +240,8 @@ def _stage_data(run_dir: Path, rc: SpeedrunRecipe, seed: int, scale: float, log)
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
     n_docs = max(2000, int(d.task_docs * scale))
-    docs = default_corpus_records(n_docs, seed=seed, tasks=tuple(d.tasks), task_levels=d.task_levels)
+    tool_tasks = tuple(rc.tools.task_names) if rc.tools.enabled else ()   # their problems in the corpus: as tool calls
+    docs = default_corpus_records(n_docs, seed=seed, tasks=tuple(d.tasks), task_levels=d.task_levels, tool_tasks=tool_tasks)
     log(f"data: generating {n_docs:,} task documents + shipped prose, training a {d.vocab_size}-token BPE")
     cfg = PrepareConfig(vocab_size=d.vocab_size, val_fraction=d.val_fraction, overwrite=True)
     return prepare(docs, out, cfg=cfg)

@@ -181,3 +181,34 @@ def test_tool_traces_with_a_tokenizer_without_tool_tokens_are_refused():
     examples = task_sft_examples("big_arithmetic", 2, tool_use=ToolUse.of("calculator"))
     with pytest.raises(DataError, match="cannot call tools"):
         tokenize_examples(WithoutToolTokens(tool_tokenizer()), examples, 256)
+
+
+def test_corpus_writes_tool_tasks_as_their_call_with_the_real_output():
+    """Pre-training text of a tool task (``tool_tasks``): the SFT trace's reasoning, the call as the chat
+    writes it between the tool-call tokens (name + JSON arguments: the question's operands copied),
+    the calculator's real output, the answer; other tasks keep their worked steps, and without
+    ``tool_tasks`` nothing changes."""
+    from nanoseek.data.corpus import task_documents
+    from nanoseek.tasks.generators import corpus_document
+
+    specs = ("big_arithmetic:1-2", "arithmetic:1-2")
+    plain = list(task_documents(40, tasks=specs))
+    tooled = list(task_documents(40, tasks=specs, tool_tasks=("big_arithmetic",)))
+    assert [d.origin for d in plain] == [d.origin for d in tooled]
+    n_tool = 0
+    for d, t in zip(plain, tooled):
+        if not d.origin.startswith("task:big_arithmetic"):
+            assert d.text == t.text
+            continue
+        n_tool += 1
+        question, _, rest = t.text.partition("\nSolution:\n")
+        reasoning, call, output, answer, end = rest.split("\n")
+        assert reasoning == "This needs the calculator tool." and end == ""
+        assert call.startswith("calculator{") and answer == f"Answer: {output}"
+        expr = json.loads(call[len("calculator"):])["expression"]
+        assert str(evaluate(expr)) == output                    # the real tool's output
+        assert all(tok in question.replace(",", "") for tok in expr.split() if tok.isdigit())   # operands copied
+        assert t.text != d.text
+    assert n_tool == 20
+    p = get_task("compare").generate("train", 1, seed=0)[0]
+    assert corpus_document(p, with_tool=True) == corpus_document(p)     # no tool call: worked steps

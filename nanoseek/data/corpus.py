@@ -45,7 +45,8 @@ def plain_text_documents() -> list[Document]:
 
 
 def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
-                   task_levels: Mapping[str, int | None] | int | None = None) -> Iterator[Document]:
+                   task_levels: Mapping[str, int | None] | int | None = None,
+                   tool_tasks: Sequence[str] = ()) -> Iterator[Document]:
     """``n`` train-split problems as documents, round-robin over ``tasks``.
 
     ``tasks``: reasoning-gym datasets (``rg:NAME(config)``: their train split, :func:`corpus_specs`),
@@ -54,6 +55,8 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
     :mod:`nanoseek.tasks.phrasing`).
     ``task_levels``: one level for every task, or a mapping task -> level (``None``: all levels
     in equal shares, the default); levels in a spec take precedence.
+    ``tool_tasks``: built-in task names whose problems are written as their tool-using reply
+    (``corpus_document(with_tool=True)``: the calculator call in plain text, its output, the answer).
     """
     from nanoseek.tasks.generators import corpus_document, get_task
 
@@ -79,7 +82,7 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
             if problem is None:
                 per_task.remove(it)
             else:
-                yield Document(corpus_document(problem), f"task:{problem.id}")
+                yield Document(corpus_document(problem, problem.task in tool_tasks), f"task:{problem.id}")
 
 
 def corpus_specs(tasks: str | Sequence[str]) -> list:
@@ -107,13 +110,14 @@ def corpus_specs(tasks: str | Sequence[str]) -> list:
 
 def default_corpus_records(n_task_docs: int, seed: int = 0,
                            task_levels: Mapping[str, int | None] | int | None = None,
-                           tasks: Sequence[str] = DEFAULT_TASKS, text_repeats: int = 1) -> Iterator[Document]:
+                           tasks: Sequence[str] = DEFAULT_TASKS, text_repeats: int = 1,
+                           tool_tasks: Sequence[str] = ()) -> Iterator[Document]:
     """The default corpus as :class:`Document` records (text and origin), deterministic per seed."""
     plain = plain_text_documents() * text_repeats
     total = n_task_docs + len(plain)
     # plain document j goes to stream position about (j + 1) * total / (len(plain) + 1)
     slots = {((j + 1) * total) // (len(plain) + 1): doc for j, doc in enumerate(plain)}
-    task_iter = task_documents(n_task_docs, seed, tasks, task_levels)
+    task_iter = task_documents(n_task_docs, seed, tasks, task_levels, tool_tasks)
     for pos in range(total):
         yield slots[pos] if pos in slots else next(task_iter)
 

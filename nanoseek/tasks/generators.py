@@ -768,8 +768,24 @@ def parse_task_items(spec: str | Sequence[str]) -> list[tuple[str, tuple[int, ..
     return out
 
 
-def corpus_document(p: Problem) -> str:
+def tool_reasoning(name: str) -> str:
+    """The reasoning before the ideal tool call (the tool-using SFT trace and its pre-training text)."""
+    return f"This needs the {name} tool."
+
+
+def corpus_document(p: Problem, with_tool: bool = False) -> str:
     """Pre-training text for one problem: question, worked steps (none for a problem without them,
-    like most reasoning-gym ones), ``Answer: X``."""
-    steps = f"{p.reasoning}\n" if p.reasoning else ""
+    like most reasoning-gym ones), ``Answer: X``. ``with_tool``: a problem whose task has an ideal tool
+    call (:meth:`Task.tool_call`) is written as its tool-using reply in plain text: the reasoning, the
+    call (the tool's name and its JSON arguments, as the chat writes them between the tool-call
+    tokens), the tool's output, the answer; so pre-training teaches copying the operands into the call."""
+    from nanoseek.tools.format import tojson
+
+    task = TASKS.get(p.task)
+    call = task.tool_call(p) if with_tool and task is not None else None
+    if call is not None:
+        name, args = call
+        steps = f"{tool_reasoning(name)}\n{name}{tojson(args)}\n{p.answer}\n"
+    else:
+        steps = f"{p.reasoning}\n" if p.reasoning else ""
     return f"Question: {p.prompt}\nSolution:\n{steps}Answer: {p.answer}\n"

@@ -57,7 +57,7 @@ from fractions import Fraction
 from typing import Any, Sequence
 
 from nanoseek.data.tokenizer import END_THINK, THINK
-from nanoseek.tasks.generators import NUMBER, TASKS, Problem, corpus_document
+from nanoseek.tasks.generators import NUMBER, TASKS, Problem, corpus_document, tool_reasoning
 from nanoseek.tools.format import TOOL_CALLS_BEGIN, tojson, tools_system_text, ToolSpec
 
 ANSWER, END_ANSWER = "<answer>", "</answer>"
@@ -447,7 +447,7 @@ def tool_sft_messages(p: Problem, toolbox) -> list[dict[str, Any]] | None:
     if not result.ok or not task.verify(result.output, p):
         raise ValueError(f"{p.id}: the {name} tool answers {result.output!r} to {call.arguments}, not {p.answer!r}")
     return [{"role": "user", "content": p.prompt},
-            {"role": "assistant", "reasoning": f"This needs the {name} tool.", "content": "",
+            {"role": "assistant", "reasoning": tool_reasoning(name), "content": "",
              "tool_calls": [call.to_openai()]},
             {"role": "tool", "tool_call_id": call.id, "content": result.output},
             {"role": "assistant", "content": f"Answer: {result.output}"}]
