@@ -65,6 +65,8 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
+        if dist.is_initialized():
+            dist.barrier()        # no rank tears gloo down while another still talks to it (an abort under load)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
