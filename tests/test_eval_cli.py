@@ -52,6 +52,42 @@ def test_eval_of_a_speedrun_folder_evaluates_every_stage_on_the_same_problems(ru
     assert json.loads(capsys.readouterr().out)["b"].endswith("sft/eval.json")
 
 
+def test_a_stage_evaluation_is_not_replaced_by_one_with_other_settings(run, tmp_path, capsys):
+    """The stage folder's eval.json is the stage's record (the run report reads it): re-running the same
+    evaluation replaces it; another one (other tasks, n, k, temperature...) is kept beside it in the
+    next free name (eval-2.json, ...) with a note naming what differs, and the record stays byte for
+    byte; --overwrite replaces it, --out names the file; a foreign file there is kept too."""
+    import shutil
+
+    src, _, _ = run
+    root = tmp_path / "run"
+    shutil.copytree(src, root)
+    stage, folder = root / "sft" / "final", root / "sft"
+    assert main(["eval", "--model", str(stage), *ARGS]) == 0
+    assert main(["eval", "--model", str(stage), *ARGS]) == 0                       # the same evaluation: replaced
+    assert not (folder / "eval-2.json").exists()
+    record = (folder / "eval.json").read_bytes()
+    for n, (change, key) in enumerate([(["--n", "2"], "n_problems"), (["--k", "1"], "k"),
+                                       (["--tasks", "compare"], "tasks"), (["--temperature", "0"], "temperature")], 2):
+        capsys.readouterr()
+        assert main(["eval", "--model", str(stage), *ARGS, *change]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        differs = out.split("holds another evaluation (")[1].split("): kept")[0]
+        assert f"{key} " in differs and f"this one goes to eval-{n}.json" in out, out
+        assert (folder / "eval.json").read_bytes() == record
+        assert EvalResult.load(folder / f"eval-{n}.json").config[key] != EvalResult.load(folder / "eval.json").config[key]
+    assert main(["eval", "--model", str(stage), *ARGS, "--n", "2", "--out", str(tmp_path / "other.json")]) == 0
+    assert EvalResult.load(tmp_path / "other.json").config["n_problems"] == 2
+    assert main(["eval", "--model", str(stage), *ARGS, "--n", "2", "--overwrite"]) == 0
+    assert EvalResult.load(folder / "eval.json").config["n_problems"] == 2
+    (root / "pretrain" / "eval.json").write_text("my notes\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(root / "pretrain" / "final"), *ARGS]) == 0
+    assert "not a nanoseek eval result" in " ".join(capsys.readouterr().out.split())
+    assert (root / "pretrain" / "eval.json").read_text() == "my notes\n"
+    assert EvalResult.load(root / "pretrain" / "eval-2.json").config["mode"] == "fewshot"
+
+
 def test_eval_of_one_checkpoint_with_bits_per_byte(run, tmp_path, capsys):
     root, tok, texts = run
     dtype = token_dtype(tok.vocab_size)

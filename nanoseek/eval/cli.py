@@ -20,7 +20,10 @@ in the sandbox, pass@k) and a built-in task's held-out problems in other wording
 (``reword:GROUP:TASK[:LEVELS]``, GROUP original, seen or unseen: :mod:`nanoseek.tasks.phrasing`).
 
 Each evaluation is written to ``eval.json`` (default: in the stage folder, or ``--out``) with
-the config, the metrics, every problem's scores and a few full responses. ``--data DIR`` adds
+the config, the metrics, every problem's scores and a few full responses. A stage folder's
+``eval.json`` made with other settings (the run report's record of the stage) is kept: the new
+evaluation goes to ``eval-2.json`` (the next free name) with a note naming what differs, unless
+``--overwrite`` (re-running the same evaluation replaces its file). ``--data DIR`` adds
 bits per byte on the validation split of a prepared data directory.
 
 Examples::
@@ -110,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
     p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
     p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the stage folder's eval.json (tools.json) even when it holds an evaluation with "
+                        "other settings (without it that file is kept and this one goes to eval-2.json, ...)")
     p.add_argument("--data", metavar="DIR", help="prepared data directory: also measure bits per byte on its "
                                                  "val split")
     p.add_argument("--bpb-tokens", type=limits.nonneg_int, default=32768,
@@ -117,6 +123,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: found next to the checkpoint)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding in the engine")
+
+
+# what an evaluation was: two eval files that differ in one of these are two different evaluations
+IDENTITY = ("tasks", "n_problems", "k", "mode", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+            "levels", "few_shot", "tools", "tool_tasks", "describe_tools")
+
+
+def settings_clash(path: Path, config: dict) -> str | None:
+    """Why the file at ``path`` is not an earlier run of the evaluation whose saved ``config`` this is:
+    the settings that differ, "not a nanoseek eval result", or None (no file, or the same settings:
+    re-running an evaluation replaces its file)."""
+    import json
+
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        old = None
+    if not isinstance(old, dict):
+        return "not a nanoseek eval result"
+    differ = [k for k in IDENTITY if k in old and k in config and old[k] != config[k]]
+    return ", ".join(f"{k} {old[k]!r} -> {config[k]!r}" for k in differ) or None
+
+
+def free_name(path: Path) -> Path:
+    """``eval.json`` -> the first of ``eval-2.json``, ``eval-3.json``, ... that does not exist."""
+    n = 2
+    while (alt := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    return alt
 
 
 def _ints(text: str | None, flag: str) -> list[int] | None:
@@ -275,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_save:
             out = Path(args.out) if args.out else \
                 default_out.with_name(TOOLS_JSON) if cfg.tool_use.enabled else default_out
+            why = None if (args.out or args.overwrite) else settings_clash(out, result.config)
+            if why:                   # the stage's own evaluation (the run report's record) stays
+                kept, out = out, free_name(out)
+                console.print(f"[yellow]note:[/] {kept} holds another evaluation ({why}): kept; "
+                              f"this one goes to {out.name} (--overwrite replaces it, --out names the file)")
             result.save(out)
             console.print(f"wrote {out}")
         results.append((label, result))
