@@ -137,3 +137,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in HEAVY:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for the test: tiny matmuls run faster than with two threads on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

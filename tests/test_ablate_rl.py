@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanoseek.ablate import rl
 from nanoseek.ablate.results import ArmResult
@@ -27,12 +26,6 @@ TINY = ["grpo.prompts=\"digit7\"", "grpo.num_prompts=8", "grpo.level=null", "grp
 EVAL = {"tasks": "digit7", "n_problems": 3, "k": 1, "max_new_tokens": 4, "temperature": 0.0}
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_arms_are_the_documented_overrides():

@@ -23,13 +23,6 @@ from nanoseek.post.registry import stage_config_from_dict
 from post_helpers import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture
-def one_thread():
-    """Single-threaded torch: tiny matmuls run faster than with two threads on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def first_token_is_7(texts, items):

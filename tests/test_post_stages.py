@@ -4,7 +4,6 @@ and DPO / distillation run end to end through the shared trainer on a tiny model
 import json
 
 import pytest
-import torch
 
 from nanoseek.cli import main
 from nanoseek.post.datasets import SFTExample, load_rl_prompts, write_jsonl
@@ -25,12 +24,6 @@ def base(tmp_path):
     return saved_tiny_checkpoint(tmp_path / "base")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name,kind", [("sft", "sft"), ("dpo", "dpo"), ("r1-zero", "grpo"), ("distill", "distill")])
