@@ -244,8 +244,8 @@ def test_build_reward_fn_scores_built_in_math_and_external_prompts_in_order():
     items = [task, math, ext, task]
     for workers in (1, 4):
         got = build_reward_fn(cfg, workers)(texts, items)
-        assert [r.reward for r in got] == pytest.approx([2.5, 2.5, 1.5, 0.0])
-        assert [r.correct for r in got] == [True, True, False, True]      # 0.5 from score_answer is not correct
+        assert [r.reward for r in got] == pytest.approx([2.5, 2.5, 0.5, 0.0])   # 0.5 from score_answer pays nothing
+        assert [r.correct for r in got] == [True, True, False, True]      # ...and is not correct
         assert [r.format_ok for r in got] == [True, True, True, False]    # r1-zero needs <answer> tags
-        assert got[2].answer == "4" and got[2].info == {"format_reason": "ok (r1-zero)"}
+        assert got[2].answer == "4" and got[2].info == {"format_reason": "ok (r1-zero)", "score": 0.5}
     assert score_external("4", lambda a: 1.0).reward == 0.0           # the format gates outside verifiers too

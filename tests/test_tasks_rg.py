@@ -12,7 +12,7 @@ from eval_helpers import ScriptedEngine
 from nanoseek.cli import main
 from nanoseek.data.bytetok import ByteTokenizer
 from nanoseek.eval.harness import draw_problems, evaluate
-from nanoseek.post.datasets import DataError, load_rl_prompts
+from nanoseek.post.datasets import DataError, check_rl_source, load_rl_prompts
 from nanoseek.post.sft import check_sft_data, load_sft_examples
 from nanoseek.tasks import rg
 from nanoseek.tasks.generators import split_specs
@@ -78,6 +78,21 @@ def test_partial_credit_is_not_a_solved_problem():
     assert 0 < src.accuracy("1 + 1", p) < 1.0
     assert src.score_reply(r1("1 + 1"), p, "chat")[0] is False
     assert src.score_reply(r1(p.answer), p, "chat")[:2] == (True, True)
+
+
+@pytest.mark.parametrize("spec", [NUMERIC, "rg:products(min_terms=2, max_terms=2, min_digits=1, max_digits=2)"])
+def test_partial_credit_pays_no_rl_reward(spec):
+    """reasoning-gym's default grader pays len(gold) / len(answer) to any answer containing the gold:
+    a string of digits that merely contains it must earn no accuracy reward, or GRPO learns to write
+    long numbers (the calculator called with invented operands, issue 25's note)."""
+    fn = build_reward_fn(RewardConfig())
+    items = load_rl_prompts(spec, 6, seed=3)
+    padded = [f"{i.answer}{i.answer}0" for i in items]
+    assert all(0 < i.score_answer(a) < 1 for i, a in zip(items, padded))      # the grader does pay it
+    got = fn([r1(a) for a in padded], items)
+    assert [r.reward for r in got] == [0.1] * 6 and not any(r.correct for r in got)
+    assert all(0 < r.info["score"] < 1 for r in got)                          # kept for inspection
+    assert [r.reward for r in fn([r1(i.answer) for i in items], items)] == [1.1] * 6
 
 
 def test_a_tiny_model_is_evaluated_on_rg_tasks_deterministically():
@@ -194,6 +209,18 @@ def test_rl_prompts_are_graded_by_score_answer_through_the_reward():
     bad = fn([r1(_wrong(i.answer)) for i in items], items)
     assert [r.reward for r in good] == [1.1] * 9 and [r.reward for r in bad] == [0.1] * 9
     assert [i.id for i in items] == [i.id for i in load_rl_prompts(f"{NUMERIC},{LIST},arithmetic:1", 9, seed=2)]
+
+
+def test_a_source_longer_than_a_file_name_is_read_as_specs_not_as_a_path():
+    """Several configured datasets make a spec longer than the file-name limit (255 bytes): it is
+    task specs, not an OSError from asking the file system whether such a file exists."""
+    three = "rg:chain_sum(min_terms=3, max_terms=3, min_digits=1, max_digits=2)"
+    ok = ",".join([NUMERIC, "arithmetic:1"] + [three] * 3)
+    assert len(ok) > 255 and check_rl_source(ok) == [("arithmetic", (1,))]
+    assert {i.task.startswith("rg:") for i in load_rl_prompts(ok, 6, seed=0)} == {True, False}
+    bad = ok + ",rg:chain_sum(" + "x" * 300 + "=1)"
+    with pytest.raises(DataError, match="x" * 20):     # an unknown config key: one line naming it
+        check_rl_source(bad)
 
 
 def test_sft_traces_carry_worked_steps_where_the_dataset_has_them():

@@ -402,7 +402,14 @@ def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
 
 
 def _is_file_source(source: str) -> bool:
-    return source.endswith(".jsonl") or Path(source).is_file()
+    """Whether ``source`` names a prompt file rather than task specs (a spec longer than the
+    system's file-name limit, e.g. several reasoning-gym configs, is not a file: no OSError)."""
+    if source.endswith(".jsonl"):
+        return True
+    try:
+        return Path(source).is_file()
+    except OSError:
+        return False
 
 
 def check_rl_source(source: str) -> list[tuple[str, tuple[int, ...] | None]]:

@@ -342,13 +342,21 @@ def score_external(response: str, score_answer: Callable[[str | None], float],
                    extract: Callable[[str], str | None] | None = None) -> RewardResult:
     """Reward one response whose accuracy an outside verifier gives (reasoning-gym's
     ``score_answer(extracted answer) -> [0, 1]``), with the same format rule and combination;
-    ``extract``: the task's own answer extraction (default :func:`extract_answer`)."""
+    ``extract``: the task's own answer extraction (default :func:`extract_answer`).
+
+    The accuracy reward is earned only by a solve (a grade of 1.0), as for the built-in tasks: a
+    grade below it is kept in ``info["score"]`` and pays nothing. reasoning-gym's default grader gives
+    ``len(gold) / len(answer)`` to any answer that *contains* the gold as a substring, so a policy
+    paid partial credit learns to write long strings of digits: from a cold start GRPO moved to
+    calling the calculator with invented numbers on every reasoning-gym prompt and its held-out score
+    fell from 27% to 3% (docs/speedrun-history.md, recipe 6)."""
     cfg = config or RewardConfig()
     ok, reason = check_format(response, cfg.template, cfg.think_prefilled, cfg.min_think_chars)
     answer = (extract or extract_answer)(response)
-    accuracy = score_answer(answer)
-    return RewardResult(reward=float(ok) * (cfg.accuracy_weight * accuracy + cfg.format_weight), format_ok=ok,
-                        correct=accuracy == 1.0, answer=answer, info={"format_reason": reason})
+    grade = float(score_answer(answer))
+    solved = grade >= 1.0
+    return RewardResult(reward=float(ok) * (cfg.accuracy_weight * float(solved) + cfg.format_weight), format_ok=ok,
+                        correct=solved, answer=answer, info={"format_reason": reason, "score": grade})
 
 
 def build_reward_fn(config: RewardConfig, workers: int = 4) -> RewardFn:
