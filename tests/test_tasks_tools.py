@@ -183,11 +183,12 @@ def test_tool_traces_with_a_tokenizer_without_tool_tokens_are_refused():
         tokenize_examples(WithoutToolTokens(tool_tokenizer()), examples, 256)
 
 
-def test_corpus_writes_tool_tasks_as_their_call_with_the_real_output():
-    """Pre-training text of a tool task (``tool_tasks``): the SFT trace's reasoning, the call as the chat
-    writes it between the tool-call tokens (name + JSON arguments: the question's operands copied),
-    the calculator's real output, the answer; other tasks keep their worked steps, and without
-    ``tool_tasks`` nothing changes."""
+def test_corpus_writes_tool_tasks_as_their_call_and_nothing_after_it():
+    """Pre-training text of a tool task (``tool_tasks``): the SFT trace's reasoning and the call as the
+    chat writes it between the tool-call tokens (name + JSON arguments: the question's operands
+    copied, the expression the real tool evaluates to the gold answer), then the document ends: the
+    tool's output is never a pre-training target, and neither is an answer only the tool can give;
+    other tasks keep their worked steps, and without ``tool_tasks`` nothing changes."""
     from nanoseek.data.corpus import task_documents
     from nanoseek.tasks.generators import corpus_document
 
@@ -202,11 +203,12 @@ def test_corpus_writes_tool_tasks_as_their_call_with_the_real_output():
             continue
         n_tool += 1
         question, _, rest = t.text.partition("\nSolution:\n")
-        reasoning, call, output, answer, end = rest.split("\n")
+        reasoning, call, end = rest.split("\n")
         assert reasoning == "This needs the calculator tool." and end == ""
-        assert call.startswith("calculator{") and answer == f"Answer: {output}"
+        assert call.startswith("calculator{") and "Answer" not in t.text
         expr = json.loads(call[len("calculator"):])["expression"]
-        assert str(evaluate(expr)) == output                    # the real tool's output
+        gold = d.text.rsplit("Answer: ", 1)[1].strip()
+        assert str(evaluate(expr)) == gold and gold not in rest  # the call the tool answers; its output not written
         assert all(tok in question.replace(",", "") for tok in expr.split() if tok.isdigit())   # operands copied
         assert t.text != d.text
     assert n_tool == 20

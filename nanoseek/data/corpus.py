@@ -56,7 +56,7 @@ def task_documents(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_TASKS,
     ``task_levels``: one level for every task, or a mapping task -> level (``None``: all levels
     in equal shares, the default); levels in a spec take precedence.
     ``tool_tasks``: built-in task names whose problems are written as their tool-using reply
-    (``corpus_document(with_tool=True)``: the calculator call in plain text, its output, the answer).
+    (``corpus_document(with_tool=True)``: the calculator call in plain text, nothing after it).
     """
     from nanoseek.tasks.generators import corpus_document, get_task
 

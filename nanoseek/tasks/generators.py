@@ -776,16 +776,20 @@ def tool_reasoning(name: str) -> str:
 def corpus_document(p: Problem, with_tool: bool = False) -> str:
     """Pre-training text for one problem: question, worked steps (none for a problem without them,
     like most reasoning-gym ones), ``Answer: X``. ``with_tool``: a problem whose task has an ideal tool
-    call (:meth:`Task.tool_call`) is written as its tool-using reply in plain text: the reasoning, the
-    call (the tool's name and its JSON arguments, as the chat writes them between the tool-call
-    tokens), the tool's output, the answer; so pre-training teaches copying the operands into the call."""
+    call (:meth:`Task.tool_call`) is written as the start of its tool-using reply in plain text: the
+    reasoning and the call (the tool's name and its JSON arguments, as the chat writes them between
+    the tool-call tokens), and nothing after it, so pre-training teaches copying the operands into the
+    call. The tool's output and the answer are left out: the output is the tool's, never the model's
+    to predict (the chat's loss masks it too), and a document that also had the model predict a
+    6-digit sum scored 93-94% on the tool task after the cold start and lowered the other tasks
+    (overall 25.7-25.9% at the base), where the call alone scored 99.4% (base 32.0%;
+    docs/speedrun-history.md, recipe 6's tool rows). Copying the output into the answer is the cold start's."""
     from nanoseek.tools.format import tojson
 
     task = TASKS.get(p.task)
     call = task.tool_call(p) if with_tool and task is not None else None
     if call is not None:
         name, args = call
-        steps = f"{tool_reasoning(name)}\n{name}{tojson(args)}\n{p.answer}\n"
-    else:
-        steps = f"{p.reasoning}\n" if p.reasoning else ""
+        return f"Question: {p.prompt}\nSolution:\n{tool_reasoning(name)}\n{name}{tojson(args)}\n"
+    steps = f"{p.reasoning}\n" if p.reasoning else ""
     return f"Question: {p.prompt}\nSolution:\n{steps}Answer: {p.answer}\n"
