@@ -240,7 +240,7 @@ def _stage_data(run_dir: Path, rc: SpeedrunRecipe, seed: int, scale: float, log)
     if (out / "manifest.json").exists():
         return json.loads((out / "manifest.json").read_text())
     n_docs = max(2000, int(d.task_docs * scale))
-    tool_tasks = tuple(rc.tools.task_names) if rc.tools.enabled else ()   # their problems in the corpus: as tool calls
+    tool_tasks = tuple(rc.tools.corpus_task_names) if rc.tools.enabled else ()   # their problems in the corpus: as tool calls
     docs = default_corpus_records(n_docs, seed=seed, tasks=tuple(d.tasks), task_levels=d.task_levels, tool_tasks=tool_tasks)
     log(f"data: generating {n_docs:,} task documents + shipped prose, training a {d.vocab_size}-token BPE")
     cfg = PrepareConfig(vocab_size=d.vocab_size, val_fraction=d.val_fraction, overwrite=True)
@@ -283,7 +283,7 @@ def _check_eval_prompts(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed:
             ("eval.tasks", rc.eval_tasks(), e.problems, e.levels, EVAL_MODES, {}),
             ("eval.external_tasks", e.external_tasks, e.external_problems, None, EVAL_MODES, {}),
             ("eval.phrasing_problems", rc.phrasing_tasks(), e.phrasing_problems, e.levels, EVAL_MODES, {}),
-            ("tools.tasks", rc.tools.tasks if tools else [], e.problems, e.levels, ("chat",), tools)):
+            ("tools.tasks", rc.tools.specs if tools else [], e.problems, e.levels, ("chat",), tools)):
         if not tasks:
             continue
         for mode in modes:
@@ -314,10 +314,10 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
         require_tool_tokens(tok, "[tools] enabled")
     except ValueError as e:
         raise ConfigError(f"{rc.source}: {e}") from None
-    use = ToolUse.of(t.tools, t.task_names, t.describe)
+    use = ToolUse.of(t.tools, t.tool_tasks, t.describe)
     box, specs = use.toolbox(), (use.toolbox().openai_tools() if t.describe else None)
     row = reply = 0
-    for name, levels in parse_task_specs(t.tasks):
+    for name, levels in parse_task_specs(t.specs):
         task = get_task(name)
         for level in levels or task.levels:
             for p in task.generate("train", problems_per_level, seed=0, level=level, unique=False):
@@ -337,7 +337,7 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
 def _tool_settings(rc: SpeedrunRecipe) -> dict[str, str]:
     """The evaluation's tool settings ([tools] with eval on: the built-ins for the tool tasks; else {})."""
     t = rc.tools
-    return ({"tools": t.tools, "tool_tasks": ",".join(t.task_names), "describe_tools": t.describe}
+    return ({"tools": t.tools, "tool_tasks": t.tool_tasks, "describe_tools": t.describe}
             if t.use("eval") else {})
 
 
@@ -382,7 +382,7 @@ def _evaluate(stage_dir: Path, mode: str, rc: SpeedrunRecipe, scale: float, seed
         out.update(phrasing=str(stage_dir / "phrasing.json"), phrasing_wall_s=round(ph.wall_s, 1))
     tools = _tool_settings(rc)
     if tools and mode != "fewshot":     # the tool tasks again, with tools (the base model has no chat turns)
-        tl = evaluate(model, tok, list(rc.tools.tasks), n_problems=n, k=e.k, mode=mode, temperature=e.temperature,
+        tl = evaluate(model, tok, rc.tools.specs, n_problems=n, k=e.k, mode=mode, temperature=e.temperature,
                       top_p=e.top_p, max_new_tokens=e.max_new_tokens, seed=seed, levels=e.levels, few_shot=e.few_shot,
                       batch_size=e.batch_size, **tools)
         tl.save(stage_dir / "tools.json")

@@ -99,7 +99,10 @@ class ToolsSection:
     prompts, which describe the tools and are rolled out through the engine's tool loop; with ``eval`` they
     join [eval] tasks (without tools, in eval.json) and every chat stage evaluates them with tools into
     STAGE/tools.json (the report's "Tool use": with vs without tools, calls per task). The other tasks stay
-    head math: their prompts never describe the tools."""
+    head math: their prompts never describe the tools. A tool task written ``SPEC=SHARE`` (``"arithmetic:1-2=0.05"``)
+    gets the tools everywhere, but only that share of its cold-start traces calls them (the rest are solved
+    in the head) and its corpus documents stay worked steps: GRPO, with the tools in its rollouts, learns how
+    often the call pays (nanoseek.tasks.tool_use)."""
     enabled: bool = False
     tools: str = "calculator"         # the built-ins (nanoseek.tools.toolbox.BUILTINS)
     tasks: list[str] = field(default_factory=lambda: ["big_arithmetic:1-2"])
@@ -110,10 +113,35 @@ class ToolsSection:
     describe: bool = True             # prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
 
     @property
+    def specs(self) -> list[str]:
+        """The tool tasks' specs without their ``=SHARE``."""
+        return [item.partition("=")[0].strip() for item in self.tasks]
+
+    @property
     def task_names(self) -> list[str]:
         from nanoseek.tasks.generators import parse_task_specs
 
-        return list(dict.fromkeys(name for name, _ in parse_task_specs(self.tasks)))
+        return list(dict.fromkeys(name for name, _ in parse_task_specs(self.specs)))
+
+    @property
+    def tool_tasks(self) -> str:
+        """The stages' ``tool_tasks``: each task's name, with its ``=SHARE`` when it has one."""
+        from nanoseek.tasks.generators import parse_task_specs
+
+        out = {}
+        for item in self.tasks:
+            spec, eq, share = item.partition("=")
+            for name, _ in parse_task_specs([spec.strip()]):
+                out.setdefault(name, f"{name}={share.strip()}" if eq else name)
+        return ",".join(out.values())
+
+    @property
+    def corpus_task_names(self) -> list[str]:
+        """The tasks whose corpus documents are written as their tool call: those without a share."""
+        from nanoseek.tasks.tool_use import ToolUse
+
+        partial = {name for name, share in ToolUse(self.tools, self.tool_tasks).task_shares if share < 1.0}
+        return [n for n in self.task_names if n not in partial]
 
     def use(self, stage: str) -> bool:
         """Whether ``stage`` ("sft", "grpo", "eval") uses the tools."""
@@ -208,9 +236,9 @@ class SpeedrunRecipe:
         if kind == "sft" and not current.startswith("tasks:"):
             raise ConfigError(f"{self.source}: [tools] sft = true needs generated [sft] data (tasks:SPEC) to add the "
                               f"tool tasks to, not {current!r}")
-        joined = ",".join(dict.fromkeys(split_specs(current.removeprefix("tasks:")) + list(t.tasks)))   # once each
+        joined = ",".join(dict.fromkeys(split_specs(current.removeprefix("tasks:")) + t.specs))   # once each
         out = {key: ("tasks:" + joined) if kind == "sft" else joined, "tools": t.tools,
-               "tool_tasks": ",".join(t.task_names), "describe_tools": t.describe}
+               "tool_tasks": t.tool_tasks, "describe_tools": t.describe}
         if kind == "grpo":
             out["tool_failure_penalty"] = t.failure_penalty
         return out
@@ -220,7 +248,7 @@ class SpeedrunRecipe:
         from nanoseek.tasks.generators import split_specs
 
         tasks = split_specs(self.eval.tasks)
-        return list(dict.fromkeys(tasks + list(self.tools.tasks))) if self.tools.use("eval") else tasks
+        return list(dict.fromkeys(tasks + self.tools.specs)) if self.tools.use("eval") else tasks
 
     def phrasing_tasks(self) -> list[str]:
         """The phrasing evaluation's items: every built-in task of [eval] tasks (not the tool tasks: head math
@@ -324,7 +352,8 @@ def _check_values(rc: SpeedrunRecipe, source: str) -> None:
     except ValueError as err:
         raise bad("tools.tools", t.tools, str(err)) from None
     try:
-        specs = parse_task_specs(t.tasks)
+        specs = parse_task_specs(t.specs)
+        ToolUse.of(t.tools, t.tool_tasks)          # the shares
     except ValueError as err:
         raise bad("tools.tasks", t.tasks, str(err)) from None
     for name, _ in specs:

@@ -117,3 +117,29 @@ def test_a_tool_task_already_in_the_recipe_is_not_added_twice():
     assert rc.tool_keys("sft", {})["data"] == rc.sft.algo.data
     assert rc.tool_keys("grpo", {})["prompts"] == rc.grpo.algo.prompts
     assert _stage(rc, "sft").tool_use.applies("arithmetic") and not _stage(rc, "sft").tool_use.applies("compare")
+
+
+def test_a_tool_task_with_a_share_calls_in_that_share_of_its_traces_and_gets_the_tool_everywhere():
+    """tools.tasks "arithmetic:1-2=0.25": the tool in arithmetic's GRPO rollouts and evaluation, a quarter
+    of its cold-start traces calling it (the rest head math), its corpus documents left as worked steps."""
+    from nanoseek.post.sft import load_sft_examples
+
+    rc = load_recipe("speedrun", ['tools.tasks=["big_arithmetic:1-2", "arithmetic:1-2=0.25"]'])
+    assert rc.tools.specs == ["big_arithmetic:1-2", "arithmetic:1-2"]
+    assert rc.tools.tool_tasks == "big_arithmetic,arithmetic=0.25" and rc.tools.corpus_task_names == ["big_arithmetic"]
+    assert rc.eval_tasks() == split_specs(rc.eval.tasks) + ["big_arithmetic:1-2"]
+    sft, grpo = _stage(rc, "sft"), _stage(rc, "grpo")
+    assert sft.data == rc.sft.algo.data + ",big_arithmetic:1-2" and grpo.prompts == rc.grpo.algo.prompts + ",big_arithmetic:1-2"
+    for algo in (sft, grpo):
+        assert algo.tool_use.applies("arithmetic") and algo.tool_use.applies("big_arithmetic")
+    examples = load_sft_examples(sft.data, 800, 0, sft.template, sft.tool_use)
+    calls = {t: [bool(e.messages[1].get("tool_calls")) for e in examples if e.meta["task"] == t]
+             for t in ("arithmetic", "big_arithmetic", "compare")}
+    assert all(calls["big_arithmetic"]) and not any(calls["compare"])
+    assert 0.15 < sum(calls["arithmetic"]) / len(calls["arithmetic"]) < 0.35
+
+
+@pytest.mark.parametrize("share", ["0", "1.5", "half"])
+def test_a_bad_share_is_named(share):
+    with pytest.raises(UserError, match=rf"\[tools\] tasks = .*: tool_tasks: 'arithmetic=.*': the share after '=' must be"):
+        load_recipe("speedrun", [f'tools.tasks=["arithmetic:1-2={share}"]'])

@@ -214,3 +214,25 @@ def test_corpus_writes_tool_tasks_as_their_call_and_nothing_after_it():
     assert n_tool == 20
     p = get_task("compare").generate("train", 1, seed=0)[0]
     assert corpus_document(p, with_tool=True) == corpus_document(p)     # no tool call: worked steps
+
+
+def test_a_share_of_a_task_calls_and_the_draw_is_fixed_per_problem():
+    """``NAME=SHARE``: the task gets the tools (prompts, rollouts, evaluation) and that share of its
+    problems' cold-start traces call them; the draw depends on the problem only, never on the process."""
+    from nanoseek.post.sft import task_sft_examples
+
+    use = ToolUse.of("calculator", "big_arithmetic,arithmetic=0.3")
+    assert use.task_names == ["big_arithmetic", "arithmetic"] and dict(use.task_shares) == {"big_arithmetic": 1.0, "arithmetic": 0.3}
+    assert use.applies("arithmetic") and not use.applies("compare")
+    problems = get_task("arithmetic").generate("train", 2000, seed=4)
+    drawn = [use.calls(p) for p in problems]
+    assert 0.26 < sum(drawn) / len(drawn) < 0.34
+    assert drawn == [ToolUse.of("calculator", "arithmetic=0.3").calls(p) for p in problems]
+    assert all(use.calls(p) for p in get_task("big_arithmetic").generate("train", 50, seed=4))
+    examples = task_sft_examples("arithmetic:1-2", 400, seed=2, tool_use=use)
+    tooled = [e for e in examples if e.messages[1].get("tool_calls")]
+    assert 0.2 < len(tooled) / len(examples) < 0.4
+    assert all(e.messages[-1]["content"] == f"Answer: {e.messages[2]['content']}" for e in tooled)
+    for bad in ("arithmetic=0", "arithmetic=2", "arithmetic=x"):
+        with pytest.raises(ValueError, match="the share after '=' must be"):
+            ToolUse.of("calculator", bad)

@@ -53,7 +53,8 @@ class SFTSection:
     num_examples: int = 0            # examples used (0: the whole file; required with tasks: / rg:)
     template: str = "r1"             # tasks: data only: "r1" (chat, "Answer: X") or "r1-zero" (<answer> tags)
     tools: str = ""                  # tasks: data only: built-in tools ("calculator") whose calls the traces show
-    tool_tasks: str = ""             # ...for these tasks ("": every task with a tool call; nanoseek.tasks.tool_use)
+    tool_tasks: str = ""             # ...for these tasks ("": every task with a tool call; NAME=SHARE: that share
+                                     # of its traces, the rest in the head; nanoseek.tasks.tool_use)
     describe_tools: bool = True      # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
     mode: str = "pack"               # pack | pad
     tokenizer: str = ""              # tokenizer directory (default: found next to the checkpoint)
@@ -128,9 +129,10 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
 
     ``template="r1"``: chat turns with the worked steps as ``reasoning`` and ``Answer: X``;
     ``"r1-zero"``: the R1-Zero prompt as the user turn and ``<answer>X</answer>`` as the answer.
-    ``tool_use`` (a :class:`~nanoseek.tasks.tool_use.ToolUse`): the problems of the tasks it
-    applies to are prompted with the tools and answered by calling them
-    (:func:`~nanoseek.tasks.reply.tool_sft_messages`, the tool's real output).
+    ``tool_use`` (a :class:`~nanoseek.tasks.tool_use.ToolUse`): the problems it calls the tools for
+    (:meth:`~nanoseek.tasks.tool_use.ToolUse.calls`: the tasks it applies to, a share of a task named
+    ``NAME=SHARE``) are prompted with the tools and answered by calling them
+    (:func:`~nanoseek.tasks.reply.tool_sft_messages`, the tool's real output); the others in the head.
     """
     from nanoseek.tasks.reply import sft_messages, tool_sft_messages
 
@@ -144,7 +146,7 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
         except ValueError as e:
             raise DataError(str(e)) from None
         for p in problems:
-            calls = toolbox is not None and tool_use.applies(p.task)
+            calls = toolbox is not None and tool_use.calls(p)
             tools = tool_use.specs_for(p.task) if calls else None
             try:
                 messages = (tool_sft_messages(p, toolbox) if calls else None) or sft_messages(p, template)

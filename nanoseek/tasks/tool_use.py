@@ -15,12 +15,19 @@ calculator is: the prompt is the question alone and the model learns from its tr
 them. The speedrun turns it off: with its 1024-token vocabulary V3.1's description of the
 calculator is 160-410 tokens, several times the whole tool-using reply.
 
-Deliberately left out: tools per problem chosen at random (a task gets them or not) and
-user-registered Python tools in configs (library users pass their own Toolbox in code).
+A task named with a share (``tool_tasks = "big_arithmetic,arithmetic=0.05"``) gets the tools in its
+prompts, rollouts and evaluation like any other, but only that share of its cold-start traces calls
+them (:meth:`ToolUse.calls`: a fixed draw per problem id); the rest are solved in the head. So the
+cold start shows that the tool exists for the task and GRPO, which runs the tools on its prompts,
+learns how often the call pays: with every trace calling, the call is imitated, not chosen.
+
+Deliberately left out: user-registered Python tools in configs (library users pass their own
+Toolbox in code).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +59,23 @@ class ToolUse:
 
     @property
     def task_names(self) -> list[str]:
-        return split_specs(self.tasks) if self.tasks else []
+        return [name for name, _ in self.task_shares]
+
+    @property
+    def task_shares(self) -> list[tuple[str, float]]:
+        """(task name, share of its cold-start traces that call the tools) of each ``tasks`` entry
+        (``NAME`` or ``NAME=SHARE``; SHARE in (0, 1], default 1)."""
+        out = []
+        for item in split_specs(self.tasks) if self.tasks else []:
+            name, eq, share = item.partition("=")
+            try:
+                value = float(share) if eq else 1.0
+            except ValueError:
+                raise ValueError(f"tool_tasks: {item!r}: the share after '=' must be a number in (0, 1]") from None
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"tool_tasks: {item!r}: the share after '=' must be in (0, 1], got {value:g}")
+            out.append((name.strip(), value))
+        return out
 
     def validate(self) -> ToolUse:
         from nanoseek.tools.toolbox import BUILTINS
@@ -81,6 +104,14 @@ class ToolUse:
             return task in self.task_names
         t = TASKS.get(task)
         return t is not None and type(t).tool_call is not Task.tool_call
+
+    def calls(self, problem) -> bool:
+        """Whether ``problem``'s cold-start trace calls the tools: its task gets them, and the problem's
+        fixed draw (a hash of its id, the same in every process) falls within the task's share."""
+        if not self.applies(problem.task):
+            return False
+        share = dict(self.task_shares).get(problem.task, 1.0)
+        return share >= 1.0 or zlib.crc32(str(problem.id).encode()) % 1_000_000 < share * 1_000_000
 
     def specs_for(self, task: str) -> list[dict[str, Any]] | None:
         """The OpenAI function definitions a prompt of ``task`` describes (None: no tools, or built-in
