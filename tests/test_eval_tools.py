@@ -160,3 +160,34 @@ def test_tools_that_no_task_gets_are_noted(sampling_with_tools):
     res = evaluate(tiny_model(tk.vocab_size, max_position_embeddings=2048), tk, cfg, engine=ToolEngine(tk))
     assert any("no task evaluated here gets them" in n for n in res.notes)
     assert all(not p.tool_calls for p in res.problems)
+
+
+def _result(rows, tools=False):
+    from nanoseek.eval.results import EvalResult, ProblemResult
+
+    problems = [ProblemResult(task=t, id=i, level=1, gold="1", correct=c, format_ok=[True] * len(c), answers=["1"] * len(c),
+                              tokens=[5] * len(c), truncated=[False] * len(c),
+                              tool_calls=[1] * len(c) if tools else []).compute_curves() for t, i, c in rows]
+    return EvalResult.build({"tools": "calculator", "tool_tasks": "arithmetic"} if tools else {}, problems)
+
+
+def test_the_held_out_evaluation_as_used_scores_the_tool_tasks_with_their_tools(tmp_path):
+    """with_tools(eval.json, tools.json): the tool tasks' problems from the evaluation with tools, the rest
+    unchanged; the report pairs it between stages (a model that delegates sums to the calculator is
+    scored with the calculator, next to the evaluation without it)."""
+    from nanoseek.eval.report import build_sections
+    from nanoseek.eval.results import with_tools
+
+    plain = _result([("compare", "c1", [True, True]), ("arithmetic", "a1", [False, False]), ("arithmetic", "a2", [True, False])])
+    tooled = _result([("arithmetic", "a1", [True, True]), ("arithmetic", "a2", [True, True])], tools=True)
+    used = with_tools(plain, tooled)
+    assert [(p.task, p.id, p.score) for p in used.problems] == [("compare", "c1", 1.0), ("arithmetic", "a1", 1.0), ("arithmetic", "a2", 1.0)]
+    assert used.pass1().mean == 1.0 and plain.pass1().mean == 0.5 and used.config["tools"] == "calculator"
+    for name, (p, t) in {"sft": (plain, _result([("arithmetic", "a1", [False, False]), ("arithmetic", "a2", [True, False])], True)),
+                         "grpo": (plain, tooled)}.items():
+        (tmp_path / name).mkdir()
+        p.save(tmp_path / name / "eval.json")
+        t.save(tmp_path / name / "tools.json")
+    _, _, sections, _ = build_sections(tmp_path)
+    text = json.dumps([s.blocks for s in sections if s.title == "Tool use"], default=str)
+    assert "as the model is used" in text and "+50.0 pts" in text     # 0.5 -> 1.0 overall with the tool

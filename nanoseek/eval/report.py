@@ -58,7 +58,7 @@ from typing import Any
 from nanoseek.atomic import write_atomic
 
 from . import plots
-from .results import EvalResult, paired_comparison
+from .results import EvalResult, paired_comparison, with_tools
 from .runs import (Stage, events, find_stages, fmt_count, fmt_duration, numeric, read_jsonl, read_run_json, series,
                    step_records, validation_series, vector_series)
 from .tables import (PHRASING_HEADER, RESULT_HEADER, TOOL_HEADER, comparison_rows, curve_rows, phrasing_rows, summary_row,
@@ -437,6 +437,12 @@ def _tools_section(stages: list[StageData], notes: list[str]) -> Section | None:
         header, crow = comparison_rows(paired_comparison(a, b))
         sec.p(f"With tools, paired difference, A = {na}, B = {nb}:")
         sec.table(header, crow)
+    used = [(d.stage.name, with_tools(d.eval, d.tools)) for d in evaluated if d.eval is not None]
+    for (na, a), (nb, b) in zip(used, used[1:]):
+        header, crow = comparison_rows(paired_comparison(a, b))
+        sec.p(f"The whole held-out evaluation as the model is used (the tool tasks with their tools, the "
+              f"other tasks as above), paired difference, A = {na}, B = {nb}:")
+        sec.table(header, crow[-1:])
     return sec
 
 

@@ -340,6 +340,16 @@ def paired_comparison(a: EvalResult, b: EvalResult) -> list[Comparison]:
     return out
 
 
+def with_tools(plain: EvalResult, tooled: EvalResult) -> EvalResult:
+    """``plain`` (an evaluation without tools) with every problem that ``tooled`` also evaluated (same
+    task and id: the tool tasks, evaluated with their tools) replaced by ``tooled``'s result: the
+    held-out evaluation of a tool-using model as it is used, the tool on the tasks that have it."""
+    done = {(p.task, p.id): p for p in tooled.problems}
+    problems = [done.get((p.task, p.id), p) for p in plain.problems]
+    config = {**plain.config, **{k: tooled.config[k] for k in ("tools", "tool_tasks", "describe_tools") if k in tooled.config}}
+    return EvalResult.build(config, problems, source=f"{plain.source} + {tooled.source}")
+
+
 def config_differences(a: EvalResult, b: EvalResult,
                        keys: Sequence[str] = ("mode", "k", "temperature", "top_p", "max_new_tokens", "seed",
                                               "levels", "few_shot")) -> list[str]:
@@ -347,5 +357,5 @@ def config_differences(a: EvalResult, b: EvalResult,
     return [f"{k}: {a.config.get(k)!r} vs {b.config.get(k)!r}" for k in keys if a.config.get(k) != b.config.get(k)]
 
 
-__all__ = ["EvalResult", "ProblemResult", "Comparison", "EvalFileError", "summarize", "tool_summary", "paired_comparison",
+__all__ = ["EvalResult", "ProblemResult", "Comparison", "EvalFileError", "summarize", "tool_summary", "paired_comparison", "with_tools",
            "config_differences", "k_values", "interval", "FORMAT", "VERSION"]
