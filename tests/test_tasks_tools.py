@@ -233,6 +233,8 @@ def test_a_share_of_a_task_calls_and_the_draw_is_fixed_per_problem():
     tooled = [e for e in examples if e.messages[1].get("tool_calls")]
     assert 0.2 < len(tooled) / len(examples) < 0.4
     assert all(e.messages[-1]["content"] == f"Answer: {e.messages[2]['content']}" for e in tooled)
-    for bad in ("arithmetic=0", "arithmetic=2", "arithmetic=x"):
+    for bad in ("arithmetic=0", "arithmetic=2", "arithmetic=x", "arithmetic=nan", "arithmetic="):
         with pytest.raises(ValueError, match="the share after '=' must be"):
             ToolUse.of("calculator", bad)
+    with pytest.raises(ValueError, match="'arithmetic' is named twice with different shares"):
+        ToolUse.of("calculator", "arithmetic=0.5,arithmetic")

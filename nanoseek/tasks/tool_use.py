@@ -74,7 +74,10 @@ class ToolUse:
                 raise ValueError(f"tool_tasks: {item!r}: the share after '=' must be a number in (0, 1]") from None
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"tool_tasks: {item!r}: the share after '=' must be in (0, 1], got {value:g}")
-            out.append((name.strip(), value))
+            name = name.strip()
+            if any(n == name and v != value for n, v in out):
+                raise ValueError(f"tool_tasks: {name!r} is named twice with different shares")
+            out.append((name, value))
         return out
 
     def validate(self) -> ToolUse:
