@@ -283,10 +283,11 @@ def _split(raw: dict[str, Any], name: str, tables: tuple[str, ...], source: str)
     return {k: v for k, v in table.items() if k not in tables}, subs
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRecipe:
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: tuple[str, ...] = ()) -> SpeedrunRecipe:
     """Every table parsed into its dataclass: unknown tables and keys, wrong types, missing keys
-    and values out of range are one ConfigError line naming the key. (The stages' cross-field
-    checks are :func:`check_recipe`'s.)"""
+    and values out of range are one ConfigError line naming the key, and ``--set 'KEY=...'`` when
+    one of ``overrides`` gave the value (:func:`where`). (The stages' cross-field checks are
+    :func:`check_recipe`'s.)"""
     from nanoseek.model.registry import all_field_names
     from nanoseek.post.registry import STAGE_KINDS   # here, not at the top: it imports torch
 
@@ -312,13 +313,14 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> SpeedrunRec
                   for t in STAGE_TABLES}
         post[kind] = PostTables(algo=parse_section(section, own, kind, source), **tables)
     rc = SpeedrunRecipe(model=model, pretrain=pretrain, **post, **simple, source=source, written=copy.deepcopy(raw))
-    _check_values(rc, source)
+    rc.overrides = tuple(overrides)             # not a setting: names --set in errors (where())
+    _check_values(rc)
     return rc
 
 
-def _check_values(rc: SpeedrunRecipe, source: str) -> None:
+def _check_values(rc: SpeedrunRecipe) -> None:
     def bad(key: str, value: Any, why: str) -> ConfigError:
-        return ConfigError(f"{source}: [{key.split('.')[0]}] {key.split('.', 1)[1]} = {value!r}: {why}")
+        return ConfigError(f"{where(rc, key)}: [{key.split('.')[0]}] {key.split('.', 1)[1]} = {value!r}: {why}")
 
     if not rc.speedrun.minutes > 0:
         raise bad("speedrun.minutes", rc.speedrun.minutes, "must be positive")
@@ -385,7 +387,7 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
         try:
             getattr(rc, kind).algo.check_sources()
         except ValueError as e:                 # a DataError "key: why"
-            raise ConfigError(f"{rc.source}: {kind}.{e}") from None
+            raise ConfigError(f"{where(rc, kind + '.' + str(e).partition(':')[0])}: {kind}.{e}") from None
     _check_external_untrained(rc)
 
 
@@ -492,9 +494,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     try:
         path = resolve_config_path(name_or_path)
         raw = apply_overrides(read_recipe_toml(path), list(overrides), _override_schema())
-        rc = recipe_from_dict(raw, source=str(path))
-        rc.overrides = tuple(overrides)         # not a setting: names --set in errors (where())
-        return check_recipe(rc)
+        return check_recipe(recipe_from_dict(raw, source=str(path), overrides=tuple(overrides)))
     except ConfigError as e:
         raise UserError(str(e)) from None
 

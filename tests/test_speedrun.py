@@ -2,6 +2,7 @@
 whole smoke run end to end."""
 
 import json
+import re
 
 import pytest
 
@@ -59,6 +60,27 @@ def test_bad_overrides_are_named(override, message):
 def test_a_set_typo_names_the_flag_not_the_shipped_file(override, message):
     with pytest.raises(UserError, match=message):
         load_recipe("speedrun", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("budget.sft=2", r"^--set 'budget.sft=2': \[budget\] sft = 2.0: must be in \(0, 1\]"),
+    ("eval.k=0", r"^--set 'eval.k=0': \[eval\] k = 0: must be >= 1"),
+    ('tools.tasks=["arithmetic:9"]', r"^--set 'tools.tasks=\[\"arithmetic:9\"\]': \[tools\] tasks = .*levels"),
+    ("grpo.prompts='compare:1,algebra'", r"^--set \"grpo.prompts='compare:1,algebra'\": grpo.prompts: .*unknown task 'algebra'"),
+    ("sft.data='tasks:algebra'", r"^--set \"sft.data='tasks:algebra'\": sft.data: .*algebra"),
+])
+def test_a_bad_value_given_by_set_names_the_flag_not_the_shipped_file(override, message):
+    """The value checks and the stages' data checks name ``--set '...'`` when a --set gave the value
+    (the shipped recipe file holds a good one), and the file when the file did."""
+    with pytest.raises(UserError, match=message):
+        load_recipe("speedrun", [override])
+
+
+def test_a_bad_value_in_a_recipe_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "speedrun"\n[budget]\nsft = 2\n')
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bad))}: \[budget\] sft = 2.0"):
+        load_recipe(str(bad), [])
 
 
 def test_unknown_recipe_table_is_rejected(tmp_path):
