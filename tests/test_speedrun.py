@@ -198,7 +198,7 @@ def test_smoke_speedrun_end_to_end(tmp_path):
         assert ext.config["mode"] == ("fewshot" if stage == "pretrain" else "chat")
     md = (out / "report.md").read_text()
     assert "## Held-out evaluation on external tasks" in md and "## Tool use" in md
-    assert md.count("A = sft, B = grpo") == 3      # the held-out, external and with-tools paired tables
+    assert md.count("A = sft, B = grpo") == 4      # the held-out, external, with-tools and as-used paired tables
     html = (out / "report.html").read_text()
     assert "<img" in html and "http://" not in html.split("<body", 1)[-1].replace("http://127.0.0.1", "")
     # re-running into the folder resumes: every step is already done
