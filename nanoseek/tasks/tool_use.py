@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from nanoseek.tasks.generators import TASKS, Task, split_specs
@@ -61,7 +62,7 @@ class ToolUse:
     def task_names(self) -> list[str]:
         return [name for name, _ in self.task_shares]
 
-    @property
+    @cached_property
     def task_shares(self) -> list[tuple[str, float]]:
         """(task name, share of its cold-start traces that call the tools) of each ``tasks`` entry
         (``NAME`` or ``NAME=SHARE``; SHARE in (0, 1], default 1)."""
@@ -113,7 +114,7 @@ class ToolUse:
         fixed draw (a hash of its id, the same in every process) falls within the task's share."""
         if not self.applies(problem.task):
             return False
-        share = dict(self.task_shares).get(problem.task, 1.0)
+        share = dict(self.task_shares).get(problem.task, 1.0)      # parsed once per ToolUse (cached)
         return share >= 1.0 or zlib.crc32(str(problem.id).encode()) % 1_000_000 < share * 1_000_000
 
     def specs_for(self, task: str) -> list[dict[str, Any]] | None:
