@@ -329,9 +329,27 @@ def _inside_held(path: Path) -> bool:
     return any(str(parent) in HELD for parent in real.parents)
 
 
+def adopt(path: str | Path) -> None:
+    """In a worker process of a command that holds ``path`` (``nanoseek ablate --jobs``): count the
+    parent's claim as this process's, so the folders the worker fills inside it are the command's own.
+    The lock stays with the parent; refused when nobody holds the folder."""
+    key = os.path.realpath(path)
+    if key in HELD:
+        return
+    fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:                           # held (by the parent that started this worker): adopt it
+        HELD[key] = [fd, 1]
+        return
+    os.close(fd)
+    raise OutputDirError(f"{path}: not claimed by the process that started this worker")
+
+
 def holds(path: str | Path) -> bool:
     """Whether this process holds the claim on ``path``."""
     return os.path.realpath(path) in HELD
 
 
-__all__ = ["LOCK_NAME", "OutputDirError", "claim", "check_claimable", "visible_entries", "read_owner", "holds"]
+__all__ = ["LOCK_NAME", "OutputDirError", "claim", "check_claimable", "visible_entries", "read_owner", "holds",
+           "adopt"]

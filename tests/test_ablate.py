@@ -14,8 +14,9 @@ from nanoseek.ablate import runner
 from nanoseek.ablate.report import read_results, table_rows, write_combined_markdown
 from nanoseek.ablate.results import ArmResult, SeedRun, compare
 from nanoseek.ablate.runner import Plan, make_plan, run_and_report, run_suite, solve_steps, train_config
-from nanoseek.ablate.suites import (ATTENTION_TOLERANCE, PARAM_TOLERANCE, base_model, build_suite,
-                                    dense_with_matched_params, mha_with_matched_params, non_embedding_params)
+from nanoseek.ablate.suites import (ATTENTION_TOLERANCE, claim_status, PARAM_TOLERANCE, base_model, build_suite,
+                                    dense_with_matched_params, gqa_with_matched_kv_cache, mha_with_matched_params,
+                                    non_embedding_params)
 from nanoseek.model import DeepseekV3ForCausalLM
 from nanoseek.model.params import attention_params, kv_cache_bytes_per_token
 
@@ -94,6 +95,48 @@ def test_attention_arms_match_mla_params_and_report_kv_bytes():
         mha_with_matched_params(mla, 3)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(num_attention_heads=8, kv_lora_rank=56, qk_rope_head_dim=8),
+                                       dict(kv_lora_rank=24, qk_nope_head_dim=12, v_head_dim=12)])
+def test_same_cache_arms_cache_exactly_mlas_bytes_with_fewer_parameters(overrides):
+    mla = base_model(1000, **overrides)
+    suite = build_suite("attention", 1000, **overrides)
+    same = [a for a in suite.arms if a.name.endswith("-same-cache")]
+    assert [a.name for a in same] == ["mqa-same-cache", f"gqa-{mla.num_attention_heads // 2}-same-cache"]
+    for arm in same:
+        cfg = arm.model
+        assert cfg.attention_type == "mha" and cfg.num_attention_heads == mla.num_attention_heads
+        assert kv_cache_bytes_per_token(cfg) == kv_cache_bytes_per_token(mla)
+        assert cfg.num_key_value_heads * (cfg.qk_head_dim + cfg.v_head_dim) == mla.kv_lora_rank + mla.qk_rope_head_dim
+        assert cfg.qk_rope_head_dim == mla.qk_rope_head_dim and cfg.qk_nope_head_dim >= 1 and cfg.v_head_dim >= 1
+        assert non_embedding_params(cfg)[0] < non_embedding_params(mla)[0]
+        assert cfg.replace(attention_type="mla", num_key_value_heads=mla.num_key_value_heads,
+                           qk_nope_head_dim=mla.qk_nope_head_dim, v_head_dim=mla.v_head_dim) == mla
+        model = DeepseekV3ForCausalLM(cfg)
+        assert model(torch.randint(0, 1000, (1, 6))).logits.shape == (1, 6, 1000)
+    assert same[0].model.qk_head_dim == mla.qk_head_dim or mla.qk_head_dim + mla.v_head_dim != (
+        mla.kv_lora_rank + mla.qk_rope_head_dim)
+    with pytest.raises(ValueError, match="cannot be split"):
+        gqa_with_matched_kv_cache(base_model(1000, num_attention_heads=8, kv_lora_rank=30), 4)
+    with pytest.raises(ValueError, match="must divide"):
+        gqa_with_matched_kv_cache(mla, 3)
+
+
+def test_attention_judge_reports_the_same_cache_comparisons():
+    suite = build_suite("attention", 1000)
+    names = [a.name for a in suite.arms]
+    losses = {"mla": 3.0, "mha": 3.1, "gqa-2": 3.2, "mqa-same-cache": 3.3, "gqa-2-same-cache": 3.25}
+    r = {n: arm_with(n, {0: v, 1: v + 0.001}) for n, v in losses.items()}
+    for n in names:
+        r[n].info, r[n].label = suite.arm(n).info(128), suite.arm(n).label
+    v = suite.judge(r)
+    assert v.status == "held"
+    assert "MLA vs MQA, MLA's KV cache (the same KV cache): validation loss lower" in v.summary
+    r["mqa-same-cache"] = arm_with("mqa-same-cache", {0: 2.9, 1: 2.901})
+    r["mqa-same-cache"].info = suite.arm("mqa-same-cache").info(128)
+    r["mqa-same-cache"].label = suite.arm("mqa-same-cache").label
+    assert suite.judge(r).status == "partly held"
+
+
 def test_recipe_suites_share_the_model_and_change_only_the_claimed_knob():
     base = base_model(1000)
     bal = build_suite("balance", 1000)
@@ -169,17 +212,30 @@ def arm_with(name, losses, maxvio=None):
     return ArmResult(name, name, {}, runs=runs)
 
 
-def test_compare_calls_a_difference_clear_only_when_seeds_agree_beyond_the_spread():
+def test_compare_calls_a_difference_clear_only_when_its_t_interval_over_seeds_excludes_zero():
+    from nanoseek.eval.stats import t95, t_interval
+
     a = arm_with("a", {0: 3.00, 1: 3.10})
     b = arm_with("b", {0: 3.20, 1: 3.30})
-    c = compare(a, b)
+    c = compare(a, b)                                   # paired: the same shift on both seeds
     assert c.clear is True and math.isclose(c.diff, -0.2) and c.per_seed == pytest.approx({0: -0.2, 1: -0.2})
     noisy = arm_with("n", {0: 3.02, 1: 3.00})
     assert compare(a, noisy).clear is False                          # seeds disagree on the sign
-    close = arm_with("c", {0: 3.01, 1: 3.11})
-    assert compare(a, close).clear is False                          # agree, but 0.01 < spread 0.07
+    # three seeds, by hand: d = -0.10, -0.12, -0.08: mean -0.10, sd 0.02, half-width 4.303 x 0.02 / sqrt(3)
+    three = compare(arm_with("a", {0: 2.90, 1: 2.88, 2: 2.92}), arm_with("b", {0: 3.0, 1: 3.0, 2: 3.0}))
+    assert three.interval.low == pytest.approx(-0.10 - 4.303 * 0.02 / 3 ** 0.5, abs=1e-9)
+    assert three.interval.high == pytest.approx(-0.10 + 4.303 * 0.02 / 3 ** 0.5, abs=1e-9)
+    assert three.clear is True and "95% interval over 3 seeds [-0.1497, -0.0503]" in three.text()
+    # d = -0.10, -0.02, +0.01: every interval end within 0.178 of zero, the sign unresolved
+    wide = compare(arm_with("a", {0: 2.90, 1: 2.98, 2: 3.01}), arm_with("b", {0: 3.0, 1: 3.0, 2: 3.0}))
+    d = [-0.10, -0.02, 0.01]
+    ci = t_interval(d)
+    assert wide.clear is False and wide.bound == pytest.approx(max(-ci.low, ci.high))
+    assert "unresolved" in wide.text() and f"|effect| < {wide.bound:.4f} at this power" in wide.text()
+    assert claim_status(wide, True) == f"unresolved: |effect| < {wide.bound:.3g} at this power"
+    assert claim_status(three, True) == "held" and claim_status(three, False) == "did not hold"
     assert compare(arm_with("x", {0: 1.0}), arm_with("y", {0: 2.0})).clear is None
-    assert "not significant" in compare(a, close).text()
+    assert t95(1) == 12.706 and t95(2) == 4.303 and t95(1000) == pytest.approx(1.96, abs=1e-3)
 
 
 def precision_results(fp32, bf16, fp8):
@@ -198,7 +254,7 @@ def test_precision_verdict_uses_the_threshold_and_the_noise_floor():
     failed = judge(precision_results({0: 2.000, 1: 2.000}, {0: 2.000, 1: 2.001}, {0: 2.050, 1: 2.060}))
     assert failed.status == "did not hold"
     noisy = judge(precision_results({0: 2.000, 1: 2.0}, {0: 2.080, 1: 1.95}, {0: 2.040, 1: 1.99}))
-    assert noisy.status == "not significant at this scale" and "cannot resolve" in noisy.summary
+    assert noisy.status == "unresolved: this scale cannot resolve 0.25%" and "cannot resolve" in noisy.summary
     assert judge(precision_results({0: 2.0}, {0: 2.0}, {0: 2.001})).status == "held (one seed)"
 
 
@@ -285,7 +341,7 @@ def test_balance_report_has_maxvio_and_precision_arms_get_the_hook(tmp_path):
     calls = []
     plan = Plan("balance", "unused", [0], steps=8, eval_every=4)
     data = run_and_report(bal, plan, tmp_path / "balance", train_fn=fake_trainer(losses, calls))
-    assert data["verdict"]["status"].startswith("not significant at this scale (one seed; ")
+    assert data["verdict"]["status"].startswith("unresolved (one seed; ")
     assert table_rows(data)[0][-1] == "MaxVio mean / final" and table_rows(data)[1][-1] == "0.400 / 0.400"
     assert (tmp_path / "balance" / "balance-maxvio.png").is_file()
     prec = build_suite("precision", 1000)
@@ -404,3 +460,102 @@ def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_pat
     assert "edge of the grid" in data["verdict"]["summary"]
     report = (tmp_path / "b" / "report.md").read_text()
     assert "peak lr 0.003 x the arm's factor (x0.5, x1, x2)" in report and "AdamW lr" not in report
+
+
+# ---------------------------------------------------------------------------- --jobs: runs in worker processes
+def _val_losses(run_dir) -> list[float]:
+    from nanoseek.train.metrics import events, read_metrics
+    return [e["val_loss"] for e in events(read_metrics(run_dir), "eval")]
+
+
+def _tiny_plan(name, data_dir, seeds):
+    return Plan(name, str(data_dir), seeds, steps=2, micro_batch_size=2, seq_len=32, val_batches=1, warmup_steps=1,
+                eval_every=1, device="cpu")
+
+
+def test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite(data_dir, tmp_path, one_thread):
+    from nanoseek.ablate.runner import run_suites
+
+    vocab = vocab_of(data_dir)
+    suites = [(build_suite("mtp", vocab), [0, 1]), (build_suite("precision", vocab), [0])]
+    for suite, seeds in suites:
+        run_suite(suite, _tiny_plan(suite.name, data_dir, seeds), tmp_path / "seq" / suite.name, log=lambda m: None)
+    logs: list[str] = []
+    entries = [(s, _tiny_plan(s.name, data_dir, seeds), tmp_path / "par" / s.name) for s, seeds in suites]
+    done = run_suites(entries, jobs=2, threads=1, log=logs.append)
+    assert "7 runs, 2 at a time, each in its own process (1 thread(s))" in logs
+    assert {k: len(v) for k, v in done.items()} == {"mtp": 4, "precision": 3}
+    for suite, seeds in suites:
+        for arm in suite.arms:
+            for seed in seeds:
+                rel = f"{suite.name}/runs/{arm.name}/seed{seed}"
+                seq, par = _val_losses(tmp_path / "seq" / rel), _val_losses(tmp_path / "par" / rel)
+                assert len(par) == 2 and par == seq, rel         # the same run, whichever process trained it
+                assert (tmp_path / "par" / rel / "config.toml").read_text() == \
+                    (tmp_path / "seq" / rel / "config.toml").read_text().replace("/seq/", "/par/")
+    # a second call reuses every finished run and trains none
+    logs.clear()
+    run_suites(entries, jobs=2, threads=1, log=logs.append)
+    assert len(logs) == 7 and all("already finished" in m for m in logs)
+    report = run_and_report(suites[0][0], _tiny_plan("mtp", data_dir, [0, 1]), tmp_path / "par" / "mtp",
+                            log=lambda m: None)
+    assert sorted(report["arms"]) == ["mtp", "no-mtp"]
+
+
+def stop_the_no_mtp_arm(cfg, progress=None, quiet=False, hooks=None):
+    """A picklable stand-in for pretrain() in worker processes: the no-mtp arm is interrupted."""
+    from nanoseek.train.loop import FitResult
+    from nanoseek.train.pretrain import pretrain
+
+    if "/no-mtp/" in str(cfg.train.out_dir):
+        return FitResult("interrupted", 1, 10, cfg.train.out_dir)
+    return pretrain(cfg, progress=progress, quiet=quiet, hooks=hooks)
+
+
+def fail_the_no_mtp_arm(cfg, progress=None, quiet=False, hooks=None):
+    from nanoseek.train.pretrain import pretrain
+
+    if "/no-mtp/" in str(cfg.train.out_dir):
+        raise RuntimeError("boom")
+    return pretrain(cfg, progress=progress, quiet=quiet, hooks=hooks)
+
+
+def test_parallel_jobs_stop_on_an_interrupted_or_failed_run_and_resume_the_rest(data_dir, tmp_path, one_thread):
+    from nanoseek.ablate.runner import run_suites
+    from nanoseek.errors import UserError
+
+    suite = build_suite("mtp", vocab_of(data_dir))
+    entries = [(suite, _tiny_plan("mtp", data_dir, [0]), tmp_path / "mtp")]
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_suites(entries, jobs=2, threads=1, train_fn=stop_the_no_mtp_arm, log=logs.append)
+    assert "mtp/no-mtp seed 0: interrupted" in logs and "the same command resumes" in logs[-1]
+    assert not (tmp_path / "mtp" / "runs" / "no-mtp" / "seed0" / "final").exists()
+    with pytest.raises(UserError, match="mtp/no-mtp seed 0 failed .exit code 1"):
+        run_suites(entries, jobs=2, threads=1, train_fn=fail_the_no_mtp_arm, log=logs.append)
+    logs.clear()
+    run_suites(entries, jobs=2, threads=1, log=logs.append)     # the same command resumes what is unfinished
+    assert any("runs, 2 at a time" in m or "already finished" in m for m in logs)
+    for arm in ("mtp", "no-mtp"):
+        assert len(_val_losses(tmp_path / "mtp" / "runs" / arm / "seed0")) == 2
+    logs.clear()
+    run_suites(entries, jobs=2, threads=1, log=logs.append)
+    assert len(logs) == 2 and all("already finished" in m for m in logs)
+
+
+def test_jobs_flag_needs_steps_and_pretraining_suites(tmp_path, capsys, data_dir):
+    from nanoseek.cli import main
+
+    assert main(["ablate", "--suite", "mtp", "--budget-minutes", "1", "--jobs", "2", "--data", str(data_dir),
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "--jobs needs --steps N" in capsys.readouterr().err
+    assert main(["ablate", "--suite", "rl", "--model", str(tmp_path), "--steps", "2", "--jobs", "2",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--jobs applies to the pre-training suites" in capsys.readouterr().err
+    # the command holds --out and the suite folder; its workers train inside them
+    out = tmp_path / "c"
+    assert main(["ablate", "--suite", "mtp", "--steps", "2", "--seeds", "1", "--jobs", "2", "--data", str(data_dir),
+                 "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--val-batches", "1", "--threads", "1",
+                 "--device", "cpu"]) == 0
+    assert "2 runs, 2 at a time" in capsys.readouterr().out
+    assert (out / "mtp" / "report.md").is_file() and (out / "mtp" / "results.json").is_file()

@@ -149,3 +149,20 @@ def test_help_names_every_kind_of_task_source():
         for prefix in SOURCES:                             # every registered source: rg:NAME(...), humaneval:A-B
             assert f"{prefix}:" in text, (prefix, text)
     assert "rg:NAME(key=value, ...)" in tasks_help and "humaneval:A-B" in tasks_help
+
+
+def test_eval_with_mtp_speculation_records_its_acceptance_and_changes_no_greedy_answer(run, tmp_path, capsys):
+    """``--mtp``: the same greedy completions as plain decoding (speculation is exact at temperature 0),
+    and the acceptance of the MTP drafts saved in the result and printed."""
+    root, tok, _ = run
+    ckpt = tmp_path / "mtp" / "final"
+    save_pretrained(make_tiny_model(seed=3, vocab_size=tok.vocab_size, num_nextn_predict_layers=1).eval(), ckpt)
+    tok.save(tmp_path / "mtp")
+    common = ["eval", "--model", str(ckpt), *ARGS, "--temperature", "0", "--mode", "fewshot"]
+    assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    assert main([*common, "--mtp", "--out", str(tmp_path / "spec.json")]) == 0
+    assert "MTP self-speculative decoding:" in " ".join(capsys.readouterr().out.split())
+    plain, spec = EvalResult.load(tmp_path / "plain.json"), EvalResult.load(tmp_path / "spec.json")
+    assert 0.0 <= spec.model["mtp_acceptance"] <= 1.0 and spec.model["mtp_tokens_per_step"] >= 1.0
+    assert "mtp_acceptance" not in plain.model
+    assert [(p.answers, p.tokens) for p in spec.problems] == [(p.answers, p.tokens) for p in plain.problems]

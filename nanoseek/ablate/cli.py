@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=limits.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")
+    parser.add_argument("--jobs", type=limits.positive_int, default=1, metavar="N",
+                        help="train N runs at once in worker processes, across all the suites given (needs "
+                             "--steps; the results do not depend on N, wall-clock figures do; default 1)")
     rl = parser.add_argument_group("the rl suite (--suite rl)")
     rl.add_argument("--model", metavar="SFT_CHECKPOINT_OR_RUN",
                     help="the SFT checkpoint (or run folder) every arm starts from")
@@ -202,14 +205,17 @@ def _main(args: argparse.Namespace, out) -> int:
             suites = [build_suite(n, vocab) for n in names]
             n_arms = sum(len(s.arms) for s in suites)
             t_all = time.perf_counter()
+            if args.jobs > 1:
+                _run_parallel(args, suites, out)
+                suites = []
             for k, suite in enumerate(suites):
                 budget = None
                 if args.budget_minutes is not None:
                     left = args.budget_minutes - (time.perf_counter() - t_all) / 60
                     budget = left * len(suite.arms) / sum(len(s.arms) for s in suites[k:])
                 _run_one(args, suite, budget, out / suite.name)
-            if len(suites) > 1:
-                print(f"{len(suites)} suites, {n_arms} arms in {(time.perf_counter() - t_all) / 60:.1f} min")
+            if len(names) > 1:
+                print(f"{len(names)} suites, {n_arms} arms in {(time.perf_counter() - t_all) / 60:.1f} min")
         if args.markdown:
             dirs = [out / n for n in SUITE_NAMES + (RL,) if (out / n / "results.json").is_file()]
             md = Path(args.markdown)
@@ -251,6 +257,35 @@ def _run_one(args: argparse.Namespace, suite, budget: float | None, suite_dir) -
     print(f"   wrote {suite_dir}/report.md in {(time.perf_counter() - started) / 60:.1f} min")
 
 
+def _run_parallel(args: argparse.Namespace, suites: list, out) -> None:
+    """``--jobs N``: plan every suite at ``--steps``, train all their runs in N worker processes, report each."""
+    import time
+
+    from nanoseek.errors import UserError
+
+    from .report import write_suite_report
+    from .runner import make_plan, run_suites
+
+    if args.steps is None:
+        raise UserError("--jobs needs --steps N: --budget-minutes sizes the runs by timing them one at a time, "
+                        "which does not predict runs sharing the machine")
+    started = time.perf_counter()
+    entries = []
+    for suite in suites:
+        plan = make_plan(suite, args.data, None, seeds=args.seeds, seed_base=args.seed, steps=args.steps,
+                         min_steps=args.min_steps, micro_batch_size=args.batch_size, seq_len=args.seq_len,
+                         lr=args.lr, val_batches=args.val_batches, device=args.device,
+                         command=_command(args, suite.name, None))
+        print(f"== {suite.name}: {len(plan.seeds)} seed(s) x {len(suite.arms)} arms, {plan.steps} steps = "
+              f"{plan.tokens_per_run:,} tokens per run")
+        entries.append((suite, plan, out / suite.name))
+    run_suites(entries, args.jobs, threads=args.threads)
+    for suite, plan, suite_dir in entries:
+        data = write_suite_report(suite, suite_dir, plan.to_dict())
+        print(f"   {suite.name}: {data['verdict']['status']}: {data['verdict']['summary']}")
+    print(f"   wrote {len(entries)} reports in {(time.perf_counter() - started) / 60:.1f} min")
+
+
 def _rl_command(args: argparse.Namespace) -> str:
     parts = ["nanoseek ablate", f"--suite {RL}", f"--model {args.model}", f"--steps {args.steps}",
              f"--out {args.out}"]
@@ -281,6 +316,8 @@ def _run_rl(args: argparse.Namespace, suite_dir) -> None:
     if args.budget_minutes is not None:
         raise UserError(f"--budget-minutes does not apply to --suite {RL} (rollout times change as the policy "
                         "trains, so a probe cannot size the runs); give --steps N")
+    if args.jobs > 1:
+        raise UserError(f"--jobs applies to the pre-training suites; --suite {RL} trains its runs one at a time")
     if args.steps is None:
         raise UserError(f"--suite {RL} needs --steps N (optimizer steps per run, the same for every arm)")
     try:

@@ -180,10 +180,11 @@ def suite_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#
              _md_table(table_rows(data)), "",
              f"Final validation loss = mean cross-entropy (nats/token) of the main next-token head on the same "
              f"{p['val_batches']} held-out batches for every arm; ± is the sample standard deviation over the "
-             f"{len(seeds)} seed(s). A difference is called clear when every seed agrees on its sign and it "
-             "exceeds that spread." + (" With one seed there is no spread estimate: every difference here is "
-                                       "one run against another, and the verdict carries '(one seed)'."
-                                       if len(seeds) == 1 else ""), "", "Arms:", ""]
+             f"{len(seeds)} seed(s). A difference counts (held / did not hold) when its 95% interval over the "
+             "seeds (Student's t on the per-seed paired differences) excludes zero; otherwise it is unresolved, and "
+             "the interval's farther end is the largest effect the seeds cannot rule out."
+             + (" With one seed there is no interval: every difference here is one run against another, and the "
+                "verdict carries '(one seed)'." if len(seeds) == 1 else ""), "", "Arms:", ""]
     for a in data["arms"].values():
         lines.append(f"- **{a['label']}** (`{a['name']}`): {a['note']}")
     lines += ["", "Per-seed final validation loss:", ""]

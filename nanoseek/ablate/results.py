@@ -9,9 +9,10 @@ judges differences; :mod:`.suites` uses :func:`compare` for each claim's verdict
   (tokens x FLOPs/token of the arm) and wall-clock seconds, the final validation loss, the
   median tokens/s, and MaxVio per step (the loop's per-MoE-layer list, averaged over layers);
 * :func:`compare`: arm A against arm B on one metric: the difference of the means over seeds,
-  the paired per-seed differences, and whether it is *clear*: every seed agrees on the sign and
-  the difference exceeds the larger of the two arms' seed standard deviations. With one seed
-  there is no spread to judge against and ``clear`` is None.
+  the paired per-seed differences, their 95% interval over seeds (Student's t, so three seeds
+  pay t = 4.30) and whether the difference is *clear*: the interval excludes zero. Otherwise
+  the comparison is unresolved, and the interval's farther end bounds the effect at this power.
+  With one seed there is no interval and ``clear`` is None.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..eval.stats import Interval, t_interval
 
 ARM_FILE = "ablate_arm.json"
 METRICS = ("final_val_loss", "maxvio_mean", "maxvio_final", "tokens_per_s", "wall_s")
@@ -120,7 +123,13 @@ class Comparison:
     per_seed: dict[int, float]             # a - b for each seed both ran
     per_seed_rel: dict[int, float]
     spread: float                          # larger of the two arms' seed standard deviations
-    clear: bool | None                     # None: one seed, nothing to judge the difference against
+    clear: bool | None                     # the interval excludes 0; None: one seed, nothing to judge against
+    interval: Interval | None = None       # 95% t interval of the mean paired difference over seeds (>= 2)
+
+    @property
+    def bound(self) -> float:
+        """What the seeds can still not rule out: |effect| <= this (the interval's farther end)."""
+        return max(abs(self.interval.low), abs(self.interval.high)) if self.interval else float("nan")
 
     def text(self, what: str = "loss") -> str:
         word = "lower" if self.diff < 0 else "higher"
@@ -129,11 +138,10 @@ class Comparison:
         if self.clear is None:                  # one seed: the suite's text says so once
             return s
         paired = ", ".join(f"{d:+.4f}" for d in self.per_seed.values())
+        ci = f"95% interval over {n} seeds [{self.interval.low:+.4f}, {self.interval.high:+.4f}]"
         if self.clear:
-            return s + f", clear over {n} seeds (per seed {paired}; seed spread {self.spread:.4f})"
-        signs = sum(1 for d in self.per_seed.values() if (d < 0) == (self.diff < 0))
-        return s + (f", not significant: per seed {paired}, {signs} of {n} seeds agree, seed spread "
-                    f"{self.spread:.4f}")
+            return s + f", {ci} (per seed {paired})"
+        return s + f", unresolved: the {ci} includes 0, so |effect| < {self.bound:.4f} at this power (per seed {paired})"
 
 
 def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Comparison:
@@ -147,11 +155,10 @@ def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Compa
     per_seed = {s: va[s] - vb[s] for s in common}
     per_seed_rel = {s: (va[s] - vb[s]) / vb[s] if vb[s] else float("nan") for s in common}
     spread = max(a.std(metric), b.std(metric))
-    if len(common) < 2:
-        clear = None
-    else:
-        clear = all(d != 0 and (d < 0) == (diff < 0) for d in per_seed.values()) and abs(diff) > spread
-    return Comparison(metric, diff, diff / mb if mb else float("nan"), per_seed, per_seed_rel, spread, clear)
+    interval = t_interval(list(per_seed.values())) if len(common) >= 2 else None
+    clear = None if interval is None else (interval.low > 0 or interval.high < 0)
+    return Comparison(metric, diff, diff / mb if mb else float("nan"), per_seed, per_seed_rel, spread, clear,
+                      interval)
 
 
 __all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "ARM_FILE", "METRICS"]

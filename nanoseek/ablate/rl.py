@@ -22,7 +22,7 @@ for, held-out pass@1. This module is that suite end to end:
   pass@1 averaged over seeds first), and a verdict by the pre-training suites' rule
   (:func:`nanoseek.ablate.results.compare`, ``suites.claim_status``): a difference counts when every
   seed agrees on its sign and it exceeds the seeds' spread, and here also when the pooled paired
-  interval excludes zero; one seed is "not significant at this scale (one seed; ...)".
+  interval excludes zero; one seed is "unresolved (one seed; ...)".
 
 A finished run whose ``config.toml`` is the identical config is reused (and its ``eval.json`` too,
 when it was made with the same evaluation settings); anything else in a run folder is replaced.
@@ -378,7 +378,7 @@ def judge_arm(a: ArmResult, base: ArmResult) -> dict[str, Any]:
     if comp.clear is not None:
         comp = dataclasses.replace(comp, clear=comp.clear and (pooled.low > 0 or pooled.high < 0))
     # the claims: higher held-out pass@1 than GRPO; no difference at all points nowhere
-    raw = "not significant at this scale" if comp.diff == 0 else claim_status(comp, expect_lower=False)
+    raw = "unresolved: no difference" if comp.diff == 0 else claim_status(comp, expect_lower=False)
     return {"status": combine_statuses([raw]), "raw_status": raw, "diff": pooled.to_dict(), "per_seed": {s: per_seed[s].to_dict() for s in seeds},
             "seed_spread": comp.spread, "clear": comp.clear}
 
@@ -401,7 +401,7 @@ def judge(results: dict[str, ArmResult]) -> tuple[dict[str, dict[str, Any]], str
     base = results[BASELINE]
     per_arm = {n: judge_arm(r, base) for n, r in results.items() if n != BASELINE}
     if not per_arm:
-        return {}, "not significant at this scale", "only the baseline ran"
+        return {}, "unresolved: only the baseline ran", "only the baseline ran"
     status = combine_statuses([j["raw_status"] for j in per_arm.values()])
     summary = "; ".join(f"{describe(results[n].label, j)}: {j['status']}" for n, j in per_arm.items()) + "."
     return per_arm, status, summary

@@ -120,8 +120,8 @@ def rl_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#") 
              + f" for every run ({ev['k']} samples per problem at temperature {ev['temperature']:g}, "
              f"{ev['max_new_tokens']} new tokens, the stage's own prompt mode). The difference to GRPO is the paired "
              "95% interval of the per-problem differences, each problem's pass@1 averaged over the seeds first; an "
-             "arm's claim counts as held (or not) when that interval excludes zero, every seed agrees on the sign "
-             "and the difference exceeds the seeds' spread." + (" With one seed there is no spread: the verdict "
+             "arm's claim counts as held (or not) when that interval excludes zero and so does the 95% interval of "
+             "the per-seed differences over the seeds (Student's t)." + (" With one seed there is no spread: the verdict "
                                                                "carries '(one seed)'." if not multi else ""),
              "", "The reward columns and curves are the rollouts' own (format + accuracy; DAPO's includes its "
              "overlong penalty, so its reward is not on the same scale); the verdict reads held-out pass@1 only.",

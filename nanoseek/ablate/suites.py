@@ -11,14 +11,15 @@ group-limited routing, sigmoid gate), and derives its other arms from it. Matche
 * ``attention``: :func:`mha_with_matched_params` keeps the number of query heads and the RoPE
   dims and searches the other head dims (q/k no-RoPE part and value) of multi-head / grouped-
   query attention for the attention parameter count closest to MLA's, within
-  :data:`ATTENTION_TOLERANCE` (the achievable step is ``hidden x (heads + kv_heads)``);
+  :data:`ATTENTION_TOLERANCE` (the achievable step is ``hidden x (heads + kv_heads)``), and
+  :func:`gqa_with_matched_kv_cache` gives MQA / GQA arms that cache exactly MLA's bytes per token;
 * ``balance``, ``mtp``, ``precision``, ``optimizer``: the same model, only the training recipe
   differs (bias update speed gamma, balance-loss weight alpha, MTP depth and lambda, simulated GEMM
   precision, the optimizer and its learning rate), so parameters match exactly.
 
 Each suite's ``judge`` turns the measured arms into a :class:`Verdict`: "held", "did not hold",
-"partly held" or "not significant at this scale", by the rule of :func:`nanoseek.ablate.results.compare`
-(a difference counts when every seed agrees on its sign and it exceeds the seeds' spread).
+"partly held" or "unresolved" (with the effect size the seeds cannot rule out), by the rule of
+:func:`nanoseek.ablate.results.compare` (a difference counts when its 95% interval over seeds excludes zero).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..model.config import ModelConfig
-from ..model.params import attention_params, count_params
+from ..model.params import attention_params, count_params, kv_cache_bytes_per_token
 from .results import compare
 
 # A small DeepSeek-V3: dense first layer as wide as the activated experts (1 shared + 4 routed of
@@ -81,7 +82,7 @@ class Arm:
 
 @dataclass
 class Verdict:
-    status: str                             # "held", "did not hold", "partly held", "not significant at this scale"
+    status: str                             # "held", "did not hold", "partly held", "unresolved..."
     summary: str
 
 
@@ -151,6 +152,33 @@ def mha_with_matched_params(mla: ModelConfig, kv_heads: int) -> ModelConfig:
     return best[1].validate()
 
 
+def gqa_with_matched_kv_cache(mla: ModelConfig, kv_heads: int) -> ModelConfig:
+    """Standard attention with ``kv_heads`` key/value heads whose KV cache per token equals the MLA
+    config's (absorbed: ``kv_lora_rank + qk_rope_head_dim`` values per layer): same heads and RoPE
+    dims, ``kv_heads x (qk_head_dim + v_head_dim)`` = MLA's cached values. MLA's own q/k and value
+    head dims are kept when they fit exactly (MQA over MLA's head shapes); otherwise the q/k and
+    value dims are split as evenly as the RoPE part allows. Its parameters are fewer than MLA's:
+    the arm answers "at the same cache", the other arms "at the same parameters"."""
+    H = mla.num_attention_heads
+    if kv_heads < 1 or H % kv_heads:
+        raise ValueError(f"kv_heads={kv_heads} must divide num_attention_heads={H}")
+    target = kv_cache_bytes_per_token(mla)
+    rope = mla.qk_rope_head_dim
+    per_head, rem = divmod(mla.kv_lora_rank + rope, kv_heads)
+    if rem or per_head < rope + 2:
+        raise ValueError(f"MLA's {mla.kv_lora_rank + rope} cached values per token cannot be split into {kv_heads} "
+                         f"KV heads of a key (RoPE {rope} + at least 1) and a value (at least 1)")
+    if mla.qk_head_dim + mla.v_head_dim == per_head:
+        qk, v = mla.qk_head_dim, mla.v_head_dim
+    else:
+        qk = max(rope + 1, (per_head + 1) // 2)
+        v = per_head - qk
+    cfg = dataclasses.replace(mla, attention_type="mha", num_key_value_heads=kv_heads, qk_nope_head_dim=qk - rope,
+                              v_head_dim=v).validate()
+    assert kv_cache_bytes_per_token(cfg) == target, (kv_cache_bytes_per_token(cfg), target)
+    return cfg
+
+
 # ---------------------------------------------------------------------------- judging helpers
 def claim_status(comp, expect_lower: bool) -> str:
     """One comparison whose claimed direction is ``a`` lower (``expect_lower``) than ``b``.
@@ -162,7 +190,7 @@ def claim_status(comp, expect_lower: bool) -> str:
     if comp.clear is None:
         return "for" if agrees else "against"
     if not comp.clear:
-        return "not significant at this scale"
+        return f"unresolved: |effect| < {comp.bound:.3g} at this power"
     return "held" if agrees else "did not hold"
 
 
@@ -170,9 +198,9 @@ def combine_statuses(statuses: list[str]) -> str:
     """One status for a claim with one or several parts."""
     if any(s in ("for", "against") for s in statuses):
         n_for = statuses.count("for")
-        return (f"not significant at this scale (one seed; {n_for} of {len(statuses)} comparisons point towards "
+        return (f"unresolved (one seed; {n_for} of {len(statuses)} comparisons point towards "
                 "the claim)" if len(statuses) > 1 else
-                f"not significant at this scale (one seed; the difference points {'towards' if n_for else 'against'} "
+                f"unresolved (one seed; the difference points {'towards' if n_for else 'against'} "
                 "the claim)")
     held, failed = statuses.count("held"), statuses.count("did not hold")
     if held == len(statuses):
@@ -181,7 +209,7 @@ def combine_statuses(statuses: list[str]) -> str:
         return "partly held"
     if failed:
         return "did not hold"
-    return "not significant at this scale"
+    return statuses[0] if len(statuses) == 1 else "unresolved at this power"
 
 
 def _late_curve_rel(a, b, seed: int) -> float:
@@ -285,6 +313,12 @@ def attention(base: ModelConfig, gqa_kv_heads: int | None = None) -> Suite:
     kv = gqa_kv_heads or max(1, H // 2)
     mha = mha_with_matched_params(base, H)
     gqa = mha_with_matched_params(base, kv)
+    same_cache = {}                          # KV heads -> the arm with MLA's KV cache bytes (where one exists)
+    for heads in (1, kv):
+        try:
+            same_cache[heads] = gqa_with_matched_kv_cache(base, heads)
+        except ValueError:
+            pass
 
     def dims(c: ModelConfig) -> str:
         return (f"{c.num_attention_heads} heads, {c.num_key_value_heads} KV heads, q/k dim {c.qk_head_dim}, "
@@ -298,19 +332,29 @@ def attention(base: ModelConfig, gqa_kv_heads: int | None = None) -> Suite:
         Arm(f"gqa-{kv}", f"GQA ({kv} KV heads)", gqa, dict(BASE_TRAIN),
             note=dims(gqa) + ", head dims solved to match MLA's parameters"),
     ]
+    for heads, cfg in same_cache.items():
+        name = "mqa" if heads == 1 else f"gqa-{heads}"
+        arms.append(Arm(f"{name}-same-cache", f"{name.upper()}, MLA's KV cache", cfg, dict(BASE_TRAIN),
+                        note=dims(cfg) + ": the KV cache bytes per token of MLA (fewer parameters)"))
 
     def judge(r: dict) -> Verdict:
         c_mha = compare(r["mla"], r["mha"])
         c_gqa = compare(r[f"gqa-{kv}"], r["mha"])
         kvb = {a.name: r[a.name].info["kv_bytes_per_token"] for a in arms}
+        cache = [a.name for a in arms if a.name.endswith("-same-cache") and a.name in r]
+        c_cache = {n: compare(r["mla"], r[n]) for n in cache}
         summary = (f"MLA vs MHA at matched parameters: {c_mha.text('validation loss')}. GQA vs MHA: "
-                   f"{c_gqa.text('validation loss')}. KV cache (bf16, all layers): MLA {kvb['mla']:,} bytes/token, "
+                   f"{c_gqa.text('validation loss')}. "
+                   + "".join(f"MLA vs {r[n].label} (the same KV cache): {c.text('validation loss')}. "
+                             for n, c in c_cache.items())
+                   + f"KV cache (bf16, all layers): MLA {kvb['mla']:,} bytes/token, "
                    f"GQA {kvb[f'gqa-{kv}']:,}, MHA {kvb['mha']:,} "
                    f"(MLA caches {100 * kvb['mla'] / kvb['mha']:.0f}% of MHA's).")
-        return Verdict(combine_statuses([claim_status(c_mha, True)]), summary)
+        return Verdict(combine_statuses([claim_status(c_mha, True)] + [claim_status(c, True) for c in c_cache.values()]),
+                       summary)
 
     return Suite(
-        "attention", "MLA vs MHA vs GQA at matched parameters",
+        "attention", "MLA vs MHA vs GQA at matched parameters and at MLA's KV cache",
         "Multi-head latent attention caches only a compressed latent and one shared RoPE key per token, a KV "
         "cache far smaller than multi-head attention's, and still performs better than MHA, whereas GQA/MQA "
         "shrink the cache at a cost in quality (DeepSeek-V2 report, arXiv 2405.04434, section 2.1 and "
@@ -363,7 +407,7 @@ def precision(base: ModelConfig, block: int = 128) -> Suite:
         if all(x < THRESHOLD for x in rels):
             status = "held"
         elif floor >= THRESHOLD and statistics.fmean(rels) <= floor:
-            status = "not significant at this scale"
+            status = "unresolved: this scale cannot resolve 0.25%"
         elif all(x >= THRESHOLD for x in rels):
             status = "did not hold"
         else:
@@ -473,5 +517,5 @@ def build_suite(name: str, vocab_size: int, **base_overrides: Any) -> Suite:
 
 
 __all__ = ["BASE_MODEL", "BASE_TRAIN", "PARAM_TOLERANCE", "ATTENTION_TOLERANCE", "Arm", "Suite", "Verdict", "SUITES",
-           "non_embedding_params", "dense_with_matched_params", "mha_with_matched_params", "base_model", "build_suite",
+           "non_embedding_params", "dense_with_matched_params", "mha_with_matched_params", "gqa_with_matched_kv_cache", "base_model", "build_suite",
            "describe_base"]

@@ -296,6 +296,12 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{label}: {e}") from None
         result.model["path"] = str(ckpt)
         result.model["stage"] = label
+        if args.mtp and engine.spec_stats.drafted:
+            spec = engine.spec_stats
+            result.model["mtp_acceptance"] = spec.acceptance_rate
+            result.model["mtp_tokens_per_step"] = spec.tokens_per_step
+            result.notes.append(f"MTP self-speculative decoding: {spec.acceptance_rate:.1%} of {spec.drafted:,} drafts "
+                                f"accepted, {spec.tokens_per_step:.2f} tokens per step")
         baseline = None
         if cfg.tool_use.enabled:
             baseline = _without_tools(model, tokenizer, cfg, mode, engine, label)
