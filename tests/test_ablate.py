@@ -559,3 +559,17 @@ def test_jobs_flag_needs_steps_and_pretraining_suites(tmp_path, capsys, data_dir
                  "--device", "cpu"]) == 0
     assert "2 runs, 2 at a time" in capsys.readouterr().out
     assert (out / "mtp" / "report.md").is_file() and (out / "mtp" / "results.json").is_file()
+
+
+def test_the_regenerating_prepare_command_carries_the_corpus_settings(data_dir, tmp_path):
+    from nanoseek.ablate.report import prepare_command
+
+    assert prepare_command(tmp_path / "none") == f"nanoseek data prepare --default-corpus --out {tmp_path / 'none'}"
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "manifest.json").write_text(json.dumps({"sources": [{"kind": "default-corpus", "task_docs": 60000,
+                                                              "seed": 0, "task_level": None, "text_repeats": 1}]}))
+    assert prepare_command(d) == f"nanoseek data prepare --default-corpus --out {d} --task-docs 60000"
+    (d / "manifest.json").write_text(json.dumps({"sources": [{"kind": "default-corpus", "task_docs": 20000,
+                                                              "seed": 3, "task_level": 2, "text_repeats": 1}]}))
+    assert prepare_command(d) == f"nanoseek data prepare --default-corpus --out {d} --seed 3 --task-level 2"

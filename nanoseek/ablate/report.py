@@ -293,6 +293,22 @@ Base model (every suite derives its arms from it): {base}.
 """
 
 
+def prepare_command(data_dir: str | Path) -> str:
+    """The ``nanoseek data prepare`` line that made ``data_dir``: the default corpus with the generator
+    settings its manifest records (``--task-docs`` and the others where they differ from the defaults)."""
+    cmd = f"nanoseek data prepare --default-corpus --out {data_dir}"
+    try:
+        sources = json.loads((Path(data_dir) / "manifest.json").read_text()).get("sources") or []
+    except (OSError, ValueError, AttributeError):
+        return cmd
+    src = next((x for x in sources if isinstance(x, dict) and x.get("kind") == "default-corpus"), None)
+    if src is None:
+        return cmd
+    flags = [("--task-docs", src.get("task_docs"), 20_000), ("--seed", src.get("seed"), 0),
+             ("--task-level", src.get("task_level"), None), ("--text-repeats", src.get("text_repeats"), 1)]
+    return cmd + "".join(f" {flag} {v}" for flag, v, default in flags if v is not None and v != default)
+
+
 def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, plots_dir: str | Path,
                             base_description: str, preamble: str = "", report_command: str = "",
                             section=None) -> Path:
@@ -323,7 +339,7 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
     if preamble:
         text += "\n" + preamble.strip() + "\n"
     out_dir = Path(suite_dirs[0]).parent if suite_dirs else Path("runs/ablate")
-    regen = ([f"nanoseek data prepare --default-corpus --out {d}" for d in data_dirs] + commands +
+    regen = ([prepare_command(d) for d in data_dirs] + commands +
              [report_command or f"nanoseek ablate --report-only --out {out_dir} --markdown {out_md}"])
     text += ("\n" + _md_table(summary) + "\n\nTo regenerate everything (each suite sizes its runs to its budget "
              "from a throughput probe, so the number of steps and seeds depends on the machine):\n\n```\n"
@@ -333,4 +349,4 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
 
 
 __all__ = ["collect", "plot_curves", "plot_maxvio", "table_rows", "suite_markdown", "results_dict", "write_suite_report", "read_results",
-           "write_combined_markdown", "RESULTS_FILE", "REPORT_FILE"]
+           "write_combined_markdown", "prepare_command", "RESULTS_FILE", "REPORT_FILE"]
