@@ -474,7 +474,7 @@ def _tiny_plan(name, data_dir, seeds):
 
 
 def test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite(data_dir, tmp_path, one_thread):
-    from nanoseek.ablate.runner import run_suites
+    from nanoseek.ablate.parallel import run_suites
 
     vocab = vocab_of(data_dir)
     suites = [(build_suite("mtp", vocab), [0, 1]), (build_suite("precision", vocab), [0])]
@@ -521,7 +521,7 @@ def fail_the_no_mtp_arm(cfg, progress=None, quiet=False, hooks=None):
 
 
 def test_parallel_jobs_stop_on_an_interrupted_or_failed_run_and_resume_the_rest(data_dir, tmp_path, one_thread):
-    from nanoseek.ablate.runner import run_suites
+    from nanoseek.ablate.parallel import run_suites
     from nanoseek.errors import UserError
 
     suite = build_suite("mtp", vocab_of(data_dir))

@@ -263,8 +263,9 @@ def _run_parallel(args: argparse.Namespace, suites: list, out) -> None:
 
     from nanoseek.errors import UserError
 
+    from .parallel import run_suites
     from .report import write_suite_report
-    from .runner import make_plan, run_suites
+    from .runner import make_plan
 
     if args.steps is None:
         raise UserError("--jobs needs --steps N: --budget-minutes sizes the runs by timing them one at a time, "
