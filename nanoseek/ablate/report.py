@@ -284,10 +284,11 @@ the arms differ only in what the claim is about, train on the same data in the s
 seeds for the same number of tokens, and are compared on the validation loss of the main next-token head.
 The claims come from papers about models 100,000 times larger trained on 100,000,000 times more tokens;
 a claim that does not hold here has not been refuted, and one that holds has not been confirmed at scale.
-What these runs show is whether the mechanism already pays off, or already costs, at the budget of a few
-CPU-minutes per suite, measured as it came out, including when a difference is within the seeds' spread.
-Tokens/s and the wall-clock plots come from a shared 2-core CPU on which other jobs ran at the same time:
-they are indicative only.
+What these runs show is whether the mechanism already pays off, or already costs, at the budget each
+section states (tokens per run, seeds), measured as it came out. A difference counts (the claim held, or
+did not) when its 95% interval over the seeds excludes zero; otherwise it is unresolved, and the interval
+bounds how large an effect the runs could have missed. Tokens/s and the wall-clock plots come from a
+shared 2-core CPU on which other jobs ran at the same time: they are indicative only.
 
 Base model (every suite derives its arms from it): {base}.
 """
