@@ -573,3 +573,23 @@ def test_the_regenerating_prepare_command_carries_the_corpus_settings(data_dir, 
     (d / "manifest.json").write_text(json.dumps({"sources": [{"kind": "default-corpus", "task_docs": 20000,
                                                               "seed": 3, "task_level": 2, "text_repeats": 1}]}))
     assert prepare_command(d) == f"nanoseek data prepare --default-corpus --out {d} --seed 3 --task-level 2"
+
+
+def test_an_unresolved_verdict_keeps_the_markdown_tables_intact(tmp_path):
+    import re
+
+    suite = build_suite("mtp", 1000)
+    losses = {"no-mtp": {0: 3.00, 1: 3.05, 2: 2.98}, "mtp": {0: 3.01, 1: 3.02, 2: 3.00}}
+    plan = Plan("mtp", "unused", [0, 1, 2], steps=8, eval_every=4)
+    data = run_and_report(suite, plan, tmp_path / "mtp", train_fn=fake_trainer(losses, []))
+    assert data["verdict"]["status"].startswith("unresolved: |effect| < ")
+    md = write_combined_markdown([tmp_path / "mtp"], tmp_path / "docs" / "ablations.md", tmp_path / "docs" / "img",
+                                 "base").read_text()
+    for text in (md, (tmp_path / "mtp" / "report.md").read_text()):
+        tables = [ln for ln in text.splitlines() if ln.startswith("|")]
+        assert tables and (text is not md or any("unresolved: \\|effect\\| <" in ln for ln in tables))
+        for ln in tables:                       # every row of a table has its header's number of cells
+            cells = re.split(r"(?<!\\)\|", ln)
+            header = next(h for h in tables[:tables.index(ln) + 1][::-1] if h.startswith("| ") and
+                          tables.index(h) + 1 < len(tables) and tables[tables.index(h) + 1].startswith("|---"))
+            assert len(cells) == len(re.split(r"(?<!\\)\|", header)), ln

@@ -165,8 +165,11 @@ def table_rows(data: dict[str, Any]) -> list[list[str]]:
 
 
 def _md_table(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    """A markdown table; a ``|`` inside a cell (a verdict's "|effect| < X") is escaped."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    out = [line(rows[0]), "|" + "|".join("---" for _ in rows[0]) + "|"]
+    out += [line(r) for r in rows[1:]]
     return "\n".join(out)
 
 
