@@ -483,8 +483,19 @@ def test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite(data_dir, tm
     logs: list[str] = []
     entries = [(s, _tiny_plan(s.name, data_dir, seeds), tmp_path / "par" / s.name) for s, seeds in suites]
     done = run_suites(entries, jobs=2, threads=1, log=logs.append)
-    assert "7 runs, 2 at a time, each in its own process (1 thread(s))" in logs
+    assert ("6 runs, 2 at a time, each in its own process (1 thread(s)); 1 more are the same run as one of them in "
+            "another suite and are copied from it") in logs
+    assert "   precision/fp32 seed 0: the same run, copied" in logs
     assert {k: len(v) for k, v in done.items()} == {"mtp": 4, "precision": 3}
+    # the base model is the no-mtp arm and the fp32 arm: trained once, copied, and really the same run
+    fp32 = tmp_path / "par" / "precision" / "runs" / "fp32" / "seed0"
+    assert json.loads((fp32 / runner.ARM_FILE).read_text())["reused_from"].endswith("mtp/runs/no-mtp/seed0")
+    assert json.loads((fp32 / runner.ARM_FILE).read_text())["arm"] == "fp32" and (fp32 / "final").is_dir()
+    run_suite(suites[1][0], _tiny_plan("precision", data_dir, [0]), tmp_path / "alone" / "precision",
+              log=lambda m: None)                               # no twin there: fp32 trained
+    alone = tmp_path / "alone" / "precision" / "runs" / "fp32" / "seed0"
+    assert "reused_from" not in json.loads((alone / runner.ARM_FILE).read_text())
+    assert _val_losses(alone) == _val_losses(fp32)
     for suite, seeds in suites:
         for arm in suite.arms:
             for seed in seeds:

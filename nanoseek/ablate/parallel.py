@@ -18,7 +18,8 @@ from typing import Callable
 
 from ..atomic import write_atomic
 from .results import ARM_FILE
-from .runner import Plan, _finished, is_suite_dir, precision_hooks, train_config
+from .runner import (Plan, _finished, arm_record, copy_twin, find_twin, is_suite_dir, precision_hooks,
+                     train_config, twin_key)
 from .suites import Suite
 
 INTERRUPTED_EXIT = 3       # a worker's exit code when its run was stopped by SIGINT / SIGTERM
@@ -60,7 +61,9 @@ def run_suites(entries: list[tuple[Suite, Plan, Path]], jobs: int, threads: int 
 
     The runs are those :func:`run_suite` would train, queued seed by seed across the suites (the
     first seed of every suite first, so a stopped batch leaves complete pairs); finished runs with
-    the identical config are reused as there. Each run is a fresh (spawned) process training
+    the identical config are reused as there, and a run that is the same as one of another suite (the
+base model is an arm of five suites) is trained once and copied (:func:`~nanoseek.ablate.runner.find_twin`).
+Each run is a fresh (spawned) process training
     through the same ``train_fn`` with ``threads`` torch threads (default: the machine's cores
     shared among the jobs). Every run is the one a sequential suite would train (same config, data
     order and seed), so the results do not depend on ``jobs`` (tested); only the wall-clock figures
@@ -83,6 +86,7 @@ def run_suites(entries: list[tuple[Suite, Plan, Path]], jobs: int, threads: int 
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     done: dict[str, list[Path]] = {suite.name: [] for suite, _, _ in entries}
     queue = []
+    twins: dict[str, list] = {}                 # twin_key -> runs of other suites that are the same run
     with contextlib.ExitStack() as stack:
         for suite, plan, suite_dir in entries:
             suite_dir = Path(suite_dir)
@@ -99,15 +103,25 @@ def run_suites(entries: list[tuple[Suite, Plan, Path]], jobs: int, threads: int 
                     run_dir = Path(suite_dir) / "runs" / arm.name / f"seed{seed}"
                     cfg = train_config(arm, plan, seed, run_dir)
                     text = config_to_toml(cfg)
+                    key = twin_key(text, arm.precision)
                     if _finished(run_dir, text) and (run_dir / ARM_FILE).is_file():
                         log(f"{suite.name}/{arm.name} seed {seed}: already finished in {run_dir}, reused")
                         done[suite.name].append(run_dir)
+                    elif key in twins:                  # the same run as one queued for another suite
+                        twins[key].append((suite, arm, seed, run_dir, text, arm_record(suite, arm, seed, plan)))
+                    elif (twin := find_twin(suite_dir, key, suite.name)) is not None:
+                        copy_twin(twin, run_dir, text, arm_record(suite, arm, seed, plan))
+                        log(f"{suite.name}/{arm.name} seed {seed}: the same run as {twin}, copied")
+                        done[suite.name].append(run_dir)
                     else:
+                        twins[key] = []
                         queue.append((suite, plan, arm, seed, run_dir, cfg, text))
-        n = len(queue)
+        n, n_twins = len(queue), sum(len(v) for v in twins.values())
         if not n:
             return done
-        log(f"{n} runs, {min(jobs, n)} at a time, each in its own process ({threads} thread(s))")
+        log(f"{n} runs, {min(jobs, n)} at a time, each in its own process ({threads} thread(s))"
+            + (f"; {n_twins} more are the same run as one of them in another suite and are copied from it"
+               if n_twins else ""))
         held = sorted(HELD)                                     # the suite folders and the --out above them
         ctx = multiprocessing.get_context("spawn")
         t_start, finished, stopped, failed = time.perf_counter(), 0, False, None
@@ -120,10 +134,7 @@ def run_suites(entries: list[tuple[Suite, Plan, Path]], jobs: int, threads: int 
                     if run_dir.exists():
                         shutil.rmtree(run_dir)
                     run_dir.mkdir(parents=True)
-                    write_atomic(run_dir / ARM_FILE, json.dumps(
-                        {"suite": suite.name, "arm": arm.name, "label": arm.label, "seed": seed,
-                         "precision": arm.precision, "tokens_per_step": plan.micro_batch_size * plan.seq_len},
-                        indent=1) + "\n")
+                    write_atomic(run_dir / ARM_FILE, json.dumps(arm_record(suite, arm, seed, plan), indent=1) + "\n")
                     proc = ctx.Process(target=_train_in_worker, name=f"{suite.name}/{arm.name}/seed{seed}",
                                        args=(cfg, precision_hooks(arm, suite), threads, train_fn, held))
                     proc.start()
@@ -141,6 +152,10 @@ def run_suites(entries: list[tuple[Suite, Plan, Path]], jobs: int, threads: int 
                         val = _last_val_loss(run_dir)
                         log(f"[{finished}/{n}] {where}: {time.perf_counter() - t_start:.0f}s into the batch"
                             + (f", val loss {val:.4f}" if val is not None else ""))
+                        for t_suite, t_arm, t_seed, t_dir, t_text, record in twins.get(twin_key(text, arm.precision), []):
+                            copy_twin(run_dir, t_dir, t_text, record)
+                            done[t_suite.name].append(t_dir)
+                            log(f"   {t_suite.name}/{t_arm.name} seed {t_seed}: the same run, copied")
                     elif proc.exitcode == INTERRUPTED_EXIT:
                         stopped = True
                         log(f"{where}: interrupted")

@@ -16,7 +16,9 @@ Matching, by construction:
 Runs go to ``OUT/SUITE/runs/ARM/seedN`` via :func:`nanoseek.train.pretrain.pretrain`, seed by seed
 (all arms of seed 0 first, so an interrupted suite still has complete pairs). An arm's simulated
 GEMM precision is applied by :class:`SimulatedPrecisionHook` when the loop starts. A run folder
-that already finished with the identical config is reused; any other content there is replaced.
+that already finished with the identical config is reused, and a run identical to one another suite
+finished under the same ``--out`` (the base model is an arm of five suites) is copied from it
+(:func:`find_twin`, marked ``reused_from``); any other content there is replaced.
 :func:`nanoseek.ablate.parallel.run_suites` trains the runs of several suites in parallel processes (``--jobs``).
 """
 
@@ -239,6 +241,46 @@ def _finished(run_dir: Path, config_text: str) -> bool:
         return False
 
 
+def twin_key(config_text: str, precision: str | None) -> str:
+    """What makes two runs the same run: the resolved config without its header comment and its
+    out_dir, and the simulated GEMM precision (applied by a hook, not written in the config)."""
+    lines = [ln for ln in config_text.splitlines() if not ln.startswith("#") and not ln.startswith("out_dir = ")]
+    return "\n".join(lines) + f"\nprecision = {precision!r}\n"
+
+
+def find_twin(suite_dir: str | Path, key: str, suite: str) -> Path | None:
+    """A finished run with ``key`` in another suite under the same folder (``--out``) as ``suite_dir``:
+    the base model is an arm of five suites (moe, mla, no-mtp, fp32, adamw-lr1x), the same run each time."""
+    for cfg_file in sorted(Path(suite_dir).parent.glob("*/runs/*/seed*/config.toml")):
+        run = cfg_file.parent
+        try:
+            text = cfg_file.read_text()
+            record = json.loads((run / ARM_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if (record.get("suite") != suite and not record.get("reused_from")
+                and twin_key(text, record.get("precision")) == key and _finished(run, text)):
+            return run
+    return None
+
+
+def copy_twin(src: Path, dst: Path, config_text: str, record: dict[str, Any]) -> None:
+    """Make ``dst`` the finished run ``src`` (its twin in another suite): metrics and final model
+    copied, this suite's config and arm record written, ``reused_from`` naming the source. The arm
+    record is written last, so a copy cut short is not taken for a finished run."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "latest", ".nanoseek.lock", ARM_FILE))
+    write_atomic(dst / "config.toml", config_text)
+    write_atomic(dst / ARM_FILE, json.dumps({**record, "reused_from": str(src)}, indent=1) + "\n")
+
+
+def arm_record(suite: Suite, arm, seed: int, plan: Plan) -> dict[str, Any]:
+    """The ``ablate_arm.json`` of a run: which suite, arm and seed it is."""
+    return {"suite": suite.name, "arm": arm.name, "label": arm.label, "seed": seed, "precision": arm.precision,
+            "tokens_per_step": plan.micro_batch_size * plan.seq_len}
+
+
 def run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callable | None = None,
               log: Callable[[str], None] = print, deadline: float | None = None) -> list[Path]:
     """Train every arm x seed of ``plan`` into ``suite_dir/runs``; returns the run folders.
@@ -286,16 +328,21 @@ def _run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callab
             i += 1
             run_dir = suite_dir / "runs" / arm.name / f"seed{seed}"
             cfg = train_config(arm, plan, seed, run_dir)
-            if _finished(run_dir, config_to_toml(cfg)) and (run_dir / ARM_FILE).is_file():
+            text = config_to_toml(cfg)
+            if _finished(run_dir, text) and (run_dir / ARM_FILE).is_file():
                 log(f"[{i}/{n_runs}] {arm.name} seed {seed}: already finished in {run_dir}, reused")
+                done.append(run_dir)
+                continue
+            twin = find_twin(suite_dir, twin_key(text, arm.precision), suite.name)
+            if twin is not None:
+                copy_twin(twin, run_dir, text, arm_record(suite, arm, seed, plan))
+                log(f"[{i}/{n_runs}] {arm.name} seed {seed}: the same run as {twin}, copied")
                 done.append(run_dir)
                 continue
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True)
-            write_atomic(run_dir / ARM_FILE, json.dumps(
-                {"suite": suite.name, "arm": arm.name, "label": arm.label, "seed": seed, "precision": arm.precision,
-                 "tokens_per_step": plan.micro_batch_size * plan.seq_len}, indent=1) + "\n")
+            write_atomic(run_dir / ARM_FILE, json.dumps(arm_record(suite, arm, seed, plan), indent=1) + "\n")
             t0 = time.perf_counter()
             result = train_fn(cfg, progress=False, quiet=True, hooks=precision_hooks(arm, suite))
             if getattr(result, "status", "done") == "interrupted":
@@ -324,4 +371,4 @@ def run_and_report(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Ca
 
 
 __all__ = ["Plan", "train_config", "model_fields", "SimulatedPrecisionHook", "probe_arms", "solve_steps", "make_plan",
-           "run_suite", "run_and_report", "schedule_for"]
+           "run_suite", "run_and_report", "schedule_for", "twin_key", "find_twin", "copy_twin", "arm_record"]
