@@ -61,9 +61,9 @@ def run_suites(entries: list[tuple[Suite, Plan, Path]], jobs: int, threads: int 
 
     The runs are those :func:`run_suite` would train, queued seed by seed across the suites (the
     first seed of every suite first, so a stopped batch leaves complete pairs); finished runs with
-    the identical config are reused as there, and a run that is the same as one of another suite (the
-base model is an arm of five suites) is trained once and copied (:func:`~nanoseek.ablate.runner.find_twin`).
-Each run is a fresh (spawned) process training
+    the identical config are reused as there, and a run that is the same as one of another suite
+    (the base model is an arm of five suites) is trained once and copied
+    (:func:`~nanoseek.ablate.runner.find_twin`). Each run is a fresh (spawned) process training
     through the same ``train_fn`` with ``threads`` torch threads (default: the machine's cores
     shared among the jobs). Every run is the one a sequential suite would train (same config, data
     order and seed), so the results do not depend on ``jobs`` (tested); only the wall-clock figures
