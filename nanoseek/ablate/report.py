@@ -205,7 +205,8 @@ def suite_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#
               f"for every arm), {lr_text} (warm-up {p['warmup_steps']} steps, WSD decay over the last "
               f"20% to {p['min_lr']:g}{' x the same factor' if tuned else ''}), validation every {p['eval_every']} steps. "
               + (f"Budget {p['budget_minutes']:.1f} min" if p.get("budget_minutes") else "Steps given, no budget")
-              + f"; the runs took {data['train_minutes']:.1f} min of wall-clock in all."
+              + f"; the runs' training times add up to {data['train_minutes']:.1f} min (runs trained side by side "
+              "with `--jobs` overlap)."
               + (f" The plan had {len(p['planned_seeds'])} seeds; the machine ran slower than its probe and the "
                  f"budget stopped the suite after {len(seeds)}." if len(p.get("planned_seeds") or seeds) > len(seeds)
                  else ""), ""]
