@@ -604,3 +604,18 @@ def test_an_unresolved_verdict_keeps_the_markdown_tables_intact(tmp_path):
             header = next(h for h in tables[:tables.index(ln) + 1][::-1] if h.startswith("| ") and
                           tables.index(h) + 1 < len(tables) and tables[tables.index(h) + 1].startswith("|---"))
             assert len(cells) == len(re.split(r"(?<!\\)\|", header)), ln
+
+
+def test_a_worker_adopts_only_a_folder_its_parent_holds(tmp_path):
+    from nanoseek.claims import HELD
+    from nanoseek.outdir import OutputDirError, adopt, claim
+
+    free = tmp_path / "free"
+    free.mkdir()
+    with pytest.raises(OutputDirError, match="not claimed"):
+        adopt(free)                                  # nobody holds it: a worker may not take it as its own
+    assert str(free.resolve()) not in HELD
+    held = tmp_path / "held"
+    with claim(held, "ablate", flag="--out"):
+        adopt(held)                                  # this process holds it already: nothing changes
+        assert HELD[str(held.resolve())][1] == 1
