@@ -72,7 +72,11 @@ def test_tiny_two_arm_suite_runs_evaluates_judges_and_reuses(tmp_path, one_threa
 
     run_suite(plan, out, train_fn=spy, log=lambda s: None)
     assert len(trained) == 2
+    start = json.loads((out / "start" / "eval.json").read_text())
+    assert len(start["problems"]) == 3 and start["model"]["path"] == str(ckpt)
     data = write_rl_report(plan, out)
+    assert data["start"]["n"] == 3 and data["arms"]["grpo"]["vs_start"]["n"] == 3
+    assert "| the start (the SFT checkpoint, no RL) |" in (out / "report.md").read_text()
     for name in ("grpo", "dr_grpo"):
         ev = json.loads((out / "runs" / name / "seed0" / "eval.json").read_text())
         assert len(ev["problems"]) == 3 and ev["config"]["tasks"] == ["digit7"]
@@ -167,15 +171,68 @@ def test_an_interrupted_rl_suite_resumes_without_redoing_finished_runs(tmp_path)
 
     def evaluate(run_dir, settings, **kw):
         evaluated.append((run_dir.parent.name, run_dir.name))
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "eval.json").write_text(json.dumps({"config": settings}))
         return SimpleNamespace(pass1=lambda: None)
 
     order = [(a, f"seed{s}") for s in (0, 1) for a in ("grpo", "gspo")]
     with pytest.raises(KeyboardInterrupt):
         run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
+    assert evaluated[0] == ("rl", "start")                           # the SFT checkpoint itself, first
+    evaluated.pop(0)
     assert trained == order[:3] and evaluated == order[:2]
     trained.clear(), evaluated.clear()
     cut[0] = 0
     (out / "runs" / "gspo" / "seed0" / "eval.json").unlink()          # an evaluation lost: redone, not retrained
     run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
     assert trained == order[2:] and evaluated == [order[1]] + order[2:]
+
+
+def interrupt_gspo(cfg, **kw):
+    """A picklable stand-in for the GRPO trainer in worker processes: the gspo arm is interrupted."""
+    from types import SimpleNamespace
+
+    from nanoseek.post.grpo import train_grpo
+
+    if "/gspo/" in str(cfg.train.out_dir):
+        return SimpleNamespace(status="interrupted", steps=1)
+    return train_grpo(cfg, **kw)
+
+
+def _eval_scores(run_dir: Path) -> dict:
+    return {p["id"]: p for p in json.loads((run_dir / "eval.json").read_text())["problems"]}
+
+
+def test_rl_jobs_train_and_evaluate_the_runs_of_a_sequential_suite_and_resume(tmp_path, one_thread):
+    """--jobs 2: every run trained and evaluated in its own process is the run the sequential suite
+    makes (same rollout curve, same per-problem scores); an interrupted run stops the batch and the
+    same call resumes only what is unfinished."""
+    from nanoseek.ablate.rl import load_rl_run
+
+    ckpt = saved_tiny_checkpoint(tmp_path / "sft")
+    plan = make_plan(str(ckpt), steps=2, seeds=1, overrides=TINY, eval_settings=EVAL, arms=["grpo", "gspo"],
+                     device="cpu")
+    run_suite(plan, tmp_path / "seq", log=lambda s: None)
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(plan, tmp_path / "par", train_fn=interrupt_gspo, log=logs.append, jobs=2, threads=1)
+    assert "rl/gspo seed 0: interrupted" in logs and "the same command resumes" in logs[-1]
+    assert not (tmp_path / "par" / "runs" / "gspo" / "seed0" / "eval.json").exists()
+    logs.clear()
+    done = run_suite(plan, tmp_path / "par", log=logs.append, jobs=2, threads=1)
+    assert any(" at a time, each trained and evaluated" in m for m in logs) and len(done) == 2
+    grpo = tmp_path / "par" / "runs" / "grpo" / "seed0"
+    (grpo / "eval.json").unlink()                   # an evaluation lost: redone in a worker, not retrained
+    stamp = (grpo / "stage.json").stat().st_mtime_ns
+    logs.clear()
+    run_suite(plan, tmp_path / "par", log=logs.append, jobs=2, threads=1)
+    assert "1 jobs, 1 at a time" in logs[1] and (grpo / "stage.json").stat().st_mtime_ns == stamp
+    for name in ("grpo", "gspo"):
+        seq, par = (load_rl_run(tmp_path / d / "runs" / name / "seed0") for d in ("seq", "par"))
+        assert par.curve == seq.curve and par.scores == seq.scores, name
+        assert _eval_scores(tmp_path / "par" / "runs" / name / "seed0").keys() == \
+            _eval_scores(tmp_path / "seq" / "runs" / name / "seed0").keys()
+    assert _eval_scores(tmp_path / "par" / "start") == _eval_scores(tmp_path / "seq" / "start")
+    logs.clear()
+    run_suite(plan, tmp_path / "par", log=logs.append, jobs=2, threads=1)
+    assert len(logs) == 2 and all("already trained and evaluated" in m for m in logs)

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")
     parser.add_argument("--jobs", type=limits.positive_int, default=1, metavar="N",
                         help="train N runs at once in worker processes, across all the suites given (needs "
-                             "--steps; the results do not depend on N, wall-clock figures do; default 1)")
+                             "--steps; --suite rl trains and evaluates each run in its worker; the results do not "
+                             "depend on N, wall-clock figures do; default 1)")
     rl = parser.add_argument_group("the rl suite (--suite rl)")
     rl.add_argument("--model", metavar="SFT_CHECKPOINT_OR_RUN",
                     help="the SFT checkpoint (or run folder) every arm starts from")
@@ -297,6 +298,8 @@ def _rl_command(args: argparse.Namespace) -> str:
     for flag in ("arms", "eval_tasks", "eval_n", "eval_k", "threads"):
         if getattr(args, flag):
             parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+    if args.jobs > 1:
+        parts.append(f"--jobs {args.jobs}")
     if args.device != "auto":
         parts.append(f"--device {args.device}")
     parts += [f"--set {o}" for o in args.overrides]
@@ -317,8 +320,6 @@ def _run_rl(args: argparse.Namespace, suite_dir) -> None:
     if args.budget_minutes is not None:
         raise UserError(f"--budget-minutes does not apply to --suite {RL} (rollout times change as the policy "
                         "trains, so a probe cannot size the runs); give --steps N")
-    if args.jobs > 1:
-        raise UserError(f"--jobs applies to the pre-training suites; --suite {RL} trains its runs one at a time")
     if args.steps is None:
         raise UserError(f"--suite {RL} needs --steps N (optimizer steps per run, the same for every arm)")
     try:
@@ -335,7 +336,7 @@ def _run_rl(args: argparse.Namespace, suite_dir) -> None:
                      command=_rl_command(args))
     print(f"== {RL}: {len(plan.seeds)} seed(s) x {len(plan.arms)} arms ({', '.join(plan.arms)}), {plan.steps} steps "
           f"per run from {plan.model}")
-    run_suite(plan, suite_dir)
+    run_suite(plan, suite_dir, jobs=args.jobs, threads=args.threads)
     data = write_rl_report(plan, suite_dir)
     print(f"   {data['verdict']['status']}: {data['verdict']['summary']}")
     print(f"   wrote {suite_dir}/report.md in {(time.perf_counter() - started) / 60:.1f} min")

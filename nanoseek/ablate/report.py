@@ -325,7 +325,10 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
     plots_dir.mkdir(parents=True, exist_ok=True)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     rel = os.path.relpath(plots_dir.resolve(), out_md.parent.resolve())
-    sections, summary = [], [["suite", "claim held?", "tokens per run", "seeds", "training time (all runs)"]]
+    from .suites import REPORTED
+
+    sections, summary = [], [["suite", "claim held here?", "tokens per run", "seeds", "training time (all runs)",
+                              "reported at scale"]]
     commands, data_dirs = [], []
     for d in suite_dirs:
         data = read_results(d)
@@ -336,7 +339,7 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
         size = (f"{p['steps']} RL steps" if data.get("kind") == "rl" else
                 _fmt_int(p["steps"] * p["micro_batch_size"] * p["seq_len"]))
         summary.append([f"[`{data['suite']}`](#{data['suite']})", data["verdict"]["status"], size, str(len(p["seeds"])),
-                        f"{data['train_minutes']:.1f} min"])
+                        f"{data['train_minutes']:.1f} min", REPORTED.get(data["suite"], "")])
         commands.append(p["command"])
         if p.get("data_dir") and p["data_dir"] not in data_dirs:
             data_dirs.append(p["data_dir"])

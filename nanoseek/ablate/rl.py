@@ -20,12 +20,13 @@ for, held-out pass@1. This module is that suite end to end:
 * :func:`judge_arm`: an arm against GRPO: the paired 95% interval of the per-problem pass@1
   differences (:func:`nanoseek.eval.stats.paired_difference`) per seed and pooled (each problem's
   pass@1 averaged over seeds first), and a verdict by the pre-training suites' rule
-  (:func:`nanoseek.ablate.results.compare`, ``suites.claim_status``): a difference counts when every
-  seed agrees on its sign and it exceeds the seeds' spread, and here also when the pooled paired
-  interval excludes zero; one seed is "unresolved (one seed; ...)".
+  (:func:`nanoseek.ablate.results.compare`, ``suites.claim_status``): a difference counts when the
+  95% t interval of the per-seed differences excludes zero, and here also when the pooled paired
+  interval does; one seed is "unresolved (one seed; ...)".
 
 A finished run whose ``config.toml`` is the identical config is reused (and its ``eval.json`` too,
 when it was made with the same evaluation settings); anything else in a run folder is replaced.
+``--jobs N`` trains and evaluates N runs at once, each in its own process (:mod:`.parallel`).
 The suite folder is claimed and locked (:mod:`nanoseek.outdir`). Reports (``report.md``,
 ``results.json``, the reward-curve plot) are :mod:`.rl_report`.
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -52,6 +52,9 @@ from .results import ARM_FILE, ArmResult, ReportError, compare
 SUITE = "rl"
 BASE_CONFIG = "r1-zero"          # the shipped GRPO config (nanoseek/configs/train/r1-zero.toml) every arm starts from
 EVAL_FILE = "eval.json"
+EVAL_BATCH = 256                 # rows decoded at once: a small policy is per-step overhead bound (each sample has
+                                 # its own seed, so the scores do not depend on it: nanoseek.eval.harness)
+START = "start"                  # OUT/rl/start/eval.json: the SFT checkpoint itself on the same held-out problems
 COMMON: dict[str, Any] = {       # on top of BASE_CONFIG for every arm (docs/ablations.md)
     "grpo.template": "chat", "grpo.num_iterations": 2, "grpo.prompts_per_step": 8, "grpo.group_size": 8,
     "grpo.max_new_tokens": 128,
@@ -174,7 +177,7 @@ def make_plan(model: str, steps: int, seeds: int = 1, seed_base: int = 0, overri
     plan = RLPlan(str(ckpt), list(range(seed_base, seed_base + seeds)), steps, _sets(COMMON) + list(overrides),
                   arms=list(names), device=device, command=command)
     cfgs = [stage_config(arm(n), plan, plan.seeds[0], "unused") for n in names]   # every arm's config is valid
-    settings = dict(eval_settings or {})
+    settings = {"batch_size": EVAL_BATCH, **(eval_settings or {})}
     if not settings.get("tasks"):              # default: held-out problems of the tasks the arms train on
         g = cfgs[0].algo
         if g.prompts.endswith(".jsonl"):
@@ -226,9 +229,11 @@ def _eval_current(run_dir: Path, settings: dict[str, Any]) -> bool:
     return all(cfg.get(k) == v for k, v in settings.items())
 
 
-def evaluate_run(run_dir: str | Path, settings: dict[str, Any], device: str = "cpu", label: str = ""):
-    """The run's final model on the plan's held-out problems, as ``nanoseek eval --model RUN`` does it
-    (prompt mode ``auto``: the stage's own); saves and returns the EvalResult."""
+def evaluate_run(run_dir: str | Path, settings: dict[str, Any], device: str = "cpu", label: str = "",
+                 model: str | Path | None = None):
+    """The run's final model (or ``model``) on the plan's held-out problems, as ``nanoseek eval
+    --model RUN`` does it (prompt mode ``auto``: the stage's own); saves ``run_dir/eval.json`` and
+    returns the EvalResult."""
     from ..eval.cli import plan as eval_jobs
     from ..eval.harness import EvalConfig, evaluate
     from ..infer.engine import Engine
@@ -236,62 +241,155 @@ def evaluate_run(run_dir: str | Path, settings: dict[str, Any], device: str = "c
     from ..train.loop import resolve_device
 
     cfg = EvalConfig(**settings)
-    [(_, ckpt, _, mode)] = eval_jobs(str(Path(run_dir) / "final"), None, "auto")
+    [(_, ckpt, _, mode)] = eval_jobs(str(model or Path(run_dir) / "final"), None, "auto")
     model, tokenizer = load_for_inference(ckpt, device=resolve_device(device), require_tokenizer=True)
     engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size)
     result = evaluate(model, tokenizer, cfg, mode=mode, engine=engine)
     result.model["path"] = str(ckpt)
     result.model["stage"] = label or Path(run_dir).name
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     result.save(Path(run_dir) / EVAL_FILE)
     return result
 
 
 def run_suite(plan: RLPlan, suite_dir: str | Path, train_fn: Callable | None = None, eval_fn: Callable | None = None,
-              log: Callable[[str], None] = print) -> list[Path]:
+              log: Callable[[str], None] = print, jobs: int = 1, threads: int | None = None) -> list[Path]:
     """Train and evaluate every arm x seed into ``suite_dir/runs`` (seed by seed, so an interrupted
-    suite has complete pairs); ``suite_dir`` is claimed and locked while it runs."""
+    suite has complete pairs); ``suite_dir`` is claimed and locked while it runs. ``jobs`` > 1 runs
+    that many at once, each trained and then evaluated in its own process with ``threads`` torch
+    threads (:func:`nanoseek.ablate.parallel.run_jobs`; ``train_fn`` and ``eval_fn`` must then be
+    module-level functions); the runs and their results are the same either way."""
     from ..outdir import claim
     from .runner import is_suite_dir
 
     with claim(suite_dir, "ablate", flag="--out", own=is_suite_dir):
-        return _run_suite(plan, Path(suite_dir), train_fn, eval_fn, log)
+        return _run_suite(plan, Path(suite_dir), train_fn, eval_fn, log, jobs, threads)
 
 
-def _run_suite(plan: RLPlan, suite_dir: Path, train_fn, eval_fn, log) -> list[Path]:
+def _train_fn(train_fn: Callable | None) -> Callable:
     if train_fn is None:
         from ..post.registry import STAGE_KINDS
         train_fn = STAGE_KINDS["grpo"].train
-    eval_fn = eval_fn or evaluate_run
-    suite_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(suite_dir / "plan.json", json.dumps(plan.to_dict(), indent=1) + "\n")
-    done, n_runs, i = [], len(plan.seeds) * len(plan.arms), 0
+    return train_fn
+
+
+def _arm_record(name: str, seed: int) -> dict[str, Any]:
+    return {"suite": SUITE, "arm": name, "label": arm(name).label, "seed": seed}
+
+
+def _pending(plan: RLPlan, suite_dir: Path):
+    """Every run of the plan, seed by seed: (index, arm name, seed, run folder, config, trained?)."""
+    i = 0
     for seed in plan.seeds:
         for name in plan.arms:
             i += 1
-            a = arm(name)
             run_dir = suite_dir / "runs" / name / f"seed{seed}"
-            cfg = stage_config(a, plan, seed, run_dir)
-            if _finished(run_dir, cfg.to_toml()) and (run_dir / ARM_FILE).is_file():
-                log(f"[{i}/{n_runs}] {name} seed {seed}: already trained in {run_dir}, reused")
-            else:
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)
-                run_dir.mkdir(parents=True)
-                write_atomic(run_dir / ARM_FILE, json.dumps(
-                    {"suite": SUITE, "arm": name, "label": a.label, "seed": seed}, indent=1) + "\n")
-                t0 = time.perf_counter()
-                result = train_fn(cfg, resume=False, quiet=True, progress=False)
-                if result.status == "interrupted":
-                    log(f"[{i}/{n_runs}] {name} seed {seed}: interrupted at step {result.steps}; stopping the suite")
-                    raise KeyboardInterrupt
-                log(f"[{i}/{n_runs}] {name} seed {seed}: {result.status} after {result.steps} steps in "
-                    f"{time.perf_counter() - t0:.0f}s")
-            if not _eval_current(run_dir, plan.eval):
-                t0 = time.perf_counter()
-                res = eval_fn(run_dir, plan.eval, device=plan.device, label=f"{name}/seed{seed}")
-                p1 = res.pass1()
-                log(f"   held-out pass@1 {p1} in {time.perf_counter() - t0:.0f}s")
+            cfg = stage_config(arm(name), plan, seed, run_dir)
+            yield i, name, seed, run_dir, cfg, _finished(run_dir, cfg.to_toml()) and (run_dir / ARM_FILE).is_file()
+
+
+def _run_suite(plan: RLPlan, suite_dir: Path, train_fn, eval_fn, log, jobs: int = 1, threads: int | None = None):
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(suite_dir / "plan.json", json.dumps(plan.to_dict(), indent=1) + "\n")
+    if jobs > 1:
+        return _run_parallel(plan, suite_dir, train_fn, eval_fn, log, jobs, threads)
+    train_fn, eval_fn = _train_fn(train_fn), eval_fn or evaluate_run
+    if not _eval_current(suite_dir / START, plan.eval):       # where every arm starts: RL's gain is against it
+        t0 = time.perf_counter()
+        res = eval_fn(suite_dir / START, plan.eval, device=plan.device, label=START, model=plan.model)
+        log(f"the start ({plan.model}): held-out pass@1 {res.pass1()} in {time.perf_counter() - t0:.0f}s")
+    done, n_runs = [], len(plan.seeds) * len(plan.arms)
+    for i, name, seed, run_dir, cfg, trained in _pending(plan, suite_dir):
+        if trained:
+            log(f"[{i}/{n_runs}] {name} seed {seed}: already trained in {run_dir}, reused")
+        else:
+            from .parallel import fresh_run_dir
+            fresh_run_dir(run_dir, _arm_record(name, seed))
+            t0 = time.perf_counter()
+            result = train_fn(cfg, resume=False, quiet=True, progress=False)
+            if result.status == "interrupted":
+                log(f"[{i}/{n_runs}] {name} seed {seed}: interrupted at step {result.steps}; stopping the suite")
+                raise KeyboardInterrupt
+            log(f"[{i}/{n_runs}] {name} seed {seed}: {result.status} after {result.steps} steps in "
+                f"{time.perf_counter() - t0:.0f}s")
+        if not _eval_current(run_dir, plan.eval):
+            t0 = time.perf_counter()
+            res = eval_fn(run_dir, plan.eval, device=plan.device, label=f"{name}/seed{seed}")
+            log(f"   held-out pass@1 {res.pass1()} in {time.perf_counter() - t0:.0f}s")
+        done.append(run_dir)
+    return done
+
+
+def _train_and_evaluate_in_worker(cfg, run_dir: Path, train: bool, settings: dict[str, Any], device: str, label: str,
+                                  threads: int | None, held: list[str], train_fn: Callable | None,
+                                  eval_fn: Callable | None, model: str | None = None) -> None:
+    """One run of :func:`_run_parallel` in its own process: train it (unless ``train`` is false: only
+    its evaluation is missing, or it is the start, ``model``), then evaluate it. Exit codes as
+    :func:`nanoseek.ablate.parallel.run_jobs` reads them."""
+    import sys
+
+    from .parallel import INTERRUPTED_EXIT, worker_setup
+
+    worker_setup(held, threads)
+    try:
+        if train:
+            result = _train_fn(train_fn)(cfg, resume=False, quiet=True, progress=False)
+            if result.status == "interrupted":
+                sys.exit(INTERRUPTED_EXIT)
+        if model is None:
+            (eval_fn or evaluate_run)(run_dir, settings, device=device, label=label)
+        else:
+            (eval_fn or evaluate_run)(run_dir, settings, device=device, label=label, model=model)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED_EXIT)
+
+
+def _run_parallel(plan: RLPlan, suite_dir: Path, train_fn, eval_fn, log, jobs: int, threads: int | None) -> list[Path]:
+    import os
+
+    from ..claims import HELD
+    from .parallel import Job, fresh_run_dir, run_jobs
+
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    held = sorted(HELD)                                 # the suite folder and the --out above it
+    done, queue = [], []
+    start = suite_dir / START
+    if not _eval_current(start, plan.eval):
+
+        def start_done() -> str:
+            if not _eval_current(start, plan.eval):
+                raise RuntimeError(f"exit code 0 but {start / EVAL_FILE} was not written")
+            return "evaluated"
+
+        queue.append(Job(f"{SUITE}/the start ({plan.model})", _train_and_evaluate_in_worker,
+                         (None, start, False, plan.eval, plan.device, START, threads, held, None, eval_fn, plan.model),
+                         done=start_done))
+    for _, name, seed, run_dir, cfg, trained in _pending(plan, suite_dir):
+        if trained and _eval_current(run_dir, plan.eval):
+            log(f"{name} seed {seed}: already trained and evaluated in {run_dir}, reused")
             done.append(run_dir)
+            continue
+
+        def finish(run_dir=run_dir, text=cfg.to_toml()) -> str:
+            if not (_finished(run_dir, text) and _eval_current(run_dir, plan.eval)):
+                raise RuntimeError(f"exit code 0 but {run_dir} holds no finished, evaluated run")
+            done.append(run_dir)
+            from ..eval.results import EvalFileError, EvalResult
+            try:
+                return f"held-out pass@1 {EvalResult.load(run_dir / EVAL_FILE).pass1()}"
+            except EvalFileError:
+                return "evaluated"
+
+        queue.append(Job(f"{SUITE}/{name} seed {seed}", _train_and_evaluate_in_worker,
+                         (cfg, run_dir, not trained, plan.eval, plan.device, f"{name}/seed{seed}", threads, held,
+                          train_fn, eval_fn),
+                         prepare=(lambda: None) if trained else
+                         (lambda run_dir=run_dir, rec=_arm_record(name, seed): fresh_run_dir(run_dir, rec)),
+                         done=finish))
+    if queue:
+        log(f"{len(queue)} jobs, {min(jobs, len(queue))} at a time, each trained and evaluated in its own process "
+            f"({threads} thread(s))")
+        run_jobs(queue, jobs, log)
     return done
 
 
@@ -337,6 +435,17 @@ def load_rl_run(run_dir: str | Path) -> RLSeedRun:
     return RLSeedRun(seed=int(arm_rec["seed"]), run_dir=str(run_dir), pass1=p1.mean if p1 else float("nan"),
                      scores=ev.scores(), curve=curve, wall_s=float(last.get("elapsed", 0.0)),
                      config_seed=int(cfg.get("train", {}).get("seed", -1)))
+
+
+def load_start(suite_dir: str | Path) -> dict[str, float] | None:
+    """The start's per-problem held-out pass@1 (``OUT/rl/start/eval.json``), None where it was not
+    evaluated (a suite run before the start was)."""
+    from ..eval.results import EvalFileError, EvalResult
+
+    try:
+        return EvalResult.load(Path(suite_dir) / START / EVAL_FILE).scores()
+    except (EvalFileError, OSError):
+        return None
 
 
 def collect(plan: RLPlan, suite_dir: str | Path) -> dict[str, ArmResult]:
@@ -394,6 +503,14 @@ def describe(label: str, j: dict[str, Any]) -> str:
             f"(paired over {d['n']} problems, pass@1 averaged over {len(j['per_seed'])} seed(s); {per})")
 
 
+def versus_start(a: ArmResult, start: dict[str, float]) -> dict[str, Any]:
+    """``a`` against the start it trained from: the paired 95% interval of the per-problem pass@1
+    differences, each problem's pass@1 averaged over the arm's seeds (what RL gained at all)."""
+    shared = set.intersection(*(set(r.scores) for r in a.runs)) & set(start)
+    mine = {p: statistics.fmean(r.scores[p] for r in a.runs) for p in shared}
+    return _paired(start, mine).to_dict()
+
+
 def judge(results: dict[str, ArmResult]) -> tuple[dict[str, dict[str, Any]], str, str]:
     """(per-arm judgements, the suite's status, its summary) for every arm against GRPO."""
     from .suites import combine_statuses
@@ -408,5 +525,5 @@ def judge(results: dict[str, ArmResult]) -> tuple[dict[str, dict[str, Any]], str
 
 
 __all__ = ["ARMS", "COMMON", "BASE_CONFIG", "BASELINE", "RLArm", "RLPlan", "RLSeedRun", "arm", "make_plan",
-           "stage_config", "evaluate_run", "run_suite", "load_rl_run", "collect", "judge_arm", "judge",
-           "describe", "SUITE"]
+           "stage_config", "evaluate_run", "run_suite", "load_rl_run", "load_start", "collect", "judge_arm", "judge",
+           "versus_start", "describe", "SUITE", "START"]

@@ -19,7 +19,7 @@ from typing import Any
 from ..atomic import write_atomic
 from .report import REPORT_FILE, RESULTS_FILE, _clean, _md_table, _plt
 from .results import ArmResult
-from .rl import ARMS, BASELINE, RLPlan, arm, collect, judge
+from .rl import ARMS, BASELINE, RLPlan, arm, collect, judge, load_start, versus_start
 
 TITLE = "GRPO vs DAPO vs Dr. GRPO vs GSPO vs CISPO from one SFT checkpoint"
 CLAIM = ("Each of four successors of GRPO claims to train a better reasoning policy than GRPO from the same "
@@ -27,7 +27,9 @@ CLAIM = ("Each of four successors of GRPO claims to train a better reasoning pol
          + ". Judged here as held-out pass@1 at the same optimizer steps and rollouts per step.")
 
 
-def results_dict(plan: RLPlan, results: dict[str, ArmResult]) -> dict[str, Any]:
+def results_dict(plan: RLPlan, results: dict[str, ArmResult], start: dict[str, float] | None = None) -> dict[str, Any]:
+    """The suite's results; ``start``: the SFT checkpoint's per-problem pass@1 (:func:`.rl.load_start`),
+    against which each arm's gain from RL is reported too."""
     per_arm, status, summary = judge(results)
     arms = {}
     for name, r in results.items():
@@ -35,8 +37,13 @@ def results_dict(plan: RLPlan, results: dict[str, ArmResult]) -> dict[str, Any]:
         arms[name] = {"name": name, "label": a.label, "note": a.note, "claim": a.claim,
                       "overrides": a.settings(_max_new_tokens(plan)),
                       "stats": {"pass1": {"mean": r.mean("pass1"), "std": r.std("pass1")}},
-                      "vs_baseline": per_arm.get(name), "runs": [asdict(x) for x in r.runs]}
+                      "vs_baseline": per_arm.get(name), "vs_start": versus_start(r, start) if start else None,
+                      "runs": [asdict(x) for x in r.runs]}
+    if start:
+        summary += (" Against the start (no RL): " + "; ".join(
+            f"{arms[n]['label']} {_interval(arms[n]['vs_start'])}" for n in arms) + " points.")
     return {"kind": "rl", "suite": plan.suite, "title": TITLE, "claim": CLAIM, "baseline": BASELINE,
+            "start": {"pass1": statistics.fmean(start.values()), "n": len(start)} if start else None,
             "baseline_label": results[BASELINE].label, "verdict": {"status": status, "summary": summary},
             "plan": plan.to_dict(), "train_minutes": sum(x.wall_s for r in results.values() for x in r.runs) / 60,
             "arms": arms, "plots": []}
@@ -102,14 +109,19 @@ def rl_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#") 
     p = data["plan"]
     seeds = p["seeds"]
     multi = len(seeds) > 1
+    start = data.get("start")
     rows = [["arm", "held-out pass@1 (mean" + (" ± sd over seeds)" if multi else ", 1 seed)"),
-             f"vs {data['baseline_label']}: paired diff, points [95%]", "verdict", "reward, last quarter of steps"]]
+             f"vs {data['baseline_label']}: paired diff, points [95%]", "verdict", "reward, last quarter of steps"]
+            + (["vs the start (no RL): paired diff, points [95%]"] if start else [])]
+    if start:
+        rows.append(["the start (the SFT checkpoint, no RL)", f"{100 * start['pass1']:.1f}%", "-", "-", "-", "-"])
     for name, a in data["arms"].items():
         st = a["stats"]["pass1"]
         vs = a.get("vs_baseline")
         rows.append([a["label"], f"{100 * st['mean']:.1f}%" + (f" ± {100 * st['std']:.1f}" if multi else ""),
                      "baseline" if name == data["baseline"] else _interval(vs and vs["diff"]),
-                     "-" if name == data["baseline"] else vs["status"], f"{_last_reward(a):.3f}"])
+                     "-" if name == data["baseline"] else vs["status"], f"{_last_reward(a):.3f}"]
+                    + ([_interval(a.get("vs_start"))] if start else []))
     ev = p["eval"]
     lines = [f'{heading} <a id="{data["suite"]}"></a>`{data["suite"]}`: {data["title"]}', "",
              f"**Claim.** {data['claim']}", "",
@@ -123,7 +135,9 @@ def rl_markdown(data: dict[str, Any], image_dir: str = ".", heading: str = "#") 
              "arm's claim counts as held (or not) when that interval excludes zero and so does the 95% interval of "
              "the per-seed differences over the seeds (Student's t)." + (" With one seed there is no spread: the verdict "
                                                                "carries '(one seed)'." if not multi else ""),
-             "", "The reward columns and curves are the rollouts' own (format + accuracy; DAPO's includes its "
+             "", "The start row is the SFT checkpoint every arm trains from, evaluated alike; each arm's difference to "
+             "it pairs the same problems (the arm's pass@1 averaged over its seeds): what RL gained at all. "
+             "The reward columns and curves are the rollouts' own (format + accuracy; DAPO's includes its "
              "overlong penalty, so its reward is not on the same scale); the verdict reads held-out pass@1 only.",
              "", "Arms (`--set` on top of the common settings):", ""]
     for a in data["arms"].values():
@@ -159,7 +173,7 @@ def any_suite_markdown(data: dict[str, Any], image_dir: str = ".", heading: str 
 def write_rl_report(plan: RLPlan, suite_dir: str | Path) -> dict[str, Any]:
     """Collect the evaluated runs of ``suite_dir``; write results.json, report.md and the plot there."""
     suite_dir = Path(suite_dir)
-    data = results_dict(plan, collect(plan, suite_dir))
+    data = results_dict(plan, collect(plan, suite_dir), load_start(suite_dir))
     data["plots"] = [plot_rl(data, suite_dir / f"{plan.suite}.png").name]
     data = _clean(data)
     write_atomic(suite_dir / RESULTS_FILE, json.dumps(data, indent=1) + "\n")

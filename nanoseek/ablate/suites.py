@@ -53,6 +53,24 @@ PARAM_TOLERANCE = 0.01          # moe-vs-dense: relative error of the matched no
 ATTENTION_TOLERANCE = 0.03      # attention: relative error of the matched attention parameters
 THRESHOLD = 0.0025              # precision: DeepSeek-V3's bound on FP8's relative loss difference to bf16
 
+# What each claim's authors measured at their scale, in a few words: the summary table's last column
+# (docs/ablations.md), next to what these runs found. The suites' ``claim`` texts give the sources.
+REPORTED: dict[str, str] = {
+    "moe-vs-dense": "DeepSeekMoE 2B (100B tokens): far above dense at equal activated parameters, near dense at "
+                    "equal total parameters, its upper bound",
+    "balance": "DeepSeek-V3, MoE models of 15.7B and 228.7B parameters: aux-loss-free better than the aux loss on "
+               "most benchmarks",
+    "attention": "DeepSeek-V2: MLA above MHA on benchmarks (a small and a large MoE model) with a KV cache like "
+                 "GQA's with 2.25 groups; at 7B dense, MHA above GQA and MQA",
+    "mtp": "DeepSeek-V3, 15.7B and 228.7B MoE: MTP better on most benchmarks; 85-90% acceptance of the drafted "
+           "token",
+    "precision": "DeepSeek-V3, 16B and 230B MoE for about 1T tokens: FP8 within 0.25% relative loss of bf16",
+    "optimizer": "Moonlight: Muon about 2x AdamW's compute efficiency in compute-optimal scaling-law runs; "
+                 "a 3B/16B MoE trained on 5.7T tokens with it",
+    "rl": "DAPO 50 vs GRPO 30 on AIME (Qwen2.5-32B); Dr. GRPO as accurate with shorter answers; GSPO more stable "
+          "and efficient (Qwen3 MoE); CISPO DAPO's accuracy in half the steps (MiniMax-M1)",
+}
+
 
 # ---------------------------------------------------------------------------- data classes
 @dataclass
