@@ -12,9 +12,9 @@ import torch
 
 from nanoseek.ablate import runner
 from nanoseek.ablate.report import read_results, table_rows, write_combined_markdown
-from nanoseek.ablate.results import ArmResult, SeedRun, compare
+from nanoseek.ablate.results import ArmResult, SeedRun, claim_status, compare
 from nanoseek.ablate.runner import Plan, make_plan, run_and_report, run_suite, solve_steps, train_config
-from nanoseek.ablate.suites import (ATTENTION_TOLERANCE, claim_status, PARAM_TOLERANCE, base_model, build_suite,
+from nanoseek.ablate.suites import (ATTENTION_TOLERANCE, PARAM_TOLERANCE, base_model, build_suite,
                                     dense_with_matched_params, gqa_with_matched_kv_cache, mha_with_matched_params,
                                     non_embedding_params)
 from nanoseek.model import DeepseekV3ForCausalLM
@@ -325,7 +325,7 @@ def test_budget_deadline_keeps_whole_seeds_and_interrupts_stop_the_suite(tmp_pat
 
     suite = build_suite("mtp", 1000)
     calls = []
-    plan = Plan("mtp", "unused", [0, 1, 2], steps=4, eval_every=2)
+    plan = Plan("mtp", "unused", [0, 1, 2], steps=4, eval_every=2, downstream_problems=0)
     run_suite(suite, plan, tmp_path / "mtp", train_fn=fake_trainer({a.name: {0: 3.0} for a in suite.arms}, calls),
               deadline=time.perf_counter())                             # already past: only the first seed runs
     assert [c[:2] for c in calls] == [("no-mtp", 0), ("mtp", 0)]
@@ -335,7 +335,7 @@ def test_budget_deadline_keeps_whole_seeds_and_interrupts_stop_the_suite(tmp_pat
     def interrupted(cfg, **kw):
         return FitResult("interrupted", 1, 10, cfg.train.out_dir)
     with pytest.raises(KeyboardInterrupt):
-        run_suite(suite, Plan("mtp", "unused", [5], steps=4, eval_every=2), tmp_path / "x", train_fn=interrupted)
+        run_suite(suite, Plan("mtp", "unused", [5], steps=4, eval_every=2, downstream_problems=0), tmp_path / "x", train_fn=interrupted)
 
 
 def test_balance_report_has_maxvio_and_precision_arms_get_the_hook(tmp_path):
@@ -424,7 +424,7 @@ def test_an_interrupted_suite_resumes_without_redoing_finished_runs(name, tmp_pa
 
     suite = build_suite(name, 1000)
     losses = {a.name: {0: 3.0 + 0.01 * i, 1: 3.01 + 0.01 * i} for i, a in enumerate(suite.arms)}
-    plan = Plan(name, "unused", [0, 1], steps=4, eval_every=2)
+    plan = Plan(name, "unused", [0, 1], steps=4, eval_every=2, downstream_problems=0)
     out = tmp_path / name
     order = [(a.name, s) for s in (0, 1) for a in suite.arms]
     cut = len(order) // 2 + 1                                   # interrupted inside seed 1 (or mid seed 0)
@@ -442,6 +442,8 @@ def test_an_interrupted_suite_resumes_without_redoing_finished_runs(name, tmp_pa
     assert [c[:2] for c in calls[:-1]] == order[:cut - 1]
     for arm, seed in order[:cut - 1]:                           # a redone run would lose this file
         (out / "runs" / arm / f"seed{seed}" / "kept").write_text("")
+        saved = out / "runs" / arm / f"seed{seed}" / "config.toml"      # a header comment naming another
+        saved.write_text("# from /elsewhere\n" + saved.read_text())     # installation changes nothing
     calls.clear()
     data = run_and_report(suite, plan, out, train_fn=fake_trainer(losses, calls))
     assert [c[:2] for c in calls] == order[cut - 1:]            # only the interrupted run and those after it
@@ -474,9 +476,9 @@ def _val_losses(run_dir) -> list[float]:
     return [e["val_loss"] for e in events(read_metrics(run_dir), "eval")]
 
 
-def _tiny_plan(name, data_dir, seeds):
+def _tiny_plan(name, data_dir, seeds, downstream=2):
     return Plan(name, str(data_dir), seeds, steps=2, micro_batch_size=2, seq_len=32, val_batches=1, warmup_steps=1,
-                eval_every=1, device="cpu")
+                eval_every=1, device="cpu", downstream_problems=downstream)
 
 
 def test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite(data_dir, tmp_path, one_thread):
@@ -508,6 +510,8 @@ def test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite(data_dir, tm
                 rel = f"{suite.name}/runs/{arm.name}/seed{seed}"
                 seq, par = _val_losses(tmp_path / "seq" / rel), _val_losses(tmp_path / "par" / rel)
                 assert len(par) == 2 and par == seq, rel         # the same run, whichever process trained it
+                if suite.name == "mtp":                          # and evaluated alike, downstream
+                    assert _downstream(tmp_path / "par" / rel) == _downstream(tmp_path / "seq" / rel), rel
                 assert (tmp_path / "par" / rel / "config.toml").read_text() == \
                     (tmp_path / "seq" / rel / "config.toml").read_text().replace("/seq/", "/par/")
     # a second call reuses every finished run and trains none
@@ -570,9 +574,14 @@ def test_jobs_flag_needs_steps(tmp_path, capsys, data_dir):
     out = tmp_path / "c"
     assert main(["ablate", "--suite", "mtp", "--steps", "2", "--seeds", "1", "--jobs", "2", "--data", str(data_dir),
                  "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--val-batches", "1", "--threads", "1",
-                 "--device", "cpu"]) == 0
-    assert "2 runs, 2 at a time" in capsys.readouterr().out
+                 "--device", "cpu", "--downstream-n", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs, 2 at a time" in printed and "2 downstream evaluations, 2 at a time" in printed
     assert (out / "mtp" / "report.md").is_file() and (out / "mtp" / "results.json").is_file()
+    assert "--downstream-n 2" in json.loads((out / "mtp" / "plan.json").read_text())["command"]
+    assert main(["ablate", "--suite", "rl", "--model", str(tmp_path), "--steps", "2", "--downstream-n", "2",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "--downstream-n applies to the pre-training suites" in capsys.readouterr().err
 
 
 def test_the_regenerating_prepare_command_carries_the_corpus_settings(data_dir, tmp_path):
@@ -594,7 +603,7 @@ def test_an_unresolved_verdict_keeps_the_markdown_tables_intact(tmp_path):
 
     suite = build_suite("mtp", 1000)
     losses = {"no-mtp": {0: 3.00, 1: 3.05, 2: 2.98}, "mtp": {0: 3.01, 1: 3.02, 2: 3.00}}
-    plan = Plan("mtp", "unused", [0, 1, 2], steps=8, eval_every=4)
+    plan = Plan("mtp", "unused", [0, 1, 2], steps=8, eval_every=4, downstream_problems=0)
     data = run_and_report(suite, plan, tmp_path / "mtp", train_fn=fake_trainer(losses, []))
     assert data["verdict"]["status"].startswith("unresolved: |effect| < ")
     md = write_combined_markdown([tmp_path / "mtp"], tmp_path / "docs" / "ablations.md", tmp_path / "docs" / "img",
@@ -622,3 +631,41 @@ def test_a_worker_adopts_only_a_folder_its_parent_holds(tmp_path):
     with claim(held, "ablate", flag="--out"):
         adopt(held)                                  # this process holds it already: nothing changes
         assert HELD[str(held.resolve())][1] == 1
+
+
+def _downstream(run_dir):
+    return {p["id"]: p["correct"] for p in json.loads((run_dir / "downstream.json").read_text())["problems"]}
+
+
+def test_mtp_suite_evaluates_every_run_downstream_and_judges_it(data_dir, tmp_path, one_thread):
+    """The mtp suite's runs are evaluated on held-out task problems after training (the MTP arm
+    decoding with its own module as the draft, its acceptance recorded), the comparison joins the
+    verdict and the report; a re-run redoes no evaluation, another --downstream-n redoes them all,
+    0 skips them."""
+    suite = build_suite("mtp", vocab_of(data_dir))
+    assert suite.downstream.tasks == ("arithmetic", "countdown", "word_problems", "compare", "modular")
+    out = tmp_path / "mtp"
+    report = run_and_report(suite, _tiny_plan("mtp", data_dir, [0, 1]), out, log=lambda m: None)
+    runs = {(a, s): out / "runs" / a / f"seed{s}" for a in ("mtp", "no-mtp") for s in (0, 1)}
+    for (arm, seed), d in runs.items():
+        ev = json.loads((d / "downstream.json").read_text())
+        assert len(ev["problems"]) == 2 * 5 and ev["config"]["temperature"] == 0.0 and ev["config"]["mode"] == "fewshot"
+        assert ("mtp_acceptance" in ev["model"]) == (arm == "mtp")          # only the MTP arm drafts
+    ds = report["downstream"]
+    assert set(ds["arms"]) == {"mtp", "no-mtp"} and set(ds["arms"]["mtp"]["acceptance"]) == {0, 1}
+    [c] = ds["comparisons"]
+    assert (c["arm"], c["baseline"]) == ("mtp", "no-mtp") and c["interval"]["n"] == 2 and set(c["per_seed"]) == {0, 1}
+    assert "Downstream held-out pass@1, MTP (D=1, lambda 0.3) vs next token only" in report["verdict"]["summary"]
+    text = (out / "report.md").read_text()
+    assert "**Downstream.**" in text and "drafts accepted" in text
+    stamps = {k: (d / "downstream.json").stat().st_mtime_ns for k, d in runs.items()}
+    logs: list[str] = []
+    run_suite(suite, _tiny_plan("mtp", data_dir, [0, 1]), out, log=logs.append)       # nothing to redo
+    assert not any("downstream" in m for m in logs)
+    assert {k: (d / "downstream.json").stat().st_mtime_ns for k, d in runs.items()} == stamps
+    logs.clear()
+    run_suite(suite, _tiny_plan("mtp", data_dir, [0, 1], downstream=3), out, log=logs.append)
+    assert sum("downstream" in m for m in logs) == 4
+    assert all(len(json.loads((d / "downstream.json").read_text())["problems"]) == 15 for d in runs.values())
+    none = run_and_report(suite, _tiny_plan("mtp", data_dir, [0], downstream=0), tmp_path / "none", log=lambda m: None)
+    assert "downstream" not in none and not list((tmp_path / "none").rglob("downstream.json"))

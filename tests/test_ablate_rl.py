@@ -184,6 +184,9 @@ def test_an_interrupted_rl_suite_resumes_without_redoing_finished_runs(tmp_path)
     trained.clear(), evaluated.clear()
     cut[0] = 0
     (out / "runs" / "gspo" / "seed0" / "eval.json").unlink()          # an evaluation lost: redone, not retrained
+    saved = out / "runs" / "grpo" / "seed0" / "config.toml"          # nanoseek reinstalled elsewhere: the header
+    saved.write_text(saved.read_text().replace("(from ", "(from /elsewhere"))   # names another file, still reused
+    assert "/elsewhere" in saved.read_text()
     run_suite(plan, out, train_fn=train, eval_fn=evaluate, log=lambda s: None)
     assert trained == order[2:] and evaluated == [order[1]] + order[2:]
 

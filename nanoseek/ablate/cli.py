@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train N runs at once in worker processes, across all the suites given (needs "
                              "--steps; --suite rl trains and evaluates each run in its worker; the results do not "
                              "depend on N, wall-clock figures do; default 1)")
+    parser.add_argument("--downstream-n", type=limits.nonneg_int, metavar="N",
+                        help="held-out problems per task in the downstream evaluation of a suite that has one (mtp: "
+                             "every run's final model on the corpus tasks; default 100; 0 skips it)")
     rl = parser.add_argument_group("the rl suite (--suite rl)")
     rl.add_argument("--model", metavar="SFT_CHECKPOINT_OR_RUN",
                     help="the SFT checkpoint (or run folder) every arm starts from")
@@ -133,6 +136,8 @@ def _command(args: argparse.Namespace, suite: str, budget: float | None) -> str:
             parts.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
     if args.threads:
         parts.append(f"--threads {args.threads}")
+    if args.downstream_n is not None:
+        parts.append(f"--downstream-n {args.downstream_n}")
     return " ".join(parts)
 
 
@@ -250,7 +255,8 @@ def _run_one(args: argparse.Namespace, suite, budget: float | None, suite_dir) -
           + (f", budget {budget:.1f} min" if budget is not None else ""))
     plan = make_plan(suite, args.data, budget, seeds=args.seeds, seed_base=args.seed, steps=args.steps,
                      min_steps=args.min_steps, micro_batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                     val_batches=args.val_batches, device=args.device, command=_command(args, suite.name, budget))
+                     val_batches=args.val_batches, device=args.device, command=_command(args, suite.name, budget),
+                     downstream_problems=args.downstream_n)
     print(f"   {len(plan.seeds)} seed(s) x {len(suite.arms)} arms, {plan.steps} steps = {plan.tokens_per_run:,} "
           f"tokens per run")
     data = run_and_report(suite, plan, suite_dir, started=started)
@@ -277,7 +283,7 @@ def _run_parallel(args: argparse.Namespace, suites: list, out) -> None:
         plan = make_plan(suite, args.data, None, seeds=args.seeds, seed_base=args.seed, steps=args.steps,
                          min_steps=args.min_steps, micro_batch_size=args.batch_size, seq_len=args.seq_len,
                          lr=args.lr, val_batches=args.val_batches, device=args.device,
-                         command=_command(args, suite.name, None))
+                         command=_command(args, suite.name, None), downstream_problems=args.downstream_n)
         print(f"== {suite.name}: {len(plan.seeds)} seed(s) x {len(suite.arms)} arms, {plan.steps} steps = "
               f"{plan.tokens_per_run:,} tokens per run")
         entries.append((suite, plan, out / suite.name))
@@ -322,6 +328,9 @@ def _run_rl(args: argparse.Namespace, suite_dir) -> None:
                         "trains, so a probe cannot size the runs); give --steps N")
     if args.steps is None:
         raise UserError(f"--suite {RL} needs --steps N (optimizer steps per run, the same for every arm)")
+    if args.downstream_n is not None:
+        raise UserError(f"--downstream-n applies to the pre-training suites; --suite {RL} evaluates every run "
+                        "(--eval-n sets its problems)")
     try:
         seeds = 1 if args.seeds == "auto" else int(args.seeds)
     except ValueError:

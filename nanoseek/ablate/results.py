@@ -144,6 +144,15 @@ class Comparison:
         return s + f", unresolved: the {ci} includes 0, so |effect| < {self.bound:.4f} at this power (per seed {paired})"
 
 
+def same_config(saved: str, resolved: str) -> bool:
+    """Whether a run's saved ``config.toml`` is the config ``resolved`` would train: the same text
+    but for comment lines (the header names the file the config came from, which moves with the
+    installation: a reinstalled nanoseek must not retrain finished runs)."""
+    def body(text: str) -> list[str]:
+        return [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    return body(saved) == body(resolved)
+
+
 def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Comparison:
     """A against B on ``metric`` (see the module docstring for when a difference is clear)."""
     va, vb = a.values(metric), b.values(metric)
@@ -161,4 +170,38 @@ def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Compa
                       interval)
 
 
-__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "ARM_FILE", "METRICS"]
+def claim_status(comp, expect_lower: bool) -> str:
+    """One comparison whose claimed direction is ``a`` lower (``expect_lower``) than ``b``.
+
+    With one seed there is no spread to judge a difference against (and where two seeds ran here,
+    seeds differed by several percent), so the result is only a direction: "for" / "against".
+    """
+    agrees = (comp.diff < 0) == expect_lower
+    if comp.clear is None:
+        return "for" if agrees else "against"
+    if not comp.clear:
+        return f"unresolved: |effect| < {comp.bound:.3g} at this power"
+    return "held" if agrees else "did not hold"
+
+
+def combine_statuses(statuses: list[str]) -> str:
+    """One status for a claim with one or several parts."""
+    if any(s in ("for", "against") for s in statuses):
+        n_for = statuses.count("for")
+        return (f"unresolved (one seed; {n_for} of {len(statuses)} comparisons point towards "
+                "the claim)" if len(statuses) > 1 else
+                f"unresolved (one seed; the difference points {'towards' if n_for else 'against'} "
+                "the claim)")
+    held, failed = statuses.count("held"), statuses.count("did not hold")
+    if held == len(statuses):
+        return "held"
+    if held:
+        return "partly held"
+    if failed:
+        return "did not hold"
+    return statuses[0] if len(statuses) == 1 else "unresolved at this power"
+
+
+__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "same_config", "claim_status",
+           "combine_statuses", "ARM_FILE",
+           "METRICS"]

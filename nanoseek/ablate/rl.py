@@ -26,7 +26,7 @@ for, held-out pass@1. This module is that suite end to end:
 
 A finished run whose ``config.toml`` is the identical config is reused (and its ``eval.json`` too,
 when it was made with the same evaluation settings); anything else in a run folder is replaced.
-``--jobs N`` trains and evaluates N runs at once, each in its own process (:mod:`.parallel`).
+``--jobs N`` trains and evaluates N runs at once, each in its own process (:mod:`.pool`).
 The suite folder is claimed and locked (:mod:`nanoseek.outdir`). Reports (``report.md``,
 ``results.json``, the reward-curve plot) are :mod:`.rl_report`.
 
@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from ..atomic import write_atomic
 from ..errors import ConfigError
-from .results import ARM_FILE, ArmResult, ReportError, compare
+from .results import ARM_FILE, ArmResult, ReportError, compare, same_config
 
 SUITE = "rl"
 BASE_CONFIG = "r1-zero"          # the shipped GRPO config (nanoseek/configs/train/r1-zero.toml) every arm starts from
@@ -216,7 +216,7 @@ def _finished(run_dir: Path, config_text: str) -> bool:
     from ..atomic import read_record
     try:
         stage = json.loads(read_record(run_dir / "stage.json"))
-        return stage.get("status") == "done" and (run_dir / "config.toml").read_text() == config_text
+        return stage.get("status") == "done" and same_config((run_dir / "config.toml").read_text(), config_text)
     except (OSError, ValueError):
         return False
 
@@ -257,7 +257,7 @@ def run_suite(plan: RLPlan, suite_dir: str | Path, train_fn: Callable | None = N
     """Train and evaluate every arm x seed into ``suite_dir/runs`` (seed by seed, so an interrupted
     suite has complete pairs); ``suite_dir`` is claimed and locked while it runs. ``jobs`` > 1 runs
     that many at once, each trained and then evaluated in its own process with ``threads`` torch
-    threads (:func:`nanoseek.ablate.parallel.run_jobs`; ``train_fn`` and ``eval_fn`` must then be
+    threads (:func:`nanoseek.ablate.pool.run_jobs`; ``train_fn`` and ``eval_fn`` must then be
     module-level functions); the runs and their results are the same either way."""
     from ..outdir import claim
     from .runner import is_suite_dir
@@ -303,7 +303,7 @@ def _run_suite(plan: RLPlan, suite_dir: Path, train_fn, eval_fn, log, jobs: int 
         if trained:
             log(f"[{i}/{n_runs}] {name} seed {seed}: already trained in {run_dir}, reused")
         else:
-            from .parallel import fresh_run_dir
+            from .pool import fresh_run_dir
             fresh_run_dir(run_dir, _arm_record(name, seed))
             t0 = time.perf_counter()
             result = train_fn(cfg, resume=False, quiet=True, progress=False)
@@ -325,10 +325,10 @@ def _train_and_evaluate_in_worker(cfg, run_dir: Path, train: bool, settings: dic
                                   eval_fn: Callable | None, model: str | None = None) -> None:
     """One run of :func:`_run_parallel` in its own process: train it (unless ``train`` is false: only
     its evaluation is missing, or it is the start, ``model``), then evaluate it. Exit codes as
-    :func:`nanoseek.ablate.parallel.run_jobs` reads them."""
+    :func:`nanoseek.ablate.pool.run_jobs` reads them."""
     import sys
 
-    from .parallel import INTERRUPTED_EXIT, worker_setup
+    from .pool import INTERRUPTED_EXIT, worker_setup
 
     worker_setup(held, threads)
     try:
@@ -348,7 +348,7 @@ def _run_parallel(plan: RLPlan, suite_dir: Path, train_fn, eval_fn, log, jobs: i
     import os
 
     from ..claims import HELD
-    from .parallel import Job, fresh_run_dir, run_jobs
+    from .pool import Job, fresh_run_dir, run_jobs
 
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     held = sorted(HELD)                                 # the suite folder and the --out above it
@@ -471,7 +471,7 @@ def _paired(base: dict[str, float], other: dict[str, float]):
 def judge_arm(a: ArmResult, base: ArmResult) -> dict[str, Any]:
     """``a`` against the baseline on held-out pass@1: per-seed and pooled paired 95% intervals of
     the per-problem differences (a - base) and the status by the suites' rule (see the module docstring)."""
-    from .suites import combine_statuses, claim_status
+    from .results import claim_status, combine_statuses
 
     by_seed = {r.seed: r for r in base.runs}
     per_seed = {r.seed: _paired(by_seed[r.seed].scores, r.scores) for r in a.runs if r.seed in by_seed}
@@ -513,7 +513,7 @@ def versus_start(a: ArmResult, start: dict[str, float]) -> dict[str, Any]:
 
 def judge(results: dict[str, ArmResult]) -> tuple[dict[str, dict[str, Any]], str, str]:
     """(per-arm judgements, the suite's status, its summary) for every arm against GRPO."""
-    from .suites import combine_statuses
+    from .results import combine_statuses
 
     base = results[BASELINE]
     per_arm = {n: judge_arm(r, base) for n, r in results.items() if n != BASELINE}

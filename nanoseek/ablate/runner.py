@@ -37,7 +37,7 @@ from ..atomic import write_atomic
 from ..errors import ConfigError
 from ..model.config import ModelConfig, load_model_config
 from ..train.loop import Hook
-from .results import ARM_FILE
+from .results import ARM_FILE, same_config
 from .suites import Arm, Suite
 
 MODEL_PRESET = "tiny"         # [model] preset the arm's fields override (every differing field is written)
@@ -64,6 +64,8 @@ class Plan:
     probe: dict[str, dict[str, float]] = field(default_factory=dict)   # arm -> step_s, eval_s, startup_s
     planned_seeds: list[int] = field(default_factory=list)   # before a slow machine made run_suite stop early
     command: str = ""
+    downstream_problems: int | None = None   # per task, where the suite has a downstream evaluation (None: its
+                                             # default; 0: none)
 
     @property
     def tokens_per_run(self) -> int:
@@ -200,14 +202,15 @@ def solve_steps(probe: dict[str, dict[str, float]], seconds: float, n_seeds: int
 def make_plan(suite: Suite, data_dir: str | Path, budget_minutes: float | None, seeds: str | int = "auto",
               seed_base: int = 0, steps: int | None = None, min_steps: int = 100, micro_batch_size: int = 8,
               seq_len: int = 128, lr: float = 3e-3, val_batches: int = 8, device: str = "auto",
-              command: str = "", log: Callable[[str], None] = print) -> Plan:
+              command: str = "", log: Callable[[str], None] = print, downstream_problems: int | None = None) -> Plan:
     """Size the suite to the budget (see the module docstring); ``steps`` skips the sizing."""
     t0 = time.perf_counter()
     n_fixed = None if seeds == "auto" else int(seeds)
     if n_fixed is not None and n_fixed < 1:
         raise ConfigError(f"--seeds must be 'auto' or >= 1, got {seeds}")
     plan = Plan(suite.name, str(data_dir), list(range(seed_base, seed_base + (n_fixed or 1))), steps or 1,
-                micro_batch_size, seq_len, lr, lr / 10, 1, 1, val_batches, device, budget_minutes, command=command)
+                micro_batch_size, seq_len, lr, lr / 10, 1, 1, val_batches, device, budget_minutes, command=command,
+                downstream_problems=downstream_problems)
     if steps is None:
         if budget_minutes is None:
             raise ConfigError("give --budget-minutes (or --steps)")
@@ -234,7 +237,7 @@ def make_plan(suite: Suite, data_dir: str | Path, budget_minutes: float | None, 
 def _finished(run_dir: Path, config_text: str) -> bool:
     from ..train.metrics import events, read_metrics
     try:
-        if (run_dir / "config.toml").read_text() != config_text:
+        if not same_config((run_dir / "config.toml").read_text(), config_text):
             return False
         return bool(events(read_metrics(run_dir), "done"))
     except (OSError, ValueError):
@@ -352,7 +355,24 @@ def _run_suite(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callab
             log(f"[{i}/{n_runs}] {arm.name} seed {seed}: {getattr(result, 'step', plan.steps)} steps in "
                 f"{time.perf_counter() - t0:.0f}s" + (f", val loss {val:.4f}" if val is not None else ""))
             done.append(run_dir)
+    evaluate_downstream(suite, plan, suite_dir, log=log)
     return done
+
+
+def suite_runs(suite: Suite, plan: Plan, suite_dir: str | Path) -> list[tuple[str, int, Path]]:
+    """(arm, seed, run folder) of every run of the plan."""
+    return [(arm.name, seed, Path(suite_dir) / "runs" / arm.name / f"seed{seed}")
+            for seed in plan.seeds for arm in suite.arms]
+
+
+def evaluate_downstream(suite: Suite, plan: Plan, suite_dir: str | Path, jobs: int = 1, threads: int | None = None,
+                        log: Callable[[str], None] = print) -> None:
+    """The suite's downstream evaluations its runs lack (:mod:`.downstream`; nothing for a suite without)."""
+    from .downstream import evaluate_suite, for_plan
+
+    ds = for_plan(suite.downstream, plan.downstream_problems)
+    if ds is not None:
+        evaluate_suite(ds, suite_runs(suite, plan, suite_dir), plan.device, jobs, threads, log)
 
 
 def run_and_report(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Callable | None = None,
@@ -371,4 +391,5 @@ def run_and_report(suite: Suite, plan: Plan, suite_dir: str | Path, train_fn: Ca
 
 
 __all__ = ["Plan", "train_config", "model_fields", "SimulatedPrecisionHook", "probe_arms", "solve_steps", "make_plan",
-           "run_suite", "run_and_report", "schedule_for", "twin_key", "find_twin", "copy_twin", "arm_record"]
+           "run_suite", "run_and_report", "schedule_for", "twin_key", "find_twin", "copy_twin", "arm_record",
+           "suite_runs", "evaluate_downstream"]

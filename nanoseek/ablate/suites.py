@@ -17,6 +17,9 @@ group-limited routing, sigmoid gate), and derives its other arms from it. Matche
   differs (bias update speed gamma, balance-loss weight alpha, MTP depth and lambda, simulated GEMM
   precision, the optimizer and its learning rate), so parameters match exactly.
 
+A suite with a ``downstream`` spec (``mtp``) also has every run's final model evaluated on held-out
+task problems, and that comparison joins its verdict (:mod:`nanoseek.ablate.downstream`).
+
 Each suite's ``judge`` turns the measured arms into a :class:`Verdict`: "held", "did not hold",
 "partly held" or "unresolved" (with the effect size the seeds cannot rule out), by the rule of
 :func:`nanoseek.ablate.results.compare` (a difference counts when its 95% interval over seeds excludes zero).
@@ -29,9 +32,11 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..data.corpus import DEFAULT_TASKS
 from ..model.config import ModelConfig
 from ..model.params import attention_params, count_params, kv_cache_bytes_per_token
-from .results import compare
+from .downstream import Downstream
+from .results import claim_status, combine_statuses, compare
 
 # A small DeepSeek-V3: dense first layer as wide as the activated experts (1 shared + 4 routed of
 # width 32 -> 160, as V3's 18432 = 9 x 2048), 16 routed experts in 4 groups (keep 2), MLA with
@@ -114,6 +119,7 @@ class Suite:
     judge: Callable[[dict], Verdict]        # arm name -> ArmResult  ->  Verdict
     show_maxvio: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    downstream: Downstream | None = None    # held-out task accuracy of every run's final model (.downstream)
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -198,38 +204,6 @@ def gqa_with_matched_kv_cache(mla: ModelConfig, kv_heads: int) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------- judging helpers
-def claim_status(comp, expect_lower: bool) -> str:
-    """One comparison whose claimed direction is ``a`` lower (``expect_lower``) than ``b``.
-
-    With one seed there is no spread to judge a difference against (and where two seeds ran here,
-    seeds differed by several percent), so the result is only a direction: "for" / "against".
-    """
-    agrees = (comp.diff < 0) == expect_lower
-    if comp.clear is None:
-        return "for" if agrees else "against"
-    if not comp.clear:
-        return f"unresolved: |effect| < {comp.bound:.3g} at this power"
-    return "held" if agrees else "did not hold"
-
-
-def combine_statuses(statuses: list[str]) -> str:
-    """One status for a claim with one or several parts."""
-    if any(s in ("for", "against") for s in statuses):
-        n_for = statuses.count("for")
-        return (f"unresolved (one seed; {n_for} of {len(statuses)} comparisons point towards "
-                "the claim)" if len(statuses) > 1 else
-                f"unresolved (one seed; the difference points {'towards' if n_for else 'against'} "
-                "the claim)")
-    held, failed = statuses.count("held"), statuses.count("did not hold")
-    if held == len(statuses):
-        return "held"
-    if held:
-        return "partly held"
-    if failed:
-        return "did not hold"
-    return statuses[0] if len(statuses) == 1 else "unresolved at this power"
-
-
 def _late_curve_rel(a, b, seed: int) -> float:
     """Mean relative validation-loss difference a vs b over the second half of the evaluations of ``seed``."""
     ca = {p["step"]: p["val_loss"] for p in next(r for r in a.runs if r.seed == seed).curve}
@@ -402,7 +376,9 @@ def mtp(base: ModelConfig, mtp_lambda: float = 0.3) -> Suite:
         "loss weight lambda = 0.3) improves the main model at the same training data; the module is discarded "
         "at inference, so it costs nothing there (DeepSeek-V3 report, arXiv 2412.19437, section 2.2 and the "
         "ablation in section 4.5.1, Table 4).",
-        arms, "no-mtp", judge)
+        arms, "no-mtp", judge,
+        # DeepSeek measured MTP on benchmarks: the held-out tasks of the corpus, and the module as a draft
+        downstream=Downstream(DEFAULT_TASKS, comparisons=(("mtp", "no-mtp"),), speculative_arms=("mtp",)))
 
 
 def precision(base: ModelConfig, block: int = 128) -> Suite:

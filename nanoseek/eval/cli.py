@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoseek.tasks.generators import split_specs
 
-    from .harness import EvalConfig, evaluate
+    from .harness import EvalConfig, evaluate, record_speculation
 
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
@@ -296,12 +296,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{label}: {e}") from None
         result.model["path"] = str(ckpt)
         result.model["stage"] = label
-        if args.mtp and engine.spec_stats.drafted:
-            spec = engine.spec_stats
-            result.model["mtp_acceptance"] = spec.acceptance_rate
-            result.model["mtp_tokens_per_step"] = spec.tokens_per_step
-            result.notes.append(f"MTP self-speculative decoding: {spec.acceptance_rate:.1%} of {spec.drafted:,} drafts "
-                                f"accepted, {spec.tokens_per_step:.2f} tokens per step")
+        if args.mtp:
+            record_speculation(result, engine)
         baseline = None
         if cfg.tool_use.enabled:
             baseline = _without_tools(model, tokenizer, cfg, mode, engine, label)

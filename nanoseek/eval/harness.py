@@ -414,4 +414,15 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
                             stats=stats, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-__all__ = ["evaluate", "EvalConfig", "check_prompts_fit", "too_long", "score_response", "request_seed", "draw_problems", "model_info"]
+def record_speculation(result, engine) -> None:
+    """The engine's MTP draft statistics into ``result`` (``model`` fields and a note), where it drafted."""
+    spec = getattr(engine, "spec_stats", None)
+    if spec is None or not spec.drafted:
+        return
+    result.model["mtp_acceptance"] = spec.acceptance_rate
+    result.model["mtp_tokens_per_step"] = spec.tokens_per_step
+    result.notes.append(f"MTP self-speculative decoding: {spec.acceptance_rate:.1%} of {spec.drafted:,} drafts "
+                        f"accepted, {spec.tokens_per_step:.2f} tokens per step")
+
+
+__all__ = ["evaluate", "record_speculation", "EvalConfig", "check_prompts_fit", "too_long", "score_response", "request_seed", "draw_problems", "model_info"]
