@@ -669,3 +669,27 @@ def test_mtp_suite_evaluates_every_run_downstream_and_judges_it(data_dir, tmp_pa
     assert all(len(json.loads((d / "downstream.json").read_text())["problems"]) == 15 for d in runs.values())
     none = run_and_report(suite, _tiny_plan("mtp", data_dir, [0], downstream=0), tmp_path / "none", log=lambda m: None)
     assert "downstream" not in none and not list((tmp_path / "none").rglob("downstream.json"))
+
+
+def test_equal_wall_clock_comparison_reads_both_curves_when_the_sooner_run_ended():
+    """moe-vs-dense at equal training time: a slower arm is read at the moment the faster one ended
+    (interpolated between evaluations), not at its own end."""
+    from nanoseek.ablate.results import compare_at_wall, loss_at
+
+    curve = [{"wall_s": 10.0, "val_loss": 3.0}, {"wall_s": 20.0, "val_loss": 2.0}, {"wall_s": 40.0, "val_loss": 1.0}]
+    assert loss_at(curve, 5.0) == 3.0 and loss_at(curve, 15.0) == 2.5 and loss_at(curve, 30.0) == 1.5
+    assert loss_at(curve, 99.0) == 1.0
+
+    def arm(name, curves):
+        a = ArmResult(name, name, {})
+        for seed, c in curves.items():
+            a.runs.append(SeedRun(seed, "", c[-1]["val_loss"], c, [], 0, c[-1]["wall_s"], 0.0, seed))
+        return a
+
+    slow = arm("slow", {s: [{"wall_s": 10.0, "val_loss": 3.0}, {"wall_s": 40.0, "val_loss": 1.0 + 0.01 * s}]
+                        for s in range(3)})
+    fast = arm("fast", {s: [{"wall_s": 5.0, "val_loss": 2.5}, {"wall_s": 20.0, "val_loss": 1.5 - 0.01 * s}]
+                        for s in range(3)})
+    c = compare_at_wall(slow, fast)                      # at 20 s the slow arm is at 3 - 2/3 = 2.333
+    assert c.per_seed[0] == pytest.approx((3.0 - 2.0 * 10 / 30) - 1.5)
+    assert c.clear and c.diff > 0 and compare(slow, fast).diff < 0   # worse at equal time, better at equal tokens

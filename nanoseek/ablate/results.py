@@ -158,12 +158,43 @@ def compare(a: ArmResult, b: ArmResult, metric: str = "final_val_loss") -> Compa
     va, vb = a.values(metric), b.values(metric)
     if not va or not vb:
         raise ReportError(f"no {metric} for {a.name if not va else b.name}")
+    return _comparison(metric, va, vb, max(a.std(metric), b.std(metric)))
+
+
+def loss_at(curve: list[dict[str, float]], wall_s: float) -> float:
+    """The validation loss of ``curve`` at ``wall_s`` seconds of training, interpolated linearly
+    between evaluations (the last one's loss after the run ended, the first one's before it)."""
+    pts = [(p["wall_s"], p["val_loss"]) for p in curve if p.get("wall_s") is not None and p.get("val_loss") is not None]
+    if not pts:
+        raise ReportError("a run's curve has no timed validation loss")
+    if wall_s <= pts[0][0]:
+        return pts[0][1]
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if wall_s <= t1:
+            return l0 + (l1 - l0) * (wall_s - t0) / (t1 - t0) if t1 > t0 else l1
+    return pts[-1][1]
+
+
+def compare_at_wall(a: ArmResult, b: ArmResult) -> Comparison:
+    """A against B at equal training time: per seed, both runs' validation loss at the moment the
+    sooner of the two ended (:func:`loss_at`), paired over seeds as :func:`compare` pairs them."""
+    ra, rb = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
+    va, vb = {}, {}
+    for s in sorted(set(ra) & set(rb)):
+        t = min(ra[s].curve[-1]["wall_s"], rb[s].curve[-1]["wall_s"])
+        va[s], vb[s] = loss_at(ra[s].curve, t), loss_at(rb[s].curve, t)
+    if not va:
+        raise ReportError(f"no seed in common between {a.name} and {b.name}")
+    spread = max(statistics.stdev(v.values()) if len(v) > 1 else 0.0 for v in (va, vb))
+    return _comparison("val_loss_at_equal_time", va, vb, spread)
+
+
+def _comparison(metric: str, va: dict[int, float], vb: dict[int, float], spread: float) -> Comparison:
     ma, mb = statistics.fmean(va.values()), statistics.fmean(vb.values())
     diff = ma - mb
     common = sorted(set(va) & set(vb))
     per_seed = {s: va[s] - vb[s] for s in common}
     per_seed_rel = {s: (va[s] - vb[s]) / vb[s] if vb[s] else float("nan") for s in common}
-    spread = max(a.std(metric), b.std(metric))
     interval = t_interval(list(per_seed.values())) if len(common) >= 2 else None
     clear = None if interval is None else (interval.low > 0 or interval.high < 0)
     return Comparison(metric, diff, diff / mb if mb else float("nan"), per_seed, per_seed_rel, spread, clear,
@@ -202,6 +233,6 @@ def combine_statuses(statuses: list[str]) -> str:
     return statuses[0] if len(statuses) == 1 else "unresolved at this power"
 
 
-__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "same_config", "claim_status",
+__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "compare_at_wall", "loss_at", "same_config", "claim_status",
            "combine_statuses", "ARM_FILE",
            "METRICS"]

@@ -36,7 +36,7 @@ from ..data.corpus import DEFAULT_TASKS
 from ..model.config import ModelConfig
 from ..model.params import attention_params, count_params, kv_cache_bytes_per_token
 from .downstream import Downstream
-from .results import claim_status, combine_statuses, compare
+from .results import claim_status, combine_statuses, compare, compare_at_wall
 
 # A small DeepSeek-V3: dense first layer as wide as the activated experts (1 shared + 4 routed of
 # width 32 -> 160, as V3's 18432 = 9 x 2048), 16 routed experts in 4 groups (keep 2), MLA with
@@ -239,12 +239,14 @@ def moe_vs_dense(base: ModelConfig) -> Suite:
                      "activated parameters here (after this few tokens the smaller model learns faster), so the "
                      "'upper bound' the claim measures the MoE against does not exist yet at this scale")
         tps = {n: r[n].mean("tokens_per_s") for n in ("moe", "dense-active", "dense-total")}
+        c_wall = compare_at_wall(r["moe"], r["dense-active"])
         summary = (f"DeepSeekMoE vs the dense model with the same activated parameters: {c_act.text('validation loss')}. "
                    f"Vs the dense model with the same total parameters: {c_tot.text('validation loss')}; "
                    f"{bound}. "
                    f"Throughput on this CPU: MoE {tps['moe']:,.0f} tokens/s, dense-active {tps['dense-active']:,.0f}, "
-                   f"dense-total {tps['dense-total']:,.0f} (the comparison is at equal tokens; the wall-clock plot "
-                   "shows what the routing overhead costs at this size).")
+                   f"dense-total {tps['dense-total']:,.0f}. At equal wall-clock instead of equal tokens (per seed, "
+                   "both runs' validation loss when the sooner one ended; the runs shared the machine with others, "
+                   f"so this is indicative), the MoE vs dense-active: {c_wall.text('validation loss')}.")
         return Verdict(status, summary)
 
     return Suite(
