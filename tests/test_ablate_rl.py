@@ -118,6 +118,8 @@ def test_paired_judge_on_synthetic_problems(case, expected):
         other = {s: [float(rng.random() < 0.4) for _ in range(n)] for s in seeds}
     j = judge_arm(_arm("x", other), _arm("grpo", base))
     assert j["status"] == expected or (expected.startswith("unresolved") and j["status"].startswith(expected)), j
+    if expected.startswith("unresolved"):                   # an accuracy bound reads in points
+        assert re.search(r"< \d+\.\d points at this power", j["status"]) and j["over_seeds"]["n"] == 3
     assert set(j["per_seed"]) == set(seeds) and j["diff"]["n"] == n
     d = j["diff"]
     assert d["low"] <= d["mean"] <= d["high"]

@@ -148,7 +148,7 @@ def summarize(ds: Downstream, labels: dict[str, str], runs: list[tuple[str, int,
     from ..eval.results import EvalFileError, EvalResult
     from ..eval.stats import paired_difference
     from .results import ArmResult, compare
-    from .results import claim_status
+    from .results import claim_status, points
 
     arms: dict[str, dict[str, Any]] = {}
     results: dict[str, ArmResult] = {}
@@ -182,7 +182,7 @@ def summarize(ds: Downstream, labels: dict[str, str], runs: list[tuple[str, int,
                                                      [r.scores[p] for p in shared]).to_dict()
         comparisons.append({"arm": arm, "baseline": base, "diff": comp.diff,
                             "interval": comp.interval.to_dict() if comp.interval else None,
-                            "per_seed": per_seed, "status": claim_status(comp, expect_lower=False)})
+                            "per_seed": per_seed, "status": claim_status(comp, expect_lower=False, unit=points)})
     for a in arms.values():
         a["mean"] = statistics.fmean(a["pass1"].values())
     return {"settings": dataclasses.asdict(ds), "arms": arms, "comparisons": comparisons}

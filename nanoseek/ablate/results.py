@@ -22,7 +22,7 @@ import statistics
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..eval.stats import Interval, t_interval
 
@@ -201,7 +201,12 @@ def _comparison(metric: str, va: dict[int, float], vb: dict[int, float], spread:
                       interval)
 
 
-def claim_status(comp, expect_lower: bool) -> str:
+def points(x: float) -> str:
+    """An accuracy difference (a fraction) in percentage points, for a status."""
+    return f"{100 * x:.1f} points"
+
+
+def claim_status(comp, expect_lower: bool, unit: Callable[[float], str] = lambda x: f"{x:.3g}") -> str:
     """One comparison whose claimed direction is ``a`` lower (``expect_lower``) than ``b``.
 
     With one seed there is no spread to judge a difference against (and where two seeds ran here,
@@ -211,7 +216,7 @@ def claim_status(comp, expect_lower: bool) -> str:
     if comp.clear is None:
         return "for" if agrees else "against"
     if not comp.clear:
-        return f"unresolved: |effect| < {comp.bound:.3g} at this power"
+        return f"unresolved: |effect| < {unit(comp.bound)} at this power"
     return "held" if agrees else "did not hold"
 
 

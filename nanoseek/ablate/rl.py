@@ -471,7 +471,7 @@ def _paired(base: dict[str, float], other: dict[str, float]):
 def judge_arm(a: ArmResult, base: ArmResult) -> dict[str, Any]:
     """``a`` against the baseline on held-out pass@1: per-seed and pooled paired 95% intervals of
     the per-problem differences (a - base) and the status by the suites' rule (see the module docstring)."""
-    from .results import claim_status, combine_statuses
+    from .results import claim_status, combine_statuses, points
 
     by_seed = {r.seed: r for r in base.runs}
     per_seed = {r.seed: _paired(by_seed[r.seed].scores, r.scores) for r in a.runs if r.seed in by_seed}
@@ -487,9 +487,10 @@ def judge_arm(a: ArmResult, base: ArmResult) -> dict[str, Any]:
     if comp.clear is not None:
         comp = dataclasses.replace(comp, clear=comp.clear and (pooled.low > 0 or pooled.high < 0))
     # the claims: higher held-out pass@1 than GRPO; no difference at all points nowhere
-    raw = "unresolved: no difference" if comp.diff == 0 else claim_status(comp, expect_lower=False)
-    return {"status": combine_statuses([raw]), "raw_status": raw, "diff": pooled.to_dict(), "per_seed": {s: per_seed[s].to_dict() for s in seeds},
-            "seed_spread": comp.spread, "clear": comp.clear}
+    raw = "unresolved: no difference" if comp.diff == 0 else claim_status(comp, expect_lower=False, unit=points)
+    return {"status": combine_statuses([raw]), "raw_status": raw, "diff": pooled.to_dict(),
+            "per_seed": {s: per_seed[s].to_dict() for s in seeds}, "seed_spread": comp.spread, "clear": comp.clear,
+            "over_seeds": comp.interval.to_dict() if comp.interval else None}
 
 
 def _pct(x: float) -> str:
@@ -499,8 +500,10 @@ def _pct(x: float) -> str:
 def describe(label: str, j: dict[str, Any]) -> str:
     d = j["diff"]
     per = ", ".join(f"seed {s}: {_pct(v['mean'])}" for s, v in j["per_seed"].items())
+    t = j.get("over_seeds")
+    seeds = (f"; over the seeds (Student's t) [{_pct(t['low'])}, {_pct(t['high'])}]" if t else "")
     return (f"{label} vs GRPO: held-out pass@1 {_pct(d['mean'])} points [{_pct(d['low'])}, {_pct(d['high'])}] "
-            f"(paired over {d['n']} problems, pass@1 averaged over {len(j['per_seed'])} seed(s); {per})")
+            f"(paired over {d['n']} problems, pass@1 averaged over {len(j['per_seed'])} seed(s); {per}{seeds})")
 
 
 def versus_start(a: ArmResult, start: dict[str, float]) -> dict[str, Any]:
