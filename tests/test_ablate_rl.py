@@ -241,3 +241,10 @@ def test_rl_jobs_train_and_evaluate_the_runs_of_a_sequential_suite_and_resume(tm
     logs.clear()
     run_suite(plan, tmp_path / "par", log=logs.append, jobs=2, threads=1)
     assert len(logs) == 2 and all("already trained and evaluated" in m for m in logs)
+
+
+def test_reward_curves_are_smoothed_by_a_centred_moving_mean():
+    from nanoseek.ablate.rl_report import smooth
+
+    assert smooth([0.0, 0.0, 3.0, 0.0, 0.0], 3) == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert smooth([1.0, 2.0], 1) == [1.0, 2.0]

@@ -64,18 +64,29 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
     return steps, [statistics.fmean(by_step[s]) for s in steps]
 
 
+def smooth(ys: list[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` points (shorter at the ends): a rollout of 8 x 8 samples
+    is too noisy a measure per step to compare arms by eye."""
+    half = window // 2
+    return [statistics.fmean(ys[max(0, i - half): i + half + 1]) for i in range(len(ys))]
+
+
 def plot_rl(data: dict[str, Any], path: str | Path) -> Path:
-    """Rollout reward and response length against the optimizer step: thin lines per seed, bold mean."""
+    """Rollout reward and response length against the optimizer step, each smoothed over a twentieth
+    of the run: thin lines per seed, bold the mean over seeds."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    window = max(1, data["plan"]["steps"] // 20)
     for i, a in enumerate(data["arms"].values()):
         for ax, key in zip(axes, ("reward_mean", "response_len_mean")):
             for r in a["runs"]:
                 pts = [p for p in r["curve"] if p.get(key) is not None]
-                ax.plot([p["step"] for p in pts], [p[key] for p in pts], color=f"C{i}", alpha=0.3, lw=0.8)
+                ax.plot([p["step"] for p in pts], smooth([p[key] for p in pts], window), color=f"C{i}", alpha=0.25,
+                        lw=0.8)
             xs, ys = _mean_curve(a["runs"], key)
-            ax.plot(xs, ys, color=f"C{i}", lw=2, label=f"{a['label']} ({len(a['runs'])} seed(s))")
-    for ax, ylabel in zip(axes, ("rollout reward (mean over the step's samples)", "response length (tokens)")):
+            ax.plot(xs, smooth(ys, window), color=f"C{i}", lw=2, label=f"{a['label']} ({len(a['runs'])} seed(s))")
+    for ax, ylabel in zip(axes, (f"rollout reward (moving mean over {window} steps)",
+                                 f"response length, tokens (moving mean over {window} steps)")):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -181,4 +192,4 @@ def write_rl_report(plan: RLPlan, suite_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["results_dict", "plot_rl", "rl_markdown", "write_rl_report", "any_suite_markdown", "TITLE", "CLAIM"]
+__all__ = ["results_dict", "plot_rl", "smooth", "rl_markdown", "write_rl_report", "any_suite_markdown", "TITLE", "CLAIM"]
