@@ -130,6 +130,8 @@ HEAVY = {
     "tests/test_expert_replicas.py::test_redundant_experts_match_one_device[4]",  # -> [2]
     "tests/test_distributed.py::test_grpo_rollouts_sharded_over_ranks_match_one_process[dapo]",  # -> [grpo]
     "tests/test_distributed.py::test_grpo_rollouts_sharded_over_ranks_match_one_process[dr_grpo]",
+    "tests/test_ablate.py::test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite",
+    # -> test_parallel_jobs_stop_on_an_interrupted_or_failed_run_and_resume_the_rest, test_jobs_flag_needs_steps
 }
 
 

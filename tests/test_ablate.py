@@ -481,7 +481,6 @@ def _tiny_plan(name, data_dir, seeds, downstream=2):
                 eval_every=1, device="cpu", downstream_problems=downstream)
 
 
-@pytest.mark.slow          # ~30 s of spawned processes; CI runs it (.ci/run); the stop/resume and CLI tests keep --jobs in `make test`
 def test_parallel_jobs_train_exactly_the_runs_of_a_sequential_suite(data_dir, tmp_path, one_thread):
     from nanoseek.ablate.parallel import run_suites
 
