@@ -248,3 +248,23 @@ def test_reward_curves_are_smoothed_by_a_centred_moving_mean():
 
     assert smooth([0.0, 0.0, 3.0, 0.0, 0.0], 3) == [0.0, 1.0, 1.0, 1.0, 0.0]
     assert smooth([1.0, 2.0], 1) == [1.0, 2.0]
+
+
+def test_the_recorded_rl_command_runs_in_a_shell_as_given():
+    """The regenerating command in the report quotes what a shell would split or strip (a --set with
+    a quoted TOML string, a path with a space), so pasting it runs the same suite."""
+    import argparse
+    import shlex
+
+    from nanoseek.ablate.cli import _rl_command, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    given = ["--suite", "rl", "--model", "my runs/sft", "--steps", "400", "--seeds", "3", "--jobs", "2",
+             "--eval-tasks", "compare:1-2,arithmetic:1-2", "--set", 'grpo.prompts="compare:1-2,arithmetic:1-2"']
+    args = parser.parse_args(given)
+    words = shlex.split(_rl_command(args))
+    assert words[:2] == ["nanoseek", "ablate"]
+    again = parser.parse_args(words[2:])
+    for key in ("model", "steps", "seeds", "jobs", "eval_tasks", "overrides"):
+        assert getattr(again, key) == getattr(args, key), key

@@ -295,20 +295,22 @@ def _run_parallel(args: argparse.Namespace, suites: list, out) -> None:
 
 
 def _rl_command(args: argparse.Namespace) -> str:
-    parts = ["nanoseek ablate", f"--suite {RL}", f"--model {args.model}", f"--steps {args.steps}",
-             f"--out {args.out}"]
+    import shlex
+
+    parts = ["nanoseek ablate", f"--suite {RL}", f"--model {shlex.quote(args.model)}", f"--steps {args.steps}",
+             f"--out {shlex.quote(args.out)}"]
     if args.seeds != "auto":
         parts.append(f"--seeds {args.seeds}")
     if args.seed:
         parts.append(f"--seed {args.seed}")
     for flag in ("arms", "eval_tasks", "eval_n", "eval_k", "threads"):
         if getattr(args, flag):
-            parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+            parts.append(f"--{flag.replace('_', '-')} {shlex.quote(str(getattr(args, flag)))}")
     if args.jobs > 1:
         parts.append(f"--jobs {args.jobs}")
     if args.device != "auto":
         parts.append(f"--device {args.device}")
-    parts += [f"--set {o}" for o in args.overrides]
+    parts += [f"--set {shlex.quote(o)}" for o in args.overrides]      # a command a shell runs as it ran
     return " ".join(parts)
 
 

@@ -411,8 +411,11 @@ def write_combined_markdown(suite_dirs: list[str | Path], out_md: str | Path, pl
     out_dir = Path(suite_dirs[0]).parent if suite_dirs else Path("runs/ablate")
     regen = ([prepare_command(d) for d in data_dirs] + commands +
              [report_command or f"nanoseek ablate --report-only --out {out_dir} --markdown {out_md}"])
-    text += ("\n" + _md_table(summary) + "\n\nTo regenerate everything (each suite sizes its runs to its budget "
-             "from a throughput probe, so the number of steps and seeds depends on the machine):\n\n```\n"
+    sized = any(read_results(d)["plan"].get("budget_minutes") for d in suite_dirs)
+    how = ("a suite given --budget-minutes sizes its runs from a throughput probe, so its steps and seeds depend on "
+           "the machine" if sized else "steps and seeds are given, so the runs do not depend on the machine's speed; "
+           "`--jobs N` trains N runs at once with the same results")
+    text += ("\n" + _md_table(summary) + f"\n\nTo regenerate everything ({how}):\n\n```\n"
              + "\n".join(regen) + "\n```\n\n" + "\n".join(sections))
     write_atomic(out_md, text)
     return out_md
