@@ -347,7 +347,8 @@ INTRO = """# Ablations: DeepSeek's architectural claims at small scale
 Each section below is a matched pre-training experiment run by `nanoseek ablate` on this repository's
 built-in corpus (generated reasoning problems and shipped prose, `nanoseek data prepare --default-corpus`):
 the arms differ only in what the claim is about, train on the same data in the same order from the same
-seeds for the same number of tokens, and are compared on the validation loss of the main next-token head.
+seeds for the same number of tokens, and are compared on the validation loss of the main next-token head
+(`mtp` also on held-out task accuracy; the `rl` suite compares RL algorithms from one SFT checkpoint on it).
 The claims come from papers about models 100,000 times larger trained on 100,000,000 times more tokens;
 a claim that does not hold here has not been refuted, and one that holds has not been confirmed at scale.
 What these runs show is whether the mechanism already pays off, or already costs, at the budget each
