@@ -663,6 +663,11 @@ def test_mtp_suite_evaluates_every_run_downstream_and_judges_it(data_dir, tmp_pa
     run_suite(suite, _tiny_plan("mtp", data_dir, [0, 1]), out, log=logs.append)       # nothing to redo
     assert not any("downstream" in m for m in logs)
     assert {k: (d / "downstream.json").stat().st_mtime_ns for k, d in runs.items()} == stamps
+    (runs[("mtp", 1)] / "downstream.json").write_text("{not json")          # a damaged file is redone, alone
+    logs.clear()
+    run_suite(suite, _tiny_plan("mtp", data_dir, [0, 1]), out, log=logs.append)
+    assert sum("downstream" in m for m in logs) == 1 and "mtp_acceptance" in \
+        json.loads((runs[("mtp", 1)] / "downstream.json").read_text())["model"]
     logs.clear()
     run_suite(suite, _tiny_plan("mtp", data_dir, [0, 1], downstream=3), out, log=logs.append)
     assert sum("downstream" in m for m in logs) == 4

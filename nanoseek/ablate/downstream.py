@@ -20,7 +20,6 @@ acceptance), and each comparison by the suites' rule (:func:`nanoseek.ablate.res
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +55,8 @@ def for_plan(ds: Downstream | None, n_problems: int | None) -> Downstream | None
 
 
 def current(run_dir: Path, ds: Downstream) -> bool:
-    try:
-        cfg = json.loads((Path(run_dir) / FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all(cfg.get(k) == v for k, v in ds.settings().items())
+    from .results import made_with
+    return made_with(Path(run_dir) / FILE, ds.settings())
 
 
 def evaluate_run(run_dir: str | Path, ds: Downstream, speculative: bool, device: str = "cpu"):

@@ -144,6 +144,16 @@ class Comparison:
         return s + f", unresolved: the {ci} includes 0, so |effect| < {self.bound:.4f} at this power (per seed {paired})"
 
 
+def made_with(eval_file: Path, settings: dict[str, Any]) -> bool:
+    """Whether the evaluation saved at ``eval_file`` was made with ``settings`` (its ``config`` has
+    each of them); a missing or unreadable file is not (the evaluation is redone)."""
+    try:
+        cfg = json.loads(Path(eval_file).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(cfg, dict) and all(cfg.get(k) == v for k, v in settings.items())
+
+
 def same_config(saved: str, resolved: str) -> bool:
     """Whether a run's saved ``config.toml`` is the config ``resolved`` would train: the same text
     but for comment lines (the header names the file the config came from, which moves with the
@@ -238,6 +248,6 @@ def combine_statuses(statuses: list[str]) -> str:
     return statuses[0] if len(statuses) == 1 else "unresolved at this power"
 
 
-__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "compare_at_wall", "loss_at", "same_config", "claim_status",
+__all__ = ["SeedRun", "ArmResult", "Comparison", "ReportError", "load_seed_run", "compare", "compare_at_wall", "loss_at", "made_with", "same_config", "claim_status",
            "combine_statuses", "ARM_FILE",
            "METRICS"]

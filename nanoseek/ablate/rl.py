@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from ..atomic import write_atomic
 from ..errors import ConfigError
-from .results import ARM_FILE, ArmResult, ReportError, compare, same_config
+from .results import ARM_FILE, ArmResult, ReportError, compare, made_with, same_config
 
 SUITE = "rl"
 BASE_CONFIG = "r1-zero"          # the shipped GRPO config (nanoseek/configs/train/r1-zero.toml) every arm starts from
@@ -222,11 +222,7 @@ def _finished(run_dir: Path, config_text: str) -> bool:
 
 
 def _eval_current(run_dir: Path, settings: dict[str, Any]) -> bool:
-    try:
-        cfg = json.loads((run_dir / EVAL_FILE).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return all(cfg.get(k) == v for k, v in settings.items())
+    return made_with(Path(run_dir) / EVAL_FILE, settings)
 
 
 def evaluate_run(run_dir: str | Path, settings: dict[str, Any], device: str = "cpu", label: str = "",
