@@ -399,8 +399,8 @@ def test_optimizer_suite_changes_only_the_optimizer_and_its_lr(data_dir, tmp_pat
     from nanoseek.ablate.suites import REPORTED
     assert set(REPORTED) == set(SUITES) | {RL} and all(REPORTED.values())   # every suite's at-scale column
     suite = build_suite("optimizer", vocab_of(data_dir))
-    assert [a.name for a in suite.arms] == ["adamw-lr0.5x", "adamw-lr1x", "adamw-lr2x",
-                                            "muon-lr0.5x", "muon-lr1x", "muon-lr2x"]
+    assert [a.name for a in suite.arms] == [f"{o}-lr{k}x" for o in ("adamw", "muon")
+                                            for k in ("0.125", "0.25", "0.5", "1", "2")]
     assert suite.baseline == "adamw-lr1x" and all(a.model == base_model(vocab_of(data_dir)) for a in suite.arms)
     plan = Plan("optimizer", str(data_dir), [0], steps=5, micro_batch_size=2, seq_len=32, val_batches=1, lr=2e-3,
                 min_lr=2e-4)
@@ -454,8 +454,8 @@ def test_an_interrupted_suite_resumes_without_redoing_finished_runs(name, tmp_pa
 
 def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_path):
     suite = build_suite("optimizer", 1000)
-    base = {"adamw-lr0.5x": 3.3, "adamw-lr1x": 3.1, "adamw-lr2x": 3.2, "muon-lr0.5x": 3.0, "muon-lr1x": 2.9,
-            "muon-lr2x": 3.05}
+    base = {"adamw-lr0.125x": 3.5, "adamw-lr0.25x": 3.4, "adamw-lr0.5x": 3.3, "adamw-lr1x": 3.1, "adamw-lr2x": 3.2,
+            "muon-lr0.125x": 3.2, "muon-lr0.25x": 3.1, "muon-lr0.5x": 3.0, "muon-lr1x": 2.9, "muon-lr2x": 3.05}
     losses = {n: {0: v, 1: v + 0.01} for n, v in base.items()}
     data = run_and_report(suite, Plan("optimizer", "unused", [0, 1], steps=4, eval_every=2), tmp_path / "a",
                           train_fn=fake_trainer(losses, []))
@@ -467,7 +467,7 @@ def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_pat
     assert data["verdict"]["status"].startswith("unresolved: the learning rates are not tuned")
     assert "edge of the grid" in data["verdict"]["summary"]
     report = (tmp_path / "b" / "report.md").read_text()
-    assert "peak lr 0.003 x the arm's factor (x0.5, x1, x2)" in report and "AdamW lr" not in report
+    assert "peak lr 0.003 x the arm's factor (x0.125, x0.25, x0.5, x1, x2)" in report and "AdamW lr" not in report
 
 
 # ---------------------------------------------------------------------------- --jobs: runs in worker processes

@@ -436,8 +436,12 @@ def precision(base: ModelConfig, block: int = 128) -> Suite:
         arms, "bf16", judge, extra={"block": block})
 
 
-def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.5, 1.0, 2.0)) -> Suite:
-    """Muon vs AdamW, each at ``lr_scales`` x the plan's lr; the verdict compares each one's best lr."""
+def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)) -> Suite:
+    """Muon vs AdamW, each at ``lr_scales`` x the plan's lr; the verdict compares each one's best lr.
+
+    The default grid spans 16x around the plan's lr: at 2M tokens a three-point grid (x0.5 to x2) left
+    AdamW's best rate at its lowest point, so the verdict could not be read (docs/ablations.md).
+    """
     arms = []
     for opt, label, optim, note in (
             ("adamw", "AdamW", {"optimizer": "adamw"}, "AdamW for every parameter"),
