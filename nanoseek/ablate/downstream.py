@@ -61,18 +61,10 @@ def current(run_dir: Path, ds: Downstream) -> bool:
 
 def evaluate_run(run_dir: str | Path, ds: Downstream, speculative: bool, device: str = "cpu"):
     """``run_dir/final`` on the spec's problems; saves ``run_dir/downstream.json``, returns the EvalResult."""
-    from ..eval.harness import EvalConfig, evaluate, record_speculation
-    from ..infer.engine import Engine
-    from ..infer.loading import load_for_inference
-    from ..train.loop import resolve_device
+    from ..eval.harness import EvalConfig, evaluate_checkpoint
 
     cfg = EvalConfig(**ds.settings(), batch_size=ds.batch_size).validate()
-    model, tokenizer = load_for_inference(Path(run_dir) / "final", device=resolve_device(device),
-                                          require_tokenizer=True)
-    engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, use_mtp=speculative)
-    result = evaluate(model, tokenizer, cfg, mode=ds.mode, engine=engine)
-    result.model["path"] = str(Path(run_dir) / "final")
-    record_speculation(result, engine)
+    result = evaluate_checkpoint(Path(run_dir) / "final", cfg, ds.mode, device=device, use_mtp=speculative)
     result.save(Path(run_dir) / FILE)
     return result
 

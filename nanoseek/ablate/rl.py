@@ -231,18 +231,10 @@ def evaluate_run(run_dir: str | Path, settings: dict[str, Any], device: str = "c
     --model RUN`` does it (prompt mode ``auto``: the stage's own); saves ``run_dir/eval.json`` and
     returns the EvalResult."""
     from ..eval.cli import plan as eval_jobs
-    from ..eval.harness import EvalConfig, evaluate
-    from ..infer.engine import Engine
-    from ..infer.loading import load_for_inference
-    from ..train.loop import resolve_device
+    from ..eval.harness import EvalConfig, evaluate_checkpoint
 
-    cfg = EvalConfig(**settings)
     [(_, ckpt, _, mode)] = eval_jobs(str(model or Path(run_dir) / "final"), None, "auto")
-    model, tokenizer = load_for_inference(ckpt, device=resolve_device(device), require_tokenizer=True)
-    engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size)
-    result = evaluate(model, tokenizer, cfg, mode=mode, engine=engine)
-    result.model["path"] = str(ckpt)
-    result.model["stage"] = label or Path(run_dir).name
+    result = evaluate_checkpoint(ckpt, EvalConfig(**settings), mode, device=device, label=label or Path(run_dir).name)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     result.save(Path(run_dir) / EVAL_FILE)
     return result

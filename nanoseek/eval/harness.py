@@ -62,6 +62,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text, tool_counts
@@ -425,4 +426,23 @@ def record_speculation(result, engine) -> None:
                         f"accepted, {spec.tokens_per_step:.2f} tokens per step")
 
 
-__all__ = ["evaluate", "record_speculation", "EvalConfig", "check_prompts_fit", "too_long", "score_response", "request_seed", "draw_problems", "model_info"]
+def evaluate_checkpoint(ckpt: str | Path, cfg: EvalConfig, mode: str, *, device: str = "cpu", use_mtp: bool = False,
+                        label: str = "") -> EvalResult:
+    """The checkpoint folder ``ckpt`` (with its tokenizer) on ``cfg``'s problems in prompt ``mode``, by an
+    engine of ``cfg.batch_size`` rows (``use_mtp``: MTP drafts, their acceptance recorded); the result
+    names the checkpoint (and ``label`` as its stage). The library form of ``nanoseek eval --model``."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.loading import load_for_inference
+    from nanoseek.train.loop import resolve_device
+
+    model, tokenizer = load_for_inference(ckpt, device=resolve_device(device), require_tokenizer=True)
+    engine = Engine(model, tokenizer, max_batch_size=cfg.batch_size, use_mtp=use_mtp)
+    result = evaluate(model, tokenizer, cfg, mode=mode, engine=engine)
+    result.model["path"] = str(ckpt)
+    if label:
+        result.model["stage"] = label
+    record_speculation(result, engine)
+    return result
+
+
+__all__ = ["evaluate", "evaluate_checkpoint", "record_speculation", "EvalConfig", "check_prompts_fit", "too_long", "score_response", "request_seed", "draw_problems", "model_info"]
