@@ -22,7 +22,7 @@ install-sandbox:
 	      || echo "install-sandbox: apt-get could not install bubblewrap; the sandbox runs without its filesystem boundary"; \
 	  else echo "install-sandbox: bubblewrap (bwrap) is missing and cannot be installed here (needs root and apt-get); the sandbox runs without its filesystem boundary"; fi; }
 
-# llama.cpp (llama-cpp-python) for the GGUF export's slow tests: compiled for any x86-64 CPU
+# llama.cpp (llama-cpp-python) for the GGUF export's slow tests and the inference benchmark: compiled for any x86-64 CPU
 # (no -march=native), without its examples, tests or server; pip caches the built wheel.
 install-llama: $(STAMP)
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
@@ -38,7 +38,7 @@ test: $(STAMP) install-sandbox
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) install-llama
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_train_small.py
 	$(BIN)/python benchmarks/bench_infer.py

@@ -8,6 +8,11 @@ random weights, in fp32 on the CPU:
 * prefill tokens/s (16 prompts of 256 tokens, time to the first token);
 * the KV-cache bytes per token: ours must be exactly ``(kv_lora_rank + qk_rope_head_dim) x layers
   x dtype size`` (checked); transformers' is measured from its returned cache;
+* llama.cpp (llama-cpp-python, ``make install-llama``; skipped with a line when it is not
+  importable) on the same weights exported by ``nanoseek export --format gguf`` (f32 weights and
+  f32 KV cache, and f16 weights with llama.cpp's default f16 cache), batch 1: prefill and decode
+  tokens/s beside our engine's, the greedy tokens checked equal to ours, and each side's
+  weight-read bandwidth (activated parameters x bytes per weight x decode tokens/s);
 * MTP self-speculative decoding: acceptance and tokens/s with and without drafting, on the random
   weights (acceptance ~0: the MTP head predicts noise) and on a ``tiny`` model trained here for a
   few hundred steps on the shipped text corpus (byte-level ids) with the MTP loss, where the
@@ -111,6 +116,102 @@ def decode_rates(gens: dict, prompts: torch.Tensor, new_tokens: int, repeats: in
     t = best_times(fns, repeats)
     B = prompts.shape[0]
     return {name: B * (new_tokens - 1) / max(t[(name, "full")] - t[(name, "first")], 1e-9) for name in gens}
+
+
+class LlamaCpp:
+    """llama.cpp on a GGUF export of the same weights, one sequence at a time (llama-cli's way), greedy."""
+
+    def __init__(self, gguf_path: str, max_len: int, threads: int, f32_cache: bool):
+        import llama_cpp
+
+        cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
+        self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=max_len, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False, seed=0, **cache)
+        self.get_logits, self.n_vocab = llama_cpp.llama_get_logits, self.llm.n_vocab()
+
+    def _last_logits(self):
+        import numpy as np      # the last evaluated position's logits, read in place (the only output row)
+
+        return np.ctypeslib.as_array(self.get_logits(self.llm.ctx), shape=(self.n_vocab,))
+
+    def __call__(self, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        out = []
+        for row in prompts.tolist():
+            llm, ids = self.llm, []
+            llm.reset()
+            llm.eval(row)
+            for i in range(new_tokens):
+                ids.append(int(self._last_logits().argmax()))
+                if i + 1 < new_tokens:
+                    llm.eval([ids[-1]])
+            out.append(ids)
+        return out
+
+
+def activated_weights(model) -> int:
+    """Parameters one decoded token reads: all but the routed experts not chosen (top-k of E per MoE
+    layer), without the MTP module (a plain decode does not run it) and the embedding table (one row)."""
+    cfg = model.config
+    total = sum(p.numel() for n, p in model.named_parameters() if ".mtp." not in f".{n}" and "embed_tokens" not in n)
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert * len(model.moe_layers())
+    return total - idle
+
+
+def llama_cpp_comparison(args, results: dict, model, ours: Ours, rand_prompts, max_len: int) -> None:
+    """Our engine against llama.cpp on the same weights (GGUF f32 and f16), batch 1, side by side."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as e:             # not installed, or its shared library does not load
+        print(f"\nllama.cpp: skipped (llama-cpp-python not importable: {type(e).__name__}: {e}; "
+              "`make install-llama` installs it)")
+        return
+    root = Path(__file__).resolve().parent.parent / "nanoseek" / "data" / "corpus"
+    texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.txt"))]
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        _llama_cpp_rows(args, results, model, ours, rand_prompts, max_len, tmp, texts)
+
+
+def _llama_cpp_rows(args, results: dict, model, ours: Ours, rand_prompts, max_len: int, tmp: str, texts) -> None:
+    import llama_cpp
+
+    from nanoseek.cli import main as nanoseek_main
+    from nanoseek.data.tokenizer import Tokenizer
+
+    save_pretrained(model, Path(tmp) / "ckpt")
+    tok = Tokenizer.train(texts, vocab_size=model.config.vocab_size)     # GGUF carries a vocabulary
+    tok.save(Path(tmp) / "ckpt")
+    gens, bytes_per_weight = {"ours": ours}, {"ours": 4}
+    for dtype in ("f32", "f16"):
+        out = Path(tmp) / f"model-{dtype}.gguf"
+        if nanoseek_main(["export", "--format", "gguf", "--dtype", dtype, str(Path(tmp) / "ckpt"), str(out)]) != 0:
+            print(f"llama.cpp: the {dtype} export failed (above); skipped")
+            return
+        gens[f"llama.cpp {dtype}"] = LlamaCpp(str(out), max_len, args.threads, f32_cache=dtype == "f32")
+        bytes_per_weight[f"llama.cpp {dtype}"] = 4 if dtype == "f32" else 2
+    warm = rand_prompts(1, min(args.prompt_lens))
+    mine = ours(warm, 32)[0]
+    same = {name: sum(a == b for a, b in zip(mine, gen(warm, 32)[0])) for name, gen in gens.items() if name != "ours"}
+    print(f"\nllama.cpp {llama_cpp.__version__} on `nanoseek export --format gguf` of the same weights "
+          f"({args.threads} thread(s), one sequence at a time); greedy tokens equal to ours: "
+          + ", ".join(f"{k} {v}/32" for k, v in same.items()))
+    results["llama_cpp"] = {"version": llama_cpp.__version__, "greedy_equal": {k: v / 32 for k, v in same.items()}}
+    prefill = rand_prompts(1, args.prefill_len)
+    t = best_times({name: (lambda gen=gen: gen(prefill, 1)) for name, gen in gens.items()}, args.repeats)
+    rows = [{"what": f"prefill tok/s (1 x {args.prefill_len})", **{n: args.prefill_len / t[n] for n in gens}}]
+    for T in args.prompt_lens:
+        rows.append({"what": f"decode tok/s, batch 1, prompt {T}",
+                     **decode_rates(gens, rand_prompts(1, T), args.new_tokens, args.repeats)})
+    active = activated_weights(model)
+    names = [n for n in gens if n != "ours"]
+    print(f"{'':34} {'nanoseek':>10}" + "".join(f" {n:>15} {'ratio':>6}" for n in names))
+    for r in rows:
+        print(f"{r['what']:34} {r['ours']:>10.1f}" + "".join(f" {r[n]:>15.1f} {r['ours'] / r[n]:>5.2f}x"
+                                                              for n in names))
+    print(f"weight reads while decoding (prompt {min(args.prompt_lens)}; {active:,} activated parameters per token "
+          "x bytes per weight x tokens/s): "
+          + ", ".join(f"{n} {active * bytes_per_weight[n] * rows[1][n] / 1e9:.2f} GB/s" for n in gens))
+    results["llama_cpp"].update(rows=rows, activated_weights=active)
 
 
 # ---------------------------------------------------------------------- FLOPs per decoded token
@@ -286,6 +387,7 @@ def main() -> int:
     p.add_argument("--train-steps", type=int, default=300, help="steps for the MTP-trained tiny model (0: skip)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     p.add_argument("--skip-throughput", action="store_true", help="only the cache check and the MTP figures")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="do not run llama.cpp (run when importable)")
     p.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat, no training")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our decode step")
     p.add_argument("--compile", action="store_true",
@@ -352,6 +454,8 @@ def main() -> int:
     if not args.skip_throughput:
         compiled = Ours(model, max_len, compile=True) if args.compile else None
         throughput(args, results, ours, hf, rand_prompts, compiled)
+        if not args.skip_llama_cpp:
+            llama_cpp_comparison(args, results, model, ours, rand_prompts, max_len)
 
     # --- MTP speculative decoding
     mtp_rows = [mtp_comparison(model, rand_prompts(B, args.prompt_len), args.new_tokens, args.repeats)
