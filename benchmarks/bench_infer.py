@@ -158,8 +158,10 @@ def activated_weights(model) -> int:
     return total - idle
 
 
-def llama_cpp_comparison(args, results: dict, model, ours: Ours, rand_prompts, max_len: int) -> None:
-    """Our engine against llama.cpp on the same weights (GGUF f32 and f16), batch 1, side by side."""
+def llama_cpp_comparison(args, results: dict, model, ours: Ours, rand_prompts, max_len: int,
+                         compiled: Ours | None = None) -> None:
+    """Our engine (and the compiled one, with --compile) against llama.cpp on the same weights (GGUF f32
+    and f16), batch 1, side by side."""
     try:
         import llama_cpp  # noqa: F401
     except Exception as e:             # not installed, or its shared library does not load
@@ -169,10 +171,11 @@ def llama_cpp_comparison(args, results: dict, model, ours: Ours, rand_prompts, m
     root = Path(__file__).resolve().parent.parent / "nanoseek" / "data" / "corpus"
     texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("*.txt"))]
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
-        _llama_cpp_rows(args, results, model, ours, rand_prompts, max_len, tmp, texts)
+        _llama_cpp_rows(args, results, model, ours, compiled, rand_prompts, max_len, tmp, texts)
 
 
-def _llama_cpp_rows(args, results: dict, model, ours: Ours, rand_prompts, max_len: int, tmp: str, texts) -> None:
+def _llama_cpp_rows(args, results: dict, model, ours: Ours, compiled: Ours | None, rand_prompts, max_len: int,
+                    tmp: str, texts) -> None:
     import llama_cpp
 
     from nanoseek.cli import main as nanoseek_main
@@ -181,7 +184,8 @@ def _llama_cpp_rows(args, results: dict, model, ours: Ours, rand_prompts, max_le
     save_pretrained(model, Path(tmp) / "ckpt")
     tok = Tokenizer.train(texts, vocab_size=model.config.vocab_size)     # GGUF carries a vocabulary
     tok.save(Path(tmp) / "ckpt")
-    gens, bytes_per_weight = {"ours": ours}, {"ours": 4}
+    gens = {"ours": ours, **({"compiled": compiled} if compiled else {})}
+    bytes_per_weight = dict.fromkeys(gens, 4)
     for dtype in ("f32", "f16"):
         out = Path(tmp) / f"model-{dtype}.gguf"
         if nanoseek_main(["export", "--format", "gguf", "--dtype", dtype, str(Path(tmp) / "ckpt"), str(out)]) != 0:
@@ -191,7 +195,8 @@ def _llama_cpp_rows(args, results: dict, model, ours: Ours, rand_prompts, max_le
         bytes_per_weight[f"llama.cpp {dtype}"] = 4 if dtype == "f32" else 2
     warm = rand_prompts(1, min(args.prompt_lens))
     mine = ours(warm, 32)[0]
-    same = {name: sum(a == b for a, b in zip(mine, gen(warm, 32)[0])) for name, gen in gens.items() if name != "ours"}
+    same = {name: sum(a == b for a, b in zip(mine, gen(warm, 32)[0])) for name, gen in gens.items()
+            if name.startswith("llama")}
     print(f"\nllama.cpp {llama_cpp.__version__} on `nanoseek export --format gguf` of the same weights "
           f"({args.threads} thread(s), one sequence at a time); greedy tokens equal to ours: "
           + ", ".join(f"{k} {v}/32" for k, v in same.items()))
@@ -203,11 +208,13 @@ def _llama_cpp_rows(args, results: dict, model, ours: Ours, rand_prompts, max_le
         rows.append({"what": f"decode tok/s, batch 1, prompt {T}",
                      **decode_rates(gens, rand_prompts(1, T), args.new_tokens, args.repeats)})
     active = activated_weights(model)
-    names = [n for n in gens if n != "ours"]
-    print(f"{'':34} {'nanoseek':>10}" + "".join(f" {n:>15} {'ratio':>6}" for n in names))
+    names = [n for n in gens if n.startswith("llama")]
+    mine = [n for n in gens if n not in names]
+    print(f"{'':34}" + "".join(f" {n:>10}" for n in mine) + "".join(f" {n:>15} {'ratio':>6}" for n in names)
+          + ("   (ratio: nanoseek / llama.cpp" + (", eager and compiled)" if compiled else ")")))
     for r in rows:
-        print(f"{r['what']:34} {r['ours']:>10.1f}" + "".join(f" {r[n]:>15.1f} {r['ours'] / r[n]:>5.2f}x"
-                                                              for n in names))
+        print(f"{r['what']:34}" + "".join(f" {r[n]:>10.1f}" for n in mine)
+              + "".join(f" {r[n]:>15.1f} " + "/".join(f"{r[m] / r[n]:.2f}x" for m in mine) for n in names))
     print(f"weight reads while decoding (prompt {min(args.prompt_lens)}; {active:,} activated parameters per token "
           "x bytes per weight x tokens/s): "
           + ", ".join(f"{n} {active * bytes_per_weight[n] * rows[1][n] / 1e9:.2f} GB/s" for n in gens))
@@ -455,7 +462,7 @@ def main() -> int:
         compiled = Ours(model, max_len, compile=True) if args.compile else None
         throughput(args, results, ours, hf, rand_prompts, compiled)
         if not args.skip_llama_cpp:
-            llama_cpp_comparison(args, results, model, ours, rand_prompts, max_len)
+            llama_cpp_comparison(args, results, model, ours, rand_prompts, max_len, compiled)
 
     # --- MTP speculative decoding
     mtp_rows = [mtp_comparison(model, rand_prompts(B, args.prompt_len), args.new_tokens, args.repeats)
