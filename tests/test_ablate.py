@@ -452,6 +452,20 @@ def test_an_interrupted_suite_resumes_without_redoing_finished_runs(name, tmp_pa
     assert all(len(a["runs"]) == 2 for a in data["arms"].values())
 
 
+def test_tokens_to_reach_a_loss_interpolates_between_evaluations():
+    from nanoseek.ablate.results import ArmResult, SeedRun, tokens_ratio, tokens_to_reach
+
+    curve = [{"tokens": 100, "val_loss": 3.0}, {"tokens": 200, "val_loss": 2.0}, {"tokens": 300, "val_loss": 1.5}]
+    assert tokens_to_reach(curve, 2.5) == 150 and tokens_to_reach(curve, 2.0) == 200
+    assert tokens_to_reach(curve, 1.75) == 250 and tokens_to_reach(curve, 1.4) is None
+    assert tokens_to_reach(curve, 3.5) == 100                   # reached by the first evaluation: no earlier point
+    run = lambda seed, c: SeedRun(seed, "", c[-1]["val_loss"], c, [], c[-1]["tokens"], 1.0, 1.0, seed)  # noqa: E731
+    fast = ArmResult("a", "A", {}, runs=[run(0, curve), run(1, [dict(p, val_loss=p["val_loss"] + 1) for p in curve])])
+    slow = ArmResult("b", "B", {}, runs=[run(0, [dict(p, val_loss=p["val_loss"] + 0.25) for p in curve]),
+                                         run(1, curve)])
+    assert tokens_ratio(fast, slow) == {0: 250 / 300, 1: None}   # seed 0: 1.75 reached at 250; seed 1 never 1.5
+
+
 def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_path):
     suite = build_suite("optimizer", 1000)
     base = {"adamw-lr0.125x": 3.5, "adamw-lr0.25x": 3.4, "adamw-lr0.5x": 3.3, "adamw-lr1x": 3.1, "adamw-lr2x": 3.2,
@@ -461,6 +475,7 @@ def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_pat
                           train_fn=fake_trainer(losses, []))
     assert data["verdict"]["status"] == "held"
     assert "Best Muon (Muon, lr x1) vs best AdamW (AdamW, lr x1)" in data["verdict"]["summary"]
+    assert "Tokens Muon, lr x1 needed to reach AdamW, lr x1's final loss, by seed: " in data["verdict"]["summary"]
     losses["muon-lr2x"] = {0: 2.5, 1: 2.51}                     # Muon's best lr is the grid's largest
     data = run_and_report(suite, Plan("optimizer", "unused", [0, 1], steps=4, eval_every=2), tmp_path / "b",
                           train_fn=fake_trainer(losses, []))

@@ -185,6 +185,32 @@ def loss_at(curve: list[dict[str, float]], wall_s: float) -> float:
     return pts[-1][1]
 
 
+def tokens_to_reach(curve: list[dict[str, float]], target: float) -> float | None:
+    """Training tokens at which ``curve``'s validation loss first reaches ``target`` (interpolated
+    linearly between evaluations, from the start of training at the first one); None if it never does."""
+    pts = [(p["tokens"], p["val_loss"]) for p in curve if p.get("val_loss") is not None]
+    prev = None
+    for t, v in pts:
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(t) if prev is None else float(prev[0])
+            return prev[0] + (t - prev[0]) * (prev[1] - target) / (prev[1] - v)
+        prev = (t, v)
+    return None
+
+
+def tokens_ratio(a: ArmResult, b: ArmResult) -> dict[int, float | None]:
+    """Per seed: the fraction of B's training tokens A needed to reach B's final validation loss
+    (:func:`tokens_to_reach`; None where A never reached it). 0.5: A needs half of B's data (and,
+    at equal FLOPs per token, half its compute) for the same loss."""
+    ra, rb = {r.seed: r for r in a.runs}, {r.seed: r for r in b.runs}
+    out: dict[int, float | None] = {}
+    for s in sorted(set(ra) & set(rb)):
+        reached = tokens_to_reach(ra[s].curve, rb[s].final_val_loss)
+        out[s] = None if reached is None else reached / rb[s].curve[-1]["tokens"]
+    return out
+
+
 def compare_at_wall(a: ArmResult, b: ArmResult) -> Comparison:
     """A against B at equal training time: per seed, both runs' validation loss at the moment the
     sooner of the two ended (:func:`loss_at`), paired over seeds as :func:`compare` pairs them."""

@@ -36,7 +36,7 @@ from ..data.corpus import DEFAULT_TASKS
 from ..model.config import ModelConfig
 from ..model.params import attention_params, count_params, kv_cache_bytes_per_token
 from .downstream import Downstream
-from .results import claim_status, combine_statuses, compare, compare_at_wall
+from .results import claim_status, combine_statuses, compare, compare_at_wall, tokens_ratio
 
 # A small DeepSeek-V3: dense first layer as wide as the activated experts (1 shared + 4 routed of
 # width 32 -> 160, as V3's 18432 = 9 x 2048), 16 routed experts in 4 groups (keep 2), MLA with
@@ -468,6 +468,11 @@ def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.125, 0.25, 0.
                    f"Muon {tps[m]:,.0f} tokens/s, AdamW {tps[a]:,.0f} (training time {wall[m]:.0f}s vs {wall[a]:.0f}s "
                    "per run; the wall-clock plot compares them at equal time). The best lr is picked on the same "
                    "runs it is judged on.")
+        need = tokens_ratio(r[m], r[a])
+        shown = ", ".join("never" if f is None else f"{f:.0%}" for f in need.values())
+        summary += (f" Tokens {r[m].label} needed to reach {r[a].label}'s final loss, by seed: {shown} of "
+                    "AdamW's (the claim: about 50%; read from the validation losses, every "
+                    f"{r[a].runs[0].curve[0]['tokens']:,} tokens, interpolated between them).")
         edge = [r[n].label for n in (m, a) if suite_arm(n).lr_scale in (min(lr_scales), max(lr_scales))]
         if edge and len(lr_scales) > 1:
             summary += (f" Not tuned: the best lr of {' and '.join(edge)} is at the edge of the grid "
