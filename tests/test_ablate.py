@@ -465,6 +465,14 @@ def test_tokens_to_reach_a_loss_interpolates_between_evaluations():
                                          run(1, curve)])
     assert tokens_ratio(fast, slow) == {0: 250 / 300, 1: None}   # seed 0: 1.75 reached at 250; seed 1 never 1.5
 
+    from nanoseek.ablate.suites import half_the_tokens
+
+    assert half_the_tokens({0: 0.40, 1: 0.45, 2: 0.42})[0] == "held"
+    assert half_the_tokens({0: 0.91, 1: 0.88, 2: 0.92})[0] == "did not hold"
+    assert half_the_tokens({0: 0.30, 1: 0.70})[0].startswith("unresolved")
+    assert half_the_tokens({0: 0.30, 1: None}) == ("did not hold", "by seed 30%, never")
+    assert [half_the_tokens({0: f})[0] for f in (0.4, 0.6)] == ["for", "against"]
+
 
 def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_path):
     suite = build_suite("optimizer", 1000)
@@ -475,7 +483,13 @@ def test_optimizer_verdict_compares_best_lrs_and_refuses_an_untuned_grid(tmp_pat
                           train_fn=fake_trainer(losses, []))
     assert data["verdict"]["status"] == "held"
     assert "Best Muon (Muon, lr x1) vs best AdamW (AdamW, lr x1)" in data["verdict"]["summary"]
-    assert "Tokens Muon, lr x1 needed to reach AdamW, lr x1's final loss, by seed: " in data["verdict"]["summary"]
+    assert "Tokens Muon, lr x1 needed to reach AdamW, lr x1's final loss: 50%, 95% interval" in data["verdict"]["summary"]
+    slower = {n: {0: v + 0.1, 1: v + 0.11} if n.startswith("muon") else losses[n] for n, v in base.items()}
+    slower["muon-lr1x"] = {0: 3.0, 1: 3.01}                     # lower, but reached AdamW's 3.1 at 3/4 of the tokens
+    data = run_and_report(suite, Plan("optimizer", "unused", [0, 1], steps=4, eval_every=2), tmp_path / "c",
+                          train_fn=fake_trainer(slower, []))
+    assert data["verdict"]["status"] == "partly held"           # lower loss held; half the tokens did not
+    assert "final loss: 75%, 95% interval over seeds [75%, 75%]" in data["verdict"]["summary"], data["verdict"]["summary"]
     losses["muon-lr2x"] = {0: 2.5, 1: 2.51}                     # Muon's best lr is the grid's largest
     data = run_and_report(suite, Plan("optimizer", "unused", [0, 1], steps=4, eval_every=2), tmp_path / "b",
                           train_fn=fake_trainer(losses, []))

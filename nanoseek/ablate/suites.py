@@ -36,6 +36,7 @@ from ..data.corpus import DEFAULT_TASKS
 from ..model.config import ModelConfig
 from ..model.params import attention_params, count_params, kv_cache_bytes_per_token
 from .downstream import Downstream
+from ..eval.stats import t_interval
 from .results import claim_status, combine_statuses, compare, compare_at_wall, tokens_ratio
 
 # A small DeepSeek-V3: dense first layer as wide as the activated experts (1 shared + 4 routed of
@@ -436,6 +437,24 @@ def precision(base: ModelConfig, block: int = 128) -> Suite:
         arms, "bf16", judge, extra={"block": block})
 
 
+def half_the_tokens(fractions: dict[int, float | None]) -> tuple[str, str]:
+    """The status of "Muon needs about half of AdamW's tokens for the same loss" from the per-seed
+    fractions of :func:`tokens_ratio`, and how to say them: held when the 95% interval over seeds
+    lies at or below 0.5, did not hold when above it (or where Muon never reached the loss),
+    unresolved when it contains 0.5; one seed gives only a direction."""
+    shown = ", ".join("never" if f is None else f"{f:.0%}" for f in fractions.values())
+    if any(f is None for f in fractions.values()):
+        return "did not hold", f"by seed {shown}"
+    values = list(fractions.values())
+    if len(values) < 2:
+        return ("for" if values[0] <= 0.5 else "against"), shown
+    iv = t_interval(values)
+    said = f"{statistics.fmean(values):.0%}, 95% interval over seeds [{iv.low:.0%}, {iv.high:.0%}] (by seed {shown})"
+    if iv.high <= 0.5:
+        return "held", said
+    return ("did not hold" if iv.low > 0.5 else "unresolved: the interval contains 50%"), said
+
+
 def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)) -> Suite:
     """Muon vs AdamW, each at ``lr_scales`` x the plan's lr; the verdict compares each one's best lr.
 
@@ -469,15 +488,15 @@ def optimizer(base: ModelConfig, lr_scales: tuple[float, ...] = (0.125, 0.25, 0.
                    "per run; the wall-clock plot compares them at equal time). The best lr is picked on the same "
                    "runs it is judged on.")
         need = tokens_ratio(r[m], r[a])
-        shown = ", ".join("never" if f is None else f"{f:.0%}" for f in need.values())
-        summary += (f" Tokens {r[m].label} needed to reach {r[a].label}'s final loss, by seed: {shown} of "
-                    "AdamW's (the claim: about 50%; read from the validation losses, every "
+        efficiency, said = half_the_tokens(need)
+        summary += (f" Tokens {r[m].label} needed to reach {r[a].label}'s final loss: {said} of AdamW's (the "
+                    "claim: about 50%; read from the validation losses, every "
                     f"{r[a].runs[0].curve[0]['tokens']:,} tokens, interpolated between them).")
         edge = [r[n].label for n in (m, a) if suite_arm(n).lr_scale in (min(lr_scales), max(lr_scales))]
         if edge and len(lr_scales) > 1:
             summary += (f" Not tuned: the best lr of {' and '.join(edge)} is at the edge of the grid "
                         f"{', '.join(f'x{k:g}' for k in lr_scales)}; widen it (or --lr) before reading the verdict.")
-        status = combine_statuses([claim_status(c, True)])
+        status = combine_statuses([claim_status(c, True), efficiency])
         if edge and len(lr_scales) > 1:
             status = f"unresolved: the learning rates are not tuned (was: {status})"
         return Verdict(status, summary)
