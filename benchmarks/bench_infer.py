@@ -194,8 +194,8 @@ def _llama_cpp_rows(args, results: dict, model, ours: Ours, compiled: Ours | Non
         gens[f"llama.cpp {dtype}"] = LlamaCpp(str(out), max_len, args.threads, f32_cache=dtype == "f32")
         bytes_per_weight[f"llama.cpp {dtype}"] = 4 if dtype == "f32" else 2
     warm = rand_prompts(1, min(args.prompt_lens))
-    mine = ours(warm, 32)[0]
-    same = {name: sum(a == b for a, b in zip(mine, gen(warm, 32)[0])) for name, gen in gens.items()
+    reference = ours(warm, 32)[0]
+    same = {name: sum(a == b for a, b in zip(reference, gen(warm, 32)[0])) for name, gen in gens.items()
             if name.startswith("llama")}
     print(f"\nllama.cpp {llama_cpp.__version__} on `nanoseek export --format gguf` of the same weights "
           f"({args.threads} thread(s), one sequence at a time); greedy tokens equal to ours: "
@@ -208,13 +208,13 @@ def _llama_cpp_rows(args, results: dict, model, ours: Ours, compiled: Ours | Non
         rows.append({"what": f"decode tok/s, batch 1, prompt {T}",
                      **decode_rates(gens, rand_prompts(1, T), args.new_tokens, args.repeats)})
     active = activated_weights(model)
-    names = [n for n in gens if n.startswith("llama")]
-    mine = [n for n in gens if n not in names]
-    print(f"{'':34}" + "".join(f" {n:>10}" for n in mine) + "".join(f" {n:>15} {'ratio':>6}" for n in names)
+    llamas = [n for n in gens if n.startswith("llama")]
+    mine = [n for n in gens if n not in llamas]
+    print(f"{'':34}" + "".join(f" {n:>10}" for n in mine) + "".join(f" {n:>15} {'ratio':>6}" for n in llamas)
           + ("   (ratio: nanoseek / llama.cpp" + (", eager and compiled)" if compiled else ")")))
     for r in rows:
         print(f"{r['what']:34}" + "".join(f" {r[n]:>10.1f}" for n in mine)
-              + "".join(f" {r[n]:>15.1f} " + "/".join(f"{r[m] / r[n]:.2f}x" for m in mine) for n in names))
+              + "".join(f" {r[n]:>15.1f} " + "/".join(f"{r[m] / r[n]:.2f}x" for m in mine) for n in llamas))
     print(f"weight reads while decoding (prompt {min(args.prompt_lens)}; {active:,} activated parameters per token "
           "x bytes per weight x tokens/s): "
           + ", ".join(f"{n} {active * bytes_per_weight[n] * rows[1][n] / 1e9:.2f} GB/s" for n in gens))

@@ -186,15 +186,16 @@ def loss_at(curve: list[dict[str, float]], wall_s: float) -> float:
 
 
 def tokens_to_reach(curve: list[dict[str, float]], target: float) -> float | None:
-    """Training tokens at which ``curve``'s validation loss first reaches ``target`` (interpolated
-    linearly between evaluations, from the start of training at the first one); None if it never does."""
-    pts = [(p["tokens"], p["val_loss"]) for p in curve if p.get("val_loss") is not None]
+    """Training tokens at which ``curve``'s validation loss first reaches ``target``, interpolated
+    linearly between evaluations (the first evaluation's tokens if it is already there); None if the
+    curve never gets there."""
     prev = None
-    for t, v in pts:
+    for t, v in ((p["tokens"], p["val_loss"]) for p in curve if p.get("val_loss") is not None):
         if v <= target:
-            if prev is None or prev[1] == v:
-                return float(t) if prev is None else float(prev[0])
-            return prev[0] + (t - prev[0]) * (prev[1] - target) / (prev[1] - v)
+            if prev is None:
+                return float(t)
+            t0, v0 = prev                                       # v0 > target >= v
+            return t0 + (t - t0) * (v0 - target) / (v0 - v)
         prev = (t, v)
     return None
 
