@@ -305,7 +305,7 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
     from nanoseek.post.common import chat_row
     from nanoseek.tasks.generators import get_task, parse_task_specs
     from nanoseek.tasks.reply import render_prompt, tool_sft_messages
-    from nanoseek.tasks.tool_use import ToolUse, require_tool_tokens
+    from nanoseek.tasks.tool_use import ToolUse, require_tool_tokens, with_system
 
     t = rc.tools
     if not t.enabled:
@@ -315,19 +315,22 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
     except ValueError as e:
         raise ConfigError(f"{rc.source}: {e}") from None
     use = ToolUse.of(t.tools, t.tool_tasks, t.describe)
-    box, specs = use.toolbox(), (use.toolbox().openai_tools() if t.describe else None)
+    box = use.toolbox()
     row = reply = 0
     for name, levels in parse_task_specs(t.specs):
         task = get_task(name)
+        specs, system = use.specs_for(name), use.system_for(name)
         for level in levels or task.levels:
             for p in task.generate("train", problems_per_level, seed=0, level=level, unique=False):
-                ids, _, _ = chat_row(tok, tool_sft_messages(p, box), tools=specs)
+                messages = tool_sft_messages(p, box)
+                ids, _, _ = chat_row(tok, with_system(messages, system) if system else messages, tools=specs)
                 row = max(row, len(ids))
-                reply = max(reply, len(ids) - len(render_prompt(tok, p, "chat", tools=specs)))
+                reply = max(reply, len(ids) - len(render_prompt(tok, p, "chat", tools=specs, system=system)))
     limits = [("sft.optim.seq_len", rc.sft.optim.seq_len, row, t.sft),
               ("grpo.max_new_tokens", rc.grpo.algo.max_new_tokens, reply, t.grpo),
               ("eval.max_new_tokens", rc.eval.max_new_tokens, reply, t.eval)]
-    what = ("prompt with the tools' description, " if t.describe else "") + "call, output and answer"
+    what = {"full": "prompt with the tools' description, ", "names": "prompt naming the tools, "}.get(use.describe, "") \
+        + "call, output and answer"
     for key, have, need, used in limits:
         if used and have < need:
             raise ConfigError(f"{rc.source}: [tools] enabled: the tool tasks' traces need {key} >= {need} tokens "

@@ -96,13 +96,15 @@ class ToolsSection:
     """``[tools]``: tool use in the run, off unless ``enabled``. ``tasks`` (a task spec whose tasks have a
     tool call, :meth:`nanoseek.tasks.generators.Task.tool_call`) are the tool tasks: with ``sft`` they join
     the [sft] data with traces that call the tool (its real output); with ``grpo`` they join the [grpo]
-    prompts, which describe the tools and are rolled out through the engine's tool loop; with ``eval`` they
+    prompts, which describe or name the tools (``describe``) and are rolled out through the engine's tool loop; with ``eval`` they
     join [eval] tasks (without tools, in eval.json) and every chat stage evaluates them with tools into
     STAGE/tools.json (the report's "Tool use": with vs without tools, calls per task). The other tasks stay
     head math: their prompts never describe the tools. A tool task written ``SPEC=SHARE`` (``"arithmetic:1-2=0.05"``)
     gets the tools everywhere, but only that share of its cold-start traces calls them (the rest are solved
     in the head) and its corpus documents stay worked steps: GRPO, with the tools in its rollouts, learns how
-    often the call pays (nanoseek.tasks.tool_use)."""
+    often the call pays (nanoseek.tasks.tool_use); ``offer`` below 1 asks only that share of such a task's training
+    problems with the tools (the rest without, worked in the head), which with prompts that name or describe the
+    tools teaches the model both policies."""
     enabled: bool = False
     tools: str = "calculator"         # the built-ins (nanoseek.tools.toolbox.BUILTINS)
     tasks: list[str] = field(default_factory=lambda: ["big_arithmetic:1-2"])
@@ -110,7 +112,10 @@ class ToolsSection:
     grpo: bool = True                 # GRPO: the tool tasks' prompts, rolled out with the tools
     eval: bool = True                 # each chat stage: the tool tasks evaluated with tools (tools.json)
     failure_penalty: float = 0.0      # GRPO's reward minus this per failed call
-    describe: bool = True             # prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
+    describe: bool | str = "full"     # what the tool tasks' prompts say of the tools: "full" (true; V3.1's description),
+                                      # "names" (a system turn naming them) or "none" (false: built in); nanoseek.tasks.tool_use
+    offer: float = 1.0                # share of a SPEC=SHARE task's training problems asked with the tools (the rest
+                                      # without, worked in the head: with describe "full" or "names" the model learns both)
 
     @property
     def specs(self) -> list[str]:
@@ -238,7 +243,7 @@ class SpeedrunRecipe:
                               f"tool tasks to, not {current!r}")
         joined = ",".join(dict.fromkeys(split_specs(current.removeprefix("tasks:")) + t.specs))   # once each
         out = {key: ("tasks:" + joined) if kind == "sft" else joined, "tools": t.tools,
-               "tool_tasks": t.tool_tasks, "describe_tools": t.describe}
+               "tool_tasks": t.tool_tasks, "describe_tools": t.describe, "tool_offer": t.offer}
         if kind == "grpo":
             out["tool_failure_penalty"] = t.failure_penalty
         return out
@@ -345,7 +350,7 @@ def _check_values(rc: SpeedrunRecipe) -> None:
     if t.failure_penalty < 0:
         raise bad("tools.failure_penalty", t.failure_penalty, "must be >= 0")
     from nanoseek.tasks.generators import parse_task_specs
-    from nanoseek.tasks.tool_use import ToolUse
+    from nanoseek.tasks.tool_use import DESCRIBE, ToolUse
 
     if not t.tools.strip():
         raise bad("tools.tools", t.tools, "name at least one built-in tool (e.g. calculator)")
@@ -358,6 +363,10 @@ def _check_values(rc: SpeedrunRecipe) -> None:
         ToolUse.of(t.tools, t.tool_tasks)          # the shares
     except ValueError as err:
         raise bad("tools.tasks", t.tasks, str(err)) from None
+    if isinstance(t.describe, str) and t.describe not in DESCRIBE:
+        raise bad("tools.describe", t.describe, f"must be one of {', '.join(DESCRIBE)} (or true / false)")
+    if not 0.0 < t.offer <= 1.0:
+        raise bad("tools.offer", t.offer, "must be in (0, 1] (the share of training problems asked with the tools)")
     for name, _ in specs:
         if not ToolUse(t.tools).applies(name):
             raise bad("tools.tasks", t.tasks, f"task {name!r} has no tool call (its ideal reply uses no tool)")

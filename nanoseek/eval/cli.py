@@ -36,7 +36,7 @@ Examples::
 
 ``--tools calculator[,python]`` evaluates with the tool loop (chat modes): the problems of the tasks
 that get tools (``--tool-tasks``; default every built-in task with a tool call) describe the tools
-and run the calls their samples make; each problem records its tool calls and failed calls. The
+(``--describe-tools names``: name them; ``none``: neither, built-in tools) and run the calls their samples make; each problem records its tool calls and failed calls. The
 same problems are also evaluated without tools, and the table shows pass@1 with and without tools,
 their paired difference and the calls per task. The result goes to ``tools.json`` in the stage
 folder (the run report's "Tool use" section), not ``eval.json``.
@@ -65,6 +65,8 @@ def _default(field_name: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoseek.tasks.tool_use import add_describe_argument
+
     d = {flag: _default(name) for flag, name in SETTINGS.items()}
     p.add_argument("--model", required=True, metavar="RUN_OR_DIR",
                    help="HF checkpoint directory, run folder, or speedrun folder with stage sub-folders")
@@ -109,8 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the tool loop, chat modes only; also evaluates without tools and shows both (default: none)")
     p.add_argument("--tool-tasks", metavar="TASKS",
                    help="the tasks that get --tools, comma-separated (default: every built-in task with a tool call)")
-    p.add_argument("--no-describe-tools", dest="describe_tools", action="store_false",
-                   help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
+    add_describe_argument(p)
     p.add_argument("--out", help="eval.json path (one model only; default: eval.json in the stage folder)")
     p.add_argument("--no-save", action="store_true", help="print only, write no eval.json")
     p.add_argument("--overwrite", action="store_true",
@@ -251,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
     given.update({k: getattr(args, k) for k in ("tools", "tool_tasks") if getattr(args, k, None)})
-    if getattr(args, "tools", None) and not getattr(args, "describe_tools", True):
-        given["describe_tools"] = False
+    if getattr(args, "tools", None) and getattr(args, "describe_tools", "full") != "full":
+        given["describe_tools"] = args.describe_tools
     try:                                  # bad flags fail before any model is loaded
         cfg = EvalConfig(tasks=split_specs(args.tasks), levels=levels,
                          **given).validate()

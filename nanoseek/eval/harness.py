@@ -46,7 +46,8 @@ Requests go through ``Engine.submit`` (continuous batching over all problems); a
 only ``generate(prompts, params)`` works too (tests pass a fake one).
 
 Tools (``tools = "calculator"``, ``tool_tasks``: :class:`~nanoseek.tasks.tool_use.ToolUse`, chat
-modes only): the problems of the tasks that get tools are prompted with their description and
+modes only): the problems of the tasks that get tools are prompted with their description (or
+their names, ``describe_tools = "names"``) and
 sampled through the engine's tool loop (``SamplingParams.tools = "run"``, a fresh
 :class:`~nanoseek.tools.toolbox.Toolbox` per evaluation); each sample's reasoning and final answer
 are scored (:func:`~nanoseek.tasks.reply.completion_text`), and its tool calls and failed calls are
@@ -90,7 +91,7 @@ class EvalConfig:
     keep_samples: int = 3                 # full responses saved per task
     tools: str = ""                       # built-in tools the tool tasks' samples may call ("" = none)
     tool_tasks: str = ""                  # tasks that get them ("": every built-in task with a tool call)
-    describe_tools: bool = True           # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
+    describe_tools: bool | str = "full"   # what prompts say of the tools: full, names or none (nanoseek.tasks.tool_use)
     ks: list[int] = field(default_factory=list)   # filled in: the k values of pass@k / maj@k
 
     def validate(self) -> "EvalConfig":
@@ -241,7 +242,8 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
                 if key not in examples_cache:
                     examples_cache[key] = source.examples(p.level, cfg.few_shot, cfg.seed)
                 examples = list(examples_cache[key])
-            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, tools=use.specs_for(p.task)) if use.applies(p.task)
+            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, tools=use.specs_for(p.task),
+                                     system=use.system_for(p.task)) if use.applies(p.task)
                    else source.prompt_ids(tokenizer, p, cfg.mode, examples))
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:

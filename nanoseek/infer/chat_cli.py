@@ -100,7 +100,7 @@ def _render(turns: list[_Turn], final: bool):
 
 
 def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, params, system: str | None = None,
-              think: bool = DEFAULT_THINKING, toolbox=None, describe_tools: bool = True) -> int:
+              think: bool = DEFAULT_THINKING, toolbox=None, describe_tools: bool | str = "full") -> int:
     """Run the chat until /quit or end of input; returns the number of turns answered."""
     from rich.live import Live
 
@@ -143,7 +143,7 @@ def chat_loop(engine, tokenizer, read_line: Callable[[str], str], console, param
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
-            ids = encode_turns(tokenizer, messages, think, toolbox if describe_tools else None)
+            ids = encode_turns(tokenizer, messages, think, toolbox, describe_tools)
         except ValueError as e:                 # a message the template refuses
             history.pop()
             console.print(f"error: {e}", style="red", highlight=False)
@@ -185,11 +185,14 @@ def turn_messages(turn: _Turn) -> list[dict]:
     return out
 
 
-def encode_turns(tokenizer, messages: list[dict], think: bool, toolbox=None) -> list[int]:
+def encode_turns(tokenizer, messages: list[dict], think: bool, toolbox=None, describe: bool | str = "full") -> list[int]:
     """The conversation's prompt ids: what the user typed (and the answers re-sent) is text, so a
     typed ``<｜Assistant｜>`` or ``<｜end▁of▁sentence｜>`` cannot end the turn; only the template
-    makes control tokens. With a toolbox its tools are described in the system turn."""
-    extra = {"tools": toolbox.openai_tools()} if toolbox is not None else {}
+    makes control tokens. With a toolbox its tools are described or named in the system turn
+    (``describe``: :func:`nanoseek.tasks.tool_use.announce`)."""
+    from nanoseek.tasks.tool_use import announce
+
+    messages, extra = announce(messages, toolbox, describe)
     return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think, **extra)[0]
 
 

@@ -39,6 +39,8 @@ from .thinking import add_think_argument
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256, temperature: float = 1.0,
                            top_p: float = 1.0) -> None:
     """Flags shared with ``nanoseek chat``."""
+    from nanoseek.tasks.tool_use import add_describe_argument
+
     p.add_argument("--model", required=True, help="run folder or HF-format checkpoint directory")
     p.add_argument("--tokenizer", help="tokenizer.json or its directory (default: searched next to the model)")
     p.add_argument("--max-new-tokens", type=limits.positive_int, default=max_new_tokens,
@@ -69,8 +71,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
     p.add_argument("--tools", metavar="NAMES", default="",
                    help="built-in tools the model may call, comma-separated: calculator, python (run in the "
                         "sandbox); default none")
-    p.add_argument("--no-describe-tools", dest="describe_tools", action="store_false",
-                   help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
+    add_describe_argument(p)
 
 
 def toolbox_from_args(args):
@@ -148,12 +149,14 @@ def read_prompts(args) -> list[dict]:
 
 
 def encode_item(item: dict, tokenizer, chat: bool, think: bool, system: str | None, toolbox=None,
-                describe: bool = True) -> list[int]:
+                describe: bool | str = "full") -> list[int]:
+    from nanoseek.tasks.tool_use import announce
+
     if "messages" in item or chat:
         messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
         if system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}] + messages
-        extra = {"tools": toolbox.openai_tools()} if toolbox is not None and describe else {}
+        messages, extra = announce(messages, toolbox, describe)
         return tokenizer.encode_chat(messages, add_generation_prompt=True, thinking=think, **extra)[0]
     return tokenizer.encode(item["prompt"], add_bos=True)  # raw model input: control tokens parsed
 

@@ -30,8 +30,9 @@ model writes ``<think>...</think>`` itself; ``chat-think`` also pre-fills ``<thi
 template the question is text: only the template makes control tokens (:mod:`nanoseek.tasks.reply`).
 
 Tool use (``tools = "calculator"``, ``tool_tasks``: :class:`~nanoseek.tasks.tool_use.ToolUse`): the
-prompts of the tasks that get the tools describe them in the system turn and are sampled through
-the engine's tool loop (multi-turn rollouts: call, tool output, more reasoning, answer). The loss
+prompts of the tasks that get the tools describe or name them in the system turn
+(``describe_tools``; with ``tool_offer`` below 1 only that share of a partly-calling task's prompts
+have them, the rest are head math) and are sampled through the engine's tool loop (multi-turn rollouts: call, tool output, more reasoning, answer). The loss
 covers the model's own tokens only: ``Completion.model_mask`` takes the tool loop's tokens (the EOS
 after a call block and the tool's output) out of the targets, for every loss aggregation and for
 pi_old / pi_ref alike. The reward reads the final answer (after the last tool output) and, with
@@ -117,7 +118,8 @@ class GRPOSection:
     # tools (nanoseek.tasks.tool_use): built-ins the prompts of tool_tasks get ("" = off), run in the rollouts
     tools: str = ""
     tool_tasks: str = ""              # task names ("": every built-in task with a tool call)
-    describe_tools: bool = True       # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
+    describe_tools: bool | str = "full"  # what prompts say of the tools: full, names or none (nanoseek.tasks.tool_use)
+    tool_offer: float = 1.0          # share of a partly-calling tool task's problems asked with the tools
     reward_workers: int = 4
     tokenizer: str = ""               # tokenizer directory (default: found next to the checkpoint)
     log_samples: int = 2              # completions written to samples.jsonl per rollout
@@ -163,7 +165,7 @@ class GRPOSection:
         from nanoseek.tasks.tool_use import ToolUse
 
         try:
-            return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools)
+            return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools, self.tool_offer)
         except ValueError as e:
             raise ValueError(f"tools = {self.tools!r}, tool_tasks = {self.tool_tasks!r}: {e}") from None
 
@@ -237,8 +239,10 @@ class GRPOTask:
             from nanoseek.tasks.tool_use import require_tool_tokens
 
             require_tool_tokens(tokenizer, f"[grpo] tools = {cfg.tools!r}")
-        with_tools = [self.tool_use.applies(p.task) for p in prompts]
-        ids = [render_prompt(tokenizer, p, cfg.template, tools=self.tool_use.specs_for(p.task)) for p in prompts]
+        use = self.tool_use
+        with_tools = [use.offers(p) for p in prompts]      # offered: described or named in the prompt, run in rollouts
+        ids = [render_prompt(tokenizer, p, cfg.template, tools=use.specs_for(p.task), system=use.system_for(p.task))
+               if offered else render_prompt(tokenizer, p, cfg.template) for p, offered in zip(prompts, with_tools)]
         keep = fit_prompts(model, ids, cfg.max_new_tokens, "grpo.prompts")   # before any rollout
         self.dropped = len(prompts) - len(keep)    # too long for the context with max_new_tokens
         self.prompts = prompts = [prompts[i] for i in keep]

@@ -24,7 +24,8 @@ reasoning-gym's train split: the worked steps where the dataset carries them
 (:data:`nanoseek.tasks.rg.TRACES`: ``gsm_symbolic``'s solution, the string-rewriting datasets'
 states), else the answer alone after an empty ``<think></think>`` (no reasoning to imitate). With
 ``tools = "calculator"`` (and ``tool_tasks``, :mod:`nanoseek.tasks.tool_use`) the traces of the tasks
-that get the tool describe it in the system turn and call it (DeepSeek-V3.1's format, the tool's real
+that get the tool describe or name it in the system turn (``describe_tools``; ``tool_offer``: the share of
+a partly-calling task's problems that have it) and call it (DeepSeek-V3.1's format, the tool's real
 output in a ``tool`` message, :func:`nanoseek.tasks.reply.tool_sft_messages`); the template's mask
 leaves the tool's output out of the loss.
 
@@ -55,7 +56,8 @@ class SFTSection:
     tools: str = ""                  # tasks: data only: built-in tools ("calculator") whose calls the traces show
     tool_tasks: str = ""             # ...for these tasks ("": every task with a tool call; NAME=SHARE: that share
                                      # of its traces, the rest in the head; nanoseek.tasks.tool_use)
-    describe_tools: bool = True      # the prompts describe the tools (false: built-in tools, nanoseek.tasks.tool_use)
+    describe_tools: bool | str = "full"  # what prompts say of the tools: full, names or none (nanoseek.tasks.tool_use)
+    tool_offer: float = 1.0          # share of a partly-calling tool task's problems asked with the tools
     mode: str = "pack"               # pack | pad
     tokenizer: str = ""              # tokenizer directory (default: found next to the checkpoint)
     seed: int = 0                    # data order / packing
@@ -79,7 +81,7 @@ class SFTSection:
     def tool_use(self):
         from nanoseek.tasks.tool_use import ToolUse
 
-        return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools)
+        return ToolUse.of(self.tools, self.tool_tasks, self.describe_tools, self.tool_offer)
 
     @property
     def eval_mode(self) -> str:
@@ -132,7 +134,8 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
     ``tool_use`` (a :class:`~nanoseek.tasks.tool_use.ToolUse`): the problems it calls the tools for
     (:meth:`~nanoseek.tasks.tool_use.ToolUse.calls`: the tasks it applies to, a share of a task named
     ``NAME=SHARE``) are prompted with the tools and answered by calling them
-    (:func:`~nanoseek.tasks.reply.tool_sft_messages`, the tool's real output); the others in the head.
+    (:func:`~nanoseek.tasks.reply.tool_sft_messages`, the tool's real output); the others in the head,
+    prompted with the tools when training offers them (:meth:`~nanoseek.tasks.tool_use.ToolUse.offers`).
     """
     from nanoseek.tasks.reply import sft_messages, tool_sft_messages
 
@@ -146,12 +149,16 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
         except ValueError as e:
             raise DataError(str(e)) from None
         for p in problems:
-            calls = toolbox is not None and tool_use.calls(p)
-            tools = tool_use.specs_for(p.task) if calls else None
+            offered = toolbox is not None and tool_use.offers(p)     # the prompt has the tools; a share of those calls
+            calls = offered and tool_use.calls(p)
+            tools = tool_use.specs_for(p.task) if offered else None
+            system = tool_use.system_for(p.task) if offered else None
             try:
                 messages = (tool_sft_messages(p, toolbox) if calls else None) or sft_messages(p, template)
             except ValueError as e:
                 raise DataError(str(e)) from None
+            if system:
+                messages = [{"role": "system", "content": system}] + list(messages)
             out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}",
                                   tools=tools))
     return out

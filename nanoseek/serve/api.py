@@ -74,6 +74,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.infer.streaming import skipped_token_ids
 from nanoseek.infer.thinking import DEFAULT_THINKING
+from nanoseek.tasks.tool_use import with_system
 
 from .logprobs import TextOffsets, TokenPieces, chat_logprobs, legacy_logprobs, merge_legacy, text_offsets
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
@@ -420,11 +421,11 @@ class OpenAIServer:
     """Turns validated requests into engine requests and their events into OpenAI responses."""
 
     def __init__(self, engine, tokenizer, model_name: str, limits: ServeLimits, think: bool = DEFAULT_THINKING,
-                 toolbox=None, describe_tools: bool = True):
+                 toolbox=None, describe_tools: bool | str = "full"):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.limits, self.think = limits, think    # think: the thinking of requests that do not say
         self.toolbox = toolbox                     # server-side tools (tools.py); None: clients run their own
-        self.describe_tools = describe_tools       # ...described in the prompt (false: built in, as trained)
+        self.describe_tools = describe_tools       # ...what the prompt says of them (full, names, none)
         self.pieces = TokenPieces(tokenizer)
         self.context = limits.context_length or getattr(engine, "max_seq_len", None)
         if not self.context:
@@ -474,8 +475,9 @@ class OpenAIServer:
         tools = {} if plan is None else {"tools": plan.template_tools()}
         if plan is not None and plan.forced:
             thinking = False
+        chat = req.chat() if plan is None or not plan.system else with_system(req.chat(), plan.system)
         try:
-            ids = tk.encode_chat(req.chat(), add_generation_prompt=True, thinking=thinking, **extra, **tools)[0]
+            ids = tk.encode_chat(chat, add_generation_prompt=True, thinking=thinking, **extra, **tools)[0]
             return ids + (plan.prompt_suffix(tk) if plan is not None else [])
         except TypeError as e:   # a template keyword that collides with a parameter of encode_chat
             if not extra:
@@ -671,7 +673,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 # ---------------------------------------------------------------------------- the app
 def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = None,
-               think: bool = DEFAULT_THINKING, toolbox=None, describe_tools: bool = True) -> FastAPI:
+               think: bool = DEFAULT_THINKING, toolbox=None, describe_tools: bool | str = "full") -> FastAPI:
     """The API and web chat over ``engine`` (started by the caller; see ``nanoseek.serve.cli``).
 
     ``engine``: :class:`nanoseek.infer.engine.Engine` (or anything with its ``submit`` and
@@ -682,8 +684,8 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
     prompt ends in an open think block. ``toolbox``: tools the server runs itself (a
     :class:`nanoseek.tools.Toolbox`; ``nanoseek serve --tools``) for chat requests without their own
     ``tools`` (tools.py); the tokenizer must have the tool tokens (ValueError otherwise).
-    ``describe_tools`` False: their prompts do not describe them (built-in tools, as the speedrun
-    trains its model: :mod:`nanoseek.tasks.tool_use`).
+    ``describe_tools``: what their prompts say of them, "full" (described), "names" (named in the
+    system turn, as the speedrun trains its model) or "none" (built in; :mod:`nanoseek.tasks.tool_use`).
     """
     if toolbox is not None and len(toolbox):
         from nanoseek.tools.format import ToolTokens

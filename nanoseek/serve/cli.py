@@ -39,6 +39,8 @@ DEFAULT_PORT = 8000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoseek.tasks.tool_use import add_describe_argument
+
     p.add_argument("--model", required=True, metavar="RUN_OR_DIR",
                    help="run folder (its final/ or latest checkpoint) or HF-format checkpoint directory")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -62,8 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="built-in tools the server runs itself, comma-separated (e.g. calculator,python): chat "
                         "requests without their own `tools` (the web chat) get them, each call and its output "
                         "reported in message.tool_runs; requests with `tools` stay client-run (default: none)")
-    g.add_argument("--no-describe-tools", dest="describe_tools", action="store_false",
-                   help="the prompts do not describe --tools (built-in tools, as the speedrun trains its model)")
+    add_describe_argument(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

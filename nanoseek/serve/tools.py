@@ -88,6 +88,7 @@ class ToolPlan:
     forced_name: str | None = None   # the named choice's function
     parallel: bool = True
     run: bool = False                # server-side tools (``nanoseek serve --tools``): the engine runs the calls
+    system: str | None = None        # ...named in the system turn instead of described (``--describe-tools names``)
 
     @property
     def forced(self) -> bool:
@@ -153,12 +154,16 @@ def _history_uses_tools(req: ChatCompletionRequest) -> bool:
 
 
 def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = None,
-               describe: bool = True) -> ToolPlan | None:
+               describe: bool | str = "full") -> ToolPlan | None:
     """The request's tool settings checked (400s naming the field); None when it has no tools.
     ``toolbox``: the server's own tools (``nanoseek serve --tools``), run by the engine for a request
     that brings no tools of its own and does not say ``tool_choice: "none"`` (which bans the calls
-    block, :func:`ban_tool_calls`, and describes nothing); ``describe`` False:
-    the prompt does not describe them (built-in tools)."""
+    block, :func:`ban_tool_calls`, and describes nothing); ``describe``: what the prompt says of them
+    ("full": described, "names": named in the system turn, "none": nothing, built-in tools;
+    :mod:`nanoseek.tasks.tool_use`)."""
+    from nanoseek.tasks.tool_use import describe_mode, tools_named_text
+
+    describe = describe_mode(describe)
     tools, choice = req.tools, req.tool_choice
     if tools is not None and not isinstance(tools, list):
         raise APIError(400, "tools: must be a list of {'type': 'function', 'function': {...}} objects", "tools",
@@ -185,7 +190,8 @@ def plan_tools(req: ChatCompletionRequest, tokenizer, toolbox: Toolbox | None = 
         if toolbox is not None and len(toolbox) and tokens is not None:
             if choice == "none":     # the server's tools stay unused: the model may not call them
                 return ToolPlan([], tokens, "none")
-            return ToolPlan(toolbox.specs() if describe else [], tokens, "auto", run=True)
+            named = tools_named_text([t.name for t in toolbox.specs()]) if describe == "names" else None
+            return ToolPlan(toolbox.specs() if describe == "full" else [], tokens, "auto", run=True, system=named)
         return None
     tokens = ToolTokens.of(tokenizer)
     if tokens is None:

@@ -129,16 +129,18 @@ def encode_chat_tools(tokenizer, messages: Sequence[dict[str, Any]], tools: Sequ
 
 
 def render_prompt(tokenizer, question_or_problem: Any, template: str, examples: Sequence[Problem] = (),
-                  tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+                  tools: Sequence[dict[str, Any]] | None = None, system: str | None = None) -> list[int]:
     """Token ids of the prompt a reply follows, in ``template`` (one of :data:`EVAL_TEMPLATES`; see
     the module docstring). ``question_or_problem``: the question text, a :class:`Problem` or an
     RLPrompt; ``examples``: the worked problems of ``fewshot`` (ignored by the other templates);
-    ``tools``: OpenAI function definitions described in the system turn (chat templates only)."""
-    if tools and template not in ("chat", "chat-think"):
+    ``tools``: OpenAI function definitions described in the system turn; ``system``: a system turn
+    (tools named, not described: :meth:`~nanoseek.tasks.tool_use.ToolUse.system_for`); chat templates only."""
+    if (tools or system) and template not in ("chat", "chat-think"):
         raise ValueError(f"tools need a chat template (chat or chat-think), not {template!r}")
     if template in ("chat", "chat-think"):
-        ids, _ = encode_chat_tools(tokenizer, [{"role": "user", "content": _question(question_or_problem)}], tools,
-                                   add_generation_prompt=True, thinking=template == "chat-think")
+        turns = [{"role": "system", "content": system}] if system else []
+        ids, _ = encode_chat_tools(tokenizer, turns + [{"role": "user", "content": _question(question_or_problem)}],
+                                   tools, add_generation_prompt=True, thinking=template == "chat-think")
         return ids
     if template == "r1-zero":
         return [int(tokenizer.document_start_id)] + tokenizer.encode_segments(r1_zero_segments(question_or_problem))

@@ -69,12 +69,12 @@ class TaskSource:
     # -------------------------------------------------------------- prompting
 
     def prompt_ids(self, tokenizer, problem: Problem, mode: str, examples: Sequence[Problem] = (),
-                   tools: Sequence[dict] | None = None) -> list[int]:
+                   tools: Sequence[dict] | None = None, system: str | None = None) -> list[int]:
         """The prompt of ``problem`` in evaluation ``mode`` (``examples``: few-shot, ``fewshot`` mode;
-        ``tools``: function definitions the system turn describes, chat modes)."""
+        ``tools``: function definitions the system turn describes, ``system``: a system turn, chat modes)."""
         from nanoseek.tasks.reply import render_prompt
 
-        return render_prompt(tokenizer, problem, mode, list(examples), tools=tools)
+        return render_prompt(tokenizer, problem, mode, list(examples), tools=tools, system=system)
 
     def stop_rule(self, tokenizer, mode: str) -> tuple[list[str], list[int]]:
         """(stop strings, stop token ids) of a sample in evaluation ``mode``."""
