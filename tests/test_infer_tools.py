@@ -284,3 +284,43 @@ def test_a_bad_toolbox_fails_only_its_own_request(model, monkeypatch):
         assert plain.result(timeout=60)[0].text == "b" * 80
     finally:
         engine.shutdown()
+
+
+def test_generate_each_batches_requests_with_and_without_tools_as_alone(model, monkeypatch):
+    """Requests with their own settings (a tool-running one, sampled ones without tools) in one batch:
+    each request's completions equal generating it alone, and GRPO's mixed rollouts
+    (:func:`nanoseek.post.rollout.sample_mixed`) take that one call where the engine has it."""
+    from nanoseek.post.rollout import sample_mixed
+
+    tool_prompt = TOK.encode("q", add_bos=True)
+    script = script_ids("Let me compute.", call_block("calculator", '{"expression": "6*7"}'), "Answer: 42")
+    scripted(monkeypatch, {len(tool_prompt): script})
+    box = Toolbox.builtin("calculator")
+    plain = SamplingParams(max_new_tokens=12, temperature=1.0, n=3, seed=7)
+    run = SamplingParams(max_new_tokens=150, temperature=0, n=2, seed=7, tools="run")
+    requests = [(TOK.encode("a longer question", add_bos=True), plain, None), (tool_prompt, run, box),
+                (TOK.encode("another one, longer still", add_bos=True), plain, None)]
+    engine = Engine(model, TOK, max_batch_size=8, max_seq_len=256)
+    together = engine.generate_each(requests)
+    alone = [engine.generate([p], sp, **({"toolbox": tb} if tb is not None else {}))[0] for p, sp, tb in requests]
+
+    def fields(groups):
+        return [[(c.token_ids, c.model_mask, [r.output for r in c.tool_results or []]) for c in g] for g in groups]
+
+    assert fields(together) == fields(alone)
+    assert [len(g) for g in together] == [3, 2, 3] and together[1][0].tool_results[0].output == "42"
+
+    class PerKind:            # an engine without generate_each: sample_mixed calls it once per kind
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def generate(self, prompts, params, toolbox=None):
+            self.calls += 1
+            return self.inner.generate(prompts, params, **({"toolbox": toolbox} if toolbox is not None else {}))
+
+    ids, with_tools = [p for p, _, _ in requests], [False, True, False]
+    one = sample_mixed(engine, ids, with_tools, plain, run, "chat", toolbox=box, tokenizer=TOK)
+    per_kind = PerKind(engine)
+    two = sample_mixed(per_kind, ids, with_tools, plain, run, "chat", toolbox=box, tokenizer=TOK)
+    assert per_kind.calls == 2 and fields(one.groups) == fields(two.groups) == fields(together)
+    assert one.texts == two.texts

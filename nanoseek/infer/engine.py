@@ -66,7 +66,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -182,6 +182,19 @@ class Engine:
         if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
             raise TypeError("generate() takes a list of prompts (lists of token ids); wrap a single prompt in a list")
         handles = [self._enqueue(p, params, which=f"prompt {i}", toolbox=toolbox) for i, p in enumerate(prompts)]
+        if not self.running:
+            while not all(h.done for h in handles):
+                self._step_guarded()
+        return [h.result() for h in handles]
+
+    def generate_each(self, requests: list[tuple[list[int], SamplingParams, Any]]) -> list[list[Completion]]:
+        """:meth:`generate` of requests that differ in their settings: each (prompt ids,
+        SamplingParams, Toolbox or None) keeps its own, and all of them share the batch (one
+        scheduling loop, not one per kind of request: GRPO's rollouts mix prompts with and without
+        tools). A sample's tokens depend only on its seed and its logits, so each request's
+        completions equal those of generating it alone."""
+        handles = [self._enqueue(p, params, which=f"request {i}", toolbox=toolbox)
+                   for i, (p, params, toolbox) in enumerate(requests)]
         if not self.running:
             while not all(h.done for h in handles):
                 self._step_guarded()
