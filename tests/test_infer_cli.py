@@ -223,3 +223,27 @@ def test_chat_loop_shows_each_call_and_keeps_it_in_the_history():
     second = prompts[1]
     assert "## Tools" in second and '<｜tool▁call▁begin｜>calculator<｜tool▁sep｜>{"expression": "6*7"}' in second
     assert "<｜tool▁output▁begin｜>42<｜tool▁output▁end｜>" in second and "thanks" in second
+
+
+def test_generate_tools_follow_how_the_model_was_trained(long_checkpoint, capsys):
+    """Without --describe-tools a command prompts the tools as the model's stage record says it was
+    trained (stage.json describe_tools, next to final/); the flag overrides it; no record: full."""
+    run, _, tok = long_checkpoint
+    args = ["generate", "--model", str(run), "--chat", "--prompt", "What is 6*7?", "--max-new-tokens", "2", "--seed",
+            "0", "--tools", "calculator", "--token-ids"]
+
+    def prompt_tokens(*extra):
+        assert main(args + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)["prompt_tokens"]
+
+    full = prompt_tokens()
+    assert prompt_tokens("--describe-tools", "full") == full
+    record = run.parent / "stage.json"
+    try:
+        record.write_text(json.dumps({"kind": "grpo", "status": "done", "tools": "calculator", "describe_tools": "names"}))
+        named = prompt_tokens()
+        assert named < full - 100 and named == prompt_tokens("--describe-tools", "names")
+        assert prompt_tokens("--describe-tools", "full") == full
+        assert prompt_tokens("--no-describe-tools") < named
+    finally:
+        record.unlink()

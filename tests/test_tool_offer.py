@@ -175,7 +175,7 @@ def test_server_names_its_own_tools():
         assert NAMED not in prompt({"messages": [{"role": "user", "content": "x"}], "tool_choice": "none"})
 
 
-@pytest.mark.parametrize("argv, want", [([], "full"), (["--describe-tools", "names"], "names"),
+@pytest.mark.parametrize("argv, want", [([], None), (["--describe-tools", "names"], "names"),
                                         (["--no-describe-tools"], "none"), (["--describe-tools", "none"], "none")])
 def test_describe_flag_on_every_command(argv, want):
     from nanoseek.cli import build_parser
@@ -246,3 +246,28 @@ def test_tool_fit_counts_the_named_prompt():
         need[describe] = int(str(e.value).split(">= ")[1].split()[0])
         assert ("prompt naming the tools" in str(e.value)) == (describe == "names")
     assert need["names"] > need["none"]
+
+
+def test_the_stage_record_says_how_the_tools_were_prompted(tmp_path):
+    """stage.json of a post-training stage with tools records them and their describe mode; commands
+    read it from the stage folder, its final/ or a checkpoints/step-N (describe_for)."""
+    import json
+
+    from nanoseek.post.sft import SFTSection
+    from nanoseek.post.stage import _tool_record
+    from nanoseek.tasks.tool_use import describe_for, trained_describe
+
+    sft = SFTSection(data="tasks:big_arithmetic:1", num_examples=4, tools="calculator", describe_tools="names")
+    assert _tool_record(sft) == {"tools": "calculator", "describe_tools": "names"}
+    assert _tool_record(SFTSection(data="tasks:compare:1", num_examples=4)) == {}
+    stage = tmp_path / "grpo"
+    (stage / "final").mkdir(parents=True)
+    (stage / "checkpoints" / "step-5").mkdir(parents=True)
+    assert trained_describe(stage / "final") is None and describe_for(None, stage / "final") == "full"
+    (stage / "stage.json").write_text(json.dumps({"kind": "grpo", **_tool_record(sft)}))
+    for where in (stage, stage / "final", stage / "checkpoints" / "step-5"):
+        assert trained_describe(where) == "names" == describe_for(None, where)
+        assert describe_for("full", where) == "full" and describe_for("none", where) == "none"
+    for bad in ("{not json", json.dumps({"describe_tools": "brief"}), json.dumps(["names"])):
+        (stage / "stage.json").write_text(bad)
+        assert trained_describe(stage / "final") is None and describe_for(None, stage / "final") == "full"

@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     levels = _ints(args.levels, "--levels")
     given = {name: getattr(args, flag) for flag, name in SETTINGS.items() if getattr(args, flag) is not None}
     given.update({k: getattr(args, k) for k in ("tools", "tool_tasks") if getattr(args, k, None)})
-    if getattr(args, "tools", None) and getattr(args, "describe_tools", "full") != "full":
+    if getattr(args, "tools", None) and getattr(args, "describe_tools", None) is not None:
         given["describe_tools"] = args.describe_tools
     try:                                  # bad flags fail before any model is loaded
         cfg = EvalConfig(tasks=split_specs(args.tasks), levels=levels,
@@ -279,6 +279,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     results = []
     for label, ckpt, default_out, mode in jobs:
+        if cfg.tools and getattr(args, "describe_tools", None) is None:     # as this stage's model was trained
+            from nanoseek.tasks.tool_use import describe_for
+
+            cfg = dataclasses.replace(cfg, describe_tools=describe_for(None, ckpt))
         try:
             model, tokenizer = load_for_inference(ckpt, tokenizer_path=args.tokenizer, device=args.device,
                                                   require_tokenizer=True)

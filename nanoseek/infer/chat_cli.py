@@ -219,6 +219,8 @@ def run(args) -> int:
             raise UserError(f"<stdin>: not UTF-8 text (invalid byte at byte offset {offset} of the line)") from None
         return line
 
+    from nanoseek.tasks.tool_use import describe_for
+
     chat_loop(engine, tokenizer, read_line, console, params, system=args.system, think=args.think, toolbox=toolbox,
-              describe_tools=args.describe_tools)
+              describe_tools=describe_for(args.describe_tools, args.model))
     return 0

@@ -218,8 +218,11 @@ def run(args) -> int:
     toolbox = toolbox_from_args(args)
     engine, tokenizer = build_engine(args, max(args.batch_size, args.n))
     check_tool_tokens(engine, args)
+    from nanoseek.tasks.tool_use import describe_for
+
+    describe = describe_for(args.describe_tools, args.model)
     try:
-        prompts = [encode_item(it, tokenizer, args.chat, args.think, args.system, toolbox, args.describe_tools)
+        prompts = [encode_item(it, tokenizer, args.chat, args.think, args.system, toolbox, describe)
                    for it in items]
     except ValueError as e:                  # a message the template refuses, a bad tool schema
         raise UserError(str(e)) from None

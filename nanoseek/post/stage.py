@@ -309,10 +309,19 @@ def _run_trainer(model, task, cfg: StageConfig, tokenizer, run_dir: Path, *, res
                       steps=result.step, history=history, extra=dict(extra or {}))
     write_atomic(run_dir / "stage.json", json.dumps({"kind": out.kind, "status": out.status, "steps": out.steps,
                                                     "final_dir": str(out.final_dir) if out.final_dir else None,
-                                                    "eval_mode": cfg.algo.eval_mode,
+                                                    "eval_mode": cfg.algo.eval_mode, **_tool_record(cfg.algo),
                                                     **{k: v for k, v in out.extra.items()
                                                        if isinstance(v, (int, float, str, bool))}}, indent=1))
     return out
+
+
+def _tool_record(algo: Any) -> dict[str, str]:
+    """stage.json's record of the stage's tools, so commands serve the model as it was trained
+    (:func:`nanoseek.tasks.tool_use.describe_for`): the built-ins and what the prompts said of them."""
+    use = getattr(algo, "tool_use", None)
+    if use is None or not use.enabled:
+        return {}
+    return {"tools": use.tools, "describe_tools": use.describe}
 
 
 __all__ = ["CHAIN_REFS", "StageDefaults", "StageConfig", "StageResult", "parse_stage_config", "is_stage_run",

@@ -143,8 +143,10 @@ def build_server(args: argparse.Namespace):
                          max_n=args.max_n, max_prompts=args.max_prompts,
                          body_timeout_s=getattr(args, "body_timeout", 10.0))
     name = args.model_name or default_model_name(args.model)
+    from nanoseek.tasks.tool_use import describe_for
+
     app = create_app(engine, tokenizer, name, serve_limits, think=args.think, toolbox=toolbox,
-                     describe_tools=args.describe_tools)
+                     describe_tools=describe_for(args.describe_tools, args.model))
     engine.start()
     return app, engine
 

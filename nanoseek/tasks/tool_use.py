@@ -41,9 +41,11 @@ Toolbox in code).
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from nanoseek.tasks.generators import TASKS, Task, split_specs
@@ -85,12 +87,38 @@ def announce(messages: list[dict[str, Any]], toolbox, describe: bool | str) -> t
 
 def add_describe_argument(parser) -> None:
     """``--describe-tools {full,names,none}`` (and ``--no-describe-tools``, the same as ``none``) on an
-    argparse parser or group: what the prompts say of ``--tools`` (dest ``describe_tools``, default full)."""
-    parser.add_argument("--describe-tools", dest="describe_tools", choices=DESCRIBE, default="full",
+    argparse parser or group: what the prompts say of ``--tools`` (dest ``describe_tools``; default
+    None: :func:`describe_for` the model)."""
+    parser.add_argument("--describe-tools", dest="describe_tools", choices=DESCRIBE, default=None,
                         help="what the prompts say of --tools: full (DeepSeek-V3.1's description in the system turn), "
-                             "names (a system turn naming them, as the speedrun trains its model) or none (built in)")
+                             "names (a system turn naming them) or none (built in); default: what the model was "
+                             "trained with (its stage.json), else full")
     parser.add_argument("--no-describe-tools", dest="describe_tools", action="store_const", const="none",
                         help="the same as --describe-tools none")
+
+
+def trained_describe(checkpoint: str | Path) -> str | None:
+    """What the prompts of the post-training stage that made ``checkpoint`` said of their tools (its
+    ``stage.json`` ``describe_tools``, written by :func:`nanoseek.post.stage.run_trainer`; the file
+    sits in the stage folder, the parent of ``final/``, or two up from ``checkpoints/step-N``);
+    None where no stage record says."""
+    p = Path(checkpoint)
+    for folder in (p, p.parent, p.parent.parent):
+        try:
+            record = json.loads((folder / "stage.json").read_text())
+        except (OSError, ValueError):
+            continue
+        value = record.get("describe_tools") if isinstance(record, dict) else None
+        return value if value in DESCRIBE else None
+    return None
+
+
+def describe_for(given: str | None, checkpoint: str | Path | None) -> str:
+    """A command's ``--describe-tools``: as given, else as the model was trained (:func:`trained_describe`),
+    else "full" (V3.1's description, what a DeepSeek checkpoint expects)."""
+    if given is not None:
+        return describe_mode(given, "--describe-tools")
+    return (trained_describe(checkpoint) if checkpoint is not None else None) or "full"
 
 
 def tools_named_text(names: list[str]) -> str:
@@ -228,4 +256,4 @@ def require_tool_tokens(tokenizer, where: str) -> None:
 
 OFF = ToolUse()
 
-__all__ = ["DESCRIBE", "ToolUse", "OFF", "add_describe_argument", "announce", "describe_mode", "require_tool_tokens", "tools_named_text", "with_system"]
+__all__ = ["DESCRIBE", "ToolUse", "OFF", "add_describe_argument", "announce", "describe_for", "describe_mode", "require_tool_tokens", "tools_named_text", "trained_describe", "with_system"]
