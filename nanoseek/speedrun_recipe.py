@@ -393,8 +393,8 @@ def _check_task_specs(rc: SpeedrunRecipe) -> None:
                     raise ConfigError(f"{where(rc, key)}: {key}: {src.name!r} is not a reasoning-gym task (rg:NAME); "
                                       "external tasks are the ones nanoseek did not write: evaluate it in eval.tasks")
     for kind in POST_KINDS:
-        try:
-            getattr(rc, kind).algo.check_sources()
+        try:                                    # as the stage runs it: with the tool tasks [tools] adds
+            dataclasses.replace(getattr(rc, kind).algo, **rc.tool_keys(kind, {})).check_sources()
         except ValueError as e:                 # a DataError "key: why"
             raise ConfigError(f"{where(rc, kind + '.' + str(e).partition(':')[0])}: {kind}.{e}") from None
     _check_external_untrained(rc)

@@ -133,3 +133,37 @@ def test_reasoning_gym_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)
     with pytest.raises(DataError, match=r"a dependency of nanoseek \(pip install reasoning-gym\)"):
         load_rl_prompts("rg:leg_counting", 3)
+
+
+def test_rl_prompt_weights_set_each_sources_share():
+    """``weights`` ("NAME=W"): a source's share of the pool relative to the others' 1; equal weights
+    give the old equal split; bad items and names are one DataError line; a file takes none."""
+    from collections import Counter
+
+    from nanoseek.post.datasets import DataError, check_prompt_weights, load_rl_prompts, weighted_shares
+
+    assert weighted_shares(4096, list("abcde"), {}) == [820, 819, 819, 819, 819]      # n // k, the first n % k one more
+    assert weighted_shares(4096, list("abcde"), {"e": 0.25}) == [964, 964, 964, 963, 241]
+    assert weighted_shares(10, ["a", "b"], {"a": 3}) == [8, 2] and weighted_shares(0, ["a"], {}) == [0]
+    for n in (1, 7, 101):
+        assert sum(weighted_shares(n, list("abc"), {"b": 0.3, "c": 2.5})) == n
+    equal = load_rl_prompts("compare:1,arithmetic:1", 40, seed=1)
+    assert load_rl_prompts("compare:1,arithmetic:1", 40, seed=1, weights="compare=1") == equal
+    got = Counter(p.task for p in load_rl_prompts("compare:1,arithmetic:1,big_arithmetic:1", 90, seed=1,
+                                                  weights="big_arithmetic=0.25"))
+    assert got == {"compare": 40, "arithmetic": 40, "big_arithmetic": 10}
+    for bad, match in (("abacus=1", "'abacus' is not one of the prompt sources"), ("compare=0", "weight > 0"),
+                       ("compare", "weight > 0"), ("compare=x", "weight > 0"), ("compare=inf", "weight > 0")):
+        with pytest.raises(DataError, match=match):
+            load_rl_prompts("compare:1,arithmetic:1", 10, weights=bad)
+    with pytest.raises(DataError, match="weighs task specs, not the prompt file"):
+        check_prompt_weights(__file__.replace(".py", ".jsonl"), "compare=2")
+
+
+def test_grpo_section_checks_its_prompt_weights_before_any_model():
+    from nanoseek.post.datasets import DataError
+    from nanoseek.post.grpo import GRPOSection
+
+    GRPOSection(prompts="arithmetic,big_arithmetic", prompt_weights="big_arithmetic=0.25").check_sources()
+    with pytest.raises(DataError, match=r"^prompt_weights: 'modular' is not one of the prompt sources"):
+        GRPOSection(prompts="arithmetic,big_arithmetic", prompt_weights="modular=2").check_sources()

@@ -143,3 +143,22 @@ def test_a_tool_task_with_a_share_calls_in_that_share_of_its_traces_and_gets_the
 def test_a_bad_share_is_named(share):
     with pytest.raises(UserError, match=rf"\[tools\] tasks = .*: tool_tasks: 'arithmetic=.*': the share after '=' must be"):
         load_recipe("speedrun", [f'tools.tasks=["arithmetic:1-2={share}"]'])
+
+
+def test_grpo_prompt_weights_reach_the_tool_task_the_recipe_adds():
+    """``--set grpo.prompt_weights="big_arithmetic=0.25"``: the tool task [tools] adds to GRPO's prompts
+    is a quarter of each other task's share; a name that is not among the stage's prompts is one line."""
+    from collections import Counter
+
+    from nanoseek.post.datasets import load_rl_prompts
+
+    assert _stage(load_recipe("speedrun", []), "grpo").prompt_weights == ""
+    for name in ("speedrun", "speedrun-tools"):
+        grpo = _stage(load_recipe(name, ['grpo.prompt_weights="big_arithmetic=0.25"']), "grpo")
+        grpo.check_sources()
+        got = Counter(p.task for p in load_rl_prompts(grpo.prompts, 850, seed=0, weights=grpo.prompt_weights))
+        assert got["big_arithmetic"] == 50 and got["arithmetic"] == got["compare"] == 200
+    from nanoseek.errors import UserError
+
+    with pytest.raises(UserError, match=r"grpo.prompt_weights: 'big_arithmetic' is not one of the prompt sources"):
+        load_recipe("speedrun", ["tools.enabled=false", 'grpo.prompt_weights="big_arithmetic=0.25"'])

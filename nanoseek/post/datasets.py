@@ -36,6 +36,7 @@ a missing file or a bad task spec fails before a model is loaded or an earlier s
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -379,26 +380,70 @@ def reasoning_gym_prompts(name: str, n: int, seed: int = 0) -> list[RLPrompt]:
 
 
 def load_rl_prompts(source: str, n: int, split: str = "train", seed: int = 0,
-                    level: int | None = None) -> list[RLPrompt]:
+                    level: int | None = None, weights: str = "") -> list[RLPrompt]:
     """RL prompts from ``source``: a ``.jsonl`` file, or a task spec: built-in task names and
     reasoning-gym datasets separated by commas (``"arithmetic:1-2,rg:leg_counting"``: mixed in equal
     shares, shuffled); a built-in name's levels (``"arithmetic:1-2"``) override ``level``, which
-    reasoning-gym datasets do not have.
+    reasoning-gym datasets do not have. ``weights`` (``"big_arithmetic=0.25"``,
+    :func:`parse_weights`): a named source's share relative to the others' 1.
 
     For a file, ``n`` = 0 keeps all records, otherwise the first ``n``.
     """
     specs = check_rl_source(source)
     check_task_level(specs, level)
+    check_prompt_weights(source, weights)
     if _is_file_source(source):
         items = read_rl_prompts(source)
         return items[:n] if n else items
     sources = training_sources(source)
     out: list[RLPrompt] = []
-    for k, src in enumerate(sources):
-        share = n // len(sources) + (1 if k < n % len(sources) else 0)
+    for src, share in zip(sources, weighted_shares(n, [s.name for s in sources], parse_weights(weights, sources))):
         out += source_prompts(src, share, seed, level, split)
     random.Random(seed).shuffle(out)
     return out
+
+
+def parse_weights(weights: str, sources: list | None = None) -> dict[str, float]:
+    """``"NAME=W,NAME=W"`` (a source's name as its spec writes it, ``arithmetic`` or
+    ``rg:leg_counting``; W > 0) as a dict; with ``sources``, every NAME must be one of theirs. A
+    DataError naming the item otherwise."""
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in weights.split(",")) if weights.strip() else ():
+        name, eq, value = item.rpartition("=")
+        try:
+            w = float(value) if eq and name.strip() else float("nan")
+        except ValueError:
+            w = float("nan")
+        if not (w > 0 and math.isfinite(w)):
+            raise DataError(f"{item!r} must be NAME=WEIGHT with a weight > 0")
+        out[name.strip()] = w
+    if sources is not None:
+        names = [s.name for s in sources]
+        for name in out:
+            if name not in names:
+                raise DataError(f"{name!r} is not one of the prompt sources ({', '.join(names)})")
+    return out
+
+
+def check_prompt_weights(source: str, weights: str) -> None:
+    """``weights`` for the RL prompt ``source``: task specs whose sources it names (DataError otherwise)."""
+    if not weights.strip():
+        return
+    if _is_file_source(source):
+        raise DataError(f"{weights!r} weighs task specs, not the prompt file {source}")
+    parse_weights(weights, training_sources(source))
+
+
+def weighted_shares(n: int, names: list[str], weights: dict[str, float]) -> list[int]:
+    """``n`` split over ``names`` in proportion to their weights (1 where not given): the floors, then
+    one more for the largest remainders, the first source first among equals (equal weights give
+    the equal split: ``n // k``, plus one for the first ``n % k``)."""
+    w = [weights.get(name, 1.0) for name in names]
+    exact = [n * x / sum(w) for x in w] if names else []
+    shares = [math.floor(e) for e in exact]
+    for k in sorted(range(len(names)), key=lambda k: (-(exact[k] - shares[k]), k))[:n - sum(shares)]:
+        shares[k] += 1
+    return shares
 
 
 def _is_file_source(source: str) -> bool:
@@ -447,7 +492,7 @@ def source_key(key: str) -> Iterator[None]:
         raise DataError(f"{key}: {e}") from None
 
 
-__all__ = ["DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
+__all__ = ["check_prompt_weights", "parse_weights", "weighted_shares", "DataError", "SFTExample", "PreferenceExample", "RLPrompt", "iter_jsonl", "check_message",
            "check_tools", "parse_sft", "parse_preference", "parse_rl_prompt", "read_sft", "read_preferences",
            "read_rl_prompts", "write_jsonl", "check_file", "check_rl_source", "check_task_level", "source_key",
            "task_prompts", "task_sources", "training_sources", "source_prompts", "reasoning_gym_prompts", "load_rl_prompts"]

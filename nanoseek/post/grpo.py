@@ -75,7 +75,7 @@ from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt, too
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
 from .common import IGNORE, eval_mode, pad_rows, sequence_logprobs
-from .datasets import RLPrompt, check_rl_source, check_task_level, source_key
+from .datasets import RLPrompt, check_prompt_weights, check_rl_source, check_task_level, source_key
 from .grpo_loss import LOSS_AGGREGATIONS, POLICY_LOSSES, group_advantages, grpo_loss, overlong_penalty, zero_std_groups
 from .rollout import fit_prompts, model_mask, sample_mixed, sampling_params
 
@@ -86,6 +86,7 @@ class GRPOSection:
 
     prompts: str = "arithmetic"       # RL prompt source: a .jsonl, rg:NAME, or built-in task names "a,b"
     num_prompts: int = 2048           # prompt pool drawn from the source (0: the whole file)
+    prompt_weights: str = ""          # "NAME=W,...": a source's share of the pool relative to the others' 1
     level: int | None = None          # built-in task difficulty (None: mixed)
     template: str = DEFAULT_TEMPLATE  # r1-zero | chat | chat-think
     prompts_per_step: int = 8         # questions per rollout
@@ -176,6 +177,8 @@ class GRPOSection:
             specs = check_rl_source(self.prompts)
         with source_key("level"):
             check_task_level(specs, self.level)
+        with source_key("prompt_weights"):
+            check_prompt_weights(self.prompts, self.prompt_weights)
 
     @property
     def eval_mode(self) -> str:
@@ -549,7 +552,7 @@ def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | Non
         tokenizer = load_tokenizer_for(ckpt, getattr(g, "tokenizer", ""))
     check_vocab(model, tokenizer)
     if prompts is None:
-        prompts = load_rl_prompts(g.prompts, g.num_prompts, "train", g.seed, g.level)
+        prompts = load_rl_prompts(g.prompts, g.num_prompts, "train", g.seed, g.level, g.prompt_weights)
     model.use_mtp = False  # the policy-gradient loss only
     run_dir = Path(cfg.train.out_dir or "runs/grpo")
     task = GRPOTask(model, tokenizer, prompts, g, reward_fn=reward_fn, engine=engine, out_dir=run_dir)
