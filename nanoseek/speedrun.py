@@ -319,13 +319,15 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
     row = reply = 0
     for name, levels in parse_task_specs(t.specs):
         task = get_task(name)
-        specs, system = use.specs_for(name), use.system_for(name)
+        prompt = use.prompt_tools(name)
         for level in levels or task.levels:
             for p in task.generate("train", problems_per_level, seed=0, level=level, unique=False):
                 messages = tool_sft_messages(p, box)
-                ids, _, _ = chat_row(tok, with_system(messages, system) if system else messages, tools=specs)
+                if prompt["system"]:
+                    messages = with_system(messages, prompt["system"])
+                ids, _, _ = chat_row(tok, messages, tools=prompt["tools"])
                 row = max(row, len(ids))
-                reply = max(reply, len(ids) - len(render_prompt(tok, p, "chat", tools=specs, system=system)))
+                reply = max(reply, len(ids) - len(render_prompt(tok, p, "chat", **prompt)))
     limits = [("sft.optim.seq_len", rc.sft.optim.seq_len, row, t.sft),
               ("grpo.max_new_tokens", rc.grpo.algo.max_new_tokens, reply, t.grpo),
               ("eval.max_new_tokens", rc.eval.max_new_tokens, reply, t.eval)]

@@ -242,8 +242,7 @@ def _render(cfg: EvalConfig, tokenizer, context: int | None, strict: bool = Fals
                 if key not in examples_cache:
                     examples_cache[key] = source.examples(p.level, cfg.few_shot, cfg.seed)
                 examples = list(examples_cache[key])
-            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, tools=use.specs_for(p.task),
-                                     system=use.system_for(p.task)) if use.applies(p.task)
+            ids = (source.prompt_ids(tokenizer, p, cfg.mode, examples, **use.prompt_tools(p.task)) if use.applies(p.task)
                    else source.prompt_ids(tokenizer, p, cfg.mode, examples))
             if context is not None:
                 if cfg.mode == "fewshot" and len(ids) + reserve > context and examples:

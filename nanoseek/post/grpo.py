@@ -244,8 +244,8 @@ class GRPOTask:
             require_tool_tokens(tokenizer, f"[grpo] tools = {cfg.tools!r}")
         use = self.tool_use
         with_tools = [use.offers(p) for p in prompts]      # offered: described or named in the prompt, run in rollouts
-        ids = [render_prompt(tokenizer, p, cfg.template, tools=use.specs_for(p.task), system=use.system_for(p.task))
-               if offered else render_prompt(tokenizer, p, cfg.template) for p, offered in zip(prompts, with_tools)]
+        ids = [render_prompt(tokenizer, p, cfg.template, **(use.prompt_tools(p.task) if offered else {}))
+               for p, offered in zip(prompts, with_tools)]
         keep = fit_prompts(model, ids, cfg.max_new_tokens, "grpo.prompts")   # before any rollout
         self.dropped = len(prompts) - len(keep)    # too long for the context with max_new_tokens
         self.prompts = prompts = [prompts[i] for i in keep]

@@ -74,21 +74,25 @@ def model_mask(completion) -> list[int]:
     return list(mask) if mask else [1] * len(completion.token_ids)
 
 
+def _timed_samples(engine, generate, template: str, tokenizer) -> Samples:
+    """:class:`Samples` of ``generate()`` (the engine call), timed, the model held in eval mode once for
+    the whole generation: the engine would otherwise switch a model being trained to eval and back at
+    every decode step (each switch walks every module: ~10% of a GRPO rollout)."""
+    model = getattr(engine, "model", None)
+    t0 = time.perf_counter()
+    with eval_mode(model) if model is not None else contextlib.nullcontext():
+        groups = generate()
+    return Samples(groups=groups, texts=[completion_text(c, template, tokenizer) for g in groups for c in g],
+                   seconds=time.perf_counter() - t0)
+
+
 def sample(engine, prompt_ids: list[list[int]], params, template: str, *, toolbox=None,
            tokenizer=None) -> Samples:
     """Generate ``params.n`` completions for each prompt (token ids rendered in ``template``);
     with a ``toolbox`` (and ``params.tools = "run"``) their calls run in it. ``tokenizer`` reads the
     scored text of a completion that ran tools (:func:`~nanoseek.tasks.reply.completion_text`)."""
-    model = getattr(engine, "model", None)
-    t0 = time.perf_counter()
-    # eval mode once for the whole generation: the engine would otherwise switch a model being trained
-    # to eval and back at every decode step (each switch walks every module: ~10% of a GRPO rollout)
-    with eval_mode(model) if model is not None else contextlib.nullcontext():
-        groups = engine.generate(prompt_ids, params, toolbox=toolbox) if toolbox is not None else \
-            engine.generate(prompt_ids, params)
-    seconds = time.perf_counter() - t0
-    return Samples(groups=groups, texts=[completion_text(c, template, tokenizer) for g in groups for c in g],
-                   seconds=seconds)
+    extra = {"toolbox": toolbox} if toolbox is not None else {}
+    return _timed_samples(engine, lambda: engine.generate(prompt_ids, params, **extra), template, tokenizer)
 
 
 def sample_mixed(engine, prompt_ids: list[list[int]], with_tools: list[bool], params, tool_params, template: str,
@@ -99,13 +103,8 @@ def sample_mixed(engine, prompt_ids: list[list[int]], with_tools: list[bool], pa
     one call per kind took twice the decode steps: GRPO's speedrun stage made half as many steps),
     else one engine call per kind. Either way each completion is the same (per-sample seeds)."""
     if any(with_tools) and not all(with_tools) and hasattr(engine, "generate_each"):
-        model = getattr(engine, "model", None)
-        t0 = time.perf_counter()
-        with eval_mode(model) if model is not None else contextlib.nullcontext():
-            groups = engine.generate_each([(ids, tool_params if t else params, toolbox if t else None)
-                                           for ids, t in zip(prompt_ids, with_tools)])
-        return Samples(groups=groups, texts=[completion_text(c, template, tokenizer) for g in groups for c in g],
-                       seconds=time.perf_counter() - t0)
+        requests = [(ids, tool_params if t else params, toolbox if t else None) for ids, t in zip(prompt_ids, with_tools)]
+        return _timed_samples(engine, lambda: engine.generate_each(requests), template, tokenizer)
     kinds = [[i for i, t in enumerate(with_tools) if t == kind] for kind in (False, True)]
     groups: list[Any] = [None] * len(prompt_ids)
     texts: list[list[str]] = [[] for _ in prompt_ids]

@@ -138,6 +138,7 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
     prompted with the tools when training offers them (:meth:`~nanoseek.tasks.tool_use.ToolUse.offers`).
     """
     from nanoseek.tasks.reply import sft_messages, tool_sft_messages
+    from nanoseek.tasks.tool_use import with_system
 
     sources = _with_gold(training_sources(source))
     toolbox = tool_use.toolbox() if tool_use is not None and tool_use.enabled else None
@@ -151,14 +152,14 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
         for p in problems:
             offered = toolbox is not None and tool_use.offers(p)     # the prompt has the tools; a share of those calls
             calls = offered and tool_use.calls(p)
-            tools = tool_use.specs_for(p.task) if offered else None
-            system = tool_use.system_for(p.task) if offered else None
+            prompt = tool_use.prompt_tools(p.task) if offered else {"tools": None, "system": None}
+            tools = prompt["tools"]
             try:
                 messages = (tool_sft_messages(p, toolbox) if calls else None) or sft_messages(p, template)
             except ValueError as e:
                 raise DataError(str(e)) from None
-            if system:
-                messages = [{"role": "system", "content": system}] + list(messages)
+            if prompt["system"]:
+                messages = with_system(messages, prompt["system"])
             out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}",
                                   tools=tools))
     return out

@@ -230,6 +230,11 @@ class ToolUse:
         that prompts do not describe)."""
         return self.toolbox().openai_tools() if self.describe == "full" and self.applies(task) else None
 
+    def prompt_tools(self, task: str) -> dict[str, Any]:
+        """What a prompt of ``task`` that has the tools carries: ``render_prompt``'s ``tools`` (their
+        description, "full") and ``system`` (their names, "names"); both None otherwise."""
+        return {"tools": self.specs_for(task), "system": self.system_for(task)}
+
     def system_for(self, task: str) -> str | None:
         """The system turn of a prompt of ``task`` that names its tools (``describe = "names"``), else None."""
         return tools_named_text(self.names) if self.describe == "names" and self.applies(task) else None
