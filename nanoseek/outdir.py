@@ -173,6 +173,8 @@ def claim(path: str | Path, command: str, *, flag: str, own: Callable[[Path], bo
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = _lock(path, flag)
+    except OutputDirError:                    # in use: the folder is the holder's, perhaps made since we looked
+        raise
     except OSError as e:
         _tidy(made)
         raise OutputDirError(f"{path}: cannot lock the folder ({e.strerror or e}); choose another {flag}") from None

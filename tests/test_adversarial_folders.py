@@ -357,6 +357,35 @@ def test_claim_is_exclusive_across_processes_and_released_when_the_holder_dies(t
     assert read_owner(out)["command"] == "pretrain" and read_owner(out)["pid"] == os.getpid()
 
 
+def test_a_refused_claim_never_removes_the_folder_its_holder_just_made(tmp_path, monkeypatch):
+    """The race behind two pretrains started together both failing: the loser saw the folder missing,
+    the winner made and locked it (its owner record not yet written), the loser's lock was refused
+    and it removed the empty folder it thought it had made, so the winner could not write into it.
+    Forced here: another process holds the lock of a new, empty folder that counts as missing."""
+    import nanoseek.outdir as outdir
+
+    out = tmp_path / "new"
+    out.mkdir()
+    code = ("import fcntl, os, sys, time\n"
+            f"fd = os.open({str(out)!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(outdir, "_missing_dirs", lambda path: [Path(path)])
+        monkeypatch.setattr(outdir, "check_claimable", lambda *a, **k: False)   # as when it was still missing
+        real_lock = outdir._lock                    # ...and the early "in use" probe found nothing to probe
+        monkeypatch.setattr(outdir, "_lock", lambda path, flag, shared=False: os.open(os.devnull, os.O_RDONLY)
+                            if shared else real_lock(path, flag))
+        with pytest.raises(outdir.OutputDirError, match="in use by another process"):
+            with outdir.claim(out, "pretrain", flag="--out-dir"):
+                pass
+        assert out.is_dir()                         # still there for the process that holds it
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def test_two_pretrains_started_together_do_not_both_succeed(tmp_path):
     out = tmp_path / "same"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
