@@ -27,6 +27,7 @@ ignores it is an error, a key not written takes the kind's default), and run.jso
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,8 @@ class ToolsSection:
     tasks: list[str] = field(default_factory=lambda: ["big_arithmetic:1-2"])
     sft: bool = True                  # cold start: the tool tasks' traces show the call
     grpo: bool = True                 # GRPO: the tool tasks' prompts, rolled out with the tools
+    grpo_weight: float = 1.0          # each tool task's share of GRPO's prompt pool against another source's 1
+                                      # (added to [grpo] prompt_weights; a weight written there wins)
     eval: bool = True                 # each chat stage: the tool tasks evaluated with tools (tools.json)
     failure_penalty: float = 0.0      # GRPO's reward minus this per failed call
     describe: bool | str = "full"     # what the tool tasks' prompts say of the tools: "full" (true; V3.1's description),
@@ -246,6 +249,11 @@ class SpeedrunRecipe:
                "tool_tasks": t.tool_tasks, "describe_tools": t.describe, "tool_offer": t.offer}
         if kind == "grpo":
             out["tool_failure_penalty"] = t.failure_penalty
+            if t.grpo_weight != 1.0:            # the tool tasks' weights, unless [grpo] prompt_weights names them
+                written = algo.get("prompt_weights", self.grpo.algo.prompt_weights)
+                named = {item.rpartition("=")[0].strip() for item in written.split(",") if item.strip()}
+                extra = [f"{name}={t.grpo_weight:g}" for name in t.task_names if name not in named]
+                out["prompt_weights"] = ",".join(x for x in [written.strip(), *extra] if x)
         return out
 
     def eval_tasks(self) -> list[str]:
@@ -365,6 +373,9 @@ def _check_values(rc: SpeedrunRecipe) -> None:
         raise bad("tools.tasks", t.tasks, str(err)) from None
     if isinstance(t.describe, str) and t.describe not in DESCRIBE:
         raise bad("tools.describe", t.describe, f"must be one of {', '.join(DESCRIBE)} (or true / false)")
+    if not (t.grpo_weight > 0 and math.isfinite(t.grpo_weight)):
+        raise bad("tools.grpo_weight", t.grpo_weight, "must be a number > 0 (a tool task's share of GRPO's prompts "
+                  "against another source's 1)")
     if not 0.0 < t.offer <= 1.0:
         raise bad("tools.offer", t.offer, "must be in (0, 1] (the share of training problems asked with the tools)")
     for name, _ in specs:

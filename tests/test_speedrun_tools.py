@@ -147,18 +147,46 @@ def test_a_bad_share_is_named(share):
 
 def test_grpo_prompt_weights_reach_the_tool_task_the_recipe_adds():
     """``--set grpo.prompt_weights="big_arithmetic=0.25"``: the tool task [tools] adds to GRPO's prompts
-    is a quarter of each other task's share; a name that is not among the stage's prompts is one line."""
+    is a quarter of each other task's share (the weight written in [grpo] wins over [tools] grpo_weight);
+    a name that is not among the stage's prompts is one line."""
     from collections import Counter
 
     from nanoseek.post.datasets import load_rl_prompts
 
-    assert _stage(load_recipe("speedrun", []), "grpo").prompt_weights == ""
     for name in ("speedrun", "speedrun-tools"):
         grpo = _stage(load_recipe(name, ['grpo.prompt_weights="big_arithmetic=0.25"']), "grpo")
+        assert grpo.prompt_weights == "big_arithmetic=0.25"
         grpo.check_sources()
-        got = Counter(p.task for p in load_rl_prompts(grpo.prompts, 850, seed=0, weights=grpo.prompt_weights))
-        assert got["big_arithmetic"] == 50 and got["arithmetic"] == got["compare"] == 200
+        others = len(split_specs(grpo.prompts)) - 1
+        got = Counter(p.task for p in load_rl_prompts(grpo.prompts, 200 * others + 50, seed=0, weights=grpo.prompt_weights))
+        assert got["big_arithmetic"] == 50 and got["arithmetic"] == got["modular"] == 200
     from nanoseek.errors import UserError
 
     with pytest.raises(UserError, match=r"grpo.prompt_weights: 'big_arithmetic' is not one of the prompt sources"):
         load_recipe("speedrun", ["tools.enabled=false", 'grpo.prompt_weights="big_arithmetic=0.25"'])
+
+
+def test_tools_grpo_weight_sets_the_tool_tasks_share_of_grpo_prompts():
+    """``[tools] grpo_weight``: each tool task's weight in GRPO's prompt pool, added to the stage's
+    prompt_weights (the shipped recipe: a tenth); it goes with the tools (off: no weights, the recipe still
+    valid), a weight [grpo] writes for another source is kept, and a bad value is one line naming the key."""
+    from collections import Counter
+
+    from nanoseek.post.datasets import load_rl_prompts
+
+    rc = load_recipe("speedrun", [])
+    grpo = _stage(rc, "grpo")
+    assert rc.tools.grpo_weight == 0.1 and grpo.prompt_weights == "big_arithmetic=0.1"
+    got = Counter(p.task for p in load_rl_prompts(grpo.prompts, 620, seed=0, weights=grpo.prompt_weights))
+    assert got == {"arithmetic": 200, "modular": 200, "word_problems": 200, "big_arithmetic": 20}
+    assert _stage(load_recipe("speedrun", ["tools.enabled=false"]), "grpo").prompt_weights == ""
+    assert _stage(load_recipe("speedrun", ["tools.grpo=false"]), "grpo").prompt_weights == ""
+    both = _stage(load_recipe("speedrun", ['grpo.prompt_weights="modular=2"', "tools.grpo_weight=0.5"]), "grpo")
+    assert both.prompt_weights == "modular=2,big_arithmetic=0.5"
+    both.check_sources()
+    assert _stage(load_recipe("speedrun", ["tools.grpo_weight=1"]), "grpo").prompt_weights == ""
+    shares = _stage(load_recipe("speedrun-tools", ["tools.grpo_weight=0.5"]), "grpo")   # every tool task
+    assert shares.prompt_weights == "big_arithmetic=0.5,arithmetic=0.5"
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(UserError, match=r"tools.*grpo_weight"):
+            load_recipe("speedrun", [f"tools.grpo_weight={bad}"])
