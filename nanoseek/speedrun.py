@@ -322,9 +322,7 @@ def check_tool_fit(rc: SpeedrunRecipe, tok, problems_per_level: int = 4) -> None
         prompt = use.prompt_tools(name)
         for level in levels or task.levels:
             for p in task.generate("train", problems_per_level, seed=0, level=level, unique=False):
-                messages = tool_sft_messages(p, box)
-                if prompt["system"]:
-                    messages = with_system(messages, prompt["system"])
+                messages = with_system(tool_sft_messages(p, box), prompt["system"])
                 ids, _, _ = chat_row(tok, messages, tools=prompt["tools"])
                 row = max(row, len(ids))
                 reply = max(reply, len(ids) - len(render_prompt(tok, p, "chat", **prompt)))

@@ -27,8 +27,8 @@ ignores it is an error, a key not written takes the kind's default), and run.jso
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,8 +250,13 @@ class SpeedrunRecipe:
         if kind == "grpo":
             out["tool_failure_penalty"] = t.failure_penalty
             if t.grpo_weight != 1.0:            # the tool tasks' weights, unless [grpo] prompt_weights names them
+                from nanoseek.post.datasets import DataError, parse_weights
+
                 written = algo.get("prompt_weights", self.grpo.algo.prompt_weights)
-                named = {item.rpartition("=")[0].strip() for item in written.split(",") if item.strip()}
+                try:
+                    named = set(parse_weights(written))
+                except DataError:               # the stage's check_sources names the bad item
+                    named = set()
                 extra = [f"{name}={t.grpo_weight:g}" for name in t.task_names if name not in named]
                 out["prompt_weights"] = ",".join(x for x in [written.strip(), *extra] if x)
         return out

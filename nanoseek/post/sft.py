@@ -153,15 +153,12 @@ def task_sft_examples(source: str, n: int, split: str = "train", seed: int = 0,
             offered = toolbox is not None and tool_use.offers(p)     # the prompt has the tools; a share of those calls
             calls = offered and tool_use.calls(p)
             prompt = tool_use.prompt_tools(p.task) if offered else {"tools": None, "system": None}
-            tools = prompt["tools"]
             try:
                 messages = (tool_sft_messages(p, toolbox) if calls else None) or sft_messages(p, template)
             except ValueError as e:
                 raise DataError(str(e)) from None
-            if prompt["system"]:
-                messages = with_system(messages, prompt["system"])
-            out.append(SFTExample(messages=messages, meta={"id": p.id, "task": p.task}, where=f"task {p.id}",
-                                  tools=tools))
+            out.append(SFTExample(messages=with_system(messages, prompt["system"]), meta={"id": p.id, "task": p.task},
+                                  where=f"task {p.id}", tools=prompt["tools"]))
     return out
 
 

@@ -475,7 +475,7 @@ class OpenAIServer:
         tools = {} if plan is None else {"tools": plan.template_tools()}
         if plan is not None and plan.forced:
             thinking = False
-        chat = req.chat() if plan is None or not plan.system else with_system(req.chat(), plan.system)
+        chat = with_system(req.chat(), plan.system if plan is not None else None)
         try:
             ids = tk.encode_chat(chat, add_generation_prompt=True, thinking=thinking, **extra, **tools)[0]
             return ids + (plan.prompt_suffix(tk) if plan is not None else [])

@@ -63,10 +63,13 @@ def describe_mode(value: bool | str, where: str = "describe_tools") -> str:
     return value
 
 
-def with_system(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+def with_system(messages: list[dict[str, Any]], text: str | None) -> list[dict[str, Any]]:
     """``messages`` with ``text`` in the system turn: after the conversation's own system text (a
-    blank line between, as V3.1's template appends the tools' description), or as a new first turn."""
+    blank line between, as V3.1's template appends the tools' description), or as a new first turn;
+    without ``text`` (nothing to name) the messages as they are."""
     msgs = [dict(m) for m in messages]
+    if not text:
+        return msgs
     if msgs and msgs[0].get("role") == "system" and isinstance(msgs[0].get("content"), str):
         msgs[0]["content"] = f"{msgs[0]['content']}\n\n{text}" if msgs[0]["content"] else text
         return msgs
