@@ -361,3 +361,30 @@ def test_bf16_model_keeps_the_indexer_weights_proj_fp32():
         assert attn.indexer.wq_b.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert model(ids_batch(T=12)).logits.isfinite().all()
+
+
+# ------------------------------------------------------------------ serving a model in an indexer training stage
+def test_the_engine_samples_the_served_model_and_gives_the_training_stage_back():
+    """Each engine step serves V3.2 as inference sees it (no indexer training stage: sparse top-k
+    attention) and leaves every module's stage and MLA path as it found them, also for a stage set
+    after the engine was built (the engine finds the modules once, the stages at every step)."""
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+
+    model = v32_model(index_topk=4).train()
+    prompt = [5 + (7 * i) % 50 for i in range(14)]       # longer than index_topk: sparse != dense
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    ref = Engine(model, None, max_batch_size=2, max_seq_len=48).generate([prompt], params)[0][0].token_ids
+    engine = Engine(model, None, max_batch_size=2, max_seq_len=48)
+    model.set_dsa_stage("dense")
+    with torch.no_grad():   # what a sampler that kept the training stage would emit: dense attention
+        dense_logits = model(torch.tensor([prompt])).logits[0, -1]
+    model.set_dsa_stage(None)
+    with torch.no_grad():
+        sparse_logits = model(torch.tensor([prompt])).logits[0, -1]
+    assert not torch.allclose(dense_logits, sparse_logits, atol=1e-4)   # the stages do differ here
+    for stage in ("dense", "sparse"):
+        model.set_dsa_stage(stage)                      # set after the engine was built
+        assert engine.generate([prompt], params)[0][0].token_ids == ref
+        assert all(a.dsa_stage == stage for a in model._indexed_attention(with_mtp=True))
+        assert all(not a.absorb for a in model.absorb_modules()) and model.training

@@ -86,19 +86,33 @@ DEFAULT_MAX_PREFILL_TOKENS = 8192   # padded prompt tokens per prefill forward
 PROMPT_SCORE_CHUNK = 512            # prompt positions per lm_head call when scoring a prompt
 
 
-@contextlib.contextmanager
-def _serving_indexers(model) -> Iterator[None]:
-    """DeepSeek-V3.2: inside, no attention module is in an indexer training stage (dense warm-up
-    or sparse with its KL): sampling always sees the served model; each module's stage is restored."""
-    mods = [m for m in model.modules() if getattr(m, "dsa_stage", None) is not None]
-    saved = [m.dsa_stage for m in mods]
-    for m in mods:
-        m.dsa_stage = None
-    try:
-        yield
-    finally:
-        for m, stage in zip(mods, saved):
-            m.dsa_stage = stage
+class _StepSwitches:
+    """The attention modules a step switches, found once per engine (three walks over every module at
+    each step were ~5% of a GRPO rollout): MLA's naive / absorbed path (``model.absorb_modules()``:
+    prefill naive, decode absorbed) and DeepSeek-V3.2's indexer stage (none while serving: sampling
+    always sees the served model, not an indexer training stage). :meth:`serving` restores both."""
+
+    def __init__(self, model):
+        self.absorbing = list(model.absorb_modules())
+        self.indexed = [m for m in model.modules() if hasattr(m, "dsa_stage")]
+
+    def set_absorb(self, absorb: bool) -> None:
+        for m in self.absorbing:
+            m.absorb = absorb
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        absorb = [m.absorb for m in self.absorbing]
+        stages = [m.dsa_stage for m in self.indexed]
+        for m in self.indexed:
+            m.dsa_stage = None
+        try:
+            yield
+        finally:
+            for m, a in zip(self.absorbing, absorb):
+                m.absorb = a
+            for m, stage in zip(self.indexed, stages):
+                m.dsa_stage = stage
 
 
 @dataclass
@@ -148,6 +162,7 @@ class Engine:
         self.compile_seconds = 0.0
         self._compiled = None            # torch.compile(model.forward), built on the first decode step
         self.device = next(model.parameters()).device
+        self._switches = _StepSwitches(model)
         # one spare slot per row: a speculative step writes its draft one position ahead
         self.cache = model.new_cache(max_batch_size, self.max_seq_len + 1, dtype, with_mtp=use_mtp)
         if tokenizer is not None and getattr(tokenizer, "stop_ids", None):   # EOS + generation_config's
@@ -366,7 +381,7 @@ class Engine:
         if was_training:
             model.eval()
         try:
-            with torch.inference_mode(), model.absorb_restored(), _serving_indexers(model):
+            with torch.inference_mode(), self._switches.serving():
                 resumed = [s for s in self._active if not s.finished and s.future is not None and s.future.done()]
                 decoding = [s for s in self._active if not s.finished and s.awaiting is None]
                 if admitted:
@@ -430,7 +445,7 @@ class Engine:
             ids = torch.tensor([[s.pending] + new], device=dev)
             pos = (s.pos + torch.arange(len(new) + 1, device=dev))[None]
             rows = torch.tensor([s.row], device=dev)
-            model.set_absorb(True)
+            self._switches.set_absorb(True)
             out = model(ids, positions=pos, cache=self.cache, rows=rows, return_hidden=self.use_mtp)
             logits = self._ban(out.logits[:, -1], [s])
             rp = RowParams.build([s.params], dev)
@@ -502,7 +517,7 @@ class Engine:
         pos = torch.arange(T, device=dev).expand(len(reqs), T)
         first_rows = [r.samples[0].row for r in reqs]
         rows = torch.tensor(first_rows, device=dev)
-        self.model.set_absorb(False)
+        self._switches.set_absorb(False)
         last = torch.tensor(lens, device=dev) - 1
         pad = {}
         if self.takes_valid and min(lens) < T:     # padding must not enter the rings of shorter rows
@@ -581,7 +596,7 @@ class Engine:
         ids = torch.tensor([[s.pending] for s in samples], device=dev)
         pos = torch.tensor([[s.pos] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
-        self.model.set_absorb(True)
+        self._switches.set_absorb(True)
         logits = self._ban(self._decode_forward(ids, pos, rows), samples)
         rp = self._row_params(samples)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
@@ -626,7 +641,7 @@ class Engine:
         ids = torch.tensor([[s.pending, s.draft] for s in samples], device=dev)
         pos = torch.tensor([[s.pos, s.pos + 1] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
-        self.model.set_absorb(True)
+        self._switches.set_absorb(True)
         out = model(ids, positions=pos, cache=self.cache, rows=rows, return_hidden=True)
         logits = self._ban(out.logits, samples)                                    # [B, 2, V]
         rp = self._row_params(samples)

@@ -18,9 +18,7 @@ lambda. At inference the modules can be dropped or used to draft tokens (specula
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -298,24 +296,14 @@ class DeepseekV3ForCausalLM(DeepSeekCausalLM):
         """The lightning indexers' parameters (what the dense warm-up trains)."""
         return [p for a in self._indexed_attention(with_mtp=True) for p in a.indexer.parameters()]
 
+    def absorb_modules(self) -> list[nn.Module]:
+        """The attention modules :meth:`set_absorb` switches (the inference engine finds them once)."""
+        return [mod for mod in self.modules() if isinstance(mod, (MLA, MHA))]
+
     def set_absorb(self, absorb: bool) -> None:
         """Switch every attention module between the naive and the absorbed MLA path."""
-        for mod in self.modules():
-            if isinstance(mod, (MLA, MHA)):
-                mod.absorb = absorb
-
-    @contextlib.contextmanager
-    def absorb_restored(self) -> Iterator[None]:
-        """Inside, :meth:`set_absorb` may switch freely; on exit every attention module is back on
-        the path it was on before (the inference engine switches per step, prefill naive and
-        decode absorbed, and leaves the model as it found it)."""
-        mods = [m for m in self.modules() if isinstance(m, (MLA, MHA))]
-        saved = [m.absorb for m in mods]
-        try:
-            yield
-        finally:
-            for m, a in zip(mods, saved):
-                m.absorb = a
+        for mod in self.absorb_modules():
+            mod.absorb = absorb
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   with_mtp: bool = False) -> KVCache:

@@ -21,9 +21,7 @@ the head are the main model's. ``mtp_loss`` = (1/D) sum_k CE_k (the trainer weig
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -220,12 +218,12 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
         """The CSA lightning indexers' parameters (what a frozen dense warm-up trains)."""
         return [p for a in self._indexed_attention() for p in a.indexer.parameters()]
 
+    def absorb_modules(self) -> list[nn.Module]:
+        """V4 has one attention path: nothing for the engine's MLA switch."""
+        return []
+
     def set_absorb(self, absorb: bool) -> None:
         """V4 has one attention path (the engine's MLA switch is a no-op here)."""
-
-    @contextlib.contextmanager
-    def absorb_restored(self) -> Iterator[None]:
-        yield
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, with_mtp: bool = False):
         from .cache import V4Cache
