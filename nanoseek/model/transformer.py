@@ -164,6 +164,15 @@ class DeepSeekCausalLM(nn.Module):
         return torch.arange(T, device=input_ids.device).expand(B, T)
 
     # ------------------------------------------------------------------ MoE helpers (trainer interface)
+    def absorb_modules(self) -> list[nn.Module]:
+        """The attention modules with a naive and an absorbed MLA path (none unless a family has them)."""
+        return []
+
+    def set_absorb(self, absorb: bool) -> None:
+        """Switch every attention module between the naive and the absorbed MLA path."""
+        for mod in self.absorb_modules():
+            mod.absorb = absorb
+
     def moe_layers(self) -> list[nn.Module]:
         """The routed MoE blocks of the main model (MTP blocks excluded)."""
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, self.moe_class)]
@@ -299,11 +308,6 @@ class DeepseekV3ForCausalLM(DeepSeekCausalLM):
     def absorb_modules(self) -> list[nn.Module]:
         """The attention modules :meth:`set_absorb` switches (the inference engine finds them once)."""
         return [mod for mod in self.modules() if isinstance(mod, (MLA, MHA))]
-
-    def set_absorb(self, absorb: bool) -> None:
-        """Switch every attention module between the naive and the absorbed MLA path."""
-        for mod in self.absorb_modules():
-            mod.absorb = absorb
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   with_mtp: bool = False) -> KVCache:

@@ -218,13 +218,6 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
         """The CSA lightning indexers' parameters (what a frozen dense warm-up trains)."""
         return [p for a in self._indexed_attention() for p in a.indexer.parameters()]
 
-    def absorb_modules(self) -> list[nn.Module]:
-        """V4 has one attention path: nothing for the engine's MLA switch."""
-        return []
-
-    def set_absorb(self, absorb: bool) -> None:
-        """V4 has one attention path (the engine's MLA switch is a no-op here)."""
-
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, with_mtp: bool = False):
         from .cache import V4Cache
 
