@@ -56,6 +56,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=256, help="prompts in the pool (default 256)")
     p.add_argument("--nanoseek-only", action="store_true", help="time nanoseek alone (no TRL needed)")
     p.add_argument("--profile", action="store_true", help="per-operator profile of a nanoseek rollout and update")
+    p.add_argument("--compile", action="store_true",
+                   help="also time nanoseek with [train] compile = true (the update's forward + backward and the "
+                        "rollout's decode step through torch.compile), alternating with the other sides; it "
+                        "compiles in the warm-up steps (use --warmup 2 or more) and prints the seconds")
     return p.parse_args()
 
 
@@ -107,7 +111,7 @@ class Timer:
 class NanoseekSide:
     """nanoseek's GRPO stage (the shared trainer over a GRPOTask), stepped one rollout at a time."""
 
-    def __init__(self, model_dir: Path, prompts, args, run_dir: Path):
+    def __init__(self, model_dir: Path, prompts, args, run_dir: Path, compile: bool = False):
         from nanoseek.model.registry import from_pretrained
         from nanoseek.post.grpo import GRPOTask
         from nanoseek.post.registry import stage_config_from_dict
@@ -120,13 +124,14 @@ class NanoseekSide:
             "grpo": {"prompts": SPEEDRUN_TASKS, "template": "chat", "prompts_per_step": args.prompts,
                      "group_size": args.group, "max_new_tokens": args.max_new, "micro_batch_size": args.micro_batch,
                      "loss_agg": "dapo", "eps_high": 0.28, "log_samples": 0},
-            "train": {"max_steps": 10_000, "out_dir": str(run_dir), "device": "cpu", "seed": 0}})
+            "train": {"max_steps": 10_000, "out_dir": str(run_dir), "device": "cpu", "seed": 0,
+                      "compile": compile}})
         self.model = from_pretrained(model_dir, dtype=torch.float32).train()
         self.model.use_mtp = False
         self.tokenizer = Tokenizer.load(model_dir)
         self.score, self.rollout_t = Timer(), 0.0
         reward_fn = self.score.wrap(build_reward_fn(RewardConfig.for_template("chat"), cfg.algo.reward_workers))
-        self.task = GRPOTask(self.model, self.tokenizer, prompts, cfg.algo, reward_fn=reward_fn)
+        self.task = GRPOTask(self.model, self.tokenizer, prompts, cfg.algo, reward_fn=reward_fn, compile=compile)
         self.trainer = Trainer(self.model, self.task, cfg.optim, cfg.train, cfg.spike, run_dir=run_dir,
                                hooks=[ExpertBalanceHook(cfg.train.bias_update_gamma)], quiet=True, progress=False)
         self.rows: list[dict[str, float]] = []
@@ -215,40 +220,57 @@ def med(rows, key):
     return statistics.median(r[key] for r in rows) if rows else float("nan")
 
 
-def report(threads: int, ns_rows, trl_rows) -> None:
-    print(f"\n== {threads} thread(s): median of {len(ns_rows)} steps, seconds ==")
-    print(f"{'phase':<10}{'nanoseek':>10}{'TRL':>10}{'TRL/ns':>9}")
-    for k in PHASES:
-        a, b = med(ns_rows, k), med(trl_rows, k)
-        print(f"{k:<10}{a:>10.3f}{b:>10.3f}{b / a if a > 0 and trl_rows else float('nan'):>9.2f}")
-    print(f"{'mean len':<10}{med(ns_rows, 'len'):>10.1f}{med(trl_rows, 'len'):>10.1f}   (completion tokens)")
-    if trl_rows:
-        print(f"GRPO step: nanoseek {med(ns_rows, 'step'):.3f} s, TRL {med(trl_rows, 'step'):.3f} s: "
-              f"{med(trl_rows, 'step') / med(ns_rows, 'step'):.2f}x")
+def report(threads: int, sides: dict[str, list], compiled: "NanoseekSide | None") -> None:
+    """Medians per phase of each side (nanoseek, optionally nanoseek compiled, TRL) and the ratios to TRL."""
+    n = len(next(iter(sides.values())))
+    print(f"\n== {threads} thread(s): median of {n} steps, seconds ==")
+    if compiled is not None:
+        c, engine = compiled.trainer.compiler, compiled.task.engine
+        print(f"nanoseek compiled: the update compiled in {c.compile_seconds or 0:.1f} s, the rollout's decode step "
+              f"in {engine.compile_seconds:.1f} s (warm-up steps); still compiled after the run: update "
+              f"{c.failure is None}, decode {engine.compile}")
+    names = list(sides)
+    trl = sides.get("TRL")
+    print(f"{'phase':<10}" + "".join(f"{k:>20}" for k in names) + "".join(f"{'TRL / ' + k:>26}" for k in names[:-1] if trl))
+    for ph in PHASES:
+        vals = [med(sides[k], ph) for k in names]
+        line = f"{ph:<10}" + "".join(f"{v:>20.3f}" for v in vals)
+        if trl:
+            line += "".join(f"{med(trl, ph) / v if v > 0 else float('nan'):>25.2f}x" for v in vals[:-1])
+        print(line)
+    print(f"{'mean len':<10}" + "".join(f"{med(sides[k], 'len'):>20.1f}" for k in names) + "   (completion tokens)")
+    if trl:
+        print("GRPO step: " + ", ".join(f"{k} {med(sides[k], 'step'):.3f} s" for k in names) + "; TRL / "
+              + ", TRL / ".join(f"{k}: {med(trl, 'step') / med(sides[k], 'step'):.2f}x" for k in names[:-1]))
 
 
 def run_threads(threads: int, model_dir: Path, prompts, args, tmp: Path) -> None:
     torch.set_num_threads(threads)
     ns = NanoseekSide(model_dir, prompts, args, tmp / f"ns{threads}")
+    nc = NanoseekSide(model_dir, prompts, args, tmp / f"nc{threads}", compile=True) if args.compile else None
+    ours = [ns] + ([nc] if nc else [])
+
+    def ours_rows(skip: int) -> dict[str, list]:
+        return {"nanoseek": ns.rows[skip:], **({"nanoseek compiled": nc.rows[skip:]} if nc else {})}
+
     if args.nanoseek_only:
-        for _ in range(args.warmup):
-            ns.step()
-        ns.rows.clear()
-        for _ in range(args.steps):
-            ns.step()
-        report(threads, ns.rows, [])
+        for _ in range(args.warmup + args.steps):
+            for side in ours:                     # alternating, like the sides below
+                side.step()
+        report(threads, ours_rows(args.warmup), nc)
         return ns
 
     gen, score, mark = Timer(), Timer(), {"t": None, "gs": Timer()}     # "t": when TRL's step began
     trl_rows: list[dict[str, float]] = []
 
-    def on_step():                       # TRL just finished a step: record it, then one nanoseek step
+    def on_step():                       # TRL just finished a step: record it, then one step of each nanoseek side
         now = time.perf_counter()
         if mark["t"] is not None:
             g, s, gs = gen.take(), score.take(), mark["gs"].take()
             trl_rows.append({"rollout": g, "scoring": s, "prep": gs - g - s, "update": (now - mark["t"]) - gs,
                              "step": now - mark["t"], "len": trainer._trl_len})
-        ns.step()
+        for side in ours:
+            side.step()
         mark["t"] = time.perf_counter()
 
     trainer, tok = build_trl(model_dir, prompts, args, tmp / f"trl{threads}", on_step)
@@ -264,7 +286,7 @@ def run_threads(threads: int, model_dir: Path, prompts, args, tmp: Path) -> None
     trainer._generate_and_score_completions = gen_and_score
     mark["t"] = time.perf_counter()
     trainer.train()
-    report(threads, ns.rows[args.warmup:], trl_rows[args.warmup:])     # both: the steps after the warm-up ones
+    report(threads, {**ours_rows(args.warmup), "TRL": trl_rows[args.warmup:]}, nc)   # the steps after the warm-up
     return ns
 
 

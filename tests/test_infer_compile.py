@@ -1,5 +1,6 @@
-"""``Engine(compile=True)``: the compiled decode step gives the eager engine's tokens, and any
-compiler failure falls back to eager decoding with a warning instead of failing requests."""
+"""``Engine(compile=True)``: the compiled decode step gives the eager engine's tokens, the decode
+forward it compiles is one graph (no host read of the positions breaks it), and any compiler
+failure falls back to eager decoding with a warning instead of failing requests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,33 @@ GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 
 def _tokens(engine, prompts=PROMPTS, params=GREEDY):
     return [c[0].token_ids for c in engine.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"index_n_heads": 2, "index_head_dim": 16, "index_topk": 4},
+                                       {"attention_type": "mha"}], ids=["mla", "v32-dsa", "mha"])
+def test_decode_forward_is_one_graph(overrides):
+    """With the engine's ``cache_length`` nothing in the decode forward reads a tensor back to the
+    host (RoPE's table size and the cache mask's length come from it), so dynamo traces one graph:
+    a graph break there costs a second compiled region and its Python glue on every decode step."""
+    import torch._dynamo
+
+    model = make_tiny_model(seed=0, **overrides).eval()
+    model.set_absorb(True)
+    cache = model.new_cache(2, 32)
+    ids, pos = torch.tensor([[3], [4]]), torch.tensor([[5], [9]])
+    with torch.no_grad():
+        expected = model(ids, positions=pos, cache=cache).logits
+        explained = torch._dynamo.explain(model.forward)(ids, positions=pos, cache=cache, cache_length=10)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        torch.testing.assert_close(model(ids, positions=pos, cache=cache, cache_length=10).logits, expected)
+
+
+def test_cache_length_outside_the_cache_is_refused():
+    model = make_tiny_model(seed=0).eval()
+    cache = model.new_cache(1, 8)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="cache_length"):
+            model(torch.tensor([[3]]), positions=torch.tensor([[2]]), cache=cache, cache_length=bad)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):

@@ -1,7 +1,9 @@
 """The inference-side model paths added for fast decoding, each checked against the path it replaces.
 
-* ``Experts.forward_dense`` (every expert on every token, static shapes; what the compiled
-  decode step runs) equals the grouped training path, including experts that get no token;
+* ``Experts.forward_dense`` (every expert on every token) and ``Experts.forward_gathered`` (each
+  (token, expert) pair's matrices gathered), the static-shape paths the compiled decode step runs,
+  equal the grouped training path, including experts that get no token, and the compiled step
+  picks the gathered one for a handful of tokens only;
 * ``KVCache`` keeps one buffer per MLA layer, ``[c_KV | k_rope]``: the ``a`` / ``b`` views, the
   legacy ``write`` / ``read`` and the slot API address the same memory;
 * ``CacheMask`` (built once per forward): its absorbed-path bias is 0 / -inf exactly where
@@ -27,8 +29,12 @@ def _random_experts(cfg, seed=0):
     return ex
 
 
+STATIC_PATHS = ["forward_dense", "forward_gathered"]
+
+
+@pytest.mark.parametrize("path", STATIC_PATHS)
 @pytest.mark.parametrize("N", [1, 3, 16])
-def test_dense_experts_equal_grouped(tiny_config, N):
+def test_static_experts_equal_grouped(tiny_config, N, path):
     cfg = tiny_config()                                   # 8 experts, top-2
     ex = _random_experts(cfg)
     x = torch.randn(N, cfg.hidden_size)
@@ -37,13 +43,14 @@ def test_dense_experts_equal_grouped(tiny_config, N):
     w = torch.rand(N, cfg.num_experts_per_tok)
     with torch.no_grad():
         ref, ref_counts = ex(x, w, idx)
-        out, counts = ex.forward_dense(x, w, idx)
+        out, counts = getattr(ex, path)(x, w, idx)
     assert (ref_counts == 0).any() or N == 16
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert counts.tolist() == ref_counts.tolist()
 
 
-def test_dense_experts_all_tokens_on_one_expert(tiny_config):
+@pytest.mark.parametrize("path", STATIC_PATHS)
+def test_static_experts_all_tokens_on_one_expert(tiny_config, path):
     cfg = tiny_config()
     ex = _random_experts(cfg, seed=1)
     x = torch.randn(5, cfg.hidden_size)
@@ -51,24 +58,44 @@ def test_dense_experts_all_tokens_on_one_expert(tiny_config):
     w = torch.rand(5, 2)
     with torch.no_grad():
         ref, _ = ex(x, w, idx)
-        out, counts = ex.forward_dense(x, w, idx)
+        out, counts = getattr(ex, path)(x, w, idx)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert counts.tolist() == [0, 0, 0, 5, 0, 5, 0, 0]
 
 
-def test_dense_experts_backward_matches(tiny_config):
+@pytest.mark.parametrize("path", STATIC_PATHS)
+def test_static_experts_backward_matches(tiny_config, path):
     cfg = tiny_config()
     ex = _random_experts(cfg, seed=2)
     x = torch.randn(6, cfg.hidden_size)
     idx = torch.stack([torch.randperm(cfg.n_routed_experts)[:2] for _ in range(6)])
     w = torch.rand(6, 2)
     grads = []
-    for fn in (ex.forward, ex.forward_dense):
+    for fn in (ex.forward, getattr(ex, path)):
         ex.zero_grad()
         fn(x, w, idx)[0].square().sum().backward()
         grads.append((ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,expected", [(1, "forward_gathered"), (2, "forward_gathered"), (3, "forward_dense")])
+def test_compiled_decode_gathers_only_for_a_handful_of_tokens(tiny_config, monkeypatch, N, expected):
+    """8 experts, top-2: gathering reads 2 N k expert matrices where dense reads E, so it is used
+    up to N k = 4 pairs; the choice is made only while compiling an eval-mode forward."""
+    cfg = tiny_config()
+    ex = _random_experts(cfg).eval()
+    x, w = torch.randn(N, cfg.hidden_size), torch.rand(N, 2)
+    idx = torch.stack([torch.randperm(cfg.n_routed_experts)[:2] for _ in range(N)])
+    called = []
+    for name in STATIC_PATHS:
+        monkeypatch.setattr(Experts, name, lambda self, *a, name=name: called.append(name) or (a[0], None))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ex(x, w, idx)
+    assert called == [expected]
+    called.clear()
+    ex.train()(x, w, idx)                                 # a compiled training forward keeps the grouped path
+    assert called == []
 
 
 def test_kv_cache_views_share_one_buffer(tiny_model):

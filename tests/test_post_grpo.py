@@ -306,6 +306,42 @@ def test_prompts_longer_than_the_context_are_dropped_before_any_rollout_and_none
             sample_and_score(model, tk, long, 2, template=template, max_new_tokens=4, temperature=1.0, top_p=1.0)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_train_compile_reaches_the_rollout_engine(tmp_path, monkeypatch, compile):
+    """``[train] compile = true`` in GRPO compiles the rollout engine's decode step as well as the
+    update; here the compiler fails on first use, so both warn, run eagerly and the stage finishes."""
+    from nanoseek.infer import engine as engine_module
+
+    built = []
+    init = engine_module.Engine.__init__
+    monkeypatch.setattr(engine_module.Engine, "__init__",
+                        lambda self, *a, **k: built.append(k.get("compile", False)) or init(self, *a, **k))
+
+    def failing_compile(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    tk = tiny_tokenizer()
+    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(tmp_path / "base")
+    cfg = stage_config_from_dict("grpo", {
+        "model": {"init_from": str(tmp_path / "base")},
+        "grpo": {"prompts": "digit7@fixed", "num_prompts": 4, "template": "chat", "prompts_per_step": 2,
+                 "group_size": 2, "max_new_tokens": 2, "micro_batch_size": 4},
+        "optim": {"seq_len": 64},
+        "train": {"max_steps": 2, "out_dir": str(tmp_path / "grpo"), "device": "cpu", "seed": 0, "compile": compile}})
+    if compile:
+        with pytest.warns(RuntimeWarning) as caught:
+            res = train_grpo(cfg, reward_fn=first_token_is_7, quiet=True)
+        said = " ".join(str(w.message) for w in caught)
+        assert "decoding eagerly" in said and "training eagerly" in said, said
+    else:
+        res = train_grpo(cfg, reward_fn=first_token_is_7, quiet=True)
+    assert res.status == "done" and built == [compile]
+
+
 # ----------------------------------------------------------------------------- the update's shortcuts are exact
 
 

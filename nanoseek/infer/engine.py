@@ -40,7 +40,10 @@ With ``compile=True`` (opt-in) the plain decode forward runs through ``torch.com
 on a CPU it needs a C++ compiler) with dynamic shapes, so a growing context or a changing number
 of active rows does not recompile every step; the first steps pay the compilation (tens of
 seconds; ``compile_seconds``). On a CPU a decode step is dominated by the number of small
-operators, which the compiler fuses. Prefill and MTP steps stay eager. If compiling or running
+operators, which the compiler fuses: the engine passes the step's ``cache_length`` (it knows every
+row's position), so the forward is one graph, and on a CPU the graph's kernels are launched from
+generated C++ (inductor's ``cpp_wrapper``) rather than Python; the MoE layers take a static-shape
+path (:class:`~nanoseek.model.moe.Experts`). Prefill and MTP steps stay eager. If compiling or running
 the compiled step fails, the engine warns once and decodes eagerly from then on.
 
 Logprobs are of the model's own distribution (float32 ``log_softmax`` of the raw logits, before
@@ -597,7 +600,7 @@ class Engine:
         pos = torch.tensor([[s.pos] for s in samples], device=dev)
         rows = self._rows([s.row for s in samples])
         self._switches.set_absorb(True)
-        logits = self._ban(self._decode_forward(ids, pos, rows), samples)
+        logits = self._ban(self._decode_forward(ids, pos, rows, max(s.pos for s in samples) + 1), samples)
         rp = self._row_params(samples)
         tokens = choose_tokens(logits, rp, self._uniforms(samples, rp))
         lps, tops = logprobs_and_top(logits, tokens, [s.params.top_logprobs for s in samples])
@@ -610,25 +613,30 @@ class Engine:
         self.stats.decode_seconds += time.perf_counter() - t0
         return events
 
-    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """The model's decode forward -> last-position logits [B, V]; compiled when ``compile`` is on."""
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
+                        length: int) -> torch.Tensor:
+        """The model's decode forward -> last-position logits [B, V]; compiled when ``compile`` is on.
+        ``length``: max(pos) + 1, known here, so the forward reads nothing back from its tensors."""
         if self.compile:
             try:
-                return self._compiled_forward(ids, pos, rows)
+                return self._compiled_forward(ids, pos, rows, length)
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, never fail the request
                 warnings.warn(f"Engine(compile=True): the compiled decode step failed ({type(e).__name__}: "
                               f"{str(e)[:300]}); decoding eagerly from now on", RuntimeWarning, stacklevel=2)
                 self.compile = False
-        return self.model(ids, positions=pos, cache=self.cache, rows=rows).logits[:, -1]
+        return self.model(ids, positions=pos, cache=self.cache, rows=rows, cache_length=length).logits[:, -1]
 
-    def _compiled_forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def _compiled_forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
+                          length: int) -> torch.Tensor:
         import torch._dynamo
 
         if self._compiled is None:
-            self._compiled = torch.compile(self.model.forward, dynamic=True)
+            # cpp_wrapper: on a CPU the graph's kernels are called from generated C++, not Python
+            options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+            self._compiled = torch.compile(self.model.forward, dynamic=True, options=options)
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
-        logits = self._compiled(ids, positions=pos, cache=self.cache, rows=rows).logits[:, -1]
+        logits = self._compiled(ids, positions=pos, cache=self.cache, rows=rows, cache_length=length).logits[:, -1]
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames:   # this call compiled
             self.compile_seconds += time.perf_counter() - t0
         return logits

@@ -27,9 +27,12 @@ so: a compiled *training* forward (``[train] compile``, :mod:`nanoseek.train.com
 same sorted dispatch with each grouped GEMM as one opaque custom operator
 (``nanoseek::grouped_linear``, its backward ``nanoseek::grouped_linear_grads``: the eager kernels,
 so the arithmetic is the eager step's); the engine's compiled *decode* step (a module in eval
-mode) runs the experts densely: every expert on every token, weighted by the routing weights
-(zero for unchosen experts), as two matmuls with static shapes; it costs E/k times the FLOPs,
-which for the few tokens of a decode step buys fewer, larger matmuls.
+mode) has static shapes instead: for a handful of tokens (2 N k <= E, e.g. one sequence) each
+(token, expert) pair gathers its expert's matrices and runs two batched matrix-vector products,
+reading only the chosen experts (a decode step at batch 1 is bound by reading weights); for more
+tokens every expert runs on every token, weighted by the routing weights (zero for unchosen
+experts), as two matmuls: E/k times the FLOPs, which for the few tokens of a decode step buys
+fewer, larger matmuls.
 Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
 (``mlp.experts.{j}.gate_proj.weight``...) on save.
 
@@ -301,7 +304,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
         compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # (a swapped GEMM: its own)
-        if compiling and not self.training:          # the engine's compiled decode: a few tokens, dense
+        if compiling and not self.training:          # the engine's compiled decode: static shapes
+            if 2 * x.shape[0] * idx.shape[1] <= self.n_experts:
+                return self.forward_gathered(x, weights, idx)
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)
         y = self.expert_mlp(x[token], counts, grouped_linear_op if compiling else None)   # [N*k, d]
@@ -316,8 +321,22 @@ class Experts(nn.Module):
         dense_w = x.new_zeros(N, E).scatter_(1, idx, weights.to(x.dtype))     # 0 for unchosen experts
         act = self.act(gate, up) * dense_w[:, :, None]                        # [N, E, I]
         y = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))    # [E, N, d]
-        counts = (idx.reshape(-1, 1) == torch.arange(E, device=idx.device)).sum(dim=0)
-        return y.sum(dim=0), counts
+        return y.sum(dim=0), self._counts(idx)
+
+    def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same result as ``forward`` (up to rounding) with static shapes, reading only the chosen
+        experts: each (token, expert) pair's matrices gathered, two batched matrix-vector products."""
+        N, d = x.shape
+        chosen = idx.reshape(-1)                                              # [N*k]
+        xs = x.repeat_interleave(idx.shape[1], dim=0)[:, :, None]             # [N*k, d, 1]
+        gate, up = torch.bmm(self.gate_up_proj[chosen], xs).squeeze(-1).split(self.intermediate, dim=-1)
+        act = self.act(gate, up) * weights.reshape(-1, 1).to(x.dtype)         # [N*k, I]
+        y = torch.bmm(self.down_proj[chosen], act[:, :, None]).view(N, -1, d)   # [N, k, d]
+        return y.sum(dim=1), self._counts(idx)
+
+    def _counts(self, idx: torch.Tensor) -> torch.Tensor:
+        """Tokens per expert [E] without a scatter (a static-shape comparison)."""
+        return (idx.reshape(-1, 1) == torch.arange(self.n_experts, device=idx.device)).sum(dim=0)
 
 
 class MoE(nn.Module):

@@ -83,9 +83,10 @@ class RotaryEmbedding(nn.Module):
             self._sin = angles.sin() * self.attention_factor
         return self._cos, self._sin
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (or [T]) -> cos, sin [B, T, rope_dim/2] in fp32."""
-        cos, sin = self._table(int(positions.max()) + 1, positions.device)
+    def forward(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (or [T]) -> cos, sin [B, T, rope_dim/2] in fp32. ``length``: a bound on
+        max(positions) + 1 the caller already knows (saves reading the positions back from the device)."""
+        cos, sin = self._table(int(positions.max()) + 1 if length is None else length, positions.device)
         return cos[positions], sin[positions]
 
 

@@ -163,6 +163,16 @@ class DeepSeekCausalLM(nn.Module):
         B, T = input_ids.shape
         return torch.arange(T, device=input_ids.device).expand(B, T)
 
+    @staticmethod
+    def _cache_length(cache, positions: torch.Tensor, length: int | None) -> int:
+        """The slots a cached forward attends over: max(positions) + 1, checked against the cache
+        (read from ``positions`` unless the caller gives it)."""
+        if length is None:
+            return cache.check_positions(positions)
+        if not 0 < length <= cache.max_len:
+            raise ValueError(f"cache_length {length} is outside the cache's 1..{cache.max_len}")
+        return length
+
     # ------------------------------------------------------------------ MoE helpers (trainer interface)
     def absorb_modules(self) -> list[nn.Module]:
         """The attention modules with a naive and an absorbed MLA path (none unless a family has them)."""
@@ -217,21 +227,25 @@ class DeepseekV3ForCausalLM(DeepSeekCausalLM):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 rows: torch.Tensor | None = None, logits_to_keep: int | None = None,
-                return_hidden: bool = False) -> CausalLMOutput:
+                return_hidden: bool = False, cache_length: int | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] next-token targets (-100 = ignore).
 
         Without a cache positions default to 0..T-1 and attention is causal over the sequence
         (documents packed without cross-document masks, as DeepSeek trains). With a cache the
         caller passes absolute ``positions`` [B, T] and optionally the cache ``rows`` [B].
-        ``logits_to_keep=n`` computes logits for the last n positions only.
+        ``logits_to_keep=n`` computes logits for the last n positions only. ``cache_length``:
+        max(positions) + 1 when the caller knows it (the engine does), so the forward reads
+        nothing back from the tensors and a compiled decode step is one graph.
         """
         T = input_ids.shape[1]
         positions = self._positions(input_ids, positions, cache)
         m = self.model
-        cos, sin = m.rotary_emb(positions)
+        if cache is not None:
+            cache_length = self._cache_length(cache, positions, cache_length)
+        cos, sin = m.rotary_emb(positions, cache_length)
         h = m.embed_tokens(input_ids)
         # which cached slots each query sees: computed once, shared by every layer
-        mask = None if cache is None else CacheMask(positions, cache.check_positions(positions))
+        mask = None if cache is None else CacheMask(positions, cache_length)
         for attn in self._indexed_attention(with_mtp=True):
             attn.indexer_loss = None
         for layer in m.layers:

@@ -221,15 +221,18 @@ class GRPOTask:
 
     ``model`` is the policy the trainer optimises (the rollouts sample from it); ``reward_fn``
     defaults to the rule-based rewards of the section's template and weights (:func:`build_reward_fn`);
-    ``engine`` defaults to the inference engine over ``model``; ``out_dir`` receives ``samples.jsonl``.
+    ``engine`` defaults to the inference engine over ``model`` (its decode step compiled with
+    ``compile``, the stage's ``[train] compile``); ``out_dir`` receives ``samples.jsonl``.
     """
 
     rank_sharded = True           # each rank samples its own share of the step's prompts
     independent_forwards = True   # rollouts: a different number of forwards on each rank (no EP / FSDP)
 
     def __init__(self, model, tokenizer, prompts: list[RLPrompt], cfg: GRPOSection,
-                 reward_fn: RewardFn | None = None, engine=None, out_dir: str | Path | None = None):
+                 reward_fn: RewardFn | None = None, engine=None, out_dir: str | Path | None = None,
+                 compile: bool = False):
         self.cfg = cfg.validate()
+        self.compile = compile
         if not prompts:
             raise ValueError("GRPO needs at least one prompt")
         self.model, self.tokenizer, self.prompts = model, tokenizer, prompts
@@ -267,7 +270,8 @@ class GRPOTask:
             from nanoseek.infer.engine import Engine
 
             self.engine = Engine(self.model, self.tokenizer, max_batch_size=self.cfg.rollout_size,
-                                 max_seq_len=self.max_prompt_len + self.cfg.max_new_tokens + 1)
+                                 max_seq_len=self.max_prompt_len + self.cfg.max_new_tokens + 1,
+                                 compile=self.compile)
         return self.engine
 
     def _sampling_params(self, seed: int, tools: bool = False):
@@ -555,7 +559,8 @@ def train_grpo(cfg, *, model=None, tokenizer=None, prompts: list[RLPrompt] | Non
         prompts = load_rl_prompts(g.prompts, g.num_prompts, "train", g.seed, g.level, g.prompt_weights)
     model.use_mtp = False  # the policy-gradient loss only
     run_dir = Path(cfg.train.out_dir or "runs/grpo")
-    task = GRPOTask(model, tokenizer, prompts, g, reward_fn=reward_fn, engine=engine, out_dir=run_dir)
+    task = GRPOTask(model, tokenizer, prompts, g, reward_fn=reward_fn, engine=engine, out_dir=run_dir,
+                    compile=cfg.train.compile)
     if task.dropped and not quiet:
         print(f"grpo: {task.dropped} of {len(prompts)} prompts dropped: longer than the model's context "
               f"({model.config.max_position_embeddings} tokens) less max_new_tokens={g.max_new_tokens}", flush=True)

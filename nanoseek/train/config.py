@@ -149,7 +149,8 @@ class TrainSection:
     indexer_loss_weight: float = 1.0  # V3.2: weight of the indexers' KL loss (0: indexers frozen)
     recompute: str = "none"           # activation recomputation: "none", "selective" (V3's: RMSNorm + MLA up-proj), "full"
     compile: bool = False             # run each micro-batch's forward + backward through torch.compile (one process;
-                                      #   compiled on the first step, eager with a warning if compiling fails: loop.py)
+                                      #   compiled on the first step, eager with a warning if compiling fails: loop.py);
+                                      #   in GRPO also the rollout engine's decode step (Engine(compile=True))
     max_nodes_per_token: int = 0      # node-limited routing (V3 2.1.2): each token's experts on at most M nodes (0: off)
     expert_nodes: int = 0             # ...the nodes the routed experts span (0: from the layout, ep / ranks per node)
     tensorboard: bool = False         # also log to RUN/tensorboard (needs the tensorboard package)

@@ -126,17 +126,19 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache=None, rows: torch.Tensor | None = None,
                 logits_to_keep: int | None = None, return_hidden: bool = False,
-                valid: torch.Tensor | None = None) -> V4Output:
+                valid: torch.Tensor | None = None, cache_length: int | None = None) -> V4Output:
         """input_ids [B, T]; labels [B, T] next-token targets (-100 = ignore).
 
         Without a cache positions are 0..T-1 (causal over the sequence). With a :class:`V4Cache`
         the caller passes absolute ``positions`` [B, T] (consecutive per row), optionally the cache
         ``rows`` [B] and ``valid`` [B, T] (False = padding: neither cached nor used as context).
+        ``cache_length``: max(positions) + 1 when the caller knows it (checked against the cache
+        instead of reading the positions back).
         """
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions, cache)
         if cache is not None:
-            cache.check_positions(positions)
+            self._cache_length(cache, positions, cache_length)
             if rows is None:
                 rows = torch.arange(B, device=input_ids.device)
         m = self.model
