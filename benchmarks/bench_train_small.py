@@ -13,6 +13,9 @@ and timed over ``_train_step`` (everything a step of the speedrun does but draw 
 * ``before (foreach AdamW)``: the step as it was before this benchmark's levers (the foreach AdamW);
   ``eager``: the default step (fused CPU AdamW); ``compiled``: the same with ``[train] compile = true``
   (its first step compiles: ``compile s`` below, excluded from the median);
+* ``compiled, bf16 autocast``: the compiled step with ``[train] dtype = "bfloat16"`` (fp32 weights and
+  optimizer, bf16 matmuls), only where the CPU multiplies bf16 natively (at least half its fp32 rate,
+  e.g. AMX); its loss curve is close to fp32's, not equal;
 * ``eager, no MTP``: MTP off, the same work as transformers' ``DeepseekV3ForCausalLM``, which has no
   MTP; that model (loaded from our saved weights, SDPA attention, its fastest experts implementation)
   runs forward with labels, backward, the same AdamW and zero_grad.
@@ -69,10 +72,11 @@ def parse_args() -> argparse.Namespace:
 class TrainerSide:
     """A Trainer on the recipe's pre-training config (synthetic tokens); ``step()`` times one step."""
 
-    def __init__(self, name: str, recipe: str, tmp: Path, compile: bool, mtp: bool, foreach: bool = False):
+    def __init__(self, name: str, recipe: str, tmp: Path, compile: bool, mtp: bool, foreach: bool = False,
+                 dtype: str = "float32"):
         raw = load_recipe(recipe).pretrain_raw(tmp / name, STAGE_SECONDS / 60, 0)
         raw["data"] = {"source": "synthetic", "val_batches": 0}
-        raw["train"].update(compile=compile, **({} if mtp else {"mtp_lambda": 0.0}))
+        raw["train"].update(compile=compile, dtype=dtype, **({} if mtp else {"mtp_lambda": 0.0}))
         cfg = config_from_dict(raw, source=f"{recipe} [pretrain]")
         model, task, _ = build_pretraining(cfg)
         self.name, self.kind = name, "ours"
@@ -181,20 +185,28 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("default")
     peak = measure_matmul_peak("cpu", "float32")
-    results: dict = {"threads": args.threads, "peak_flops": peak, "torch": torch.__version__, "sides": {}}
+    peak_bf16 = measure_matmul_peak("cpu", "bfloat16")
+    bf16 = peak_bf16 >= 0.5 * peak and not args.no_compile      # native bf16 (e.g. AMX), not emulated
+    results: dict = {"threads": args.threads, "peak_flops": peak, "peak_flops_bf16": peak_bf16,
+                     "torch": torch.__version__, "sides": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sides: list = [TrainerSide("before (foreach AdamW)", args.recipe, tmp, compile=False, mtp=True, foreach=True),
                        TrainerSide("eager", args.recipe, tmp, compile=False, mtp=True)]
         if not args.no_compile:
             sides.append(TrainerSide("compiled", args.recipe, tmp, compile=True, mtp=True))
+        if bf16:
+            sides.append(TrainerSide("compiled, bf16 autocast", args.recipe, tmp, compile=True, mtp=True,
+                                     dtype="bfloat16"))
         if not args.no_transformers:
             sides.append(TrainerSide("eager, no MTP", args.recipe, tmp, compile=False, mtp=False))
             sides.append(HFSide(sides[-1], tmp))
         first = sides[0]
+        bf16_note = "native: a compiled bf16-autocast side too" if bf16 else "no bf16 side"
         print(f"# bench_train_small: the {args.recipe} recipe's pre-training step, {first.tokens} tokens "
               f"(2 x 256), {args.threads} thread(s), torch {torch.__version__}; matmul peak "
-              f"{peak / 1e9:.1f} GFLOP/s; model FLOPs per step {first.flops_per_token * first.tokens / 1e9:.2f} G"
+              f"{peak / 1e9:.1f} GFLOP/s (bf16 {peak_bf16 / 1e9:.1f}: {bf16_note}); model FLOPs per step "
+              f"{first.flops_per_token * first.tokens / 1e9:.2f} G"
               f"\n# a shared 2-core machine: other processes' load moves every figure; the ratios are of "
               f"alternating steps")
         for s in sides:                                   # first steps: the compiled side compiles here
@@ -230,6 +242,10 @@ def main() -> int:
             print(f"\ncompiled / before: {c['vs_before']:.2f}x tokens/s (target 2.5x); compiled / eager "
                   f"{c['tokens_per_s'] / e['tokens_per_s']:.2f}x; over a 15-minute stage, compile time included: "
                   f"{c['stage_tokens'] / e['stage_tokens']:.2f}x the eager step's tokens")
+        if "compiled, bf16 autocast" in r:
+            b = r["compiled, bf16 autocast"]
+            print(f"compiled, bf16 autocast / before: {b['vs_before']:.2f}x tokens/s; / compiled fp32 "
+                  f"{b['tokens_per_s'] / r['compiled']['tokens_per_s']:.2f}x")
         print("\n# loss per step from the same weights on the same batches")
         curves = [s for s in sides if s.kind == "ours" and s.name != "eager, no MTP"]
         ref = curves[0].losses
@@ -239,7 +255,8 @@ def main() -> int:
             diff = max(abs(a - b) for a, b in zip(ref, s.losses))
             results["sides"][s.name]["max_loss_diff"] = diff
             print(f"max |{s.name} - {curves[0].name}| over {len(ref)} steps: {diff:.2e} "
-                  f"(loss {ref[0]:.3f} -> {ref[-1]:.3f})")
+                  f"(loss {ref[0]:.3f} -> {ref[-1]:.3f})"
+                  + ("; bf16 rounds every matmul's inputs: close, not equal" if "bf16" in s.name else ""))
         hf = next((s for s in sides if s.kind == "hf"), None)
         if hf is not None:
             h = r[hf.name]["tokens_per_s"]
