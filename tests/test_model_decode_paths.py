@@ -64,6 +64,22 @@ def test_static_experts_all_tokens_on_one_expert(tiny_config, path):
 
 
 @pytest.mark.parametrize("path", STATIC_PATHS)
+def test_static_experts_sum_an_expert_chosen_twice(tiny_config, path):
+    """V4's hash-routed layers can give a token the same expert in two slots (``tid2eid`` is drawn at
+    random): the expert's output counts once per slot, as in the grouped path."""
+    cfg = tiny_config()
+    ex = _random_experts(cfg, seed=3)
+    x = torch.randn(3, cfg.hidden_size)
+    idx = torch.tensor([[6, 6], [5, 5], [5, 2]])
+    w = torch.rand(3, 2)
+    with torch.no_grad():
+        ref, ref_counts = ex(x, w, idx)
+        out, counts = getattr(ex, path)(x, w, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == ref_counts.tolist() == [0, 0, 1, 0, 0, 3, 2, 0]
+
+
+@pytest.mark.parametrize("path", STATIC_PATHS)
 def test_static_experts_backward_matches(tiny_config, path):
     cfg = tiny_config()
     ex = _random_experts(cfg, seed=2)

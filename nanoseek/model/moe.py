@@ -318,7 +318,8 @@ class Experts(nn.Module):
         E, inter = self.n_experts, self.intermediate
         h = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d)).view(N, E, 2 * inter)
         gate, up = h.split(inter, dim=-1)                                     # [N, E, I] each
-        dense_w = x.new_zeros(N, E).scatter_(1, idx, weights.to(x.dtype))     # 0 for unchosen experts
+        # 0 for unchosen experts; summed where a token chose an expert twice (V4's hash routing can)
+        dense_w = x.new_zeros(N, E).scatter_add_(1, idx, weights.to(x.dtype))
         act = self.act(gate, up) * dense_w[:, :, None]                        # [N, E, I]
         y = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))    # [E, N, d]
         return y.sum(dim=0), self._counts(idx)

@@ -235,7 +235,8 @@ class DeepseekV3ForCausalLM(DeepSeekCausalLM):
         caller passes absolute ``positions`` [B, T] and optionally the cache ``rows`` [B].
         ``logits_to_keep=n`` computes logits for the last n positions only. ``cache_length``:
         max(positions) + 1 when the caller knows it (the engine does), so the forward reads
-        nothing back from the tensors and a compiled decode step is one graph.
+        nothing back from the tensors and a compiled decode step is one graph; it is trusted (only
+        checked against the cache's length): a smaller value hides the later slots from the queries.
         """
         T = input_ids.shape[1]
         positions = self._positions(input_ids, positions, cache)

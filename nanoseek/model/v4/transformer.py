@@ -133,7 +133,7 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
         the caller passes absolute ``positions`` [B, T] (consecutive per row), optionally the cache
         ``rows`` [B] and ``valid`` [B, T] (False = padding: neither cached nor used as context).
         ``cache_length``: max(positions) + 1 when the caller knows it (checked against the cache
-        instead of reading the positions back).
+        instead of reading the positions back; trusted to be max(positions) + 1).
         """
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions, cache)
