@@ -1,6 +1,6 @@
 """``[train] compile = true``: the compiled training step (nanoseek/train/compiled.py).
 
-Fast: the grouped expert GEMM as one custom operator (what the compiled graph calls) gives the
+Fast: the training forward is one graph (nothing read back to the host); the grouped expert GEMM as one custom operator (what the compiled graph calls) gives the
 eager grouped GEMM's outputs and gradients bitwise, on both of its paths; a compiler failure
 puts the step's gradients and MoE load counts back and trains eagerly with one warning, exactly as
 an eager run; the key is type-checked and refused under torchrun with one line. Slow (compiling
@@ -21,6 +21,18 @@ from nanoseek.train.metrics import events, read_metrics, step_records
 
 from test_train_loop import losses, make_cfg, run
 from train_helpers import CrashAt, StopAt
+
+
+def test_training_forward_is_one_graph(tiny_model):
+    """The forward with labels (main and MTP losses) reads nothing back from its tensors: RoPE's
+    table size is the sequence length when the positions are the default 0..T-1, so dynamo traces
+    the compiled training forward as one graph."""
+    import torch._dynamo
+
+    model = tiny_model(seed=0).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    explained = torch._dynamo.explain(model.forward)(ids, labels=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
 @pytest.mark.parametrize("width", [16, 10])          # 16: torch._grouped_mm; 10 (unaligned rows): the loop

@@ -239,11 +239,12 @@ class DeepseekV3ForCausalLM(DeepSeekCausalLM):
         checked against the cache's length): a smaller value hides the later slots from the queries.
         """
         T = input_ids.shape[1]
+        rope_length = T if positions is None else None       # default positions 0..T-1: known here
         positions = self._positions(input_ids, positions, cache)
         m = self.model
         if cache is not None:
-            cache_length = self._cache_length(cache, positions, cache_length)
-        cos, sin = m.rotary_emb(positions, cache_length)
+            rope_length = cache_length = self._cache_length(cache, positions, cache_length)
+        cos, sin = m.rotary_emb(positions, rope_length)
         h = m.embed_tokens(input_ids)
         # which cached slots each query sees: computed once, shared by every layer
         mask = None if cache is None else CacheMask(positions, cache_length)
