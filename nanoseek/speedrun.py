@@ -489,8 +489,12 @@ def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, 
         t0 = time.time()
         try:
             out = fn() or {}
+            if out.get("status_detail") == "interrupted":   # Ctrl-C or SIGTERM: the trainer saved and stopped
+                raise KeyboardInterrupt
         except BaseException as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            if status == "interrupted" and training:
+                log(f"{step}: interrupted; the same command resumes it from its last checkpoint")
             state.mark(step, status)
             state.update(stage, status=status, error=f"{step}: {type(e).__name__}: {e}")
             state.data["status"] = status

@@ -3,6 +3,7 @@ whole smoke run end to end."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -183,6 +184,30 @@ def test_cli_wants_from_and_redo_together(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_an_interrupted_stage_stops_the_run_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM in a training stage: the trainer saves a checkpoint and returns "interrupted";
+    the speedrun stops there (exit 130, the step recorded as interrupted, not done: it once went on
+    to evaluate a model that was never written and recorded pre-training as done, so the same command
+    skipped it and failed again), and the same command runs the stage again, resuming."""
+    import nanoseek.train.pretrain as pretraining
+    from nanoseek.train.loop import FitResult
+
+    calls = []
+
+    def interrupted(cfg, resume=False, **kwargs):
+        calls.append(cfg.train.out_dir)
+        return FitResult(status="interrupted", step=3, tokens=1536, run_dir=Path(cfg.train.out_dir))
+
+    monkeypatch.setattr(pretraining, "pretrain", interrupted)
+    out = tmp_path / "run"
+    for attempt in (1, 2):
+        assert main(["speedrun", "--minutes", "1", "--out", str(out), "--threads", "1"]) == 130
+        run = json.loads((out / "run.json").read_text())
+        assert run["status"] == "interrupted" and run["steps"]["pretrain"] == "interrupted", run["steps"]
+        assert "eval_base" not in run["steps"] and len(calls) == attempt
+        assert "pretrain: interrupted; the same command resumes it" in capsys.readouterr().out
+
+
 def test_smoke_speedrun_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main(["speedrun", "--minutes", "1", "--out", str(out), "--threads", "1"]) == 0
