@@ -183,7 +183,6 @@ def test_cli_wants_from_and_redo_together(tmp_path, capsys):
     assert "--from RUN and --redo STAGE go together" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_an_interrupted_stage_stops_the_run_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM in a training stage: the trainer saves a checkpoint and returns "interrupted";
     the speedrun stops there (exit 130, the step recorded as interrupted, not done: it once went on
@@ -208,6 +207,7 @@ def test_an_interrupted_stage_stops_the_run_and_the_same_command_resumes_it(tmp_
         assert "pretrain: interrupted; the same command resumes it" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_smoke_speedrun_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main(["speedrun", "--minutes", "1", "--out", str(out), "--threads", "1"]) == 0
