@@ -247,10 +247,30 @@ def _stage_data(run_dir: Path, rc: SpeedrunRecipe, seed: int, scale: float, log)
     return prepare(docs, out, cfg=cfg)
 
 
-def _pretrain_config(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed: int):
+def _pretrain_config(run_dir: Path, rc: SpeedrunRecipe, minutes: float, seed: int, train: dict | None = None):
+    """The pre-training stage's config; ``train``: [pretrain.train] keys added to the recipe's
+    (the step settings :mod:`nanoseek.speedrun_machine` chose)."""
     from nanoseek.train.config import config_from_dict
 
-    return config_from_dict(rc.pretrain_raw(run_dir, minutes, seed), source=f"{rc.source} [pretrain]")
+    raw = rc.pretrain_raw(run_dir, minutes, seed)
+    raw["train"].update(train or {})
+    return config_from_dict(raw, source=f"{rc.source} [pretrain]")
+
+
+def _pretrain_step_settings(state: RunState, rc: SpeedrunRecipe, minutes: float, resume: bool) -> tuple[dict, str]:
+    """The pre-training step's compile / dtype (:mod:`nanoseek.speedrun_machine`), chosen when the
+    stage first starts and recorded on it in run.json: a resumed stage keeps them (one that started
+    before they were recorded keeps the trainer's defaults)."""
+    from nanoseek.speedrun_machine import pretrain_step_settings
+
+    rec = state.stage("pretrain")
+    if "step_settings" in rec:
+        return rec["step_settings"], f"{rec.get('step_settings_why', '')} (chosen when the stage started)"
+    if resume:
+        return {}, "eager fp32, as the stage started"
+    chosen, why = pretrain_step_settings(rc.written.get("pretrain", {}).get("train", {}), minutes)
+    state.update("pretrain", step_settings=chosen, step_settings_why=why)
+    return chosen, why
 
 
 def _stage_config(kind: str, run_dir: Path, rc: SpeedrunRecipe, init_from: Path, minutes: float, seed: int):
@@ -522,9 +542,12 @@ def _run(args, rc: SpeedrunRecipe, run_dir: Path, config: dict, minutes: float, 
             from nanoseek.train.checkpoint import latest_checkpoint
             from nanoseek.train.pretrain import pretrain
 
-            cfg = _pretrain_config(run_dir, rc, rc.budget.pretrain * minutes, seed)
-            log(f"pretrain: {rc.budget.pretrain * minutes:.1f} min budget")
-            res = pretrain(cfg, resume=latest_checkpoint(run_dir / "pretrain") is not None)
+            stage_minutes = rc.budget.pretrain * minutes
+            resume = latest_checkpoint(run_dir / "pretrain") is not None
+            step, why = _pretrain_step_settings(state, rc, stage_minutes, resume)
+            cfg = _pretrain_config(run_dir, rc, stage_minutes, seed, train=step)
+            log(f"pretrain: {stage_minutes:.1f} min budget; the step: {why}")
+            res = pretrain(cfg, resume=resume)
             return _fit_summary(res)
         timed("pretrain", pretrain_stage, "pretrain", eval_mode="fewshot")
         timed("eval_base", lambda: _evaluate(run_dir / "pretrain", "fewshot", rc, scale, seed, log), "pretrain")

@@ -38,7 +38,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("infer", ("nanoseek.infer",)),
     ("post-training, evaluation and export", ("nanoseek.post", "nanoseek.eval", "nanoseek.export")),
     ("serve", ("nanoseek.serve",)),
-    ("jobs", ("nanoseek.speedrun", "nanoseek.speedrun_recipe", "nanoseek.ablate", "nanoseek.demo")),
+    ("jobs", ("nanoseek.speedrun", "nanoseek.speedrun_recipe", "nanoseek.speedrun_machine", "nanoseek.ablate",
+              "nanoseek.demo")),
     ("command line", ("nanoseek.cli", "nanoseek.__main__")),
 ]
 # Siblings in one layer that must not import each other: (importer prefix, forbidden prefixes).

@@ -306,6 +306,19 @@ def test_prompts_longer_than_the_context_are_dropped_before_any_rollout_and_none
             sample_and_score(model, tk, long, 2, template=template, max_new_tokens=4, temperature=1.0, top_p=1.0)
 
 
+def _small_stage(tmp_path, compile: bool, max_new_tokens: int):
+    """A 2-step GRPO stage config over a saved tiny model (in ``tmp_path / "base"``)."""
+    tk = tiny_tokenizer()
+    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
+    tk.save(tmp_path / "base")
+    return stage_config_from_dict("grpo", {
+        "model": {"init_from": str(tmp_path / "base")},
+        "grpo": {"prompts": "digit7@fixed", "num_prompts": 4, "template": "chat", "prompts_per_step": 2,
+                 "group_size": 2, "max_new_tokens": max_new_tokens, "micro_batch_size": 4},
+        "optim": {"seq_len": 64},
+        "train": {"max_steps": 2, "out_dir": str(tmp_path / "grpo"), "device": "cpu", "seed": 0, "compile": compile}})
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_train_compile_reaches_the_rollout_engine(tmp_path, monkeypatch, compile):
     """``[train] compile = true`` in GRPO compiles the rollout engine's decode step as well as the
@@ -323,15 +336,7 @@ def test_train_compile_reaches_the_rollout_engine(tmp_path, monkeypatch, compile
         return run
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    tk = tiny_tokenizer()
-    save_pretrained(tiny_model(tk.vocab_size), tmp_path / "base")
-    tk.save(tmp_path / "base")
-    cfg = stage_config_from_dict("grpo", {
-        "model": {"init_from": str(tmp_path / "base")},
-        "grpo": {"prompts": "digit7@fixed", "num_prompts": 4, "template": "chat", "prompts_per_step": 2,
-                 "group_size": 2, "max_new_tokens": 2, "micro_batch_size": 4},
-        "optim": {"seq_len": 64},
-        "train": {"max_steps": 2, "out_dir": str(tmp_path / "grpo"), "device": "cpu", "seed": 0, "compile": compile}})
+    cfg = _small_stage(tmp_path, compile, max_new_tokens=2)
     if compile:
         with pytest.warns(RuntimeWarning) as caught:
             res = train_grpo(cfg, reward_fn=first_token_is_7, quiet=True)
@@ -340,6 +345,34 @@ def test_train_compile_reaches_the_rollout_engine(tmp_path, monkeypatch, compile
     else:
         res = train_grpo(cfg, reward_fn=first_token_is_7, quiet=True)
     assert res.status == "done" and built == [compile]
+
+
+def test_rope_table_built_while_generating_is_not_an_inference_tensor():
+    """Rollouts build RoPE's cos/sin table under inference_mode; the compiled update then reads it
+    as a graph input and may save it for its backward, which autograd refuses for an inference
+    tensor: the compiled GRPO update failed on its first step and trained eagerly from there."""
+    model = tiny_model(64)
+    with torch.inference_mode():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    cos, sin = model.model.rotary_emb._table(8, torch.device("cpu"))
+    assert not cos.is_inference() and not sin.is_inference()
+
+
+@pytest.mark.slow
+def test_compiled_grpo_stays_compiled_after_its_rollouts(tmp_path):
+    """``[train] compile = true``: the update and the rollouts' decode step both compile and stay
+    compiled through the stage (no fallback warning, a ``compiled`` event, no ``compile_failed``)."""
+    import warnings
+
+    from nanoseek.train.metrics import events, read_metrics
+
+    cfg = _small_stage(tmp_path, True, max_new_tokens=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)          # a fallback to eager warns: fail here
+        res = train_grpo(cfg, reward_fn=first_token_is_7, quiet=True)
+    assert res.status == "done"
+    records = read_metrics(tmp_path / "grpo")
+    assert len(events(records, "compiled")) == 1 and not events(records, "compile_failed")
 
 
 # ----------------------------------------------------------------------------- the update's shortcuts are exact
@@ -383,12 +416,10 @@ def test_one_pass_skips_the_old_logprob_forward_with_the_same_loss_and_gradient(
     batch = task.rollout()
     assert batch.old_logp is None and batch.advantages.abs().sum() > 0
     old = task._logprobs(task.model, batch.input_ids, batch.targets)          # the skipped forward
-    start = 0
-    for mb in next(task.passes(batch)):                                      # contiguous row ranges
+    for mb in next(task.passes(batch)):
         assert mb["old_logp"] is None
-        n, T = mb["input_ids"].shape
-        computed = {**mb, "old_logp": old[start:start + n, :T]}
-        start += n
+        T = mb["input_ids"].shape[1]
+        computed = {**mb, "old_logp": old[mb["rows"], :T]}
         loss_skip, _ = task.loss(task.model, mb)
         g_skip = _grads(task.model, loss_skip)
         loss_full, m_full = task.loss(task.model, computed)
@@ -428,3 +459,26 @@ def test_a_rollout_switches_the_policy_to_eval_once_not_per_decode_step():
     out = sample(engine, [prompt], params, "chat")
     assert len(out.groups[0]) == 4 and len(seen) >= 6 and not any(seen)
     assert switches == [False, True] and model.training
+
+
+def test_microbatches_group_rows_of_similar_length_with_the_whole_batchs_gradient():
+    """A pass's micro-batches hold rows sorted by length (each cropped to its longest row: less
+    padding through the forward and backward), every row once; the step's gradient equals the one
+    over the whole batch at once (the micro-batch losses are shares of the step's loss)."""
+    tk = tiny_tokenizer()
+    seven, one, eos = tk.encode("7")[0], tk.encode("1")[0], tk.eos_id
+    task, tk = _task(lambda c, i, j: [seven, eos] if j % 2 else [one] * (j + 2), loss_agg="grpo")
+    batch = task.rollout()
+    [step] = list(task.passes(batch))
+    rows = torch.cat([mb["rows"] for mb in step])
+    assert sorted(rows.tolist()) == list(range(batch.input_ids.shape[0]))
+    lengths = batch.lengths[rows]
+    assert (lengths[1:] >= lengths[:-1]).all() and not (batch.lengths[1:] >= batch.lengths[:-1]).all()
+    assert [mb["input_ids"].shape[1] for mb in step] == [int(batch.lengths[mb["rows"]].max()) for mb in step]
+    assert sum(mb["input_ids"].numel() for mb in step) < len(step) * step[0]["rows"].numel() * batch.input_ids.shape[1]
+    model = task.model
+    g_parts = _grads(model, sum(task.loss(model, mb)[0] for mb in step))
+    whole = {**step[0], "input_ids": batch.input_ids, "targets": batch.targets, "advantages": batch.advantages,
+             "rows": torch.arange(batch.input_ids.shape[0])}
+    g_whole = _grads(model, task.loss(model, whole)[0])
+    assert torch.allclose(g_parts, g_whole, atol=1e-6) and g_whole.abs().sum() > 0

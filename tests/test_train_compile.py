@@ -1,6 +1,8 @@
 """``[train] compile = true``: the compiled training step (nanoseek/train/compiled.py).
 
-Fast: the training forward is one graph (nothing read back to the host); the grouped expert GEMM as one custom operator (what the compiled graph calls) gives the
+Fast: the training forward is one graph (nothing read back to the host); compiled on a CPU, its
+causal attention is explicit math over a constant mask table (SDPA past the table and in eager runs)
+and equals SDPA's outputs and gradients; the grouped expert GEMM as one custom operator (what the compiled graph calls) gives the
 eager grouped GEMM's outputs and gradients bitwise, on both of its paths; a compiler failure
 puts the step's gradients and MoE load counts back and trains eagerly with one warning, exactly as
 an eager run; the key is type-checked and refused under torchrun with one line. Slow (compiling
@@ -15,7 +17,11 @@ import warnings
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+import nanoseek.model.attention as attention
 from nanoseek.errors import ConfigError
+from nanoseek.model.attention import causal_attention
 from nanoseek.model.moe import grouped_linear, grouped_linear_op
 from nanoseek.train.metrics import events, read_metrics, step_records
 
@@ -33,6 +39,67 @@ def test_training_forward_is_one_graph(tiny_model):
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     explained = torch._dynamo.explain(model.forward)(ids, labels=ids)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The operators dynamo records for ``fn(*args)`` (a recording backend: nothing is compiled)."""
+    import torch._dynamo
+
+    seen: set[str] = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return seen
+
+
+def _sdpa_in(ops: set[str]) -> bool:
+    return any("scaled_dot_product_attention" in o for o in ops)
+
+
+@pytest.mark.parametrize("attention_type", ["mla", "mha"])
+def test_compiled_training_attention_on_a_cpu_is_explicit_math(tiny_model, attention_type, monkeypatch):
+    """Compiled on a CPU, the no-cache (training) attention is matmuls and softmax over a constant
+    mask table, not SDPA (whose in-graph decomposition runs slower); past MATH_CAUSAL_MAX_LEN, and
+    in eager runs, it stays SDPA."""
+    model = tiny_model(seed=0).train()
+    if attention_type == "mha":
+        model = tiny_model(seed=0, attention_type="mha",
+                           num_key_value_heads=model.config.num_attention_heads).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    ops = _graph_ops(lambda x: model(x, labels=x).loss, ids)
+    assert not _sdpa_in(ops) and any("softmax" in o for o in ops)
+    monkeypatch.setattr(attention, "MATH_CAUSAL_MAX_LEN", 8)          # 16 positions: beyond the table
+    assert _sdpa_in(_graph_ops(lambda x: model(x, labels=x).loss, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_causal_attention_equals_sdpa(dtype):
+    """The compiled math path (inductor) gives SDPA's causal outputs and gradients, at lengths 1, 5
+    and 300 (a table slice not a multiple of anything), with fp32 or bf16 inputs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(causal_attention, dynamic=True)
+    tol = {"atol": 2e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    for T in (1, 5, 300):
+        torch.manual_seed(T)
+        q, k = (torch.randn(2, 3, T, 12, dtype=dtype, requires_grad=True) for _ in range(2))
+        v = torch.randn(2, 3, T, 8, dtype=dtype, requires_grad=True)
+        g = torch.randn(2, 3, T, 8, dtype=dtype)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+        out = compiled(q, k, v, 0.3)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        assert out.dtype == ref.dtype
+        assert torch.allclose(out.float(), ref.float(), **tol), T
+        for a, b in zip(grads, ref_grads):
+            assert torch.allclose(a.float(), b.float(), **tol), T
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("width", [16, 10])          # 16: torch._grouped_mm; 10 (unaligned rows): the loop

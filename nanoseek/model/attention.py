@@ -45,6 +45,32 @@ from .rope import apply_rope
 SPARSE_GATHER_MAX_QUERIES = 4
 
 
+# Compiled causal attention on a CPU over at most this many positions runs as explicit matmuls and
+# softmax with a precomputed additive mask (:func:`causal_attention`); its table is this size squared
+# (fp32, 4 MiB)
+MATH_CAUSAL_MAX_LEN = 1024
+# 0 on and below the diagonal, -inf above: built at import, outside any graph, so compiled code reads
+# it as an input (a mask built in the graph from indices compiles into scalar, not vector, kernels:
+# 1.5x slower attention)
+_CAUSAL_TABLE = torch.full((MATH_CAUSAL_MAX_LEN, MATH_CAUSAL_MAX_LEN), float("-inf")).triu_(1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v over [B, H, T, d] (the keys are the queries' own positions).
+
+    SDPA, except under ``torch.compile`` on a CPU for T <= MATH_CAUSAL_MAX_LEN: there inductor
+    replaces SDPA by its math decomposition with an in-graph mask, which runs slower than the same
+    math written here against a constant mask table (fp32 scores and softmax, the probabilities in
+    the values' dtype, as an eager reference attention does); at the speedrun's 2 x 4 heads x 256
+    positions, forward and backward 2.4-3.0 ms against 3.8-4.8 (benchmarks/bench_train_small.py).
+    Eager runs and other devices keep SDPA's fused kernels."""
+    T = q.shape[-2]
+    if torch.compiler.is_compiling() and q.device.type == "cpu" and T <= MATH_CAUSAL_MAX_LEN:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + _CAUSAL_TABLE[:T, :T]
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
 def _cache_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     """[B, T, S] bool: key slot j is visible to the query at position p iff j <= p."""
     slots = torch.arange(length, device=positions.device)
@@ -205,12 +231,10 @@ class MLA(nn.Module):
             p = logits.masked_fill(~attend[:, None], float("-inf")).softmax(-1)   # [B, H, T, S]
             self.indexer_loss = indexer_kl(select.scores, p, attend)
             return torch.matmul(p.to(v.dtype), v).transpose(1, 2)
-        if select is not None:
-            attn_mask = select.attend[:, None]
-        else:
-            attn_mask = None if mask is None else mask.visible[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             scale=self.softmax_scale)      # [B, H, T, v]
+        if select is None and mask is None:
+            return causal_attention(q, k, v, self.softmax_scale).transpose(1, 2)
+        attn_mask = select.attend[:, None] if select is not None else mask.visible[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)  # [B, H, T, v]
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, kv, mask: CacheMask | None, select: "Selection | None" = None):
@@ -274,8 +298,11 @@ class MHA(nn.Module):
             cache.write(self.layer_idx, positions, k, v, rows)
             k, v = cache.read(self.layer_idx, mask.length, rows, batch=B)
             k, v = k.to(x.dtype), v.to(x.dtype)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask.visible[:, None],
-            is_causal=mask is None, scale=self.softmax_scale, enable_gqa=self.n_kv != self.n_heads)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None and self.n_kv == self.n_heads:
+            out = causal_attention(q, k, v, self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else mask.visible[:, None],
+                is_causal=mask is None, scale=self.softmax_scale, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))

@@ -77,10 +77,14 @@ class RotaryEmbedding(nn.Module):
     def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
             size = max(n, 256 if self._cos is None else 2 * self._cos.shape[0])
-            t = torch.arange(size, device=device, dtype=torch.float32)
-            angles = torch.outer(t, self.inv_freq.to(device))
-            self._cos = angles.cos() * self.attention_factor
-            self._sin = angles.sin() * self.attention_factor
+            # never an inference tensor, even when first built by generation under inference_mode:
+            # a compiled training forward reads the table as a graph input and may save it for its
+            # backward, which autograd refuses for inference tensors (GRPO updates after rollouts)
+            with torch.inference_mode(False):
+                t = torch.arange(size, device=device, dtype=torch.float32)
+                angles = torch.outer(t, self.inv_freq.to(device))
+                self._cos = angles.cos() * self.attention_factor
+                self._sin = angles.sin() * self.attention_factor
         return self._cos, self._sin
 
     def forward(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

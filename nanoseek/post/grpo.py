@@ -19,7 +19,8 @@ One GRPO step (a *rollout*, then ``num_iterations`` optimisation passes over it)
    ``num_iterations > 1`` (with one pass rho = 1 and pi_old is the detached current policy), the
    frozen reference only when ``beta > 0`` (with ``beta = 0`` no reference model is kept at all).
 5. **Optimisation**: ``num_iterations`` passes, each one optimizer step of the shared trainer over
-   the batch split into micro-batches of at most ``micro_batch_size`` rows; loss :func:`~nanoseek.post.grpo_loss.grpo_loss` with the
+   the batch split into micro-batches of at most ``micro_batch_size`` rows of similar length
+   (each cropped to its longest row); loss :func:`~nanoseek.post.grpo_loss.grpo_loss` with the
    chosen policy loss (``policy_loss``: GRPO's clipped surrogate, GSPO or CISPO, each with its own
    clip range) and aggregation, normalised by the whole batch so micro-batches add up exactly.
 
@@ -447,6 +448,10 @@ class GRPOTask:
         n = batch.input_ids.shape[0]
         k = math.ceil(n / self.cfg.micro_batch_size)
         bounds = [round(i * n / k) for i in range(k + 1)]
+        # micro-batches of rows of similar length, each cropped to its longest: less padding to run
+        # through the forward and backward (every micro-batch loss is normalised by the whole step,
+        # so which rows share one changes nothing but the order of the gradient's sums)
+        order = torch.argsort(batch.lengths, stable=True)
         from nanoseek.train.distributed import all_reduce_values
 
         # normalisers of the whole step, over all ranks (one process: this batch's)
@@ -455,11 +460,12 @@ class GRPOTask:
         for it in range(self.cfg.num_iterations):
             step = []
             for a, b in zip(bounds[:-1], bounds[1:]):
-                T = int(batch.lengths[a:b].max())                        # crop the common padding
-                step.append({"input_ids": batch.input_ids[a:b, :T], "targets": batch.targets[a:b, :T],
-                             "advantages": batch.advantages[a:b],
-                             "old_logp": None if batch.old_logp is None else batch.old_logp[a:b, :T],
-                             "ref_logp": None if batch.ref_logp is None else batch.ref_logp[a:b, :T],
+                rows = order[a:b]
+                T = int(batch.lengths[rows].max())                       # crop the common padding
+                step.append({"input_ids": batch.input_ids[rows, :T], "targets": batch.targets[rows, :T],
+                             "advantages": batch.advantages[rows], "rows": rows,
+                             "old_logp": None if batch.old_logp is None else batch.old_logp[rows, :T],
+                             "ref_logp": None if batch.ref_logp is None else batch.ref_logp[rows, :T],
                              "iteration": it, "stats": batch.stats, **norm})
             yield step
 
