@@ -51,7 +51,7 @@ SPARSE_GATHER_MAX_QUERIES = 4
 MATH_CAUSAL_MAX_LEN = 1024
 # 0 on and below the diagonal, -inf above: built at import, outside any graph, so compiled code reads
 # it as an input (a mask built in the graph from indices compiles into scalar, not vector, kernels:
-# 1.5x slower attention)
+# attention 1.3-1.6x slower)
 _CAUSAL_TABLE = torch.full((MATH_CAUSAL_MAX_LEN, MATH_CAUSAL_MAX_LEN), float("-inf")).triu_(1)
 
 
@@ -62,8 +62,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     replaces SDPA by its math decomposition with an in-graph mask, which runs slower than the same
     math written here against a constant mask table (fp32 scores and softmax, the probabilities in
     the values' dtype, as an eager reference attention does); at the speedrun's 2 x 4 heads x 256
-    positions, forward and backward 2.4-3.0 ms against 3.8-4.8 (benchmarks/bench_train_small.py).
-    Eager runs and other devices keep SDPA's fused kernels."""
+    positions, forward and backward 2.4-3.0 ms against 3.8-4.8 (one thread; the whole compiled
+    training step: benchmarks/bench_train_small.py). Eager runs and other devices keep SDPA's fused
+    kernels."""
     T = q.shape[-2]
     if torch.compiler.is_compiling() and q.device.type == "cpu" and T <= MATH_CAUSAL_MAX_LEN:
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + _CAUSAL_TABLE[:T, :T]
