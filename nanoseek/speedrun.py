@@ -265,7 +265,13 @@ def _pretrain_step_settings(state: RunState, rc: SpeedrunRecipe, minutes: float,
 
     rec = state.stage("pretrain")
     if "step_settings" in rec:
-        return rec["step_settings"], f"{rec.get('step_settings_why', '')} (chosen when the stage started)"
+        kept = rec["step_settings"]
+        if not (isinstance(kept, dict) and set(kept) <= {"compile", "dtype"}):
+            from nanoseek.errors import UserError
+
+            raise UserError(f"{state.path}: stages[pretrain].step_settings must be a table of compile / dtype, "
+                            f"not {kept!r}; restore it or remove the key to choose again")
+        return kept, f"{rec.get('step_settings_why', '')} (chosen when the stage started)"
     if resume:
         return {}, "eager fp32, as the stage started"
     chosen, why = pretrain_step_settings(rc.written.get("pretrain", {}).get("train", {}), minutes)

@@ -63,3 +63,22 @@ def test_the_speedrun_records_the_choice_and_a_resumed_stage_keeps_it(tmp_path, 
     assert main(["speedrun", "--minutes", "1", "--out", str(tmp_path / "eager"), "--threads", "1",
                  "--set", "pretrain.train.compile=false"]) == 130
     assert seen[-1] == (False, "float32")
+
+
+@pytest.mark.parametrize("bad", [["compile"], {"compile": True, "lr": 1.0}, "fast"])
+def test_a_damaged_recorded_choice_is_one_line_naming_run_json(tmp_path, monkeypatch, capsys, bad):
+    import nanoseek.train.pretrain as pretraining
+    from nanoseek.train.loop import FitResult
+
+    monkeypatch.setattr(pretraining, "pretrain", lambda cfg, resume=False, **kw: FitResult(
+        status="interrupted", step=3, tokens=1536, run_dir=cfg.train.out_dir))
+    out = tmp_path / "run"
+    args = ["speedrun", "--minutes", "1", "--out", str(out), "--threads", "1"]
+    assert main(args) == 130
+    run = json.loads((out / "run.json").read_text())
+    next(s for s in run["stages"] if s["name"] == "pretrain")["step_settings"] = bad
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "run.json: stages[pretrain].step_settings" in err and "Traceback" not in err
