@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanoseek.model import moe as moe_mod
-from nanoseek.model.moe import Gate, MoE, grouped_mm_supported, max_violation
+from nanoseek.model.moe import SMALL_TOPK, Gate, MoE, grouped_mm_supported, max_violation, top_k
 
 
 def make_moe(cfg, seed=0, std=0.3):
@@ -62,7 +62,10 @@ def reference_route(x, weight, bias, cfg):
          topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0),
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_router_matches_reference_topk(tiny_config, overrides, with_bias):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_router_matches_reference_topk(tiny_config, overrides, with_bias, compiled):
+    """The router's choice and weights, eagerly and as a compiled graph traces it (its top-k of
+    at most SMALL_TOPK as rounds of argmax: no ``topk`` left in the graph)."""
     cfg = tiny_config(**overrides)
     torch.manual_seed(0)
     gate = Gate(cfg)
@@ -70,7 +73,17 @@ def test_router_matches_reference_topk(tiny_config, overrides, with_bias):
     if gate.e_score_correction_bias is not None and with_bias:
         gate.e_score_correction_bias.normal_(std=0.3)
     x = torch.randn(64, cfg.hidden_size)
-    weights, idx, scores = gate(x)
+    if compiled:
+        ops = []
+
+        def backend(gm, example_inputs):
+            ops.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+            return gm
+        torch._dynamo.reset()                       # (each case's gate is a new trace of Gate.forward)
+        weights, idx, scores = torch.compile(gate, backend=backend, fullgraph=True)(x)
+        assert not [o for o in ops if "topk" in o], ops
+    else:
+        weights, idx, scores = gate(x)
     assert weights.dtype == torch.float32 and idx.shape == (64, cfg.num_experts_per_tok)
     ref = reference_route(x, gate.weight.detach(), gate.e_score_correction_bias, cfg)
     for n in range(64):
@@ -78,6 +91,20 @@ def test_router_matches_reference_topk(tiny_config, overrides, with_bias):
         assert set(got) == set(ref[n]), f"token {n}: {sorted(got)} != {sorted(ref[n])}"
         for e, w in ref[n].items():
             assert got[e] == pytest.approx(w, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", range(1, SMALL_TOPK + 2))
+def test_top_k_as_the_compiled_graph_runs_it_equals_topk(k):
+    """Under torch.compile top_k is k rounds of argmax (k <= SMALL_TOPK, torch.topk above): the
+    same values and indices, largest first, rows with masked (-inf) entries included."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(50, 12, generator=g)
+    x[::3, 4:8] = float("-inf")                        # masked groups, as group-limited routing leaves them
+    torch._dynamo.reset()
+    got = torch.compile(lambda t: top_k(t, k), backend="eager", fullgraph=True)(x)
+    want = x.topk(k, dim=-1)
+    assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+    assert torch.equal(top_k(x, k)[1], want.indices)     # eager: torch.topk itself
 
 
 def gate_with_logits(cfg, logits):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .fp32 import keep_fp32
+from .fp32 import fp32_linear, fp32_matmul, keep_fp32
 from .rope import apply_rope
 
 
@@ -72,10 +72,10 @@ class Indexer(nn.Module):
         """I(t, s) [B, T, S] fp32 for queries x [B, T, d] (MLA's q latent [B, T, q_lora]) and keys [B, S, D]."""
         B, T, _ = x.shape
         q = self._rope(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        s = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1)) * self.softmax_scale
+        s = fp32_matmul(q, keys.transpose(-1, -2).unsqueeze(1)) * self.softmax_scale
         s = F.relu(s)                                                         # [B, T, H, S]
-        w = F.linear(x.float(), self.weights_proj.weight) * self.n_heads ** -0.5           # [B, T, H] fp32
-        return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)                  # [B, T, S]
+        w = fp32_linear(x, self.weights_proj.weight) * self.n_heads ** -0.5                # [B, T, H] fp32
+        return fp32_matmul(w.unsqueeze(-2), s).squeeze(-2)                   # [B, T, S]
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The top-``index_topk`` visible keys of each query: :func:`top_k_visible`."""

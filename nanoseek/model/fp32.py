@@ -13,13 +13,22 @@ A module pins its OWN parameters and buffers by overriding ``_apply``::
 
 so ``model.to(torch.bfloat16)`` / ``.half()`` moves them between devices but never rounds them
 (casting to bf16 and back would keep the fp32 dtype but lose the values).
+
+The same computations must also stay fp32 under bf16 *autocast* (``[train] dtype = "bfloat16"``),
+which runs every linear and matmul in bf16 whatever its inputs' dtype: ``F.linear(x.float(),
+w.float())`` there gives bf16 scores. :func:`fp32_linear` and :func:`fp32_matmul` are the fp32
+products with autocast off around them (DeepSeek-V3's mixed-precision
+training keeps the gating, norms and attention out of its low-precision GEMMs), used by the routers and the other places that
+compute in fp32 on purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def keep_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -30,3 +39,22 @@ def keep_fp32(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Ten
             return t.to(device=out.device)
         return out
     return apply
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A region where autocast is off (nothing to do on a device without autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T in fp32, also under autocast: [..., in], [out, in] -> [..., out] fp32."""
+    with no_autocast(x.device.type):
+        return F.linear(x.float(), weight.float())
+
+
+def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32, also under autocast."""
+    with no_autocast(a.device.type):
+        return torch.matmul(a.float(), b.float())

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dsa import indexer_kl, top_k_visible
-from ..fp32 import keep_fp32
+from ..fp32 import fp32_matmul, keep_fp32
 from .config import CSA, HCA, DeepseekV4Config
 from .rope import Rope, rope_tail
 
@@ -162,7 +162,7 @@ class IndexerScorer(nn.Module):
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, c], keys [B, N, c], x [B, T, d] -> scores [B, T, N] (fp32)."""
-        scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))     # [B, T, H, N]
+        scores = fp32_matmul(q, keys.transpose(-1, -2).unsqueeze(1))                      # [B, T, H, N]
         scores = F.relu(scores) * self.softmax_scale
         weights = self.weights_proj(x).float() * self.weights_scaling                      # [B, T, H]
         return (scores * weights.unsqueeze(-1)).sum(dim=2)

@@ -27,10 +27,9 @@ All mHC parameters stay fp32 whatever dtype the model is cast to (transformers'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..fp32 import keep_fp32
+from ..fp32 import fp32_linear, keep_fp32
 
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -62,7 +61,7 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [B, T, n, d] -> (post [B, T, n] fp32, comb [B, T, n, n] fp32, block input [B, T, d])."""
         B, T, n, _ = streams.shape
-        a = F.linear(unweighted_rms_norm(streams.reshape(B, T, -1).float(), self.norm_eps), self.fn.float())
+        a = fp32_linear(unweighted_rms_norm(streams.reshape(B, T, -1).float(), self.norm_eps), self.fn)
         a_pre, a_post, a_comb = a.split([n, n, n * n], dim=-1)
         b_pre, b_post, b_comb = self.base.split([n, n, n * n])
         s_pre, s_post, s_comb = self.scale.unbind(0)
@@ -95,7 +94,7 @@ class HyperHead(nn.Module):
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [B, T, n, d] -> [B, T, d]."""
         flat = unweighted_rms_norm(streams.flatten(2).float(), self.norm_eps)
-        a = F.linear(flat, self.hc_fn.float())
+        a = fp32_linear(flat, self.hc_fn)
         pre = torch.sigmoid(a * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
         return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
 

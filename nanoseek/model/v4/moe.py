@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp32 import keep_fp32
-from ..moe import Experts
+from ..fp32 import fp32_linear, keep_fp32
+from ..moe import Experts, top_k
 from ..moe import MoE as _V3MoE
 from .config import DeepseekV4Config
 
@@ -92,13 +92,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E] fp32)."""
-        scores = self.score(F.linear(x.float(), self.weight.float()))
+        scores = self.score(fp32_linear(x, self.weight))
         if self.hashed:
             if input_ids is None:
                 raise ValueError("a hash-routed MoE layer needs the input token ids")
             idx = self.tid2eid[input_ids.reshape(-1)].long()
         else:
-            idx = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+            idx = top_k(scores + self.e_score_correction_bias, self.top_k, sorted=False)[1]
         w = scores.gather(1, idx)
         w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * self.routed_scaling_factor, idx, scores
