@@ -80,7 +80,7 @@ def test_compiled_training_attention_on_a_cpu_is_explicit_math(tiny_model, atten
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_causal_attention_equals_sdpa(dtype):
     """The compiled math path (inductor) gives SDPA's causal outputs and gradients, at lengths 1, 5
-    and 300 (a table slice not a multiple of anything), with fp32 or bf16 inputs."""
+    and 300 (two query blocks, a table slice not a multiple of anything), with fp32 or bf16 inputs."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -99,6 +99,28 @@ def test_compiled_causal_attention_equals_sdpa(dtype):
         assert torch.allclose(out.float(), ref.float(), **tol), T
         for a, b in zip(grads, ref_grads):
             assert torch.allclose(a.float(), b.float(), **tol), T
+    torch._dynamo.reset()
+
+
+def test_compiled_causal_attention_blocks_equal_sdpa():
+    """The query blocks of the compiled math path (1, 2 and 4 of them; traced by dynamo, run by
+    aot_eager: the graph's own arithmetic without inductor) give SDPA's outputs and gradients."""
+    import torch._dynamo
+
+    from nanoseek.model import attention
+
+    torch._dynamo.reset()
+    compiled = torch.compile(causal_attention, backend="aot_eager", dynamic=False)
+    for T in (127, 256, 530, attention.MATH_CAUSAL_MAX_LEN):
+        torch.manual_seed(T)
+        q, k = (torch.randn(1, 2, T, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        v = torch.randn(1, 2, T, 4, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(1, 2, T, 4, dtype=torch.float64)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+        out = compiled(q, k, v, 0.3)
+        assert torch.allclose(out, ref.to(out.dtype), atol=1e-6), T
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            assert torch.allclose(a, b.to(a.dtype), atol=1e-6), T
     torch._dynamo.reset()
 
 
