@@ -373,6 +373,45 @@ def test_compiled_grpo_stays_compiled_after_its_rollouts(tmp_path):
     assert res.status == "done"
     records = read_metrics(tmp_path / "grpo")
     assert len(events(records, "compiled")) == 1 and not events(records, "compile_failed")
+    from nanoseek.post import common
+    assert common._compiled_head is not None      # the update's head ran compiled too
+
+
+def test_a_compiled_step_gets_the_compiled_head_and_an_eager_one_the_eager_head():
+    """``sequence_logprobs`` compiles its head only for a compiled module (the compiled training
+    step); the eager model (the step's fallback after a compiler failure, scoring passes) keeps the
+    eager head. (Nothing is compiled here: the compiled module is never called.)"""
+    from nanoseek.post.common import head_for, head_logprobs
+
+    model = tiny_model(300)
+    assert head_for(model) is head_logprobs
+    compiled = head_for(torch.compile(model))
+    assert compiled is not head_logprobs and compiled is head_for(torch.compile(model))   # one per process
+
+
+@pytest.mark.slow
+def test_the_compiled_head_equals_the_eager_head():
+    """Log-probs, entropy and gradients of the compiled head (inductor) equal the eager head's,
+    at row counts that change between calls (dynamic shapes)."""
+    from nanoseek.post.common import head_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False)
+    compiled = torch.compile(head_logprobs, dynamic=True)
+    for n in (7, 19, 64):
+        h = torch.randn(n, 32, requires_grad=True)
+        t = torch.randint(0, 300, (n,))
+        w = torch.randn(n)
+        out = []
+        for fn in (head_logprobs, compiled):
+            head.zero_grad(set_to_none=True)
+            h.grad = None
+            lp, ent = fn(head, h, t, True)
+            (lp * w).sum().backward()
+            out.append((lp.detach(), ent, h.grad.clone(), head.weight.grad.clone()))
+        for a, b in zip(*out):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert out[1][1].requires_grad is False
 
 
 # ----------------------------------------------------------------------------- the update's shortcuts are exact
