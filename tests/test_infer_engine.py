@@ -122,6 +122,20 @@ def test_stream_events_add_up_to_the_completion(model):
         assert evs[-1].finish_reason == "length"
 
 
+def test_generate_queues_no_token_events_and_streamed_requests_do(model):
+    """generate() reads only the completions: its requests queue no per-token events (a queue put
+    per token is work nobody reads); submit() and stream() requests queue every one."""
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=64)
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, n=2)
+    quiet = engine._enqueue(PROMPTS[0], params, streamed=False)
+    loud = engine._enqueue(PROMPTS[0], params)
+    while not (quiet.done and loud.done):
+        engine._step_guarded()
+    assert list(quiet.ready_events()) == [] and quiet.drained
+    assert len(list(loud.ready_events())) == 12 and loud.drained
+    assert [c.token_ids for c in quiet.result()] == [c.token_ids for c in loud.result()]
+
+
 def test_stream_stopped_early_frees_rows(model):
     engine = Engine(model, TOK, max_batch_size=2, max_seq_len=64)
     for i, _ in enumerate(engine.stream(PROMPTS[0], SamplingParams(max_new_tokens=50, temperature=0, n=2))):

@@ -199,7 +199,8 @@ class Engine:
         params = params or SamplingParams()
         if isinstance(prompts, list) and prompts and isinstance(prompts[0], int):
             raise TypeError("generate() takes a list of prompts (lists of token ids); wrap a single prompt in a list")
-        handles = [self._enqueue(p, params, which=f"prompt {i}", toolbox=toolbox) for i, p in enumerate(prompts)]
+        handles = [self._enqueue(p, params, which=f"prompt {i}", toolbox=toolbox, streamed=False)
+                   for i, p in enumerate(prompts)]
         if not self.running:
             while not all(h.done for h in handles):
                 self._step_guarded()
@@ -211,7 +212,7 @@ class Engine:
         scheduling loop, not one per kind of request: GRPO's rollouts mix prompts with and without
         tools). A sample's tokens depend only on its seed and its logits, so each request's
         completions equal those of generating it alone."""
-        handles = [self._enqueue(p, params, which=f"request {i}", toolbox=toolbox)
+        handles = [self._enqueue(p, params, which=f"request {i}", toolbox=toolbox, streamed=False)
                    for i, (p, params, toolbox) in enumerate(requests)]
         if not self.running:
             while not all(h.done for h in handles):
@@ -275,7 +276,7 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def _enqueue(self, prompt: list[int], params: SamplingParams, which: str = "prompt",
-                 toolbox=None) -> RequestHandle:
+                 toolbox=None, streamed: bool = True) -> RequestHandle:
         params.validate()
         if params.tools != "off" and self.tool_tokens is None:
             raise ValueError(f"SamplingParams.tools = {params.tools!r}: "
@@ -314,7 +315,7 @@ class Engine:
             in_think = (self.tokenizer is not None and params.split_reasoning
                         and prompt_ends_in_think(prompt, self.tokenizer))
         limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit, self.tool_tokens, toolbox)
+        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit, self.tool_tokens, toolbox, streamed)
         with self._cv:
             self._waiting.append(req)
             self._cv.notify_all()
