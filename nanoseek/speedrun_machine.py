@@ -3,7 +3,7 @@ to win back compiling, unless the recipe says otherwise.
 
 The pre-training stage is the main job's bottleneck (every token more in its minutes is a better
 base model), and at the speedrun's size a step is hundreds of small operators: ``[train] compile =
-true`` fuses them (1.40x the eager step, benchmarks/bench_train_small.py) and does the eager step's
+true`` fuses them (1.46-1.48x the eager step, benchmarks/bench_train_small.py) and does the eager step's
 arithmetic (losses equal to ~1e-6 per step; tests/test_train_compile.py), so it is as good per
 token. It is not the trainer's default because compiling costs a minute or two before the first
 step (84-108 s cold on 2 cores, seconds with inductor's cache warm), which a short stage never wins
@@ -16,11 +16,12 @@ pre-training stage and a resumed run keeps it):
 * otherwise ``compile = true``.
 
 bf16 autocast is not part of the default, though it is faster still on CPUs that multiply bf16
-natively (1.24x the compiled fp32 step): its loss per token was not the same. Over two seeds of the
-30-minute recipe, compiled bf16 ended a fixed 4,000-step pre-training at validation loss 0.516
-against eager fp32's 0.523 (seed 0), but at seed 1 trailed eager fp32 at equal steps and learning
-rates from step 3,000 on (0.513 against 0.455 at step 7,000, where compiled fp32 was at 0.460) and
-its base model scored 24.7% against eager fp32's 56.7% on the same data (README, Performance).
+natively (1.12-1.24x the compiled fp32 step): it is not shown to be as good per token. Three seeds
+of a fixed 6,000-step pre-training of the recipe (the routers in fp32 under autocast) ended at the
+same mean validation loss as compiled fp32 (0.508 both) with the two runs of a seed up to 0.04
+apart either way, so no difference below ~0.1 could be seen; before the routers were fp32, the
+30-minute recipe's seed 1 had compiled bf16 trailing fp32 (0.513 against 0.455 at step 7,000) and
+its base scoring 24.7% (README, Performance; docs/speedrun-history.md).
 ``--set pretrain.train.dtype=bfloat16`` chooses it.
 """
 
