@@ -103,15 +103,16 @@ def test_compiled_causal_attention_equals_sdpa(dtype):
 
 
 def test_compiled_causal_attention_blocks_equal_sdpa():
-    """The query blocks of the compiled math path (1, 2 and 4 of them; traced by dynamo, run by
-    aot_eager: the graph's own arithmetic without inductor) give SDPA's outputs and gradients."""
+    """The query blocks of the compiled math path (one or two; traced by dynamo, run by aot_eager:
+    the graph's own arithmetic without inductor) give SDPA's outputs and gradients, at odd lengths
+    on both sides of CAUSAL_BLOCK_MIN and at the table's end."""
     import torch._dynamo
 
     from nanoseek.model import attention
 
     torch._dynamo.reset()
     compiled = torch.compile(causal_attention, backend="aot_eager", dynamic=False)
-    for T in (127, 256, 530, attention.MATH_CAUSAL_MAX_LEN):
+    for T in (255, 256, 257, 531, attention.MATH_CAUSAL_MAX_LEN):
         torch.manual_seed(T)
         q, k = (torch.randn(1, 2, T, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
         v = torch.randn(1, 2, T, 4, dtype=torch.float64, requires_grad=True)
@@ -121,6 +122,27 @@ def test_compiled_causal_attention_blocks_equal_sdpa():
         assert torch.allclose(out, ref.to(out.dtype), atol=1e-6), T
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
             assert torch.allclose(a, b.to(a.dtype), atol=1e-6), T
+    torch._dynamo.reset()
+
+
+def test_compiled_causal_attention_of_a_dynamic_length_compiles_at_most_twice():
+    """The block choice is one guard on a dynamic length (two blocks from CAUSAL_BLOCK_MIN on), so
+    varying lengths (GRPO's updates) compile at most two graphs (a count of T // 128 blocks had one
+    graph per 128 positions)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+    torch._dynamo.reset()
+    compiled = torch.compile(causal_attention, backend=backend, dynamic=True)
+    for T in (100, 200, 300, 600, 900, 1000):
+        q = torch.randn(1, 2, T, 6)
+        assert torch.allclose(compiled(q, q, q[..., :4], 0.3),
+                              F.scaled_dot_product_attention(q, q, q[..., :4], is_causal=True, scale=0.3), atol=1e-5)
+    assert len(graphs) == 2
     torch._dynamo.reset()
 
 

@@ -53,9 +53,8 @@ MATH_CAUSAL_MAX_LEN = 1024
 # it as an input (a mask built in the graph from indices compiles into scalar, not vector, kernels:
 # attention 1.3-1.6x slower)
 _CAUSAL_TABLE = torch.full((MATH_CAUSAL_MAX_LEN, MATH_CAUSAL_MAX_LEN), float("-inf")).triu_(1)
-# ... in query blocks of at least this many rows, at most this many blocks
-CAUSAL_BLOCK_ROWS = 128
-CAUSAL_BLOCKS = 4
+# ... in two query blocks from this many positions on
+CAUSAL_BLOCK_MIN = 256
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,16 +65,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     math written here against a constant mask table (fp32 scores and softmax, the probabilities in
     the values' dtype, as an eager reference attention does); at the speedrun's 2 x 4 heads x 256
     positions, forward and backward 2.4-3.0 ms against 3.8-4.8 (one thread; the whole compiled
-    training step: benchmarks/bench_train_small.py). The queries go in blocks of at least
-    CAUSAL_BLOCK_ROWS rows (at most CAUSAL_BLOCKS), each against the keys up to its last row only: the
-    fully masked upper blocks are never computed (at 256 positions two blocks, 3/4 of the score and
-    value products: the compiled fp32 training step 1.14x faster). Each row's softmax is over the
-    same visible keys, so the result is the one-block result. Eager runs and other devices keep
+    training step: benchmarks/bench_train_small.py). From CAUSAL_BLOCK_MIN positions on, the
+    queries go in two halves, each against the keys up to its last row only: the fully masked
+    upper-right quarter is never computed (3/4 of the score and value products: the compiled fp32
+    training step at 256 positions 1.14x faster; four blocks measured 1.15x, but a block count that
+    grows with the length recompiles a dynamic-length graph at every step of it). Each row's softmax
+    is over the same visible keys, so the result is the one-block result. Eager runs and other devices keep
     SDPA's fused kernels."""
     T = q.shape[-2]
     if torch.compiler.is_compiling() and q.device.type == "cpu" and T <= MATH_CAUSAL_MAX_LEN:
-        n = max(1, min(CAUSAL_BLOCKS, T // CAUSAL_BLOCK_ROWS))
-        bounds = [T * i // n for i in range(n + 1)]
+        # two blocks or one: the choice is a guard on a dynamic length (one more graph where GRPO's
+        # update lengths straddle it; a block count of T // 128 recompiled every 128 positions)
+        n = 2 if T >= CAUSAL_BLOCK_MIN else 1
+        bounds = [0, T // 2, T] if n == 2 else [0, T]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:]):       # queries [a, b) see keys [0, b)
             scores = torch.matmul(q[..., a:b, :], k[..., :b, :].transpose(-1, -2)).float() * scale

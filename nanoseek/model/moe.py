@@ -84,7 +84,9 @@ def top_k(x: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.Tensor, t
     ``torch.topk``, except under ``torch.compile`` for k <= SMALL_TOPK: there k rounds of argmax
     fuse into the graph's own kernels, while ``topk`` stays an external call of 40-75 us on a CPU
     however short the rows (a router's 2-3 calls per layer were ~10% of a compiled decode step at
-    batch 64). The same entries for distinct values (ties: the lower index first)."""
+    batch 64). The same entries for distinct values (ties: the lower index first, where torch.topk
+    has an order of its own); each row needs at least k entries above -inf (the routers' configs
+    guarantee it), else an index repeats."""
     if k > SMALL_TOPK or not torch.compiler.is_compiling():
         return x.topk(k, dim=-1, sorted=sorted)
     values, indices = [], []
