@@ -315,7 +315,8 @@ class Engine:
             in_think = (self.tokenizer is not None and params.split_reasoning
                         and prompt_ends_in_think(prompt, self.tokenizer))
         limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
-        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit, self.tool_tokens, toolbox, streamed)
+        req = Request(next(self._ids), prompt, params, stop_ids, in_think, limit, self.tool_tokens, toolbox,
+                      streamed)
         with self._cv:
             self._waiting.append(req)
             self._cv.notify_all()

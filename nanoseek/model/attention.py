@@ -70,20 +70,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     upper-right quarter is never computed (3/4 of the score and value products: the compiled fp32
     training step at 256 positions 1.14x faster; four blocks measured 1.15x, but a block count that
     grows with the length recompiles a dynamic-length graph at every step of it). Each row's softmax
-    is over the same visible keys, so the result is the one-block result. Eager runs and other devices keep
-    SDPA's fused kernels."""
+    is over the same visible keys, so the result is the one-block result. Eager runs and other
+    devices keep SDPA's fused kernels."""
     T = q.shape[-2]
     if torch.compiler.is_compiling() and q.device.type == "cpu" and T <= MATH_CAUSAL_MAX_LEN:
         # two blocks or one: the choice is a guard on a dynamic length (one more graph where GRPO's
         # update lengths straddle it; a block count of T // 128 recompiled every 128 positions)
-        n = 2 if T >= CAUSAL_BLOCK_MIN else 1
-        bounds = [0, T // 2, T] if n == 2 else [0, T]
+        bounds = [0, T // 2, T] if T >= CAUSAL_BLOCK_MIN else [0, T]
         outs = []
         for a, b in zip(bounds[:-1], bounds[1:]):       # queries [a, b) see keys [0, b)
             scores = torch.matmul(q[..., a:b, :], k[..., :b, :].transpose(-1, -2)).float() * scale
             p = torch.softmax(scores + _CAUSAL_TABLE[a:b, :b], dim=-1).to(v.dtype)
             outs.append(torch.matmul(p, v[..., :b, :]))
-        return outs[0] if n == 1 else torch.cat(outs, dim=-2)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 

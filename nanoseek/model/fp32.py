@@ -17,9 +17,9 @@ so ``model.to(torch.bfloat16)`` / ``.half()`` moves them between devices but nev
 The same computations must also stay fp32 under bf16 *autocast* (``[train] dtype = "bfloat16"``),
 which runs every linear and matmul in bf16 whatever its inputs' dtype: ``F.linear(x.float(),
 w.float())`` there gives bf16 scores. :func:`fp32_linear` and :func:`fp32_matmul` are the fp32
-products with autocast off around them (DeepSeek-V3's mixed-precision
-training keeps the gating, norms and attention out of its low-precision GEMMs), used by the routers and the other places that
-compute in fp32 on purpose.
+products with autocast off around them, used by the routers and the other places that compute in
+fp32 on purpose (DeepSeek-V3's mixed-precision training keeps the gating, norms and attention out
+of its low-precision GEMMs).
 """
 
 from __future__ import annotations
