@@ -148,3 +148,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_dynamo():
+    """Each test module starts with dynamo's caches empty. Dynamo counts graphs per code object
+    across the whole process, so the compiled tiny models of earlier modules would count towards
+    the recompile limit, past which a compiled step falls back to eager (nanoseek/train/compiled.py)."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+    yield

@@ -66,6 +66,25 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         assert _tokens(engine) == expected
 
 
+def test_recompile_limit_falls_back_to_eager_visibly(monkeypatch):
+    """Past dynamo's recompile limit the compiled decode step fails (it would otherwise run that
+    frame eagerly without a word while the engine says compiled): a warning names the limit, the
+    engine decodes eagerly from then on, and the tokens are the eager engine's."""
+    import torch._dynamo
+
+    model = make_tiny_model(seed=0).eval()
+    expected = _tokens(Engine(model, max_batch_size=4, max_seq_len=32))
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=False))
+    torch._dynamo.reset()
+    engine = Engine(model, max_batch_size=4, max_seq_len=32, compile=True)
+    with torch._dynamo.config.patch(recompile_limit=2), \
+            pytest.warns(RuntimeWarning, match=r"recompile_limit 2 graphs.*decoding eagerly"):
+        got = _tokens(engine)           # static shapes: every new cache length is a new graph
+    torch._dynamo.reset()
+    assert got == expected and engine.compile is False
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager():
     model = make_tiny_model(seed=0).eval()

@@ -124,16 +124,23 @@ def test_stream_events_add_up_to_the_completion(model):
 
 def test_generate_queues_no_token_events_and_streamed_requests_do(model):
     """generate() reads only the completions: its requests queue no per-token events (a queue put
-    per token is work nobody reads); submit() and stream() requests queue every one."""
+    per token is work nobody reads); submit() and stream() requests queue every one. The quiet
+    samples decode their text once at the end (test_infer_deferred_text.py): the same completions."""
     engine = Engine(model, TOK, max_batch_size=4, max_seq_len=64)
-    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, n=2)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True, n=2)
     quiet = engine._enqueue(PROMPTS[0], params, streamed=False)
     loud = engine._enqueue(PROMPTS[0], params)
     while not (quiet.done and loud.done):
         engine._step_guarded()
     assert list(quiet.ready_events()) == [] and quiet.drained
-    assert len(list(loud.ready_events())) == 12 and loud.drained
-    assert [c.token_ids for c in quiet.result()] == [c.token_ids for c in loud.result()]
+    events = list(loud.ready_events())
+    assert len(events) == 12 and loud.drained
+
+    def fields(c):
+        return c.token_ids, c.text, c.reasoning, c.answer, c.final_text, c.finish_reason
+
+    assert [fields(c) for c in quiet.result()] == [fields(c) for c in loud.result()]
+    assert "".join(e.text_delta for e in events if e.index == 0) == loud.result()[0].answer
 
 
 def test_stream_stopped_early_frees_rows(model):

@@ -39,6 +39,41 @@ def test_rows_have_their_own_settings_and_greedy_is_one_hot():
     assert rp.probs(logits).tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
 
 
+@pytest.mark.parametrize("temps, top_k, top_p", [
+    ([1.0] * 4, [0] * 4, [1.0] * 4),                 # GRPO's rollouts: every row at temperature 1
+    ([1.0, 0.0, 1.0, 1.0], [0] * 4, [1.0] * 4),       # a greedy row among them
+    ([0.7, 1.0, 1.3, 0.0], [0, 3, 0, 0], [1.0, 1.0, 0.8, 1.0]),
+    ([0.0] * 4, [0] * 4, [1.0] * 4),
+    ([1e-50, 1.0, 1.0000000001, 1], [0] * 4, [1.0] * 4),   # 0 and 1 in fp32: greedy, and unit rows
+])
+def test_row_params_shortcuts_give_the_same_bits(temps, top_k, top_p):
+    """RowParams passes what it knows of the temperatures (a greedy row? all at 1?) so a step skips
+    a host read and a division by 1: the distribution is bit for bit the one computed without."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 4
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in zip(temps, top_k, top_p)]
+    rp = RowParams.build(params, "cpu")
+    t32 = torch.tensor(temps, dtype=torch.float32)
+    assert rp.unit_temperature == bool((t32 == 1).all()) and rp.any_greedy == bool((t32 == 0).any())
+    plain = processed_probs(logits, torch.tensor(temps), torch.tensor(top_k), torch.tensor(top_p), rp.filtered)
+    assert torch.equal(rp.probs(logits), plain)
+    assert torch.equal(rp.probs(torch.stack([logits, logits], 1)), torch.stack([plain, plain], 1))
+
+
+def test_argmax_by_max_is_torch_argmax():
+    """Greedy steps take max(dim=-1).indices (faster on a CPU): the same index as argmax on tied
+    maxima (the first), NaN (its index) and all -inf rows, fp32 and bf16, for rows of any length."""
+    from nanoseek.infer.sampling import argmax
+
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 7, 64, 4096):
+        x = torch.randint(-3, 3, (16, V), generator=g).float()          # many ties
+        x[3, V // 2] = float("nan")
+        x[5] = float("-inf")
+        for t in (x, x.bfloat16(), x[:, None, :][:, -1]):
+            assert torch.equal(argmax(t), t.argmax(dim=-1))
+
+
 def test_inverse_cdf_sampling():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]]).expand(4, 4)
     u = torch.tensor([0.0, 0.49, 0.5, 0.999999])

@@ -196,6 +196,35 @@ def test_compile_failure_trains_eagerly_with_the_eager_runs_numbers(tmp_path, mo
     assert len(failed) == 1 and "no C++ compiler" in failed[0]["reason"]
 
 
+def test_recompile_limit_trains_eagerly_and_says_so(monkeypatch):
+    """Past dynamo's recompile limit a frame would run eagerly without a word while the run says
+    compiled; the step fails instead and StepCompiler falls back visibly (the reason names the
+    limit, which the trainer writes as its ``compile_failed`` event), with the eager step's gradients."""
+    import torch._dynamo
+    from torch import nn
+
+    from nanoseek.train.compiled import StepCompiler
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="eager"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, twin = nn.Linear(1, 1), nn.Linear(1, 1)
+    twin.load_state_dict(model.state_dict())
+    compiler = StepCompiler(model, True)
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for rank in range(1, 6):        # a new rank is a new graph: no dynamic shape covers it
+            x = torch.full([1] * rank, float(rank))
+            model.zero_grad(), twin.zero_grad()
+            compiler.run(lambda m: m(x).sum().backward(), list(model.parameters()))
+            twin(x).sum().backward()
+            for p, q in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(p.grad, q.grad)
+            assert compiler.active == (rank <= 3)
+    torch._dynamo.reset()
+    assert "recompile limit was hit (recompile_limit 3 graphs" in compiler.failure
+
+
 def test_compile_key_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"\[train\] compile"):
         make_cfg(tmp_path, train={"compile": "yes"})

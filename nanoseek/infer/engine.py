@@ -76,9 +76,11 @@ import torch
 from .reasoning import prompt_ends_in_think
 from nanoseek.tools.format import ToolCall, ToolTokens
 from nanoseek.tools.tool import ToolLimits, ToolResult
+from nanoseek.train.compiled import failure_reason, recompile_limit_fails
 
 from .request import Completion, EngineError, PromptLogprobs, Request, RequestHandle, Sample, TokenEvent
-from .sampling import RowParams, SamplingParams, TopLogprobs, choose_tokens, logprobs_and_top, sample_from_probs
+from .sampling import (RowParams, SamplingParams, TopLogprobs, argmax, choose_tokens, logprobs_and_top,
+                       sample_from_probs)
 from .speculative import SpeculativeStats, speculative_accept
 from .tool_loop import ToolWorkers, appended_tokens, run_block
 
@@ -586,7 +588,7 @@ class Engine:
         distribution q is one-hot, stored as None), a sample from q otherwise (q kept for verifying)."""
         mtp_logits = self._ban(mtp_logits, samples)
         if rp.all_greedy:
-            for s, d in zip(samples, mtp_logits.argmax(dim=-1).tolist()):
+            for s, d in zip(samples, argmax(mtp_logits).tolist()):
                 s.draft, s.draft_q = d, None
             return
         q = rp.probs(mtp_logits)
@@ -623,8 +625,8 @@ class Engine:
             try:
                 return self._compiled_forward(ids, pos, rows, length)
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, never fail the request
-                warnings.warn(f"Engine(compile=True): the compiled decode step failed ({type(e).__name__}: "
-                              f"{str(e)[:300]}); decoding eagerly from now on", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"Engine(compile=True): the compiled decode step failed ({failure_reason(e)}); "
+                              "decoding eagerly from now on", RuntimeWarning, stacklevel=2)
                 self.compile = False
         return self.model(ids, positions=pos, cache=self.cache, rows=rows, cache_length=length).logits[:, -1]
 
@@ -638,7 +640,8 @@ class Engine:
             self._compiled = torch.compile(self.model.forward, dynamic=True, options=options)
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
-        logits = self._compiled(ids, positions=pos, cache=self.cache, rows=rows, cache_length=length).logits[:, -1]
+        with recompile_limit_fails():       # past dynamo's limit: fall back visibly, not silently
+            logits = self._compiled(ids, positions=pos, cache=self.cache, rows=rows, cache_length=length).logits[:, -1]
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames:   # this call compiled
             self.compile_seconds += time.perf_counter() - t0
         return logits
@@ -657,7 +660,7 @@ class Engine:
         rp = self._row_params(samples)
         draft = ids[:, 1]
         if rp.all_greedy:        # one-hot p and q: speculative_accept reduces to comparing argmaxes
-            tok0, bonus = logits[:, 0].argmax(dim=-1), logits[:, 1].argmax(dim=-1)
+            tok0, bonus = argmax(logits[:, 0]), argmax(logits[:, 1])
             accepted = tok0 == draft
         else:
             p = rp.probs(logits)                                                   # [B, 2, V]

@@ -11,6 +11,8 @@
   guard, the length limit, then incremental detokenisation (skipped control tokens add no
   text) -> stop strings -> ``<think>`` split),
   returning the event to stream. It needs no model, so tests drive it with scripted tokens.
+  A sample nobody streams (``Engine.generate``) whose text cannot end it (no stop strings, no
+  tool calls) skips the text per token and decodes its tokens once at its end (``_final_text``).
 
 Logprobs travel with the tokens: each :class:`TokenEvent` carries its token's logprob and, when
 the request asked, its top alternatives; a request that asked for prompt logprobs finds them in
@@ -294,6 +296,10 @@ class Sample:
         self.final_from = 0                   # index into self.text where the final text starts
         self.tokenizer = tokenizer
         self.has_text = tokenizer is not None
+        # text at the end, not per token: nobody reads this sample's events (Engine.generate) and no
+        # per-token text can end it (no stop strings, no tool calls); see _final_text
+        self.deferred = (self.has_text and not req.handle.streamed and not req.params.stop
+                         and req.tool_tokens is None)
         if self.has_text:
             self.detok = IncrementalDetokenizer(tokenizer)
             # control tokens that add no text (SamplingParams.skip_special_tokens; streaming.py)
@@ -328,14 +334,14 @@ class Sample:
         if token in self.req.stop_ids:
             self.finished, self.finish_reason = True, "stop"
             self.stop_reason = "stop_token" if token in self.params.stop_token_ids else "eos"
-            if self.has_text:
+            if self.has_text and not self.deferred:
                 r, a, _ = self._text(self.detok.flush(), final=True)
         else:
             if repeats_too_long(self.token_ids, self.params.repetition_guard):
                 self.finished, self.finish_reason, self.stop_reason = True, "stop", "repetition"
             elif len(self.token_ids) >= self.req.limit:
                 self.finished, self.finish_reason = True, "length"
-            if self.has_text:
+            if self.has_text and not self.deferred:
                 delta = "" if token in self.skip else self.detok.push(token)
                 if self.finished:
                     delta += self.detok.flush()
@@ -400,9 +406,22 @@ class Sample:
         """End the sample without a token, releasing any withheld text."""
         self.finished, self.finish_reason = True, reason
         r = a = ""
-        if self.has_text:
+        if self.has_text and not self.deferred:
             r, a, _ = self._text(self.detok.flush(), final=True)
         return TokenEvent(self.index, None, a, r, True, reason)
+
+    def _final_text(self) -> None:
+        """A deferred sample's text, once, at its end: the tokenizer's decoding of the tokens the
+        streamed path would have pushed (all but skipped control tokens and a final stop token),
+        split as the streamed path splits it. The streamed deltas are built to concatenate to this
+        decoding (streaming.py); it is the reference where they cannot: the stream holds text that
+        ends in U+FFFD (an incomplete character) and lets it out after ``MAX_PENDING_TOKENS``
+        tokens, which can split a character the next token completes (after invalid UTF-8, or
+        after literal U+FFFD characters); the decoding of the whole keeps it."""
+        ids = self.token_ids[:-1] if self.stop_reason in ("eos", "stop_token") else self.token_ids
+        text = self.tokenizer.decode([t for t in ids if t not in self.skip]) if ids else ""
+        self.deferred = False
+        self._text(text, final=True)
 
     def finish_length(self) -> TokenEvent:
         """End the sample for lack of room (tool outputs that do not fit)."""
@@ -417,6 +436,8 @@ class Sample:
         return self._end("cancelled")
 
     def completion(self) -> Completion:
+        if self.deferred:
+            self._final_text()
         if self.has_text:
             text, reasoning, answer = "".join(self.text), self.split.reasoning_text, self.split.answer_text
         else:

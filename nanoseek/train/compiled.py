@@ -14,7 +14,12 @@ time is logged as ``compile_seconds`` in the run's ``compiled`` event; the step'
 against ``max_minutes`` like any other). If compiling or running the compiled step raises (no C++
 compiler, an operator the compiler does not support, a V3.2 indexer...), the step's gradients,
 the model's buffers (the MoE load counts) and the RNG are put back, one warning line says why, and
-the step and the rest of the run go eager.
+the step and the rest of the run go eager. That includes dynamo's recompile limit: past
+``torch._dynamo.config.recompile_limit`` graphs for one function (new shapes dynamic shapes could
+not cover; dynamo counts per code object, so other models of the same class compiled earlier in
+the process count too) dynamo would otherwise run the frame eagerly without a word while the run's
+events say compiled; the step runs with ``fail_on_recompile_limit_hit`` so that it fails and falls back
+visibly (:func:`recompile_limit_fails`, which the engine's compiled decode uses too).
 
 Deliberately left out: compiling the optimizer step (the foreach AdamW is a few dozen kernels over
 all parameters: measured ~5% of the speedrun's step, benchmarks/bench_train_small.py), and
@@ -24,12 +29,41 @@ would have to honour; the trainer refuses the combination).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def recompile_limit_fails() -> Iterator[None]:
+    """Compiled calls inside raise when a frame reaches dynamo's recompile limit, instead of
+    silently running that frame eagerly from then on (dynamo's default); the caller falls back
+    and says so."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    before = config.fail_on_recompile_limit_hit
+    config.fail_on_recompile_limit_hit = True     # set and restored by hand: config.patch costs ~18 us a call
+    try:
+        yield
+    finally:
+        config.fail_on_recompile_limit_hit = before
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line saying why a compiled call failed (the recompile limit named as such)."""
+    if type(e).__name__ == "FailOnRecompileLimitHit":
+        import torch._dynamo
+
+        c = torch._dynamo.config
+        return (f"dynamo's recompile limit was hit (recompile_limit {c.recompile_limit} graphs per function, "
+                f"accumulated_recompile_limit {c.accumulated_recompile_limit}): shapes or values one graph "
+                "could not cover, or other models with the same forward compiled earlier in this process")
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 class StepCompiler:
@@ -55,9 +89,10 @@ class StepCompiler:
         rng = torch.get_rng_state()
         t0 = time.perf_counter()
         try:
-            out = fn(self.compiled)
+            with recompile_limit_fails():
+                out = fn(self.compiled)
         except Exception as e:  # noqa: BLE001 - any compiler failure: train eagerly, never fail the run
-            self.failure = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            self.failure = failure_reason(e)
             warnings.warn(f"[train] compile = true: the compiled training step failed ({self.failure}); "
                           "training eagerly from here", RuntimeWarning, stacklevel=2)
             self.compiled = None
@@ -74,4 +109,4 @@ class StepCompiler:
         return out
 
 
-__all__ = ["StepCompiler"]
+__all__ = ["StepCompiler", "recompile_limit_fails", "failure_reason"]
