@@ -454,7 +454,7 @@ def test_one_pass_skips_the_old_logprob_forward_with_the_same_loss_and_gradient(
     task, _ = _task(lambda c, i, j: [seven, eos] if j % 2 else [one] * (j + 2), loss_agg="grpo")
     batch = task.rollout()
     assert batch.old_logp is None and batch.advantages.abs().sum() > 0
-    old = task._logprobs(task.model, batch.input_ids, batch.targets)          # the skipped forward
+    old = task._logprobs(task.model, batch.input_ids, batch.targets, batch.lengths)   # the skipped forward
     for mb in next(task.passes(batch)):
         assert mb["old_logp"] is None
         T = mb["input_ids"].shape[1]
@@ -521,3 +521,44 @@ def test_microbatches_group_rows_of_similar_length_with_the_whole_batchs_gradien
              "rows": torch.arange(batch.input_ids.shape[0])}
     g_whole = _grads(model, task.loss(model, whole)[0])
     assert torch.allclose(g_parts, g_whole, atol=1e-6) and g_whole.abs().sum() > 0
+
+
+def test_old_and_reference_logprobs_are_scored_in_the_training_micro_batches():
+    """pi_old and pi_ref forwards run over the training passes' micro-batches (rows of similar
+    length, each cropped, not contiguous rows padded to the whole batch): every target scored as
+    it would be alone, 0 past a row's crop, and at the first pass the policy's log-probs equal
+    pi_old's bit for bit (ratio exactly 1, KL exactly 0)."""
+    from nanoseek.post.common import sequence_logprobs
+
+    tk = tiny_tokenizer()
+    seven, one, eos = tk.encode("7")[0], tk.encode("1")[0], tk.eos_id
+    task, tk = _task(lambda c, i, j: [seven, eos] if j % 2 else [one] * (j + 2), num_iterations=2, beta=0.1,
+                     loss_agg="dapo")
+    import nanoseek.post.grpo as grpo_module
+
+    scored = []
+
+    def recording(model, ids, targets, **kw):
+        scored.append(tuple(ids.shape))
+        return sequence_logprobs(model, ids, targets, **kw)
+
+    grpo_module.sequence_logprobs, real = recording, grpo_module.sequence_logprobs
+    try:
+        batch = task.rollout()
+    finally:
+        grpo_module.sequence_logprobs = real
+    plan = [tuple(mb["input_ids"].shape) for mb in next(task.passes(batch))]
+    assert scored == plan * 2 and len({T for _, T in plan}) > 1      # pi_old's and pi_ref's, cropped
+    mask = batch.targets != -100
+    for lp in (batch.old_logp, batch.ref_logp):
+        assert lp.shape == batch.targets.shape and (lp[~mask] == 0).all() and (lp[mask] < 0).all()
+        for r in range(batch.input_ids.shape[0]):
+            n = int(batch.lengths[r])
+            alone, _ = sequence_logprobs(task.model, batch.input_ids[r:r + 1, :n], batch.targets[r:r + 1, :n])
+            torch.testing.assert_close(lp[r, :n][mask[r, :n]], alone[0][mask[r, :n]], atol=1e-5, rtol=0)
+    for mb in next(task.passes(batch)):
+        T = mb["input_ids"].shape[1]
+        logp, _ = sequence_logprobs(task.model, mb["input_ids"], mb["targets"])
+        assert torch.equal(logp.detach(), batch.old_logp[mb["rows"], :T])
+        _, m = task.loss(task.model, mb)
+        assert m["ratio_mean"] == 1.0 and m["clip_frac"] == 0.0 and m["kl"] == 0.0

@@ -409,21 +409,33 @@ class GRPOTask:
         input_ids = pad_rows(seqs, self.tokenizer.pad_id, T)
         tgt = pad_rows(targets, IGNORE, T)
         adv = torch.tensor([row[2] for row in rows], dtype=torch.float)
-        old = self._logprobs(self.model, input_ids, tgt) if self.cfg.num_iterations > 1 else None
-        ref = self._logprobs(self.ref_model, input_ids, tgt) if self.ref_model is not None else None
         lengths = torch.tensor([len(s) for s in seqs])
+        old = self._logprobs(self.model, input_ids, tgt, lengths) if self.cfg.num_iterations > 1 else None
+        ref = self._logprobs(self.ref_model, input_ids, tgt, lengths) if self.ref_model is not None else None
         return RolloutBatch(input_ids, tgt, adv, old, ref, lengths)
 
+    def _micro_batches(self, lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """The rows of each micro-batch and its length: rows of similar length together, each
+        micro-batch cropped to its longest row (less padding through the forward and backward).
+        The training passes and the old / reference log-prob passes use the same plan, so a row is
+        scored in the same company and padding as it is trained in."""
+        n = lengths.shape[0]
+        k = math.ceil(n / self.cfg.micro_batch_size)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        order = torch.argsort(lengths, stable=True)
+        return [(order[a:b], int(lengths[order[a:b]].max())) for a, b in zip(bounds[:-1], bounds[1:])]
+
     @torch.no_grad()
-    def _logprobs(self, model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _logprobs(self, model, input_ids: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """log pi(target) [N, T] of ``model`` (the policy before the update, or the reference)
+        over the micro-batches of :meth:`_micro_batches`; 0 past each row's micro-batch length."""
         device = next(model.parameters()).device
-        out = []
+        out = torch.zeros(input_ids.shape, dtype=torch.float)
         with eval_mode(model):  # no MoE load counting, same function as in training (no dropout anywhere)
-            for i in range(0, input_ids.shape[0], self.cfg.micro_batch_size):
-                lp, _ = sequence_logprobs(model, input_ids[i:i + self.cfg.micro_batch_size].to(device),
-                                          targets[i:i + self.cfg.micro_batch_size].to(device))
-                out.append(lp.float().cpu())
-        return torch.cat(out)
+            for rows, T in self._micro_batches(lengths):
+                lp, _ = sequence_logprobs(model, input_ids[rows, :T].to(device), targets[rows, :T].to(device))
+                out[rows, :T] = lp.float().cpu()
+        return out
 
     def _log_samples(self, pidx: list[int], texts: list[str], results: list[Any],
                      calls: list[tuple[int, int]] | None = None) -> None:
@@ -446,12 +458,10 @@ class GRPOTask:
         """The ``num_iterations`` passes over ``batch``: each is one optimizer step, a list of
         micro-batches of at most ``micro_batch_size`` rows (the trainer takes a list as a whole step)."""
         n = batch.input_ids.shape[0]
-        k = math.ceil(n / self.cfg.micro_batch_size)
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        # micro-batches of rows of similar length, each cropped to its longest: less padding to run
-        # through the forward and backward (every micro-batch loss is normalised by the whole step,
-        # so which rows share one changes nothing but the order of the gradient's sums)
-        order = torch.argsort(batch.lengths, stable=True)
+        # micro-batches of rows of similar length, each cropped to its longest (every micro-batch
+        # loss is normalised by the whole step, so which rows share one changes nothing but the
+        # order of the gradient's sums)
+        plan = self._micro_batches(batch.lengths)
         from nanoseek.train.distributed import all_reduce_values
 
         # normalisers of the whole step, over all ranks (one process: this batch's)
@@ -459,9 +469,7 @@ class GRPOTask:
         norm = {"total_sequences": int(total_seq), "total_tokens": int(total_tok)}
         for it in range(self.cfg.num_iterations):
             step = []
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                rows = order[a:b]
-                T = int(batch.lengths[rows].max())                       # crop the common padding
+            for rows, T in plan:
                 step.append({"input_ids": batch.input_ids[rows, :T], "targets": batch.targets[rows, :T],
                              "advantages": batch.advantages[rows], "rows": rows,
                              "old_logp": None if batch.old_logp is None else batch.old_logp[rows, :T],
