@@ -146,12 +146,12 @@ def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     division by 1 is skipped; dividing by 1 changes no bit, so the result is the same).
     """
     logits = logits.float()
-    greedy = temperature <= 0
-    if any_greedy is None:
-        any_greedy = bool(greedy.any())
-    if unit_temperature:
-        scaled = logits
+    if unit_temperature:                 # every row at 1: no greedy row, nothing to divide by
+        scaled, any_greedy = logits, False
     else:
+        greedy = temperature <= 0
+        if any_greedy is None:
+            any_greedy = bool(greedy.any())
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
     V = logits.shape[-1]
     if filtered:
