@@ -102,6 +102,48 @@ def test_compiled_decode_equals_eager():
 
 
 @pytest.mark.slow
+def test_compiled_decode_follows_weight_changes():
+    """The compiled CPU decode multiplies by k-major copies of the weights (``kmajor.py``): after the
+    weights change between calls (as between GRPO's rollouts: in place, by a fused optimizer step
+    that moves no version counter, or ``.data`` replaced) it decodes the new model, token for token
+    what an eager engine on the changed model decodes."""
+    model = make_tiny_model(seed=0).eval()
+    compiled = Engine(model, max_batch_size=4, max_seq_len=48, compile=True)
+    assert _tokens(compiled) == _tokens(Engine(model, max_batch_size=4, max_seq_len=48))
+    assert compiled._kmajor is not None and compiled._kmajor.entries
+    before = _tokens(compiled)
+    model.load_state_dict(make_tiny_model(seed=1).state_dict())        # in place: version counters move
+    expected = _tokens(Engine(model, max_batch_size=4, max_seq_len=48))
+    assert expected != before
+    assert _tokens(compiled) == expected
+    with torch.no_grad():                                               # new storage, same values x 3
+        for p in model.parameters():
+            p.data = p.data * 3
+    expected = _tokens(Engine(model, max_batch_size=4, max_seq_len=48))
+    assert _tokens(compiled) == expected
+    assert compiled.compile, "the compiled step fell back to eager"
+    # a fused optimizer step leaves the version counters alone: caught because a run re-copies
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    for _ in range(3):
+        ids = torch.randint(0, model.config.vocab_size, (2, 12))
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    expected = _tokens(Engine(model, max_batch_size=4, max_seq_len=48))
+    assert _tokens(compiled) == expected
+    # the copies are what it multiplies by: spoiled (and not re-copied), the tokens change
+    compiled._kmajor.forget = lambda: None
+    with torch.inference_mode():
+        for copy in compiled._kmajor.copies:
+            copy.zero_()
+    assert _tokens(compiled) != expected
+    # one row decodes with the model's own weights (no copies installed: no faster at one row)
+    assert _tokens(compiled, PROMPTS[:1]) == _tokens(Engine(model, max_batch_size=4, max_seq_len=48), PROMPTS[:1])
+
+
+@pytest.mark.slow
 def test_compiled_v4_decode_equals_eager():
     """V4 (hash-routed layers whose ``tid2eid`` can repeat an expert for a token, compressed caches):
     batch 4 with rows leaving (the dense MoE path) and batch 1 (the gathered path)."""

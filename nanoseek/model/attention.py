@@ -36,6 +36,7 @@ from torch import nn
 from .cache import KVCache
 from .config import ModelConfig
 from .dsa import Indexer, indexer_kl
+from .kmajor import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -160,17 +161,17 @@ class MLA(nn.Module):
         self.interleave = c.rope_interleave
         self.absorb = False  # switched on by the inference engine for decoding
         if c.q_lora_rank:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps=1e-6)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(c.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
+            self.q_proj = Linear(c.hidden_size, self.n_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
                                             bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim),
+        self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (c.qk_nope_head_dim + c.v_head_dim),
                                    bias=False)
-        self.o_proj = nn.Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.o_proj = Linear(self.n_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
         # DeepSeek-V3.2: the lightning indexer picks the keys each query attends to (dsa.py)
         self.indexer = Indexer(c) if c.index_n_heads else None
         self.dsa_stage: str | None = None   # "dense" / "sparse" while the indexer trains (set_dsa_stage)
@@ -292,10 +293,10 @@ class MHA(nn.Module):
         self.interleave = c.rope_interleave
         self.absorb = False  # no latent to absorb; kept for a uniform interface
         b = c.attention_bias
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.qk_head_dim, bias=b)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.qk_head_dim, bias=b)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.v_head_dim, bias=b)
-        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, c.hidden_size, bias=b)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.qk_head_dim, bias=b)
+        self.k_proj = Linear(c.hidden_size, self.n_kv * self.qk_head_dim, bias=b)
+        self.v_proj = Linear(c.hidden_size, self.n_kv * self.v_head_dim, bias=b)
+        self.o_proj = Linear(self.n_heads * self.v_head_dim, c.hidden_size, bias=b)
 
     def _rope(self, t, cos, sin):
         nope, pe = t.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)

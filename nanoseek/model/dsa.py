@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp32 import fp32_linear, fp32_matmul, keep_fp32
+from .kmajor import Linear
 from .rope import apply_rope
 
 
@@ -53,8 +54,8 @@ class Indexer(nn.Module):
         c = config
         self.n_heads, self.head_dim, self.topk = c.index_n_heads, c.index_head_dim, c.index_topk
         self.rope_dim = c.qk_rope_head_dim
-        self.wq_b = nn.Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(c.hidden_size, self.head_dim, bias=False)
+        self.wq_b = Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(c.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = FP32Linear(c.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5

@@ -57,6 +57,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp32 import fp32_linear, keep_fp32
+from .kmajor import KMajorView, Linear
 from .routing import node_limit_problem, per_node
 
 
@@ -65,9 +66,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -306,6 +307,8 @@ class Experts(nn.Module):
     """
 
     gemm: GroupedGEMM = staticmethod(grouped_linear)
+    gate_up_t: torch.Tensor | None = None    # k-major copies while the compiled decode runs (kmajor.py)
+    down_t: torch.Tensor | None = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -341,12 +344,15 @@ class Experts(nn.Module):
         """Same result as ``forward`` (up to rounding) with static shapes: every expert on every token."""
         N, d = x.shape
         E, inter = self.n_experts, self.intermediate
-        h = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d)).view(N, E, 2 * inter)
-        gate, up = h.split(inter, dim=-1)                                     # [N, E, I] each
+        if self.gate_up_t is not None and not torch.is_grad_enabled():   # the compiled decode's copies (kmajor.py)
+            h, down = x @ self.gate_up_t, self.down_t                          # [N, E*2I]; [E, I, d]
+        else:
+            h, down = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d)), self.down_proj.transpose(1, 2)
+        gate, up = h.view(N, E, 2 * inter).split(inter, dim=-1)               # [N, E, I] each
         # 0 for unchosen experts; summed where a token chose an expert twice (V4's hash routing can)
         dense_w = x.new_zeros(N, E).scatter_add_(1, idx, weights.to(x.dtype))
         act = self.act(gate, up) * dense_w[:, :, None]                        # [N, E, I]
-        y = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))    # [E, N, d]
+        y = torch.bmm(act.transpose(0, 1), down)                              # [E, N, d]
         return y.sum(dim=0), self._counts(idx)
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,6 +365,15 @@ class Experts(nn.Module):
         act = self.act(gate, up) * weights.reshape(-1, 1).to(x.dtype)         # [N*k, I]
         y = torch.bmm(self.down_proj[chosen], act[:, :, None]).view(N, -1, d)   # [N, k, d]
         return y.sum(dim=1), self._counts(idx)
+
+    def kmajor_views(self) -> list[KMajorView]:
+        """The k-major copies ``forward_dense`` reads (``kmajor.py``): gate_up as one [d, E*2I]
+        matrix, down as [E, I, d]; none where the GEMM was swapped (the dense path does not run)."""
+        if self.gemm is not grouped_linear:
+            return []
+        d = self.gate_up_proj.shape[-1]
+        return [("gate_up_t", "gate_up_proj", lambda w: w.reshape(-1, d).t()),
+                ("down_t", "down_proj", lambda w: w.transpose(1, 2))]
 
     def _counts(self, idx: torch.Tensor) -> torch.Tensor:
         """Tokens per expert [E] without a scatter (a static-shape comparison)."""

@@ -27,6 +27,7 @@ from torch import nn
 from .attention import MHA, MLA, CacheMask
 from .cache import KVCache
 from .config import ModelConfig
+from .kmajor import Linear
 from .moe import MLP, MoE, max_violation
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -73,7 +74,7 @@ class MTPLayer(DecoderLayer):
         d = config.hidden_size
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.shared_head = SharedHead(config)
 
     def forward(self, emb, h_prev, cos, sin, positions, cache=None, rows=None, mask=None):
@@ -127,7 +128,7 @@ class DeepSeekCausalLM(nn.Module):
         config.validate()
         self.config = config
         self.model = self.model_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.use_mtp = config.num_nextn_predict_layers > 0   # compute the MTP loss when labels are given

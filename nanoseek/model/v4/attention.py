@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..fp32 import keep_fp32
+from ..kmajor import Linear
 from .compressor import Compressor, FP32RMSNorm, compressed_kl
 from .config import DeepseekV4Config
 from .hyper import unweighted_rms_norm
@@ -83,13 +84,13 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.window = c.num_attention_heads, c.head_dim, c.sliding_window
         self.o_groups, self.eps, self.scale = c.o_groups, c.rms_norm_eps, c.head_dim ** -0.5
         H, D = c.num_attention_heads, c.head_dim
-        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=False)
         self.q_a_norm = FP32RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-        self.q_b_proj = nn.Linear(c.q_lora_rank, H * D, bias=False)
-        self.kv_proj = nn.Linear(c.hidden_size, D, bias=False)
+        self.q_b_proj = Linear(c.q_lora_rank, H * D, bias=False)
+        self.kv_proj = Linear(c.hidden_size, D, bias=False)
         self.kv_norm = FP32RMSNorm(D, c.rms_norm_eps)
         self.o_a_proj = GroupedLinear(H * D // c.o_groups, c.o_groups * c.o_lora_rank, c.o_groups)
-        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, c.hidden_size, bias=False)
+        self.o_b_proj = Linear(c.o_groups * c.o_lora_rank, c.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         self.compressor = Compressor(c, self.kind) if self.kind != "sliding_attention" else None
         self.dsa_stage: str | None = None   # "dense" / "sparse" while a CSA indexer trains (set_dsa_stage)

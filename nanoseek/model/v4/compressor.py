@@ -57,6 +57,7 @@ from torch import nn
 
 from ..dsa import indexer_kl, top_k_visible
 from ..fp32 import fp32_matmul, keep_fp32
+from ..kmajor import Linear
 from .config import CSA, HCA, DeepseekV4Config
 from .rope import Rope, rope_tail
 
@@ -85,8 +86,8 @@ class WindowCompressor(nn.Module):
         super().__init__()
         self.dim, self.rate, self.overlap, self.name = dim, rate, overlap, name
         width = 2 * dim if overlap else dim
-        self.kv_proj = nn.Linear(hidden_size, width, bias=False)
-        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.kv_proj = Linear(hidden_size, width, bias=False)
+        self.gate_proj = Linear(hidden_size, width, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, width, dtype=torch.float32))
         self.kv_norm = FP32RMSNorm(dim, eps)
 
@@ -158,7 +159,7 @@ class IndexerScorer(nn.Module):
         super().__init__()
         self.softmax_scale = config.index_head_dim ** -0.5
         self.weights_scaling = config.index_n_heads ** -0.5
-        self.weights_proj = nn.Linear(config.hidden_size, config.index_n_heads, bias=False)
+        self.weights_proj = Linear(config.hidden_size, config.index_n_heads, bias=False)
 
     def forward(self, q: torch.Tensor, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, c], keys [B, N, c], x [B, T, d] -> scores [B, T, N] (fp32)."""
@@ -176,7 +177,7 @@ class Indexer(WindowCompressor):
         c = config
         super().__init__(c.hidden_size, c.index_head_dim, c.compress_rates[CSA], True, c.rms_norm_eps, "indexer")
         self.n_heads, self.topk = c.index_n_heads, c.index_topk
-        self.q_b_proj = nn.Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
+        self.q_b_proj = Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
         self.scorer = IndexerScorer(c)
 
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fp32 import fp32_linear, keep_fp32
+from ..kmajor import Linear
 from ..moe import Experts, top_k
 from ..moe import MoE as _V3MoE
 from .config import DeepseekV4Config
@@ -51,9 +52,9 @@ class ClampedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, limit: float, bias: bool = False):
         super().__init__()
         self.limit = limit
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(clamped_swiglu(self.gate_proj(x), self.up_proj(x), self.limit))

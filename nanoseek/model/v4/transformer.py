@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kmajor import Linear
 from ..transformer import CausalLMOutput, DeepSeekCausalLM, lm_loss, sum_aux_loss
 from .attention import Attention
 from .compressor import FP32RMSNorm
@@ -71,8 +72,8 @@ class MTPLayer(DecoderLayer):
     def __init__(self, config: DeepseekV4Config, layer_idx: int):
         super().__init__(config, layer_idx)
         c = config
-        self.e_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
-        self.h_proj = nn.Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.e_proj = Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.h_proj = Linear(c.hidden_size, c.hidden_size, bias=False)
         self.enorm = FP32RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hnorm = FP32RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.norm = FP32RMSNorm(c.hidden_size, c.rms_norm_eps)
