@@ -156,6 +156,8 @@ def test_weights_without_a_version_counter_or_a_parameter():
     model = make_tiny_model(seed=0).eval()
     layout = KMajorWeights(model)
     layout.refresh()
+    full = layout.nbytes
+    gone = (model.lm_head.weight.numel() + model.model.layers[0].self_attn.o_proj.weight.numel()) * 4
     prune.l1_unstructured(model.lm_head, "weight", amount=0.5)
     parametrizations.weight_norm(model.model.layers[0].self_attn.o_proj)
     ids = torch.randint(0, model.config.vocab_size, (2, 6))
@@ -164,6 +166,12 @@ def test_weights_without_a_version_counter_or_a_parameter():
         with layout.installed():
             assert model.lm_head.weight_t is None
             torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    late = KMajorWeights(model)                 # made after pruning: no copy for those layers
+    assert late.nbytes == layout.nbytes == full - gone
+    with torch.no_grad(), late.installed():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, max_batch_size=2, max_seq_len=16, compile=True)
+    assert engine._kmajor_weights() is not None
 
 
 def test_copies_are_not_part_of_the_model():

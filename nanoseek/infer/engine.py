@@ -45,8 +45,8 @@ row's position), so the forward is one graph, and on a CPU the graph's kernels a
 generated C++ (inductor's ``cpp_wrapper``) rather than Python; the MoE layers take a static-shape
 path (:class:`~nanoseek.model.moe.Experts`), and its linear layers and dense experts multiply by
 k-major copies of their weights, which a CPU's BLAS runs faster for a few rows
-(``nanoseek/model/kmajor.py``: one more copy of those weights in memory, refreshed when they
-change). Prefill and MTP steps stay eager. If compiling or running
+(``nanoseek/model/kmajor.py``: one more copy of those weights in memory, made again at the start
+of each decode run and followed within it where a change is visible). Prefill and MTP steps stay eager. If compiling or running
 the compiled step fails, the engine warns once and decodes eagerly from then on.
 
 Logprobs are of the model's own distribution (float32 ``log_softmax`` of the raw logits, before

@@ -14,7 +14,8 @@ of its weight where the module has one; :class:`~.moe.Experts` reads ``gate_up_t
 same way in its dense decode path. :class:`KMajorWeights` holds the copies for a model, and
 :meth:`KMajorWeights.installed` puts them on the modules for one call only, after copying again
 any weight that changed since the last call (an optimizer step or ``load_state_dict`` writes in
-place and moves the weight's version counter; ``.data = ...`` or ``.to()`` moves its storage).
+place and moves the weight's version counter; ``.data = ...`` or ``.to()`` moves its storage,
+though the allocator may hand back the same address).
 Outside that call no module has a copy, so an eager or training forward, a ``state_dict``, a
 ``deepcopy`` or a pickle of the model never sees one; inside it a forward with autograd on (a
 training step in another thread: grad mode is per thread) still multiplies by the weights. Some
@@ -79,7 +80,7 @@ class KMajorWeights:
     @property
     def nbytes(self) -> int:
         """Bytes the copies take (once made): the matrices they mirror."""
-        return sum(w.numel() * w.element_size() for w in self.weights())
+        return sum(w.numel() * w.element_size() for w in self.weights() if w is not None)
 
     def weights(self) -> list[torch.Tensor | None]:
         """The parameters mirrored, as the modules hold them now (one may have been replaced; None
@@ -100,7 +101,7 @@ class KMajorWeights:
         a decode run starts."""
         weights = self.weights()
         keys = [None if w is None else (w.data_ptr(), None if w.is_inference() else w._version) for w in weights]
-        if keys == self._keys:                      # a decode step's case: ~10 us for 50 weights
+        if keys == self._keys:                      # a decode step's case: ~10-20 us for 50 weights
             return 0
         n = 0
         with torch.no_grad():
