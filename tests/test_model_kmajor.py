@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_model
 from nanoseek.infer.engine import Engine
-from nanoseek.model import kmajor
+from nanoseek import limits
 from nanoseek.model.kmajor import KMajorWeights, Linear
 from nanoseek.model.moe import Experts
 
@@ -223,8 +223,8 @@ def test_engine_makes_no_copies_where_memory_is_short(monkeypatch):
     model = make_tiny_model(seed=0).eval()
     engine = Engine(model, max_batch_size=2, max_seq_len=16, compile=True)
     assert engine._kmajor_weights() is not None
-    monkeypatch.setattr(kmajor, "available_memory", lambda: 1024)
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu": 1024)
     with pytest.warns(RuntimeWarning, match="k-major"):
         assert engine._kmajor_weights() is None
-    monkeypatch.setattr(kmajor, "available_memory", lambda: None)     # cannot tell: make them
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu": None)     # cannot tell: make them
     assert engine._kmajor_weights() is not None

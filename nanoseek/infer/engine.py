@@ -77,7 +77,7 @@ from typing import Any, Iterator
 import torch
 
 from .reasoning import prompt_ends_in_think
-from nanoseek.model import kmajor
+from nanoseek import limits
 from nanoseek.model.kmajor import KMajorWeights
 from nanoseek.tools.format import ToolCall, ToolTokens
 from nanoseek.tools.tool import ToolLimits, ToolResult
@@ -667,7 +667,7 @@ class Engine:
         if self.device.type != "cpu":
             return None
         layout = KMajorWeights(self.model)
-        free = kmajor.available_memory()
+        free = limits.available_memory_bytes("cpu")
         if free is not None and layout.nbytes > free // 2:
             warnings.warn(f"Engine(compile=True): no k-major copy of the weights for the compiled decode "
                           f"({layout.nbytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB of memory available); "

@@ -134,14 +134,3 @@ class KMajorWeights:
             for m, name, _, _ in self.entries:
                 m.__dict__.pop(name, None)
 
-
-def available_memory() -> int | None:
-    """Bytes of memory the system has available now (Linux's ``MemAvailable``), None where it cannot tell."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
