@@ -3,7 +3,7 @@
 * ``Experts.forward_dense`` (every expert on every token) and ``Experts.forward_gathered`` (each
   (token, expert) pair's matrices gathered), the static-shape paths the compiled decode step runs,
   equal the grouped training path, including experts that get no token, and the compiled step
-  picks the gathered one for a handful of tokens only;
+  picks the gathered one up to its byte budget (``moe.GATHER_MAX_BYTES``);
 * ``KVCache`` keeps one buffer per MLA layer, ``[c_KV | k_rope]``: the ``a`` / ``b`` views, the
   legacy ``write`` / ``read`` and the slot API address the same memory;
 * ``CacheMask`` (built once per forward): its absorbed-path bias is 0 / -inf exactly where
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nanoseek.model.attention import CacheMask
+from nanoseek.model import moe
 from nanoseek.model.moe import Experts
 
 
@@ -95,23 +96,45 @@ def test_static_experts_backward_matches(tiny_config, path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("N,expected", [(1, "forward_gathered"), (2, "forward_gathered"), (3, "forward_dense")])
-def test_compiled_decode_gathers_only_for_a_handful_of_tokens(tiny_config, monkeypatch, N, expected):
-    """8 experts, top-2: gathering reads 2 N k expert matrices where dense reads E, so it is used
-    up to N k = 4 pairs; the choice is made only while compiling an eval-mode forward."""
-    cfg = tiny_config()
+@pytest.mark.parametrize("N,budget,expected", [(1, None, "forward_gathered"), (64, None, "forward_gathered"),
+                                                (2, 4, "forward_gathered"), (3, 4, "forward_dense")])
+def test_compiled_decode_gathers_up_to_its_byte_budget(tiny_config, monkeypatch, N, budget, expected):
+    """The compiled decode gathers each (token, expert) pair's matrices while N k pairs of them stay
+    within GATHER_MAX_BYTES a layer (the default: far beyond these sizes), else runs every expert;
+    the choice is made only while compiling an eval-mode forward."""
+    cfg = tiny_config()                                   # 8 experts, top-2
     ex = _random_experts(cfg).eval()
+    assert ex.expert_nbytes() == (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * 4
+    if budget is not None:                                # a budget of `budget` expert matrices a layer
+        monkeypatch.setattr(moe, "GATHER_MAX_BYTES", budget * ex.expert_nbytes())
     x, w = torch.randn(N, cfg.hidden_size), torch.rand(N, 2)
     idx = torch.stack([torch.randperm(cfg.n_routed_experts)[:2] for _ in range(N)])
     called = []
     for name in STATIC_PATHS:
         monkeypatch.setattr(Experts, name, lambda self, *a, name=name: called.append(name) or (a[0], None))
+    # the custom op's own dispatch would see the patched is_compiling (and leave dynamo's rules for it
+    # built wrongly for later tests in this process): the plain function in its place
+    monkeypatch.setattr(moe, "grouped_linear_op", moe.grouped_linear)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     ex(x, w, idx)
     assert called == [expected]
     called.clear()
     ex.train()(x, w, idx)                                 # a compiled training forward keeps the grouped path
     assert called == []
+
+
+def test_gather_budget_counts_bytes(tiny_config, monkeypatch):
+    """bf16 experts are half the bytes: twice the pairs fit the same budget."""
+    ex = _random_experts(tiny_config()).eval()
+    monkeypatch.setattr(moe, "GATHER_MAX_BYTES", 4 * ex.expert_nbytes())
+    ex = ex.to(torch.bfloat16)
+    monkeypatch.setattr(Experts, "forward_gathered", lambda self, *a: ("gathered", None))
+    monkeypatch.setattr(Experts, "forward_dense", lambda self, *a: ("dense", None))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(4, ex.gate_up_proj.shape[-1], dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 1]] * 4)
+    assert ex(x, torch.rand(4, 2), idx)[0] == "gathered"          # 8 pairs x half the bytes
+    assert ex(torch.cat([x, x[:1]]), torch.rand(5, 2), torch.tensor([[0, 1]] * 5))[0] == "dense"
 
 
 def test_kv_cache_views_share_one_buffer(tiny_model):

@@ -14,7 +14,6 @@ from conftest import make_tiny_model
 from nanoseek.infer.engine import Engine
 from nanoseek import limits
 from nanoseek.model.kmajor import KMajorWeights, Linear
-from nanoseek.model.moe import Experts
 
 
 def _copies_match(layout: KMajorWeights) -> bool:
@@ -66,23 +65,6 @@ def test_forward_with_copies_equals_the_model(overrides):
         with layout.installed():
             got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_dense_experts_with_copies_equal_the_grouped_path(tiny_config):
-    ex = Experts(tiny_config())
-    with torch.no_grad():
-        ex.gate_up_proj.normal_(0, 0.2)
-        ex.down_proj.normal_(0, 0.2)
-    layout = KMajorWeights(ex)
-    x, w = torch.randn(6, ex.gate_up_proj.shape[-1]), torch.rand(6, 2)
-    idx = torch.stack([torch.randperm(ex.n_experts)[:2] for _ in range(6)])
-    with torch.no_grad():
-        ref, ref_counts = ex(x, w, idx)
-        with layout.installed():
-            assert ex.gate_up_t.shape == (ex.gate_up_proj.shape[-1], ex.gate_up_proj.shape[0] * ex.gate_up_proj.shape[1])
-            out, counts = ex.forward_dense(x, w, idx)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert counts.tolist() == ref_counts.tolist()
 
 
 def test_refresh_follows_every_way_a_weight_changes():
@@ -189,7 +171,7 @@ def test_copies_are_not_part_of_the_model():
     clone = copy.deepcopy(model)
     restored = pickle.loads(pickle.dumps(model))
     for m in (model, clone, restored):
-        assert not any(k in mod.__dict__ for mod in m.modules() for k in ("weight_t", "gate_up_t", "down_t"))
+        assert not any(k in mod.__dict__ for mod in m.modules() for k in ("weight_t",))
     assert layout.nbytes == sum(w.numel() * w.element_size() for w in layout.weights()) > 0
 
 
@@ -207,7 +189,8 @@ def test_modules_with_another_product_are_left_alone():
     names = {id(m): n for n, m in model.named_modules()}
     covered = {names[id(m)] for m, _, _, _ in KMajorWeights(model).entries}
     assert not any(n.startswith("model.mtp.") for n in covered)     # MTP runs in the eager speculative step
-    assert any(n.endswith("experts") for n in covered) and "lm_head" in covered
+    assert "lm_head" in covered and "model.layers.0.self_attn.q_a_proj" in covered
+    assert not any(n.endswith("experts") for n in covered)          # they gather (moe.py): no copies
 
 
 def test_v4_grouped_projection_is_left_alone():

@@ -43,11 +43,12 @@ seconds; ``compile_seconds``). On a CPU a decode step is dominated by the number
 operators, which the compiler fuses: the engine passes the step's ``cache_length`` (it knows every
 row's position), so the forward is one graph, and on a CPU the graph's kernels are launched from
 generated C++ (inductor's ``cpp_wrapper``) rather than Python; the MoE layers take a static-shape
-path (:class:`~nanoseek.model.moe.Experts`), and its linear layers and dense experts multiply by
-k-major copies of their weights, which a CPU's BLAS runs faster for a few rows
-(``nanoseek/model/kmajor.py``: one more copy of those weights in memory, made again at the start
-of each decode run and followed within it where a change is visible). Prefill and MTP steps stay eager. If compiling or running
-the compiled step fails, the engine warns once and decodes eagerly from then on.
+path (:class:`~nanoseek.model.moe.Experts`: each token's chosen experts' matrices gathered), and
+its linear layers multiply by k-major copies of their weights, which a CPU's BLAS runs faster for
+a few rows (``nanoseek/model/kmajor.py``: one more copy of those weights in memory, made again at
+the start of each decode run and followed within it where a change is visible). Prefill and MTP
+steps stay eager. If compiling or running the compiled step fails, the engine warns once and
+decodes eagerly from then on.
 
 Logprobs are of the model's own distribution (float32 ``log_softmax`` of the raw logits, before
 temperature / top-k / top-p, as vLLM reports them): each generated token's, from the logits it
@@ -650,7 +651,7 @@ class Engine:
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         # k-major copies from two rows on: a one-row product reads the weights once either way, and
-        # installing them costs ~30 us (batch 1 measured 3% slower with them, batch 16 1.18x faster)
+        # installing them costs ~30 us (batch 1 measured 3% slower with them, batch 4-64 1.0-1.04x faster)
         layout = contextlib.nullcontext()
         if self._kmajor is not None and ids.shape[0] > 1:
             layout = self._kmajor.installed()

@@ -3,16 +3,17 @@
 A linear layer computes ``x W^T`` with ``W`` stored ``[out, in]``. For the few rows of a decode
 step (one per sequence) a CPU BLAS runs that transposed product well below the speed it reaches
 on the same product with the weight stored ``[in, out]`` ("k-major"): ``[16, 256] x [256, 4,096]``
-measured 460 against 352 us on this project's CPU (one thread), and the engine's compiled decode
-step of bench-moe 1.16-1.26x faster at batch 4-64 with every linear layer and the dense experts
-reading k-major copies (README, Performance; none at batch 1, 0.97x). Training keeps the model's
-own layout (the copies carry no gradient) and a GPU's BLAS has no such gap, so only the engine's
-compiled CPU decode uses them.
+measured 460 against 352 us on an Intel CPU with AMX (one thread), 563 against 528 us on an AMD
+EPYC. The engine's compiled decode step of bench-moe ran 1.16-1.26x faster at batch 4-64 with every
+linear layer and the then-dense experts reading k-major copies, and 1.02-1.04x with the linear
+layers alone once the experts gathered their matrices instead (README, Performance; none at batch
+1, 0.97x). Training keeps the model's own layout (the copies carry no gradient) and a GPU's BLAS
+has no such gap, so only the engine's compiled CPU decode uses them.
 
 :class:`Linear` is ``nn.Linear`` that multiplies by ``weight_t`` (``[in, out]``, contiguous) instead
-of its weight where the module has one; :class:`~.moe.Experts` reads ``gate_up_t`` / ``down_t`` the
-same way in its dense decode path. :class:`KMajorWeights` holds the copies for a model, and
-:meth:`KMajorWeights.installed` puts them on the modules for one call only, after copying again
+of its weight where the module has one (a module says which copies it reads through its
+``kmajor_views`` method; only :class:`Linear` has one). :class:`KMajorWeights` holds the copies for
+a model, and :meth:`KMajorWeights.installed` puts them on the modules for one call only, after copying again
 any weight that changed since the last call (an optimizer step or ``load_state_dict`` writes in
 place and moves the weight's version counter; ``.data = ...`` or ``.to()`` moves its storage,
 though the allocator may hand back the same address).
@@ -28,8 +29,9 @@ where that would take more than half of the memory the system has available when
 (the first compiled step), the engine makes none and decodes with the model's layout.
 
 Modules whose forward was replaced (simulated FP8 rebinds ``forward`` on its linear layers;
-subclasses with a forward of their own, such as V4's grouped ``o_a_proj``), experts with a
-replaced GEMM and the MTP block (run only by the eager speculative step) are left alone.
+subclasses with a forward of their own, such as V4's grouped ``o_a_proj``) and the MTP block (run
+only by the eager speculative step) are left alone; the routed experts gather the chosen experts'
+matrices in the compiled decode (``moe.py``) and have no copies.
 """
 
 from __future__ import annotations
@@ -65,10 +67,10 @@ class Linear(nn.Linear):
 
 
 class KMajorWeights:
-    """The k-major copies of a model's plain linear layers and dense experts (module docstring)."""
+    """The k-major copies of a model's plain linear layers (module docstring)."""
 
     def __init__(self, model: nn.Module):
-        # each module that can read copies says which (Linear; moe.Experts: its dense decode path)
+        # each module that can read copies says which (kmajor_views: Linear's)
         self.entries: list[tuple[nn.Module, str, str, Callable[[torch.Tensor], torch.Tensor]]] = []
         mtp = {id(x) for block in getattr(getattr(model, "model", None), "mtp", ()) for x in block.modules()}
         for m in model.modules():

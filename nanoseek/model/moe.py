@@ -27,12 +27,15 @@ so: a compiled *training* forward (``[train] compile``, :mod:`nanoseek.train.com
 same sorted dispatch with each grouped GEMM as one opaque custom operator
 (``nanoseek::grouped_linear``, its backward ``nanoseek::grouped_linear_grads``: the eager kernels,
 so the arithmetic is the eager step's); the engine's compiled *decode* step (a module in eval
-mode) has static shapes instead: for a handful of tokens (2 N k <= E, e.g. one sequence) each
-(token, expert) pair gathers its expert's matrices and runs two batched matrix-vector products,
-reading only the chosen experts (a decode step at batch 1 is bound by reading weights); for more
-tokens every expert runs on every token, weighted by the routing weights (zero for unchosen
-experts), as two matmuls: E/k times the FLOPs, which for the few tokens of a decode step buys
-fewer, larger matmuls.
+mode) has static shapes instead: each (token, expert) pair gathers its expert's matrices and runs
+two batched matrix-vector products (the compiler fuses the gather into them), reading only the
+chosen experts' weights, up to :data:`GATHER_MAX_BYTES` of them per layer; beyond that (a large
+batch of large experts) every expert runs on every token, weighted by the routing weights (zero
+for unchosen experts), as two matmuls that read each expert once at E/k times the FLOPs. Measured
+on the project's AMD EPYC host (README, Performance), the compiled decode step with the experts
+gathered is 1.14-1.63x the dense one from 4 to 256 rows of bench-moe and the speedrun's model
+(1.02x at 2), 1.25x with 6 MB experts at 16 rows, and even (1.02x) with those at 64 rows: 1.5 GB
+of gathered reads a layer.
 Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
 (``mlp.experts.{j}.gate_proj.weight``...) on save.
 
@@ -57,7 +60,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp32 import fp32_linear, keep_fp32
-from .kmajor import KMajorView, Linear
+from .kmajor import Linear
 from .routing import node_limit_problem, per_node
 
 
@@ -277,6 +280,12 @@ def _op_backward(ctx, dy):
 grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
+# The most expert weight bytes the compiled decode step gathers per MoE layer (Experts.forward): N k
+# pairs times one expert's matrices. Measured (module docstring), gathering beat running every expert
+# on every token up to ~400 MB of such reads a layer and drew level at 1.5 GB.
+GATHER_MAX_BYTES = 512 * 2**20
+
+
 # An expert GEMM: (x [M, in] rows sorted by expert, w [E, out, in], counts [E]) -> [M, out].
 GroupedGEMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -307,8 +316,6 @@ class Experts(nn.Module):
     """
 
     gemm: GroupedGEMM = staticmethod(grouped_linear)
-    gate_up_t: torch.Tensor | None = None    # k-major copies while the compiled decode runs (kmajor.py)
-    down_t: torch.Tensor | None = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -333,7 +340,7 @@ class Experts(nn.Module):
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
         compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # (a swapped GEMM: its own)
         if compiling and not self.training:          # the engine's compiled decode: static shapes
-            if 2 * x.shape[0] * idx.shape[1] <= self.n_experts:
+            if x.shape[0] * idx.shape[1] * self.expert_nbytes() <= GATHER_MAX_BYTES:
                 return self.forward_gathered(x, weights, idx)
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)
@@ -344,15 +351,12 @@ class Experts(nn.Module):
         """Same result as ``forward`` (up to rounding) with static shapes: every expert on every token."""
         N, d = x.shape
         E, inter = self.n_experts, self.intermediate
-        if self.gate_up_t is not None and not torch.is_grad_enabled():   # the compiled decode's copies (kmajor.py)
-            h, down = x @ self.gate_up_t, self.down_t                          # [N, E*2I]; [E, I, d]
-        else:
-            h, down = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d)), self.down_proj.transpose(1, 2)
+        h = F.linear(x, self.gate_up_proj.view(E * 2 * inter, d))            # [N, E*2I]
         gate, up = h.view(N, E, 2 * inter).split(inter, dim=-1)               # [N, E, I] each
         # 0 for unchosen experts; summed where a token chose an expert twice (V4's hash routing can)
         dense_w = x.new_zeros(N, E).scatter_add_(1, idx, weights.to(x.dtype))
         act = self.act(gate, up) * dense_w[:, :, None]                        # [N, E, I]
-        y = torch.bmm(act.transpose(0, 1), down)                              # [E, N, d]
+        y = torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2))    # [E, N, d]
         return y.sum(dim=0), self._counts(idx)
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,14 +370,9 @@ class Experts(nn.Module):
         y = torch.bmm(self.down_proj[chosen], act[:, :, None]).view(N, -1, d)   # [N, k, d]
         return y.sum(dim=1), self._counts(idx)
 
-    def kmajor_views(self) -> list[KMajorView]:
-        """The k-major copies ``forward_dense`` reads (``kmajor.py``): gate_up as one [d, E*2I]
-        matrix, down as [E, I, d]; none where the GEMM was swapped (the dense path does not run)."""
-        if self.gemm is not grouped_linear:
-            return []
-        d = self.gate_up_proj.shape[-1]
-        return [("gate_up_t", "gate_up_proj", lambda w: w.reshape(-1, d).t()),
-                ("down_t", "down_proj", lambda w: w.transpose(1, 2))]
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert's matrices (gate/up and down): what each gathered pair reads."""
+        return (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
 
     def _counts(self, idx: torch.Tensor) -> torch.Tensor:
         """Tokens per expert [E] without a scatter (a static-shape comparison)."""
