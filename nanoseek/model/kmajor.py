@@ -5,10 +5,11 @@ step (one per sequence) a CPU BLAS runs that transposed product well below the s
 on the same product with the weight stored ``[in, out]`` ("k-major"): ``[16, 256] x [256, 4,096]``
 measured 460 against 352 us on an Intel CPU with AMX (one thread), 563 against 528 us on an AMD
 EPYC. The engine's compiled decode step of bench-moe ran 1.16-1.26x faster at batch 4-64 with every
-linear layer and the then-dense experts reading k-major copies, and 1.02-1.04x with the linear
-layers alone once the experts gathered their matrices instead (README, Performance; none at batch
-1, 0.97x). Training keeps the model's own layout (the copies carry no gradient) and a GPU's BLAS
-has no such gap, so only the engine's compiled CPU decode uses them.
+linear layer and the then-dense experts reading k-major copies (Intel), and 1.02-1.04x with the
+linear layers alone once the experts gathered their matrices instead (AMD); at batch 1, where one
+row's product is a matrix-vector product, 0.97x on the Intel CPU and 1.28x on the AMD one (README,
+Performance). Training keeps the model's own layout (the copies carry no gradient) and a GPU's
+BLAS has no such gap, so only the engine's compiled CPU decode uses them, at every batch size.
 
 :class:`Linear` is ``nn.Linear`` that multiplies by ``weight_t`` (``[in, out]``, contiguous) instead
 of its weight where the module has one (a module says which copies it reads through its
