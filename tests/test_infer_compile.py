@@ -103,8 +103,9 @@ def test_compiled_decode_equals_eager():
 
 @pytest.mark.slow
 def test_compiled_dense_experts_equal_eager(monkeypatch):
-    """Past the gather budget (a large batch of large experts) the compiled step runs every expert
-    on every token: a budget of 0 forces it here, and the tokens are still the eager engine's."""
+    """Past E pairs and the gather budget (a large batch of large experts) the compiled step runs
+    every expert on every token: forced here at every batch size, the tokens are still the eager
+    engine's."""
     import torch._dynamo
 
     from nanoseek.model import moe
@@ -112,12 +113,7 @@ def test_compiled_dense_experts_equal_eager(monkeypatch):
     torch._dynamo.reset()            # dynamo's recompile limit counts earlier tests' graphs of this forward
     model = make_tiny_model(seed=0).eval()
     expected = _tokens(Engine(model, max_batch_size=4, max_seq_len=48))
-    monkeypatch.setattr(moe, "GATHER_MAX_BYTES", 0)
-
-    def not_this_path(self, *args):
-        raise AssertionError("gathered past the budget")
-
-    monkeypatch.setattr(moe.Experts, "forward_gathered", not_this_path)      # taken: the step falls back
+    monkeypatch.setattr(moe.Experts, "forward_gathered", moe.Experts.forward_dense)
     compiled = Engine(model, max_batch_size=4, max_seq_len=48, compile=True)
     assert _tokens(compiled) == expected
     assert compiled.compile, "the compiled step fell back to eager"
@@ -169,7 +165,7 @@ def test_compiled_decode_follows_weight_changes():
 @pytest.mark.slow
 def test_compiled_v4_decode_equals_eager(monkeypatch):
     """V4 (hash-routed layers whose ``tid2eid`` can repeat an expert for a token, compressed caches):
-    batch 4 with rows leaving and batch 1, the experts gathered and (a gather budget of 0) dense."""
+    batch 4 with rows leaving and batch 1, the experts gathered and (forced) dense."""
     from nanoseek.model import moe, registry
     from v4_helpers import randomise
 
@@ -183,8 +179,9 @@ def test_compiled_v4_decode_equals_eager(monkeypatch):
                 for i, p in enumerate(prompts)]
     eager = Engine(model, max_batch_size=8, max_seq_len=96)
     compiled = Engine(model, max_batch_size=8, max_seq_len=96, compile=True)
-    for budget in (moe.GATHER_MAX_BYTES, 0):
-        monkeypatch.setattr(moe, "GATHER_MAX_BYTES", budget)    # a guarded global: 0 recompiles, dense
+    for dense in (False, True):
+        if dense:                                                # every batch size on the dense path
+            monkeypatch.setattr(moe.Experts, "forward_gathered", moe.Experts.forward_dense)
         for reqs in (requests, requests[1:2]):
             expected = [[c.token_ids for c in cs] for cs in eager.generate_each(reqs)]
             assert [[c.token_ids for c in cs] for cs in compiled.generate_each(reqs)] == expected

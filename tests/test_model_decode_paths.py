@@ -3,7 +3,7 @@
 * ``Experts.forward_dense`` (every expert on every token) and ``Experts.forward_gathered`` (each
   (token, expert) pair's matrices gathered), the static-shape paths the compiled decode step runs,
   equal the grouped training path, including experts that get no token, and the compiled step
-  picks the gathered one up to its byte budget (``moe.GATHER_MAX_BYTES``);
+  picks the gathered one up to E pairs or its byte budget (``moe.GATHER_MAX_BYTES``);
 * ``KVCache`` keeps one buffer per MLA layer, ``[c_KV | k_rope]``: the ``a`` / ``b`` views, the
   legacy ``write`` / ``read`` and the slot API address the same memory;
 * ``CacheMask`` (built once per forward): its absorbed-path bias is 0 / -inf exactly where
@@ -97,11 +97,14 @@ def test_static_experts_backward_matches(tiny_config, path):
 
 
 @pytest.mark.parametrize("N,budget,expected", [(1, None, "forward_gathered"), (64, None, "forward_gathered"),
-                                                (2, 4, "forward_gathered"), (3, 4, "forward_dense")])
+                                                (1, 0, "forward_gathered"), (4, 0, "forward_gathered"),
+                                                (5, 0, "forward_dense"), (5, 10, "forward_gathered"),
+                                                (6, 10, "forward_dense")])
 def test_compiled_decode_gathers_up_to_its_byte_budget(tiny_config, monkeypatch, N, budget, expected):
-    """The compiled decode gathers each (token, expert) pair's matrices while N k pairs of them stay
-    within GATHER_MAX_BYTES a layer (the default: far beyond these sizes), else runs every expert;
-    the choice is made only while compiling an eval-mode forward."""
+    """The compiled decode gathers each (token, expert) pair's matrices while the N k pairs are at
+    most the E experts (no more matrices read than the dense path's), or their matrices fit
+    GATHER_MAX_BYTES a layer (the default: far beyond these sizes), else runs every expert; the
+    choice is made only while compiling an eval-mode forward. 8 experts, top-2."""
     cfg = tiny_config()                                   # 8 experts, top-2
     ex = _random_experts(cfg).eval()
     assert ex.expert_nbytes() == (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * 4
@@ -124,17 +127,21 @@ def test_compiled_decode_gathers_up_to_its_byte_budget(tiny_config, monkeypatch,
 
 
 def test_gather_budget_counts_bytes(tiny_config, monkeypatch):
-    """bf16 experts are half the bytes: twice the pairs fit the same budget."""
+    """bf16 experts are half the bytes: twice the pairs fit the same budget (8 experts, top-2)."""
     ex = _random_experts(tiny_config()).eval()
-    monkeypatch.setattr(moe, "GATHER_MAX_BYTES", 4 * ex.expert_nbytes())
-    ex = ex.to(torch.bfloat16)
+    monkeypatch.setattr(moe, "GATHER_MAX_BYTES", 6 * ex.expert_nbytes())     # 6 fp32 experts, 12 bf16
     monkeypatch.setattr(Experts, "forward_gathered", lambda self, *a: ("gathered", None))
     monkeypatch.setattr(Experts, "forward_dense", lambda self, *a: ("dense", None))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    x = torch.randn(4, ex.gate_up_proj.shape[-1], dtype=torch.bfloat16)
-    idx = torch.tensor([[0, 1]] * 4)
-    assert ex(x, torch.rand(4, 2), idx)[0] == "gathered"          # 8 pairs x half the bytes
-    assert ex(torch.cat([x, x[:1]]), torch.rand(5, 2), torch.tensor([[0, 1]] * 5))[0] == "dense"
+
+    def path(module, n, dtype):
+        x = torch.randn(n, module.gate_up_proj.shape[-1], dtype=dtype)
+        return module(x, torch.rand(n, 2), torch.tensor([[0, 1]] * n))[0]
+
+    assert path(ex, 6, torch.float32) == "dense"                  # 12 pairs: more than E and the budget
+    ex = ex.to(torch.bfloat16)
+    assert path(ex, 6, torch.bfloat16) == "gathered"              # 12 pairs x half the bytes
+    assert path(ex, 7, torch.bfloat16) == "dense"
 
 
 def test_kv_cache_views_share_one_buffer(tiny_model):

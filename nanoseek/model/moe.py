@@ -28,14 +28,15 @@ same sorted dispatch with each grouped GEMM as one opaque custom operator
 (``nanoseek::grouped_linear``, its backward ``nanoseek::grouped_linear_grads``: the eager kernels,
 so the arithmetic is the eager step's); the engine's compiled *decode* step (a module in eval
 mode) has static shapes instead: each (token, expert) pair gathers its expert's matrices and runs
-two batched matrix-vector products (the compiler fuses the gather into them), reading only the
-chosen experts' weights, up to :data:`GATHER_MAX_BYTES` of them per layer; beyond that (a large
-batch of large experts) every expert runs on every token, weighted by the routing weights (zero
-for unchosen experts), as two matmuls that read each expert once at E/k times the FLOPs. Measured
-on the project's AMD EPYC host (README, Performance), the compiled decode step with the experts
-gathered is 1.14-1.63x the dense one from 4 to 256 rows of bench-moe and the speedrun's model
-(1.02x at 2), 1.25x with 6 MB experts at 16 rows, and even (1.02x) with those at 64 rows: 1.5 GB
-of gathered reads a layer.
+two batched matrix-vector products (the compiler fuses the gather into them: no gathered copy is
+made), reading only the chosen experts' weights; that while the N k pairs are at most the E experts
+(they read no more matrices than running every expert would) or their matrices at most
+:data:`GATHER_MAX_BYTES` a layer. Beyond both (a large batch of large experts) every expert runs on
+every token, weighted by the routing weights (zero for unchosen experts), as two matmuls that
+read each expert once at E/k times the FLOPs. Measured on the project's AMD EPYC host (README,
+Performance), the compiled decode step with the experts gathered is 1.14-1.63x the dense one from
+4 to 256 rows of bench-moe and the speedrun's model (1.02x at 2), 1.25x with 6 MB experts at 16
+rows, and even (1.02x) with those at 64 rows: 1.5 GB of gathered reads a layer.
 Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
 (``mlp.experts.{j}.gate_proj.weight``...) on save.
 
@@ -280,9 +281,10 @@ def _op_backward(ctx, dy):
 grouped_linear_op.register_autograd(_op_backward, setup_context=_op_setup)
 
 
-# The most expert weight bytes the compiled decode step gathers per MoE layer (Experts.forward): N k
-# pairs times one expert's matrices. Measured (module docstring), gathering beat running every expert
-# on every token up to ~400 MB of such reads a layer and drew level at 1.5 GB.
+# The most expert weight bytes the compiled decode step gathers per MoE layer (Experts.forward) once
+# its N k pairs outnumber the E experts: N k times one expert's matrices. Measured (module
+# docstring), gathering beat running every expert on every token up to ~400 MB of such reads a
+# layer and drew level at 1.5 GB.
 GATHER_MAX_BYTES = 512 * 2**20
 
 
@@ -340,7 +342,8 @@ class Experts(nn.Module):
         """x [N, d], weights/idx [N, k] -> (sum_k w_k * expert_k(x) [N, d], tokens per expert [E])."""
         compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # (a swapped GEMM: its own)
         if compiling and not self.training:          # the engine's compiled decode: static shapes
-            if x.shape[0] * idx.shape[1] * self.expert_nbytes() <= GATHER_MAX_BYTES:
+            pairs = x.shape[0] * idx.shape[1]
+            if pairs <= self.n_experts or pairs * self.expert_nbytes() <= GATHER_MAX_BYTES:
                 return self.forward_gathered(x, weights, idx)
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)
@@ -361,13 +364,17 @@ class Experts(nn.Module):
 
     def forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same result as ``forward`` (up to rounding) with static shapes, reading only the chosen
-        experts: each (token, expert) pair's matrices gathered, two batched matrix-vector products."""
+        experts: each (token, expert) pair's matrices gathered, two batched matrix-vector products.
+        For the compiled decode only: run eagerly it materialises the gathered matrices."""
         N, d = x.shape
         chosen = idx.reshape(-1)                                              # [N*k]
-        xs = x.repeat_interleave(idx.shape[1], dim=0)[:, :, None]             # [N*k, d, 1]
-        gate, up = torch.bmm(self.gate_up_proj[chosen], xs).squeeze(-1).split(self.intermediate, dim=-1)
+        # products written as multiply-and-sum: compiled, the gather fuses into one reduction kernel
+        # and no [N*k, 2I, d] copy is made on any device (a bmm on a gathered operand is one on a
+        # GPU); measured the same speed as bmm on a CPU, where inductor fuses both forms
+        xs = x.repeat_interleave(idx.shape[1], dim=0)[:, None, :]             # [N*k, 1, d]
+        gate, up = (self.gate_up_proj[chosen] * xs).sum(-1).split(self.intermediate, dim=-1)
         act = self.act(gate, up) * weights.reshape(-1, 1).to(x.dtype)         # [N*k, I]
-        y = torch.bmm(self.down_proj[chosen], act[:, :, None]).view(N, -1, d)   # [N, k, d]
+        y = (self.down_proj[chosen] * act[:, None, :]).sum(-1).view(N, -1, d)   # [N, k, d]
         return y.sum(dim=1), self._counts(idx)
 
     def expert_nbytes(self) -> int:
