@@ -650,7 +650,7 @@ class Engine:
             self._kmajor = self._kmajor_weights()
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
-        # k-major copies at every batch size (README, Performance: batch 1 1.28x on an AMD EPYC, 0.97x on
+        # k-major copies at every batch size (README, Performance: batch 1 1.08-1.28x on an AMD EPYC, 0.97x on
         # an Intel Xeon with AMX; batch 4-64 1.0-1.04x with the experts gathered)
         layout = self._kmajor.installed() if self._kmajor is not None else contextlib.nullcontext()
         with recompile_limit_fails(), layout:       # past dynamo's limit: fall back visibly, not silently

@@ -7,7 +7,7 @@ measured 460 against 352 us on an Intel CPU with AMX (one thread), 563 against 5
 EPYC. The engine's compiled decode step of bench-moe ran 1.16-1.26x faster at batch 4-64 with every
 linear layer and the then-dense experts reading k-major copies (Intel), and 1.02-1.04x with the
 linear layers alone once the experts gathered their matrices instead (AMD); at batch 1, where one
-row's product is a matrix-vector product, 0.97x on the Intel CPU and 1.28x on the AMD one (README,
+row's product is a matrix-vector product, 0.97x on the Intel CPU and 1.08-1.28x on the AMD one (README,
 Performance). Training keeps the model's own layout (the copies carry no gradient) and a GPU's
 BLAS has no such gap, so only the engine's compiled CPU decode uses them, at every batch size.
 
