@@ -5,19 +5,19 @@ step (one per sequence) a CPU BLAS runs that transposed product well below the s
 on the same product with the weight stored ``[in, out]`` ("k-major"): ``[16, 256] x [256, 4,096]``
 measured 460 against 352 us on an Intel CPU with AMX (one thread), 563 against 528 us on an AMD
 EPYC. The engine's compiled decode step of bench-moe ran 1.16-1.26x faster at batch 4-64 with every
-linear layer and the then-dense experts reading k-major copies (Intel), and 1.02-1.04x with the
+linear layer and the then-dense experts reading k-major copies (Intel), and 1.02-1.05x with the
 linear layers alone once the experts gathered their matrices instead (AMD); at batch 1, where one
-row's product is a matrix-vector product, 0.97x on the Intel CPU and 1.08-1.28x on the AMD one (README,
-Performance). Training keeps the model's own layout (the copies carry no gradient) and a GPU's
-BLAS has no such gap, so only the engine's compiled CPU decode uses them, at every batch size.
+row's product is a matrix-vector product, 0.97x on the Intel CPU and 1.08-1.28x on the AMD one
+(README, Performance). Training keeps the model's own layout (the copies carry no gradient) and a
+GPU's BLAS has no such gap, so only the engine's compiled CPU decode uses them, at every batch size.
 
 :class:`Linear` is ``nn.Linear`` that multiplies by ``weight_t`` (``[in, out]``, contiguous) instead
 of its weight where the module has one (a module says which copies it reads through its
 ``kmajor_views`` method; only :class:`Linear` has one). :class:`KMajorWeights` holds the copies for
-a model, and :meth:`KMajorWeights.installed` puts them on the modules for one call only, after copying again
-any weight that changed since the last call (an optimizer step or ``load_state_dict`` writes in
-place and moves the weight's version counter; ``.data = ...`` or ``.to()`` moves its storage,
-though the allocator may hand back the same address).
+a model, and :meth:`KMajorWeights.installed` puts them on the modules for one call only, after
+copying again any weight that changed since the last call (an optimizer step or
+``load_state_dict`` writes in place and moves the weight's version counter; ``.data = ...`` or
+``.to()`` moves its storage, though the allocator may hand back the same address).
 Outside that call no module has a copy, so an eager or training forward, a ``state_dict``, a
 ``deepcopy`` or a pickle of the model never sees one; inside it a forward with autograd on (a
 training step in another thread: grad mode is per thread) still multiplies by the weights. Some

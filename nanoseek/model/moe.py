@@ -28,8 +28,9 @@ same sorted dispatch with each grouped GEMM as one opaque custom operator
 (``nanoseek::grouped_linear``, its backward ``nanoseek::grouped_linear_grads``: the eager kernels,
 so the arithmetic is the eager step's); the engine's compiled *decode* step (a module in eval
 mode) has static shapes instead: each (token, expert) pair gathers its expert's matrices and runs
-two batched matrix-vector products (the compiler fuses the gather into them: no gathered copy is
-made), reading only the chosen experts' weights; that while the N k pairs are at most the E experts
+two batched matrix-vector products (as multiply-and-sum, which inductor fuses with the gather into
+one reduction kernel: no gathered copy, checked in its generated CPU code; GPUs untested), reading
+only the chosen experts' weights; that while the N k pairs are at most the E experts
 (they read no more matrices than running every expert would) or their matrices at most
 :data:`GATHER_MAX_BYTES` a layer. Beyond both (a large batch of large experts) every expert runs on
 every token, weighted by the routing weights (zero for unchosen experts), as two matmuls that
@@ -369,8 +370,8 @@ class Experts(nn.Module):
         N, d = x.shape
         chosen = idx.reshape(-1)                                              # [N*k]
         # products written as multiply-and-sum: compiled, the gather fuses into one reduction kernel
-        # and no [N*k, 2I, d] copy is made on any device (a bmm on a gathered operand is one on a
-        # GPU); measured the same speed as bmm on a CPU, where inductor fuses both forms
+        # and no [N*k, 2I, d] copy is made (inductor's GPU bmm on a gathered operand would make one);
+        # measured the same speed as bmm on a CPU, where inductor fuses both forms
         xs = x.repeat_interleave(idx.shape[1], dim=0)[:, None, :]             # [N*k, 1, d]
         gate, up = (self.gate_up_proj[chosen] * xs).sum(-1).split(self.intermediate, dim=-1)
         act = self.act(gate, up) * weights.reshape(-1, 1).to(x.dtype)         # [N*k, I]
