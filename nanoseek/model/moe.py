@@ -36,7 +36,7 @@ only the chosen experts' weights; that while the N k pairs are at most the E exp
 every token, weighted by the routing weights (zero for unchosen experts), as two matmuls that
 read each expert once at E/k times the FLOPs. Measured on the project's AMD EPYC host (README,
 Performance), the compiled decode step with the experts gathered is 1.14-1.63x the dense one from
-4 to 256 rows of bench-moe and the speedrun's model (1.02x at 2), 1.25x with 6 MB experts at 16
+4 to 256 rows of bench-moe and 16 to 64 of the speedrun's model, 1.25x with 6 MB experts at 16
 rows, and even (1.02x) with those at 64 rows: 1.5 GB of gathered reads a layer.
 Expert weights are stacked ``[E, out, in]`` in memory and split into HF's per-expert tensors
 (``mlp.experts.{j}.gate_proj.weight``...) on save.
