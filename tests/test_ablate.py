@@ -570,6 +570,7 @@ def fail_the_no_mtp_arm(cfg, progress=None, quiet=False, hooks=None):
     return pretrain(cfg, progress=progress, quiet=quiet, hooks=hooks)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_stop_on_an_interrupted_or_failed_run_and_resume_the_rest(data_dir, tmp_path, one_thread):
     from nanoseek.ablate.parallel import run_suites
     from nanoseek.errors import UserError
@@ -593,6 +594,7 @@ def test_parallel_jobs_stop_on_an_interrupted_or_failed_run_and_resume_the_rest(
     assert len(logs) == 2 and all("already finished" in m for m in logs)
 
 
+@pytest.mark.slow
 def test_jobs_flag_needs_steps(tmp_path, capsys, data_dir):
     from nanoseek.cli import main
 
@@ -666,6 +668,7 @@ def _downstream(run_dir):
     return {p["id"]: p["correct"] for p in json.loads((run_dir / "downstream.json").read_text())["problems"]}
 
 
+@pytest.mark.slow
 def test_mtp_suite_evaluates_every_run_downstream_and_judges_it(data_dir, tmp_path, one_thread):
     """The mtp suite's runs are evaluated on held-out task problems after training (the MTP arm
     decoding with its own module as the draft, its acceptance recorded), the comparison joins the

@@ -125,6 +125,7 @@ def json_lines(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- equality with one process
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
 def test_pp2_dp2_matches_one_process(tmp_path, one, schedule):
     infos = run(tmp_path, 4, mbs=2, pp=2, schedule=schedule)

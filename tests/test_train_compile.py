@@ -77,6 +77,7 @@ def test_compiled_training_attention_on_a_cpu_is_explicit_math(tiny_model, atten
     assert _sdpa_in(_graph_ops(lambda x: model(x, labels=x).loss, ids))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_causal_attention_equals_sdpa(dtype):
     """The compiled math path (inductor) gives SDPA's causal outputs and gradients, at lengths 1, 5
