@@ -108,12 +108,14 @@ def test_r1_zero_puts_the_stop_string_back_before_scoring():
     assert res.summary()["pass@1"]["mean"] == 1.0
 
 
-def test_greedy_sets_k_to_one_and_notes_it():
+@pytest.mark.parametrize("t", [0, 1e-40, 1e-6])
+def test_greedy_sets_k_to_one_and_notes_it(t):
+    """Greedy is any temperature below sampling's GREEDY_BELOW, as the engine decodes it."""
     probs = problems_of("arithmetic", 2)
     engine = ScriptedEngine(TOK, probs, lambda p, j: r1(p.answer))
-    res = evaluate(None, TOK, "arithmetic", n_problems=2, k=8, temperature=0, engine=engine)
+    res = evaluate(None, TOK, "arithmetic", n_problems=2, k=8, temperature=t, engine=engine)
     assert res.config["k"] == 1 and all(p.k == 1 for p in res.problems)
-    assert engine.calls[0][1].temperature == 0 and engine.calls[0][1].n == 1
+    assert engine.calls[0][1].temperature == t and engine.calls[0][1].n == 1
     assert any("greedy" in n for n in res.notes)
 
 

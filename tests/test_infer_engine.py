@@ -39,6 +39,20 @@ def test_greedy_equals_full_forward_argmax(attention_type):
     assert engine.cache.bytes_per_token > 0
 
 
+@pytest.mark.parametrize("t", [1e-40, 1e-7])
+def test_temperatures_below_greedy_below_decode_greedily(model, t):
+    """A temperature of 1e-40 (> 0, an fp32 denormal) used to decode the last token id every step
+    (a NaN distribution); below GREEDY_BELOW a request decodes greedily, alone or batched beside a
+    sampled request."""
+    engine = Engine(model, TOK, max_batch_size=4, max_seq_len=64)
+    ref = reference_greedy(model, PROMPTS[0], 8)
+    tiny = SamplingParams(max_new_tokens=8, temperature=t, ignore_eos=True, seed=1)
+    assert engine.generate([PROMPTS[0]], tiny)[0][0].token_ids == ref
+    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, ignore_eos=True, seed=2)
+    both = engine.generate_each([(PROMPTS[0], tiny, None), (PROMPTS[1], sampled, None)])
+    assert both[0][0].token_ids == ref
+
+
 def test_cache_bytes_per_token_is_the_mla_latent(model):
     cfg = model.config
     engine = Engine(model, TOK, max_batch_size=2, max_seq_len=16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoseek.infer.sampling import (RowParams, SamplingParams, processed_probs, repeats_too_long,
+from nanoseek.infer.sampling import (GREEDY_BELOW, RowParams, SamplingParams, processed_probs, repeats_too_long,
                                      sample_from_probs)
 
 
@@ -45,6 +45,7 @@ def test_rows_have_their_own_settings_and_greedy_is_one_hot():
     ([0.7, 1.0, 1.3, 0.0], [0, 3, 0, 0], [1.0, 1.0, 0.8, 1.0]),
     ([0.0] * 4, [0] * 4, [1.0] * 4),
     ([1e-50, 1.0, 1.0000000001, 1], [0] * 4, [1.0] * 4),   # 0 and 1 in fp32: greedy, and unit rows
+    ([1e-40, 0.5, 9.9999999e-6, 1.0], [0] * 4, [1.0] * 4),  # an fp32 denormal; GREEDY_BELOW in fp32
 ])
 def test_row_params_shortcuts_give_the_same_bits(temps, top_k, top_p):
     """RowParams passes what it knows of the temperatures (a greedy row? all at 1?) so a step skips
@@ -54,10 +55,40 @@ def test_row_params_shortcuts_give_the_same_bits(temps, top_k, top_p):
     params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in zip(temps, top_k, top_p)]
     rp = RowParams.build(params, "cpu")
     t32 = torch.tensor(temps, dtype=torch.float32)
-    assert rp.unit_temperature == bool((t32 == 1).all()) and rp.any_greedy == bool((t32 == 0).any())
-    plain = processed_probs(logits, torch.tensor(temps), torch.tensor(top_k), torch.tensor(top_p), rp.filtered)
+    assert rp.unit_temperature == bool((t32 == 1).all()) and rp.any_greedy == any(t < GREEDY_BELOW for t in temps)
+    greedy_as_zero = [0.0 if t < GREEDY_BELOW else t for t in temps]     # the host's rule decides a row
+    plain = processed_probs(logits, torch.tensor(greedy_as_zero), torch.tensor(top_k), torch.tensor(top_p), rp.filtered)
     assert torch.equal(rp.probs(logits), plain)
     assert torch.equal(rp.probs(torch.stack([logits, logits], 1)), torch.stack([plain, plain], 1))
+
+
+@pytest.mark.parametrize("t", [0.0, 1e-45, 1e-40, 1e-30, 1e-12, 9.99e-6, 9.9999999e-6])
+def test_temperatures_below_greedy_below_are_greedy(t):
+    """The limit of sampling as the temperature goes to 0. Before, 1e-40 (an fp32 denormal, > 0)
+    divided logits into inf: a NaN distribution, and the sampler returned the last token id every
+    step; 9.9999999e-6 rounds to fp32's 1e-5, so the host and the tensor must not judge it apart."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 30
+    top = logits.argmax(-1)
+    logits[torch.arange(3), (top + 1) % 50] = logits[torch.arange(3), top] - 3e-5   # sampled: not one-hot
+    onehot = torch.nn.functional.one_hot(top, 50).float()
+    assert SamplingParams(temperature=t).greedy
+    rp = RowParams.build([SamplingParams(temperature=t), SamplingParams(temperature=1.0), SamplingParams(temperature=t)], "cpu")
+    probs = rp.probs(logits)
+    assert torch.equal(probs[[0, 2]], onehot[[0, 2]]) and torch.allclose(probs[1], logits[1].softmax(-1))
+    if t != 9.9999999e-6:                    # a caller's own fp32 tensor (no host rule applied)
+        assert torch.equal(probs_of(logits, temperature=t), onehot)
+    assert sample_from_probs(probs, torch.rand(3))[[0, 2]].tolist() == logits.argmax(-1)[[0, 2]].tolist()
+
+
+@pytest.mark.parametrize("t", [GREEDY_BELOW, 2e-5, 1e-3])
+def test_small_temperatures_from_greedy_below_on_sample(t):
+    """At GREEDY_BELOW and above a row samples (not greedy) and its distribution is finite."""
+    assert not SamplingParams(temperature=t).greedy
+    logits = torch.tensor([[0.0, 1e-6, -5.0] + [-30.0] * 5]) * 100
+    p = probs_of(logits, temperature=t)
+    assert torch.isfinite(p).all() and abs(p.sum().item() - 1) < 1e-6
+    assert p[0, 2:].sum() == 0 and 0 < p[0, 0] < 1                # the near-tie shares the mass
 
 
 def test_argmax_by_max_is_torch_argmax():

@@ -242,7 +242,8 @@ def test_templates_and_default_rewards():
 def test_config_validation():
     for bad, needle in [({"loss_agg": "mean"}, "loss_agg"), ({"group_size": 1}, "group_size"),
                         ({"template": "chatml"}, "template"), ({"beta": -1.0}, "beta"),
-                        ({"overlong_buffer": 999}, "overlong_buffer")]:
+                        ({"overlong_buffer": 999}, "overlong_buffer"),
+                        ({"temperature": 0.0}, "temperature"), ({"temperature": 1e-40}, "greedy")]:
         with pytest.raises(ValueError, match=needle):
             GRPOSection(**bad).validate()
 

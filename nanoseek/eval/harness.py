@@ -385,8 +385,10 @@ def evaluate(model, tokenizer, tasks: EvalConfig | str | Sequence[str], *, engin
         cfg = EvalConfig(tasks=split_specs(tasks), **settings)
     cfg.validate()
     notes: list[str] = []
-    if cfg.temperature == 0 and cfg.k > 1:
-        notes.append(f"greedy decoding (temperature 0): k reduced from {cfg.k} to 1, its samples would be identical")
+    from nanoseek.infer.sampling import GREEDY_BELOW   # (torch: not at this module's import)
+
+    if cfg.temperature < GREEDY_BELOW and cfg.k > 1:
+        notes.append(f"greedy decoding (temperature {cfg.temperature:g}): k reduced from {cfg.k} to 1, its samples would be identical")
         cfg.k = 1
     cfg.ks = k_values(cfg.k)
     if cfg.tool_use.enabled:

@@ -4,9 +4,10 @@ One decode step turns logits ``[B, V]`` into one token per row, each row with it
 temperature, top-k, top-p and random stream (rows of one batch belong to different requests):
 
 1. ``processed_probs``: temperature, then top-k, then top-p (nucleus) on the renormalised
-   top-k distribution (the order of HF's logits warpers), then renormalise. A row with
-   ``temperature == 0`` is greedy: its distribution is one-hot on the argmax, so greedy and
-   sampled rows share one code path, speculative verification included (``speculative.py``).
+   top-k distribution (the order of HF's logits warpers), then renormalise. A row with a
+   temperature below :data:`GREEDY_BELOW` (0 among them) is greedy: its distribution is one-hot
+   on the argmax, so greedy and sampled rows share one code path, speculative verification
+   included (``speculative.py``).
 2. ``sample_from_probs``: inverse-CDF sampling, ``token = min{j : cumsum(p)_j > u * sum(p)}``,
    with one uniform ``u`` per row drawn by that row's own :class:`random.Random`. A sample's
    tokens therefore depend only on its seed and its logits, never on which other requests
@@ -35,12 +36,18 @@ MAX_LOGPROBS = 20   # most alternatives per position (top_logprobs, prompt_logpr
 
 TOOL_MODES = ("off", "stop", "run")    # SamplingParams.tools
 
+# Temperatures below this are greedy decoding, 0 among them (vLLM's rule, its _SAMPLING_EPS): the
+# limit of sampling as the temperature goes to 0, and what a smaller one would compute anyway.
+# Dividing fp32 logits by it gave inf, a NaN distribution and the last token id every step
+# (1e-40: a denormal, still > 0), or rounded it to 0 in one place and not in another.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to sample one request (OpenAI-style fields; the engine validates them on submit).
 
-    temperature 0 is greedy decoding. ``top_k`` 0 and ``top_p`` 1 disable those filters.
+    temperature 0 (or below :data:`GREEDY_BELOW`) is greedy decoding. ``top_k`` 0 and ``top_p`` 1 disable those filters.
     ``n`` samples share one prefill of the prompt. ``seed``: sample ``i`` of a request draws
     from ``random.Random(f"nanoseek/{seed}/{i}")``, so the same seed reproduces the output;
     ``None`` seeds from the OS. ``stop`` strings end a sample and are cut from its text (the
@@ -125,7 +132,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def sample_rng(self, index: int) -> random.Random:
         """The random stream of sample ``index`` (see the class docstring)."""
@@ -139,7 +146,7 @@ def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
                     unit_temperature: bool = False) -> torch.Tensor:
     """logits [B, V]; per-row temperature/top_k/top_p [B] -> the sampling distribution [B, V] fp32.
 
-    Rows with temperature 0 get a one-hot distribution on their argmax. ``filtered=False``
+    Rows with a temperature below :data:`GREEDY_BELOW` get a one-hot distribution on their argmax. ``filtered=False``
     promises that no row uses top-k/top-p (skips the sort). What a caller knows of the
     temperatures saves work per step (``RowParams`` knows both): ``any_greedy`` whether a row is
     greedy (None: read it from ``temperature``), ``unit_temperature`` that every row's is 1 (the
@@ -149,7 +156,7 @@ def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     if unit_temperature:                 # every row at 1: no greedy row, nothing to divide by
         scaled, any_greedy = logits, False
     else:
-        greedy = temperature <= 0
+        greedy = temperature < GREEDY_BELOW
         if any_greedy is None:
             any_greedy = bool(greedy.any())
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]
@@ -197,16 +204,16 @@ class RowParams:
 
     @classmethod
     def build(cls, params: list[SamplingParams], device: torch.device | str) -> "RowParams":
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        # greedy rows (SamplingParams.greedy, the one rule, read on the host) carry temperature 0,
+        # so the fp32 tensor cannot round a temperature across GREEDY_BELOW the other way
+        temperature = torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32)
         return cls(
             temperature=temperature.to(device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             all_greedy=all(p.greedy for p in params),
             filtered=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
-            # read from the fp32 temperatures processed_probs would read (a temperature of 1e-50 is
-            # 0 there: greedy), once per batch composition, on the host
-            any_greedy=bool((temperature <= 0).any()),
+            any_greedy=any(p.greedy for p in params),      # once per batch composition, on the host
             unit_temperature=bool((temperature == 1).all()),
         )
 
@@ -267,6 +274,6 @@ def repeats_too_long(tokens: list[int], guard: int) -> bool:
     return any(tail[n:] == tail[:-n] for n in range(1, guard // 4 + 1))
 
 
-__all__ = ["SamplingParams", "RowParams", "processed_probs", "sample_from_probs", "argmax", "choose_tokens",
+__all__ = ["GREEDY_BELOW", "SamplingParams", "RowParams", "processed_probs", "sample_from_probs", "argmax", "choose_tokens",
            "token_logprobs", "logprobs_and_top", "TopLogprobs", "MAX_LOGPROBS",
            "repeats_too_long"]
