@@ -653,7 +653,10 @@ class Engine:
         # k-major copies at every batch size (README, Performance: batch 1 1.08-1.28x on an AMD EPYC, 0.97x on
         # an Intel Xeon with AMX; batch 4-64 1.0-1.04x with the experts gathered)
         layout = self._kmajor.installed() if self._kmajor is not None else contextlib.nullcontext()
-        with recompile_limit_fails(), layout:       # past dynamo's limit: fall back visibly, not silently
+        # past dynamo's limit: fall back visibly, not silently. Python floats (the model's eps and scales)
+        # as constants: left dynamic, dynamo traced the forward twice (it tensorifies them, fails on some
+        # and restarts): 35 of 191 s compiling a DeepSeek-V4 graph, 6 of 35 s for bench-moe
+        with recompile_limit_fails(specialize_float=True), layout:
             logits = self._compiled(ids, positions=pos, cache=self.cache, rows=rows, cache_length=length).logits[:, -1]
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames:   # this call compiled
             self.compile_seconds += time.perf_counter() - t0

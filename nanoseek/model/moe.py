@@ -344,7 +344,9 @@ class Experts(nn.Module):
         compiling = torch.compiler.is_compiling() and self.gemm is grouped_linear   # (a swapped GEMM: its own)
         if compiling and not self.training:          # the engine's compiled decode: static shapes
             pairs = x.shape[0] * idx.shape[1]
-            if pairs <= self.n_experts or pairs * self.expert_nbytes() <= GATHER_MAX_BYTES:
+            # the byte budget first: for small experts its guard (rows <= a bound) holds at every
+            # batch size, so the rows-vs-experts comparison adds no second graph
+            if pairs * self.expert_nbytes() <= GATHER_MAX_BYTES or pairs <= self.n_experts:
                 return self.forward_gathered(x, weights, idx)
             return self.forward_dense(x, weights, idx)
         order, counts, token = sort_by_expert(idx, self.n_experts)

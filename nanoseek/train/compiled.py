@@ -39,19 +39,27 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def recompile_limit_fails() -> Iterator[None]:
-    """Compiled calls inside raise when a frame reaches dynamo's recompile limit, instead of
-    silently running that frame eagerly from then on (dynamo's default); the caller falls back
-    and says so."""
+def dynamo_settings(**settings: Any) -> Iterator[None]:
+    """``torch._dynamo.config`` values for the calls inside, restored after (set by hand:
+    ``config.patch`` costs ~18 us a call, a compiled decode step ~1.5 ms)."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    before = config.fail_on_recompile_limit_hit
-    config.fail_on_recompile_limit_hit = True     # set and restored by hand: config.patch costs ~18 us a call
+    before = {name: getattr(config, name) for name in settings}
+    for name, value in settings.items():
+        setattr(config, name, value)
     try:
         yield
     finally:
-        config.fail_on_recompile_limit_hit = before
+        for name, value in before.items():
+            setattr(config, name, value)
+
+
+def recompile_limit_fails(**settings: Any) -> contextlib.AbstractContextManager:
+    """Compiled calls inside raise when a frame reaches dynamo's recompile limit, instead of
+    silently running that frame eagerly from then on (dynamo's default); the caller falls back
+    and says so. ``settings``: more dynamo settings for the same calls (:func:`dynamo_settings`)."""
+    return dynamo_settings(fail_on_recompile_limit_hit=True, **settings)
 
 
 def failure_reason(e: BaseException) -> str:
@@ -109,4 +117,4 @@ class StepCompiler:
         return out
 
 
-__all__ = ["StepCompiler", "recompile_limit_fails", "failure_reason"]
+__all__ = ["StepCompiler", "dynamo_settings", "recompile_limit_fails", "failure_reason"]

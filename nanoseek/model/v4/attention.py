@@ -108,12 +108,14 @@ class Attention(nn.Module):
         return super()._apply(keep_fp32(fn), recurse=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict[str, Rope], cache=None,
-                rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, d], positions [B, T]; ``cache`` a per-layer view of a V4Cache (or None)."""
+                rows: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                length: int | None = None) -> torch.Tensor:
+        """x [B, T, d], positions [B, T]; ``cache`` a per-layer view of a V4Cache (or None);
+        ``length``: max(positions) + 1 when the caller knows it (the compressors read no position back)."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         rope = ropes[self.rope_label]
-        cos, sin = rope(positions)                                                        # [B, T, r/2]
+        cos, sin = rope(positions, length)                                                # [B, T, r/2]
         q_latent = self.q_a_norm(self.q_a_proj(x))                                        # [B, T, q_lora]
         q = unweighted_rms_norm(self.q_b_proj(q_latent).view(B, T, H, D), self.eps)
         q = rope_tail(q, cos, sin)                                                        # [B, T, H, D]
@@ -133,7 +135,8 @@ class Attention(nn.Module):
         self.indexer_loss = None
         if self.compressor is not None:
             entries, chosen, train = self.compressor(x, q_latent, positions, rope, cache, rows, valid,
-                                                     stage=self.dsa_stage if self.indexer is not None else None)
+                                                     stage=self.dsa_stage if self.indexer is not None else None,
+                                                     length=length)
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             visible = torch.cat([visible, chosen], dim=-1)
 

@@ -77,14 +77,18 @@ class CompressorStore:
         return [self.kv, self.gate, self.pos, self.entries]
 
     def update(self, comp, kv: torch.Tensor, gate: torch.Tensor, positions: torch.Tensor, rope, rows: torch.Tensor,
-               valid: torch.Tensor | None) -> None:
-        """Pool the windows completed by this step (kv, gate [B, T, width] of its tokens), then ring them."""
+               valid: torch.Tensor | None, length: int | None = None) -> None:
+        """Pool the windows completed by this step (kv, gate [B, T, width] of its tokens), then ring
+        them. ``length``: max(positions) + 1 when known (bounds the windows' rotary positions)."""
         B, T = positions.shape
         m, R, dev = self.rate, self.R, positions.device
         p0, p_last = positions[:, 0], positions[:, -1]
         w_first = (p0 + m) // m - 1                          # first window ending at or after p0
         n_new = ((p_last + 1) // m - w_first).clamp(min=0)   # windows ending inside the step
-        N = int(n_new.max()) if B else 0
+        if torch.compiler.is_compiling():   # no read back: T consecutive positions end at most ceil(T / m)
+            N = -(-T // m)                  # windows; the rows' others are not `complete` (pooled, discarded)
+        else:
+            N = int(n_new.max()) if B else 0
         if N > 0:
             widx = w_first[:, None] + torch.arange(N, device=dev)                        # [B, N]
             offsets = torch.arange(-m if self.overlap else 0, m, device=dev)             # L slots per entry
@@ -121,7 +125,7 @@ class CompressorStore:
             gate_w = gate_w.masked_fill(~present[..., None], float("-inf"))
             complete = (torch.arange(N, device=dev) < n_new[:, None]) & present[:, :, -m:].all(dim=-1)
             gate_w = gate_w.masked_fill(~complete[..., None, None], 0.0)                 # no all -inf rows
-            entries = comp.pool(kv_w, gate_w, w_first, rope)                              # [B, N, dim]
+            entries = comp.pool(kv_w, gate_w, w_first, rope, length)                      # [B, N, dim]
             dest = torch.where(complete, widx, self.n_entries)
             self.entries[rows[:, None].expand(B, N), dest] = entries.to(self.entries.dtype)
         slot = torch.where(_keep_last(positions, valid, R), positions % R, R)

@@ -102,15 +102,16 @@ class WindowCompressor(nn.Module):
         """Tokens one entry reads: m, or 2m with overlap."""
         return 2 * self.rate if self.overlap else self.rate
 
-    def pool(self, kv: torch.Tensor, gate: torch.Tensor, w0: torch.Tensor | int, rope: Rope) -> torch.Tensor:
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, w0: torch.Tensor | int, rope: Rope,
+             length: int | None = None) -> torch.Tensor:
         """kv, gate [B, N, span, dim] (gate with the bias added; -inf = absent) -> entries [B, N, dim]
-        for windows w0 + 0..N-1 (w0 an int or [B])."""
+        for windows w0 + 0..N-1 (w0 an int or [B]); ``length``: a bound on their last position + 1."""
         B, N = kv.shape[:2]
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
         entries = self.kv_norm(pooled)
         w = torch.arange(N, device=kv.device)
         w = (w + w0[:, None]) if isinstance(w0, torch.Tensor) else (w + w0).expand(B, N)
-        cos, sin = rope(w * self.rate)
+        cos, sin = rope(w * self.rate, length)
         return rope_tail(entries, cos, sin)
 
     def layout(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,15 +137,19 @@ class WindowCompressor(nn.Module):
         kv = self.kv_proj(x[:, :n * m]).view(B, n, m, -1)
         gate = self.gate_proj(x[:, :n * m]).view(B, n, m, -1) + self.position_bias
         kv, gate = self.layout(kv, gate)
-        return self.pool(kv, gate, 0, rope)
+        return self.pool(kv, gate, 0, rope, T)
 
-    def cached(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, store, rows, valid) -> torch.Tensor:
+    def cached(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, store, rows, valid,
+               length: int | None = None) -> torch.Tensor:
         """With a cache: pool the windows this step completes into the store; return the entries
-        every row of the step may see, [B, N, dim] (N = max over rows of (last position + 1) // m)."""
+        every row of the step may see, [B, N, dim] (N = max over rows of (last position + 1) // m,
+        i.e. ``length // m`` when the caller gives ``length`` = max(positions) + 1: then nothing is
+        read back from the positions, and a compiled decode step stays one graph)."""
+        if length is None:
+            length = int(positions[:, -1].max()) + 1
         kv, gate = self.kv_proj(x), self.gate_proj(x)
-        store.update(self, kv, gate, positions, rope, rows, valid)
-        n_vis = int((positions[:, -1].max() + 1) // self.rate)
-        return store.read(n_vis, rows)
+        store.update(self, kv, gate, positions, rope, rows, valid, length)
+        return store.read(length // self.rate, rows)
 
 
 def visible_entries(positions: torch.Tensor, n: int, rate: int) -> torch.Tensor:
@@ -181,11 +186,11 @@ class Indexer(WindowCompressor):
         self.scorer = IndexerScorer(c)
 
     def scores(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-               rope: Rope) -> torch.Tensor:
+               rope: Rope, length: int | None = None) -> torch.Tensor:
         """I(t, s) [B, T, N] fp32 of the queries x [B, T, d] (the attention's query latent q_latent)
         against the indexer's compressed keys [B, N, c]."""
         B, T, _ = x.shape
-        cos, sin = rope(positions)
+        cos, sin = rope(positions, length)
         q = rope_tail(self.q_b_proj(q_latent).view(B, T, self.n_heads, self.dim), cos, sin)
         return self.scorer(q, keys, x)
 
@@ -199,8 +204,8 @@ class Compressor(WindowCompressor):
         self.indexer = Indexer(c) if kind == CSA else None
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, rope: Rope,
-                cache=None, rows=None, valid=None,
-                stage: str | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+                cache=None, rows=None, valid=None, stage: str | None = None,
+                length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """-> (entries [B, N, head_dim], attend [B, T, N] bool: the entries each query attends,
         train): ``train`` is None unless the indexer trains (``stage`` "dense" / "sparse", see the
         module docstring), then (scores [B, T, N] fp32 with gradient, keep [B, T, N] bool: the
@@ -209,7 +214,7 @@ class Compressor(WindowCompressor):
         if cache is None:
             entries = self.full(x, rope)
         else:
-            entries = self.cached(x, positions, rope, cache.store(self.name), rows, valid)
+            entries = self.cached(x, positions, rope, cache.store(self.name), rows, valid, length)
         visible = visible_entries(positions, entries.shape[1], self.rate)
         if self.indexer is None:
             return entries, visible, None
@@ -218,11 +223,11 @@ class Compressor(WindowCompressor):
         if cache is None:
             keys = self.indexer.full(xi, rope)
         else:
-            keys = self.indexer.cached(xi, positions, rope, cache.store(self.indexer.name), rows, valid)
+            keys = self.indexer.cached(xi, positions, rope, cache.store(self.indexer.name), rows, valid, length)
         if keys.shape[1] == 0:
             return entries, visible, None
         with contextlib.nullcontext() if training else torch.no_grad():
-            scores = self.indexer.scores(xi, qi, positions, keys, rope)
+            scores = self.indexer.scores(xi, qi, positions, keys, rope, length)
         chosen = top_k_visible(scores, visible, self.indexer.topk)[0]
         if not training:
             return entries, chosen, None

@@ -40,12 +40,13 @@ class Rope(nn.Module):
         if yarn and p.get("attention_factor") is not None:
             self.rotary.attention_factor = float(p["attention_factor"])
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``length``: a bound on max(positions) + 1 the caller knows (else read from the positions)."""
         if positions.numel() == 0:
             r = self.rotary.inv_freq.shape[0]
             empty = torch.zeros(*positions.shape, r, device=positions.device)
             return empty, empty
-        return self.rotary(positions)
+        return self.rotary(positions, length)
 
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

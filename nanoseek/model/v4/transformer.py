@@ -54,11 +54,11 @@ class DecoderLayer(nn.Module):
         self.ffn_hc = HyperConnection(c.hc_mult, c.hidden_size, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes, input_ids: torch.Tensor | None,
-                cache=None, rows=None, valid=None) -> torch.Tensor:
-        """x: streams [B, T, n, d] -> [B, T, n, d]."""
+                cache=None, rows=None, valid=None, length: int | None = None) -> torch.Tensor:
+        """x: streams [B, T, n, d] -> [B, T, n, d]; ``length``: max(positions) + 1 when known."""
         view = None if cache is None else cache.layer(self.layer_idx)
         post, comb, u = self.attn_hc(x)
-        a = self.self_attn(self.input_layernorm(u), positions, ropes, view, rows, valid)
+        a = self.self_attn(self.input_layernorm(u), positions, ropes, view, rows, valid, length)
         x = hc_merge(x, a, post, comb)
         post, comb, u = self.ffn_hc(x)
         f = self.mlp(self.post_attention_layernorm(u), input_ids)
@@ -138,15 +138,16 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
         """
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions, cache)
+        length = None
         if cache is not None:
-            self._cache_length(cache, positions, cache_length)
+            length = self._cache_length(cache, positions, cache_length)
             if rows is None:
                 rows = torch.arange(B, device=input_ids.device)
         m = self.model
         ropes = m.ropes
         x = m.embed_tokens(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for layer in m.layers:
-            x = layer(x, positions, ropes, input_ids, cache, rows, valid)
+            x = layer(x, positions, ropes, input_ids, cache, rows, valid, length)
         h = m.norm(m.hc_head(x))
 
         out = V4Output(logits=None, hidden=h if return_hidden else None, streams=x if return_hidden else None)
