@@ -93,7 +93,8 @@ prob = float_range(0.0, 1.0)                    # fractions and probabilities: -
 open_prob = float_range(0.0, 1.0, lo_open=True)  # (0, 1]: --top-p where 0 would sample nothing
 positive_float = float_range(0.0, lo_open=True)  # durations, prices, learning rates
 nonneg_float = float_range(0.0)                 # --temperature (0: greedy)
-temperature = float_range(0.0, 100.0)           # sampling temperature: 0 greedy .. 100 (uniform enough)
+TEMPERATURE_MAX = 100.0                         # uniform enough (a huge one is inf in fp32: -inf / inf is NaN)
+temperature = float_range(0.0, TEMPERATURE_MAX)  # sampling temperature: 0 greedy .. 100
 threads = int_range(1, 4096)                    # torch CPU threads
 seconds = float_range(0.0, 86400.0, lo_open=True)  # intervals and timeouts: (0 s, one day]
 
@@ -197,7 +198,7 @@ def read_stdin_text(stream=None) -> str:
 
 
 __all__ = ["LimitError", "check_number", "int_range", "float_range", "positive_int", "nonneg_int", "seed", "port",
-           "prob", "open_prob", "positive_float", "nonneg_float", "temperature", "threads", "seconds", "SEED_MAX",
+           "prob", "open_prob", "positive_float", "nonneg_float", "temperature", "TEMPERATURE_MAX", "threads", "seconds", "SEED_MAX",
            "available_memory_bytes", "check_fits", "check_model_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8",
            "read_text",
            "read_stdin_text"]

@@ -139,6 +139,9 @@ def test_repetition_guard():
     ("max_new_tokens", -1, "max_new_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 1.5, "top_p"),
     ("top_k", -1, "top_k"), ("n", 0, "n"), ("stop", [""], "stop"), ("repetition_guard", 2, "repetition_guard"),
     ("stop_token_ids", [-1], "stop_token_ids"),
+    # inf (or 1e39, inf in fp32) made a banned token's -inf logit NaN: the last token id every step
+    ("temperature", float("inf"), "temperature"), ("temperature", 1e39, "temperature"),
+    ("temperature", float("nan"), "temperature"), ("temperature", 100.5, "temperature"),
 ])
 def test_params_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=f"SamplingParams.{message}"):

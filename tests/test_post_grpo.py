@@ -243,7 +243,8 @@ def test_config_validation():
     for bad, needle in [({"loss_agg": "mean"}, "loss_agg"), ({"group_size": 1}, "group_size"),
                         ({"template": "chatml"}, "template"), ({"beta": -1.0}, "beta"),
                         ({"overlong_buffer": 999}, "overlong_buffer"),
-                        ({"temperature": 0.0}, "temperature"), ({"temperature": 1e-40}, "greedy")]:
+                        ({"temperature": 0.0}, "temperature"), ({"temperature": 1e-40}, "greedy"),
+                        ({"temperature": float("inf")}, "temperature"), ({"temperature": 1e39}, "temperature")]:
         with pytest.raises(ValueError, match=needle):
             GRPOSection(**bad).validate()
 

@@ -66,6 +66,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from nanoseek.limits import TEMPERATURE_MAX
 from nanoseek.tasks.reply import EVAL_TEMPLATES, completion_text, tool_counts
 
 from .results import EvalResult, ProblemResult, k_values
@@ -113,8 +114,8 @@ class EvalConfig:
                 raise bad(name, "must be an integer >= 1")
         if self.few_shot < 0 or self.keep_samples < 0:
             raise bad("few_shot", "few_shot and keep_samples must be >= 0")
-        if not self.temperature >= 0:
-            raise bad("temperature", "must be >= 0 (0 is greedy)")
+        if not 0 <= self.temperature <= TEMPERATURE_MAX:
+            raise bad("temperature", f"must be in [0, {TEMPERATURE_MAX:g}] (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if self.levels is not None and not self.levels:

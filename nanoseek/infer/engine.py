@@ -80,6 +80,7 @@ import torch
 from .reasoning import prompt_ends_in_think
 from nanoseek import limits
 from nanoseek.model.kmajor import KMajorWeights
+from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.tools.format import ToolCall, ToolTokens
 from nanoseek.tools.tool import ToolLimits, ToolResult
 from nanoseek.train.compiled import failure_reason, recompile_limit_fails
@@ -168,6 +169,9 @@ class Engine:
         # takes ``valid`` (padding mask of a batched prefill), and which output MTP continues from
         self.takes_valid = bool(getattr(model, "takes_valid", False))
         self.mtp_input = getattr(model, "mtp_input", "hidden")
+        # whether the cached forward gathers the cache's rows anyway (V4): then the compiled step always
+        # passes them (one graph, not one for rows in order and one for the others)
+        self.rows_gathered = bool(getattr(model, "rows_gathered", False))
         self.max_prefill_tokens = max_prefill_tokens
         self.compile = compile
         self.compile_seconds = 0.0
@@ -643,7 +647,12 @@ class Engine:
                           length: int) -> torch.Tensor:
         import torch._dynamo
 
+        if rows is None and self.rows_gathered:
+            rows = torch.arange(ids.shape[0], device=ids.device)
         if self._compiled is None:
+            for m in self.model.modules():      # rotary tables for every position the cache holds
+                if isinstance(m, RotaryEmbedding):
+                    m.reserve(self.cache.max_len, self.device)
             # cpp_wrapper: on a CPU the graph's kernels are called from generated C++, not Python
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
             self._compiled = torch.compile(self.model.forward, dynamic=True, options=options)

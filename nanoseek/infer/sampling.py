@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.limits import TEMPERATURE_MAX
+
 MAX_LOGPROBS = 20   # most alternatives per position (top_logprobs, prompt_logprobs), as vLLM's default
 
 
@@ -101,8 +103,8 @@ class SamplingParams:
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be an integer >= 0 (0: score the prompt only)")
-        if not self.temperature >= 0:
-            raise bad("temperature", "must be >= 0 (0 is greedy)")
+        if not 0 <= self.temperature <= TEMPERATURE_MAX:        # (NaN and inf fail too)
+            raise bad("temperature", f"must be in [0, {TEMPERATURE_MAX:g}] (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:

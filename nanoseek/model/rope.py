@@ -87,6 +87,11 @@ class RotaryEmbedding(nn.Module):
                 self._sin = angles.sin() * self.attention_factor
         return self._cos, self._sin
 
+    def reserve(self, n: int, device: torch.device | str) -> None:
+        """Build the tables for positions 0..n-1 now: a compiled forward whose positions stay below n
+        never grows them (each growth inside it would be a new graph)."""
+        self._table(n, torch.device(device))
+
     def forward(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (or [T]) -> cos, sin [B, T, rope_dim/2] in fp32. ``length``: a bound on
         max(positions) + 1 the caller already knows (saves reading the positions back from the device)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.limits import TEMPERATURE_MAX
 from nanoseek.tasks.reply import split_leading_think
 
 from .datasets import (DataError, RLPrompt, SFTExample, check_rl_source, check_task_level, load_rl_prompts, source_key,
@@ -71,8 +72,8 @@ class DistillSection:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
         if self.keep_per_prompt > self.samples_per_prompt:
             raise ValueError("keep_per_prompt must be <= samples_per_prompt")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not 0 <= self.temperature <= TEMPERATURE_MAX:
+            raise ValueError(f"temperature must be in [0, {TEMPERATURE_MAX:g}] (0 is greedy)")
         return self
 
     @property

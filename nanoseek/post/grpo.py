@@ -73,6 +73,7 @@ from typing import Any
 import torch
 
 from nanoseek.infer.sampling import GREEDY_BELOW
+from nanoseek.limits import TEMPERATURE_MAX
 from nanoseek.tasks.reply import DEFAULT_TEMPLATE, TEMPLATES, render_prompt, tool_counts
 from nanoseek.tasks.rewards import RewardConfig, RewardFn, build_reward_fn
 
@@ -154,8 +155,9 @@ class GRPOSection:
             raise bad("beta", "must be >= 0")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise bad("overlong_buffer", f"must be in [0, max_new_tokens={self.max_new_tokens}]")
-        if not self.temperature >= GREEDY_BELOW:
-            raise bad("temperature", f"must be >= {GREEDY_BELOW} (below it sampling is greedy; GRPO needs diverse samples)")
+        if not GREEDY_BELOW <= self.temperature <= TEMPERATURE_MAX:
+            raise bad("temperature", f"must be in [{GREEDY_BELOW}, {TEMPERATURE_MAX:g}] (below it sampling is greedy; "
+                                     "GRPO needs diverse samples)")
         if self.tool_failure_penalty < 0:
             raise bad("tool_failure_penalty", "must be >= 0 (it is subtracted per failed call)")
         if self.tool_use.enabled and self.template not in ("chat", "chat-think"):

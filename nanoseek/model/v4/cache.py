@@ -7,7 +7,8 @@ Per layer, preallocated, never reallocated, addressed by (cache row, absolute po
 * per compressor (``compressor``; for CSA also the indexer's ``indexer``):
   - a ring of the projected candidates and gates of the last ``span + 1`` tokens (span = m, or
     2m with CSA's overlap; one spare slot for a speculative draft written a position ahead),
-  - ``entries`` [rows, max_len // m, dim]: compressed entry w at index w (the indexer's are its keys).
+  - ``entries`` [rows, max_len // m + 2, dim]: compressed entry w at index w (the indexer's are its
+    keys), then a slot for discarded writes and a spare that a compiled step reads (masked).
 
 A step (positions [B, T], consecutive per row; rows of different lengths share a step) attends
 over the ring's positions older than its first position plus its own keys, and pools exactly
@@ -68,10 +69,15 @@ class CompressorStore:
         self.gate = torch.zeros(batch, self.R + 1, width, dtype=dtype, device=device)
         self.pos = torch.full((batch, self.R + 1), -1, dtype=torch.long, device=device)
         self.n_entries = max_len // rate
-        self.entries = torch.zeros(batch, self.n_entries + 1, dim, dtype=dtype, device=device)  # last: discarded
+        # slot n_entries: discarded writes; one more, so that a compiled step can always read two
+        # entries more than it sees (CompressorStore.read)
+        self.entries = torch.zeros(batch, self.n_entries + 2, dim, dtype=dtype, device=device)
 
     def read(self, n: int, rows: torch.Tensor) -> torch.Tensor:
-        return self.entries[rows, :n]
+        """The first n entries of the rows [B, n, dim]; under torch.compile n + 2 (the two beyond
+        the visible ones are masked by every reader), so the entry count is never 0 or 1: a
+        compiled graph would be specialised to each of those sizes (one graph per count)."""
+        return self.entries[rows, :n + 2 if torch.compiler.is_compiling() else n]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.kv, self.gate, self.pos, self.entries]

@@ -106,6 +106,7 @@ class DeepseekV4ForCausalLM(DeepSeekCausalLM):
     # the output's hyper-connection ``streams`` while ``hidden`` stays the normed state for lm_head.
     takes_valid = True
     mtp_input = "streams"
+    rows_gathered = True      # the cached forward indexes the cache by row even when no rows are given
     model_class = DeepseekV4Model
     moe_class = MoE                  # every V4 layer's (hash-routed or learned)
     router_bias_counted = False      # transformers' V4 keeps e_score_correction_bias a buffer
