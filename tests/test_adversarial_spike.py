@@ -145,6 +145,7 @@ def _garbage_steps(cfg) -> tuple[int, int]:
     return start // per_step + 1, end // per_step + 1
 
 
+@pytest.mark.slow
 def test_long_garbage_document_is_skipped_and_the_run_completes(tmp_path, garbage_corpus):
     # the shipped tiny recipe's model; before, this went rollback, rollback, "diverged"
     probe = cfg_for(tmp_path, "garbage", garbage_corpus, model={"preset": "tiny"})
@@ -316,7 +317,7 @@ def _long_document(kind: str) -> str:
     return inspect.getsource(__import__("argparse"))[:24000]       # source code
 
 
-@pytest.mark.parametrize("kind", ["prose", "code",
+@pytest.mark.parametrize("kind", [pytest.param("prose", marks=pytest.mark.slow), "code",
                                   pytest.param("prose12k", marks=pytest.mark.slow)])
 def test_long_ordinary_document_never_rolls_back_and_the_run_completes(tmp_path, kind):
     # before: its ~50 steps at ~3x the median loss lifted the trend quartile past 1.5x its best:

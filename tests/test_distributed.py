@@ -243,6 +243,7 @@ def _truncate_to(run: Path, step: int) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_two_ranks_and_one(tmp_path, one_rank, two_rank_ep):
     ref, _ = one_rank
     # 2 ranks (EP) -> 1: the 2-rank run's step-2 checkpoint, resumed in one process

@@ -195,6 +195,7 @@ def test_checkpoints_move_between_layouts_and_resume_exactly(tmp_path, one):
     assert_same_weights(tmp_path / "c" / "run" / "final", ref / "run" / "final")
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_pp2_exactly(tmp_path, one):
     """1 process -> pp2 x dp2: the single process's step-2 checkpoint (weights, AdamW moments in a
     1-rank optimizer's order, data position, biases) continues to the same step 3."""
