@@ -49,7 +49,8 @@ GREEDY_BELOW = 1e-5
 class SamplingParams:
     """How to sample one request (OpenAI-style fields; the engine validates them on submit).
 
-    temperature 0 (or below :data:`GREEDY_BELOW`) is greedy decoding. ``top_k`` 0 and ``top_p`` 1 disable those filters.
+    temperature 0 (or below :data:`GREEDY_BELOW`) is greedy decoding. ``top_k`` 0 and ``top_p`` 1
+    disable those filters.
     ``n`` samples share one prefill of the prompt. ``seed``: sample ``i`` of a request draws
     from ``random.Random(f"nanoseek/{seed}/{i}")``, so the same seed reproduces the output;
     ``None`` seeds from the OS. ``stop`` strings end a sample and are cut from its text (the
@@ -148,8 +149,8 @@ def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
                     unit_temperature: bool = False) -> torch.Tensor:
     """logits [B, V]; per-row temperature/top_k/top_p [B] -> the sampling distribution [B, V] fp32.
 
-    Rows with a temperature below :data:`GREEDY_BELOW` get a one-hot distribution on their argmax. ``filtered=False``
-    promises that no row uses top-k/top-p (skips the sort). What a caller knows of the
+    Rows with a temperature below :data:`GREEDY_BELOW` get a one-hot distribution on their argmax.
+    ``filtered=False`` promises that no row uses top-k/top-p (skips the sort). What a caller knows of the
     temperatures saves work per step (``RowParams`` knows both): ``any_greedy`` whether a row is
     greedy (None: read it from ``temperature``), ``unit_temperature`` that every row's is 1 (the
     division by 1 is skipped; dividing by 1 changes no bit, so the result is the same).
