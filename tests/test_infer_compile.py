@@ -159,7 +159,7 @@ def test_compiled_decode_follows_weight_changes():
     model = make_tiny_model(seed=0).eval()
     compiled = Engine(model, max_batch_size=4, max_seq_len=48, compile=True)
     assert _tokens(compiled) == _tokens(Engine(model, max_batch_size=4, max_seq_len=48))
-    assert compiled._kmajor is not None and compiled._kmajor.entries
+    assert compiled._kmajor is not None and compiled._kmajor.layers
     before = _tokens(compiled)
     model.load_state_dict(make_tiny_model(seed=1).state_dict())        # in place: version counters move
     expected = _tokens(Engine(model, max_batch_size=4, max_seq_len=48))

@@ -17,14 +17,14 @@ from nanoseek.model.kmajor import KMajorWeights, Linear
 
 
 def _copies_match(layout: KMajorWeights) -> bool:
-    for (m, name, _, view), w, copy in zip(layout.entries, layout.weights(), layout.copies):
-        if copy is None or not copy.is_contiguous() or not torch.equal(copy, view(w.detach())):
+    for w, copy in zip(layout.weights(), layout.copies):
+        if copy is None or not copy.is_contiguous() or not torch.equal(copy, w.detach().t()):
             return False
     return True
 
 
 def _installed_match(layout: KMajorWeights) -> bool:
-    return all(getattr(m, name) is copy for (m, name, _, _), copy in zip(layout.entries, layout.copies))
+    return all(m.weight_t is copy for m, copy in zip(layout.layers, layout.copies))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -33,7 +33,7 @@ def test_linear_reads_its_copy_only_while_installed(bias):
     lin = Linear(8, 5, bias=bias)
     x = torch.randn(3, 2, 8)
     layout = KMajorWeights(lin)
-    assert [name for _, name, _, _ in layout.entries] == ["weight_t"]
+    assert layout.layers == [lin]
     with torch.no_grad():
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=0, atol=0)
         with layout.installed():
@@ -58,7 +58,7 @@ def test_linear_reads_its_copy_only_while_installed(bias):
 def test_forward_with_copies_equals_the_model(overrides):
     model = make_tiny_model(seed=0, **overrides).eval()
     layout = KMajorWeights(model)
-    assert layout.refresh() == len(layout.entries) > 0 and _copies_match(layout)
+    assert layout.refresh() == len(layout.layers) > 0 and _copies_match(layout)
     ids = torch.randint(0, model.config.vocab_size, (3, 9))
     with torch.no_grad():
         expected = model(ids).logits
@@ -71,7 +71,7 @@ def test_refresh_follows_every_way_a_weight_changes():
     model = make_tiny_model(seed=0)
     layout = KMajorWeights(model)
     with torch.inference_mode():                # as the engine's step runs it
-        assert layout.refresh() == len(layout.entries)
+        assert layout.refresh() == len(layout.layers)
         assert layout.refresh() == 0
     first = [id(c) for c in layout.copies]
 
@@ -81,7 +81,7 @@ def test_refresh_follows_every_way_a_weight_changes():
     model(torch.randint(0, model.config.vocab_size, (2, 8)), labels=torch.randint(0, model.config.vocab_size, (2, 8))).loss.backward()
     opt.step()
     with torch.inference_mode():
-        assert layout.refresh() == len(layout.entries) and _copies_match(layout)
+        assert layout.refresh() == len(layout.layers) and _copies_match(layout)
     # the same tensors were refreshed in place: a compiled graph that reads them stays valid
     assert [id(c) for c in layout.copies] == first
     with torch.inference_mode(), layout.installed():    # installing refreshes: nothing left to copy
@@ -90,7 +90,7 @@ def test_refresh_follows_every_way_a_weight_changes():
     # load_state_dict copies in place; .data replaced moves the storage
     model.load_state_dict(make_tiny_model(seed=1).state_dict())
     with torch.inference_mode():
-        assert layout.refresh() == len(layout.entries) and _copies_match(layout)
+        assert layout.refresh() == len(layout.layers) and _copies_match(layout)
     lin = model.lm_head
     lin.weight.data = lin.weight.data * 2
     with torch.inference_mode():
@@ -102,7 +102,7 @@ def test_refresh_follows_every_way_a_weight_changes():
     # a new parameter set on the module (the copies follow the module, not the old object)
     lin.weight = torch.nn.Parameter(torch.randn_like(lin.weight))
     with torch.no_grad(), layout.installed():
-        assert _copies_match(layout) and lin.weight_t is layout.copies[[e[0] for e in layout.entries].index(lin)]
+        assert _copies_match(layout) and lin.weight_t is layout.copies[layout.layers.index(lin)]
 
 
 def test_forget_recopies_what_refresh_cannot_see():
@@ -118,7 +118,7 @@ def test_forget_recopies_what_refresh_cannot_see():
     model.lm_head.weight.data.mul_(2)
     layout.refresh()
     layout.forget()
-    assert layout.refresh() == len(layout.entries) and _copies_match(layout)
+    assert layout.refresh() == len(layout.layers) and _copies_match(layout)
 
 
 def test_weights_without_a_version_counter_or_a_parameter():
@@ -127,7 +127,7 @@ def test_weights_without_a_version_counter_or_a_parameter():
     with torch.inference_mode():
         model = make_tiny_model(seed=0).eval()
         layout = KMajorWeights(model)
-        assert layout.refresh() == len(layout.entries) and _copies_match(layout)
+        assert layout.refresh() == len(layout.layers) and _copies_match(layout)
         ids = torch.randint(0, model.config.vocab_size, (2, 6))
         expected = model(ids).logits
         with layout.installed():
@@ -181,13 +181,13 @@ def test_modules_with_another_product_are_left_alone():
     model = make_tiny_model(seed=0, num_nextn_predict_layers=1)
     changed = set(enable_simulated_precision(model, "bf16"))
     names = {id(m): n for n, m in model.named_modules()}
-    covered = {names[id(m)] for m, _, _, _ in KMajorWeights(model).entries}
+    covered = {names[id(m)] for m in KMajorWeights(model).layers}
     assert covered == {"lm_head"}               # fp8's rebound forwards and GEMMs: not a plain product
     assert "lm_head" not in changed
 
     model = make_tiny_model(seed=0, num_nextn_predict_layers=1)
     names = {id(m): n for n, m in model.named_modules()}
-    covered = {names[id(m)] for m, _, _, _ in KMajorWeights(model).entries}
+    covered = {names[id(m)] for m in KMajorWeights(model).layers}
     assert not any(n.startswith("model.mtp.") for n in covered)     # MTP runs in the eager speculative step
     assert "lm_head" in covered and "model.layers.0.self_attn.q_a_proj" in covered
     assert not any(n.endswith("experts") for n in covered)          # they gather (moe.py): no copies
@@ -198,8 +198,8 @@ def test_v4_grouped_projection_is_left_alone():
     from nanoseek.model.v4.attention import GroupedLinear
 
     model = registry.build_model(registry.load_config("v4-tiny"))
-    entries = KMajorWeights(model).entries
-    assert entries and not any(isinstance(m, GroupedLinear) for m, _, _, _ in entries)
+    layers = KMajorWeights(model).layers
+    assert layers and not any(isinstance(m, GroupedLinear) for m in layers)
 
 
 def test_engine_makes_no_copies_where_memory_is_short(monkeypatch):

@@ -12,10 +12,9 @@ row's product is a matrix-vector product, 0.97x on the Intel CPU and 1.08-1.28x 
 GPU's BLAS has no such gap, so only the engine's compiled CPU decode uses them, at every batch size.
 
 :class:`Linear` is ``nn.Linear`` that multiplies by ``weight_t`` (``[in, out]``, contiguous) instead
-of its weight where the module has one (a module says which copies it reads through its
-``kmajor_views`` method; only :class:`Linear` has one). :class:`KMajorWeights` holds the copies for
-a model, and :meth:`KMajorWeights.installed` puts them on the modules for one call only, after
-copying again any weight that changed since the last call (an optimizer step or
+of its weight where the module has one. :class:`KMajorWeights` holds the copies for a model's
+:class:`Linear` layers, and :meth:`KMajorWeights.installed` puts them on the modules for one call
+only, after copying again any weight that changed since the last call (an optimizer step or
 ``load_state_dict`` writes in place and moves the weight's version counter; ``.data = ...`` or
 ``.to()`` moves its storage, though the allocator may hand back the same address).
 Outside that call no module has a copy, so an eager or training forward, a ``state_dict``, a
@@ -38,14 +37,11 @@ matrices in the compiled decode (``moe.py``) and have no copies.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-KMajorView = tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]   # (attribute, parameter, its k-major view)
 
 
 class Linear(nn.Linear):
@@ -59,26 +55,21 @@ class Linear(nn.Linear):
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
 
-    def kmajor_views(self) -> list[KMajorView]:
-        """The copies this module reads: none where its forward is not this one (a subclass's own,
-        or one rebound on the instance, as simulated FP8 does)."""
-        if type(self).forward is not Linear.forward or "forward" in self.__dict__:
-            return []
-        return [("weight_t", "weight", torch.Tensor.t)]
+    def reads_kmajor(self) -> bool:
+        """Whether this module's forward is the one above, which reads a copy: not where a subclass
+        has its own or one was rebound on the instance (as simulated FP8 does)."""
+        return type(self).forward is Linear.forward and "forward" not in self.__dict__
 
 
 class KMajorWeights:
     """The k-major copies of a model's plain linear layers (module docstring)."""
 
     def __init__(self, model: nn.Module):
-        # each module that can read copies says which (kmajor_views: Linear's)
-        self.entries: list[tuple[nn.Module, str, str, Callable[[torch.Tensor], torch.Tensor]]] = []
         mtp = {id(x) for block in getattr(getattr(model, "model", None), "mtp", ()) for x in block.modules()}
-        for m in model.modules():
-            if id(m) not in mtp and hasattr(m, "kmajor_views"):
-                self.entries.extend((m, *view) for view in m.kmajor_views())
-        self.copies: list[torch.Tensor | None] = [None] * len(self.entries)
-        self._keys: list[tuple | None] = [None] * len(self.entries)
+        self.layers: list[Linear] = [m for m in model.modules()
+                                     if isinstance(m, Linear) and id(m) not in mtp and m.reads_kmajor()]
+        self.copies: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._keys: list[tuple | None] = [None] * len(self.layers)
 
     @property
     def nbytes(self) -> int:
@@ -88,11 +79,11 @@ class KMajorWeights:
     def weights(self) -> list[torch.Tensor | None]:
         """The parameters mirrored, as the modules hold them now (one may have been replaced; None
         where the module no longer has it as a parameter: pruned, parametrized)."""
-        return [m._parameters.get(p) for m, _, p, _ in self.entries]
+        return [m._parameters.get("weight") for m in self.layers]
 
     def forget(self) -> None:
         """Copy every weight again at the next :meth:`refresh`: what it cannot see may have changed."""
-        self._keys = [None] * len(self.entries)
+        self._keys = [None] * len(self.layers)
 
     def refresh(self) -> int:
         """Copy again the weights that may have changed since the last call (all after :meth:`forget`);
@@ -108,14 +99,14 @@ class KMajorWeights:
             return 0
         n = 0
         with torch.no_grad():
-            for i, (_, _, _, view) in enumerate(self.entries):
+            for i in range(len(self.layers)):
                 if keys[i] is not None and keys[i] == self._keys[i]:
                     continue
                 self._keys[i] = keys[i]
                 if weights[i] is None:              # no parameter to mirror: the module's own forward
                     self.copies[i] = None
                     continue
-                src, copy = view(weights[i].detach()), self.copies[i]
+                src, copy = weights[i].detach().t(), self.copies[i]
                 if (copy is not None and copy.shape == src.shape and copy.dtype == src.dtype
                         and copy.device == src.device and (torch.is_inference_mode_enabled() or not copy.is_inference())):
                     copy.copy_(src)                 # the same tensor: a compiled graph that reads it stays valid
@@ -128,12 +119,12 @@ class KMajorWeights:
     def installed(self) -> Iterator[None]:
         """The copies, refreshed, on their modules for the calls inside; gone again after."""
         self.refresh()
-        for (m, name, _, _), copy in zip(self.entries, self.copies):
+        for m, copy in zip(self.layers, self.copies):
             if copy is not None:
-                object.__setattr__(m, name, copy)   # a plain attribute (not a buffer): ~0.1 us
+                object.__setattr__(m, "weight_t", copy)   # a plain attribute (not a buffer): ~0.1 us
         try:
             yield
         finally:
-            for m, name, _, _ in self.entries:
-                m.__dict__.pop(name, None)
+            for m in self.layers:
+                m.__dict__.pop("weight_t", None)
 
