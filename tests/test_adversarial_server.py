@@ -267,3 +267,76 @@ def test_serve_cli_refuses_out_of_range_flags(capsys):
         assert main(["serve", "--model", "x", flag, value]) == 2
         err = capsys.readouterr().err
         assert flag in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["\\ud800", "x" * 100_000, "\\udc80\\ud800 \\u0000"], ids=["surrogate", "long", "mixed"])
+def test_a_hostile_model_name_is_a_short_404_on_every_endpoint(real_client, name):
+    """The model name went into the 404's message raw: a lone surrogate made the error itself fail
+    to encode (a 500), and a long name came back whole."""
+    bodies = [("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}'),
+              ("/v1/completions", '{"model": "%s", "prompt": "hi"}'),
+              ("/tokenize", '{"model": "%s", "prompt": "hi"}'),
+              ("/detokenize", '{"model": "%s", "tokens": [1]}')]
+    for path, body in bodies:
+        r = real_client.post(path, content=body % name, headers={"content-type": "application/json"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", (path, r.status_code, r.text[:200])
+        assert len(r.text) < 1000
+    if "\\" not in name:
+        r = real_client.get("/v1/models/" + name[:20_000])
+        assert r.status_code == 404 and len(r.text) < 1000
+
+
+def test_a_template_keyword_that_breaks_the_template_is_blamed_on_the_keyword(real_client):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = real_client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"namespace": "x"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+    r = real_client.post("/tokenize", json={"model": MODEL, "messages": body["messages"],
+                                            "chat_template_kwargs": {"namespace": "x"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+    r = real_client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"greeting": "x"}})
+    assert r.status_code == 200, r.text                # a keyword the template ignores is harmless
+
+
+@pytest.mark.parametrize("path,body,slow", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, "chat_prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2}, "completion_prompts"),
+    ("/tokenize", {"prompt": "hi"}, "prompt_ids"),
+], ids=["chat", "completions", "tokenize"])
+def test_building_a_prompt_never_stalls_the_other_clients(tokenizer, path, body, slow):
+    """Rendering and tokenizing a prompt near the body limit takes seconds; done on the event loop it
+    froze every other client (streams got no chunk, a 2-token request waited for all of them). Here
+    the prompt's builder waits until another request has been answered: on the event loop that
+    never happens."""
+    import threading
+
+    import httpx
+
+    engine = FakeEngine(tokenizer, max_batch_size=4, max_seq_len=256).start()
+    app = create_app(engine, tokenizer, MODEL, ServeLimits(max_tokens=50))
+    server = app.state.server
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(server, slow)
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    setattr(server, slow, held)
+    result = {}
+    try:
+        with background_server(app) as url:
+            def heavy():
+                result["r"] = httpx.post(url + path, json={"model": MODEL, **body}, timeout=30)
+            t = threading.Thread(target=heavy)
+            t.start()
+            assert entered.wait(10)
+            try:
+                r = httpx.get(url + "/health", timeout=3)            # answered while the prompt is being built
+                assert r.status_code == 200
+            finally:
+                release.set()
+                t.join(30)
+            assert result["r"].status_code == 200, result["r"].text
+    finally:
+        engine.shutdown()

@@ -633,3 +633,42 @@ def test_server_tools_need_tool_tokens_and_known_names():
     args = build_parser().parse_args(["serve", "--model", "/nonexistent", "--tools", "calculator,abacus"])
     with pytest.raises(UserError, match="^--tools: unknown built-in tool 'abacus'"):
         build_server(args)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "calculator"}}],
+                         ids=["required", "named"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_do_not_cut_a_forced_call(client, engine, choice, stream):
+    """A forced call begins in the prompt, so the engine saw its tokens as text and cut its
+    arguments at a stop string (keeping the stop text in them: the parser reads the tokens). A stop
+    string never matches inside a calls block, so a forced call is whole, as an auto one is."""
+    head = "" if isinstance(choice, dict) else "calculator" + TOOL_SEP
+    engine.script = lambda p, params, i: head + '{"expression": "STOP\\n1+1"}' + TOOL_CALL_END + TOOL_CALLS_END
+    kw = dict(messages=user("1+1?"), tools=[CALC], tool_choice=choice, stop=["STOP", "\n", "e"])
+    ch = streamed(client, **kw).choices[0] if stream else client.chat.completions.create(model=MODEL, **kw).choices[0]
+    assert calls_of(ch) == [("calculator", '{"expression": "STOP\\n1+1"}')]
+    assert ch.finish_reason == "tool_calls"
+    # an auto reply's text before its block is still cut by the stop strings
+    engine.script = lambda p, params, i: "one STOP two" + block(call("calculator", "{}"))
+    kw = dict(messages=user("1+1?"), tools=[CALC], stop=["STOP"])
+    ch = streamed(client, **kw).choices[0] if stream else client.chat.completions.create(model=MODEL, **kw).choices[0]
+    assert ch.message.content.strip() == "one" and ch.finish_reason == "stop" and not ch.message.tool_calls
+
+
+@pytest.mark.parametrize("script,choice", [
+    (lambda p, params, i: "", "auto"),                                          # nothing at all
+    (lambda p, params, i: " \n ", "auto"),                                      # blank text
+    (lambda p, params, i: TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "calculator" + TOOL_CALL_END + TOOL_CALLS_END, "auto"),
+    (lambda p, params, i: "just words", "required"),                            # no separator: not a call
+], ids=["empty", "blank", "call-without-sep", "required-plain-text"])
+def test_a_reply_with_tools_but_no_calls_has_the_same_content_streamed_and_whole(client, engine, script, choice):
+    """With the request's tools the stream opens with content null; a reply that then wrote no
+    call and no (visible) text said content "" whole and null streamed."""
+    engine.script = script
+    kw = dict(messages=user("1+1?"), tools=[CALC], tool_choice=choice)
+    whole = client.chat.completions.create(model=MODEL, **kw).choices[0]
+    part = streamed(client, **kw).choices[0]
+    assert whole.message.content == part.message.content
+    assert not whole.message.tool_calls and not part.message.tool_calls
+    if script(None, None, 0).strip() == "":
+        assert (whole.message.content or "").strip() == ""

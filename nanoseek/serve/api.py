@@ -48,7 +48,10 @@ guarded by an ASGI middleware before anything is parsed: its size (by ``Content-
 counting a streamed body: 413) and the time it takes to arrive (``ServeLimits.body_timeout_s``
 from the first byte the app waits for to the last: 408 and the connection is closed), so a
 half-sent body cannot hold a connection, and it never reaches the engine, so it holds no
-generation slot. An unexpected exception (a bug, or the engine failing) is answered with a 500
+generation slot. Rendering and tokenizing a prompt (seconds for a body near the limit) run in a
+worker thread, not on the event loop, so they never stall other clients' streams. Error objects
+are JSON with non-ASCII escaped (``ErrorResponse``): quoting a client's text cannot fail to
+encode. An unexpected exception (a bug, or the engine failing) is answered with a 500
 error object by the outermost middleware, which does not re-raise it: the keep-alive connection
 stays usable for the client's next request.
 """
@@ -204,6 +207,14 @@ class CatchAllMiddleware:
                                                    None, "internal_error"))
 
 
+class ErrorResponse(JSONResponse):
+    """An error object as JSON with non-ASCII characters escaped: a message quoting a client's text
+    stays encodable whatever the text holds (a lone surrogate has no UTF-8 form)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode()
+
+
 def _http_error_body(e: StarletteHTTPException) -> dict:
     message = str(e.detail)
     if e.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's words
@@ -262,9 +273,11 @@ class _Choice:
             self.finish_reason = self.tools.finish_reason(ev.finish_reason) if self.tools else ev.finish_reason
 
     def message(self) -> dict:
-        """The chat reply: content, reasoning and, with tools, the calls (content null when only calls)."""
+        """The chat reply: content, reasoning and, with tools, the calls. With the request's tools an
+        empty content is null (only calls, or nothing), as streamed: that stream opens with content
+        null and ToolCallParser holds blank text."""
         calls = self.tools.calls() if self.tools is not None else []
-        content = (self.text or None) if calls else self.text   # as streamed (ToolCallParser holds blank text)
+        content = (self.text or None) if self.tools is not None else self.text
         out = {"role": "assistant", "content": content, "reasoning_content": self.reasoning or None}
         if calls:
             out["tool_calls"] = calls
@@ -440,8 +453,8 @@ class OpenAIServer:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"the model '{name}' does not exist: this server serves '{self.model_name}'",
-                           "model", "model_not_found")
+            raise APIError(404, f"the model {short(repr(name))} does not exist: this server serves "
+                           f"'{self.model_name}'", "model", "model_not_found")
 
     # ------------------------------------------------------------------ validation
     def check(self, req: SamplingRequest) -> None:
@@ -485,7 +498,14 @@ class OpenAIServer:
             raise APIError(400, f"chat_template_kwargs: this server's chat template takes no "
                                 f"{short(', '.join(sorted(extra)))}", "chat_template_kwargs", "invalid_value") from e
         except ValueError as e:  # TokenizerError, or text that is not valid unicode (a lone surrogate)
-            raise APIError(400, f"messages: {short(str(e), 300)}", "messages", "invalid_value") from e
+            param = "messages"
+            if extra:            # the client's template keywords, or the messages? the same without the keywords
+                try:
+                    tk.encode_chat(chat, add_generation_prompt=True, thinking=thinking, **tools)
+                    param = "chat_template_kwargs"
+                except (ValueError, TypeError):
+                    pass
+            raise APIError(400, f"{param}: {short(str(e), 300)}", param, "invalid_value") from e
 
     def prompt_ids(self, text: str, add_special_tokens: bool) -> list[int]:
         """A raw prompt string's ids: the tokenizer's ``encode`` (HF's ``tokenizer(text)``), except
@@ -528,11 +548,11 @@ class OpenAIServer:
                **overrides: Any) -> list:
         """Each prompt to the engine; ``overrides``: more :class:`SamplingParams` fields (tools.py's)."""
         top_k = min(req.top_k, self.tokenizer.vocab_size)   # k >= the vocabulary filters nothing
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(req.temperature),
-                                top_p=float(req.top_p), top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop),
-                                ignore_eos=req.ignore_eos, split_reasoning=split_reasoning,
-                                skip_special_tokens=req.skip_special_tokens,
-                                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, **overrides)
+        fields = dict(max_new_tokens=max_new_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
+                      top_k=top_k, n=req.n, seed=req.seed, stop=list(req.stop), ignore_eos=req.ignore_eos,
+                      split_reasoning=split_reasoning, skip_special_tokens=req.skip_special_tokens,
+                      top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs)
+        params = SamplingParams(**{**fields, **overrides})
         handles = []
         extra = {"toolbox": self.toolbox} if params.tools == "run" else {}
         try:
@@ -545,11 +565,17 @@ class OpenAIServer:
         return handles
 
     # ------------------------------------------------------------------ endpoints
-    async def chat(self, req: ChatCompletionRequest, request: Request):
+    def _chat_prompt_checked(self, req: ChatCompletionRequest) -> tuple[ToolPlan | None, list[int], int]:
+        """(tool plan, prompt ids, max new tokens) of a chat request, or its 400."""
         self.check(req)
         plan = plan_tools(req, self.tokenizer, self.toolbox, self.describe_tools)
         ids = self.chat_prompt(req, plan)
-        max_new = self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
+        return plan, ids, self.budget(len(ids), req.requested_max_tokens(), "messages", self.limits.default_max_tokens)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request):
+        # rendering and tokenizing a prompt of up to the body limit takes seconds: in a worker
+        # thread, so the event loop goes on serving the other clients' streams meanwhile
+        plan, ids, max_new = await asyncio.to_thread(self._chat_prompt_checked, req)
         top = (req.top_logprobs or 0) if req.logprobs else 0
         handles = self.submit([ids], req, max_new, split_reasoning=True, top_logprobs=top,
                               **(plan.sampling() if plan is not None else {}))
@@ -585,10 +611,15 @@ class OpenAIServer:
         offsets = [max(0, o + shift) for o in text_offsets(self.tokenizer, ids)]
         return legacy_logprobs(self.pieces, ids, pl.logprobs, pl.top, offsets)
 
-    async def completions(self, req: CompletionRequest, request: Request):
+    def _completion_prompts_checked(self, req: CompletionRequest) -> tuple[list[list[int]], int]:
+        """(prompt ids, max new tokens) of a completions request, or its 400."""
         self.check(req)
         prompts = self.completion_prompts(req)
-        max_new = self.budget(max(len(p) for p in prompts), req.max_tokens, "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        longest = max(len(p) for p in prompts)
+        return prompts, self.budget(longest, req.max_tokens, "prompt", COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        prompts, max_new = await asyncio.to_thread(self._completion_prompts_checked, req)   # (as chat's)
         want_lp = req.logprobs is not None
         # A raw continuation: the text keeps its <think> tags (no reasoning split).
         handles = self.submit(prompts, req, max_new, split_reasoning=False, top_logprobs=req.logprobs or 0,
@@ -705,19 +736,19 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return ErrorResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         err = validation_error(list(e.errors()))
-        return JSONResponse(err.body(), status_code=err.status)
+        return ErrorResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         headers = dict(getattr(e, "headers", None) or {})
         if isinstance(e, RequestTimeout):      # the rest of the body is never read: end the connection
             headers["Connection"] = "close"
-        return JSONResponse(_http_error_body(e), status_code=e.status_code, headers=headers or None)
+        return ErrorResponse(_http_error_body(e), status_code=e.status_code, headers=headers or None)
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -745,11 +776,11 @@ def create_app(engine, tokenizer, model_name: str, limits: ServeLimits | None = 
         return await server.completions(req, request)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
+    def tokenize(req: TokenizeRequest):        # plain functions: FastAPI runs them in a worker thread
         return server.tokenize(req)
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
+    def detokenize(req: DetokenizeRequest):
         return server.detokenize(req)
 
     @app.get("/tokenizer_info")

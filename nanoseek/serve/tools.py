@@ -39,7 +39,9 @@ as usual), each call gets an id ``call_<24 hex>`` and is streamed as OpenAI does
 ``index``, ``id``, ``type`` and the function's ``name`` (when the name is complete), then
 fragments of ``arguments``. The non-streaming reply is the same parser's end state, so both
 always agree (blank text before the first call is held, so a reply that is only calls has content
-null streamed and whole; with the request's tools the stream's opening delta says content null too).
+null streamed and whole; with the request's tools the stream's opening delta says content null too,
+and so does a whole reply with no content, calls or not). The request's stop strings never match
+inside a calls block; a forced call is all block, so they do not apply to it.
 ``finish_reason`` is ``"tool_calls"`` when the reply ended with complete calls;
 a block the model left open (the length limit, an EOS inside a call) keeps the engine's reason
 (``"length"``, ``"stop"``) and returns what was written, the open call's arguments as far as they
@@ -120,9 +122,10 @@ class ToolPlan:
         if self.bans_only:
             return ban_tool_calls({}, self.tokens)
         stops = [] if self.parallel else [self.tokens.call_end]
-        if self.forced:     # the block began in the prompt, so the engine does not see it open: stop at its end
-            stops.append(self.tokens.calls_end)
         out: dict[str, Any] = {"tools": "stop", "stop_token_ids": stops}
+        if self.forced:     # the block began in the prompt, so the engine does not see it open: stop at its
+            stops.append(self.tokens.calls_end)   # end, and no stop string (none matches inside a block)
+            out["stop"] = []
         if self.choice == "none":
             ban_tool_calls(out, self.tokens)
         return out
