@@ -340,8 +340,141 @@ def test_dequantize_fp8_block_partial_tiles():
 
 def test_config_json_written_for_hf(tiny_model, tmp_path):
     model = tiny_model(attention_type="mha", num_key_value_heads=1, n_routed_experts=0)
-    save_pretrained(model, tmp_path / "ck")
+    with pytest.warns(RuntimeWarning, match="no way to express attention_type 'mha'"):
+        save_pretrained(model, tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v3" and cfg["attention_type"] == "mha"
-    assert ModelConfig.from_json(tmp_path / "ck") == model.config
+    # dense: written with every layer before first_k_dense_replace (transformers builds MoE layers after it)
+    assert cfg["first_k_dense_replace"] == model.config.num_hidden_layers != model.config.first_k_dense_replace
+    assert ModelConfig.from_json(tmp_path / "ck") == model.config.replace(
+        first_k_dense_replace=model.config.num_hidden_layers)
     assert_same_state(from_pretrained(tmp_path / "ck"), model)
+
+
+# ------------------------------------------------------------------ DeepSeek-V2 routing, dense and shared-expert-free models
+V2_SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+                num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                first_k_dense_replace=1)
+
+
+def _randomise(model, std=0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=std)
+    return model.eval()
+
+
+@pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_checkpoints_both_ways(tmp_path, topk_method):
+    """transformers' DeepseekV2Config writes no scoring_func (V2 always routes by softmax): read as
+    V3's sigmoid, its checkpoints loaded with logits ~2.5 off; and nanoseek wrote V2-routed models as
+    deepseek_v3, which transformers routes by sigmoid with a bias (~2.5-5.8 off, silently)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from nanoseek.model import registry
+
+    hf = _randomise(transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        topk_method=topk_method, routed_scaling_factor=2.0, **V2_SIZES)))
+    hf.save_pretrained(tmp_path / "hf")
+    assert "scoring_func" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    ours = registry.from_pretrained(tmp_path / "hf").eval()
+    assert ours.config.scoring_func == "softmax" and ours.config.num_nextn_predict_layers == 0
+    ids = ids_batch(V=97)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert expected.abs().max() > 0.5
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=0, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)            # transformers can express it: no warning
+        save_pretrained(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "deepseek_v2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert type(back).__name__ == "DeepseekV2ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, expected, rtol=0, atol=1e-4)
+    assert ModelConfig.from_json(tmp_path / "ours") == ours.config
+
+
+def test_dense_model_and_models_without_shared_experts_load_in_transformers_and_back(tmp_path):
+    """A dense student (n_routed_experts 0 with first_k_dense_replace < layers: the distillation
+    recipe's) crashed transformers, which builds MoE layers from first_k_dense_replace on; a
+    transformers checkpoint with n_shared_experts 0 holds empty shared-expert matrices nanoseek refused."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    ids = ids_batch(V=97)
+    cfg = ModelConfig(**{**V2_SIZES, "n_routed_experts": 0, "num_nextn_predict_layers": 0}).validate()
+    dense = _randomise(DeepseekV3ForCausalLM(cfg))
+    save_pretrained(dense, tmp_path / "dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, dense(ids).logits, rtol=0, atol=1e-4)
+
+    hf = _randomise(transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(n_shared_experts=0, **V2_SIZES)))
+    hf.save_pretrained(tmp_path / "noshared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                            # (no MTP weights: said, and expected)
+        ours = from_pretrained(tmp_path / "noshared").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fields,what", [
+    (dict(scoring_func="sigmoid", topk_method="greedy"), "topk_method 'greedy'"),
+    (dict(scoring_func="softmax", topk_method="noaux_tc"), "scoring_func 'softmax'"),
+    (dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=True), "norm_topk_prob"),
+    (dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, rope_interleave=False), "rope_interleave"),
+    (dict(moe_layer_freq=2), "moe_layer_freq 2"),
+])
+def test_saving_what_transformers_cannot_express_warns(tmp_path, fields, what):
+    cfg = ModelConfig(**{**V2_SIZES, "num_nextn_predict_layers": 0, **fields}).validate()
+    with pytest.warns(RuntimeWarning, match=what):
+        save_pretrained(DeepseekV3ForCausalLM(cfg), tmp_path / "ck")
+    assert ModelConfig.from_json(tmp_path / "ck") == cfg         # written as it is, read back the same
+
+
+def test_misshapen_experts_and_fp8_vectors_are_one_line_naming_the_tensor(tiny_model, tmp_path):
+    model = tiny_model()
+    d = tmp_path / "ck"
+    save_pretrained(model, d)
+    tensors = load_file(d / "model.safetensors")
+    good = tensors["model.layers.1.mlp.experts.0.gate_proj.weight"]
+    tensors["model.layers.1.mlp.experts.0.gate_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' has shape \(3, 3\)"):
+        from_pretrained(d)
+    tensors["model.layers.1.mlp.experts.0.gate_proj.weight"] = good
+    n = model.config.n_routed_experts
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        tensors[f"model.layers.1.mlp.experts.{n}.{part}.weight"] = tensors[f"model.layers.1.mlp.experts.0.{part}.weight"].clone()
+    save_file(tensors, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"experts \[{n}\] beyond the config's n_routed_experts"):
+        from_pretrained(d)
+    with pytest.raises(CheckpointError, match=r"must be a matrix, got shape \(16,\)"):
+        ckpt.dequantize_fp8_block(torch.zeros(16), torch.ones(1, 1))
+
+
+def test_a_model_too_big_for_free_memory_is_one_line_before_it_is_allocated(tiny_model, tmp_path, monkeypatch):
+    """A config.json that asks for more weights than memory holds (hidden_size 10**7: ~50 GB) got the
+    process killed by the kernel with no word; the size is checked before anything is allocated,
+    for loading (both families) and for a fresh model."""
+    from nanoseek import limits
+    from nanoseek.model import registry
+
+    save_pretrained(tiny_model(), tmp_path / "v3")
+    v4 = registry.build_model(registry.load_config("v4-tiny"))
+    registry.save_pretrained(v4, tmp_path / "v4")
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu": 1000)
+    for d in ("v3", "v4"):
+        with pytest.raises(limits.LimitError, match=rf"{d}/config\.json: a model of [\d,]+ parameters needs .* only "):
+            registry.from_pretrained(tmp_path / d)
+    with pytest.raises(limits.LimitError, match=r"^\[model\]: a model of"):
+        registry.build_model(v4.config)
+    monkeypatch.undo()
+    assert registry.from_pretrained(tmp_path / "v3") is not None

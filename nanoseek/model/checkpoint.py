@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from ..limits import check_model_fits
 from .config import ModelConfig
 from .hf_files import (DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, SAFE_NAME, CheckpointError, check_model_dir_writable,
                        checkpoint_dtype, explained, is_model_file, is_weight_file, load_into, model_config_dict,
@@ -80,6 +82,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict
             if rest in ("embed_tokens.weight", "shared_head.head.weight"):
                 continue  # shared with the main model
             name = f"model.mtp.{k}.{rest}"
+        if not config.n_shared_experts and ".mlp.shared_experts." in name and t.numel() == 0:
+            continue  # transformers writes empty shared-expert matrices for n_shared_experts = 0
         e = _EXPERT_RE.match(name)
         if e:
             experts.setdefault(e.group(1), {}).setdefault(int(e.group(2)), {})[e.group(3)] = t
@@ -90,6 +94,18 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict
         missing = [j for j in range(n) if j not in by_idx or len(by_idx[j]) != 3]
         if missing:
             raise CheckpointError(f"'{prefix}': experts {missing[:8]} are missing one of gate_proj/up_proj/down_proj")
+        extra = sorted(j for j in by_idx if j >= n)
+        if extra:
+            raise CheckpointError(f"'{prefix}': experts {extra[:8]} beyond the config's n_routed_experts ({n})")
+        # stacked below, so one expert of another shape than the others is named here (experts that all
+        # differ from the config stack, and load_into says they do not fit)
+        gate = Counter(tuple(by_idx[j]["gate_proj"].shape) for j in range(n)).most_common(1)[0][0]
+        want = {"gate_proj": gate, "up_proj": gate, "down_proj": gate[::-1]}
+        for j in range(n):
+            for part, shape in want.items():
+                if tuple(by_idx[j][part].shape) != shape:
+                    raise CheckpointError(f"tensor '{prefix}.{j}.{part}.weight' has shape "
+                                          f"{tuple(by_idx[j][part].shape)}; the layer's other experts give {shape}")
         ours[f"{prefix}.gate_up_proj"] = torch.stack(
             [torch.cat([by_idx[j]["gate_proj"], by_idx[j]["up_proj"]], dim=0) for j in range(n)])
         ours[f"{prefix}.down_proj"] = torch.stack([by_idx[j]["down_proj"] for j in range(n)])
@@ -100,6 +116,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """DeepSeek FP8 weights: each (block x block) tile times its scale_inv [ceil(out/b0), ceil(in/b1)]."""
+    if weight.dim() != 2:
+        raise CheckpointError(f"a block-scaled FP8 weight must be a matrix, got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     expected = (-(-out_f // block[0]), -(-in_f // block[1]))
     if tuple(scale_inv.shape) != expected:
@@ -117,6 +135,11 @@ def save_pretrained(model: DeepseekV3ForCausalLM, directory: str | Path,
     In an existing ``directory`` only the files written now (and stale weight files) are
     replaced; everything else stays (:func:`nanoseek.model.hf_files.write_model_dir`).
     """
+    differences = model.config.transformers_differences()
+    if differences:   # (no path in the text: Python's warning filter says it once per process, not every save)
+        warnings.warn(f"transformers would load this model's checkpoints with other logits than nanoseek's (it has "
+                      f"no way to express {'; '.join(differences)}); nanoseek loads them exactly",
+                      RuntimeWarning, stacklevel=2)
     return write_model_dir(directory, to_hf_state_dict(model), model_config_dict(model), max_shard_bytes, extra_files)
 
 
@@ -162,6 +185,7 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
 
 def _from_pretrained(directory: Path, dtype: torch.dtype | None, device: str | torch.device) -> DeepseekV3ForCausalLM:
     config = read_config(directory, ModelConfig)
+    check_model_fits(config, str(directory / "config.json"))     # before reading or allocating the weights
     tensors = load_hf_tensors(directory, config, dtype)
     L = config.num_hidden_layers
     if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):

@@ -7,6 +7,11 @@ DeepSeek-V3 ``config.json`` loads here unchanged. Defaults are those of the publ
 DeepSeek-V3.2 is this config with ``index_n_heads > 0`` (its lightning indexer: ``index_n_heads``,
 ``index_head_dim``, ``index_topk``, as in HF's ``DeepseekV32Config``); it is written as
 ``model_type: deepseek_v32`` and a ``deepseek_v32`` config.json loads with HF's defaults for them.
+DeepSeek-V2's router (softmax scores, ``topk_method`` greedy or group_limited_greedy) is written as
+``model_type: deepseek_v2``, the type transformers routes that way; a ``deepseek_v2`` config.json
+without ``scoring_func`` (transformers' ``DeepseekV2Config`` has none) routes by softmax. Choices
+transformers cannot express (``ModelConfig.transformers_differences``) are written all the same and
+warned about when a model is saved.
 
 Two nanoseek extensions exist for ablations, both off by default and written to ``config.json``
 only when they differ from the default:
@@ -54,6 +59,10 @@ NULL_AS_INT = {
     "num_experts_per_tok": lambda c: 1 if c.n_routed_experts else 0,
 }
 
+# DeepSeek-V2's router, which HF's DeepseekV2Config has no fields for (softmax scores) or defaults
+# other than V3's: what a deepseek_v2 config.json that leaves them out means
+V2_DEFAULTS = {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
+               "routed_scaling_factor": 1.0, "num_nextn_predict_layers": 0}
 # HF's DeepseekV32Config defaults for the indexer (a deepseek_v32 config.json may leave them out)
 V32_INDEXER_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 # Fields HF's DeepseekV32Config does not have: a V3.2 model must hold them at these values
@@ -315,9 +324,11 @@ class ModelConfig(HFConfigFile):
         fk, layers = kwargs.get("first_k_dense_replace"), kwargs.get("num_hidden_layers", 61)
         if isinstance(fk, int) and isinstance(layers, int) and 0 <= layers < fk <= COUNT_MAX["first_k_dense_replace"]:
             kwargs["first_k_dense_replace"] = layers
-        # DeepSeek-V2 configs predate MTP: no num_nextn_predict_layers means none, not V3's one.
-        if d.get("model_type") == "deepseek_v2" and "num_nextn_predict_layers" not in d:
-            kwargs["num_nextn_predict_layers"] = 0
+        # DeepSeek-V2 configs predate MTP (no num_nextn_predict_layers means none, not V3's one) and
+        # route by softmax, which transformers' DeepseekV2Config does not write (it has no scoring_func)
+        if d.get("model_type") == "deepseek_v2":
+            for key, value in V2_DEFAULTS.items():
+                kwargs.setdefault(key, value)
         try:
             cfg = cls(**kwargs)
         except TypeError as e:  # pragma: no cover - dataclass arity errors
@@ -355,6 +366,8 @@ class ModelConfig(HFConfigFile):
         for name, none_means in NULL_AS_INT.items():   # transformers' configs take ints here, not null
             if d[name] is None:
                 d[name] = none_means(self)
+        if not d["n_routed_experts"]:   # dense: transformers builds MoE layers from first_k_dense_replace on
+            d["first_k_dense_replace"] = self.num_hidden_layers
         if self.index_n_heads:   # DeepSeek-V3.2: HF's DeepseekV32Config has no fields for the fixed choices
             for name in V32_FIXED:
                 d.pop(name, None)
@@ -363,7 +376,37 @@ class ModelConfig(HFConfigFile):
             return {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32", **d}
         for name in V32_INDEXER_DEFAULTS:
             d.pop(name)
+        if self.v2_router:
+            return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", **d}
         return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **d}
+
+    @property
+    def v2_router(self) -> bool:
+        """DeepSeek-V2's routing (softmax scores, greedy or group-limited top-k, no bias): written as
+        model_type deepseek_v2, which transformers routes that way (its DeepseekV3 always routes V3's way)."""
+        return self.scoring_func == "softmax" and self.topk_method != "noaux_tc"
+
+    def transformers_differences(self) -> list[str]:
+        """What transformers' model for this config's model_type would compute differently from
+        nanoseek on the same weights (nothing for DeepSeek's own V2, V3 and V3.2 choices); saving such
+        a model warns, since transformers loads its checkpoint without a word."""
+        out = []
+        if self.attention_type != "mla":
+            out.append(f"attention_type {self.attention_type!r} (transformers' DeepSeek models have MLA only)")
+        if self.n_routed_experts and self.moe_layer_freq != 1 and self.num_moe_layers:
+            out.append(f"moe_layer_freq {self.moe_layer_freq} (transformers makes every layer from "
+                       "first_k_dense_replace on a MoE layer)")
+        if self.n_routed_experts and self.v2_router:
+            if self.norm_topk_prob:
+                out.append("norm_topk_prob true with DeepSeek-V2's router (transformers' DeepseekV2 never "
+                           "normalises the top-k weights)")
+            if not self.rope_interleave:
+                out.append("rope_interleave false (transformers' DeepseekV2 rotates interleaved pairs)")
+        elif self.n_routed_experts and (self.scoring_func, self.topk_method) != ("sigmoid", "noaux_tc"):
+            out.append(f"scoring_func {self.scoring_func!r} with topk_method {self.topk_method!r} (transformers' "
+                       "DeepseekV3 routes by sigmoid scores with noaux_tc, its DeepseekV2 by softmax with greedy "
+                       "or group_limited_greedy)")
+        return out
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
