@@ -157,3 +157,49 @@ def test_detokenizer_releases_invalid_bytes_instead_of_buffering_forever():
     deltas = [d.push(t) for t in ids]
     assert "".join(deltas) + d.flush() == TOK.decode(ids)
     assert any(deltas[:12])                                   # released well before the end
+
+
+def _byte_fallback_tokenizer(tmp_path):
+    """A Llama/Mistral-style vocabulary: <0xNN> byte tokens, a few pieces, HF's ByteFallback decoder."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from nanoseek.data.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "a", "b", "▁hello", "▁world", "\ufffd", "▁\ufffd", "日", "本", "▁日本"]:
+        vocab.setdefault(piece, len(vocab))
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(tmp_path))
+    return Tokenizer.load(tmp_path)
+
+
+def test_byte_fallback_runs_stream_as_the_whole_decoding(tmp_path):
+    """HF's ByteFallback decoder turns every byte of a run that is not valid UTF-8 into U+FFFD, so one
+    more byte can undo text already decoded ("a" then the byte BD: "\\ufffd\\ufffd"; a complete emoji
+    then FF: five U+FFFD). The stream let such text out early; it now holds a run until it ends."""
+    import random
+
+    from nanoseek.infer.streaming import byte_fallback_ids
+
+    tok = _byte_fallback_tokenizer(tmp_path)
+    assert len(byte_fallback_ids(tok)) == 256 and not byte_fallback_ids(TOK)    # byte-level BPE: none
+    byte = {b: tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    words = [tok.token_to_id(w) for w in ("▁hello", "\ufffd", "▁\ufffd", "日", "a")]
+    cases = [[byte[0x61], byte[0xBD]], [byte[b] for b in "🙂".encode()] + [byte[0xFF]],
+             [byte[0xF0]] * 8 + [byte[b] for b in (0x9F, 0x98, 0x80, 0x61)], [byte[0xFF]] * 9 + [words[0]]]
+    rng = random.Random(0)
+    pool = [byte[b] for b in (0xF0, 0x9F, 0x98, 0x80, 0xE6, 0x97, 0xA5, 0xC3, 0xA9, 0x61, 0xFF, 0xEF, 0xBF, 0xBD)]
+    cases += [[rng.choice(pool + words) for _ in range(rng.randint(1, 20))] for _ in range(500)]
+    for ids in cases:
+        d = IncrementalDetokenizer(tok)
+        deltas = [d.push(t) for t in ids]
+        assert "".join(deltas) + d.flush() == tok.decode(ids), [tok.id_to_token(i) for i in ids]
+    d = IncrementalDetokenizer(tok)                                   # text after a run comes out with it
+    assert [d.push(t) for t in [byte[b] for b in "日".encode()] + [words[0]]] == ["", "", "", "日 hello"]
