@@ -38,12 +38,13 @@ test: $(STAMP) install-sandbox
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
+# each with the sides its targets name: the compiled engine (decode) and the compiled GRPO stage
 bench: $(STAMP) install-llama
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_train_small.py
-	$(BIN)/python benchmarks/bench_infer.py
+	$(BIN)/python benchmarks/bench_infer.py --compile
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
-	$(BIN)/python benchmarks/bench_grpo.py
+	$(BIN)/python benchmarks/bench_grpo.py --compile --warmup 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache
