@@ -13,8 +13,16 @@ between a list of messages and token ids, for every template alike:
   named special tokens (``bos_token``, ``eos_token``, ...) and any extra keyword (``thinking``...).
   Messages are normalised the same way: keys whose value is None are dropped (an assistant's
   ``content: None`` beside its ``tool_calls``), and a reasoning field (``reasoning_content``,
-  ``thinking`` or ``reasoning``) is copied under the first two names. A template error
-  (``raise_exception``, a syntax error, a sandbox violation) is one :class:`TokenizerError` line.
+  ``thinking`` or ``reasoning``) is copied under the first two names. Whatever the template's
+  code raises (``raise_exception``, a syntax error, a sandbox violation, ``1/0``, a MemoryError...)
+  is one :class:`TokenizerError` line. One rendering is limited where transformers' is not (no real
+  template comes near): it writes at most :data:`MAX_RENDER_CHARS` (16M) characters and builds no
+  longer string or list with ``*``, all its ``range()`` calls together make at most
+  :data:`MAX_RANGE_ITEMS` (1M) items (the sandbox caps one at 100000), ``**`` makes at most
+  :data:`MAX_POW_BITS` bits; past one, a line. Not limited: strings grown with ``+`` or ``~``
+  (a doubling loop), filters (``center``, ``replace``...), loops over the messages: the template
+  is the checkpoint's code, and the limits stop a runaway mistake (a loop that would run for
+  hours, a string of gigabytes written out), not a hostile author; a MemoryError is still a line.
 * **Tools** (issue 20): ``tools`` is OpenAI's list of function tools (or
   :class:`~nanoseek.tools.format.ToolSpec` objects), each checked by ``ToolSpec.from_openai``
   (:func:`check_tools`: one line naming ``tools[i]`` and the field) and passed to the template as
@@ -46,7 +54,13 @@ between a list of messages and token ids, for every template alike:
     control-token strings are the only difference from HF (they stay text). Where the template
     transforms content (R1 keeps ``content.split('</think>')[-1]`` of history, Llama-3 trims it,
     a template tests ``if content``) pieces cannot be cut: such content is a
-    :class:`TokenizerError` naming the message.
+    :class:`TokenizerError` naming the message. Other content is encoded whole once the control
+    tokens are shown to be the template's own: the chat is rendered again with every character of
+    each content and reasoning (and of each string in a tool call's arguments and each tool's
+    description) made U+E002, whitespace and an assistant's reasoning tags kept, so the template sees
+    text of the same shape from which no rewriting (``lower``, ``trim`` before the template's
+    ``|>``...) makes a control-token string; the two renderings must hold the same control tokens,
+    else the message whose text makes one is refused in one line (never encoded as a control token).
   - **Reasoning tags in an assistant's content** (``<think>...</think>answer``, the common SFT form
     and what a client sends back) are the template's markup there, not a control-token string
     to neutralise: rendered and encoded as transformers does (R1/V3.1 drop them from history).
@@ -63,8 +77,9 @@ between a list of messages and token ids, for every template alike:
   for R1 the span starts right after ``<｜Assistant｜>`` (the answer and its ``<｜end▁of▁sentence｜>``
   are trained). A template that rewrites a turn once later turns follow so that nothing after
   the header is shared gets no span for that turn (nothing is trained rather than the wrong
-  text). A token is trained when its characters overlap a span (transformers' ``{% generation %}``
-  rule). Tool turns follow the same rule: a message that calls tools owns its text, its calls
+  text), and so does a turn whose prefix the template refuses to render (with or without the
+  generation prompt). A token is trained when its characters overlap a span (transformers'
+  ``{% generation %}`` rule). Tool turns follow the same rule: a message that calls tools owns its text, its calls
   block and its end token; the tool outputs belong to no assistant message and are never trained;
   a reply after them (V3.1 writes no header there, and its generation prompt adds nothing) owns
   everything from the last output to its end token.
@@ -78,10 +93,12 @@ dict), ``continue_final_message``, added tokens with ``lstrip``/``rstrip`` (matc
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import SimpleNamespace
@@ -106,6 +123,15 @@ Offsets = list[tuple[int, int]]
 # Content stand-ins for the second rendering: private-use brackets around a per-process nonce.
 _NONCE = secrets.token_hex(6)
 _SENTINEL = re.compile(f"(\ue000{_NONCE}:[^\ue001]*\ue001)")
+
+# What one rendering may cost (transformers has no such limits; no real template comes near them):
+# the characters it writes (and any string or list it builds with *), the items all its
+# range() calls make together (the sandbox already caps one range at 100000), and the bits of an
+# integer it builds with **. Past one, the rendering stops with a TokenizerError line.
+MAX_RENDER_CHARS = 1 << 24
+MAX_RANGE_ITEMS = 1 << 20
+MAX_POW_BITS = 1 << 16
+_budget = threading.local()          # range items left to the rendering running in this thread
 
 
 class Piece(NamedTuple):
@@ -258,14 +284,47 @@ def compile_template(source: str):
         def _body(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    class LimitedEnvironment(ImmutableSandboxedEnvironment):
+        """transformers' sandbox with the limits of one rendering (``MAX_*`` above) on * and **
+        (not on +: templates add strings all the time, and the check would slow every rendering)."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                if (isinstance(left, int) and isinstance(right, int) and right > 0
+                        and right * max(abs(left).bit_length() - 1, 0) > MAX_POW_BITS):
+                    raise jinja2.exceptions.SecurityError(f"it computes a power of more than {MAX_POW_BITS} bits")
+            else:
+                size = (len(left) * right if _sized(left) and isinstance(right, int) else
+                        len(right) * left if _sized(right) and isinstance(left, int) else 0)
+                if size > MAX_RENDER_CHARS:
+                    raise jinja2.exceptions.SecurityError(f"it builds a string or list of {size} items "
+                                                          f"(more than {MAX_RENDER_CHARS})")
+            return super().call_binop(context, operator, left, right)
+
+    def limited_range(*args):
+        items = env.globals_range(*args)            # the sandbox's range: at most 100000 items
+        left = getattr(_budget, "range_items", MAX_RANGE_ITEMS) - len(items)
+        if left < 0:
+            raise jinja2.exceptions.SecurityError(f"it loops over more than {MAX_RANGE_ITEMS} range() "
+                                                  "items in one rendering")
+        _budget.range_items = left
+        return items
+
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.globals_range = env.globals["range"]
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
-                       namespace=TemplateNamespace)
+                       namespace=TemplateNamespace, range=limited_range)
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateError as e:
         raise TokenizerError(f"chat template does not parse: {e}") from None
+
+
+def _sized(x: Any) -> bool:
+    return isinstance(x, (str, list, tuple))
 
 
 def check_messages(messages: Sequence[dict[str, Any]]) -> None:
@@ -393,14 +452,25 @@ class ChatTemplate:
         if reserved:
             raise TokenizerError(f"chat template keyword {reserved[0]!r} is reserved (the template's own variable)")
         variables = {**self.variables, **kwargs}
+        template = compile_template(self.source)
+        _budget.range_items = MAX_RANGE_ITEMS
+        out: list[str] = []
+        size = 0
         try:
-            return compile_template(self.source).render(messages=messages, tools=tools, documents=None,
-                                                        add_generation_prompt=add_generation_prompt, **variables)
+            for text in template.generate(messages=messages, tools=tools, documents=None,
+                                          add_generation_prompt=add_generation_prompt, **variables):
+                size += len(text)
+                if size > MAX_RENDER_CHARS:
+                    raise jinja2.exceptions.SecurityError(f"it writes more than {MAX_RENDER_CHARS} "
+                                                          "characters")
+                out.append(text)
         except jinja2.exceptions.TemplateError as e:
             raise TokenizerError(f"chat template: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
-            raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}: "
-                                 f"{str(e)[:200]}") from None
+        except Exception as e:   # whatever the template's code raises (1/0, MemoryError...) is the template's
+            detail = " ".join(str(e).split())[:200]
+            raise TokenizerError(f"chat template failed on these messages: {type(e).__name__}"
+                                 + (f": {detail}" if detail else "")) from None
+        return "".join(out)
 
     def pieces(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
                markup: Iterable[str] = (), tools: Sequence[Any] | None = None, protect: Iterable[str] = (),
@@ -409,12 +479,16 @@ class ChatTemplate:
         content (then the rendering is to be encoded whole, see the module docstring). ``markup``:
         strings (the reasoning tags) that an assistant message's content writes as the template's
         own tokens (template pieces inside that content). ``protect``: the control strings; a tool
-        call's name or arguments, or a tool's description or parameters, holding one is content too."""
+        call's name or arguments, or a tool's description or parameters, holding one is content too.
+        A template that fails on the sentinels reads the content: pieces None."""
         check_messages(messages)
         tools = check_tools(tools)
         real = self._render(_normalise(messages), add_generation_prompt, kwargs, tools)
         masked, masked_tools, values, markup_owner = _stand_ins(messages, tools, frozenset(protect))
-        parts = _SENTINEL.split(self._render(_normalise(masked), add_generation_prompt, kwargs, masked_tools))
+        try:
+            parts = _SENTINEL.split(self._render(_normalise(masked), add_generation_prompt, kwargs, masked_tools))
+        except TokenizerError:       # a template that refuses the sentinels reads the content: it transforms it
+            return real, None
         texts = _fill(parts, values, real)
         if texts is None or any(_NONCE in v for vs in values.values() for v in vs):   # content holding a sentinel
             return real, None                                                          # is never trusted
@@ -446,17 +520,104 @@ class ChatTemplate:
             except TokenizerError:              # a template that refuses this prefix (roles must alternate...)
                 head = self._safe_render(messages[:i], tools, kwargs)
             turn = self._safe_render(messages[:i + 1], tools, kwargs)
-            start, end = (_cut(r, full, splitter) for r in (head, turn))
+            if turn is None or (head is None and i):    # where the turn starts or ends is unknown: no span
+                continue
+            start, end = (_cut(r or "", full, splitter) for r in (head, turn))
             if end > start:
                 spans.append((start, end))
         return spans
 
     def _safe_render(self, messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None,
-                     kwargs: Mapping[str, Any]) -> str:
+                     kwargs: Mapping[str, Any]) -> str | None:
         try:
             return self.render(messages, False, tools, **kwargs)
         except TokenizerError:
-            return ""
+            return None
+
+
+_NEUTRAL = "\ue002"          # what the text of a neutral rendering is made of (in no control string)
+
+
+def _neutral(messages: Sequence[dict[str, Any]], tools: list[Any] | None, markup: Iterable[str],
+             control: Iterable[str], only: int | str | None = None) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """The messages and tools with their text made neutral (only message ``only``, or only the
+    tools when ``only == "tools"``): each character of every content, reasoning, string in a tool
+    call's arguments and tool description becomes U+E002, but whitespace (unless a control string
+    holds some) and the reasoning tags (``markup``) in an assistant's content stay. The template
+    sees text of the same shape (empty stays empty, ``trim`` and a split on the tags work alike)
+    from which no transformation makes a control-token string."""
+    chars = re.compile(r"(?s)." if any(c.isspace() for t in control for c in t) else r"\S")
+    tags = _control_splitter(frozenset(markup))
+
+    def text(s: str, keep_tags: bool = False) -> str:
+        parts = tags.split(s) if keep_tags and tags is not None else [s]
+        return "".join(p if k % 2 else chars.sub(_NEUTRAL, p) for k, p in enumerate(parts))
+
+    def leaves(value: Any) -> Any:          # the strings of arguments (keys stay: the template may look them up)
+        if isinstance(value, str):
+            return text(value)
+        if isinstance(value, dict):
+            return {k: leaves(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [leaves(v) for v in value]
+        return value
+
+    out = []
+    for i, m in enumerate(messages):
+        if only is None or only == i:
+            m = dict(m)
+            for field in ("content", *REASONING_FIELDS):
+                if isinstance(m.get(field), str):
+                    m[field] = text(m[field], keep_tags=field == "content" and m["role"] == "assistant")
+            if m.get("tool_calls"):
+                m["tool_calls"] = [{**call, "function": {**call["function"],
+                                                         "arguments": leaves(call["function"]["arguments"])}}
+                                   for call in m["tool_calls"]]
+        out.append(m)
+    if tools is not None and only in (None, "tools"):
+        tools = [{**t, "function": {**t["function"], "description": text(t["function"]["description"])}}
+                 if isinstance(t["function"].get("description"), str) else t for t in tools]
+    return out, tools
+
+
+# How many renderings a refusal spends finding the message to name (each renders the whole chat).
+_MAX_SUSPECTS = 32
+
+
+def _check_controls(template: ChatTemplate, messages: Sequence[dict[str, Any]], full: str,
+                    add_generation_prompt: bool, template_kwargs: Mapping[str, Any], control: Mapping[str, int],
+                    markup: Iterable[str], tools: list[Any] | None) -> None:
+    """For a template that transforms content (no pieces): the control tokens of ``full`` must be
+    exactly those of the chat rendered with neutral text (:func:`_neutral`), so that each one is the
+    template's own; otherwise a :class:`TokenizerError` line naming the message whose text makes one."""
+    splitter = _control_splitter(frozenset(control))
+    if splitter is None:
+        return
+    want = splitter.findall(full)
+
+    def controls(only: int | str | None) -> list[str]:
+        neutral, neutral_tools = _neutral(messages, tools, markup, control, only)
+        return splitter.findall(template.render(neutral, add_generation_prompt, neutral_tools, **template_kwargs))
+
+    try:
+        got = controls(None)
+    except TokenizerError as e:
+        raise TokenizerError(f"this chat template rewrites message text and fails on stand-in text, so the "
+                             f"messages cannot be checked for control tokens ({e})") from None
+    if got == want:
+        return
+    where = "the chat messages' text"
+    for only in [*range(min(len(messages), _MAX_SUSPECTS)), *(["tools"] if tools else [])]:
+        try:
+            if controls(only) != want:
+                where = f"chat message {only}: its text" if only != "tools" else "tools: a description"
+                break
+        except TokenizerError:
+            continue
+    changes = difflib.SequenceMatcher(None, want, got, autojunk=False).get_opcodes()
+    token = next((want[i] for op, i, _, _, _ in changes if op in ("replace", "delete")), None)
+    made = f"makes the control token {token!r}" if token else "changes the control tokens"
+    raise TokenizerError(f"{where} {made} once this chat template rewrites it, so it cannot be kept as text")
 
 
 def _json_inner(text: str) -> str:
@@ -632,6 +793,8 @@ def _encode_chat(template: ChatTemplate, messages: Sequence[dict[str, Any]], add
         raise TokenizerError(
             f"{where} holds the control token {token!r}, and this chat template "
             "rewrites message text, so it cannot be kept apart from the template's tokens")
+    if pieces is None:
+        _check_controls(template, messages, full, add_generation_prompt, template_kwargs, control, markup, tools)
     whole = encode_prompt_offsets is not None and not hazards and not piecewise
     if whole:
         ids, offsets = encode_prompt_offsets(full)
