@@ -163,6 +163,23 @@ def check_model_fits(config, flag: str, dtype_bytes: int = 4, device: str = "cpu
     check_fits(n * dtype_bytes, f"a model of {n:,} parameters", flag, device)
 
 
+def check_checkpoint_fits(directory) -> None:
+    """Refuse loading a checkpoint whose config.json asks for more weights than free memory holds
+    (before its weights are read: the kernel would kill the process without a word). A config.json
+    that does not read is left to the loader, which words that error."""
+    from pathlib import Path
+
+    from nanoseek.errors import UserError
+    from nanoseek.model.registry import config_from_json
+
+    path = Path(directory) / "config.json"
+    try:
+        config = config_from_json(path)
+    except (UserError, OSError, ValueError):
+        return
+    check_model_fits(config, str(path))
+
+
 # ---------------------------------------------------------------------------- text input
 def decode_utf8(data: bytes, source: str) -> str:
     """``data`` as UTF-8 text, or :class:`LimitError` naming ``source`` and the first bad byte offset."""
@@ -199,6 +216,6 @@ def read_stdin_text(stream=None) -> str:
 
 __all__ = ["LimitError", "check_number", "int_range", "float_range", "positive_int", "nonneg_int", "seed", "port",
            "prob", "open_prob", "positive_float", "nonneg_float", "temperature", "TEMPERATURE_MAX", "threads", "seconds", "SEED_MAX",
-           "available_memory_bytes", "check_fits", "check_model_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8",
+           "available_memory_bytes", "check_fits", "check_model_fits", "check_checkpoint_fits", "kv_cache_bytes", "check_kv_cache", "decode_utf8",
            "read_text",
            "read_stdin_text"]

@@ -462,19 +462,35 @@ def test_misshapen_experts_and_fp8_vectors_are_one_line_naming_the_tensor(tiny_m
 
 def test_a_model_too_big_for_free_memory_is_one_line_before_it_is_allocated(tiny_model, tmp_path, monkeypatch):
     """A config.json that asks for more weights than memory holds (hidden_size 10**7: ~50 GB) got the
-    process killed by the kernel with no word; the size is checked before anything is allocated,
-    for loading (both families) and for a fresh model."""
+    process killed by the kernel with no word: generate, chat, serve and eval (load_for_inference),
+    post-training's init_from and distillation's teacher check the size before reading the weights,
+    both families; pre-training and post-training check a fresh model's before allocating it."""
     from nanoseek import limits
+    from nanoseek.infer.loading import load_for_inference
     from nanoseek.model import registry
 
     save_pretrained(tiny_model(), tmp_path / "v3")
-    v4 = registry.build_model(registry.load_config("v4-tiny"))
-    registry.save_pretrained(v4, tmp_path / "v4")
+    registry.save_pretrained(registry.build_model(registry.load_config("v4-tiny")), tmp_path / "v4")
     monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu": 1000)
     for d in ("v3", "v4"):
         with pytest.raises(limits.LimitError, match=rf"{d}/config\.json: a model of [\d,]+ parameters needs .* only "):
-            registry.from_pretrained(tmp_path / d)
-    with pytest.raises(limits.LimitError, match=r"^\[model\]: a model of"):
-        registry.build_model(v4.config)
+            load_for_inference(tmp_path / d, require_tokenizer=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    limits.check_checkpoint_fits(tmp_path / "bad")               # left to the loader, which words it
     monkeypatch.undo()
-    assert registry.from_pretrained(tmp_path / "v3") is not None
+    assert load_for_inference(tmp_path / "v3", require_tokenizer=False)[0] is not None
+
+
+def test_a_fresh_model_too_big_for_free_memory_is_one_line_naming_the_model_table(tmp_path, monkeypatch):
+    from nanoseek import limits
+    from nanoseek.post.stage import load_model
+    from nanoseek.train.pretrain import build_pretraining
+    from train_helpers import dsa_config
+
+    cfg = dsa_config(tmp_path, {"preset": "tiny"}, 16, train={"dsa_warmup_steps": 0})
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda device="cpu": 1000)
+    with pytest.raises(limits.LimitError, match=r"^\[model\]: a model of [\d,]+ parameters needs"):
+        build_pretraining(cfg)
+    with pytest.raises(limits.LimitError, match=r"^\[model\]: a model of"):
+        load_model(cfg.model, "cpu")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nanoseek import limits
 from nanoseek.train.checkpoint import LoadError, resolve_checkpoint
 
 
@@ -77,6 +78,7 @@ def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = Non
         raise LoadError(f"no tokenizer.json for {ckpt} (searched {', '.join(places)} and their tokenizer/ "
                         "folders); pass --tokenizer PATH" + no_tokenizer_hint(ckpt))
     tokenizer = load_tokenizer(tok_file) if tok_file is not None else None
+    limits.check_checkpoint_fits(ckpt)          # before its weights are read
     model = from_pretrained(ckpt, dtype=dtype, device=device).eval()
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise LoadError(f"tokenizer {tok_file} has {tokenizer.vocab_size} tokens but the model {ckpt} only "

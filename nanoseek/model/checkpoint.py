@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from ..limits import check_model_fits
 from .config import ModelConfig
 from .hf_files import (DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, SAFE_NAME, CheckpointError, check_model_dir_writable,
                        checkpoint_dtype, explained, is_model_file, is_weight_file, load_into, model_config_dict,
@@ -185,7 +184,6 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
 
 def _from_pretrained(directory: Path, dtype: torch.dtype | None, device: str | torch.device) -> DeepseekV3ForCausalLM:
     config = read_config(directory, ModelConfig)
-    check_model_fits(config, str(directory / "config.json"))     # before reading or allocating the weights
     tensors = load_hf_tensors(directory, config, dtype)
     L = config.num_hidden_layers
     if config.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):

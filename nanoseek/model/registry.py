@@ -185,12 +185,8 @@ def with_fields(config, fields: dict, source: str):
 
 
 # ---------------------------------------------------------------------------- models and checkpoints
-def build_model(config, source: str = "[model]", **kwargs):
-    """A freshly initialised model of the config's family; one line naming ``source`` (where the
-    config came from) instead when its weights alone would not fit in the free memory."""
-    from nanoseek.limits import check_model_fits
-
-    check_model_fits(config, source)
+def build_model(config, **kwargs):
+    """A freshly initialised model of the config's family."""
     return family_of(config).model_class()(config, **kwargs)
 
 

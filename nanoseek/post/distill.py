@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek import limits
 from nanoseek.limits import TEMPERATURE_MAX
 from nanoseek.tasks.reply import split_leading_think
 
@@ -159,6 +160,7 @@ def _run_distill(cfg, *, teacher, teacher_tokenizer, student, tokenizer, resume,
         tpath = resolve_checkpoint(path)
         from nanoseek.train.loop import resolve_device
 
+        limits.check_checkpoint_fits(tpath)
         teacher = from_pretrained(tpath, dtype=torch.float32, device=resolve_device(cfg.train.device)).eval()
         if teacher_tokenizer is None:
             teacher_tokenizer = load_tokenizer_for(tpath, a.teacher_tokenizer)

@@ -39,6 +39,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from nanoseek import limits
 from nanoseek.errors import UserError
 from nanoseek.errors import ConfigError
 from nanoseek.train.config import (ModelSection, OptimSection, SpikeSection, TrainConfig, TrainSection,
@@ -180,8 +181,11 @@ def load_model(model_section: ModelSection, device: str = "cpu"):
             ckpt = resolve_checkpoint(model_section.init_from)
         except LoadError as e:
             raise UserError(f"[model] init_from: {e}") from None
+        limits.check_checkpoint_fits(ckpt)
         return from_pretrained(ckpt, dtype=torch.float32, device=device).train(), ckpt
-    return build_model(model_section.build_config()).to(device).train(), None
+    config = model_section.build_config()
+    limits.check_model_fits(config, "[model]")
+    return build_model(config).to(device).train(), None
 
 
 def load_tokenizer_for(checkpoint: Path | None, explicit: str = ""):

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .. import limits
 from ..atomic import read_record, write_atomic
 from .bpb import bpb_sums, token_byte_lengths
 from ..errors import ConfigError, UserError
@@ -211,6 +212,7 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
         val = (SyntheticLoader(model_cfg.vocab_size, o.micro_batch_size, o.seq_len, seed=t.seed, split="val",
                                num_batches=d.val_batches) if d.val_batches > 0 else None)
     torch.manual_seed(t.seed)
+    limits.check_model_fits(model_cfg, "[model]")   # before allocating the weights
     model = build_model(model_cfg)          # the preset's family (nanoseek.model.registry)
     if cfg.model.init_from:
         load_model_weights(model, cfg.model.init_from)

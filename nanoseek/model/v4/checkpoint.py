@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from ...limits import check_model_fits
 from ..hf_files import (DEFAULT_MAX_SHARD_BYTES, CheckpointError, explained, load_into, model_config_dict,
                         read_config, read_tensors, write_model_dir)
 from .config import DeepseekV4Config
@@ -171,7 +170,6 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | None = None,
 
 def _from_pretrained(directory: Path, dtype, device) -> DeepseekV4ForCausalLM:
     config = read_config(directory, DeepseekV4Config)
-    check_model_fits(config, str(directory / "config.json"))     # before reading or allocating the weights
     tensors = load_state(directory, config)
     if config.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in tensors):
         config = config.replace(num_nextn_predict_layers=0)   # transformers drops MTP weights
