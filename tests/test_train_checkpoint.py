@@ -80,3 +80,31 @@ def test_a_crash_mid_write_never_leaves_a_checkpoint_that_loads(tiny_model, tmp_
     # a stale `latest` pointing at a missing dir falls back to the newest complete checkpoint
     (tmp_path / "latest").write_text("checkpoints/step-000099\n")
     assert latest_checkpoint(tmp_path) == good
+
+
+@pytest.mark.parametrize("model,old_form", [
+    ({"preset": "tiny", "n_routed_experts": 0}, {"first_k_dense_replace": 1}),
+    ({"preset": "tiny", "scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+     {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}),
+], ids=["dense", "v2-router"])
+def test_a_run_saved_before_a_config_json_change_still_resumes(tmp_path, model, old_form):
+    """A dense model's config.json now says every layer is dense (first_k_dense_replace = layers)
+    and V2 routing is written as deepseek_v2; runs saved before compared field by field as "another
+    model" and refused to resume. The check reads both configs and writes them again; a real
+    change of the model is still refused."""
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.pretrain import pretrain
+    from train_helpers import dsa_config
+
+    cfg = dsa_config(tmp_path, model, 16, train={"dsa_warmup_steps": 0, "max_steps": 2, "save_every": 2})
+    pretrain(cfg, quiet=True, progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert any(saved[k] != v for k, v in old_form.items())          # this version writes it otherwise
+    (ckpt / "config.json").write_text(json.dumps({**saved, **old_form}))
+    more = dsa_config(tmp_path, model, 16, train={"dsa_warmup_steps": 0, "max_steps": 4, "save_every": 2})
+    assert pretrain(more, resume=True, quiet=True, progress=False).status == "done"
+    other = dsa_config(tmp_path, {**model, "hidden_size": 48}, 16,
+                       train={"dsa_warmup_steps": 0, "max_steps": 6, "save_every": 2})
+    with pytest.raises(ConfigError, match="holds another model: hidden_size = 48"):
+        pretrain(other, resume=True, quiet=True, progress=False)

@@ -55,12 +55,16 @@ between a list of messages and token ids, for every template alike:
     transforms content (R1 keeps ``content.split('</think>')[-1]`` of history, Llama-3 trims it,
     a template tests ``if content``) pieces cannot be cut: such content is a
     :class:`TokenizerError` naming the message. Other content is encoded whole once the control
-    tokens are shown to be the template's own: the chat is rendered again with every character of
-    each content and reasoning (and of each string in a tool call's arguments and each tool's
-    description) made U+E002, whitespace and an assistant's reasoning tags kept, so the template sees
-    text of the same shape from which no rewriting (``lower``, ``trim`` before the template's
-    ``|>``...) makes a control-token string; the two renderings must hold the same control tokens,
-    else the message whose text makes one is refused in one line (never encoded as a control token).
+    tokens are shown to be the template's own: text that holds a fragment of a control string (a
+    start or end of one, four characters or more, or a shorter one whole, in any case) is a suspect,
+    and the chat is rendered again with every character of each suspect message's content and
+    reasoning (and of each string in its tool calls' arguments; the tools' descriptions likewise)
+    made U+E002, whitespace and an assistant's reasoning tags kept, so the template sees text of the
+    same shape from which no rewriting (``lower``, ``trim`` before the template's ``|>``...) makes a
+    control-token string; the two renderings must hold the same control tokens, else the message
+    whose text makes one is refused in one line (never encoded as a control token). Messages without
+    such a fragment keep their text in that rendering, so a template that branches on it (Qwen3
+    tests user turns for ``<tool_response>``, Mistral compares turns) renders them alike.
   - **Reasoning tags in an assistant's content** (``<think>...</think>answer``, the common SFT form
     and what a client sends back) are the template's markup there, not a control-token string
     to neutralise: rendered and encoded as transformers does (R1/V3.1 drop them from history).
@@ -99,7 +103,7 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -539,9 +543,9 @@ _NEUTRAL = "\ue002"          # what the text of a neutral rendering is made of (
 
 
 def _neutral(messages: Sequence[dict[str, Any]], tools: list[Any] | None, markup: Iterable[str],
-             control: Iterable[str], only: int | str | None = None) -> tuple[list[dict[str, Any]], list[Any] | None]:
-    """The messages and tools with their text made neutral (only message ``only``, or only the
-    tools when ``only == "tools"``): each character of every content, reasoning, string in a tool
+             control: Iterable[str], only: Collection[int | str]) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """The messages and tools with their text made neutral (the messages whose index is in ``only``,
+    the tools when ``"tools"`` is): each character of every content, reasoning, string in a tool
     call's arguments and tool description becomes U+E002, but whitespace (unless a control string
     holds some) and the reasoning tags (``markup``) in an assistant's content stay. The template
     sees text of the same shape (empty stays empty, ``trim`` and a split on the tags work alike)
@@ -564,7 +568,7 @@ def _neutral(messages: Sequence[dict[str, Any]], tools: list[Any] | None, markup
 
     out = []
     for i, m in enumerate(messages):
-        if only is None or only == i:
+        if i in only:
             m = dict(m)
             for field in ("content", *REASONING_FIELDS):
                 if isinstance(m.get(field), str):
@@ -574,7 +578,7 @@ def _neutral(messages: Sequence[dict[str, Any]], tools: list[Any] | None, markup
                                                          "arguments": leaves(call["function"]["arguments"])}}
                                    for call in m["tool_calls"]]
         out.append(m)
-    if tools is not None and only in (None, "tools"):
+    if tools is not None and "tools" in only:
         tools = [{**t, "function": {**t["function"], "description": text(t["function"]["description"])}}
                  if isinstance(t["function"].get("description"), str) else t for t in tools]
     return out, tools
@@ -582,34 +586,81 @@ def _neutral(messages: Sequence[dict[str, Any]], tools: list[Any] | None, markup
 
 # How many renderings a refusal spends finding the message to name (each renders the whole chat).
 _MAX_SUSPECTS = 32
+# Text holding a prefix or suffix of a control string this long (or a whole shorter one), in any
+# case, is a suspect (it could complete one across a template's own text, or once lower- or
+# upper-cased); shorter pieces ("<t", "|>") are everywhere in ordinary text and code.
+_MIN_FRAGMENT = 4
+
+
+def _fragments(control: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """(the casefolded prefixes and suffixes of at least _MIN_FRAGMENT characters of the control
+    strings, with those shorter whole; their _MIN_FRAGMENT-character windows, for a quick scan)."""
+    parts = set()
+    for c in (c.casefold() for c in control):
+        parts.add(c)
+        parts.update(c[:n] for n in range(_MIN_FRAGMENT, len(c)))
+        parts.update(c[-n:] for n in range(_MIN_FRAGMENT, len(c)))
+    grams = {p[:_MIN_FRAGMENT] for p in parts}
+    return frozenset(parts), frozenset(grams)
+
+
+def _suspect(text: str, fragments: tuple[frozenset[str], frozenset[str]]) -> bool:
+    """Whether ``text`` holds a fragment of a control string (:func:`_fragments`)."""
+    parts, grams = fragments
+    t = text.casefold()
+    starts = [i for i in range(len(t)) if t[i:i + _MIN_FRAGMENT] in grams]
+    return any(t.startswith(p, i) for i in starts for p in parts) or any(len(p) < _MIN_FRAGMENT and p in t
+                                                                            for p in parts)
+
+
+def _texts(message: Mapping[str, Any], markup: Iterable[str]) -> str:
+    """A message's text a template may rewrite: content (an assistant's reasoning tags left out:
+    they are the template's markup there), reasoning, the strings of its tool calls' arguments."""
+    parts = [message[f] for f in ("content", *REASONING_FIELDS) if isinstance(message.get(f), str)]
+    if message.get("role") == "assistant" and parts and isinstance(message.get("content"), str):
+        for tag in markup:
+            parts[0] = parts[0].replace(tag, "\n")
+    for call in message.get("tool_calls") or ():
+        parts.append(json.dumps(call.get("function", {}).get("arguments"), ensure_ascii=False))
+    return "\n".join(parts)
 
 
 def _check_controls(template: ChatTemplate, messages: Sequence[dict[str, Any]], full: str,
                     add_generation_prompt: bool, template_kwargs: Mapping[str, Any], control: Mapping[str, int],
                     markup: Iterable[str], tools: list[Any] | None) -> None:
     """For a template that transforms content (no pieces): the control tokens of ``full`` must be
-    exactly those of the chat rendered with neutral text (:func:`_neutral`), so that each one is the
-    template's own; otherwise a :class:`TokenizerError` line naming the message whose text makes one."""
+    exactly those of the chat rendered with the suspect messages' text made neutral (:func:`_neutral`;
+    suspects: text holding a fragment of a control string, :func:`_suspect`), so that each one is
+    the template's own; otherwise a :class:`TokenizerError` line naming the message whose text makes
+    one. Other messages keep their text: a template that branches on it (Qwen3 tests a user turn
+    for ``<tool_response>``, Mistral compares turns) renders them as it would."""
     splitter = _control_splitter(frozenset(control))
     if splitter is None:
         return
+    fragments = _fragments(control)
+    suspects: list[int | str] = [i for i, m in enumerate(messages) if _suspect(_texts(m, markup), fragments)]
+    if tools and any(_suspect(t["function"]["description"], fragments) for t in tools
+                     if isinstance(t.get("function", {}).get("description"), str)):
+        suspects.append("tools")
+    if not suspects:                     # no text that could make a control string, whatever the template does
+        return
     want = splitter.findall(full)
 
-    def controls(only: int | str | None) -> list[str]:
+    def controls(only: Collection[int | str]) -> list[str]:
         neutral, neutral_tools = _neutral(messages, tools, markup, control, only)
         return splitter.findall(template.render(neutral, add_generation_prompt, neutral_tools, **template_kwargs))
 
     try:
-        got = controls(None)
+        got = controls(suspects)
     except TokenizerError as e:
         raise TokenizerError(f"this chat template rewrites message text and fails on stand-in text, so the "
                              f"messages cannot be checked for control tokens ({e})") from None
     if got == want:
         return
     where = "the chat messages' text"
-    for only in [*range(min(len(messages), _MAX_SUSPECTS)), *(["tools"] if tools else [])]:
+    for only in suspects[:_MAX_SUSPECTS]:
         try:
-            if controls(only) != want:
+            if controls({only}) != want:
                 where = f"chat message {only}: its text" if only != "tools" else "tools: a description"
                 break
         except TokenizerError:

@@ -417,8 +417,9 @@ class Sample:
         decoding (streaming.py); it is the reference where they cannot: the stream holds text that
         ends in U+FFFD (an incomplete character) and lets it out after ``MAX_PENDING_TOKENS``
         tokens, which can split a character the next token completes (after invalid UTF-8, or
-        after literal U+FFFD characters), and a run of byte-fallback tokens after ``MAX_BYTE_RUN``;
-        the decoding of the whole keeps it."""
+        after literal U+FFFD characters), and a byte-fallback run's streamed characters stay
+        characters where a later invalid byte makes the whole decoding U+FFFD; the decoding of the
+        whole is the reference."""
         ids = self.token_ids[:-1] if self.stop_reason in ("eos", "stop_token") else self.token_ids
         text = self.tokenizer.decode([t for t in ids if t not in self.skip]) if ids else ""
         self.deferred = False

@@ -7,11 +7,14 @@ Two small state machines sit between the sampled token ids and the text a client
   U+FFFD. The detokenizer decodes the window of tokens since the last clean boundary and
   withholds text that ends in U+FFFD until the next token completes the character (or until
   ``MAX_PENDING_TOKENS`` tokens show the bytes are simply invalid), so the concatenated deltas
-  equal ``tokenizer.decode(all ids)``. A vocabulary with byte-fallback tokens (``<0xNN>``,
-  Llama/Mistral-style SentencePiece files; :func:`byte_fallback_ids`) decodes a run of them as a
-  whole (HF's ByteFallback decoder: every byte of a run that is not valid UTF-8 becomes U+FFFD, so
-  one more byte can turn text already decoded into U+FFFD), so text is also withheld while the
-  last token is one, up to ``MAX_BYTE_RUN`` tokens.
+  equal ``tokenizer.decode(all ids)``. Two differences are by design, both after invalid bytes
+  (the deferred text, ``Sample._final_text``, is the whole decoding): text let out after
+  ``MAX_PENDING_TOKENS`` can split a character the next token completes; and in a vocabulary with
+  byte-fallback tokens (``<0xNN>``, Llama/Mistral-style), whose decoder turns every byte of a run
+  that is not valid UTF-8 into U+FFFD, characters of a run already streamed stay characters when
+  a later byte of the run is invalid. Holding every run until it ends would make the stream exact
+  there, but would hold valid text (a CJK answer spelled in bytes) and stop strings for as long as
+  the run lasts.
 * :class:`StopStringFilter` cuts the text at the first stop string and never lets a partial stop
   string out: it holds back the longest suffix that is a prefix of some stop string until the
   next delta decides it. The deltas it emits therefore never contain (part of) a stop string
@@ -32,7 +35,6 @@ import functools
 
 
 MAX_PENDING_TOKENS = 8   # a UTF-8 character spans at most 4 bytes: longer runs are invalid bytes, let them out
-MAX_BYTE_RUN = 256       # byte-fallback tokens in a row held back at most (a run decides its text at its end)
 
 
 @functools.lru_cache(maxsize=16)
@@ -49,19 +51,6 @@ def skipped_token_ids(tokenizer) -> frozenset[int]:
     return frozenset(out)
 
 
-@functools.lru_cache(maxsize=16)
-def byte_fallback_ids(tokenizer) -> frozenset[int]:
-    """The ids of a vocabulary's byte-fallback tokens ``<0x00>``...``<0xFF>``, where its decoder
-    reads them as bytes (decoding those of "€" gives "€"); empty for other tokenizers."""
-    to_id = getattr(tokenizer, "token_to_id", None)
-    if to_id is None:
-        return frozenset()
-    ids = [to_id(f"<0x{b:02X}>") for b in range(256)]
-    if any(i is None for i in ids) or tokenizer.decode([ids[b] for b in "€".encode()]) != "€":
-        return frozenset()
-    return frozenset(ids)
-
-
 class IncrementalDetokenizer:
     """``push(token_id) -> text delta``; ``flush()`` releases a withheld incomplete character."""
 
@@ -70,14 +59,9 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0     # start of the window being decoded
         self.read_offset = 0       # tokens before this are already emitted as text
-        self.byte_ids = byte_fallback_ids(tokenizer)
-        self.byte_run = 0          # byte-fallback tokens at the end of ids
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        self.byte_run = self.byte_run + 1 if token_id in self.byte_ids else 0
-        if 0 < self.byte_run < MAX_BYTE_RUN:
-            return ""                                          # the run's text is decided at its end
         window = self.ids[self.prefix_offset:]
         prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self.tokenizer.decode(window)
@@ -133,4 +117,4 @@ class StopStringFilter:
         return out
 
 
-__all__ = ["IncrementalDetokenizer", "StopStringFilter", "skipped_token_ids", "byte_fallback_ids"]
+__all__ = ["IncrementalDetokenizer", "StopStringFilter", "skipped_token_ids"]

@@ -286,14 +286,17 @@ def check_rerun(run_dir: Path, new: dict, resume: bool | str, flag: str, load_ol
 
 def check_resumed_model(run_dir: Path, resume: bool | str, model_config) -> None:
     """Refuse (one ConfigError line naming the fields) a resume whose checkpoint's config.json
-    describes another model than ``model_config``: a resume continues the same model. An
-    unreadable checkpoint is left to the loader, whose error names the file."""
-    from ..model.registry import read_config_json
+    describes another model than ``model_config``: a resume continues the same model. Both are
+    compared as this version writes them (read, then written again), so a checkpoint an earlier
+    version wrote differently for the same model (a dense model's first_k_dense_replace, V2 routing
+    as deepseek_v3) still resumes. An unreadable checkpoint is left to the loader, whose error names
+    the file."""
+    from ..model.registry import config_from_dict, read_config_json
     from .checkpoint import resume_checkpoint
 
     try:
         ckpt = resume_checkpoint(run_dir) if resume is True else Path(resume)
-        saved = read_config_json(ckpt)
+        saved = config_from_dict(read_config_json(ckpt), str(Path(ckpt) / "config.json")).to_dict()
     except UserError:
         return
     now = model_config.to_dict()
