@@ -601,3 +601,37 @@ def test_tests_whose_expected_values_the_sandbox_computes_are_flagged(caplog):
         check_code_tests([evalplus], "add")
     hits = [r for r in caplog.records if "visible to the model" in r.getMessage()]
     assert len(hits) == 1
+
+
+NORM = {"tests": ["import math\ndef norm(p):\n    return math.sqrt(p[0] ** 2 + p[1] ** 2)\nassert abs(norm(point()) - 5) < 1e-9",
+                  "import statistics\nfrom fractions import Fraction\ndef m(p):\n    return statistics.mean(p)\n"
+                  "assert m(point()) == Fraction(7, 2)"], "entry_point": "point"}
+
+
+@pytest.mark.parametrize("patch", [
+    "import math\nmath.sqrt = lambda v: 5.0",                                   # a module the helper uses
+    "import math, sys\nfake = type(sys)('math')\nfake.sqrt = lambda v: 5.0\nsys.modules['math'] = fake",
+    "import statistics\nstatistics.mean = lambda v: 5",                          # one the code imports first
+    "import fractions\nfractions.Fraction.__eq__ = lambda a, b: True\nimport math\nmath.sqrt = lambda v: 5.0",
+    "import builtins, math\nbuiltins.abs = lambda v: 0\ndel math.sqrt",
+], ids=["module-attribute", "sys-modules", "fresh-import", "class-method", "builtins-and-delete"])
+def test_the_code_cannot_change_what_a_test_helper_computes(patch):
+    """A helper the test defines runs in the sandbox beside the code: the code could patch a module
+    or class the helper uses (math.sqrt = lambda v: 5.0 before norm(point()) == 5; HumanEval/32's
+    poly through math.pow) and earn the reward with a wrong answer. Modules and classes are as they
+    were before the code ran when the test runs."""
+    assert_zero(patch + "\ndef point():\n    return (0, 0)", NORM)
+    good = "def point():\n    return (3, 4)"
+    assert score(respond(good), {**NORM, "tests": NORM["tests"][:1]}, CFG).reward == 1.0
+    assert score(respond("def point():\n    return (3, 4)"), {**NORM, "tests": NORM["tests"][1:]}, CFG).reward == 1.0
+    # the code keeps its own patch for its own use
+    own = "import math\nmath.sqrt = lambda v: 5.0\nR = math.sqrt(1)\ndef point():\n    return (R - 2, 4)"
+    assert score(respond(own), {**NORM, "tests": NORM["tests"][:1]}, CFG).reward == 1.0
+
+
+def test_humaneval_32_cannot_be_passed_by_patching_math_pow():
+    from nanoseek.tasks.humaneval import load_problems, score_sample
+
+    p = {q.id: q for q in load_problems()}["HumanEval/32"]
+    cheat = "```python\nimport math\nmath.pow = lambda x, i: 0.0\ndef find_zero(xs: list):\n    return 0.0\n```"
+    assert not score_sample(p, cheat, "chat").passed

@@ -158,6 +158,11 @@ def test_word_problem_and_extras_verifiers():
                 "have now?", "6", "5 + 1 = 6", 1)
     assert wp.verify("6", p) and wp.verify("6 apples", p) and wp.verify("$6", p)
     assert not wp.verify("6 or 7", p) and not wp.verify("7 apples", p) and not wp.verify("apples", p)
+    # a hedge whose other guess is in words was read as a unit ("6 or seven" paid)
+    for hedge in ("6 or seven", "6 apples or maybe nine", "6 and also eleven", "6 to 7 apples", "6 and a half",
+                  "6 OR SEVEN", "6 apples, or perhaps 7"):
+        assert not wp.verify(hedge, p), hedge
+    assert wp.verify("6 green apples", p) and wp.verify("6 apples in total", p)
     cmp = Problem("compare", "x", "Which is larger, 47 or 52?", "52", "", 1)
     assert get_task("compare").verify("52", cmp)
     assert not get_task("compare").verify("47 or 52", cmp) and not get_task("compare").verify("47", cmp)

@@ -452,3 +452,19 @@ def test_problems_do_not_depend_on_what_the_process_drew_before():
     again = draw()
     assert random.random() == expected
     assert again == first == draw()
+
+
+def test_a_short_answer_cannot_hang_a_scorer():
+    """"9**9**9**9" (10 characters, under the length guard) reached simple_integration's sympy
+    scorer, which never returned; answers with huge or nested powers now score 0 at once (unless
+    the gold answer has such a power) and a grade has a time limit where a timer can be set."""
+    import time
+
+    from nanoseek.tasks.rg import rg_task
+
+    t = rg_task("simple_integration")
+    p = t.draw("test", 1, seed=0)[0]
+    t0 = time.process_time()
+    assert t.score_answer("9**9**9**9", p) == 0.0 and t.score_answer("x**99999", p) == 0.0
+    assert time.process_time() - t0 < 5
+    assert t.score_answer(p.answer, p) == 1.0

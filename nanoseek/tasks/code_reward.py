@@ -71,7 +71,11 @@ not unrolled, with the data that loop indexes, a module other than ``math``/``fr
 ``decimal``/``collections``, a lambda) and the inputs of slots. When such a value is the expected side of an
 assert (``assert f(x) == brute_force(x)`` with ``brute_force`` defined by the test), the model's
 code can compute it too. Expected values written as literals, or computed from literals by
-parent-known operations, never enter the sandbox.
+parent-known operations, never enter the sandbox. Read, not changed: before the test runs, the
+harness puts back every module imported before the code ran (common ones are imported first) and
+the classes they hold as they were, and forgets the modules the code imported (the test imports
+them afresh), so the code cannot patch what a test helper computes with (``math.sqrt = lambda v:
+5.0`` before ``norm(point()) == 5``); the code's own references keep what it patched.
 
 :func:`check_assert_test` marks a test ``exposed`` when one of its asserts compares two values
 computed in the sandbox (EvalPlus-style ``def check(candidate)`` loops over test-defined data:
@@ -183,8 +187,37 @@ def __nanoseek_check__(_i, *slots):
             vals.append(["err", type(e).__name__])
     _emit({"a": _i, "v": vals})
 
+# What the test's own code (a helper it defines, run here) may use, as it was before the code ran:
+# the modules imported so far (common ones imported now) and the classes they hold. The code could
+# otherwise make a helper's result its own: math.sqrt = lambda v: 5.0 before norm(point()) == 5.
+import math, cmath, itertools, functools, operator, collections, heapq, bisect, re, string, statistics
+import random, copy, typing, numbers, array, datetime
+_MISSING = object()
+_MODULES = {_n: (_m, dict(vars(_m))) for _n, _m in list(_sys.modules.items())
+            if _m is not None and _n != "__main__"}
+_CLASSES = [(_c, dict(vars(_c))) for _m, _d in _MODULES.values() for _c in _d.values()
+            if _isinstance(_c, type) and _c.__flags__ & (1 << 9) and not _c.__flags__ & (1 << 8)]
+
+def _restore():
+    for _n in [_n for _n in _sys.modules if _n not in _MODULES and _n != "__main__"]:
+        del _sys.modules[_n]          # imported by the code: the test imports it afresh
+    for _n, (_m, _d) in _MODULES.items():
+        _sys.modules[_n] = _m
+        _v = vars(_m)
+        if _len(_v) != _len(_d) or any(_v.get(_k, _MISSING) is not _x for _k, _x in _d.items()):
+            _v.clear()
+            _v.update(_d)
+    for _c, _d in _CLASSES:
+        _v = vars(_c)
+        for _k in [_k for _k in _v if _k not in _d]:
+            delattr(_c, _k)
+        for _k, _x in _d.items():
+            if _v.get(_k, _MISSING) is not _x:
+                setattr(_c, _k, _x)
+
 _ns = {"__name__": "__main__", "__builtins__": _b}
 exec(compile(_CODE, "solution.py", "exec"), _ns)
+_restore()
 # the test sees the code's module-level names, its builtins that the parent knows it defines
 # (entry points included: never the real builtin in their place), and otherwise the pristine ones
 _t = {k: v for k, v in _ns.items() if k not in _PRISTINE or k in _SHADOW}

@@ -104,6 +104,12 @@ def split_of(task: str, canonical: str) -> str:
 NUMBER = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"  # 7, -3.5, 1,000, 14/2 (reply.extract_answer too)
 _NUM_RE = re.compile(rf"^({NUMBER})$")
 _NUM_UNITS_RE = re.compile(rf"^({NUMBER})(?:\s+[A-Za-z][A-Za-z ]{{0,30}})?$")
+# words that make the trailing text after a number another answer, not its unit
+_HEDGE_WORDS = frozenset(
+    "or and maybe perhaps possibly plus minus to either nor than also probably not".split()
+    + "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+      "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred "
+      "thousand million billion half third quarter".split())
 
 
 def _strip_wrappers(text: str) -> str:
@@ -127,7 +133,8 @@ def _strip_wrappers(text: str) -> str:
 def parse_number(text: str, allow_units: bool = False) -> Fraction | None:
     """The number ``text`` states, or None: exactly one number, optionally in ``$``/``\\boxed{}``,
     with a trailing period, thousands commas, a decimal point or ``a/b``; with ``allow_units`` a
-    trailing word like "apples" or "km". Anything else ("7 or 8", "", "12abc") is None."""
+    trailing word like "apples" or "km" (not one that makes it a hedge or a second number: "5 or
+    seven", "5 and also eleven"). Anything else ("7 or 8", "", "12abc") is None."""
     if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
         return None
     s = _strip_wrappers(text).replace("\u2212", "-")   # a typographic minus: "−12"
@@ -136,6 +143,8 @@ def parse_number(text: str, allow_units: bool = False) -> Fraction | None:
     m = (_NUM_UNITS_RE if allow_units else _NUM_RE).match(s)
     if not m or len(m.group(1)) > 40:
         return None
+    if allow_units and _HEDGE_WORDS & set(s[m.end(1):].lower().split()):
+        return None                        # "5 or seven", "5 apples or maybe nine": a hedge, not a unit
     try:
         return Fraction(m.group(1).replace(",", ""))
     except (ValueError, ZeroDivisionError):

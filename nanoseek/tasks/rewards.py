@@ -131,12 +131,12 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_DropTimeoutWarning())
 
 # exponents of 4+ digits, exponents inside exponents, factorials of 4+ digit numbers
-_HUGE_POWER_RE = re.compile(r"(\^|\*\*)\s*[{(]?\s*\d{4,}|(\^|\*\*)\s*[{(][^})]*(\^|\*\*)|"
+HUGE_POWER_RE = re.compile(r"(\^|\*\*)\s*[{(]?\s*\d{4,}|(\^|\*\*)\s*[{(][^})]*(\^|\*\*)|"
                             r"(\^|\*\*)\s*\d+\s*(\^|\*\*)|\d{4,}\s*!")
 _HEDGE_RE = re.compile(r"\bor\b", re.I)
 
 
-def _alarm_is_free() -> bool:
+def alarm_is_free() -> bool:
     """math-verify's timeouts use SIGALRM: only in the main thread, and only when no one else has a
     timer running (its ``alarm(0)`` would cancel it, e.g. pytest-timeout's or a trainer's)."""
     if threading.current_thread() is not threading.main_thread():
@@ -146,12 +146,12 @@ def _alarm_is_free() -> bool:
 
 def math_correct(answer: str | None, gold: str, timeout_s: int | None = 5) -> bool:
     """Is ``answer`` mathematically equal to ``gold`` (math-verify, gold first)? Never raises.
-    ``timeout_s`` applies only when :func:`_alarm_is_free`; size guards apply always."""
+    ``timeout_s`` applies only when :func:`alarm_is_free`; size guards apply always."""
     if not isinstance(answer, str) or not answer.strip() or len(answer) > MAX_MATH_CHARS:
         return False
-    if _HEDGE_RE.search(answer) or _HUGE_POWER_RE.search(answer):
+    if _HEDGE_RE.search(answer) or HUGE_POWER_RE.search(answer):
         return False
-    t = timeout_s if _alarm_is_free() else None
+    t = timeout_s if alarm_is_free() else None
     try:
         from math_verify import parse, verify
 

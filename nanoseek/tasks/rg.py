@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import contextlib
 import difflib
 import hashlib
 import math
@@ -75,6 +76,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -82,6 +84,33 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
 from nanoseek.tasks.generators import Problem, split_specs
+from nanoseek.tasks.rewards import HUGE_POWER_RE, alarm_is_free
+
+SCORE_TIMEOUT_S = 5      # one grade of one answer, where a timer can be set (the main thread, no other timer)
+
+
+class _ScoreTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise _ScoreTimeout after ``seconds`` (SIGALRM, as math-verify's timeouts) where
+    :func:`~nanoseek.tasks.rewards.alarm_is_free`; elsewhere no limit (the size guards still hold)."""
+    if not alarm_is_free():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _ScoreTimeout()
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 PREFIX = "rg:"
 TEST_PER_MILLE = 200            # the held-out share of every dataset's questions (the built-in tasks' 20 %)
@@ -330,14 +359,18 @@ class RGTask:
         entry = _ENTRIES.get(problem.id)
         if entry is None or not isinstance(answer, str) or len(answer) > max(MAX_ANSWER_CHARS, 4 * len(problem.answer)):
             return 0.0                     # a runaway answer never reaches a (possibly sympy-based) scorer
+        # a short one can run away too: "9**9**9**9" evaluated by a sympy-based scorer never ends
+        if HUGE_POWER_RE.search(answer) and not HUGE_POWER_RE.search(problem.answer):
+            return 0.0
         if self._scorer is None:
             self._scorer = self.create(0, 1)
         forms = [answer] + ([answer[:-1].strip()] if answer.endswith(".") and not answer.endswith("..") else [])
         best = 0.0
         for form in forms:
             try:
-                best = max(best, float(self._scorer.score_answer(answer=form, entry=entry) or 0.0))
-            except Exception:
+                with _time_limit(SCORE_TIMEOUT_S):
+                    best = max(best, float(self._scorer.score_answer(answer=form, entry=entry) or 0.0))
+            except Exception:              # the scorer's own failure, or past the time limit: no grade
                 pass
         return best
 
