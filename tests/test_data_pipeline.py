@@ -259,3 +259,36 @@ def test_cli_prepare_default_corpus_and_errors(tmp_path, capsys):
     cfg.write_text("[filters]\nmin_charz = 1\n")
     assert main(["data", "prepare", "--input", str(bad), "--filters-config", str(cfg), "--out", str(tmp_path / "o3")]) == 2
     assert "unknown filter setting 'min_charz'" in capsys.readouterr().err
+
+
+def test_dump_rejected_never_destroys_a_file(tok, inputs, tmp_path, capsys):
+    """--dump-rejected opened its path for writing before anything was checked: an existing file
+    (the user's, or the input itself) was emptied, and a failed run left it empty. It is built beside
+    the target and moved into place at the end; an existing file needs --overwrite, an input or a path
+    inside --out never."""
+    from nanoseek.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*PROSE[:4], "ok", PROSE[0]]), encoding="utf-8")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious user data\n")
+    base = ["data", "prepare", "--input", str(src), "--tokenizer", str(tmp_path / "tok")]
+    tok.save(tmp_path / "tok")
+    for target, words in ((precious, "exists; pass --overwrite"), (src, "is an input"),
+                          (tmp_path, "is a folder"), (tmp_path / "none" / "r.jsonl", "does not exist"),
+                          (tmp_path / "o1" / "r.jsonl", "inside --out")):
+        (tmp_path / "o1").mkdir(exist_ok=True)
+        assert main([*base, "--out", str(tmp_path / "o1"), "--dump-rejected", str(target)]) == 2
+        assert words in capsys.readouterr().err
+    assert precious.read_text() == "precious user data\n" and len(src.read_text().splitlines()) == 6
+    assert main([*base, "--out", str(tmp_path / "o2"), "--dump-rejected", str(src), "--overwrite"]) == 2
+    assert "is an input" in capsys.readouterr().err and len(src.read_text().splitlines()) == 6
+    # a run that fails writes no dump; one that succeeds writes it whole, replacing with --overwrite
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "ok"}) + "\n")
+    assert main(["data", "prepare", "--input", str(empty), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "o3"), "--dump-rejected", str(tmp_path / "r3.jsonl")]) == 2
+    assert not (tmp_path / "r3.jsonl").exists()
+    assert main([*base, "--out", str(tmp_path / "o4"), "--dump-rejected", str(precious), "--overwrite"]) == 0
+    assert {json.loads(line)["reason"] for line in precious.read_text().splitlines()} == {"too_short", "exact_duplicate"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".precious")]

@@ -23,7 +23,9 @@ reason, so ``input.documents == kept_documents + sum(dropped.values())``. A malf
 ``file:line``; with ``skip_bad_lines`` it is skipped and counted under ``input.bad_lines`` with
 examples. Blank JSONL lines and invalid UTF-8 in ``.txt`` files (decoded as U+FFFD, which the
 ``non_text`` rule then judges) are counted too. ``dump_rejected`` writes each dropped document
-with its reason and origin to a JSONL file.
+with its reason and origin to a JSONL file: built beside it and moved into place when the run
+succeeds, never over an existing file without ``overwrite``, never one of the inputs or a path
+inside the output folder.
 
 The output folder is claimed and locked (:mod:`nanoseek.outdir`): a non-empty folder that holds
 no prepared data is refused unless ``overwrite``, and prepared data is replaced only with
@@ -378,28 +380,55 @@ def prepare(documents: Iterable[Document], out_dir: str | Path, tokenizer: Token
     if not 0 <= cfg.val_fraction < 1:
         raise DataError(f"val fraction must be in [0, 1), got {cfg.val_fraction}")
     _check_foreign_manifest(out_dir)
+    dump = _check_dump_target(cfg, out_dir)
     with claim(out_dir, "data prepare", flag="--out", own=lambda p: is_data_manifest(p / MANIFEST),
                overwrite=cfg.overwrite, overwrite_flag="--overwrite",
                replaces=is_data_file):
         _check_out_dir(out_dir, cfg.overwrite)
         build = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+        # the dropped documents go to a file beside the target, which replaces it only at the end
+        rejected = Path(tempfile.mkstemp(prefix=f".{dump.name}.", dir=dump.parent)[1]) if dump else None
         try:
-            manifest = _prepare_into(documents, build, tokenizer, cfg, stats, sources, log, out_dir)
+            manifest = _prepare_into(documents, build, tokenizer, cfg, stats, sources, log, out_dir, rejected)
             _install(build, out_dir)
+            if rejected is not None:
+                os.replace(rejected, dump)
         finally:
             shutil.rmtree(build, ignore_errors=True)
+            if rejected is not None:
+                rejected.unlink(missing_ok=True)
     return manifest
 
 
+def _check_dump_target(cfg: PrepareConfig, out_dir: Path) -> Path | None:
+    """``dump_rejected`` as a path that may be written: not a folder, in an existing folder outside
+    ``out_dir``, and an existing file only with ``overwrite`` (the CLI also refuses an input file)."""
+    if not cfg.dump_rejected:
+        return None
+    dump = Path(cfg.dump_rejected)
+    flag = f"--dump-rejected {dump}"
+    if dump.is_dir():
+        raise DataError(f"{flag}: is a folder; name a file")
+    if not dump.parent.is_dir():
+        raise DataError(f"{flag}: the folder {dump.parent} does not exist")
+    if dump.resolve().is_relative_to(out_dir.resolve()):
+        raise DataError(f"{flag}: is inside --out {out_dir}; write it elsewhere")
+    if (dump.exists() or dump.is_symlink()) and not cfg.overwrite:
+        raise DataError(f"{flag}: exists; pass --overwrite to replace it, or choose another path")
+    return dump
+
+
 def _prepare_into(documents: Iterable[Document], out_dir: Path, tokenizer: Tokenizer | None, cfg: PrepareConfig,
-                  stats: InputStats, sources: list[dict[str, Any]] | None, log: Any, final_dir: Path) -> dict[str, Any]:
-    """The pipeline of :func:`prepare`, writing into the build folder ``out_dir``."""
+                  stats: InputStats, sources: list[dict[str, Any]] | None, log: Any, final_dir: Path,
+                  rejected_path: Path | None = None) -> dict[str, Any]:
+    """The pipeline of :func:`prepare`, writing into the build folder ``out_dir`` (and the dropped
+    documents into ``rejected_path``)."""
     fraction = Fraction(str(cfg.val_fraction))
     dropped: Counter[str] = Counter()
     counts = {"input": 0, "kept": 0, "next_log": 100_000}
     exact = ExactDeduper() if cfg.exact_dedup else None
     near = NearDeduper(threshold=cfg.near_dedup_threshold) if cfg.near_dedup_threshold else None
-    rejected = open(cfg.dump_rejected, "w", encoding="utf-8") if cfg.dump_rejected else None
+    rejected = open(rejected_path, "w", encoding="utf-8") if rejected_path is not None else None
 
     def drop(doc: Document, reason: str) -> None:
         dropped[reason] += 1

@@ -119,6 +119,20 @@ def _load_filters(path: str | None, disabled: bool):
     return FilterConfig.from_dict(data, where=path)
 
 
+def _check_not_an_input(dump: str | None, inputs: list[str]) -> None:
+    """``--dump-rejected`` never names one of the inputs, ``--overwrite`` or not (it would be emptied)."""
+    import os
+
+    from nanoseek.data.prepare import DataError
+
+    if dump is None or not os.path.exists(dump):
+        return
+    for path in inputs:
+        if os.path.exists(path) and (os.path.samefile(dump, path) or (os.path.isdir(path) and
+                                     os.path.realpath(dump).startswith(os.path.realpath(path) + os.sep))):
+            raise DataError(f"--dump-rejected {dump}: is an input ({path}); write it elsewhere")
+
+
 def _prepare(args: argparse.Namespace) -> int:
     import time
 
@@ -143,6 +157,7 @@ def _prepare(args: argparse.Namespace) -> int:
                     "seed": args.seed, "tasks": list(DEFAULT_TASKS), "task_level": args.task_level,
                     "text_repeats": args.text_repeats}]
     else:
+        _check_not_an_input(args.dump_rejected, args.input)
         docs = read_inputs(args.input, cfg, stats)
     t0 = time.time()
     m = prepare(docs, args.out, tokenizer, cfg, stats, sources=sources, log=print)
