@@ -132,3 +132,22 @@ def test_metrics_logger_peak_and_progress(tmp_path, capsys, monkeypatch):
         bar.update(1, 0.5, 3.0, 10.0)
     monkeypatch.setenv("NANOSEEK_NO_PROGRESS", "1")
     assert progress_enabled() is False
+
+
+@pytest.mark.parametrize("name", ["null", "none", "'quoted'", "2024-01-01", "123", "true", "nl\nx", "a\"b"])
+def test_out_dir_is_the_folder_named_literally(tmp_path, monkeypatch, name):
+    """--out-dir was appended to the overrides unquoted and read as TOML: "null" trained into the
+    config's own folder, "'quoted'" into ./quoted, a date or a number was refused blaming the
+    shipped config, "" was ignored. The folder is now exactly the string given."""
+    from nanoseek.train.config import parse_literal, toml_string
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_literal(toml_string(name)) == name
+    assert main(["pretrain", "--config", "tiny", "--out-dir", name, "--set", "train.max_steps=1", *SMALL]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name / "final").is_dir()
+
+
+def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", "tiny", "--out-dir", "", "--set", "train.max_steps=1", *SMALL]) == 2
+    assert "--out-dir: an empty path" in capsys.readouterr().err and not list(tmp_path.iterdir())

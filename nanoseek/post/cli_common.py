@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from nanoseek import limits
+from nanoseek.train.config import toml_string
 
 
 def add_stage_arguments(parser: argparse.ArgumentParser, kind: str, default_config: str, data_key: str | None,
@@ -44,25 +45,23 @@ def _overrides(args, kind: str, data_key: str | None, recipe: bool) -> list[str]
     if recipe:
         for flag, key in (("model", "recipe.init_from"), ("out", "recipe.out_dir")):
             if getattr(args, flag, None):
-                out.append(f"{key}={_quote(getattr(args, flag))}")
+                out.append(f"{key}={toml_string(getattr(args, flag))}")
         if args.steps or getattr(args, "data", None):
             from nanoseek.errors import UserError
 
             raise UserError("--steps/--data do not apply to a multi-stage recipe; use --set stages.NAME.train.max_steps=N")
         return out
     if args.model:
-        out.append(f"model.init_from={_quote(args.model)}")
+        out.append(f"model.init_from={toml_string(args.model)}")
     if data_key and getattr(args, "data", None):
-        out.append(f"{data_key}={_quote(args.data)}")
+        out.append(f"{data_key}={toml_string(args.data)}")
     if args.out:
-        out.append(f"train.out_dir={_quote(args.out)}")
+        out.append(f"train.out_dir={toml_string(args.out)}")
     if args.steps:
         out.append(f"train.max_steps={args.steps}")
     return out
 
 
-def _quote(text: str) -> str:
-    return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def run_stage_command(args, kind: str, data_key: str | None) -> int:

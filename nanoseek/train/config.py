@@ -349,6 +349,20 @@ def parse_sections(raw: dict[str, Any], schema: dict[str, type], source: str,
             for name, cls in schema.items()}
 
 
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string that :func:`parse_literal` reads back exactly (a flag's path
+    given as a ``--set`` override: quotes, backslashes and control characters escaped)."""
+    out = ['"']
+    for ch in str(text):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return "".join(out) + '"'
+
+
 def parse_literal(text: str) -> Any:
     """A ``--set`` value: a TOML literal if it parses as one, else the bare string."""
     if text.strip().lower() in ("null", "none"):

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.errors import ConfigError
 
     from .checkpoint import CheckpointError
-    from .config import load_config
+    from .config import load_config, toml_string
     from .loop import TrainingDiverged
     from .pretrain import pretrain
 
@@ -51,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume_from and not Path(args.resume_from).is_dir():
         raise UserError(f"--resume-from {args.resume_from}: no such checkpoint directory")
     overrides = list(args.overrides)
+    if args.out_dir is not None and not args.out_dir.strip():
+        raise UserError("--out-dir: an empty path; name the run folder")
     if args.out_dir:
-        overrides.append(f"train.out_dir={args.out_dir}")
+        overrides.append(f"train.out_dir={toml_string(args.out_dir)}")   # the folder named, literally
     config = args.config
     if config is None:
         if not (resume and args.out_dir):
