@@ -108,3 +108,29 @@ def test_a_run_saved_before_a_config_json_change_still_resumes(tmp_path, model, 
                        train={"dsa_warmup_steps": 0, "max_steps": 6, "save_every": 2})
     with pytest.raises(ConfigError, match="holds another model: hidden_size = 48"):
         pretrain(other, resume=True, quiet=True, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "fifo", "folder"])
+def test_an_unreadable_latest_pointer_is_one_line_and_never_hangs(tmp_path, kind):
+    """RUN/latest was read with read_text(): bytes that are not UTF-8 were a traceback, a FIFO
+    blocked every command that looked for the run's checkpoint forever."""
+    import os
+
+    from nanoseek.model.checkpoint import CheckpointError
+    from nanoseek.train.pretrain import pretrain
+    from train_helpers import dsa_config
+
+    cfg = dsa_config(tmp_path, {"preset": "tiny"}, 16, train={"dsa_warmup_steps": 0, "max_steps": 2, "save_every": 2})
+    pretrain(cfg, quiet=True, progress=False)
+    run = tmp_path / "run"
+    newest = list_checkpoints(run)[-1]
+    (run / "latest").unlink()
+    if kind == "not-utf8":
+        (run / "latest").write_bytes(b"\xff\xfe")
+    elif kind == "fifo":
+        os.mkfifo(run / "latest")
+    else:
+        (run / "latest").mkdir()
+    assert latest_checkpoint(run) == newest                         # the newest complete one, as without a pointer
+    with pytest.raises(CheckpointError, match=r"latest: unreadable .*--resume-from"):
+        ck.resume_checkpoint(run)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import write_atomic
+from ..atomic import RecordError, read_record, write_atomic
 from ..errors import UserError
 from ..model.checkpoint import CheckpointError, read_safetensors
 from ..model.registry import load_weights, save_pretrained
@@ -148,9 +148,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint ``RUN/latest`` points to (else the newest complete one), or None."""
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST
-    if pointer.exists():
-        target = run_dir / pointer.read_text().strip()
-        if (target / STATE_JSON).exists():
+    if pointer.exists() or pointer.is_symlink():
+        try:                 # never follows a link or blocks on a FIFO; an unreadable pointer names nothing
+            target = run_dir / read_record(pointer).strip()
+        except (OSError, RecordError, UnicodeDecodeError):
+            target = None
+        if target is not None and (target / STATE_JSON).exists():
             return target
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -164,12 +167,13 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
     intact checkpoint to resume from instead (``--resume-from``)."""
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST
-    if pointer.exists():
+    if pointer.exists() or pointer.is_symlink():
         try:
-            target = run_dir / pointer.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
+            target = run_dir / read_record(pointer).strip()
+        except (OSError, RecordError, UnicodeDecodeError) as e:
             hint = recovery_hint_for_run(run_dir)
-            raise CheckpointError(f"{pointer}: unreadable ({type(e).__name__}){hint}") from None
+            why = str(e).removeprefix(f"{pointer}: ") if isinstance(e, RecordError) else type(e).__name__
+            raise CheckpointError(f"{pointer}: unreadable ({why}){hint}") from None
         if not (target / STATE_JSON).exists():
             what = "which was deleted" if not target.exists() else f"which has no {STATE_JSON} (deleted or damaged)"
             raise CheckpointError(f"{pointer} names {target}, {what}{recovery_hint_for_run(run_dir, target)}")
