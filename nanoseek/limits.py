@@ -99,6 +99,38 @@ threads = int_range(1, 4096)                    # torch CPU threads
 seconds = float_range(0.0, 86400.0, lo_open=True)  # intervals and timeouts: (0 s, one day]
 
 
+def device_problem(name: str) -> str | None:
+    """Why torch device ``name`` cannot be used here ("auto" always can), or None."""
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{name!r} is not a torch device (cpu, cuda, cuda:N, mps, auto)"
+    if dev.type == "cpu":
+        return None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            return f"{name!r}: this torch ({torch.__version__}) sees no CUDA device"
+        if dev.index is not None and dev.index >= n:
+            return f"{name!r}: this machine has {n} CUDA device(s)"
+        return None
+    if dev.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return None
+    return f"{name!r}: no such device on this machine"
+
+
+def device(text: str) -> str:
+    """argparse type: a torch device this machine has (or "auto")."""
+    why = device_problem(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
 # ---------------------------------------------------------------------------- memory
 def available_memory_bytes(device: str = "cpu") -> int | None:
     """Bytes that can be allocated now on ``device`` (None when unknown)."""

@@ -247,6 +247,28 @@ def test_seeds_cover_exactly_what_torch_accepts(capsys):
     assert rc == 2 and "seed" in one_line(err)
 
 
+@pytest.mark.parametrize("args", [["generate", "--model", "x", "--prompt", "hi"], ["eval", "--model", "x"],
+                                  ["serve", "--model", "x"]], ids=["generate", "eval", "serve"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "foo", "cpu:x"])
+def test_a_device_this_machine_lacks_is_one_line(capsys, args, device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    rc, err = run_cli(capsys, *args, "--device", device)
+    assert rc == 2 and "--device" in one_line(err) and "Traceback" not in err
+
+
+def test_a_train_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, err = run_cli(capsys, "pretrain", "--config", "tiny", "--set", "train.device=cuda", "--set",
+                      "train.max_steps=1", "--out-dir", str(tmp_path / "r"), "--no-progress")
+    assert rc == 2 and "[train] device = 'cuda'" in one_line(err)
+
+
 def test_argparse_errors_are_one_line(capsys):
     rc, err = run_cli(capsys, "generate")
     assert rc == 2 and "--model" in one_line(err)
@@ -264,6 +286,7 @@ def _config_cases():
             kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
             if int in kinds:
                 yield section, f.name, "-1"
+                yield section, f.name, "99999999999999999999999"     # past int64 (a seed: past 2**64 - 1)
             if float in kinds:
                 yield section, f.name, "nan"
                 yield section, f.name, "-inf"

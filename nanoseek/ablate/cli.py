@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation batches per evaluation (default 8)")
     parser.add_argument("--threads", type=limits.threads, metavar="N",
                         help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda[:N] (default auto)")
+    parser.add_argument("--device", default="auto", type=limits.device, help="auto (cuda if present), cpu, cuda[:N] (default auto)")
     parser.add_argument("--jobs", type=limits.positive_int, default=1, metavar="N",
                         help="train N runs at once in worker processes, across all the suites given (needs "
                              "--steps; --suite rl trains and evaluates each run in its worker; the results do not "

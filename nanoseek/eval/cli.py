@@ -122,7 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpb-tokens", type=limits.nonneg_int, default=32768,
                    help="target tokens for bits per byte (default 32768)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: found next to the checkpoint)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", type=limits.device, help="torch device (default cpu)")
     p.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding in the engine")
 
 

@@ -66,7 +66,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 256
                    help="prompt + completion tokens per sample (default: the model's, at most 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", type=limits.device, help="torch device (default cpu)")
     p.add_argument("--threads", type=limits.threads, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tools", metavar="NAMES", default="",
                    help="built-in tools the model may call, comma-separated: calculator, python (run in the "

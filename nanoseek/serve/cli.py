@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_describe_argument(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and cache dtype (default: the checkpoint's)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--device", default=None, type=limits.device, help="torch device (default: cuda if available, else cpu)")
     lim = p.add_argument_group("limits (a request over one gets a 4xx error)")
     lim.add_argument("--max-tokens-limit", type=limits.positive_int, default=2048,
                      help="largest max_tokens per choice (default: 2048)")

@@ -446,12 +446,21 @@ def _check_override_key(item: str, parts: list[str], spec: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the pre-training config
+INT64_MAX = 2**63 - 1      # the most any count of steps, tokens or batches may be (torch's int64)
+
+
 def check_train_config(cfg: TrainConfig, source: str) -> TrainConfig:
     """Cross-field checks of the [data] [optim] [train] [spike] values (and the model config); returns cfg."""
     def bad(section: str, key: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: [{section}] {key} = {getattr(getattr(cfg, section), key)!r}: {why}")
 
     d, o, t, s = cfg.data, cfg.optim, cfg.train, cfg.spike
+    for section in ("data", "optim", "train", "spike"):    # a count past int64 is a loop that never ends
+        for f in dataclasses.fields(getattr(cfg, section)):
+            v = getattr(getattr(cfg, section), f.name)
+            top = SEED_MAX if "seed" in f.name else INT64_MAX
+            if isinstance(v, int) and not isinstance(v, bool) and v > top:
+                raise bad(section, f.name, f"must be <= {top:,}")
     if d.source not in ("packed", "synthetic"):
         raise bad("data", "source", "must be 'packed' or 'synthetic'")
     if d.val_batches < 0:

@@ -94,6 +94,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .. import limits
 from ..errors import ConfigError, UserError
 from .checkpoint import (CheckpointError, checkpoints_dir, discard_after, latest_checkpoint, list_checkpoints,
                          load_state, recovery_hint, remove_partials, resume_checkpoint, save_checkpoint, step_of)
@@ -252,6 +253,9 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", local_rank())
+    why = limits.device_problem(name)
+    if why is not None:
+        raise ConfigError(f"[train] device = {why}")
     return torch.device(name)
 
 
