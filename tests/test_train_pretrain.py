@@ -151,3 +151,20 @@ def test_an_empty_out_dir_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["pretrain", "--config", "tiny", "--out-dir", "", "--set", "train.max_steps=1", *SMALL]) == 2
     assert "--out-dir: an empty path" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_the_same_command_again_is_refused_without_claiming_other_settings(tmp_path, capsys):
+    """On packed data the run records the tokenizer's vocab_size in its config.toml; the identical
+    command again was told "it was made with other settings: model.vocab_size"."""
+    data = tmp_path / "data"
+    assert main(["data", "prepare", "--default-corpus", "--task-docs", "200", "--vocab-size", "300",
+                 "--out", str(data)]) == 0
+    cmd = ["pretrain", "--config", "tiny", "--out-dir", str(tmp_path / "r"), "--set", "data.source=packed",
+           "--set", f"data.dir={data}", "--set", "train.max_steps=1", *SMALL]
+    assert main(cmd) == 0
+    capsys.readouterr()
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "other settings" not in err
+    assert main([*cmd, "--set", "optim.lr=0.5"]) == 2
+    assert "other settings: optim.lr" in capsys.readouterr().err

@@ -222,11 +222,17 @@ def build_pretraining(cfg: TrainConfig) -> tuple[torch.nn.Module, PretrainTask, 
     return model, task, final_files
 
 
+# keys a run fills in and records when its config leaves them out: the same run again leaves them
+# out too ([model] vocab_size: the packed data's tokenizer's, build_pretraining)
+FILLED_IN = {("model", "vocab_size")}
+
+
 def _changed_keys(old: dict, new: dict) -> list[str]:
     out = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
-        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+                and not ((section, k) in FILLED_IN and k not in b)]
     return out
 
 
