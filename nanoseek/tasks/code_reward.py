@@ -200,7 +200,9 @@ _CLASSES = [(_c, dict(vars(_c))) for _m, _d in _MODULES.values() for _c in _d.va
 
 def _restore():
     for _n in [_n for _n in _sys.modules if _n not in _MODULES and _n != "__main__"]:
-        del _sys.modules[_n]          # imported by the code: the test imports it afresh
+        _o = getattr(getattr(_sys.modules[_n], "__spec__", None), "origin", None) or ""
+        if not _o.endswith((".so", ".pyd")) and _o != "built-in":   # (compiled modules load once a process)
+            del _sys.modules[_n]      # imported by the code: the test imports it afresh
     for _n, (_m, _d) in _MODULES.items():
         _sys.modules[_n] = _m
         _v = vars(_m)
