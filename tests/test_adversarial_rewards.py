@@ -156,7 +156,8 @@ WHY = {
 
 @pytest.mark.parametrize("name", sorted(HACKS))
 def test_reward_hack_scores_zero(name):
-    r = assert_zero(HACKS[name])
+    # a hack that runs until the sandbox's timeout is judged on one test, not four timeouts (~8 s)
+    r = assert_zero(HACKS[name], {"tests": REC["tests"][:1]} if WHY[name] == "timeout" else REC)
     assert WHY[name] in r.info["tests"][0]["reason"], r.info["tests"][0]
 
 
