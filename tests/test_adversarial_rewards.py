@@ -612,7 +612,7 @@ NORM = {"tests": ["import math\ndef norm(p):\n    return math.sqrt(p[0] ** 2 + p
 @pytest.mark.parametrize("patch", [
     "import math\nmath.sqrt = lambda v: 5.0",                                   # a module the helper uses
     "import math, sys\nfake = type(sys)('math')\nfake.sqrt = lambda v: 5.0\nsys.modules['math'] = fake",
-    "import statistics\nstatistics.mean = lambda v: 5",                          # one the code imports first
+    "import statistics\nstatistics.mean = lambda v: 3.5",                        # one the code imports first
     "import fractions\nfractions.Fraction.__eq__ = lambda a, b: True\nimport math\nmath.sqrt = lambda v: 5.0",
     "import builtins, math\nbuiltins.abs = lambda v: 0\ndel math.sqrt",
 ], ids=["module-attribute", "sys-modules", "fresh-import", "class-method", "builtins-and-delete"])
