@@ -68,6 +68,7 @@ post-training stage (GRPO, distillation, DPO's sampled pairs) gets from its ``Re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
@@ -142,6 +143,30 @@ def alarm_is_free() -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
     return signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+class ScoreTimeout(Exception):
+    """A grade ran past :func:`time_limit`."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise :class:`ScoreTimeout` after ``seconds`` (SIGALRM, as math-verify's timeouts) where
+    :func:`alarm_is_free`; elsewhere no limit (a caller's size guards still hold)."""
+    if not alarm_is_free():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise ScoreTimeout()
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def math_correct(answer: str | None, gold: str, timeout_s: int | None = 5) -> bool:

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import ast
 import atexit
-import contextlib
 import difflib
 import hashlib
 import math
@@ -76,7 +75,6 @@ import os
 import pickle
 import random
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -84,33 +82,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
 from nanoseek.tasks.generators import Problem, split_specs
-from nanoseek.tasks.rewards import HUGE_POWER_RE, alarm_is_free
+from nanoseek.tasks.rewards import HUGE_POWER_RE, time_limit
 
 SCORE_TIMEOUT_S = 5      # one grade of one answer, where a timer can be set (the main thread, no other timer)
-
-
-class _ScoreTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: int):
-    """Raise _ScoreTimeout after ``seconds`` (SIGALRM, as math-verify's timeouts) where
-    :func:`~nanoseek.tasks.rewards.alarm_is_free`; elsewhere no limit (the size guards still hold)."""
-    if not alarm_is_free():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise _ScoreTimeout()
-
-    before = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
 
 PREFIX = "rg:"
 TEST_PER_MILLE = 200            # the held-out share of every dataset's questions (the built-in tasks' 20 %)
@@ -368,7 +342,7 @@ class RGTask:
         best = 0.0
         for form in forms:
             try:
-                with _time_limit(SCORE_TIMEOUT_S):
+                with time_limit(SCORE_TIMEOUT_S):
                     best = max(best, float(self._scorer.score_answer(answer=form, entry=entry) or 0.0))
             except Exception:              # the scorer's own failure, or past the time limit: no grade
                 pass
